@@ -1,0 +1,81 @@
+// Every deeplab_ops schema, in one place. Backends register kernels for these names:
+//   csrc/cpu/   TORCH_LIBRARY_IMPL(deeplab_ops, CPU, m)
+//   csrc/cuda/  TORCH_LIBRARY_IMPL(deeplab_ops, CUDA, m)
+//   deeplab_ops/triton/  Python kernels for the triton_* ops (torch.library.register_kernel)
+// Python adds the fake (meta) kernels and autograd (deeplab_ops/ops/).
+//
+// Layout conventions: activations are NCHW or channels_last (NHWC) 4-D tensors; outputs keep the
+// input's memory format. Per-channel statistics (mean, m2, invstd, sums) are in the "opmath" dtype:
+// float32 for float16/bfloat16/float32 activations, float64 for float64.
+
+#include <Python.h>
+#include <torch/library.h>
+
+extern "C" {
+// The extension module only exists to run the static registrations below and in the kernel files.
+PyObject* PyInit__C(void) {
+  static struct PyModuleDef module_def = {
+      PyModuleDef_HEAD_INIT, "_C", "deeplab_ops kernels (registered with torch.library)", -1, nullptr,
+  };
+  return PyModule_Create(&module_def);
+}
+}
+
+TORCH_LIBRARY(deeplab_ops, m) {
+  // ---- BatchNorm stages (shared by every backend that uses an external convolution) -------------
+  // Per-channel mean and M2 = sum((y - mean)^2) over (N, H, W), merged from per-block partials
+  // (Chan et al.), never from E[y^2] - E[y]^2.
+  m.def("bn_stats(Tensor input) -> (Tensor mean, Tensor m2)");
+  // Merge P partials (count: (P,), mean/m2: (P, C)) into the batch statistics; update running stats in
+  // place exactly as F.batch_norm does (unbiased variance for running_var). Returns (mean, invstd).
+  m.def(
+      "bn_finalize(Tensor count, Tensor mean, Tensor m2, Tensor(a!)? running_mean, "
+      "Tensor(b!)? running_var, float momentum, float eps) -> (Tensor save_mean, Tensor save_invstd)");
+  // out = act((input - mean) * scale + shift [+ residual]); act = ReLU or identity.
+  m.def(
+      "bn_apply(Tensor input, Tensor mean, Tensor scale, Tensor shift, Tensor? residual, bool relu) "
+      "-> Tensor");
+  // g = relu ? grad_out * (output > 0) : grad_out; xhat = (input - mean) * invstd.
+  // Returns (sum g, sum g * xhat) per channel.
+  m.def(
+      "bn_backward_reduce(Tensor grad_out, Tensor output, Tensor input, Tensor mean, Tensor invstd, "
+      "bool relu) -> (Tensor sum_g, Tensor sum_g_xhat)");
+  // Gradient w.r.t. the BN input: weight * invstd * (g - sum_g / count - xhat * sum_g_xhat / count) in
+  // training, weight * invstd * g in eval (the sums are then ignored and may be None).
+  m.def(
+      "bn_backward_dy(Tensor grad_out, Tensor output, Tensor input, Tensor mean, Tensor invstd, "
+      "Tensor? weight, Tensor? sum_g, Tensor? sum_g_xhat, float count, bool relu, bool training) -> Tensor");
+
+  // ---- Fused conv + BN (+ residual) + ReLU ---------------------------------------------------------
+  // Composite backends (cpu, cuda): ATen convolution (oneDNN / cuDNN) + the BN stages above.
+  // Returns the output, the pre-BN convolution output, the statistics that backward needs, and the
+  // updated running statistics (training with running stats given; else empty tensors). The op is
+  // functional, so autograd and torch.compile treat it as such; the Python front door copies the new
+  // running statistics into the module's buffers.
+  m.def(
+      "conv_bn_relu_forward(Tensor x, Tensor weight, Tensor? bn_weight, Tensor? bn_bias, "
+      "Tensor? running_mean, Tensor? running_var, int[2] stride, int[2] padding, int[2] dilation, "
+      "bool training, float momentum, float eps, Tensor? residual, bool relu) "
+      "-> (Tensor out, Tensor conv_out, Tensor save_mean, Tensor save_invstd, Tensor new_running_mean, "
+      "Tensor new_running_var)");
+  // output_mask: which of (x, weight, bn_weight, bn_bias, residual) need a gradient; the others are
+  // returned undefined (None).
+  m.def(
+      "conv_bn_relu_backward(Tensor grad_out, Tensor x, Tensor weight, Tensor? bn_weight, Tensor conv_out, "
+      "Tensor out, Tensor save_mean, Tensor save_invstd, int[2] stride, int[2] padding, int[2] dilation, "
+      "bool training, bool relu, bool[5] output_mask) "
+      "-> (Tensor grad_x, Tensor grad_weight, Tensor grad_bn_weight, Tensor grad_bn_bias, Tensor grad_residual)");
+
+  // Triton implicit-GEMM engine: same contract as the two ops above, kernels in deeplab_ops/triton/.
+  m.def(
+      "triton_conv_bn_relu_forward(Tensor x, Tensor weight, Tensor? bn_weight, Tensor? bn_bias, "
+      "Tensor? running_mean, Tensor? running_var, int[2] stride, int[2] padding, int[2] dilation, "
+      "bool training, float momentum, float eps, Tensor? residual, bool relu) "
+      "-> (Tensor out, Tensor conv_out, Tensor save_mean, Tensor save_invstd, Tensor new_running_mean, "
+      "Tensor new_running_var)");
+  m.def(
+      "triton_conv_bn_relu_backward(Tensor grad_out, Tensor x, Tensor weight, Tensor? bn_weight, "
+      "Tensor conv_out, Tensor out, Tensor save_mean, Tensor save_invstd, int[2] stride, int[2] padding, "
+      "int[2] dilation, bool training, bool relu, bool[5] output_mask) "
+      "-> (Tensor grad_x, Tensor grad_weight, Tensor grad_bn_weight, Tensor grad_bn_bias, Tensor grad_residual)");
+}

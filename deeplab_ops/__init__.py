@@ -1,0 +1,25 @@
+"""deeplab_ops: fused Triton and CUDA C++ kernels for DeepLabV3 that compute exactly what cuDNN conv + BN + ReLU do.
+
+Public API:
+    conv_bn_relu(...)        fused convolution + BatchNorm (+ residual) + ReLU, with autograd
+    nn.FusedConvBNReLU       drop-in for nn.Sequential(Conv2d, BatchNorm2d, ReLU), same state_dict
+    available_backends(dev)  which backends can run on a device, and why the others cannot
+    reference                the pure-PyTorch oracle of every op
+
+Importing compiles nothing and touches no GPU.
+"""
+
+from deeplab_ops import _extension
+
+_extension.load()
+
+from deeplab_ops.ops import bn_stages as _bn_stages  # noqa: E402,F401  (fake kernels)
+from deeplab_ops.ops.conv_bn_relu import conv_bn_relu  # noqa: E402
+from deeplab_ops.backends import BACKENDS, auto_backend, available_backends  # noqa: E402
+from deeplab_ops import reference  # noqa: E402
+from deeplab_ops import triton as _triton  # noqa: E402,F401  (registers the triton kernels; imports no triton)
+from deeplab_ops import nn  # noqa: E402
+
+__version__ = "0.1.0"
+
+__all__ = ["BACKENDS", "auto_backend", "available_backends", "conv_bn_relu", "nn", "reference", "__version__"]

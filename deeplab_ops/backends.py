@@ -1,0 +1,133 @@
+"""Backends and dispatch: what each backend supports, why not, and which one `auto` picks.
+
+Each backend states the reasons it cannot run a call (empty when it can), as xformers does; `auto` picks the
+first candidate with no reasons (CUDA tensors: triton, then cuda; CPU tensors: cpu), and an explicitly named
+backend that cannot run raises an error listing every backend's reasons. `DEEPLAB_OPS_BACKEND` overrides
+`backend=None`. The reference backend is never picked automatically.
+"""
+
+from __future__ import annotations
+
+import functools
+import importlib.util
+import os
+from collections.abc import Callable
+
+import torch
+
+from deeplab_ops import _extension
+
+BACKENDS = ("reference", "cpu", "cuda", "triton")
+ENV_VAR = "DEEPLAB_OPS_BACKEND"
+
+# Per-op support checks that a backend adds beyond device and build: (backend, op) -> fn(**call) -> reasons.
+_OP_SUPPORT: dict[tuple[str, str], Callable[..., list[str]]] = {}
+
+
+def register_support(backend: str, op: str, fn: Callable[..., list[str]]) -> None:
+    """Register a function returning the reasons `backend` cannot run a call of `op` (empty list: it can)."""
+    _OP_SUPPORT[(backend, op)] = fn
+
+
+def interpreter_active() -> bool:
+    """Whether Triton kernels run in the interpreter (TRITON_INTERPRET=1), on CPU tensors."""
+    return os.environ.get("TRITON_INTERPRET", "0") not in ("", "0")
+
+
+@functools.cache
+def triton_import_error() -> str | None:
+    """None when triton can be imported, else why not (checked without importing it)."""
+    if importlib.util.find_spec("triton") is None:
+        return "triton is not installed (pip install triton)"
+    return None
+
+
+def _device_reasons(backend: str, device: torch.device) -> list[str]:
+    if backend == "reference":
+        return []
+    if backend == "cpu":
+        return [] if device.type == "cpu" else [f"it runs CPU tensors, got a tensor on {device}"]
+    if backend == "cuda":
+        reasons = []
+        if device.type != "cuda":
+            reasons.append(f"it runs CUDA tensors, got a tensor on {device}")
+        if not _extension.cuda_kernels_compiled():
+            reasons.append(
+                "deeplab_ops._C was built without the CUDA kernels (rebuild where a CUDA toolkit is found, "
+                "with DEEPLAB_OPS_CUDA=1 to make a missing toolkit an error)"
+            )
+        return reasons
+    if backend == "triton":
+        reasons = []
+        error = triton_import_error()
+        if error:
+            reasons.append(error)
+        if device.type == "cpu" and not interpreter_active():
+            reasons.append("it runs CPU tensors only in the Triton interpreter (TRITON_INTERPRET=1)")
+        elif device.type not in ("cpu", "cuda"):
+            reasons.append(f"it runs CUDA tensors, got a tensor on {device}")
+        return reasons
+    raise ValueError(f"unknown backend {backend!r}; expected one of {BACKENDS}")
+
+
+def not_supported_reasons(backend: str, op: str, device: torch.device, **call) -> list[str]:
+    """Why `backend` cannot run this call of `op` on `device`; empty when it can."""
+    reasons = _device_reasons(backend, device)
+    if backend == "triton" and (backend, op) not in _OP_SUPPORT and not reasons:
+        reasons.append(f"no Triton kernel for {op}")
+    check = _OP_SUPPORT.get((backend, op))
+    if check is not None and not reasons:
+        reasons.extend(check(**call))
+    return reasons
+
+
+def auto_candidates(device: torch.device) -> tuple[str, ...]:
+    return ("triton", "cuda") if device.type == "cuda" else ("cpu",)
+
+
+def resolve(backend: str | None, op: str, device: torch.device, **call) -> str:
+    """The backend that runs this call: `backend`, else $DEEPLAB_OPS_BACKEND, else `auto`."""
+    source = "backend"
+    if backend is None:
+        backend = os.environ.get(ENV_VAR) or "auto"
+        source = ENV_VAR
+    if not isinstance(backend, str) or (backend != "auto" and backend not in BACKENDS):
+        raise ValueError(f"{source}={backend!r} is not a backend; expected one of {('auto', *BACKENDS)} or None")
+    if backend != "auto":
+        reasons = not_supported_reasons(backend, op, device, **call)
+        if reasons:
+            raise RuntimeError(
+                f"deeplab_ops.{op}: {source}={backend!r} cannot run this call: {'; '.join(reasons)}.\n"
+                + _report(op, device, call)
+            )
+        return backend
+    for name in auto_candidates(device):
+        if not not_supported_reasons(name, op, device, **call):
+            return name
+    raise RuntimeError(f"deeplab_ops.{op}: no backend can run this call on {device}.\n" + _report(op, device, call))
+
+
+def _report(op: str, device: torch.device, call: dict) -> str:
+    lines = []
+    for name in BACKENDS:
+        reasons = not_supported_reasons(name, op, device, **call)
+        lines.append(f"  {name}: " + ("can run it" if not reasons else "; ".join(reasons)))
+    return "Backends here:\n" + "\n".join(lines)
+
+
+def available_backends(device: str | torch.device = "cpu") -> dict[str, list[str]]:
+    """For each backend, the reasons it cannot run on `device` (an empty list: it can)."""
+    device = torch.device(device)
+    return {name: _device_reasons(name, device) for name in BACKENDS}
+
+
+def auto_backend(device: str | torch.device) -> str | None:
+    """What `backend=None` picks for tensors on `device` (ignoring per-call limits), or None."""
+    device = torch.device(device)
+    forced = os.environ.get(ENV_VAR)
+    if forced and forced != "auto":
+        return forced
+    for name in auto_candidates(device):
+        if not _device_reasons(name, device):
+            return name
+    return None

@@ -1,0 +1,128 @@
+"""Pure-PyTorch ground truth for every deeplab_ops op: the tests' oracle, and the `reference` backend.
+
+The fused op is defined as what these compute. Stage references mirror the stage ops of csrc/ops.cpp and
+compute in float64 whatever the input dtype, so that tests can check each stage of a backend separately.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+
+Tensor = torch.Tensor
+
+
+def conv_bn_relu(
+    x: Tensor,
+    weight: Tensor,
+    bn_weight: Tensor | None,
+    bn_bias: Tensor | None,
+    running_mean: Tensor | None,
+    running_var: Tensor | None,
+    *,
+    stride: int | tuple[int, int] = 1,
+    padding: int | tuple[int, int] = 0,
+    dilation: int | tuple[int, int] = 1,
+    training: bool = True,
+    momentum: float = 0.1,
+    eps: float = 1e-5,
+    residual: Tensor | None = None,
+    relu: bool = True,
+) -> Tensor:
+    """`act(BN(conv(x, weight)) [+ residual])`, exactly as the unfused PyTorch modules compute it."""
+    y = F.conv2d(x, weight, None, stride, padding, dilation)
+    z = F.batch_norm(y, running_mean, running_var, bn_weight, bn_bias, training, momentum, eps)
+    if residual is not None:
+        z = z + residual
+    return F.relu(z) if relu else z
+
+
+# ---- stages (float64 math) --------------------------------------------------------------------------
+
+
+def _channels_last_2d(t: Tensor) -> Tensor:
+    """(N, C, H, W) -> (N*H*W, C) in float64."""
+    return t.double().permute(0, 2, 3, 1).reshape(-1, t.shape[1])
+
+
+def bn_stats(y: Tensor) -> tuple[Tensor, Tensor]:
+    """Per-channel mean and M2 = sum((y - mean)^2) over (N, H, W), two-pass in float64."""
+    v = _channels_last_2d(y)
+    mean = v.mean(0)
+    return mean, ((v - mean) ** 2).sum(0)
+
+
+def bn_finalize(
+    count: Tensor,
+    mean: Tensor,
+    m2: Tensor,
+    running_mean: Tensor | None,
+    running_var: Tensor | None,
+    momentum: float,
+    eps: float,
+) -> tuple[Tensor, Tensor]:
+    """Merge (P,) counts and (P, C) partial means/M2s; update running stats in place as F.batch_norm does."""
+    count, mean, m2 = count.double()[:, None], mean.double(), m2.double()
+    n = count.sum(0)
+    total_mean = (count * mean).sum(0) / n
+    total_m2 = (m2 + count * (mean - total_mean) ** 2).sum(0)
+    var = total_m2 / n
+    if running_mean is not None:
+        unbiased = total_m2 / (n - 1)
+        running_mean.copy_((1 - momentum) * running_mean.double() + momentum * total_mean)
+        running_var.copy_((1 - momentum) * running_var.double() + momentum * unbiased)
+    return total_mean, (var + eps).rsqrt()
+
+
+def bn_apply(
+    y: Tensor, mean: Tensor, scale: Tensor, shift: Tensor, residual: Tensor | None, relu: bool
+) -> Tensor:
+    """`act((y - mean) * scale + shift [+ residual])`, in float64, returned in y's dtype."""
+    c = (1, -1, 1, 1)
+    z = (y.double() - mean.double().view(c)) * scale.double().view(c) + shift.double().view(c)
+    if residual is not None:
+        z = z + residual.double()
+    if relu:
+        z = F.relu(z)
+    return z.to(y.dtype)
+
+
+def act_grad(grad_out: Tensor, out: Tensor, relu: bool) -> Tensor:
+    """The gradient at the BN (+ residual) output: ReLU's backward uses the output's sign."""
+    g = grad_out.double()
+    return torch.where(out > 0, g, torch.zeros_like(g)) if relu else g
+
+
+def bn_backward_reduce(
+    grad_out: Tensor, out: Tensor, y: Tensor, mean: Tensor, invstd: Tensor, relu: bool
+) -> tuple[Tensor, Tensor]:
+    """(sum g, sum g * xhat) per channel, g = the gradient through the activation."""
+    c = (1, -1, 1, 1)
+    g = act_grad(grad_out, out, relu)
+    xhat = (y.double() - mean.double().view(c)) * invstd.double().view(c)
+    return g.sum((0, 2, 3)), (g * xhat).sum((0, 2, 3))
+
+
+def bn_backward_dy(
+    grad_out: Tensor,
+    out: Tensor,
+    y: Tensor,
+    mean: Tensor,
+    invstd: Tensor,
+    weight: Tensor | None,
+    sum_g: Tensor | None,
+    sum_g_xhat: Tensor | None,
+    count: float,
+    relu: bool,
+    training: bool,
+) -> Tensor:
+    """Gradient w.r.t. the BN input y, in float64, returned in y's dtype."""
+    c = (1, -1, 1, 1)
+    g = act_grad(grad_out, out, relu)
+    invstd = invstd.double().view(c)
+    k = invstd if weight is None else weight.double().view(c) * invstd
+    if not training:
+        return (k * g).to(y.dtype)
+    xhat = (y.double() - mean.double().view(c)) * invstd
+    dy = k * (g - sum_g.double().view(c) / count - xhat * sum_g_xhat.double().view(c) / count)
+    return dy.to(y.dtype)

@@ -1,0 +1,1 @@
+"""Triton kernels (the implicit-GEMM engine). Importing this package must not import triton."""
