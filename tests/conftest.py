@@ -1,0 +1,37 @@
+"""Test setup. Without a visible CUDA device, Triton kernels run in the interpreter on CPU tensors:
+TRITON_INTERPRET must be set before any Triton kernel module is imported, so it is set here, first."""
+
+import os
+
+
+def _cuda_visible() -> bool:
+    try:
+        import torch
+
+        return torch.cuda.is_available()
+    except Exception:
+        return False
+
+
+if not _cuda_visible():
+    os.environ.setdefault("TRITON_INTERPRET", "1")
+
+import pytest  # noqa: E402
+import torch  # noqa: E402
+
+import deeplab_ops  # noqa: E402,F401
+
+
+@pytest.fixture(autouse=True)
+def _fresh_seed(request):
+    # A different but reproducible seed per test: fresh random inputs everywhere, failures replayable.
+    seed = abs(hash(request.node.nodeid)) % (2**31)
+    torch.manual_seed(seed)
+    yield
+
+
+def pytest_report_header(config):
+    return (
+        f"deeplab_ops: torch {torch.__version__}, cuda visible: {torch.cuda.is_available()}, "
+        f"TRITON_INTERPRET={os.environ.get('TRITON_INTERPRET', '')}"
+    )
