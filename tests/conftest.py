@@ -2,6 +2,7 @@
 TRITON_INTERPRET must be set before any Triton kernel module is imported, so it is set here, first."""
 
 import os
+import zlib
 
 
 def _cuda_visible() -> bool:
@@ -25,7 +26,7 @@ import deeplab_ops  # noqa: E402,F401
 @pytest.fixture(autouse=True)
 def _fresh_seed(request):
     # A different but reproducible seed per test: fresh random inputs everywhere, failures replayable.
-    seed = abs(hash(request.node.nodeid)) % (2**31)
+    seed = zlib.crc32(request.node.nodeid.encode())
     torch.manual_seed(seed)
     yield
 
