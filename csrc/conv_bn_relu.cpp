@@ -227,8 +227,9 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> conv_bn_r
                                               relu, training);
     auto grads = at::convolution_backward(dy, x, weight, std::nullopt, stride, padding, dilation, false, {0, 0}, 1,
                                           {output_mask[0], output_mask[1], false});
-    grad_x = std::get<0>(grads);
-    grad_w = std::get<1>(grads);
+    // The gradients keep their tensor's memory format (cuDNN/oneDNN may return weight grads in x's).
+    if (output_mask[0]) grad_x = std::get<0>(grads).contiguous(x.suggest_memory_format());
+    if (output_mask[1]) grad_w = std::get<1>(grads).contiguous(weight.suggest_memory_format());
   }
   at::Tensor grad_res;
   if (output_mask[4]) {

@@ -1,0 +1,128 @@
+"""Shared test utilities: run a fused call and its reference on the same fresh inputs, compare everything."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+import deeplab_ops
+from deeplab_ops import reference
+
+CUDA = torch.cuda.is_available()
+
+
+@dataclass(frozen=True)
+class Case:
+    n: int
+    cin: int
+    h: int
+    w: int
+    cout: int
+    k: int = 3
+    stride: int = 1
+    dilation: int = 1
+    padding: int | None = None  # None: dilation * (k // 2), "same"-style as DeepLab uses
+    residual: bool = False
+    relu: bool = True
+    training: bool = True
+    channels_last: bool = False
+
+    @property
+    def pad(self) -> int:
+        return self.dilation * (self.k // 2) if self.padding is None else self.padding
+
+    def __str__(self) -> str:
+        return (
+            f"{self.n}x{self.cin}x{self.h}x{self.w}->{self.cout} k{self.k} s{self.stride} d{self.dilation} p{self.pad}"
+            f"{' res' if self.residual else ''}{'' if self.relu else ' norelu'}"
+            f"{' train' if self.training else ' eval'}{' CL' if self.channels_last else ''}"
+        )
+
+
+def make_inputs(case: Case, dtype=torch.float32, device="cpu", mean_shift: float = 0.0):
+    """Fresh random inputs for a case: x, conv weight, BN params, running stats, residual (or None)."""
+    g = dict(dtype=dtype, device=device)
+    x = torch.randn(case.n, case.cin, case.h, case.w, **g)
+    if case.channels_last:
+        x = x.contiguous(memory_format=torch.channels_last)
+    weight = torch.randn(case.cout, case.cin, case.k, case.k, **g) / (case.cin * case.k * case.k) ** 0.5
+    bn_dtype = torch.float32 if dtype in (torch.float16, torch.bfloat16) else dtype
+    gb = dict(dtype=bn_dtype, device=device)
+    bn_weight = torch.rand(case.cout, **gb) + 0.5
+    bn_bias = torch.randn(case.cout, **gb) + mean_shift
+    running_mean = torch.randn(case.cout, **gb) * 0.1
+    running_var = torch.rand(case.cout, **gb) + 0.5
+    residual = None
+    if case.residual:
+        ho = (case.h + 2 * case.pad - case.dilation * (case.k - 1) - 1) // case.stride + 1
+        wo = (case.w + 2 * case.pad - case.dilation * (case.k - 1) - 1) // case.stride + 1
+        residual = torch.randn(case.n, case.cout, ho, wo, **g)
+        if case.channels_last:
+            residual = residual.contiguous(memory_format=torch.channels_last)
+    return x, weight, bn_weight, bn_bias, running_mean, running_var, residual
+
+
+def tolerances(dtype: torch.dtype) -> tuple[float, float]:
+    """(atol, rtol) for comparing a fused result in `dtype` with the float64 reference."""
+    return {
+        torch.float64: (1e-9, 1e-9),
+        torch.float32: (2e-4, 2e-4),
+        torch.bfloat16: (5e-2, 5e-2),
+        torch.float16: (1e-2, 1e-2),
+    }[dtype]
+
+
+def assert_close(actual: torch.Tensor, expected: torch.Tensor, what: str, atol: float, rtol: float) -> None:
+    """Compare with a scale-aware tolerance; the failure message says what, where and by how much."""
+    actual = actual.detach().double().cpu()
+    expected = expected.detach().double().cpu()
+    assert actual.shape == expected.shape, f"{what}: shape {tuple(actual.shape)} != {tuple(expected.shape)}"
+    finite = expected[expected.isfinite()]
+    scale = max(finite.abs().max().item(), 1.0) if finite.numel() else 1.0
+    torch.testing.assert_close(
+        actual, expected, atol=atol * scale, rtol=rtol, equal_nan=True,
+        msg=lambda m: f"{what} differs from the reference (atol {atol}*{scale:.3g}, rtol {rtol}):\n{m}",
+    )
+
+
+def run_and_compare(case: Case, backend: str, dtype=torch.float32, device="cpu", grads: bool = True) -> None:
+    """Forward, every gradient and the running statistics of `backend` against the float64 reference."""
+    x, w, gamma, beta, rm, rv, res = make_inputs(case, dtype, device)
+    atol, rtol = tolerances(dtype)
+
+    def prepared(t, dt=None):
+        if t is None:
+            return None
+        t = t.detach().clone(memory_format=torch.preserve_format)
+        if dt is not None:
+            t = t.to(dt)
+        return t.requires_grad_(grads and t.is_floating_point())
+
+    ours = [prepared(t) for t in (x, w, gamma, beta, res)]
+    ref = [prepared(t, torch.float64) for t in (x, w, gamma, beta, res)]
+    rm_ours, rv_ours = rm.clone(), rv.clone()
+    rm_ref, rv_ref = rm.double(), rv.double()
+    kw = dict(stride=case.stride, padding=case.pad, dilation=case.dilation, training=case.training,
+              momentum=0.1, eps=1e-5, relu=case.relu)
+    out = deeplab_ops.conv_bn_relu(ours[0], ours[1], ours[2], ours[3], rm_ours, rv_ours, residual=ours[4],
+                                   backend=backend, **kw)
+    expected = reference.conv_bn_relu(ref[0], ref[1], ref[2], ref[3], rm_ref, rv_ref, residual=ref[4], **kw)
+    assert out.dtype == dtype
+    want_cl = case.channels_last
+    assert out.is_contiguous(memory_format=torch.channels_last if want_cl else torch.contiguous_format), (
+        f"output memory format: expected {'channels_last' if want_cl else 'contiguous'}, got strides {out.stride()}"
+    )
+    assert_close(out, expected, f"[{case}] {backend} output", atol, rtol)
+    assert_close(rm_ours, rm_ref, f"[{case}] {backend} running_mean", atol, rtol)
+    assert_close(rv_ours, rv_ref, f"[{case}] {backend} running_var", atol, rtol)
+    if not grads:
+        return
+    grad_out = torch.randn_like(out)
+    names = ["x", "weight", "bn_weight", "bn_bias", "residual"]
+    inputs = [(n, a, b) for n, a, b in zip(names, ours, ref, strict=True) if a is not None]
+    got = torch.autograd.grad(out, [a for _, a, _ in inputs], grad_out)
+    want = torch.autograd.grad(expected, [b for _, _, b in inputs], grad_out.double())
+    gatol = atol * 10 if dtype != torch.float64 else atol
+    for (name, _, _), g, e in zip(inputs, got, want, strict=True):
+        assert_close(g, e, f"[{case}] {backend} grad {name}", gatol, rtol * 10 if dtype != torch.float64 else rtol)

@@ -1,0 +1,121 @@
+"""nn.FusedConvBNReLU: a drop-in for nn.Sequential(Conv2d, BatchNorm2d, ReLU) — state_dict, BN semantics."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from helpers import assert_close
+from torch import nn
+
+from deeplab_ops.nn import FusedConvBNReLU
+
+
+def _pair(relu=True, **bn_kwargs):
+    fused = FusedConvBNReLU(3, 6, 3, stride=1, padding=2, dilation=2, relu=relu, **bn_kwargs)
+    plain = nn.Sequential(nn.Conv2d(3, 6, 3, padding=2, dilation=2, bias=False), nn.BatchNorm2d(6, **bn_kwargs),
+                          *([nn.ReLU()] if relu else []))
+    with torch.no_grad():
+        for p in fused.parameters():
+            p.copy_(torch.randn_like(p))
+    plain.load_state_dict(fused.state_dict())
+    return fused, plain
+
+
+def _assert_same_state(fused, plain, what):
+    a, b = fused.state_dict(), plain.state_dict()
+    assert a.keys() == b.keys(), f"{what}: state_dict keys differ: {set(a) ^ set(b)}"
+    for k in a:
+        assert_close(a[k].double(), b[k].double(), f"{what}: {k}", 1e-6, 1e-5)
+
+
+@pytest.mark.parametrize("relu", [True, False])
+def test_state_dict_round_trip_with_sequential(relu):
+    fused, plain = _pair(relu)
+    assert list(fused.state_dict()) == ["0.weight", "1.weight", "1.bias", "1.running_mean", "1.running_var",
+                                        "1.num_batches_tracked"]
+    plain2 = nn.Sequential(nn.Conv2d(3, 6, 3, bias=False), nn.BatchNorm2d(6), *([nn.ReLU()] if relu else []))
+    plain2.load_state_dict(fused.state_dict())
+    fused2 = FusedConvBNReLU(3, 6, 3, relu=relu)
+    fused2.load_state_dict(plain2.state_dict())
+    _assert_same_state(fused2, plain2, "round trip")
+
+
+@pytest.mark.parametrize(
+    "bn_kwargs", [{}, {"momentum": None}, {"momentum": 0.3}, {"track_running_stats": False}, {"affine": False},
+                  {"eps": 1e-3}],
+    ids=str,
+)
+@pytest.mark.parametrize("relu", [True, False])
+def test_same_behaviour_as_sequential_through_train_and_eval(bn_kwargs, relu):
+    fused, plain = _pair(relu, **bn_kwargs)
+    for step, training in enumerate([True, True, True, False, True, False]):
+        fused.train(training)
+        plain.train(training)
+        x = torch.randn(2, 3, 9, 8) + step
+        xf, xp = x.clone().requires_grad_(), x.clone().requires_grad_()
+        of, op = fused(xf), plain(xp)
+        assert_close(of, op, f"step {step} output", 1e-5, 1e-5)
+        g = torch.randn_like(of)
+        of.backward(g)
+        op.backward(g)
+        assert_close(xf.grad, xp.grad, f"step {step} grad x", 1e-5, 1e-4)
+        for (name, pf), pp in zip(fused.named_parameters(), plain.parameters(), strict=True):
+            assert_close(pf.grad, pp.grad, f"step {step} grad {name}", 1e-4, 1e-4)
+            pf.grad = pp.grad = None
+        _assert_same_state(fused, plain, f"step {step}")
+
+
+def test_residual_input():
+    fused, plain = _pair(True)
+    x = torch.randn(2, 3, 7, 7)
+    r = torch.randn(2, 6, 7, 7)
+    out = fused(x, r)
+    expected = torch.relu(plain[1](plain[0](x)) + r)
+    assert_close(out, expected, "residual output", 1e-5, 1e-5)
+    _assert_same_state(fused, plain, "after a residual call")
+
+
+def test_from_modules_shares_parameters():
+    conv, bn = nn.Conv2d(4, 5, 1, bias=False), nn.BatchNorm2d(5)
+    fused = FusedConvBNReLU.from_modules(conv, bn, relu=False)
+    assert fused[0] is conv and fused[1] is bn
+    assert fused[0].weight.data_ptr() == conv.weight.data_ptr()
+    fused(torch.randn(2, 4, 3, 3))
+    assert bn.num_batches_tracked.item() == 1
+
+
+@pytest.mark.parametrize(
+    "conv, message",
+    [
+        (nn.Conv2d(4, 5, 3, bias=True), "bias"),
+        (nn.Conv2d(4, 4, 3, groups=2, bias=False), "groups=2"),
+        (nn.Conv2d(4, 5, 3, padding=1, padding_mode="reflect", bias=False), "padding_mode"),
+        (nn.Conv2d(4, 5, 4, padding="same", bias=False), "asymmetric"),
+    ],
+)
+def test_from_modules_rejects_what_it_cannot_compute(conv, message):
+    with pytest.raises((ValueError, TypeError), match=message):
+        FusedConvBNReLU.from_modules(conv, nn.BatchNorm2d(conv.out_channels))
+
+
+def test_padding_same_and_valid():
+    for padding in ("same", "valid"):
+        conv = nn.Conv2d(3, 4, 3, padding=padding, dilation=2, bias=False)
+        bn = nn.BatchNorm2d(4)
+        x = torch.randn(2, 3, 9, 9)
+        expected = torch.relu(nn.Sequential(conv, bn)(x))
+        bn.num_batches_tracked.zero_()
+        bn.reset_running_stats()
+        out = FusedConvBNReLU.from_modules(conv, bn)(x)
+        assert_close(out, expected, f"padding={padding}", 1e-5, 1e-5)
+
+
+def test_failed_call_changes_no_state():
+    fused = FusedConvBNReLU(3, 6, 1)
+    before = {k: v.clone() for k, v in fused.state_dict().items()}
+    with pytest.raises(ValueError, match="more than 1 value per channel"):
+        fused(torch.randn(1, 3, 1, 1))
+    with pytest.raises(ValueError, match="x must be a 4-D"):
+        fused(torch.randn(3, 9, 9))
+    for k, v in fused.state_dict().items():
+        assert torch.equal(v, before[k]), f"{k} changed by a failed call"
