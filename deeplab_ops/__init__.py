@@ -9,6 +9,7 @@ Public API:
 Importing compiles nothing and touches no GPU.
 """
 
+# ruff: noqa: I001  (order matters: load _C, then the modules that register kernels for its ops)
 from deeplab_ops import _extension
 
 _extension.load()

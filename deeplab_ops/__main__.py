@@ -37,7 +37,8 @@ def main() -> int:
     else:
         print("gpu          none visible")
     interp = backends.interpreter_active()
-    print(f"TRITON_INTERPRET={'1' if interp else 'unset'}; {backends.ENV_VAR}={os.environ.get(backends.ENV_VAR, 'unset')}")
+    forced = os.environ.get(backends.ENV_VAR, "unset")
+    print(f"TRITON_INTERPRET={'1' if interp else 'unset'}; {backends.ENV_VAR}={forced}")
     devices = ["cpu"] + (["cuda"] if torch.cuda.is_available() else [])
     for dev in devices:
         print(f"backends on {dev}:")

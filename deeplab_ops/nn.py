@@ -41,7 +41,9 @@ def check_fusable(conv: nn.Module, bn: nn.Module) -> None:
     if not isinstance(bn, nn.BatchNorm2d):
         raise TypeError(f"bn must be an nn.BatchNorm2d, got {type(bn).__name__}")
     if conv.bias is not None:
-        raise ValueError("conv has a bias; the fused op needs bias=False (BatchNorm's shift makes a conv bias redundant)")
+        raise ValueError(
+            "conv has a bias; the fused op needs bias=False (BatchNorm's shift makes a conv bias redundant)"
+        )
     if conv.groups != 1:
         raise ValueError(f"conv has groups={conv.groups}; the fused op supports groups=1 only")
     if conv.padding_mode != "zeros":

@@ -27,6 +27,10 @@
 
 namespace deeplab_ops {
 
+inline void check_activation(const at::Tensor& t, const char* name) {
+  TORCH_CHECK(t.dim() == 4, "deeplab_ops: ", name, " must be a 4-D (N, C, H, W) tensor, got shape ", t.sizes());
+}
+
 // The dtype of per-channel statistics for activations of dtype `t`.
 inline at::ScalarType opmath_dtype(at::ScalarType t) {
   return t == at::kDouble ? at::kDouble : at::kFloat;

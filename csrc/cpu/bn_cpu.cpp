@@ -47,7 +47,7 @@ Welford<acc_t> run_stats(const scalar_t* p, int64_t len) {
 }
 
 std::tuple<at::Tensor, at::Tensor> bn_stats_cpu(const at::Tensor& input_) {
-  DLO_CHECK_ACTIVATION(input_);
+  check_activation(input_, "input");
   const auto mf = input_.suggest_memory_format();
   const at::Tensor input = as_kernel_layout(input_, mf);
   const auto g = geometry(input);

@@ -1,0 +1,87 @@
+"""The build and the package surface: toolkit discovery, import, `python -m deeplab_ops`."""
+
+from __future__ import annotations
+
+import importlib.util
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+import deeplab_ops
+from deeplab_ops import _extension
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def _load_setup():
+    spec = importlib.util.spec_from_file_location("deeplab_setup", ROOT / "setup.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)  # main() runs only under __main__
+    return module
+
+
+def _fake_toolkit(root: Path) -> Path:
+    kit = root / "cuda-13.0"
+    (kit / "bin").mkdir(parents=True)
+    (kit / "include").mkdir()
+    (kit / "include" / "cuda_runtime.h").write_text("")
+    nvcc = kit / "bin" / "nvcc"
+    nvcc.write_text("#!/bin/sh\necho fake\n")
+    nvcc.chmod(0o755)
+    return kit
+
+
+@pytest.fixture
+def clean_env(monkeypatch):
+    for var in ("CUDA_HOME", "CUDA_PATH"):
+        monkeypatch.delenv(var, raising=False)
+    return monkeypatch
+
+
+def test_toolkit_found_through_a_symbolic_link(tmp_path, clean_env):
+    kit = _fake_toolkit(tmp_path)
+    bindir = tmp_path / "usr-local-bin"
+    bindir.mkdir()
+    (bindir / "nvcc").symlink_to(kit / "bin" / "nvcc")
+    clean_env.setenv("PATH", f"{bindir}{os.pathsep}/usr/bin:/bin")
+    home, how = _load_setup().find_cuda_home()
+    assert home == str(kit.resolve()), how
+
+
+def test_toolkit_found_through_a_wrapper_script(tmp_path, clean_env):
+    """nvcc may be a shell script that execs the real one: ask it where its toolkit is (--dryrun's TOP)."""
+    kit = _fake_toolkit(tmp_path)
+    (kit / "bin" / "nvcc").write_text(f"#!/bin/sh\necho '#$ TOP={kit}/bin/..' 1>&2\n")
+    bindir = tmp_path / "wrappers" / "bin"
+    bindir.mkdir(parents=True)
+    wrapper = bindir / "nvcc"
+    wrapper.write_text(f'#!/bin/sh\nexec {kit}/bin/nvcc "$@"\n')
+    wrapper.chmod(0o755)
+    clean_env.setenv("PATH", f"{bindir}{os.pathsep}/usr/bin:/bin")
+    home, how = _load_setup().find_cuda_home()
+    assert home == str(kit.resolve()), how
+
+
+def test_cuda_home_that_is_not_a_toolkit_is_reported(tmp_path, clean_env):
+    clean_env.setenv("CUDA_HOME", str(tmp_path))
+    home, how = _load_setup().find_cuda_home()
+    assert home is None and "not a CUDA toolkit" in how
+
+
+def test_import_compiles_nothing_and_registers_every_op():
+    for op in ("bn_stats", "bn_finalize", "bn_apply", "bn_backward_reduce", "bn_backward_dy", "conv_bn_relu_forward",
+               "conv_bn_relu_backward"):
+        assert _extension.has_kernel(op, "CPU"), op
+    assert deeplab_ops.__version__
+
+
+def test_python_m_deeplab_ops_reports_versions_and_backends():
+    env = {k: v for k, v in os.environ.items() if k != "DEEPLAB_OPS_BACKEND"}
+    out = subprocess.run([sys.executable, "-m", "deeplab_ops"], capture_output=True, text=True, env=env, timeout=120,
+                         check=True).stdout
+    for needle in ("torch", "triton", "deeplab_ops", "CUDA C++ kernels", "backends on cpu", "auto picks",
+                   "CPU tensors: cpu"):
+        assert needle in out, f"{needle!r} missing from:\n{out}"
