@@ -290,3 +290,24 @@ def test_cuda_gradcheck():
 def test_cuda_opcheck(case):
     args = tuple(a.cuda() if torch.is_tensor(a) else a for a in _forward_args(case, requires_grad=False))
     torch.library.opcheck(ops.conv_bn_relu_forward.default, args)
+
+
+def test_torch_compile_traces_the_op_and_the_running_stat_update():
+    """fullgraph: no graph break; aot_eager: the op's fake kernel, autograd and the buffer copy are traced."""
+    case = Case(2, 3, 9, 7, 4, dilation=2, residual=True)
+    x, w, g, b, rm, rv, res = make_inputs(case)
+    w.requires_grad_()
+
+    def f(x, w, g, b, rm, rv, res):
+        return deeplab_ops.conv_bn_relu(x, w, g, b, rm, rv, padding=2, dilation=2, residual=res, backend="cpu")
+
+    compiled = torch.compile(f, backend="aot_eager", fullgraph=True)
+    rm_c, rv_c = rm.clone(), rv.clone()
+    out_c = compiled(x, w, g, b, rm_c, rv_c, res)
+    out_e = f(x, w, g, b, rm, rv, res)
+    assert_close(out_c, out_e, "compiled output", 1e-6, 1e-6)
+    assert_close(rm_c, rm, "compiled running_mean", 1e-6, 1e-6)
+    assert_close(rv_c, rv, "compiled running_var", 1e-6, 1e-6)
+    (gc,) = torch.autograd.grad(out_c.sum(), w)
+    (ge,) = torch.autograd.grad(out_e.sum(), w)
+    assert_close(gc, ge, "compiled grad weight", 1e-5, 1e-5)
