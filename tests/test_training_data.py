@@ -1,0 +1,245 @@
+"""Datasets (synthetic, VOC + SBD through a fixture built here, user folder), file errors, joint transforms."""
+
+import os
+import random
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+from scipy.io import savemat
+
+from training import datasets
+from training.palette import palette_bytes
+from training.transforms import IMAGENET_MEAN, IMAGENET_STD, EvalTransform, TrainTransform, pad_collate
+
+# ---- synthetic -------------------------------------------------------------------------------------------------
+
+
+def test_synthetic_is_deterministic_and_varied():
+    a = datasets.SyntheticShapes("train", size=32, length=50, seed=3)
+    b = datasets.SyntheticShapes("train", size=32, length=50, seed=3)
+    v = datasets.SyntheticShapes("val", size=32, length=50, seed=3)
+    img, mask, name = a[7]
+    img2, mask2, _ = b[7]
+    assert img.shape == (32, 32, 3) and img.dtype == np.uint8 and mask.shape == (32, 32)
+    assert np.array_equal(img, img2) and np.array_equal(mask, mask2) and name.endswith("000007")
+    assert not np.array_equal(v[7][0], img)  # splits differ
+    labels = np.concatenate([a[i][1].ravel() for i in range(50)])
+    assert labels.max() <= 20 and len(np.unique(labels)) >= 15  # most of the 21 classes show up in 50 images
+    with pytest.raises(IndexError):
+        a[50]
+
+
+def test_synthetic_colour_does_not_give_the_class():
+    # The mean colour of one class's pixels varies from image to image as much as the colour of any other class.
+    ds = datasets.SyntheticShapes("train", size=48, length=120, seed=0)
+    per_class = {}
+    for i in range(len(ds)):
+        img, mask, _ = ds[i]
+        for c in np.unique(mask):
+            if c:
+                per_class.setdefault(int(c), []).append(img[mask == c].mean(0))
+    spreads = [np.std(v, axis=0).mean() for v in per_class.values() if len(v) >= 4]
+    assert spreads and min(spreads) > 20  # uint8 units: object colours are random
+
+
+# ---- VOC + SBD fixture -----------------------------------------------------------------------------------------
+
+
+def _write_palette_png(path, mask):
+    im = Image.fromarray(mask.astype(np.uint8), mode="P")
+    im.putpalette(palette_bytes())
+    im.save(path)
+
+
+def _random_mask(rng, h, w):
+    m = np.zeros((h, w), np.uint8)
+    y, x = rng.integers(0, h // 2), rng.integers(0, w // 2)
+    m[y:y + h // 2, x:x + w // 2] = rng.integers(1, 21)
+    m[y, x:x + w // 2] = 255  # VOC's object boundaries are labelled 255 (ignore)
+    return m
+
+
+@pytest.fixture
+def voc_tree(tmp_path):
+    """VOC2012 + SBD layout: 6 images; VOC train a,b, VOC val c,d; SBD train b,e, SBD val f,c."""
+    rng = np.random.default_rng(0)
+    voc = tmp_path / "VOCdevkit" / "VOC2012"
+    for d in ("JPEGImages", "SegmentationClass", "SegmentationClassAug", "ImageSets/Segmentation"):
+        (voc / d).mkdir(parents=True)
+    sbd = tmp_path / "benchmark_RELEASE" / "dataset"
+    (sbd / "cls").mkdir(parents=True)
+    ids = ["2007_000001", "2007_000002", "2007_000003", "2007_000004", "2008_000005", "2008_000006"]
+    a, b, c, d, e, f = ids
+    truth = {}
+    for i, name in enumerate(ids):
+        h, w = 20 + i, 24 + 2 * i
+        yy, xx = np.mgrid[0:h, 0:w]
+        img = np.stack([yy * 9 + i * 20, xx * 7, np.full((h, w), 40 * i)], -1).clip(0, 255).astype(np.uint8)
+        Image.fromarray(img).save(voc / "JPEGImages" / f"{name}.jpg", quality=95)  # smooth: JPEG keeps it
+        voc_mask, sbd_mask = _random_mask(rng, h, w), _random_mask(rng, h, w)
+        sbd_mask[sbd_mask == 255] = 0  # SBD has no boundary label
+        truth[name] = (img, voc_mask, sbd_mask)
+        if name in (a, b, c, d):
+            _write_palette_png(voc / "SegmentationClass" / f"{name}.png", voc_mask)
+        if name in (b, e, f, c):
+            savemat(sbd / "cls" / f"{name}.mat", {"GTcls": {"Segmentation": sbd_mask, "Boundaries": np.zeros(1),
+                                                           "CategoriesPresent": np.unique(sbd_mask)}})
+    (voc / "ImageSets/Segmentation/train.txt").write_text(f"{a}\n{b}\n")
+    (voc / "ImageSets/Segmentation/val.txt").write_text(f"{c}\n{d}\n")
+    (sbd / "train.txt").write_text(f"{b}\n{e}\n")
+    (sbd / "val.txt").write_text(f"{f}\n{c}\n")
+    return tmp_path, voc, sbd, ids, truth
+
+
+def test_voc_val_and_train_aug_with_sbd_mat(voc_tree):
+    root, voc, sbd, (a, b, c, d, e, f), truth = voc_tree
+    val = datasets.VOCSegmentation(str(root), "val")  # root above VOCdevkit is accepted
+    assert [it[0] for it in val.items] == [c, d]
+    img, mask, name = val[1]
+    assert name == d and np.array_equal(mask, truth[d][1]) and 255 in mask
+    assert np.abs(img.astype(int) - truth[d][0]).mean() < 8  # JPEG is lossy
+
+    aug = datasets.VOCSegmentation(str(voc), "train_aug", sbd_root=str(root / "benchmark_RELEASE"))
+    names = [it[0] for it in aug.items]
+    assert names == sorted({a, b, e, f})  # (SBD train ∪ SBD val ∪ VOC train) − VOC val
+    for i, n in enumerate(names):
+        _, mask, _ = aug[i]
+        expected = truth[n][1] if n in (a, b) else truth[n][2]  # VOC's PNG where VOC has one, else SBD's .mat
+        assert np.array_equal(mask, expected), n
+
+
+def test_voc_train_aug_with_converted_pngs(voc_tree):
+    root, voc, sbd, (a, b, c, d, e, f), truth = voc_tree
+    for n in (a, b, e, f):
+        _write_palette_png(voc / "SegmentationClassAug" / f"{n}.png", truth[n][2])
+    (voc / "ImageSets/Segmentation/train_aug.txt").write_text(
+        "".join(f"/JPEGImages/{n}.jpg /SegmentationClassAug/{n}.png\n" for n in (a, b, e, f)))
+    aug = datasets.VOCSegmentation(str(voc), "train_aug")
+    assert len(aug) == 4
+    assert np.array_equal(aug[2][1], truth[e][2])
+
+
+def test_missing_and_corrupt_files_are_named(voc_tree):
+    root, voc, sbd, (a, b, c, d, e, f), truth = voc_tree
+    os.remove(voc / "SegmentationClass" / f"{d}.png")
+    with pytest.raises(FileNotFoundError, match=f"{d}.png"):
+        datasets.VOCSegmentation(str(voc), "val")
+    (voc / "JPEGImages" / f"{a}.jpg").write_bytes(b"not a jpeg at all")
+    ds = datasets.VOCSegmentation(str(voc), "train")
+    with pytest.raises(RuntimeError, match=f"{a}.jpg"):
+        ds[0]
+    (sbd / "cls" / f"{e}.mat").write_bytes(b"MATLAB 5.0 garbage")
+    aug = datasets.VOCSegmentation(str(voc), "train_aug", sbd_root=str(sbd))
+    with pytest.raises(RuntimeError, match=f"{e}.mat"):
+        aug[[it[0] for it in aug.items].index(e)]
+    with pytest.raises(FileNotFoundError, match="SegmentationClassAug"):
+        datasets.VOCSegmentation(str(voc), "train_aug")
+    with pytest.raises(FileNotFoundError, match="JPEGImages"):
+        datasets.VOCSegmentation(str(root / "nowhere"), "val")
+
+
+# ---- folder ------------------------------------------------------------------------------------------------------
+
+
+def test_folder_dataset(tmp_path):
+    rng = np.random.default_rng(1)
+    (tmp_path / "images").mkdir()
+    (tmp_path / "masks").mkdir()
+    (tmp_path / "classes.txt").write_text("background\ncat\ndog\n")
+    masks = {}
+    for i in range(5):
+        img = rng.integers(0, 256, (12, 10, 3), dtype=np.uint8)
+        Image.fromarray(img).save(tmp_path / "images" / f"im{i}.png")
+        m = rng.integers(0, 3, (12, 10)).astype(np.uint8)
+        m[0, 0] = 255
+        masks[f"im{i}"] = m
+        if i % 2:
+            _write_palette_png(tmp_path / "masks" / f"im{i}.png", m)
+        else:
+            Image.fromarray(m, mode="L").save(tmp_path / "masks" / f"im{i}.png")  # plain index PNG
+    (tmp_path / "train.txt").write_text("im0\nim1\nim2\n")
+    (tmp_path / "val.txt").write_text("im3\nim4\n")
+    train = datasets.FolderSegmentation(str(tmp_path), "train")
+    assert train.classes == ("background", "cat", "dog") and len(train) == 3
+    for i in range(3):
+        img, mask, name = train[i]
+        assert np.array_equal(mask, masks[name]) and img.shape == (12, 10, 3)
+    # A mask with a class index beyond the class list is refused, naming the file.
+    Image.fromarray(np.full((12, 10), 7, np.uint8), mode="L").save(tmp_path / "masks" / "im4.png")
+    val = datasets.FolderSegmentation(str(tmp_path), "val")
+    with pytest.raises(ValueError, match="im4.png.*num_classes=3"):
+        val[1]
+    Image.fromarray(np.zeros((12, 10, 3), np.uint8)).save(tmp_path / "masks" / "im3.png")
+    with pytest.raises(ValueError, match="im3.png.*RGB"):
+        val[0]
+    os.remove(tmp_path / "classes.txt")
+    with pytest.raises(FileNotFoundError, match="classes.txt"):
+        datasets.FolderSegmentation(str(tmp_path), "train")
+
+
+# ---- transforms ------------------------------------------------------------------------------------------------
+
+
+def _block_pattern(h, w, block, rng):
+    """An image whose red channel encodes the label of each block (label·12), and that label mask."""
+    labels = rng.integers(0, 21, (h // block + 1, w // block + 1))
+    mask = np.kron(labels, np.ones((block, block), dtype=np.int64))[:h, :w].astype(np.uint8)
+    img = np.stack([mask * 12, rng.integers(0, 256, (h, w)), np.full((h, w), 77)], -1).astype(np.uint8)
+    img[..., 1] = 128
+    return img, mask
+
+
+def _decode(img_t):
+    red = img_t[0] * IMAGENET_STD[0] + IMAGENET_MEAN[0]
+    return torch.round(red * 255 / 12).long()
+
+
+def _check_aligned(img_t, mask_t):
+    valid = mask_t != 255
+    # Only pixels whose 3x3 neighbourhood has one label: bilinear blending is exact there.
+    m = mask_t.float()[None, None]
+    same = (torch.nn.functional.max_pool2d(m, 3, 1, 1) == -torch.nn.functional.max_pool2d(-m, 3, 1, 1))[0, 0]
+    interior = valid & same
+    interior[[0, -1], :] = False
+    interior[:, [0, -1]] = False
+    return interior, (_decode(img_t)[interior] != mask_t[interior]).sum().item()
+
+
+def test_train_transform_keeps_image_and_mask_aligned():
+    rng = np.random.default_rng(0)
+    img, mask = _block_pattern(37, 45, 6, rng)
+    tf = TrainTransform(crop_size=40, scale_range=(0.5, 2.0), flip=True)
+    checked, flipped_seen, padded_seen = 0, 0, 0
+    for seed in range(24):
+        r = random.Random(seed)
+        out_img, out_mask = tf(img, mask, r)
+        assert out_img.shape == (3, 40, 40) and out_mask.shape == (40, 40) and out_mask.dtype == torch.int64
+        interior, wrong = _check_aligned(out_img, out_mask)
+        assert wrong == 0, f"seed {seed}: {wrong} interior pixels disagree"
+        checked += int(interior.sum())
+        pad = out_mask == 255
+        if pad.any():
+            padded_seen += 1
+            assert torch.all(out_img[:, pad] == 0)  # padding is the mean colour (0 after normalization)
+        flipped_seen += _decode(out_img)[out_mask != 255].float().mean() >= 0  # always true; keeps the loop honest
+    assert checked > 5000 and padded_seen > 0 and flipped_seen == 24
+    # Same seed → same sample (resume relies on it); a misaligned flip would be caught by the check above.
+    a, b = tf(img, mask, random.Random(5)), tf(img, mask, random.Random(5))
+    assert torch.equal(a[0], b[0]) and torch.equal(a[1], b[1])
+    _, wrong = _check_aligned(a[0].flip(-1), a[1])
+    assert wrong > 0  # negative control
+
+
+def test_eval_transform_and_pad_collate():
+    rng = np.random.default_rng(2)
+    samples = []
+    for h, w in ((5, 7), (8, 3)):
+        img, lbl = EvalTransform()(rng.integers(0, 256, (h, w, 3), dtype=np.uint8),
+                                   rng.integers(0, 3, (h, w)).astype(np.uint8))
+        samples.append((img, lbl, f"{h}x{w}"))
+    images, masks, sizes, names = pad_collate(samples)
+    assert images.shape == (2, 3, 8, 7) and masks.shape == (2, 8, 7) and sizes == [(5, 7), (8, 3)]
+    assert torch.all(masks[0, 5:] == 255) and torch.all(masks[1, :, 3:] == 255)
+    assert torch.equal(images[1, :, :8, :3], samples[1][0])

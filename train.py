@@ -1,0 +1,452 @@
+"""DeepLabV3 training, evaluation and inference.
+
+    python train.py --fused-ops                           # built-in synthetic set: trains, evaluates, saves
+    python train.py --dataset voc --data-root VOCdevkit/VOC2012 --sbd-root benchmark_RELEASE --fused-ops
+    python train.py --dataset folder --data-root mydata   # mydata/images, mydata/masks, mydata/classes.txt
+    python train.py --eval-only --checkpoint runs/synthetic/best.pt --eval-output-stride 8 --eval-scales ms --eval-flip
+    python train.py --predict photos/ --checkpoint runs/voc/best.pt --out masks/
+    torchrun --nproc_per_node=2 train.py ...              # DDP with synchronized BatchNorm
+
+Defaults follow the dataset: VOC uses the paper's recipe (crop 513, batch 16, SGD 0.9, lr 0.007 poly 0.9,
+wd 1e-4, scale 0.5-2.0, flip, OS 16, 30k iterations); the synthetic set uses a small CPU-sized recipe.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import random
+import sys
+import time
+
+import numpy as np
+import torch
+from PIL import Image
+
+from training import checkpoint as ckpt_io
+from training import datasets, distributed, loop
+from training.palette import colorize, palette_bytes
+from training.transforms import IMAGENET_MEAN, IMAGENET_STD, EvalTransform, TrainTransform
+
+MS_SCALES = (0.5, 0.75, 1.0, 1.25, 1.5, 1.75)
+
+# Per-dataset defaults for options left unset on the command line. VOC: the paper's recipe.
+PRESETS = {
+    "voc": dict(crop_size=513, batch_size=16, lr=0.007, iterations=30000, scale_range=(0.5, 2.0),
+                backbone="resnet101", eval_every=2000, checkpoint_every=1000),
+    "folder": dict(crop_size=513, batch_size=16, lr=0.007, iterations=30000, scale_range=(0.5, 2.0),
+                   backbone="resnet101", eval_every=2000, checkpoint_every=1000),
+    # Sized for a 2-core CPU: about 8 minutes to mIoU >= 0.5 (see the README of training/ in the report).
+    "synthetic": dict(crop_size=64, batch_size=8, lr=0.02, iterations=1200, scale_range=(1.0, 1.0),
+                      backbone="resnet50", eval_every=0, checkpoint_every=200),
+    "synthetic-gpu": dict(crop_size=128, batch_size=16, lr=0.02, iterations=3000, scale_range=(0.75, 1.5),
+                          backbone="resnet50", eval_every=1000, checkpoint_every=500),
+}
+
+
+# ---- model -------------------------------------------------------------------------------------------------------
+
+
+def build_model(backbone: str, num_classes: int, output_stride: int, aux_loss: bool, fused: bool) -> torch.nn.Module:
+    """The DeepLabV3 network: model/ when it provides the factories, else torchvision's as a stand-in."""
+    try:
+        import model as project_model
+
+        factory = getattr(project_model, f"deeplabv3_{backbone}")
+    except (ImportError, AttributeError):
+        factory = None
+    if factory is not None:
+        return factory(num_classes=num_classes, output_stride=output_stride, aux_loss=aux_loss, fused=fused)
+    net = _torchvision_deeplabv3(backbone, num_classes, output_stride, aux_loss)
+    if fused:
+        try:
+            from deeplab_ops.nn import fuse_modules
+
+            fuse_modules(net)
+        except ModuleNotFoundError as e:
+            raise RuntimeError(
+                f"--fused-ops needs deeplab_ops.nn.fuse_modules, which this checkout cannot run yet ({e}); "
+                "run without --fused-ops until deeplab_ops/fusion.py lands") from e
+    return net
+
+
+def _torchvision_deeplabv3(backbone: str, num_classes: int, output_stride: int, aux_loss: bool) -> torch.nn.Module:
+    """Stand-in until model/ lands: torchvision's DeepLabV3 pieces at a chosen output stride (no multi-grid)."""
+    from torchvision.models import resnet
+    from torchvision.models._utils import IntermediateLayerGetter
+    from torchvision.models.segmentation.deeplabv3 import DeepLabHead, DeepLabV3
+    from torchvision.models.segmentation.fcn import FCNHead
+
+    if output_stride not in (8, 16):
+        raise ValueError(f"output stride must be 8 or 16, got {output_stride}")
+    layers = {"resnet50": [3, 4, 6, 3], "resnet101": [3, 4, 23, 3]}
+    if backbone not in layers:
+        raise ValueError(f"backbone must be one of {sorted(layers)}, got {backbone!r}")
+    net = resnet.ResNet(resnet.Bottleneck, layers[backbone], replace_stride_with_dilation=[False, output_stride == 8,
+                                                                                           True])
+    returns = {"layer4": "out", "layer3": "aux"} if aux_loss else {"layer4": "out"}
+    rates = (6, 12, 18) if output_stride == 16 else (12, 24, 36)
+    return DeepLabV3(IntermediateLayerGetter(net, returns), DeepLabHead(2048, num_classes, rates),
+                     FCNHead(1024, num_classes) if aux_loss else None)
+
+
+# ---- data --------------------------------------------------------------------------------------------------------
+
+
+def build_datasets(args):
+    """(train, val, class_names) raw datasets for --dataset."""
+    if args.dataset == "synthetic":
+        train = datasets.SyntheticShapes("train", args.crop_size, args.synthetic_train_size, seed=args.data_seed)
+        val = datasets.SyntheticShapes("val", args.crop_size, args.synthetic_val_size, seed=args.data_seed)
+        return train, val, list(datasets.SYNTHETIC_CLASSES)
+    if not args.data_root:
+        raise SystemExit(f"--dataset {args.dataset} needs --data-root PATH")
+    if args.dataset == "voc":
+        train = datasets.VOCSegmentation(args.data_root, args.train_split or "train_aug", sbd_root=args.sbd_root)
+        val = datasets.VOCSegmentation(args.data_root, args.val_split or "val", sbd_root=args.sbd_root)
+        return train, val, list(train.classes)
+    train = datasets.FolderSegmentation(args.data_root, args.train_split or "train", classes_file=args.classes)
+    val = datasets.FolderSegmentation(args.data_root, args.val_split or "val", classes_file=args.classes)
+    return train, val, list(train.classes)
+
+
+class _Normalized:
+    """A raw dataset seen through EvalTransform."""
+
+    def __init__(self, dataset) -> None:
+        self.dataset, self.transform = dataset, EvalTransform()
+
+    def __len__(self) -> int:
+        return len(self.dataset)
+
+    def __getitem__(self, i):
+        image, mask, name = self.dataset[i]
+        img, lbl = self.transform(image, mask)
+        return img, lbl, name
+
+
+# ---- outputs -----------------------------------------------------------------------------------------------------
+
+
+def _denormalize(img: torch.Tensor) -> np.ndarray:
+    m = torch.tensor(IMAGENET_MEAN).view(3, 1, 1)
+    s = torch.tensor(IMAGENET_STD).view(3, 1, 1)
+    return (img * s + m).clamp(0, 1).mul(255).round().byte().permute(1, 2, 0).numpy()
+
+
+def save_preview(kept, path: str) -> None:
+    """A PNG grid: one row per image, columns image | ground truth | prediction (VOC colours)."""
+    if not kept:
+        return
+    rows = []
+    w = max(k[0].shape[-1] for k in kept)
+    for img, mask, pred in kept:
+        row = np.concatenate([_denormalize(img), colorize(mask.numpy()), colorize(pred.numpy())], axis=1)
+        pad = np.zeros((row.shape[0], 3 * w - row.shape[1], 3), np.uint8)
+        rows.append(np.concatenate([row, pad], axis=1))
+    grid = np.concatenate(rows, axis=0)
+    scale = max(1, 256 // grid.shape[0] + 1) if grid.shape[0] < 256 else 1
+    im = Image.fromarray(grid)
+    if scale > 1:
+        im = im.resize((grid.shape[1] * scale, grid.shape[0] * scale), Image.NEAREST)
+    os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
+    im.save(path)
+
+
+def save_mask_png(pred: np.ndarray, path: str) -> None:
+    """A palette PNG: pixel values are class indices, colours are VOC's."""
+    im = Image.fromarray(pred.astype(np.uint8), mode="P")
+    im.putpalette(palette_bytes())
+    im.save(path)
+
+
+# ---- commands ----------------------------------------------------------------------------------------------------
+
+
+def _setup(args) -> tuple[torch.device, distributed.DistInfo]:
+    if args.device == "auto":
+        dev_type = "cuda" if torch.cuda.is_available() else "cpu"
+    else:
+        dev_type = args.device
+        if dev_type == "cuda" and not torch.cuda.is_available():
+            raise SystemExit("--device cuda: no CUDA device is visible")
+    if args.deterministic:
+        os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")
+        torch.use_deterministic_algorithms(True)
+        torch.backends.cudnn.benchmark = False
+    elif dev_type == "cuda":
+        torch.backends.cudnn.benchmark = True
+    info = distributed.init_from_env(dev_type)
+    device = torch.device("cuda", info.local_rank) if dev_type == "cuda" else torch.device("cpu")
+    random.seed(args.seed)
+    np.random.seed(args.seed)  # noqa: NPY002 (the legacy global state, for libraries that use it)
+    torch.manual_seed(args.seed)
+    return device, info
+
+
+def _model_from_checkpoint(ckpt: dict, args, output_stride: int) -> torch.nn.Module:
+    saved = ckpt.get("args", {})
+    net = build_model(saved.get("backbone", args.backbone), ckpt["num_classes"], output_stride,
+                      saved.get("aux_loss", False), args.fused_ops)
+    net.load_state_dict(ckpt["model"])
+    return net
+
+
+def _eval_scales(args) -> tuple[float, ...]:
+    if args.eval_scales == "ms":
+        return MS_SCALES
+    try:
+        return tuple(float(s) for s in args.eval_scales.split(","))
+    except ValueError:
+        raise SystemExit(f"--eval-scales must be 'ms' or comma-separated floats, got {args.eval_scales!r}") from None
+
+
+def run_eval(net, val_set, class_names, device, args, info, out_dir: str | None, tag: str) -> dict:
+    metrics, kept = loop.evaluate(
+        net, _Normalized(val_set), len(class_names), class_names, device, batch_size=args.eval_batch_size,
+        scales=_eval_scales(args), flip=args.eval_flip, amp=args.amp, channels_last=args.channels_last,
+        keep=args.preview, num_workers=args.workers, rank=info.rank, world_size=info.world_size)
+    if info.is_main and out_dir:
+        save_preview(kept, os.path.join(out_dir, f"predictions_{tag}.png"))
+    return metrics
+
+
+def cmd_predict(args, device) -> None:
+    if not args.checkpoint:
+        raise SystemExit("--predict needs --checkpoint CKPT")
+    out = args.out or "predictions"
+    ckpt = ckpt_io.load_checkpoint(args.checkpoint)
+    os_ = args.eval_output_stride or ckpt.get("args", {}).get("output_stride", 16)
+    net = _model_from_checkpoint(ckpt, args, os_).to(device).eval()
+    if args.channels_last:
+        net = net.to(memory_format=torch.channels_last)
+    if not os.path.isdir(args.predict):
+        raise SystemExit(f"--predict: not a folder: {args.predict}")
+    files = sorted(f for f in os.listdir(args.predict) if f.lower().endswith(datasets.IMAGE_EXTENSIONS))
+    if not files:
+        raise SystemExit(f"--predict: no images ({', '.join(datasets.IMAGE_EXTENSIONS)}) in {args.predict}")
+    os.makedirs(out, exist_ok=True)
+    tf, t0 = EvalTransform(), time.time()
+    for f in files:
+        img, _ = tf(datasets.read_image(os.path.join(args.predict, f)), None)
+        probs = loop.predict_probs(net, img[None].to(device), _eval_scales(args), args.eval_flip, args.amp,
+                                   args.channels_last)
+        save_mask_png(probs.argmax(1)[0].cpu().numpy(), os.path.join(out, os.path.splitext(f)[0] + ".png"))
+    print(f"wrote {len(files)} colour-coded masks (palette PNG, values = class indices) to {out} "
+          f"in {time.time() - t0:.1f}s")
+
+
+def cmd_eval_only(args, device, info) -> None:
+    path = args.checkpoint or os.path.join(args.out_dir, "best.pt")
+    ckpt = ckpt_io.load_checkpoint(path)
+    saved = ckpt.get("args", {})
+    for key in ("dataset", "data_root", "sbd_root", "classes", "crop_size", "synthetic_val_size", "data_seed"):
+        if getattr(args, key) is None and key in saved:
+            setattr(args, key, saved[key])
+    _apply_presets(args, device)
+    _, val, class_names = build_datasets(args)
+    os_ = args.eval_output_stride or saved.get("output_stride", 16)
+    net = _model_from_checkpoint(ckpt, args, os_).to(device)
+    if args.channels_last:
+        net = net.to(memory_format=torch.channels_last)
+    t0 = time.time()
+    metrics = run_eval(net, val, class_names, device, args, info, args.out_dir, "eval")
+    _report(args, info, metrics, {"checkpoint": path, "iteration": ckpt.get("iteration"), "eval_output_stride": os_,
+                                  "eval_seconds": round(time.time() - t0, 2)}, "metrics_eval.json")
+
+
+def _report(args, info, metrics: dict, extra: dict, filename: str) -> None:
+    if not info.is_main:
+        return
+    print(loop_format(metrics))
+    path = os.path.join(args.out_dir, filename)
+    os.makedirs(args.out_dir, exist_ok=True)
+    record = {"metrics": metrics, **extra, "args": vars(args)}
+    tmp = path + ".tmp"
+    with open(tmp, "w") as f:
+        json.dump(record, f, indent=2, default=str)
+    os.replace(tmp, path)
+    print(f"metrics written to {os.path.abspath(path)}")
+
+
+def loop_format(metrics: dict) -> str:
+    from training.metrics import format_table
+
+    return format_table(metrics)
+
+
+def cmd_train(args, device, info) -> None:
+    train_raw, val_raw, class_names = build_datasets(args)
+    if info.is_main:
+        print(f"data: {args.dataset} train {len(train_raw)} images, val {len(val_raw)} images, "
+              f"{len(class_names)} classes; device {device}" + (f", {info.world_size} processes" if info.enabled
+                                                                  else ""))
+    train_set = loop.AugmentedDataset(train_raw, TrainTransform(args.crop_size, args.scale_range, not args.no_flip))
+    net = build_model(args.backbone, len(class_names), args.output_stride, args.aux_loss, args.fused_ops).to(device)
+    if args.channels_last:
+        net = net.to(memory_format=torch.channels_last)
+    if args.freeze_bn:
+        loop.freeze_batchnorm(net)
+    if info.enabled:
+        if not args.freeze_bn:
+            net = distributed.convert_sync_batchnorm(net, device.type)
+        net = torch.nn.parallel.DistributedDataParallel(net, device_ids=[device.index] if device.type == "cuda"
+                                                        else None)
+    resume = None
+    if args.resume:
+        path = os.path.join(args.out_dir, "last.pt") if args.resume == "auto" else args.resume
+        resume = ckpt_io.load_checkpoint(path)
+        if info.is_main:
+            print(f"resuming {path} at iteration {resume['iteration']}")
+    cfg = loop.TrainConfig(
+        iterations=args.iterations, batch_size=args.batch_size, lr=args.lr, momentum=args.momentum,
+        weight_decay=args.weight_decay, poly_power=args.poly_power, seed=args.seed, amp=args.amp,
+        channels_last=args.channels_last, freeze_bn=args.freeze_bn, aux_weight=0.5 if args.aux_loss else 0.0,
+        num_workers=args.workers, log_every=args.log_every, eval_every=args.eval_every,
+        checkpoint_every=args.checkpoint_every, stop_after=args.stop_after, out_dir=args.out_dir,
+        extra_state={"args": vars(args), "num_classes": len(class_names), "class_names": class_names})
+    eval_net_cache = {}
+
+    def val_fn(model):
+        # Evaluate at --eval-output-stride: a second network with the same weights (state_dicts are identical).
+        core = ckpt_io.unwrap(model)
+        if args.eval_output_stride and args.eval_output_stride != args.output_stride:
+            if "net" not in eval_net_cache:
+                eval_net_cache["net"] = build_model(args.backbone, len(class_names), args.eval_output_stride,
+                                                    args.aux_loss, args.fused_ops).to(device)
+            target = eval_net_cache["net"]
+            target.load_state_dict(core.state_dict())
+        else:
+            target = core
+        return run_eval(target, val_raw, class_names, device, args, info, args.out_dir, "val")
+
+    log = loop.MetricsLog(os.path.join(args.out_dir, "metrics.jsonl") if info.is_main else None,
+                          os.path.join(args.out_dir, "tb") if info.is_main and not args.no_tensorboard else None)
+    t0 = time.time()
+    try:
+        result = loop.fit(net, train_set, cfg, device, val_fn=val_fn, resume=resume, rank=info.rank,
+                          world_size=info.world_size, log=log)
+    finally:
+        log.close()
+    train_s = time.time() - t0
+    if info.is_main:
+        print(f"trained to iteration {result.iteration}/{args.iterations} in {train_s:.1f}s; checkpoints in "
+              f"{os.path.abspath(args.out_dir)} (last.pt" + (", best.pt" if result.best_metric is not None else "")
+              + ")")
+    if result.last_metrics is not None and result.iteration == args.iterations:
+        _report(args, info, result.last_metrics, {"iteration": result.iteration, "train_seconds": round(train_s, 2),
+                                                  "best_miou": result.best_metric,
+                                                  "best_iteration": result.best_iteration,
+                                                  "preview": os.path.join(args.out_dir, "predictions_val.png")},
+                "metrics.json")
+
+
+# ---- command line ------------------------------------------------------------------------------------------------
+
+
+def parse_args(argv=None) -> argparse.Namespace:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    g = p.add_argument_group("data")
+    g.add_argument("--dataset", choices=["synthetic", "voc", "folder"], default=None,
+                   help="synthetic (built in, the default), voc (VOC 2012 + SBD) or folder (images/ + masks/)")
+    g.add_argument("--data-root", help="voc: the VOC2012 folder (JPEGImages, SegmentationClass, ImageSets); "
+                   "folder: a folder with images/, masks/ and classes.txt")
+    g.add_argument("--sbd-root", help="voc: the SBD folder (benchmark_RELEASE or its dataset/ folder) for train_aug; "
+                   "not needed with pre-converted SegmentationClassAug PNGs inside --data-root")
+    g.add_argument("--classes", help="folder: class-name file, one per line, line i = index i (default "
+                   "DATA_ROOT/classes.txt)")
+    g.add_argument("--train-split", help="voc: train_aug (default) or train; folder: list name (default train)")
+    g.add_argument("--val-split", help="list of the evaluation split (default val)")
+    g.add_argument("--synthetic-train-size", type=int, default=None, help="synthetic: training images (default 4000)")
+    g.add_argument("--synthetic-val-size", type=int, default=None, help="synthetic: validation images (default 200)")
+    g.add_argument("--data-seed", type=int, default=None, help="synthetic: generator seed (default 0)")
+    g.add_argument("--workers", type=int, default=None, help="data-loading processes (default 0 on CPU, 8 on GPU)")
+
+    g = p.add_argument_group("model")
+    g.add_argument("--backbone", choices=["resnet50", "resnet101"], default=None,
+                   help="ResNet depth (default resnet101 for voc/folder, resnet50 for synthetic)")
+    g.add_argument("--fused-ops", action="store_true", help="run conv+BN+ReLU on deeplab_ops's fused kernels")
+    g.add_argument("--output-stride", type=int, choices=[8, 16], default=16, help="training output stride")
+    g.add_argument("--aux-loss", action="store_true", help="auxiliary FCN head on layer3 (weight 0.5)")
+
+    g = p.add_argument_group("optimisation (defaults depend on --dataset; VOC: the paper's recipe)")
+    g.add_argument("--iterations", type=int, help="training iterations (voc: 30000)")
+    g.add_argument("--batch-size", type=int, help="global batch size, over all processes (voc: 16)")
+    g.add_argument("--crop-size", type=int, help="training crop (voc: 513; synthetic: the image size, 64 on CPU)")
+    g.add_argument("--lr", type=float, help="base learning rate (voc: 0.007), poly-decayed to 0")
+    g.add_argument("--poly-power", type=float, default=0.9)
+    g.add_argument("--momentum", type=float, default=0.9)
+    g.add_argument("--weight-decay", type=float, default=1e-4)
+    g.add_argument("--scale-range", type=float, nargs=2, metavar=("MIN", "MAX"), help="random scale (voc: 0.5 2.0)")
+    g.add_argument("--no-flip", action="store_true", help="no random horizontal flip")
+    g.add_argument("--freeze-bn", action="store_true", help="BatchNorm in eval mode with frozen affine parameters")
+    g.add_argument("--amp", choices=["none", "bf16", "fp16"], default="none", help="mixed precision (GPU)")
+    g.add_argument("--channels-last", action="store_true", help="NHWC memory format for the model and inputs")
+    g.add_argument("--seed", type=int, default=0, help="seed of the model init, sample order and augmentation")
+    g.add_argument("--deterministic", action="store_true", help="torch deterministic algorithms, no cudnn benchmark")
+
+    g = p.add_argument_group("evaluation")
+    g.add_argument("--eval-output-stride", type=int, choices=[8, 16], default=None,
+                   help="output stride at evaluation (default: the training one); 8 as in the paper's best results")
+    g.add_argument("--eval-scales", default="1.0", help="comma-separated scales, or 'ms' for 0.5,0.75,...,1.75")
+    g.add_argument("--eval-flip", action="store_true", help="also average the horizontally flipped input")
+    g.add_argument("--eval-batch-size", type=int, default=1, help="images per evaluation batch (padded)")
+    g.add_argument("--eval-every", type=int, help="evaluate (and track best.pt) every N iterations; 0: at the end")
+    g.add_argument("--preview", type=int, default=8, help="images in the predictions-vs-ground-truth PNG")
+
+    g = p.add_argument_group("run")
+    g.add_argument("--out-dir", help="checkpoints, metrics.json, metrics.jsonl, previews (default runs/DATASET)")
+    g.add_argument("--resume", nargs="?", const="auto", help="continue a run from CKPT (default OUT_DIR/last.pt)")
+    g.add_argument("--checkpoint-every", type=int, help="save last.pt every N iterations")
+    g.add_argument("--stop-after", type=int, help="stop after N iterations of this invocation (resume later)")
+    g.add_argument("--eval-only", action="store_true", help="evaluate --checkpoint (default OUT_DIR/best.pt)")
+    g.add_argument("--checkpoint", help="checkpoint for --eval-only / --predict")
+    g.add_argument("--predict", metavar="DIR", help="write colour-coded masks for every image in DIR")
+    g.add_argument("--out", help="--predict: output folder (default predictions/)")
+    g.add_argument("--device", choices=["auto", "cpu", "cuda"], default="auto")
+    g.add_argument("--log-every", type=int, default=20)
+    g.add_argument("--no-tensorboard", action="store_true", help="no TensorBoard events even when installed")
+    return p.parse_args(argv)
+
+
+def _apply_presets(args, device: torch.device) -> None:
+    if args.dataset is None:
+        args.dataset = "synthetic"
+    key = "synthetic-gpu" if args.dataset == "synthetic" and device.type == "cuda" else args.dataset
+    for name, value in PRESETS[key].items():
+        if getattr(args, name, None) is None:
+            setattr(args, name, value)
+    if args.synthetic_train_size is None:
+        args.synthetic_train_size = 4000
+    if args.synthetic_val_size is None:
+        args.synthetic_val_size = 200
+    if args.data_seed is None:
+        args.data_seed = 0
+    if args.workers is None:
+        args.workers = 0 if device.type == "cpu" else min(8, os.cpu_count() or 1)
+    if args.out_dir is None:
+        args.out_dir = os.path.join("runs", args.dataset)
+    for name in ("iterations", "batch_size", "crop_size"):
+        if getattr(args, name) < 1:
+            raise SystemExit(f"--{name.replace('_', '-')} must be >= 1, got {getattr(args, name)}")
+
+
+def main(argv=None) -> None:
+    args = parse_args(argv)
+    device, info = _setup(args)
+    try:
+        if args.predict:
+            cmd_predict(args, device)
+        elif args.eval_only:
+            cmd_eval_only(args, device, info)
+        else:
+            _apply_presets(args, device)
+            cmd_train(args, device, info)
+    finally:
+        if info.enabled:
+            torch.distributed.destroy_process_group()
+
+
+if __name__ == "__main__":
+    sys.exit(main())

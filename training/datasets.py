@@ -1,0 +1,385 @@
+"""Segmentation datasets: a built-in synthetic set, PASCAL VOC 2012 + SBD (train_aug / val), and a user folder.
+
+Every dataset returns ``(image, mask, name)``: image (H, W, 3) uint8 RGB, mask (H, W) uint8 class indices with
+255 = ignore, name a string. Joint augmentation happens in training/transforms.py. Files are checked at
+construction (a missing file is named before training starts); a file that fails to decode later is named too.
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Sequence
+
+import numpy as np
+from PIL import Image
+
+from training.palette import IGNORE_INDEX, VOC_CLASSES
+
+IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".bmp", ".tif", ".tiff", ".webp")
+
+
+# ---- file reading with errors that name the file ---------------------------------------------------------------
+
+
+def read_image(path: str) -> np.ndarray:
+    """An RGB image as (H, W, 3) uint8; errors name the file."""
+    if not os.path.isfile(path):
+        raise FileNotFoundError(f"image file not found: {path}")
+    try:
+        with Image.open(path) as im:
+            return np.asarray(im.convert("RGB"), dtype=np.uint8).copy()
+    except Exception as e:  # PIL raises several types for truncated or foreign files
+        raise RuntimeError(f"cannot read image {path}: {type(e).__name__}: {e}") from e
+
+
+def read_index_mask(path: str, num_classes: int | None = None) -> np.ndarray:
+    """A class-index mask (palette 'P' or grayscale 'L'/'I' PNG) as (H, W) uint8; errors name the file.
+
+    Palette PNGs store class indices directly (VOC's SegmentationClass); an RGB mask is refused with a hint,
+    because mapping colours back to classes is ambiguous.
+    """
+    if not os.path.isfile(path):
+        raise FileNotFoundError(f"mask file not found: {path}")
+    try:
+        with Image.open(path) as im:
+            mode = im.mode
+            if mode in ("RGB", "RGBA"):
+                raise ValueError(
+                    f"mask is an {mode} colour image; expected a palette (P) or single-channel index PNG whose pixel "
+                    "values are class indices (255 = ignore)"
+                )
+            arr = np.asarray(im)
+    except ValueError as e:
+        raise ValueError(f"bad mask {path}: {e}") from e
+    except Exception as e:
+        raise RuntimeError(f"cannot read mask {path}: {type(e).__name__}: {e}") from e
+    if arr.ndim != 2:
+        raise ValueError(f"bad mask {path}: expected a single-channel image, got shape {arr.shape}")
+    if arr.max(initial=0) > 255 or arr.min(initial=0) < 0:
+        raise ValueError(f"bad mask {path}: values must be class indices in [0, 255], got [{arr.min()}, {arr.max()}]")
+    arr = arr.astype(np.uint8)
+    if num_classes is not None:
+        bad = (arr >= num_classes) & (arr != IGNORE_INDEX)
+        if bad.any():
+            raise ValueError(
+                f"bad mask {path}: class indices {sorted(np.unique(arr[bad]).tolist())} are >= num_classes="
+                f"{num_classes} (and not the ignore label {IGNORE_INDEX})"
+            )
+    return arr
+
+
+def read_sbd_mat(path: str) -> np.ndarray:
+    """The class mask of an SBD ``dataset/cls/*.mat`` file (GTcls.Segmentation) as (H, W) uint8."""
+    if not os.path.isfile(path):
+        raise FileNotFoundError(f"SBD label file not found: {path}")
+    try:
+        from scipy.io import loadmat
+
+        mat = loadmat(path, mat_dtype=False, squeeze_me=True, struct_as_record=False)
+        seg = np.asarray(mat["GTcls"].Segmentation)
+    except Exception as e:
+        raise RuntimeError(f"cannot read SBD label {path} (expected a struct GTcls with field Segmentation): "
+                           f"{type(e).__name__}: {e}") from e
+    if seg.ndim != 2:
+        raise ValueError(f"bad SBD label {path}: GTcls.Segmentation has shape {seg.shape}, expected (H, W)")
+    return seg.astype(np.uint8)
+
+
+def read_split(path: str) -> list[str]:
+    """Image ids, one per line, of a split list file."""
+    if not os.path.isfile(path):
+        raise FileNotFoundError(f"split list not found: {path}")
+    with open(path) as f:
+        ids = [line.split()[0] for line in f if line.strip()]
+    if not ids:
+        raise ValueError(f"split list {path} is empty")
+    return ids
+
+
+def _check_exist(paths: Sequence[str], what: str) -> None:
+    missing = [p for p in paths if not os.path.isfile(p)]
+    if missing:
+        more = f" (and {len(missing) - 1} more)" if len(missing) > 1 else ""
+        raise FileNotFoundError(f"{what} file not found: {missing[0]}{more}")
+
+
+# ---- synthetic shapes ------------------------------------------------------------------------------------------
+
+SHAPES = ("disc", "square", "triangle", "ring", "cross")
+TEXTURES = ("hstripes", "vstripes", "checker", "dots")
+SYNTHETIC_CLASSES = ("background",) + tuple(f"{s}-{t}" for s in SHAPES for t in TEXTURES)
+_SPLIT_IDS = {"train": 1, "val": 2, "test": 3}
+
+
+class SyntheticShapes:
+    """A deterministic 21-class segmentation set: 5 shapes x 4 textures on textured backgrounds.
+
+    Class = 1 + 4·shape + texture. Each object gets two random colours, so colour alone says nothing: the class
+    is the texture (horizontal stripes, vertical stripes, checkerboard, dots; period 4-7 px) together with the
+    outline (disc, square, triangle, ring, cross). Objects vary in size (radius 12-32% of the image), overlap
+    (later objects occlude earlier ones; a ring's hole shows what lies below) and may be cut by the border.
+    The background is a smooth random colour field with low-contrast diagonal stripes and pixel noise.
+    Image i of a split is a pure function of (seed, split, i), generated on the fly.
+    """
+
+    classes = SYNTHETIC_CLASSES
+
+    def __init__(self, split: str = "train", size: int = 64, length: int = 2000, seed: int = 0,
+                 max_objects: int = 3) -> None:
+        if split not in _SPLIT_IDS:
+            raise ValueError(f"split must be one of {sorted(_SPLIT_IDS)}, got {split!r}")
+        if size < 16:
+            raise ValueError(f"size must be >= 16 pixels, got {size}")
+        if length < 1:
+            raise ValueError(f"length must be >= 1, got {length}")
+        self.split, self.size, self.length, self.seed, self.max_objects = split, size, length, seed, max_objects
+        yy, xx = np.mgrid[0:size, 0:size].astype(np.float32)
+        self._yy, self._xx = yy, xx
+
+    def __len__(self) -> int:
+        return self.length
+
+    def __getitem__(self, index: int):
+        if not 0 <= index < self.length:
+            raise IndexError(f"index {index} out of range for {self.length} synthetic images")
+        rng = np.random.default_rng([self.seed, _SPLIT_IDS[self.split], index])
+        image = self._background(rng)
+        mask = np.zeros((self.size, self.size), dtype=np.uint8)
+        for _ in range(int(rng.integers(1, self.max_objects + 1))):
+            shape, texture = int(rng.integers(len(SHAPES))), int(rng.integers(len(TEXTURES)))
+            inside = self._shape(rng, SHAPES[shape])
+            pattern = self._texture(rng, TEXTURES[texture])
+            c1, c2 = self._colour_pair(rng)
+            obj = np.where(pattern[..., None], c1, c2)
+            image[inside] = obj[inside]
+            mask[inside] = 1 + shape * len(TEXTURES) + texture
+        noise = rng.normal(0.0, 0.04, image.shape).astype(np.float32)
+        image = np.clip((image + noise) * 255.0 + 0.5, 0, 255).astype(np.uint8)
+        return image, mask, f"synthetic_{self.split}_{index:06d}"
+
+    def _background(self, rng) -> np.ndarray:
+        s = self.size
+        grid = rng.uniform(0.0, 1.0, (4, 4, 3)).astype(np.float32)
+        # Bilinear upsampling of a 4x4 random colour grid: a smooth field with no edges a shape could be mistaken for.
+        idx = np.linspace(0, 3, s, dtype=np.float32)
+        i0 = np.minimum(idx.astype(np.int64), 2)
+        f = (idx - i0)[:, None]
+        rows = grid[i0] * (1 - f[..., None]) + grid[i0 + 1] * f[..., None]  # (s, 4, 3)
+        field = rows[:, i0] * (1 - f.T[..., None]) + rows[:, i0 + 1] * f.T[..., None]  # (s, s, 3)
+        period = rng.uniform(5.0, 9.0)
+        direction = 1.0 if rng.random() < 0.5 else -1.0
+        stripes = ((self._xx + direction * self._yy + rng.uniform(0, period)) % period) < period / 2
+        return np.clip(field * 0.8 + 0.1 + np.where(stripes, 0.08, -0.08)[..., None], 0.0, 1.0)
+
+    def _shape(self, rng, name: str) -> np.ndarray:
+        s = self.size
+        r = rng.uniform(0.12, 0.32) * s
+        cy, cx = rng.uniform(0.1 * s, 0.9 * s, 2)
+        dy, dx = self._yy - cy, self._xx - cx
+        if name == "disc":
+            return dx * dx + dy * dy <= r * r
+        if name == "square":
+            return (np.abs(dx) <= r * 0.85) & (np.abs(dy) <= r * 0.85)
+        if name == "triangle":  # apex up; symmetric under horizontal flip
+            return (dy <= r * 0.7) & (dy >= -r) & (np.abs(dx) <= (dy + r) * 0.62)
+        if name == "ring":
+            d2 = dx * dx + dy * dy
+            return (d2 <= r * r) & (d2 >= (0.5 * r) ** 2)
+        if name == "cross":
+            arm = 0.33 * r
+            return ((np.abs(dx) <= arm) & (np.abs(dy) <= r)) | ((np.abs(dy) <= arm) & (np.abs(dx) <= r))
+        raise ValueError(f"unknown shape {name!r}")
+
+    def _texture(self, rng, name: str) -> np.ndarray:
+        period = float(rng.integers(4, 8))
+        oy, ox = rng.uniform(0, period, 2)
+        ty, tx = (self._yy + oy) % period < period / 2, (self._xx + ox) % period < period / 2
+        if name == "hstripes":
+            return ty
+        if name == "vstripes":
+            return tx
+        if name == "checker":
+            return ty ^ tx
+        if name == "dots":
+            cy, cx = (self._yy + oy) % period - period / 2, (self._xx + ox) % period - period / 2
+            return cy * cy + cx * cx <= (0.3 * period) ** 2
+        raise ValueError(f"unknown texture {name!r}")
+
+    @staticmethod
+    def _colour_pair(rng) -> tuple[np.ndarray, np.ndarray]:
+        # Two random colours far enough apart that the texture is visible.
+        while True:
+            c1, c2 = rng.uniform(0.0, 1.0, (2, 3)).astype(np.float32)
+            if np.abs(c1 - c2).sum() >= 0.6:
+                return c1, c2
+
+
+# ---- PASCAL VOC 2012 (+ SBD) -----------------------------------------------------------------------------------
+
+
+def _find_voc_root(root: str) -> str:
+    """Accept the VOC2012 folder itself, VOCdevkit/, or the folder that holds VOCdevkit/."""
+    for cand in (root, os.path.join(root, "VOC2012"), os.path.join(root, "VOCdevkit", "VOC2012")):
+        if os.path.isdir(os.path.join(cand, "JPEGImages")):
+            return cand
+    raise FileNotFoundError(
+        f"--data-root {root}: no JPEGImages/ found there, in {root}/VOC2012 or in {root}/VOCdevkit/VOC2012; "
+        "expected the PASCAL VOC 2012 folder (JPEGImages, SegmentationClass, ImageSets/Segmentation)")
+
+
+def _find_sbd_root(root: str) -> str:
+    """Accept SBD's benchmark_RELEASE/ or its dataset/ folder (cls/, img/, train.txt, val.txt)."""
+    for cand in (root, os.path.join(root, "dataset"), os.path.join(root, "benchmark_RELEASE", "dataset")):
+        if os.path.isdir(os.path.join(cand, "cls")):
+            return cand
+    raise FileNotFoundError(f"--sbd-root {root}: no cls/ folder found there or in {root}/dataset; expected SBD's "
+                            "benchmark_RELEASE/dataset with cls/*.mat, train.txt and val.txt")
+
+
+def _list_ids(path: str) -> list[str]:
+    """Ids of a list file; lines may be bare ids or 'JPEGImages/x.jpg SegmentationClassAug/x.png' pairs."""
+    return [os.path.splitext(os.path.basename(i))[0] for i in read_split(path)]
+
+
+class VOCSegmentation:
+    """PASCAL VOC 2012 segmentation: `val` (1,449), `train` (1,464), `trainval`, and `train_aug` (10,582).
+
+    train_aug = (SBD train ∪ SBD val ∪ VOC train) − VOC val, the DeepLab training set. Its labels come from
+    either the common pre-converted PNGs (DATA_ROOT/SegmentationClassAug/*.png, with
+    ImageSets/Segmentation/train_aug.txt when present) or SBD itself (--sbd-root: cls/*.mat), where VOC's own
+    PNG is used for images that have one and SBD's .mat for the rest.
+    """
+
+    classes = VOC_CLASSES
+
+    def __init__(self, root: str, split: str = "train_aug", sbd_root: str | None = None) -> None:
+        self.root = _find_voc_root(root)
+        self.split = split
+        seg_lists = os.path.join(self.root, "ImageSets", "Segmentation")
+        aug_dir = os.path.join(self.root, "SegmentationClassAug")
+        items: list[tuple[str, str, str]] = []  # (name, image path, label path)
+        if split != "train_aug":
+            for i in _list_ids(os.path.join(seg_lists, f"{split}.txt")):
+                items.append((i, self._jpeg(i), os.path.join(self.root, "SegmentationClass", f"{i}.png")))
+        else:
+            val_ids = set(_list_ids(os.path.join(seg_lists, "val.txt")))
+            if sbd_root is not None:
+                sbd = _find_sbd_root(sbd_root)
+                voc_train = _list_ids(os.path.join(seg_lists, "train.txt"))
+                ids = set(_list_ids(os.path.join(sbd, "train.txt"))) | set(_list_ids(os.path.join(sbd, "val.txt")))
+                ids = sorted((ids | set(voc_train)) - val_ids)
+                voc_labelled = set(voc_train)
+                for i in ids:
+                    voc_png = os.path.join(self.root, "SegmentationClass", f"{i}.png")
+                    label = voc_png if i in voc_labelled else os.path.join(sbd, "cls", f"{i}.mat")
+                    image = self._jpeg(i)
+                    if not os.path.isfile(image) and os.path.isfile(os.path.join(sbd, "img", f"{i}.jpg")):
+                        image = os.path.join(sbd, "img", f"{i}.jpg")
+                    items.append((i, image, label))
+            elif os.path.isdir(aug_dir) and any(f.endswith(".png") for f in os.listdir(aug_dir)):
+                listed = os.path.join(seg_lists, "train_aug.txt")
+                if os.path.isfile(listed):
+                    ids = _list_ids(listed)
+                else:
+                    ids = sorted(os.path.splitext(f)[0] for f in os.listdir(aug_dir) if f.endswith(".png"))
+                    ids = [i for i in ids if i not in val_ids]
+                overlap = val_ids.intersection(ids)
+                if overlap:
+                    raise ValueError(f"train_aug lists {len(overlap)} val images (e.g. {sorted(overlap)[0]}); "
+                                     "train_aug must exclude VOC val")
+                items = [(i, self._jpeg(i), os.path.join(aug_dir, f"{i}.png")) for i in ids]
+            else:
+                raise FileNotFoundError(
+                    f"split train_aug needs SBD labels: pass --sbd-root (SBD's benchmark_RELEASE) or put the "
+                    f"pre-converted PNG labels in {aug_dir}")
+        if not items:
+            raise ValueError(f"VOC split {split!r} under {self.root} has no images")
+        _check_exist([p for _, p, _ in items], "image")
+        _check_exist([p for _, _, p in items], "label")
+        self.items = items
+
+    def _jpeg(self, i: str) -> str:
+        return os.path.join(self.root, "JPEGImages", f"{i}.jpg")
+
+    def __len__(self) -> int:
+        return len(self.items)
+
+    def __getitem__(self, index: int):
+        name, image_path, label_path = self.items[index]
+        image = read_image(image_path)
+        if label_path.endswith(".mat"):
+            mask = read_sbd_mat(label_path)
+        else:
+            mask = read_index_mask(label_path, num_classes=len(self.classes))
+        if mask.shape != image.shape[:2]:
+            raise ValueError(f"label {label_path} is {mask.shape[1]}x{mask.shape[0]} but image {image_path} is "
+                             f"{image.shape[1]}x{image.shape[0]}")
+        return image, mask, name
+
+
+# ---- a user's folder -------------------------------------------------------------------------------------------
+
+
+def read_class_list(path: str) -> list[str]:
+    if not os.path.isfile(path):
+        raise FileNotFoundError(f"class list not found: {path} (one class name per line; line i is class index i, "
+                                "line 0 usually 'background')")
+    with open(path) as f:
+        names = [line.strip() for line in f if line.strip()]
+    if len(names) < 2:
+        raise ValueError(f"class list {path} names {len(names)} classes; need at least 2")
+    if len(names) > 255:
+        raise ValueError(f"class list {path} names {len(names)} classes; at most 255 fit in an 8-bit mask with 255 "
+                         "as the ignore label")
+    return names
+
+
+class FolderSegmentation:
+    """A user's dataset: ROOT/images/<name>.<jpg|png|...> with ROOT/masks/<name>.png, and a class list.
+
+    Masks are palette or single-channel PNGs whose values are class indices (255 = ignore). Splits come from
+    ROOT/<split>.txt (one name per line) when it exists; without any list files, a deterministic 90/10 split by
+    a hash of each name gives `train` and `val`.
+    """
+
+    def __init__(self, root: str, split: str = "train", classes_file: str | None = None) -> None:
+        images_dir, masks_dir = os.path.join(root, "images"), os.path.join(root, "masks")
+        for d in (images_dir, masks_dir):
+            if not os.path.isdir(d):
+                raise FileNotFoundError(f"folder dataset: {d} does not exist (expected {root}/images and "
+                                        f"{root}/masks)")
+        self.classes = tuple(read_class_list(classes_file or os.path.join(root, "classes.txt")))
+        by_stem = {}
+        for f in sorted(os.listdir(images_dir)):
+            if f.lower().endswith(IMAGE_EXTENSIONS):
+                by_stem.setdefault(os.path.splitext(f)[0], os.path.join(images_dir, f))
+        list_file = os.path.join(root, f"{split}.txt")
+        if os.path.isfile(list_file):
+            names = _list_ids(list_file)
+            unknown = [n for n in names if n not in by_stem]
+            if unknown:
+                raise FileNotFoundError(f"{list_file} lists {unknown[0]!r} but {images_dir} has no image of that name"
+                                        + (f" (and {len(unknown) - 1} more)" if len(unknown) > 1 else ""))
+        elif split in ("train", "val") and not any(
+                os.path.isfile(os.path.join(root, f"{s}.txt")) for s in ("train", "val")):
+            import zlib
+
+            names = [n for n in sorted(by_stem) if (zlib.crc32(n.encode()) % 10 == 0) == (split == "val")]
+        else:
+            raise FileNotFoundError(f"split list not found: {list_file}")
+        if not names:
+            raise ValueError(f"folder dataset {root}: split {split!r} has no images")
+        self.items = [(n, by_stem[n], os.path.join(masks_dir, f"{n}.png")) for n in names]
+        _check_exist([m for _, _, m in self.items], "mask")
+
+    def __len__(self) -> int:
+        return len(self.items)
+
+    def __getitem__(self, index: int):
+        name, image_path, mask_path = self.items[index]
+        image = read_image(image_path)
+        mask = read_index_mask(mask_path, num_classes=len(self.classes))
+        if mask.shape != image.shape[:2]:
+            raise ValueError(f"mask {mask_path} is {mask.shape[1]}x{mask.shape[0]} but image {image_path} is "
+                             f"{image.shape[1]}x{image.shape[0]}")
+        return image, mask, name

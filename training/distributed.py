@@ -1,0 +1,123 @@
+"""torchrun support: process-group setup and BatchNorm synchronized across processes on CPU (gloo) and GPU (NCCL).
+
+torch.nn.SyncBatchNorm runs on GPUs only, so on CPU the unfused model uses `DistributedBatchNorm2d`: the batch
+mean and variance are computed over all processes' pixels with two all-reduces (sum, then the sum of squared
+deviations from the global mean: a two-pass variance, no E[x²]−E[x]² cancellation); autograd differentiates
+through `torch.distributed.nn.functional.all_reduce`, whose backward all-reduces the gradient, which gives the
+synchronized backward sums. On GPU, nn.SyncBatchNorm is used.
+"""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass
+
+import torch
+import torch.distributed as dist
+from torch import nn
+
+
+@dataclass(frozen=True)
+class DistInfo:
+    rank: int = 0
+    world_size: int = 1
+    local_rank: int = 0
+
+    @property
+    def enabled(self) -> bool:
+        return self.world_size > 1
+
+    @property
+    def is_main(self) -> bool:
+        return self.rank == 0
+
+
+def init_from_env(device_type: str) -> DistInfo:
+    """Initialise the default process group when launched by torchrun (WORLD_SIZE > 1): NCCL on GPU, gloo on CPU."""
+    world = int(os.environ.get("WORLD_SIZE", "1"))
+    if world <= 1:
+        return DistInfo()
+    rank, local_rank = int(os.environ["RANK"]), int(os.environ.get("LOCAL_RANK", "0"))
+    if not dist.is_initialized():
+        backend = "nccl" if device_type == "cuda" else "gloo"
+        if device_type == "cuda":
+            torch.cuda.set_device(local_rank)
+        dist.init_process_group(backend=backend)
+    return DistInfo(rank, world, local_rank)
+
+
+def all_reduce_sum(t: torch.Tensor) -> torch.Tensor:
+    """Sum over processes (no autograd), in place; returns the tensor."""
+    dist.all_reduce(t, op=dist.ReduceOp.SUM)
+    return t
+
+
+class DistributedBatchNorm2d(nn.BatchNorm2d):
+    """BatchNorm2d whose training statistics (and so its backward sums) cover the batch of every process.
+
+    Same parameters, buffers and state_dict keys as nn.BatchNorm2d; identical to it when not distributed or in eval.
+    """
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if not (self.training and dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1):
+            return super().forward(x)
+        from torch.distributed.nn.functional import all_reduce
+
+        self._check_input_dim(x)
+        c = x.shape[1]
+        xf = x.float()
+        count = torch.tensor([x.numel() / c], dtype=torch.float32, device=x.device)
+        dist.all_reduce(count)
+        n = float(count.item())
+        if n <= 1:
+            raise ValueError(f"Expected more than 1 value per channel when training across processes, got {n:.0f}")
+        mean = all_reduce(xf.sum(dim=(0, 2, 3))) / n
+        centred = xf - mean.view(1, c, 1, 1)
+        var = all_reduce((centred * centred).sum(dim=(0, 2, 3))) / n
+        if self.track_running_stats:
+            with torch.no_grad():
+                self.num_batches_tracked.add_(1)
+                m = 1.0 / float(self.num_batches_tracked) if self.momentum is None else self.momentum
+                self.running_mean.mul_(1 - m).add_(mean.detach(), alpha=m)
+                self.running_var.mul_(1 - m).add_(var.detach() * (n / (n - 1)), alpha=m)
+        y = centred * torch.rsqrt(var + self.eps).view(1, c, 1, 1)
+        if self.affine:
+            y = y * self.weight.view(1, c, 1, 1) + self.bias.view(1, c, 1, 1)
+        return y.to(x.dtype)
+
+
+SYNC_BN_TYPES = (nn.SyncBatchNorm, DistributedBatchNorm2d)
+
+
+def convert_sync_batchnorm(model: nn.Module, device_type: str) -> nn.Module:
+    """Replace every BatchNorm2d by its synchronized version (state_dict unchanged). Fused deeplab_ops modules
+    are refused: their statistics are computed inside the op, which has no process-group hook yet."""
+    for name, m in model.named_modules():
+        if type(m).__module__.startswith("deeplab_ops") and any(
+                isinstance(c, nn.modules.batchnorm._BatchNorm) for c in m.children()):
+            raise NotImplementedError(
+                f"module {name!r} ({type(m).__name__}) computes BatchNorm statistics inside a fused op, which cannot "
+                "all-reduce them across processes yet; run distributed training without --fused-ops, or with "
+                "--freeze-bn (frozen statistics need no synchronization)")
+    if device_type == "cuda":
+        return nn.SyncBatchNorm.convert_sync_batchnorm(model)
+    return _convert_cpu(model)
+
+
+def _convert_cpu(module: nn.Module) -> nn.Module:
+    out = module
+    if isinstance(module, nn.BatchNorm2d) and not isinstance(module, SYNC_BN_TYPES):
+        out = DistributedBatchNorm2d(module.num_features, module.eps, module.momentum, module.affine,
+                                     module.track_running_stats, device=module.weight.device if module.affine
+                                     else None)
+        if module.affine:
+            with torch.no_grad():
+                out.weight = module.weight
+                out.bias = module.bias
+        out.running_mean = module.running_mean
+        out.running_var = module.running_var
+        out.num_batches_tracked = module.num_batches_tracked
+        out.train(module.training)
+    for name, child in module.named_children():
+        out.add_module(name, _convert_cpu(child))
+    return out

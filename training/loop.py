@@ -1,0 +1,440 @@
+"""The training loop's pieces: the resumable sample stream, poly LR, the loss, train and eval steps, logging.
+
+Reproducibility contract: batch i of a run is a pure function of (seed, i): `StreamSampler` walks a stream of
+per-epoch permutations and gives every stream position its own augmentation seed. Together with the checkpointed
+model, optimizer, scheduler and RNG states (dropout), a resumed run on CPU produces the same loss sequence as an
+uninterrupted one, and N processes with per-process batch B see exactly the samples one process with batch N·B
+would see (process r takes the r-th slice of each global batch).
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import random
+import sys
+import time
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass, field
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from training import checkpoint as ckpt_io
+from training import distributed as dist_utils
+from training.metrics import SegmentationMetrics
+from training.palette import IGNORE_INDEX
+from training.transforms import pad_collate
+
+BATCH1_MESSAGE = (
+    "batch size 1 per BatchNorm batch in training: the ASPP image-pooling branch pools each image to 1x1, so its "
+    "BatchNorm sees one value per channel and has no batch statistics (PyTorch raises 'Expected more than 1 value "
+    "per channel when training'). Use --batch-size >= 2, or --freeze-bn to fine-tune with frozen BatchNorm."
+)
+
+
+# ---- data stream ---------------------------------------------------------------------------------------------
+
+
+class StreamSampler:
+    """Yields, for iterations [start, stop), this process's slice of the global batch as (index, sample_seed) pairs.
+
+    The stream is the concatenation of per-epoch permutations of range(dataset_len), epoch e drawn from
+    (seed, e); global batch i covers stream positions [i·B, (i+1)·B); process r takes B/world of them.
+    """
+
+    def __init__(self, dataset_len: int, global_batch: int, seed: int, start: int, stop: int,
+                 rank: int = 0, world_size: int = 1) -> None:
+        if global_batch % world_size:
+            raise ValueError(f"global batch size {global_batch} is not divisible by the world size {world_size}")
+        if dataset_len < 1:
+            raise ValueError("the training set is empty")
+        self.n, self.global_batch, self.seed = dataset_len, global_batch, seed
+        self.start, self.stop, self.rank, self.world = start, stop, rank, world_size
+        self._epoch, self._perm = -1, None
+
+    def _index(self, pos: int) -> int:
+        epoch = pos // self.n
+        if epoch != self._epoch:
+            self._perm = np.random.default_rng([self.seed, epoch]).permutation(self.n)
+            self._epoch = epoch
+        return int(self._perm[pos % self.n])
+
+    def __len__(self) -> int:
+        return max(0, self.stop - self.start)
+
+    def __iter__(self) -> Iterator[list[tuple[int, int]]]:
+        local = self.global_batch // self.world
+        for it in range(self.start, self.stop):
+            first = it * self.global_batch + self.rank * local
+            yield [(self._index(p), self.seed * 1_000_003 + p) for p in range(first, first + local)]
+
+
+class AugmentedDataset:
+    """Applies a joint transform with a per-sample RNG; items are addressed as (index, sample_seed)."""
+
+    def __init__(self, dataset, transform) -> None:
+        self.dataset, self.transform = dataset, transform
+
+    def __len__(self) -> int:
+        return len(self.dataset)
+
+    def __getitem__(self, key):
+        index, seed = key if isinstance(key, tuple) else (key, None)
+        image, mask, name = self.dataset[index]
+        rng = random.Random(seed) if seed is not None else None
+        img, lbl = self.transform(image, mask, rng)
+        return img, lbl, name
+
+
+# ---- optimisation ---------------------------------------------------------------------------------------------
+
+
+def param_groups(model: nn.Module, weight_decay: float) -> list[dict]:
+    """Weight decay on conv/linear weights only; BatchNorm parameters and biases (1-D tensors) get none, as in
+    the TF reference (slim regularizes conv weights)."""
+    decay, no_decay = [], []
+    for p in model.parameters():
+        if p.requires_grad:
+            (no_decay if p.ndim <= 1 else decay).append(p)
+    return [{"params": decay, "weight_decay": weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
+
+
+def poly_lambda(total: int, power: float) -> Callable[[int], float]:
+    """lr(i) = base · (1 − i/total)^power, the paper's 'poly' schedule."""
+    return lambda i: max(0.0, 1.0 - i / total) ** power
+
+
+def freeze_batchnorm(model: nn.Module) -> None:
+    """Put every BatchNorm (plain or inside a fused deeplab_ops module) in eval mode with frozen affine params.
+
+    Fused modules read their own `training` flag, not their BatchNorm child's, so they are switched too.
+    """
+    for m in model.modules():
+        fused = type(m).__module__.startswith("deeplab_ops") and any(
+            isinstance(c, nn.modules.batchnorm._BatchNorm) for c in m.children())
+        if isinstance(m, nn.modules.batchnorm._BatchNorm) or fused:
+            m.eval()
+            for p in m.parameters(recurse=not fused):
+                p.requires_grad_(False)
+            if fused:
+                for c in m.children():
+                    if isinstance(c, nn.modules.batchnorm._BatchNorm):
+                        for p in c.parameters():
+                            p.requires_grad_(False)
+
+
+def check_batch_size(model: nn.Module, per_bn_batch: int, freeze_bn: bool) -> None:
+    has_bn = any(isinstance(m, nn.modules.batchnorm._BatchNorm) for m in model.modules())
+    if per_bn_batch < 2 and has_bn and not freeze_bn:
+        raise ValueError(BATCH1_MESSAGE)
+
+
+def autocast(device: torch.device, amp: str):
+    if amp == "none":
+        return torch.autocast(device.type, enabled=False)
+    return torch.autocast(device.type, dtype={"bf16": torch.bfloat16, "fp16": torch.float16}[amp])
+
+
+def segmentation_loss(out: dict, target: torch.Tensor, aux_weight: float, ignore_index: int = IGNORE_INDEX,
+                      world_size: int = 1) -> tuple[torch.Tensor, torch.Tensor]:
+    """Cross-entropy summed over valid pixels / valid pixels of the global batch (all processes together).
+
+    Returns (loss to backpropagate, loss value for logging). Dividing by the global count — not by each process's
+    own — makes DDP's gradient average equal the single-process gradient even when processes hold different
+    numbers of ignore-labelled pixels.
+    """
+    count = (target != ignore_index).sum().to(torch.float64)
+    if world_size > 1:
+        count = dist_utils.all_reduce_sum(count)
+    count = count.clamp(min=1.0)
+    loss = F.cross_entropy(out["out"].float(), target, ignore_index=ignore_index, reduction="sum")
+    if "aux" in out and aux_weight:
+        loss = loss + aux_weight * F.cross_entropy(out["aux"].float(), target, ignore_index=ignore_index,
+                                                   reduction="sum")
+    loss = loss / count.float()
+    logged = loss.detach()
+    if world_size > 1:
+        logged = dist_utils.all_reduce_sum(logged.clone())
+    return loss * world_size, logged
+
+
+# ---- evaluation ------------------------------------------------------------------------------------------------
+
+
+@torch.no_grad()
+def predict_probs(model: nn.Module, images: torch.Tensor, scales=(1.0,), flip: bool = False, amp: str = "none",
+                  channels_last: bool = False) -> torch.Tensor:
+    """Class scores (N, C, H, W) at the input size: softmax averaged over scales (and flips) when more than one.
+
+    Multi-scale: the input is resized (bilinear) by each scale, the logits resized back; probabilities are
+    averaged, as in the TF reference's multi-scale inference.
+    """
+    h, w = images.shape[-2:]
+    total, n = None, 0
+    for s in scales:
+        x = images if s == 1.0 else F.interpolate(images, size=(max(1, int(h * s + 0.5)), max(1, int(w * s + 0.5))),
+                                                  mode="bilinear", align_corners=False)
+        for flipped in (False, True) if flip else (False,):
+            xi = x.flip(-1) if flipped else x
+            if channels_last:
+                xi = xi.contiguous(memory_format=torch.channels_last)
+            with autocast(images.device, amp):
+                logits = model(xi)["out"].float()
+            if flipped:
+                logits = logits.flip(-1)
+            if logits.shape[-2:] != (h, w):
+                logits = F.interpolate(logits, size=(h, w), mode="bilinear", align_corners=False)
+            if len(scales) == 1 and not flip:
+                return logits
+            p = logits.softmax(1)
+            total = p if total is None else total + p
+            n += 1
+    return total / n
+
+
+@torch.no_grad()
+def evaluate(model: nn.Module, dataset, num_classes: int, class_names, device: torch.device, *, batch_size: int = 1,
+             scales=(1.0,), flip: bool = False, amp: str = "none", channels_last: bool = False, keep: int = 0,
+             num_workers: int = 0, rank: int = 0, world_size: int = 1, progress: bool = True) -> tuple[dict, list]:
+    """Metrics over `dataset` (items (image, mask, name) already normalized by EvalTransform).
+
+    With world_size > 1 each process evaluates every world_size-th image and the confusion matrices are summed.
+    Returns (metrics, kept) where kept holds up to `keep` (image, mask, prediction) triples for a preview.
+    """
+    was_training = model.training
+    model.eval()
+    metrics = SegmentationMetrics(num_classes, class_names)
+    indices = list(range(rank, len(dataset), world_size))
+    loader = torch.utils.data.DataLoader(
+        torch.utils.data.Subset(dataset, indices), batch_size=batch_size, shuffle=False, num_workers=num_workers,
+        collate_fn=pad_collate)
+    kept, t0, done = [], time.time(), 0
+    for images, masks, sizes, _names in loader:
+        probs = predict_probs(model, images.to(device, non_blocking=True), scales, flip, amp, channels_last)
+        pred = probs.argmax(1).cpu()
+        for i, (h, w) in enumerate(sizes):
+            metrics.update(pred[i, :h, :w], masks[i, :h, :w])
+            if len(kept) < keep:
+                kept.append((images[i, :, :h, :w], masks[i, :h, :w], pred[i, :h, :w]))
+        done += len(sizes)
+        if progress and rank == 0:
+            Progress.line(f"eval {done * world_size}/{len(dataset)} images  {time.time() - t0:.0f}s", final=False)
+    if world_size > 1:
+        state = torch.cat([metrics.cm.flatten().double(),
+                           torch.tensor([metrics.image_miou_sum, metrics.image_count], dtype=torch.float64)])
+        state = dist_utils.all_reduce_sum(state.to(device)).cpu()
+        metrics.reset()
+        c = num_classes * num_classes
+        metrics.merge_(state[:c].round().long().view(num_classes, num_classes), float(state[c]), int(state[c + 1]))
+    if progress and rank == 0:
+        Progress.line(f"eval {len(dataset)} images  {time.time() - t0:.1f}s", final=True)
+    model.train(was_training)
+    return metrics.compute(), kept
+
+
+# ---- logging ---------------------------------------------------------------------------------------------------
+
+
+class Progress:
+    """A one-line progress bar with throughput and ETA (a plain line every `every` steps when not a terminal)."""
+
+    def __init__(self, total: int, start: int, images_per_step: int, every: int = 20) -> None:
+        self.total, self.start, self.ips, self.every = total, start, images_per_step, every
+        self.t0 = time.time()
+        self.tty = sys.stderr.isatty()
+
+    @staticmethod
+    def line(text: str, final: bool) -> None:
+        if sys.stderr.isatty():
+            sys.stderr.write("\r\033[K" + text + ("\n" if final else ""))
+        elif final:
+            sys.stderr.write(text + "\n")
+        sys.stderr.flush()
+
+    def update(self, it: int, loss: float, lr: float) -> None:
+        done = it - self.start
+        elapsed = time.time() - self.t0
+        rate = done / elapsed if elapsed > 0 else 0.0
+        eta = (self.total - it) / rate if rate > 0 else float("inf")
+        frac = it / self.total
+        bar = "#" * int(frac * 24)
+        text = (f"[{bar:<24}] {it}/{self.total} loss {loss:.4f} lr {lr:.2e} {rate * self.ips:.1f} img/s "
+                f"{rate:.2f} it/s elapsed {_hms(elapsed)} eta {_hms(eta)}")
+        if self.tty:
+            self.line(text, final=it == self.total)
+        elif it % self.every == 0 or it == self.total or done == 1:
+            sys.stderr.write(text + "\n")
+            sys.stderr.flush()
+
+
+def _hms(seconds: float) -> str:
+    if not math.isfinite(seconds):
+        return "--:--"
+    seconds = int(seconds)
+    h, rem = divmod(seconds, 3600)
+    return f"{h}:{rem // 60:02d}:{rem % 60:02d}" if h else f"{rem // 60:02d}:{rem % 60:02d}"
+
+
+class MetricsLog:
+    """JSON-lines metrics log (one object per line) and, when `tensorboard` is installed, a SummaryWriter."""
+
+    def __init__(self, path: str | None, tensorboard_dir: str | None = None) -> None:
+        self.path = path
+        self.tb = None
+        if path:
+            os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
+        if tensorboard_dir:
+            try:
+                from torch.utils.tensorboard import SummaryWriter
+            except ImportError:  # tensorboard is optional
+                SummaryWriter = None
+            if SummaryWriter is not None:
+                self.tb = SummaryWriter(tensorboard_dir)
+
+    def write(self, record: dict) -> None:
+        if self.path:
+            with open(self.path, "a") as f:
+                f.write(json.dumps(record) + "\n")
+        if self.tb is not None:
+            step = record.get("iteration", 0)
+            for k, v in record.items():
+                if isinstance(v, (int, float)) and k != "iteration":
+                    self.tb.add_scalar(f"{record.get('kind', 'train')}/{k}", v, step)
+
+    def close(self) -> None:
+        if self.tb is not None:
+            self.tb.close()
+
+
+# ---- the loop --------------------------------------------------------------------------------------------------
+
+
+@dataclass
+class TrainConfig:
+    iterations: int
+    batch_size: int  # global: summed over processes
+    lr: float
+    momentum: float = 0.9
+    weight_decay: float = 1e-4
+    poly_power: float = 0.9
+    seed: int = 0
+    amp: str = "none"
+    channels_last: bool = False
+    freeze_bn: bool = False
+    aux_weight: float = 0.5
+    num_workers: int = 0
+    log_every: int = 20
+    eval_every: int = 0  # 0: evaluate at the end only
+    checkpoint_every: int = 0  # 0: at evaluations and at the end only
+    stop_after: int | None = None  # stop (with a checkpoint) after this many iterations of this invocation
+    out_dir: str | None = None
+    progress: bool = True
+    extra_state: dict = field(default_factory=dict)  # saved in every checkpoint (args, class names...)
+
+
+@dataclass
+class TrainResult:
+    losses: list  # (iteration, loss) of the steps this invocation ran
+    iteration: int
+    best_metric: float | None
+    best_iteration: int | None
+    last_metrics: dict | None
+
+
+def fit(model: nn.Module, train_set, cfg: TrainConfig, device: torch.device, *, val_fn=None,
+        resume: dict | None = None, rank: int = 0, world_size: int = 1, log: MetricsLog | None = None) -> TrainResult:
+    """Train `model` (already on `device`, DDP-wrapped when world_size > 1) for cfg.iterations steps.
+
+    val_fn(model) -> metrics dict (or None) runs the evaluation; the best 'miou' is tracked and saved as best.pt.
+    `resume` is a checkpoint dict: model, optimizer, scheduler, scaler, iteration, best metric and RNG states are
+    restored and the sample stream continues at the saved iteration.
+    """
+    core = ckpt_io.unwrap(model)
+    local_batch = cfg.batch_size // world_size
+    sync_bn = world_size > 1 and any(isinstance(m, dist_utils.SYNC_BN_TYPES) for m in core.modules())
+    check_batch_size(core, cfg.batch_size if sync_bn else local_batch, cfg.freeze_bn)
+    if cfg.amp == "fp16" and device.type != "cuda":
+        raise ValueError("--amp fp16 needs a CUDA device (fp16 autocast with a GradScaler); use --amp bf16 on CPU")
+
+    _set_train_mode(model, cfg.freeze_bn)  # before the optimizer: frozen BatchNorm parameters are left out
+    optimizer = torch.optim.SGD(param_groups(core, cfg.weight_decay), lr=cfg.lr, momentum=cfg.momentum)
+    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, poly_lambda(cfg.iterations, cfg.poly_power))
+    scaler = torch.amp.GradScaler("cuda", enabled=cfg.amp == "fp16")
+    start, best, best_it = 0, None, None
+    if resume is not None:
+        core.load_state_dict(resume["model"])
+        optimizer.load_state_dict(resume["optimizer"])
+        scheduler.load_state_dict(resume["scheduler"])
+        if resume.get("grad_scaler"):
+            scaler.load_state_dict(resume["grad_scaler"])
+        start, best, best_it = resume["iteration"], resume.get("best_metric"), resume.get("best_iteration")
+        ckpt_io.restore_rng_state(resume["rng"])
+        if start > cfg.iterations:
+            raise ValueError(f"the checkpoint is at iteration {start}, beyond --iterations {cfg.iterations}")
+
+    stop = cfg.iterations if cfg.stop_after is None else min(cfg.iterations, start + cfg.stop_after)
+    sampler = StreamSampler(len(train_set), cfg.batch_size, cfg.seed, start, stop, rank, world_size)
+    loader = torch.utils.data.DataLoader(train_set, batch_sampler=sampler, num_workers=cfg.num_workers,
+                                         pin_memory=device.type == "cuda", collate_fn=_collate_train)
+    is_main = rank == 0
+    progress = Progress(cfg.iterations, start, cfg.batch_size, cfg.log_every) if cfg.progress and is_main else None
+
+    def save(name: str, it: int) -> None:
+        if is_main and cfg.out_dir:
+            state = ckpt_io.training_state(model, optimizer, scheduler, scaler, it, best, best_it, cfg.extra_state)
+            ckpt_io.atomic_save(state, os.path.join(cfg.out_dir, name))
+
+    losses, last_metrics, it, t_start = [], None, start, time.time()
+    for images, masks in loader:
+        images = images.to(device, non_blocking=True)
+        masks = masks.to(device, non_blocking=True)
+        if cfg.channels_last:
+            images = images.contiguous(memory_format=torch.channels_last)
+        with autocast(device, cfg.amp):
+            out = model(images)
+        loss, logged = segmentation_loss(out, masks, cfg.aux_weight, world_size=world_size)
+        optimizer.zero_grad(set_to_none=True)
+        scaler.scale(loss).backward()
+        scaler.step(optimizer)
+        scaler.update()
+        lr = optimizer.param_groups[0]["lr"]
+        scheduler.step()
+        it += 1
+        value = float(logged)
+        if not math.isfinite(value):
+            raise FloatingPointError(f"loss is {value} at iteration {it}; lower --lr or check the data")
+        losses.append((it, value))
+        if progress is not None:
+            progress.update(it, value, lr)
+        if log is not None and is_main and (it % cfg.log_every == 0 or it == stop):
+            log.write({"kind": "train", "iteration": it, "loss": value, "lr": lr,
+                       "elapsed_s": round(time.time() - t_start, 3)})
+        do_eval = val_fn is not None and (it == cfg.iterations or (cfg.eval_every and it % cfg.eval_every == 0))
+        if do_eval:
+            last_metrics = val_fn(model)
+            _set_train_mode(model, cfg.freeze_bn)
+            if last_metrics is not None and (best is None or last_metrics["miou"] > best):
+                best, best_it = last_metrics["miou"], it
+                save("best.pt", it)
+            if log is not None and is_main and last_metrics is not None:
+                log.write({"kind": "val", "iteration": it, **{k: v for k, v in last_metrics.items()
+                                                               if isinstance(v, (int, float))}})
+        if it == stop or do_eval or (cfg.checkpoint_every and it % cfg.checkpoint_every == 0):
+            save("last.pt", it)
+    return TrainResult(losses, it, best, best_it, last_metrics)
+
+
+def _set_train_mode(model: nn.Module, freeze_bn: bool) -> None:
+    model.train()
+    if freeze_bn:
+        freeze_batchnorm(model)
+
+
+def _collate_train(batch):
+    images = torch.stack([b[0] for b in batch])
+    masks = torch.stack([b[1] for b in batch])
+    return images, masks
