@@ -3,64 +3,10 @@
 #include <ATen/core/dispatch/Dispatcher.h>
 
 #include "common/checks.h"
+#include "stage_calls.h"
 
 namespace deeplab_ops {
 namespace {
-
-bool present(const std::optional<at::Tensor>& t) { return t.has_value() && t->defined(); }
-
-// The BN stage ops, looked up once and called through the dispatcher (so CPU and CUDA kernels are
-// picked by the tensors' device).
-std::tuple<at::Tensor, at::Tensor> call_bn_stats(const at::Tensor& input) {
-  static auto op = c10::Dispatcher::singleton()
-                       .findSchemaOrThrow("deeplab_ops::bn_stats", "")
-                       .typed<std::tuple<at::Tensor, at::Tensor>(const at::Tensor&)>();
-  return op.call(input);
-}
-
-std::tuple<at::Tensor, at::Tensor> call_bn_finalize(const at::Tensor& count, const at::Tensor& mean,
-                                                    const at::Tensor& m2, const std::optional<at::Tensor>& rm,
-                                                    const std::optional<at::Tensor>& rv, double momentum, double eps) {
-  static auto op = c10::Dispatcher::singleton()
-                       .findSchemaOrThrow("deeplab_ops::bn_finalize", "")
-                       .typed<std::tuple<at::Tensor, at::Tensor>(
-                           const at::Tensor&, const at::Tensor&, const at::Tensor&, const std::optional<at::Tensor>&,
-                           const std::optional<at::Tensor>&, double, double)>();
-  return op.call(count, mean, m2, rm, rv, momentum, eps);
-}
-
-at::Tensor call_bn_apply(const at::Tensor& input, const at::Tensor& mean, const at::Tensor& scale,
-                         const at::Tensor& shift, const std::optional<at::Tensor>& residual, bool relu) {
-  static auto op = c10::Dispatcher::singleton()
-                       .findSchemaOrThrow("deeplab_ops::bn_apply", "")
-                       .typed<at::Tensor(const at::Tensor&, const at::Tensor&, const at::Tensor&, const at::Tensor&,
-                                         const std::optional<at::Tensor>&, bool)>();
-  return op.call(input, mean, scale, shift, residual, relu);
-}
-
-std::tuple<at::Tensor, at::Tensor> call_bn_backward_reduce(const at::Tensor& grad_out, const at::Tensor& output,
-                                                           const at::Tensor& input, const at::Tensor& mean,
-                                                           const at::Tensor& invstd, bool relu) {
-  static auto op = c10::Dispatcher::singleton()
-                       .findSchemaOrThrow("deeplab_ops::bn_backward_reduce", "")
-                       .typed<std::tuple<at::Tensor, at::Tensor>(const at::Tensor&, const at::Tensor&,
-                                                                 const at::Tensor&, const at::Tensor&,
-                                                                 const at::Tensor&, bool)>();
-  return op.call(grad_out, output, input, mean, invstd, relu);
-}
-
-at::Tensor call_bn_backward_dy(const at::Tensor& grad_out, const at::Tensor& output, const at::Tensor& input,
-                               const at::Tensor& mean, const at::Tensor& invstd,
-                               const std::optional<at::Tensor>& weight, const std::optional<at::Tensor>& sum_g,
-                               const std::optional<at::Tensor>& sum_g_xhat, double count, bool relu, bool training) {
-  static auto op =
-      c10::Dispatcher::singleton()
-          .findSchemaOrThrow("deeplab_ops::bn_backward_dy", "")
-          .typed<at::Tensor(const at::Tensor&, const at::Tensor&, const at::Tensor&, const at::Tensor&,
-                            const at::Tensor&, const std::optional<at::Tensor>&, const std::optional<at::Tensor>&,
-                            const std::optional<at::Tensor>&, double, bool, bool)>();
-  return op.call(grad_out, output, input, mean, invstd, weight, sum_g, sum_g_xhat, count, relu, training);
-}
 
 void check_conv_args(const at::Tensor& x, const at::Tensor& weight, const std::optional<at::Tensor>& bn_weight,
                      const std::optional<at::Tensor>& bn_bias, const std::optional<at::Tensor>& running_mean,

@@ -78,4 +78,26 @@ TORCH_LIBRARY(deeplab_ops, m) {
       "Tensor conv_out, Tensor out, Tensor save_mean, Tensor save_invstd, int[2] stride, int[2] padding, "
       "int[2] dilation, bool training, bool relu, bool[5] output_mask) "
       "-> (Tensor grad_x, Tensor grad_weight, Tensor grad_bn_weight, Tensor grad_bn_bias, Tensor grad_residual)");
+
+  // ---- Fused ASPP (atrous spatial pyramid pooling, torchvision's structure) -------------------------
+  // Branches: conv_weights[0] is the 1x1 branch, conv_weights[1 + i] the 3x3 branch with dilation =
+  // padding = rates[i]; pool_weight the image-pooling branch's 1x1 conv; project_weight the 1x1 projection
+  // over the (len(rates) + 2) * C concatenation. The BatchNorm tensors of all branches are concatenated in
+  // the order [conv branches..., pooling, projection], each block C channels (K = (len(rates) + 3) * C).
+  // The pooling branch enters the projection as a per-(image, channel) bias, never broadcast over H x W.
+  // Saved for backward: branch_out (pre-BN conv branch outputs, N x (len(rates) + 1) * C x H x W), pool_out
+  // (pre-BN pooling branch, N x C), project_out (pre-BN projection) and the statistics (K,).
+  m.def(
+      "aspp_forward(Tensor x, Tensor[] conv_weights, Tensor pool_weight, Tensor project_weight, Tensor bn_weight, "
+      "Tensor bn_bias, Tensor? running_mean, Tensor? running_var, int[] rates, bool training, float momentum, "
+      "float eps) -> (Tensor out, Tensor branch_out, Tensor pool_out, Tensor project_out, Tensor save_mean, "
+      "Tensor save_invstd, Tensor new_running_mean, Tensor new_running_var)");
+  // output_mask: gradients wanted for (x, the conv weights, the BatchNorm weight and bias).
+  m.def(
+      "aspp_backward(Tensor grad_out, Tensor x, Tensor[] conv_weights, Tensor pool_weight, Tensor project_weight, "
+      "Tensor bn_weight, Tensor bn_bias, Tensor branch_out, Tensor pool_out, Tensor project_out, Tensor out, "
+      "Tensor save_mean, Tensor save_invstd, int[] rates, bool training, bool[3] output_mask) -> (Tensor grad_x, "
+      "Tensor[] grad_conv_weights, Tensor grad_pool_weight, Tensor grad_project_weight, Tensor grad_bn_weight, "
+      "Tensor grad_bn_bias)");
 }
+

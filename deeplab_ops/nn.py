@@ -11,6 +11,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
+from deeplab_ops.ops.aspp import aspp
 from deeplab_ops.ops.conv_bn_relu import conv_bn_relu
 
 Tensor = torch.Tensor
@@ -161,6 +162,118 @@ class FusedConvBNReLU(nn.Sequential):
 
     def extra_repr(self) -> str:
         return f"relu={self.apply_relu}, backend={self.backend!r}"
+
+
+def _aspp_parts(module: nn.Module) -> tuple[list[nn.Conv2d], list[nn.BatchNorm2d], tuple[int, ...]]:
+    """Conv and BN modules of an ASPP with torchvision's structure, in the fused op's order, and its rates."""
+    convs, bns, rates = [], [], []
+    branches = list(module.convs)
+    if len(branches) < 2:
+        raise ValueError(f"an ASPP needs a 1x1 branch and a pooling branch, got {len(branches)} branches")
+    for i, branch in enumerate(branches[:-1]):
+        conv, bn = branch[0], branch[1]
+        check_fusable(conv, bn)
+        k = 1 if i == 0 else 3
+        if tuple(conv.kernel_size) != (k, k) or tuple(conv.stride) != (1, 1):
+            raise ValueError(f"convs.{i} must be a {k}x{k} stride-1 conv, got {conv}")
+        if i > 0:
+            r = conv.dilation[0]
+            if tuple(conv.dilation) != (r, r) or _conv_padding(conv) != (r, r):
+                raise ValueError(f"convs.{i} must have dilation = padding = rate, got {conv}")
+            rates.append(r)
+        convs.append(conv)
+        bns.append(bn)
+    pooling = branches[-1]
+    if not isinstance(pooling[0], nn.AdaptiveAvgPool2d) or pooling[0].output_size not in (1, (1, 1)):
+        raise ValueError(f"convs.{len(branches) - 1} must be the image-pooling branch, got {pooling}")
+    check_fusable(pooling[1], pooling[2])
+    convs.append(pooling[1])
+    bns.append(pooling[2])
+    check_fusable(module.project[0], module.project[1])
+    convs.append(module.project[0])
+    bns.append(module.project[1])
+    return convs, bns, tuple(rates)
+
+
+def fused_aspp_forward(module: nn.Module, x: Tensor, backend: str | None = None) -> Tensor:
+    """Run a module with torchvision's ASPP structure (``convs``, ``project``) on the fused ASPP op.
+
+    Same result and side effects (running statistics, num_batches_tracked) as the module's own forward,
+    including the dropout after the projection when it has one.
+    """
+    convs, bns, rates = _aspp_parts(module)
+    args = [bn_call_args(bn, module.training) for bn in bns]
+    first = args[0]
+    for bn, a in zip(bns, args, strict=True):
+        if (a["training"], a["momentum"], a["eps"], a["running_mean"] is None) != (
+            first["training"], first["momentum"], first["eps"], first["running_mean"] is None
+        ):
+            raise ValueError(
+                "the fused ASPP needs every BatchNorm of the module to share momentum, eps and "
+                f"track_running_stats; {bn} differs from {bns[0]}"
+            )
+        if a["bn_weight"] is None or a["bn_bias"] is None:
+            raise ValueError(f"the fused ASPP needs affine BatchNorms, got {bn}")
+    tracked = first["running_mean"] is not None
+    out = aspp(
+        x, [c.weight for c in convs[:-2]], convs[-2].weight, convs[-1].weight, [a["bn_weight"] for a in args],
+        [a["bn_bias"] for a in args], [a["running_mean"] for a in args] if tracked else None,
+        [a["running_var"] for a in args] if tracked else None, rates=rates, training=first["training"],
+        momentum=first["momentum"], eps=first["eps"], backend=backend,
+    )
+    for bn in bns:
+        bn_step(bn, module.training)
+    for extra in list(module.project)[3:]:
+        out = extra(out)
+    return out
+
+
+class FusedASPP(nn.Module):
+    """ASPP (Chen et al. 2017) on the fused ASPP op, with torchvision's ASPP state_dict keys.
+
+    ``convs.0`` (1×1 branch), ``convs.{1..R}`` (3×3, dilation = padding = rate), ``convs.{R+1}`` (image pooling),
+    ``project`` (1×1 projection, BN, ReLU, dropout): a torchvision ``ASPP`` state_dict loads unchanged. With
+    dropout=0.5 it computes what torchvision's ASPP computes, in training and eval.
+    """
+
+    def __init__(
+        self,
+        in_channels: int,
+        atrous_rates: tuple[int, ...] | list[int],
+        out_channels: int = 256,
+        dropout: float = 0.0,
+        backend: str | None = None,
+    ) -> None:
+        super().__init__()
+        rates = tuple(atrous_rates)
+        if not all(isinstance(r, int) and not isinstance(r, bool) and r >= 1 for r in rates):
+            raise ValueError(f"atrous_rates must be ints >= 1, got {atrous_rates!r}")
+        if not 0.0 <= dropout < 1.0:
+            raise ValueError(f"dropout must be in [0, 1), got {dropout!r}")
+
+        def conv_bn_relu_seq(k: int, rate: int = 1) -> nn.Sequential:
+            pad = 0 if k == 1 else rate
+            return nn.Sequential(
+                nn.Conv2d(in_channels, out_channels, k, padding=pad, dilation=rate, bias=False),
+                nn.BatchNorm2d(out_channels), nn.ReLU(),
+            )
+
+        branches = [conv_bn_relu_seq(1)] + [conv_bn_relu_seq(3, r) for r in rates]
+        branches.append(nn.Sequential(nn.AdaptiveAvgPool2d(1), nn.Conv2d(in_channels, out_channels, 1, bias=False),
+                                      nn.BatchNorm2d(out_channels), nn.ReLU()))
+        self.convs = nn.ModuleList(branches)
+        self.project = nn.Sequential(
+            nn.Conv2d(len(branches) * out_channels, out_channels, 1, bias=False), nn.BatchNorm2d(out_channels),
+            nn.ReLU(), nn.Dropout(dropout),
+        )
+        self.atrous_rates = rates
+        self.backend = backend
+
+    def forward(self, x: Tensor) -> Tensor:
+        return fused_aspp_forward(self, x, backend=self.backend)
+
+    def extra_repr(self) -> str:
+        return f"atrous_rates={self.atrous_rates}, backend={self.backend!r}"
 
 
 def fuse_modules(model: nn.Module, backend: str | None = None) -> nn.Module:

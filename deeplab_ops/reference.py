@@ -126,3 +126,37 @@ def bn_backward_dy(
     xhat = (y.double() - mean.double().view(c)) * invstd
     dy = k * (g - sum_g.double().view(c) / count - xhat * sum_g_xhat.double().view(c) / count)
     return dy.to(y.dtype)
+
+
+def aspp(
+    x: Tensor,
+    conv_weights: list[Tensor],
+    pool_weight: Tensor,
+    project_weight: Tensor,
+    bn_weights: list[Tensor],
+    bn_biases: list[Tensor],
+    running_means: list[Tensor] | None,
+    running_vars: list[Tensor] | None,
+    *,
+    rates: tuple[int, ...],
+    training: bool = True,
+    momentum: float = 0.1,
+    eps: float = 1e-5,
+) -> Tensor:
+    """torchvision's ASPP (without its dropout): conv branches + image pooling → concat → 1×1 projection.
+
+    BatchNorm tensors are in the order [1×1 branch, one per rate, pooling, projection].
+    """
+    n_bn = len(rates) + 3
+    rms = running_means if running_means is not None else [None] * n_bn
+    rvs = running_vars if running_vars is not None else [None] * n_bn
+
+    def bn_relu(y: Tensor, i: int) -> Tensor:
+        return F.relu(F.batch_norm(y, rms[i], rvs[i], bn_weights[i], bn_biases[i], training, momentum, eps))
+
+    outs = [bn_relu(F.conv2d(x, conv_weights[0]), 0)]
+    for i, r in enumerate(rates):
+        outs.append(bn_relu(F.conv2d(x, conv_weights[i + 1], padding=r, dilation=r), i + 1))
+    pooled = bn_relu(F.conv2d(F.adaptive_avg_pool2d(x, 1), pool_weight), len(rates) + 1)
+    outs.append(F.interpolate(pooled, size=x.shape[-2:], mode="bilinear", align_corners=False))
+    return bn_relu(F.conv2d(torch.cat(outs, dim=1), project_weight), len(rates) + 2)

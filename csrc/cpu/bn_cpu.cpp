@@ -16,6 +16,7 @@
 
 #include "common/bn_math.h"
 #include "common/checks.h"
+#include "aspp.h"
 #include "conv_bn_relu.h"
 
 namespace deeplab_ops {
@@ -347,6 +348,8 @@ TORCH_LIBRARY_IMPL(deeplab_ops, CPU, m) {
   m.impl("bn_backward_dy", &bn_backward_dy_cpu);
   m.impl("conv_bn_relu_forward", &conv_bn_relu_forward);
   m.impl("conv_bn_relu_backward", &conv_bn_relu_backward);
+  m.impl("aspp_forward", &aspp_forward);
+  m.impl("aspp_backward", &aspp_backward);
 }
 
 }  // namespace deeplab_ops

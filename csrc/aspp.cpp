@@ -1,0 +1,231 @@
+#include "aspp.h"
+
+#include "common/checks.h"
+#include "stage_calls.h"
+
+namespace deeplab_ops {
+namespace {
+
+struct Geometry {
+  int64_t n, cin, h, w, c, branches;  // branches: the conv branches (1x1 + one per rate)
+};
+
+Geometry check_aspp_args(const at::Tensor& x, at::TensorList conv_weights, const at::Tensor& pool_weight,
+                         const at::Tensor& project_weight, const at::Tensor& bn_weight, const at::Tensor& bn_bias,
+                         at::IntArrayRef rates) {
+  DLO_CHECK_ACTIVATION(x);
+  Geometry g{x.size(0), x.size(1), x.size(2), x.size(3), 0, static_cast<int64_t>(conv_weights.size())};
+  TORCH_CHECK(g.branches == static_cast<int64_t>(rates.size()) + 1, "deeplab_ops: aspp needs 1 + len(rates) = ",
+              rates.size() + 1, " conv weights (the 1x1 branch, then one 3x3 per rate), got ", g.branches);
+  g.c = conv_weights[0].size(0);
+  for (int64_t b = 0; b < g.branches; ++b) {
+    const int64_t k = b == 0 ? 1 : 3;
+    const auto& w = conv_weights[b];
+    TORCH_CHECK(w.dim() == 4 && w.size(0) == g.c && w.size(1) == g.cin && w.size(2) == k && w.size(3) == k,
+                "deeplab_ops: conv_weights[", b, "] must have shape (", g.c, ", ", g.cin, ", ", k, ", ", k, "), got ",
+                w.sizes());
+    DLO_CHECK_SAME_DEVICE(w, x);
+    DLO_CHECK_SAME_DTYPE(w, x);
+    if (b > 0) TORCH_CHECK(rates[b - 1] >= 1, "deeplab_ops: rates must be >= 1, got ", rates);
+  }
+  TORCH_CHECK(pool_weight.dim() == 4 && pool_weight.size(0) == g.c && pool_weight.size(1) == g.cin &&
+                  pool_weight.size(2) == 1 && pool_weight.size(3) == 1,
+              "deeplab_ops: pool_weight must have shape (", g.c, ", ", g.cin, ", 1, 1), got ", pool_weight.sizes());
+  TORCH_CHECK(project_weight.dim() == 4 && project_weight.size(0) == g.c &&
+                  project_weight.size(1) == (g.branches + 1) * g.c && project_weight.size(2) == 1 &&
+                  project_weight.size(3) == 1,
+              "deeplab_ops: project_weight must have shape (", g.c, ", ", (g.branches + 1) * g.c, ", 1, 1), got ",
+              project_weight.sizes());
+  DLO_CHECK_SAME_DTYPE(pool_weight, x);
+  DLO_CHECK_SAME_DTYPE(project_weight, x);
+  const int64_t k = (g.branches + 2) * g.c;
+  DLO_CHECK_CHANNEL_VECTOR(bn_weight, k);
+  DLO_CHECK_CHANNEL_VECTOR(bn_bias, k);
+  TORCH_CHECK(g.n >= 1 && g.h >= 1 && g.w >= 1, "deeplab_ops: aspp needs a non-empty input, got ", x.sizes());
+  return g;
+}
+
+// The BN statistics of one block of channels: batch statistics (training; running stats updated in the
+// given views) or running statistics (eval).
+std::tuple<at::Tensor, at::Tensor> block_stats(const at::Tensor& pre, double count, bool training,
+                                               const std::optional<at::Tensor>& rm, const std::optional<at::Tensor>& rv,
+                                               double momentum, double eps, at::ScalarType stat) {
+  if (training) {
+    auto [m, m2] = call_bn_stats(pre);
+    const at::Tensor n = at::full({1}, count, m.options());
+    return call_bn_finalize(n, m.unsqueeze(0), m2.unsqueeze(0), rm, rv, momentum, eps);
+  }
+  return {rm->to(stat, false, true), (rv->to(stat) + eps).rsqrt()};
+}
+
+std::optional<at::Tensor> narrow_opt(const std::optional<at::Tensor>& t, int64_t start, int64_t len) {
+  if (!present(t)) return std::nullopt;
+  return t->narrow(0, start, len);
+}
+
+}  // namespace
+
+std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor>
+aspp_forward(const at::Tensor& x, at::TensorList conv_weights, const at::Tensor& pool_weight,
+             const at::Tensor& project_weight, const at::Tensor& bn_weight, const at::Tensor& bn_bias,
+             const std::optional<at::Tensor>& running_mean, const std::optional<at::Tensor>& running_var,
+             at::IntArrayRef rates, bool training, double momentum, double eps) {
+  const Geometry g = check_aspp_args(x, conv_weights, pool_weight, project_weight, bn_weight, bn_bias, rates);
+  const int64_t bc = g.branches * g.c, k = bc + 2 * g.c;
+  TORCH_CHECK(present(running_mean) == present(running_var),
+              "deeplab_ops: running_mean and running_var must be given together");
+  TORCH_CHECK(training || present(running_mean), "deeplab_ops: aspp in eval mode needs running statistics");
+  if (present(running_mean)) {
+    DLO_CHECK_CHANNEL_VECTOR(*running_mean, k);
+    DLO_CHECK_CHANNEL_VECTOR(*running_var, k);
+  }
+  TORCH_CHECK(!training || g.n > 1,
+              "deeplab_ops: aspp in training mode needs a batch of 2 or more: its image-pooling branch has one value "
+              "per channel and image, so BatchNorm over a batch of 1 is undefined. Use a batch of 2 or more, or "
+              "eval mode / frozen BatchNorm");
+  const auto mf = x.suggest_memory_format();
+  const auto stat = opmath_dtype(x.scalar_type());
+  const double hw_count = static_cast<double>(g.n * g.h * g.w);
+
+  // Conv branches, as one (N, B*C, H, W) pre-BN buffer so that one BN pass covers every branch.
+  std::vector<at::Tensor> ys;
+  ys.reserve(g.branches);
+  for (int64_t b = 0; b < g.branches; ++b) {
+    const int64_t r = b == 0 ? 1 : rates[b - 1];
+    ys.push_back(at::convolution(x, conv_weights[b], std::nullopt, {1, 1}, {b == 0 ? 0 : r, b == 0 ? 0 : r}, {r, r},
+                                 false, {0, 0}, 1));
+  }
+  const at::Tensor branch = at::cat(ys, 1).contiguous(mf);
+  // Image pooling: mean over H x W, then its 1x1 conv as a matmul: (N, Cin) x (Cin, C).
+  const at::Tensor pooled = x.mean({2, 3});
+  const at::Tensor pool_pre = at::matmul(pooled, pool_weight.reshape({g.c, g.cin}).t()).contiguous();
+  const at::Tensor pool4 = pool_pre.view({g.n, g.c, 1, 1});
+
+  // Running statistics are updated in copies (the op is functional); views of the copies per block.
+  const auto running_dtype = present(running_mean) ? running_mean->scalar_type() : stat;
+  at::Tensor new_rm = at::empty({0}, x.options().dtype(running_dtype));
+  at::Tensor new_rv = at::empty({0}, x.options().dtype(running_dtype));
+  std::optional<at::Tensor> rm, rv;
+  if (present(running_mean)) {
+    if (training) {
+      new_rm = running_mean->clone();
+      new_rv = running_var->clone();
+      rm = new_rm;
+      rv = new_rv;
+    } else {
+      rm = *running_mean;
+      rv = *running_var;
+    }
+  }
+  const at::Tensor bw = bn_weight.to(stat), bb = bn_bias.to(stat);
+
+  auto [mean_b, invstd_b] =
+      block_stats(branch, hw_count, training, narrow_opt(rm, 0, bc), narrow_opt(rv, 0, bc), momentum, eps, stat);
+  auto [mean_p, invstd_p] = block_stats(pool4, static_cast<double>(g.n), training, narrow_opt(rm, bc, g.c),
+                                        narrow_opt(rv, bc, g.c), momentum, eps, stat);
+  const at::Tensor z_cat = call_bn_apply(branch, mean_b, bw.narrow(0, 0, bc) * invstd_b, bb.narrow(0, 0, bc),
+                                         std::nullopt, true);
+  const at::Tensor z_p = call_bn_apply(pool4, mean_p, bw.narrow(0, bc, g.c) * invstd_p, bb.narrow(0, bc, g.c),
+                                       std::nullopt, true);
+
+  // Projection: 1x1 conv over the conv branches + the pooling branch as a per-(image, channel) bias.
+  const at::Tensor w_main = project_weight.narrow(1, 0, bc).contiguous();
+  const at::Tensor w_pool = project_weight.narrow(1, bc, g.c).reshape({g.c, g.c});
+  at::Tensor proj = at::convolution(z_cat, w_main, std::nullopt, {1, 1}, {0, 0}, {1, 1}, false, {0, 0}, 1)
+                        .contiguous(mf);
+  const at::Tensor bias = at::matmul(z_p.view({g.n, g.c}), w_pool.t());
+  proj.add_(bias.view({g.n, g.c, 1, 1}));
+  auto [mean_o, invstd_o] = block_stats(proj, hw_count, training, narrow_opt(rm, bc + g.c, g.c),
+                                        narrow_opt(rv, bc + g.c, g.c), momentum, eps, stat);
+  at::Tensor out =
+      call_bn_apply(proj, mean_o, bw.narrow(0, bc + g.c, g.c) * invstd_o, bb.narrow(0, bc + g.c, g.c), std::nullopt,
+                    true);
+  (void)k;
+  return {out, branch, pool_pre, proj, at::cat({mean_b, mean_p, mean_o}), at::cat({invstd_b, invstd_p, invstd_o}),
+          new_rm, new_rv};
+}
+
+std::tuple<at::Tensor, std::vector<at::Tensor>, at::Tensor, at::Tensor, at::Tensor, at::Tensor> aspp_backward(
+    const at::Tensor& grad_out, const at::Tensor& x, at::TensorList conv_weights, const at::Tensor& pool_weight,
+    const at::Tensor& project_weight, const at::Tensor& bn_weight, const at::Tensor& bn_bias,
+    const at::Tensor& branch, const at::Tensor& pool_pre, const at::Tensor& proj, const at::Tensor& out,
+    const at::Tensor& save_mean, const at::Tensor& save_invstd, at::IntArrayRef rates, bool training,
+    std::array<bool, 3> output_mask) {
+  const Geometry g = check_aspp_args(x, conv_weights, pool_weight, project_weight, bn_weight, bn_bias, rates);
+  const int64_t bc = g.branches * g.c;
+  const auto mf = x.suggest_memory_format();
+  const auto stat = opmath_dtype(x.scalar_type());
+  const double hw_count = static_cast<double>(g.n * g.h * g.w);
+  const at::Tensor bw = bn_weight.to(stat), bb = bn_bias.to(stat);
+  auto block = [&](const at::Tensor& t, int64_t start, int64_t len) { return t.narrow(0, start, len); };
+  const at::Tensor mean_b = block(save_mean, 0, bc), invstd_b = block(save_invstd, 0, bc);
+  const at::Tensor mean_p = block(save_mean, bc, g.c), invstd_p = block(save_invstd, bc, g.c);
+  const at::Tensor mean_o = block(save_mean, bc + g.c, g.c), invstd_o = block(save_invstd, bc + g.c, g.c);
+  const at::Tensor g_out = grad_out.contiguous(mf);
+
+  // Projection BN.
+  auto [sg_o, sgx_o] = call_bn_backward_reduce(g_out, out, proj, mean_o, invstd_o, true);
+  const at::Tensor dy_o = call_bn_backward_dy(g_out, out, proj, mean_o, invstd_o, block(bw, bc + g.c, g.c), sg_o,
+                                              sgx_o, hw_count, true, training);
+  // The normalized branch outputs, recomputed from the pre-BN ones (cheaper than keeping them).
+  const at::Tensor z_cat = call_bn_apply(branch, mean_b, block(bw, 0, bc) * invstd_b, block(bb, 0, bc), std::nullopt,
+                                         true);
+  const at::Tensor pool4 = pool_pre.view({g.n, g.c, 1, 1});
+  const at::Tensor z_p = call_bn_apply(pool4, mean_p, block(bw, bc, g.c) * invstd_p, block(bb, bc, g.c),
+                                       std::nullopt, true);
+  // Projection conv and the pooling bias.
+  const at::Tensor w_main = project_weight.narrow(1, 0, bc).contiguous();
+  const at::Tensor w_pool = project_weight.narrow(1, bc, g.c).reshape({g.c, g.c});
+  auto proj_grads = at::convolution_backward(dy_o, z_cat, w_main, std::nullopt, {1, 1}, {0, 0}, {1, 1}, false, {0, 0},
+                                             1, {true, output_mask[1], false});
+  const at::Tensor dz_cat = std::get<0>(proj_grads).contiguous(mf);
+  const at::Tensor dbias = dy_o.sum({2, 3});  // (N, C): the pooling branch's share, summed over H x W
+  const at::Tensor dz_p = at::matmul(dbias, w_pool).view({g.n, g.c, 1, 1}).contiguous();
+  at::Tensor grad_project_weight;
+  if (output_mask[1]) {
+    const at::Tensor dw_pool = at::matmul(dbias.t(), z_p.view({g.n, g.c}));
+    grad_project_weight = at::cat({std::get<1>(proj_grads), dw_pool.view({g.c, g.c, 1, 1})}, 1);
+  }
+
+  // Pooling branch BN (over the batch) and its 1x1 conv.
+  auto [sg_p, sgx_p] = call_bn_backward_reduce(dz_p, z_p, pool4, mean_p, invstd_p, true);
+  const at::Tensor dy_p = call_bn_backward_dy(dz_p, z_p, pool4, mean_p, invstd_p, block(bw, bc, g.c), sg_p, sgx_p,
+                                              static_cast<double>(g.n), true, training)
+                              .view({g.n, g.c});
+  at::Tensor grad_pool_weight;
+  if (output_mask[1]) {
+    grad_pool_weight = at::matmul(dy_p.t(), x.mean({2, 3})).view({g.c, g.cin, 1, 1});
+  }
+
+  // Conv branches' BN, all branches in one pass, then each branch's dgrad and wgrad.
+  auto [sg_b, sgx_b] = call_bn_backward_reduce(dz_cat, z_cat, branch, mean_b, invstd_b, true);
+  std::vector<at::Tensor> grad_conv;
+  at::Tensor grad_x;
+  if (output_mask[0] || output_mask[1]) {
+    const at::Tensor dy_b =
+        call_bn_backward_dy(dz_cat, z_cat, branch, mean_b, invstd_b, block(bw, 0, bc), sg_b, sgx_b, hw_count, true,
+                            training);
+    if (output_mask[0]) {
+      // The pooling branch's gradient is spread evenly over H x W.
+      const at::Tensor dpooled = at::matmul(dy_p, pool_weight.reshape({g.c, g.cin})) / static_cast<double>(g.h * g.w);
+      grad_x = dpooled.view({g.n, g.cin, 1, 1}).expand({g.n, g.cin, g.h, g.w}).contiguous(mf);
+    }
+    for (int64_t b = 0; b < g.branches; ++b) {
+      const int64_t r = b == 0 ? 1 : rates[b - 1];
+      const at::Tensor dyb = dy_b.narrow(1, b * g.c, g.c).contiguous(mf);
+      auto grads = at::convolution_backward(dyb, x, conv_weights[b], std::nullopt, {1, 1},
+                                            {b == 0 ? 0 : r, b == 0 ? 0 : r}, {r, r}, false, {0, 0}, 1,
+                                            {output_mask[0], output_mask[1], false});
+      if (output_mask[0]) grad_x.add_(std::get<0>(grads));
+      if (output_mask[1]) grad_conv.push_back(std::get<1>(grads).contiguous(conv_weights[b].suggest_memory_format()));
+    }
+  }
+  at::Tensor grad_bn_weight, grad_bn_bias;
+  if (output_mask[2]) {
+    grad_bn_weight = at::cat({sgx_b, sgx_p, sgx_o});
+    grad_bn_bias = at::cat({sg_b, sg_p, sg_o});
+  }
+  return {grad_x, grad_conv, grad_pool_weight, grad_project_weight, grad_bn_weight, grad_bn_bias};
+}
+
+}  // namespace deeplab_ops

@@ -1,0 +1,185 @@
+"""The fused ASPP op and FusedASPP against torchvision's ASPP and the reference: forward, every gradient and
+the running statistics, training and eval; gradcheck; opcheck; the batch-1 error."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from helpers import CUDA, assert_close
+from torchvision.models.segmentation.deeplabv3 import ASPP
+
+import deeplab_ops
+from deeplab_ops import reference
+from deeplab_ops.nn import FusedASPP
+
+ops = torch.ops.deeplab_ops
+
+
+def _randomize(module: torch.nn.Module) -> None:
+    """Random weights and BN statistics: never test on the default ones and zeros."""
+    with torch.no_grad():
+        for name, p in module.named_parameters():
+            p.copy_(torch.randn_like(p) * (0.3 if "weight" in name and p.dim() == 4 else 1.0))
+            if p.dim() == 1 and name.endswith("weight"):
+                p.abs_().add_(0.5)
+        for name, b in module.named_buffers():
+            if name.endswith("running_mean"):
+                b.copy_(torch.randn_like(b) * 0.1)
+            elif name.endswith("running_var"):
+                b.copy_(torch.rand_like(b) + 0.5)
+
+
+def _pair(cin, rates, cout, dtype=torch.float32):
+    tv = ASPP(cin, rates, cout).to(dtype)
+    tv.project[3].p = 0.0  # dropout compared separately: torchvision's is fixed at 0.5
+    _randomize(tv)
+    fused = FusedASPP(cin, rates, cout).to(dtype)
+    fused.load_state_dict(tv.state_dict())
+    return tv, fused
+
+
+@pytest.mark.parametrize("size", [33, 17, 9])
+@pytest.mark.parametrize("rates", [(6, 12, 18), (12, 24, 36)], ids=str)
+@pytest.mark.parametrize("training", [True, False], ids=["train", "eval"])
+def test_matches_torchvision_aspp(size, rates, training):
+    cin, cout = 8, 4
+    tv, fused = _pair(cin, rates, cout)
+    tv.train(training)
+    fused.train(training)
+    channels_last = size == 17
+    x = torch.randn(2, cin, size, size + 2)
+    if channels_last:
+        x = x.contiguous(memory_format=torch.channels_last)
+    xt, xf = x.clone().requires_grad_(), x.clone().requires_grad_()
+    expected, out = tv(xt), fused(xf)
+    assert out.is_contiguous(memory_format=torch.channels_last if channels_last else torch.contiguous_format)
+    what = f"rates {rates} at {size}x{size + 2} {'train' if training else 'eval'}"
+    assert_close(out, expected, f"{what}: output", 1e-5, 1e-5)
+    grad = torch.randn_like(out)
+    expected.backward(grad)
+    out.backward(grad)
+    assert_close(xf.grad, xt.grad, f"{what}: grad x", 1e-4, 1e-4)
+    for (name, pf), pt in zip(fused.named_parameters(), tv.parameters(), strict=True):
+        assert_close(pf.grad, pt.grad, f"{what}: grad {name}", 1e-4, 1e-4)
+    for (name, bf), bt in zip(fused.named_buffers(), tv.buffers(), strict=True):
+        assert_close(bf, bt, f"{what}: buffer {name}", 1e-5, 1e-5)
+
+
+def _functional_inputs(n=2, cin=5, c=3, h=7, w=6, rates=(2, 5), dtype=torch.float64):
+    g = dict(dtype=dtype)
+    x = torch.randn(n, cin, h, w, **g)
+    conv_ws = [torch.randn(c, cin, 1, 1, **g)] + [torch.randn(c, cin, 3, 3, **g) for _ in rates]
+    pool_w = torch.randn(c, cin, 1, 1, **g)
+    proj_w = torch.randn(c, (len(rates) + 2) * c, 1, 1, **g) / 3
+    nb = len(rates) + 3
+    bws = [torch.rand(c, **g) + 0.5 for _ in range(nb)]
+    bbs = [torch.randn(c, **g) for _ in range(nb)]
+    rms = [torch.randn(c, **g) * 0.1 for _ in range(nb)]
+    rvs = [torch.rand(c, **g) + 0.5 for _ in range(nb)]
+    return x, conv_ws, pool_w, proj_w, bws, bbs, rms, rvs, rates
+
+
+@pytest.mark.parametrize("training", [True, False], ids=["train", "eval"])
+def test_functional_matches_reference_float64(training):
+    x, cws, pw, prw, bws, bbs, rms, rvs, rates = _functional_inputs()
+    leaves = [x, *cws, pw, prw, *bws, *bbs]
+    for t in leaves:
+        t.requires_grad_()
+    rm_ref, rv_ref = [t.clone() for t in rms], [t.clone() for t in rvs]
+    out = deeplab_ops.aspp(x, cws, pw, prw, bws, bbs, rms, rvs, rates=rates, training=training, backend="cpu")
+    exp = reference.aspp(x, cws, pw, prw, bws, bbs, rm_ref, rv_ref, rates=rates, training=training)
+    assert_close(out, exp, "output", 1e-10, 1e-10)
+    for i, (a, b) in enumerate(zip(rms + rvs, rm_ref + rv_ref, strict=True)):
+        assert_close(a, b, f"running stat {i}", 1e-10, 1e-10)
+    grad = torch.randn_like(out)
+    for i, (a, b) in enumerate(zip(torch.autograd.grad(out, leaves, grad), torch.autograd.grad(exp, leaves, grad),
+                                   strict=True)):
+        assert_close(a, b, f"grad of input {i}", 1e-9, 1e-9)
+
+
+def test_gradcheck_float64():
+    x, cws, pw, prw, bws, bbs, rms, rvs, rates = _functional_inputs(n=2, cin=3, c=2, h=5, w=4, rates=(1, 3))
+    leaves = [x, *cws, pw, prw, *bws, *bbs]
+    nc, nb = len(cws), len(bws)
+
+    def f(x, *rest):
+        cws_, (pw_, prw_), bws_, bbs_ = rest[:nc], rest[nc:nc + 2], rest[nc + 2:nc + 2 + nb], rest[nc + 2 + nb:]
+        return deeplab_ops.aspp(x, list(cws_), pw_, prw_, list(bws_), list(bbs_), None, None, rates=rates,
+                                backend="cpu")
+
+    assert torch.autograd.gradcheck(f, [t.requires_grad_() for t in leaves])
+
+
+def test_opcheck():
+    x, cws, pw, prw, bws, bbs, rms, rvs, rates = _functional_inputs(dtype=torch.float32)
+    for t in [x, *cws, pw, prw]:
+        t.requires_grad_()
+    bw, bb = torch.cat(bws).requires_grad_(), torch.cat(bbs).requires_grad_()
+    for training in (True, False):
+        args = (x, cws, pw, prw, bw, bb, torch.cat(rms), torch.cat(rvs), list(rates), training, 0.1, 1e-5)
+        torch.library.opcheck(ops.aspp_forward.default, args)
+    fwd = ops.aspp_forward(x.detach(), [w.detach() for w in cws], pw.detach(), prw.detach(), bw.detach(),
+                           bb.detach(), torch.cat(rms), torch.cat(rvs), list(rates), True, 0.1, 1e-5)
+    out, branch, pool_pre, proj, mean, invstd, _, _ = fwd
+    bwd = (torch.randn_like(out), x.detach(), [w.detach() for w in cws], pw.detach(), prw.detach(), bw.detach(),
+           bb.detach(), branch, pool_pre, proj, out, mean, invstd, list(rates), True, [True, True, True])
+    torch.library.opcheck(ops.aspp_backward.default, bwd)
+
+
+def test_batch_of_one_in_training_is_a_clear_error_and_eval_works():
+    fused = FusedASPP(4, (2, 3), 3)
+    x = torch.randn(1, 4, 9, 9)
+    with pytest.raises(ValueError, match="batch of 2 or more.*eval mode / frozen BatchNorm"):
+        fused(x)
+    assert all(int(b) == 0 for n, b in fused.named_buffers() if n.endswith("num_batches_tracked"))
+    fused.eval()
+    assert fused(x).shape == (1, 3, 9, 9)
+
+
+@pytest.mark.parametrize("rates", [(3,), (1, 2, 3, 4)], ids=str)
+def test_any_number_of_rates_and_torchvision_state_dict(rates):
+    tv, fused = _pair(6, rates, 4)
+    assert list(fused.state_dict()) == list(tv.state_dict())
+    x = torch.randn(3, 6, 8, 7)
+    assert_close(fused(x), tv(x), f"rates {rates}", 1e-5, 1e-5)
+
+
+def test_dropout_matches_torchvision_in_training():
+    tv = ASPP(6, (2, 3), 4)
+    _randomize(tv)
+    fused = FusedASPP(6, (2, 3), 4, dropout=0.5)
+    fused.load_state_dict(tv.state_dict())
+    x = torch.randn(2, 6, 9, 9)
+    torch.manual_seed(7)
+    expected = tv(x)
+    torch.manual_seed(7)
+    assert_close(fused(x), expected, "with dropout 0.5", 1e-5, 1e-5)
+
+
+@pytest.mark.parametrize(
+    "change, pattern",
+    [
+        (lambda a: a.__setitem__(1, a[1][:-1]), r"conv_weights must be a list of 3 tensors"),
+        (lambda a: a.__setitem__(3, torch.randn(3, 7, 1, 1)), r"project_weight must have shape \(3, 12, 1, 1\)"),
+        (lambda a: a.__setitem__(4, a[4][:-1]), r"bn_weights must be a list of 5 tensors"),
+        (lambda a: a[6].__setitem__(0, torch.zeros(4)), r"running_means\[0\] must have shape \(3,\)"),
+        (lambda a: a.__setitem__(0, torch.randn(1, 5, 7, 6)), r"batch of 2 or more"),
+        (lambda a: a.__setitem__(8, (2, 0)), r"rates must be a sequence of ints >= 1"),
+    ],
+)
+def test_bad_input(change, pattern):
+    args = list(_functional_inputs(dtype=torch.float32))
+    change(args)
+    *tensors, rates = args
+    with pytest.raises((ValueError, TypeError), match=pattern):
+        deeplab_ops.aspp(*tensors, rates=rates, backend="cpu")
+
+
+@pytest.mark.skipif(not CUDA, reason="needs a CUDA device")
+@pytest.mark.parametrize("training", [True, False], ids=["train", "eval"])
+def test_cuda_matches_torchvision(training):
+    torch.backends.cudnn.allow_tf32 = False
+    tv, fused = _pair(16, (6, 12, 18), 8)
+    tv, fused = tv.cuda().train(training), fused.cuda().train(training)
+    x = torch.randn(2, 16, 33, 33, device="cuda")
+    assert_close(fused(x), tv(x), "cuda output", 1e-5, 1e-5)
