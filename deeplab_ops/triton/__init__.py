@@ -1,1 +1,53 @@
-"""Triton kernels (the implicit-GEMM engine). Importing this package must not import triton."""
+"""Triton kernels (the implicit-GEMM engine). Importing this package must not import triton.
+
+Registers the kernels of deeplab_ops::triton_conv_bn_relu_forward / _backward for CPU (Triton interpreter) and
+CUDA tensors, and what the triton backend supports. The kernel modules (conv_engine, bn_kernels, conv_bn_relu)
+import triton; they are imported on the first call.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from deeplab_ops import backends
+
+_INT32_MAX = 2**31 - 1
+
+
+def _forward(x, weight, bn_weight, bn_bias, running_mean, running_var, stride, padding, dilation, training, momentum,
+             eps, residual, relu):
+    from deeplab_ops.triton import conv_bn_relu
+
+    return conv_bn_relu.forward(x, weight, bn_weight, bn_bias, running_mean, running_var, stride, padding, dilation,
+                                training, momentum, eps, residual, relu)
+
+
+def _backward(grad_out, x, weight, bn_weight, conv_out, out, save_mean, save_invstd, stride, padding, dilation,
+              training, relu, output_mask):
+    from deeplab_ops.triton import conv_bn_relu
+
+    return conv_bn_relu.backward(grad_out, x, weight, bn_weight, conv_out, out, save_mean, save_invstd, stride,
+                                 padding, dilation, training, relu, output_mask)
+
+
+def _conv_bn_relu_support(*, x, weight, stride, padding, dilation, training, residual) -> list[str]:
+    """Why the triton engine cannot run this conv_bn_relu call (device and import are checked by backends)."""
+    reasons = []
+    if x.device.type == "cpu" and x.dtype in (torch.float16, torch.bfloat16):
+        reasons.append(
+            f"x has dtype {x.dtype}: the Triton interpreter stores half types as raw bits, so float16/bfloat16 "
+            "run on CUDA tensors only"
+        )
+    n, _, h, w = x.shape
+    cout, _, kh, kw = weight.shape
+    ho = (h + 2 * padding[0] - dilation[0] * (kh - 1) - 1) // stride[0] + 1
+    wo = (w + 2 * padding[1] - dilation[1] * (kw - 1) - 1) // stride[1] + 1
+    largest = max(x.numel(), n * cout * ho * wo, weight.numel())
+    if largest > _INT32_MAX:
+        reasons.append(f"a tensor of {largest} elements: the kernels index with int32 (at most {_INT32_MAX})")
+    return reasons
+
+
+torch.library.register_kernel("deeplab_ops::triton_conv_bn_relu_forward", ("cpu", "cuda"), _forward)
+torch.library.register_kernel("deeplab_ops::triton_conv_bn_relu_backward", ("cpu", "cuda"), _backward)
+backends.register_support("triton", "conv_bn_relu", _conv_bn_relu_support)

@@ -1,0 +1,250 @@
+"""BatchNorm stages of the Triton engine that are not inside a convolution: finalize, apply, backward reduce.
+
+Activations are NHWC, viewed as a (M = N*H*W, C) row-major matrix. Per-channel math runs in the opmath
+dtype (float32 for fp16/bf16/fp32 activations, float64 for float64), the formulas of csrc/common/bn_math.h:
+  finalize  Chan's merge of per-tile (count, mean, M2) partials -> mean, invstd, scale, shift, running update
+  apply     act((y - mean) * scale + shift [+ residual])        centred form, NaN-propagating ReLU
+  reduce    (sum g, sum g * (y - mean)) with g = dz * 1[z > 0]   partials per row split, summed on the host
+The jit helpers at the top (`_relu`, `_act_grad`, `_bn_dy`) are also used by the conv engine's epilogues
+and prologues, so every kernel computes the same expression.
+"""
+
+from __future__ import annotations
+
+import torch
+import triton
+import triton.language as tl
+
+from deeplab_ops.backends import interpreter_active
+
+# ---- shared per-element math -------------------------------------------------------------------------
+
+
+@triton.jit
+def _relu(z):
+    # NaN < 0 is false, so NaN propagates as with torch.relu (tl.maximum would drop it on some targets).
+    return tl.where(z < 0, 0.0, z)
+
+
+@triton.jit
+def _act_grad(dz, z, RELU: tl.constexpr):
+    # threshold_backward(dz, z, 0): the gradient passes where the output is > 0 (NaN output: blocked).
+    if RELU:
+        return tl.where(z > 0, dz, 0.0)
+    else:
+        return dz
+
+
+@triton.jit
+def _bn_dy(g, y, mean, k, a, b):
+    # dy = k * (g - a - (y - mean) * b); k = gamma*invstd, a = sum(g)/n, b = invstd*sum(g*xhat)/n (a = b = 0 in
+    # eval). (y - mean) * b rather than xhat * sum/n: one multiply fewer, same centred quantity.
+    return k[None, :] * (g - a[None, :] - (y - mean[None, :]) * b[None, :])
+
+
+# ---- kernels -----------------------------------------------------------------------------------------
+
+
+@triton.jit
+def _bn_finalize_kernel(
+    # partials from the conv epilogue: count (P,), mean and M2 (P, C), opmath dtype
+    count_ptr, pmean_ptr, pm2_ptr,
+    # parameters: gamma, beta (C,) or dummies; running stats (C,) or dummies; [momentum, eps] in opmath dtype
+    gamma_ptr, beta_ptr, rm_ptr, rv_ptr, hyper_ptr,
+    # outputs (C,): statistics and the affine the apply uses; updated running statistics (copies)
+    mean_ptr, invstd_ptr, scale_ptr, shift_ptr, new_rm_ptr, new_rv_ptr,
+    P, C,
+    HAS_GAMMA: tl.constexpr, HAS_BETA: tl.constexpr, HAS_RUNNING: tl.constexpr,
+    ACC_DTYPE: tl.constexpr, BLOCK_P: tl.constexpr, BLOCK_C: tl.constexpr,
+):
+    pid = tl.program_id(0)
+    offs_c = pid * BLOCK_C + tl.arange(0, BLOCK_C)
+    c_mask = offs_c < C
+    n_acc = tl.zeros((BLOCK_C,), ACC_DTYPE)
+    mean_acc = tl.zeros((BLOCK_C,), ACC_DTYPE)
+    m2_acc = tl.zeros((BLOCK_C,), ACC_DTYPE)
+    for p0 in range(0, P, BLOCK_P):
+        offs_p = p0 + tl.arange(0, BLOCK_P)
+        p_mask = offs_p < P
+        cnt = tl.load(count_ptr + offs_p, mask=p_mask, other=0).to(ACC_DTYPE)
+        mask = p_mask[:, None] & c_mask[None, :]
+        idx = offs_p[:, None] * C + offs_c[None, :]
+        mu = tl.load(pmean_ptr + idx, mask=mask, other=0).to(ACC_DTYPE)
+        m2 = tl.load(pm2_ptr + idx, mask=mask, other=0).to(ACC_DTYPE)
+        # A block of partials merged at once (Chan's formula for many parts), then merged into the running
+        # total pairwise. Only centred quantities are combined: no E[y^2] - E[y]^2 cancellation.
+        nb = tl.sum(cnt, 0)
+        mub = tl.sum(cnt[:, None] * mu, 0) / tl.maximum(nb, 1.0)
+        dev = tl.where(mask, mu - mub[None, :], 0.0)
+        m2b = tl.sum(m2 + cnt[:, None] * dev * dev, 0)
+        n_tot = n_acc + nb
+        delta = mub - mean_acc
+        fb = nb / tl.maximum(n_tot, 1.0)
+        mean_acc = mean_acc + delta * fb
+        m2_acc = m2_acc + m2b + delta * delta * n_acc * fb
+        n_acc = n_tot
+    var_eps = m2_acc / n_acc + tl.load(hyper_ptr + 1)
+    if ACC_DTYPE == tl.float64:
+        invstd = 1.0 / tl.sqrt(var_eps)  # float64 sqrt is correctly rounded
+    else:
+        invstd = 1.0 / tl.sqrt_rn(var_eps)  # tl.sqrt is an approximation in float32
+    tl.store(mean_ptr + offs_c, mean_acc, mask=c_mask)
+    tl.store(invstd_ptr + offs_c, invstd, mask=c_mask)
+    scale = invstd
+    if HAS_GAMMA:
+        scale = tl.load(gamma_ptr + offs_c, mask=c_mask, other=1).to(ACC_DTYPE) * invstd
+    tl.store(scale_ptr + offs_c, scale, mask=c_mask)
+    shift = tl.zeros((BLOCK_C,), ACC_DTYPE)
+    if HAS_BETA:
+        shift = tl.load(beta_ptr + offs_c, mask=c_mask, other=0).to(ACC_DTYPE)
+    tl.store(shift_ptr + offs_c, shift, mask=c_mask)
+    if HAS_RUNNING:
+        momentum = tl.load(hyper_ptr)
+        rm = tl.load(rm_ptr + offs_c, mask=c_mask, other=0).to(ACC_DTYPE)
+        rv = tl.load(rv_ptr + offs_c, mask=c_mask, other=0).to(ACC_DTYPE)
+        # Running variance uses the unbiased estimate, as F.batch_norm (n > 1 is checked at the boundary).
+        tl.store(new_rm_ptr + offs_c, (1.0 - momentum) * rm + momentum * mean_acc, mask=c_mask)
+        tl.store(new_rv_ptr + offs_c, (1.0 - momentum) * rv + momentum * (m2_acc / (n_acc - 1.0)), mask=c_mask)
+
+
+@triton.jit
+def _bn_apply_kernel(
+    y_ptr, res_ptr, out_ptr,          # (M, C) activations
+    mean_ptr, scale_ptr, shift_ptr,   # (C,) opmath dtype
+    M, C,
+    HAS_RES: tl.constexpr, RELU: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_C: tl.constexpr,
+):
+    offs_m = tl.program_id(0) * BLOCK_M + tl.arange(0, BLOCK_M)
+    offs_c = tl.program_id(1) * BLOCK_C + tl.arange(0, BLOCK_C)
+    c_mask = offs_c < C
+    mask = (offs_m < M)[:, None] & c_mask[None, :]
+    idx = offs_m[:, None] * C + offs_c[None, :]
+    mean = tl.load(mean_ptr + offs_c, mask=c_mask, other=0)
+    scale = tl.load(scale_ptr + offs_c, mask=c_mask, other=0)
+    shift = tl.load(shift_ptr + offs_c, mask=c_mask, other=0)
+    y = tl.load(y_ptr + idx, mask=mask, other=0).to(mean.dtype)
+    z = (y - mean[None, :]) * scale[None, :] + shift[None, :]
+    if HAS_RES:
+        z += tl.load(res_ptr + idx, mask=mask, other=0).to(mean.dtype)
+    if RELU:
+        z = _relu(z)
+    tl.store(out_ptr + idx, z.to(out_ptr.dtype.element_ty), mask=mask)
+
+
+@triton.jit
+def _bn_bwd_reduce_kernel(
+    dz_ptr, z_ptr, y_ptr,             # (M, C) grad_out, out, conv_out
+    mean_ptr,                         # (C,) opmath
+    g_ptr,                            # (M, C) the gradient through the activation (grad_residual), if STORE_G
+    part_g_ptr, part_gy_ptr,          # (S, C) partial sums of g and g * (y - mean)
+    M, C, rows_per_prog,
+    RELU: tl.constexpr, STORE_G: tl.constexpr, ACC_DTYPE: tl.constexpr,
+    BLOCK_M: tl.constexpr, BLOCK_C: tl.constexpr,
+):
+    pid_s = tl.program_id(0)
+    offs_c = tl.program_id(1) * BLOCK_C + tl.arange(0, BLOCK_C)
+    c_mask = offs_c < C
+    mean = tl.load(mean_ptr + offs_c, mask=c_mask, other=0).to(ACC_DTYPE)
+    sum_g = tl.zeros((BLOCK_C,), ACC_DTYPE)
+    sum_gy = tl.zeros((BLOCK_C,), ACC_DTYPE)
+    row0 = pid_s * rows_per_prog
+    for m0 in range(row0, tl.minimum(row0 + rows_per_prog, M), BLOCK_M):
+        offs_m = m0 + tl.arange(0, BLOCK_M)
+        mask = (offs_m < M)[:, None] & c_mask[None, :]
+        idx = offs_m[:, None] * C + offs_c[None, :]
+        dz = tl.load(dz_ptr + idx, mask=mask, other=0).to(ACC_DTYPE)
+        z = tl.load(z_ptr + idx, mask=mask, other=0).to(ACC_DTYPE)
+        y = tl.load(y_ptr + idx, mask=mask, other=0).to(ACC_DTYPE)
+        g = _act_grad(dz, z, RELU)
+        if STORE_G:
+            tl.store(g_ptr + idx, g.to(g_ptr.dtype.element_ty), mask=mask)
+        sum_g += tl.sum(g, 0)
+        sum_gy += tl.sum(tl.where(mask, g * (y - mean[None, :]), 0.0), 0)
+    tl.store(part_g_ptr + pid_s * C + offs_c, sum_g, mask=c_mask)
+    tl.store(part_gy_ptr + pid_s * C + offs_c, sum_gy, mask=c_mask)
+
+
+# ---- launchers ----------------------------------------------------------------------------------------
+
+
+def acc_dtype(dtype: torch.dtype):
+    """The Triton accumulator dtype for activations of `dtype` (fp32, or fp64 for float64)."""
+    return tl.float64 if dtype == torch.float64 else tl.float32
+
+
+def _block_c(c: int) -> int:
+    return min(64, triton.next_power_of_2(c))
+
+
+def bn_finalize(
+    count: torch.Tensor, pmean: torch.Tensor, pm2: torch.Tensor, bn_weight: torch.Tensor | None,
+    bn_bias: torch.Tensor | None, running_mean: torch.Tensor | None, running_var: torch.Tensor | None,
+    momentum: float, eps: float,
+) -> tuple[torch.Tensor, ...]:
+    """Merge (P,) counts and (P, C) partials: (mean, invstd, scale, shift, new_running_mean, new_running_var).
+
+    The running statistics are returned updated as copies ((0,) tensors when none are given).
+    """
+    p, c = pmean.shape
+    stat = pmean.dtype
+    # momentum and eps travel as a tensor: a Python float argument would be rounded to float32.
+    hyper = torch.tensor([momentum, eps], dtype=stat, device=pmean.device)
+    outs = [torch.empty(c, dtype=stat, device=pmean.device) for _ in range(4)]
+    has_running = running_mean is not None
+    if has_running:
+        new_rm, new_rv = torch.empty_like(running_mean), torch.empty_like(running_var)
+    else:
+        new_rm = new_rv = pmean.new_empty((0,))
+    dummy = hyper
+    block_c = _block_c(c)
+    _bn_finalize_kernel[(triton.cdiv(c, block_c),)](
+        count, pmean, pm2,
+        bn_weight if bn_weight is not None else dummy, bn_bias if bn_bias is not None else dummy,
+        running_mean if has_running else dummy, running_var if has_running else dummy, hyper,
+        *outs, new_rm if has_running else dummy, new_rv if has_running else dummy,
+        p, c,
+        HAS_GAMMA=bn_weight is not None, HAS_BETA=bn_bias is not None, HAS_RUNNING=has_running,
+        ACC_DTYPE=acc_dtype(stat), BLOCK_P=32 if interpreter_active() else 64, BLOCK_C=block_c,
+    )
+    return (*outs, new_rm, new_rv)
+
+
+def bn_apply(
+    y: torch.Tensor, mean: torch.Tensor, scale: torch.Tensor, shift: torch.Tensor, residual: torch.Tensor | None,
+    relu: bool,
+) -> torch.Tensor:
+    """`act((y - mean) * scale + shift [+ residual])` on NHWC-contiguous (..., C) activations."""
+    c = y.shape[-1]
+    m = y.numel() // c
+    out = torch.empty_like(y)
+    block_c = _block_c(c)
+    block_m = max(16, 4096 // block_c) if not interpreter_active() else 64
+    _bn_apply_kernel[(triton.cdiv(m, block_m), triton.cdiv(c, block_c))](
+        y, residual if residual is not None else y, out, mean, scale, shift, m, c,
+        HAS_RES=residual is not None, RELU=relu, BLOCK_M=block_m, BLOCK_C=block_c,
+    )
+    return out
+
+
+def bn_backward_reduce(
+    grad_out: torch.Tensor, out: torch.Tensor, y: torch.Tensor, mean: torch.Tensor, relu: bool, store_g: bool,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
+    """(sum g, sum g * (y - mean), g or None) per channel from NHWC-contiguous activations, in mean's dtype.
+
+    One pass over (grad_out, out, y). The sums are deterministic: fixed row splits, summed in order on the host.
+    """
+    c = y.shape[-1]
+    m = y.numel() // c
+    block_c = _block_c(c)
+    block_m = 64 if interpreter_active() else max(16, 2048 // block_c)
+    # Enough row splits to fill the GPU; about 16 row blocks per program keeps the partials small.
+    rows_per_prog = block_m * (16 if not interpreter_active() else 64)
+    splits = triton.cdiv(m, rows_per_prog)
+    part_g = torch.empty(splits, c, dtype=mean.dtype, device=y.device)
+    part_gy = torch.empty_like(part_g)
+    g = torch.empty_like(y) if store_g else None
+    _bn_bwd_reduce_kernel[(splits, triton.cdiv(c, block_c))](
+        grad_out, out, y, mean, g if store_g else y, part_g, part_gy, m, c, rows_per_prog,
+        RELU=relu, STORE_G=store_g, ACC_DTYPE=acc_dtype(mean.dtype), BLOCK_M=block_m, BLOCK_C=block_c,
+    )
+    return part_g.sum(0), part_gy.sum(0), g

@@ -1,0 +1,257 @@
+"""The triton backend of conv_bn_relu against the reference: forward, every gradient and the running statistics;
+float64 gradcheck; opcheck; the padding-tap schedule; fp16/bf16 and TF32 where a GPU is visible.
+
+Without a GPU the kernels run in the Triton interpreter (conftest sets TRITON_INTERPRET=1) on CPU tensors,
+which costs about a millisecond per tile operation: shapes are small and the matrix is chosen, not crossed.
+"""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from helpers import CUDA, Case, assert_close, make_inputs, run_and_compare
+
+import deeplab_ops
+from deeplab_ops import backends, reference
+
+DEVICE = "cuda" if CUDA else "cpu"
+ops = torch.ops.deeplab_ops
+triton_cbr = pytest.importorskip("deeplab_ops.triton.conv_bn_relu")
+
+if not CUDA and not backends.interpreter_active():
+    pytest.skip("no GPU and TRITON_INTERPRET is not set", allow_module_level=True)
+
+
+@pytest.fixture(autouse=True)
+def _no_tf32():
+    # float32 comparisons are against float64 with float32 tolerances: TF32 off unless a test turns it on.
+    previous = torch.backends.cudnn.allow_tf32
+    torch.backends.cudnn.allow_tf32 = False
+    yield
+    torch.backends.cudnn.allow_tf32 = previous
+
+
+# Kernels 1x1 and 3x3; dilation 1, 2, 6, 18 (padding = dilation); stride 2; odd, non-square and 1x1 maps;
+# batch 1-3; channels 1-20 (past one 16-wide block in both GEMM dimensions); residual, relu, eval, layouts.
+MATRIX = [
+    Case(2, 3, 1, 1, 4, k=1),
+    Case(1, 1, 1, 2, 1, k=1, residual=True),
+    Case(3, 7, 9, 11, 5, k=1, relu=False, channels_last=True),
+    Case(2, 16, 8, 8, 16, k=1, stride=2, residual=True, channels_last=True),
+    Case(2, 5, 7, 9, 6),
+    Case(2, 20, 5, 6, 18, residual=True),
+    Case(2, 5, 13, 11, 6, dilation=2, residual=True),
+    Case(1, 4, 13, 11, 3, dilation=6, channels_last=True),
+    Case(2, 3, 9, 9, 2, dilation=18),  # rate larger than the map: most taps in padding
+    Case(3, 6, 13, 9, 6, stride=2),
+    Case(2, 6, 12, 11, 8, stride=2, dilation=2, channels_last=True, residual=True),
+    Case(1, 2, 3, 3, 2, padding=0, training=False),  # 1x1 output
+    Case(1, 3, 1, 1, 5, k=1, training=False),
+    Case(2, 5, 7, 9, 6, dilation=2, training=False, residual=True),
+    Case(3, 8, 11, 7, 4, training=False, channels_last=True, relu=False),
+    Case(2, 2, 17, 13, 2, dilation=6, stride=2, training=False),
+]
+# The 33x33 DeepLab map (few channels): many tiles, padding-tap skipping in all three GEMMs.
+MATRIX_33 = [Case(1, 2, 33, 33, 2, dilation=18, residual=True), Case(1, 2, 33, 33, 3, dilation=12, channels_last=True)]
+FLOAT64 = [MATRIX[i] for i in (0, 3, 5, 6, 9, 11, 13)]
+
+
+@pytest.mark.parametrize("case", MATRIX + MATRIX_33, ids=str)
+def test_triton_matches_reference_float32(case):
+    run_and_compare(case, "triton", torch.float32, DEVICE)
+
+
+@pytest.mark.parametrize("case", FLOAT64, ids=str)
+def test_triton_matches_reference_float64(case):
+    run_and_compare(case, "triton", torch.float64, DEVICE)
+
+
+@pytest.mark.parametrize(
+    "case", [Case(2, 2, 4, 3, 2, dilation=2, residual=True), Case(1, 2, 4, 4, 3, stride=2, training=False),
+             Case(2, 3, 3, 2, 2, k=1, relu=False, channels_last=True)], ids=str,
+)
+def test_triton_gradcheck(case):
+    x, w, g, b, rm, rv, res = make_inputs(case, torch.float64, DEVICE)
+    inputs = [t.requires_grad_() for t in (x, w, g, b)] + ([res.requires_grad_()] if res is not None else [])
+
+    def f(x, w, g, b, *res):
+        return deeplab_ops.conv_bn_relu(
+            x, w, g, b, rm.clone(), rv.clone(), stride=case.stride, padding=case.pad, dilation=case.dilation,
+            training=case.training, residual=res[0] if res else None, relu=case.relu, backend="triton",
+        )
+
+    # fast_mode: a random projection of the Jacobian, a handful of interpreted launches instead of hundreds.
+    assert torch.autograd.gradcheck(f, inputs, fast_mode=True)
+
+
+def test_triton_opcheck():
+    case = Case(2, 3, 5, 6, 4, dilation=2, residual=True, channels_last=True)
+    x, w, g, b, rm, rv, res = make_inputs(case, torch.float32, DEVICE)
+    for t in (x, w, g, b, res):
+        t.requires_grad_()
+    args = (x, w, g, b, rm, rv, [1, 1], [2, 2], [2, 2], True, 0.1, 1e-5, res, True)
+    torch.library.opcheck(ops.triton_conv_bn_relu_forward.default, args,
+                          test_utils=("test_schema", "test_faketensor", "test_autograd_registration"))
+
+
+def test_no_output_aliases_an_input():
+    case = Case(2, 3, 5, 5, 4, training=False)
+    x, w, g, b, rm, rv, _ = make_inputs(case, torch.float32, DEVICE)
+    outs = ops.triton_conv_bn_relu_forward(x, w, g, b, rm, rv, [1, 1], [1, 1], [1, 1], False, 0.1, 1e-5, None, True)
+    storages = {t.untyped_storage().data_ptr() for t in (x, w, g, b, rm, rv)}
+    assert all(o.numel() == 0 or o.untyped_storage().data_ptr() not in storages for o in outs)
+    assert_close(outs[2], rm, "eval save_mean", 0, 0)
+    assert_close(outs[3], (rv.double() + 1e-5).rsqrt(), "eval save_invstd", 1e-6, 1e-6)
+
+
+def test_large_mean_small_spread_keeps_its_variance():
+    """Conv outputs with mean 1e4 and std 0.1 in float32: the tile partials are centred and merged with Chan's
+    formula, so the variance survives (E[y^2] - E[y]^2 would return noise)."""
+    n, c, h, w = 3, 4, 9, 11
+    x = (1e4 + 0.1 * torch.randn(n, c, h, w, device=DEVICE)).contiguous(memory_format=torch.channels_last)
+    weight = torch.eye(c, device=DEVICE).view(c, c, 1, 1)
+    gamma, beta = torch.rand(c, device=DEVICE) + 0.5, torch.randn(c, device=DEVICE)
+    rm, rv = torch.zeros(c, device=DEVICE), torch.ones(c, device=DEVICE)
+    rm64, rv64 = rm.double(), rv.double()
+    out = deeplab_ops.conv_bn_relu(x, weight, gamma, beta, rm, rv, relu=False, backend="triton")
+    expected = reference.conv_bn_relu(x.double(), weight.double(), gamma.double(), beta.double(), rm64, rv64,
+                                      relu=False)
+    assert_close(out, expected, "normalized output", atol=2e-2, rtol=0)
+    assert_close(rv, rv64, "running_var", atol=0, rtol=1e-3)
+
+
+def test_relu_propagates_nan():
+    case = Case(2, 3, 5, 4, 3, k=1, training=False)
+    x, w, g, b, rm, rv, _ = make_inputs(case, torch.float32, DEVICE)
+    x[0, :, 1, 2] = float("nan")
+    out = deeplab_ops.conv_bn_relu(x, w, g, b, rm, rv, training=False, backend="triton")
+    expected = reference.conv_bn_relu(x, w, g, b, rm, rv, training=False)
+    assert torch.equal(out.isnan(), expected.isnan()) and out.isnan().any()
+
+
+def test_support_reasons():
+    x, w = torch.randn(1, 2, 5, 5, device=DEVICE), torch.randn(3, 2, 3, 3, device=DEVICE)
+    call = dict(x=x, weight=w, stride=(1, 1), padding=(1, 1), dilation=(1, 1), training=True, residual=None)
+    assert backends.not_supported_reasons("triton", "conv_bn_relu", x.device, **call) == []
+    if not CUDA:
+        half = dict(call, x=x.half(), weight=w.half())
+        assert any("interpreter" in r for r in backends.not_supported_reasons("triton", "conv_bn_relu", x.device,
+                                                                                 **half))
+
+
+# ---- padding-tap skipping ---------------------------------------------------------------------------------
+
+
+def _geometric_pairs(h, w, k, rate, block_h, block_w, dgrad=False):
+    """(tile, tap) pairs that touch at least one real input pixel, from every pixel's coordinates (3x3, stride 1,
+    padding = dilation = rate, so the output is h x w). dgrad tiles the input and asks whether any output pixel
+    reaches the tile through the tap: the same sets, seen from the other side."""
+    computed = dense = 0
+    for r0 in range(0, h, block_h):
+        for c0 in range(0, w, block_w):
+            for i in range(k):
+                for j in range(k):
+                    dense += 1
+                    sign = -1 if dgrad else 1
+                    rows = any(0 <= r + sign * (i * rate - rate) < h for r in range(r0, min(r0 + block_h, h)))
+                    cols = any(0 <= c + sign * (j * rate - rate) < w for c in range(c0, min(c0 + block_w, w)))
+                    computed += rows and cols
+    return computed, dense
+
+
+@pytest.mark.parametrize("rate,fraction", [(6, 0.77), (12, 0.57), (18, 0.41)])
+def test_padding_tap_schedule_33x33(rate, fraction):
+    shape, wshape = (1, 1, 33, 33), (1, 1, 3, 3)
+    geo = ((1, 1), (rate, rate), (rate, rate))
+    # Per-pixel tiles: the valid-tap fraction of DESIGN.md, exactly ((33 + 2 (33 - rate)) / 99)^2 per axis pair.
+    # (Rate 18 gives 63^2/99^2 = 0.40496, which DESIGN.md rounds to 0.41.)
+    computed, dense = triton_cbr.schedule(shape, wshape, *geo, 1, 1)
+    assert dense == 33 * 33 * 9 and computed == (33 + 2 * (33 - rate)) ** 2
+    assert abs(computed / dense - fraction) < 0.0051
+    for block_h, block_w in ((8, 8), (8, 16), (4, 4)):
+        for pass_ in ("forward", "wgrad", "dgrad"):
+            got = triton_cbr.schedule(shape, wshape, *geo, block_h, block_w, pass_)
+            assert got == _geometric_pairs(33, 33, 3, rate, block_h, block_w, pass_ == "dgrad"), (block_h, block_w)
+            assert got[0] / got[1] >= computed / dense  # whole tiles skip less than single pixels can
+    # The kernels compute exactly the scheduled pairs (counted by the kernels themselves).
+    x, weight = torch.randn(shape, device=DEVICE), torch.randn(wshape, device=DEVICE)
+    counted = triton_cbr.count_computed_pairs(x, weight, *geo, 8, 16)
+    for pass_, count in counted.items():
+        computed, dense = triton_cbr.schedule(shape, wshape, *geo, 8, 16, pass_)
+        assert count == computed < dense, (pass_, count, computed, dense)
+
+
+def test_schedule_stride_2_matches_the_kernels():
+    shape, wshape, geo = (2, 1, 13, 11), (1, 1, 3, 3), ((2, 2), (4, 4), (4, 4))
+    x, weight = torch.randn(shape, device=DEVICE), torch.randn(wshape, device=DEVICE)
+    counted = triton_cbr.count_computed_pairs(x, weight, *geo, 4, 4)
+    assert counted == {p: triton_cbr.schedule(shape, wshape, *geo, 4, 4, p)[0] for p in counted}
+
+
+# ---- GPU only: half types and TF32 -------------------------------------------------------------------------
+
+GPU_CASES = [Case(2, 32, 17, 15, 48, dilation=2, residual=True), Case(4, 64, 33, 33, 64, dilation=12),
+             Case(2, 24, 16, 16, 40, k=1, stride=2, channels_last=True), Case(2, 16, 13, 13, 16, training=False)]
+
+
+def _run_all(case, dtype, backend, x, w, g, b, rm, rv, res, grad_out):
+    inputs = [t.detach().to(dtype).requires_grad_() if t is not None else None for t in (x, w, g, b, res)]
+    stat = torch.float64 if dtype == torch.float64 else torch.float32
+    rm, rv = rm.to(stat), rv.to(stat)
+    kw = dict(stride=case.stride, padding=case.pad, dilation=case.dilation, training=case.training, relu=case.relu)
+    if backend == "reference":
+        out = reference.conv_bn_relu(*inputs[:4], rm, rv, residual=inputs[4], **kw)
+    else:
+        out = deeplab_ops.conv_bn_relu(*inputs[:4], rm, rv, residual=inputs[4], backend=backend, **kw)
+    grads = torch.autograd.grad(out, [t for t in inputs if t is not None], grad_out.to(dtype))
+    return [out.double(), rm.double(), rv.double()] + [gr.double() for gr in grads]
+
+
+@pytest.mark.skipif(not CUDA, reason="fp16/bf16 need a GPU (the interpreter stores them as raw bits)")
+@pytest.mark.parametrize("case", GPU_CASES, ids=str)
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16], ids=str)
+def test_half_error_within_twice_the_reference_error(case, dtype):
+    x, w, g, b, rm, rv, res = make_inputs(case, torch.float64, "cuda")
+    grad_out = torch.randn(_out_shape(case), device="cuda", dtype=torch.float64)
+    exact = _run_all(case, torch.float64, "reference", x, w, g, b, rm, rv, res, grad_out)
+    ref_half = _run_all(case, dtype, "reference", x, w, g, b, rm, rv, res, grad_out)
+    ours = _run_all(case, dtype, "triton", x, w, g, b, rm, rv, res, grad_out)
+    names = ["out", "running_mean", "running_var", "grad x", "grad weight", "grad bn_weight", "grad bn_bias",
+             "grad residual"]
+    for name, e, r, o in zip(names, exact, ref_half, ours, strict=False):
+        ref_err = (r - e).abs().max().item()
+        our_err = (o - e).abs().max().item()
+        assert our_err <= 2 * ref_err + 1e-6 * e.abs().max().item(), (
+            f"[{case}] {dtype} {name}: triton error {our_err:.3g} > 2x the reference-in-{dtype} error {ref_err:.3g}"
+        )
+
+
+def _out_shape(case):
+    ho = (case.h + 2 * case.pad - case.dilation * (case.k - 1) - 1) // case.stride + 1
+    wo = (case.w + 2 * case.pad - case.dilation * (case.k - 1) - 1) // case.stride + 1
+    return (case.n, case.cout, ho, wo)
+
+
+@pytest.mark.skipif(not CUDA, reason="TF32 needs a GPU")
+@pytest.mark.parametrize("case", GPU_CASES[:2], ids=str)
+def test_tf32_follows_cudnn_allow_tf32(case):
+    x, w, g, b, rm, rv, res = make_inputs(case, torch.float32, "cuda")
+    grad_out = torch.randn(_out_shape(case), device="cuda", dtype=torch.float64)
+    exact = _run_all(case, torch.float64, "reference", x, w, g, b, rm, rv, res, grad_out)
+    torch.backends.cudnn.allow_tf32 = True
+    ref_tf32 = _run_all(case, torch.float32, "reference", x, w, g, b, rm, rv, res, grad_out)
+    ours_tf32 = _run_all(case, torch.float32, "triton", x, w, g, b, rm, rv, res, grad_out)
+    torch.backends.cudnn.allow_tf32 = False
+    ours_ieee = _run_all(case, torch.float32, "triton", x, w, g, b, rm, rv, res, grad_out)
+    for i, (e, r, t, f) in enumerate(zip(exact, ref_tf32, ours_tf32, ours_ieee, strict=False)):
+        scale = max(e.abs().max().item(), 1.0)
+        assert (t - e).abs().max().item() <= 2 * (r - e).abs().max().item() + 1e-5 * scale, f"tf32 output {i}"
+        assert (f - e).abs().max().item() <= 2e-4 * scale, f"allow_tf32=False must give float32 accuracy, output {i}"
+
+
+@pytest.mark.skipif(not CUDA, reason="needs a GPU")
+def test_auto_picks_triton_on_cuda():
+    run_and_compare(Case(2, 3, 5, 5, 4), None, torch.float32, "cuda")
+    x, w = torch.randn(1, 2, 5, 5, device="cuda"), torch.randn(3, 2, 3, 3, device="cuda")
+    assert backends.resolve(None, "conv_bn_relu", x.device, x=x, weight=w, stride=(1, 1), padding=(1, 1),
+                            dilation=(1, 1), training=True, residual=None) == "triton"
