@@ -372,7 +372,6 @@ def fit(model: nn.Module, train_set, cfg: TrainConfig, device: torch.device, *, 
         if resume.get("grad_scaler"):
             scaler.load_state_dict(resume["grad_scaler"])
         start, best, best_it = resume["iteration"], resume.get("best_metric"), resume.get("best_iteration")
-        ckpt_io.restore_rng_state(resume["rng"])
         if start > cfg.iterations:
             raise ValueError(f"the checkpoint is at iteration {start}, beyond --iterations {cfg.iterations}")
 
@@ -380,6 +379,10 @@ def fit(model: nn.Module, train_set, cfg: TrainConfig, device: torch.device, *, 
     sampler = StreamSampler(len(train_set), cfg.batch_size, cfg.seed, start, stop, rank, world_size)
     loader = torch.utils.data.DataLoader(train_set, batch_sampler=sampler, num_workers=cfg.num_workers,
                                          pin_memory=device.type == "cuda", collate_fn=_collate_train)
+    # Creating the loader's iterator draws a seed from the torch RNG, so the saved RNG state is restored after it.
+    batches = iter(loader)
+    if resume is not None:
+        ckpt_io.restore_rng_state(resume["rng"])
     is_main = rank == 0
     progress = Progress(cfg.iterations, start, cfg.batch_size, cfg.log_every) if cfg.progress and is_main else None
 
@@ -389,7 +392,7 @@ def fit(model: nn.Module, train_set, cfg: TrainConfig, device: torch.device, *, 
             ckpt_io.atomic_save(state, os.path.join(cfg.out_dir, name))
 
     losses, last_metrics, it, t_start = [], None, start, time.time()
-    for images, masks in loader:
+    for images, masks in batches:
         images = images.to(device, non_blocking=True)
         masks = masks.to(device, non_blocking=True)
         if cfg.channels_last:

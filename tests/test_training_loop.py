@@ -1,0 +1,176 @@
+"""The training loop: resume equality, fused vs eager loss curves, batch-size-1 error, frozen BN, checkpoints,
+and train.py end to end (train → resume → eval-only → predict) with a tiny network standing in for DeepLabV3."""
+
+import json
+import os
+
+import numpy as np
+import pytest
+import torch
+import torch.nn.functional as F
+from PIL import Image
+from torch import nn
+
+import train as train_script
+from deeplab_ops.nn import FusedConvBNReLU
+from training import checkpoint as ckpt_io
+from training import loop
+from training.datasets import SyntheticShapes
+from training.transforms import TrainTransform
+
+
+def _cbr(cin, cout, k, stride=1, padding=0, dilation=1):
+    return nn.Sequential(nn.Conv2d(cin, cout, k, stride, padding, dilation, bias=False), nn.BatchNorm2d(cout),
+                         nn.ReLU())
+
+
+class TinySeg(nn.Module):
+    """DeepLabV3 in miniature: strided stem, a dilated conv, ASPP with an image-pooling branch, projection."""
+
+    def __init__(self, num_classes: int = 21, fused: bool = False, dropout: float = 0.0) -> None:
+        super().__init__()
+        block = FusedConvBNReLU if fused else _cbr
+        self.stem = block(3, 8, 3, stride=2, padding=1)
+        self.body = block(8, 16, 3, stride=2, padding=2, dilation=2)
+        self.aspp1 = block(16, 16, 1)
+        self.aspp2 = block(16, 16, 3, padding=2, dilation=2)
+        self.pool = block(16, 16, 1)
+        self.project = block(48, 16, 1)
+        self.drop = nn.Dropout(dropout)
+        self.cls = nn.Conv2d(16, num_classes, 1)
+
+    def forward(self, x):
+        h = self.body(self.stem(x))
+        p = self.pool(F.adaptive_avg_pool2d(h, 1)).expand(-1, -1, *h.shape[-2:])
+        y = self.project(torch.cat([self.aspp1(h), self.aspp2(h), p], 1))
+        return {"out": F.interpolate(self.cls(self.drop(y)), size=x.shape[-2:], mode="bilinear", align_corners=False)}
+
+
+def _train_set(size=32, length=64):
+    return loop.AugmentedDataset(SyntheticShapes("train", size, length, seed=1),
+                                 TrainTransform(size, scale_range=(0.75, 1.5), flip=True))
+
+
+def _cfg(**kw):
+    base = dict(iterations=6, batch_size=4, lr=0.02, seed=7, progress=False, log_every=1)
+    return loop.TrainConfig(**(base | kw))
+
+
+def test_poly_schedule():
+    f = loop.poly_lambda(100, 0.9)
+    assert f(0) == 1.0 and f(100) == 0.0 and f(50) == pytest.approx(0.5 ** 0.9)
+
+
+def test_resume_gives_the_same_losses(tmp_path):
+    torch.manual_seed(0)
+    ref_model = TinySeg(dropout=0.2)  # dropout: the RNG state must be restored too
+    init = {k: v.clone() for k, v in ref_model.state_dict().items()}
+    ref = loop.fit(ref_model, _train_set(), _cfg(out_dir=str(tmp_path / "a")), torch.device("cpu"))
+
+    torch.manual_seed(0)
+    model = TinySeg(dropout=0.2)
+    model.load_state_dict(init)
+    first = loop.fit(model, _train_set(), _cfg(out_dir=str(tmp_path / "b"), stop_after=3), torch.device("cpu"))
+    assert first.iteration == 3
+    torch.manual_seed(123)  # a different process state: everything must come from the checkpoint
+    resumed_model = TinySeg(dropout=0.2)
+    state = ckpt_io.load_checkpoint(str(tmp_path / "b" / "last.pt"))
+    second = loop.fit(resumed_model, _train_set(), _cfg(out_dir=str(tmp_path / "b")), torch.device("cpu"),
+                      resume=state)
+    assert [i for i, _ in second.losses] == [4, 5, 6]
+    assert first.losses + second.losses == ref.losses  # bitwise on CPU
+    for k, v in ref_model.state_dict().items():
+        assert torch.equal(v, resumed_model.state_dict()[k]), k
+
+
+def test_fused_and_eager_training_match_for_20_iterations():
+    torch.manual_seed(0)
+    eager = TinySeg(fused=False)
+    fused = TinySeg(fused=True)
+    fused.load_state_dict(eager.state_dict())  # identical state_dict keys
+    cfg = _cfg(iterations=20, lr=0.05)
+    a = loop.fit(eager, _train_set(), cfg, torch.device("cpu"))
+    b = loop.fit(fused, _train_set(), cfg, torch.device("cpu"))
+    la, lb = np.array([v for _, v in a.losses]), np.array([v for _, v in b.losses])
+    assert la[-1] < la[0]  # it learns
+    # Tolerance: float32 with a different summation order in BN statistics and conv algorithms, compounded over
+    # 20 SGD steps: relative 1e-4 per loss value.
+    np.testing.assert_allclose(lb, la, rtol=1e-4, atol=0)
+    for k, v in eager.state_dict().items():
+        torch.testing.assert_close(fused.state_dict()[k], v, rtol=1e-3, atol=1e-4, msg=k)
+
+
+def test_batch_size_1_gives_the_aspp_error():
+    with pytest.raises(ValueError, match="batch size 1.*image-pooling.*--freeze-bn"):
+        loop.fit(TinySeg(), _train_set(), _cfg(batch_size=1), torch.device("cpu"))
+
+
+def test_freeze_bn_keeps_statistics_and_allows_batch_1():
+    for fused in (False, True):
+        model = TinySeg(fused=fused)
+        before = {k: v.clone() for k, v in model.state_dict().items() if ".1." in k or k.endswith((".1.weight",))}
+        loop.fit(model, _train_set(), _cfg(batch_size=1, iterations=2, freeze_bn=True), torch.device("cpu"))
+        for k, v in before.items():
+            assert torch.equal(model.state_dict()[k], v), (fused, k)
+        assert not model.stem[1].training and model.cls.training
+
+
+def test_atomic_save_leaves_old_file_on_failure(tmp_path):
+    path = str(tmp_path / "ckpt.pt")
+    ckpt_io.atomic_save({"model": {"w": torch.ones(2)}}, path)
+
+    class Unpicklable:
+        def __reduce__(self):
+            raise RuntimeError("boom")
+
+    with pytest.raises(RuntimeError, match="boom"):
+        ckpt_io.atomic_save({"model": Unpicklable()}, path)
+    assert torch.equal(ckpt_io.load_checkpoint(path)["model"]["w"], torch.ones(2))
+    assert os.listdir(tmp_path) == ["ckpt.pt"]  # no temp file left behind
+    (tmp_path / "bad.pt").write_bytes(b"garbage")
+    with pytest.raises(RuntimeError, match="bad.pt"):
+        ckpt_io.load_checkpoint(str(tmp_path / "bad.pt"))
+
+
+def _tiny_build_model(backbone, num_classes, output_stride, aux_loss, fused):
+    return TinySeg(num_classes, fused=fused)
+
+
+def _losses(path):
+    with open(path) as f:
+        return [r["loss"] for r in map(json.loads, f) if r["kind"] == "train"]
+
+
+def test_train_script_end_to_end(tmp_path, monkeypatch, capsys):
+    monkeypatch.setattr(train_script, "build_model", _tiny_build_model)
+    common = ["--crop-size", "32", "--synthetic-train-size", "32", "--synthetic-val-size", "4", "--batch-size", "4",
+              "--iterations", "4", "--log-every", "1", "--no-tensorboard", "--device", "cpu"]
+    full, split = str(tmp_path / "full"), str(tmp_path / "split")
+    train_script.main(common + ["--out-dir", full])
+    out = capsys.readouterr().out
+    assert "mIoU" in out and "metrics written to" in out
+    metrics = json.load(open(os.path.join(full, "metrics.json")))["metrics"]
+    assert 0.0 <= metrics["miou"] <= 1.0 and len(metrics["per_class_iou"]) == 21
+    for f in ("last.pt", "best.pt", "metrics.jsonl", "predictions_val.png"):
+        assert os.path.isfile(os.path.join(full, f)), f
+
+    train_script.main(common + ["--out-dir", split, "--stop-after", "2"])
+    train_script.main(common + ["--out-dir", split, "--resume"])
+    assert _losses(os.path.join(split, "metrics.jsonl")) == _losses(os.path.join(full, "metrics.jsonl"))
+
+    train_script.main(["--eval-only", "--checkpoint", os.path.join(full, "last.pt"), "--out-dir", full,
+                       "--eval-scales", "0.5,1.0", "--eval-flip", "--device", "cpu"])
+    assert os.path.isfile(os.path.join(full, "metrics_eval.json"))
+
+    images = tmp_path / "photos"
+    images.mkdir()
+    for i in range(2):
+        Image.fromarray(np.random.default_rng(i).integers(0, 256, (20 + i, 30, 3), dtype=np.uint8)).save(
+            images / f"p{i}.jpg")
+    train_script.main(["--predict", str(images), "--checkpoint", os.path.join(full, "last.pt"), "--out",
+                       str(tmp_path / "masks"), "--device", "cpu"])
+    m = Image.open(tmp_path / "masks" / "p1.png")
+    assert m.mode == "P" and m.size == (30, 21) and np.asarray(m).max() < 21
+
+    with pytest.raises(ValueError, match="batch size 1"):
+        train_script.main(common + ["--out-dir", str(tmp_path / "b1"), "--batch-size", "1"])
