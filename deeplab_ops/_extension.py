@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import functools
+import importlib
 
 import torch
 
@@ -15,7 +16,7 @@ _REBUILD = (
 def load() -> None:
     """Import deeplab_ops._C, which registers every op schema and the C++ kernels."""
     try:
-        from deeplab_ops import _C  # noqa: F401
+        importlib.import_module("deeplab_ops._C")
     except ModuleNotFoundError as e:
         if e.name != "deeplab_ops._C":
             raise

@@ -85,3 +85,30 @@ def test_python_m_deeplab_ops_reports_versions_and_backends():
     for needle in ("torch", "triton", "deeplab_ops", "CUDA C++ kernels", "backends on cpu", "auto picks",
                    "CPU tensors: cpu"):
         assert needle in out, f"{needle!r} missing from:\n{out}"
+
+
+def test_setup_without_torch_says_what_to_do():
+    code = (
+        "import sys; sys.modules['torch'] = None; sys.argv = ['setup.py', '--version'];"
+        f"exec(compile(open({str(ROOT / 'setup.py')!r}).read(), 'setup.py', 'exec'), {{'__name__': '__main__'}})"
+    )
+    proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=60)
+    assert proc.returncode != 0
+    assert "install torch first" in proc.stderr.lower() or "install torch first" in proc.stdout.lower()
+    assert "--no-build-isolation" in proc.stderr + proc.stdout
+
+
+def test_missing_extension_error_says_how_to_rebuild():
+    code = (
+        "import sys\n"
+        "class Block:\n"
+        "    def find_spec(self, name, path=None, target=None):\n"
+        "        if name == 'deeplab_ops._C':\n"
+        "            raise ModuleNotFoundError(\"No module named 'deeplab_ops._C'\", name=name)\n"
+        "sys.meta_path.insert(0, Block())\n"
+        "import deeplab_ops\n"
+    )
+    proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120, cwd=ROOT)
+    assert proc.returncode != 0
+    assert "the compiled extension deeplab_ops._C is missing" in proc.stderr, proc.stderr[-2000:]
+    assert "pip install --no-build-isolation -e ." in proc.stderr
