@@ -139,6 +139,32 @@ def test_support_reasons():
                                                                                  **half))
 
 
+def test_import_is_light():
+    """Importing deeplab_ops imports no triton and queries no device; the kernels load on the first call."""
+    import subprocess
+    import sys
+
+    code = "import sys, deeplab_ops; assert 'triton' not in sys.modules, 'triton imported at import time'"
+    subprocess.run([sys.executable, "-c", code], check=True)
+
+
+def test_autotune_configs_are_valid():
+    from deeplab_ops.triton import conv_engine as eng
+
+    for name, (_, key, arch_configs, prune) in eng._KERNELS.items():
+        for configs in arch_configs:
+            assert configs, name
+            for c in configs:
+                m = c.kwargs.get("BLOCK_M", c.kwargs["BLOCK_H"] * c.kwargs["BLOCK_W"])
+                k = c.kwargs.get("BLOCK_K", c.kwargs["BLOCK_H"] * c.kwargs["BLOCK_W"])
+                assert min(m, k, c.kwargs["BLOCK_N"]) >= 16, (name, c)  # tl.dot's minimum on GPUs
+                assert c.kwargs["BLOCK_H"] >= eng._MIN_TILE[0] and c.kwargs["BLOCK_W"] >= eng._MIN_TILE[1], (name, c)
+            # Few channels keep only the narrow configurations, never none.
+            small = prune(configs, {"C_in": 3, "C_out": 5, "H": 9, "W": 9, "H_out": 9, "W_out": 9, "SPLITS": 1})
+            assert small and all(c.kwargs["BLOCK_N"] == 16 for c in small), (name, small)
+            assert len(prune(configs, dict.fromkeys(key + ["H", "W"], 256))) > 1
+
+
 # ---- padding-tap skipping ---------------------------------------------------------------------------------
 
 

@@ -325,6 +325,13 @@ _AMPERE_WGRAD = [
 ]
 
 
+# The smallest spatial tile of any forward configuration: it bounds the number of per-tile BN partials.
+_MIN_TILE = (
+    min(c.kwargs["BLOCK_H"] for c in _HOPPER_GEMM + _AMPERE_GEMM + [triton.Config(INTERPRETER_CONFIGS["fwd"])]),
+    min(c.kwargs["BLOCK_W"] for c in _HOPPER_GEMM + _AMPERE_GEMM + [triton.Config(INTERPRETER_CONFIGS["fwd"])]),
+)
+
+
 def _prune(n_arg: str, k_arg: str, n_block: str, k_block: str):
     # Channel blocks wider than the channels waste the MMA: keep configs that fit (the smallest if none does).
     def prune(configs, named_args, **kwargs):
@@ -411,7 +418,8 @@ def conv_forward(
     out = x.new_empty((n, ho, wo, c_out)) if not training else None
     # Partials sized for the smallest tile any configuration uses; the rows the chosen one fills are kept.
     if training:
-        p_max = n * triton.cdiv(ho, 4) * triton.cdiv(wo, 4)
+        tile_h, tile_w = (config["BLOCK_H"], config["BLOCK_W"]) if config is not None else _MIN_TILE
+        p_max = n * triton.cdiv(ho, tile_h) * triton.cdiv(wo, tile_w)
         part_count = torch.empty(p_max, dtype=stat_dtype, device=x.device)
         part_mean = torch.empty(p_max, c_out, dtype=stat_dtype, device=x.device)
         part_m2 = torch.empty_like(part_mean)
