@@ -14,7 +14,7 @@ import numbers
 
 import torch
 
-from deeplab_ops import backends, reference
+from deeplab_ops import backends, distributed, reference
 from deeplab_ops.ops.bn_stages import empty_activation, opmath_dtype
 
 Tensor = torch.Tensor
@@ -259,6 +259,7 @@ def conv_bn_relu(
     residual: Tensor | None = None,
     relu: bool = True,
     backend: str | None = None,
+    process_group=None,
 ) -> Tensor:
     """Fused `act(BatchNorm(conv2d(x, weight)) [+ residual])`, act = ReLU (or identity with relu=False).
 
@@ -280,6 +281,8 @@ def conv_bn_relu(
         relu: apply ReLU (True) or not.
         backend: "cpu", "cuda", "triton", "reference", or None for automatic choice ($DEEPLAB_OPS_BACKEND
             overrides None).
+        process_group: a torch.distributed process group (e.g. ``torch.distributed.group.WORLD``) whose
+            processes share BatchNorm statistics in training, as nn.SyncBatchNorm does; None: no synchronization.
 
     Returns:
         (N, C_out, H_out, W_out) tensor in x's dtype and memory format.
@@ -288,6 +291,11 @@ def conv_bn_relu(
         x, weight, bn_weight, bn_bias, running_mean, running_var, stride, padding, dilation, training, momentum, eps,
         residual, relu,
     )
+    if process_group is not None and training and distributed.group_size(process_group) > 1:
+        return distributed.SyncConvBNReLU.apply(
+            x, weight, bn_weight, bn_bias, running_mean, running_var, stride, padding, dilation, float(momentum),
+            float(eps), residual, relu, process_group,
+        )
     name = backends.resolve(
         backend, "conv_bn_relu", x.device, x=x, weight=weight, stride=stride, padding=padding, dilation=dilation,
         training=training, residual=residual,

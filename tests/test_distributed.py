@@ -1,0 +1,86 @@
+"""BatchNorm synchronized across processes in the fused op: 2 gloo processes on CPU, each with half of a batch,
+match one process with the whole batch (output, every gradient after DDP-style averaging, running stats)."""
+
+from __future__ import annotations
+
+import os
+import socket
+
+import torch
+import torch.distributed as dist
+import torch.multiprocessing as mp
+
+import deeplab_ops
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def _inputs():
+    g = torch.Generator().manual_seed(1234)
+    x = torch.randn(4, 3, 7, 6, generator=g, dtype=torch.float64)
+    w = torch.randn(5, 3, 3, 3, generator=g, dtype=torch.float64)
+    gamma = torch.rand(5, generator=g, dtype=torch.float64) + 0.5
+    beta = torch.randn(5, generator=g, dtype=torch.float64)
+    res = torch.randn(4, 5, 7, 6, generator=g, dtype=torch.float64)
+    grad = torch.randn(4, 5, 7, 6, generator=g, dtype=torch.float64)
+    return x, w, gamma, beta, res, grad
+
+
+def _step(x, w, gamma, beta, res, grad, rm, rv, group):
+    leaves = [t.clone().requires_grad_() for t in (x, w, gamma, beta, res)]
+    out = deeplab_ops.conv_bn_relu(leaves[0], leaves[1], leaves[2], leaves[3], rm, rv, padding=1, residual=leaves[4],
+                                   backend="cpu", process_group=group)
+    out.backward(grad)
+    return out.detach(), [t.grad for t in leaves]
+
+
+def _worker(rank: int, port: int, queue) -> None:
+    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
+    dist.init_process_group("gloo", rank=rank, world_size=2)
+    try:
+        x, w, gamma, beta, res, grad = _inputs()
+        half = slice(2 * rank, 2 * rank + 2)
+        rm, rv = torch.zeros(5, dtype=torch.float64), torch.ones(5, dtype=torch.float64)
+        # The loss of a process is its share of the global loss: scale its output gradient so that the sum
+        # over processes (what DDP's averaging times the world size gives) equals the global gradient.
+        out, grads = _step(x[half], w, gamma, beta, res[half], grad[half], rm, rv, dist.group.WORLD)
+        for g in grads[1:4]:  # parameters: DDP all-reduces them
+            dist.all_reduce(g)
+        # numpy arrays travel by value: torch tensors would be shared memory that dies with this process.
+        queue.put((rank, out.numpy(), [g.numpy() for g in grads], rm.numpy(), rv.numpy()))
+    finally:
+        dist.destroy_process_group()
+
+
+def test_two_processes_match_one_process_with_the_global_batch():
+    ctx = mp.get_context("spawn")
+    queue = ctx.Queue()
+    port = _free_port()
+    procs = [ctx.Process(target=_worker, args=(r, port, queue)) for r in range(2)]
+    for p in procs:
+        p.start()
+    results = {}
+    for _ in procs:
+        r, out_r, grads_r, rm_r, rv_r = queue.get(timeout=120)
+        results[r] = (torch.from_numpy(out_r), [torch.from_numpy(g) for g in grads_r], torch.from_numpy(rm_r),
+                      torch.from_numpy(rv_r))
+    for p in procs:
+        p.join(timeout=60)
+        assert p.exitcode == 0
+    x, w, gamma, beta, res, grad = _inputs()
+    rm, rv = torch.zeros(5, dtype=torch.float64), torch.ones(5, dtype=torch.float64)
+    out, grads = _step(x, w, gamma, beta, res, grad, rm, rv, None)
+    tol = dict(atol=1e-10, rtol=1e-10)
+    torch.testing.assert_close(torch.cat([results[0][0], results[1][0]]), out, **tol)
+    torch.testing.assert_close(torch.cat([results[0][1][0], results[1][1][0]]), grads[0], **tol)  # grad x
+    torch.testing.assert_close(torch.cat([results[0][1][4], results[1][1][4]]), grads[4], **tol)  # grad residual
+    for i, name in ((1, "weight"), (2, "bn_weight"), (3, "bn_bias")):
+        for r in (0, 1):
+            torch.testing.assert_close(results[r][1][i], grads[i], **tol, msg=f"grad {name} on rank {r}")
+    for r in (0, 1):
+        torch.testing.assert_close(results[r][2], rm, **tol)
+        torch.testing.assert_close(results[r][3], rv, **tol)
