@@ -94,6 +94,7 @@ def fused_conv_bn(
     residual: Tensor | None = None,
     relu: bool = True,
     backend: str | None = None,
+    process_group=None,
 ) -> Tensor:
     """`act(bn(conv(x)) [+ residual])` through the fused op, with exactly the modules' semantics."""
     args = bn_call_args(bn, training)
@@ -101,7 +102,7 @@ def fused_conv_bn(
         x, conv.weight, args["bn_weight"], args["bn_bias"], args["running_mean"], args["running_var"],
         stride=tuple(conv.stride), padding=_conv_padding(conv), dilation=tuple(conv.dilation),
         training=args["training"], momentum=args["momentum"], eps=args["eps"], residual=residual, relu=relu,
-        backend=backend,
+        backend=backend, process_group=process_group,
     )
     bn_step(bn, training)
     return out
@@ -139,6 +140,7 @@ class FusedConvBNReLU(nn.Sequential):
         super().__init__(conv, bn, *([nn.ReLU()] if relu else []))
         self.apply_relu = relu
         self.backend = backend
+        self.process_group = None  # set by sync_batchnorm(): statistics shared across processes
 
     @classmethod
     def from_modules(
@@ -152,12 +154,13 @@ class FusedConvBNReLU(nn.Sequential):
         nn.Sequential.__init__(self, conv, bn, *([nn.ReLU()] if relu else []))
         self.apply_relu = relu
         self.backend = backend
+        self.process_group = None
         return self
 
     def forward(self, x: Tensor, residual: Tensor | None = None) -> Tensor:
         return fused_conv_bn(
             self[0], self[1], x, training=self.training, residual=residual, relu=self.apply_relu,
-            backend=self.backend,
+            backend=self.backend, process_group=self.process_group,
         )
 
     def extra_repr(self) -> str:
@@ -195,7 +198,7 @@ def _aspp_parts(module: nn.Module) -> tuple[list[nn.Conv2d], list[nn.BatchNorm2d
     return convs, bns, tuple(rates)
 
 
-def fused_aspp_forward(module: nn.Module, x: Tensor, backend: str | None = None) -> Tensor:
+def fused_aspp_forward(module: nn.Module, x: Tensor, backend: str | None = None, process_group=None) -> Tensor:
     """Run a module with torchvision's ASPP structure (``convs``, ``project``) on the fused ASPP op.
 
     Same result and side effects (running statistics, num_batches_tracked) as the module's own forward,
@@ -219,7 +222,7 @@ def fused_aspp_forward(module: nn.Module, x: Tensor, backend: str | None = None)
         x, [c.weight for c in convs[:-2]], convs[-2].weight, convs[-1].weight, [a["bn_weight"] for a in args],
         [a["bn_bias"] for a in args], [a["running_mean"] for a in args] if tracked else None,
         [a["running_var"] for a in args] if tracked else None, rates=rates, training=first["training"],
-        momentum=first["momentum"], eps=first["eps"], backend=backend,
+        momentum=first["momentum"], eps=first["eps"], backend=backend, process_group=process_group,
     )
     for bn in bns:
         bn_step(bn, module.training)
@@ -268,12 +271,25 @@ class FusedASPP(nn.Module):
         )
         self.atrous_rates = rates
         self.backend = backend
+        self.process_group = None  # set by sync_batchnorm(): statistics shared across processes
 
     def forward(self, x: Tensor) -> Tensor:
-        return fused_aspp_forward(self, x, backend=self.backend)
+        return fused_aspp_forward(self, x, backend=self.backend, process_group=self.process_group)
 
     def extra_repr(self) -> str:
         return f"atrous_rates={self.atrous_rates}, backend={self.backend!r}"
+
+
+def sync_batchnorm(model: nn.Module, process_group=None) -> nn.Module:
+    """Share BatchNorm statistics across the processes of `process_group` (default: the whole world) in every
+    fused module of `model`, as nn.SyncBatchNorm.convert_sync_batchnorm does for unfused ones. In place."""
+    import torch.distributed as dist
+
+    group = process_group if process_group is not None else dist.group.WORLD
+    for module in model.modules():
+        if isinstance(module, (FusedConvBNReLU, FusedASPP)):
+            module.process_group = group
+    return model
 
 
 def fuse_modules(model: nn.Module, backend: str | None = None) -> nn.Module:

@@ -84,3 +84,62 @@ def test_two_processes_match_one_process_with_the_global_batch():
     for r in (0, 1):
         torch.testing.assert_close(results[r][2], rm, **tol)
         torch.testing.assert_close(results[r][3], rv, **tol)
+
+
+def _aspp_worker(rank: int, port: int, queue) -> None:
+    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
+    dist.init_process_group("gloo", rank=rank, world_size=2)
+    try:
+        module, x, grad = _aspp_inputs()
+        deeplab_ops.nn.sync_batchnorm(module)
+        half = slice(2 * rank, 2 * rank + 2)
+        xr = x[half].clone().requires_grad_()
+        out = module(xr)
+        out.backward(grad[half])
+        grads = [p.grad for p in module.parameters()]
+        for g in grads:
+            dist.all_reduce(g)
+        queue.put((rank, out.detach().numpy(), xr.grad.numpy(), [g.numpy() for g in grads],
+                   [b.numpy() for b in module.buffers()]))
+    finally:
+        dist.destroy_process_group()
+
+
+def _aspp_inputs():
+    torch.manual_seed(99)
+    module = deeplab_ops.nn.FusedASPP(3, (1, 2), 2).double()
+    with torch.no_grad():
+        for p in module.parameters():
+            p.copy_(torch.rand_like(p) + 0.3 if p.dim() == 1 else torch.randn_like(p) * 0.5)
+    x = torch.randn(4, 3, 5, 6, dtype=torch.float64)
+    grad = torch.randn(4, 2, 5, 6, dtype=torch.float64)
+    return module, x, grad
+
+
+def test_fused_aspp_two_processes_match_one_process():
+    ctx = mp.get_context("spawn")
+    queue = ctx.Queue()
+    port = _free_port()
+    procs = [ctx.Process(target=_aspp_worker, args=(r, port, queue)) for r in range(2)]
+    for p in procs:
+        p.start()
+    results = {}
+    for _ in procs:
+        r, *rest = queue.get(timeout=120)
+        results[r] = rest
+    for p in procs:
+        p.join(timeout=60)
+        assert p.exitcode == 0
+    module, x, grad = _aspp_inputs()
+    x.requires_grad_()
+    out = module(x)
+    out.backward(grad)
+    tol = dict(atol=1e-10, rtol=1e-10)
+    t = torch.from_numpy
+    torch.testing.assert_close(torch.cat([t(results[0][0]), t(results[1][0])]), out.detach(), **tol)
+    torch.testing.assert_close(torch.cat([t(results[0][1]), t(results[1][1])]), x.grad, **tol)
+    for r in (0, 1):
+        for (name, p), g in zip(module.named_parameters(), results[r][2], strict=True):
+            torch.testing.assert_close(t(g), p.grad, **tol, msg=f"rank {r} grad {name}")
+        for (name, b), v in zip(module.named_buffers(), results[r][3], strict=True):
+            torch.testing.assert_close(t(v), b, **tol, msg=f"rank {r} buffer {name}")

@@ -11,7 +11,7 @@ import numbers
 
 import torch
 
-from deeplab_ops import backends, reference
+from deeplab_ops import backends, distributed, reference
 from deeplab_ops.ops.bn_stages import empty_activation, opmath_dtype
 
 Tensor = torch.Tensor
@@ -211,6 +211,7 @@ def aspp(
     momentum: float = 0.1,
     eps: float = 1e-5,
     backend: str | None = None,
+    process_group=None,
 ) -> Tensor:
     """Fused ASPP (torchvision's structure, without the dropout after the projection).
 
@@ -225,26 +226,40 @@ def aspp(
         rates: the atrous rates (dilation = padding) of the 3×3 branches.
         training, momentum, eps: as for every BatchNorm of the module (shared).
         backend: "cpu", "cuda", "reference" or None (automatic; $DEEPLAB_OPS_BACKEND overrides None).
+        process_group: a torch.distributed process group whose processes share BatchNorm statistics in training
+            (nn.SyncBatchNorm semantics); None: no synchronization.
     """
     rates = check_args(x, conv_weights, pool_weight, project_weight, bn_weights, bn_biases, running_means,
                        running_vars, rates, training, momentum, eps)
+    cat = torch.cat
+    rm = cat(running_means) if running_means is not None else None
+    rv = cat(running_vars) if running_vars is not None else None
+    if process_group is not None and training and distributed.group_size(process_group) > 1:
+        out = distributed.SyncASPP.apply(x, pool_weight, project_weight, cat(bn_weights), cat(bn_biases), rm, rv,
+                                         rates, float(momentum), float(eps), process_group, *conv_weights)
+        _copy_running(running_means, running_vars, rm, rv)
+        return out
     name = backends.resolve(backend, "aspp", x.device, x=x, rates=rates, training=training)
     if name == "reference":
         return reference.aspp(x, conv_weights, pool_weight, project_weight, bn_weights, bn_biases, running_means,
                               running_vars, rates=rates, training=training, momentum=float(momentum), eps=float(eps))
     if name not in FORWARD_OPS:
         raise RuntimeError(f"deeplab_ops.aspp: backend {name!r} has no ASPP kernels yet; use 'cpu' or 'cuda'")
-    cat = torch.cat
-    rm = cat(running_means) if running_means is not None else None
-    rv = cat(running_vars) if running_vars is not None else None
     out, *_, new_rm, new_rv = FORWARD_OPS[name](
         x, list(conv_weights), pool_weight, project_weight, cat(bn_weights), cat(bn_biases), rm, rv, list(rates),
         training, float(momentum), float(eps),
     )
-    if training and running_means is not None:
-        with torch.no_grad():
-            for i, (m, v) in enumerate(zip(running_means, running_vars, strict=True)):
-                c = m.shape[0]
-                m.copy_(new_rm[i * c:(i + 1) * c])
-                v.copy_(new_rv[i * c:(i + 1) * c])
+    if training:
+        _copy_running(running_means, running_vars, new_rm, new_rv)
     return out
+
+
+def _copy_running(running_means, running_vars, new_rm, new_rv) -> None:
+    """Copy the concatenated updated running statistics back into each BatchNorm's buffers."""
+    if running_means is None:
+        return
+    with torch.no_grad():
+        for i, (m, v) in enumerate(zip(running_means, running_vars, strict=True)):
+            c = m.shape[0]
+            m.copy_(new_rm[i * c:(i + 1) * c])
+            v.copy_(new_rv[i * c:(i + 1) * c])
