@@ -1,5 +1,6 @@
 """DistributedDataParallel on CPU (gloo) with synchronized BatchNorm equals one process with the global batch."""
 
+import copy
 import os
 import socket
 
@@ -60,3 +61,17 @@ def test_two_gloo_processes_match_one_process(tmp_path):
             torch.testing.assert_close(run["state"][k], v, rtol=1e-4, atol=1e-5, msg=k)
     for k, v in runs[0]["state"].items():  # both processes hold the same model
         torch.testing.assert_close(runs[1]["state"][k], v, rtol=0, atol=0, msg=k)
+
+
+def test_convert_keeps_state_dict_and_refuses_fused_modules():
+    model = TinySeg()
+    ref = copy.deepcopy(model)
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    converted = distributed.convert_sync_batchnorm(model, "cpu")
+    assert isinstance(converted.stem[1], distributed.DistributedBatchNorm2d)
+    after = converted.state_dict()
+    assert list(after) == list(before) and all(torch.equal(after[k], v) for k, v in before.items())
+    x = torch.randn(3, 3, 16, 16)
+    torch.testing.assert_close(converted(x)["out"], ref(x)["out"])  # not distributed: plain BatchNorm
+    with pytest.raises(NotImplementedError, match="--freeze-bn"):
+        distributed.convert_sync_batchnorm(TinySeg(fused=True), "cpu")

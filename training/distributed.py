@@ -93,12 +93,11 @@ def convert_sync_batchnorm(model: nn.Module, device_type: str) -> nn.Module:
     """Replace every BatchNorm2d by its synchronized version (state_dict unchanged). Fused deeplab_ops modules
     are refused: their statistics are computed inside the op, which has no process-group hook yet."""
     for name, m in model.named_modules():
-        if type(m).__module__.startswith("deeplab_ops") and any(
-                isinstance(c, nn.modules.batchnorm._BatchNorm) for c in m.children()):
+        if type(m).__module__.startswith("deeplab_ops"):
             raise NotImplementedError(
-                f"module {name!r} ({type(m).__name__}) computes BatchNorm statistics inside a fused op, which cannot "
-                "all-reduce them across processes yet; run distributed training without --fused-ops, or with "
-                "--freeze-bn (frozen statistics need no synchronization)")
+                f"module {name!r} ({type(m).__name__}) computes BatchNorm statistics inside a fused deeplab_ops op, "
+                "which cannot all-reduce them across processes yet; run distributed training without --fused-ops, "
+                "or with --freeze-bn (frozen statistics need no synchronization)")
     if device_type == "cuda":
         return nn.SyncBatchNorm.convert_sync_batchnorm(model)
     return _convert_cpu(model)
