@@ -1,0 +1,255 @@
+"""Fuse every conv → BatchNorm (→ residual add) → ReLU of a model onto `deeplab_ops.conv_bn_relu`, in place.
+
+Nothing here imports `model/`: structures are recognised by their shape, so torchvision's models fuse as well
+as ours.
+
+What is fused
+  * Chains. In an ``nn.Sequential`` (any subclass) or an ``nn.ModuleDict`` that has a ``return_layers`` dict
+    (torchvision's IntermediateLayerGetter), consecutive children ``Conv2d → BatchNorm2d (→ ReLU)``. This covers
+    ASPP branches, ASPP's projection, conv-BN-ReLU layers inside heads (torchvision's DeepLabHead, FCNHead), a
+    ResNet stem held in such a container, and downsample paths ``Sequential(Conv2d, BatchNorm2d)`` (relu=False).
+  * Residual blocks. A module with ``conv1, bn1, …, convK, bnK`` (K = 2 or 3: torchvision's BasicBlock and
+    Bottleneck, model.resnet.Bottleneck), a ``relu`` and a ``downsample`` attribute (a module or None). Its forward
+    becomes ``conv_bn_relu`` for the first K−1 pairs and ``conv_bn_relu(..., residual=shortcut)`` for the last.
+
+How, with the state_dict unchanged (no parameter, buffer or module name moves)
+  * a fused chain's Conv2d becomes a :class:`FusedConv2d` (a Conv2d subclass whose forward runs the fused op
+    with the BatchNorm's parameters, buffers and mode), its BatchNorm2d a :class:`FusedAwayBatchNorm2d` (forward:
+    identity) and its ReLU's slot in the container holds a :class:`FusedAwayReLU` (identity) that remembers it;
+  * a residual block's class becomes a subclass of its own class with the fused forward (deepcopy and pickle
+    give the same fused block back).
+:func:`unfuse_modules` restores the original classes and children. Both are idempotent.
+
+Assumptions and limits
+  * A fused container calls its children in order, each on the previous one's output (nn.Sequential's
+    contract; torchvision's ASPPPooling and IntermediateLayerGetter honour it). A child named in a container's
+    ``return_layers`` is not fused away. A residual block computes ``relu(bnK(convK(…relu(bn1(conv1(x)))…)) +
+    shortcut)`` with ``shortcut = downsample(x)`` or ``x``, as torchvision's blocks do.
+  * Only exact ``nn.Conv2d`` (no bias, groups=1, zero padding, symmetric padding) and exact ``nn.BatchNorm2d``
+    are fused; subclasses, SyncBatchNorm, frozen-BN classes and modules that appear twice in the model are left
+    alone. Forward hooks on a fused-away BatchNorm2d or ReLU see the fused output.
+  * BatchNorm mode follows each BatchNorm's own ``training`` flag, so frozen BN (``bn.eval()`` in a training
+    model) is honoured.
+  * Pre-activation residual units (BN → ReLU → conv) do not have the conv → BN → ReLU shape at their input
+    BatchNorm, their last conv or their add: those stay unfused. Conv-BN-ReLU chains inside them (e.g.
+    model.resnet.PreActBottleneck's ``residual`` Sequential) are fused.
+  * Training BatchNorm on one value per channel (the ASPP image-pooling branch at batch 1) raises, as PyTorch
+    does: use a batch of 2 or more, eval mode, or frozen BatchNorm.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+from deeplab_ops.backends import BACKENDS
+from deeplab_ops.nn import check_fusable, fused_conv_bn
+
+Tensor = torch.Tensor
+
+__all__ = ["FusedAwayBatchNorm2d", "FusedAwayReLU", "FusedConv2d", "fuse_modules", "is_fused", "unfuse_modules"]
+
+_FUSED_ATTR = "_deeplab_ops_fused"  # plain (unregistered) attribute: never part of the state_dict
+
+
+class FusedConv2d(nn.Conv2d):
+    """A Conv2d whose forward computes ``act(bn(conv(x)))`` with the fused op, for the BatchNorm it absorbed."""
+
+    def forward(self, x: Tensor) -> Tensor:
+        bn, relu, backend = getattr(self, _FUSED_ATTR)
+        return fused_conv_bn(self, bn, x, training=bn.training, relu=relu, backend=backend)
+
+
+class FusedAwayBatchNorm2d(nn.BatchNorm2d):
+    """A BatchNorm2d applied by the preceding FusedConv2d: its forward passes the input through."""
+
+    def forward(self, x: Tensor) -> Tensor:
+        return x
+
+
+class FusedAwayReLU(nn.Identity):
+    """Stands in a container's slot for a ReLU that the preceding FusedConv2d applies; remembers that ReLU."""
+
+    def __init__(self, original: nn.ReLU) -> None:
+        super().__init__()
+        object.__setattr__(self, "original", original)  # not registered: no new module name
+
+    def extra_repr(self) -> str:
+        return f"fused into the preceding conv, was {self.original!r}"
+
+
+# ---- residual blocks -----------------------------------------------------------------------------------
+
+
+def _fused_block_forward(self: nn.Module, x: Tensor) -> Tensor:
+    k, backend = getattr(self, _FUSED_ATTR)
+    out = x
+    for i in range(1, k):
+        bn = getattr(self, f"bn{i}")
+        out = fused_conv_bn(getattr(self, f"conv{i}"), bn, out, training=bn.training, relu=True, backend=backend)
+    shortcut = x if self.downsample is None else self.downsample(x)
+    bn = getattr(self, f"bn{k}")
+    return fused_conv_bn(
+        getattr(self, f"conv{k}"), bn, out, training=bn.training, residual=shortcut, relu=True, backend=backend
+    )
+
+
+def _rebuild_fused_block(original_class: type) -> nn.Module:
+    """Unpickling / deepcopy helper: an empty instance of the fused subclass of `original_class`."""
+    obj = original_class.__new__(original_class)
+    obj.__class__ = _fused_block_class(original_class)
+    return obj
+
+
+def _reduce_fused_block(self: nn.Module, protocol: int):
+    # The fused subclass is made at run time and cannot be found by name; rebuild it from the original class.
+    return _rebuild_fused_block, (type(self).original_class,), self.__dict__
+
+
+_FUSED_BLOCK_CLASSES: dict[type, type] = {}
+
+
+def _fused_block_class(cls: type) -> type:
+    if cls not in _FUSED_BLOCK_CLASSES:
+        _FUSED_BLOCK_CLASSES[cls] = type(
+            f"Fused{cls.__name__}",
+            (cls,),
+            {
+                "__module__": __name__,
+                "__doc__": f"{cls.__module__}.{cls.__qualname__} running on deeplab_ops.conv_bn_relu.",
+                "forward": _fused_block_forward,
+                "__reduce_ex__": _reduce_fused_block,
+                "original_class": cls,
+            },
+        )
+    return _FUSED_BLOCK_CLASSES[cls]
+
+
+def _is_fused_block(module: nn.Module) -> bool:
+    return type(module) in _FUSED_BLOCK_CLASSES.values()
+
+
+# ---- recognition ---------------------------------------------------------------------------------------
+
+
+def _fusable(conv: nn.Module, bn: nn.Module, shared: set[int]) -> bool:
+    if type(conv) is not nn.Conv2d or type(bn) is not nn.BatchNorm2d or id(conv) in shared or id(bn) in shared:
+        return False
+    try:
+        check_fusable(conv, bn)
+    except (TypeError, ValueError):
+        return False
+    return True
+
+
+def _residual_block_depth(module: nn.Module, shared: set[int]) -> int:
+    """K when `module` is a post-activation residual block with K conv/BN pairs (K = 2 or 3), else 0."""
+    if type(getattr(module, "relu", None)) is not nn.ReLU or not hasattr(module, "downsample"):
+        return 0
+    if module.downsample is not None and not isinstance(module.downsample, nn.Module):
+        return 0
+    k = 3 if hasattr(module, "conv3") else 2
+    if hasattr(module, f"conv{k + 1}") or hasattr(module, f"bn{k + 1}"):
+        return 0
+    for i in range(1, k + 1):
+        if not _fusable(getattr(module, f"conv{i}", None), getattr(module, f"bn{i}", None), shared):
+            return 0
+    return k
+
+
+def _is_chain_container(module: nn.Module) -> bool:
+    return isinstance(module, nn.Sequential) or (
+        isinstance(module, nn.ModuleDict) and isinstance(getattr(module, "return_layers", None), dict)
+    )
+
+
+def _shared_modules(model: nn.Module) -> set[int]:
+    """ids of modules reachable under more than one name: fusing them would change their other uses."""
+    seen: set[int] = set()
+    shared: set[int] = set()
+    for _, m in model.named_modules(remove_duplicate=False):
+        (shared if id(m) in seen else seen).add(id(m))
+    return shared
+
+
+# ---- public API ----------------------------------------------------------------------------------------
+
+
+def fuse_modules(model: nn.Module, backend: str | None = None) -> nn.Module:
+    """Run every conv → BN (→ residual add) → ReLU of `model` on deeplab_ops.conv_bn_relu, in place.
+
+    The state_dict (keys and values) is unchanged, so checkpoints load into the fused and unfused forms alike.
+    Calling it again is harmless (a different `backend` replaces the previous one). See the module docstring for
+    what is recognised.
+
+    Args:
+        model: any nn.Module.
+        backend: the deeplab_ops backend for every fused call ("cpu", "cuda", "triton", "reference"), or None for
+            automatic choice per call.
+
+    Returns:
+        `model`, fused.
+    """
+    if not isinstance(model, nn.Module):
+        raise TypeError(f"model must be an nn.Module, got {type(model).__name__}")
+    if backend is not None and backend not in BACKENDS:
+        raise ValueError(f"backend={backend!r} is not a backend; expected one of {BACKENDS} or None")
+    unfuse_modules(model)
+    shared = _shared_modules(model)
+    modules = list(model.modules())
+    for module in modules:
+        k = _residual_block_depth(module, shared)
+        if k:
+            object.__setattr__(module, _FUSED_ATTR, (k, backend))
+            module.__class__ = _fused_block_class(type(module))
+    for container in modules:
+        if _is_chain_container(container):
+            _fuse_chain(container, backend, shared)
+    return model
+
+
+def _fuse_chain(container: nn.Module, backend: str | None, shared: set[int]) -> None:
+    names = list(container._modules)
+    children = list(container._modules.values())
+    keep = set(getattr(container, "return_layers", None) or ())
+    i = 0
+    while i + 1 < len(children):
+        conv, bn = children[i], children[i + 1]
+        if names[i] in keep or names[i + 1] in keep or not _fusable(conv, bn, shared):
+            i += 1
+            continue
+        relu = i + 2 < len(children) and type(children[i + 2]) is nn.ReLU and id(children[i + 2]) not in shared
+        object.__setattr__(conv, _FUSED_ATTR, (bn, relu, backend))
+        conv.__class__ = FusedConv2d
+        bn.__class__ = FusedAwayBatchNorm2d
+        if relu:
+            container._modules[names[i + 2]] = FusedAwayReLU(children[i + 2])
+        i += 3 if relu else 2
+
+
+def unfuse_modules(model: nn.Module) -> nn.Module:
+    """Undo :func:`fuse_modules`, in place: original classes, forwards and children; state_dict unchanged.
+
+    Returns:
+        `model`, unfused (a model that was never fused is returned unchanged).
+    """
+    if not isinstance(model, nn.Module):
+        raise TypeError(f"model must be an nn.Module, got {type(model).__name__}")
+    for module in list(model.modules()):
+        for name, child in list(module._modules.items()):
+            if type(child) is FusedAwayReLU:
+                module._modules[name] = child.original
+        if type(module) is FusedConv2d:
+            module.__class__ = nn.Conv2d
+            delattr(module, _FUSED_ATTR)
+        elif type(module) is FusedAwayBatchNorm2d:
+            module.__class__ = nn.BatchNorm2d
+        elif _is_fused_block(module):
+            module.__class__ = type(module).original_class
+            delattr(module, _FUSED_ATTR)
+    return model
+
+
+def is_fused(module: nn.Module) -> bool:
+    """Whether `module` is a fused conv, a fused-away BatchNorm2d or ReLU, or a fused residual block."""
+    return type(module) in (FusedConv2d, FusedAwayBatchNorm2d, FusedAwayReLU) or _is_fused_block(module)

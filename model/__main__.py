@@ -1,0 +1,146 @@
+"""`python -m model --summary ...`: parameters and FLOPs per stage of a DeepLabV3 configuration.
+
+FLOPs are counted by torch.utils.flop_counter (convolutions and matrix products; a multiply-add is 2 FLOPs;
+BatchNorm, ReLU, pooling and resizing are not counted) on meta tensors, so nothing is computed or allocated and
+any input size is instant. The unfused model is counted: the fused one computes the same function.
+
+    python -m model --summary --backbone resnet50 --output-stride 16 --image-size 513
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from collections.abc import Sequence
+
+import torch
+from torch import nn
+from torch.utils.flop_counter import FlopCounterMode
+
+from model.deeplabv3 import DEFAULT_MULTI_GRID, DeepLabV3, deeplabv3_resnet
+from model.heads import HEADS
+from model.resnet import RESIDUAL_UNITS
+
+
+def _image_size(text: str) -> tuple[int, int]:
+    parts = text.lower().replace("×", "x").split("x")
+    try:
+        sizes = tuple(int(p) for p in parts)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"--image-size must be N or HxW, got {text!r}") from None
+    if len(sizes) not in (1, 2) or min(sizes) < 1:
+        raise argparse.ArgumentTypeError(f"--image-size must be N or HxW with positive sizes, got {text!r}")
+    return (sizes[0], sizes[0]) if len(sizes) == 1 else sizes
+
+
+def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
+    """Command-line arguments (see `python -m model --help`)."""
+    p = argparse.ArgumentParser(prog="python -m model", description=__doc__.split("\n\n")[0],
+                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--summary", action="store_true", help="print parameters and FLOPs per stage")
+    p.add_argument("--backbone", choices=("resnet50", "resnet101"), default="resnet50")
+    p.add_argument("--output-stride", type=int, default=16, help="8 or 16 (default 16)")
+    p.add_argument("--multi-grid", type=int, nargs="+", default=list(DEFAULT_MULTI_GRID),
+                   help="block-4 rate multipliers (default 1 2 4)")
+    p.add_argument("--atrous-rates", type=int, nargs="+", default=None,
+                   help="ASPP rates (default: 6 12 18 at output stride 16, 12 24 36 at 8)")
+    p.add_argument("--head", choices=HEADS, default="paper")
+    p.add_argument("--aux-loss", action="store_true", help="add the auxiliary FCN head on block 3")
+    p.add_argument("--preset", choices=("torchvision",), default=None, help="torchvision's deeplabv3 exactly")
+    p.add_argument("--residual-unit", choices=RESIDUAL_UNITS, default="v1.5")
+    p.add_argument("--num-classes", type=int, default=21)
+    p.add_argument("--image-size", type=_image_size, default=(513, 513), help="N or HxW (default 513)")
+    p.add_argument("--batch-size", type=int, default=1)
+    return p.parse_args(argv)
+
+
+def _stages(model: DeepLabV3) -> list[tuple[str, list[str]]]:
+    """(row label, module names under the model) in forward order."""
+    backbone = list(model.backbone._modules)
+    stem = [f"backbone.{n}" for n in backbone if not n.startswith("layer") and n != "postnorm"]
+    rows = [("stem", stem)]
+    rows += [(n, [f"backbone.{n}"]) for n in backbone if n.startswith("layer") or n == "postnorm"]
+    rows.append(("aspp", ["classifier.0"]))
+    rows.append(("head", [f"classifier.{i}" for i in range(1, len(model.classifier))]))
+    if model.aux_classifier is not None:
+        rows.append(("aux head", ["aux_classifier"]))
+    return rows
+
+
+def summarize(model: DeepLabV3, image_size: tuple[int, int], batch_size: int = 1) -> list[dict]:
+    """Per-stage rows {stage, params, flops, output}: counted on meta tensors, in eval mode."""
+    model = model.to("meta").eval()
+    outputs: dict[str, tuple[int, ...]] = {}
+    hooks = []
+    for label, names in _stages(model):
+        if names:
+            last = model.get_submodule(names[-1])
+            hooks.append(last.register_forward_hook(
+                lambda m, i, o, label=label: outputs.__setitem__(label, tuple(o.shape))
+            ))
+    x = torch.empty(batch_size, 3, *image_size, device="meta")
+    try:
+        with FlopCounterMode(display=False, depth=None) as counter:
+            result = model(x)
+    finally:
+        for h in hooks:
+            h.remove()
+    raw = counter.get_flop_counts()
+    root = f"{type(model).__name__}."
+    counts = {k.removeprefix(root): sum(v.values()) for k, v in raw.items()}
+    params = dict(model.named_parameters())
+    rows = []
+    for label, names in _stages(model):
+        n_params = sum(p.numel() for k, p in params.items() if any(k.startswith(n + ".") for n in names))
+        flops = sum(counts.get(n, 0) for n in names)
+        rows.append({"stage": label, "params": n_params, "flops": flops, "output": outputs.get(label)})
+    rows.append({"stage": "resize", "params": 0, "flops": 0, "output": tuple(result["out"].shape)})
+    rows.append({"stage": "total", "params": sum(p.numel() for p in params.values()),
+                 "flops": counts.get("Global", 0),
+                 "output": tuple(result["out"].shape)})
+    return rows
+
+
+def format_summary(model: DeepLabV3, rows: list[dict], image_size: tuple[int, int], batch_size: int) -> str:
+    """The summary table as text."""
+    c = model.config
+    head = (f"DeepLabV3 {c['backbone']} ({c['residual_unit']}), output stride {c['output_stride']}, "
+            f"block-4 dilations {c['stage_dilations'][3][1]}, ASPP rates {c['atrous_rates']}, head {c['head']}, "
+            f"{c['num_classes']} classes{', aux head' if c['aux_loss'] else ''}"
+            f"{', preset ' + c['preset'] if c['preset'] else ''}; input {batch_size}x3x{image_size[0]}x{image_size[1]}")
+    lines = [head, f"{'stage':<10}{'params':>14}{'GFLOPs':>12}{'GMACs':>11}  output"]
+    for r in rows:
+        if r["stage"] == "total":
+            lines.append("-" * 60)
+        out = "x".join(str(s) for s in r["output"]) if r["output"] else "-"
+        lines.append(f"{r['stage']:<10}{r['params']:>14,}{r['flops'] / 1e9:>12.3f}{r['flops'] / 2e9:>11.3f}  {out}")
+    lines.append("FLOPs: convolutions and matmuls from torch.utils.flop_counter, 1 multiply-add = 2 FLOPs = 1 MAC; "
+                 "BN, ReLU, pooling and resizing not counted.")
+    return "\n".join(lines)
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """Entry point; returns the exit status."""
+    args = parse_args(argv)
+    if not args.summary:
+        parse_args(["--help"])
+        return 2
+    if args.batch_size < 1:
+        raise SystemExit(f"--batch-size must be >= 1, got {args.batch_size}")
+    try:
+        with torch.device("meta"):
+            model: nn.Module = deeplabv3_resnet(
+                int(args.backbone.removeprefix("resnet")), num_classes=args.num_classes,
+                output_stride=args.output_stride, multi_grid=tuple(args.multi_grid), atrous_rates=args.atrous_rates,
+                head=args.head, aux_loss=args.aux_loss, preset=args.preset, residual_unit=args.residual_unit,
+            )
+    except ValueError as e:
+        print(f"python -m model: error: {e}", file=sys.stderr)
+        return 2
+    rows = summarize(model, args.image_size, args.batch_size)
+    print(format_summary(model, rows, args.image_size, args.batch_size))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

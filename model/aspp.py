@@ -1,0 +1,113 @@
+"""ASPP: Atrous Spatial Pyramid Pooling with image pooling (Chen et al. 2017, sec. 3.3), torchvision's key names.
+
+Branches (``convs``): 0 a 1×1 conv, 1… a 3×3 conv per atrous rate (dilation = padding = rate), last the image
+pooling branch (global average pool → 1×1 conv → bilinear broadcast back to H×W); each conv → BN → ReLU. The
+concatenation goes through ``project`` (1×1 conv → BN → ReLU, then dropout in torchvision's variant).
+
+state_dict keys are torchvision's: ``convs.0.0.weight``, ``convs.0.1.*``, ``convs.{1,2,3}.0.weight``,
+``convs.{1,2,3}.1.*``, ``convs.4.1.weight``, ``convs.4.2.*``, ``project.0.weight``, ``project.1.*``.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+Tensor = torch.Tensor
+
+RATES_BY_OUTPUT_STRIDE: dict[int, tuple[int, int, int]] = {16: (6, 12, 18), 8: (12, 24, 36)}
+
+
+def check_rates(atrous_rates: Sequence[int]) -> tuple[int, ...]:
+    """The rates as a tuple of positive ints, or a ValueError naming the argument."""
+    try:
+        rates = tuple(atrous_rates)
+    except TypeError:
+        raise ValueError(f"atrous_rates must be a sequence of positive ints, got {atrous_rates!r}") from None
+    if not rates or any(isinstance(r, bool) or not isinstance(r, int) or r < 1 for r in rates):
+        raise ValueError(f"atrous_rates must be a non-empty sequence of positive ints, got {atrous_rates!r}")
+    return rates
+
+
+class ASPPConv(nn.Sequential):
+    """3×3 atrous conv (dilation = padding = rate) → BN → ReLU."""
+
+    def __init__(self, in_channels: int, out_channels: int, rate: int) -> None:
+        super().__init__(
+            nn.Conv2d(in_channels, out_channels, 3, padding=rate, dilation=rate, bias=False),
+            nn.BatchNorm2d(out_channels),
+            nn.ReLU(inplace=True),
+        )
+
+
+class ASPPPooling(nn.Sequential):
+    """Image-level features: global average pool → 1×1 conv → BN → ReLU → bilinear broadcast to the input size.
+
+    Its BatchNorm sees one value per channel and image, so training it needs a batch of 2 or more.
+    """
+
+    def __init__(self, in_channels: int, out_channels: int) -> None:
+        super().__init__(
+            nn.AdaptiveAvgPool2d(1),
+            nn.Conv2d(in_channels, out_channels, 1, bias=False),
+            nn.BatchNorm2d(out_channels),
+            nn.ReLU(inplace=True),
+        )
+
+    def forward(self, x: Tensor) -> Tensor:
+        bn = self[2]
+        if x.shape[0] == 1 and (bn.training or bn.running_mean is None):
+            raise ValueError(
+                "ASPP image-pooling branch: its BatchNorm normalizes one pooled value per channel and image, so "
+                f"training it needs a batch of 2 or more; got input of shape {tuple(x.shape)} (batch 1). Use a "
+                "batch of at least 2, model.eval(), or freeze the BatchNorm layers (call .eval() on them)"
+            )
+        size = x.shape[-2:]
+        for module in self:
+            x = module(x)
+        # Bilinear from 1×1 is a broadcast; torchvision interpolates, and so do we, for identical results.
+        return F.interpolate(x, size=size, mode="bilinear", align_corners=False)
+
+
+class ASPP(nn.Module):
+    """Atrous Spatial Pyramid Pooling with image pooling.
+
+    Args:
+        in_channels: channels of the backbone's output (2048 for ResNet-50/101).
+        atrous_rates: one 3×3 branch per rate, e.g. (6, 12, 18) at output stride 16, (12, 24, 36) at 8.
+        out_channels: channels of every branch and of the output (256 in the paper).
+        dropout: dropout probability after the projection (torchvision: 0.5; the paper's head: 0, no module).
+    """
+
+    def __init__(
+        self, in_channels: int, atrous_rates: Sequence[int], out_channels: int = 256, dropout: float = 0.0
+    ) -> None:
+        super().__init__()
+        rates = check_rates(atrous_rates)
+        if not 0.0 <= dropout < 1.0:
+            raise ValueError(f"dropout must be in [0, 1), got {dropout!r}")
+        branches: list[nn.Module] = [
+            nn.Sequential(
+                nn.Conv2d(in_channels, out_channels, 1, bias=False),
+                nn.BatchNorm2d(out_channels),
+                nn.ReLU(inplace=True),
+            )
+        ]
+        branches += [ASPPConv(in_channels, out_channels, rate) for rate in rates]
+        branches.append(ASPPPooling(in_channels, out_channels))
+        self.convs = nn.ModuleList(branches)
+        project: list[nn.Module] = [
+            nn.Conv2d(len(branches) * out_channels, out_channels, 1, bias=False),
+            nn.BatchNorm2d(out_channels),
+            nn.ReLU(inplace=True),
+        ]
+        if dropout > 0:
+            project.append(nn.Dropout(dropout))
+        self.project = nn.Sequential(*project)
+        self.atrous_rates = rates
+
+    def forward(self, x: Tensor) -> Tensor:
+        return self.project(torch.cat([branch(x) for branch in self.convs], dim=1))

@@ -1,0 +1,155 @@
+"""Load checkpoints from local files (never downloads): DeepLabV3 state_dicts and ImageNet ResNet backbones.
+
+* :func:`load_checkpoint` loads a whole model's state_dict: ours, or torchvision's deeplabv3_resnet50/101
+  (aux_classifier included) into a ``preset="torchvision"`` model.
+* :func:`load_backbone` initialises ``model.backbone`` from torchvision's ImageNet resnet50/101 state_dict (its
+  ``fc.*`` classifier is dropped).
+
+A file may hold a raw state_dict or a dict with the state_dict under "model" or "state_dict" (training
+checkpoints); a "module." prefix on every key (DistributedDataParallel) is removed. Keys are checked strictly:
+the error lists every missing key, unexpected key and shape mismatch. Fused and unfused models have the same
+keys, so either loads what the other saved.
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Mapping, Sequence
+
+import torch
+from torch import nn
+
+Tensor = torch.Tensor
+
+StateDictSource = str | os.PathLike | Mapping[str, Tensor]
+
+IMAGENET_CLASSIFIER_KEYS = ("fc.weight", "fc.bias")
+
+
+class CheckpointMismatchError(ValueError):
+    """A checkpoint's keys or shapes do not match the model; the message lists every difference."""
+
+
+def read_state_dict(source: StateDictSource) -> dict[str, Tensor]:
+    """The state_dict in `source`: a path to a local file (loaded on CPU, weights only) or a mapping.
+
+    Unwraps {"model": …} / {"state_dict": …} and removes a "module." prefix present on every key.
+    """
+    what = "state_dict"
+    if isinstance(source, str | os.PathLike):
+        path = os.fspath(source)
+        if not os.path.isfile(path):
+            raise FileNotFoundError(f"checkpoint file {path!r} does not exist (checkpoints are read from local files)")
+        what = repr(path)
+        obj = torch.load(path, map_location="cpu", weights_only=True)
+    else:
+        obj = source
+    if not isinstance(obj, Mapping):
+        raise TypeError(f"checkpoint {what} must hold a state_dict (a mapping of names to tensors), got "
+                        f"{type(obj).__name__}")
+    for wrapper in ("model", "state_dict"):
+        if isinstance(obj.get(wrapper), Mapping):
+            obj = obj[wrapper]
+            break
+    bad = [k for k, v in obj.items() if not isinstance(k, str) or not isinstance(v, torch.Tensor)]
+    if bad:
+        raise TypeError(f"checkpoint {what}: expected a mapping of str to tensors; entries {bad[:5]!r} are not")
+    state = dict(obj)
+    if state and all(k.startswith("module.") for k in state):
+        state = {k[len("module."):]: v for k, v in state.items()}
+    return state
+
+
+def _format_keys(keys: Sequence[str], limit: int = 30) -> str:
+    shown = ", ".join(keys[:limit])
+    return shown + (f", … ({len(keys) - limit} more)" if len(keys) > limit else "")
+
+
+def check_keys(model: nn.Module, state: Mapping[str, Tensor], prefix: str = "") -> None:
+    """Raise CheckpointMismatchError listing missing keys, unexpected keys and shape mismatches, if any."""
+    expected = model.state_dict()
+    missing = [k for k in expected if k not in state]
+    unexpected = [k for k in state if k not in expected]
+    shapes = [
+        f"{prefix}{k}: checkpoint {tuple(state[k].shape)} vs model {tuple(v.shape)}"
+        for k, v in expected.items()
+        if k in state and state[k].shape != v.shape
+    ]
+    if not (missing or unexpected or shapes):
+        return
+    lines = [
+        f"checkpoint does not match the model ({type(model).__name__}): {len(missing)} missing keys, "
+        f"{len(unexpected)} unexpected keys, {len(shapes)} shape mismatches"
+    ]
+    if missing:
+        lines.append(f"  missing (in the model, not in the checkpoint): {_format_keys([prefix + k for k in missing])}")
+    if unexpected:
+        lines.append(
+            f"  unexpected (in the checkpoint, not in the model): {_format_keys([prefix + k for k in unexpected])}"
+        )
+    if shapes:
+        lines.append("  shape mismatches: " + "; ".join(shapes[:30]))
+    lines += _hints(missing, unexpected, shapes, prefix)
+    raise CheckpointMismatchError("\n".join(lines))
+
+
+def _hints(missing: list[str], unexpected: list[str], shapes: list[str], prefix: str) -> list[str]:
+    hints = []
+    if any(k.startswith("aux_classifier.") for k in unexpected):
+        hints.append("the checkpoint has an auxiliary head: build the model with aux_loss=True, or pass "
+                     "ignore_prefixes=('aux_classifier.',)")
+    if any(k.startswith("aux_classifier.") for k in missing):
+        hints.append("the model has an auxiliary head that the checkpoint lacks: build it with aux_loss=False")
+    if not prefix and any(k in IMAGENET_CLASSIFIER_KEYS for k in unexpected):
+        hints.append("this looks like an ImageNet ResNet state_dict: use load_backbone(model, ...)")
+    if any(s.startswith(f"{prefix}classifier.") or s.startswith(f"{prefix}aux_classifier.") for s in shapes):
+        hints.append("a classifier's shape differs: check num_classes, head and atrous_rates")
+    if any("residual." in k or "preact." in k for k in missing + unexpected):
+        hints.append("one side uses residual_unit='preact' and the other the v1.5 bottleneck")
+    return [f"  hint: {h}" for h in hints]
+
+
+def load_checkpoint(
+    model: nn.Module, source: StateDictSource, *, ignore_prefixes: Sequence[str] = ()
+) -> nn.Module:
+    """Load a whole-model state_dict into `model` with a strict key and shape check.
+
+    Args:
+        model: e.g. ``model.deeplabv3_resnet50(preset="torchvision", aux_loss=True)`` for torchvision's
+            deeplabv3_resnet50 state_dict; fused or not.
+        source: path to a local file, or a state_dict.
+        ignore_prefixes: checkpoint keys starting with one of these are dropped first (e.g.
+            ("aux_classifier.",) to load torchvision's checkpoint into a model without the auxiliary head).
+
+    Returns:
+        `model`.
+    """
+    state = read_state_dict(source)
+    prefixes = tuple(ignore_prefixes)
+    state = {k: v for k, v in state.items() if not k.startswith(prefixes)} if prefixes else state
+    check_keys(model, state)
+    model.load_state_dict(state, strict=True)
+    return model
+
+
+def load_backbone(model: nn.Module, source: StateDictSource) -> nn.Module:
+    """Initialise ``model.backbone`` from an ImageNet ResNet state_dict (torchvision's resnet50/101).
+
+    The ImageNet classifier (fc.weight, fc.bias) is dropped; every other key must match the backbone exactly
+    (the v1.5 backbone has torchvision's names). Heads keep their initialisation.
+
+    Returns:
+        `model`.
+    """
+    backbone = getattr(model, "backbone", None)
+    if not isinstance(backbone, nn.Module):
+        raise TypeError(f"model must have a .backbone module (a DeepLabV3), got {type(model).__name__}")
+    state = {k: v for k, v in read_state_dict(source).items() if k not in IMAGENET_CLASSIFIER_KEYS}
+    if state and all(k.startswith("backbone.") for k in state):
+        raise CheckpointMismatchError(
+            "the checkpoint's keys all start with 'backbone.': it is a whole DeepLabV3 state_dict, not an ImageNet "
+            "ResNet one; use load_checkpoint(model, ...)"
+        )
+    check_keys(backbone, state, prefix="backbone.")
+    backbone.load_state_dict(state, strict=True)
+    return model

@@ -1,0 +1,184 @@
+"""DeepLabV3 (Chen et al. 2017): ResNet backbone → ASPP head → logits bilinearly resized to the input size.
+
+Factories :func:`deeplabv3_resnet50` and :func:`deeplabv3_resnet101` build the paper's configurations, or with
+``preset="torchvision"`` exactly torchvision's deeplabv3_resnet50/101 (same module names, shapes and function).
+"""
+
+from __future__ import annotations
+
+import numbers
+from collections import OrderedDict
+from collections.abc import Sequence
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from deeplab_ops.fusion import fuse_modules
+from model.aspp import RATES_BY_OUTPUT_STRIDE, check_rates
+from model.heads import HEADS, DeepLabHead, FCNHead
+from model.resnet import DEPTHS, RESIDUAL_UNITS, ResNet, check_backbone_args
+
+Tensor = torch.Tensor
+
+PRESETS = (None, "torchvision")
+DEFAULT_MULTI_GRID = (1, 2, 4)
+# What preset="torchvision" fixes (torchvision.models.segmentation.deeplabv3_resnet50/101).
+TORCHVISION_PRESET = {"output_stride": 8, "atrous_rates": (12, 24, 36), "head": "torchvision"}
+
+
+class DeepLabV3(nn.Module):
+    """Backbone → classifier → bilinear resize to the input size; an optional auxiliary head on block 3.
+
+    Returns ``{"out": logits}``, plus ``"aux"`` when built with an auxiliary classifier, as torchvision does.
+    Module names are torchvision's: ``backbone``, ``classifier``, ``aux_classifier``.
+    """
+
+    def __init__(self, backbone: nn.Module, classifier: nn.Module, aux_classifier: nn.Module | None = None) -> None:
+        super().__init__()
+        self.backbone = backbone
+        self.classifier = classifier
+        self.aux_classifier = aux_classifier
+        self.config: dict = {}
+
+    def forward(self, x: Tensor) -> dict[str, Tensor]:
+        if x.dim() != 4 or x.shape[1] != 3:
+            raise ValueError(f"x must be an (N, 3, H, W) image batch, got shape {tuple(x.shape)}")
+        size = x.shape[-2:]
+        features = self.backbone(x)
+        result: OrderedDict[str, Tensor] = OrderedDict()
+        result["out"] = F.interpolate(self.classifier(features["out"]), size=size, mode="bilinear", align_corners=False)
+        if self.aux_classifier is not None:
+            aux = self.aux_classifier(features["aux"])
+            result["aux"] = F.interpolate(aux, size=size, mode="bilinear", align_corners=False)
+        return result
+
+
+def _check_int(value, name: str, minimum: int) -> int:
+    if isinstance(value, bool) or not isinstance(value, numbers.Integral) or value < minimum:
+        raise ValueError(f"{name} must be an int >= {minimum}, got {value!r}")
+    return int(value)
+
+
+def _check_preset_args(**given) -> None:
+    """preset="torchvision" fixes these arguments: each must be left at its default or equal the preset's value."""
+    defaults = {"output_stride": 16, "atrous_rates": None, "head": "paper", "multi_grid": DEFAULT_MULTI_GRID,
+                "residual_unit": "v1.5"}
+    fixed = {**TORCHVISION_PRESET, "multi_grid": DEFAULT_MULTI_GRID, "residual_unit": "v1.5"}
+    for name, value in given.items():
+        if isinstance(value, list):
+            value = tuple(value)
+        if value != defaults[name] and value != fixed[name]:
+            raise ValueError(
+                f"preset='torchvision' fixes {name}={fixed[name]!r} (torchvision's deeplabv3), got {name}={value!r}: "
+                f"leave {name} at its default or use preset=None"
+            )
+
+
+def deeplabv3_resnet(
+    depth: int,
+    *,
+    num_classes: int = 21,
+    output_stride: int = 16,
+    multi_grid: Sequence[int] = DEFAULT_MULTI_GRID,
+    atrous_rates: Sequence[int] | None = None,
+    head: str = "paper",
+    aux_loss: bool = False,
+    fused: bool = False,
+    preset: str | None = None,
+    residual_unit: str = "v1.5",
+) -> DeepLabV3:
+    """Build DeepLabV3 on a ResNet-`depth` backbone; see :func:`deeplabv3_resnet50` for the arguments."""
+    if depth not in DEPTHS:
+        raise ValueError(f"depth must be one of {tuple(DEPTHS)}, got {depth!r}")
+    num_classes = _check_int(num_classes, "num_classes", 1)
+    if preset not in PRESETS:
+        raise ValueError(f"preset must be one of {PRESETS}, got {preset!r}")
+    if head not in HEADS:
+        raise ValueError(f"head must be one of {HEADS}, got {head!r}")
+    if residual_unit not in RESIDUAL_UNITS:
+        raise ValueError(f"residual_unit must be one of {RESIDUAL_UNITS}, got {residual_unit!r}")
+    if not isinstance(aux_loss, bool):
+        raise TypeError(f"aux_loss must be a bool, got {aux_loss!r}")
+    if not isinstance(fused, bool):
+        raise TypeError(f"fused must be a bool, got {fused!r}")
+    pattern = "paper"
+    if preset == "torchvision":
+        _check_preset_args(output_stride=output_stride, multi_grid=multi_grid, atrous_rates=atrous_rates, head=head,
+                           residual_unit=residual_unit)
+        output_stride, atrous_rates, head = (TORCHVISION_PRESET[k] for k in ("output_stride", "atrous_rates", "head"))
+        multi_grid, pattern = DEFAULT_MULTI_GRID, "torchvision"
+    check_backbone_args(DEPTHS[depth], output_stride, multi_grid, pattern)
+    rates = RATES_BY_OUTPUT_STRIDE[output_stride] if atrous_rates is None else check_rates(atrous_rates)
+
+    backbone = ResNet(
+        depth, output_stride=output_stride, multi_grid=multi_grid, residual_unit=residual_unit,
+        dilation_pattern=pattern, return_aux=aux_loss,
+    )
+    classifier = DeepLabHead(backbone.out_channels, num_classes, rates, style=head)
+    aux_classifier = FCNHead(backbone.aux_channels, num_classes) if aux_loss else None
+    model = DeepLabV3(backbone, classifier, aux_classifier)
+    model.config = {
+        "backbone": f"resnet{depth}", "num_classes": num_classes, "output_stride": output_stride,
+        "multi_grid": tuple(multi_grid) if pattern == "paper" else None, "atrous_rates": rates, "head": head,
+        "aux_loss": aux_loss, "preset": preset, "residual_unit": residual_unit,
+        "stage_dilations": backbone.stage_dilations,
+    }
+    if fused:
+        fuse_modules(model)
+    return model
+
+
+def deeplabv3_resnet50(
+    num_classes: int = 21,
+    output_stride: int = 16,
+    multi_grid: Sequence[int] = DEFAULT_MULTI_GRID,
+    atrous_rates: Sequence[int] | None = None,
+    head: str = "paper",
+    aux_loss: bool = False,
+    fused: bool = False,
+    *,
+    preset: str | None = None,
+    residual_unit: str = "v1.5",
+) -> DeepLabV3:
+    """DeepLabV3 with a ResNet-50 backbone.
+
+    Args:
+        num_classes: logits channels (>= 1); 21 for PASCAL VOC.
+        output_stride: 16 or 8 (input size / feature size); strides beyond it become dilation.
+        multi_grid: block-4 rate multipliers, one per unit: block-4 dilations = base rate × multi_grid.
+        atrous_rates: ASPP rates; None: (6, 12, 18) at output stride 16, (12, 24, 36) at 8.
+        head: "paper" (ASPP → 1×1 logits) or "torchvision" (ASPP with dropout → 3×3 conv-BN-ReLU → 1×1 logits).
+        aux_loss: add torchvision's auxiliary FCN head on block 3; the forward then returns "out" and "aux".
+        fused: run every conv → BN (→ add) → ReLU on deeplab_ops ops (same state_dict as unfused).
+        preset: "torchvision" reproduces torchvision's deeplabv3_resnet50 exactly (output stride 8 with its
+            dilation pattern, rates (12, 24, 36), its head); the other arguments must then stay at their defaults
+            or equal the preset's values.
+        residual_unit: "v1.5" (torchvision's bottleneck) or "preact" (full pre-activation unit).
+
+    Returns:
+        The model, in training mode, with torchvision's initialisation of the backbone.
+    """
+    return deeplabv3_resnet(
+        50, num_classes=num_classes, output_stride=output_stride, multi_grid=multi_grid, atrous_rates=atrous_rates,
+        head=head, aux_loss=aux_loss, fused=fused, preset=preset, residual_unit=residual_unit,
+    )
+
+
+def deeplabv3_resnet101(
+    num_classes: int = 21,
+    output_stride: int = 16,
+    multi_grid: Sequence[int] = DEFAULT_MULTI_GRID,
+    atrous_rates: Sequence[int] | None = None,
+    head: str = "paper",
+    aux_loss: bool = False,
+    fused: bool = False,
+    *,
+    preset: str | None = None,
+    residual_unit: str = "v1.5",
+) -> DeepLabV3:
+    """DeepLabV3 with a ResNet-101 backbone; arguments as :func:`deeplabv3_resnet50`."""
+    return deeplabv3_resnet(
+        101, num_classes=num_classes, output_stride=output_stride, multi_grid=multi_grid, atrous_rates=atrous_rates,
+        head=head, aux_loss=aux_loss, fused=fused, preset=preset, residual_unit=residual_unit,
+    )

@@ -1,0 +1,245 @@
+"""deeplab_ops.fusion: fuse_modules / unfuse_modules on any model — same function, same gradients, same
+side effects (running statistics, num_batches_tracked), same state_dict; torchvision's models included."""
+
+from __future__ import annotations
+
+import copy
+import io
+
+import pytest
+import torch
+from helpers import assert_close
+from torch import nn
+from torchvision.models.resnet import BasicBlock, Bottleneck
+
+from deeplab_ops import fusion
+from deeplab_ops.nn import fuse_modules, unfuse_modules
+
+# float32 on CPU: the fused op normalizes with the same statistics in a different summation order.
+ATOL, RTOL = 1e-5, 1e-5
+GRAD_ATOL, GRAD_RTOL = 1e-4, 1e-4
+
+
+def _randomize(model: nn.Module) -> nn.Module:
+    """Random weights and BatchNorm statistics, so that eval mode is not an identity BN."""
+    with torch.no_grad():
+        for m in model.modules():
+            if isinstance(m, nn.Conv2d):
+                nn.init.kaiming_normal_(m.weight)
+            if isinstance(m, nn.BatchNorm2d):
+                if m.affine:
+                    m.weight.uniform_(0.5, 1.5)
+                    m.bias.normal_(0.0, 0.2)
+                if m.track_running_stats:
+                    m.running_mean.normal_(0.0, 0.2)
+                    m.running_var.uniform_(0.5, 1.5)
+    return model
+
+
+def _assert_same_state(a: nn.Module | dict, b: nn.Module | dict, what: str) -> None:
+    sa = a if isinstance(a, dict) else a.state_dict()
+    sb = b if isinstance(b, dict) else b.state_dict()
+    assert list(sa) == list(sb), f"{what}: state_dict keys differ: {set(sa) ^ set(sb)}"
+    for k in sa:
+        if sa[k].is_floating_point():
+            assert_close(sa[k], sb[k], f"{what}: {k}", ATOL, RTOL)
+        else:
+            assert torch.equal(sa[k], sb[k]), f"{what}: {k}: {sa[k]} != {sb[k]}"
+
+
+def _count(model: nn.Module, cls: type) -> int:
+    return sum(type(m) is cls for m in model.modules())
+
+
+class _Head(nn.Module):
+    """A chain inside a longer Sequential (as torchvision's DeepLabHead), a downsample-like pair (no ReLU), a
+    conv with a bias (not fusable) and a BN-variant zoo."""
+
+    def __init__(self, bn_kwargs: dict) -> None:
+        super().__init__()
+        self.seq = nn.Sequential(
+            nn.Identity(),
+            nn.Conv2d(4, 8, 3, padding=2, dilation=2, bias=False),
+            nn.BatchNorm2d(8, **bn_kwargs),
+            nn.ReLU(),
+            nn.Conv2d(8, 8, 1, stride=2, bias=False),
+            nn.BatchNorm2d(8, **bn_kwargs),
+            nn.Conv2d(8, 8, 3, padding=1, bias=True),
+            nn.BatchNorm2d(8, **bn_kwargs),
+            nn.ReLU(),
+        )
+        self.basic = BasicBlock(8, 8)
+        down = nn.Sequential(nn.Conv2d(8, 16, 1, stride=2, bias=False), nn.BatchNorm2d(16, **bn_kwargs))
+        self.bottleneck = Bottleneck(8, 4, stride=2, downsample=down, dilation=1)
+
+    def forward(self, x):
+        return self.bottleneck(self.basic(self.seq(x)))
+
+
+@pytest.mark.parametrize(
+    "bn_kwargs", [{}, {"momentum": None}, {"track_running_stats": False}, {"affine": False}], ids=str
+)
+def test_small_model_same_forward_gradients_and_running_stats(bn_kwargs):
+    plain = _randomize(_Head(bn_kwargs))
+    fused = fuse_modules(copy.deepcopy(plain))
+    # The chain, the downsample pair and both torchvision blocks are fused; the conv with a bias is not.
+    assert type(fused.seq[1]) is fusion.FusedConv2d and type(fused.seq[3]) is fusion.FusedAwayReLU
+    assert type(fused.seq[4]) is fusion.FusedConv2d and type(fused.seq[6]) is nn.Conv2d
+    assert type(fused.seq[7]) is nn.BatchNorm2d and type(fused.seq[8]) is nn.ReLU
+    assert fusion.is_fused(fused.basic) and fusion.is_fused(fused.bottleneck)
+    assert isinstance(fused.bottleneck, Bottleneck)
+    for step, mode in enumerate(["train", "train", "frozen_bn", "eval"]):
+        for m in (plain, fused):
+            m.train(mode != "eval")
+            if mode == "frozen_bn":
+                for bn in m.modules():
+                    if isinstance(bn, nn.BatchNorm2d):
+                        bn.eval()
+        x = torch.randn(2, 4, 13, 11) + step
+        xp, xf = x.clone().requires_grad_(), x.clone().requires_grad_()
+        out_p, out_f = plain(xp), fused(xf)
+        assert_close(out_f, out_p, f"step {step} ({mode}) output", ATOL, RTOL)
+        g = torch.randn_like(out_p)
+        out_p.backward(g)
+        out_f.backward(g)
+        assert_close(xf.grad, xp.grad, f"step {step} ({mode}) grad x", GRAD_ATOL, GRAD_RTOL)
+        for (name, p), q in zip(plain.named_parameters(), fused.parameters(), strict=True):
+            assert_close(q.grad, p.grad, f"step {step} ({mode}) grad {name}", GRAD_ATOL, GRAD_RTOL)
+            p.grad = q.grad = None
+        _assert_same_state(fused, plain, f"step {step} ({mode})")
+
+
+def test_torchvision_deeplabv3_fused_equals_unfused_and_unfuse_restores():
+    from torchvision.models.segmentation import deeplabv3_resnet50
+
+    model = _randomize(deeplabv3_resnet50(weights=None, weights_backbone=None, aux_loss=True)).eval()
+    keys = {k: v.clone() for k, v in model.state_dict().items()}
+    n_bn = _count(model, nn.BatchNorm2d)
+    x = torch.randn(1, 3, 41, 35)
+    with torch.no_grad():
+        expected = model(x)
+        fuse_modules(model)
+        # Every BatchNorm of backbone (stem included), ASPP, head and aux head is fused into its conv.
+        blocks = [m for m in model.modules() if fusion.is_fused(m) and isinstance(m, Bottleneck)]
+        assert len(blocks) == 16
+        assert _count(model, fusion.FusedAwayBatchNorm2d) + 3 * len(blocks) == n_bn
+        assert type(model.backbone.relu) is fusion.FusedAwayReLU
+        _assert_same_state(model, keys, "fused torchvision model")
+        got = model(x)
+        for k in ("out", "aux"):
+            err = ((got[k] - expected[k]).abs().max() / expected[k].abs().max()).item()
+            assert err <= 1e-5, f"fused torchvision deeplabv3_resnet50 '{k}': max relative error {err:.3g} > 1e-5"
+        unfuse_modules(model)
+        assert not any(fusion.is_fused(m) for m in model.modules())
+        assert _count(model, nn.BatchNorm2d) == n_bn and type(model.backbone.relu) is nn.ReLU
+        again = model(x)
+    for k in ("out", "aux"):
+        assert torch.equal(again[k], expected[k]), f"unfused '{k}' differs from the original model"
+
+
+def test_idempotent_and_backend_choice():
+    plain = _randomize(_Head({})).eval()
+    fused = fuse_modules(copy.deepcopy(plain))
+    types = [type(m) for m in fused.modules()]
+    fuse_modules(fused)
+    assert [type(m) for m in fused.modules()] == types
+    x = torch.randn(2, 4, 9, 9)
+    with torch.no_grad():
+        want = plain(x)
+        fuse_modules(fused, backend="reference")
+        assert fused.seq[1]._deeplab_ops_fused[2] == "reference"
+        assert_close(fused(x), want, "backend='reference'", ATOL, RTOL)
+    unfuse_modules(fused)
+    unfuse_modules(fused)
+    assert [type(m) for m in fused.modules()] == [type(m) for m in plain.modules()]
+    with pytest.raises(ValueError, match="backend='bogus'"):
+        fuse_modules(fused, backend="bogus")
+    with pytest.raises(TypeError, match="nn.Module"):
+        fuse_modules(torch.zeros(1))
+
+
+def test_checkpoints_move_between_forms():
+    a = _randomize(_Head({}))
+    b = fuse_modules(_Head({}))
+    b.load_state_dict(a.state_dict())  # unfused → fused
+    c = _Head({})
+    c.load_state_dict(b.state_dict())  # fused → unfused
+    _assert_same_state(c, a, "round trip")
+    assert [k for k in b.state_dict()] == [k for k in a.state_dict()]
+
+
+def test_left_alone_when_not_exactly_conv_bn():
+    class MyBN(nn.BatchNorm2d):
+        pass
+
+    shared_conv = nn.Conv2d(4, 4, 3, padding=1, bias=False)
+    model = nn.Sequential(
+        nn.Conv2d(4, 4, 3, padding=1, bias=False, groups=2), nn.BatchNorm2d(4), nn.ReLU(),
+        nn.Conv2d(4, 4, 3, padding=1, bias=False), MyBN(4), nn.ReLU(),
+        nn.Conv2d(4, 4, 3, padding=1, bias=False, padding_mode="reflect"), nn.BatchNorm2d(4),
+        shared_conv, nn.BatchNorm2d(4), nn.Sequential(shared_conv),
+    )
+    fuse_modules(model)
+    assert not any(fusion.is_fused(m) for m in model.modules())
+
+
+def test_returned_intermediate_is_not_fused_away():
+    # A torchvision IntermediateLayerGetter returning a BatchNorm's output must still see that output.
+    from torchvision.models._utils import IntermediateLayerGetter
+
+    body = nn.Sequential()
+    body.add_module("conv", nn.Conv2d(3, 4, 3, bias=False))
+    body.add_module("bn", nn.BatchNorm2d(4))
+    body.add_module("relu", nn.ReLU())
+    body.add_module("conv2", nn.Conv2d(4, 4, 1, bias=False))
+    body.add_module("bn2", nn.BatchNorm2d(4))
+    getter = _randomize(IntermediateLayerGetter(body, {"bn": "mid", "bn2": "out"})).eval()
+    fuse_modules(getter)
+    assert type(getter.conv) is nn.Conv2d and type(getter.conv2) is nn.Conv2d
+    plain = _randomize(IntermediateLayerGetter(copy.deepcopy(body), {"relu": "mid", "bn2": "out"})).eval()
+    fused = fuse_modules(copy.deepcopy(plain))
+    assert type(fused.conv) is fusion.FusedConv2d and type(fused.relu) is fusion.FusedAwayReLU
+    x = torch.randn(2, 3, 7, 6)
+    with torch.no_grad():
+        got, want = fused(x), plain(x)
+    assert_close(got["mid"], want["mid"], "returned relu output", ATOL, RTOL)
+
+
+def test_fused_model_deepcopies_and_pickles():
+    model = fuse_modules(_randomize(_Head({})).eval())
+    x = torch.randn(2, 4, 9, 9)
+    with torch.no_grad():
+        want = model(x)
+        copied = copy.deepcopy(model)
+        buf = io.BytesIO()
+        torch.save(model, buf)
+        buf.seek(0)
+        loaded = torch.load(buf, weights_only=False)
+        for other, what in ((copied, "deepcopy"), (loaded, "pickle")):
+            assert fusion.is_fused(other.bottleneck) and type(other.seq[1]) is fusion.FusedConv2d, what
+            # The fused conv's BatchNorm is the copy's own, not the original's.
+            assert other.seq[1]._deeplab_ops_fused[0] is other.seq[2], what
+            assert torch.equal(other(x), want), what
+            unfuse_modules(other)
+            assert type(other.bottleneck) is Bottleneck, what
+
+
+def test_aspp_pooling_branch_batch_one_in_training():
+    from torchvision.models.segmentation.deeplabv3 import ASPP as TorchvisionASPP
+
+    from model.aspp import ASPP
+
+    x1 = torch.randn(1, 8, 5, 5)
+    for fused in (False, True):
+        aspp = ASPP(8, (1, 2), out_channels=4)
+        if fused:
+            fuse_modules(aspp)
+        with pytest.raises(ValueError, match="batch of at least 2.*eval"):
+            aspp(x1)
+        aspp.convs[-1][2].eval()  # frozen BN in the pooling branch: batch 1 is fine
+        assert aspp(x1).shape == (1, 4, 5, 5)
+        aspp.eval()
+        assert aspp(x1).shape == (1, 4, 5, 5)
+    tv = fuse_modules(TorchvisionASPP(8, (1, 2), out_channels=4))
+    with pytest.raises(ValueError, match="batch of 2 or more"):
+        tv(x1)
