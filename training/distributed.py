@@ -3,8 +3,8 @@
 torch.nn.SyncBatchNorm runs on GPUs only, so on CPU the unfused model uses `DistributedBatchNorm2d`: the batch
 mean and variance are computed over all processes' pixels with two all-reduces (sum, then the sum of squared
 deviations from the global mean: a two-pass variance, no E[x²]−E[x]² cancellation); autograd differentiates
-through `torch.distributed.nn.functional.all_reduce`, whose backward all-reduces the gradient, which gives the
-synchronized backward sums. On GPU, nn.SyncBatchNorm is used.
+through `_AllReduceSum`, whose backward all-reduces the gradient: that gives the synchronized backward sums
+(Σ dy and Σ dy·x̂ over all processes). On GPU, nn.SyncBatchNorm is used.
 """
 
 from __future__ import annotations
@@ -52,6 +52,18 @@ def all_reduce_sum(t: torch.Tensor) -> torch.Tensor:
     return t
 
 
+class _AllReduceSum(torch.autograd.Function):
+    """Sum over processes; the gradient of every process's input is the sum of every process's output gradient."""
+
+    @staticmethod
+    def forward(ctx, x: torch.Tensor) -> torch.Tensor:
+        return all_reduce_sum(x.clone())
+
+    @staticmethod
+    def backward(ctx, grad: torch.Tensor) -> torch.Tensor:
+        return all_reduce_sum(grad.clone())
+
+
 class DistributedBatchNorm2d(nn.BatchNorm2d):
     """BatchNorm2d whose training statistics (and so its backward sums) cover the batch of every process.
 
@@ -61,8 +73,7 @@ class DistributedBatchNorm2d(nn.BatchNorm2d):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if not (self.training and dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1):
             return super().forward(x)
-        from torch.distributed.nn.functional import all_reduce
-
+        all_reduce = _AllReduceSum.apply
         self._check_input_dim(x)
         c = x.shape[1]
         xf = x.float()
