@@ -258,7 +258,7 @@ def cmd_predict(args, device) -> None:
 
 
 def cmd_eval_only(args, device, info) -> None:
-    path = args.checkpoint or os.path.join(args.out_dir, "best.pt")
+    path = args.checkpoint or os.path.join(args.out_dir or os.path.join("runs", args.dataset or "synthetic"), "best.pt")
     ckpt = ckpt_io.load_checkpoint(path)
     saved = ckpt.get("args", {})
     for key in ("dataset", "data_root", "sbd_root", "classes", "crop_size", "synthetic_val_size", "data_seed"):
@@ -282,12 +282,23 @@ def _report(args, info, metrics: dict, extra: dict, filename: str) -> None:
     print(loop_format(metrics))
     path = os.path.join(args.out_dir, filename)
     os.makedirs(args.out_dir, exist_ok=True)
-    record = {"metrics": metrics, **extra, "args": vars(args)}
+    record = _json_safe({"metrics": metrics, **extra, "args": vars(args)})
     tmp = path + ".tmp"
     with open(tmp, "w") as f:
-        json.dump(record, f, indent=2, default=str)
+        json.dump(record, f, indent=2, default=str, allow_nan=False)
     os.replace(tmp, path)
     print(f"metrics written to {os.path.abspath(path)}")
+
+
+def _json_safe(obj):
+    """NaN (a class absent from ground truth and predictions) → null, so the file is strict JSON."""
+    if isinstance(obj, float) and obj != obj:
+        return None
+    if isinstance(obj, dict):
+        return {k: _json_safe(v) for k, v in obj.items()}
+    if isinstance(obj, (list, tuple)):
+        return [_json_safe(v) for v in obj]
+    return obj
 
 
 def loop_format(metrics: dict) -> str:

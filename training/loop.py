@@ -298,7 +298,8 @@ class MetricsLog:
     def write(self, record: dict) -> None:
         if self.path:
             with open(self.path, "a") as f:
-                f.write(json.dumps(record) + "\n")
+                clean = {k: None if isinstance(v, float) and v != v else v for k, v in record.items()}  # NaN → null
+                f.write(json.dumps(clean, allow_nan=False) + "\n")
         if self.tb is not None:
             step = record.get("iteration", 0)
             for k, v in record.items():
