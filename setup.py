@@ -135,7 +135,7 @@ def extensions():
     cxx_flags = [*opt, "-fdiagnostics-color=always"]
     sources = sorted(glob.glob("csrc/*.cpp") + glob.glob("csrc/cpu/*.cpp"))
     include_dirs = [os.path.join(ROOT, "csrc")]
-    define_macros = [("Py_LIMITED_API", "0x03090000")]
+    define_macros = []  # py_limited_api=True: torch's BuildExtension defines Py_LIMITED_API itself
     if not with_cuda:
         return [
             CppExtension(

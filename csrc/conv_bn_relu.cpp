@@ -45,6 +45,8 @@ void check_finalize_args(const at::Tensor& count, const at::Tensor& mean, const 
   DLO_CHECK_SAME_SHAPE(m2, mean);
   TORCH_CHECK(count.dim() == 1 && count.size(0) == mean.size(0), "deeplab_ops: count must have shape (",
               mean.size(0), ",), got ", count.sizes());
+  DLO_CHECK_SAME_DEVICE(m2, mean);
+  DLO_CHECK_SAME_DEVICE(count, mean);
   TORCH_CHECK(present(running_mean) == present(running_var),
               "deeplab_ops: running_mean and running_var must be given together");
   if (present(running_mean)) {

@@ -32,6 +32,7 @@
 
 #include "common/bn_math.h"
 #include "common/checks.h"
+#include "aspp.h"
 #include "conv_bn_relu.h"
 
 namespace deeplab_ops {
@@ -985,6 +986,8 @@ TORCH_LIBRARY_IMPL(deeplab_ops, CUDA, m) {
   m.impl("bn_backward_dy", &bn_backward_dy_cuda);
   m.impl("conv_bn_relu_forward", &conv_bn_relu_forward);
   m.impl("conv_bn_relu_backward", &conv_bn_relu_backward);
+  m.impl("aspp_forward", &aspp_forward);
+  m.impl("aspp_backward", &aspp_backward);
 }
 
 }  // namespace deeplab_ops
