@@ -4,6 +4,10 @@ Nothing here imports `model/`: structures are recognised by their shape, so torc
 as ours.
 
 What is fused
+  * ASPP. A module with torchvision's ASPP structure (``convs``: a 1×1 branch, 3×3 atrous branches and an
+    image-pooling branch, each conv → BN → ReLU; ``project``: 1×1 conv → BN → ReLU (→ dropout)) runs on the fused
+    ASPP op (`deeplab_ops.nn.fused_aspp_forward`) when the backend has ASPP kernels (None, "cpu", "cuda",
+    "reference"); with another backend (e.g. "triton") its branches are fused as chains instead.
   * Chains. In an ``nn.Sequential`` (any subclass) or an ``nn.ModuleDict`` that has a ``return_layers`` dict
     (torchvision's IntermediateLayerGetter), consecutive children ``Conv2d → BatchNorm2d (→ ReLU)``. This covers
     ASPP branches, ASPP's projection, conv-BN-ReLU layers inside heads (torchvision's DeepLabHead, FCNHead), a
@@ -16,20 +20,23 @@ How, with the state_dict unchanged (no parameter, buffer or module name moves)
   * a fused chain's Conv2d becomes a :class:`FusedConv2d` (a Conv2d subclass whose forward runs the fused op
     with the BatchNorm's parameters, buffers and mode), its BatchNorm2d a :class:`FusedAwayBatchNorm2d` (forward:
     identity) and its ReLU's slot in the container holds a :class:`FusedAwayReLU` (identity) that remembers it;
-  * a residual block's class becomes a subclass of its own class with the fused forward (deepcopy and pickle
-    give the same fused block back).
+  * a residual block's or an ASPP's class becomes a subclass of its own class with the fused forward (deepcopy
+    and pickle give the same fused module back).
 :func:`unfuse_modules` restores the original classes and children. Both are idempotent.
 
 Assumptions and limits
   * A fused container calls its children in order, each on the previous one's output (nn.Sequential's
     contract; torchvision's ASPPPooling and IntermediateLayerGetter honour it). A child named in a container's
     ``return_layers`` is not fused away. A residual block computes ``relu(bnK(convK(…relu(bn1(conv1(x)))…)) +
-    shortcut)`` with ``shortcut = downsample(x)`` or ``x``, as torchvision's blocks do.
+    shortcut)`` with ``shortcut = downsample(x)`` or ``x``, as torchvision's blocks do. An ASPP computes
+    ``project(cat([branch(x) for branch in convs]))``, its pooling branch broadcasting the pooled map bilinearly.
   * Only exact ``nn.Conv2d`` (no bias, groups=1, zero padding, symmetric padding) and exact ``nn.BatchNorm2d``
     are fused; subclasses, SyncBatchNorm, frozen-BN classes and modules that appear twice in the model are left
     alone. Forward hooks on a fused-away BatchNorm2d or ReLU see the fused output.
   * BatchNorm mode follows each BatchNorm's own ``training`` flag, so frozen BN (``bn.eval()`` in a training
-    model) is honoured.
+    model) is honoured. The fused ASPP op takes one mode for all its BatchNorms and reads it from the ASPP module:
+    when the ASPP's BatchNorms are not all in the ASPP's own mode, that call runs the ASPP's original forward
+    (exact, unfused).
   * Pre-activation residual units (BN → ReLU → conv) do not have the conv → BN → ReLU shape at their input
     BatchNorm, their last conv or their add: those stay unfused. Conv-BN-ReLU chains inside them (e.g.
     model.resnet.PreActBottleneck's ``residual`` Sequential) are fused.
@@ -43,7 +50,8 @@ import torch
 from torch import nn
 
 from deeplab_ops.backends import BACKENDS
-from deeplab_ops.nn import check_fusable, fused_conv_bn
+from deeplab_ops.nn import _aspp_parts, check_fusable, fused_aspp_forward, fused_conv_bn
+from deeplab_ops.ops.aspp import FORWARD_OPS as _ASPP_FORWARD_OPS
 
 Tensor = torch.Tensor
 
@@ -94,39 +102,54 @@ def _fused_block_forward(self: nn.Module, x: Tensor) -> Tensor:
     )
 
 
-def _rebuild_fused_block(original_class: type) -> nn.Module:
+def _fused_aspp_forward(self: nn.Module, x: Tensor) -> Tensor:
+    backend = getattr(self, _FUSED_ATTR)
+    modes = {m.training for m in self.modules() if isinstance(m, nn.BatchNorm2d)}
+    if modes != {self.training}:
+        # Frozen (or mixed-mode) BatchNorm in the ASPP: the op's single mode would be wrong; run the original.
+        return type(self).original_class.forward(self, x)
+    return fused_aspp_forward(self, x, backend=backend)
+
+
+_FORWARDS = {"block": _fused_block_forward, "aspp": _fused_aspp_forward}
+
+
+def _rebuild_fused(original_class: type, kind: str) -> nn.Module:
     """Unpickling / deepcopy helper: an empty instance of the fused subclass of `original_class`."""
     obj = original_class.__new__(original_class)
-    obj.__class__ = _fused_block_class(original_class)
+    obj.__class__ = _fused_class(original_class, kind)
     return obj
 
 
-def _reduce_fused_block(self: nn.Module, protocol: int):
+def _reduce_fused(self: nn.Module, protocol: int):
     # The fused subclass is made at run time and cannot be found by name; rebuild it from the original class.
-    return _rebuild_fused_block, (type(self).original_class,), self.__dict__
+    return _rebuild_fused, (type(self).original_class, type(self).fused_kind), self.__dict__
 
 
-_FUSED_BLOCK_CLASSES: dict[type, type] = {}
+_FUSED_CLASSES: dict[tuple[type, str], type] = {}
 
 
-def _fused_block_class(cls: type) -> type:
-    if cls not in _FUSED_BLOCK_CLASSES:
-        _FUSED_BLOCK_CLASSES[cls] = type(
-            f"Fused{cls.__name__}",
+def _fused_class(cls: type, kind: str) -> type:
+    """The subclass of `cls` whose forward is the fused one of `kind` ("block" or "aspp"), made once."""
+    if (cls, kind) not in _FUSED_CLASSES:
+        op = "the fused ASPP op" if kind == "aspp" else "deeplab_ops.conv_bn_relu"
+        _FUSED_CLASSES[(cls, kind)] = type(
+            f"{cls.__name__}Fused",
             (cls,),
             {
                 "__module__": __name__,
-                "__doc__": f"{cls.__module__}.{cls.__qualname__} running on deeplab_ops.conv_bn_relu.",
-                "forward": _fused_block_forward,
-                "__reduce_ex__": _reduce_fused_block,
+                "__doc__": f"{cls.__module__}.{cls.__qualname__} running on {op}.",
+                "forward": _FORWARDS[kind],
+                "__reduce_ex__": _reduce_fused,
                 "original_class": cls,
+                "fused_kind": kind,
             },
         )
-    return _FUSED_BLOCK_CLASSES[cls]
+    return _FUSED_CLASSES[(cls, kind)]
 
 
-def _is_fused_block(module: nn.Module) -> bool:
-    return type(module) in _FUSED_BLOCK_CLASSES.values()
+def _is_fused_class(module: nn.Module) -> bool:
+    return type(module) in _FUSED_CLASSES.values()
 
 
 # ---- recognition ---------------------------------------------------------------------------------------
@@ -155,6 +178,28 @@ def _residual_block_depth(module: nn.Module, shared: set[int]) -> int:
         if not _fusable(getattr(module, f"conv{i}", None), getattr(module, f"bn{i}", None), shared):
             return 0
     return k
+
+
+def _is_aspp(module: nn.Module, shared: set[int]) -> bool:
+    """Whether `module` has torchvision's ASPP structure with modules the fused ASPP op computes exactly."""
+    branches, project = getattr(module, "convs", None), getattr(module, "project", None)
+    if not isinstance(branches, nn.ModuleList) or not isinstance(project, nn.Sequential) or len(branches) < 2:
+        return False
+    lengths = [len(b) if isinstance(b, nn.Sequential) else -1 for b in branches]
+    if lengths != [3] * (len(branches) - 1) + [4] or len(project) < 3:
+        return False
+    relus = [b[2] for b in branches[:-1]] + [branches[-1][3], project[2]]
+    if any(type(r) is not nn.ReLU for r in relus) or not all(isinstance(m, nn.Dropout) for m in list(project)[3:]):
+        return False
+    try:
+        convs, bns, _ = _aspp_parts(module)
+    except (TypeError, ValueError, IndexError):
+        return False
+    if not all(_fusable(c, b, shared) for c, b in zip(convs, bns, strict=True)):
+        return False
+    first = bns[0]
+    same = (first.momentum, first.eps, first.track_running_stats)
+    return all(b.affine and (b.momentum, b.eps, b.track_running_stats) == same for b in bns)
 
 
 def _is_chain_container(module: nn.Module) -> bool:
@@ -197,13 +242,20 @@ def fuse_modules(model: nn.Module, backend: str | None = None) -> nn.Module:
     unfuse_modules(model)
     shared = _shared_modules(model)
     modules = list(model.modules())
+    inside_aspp: set[int] = set()
+    if backend is None or backend == "reference" or backend in _ASPP_FORWARD_OPS:
+        for module in modules:
+            if id(module) not in inside_aspp and _is_aspp(module, shared):
+                inside_aspp.update(id(m) for m in module.modules())
+                object.__setattr__(module, _FUSED_ATTR, backend)
+                module.__class__ = _fused_class(type(module), "aspp")
     for module in modules:
         k = _residual_block_depth(module, shared)
         if k:
             object.__setattr__(module, _FUSED_ATTR, (k, backend))
-            module.__class__ = _fused_block_class(type(module))
+            module.__class__ = _fused_class(type(module), "block")
     for container in modules:
-        if _is_chain_container(container):
+        if _is_chain_container(container) and id(container) not in inside_aspp:
             _fuse_chain(container, backend, shared)
     return model
 
@@ -244,12 +296,12 @@ def unfuse_modules(model: nn.Module) -> nn.Module:
             delattr(module, _FUSED_ATTR)
         elif type(module) is FusedAwayBatchNorm2d:
             module.__class__ = nn.BatchNorm2d
-        elif _is_fused_block(module):
+        elif _is_fused_class(module):
             module.__class__ = type(module).original_class
             delattr(module, _FUSED_ATTR)
     return model
 
 
 def is_fused(module: nn.Module) -> bool:
-    """Whether `module` is a fused conv, a fused-away BatchNorm2d or ReLU, or a fused residual block."""
-    return type(module) in (FusedConv2d, FusedAwayBatchNorm2d, FusedAwayReLU) or _is_fused_block(module)
+    """Whether `module` is a fused conv, a fused-away BatchNorm2d or ReLU, or a fused residual block or ASPP."""
+    return type(module) in (FusedConv2d, FusedAwayBatchNorm2d, FusedAwayReLU) or _is_fused_class(module)

@@ -11,6 +11,7 @@ import torch
 from helpers import assert_close
 from torch import nn
 from torchvision.models.resnet import BasicBlock, Bottleneck
+from torchvision.models.segmentation.deeplabv3 import ASPP as TorchvisionASPP
 
 from deeplab_ops import fusion
 from deeplab_ops.nn import fuse_modules, unfuse_modules
@@ -53,7 +54,7 @@ def _count(model: nn.Module, cls: type) -> int:
 
 class _Head(nn.Module):
     """A chain inside a longer Sequential (as torchvision's DeepLabHead), a downsample-like pair (no ReLU), a
-    conv with a bias (not fusable) and a BN-variant zoo."""
+    conv with a bias (not fusable), torchvision's BasicBlock, Bottleneck and ASPP, and a BN-variant zoo."""
 
     def __init__(self, bn_kwargs: dict) -> None:
         super().__init__()
@@ -71,9 +72,13 @@ class _Head(nn.Module):
         self.basic = BasicBlock(8, 8)
         down = nn.Sequential(nn.Conv2d(8, 16, 1, stride=2, bias=False), nn.BatchNorm2d(16, **bn_kwargs))
         self.bottleneck = Bottleneck(8, 4, stride=2, downsample=down, dilation=1)
+        self.aspp = TorchvisionASPP(16, (1, 2), out_channels=4)
+        for branch in [*self.aspp.convs, self.aspp.project]:
+            i = next(i for i, m in enumerate(branch) if isinstance(m, nn.BatchNorm2d))
+            branch[i] = nn.BatchNorm2d(4, **bn_kwargs)
 
     def forward(self, x):
-        return self.bottleneck(self.basic(self.seq(x)))
+        return self.aspp(self.bottleneck(self.basic(self.seq(x))))
 
 
 @pytest.mark.parametrize(
@@ -88,6 +93,12 @@ def test_small_model_same_forward_gradients_and_running_stats(bn_kwargs):
     assert type(fused.seq[7]) is nn.BatchNorm2d and type(fused.seq[8]) is nn.ReLU
     assert fusion.is_fused(fused.basic) and fusion.is_fused(fused.bottleneck)
     assert isinstance(fused.bottleneck, Bottleneck)
+    # The ASPP runs on the fused ASPP op when its BatchNorms are affine (else its branches fuse as chains).
+    if bn_kwargs.get("affine", True):
+        assert fusion.is_fused(fused.aspp) and isinstance(fused.aspp, TorchvisionASPP)
+    else:
+        assert not fusion.is_fused(fused.aspp) and type(fused.aspp.convs[1][0]) is fusion.FusedConv2d
+    # frozen_bn: a training model with every BatchNorm in eval mode (the fused ASPP then runs its original forward).
     for step, mode in enumerate(["train", "train", "frozen_bn", "eval"]):
         for m in (plain, fused):
             m.train(mode != "eval")
@@ -97,7 +108,10 @@ def test_small_model_same_forward_gradients_and_running_stats(bn_kwargs):
                         bn.eval()
         x = torch.randn(2, 4, 13, 11) + step
         xp, xf = x.clone().requires_grad_(), x.clone().requires_grad_()
-        out_p, out_f = plain(xp), fused(xf)
+        torch.manual_seed(step)  # the same dropout mask in the ASPP's projection
+        out_p = plain(xp)
+        torch.manual_seed(step)
+        out_f = fused(xf)
         assert_close(out_f, out_p, f"step {step} ({mode}) output", ATOL, RTOL)
         g = torch.randn_like(out_p)
         out_p.backward(g)
@@ -121,10 +135,12 @@ def test_torchvision_deeplabv3_fused_equals_unfused_and_unfuse_restores():
         fuse_modules(model)
         # Every BatchNorm of backbone (stem included), ASPP, head and aux head is fused into its conv.
         blocks = [m for m in model.modules() if fusion.is_fused(m) and isinstance(m, Bottleneck)]
-        assert len(blocks) == 16
-        assert _count(model, fusion.FusedAwayBatchNorm2d) + 3 * len(blocks) == n_bn
+        assert len(blocks) == 16 and fusion.is_fused(model.classifier[0])  # the ASPP, on the fused ASPP op
+        assert _count(model, fusion.FusedAwayBatchNorm2d) + 3 * len(blocks) + 6 == n_bn
         assert type(model.backbone.relu) is fusion.FusedAwayReLU
-        _assert_same_state(model, keys, "fused torchvision model")
+        state = model.state_dict()
+        assert list(state) == list(keys), "fusing changed the state_dict keys"
+        assert all(torch.equal(state[k], v) for k, v in keys.items()), "fusing changed state_dict values"
         got = model(x)
         for k in ("out", "aux"):
             err = ((got[k] - expected[k]).abs().max() / expected[k].abs().max()).item()
@@ -147,8 +163,11 @@ def test_idempotent_and_backend_choice():
     with torch.no_grad():
         want = plain(x)
         fuse_modules(fused, backend="reference")
-        assert fused.seq[1]._deeplab_ops_fused[2] == "reference"
+        assert fused.seq[1]._deeplab_ops_fused[2] == "reference" and fused.aspp._deeplab_ops_fused == "reference"
         assert_close(fused(x), want, "backend='reference'", ATOL, RTOL)
+    # A backend without ASPP kernels (triton) gets the ASPP's branches fused as conv-BN-ReLU chains instead.
+    fuse_modules(fused, backend="triton")
+    assert not fusion.is_fused(fused.aspp) and type(fused.aspp.convs[3][1]) is fusion.FusedConv2d
     unfuse_modules(fused)
     unfuse_modules(fused)
     assert [type(m) for m in fused.modules()] == [type(m) for m in plain.modules()]
@@ -225,8 +244,6 @@ def test_fused_model_deepcopies_and_pickles():
 
 
 def test_aspp_pooling_branch_batch_one_in_training():
-    from torchvision.models.segmentation.deeplabv3 import ASPP as TorchvisionASPP
-
     from model.aspp import ASPP
 
     x1 = torch.randn(1, 8, 5, 5)
@@ -234,12 +251,13 @@ def test_aspp_pooling_branch_batch_one_in_training():
         aspp = ASPP(8, (1, 2), out_channels=4)
         if fused:
             fuse_modules(aspp)
-        with pytest.raises(ValueError, match="batch of at least 2.*eval"):
+        with pytest.raises(ValueError, match="batch of (at least 2|2 or more).*eval"):
             aspp(x1)
         aspp.convs[-1][2].eval()  # frozen BN in the pooling branch: batch 1 is fine
         assert aspp(x1).shape == (1, 4, 5, 5)
         aspp.eval()
         assert aspp(x1).shape == (1, 4, 5, 5)
-    tv = fuse_modules(TorchvisionASPP(8, (1, 2), out_channels=4))
-    with pytest.raises(ValueError, match="batch of 2 or more"):
-        tv(x1)
+    for backend in (None, "triton"):  # the fused ASPP op; conv_bn_relu chains (the error comes before any kernel)
+        tv = fuse_modules(TorchvisionASPP(8, (1, 2), out_channels=4), backend=backend)
+        with pytest.raises(ValueError, match="batch of 2 or more"):
+            tv(x1)
