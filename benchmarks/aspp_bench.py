@@ -1,0 +1,131 @@
+"""Benchmark the ASPP module: eager (cuDNN), torch.compile (default, max-autotune), deeplab_ops triton and cuda.
+
+    python benchmarks/aspp_bench.py                                  # every DeepLab shape, provider, mode, dtype
+    python benchmarks/aspp_bench.py --dtypes bf16 --batches 16 --configs os16 --plot
+    python benchmarks/aspp_bench.py --device cpu --quick             # small shapes: cpu, reference, eager
+
+Shapes (CUDA): Cin 2048 → Cout 256; 33×33 at output stride 16 with rates (6, 12, 18) and (12, 24, 36), 65×65 at
+output stride 8 with (12, 24, 36); batches 1, 8, 16. Training modes at batch 1 are skipped: BatchNorm of the
+pooling branch needs more than one value per channel, as in PyTorch. The eager module is torchvision's ASPP with
+dropout 0 (model.ASPP when torchvision is absent); fused providers run deeplab_ops.nn.FusedASPP(dropout=0).
+"""
+
+from __future__ import annotations
+
+import argparse
+import importlib.util
+import sys
+
+import common
+import torch
+
+CUDA_CONFIGS = {  # name: (H = W, rates)
+    "os16": (33, (6, 12, 18)),
+    "os16_r12": (33, (12, 24, 36)),
+    "os8": (65, (12, 24, 36)),
+}
+CPU_CONFIGS = {"os16": (17, (3, 6, 9)), "os16_r12": (17, (6, 12, 18)), "os8": (33, (6, 12, 18))}
+CUDA_PROVIDERS = ("eager", "compile", "compile-max", "triton", "cuda")
+CPU_PROVIDERS = ("cpu", "reference", "eager")
+FUSED = common.FUSED_PROVIDERS
+PROVIDERS = ("eager", "compile", "compile-max", "triton", "cuda", "cpu", "reference")
+
+
+def eager_aspp(cin: int, rates: tuple[int, ...], cout: int) -> torch.nn.Module:
+    """torchvision's ASPP with dropout 0, else model.ASPP (the same structure and keys)."""
+    try:
+        from torchvision.models.segmentation.deeplabv3 import ASPP
+
+        module = ASPP(cin, list(rates), cout)
+        module.project[3].p = 0.0
+        return module
+    except ImportError:
+        from model import ASPP
+
+        return ASPP(cin, rates, cout, dropout=0.0)
+
+
+def eager_aspp_note() -> str:
+    return "" if importlib.util.find_spec("torchvision") else "eager is model.ASPP (torchvision is not installed)"
+
+
+def make_module(provider: str, cin: int, rates, cout: int) -> torch.nn.Module:
+    if provider in FUSED:
+        from deeplab_ops.nn import FusedASPP
+
+        return FusedASPP(cin, rates, cout, dropout=0.0, backend=provider)
+    module = eager_aspp(cin, rates, cout)
+    if provider == "eager":
+        return module
+    return torch.compile(module, mode="max-autotune" if provider == "compile-max" else "default")
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    common.add_common_args(parser, "aspp_bench")
+    parser.add_argument("--providers", type=common.csv_list(str, PROVIDERS), default=None,
+                        help=f"comma list of {PROVIDERS}; default: {CUDA_PROVIDERS} on cuda, {CPU_PROVIDERS} on cpu")
+    parser.add_argument("--configs", type=common.csv_list(str, CUDA_CONFIGS), default=list(CUDA_CONFIGS),
+                        help="comma list: os16 (33x33, rates 6/12/18), os16_r12 (33x33, 12/24/36), os8 (65x65, "
+                             "12/24/36); on cpu the same names are 17/17/33 px with halved rates")
+    parser.add_argument("--in-channels", type=int, default=None, help="Cin (default 2048 on cuda, 64 on cpu)")
+    parser.add_argument("--out-channels", type=int, default=None, help="Cout (default 256 on cuda, 32 on cpu)")
+    args = parser.parse_args(argv)
+    device = common.resolve_device(args)
+    cuda = device.type == "cuda"
+    providers = args.providers or list(CUDA_PROVIDERS if cuda else CPU_PROVIDERS)
+    dtypes = args.dtypes or (["bf16", "fp16", "fp32", "tf32"] if cuda else ["fp32"])
+    batches = args.batches or ([1, 8, 16] if cuda else [2])
+    configs = CUDA_CONFIGS if cuda else CPU_CONFIGS
+    names = args.configs
+    cin = args.in_channels or (2048 if cuda else 64)
+    cout = args.out_channels or (256 if cuda else 32)
+    if args.quick:
+        names = names[:1]
+        batches = batches[:1] if cuda else [2]
+        if not cuda:
+            configs = {"os16": (9, (2, 4, 6))}
+            cin, cout = args.in_channels or 32, args.out_channels or 16
+
+    env = common.environment(device)
+    peak, peak_desc = common.matmul_peak(device, args.quick)
+    print(f"{env['gpu']} | torch {env['torch']} | triton {env['triton']} | commit {env['git_commit']}")
+    print(f"peak: {peak_desc}")
+    runner = common.Runner(env, device, args, peak)
+    fractions = {}
+    for name in names:
+        size, rates = configs[name]
+        fractions[name] = {r: round(common.valid_tap_fraction(size, r), 4) for r in rates}
+        forward = common.aspp_flops(1, cin, cout, size, size, rates)
+        shape = f"{cin}x{size}x{size} r{'/'.join(map(str, rates))} ->{cout}"
+        for batch in batches:
+            for dtype_name in dtypes:
+                dtype = common.set_precision(dtype_name)
+                for mode in args.modes:
+                    training = mode != "eval_fwd"
+                    flops = common.mode_flops((forward[0] * batch, forward[1] * batch), mode)
+                    for provider in providers:
+                        case = dict(op="aspp", provider=provider, mode=mode, dtype=dtype_name, shape=shape,
+                                    batch=batch)
+                        x = torch.randn(batch, cin, size, size, device=device, dtype=dtype)
+                        reason = common.unavailable(provider, "aspp", device, x=x, rates=rates, training=training)
+                        if training and batch == 1:
+                            reason = "BatchNorm in training needs batch >= 2 (the pooling branch has 1 value/channel)"
+                        module_note = "" if provider in FUSED else eager_aspp_note()
+
+                        def build(provider=provider, mode=mode, x=x, rates=rates, dtype=dtype):
+                            compiled = provider.startswith("compile")
+                            if compiled:
+                                torch._dynamo.reset()  # a fresh graph per case: no recompile limit is reached
+                            module = make_module(provider, cin, rates, cout).to(device=device, dtype=dtype)
+                            return common.mode_case(mode, module, [x], compiled)
+
+                        runner.run(build, reason=reason, flops=flops, note=module_note, **case)
+    rows = runner.rows
+    meta = {"script": "aspp_bench", "argv": sys.argv[1:] if argv is None else argv, "matmul_peak": peak_desc,
+            "matmul_peak_tflops": peak, "valid_tap_fraction": fractions, "environment": env}
+    return common.finish(rows, args, meta, f"ASPP on {env['gpu']} ({peak_desc})")
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,183 @@
+"""Benchmark fused conv + BatchNorm (+ residual) + ReLU at DeepLabV3's ResNet-50/101 shapes and ASPP rates.
+
+    python benchmarks/conv_bn_relu_bench.py                          # every shape, provider, mode, dtype
+    python benchmarks/conv_bn_relu_bench.py --dtypes bf16 --shapes os16 --plot
+    python benchmarks/conv_bn_relu_bench.py --device cpu --quick     # small shapes: cpu, reference, eager
+
+Shapes are those of a 513×513 crop. ResNet-50 and ResNet-101 have the same block shapes (ResNet-101 repeats
+layer3's 23 times instead of 6), so one row covers both. Output stride 16: layer3 at 33×33 (dilation 1),
+layer4 at 33×33 (dilation 2; 4 with multi-grid); output stride 8: layer3 at 65×65 (dilation 2), layer4 at 65×65
+(dilation 4); the ASPP 3×3 branches (2048 → 256) at rates 6/12/18 (33×33) and 12/24/36 (65×65). Providers:
+eager nn.Sequential(Conv2d(bias=False), BatchNorm2d, ReLU) (cuDNN, cudnn.benchmark on), deeplab_ops.reference,
+torch.compile of the eager module (default, max-autotune), deeplab_ops triton and cuda.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from dataclasses import dataclass
+
+import common
+import torch
+from torch import nn
+
+CUDA_PROVIDERS = ("eager", "reference", "compile", "compile-max", "triton", "cuda")
+CPU_PROVIDERS = ("cpu", "reference", "eager")
+PROVIDERS = ("eager", "reference", "compile", "compile-max", "triton", "cuda", "cpu")
+
+
+@dataclass(frozen=True)
+class ConvShape:
+    group: str  # os16, os8, aspp (what --shapes selects)
+    name: str
+    cin: int
+    cout: int
+    kernel: int
+    size: int  # input H = W
+    stride: int = 1
+    dilation: int = 1
+    residual: bool = False
+
+    @property
+    def padding(self) -> int:
+        return self.dilation * (self.kernel - 1) // 2
+
+    @property
+    def out_size(self) -> int:
+        return (self.size + 2 * self.padding - self.dilation * (self.kernel - 1) - 1) // self.stride + 1
+
+    def label(self) -> str:
+        s = f"{self.name} {self.cin}->{self.cout} k{self.kernel}"
+        s += f" s{self.stride}" if self.stride > 1 else ""
+        s += f" d{self.dilation}" if self.dilation > 1 else ""
+        return s + f" @{self.size}" + (" +res" if self.residual else "")
+
+
+CUDA_SHAPES = (
+    ConvShape("os16", "layer1", 64, 64, 3, 129),
+    ConvShape("os16", "layer2", 128, 128, 3, 129, stride=2),
+    ConvShape("os16", "layer2", 128, 128, 3, 65),
+    ConvShape("os16", "layer3", 256, 256, 3, 33),
+    ConvShape("os16", "layer3", 256, 1024, 1, 33, residual=True),
+    ConvShape("os16", "layer4", 512, 512, 3, 33, dilation=2),
+    ConvShape("os16", "layer4", 512, 512, 3, 33, dilation=4),
+    ConvShape("os8", "layer3", 256, 256, 3, 65, dilation=2),
+    ConvShape("os8", "layer4", 512, 512, 3, 65, dilation=4),
+    ConvShape("os8", "layer4", 512, 2048, 1, 65, residual=True),
+    *(ConvShape("aspp", "aspp", 2048, 256, 3, 33, dilation=r) for r in (6, 12, 18)),
+    *(ConvShape("aspp", "aspp", 2048, 256, 3, 65, dilation=r) for r in (12, 24, 36)),
+)
+CPU_SHAPES = (
+    ConvShape("os16", "layer3", 32, 32, 3, 17),
+    ConvShape("os16", "layer3", 32, 64, 1, 17, residual=True),
+    ConvShape("os16", "layer2", 16, 16, 3, 33, stride=2),
+    ConvShape("os8", "layer4", 32, 32, 3, 17, dilation=4),
+    ConvShape("aspp", "aspp", 64, 16, 3, 17, dilation=6),
+)
+QUICK_CPU_SHAPES = (
+    ConvShape("os16", "layer3", 16, 16, 3, 9, dilation=2),
+    ConvShape("os16", "layer3", 16, 32, 1, 9, residual=True),
+)
+
+
+class EagerConvBNReLU(nn.Module):
+    """relu(bn(conv(x)) [+ residual]) in plain PyTorch modules (the cuDNN baseline)."""
+
+    def __init__(self, s: ConvShape) -> None:
+        super().__init__()
+        self.conv = nn.Conv2d(s.cin, s.cout, s.kernel, s.stride, s.padding, s.dilation, bias=False)
+        self.bn = nn.BatchNorm2d(s.cout)
+        self.relu = nn.ReLU()
+
+    def forward(self, x: torch.Tensor, residual: torch.Tensor | None = None) -> torch.Tensor:
+        y = self.bn(self.conv(x))
+        return self.relu(y if residual is None else y + residual)
+
+
+class ReferenceConvBNReLU(EagerConvBNReLU):
+    """deeplab_ops.reference.conv_bn_relu on the same parameters and buffers."""
+
+    def forward(self, x: torch.Tensor, residual: torch.Tensor | None = None) -> torch.Tensor:
+        from deeplab_ops import reference
+
+        c, bn = self.conv, self.bn
+        return reference.conv_bn_relu(
+            x, c.weight, bn.weight, bn.bias, bn.running_mean, bn.running_var, stride=c.stride, padding=c.padding,
+            dilation=c.dilation, training=self.training, momentum=bn.momentum, eps=bn.eps, residual=residual,
+        )
+
+
+def make_module(provider: str, s: ConvShape) -> nn.Module:
+    if provider in ("triton", "cuda", "cpu"):
+        from deeplab_ops.nn import FusedConvBNReLU
+
+        return FusedConvBNReLU(s.cin, s.cout, s.kernel, s.stride, s.padding, s.dilation, backend=provider)
+    if provider == "reference":
+        return ReferenceConvBNReLU(s)
+    module = EagerConvBNReLU(s)
+    if provider == "eager":
+        return module
+    return torch.compile(module, mode="max-autotune" if provider == "compile-max" else "default")
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    common.add_common_args(parser, "conv_bn_relu_bench")
+    parser.add_argument("--providers", type=common.csv_list(str, PROVIDERS), default=None,
+                        help=f"comma list of {PROVIDERS}; default: {CUDA_PROVIDERS} on cuda, {CPU_PROVIDERS} on cpu")
+    parser.add_argument("--shapes", type=common.csv_list(str, ("os16", "os8", "aspp")), default=["os16", "os8", "aspp"],
+                        help="comma list of shape groups: os16 (ResNet blocks at output stride 16), os8, aspp")
+    args = parser.parse_args(argv)
+    device = common.resolve_device(args)
+    cuda = device.type == "cuda"
+    providers = args.providers or list(CUDA_PROVIDERS if cuda else CPU_PROVIDERS)
+    dtypes = args.dtypes or (["bf16", "fp16", "fp32", "tf32"] if cuda else ["fp32"])
+    batches = args.batches or ([16] if cuda else [2])
+    if args.quick and not cuda:
+        shapes = QUICK_CPU_SHAPES
+    else:
+        shapes = [s for s in (CUDA_SHAPES if cuda else CPU_SHAPES) if s.group in args.shapes]
+        if args.quick:
+            shapes = shapes[:2]
+
+    env = common.environment(device)
+    peak, peak_desc = common.matmul_peak(device, args.quick)
+    print(f"{env['gpu']} | torch {env['torch']} | triton {env['triton']} | commit {env['git_commit']}")
+    print(f"peak: {peak_desc}")
+    runner = common.Runner(env, device, args, peak)
+    for s in shapes:
+        forward = common.conv_flops(1, s.cin, s.cout, s.size, s.size, s.kernel, s.dilation, s.padding, s.stride)
+        for batch in batches:
+            for dtype_name in dtypes:
+                dtype = common.set_precision(dtype_name)
+                for mode in args.modes:
+                    flops = common.mode_flops((forward[0] * batch, forward[1] * batch), mode)
+                    for provider in providers:
+                        case = dict(op="conv_bn_relu", provider=provider, mode=mode, dtype=dtype_name,
+                                    shape=s.label(), batch=batch)
+                        x = torch.randn(batch, s.cin, s.size, s.size, device=device, dtype=dtype)
+                        r = (torch.randn(batch, s.cout, s.out_size, s.out_size, device=device, dtype=dtype)
+                             if s.residual else None)
+                        w = torch.empty(s.cout, s.cin, s.kernel, s.kernel, device="meta")
+                        pair = (s.stride,) * 2, (s.padding,) * 2, (s.dilation,) * 2
+                        reason = common.unavailable(
+                            provider, "conv_bn_relu", device, x=x, weight=w, stride=pair[0], padding=pair[1],
+                            dilation=pair[2], training=mode != "eval_fwd", residual=r,
+                        ) if provider != "reference" else ""
+
+                        def build(provider=provider, mode=mode, x=x, r=r, s=s, dtype=dtype):
+                            compiled = provider.startswith("compile")
+                            if compiled:
+                                torch._dynamo.reset()  # a fresh graph per case: no recompile limit is reached
+                            module = make_module(provider, s).to(device=device, dtype=dtype)
+                            return common.mode_case(mode, module, [x] if r is None else [x, r], compiled)
+
+                        runner.run(build, reason=reason, flops=flops, **case)
+    meta = {"script": "conv_bn_relu_bench", "argv": sys.argv[1:] if argv is None else argv, "matmul_peak": peak_desc,
+            "matmul_peak_tflops": peak, "environment": env}
+    return common.finish(runner.rows, args, meta, f"conv + BN + ReLU on {env['gpu']} ({peak_desc})")
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,185 @@
+"""The benchmark scripts: FLOP counting, the shared helpers, and a `--device cpu --quick` run of each script."""
+
+from __future__ import annotations
+
+import csv
+import itertools
+import json
+import math
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+BENCH_DIR = Path(__file__).resolve().parent.parent / "benchmarks"
+sys.path.insert(0, str(BENCH_DIR))
+
+import common  # noqa: E402
+
+
+@pytest.fixture(autouse=True)
+def _restore_global_settings():
+    # The scripts set cudnn.benchmark, TF32 and (--threads) the thread count; other tests must not see that.
+    saved = (torch.backends.cudnn.benchmark, torch.backends.cudnn.allow_tf32, torch.backends.cuda.matmul.allow_tf32)
+    threads = torch.get_num_threads()
+    yield
+    torch.backends.cudnn.benchmark, torch.backends.cudnn.allow_tf32, torch.backends.cuda.matmul.allow_tf32 = saved
+    torch.set_num_threads(threads)
+
+
+# One thread: on a shared CPU machine, oversubscribed OpenMP threads make these runs ten times slower.
+QUICK = ["--device", "cpu", "--quick", "--threads", "1"]
+
+
+# ---- FLOP counting ---------------------------------------------------------------------------------------------
+
+
+def _brute_taps(h, w, k, d, p, s):
+    ho = (h + 2 * p - d * (k - 1) - 1) // s + 1
+    wo = (w + 2 * p - d * (k - 1) - 1) // s + 1
+    useful = sum(
+        0 <= oy * s + i * d - p < h and 0 <= ox * s + j * d - p < w
+        for i, j, oy, ox in itertools.product(range(k), range(k), range(ho), range(wo))
+    )
+    return useful, k * k * ho * wo
+
+
+@pytest.mark.parametrize(("size", "rates", "design"), [
+    (33, (6, 12, 18), (0.77, 0.57, 0.41)),   # DESIGN.md, output stride 16
+    (33, (12, 24, 36), (0.57, 0.27, 0.11)),  # DESIGN.md's 12/24/36 figures are at 33x33
+    (65, (12, 24, 36), (0.77, 0.57, 0.40)),  # output stride 8: the feature map is 65x65
+])
+def test_valid_tap_fraction(size, rates, design):
+    for r, expected in zip(rates, design, strict=True):
+        # per axis, the centre tap reads size positions, each side tap max(0, size - r): the fraction is separable
+        exact = ((size + 2 * max(0, size - r)) / (3 * size)) ** 2
+        got = common.valid_tap_fraction(size, r)
+        assert got == pytest.approx(exact, rel=1e-12)
+        # DESIGN.md rounds to two digits; rate 18 at 33x33 is (63/99)^2 = 0.40496, which it gives as 0.41
+        assert abs(got - expected) < 0.006, f"{size}x{size} rate {r}: {got:.4f}, DESIGN.md says {expected}"
+
+
+def test_conv_taps_matches_brute_force():
+    for h, w, k, d, p, s in itertools.product((5, 9), (7, 12), (1, 3), (1, 2, 5), (0, 1, 5), (1, 2, 3)):
+        if h + 2 * p - d * (k - 1) - 1 < 0 or w + 2 * p - d * (k - 1) - 1 < 0:
+            continue
+        assert common.conv_taps(h, w, k, d, p, s) == _brute_taps(h, w, k, d, p, s), (h, w, k, d, p, s)
+
+
+def test_rate_beyond_image_leaves_only_the_centre_tap():
+    assert common.conv_taps(33, 33, 3, 40, 40) == (33 * 33, 9 * 33 * 33)
+
+
+def test_aspp_flops():
+    n, cin, cout, size, rates = 2, 2048, 256, 33, (6, 12, 18)
+    useful, dense = common.aspp_flops(n, cin, cout, size, size, rates)
+    hw = size * size
+    conv3_dense = 3 * 2.0 * n * cin * cout * 9 * hw
+    conv3_useful = sum(2.0 * n * cin * cout * 9 * hw * common.valid_tap_fraction(size, r) for r in rates)
+    assert math.isclose(dense - useful, conv3_dense - conv3_useful + 2.0 * n * cout * cout * (hw - 1))
+    # the forward is dominated by the 3x3 branches: about 40% of their FLOPs multiply padding (DESIGN.md)
+    assert 0.35 < 1 - conv3_useful / conv3_dense < 0.45
+    assert common.mode_flops((useful, dense), "fwd_bwd") == (3 * useful, 3 * dense)
+    assert common.mode_flops((useful, dense), "eval_fwd") == (useful, dense)
+
+
+def test_quantile_matches_torch():
+    values = torch.rand(11).tolist()
+    for q in common.QUANTILES:
+        assert math.isclose(common.quantile(values, q), torch.quantile(torch.tensor(values), q).item(), rel_tol=1e-5)
+
+
+def test_make_row_rejects_unknown_fields():
+    env = dict.fromkeys(common.ENV_FIELDS, "x")
+    assert set(common.make_row(env, op="aspp")) == set(common.FIELDS)
+    with pytest.raises(KeyError, match="median"):
+        common.make_row(env, median=1.0)
+
+
+# ---- the scripts, on CPU ---------------------------------------------------------------------------------------
+
+
+def _read(out: Path, name: str) -> tuple[list[dict], dict]:
+    with (out / f"{name}.csv").open() as f:
+        reader = csv.DictReader(f)
+        assert tuple(reader.fieldnames) == common.FIELDS
+        rows = list(reader)
+    data = json.loads((out / f"{name}.json").read_text())
+    assert len(data["rows"]) == len(rows)
+    assert all(tuple(r) == common.FIELDS for r in data["rows"])
+    return data["rows"], data["meta"]
+
+
+def _check_timed(rows: list[dict], providers: set[str], modes: set[str]) -> None:
+    ok = [r for r in rows if r["status"] == "ok"]
+    assert {r["provider"] for r in ok} == providers, [(r["provider"], r["status"], r["note"]) for r in rows]
+    assert {r["mode"] for r in ok} == modes
+    for r in ok:
+        assert 0 < r["p20_ms"] <= r["median_ms"] <= r["p80_ms"], r
+        assert r["device"] == "cpu" and r["gpu"].startswith("none (CPU:") and r["torch"] == torch.__version__
+        assert r["git_commit"] and r["time"].endswith("Z")
+        assert r["peak_mem_mb"] is None  # not measured on CPU
+        assert r["speedup_vs_eager"] > 0
+        if r["provider"] == "eager":
+            assert r["speedup_vs_eager"] == pytest.approx(1.0)
+        if r["useful_tflops"] is not None:
+            assert 0 < r["useful_tflops"] <= r["dense_tflops"] and r["pct_peak"] > 0
+
+
+def test_aspp_bench_cpu_quick(tmp_path, capsys):
+    import aspp_bench
+
+    argv = [*QUICK, "--out", str(tmp_path), "--providers", "cpu,reference,eager,cuda", "--plot"]
+    assert aspp_bench.main(argv) == 0
+    rows, meta = _read(tmp_path, "aspp_bench")
+    _check_timed(rows, {"cpu", "reference", "eager"}, {"train_fwd", "eval_fwd", "fwd_bwd"})
+    # the cuda backend cannot run CPU tensors: recorded as skipped with deeplab_ops' reason, never a crash
+    cuda = [r for r in rows if r["provider"] == "cuda"]
+    assert cuda and all(r["status"] == "skipped" and "CUDA tensors" in r["note"] for r in cuda)
+    assert meta["matmul_peak_tflops"] > 0 and "valid_tap_fraction" in meta
+    out = capsys.readouterr()
+    assert "provider" in out.out and "skipped" in out.out
+    try:
+        import matplotlib  # noqa: F401
+
+        assert (tmp_path / "aspp_bench.png").stat().st_size > 0
+    except ImportError:
+        assert "matplotlib is not installed" in out.err
+
+
+def test_conv_bn_relu_bench_cpu_quick(tmp_path):
+    import conv_bn_relu_bench
+
+    assert conv_bn_relu_bench.main([*QUICK, "--out", str(tmp_path)]) == 0
+    rows, _ = _read(tmp_path, "conv_bn_relu_bench")
+    _check_timed(rows, {"cpu", "reference", "eager"}, {"train_fwd", "eval_fwd", "fwd_bwd"})
+    assert any("+res" in r["shape"] for r in rows)
+
+
+def test_train_bench_cpu_quick(tmp_path):
+    import train_bench
+
+    # two providers keep this short: each call is a whole ResNet-50 step
+    assert train_bench.main([*QUICK, "--providers", "cpu,eager", "--out", str(tmp_path)]) == 0
+    rows, _ = _read(tmp_path, "train_bench")
+    _check_timed(rows, {"cpu", "eager"}, {"train_step", "eval_fwd"})
+    assert all(r["images_per_s"] > 0 for r in rows)
+
+
+def test_scripts_run_as_scripts_and_help():
+    # `python benchmarks/X.py` finds common.py beside it; --help lists the flags
+    result = subprocess.run([sys.executable, str(BENCH_DIR / "aspp_bench.py"), "--help"], capture_output=True,
+                            text=True, timeout=120)
+    assert result.returncode == 0, result.stderr
+    for flag in ("--device", "--dtypes", "--providers", "--modes", "--batches", "--quick", "--out", "--plot"):
+        assert flag in result.stdout
+    for module in ("conv_bn_relu_bench", "train_bench"):
+        with pytest.raises(SystemExit) as e:
+            __import__(module).main(["--help"])
+        assert e.value.code == 0
+
+
+def test_gpu_suite_is_valid_bash():
+    assert subprocess.run(["bash", "-n", str(BENCH_DIR / "gpu_suite.sh")], timeout=30).returncode == 0
