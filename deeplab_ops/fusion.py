@@ -1,4 +1,4 @@
-"""Fuse every conv → BatchNorm (→ residual add) → ReLU of a model onto `deeplab_ops.conv_bn_relu`, in place.
+"""Fuse every conv → BatchNorm (→ residual add) → ReLU, and every ASPP, of a model onto deeplab_ops ops, in place.
 
 Nothing here imports `model/`: structures are recognised by their shape, so torchvision's models fuse as well
 as ours.
