@@ -57,7 +57,7 @@ def make_module(provider: str, cin: int, rates, cout: int) -> torch.nn.Module:
     module = eager_aspp(cin, rates, cout)
     if provider == "eager":
         return module
-    return torch.compile(module, mode="max-autotune" if provider == "compile-max" else "default")
+    return common.compiled(module, provider)
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -84,7 +84,7 @@ def main(argv: list[str] | None = None) -> int:
         names = names[:1]
         batches = batches[:1] if cuda else [2]
         if not cuda:
-            configs = {"os16": (9, (2, 4, 6))}
+            names, configs = ["os16"], {"os16": (9, (2, 4, 6))}
             cin, cout = args.in_channels or 32, args.out_channels or 16
 
     env = common.environment(device)
@@ -115,8 +115,6 @@ def main(argv: list[str] | None = None) -> int:
 
                         def build(provider=provider, mode=mode, x=x, rates=rates, dtype=dtype):
                             compiled = provider.startswith("compile")
-                            if compiled:
-                                torch._dynamo.reset()  # a fresh graph per case: no recompile limit is reached
                             module = make_module(provider, cin, rates, cout).to(device=device, dtype=dtype)
                             return common.mode_case(mode, module, [x], compiled)
 

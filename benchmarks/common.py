@@ -175,6 +175,14 @@ def bench(fn: Callable[[], object], device: torch.device, quick: bool = False,
         from triton.testing import do_bench
 
         warmup, rep = (10, 30) if quick else (25, 100)
+        # do_bench repeats for `rep` ms: long calls (a whole training step) would get one or two samples, so
+        # stretch rep to cover at least 5 (quick) or 10 calls, up to 1.5 s (quick) or 4 s per case.
+        synchronize(device)
+        start = time.perf_counter()
+        fn()
+        synchronize(device)
+        once_ms = (time.perf_counter() - start) * 1e3
+        rep = min(max(rep, (5 if quick else 10) * once_ms), 1500 if quick else 4000)
         return tuple(do_bench(fn, warmup=warmup, rep=rep, grad_to_none=grad_to_none, quantiles=list(QUANTILES)))
     reps = 3 if quick else 10
     if not warm:
@@ -267,6 +275,15 @@ def mode_case(mode: str, module: torch.nn.Module, inputs: Sequence[torch.Tensor]
 
 
 FUSED_PROVIDERS = ("triton", "cuda", "cpu", "reference")  # deeplab_ops backends, by name
+
+
+def compiled(module: torch.nn.Module, provider: str) -> torch.nn.Module:
+    """torch.compile for a compile provider (compile: default mode, compile-max: max-autotune), on a fresh dynamo
+    state: each case compiles its own graph, so no recompile limit is reached and no case reuses another's guards."""
+    import torch._dynamo
+
+    torch._dynamo.reset()
+    return torch.compile(module, mode="max-autotune" if provider == "compile-max" else "default")
 
 
 def unavailable(provider: str, op: str, device: torch.device, **call) -> str:

@@ -118,7 +118,7 @@ def make_module(provider: str, s: ConvShape) -> nn.Module:
     module = EagerConvBNReLU(s)
     if provider == "eager":
         return module
-    return torch.compile(module, mode="max-autotune" if provider == "compile-max" else "default")
+    return common.compiled(module, provider)
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -168,8 +168,6 @@ def main(argv: list[str] | None = None) -> int:
 
                         def build(provider=provider, mode=mode, x=x, r=r, s=s, dtype=dtype):
                             compiled = provider.startswith("compile")
-                            if compiled:
-                                torch._dynamo.reset()  # a fresh graph per case: no recompile limit is reached
                             module = make_module(provider, s).to(device=device, dtype=dtype)
                             return common.mode_case(mode, module, [x] if r is None else [x, r], compiled)
 

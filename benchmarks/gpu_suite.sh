@@ -26,6 +26,7 @@ PY=${PYTHON:-$(command -v python3 || command -v python)}
 export PYTHONUNBUFFERED=1
 export TORCH_CUDA_ARCH_LIST=${TORCH_CUDA_ARCH_LIST:-9.0}
 export MAX_JOBS=${MAX_JOBS:-16}
+export DEEPLAB_OPS_CUDA=${DEEPLAB_OPS_CUDA:-1}  # a build that skips the CUDA kernels is an error here
 if [ -z "${GIT_COMMIT:-}" ]; then
     GIT_COMMIT=$(git rev-parse HEAD 2>/dev/null || echo unknown)
 fi

@@ -47,7 +47,7 @@ def make_model(provider: str, depth: int, output_stride: int, num_classes: int) 
 
         fuse_modules(net, backend=provider)
     elif provider.startswith("compile"):
-        net = torch.compile(net, mode="max-autotune" if provider == "compile-max" else "default")
+        net = common.compiled(net, provider)
     return net
 
 
@@ -133,8 +133,6 @@ def main(argv: list[str] | None = None) -> int:
 
                             def build(provider=provider, mode=mode, os_=os_, batch=batch, dtype=dtype, name=name):
                                 compiled = provider.startswith("compile")
-                                if compiled:
-                                    torch._dynamo.reset()
                                 net = make_model(provider, DEPTHS[name], os_, args.num_classes)
                                 net.to(device=device, dtype=dtype)
                                 x = torch.randn(batch, 3, size, size, device=device, dtype=dtype)
