@@ -155,6 +155,73 @@ def test_autotune_configs_are_valid():
             assert len(prune(configs, dict.fromkeys(key + ["H", "W"], 256))) > 1
 
 
+# ---- the GPU code paths compile for Ampere and Hopper (no GPU needed: Triton compiles ahead of time) ----------
+
+_COMPILE_SCRIPT = r"""
+import sys
+import triton, triton.language as tl
+from triton.backends.compiler import GPUTarget
+from triton.compiler import ASTSource
+from deeplab_ops.triton import bn_kernels as B, conv_engine as E
+
+def build(fn, ptrs, consts, arch, config=None):
+    sig = {a: "constexpr" if a in consts or (config and a in config.kwargs) else ("*" + ptrs[a] if a in ptrs else "i32")
+           for a in fn.arg_names}
+    opts = dict(num_warps=config.num_warps, num_stages=config.num_stages) if config else {}
+    consts = {**consts, **(config.kwargs if config else {})}
+    triton.compile(ASTSource(fn, sig, constexprs=consts), target=GPUTarget("cuda", arch, 32), options=opts)
+
+full = sys.argv[1] == "all"
+for dt, arch in (("fp16", 90), ("fp32", 80), ("bf16", 90), ("fp64", 80)):
+    if not full and dt in ("bf16", "fp64"):
+        continue
+    st, acc = ("fp64", tl.float64) if dt == "fp64" else ("fp32", tl.float32)
+    prec = "tf32" if dt == "fp32" else "ieee"
+    gemm = E._HOPPER_GEMM if arch >= 90 else E._AMPERE_GEMM
+    wgrad = E._HOPPER_WGRAD if arch >= 90 else E._AMPERE_WGRAD
+    common = dict(KH=3, KW=3, RELU=True, ACC_DTYPE=acc, DOT_PRECISION=prec)
+    for cfg in (gemm if full else gemm[:1]):
+        for training in (True, False):
+            build(E._conv_fwd_kernel, dict(x_ptr=dt, w_ptr=dt, y_ptr=dt, out_ptr=dt, res_ptr=dt, pairs_ptr="i32",
+                  **dict.fromkeys(["mean_ptr", "scale_ptr", "shift_ptr", "part_count_ptr", "part_mean_ptr",
+                                   "part_m2_ptr"], st)),
+                  dict(common, TRAINING=training, HAS_RES=True, COUNT_PAIRS=training), arch, cfg)
+        build(E._conv_dgrad_kernel, dict(dz_ptr=dt, z_ptr=dt, y_ptr=dt, coef_ptr=st, wt_ptr=dt, dx_ptr=dt,
+              pairs_ptr="i32"), dict(common, COUNT_PAIRS=True), arch, cfg)
+    for cfg in (wgrad if full else wgrad[:1]):
+        build(E._conv_wgrad_kernel, dict(x_ptr=dt, dz_ptr=dt, z_ptr=dt, y_ptr=dt, coef_ptr=st, part_ptr=st,
+              pairs_ptr="i32"), dict(common, COUNT_PAIRS=True), arch, cfg)
+    build(B._bn_finalize_kernel, dict.fromkeys(B._bn_finalize_kernel.arg_names[:14], st),
+          dict(HAS_GAMMA=True, HAS_BETA=True, HAS_RUNNING=True, ACC_DTYPE=acc, BLOCK_P=64, BLOCK_C=64), arch)
+    build(B._bn_apply_kernel, dict(y_ptr=dt, res_ptr=dt, out_ptr=dt, mean_ptr=st, scale_ptr=st, shift_ptr=st),
+          dict(HAS_RES=True, RELU=True, BLOCK_M=64, BLOCK_C=64), arch)
+    build(B._bn_bwd_reduce_kernel, dict(dz_ptr=dt, z_ptr=dt, y_ptr=dt, mean_ptr=st, g_ptr=dt, part_g_ptr=st,
+          part_gy_ptr=st), dict(RELU=True, STORE_G=True, ACC_DTYPE=acc, BLOCK_M=64, BLOCK_C=64), arch)
+"""
+
+
+def _compile_for_gpus(which: str) -> None:
+    import os
+    import subprocess
+    import sys
+
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}  # real JIT functions, not interpreted
+    done = subprocess.run([sys.executable, "-c", _COMPILE_SCRIPT, which], env=env, capture_output=True, text=True)
+    assert done.returncode == 0, done.stderr[-4000:]
+
+
+def test_kernels_compile_for_ampere_and_hopper():
+    """Every kernel, fp16 on sm_90 and fp32-with-TF32 on sm_80, in its first autotune configuration."""
+    _compile_for_gpus("first")
+
+
+@pytest.mark.slow
+def test_every_autotune_config_compiles():
+    """Every configuration of both lists, fp16/fp32/bf16/fp64: none fails to compile (shared memory is checked
+    at launch, where the autotuner drops configurations that do not fit)."""
+    _compile_for_gpus("all")
+
+
 # ---- padding-tap skipping ---------------------------------------------------------------------------------
 
 
