@@ -575,3 +575,46 @@ def finish(rows: list[dict], args: argparse.Namespace, meta: dict, title: str) -
         if path:
             print(f"wrote {path}")
     return 0 if any(r["status"] == "ok" for r in rows) else 1
+
+
+# ---- the issue's goals ---------------------------------------------------------------------------------------
+
+# (title, file stem, mode, baseline provider, target): fused median vs baseline median, H100 bf16 (issue #7).
+GOALS = (
+    ("ASPP train forward vs eager", "aspp_goal", "train_fwd", "eager", 1.8),
+    ("ASPP eval forward vs eager", "aspp_goal", "eval_fwd", "eager", 1.8),
+    ("ASPP train forward vs compile max-autotune", "aspp_goal", "train_fwd", "compile-max", 1.4),
+    ("ASPP eval forward vs compile max-autotune", "aspp_goal", "eval_fwd", "compile-max", 1.4),
+    ("ASPP forward + backward vs eager", "aspp_goal", "fwd_bwd", "eager", 1.6),
+    ("training step vs eager (images/s)", "train_bench", "train_step", "eager", 1.3),
+)
+
+
+def goal_report(out_dir: str | Path) -> list[str]:
+    """Lines saying, for each goal and fused provider, the measured ratio against its target (or why none)."""
+    lines = []
+    for title, stem, mode, base, target in GOALS:
+        path = Path(out_dir) / f"{stem}.json"
+        if not path.exists():
+            lines.append(f"{title}: no {path.name}")
+            continue
+        rows = [r for r in json.loads(path.read_text())["rows"] if r["mode"] == mode and r["status"] == "ok"]
+        for shape in dict.fromkeys(r["shape"] for r in rows):
+            sel = {r["provider"]: r for r in rows if r["shape"] == shape}
+            if base not in sel:
+                lines.append(f"{title} [{shape}]: no {base} row")
+                continue
+            for p in ("cuda", "triton", "cpu"):
+                if p in sel:
+                    ratio = sel[base]["median_ms"] / sel[p]["median_ms"]
+                    verdict = "met" if ratio >= target else "NOT met"
+                    lines.append(f"{title} [{shape}, {sel[p]['dtype']}, N{sel[p]['batch']}, {sel[p]['gpu']}]: "
+                                 f"{p} {ratio:.2f}x (goal {target}x) {verdict}")
+    return lines
+
+
+if __name__ == "__main__":
+    # python benchmarks/common.py goals DIR: the issue's goals, read from DIR's aspp_goal.json and train_bench.json
+    if len(sys.argv) != 3 or sys.argv[1] != "goals":
+        sys.exit("usage: python benchmarks/common.py goals DIR")
+    print("\n".join(goal_report(sys.argv[2])))

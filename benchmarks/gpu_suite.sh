@@ -13,7 +13,7 @@
 #   suite.log                  everything printed, with a summary of the steps at the end
 #   pytest.log                 the test suite's output
 #   aspp_goal.json, train_bench.json     the rows the issue's goals are read from
-#   gpu_suite_results.tar.gz   every JSON, CSV, PNG and log of the run (benchmarks/results/README.md says which)
+#   gpu_suite_results.tar.gz   every JSON, CSV, PNG and log of the run, and goals.txt (results/README.md says which)
 set -u
 
 START=$(date +%s)
@@ -108,6 +108,8 @@ step aspp_dtypes 45 'bench aspp_bench.py aspp_dtypes --configs os16 --batches 16
     --providers eager,cuda,triton'
 step conv_bn_relu 60 'bench conv_bn_relu_bench.py conv_bn_relu_bench --dtypes bf16 --batches 16 \
     --providers eager,reference,cuda,triton'
+
+step goals 30 '"$PY" benchmarks/common.py goals "$STAGE" | tee "$STAGE/goals.txt"'
 
 # 4. pack what comes back (at most 8 files; suite.log is written to $OUT directly)
 echo "=== summary ($(( $(date +%s) - START ))s of ${BUDGET}s)"
