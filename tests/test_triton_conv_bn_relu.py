@@ -278,8 +278,11 @@ GPU_CASES = [Case(2, 32, 17, 15, 48, dilation=2, residual=True), Case(4, 64, 33,
 
 
 def _run_all(case, dtype, backend, x, w, g, b, rm, rv, res, grad_out):
-    inputs = [t.detach().to(dtype).requires_grad_() if t is not None else None for t in (x, w, g, b, res)]
+    # Activations and conv weight in `dtype`; BatchNorm parameters and statistics in float32 (fp64 for fp64),
+    # as nn.BatchNorm2d keeps them under autocast.
     stat = torch.float64 if dtype == torch.float64 else torch.float32
+    inputs = [t.detach().to(d).requires_grad_() if t is not None else None
+              for t, d in zip((x, w, g, b, res), (dtype, dtype, stat, stat, dtype), strict=True)]
     rm, rv = rm.to(stat), rv.to(stat)
     kw = dict(stride=case.stride, padding=case.pad, dilation=case.dilation, training=case.training, relu=case.relu)
     if backend == "reference":
