@@ -325,8 +325,11 @@ class Runner:
         if reason:
             self.skip(reason, **case)
             return None
+        profile = None
+        if getattr(self.args, "profile", False):
+            profile = Path(self.args.out) / f"{self.args.name}_profile.txt"
         row = run_case(self.env, build, self.device, quick=self.args.quick, flops=flops, peak_tflops=self.peak,
-                       images=images, **case)
+                       images=images, profile=profile, **case)
         if note and not row["note"]:
             row["note"] = note
         self.rows.append(row)
@@ -369,8 +372,10 @@ def timed_row(env: dict, fn: Callable[[], object], device: torch.device, *, quic
 
 
 def run_case(env: dict, build: Callable[[], tuple[Callable[[], object], list[torch.Tensor]]], device: torch.device,
-             *, quick: bool, flops=None, peak_tflops=None, images=None, **fields) -> dict:
-    """Build a case (returning fn and the tensors whose grads to clear), time its first call, then time it.
+             *, quick: bool, flops=None, peak_tflops=None, images=None, profile: Path | None = None,
+             **fields) -> dict:
+    """Build a case (returning fn and the tensors whose grads to clear), time its first call, then time it;
+    with `profile`, append the case's top kernels (torch.profiler, 3 calls) to that file.
 
     Any exception becomes a row with status 'error' and the message in note: one broken provider never stops a run.
     """
@@ -380,8 +385,15 @@ def run_case(env: dict, build: Callable[[], tuple[Callable[[], object], list[tor
         fn()
         synchronize(device)
         setup_s = time.perf_counter() - start
-        return timed_row(env, fn, device, quick=quick, flops=flops, peak_tflops=peak_tflops, images=images,
-                         grad_to_none=grads, setup_s=setup_s, **fields)
+        row = timed_row(env, fn, device, quick=quick, flops=flops, peak_tflops=peak_tflops, images=images,
+                        grad_to_none=grads, setup_s=setup_s, **fields)
+        if profile is not None:
+            title = " ".join(str(fields.get(k)) for k in ("provider", "mode", "dtype", "shape", "batch"))
+            try:
+                profile_case(fn, device, profile, title)
+            except Exception as e:  # noqa: BLE001  (a profiler failure must not discard the timing)
+                print(f"  profiling {title} failed: {type(e).__name__}: {e}", file=sys.stderr)
+        return row
     except Exception as e:  # noqa: BLE001  (reported in the row and on stderr)
         message = f"{type(e).__name__}: {str(e).strip().splitlines()[0] if str(e).strip() else ''}"
         print(f"  error in {fields.get('provider')} {fields.get('mode')} {fields.get('shape')}: {message}",
@@ -392,6 +404,22 @@ def run_case(env: dict, build: Callable[[], tuple[Callable[[], object], list[tor
     finally:
         if device.type == "cuda":
             torch.cuda.empty_cache()
+
+
+def profile_case(fn: Callable[[], object], device: torch.device, path: Path, title: str, calls: int = 3) -> None:
+    """Append the top operators and kernels of `calls` calls of fn, by device (else CPU) time, to path."""
+    from torch.profiler import ProfilerActivity, profile
+
+    activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if device.type == "cuda" else [])
+    with profile(activities=activities) as prof:
+        for _ in range(calls):
+            fn()
+        synchronize(device)
+    sort = "self_device_time_total" if device.type == "cuda" else "self_cpu_time_total"
+    table = prof.key_averages().table(sort_by=sort, row_limit=15, max_name_column_width=70)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with path.open("a") as f:
+        f.write(f"==== {title} ({calls} calls)\n{table}\n")
 
 
 def fill_speedups(rows: list[dict], key: Sequence[str] = ("op", "mode", "dtype", "shape", "batch")) -> None:
@@ -549,6 +577,8 @@ def add_common_args(parser: argparse.ArgumentParser, name: str, modes: Sequence[
     parser.add_argument("--out", default="bench_out", help="directory for the JSON/CSV/PNG results")
     parser.add_argument("--name", default=name, help="file stem of the results (default: %(default)s)")
     parser.add_argument("--plot", action="store_true", help="also write NAME.png (needs matplotlib)")
+    parser.add_argument("--profile", action="store_true",
+                        help="append each timed case's top kernels (torch.profiler) to NAME_profile.txt")
     parser.add_argument("--threads", type=int, default=None,
                         help="torch CPU threads (default: torch's); 1 avoids oversubscription on a shared machine")
     parser.add_argument("--budget-s", type=float, default=None,

@@ -97,7 +97,7 @@ step info 60 '"$PY" -m deeplab_ops'
 step pytest 170 'set -o pipefail; "$PY" -m pytest -q -p no:cacheprovider tests 2>&1 | tee "$STAGE/pytest.log"'
 
 # 3. benchmarks, goals first (the issue's goals: H100, bf16, output stride 16, batch 16)
-step aspp_goal 150 'bench aspp_bench.py aspp_goal --configs os16 --batches 16 --dtypes bf16 \
+step aspp_goal 150 'bench aspp_bench.py aspp_goal --configs os16 --batches 16 --dtypes bf16 --profile \
     --providers eager,cuda,triton,compile,compile-max --modes train_fwd,fwd_bwd,eval_fwd'
 step train_fused 100 'bench train_bench.py train_bench --models r50,r101 --output-strides 16 --batches 16 \
     --dtypes bf16 --providers eager,cuda,triton'
