@@ -563,14 +563,15 @@ def csv_list(kind: Callable = str, choices: Iterable | None = None) -> Callable[
 
 def add_common_args(parser: argparse.ArgumentParser, name: str, modes: Sequence[str] = MODES,
                     modes_help: str = "comma list of train_fwd (train-mode forward, autograd recording), eval_fwd "
-                                      "(no_grad), fwd_bwd (forward + backward)") -> None:
+                                      "(no_grad), fwd_bwd (forward + backward)",
+                    dtypes_default: str = "all on cuda, fp32 on cpu") -> None:
     """Flags every script takes (the subject-specific ones are added by the script)."""
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu", choices=("cuda", "cpu"),
                         help="cuda: DeepLab shapes; cpu: small shapes, providers cpu/reference/eager "
                              "(default: cuda when visible)")
     parser.add_argument("--dtypes", type=csv_list(str, DTYPES), default=None,
                         help="comma list of bf16, fp16, fp32 (TF32 off), tf32 (fp32 with TF32 on); "
-                             "default: all on cuda, fp32 on cpu")
+                             f"default: {dtypes_default}")
     parser.add_argument("--modes", type=csv_list(str, modes), default=list(modes), help=modes_help)
     parser.add_argument("--batches", type=csv_list(int), default=None, help="comma list of batch sizes")
     parser.add_argument("--quick", action="store_true", help="fewest shapes and repetitions (tests, smoke runs)")

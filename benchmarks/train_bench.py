@@ -89,7 +89,8 @@ def step_case(mode: str, net: torch.nn.Module, x: torch.Tensor, target: torch.Te
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     common.add_common_args(parser, "train_bench", MODES,
-                           "comma list of train_step (forward, loss, backward, SGD step) and eval_fwd (no_grad)")
+                           "comma list of train_step (forward, loss, backward, SGD step) and eval_fwd (no_grad)",
+                           "bf16 on cuda, fp32 on cpu")
     parser.add_argument("--providers", type=common.csv_list(str, PROVIDERS), default=None,
                         help=f"comma list of {PROVIDERS}; default: {CUDA_PROVIDERS} on cuda, {CPU_PROVIDERS} on cpu")
     parser.add_argument("--models", type=common.csv_list(str, DEPTHS), default=list(DEPTHS),
