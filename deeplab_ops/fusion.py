@@ -34,9 +34,11 @@ Assumptions and limits
     are fused; subclasses, SyncBatchNorm, frozen-BN classes and modules that appear twice in the model are left
     alone. Forward hooks on a fused-away BatchNorm2d or ReLU see the fused output.
   * BatchNorm mode follows each BatchNorm's own ``training`` flag, so frozen BN (``bn.eval()`` in a training
-    model) is honoured. The fused ASPP op takes one mode for all its BatchNorms and reads it from the ASPP module:
-    when the ASPP's BatchNorms are not all in the ASPP's own mode, that call runs the ASPP's original forward
-    (exact, unfused).
+    model) is honoured. The fused ASPP op takes one mode for all its BatchNorms, read from them (the dropout after
+    the projection follows its own flag): when the ASPP's BatchNorms are in different modes, that call runs the
+    ASPP's original forward (exact, unfused).
+  * Distributed training: `deeplab_ops.nn.sync_batchnorm(model, group)` makes every fused module share its
+    BatchNorm statistics across the group's processes (nn.SyncBatchNorm semantics); call it after fusing.
   * Pre-activation residual units (BN → ReLU → conv) do not have the conv → BN → ReLU shape at their input
     BatchNorm, their last conv or their add: those stay unfused. Conv-BN-ReLU chains inside them (e.g.
     model.resnet.PreActBottleneck's ``residual`` Sequential) are fused.
@@ -50,22 +52,60 @@ import torch
 from torch import nn
 
 from deeplab_ops.backends import BACKENDS
-from deeplab_ops.nn import _aspp_parts, check_fusable, fused_aspp_forward, fused_conv_bn
+from deeplab_ops.nn import aspp_parts, check_fusable, fused_aspp_forward, fused_conv_bn
 from deeplab_ops.ops.aspp import FORWARD_OPS as _ASPP_FORWARD_OPS
 
 Tensor = torch.Tensor
 
-__all__ = ["FusedAwayBatchNorm2d", "FusedAwayReLU", "FusedConv2d", "fuse_modules", "is_fused", "unfuse_modules"]
+__all__ = [
+    "FusedAwayBatchNorm2d", "FusedAwayReLU", "FusedConfig", "FusedConv2d", "fuse_modules", "fused_config", "is_fused",
+    "unfuse_modules",
+]
 
 _FUSED_ATTR = "_deeplab_ops_fused"  # plain (unregistered) attribute: never part of the state_dict
+
+
+class FusedConfig:
+    """How a fused module runs: the absorbed BatchNorm and ReLU (fused convs), the number of conv/BN pairs
+    (residual blocks), the backend, and the process group whose processes share BatchNorm statistics (set by
+    `deeplab_ops.nn.sync_batchnorm`; None: none)."""
+
+    __slots__ = ("bn", "relu", "depth", "backend", "process_group")
+
+    def __init__(self, *, bn=None, relu=False, depth=0, backend=None, process_group=None) -> None:
+        self.bn, self.relu, self.depth, self.backend, self.process_group = bn, relu, depth, backend, process_group
+
+    def __getstate__(self):
+        # A process group belongs to this process's distributed run and cannot be pickled: copies do not share it.
+        return {"bn": self.bn, "relu": self.relu, "depth": self.depth, "backend": self.backend}
+
+    def __setstate__(self, state) -> None:
+        self.__init__(**state)
+
+    def __deepcopy__(self, memo):
+        import copy
+
+        new = FusedConfig(**copy.deepcopy(self.__getstate__(), memo))
+        new.process_group = self.process_group
+        return new
+
+    def __repr__(self) -> str:
+        return (f"FusedConfig(relu={self.relu}, depth={self.depth}, backend={self.backend!r}, "
+                f"synchronized={self.process_group is not None})")
+
+
+def fused_config(module: nn.Module) -> FusedConfig | None:
+    """The FusedConfig of a fused conv, residual block or ASPP; None for any other module."""
+    return getattr(module, _FUSED_ATTR, None)
 
 
 class FusedConv2d(nn.Conv2d):
     """A Conv2d whose forward computes ``act(bn(conv(x)))`` with the fused op, for the BatchNorm it absorbed."""
 
     def forward(self, x: Tensor) -> Tensor:
-        bn, relu, backend = getattr(self, _FUSED_ATTR)
-        return fused_conv_bn(self, bn, x, training=bn.training, relu=relu, backend=backend)
+        cfg = getattr(self, _FUSED_ATTR)
+        return fused_conv_bn(self, cfg.bn, x, training=cfg.bn.training, relu=cfg.relu, backend=cfg.backend,
+                             process_group=cfg.process_group)
 
 
 class FusedAwayBatchNorm2d(nn.BatchNorm2d):
@@ -90,25 +130,28 @@ class FusedAwayReLU(nn.Identity):
 
 
 def _fused_block_forward(self: nn.Module, x: Tensor) -> Tensor:
-    k, backend = getattr(self, _FUSED_ATTR)
+    cfg = getattr(self, _FUSED_ATTR)
+    k, backend, group = cfg.depth, cfg.backend, cfg.process_group
     out = x
     for i in range(1, k):
         bn = getattr(self, f"bn{i}")
-        out = fused_conv_bn(getattr(self, f"conv{i}"), bn, out, training=bn.training, relu=True, backend=backend)
+        out = fused_conv_bn(getattr(self, f"conv{i}"), bn, out, training=bn.training, relu=True, backend=backend,
+                            process_group=group)
     shortcut = x if self.downsample is None else self.downsample(x)
     bn = getattr(self, f"bn{k}")
     return fused_conv_bn(
-        getattr(self, f"conv{k}"), bn, out, training=bn.training, residual=shortcut, relu=True, backend=backend
+        getattr(self, f"conv{k}"), bn, out, training=bn.training, residual=shortcut, relu=True, backend=backend,
+        process_group=group,
     )
 
 
 def _fused_aspp_forward(self: nn.Module, x: Tensor) -> Tensor:
-    backend = getattr(self, _FUSED_ATTR)
+    cfg = getattr(self, _FUSED_ATTR)
     modes = {m.training for m in self.modules() if isinstance(m, nn.BatchNorm2d)}
-    if modes != {self.training}:
-        # Frozen (or mixed-mode) BatchNorm in the ASPP: the op's single mode would be wrong; run the original.
+    if len(modes) != 1:
+        # Mixed BatchNorm modes in one ASPP: the op's single mode would be wrong for some; run the original.
         return type(self).original_class.forward(self, x)
-    return fused_aspp_forward(self, x, backend=backend)
+    return fused_aspp_forward(self, x, backend=cfg.backend, process_group=cfg.process_group)
 
 
 _FORWARDS = {"block": _fused_block_forward, "aspp": _fused_aspp_forward}
@@ -192,7 +235,7 @@ def _is_aspp(module: nn.Module, shared: set[int]) -> bool:
     if any(type(r) is not nn.ReLU for r in relus) or not all(isinstance(m, nn.Dropout) for m in list(project)[3:]):
         return False
     try:
-        convs, bns, _ = _aspp_parts(module)
+        convs, bns, _ = aspp_parts(module)
     except (TypeError, ValueError, IndexError):
         return False
     if not all(_fusable(c, b, shared) for c, b in zip(convs, bns, strict=True)):
@@ -247,12 +290,12 @@ def fuse_modules(model: nn.Module, backend: str | None = None) -> nn.Module:
         for module in modules:
             if id(module) not in inside_aspp and _is_aspp(module, shared):
                 inside_aspp.update(id(m) for m in module.modules())
-                object.__setattr__(module, _FUSED_ATTR, backend)
+                object.__setattr__(module, _FUSED_ATTR, FusedConfig(backend=backend))
                 module.__class__ = _fused_class(type(module), "aspp")
     for module in modules:
         k = _residual_block_depth(module, shared)
         if k:
-            object.__setattr__(module, _FUSED_ATTR, (k, backend))
+            object.__setattr__(module, _FUSED_ATTR, FusedConfig(depth=k, backend=backend))
             module.__class__ = _fused_class(type(module), "block")
     for container in modules:
         if _is_chain_container(container) and id(container) not in inside_aspp:
@@ -271,7 +314,7 @@ def _fuse_chain(container: nn.Module, backend: str | None, shared: set[int]) -> 
             i += 1
             continue
         relu = i + 2 < len(children) and type(children[i + 2]) is nn.ReLU and id(children[i + 2]) not in shared
-        object.__setattr__(conv, _FUSED_ATTR, (bn, relu, backend))
+        object.__setattr__(conv, _FUSED_ATTR, FusedConfig(bn=bn, relu=relu, backend=backend))
         conv.__class__ = FusedConv2d
         bn.__class__ = FusedAwayBatchNorm2d
         if relu:

@@ -167,8 +167,9 @@ class FusedConvBNReLU(nn.Sequential):
         return f"relu={self.apply_relu}, backend={self.backend!r}"
 
 
-def _aspp_parts(module: nn.Module) -> tuple[list[nn.Conv2d], list[nn.BatchNorm2d], tuple[int, ...]]:
-    """Conv and BN modules of an ASPP with torchvision's structure, in the fused op's order, and its rates."""
+def aspp_parts(module: nn.Module) -> tuple[list[nn.Conv2d], list[nn.BatchNorm2d], tuple[int, ...]]:
+    """Conv and BN modules of an ASPP with torchvision's structure, in the fused op's order, and its rates:
+    ([1×1 branch, one 3×3 per rate, pooling, projection] convs, the BNs in the same order, rates)."""
     convs, bns, rates = [], [], []
     branches = list(module.convs)
     if len(branches) < 2:
@@ -202,10 +203,19 @@ def fused_aspp_forward(module: nn.Module, x: Tensor, backend: str | None = None,
     """Run a module with torchvision's ASPP structure (``convs``, ``project``) on the fused ASPP op.
 
     Same result and side effects (running statistics, num_batches_tracked) as the module's own forward,
-    including the dropout after the projection when it has one.
+    including the dropout after the projection when it has one. The BatchNorm mode is read from the BatchNorms
+    (so frozen BatchNorm, ``bn.eval()`` inside a training model, is honoured); they must all be in one mode.
     """
-    convs, bns, rates = _aspp_parts(module)
-    args = [bn_call_args(bn, module.training) for bn in bns]
+    convs, bns, rates = aspp_parts(module)
+    modes = {bn.training for bn in bns}
+    if len(modes) != 1:
+        raise ValueError(
+            "the fused ASPP runs all its BatchNorms in one mode, but some are in training mode and some in eval "
+            "mode; put them all in one mode (e.g. freeze all: module.apply(lambda m: m.eval() if isinstance(m, "
+            "nn.BatchNorm2d) else None))"
+        )
+    training = modes.pop()
+    args = [bn_call_args(bn, training) for bn in bns]
     first = args[0]
     for bn, a in zip(bns, args, strict=True):
         if (a["training"], a["momentum"], a["eps"], a["running_mean"] is None) != (
@@ -225,7 +235,7 @@ def fused_aspp_forward(module: nn.Module, x: Tensor, backend: str | None = None,
         momentum=first["momentum"], eps=first["eps"], backend=backend, process_group=process_group,
     )
     for bn in bns:
-        bn_step(bn, module.training)
+        bn_step(bn, training)
     for extra in list(module.project)[3:]:
         out = extra(out)
     return out
@@ -282,13 +292,24 @@ class FusedASPP(nn.Module):
 
 def sync_batchnorm(model: nn.Module, process_group=None) -> nn.Module:
     """Share BatchNorm statistics across the processes of `process_group` (default: the whole world) in every
-    fused module of `model`, as nn.SyncBatchNorm.convert_sync_batchnorm does for unfused ones. In place."""
+    fused module of `model` — FusedConvBNReLU, FusedASPP and what `fuse_modules` made — as
+    nn.SyncBatchNorm.convert_sync_batchnorm does for unfused BatchNorms. In place; call it after fusing (a later
+    `fuse_modules` starts from fresh, unsynchronized fused modules). Unfused BatchNorms are left alone: convert
+    them with nn.SyncBatchNorm.convert_sync_batchnorm (after fusing, so the fused ones stay fused)."""
     import torch.distributed as dist
 
+    from deeplab_ops.fusion import fused_config
+
+    if process_group is None and not dist.is_initialized():
+        raise RuntimeError("sync_batchnorm needs torch.distributed to be initialized (init_process_group) or an "
+                           "explicit process_group")
     group = process_group if process_group is not None else dist.group.WORLD
     for module in model.modules():
         if isinstance(module, (FusedConvBNReLU, FusedASPP)):
             module.process_group = group
+        cfg = fused_config(module)
+        if cfg is not None:
+            cfg.process_group = group
     return model
 
 

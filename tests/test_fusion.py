@@ -98,7 +98,7 @@ def test_small_model_same_forward_gradients_and_running_stats(bn_kwargs):
         assert fusion.is_fused(fused.aspp) and isinstance(fused.aspp, TorchvisionASPP)
     else:
         assert not fusion.is_fused(fused.aspp) and type(fused.aspp.convs[1][0]) is fusion.FusedConv2d
-    # frozen_bn: a training model with every BatchNorm in eval mode (the fused ASPP then runs its original forward).
+    # frozen_bn: a training model with every BatchNorm in eval mode (the fused ASPP op runs in eval BN mode).
     for step, mode in enumerate(["train", "train", "frozen_bn", "eval"]):
         for m in (plain, fused):
             m.train(mode != "eval")
@@ -163,7 +163,8 @@ def test_idempotent_and_backend_choice():
     with torch.no_grad():
         want = plain(x)
         fuse_modules(fused, backend="reference")
-        assert fused.seq[1]._deeplab_ops_fused[2] == "reference" and fused.aspp._deeplab_ops_fused == "reference"
+        assert fusion.fused_config(fused.seq[1]).backend == "reference"
+        assert fusion.fused_config(fused.aspp).backend == "reference"
         assert_close(fused(x), want, "backend='reference'", ATOL, RTOL)
     # A backend without ASPP kernels (triton) gets the ASPP's branches fused as conv-BN-ReLU chains instead.
     fuse_modules(fused, backend="triton")
@@ -237,7 +238,7 @@ def test_fused_model_deepcopies_and_pickles():
         for other, what in ((copied, "deepcopy"), (loaded, "pickle")):
             assert fusion.is_fused(other.bottleneck) and type(other.seq[1]) is fusion.FusedConv2d, what
             # The fused conv's BatchNorm is the copy's own, not the original's.
-            assert other.seq[1]._deeplab_ops_fused[0] is other.seq[2], what
+            assert fusion.fused_config(other.seq[1]).bn is other.seq[2], what
             assert torch.equal(other(x), want), what
             unfuse_modules(other)
             assert type(other.bottleneck) is Bottleneck, what
@@ -261,3 +262,23 @@ def test_aspp_pooling_branch_batch_one_in_training():
         tv = fuse_modules(TorchvisionASPP(8, (1, 2), out_channels=4), backend=backend)
         with pytest.raises(ValueError, match="batch of 2 or more"):
             tv(x1)
+
+
+@pytest.mark.parametrize("mode", ["frozen_bn", "mixed_bn"])
+def test_fused_aspp_runs_the_op_under_frozen_bn_and_the_original_under_mixed_modes(monkeypatch, mode):
+    plain = _randomize(TorchvisionASPP(6, (1, 2), out_channels=4)).train()
+    fused = fuse_modules(copy.deepcopy(plain))
+    bns = lambda m: [b for b in m.modules() if isinstance(b, nn.BatchNorm2d)]  # noqa: E731
+    for m in (plain, fused):
+        for b in (bns(m) if mode == "frozen_bn" else bns(m)[:2]):
+            b.eval()
+    calls = []
+    real = fusion.fused_aspp_forward
+    monkeypatch.setattr(fusion, "fused_aspp_forward", lambda *a, **k: calls.append(1) or real(*a, **k))
+    x = torch.randn(2, 6, 9, 7)
+    torch.manual_seed(0)
+    want = plain(x)
+    torch.manual_seed(0)
+    assert_close(fused(x), want, mode, ATOL, RTOL)
+    assert len(calls) == (1 if mode == "frozen_bn" else 0)
+    _assert_same_state(fused, plain, mode)

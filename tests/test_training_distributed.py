@@ -3,13 +3,18 @@
 import copy
 import os
 import socket
+from types import SimpleNamespace
+from unittest import mock
 
 import pytest
 import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
 from test_training_loop import TinySeg, _cfg, _train_set
+from torch import nn
 
+from deeplab_ops import fusion
+from deeplab_ops.nn import FusedConvBNReLU, fuse_modules
 from training import distributed, loop
 
 STEPS, GLOBAL_BATCH = 3, 4
@@ -21,13 +26,15 @@ def _free_port() -> int:
         return s.getsockname()[1]
 
 
-def _worker(rank: int, world: int, port: int, init: dict, out_dir: str) -> None:
+def _worker(rank: int, world: int, port: int, init: dict, out_dir: str, fused: bool) -> None:
     os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
     torch.set_num_threads(1)
     dist.init_process_group("gloo", rank=rank, world_size=world)
     try:
         model = TinySeg()
         model.load_state_dict(init)
+        if fused:
+            fuse_modules(model, backend="cpu")
         model = distributed.convert_sync_batchnorm(model, "cpu")
         model = torch.nn.parallel.DistributedDataParallel(model)
         result = loop.fit(model, _train_set(), _cfg(iterations=STEPS, batch_size=GLOBAL_BATCH), torch.device("cpu"),
@@ -38,7 +45,9 @@ def _worker(rank: int, world: int, port: int, init: dict, out_dir: str) -> None:
 
 
 @pytest.mark.skipif(not dist.is_available(), reason="torch.distributed is not available")
-def test_two_gloo_processes_match_one_process(tmp_path):
+@pytest.mark.parametrize("fused", [False, True], ids=["eager", "fused"])
+def test_two_gloo_processes_match_one_process(tmp_path, fused):
+    # The single-process run is always the eager model: fused processes must match unfused SyncBatchNorm.
     torch.manual_seed(0)
     model = TinySeg()
     init = {k: v.clone() for k, v in model.state_dict().items()}
@@ -49,7 +58,7 @@ def test_two_gloo_processes_match_one_process(tmp_path):
     finally:
         torch.set_num_threads(threads)
 
-    mp.spawn(_worker, args=(2, _free_port(), init, str(tmp_path)), nprocs=2, join=True)
+    mp.spawn(_worker, args=(2, _free_port(), init, str(tmp_path), fused), nprocs=2, join=True)
     runs = [torch.load(tmp_path / f"{r}.pt") for r in range(2)]
     # Tolerance: the same float32 math, summed in a different order (per-process partial sums, then the
     # all-reduce): 1e-5 relative on the loss, 1e-4 / 1e-5 on parameters and running statistics after 3 SGD steps.
@@ -63,7 +72,7 @@ def test_two_gloo_processes_match_one_process(tmp_path):
         torch.testing.assert_close(runs[1]["state"][k], v, rtol=0, atol=0, msg=k)
 
 
-def test_convert_keeps_state_dict_and_refuses_fused_modules():
+def test_convert_keeps_state_dict_and_leaves_fused_batchnorms_to_the_ops():
     model = TinySeg()
     ref = copy.deepcopy(model)
     before = {k: v.clone() for k, v in model.state_dict().items()}
@@ -73,5 +82,18 @@ def test_convert_keeps_state_dict_and_refuses_fused_modules():
     assert list(after) == list(before) and all(torch.equal(after[k], v) for k, v in before.items())
     x = torch.randn(3, 3, 16, 16)
     torch.testing.assert_close(converted(x)["out"], ref(x)["out"])  # not distributed: plain BatchNorm
-    with pytest.raises(NotImplementedError, match="--freeze-bn"):
-        distributed.convert_sync_batchnorm(TinySeg(fused=True), "cpu")
+
+    # Fused modules keep their BatchNorms (the ops synchronize them through the process group); an unfused
+    # BatchNorm beside them is converted.
+    group = object()  # only stored here, never used: nothing runs in training mode below
+    for fused in (TinySeg(fused=True), fuse_modules(TinySeg())):
+        fused.extra = nn.BatchNorm2d(4)
+        with mock.patch.object(dist, "is_initialized", return_value=True), \
+                mock.patch.object(dist, "group", SimpleNamespace(WORLD=group)):
+            converted = distributed.convert_sync_batchnorm(fused, "cpu")
+        assert isinstance(converted.extra, distributed.DistributedBatchNorm2d)
+        assert not any(isinstance(m, distributed.DistributedBatchNorm2d) for n, m in converted.named_modules()
+                       if n != "extra")
+        groups = [m.process_group for m in converted.modules() if isinstance(m, FusedConvBNReLU)] + [
+            fusion.fused_config(m).process_group for m in converted.modules() if fusion.fused_config(m) is not None]
+        assert groups and all(g is group for g in groups)
