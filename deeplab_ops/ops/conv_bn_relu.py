@@ -239,6 +239,147 @@ _register("")
 _register("triton_")
 
 
+# ---- memory-efficient autograd (memory_efficient=True) ---------------------------------------------
+#
+# The op above saves y = conv(x, w) (pre-BN) for the backward: one activation-sized tensor per layer that
+# nothing else keeps. The lean path saves none; it saves z (the output, the next layer's input anyway), x (this
+# layer's input, kept anyway), the parameters, mean/invstd (C values each) and, in eval BN, the residual (the
+# block's input or its downsample's output, kept anyway), and gives the unchanged backward ops a rebuilt y:
+#   eval BN (running statistics, incl. frozen BN): dy = gamma*invstd*g does not read y, only dgamma = sum g*xhat
+#     does, and only where g != 0, i.e. z > 0: there xhat = (z - beta - r)/gamma exactly. Elsewhere any finite
+#     value serves (we put y = mean). No dgamma wanted: y is not read at all and `out` stands in for it.
+#   relu=False: z is affine in y everywhere, so the same reconstruction serves training BN as well.
+#   training BN with ReLU: dy = gamma*invstd*(g - sum(g)/n - xhat*sum(g*xhat)/n) is non-zero where z <= 0, where
+#     z says nothing about xhat: y is recomputed as conv(x, w) by the backend's own conv (exact; one conv forward).
+# Reconstruction divides by gamma, so its error grows as 1/|gamma|: a per-channel bound (below) picks the
+# channels whose y is recomputed by the conv instead (gamma = 0 or tiny, of either sign).
+
+# Largest allowed error bound of the reconstructed xhat, per activation dtype. An error e on xhat moves dgamma_c
+# by at most e * sum|g_c|; float32: 1e-5 is the size of float32 accumulation error over a 1e4..1e5-element
+# channel sum (what the saving path's own dgamma carries); float64 likewise; half types: 8 unit roundoffs of the
+# storage type (the saved-y path itself stores y with 1 unit roundoff). Measured errors: README, "Memory-efficient
+# training".
+RECONSTRUCTION_TOL = {torch.float64: 1e-10, torch.float32: 1e-5, torch.float16: 4e-3, torch.bfloat16: 3e-2}
+
+
+def _unit_roundoff(dtype: torch.dtype) -> float:
+    return torch.finfo(dtype).eps / 2
+
+
+def reconstruction_error_bound(out: Tensor, bn_weight: Tensor | None, bn_bias: Tensor | None,
+                               residual: Tensor | None, stat: torch.dtype) -> Tensor:
+    """Per-channel bound on |xhat_rebuilt - xhat| for xhat = (z - beta - r)/gamma from the stored z.
+
+    z carries its storage rounding u_s*|z| and the forward's rounding of gamma*xhat + beta + r (u_o per operation,
+    u_o that of `stat`); the subtractions add u_o*(|z| + |beta| + |r|) each; all of it is divided by |gamma|:
+        bound_c = (u_s*max|z_c| + 3*u_o*(max|z_c| + |beta_c| + max|r_c|)) / |gamma_c|     (inf for gamma_c = 0)
+    The error both paths share (the rounding of y to its storage dtype, of (y - mean)*invstd) is not counted.
+    """
+    c = out.shape[1]
+    zmax = out.abs().amax(dim=(0, 2, 3)).to(stat)
+    size = zmax.clone()
+    if bn_bias is not None:
+        size += bn_bias.detach().to(stat).abs()
+    if residual is not None:
+        size += residual.abs().amax(dim=(0, 2, 3)).to(stat)
+    gamma = bn_weight.detach().to(stat).abs() if bn_weight is not None else torch.ones(c, dtype=stat, device=out.device)
+    return (_unit_roundoff(out.dtype) * zmax + 3 * _unit_roundoff(stat) * size) / gamma
+
+
+def _conv(name: str, x: Tensor, weight: Tensor, stride, padding, dilation) -> Tensor:
+    """y = conv(x, weight) by the backend's own convolution, in x's memory format (the forward's y)."""
+    mf = torch._prims_common.suggest_memory_format(x)
+    if name != "triton":
+        return torch.nn.functional.conv2d(x, weight, None, stride, padding, dilation).contiguous(memory_format=mf)
+    from deeplab_ops.triton.conv_engine import Geometry, conv_forward
+
+    geo = Geometry(tuple(stride), tuple(padding), tuple(dilation))
+    out_hw = conv_output_size(tuple(x.shape[2:]), tuple(weight.shape[2:]), geo.stride, geo.padding, geo.dilation)
+    y, _, _ = conv_forward(x.permute(0, 2, 3, 1).contiguous(), weight.permute(2, 3, 1, 0).contiguous(), geo,
+                           out_hw, training=True, stat_dtype=opmath_dtype(x.dtype))
+    return y.permute(0, 3, 1, 2).contiguous(memory_format=mf)
+
+
+def rebuild_conv_out(name: str, x: Tensor, weight: Tensor, bn_weight: Tensor | None, bn_bias: Tensor | None,
+                     out: Tensor, mean: Tensor, invstd: Tensor, residual: Tensor | None, stride, padding, dilation,
+                     training: bool, relu: bool, need_xhat: bool = True) -> tuple[Tensor, int]:
+    """The conv_out the backward ops need, rebuilt without having saved it; and how many channels were recomputed
+    by the convolution (all of them for training BN with ReLU). `need_xhat` False: only dgamma would read xhat
+    and it is not wanted (eval BN), so any finite tensor of y's shape serves."""
+    c = out.shape[1]
+    if training and relu:
+        return _conv(name, x, weight, stride, padding, dilation), c
+    if not training and not need_xhat:
+        return out, 0
+    stat = mean.dtype
+    bound = reconstruction_error_bound(out, bn_weight, bn_bias, residual, stat)
+    bad = ~(bound <= RECONSTRUCTION_TOL[out.dtype])  # NaN bounds (NaN gamma) fall back too
+
+    def per_channel(t: Tensor) -> Tensor:
+        return t.detach().to(stat).view(1, c, 1, 1)
+
+    # xhat = (z - beta - r) / gamma, then y = mean + xhat / invstd: in place on one stat-dtype temporary.
+    y = out.to(stat, copy=True)
+    if bn_bias is not None:
+        y.sub_(per_channel(bn_bias))
+    if residual is not None:
+        y.sub_(residual)
+    if bn_weight is not None:
+        y.div_(per_channel(bn_weight))
+    if relu:
+        y.masked_fill_(out <= 0, 0.0)  # g = 0 there: xhat = 0 keeps every term finite
+    y = y.div_(per_channel(invstd)).add_(per_channel(mean)).to(out.dtype)
+    y = y.contiguous(memory_format=torch._prims_common.suggest_memory_format(out))
+    recomputed = int(bad.sum())
+    if recomputed:
+        idx = bad.nonzero().squeeze(1)
+        y.index_copy_(1, idx, _conv(name, x, weight.index_select(0, idx), stride, padding, dilation))
+    return y, recomputed
+
+
+BACKWARD_OPS = {"cpu": _ops.conv_bn_relu_backward, "cuda": _ops.conv_bn_relu_backward,
+                "triton": _ops.triton_conv_bn_relu_backward}
+
+
+class _MemoryEfficientConvBNReLU(torch.autograd.Function):
+    """The forward op with a backward that rebuilds conv_out instead of saving it (see the section comment)."""
+
+    @staticmethod
+    def forward(ctx, name, x, weight, bn_weight, bn_bias, running_mean, running_var, stride, padding, dilation,
+                training, momentum, eps, residual, relu):
+        out, _, mean, invstd, new_rm, new_rv = FORWARD_OPS[name](
+            x, weight, bn_weight, bn_bias, running_mean, running_var, stride, padding, dilation, training, momentum,
+            eps, residual, relu,
+        )
+        # The residual is read only by the reconstruction (not by training BN with ReLU, which recomputes y).
+        keep_residual = residual if not (training and relu) else None
+        ctx.save_for_backward(x, weight, bn_weight, bn_bias, out, mean, invstd, keep_residual)
+        ctx.conf = (name, stride, padding, dilation, training, relu)
+        ctx.param_dtypes = (None if bn_weight is None else bn_weight.dtype, None if bn_bias is None else bn_bias.dtype)
+        ctx.mark_non_differentiable(new_rm, new_rv)
+        return out, new_rm, new_rv
+
+    @staticmethod
+    def backward(ctx, grad_out, *unused):
+        # Inputs after `name`: x, weight, bn_weight, bn_bias, ..., residual at 13.
+        mask = [ctx.needs_input_grad[i] for i in (1, 2, 3, 4, 13)]
+        grads = [None] * 15
+        if not any(mask):
+            return tuple(grads)
+        x, weight, bn_weight, bn_bias, out, mean, invstd, residual = ctx.saved_tensors
+        name, stride, padding, dilation, training, relu = ctx.conf
+        conv_out, _ = rebuild_conv_out(name, x, weight, bn_weight, bn_bias, out, mean, invstd, residual, stride,
+                                       padding, dilation, training, relu, need_xhat=training or mask[2])
+        gx, gw, gg, gb, gr = BACKWARD_OPS[name](
+            grad_out, x, weight, bn_weight, conv_out, out, mean, invstd, stride, padding, dilation, training, relu,
+            mask,
+        )
+        grads[1], grads[2], grads[13] = gx, gw, gr
+        grads[3] = gg.to(ctx.param_dtypes[0]) if gg is not None else None
+        grads[4] = gb.to(ctx.param_dtypes[1]) if gb is not None else None
+        return tuple(grads)
+
+
 # ---- public functional -----------------------------------------------------------------------------
 
 
@@ -260,6 +401,7 @@ def conv_bn_relu(
     relu: bool = True,
     backend: str | None = None,
     process_group=None,
+    memory_efficient: bool = False,
 ) -> Tensor:
     """Fused `act(BatchNorm(conv2d(x, weight)) [+ residual])`, act = ReLU (or identity with relu=False).
 
@@ -283,6 +425,11 @@ def conv_bn_relu(
             overrides None).
         process_group: a torch.distributed process group (e.g. ``torch.distributed.group.WORLD``) whose
             processes share BatchNorm statistics in training, as nn.SyncBatchNorm does; None: no synchronization.
+        memory_efficient: save no pre-BN activation for the backward (one activation-sized tensor per layer less):
+            the backward rebuilds it from the output (eval BN, relu=False) or recomputes the convolution
+            (training BN with ReLU; channels with too small |bn_weight|). Same results within the README's
+            "Memory-efficient training" tolerance. The reference backend and the synchronized (process_group)
+            path ignore it.
 
     Returns:
         (N, C_out, H_out, W_out) tensor in x's dtype and memory format.
@@ -291,6 +438,8 @@ def conv_bn_relu(
         x, weight, bn_weight, bn_bias, running_mean, running_var, stride, padding, dilation, training, momentum, eps,
         residual, relu,
     )
+    if not isinstance(memory_efficient, bool):
+        raise TypeError(f"memory_efficient must be a bool, got {memory_efficient!r}")
     if process_group is not None and training and distributed.group_size(process_group) > 1:
         return distributed.SyncConvBNReLU.apply(
             x, weight, bn_weight, bn_bias, running_mean, running_var, stride, padding, dilation, float(momentum),
@@ -306,10 +455,16 @@ def conv_bn_relu(
             dilation=dilation, training=training, momentum=float(momentum), eps=float(eps), residual=residual,
             relu=relu,
         )
-    out, _, _, _, new_rm, new_rv = FORWARD_OPS[name](
-        x, weight, bn_weight, bn_bias, running_mean, running_var, stride, padding, dilation, training,
-        float(momentum), float(eps), residual, relu,
-    )
+    if memory_efficient and torch.is_grad_enabled():
+        out, new_rm, new_rv = _MemoryEfficientConvBNReLU.apply(
+            name, x, weight, bn_weight, bn_bias, running_mean, running_var, stride, padding, dilation, training,
+            float(momentum), float(eps), residual, relu,
+        )
+    else:
+        out, _, _, _, new_rm, new_rv = FORWARD_OPS[name](
+            x, weight, bn_weight, bn_bias, running_mean, running_var, stride, padding, dilation, training,
+            float(momentum), float(eps), residual, relu,
+        )
     if training and running_mean is not None:
         with torch.no_grad():
             running_mean.copy_(new_rm)
