@@ -99,5 +99,26 @@ TORCH_LIBRARY(deeplab_ops, m) {
       "Tensor save_mean, Tensor save_invstd, int[] rates, bool training, bool[3] output_mask) -> (Tensor grad_x, "
       "Tensor[] grad_conv_weights, Tensor grad_pool_weight, Tensor grad_project_weight, Tensor grad_bn_weight, "
       "Tensor grad_bn_bias)");
+
+  // ---- Cross-entropy of bilinearly upsampled logits (deeplab_ops/ops/upsample_ce.py) -------------------
+  // F.cross_entropy(F.interpolate(logits, target.shape[-2:], mode="bilinear", align_corners), target,
+  // ignore_index, reduction) without materializing the (N, K, H, W) upsampled logits. logits (N, K, h, w),
+  // target (N, H, W) int64, reduction "none" | "mean" | "sum". Returns the loss (logits' dtype; (N, H, W) for
+  // "none", else 0-d), the per-pixel logsumexp (N, H, W) and the count of non-ignored pixels (0-d), both in the
+  // opmath dtype, which the backward uses. Labels outside [0, K) other than ignore_index: an error on CPU, NaN
+  // loss/gradient at those pixels on CUDA (no device-side check).
+  m.def(
+      "upsample_cross_entropy_forward(Tensor logits, Tensor target, int ignore_index, bool align_corners, "
+      "str reduction) -> (Tensor loss, Tensor lse, Tensor valid_count)");
+  // grad: dL/dloss ((N, H, W) for "none", else 0-d). Returns dL/dlogits (N, K, h, w) in logits' dtype.
+  m.def(
+      "upsample_cross_entropy_backward(Tensor grad, Tensor logits, Tensor target, Tensor lse, Tensor valid_count, "
+      "int ignore_index, bool align_corners, str reduction) -> Tensor");
+  m.def(
+      "triton_upsample_cross_entropy_forward(Tensor logits, Tensor target, int ignore_index, bool align_corners, "
+      "str reduction) -> (Tensor loss, Tensor lse, Tensor valid_count)");
+  m.def(
+      "triton_upsample_cross_entropy_backward(Tensor grad, Tensor logits, Tensor target, Tensor lse, "
+      "Tensor valid_count, int ignore_index, bool align_corners, str reduction) -> Tensor");
 }
 

@@ -160,3 +160,16 @@ def aspp(
     pooled = bn_relu(F.conv2d(F.adaptive_avg_pool2d(x, 1), pool_weight), len(rates) + 1)
     outs.append(F.interpolate(pooled, size=x.shape[-2:], mode="bilinear", align_corners=False))
     return bn_relu(F.conv2d(torch.cat(outs, dim=1), project_weight), len(rates) + 2)
+
+
+def upsample_cross_entropy(
+    logits: Tensor,
+    target: Tensor,
+    ignore_index: int = 255,
+    align_corners: bool = False,
+    reduction: str = "mean",
+) -> Tensor:
+    """Cross-entropy of the bilinearly upsampled logits (N, K, h, w) against labels (N, H, W): materializes
+    the (N, K, H, W) upsampled tensor, which the fused op never does."""
+    up = F.interpolate(logits, size=tuple(target.shape[-2:]), mode="bilinear", align_corners=align_corners)
+    return F.cross_entropy(up, target, ignore_index=ignore_index, reduction=reduction)

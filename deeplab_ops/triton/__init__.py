@@ -51,3 +51,37 @@ def _conv_bn_relu_support(*, x, weight, stride, padding, dilation, training, res
 torch.library.register_kernel("deeplab_ops::triton_conv_bn_relu_forward", ("cpu", "cuda"), _forward)
 torch.library.register_kernel("deeplab_ops::triton_conv_bn_relu_backward", ("cpu", "cuda"), _backward)
 backends.register_support("triton", "conv_bn_relu", _conv_bn_relu_support)
+
+
+# ---- upsample_cross_entropy (kernels in upsample_ce.py) ------------------------------------------------
+
+
+def _uce_forward(logits, target, ignore_index, align_corners, reduction):
+    from deeplab_ops.triton import upsample_ce
+
+    return upsample_ce.forward(logits, target, ignore_index, align_corners, reduction)
+
+
+def _uce_backward(grad, logits, target, lse, valid_count, ignore_index, align_corners, reduction):
+    from deeplab_ops.triton import upsample_ce
+
+    return upsample_ce.backward(grad, logits, target, lse, valid_count, ignore_index, align_corners, reduction)
+
+
+def _uce_support(*, logits, target) -> list[str]:
+    """Why the triton kernels cannot run this upsample_cross_entropy call (device and import checked by backends)."""
+    reasons = []
+    if logits.device.type == "cpu" and logits.dtype in (torch.float16, torch.bfloat16):
+        reasons.append(
+            f"logits has dtype {logits.dtype}: the Triton interpreter stores half types as raw bits, so "
+            "float16/bfloat16 run on CUDA tensors only"
+        )
+    largest = max(logits.numel(), target.numel())
+    if largest > _INT32_MAX:
+        reasons.append(f"a tensor of {largest} elements: the kernels index with int32 (at most {_INT32_MAX})")
+    return reasons
+
+
+torch.library.register_kernel("deeplab_ops::triton_upsample_cross_entropy_forward", ("cpu", "cuda"), _uce_forward)
+torch.library.register_kernel("deeplab_ops::triton_upsample_cross_entropy_backward", ("cpu", "cuda"), _uce_backward)
+backends.register_support("triton", "upsample_cross_entropy", _uce_support)

@@ -1,0 +1,292 @@
+// CPU kernels of upsample_cross_entropy (at::parallel_for, float32 and float64): the cross-entropy of bilinearly
+// upsampled logits without the (N, K, H, W) upsampled tensor. Same algorithm as the Triton and CUDA kernels
+// (deeplab_ops/triton/upsample_ce.py has the math):
+//   forward   one task per block of output rows: each pixel's K logits are interpolated into a K-vector, then
+//             logsumexp and the target logit; saves the per-pixel logsumexp; per-row partial sums, merged in
+//             row order (deterministic for any thread count).
+//   backward  gather form, one task per low-res row (n, i): walks the output rows whose stencil touches i and
+//             adds each pixel's dz = g * (softmax - onehot) to the two low-res columns it reads. Every output
+//             element has one owner: no atomics, deterministic. Each pixel is recomputed once per low-res row
+//             it touches (<= 2).
+// Accumulation in at::acc_type (double for float on CPU); the stencil (source index, neighbours, weights) in
+// PyTorch's opmath type, with its formula, so the neighbours are PyTorch's.
+
+#include <ATen/ATen.h>
+#include <ATen/AccumulateType.h>
+#include <ATen/Dispatch.h>
+#include <ATen/OpMathType.h>
+#include <ATen/Parallel.h>
+#include <torch/library.h>
+
+#include <algorithm>
+#include <cmath>
+#include <limits>
+#include <string>
+#include <vector>
+
+namespace deeplab_ops {
+namespace {
+
+// Per-axis bilinear stencil of PyTorch's upsample_bilinear2d (scale from the sizes, clamp at 0 without
+// align_corners), and for each low-res index the range [start, end) of output indices that read it.
+template <typename opmath_t>
+struct AxisStencil {
+  std::vector<int64_t> i0, i1, start, end;
+  std::vector<opmath_t> l0, l1;
+};
+
+template <typename opmath_t>
+AxisStencil<opmath_t> axis_stencil(int64_t in, int64_t out, bool align_corners) {
+  AxisStencil<opmath_t> s;
+  s.i0.resize(out), s.i1.resize(out), s.l0.resize(out), s.l1.resize(out);
+  opmath_t scale;
+  if (align_corners) {
+    scale = out > 1 ? static_cast<opmath_t>(in - 1) / static_cast<opmath_t>(out - 1) : opmath_t(0);
+  } else {
+    scale = static_cast<opmath_t>(in) / static_cast<opmath_t>(out);
+  }
+  for (int64_t o = 0; o < out; ++o) {
+    opmath_t src;
+    if (align_corners) {
+      src = scale * static_cast<opmath_t>(o);
+    } else {
+      src = scale * (static_cast<opmath_t>(o) + opmath_t(0.5)) - opmath_t(0.5);
+      src = src < opmath_t(0) ? opmath_t(0) : src;
+    }
+    const int64_t i0 = std::min(static_cast<int64_t>(std::floor(src)), in - 1);
+    const opmath_t l1 = std::min(std::max(src - static_cast<opmath_t>(i0), opmath_t(0)), opmath_t(1));
+    s.i0[o] = i0;
+    s.i1[o] = i0 + (i0 < in - 1 ? 1 : 0);
+    s.l1[o] = l1;
+    s.l0[o] = opmath_t(1) - l1;
+  }
+  // i0 and i1 are non-decreasing, so the outputs reading low-res index i (i0 <= i <= i1) are contiguous.
+  s.start.resize(in), s.end.resize(in);
+  for (int64_t i = 0; i < in; ++i) {
+    s.start[i] = std::lower_bound(s.i1.begin(), s.i1.end(), i) - s.i1.begin();
+    s.end[i] = std::upper_bound(s.i0.begin(), s.i0.end(), i) - s.i0.begin();
+  }
+  return s;
+}
+
+enum class Reduction { kNone, kMean, kSum };
+
+Reduction parse_reduction(const std::string& r) {
+  if (r == "none") return Reduction::kNone;
+  if (r == "mean") return Reduction::kMean;
+  if (r == "sum") return Reduction::kSum;
+  TORCH_CHECK(false, "deeplab_ops.upsample_cross_entropy: reduction='", r, "'; expected 'none', 'mean' or 'sum'");
+}
+
+void check_uce_args(const at::Tensor& logits, const at::Tensor& target) {
+  TORCH_CHECK(logits.dim() == 4, "deeplab_ops.upsample_cross_entropy: logits must be a 4-D (N, K, h, w) tensor, got shape ",
+              logits.sizes());
+  TORCH_CHECK(target.dim() == 3, "deeplab_ops.upsample_cross_entropy: target must be a 3-D (N, H, W) tensor, got shape ",
+              target.sizes());
+  TORCH_CHECK(target.scalar_type() == at::kLong, "deeplab_ops.upsample_cross_entropy: target has dtype ",
+              target.scalar_type(), "; expected int64 (Long) class indices");
+  TORCH_CHECK(target.size(0) == logits.size(0), "deeplab_ops.upsample_cross_entropy: target has batch size ",
+              target.size(0), " but logits has ", logits.size(0));
+  TORCH_CHECK(logits.size(1) >= 1 && logits.size(2) >= 1 && logits.size(3) >= 1 && target.size(1) >= 1 &&
+                  target.size(2) >= 1,
+              "deeplab_ops.upsample_cross_entropy: logits ", logits.sizes(), " and target ", target.sizes(),
+              " must have K >= 1 and non-empty spatial sizes");
+  TORCH_CHECK(logits.scalar_type() == at::kFloat || logits.scalar_type() == at::kDouble,
+              "deeplab_ops.upsample_cross_entropy: the CPU kernels take float32 or float64 logits, got ",
+              logits.scalar_type());
+}
+
+[[noreturn]] void raise_bad_label(const at::Tensor& target, int64_t flat, int64_t k, int64_t ignore_index) {
+  const int64_t hw = target.size(1) * target.size(2);
+  const int64_t label = target.reshape({-1})[flat].item<int64_t>();
+  TORCH_CHECK_INDEX(false, "deeplab_ops.upsample_cross_entropy: target has label ", label, " at position (",
+                    flat / hw, ", ", (flat % hw) / target.size(2), ", ", flat % target.size(2),
+                    "); expected labels in [0, ", k, ") (K = logits.shape[1]) or ignore_index=", ignore_index);
+}
+
+// z[k] for one output pixel: PyTorch's nesting of the products (rows outside, columns inside).
+template <typename scalar_t, typename acc_t, typename opmath_t>
+inline void interpolate(const scalar_t* x, int64_t k, int64_t plane, int64_t o00, int64_t o01, int64_t o10,
+                        int64_t o11, opmath_t ly0, opmath_t ly1, opmath_t lx0, opmath_t lx1, acc_t* z) {
+  for (int64_t c = 0; c < k; ++c) {
+    const scalar_t* p = x + c * plane;
+    z[c] = static_cast<acc_t>(ly0) * (static_cast<acc_t>(lx0) * static_cast<acc_t>(p[o00]) +
+                                      static_cast<acc_t>(lx1) * static_cast<acc_t>(p[o01])) +
+           static_cast<acc_t>(ly1) * (static_cast<acc_t>(lx0) * static_cast<acc_t>(p[o10]) +
+                                      static_cast<acc_t>(lx1) * static_cast<acc_t>(p[o11]));
+  }
+}
+
+std::tuple<at::Tensor, at::Tensor, at::Tensor> upsample_cross_entropy_forward_cpu(const at::Tensor& logits_,
+                                                                                 const at::Tensor& target_,
+                                                                                 int64_t ignore_index,
+                                                                                 bool align_corners,
+                                                                                 c10::string_view reduction_) {
+  check_uce_args(logits_, target_);
+  const Reduction reduction = parse_reduction(std::string(reduction_));
+  const at::Tensor logits = logits_.contiguous();
+  const at::Tensor target = target_.contiguous();
+  const int64_t n = logits.size(0), k = logits.size(1), h = logits.size(2), w = logits.size(3);
+  const int64_t H = target.size(1), W = target.size(2);
+  const auto opmath = logits.scalar_type();  // float32 or float64: its own opmath type
+  at::Tensor lse = at::empty({n, H, W}, logits.options().dtype(opmath));
+  at::Tensor loss = reduction == Reduction::kNone ? at::empty({n, H, W}, logits.options()) : at::Tensor();
+  at::Tensor valid_count = at::empty({}, logits.options().dtype(opmath));
+  at::Tensor total;
+  AT_DISPATCH_FLOATING_TYPES(logits.scalar_type(), "upsample_cross_entropy_forward_cpu", [&] {
+    using acc_t = at::acc_type<scalar_t, false>;
+    using opmath_t = at::opmath_type<scalar_t>;
+    const auto ys = axis_stencil<opmath_t>(h, H, align_corners);
+    const auto xs = axis_stencil<opmath_t>(w, W, align_corners);
+    const scalar_t* x = logits.const_data_ptr<scalar_t>();
+    const int64_t* t = target.const_data_ptr<int64_t>();
+    scalar_t* lse_p = lse.data_ptr<scalar_t>();
+    scalar_t* loss_p = reduction == Reduction::kNone ? loss.data_ptr<scalar_t>() : nullptr;
+    const int64_t rows = n * H;
+    std::vector<acc_t> row_sum(rows, acc_t(0));
+    std::vector<int64_t> row_count(rows, 0), row_bad(rows, -1);
+    at::parallel_for(0, rows, std::max<int64_t>(1, 4096 / std::max<int64_t>(W * k, 1)), [&](int64_t begin, int64_t end) {
+      std::vector<acc_t> z(k);
+      for (int64_t row = begin; row < end; ++row) {
+        const int64_t b = row / H, oy = row % H;
+        const scalar_t* xb = x + b * k * h * w;
+        const int64_t r0 = ys.i0[oy] * w, r1 = ys.i1[oy] * w;
+        acc_t sum = 0;
+        int64_t count = 0;
+        for (int64_t ox = 0; ox < W; ++ox) {
+          const int64_t pix = row * W + ox;
+          const int64_t label = t[pix];
+          interpolate(xb, k, h * w, r0 + xs.i0[ox], r0 + xs.i1[ox], r1 + xs.i0[ox], r1 + xs.i1[ox], ys.l0[oy],
+                      ys.l1[oy], xs.l0[ox], xs.l1[ox], z.data());
+          acc_t m = -std::numeric_limits<acc_t>::infinity();
+          for (int64_t c = 0; c < k; ++c) m = std::max(m, z[c]);
+          acc_t s = 0;
+          for (int64_t c = 0; c < k; ++c) s += std::exp(z[c] - m);
+          const acc_t l = m + std::log(s);
+          lse_p[pix] = static_cast<scalar_t>(l);
+          acc_t px = 0;
+          if (label != ignore_index) {
+            if (label < 0 || label >= k) {
+              if (row_bad[row] < 0) row_bad[row] = pix;
+              continue;
+            }
+            px = l - z[label];
+            sum += px;
+            ++count;
+          }
+          if (loss_p) loss_p[pix] = static_cast<scalar_t>(px);
+        }
+        row_sum[row] = sum;
+        row_count[row] = count;
+      }
+    });
+    for (int64_t row = 0; row < rows; ++row) {
+      if (row_bad[row] >= 0) raise_bad_label(target, row_bad[row], k, ignore_index);
+    }
+    acc_t sum = 0;
+    int64_t count = 0;
+    for (int64_t row = 0; row < rows; ++row) {
+      sum += row_sum[row];
+      count += row_count[row];
+    }
+    valid_count.fill_(static_cast<double>(count));
+    if (reduction != Reduction::kNone) {
+      // mean over no valid pixel: 0 / 0 = NaN, as PyTorch.
+      const acc_t value = reduction == Reduction::kMean ? sum / static_cast<acc_t>(count) : sum;
+      total = at::empty({}, logits.options());
+      total.fill_(static_cast<double>(value));
+    }
+  });
+  return {reduction == Reduction::kNone ? loss : total, lse, valid_count};
+}
+
+at::Tensor upsample_cross_entropy_backward_cpu(const at::Tensor& grad_, const at::Tensor& logits_,
+                                               const at::Tensor& target_, const at::Tensor& lse_,
+                                               const at::Tensor& valid_count, int64_t ignore_index,
+                                               bool align_corners, c10::string_view reduction_) {
+  check_uce_args(logits_, target_);
+  const Reduction reduction = parse_reduction(std::string(reduction_));
+  const at::Tensor logits = logits_.contiguous();
+  const at::Tensor target = target_.contiguous();
+  const int64_t n = logits.size(0), k = logits.size(1), h = logits.size(2), w = logits.size(3);
+  const int64_t H = target.size(1), W = target.size(2);
+  TORCH_CHECK(lse_.sizes() == target.sizes(), "deeplab_ops.upsample_cross_entropy: lse must have shape ",
+              target.sizes(), " (like target), got ", lse_.sizes());
+  if (reduction == Reduction::kNone) {
+    TORCH_CHECK(grad_.sizes() == target.sizes(), "deeplab_ops.upsample_cross_entropy: grad must have shape ",
+                target.sizes(), " for reduction='none', got ", grad_.sizes());
+  } else {
+    TORCH_CHECK(grad_.numel() == 1, "deeplab_ops.upsample_cross_entropy: grad must have one element for reduction='",
+                std::string(reduction_), "', got shape ", grad_.sizes());
+  }
+  at::Tensor grad_logits = at::empty_like(logits, at::MemoryFormat::Contiguous);
+  AT_DISPATCH_FLOATING_TYPES(logits.scalar_type(), "upsample_cross_entropy_backward_cpu", [&] {
+    using acc_t = at::acc_type<scalar_t, false>;
+    using opmath_t = at::opmath_type<scalar_t>;
+    const auto ys = axis_stencil<opmath_t>(h, H, align_corners);
+    const auto xs = axis_stencil<opmath_t>(w, W, align_corners);
+    const scalar_t* x = logits.const_data_ptr<scalar_t>();
+    const int64_t* t = target.const_data_ptr<int64_t>();
+    const at::Tensor lse = lse_.to(at::CppTypeToScalarType<acc_t>::value).contiguous();
+    const acc_t* lse_p = lse.const_data_ptr<acc_t>();
+    at::Tensor grad_px;
+    const acc_t* g_p = nullptr;
+    acc_t g_all = 0;
+    if (reduction == Reduction::kNone) {
+      grad_px = grad_.to(at::CppTypeToScalarType<acc_t>::value).contiguous();
+      g_p = grad_px.const_data_ptr<acc_t>();
+    } else {
+      g_all = static_cast<acc_t>(grad_.item<double>());
+      if (reduction == Reduction::kMean) g_all /= static_cast<acc_t>(valid_count.item<double>());
+    }
+    scalar_t* dx = grad_logits.data_ptr<scalar_t>();
+    at::parallel_for(0, n * h, 1, [&](int64_t begin, int64_t end) {
+      std::vector<acc_t> z(k), acc(k * w);
+      for (int64_t lr = begin; lr < end; ++lr) {
+        const int64_t b = lr / h, i = lr % h;
+        const scalar_t* xb = x + b * k * h * w;
+        std::fill(acc.begin(), acc.end(), acc_t(0));
+        for (int64_t oy = ys.start[i]; oy < ys.end[i]; ++oy) {
+          // Weight of low-res row i in output row oy (both terms when i0 == i1 == i, at the last row).
+          const acc_t wy = (ys.i0[oy] == i ? static_cast<acc_t>(ys.l0[oy]) : acc_t(0)) +
+                           (ys.i1[oy] == i ? static_cast<acc_t>(ys.l1[oy]) : acc_t(0));
+          if (wy == acc_t(0)) continue;
+          const int64_t r0 = ys.i0[oy] * w, r1 = ys.i1[oy] * w;
+          for (int64_t ox = 0; ox < W; ++ox) {
+            const int64_t pix = (b * H + oy) * W + ox;
+            const int64_t label = t[pix];
+            if (label == ignore_index) continue;
+            TORCH_CHECK_INDEX(label >= 0 && label < k, "deeplab_ops.upsample_cross_entropy: target has label ",
+                              label, " at flat position ", pix, "; expected labels in [0, ", k,
+                              ") or ignore_index=", ignore_index);
+            const acc_t g = g_p ? g_p[pix] : g_all;
+            interpolate(xb, k, h * w, r0 + xs.i0[ox], r0 + xs.i1[ox], r1 + xs.i0[ox], r1 + xs.i1[ox], ys.l0[oy],
+                        ys.l1[oy], xs.l0[ox], xs.l1[ox], z.data());
+            const acc_t l = lse_p[pix];
+            const acc_t w0 = wy * static_cast<acc_t>(xs.l0[ox]), w1 = wy * static_cast<acc_t>(xs.l1[ox]);
+            const int64_t c0 = xs.i0[ox], c1 = xs.i1[ox];
+            for (int64_t c = 0; c < k; ++c) {
+              const acc_t dz = g * (std::exp(z[c] - l) - (c == label ? acc_t(1) : acc_t(0)));
+              acc[c * w + c0] += w0 * dz;
+              acc[c * w + c1] += w1 * dz;
+            }
+          }
+        }
+        for (int64_t c = 0; c < k; ++c) {
+          scalar_t* out = dx + ((b * k + c) * h + i) * w;
+          for (int64_t j = 0; j < w; ++j) out[j] = static_cast<scalar_t>(acc[c * w + j]);
+        }
+      }
+    });
+  });
+  return grad_logits;
+}
+
+}  // namespace
+
+TORCH_LIBRARY_IMPL(deeplab_ops, CPU, m) {
+  m.impl("upsample_cross_entropy_forward", &upsample_cross_entropy_forward_cpu);
+  m.impl("upsample_cross_entropy_backward", &upsample_cross_entropy_backward_cpu);
+}
+
+}  // namespace deeplab_ops

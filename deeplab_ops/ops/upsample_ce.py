@@ -1,0 +1,211 @@
+"""Cross-entropy of bilinearly upsampled logits: argument checks, fake kernels, autograd, dispatch.
+
+`upsample_cross_entropy(logits, target)` equals
+``F.cross_entropy(F.interpolate(logits, target.shape[-2:], mode="bilinear", align_corners=...), target, ...)``
+without ever materializing the upsampled (N, K, H, W) logits, in forward or backward: the kernels interpolate
+the K logits of each output pixel from its 4 low-res neighbours on the fly and save only the per-pixel
+logsumexp (N, H, W) for the backward.
+
+Two op families share one contract (schemas in csrc/ops.cpp):
+  deeplab_ops::upsample_cross_entropy_forward / _backward          cpu and cuda backends (csrc/cpu, csrc/cuda)
+  deeplab_ops::triton_upsample_cross_entropy_forward / _backward   triton backend (deeplab_ops/triton/)
+
+Labels outside [0, K) other than ignore_index: CPU tensors raise (as PyTorch does); on CUDA tensors, checking
+would cost a device-to-host synchronization per call, so the kernels instead give NaN loss (and NaN gradient)
+at such pixels, which propagates to the reduced loss, and never read out of range.
+"""
+
+from __future__ import annotations
+
+import numbers
+
+import torch
+
+from deeplab_ops import backends, reference
+
+Tensor = torch.Tensor
+_ops = torch.ops.deeplab_ops
+
+REDUCTIONS = ("none", "mean", "sum")
+_SUPPORTED_DTYPES = (torch.float32, torch.float64, torch.float16, torch.bfloat16)
+FORWARD_OPS = {"cpu": _ops.upsample_cross_entropy_forward, "cuda": _ops.upsample_cross_entropy_forward,
+               "triton": _ops.triton_upsample_cross_entropy_forward}
+
+
+def _opmath(dtype: torch.dtype) -> torch.dtype:
+    return torch.float64 if dtype == torch.float64 else torch.float32
+
+
+# ---- argument checks ------------------------------------------------------------------------------
+
+
+def check_args(logits, target, ignore_index, align_corners, reduction) -> None:
+    """Validate an upsample_cross_entropy call. Errors name the argument, its value and what was expected."""
+    if not isinstance(logits, torch.Tensor):
+        raise TypeError(f"logits must be a torch.Tensor, got {type(logits).__name__}")
+    if not isinstance(target, torch.Tensor):
+        raise TypeError(f"target must be a torch.Tensor, got {type(target).__name__}")
+    if logits.dim() != 4:
+        raise ValueError(f"logits must be a 4-D (N, K, h, w) tensor, got shape {tuple(logits.shape)}")
+    if logits.dtype not in _SUPPORTED_DTYPES:
+        raise TypeError(f"logits has dtype {logits.dtype}; expected one of float32, float64, float16, bfloat16")
+    if target.dim() != 3:
+        raise ValueError(f"target must be a 3-D (N, H, W) tensor of class indices, got shape {tuple(target.shape)}")
+    if target.dtype != torch.int64:
+        raise TypeError(
+            f"target has dtype {target.dtype}; expected torch.int64 class indices (use target.long(); "
+            "class-probability targets are not supported)"
+        )
+    if target.device != logits.device:
+        raise ValueError(f"target is on {target.device} but logits is on {logits.device}; expected the same device")
+    n, k, h, w = logits.shape
+    if target.shape[0] != n:
+        raise ValueError(
+            f"target has batch size {target.shape[0]} (shape {tuple(target.shape)}) but logits has {n} "
+            f"(shape {tuple(logits.shape)}); expected the same N"
+        )
+    if k < 1:
+        raise ValueError(f"logits has {k} classes (shape {tuple(logits.shape)}); expected K >= 1")
+    if h < 1 or w < 1 or target.shape[1] < 1 or target.shape[2] < 1:
+        raise ValueError(
+            f"logits spatial size {h}x{w} and target spatial size {target.shape[1]}x{target.shape[2]} must both be "
+            "at least 1x1 (bilinear interpolation to or from an empty grid is undefined)"
+        )
+    if isinstance(ignore_index, bool) or not isinstance(ignore_index, numbers.Integral):
+        raise TypeError(f"ignore_index must be an int, got {ignore_index!r}")
+    if not isinstance(align_corners, bool):
+        raise TypeError(f"align_corners must be a bool, got {align_corners!r}")
+    if reduction not in REDUCTIONS:
+        raise ValueError(f"reduction={reduction!r}; expected one of {REDUCTIONS}")
+    if max(logits.numel(), target.numel()) >= 2**31:
+        raise ValueError(
+            f"logits ({tuple(logits.shape)}) or target ({tuple(target.shape)}) has 2**31 or more elements; "
+            "the kernels index with int32"
+        )
+
+
+def check_target_range(target: Tensor, num_classes: int, ignore_index: int) -> None:
+    """Raise (as PyTorch does on CPU) if a label is outside [0, num_classes) and not ignore_index.
+
+    Synchronizes with the device when `target` is on a GPU, so the front door only calls it for CPU tensors.
+    """
+    bad = (target != ignore_index) & ((target < 0) | (target >= num_classes))
+    if bool(bad.any()):
+        where = tuple(int(v) for v in bad.nonzero()[0])
+        raise IndexError(
+            f"target has label {int(target[where])} at position {where}; expected labels in [0, {num_classes}) "
+            f"(K = logits.shape[1]) or ignore_index={ignore_index}"
+        )
+
+
+# ---- fake kernels ----------------------------------------------------------------------------------
+
+
+def _forward_fake(logits, target, ignore_index, align_corners, reduction):
+    n, big_h, big_w = target.shape
+    acc = _opmath(logits.dtype)
+    loss_shape = (n, big_h, big_w) if reduction == "none" else ()
+    return (logits.new_empty(loss_shape), logits.new_empty((n, big_h, big_w), dtype=acc),
+            logits.new_empty((), dtype=acc))
+
+
+def _backward_fake(grad, logits, target, lse, count, ignore_index, align_corners, reduction):
+    return torch.empty_like(logits, memory_format=torch.contiguous_format)
+
+
+# ---- autograd --------------------------------------------------------------------------------------
+
+
+def _setup_context(ctx, inputs, output):
+    logits, target, ignore_index, align_corners, reduction = inputs
+    _, lse, count = output
+    ctx.mark_non_differentiable(lse, count)
+    # Saved: the low-res logits, the labels and the per-pixel logsumexp; never the upsampled logits.
+    ctx.save_for_backward(logits, target, lse, count)
+    ctx.conf = (ignore_index, align_corners, reduction)
+
+
+def _make_backward(backward_op):
+    def backward(ctx, grad_loss, *unused):
+        if grad_loss is None or not ctx.needs_input_grad[0]:
+            return None, None, None, None, None
+        logits, target, lse, count = ctx.saved_tensors
+        ignore_index, align_corners, reduction = ctx.conf
+        grad = backward_op(grad_loss, logits, target, lse, count, ignore_index, align_corners, reduction)
+        return grad, None, None, None, None
+
+    return backward
+
+
+def _no_double_backward(ctx, *grads):
+    raise RuntimeError(
+        "deeplab_ops.upsample_cross_entropy does not support double backward (a gradient of its gradient, as with "
+        "create_graph=True); use backend='reference' for higher-order gradients"
+    )
+
+
+def _register(prefix: str) -> None:
+    fwd = f"deeplab_ops::{prefix}upsample_cross_entropy_forward"
+    bwd = f"deeplab_ops::{prefix}upsample_cross_entropy_backward"
+    torch.library.register_fake(fwd)(_forward_fake)
+    torch.library.register_fake(bwd)(_backward_fake)
+    torch.library.register_autograd(fwd, _make_backward(getattr(_ops, f"{prefix}upsample_cross_entropy_backward")),
+                                    setup_context=_setup_context)
+    torch.library.register_autograd(bwd, _no_double_backward, setup_context=lambda ctx, inputs, output: None)
+
+
+_register("")
+_register("triton_")
+
+
+# ---- public functional -----------------------------------------------------------------------------
+
+
+def upsample_cross_entropy(
+    logits: Tensor,
+    target: Tensor,
+    ignore_index: int = 255,
+    align_corners: bool = False,
+    reduction: str = "mean",
+    *,
+    backend: str | None = None,
+) -> Tensor:
+    """Cross-entropy of bilinearly upsampled logits against full-resolution labels, without the upsampled tensor.
+
+    Computes ``F.cross_entropy(F.interpolate(logits, (H, W), mode="bilinear", align_corners=align_corners),
+    target, ignore_index=ignore_index, reduction=reduction)``, gradient included, with the interpolation done on
+    the fly: memory is O(N*H*W) (the saved per-pixel logsumexp) instead of O(N*K*H*W).
+
+    Args:
+        logits: (N, K, h, w) float32/float64 (float16/bfloat16 on CUDA: accumulation in float32).
+        target: (N, H, W) int64 labels in [0, K) or ignore_index; (H, W) may be any size (up- or downsampling,
+            non-integer ratios).
+        ignore_index: label whose pixels contribute nothing (nor to the "mean" denominator).
+        align_corners: as in F.interpolate.
+        reduction: "mean" over non-ignored pixels (NaN when all are ignored, as PyTorch), "sum", or "none"
+            ((N, H, W), 0 at ignored pixels).
+        backend: "cpu", "cuda", "triton", "reference", or None for automatic choice ($DEEPLAB_OPS_BACKEND
+            overrides None).
+
+    Labels outside [0, K) other than ignore_index raise IndexError for CPU tensors; for CUDA tensors they are
+    not checked (that would synchronize): their pixels get a NaN loss and gradient.
+
+    Returns:
+        a 0-d tensor ("mean", "sum") or (N, H, W) ("none"), in logits' dtype.
+    """
+    check_args(logits, target, ignore_index, align_corners, reduction)
+    ignore_index = int(ignore_index)
+    name = backends.resolve(backend, "upsample_cross_entropy", logits.device, logits=logits, target=target)
+    if name == "reference":
+        return reference.upsample_cross_entropy(logits, target, ignore_index=ignore_index,
+                                                align_corners=align_corners, reduction=reduction)
+    if logits.device.type == "cpu" and name != "cpu":  # the cpu kernel checks labels itself
+        check_target_range(target, logits.shape[1], ignore_index)
+    if logits.shape[0] == 0:
+        # Nothing to launch; PyTorch's values: mean of nothing is NaN, sum is 0. Keeps the graph to logits.
+        zero = logits.sum() * 0
+        if reduction == "none":
+            return logits.new_zeros(target.shape) + zero
+        return zero + (float("nan") if reduction == "mean" else 0.0)
+    loss, _, _ = FORWARD_OPS[name](logits, target, ignore_index, align_corners, reduction)
+    return loss

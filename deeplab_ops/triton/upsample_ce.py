@@ -1,0 +1,322 @@
+"""Cross-entropy of bilinearly upsampled logits, never materializing the upsampled (N, K, H, W) tensor.
+
+Math. For an output pixel p = (n, y, x), bilinear interpolation reads 4 low-res neighbours with separable
+weights (PyTorch's upsample_bilinear2d: i0 = floor(src), i1 = i0 + (i0 < in - 1), l1 = src - i0, l0 = 1 - l1):
+    z[k] = ly0 * (lx0 * a[k, y0, x0] + lx1 * a[k, y0, x1]) + ly1 * (lx0 * a[k, y1, x0] + lx1 * a[k, y1, x1])
+    loss = logsumexp_k z[k] - z[target]                  (0 at ignore_index)
+    dz[k] = g * (exp(z[k] - lse) - [k == target])        g = dL/dloss at p (grad / count for "mean")
+    dlogits[n, k, i, j] = sum_p  wy(i, y) * wx(j, x) * dz[k](p)
+
+Kernels:
+  _uce_fwd_kernel  pixel tiles x class blocks: interpolates on the fly, online logsumexp over class blocks;
+                   stores the per-pixel logsumexp (N, H, W) in the opmath dtype (the only saved activation,
+                   1/K of the upsampled logits) and either the per-pixel loss ("none") or one (sum, count)
+                   partial per program, summed on the host in a fixed order (deterministic).
+  _uce_bwd_kernel  gather form: one program owns a tile of low-res positions x a block of classes and sums
+                   the contributions of every high-res pixel whose stencil touches them, recomputing dz there
+                   from the saved logsumexp. Each output element is written once by one program: no atomics,
+                   no contention (with atomics every one of the ~(2s)^2 pixels around a low-res position at
+                   upsampling factor s would hit the same K addresses), bitwise reproducible. The cost is
+                   recomputation: each high-res pixel is interpolated once per low-res neighbour it touches
+                   (<= 4), so the backward does about 4x the forward's interpolation work, all of it reads of
+                   the low-res logits (cache-resident: 16 x 21 x 65 x 65 fp32 is 5.7 MB) and the (N, H, W)
+                   logsumexp/target, never an (N, K, H, W) tensor.
+
+Stencil tables. The source index, neighbours and weights of every output row and column are computed once per
+(in size, out size, align_corners, dtype, device) on the host with PyTorch's formula (area_pixel_compute_scale
+from the sizes, area_pixel_compute_source_index with the clamp at 0) in the opmath dtype, and cached on the
+device, with, for each low-res index, the range of output indices whose stencil touches it (the backward's
+gather ranges). Forward and backward read the same tables, so they agree exactly on the stencil.
+"""
+
+from __future__ import annotations
+
+import functools
+
+import torch
+import triton
+import triton.language as tl
+
+from deeplab_ops.backends import interpreter_active
+
+REDUCTIONS = ("none", "mean", "sum")
+
+
+# ---- stencil tables ----------------------------------------------------------------------------------
+
+
+def source_index(in_size: int, out_size: int, align_corners: bool, dtype: torch.dtype) -> torch.Tensor:
+    """PyTorch's bilinear source coordinate of every output index (CPU tensor of `dtype`), scale from the sizes."""
+    dst = torch.arange(out_size, dtype=dtype)
+    if align_corners:
+        if out_size <= 1:
+            return torch.zeros(out_size, dtype=dtype)
+        scale = torch.tensor(in_size - 1, dtype=dtype) / (out_size - 1)
+        return scale * dst
+    scale = torch.tensor(in_size, dtype=dtype) / out_size
+    return (scale * (dst + 0.5) - 0.5).clamp_min(0)
+
+
+@functools.lru_cache(maxsize=64)
+def axis_tables(in_size: int, out_size: int, align_corners: bool, dtype: torch.dtype, device: torch.device):
+    """(i0, i1, l0, l1, start, end, span) along one axis, on `device`.
+
+    i0/i1 (out_size,) int32 neighbours, l0/l1 (out_size,) weights in `dtype`; start/end (in_size,) int32: the
+    output indices o with i0[o] <= i <= i1[o] (contiguous: both are non-decreasing); span = max(end - start).
+    """
+    src = source_index(in_size, out_size, align_corners, dtype)
+    i0 = src.floor().to(torch.int64).clamp(max=in_size - 1)
+    l1 = (src - i0.to(dtype)).clamp(0, 1)
+    l0 = 1 - l1
+    i1 = i0 + (i0 < in_size - 1).to(torch.int64)
+    low = torch.arange(in_size, dtype=torch.int64)
+    start = torch.searchsorted(i1, low, side="left")
+    end = torch.searchsorted(i0, low, side="right")
+    span = int((end - start).clamp_min(0).max()) if in_size else 0
+
+    def put(t):
+        t = t.to(torch.int32) if t.dtype == torch.int64 else t
+        if device.type == "cuda":
+            t = t.pin_memory()
+        return t.to(device, non_blocking=True)
+
+    return put(i0), put(i1), put(l0), put(l1), put(start), put(end), span
+
+
+# ---- kernels -----------------------------------------------------------------------------------------
+
+
+@triton.jit
+def _interp(x_ptr, base, kk, hw, o00, o01, o10, o11, ly0, ly1, lx0, lx1, mask, ACC: tl.constexpr):
+    # z[p, k] for a (pixels, classes) tile; PyTorch's nesting of the products (rows outside, columns inside).
+    off = base[:, None] + kk[None, :] * hw
+    a00 = tl.load(x_ptr + off + o00[:, None], mask=mask, other=0.0).to(ACC)
+    a01 = tl.load(x_ptr + off + o01[:, None], mask=mask, other=0.0).to(ACC)
+    a10 = tl.load(x_ptr + off + o10[:, None], mask=mask, other=0.0).to(ACC)
+    a11 = tl.load(x_ptr + off + o11[:, None], mask=mask, other=0.0).to(ACC)
+    return ly0[:, None] * (lx0[:, None] * a00 + lx1[:, None] * a01) + ly1[:, None] * (
+        lx0[:, None] * a10 + lx1[:, None] * a11
+    )
+
+
+@triton.jit
+def _uce_fwd_kernel(
+    # logits (N, K, h, w) contiguous; target (N, H, W) int64
+    x_ptr, t_ptr,
+    # stencil tables: rows (H,), columns (W,)
+    y0_ptr, y1_ptr, ly0_ptr, ly1_ptr, x0_ptr, x1_ptr, lx0_ptr, lx1_ptr,
+    # outputs: logsumexp (N, H, W) opmath; per-pixel loss (N, H, W) opmath or per-program partials (grid,)
+    lse_ptr, loss_ptr, psum_ptr, pcnt_ptr,
+    P, K, h, w, H, W, ignore_index,
+    PER_PIXEL: tl.constexpr, ACC: tl.constexpr, BLOCK_P: tl.constexpr, BLOCK_K: tl.constexpr,
+):
+    pid = tl.program_id(0)
+    p = pid * BLOCK_P + tl.arange(0, BLOCK_P)
+    pm = p < P
+    n = p // (H * W)
+    oy = (p // W) % H
+    ox = p % W
+    iy0 = tl.load(y0_ptr + oy, mask=pm, other=0)
+    iy1 = tl.load(y1_ptr + oy, mask=pm, other=0)
+    ly0 = tl.load(ly0_ptr + oy, mask=pm, other=0.0)
+    ly1 = tl.load(ly1_ptr + oy, mask=pm, other=0.0)
+    ix0 = tl.load(x0_ptr + ox, mask=pm, other=0)
+    ix1 = tl.load(x1_ptr + ox, mask=pm, other=0)
+    lx0 = tl.load(lx0_ptr + ox, mask=pm, other=0.0)
+    lx1 = tl.load(lx1_ptr + ox, mask=pm, other=0.0)
+    hw = h * w
+    base = n * K * hw
+    t = tl.load(t_ptr + p, mask=pm, other=ignore_index)
+    valid = pm & (t != ignore_index)
+    m = tl.full((BLOCK_P,), float("-inf"), ACC)
+    s = tl.zeros((BLOCK_P,), ACC)
+    zt = tl.zeros((BLOCK_P,), ACC)
+    for k0 in range(0, K, BLOCK_K):
+        kk = k0 + tl.arange(0, BLOCK_K)
+        km = kk < K
+        mask = pm[:, None] & km[None, :]
+        z = _interp(x_ptr, base, kk, hw, iy0 * w + ix0, iy0 * w + ix1, iy1 * w + ix0, iy1 * w + ix1,
+                    ly0, ly1, lx0, lx1, mask, ACC)
+        z = tl.where(km[None, :], z, float("-inf"))
+        zt += tl.sum(tl.where((kk[None, :] == t[:, None]) & km[None, :], z, 0.0), 1)
+        # Online logsumexp over class blocks: rescale the running sum to the new maximum.
+        m_new = tl.maximum(m, tl.max(z, 1))
+        s = s * tl.exp(m - m_new) + tl.sum(tl.exp(z - m_new[:, None]), 1)
+        m = m_new
+    lse = m + tl.log(s)
+    # A label outside [0, K) (other than ignore_index) gives NaN: no device-side assert, no out-of-range read.
+    bad = valid & ((t < 0) | (t >= K))
+    loss = tl.where(bad, float("nan"), lse - zt)
+    loss = tl.where(valid, loss, 0.0)
+    tl.store(lse_ptr + p, lse, mask=pm)
+    if PER_PIXEL:
+        tl.store(loss_ptr + p, loss, mask=pm)
+    else:
+        tl.store(psum_ptr + pid, tl.sum(loss, 0))
+        tl.store(pcnt_ptr + pid, tl.sum(valid.to(tl.int32), 0))
+
+
+@triton.jit
+def _uce_bwd_kernel(
+    # logits (N, K, h, w) contiguous; target (N, H, W) int64; saved logsumexp (N, H, W) opmath
+    x_ptr, t_ptr, lse_ptr,
+    # dL/dloss: (N, H, W) when PER_PIXEL, else a 0-d opmath tensor (grad, or grad / count for "mean")
+    g_ptr,
+    # output: dlogits (N, K, h, w) contiguous
+    dx_ptr,
+    # stencil tables: rows (H,), columns (W,), and the gather ranges of each low-res row (h,) and column (w,)
+    y0_ptr, y1_ptr, ly0_ptr, ly1_ptr, x0_ptr, x1_ptr, lx0_ptr, lx1_ptr, ys_ptr, ye_ptr, xs_ptr, xe_ptr,
+    Q, K, h, w, H, W, ignore_index, SPAN_Y, SPAN_X,
+    PER_PIXEL: tl.constexpr, ACC: tl.constexpr, BLOCK_Q: tl.constexpr, BLOCK_X: tl.constexpr,
+    BLOCK_K: tl.constexpr,
+):
+    # Tile rows are (low-res position, output column offset) pairs: BLOCK_X output columns of one position's
+    # gather range are processed side by side, and summed over at the end in a fixed order (deterministic).
+    pid_q = tl.program_id(0)
+    pid_k = tl.program_id(1)
+    rows = tl.arange(0, BLOCK_Q * BLOCK_X)
+    q = pid_q * BLOCK_Q + rows // BLOCK_X
+    dxi = rows % BLOCK_X
+    qm = q < Q
+    hw = h * w
+    n = q // hw
+    r = q % hw
+    i = r // w
+    j = r % w
+    kk = pid_k * BLOCK_K + tl.arange(0, BLOCK_K)
+    km = kk < K
+    ys = tl.load(ys_ptr + i, mask=qm, other=0)
+    ye = tl.load(ye_ptr + i, mask=qm, other=0)
+    xs = tl.load(xs_ptr + j, mask=qm, other=0)
+    xe = tl.load(xe_ptr + j, mask=qm, other=0)
+    base = n * K * hw
+    if not PER_PIXEL:
+        g_all = tl.load(g_ptr).to(ACC)
+    acc = tl.zeros((BLOCK_Q * BLOCK_X, BLOCK_K), ACC)
+    for dy in range(0, SPAN_Y):
+        oy = ys + dy
+        ym = qm & (oy < ye)
+        iy0 = tl.load(y0_ptr + oy, mask=ym, other=0)
+        iy1 = tl.load(y1_ptr + oy, mask=ym, other=0)
+        ly0 = tl.load(ly0_ptr + oy, mask=ym, other=0.0)
+        ly1 = tl.load(ly1_ptr + oy, mask=ym, other=0.0)
+        # Weight of low-res row i in output row oy: both terms when i0 == i1 == i (the last row).
+        wy = tl.where(iy0 == i, ly0, 0.0) + tl.where(iy1 == i, ly1, 0.0)
+        for dx0 in range(0, SPAN_X, BLOCK_X):
+            ox = xs + dx0 + dxi
+            xm = ym & (ox < xe)
+            ix0 = tl.load(x0_ptr + ox, mask=xm, other=0)
+            ix1 = tl.load(x1_ptr + ox, mask=xm, other=0)
+            lx0 = tl.load(lx0_ptr + ox, mask=xm, other=0.0)
+            lx1 = tl.load(lx1_ptr + ox, mask=xm, other=0.0)
+            wx = tl.where(ix0 == j, lx0, 0.0) + tl.where(ix1 == j, lx1, 0.0)
+            wgt = wy * wx
+            pm = xm & (wgt != 0)
+            pix = n * (H * W) + oy * W + ox
+            t = tl.load(t_ptr + pix, mask=pm, other=ignore_index)
+            valid = pm & (t != ignore_index)
+            lse = tl.load(lse_ptr + pix, mask=valid, other=0.0)
+            if PER_PIXEL:
+                g = tl.load(g_ptr + pix, mask=valid, other=0.0).to(ACC)
+            else:
+                g = tl.zeros((BLOCK_Q * BLOCK_X,), ACC) + g_all
+            g = tl.where(valid, g, 0.0)
+            g = tl.where(valid & ((t < 0) | (t >= K)), float("nan"), g)
+            mask = valid[:, None] & km[None, :]
+            z = _interp(x_ptr, base, kk, hw, iy0 * w + ix0, iy0 * w + ix1, iy1 * w + ix0, iy1 * w + ix1,
+                        ly0, ly1, lx0, lx1, mask, ACC)
+            prob = tl.exp(z - lse[:, None])
+            onehot = tl.where(kk[None, :] == t[:, None], 1.0, 0.0)
+            acc += (wgt * g)[:, None] * (prob - onehot)
+    res = tl.sum(tl.reshape(acc, (BLOCK_Q, BLOCK_X, BLOCK_K)), 1)
+    q2 = pid_q * BLOCK_Q + tl.arange(0, BLOCK_Q)
+    out = (q2 // hw * K * hw + q2 % hw)[:, None] + kk[None, :] * hw
+    tl.store(dx_ptr + out, res.to(dx_ptr.dtype.element_ty), mask=(q2 < Q)[:, None] & km[None, :])
+
+
+# ---- host launchers ----------------------------------------------------------------------------------
+
+
+def _acc(dtype: torch.dtype):
+    return (torch.float64, tl.float64) if dtype == torch.float64 else (torch.float32, tl.float32)
+
+
+def _block_k(k: int) -> int:
+    return min(triton.next_power_of_2(max(k, 1)), 32)
+
+
+def _tables(logits: torch.Tensor, out_h: int, out_w: int, align_corners: bool):
+    acc, _ = _acc(logits.dtype)
+    return (axis_tables(logits.shape[2], out_h, align_corners, acc, logits.device),
+            axis_tables(logits.shape[3], out_w, align_corners, acc, logits.device))
+
+
+def forward(logits, target, ignore_index: int, align_corners: bool, reduction: str):
+    """(loss, lse, valid_count): the op's contract (csrc/ops.cpp)."""
+    if reduction not in REDUCTIONS:
+        raise ValueError(f"reduction={reduction!r}; expected one of {REDUCTIONS}")
+    logits = logits.contiguous()
+    target = target.contiguous()
+    n, k, h, w = logits.shape
+    big_h, big_w = target.shape[1:]
+    acc, tl_acc = _acc(logits.dtype)
+    p = n * big_h * big_w
+    lse = torch.empty((n, big_h, big_w), dtype=acc, device=logits.device)
+    per_pixel = reduction == "none"
+    block_p = 128
+    grid = triton.cdiv(p, block_p)
+    loss_px = torch.empty((n, big_h, big_w) if per_pixel else (0,), dtype=acc, device=logits.device)
+    psum = torch.zeros((0 if per_pixel else grid,), dtype=acc, device=logits.device)
+    pcnt = torch.zeros((0 if per_pixel else grid,), dtype=torch.int32, device=logits.device)
+    if p > 0:
+        (y0, y1, ly0, ly1, _, _, _), (x0, x1, lx0, lx1, _, _, _) = _tables(logits, big_h, big_w, align_corners)
+        _uce_fwd_kernel[(grid,)](
+            logits, target, y0, y1, ly0, ly1, x0, x1, lx0, lx1, lse, loss_px, psum, pcnt,
+            p, k, h, w, big_h, big_w, ignore_index,
+            PER_PIXEL=per_pixel, ACC=tl_acc, BLOCK_P=block_p, BLOCK_K=_block_k(k), num_warps=4,
+        )
+    if per_pixel:
+        count = (target != ignore_index).sum().to(acc)
+        return loss_px.to(logits.dtype), lse, count
+    count = pcnt.sum().to(acc)
+    total = psum.sum()
+    loss = total / count if reduction == "mean" else total
+    return loss.to(logits.dtype), lse, count
+
+
+def backward(grad, logits, target, lse, count, ignore_index: int, align_corners: bool, reduction: str):
+    """dlogits (N, K, h, w) in logits' dtype."""
+    if reduction not in REDUCTIONS:
+        raise ValueError(f"reduction={reduction!r}; expected one of {REDUCTIONS}")
+    logits = logits.contiguous()
+    target = target.contiguous()
+    lse = lse.contiguous()
+    n, k, h, w = logits.shape
+    big_h, big_w = target.shape[1:]
+    acc, tl_acc = _acc(logits.dtype)
+    per_pixel = reduction == "none"
+    if per_pixel:
+        g = grad.contiguous()
+    else:
+        g = grad.to(acc) / count if reduction == "mean" else grad.to(acc)
+    dx = torch.empty_like(logits)
+    q = n * h * w
+    if q == 0 or k == 0:
+        return dx.zero_()
+    if big_h * big_w == 0:
+        return dx.zero_()
+    ty, tx = _tables(logits, big_h, big_w, align_corners)
+    y0, y1, ly0, ly1, ys, ye, span_y = ty
+    x0, x1, lx0, lx1, xs, xe, span_x = tx
+    # 64-128 tile rows on a GPU; in the interpreter a whole column range per step (fewer, larger numpy ops).
+    block_x = min(triton.next_power_of_2(max(span_x, 1)), 64 if interpreter_active() else 16)
+    block_q = max(1, (256 if interpreter_active() else 128) // block_x)
+    block_k = _block_k(k)
+    grid = (triton.cdiv(q, block_q), triton.cdiv(k, block_k))
+    _uce_bwd_kernel[grid](
+        logits, target, lse, g, dx,
+        y0, y1, ly0, ly1, x0, x1, lx0, lx1, ys, ye, xs, xe,
+        q, k, h, w, big_h, big_w, ignore_index, span_y, span_x,
+        PER_PIXEL=per_pixel, ACC=tl_acc, BLOCK_Q=block_q, BLOCK_X=block_x, BLOCK_K=block_k, num_warps=4,
+    )
+    return dx
