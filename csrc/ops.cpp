@@ -99,6 +99,18 @@ TORCH_LIBRARY(deeplab_ops, m) {
       "Tensor save_mean, Tensor save_invstd, int[] rates, bool training, bool[3] output_mask) -> (Tensor grad_x, "
       "Tensor[] grad_conv_weights, Tensor grad_pool_weight, Tensor grad_project_weight, Tensor grad_bn_weight, "
       "Tensor grad_bn_bias)");
+  // Triton kernels (deeplab_ops/triton/aspp.py): same contract as the two ops above.
+  m.def(
+      "triton_aspp_forward(Tensor x, Tensor[] conv_weights, Tensor pool_weight, Tensor project_weight, "
+      "Tensor bn_weight, Tensor bn_bias, Tensor? running_mean, Tensor? running_var, int[] rates, bool training, "
+      "float momentum, float eps) -> (Tensor out, Tensor branch_out, Tensor pool_out, Tensor project_out, "
+      "Tensor save_mean, Tensor save_invstd, Tensor new_running_mean, Tensor new_running_var)");
+  m.def(
+      "triton_aspp_backward(Tensor grad_out, Tensor x, Tensor[] conv_weights, Tensor pool_weight, "
+      "Tensor project_weight, Tensor bn_weight, Tensor bn_bias, Tensor branch_out, Tensor pool_out, "
+      "Tensor project_out, Tensor out, Tensor save_mean, Tensor save_invstd, int[] rates, bool training, "
+      "bool[3] output_mask) -> (Tensor grad_x, Tensor[] grad_conv_weights, Tensor grad_pool_weight, "
+      "Tensor grad_project_weight, Tensor grad_bn_weight, Tensor grad_bn_bias)");
 
   // ---- Cross-entropy of bilinearly upsampled logits (deeplab_ops/ops/upsample_ce.py) -------------------
   // F.cross_entropy(F.interpolate(logits, target.shape[-2:], mode="bilinear", align_corners), target,

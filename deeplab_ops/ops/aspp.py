@@ -1,8 +1,11 @@
 """The fused ASPP op: argument checks, fake kernels, autograd, dispatch.
 
-Schemas in csrc/ops.cpp (aspp_forward / aspp_backward). The op takes every BatchNorm's tensors concatenated in
-the order [1×1 branch, one per rate, image pooling, projection]; `aspp` below takes per-BN lists as a module has
-them, concatenates, and copies the updated running statistics back into each buffer.
+Two op families share one contract (schemas in csrc/ops.cpp):
+  deeplab_ops::aspp_forward / _backward          cpu and cuda backends (ATen convs + C++ BN stages, csrc/aspp.cpp)
+  deeplab_ops::triton_aspp_forward / _backward   triton backend (deeplab_ops/triton/aspp.py)
+The ops take every BatchNorm's tensors concatenated in the order [1×1 branch, one per rate, image pooling,
+projection]; `aspp` below takes per-BN lists as a module has them, concatenates, and copies the updated running
+statistics back into each buffer.
 """
 
 from __future__ import annotations
@@ -17,14 +20,13 @@ from deeplab_ops.ops.bn_stages import empty_activation, opmath_dtype
 Tensor = torch.Tensor
 _ops = torch.ops.deeplab_ops
 
-FORWARD_OPS = {"cpu": _ops.aspp_forward, "cuda": _ops.aspp_forward}
+FORWARD_OPS = {"cpu": _ops.aspp_forward, "cuda": _ops.aspp_forward, "triton": _ops.triton_aspp_forward}
 _HALF_DTYPES = (torch.float16, torch.bfloat16)
 
 
 # ---- fake kernels ----------------------------------------------------------------------------------
 
 
-@torch.library.register_fake("deeplab_ops::aspp_forward")
 def _forward_fake(x, conv_weights, pool_weight, project_weight, bn_weight, bn_bias, running_mean, running_var, rates,
                   training, momentum, eps):
     n, _, h, w = x.shape
@@ -46,7 +48,6 @@ def _forward_fake(x, conv_weights, pool_weight, project_weight, bn_weight, bn_bi
     )
 
 
-@torch.library.register_fake("deeplab_ops::aspp_backward")
 def _backward_fake(grad_out, x, conv_weights, pool_weight, project_weight, bn_weight, bn_bias, branch_out, pool_out,
                    project_out, out, save_mean, save_invstd, rates, training, output_mask):
     want_x, want_w, want_bn = output_mask
@@ -74,34 +75,45 @@ def _setup_context(ctx, inputs, output):
     ctx.conf = (tuple(rates), training, bn_weight.dtype, bn_bias.dtype)
 
 
-def _backward(ctx, grad_out, *unused):
-    x, pool_w, proj_w, bn_w, bn_b, branch, pool_pre, proj, out, mean, invstd, *conv_ws = ctx.saved_tensors
-    rates, training, w_dtype, b_dtype = ctx.conf
-    nig = ctx.needs_input_grad
-    mask = [nig[0], bool(nig[1]) or nig[2] or nig[3], nig[4] or nig[5]]
-    none = [None] * 12
-    if grad_out is None or not any(mask):
-        return tuple(none)
-    gx, gconv, gpool, gproj, gbw, gbb = _ops.aspp_backward(
-        grad_out, x, conv_ws, pool_w, proj_w, bn_w, bn_b, branch, pool_pre, proj, out, mean, invstd, list(rates),
-        training, mask,
-    )
-    grads = none
-    grads[0] = gx
-    grads[1] = list(gconv) if gconv else None
-    grads[2], grads[3] = gpool, gproj
-    grads[4] = gbw.to(w_dtype) if gbw is not None else None
-    grads[5] = gbb.to(b_dtype) if gbb is not None else None
-    return tuple(grads)
+def _make_backward(backward_op):
+    def backward(ctx, grad_out, *unused):
+        x, pool_w, proj_w, bn_w, bn_b, branch, pool_pre, proj, out, mean, invstd, *conv_ws = ctx.saved_tensors
+        rates, training, w_dtype, b_dtype = ctx.conf
+        nig = ctx.needs_input_grad
+        mask = [nig[0], bool(nig[1]) or nig[2] or nig[3], nig[4] or nig[5]]
+        none = [None] * 12
+        if grad_out is None or not any(mask):
+            return tuple(none)
+        gx, gconv, gpool, gproj, gbw, gbb = backward_op(
+            grad_out, x, conv_ws, pool_w, proj_w, bn_w, bn_b, branch, pool_pre, proj, out, mean, invstd,
+            list(rates), training, mask,
+        )
+        grads = none
+        grads[0] = gx
+        grads[1] = list(gconv) if gconv else None
+        grads[2], grads[3] = gpool, gproj
+        grads[4] = gbw.to(w_dtype) if gbw is not None else None
+        grads[5] = gbb.to(b_dtype) if gbb is not None else None
+        return tuple(grads)
+
+    return backward
 
 
 def _no_double_backward(ctx, *grads):
     raise RuntimeError("deeplab_ops.aspp does not support double backward; use backend='reference' for it")
 
 
-torch.library.register_autograd("deeplab_ops::aspp_forward", _backward, setup_context=_setup_context)
-torch.library.register_autograd("deeplab_ops::aspp_backward", _no_double_backward,
-                                setup_context=lambda ctx, inputs, output: None)
+def _register(prefix: str) -> None:
+    fwd, bwd = f"deeplab_ops::{prefix}aspp_forward", f"deeplab_ops::{prefix}aspp_backward"
+    torch.library.register_fake(fwd)(_forward_fake)
+    torch.library.register_fake(bwd)(_backward_fake)
+    torch.library.register_autograd(fwd, _make_backward(getattr(_ops, f"{prefix}aspp_backward")),
+                                    setup_context=_setup_context)
+    torch.library.register_autograd(bwd, _no_double_backward, setup_context=lambda ctx, inputs, output: None)
+
+
+_register("")
+_register("triton_")
 
 
 # ---- argument checks -------------------------------------------------------------------------------
@@ -225,7 +237,7 @@ def aspp(
             Training updates the running statistics in place as nn.BatchNorm2d does.
         rates: the atrous rates (dilation = padding) of the 3×3 branches.
         training, momentum, eps: as for every BatchNorm of the module (shared).
-        backend: "cpu", "cuda", "reference" or None (automatic; $DEEPLAB_OPS_BACKEND overrides None).
+        backend: "cpu", "cuda", "triton", "reference" or None (automatic; $DEEPLAB_OPS_BACKEND overrides None).
         process_group: a torch.distributed process group whose processes share BatchNorm statistics in training
             (nn.SyncBatchNorm semantics); None: no synchronization.
     """
@@ -239,12 +251,13 @@ def aspp(
                                          rates, float(momentum), float(eps), process_group, *conv_weights)
         _copy_running(running_means, running_vars, rm, rv)
         return out
-    name = backends.resolve(backend, "aspp", x.device, x=x, rates=rates, training=training)
+    name = backends.resolve(backend, "aspp", x.device, x=x, rates=rates, training=training,
+                            channels=conv_weights[0].shape[0])
     if name == "reference":
         return reference.aspp(x, conv_weights, pool_weight, project_weight, bn_weights, bn_biases, running_means,
                               running_vars, rates=rates, training=training, momentum=float(momentum), eps=float(eps))
     if name not in FORWARD_OPS:
-        raise RuntimeError(f"deeplab_ops.aspp: backend {name!r} has no ASPP kernels yet; use 'cpu' or 'cuda'")
+        raise RuntimeError(f"deeplab_ops.aspp: backend {name!r} has no ASPP kernels yet; use 'cpu', 'cuda' or 'triton'")
     out, *_, new_rm, new_rv = FORWARD_OPS[name](
         x, list(conv_weights), pool_weight, project_weight, cat(bn_weights), cat(bn_biases), rm, rv, list(rates),
         training, float(momentum), float(eps),

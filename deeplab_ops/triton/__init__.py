@@ -53,6 +53,47 @@ torch.library.register_kernel("deeplab_ops::triton_conv_bn_relu_backward", ("cpu
 backends.register_support("triton", "conv_bn_relu", _conv_bn_relu_support)
 
 
+# ---- aspp (kernels in aspp.py) -------------------------------------------------------------------------
+
+
+def _aspp_forward(x, conv_weights, pool_weight, project_weight, bn_weight, bn_bias, running_mean, running_var,
+                  rates, training, momentum, eps):
+    from deeplab_ops.triton import aspp
+
+    return aspp.forward(x, list(conv_weights), pool_weight, project_weight, bn_weight, bn_bias, running_mean,
+                        running_var, list(rates), training, momentum, eps)
+
+
+def _aspp_backward(grad_out, x, conv_weights, pool_weight, project_weight, bn_weight, bn_bias, branch_out,
+                   pool_out, project_out, out, save_mean, save_invstd, rates, training, output_mask):
+    from deeplab_ops.triton import aspp
+
+    return aspp.backward(grad_out, x, list(conv_weights), pool_weight, project_weight, bn_weight, bn_bias,
+                         branch_out, pool_out, project_out, out, save_mean, save_invstd, list(rates), training,
+                         list(output_mask))
+
+
+def _aspp_support(*, x, rates, training, channels) -> list[str]:
+    """Why the triton kernels cannot run this aspp call (device and import are checked by backends)."""
+    reasons = []
+    if x.device.type == "cpu" and x.dtype in (torch.float16, torch.bfloat16):
+        reasons.append(
+            f"x has dtype {x.dtype}: the Triton interpreter stores half types as raw bits, so float16/bfloat16 "
+            "run on CUDA tensors only"
+        )
+    n, c_in, h, w = x.shape
+    # The largest tensors: the (N, H, W, (1 + len(rates)) * C) branch buffer and the packed branch weights.
+    largest = max(x.numel(), n * h * w * (1 + len(rates)) * channels, (1 + 9 * len(rates)) * c_in * channels)
+    if largest > _INT32_MAX:
+        reasons.append(f"a tensor of {largest} elements: the kernels index with int32 (at most {_INT32_MAX})")
+    return reasons
+
+
+torch.library.register_kernel("deeplab_ops::triton_aspp_forward", ("cpu", "cuda"), _aspp_forward)
+torch.library.register_kernel("deeplab_ops::triton_aspp_backward", ("cpu", "cuda"), _aspp_backward)
+backends.register_support("triton", "aspp", _aspp_support)
+
+
 # ---- upsample_cross_entropy (kernels in upsample_ce.py) ------------------------------------------------
 
 

@@ -363,24 +363,33 @@ _KERNELS = {
 }
 
 
-@functools.cache
-def _autotuned(name: str, hopper: bool):
-    kernel, key, (hopper_cfgs, ampere_cfgs), prune = _KERNELS[name]
-    return triton.autotune(hopper_cfgs if hopper else ampere_cfgs, key=key,
-                           prune_configs_by={"early_config_prune": prune})(kernel)
+_TUNED: dict = {}
+
+
+def launch(kernels: dict, interpreter_configs: dict, name: str, device: torch.device, grid, args: tuple,
+           config: dict | None, **meta) -> dict:
+    """Run kernel `name` of a registry {name: (kernel, autotune key, (Hopper, Ampere) configs, pruner)}: autotuned
+    on a GPU (architecture read here, at launch), `config` (or the interpreter's) otherwise; return the config used.
+    """
+    if config is None and meta.get("COUNT_PAIRS"):
+        config = interpreter_configs[name]  # autotuning would rerun the kernel and count its pairs many times
+    if config is None and not interpreter_active():
+        kernel, key, (hopper_cfgs, ampere_cfgs), prune = kernels[name]
+        hopper = torch.cuda.get_device_capability(device)[0] >= 9
+        tuned = _TUNED.get((kernel, hopper))
+        if tuned is None:
+            tuned = _TUNED[(kernel, hopper)] = triton.autotune(
+                hopper_cfgs if hopper else ampere_cfgs, key=key, prune_configs_by={"early_config_prune": prune}
+            )(kernel)
+        tuned[grid](*args, **meta)
+        return tuned.best_config.kwargs
+    config = config or interpreter_configs[name]
+    kernels[name][0][grid](*args, **meta, **config)
+    return config
 
 
 def _launch(name: str, device: torch.device, grid, args: tuple, config: dict | None, **meta) -> dict:
-    """Run kernel `name`: autotuned on a GPU, `config` (or the interpreter's) otherwise; return the config used."""
-    if config is None and meta.get("COUNT_PAIRS"):
-        config = INTERPRETER_CONFIGS[name]  # autotuning would rerun the kernel and count its pairs many times
-    if config is None and not interpreter_active():
-        tuned = _autotuned(name, torch.cuda.get_device_capability(device)[0] >= 9)
-        tuned[grid](*args, **meta)
-        return tuned.best_config.kwargs
-    config = config or INTERPRETER_CONFIGS[name]
-    _KERNELS[name][0][grid](*args, **meta, **config)
-    return config
+    return launch(_KERNELS, INTERPRETER_CONFIGS, name, device, grid, args, config, **meta)
 
 
 def dot_precision(dtype: torch.dtype, device: torch.device) -> str:
