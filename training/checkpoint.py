@@ -1,5 +1,8 @@
 """Checkpoints: atomic saves (temp file in the same folder, fsync, os.replace) and the full state a resume needs.
 
+A save killed at any point (kill -9, power loss after the fsync) leaves the previous checkpoint intact and loadable;
+the killed save's temp file is removed by the next save of the same path.
+
 A checkpoint is a dict: model, optimizer, scheduler, grad_scaler (fp16), iteration (finished steps),
 best_metric / best_iteration, rng (torch CPU + every CUDA device, numpy, python `random`), args, and
 num_classes / class_names so that `--eval-only` and `--predict` rebuild the model from the file alone.
@@ -15,11 +18,38 @@ import numpy as np
 import torch
 
 
+def _temp_prefix(path: str) -> str:
+    return f".{os.path.basename(path)}."
+
+
+def _remove_stale_temps(folder: str, path: str) -> None:
+    """Delete temp files that killed saves of `path` left behind (their writer process no longer exists)."""
+    prefix = _temp_prefix(path)
+    for name in os.listdir(folder):
+        if not (name.startswith(prefix) and name.endswith(".tmp")):
+            continue
+        pid = name[len(prefix):].split(".", 1)[0]
+        if not pid.isdigit() or int(pid) == os.getpid():
+            continue
+        try:
+            os.kill(int(pid), 0)
+            continue  # a live process is writing it
+        except ProcessLookupError:
+            pass
+        except OSError:  # alive but not ours (PermissionError), or no way to tell: leave it
+            continue
+        try:
+            os.unlink(os.path.join(folder, name))
+        except OSError:
+            pass
+
+
 def atomic_save(obj, path: str) -> None:
     """torch.save to `path` so that a crash leaves either the old file or the new one, never half of one."""
     folder = os.path.dirname(os.path.abspath(path))
     os.makedirs(folder, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{os.path.basename(path)}.", suffix=".tmp", dir=folder)
+    _remove_stale_temps(folder, path)
+    fd, tmp = tempfile.mkstemp(prefix=f"{_temp_prefix(path)}{os.getpid()}.", suffix=".tmp", dir=folder)
     try:
         with os.fdopen(fd, "wb") as f:
             torch.save(obj, f)
@@ -40,17 +70,39 @@ def atomic_save(obj, path: str) -> None:
         pass
 
 
+# What fit() reads from a checkpoint to resume (train.py's checkpoints hold more: args, class names).
+RESUME_KEYS = ("model", "optimizer", "scheduler", "iteration", "rng")
+
+
 def load_checkpoint(path: str, map_location="cpu") -> dict:
-    """Load a checkpoint written by `atomic_save`; errors name the file."""
+    """Load a checkpoint written by `atomic_save`; errors name the file and say what is wrong with it."""
     if not os.path.isfile(path):
         raise FileNotFoundError(f"checkpoint not found: {path}")
+    size = os.path.getsize(path)
+    if size == 0:
+        raise RuntimeError(f"cannot read checkpoint {path}: the file is empty (0 bytes); it is not a checkpoint that "
+                           "atomic_save finished, so it was truncated or overwritten afterwards: use another "
+                           "checkpoint (best.pt, an earlier copy)")
     try:
         ckpt = torch.load(path, map_location=map_location, weights_only=False)
     except Exception as e:
-        raise RuntimeError(f"cannot read checkpoint {path}: {type(e).__name__}: {e}") from e
+        raise RuntimeError(
+            f"cannot read checkpoint {path} ({size} bytes): it is corrupt or truncated, or not a torch.save file "
+            f"({type(e).__name__}: {e}). Saves are atomic, so an interrupted save does not do this; use another "
+            "checkpoint (best.pt, an earlier copy)"
+        ) from e
     if not isinstance(ckpt, dict) or "model" not in ckpt:
         raise ValueError(f"{path} is not a train.py checkpoint (expected a dict with a 'model' entry)")
     return ckpt
+
+
+def check_resumable(ckpt: dict, path: str = "the checkpoint") -> None:
+    """Raise a clear error unless `ckpt` holds everything a resume needs."""
+    missing = [k for k in RESUME_KEYS if k not in ckpt]
+    if missing:
+        raise ValueError(f"cannot resume from {path}: it has no {', '.join(repr(k) for k in missing)} entries; "
+                         "resume needs a last.pt/best.pt written by train.py's training loop (a bare state_dict "
+                         "or an exported model only initialises a network)")
 
 
 def capture_rng_state() -> dict:

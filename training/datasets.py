@@ -7,10 +7,13 @@ construction (a missing file is named before training starts); a file that fails
 
 from __future__ import annotations
 
+import contextlib
 import os
-from collections.abc import Sequence
+import re
+from collections.abc import Iterable, Iterator, Sequence
 
 import numpy as np
+import torch
 from PIL import Image
 
 from training.palette import IGNORE_INDEX, VOC_CLASSES
@@ -103,6 +106,93 @@ def _check_exist(paths: Sequence[str], what: str) -> None:
         raise FileNotFoundError(f"{what} file not found: {missing[0]}{more}")
 
 
+# ---- which file a crashed DataLoader worker was reading --------------------------------------------------------
+
+
+def describe_source(dataset, index: int) -> str:
+    """The file(s) behind sample `index`, looking through wrappers (Subset, objects with a `.dataset`)."""
+    while True:
+        if isinstance(dataset, torch.utils.data.Subset):
+            dataset, index = dataset.dataset, dataset.indices[index]
+        elif hasattr(dataset, "source"):
+            return dataset.source(index)
+        elif getattr(dataset, "dataset", None) is not None:
+            dataset = dataset.dataset
+        else:
+            return f"sample {index} of {type(dataset).__name__}"
+
+
+class WorkerCrashError(RuntimeError):
+    """A DataLoader worker died (signal or exit) while reading; the message names the file."""
+
+
+_WORKER_CRASH = re.compile(r"DataLoader worker \(pids?\(?s?\)? ([\d, ]+)\)")
+
+
+class ReadTracker:
+    """Records, in shared memory, the sample each DataLoader worker is reading, so that a worker killed outright
+    (a segfault in an image decoder, the OOM killer: no Python exception, only "DataLoader worker exited
+    unexpectedly") is reported with the file it was reading.
+
+    `dataset` is the wrapped dataset to give the DataLoader; run the loop inside `with tracker.reporting():` to get
+    a worker crash re-raised as WorkerCrashError naming the file. With num_workers=0 it changes nothing: errors
+    are raised in this process and name their file.
+    """
+
+    def __init__(self, dataset, num_workers: int) -> None:
+        self.inner = dataset
+        self.dataset = _Tracked(dataset, max(1, num_workers)) if num_workers > 0 else dataset
+
+    def reading(self, pids: Iterable[int] | None = None) -> list[str]:
+        """What the workers (those with the given pids, or all) were reading and had not finished."""
+        if self.dataset is self.inner:
+            return []
+        wanted = set(pids) if pids else None
+        return [f"{describe_source(self.inner, index)} (worker pid {pid})" for index, pid in self.dataset.slots.tolist()
+                if index >= 0 and (wanted is None or pid in wanted)]
+
+    def explain(self, error: BaseException) -> BaseException | None:
+        """A worker-crash error naming the file being read, or None when `error` is not a worker crash."""
+        text = str(error)
+        match = _WORKER_CRASH.search(text)
+        if not isinstance(error, RuntimeError) or isinstance(error, WorkerCrashError) or match is None:
+            return None
+        pids = [int(p) for p in re.findall(r"\d+", match.group(1))]
+        files = self.reading(pids) or self.reading()
+        where = "; ".join(files) if files else "no sample in flight (it died between samples)"
+        return WorkerCrashError(f"{text.strip().rstrip('.')}. It was reading: {where}")
+
+    @contextlib.contextmanager
+    def reporting(self) -> Iterator[None]:
+        """Re-raise a worker crash inside the block (DataLoader reports it from next() or from its SIGCHLD
+        handler, wherever the main thread is) with the file the worker was reading."""
+        try:
+            yield
+        except RuntimeError as e:
+            better = self.explain(e)
+            if better is None:
+                raise
+            raise better from e
+
+
+class _Tracked(torch.utils.data.Dataset):
+    def __init__(self, dataset, slots: int) -> None:
+        self.dataset = dataset
+        # (index being read or -1, worker pid) per worker; shared memory, so the parent sees the workers' writes.
+        self.slots = torch.full((slots, 2), -1, dtype=torch.int64).share_memory_()
+
+    def __len__(self) -> int:
+        return len(self.dataset)
+
+    def __getitem__(self, key):
+        info = torch.utils.data.get_worker_info()
+        slot = self.slots[info.id if info is not None else 0]
+        slot[0], slot[1] = key[0] if isinstance(key, tuple) else key, os.getpid()
+        item = self.dataset[key]
+        slot[0] = -1  # left set when reading raised: the parent may report it with the error
+        return item
+
+
 # ---- synthetic shapes ------------------------------------------------------------------------------------------
 
 SHAPES = ("disc", "square", "triangle", "ring", "cross")
@@ -138,6 +228,9 @@ class SyntheticShapes:
 
     def __len__(self) -> int:
         return self.length
+
+    def source(self, index: int) -> str:
+        return f"synthetic image {index} of split {self.split!r} (seed {self.seed}, generated, no file)"
 
     def __getitem__(self, index: int):
         if not 0 <= index < self.length:
@@ -301,6 +394,10 @@ class VOCSegmentation:
     def _jpeg(self, i: str) -> str:
         return os.path.join(self.root, "JPEGImages", f"{i}.jpg")
 
+    def source(self, index: int) -> str:
+        _, image_path, label_path = self.items[index]
+        return f"{image_path} (label {label_path})"
+
     def __len__(self) -> int:
         return len(self.items)
 
@@ -371,6 +468,10 @@ class FolderSegmentation:
             raise ValueError(f"folder dataset {root}: split {split!r} has no images")
         self.items = [(n, by_stem[n], os.path.join(masks_dir, f"{n}.png")) for n in names]
         _check_exist([m for _, _, m in self.items], "mask")
+
+    def source(self, index: int) -> str:
+        _, image_path, mask_path = self.items[index]
+        return f"{image_path} (mask {mask_path})"
 
     def __len__(self) -> int:
         return len(self.items)

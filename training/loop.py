@@ -24,6 +24,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from training import checkpoint as ckpt_io
+from training import datasets
 from training import distributed as dist_utils
 from training.metrics import SegmentationMetrics
 from training.palette import IGNORE_INDEX
@@ -209,20 +210,21 @@ def evaluate(model: nn.Module, dataset, num_classes: int, class_names, device: t
     model.eval()
     metrics = SegmentationMetrics(num_classes, class_names)
     indices = list(range(rank, len(dataset), world_size))
-    loader = torch.utils.data.DataLoader(
-        torch.utils.data.Subset(dataset, indices), batch_size=batch_size, shuffle=False, num_workers=num_workers,
-        collate_fn=pad_collate)
+    reads = datasets.ReadTracker(torch.utils.data.Subset(dataset, indices), num_workers)
+    loader = torch.utils.data.DataLoader(reads.dataset, batch_size=batch_size, shuffle=False,
+                                         num_workers=num_workers, collate_fn=pad_collate)
     kept, t0, done = [], time.time(), 0
-    for images, masks, sizes, _names in loader:
-        probs = predict_probs(model, images.to(device, non_blocking=True), scales, flip, amp, channels_last)
-        pred = probs.argmax(1).cpu()
-        for i, (h, w) in enumerate(sizes):
-            metrics.update(pred[i, :h, :w], masks[i, :h, :w])
-            if len(kept) < keep:
-                kept.append((images[i, :, :h, :w], masks[i, :h, :w], pred[i, :h, :w]))
-        done += len(sizes)
-        if progress and rank == 0:
-            Progress.line(f"eval {done * world_size}/{len(dataset)} images  {time.time() - t0:.0f}s", final=False)
+    with reads.reporting():
+        for images, masks, sizes, _names in loader:
+            probs = predict_probs(model, images.to(device, non_blocking=True), scales, flip, amp, channels_last)
+            pred = probs.argmax(1).cpu()
+            for i, (h, w) in enumerate(sizes):
+                metrics.update(pred[i, :h, :w], masks[i, :h, :w])
+                if len(kept) < keep:
+                    kept.append((images[i, :, :h, :w], masks[i, :h, :w], pred[i, :h, :w]))
+            done += len(sizes)
+            if progress and rank == 0:
+                Progress.line(f"eval {done * world_size}/{len(dataset)} images  {time.time() - t0:.0f}s", final=False)
     if world_size > 1:
         state = torch.cat([metrics.cm.flatten().double(),
                            torch.tensor([metrics.image_miou_sum, metrics.image_count], dtype=torch.float64)])
@@ -367,6 +369,7 @@ def fit(model: nn.Module, train_set, cfg: TrainConfig, device: torch.device, *, 
     scaler = torch.amp.GradScaler("cuda", enabled=cfg.amp == "fp16")
     start, best, best_it = 0, None, None
     if resume is not None:
+        ckpt_io.check_resumable(resume)
         core.load_state_dict(resume["model"])
         optimizer.load_state_dict(resume["optimizer"])
         scheduler.load_state_dict(resume["scheduler"])
@@ -378,7 +381,8 @@ def fit(model: nn.Module, train_set, cfg: TrainConfig, device: torch.device, *, 
 
     stop = cfg.iterations if cfg.stop_after is None else min(cfg.iterations, start + cfg.stop_after)
     sampler = StreamSampler(len(train_set), cfg.batch_size, cfg.seed, start, stop, rank, world_size)
-    loader = torch.utils.data.DataLoader(train_set, batch_sampler=sampler, num_workers=cfg.num_workers,
+    reads = datasets.ReadTracker(train_set, cfg.num_workers)  # names the file a crashed worker was reading
+    loader = torch.utils.data.DataLoader(reads.dataset, batch_sampler=sampler, num_workers=cfg.num_workers,
                                          pin_memory=device.type == "cuda", collate_fn=_collate_train)
     # Creating the loader's iterator draws a seed from the torch RNG, so the saved RNG state is restored after it.
     batches = iter(loader)
@@ -387,49 +391,70 @@ def fit(model: nn.Module, train_set, cfg: TrainConfig, device: torch.device, *, 
     is_main = rank == 0
     progress = Progress(cfg.iterations, start, cfg.batch_size, cfg.log_every) if cfg.progress and is_main else None
 
+    saved: dict[str, int] = {}  # checkpoint path -> iteration, written by this invocation
+
     def save(name: str, it: int) -> None:
         if is_main and cfg.out_dir:
             state = ckpt_io.training_state(model, optimizer, scheduler, scaler, it, best, best_it, cfg.extra_state)
-            ckpt_io.atomic_save(state, os.path.join(cfg.out_dir, name))
+            path = os.path.join(cfg.out_dir, name)
+            ckpt_io.atomic_save(state, path)
+            saved[path] = it
 
     losses, last_metrics, it, t_start = [], None, start, time.time()
-    for images, masks in batches:
-        images = images.to(device, non_blocking=True)
-        masks = masks.to(device, non_blocking=True)
-        if cfg.channels_last:
-            images = images.contiguous(memory_format=torch.channels_last)
-        with autocast(device, cfg.amp):
-            out = model(images)
-        loss, logged = segmentation_loss(out, masks, cfg.aux_weight, world_size=world_size)
-        optimizer.zero_grad(set_to_none=True)
-        scaler.scale(loss).backward()
-        scaler.step(optimizer)
-        scaler.update()
-        lr = optimizer.param_groups[0]["lr"]
-        scheduler.step()
-        it += 1
-        value = float(logged)
-        if not math.isfinite(value):
-            raise FloatingPointError(f"loss is {value} at iteration {it}; lower --lr or check the data")
-        losses.append((it, value))
-        if progress is not None:
-            progress.update(it, value, lr)
-        if log is not None and is_main and (it % cfg.log_every == 0 or it == stop):
-            log.write({"kind": "train", "iteration": it, "loss": value, "lr": lr,
-                       "elapsed_s": round(time.time() - t_start, 3)})
-        do_eval = val_fn is not None and (it == cfg.iterations or (cfg.eval_every and it % cfg.eval_every == 0))
-        if do_eval:
-            last_metrics = val_fn(model)
-            _set_train_mode(model, cfg.freeze_bn)
-            if last_metrics is not None and (best is None or last_metrics["miou"] > best):
-                best, best_it = last_metrics["miou"], it
-                save("best.pt", it)
-            if log is not None and is_main and last_metrics is not None:
-                log.write({"kind": "val", "iteration": it, **{k: v for k, v in last_metrics.items()
-                                                               if isinstance(v, (int, float))}})
-        if it == stop or do_eval or (cfg.checkpoint_every and it % cfg.checkpoint_every == 0):
-            save("last.pt", it)
+    with reads.reporting():
+        for images, masks in batches:
+            images = images.to(device, non_blocking=True)
+            masks = masks.to(device, non_blocking=True)
+            if cfg.channels_last:
+                images = images.contiguous(memory_format=torch.channels_last)
+            with autocast(device, cfg.amp):
+                out = model(images)
+            loss, logged = segmentation_loss(out, masks, cfg.aux_weight, world_size=world_size)
+            value = float(logged)  # summed over processes: every process stops at the same step
+            if not math.isfinite(value):
+                # Before backward: no weight and no checkpoint takes this step (BatchNorm running statistics saw the
+                # forward, as they would in PyTorch; the checkpoints hold the last good ones).
+                raise FloatingPointError(nonfinite_loss_message(value, it + 1, saved, resume is not None))
+            optimizer.zero_grad(set_to_none=True)
+            scaler.scale(loss).backward()
+            scaler.step(optimizer)
+            scaler.update()
+            lr = optimizer.param_groups[0]["lr"]
+            scheduler.step()
+            it += 1
+            losses.append((it, value))
+            if progress is not None:
+                progress.update(it, value, lr)
+            if log is not None and is_main and (it % cfg.log_every == 0 or it == stop):
+                log.write({"kind": "train", "iteration": it, "loss": value, "lr": lr,
+                           "elapsed_s": round(time.time() - t_start, 3)})
+            do_eval = val_fn is not None and (it == cfg.iterations or (cfg.eval_every and it % cfg.eval_every == 0))
+            if do_eval:
+                last_metrics = val_fn(model)
+                _set_train_mode(model, cfg.freeze_bn)
+                if last_metrics is not None and (best is None or last_metrics["miou"] > best):
+                    best, best_it = last_metrics["miou"], it
+                    save("best.pt", it)
+                if log is not None and is_main and last_metrics is not None:
+                    log.write({"kind": "val", "iteration": it, **{k: v for k, v in last_metrics.items()
+                                                                   if isinstance(v, (int, float))}})
+            if it == stop or do_eval or (cfg.checkpoint_every and it % cfg.checkpoint_every == 0):
+                save("last.pt", it)
     return TrainResult(losses, it, best, best_it, last_metrics)
+
+
+def nonfinite_loss_message(value: float, iteration: int, saved: dict[str, int], resumed: bool) -> str:
+    """Why training stopped at a NaN/Inf loss, and which checkpoint is the last good one."""
+    text = (f"loss is {value} at iteration {iteration}: training stopped before the optimizer step, so no weight and "
+            "no checkpoint took it. ")
+    if saved:
+        path = max(saved, key=lambda p: (saved[p], p.endswith("last.pt")))
+        text += (f"The last good checkpoint is {path} (iteration {saved[path]}); resume from it with "
+                 f"--resume {path} after lowering --lr")
+    else:
+        text += ("No checkpoint was written by this run" + (" (the checkpoint it resumed from is unchanged)"
+                                                              if resumed else "") + "; lower --lr")
+    return text + ", or check the data (--amp fp16 may overflow: try bf16 or none)."
 
 
 def _set_train_mode(model: nn.Module, freeze_bn: bool) -> None:

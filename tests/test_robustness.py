@@ -1,0 +1,255 @@
+"""Training robustness: kill -9 during a checkpoint save, NaN loss, corrupt checkpoints, DataLoader worker crashes."""
+
+from __future__ import annotations
+
+import glob
+import os
+import signal
+import subprocess
+import sys
+import textwrap
+import time
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+from test_training_loop import TinySeg, _cfg, _train_set
+from torch import nn
+
+import train as train_script
+from training import checkpoint as ckpt_io
+from training import datasets, loop
+from training.transforms import TrainTransform
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+CPU = torch.device("cpu")
+
+# ---- kill -9 while a checkpoint is being written -----------------------------------------------------------------
+
+WRITER = textwrap.dedent("""
+    import sys, torch
+    from training.checkpoint import atomic_save
+    path = sys.argv[1]
+    state = {"model": {"w": torch.arange(12_000_000, dtype=torch.float32)}, "iteration": 0}  # 48 MB
+    while True:
+        state["iteration"] += 1
+        atomic_save(state, path)
+        print(state["iteration"], flush=True)
+""")
+
+
+def _temps(folder: str) -> list[str]:
+    return glob.glob(os.path.join(folder, ".last.pt.*.tmp"))
+
+
+def test_kill_9_during_a_save_leaves_the_previous_checkpoint_loadable(tmp_path):
+    path = str(tmp_path / "last.pt")
+    for _attempt in range(3):  # the kill must land inside a write; retry in the rare case it lands between two
+        proc = subprocess.Popen([sys.executable, "-c", WRITER, path], cwd=ROOT, stdout=subprocess.PIPE, text=True,
+                                env={**os.environ, "PYTHONPATH": ROOT})
+        try:
+            assert proc.stdout.readline().strip() == "1", "the writer did not finish its first save"
+            deadline = time.time() + 20
+            while not _temps(str(tmp_path)) and time.time() < deadline:
+                time.sleep(0.001)
+            time.sleep(0.01)  # well inside torch.save / fsync of 48 MB
+            proc.send_signal(signal.SIGKILL)
+        finally:
+            proc.kill()
+            proc.wait()
+        if _temps(str(tmp_path)):  # a half-written temp file is left: the kill interrupted a save
+            break
+    else:
+        pytest.fail("three SIGKILLs all landed between saves")
+    ckpt = ckpt_io.load_checkpoint(path)
+    assert ckpt["iteration"] >= 1
+    assert torch.equal(ckpt["model"]["w"], torch.arange(12_000_000, dtype=torch.float32))
+    # The next save removes the dead writer's temp file.
+    ckpt_io.atomic_save({"model": {}, "iteration": 0}, path)
+    assert _temps(str(tmp_path)) == []
+
+
+def test_stale_temp_of_a_live_process_is_kept(tmp_path):
+    path = str(tmp_path / "last.pt")
+    mine = tmp_path / f".last.pt.{os.getpid()}.abc.tmp"  # our own pid: possibly a save in progress in a thread
+    other = tmp_path / f".last.pt.{os.getppid()}.abc.tmp"  # a live process
+    mine.write_bytes(b"x")
+    other.write_bytes(b"x")
+    ckpt_io.atomic_save({"model": {}}, path)
+    assert mine.exists() and other.exists()
+
+
+# ---- NaN loss -------------------------------------------------------------------------------------------------
+
+
+class NaNAt(nn.Module):
+    """Wraps a model; its `at`-th training forward returns NaN logits."""
+
+    def __init__(self, inner: nn.Module, at: int) -> None:
+        super().__init__()
+        self.inner, self.at, self.calls = inner, at, 0
+
+    def forward(self, x):
+        out = self.inner(x)
+        if self.training:
+            self.calls += 1
+            if self.calls == self.at:
+                return {"out": out["out"] * float("nan")}
+        return out
+
+
+def test_nan_loss_stops_with_a_clear_message_and_keeps_the_last_good_checkpoint(tmp_path):
+    torch.manual_seed(0)
+    model = NaNAt(TinySeg(), at=4)
+    out_dir = str(tmp_path / "run")
+    with pytest.raises(FloatingPointError) as info:
+        loop.fit(model, _train_set(), _cfg(out_dir=out_dir, checkpoint_every=1, iterations=8), CPU)
+    last = os.path.join(out_dir, "last.pt")
+    message = str(info.value)
+    assert "loss is nan at iteration 4" in message
+    assert f"last good checkpoint is {last} (iteration 3)" in message and "--resume" in message
+    ckpt = ckpt_io.load_checkpoint(last)
+    assert ckpt["iteration"] == 3
+    assert all(torch.isfinite(v).all() for v in ckpt["model"].values() if v.is_floating_point())
+    # The NaN step did not reach the optimizer: the weights in memory are the checkpoint's.
+    for k, v in model.named_parameters():
+        assert torch.equal(v, ckpt["model"][k]), k
+
+
+def test_nan_loss_without_any_checkpoint_says_so():
+    with pytest.raises(FloatingPointError, match=r"loss is nan at iteration 1: .*No checkpoint was written"):
+        loop.fit(NaNAt(TinySeg(), at=1), _train_set(), _cfg(iterations=2), CPU)
+
+
+def test_train_script_nan_loss_keeps_last_pt(tmp_path, monkeypatch):
+    """train.py end to end: a NaN at step 3 of 4 leaves last.pt (saved every step) at iteration 2, loadable and
+    resumable."""
+    monkeypatch.setattr(train_script, "build_model", lambda *a, **k: NaNAt(TinySeg(a[1]), at=3))
+    out_dir = str(tmp_path / "run")
+    args = ["--crop-size", "32", "--synthetic-train-size", "16", "--synthetic-val-size", "2", "--batch-size", "2",
+            "--iterations", "4", "--checkpoint-every", "1", "--no-tensorboard", "--device", "cpu",
+            "--out-dir", out_dir]
+    with pytest.raises(FloatingPointError, match=r"iteration 3: .*last good checkpoint is .*last\.pt \(iteration 2\)"):
+        train_script.main(args)
+    ckpt = ckpt_io.load_checkpoint(os.path.join(out_dir, "last.pt"))
+    assert ckpt["iteration"] == 2
+    ckpt_io.check_resumable(ckpt)
+
+
+# ---- corrupt checkpoints --------------------------------------------------------------------------------------
+
+
+@pytest.fixture
+def good_checkpoint(tmp_path):
+    path = str(tmp_path / "good.pt")
+    ckpt_io.atomic_save({"model": {"w": torch.randn(1000)}, "optimizer": {}, "scheduler": {}, "iteration": 1,
+                         "rng": ckpt_io.capture_rng_state()}, path)
+    return path
+
+
+@pytest.mark.parametrize("damage, pattern", [
+    ("empty", r"cannot read checkpoint .*bad\.pt: the file is empty"),
+    ("truncated", r"cannot read checkpoint .*bad\.pt \(\d+ bytes\): it is corrupt or truncated"),
+    ("garbage", r"cannot read checkpoint .*bad\.pt \(\d+ bytes\): it is corrupt or truncated"),
+    ("flipped", r"cannot read checkpoint .*bad\.pt"),
+])
+def test_corrupt_checkpoint_is_a_clear_error(tmp_path, good_checkpoint, damage, pattern):
+    data = open(good_checkpoint, "rb").read()
+    bad = tmp_path / "bad.pt"
+    if damage == "empty":
+        bad.write_bytes(b"")
+    elif damage == "truncated":
+        bad.write_bytes(data[: len(data) // 2])
+    elif damage == "garbage":
+        bad.write_bytes(np.random.default_rng(0).integers(0, 256, 5000, dtype=np.uint8).tobytes())
+    else:  # the zip's central directory damaged
+        bad.write_bytes(data[:-200] + bytes(b ^ 0xFF for b in data[-200:]))
+    with pytest.raises(RuntimeError, match=pattern):
+        ckpt_io.load_checkpoint(str(bad))
+
+
+def test_checkpoint_that_is_not_a_train_checkpoint(tmp_path):
+    path = str(tmp_path / "weights.pt")
+    torch.save([1, 2, 3], path)
+    with pytest.raises(ValueError, match=r"weights\.pt is not a train\.py checkpoint"):
+        ckpt_io.load_checkpoint(path)
+    ckpt_io.atomic_save({"model": TinySeg().state_dict()}, path)
+    with pytest.raises(ValueError, match=r"cannot resume from .*weights\.pt: it has no 'optimizer', 'scheduler', "
+                                         r"'iteration', 'rng' entries"):
+        ckpt_io.check_resumable(ckpt_io.load_checkpoint(path), path)
+    with pytest.raises(ValueError, match=r"cannot resume from the checkpoint: it has no 'optimizer'"):
+        loop.fit(TinySeg(), _train_set(), _cfg(), CPU, resume=ckpt_io.load_checkpoint(path))
+
+
+def test_train_script_resume_from_a_corrupt_checkpoint(tmp_path):
+    out_dir = tmp_path / "run"
+    out_dir.mkdir()
+    (out_dir / "last.pt").write_bytes(b"PK\x03\x04 not really a zip")
+    with pytest.raises(RuntimeError, match=r"cannot read checkpoint .*last\.pt .*corrupt or truncated"):
+        train_script.main(["--resume", "--out-dir", str(out_dir), "--device", "cpu", "--iterations", "1",
+                           "--crop-size", "32", "--synthetic-train-size", "4", "--synthetic-val-size", "2",
+                           "--no-tensorboard", "--batch-size", "2"])
+
+
+# ---- DataLoader worker crash -------------------------------------------------------------------------------------
+
+
+def _folder_dataset(root, names):
+    (root / "images").mkdir(parents=True)
+    (root / "masks").mkdir()
+    (root / "classes.txt").write_text("background\nthing\n")
+    rng = np.random.default_rng(0)
+    for n in names:
+        Image.fromarray(rng.integers(0, 256, (24, 24, 3), dtype=np.uint8)).save(root / "images" / f"{n}.png")
+        Image.fromarray(rng.integers(0, 2, (24, 24), dtype=np.uint8), mode="L").save(root / "masks" / f"{n}.png")
+    (root / "train.txt").write_text("\n".join(names) + "\n")
+    (root / "val.txt").write_text("\n".join(names) + "\n")
+    return datasets.FolderSegmentation(str(root), "train")
+
+
+def _die_on(bad: str):
+    real = datasets.read_image
+
+    def read_image(path):
+        if os.path.basename(path) == bad:
+            os.kill(os.getpid(), signal.SIGKILL)  # a decoder segfault or the OOM killer: no Python exception
+        return real(path)
+
+    return read_image
+
+
+def test_worker_crash_names_the_file_it_was_reading(tmp_path, monkeypatch):
+    names = [f"img{i}" for i in range(6)]
+    ds = _folder_dataset(tmp_path / "data", names)
+    monkeypatch.setattr(datasets, "read_image", _die_on("img3.png"))  # the workers are forked: they see it
+    train_set = loop.AugmentedDataset(ds, TrainTransform(24, scale_range=(1.0, 1.0), flip=False))
+    with pytest.raises(datasets.WorkerCrashError, match=r"DataLoader worker .*It was reading: .*img3\.png "
+                                                        r"\(mask .*img3\.png\) \(worker pid \d+\)"):
+        loop.fit(TinySeg(2), train_set, _cfg(batch_size=2, iterations=6, num_workers=2), CPU)
+
+
+def test_eval_worker_crash_names_the_file(tmp_path, monkeypatch):
+    ds = _folder_dataset(tmp_path / "data", ["a", "b", "c"])
+    monkeypatch.setattr(datasets, "read_image", _die_on("b.png"))
+    with pytest.raises(datasets.WorkerCrashError, match=r"It was reading: .*b\.png"):
+        loop.evaluate(TinySeg(2), train_script._Normalized(ds), 2, ["background", "thing"], CPU, num_workers=1,
+                      progress=False)
+
+
+def test_worker_python_error_keeps_its_own_message(tmp_path):
+    ds = _folder_dataset(tmp_path / "data", ["a", "b"])
+    (tmp_path / "data" / "images" / "b.png").write_bytes(b"not a png")
+    train_set = loop.AugmentedDataset(ds, TrainTransform(24, scale_range=(1.0, 1.0), flip=False))
+    with pytest.raises(RuntimeError, match=r"cannot read image .*b\.png") as info:
+        loop.fit(TinySeg(2), train_set, _cfg(batch_size=2, iterations=2, num_workers=1), CPU)
+    assert not isinstance(info.value, datasets.WorkerCrashError)
+
+
+def test_describe_source_sees_through_wrappers(tmp_path):
+    ds = _folder_dataset(tmp_path / "data", ["a", "b"])
+    wrapped = torch.utils.data.Subset(loop.AugmentedDataset(ds, None), [1, 0])
+    assert datasets.describe_source(wrapped, 0).endswith("b.png (mask " + str(tmp_path / "data" / "masks" / "b.png")
+                                                         + ")")
+    assert "synthetic image 5" in datasets.describe_source(datasets.SyntheticShapes("train", 16, 10), 5)
+    assert datasets.describe_source([1, 2], 1) == "sample 1 of list"
