@@ -67,17 +67,21 @@ _FUSED_ATTR = "_deeplab_ops_fused"  # plain (unregistered) attribute: never part
 
 class FusedConfig:
     """How a fused module runs: the absorbed BatchNorm and ReLU (fused convs), the number of conv/BN pairs
-    (residual blocks), the backend, and the process group whose processes share BatchNorm statistics (set by
+    (residual blocks), the backend, whether the fused convs save no pre-BN activation (memory_efficient, see
+    deeplab_ops.conv_bn_relu), and the process group whose processes share BatchNorm statistics (set by
     `deeplab_ops.nn.sync_batchnorm`; None: none)."""
 
-    __slots__ = ("bn", "relu", "depth", "backend", "process_group")
+    __slots__ = ("bn", "relu", "depth", "backend", "process_group", "memory_efficient")
 
-    def __init__(self, *, bn=None, relu=False, depth=0, backend=None, process_group=None) -> None:
+    def __init__(self, *, bn=None, relu=False, depth=0, backend=None, process_group=None,
+                 memory_efficient=False) -> None:
         self.bn, self.relu, self.depth, self.backend, self.process_group = bn, relu, depth, backend, process_group
+        self.memory_efficient = memory_efficient
 
     def __getstate__(self):
         # A process group belongs to this process's distributed run and cannot be pickled: copies do not share it.
-        return {"bn": self.bn, "relu": self.relu, "depth": self.depth, "backend": self.backend}
+        return {"bn": self.bn, "relu": self.relu, "depth": self.depth, "backend": self.backend,
+                "memory_efficient": self.memory_efficient}
 
     def __setstate__(self, state) -> None:
         self.__init__(**state)
@@ -91,7 +95,7 @@ class FusedConfig:
 
     def __repr__(self) -> str:
         return (f"FusedConfig(relu={self.relu}, depth={self.depth}, backend={self.backend!r}, "
-                f"synchronized={self.process_group is not None})")
+                f"memory_efficient={self.memory_efficient}, synchronized={self.process_group is not None})")
 
 
 def fused_config(module: nn.Module) -> FusedConfig | None:
@@ -105,7 +109,7 @@ class FusedConv2d(nn.Conv2d):
     def forward(self, x: Tensor) -> Tensor:
         cfg = getattr(self, _FUSED_ATTR)
         return fused_conv_bn(self, cfg.bn, x, training=cfg.bn.training, relu=cfg.relu, backend=cfg.backend,
-                             process_group=cfg.process_group)
+                             process_group=cfg.process_group, memory_efficient=cfg.memory_efficient)
 
 
 class FusedAwayBatchNorm2d(nn.BatchNorm2d):
@@ -131,17 +135,17 @@ class FusedAwayReLU(nn.Identity):
 
 def _fused_block_forward(self: nn.Module, x: Tensor) -> Tensor:
     cfg = getattr(self, _FUSED_ATTR)
-    k, backend, group = cfg.depth, cfg.backend, cfg.process_group
+    k, backend, group, lean = cfg.depth, cfg.backend, cfg.process_group, cfg.memory_efficient
     out = x
     for i in range(1, k):
         bn = getattr(self, f"bn{i}")
         out = fused_conv_bn(getattr(self, f"conv{i}"), bn, out, training=bn.training, relu=True, backend=backend,
-                            process_group=group)
+                            process_group=group, memory_efficient=lean)
     shortcut = x if self.downsample is None else self.downsample(x)
     bn = getattr(self, f"bn{k}")
     return fused_conv_bn(
         getattr(self, f"conv{k}"), bn, out, training=bn.training, residual=shortcut, relu=True, backend=backend,
-        process_group=group,
+        process_group=group, memory_efficient=lean,
     )
 
 
@@ -263,7 +267,7 @@ def _shared_modules(model: nn.Module) -> set[int]:
 # ---- public API ----------------------------------------------------------------------------------------
 
 
-def fuse_modules(model: nn.Module, backend: str | None = None) -> nn.Module:
+def fuse_modules(model: nn.Module, backend: str | None = None, memory_efficient: bool = False) -> nn.Module:
     """Run every conv → BN (→ residual add) → ReLU of `model` on deeplab_ops.conv_bn_relu, in place.
 
     The state_dict (keys and values) is unchanged, so checkpoints load into the fused and unfused forms alike.
@@ -274,6 +278,9 @@ def fuse_modules(model: nn.Module, backend: str | None = None) -> nn.Module:
         model: any nn.Module.
         backend: the deeplab_ops backend for every fused call ("cpu", "cuda", "triton", "reference"), or None for
             automatic choice per call.
+        memory_efficient: fused convs and residual blocks save no pre-BN activation for the backward
+            (deeplab_ops.conv_bn_relu's memory_efficient; README "Memory-efficient training"). ASPPs on the fused
+            ASPP op are unaffected.
 
     Returns:
         `model`, fused.
@@ -282,6 +289,8 @@ def fuse_modules(model: nn.Module, backend: str | None = None) -> nn.Module:
         raise TypeError(f"model must be an nn.Module, got {type(model).__name__}")
     if backend is not None and backend not in BACKENDS:
         raise ValueError(f"backend={backend!r} is not a backend; expected one of {BACKENDS} or None")
+    if not isinstance(memory_efficient, bool):
+        raise TypeError(f"memory_efficient must be a bool, got {memory_efficient!r}")
     unfuse_modules(model)
     shared = _shared_modules(model)
     modules = list(model.modules())
@@ -295,15 +304,16 @@ def fuse_modules(model: nn.Module, backend: str | None = None) -> nn.Module:
     for module in modules:
         k = _residual_block_depth(module, shared)
         if k:
-            object.__setattr__(module, _FUSED_ATTR, FusedConfig(depth=k, backend=backend))
+            object.__setattr__(module, _FUSED_ATTR,
+                               FusedConfig(depth=k, backend=backend, memory_efficient=memory_efficient))
             module.__class__ = _fused_class(type(module), "block")
     for container in modules:
         if _is_chain_container(container) and id(container) not in inside_aspp:
-            _fuse_chain(container, backend, shared)
+            _fuse_chain(container, backend, shared, memory_efficient)
     return model
 
 
-def _fuse_chain(container: nn.Module, backend: str | None, shared: set[int]) -> None:
+def _fuse_chain(container: nn.Module, backend: str | None, shared: set[int], memory_efficient: bool) -> None:
     names = list(container._modules)
     children = list(container._modules.values())
     keep = set(getattr(container, "return_layers", None) or ())
@@ -314,7 +324,8 @@ def _fuse_chain(container: nn.Module, backend: str | None, shared: set[int]) -> 
             i += 1
             continue
         relu = i + 2 < len(children) and type(children[i + 2]) is nn.ReLU and id(children[i + 2]) not in shared
-        object.__setattr__(conv, _FUSED_ATTR, FusedConfig(bn=bn, relu=relu, backend=backend))
+        object.__setattr__(conv, _FUSED_ATTR,
+                           FusedConfig(bn=bn, relu=relu, backend=backend, memory_efficient=memory_efficient))
         conv.__class__ = FusedConv2d
         bn.__class__ = FusedAwayBatchNorm2d
         if relu:

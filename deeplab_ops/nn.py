@@ -95,14 +95,16 @@ def fused_conv_bn(
     relu: bool = True,
     backend: str | None = None,
     process_group=None,
+    memory_efficient: bool = False,
 ) -> Tensor:
-    """`act(bn(conv(x)) [+ residual])` through the fused op, with exactly the modules' semantics."""
+    """`act(bn(conv(x)) [+ residual])` through the fused op, with exactly the modules' semantics
+    (memory_efficient: see deeplab_ops.conv_bn_relu)."""
     args = bn_call_args(bn, training)
     out = conv_bn_relu(
         x, conv.weight, args["bn_weight"], args["bn_bias"], args["running_mean"], args["running_var"],
         stride=tuple(conv.stride), padding=_conv_padding(conv), dilation=tuple(conv.dilation),
         training=args["training"], momentum=args["momentum"], eps=args["eps"], residual=residual, relu=relu,
-        backend=backend, process_group=process_group,
+        backend=backend, process_group=process_group, memory_efficient=memory_efficient,
     )
     bn_step(bn, training)
     return out
@@ -113,6 +115,7 @@ class FusedConvBNReLU(nn.Sequential):
 
     Children and state_dict keys are those of ``nn.Sequential(nn.Conv2d(..., bias=False), nn.BatchNorm2d(...),
     nn.ReLU())`` (``nn.Sequential(conv, bn)`` when relu=False), so a checkpoint of either loads into the other.
+    memory_efficient=True saves no pre-BN activation for the backward (see deeplab_ops.conv_bn_relu).
     """
 
     def __init__(
@@ -130,6 +133,7 @@ class FusedConvBNReLU(nn.Sequential):
         affine: bool = True,
         track_running_stats: bool = True,
         backend: str | None = None,
+        memory_efficient: bool = False,
         device=None,
         dtype=None,
     ) -> None:
@@ -140,11 +144,13 @@ class FusedConvBNReLU(nn.Sequential):
         super().__init__(conv, bn, *([nn.ReLU()] if relu else []))
         self.apply_relu = relu
         self.backend = backend
+        self.memory_efficient = memory_efficient
         self.process_group = None  # set by sync_batchnorm(): statistics shared across processes
 
     @classmethod
     def from_modules(
-        cls, conv: nn.Conv2d, bn: nn.BatchNorm2d, relu: bool = True, backend: str | None = None
+        cls, conv: nn.Conv2d, bn: nn.BatchNorm2d, relu: bool = True, backend: str | None = None,
+        memory_efficient: bool = False,
     ) -> FusedConvBNReLU:
         """Wrap existing modules (their parameters and buffers are shared, not copied)."""
         check_fusable(conv, bn)
@@ -154,6 +160,7 @@ class FusedConvBNReLU(nn.Sequential):
         nn.Sequential.__init__(self, conv, bn, *([nn.ReLU()] if relu else []))
         self.apply_relu = relu
         self.backend = backend
+        self.memory_efficient = memory_efficient
         self.process_group = None
         return self
 
@@ -161,10 +168,13 @@ class FusedConvBNReLU(nn.Sequential):
         return fused_conv_bn(
             self[0], self[1], x, training=self.training, residual=residual, relu=self.apply_relu,
             backend=self.backend, process_group=self.process_group,
+            memory_efficient=getattr(self, "memory_efficient", False),  # modules pickled before the option
         )
 
     def extra_repr(self) -> str:
-        return f"relu={self.apply_relu}, backend={self.backend!r}"
+        return f"relu={self.apply_relu}, backend={self.backend!r}" + (
+            ", memory_efficient=True" if getattr(self, "memory_efficient", False) else ""
+        )
 
 
 def aspp_parts(module: nn.Module) -> tuple[list[nn.Conv2d], list[nn.BatchNorm2d], tuple[int, ...]]:
@@ -313,11 +323,12 @@ def sync_batchnorm(model: nn.Module, process_group=None) -> nn.Module:
     return model
 
 
-def fuse_modules(model: nn.Module, backend: str | None = None) -> nn.Module:
-    """Run every conv → BN (→ residual) → ReLU of `model` on the fused ops, in place; state_dict unchanged."""
+def fuse_modules(model: nn.Module, backend: str | None = None, memory_efficient: bool = False) -> nn.Module:
+    """Run every conv → BN (→ residual) → ReLU of `model` on the fused ops, in place; state_dict unchanged.
+    memory_efficient=True: the fused convs save no pre-BN activation (see deeplab_ops.conv_bn_relu)."""
     from deeplab_ops.fusion import fuse_modules as _fuse
 
-    return _fuse(model, backend=backend)
+    return _fuse(model, backend=backend, memory_efficient=memory_efficient)
 
 
 def unfuse_modules(model: nn.Module) -> nn.Module:
