@@ -1,0 +1,326 @@
+// CUDA kernels of upsample_cross_entropy: the cross-entropy of bilinearly upsampled logits without the
+// (N, K, H, W) upsampled tensor. The twin of csrc/cpu/upsample_ce_cpu.cpp and of the Triton kernels
+// (deeplab_ops/triton/upsample_ce.py has the math).
+//
+//   forward   one thread per output pixel: interpolates its K logits from the 4 low-res neighbours, one-pass
+//             logsumexp (one exp per class), the target logit; stores the per-pixel logsumexp (opmath) and the
+//             per-pixel loss ("none") or one (sum, count) partial per block, merged on the host in block
+//             order (deterministic).
+//   backward  gather form, one thread per low-res element (n, k, i, j), j fastest so that a warp shares its
+//             output rows: sums wy * wx * g * (exp(z_k - lse) - [k == t]) over the output pixels whose stencil
+//             reads (i, j), recomputing z_k there. Every output element has one writer: no atomics (which at
+//             upsampling factor s would put ~(2s)^2 pixels on each address), bitwise reproducible; the cost
+//             is ~4x the forward's interpolation work, reading cache-resident low-res logits.
+//
+// Stencils: PyTorch's upsample_bilinear2d source index (scale from the sizes; clamp at 0 without align_corners)
+// in at::opmath_type, computed on the host once per call (H + W + h + w entries), copied from pinned memory
+// without a synchronization. Labels outside [0, K) other than ignore_index are not checked on the device (that
+// would cost a synchronization per call): their pixels get a NaN loss and a NaN gradient, and nothing is read
+// out of range. Accumulation in float for half/bfloat16/float logits, double for double.
+
+#include <ATen/ATen.h>
+#include <ATen/Dispatch.h>
+#include <ATen/OpMathType.h>
+#include <c10/cuda/CUDAException.h>
+#include <c10/cuda/CUDAGuard.h>
+#include <c10/cuda/CUDAStream.h>
+#include <cuda_runtime.h>
+#include <torch/library.h>
+
+#include <algorithm>
+#include <cmath>
+#include <limits>
+#include <string>
+#include <vector>
+
+namespace deeplab_ops {
+namespace {
+
+constexpr int kThreads = 256;
+
+enum class Reduction { kNone, kMean, kSum };
+
+Reduction parse_reduction(const std::string& r) {
+  if (r == "none") return Reduction::kNone;
+  if (r == "mean") return Reduction::kMean;
+  if (r == "sum") return Reduction::kSum;
+  TORCH_CHECK(false, "deeplab_ops.upsample_cross_entropy: reduction='", r, "'; expected 'none', 'mean' or 'sum'");
+}
+
+void check_uce_args(const at::Tensor& logits, const at::Tensor& target) {
+  TORCH_CHECK(logits.dim() == 4, "deeplab_ops.upsample_cross_entropy: logits must be a 4-D (N, K, h, w) tensor, got shape ",
+              logits.sizes());
+  TORCH_CHECK(target.dim() == 3, "deeplab_ops.upsample_cross_entropy: target must be a 3-D (N, H, W) tensor, got shape ",
+              target.sizes());
+  TORCH_CHECK(target.scalar_type() == at::kLong, "deeplab_ops.upsample_cross_entropy: target has dtype ",
+              target.scalar_type(), "; expected int64 (Long) class indices");
+  TORCH_CHECK(target.device() == logits.device(), "deeplab_ops.upsample_cross_entropy: target is on ",
+              target.device(), " but logits is on ", logits.device());
+  TORCH_CHECK(target.size(0) == logits.size(0), "deeplab_ops.upsample_cross_entropy: target has batch size ",
+              target.size(0), " but logits has ", logits.size(0));
+  TORCH_CHECK(logits.size(1) >= 1 && logits.size(2) >= 1 && logits.size(3) >= 1 && target.size(1) >= 1 &&
+                  target.size(2) >= 1,
+              "deeplab_ops.upsample_cross_entropy: logits ", logits.sizes(), " and target ", target.sizes(),
+              " must have K >= 1 and non-empty spatial sizes");
+  TORCH_CHECK(logits.numel() < std::numeric_limits<int32_t>::max() &&
+                  target.numel() < std::numeric_limits<int32_t>::max(),
+              "deeplab_ops.upsample_cross_entropy: logits ", logits.sizes(), " or target ", target.sizes(),
+              " has 2**31 or more elements; the kernels index with int32");
+}
+
+// Per-axis stencil on the device: int32 [i0 (out), i1 (out), start (in), end (in)] and opmath [l0, l1] (out).
+struct AxisStencil {
+  at::Tensor idx, weight;
+};
+
+template <typename opmath_t>
+AxisStencil axis_stencil(int64_t in, int64_t out, bool align_corners, const at::Device& device) {
+  const auto pinned = at::TensorOptions().device(at::kCPU).pinned_memory(true);
+  at::Tensor idx = at::empty({2 * out + 2 * in}, pinned.dtype(at::kInt));
+  at::Tensor weight = at::empty({2 * out}, pinned.dtype(c10::CppTypeToScalarType<opmath_t>::value));
+  int32_t* i0 = idx.data_ptr<int32_t>();
+  int32_t* i1 = i0 + out;
+  int32_t* start = i1 + out;
+  int32_t* end = start + in;
+  opmath_t* l0 = weight.data_ptr<opmath_t>();
+  opmath_t* l1 = l0 + out;
+  opmath_t scale;
+  if (align_corners) {
+    scale = out > 1 ? static_cast<opmath_t>(in - 1) / static_cast<opmath_t>(out - 1) : opmath_t(0);
+  } else {
+    scale = static_cast<opmath_t>(in) / static_cast<opmath_t>(out);
+  }
+  for (int64_t o = 0; o < out; ++o) {
+    opmath_t src;
+    if (align_corners) {
+      src = scale * static_cast<opmath_t>(o);
+    } else {
+      src = scale * (static_cast<opmath_t>(o) + opmath_t(0.5)) - opmath_t(0.5);
+      src = src < opmath_t(0) ? opmath_t(0) : src;
+    }
+    const int64_t a = std::min(static_cast<int64_t>(std::floor(src)), in - 1);
+    const opmath_t lam = std::min(std::max(src - static_cast<opmath_t>(a), opmath_t(0)), opmath_t(1));
+    i0[o] = static_cast<int32_t>(a);
+    i1[o] = static_cast<int32_t>(a + (a < in - 1 ? 1 : 0));
+    l1[o] = lam;
+    l0[o] = opmath_t(1) - lam;
+  }
+  // i0 and i1 are non-decreasing: the outputs reading low-res index i (i0 <= i <= i1) are contiguous.
+  for (int64_t i = 0; i < in; ++i) {
+    start[i] = static_cast<int32_t>(std::lower_bound(i1, i1 + out, static_cast<int32_t>(i)) - i1);
+    end[i] = static_cast<int32_t>(std::upper_bound(i0, i0 + out, static_cast<int32_t>(i)) - i0);
+  }
+  // Pinned source + non_blocking: no host synchronization; the caching host allocator keeps the buffers alive
+  // until the copies have run.
+  return {idx.to(device, /*non_blocking=*/true), weight.to(device, /*non_blocking=*/true)};
+}
+
+template <typename scalar_t, typename opmath_t>
+__device__ __forceinline__ opmath_t interp(const scalar_t* __restrict__ plane, int o00, int o01, int o10, int o11,
+                                           opmath_t ly0, opmath_t ly1, opmath_t lx0, opmath_t lx1) {
+  // PyTorch's nesting of the products: rows outside, columns inside.
+  return ly0 * (lx0 * static_cast<opmath_t>(plane[o00]) + lx1 * static_cast<opmath_t>(plane[o01])) +
+         ly1 * (lx0 * static_cast<opmath_t>(plane[o10]) + lx1 * static_cast<opmath_t>(plane[o11]));
+}
+
+template <typename scalar_t, typename opmath_t>
+__global__ void __launch_bounds__(kThreads)
+    uce_forward_kernel(const scalar_t* __restrict__ x, const int64_t* __restrict__ target,
+                       const int32_t* __restrict__ yidx, const opmath_t* __restrict__ yw,
+                       const int32_t* __restrict__ xidx, const opmath_t* __restrict__ xw,
+                       opmath_t* __restrict__ lse_out, scalar_t* __restrict__ loss_out,
+                       opmath_t* __restrict__ psum, int32_t* __restrict__ pcnt, int P, int K, int h, int w, int H,
+                       int W, int64_t ignore_index) {
+  const int p = blockIdx.x * kThreads + threadIdx.x;
+  opmath_t loss = 0;
+  int valid = 0;
+  if (p < P) {
+    const int n = p / (H * W), oy = (p / W) % H, ox = p % W;
+    const int y0 = yidx[oy], y1 = yidx[H + oy], x0 = xidx[ox], x1 = xidx[W + ox];
+    const opmath_t ly0 = yw[oy], ly1 = yw[H + oy], lx0 = xw[ox], lx1 = xw[W + ox];
+    const int o00 = y0 * w + x0, o01 = y0 * w + x1, o10 = y1 * w + x0, o11 = y1 * w + x1;
+    const int hw = h * w;
+    const scalar_t* xb = x + static_cast<int64_t>(n) * K * hw;
+    const int64_t t = target[p];
+    // One-pass logsumexp: one exp per class, rescaling the running sum when the maximum grows.
+    opmath_t m = -std::numeric_limits<opmath_t>::infinity(), s = 0, zt = 0;
+    for (int k = 0; k < K; ++k) {
+      const opmath_t z = interp<scalar_t, opmath_t>(xb + k * hw, o00, o01, o10, o11, ly0, ly1, lx0, lx1);
+      if (k == t) zt = z;
+      if (z > m) {
+        s = s * ::exp(m - z) + opmath_t(1);
+        m = z;
+      } else {
+        s += ::exp(z - m);  // also propagates NaN logits into s
+      }
+    }
+    const opmath_t lse = m + ::log(s);
+    lse_out[p] = lse;
+    if (t != ignore_index) {
+      valid = 1;
+      loss = (t < 0 || t >= K) ? std::numeric_limits<opmath_t>::quiet_NaN() : lse - zt;
+    }
+    if (loss_out != nullptr) loss_out[p] = static_cast<scalar_t>(loss);
+  }
+  if (psum == nullptr) return;
+  // Block tree reduction with a fixed pairing: deterministic partials.
+  __shared__ opmath_t ssum[kThreads];
+  __shared__ int32_t scnt[kThreads];
+  ssum[threadIdx.x] = loss;
+  scnt[threadIdx.x] = valid;
+  __syncthreads();
+  for (int d = kThreads / 2; d > 0; d >>= 1) {
+    if (threadIdx.x < d) {
+      ssum[threadIdx.x] += ssum[threadIdx.x + d];
+      scnt[threadIdx.x] += scnt[threadIdx.x + d];
+    }
+    __syncthreads();
+  }
+  if (threadIdx.x == 0) {
+    psum[blockIdx.x] = ssum[0];
+    pcnt[blockIdx.x] = scnt[0];
+  }
+}
+
+template <typename scalar_t, typename opmath_t>
+__global__ void __launch_bounds__(kThreads)
+    uce_backward_kernel(const scalar_t* __restrict__ x, const int64_t* __restrict__ target,
+                        const opmath_t* __restrict__ lse, const opmath_t* __restrict__ grad, bool per_pixel,
+                        const int32_t* __restrict__ yidx, const opmath_t* __restrict__ yw,
+                        const int32_t* __restrict__ xidx, const opmath_t* __restrict__ xw,
+                        scalar_t* __restrict__ dx, int total, int K, int h, int w, int H, int W,
+                        int64_t ignore_index) {
+  const int e = blockIdx.x * kThreads + threadIdx.x;
+  if (e >= total) return;
+  const int hw = h * w;
+  const int j = e % w, i = (e / w) % h, k = (e / hw) % K, n = e / (hw * K);
+  const int ys = yidx[2 * H + i], ye = yidx[2 * H + h + i];
+  const int xs = xidx[2 * W + j], xe = xidx[2 * W + w + j];
+  const scalar_t* plane = x + (static_cast<int64_t>(n) * K + k) * hw;
+  const opmath_t g_all = per_pixel ? opmath_t(0) : grad[0];
+  opmath_t acc = 0;
+  for (int oy = ys; oy < ye; ++oy) {
+    const int y0 = yidx[oy], y1 = yidx[H + oy];
+    const opmath_t ly0 = yw[oy], ly1 = yw[H + oy];
+    // Weight of low-res row i in output row oy: both terms when i0 == i1 == i (the last row).
+    const opmath_t wy = (y0 == i ? ly0 : opmath_t(0)) + (y1 == i ? ly1 : opmath_t(0));
+    if (wy == opmath_t(0)) continue;
+    const int row = (n * H + oy) * W;
+    for (int ox = xs; ox < xe; ++ox) {
+      const int x0 = xidx[ox], x1 = xidx[W + ox];
+      const opmath_t lx0 = xw[ox], lx1 = xw[W + ox];
+      const opmath_t wx = (x0 == j ? lx0 : opmath_t(0)) + (x1 == j ? lx1 : opmath_t(0));
+      const int pix = row + ox;
+      const int64_t t = target[pix];
+      if (wx == opmath_t(0) || t == ignore_index) continue;
+      opmath_t g = per_pixel ? grad[pix] : g_all;
+      if (t < 0 || t >= K) g = std::numeric_limits<opmath_t>::quiet_NaN();
+      const opmath_t z = interp<scalar_t, opmath_t>(plane, y0 * w + x0, y0 * w + x1, y1 * w + x0, y1 * w + x1,
+                                                    ly0, ly1, lx0, lx1);
+      const opmath_t d = ::exp(z - lse[pix]) - (t == k ? opmath_t(1) : opmath_t(0));
+      acc += wy * wx * g * d;
+    }
+  }
+  dx[e] = static_cast<scalar_t>(acc);
+}
+
+std::tuple<at::Tensor, at::Tensor, at::Tensor> upsample_cross_entropy_forward_cuda(const at::Tensor& logits_,
+                                                                                  const at::Tensor& target_,
+                                                                                  int64_t ignore_index,
+                                                                                  bool align_corners,
+                                                                                  c10::string_view reduction_) {
+  check_uce_args(logits_, target_);
+  const Reduction reduction = parse_reduction(std::string(reduction_));
+  const c10::cuda::CUDAGuard guard(logits_.device());
+  const at::Tensor logits = logits_.contiguous();
+  const at::Tensor target = target_.contiguous();
+  const int64_t n = logits.size(0), k = logits.size(1), h = logits.size(2), w = logits.size(3);
+  const int64_t H = target.size(1), W = target.size(2);
+  const auto opmath = logits.scalar_type() == at::kDouble ? at::kDouble : at::kFloat;
+  const int64_t P = n * H * W;
+  const int64_t blocks = (P + kThreads - 1) / kThreads;
+  const bool per_pixel = reduction == Reduction::kNone;
+  at::Tensor lse = at::empty({n, H, W}, logits.options().dtype(opmath));
+  at::Tensor loss = per_pixel ? at::empty({n, H, W}, logits.options()) : at::Tensor();
+  at::Tensor psum = at::zeros({per_pixel ? 0 : blocks}, logits.options().dtype(opmath));
+  at::Tensor pcnt = at::zeros({per_pixel ? 0 : blocks}, logits.options().dtype(at::kInt));
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, logits.scalar_type(), "upsample_cross_entropy_forward_cuda",
+                                  [&] {
+    using opmath_t = at::opmath_type<scalar_t>;
+    if (P == 0) return;
+    const AxisStencil ys = axis_stencil<opmath_t>(h, H, align_corners, logits.device());
+    const AxisStencil xs = axis_stencil<opmath_t>(w, W, align_corners, logits.device());
+    uce_forward_kernel<scalar_t, opmath_t><<<blocks, kThreads, 0, c10::cuda::getCurrentCUDAStream()>>>(
+        logits.const_data_ptr<scalar_t>(), target.const_data_ptr<int64_t>(), ys.idx.const_data_ptr<int32_t>(),
+        ys.weight.const_data_ptr<opmath_t>(), xs.idx.const_data_ptr<int32_t>(), xs.weight.const_data_ptr<opmath_t>(),
+        lse.data_ptr<opmath_t>(), per_pixel ? loss.data_ptr<scalar_t>() : nullptr,
+        per_pixel ? nullptr : psum.data_ptr<opmath_t>(), per_pixel ? nullptr : pcnt.data_ptr<int32_t>(),
+        static_cast<int>(P), static_cast<int>(k), static_cast<int>(h), static_cast<int>(w), static_cast<int>(H),
+        static_cast<int>(W), ignore_index);
+    C10_CUDA_KERNEL_LAUNCH_CHECK();
+  });
+  if (per_pixel) {
+    at::Tensor count = target.ne(ignore_index).sum().to(opmath);
+    return {loss, lse, count};
+  }
+  // Partials merged in block order, in double: deterministic, and exact counts.
+  at::Tensor count = pcnt.sum(at::kLong).to(opmath);
+  at::Tensor total = psum.sum(at::kDouble);
+  at::Tensor value = reduction == Reduction::kMean ? total / count.to(at::kDouble) : total;
+  return {value.to(logits.scalar_type()), lse, count};
+}
+
+at::Tensor upsample_cross_entropy_backward_cuda(const at::Tensor& grad_, const at::Tensor& logits_,
+                                                const at::Tensor& target_, const at::Tensor& lse_,
+                                                const at::Tensor& valid_count, int64_t ignore_index,
+                                                bool align_corners, c10::string_view reduction_) {
+  check_uce_args(logits_, target_);
+  const Reduction reduction = parse_reduction(std::string(reduction_));
+  const c10::cuda::CUDAGuard guard(logits_.device());
+  const at::Tensor logits = logits_.contiguous();
+  const at::Tensor target = target_.contiguous();
+  const int64_t n = logits.size(0), k = logits.size(1), h = logits.size(2), w = logits.size(3);
+  const int64_t H = target.size(1), W = target.size(2);
+  TORCH_CHECK(lse_.sizes() == target.sizes(), "deeplab_ops.upsample_cross_entropy: lse must have shape ",
+              target.sizes(), " (like target), got ", lse_.sizes());
+  const bool per_pixel = reduction == Reduction::kNone;
+  if (per_pixel) {
+    TORCH_CHECK(grad_.sizes() == target.sizes(), "deeplab_ops.upsample_cross_entropy: grad must have shape ",
+                target.sizes(), " for reduction='none', got ", grad_.sizes());
+  } else {
+    TORCH_CHECK(grad_.numel() == 1, "deeplab_ops.upsample_cross_entropy: grad must have one element for reduction='",
+                std::string(reduction_), "', got shape ", grad_.sizes());
+  }
+  const auto opmath = logits.scalar_type() == at::kDouble ? at::kDouble : at::kFloat;
+  const at::Tensor lse = lse_.to(opmath).contiguous();
+  // dL/dloss per pixel ("none") or one value on the device (grad / count for "mean"): no host synchronization.
+  at::Tensor grad = grad_.to(opmath).contiguous();
+  if (reduction == Reduction::kMean) grad = grad.reshape({}) / valid_count.to(opmath);
+  at::Tensor dx = at::empty_like(logits, at::MemoryFormat::Contiguous);
+  const int64_t total = dx.numel();
+  if (total == 0) return dx;
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, logits.scalar_type(), "upsample_cross_entropy_backward_cuda",
+                                  [&] {
+    using opmath_t = at::opmath_type<scalar_t>;
+    const AxisStencil ys = axis_stencil<opmath_t>(h, H, align_corners, logits.device());
+    const AxisStencil xs = axis_stencil<opmath_t>(w, W, align_corners, logits.device());
+    const int64_t blocks = (total + kThreads - 1) / kThreads;
+    uce_backward_kernel<scalar_t, opmath_t><<<blocks, kThreads, 0, c10::cuda::getCurrentCUDAStream()>>>(
+        logits.const_data_ptr<scalar_t>(), target.const_data_ptr<int64_t>(), lse.const_data_ptr<opmath_t>(),
+        grad.const_data_ptr<opmath_t>(), per_pixel, ys.idx.const_data_ptr<int32_t>(),
+        ys.weight.const_data_ptr<opmath_t>(), xs.idx.const_data_ptr<int32_t>(), xs.weight.const_data_ptr<opmath_t>(),
+        dx.data_ptr<scalar_t>(), static_cast<int>(total), static_cast<int>(k), static_cast<int>(h),
+        static_cast<int>(w), static_cast<int>(H), static_cast<int>(W), ignore_index);
+    C10_CUDA_KERNEL_LAUNCH_CHECK();
+  });
+  return dx;
+}
+
+}  // namespace
+
+TORCH_LIBRARY_IMPL(deeplab_ops, CUDA, m) {
+  m.impl("upsample_cross_entropy_forward", &upsample_cross_entropy_forward_cuda);
+  m.impl("upsample_cross_entropy_backward", &upsample_cross_entropy_backward_cuda);
+}
+
+}  // namespace deeplab_ops

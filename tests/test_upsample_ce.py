@@ -1,0 +1,384 @@
+"""upsample_cross_entropy against its reference (F.interpolate bilinear + F.cross_entropy): forward and gradient
+over odd shapes, up- and downsampling factors (integer and not), K = 1..40, both align_corners, all reductions,
+ignore labels sprinkled and all-ignored; gradcheck; opcheck; argument errors; what the op saves and allocates;
+GPU-only half-precision and large-shape tests."""
+
+from __future__ import annotations
+
+import math
+import time
+
+import pytest
+import torch
+
+import deeplab_ops
+from deeplab_ops import reference
+
+_ops = torch.ops.deeplab_ops
+CUDA = torch.cuda.is_available()
+REDUCTIONS = ("mean", "sum", "none")
+CPU_BACKENDS = ("reference", "cpu", "triton")
+
+# (N, K, h, w, H, W): odd sizes; factors 1..8 and non-integer; downsampling; 1x1 grids; K = 1 and K > 32 (the
+# Triton kernels' class blocks).
+CASES = [
+    (2, 5, 4, 5, 13, 11),
+    (1, 1, 3, 4, 7, 9),
+    (2, 21, 3, 3, 17, 16),
+    (1, 3, 7, 6, 4, 5),
+    (2, 4, 5, 5, 5, 5),
+    (1, 6, 2, 3, 16, 24),
+    (1, 3, 1, 1, 5, 4),
+    (1, 2, 4, 3, 1, 1),
+    (3, 7, 4, 4, 8, 8),
+    (1, 40, 2, 2, 5, 7),
+]
+
+
+def _ids(case):
+    return "x".join(str(v) for v in case)
+
+
+def make_inputs(case, dtype=torch.float64, device="cpu", ignore_index=255, ignore_frac=0.2):
+    n, k, h, w, big_h, big_w = case
+    logits = (torch.randn(n, k, h, w, dtype=dtype, device=device) * 2).requires_grad_()
+    target = torch.randint(0, k, (n, big_h, big_w), device=device)
+    target[torch.rand(n, big_h, big_w, device=device) < ignore_frac] = ignore_index
+    return logits, target
+
+
+def _compare(got, want, what, atol, rtol):
+    assert got.shape == want.shape, f"{what}: shape {tuple(got.shape)} != {tuple(want.shape)}"
+    assert got.dtype == want.dtype, f"{what}: dtype {got.dtype} != {want.dtype}"
+    err = (got.double() - want.double()).abs()
+    tol = atol + rtol * want.double().abs()
+    bad = ~(err <= tol) & ~(got.isnan() & want.isnan())
+    if bad.any():
+        idx = tuple(int(v) for v in bad.nonzero()[0])
+        raise AssertionError(
+            f"{what}: {int(bad.sum())} of {got.numel()} values differ; max abs error {err.max().item():.3e}; "
+            f"first at {idx}: got {got[idx].item()!r}, want {want[idx].item()!r}"
+        )
+
+
+def _check_against_reference(case, backend, align_corners, reduction, dtype=torch.float64, atol=1e-10,
+                             rtol=1e-10, ignore_index=255):
+    logits, target = make_inputs(case, dtype=dtype, ignore_index=ignore_index)
+    got = deeplab_ops.upsample_cross_entropy(logits, target, ignore_index, align_corners, reduction, backend=backend)
+    ref_logits = logits.detach().double().requires_grad_()
+    want = reference.upsample_cross_entropy(ref_logits, target, ignore_index, align_corners, reduction)
+    tag = f"{backend} {_ids(case)} align_corners={align_corners} {reduction} {dtype}"
+    _compare(got, want.to(dtype), f"loss ({tag})", atol, rtol)
+    grad_out = torch.randn_like(want)
+    (grad,) = torch.autograd.grad(got, logits, grad_out.to(dtype))
+    (grad_want,) = torch.autograd.grad(want, ref_logits, grad_out)
+    _compare(grad, grad_want.to(dtype), f"dlogits ({tag})", atol, rtol)
+
+
+# ---- against the reference ------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("backend", ["cpu", "triton"])
+@pytest.mark.parametrize("case", CASES, ids=_ids)
+def test_matches_reference_float64(backend, case):
+    for align_corners in (False, True):
+        for reduction in REDUCTIONS:
+            _check_against_reference(case, backend, align_corners, reduction)
+
+
+@pytest.mark.parametrize(
+    "backend,case", [("cpu", CASES[0]), ("cpu", CASES[2]), ("cpu", CASES[5]), ("triton", CASES[5])],
+    ids=lambda v: _ids(v) if isinstance(v, tuple) else v,
+)
+def test_matches_reference_float32(backend, case):
+    # The float32 reference materializes and rounds the upsampled logits; ours interpolates in float32 (triton)
+    # or double (cpu): a few ulps of the logits' scale.
+    for align_corners in (False, True):
+        for reduction in REDUCTIONS:
+            _check_against_reference(case, backend, align_corners, reduction, dtype=torch.float32, atol=2e-5,
+                                     rtol=2e-5)
+
+
+@pytest.mark.parametrize("backend", CPU_BACKENDS)
+@pytest.mark.parametrize("ignore_index", [-100, 0, 3])
+def test_other_ignore_index(backend, ignore_index):
+    # ignore_index inside [0, K) ignores that class, as PyTorch does.
+    _check_against_reference((2, 5, 3, 4, 9, 10), backend, False, "mean", ignore_index=ignore_index)
+
+
+@pytest.mark.parametrize("backend", CPU_BACKENDS)
+@pytest.mark.parametrize("reduction", REDUCTIONS)
+def test_all_ignored(backend, reduction):
+    logits, target = make_inputs((2, 4, 3, 3, 7, 8), ignore_frac=1.0)
+    got = deeplab_ops.upsample_cross_entropy(logits, target, reduction=reduction, backend=backend)
+    want = reference.upsample_cross_entropy(logits, target, reduction=reduction)
+    if reduction == "mean":
+        assert got.isnan() and want.isnan(), f"mean over no pixel: got {got}, PyTorch gives {want} (NaN)"
+    _compare(got, want, f"all-ignored {reduction}", 0, 0)
+    (grad,) = torch.autograd.grad(got.sum() if reduction == "none" else got, logits)
+    assert torch.equal(grad, torch.zeros_like(grad)), "all-ignored gradient must be exactly zero"
+
+
+@pytest.mark.parametrize("backend", CPU_BACKENDS)
+@pytest.mark.parametrize("reduction", REDUCTIONS)
+def test_empty_batch(backend, reduction):
+    logits, target = make_inputs((0, 3, 4, 4, 8, 8))
+    got = deeplab_ops.upsample_cross_entropy(logits, target, reduction=reduction, backend=backend)
+    want = reference.upsample_cross_entropy(logits, target, reduction=reduction)
+    _compare(got, want, f"empty batch {reduction}", 0, 0)
+    (grad,) = torch.autograd.grad(got.sum(), logits)
+    assert grad.shape == logits.shape
+
+
+def test_auto_backend_on_cpu_is_cpu(monkeypatch):
+    monkeypatch.delenv("DEEPLAB_OPS_BACKEND", raising=False)
+    from deeplab_ops import backends
+
+    logits, target = make_inputs((1, 3, 2, 2, 4, 4))
+    assert backends.resolve(None, "upsample_cross_entropy", logits.device, logits=logits, target=target) == "cpu"
+    got = deeplab_ops.upsample_cross_entropy(logits, target)
+    _compare(got, reference.upsample_cross_entropy(logits, target), "auto", 1e-12, 1e-12)
+
+
+def test_triton_reasons_half_on_cpu():
+    logits, target = make_inputs((1, 3, 2, 2, 4, 4), dtype=torch.float32)
+    with pytest.raises(RuntimeError, match="float16/bfloat16 run on CUDA tensors only"):
+        deeplab_ops.upsample_cross_entropy(logits.half(), target, backend="triton")
+
+
+# ---- gradcheck, opcheck --------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("backend", ["cpu", "triton"])
+@pytest.mark.parametrize("reduction", REDUCTIONS)
+@pytest.mark.parametrize("align_corners", [False, True])
+def test_gradcheck(backend, reduction, align_corners):
+    logits, target = make_inputs((1, 3, 2, 3, 4, 3))
+
+    def fn(x):
+        return deeplab_ops.upsample_cross_entropy(x, target, 255, align_corners, reduction, backend=backend)
+
+    assert torch.autograd.gradcheck(fn, (logits,), eps=1e-6, atol=1e-7, rtol=1e-5)
+
+
+@pytest.mark.parametrize("prefix", ["", "triton_"])
+@pytest.mark.parametrize("reduction", REDUCTIONS)
+def test_opcheck(prefix, reduction):
+    logits, target = make_inputs((2, 3, 2, 3, 5, 4))
+    fwd = getattr(_ops, f"{prefix}upsample_cross_entropy_forward").default
+    bwd = getattr(_ops, f"{prefix}upsample_cross_entropy_backward").default
+    torch.library.opcheck(fwd, (logits, target, 255, False, reduction))
+    loss, lse, count = fwd(logits.detach(), target, 255, False, reduction)
+    grad = torch.randn_like(loss)
+    torch.library.opcheck(bwd, (grad, logits.detach(), target, lse, count, 255, True, reduction))
+
+
+# ---- argument errors ------------------------------------------------------------------------------------------
+
+
+def _good():
+    return torch.randn(2, 3, 4, 4), torch.randint(0, 3, (2, 8, 8))
+
+
+@pytest.mark.parametrize(
+    "mutate,exc,match",
+    [
+        (lambda a: {**a, "logits": a["logits"][0]}, ValueError, r"logits must be a 4-D \(N, K, h, w\).*\(3, 4, 4\)"),
+        (lambda a: {**a, "target": a["target"][0]}, ValueError, r"target must be a 3-D .*\(8, 8\)"),
+        (lambda a: {**a, "target": a["target"].int()}, TypeError, r"dtype torch.int32; expected torch.int64"),
+        (lambda a: {**a, "target": a["target"].float()}, TypeError, r"target has dtype torch.float32"),
+        (lambda a: {**a, "target": a["target"][:1]}, ValueError, r"target has batch size 1 .* logits has 2"),
+        (lambda a: {**a, "logits": a["logits"].long()}, TypeError, r"logits has dtype torch.int64"),
+        (lambda a: {**a, "logits": a["logits"][:, :0]}, ValueError, r"logits has 0 classes"),
+        (lambda a: {**a, "target": a["target"][:, :0]}, ValueError, r"target spatial size 0x8"),
+        (lambda a: {**a, "reduction": "avg"}, ValueError, r"reduction='avg'; expected one of \('none', 'mean',"),
+        (lambda a: {**a, "align_corners": 1}, TypeError, r"align_corners must be a bool, got 1"),
+        (lambda a: {**a, "align_corners": None}, TypeError, r"align_corners must be a bool, got None"),
+        (lambda a: {**a, "ignore_index": 2.5}, TypeError, r"ignore_index must be an int, got 2.5"),
+        (lambda a: {**a, "ignore_index": True}, TypeError, r"ignore_index must be an int, got True"),
+        (lambda a: {**a, "logits": [1.0]}, TypeError, r"logits must be a torch.Tensor, got list"),
+        (lambda a: {**a, "backend": "nope"}, ValueError, r"backend='nope' is not a backend"),
+        (lambda a: {**a, "target": a["target"].to("meta")}, ValueError, r"target is on meta but logits is on cpu"),
+    ],
+    ids=lambda v: v if isinstance(v, str) else None,
+)
+def test_bad_arguments(mutate, exc, match):
+    logits, target = _good()
+    args = mutate({"logits": logits, "target": target, "ignore_index": 255, "align_corners": False,
+                   "reduction": "mean", "backend": None})
+    backend = args.pop("backend")
+    with pytest.raises(exc, match=match):
+        deeplab_ops.upsample_cross_entropy(**args, backend=backend)
+
+
+@pytest.mark.parametrize("backend", CPU_BACKENDS)
+@pytest.mark.parametrize("label", [3, -1, 254])
+def test_label_out_of_range_raises_on_cpu(backend, label):
+    logits, target = _good()
+    target[1, 2, 5] = label
+    ours = rf"label {label} at position \(1, 2, 5\); expected labels in \[0, 3\)"
+    match = r"out of bounds" if backend == "reference" else ours
+    with pytest.raises(IndexError, match=match):
+        deeplab_ops.upsample_cross_entropy(logits, target, backend=backend)
+
+
+def test_cpu_op_checks_labels_itself():
+    # Direct op calls (no Python front door) raise too.
+    logits, target = _good()
+    target[0, 7, 7] = 9
+    with pytest.raises(IndexError, match=r"label 9 at position \(0, 7, 7\)"):
+        _ops.upsample_cross_entropy_forward(logits, target, 255, False, "mean")
+    with pytest.raises(RuntimeError, match=r"reduction='avg'"):
+        _ops.upsample_cross_entropy_forward(logits, target, 255, False, "avg")
+
+
+def test_triton_bad_label_gives_nan_without_reading_out_of_range():
+    # The GPU behaviour (no device-side check), exercised through the triton kernels directly on CPU tensors.
+    from deeplab_ops.triton import upsample_ce
+
+    logits, target = _good()
+    target[0, 0, 0] = 7
+    loss, lse, count = upsample_ce.forward(logits, target, 255, False, "none")
+    assert loss[0, 0, 0].isnan() and not loss.view(-1)[1:].isnan().any()
+    grad = upsample_ce.backward(torch.ones_like(loss), logits, target, lse, count, 255, False, "none")
+    assert grad[0, :, 0, 0].isnan().all() and not grad[1].isnan().any()
+
+
+# ---- memory: no (N, K, H, W) tensor ------------------------------------------------------------------------
+
+
+def _saved_bytes(fn):
+    seen = {}
+
+    def pack(t):
+        seen[t.untyped_storage().data_ptr()] = t.untyped_storage().nbytes()
+        return t
+
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+        out = fn()
+    return out, sum(seen.values())
+
+
+@pytest.mark.parametrize("backend", ["cpu", "triton"])
+def test_saves_no_upsampled_tensor(backend):
+    # What autograd keeps between forward and backward: the low-res logits, the labels, the per-pixel
+    # logsumexp (N, H, W) and a count; the reference keeps (N, K, H, W) tensors (the upsampled logits and
+    # its log-softmax). Proves the saved set only, not the peak (see test_peak_allocation_cpu).
+    n, k, h, w, big_h, big_w = case = (2, 21, 4, 4, 32, 32)
+    logits, target = make_inputs(case, dtype=torch.float32)
+    upsampled = n * k * big_h * big_w * 4
+    out, ours = _saved_bytes(lambda: deeplab_ops.upsample_cross_entropy(logits, target, backend=backend))
+    expected = logits.numel() * 4 + target.numel() * 8 + n * big_h * big_w * 4 + 4
+    assert ours == expected, f"saved {ours} bytes, expected {expected} (logits + target + lse + count)"
+    assert ours < upsampled, f"saved {ours} bytes >= one upsampled tensor ({upsampled} bytes)"
+    _, ref = _saved_bytes(lambda: reference.upsample_cross_entropy(logits, target))
+    assert ref >= upsampled, f"the reference saves {ref} bytes: the test no longer shows the difference"
+
+
+def test_peak_allocation_cpu():
+    # Every CPU allocation made through the c10 allocator during forward + backward (profiler memory events),
+    # none as large as the upsampled logits. Does not see the kernels' std::vector scratch (O(K * w) per thread
+    # in the backward, O(K) per thread and O(N * H) per call in the forward).
+    n, k, h, w, big_h, big_w = case = (2, 21, 6, 6, 48, 48)
+    logits, target = make_inputs(case, dtype=torch.float32)
+    upsampled = n * k * big_h * big_w * 4
+    with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CPU], profile_memory=True) as prof:
+        loss = deeplab_ops.upsample_cross_entropy(logits, target, backend="cpu")
+        loss.backward()
+    allocs = [e.cpu_memory_usage for e in prof.events() if e.cpu_memory_usage > 0]
+    assert allocs, "the profiler recorded no allocation: the check is void"
+    assert max(allocs) < upsampled / 4, f"an allocation of {max(allocs)} bytes (upsampled logits: {upsampled})"
+    with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CPU], profile_memory=True) as prof:
+        reference.upsample_cross_entropy(logits, target).backward()
+    ref_max = max(e.cpu_memory_usage for e in prof.events())
+    assert ref_max >= upsampled, f"the reference's largest allocation is {ref_max}: the check cannot tell"
+
+
+# ---- GPU ------------------------------------------------------------------------------------------------------
+
+
+
+@pytest.mark.parametrize("backend", ["cuda", "triton"])
+@pytest.mark.parametrize("case", CASES, ids=_ids)
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32], ids=["fp64", "fp32"])
+@pytest.mark.gpu
+@pytest.mark.skipif(not CUDA, reason="needs a CUDA device; none is visible")
+def test_gpu_matches_reference(backend, case, dtype):
+    for align_corners in (False, True):
+        for reduction in REDUCTIONS:
+            tol = 1e-10 if dtype == torch.float64 else 2e-5
+            logits, target = make_inputs(case, dtype=dtype, device="cuda")
+            got = deeplab_ops.upsample_cross_entropy(logits, target, 255, align_corners, reduction, backend=backend)
+            ref_logits = logits.detach().double().requires_grad_()
+            want = reference.upsample_cross_entropy(ref_logits, target, 255, align_corners, reduction)
+            tag = f"{backend} {_ids(case)} {align_corners} {reduction} {dtype}"
+            _compare(got, want.to(dtype), f"loss ({tag})", tol, tol)
+            grad_out = torch.randn_like(want)
+            (grad,) = torch.autograd.grad(got, logits, grad_out.to(dtype))
+            (grad_want,) = torch.autograd.grad(want, ref_logits, grad_out)
+            _compare(grad, grad_want.to(dtype), f"dlogits ({tag})", tol, tol)
+
+
+@pytest.mark.parametrize("backend", ["cuda", "triton"])
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16], ids=["fp16", "bf16"])
+@pytest.mark.parametrize("reduction", REDUCTIONS)
+@pytest.mark.gpu
+@pytest.mark.skipif(not CUDA, reason="needs a CUDA device; none is visible")
+def test_gpu_half(backend, dtype, reduction):
+    # Error against float64 at most 2x the reference-computed-in-half error (plus a floor for exact zeros).
+    logits, target = make_inputs((4, 21, 17, 17, 129, 129), dtype=torch.float32, device="cuda")
+    x64 = logits.detach().double().requires_grad_()
+    want = reference.upsample_cross_entropy(x64, target, reduction=reduction)
+    grad_out = torch.rand_like(want) if reduction == "none" else torch.ones_like(want)
+    (g64,) = torch.autograd.grad(want, x64, grad_out)
+    xh = logits.detach().to(dtype).requires_grad_()
+    ref_h = reference.upsample_cross_entropy(xh, target, reduction=reduction)
+    (gh,) = torch.autograd.grad(ref_h, xh, grad_out.to(dtype))
+    xo = logits.detach().to(dtype).requires_grad_()
+    got = deeplab_ops.upsample_cross_entropy(xo, target, reduction=reduction, backend=backend)
+    (go,) = torch.autograd.grad(got, xo, grad_out.to(dtype))
+    assert got.dtype == dtype and go.dtype == dtype
+    for what, ours, theirs, exact in (("loss", got, ref_h, want), ("dlogits", go, gh, g64)):
+        err = (ours.double() - exact).abs().max().item()
+        ref_err = (theirs.double() - exact).abs().max().item()
+        floor = 1e-3 * exact.abs().max().item()
+        assert err <= 2 * ref_err + floor, f"{what}: error {err:.3e} vs reference-in-{dtype} {ref_err:.3e}"
+
+
+@pytest.mark.parametrize("backend", ["cuda", "triton"])
+@pytest.mark.gpu
+@pytest.mark.skipif(not CUDA, reason="needs a CUDA device; none is visible")
+def test_gpu_large_memory_and_time(backend):
+    # VOC-like: 8 x 21 x 65 x 65 logits -> 513 x 513 labels. Peak extra memory during forward + backward stays
+    # far below one upsampled tensor (8 * 21 * 513^2 * 4 B = 177 MB).
+    n, k, h, w, big_h, big_w = case = (8, 21, 65, 65, 513, 513)
+    logits, target = make_inputs(case, dtype=torch.float32, device="cuda")
+    upsampled = n * k * big_h * big_w * 4
+    loss = deeplab_ops.upsample_cross_entropy(logits, target, backend=backend)  # warm-up (compiles)
+    (grad,) = torch.autograd.grad(loss, logits)
+    torch.cuda.synchronize()
+    torch.cuda.reset_peak_memory_stats()
+    base = torch.cuda.memory_allocated()
+    start = time.perf_counter()
+    loss = deeplab_ops.upsample_cross_entropy(logits, target, backend=backend)
+    (grad,) = torch.autograd.grad(loss, logits)
+    torch.cuda.synchronize()
+    elapsed = time.perf_counter() - start
+    peak = torch.cuda.max_memory_allocated() - base
+    assert peak < upsampled / 4, f"peak extra memory {peak} bytes; one upsampled tensor is {upsampled}"
+    x64 = logits.detach().double().requires_grad_()
+    want = reference.upsample_cross_entropy(x64, target)
+    (g64,) = torch.autograd.grad(want, x64)
+    assert math.isclose(loss.item(), want.item(), rel_tol=1e-5), (loss.item(), want.item())
+    _compare(grad.double(), g64, f"large dlogits ({backend})", 1e-9, 1e-4)
+    print(f"{backend}: forward + backward {elapsed * 1e3:.2f} ms, peak extra {peak / 2**20:.1f} MiB")
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not CUDA, reason="needs a CUDA device; none is visible")
+def test_gpu_bad_label_is_nan_and_auto_backend():
+    logits, target = make_inputs((2, 3, 4, 4, 8, 8), dtype=torch.float32, device="cuda")
+    target[0, 0, 0] = 3
+    for backend in ("cuda", "triton"):
+        loss = deeplab_ops.upsample_cross_entropy(logits, target, backend=backend)
+        assert loss.isnan(), f"{backend}: an out-of-range label must give NaN on CUDA, got {loss}"
