@@ -19,7 +19,7 @@ from torch.utils.flop_counter import FlopCounterMode
 
 from model.deeplabv3 import DEFAULT_MULTI_GRID, DeepLabV3, deeplabv3_resnet
 from model.heads import HEADS
-from model.resnet import RESIDUAL_UNITS
+from model.resnet import DEPTHS, RESIDUAL_UNITS
 
 
 def _image_size(text: str) -> tuple[int, int]:
@@ -38,7 +38,7 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     p = argparse.ArgumentParser(prog="python -m model", description=__doc__.split("\n\n")[0],
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--summary", action="store_true", help="print parameters and FLOPs per stage")
-    p.add_argument("--backbone", choices=("resnet50", "resnet101"), default="resnet50")
+    p.add_argument("--backbone", choices=[f"resnet{d}" for d in sorted(DEPTHS)], default="resnet50")
     p.add_argument("--output-stride", type=int, default=16, help="8 or 16 (default 16)")
     p.add_argument("--multi-grid", type=int, nargs="+", default=list(DEFAULT_MULTI_GRID),
                    help="block-4 rate multipliers (default 1 2 4)")
