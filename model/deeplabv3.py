@@ -31,6 +31,8 @@ class DeepLabV3(nn.Module):
     """Backbone → classifier → bilinear resize to the input size; an optional auxiliary head on block 3.
 
     Returns ``{"out": logits}``, plus ``"aux"`` when built with an auxiliary classifier, as torchvision does.
+    ``forward(x, upsample=False)`` returns the logits at the feature resolution instead (input / output stride),
+    for a loss that upsamples on the fly (`deeplab_ops.upsample_cross_entropy`).
     Module names are torchvision's: ``backbone``, ``classifier``, ``aux_classifier``.
     """
 
@@ -41,16 +43,19 @@ class DeepLabV3(nn.Module):
         self.aux_classifier = aux_classifier
         self.config: dict = {}
 
-    def forward(self, x: Tensor) -> dict[str, Tensor]:
+    def forward(self, x: Tensor, upsample: bool = True) -> dict[str, Tensor]:
         if x.dim() != 4 or x.shape[1] != 3:
             raise ValueError(f"x must be an (N, 3, H, W) image batch, got shape {tuple(x.shape)}")
         size = x.shape[-2:]
         features = self.backbone(x)
+
+        def resize(t: Tensor) -> Tensor:
+            return F.interpolate(t, size=size, mode="bilinear", align_corners=False) if upsample else t
+
         result: OrderedDict[str, Tensor] = OrderedDict()
-        result["out"] = F.interpolate(self.classifier(features["out"]), size=size, mode="bilinear", align_corners=False)
+        result["out"] = resize(self.classifier(features["out"]))
         if self.aux_classifier is not None:
-            aux = self.aux_classifier(features["aux"])
-            result["aux"] = F.interpolate(aux, size=size, mode="bilinear", align_corners=False)
+            result["aux"] = resize(self.aux_classifier(features["aux"]))
         return result
 
 
@@ -87,6 +92,7 @@ def deeplabv3_resnet(
     fused: bool = False,
     preset: str | None = None,
     residual_unit: str = "v1.5",
+    memory_efficient: bool = False,
 ) -> DeepLabV3:
     """Build DeepLabV3 on a ResNet-`depth` backbone; see :func:`deeplabv3_resnet50` for the arguments."""
     if depth not in DEPTHS:
@@ -102,6 +108,10 @@ def deeplabv3_resnet(
         raise TypeError(f"aux_loss must be a bool, got {aux_loss!r}")
     if not isinstance(fused, bool):
         raise TypeError(f"fused must be a bool, got {fused!r}")
+    if not isinstance(memory_efficient, bool):
+        raise TypeError(f"memory_efficient must be a bool, got {memory_efficient!r}")
+    if memory_efficient and not fused:
+        raise ValueError("memory_efficient=True needs fused=True: it is a mode of the fused ops")
     pattern = "paper"
     if preset == "torchvision":
         _check_preset_args(output_stride=output_stride, multi_grid=multi_grid, atrous_rates=atrous_rates, head=head,
@@ -125,7 +135,7 @@ def deeplabv3_resnet(
         "stage_dilations": backbone.stage_dilations,
     }
     if fused:
-        fuse_modules(model)
+        fuse_modules(model, memory_efficient=memory_efficient)
     return model
 
 
@@ -140,6 +150,7 @@ def deeplabv3_resnet50(
     *,
     preset: str | None = None,
     residual_unit: str = "v1.5",
+    memory_efficient: bool = False,
 ) -> DeepLabV3:
     """DeepLabV3 with a ResNet-50 backbone.
 
@@ -155,6 +166,8 @@ def deeplabv3_resnet50(
             dilation pattern, rates (12, 24, 36), its head); the other arguments must then stay at their defaults
             or equal the preset's values.
         residual_unit: "v1.5" (torchvision's bottleneck) or "preact" (full pre-activation unit).
+        memory_efficient: with fused=True, the fused ops save no pre-BN activations for the backward (see
+            deeplab_ops.conv_bn_relu's memory_efficient).
 
     Returns:
         The model, in training mode, with torchvision's initialisation of the backbone.
@@ -162,6 +175,7 @@ def deeplabv3_resnet50(
     return deeplabv3_resnet(
         50, num_classes=num_classes, output_stride=output_stride, multi_grid=multi_grid, atrous_rates=atrous_rates,
         head=head, aux_loss=aux_loss, fused=fused, preset=preset, residual_unit=residual_unit,
+        memory_efficient=memory_efficient,
     )
 
 
@@ -176,9 +190,11 @@ def deeplabv3_resnet101(
     *,
     preset: str | None = None,
     residual_unit: str = "v1.5",
+    memory_efficient: bool = False,
 ) -> DeepLabV3:
     """DeepLabV3 with a ResNet-101 backbone; arguments as :func:`deeplabv3_resnet50`."""
     return deeplabv3_resnet(
         101, num_classes=num_classes, output_stride=output_stride, multi_grid=multi_grid, atrous_rates=atrous_rates,
         head=head, aux_loss=aux_loss, fused=fused, preset=preset, residual_unit=residual_unit,
+        memory_efficient=memory_efficient,
     )

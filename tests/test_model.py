@@ -201,6 +201,19 @@ def test_output_size_equals_input_size():
                 assert out["out"].shape == out["aux"].shape == (2, 5, *size), (os_, fused, size)
 
 
+def test_low_resolution_logits_and_the_small_backbone():
+    # forward(x, upsample=False): the logits before the bilinear resize (what upsample_cross_entropy takes).
+    torch.manual_seed(0)
+    net = model.deeplabv3_resnet(29, num_classes=5, aux_loss=True).eval()
+    x = torch.randn(1, 3, 45, 38)
+    with torch.no_grad():
+        full, low = net(x), net(x, upsample=False)
+    for k in ("out", "aux"):
+        assert low[k].shape[-2:] == (3, 3), (k, low[k].shape)
+        torch.testing.assert_close(F.interpolate(low[k], size=(45, 38), mode="bilinear", align_corners=False),
+                                   full[k])
+
+
 @pytest.mark.parametrize("fused", [False, True], ids=["unfused", "fused"])
 def test_channels_last(torchvision_pair, fused):
     _, ours, x, expected = torchvision_pair
@@ -230,6 +243,7 @@ def test_channels_last(torchvision_pair, fused):
         ({"preset": "torchvision", "output_stride": 4}, r"preset='torchvision' fixes output_stride=8.*got output_st"),
         ({"preset": "torchvision", "head": "paper", "atrous_rates": (1, 2, 3)}, r"fixes atrous_rates"),
         ({"residual_unit": "v2"}, r"residual_unit must be one of"),
+        ({"memory_efficient": True}, r"memory_efficient=True needs fused=True"),
     ],
 )
 def test_bad_configurations_fail_clearly(kwargs, message):
