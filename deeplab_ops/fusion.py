@@ -39,6 +39,8 @@ Assumptions and limits
     ASPP's original forward (exact, unfused).
   * Distributed training: `deeplab_ops.nn.sync_batchnorm(model, group)` makes every fused module share its
     BatchNorm statistics across the group's processes (nn.SyncBatchNorm semantics); call it after fusing.
+  * ``fuse_modules(model, memory_efficient=True)``: fused convs and residual blocks keep no pre-BN activation for
+    the backward (README, "Memory-efficient training"); synchronized modules and the fused ASPP op keep theirs.
   * Pre-activation residual units (BN → ReLU → conv) do not have the conv → BN → ReLU shape at their input
     BatchNorm, their last conv or their add: those stay unfused. Conv-BN-ReLU chains inside them (e.g.
     model.resnet.PreActBottleneck's ``residual`` Sequential) are fused.

@@ -8,7 +8,7 @@ import pickle
 
 import pytest
 import torch
-from helpers import Case, assert_close, make_inputs, tolerances
+from helpers import CUDA, Case, assert_close, make_inputs, tolerances
 from torch import nn
 
 import deeplab_ops
@@ -45,14 +45,14 @@ def _run(case: Case, backend: str, memory_efficient: bool, inputs, grad_out=None
     return out, [next(grads) if t is not None else None for t in leaves], rm, rv, grad_out
 
 
-def _compare(case: Case, backend: str, atol: float, rtol: float) -> None:
+def _compare(case: Case, backend: str, atol: float, rtol: float, dtype=torch.float32, device="cpu") -> None:
     """memory_efficient=True against False (tight) and against the float64 reference (the usual tolerance)."""
-    inputs = make_inputs(case)
+    inputs = make_inputs(case, dtype, device)
     lean = _run(case, backend, True, inputs)
     grad_out = lean[4]
     full = _run(case, backend, False, inputs, grad_out)
     ref = _run(case, "reference", False, inputs, grad_out, dtype=torch.float64)
-    ratol, rrtol = tolerances(torch.float32)
+    ratol, rrtol = tolerances(dtype)
     assert lean[0].is_contiguous(memory_format=torch.channels_last if case.channels_last else torch.contiguous_format)
     for what, a, b, r in [("output", lean[0], full[0], ref[0]), ("running_mean", lean[2], full[2], ref[2]),
                           ("running_var", lean[3], full[3], ref[3])]:
@@ -86,6 +86,30 @@ def test_cpu_matches_saving_path(case):
 ], ids=str)
 def test_triton_matches_saving_path(case):
     _compare(case, "triton", 1e-5, 1e-5)
+
+
+needs_cuda = pytest.mark.skipif(not CUDA, reason="needs a CUDA device")
+
+
+@needs_cuda
+@pytest.mark.parametrize("backend", ["cuda", "triton"])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16])
+@pytest.mark.parametrize("case", [
+    Case(4, 16, 17, 19, 32, training=True, channels_last=True),
+    Case(4, 16, 17, 19, 32, training=True, residual=True, relu=False),
+    Case(4, 16, 17, 19, 32, training=False, residual=True),
+    Case(4, 16, 17, 19, 32, stride=2, dilation=2, training=False, channels_last=True),
+], ids=str)
+def test_gpu_matches_saving_path(backend, dtype, case):
+    # Half types: where the rebuild is used its error is bounded by RECONSTRUCTION_TOL (about 2x the saving
+    # path's own rounding of y), so lean and saving results agree to the half-type tolerance.
+    allow_tf32 = torch.backends.cudnn.allow_tf32
+    torch.backends.cudnn.allow_tf32 = False
+    try:
+        atol, rtol = (1e-5, 1e-5) if dtype == torch.float32 else tolerances(dtype)
+        _compare(case, backend, atol, rtol, dtype, "cuda")
+    finally:
+        torch.backends.cudnn.allow_tf32 = allow_tf32
 
 
 def test_reference_ignores_flag():
