@@ -112,6 +112,30 @@ def test_gpu_matches_saving_path(backend, dtype, case):
         torch.backends.cudnn.allow_tf32 = allow_tf32
 
 
+@pytest.mark.parametrize("case", [
+    Case(2, 3, 7, 6, 5, training=False, residual=True),
+    Case(2, 3, 7, 6, 5, training=True, relu=False, residual=True, channels_last=True),
+], ids=str)
+def test_cpu_bfloat16(case):
+    # bfloat16 rebuilds only where the bound is within 3e-2 (about 2x bfloat16's own rounding of y), else recomputes.
+    atol, rtol = tolerances(torch.bfloat16)
+    _compare(case, "cpu", atol, rtol, torch.bfloat16)
+
+
+def test_eval_without_dgamma_reads_no_y():
+    # Frozen BN with a frozen gamma: no gradient reads xhat, so nothing is rebuilt; the others match exactly.
+    case = Case(2, 3, 6, 6, 4, training=False, residual=True)
+    x, w, gamma, beta, rm, rv, res = make_inputs(case)
+    got = []
+    for lean in (False, True):
+        leaves = _leaves((x, w, beta, res))
+        out = deeplab_ops.conv_bn_relu(leaves[0], leaves[1], gamma, leaves[2], rm, rv, padding=1, training=False,
+                                       residual=leaves[3], backend="cpu", memory_efficient=lean)
+        got.append(torch.autograd.grad(out, leaves, torch.ones_like(out)))
+    for name, a, b in zip(["x", "weight", "bn_bias", "residual"], *got, strict=True):
+        torch.testing.assert_close(a, b, rtol=0, atol=0, msg=f"grad {name}")
+
+
 def test_reference_ignores_flag():
     # The reference is the oracle: autograd through F.conv2d/F.batch_norm, whatever memory_efficient says.
     case = Case(2, 3, 5, 5, 4, residual=True)
