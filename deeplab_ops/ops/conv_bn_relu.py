@@ -13,6 +13,7 @@ import math
 import numbers
 
 import torch
+from torch._prims_common import suggest_memory_format
 
 from deeplab_ops import backends, distributed, reference
 from deeplab_ops.ops.bn_stages import empty_activation, opmath_dtype
@@ -243,8 +244,9 @@ _register("triton_")
 #
 # The op above saves y = conv(x, w) (pre-BN) for the backward: one activation-sized tensor per layer that
 # nothing else keeps. The lean path saves none; it saves z (the output, the next layer's input anyway), x (this
-# layer's input, kept anyway), the parameters, mean/invstd (C values each) and, in eval BN, the residual (the
-# block's input or its downsample's output, kept anyway), and gives the unchanged backward ops a rebuilt y:
+# layer's input, kept anyway), the parameters, mean/invstd (C values each) and, where y is rebuilt from z, the
+# residual (the block's input or its downsample's output, kept anyway), and gives the unchanged backward ops a
+# rebuilt y:
 #   eval BN (running statistics, incl. frozen BN): dy = gamma*invstd*g does not read y, only dgamma = sum g*xhat
 #     does, and only where g != 0, i.e. z > 0: there xhat = (z - beta - r)/gamma exactly. Elsewhere any finite
 #     value serves (we put y = mean). No dgamma wanted: y is not read at all and `out` stands in for it.
@@ -289,7 +291,7 @@ def reconstruction_error_bound(out: Tensor, bn_weight: Tensor | None, bn_bias: T
 
 def _conv(name: str, x: Tensor, weight: Tensor, stride, padding, dilation) -> Tensor:
     """y = conv(x, weight) by the backend's own convolution, in x's memory format (the forward's y)."""
-    mf = torch._prims_common.suggest_memory_format(x)
+    mf = suggest_memory_format(x)
     if name != "triton":
         return torch.nn.functional.conv2d(x, weight, None, stride, padding, dilation).contiguous(memory_format=mf)
     from deeplab_ops.triton.conv_engine import Geometry, conv_forward
@@ -330,7 +332,7 @@ def rebuild_conv_out(name: str, x: Tensor, weight: Tensor, bn_weight: Tensor | N
     if relu:
         y.masked_fill_(out <= 0, 0.0)  # g = 0 there: xhat = 0 keeps every term finite
     y = y.div_(per_channel(invstd)).add_(per_channel(mean)).to(out.dtype)
-    y = y.contiguous(memory_format=torch._prims_common.suggest_memory_format(out))
+    y = y.contiguous(memory_format=suggest_memory_format(out))
     recomputed = int(bad.sum())
     if recomputed:
         idx = bad.nonzero().squeeze(1)
