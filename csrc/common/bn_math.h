@@ -60,10 +60,11 @@ C10_HOST_DEVICE inline acc_t bn_affine(acc_t v, acc_t mean, acc_t scale, acc_t s
   return (v - mean) * scale + shift;
 }
 
-// The gradient that reaches the BN output through the activation: torch's threshold_backward.
+// The gradient that reaches the BN output through the activation: torch's threshold_backward, which
+// zeroes it where z <= 0 only, so a NaN output passes its gradient on (as F.relu's backward does).
 template <typename acc_t>
 C10_HOST_DEVICE inline acc_t act_grad(acc_t dz, acc_t z, bool relu) {
-  return (!relu || z > acc_t(0)) ? dz : acc_t(0);
+  return (relu && z <= acc_t(0)) ? acc_t(0) : dz;
 }
 
 // Per-channel coefficients of the BN input gradient, dy = k * (g - a - (y - mean) * b):
@@ -91,9 +92,11 @@ C10_HOST_DEVICE inline DyCoef<acc_t> dy_coef(acc_t weight, acc_t invstd, acc_t s
   return c;
 }
 
+// b = 0 (eval, or a zero sum): dy does not depend on y, as in torch's eval BatchNorm backward; a NaN/Inf y
+// must not turn (y - mean) * 0 into NaN there.
 template <typename acc_t>
 C10_HOST_DEVICE inline acc_t bn_dy(acc_t g, acc_t y, acc_t mean, DyCoef<acc_t> c) {
-  return c.k * (g - c.a - (y - mean) * c.b);
+  return c.b == acc_t(0) ? c.k * (g - c.a) : c.k * (g - c.a - (y - mean) * c.b);
 }
 
 // Statistics of a channel from its merged partials, and the running-statistics update that
