@@ -325,6 +325,20 @@ def test_fused_model_matches_unfused(frozen_bn):
         assert_close(c, b, f"buffer {name}", 1e-6, 1e-6)
 
 
+@pytest.mark.parametrize("frozen_bn", [False, True])
+def test_fused_model_saves_no_pre_bn_activations(frozen_bn):
+    # Exactly the four fused layers' y (stem 2x4x9x9, block conv1, conv2 and downsample 2x6x5x5) are no longer kept.
+    model = _small_model().train()
+    if frozen_bn:
+        model.apply(lambda m: m.eval() if isinstance(m, nn.BatchNorm2d) else None)
+    x = torch.randn(2, 3, 9, 9, requires_grad=True)
+    kept = []
+    for lean in (False, True):
+        deeplab_ops.nn.fuse_modules(model, backend="cpu", memory_efficient=lean)
+        kept.append(_saved_bytes(lambda: model(x), [x, *model.parameters(), *model.buffers()])[0])
+    assert kept[0] - kept[1] == 4 * (2 * 4 * 9 * 9 + 3 * 2 * 6 * 5 * 5), kept
+
+
 def test_fused_config_copies_and_module():
     model = deeplab_ops.nn.fuse_modules(_small_model(), backend="cpu", memory_efficient=True)
     for clone in (copy.deepcopy(model), pickle.loads(pickle.dumps(model))):
