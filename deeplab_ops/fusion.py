@@ -6,8 +6,8 @@ as ours.
 What is fused
   * ASPP. A module with torchvision's ASPP structure (``convs``: a 1×1 branch, 3×3 atrous branches and an
     image-pooling branch, each conv → BN → ReLU; ``project``: 1×1 conv → BN → ReLU (→ dropout)) runs on the fused
-    ASPP op (`deeplab_ops.nn.fused_aspp_forward`) when the backend has ASPP kernels (None, "cpu", "cuda",
-    "reference"); with another backend (e.g. "triton") its branches are fused as chains instead.
+    ASPP op (`deeplab_ops.nn.fused_aspp_forward`) when the backend has ASPP kernels (every backend does today:
+    None, "cpu", "cuda", "triton", "reference"); with a backend without them its branches would be fused as chains.
   * Chains. In an ``nn.Sequential`` (any subclass) or an ``nn.ModuleDict`` that has a ``return_layers`` dict
     (torchvision's IntermediateLayerGetter), consecutive children ``Conv2d → BatchNorm2d (→ ReLU)``. This covers
     ASPP branches, ASPP's projection, conv-BN-ReLU layers inside heads (torchvision's DeepLabHead, FCNHead), a
