@@ -73,7 +73,7 @@ def _aspp_backward(grad_out, x, conv_weights, pool_weight, project_weight, bn_we
                          list(output_mask))
 
 
-def _aspp_support(*, x, rates, training, channels) -> list[str]:
+def _aspp_support(*, x, rates, training, channels: int | None = None) -> list[str]:
     """Why the triton kernels cannot run this aspp call (device and import are checked by backends)."""
     reasons = []
     if x.device.type == "cpu" and x.dtype in (torch.float16, torch.bfloat16):
@@ -83,7 +83,8 @@ def _aspp_support(*, x, rates, training, channels) -> list[str]:
         )
     n, c_in, h, w = x.shape
     # The largest tensors: the (N, H, W, (1 + len(rates)) * C) branch buffer and the packed branch weights.
-    largest = max(x.numel(), n * h * w * (1 + len(rates)) * channels, (1 + 9 * len(rates)) * c_in * channels)
+    c = channels if channels is not None else 1
+    largest = max(x.numel(), n * h * w * (1 + len(rates)) * c, (1 + 9 * len(rates)) * c_in * c)
     if largest > _INT32_MAX:
         reasons.append(f"a tensor of {largest} elements: the kernels index with int32 (at most {_INT32_MAX})")
     return reasons
