@@ -140,10 +140,70 @@ def test_auto_backend_on_cpu_is_cpu(monkeypatch):
     _compare(got, reference.upsample_cross_entropy(logits, target), "auto", 1e-12, 1e-12)
 
 
-def test_triton_reasons_half_on_cpu():
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+def test_half_on_cpu_is_refused_with_reasons(dtype):
     logits, target = make_inputs((1, 3, 2, 2, 4, 4), dtype=torch.float32)
     with pytest.raises(RuntimeError, match="float16/bfloat16 run on CUDA tensors only"):
-        deeplab_ops.upsample_cross_entropy(logits.half(), target, backend="triton")
+        deeplab_ops.upsample_cross_entropy(logits.to(dtype), target, backend="triton")
+    with pytest.raises(RuntimeError, match=r"no backend can run this call on cpu(.|\n)*cpu: logits has dtype"):
+        deeplab_ops.upsample_cross_entropy(logits.to(dtype), target)
+
+
+# ---- the stencil is PyTorch's ---------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("align_corners", [False, True])
+def test_stencil_tables_reproduce_interpolate(align_corners):
+    # Interpolating with the tables (neighbours, weights) equals F.interpolate for every size pair up to 24, up
+    # and down, integer and non-integer ratios: same source indices, clamping and scale-from-sizes.
+    from deeplab_ops.triton.upsample_ce import axis_tables
+
+    sizes = range(1, 25)
+    for dtype, tol in ((torch.float64, 1e-12), (torch.float32, 2e-6)):
+        for in_size in sizes:
+            x = torch.randn(1, 1, 1, in_size, dtype=dtype)
+            for out_size in sizes:
+                i0, i1, l0, l1, start, end, _ = axis_tables(in_size, out_size, align_corners, dtype,
+                                                            torch.device("cpu"))
+                mine = l0 * x[0, 0, 0, i0.long()] + l1 * x[0, 0, 0, i1.long()]
+                theirs = torch.nn.functional.interpolate(x, size=(1, out_size), mode="bilinear",
+                                                         align_corners=align_corners)[0, 0, 0]
+                _compare(mine, theirs, f"{in_size}->{out_size} align_corners={align_corners} {dtype}", tol, tol)
+                # The gather ranges hold exactly the outputs that read each low-res index.
+                for i in range(in_size):
+                    readers = ((i0 == i) | (i1 == i)).nonzero().flatten().tolist()
+                    assert readers == list(range(int(start[i]), int(end[i]))), (in_size, out_size, i)
+
+
+# ---- random shapes --------------------------------------------------------------------------------------------
+
+
+def _random_cases(count, max_k=21, max_low=6, max_factor=8):
+    # From the global generator, which conftest seeds per test: fresh shapes per test, replayable on failure.
+    def ri(lo, hi):
+        return int(torch.randint(lo, hi + 1, (1,)))
+
+    cases = []
+    for _ in range(count):
+        h, w = ri(1, max_low), ri(1, max_low)
+        # Output sizes from a random real factor in [1/2, max_factor]: non-integer ratios and downsampling.
+        fy, fx = (0.5 + (max_factor - 0.5) * float(torch.rand(1)) for _ in range(2))
+        cases.append(((ri(1, 3), ri(1, max_k), h, w, max(1, round(h * fy)), max(1, round(w * fx))),
+                      bool(ri(0, 1)), REDUCTIONS[ri(0, 2)]))
+    return cases
+
+
+@pytest.mark.parametrize("backend,count,max_factor", [("cpu", 30, 8), ("triton", 3, 4)])
+def test_random_shapes(backend, count, max_factor):
+    for case, align_corners, reduction in _random_cases(count, max_factor=max_factor):
+        _check_against_reference(case, backend, align_corners, reduction)
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("backend", ["cpu", "triton"])
+def test_random_shapes_many(backend):
+    for case, align_corners, reduction in _random_cases(60, max_k=40, max_low=9):
+        _check_against_reference(case, backend, align_corners, reduction)
 
 
 # ---- gradcheck, opcheck --------------------------------------------------------------------------------------

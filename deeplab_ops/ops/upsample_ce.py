@@ -158,6 +158,16 @@ _register("")
 _register("triton_")
 
 
+def _cpu_support(*, logits, target) -> list[str]:
+    """Why the C++ CPU kernels cannot run this call (device and build are checked by backends)."""
+    if logits.dtype in (torch.float16, torch.bfloat16):
+        return [f"logits has dtype {logits.dtype}: the CPU kernels take float32 or float64 (use logits.float())"]
+    return []
+
+
+backends.register_support("cpu", "upsample_cross_entropy", _cpu_support)
+
+
 # ---- public functional -----------------------------------------------------------------------------
 
 

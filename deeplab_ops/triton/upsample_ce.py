@@ -263,7 +263,7 @@ def forward(logits, target, ignore_index: int, align_corners: bool, reduction: s
     p = n * big_h * big_w
     lse = torch.empty((n, big_h, big_w), dtype=acc, device=logits.device)
     per_pixel = reduction == "none"
-    block_p = 128
+    block_p = 512 if interpreter_active() else 128  # interpreter: fewer, larger numpy ops
     grid = triton.cdiv(p, block_p)
     loss_px = torch.empty((n, big_h, big_w) if per_pixel else (0,), dtype=acc, device=logits.device)
     psum = torch.zeros((0 if per_pixel else grid,), dtype=acc, device=logits.device)
@@ -310,7 +310,7 @@ def backward(grad, logits, target, lse, count, ignore_index: int, align_corners:
     x0, x1, lx0, lx1, xs, xe, span_x = tx
     # 64-128 tile rows on a GPU; in the interpreter a whole column range per step (fewer, larger numpy ops).
     block_x = min(triton.next_power_of_2(max(span_x, 1)), 64 if interpreter_active() else 16)
-    block_q = max(1, (256 if interpreter_active() else 128) // block_x)
+    block_q = max(1, (1024 if interpreter_active() else 128) // block_x)
     block_k = _block_k(k)
     grid = (triton.cdiv(q, block_q), triton.cdiv(k, block_k))
     _uce_bwd_kernel[grid](
