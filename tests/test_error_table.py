@@ -1,0 +1,509 @@
+"""README's "Errors" table is true: every row's call raises the exception and message the table states, and every
+condition tested here has a row. The table is read from README.md, so the two cannot drift apart.
+
+Each CASES entry is `id: fn(d)`, where d is a fresh temporary folder; the folder's path appears as DIR in the table.
+"""
+
+from __future__ import annotations
+
+import os
+import re
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+from torch import nn
+
+import deeplab_ops
+from deeplab_ops.nn import FusedASPP, FusedConvBNReLU, check_fusable, fused_aspp_forward
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+ops = torch.ops.deeplab_ops
+
+
+def read_error_table(path: str = os.path.join(ROOT, "README.md")) -> dict[str, tuple[str, str]]:
+    """id -> (exception name, message) from the table rows of README's "## Errors" section."""
+    text = open(path, encoding="utf-8").read()
+    start = text.index("\n## Errors")
+    end = text.find("\n## ", start + 1)
+    rows = {}
+    for line in text[start:end if end > 0 else None].splitlines():
+        cells = [c.strip() for c in line.strip().strip("|").split(" | ")]
+        if not line.startswith("| `") or len(cells) != 5:
+            continue
+        ident, _where, _condition, exc, message = cells
+        assert ident not in rows, f"README Errors: duplicate id {ident}"
+        message = message.strip("`").replace("\\|", "|")
+        rows[ident.strip("`")] = (exc.strip("`"), message[:-2] if message.endswith(" …") else message)
+    return rows
+
+
+# ---- calls ------------------------------------------------------------------------------------------------------
+
+
+def cbr(**over):
+    a = dict(x=torch.randn(2, 3, 8, 8), weight=torch.randn(4, 3, 3, 3), bn_weight=torch.rand(4),
+             bn_bias=torch.randn(4), running_mean=torch.zeros(4), running_var=torch.ones(4), stride=1, padding=1,
+             dilation=1, training=True, momentum=0.1, eps=1e-5, residual=None, relu=True, backend="cpu")
+    a.update(over)
+    pos = [a.pop(k) for k in ("x", "weight", "bn_weight", "bn_bias", "running_mean", "running_var")]
+    return deeplab_ops.conv_bn_relu(*pos, **a)
+
+
+def aspp_args(n=2, cin=5, c=3, h=7, w=6, rates=(2, 5), dtype=torch.float32):
+    x = torch.randn(n, cin, h, w, dtype=dtype)
+    cws = [torch.randn(c, cin, 1, 1, dtype=dtype)] + [torch.randn(c, cin, 3, 3, dtype=dtype) for _ in rates]
+    nb = len(rates) + 3
+    return dict(x=x, conv_weights=cws, pool_weight=torch.randn(c, cin, 1, 1, dtype=dtype),
+                project_weight=torch.randn(c, (len(rates) + 2) * c, 1, 1, dtype=dtype),
+                bn_weights=[torch.rand(c, dtype=dtype) + 0.5 for _ in range(nb)],
+                bn_biases=[torch.randn(c, dtype=dtype) for _ in range(nb)],
+                running_means=[torch.zeros(c, dtype=dtype) for _ in range(nb)],
+                running_vars=[torch.ones(c, dtype=dtype) for _ in range(nb)], rates=rates)
+
+
+def aspp(**over):
+    a = aspp_args()
+    a.update(over)
+    a.setdefault("backend", "cpu")
+    pos = [a.pop(k) for k in ("x", "conv_weights", "pool_weight", "project_weight", "bn_weights", "bn_biases",
+                              "running_means", "running_vars")]
+    return deeplab_ops.aspp(*pos, **a)
+
+
+def aspp_item(key, i, value):
+    a = aspp_args()
+    a[key] = list(a[key])
+    a[key][i] = value
+    return aspp(**{key: a[key]})
+
+
+def double_backward(fn):
+    x = torch.randn(2, 3, 5, 5, dtype=torch.float64, requires_grad=True)
+    (g,) = torch.autograd.grad(fn(x).sum(), x, create_graph=True)
+    g.sum().backward()
+
+
+def torchvision_aspp(change):
+    from torchvision.models.segmentation.deeplabv3 import ASPP
+
+    m = ASPP(4, (2, 3), 3)
+    change(m)
+    return fused_aspp_forward(m, torch.randn(2, 4, 6, 6))
+
+
+def fit(**cfg):
+    from test_training_loop import TinySeg, _cfg, _train_set
+
+    from training import loop
+
+    return loop.fit(TinySeg(), cfg.pop("train_set", None) or _train_set(), _cfg(**cfg), torch.device("cpu"),
+                    resume=cfg.pop("resume", None))
+
+
+def fit_resume(resume):
+    from test_training_loop import TinySeg, _cfg, _train_set
+
+    from training import loop
+
+    return loop.fit(TinySeg(), _train_set(), _cfg(iterations=2), torch.device("cpu"), resume=resume)
+
+
+def png(path, array, mode=None):
+    os.makedirs(os.path.dirname(path), exist_ok=True)
+    Image.fromarray(array, mode=mode).save(path)
+    return path
+
+
+def folder(d, names=("a", "b"), classes="background\nthing\n", lists=True):
+    os.makedirs(f"{d}/data/images", exist_ok=True)
+    os.makedirs(f"{d}/data/masks", exist_ok=True)
+    for n in names:
+        png(f"{d}/data/images/{n}.png", np.zeros((8, 8, 3), np.uint8))
+        png(f"{d}/data/masks/{n}.png", np.zeros((8, 8), np.uint8), "L")
+    if classes is not None:
+        open(f"{d}/data/classes.txt", "w").write(classes)
+    if lists:
+        open(f"{d}/data/train.txt", "w").write("\n".join(names) + "\n")
+    return f"{d}/data"
+
+
+def voc(d, split_ids=("a",), val_ids=("b",), aug=False):
+    r = f"{d}/VOC2012"
+    os.makedirs(f"{r}/ImageSets/Segmentation", exist_ok=True)
+    for i in set(split_ids) | set(val_ids):
+        png(f"{r}/JPEGImages/{i}.jpg", np.zeros((8, 8, 3), np.uint8))
+        png(f"{r}/SegmentationClass/{i}.png", np.zeros((8, 8), np.uint8), "L")
+    open(f"{r}/ImageSets/Segmentation/train.txt", "w").write("\n".join(split_ids) + "\n")
+    open(f"{r}/ImageSets/Segmentation/val.txt", "w").write("\n".join(val_ids) + "\n")
+    if aug:
+        for i in set(split_ids) | set(val_ids):
+            png(f"{r}/SegmentationClassAug/{i}.png", np.zeros((8, 8), np.uint8), "L")
+    return r
+
+
+def _datasets():
+    from training import datasets
+
+    return datasets
+
+
+def _ckpt():
+    from training import checkpoint
+
+    return checkpoint
+
+
+def _ckpt_file(d, data: bytes | None = None, obj=None):
+    path = f"{d}/ckpt.pt"
+    if obj is not None:
+        torch.save(obj, path)
+    else:
+        open(path, "wb").write(data)
+    return path
+
+
+def _dead_worker(d):
+    import signal
+
+    ds = _datasets()
+    root = folder(d, names=("a", "b", "c", "d"))
+    real = ds.read_image
+
+    def read_image(path):
+        if path.endswith("c.png"):
+            os.kill(os.getpid(), signal.SIGKILL)
+        return real(path)
+
+    ds.read_image = read_image
+    try:
+        from test_training_loop import TinySeg, _cfg
+
+        from training import loop
+        from training.transforms import TrainTransform
+
+        train_set = loop.AugmentedDataset(ds.FolderSegmentation(root, "train"), TrainTransform(8, (1.0, 1.0), False))
+        loop.fit(TinySeg(2), train_set, _cfg(batch_size=2, iterations=2, num_workers=1), torch.device("cpu"))
+    finally:
+        ds.read_image = real
+
+
+def _nan_loss(d):
+    from test_robustness import NaNAt
+    from test_training_loop import TinySeg, _cfg, _train_set
+
+    from training import loop
+
+    loop.fit(NaNAt(TinySeg(), at=2), _train_set(), _cfg(out_dir=f"{d}/run", checkpoint_every=1), torch.device("cpu"))
+
+
+CASES = {
+    # conv_bn_relu: the Python front door (deeplab_ops/ops/conv_bn_relu.py)
+    "cbr-x-type": lambda d: cbr(x=[[1.0]]),
+    "cbr-weight-type": lambda d: cbr(weight=None),
+    "cbr-x-rank": lambda d: cbr(x=torch.randn(3, 8, 8)),
+    "cbr-x-dtype": lambda d: cbr(x=torch.ones(2, 3, 8, 8, dtype=torch.int64)),
+    "cbr-weight-rank": lambda d: cbr(weight=torch.randn(4, 3, 3)),
+    "cbr-weight-device": lambda d: cbr(weight=torch.randn(4, 3, 3, 3, device="meta")),
+    "cbr-weight-dtype": lambda d: cbr(weight=torch.randn(4, 3, 3, 3, dtype=torch.float64)),
+    "cbr-grouped": lambda d: cbr(x=torch.randn(2, 4, 8, 8), weight=torch.randn(4, 2, 3, 3)),
+    "cbr-channels": lambda d: cbr(weight=torch.randn(4, 5, 3, 3)),
+    "cbr-zero-size": lambda d: cbr(weight=torch.randn(0, 3, 3, 3)),
+    "cbr-empty-batch": lambda d: cbr(x=torch.randn(0, 3, 8, 8)),
+    "cbr-pair": lambda d: cbr(stride=1.5),
+    "cbr-stride": lambda d: cbr(stride=0),
+    "cbr-dilation": lambda d: cbr(dilation=(1, 0)),
+    "cbr-padding": lambda d: cbr(padding=-1),
+    "cbr-output-size": lambda d: cbr(x=torch.randn(2, 3, 2, 2), padding=0),
+    "cbr-training-type": lambda d: cbr(training="yes"),
+    "cbr-relu-type": lambda d: cbr(relu=1),
+    "cbr-momentum": lambda d: cbr(momentum=1.5),
+    "cbr-eps": lambda d: cbr(eps=0.0),
+    "cbr-bn-type": lambda d: cbr(bn_weight=[1.0] * 4),
+    "cbr-bn-shape": lambda d: cbr(bn_weight=torch.rand(5)),
+    "cbr-bn-device": lambda d: cbr(running_var=torch.ones(4, device="meta")),
+    "cbr-bn-dtype": lambda d: cbr(bn_weight=torch.rand(4, dtype=torch.float64)),
+    "cbr-bn-mixed": lambda d: cbr(x=torch.randn(2, 3, 8, 8, dtype=torch.bfloat16),
+                                  weight=torch.randn(4, 3, 3, 3, dtype=torch.bfloat16),
+                                  bn_bias=torch.randn(4, dtype=torch.bfloat16)),
+    "cbr-running-pair": lambda d: cbr(running_var=None),
+    "cbr-eval-running": lambda d: cbr(training=False, running_mean=None, running_var=None),
+    "cbr-one-value": lambda d: cbr(x=torch.randn(1, 3, 1, 1), weight=torch.randn(4, 3, 1, 1), padding=0),
+    "cbr-residual-type": lambda d: cbr(residual=1.0),
+    "cbr-residual-shape": lambda d: cbr(residual=torch.randn(2, 4, 8, 7)),
+    "cbr-residual-device": lambda d: cbr(residual=torch.randn(2, 4, 8, 8, device="meta")),
+    "cbr-residual-dtype": lambda d: cbr(residual=torch.randn(2, 4, 8, 8, dtype=torch.float64)),
+    "cbr-memory-efficient": lambda d: cbr(memory_efficient="no"),
+    "cbr-double-backward": lambda d: double_backward(
+        lambda x: cbr(x=x, weight=torch.randn(2, 3, 3, 3, dtype=torch.float64), bn_weight=None, bn_bias=None,
+                      running_mean=None, running_var=None)),
+    # backend choice (deeplab_ops/backends.py)
+    "backend-unknown": lambda d: cbr(backend="cudnn"),
+    "backend-env-unknown": lambda d: _with_env("DEEPLAB_OPS_BACKEND", "bogus", lambda: cbr(backend=None)),
+    "backend-cannot-run": lambda d: cbr(backend="cuda"),
+    "backend-triton-no-interpreter": lambda d: _with_env("TRITON_INTERPRET", "0", lambda: cbr(backend="triton")),
+    # aspp: the Python front door (deeplab_ops/ops/aspp.py)
+    "aspp-x": lambda d: aspp(x=torch.randn(5, 7, 6)),
+    "aspp-x-dtype": lambda d: aspp(x=torch.ones(2, 5, 7, 6, dtype=torch.int32)),
+    "aspp-rates": lambda d: aspp(rates=(2, 0)),
+    "aspp-empty": lambda d: aspp(x=torch.randn(2, 5, 0, 6)),
+    "aspp-list": lambda d: aspp(conv_weights=aspp_args()["conv_weights"][:-1]),
+    "aspp-list-item": lambda d: aspp_item("bn_weights", 1, [1.0]),
+    "aspp-conv-shape": lambda d: aspp_item("conv_weights", 1, torch.randn(3, 5, 1, 1)),
+    "aspp-pool-shape": lambda d: aspp(pool_weight=torch.randn(3, 4, 1, 1)),
+    "aspp-project-shape": lambda d: aspp(project_weight=torch.randn(3, 7, 1, 1)),
+    "aspp-weight-device": lambda d: aspp(pool_weight=torch.randn(3, 5, 1, 1, device="meta")),
+    "aspp-weight-dtype": lambda d: aspp(pool_weight=torch.randn(3, 5, 1, 1, dtype=torch.float64)),
+    "aspp-bn-shape": lambda d: aspp_item("running_means", 0, torch.zeros(4)),
+    "aspp-bn-device": lambda d: aspp_item("bn_biases", 2, torch.zeros(3, device="meta")),
+    "aspp-bn-dtype": lambda d: aspp_item("bn_weights", 0, torch.ones(3, dtype=torch.float64)),
+    "aspp-bn-mixed": lambda d: aspp(**{k: v for k, v in aspp_args(dtype=torch.bfloat16).items() if k != "bn_weights"},
+                                    bn_weights=[torch.ones(3)] * 5),
+    "aspp-running-pair": lambda d: aspp(running_vars=None),
+    "aspp-training-type": lambda d: aspp(training=1),
+    "aspp-eval-running": lambda d: aspp(training=False, running_means=None, running_vars=None),
+    "aspp-batch-1": lambda d: aspp(x=torch.randn(1, 5, 7, 6)),
+    "aspp-momentum": lambda d: aspp(momentum=-0.1),
+    "aspp-eps": lambda d: aspp(eps=-1.0),
+    "aspp-double-backward": lambda d: double_backward(lambda x: aspp(**{
+        **aspp_args(cin=3, h=5, w=5, dtype=torch.float64), "x": x})),
+    # nn modules and model fusion checks (deeplab_ops/nn.py)
+    "nn-conv-type": lambda d: check_fusable(nn.Linear(2, 2), nn.BatchNorm2d(2)),
+    "nn-bn-type": lambda d: check_fusable(nn.Conv2d(2, 2, 1, bias=False), nn.BatchNorm1d(2)),
+    "nn-conv-bias": lambda d: check_fusable(nn.Conv2d(2, 2, 1), nn.BatchNorm2d(2)),
+    "nn-groups": lambda d: check_fusable(nn.Conv2d(2, 2, 1, groups=2, bias=False), nn.BatchNorm2d(2)),
+    "nn-padding-mode": lambda d: check_fusable(nn.Conv2d(2, 2, 3, padding=1, padding_mode="reflect", bias=False),
+                                               nn.BatchNorm2d(2)),
+    "nn-num-features": lambda d: check_fusable(nn.Conv2d(2, 3, 1, bias=False), nn.BatchNorm2d(2)),
+    "nn-same-padding": lambda d: check_fusable(nn.Conv2d(2, 2, 2, padding="same", bias=False), nn.BatchNorm2d(2)),
+    "nn-relu-type": lambda d: FusedConvBNReLU.from_modules(nn.Conv2d(2, 2, 1, bias=False), nn.BatchNorm2d(2),
+                                                           relu="yes"),
+    "nn-aspp-rates": lambda d: FusedASPP(4, (2, 0)),
+    "nn-aspp-dropout": lambda d: FusedASPP(4, (2,), dropout=1.0),
+    "nn-aspp-branches": lambda d: torchvision_aspp(lambda m: setattr(m, "convs", nn.ModuleList(list(m.convs)[-1:]))),
+    "nn-aspp-branch-conv": lambda d: torchvision_aspp(lambda m: setattr(m.convs[0][0], "stride", (2, 2))),
+    "nn-aspp-rate-conv": lambda d: torchvision_aspp(lambda m: setattr(m.convs[1][0], "padding", (1, 1))),
+    "nn-aspp-pooling": lambda d: torchvision_aspp(lambda m: m.convs.__setitem__(3, m.convs[0])),
+    "nn-aspp-shared-bn": lambda d: torchvision_aspp(lambda m: setattr(m.convs[1][1], "eps", 1e-3)),
+    "nn-aspp-affine": lambda d: torchvision_aspp(lambda m: (setattr(m.project[1], "weight", None),
+                                                           setattr(m.project[1], "bias", None))),
+    "nn-sync-no-dist": lambda d: deeplab_ops.nn.sync_batchnorm(nn.Sequential()),
+    # direct torch.ops.deeplab_ops calls: the C++ boundary (csrc/common/checks.h, csrc/conv_bn_relu.cpp, csrc/aspp.cpp)
+    "cpp-activation": lambda d: ops.bn_stats(torch.randn(3, 4)),
+    "cpp-channel-vector": lambda d: ops.bn_apply(torch.randn(2, 3, 4, 4), torch.zeros(2), torch.ones(3),
+                                                 torch.zeros(3), None, True),
+    "cpp-same-shape": lambda d: ops.bn_apply(torch.randn(2, 3, 4, 4), torch.zeros(3), torch.ones(3), torch.zeros(3),
+                                             torch.randn(2, 3, 4, 5), True),
+    "cpp-same-dtype": lambda d: ops.bn_apply(torch.randn(2, 3, 4, 4), torch.zeros(3), torch.ones(3), torch.zeros(3),
+                                             torch.randn(2, 3, 4, 4, dtype=torch.float64), True),
+    "cpp-partials": lambda d: ops.bn_finalize(torch.ones(1), torch.zeros(3), torch.zeros(3), None, None, 0.1, 1e-5),
+    "cpp-count-shape": lambda d: ops.bn_finalize(torch.ones(2), torch.zeros(1, 3), torch.zeros(1, 3), None, None,
+                                                 0.1, 1e-5),
+    "cpp-count-positive": lambda d: ops.bn_backward_dy(*([torch.randn(2, 3, 4, 4)] * 3), torch.zeros(3), torch.ones(3),
+                                                       None, torch.zeros(3), torch.zeros(3), 0.0, True, True),
+    "cpp-dy-sums": lambda d: ops.bn_backward_dy(*([torch.randn(2, 3, 4, 4)] * 3), torch.zeros(3), torch.ones(3), None,
+                                                None, None, 32.0, True, True),
+    "cpp-weight-rank": lambda d: ops.conv_bn_relu_forward(torch.randn(2, 3, 4, 4), torch.randn(3, 3), *_cpp_tail()),
+    "cpp-weight-channels": lambda d: ops.conv_bn_relu_forward(torch.randn(2, 3, 4, 4), torch.randn(3, 5, 1, 1),
+                                                              *_cpp_tail()),
+    "cpp-geometry-length": lambda d: ops.conv_bn_relu_forward(torch.randn(2, 3, 4, 4), torch.randn(3, 3, 1, 1),
+                                                              *_cpp_tail(stride=[1])),
+    "cpp-stride": lambda d: ops.conv_bn_relu_forward(torch.randn(2, 3, 4, 4), torch.randn(3, 3, 1, 1),
+                                                     *_cpp_tail(stride=[0, 1])),
+    "cpp-dilation": lambda d: ops.conv_bn_relu_forward(torch.randn(2, 3, 4, 4), torch.randn(3, 3, 1, 1),
+                                                       *_cpp_tail(dilation=[1, 0])),
+    "cpp-padding": lambda d: ops.conv_bn_relu_forward(torch.randn(2, 3, 4, 4), torch.randn(3, 3, 1, 1),
+                                                      *_cpp_tail(padding=[-1, 0])),
+    "cpp-running-pair": lambda d: ops.conv_bn_relu_forward(torch.randn(2, 3, 4, 4), torch.randn(3, 3, 1, 1),
+                                                           *_cpp_tail(running_mean=torch.zeros(3))),
+    "cpp-eval-running": lambda d: ops.conv_bn_relu_forward(torch.randn(2, 3, 4, 4), torch.randn(3, 3, 1, 1),
+                                                           *_cpp_tail(training=False)),
+    "cpp-empty-output": lambda d: ops.conv_bn_relu_forward(torch.randn(0, 3, 4, 4), torch.randn(3, 3, 3, 3),
+                                                           *_cpp_tail()),
+    "cpp-one-value": lambda d: ops.conv_bn_relu_forward(torch.randn(1, 3, 1, 1), torch.randn(3, 3, 1, 1),
+                                                        *_cpp_tail()),
+    "cpp-aspp-empty": lambda d: _cpp_aspp(x=torch.randn(2, 5, 0, 6)),
+    "cpp-aspp-weights": lambda d: _cpp_aspp(conv_weights=aspp_args()["conv_weights"][:-1]),
+    "cpp-aspp-rates": lambda d: _cpp_aspp(rates=[2, 0]),
+    "cpp-aspp-conv-shape": lambda d: _cpp_aspp(conv_weights=[torch.randn(3, 5, 1, 1)] * 3),
+    "cpp-aspp-pool-shape": lambda d: _cpp_aspp(pool_weight=torch.randn(3, 4, 1, 1)),
+    "cpp-aspp-batch-1": lambda d: _cpp_aspp(x=torch.randn(1, 5, 7, 6)),
+    "cpp-aspp-eval-running": lambda d: _cpp_aspp(training=False, running_mean=None, running_var=None),
+    # training: checkpoints (training/checkpoint.py)
+    "ckpt-missing": lambda d: _ckpt().load_checkpoint(f"{d}/nothing.pt"),
+    "ckpt-empty": lambda d: _ckpt().load_checkpoint(_ckpt_file(d, b"")),
+    "ckpt-corrupt": lambda d: _ckpt().load_checkpoint(_ckpt_file(d, b"PK\x03\x04 0123456789")),
+    "ckpt-not-train": lambda d: _ckpt().load_checkpoint(_ckpt_file(d, obj=[1, 2, 3])),
+    "ckpt-not-resumable": lambda d: fit_resume({"model": {}}),
+    # training: the loop (training/loop.py)
+    "loop-nan-loss": _nan_loss,
+    "loop-batch-1": lambda d: fit(batch_size=1),
+    "loop-fp16-cpu": lambda d: fit(amp="fp16"),
+    "loop-resume-beyond": lambda d: _resume_beyond(d),
+    "loop-world-size": lambda d: _loop().StreamSampler(10, 5, 0, 0, 1, rank=0, world_size=2),
+    "loop-empty-train": lambda d: _loop().StreamSampler(0, 4, 0, 0, 1),
+    "loop-worker-crash": _dead_worker,
+    # training: datasets (training/datasets.py)
+    "data-image-missing": lambda d: _datasets().read_image(f"{d}/no.jpg"),
+    "data-image-unreadable": lambda d: _datasets().read_image(_ckpt_file(d, b"not an image")),
+    "data-mask-missing": lambda d: _datasets().read_index_mask(f"{d}/no.png"),
+    "data-mask-rgb": lambda d: _datasets().read_index_mask(png(f"{d}/m.png", np.zeros((4, 4, 3), np.uint8))),
+    "data-mask-unreadable": lambda d: _datasets().read_index_mask(_ckpt_file(d, b"not an image")),
+    "data-mask-values": lambda d: _datasets().read_index_mask(
+        png(f"{d}/m.tif", np.full((4, 4), 300, np.int32), "I")),
+    "data-mask-classes": lambda d: _datasets().read_index_mask(png(f"{d}/m.png", np.full((4, 4), 7, np.uint8), "L"),
+                                                               num_classes=3),
+    "data-sbd-missing": lambda d: _datasets().read_sbd_mat(f"{d}/no.mat"),
+    "data-sbd-unreadable": lambda d: _datasets().read_sbd_mat(_ckpt_file(d, b"not a mat file")),
+    "data-split-missing": lambda d: _datasets().read_split(f"{d}/no.txt"),
+    "data-split-empty": lambda d: _datasets().read_split(_ckpt_file(d, b"\n\n")),
+    "data-classes-missing": lambda d: _datasets().read_class_list(f"{d}/no.txt"),
+    "data-classes-few": lambda d: _datasets().read_class_list(_ckpt_file(d, b"background\n")),
+    "data-classes-many": lambda d: _datasets().read_class_list(
+        _ckpt_file(d, "\n".join(f"c{i}" for i in range(256)).encode())),
+    "data-synthetic-split": lambda d: _datasets().SyntheticShapes("dev"),
+    "data-synthetic-size": lambda d: _datasets().SyntheticShapes(size=8),
+    "data-synthetic-length": lambda d: _datasets().SyntheticShapes(length=0),
+    "data-synthetic-index": lambda d: _datasets().SyntheticShapes(length=3)[3],
+    "data-voc-root": lambda d: _datasets().VOCSegmentation(str(d)),
+    "data-sbd-root": lambda d: _datasets().VOCSegmentation(voc(d), "train_aug", sbd_root=str(d)),
+    "data-voc-no-aug": lambda d: _datasets().VOCSegmentation(voc(d), "train_aug"),
+    "data-voc-aug-val": lambda d: _aug_with_val(d),
+    "data-voc-file-missing": lambda d: _voc_missing_image(d),
+    "data-folder-dirs": lambda d: _datasets().FolderSegmentation(str(d)),
+    "data-folder-unknown": lambda d: _folder_unknown(d),
+    "data-folder-no-split": lambda d: _datasets().FolderSegmentation(folder(d), "test"),
+    "data-folder-empty-split": lambda d: _datasets().FolderSegmentation(folder(d, names=(), lists=False), "val"),
+    "data-folder-mask-missing": lambda d: _folder_mask_missing(d),
+    "data-size-mismatch": lambda d: _folder_size_mismatch(d),
+    # training: transforms and metrics (training/transforms.py, training/metrics.py)
+    "tf-image-shape": lambda d: _transforms().to_tensors(np.zeros((4, 4), np.uint8), None),
+    "tf-mask-shape": lambda d: _transforms().to_tensors(np.zeros((4, 4, 3), np.uint8), np.zeros((4, 5), np.uint8)),
+    "tf-crop-size": lambda d: _transforms().TrainTransform(0),
+    "tf-scale-range": lambda d: _transforms().TrainTransform(32, scale_range=(2.0, 1.0)),
+    "metrics-shape": lambda d: _metrics().confusion_matrix(torch.zeros(2, 3), torch.zeros(2, 4), 3),
+    "metrics-target": lambda d: _metrics().confusion_matrix(torch.zeros(2, 3), torch.full((2, 3), 4), 3),
+    "metrics-pred": lambda d: _metrics().confusion_matrix(torch.full((2, 3), 5), torch.zeros(2, 3), 3),
+    "metrics-num-classes": lambda d: _metrics().SegmentationMetrics(0),
+    "metrics-class-names": lambda d: _metrics().SegmentationMetrics(3, ["a", "b"]),
+}
+
+
+def _transforms():
+    from training import transforms
+
+    return transforms
+
+
+def _metrics():
+    from training import metrics
+
+    return metrics
+
+
+def _resume_beyond(d):
+    fit(out_dir=f"{d}/run", iterations=2)
+    from test_training_loop import TinySeg, _cfg, _train_set
+
+    from training import loop
+
+    resume = _ckpt().load_checkpoint(f"{d}/run/last.pt")
+    loop.fit(TinySeg(), _train_set(), _cfg(iterations=1), torch.device("cpu"), resume=resume)
+
+
+def _with_env(name, value, fn):
+    old = os.environ.get(name)
+    os.environ[name] = value
+    try:
+        return fn()
+    finally:
+        if old is None:
+            del os.environ[name]
+        else:
+            os.environ[name] = old
+
+
+def _cpp_tail(stride=(1, 1), padding=(0, 0), dilation=(1, 1), training=True, running_mean=None, running_var=None):
+    return (None, None, running_mean, running_var, list(stride), list(padding), list(dilation), training, 0.1, 1e-5,
+            None, True)
+
+
+def _cpp_aspp(training=True, running_mean="default", running_var="default", **over):
+    a = aspp_args()
+    a.update(over)
+    rm = torch.cat(a["running_means"]) if running_mean == "default" else running_mean
+    rv = torch.cat(a["running_vars"]) if running_var == "default" else running_var
+    return ops.aspp_forward(a["x"], a["conv_weights"], a["pool_weight"], a["project_weight"],
+                            torch.cat(a["bn_weights"]), torch.cat(a["bn_biases"]), rm, rv, list(a["rates"]),
+                            training, 0.1, 1e-5)
+
+
+def _loop():
+    from training import loop
+
+    return loop
+
+
+def _aug_with_val(d):
+    r = voc(d, split_ids=("a",), val_ids=("b",), aug=True)
+    open(f"{r}/ImageSets/Segmentation/train_aug.txt", "w").write("a\nb\n")
+    _datasets().VOCSegmentation(r, "train_aug")
+
+
+def _voc_missing_image(d):
+    r = voc(d)
+    os.unlink(f"{r}/JPEGImages/a.jpg")
+    _datasets().VOCSegmentation(r, "train")
+
+
+def _folder_unknown(d):
+    root = folder(d)
+    open(f"{root}/train.txt", "w").write("a\nzz\n")
+    _datasets().FolderSegmentation(root, "train")
+
+
+def _folder_mask_missing(d):
+    root = folder(d)
+    os.unlink(f"{root}/masks/b.png")
+    _datasets().FolderSegmentation(root, "train")
+
+
+def _folder_size_mismatch(d):
+    root = folder(d)
+    png(f"{root}/masks/b.png", np.zeros((5, 8), np.uint8), "L")
+    _datasets().FolderSegmentation(root, "train")[1]
+
+
+def run_case(ident: str, tmp_path) -> BaseException:
+    """The exception a case raises, with tmp_path shown as DIR in its message."""
+    torch.manual_seed(0)
+    try:
+        CASES[ident](tmp_path)
+    except BaseException as e:  # noqa: BLE001 (any exception is the answer)
+        return e
+    raise AssertionError(f"{ident}: no error raised")
+
+
+def normalized(e: BaseException, tmp_path) -> str:
+    text = re.sub(r"\s+", " ", str(e).replace(str(tmp_path), "DIR"))
+    return re.sub(r"pid(\(s\))? \d+", r"pid\1 PID", text)
+
+
+TABLE = read_error_table()
+
+
+@pytest.mark.parametrize("ident", sorted(TABLE))
+def test_readme_error_row(ident, tmp_path):
+    exc_name, message = TABLE[ident]
+    assert ident in CASES, f"README Errors row {ident} has no case in tests/test_error_table.py CASES"
+    error = run_case(ident, tmp_path)
+    names = [c.__name__ for c in type(error).__mro__]
+    assert exc_name in names, f"{ident}: raised {type(error).__name__} ({error}), README says {exc_name}"
+    text = normalized(error, tmp_path)
+    assert re.sub(r"\s+", " ", message) in text, f"{ident}: README message\n  {message}\nnot in the error\n  {text}"
+
+
+def test_every_case_has_a_readme_row():
+    missing = sorted(set(CASES) - set(TABLE))
+    assert not missing, f"conditions tested here but missing from README's Errors table: {missing}"
