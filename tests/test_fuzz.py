@@ -88,6 +88,7 @@ class ConvCall:
     scale: float  # magnitude of x
     shift: float  # mean of x
     seed: int
+    memory_efficient: bool = False  # the op's memory_efficient=True path (the reference backend ignores it)
 
     @property
     def out_hw(self) -> tuple[int, int]:
@@ -137,6 +138,7 @@ def conv_calls(draw, backend: str) -> ConvCall:
         scale=draw(st.sampled_from([1.0, 1.0, 1e-3, 30.0])),
         shift=draw(st.sampled_from([0.0, 0.0, 2.0, -5.0])),
         seed=draw(st.integers(0, 2**31 - 1)),
+        memory_efficient=draw(st.sampled_from([False, False, False, True])),
     )
 
 
@@ -231,8 +233,10 @@ def _run_conv(t: dict, c: ConvCall, grad: torch.Tensor, backend: str | None, dty
     kw = dict(stride=c.stride, padding=c.padding, dilation=c.dilation, training=c.training, momentum=c.momentum,
               eps=c.eps, residual=leaves["residual"], relu=c.relu)
     args = (leaves["x"], leaves["weight"], leaves["bn_weight"], leaves["bn_bias"], rm, rv)
-    out = reference.conv_bn_relu(*args, **kw) if backend is None else deeplab_ops.conv_bn_relu(*args, backend=backend,
-                                                                                              **kw)
+    if backend is None:
+        out = reference.conv_bn_relu(*args, **kw)
+    else:
+        out = deeplab_ops.conv_bn_relu(*args, backend=backend, memory_efficient=c.memory_efficient, **kw)
     present = [k for k in CONV_GRAD_NAMES if leaves[k] is not None]
     grads = torch.autograd.grad(out, [leaves[k] for k in present], grad.to(out.dtype))
     return out, rm, rv, dict(zip(present, grads, strict=True))
