@@ -389,7 +389,8 @@ def check_aspp_call(a: AsppCall, backend: str) -> None:
     same = run(None, a.dtype, grad) if a.dtype != torch.float64 else None
     atol, rtol, gatol, grtol = TOLERANCES[a.dtype]
     assert out.dtype == a.dtype and out.shape == exact[0].shape
-    check_memory_format(out, t["x"], a.layout)
+    if backend != "reference":  # the reference is whatever torch's modules give (degenerate H or W: may be NCHW)
+        check_memory_format(out, t["x"], a.layout)
     compare(out, exact[0], same and same[0], f"{backend} aspp output", atol, rtol)
     if a.running:
         for i in range(len(rms)):
