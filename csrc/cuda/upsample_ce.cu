@@ -13,8 +13,8 @@
 //             is ~4x the forward's interpolation work, reading cache-resident low-res logits.
 //
 // Stencils: PyTorch's upsample_bilinear2d source index (scale from the sizes; clamp at 0 without align_corners)
-// in at::opmath_type, computed on the host once per call (H + W + h + w entries), copied from pinned memory
-// without a synchronization. Labels outside [0, K) other than ignore_index are not checked on the device (that
+// in at::opmath_type, computed on the host (H + W + h + w entries) once per configuration and cached on the
+// device: a call after the first does no host work and no copy (CUDA-graph capturable). Labels outside [0, K) other than ignore_index are not checked on the device (that
 // would cost a synchronization per call): their pixels get a NaN loss and a NaN gradient, and nothing is read
 // out of range. Accumulation in float for half/bfloat16/float logits, double for double.
 
@@ -30,7 +30,10 @@
 #include <algorithm>
 #include <cmath>
 #include <limits>
+#include <map>
+#include <mutex>
 #include <string>
+#include <tuple>
 #include <vector>
 
 namespace deeplab_ops {
@@ -74,10 +77,10 @@ struct AxisStencil {
 };
 
 template <typename opmath_t>
-AxisStencil axis_stencil(int64_t in, int64_t out, bool align_corners, const at::Device& device) {
-  const auto pinned = at::TensorOptions().device(at::kCPU).pinned_memory(true);
-  at::Tensor idx = at::empty({2 * out + 2 * in}, pinned.dtype(at::kInt));
-  at::Tensor weight = at::empty({2 * out}, pinned.dtype(c10::CppTypeToScalarType<opmath_t>::value));
+AxisStencil build_axis_stencil(int64_t in, int64_t out, bool align_corners, const at::Device& device) {
+  const auto cpu = at::TensorOptions().device(at::kCPU);
+  at::Tensor idx = at::empty({2 * out + 2 * in}, cpu.dtype(at::kInt));
+  at::Tensor weight = at::empty({2 * out}, cpu.dtype(c10::CppTypeToScalarType<opmath_t>::value));
   int32_t* i0 = idx.data_ptr<int32_t>();
   int32_t* i1 = i0 + out;
   int32_t* start = i1 + out;
@@ -110,9 +113,29 @@ AxisStencil axis_stencil(int64_t in, int64_t out, bool align_corners, const at::
     start[i] = static_cast<int32_t>(std::lower_bound(i1, i1 + out, static_cast<int32_t>(i)) - i1);
     end[i] = static_cast<int32_t>(std::upper_bound(i0, i0 + out, static_cast<int32_t>(i)) - i0);
   }
-  // Pinned source + non_blocking: no host synchronization; the caching host allocator keeps the buffers alive
-  // until the copies have run.
-  return {idx.to(device, /*non_blocking=*/true), weight.to(device, /*non_blocking=*/true)};
+  // A blocking copy, once per configuration (the tables are cached): afterwards a call does no host work and
+  // no host-to-device copy, so it may be captured in a CUDA graph, and any stream may read the tables.
+  return {idx.to(device), weight.to(device)};
+}
+
+// Tables cached per (in, out, align_corners, opmath dtype, device); DeepLab training uses one or two
+// configurations. Never freed (a static holding CUDA memory must not be destroyed after the CUDA context).
+template <typename opmath_t>
+AxisStencil axis_stencil(int64_t in, int64_t out, bool align_corners, const at::Device& device) {
+  using Key = std::tuple<int64_t, int64_t, bool, int, int>;
+  static auto* cache = new std::map<Key, AxisStencil>();
+  static std::mutex mutex;
+  const Key key{in, out, align_corners, static_cast<int>(c10::CppTypeToScalarType<opmath_t>::value),
+                static_cast<int>(device.index())};
+  {
+    const std::lock_guard<std::mutex> lock(mutex);
+    const auto it = cache->find(key);
+    if (it != cache->end()) return it->second;
+  }
+  AxisStencil built = build_axis_stencil<opmath_t>(in, out, align_corners, device);
+  const std::lock_guard<std::mutex> lock(mutex);
+  if (cache->size() >= 256) cache->clear();
+  return cache->emplace(key, built).first->second;
 }
 
 template <typename scalar_t, typename opmath_t>

@@ -25,8 +25,9 @@ Kernels:
 Stencil tables. The source index, neighbours and weights of every output row and column are computed once per
 (in size, out size, align_corners, dtype, device) on the host with PyTorch's formula (area_pixel_compute_scale
 from the sizes, area_pixel_compute_source_index with the clamp at 0) in the opmath dtype, and cached on the
-device, with, for each low-res index, the range of output indices whose stencil touches it (the backward's
-gather ranges). Forward and backward read the same tables, so they agree exactly on the stencil.
+device (a call after the first per configuration does no host work and no copy), with, for each low-res index,
+the range of output indices whose stencil touches it (the backward's gather ranges). Forward and backward read
+the same tables, so they agree exactly on the stencil.
 """
 
 from __future__ import annotations
@@ -75,10 +76,9 @@ def axis_tables(in_size: int, out_size: int, align_corners: bool, dtype: torch.d
     span = int((end - start).clamp_min(0).max()) if in_size else 0
 
     def put(t):
-        t = t.to(torch.int32) if t.dtype == torch.int64 else t
-        if device.type == "cuda":
-            t = t.pin_memory()
-        return t.to(device, non_blocking=True)
+        # A blocking copy, once per configuration: later calls do no host work and no copy (CUDA-graph
+        # capturable after a first call), and any stream may read the tables.
+        return (t.to(torch.int32) if t.dtype == torch.int64 else t).to(device)
 
     return put(i0), put(i1), put(l0), put(l1), put(start), put(end), span
 
