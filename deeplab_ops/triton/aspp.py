@@ -22,7 +22,9 @@ Projection (1x1 over the B*C branch channels). Its prologue applies the branches
 branch tile as it loads it (normalized branch outputs never exist in memory, in forward or backward); its
 epilogue adds the pooling bias and writes the projection BN partials (training) or applies BN + ReLU (eval).
 
-Backward, with dy computed in the GEMM prologues (never stored), 6 launches:
+Forward: training 6 launches (branches, branch finalize, pooling finalize, projection, projection finalize,
+apply), eval 2 (branches; projection with the BN + ReLU epilogue), plus the pooling branch's (N, C) host math.
+Backward, with dy computed in the GEMM prologues (never stored), 5 launches:
   bn_backward_reduce of the projection BN
   projection dgrad  prologue: dy_o from (grad_out, out, project_out); epilogue: g_b = dz_cat * 1[z_cat > 0]
                     with z_cat recomputed from branch_out, stored with per-tile sums of g_b and g_b * (y - mean)
