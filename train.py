@@ -58,7 +58,16 @@ def available_backbones() -> list[str]:
     return [f"resnet{d}" for d in sorted(DEPTHS)]
 
 
-def build_model(backbone: str, num_classes: int, output_stride: int, aux_loss: bool, fused: bool) -> torch.nn.Module:
+def _has_low_res_forward(net: torch.nn.Module) -> bool:
+    """Whether the network's forward takes upsample=False (model/'s DeepLabV3, not torchvision's)."""
+    import inspect
+
+    core = net.module if isinstance(net, torch.nn.parallel.DistributedDataParallel) else net
+    return "upsample" in inspect.signature(core.forward).parameters
+
+
+def build_model(backbone: str, num_classes: int, output_stride: int, aux_loss: bool, fused: bool,
+                memory_efficient: bool = False) -> torch.nn.Module:
     """The DeepLabV3 network from model/ (torchvision's pieces as a stand-in where model/ is absent)."""
     try:
         from model import deeplabv3_resnet
@@ -68,13 +77,13 @@ def build_model(backbone: str, num_classes: int, output_stride: int, aux_loss: b
         if not backbone.startswith("resnet") or not backbone[6:].isdigit():
             raise ValueError(f"backbone must be one of {available_backbones()}, got {backbone!r}")
         return deeplabv3_resnet(int(backbone[6:]), num_classes=num_classes, output_stride=output_stride,
-                                aux_loss=aux_loss, fused=fused)
+                                aux_loss=aux_loss, fused=fused, memory_efficient=memory_efficient)
     print("note: model/ has no deeplabv3 factories here; using torchvision's DeepLabV3 as a stand-in", file=sys.stderr)
     net = _torchvision_deeplabv3(backbone, num_classes, output_stride, aux_loss)
     if fused:
         from deeplab_ops.nn import fuse_modules
 
-        fuse_modules(net)
+        fuse_modules(net, memory_efficient=memory_efficient)
     return net
 
 
@@ -314,7 +323,8 @@ def cmd_train(args, device, info) -> None:
               f"{len(class_names)} classes; device {device}" + (f", {info.world_size} processes" if info.enabled
                                                                   else ""))
     train_set = loop.AugmentedDataset(train_raw, TrainTransform(args.crop_size, args.scale_range, not args.no_flip))
-    net = build_model(args.backbone, len(class_names), args.output_stride, args.aux_loss, args.fused_ops)
+    net = build_model(args.backbone, len(class_names), args.output_stride, args.aux_loss, args.fused_ops,
+                      args.memory_efficient)
     if args.backbone_weights:
         if not os.path.isfile(args.backbone_weights):
             raise SystemExit(f"--backbone-weights: file not found: {args.backbone_weights}")
@@ -341,6 +351,7 @@ def cmd_train(args, device, info) -> None:
         channels_last=args.channels_last, freeze_bn=args.freeze_bn, aux_weight=0.5 if args.aux_loss else 0.0,
         num_workers=args.workers, log_every=args.log_every, eval_every=args.eval_every,
         checkpoint_every=args.checkpoint_every, stop_after=args.stop_after, out_dir=args.out_dir,
+        fused_loss=args.fused_ops and _has_low_res_forward(net),
         extra_state={"args": vars(args), "num_classes": len(class_names), "class_names": class_names})
     eval_net_cache = {}
 
@@ -402,7 +413,10 @@ def parse_args(argv=None) -> argparse.Namespace:
     g = p.add_argument_group("model")
     g.add_argument("--backbone", choices=available_backbones(), default=None,
                    help="ResNet depth (default resnet101 for voc/folder; for synthetic on CPU the smallest offered)")
-    g.add_argument("--fused-ops", action="store_true", help="run conv+BN+ReLU on deeplab_ops's fused kernels")
+    g.add_argument("--fused-ops", action="store_true",
+                   help="run conv+BN+ReLU, ASPP and the loss (upsample + cross-entropy) on deeplab_ops's fused ops")
+    g.add_argument("--memory-efficient", action="store_true",
+                   help="with --fused-ops: the fused ops keep no pre-BN activations for the backward (README)")
     g.add_argument("--output-stride", type=int, choices=[8, 16], default=16, help="training output stride")
     g.add_argument("--aux-loss", action="store_true", help="auxiliary FCN head on layer3 (weight 0.5)")
     g.add_argument("--backbone-weights", metavar="PTH", help="initialise the backbone from a local ImageNet ResNet "
@@ -445,7 +459,10 @@ def parse_args(argv=None) -> argparse.Namespace:
     g.add_argument("--device", choices=["auto", "cpu", "cuda"], default="auto")
     g.add_argument("--log-every", type=int, default=20)
     g.add_argument("--no-tensorboard", action="store_true", help="no TensorBoard events even when installed")
-    return p.parse_args(argv)
+    args = p.parse_args(argv)
+    if args.memory_efficient and not args.fused_ops:
+        p.error("--memory-efficient is a mode of the fused ops: add --fused-ops")
+    return args
 
 
 def _apply_presets(args, device: torch.device) -> None:

@@ -146,21 +146,31 @@ def segmentation_loss(out: dict, target: torch.Tensor, aux_weight: float, ignore
 
     Returns (loss to backpropagate, loss value for logging). Dividing by the global count — not by each process's
     own — makes DDP's gradient average equal the single-process gradient even when processes hold different
-    numbers of ignore-labelled pixels.
+    numbers of ignore-labelled pixels. Logits smaller than the target (a model called with upsample=False) are
+    upsampled bilinearly inside the loss, without materializing them (deeplab_ops.upsample_cross_entropy).
     """
     count = (target != ignore_index).sum().to(torch.float64)
     if world_size > 1:
         count = dist_utils.all_reduce_sum(count)
     count = count.clamp(min=1.0)
-    loss = F.cross_entropy(out["out"].float(), target, ignore_index=ignore_index, reduction="sum")
+    loss = _cross_entropy_sum(out["out"], target, ignore_index)
     if "aux" in out and aux_weight:
-        loss = loss + aux_weight * F.cross_entropy(out["aux"].float(), target, ignore_index=ignore_index,
-                                                   reduction="sum")
+        loss = loss + aux_weight * _cross_entropy_sum(out["aux"], target, ignore_index)
     loss = loss / count.float()
     logged = loss.detach()
     if world_size > 1:
         logged = dist_utils.all_reduce_sum(logged.clone())
     return loss * world_size, logged
+
+
+def _cross_entropy_sum(logits: torch.Tensor, target: torch.Tensor, ignore_index: int) -> torch.Tensor:
+    if logits.dtype not in (torch.float32, torch.float64):
+        logits = logits.float()  # autocast's half logits: the loss in float32
+    if logits.shape[-2:] == target.shape[-2:]:
+        return F.cross_entropy(logits, target, ignore_index=ignore_index, reduction="sum")
+    import deeplab_ops
+
+    return deeplab_ops.upsample_cross_entropy(logits, target, ignore_index=ignore_index, reduction="sum")
 
 
 # ---- evaluation ------------------------------------------------------------------------------------------------
@@ -334,6 +344,7 @@ class TrainConfig:
     eval_every: int = 0  # 0: evaluate at the end only
     checkpoint_every: int = 0  # 0: at evaluations and at the end only
     stop_after: int | None = None  # stop (with a checkpoint) after this many iterations of this invocation
+    fused_loss: bool = False  # model(x, upsample=False) + deeplab_ops.upsample_cross_entropy (model/'s DeepLabV3)
     out_dir: str | None = None
     progress: bool = True
     extra_state: dict = field(default_factory=dict)  # saved in every checkpoint (args, class names...)
@@ -408,7 +419,7 @@ def fit(model: nn.Module, train_set, cfg: TrainConfig, device: torch.device, *, 
             if cfg.channels_last:
                 images = images.contiguous(memory_format=torch.channels_last)
             with autocast(device, cfg.amp):
-                out = model(images)
+                out = model(images, upsample=False) if cfg.fused_loss else model(images)
             loss, logged = segmentation_loss(out, masks, cfg.aux_weight, world_size=world_size)
             value = float(logged)  # summed over processes: every process stops at the same step
             if not math.isfinite(value):
