@@ -619,6 +619,9 @@ GOALS = (
     ("ASPP forward + backward vs eager", "aspp_goal", "fwd_bwd", "eager", 1.6),
     ("training step vs eager (images/s)", "train_bench", "train_step", "eager", 1.3),
 )
+# Issue #9: the memory-lean training step (train_bench's "-lean" providers) peaks at most at this fraction of
+# eager's memory, at equal or better speed (R50, output stride 16, crop 513, batch 16).
+LEAN_MEMORY_GOAL = 0.6
 
 
 def goal_report(out_dir: str | Path) -> list[str]:
@@ -641,7 +644,28 @@ def goal_report(out_dir: str | Path) -> list[str]:
                     verdict = "met" if ratio >= target else "NOT met"
                     lines.append(f"{title} [{shape}, {sel[p]['dtype']}, N{sel[p]['batch']}, {sel[p]['gpu']}]: "
                                  f"{p} {ratio:.2f}x (goal {target}x) {verdict}")
+    lines += _lean_memory_report(Path(out_dir) / "train_bench.json")
     return lines
+
+
+def _lean_memory_report(path: Path) -> list[str]:
+    title = f"lean training step peak memory <= {LEAN_MEMORY_GOAL}x eager's at >= eager's speed"
+    if not path.exists():
+        return [f"{title}: no {path.name}"]
+    rows = [r for r in json.loads(path.read_text())["rows"] if r["mode"] == "train_step" and r["status"] == "ok"]
+    lines = []
+    for shape in dict.fromkeys(r["shape"] for r in rows):
+        sel = {(r["provider"], r["batch"], r["dtype"]): r for r in rows if r["shape"] == shape}
+        for (p, batch, dtype), r in sel.items():
+            eager = sel.get(("eager", batch, dtype))
+            if not p.endswith("-lean") or eager is None or not r.get("peak_mem_mb") or not eager.get("peak_mem_mb"):
+                continue
+            mem = r["peak_mem_mb"] / eager["peak_mem_mb"]
+            speed = eager["median_ms"] / r["median_ms"]
+            verdict = "met" if mem <= LEAN_MEMORY_GOAL and speed >= 1.0 else "NOT met"
+            lines.append(f"{title} [{shape}, {dtype}, N{batch}, {r['gpu']}]: {p} memory {mem:.2f}x, speed "
+                         f"{speed:.2f}x {verdict}")
+    return lines or [f"{title}: no lean and eager train_step rows with peak memory in {path.name}"]
 
 
 if __name__ == "__main__":

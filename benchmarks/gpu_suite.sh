@@ -100,7 +100,7 @@ step pytest 170 'set -o pipefail; "$PY" -m pytest -q -p no:cacheprovider tests 2
 step aspp_goal 150 'bench aspp_bench.py aspp_goal --configs os16 --batches 16 --dtypes bf16 --profile \
     --providers eager,cuda,triton,compile,compile-max --modes train_fwd,fwd_bwd,eval_fwd'
 step train_fused 100 'bench train_bench.py train_bench --models r50,r101 --output-strides 16 --batches 16 \
-    --dtypes bf16 --providers eager,cuda,triton'
+    --dtypes bf16 --providers eager,cuda,triton,triton-lean,cuda-lean'
 step train_compile 90 'bench train_bench.py train_bench_compile --models r50 --output-strides 16 --batches 16 \
     --dtypes bf16 --providers eager,compile --modes train_step'
 step aspp_sweep 60 'bench aspp_bench.py aspp_sweep --dtypes bf16 --providers eager,cuda,triton'

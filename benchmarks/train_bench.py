@@ -6,7 +6,11 @@
 
 Providers: eager (cuDNN, cudnn.benchmark on), torch.compile of the model (default; compile-max on request: it
 autotunes every conv of the network), and the fused model (`deeplab_ops.nn.fuse_modules(model, backend=...)`,
-what `fused=True` builds) on each deeplab_ops backend: triton, cuda (GPU), cpu, reference (CPU).
+what `fused=True` builds) on each deeplab_ops backend: triton, cuda (GPU), cpu, reference (CPU). A "-lean"
+provider (triton-lean, cuda-lean, cpu-lean) is the same fused model in its memory-lean form, as `train.py
+--fused-ops --memory-efficient` trains it: the fused ops save no pre-BN activations (memory_efficient=True) and
+the loss takes the 1/16-resolution logits through `deeplab_ops.upsample_cross_entropy` (no upsampled logits);
+compare its peak_mem_mb with eager's and the plain fused provider's.
 train_step = zero_grad, forward, cross-entropy (ignore_index 255) against random labels, backward, SGD step
 (momentum 0.9, weight decay 1e-4). eval_fwd = eval mode under no_grad. The model's parameters, buffers and inputs
 are all in the benchmarked dtype (no autocast: the fused ops see what the eager convs see).
@@ -22,9 +26,16 @@ import torch
 import torch.nn.functional as F
 
 MODES = ("train_step", "eval_fwd")
-CUDA_PROVIDERS = ("eager", "compile", "triton", "cuda")
-CPU_PROVIDERS = ("cpu", "reference", "eager")
-PROVIDERS = ("eager", "compile", "compile-max", "triton", "cuda", "cpu", "reference")
+CUDA_PROVIDERS = ("eager", "compile", "triton", "cuda", "triton-lean", "cuda-lean")
+CPU_PROVIDERS = ("cpu", "reference", "eager", "cpu-lean")
+LEAN = "-lean"
+PROVIDERS = ("eager", "compile", "compile-max", "triton", "cuda", "cpu", "reference", "triton-lean", "cuda-lean",
+             "cpu-lean")
+
+
+def backend_of(provider: str) -> str:
+    """The deeplab_ops backend (or eager/compile provider) behind a provider name: triton-lean -> triton."""
+    return provider.removesuffix(LEAN)
 DEPTHS = {"r50": 50, "r101": 101}
 
 
@@ -42,10 +53,10 @@ def make_model(provider: str, depth: int, output_stride: int, num_classes: int) 
     if factory is None:
         raise RuntimeError(reason)
     net = factory(depth, num_classes=num_classes, output_stride=output_stride)
-    if provider in common.FUSED_PROVIDERS:
+    if backend_of(provider) in common.FUSED_PROVIDERS:
         from deeplab_ops.nn import fuse_modules
 
-        fuse_modules(net, backend=provider)
+        fuse_modules(net, backend=backend_of(provider), memory_efficient=provider.endswith(LEAN))
     elif provider.startswith("compile"):
         net = common.compiled(net, provider)
     return net
@@ -59,7 +70,8 @@ def probe_call(device: torch.device, dtype: torch.dtype) -> dict:
             "residual": None}
 
 
-def step_case(mode: str, net: torch.nn.Module, x: torch.Tensor, target: torch.Tensor, compiled: bool):
+def step_case(mode: str, net: torch.nn.Module, x: torch.Tensor, target: torch.Tensor, compiled: bool,
+              lean: bool = False):
     mark = getattr(torch.compiler, "cudagraph_mark_step_begin", None) if compiled else None
     if mode == "eval_fwd":
         net.eval()
@@ -78,8 +90,12 @@ def step_case(mode: str, net: torch.nn.Module, x: torch.Tensor, target: torch.Te
         if mark:
             mark()
         opt.zero_grad(set_to_none=True)
-        out = net(x)["out"]
-        loss = F.cross_entropy(out.float(), target, ignore_index=255)
+        if lean:
+            import deeplab_ops
+
+            loss = deeplab_ops.upsample_cross_entropy(net(x, upsample=False)["out"], target, ignore_index=255)
+        else:
+            loss = F.cross_entropy(net(x)["out"].float(), target, ignore_index=255)
         loss.backward()
         opt.step()
 
@@ -127,7 +143,7 @@ def main(argv: list[str] | None = None) -> int:
                         for provider in providers:
                             case = dict(op="deeplabv3", provider=provider, mode=mode, dtype=dtype_name, shape=shape,
                                         batch=batch)
-                            reason = missing or common.unavailable(provider, "conv_bn_relu", device,
+                            reason = missing or common.unavailable(backend_of(provider), "conv_bn_relu", device,
                                                                    **probe_call(device, dtype))
                             if not reason and mode == "train_step" and batch == 1:
                                 reason = "BatchNorm in training needs batch >= 2 (the ASPP pooling branch)"
@@ -138,7 +154,7 @@ def main(argv: list[str] | None = None) -> int:
                                 net.to(device=device, dtype=dtype)
                                 x = torch.randn(batch, 3, size, size, device=device, dtype=dtype)
                                 target = torch.randint(0, args.num_classes, (batch, size, size), device=device)
-                                return step_case(mode, net, x, target, compiled)
+                                return step_case(mode, net, x, target, compiled, lean=provider.endswith(LEAN))
 
                             runner.run(build, reason=reason, images=batch, **case)
     meta = {"script": "train_bench", "argv": sys.argv[1:] if argv is None else argv, "environment": env,
