@@ -270,3 +270,20 @@ def test_aspp_nan_input_as_in_the_reference(backend, training):
     assert_close(out, exp, f"{backend} aspp output", 2e-4, 2e-4)
     for i, (a, b) in enumerate(zip(rms + rvs, rm_ref + rv_ref, strict=True)):
         _same_nonfinite(a, b, f"{backend} aspp running stat {i}")
+
+
+def test_stage_ops_nan_semantics():
+    """Regression (csrc/common/bn_math.h): ReLU's backward passes the gradient of a NaN output, as
+    threshold_backward does, and the eval-mode dy = gamma * invstd * g does not read y, so a NaN y gives no NaN."""
+    ops = torch.ops.deeplab_ops
+    y = torch.randn(2, 3, 4, 5, dtype=torch.float64)
+    y[0, 1, 2, 3] = float("nan")
+    z = torch.relu(y)
+    dz = torch.randn_like(y)
+    mean, invstd, gamma = torch.zeros(3, dtype=torch.float64), torch.ones(3, dtype=torch.float64) * 2, torch.rand(
+        3, dtype=torch.float64) + 0.5
+    dy = ops.bn_backward_dy(dz, z, y, mean, invstd, gamma, None, None, 40.0, True, False)
+    expected = torch.ops.aten.threshold_backward(dz, z, 0) * (gamma * invstd).view(1, 3, 1, 1)
+    assert torch.isfinite(dy).all()
+    assert_close(dy, expected, "eval dy with a NaN input", 1e-12, 1e-12)
+    assert dy[0, 1, 2, 3] == expected[0, 1, 2, 3] != 0
