@@ -44,6 +44,8 @@ from torch._prims_common import suggest_memory_format
 from deeplab_ops.backends import interpreter_active
 from deeplab_ops.ops.bn_stages import opmath_dtype
 from deeplab_ops.triton.bn_kernels import _relu, acc_dtype, bn_apply, bn_backward_reduce, bn_finalize
+from deeplab_ops.triton.conv_bn_relu import _check_device, _from_nhwc, _nhwc
+from deeplab_ops.triton.conv_bn_relu import schedule as conv_schedule
 from deeplab_ops.triton.conv_engine import (
     _AMPERE_GEMM,
     _AMPERE_WGRAD,
@@ -671,22 +673,6 @@ def project_wgrad(br: Tensor, branch_affine: tuple[Tensor, Tensor, Tensor], dz: 
 # ---- host side of the op ----------------------------------------------------------------------------------
 
 
-def _nhwc(t: Tensor) -> Tensor:
-    return t.permute(0, 2, 3, 1).contiguous()
-
-
-def _from_nhwc(t: Tensor, memory_format: torch.memory_format) -> Tensor:
-    return t.permute(0, 3, 1, 2).contiguous(memory_format=memory_format)
-
-
-def _check_device(x: Tensor) -> None:
-    if x.device.type == "cpu" and not interpreter_active():
-        raise RuntimeError(
-            "deeplab_ops: the triton backend runs CPU tensors only in the Triton interpreter; set "
-            "TRITON_INTERPRET=1 before importing deeplab_ops, or use CUDA tensors"
-        )
-
-
 def pack_branch_weights(conv_weights: list[Tensor]) -> Tensor:
     """(T, C_in, C): the 1x1 weight, then each 3x3 weight's taps in (kh, kw) order; K-major B operands."""
     c, c_in = conv_weights[0].shape[:2]
@@ -844,8 +830,6 @@ def schedule(x_shape: tuple[int, ...], rates: tuple[int, ...], block_h: int, blo
 
     The 1x1 branch has one tap that always hits; each 3x3 branch follows conv_bn_relu's schedule.
     """
-    from deeplab_ops.triton.conv_bn_relu import schedule as conv_schedule
-
     n, c_in, h, w = x_shape
     tiles = n * (triton.cdiv(h, block_h) * triton.cdiv(w, block_w))
     computed, dense = tiles, tiles
