@@ -36,6 +36,8 @@ Backward, with dy computed in the GEMM prologues (never stored), 5 launches:
 
 from __future__ import annotations
 
+import functools
+
 import torch
 import triton
 import triton.language as tl
@@ -682,6 +684,13 @@ def pack_branch_weights(conv_weights: list[Tensor]) -> Tensor:
 
 
 def _rate_table(rates: list[int], device: torch.device) -> Tensor:
+    return _rate_table_cached(tuple(rates), device)
+
+
+@functools.lru_cache(maxsize=32)
+def _rate_table_cached(rates: tuple[int, ...], device: torch.device) -> Tensor:
+    # The branches' dilations (entry 0: the 1x1 branch), kept on the device: a host-to-device copy per call
+    # would synchronize the stream. Read-only in the kernels.
     return torch.tensor([1, *rates], dtype=torch.int32, device=device)
 
 

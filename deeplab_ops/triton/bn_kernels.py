@@ -11,6 +11,8 @@ and prologues, so every kernel computes the same expression.
 
 from __future__ import annotations
 
+import functools
+
 import torch
 import triton
 import triton.language as tl
@@ -172,6 +174,13 @@ def acc_dtype(dtype: torch.dtype):
     return tl.float64 if dtype == torch.float64 else tl.float32
 
 
+@functools.lru_cache(maxsize=64)
+def _hyper(momentum: float, eps: float, dtype: torch.dtype, device: torch.device) -> torch.Tensor:
+    # momentum and eps travel as a tensor (a Python float argument would be rounded to float32), kept on the
+    # device: a host-to-device copy per call would synchronize the stream. Read-only in the kernels.
+    return torch.tensor([momentum, eps], dtype=dtype, device=device)
+
+
 def _block_c(c: int) -> int:
     return min(64, triton.next_power_of_2(c))
 
@@ -187,8 +196,7 @@ def bn_finalize(
     """
     p, c = pmean.shape
     stat = pmean.dtype
-    # momentum and eps travel as a tensor: a Python float argument would be rounded to float32.
-    hyper = torch.tensor([momentum, eps], dtype=stat, device=pmean.device)
+    hyper = _hyper(float(momentum), float(eps), stat, pmean.device)
     outs = [torch.empty(c, dtype=stat, device=pmean.device) for _ in range(4)]
     has_running = running_mean is not None
     if has_running:
