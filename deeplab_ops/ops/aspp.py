@@ -79,9 +79,14 @@ def _make_backward(backward_op):
     def backward(ctx, grad_out, *unused):
         x, pool_w, proj_w, bn_w, bn_b, branch, pool_pre, proj, out, mean, invstd, *conv_ws = ctx.saved_tensors
         rates, training, w_dtype, b_dtype = ctx.conf
+        # torch.library unflattens needs_input_grad to the inputs' structure (nig[1]: one bool per conv weight)
+        # and wants the gradients in that structure: a list per conv weight, and for `rates` (a list of ints, a
+        # leaf) None, except that an empty list is no leaf and wants [] back (rates=(): no atrous branch).
         nig = ctx.needs_input_grad
-        mask = [nig[0], bool(nig[1]) or nig[2] or nig[3], nig[4] or nig[5]]
+        mask = [bool(nig[0]), any(nig[1]) or bool(nig[2]) or bool(nig[3]), bool(nig[4]) or bool(nig[5])]
         none = [None] * 12
+        none[1] = [None] * len(conv_ws)
+        none[8] = None if rates else []
         if grad_out is None or not any(mask):
             return tuple(none)
         gx, gconv, gpool, gproj, gbw, gbb = backward_op(
@@ -90,7 +95,8 @@ def _make_backward(backward_op):
         )
         grads = none
         grads[0] = gx
-        grads[1] = list(gconv) if gconv else None
+        if gconv:
+            grads[1] = list(gconv)
         grads[2], grads[3] = gpool, gproj
         grads[4] = gbw.to(w_dtype) if gbw is not None else None
         grads[5] = gbb.to(b_dtype) if gbb is not None else None
