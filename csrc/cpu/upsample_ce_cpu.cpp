@@ -18,6 +18,8 @@
 #include <ATen/Parallel.h>
 #include <torch/library.h>
 
+#include "common/upsample_stencil.h"
+
 #include <algorithm>
 #include <cmath>
 #include <limits>
@@ -27,8 +29,9 @@
 namespace deeplab_ops {
 namespace {
 
-// Per-axis bilinear stencil of PyTorch's upsample_bilinear2d (scale from the sizes, clamp at 0 without
-// align_corners), and for each low-res index the range [start, end) of output indices that read it.
+using upsample_ce::Reduction;
+using upsample_ce::parse_reduction;
+
 template <typename opmath_t>
 struct AxisStencil {
   std::vector<int64_t> i0, i1, start, end;
@@ -38,59 +41,14 @@ struct AxisStencil {
 template <typename opmath_t>
 AxisStencil<opmath_t> axis_stencil(int64_t in, int64_t out, bool align_corners) {
   AxisStencil<opmath_t> s;
-  s.i0.resize(out), s.i1.resize(out), s.l0.resize(out), s.l1.resize(out);
-  opmath_t scale;
-  if (align_corners) {
-    scale = out > 1 ? static_cast<opmath_t>(in - 1) / static_cast<opmath_t>(out - 1) : opmath_t(0);
-  } else {
-    scale = static_cast<opmath_t>(in) / static_cast<opmath_t>(out);
-  }
-  for (int64_t o = 0; o < out; ++o) {
-    opmath_t src;
-    if (align_corners) {
-      src = scale * static_cast<opmath_t>(o);
-    } else {
-      src = scale * (static_cast<opmath_t>(o) + opmath_t(0.5)) - opmath_t(0.5);
-      src = src < opmath_t(0) ? opmath_t(0) : src;
-    }
-    const int64_t i0 = std::min(static_cast<int64_t>(std::floor(src)), in - 1);
-    const opmath_t l1 = std::min(std::max(src - static_cast<opmath_t>(i0), opmath_t(0)), opmath_t(1));
-    s.i0[o] = i0;
-    s.i1[o] = i0 + (i0 < in - 1 ? 1 : 0);
-    s.l1[o] = l1;
-    s.l0[o] = opmath_t(1) - l1;
-  }
-  // i0 and i1 are non-decreasing, so the outputs reading low-res index i (i0 <= i <= i1) are contiguous.
-  s.start.resize(in), s.end.resize(in);
-  for (int64_t i = 0; i < in; ++i) {
-    s.start[i] = std::lower_bound(s.i1.begin(), s.i1.end(), i) - s.i1.begin();
-    s.end[i] = std::upper_bound(s.i0.begin(), s.i0.end(), i) - s.i0.begin();
-  }
+  s.i0.resize(out), s.i1.resize(out), s.l0.resize(out), s.l1.resize(out), s.start.resize(in), s.end.resize(in);
+  upsample_ce::bilinear_axis_stencil(in, out, align_corners, s.i0.data(), s.i1.data(), s.start.data(),
+                                     s.end.data(), s.l0.data(), s.l1.data());
   return s;
 }
 
-enum class Reduction { kNone, kMean, kSum };
-
-Reduction parse_reduction(const std::string& r) {
-  if (r == "none") return Reduction::kNone;
-  if (r == "mean") return Reduction::kMean;
-  if (r == "sum") return Reduction::kSum;
-  TORCH_CHECK(false, "deeplab_ops.upsample_cross_entropy: reduction='", r, "'; expected 'none', 'mean' or 'sum'");
-}
-
 void check_uce_args(const at::Tensor& logits, const at::Tensor& target) {
-  TORCH_CHECK(logits.dim() == 4, "deeplab_ops.upsample_cross_entropy: logits must be a 4-D (N, K, h, w) tensor, got shape ",
-              logits.sizes());
-  TORCH_CHECK(target.dim() == 3, "deeplab_ops.upsample_cross_entropy: target must be a 3-D (N, H, W) tensor, got shape ",
-              target.sizes());
-  TORCH_CHECK(target.scalar_type() == at::kLong, "deeplab_ops.upsample_cross_entropy: target has dtype ",
-              target.scalar_type(), "; expected int64 (Long) class indices");
-  TORCH_CHECK(target.size(0) == logits.size(0), "deeplab_ops.upsample_cross_entropy: target has batch size ",
-              target.size(0), " but logits has ", logits.size(0));
-  TORCH_CHECK(logits.size(1) >= 1 && logits.size(2) >= 1 && logits.size(3) >= 1 && target.size(1) >= 1 &&
-                  target.size(2) >= 1,
-              "deeplab_ops.upsample_cross_entropy: logits ", logits.sizes(), " and target ", target.sizes(),
-              " must have K >= 1 and non-empty spatial sizes");
+  upsample_ce::check_args(logits, target);
   TORCH_CHECK(logits.scalar_type() == at::kFloat || logits.scalar_type() == at::kDouble,
               "deeplab_ops.upsample_cross_entropy: the CPU kernels take float32 or float64 logits, got ",
               logits.scalar_type());

@@ -27,6 +27,8 @@
 #include <cuda_runtime.h>
 #include <torch/library.h>
 
+#include "common/upsample_stencil.h"
+
 #include <algorithm>
 #include <cmath>
 #include <limits>
@@ -41,30 +43,11 @@ namespace {
 
 constexpr int kThreads = 256;
 
-enum class Reduction { kNone, kMean, kSum };
-
-Reduction parse_reduction(const std::string& r) {
-  if (r == "none") return Reduction::kNone;
-  if (r == "mean") return Reduction::kMean;
-  if (r == "sum") return Reduction::kSum;
-  TORCH_CHECK(false, "deeplab_ops.upsample_cross_entropy: reduction='", r, "'; expected 'none', 'mean' or 'sum'");
-}
+using upsample_ce::Reduction;
+using upsample_ce::parse_reduction;
 
 void check_uce_args(const at::Tensor& logits, const at::Tensor& target) {
-  TORCH_CHECK(logits.dim() == 4, "deeplab_ops.upsample_cross_entropy: logits must be a 4-D (N, K, h, w) tensor, got shape ",
-              logits.sizes());
-  TORCH_CHECK(target.dim() == 3, "deeplab_ops.upsample_cross_entropy: target must be a 3-D (N, H, W) tensor, got shape ",
-              target.sizes());
-  TORCH_CHECK(target.scalar_type() == at::kLong, "deeplab_ops.upsample_cross_entropy: target has dtype ",
-              target.scalar_type(), "; expected int64 (Long) class indices");
-  TORCH_CHECK(target.device() == logits.device(), "deeplab_ops.upsample_cross_entropy: target is on ",
-              target.device(), " but logits is on ", logits.device());
-  TORCH_CHECK(target.size(0) == logits.size(0), "deeplab_ops.upsample_cross_entropy: target has batch size ",
-              target.size(0), " but logits has ", logits.size(0));
-  TORCH_CHECK(logits.size(1) >= 1 && logits.size(2) >= 1 && logits.size(3) >= 1 && target.size(1) >= 1 &&
-                  target.size(2) >= 1,
-              "deeplab_ops.upsample_cross_entropy: logits ", logits.sizes(), " and target ", target.sizes(),
-              " must have K >= 1 and non-empty spatial sizes");
+  upsample_ce::check_args(logits, target);
   TORCH_CHECK(logits.numel() < std::numeric_limits<int32_t>::max() &&
                   target.numel() < std::numeric_limits<int32_t>::max(),
               "deeplab_ops.upsample_cross_entropy: logits ", logits.sizes(), " or target ", target.sizes(),
@@ -87,32 +70,7 @@ AxisStencil build_axis_stencil(int64_t in, int64_t out, bool align_corners, cons
   int32_t* end = start + in;
   opmath_t* l0 = weight.data_ptr<opmath_t>();
   opmath_t* l1 = l0 + out;
-  opmath_t scale;
-  if (align_corners) {
-    scale = out > 1 ? static_cast<opmath_t>(in - 1) / static_cast<opmath_t>(out - 1) : opmath_t(0);
-  } else {
-    scale = static_cast<opmath_t>(in) / static_cast<opmath_t>(out);
-  }
-  for (int64_t o = 0; o < out; ++o) {
-    opmath_t src;
-    if (align_corners) {
-      src = scale * static_cast<opmath_t>(o);
-    } else {
-      src = scale * (static_cast<opmath_t>(o) + opmath_t(0.5)) - opmath_t(0.5);
-      src = src < opmath_t(0) ? opmath_t(0) : src;
-    }
-    const int64_t a = std::min(static_cast<int64_t>(std::floor(src)), in - 1);
-    const opmath_t lam = std::min(std::max(src - static_cast<opmath_t>(a), opmath_t(0)), opmath_t(1));
-    i0[o] = static_cast<int32_t>(a);
-    i1[o] = static_cast<int32_t>(a + (a < in - 1 ? 1 : 0));
-    l1[o] = lam;
-    l0[o] = opmath_t(1) - lam;
-  }
-  // i0 and i1 are non-decreasing: the outputs reading low-res index i (i0 <= i <= i1) are contiguous.
-  for (int64_t i = 0; i < in; ++i) {
-    start[i] = static_cast<int32_t>(std::lower_bound(i1, i1 + out, static_cast<int32_t>(i)) - i1);
-    end[i] = static_cast<int32_t>(std::upper_bound(i0, i0 + out, static_cast<int32_t>(i)) - i0);
-  }
+  upsample_ce::bilinear_axis_stencil(in, out, align_corners, i0, i1, start, end, l0, l1);
   // A blocking copy, once per configuration (the tables are cached): afterwards a call does no host work and
   // no host-to-device copy, so it may be captured in a CUDA graph, and any stream may read the tables.
   return {idx.to(device), weight.to(device)};
