@@ -34,10 +34,6 @@ def _backends(op: str) -> list:
 
 
 CONV_BACKENDS = _backends("conv_bn_relu")
-# Found here (fixed for cpu/cuda in csrc/common/bn_math.h; the triton kernels are another engineer's):
-TRITON_EVAL_NAN = ("triton backward in eval: dx is NaN over the receptive field of a NaN/Inf conv output where the "
-                   "reference's is finite: bn_kernels._bn_dy computes (y - mean) * b with b = 0 (NaN * 0), and "
-                   "_act_grad blocks the gradient of a NaN output (z > 0) where threshold_backward passes it")
 ASPP_BACKENDS = _backends("aspp")
 
 
@@ -77,13 +73,11 @@ def _inputs(n=2, cin=3, cout=4, h=5, w=6, k=3, dtype=torch.float32):
 @pytest.mark.parametrize("training", [True, False], ids=["train", "eval"])
 @pytest.mark.parametrize("value, relu", [(float("nan"), True), (float("inf"), True), (-float("inf"), False)],
                          ids=["nan-relu", "inf-relu", "-inf-norelu"])
-def test_nonfinite_input_propagates_as_in_the_reference(backend, training, value, relu, request):
+def test_nonfinite_input_propagates_as_in_the_reference(backend, training, value, relu):
     """A NaN/Inf pixel: the same NaN/Inf pattern as the float32 reference in the output and running statistics
     (training: the whole batch's statistics become non-finite; eval: only the receptive field), finite values
     equal, and the gradients' non-finite pattern too: in eval, dy = gamma * invstd * g does not depend on y, and
     ReLU's backward (threshold_backward) passes the gradient of a NaN output on."""
-    if backend == "triton" and not training:
-        request.applymarker(pytest.mark.xfail(strict=True, reason=TRITON_EVAL_NAN))
     x, w, gamma, beta, rm, rv = _inputs()
     x[1, 2, 3, 4] = value
     x[0, 0, 0, 0] = value

@@ -26,7 +26,7 @@ Forward: training 6 launches (branches, branch finalize, pooling finalize, proje
 apply), eval 2 (branches; projection with the BN + ReLU epilogue), plus the pooling branch's (N, C) host math.
 Backward, with dy computed in the GEMM prologues (never stored), 5 launches:
   bn_backward_reduce of the projection BN
-  projection dgrad  prologue: dy_o from (grad_out, out, project_out); epilogue: g_b = dz_cat * 1[z_cat > 0]
+  projection dgrad  prologue: dy_o from (grad_out, out, project_out); epilogue: g_b = dz_cat * 1[!(z_cat <= 0)]
                     with z_cat recomputed from branch_out, stored with per-tile sums of g_b and g_b * (y - mean)
                     (the branch BNs' backward reduction) and per-tile sums of dy_o (the pooling bias gradient)
   projection wgrad  A = z_cat recomputed in the prologue, B = dy_o recomputed in the prologue
@@ -382,7 +382,8 @@ def _aspp_project_dgrad_kernel(
     sc = tl.load(bscale_ptr + offs_n, mask=n_mask, other=0).to(ACC_DTYPE)
     sh = tl.load(bshift_ptr + offs_n, mask=n_mask, other=0).to(ACC_DTYPE)
     zb = (yb - mu[None, :]) * sc[None, :] + sh[None, :]
-    g_stored = tl.where(zb > 0, acc, 0.0).to(g_ptr.dtype.element_ty)  # threshold_backward(dz_cat, z_cat, 0)
+    # threshold_backward(dz_cat, z_cat, 0): zero where z_cat <= 0 only (a NaN z_cat passes the gradient on)
+    g_stored = tl.where(zb <= 0, 0.0, acc).to(g_ptr.dtype.element_ty)
     tl.store(g_ptr + idx, g_stored, mask=mask)
     g = tl.where(mask, g_stored.to(ACC_DTYPE), 0.0)
     tl.store(part_g_ptr + pid_t * BC + offs_n, tl.sum(g, 0), mask=n_mask)
@@ -795,7 +796,7 @@ def backward(
     xhat_p = (pp - mean[sl_p]) * invstd[sl_p]
     z_p = torch.relu(xhat_p * bw[sl_p] + bb[sl_p]).to(x.dtype).to(stat)
     w_pool = project_weight[:, bc:].reshape(c, c).to(stat)
-    g_p = torch.where(z_p > 0, dbias @ w_pool, 0.0)
+    g_p = torch.where(z_p <= 0, 0.0, dbias @ w_pool)  # threshold_backward: a NaN z_p passes the gradient
     sg_p, sgx_p = g_p.sum(0), (g_p * xhat_p).sum(0)
     k_p = bw[sl_p] * invstd[sl_p]
     dy_p = k_p * (g_p - sg_p / n - xhat_p * sgx_p / n) if training else k_p * g_p

@@ -4,7 +4,7 @@ Activations are NHWC, viewed as a (M = N*H*W, C) row-major matrix. Per-channel m
 dtype (float32 for fp16/bf16/fp32 activations, float64 for float64), the formulas of csrc/common/bn_math.h:
   finalize  Chan's merge of per-tile (count, mean, M2) partials -> mean, invstd, scale, shift, running update
   apply     act((y - mean) * scale + shift [+ residual])        centred form, NaN-propagating ReLU
-  reduce    (sum g, sum g * (y - mean)) with g = dz * 1[z > 0]   partials per row split, summed on the host
+  reduce    (sum g, sum g * (y - mean)) with g = dz * 1[!(z <= 0)] partials per row split, summed on the host
 The jit helpers at the top (`_relu`, `_act_grad`, `_bn_dy`) are also used by the conv engine's epilogues
 and prologues, so every kernel computes the same expression.
 """
@@ -30,9 +30,10 @@ def _relu(z):
 
 @triton.jit
 def _act_grad(dz, z, RELU: tl.constexpr):
-    # threshold_backward(dz, z, 0): the gradient passes where the output is > 0 (NaN output: blocked).
+    # threshold_backward(dz, z, 0): zero where the output is <= 0 only, so a NaN output passes its gradient
+    # on, as F.relu's backward and csrc/common/bn_math.h's act_grad do.
     if RELU:
-        return tl.where(z > 0, dz, 0.0)
+        return tl.where(z <= 0, 0.0, dz)
     else:
         return dz
 
@@ -40,8 +41,11 @@ def _act_grad(dz, z, RELU: tl.constexpr):
 @triton.jit
 def _bn_dy(g, y, mean, k, a, b):
     # dy = k * (g - a - (y - mean) * b); k = gamma*invstd, a = sum(g)/n, b = invstd*sum(g*xhat)/n (a = b = 0 in
-    # eval). (y - mean) * b rather than xhat * sum/n: one multiply fewer, same centred quantity.
-    return k[None, :] * (g - a[None, :] - (y - mean[None, :]) * b[None, :])
+    # eval). (y - mean) * b rather than xhat * sum/n: one multiply fewer, same centred quantity. b = 0 (eval, or
+    # a zero sum): dy does not read y, as torch's eval BatchNorm backward, so a NaN/Inf y gives no NaN * 0
+    # (bn_math.h's bn_dy).
+    yb = tl.where(b[None, :] == 0, 0.0, (y - mean[None, :]) * b[None, :])
+    return k[None, :] * (g - a[None, :] - yb)
 
 
 # ---- kernels -----------------------------------------------------------------------------------------

@@ -20,7 +20,7 @@ Fusion.
                     tile, computed from y as stored; the finalize kernel merges them with Chan's formula.
   forward eval:     the epilogue applies act((y - mean)*scale + shift [+ r]) and stores out (and y, which the
                     op returns as conv_out for the backward).
-  dgrad / wgrad:    the prologue computes dy = k*(g - a - (y - mean)*b), g = dz*1[z > 0], from (grad_out, out,
+  dgrad / wgrad:    the prologue computes dy = k*(g - a - (y - mean)*b), g = dz*1[!(z <= 0)], from (grad_out, out,
                     conv_out) and per-channel coefficients while loading the tile: dy never exists in memory.
                     It is recomputed once per tap and per tile of the other GEMM dimension; that costs reads
                     of three activations instead of one, and saves a write and a read of dy.
