@@ -39,8 +39,8 @@ Assumptions and limits
     ASPP's original forward (exact, unfused).
   * Distributed training: `deeplab_ops.nn.sync_batchnorm(model, group)` makes every fused module share its
     BatchNorm statistics across the group's processes (nn.SyncBatchNorm semantics); call it after fusing.
-  * ``fuse_modules(model, memory_efficient=True)``: fused convs and residual blocks keep no pre-BN activation for
-    the backward (README, "Memory-efficient training"); synchronized modules and the fused ASPP op keep theirs.
+  * ``fuse_modules(model, memory_efficient=True)``: fused convs, residual blocks and ASPPs keep no pre-BN
+    activation for the backward (README, "Memory-efficient training"); synchronized modules keep theirs.
   * Pre-activation residual units (BN → ReLU → conv) do not have the conv → BN → ReLU shape at their input
     BatchNorm, their last conv or their add: those stay unfused. Conv-BN-ReLU chains inside them (e.g.
     model.resnet.PreActBottleneck's ``residual`` Sequential) are fused.
@@ -69,9 +69,9 @@ _FUSED_ATTR = "_deeplab_ops_fused"  # plain (unregistered) attribute: never part
 
 class FusedConfig:
     """How a fused module runs: the absorbed BatchNorm and ReLU (fused convs), the number of conv/BN pairs
-    (residual blocks), the backend, whether the fused convs save no pre-BN activation (memory_efficient, see
-    deeplab_ops.conv_bn_relu), and the process group whose processes share BatchNorm statistics (set by
-    `deeplab_ops.nn.sync_batchnorm`; None: none)."""
+    (residual blocks), the backend, whether the fused convs, blocks and ASPPs save no pre-BN activation
+    (memory_efficient, see deeplab_ops.conv_bn_relu and deeplab_ops.aspp), and the process group whose processes
+    share BatchNorm statistics (set by `deeplab_ops.nn.sync_batchnorm`; None: none)."""
 
     __slots__ = ("bn", "relu", "depth", "backend", "process_group", "memory_efficient")
 
@@ -157,7 +157,8 @@ def _fused_aspp_forward(self: nn.Module, x: Tensor) -> Tensor:
     if len(modes) != 1:
         # Mixed BatchNorm modes in one ASPP: the op's single mode would be wrong for some; run the original.
         return type(self).original_class.forward(self, x)
-    return fused_aspp_forward(self, x, backend=cfg.backend, process_group=cfg.process_group)
+    return fused_aspp_forward(self, x, backend=cfg.backend, process_group=cfg.process_group,
+                              memory_efficient=cfg.memory_efficient)
 
 
 _FORWARDS = {"block": _fused_block_forward, "aspp": _fused_aspp_forward}
@@ -280,9 +281,9 @@ def fuse_modules(model: nn.Module, backend: str | None = None, memory_efficient:
         model: any nn.Module.
         backend: the deeplab_ops backend for every fused call ("cpu", "cuda", "triton", "reference"), or None for
             automatic choice per call.
-        memory_efficient: fused convs and residual blocks save no pre-BN activation for the backward
-            (deeplab_ops.conv_bn_relu's memory_efficient; README "Memory-efficient training"). ASPPs on the fused
-            ASPP op are unaffected.
+        memory_efficient: fused convs, residual blocks and ASPPs save no pre-BN activation for the backward
+            (deeplab_ops.conv_bn_relu's and deeplab_ops.aspp's memory_efficient; README "Memory-efficient
+            training"). Synchronized modules (after sync_batchnorm) ignore it.
 
     Returns:
         `model`, fused.
@@ -301,7 +302,7 @@ def fuse_modules(model: nn.Module, backend: str | None = None, memory_efficient:
         for module in modules:
             if id(module) not in inside_aspp and _is_aspp(module, shared):
                 inside_aspp.update(id(m) for m in module.modules())
-                object.__setattr__(module, _FUSED_ATTR, FusedConfig(backend=backend))
+                object.__setattr__(module, _FUSED_ATTR, FusedConfig(backend=backend, memory_efficient=memory_efficient))
                 module.__class__ = _fused_class(type(module), "aspp")
     for module in modules:
         k = _residual_block_depth(module, shared)

@@ -209,12 +209,15 @@ def aspp_parts(module: nn.Module) -> tuple[list[nn.Conv2d], list[nn.BatchNorm2d]
     return convs, bns, tuple(rates)
 
 
-def fused_aspp_forward(module: nn.Module, x: Tensor, backend: str | None = None, process_group=None) -> Tensor:
+def fused_aspp_forward(module: nn.Module, x: Tensor, backend: str | None = None, process_group=None,
+                       memory_efficient: bool = False) -> Tensor:
     """Run a module with torchvision's ASPP structure (``convs``, ``project``) on the fused ASPP op.
 
     Same result and side effects (running statistics, num_batches_tracked) as the module's own forward,
     including the dropout after the projection when it has one. The BatchNorm mode is read from the BatchNorms
     (so frozen BatchNorm, ``bn.eval()`` inside a training model, is honoured); they must all be in one mode.
+    memory_efficient=True: the op keeps no pre-BN activation for the backward (see deeplab_ops.aspp; the
+    synchronized path, a process_group in training, ignores it).
     """
     convs, bns, rates = aspp_parts(module)
     modes = {bn.training for bn in bns}
@@ -243,6 +246,7 @@ def fused_aspp_forward(module: nn.Module, x: Tensor, backend: str | None = None,
         [a["bn_bias"] for a in args], [a["running_mean"] for a in args] if tracked else None,
         [a["running_var"] for a in args] if tracked else None, rates=rates, training=first["training"],
         momentum=first["momentum"], eps=first["eps"], backend=backend, process_group=process_group,
+        memory_efficient=memory_efficient,
     )
     for bn in bns:
         bn_step(bn, training)
@@ -256,7 +260,8 @@ class FusedASPP(nn.Module):
 
     ``convs.0`` (1×1 branch), ``convs.{1..R}`` (3×3, dilation = padding = rate), ``convs.{R+1}`` (image pooling),
     ``project`` (1×1 projection, BN, ReLU, dropout): a torchvision ``ASPP`` state_dict loads unchanged. With
-    dropout=0.5 it computes what torchvision's ASPP computes, in training and eval.
+    dropout=0.5 it computes what torchvision's ASPP computes, in training and eval. memory_efficient=True keeps
+    no pre-BN activation for the backward (see deeplab_ops.aspp); after sync_batchnorm() it is ignored.
     """
 
     def __init__(
@@ -266,6 +271,7 @@ class FusedASPP(nn.Module):
         out_channels: int = 256,
         dropout: float = 0.0,
         backend: str | None = None,
+        memory_efficient: bool = False,
     ) -> None:
         super().__init__()
         rates = tuple(atrous_rates)
@@ -289,15 +295,21 @@ class FusedASPP(nn.Module):
             nn.Conv2d(len(branches) * out_channels, out_channels, 1, bias=False), nn.BatchNorm2d(out_channels),
             nn.ReLU(), nn.Dropout(dropout),
         )
+        if not isinstance(memory_efficient, bool):
+            raise TypeError(f"memory_efficient must be a bool, got {memory_efficient!r}")
         self.atrous_rates = rates
         self.backend = backend
+        self.memory_efficient = memory_efficient
         self.process_group = None  # set by sync_batchnorm(): statistics shared across processes
 
     def forward(self, x: Tensor) -> Tensor:
-        return fused_aspp_forward(self, x, backend=self.backend, process_group=self.process_group)
+        return fused_aspp_forward(self, x, backend=self.backend, process_group=self.process_group,
+                                  memory_efficient=getattr(self, "memory_efficient", False))  # pickled before it
 
     def extra_repr(self) -> str:
-        return f"atrous_rates={self.atrous_rates}, backend={self.backend!r}"
+        return f"atrous_rates={self.atrous_rates}, backend={self.backend!r}" + (
+            ", memory_efficient=True" if getattr(self, "memory_efficient", False) else ""
+        )
 
 
 def sync_batchnorm(model: nn.Module, process_group=None) -> nn.Module:
@@ -325,7 +337,8 @@ def sync_batchnorm(model: nn.Module, process_group=None) -> nn.Module:
 
 def fuse_modules(model: nn.Module, backend: str | None = None, memory_efficient: bool = False) -> nn.Module:
     """Run every conv → BN (→ residual) → ReLU of `model` on the fused ops, in place; state_dict unchanged.
-    memory_efficient=True: the fused convs save no pre-BN activation (see deeplab_ops.conv_bn_relu)."""
+    memory_efficient=True: the fused convs and ASPPs save no pre-BN activation (see deeplab_ops.conv_bn_relu and
+    deeplab_ops.aspp)."""
     from deeplab_ops.fusion import fuse_modules as _fuse
 
     return _fuse(model, backend=backend, memory_efficient=memory_efficient)

@@ -122,6 +122,71 @@ _register("")
 _register("triton_")
 
 
+# ---- memory-efficient autograd (memory_efficient=True) ---------------------------------------------
+#
+# The op above saves, beyond the block input x and the output, the pre-BN branch buffer (N, B*C, H, W), the
+# projection's pre-BN output (N, C, H, W) and the (N, C) pooling vector. The lean path saves none of them: the
+# backward runs the same forward op once more (no grad, no running-statistics update) for those buffers and
+# hands them to the unchanged backward op with the statistics saved by the forward.
+#   Why recompute rather than rebuild from the output: the branch buffer has to be recomputed whatever is done
+#   with the projection (its dgrad/wgrad and the branch BNs' backward read it, and nothing kept determines it),
+#   and with it in hand the projection's pre-BN output is one 1x1 conv of B*C -> C channels (about 2% of the 3x3
+#   branches' FLOPs at C_in = 2048, C = 256, three rates). Recomputing is exact in training and eval alike,
+#   where a rebuild from the output would be exact only in eval and would need conv_bn_relu's small-|gamma|
+#   fallback. The same op on the same backend, the same inputs and the same statistics give the very buffers
+#   the forward produced, so the gradients are those of memory_efficient=False. The recompute's extra cost over
+#   the conv branches and projection alone: its elementwise BN passes (statistics, apply), a small share.
+#   Eval needs the running statistics the forward used: the concatenated copies `aspp` made (2*(B+2)*C values).
+
+
+class _MemoryEfficientASPP(torch.autograd.Function):
+    """The forward op with a backward that recomputes its pre-BN buffers instead of saving them."""
+
+    @staticmethod
+    def forward(ctx, name, rates, training, momentum, eps, x, pool_weight, project_weight, bn_weight, bn_bias,
+                running_mean, running_var, *conv_weights):
+        out, _, _, _, mean, invstd, new_rm, new_rv = FORWARD_OPS[name](
+            x, list(conv_weights), pool_weight, project_weight, bn_weight, bn_bias, running_mean, running_var,
+            list(rates), training, momentum, eps,
+        )
+        # Training normalizes with batch statistics: the recompute needs no running statistics (and must not
+        # update them). Eval normalizes with these copies, which nothing else holds.
+        keep_rm, keep_rv = (None, None) if training else (running_mean, running_var)
+        ctx.save_for_backward(x, pool_weight, project_weight, bn_weight, bn_bias, out, mean, invstd, keep_rm,
+                              keep_rv, *conv_weights)
+        ctx.conf = (name, tuple(rates), training, momentum, eps)
+        ctx.mark_non_differentiable(new_rm, new_rv)
+        return out, new_rm, new_rv
+
+    @staticmethod
+    def backward(ctx, grad_out, *unused):
+        # Inputs: name, rates, training, momentum, eps, then x (5), pool (6), project (7), bn weight (8), bn bias
+        # (9), running mean, var (10, 11), conv weights (12...).
+        nig = ctx.needs_input_grad
+        mask = [nig[5], any(nig[12:]) or nig[6] or nig[7], nig[8] or nig[9]]
+        grads = [None] * len(nig)
+        if grad_out is None or not any(mask):
+            return tuple(grads)
+        x, pool_w, proj_w, bn_w, bn_b, out, mean, invstd, rm, rv, *conv_ws = ctx.saved_tensors
+        name, rates, training, momentum, eps = ctx.conf
+        _, branch, pool_pre, proj, _, _, _, _ = FORWARD_OPS[name](
+            x, conv_ws, pool_w, proj_w, bn_w, bn_b, rm, rv, list(rates), training, momentum, eps,
+        )
+        gx, gconv, gpool, gproj, gbw, gbb = BACKWARD_OPS[name](
+            grad_out, x, conv_ws, pool_w, proj_w, bn_w, bn_b, branch, pool_pre, proj, out, mean, invstd,
+            list(rates), training, mask,
+        )
+        grads[5], grads[6], grads[7] = gx, gpool, gproj
+        grads[8] = gbw.to(bn_w.dtype) if gbw is not None else None
+        grads[9] = gbb.to(bn_b.dtype) if gbb is not None else None
+        for i, g in enumerate(gconv or []):
+            grads[12 + i] = g
+        return tuple(grads)
+
+
+BACKWARD_OPS = {"cpu": _ops.aspp_backward, "cuda": _ops.aspp_backward, "triton": _ops.triton_aspp_backward}
+
+
 # ---- argument checks -------------------------------------------------------------------------------
 
 
@@ -230,6 +295,7 @@ def aspp(
     eps: float = 1e-5,
     backend: str | None = None,
     process_group=None,
+    memory_efficient: bool = False,
 ) -> Tensor:
     """Fused ASPP (torchvision's structure, without the dropout after the projection).
 
@@ -246,9 +312,15 @@ def aspp(
         backend: "cpu", "cuda", "triton", "reference" or None (automatic; $DEEPLAB_OPS_BACKEND overrides None).
         process_group: a torch.distributed process group whose processes share BatchNorm statistics in training
             (nn.SyncBatchNorm semantics); None: no synchronization.
+        memory_efficient: keep no pre-BN activation for the backward (neither the (N, (len(rates) + 1) * C, H, W)
+            branch buffer nor the projection's pre-BN output): the backward recomputes them by one more forward
+            of the op on the same backend. Same gradients and running statistics. The reference backend and
+            the synchronized (process_group, training) path ignore it and keep theirs.
     """
     rates = check_args(x, conv_weights, pool_weight, project_weight, bn_weights, bn_biases, running_means,
                        running_vars, rates, training, momentum, eps)
+    if not isinstance(memory_efficient, bool):
+        raise TypeError(f"memory_efficient must be a bool, got {memory_efficient!r}")
     cat = torch.cat
     rm = cat(running_means) if running_means is not None else None
     rv = cat(running_vars) if running_vars is not None else None
@@ -264,10 +336,16 @@ def aspp(
                               running_vars, rates=rates, training=training, momentum=float(momentum), eps=float(eps))
     if name not in FORWARD_OPS:
         raise RuntimeError(f"deeplab_ops.aspp: backend {name!r} has no ASPP kernels yet; use 'cpu', 'cuda' or 'triton'")
-    out, *_, new_rm, new_rv = FORWARD_OPS[name](
-        x, list(conv_weights), pool_weight, project_weight, cat(bn_weights), cat(bn_biases), rm, rv, list(rates),
-        training, float(momentum), float(eps),
-    )
+    if memory_efficient and torch.is_grad_enabled():
+        out, new_rm, new_rv = _MemoryEfficientASPP.apply(
+            name, rates, training, float(momentum), float(eps), x, pool_weight, project_weight, cat(bn_weights),
+            cat(bn_biases), rm, rv, *conv_weights,
+        )
+    else:
+        out, *_, new_rm, new_rv = FORWARD_OPS[name](
+            x, list(conv_weights), pool_weight, project_weight, cat(bn_weights), cat(bn_biases), rm, rv,
+            list(rates), training, float(momentum), float(eps),
+        )
     if training:
         _copy_running(running_means, running_vars, new_rm, new_rv)
     return out
