@@ -311,6 +311,7 @@ class AsppCall:
     momentum: float
     eps: float
     seed: int
+    memory_efficient: bool = False  # the op's memory_efficient=True path (the reference backend ignores it)
 
 
 @st.composite
@@ -327,6 +328,7 @@ def aspp_calls(draw, max_c: int, max_hw: int) -> AsppCall:
         dtype=draw(st.sampled_from([torch.float32, torch.float64])),
         momentum=draw(st.sampled_from([0.1, 0.0, 1.0]) | st.floats(0.0, 1.0)),
         eps=draw(st.sampled_from([1e-5, 1e-3])), seed=draw(st.integers(0, 2**31 - 1)),
+        memory_efficient=draw(st.sampled_from([False, False, False, True])),
     )
 
 
@@ -369,7 +371,8 @@ def check_aspp_call(a: AsppCall, backend: str) -> None:
         rms = [m.to(dtype, copy=True) for m in t["running_means"]] if a.running else None
         rvs = [v.to(dtype, copy=True) for v in t["running_vars"]] if a.running else None
         args = (x, cws, pw, prw, bws, bbs, rms, rvs)
-        out = reference.aspp(*args, **kw) if backend is None else deeplab_ops.aspp(*args, backend=backend, **kw)
+        out = reference.aspp(*args, **kw) if backend is None else deeplab_ops.aspp(
+            *args, backend=backend, memory_efficient=a.memory_efficient, **kw)
         named = [("x", x)] + [(f"conv_weights[{i}]", w) for i, w in enumerate(cws)] + [
             ("pool_weight", pw), ("project_weight", prw)] + [(f"bn_weights[{i}]", w) for i, w in enumerate(bws)] + [
             (f"bn_biases[{i}]", b) for i, b in enumerate(bbs)]
