@@ -93,8 +93,13 @@ def deeplabv3_resnet(
     preset: str | None = None,
     residual_unit: str = "v1.5",
     memory_efficient: bool = False,
+    width: int = 64,
 ) -> DeepLabV3:
-    """Build DeepLabV3 on a ResNet-`depth` backbone; see :func:`deeplabv3_resnet50` for the arguments."""
+    """Build DeepLabV3 on a ResNet-`depth` backbone; see :func:`deeplabv3_resnet50` for the arguments.
+
+    width: the backbone's base width (64: ResNet-50/101's); the ASPP and head get 4 x width channels (256 at 64).
+    A smaller width gives a small network for CPU runs (train.py's synthetic default).
+    """
     if depth not in DEPTHS:
         raise ValueError(f"depth must be one of {tuple(DEPTHS)}, got {depth!r}")
     num_classes = _check_int(num_classes, "num_classes", 1)
@@ -113,6 +118,9 @@ def deeplabv3_resnet(
     if memory_efficient and not fused:
         raise ValueError("memory_efficient=True needs fused=True: it is a mode of the fused ops")
     pattern = "paper"
+    width = _check_int(width, "width", 1)
+    if preset == "torchvision" and width != 64:
+        raise ValueError(f"preset='torchvision' fixes width=64 (torchvision's ResNet), got width={width}")
     if preset == "torchvision":
         _check_preset_args(output_stride=output_stride, multi_grid=multi_grid, atrous_rates=atrous_rates, head=head,
                            residual_unit=residual_unit)
@@ -123,15 +131,15 @@ def deeplabv3_resnet(
 
     backbone = ResNet(
         depth, output_stride=output_stride, multi_grid=multi_grid, residual_unit=residual_unit,
-        dilation_pattern=pattern, return_aux=aux_loss,
+        dilation_pattern=pattern, return_aux=aux_loss, width=width,
     )
-    classifier = DeepLabHead(backbone.out_channels, num_classes, rates, style=head)
+    classifier = DeepLabHead(backbone.out_channels, num_classes, rates, style=head, channels=4 * width)
     aux_classifier = FCNHead(backbone.aux_channels, num_classes) if aux_loss else None
     model = DeepLabV3(backbone, classifier, aux_classifier)
     model.config = {
         "backbone": f"resnet{depth}", "num_classes": num_classes, "output_stride": output_stride,
         "multi_grid": tuple(multi_grid) if pattern == "paper" else None, "atrous_rates": rates, "head": head,
-        "aux_loss": aux_loss, "preset": preset, "residual_unit": residual_unit,
+        "aux_loss": aux_loss, "preset": preset, "residual_unit": residual_unit, "width": width,
         "stage_dilations": backbone.stage_dilations,
     }
     if fused:
@@ -151,6 +159,7 @@ def deeplabv3_resnet50(
     preset: str | None = None,
     residual_unit: str = "v1.5",
     memory_efficient: bool = False,
+    width: int = 64,
 ) -> DeepLabV3:
     """DeepLabV3 with a ResNet-50 backbone.
 
@@ -168,6 +177,7 @@ def deeplabv3_resnet50(
         residual_unit: "v1.5" (torchvision's bottleneck) or "preact" (full pre-activation unit).
         memory_efficient: with fused=True, the fused ops save no pre-BN activations for the backward (see
             deeplab_ops.conv_bn_relu's memory_efficient).
+        width: the backbone's base width (64, ResNet-50's); ASPP and head get 4 x width channels.
 
     Returns:
         The model, in training mode, with torchvision's initialisation of the backbone.
@@ -175,7 +185,7 @@ def deeplabv3_resnet50(
     return deeplabv3_resnet(
         50, num_classes=num_classes, output_stride=output_stride, multi_grid=multi_grid, atrous_rates=atrous_rates,
         head=head, aux_loss=aux_loss, fused=fused, preset=preset, residual_unit=residual_unit,
-        memory_efficient=memory_efficient,
+        memory_efficient=memory_efficient, width=width,
     )
 
 
@@ -191,10 +201,11 @@ def deeplabv3_resnet101(
     preset: str | None = None,
     residual_unit: str = "v1.5",
     memory_efficient: bool = False,
+    width: int = 64,
 ) -> DeepLabV3:
     """DeepLabV3 with a ResNet-101 backbone; arguments as :func:`deeplabv3_resnet50`."""
     return deeplabv3_resnet(
         101, num_classes=num_classes, output_stride=output_stride, multi_grid=multi_grid, atrous_rates=atrous_rates,
         head=head, aux_loss=aux_loss, fused=fused, preset=preset, residual_unit=residual_unit,
-        memory_efficient=memory_efficient,
+        memory_efficient=memory_efficient, width=width,
     )

@@ -172,6 +172,8 @@ class ResNet(nn.Sequential):
         residual_unit: "v1.5" (Bottleneck) or "preact" (PreActBottleneck).
         dilation_pattern: "paper" or "torchvision" (see :func:`stage_dilations`).
         return_aux: also return layer3's output as "aux".
+        width: channels of the stem and of block 1's bottleneck (64 in ResNet-50/101; each block doubles it,
+            and a bottleneck's output is 4x its width); smaller widths make small networks for CPU runs.
     """
 
     def __init__(
@@ -183,6 +185,7 @@ class ResNet(nn.Sequential):
         residual_unit: str = "v1.5",
         dilation_pattern: str = "paper",
         return_aux: bool = False,
+        width: int = 64,
     ) -> None:
         if depth not in DEPTHS:
             raise ValueError(f"depth must be one of {tuple(DEPTHS)}, got {depth!r}")
@@ -193,18 +196,20 @@ class ResNet(nn.Sequential):
         preact = residual_unit == "preact"
         block = PreActBottleneck if preact else Bottleneck
         layers: OrderedDict[str, nn.Module] = OrderedDict()
-        layers["conv1"] = nn.Conv2d(3, 64, 7, stride=2, padding=3, bias=preact)
+        if isinstance(width, bool) or not isinstance(width, int) or width < 1:
+            raise ValueError(f"width must be an int >= 1, got {width!r}")
+        layers["conv1"] = nn.Conv2d(3, width, 7, stride=2, padding=3, bias=preact)
         if not preact:
-            layers["bn1"] = nn.BatchNorm2d(64)
+            layers["bn1"] = nn.BatchNorm2d(width)
             layers["relu"] = nn.ReLU(inplace=True)
         layers["maxpool"] = nn.MaxPool2d(3, stride=2, padding=1)
-        in_channels = 64
+        in_channels = width
         for i, (stride, dilations) in enumerate(stages):
-            width = 64 * 2**i
+            planes = width * 2**i
             units = []
             for j, dilation in enumerate(dilations):
-                units.append(block(in_channels, width, stride if j == 0 else 1, dilation))
-                in_channels = width * block.expansion
+                units.append(block(in_channels, planes, stride if j == 0 else 1, dilation))
+                in_channels = planes * block.expansion
             layers[f"layer{i + 1}"] = nn.Sequential(*units)
         if preact:
             layers["postnorm"] = nn.Sequential(

@@ -203,8 +203,10 @@ def test_output_size_equals_input_size():
 
 def test_low_resolution_logits_and_the_small_backbone():
     # forward(x, upsample=False): the logits before the bilinear resize (what upsample_cross_entropy takes).
+    # A narrow network (width 16: 16..128-wide bottlenecks, 512 channels out of block 4, a 64-channel ASPP).
     torch.manual_seed(0)
-    net = model.deeplabv3_resnet(29, num_classes=5, aux_loss=True).eval()
+    net = model.deeplabv3_resnet(29, num_classes=5, aux_loss=True, width=16).eval()
+    assert net.backbone.out_channels == 512 and net.classifier[0].project[0].out_channels == 64
     x = torch.randn(1, 3, 45, 38)
     with torch.no_grad():
         full, low = net(x), net(x, upsample=False)
@@ -244,6 +246,8 @@ def test_channels_last(torchvision_pair, fused):
         ({"preset": "torchvision", "head": "paper", "atrous_rates": (1, 2, 3)}, r"fixes atrous_rates"),
         ({"residual_unit": "v2"}, r"residual_unit must be one of"),
         ({"memory_efficient": True}, r"memory_efficient=True needs fused=True"),
+        ({"width": 0}, r"width must be an int >= 1, got 0"),
+        ({"preset": "torchvision", "width": 32}, r"preset='torchvision' fixes width=64"),
     ],
 )
 def test_bad_configurations_fail_clearly(kwargs, message):
