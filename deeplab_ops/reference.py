@@ -88,9 +88,10 @@ def bn_apply(
 
 
 def act_grad(grad_out: Tensor, out: Tensor, relu: bool) -> Tensor:
-    """The gradient at the BN (+ residual) output: ReLU's backward uses the output's sign."""
+    """The gradient at the BN (+ residual) output: ReLU's backward is PyTorch's threshold_backward (zero where the
+    output is <= 0; a NaN output passes its gradient)."""
     g = grad_out.double()
-    return torch.where(out > 0, g, torch.zeros_like(g)) if relu else g
+    return torch.where(out <= 0, torch.zeros_like(g), g) if relu else g
 
 
 def bn_backward_reduce(

@@ -19,19 +19,13 @@ CPU = torch.device("cpu")
 
 
 # The Triton interpreter keeps the launch grid in one process-wide builder, so two interpreted launches from two
-# threads corrupt each other ("InterpreterError: ValueError('x >= grid_dim[0]')"). On a GPU, launches are
-# thread-safe; on CPU tensors the triton backend is the interpreter, a test vehicle. Reported to the triton
-# backend's owner: serialize interpreted launches with a lock in deeplab_ops/triton.
-INTERPRETER_NOT_THREAD_SAFE = "the Triton interpreter is not thread-safe (one global grid builder)"
-
-
+# threads would corrupt each other ("InterpreterError: ValueError('x >= grid_dim[0]')"): deeplab_ops/triton
+# serializes calls on CPU tensors with a lock, which these tests exercise.
 def _triton_param(op: str, **call):
     try:
         reasons = backends.not_supported_reasons("triton", op, CPU, **call)
     except TypeError:
         reasons = []
-    if not reasons and backends.interpreter_active():
-        reasons = [INTERPRETER_NOT_THREAD_SAFE]
     return pytest.param("triton", marks=pytest.mark.skip(reason="; ".join(reasons))) if reasons else "triton"
 
 

@@ -1,17 +1,42 @@
 """Triton kernels (the implicit-GEMM engine). Importing this package must not import triton.
 
-Registers the kernels of deeplab_ops::triton_conv_bn_relu_forward / _backward for CPU (Triton interpreter) and
-CUDA tensors, and what the triton backend supports. The kernel modules (conv_engine, bn_kernels, conv_bn_relu)
-import triton; they are imported on the first call.
+Registers the kernels of deeplab_ops::triton_conv_bn_relu_*, triton_aspp_* and triton_upsample_cross_entropy_*
+for CPU (Triton interpreter) and CUDA tensors, and what the triton backend supports. The kernel modules
+(conv_engine, bn_kernels, conv_bn_relu, aspp, upsample_ce) import triton; they are imported on the first call.
+
+The Triton interpreter keeps its launch grid in process-wide state, so interpreted launches (CPU tensors) from
+several Python threads would corrupt each other: calls on CPU tensors are serialized by one lock. CUDA launches
+are thread-safe and take no lock.
 """
 
 from __future__ import annotations
+
+import functools
+import threading
 
 import torch
 
 from deeplab_ops import backends
 
 _INT32_MAX = 2**31 - 1
+_INTERPRETER_LOCK = threading.RLock()
+
+
+def _serialized_on_cpu(kernel):
+    """`kernel` holding the interpreter lock when its first argument is a CPU tensor (the Triton interpreter)."""
+
+    @functools.wraps(kernel)
+    def wrapper(first, *args, **kwargs):
+        if first.device.type != "cpu":
+            return kernel(first, *args, **kwargs)
+        with _INTERPRETER_LOCK:
+            return kernel(first, *args, **kwargs)
+
+    return wrapper
+
+
+def _register(name: str, kernel) -> None:
+    torch.library.register_kernel(name, ("cpu", "cuda"), _serialized_on_cpu(kernel))
 
 
 def _forward(x, weight, bn_weight, bn_bias, running_mean, running_var, stride, padding, dilation, training, momentum,
@@ -48,8 +73,8 @@ def _conv_bn_relu_support(*, x, weight, stride, padding, dilation, training, res
     return reasons
 
 
-torch.library.register_kernel("deeplab_ops::triton_conv_bn_relu_forward", ("cpu", "cuda"), _forward)
-torch.library.register_kernel("deeplab_ops::triton_conv_bn_relu_backward", ("cpu", "cuda"), _backward)
+_register("deeplab_ops::triton_conv_bn_relu_forward", _forward)
+_register("deeplab_ops::triton_conv_bn_relu_backward", _backward)
 backends.register_support("triton", "conv_bn_relu", _conv_bn_relu_support)
 
 
@@ -90,8 +115,8 @@ def _aspp_support(*, x, rates, training, channels: int | None = None) -> list[st
     return reasons
 
 
-torch.library.register_kernel("deeplab_ops::triton_aspp_forward", ("cpu", "cuda"), _aspp_forward)
-torch.library.register_kernel("deeplab_ops::triton_aspp_backward", ("cpu", "cuda"), _aspp_backward)
+_register("deeplab_ops::triton_aspp_forward", _aspp_forward)
+_register("deeplab_ops::triton_aspp_backward", _aspp_backward)
 backends.register_support("triton", "aspp", _aspp_support)
 
 
@@ -124,6 +149,6 @@ def _uce_support(*, logits, target) -> list[str]:
     return reasons
 
 
-torch.library.register_kernel("deeplab_ops::triton_upsample_cross_entropy_forward", ("cpu", "cuda"), _uce_forward)
-torch.library.register_kernel("deeplab_ops::triton_upsample_cross_entropy_backward", ("cpu", "cuda"), _uce_backward)
+_register("deeplab_ops::triton_upsample_cross_entropy_forward", _uce_forward)
+_register("deeplab_ops::triton_upsample_cross_entropy_backward", _uce_backward)
 backends.register_support("triton", "upsample_cross_entropy", _uce_support)
