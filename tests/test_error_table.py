@@ -72,6 +72,13 @@ def aspp(**over):
     return deeplab_ops.aspp(*pos, **a)
 
 
+def uce(**over):
+    a = dict(logits=torch.randn(2, 3, 4, 5), target=torch.randint(0, 3, (2, 9, 11)), ignore_index=255,
+             align_corners=False, reduction="mean", backend="cpu")
+    a.update(over)
+    return deeplab_ops.upsample_cross_entropy(a.pop("logits"), a.pop("target"), **a)
+
+
 def aspp_item(key, i, value):
     a = aspp_args()
     a[key] = list(a[key])
@@ -268,6 +275,24 @@ CASES = {
     "aspp-eps": lambda d: aspp(eps=-1.0),
     "aspp-double-backward": lambda d: double_backward(lambda x: aspp(**{
         **aspp_args(cin=3, h=5, w=5, dtype=torch.float64), "x": x})),
+    "aspp-memory-efficient-type": lambda d: aspp(memory_efficient=1),
+    "cbr-memory-efficient-type": lambda d: cbr(memory_efficient="yes"),
+    # upsample_cross_entropy (deeplab_ops/ops/upsample_ce.py)
+    "uce-logits-type": lambda d: uce(logits=[1.0]),
+    "uce-target-type": lambda d: uce(target=None),
+    "uce-logits-rank": lambda d: uce(logits=torch.randn(3, 4, 5)),
+    "uce-logits-dtype": lambda d: uce(logits=torch.zeros(2, 3, 4, 5, dtype=torch.int32)),
+    "uce-target-rank": lambda d: uce(target=torch.zeros(2, 1, 9, 11, dtype=torch.int64)),
+    "uce-target-dtype": lambda d: uce(target=torch.zeros(2, 9, 11, dtype=torch.int32)),
+    "uce-target-device": lambda d: uce(target=torch.zeros(2, 9, 11, dtype=torch.int64, device="meta")),
+    "uce-batch": lambda d: uce(target=torch.zeros(3, 9, 11, dtype=torch.int64)),
+    "uce-classes": lambda d: uce(logits=torch.randn(2, 0, 4, 5)),
+    "uce-empty-map": lambda d: uce(target=torch.zeros(2, 0, 11, dtype=torch.int64)),
+    "uce-ignore-type": lambda d: uce(ignore_index=1.5),
+    "uce-align-type": lambda d: uce(align_corners=1),
+    "uce-reduction": lambda d: uce(reduction="avg"),
+    "uce-label-range": lambda d: uce(target=torch.full((2, 9, 11), 7, dtype=torch.int64)),
+    "nn-aspp-memory-efficient-type": lambda d: FusedASPP(4, (1,), 2, memory_efficient="yes"),
     # nn modules and model fusion checks (deeplab_ops/nn.py)
     "nn-conv-type": lambda d: check_fusable(nn.Linear(2, 2), nn.BatchNorm2d(2)),
     "nn-bn-type": lambda d: check_fusable(nn.Conv2d(2, 2, 1, bias=False), nn.BatchNorm1d(2)),
