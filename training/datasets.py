@@ -205,8 +205,8 @@ class SyntheticShapes:
     """A deterministic 21-class segmentation set: 5 shapes x 4 textures on textured backgrounds.
 
     Class = 1 + 4·shape + texture. Each object gets two random colours, so colour alone says nothing: the class
-    is the texture (horizontal stripes, vertical stripes, checkerboard, dots; period 4-7 px) together with the
-    outline (disc, square, triangle, ring, cross). Objects vary in size (radius 12-32% of the image), overlap
+    is the texture (horizontal stripes, vertical stripes, checkerboard, dots; period 6-10 px) together with the
+    outline (disc, square, triangle, ring, cross). Objects vary in size (radius 20-42% of the image), overlap
     (later objects occlude earlier ones; a ring's hole shows what lies below) and may be cut by the border.
     The background is a smooth random colour field with low-contrast diagonal stripes and pixel noise.
     Image i of a split is a pure function of (seed, split, i), generated on the fly.
@@ -266,7 +266,7 @@ class SyntheticShapes:
 
     def _shape(self, rng, name: str) -> np.ndarray:
         s = self.size
-        r = rng.uniform(0.12, 0.32) * s
+        r = rng.uniform(0.2, 0.42) * s
         cy, cx = rng.uniform(0.1 * s, 0.9 * s, 2)
         dy, dx = self._yy - cy, self._xx - cx
         if name == "disc":
@@ -284,7 +284,7 @@ class SyntheticShapes:
         raise ValueError(f"unknown shape {name!r}")
 
     def _texture(self, rng, name: str) -> np.ndarray:
-        period = float(rng.integers(4, 8))
+        period = float(rng.integers(6, 11))
         oy, ox = rng.uniform(0, period, 2)
         ty, tx = (self._yy + oy) % period < period / 2, (self._xx + ox) % period < period / 2
         if name == "hstripes":
