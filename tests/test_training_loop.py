@@ -165,7 +165,7 @@ def test_atomic_save_leaves_old_file_on_failure(tmp_path):
         ckpt_io.load_checkpoint(str(tmp_path / "bad.pt"))
 
 
-def _tiny_build_model(backbone, num_classes, output_stride, aux_loss, fused, memory_efficient=False):
+def _tiny_build_model(backbone, num_classes, output_stride, aux_loss, fused, memory_efficient=False, width=64):
     return TinySeg(num_classes, fused=fused)
 
 
