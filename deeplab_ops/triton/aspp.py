@@ -59,6 +59,8 @@ from deeplab_ops.triton.conv_engine import (
     _prune,
     _samples_hit,
     _sm_count,
+    _tile_origin,
+    _tile_pixels,
     dot_precision,
     launch,
 )
@@ -90,17 +92,8 @@ def _aspp_branch_fwd_kernel(
     blocks_n = tl.cdiv(C, BLOCK_N)
     br = pid_bn // blocks_n
     rate = tl.load(rates_ptr + br)
-    tiles_w = tl.cdiv(W, BLOCK_W)
-    tiles = tl.cdiv(H, BLOCK_H) * tiles_w
-    img = pid_t // tiles
-    oh0 = (pid_t % tiles // tiles_w) * BLOCK_H
-    ow0 = (pid_t % tiles % tiles_w) * BLOCK_W
-    oh_last = tl.minimum(oh0 + BLOCK_H, H) - 1
-    ow_last = tl.minimum(ow0 + BLOCK_W, W) - 1
-    offs_m = tl.arange(0, BLOCK_H * BLOCK_W)
-    oh = oh0 + offs_m // BLOCK_W
-    ow = ow0 + offs_m % BLOCK_W
-    m_mask = (oh < H) & (ow < W)
+    img, oh0, ow0, oh_last, ow_last = _tile_origin(pid_t, H, W, BLOCK_H, BLOCK_W)
+    oh, ow, m_mask = _tile_pixels(oh0, ow0, H, W, BLOCK_H, BLOCK_W)
     offs_n = (pid_bn % blocks_n) * BLOCK_N + tl.arange(0, BLOCK_N)
     n_mask = offs_n < C
     offs_k = tl.arange(0, BLOCK_K)
@@ -160,17 +153,8 @@ def _aspp_branch_dgrad_kernel(
 ):
     pid_t = tl.program_id(0)
     pid_n = tl.program_id(1)
-    tiles_w = tl.cdiv(W, BLOCK_W)
-    tiles = tl.cdiv(H, BLOCK_H) * tiles_w
-    img = pid_t // tiles
-    ih0 = (pid_t % tiles // tiles_w) * BLOCK_H
-    iw0 = (pid_t % tiles % tiles_w) * BLOCK_W
-    ih_last = tl.minimum(ih0 + BLOCK_H, H) - 1
-    iw_last = tl.minimum(iw0 + BLOCK_W, W) - 1
-    offs_m = tl.arange(0, BLOCK_H * BLOCK_W)
-    ih = ih0 + offs_m // BLOCK_W
-    iw = iw0 + offs_m % BLOCK_W
-    m_mask = (ih < H) & (iw < W)
+    img, ih0, iw0, ih_last, iw_last = _tile_origin(pid_t, H, W, BLOCK_H, BLOCK_W)
+    ih, iw, m_mask = _tile_pixels(ih0, iw0, H, W, BLOCK_H, BLOCK_W)
     offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
     n_mask = offs_n < C_in
     offs_k = tl.arange(0, BLOCK_K)
@@ -241,11 +225,7 @@ def _aspp_branch_wgrad_kernel(
 
     acc = tl.zeros((BLOCK_M, BLOCK_N), ACC_DTYPE)
     for tile in range(pid_s, N * tiles, SPLITS):
-        img = tile // tiles
-        oh0 = (tile % tiles // tiles_w) * BLOCK_H
-        ow0 = (tile % tiles % tiles_w) * BLOCK_W
-        oh_last = tl.minimum(oh0 + BLOCK_H, H) - 1
-        ow_last = tl.minimum(ow0 + BLOCK_W, W) - 1
+        img, oh0, ow0, oh_last, ow_last = _tile_origin(tile, H, W, BLOCK_H, BLOCK_W)
         rows_hit = _samples_hit(oh0 + ih_off, oh_last + ih_off, 1, H)
         cols_hit = _samples_hit(ow0 + iw_off, ow_last + iw_off, 1, W)
         if rows_hit & cols_hit:  # else: this tap reads only zero padding for the whole tile

@@ -48,6 +48,26 @@ from deeplab_ops.triton.bn_kernels import _act_grad, _bn_dy, acc_dtype
 
 
 @triton.jit
+def _tile_origin(t, H, W, BLOCK_H: tl.constexpr, BLOCK_W: tl.constexpr):
+    """Tile t of the (N, cdiv(H, BLOCK_H), cdiv(W, BLOCK_W)) grid of 2-D spatial tiles: (image, first row, first
+    column, last row, last column) of its pixels inside the map."""
+    tiles_w = tl.cdiv(W, BLOCK_W)
+    tiles = tl.cdiv(H, BLOCK_H) * tiles_w
+    r0 = (t % tiles // tiles_w) * BLOCK_H
+    c0 = (t % tiles % tiles_w) * BLOCK_W
+    return t // tiles, r0, c0, tl.minimum(r0 + BLOCK_H, H) - 1, tl.minimum(c0 + BLOCK_W, W) - 1
+
+
+@triton.jit
+def _tile_pixels(r0, c0, H, W, BLOCK_H: tl.constexpr, BLOCK_W: tl.constexpr):
+    """Row and column of each of a tile's BLOCK_H * BLOCK_W pixels (row-major), and which lie inside the map."""
+    offs = tl.arange(0, BLOCK_H * BLOCK_W)
+    r = r0 + offs // BLOCK_W
+    c = c0 + offs % BLOCK_W
+    return r, c, (r < H) & (c < W)
+
+
+@triton.jit
 def _samples_hit(first, last, step, size):
     # Does any of first, first + step, ..., last (first <= last) lie in [0, size)? Integer division only on
     # non-negative values: Triton's // truncates toward zero.
@@ -112,17 +132,8 @@ def _conv_fwd_kernel(
 ):
     pid_t = tl.program_id(0)
     pid_n = tl.program_id(1)
-    tiles_w = tl.cdiv(W_out, BLOCK_W)
-    tiles = tl.cdiv(H_out, BLOCK_H) * tiles_w
-    img = pid_t // tiles
-    oh0 = (pid_t % tiles // tiles_w) * BLOCK_H
-    ow0 = (pid_t % tiles % tiles_w) * BLOCK_W
-    oh_last = tl.minimum(oh0 + BLOCK_H, H_out) - 1
-    ow_last = tl.minimum(ow0 + BLOCK_W, W_out) - 1
-    offs_m = tl.arange(0, BLOCK_H * BLOCK_W)
-    oh = oh0 + offs_m // BLOCK_W
-    ow = ow0 + offs_m % BLOCK_W
-    m_mask = (oh < H_out) & (ow < W_out)
+    img, oh0, ow0, oh_last, ow_last = _tile_origin(pid_t, H_out, W_out, BLOCK_H, BLOCK_W)
+    oh, ow, m_mask = _tile_pixels(oh0, ow0, H_out, W_out, BLOCK_H, BLOCK_W)
     offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
     n_mask = offs_n < C_out
     offs_k = tl.arange(0, BLOCK_K)
@@ -192,17 +203,8 @@ def _conv_dgrad_kernel(
 ):
     pid_t = tl.program_id(0)
     pid_n = tl.program_id(1)
-    tiles_w = tl.cdiv(W, BLOCK_W)
-    tiles = tl.cdiv(H, BLOCK_H) * tiles_w
-    img = pid_t // tiles
-    ih0 = (pid_t % tiles // tiles_w) * BLOCK_H
-    iw0 = (pid_t % tiles % tiles_w) * BLOCK_W
-    ih_last = tl.minimum(ih0 + BLOCK_H, H) - 1
-    iw_last = tl.minimum(iw0 + BLOCK_W, W) - 1
-    offs_m = tl.arange(0, BLOCK_H * BLOCK_W)
-    ih = ih0 + offs_m // BLOCK_W
-    iw = iw0 + offs_m % BLOCK_W
-    m_mask = (ih < H) & (iw < W)
+    img, ih0, iw0, ih_last, iw_last = _tile_origin(pid_t, H, W, BLOCK_H, BLOCK_W)
+    ih, iw, m_mask = _tile_pixels(ih0, iw0, H, W, BLOCK_H, BLOCK_W)
     offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
     n_mask = offs_n < C_in
     offs_k = tl.arange(0, BLOCK_K)
@@ -270,11 +272,7 @@ def _conv_wgrad_kernel(
 
     acc = tl.zeros((BLOCK_M, BLOCK_N), ACC_DTYPE)
     for t in range(pid_s, N * tiles, SPLITS):
-        img = t // tiles
-        oh0 = (t % tiles // tiles_w) * BLOCK_H
-        ow0 = (t % tiles % tiles_w) * BLOCK_W
-        oh_last = tl.minimum(oh0 + BLOCK_H, H_out) - 1
-        ow_last = tl.minimum(ow0 + BLOCK_W, W_out) - 1
+        img, oh0, ow0, oh_last, ow_last = _tile_origin(t, H_out, W_out, BLOCK_H, BLOCK_W)
         rows_hit = _samples_hit(oh0 * stride_h + ih_off, oh_last * stride_h + ih_off, stride_h, H)
         cols_hit = _samples_hit(ow0 * stride_w + iw_off, ow_last * stride_w + iw_off, stride_w, W)
         if rows_hit & cols_hit:  # else: this tap reads only zero padding for the whole tile
