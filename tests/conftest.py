@@ -31,6 +31,15 @@ def _fresh_seed(request):
     yield
 
 
+@pytest.fixture
+def no_tf32():
+    """float32 comparisons against float64 use float32 tolerances: TF32 off unless a test turns it on."""
+    previous = torch.backends.cudnn.allow_tf32
+    torch.backends.cudnn.allow_tf32 = False
+    yield
+    torch.backends.cudnn.allow_tf32 = previous
+
+
 def pytest_report_header(config):
     return (
         f"deeplab_ops: torch {torch.__version__}, cuda visible: {torch.cuda.is_available()}, "

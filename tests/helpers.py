@@ -126,3 +126,18 @@ def run_and_compare(case: Case, backend: str, dtype=torch.float32, device="cpu",
     gatol = atol * 10 if dtype != torch.float64 else atol
     for (name, _, _), g, e in zip(inputs, got, want, strict=True):
         assert_close(g, e, f"[{case}] {backend} grad {name}", gatol, rtol * 10 if dtype != torch.float64 else rtol)
+
+
+def assert_same_training_step(model, fused, x, target) -> None:
+    """One training step of `model` and of its fused copy (same parameters): the same squared-error loss,
+    parameter gradients and buffers (running statistics, num_batches_tracked)."""
+    losses = []
+    for m in (model, fused):
+        loss = ((m(x) - target) ** 2).mean()
+        loss.backward()
+        losses.append(loss.detach())
+    torch.testing.assert_close(losses[1], losses[0], rtol=1e-5, atol=1e-6)
+    for (name, p), q in zip(model.named_parameters(), fused.parameters(), strict=True):
+        assert_close(q.grad, p.grad, f"grad {name}", 1e-5, 1e-4)
+    for (name, b), c in zip(model.named_buffers(), fused.buffers(), strict=True):
+        assert_close(c, b, f"buffer {name}", 1e-6, 1e-6)

@@ -8,7 +8,7 @@ import pickle
 
 import pytest
 import torch
-from helpers import CUDA, Case, assert_close, make_inputs, tolerances
+from helpers import CUDA, Case, assert_close, assert_same_training_step, make_inputs, tolerances
 from torch import nn
 
 import deeplab_ops
@@ -313,16 +313,7 @@ def test_fused_model_matches_unfused(frozen_bn):
                     bn.eval()
     x = torch.randn(2, 3, 9, 9)
     target = torch.randn(2, 2, 5, 5)
-    losses = []
-    for m in (model, fused):
-        loss = ((m(x) - target) ** 2).mean()
-        loss.backward()
-        losses.append(loss.detach())
-    torch.testing.assert_close(losses[1], losses[0], rtol=1e-5, atol=1e-6)
-    for (name, p), q in zip(model.named_parameters(), fused.parameters(), strict=True):
-        assert_close(q.grad, p.grad, f"grad {name}", 1e-5, 1e-4)
-    for (name, b), c in zip(model.named_buffers(), fused.buffers(), strict=True):
-        assert_close(c, b, f"buffer {name}", 1e-6, 1e-6)
+    assert_same_training_step(model, fused, x, target)
 
 
 @pytest.mark.parametrize("frozen_bn", [False, True])

@@ -29,12 +29,7 @@ if not CUDA and not backends.interpreter_active():
     pytest.skip("no GPU and TRITON_INTERPRET is not set", allow_module_level=True)
 
 
-@pytest.fixture(autouse=True)
-def _no_tf32():
-    previous = torch.backends.cudnn.allow_tf32
-    torch.backends.cudnn.allow_tf32 = False
-    yield
-    torch.backends.cudnn.allow_tf32 = previous
+pytestmark = pytest.mark.usefixtures("no_tf32")
 
 
 def _inputs(n=2, cin=8, c=4, h=9, w=9, rates=(6, 12, 18), dtype=torch.float32, device=DEVICE,

@@ -24,13 +24,7 @@ if not CUDA and not backends.interpreter_active():
     pytest.skip("no GPU and TRITON_INTERPRET is not set", allow_module_level=True)
 
 
-@pytest.fixture(autouse=True)
-def _no_tf32():
-    # float32 comparisons are against float64 with float32 tolerances: TF32 off unless a test turns it on.
-    previous = torch.backends.cudnn.allow_tf32
-    torch.backends.cudnn.allow_tf32 = False
-    yield
-    torch.backends.cudnn.allow_tf32 = previous
+pytestmark = pytest.mark.usefixtures("no_tf32")
 
 
 # The foundation's matrix (tests/test_conv_bn_relu.py: kernels 1x1 and 3x3, dilation 1-18 with padding =
