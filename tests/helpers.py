@@ -141,3 +141,20 @@ def assert_same_training_step(model, fused, x, target) -> None:
         assert_close(q.grad, p.grad, f"grad {name}", 1e-5, 1e-4)
     for (name, b), c in zip(model.named_buffers(), fused.buffers(), strict=True):
         assert_close(c, b, f"buffer {name}", 1e-6, 1e-6)
+
+
+def assert_module_matches(module, expected_module, x, what: str) -> torch.Tensor:
+    """`module` (fused) against `expected_module` (the torch one, same parameters) on x: output, the gradient of x
+    and of every parameter for a random output gradient, and the buffers after the call. Returns the output."""
+    xe, xm = x.clone().requires_grad_(), x.clone().requires_grad_()
+    expected, out = expected_module(xe), module(xm)
+    assert_close(out, expected, f"{what}: output", 1e-5, 1e-5)
+    grad = torch.randn_like(out)
+    expected.backward(grad)
+    out.backward(grad)
+    assert_close(xm.grad, xe.grad, f"{what}: grad x", 1e-4, 1e-4)
+    for (name, pm), pe in zip(module.named_parameters(), expected_module.parameters(), strict=True):
+        assert_close(pm.grad, pe.grad, f"{what}: grad {name}", 1e-4, 1e-4)
+    for (name, bm), be in zip(module.named_buffers(), expected_module.buffers(), strict=True):
+        assert_close(bm, be, f"{what}: buffer {name}", 1e-5, 1e-5)
+    return out

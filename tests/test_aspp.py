@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import pytest
 import torch
-from helpers import CUDA, assert_close
+from helpers import CUDA, assert_close, assert_module_matches
 from torchvision.models.segmentation.deeplabv3 import ASPP
 
 import deeplab_ops
@@ -50,19 +50,8 @@ def test_matches_torchvision_aspp(size, rates, training):
     x = torch.randn(2, cin, size, size + 2)
     if channels_last:
         x = x.contiguous(memory_format=torch.channels_last)
-    xt, xf = x.clone().requires_grad_(), x.clone().requires_grad_()
-    expected, out = tv(xt), fused(xf)
+    out = assert_module_matches(fused, tv, x, f"rates {rates} at {size}x{size + 2} {'train' if training else 'eval'}")
     assert out.is_contiguous(memory_format=torch.channels_last if channels_last else torch.contiguous_format)
-    what = f"rates {rates} at {size}x{size + 2} {'train' if training else 'eval'}"
-    assert_close(out, expected, f"{what}: output", 1e-5, 1e-5)
-    grad = torch.randn_like(out)
-    expected.backward(grad)
-    out.backward(grad)
-    assert_close(xf.grad, xt.grad, f"{what}: grad x", 1e-4, 1e-4)
-    for (name, pf), pt in zip(fused.named_parameters(), tv.parameters(), strict=True):
-        assert_close(pf.grad, pt.grad, f"{what}: grad {name}", 1e-4, 1e-4)
-    for (name, bf), bt in zip(fused.named_buffers(), tv.buffers(), strict=True):
-        assert_close(bf, bt, f"{what}: buffer {name}", 1e-5, 1e-5)
 
 
 def _functional_inputs(n=2, cin=5, c=3, h=7, w=6, rates=(2, 5), dtype=torch.float64):

@@ -14,7 +14,7 @@ import itertools
 
 import pytest
 import torch
-from helpers import CUDA, assert_close, tolerances
+from helpers import CUDA, assert_close, assert_module_matches, tolerances
 from torchvision.models.segmentation.deeplabv3 import ASPP
 
 import deeplab_ops
@@ -172,18 +172,7 @@ def test_fused_module_matches_torchvision(training):
     tv.train(training)
     fused.train(training)
     x = torch.randn(2, 6, 17, 13, device=DEVICE).contiguous(memory_format=torch.channels_last)
-    xt, xf = x.clone().requires_grad_(), x.clone().requires_grad_()
-    expected, out = tv(xt), fused(xf)
-    what = f"torchvision {'train' if training else 'eval'}"
-    assert_close(out, expected, f"{what}: output", 1e-5, 1e-5)
-    grad = torch.randn_like(out)
-    expected.backward(grad)
-    out.backward(grad)
-    assert_close(xf.grad, xt.grad, f"{what}: grad x", 1e-4, 1e-4)
-    for (name, pf), pt in zip(fused.named_parameters(), tv.parameters(), strict=True):
-        assert_close(pf.grad, pt.grad, f"{what}: grad {name}", 1e-4, 1e-4)
-    for (name, bf), bt in zip(fused.named_buffers(), tv.buffers(), strict=True):
-        assert_close(bf, bt, f"{what}: buffer {name}", 1e-5, 1e-5)
+    assert_module_matches(fused, tv, x, f"torchvision {'train' if training else 'eval'}")
 
 
 @pytest.mark.parametrize("training", [True, pytest.param(False, marks=pytest.mark.slow)], ids=["train", "eval"])
