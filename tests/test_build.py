@@ -112,3 +112,16 @@ def test_missing_extension_error_says_how_to_rebuild():
     assert proc.returncode != 0
     assert "the compiled extension deeplab_ops._C is missing" in proc.stderr, proc.stderr[-2000:]
     assert "pip install --no-build-isolation -e ." in proc.stderr
+
+
+def test_triton_backend_runs_here():
+    # triton is a requirement: on a CUDA machine the backend runs CUDA tensors; without a GPU, tests/conftest.py
+    # turns on the interpreter, so it must run CPU tensors. The triton tests' "cannot run here" skips are guards
+    # for other environments; this keeps them from hiding a broken triton install in CI.
+    import torch
+
+    from deeplab_ops import backends
+
+    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    reasons = backends.available_backends(device)["triton"]
+    assert not reasons, f"triton backend cannot run {device.type} tensors here: {reasons}"

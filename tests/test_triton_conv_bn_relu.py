@@ -18,7 +18,7 @@ from deeplab_ops import backends, reference
 
 DEVICE = "cuda" if CUDA else "cpu"
 ops = torch.ops.deeplab_ops
-triton_cbr = pytest.importorskip("deeplab_ops.triton.conv_bn_relu")
+import deeplab_ops.triton.conv_bn_relu as triton_cbr  # noqa: E402  (triton is a requirement: fail, never skip)
 
 if not CUDA and not backends.interpreter_active():
     pytest.skip("no GPU and TRITON_INTERPRET is not set", allow_module_level=True)
