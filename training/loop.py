@@ -23,6 +23,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+import deeplab_ops
 from training import checkpoint as ckpt_io
 from training import datasets
 from training import distributed as dist_utils
@@ -168,8 +169,6 @@ def _cross_entropy_sum(logits: torch.Tensor, target: torch.Tensor, ignore_index:
         logits = logits.float()  # autocast's half logits: the loss in float32
     if logits.shape[-2:] == target.shape[-2:]:
         return F.cross_entropy(logits, target, ignore_index=ignore_index, reduction="sum")
-    import deeplab_ops
-
     return deeplab_ops.upsample_cross_entropy(logits, target, ignore_index=ignore_index, reduction="sum")
 
 
