@@ -187,3 +187,20 @@ def test_scripts_run_as_scripts_and_help():
 
 def test_gpu_suite_is_valid_bash():
     assert subprocess.run(["bash", "-n", str(BENCH_DIR / "gpu_suite.sh")], timeout=30).returncode == 0
+
+
+def test_goal_report_reads_the_lean_memory_goal(tmp_path):
+    # train_bench rows: the lean provider at 0.5x eager's peak memory and 1.1x its speed (met); cuda-lean at 0.7x
+    # (not met); a lean row without an eager row of the same batch is not compared.
+    def row(provider, ms, mem, batch=16):
+        return {"op": "deeplabv3", "provider": provider, "mode": "train_step", "dtype": "bf16", "batch": batch,
+                "shape": "deeplabv3_r50 os16 513x513", "status": "ok", "median_ms": ms, "peak_mem_mb": mem,
+                "gpu": "test GPU"}
+
+    rows = [row("eager", 110.0, 1000.0), row("triton-lean", 100.0, 500.0), row("cuda-lean", 100.0, 700.0),
+            row("triton-lean", 50.0, 300.0, batch=8)]
+    (tmp_path / "train_bench.json").write_text(json.dumps({"rows": rows, "meta": {}}))
+    lines = [line for line in common.goal_report(tmp_path) if line.startswith("lean training step")]
+    assert len(lines) == 2, lines
+    assert "triton-lean memory 0.50x, speed 1.10x met" in lines[0] and "test GPU" in lines[0]
+    assert "cuda-lean memory 0.70x, speed 1.10x NOT met" in lines[1]

@@ -207,3 +207,23 @@ def test_train_script_end_to_end(tmp_path, monkeypatch, capsys):
 
     with pytest.raises(ValueError, match="batch size 1"):
         train_script.main(common + ["--out-dir", str(tmp_path / "b1"), "--batch-size", "1"])
+
+
+def test_cli_presets_and_memory_efficient_flag(capsys):
+    # The synthetic CPU default is the narrow network the README's quick start describes; VOC keeps the paper's.
+    args = train_script.parse_args([])
+    train_script._apply_presets(args, torch.device("cpu"))
+    assert (args.backbone, args.backbone_width, args.output_stride, args.iterations) == ("resnet29", 16, 8, 4000)
+    args = train_script.parse_args(["--dataset", "voc", "--data-root", "x"])
+    train_script._apply_presets(args, torch.device("cpu"))
+    assert (args.backbone, args.backbone_width, args.output_stride, args.crop_size) == ("resnet101", 64, 16, 513)
+    # --memory-efficient is a mode of the fused ops, and reaches every fused module of the model.
+    with pytest.raises(SystemExit):
+        train_script.parse_args(["--memory-efficient"])
+    assert "--memory-efficient is a mode of the fused ops: add --fused-ops" in capsys.readouterr().err
+    from deeplab_ops.fusion import fused_config
+
+    net = train_script.build_model("resnet29", 5, 16, False, True, memory_efficient=True, width=8)
+    cfgs = [fused_config(m) for m in net.modules() if fused_config(m) is not None]
+    assert cfgs and all(c.memory_efficient for c in cfgs)
+    assert net.backbone.out_channels == 256  # width 8: 8 * 8 * 4
