@@ -493,7 +493,7 @@ def _apply_presets(args, device: torch.device) -> None:
         args.workers = 0 if device.type == "cpu" else min(8, os.cpu_count() or 1)
     if args.out_dir is None:
         args.out_dir = os.path.join("runs", args.dataset)
-    for name in ("iterations", "batch_size", "crop_size"):
+    for name in ("iterations", "batch_size", "crop_size", "backbone_width"):
         if getattr(args, name) < 1:
             raise SystemExit(f"--{name.replace('_', '-')} must be >= 1, got {getattr(args, name)}")
 

@@ -217,6 +217,9 @@ def test_cli_presets_and_memory_efficient_flag(capsys):
     args = train_script.parse_args(["--dataset", "voc", "--data-root", "x"])
     train_script._apply_presets(args, torch.device("cpu"))
     assert (args.backbone, args.backbone_width, args.output_stride, args.crop_size) == ("resnet101", 64, 16, 513)
+    args = train_script.parse_args(["--backbone-width", "0"])
+    with pytest.raises(SystemExit, match="--backbone-width must be >= 1, got 0"):
+        train_script._apply_presets(args, torch.device("cpu"))
     # --memory-efficient is a mode of the fused ops, and reaches every fused module of the model.
     with pytest.raises(SystemExit):
         train_script.parse_args(["--memory-efficient"])
