@@ -1,0 +1,64 @@
+"""The bottom layer: shape, dtype and layout helpers that ops/, triton/ and nn import (this module imports none of them).
+"""
+
+from __future__ import annotations
+
+import numbers
+
+import torch
+from torch._prims_common import suggest_memory_format
+
+Tensor = torch.Tensor
+
+INT32_MAX = 2**31 - 1
+HALF_DTYPES = (torch.float16, torch.bfloat16)
+FLOAT_DTYPES = (torch.float32, torch.float64, torch.float16, torch.bfloat16)
+
+
+def opmath_dtype(dtype: torch.dtype) -> torch.dtype:
+    """The dtype of per-channel statistics and accumulators for activations of `dtype`."""
+    return torch.float64 if dtype == torch.float64 else torch.float32
+
+
+def pair(value, name: str) -> tuple[int, int]:
+    """An int or a pair of ints as a pair; TypeError naming `name` otherwise."""
+    if isinstance(value, numbers.Integral) and not isinstance(value, bool):
+        return int(value), int(value)
+    if (
+        isinstance(value, (tuple, list))
+        and len(value) == 2
+        and all(isinstance(v, numbers.Integral) and not isinstance(v, bool) for v in value)
+    ):
+        return int(value[0]), int(value[1])
+    raise TypeError(f"{name} must be an int or a pair of ints, got {value!r}")
+
+
+def conv_output_size(
+    size: tuple[int, int], kernel: tuple[int, int], stride: tuple[int, int], padding: tuple[int, int],
+    dilation: tuple[int, int],
+) -> tuple[int, int]:
+    """Spatial output size of a convolution (may be < 1 for invalid geometry)."""
+    return (
+        (size[0] + 2 * padding[0] - dilation[0] * (kernel[0] - 1) - 1) // stride[0] + 1,
+        (size[1] + 2 * padding[1] - dilation[1] * (kernel[1] - 1) - 1) // stride[1] + 1,
+    )
+
+
+def empty_activation(like: Tensor, shape: tuple[int, ...] | None = None, dtype: torch.dtype | None = None) -> Tensor:
+    """An empty 4-D activation in `like`'s memory format (what the kernels return for outputs)."""
+    return torch.empty(
+        shape if shape is not None else like.shape,
+        dtype=dtype or like.dtype,
+        device=like.device,
+        memory_format=suggest_memory_format(like),
+    )
+
+
+def to_nhwc(t: Tensor) -> Tensor:
+    """(N, C, H, W) -> contiguous (N, H, W, C): a view for channels_last tensors, one copy for NCHW ones."""
+    return t.permute(0, 2, 3, 1).contiguous()
+
+
+def from_nhwc(t: Tensor, memory_format: torch.memory_format) -> Tensor:
+    """(N, H, W, C) -> (N, C, H, W) in `memory_format`: a view for channels_last, one copy for NCHW."""
+    return t.permute(0, 3, 1, 2).contiguous(memory_format=memory_format)
