@@ -338,6 +338,9 @@ def cmd_train(args, device, info) -> None:
         net = net.to(memory_format=torch.channels_last)
     if args.freeze_bn:
         loop.freeze_batchnorm(net)
+    if args.compile:
+        # In place (Module.compile): state_dict keys and checkpoints stay those of the plain model.
+        net.compile()
     if info.enabled:
         if not args.freeze_bn:
             net = distributed.convert_sync_batchnorm(net, device.type)
@@ -444,6 +447,8 @@ def parse_args(argv=None) -> argparse.Namespace:
     g.add_argument("--freeze-bn", action="store_true", help="BatchNorm in eval mode with frozen affine parameters")
     g.add_argument("--amp", choices=["none", "bf16", "fp16"], default="none", help="mixed precision (GPU)")
     g.add_argument("--channels-last", action="store_true", help="NHWC memory format for the model and inputs")
+    g.add_argument("--compile", action="store_true",
+                   help="torch.compile the model: no Python or dispatcher time per op (the first steps compile)")
     g.add_argument("--seed", type=int, default=0, help="seed of the model init, sample order and augmentation")
     g.add_argument("--deterministic", action="store_true", help="torch deterministic algorithms, no cudnn benchmark")
 

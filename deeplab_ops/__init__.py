@@ -16,7 +16,7 @@ from deeplab_ops import _extension
 
 _extension.load()
 
-from deeplab_ops.ops import bn_stages as _bn_stages  # noqa: E402,F401  (fake kernels)
+from deeplab_ops.ops import bn_stages as _bn_stages  # noqa: E402,F401  (fake kernels of the stage ops)
 from deeplab_ops.ops.conv_bn_relu import conv_bn_relu  # noqa: E402
 from deeplab_ops.ops.aspp import aspp  # noqa: E402
 from deeplab_ops.ops.upsample_ce import upsample_cross_entropy  # noqa: E402

@@ -1,9 +1,10 @@
 """Backends and dispatch: what each backend supports, why not, and which one `auto` picks.
 
-Each backend states the reasons it cannot run a call (empty when it can), as xformers does; `auto` picks the
-first candidate with no reasons (CUDA tensors: triton, then cuda; CPU tensors: cpu), and an explicitly named
-backend that cannot run raises an error listing every backend's reasons. `DEEPLAB_OPS_BACKEND` overrides
-`backend=None`. The reference backend is never picked automatically.
+Every backend's rules live here, in one place: `not_supported_reasons(backend, op, device, **call)` returns the
+reasons a backend cannot run a call (empty when it can), as xformers does. `auto` picks the first candidate with
+no reasons (CUDA tensors: triton, then cuda; CPU tensors: cpu); an explicitly named backend that cannot run
+raises an error listing every backend's reasons. `DEEPLAB_OPS_BACKEND` overrides `backend=None`. The reference
+backend is never picked automatically.
 """
 
 from __future__ import annotations
@@ -11,22 +12,15 @@ from __future__ import annotations
 import functools
 import importlib.util
 import os
-from collections.abc import Callable
 
 import torch
 
 from deeplab_ops import _extension
+from deeplab_ops.common import HALF_DTYPES, INT32_MAX, conv_output_size
 
 BACKENDS = ("reference", "cpu", "cuda", "triton")
+OPS = ("conv_bn_relu", "aspp", "upsample_cross_entropy")
 ENV_VAR = "DEEPLAB_OPS_BACKEND"
-
-# Per-op support checks that a backend adds beyond device and build: (backend, op) -> fn(**call) -> reasons.
-_OP_SUPPORT: dict[tuple[str, str], Callable[..., list[str]]] = {}
-
-
-def register_support(backend: str, op: str, fn: Callable[..., list[str]]) -> None:
-    """Register a function returning the reasons `backend` cannot run a call of `op` (empty list: it can)."""
-    _OP_SUPPORT[(backend, op)] = fn
 
 
 def interpreter_active() -> bool:
@@ -70,14 +64,69 @@ def _device_reasons(backend: str, device: torch.device) -> list[str]:
     raise ValueError(f"unknown backend {backend!r}; expected one of {BACKENDS}")
 
 
+# ---- per-op rules beyond device and build ---------------------------------------------------------------
+
+
+def _interpreter_half(t: torch.Tensor, name: str) -> list[str]:
+    if t.device.type == "cpu" and t.dtype in HALF_DTYPES:
+        return [f"{name} has dtype {t.dtype}: the Triton interpreter stores half types as raw bits, so "
+                "float16/bfloat16 run on CUDA tensors only"]
+    return []
+
+
+def _int32(largest: int) -> list[str]:
+    if largest > INT32_MAX:
+        return [f"a tensor of {largest} elements: the kernels index with int32 (at most {INT32_MAX})"]
+    return []
+
+
+def _no_group(synchronized: bool) -> list[str]:
+    if synchronized:
+        return ["it has no synchronized BatchNorm (a process_group in training): use backend='cuda' or 'cpu'"]
+    return []
+
+
+def _triton_conv_bn_relu(*, x, weight, stride, padding, dilation, synchronized=False, **_) -> list[str]:
+    n, _, h, w = x.shape
+    cout, _, kh, kw = weight.shape
+    ho, wo = conv_output_size((h, w), (kh, kw), stride, padding, dilation)
+    return (_interpreter_half(x, "x") + _int32(max(x.numel(), n * cout * ho * wo, weight.numel()))
+            + _no_group(synchronized))
+
+
+def _triton_aspp(*, x, rates, channels, synchronized=False, **_) -> list[str]:
+    n, c_in, h, w = x.shape
+    # The largest tensors: the (N, H, W, (1 + len(rates)) * C) branch buffer and the packed branch weights.
+    largest = max(x.numel(), n * h * w * (1 + len(rates)) * channels, (1 + 9 * len(rates)) * c_in * channels)
+    return _interpreter_half(x, "x") + _int32(largest) + _no_group(synchronized)
+
+
+def _triton_uce(*, logits, target, **_) -> list[str]:
+    return _interpreter_half(logits, "logits") + _int32(max(logits.numel(), target.numel()))
+
+
+def _cpu_uce(*, logits, **_) -> list[str]:
+    if logits.dtype in HALF_DTYPES:
+        return [f"logits has dtype {logits.dtype}: the CPU kernels take float32 or float64 (use logits.float())"]
+    return []
+
+
+_OP_RULES = {
+    ("triton", "conv_bn_relu"): _triton_conv_bn_relu,
+    ("triton", "aspp"): _triton_aspp,
+    ("triton", "upsample_cross_entropy"): _triton_uce,
+    ("cpu", "upsample_cross_entropy"): _cpu_uce,
+}
+
+
 def not_supported_reasons(backend: str, op: str, device: torch.device, **call) -> list[str]:
     """Why `backend` cannot run this call of `op` on `device`; empty when it can."""
+    if op not in OPS:
+        raise ValueError(f"unknown op {op!r}; expected one of {OPS}")
     reasons = _device_reasons(backend, device)
-    if backend == "triton" and (backend, op) not in _OP_SUPPORT and not reasons:
-        reasons.append(f"no Triton kernel for {op}")
-    check = _OP_SUPPORT.get((backend, op))
-    if check is not None and not reasons:
-        reasons.extend(check(**call))
+    rule = _OP_RULES.get((backend, op))
+    if rule is not None and not reasons and call:
+        reasons.extend(rule(**call))
     return reasons
 
 
@@ -91,7 +140,7 @@ def resolve(backend: str | None, op: str, device: torch.device, **call) -> str:
     if backend is None:
         backend = os.environ.get(ENV_VAR) or "auto"
         source = ENV_VAR
-    if not isinstance(backend, str) or (backend != "auto" and backend not in BACKENDS):
+    if backend != "auto" and backend not in BACKENDS:
         raise ValueError(f"{source}={backend!r} is not a backend; expected one of {('auto', *BACKENDS)} or None")
     if backend != "auto":
         reasons = not_supported_reasons(backend, op, device, **call)

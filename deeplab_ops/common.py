@@ -4,6 +4,7 @@
 from __future__ import annotations
 
 import numbers
+import weakref
 
 import torch
 from torch._prims_common import suggest_memory_format
@@ -62,3 +63,39 @@ def to_nhwc(t: Tensor) -> Tensor:
 def from_nhwc(t: Tensor, memory_format: torch.memory_format) -> Tensor:
     """(N, H, W, C) -> (N, C, H, W) in `memory_format`: a view for channels_last, one copy for NCHW."""
     return t.permute(0, 3, 1, 2).contiguous(memory_format=memory_format)
+
+
+# ---- tensors derived from parameters, cached per parameter version --------------------------------------------
+#
+# A packed/transposed weight or a BatchNorm folded into a conv is a pure function of a few parameters and buffers.
+# It is rebuilt only when one of them changed: the key holds each tensor's storage pointer and its version counter,
+# which every in-place write bumps (optimizer steps, load_state_dict, running-statistics updates). An entry lives
+# as long as the first tensor of its key (weakref finalizer), so the cache never keeps a freed parameter's
+# derivative alive.
+
+_DERIVED: dict[tuple, tuple[tuple, object]] = {}
+
+
+def _stamp(tensors) -> tuple:
+    return tuple((None, 0) if t is None else (t.data_ptr(), t._version) for t in tensors)
+
+
+def derived(tag, tensors: tuple, build):
+    """`build()` for these tensors, cached until one of them is written to or replaced. `tag` names the kind of
+    derivative (and any non-tensor inputs); tensors[0] must not be None: the entry dies with it."""
+    owner = tensors[0]
+    key = (tag, id(owner), *(id(t) for t in tensors[1:]))
+    stamp = _stamp(tensors)
+    hit = _DERIVED.get(key)
+    if hit is not None and hit[0] == stamp:
+        return hit[1]
+    value = build()
+    if hit is None:
+        weakref.finalize(owner, _DERIVED.pop, key, None)
+    _DERIVED[key] = (stamp, value)
+    return value
+
+
+def clear_derived() -> None:
+    """Drop every cached derivative (tests; freeing memory)."""
+    _DERIVED.clear()

@@ -6,8 +6,7 @@ as ours.
 What is fused
   * ASPP. A module with torchvision's ASPP structure (``convs``: a 1×1 branch, 3×3 atrous branches and an
     image-pooling branch, each conv → BN → ReLU; ``project``: 1×1 conv → BN → ReLU (→ dropout)) runs on the fused
-    ASPP op (`deeplab_ops.nn.fused_aspp_forward`) when the backend has ASPP kernels (every backend does today:
-    None, "cpu", "cuda", "triton", "reference"); with a backend without them its branches would be fused as chains.
+    ASPP op (`deeplab_ops.nn.fused_aspp_forward`); every backend has it.
   * Chains. In an ``nn.Sequential`` (any subclass) or an ``nn.ModuleDict`` that has a ``return_layers`` dict
     (torchvision's IntermediateLayerGetter), consecutive children ``Conv2d → BatchNorm2d (→ ReLU)``. This covers
     ASPP branches, ASPP's projection, conv-BN-ReLU layers inside heads (torchvision's DeepLabHead, FCNHead), a
@@ -54,14 +53,21 @@ import torch
 from torch import nn
 
 from deeplab_ops.backends import BACKENDS
-from deeplab_ops.nn import aspp_parts, check_fusable, fused_aspp_forward, fused_conv_bn
-from deeplab_ops.ops.aspp import FORWARD_OPS as _ASPP_FORWARD_OPS
+from deeplab_ops.modules import (
+    FusedASPP,
+    FusedConvBNReLU,
+    aspp_parts,
+    check_fusable,
+    forget_aspp_parts,
+    fused_aspp_forward,
+    fused_conv_bn,
+)
 
 Tensor = torch.Tensor
 
 __all__ = [
     "FusedAwayBatchNorm2d", "FusedAwayReLU", "FusedConfig", "FusedConv2d", "fuse_modules", "fused_config", "is_fused",
-    "unfuse_modules",
+    "sync_batchnorm", "unfuse_modules",
 ]
 
 _FUSED_ATTR = "_deeplab_ops_fused"  # plain (unregistered) attribute: never part of the state_dict
@@ -270,7 +276,8 @@ def _shared_modules(model: nn.Module) -> set[int]:
 # ---- public API ----------------------------------------------------------------------------------------
 
 
-def fuse_modules(model: nn.Module, backend: str | None = None, memory_efficient: bool = False) -> nn.Module:
+def fuse_modules(model: nn.Module, backend: str | None = None, memory_efficient: bool = False,
+                 channels_last: bool = True) -> nn.Module:
     """Run every conv → BN (→ residual add) → ReLU of `model` on deeplab_ops.conv_bn_relu, in place.
 
     The state_dict (keys and values) is unchanged, so checkpoints load into the fused and unfused forms alike.
@@ -283,7 +290,11 @@ def fuse_modules(model: nn.Module, backend: str | None = None, memory_efficient:
             automatic choice per call.
         memory_efficient: fused convs, residual blocks and ASPPs save no pre-BN activation for the backward
             (deeplab_ops.conv_bn_relu's and deeplab_ops.aspp's memory_efficient; README "Memory-efficient
-            training"). Synchronized modules (after sync_batchnorm) ignore it.
+            training").
+        channels_last: on CUDA, run the fused model channels_last end to end (the fused kernels' native layout,
+            and cuDNN's for bf16/fp16): a 4-D CUDA input is converted once at `model`'s boundary, 4-D outputs are
+            returned in the contiguous (NCHW) format, and the model's conv weights are made channels_last on the
+            first CUDA call. CPU inputs pass unchanged.
 
     Returns:
         `model`, fused.
@@ -294,16 +305,17 @@ def fuse_modules(model: nn.Module, backend: str | None = None, memory_efficient:
         raise ValueError(f"backend={backend!r} is not a backend; expected one of {BACKENDS} or None")
     if not isinstance(memory_efficient, bool):
         raise TypeError(f"memory_efficient must be a bool, got {memory_efficient!r}")
+    if not isinstance(channels_last, bool):
+        raise TypeError(f"channels_last must be a bool, got {channels_last!r}")
     unfuse_modules(model)
     shared = _shared_modules(model)
     modules = list(model.modules())
     inside_aspp: set[int] = set()
-    if backend is None or backend == "reference" or backend in _ASPP_FORWARD_OPS:
-        for module in modules:
-            if id(module) not in inside_aspp and _is_aspp(module, shared):
-                inside_aspp.update(id(m) for m in module.modules())
-                object.__setattr__(module, _FUSED_ATTR, FusedConfig(backend=backend, memory_efficient=memory_efficient))
-                module.__class__ = _fused_class(type(module), "aspp")
+    for module in modules:
+        if id(module) not in inside_aspp and _is_aspp(module, shared):
+            inside_aspp.update(id(m) for m in module.modules())
+            object.__setattr__(module, _FUSED_ATTR, FusedConfig(backend=backend, memory_efficient=memory_efficient))
+            module.__class__ = _fused_class(type(module), "aspp")
     for module in modules:
         k = _residual_block_depth(module, shared)
         if k:
@@ -313,7 +325,49 @@ def fuse_modules(model: nn.Module, backend: str | None = None, memory_efficient:
     for container in modules:
         if _is_chain_container(container) and id(container) not in inside_aspp:
             _fuse_chain(container, backend, shared, memory_efficient)
+    if channels_last:
+        handles = (model.register_forward_pre_hook(_channels_last_in),
+                   model.register_forward_hook(_contiguous_out))
+        object.__setattr__(model, _BOUNDARY_ATTR, tuple(h.id for h in handles))
     return model
+
+
+# ---- the model boundary: channels_last inside, NCHW outside (CUDA) -------------------------------------
+
+_BOUNDARY_ATTR = "_deeplab_ops_boundary_hooks"  # plain attribute: the ids of the two hooks fuse_modules added
+
+
+def _channels_last_in(module: nn.Module, args: tuple):
+    if not args or not isinstance(args[0], Tensor) or args[0].dim() != 4 or args[0].device.type != "cuda":
+        return None
+    if not torch.compiler.is_compiling() and not module.__dict__.get("_deeplab_ops_weights_cl", False):
+        with torch.no_grad():  # once: cuDNN would convert NCHW weights on every call
+            for p in module.parameters():
+                if p.dim() == 4 and p.device.type == "cuda":
+                    p.data = p.data.contiguous(memory_format=torch.channels_last)
+        object.__setattr__(module, "_deeplab_ops_weights_cl", True)
+    return (args[0].contiguous(memory_format=torch.channels_last), *args[1:])
+
+
+def _nchw(value):
+    if isinstance(value, Tensor):
+        return value.contiguous() if value.dim() == 4 and value.device.type == "cuda" else value
+    if isinstance(value, dict):
+        return type(value)((k, _nchw(v)) for k, v in value.items())
+    if isinstance(value, (list, tuple)) and not hasattr(value, "_fields"):
+        return type(value)(_nchw(v) for v in value)
+    return value
+
+
+def _contiguous_out(module: nn.Module, args: tuple, output):
+    return _nchw(output)
+
+
+def _remove_boundary(model: nn.Module) -> None:
+    for hook_id in model.__dict__.pop(_BOUNDARY_ATTR, ()):
+        model._forward_pre_hooks.pop(hook_id, None)
+        model._forward_hooks.pop(hook_id, None)
+    model.__dict__.pop("_deeplab_ops_weights_cl", None)
 
 
 def _fuse_chain(container: nn.Module, backend: str | None, shared: set[int], memory_efficient: bool) -> None:
@@ -345,6 +399,8 @@ def unfuse_modules(model: nn.Module) -> nn.Module:
     if not isinstance(model, nn.Module):
         raise TypeError(f"model must be an nn.Module, got {type(model).__name__}")
     for module in list(model.modules()):
+        _remove_boundary(module)
+        forget_aspp_parts(module)
         for name, child in list(module._modules.items()):
             if type(child) is FusedAwayReLU:
                 module._modules[name] = child.original
@@ -362,3 +418,24 @@ def unfuse_modules(model: nn.Module) -> nn.Module:
 def is_fused(module: nn.Module) -> bool:
     """Whether `module` is a fused conv, a fused-away BatchNorm2d or ReLU, or a fused residual block or ASPP."""
     return type(module) in (FusedConv2d, FusedAwayBatchNorm2d, FusedAwayReLU) or _is_fused_class(module)
+
+
+def sync_batchnorm(model: nn.Module, process_group=None) -> nn.Module:
+    """Share BatchNorm statistics across the processes of `process_group` (default: the whole world) in every
+    fused module of `model` — FusedConvBNReLU, FusedASPP and what `fuse_modules` made — as
+    nn.SyncBatchNorm.convert_sync_batchnorm does for unfused BatchNorms. In place; call it after fusing (a later
+    `fuse_modules` starts from fresh, unsynchronized fused modules). Unfused BatchNorms are left alone: convert
+    them with nn.SyncBatchNorm.convert_sync_batchnorm (after fusing, so the fused ones stay fused)."""
+    import torch.distributed as dist
+
+    if process_group is None and not dist.is_initialized():
+        raise RuntimeError("sync_batchnorm needs torch.distributed to be initialized (init_process_group) or an "
+                           "explicit process_group")
+    group = process_group if process_group is not None else dist.group.WORLD
+    for module in model.modules():
+        if isinstance(module, (FusedConvBNReLU, FusedASPP)):
+            module.process_group = group
+        cfg = fused_config(module)
+        if cfg is not None:
+            cfg.process_group = group
+    return model

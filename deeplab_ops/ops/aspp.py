@@ -1,11 +1,10 @@
-"""The fused ASPP op: argument checks, fake kernels, autograd, dispatch.
+"""aspp: argument checks, fake kernels, the one autograd, the public function.
 
-Two op families share one contract (schemas in csrc/ops.cpp):
-  deeplab_ops::aspp_forward / _backward          cpu and cuda backends (ATen convs + C++ BN stages, csrc/aspp.cpp)
-  deeplab_ops::triton_aspp_forward / _backward   triton backend (deeplab_ops/triton/aspp.py)
-The ops take every BatchNorm's tensors concatenated in the order [1×1 branch, one per rate, image pooling,
-projection]; `aspp` below takes per-BN lists as a module has them, concatenates, and copies the updated running
-statistics back into each buffer.
+Schemas: csrc/ops.cpp. `aspp_forward/_backward` run on the cpu and cuda backends (C++ composite, csrc/), their
+`triton_` twins on the triton backend (deeplab_ops/triton/aspp.py); both twins get the same fake kernels and the
+same autograd. The ops take every BatchNorm's tensors concatenated in the order [1×1 branch, one per rate, image
+pooling, projection]; `aspp` takes them so (no concatenation per call) or as per-BatchNorm lists (concatenated per
+call), and copies the updated running statistics back into the caller's buffers.
 """
 
 from __future__ import annotations
@@ -14,21 +13,24 @@ import numbers
 
 import torch
 
-from deeplab_ops import backends, distributed, reference
-from deeplab_ops.ops.bn_stages import empty_activation, opmath_dtype
+from deeplab_ops import backends, reference
+from deeplab_ops.common import FLOAT_DTYPES, HALF_DTYPES, empty_activation, opmath_dtype
+from deeplab_ops.ops.conv_bn_relu import _group_name
 
 Tensor = torch.Tensor
 _ops = torch.ops.deeplab_ops
 
-FORWARD_OPS = {"cpu": _ops.aspp_forward, "cuda": _ops.aspp_forward, "triton": _ops.triton_aspp_forward}
-_HALF_DTYPES = (torch.float16, torch.bfloat16)
+FORWARD = {"cpu": _ops.aspp_forward.default, "cuda": _ops.aspp_forward.default,
+           "triton": _ops.triton_aspp_forward.default}
+BACKWARD = {"cpu": _ops.aspp_backward.default, "cuda": _ops.aspp_backward.default,
+            "triton": _ops.triton_aspp_backward.default}
 
 
 # ---- fake kernels ----------------------------------------------------------------------------------
 
 
 def _forward_fake(x, conv_weights, pool_weight, project_weight, bn_weight, bn_bias, running_mean, running_var, rates,
-                  training, momentum, eps):
+                  training, momentum, eps, group_name=None, memory_efficient=False):
     n, _, h, w = x.shape
     c = conv_weights[0].shape[0]
     b = len(conv_weights)
@@ -49,7 +51,7 @@ def _forward_fake(x, conv_weights, pool_weight, project_weight, bn_weight, bn_bi
 
 
 def _backward_fake(grad_out, x, conv_weights, pool_weight, project_weight, bn_weight, bn_bias, branch_out, pool_out,
-                   project_out, out, save_mean, save_invstd, rates, training, output_mask):
+                   project_out, out, save_mean, save_invstd, rates, training, output_mask, group_name=None):
     want_x, want_w, want_bn = output_mask
     stat = save_mean.dtype
     k = save_mean.shape[0]
@@ -63,43 +65,68 @@ def _backward_fake(grad_out, x, conv_weights, pool_weight, project_weight, bn_we
     )
 
 
-# ---- autograd --------------------------------------------------------------------------------------
+# ---- autograd: one implementation for both twins ------------------------------------------------------
+#
+# Saving policy, chosen by memory_efficient:
+#   saved      the pre-BN branch buffer (N, B*C, H, W), the pooling vector (N, C) and the projection's pre-BN
+#              output (N, C, H, W) are saved by the forward.
+#   recompute  none of them is kept: the backward runs the same forward op once more (no running-statistics
+#              update; eval: with the running statistics the forward read) for those buffers and hands them to the
+#              unchanged backward op with the statistics the forward saved. Recompute rather than rebuild from the
+#              output: the branch buffer must be recomputed whatever is done with the projection, and with it in
+#              hand the projection's pre-BN output is one 1x1 conv of B*C -> C channels (about 2% of the 3x3
+#              branches' FLOPs at C_in = 2048, C = 256). Same op, backend, inputs and statistics: the very buffers
+#              the forward produced, so the gradients are those of the saving policy.
+# The statistics reducer is the process group named by group_name (None: local).
 
 
 def _setup_context(ctx, inputs, output):
-    x, conv_weights, pool_weight, project_weight, bn_weight, bn_bias, _, _, rates, training, _, _ = inputs
+    (x, conv_weights, pool_weight, project_weight, bn_weight, bn_bias, running_mean, running_var, rates, training,
+     momentum, eps, group_name, memory_efficient) = inputs
     out, branch, pool_pre, proj, mean, invstd, new_rm, new_rv = output
     ctx.mark_non_differentiable(branch, pool_pre, proj, mean, invstd, new_rm, new_rv)
-    ctx.save_for_backward(x, pool_weight, project_weight, bn_weight, bn_bias, branch, pool_pre, proj, out, mean,
-                          invstd, *conv_weights)
-    ctx.conf = (tuple(rates), training, bn_weight.dtype, bn_bias.dtype)
+    if memory_efficient:
+        # Training normalizes with batch statistics: the recompute needs no running statistics (and must not
+        # update them). Eval normalizes with the running statistics, which the recompute reads again.
+        keep = (None, None, None, None, None) if training else (None, None, None, running_mean, running_var)
+    else:
+        keep = (branch, pool_pre, proj, None, None)
+    ctx.save_for_backward(x, pool_weight, project_weight, bn_weight, bn_bias, out, mean, invstd, *keep,
+                          *conv_weights)
+    ctx.conf = (tuple(rates), training, float(momentum), float(eps), group_name, memory_efficient)
 
 
-def _make_backward(backward_op):
+def _make_backward(backend: str):
+    forward_op, backward_op = FORWARD[backend], BACKWARD[backend]
+
     def backward(ctx, grad_out, *unused):
-        x, pool_w, proj_w, bn_w, bn_b, branch, pool_pre, proj, out, mean, invstd, *conv_ws = ctx.saved_tensors
-        rates, training, w_dtype, b_dtype = ctx.conf
+        (x, pool_w, proj_w, bn_w, bn_b, out, mean, invstd, branch, pool_pre, proj, rm, rv,
+         *conv_ws) = ctx.saved_tensors
+        rates, training, momentum, eps, group_name, memory_efficient = ctx.conf
         # torch.library unflattens needs_input_grad to the inputs' structure (nig[1]: one bool per conv weight)
         # and wants the gradients in that structure: a list per conv weight, and for `rates` (a list of ints, a
         # leaf) None, except that an empty list is no leaf and wants [] back (rates=(): no atrous branch).
         nig = ctx.needs_input_grad
         mask = [bool(nig[0]), any(nig[1]) or bool(nig[2]) or bool(nig[3]), bool(nig[4]) or bool(nig[5])]
-        none = [None] * 12
-        none[1] = [None] * len(conv_ws)
-        none[8] = None if rates else []
+        grads = [None] * 14
+        grads[1] = [None] * len(conv_ws)
+        grads[8] = None if rates else []
         if grad_out is None or not any(mask):
-            return tuple(none)
+            return tuple(grads)
+        if memory_efficient:
+            _, branch, pool_pre, proj, _, _, _, _ = forward_op(
+                x, conv_ws, pool_w, proj_w, bn_w, bn_b, rm, rv, list(rates), training, momentum, eps, group_name,
+                False)
         gx, gconv, gpool, gproj, gbw, gbb = backward_op(
             grad_out, x, conv_ws, pool_w, proj_w, bn_w, bn_b, branch, pool_pre, proj, out, mean, invstd,
-            list(rates), training, mask,
+            list(rates), training, mask, group_name,
         )
-        grads = none
         grads[0] = gx
         if gconv:
             grads[1] = list(gconv)
         grads[2], grads[3] = gpool, gproj
-        grads[4] = gbw.to(w_dtype) if gbw is not None else None
-        grads[5] = gbb.to(b_dtype) if gbb is not None else None
+        grads[4] = gbw if gbw is None or gbw.dtype == bn_w.dtype else gbw.to(bn_w.dtype)
+        grads[5] = gbb if gbb is None or gbb.dtype == bn_b.dtype else gbb.to(bn_b.dtype)
         return tuple(grads)
 
     return backward
@@ -109,97 +136,36 @@ def _no_double_backward(ctx, *grads):
     raise RuntimeError("deeplab_ops.aspp does not support double backward; use backend='reference' for it")
 
 
-def _register(prefix: str) -> None:
-    fwd, bwd = f"deeplab_ops::{prefix}aspp_forward", f"deeplab_ops::{prefix}aspp_backward"
-    torch.library.register_fake(fwd)(_forward_fake)
-    torch.library.register_fake(bwd)(_backward_fake)
-    torch.library.register_autograd(fwd, _make_backward(getattr(_ops, f"{prefix}aspp_backward")),
+for _backend, _prefix in (("cpu", ""), ("triton", "triton_")):
+    torch.library.register_fake(f"deeplab_ops::{_prefix}aspp_forward")(_forward_fake)
+    torch.library.register_fake(f"deeplab_ops::{_prefix}aspp_backward")(_backward_fake)
+    torch.library.register_autograd(f"deeplab_ops::{_prefix}aspp_forward", _make_backward(_backend),
                                     setup_context=_setup_context)
-    torch.library.register_autograd(bwd, _no_double_backward, setup_context=lambda ctx, inputs, output: None)
-
-
-_register("")
-_register("triton_")
-
-
-# ---- memory-efficient autograd (memory_efficient=True) ---------------------------------------------
-#
-# The op above saves, beyond the block input x and the output, the pre-BN branch buffer (N, B*C, H, W), the
-# projection's pre-BN output (N, C, H, W) and the (N, C) pooling vector. The lean path saves none of them: the
-# backward runs the same forward op once more (no grad, no running-statistics update) for those buffers and
-# hands them to the unchanged backward op with the statistics saved by the forward.
-#   Why recompute rather than rebuild from the output: the branch buffer has to be recomputed whatever is done
-#   with the projection (its dgrad/wgrad and the branch BNs' backward read it, and nothing kept determines it),
-#   and with it in hand the projection's pre-BN output is one 1x1 conv of B*C -> C channels (about 2% of the 3x3
-#   branches' FLOPs at C_in = 2048, C = 256, three rates). Recomputing is exact in training and eval alike,
-#   where a rebuild from the output would be exact only in eval and would need conv_bn_relu's small-|gamma|
-#   fallback. The same op on the same backend, the same inputs and the same statistics give the very buffers
-#   the forward produced, so the gradients are those of memory_efficient=False. The recompute's extra cost over
-#   the conv branches and projection alone: its elementwise BN passes (statistics, apply), a small share.
-#   Eval needs the running statistics the forward used: the concatenated copies `aspp` made (2*(B+2)*C values).
-
-
-class _MemoryEfficientASPP(torch.autograd.Function):
-    """The forward op with a backward that recomputes its pre-BN buffers instead of saving them."""
-
-    @staticmethod
-    def forward(ctx, name, rates, training, momentum, eps, x, pool_weight, project_weight, bn_weight, bn_bias,
-                running_mean, running_var, *conv_weights):
-        out, _, _, _, mean, invstd, new_rm, new_rv = FORWARD_OPS[name](
-            x, list(conv_weights), pool_weight, project_weight, bn_weight, bn_bias, running_mean, running_var,
-            list(rates), training, momentum, eps,
-        )
-        # Training normalizes with batch statistics: the recompute needs no running statistics (and must not
-        # update them). Eval normalizes with these copies, which nothing else holds.
-        keep_rm, keep_rv = (None, None) if training else (running_mean, running_var)
-        ctx.save_for_backward(x, pool_weight, project_weight, bn_weight, bn_bias, out, mean, invstd, keep_rm,
-                              keep_rv, *conv_weights)
-        ctx.conf = (name, tuple(rates), training, momentum, eps)
-        ctx.mark_non_differentiable(new_rm, new_rv)
-        return out, new_rm, new_rv
-
-    @staticmethod
-    def backward(ctx, grad_out, *unused):
-        # Inputs: name, rates, training, momentum, eps, then x (5), pool (6), project (7), bn weight (8), bn bias
-        # (9), running mean, var (10, 11), conv weights (12...).
-        nig = ctx.needs_input_grad
-        mask = [nig[5], any(nig[12:]) or nig[6] or nig[7], nig[8] or nig[9]]
-        grads = [None] * len(nig)
-        if grad_out is None or not any(mask):
-            return tuple(grads)
-        x, pool_w, proj_w, bn_w, bn_b, out, mean, invstd, rm, rv, *conv_ws = ctx.saved_tensors
-        name, rates, training, momentum, eps = ctx.conf
-        _, branch, pool_pre, proj, _, _, _, _ = FORWARD_OPS[name](
-            x, conv_ws, pool_w, proj_w, bn_w, bn_b, rm, rv, list(rates), training, momentum, eps,
-        )
-        gx, gconv, gpool, gproj, gbw, gbb = BACKWARD_OPS[name](
-            grad_out, x, conv_ws, pool_w, proj_w, bn_w, bn_b, branch, pool_pre, proj, out, mean, invstd,
-            list(rates), training, mask,
-        )
-        grads[5], grads[6], grads[7] = gx, gpool, gproj
-        grads[8] = gbw.to(bn_w.dtype) if gbw is not None else None
-        grads[9] = gbb.to(bn_b.dtype) if gbb is not None else None
-        for i, g in enumerate(gconv or []):
-            grads[12 + i] = g
-        return tuple(grads)
-
-
-BACKWARD_OPS = {"cpu": _ops.aspp_backward, "cuda": _ops.aspp_backward, "triton": _ops.triton_aspp_backward}
+    torch.library.register_autograd(f"deeplab_ops::{_prefix}aspp_backward", _no_double_backward,
+                                    setup_context=lambda ctx, inputs, output: None)
 
 
 # ---- argument checks -------------------------------------------------------------------------------
 
 
-def _check_list(value, name: str, length: int, allow_none: bool = False) -> list:
+def _check_bn(value, name: str, n_bn: int, c: int, allow_none: bool = False) -> list | Tensor | None:
+    """One BatchNorm argument: a list of n_bn (C,) tensors, or one (n_bn * C,) tensor (already concatenated)."""
     if value is None and allow_none:
         return None
-    if not isinstance(value, (list, tuple)) or len(value) != length:
+    if isinstance(value, torch.Tensor):
+        if value.dim() != 1 or value.shape[0] != n_bn * c:
+            raise ValueError(f"{name} given as one tensor must have shape ({n_bn * c},) (the {n_bn} BatchNorms' "
+                             f"{c} channels concatenated), got {tuple(value.shape)}")
+        return value
+    if not isinstance(value, (list, tuple)) or len(value) != n_bn:
         got = f"{type(value).__name__} of length {len(value)}" if isinstance(value, (list, tuple)) else repr(value)
-        raise ValueError(f"{name} must be a list of {length} tensors (1x1 branch, one per rate, pooling, "
-                         f"projection), got {got}")
+        raise ValueError(f"{name} must be a list of {n_bn} tensors (1x1 branch, one per rate, pooling, "
+                         f"projection) or one ({n_bn * c},) tensor, got {got}")
     for i, t in enumerate(value):
         if not isinstance(t, torch.Tensor):
             raise TypeError(f"{name}[{i}] must be a torch.Tensor, got {type(t).__name__}")
+        if tuple(t.shape) != (c,):
+            raise ValueError(f"{name}[{i}] must have shape ({c},), got {tuple(t.shape)}")
     return list(value)
 
 
@@ -209,7 +175,7 @@ def check_args(x, conv_weights, pool_weight, project_weight, bn_weights, bn_bias
     if not isinstance(x, torch.Tensor) or x.dim() != 4:
         shape = tuple(x.shape) if isinstance(x, torch.Tensor) else type(x).__name__
         raise ValueError(f"x must be a 4-D (N, C, H, W) tensor, got {shape}")
-    if x.dtype not in (torch.float32, torch.float64, *_HALF_DTYPES):
+    if x.dtype not in FLOAT_DTYPES:
         raise TypeError(f"x has dtype {x.dtype}; expected float32, float64, float16 or bfloat16")
     if not isinstance(rates, (list, tuple)) or not all(
         isinstance(r, numbers.Integral) and not isinstance(r, bool) and r >= 1 for r in rates
@@ -219,7 +185,14 @@ def check_args(x, conv_weights, pool_weight, project_weight, bn_weights, bn_bias
     n, cin, h, w = x.shape
     if n == 0 or h == 0 or w == 0:
         raise ValueError(f"x must be non-empty, got shape {tuple(x.shape)}")
-    conv_weights = _check_list(conv_weights, "conv_weights", len(rates) + 1)
+    if not isinstance(conv_weights, (list, tuple)) or len(conv_weights) != len(rates) + 1:
+        got = (f"{type(conv_weights).__name__} of length {len(conv_weights)}"
+               if isinstance(conv_weights, (list, tuple)) else repr(conv_weights))
+        raise ValueError(f"conv_weights must be a list of {len(rates) + 1} tensors (the 1x1 branch, then one 3x3 per "
+                         f"rate), got {got}")
+    for i, t in enumerate(conv_weights):
+        if not isinstance(t, torch.Tensor):
+            raise TypeError(f"conv_weights[{i}] must be a torch.Tensor, got {type(t).__name__}")
     c = conv_weights[0].shape[0] if conv_weights[0].dim() == 4 else -1
     for i, wt in enumerate(conv_weights):
         k = 1 if i == 0 else 3
@@ -238,22 +211,21 @@ def check_args(x, conv_weights, pool_weight, project_weight, bn_weights, bn_bias
         if t.dtype != x.dtype:
             raise TypeError(f"{name} has dtype {t.dtype} but x has dtype {x.dtype}; expected the same dtype")
     n_bn = len(rates) + 3
-    lists = {
-        "bn_weights": _check_list(bn_weights, "bn_weights", n_bn),
-        "bn_biases": _check_list(bn_biases, "bn_biases", n_bn),
-        "running_means": _check_list(running_means, "running_means", n_bn, allow_none=True),
-        "running_vars": _check_list(running_vars, "running_vars", n_bn, allow_none=True),
+    given = {
+        "bn_weights": _check_bn(bn_weights, "bn_weights", n_bn, c),
+        "bn_biases": _check_bn(bn_biases, "bn_biases", n_bn, c),
+        "running_means": _check_bn(running_means, "running_means", n_bn, c, allow_none=True),
+        "running_vars": _check_bn(running_vars, "running_vars", n_bn, c, allow_none=True),
     }
-    allowed = (x.dtype, torch.float32) if x.dtype in _HALF_DTYPES else (x.dtype,)
+    allowed = (x.dtype, torch.float32) if x.dtype in HALF_DTYPES else (x.dtype,)
     dtypes = set()
-    for name, ts in lists.items():
-        for i, t in enumerate(ts or []):
-            if tuple(t.shape) != (c,):
-                raise ValueError(f"{name}[{i}] must have shape ({c},), got {tuple(t.shape)}")
+    for name, value in given.items():
+        for i, t in enumerate([value] if isinstance(value, torch.Tensor) else value or []):
+            where = name if isinstance(value, torch.Tensor) else f"{name}[{i}]"
             if t.device != x.device:
-                raise ValueError(f"{name}[{i}] is on {t.device} but x is on {x.device}; expected the same device")
+                raise ValueError(f"{where} is on {t.device} but x is on {x.device}; expected the same device")
             if t.dtype not in allowed:
-                raise TypeError(f"{name}[{i}] has dtype {t.dtype}; expected " + " or ".join(map(str, allowed)))
+                raise TypeError(f"{where} has dtype {t.dtype}; expected " + " or ".join(map(str, allowed)))
             dtypes.add(t.dtype)
     if len(dtypes) > 1:
         raise TypeError(f"the BatchNorm tensors must share one dtype, got {sorted(map(str, dtypes))}")
@@ -279,15 +251,22 @@ def check_args(x, conv_weights, pool_weight, project_weight, bn_weights, bn_bias
 # ---- public functional -----------------------------------------------------------------------------
 
 
+def _flat(value):
+    """A BatchNorm argument as the ops take it: one concatenated tensor (a list is concatenated, per call)."""
+    if value is None or isinstance(value, torch.Tensor):
+        return value
+    return torch.cat(value)
+
+
 def aspp(
     x: Tensor,
     conv_weights: list[Tensor],
     pool_weight: Tensor,
     project_weight: Tensor,
-    bn_weights: list[Tensor],
-    bn_biases: list[Tensor],
-    running_means: list[Tensor] | None,
-    running_vars: list[Tensor] | None,
+    bn_weights: list[Tensor] | Tensor,
+    bn_biases: list[Tensor] | Tensor,
+    running_means: list[Tensor] | Tensor | None,
+    running_vars: list[Tensor] | Tensor | None,
     *,
     rates: tuple[int, ...],
     training: bool = True,
@@ -304,59 +283,59 @@ def aspp(
         conv_weights: [1×1 branch (C, C_in, 1, 1), then one (C, C_in, 3, 3) per rate].
         pool_weight: the image-pooling branch's (C, C_in, 1, 1).
         project_weight: (C, (len(rates) + 2) * C, 1, 1).
-        bn_weights, bn_biases, running_means, running_vars: one (C,) tensor per BatchNorm in the order
-            [1×1 branch, one per rate, pooling, projection]; running_* may be None (no running statistics).
-            Training updates the running statistics in place as nn.BatchNorm2d does.
+        bn_weights, bn_biases, running_means, running_vars: every BatchNorm's (C,) tensors in the order
+            [1×1 branch, one per rate, pooling, projection], either as a list of (C,) tensors or as one
+            ((len(rates) + 3) * C,) tensor (no concatenation per call; what deeplab_ops.nn.FusedASPP keeps);
+            running_* may be None (no running statistics). Training updates the running statistics in place as
+            nn.BatchNorm2d does.
         rates: the atrous rates (dilation = padding) of the 3×3 branches.
         training, momentum, eps: as for every BatchNorm of the module (shared).
         backend: "cpu", "cuda", "triton", "reference" or None (automatic; $DEEPLAB_OPS_BACKEND overrides None).
         process_group: a torch.distributed process group whose processes share BatchNorm statistics in training
-            (nn.SyncBatchNorm semantics); None: no synchronization.
+            (nn.SyncBatchNorm semantics); None: no synchronization. The cpu and cuda backends synchronize; triton
+            refuses (auto picks cuda).
         memory_efficient: keep no pre-BN activation for the backward (neither the (N, (len(rates) + 1) * C, H, W)
             branch buffer nor the projection's pre-BN output): the backward recomputes them by one more forward
-            of the op on the same backend. Same gradients and running statistics. The reference backend and
-            the synchronized (process_group, training) path ignore it and keep theirs.
+            of the op on the same backend. Same gradients and running statistics.
     """
     rates = check_args(x, conv_weights, pool_weight, project_weight, bn_weights, bn_biases, running_means,
                        running_vars, rates, training, momentum, eps)
-    if not isinstance(memory_efficient, bool):
+    if memory_efficient is not False and memory_efficient is not True:
         raise TypeError(f"memory_efficient must be a bool, got {memory_efficient!r}")
-    cat = torch.cat
-    rm = cat(running_means) if running_means is not None else None
-    rv = cat(running_vars) if running_vars is not None else None
-    if process_group is not None and training and distributed.group_size(process_group) > 1:
-        out = distributed.SyncASPP.apply(x, pool_weight, project_weight, cat(bn_weights), cat(bn_biases), rm, rv,
-                                         rates, float(momentum), float(eps), process_group, *conv_weights)
-        _copy_running(running_means, running_vars, rm, rv)
-        return out
-    name = backends.resolve(backend, "aspp", x.device, x=x, rates=rates, training=training,
-                            channels=conv_weights[0].shape[0])
+    group_name = _group_name(process_group) if training and process_group is not None else None
+    name = backends.resolve(backend, "aspp", x.device, x=x, rates=rates, channels=conv_weights[0].shape[0],
+                            synchronized=group_name is not None)
     if name == "reference":
-        return reference.aspp(x, conv_weights, pool_weight, project_weight, bn_weights, bn_biases, running_means,
-                              running_vars, rates=rates, training=training, momentum=float(momentum), eps=float(eps))
-    if name not in FORWARD_OPS:
-        raise RuntimeError(f"deeplab_ops.aspp: backend {name!r} has no ASPP kernels yet; use 'cpu', 'cuda' or 'triton'")
-    if memory_efficient and torch.is_grad_enabled():
-        out, new_rm, new_rv = _MemoryEfficientASPP.apply(
-            name, rates, training, float(momentum), float(eps), x, pool_weight, project_weight, cat(bn_weights),
-            cat(bn_biases), rm, rv, *conv_weights,
-        )
-    else:
-        out, *_, new_rm, new_rv = FORWARD_OPS[name](
-            x, list(conv_weights), pool_weight, project_weight, cat(bn_weights), cat(bn_biases), rm, rv,
-            list(rates), training, float(momentum), float(eps),
-        )
-    if training:
+        if group_name is not None:
+            raise RuntimeError("deeplab_ops.aspp: backend='reference' has no synchronized BatchNorm (a "
+                               "process_group in training); use backend='cpu' or 'cuda'")
+        n_bn = len(rates) + 3
+        return reference.aspp(x, conv_weights, pool_weight, project_weight, *(_lists(v, n_bn) for v in (
+            bn_weights, bn_biases, running_means, running_vars)), rates=rates, training=training,
+            momentum=float(momentum), eps=float(eps))
+    rm, rv = _flat(running_means), _flat(running_vars)
+    out, *_, new_rm, new_rv = FORWARD[name](
+        x, list(conv_weights), pool_weight, project_weight, _flat(bn_weights), _flat(bn_biases), rm, rv,
+        list(rates), training, float(momentum), float(eps), group_name, memory_efficient,
+    )
+    if training and running_means is not None:
         _copy_running(running_means, running_vars, new_rm, new_rv)
     return out
 
 
-def _copy_running(running_means, running_vars, new_rm, new_rv) -> None:
-    """Copy the concatenated updated running statistics back into each BatchNorm's buffers."""
-    if running_means is None:
-        return
+def _lists(value, n_bn: int):
+    """A BatchNorm argument as per-BatchNorm tensors: views of a concatenated tensor (in-place updates reach it)."""
+    return list(value.chunk(n_bn)) if isinstance(value, torch.Tensor) else value
+
+
+def _copy_running(running_means, running_vars, new_rm: Tensor, new_rv: Tensor) -> None:
+    """Copy the concatenated updated running statistics back into the caller's buffer(s)."""
     with torch.no_grad():
-        for i, (m, v) in enumerate(zip(running_means, running_vars, strict=True)):
-            c = m.shape[0]
-            m.copy_(new_rm[i * c:(i + 1) * c])
-            v.copy_(new_rv[i * c:(i + 1) * c])
+        if isinstance(running_means, torch.Tensor):
+            running_means.copy_(new_rm)
+            running_vars.copy_(new_rv)
+            return
+        for m, v, nm, nv in zip(running_means, running_vars, new_rm.chunk(len(running_means)),
+                                new_rv.chunk(len(running_vars)), strict=True):
+            m.copy_(nm)
+            v.copy_(nv)

@@ -22,6 +22,7 @@ import numbers
 import torch
 
 from deeplab_ops import backends, reference
+from deeplab_ops.common import opmath_dtype
 
 Tensor = torch.Tensor
 _ops = torch.ops.deeplab_ops
@@ -30,10 +31,6 @@ REDUCTIONS = ("none", "mean", "sum")
 _SUPPORTED_DTYPES = (torch.float32, torch.float64, torch.float16, torch.bfloat16)
 FORWARD_OPS = {"cpu": _ops.upsample_cross_entropy_forward, "cuda": _ops.upsample_cross_entropy_forward,
                "triton": _ops.triton_upsample_cross_entropy_forward}
-
-
-def _opmath(dtype: torch.dtype) -> torch.dtype:
-    return torch.float64 if dtype == torch.float64 else torch.float32
 
 
 # ---- argument checks ------------------------------------------------------------------------------
@@ -103,7 +100,7 @@ def check_target_range(target: Tensor, num_classes: int, ignore_index: int) -> N
 
 def _forward_fake(logits, target, ignore_index, align_corners, reduction):
     n, big_h, big_w = target.shape
-    acc = _opmath(logits.dtype)
+    acc = opmath_dtype(logits.dtype)
     loss_shape = (n, big_h, big_w) if reduction == "none" else ()
     return (logits.new_empty(loss_shape), logits.new_empty((n, big_h, big_w), dtype=acc),
             logits.new_empty((), dtype=acc))
@@ -156,16 +153,6 @@ def _register(prefix: str) -> None:
 
 _register("")
 _register("triton_")
-
-
-def _cpu_support(*, logits, target) -> list[str]:
-    """Why the C++ CPU kernels cannot run this call (device and build are checked by backends)."""
-    if logits.dtype in (torch.float16, torch.bfloat16):
-        return [f"logits has dtype {logits.dtype}: the CPU kernels take float32 or float64 (use logits.float())"]
-    return []
-
-
-backends.register_support("cpu", "upsample_cross_entropy", _cpu_support)
 
 
 # ---- public functional -----------------------------------------------------------------------------

@@ -75,7 +75,6 @@ def _conv_bn_relu_support(*, x, weight, stride, padding, dilation, training, res
 
 _register("deeplab_ops::triton_conv_bn_relu_forward", _forward)
 _register("deeplab_ops::triton_conv_bn_relu_backward", _backward)
-backends.register_support("triton", "conv_bn_relu", _conv_bn_relu_support)
 
 
 # ---- aspp (kernels in aspp.py) -------------------------------------------------------------------------
@@ -117,7 +116,6 @@ def _aspp_support(*, x, rates, training, channels: int | None = None) -> list[st
 
 _register("deeplab_ops::triton_aspp_forward", _aspp_forward)
 _register("deeplab_ops::triton_aspp_backward", _aspp_backward)
-backends.register_support("triton", "aspp", _aspp_support)
 
 
 # ---- upsample_cross_entropy (kernels in upsample_ce.py) ------------------------------------------------
@@ -151,4 +149,3 @@ def _uce_support(*, logits, target) -> list[str]:
 
 _register("deeplab_ops::triton_upsample_cross_entropy_forward", _uce_forward)
 _register("deeplab_ops::triton_upsample_cross_entropy_backward", _uce_backward)
-backends.register_support("triton", "upsample_cross_entropy", _uce_support)

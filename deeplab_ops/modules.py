@@ -1,0 +1,325 @@
+"""nn.Module front ends of the fused ops: FusedConvBNReLU, FusedASPP, and the calls that run existing conv/BN modules
+on the ops with the modules' exact semantics (fused_conv_bn, fused_aspp_forward).
+
+FusedConvBNReLU is a drop-in for ``nn.Sequential(nn.Conv2d(..., bias=False), nn.BatchNorm2d(...), nn.ReLU())``
+with the same children and state_dict keys (``0.weight``, ``1.weight``, ``1.bias``, ``1.running_mean``,
+``1.running_var``, ``1.num_batches_tracked``), so checkpoints move both ways, and the same BatchNorm behaviour
+(momentum, momentum=None as a cumulative average, track_running_stats, eval).
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+from deeplab_ops.ops.aspp import aspp
+from deeplab_ops.ops.conv_bn_relu import conv_bn_relu
+
+Tensor = torch.Tensor
+
+
+def _conv_padding(conv: nn.Conv2d) -> tuple[int, int]:
+    """conv.padding as a pair of ints; padding='same' is symmetric only when dilation * (k - 1) is even."""
+    if not isinstance(conv.padding, str):
+        return tuple(conv.padding)
+    if conv.padding == "valid":
+        return (0, 0)
+    pad = []
+    for k, d in zip(conv.kernel_size, conv.dilation, strict=True):
+        total = d * (k - 1)
+        if total % 2:
+            raise ValueError(
+                f"conv has padding='same' with kernel_size={conv.kernel_size} and dilation={conv.dilation}, which "
+                "needs asymmetric padding; the fused op supports symmetric padding only (use an explicit padding)"
+            )
+        pad.append(total // 2)
+    return tuple(pad)
+
+
+def check_fusable(conv: nn.Module, bn: nn.Module) -> None:
+    """Raise a clear error unless (conv, bn) is a pair the fused op computes exactly."""
+    if type(conv) is not nn.Conv2d:
+        raise TypeError(f"conv must be an nn.Conv2d, got {type(conv).__name__}")
+    if not isinstance(bn, nn.BatchNorm2d):
+        raise TypeError(f"bn must be an nn.BatchNorm2d, got {type(bn).__name__}")
+    if conv.bias is not None:
+        raise ValueError(
+            "conv has a bias; the fused op needs bias=False (BatchNorm's shift makes a conv bias redundant)"
+        )
+    if conv.groups != 1:
+        raise ValueError(f"conv has groups={conv.groups}; the fused op supports groups=1 only")
+    if conv.padding_mode != "zeros":
+        raise ValueError(f"conv has padding_mode={conv.padding_mode!r}; the fused op supports 'zeros' only")
+    if bn.num_features != conv.out_channels:
+        raise ValueError(f"bn has num_features={bn.num_features} but conv has out_channels={conv.out_channels}")
+    _conv_padding(conv)
+
+
+def bn_call_args(bn: nn.BatchNorm2d, training: bool) -> dict:
+    """The BatchNorm arguments of a fused call that behaves as `bn.forward` does in this mode.
+
+    Mirrors torch's _BatchNorm.forward: the momentum factor (1 / num_batches_tracked for momentum=None),
+    batch statistics when training or when no running statistics are tracked, and running statistics passed
+    for update only when tracked. num_batches_tracked is not incremented here: `bn_step` does it after the call
+    succeeded, so a failed call changes nothing the user saved.
+    """
+    if training and bn.track_running_stats and bn.num_batches_tracked is not None:
+        momentum = 1.0 / float(bn.num_batches_tracked + 1) if bn.momentum is None else bn.momentum
+    else:
+        momentum = 0.0 if bn.momentum is None else bn.momentum
+    bn_training = training or (bn.running_mean is None and bn.running_var is None)
+    track = not training or bn.track_running_stats
+    return {
+        "bn_weight": bn.weight,
+        "bn_bias": bn.bias,
+        "running_mean": bn.running_mean if track else None,
+        "running_var": bn.running_var if track else None,
+        "training": bn_training,
+        "momentum": momentum,
+        "eps": bn.eps,
+    }
+
+
+def bn_step(bn: nn.BatchNorm2d, training: bool) -> None:
+    """Count one training batch, as nn.BatchNorm2d.forward does."""
+    if training and bn.track_running_stats and bn.num_batches_tracked is not None:
+        bn.num_batches_tracked.add_(1)
+
+
+def fused_conv_bn(
+    conv: nn.Conv2d,
+    bn: nn.BatchNorm2d,
+    x: Tensor,
+    *,
+    training: bool,
+    residual: Tensor | None = None,
+    relu: bool = True,
+    backend: str | None = None,
+    process_group=None,
+    memory_efficient: bool = False,
+) -> Tensor:
+    """`act(bn(conv(x)) [+ residual])` through the fused op, with exactly the modules' semantics
+    (memory_efficient: see deeplab_ops.conv_bn_relu)."""
+    args = bn_call_args(bn, training)
+    out = conv_bn_relu(
+        x, conv.weight, args["bn_weight"], args["bn_bias"], args["running_mean"], args["running_var"],
+        stride=tuple(conv.stride), padding=_conv_padding(conv), dilation=tuple(conv.dilation),
+        training=args["training"], momentum=args["momentum"], eps=args["eps"], residual=residual, relu=relu,
+        backend=backend, process_group=process_group, memory_efficient=memory_efficient,
+    )
+    bn_step(bn, training)
+    return out
+
+
+class FusedConvBNReLU(nn.Sequential):
+    """Conv2d (no bias) → BatchNorm2d (→ + residual) → ReLU as one fused op.
+
+    Children and state_dict keys are those of ``nn.Sequential(nn.Conv2d(..., bias=False), nn.BatchNorm2d(...),
+    nn.ReLU())`` (``nn.Sequential(conv, bn)`` when relu=False), so a checkpoint of either loads into the other.
+    memory_efficient=True saves no pre-BN activation for the backward (see deeplab_ops.conv_bn_relu).
+    """
+
+    def __init__(
+        self,
+        in_channels: int,
+        out_channels: int,
+        kernel_size: int | tuple[int, int],
+        stride: int | tuple[int, int] = 1,
+        padding: int | tuple[int, int] = 0,
+        dilation: int | tuple[int, int] = 1,
+        relu: bool = True,
+        *,
+        eps: float = 1e-5,
+        momentum: float | None = 0.1,
+        affine: bool = True,
+        track_running_stats: bool = True,
+        backend: str | None = None,
+        memory_efficient: bool = False,
+        device=None,
+        dtype=None,
+    ) -> None:
+        conv = nn.Conv2d(
+            in_channels, out_channels, kernel_size, stride, padding, dilation, bias=False, device=device, dtype=dtype
+        )
+        bn = nn.BatchNorm2d(out_channels, eps, momentum, affine, track_running_stats, device=device, dtype=dtype)
+        super().__init__(conv, bn, *([nn.ReLU()] if relu else []))
+        self.apply_relu = relu
+        self.backend = backend
+        self.memory_efficient = memory_efficient
+        self.process_group = None  # set by sync_batchnorm(): statistics shared across processes
+
+    @classmethod
+    def from_modules(
+        cls, conv: nn.Conv2d, bn: nn.BatchNorm2d, relu: bool = True, backend: str | None = None,
+        memory_efficient: bool = False,
+    ) -> FusedConvBNReLU:
+        """Wrap existing modules (their parameters and buffers are shared, not copied)."""
+        check_fusable(conv, bn)
+        if not isinstance(relu, bool):
+            raise TypeError(f"relu must be a bool, got {relu!r}")
+        self = cls.__new__(cls)
+        nn.Sequential.__init__(self, conv, bn, *([nn.ReLU()] if relu else []))
+        self.apply_relu = relu
+        self.backend = backend
+        self.memory_efficient = memory_efficient
+        self.process_group = None
+        return self
+
+    def forward(self, x: Tensor, residual: Tensor | None = None) -> Tensor:
+        return fused_conv_bn(
+            self[0], self[1], x, training=self.training, residual=residual, relu=self.apply_relu,
+            backend=self.backend, process_group=self.process_group,
+            memory_efficient=getattr(self, "memory_efficient", False),  # modules pickled before the option
+        )
+
+    def extra_repr(self) -> str:
+        return f"relu={self.apply_relu}, backend={self.backend!r}" + (
+            ", memory_efficient=True" if getattr(self, "memory_efficient", False) else ""
+        )
+
+
+def aspp_parts(module: nn.Module) -> tuple[list[nn.Conv2d], list[nn.BatchNorm2d], tuple[int, ...]]:
+    """Conv and BN modules of an ASPP with torchvision's structure, in the fused op's order, and its rates:
+    ([1×1 branch, one 3×3 per rate, pooling, projection] convs, the BNs in the same order, rates)."""
+    convs, bns, rates = [], [], []
+    branches = list(module.convs)
+    if len(branches) < 2:
+        raise ValueError(f"an ASPP needs a 1x1 branch and a pooling branch, got {len(branches)} branches")
+    for i, branch in enumerate(branches[:-1]):
+        conv, bn = branch[0], branch[1]
+        check_fusable(conv, bn)
+        k = 1 if i == 0 else 3
+        if tuple(conv.kernel_size) != (k, k) or tuple(conv.stride) != (1, 1):
+            raise ValueError(f"convs.{i} must be a {k}x{k} stride-1 conv, got {conv}")
+        if i > 0:
+            r = conv.dilation[0]
+            if tuple(conv.dilation) != (r, r) or _conv_padding(conv) != (r, r):
+                raise ValueError(f"convs.{i} must have dilation = padding = rate, got {conv}")
+            rates.append(r)
+        convs.append(conv)
+        bns.append(bn)
+    pooling = branches[-1]
+    if not isinstance(pooling[0], nn.AdaptiveAvgPool2d) or pooling[0].output_size not in (1, (1, 1)):
+        raise ValueError(f"convs.{len(branches) - 1} must be the image-pooling branch, got {pooling}")
+    check_fusable(pooling[1], pooling[2])
+    convs.append(pooling[1])
+    bns.append(pooling[2])
+    check_fusable(module.project[0], module.project[1])
+    convs.append(module.project[0])
+    bns.append(module.project[1])
+    return convs, bns, tuple(rates)
+
+
+_PARTS_ATTR = "_deeplab_ops_aspp_parts"
+
+
+def forget_aspp_parts(module: nn.Module) -> None:
+    """Drop the validated ASPP structure cached on `module` (fuse/unfuse call it; so may a user who rebuilt it)."""
+    module.__dict__.pop(_PARTS_ATTR, None)
+
+
+def fused_aspp_forward(module: nn.Module, x: Tensor, backend: str | None = None, process_group=None,
+                       memory_efficient: bool = False) -> Tensor:
+    """Run a module with torchvision's ASPP structure (``convs``, ``project``) on the fused ASPP op.
+
+    Same result and side effects (running statistics, num_batches_tracked) as the module's own forward,
+    including the dropout after the projection when it has one. The BatchNorm mode is read from the BatchNorms
+    (so frozen BatchNorm, ``bn.eval()`` inside a training model, is honoured); they must all be in one mode.
+    The module's structure is validated on its first call and cached on it (`forget_aspp_parts` drops it).
+    memory_efficient=True: the op keeps no pre-BN activation for the backward (see deeplab_ops.aspp).
+    """
+    parts = module.__dict__.get(_PARTS_ATTR)
+    if parts is None:  # the structure is validated once per module, not per call
+        parts = aspp_parts(module)
+        object.__setattr__(module, _PARTS_ATTR, parts)  # plain attribute: not in the state_dict
+    convs, bns, rates = parts
+    modes = {bn.training for bn in bns}
+    if len(modes) != 1:
+        raise ValueError(
+            "the fused ASPP runs all its BatchNorms in one mode, but some are in training mode and some in eval "
+            "mode; put them all in one mode (e.g. freeze all: module.apply(lambda m: m.eval() if isinstance(m, "
+            "nn.BatchNorm2d) else None))"
+        )
+    training = modes.pop()
+    args = [bn_call_args(bn, training) for bn in bns]
+    first = args[0]
+    for bn, a in zip(bns, args, strict=True):
+        if (a["training"], a["momentum"], a["eps"], a["running_mean"] is None) != (
+            first["training"], first["momentum"], first["eps"], first["running_mean"] is None
+        ):
+            raise ValueError(
+                "the fused ASPP needs every BatchNorm of the module to share momentum, eps and "
+                f"track_running_stats; {bn} differs from {bns[0]}"
+            )
+        if a["bn_weight"] is None or a["bn_bias"] is None:
+            raise ValueError(f"the fused ASPP needs affine BatchNorms, got {bn}")
+    tracked = first["running_mean"] is not None
+    out = aspp(
+        x, [c.weight for c in convs[:-2]], convs[-2].weight, convs[-1].weight, [a["bn_weight"] for a in args],
+        [a["bn_bias"] for a in args], [a["running_mean"] for a in args] if tracked else None,
+        [a["running_var"] for a in args] if tracked else None, rates=rates, training=first["training"],
+        momentum=first["momentum"], eps=first["eps"], backend=backend, process_group=process_group,
+        memory_efficient=memory_efficient,
+    )
+    for bn in bns:
+        bn_step(bn, training)
+    for extra in list(module.project)[3:]:
+        out = extra(out)
+    return out
+
+
+class FusedASPP(nn.Module):
+    """ASPP (Chen et al. 2017) on the fused ASPP op, with torchvision's ASPP state_dict keys.
+
+    ``convs.0`` (1×1 branch), ``convs.{1..R}`` (3×3, dilation = padding = rate), ``convs.{R+1}`` (image pooling),
+    ``project`` (1×1 projection, BN, ReLU, dropout): a torchvision ``ASPP`` state_dict loads unchanged. With
+    dropout=0.5 it computes what torchvision's ASPP computes, in training and eval. memory_efficient=True keeps
+    no pre-BN activation for the backward (see deeplab_ops.aspp); after sync_batchnorm() it is ignored.
+    """
+
+    def __init__(
+        self,
+        in_channels: int,
+        atrous_rates: tuple[int, ...] | list[int],
+        out_channels: int = 256,
+        dropout: float = 0.0,
+        backend: str | None = None,
+        memory_efficient: bool = False,
+    ) -> None:
+        super().__init__()
+        rates = tuple(atrous_rates)
+        if not all(isinstance(r, int) and not isinstance(r, bool) and r >= 1 for r in rates):
+            raise ValueError(f"atrous_rates must be ints >= 1, got {atrous_rates!r}")
+        if not 0.0 <= dropout < 1.0:
+            raise ValueError(f"dropout must be in [0, 1), got {dropout!r}")
+
+        def conv_bn_relu_seq(k: int, rate: int = 1) -> nn.Sequential:
+            pad = 0 if k == 1 else rate
+            return nn.Sequential(
+                nn.Conv2d(in_channels, out_channels, k, padding=pad, dilation=rate, bias=False),
+                nn.BatchNorm2d(out_channels), nn.ReLU(),
+            )
+
+        branches = [conv_bn_relu_seq(1)] + [conv_bn_relu_seq(3, r) for r in rates]
+        branches.append(nn.Sequential(nn.AdaptiveAvgPool2d(1), nn.Conv2d(in_channels, out_channels, 1, bias=False),
+                                      nn.BatchNorm2d(out_channels), nn.ReLU()))
+        self.convs = nn.ModuleList(branches)
+        self.project = nn.Sequential(
+            nn.Conv2d(len(branches) * out_channels, out_channels, 1, bias=False), nn.BatchNorm2d(out_channels),
+            nn.ReLU(), nn.Dropout(dropout),
+        )
+        if not isinstance(memory_efficient, bool):
+            raise TypeError(f"memory_efficient must be a bool, got {memory_efficient!r}")
+        self.atrous_rates = rates
+        self.backend = backend
+        self.memory_efficient = memory_efficient
+        self.process_group = None  # set by sync_batchnorm(): statistics shared across processes
+
+    def forward(self, x: Tensor) -> Tensor:
+        return fused_aspp_forward(self, x, backend=self.backend, process_group=self.process_group,
+                                  memory_efficient=getattr(self, "memory_efficient", False))  # pickled before it
+
+    def extra_repr(self) -> str:
+        return f"atrous_rates={self.atrous_rates}, backend={self.backend!r}" + (
+            ", memory_efficient=True" if getattr(self, "memory_efficient", False) else ""
+        )
