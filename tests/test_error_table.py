@@ -1,5 +1,5 @@
-"""README's "Errors" table is true: every row's call raises the exception and message the table states, and every
-condition tested here has a row. The table is read from README.md, so the two cannot drift apart.
+"""docs/errors.md's "Errors" table is true: every row's call raises the exception and message the table states, and
+every condition tested here has a row. The table is read from docs/errors.md, so the two cannot drift apart.
 
 Each CASES entry is `id: fn(d)`, where d is a fresh temporary folder; the folder's path appears as DIR in the table.
 """
@@ -22,8 +22,8 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 ops = torch.ops.deeplab_ops
 
 
-def read_error_table(path: str = os.path.join(ROOT, "README.md")) -> dict[str, tuple[str, str]]:
-    """id -> (exception name, message) from the table rows of README's "## Errors" section."""
+def read_error_table(path: str = os.path.join(ROOT, "docs", "errors.md")) -> dict[str, tuple[str, str]]:
+    """id -> (exception name, message) from the table rows of docs/errors.md's "## Errors" section."""
     text = open(path, encoding="utf-8").read()
     start = text.index("\n## Errors")
     end = text.find("\n## ", start + 1)
@@ -33,7 +33,7 @@ def read_error_table(path: str = os.path.join(ROOT, "README.md")) -> dict[str, t
         if not line.startswith("| `") or len(cells) != 5:
             continue
         ident, _where, _condition, exc, message = cells
-        assert ident not in rows, f"README Errors: duplicate id {ident}"
+        assert ident not in rows, f"docs/errors.md: duplicate id {ident}"
         message = message.strip("`").replace("\\|", "|")
         rows[ident.strip("`")] = (exc.strip("`"), message[:-2] if message.endswith(" …") else message)
     return rows
@@ -521,14 +521,14 @@ TABLE = read_error_table()
 @pytest.mark.parametrize("ident", sorted(TABLE))
 def test_readme_error_row(ident, tmp_path):
     exc_name, message = TABLE[ident]
-    assert ident in CASES, f"README Errors row {ident} has no case in tests/test_error_table.py CASES"
+    assert ident in CASES, f"docs/errors.md row {ident} has no case in tests/test_error_table.py CASES"
     error = run_case(ident, tmp_path)
     names = [c.__name__ for c in type(error).__mro__]
-    assert exc_name in names, f"{ident}: raised {type(error).__name__} ({error}), README says {exc_name}"
+    assert exc_name in names, f"{ident}: raised {type(error).__name__} ({error}), docs/errors.md says {exc_name}"
     text = normalized(error, tmp_path)
-    assert re.sub(r"\s+", " ", message) in text, f"{ident}: README message\n  {message}\nnot in the error\n  {text}"
+    assert re.sub(r"\s+", " ", message) in text, f"{ident}: table message\n  {message}\nnot in the error\n  {text}"
 
 
 def test_every_case_has_a_readme_row():
     missing = sorted(set(CASES) - set(TABLE))
-    assert not missing, f"conditions tested here but missing from README's Errors table: {missing}"
+    assert not missing, f"conditions tested here but missing from docs/errors.md's Errors table: {missing}"
