@@ -566,7 +566,7 @@ TABLE = (
 def markdown(rows: list[dict], env: dict, command: str, meta: list[str]) -> str:
     used = [(k, h) for k, h in TABLE if any(r.get(k) is not None for r in rows)]
     lines = [
-        f"# Host overhead per call: {env['gpu']}",
+        f"# Host overhead per call: {env['gpu'].removeprefix('none (CPU: ').removesuffix(')')}",
         "",
         "Rerun (from the repository root; writes this file and its .csv):",
         "",
@@ -580,7 +580,12 @@ def markdown(rows: list[dict], env: dict, command: str, meta: list[str]) -> str:
         "launches), nested ones included = alloc + copy + cat + red(uctions) + elem(entwise) + other + views; copy B: "
         "bytes their copy_ calls write. bn_*: C++ stage kernel calls; conv: convolution calls; triton: Triton "
         "launches; syncs: item/_local_scalar_dense, nonzero, device-to-host copies; specs: Triton specializations "
-        "compiled (none under the interpreter).",
+        "compiled (none under the interpreter). A no-op .to() or .contiguous() still counts as a call (0 bytes).",
+        "",
+    ]
+    lines += summary(rows) + [
+        "",
+        "## Every row",
         "",
         "| " + " | ".join(h for _, h in used) + " |",
         "|" + "|".join("---" for _ in used) + "|",
@@ -597,6 +602,30 @@ def markdown(rows: list[dict], env: dict, command: str, meta: list[str]) -> str:
         syncs = f"; syncs: {r['sync_ops']}" if r.get("sync_ops") else ""
         lines.append(f"- **{r['op']} {r['mode']} {r['provider']}**: {r['census_detail'] or 'none'}{launches}{syncs}")
     return "\n".join(lines) + "\n"
+
+
+def summary(rows: list[dict]) -> list[str]:
+    """Markdown lines: per op and mode, each provider's host µs (x eager), glue aten ops (views apart) and syncs."""
+    providers = list(dict.fromkeys(r["provider"] for r in rows))
+    lines = [
+        "## Summary: host µs per call (x eager) · glue aten ops without views (+ views) · syncs",
+        "",
+        "| op | mode | " + " | ".join(providers) + " |",
+        "|---|---|" + "---|" * len(providers),
+    ]
+    cells = {(r["op"], r["mode"], r["provider"]): r for r in rows}
+    for op, mode in dict.fromkeys((r["op"], r["mode"]) for r in rows):
+        out = []
+        for p in providers:
+            r = cells.get((op, mode, p))
+            if r is None or r["status"] != "ok":
+                out.append(r["status"] if r else "-")
+                continue
+            ratio = f" (x{_fmt(r['host_x_eager'])})" if r.get("host_x_eager") is not None and p != "eager" else ""
+            out.append(f"{_fmt(r['host_us'])}{ratio} · {_fmt(r['aten_ops'] - r['views'])} (+{_fmt(r['views'])}) · "
+                       f"{_fmt(r['syncs'])}")
+        lines.append(f"| {op} | {mode} | " + " | ".join(out) + " |")
+    return lines
 
 
 def write_csv(rows: list[dict], path: Path) -> None:
