@@ -85,7 +85,10 @@ def test_rows_hold_times_and_the_machine(quick_run):
             assert _num(r["host_x_eager"]) == pytest.approx(1.0)
     assert md.splitlines()[0].startswith("# Host overhead per call")
     assert "python benchmarks/overhead_bench.py --device cpu --quick" in md and "TRITON_INTERPRET=1 " in md
-    assert md.count("\n| conv_bn_relu ") == len(CPU_PROVIDERS) * len(MODES)
+    for op in OPS:  # a summary line per op and mode, a table row per op, mode and provider
+        for m in MODES:
+            assert md.count(f"\n| {op} | {m} | ") == 1 + len(CPU_PROVIDERS), (op, m)
+            assert all(f"\n| {op} | {m} | {p} | " in md for p in CPU_PROVIDERS), (op, m)
 
 
 def test_census_is_consistent(quick_run):
