@@ -312,9 +312,14 @@ def _bytes_written(evt) -> int:
     return numel * size
 
 
-def census(events, calls: int) -> dict:
-    """Per-call counts of one profile of `calls` calls (fractions if the calls differ)."""
-    cpu = [e for e in events if e.device_type == torch.autograd.DeviceType.CPU]
+def _on_cpu(evt) -> bool:
+    return evt.device_type == torch.autograd.DeviceType.CPU
+
+
+def census(events, calls: int, cuda: bool = False) -> dict:
+    """Per-call counts of one profile of `calls` calls (fractions if the calls differ); `cuda`: the profile has
+    CUDA activity (GPU kernels are counted)."""
+    cpu = [e for e in events if _on_cpu(e)]
     counted = Counter()
     copy_bytes = 0
     for e in cpu:
@@ -341,7 +346,7 @@ def census(events, calls: int) -> dict:
     # device-to-host copies show as device events named "Memcpy DtoH"; when the profiler did not tie them to
     # their copy_, count them directly
     if not syncs.get("DtoH copy_"):
-        dtoh = sum(1 for e in events if e.device_type != torch.autograd.DeviceType.CPU and "DtoH" in e.name)
+        dtoh = sum(1 for e in events if not _on_cpu(e) and "DtoH" in e.name)
         dtoh -= sum(1 for e in cpu if e.name == "aten::_local_scalar_dense")  # item()'s own copy
         if dtoh > 0:
             syncs["DtoH copy_"] = dtoh
@@ -349,6 +354,9 @@ def census(events, calls: int) -> dict:
     def per_call(n: int) -> float | int:
         return n // calls if n % calls == 0 else round(n / calls, 2)
 
+    # GPU work items: kernels, memcpy and memset (not the GPU-side copies of record_function ranges)
+    gpu = [e for e in events if e.device_type == torch.autograd.DeviceType.CUDA
+           and not getattr(e, "is_user_annotation", False) and not e.name.startswith("triton::")]
     convs = [e for e in cpu if is_convolution(e.name) and not any(is_convolution(a.name) for a in _ancestors(e))]
     groups = []
     for cat in CATEGORIES:
@@ -363,8 +371,7 @@ def census(events, calls: int) -> dict:
         "deeplab_ops_events": per_call(sum(1 for e in cpu if e.name.startswith("deeplab_ops::"))),
         "bn_stage_calls": per_call(sum(1 for e in cpu if e.name.startswith("deeplab_ops::bn_"))),
         "conv_calls": per_call(len(convs)),
-        "gpu_kernels": (per_call(sum(1 for e in events if e.device_type == torch.autograd.DeviceType.CUDA))
-                        if any(e.device_type == torch.autograd.DeviceType.CUDA for e in events) else None),
+        "gpu_kernels": per_call(len(gpu)) if cuda else None,
         "syncs": per_call(sum(syncs.values())),
         "sync_ops": ", ".join(f"{k.removeprefix('aten::')}×{per_call(v)}" for k, v in sorted(syncs.items())),
         "census_detail": detail,
@@ -429,7 +436,7 @@ def profile_calls(case: Case, device: torch.device, calls: int, triton: bool) ->
                 case.fn()
                 host.append((time.perf_counter() - t0) * 1e6)
             common.synchronize(device)
-    row = census(prof.events(), calls)
+    row = census(prof.events(), calls, cuda=device.type == "cuda")
     row["profiled_host_us"] = host
     if launches is not None:
         total = launches.total
