@@ -1,0 +1,718 @@
+"""What surrounds the kernels: host time, glue aten ops, launches and syncs per call of each op, at tiny shapes.
+
+    python benchmarks/overhead_bench.py                                  # every op, backend and mode on this device
+    TRITON_INTERPRET=1 python benchmarks/overhead_bench.py --device cpu  # CPU: eager, cpu, reference and triton
+    python benchmarks/overhead_bench.py --quick --ops aspp --backends cpu --out /tmp/o
+
+At tiny tensors a call costs almost nothing but its overhead: Python, the dispatcher, checks, allocations, copies,
+layout conversions, cat, launches and host syncs. A fused op only beats eager PyTorch if that overhead is smaller
+than what the eager layers spend (DESIGN.md, "Performance method"). For conv_bn_relu (1x4x4x4 -> 4, 3x3,
+channels_last input), aspp (N=2, C_in=8, C=4, 5x5, rates 1/2/3) and upsample_cross_entropy (N=2, K=3, 4x4 -> 8x8),
+every backend that runs here and eager PyTorch (Conv2d -> BatchNorm2d -> ReLU; torchvision's ASPP, model.ASPP
+without torchvision; F.interpolate + F.cross_entropy), in train_fwd / eval_fwd (no_grad, training=False) / fwd_bwd,
+after warm-up, same parameters every call (grads set to None between calls, outside the measurement):
+
+- host time per call (time.perf_counter around each call: median, p20, p80); on CUDA also the wall time to the
+  end of the call's GPU work and its GPU time (CUDA events): host_us close to wall_us means host-bound;
+- a census of the aten ops a call runs outside the backend's own kernels, nested ones included (torch.profiler
+  CPU events): own kernels are deeplab_ops::bn_* (the C++ stage kernels), convolutions (aten::conv2d,
+  aten::convolution, aten::_convolution, aten::mkldnn_convolution, aten::cudnn_convolution*, aten::convolution_
+  backward, ...) and Triton launches, each with everything nested under it; every other aten::* event counts,
+  also inside the composite deeplab_ops::*_forward/_backward ops. Categories: allocations, copies (copy, clone,
+  to, contiguous, ...; copy_bytes: what their copy_ calls write, shapes x dtype size), cat, reductions,
+  elementwise, views (free, counted apart), other; they sum to aten_ops;
+- launches: Triton (deeplab_ops.triton.count_launches()), C++ stage kernels (deeplab_ops::bn_* events),
+  convolutions (outermost convolution events), and on CUDA every GPU kernel the profiler saw;
+- host syncs: aten::item / aten::_local_scalar_dense, aten::nonzero, and device-to-host copies (CUDA only);
+- triton_specializations: Triton kernel variants the case compiled (JITFunction.device_caches entries added by
+  the case, warm-up included; triton_recompiles: those added after warm-up, 0 in a steady state). The Triton
+  interpreter compiles nothing: empty there.
+
+Census, launches and syncs are deterministic: they are counted the same on any machine, and tests keep budgets for
+them. Times on a shared CPU swing: compare rows of one run only.
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import csv
+import os
+import re
+import shlex
+import sys
+import time
+import traceback
+from collections import Counter
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass
+from pathlib import Path
+
+import common
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+OPS = ("conv_bn_relu", "aspp", "upsample_cross_entropy")
+MODES = common.MODES
+CPU_BACKENDS = ("cpu", "reference", "triton")
+CUDA_BACKENDS = ("cuda", "triton", "reference")
+BACKENDS = ("cpu", "cuda", "triton", "reference")
+CATEGORIES = ("allocs", "copies", "cat", "reductions", "elementwise", "other", "views")
+
+# The rows: the case, its times, its census (per call), its launches and syncs, the environment.
+FIELDS = (
+    "op", "provider", "mode", "dtype", "shape", "batch", "status",
+    "host_us", "host_p20_us", "host_p80_us", "wall_us", "gpu_us", "repeats", "eager_host_us", "host_x_eager",
+    "aten_ops", *CATEGORIES, "copy_bytes", "deeplab_ops_events", "bn_stage_calls", "conv_calls",
+    "triton_launches", "triton_by_kernel", "gpu_kernels", "syncs", "sync_ops",
+    "triton_specializations", "triton_recompiles", "profiled_calls", "census_detail", "note",
+    "device", "gpu", "machine", "torch", "triton", "git_commit", "time",
+)
+
+
+@dataclass(frozen=True)
+class Settings:
+    warmup: int  # calls before anything is measured (caches filled, autotuning and compiles done)
+    repeats: int  # timed calls, at most
+    case_s: float  # ...and at most this long per case (at least min_repeats calls)
+    min_repeats: int
+    profiled: int  # calls in the census profile (counts are divided by it)
+
+
+FULL = Settings(warmup=5, repeats=300, case_s=2.0, min_repeats=10, profiled=3)
+QUICK = Settings(warmup=2, repeats=20, case_s=0.1, min_repeats=3, profiled=1)
+# The Triton interpreter takes 0.05 to 5 s per call at these shapes, and its times say nothing about a GPU: the
+# fewest calls that still measure a steady state (one warm-up call fills the caches). --quick times the profiled
+# call itself (repeats=0): the profiler's few µs per op are nothing beside the interpreter's seconds.
+INTERPRETER_FULL = Settings(warmup=1, repeats=5, case_s=5.0, min_repeats=2, profiled=1)
+INTERPRETER_QUICK = Settings(warmup=1, repeats=0, case_s=0.0, min_repeats=0, profiled=1)
+
+
+# ---- the cases ------------------------------------------------------------------------------------------------
+
+
+@dataclass
+class Case:
+    fn: Callable[[], object]  # one call
+    params: list[torch.Tensor]  # tensors whose .grad is set to None before each call
+    shape: str
+    batch: int
+    note: str = ""
+
+
+class EagerConvBNReLU(nn.Sequential):
+    """nn.Sequential(Conv2d(bias=False), BatchNorm2d, ReLU): what FusedConvBNReLU replaces."""
+
+    def __init__(self, cin: int, cout: int, k: int, padding: int) -> None:
+        super().__init__(nn.Conv2d(cin, cout, k, padding=padding, bias=False), nn.BatchNorm2d(cout), nn.ReLU())
+
+
+def _conv_case(provider: str, device: torch.device, dtype: torch.dtype) -> tuple[nn.Module, list[torch.Tensor], dict]:
+    n, cin, size, cout, k = 1, 4, 4, 4, 3
+    x = torch.randn(n, cin, size, size, device=device, dtype=dtype).to(memory_format=torch.channels_last)
+    if provider == "eager":
+        module = EagerConvBNReLU(cin, cout, k, padding=1)
+    else:
+        from deeplab_ops.nn import FusedConvBNReLU
+
+        module = FusedConvBNReLU(cin, cout, k, padding=1, backend=provider)
+    w = torch.empty(cout, cin, k, k, device="meta")
+    call = dict(x=x, weight=w, stride=(1, 1), padding=(1, 1), dilation=(1, 1), residual=None)
+    return module, [x], dict(call=call, shape=f"{cin}x{size}x{size} ->{cout} k{k} channels_last", batch=n)
+
+
+def _aspp_case(provider: str, device: torch.device, dtype: torch.dtype) -> tuple[nn.Module, list[torch.Tensor], dict]:
+    import aspp_bench  # the ASPP benchmark's eager module: torchvision's ASPP (dropout 0), else model.ASPP
+
+    n, cin, size, cout, rates = 2, 8, 5, 4, (1, 2, 3)
+    x = torch.randn(n, cin, size, size, device=device, dtype=dtype)
+    if provider == "eager":
+        module, note = aspp_bench.eager_aspp(cin, rates, cout), aspp_bench.eager_aspp_note()
+    else:
+        from deeplab_ops.nn import FusedASPP
+
+        module, note = FusedASPP(cin, rates, cout, dropout=0.0, backend=provider), ""
+    call = dict(x=x, rates=rates, channels=cout)
+    return module, [x], dict(call=call, shape=f"{cin}x{size}x{size} r{'/'.join(map(str, rates))} ->{cout}", batch=n,
+                             note=note)
+
+
+class EagerUpsampleCE(nn.Module):
+    """F.cross_entropy(F.interpolate(logits, target's size, bilinear), target): what upsample_cross_entropy fuses."""
+
+    def forward(self, logits: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
+        up = F.interpolate(logits, size=target.shape[-2:], mode="bilinear", align_corners=False)
+        return F.cross_entropy(up, target, ignore_index=255)
+
+
+class FusedUpsampleCE(nn.Module):
+    def __init__(self, backend: str) -> None:
+        super().__init__()
+        self.backend = backend
+
+    def forward(self, logits: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
+        import deeplab_ops
+
+        return deeplab_ops.upsample_cross_entropy(logits, target, ignore_index=255, backend=self.backend)
+
+
+def _uce_case(provider: str, device: torch.device, dtype: torch.dtype) -> tuple[nn.Module, list[torch.Tensor], dict]:
+    n, k, size, out = 2, 3, 4, 8
+    logits = torch.randn(n, k, size, size, device=device, dtype=dtype)
+    target = torch.randint(0, k, (n, out, out), device=device)
+    target[:, 0, :2] = 255  # a few ignored pixels, as at VOC's object borders
+    module = EagerUpsampleCE() if provider == "eager" else FusedUpsampleCE(provider)
+    call = dict(logits=logits, target=target)
+    return module, [logits, target], dict(call=call, shape=f"K{k} {size}x{size} ->{out}x{out}", batch=n)
+
+
+CASES = {"conv_bn_relu": _conv_case, "aspp": _aspp_case, "upsample_cross_entropy": _uce_case}
+
+
+def build_case(op: str, provider: str, mode: str, device: torch.device, dtype: torch.dtype) -> tuple[Case, str]:
+    """(the case, why `provider` cannot run it here: '' when it can)."""
+    module, inputs, info = CASES[op](provider, device, dtype)
+    module = module.to(device=device, dtype=dtype)
+    training = mode != "eval_fwd"
+    call = dict(info["call"])
+    if op != "upsample_cross_entropy":
+        call["training"] = training
+    reason = "" if provider in ("eager", "reference") else common.unavailable(provider, op, device, **call)
+    module.train(training)
+    first = inputs[0]
+    if mode == "eval_fwd":
+        def fn():
+            with torch.no_grad():
+                return module(*inputs)
+    elif mode == "train_fwd":
+        first.requires_grad_(op == "upsample_cross_entropy")  # the loss's input is an activation with a graph
+
+        def fn():
+            return module(*inputs)
+    else:
+        first.requires_grad_(True)  # in DeepLab the input comes from the backbone: its gradient is needed too
+        grad = []
+
+        def fn():
+            out = module(*inputs)
+            if not grad:
+                grad.append(torch.randn_like(out))
+            out.backward(grad[0])
+    params = [p for p in module.parameters()] + [first]
+    return Case(fn, params, info["shape"], info["batch"], info.get("note", "")), reason
+
+
+# ---- host time ------------------------------------------------------------------------------------------------
+
+
+def _clear(params: list[torch.Tensor]) -> None:
+    for p in params:
+        p.grad = None
+
+
+def time_calls(case: Case, device: torch.device, s: Settings) -> dict:
+    """Host µs per call (median, p20, p80); on CUDA, wall µs to the end of the call's GPU work and GPU µs."""
+    host, wall, gpu = [], [], []
+    cuda = device.type == "cuda"
+    start_all = time.perf_counter()
+    while len(host) < s.repeats and (len(host) < s.min_repeats or time.perf_counter() - start_all < s.case_s):
+        _clear(case.params)
+        if cuda:
+            torch.cuda.synchronize(device)
+            begin, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+            begin.record()
+        t0 = time.perf_counter()
+        case.fn()
+        t1 = time.perf_counter()
+        if cuda:
+            end.record()
+            torch.cuda.synchronize(device)
+            wall.append((time.perf_counter() - t0) * 1e6)
+            gpu.append(begin.elapsed_time(end) * 1e3)
+        host.append((t1 - t0) * 1e6)
+    q = [common.quantile(host, p) for p in common.QUANTILES]
+    return dict(host_us=q[0], host_p20_us=q[1], host_p80_us=q[2], repeats=len(host),
+                wall_us=common.quantile(wall, 0.5) if wall else None, gpu_us=common.quantile(gpu, 0.5) if gpu else None)
+
+
+# ---- census ---------------------------------------------------------------------------------------------------
+
+_ALLOC = re.compile(r"^aten::(empty|empty_like|empty_strided|new_\w+|zeros|zeros_like|ones|ones_like|full|full_like|"
+                    r"scalar_tensor|resize_)$")
+_COPY = {"copy_", "clone", "to", "_to_copy", "contiguous", "_copy_from", "_copy_from_and_resize", "type_as",
+         "_to_dense", "to_dense", "to_mkldnn", "copy"}
+_CAT = {"cat", "_cat", "stack", "concat", "concatenate", "hstack", "vstack"}
+_REDUCTIONS = {"sum", "mean", "amax", "amin", "max", "min", "var", "std", "var_mean", "std_mean", "norm",
+               "linalg_vector_norm", "prod", "logsumexp", "argmax", "argmin", "all", "any", "count_nonzero",
+               "cumsum", "sum_to_size", "aminmax"}
+_ELEMENTWISE = {"add", "sub", "mul", "div", "rsub", "neg", "reciprocal", "rsqrt", "sqrt", "exp", "log", "pow",
+                "relu", "threshold", "threshold_backward", "clamp", "clamp_min", "clamp_max", "where", "abs",
+                "sigmoid", "addcmul", "addcdiv", "lerp", "fill", "zero", "masked_fill", "eq", "ne", "lt", "le", "gt",
+                "ge", "maximum", "minimum", "logical_and", "logical_or", "logical_not", "bitwise_and", "floor",
+                "ceil", "round", "sign", "square", "hardtanh", "copysign"}
+_VIEWS = {"view", "_reshape_alias", "reshape", "as_strided", "permute", "transpose", "t", "expand", "expand_as",
+          "unsqueeze", "squeeze", "slice", "select", "narrow", "split", "split_with_sizes", "chunk", "unbind",
+          "flatten", "unflatten", "alias", "detach", "view_as", "_unsafe_view", "unfold", "diagonal", "lift_fresh",
+          "movedim", "numpy_T", "resolve_conj", "resolve_neg", "_reshape_copy_or_view", "as_strided_", "indices",
+          "values", "real", "imag", "_nested_view_from_buffer", "chalf"}
+_SYNC_OPS = ("aten::item", "aten::_local_scalar_dense", "aten::nonzero")
+_DTYPE_BYTES = {"float": 4, "double": 8, "c10::Half": 2, "c10::BFloat16": 2, "long int": 8, "int": 4,
+                "short int": 2, "signed char": 1, "unsigned char": 1, "bool": 1, "c10::complex<float>": 8,
+                "c10::complex<double>": 16, "c10::Float8_e4m3fn": 1, "c10::Float8_e5m2": 1}
+
+
+def category(name: str) -> str:
+    """The census category of an aten op: allocs, copies, cat, reductions, elementwise, views or other."""
+    if _ALLOC.match(name):
+        return "allocs"
+    base = name.removeprefix("aten::")
+    stem = base.rstrip("_") if base not in ("copy_", "as_strided_") else base
+    if base in _COPY:
+        return "copies"
+    if base in _CAT:
+        return "cat"
+    if base in _VIEWS or stem in _VIEWS:
+        return "views"
+    if base in _REDUCTIONS or stem in _REDUCTIONS:
+        return "reductions"
+    if stem in _ELEMENTWISE:
+        return "elementwise"
+    return "other"
+
+
+def is_convolution(name: str) -> bool:
+    if not name.startswith("aten::"):
+        return False
+    base = name.removeprefix("aten::").lstrip("_")
+    return "convolution" in base or base.startswith(("conv", "slow_conv", "thnn_conv", "nnpack_spatial_conv"))
+
+
+def is_own_kernel(name: str) -> bool:
+    """The backend's own kernels, whose nested events the census leaves out: C++ BN stages, convs, Triton."""
+    return name.startswith(("deeplab_ops::bn_", "triton::")) or is_convolution(name)
+
+
+def _ancestors(evt) -> Iterator:
+    evt = evt.cpu_parent
+    while evt is not None:
+        yield evt
+        evt = evt.cpu_parent
+
+
+def _bytes_written(evt) -> int:
+    shapes = evt.input_shapes or []
+    dtypes = getattr(evt, "input_dtypes", None) or []
+    if not shapes or not isinstance(shapes[0], (list, tuple)):
+        return 0
+    numel = 1
+    for d in shapes[0]:
+        numel *= d
+    size = _DTYPE_BYTES.get(dtypes[0], 4) if dtypes else 4
+    return numel * size
+
+
+def _on_cpu(evt) -> bool:
+    return evt.device_type == torch.autograd.DeviceType.CPU
+
+
+def census(events, calls: int, cuda: bool = False) -> dict:
+    """Per-call counts of one profile of `calls` calls (fractions if the calls differ); `cuda`: the profile has
+    CUDA activity (GPU kernels are counted)."""
+    cpu = [e for e in events if _on_cpu(e)]
+    counted = Counter()
+    copy_bytes = 0
+    for e in cpu:
+        if not e.name.startswith("aten::") or is_own_kernel(e.name):
+            continue
+        if any(is_own_kernel(a.name) for a in _ancestors(e)):
+            continue
+        counted[e.name] += 1
+        if e.name == "aten::copy_":
+            copy_bytes += _bytes_written(e)
+    by_cat = Counter()
+    for name, n in counted.items():
+        by_cat[category(name)] += n
+    syncs = Counter()
+    for e in cpu:
+        parents = [a.name for a in _ancestors(e)]
+        if e.name == "aten::item" or (e.name == "aten::_local_scalar_dense" and "aten::item" not in parents):
+            syncs[e.name] += 1
+        elif e.name == "aten::nonzero" and "aten::nonzero" not in parents:
+            syncs[e.name] += 1
+        elif e.name == "aten::copy_" and not any(p in _SYNC_OPS for p in parents):
+            if any("DtoH" in k.name or "Device -> Pageable" in k.name for k in e.kernels):
+                syncs["DtoH copy_"] += 1
+    # device-to-host copies show as device events named "Memcpy DtoH"; when the profiler did not tie them to
+    # their copy_, count them directly
+    if not syncs.get("DtoH copy_"):
+        dtoh = sum(1 for e in events if not _on_cpu(e) and "DtoH" in e.name)
+        dtoh -= sum(1 for e in cpu if e.name == "aten::_local_scalar_dense")  # item()'s own copy
+        if dtoh > 0:
+            syncs["DtoH copy_"] = dtoh
+
+    def per_call(n: int) -> float | int:
+        return n // calls if n % calls == 0 else round(n / calls, 2)
+
+    # GPU work items: kernels, memcpy and memset (not the GPU-side copies of record_function ranges)
+    gpu = [e for e in events if e.device_type == torch.autograd.DeviceType.CUDA
+           and not getattr(e, "is_user_annotation", False) and not e.name.startswith("triton::")]
+    convs = [e for e in cpu if is_convolution(e.name) and not any(is_convolution(a.name) for a in _ancestors(e))]
+    groups = []
+    for cat in CATEGORIES:
+        ops = sorted(((k, v) for k, v in counted.items() if category(k) == cat), key=lambda kv: (-kv[1], kv[0]))
+        if ops:
+            groups.append(f"{cat}: " + ", ".join(f"{k.removeprefix('aten::')}×{per_call(v)}" for k, v in ops))
+    detail = "; ".join(groups)
+    return {
+        "aten_ops": per_call(sum(counted.values())),
+        **{c: per_call(by_cat[c]) for c in CATEGORIES},
+        "copy_bytes": per_call(copy_bytes),
+        "deeplab_ops_events": per_call(sum(1 for e in cpu if e.name.startswith("deeplab_ops::"))),
+        "bn_stage_calls": per_call(sum(1 for e in cpu if e.name.startswith("deeplab_ops::bn_"))),
+        "conv_calls": per_call(len(convs)),
+        "gpu_kernels": per_call(len(gpu)) if cuda else None,
+        "syncs": per_call(sum(syncs.values())),
+        "sync_ops": ", ".join(f"{k.removeprefix('aten::')}×{per_call(v)}" for k, v in sorted(syncs.items())),
+        "census_detail": detail,
+    }
+
+
+@contextlib.contextmanager
+def triton_launch_scopes() -> Iterator[None]:
+    """Every Triton launch inside a profiler scope named triton::<kernel>: an own kernel in the census (under the
+    interpreter a launch runs aten ops on CPU tensors; they are the kernel's work, not glue)."""
+    try:
+        import triton.runtime.interpreter as interpreter
+        import triton.runtime.jit as jit
+    except ImportError:
+        yield
+        return
+    patched = []
+    for cls in (jit.JITFunction, getattr(interpreter, "InterpretedFunction", None)):
+        if cls is None or "run" not in vars(cls):
+            continue
+        original = cls.run
+
+        def run(self, *args, _original=original, **kwargs):
+            with torch.profiler.record_function(f"triton::{getattr(self, '__name__', type(self).__name__)}"):
+                return _original(self, *args, **kwargs)
+
+        cls.run = run
+        patched.append((cls, original))
+    try:
+        yield
+    finally:
+        for cls, original in reversed(patched):
+            cls.run = original
+
+
+def count_launches():
+    """deeplab_ops.triton.count_launches(): a context manager yielding .total and .by_kernel."""
+    import deeplab_ops.triton
+
+    counter = getattr(deeplab_ops.triton, "count_launches", None)
+    if counter is None:
+        raise RuntimeError("deeplab_ops.triton.count_launches() is missing: this benchmark counts Triton launches "
+                           "with it (issue 12); build from a tree that has it")
+    return counter()
+
+
+def profile_calls(case: Case, device: torch.device, calls: int, triton: bool) -> dict:
+    """The census of `calls` steady-state calls, and for triton their launches."""
+    from torch.profiler import ProfilerActivity, profile
+
+    activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if device.type == "cuda" else [])
+    launches, host = None, []
+    with contextlib.ExitStack() as stack:
+        if triton:
+            launches = stack.enter_context(count_launches())
+        stack.enter_context(triton_launch_scopes())
+        common.synchronize(device)
+        with profile(activities=activities, record_shapes=True, profile_memory=True) as prof:
+            for _ in range(calls):
+                _clear(case.params)
+                t0 = time.perf_counter()
+                case.fn()
+                host.append((time.perf_counter() - t0) * 1e6)
+            common.synchronize(device)
+    row = census(prof.events(), calls, cuda=device.type == "cuda")
+    row["profiled_host_us"] = host
+    if launches is not None:
+        total = launches.total
+        row["triton_launches"] = total // calls if total % calls == 0 else round(total / calls, 2)
+        row["triton_by_kernel"] = ", ".join(f"{k}×{v / calls:g}" for k, v in sorted(dict(launches.by_kernel).items()))
+    return row
+
+
+# ---- Triton specializations -----------------------------------------------------------------------------------
+
+_KERNEL_MODULES = ("conv_engine", "bn_kernels", "conv_bn_relu", "aspp", "upsample_ce")
+
+
+def triton_specializations() -> int | None:
+    """Compiled variants held by deeplab_ops' Triton kernels: the sum over JITFunctions of their per-device kernel
+    caches (`JITFunction.device_caches[device][0]`, triton 3.2 to 3.8). None under the interpreter (nothing is
+    compiled) or where triton keeps its cache elsewhere."""
+    try:
+        from triton.runtime.jit import JITFunction
+    except ImportError:
+        return None
+    found, total = False, 0
+    for name in _KERNEL_MODULES:
+        module = sys.modules.get(f"deeplab_ops.triton.{name}")
+        for obj in vars(module).values() if module else ():
+            caches = getattr(obj, "device_caches", None) if isinstance(obj, JITFunction) else None
+            if caches is None:
+                continue
+            found = True
+            total += sum(len(c[0]) for c in caches.values())
+    return total if found else None
+
+
+# ---- running --------------------------------------------------------------------------------------------------
+
+
+def settings_for(provider: str, device: torch.device, quick: bool) -> Settings:
+    if provider == "triton" and device.type == "cpu":
+        return INTERPRETER_QUICK if quick else INTERPRETER_FULL
+    return QUICK if quick else FULL
+
+
+def run_case(op: str, provider: str, mode: str, device: torch.device, dtype_name: str, quick: bool, env: dict) -> dict:
+    """One row: build the case, warm it up, time it, profile it; errors become the row's note."""
+    s = settings_for(provider, device, quick)
+    row = dict.fromkeys(FIELDS)
+    row.update(env, op=op, provider=provider, mode=mode, dtype=dtype_name)
+    try:
+        case, reason = build_case(op, provider, mode, device, common.DTYPES[dtype_name])
+        row.update(shape=case.shape, batch=case.batch, note=case.note or None)
+        if reason:
+            row.update(status="skipped", note=reason)
+            return row
+        triton = provider == "triton"
+        before = triton_specializations() if triton else None
+        for _ in range(s.warmup):
+            _clear(case.params)
+            case.fn()
+        common.synchronize(device)
+        warm = triton_specializations() if triton else None
+        if s.repeats:
+            row.update(time_calls(case, device, s))
+        census_row = profile_calls(case, device, s.profiled, triton)
+        profiled_host = census_row.pop("profiled_host_us")
+        if not s.repeats:
+            q = [common.quantile(profiled_host, p) for p in common.QUANTILES]
+            row.update(host_us=q[0], host_p20_us=q[1], host_p80_us=q[2], repeats=0)
+            row["note"] = "host time of the profiled call (Triton interpreter, --quick)"
+        row.update(census_row)
+        row["profiled_calls"] = s.profiled
+        after = triton_specializations() if triton else None
+        if before is not None and after is not None:
+            row["triton_specializations"] = after - before
+            row["triton_recompiles"] = after - warm
+        row["status"] = "ok"
+    except Exception as e:  # noqa: BLE001  (one broken provider never stops a run: the row says why)
+        message = f"{type(e).__name__}: {str(e).strip().splitlines()[0] if str(e).strip() else ''}"
+        print(f"  error in {provider} {op} {mode}: {message}", file=sys.stderr)
+        if os.environ.get("BENCH_TRACEBACK"):
+            traceback.print_exc()
+        row.update(status="error", note=message[:300])
+    finally:
+        if device.type == "cuda":
+            torch.cuda.empty_cache()
+    return row
+
+
+def fill_eager(rows: list[dict]) -> None:
+    """eager_host_us and host_x_eager (this row's host time / eager's: above 1 is slower) per op and mode."""
+    eager = {(r["op"], r["mode"]): r["host_us"] for r in rows if r["provider"] == "eager" and r["status"] == "ok"}
+    for r in rows:
+        base = eager.get((r["op"], r["mode"]))
+        if r["status"] == "ok" and base:
+            r["eager_host_us"] = base
+            r["host_x_eager"] = r["host_us"] / base
+
+
+def machine_name(device: torch.device) -> str:
+    """A short file-name-safe name of the machine: the GPU's ('h200'), else the CPU model's ('xeon-8375c')."""
+    raw = torch.cuda.get_device_name(device) if device.type == "cuda" else common.cpu_name()
+    raw = re.sub(r"\((R|TM|tm|r)\)|@.*$|\b(CPU|Processor|NVIDIA|Intel|AMD|GenuineIntel|Core|with .*)\b", " ", raw)
+    slug = re.sub(r"[^a-z0-9]+", "-", raw.lower()).strip("-")
+    return slug or "unknown"
+
+
+def environment(device: torch.device) -> dict:
+    env = common.environment(device)
+    env["git_commit"] = os.environ.get("GIT_COMMIT") or env["git_commit"]
+    env["machine"] = machine_name(device)
+    return env
+
+
+# ---- output ---------------------------------------------------------------------------------------------------
+
+
+def _fmt(v, digits: int = 3) -> str:
+    if v is None or v == "":
+        return "-"
+    if isinstance(v, float):
+        return f"{v:.{digits}g}" if abs(v) < 1e4 else f"{v:.0f}"
+    return str(v)
+
+
+TABLE = (
+    ("op", "op"), ("mode", "mode"), ("provider", "provider"), ("host_us", "host µs"), ("host_p20_us", "p20"),
+    ("host_p80_us", "p80"), ("host_x_eager", "x eager"), ("wall_us", "wall µs"), ("gpu_us", "GPU µs"),
+    ("aten_ops", "aten ops"), ("allocs", "alloc"), ("copies", "copy"), ("copy_bytes", "copy B"), ("cat", "cat"),
+    ("reductions", "red"), ("elementwise", "elem"), ("other", "other"), ("views", "views"),
+    ("bn_stage_calls", "bn_*"), ("conv_calls", "conv"), ("triton_launches", "triton"), ("gpu_kernels", "GPU krn"),
+    ("syncs", "syncs"), ("triton_specializations", "specs"), ("status", "status"),
+)
+
+
+def markdown(rows: list[dict], env: dict, command: str, meta: list[str]) -> str:
+    used = [(k, h) for k, h in TABLE if any(r.get(k) is not None for r in rows)]
+    lines = [
+        f"# Host overhead per call: {env['gpu'].removeprefix('none (CPU: ').removesuffix(')')}",
+        "",
+        "Rerun (from the repository root; writes this file and its .csv):",
+        "",
+        f"    {command}",
+        "",
+        f"torch {env['torch']}, triton {env['triton']}, commit {env['git_commit']}, {env['time']}. ",
+        *[f"{m} " for m in meta],
+        "",
+        "Per call, steady state. host µs: time.perf_counter around the call (median, p20, p80); x eager: host µs / "
+        "eager's. aten ops: every aten op outside the backend's own kernels (bn_* stages, convolutions, Triton "
+        "launches), nested ones included = alloc + copy + cat + red(uctions) + elem(entwise) + other + views; copy B: "
+        "bytes their copy_ calls write. bn_*: C++ stage kernel calls; conv: convolution calls; triton: Triton "
+        "launches; syncs: item/_local_scalar_dense, nonzero, device-to-host copies; specs: Triton specializations "
+        "compiled (none under the interpreter). A no-op .to() or .contiguous() still counts as a call (0 bytes).",
+        "",
+    ]
+    lines += summary(rows) + [
+        "",
+        "## Every row",
+        "",
+        "| " + " | ".join(h for _, h in used) + " |",
+        "|" + "|".join("---" for _ in used) + "|",
+    ]
+    lines += ["| " + " | ".join(_fmt(r.get(k)) for k, _ in used) + " |" for r in rows]
+    notes = sorted({(r["provider"], r["status"], r["note"]) for r in rows if r.get("note")})
+    if notes:
+        lines += ["", "Notes:", ""] + [f"- {p} ({status}): {note}" for p, status, note in notes]
+    lines += ["", "## Glue ops per call (outside the backend's own kernels)", ""]
+    for r in rows:
+        if r["status"] != "ok":
+            continue
+        launches = f"; triton launches: {r['triton_by_kernel']}" if r.get("triton_by_kernel") else ""
+        syncs = f"; syncs: {r['sync_ops']}" if r.get("sync_ops") else ""
+        lines.append(f"- **{r['op']} {r['mode']} {r['provider']}**: {r['census_detail'] or 'none'}{launches}{syncs}")
+    return "\n".join(lines) + "\n"
+
+
+def summary(rows: list[dict]) -> list[str]:
+    """Markdown lines: per op and mode, each provider's host µs (x eager), glue aten ops (views apart) and syncs."""
+    providers = list(dict.fromkeys(r["provider"] for r in rows))
+    lines = [
+        "## Summary: host µs per call (x eager) · glue aten ops without views (+ views) · syncs",
+        "",
+        "| op | mode | " + " | ".join(providers) + " |",
+        "|---|---|" + "---|" * len(providers),
+    ]
+    cells = {(r["op"], r["mode"], r["provider"]): r for r in rows}
+    for op, mode in dict.fromkeys((r["op"], r["mode"]) for r in rows):
+        out = []
+        for p in providers:
+            r = cells.get((op, mode, p))
+            if r is None or r["status"] != "ok":
+                out.append(r["status"] if r else "-")
+                continue
+            ratio = f" (x{_fmt(r['host_x_eager'])})" if r.get("host_x_eager") is not None and p != "eager" else ""
+            out.append(f"{_fmt(r['host_us'])}{ratio} · {_fmt(r['aten_ops'] - r['views'])} (+{_fmt(r['views'])}) · "
+                       f"{_fmt(r['syncs'])}")
+        lines.append(f"| {op} | {mode} | " + " | ".join(out) + " |")
+    return lines
+
+
+def write_csv(rows: list[dict], path: Path) -> None:
+    with path.open("w", newline="") as f:
+        writer = csv.DictWriter(f, fieldnames=FIELDS)
+        writer.writeheader()
+        for r in rows:
+            writer.writerow({k: "" if r.get(k) is None else (f"{r[k]:.6g}" if isinstance(r[k], float) else r[k])
+                             for k in FIELDS})
+
+
+def print_table(rows: list[dict]) -> None:
+    used = [(k, h) for k, h in TABLE if any(r.get(k) is not None for r in rows)]
+    cells = [[_fmt(r.get(k)) for k, _ in used] for r in rows]
+    widths = [max([len(h)] + [len(c[i]) for c in cells]) for i, (_, h) in enumerate(used)]
+    print("  ".join(h.ljust(w) for (_, h), w in zip(used, widths, strict=True)))
+    for c in cells:
+        print("  ".join(v.ljust(w) for v, w in zip(c, widths, strict=True)))
+    sys.stdout.flush()
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu", choices=("cuda", "cpu"),
+                        help="default: cuda when visible")
+    parser.add_argument("--ops", type=common.csv_list(str, OPS), default=list(OPS), help=f"comma list of {OPS}")
+    parser.add_argument("--backends", type=common.csv_list(str, ("eager", *BACKENDS)), default=None,
+                        help=f"comma list of eager and {BACKENDS}; default: eager and {CPU_BACKENDS} on cpu (triton "
+                             f"only with TRITON_INTERPRET=1, else recorded as skipped), eager and {CUDA_BACKENDS} on "
+                             "cuda. eager rows are always run: the others are compared with them")
+    parser.add_argument("--modes", type=common.csv_list(str, MODES), default=list(MODES),
+                        help="comma list of train_fwd, eval_fwd (no_grad, training=False), fwd_bwd")
+    parser.add_argument("--dtype", choices=tuple(common.DTYPES), default="fp32")
+    parser.add_argument("--quick", action="store_true", help="few calls per case (seconds; tests, smoke runs)")
+    parser.add_argument("--out", default="bench_out", help="directory for NAME.csv and NAME.md")
+    parser.add_argument("--name", default=None,
+                        help="file stem (default: overhead-<device>-<machine>-<UTC date>, e.g. overhead-cpu-xeon-"
+                             "2026-11-28)")
+    parser.add_argument("--threads", type=int, default=None,
+                        help="torch CPU threads (default: torch's); 1 avoids oversubscription on a shared machine")
+    args = parser.parse_args(argv)
+    device = common.resolve_device(args)
+    common.set_precision(args.dtype)
+    backends = [b for b in (args.backends or (CUDA_BACKENDS if device.type == "cuda" else CPU_BACKENDS))
+                if b != "eager"]
+    providers = ["eager", *backends]
+    env = environment(device)
+    name = args.name or f"overhead-{device.type}-{env['machine']}-{env['time'][:10]}"
+    command = " ".join(
+        ["TRITON_INTERPRET=1"] * (device.type == "cpu" and "triton" in backends and _interpreter())
+        + ["python", "benchmarks/overhead_bench.py", *map(shlex.quote, sys.argv[1:] if argv is None else argv)]
+    )
+    print(f"{env['gpu']} | torch {env['torch']} | triton {env['triton']} | commit {env['git_commit']}", flush=True)
+    rows = []
+    for op in args.ops:
+        for mode in args.modes:
+            for provider in providers:
+                row = run_case(op, provider, mode, device, args.dtype, args.quick, env)
+                rows.append(row)
+                print(f"  {op:<22} {mode:<9} {provider:<9} {_fmt(row['host_us'])} µs, {_fmt(row['aten_ops'])} aten "
+                      f"ops, {_fmt(row['syncs'])} syncs {row['status']}", flush=True)
+    fill_eager(rows)
+    print_table(rows)
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    meta = [f"Calls per case ({'--quick' if args.quick else 'full'}): {settings_for('eager', device, args.quick)}"
+            + (f"; triton in the interpreter: {settings_for('triton', device, args.quick)}" if _interpreter() else "")
+            + f". torch threads {torch.get_num_threads()}; dtype {args.dtype}; Triton interpreter "
+            f"{'on' if _interpreter() else 'off'}."]
+    write_csv(rows, out / f"{name}.csv")
+    (out / f"{name}.md").write_text(markdown(rows, env, command, meta))
+    print(f"wrote {out / (name + '.csv')} and {out / (name + '.md')}")
+    return 0 if all(r["status"] != "error" for r in rows) and any(r["status"] == "ok" for r in rows) else 1
+
+
+def _interpreter() -> bool:
+    from deeplab_ops.backends import interpreter_active
+
+    return interpreter_active()
+
+
+if __name__ == "__main__":
+    sys.exit(main())
