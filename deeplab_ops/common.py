@@ -1,4 +1,5 @@
-"""The bottom layer: shape, dtype and layout helpers that ops/, triton/ and nn import (this module imports none of them).
+"""The bottom layer: shape, dtype and layout helpers and the parameter-derived cache, imported by ops/, triton/
+and nn (this module imports none of them).
 """
 
 from __future__ import annotations
@@ -71,7 +72,8 @@ def from_nhwc(t: Tensor, memory_format: torch.memory_format) -> Tensor:
 # It is rebuilt only when one of them changed: the key holds each tensor's storage pointer and its version counter,
 # which every in-place write bumps (optimizer steps, load_state_dict, running-statistics updates). An entry lives
 # as long as the first tensor of its key (weakref finalizer), so the cache never keeps a freed parameter's
-# derivative alive.
+# derivative alive. Under torch.compile and CUDA-graph capture nothing is cached: the derivation is part of the
+# graph, so a replay after an optimizer step recomputes it.
 
 _DERIVED: dict[tuple, tuple[tuple, object]] = {}
 
@@ -84,6 +86,10 @@ def derived(tag, tensors: tuple, build):
     """`build()` for these tensors, cached until one of them is written to or replaced. `tag` names the kind of
     derivative (and any non-tensor inputs); tensors[0] must not be None: the entry dies with it."""
     owner = tensors[0]
+    if torch.compiler.is_compiling() or (owner.is_cuda and torch.cuda.is_current_stream_capturing()):
+        # Traced or captured: a cache hit would leave the derivation out of the graph, and a replay after the
+        # parameters changed would read a stale value. Build it inside the graph instead.
+        return build()
     key = (tag, id(owner), *(id(t) for t in tensors[1:]))
     stamp = _stamp(tensors)
     hit = _DERIVED.get(key)

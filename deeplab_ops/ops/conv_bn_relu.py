@@ -15,9 +15,14 @@ import torch
 
 from deeplab_ops import backends, reference
 from deeplab_ops.common import (
-    FLOAT_DTYPES, HALF_DTYPES, conv_output_size, derived, empty_activation, opmath_dtype, pair,
+    FLOAT_DTYPES,
+    HALF_DTYPES,
+    conv_output_size,
+    derived,
+    empty_activation,
+    opmath_dtype,
+    pair,
 )
-
 
 Tensor = torch.Tensor
 _ops = torch.ops.deeplab_ops
@@ -347,11 +352,11 @@ def conv_bn_relu(
             relu=relu,
         )
     if not training and not _needs_grad(x, weight, bn_weight, bn_bias, residual):
-        if torch.compiler.is_compiling():
+        if torch.compiler.is_compiling():  # traced: the fold is part of the graph (no Python cache to trace)
             w, b = _fold(weight, bn_weight, bn_bias, running_mean, running_var, float(eps))
         else:
             w, b = derived(("fold", float(eps)), (weight, bn_weight, bn_bias, running_mean, running_var),
-                                lambda: _fold(weight, bn_weight, bn_bias, running_mean, running_var, float(eps)))
+                           lambda: _fold(weight, bn_weight, bn_bias, running_mean, running_var, float(eps)))
         return CONV_BIAS_ACT[name](x, w, b, residual, stride, padding, dilation, relu)
     out, _, _, _, new_rm, new_rv = FORWARD[name](
         x, weight, bn_weight, bn_bias, running_mean, running_var, stride, padding, dilation, training,
