@@ -133,7 +133,7 @@ def extensions():
     # No -std flag: torch adds the standard its headers need (C++17 or C++20, by version).
     opt = ["-O0", "-g"] if debug else ["-O3"]
     cxx_flags = [*opt, "-fdiagnostics-color=always"]
-    sources = sorted(glob.glob("csrc/*.cpp") + glob.glob("csrc/cpu/*.cpp"))
+    sources = sorted(glob.glob("csrc/*.cpp") + glob.glob("csrc/composite/*.cpp") + glob.glob("csrc/cpu/*.cpp"))
     include_dirs = [os.path.join(ROOT, "csrc")]
     define_macros = []  # py_limited_api=True: torch's BuildExtension defines Py_LIMITED_API itself
     if not with_cuda:

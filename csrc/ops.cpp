@@ -21,6 +21,14 @@ PyObject* PyInit__C(void) {
 }
 }
 
+// Defines NAME and its twin "triton_" NAME from the one signature text: the cpu/cuda composites and the Triton
+// kernels (deeplab_ops/triton/, registered from Python) implement the same contract.
+#define DLO_DEF_WITH_TRITON_TWIN(NAME, SIGNATURE) \
+  do {                                             \
+    m.def(NAME SIGNATURE);                         \
+    m.def("triton_" NAME SIGNATURE);               \
+  } while (0)
+
 TORCH_LIBRARY(deeplab_ops, m) {
   // ---- BatchNorm stages (shared by every backend that uses an external convolution) -------------
   // Per-channel mean and M2 = sum((y - mean)^2) over (N, H, W), merged from per-block partials
@@ -52,32 +60,33 @@ TORCH_LIBRARY(deeplab_ops, m) {
   // updated running statistics (training with running stats given; else empty tensors). The op is
   // functional, so autograd and torch.compile treat it as such; the Python front door copies the new
   // running statistics into the module's buffers.
-  m.def(
-      "conv_bn_relu_forward(Tensor x, Tensor weight, Tensor? bn_weight, Tensor? bn_bias, "
-      "Tensor? running_mean, Tensor? running_var, int[2] stride, int[2] padding, int[2] dilation, "
-      "bool training, float momentum, float eps, Tensor? residual, bool relu) "
+  // group_name (training only; ignored in eval): BatchNorm statistics over the batch of every process of that
+  // torch.distributed group (nn.SyncBatchNorm semantics). memory_efficient: read by the Python autograd to choose
+  // what to save; the kernels ignore it.
+  DLO_DEF_WITH_TRITON_TWIN(
+      "conv_bn_relu_forward",
+      "(Tensor x, Tensor weight, Tensor? bn_weight, Tensor? bn_bias, Tensor? running_mean, Tensor? running_var, "
+      "int[2] stride, int[2] padding, int[2] dilation, bool training, float momentum, float eps, Tensor? residual, "
+      "bool relu, str? group_name=None, bool memory_efficient=False) "
       "-> (Tensor out, Tensor conv_out, Tensor save_mean, Tensor save_invstd, Tensor new_running_mean, "
       "Tensor new_running_var)");
   // output_mask: which of (x, weight, bn_weight, bn_bias, residual) need a gradient; the others are
-  // returned undefined (None).
-  m.def(
-      "conv_bn_relu_backward(Tensor grad_out, Tensor x, Tensor weight, Tensor? bn_weight, Tensor conv_out, "
-      "Tensor out, Tensor save_mean, Tensor save_invstd, int[2] stride, int[2] padding, int[2] dilation, "
-      "bool training, bool relu, bool[5] output_mask) "
+  // returned undefined (None). With group_name, grad_bn_weight/grad_bn_bias are this process's sums (DDP
+  // averages parameter gradients) and grad_x/grad_weight use the sums over the group.
+  DLO_DEF_WITH_TRITON_TWIN(
+      "conv_bn_relu_backward",
+      "(Tensor grad_out, Tensor x, Tensor weight, Tensor? bn_weight, Tensor conv_out, Tensor out, Tensor save_mean, "
+      "Tensor save_invstd, int[2] stride, int[2] padding, int[2] dilation, bool training, bool relu, "
+      "bool[5] output_mask, str? group_name=None) "
       "-> (Tensor grad_x, Tensor grad_weight, Tensor grad_bn_weight, Tensor grad_bn_bias, Tensor grad_residual)");
-
-  // Triton implicit-GEMM engine: same contract as the two ops above, kernels in deeplab_ops/triton/.
-  m.def(
-      "triton_conv_bn_relu_forward(Tensor x, Tensor weight, Tensor? bn_weight, Tensor? bn_bias, "
-      "Tensor? running_mean, Tensor? running_var, int[2] stride, int[2] padding, int[2] dilation, "
-      "bool training, float momentum, float eps, Tensor? residual, bool relu) "
-      "-> (Tensor out, Tensor conv_out, Tensor save_mean, Tensor save_invstd, Tensor new_running_mean, "
-      "Tensor new_running_var)");
-  m.def(
-      "triton_conv_bn_relu_backward(Tensor grad_out, Tensor x, Tensor weight, Tensor? bn_weight, "
-      "Tensor conv_out, Tensor out, Tensor save_mean, Tensor save_invstd, int[2] stride, int[2] padding, "
-      "int[2] dilation, bool training, bool relu, bool[5] output_mask) "
-      "-> (Tensor grad_x, Tensor grad_weight, Tensor grad_bn_weight, Tensor grad_bn_bias, Tensor grad_residual)");
+  // act(conv2d(x, weight, bias) [+ residual]), act = ReLU or identity, groups = 1, output in x's memory format.
+  // The eval path with BatchNorm folded into weight/bias, and (no bias, no residual, no relu) the plain
+  // convolution that the memory-efficient backward recomputes: then exactly conv_bn_relu_forward's conv_out.
+  // No autograd.
+  DLO_DEF_WITH_TRITON_TWIN(
+      "conv_bias_act",
+      "(Tensor x, Tensor weight, Tensor? bias, Tensor? residual, int[2] stride, int[2] padding, int[2] dilation, "
+      "bool relu) -> Tensor");
 
   // ---- Fused ASPP (atrous spatial pyramid pooling, torchvision's structure) -------------------------
   // Branches: conv_weights[0] is the 1x1 branch, conv_weights[1 + i] the 3x3 branch with dilation =
@@ -87,29 +96,21 @@ TORCH_LIBRARY(deeplab_ops, m) {
   // The pooling branch enters the projection as a per-(image, channel) bias, never broadcast over H x W.
   // Saved for backward: branch_out (pre-BN conv branch outputs, N x (len(rates) + 1) * C x H x W), pool_out
   // (pre-BN pooling branch, N x C), project_out (pre-BN projection) and the statistics (K,).
-  m.def(
-      "aspp_forward(Tensor x, Tensor[] conv_weights, Tensor pool_weight, Tensor project_weight, Tensor bn_weight, "
+  // group_name / memory_efficient: as for conv_bn_relu_forward; every BatchNorm block is synchronized.
+  DLO_DEF_WITH_TRITON_TWIN(
+      "aspp_forward",
+      "(Tensor x, Tensor[] conv_weights, Tensor pool_weight, Tensor project_weight, Tensor bn_weight, "
       "Tensor bn_bias, Tensor? running_mean, Tensor? running_var, int[] rates, bool training, float momentum, "
-      "float eps) -> (Tensor out, Tensor branch_out, Tensor pool_out, Tensor project_out, Tensor save_mean, "
-      "Tensor save_invstd, Tensor new_running_mean, Tensor new_running_var)");
+      "float eps, str? group_name=None, bool memory_efficient=False) -> (Tensor out, Tensor branch_out, "
+      "Tensor pool_out, Tensor project_out, Tensor save_mean, Tensor save_invstd, Tensor new_running_mean, "
+      "Tensor new_running_var)");
   // output_mask: gradients wanted for (x, the conv weights, the BatchNorm weight and bias).
-  m.def(
-      "aspp_backward(Tensor grad_out, Tensor x, Tensor[] conv_weights, Tensor pool_weight, Tensor project_weight, "
+  DLO_DEF_WITH_TRITON_TWIN(
+      "aspp_backward",
+      "(Tensor grad_out, Tensor x, Tensor[] conv_weights, Tensor pool_weight, Tensor project_weight, "
       "Tensor bn_weight, Tensor bn_bias, Tensor branch_out, Tensor pool_out, Tensor project_out, Tensor out, "
-      "Tensor save_mean, Tensor save_invstd, int[] rates, bool training, bool[3] output_mask) -> (Tensor grad_x, "
-      "Tensor[] grad_conv_weights, Tensor grad_pool_weight, Tensor grad_project_weight, Tensor grad_bn_weight, "
-      "Tensor grad_bn_bias)");
-  // Triton kernels (deeplab_ops/triton/aspp.py): same contract as the two ops above.
-  m.def(
-      "triton_aspp_forward(Tensor x, Tensor[] conv_weights, Tensor pool_weight, Tensor project_weight, "
-      "Tensor bn_weight, Tensor bn_bias, Tensor? running_mean, Tensor? running_var, int[] rates, bool training, "
-      "float momentum, float eps) -> (Tensor out, Tensor branch_out, Tensor pool_out, Tensor project_out, "
-      "Tensor save_mean, Tensor save_invstd, Tensor new_running_mean, Tensor new_running_var)");
-  m.def(
-      "triton_aspp_backward(Tensor grad_out, Tensor x, Tensor[] conv_weights, Tensor pool_weight, "
-      "Tensor project_weight, Tensor bn_weight, Tensor bn_bias, Tensor branch_out, Tensor pool_out, "
-      "Tensor project_out, Tensor out, Tensor save_mean, Tensor save_invstd, int[] rates, bool training, "
-      "bool[3] output_mask) -> (Tensor grad_x, Tensor[] grad_conv_weights, Tensor grad_pool_weight, "
+      "Tensor save_mean, Tensor save_invstd, int[] rates, bool training, bool[3] output_mask, "
+      "str? group_name=None) -> (Tensor grad_x, Tensor[] grad_conv_weights, Tensor grad_pool_weight, "
       "Tensor grad_project_weight, Tensor grad_bn_weight, Tensor grad_bn_bias)");
 
   // ---- Cross-entropy of bilinearly upsampled logits (deeplab_ops/ops/upsample_ce.py) -------------------
@@ -119,18 +120,14 @@ TORCH_LIBRARY(deeplab_ops, m) {
   // "none", else 0-d), the per-pixel logsumexp (N, H, W) and the count of non-ignored pixels (0-d), both in the
   // opmath dtype, which the backward uses. Labels outside [0, K) other than ignore_index: an error on CPU, NaN
   // loss/gradient at those pixels on CUDA (no device-side check).
-  m.def(
-      "upsample_cross_entropy_forward(Tensor logits, Tensor target, int ignore_index, bool align_corners, "
-      "str reduction) -> (Tensor loss, Tensor lse, Tensor valid_count)");
+  DLO_DEF_WITH_TRITON_TWIN(
+      "upsample_cross_entropy_forward",
+      "(Tensor logits, Tensor target, int ignore_index, bool align_corners, str reduction) "
+      "-> (Tensor loss, Tensor lse, Tensor valid_count)");
   // grad: dL/dloss ((N, H, W) for "none", else 0-d). Returns dL/dlogits (N, K, h, w) in logits' dtype.
-  m.def(
-      "upsample_cross_entropy_backward(Tensor grad, Tensor logits, Tensor target, Tensor lse, Tensor valid_count, "
-      "int ignore_index, bool align_corners, str reduction) -> Tensor");
-  m.def(
-      "triton_upsample_cross_entropy_forward(Tensor logits, Tensor target, int ignore_index, bool align_corners, "
-      "str reduction) -> (Tensor loss, Tensor lse, Tensor valid_count)");
-  m.def(
-      "triton_upsample_cross_entropy_backward(Tensor grad, Tensor logits, Tensor target, Tensor lse, "
-      "Tensor valid_count, int ignore_index, bool align_corners, str reduction) -> Tensor");
+  DLO_DEF_WITH_TRITON_TWIN(
+      "upsample_cross_entropy_backward",
+      "(Tensor grad, Tensor logits, Tensor target, Tensor lse, Tensor valid_count, int ignore_index, "
+      "bool align_corners, str reduction) -> Tensor");
 }
 

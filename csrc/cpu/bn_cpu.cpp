@@ -16,8 +16,7 @@
 
 #include "common/bn_math.h"
 #include "common/checks.h"
-#include "aspp.h"
-#include "conv_bn_relu.h"
+#include "bn_stage_args.h"
 
 namespace deeplab_ops {
 namespace {
@@ -346,10 +345,6 @@ TORCH_LIBRARY_IMPL(deeplab_ops, CPU, m) {
   m.impl("bn_apply", &bn_apply_cpu);
   m.impl("bn_backward_reduce", &bn_backward_reduce_cpu);
   m.impl("bn_backward_dy", &bn_backward_dy_cpu);
-  m.impl("conv_bn_relu_forward", &conv_bn_relu_forward);
-  m.impl("conv_bn_relu_backward", &conv_bn_relu_backward);
-  m.impl("aspp_forward", &aspp_forward);
-  m.impl("aspp_backward", &aspp_backward);
 }
 
 }  // namespace deeplab_ops

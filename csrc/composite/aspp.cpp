@@ -1,7 +1,18 @@
-#include "aspp.h"
+// The composite fused ASPP of the cpu and cuda backends: ATen convolutions (oneDNN / cuDNN) plus the BN stage
+// ops. All conv branches' BatchNorms run as one (N, B*C, H, W) pass; the pooling branch enters the projection as a
+// per-(image, channel) bias; normalized branch outputs are recomputed in backward, not saved.
+#include <ATen/ATen.h>
+#include <torch/library.h>
+
+#include <array>
+#include <optional>
+#include <tuple>
+#include <vector>
 
 #include "common/checks.h"
-#include "stage_calls.h"
+#include "composite/batch_stats.h"
+#include "composite/group_collectives.h"
+#include "composite/stage_calls.h"
 
 namespace deeplab_ops {
 namespace {
@@ -45,17 +56,11 @@ Geometry check_aspp_args(const at::Tensor& x, at::TensorList conv_weights, const
   return g;
 }
 
-// The BN statistics of one block of channels: batch statistics (training; running stats updated in the
-// given views) or running statistics (eval).
-std::tuple<at::Tensor, at::Tensor> block_stats(const at::Tensor& pre, double count, bool training,
-                                               const std::optional<at::Tensor>& rm, const std::optional<at::Tensor>& rv,
-                                               double momentum, double eps, at::ScalarType stat) {
-  if (training) {
-    auto [m, m2] = call_bn_stats(pre);
-    const at::Tensor n = at::full({1}, count, m.options());
-    return call_bn_finalize(n, m.unsqueeze(0), m2.unsqueeze(0), rm, rv, momentum, eps);
-  }
-  return {rm->to(stat, false, true), (rv->to(stat) + eps).rsqrt()};
+// The running statistics of channels [start, start + len) as (mean, invstd) in the opmath dtype. Copies: the
+// returned statistics must not alias the running buffers.
+std::tuple<at::Tensor, at::Tensor> eval_stats(const at::Tensor& rm, const at::Tensor& rv, int64_t start, int64_t len,
+                                              double eps, at::ScalarType stat) {
+  return {rm.narrow(0, start, len).to(stat, false, true), (rv.narrow(0, start, len).to(stat) + eps).rsqrt()};
 }
 
 std::optional<at::Tensor> narrow_opt(const std::optional<at::Tensor>& t, int64_t start, int64_t len) {
@@ -63,13 +68,12 @@ std::optional<at::Tensor> narrow_opt(const std::optional<at::Tensor>& t, int64_t
   return t->narrow(0, start, len);
 }
 
-}  // namespace
-
 std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor>
 aspp_forward(const at::Tensor& x, at::TensorList conv_weights, const at::Tensor& pool_weight,
              const at::Tensor& project_weight, const at::Tensor& bn_weight, const at::Tensor& bn_bias,
              const std::optional<at::Tensor>& running_mean, const std::optional<at::Tensor>& running_var,
-             at::IntArrayRef rates, bool training, double momentum, double eps) {
+             at::IntArrayRef rates, bool training, double momentum, double eps,
+             std::optional<c10::string_view> group_name, bool /*memory_efficient: read by the Python autograd*/) {
   const Geometry g = check_aspp_args(x, conv_weights, pool_weight, project_weight, bn_weight, bn_bias, rates);
   const int64_t bc = g.branches * g.c, k = bc + 2 * g.c;
   TORCH_CHECK(present(running_mean) == present(running_var),
@@ -119,10 +123,20 @@ aspp_forward(const at::Tensor& x, at::TensorList conv_weights, const at::Tensor&
   }
   const at::Tensor bw = bn_weight.to(stat), bb = bn_bias.to(stat);
 
-  auto [mean_b, invstd_b] =
-      block_stats(branch, hw_count, training, narrow_opt(rm, 0, bc), narrow_opt(rv, 0, bc), momentum, eps, stat);
-  auto [mean_p, invstd_p] = block_stats(pool4, static_cast<double>(g.n), training, narrow_opt(rm, bc, g.c),
-                                        narrow_opt(rv, bc, g.c), momentum, eps, stat);
+  const auto group = bn_group(group_name, training);
+  at::Tensor mean_b, invstd_b, mean_p, invstd_p;
+  if (training) {
+    // The conv branches' and the pooling branch's statistics in one collective.
+    const auto stats = training_stats({{branch, hw_count, narrow_opt(rm, 0, bc), narrow_opt(rv, 0, bc)},
+                                       {pool4, static_cast<double>(g.n), narrow_opt(rm, bc, g.c),
+                                        narrow_opt(rv, bc, g.c)}},
+                                      group, momentum, eps);
+    std::tie(mean_b, invstd_b) = stats[0];
+    std::tie(mean_p, invstd_p) = stats[1];
+  } else {
+    std::tie(mean_b, invstd_b) = eval_stats(*rm, *rv, 0, bc, eps, stat);
+    std::tie(mean_p, invstd_p) = eval_stats(*rm, *rv, bc, g.c, eps, stat);
+  }
   const at::Tensor z_cat = call_bn_apply(branch, mean_b, bw.narrow(0, 0, bc) * invstd_b, bb.narrow(0, 0, bc),
                                          std::nullopt, true);
   const at::Tensor z_p = call_bn_apply(pool4, mean_p, bw.narrow(0, bc, g.c) * invstd_p, bb.narrow(0, bc, g.c),
@@ -135,8 +149,14 @@ aspp_forward(const at::Tensor& x, at::TensorList conv_weights, const at::Tensor&
                         .contiguous(mf);
   const at::Tensor bias = at::matmul(z_p.view({g.n, g.c}), w_pool.t());
   proj.add_(bias.view({g.n, g.c, 1, 1}));
-  auto [mean_o, invstd_o] = block_stats(proj, hw_count, training, narrow_opt(rm, bc + g.c, g.c),
-                                        narrow_opt(rv, bc + g.c, g.c), momentum, eps, stat);
+  at::Tensor mean_o, invstd_o;
+  if (training) {
+    std::tie(mean_o, invstd_o) =
+        training_stats({{proj, hw_count, narrow_opt(rm, bc + g.c, g.c), narrow_opt(rv, bc + g.c, g.c)}}, group,
+                       momentum, eps)[0];
+  } else {
+    std::tie(mean_o, invstd_o) = eval_stats(*rm, *rv, bc + g.c, g.c, eps, stat);
+  }
   at::Tensor out =
       call_bn_apply(proj, mean_o, bw.narrow(0, bc + g.c, g.c) * invstd_o, bb.narrow(0, bc + g.c, g.c), std::nullopt,
                     true);
@@ -150,7 +170,7 @@ std::tuple<at::Tensor, std::vector<at::Tensor>, at::Tensor, at::Tensor, at::Tens
     const at::Tensor& project_weight, const at::Tensor& bn_weight, const at::Tensor& bn_bias,
     const at::Tensor& branch, const at::Tensor& pool_pre, const at::Tensor& proj, const at::Tensor& out,
     const at::Tensor& save_mean, const at::Tensor& save_invstd, at::IntArrayRef rates, bool training,
-    std::array<bool, 3> output_mask) {
+    std::array<bool, 3> output_mask, std::optional<c10::string_view> group_name) {
   const Geometry g = check_aspp_args(x, conv_weights, pool_weight, project_weight, bn_weight, bn_bias, rates);
   const int64_t bc = g.branches * g.c;
   const auto mf = x.suggest_memory_format();
@@ -163,10 +183,20 @@ std::tuple<at::Tensor, std::vector<at::Tensor>, at::Tensor, at::Tensor, at::Tens
   const at::Tensor mean_o = block(save_mean, bc + g.c, g.c), invstd_o = block(save_invstd, bc + g.c, g.c);
   const at::Tensor g_out = grad_out.contiguous(mf);
 
+  // With a group, each BN's input gradient uses the group's sums and count (bn_backward_dy with count 1 on the
+  // all-reduced means); grad_bn_weight / grad_bn_bias stay this process's sums (DDP averages them).
+  const auto group = bn_group(group_name, training);
+
   // Projection BN.
   auto [sg_o, sgx_o] = call_bn_backward_reduce(g_out, out, proj, mean_o, invstd_o, true);
-  const at::Tensor dy_o = call_bn_backward_dy(g_out, out, proj, mean_o, invstd_o, block(bw, bc + g.c, g.c), sg_o,
-                                              sgx_o, hw_count, true, training);
+  at::Tensor dsg_o = sg_o, dsgx_o = sgx_o;
+  double count_o = hw_count;
+  if (group) {
+    std::tie(dsg_o, dsgx_o) = all_reduce_mean_sums({{sg_o, sgx_o, hw_count}}, *group)[0];
+    count_o = 1.0;
+  }
+  const at::Tensor dy_o = call_bn_backward_dy(g_out, out, proj, mean_o, invstd_o, block(bw, bc + g.c, g.c), dsg_o,
+                                              dsgx_o, count_o, true, training);
   // The normalized branch outputs, recomputed from the pre-BN ones (cheaper than keeping them).
   const at::Tensor z_cat = call_bn_apply(branch, mean_b, block(bw, 0, bc) * invstd_b, block(bb, 0, bc), std::nullopt,
                                          true);
@@ -187,24 +217,29 @@ std::tuple<at::Tensor, std::vector<at::Tensor>, at::Tensor, at::Tensor, at::Tens
     grad_project_weight = at::cat({std::get<1>(proj_grads), dw_pool.view({g.c, g.c, 1, 1})}, 1);
   }
 
-  // Pooling branch BN (over the batch) and its 1x1 conv.
+  // Pooling branch BN (over the batch) and the conv branches' BN (all branches in one pass).
   auto [sg_p, sgx_p] = call_bn_backward_reduce(dz_p, z_p, pool4, mean_p, invstd_p, true);
-  const at::Tensor dy_p = call_bn_backward_dy(dz_p, z_p, pool4, mean_p, invstd_p, block(bw, bc, g.c), sg_p, sgx_p,
-                                              static_cast<double>(g.n), true, training)
-                              .view({g.n, g.c});
-  at::Tensor grad_pool_weight;
-  if (output_mask[1]) {
-    grad_pool_weight = at::matmul(dy_p.t(), x.mean({2, 3})).view({g.c, g.cin, 1, 1});
-  }
-
-  // Conv branches' BN, all branches in one pass, then each branch's dgrad and wgrad.
   auto [sg_b, sgx_b] = call_bn_backward_reduce(dz_cat, z_cat, branch, mean_b, invstd_b, true);
   std::vector<at::Tensor> grad_conv;
-  at::Tensor grad_x;
+  at::Tensor grad_x, grad_pool_weight;
   if (output_mask[0] || output_mask[1]) {
-    const at::Tensor dy_b =
-        call_bn_backward_dy(dz_cat, z_cat, branch, mean_b, invstd_b, block(bw, 0, bc), sg_b, sgx_b, hw_count, true,
-                            training);
+    at::Tensor dsg_p = sg_p, dsgx_p = sgx_p, dsg_b = sg_b, dsgx_b = sgx_b;
+    double count_p = static_cast<double>(g.n), count_b = hw_count;
+    if (group) {
+      const auto sums =
+          all_reduce_mean_sums({{sg_p, sgx_p, static_cast<double>(g.n)}, {sg_b, sgx_b, hw_count}}, *group);
+      std::tie(dsg_p, dsgx_p) = sums[0];
+      std::tie(dsg_b, dsgx_b) = sums[1];
+      count_p = count_b = 1.0;
+    }
+    const at::Tensor dy_p = call_bn_backward_dy(dz_p, z_p, pool4, mean_p, invstd_p, block(bw, bc, g.c), dsg_p,
+                                                dsgx_p, count_p, true, training)
+                                .view({g.n, g.c});
+    if (output_mask[1]) {
+      grad_pool_weight = at::matmul(dy_p.t(), x.mean({2, 3})).view({g.c, g.cin, 1, 1});
+    }
+    const at::Tensor dy_b = call_bn_backward_dy(dz_cat, z_cat, branch, mean_b, invstd_b, block(bw, 0, bc), dsg_b,
+                                                dsgx_b, count_b, true, training);
     if (output_mask[0]) {
       // The pooling branch's gradient is spread evenly over H x W.
       const at::Tensor dpooled = at::matmul(dy_p, pool_weight.reshape({g.c, g.cin})) / static_cast<double>(g.h * g.w);
@@ -227,5 +262,19 @@ std::tuple<at::Tensor, std::vector<at::Tensor>, at::Tensor, at::Tensor, at::Tens
   }
   return {grad_x, grad_conv, grad_pool_weight, grad_project_weight, grad_bn_weight, grad_bn_bias};
 }
+
+}  // namespace
+
+TORCH_LIBRARY_IMPL(deeplab_ops, CPU, m) {
+  m.impl("aspp_forward", &aspp_forward);
+  m.impl("aspp_backward", &aspp_backward);
+}
+
+#ifdef DEEPLAB_OPS_WITH_CUDA
+TORCH_LIBRARY_IMPL(deeplab_ops, CUDA, m) {
+  m.impl("aspp_forward", &aspp_forward);
+  m.impl("aspp_backward", &aspp_backward);
+}
+#endif
 
 }  // namespace deeplab_ops

@@ -8,9 +8,9 @@
 #include <optional>
 #include <tuple>
 
-namespace deeplab_ops {
+#include "bn_stage_args.h"
 
-inline bool present(const std::optional<at::Tensor>& t) { return t.has_value() && t->defined(); }
+namespace deeplab_ops {
 
 // The BN stage ops, looked up once and called through the dispatcher (so CPU and CUDA kernels are
 // picked by the tensors' device).

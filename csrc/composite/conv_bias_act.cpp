@@ -1,0 +1,119 @@
+// act(conv2d(x, weight, bias) [+ residual]), act = ReLU or identity: the eval path of conv + BN with the BN folded
+// into weight and bias by the caller, and the plain convolution that the memory-efficient backward recomputes.
+// The epilogue runs in place on the convolution's output, so the op allocates nothing but that output.
+#include <ATen/ATen.h>
+#include <ATen/Context.h>
+#include <torch/library.h>
+
+#include <limits>
+#include <optional>
+
+#include "common/checks.h"
+#include "composite/stage_calls.h"
+
+namespace deeplab_ops {
+namespace {
+
+void check_conv_bias_act_args(const at::Tensor& x, const at::Tensor& weight, const std::optional<at::Tensor>& bias,
+                              at::IntArrayRef stride, at::IntArrayRef padding, at::IntArrayRef dilation) {
+  DLO_CHECK_ACTIVATION(x);
+  TORCH_CHECK(weight.dim() == 4, "deeplab_ops: weight must be 4-D (C_out, C_in, kH, kW), got shape ", weight.sizes());
+  TORCH_CHECK(weight.size(1) == x.size(1), "deeplab_ops: weight expects ", weight.size(1),
+              " input channels (groups=1) but x has ", x.size(1));
+  DLO_CHECK_SAME_DEVICE(weight, x);
+  DLO_CHECK_SAME_DTYPE(weight, x);
+  TORCH_CHECK(stride.size() == 2 && padding.size() == 2 && dilation.size() == 2,
+              "deeplab_ops: stride, padding and dilation must have two values each, got stride=", stride,
+              ", padding=", padding, ", dilation=", dilation);
+  for (int i = 0; i < 2; ++i) {
+    TORCH_CHECK(stride[i] >= 1, "deeplab_ops: stride must be >= 1, got ", stride);
+    TORCH_CHECK(dilation[i] >= 1, "deeplab_ops: dilation must be >= 1, got ", dilation);
+    TORCH_CHECK(padding[i] >= 0, "deeplab_ops: padding must be >= 0, got ", padding);
+  }
+  if (present(bias)) {
+    DLO_CHECK_CHANNEL_VECTOR(*bias, weight.size(0));
+    DLO_CHECK_SAME_DEVICE(*bias, x);
+    DLO_CHECK_SAME_DTYPE(*bias, x);
+  }
+}
+
+void check_residual(const std::optional<at::Tensor>& residual, const at::Tensor& out) {
+  if (!present(residual)) return;
+  DLO_CHECK_SAME_SHAPE(*residual, out);
+  DLO_CHECK_SAME_DTYPE(*residual, out);
+  DLO_CHECK_SAME_DEVICE(*residual, out);
+}
+
+// The same at::convolution call (and layout) as conv_bn_relu_forward's conv_out, then the epilogue in place.
+at::Tensor conv_bias_act_generic(const at::Tensor& x, const at::Tensor& weight, const std::optional<at::Tensor>& bias,
+                                 const std::optional<at::Tensor>& residual, at::IntArrayRef stride,
+                                 at::IntArrayRef padding, at::IntArrayRef dilation, bool relu) {
+  const auto mf = x.suggest_memory_format();
+  at::Tensor out = at::convolution(x, weight, bias, stride, padding, dilation, false, {0, 0}, 1).contiguous(mf);
+  check_residual(residual, out);
+  if (present(residual)) out.add_(*residual);
+  if (relu) out.relu_();
+  return out;
+}
+
+at::Tensor conv_bias_act_cpu(const at::Tensor& x, const at::Tensor& weight, const std::optional<at::Tensor>& bias,
+                             const std::optional<at::Tensor>& residual, at::IntArrayRef stride,
+                             at::IntArrayRef padding, at::IntArrayRef dilation, bool relu) {
+  check_conv_bias_act_args(x, weight, bias, stride, padding, dilation);
+  return conv_bias_act_generic(x, weight, bias, residual, stride, padding, dilation, relu);
+}
+
+#ifdef DEEPLAB_OPS_WITH_CUDA
+// cuDNN's fused conv + bias (+ z) + ReLU (at::cudnn_convolution_relu / _add_relu) saves the epilogue's two passes
+// over the output. It computes in x's dtype with float accumulation for float16/bfloat16/float32, lays the output
+// out channels_last when x or weight is (cudnn_conv_suggest_memory_format) and indexes with 32 bits; calls outside
+// that take the generic path, so the output is always in x's memory format.
+bool cudnn_fused_applies(const at::Tensor& x, const at::Tensor& weight, const std::optional<at::Tensor>& residual,
+                         bool relu) {
+  if (!relu) return false;  // cuDNN's fused forms all end in ReLU
+  const auto dtype = x.scalar_type();
+  if (dtype != at::kFloat && dtype != at::kHalf && dtype != at::kBFloat16) return false;
+  auto& ctx = at::globalContext();
+  if (!ctx.userEnabledCuDNN() || !ctx.hasCuDNN()) return false;
+  const bool x_nhwc = x.suggest_memory_format() == at::MemoryFormat::ChannelsLast;
+  const bool w_nhwc = weight.suggest_memory_format() == at::MemoryFormat::ChannelsLast;
+  if (w_nhwc && !x_nhwc) return false;  // cuDNN would write channels_last for an NCHW x
+  constexpr int64_t kMax32 = std::numeric_limits<int32_t>::max();
+  if (x.numel() > kMax32 || weight.numel() > kMax32) return false;
+  if (present(residual) && residual->numel() > kMax32) return false;
+  return true;
+}
+
+at::Tensor conv_bias_act_cuda(const at::Tensor& x, const at::Tensor& weight, const std::optional<at::Tensor>& bias,
+                              const std::optional<at::Tensor>& residual, at::IntArrayRef stride,
+                              at::IntArrayRef padding, at::IntArrayRef dilation, bool relu) {
+  check_conv_bias_act_args(x, weight, bias, stride, padding, dilation);
+  if (!cudnn_fused_applies(x, weight, residual, relu)) {
+    return conv_bias_act_generic(x, weight, bias, residual, stride, padding, dilation, relu);
+  }
+  const auto mf = x.suggest_memory_format();
+  if (!present(residual)) {
+    return at::cudnn_convolution_relu(x, weight, bias, stride, padding, dilation, 1).contiguous(mf);
+  }
+  // The residual's shape is checked against the output's, which cuDNN would otherwise reject less clearly.
+  const int64_t n = x.size(0), cout = weight.size(0);
+  const int64_t oh = (x.size(2) + 2 * padding[0] - dilation[0] * (weight.size(2) - 1) - 1) / stride[0] + 1;
+  const int64_t ow = (x.size(3) + 2 * padding[1] - dilation[1] * (weight.size(3) - 1) - 1) / stride[1] + 1;
+  TORCH_CHECK(residual->sizes() == at::IntArrayRef({n, cout, oh, ow}), "deeplab_ops: residual must have the "
+              "convolution output's shape [", n, ", ", cout, ", ", oh, ", ", ow, "], got ", residual->sizes());
+  DLO_CHECK_SAME_DTYPE(*residual, x);
+  DLO_CHECK_SAME_DEVICE(*residual, x);
+  return at::cudnn_convolution_add_relu(x, weight, *residual, at::Scalar(1.0), bias, stride, padding, dilation, 1)
+      .contiguous(mf);
+}
+#endif
+
+}  // namespace
+
+TORCH_LIBRARY_IMPL(deeplab_ops, CPU, m) { m.impl("conv_bias_act", &conv_bias_act_cpu); }
+
+#ifdef DEEPLAB_OPS_WITH_CUDA
+TORCH_LIBRARY_IMPL(deeplab_ops, CUDA, m) { m.impl("conv_bias_act", &conv_bias_act_cuda); }
+#endif
+
+}  // namespace deeplab_ops

@@ -1,0 +1,198 @@
+"""The cpu composites called through torch.ops: conv_bias_act against deeplab_ops.reference, and BatchNorm
+synchronized over a torch.distributed group (group_name) against the same ops on the concatenated batch.
+
+Shapes are odd on purpose; inputs are fresh random values in float64 and float32, NCHW and channels_last.
+"""
+
+from __future__ import annotations
+
+import os
+import socket
+
+import pytest
+import torch
+import torch.distributed as dist
+import torch.multiprocessing as mp
+import torch.nn.functional as F
+
+import deeplab_ops  # noqa: F401  (loads the extension, which registers the ops)
+
+_ops = torch.ops.deeplab_ops
+
+LAYOUTS = [pytest.param(torch.contiguous_format, id="nchw"), pytest.param(torch.channels_last, id="nhwc")]
+DTYPES = [pytest.param(torch.float64, 1e-12, id="fp64"), pytest.param(torch.float32, 2e-5, id="fp32")]
+
+
+def _close(actual, expected, what: str, tol: float) -> None:
+    torch.testing.assert_close(actual, expected, atol=tol, rtol=tol, msg=lambda m: f"{what}:\n{m}")
+
+
+# ---- conv_bias_act ----------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("layout", LAYOUTS)
+@pytest.mark.parametrize("dtype,tol", DTYPES)
+@pytest.mark.parametrize("with_bias", [False, True])
+@pytest.mark.parametrize("with_residual", [False, True])
+@pytest.mark.parametrize("relu", [False, True])
+def test_conv_bias_act_matches_reference(layout, dtype, tol, with_bias, with_residual, relu):
+    stride, padding, dilation = (2, 1), (2, 1), (2, 1)
+    x = torch.randn(3, 5, 11, 9, dtype=dtype).contiguous(memory_format=layout)
+    w = torch.randn(7, 5, 3, 3, dtype=dtype)
+    bias = torch.randn(7, dtype=dtype) if with_bias else None
+    ref = F.conv2d(x.double(), w.double(), None if bias is None else bias.double(), stride, padding, dilation)
+    residual = torch.randn(ref.shape, dtype=dtype).contiguous(memory_format=layout) if with_residual else None
+    if residual is not None:
+        ref = ref + residual.double()
+    if relu:
+        ref = F.relu(ref)
+    out = _ops.conv_bias_act(x, w, bias, residual, stride, padding, dilation, relu)
+    assert out.dtype == dtype and out.is_contiguous(memory_format=layout)
+    _close(out.double(), ref, "conv_bias_act", tol)
+
+
+@pytest.mark.parametrize("layout", LAYOUTS)
+def test_conv_bias_act_without_bias_is_the_forward_conv_out_exactly(layout):
+    # The memory-efficient backward recomputes conv_out with conv_bias_act: it must be bitwise the forward's.
+    x = torch.randn(2, 4, 9, 7).contiguous(memory_format=layout)
+    w = torch.randn(6, 4, 3, 3)
+    args = ((1, 1), (2, 2), (2, 2))
+    conv_out = _ops.conv_bn_relu_forward(x, w, torch.rand(6), torch.randn(6), None, None, *args, True, 0.1, 1e-5,
+                                         None, True)[1]
+    again = _ops.conv_bias_act(x, w, None, None, *args, False)
+    assert torch.equal(again, conv_out)
+    assert again.stride() == conv_out.stride()
+
+
+def test_conv_bias_act_errors_name_the_argument():
+    x, w = torch.randn(2, 3, 5, 5), torch.randn(4, 3, 3, 3)
+    with pytest.raises(RuntimeError, match="bias must be a 1-D tensor of 4 values"):
+        _ops.conv_bias_act(x, w, torch.randn(5), None, (1, 1), (1, 1), (1, 1), True)
+    with pytest.raises(RuntimeError, match="residual must have shape"):
+        _ops.conv_bias_act(x, w, None, torch.randn(2, 4, 4, 5), (1, 1), (1, 1), (1, 1), True)
+    with pytest.raises(RuntimeError, match="weight has dtype"):
+        _ops.conv_bias_act(x, w.double(), None, None, (1, 1), (1, 1), (1, 1), True)
+
+
+# ---- group_name: BatchNorm synchronized over 2 gloo processes ------------------------------------------------
+
+# Uneven shares of the batch: the group's count is the sum of different local counts.
+SHARES = (slice(0, 2), slice(2, 5))
+CONV_ARGS = ((1, 1), (1, 1), (1, 1))
+RATES = [1, 2]
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def _conv_inputs():
+    g = torch.Generator().manual_seed(4321)
+    d = dict(generator=g, dtype=torch.float64)
+    x = torch.randn(5, 3, 7, 6, **d)
+    x = x.contiguous(memory_format=torch.channels_last)
+    return dict(x=x, w=torch.randn(5, 3, 3, 3, **d), gamma=torch.rand(5, **d) + 0.5, beta=torch.randn(5, **d),
+                rm=torch.randn(5, **d), rv=torch.rand(5, **d) + 0.5, res=torch.randn(5, 5, 7, 6, **d) + 0.3,
+                grad=torch.randn(5, 5, 7, 6, **d))
+
+
+def _conv_step(t, share, group_name):
+    x, res, grad = t["x"][share], t["res"][share], t["grad"][share]
+    out, conv_out, mean, invstd, new_rm, new_rv = _ops.conv_bn_relu_forward(
+        x, t["w"], t["gamma"], t["beta"], t["rm"], t["rv"], *CONV_ARGS, True, 0.1, 1e-5, res, True, group_name)
+    grads = _ops.conv_bn_relu_backward(grad, x, t["w"], t["gamma"], conv_out, out, mean, invstd, *CONV_ARGS, True,
+                                       True, [True] * 5, group_name)
+    return dict(out=out, mean=mean, invstd=invstd, new_rm=new_rm, new_rv=new_rv, grad_x=grads[0],
+                grad_w=grads[1], grad_gamma=grads[2], grad_beta=grads[3], grad_res=grads[4])
+
+
+def _aspp_inputs():
+    g = torch.Generator().manual_seed(8765)
+    d = dict(generator=g, dtype=torch.float64)
+    c, cin, k = 3, 4, (len(RATES) + 3) * 3
+    return dict(x=torch.randn(5, cin, 5, 6, **d),
+                convs=[torch.randn(c, cin, 1, 1, **d)] + [torch.randn(c, cin, 3, 3, **d) for _ in RATES],
+                pool=torch.randn(c, cin, 1, 1, **d), proj=torch.randn(c, (len(RATES) + 2) * c, 1, 1, **d) * 0.5,
+                gamma=torch.rand(k, **d) + 0.5, beta=torch.randn(k, **d), rm=torch.randn(k, **d),
+                rv=torch.rand(k, **d) + 0.5, grad=torch.randn(5, c, 5, 6, **d))
+
+
+def _aspp_step(t, share, group_name):
+    x, grad = t["x"][share], t["grad"][share]
+    out, branch, pool, proj, mean, invstd, new_rm, new_rv = _ops.aspp_forward(
+        x, t["convs"], t["pool"], t["proj"], t["gamma"], t["beta"], t["rm"], t["rv"], RATES, True, 0.1, 1e-5,
+        group_name)
+    gx, gconvs, gpool, gproj, ggamma, gbeta = _ops.aspp_backward(
+        grad, x, t["convs"], t["pool"], t["proj"], t["gamma"], t["beta"], branch, pool, proj, out, mean, invstd,
+        RATES, True, [True] * 3, group_name)
+    return dict(out=out, mean=mean, invstd=invstd, new_rm=new_rm, new_rv=new_rv, grad_x=gx,
+                grad_convs=torch.cat([g.flatten() for g in gconvs]), grad_pool=gpool, grad_proj=gproj,
+                grad_gamma=ggamma, grad_beta=gbeta)
+
+
+# Per-batch results (concatenated over the processes), global ones (every process has them), parameter gradients
+# (this process's share: summed over the processes they give the global gradient).
+PER_BATCH = ("out", "grad_x", "grad_res")
+GLOBAL = ("mean", "invstd", "new_rm", "new_rv")
+
+
+def _group_worker(rank: int, port: int, queue) -> None:
+    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
+    dist.init_process_group("gloo", rank=rank, world_size=2)
+    try:
+        name = dist.group.WORLD.group_name
+        results = {}
+        for op, inputs, step in (("conv_bn_relu", _conv_inputs, _conv_step), ("aspp", _aspp_inputs, _aspp_step)):
+            r = step(inputs(), SHARES[rank], name)
+            # numpy arrays travel by value: tensors would be shared memory that dies with this process.
+            results[op] = {k: v.contiguous().numpy() for k, v in r.items()}
+        queue.put((rank, results))
+    except Exception as exc:  # the test fails with this process's error, not with a queue timeout
+        queue.put((rank, f"rank {rank}: {type(exc).__name__}: {exc}"))
+        raise
+    finally:
+        dist.destroy_process_group()
+
+
+def test_group_name_matches_the_ops_on_the_concatenated_batch():
+    ctx = mp.get_context("spawn")
+    queue = ctx.Queue()
+    port = _free_port()
+    procs = [ctx.Process(target=_group_worker, args=(r, port, queue)) for r in range(2)]
+    for p in procs:
+        p.start()
+    by_rank = {}
+    for _ in procs:
+        rank, results = queue.get(timeout=180)
+        if isinstance(results, str):
+            for p in procs:
+                p.kill()
+            pytest.fail(results)
+        by_rank[rank] = results
+    for p in procs:
+        p.join(timeout=60)
+        assert p.exitcode == 0
+    tol = 1e-10
+    for op, inputs, step in (("conv_bn_relu", _conv_inputs, _conv_step), ("aspp", _aspp_inputs, _aspp_step)):
+        whole = step(inputs(), slice(None), None)
+        parts = [{k: torch.from_numpy(v) for k, v in by_rank[r][op].items()} for r in (0, 1)]
+        for key, expected in whole.items():
+            if key in PER_BATCH:
+                _close(torch.cat([parts[0][key], parts[1][key]]), expected, f"{op} {key}", tol)
+            elif key in GLOBAL:
+                for r in (0, 1):
+                    _close(parts[r][key], expected, f"{op} {key} on rank {r}", tol)
+            else:
+                _close(parts[0][key] + parts[1][key], expected, f"{op} {key} summed over the ranks", tol)
+
+
+def test_group_name_is_ignored_in_eval_and_unknown_groups_are_named():
+    t = _conv_inputs()
+    args = (t["x"], t["w"], t["gamma"], t["beta"], t["rm"], t["rv"], *CONV_ARGS)
+    plain = _ops.conv_bn_relu_forward(*args, False, 0.1, 1e-5, None, True)
+    named = _ops.conv_bn_relu_forward(*args, False, 0.1, 1e-5, None, True, "no-such-group")
+    assert torch.equal(plain[0], named[0])
+    with pytest.raises(RuntimeError, match="group_name='no-such-group'"):
+        _ops.conv_bn_relu_forward(*args, True, 0.1, 1e-5, None, True, "no-such-group")
