@@ -204,3 +204,70 @@ def test_goal_report_reads_the_lean_memory_goal(tmp_path):
     assert len(lines) == 2, lines
     assert "triton-lean memory 0.50x, speed 1.10x met" in lines[0] and "test GPU" in lines[0]
     assert "cuda-lean memory 0.70x, speed 1.10x NOT met" in lines[1]
+
+
+# ---- git_commit: the project commit the rows name ---------------------------------------------------------------
+
+
+def _git(cwd: Path, *args: str) -> str:
+    result = subprocess.run(["git", *args], cwd=cwd, capture_output=True, text=True, check=True, timeout=30)
+    return result.stdout.strip()
+
+
+def _repo(path: Path) -> str:
+    """A git repository at path with one commit; its HEAD."""
+    path.mkdir(parents=True, exist_ok=True)
+    _git(path, "init", "-q")
+    (path / "file.txt").write_text("x\n")
+    _git(path, "add", "file.txt")
+    _git(path, "-c", "user.name=t", "-c", "user.email=t@t", "-c", "commit.gpgsign=false", "commit", "-q", "-m", "c")
+    return _git(path, "rev-parse", "HEAD")
+
+
+def test_git_commit_honours_env(monkeypatch, tmp_path):
+    monkeypatch.setenv("GIT_COMMIT", "abc1234")
+    assert common.git_commit() == "abc1234"
+    # $GIT_COMMIT wins over whatever repository (or none) the copy sits in
+    assert common.git_commit(tmp_path) == "abc1234"
+    monkeypatch.setenv("GIT_COMMIT", "")  # set but empty: as if unset
+    assert common.git_commit(tmp_path) != ""
+
+
+def test_git_commit_of_the_projects_own_repository(monkeypatch, tmp_path):
+    monkeypatch.delenv("GIT_COMMIT", raising=False)
+    head = _repo(tmp_path / "proj")
+    assert common.git_commit(tmp_path / "proj") == head
+    (tmp_path / "proj" / "file.txt").write_text("changed\n")
+    assert common.git_commit(tmp_path / "proj") == head + "+dirty"
+
+
+def test_git_commit_inside_another_repository_is_unknown(monkeypatch, tmp_path):
+    # On the GPU machine the copy sat inside another repository: its HEAD is not this project's commit.
+    monkeypatch.delenv("GIT_COMMIT", raising=False)
+    outer_head = _repo(tmp_path / "outer")
+    copy = tmp_path / "outer" / "work" / "deeplab_ops_copy"
+    (copy / "benchmarks").mkdir(parents=True)
+    assert common.git_commit(copy) == "unknown"
+    assert outer_head not in common.git_commit(copy)
+
+
+def test_git_commit_outside_any_repository_is_unknown(monkeypatch, tmp_path):
+    monkeypatch.delenv("GIT_COMMIT", raising=False)
+    monkeypatch.setenv("GIT_CEILING_DIRECTORIES", str(tmp_path))  # git must not look above tmp_path
+    (tmp_path / "copy").mkdir()
+    assert common.git_commit(tmp_path / "copy") == "unknown"
+
+
+def test_git_commit_in_the_rows(monkeypatch):
+    monkeypatch.setenv("GIT_COMMIT", "feedbeef")
+    assert common.environment(torch.device("cpu"))["git_commit"] == "feedbeef"
+
+
+def test_goal_report_names_a_mode_that_did_not_run(tmp_path):
+    # the first H200 run's aspp_goal stopped inside fwd_bwd: no eval_fwd rows, which the report must say
+    row = {"op": "aspp", "provider": "eager", "mode": "train_fwd", "dtype": "bf16", "batch": 16, "shape": "s",
+           "status": "ok", "median_ms": 1.0, "gpu": "test GPU"}
+    (tmp_path / "aspp_goal.json").write_text(json.dumps({"rows": [row, {**row, "provider": "cuda"}], "meta": {}}))
+    lines = common.goal_report(tmp_path)
+    assert "ASPP eval forward vs eager: no eval_fwd row ran in aspp_goal.json" in lines
+    assert any(line.startswith("ASPP train forward vs eager [s") and "cuda 1.00x" in line for line in lines)
