@@ -105,16 +105,30 @@ def mode_flops(forward: tuple[float, float], mode: str) -> tuple[float, float]:
 # ---- environment ----------------------------------------------------------------------------------------------
 
 
-def git_commit() -> str:
-    """HEAD of the repository (with +dirty when tracked files differ), $GIT_COMMIT, or 'unknown'."""
+def git_commit(root: str | Path = REPO_ROOT) -> str:
+    """The project commit these numbers come from: $GIT_COMMIT when set, else HEAD of this project's repository
+    (with +dirty when tracked files differ), else 'unknown'.
+
+    $GIT_COMMIT wins: a copy made for another machine may have no .git, or sit inside another repository. When the
+    enclosing repository's top level is not `root` (the folder holding benchmarks/), that repository is someone
+    else's and its HEAD says nothing about this code: 'unknown'.
+    """
+    env = os.environ.get("GIT_COMMIT", "").strip()
+    if env:
+        return env
+
+    def git(*args: str) -> subprocess.CompletedProcess:
+        return subprocess.run(["git", *args], cwd=root, capture_output=True, text=True, timeout=10, check=True)
+
     try:
-        head = subprocess.run(["git", "rev-parse", "HEAD"], cwd=REPO_ROOT, capture_output=True, text=True,
-                              timeout=10, check=True).stdout.strip()
-        dirty = subprocess.run(["git", "status", "--porcelain", "--untracked-files=no"], cwd=REPO_ROOT,
-                               capture_output=True, text=True, timeout=10).stdout.strip()
+        toplevel = git("rev-parse", "--show-toplevel").stdout.strip()
+        if not toplevel or Path(toplevel).resolve() != Path(root).resolve():
+            return "unknown"
+        head = git("rev-parse", "HEAD").stdout.strip()
+        dirty = git("status", "--porcelain", "--untracked-files=no").stdout.strip()
         return head + ("+dirty" if dirty else "")
     except (OSError, subprocess.SubprocessError):
-        return os.environ.get("GIT_COMMIT", "unknown")
+        return "unknown"
 
 
 def cpu_name() -> str:
@@ -633,6 +647,9 @@ def goal_report(out_dir: str | Path) -> list[str]:
             lines.append(f"{title}: no {path.name}")
             continue
         rows = [r for r in json.loads(path.read_text())["rows"] if r["mode"] == mode and r["status"] == "ok"]
+        if not rows:
+            lines.append(f"{title}: no {mode} row ran in {path.name}")
+            continue
         for shape in dict.fromkeys(r["shape"] for r in rows):
             sel = {r["provider"]: r for r in rows if r["shape"] == shape}
             if base not in sel:
@@ -670,6 +687,10 @@ def _lean_memory_report(path: Path) -> list[str]:
 
 if __name__ == "__main__":
     # python benchmarks/common.py goals DIR: the issue's goals, read from DIR's aspp_goal.json and train_bench.json
-    if len(sys.argv) != 3 or sys.argv[1] != "goals":
-        sys.exit("usage: python benchmarks/common.py goals DIR")
-    print("\n".join(goal_report(sys.argv[2])))
+    # python benchmarks/common.py commit: the git_commit the rows will name (gpu_suite.sh prints it)
+    if len(sys.argv) == 2 and sys.argv[1] == "commit":
+        print(git_commit())
+    elif len(sys.argv) == 3 and sys.argv[1] == "goals":
+        print("\n".join(goal_report(sys.argv[2])))
+    else:
+        sys.exit("usage: python benchmarks/common.py goals DIR | commit")

@@ -1,34 +1,54 @@
 #!/usr/bin/env bash
-# One GPU call does it all (../shared/GPU.md): build, `python -m deeplab_ops`, the test suite on the GPU, and every
-# benchmark at DeepLab shapes, in under 10 minutes on an H100. Run from the repository root:
+# One GPU command does it all (../shared/GPU.md), in at most ~9 minutes. Run from the repository root:
 #
-#     bash benchmarks/gpu_suite.sh                 # results under $OUT, or ./bench_out when OUT is unset
-#     GIT_COMMIT=<sha> bash benchmarks/gpu_suite.sh   # where the copy has no .git: the commit the rows name
+#     bash benchmarks/gpu_suite.sh                    # results in $OUT, ./bench_out when OUT is unset
+#     GIT_COMMIT=<sha> bash benchmarks/gpu_suite.sh   # where the copy has no .git of its own: the commit the rows name
 #
-# Steps run in priority order under one deadline (SUITE_BUDGET_S, default 570 s); each step has its own cap and
-# `timeout`, so one hang cannot eat the rest. A step that fails is logged and the suite goes on; one for which no
-# time is left is reported as SKIPPED. Exit status: 0 when no step failed, else 1.
+# Phases, in this order, each under its own `timeout` inside one deadline (SUITE_BUDGET_S, default 530 s):
+#   1. import the prebuilt deeplab_ops/_C.abi3.so (send it along: GPU.md); rebuild in place only when the import
+#      fails (or, with DEEPLAB_OPS_CUDA=1, the library has no CUDA kernels); print `python -m deeplab_ops`;
+#   2. correctness: `pytest -m gpu -n 8 -rA` (the whole suite when nothing is marked gpu), then the rest of the
+#      suite with what time the goal benchmarks leave (GOAL_RESERVE_S). Every test's line goes to $OUT as it runs,
+#      so the names of failing tests survive a timeout;
+#   3. the benchmarks, goal reports first, each with --budget-s a little below its timeout, then goals.txt;
+#   4. pack: $OUT keeps at most 8 files (logs, goal JSONs, goals.txt, one tar.gz of everything else).
 #
-# What comes back in $OUT (the device tool returns at most 8 files, at most 2 folders down):
-#   suite.log                  everything printed, with a summary of the steps at the end
-#   pytest.log                 the test suite's output
+# A phase that fails (FAILED) or hits its timeout (TIMEOUT: its rows so far are kept) is logged and the suite goes
+# on; one for which too little time is left is reported as SKIPPED. Exit status: 0 when no phase failed, else 1.
+# Knobs: OUT, PYTHON, SUITE_BUDGET_S, GOAL_RESERVE_S (default 360; 0 runs the whole test suite before any
+# benchmark), BENCH_DEVICE (cpu: a quick smoke run of the benchmarks where there is no GPU), PYTEST_WORKERS (8).
+#
+# What comes back in $OUT (the device tool returns at most 8 files):
+#   suite.log                  everything printed, with a summary of the phases at the end
+#   pytest_gpu.log             `pytest -m gpu` (-v lines as it goes, -rA summary at the end)
+#   pytest_rest.log            the rest of the suite (-m "not gpu and not slow"), as far as time allowed
 #   aspp_goal.json, train_bench.json     the rows the issue's goals are read from
-#   gpu_suite_results.tar.gz   every JSON, CSV, PNG and log of the run, and goals.txt (results/README.md says which)
+#   goals.txt                  the goals, measured (`python benchmarks/common.py goals DIR`)
+#   gpu_suite_results.tar.gz   every JSON, CSV, PNG, profile and log of the run
 set -u
 
 START=$(date +%s)
-BUDGET=${SUITE_BUDGET_S:-570}
+BUDGET=${SUITE_BUDGET_S:-530}
+# what the rest of the test suite leaves for the goal benchmarks and goals.txt (0: the tests first, in full)
+GOAL_RESERVE=${GOAL_RESERVE_S:-360}
+PACK_S=15                           # kept back for packing
 OUT=${OUT:-./bench_out}
 mkdir -p "$OUT"
 OUT=$(cd "$OUT" && pwd)
 STAGE=$(mktemp -d "${TMPDIR:-/tmp}/gpu_suite.XXXXXX")
 PY=${PYTHON:-$(command -v python3 || command -v python)}
+BENCH_DEVICE=${BENCH_DEVICE:-cuda}
+WORKERS=${PYTEST_WORKERS:-8}
 export PYTHONUNBUFFERED=1
+export PYTHONPATH="$PWD${PYTHONPATH:+:$PYTHONPATH}"  # the tree's deeplab_ops and model/, no pip install
 export TORCH_CUDA_ARCH_LIST=${TORCH_CUDA_ARCH_LIST:-9.0}
 export MAX_JOBS=${MAX_JOBS:-16}
-export DEEPLAB_OPS_CUDA=${DEEPLAB_OPS_CUDA:-1}  # a build that skips the CUDA kernels is an error here
+export DEEPLAB_OPS_CUDA=${DEEPLAB_OPS_CUDA:-1}  # a library without the CUDA kernels is rebuilt here
+# $GIT_COMMIT wins; else the commit of this project's own repository, or "unknown" when the copy has no .git or
+# sits inside another repository (benchmarks/common.py git_commit: one rule for the suite and the rows).
 if [ -z "${GIT_COMMIT:-}" ]; then
-    GIT_COMMIT=$(git rev-parse HEAD 2>/dev/null || echo unknown)
+    GIT_COMMIT=$("$PY" benchmarks/common.py commit 2>/dev/null | tail -n 1)
+    GIT_COMMIT=${GIT_COMMIT:-unknown}
 fi
 export GIT_COMMIT
 
@@ -38,95 +58,146 @@ SUMMARY=()
 
 left() { echo $(( BUDGET - ($(date +%s) - START) )); }
 
-# step NAME CAP_SECONDS 'COMMAND': run COMMAND in bash under `timeout min(CAP, time left - 15 s for packing)`.
-# The benchmark commands read $STEP_S (their timeout) to set --budget-s a little below it.
-step() {
-    local name=$1 cap=$2 cmd=$3
-    local avail=$(( $(left) - 15 ))
+# phase NAME CAP_SECONDS 'COMMAND' [RESERVE_SECONDS [MIN_SECONDS]]: run COMMAND in bash under
+# `timeout min(CAP, time left - PACK_S - RESERVE)`, SIGINT first (pytest then prints its summary), SIGKILL 15 s on;
+# SKIPPED when that is under MIN (default 20 s). The benchmarks read $STEP_S (their timeout) to set --budget-s.
+phase() {
+    local name=$1 cap=$2 cmd=$3 reserve=${4:-0} min=${5:-20}
+    local avail=$(( $(left) - PACK_S - reserve ))
     local limit=$(( cap < avail ? cap : avail ))
-    if [ "$limit" -lt 20 ]; then
-        echo "=== $name: SKIPPED (only ${avail}s of the suite's ${BUDGET}s left)"
+    if [ "$limit" -lt "$min" ]; then
+        echo "=== $name: SKIPPED (${avail}s available of the suite's ${BUDGET}s)"
         SKIPPED+=("$name")
         SUMMARY+=("SKIPPED  $name (no time left)")
         return 0
     fi
     export STEP_S=$limit
     echo "=== $name (limit ${limit}s, $(left)s left) $(date -u +%H:%M:%S)"
-    local t0
+    local t0 rc took
     t0=$(date +%s)
-    timeout --kill-after=10 "$limit" bash -c "$cmd"
-    local rc=$?
-    local took=$(( $(date +%s) - t0 ))
+    timeout --signal=INT --kill-after=15 "$limit" bash -c "$cmd"
+    rc=$?
+    took=$(( $(date +%s) - t0 ))
     if [ $rc -eq 0 ]; then
         SUMMARY+=("ok       $name (${took}s)")
+    elif [ $rc -eq 5 ] && [[ $name == pytest* ]]; then  # pytest: no test selected
+        SUMMARY+=("ok       $name (no test selected, ${took}s)")
+    elif [ $rc -eq 124 ] || [ $rc -eq 137 ]; then
+        echo "=== $name: stopped by its ${limit}s timeout (what it wrote so far is kept)"
+        FAILED+=("$name")
+        SUMMARY+=("TIMEOUT  $name (rc $rc, ${took}s)")
     else
-        [ $rc -eq 124 ] && echo "=== $name: timed out after ${limit}s"
         FAILED+=("$name")
         SUMMARY+=("FAILED   $name (rc $rc, ${took}s)")
     fi
     echo "=== $name: rc $rc in ${took}s"
+    return $rc
 }
 
-bench() {  # bench SCRIPT NAME ARGS...: a benchmark with its results under $STAGE, stopping before its timeout
+# bench SCRIPT NAME ARGS...: a benchmark writing under $STAGE (its rows after each case), starting no case once
+# its --budget-s is spent: BENCH_MARGIN_S (default 30) below its timeout, more where one case can take long
+# (a compile-max case set up in 48 s on the H200).
+bench() {
     local script=$1 name=$2
     shift 2
-    local budget=$(( STEP_S - 25 > 5 ? STEP_S - 25 : 5 ))
-    "$PY" "benchmarks/$script" --device cuda --out "$STAGE" --name "$name" --plot --budget-s "$budget" "$@"
+    local margin=${BENCH_MARGIN_S:-30}
+    local budget=$(( STEP_S - margin > 5 ? STEP_S - margin : 5 ))
+    local extra=()
+    [ "$BENCH_DEVICE" = cpu ] && extra=(--quick --threads 1)
+    "$PY" "benchmarks/$script" --device "$BENCH_DEVICE" "${extra[@]}" --out "$STAGE" --name "$name" --plot \
+        --budget-s "$budget" "$@"
 }
 
-build() {
-    "$PY" -m pip install --no-build-isolation --no-deps -e . || {
-        echo "pip install failed; trying setup.py build_ext --inplace"
-        "$PY" setup.py build_ext --inplace
-    }
+# pytest_run LOG ARGS...: pytest with a line per test (-v) and every outcome at the end (-rA), written to
+# $OUT/LOG as it runs (`tee -i`: the SIGINT of the timeout must not stop the log before pytest's summary).
+pytest_run() {
+    local log=$1
+    shift
+    local par=()
+    if [ "$WORKERS" != 0 ] && "$PY" -c "import xdist" 2>/dev/null; then par=(-n "$WORKERS"); fi
+    local to=()
+    if "$PY" -c "import pytest_timeout" 2>/dev/null; then to=(--timeout=240); fi
+    set -o pipefail
+    "$PY" -m pytest -p no:cacheprovider "${par[@]}" "${to[@]}" -v -rA "$@" tests 2>&1 | tee -i "$OUT/$log"
 }
-export -f bench build
-export PY STAGE
+
+import_ok() {
+    "$PY" -c "
+import os, sys
+import deeplab_ops
+from deeplab_ops import _extension
+_extension.load()
+if os.environ.get('DEEPLAB_OPS_CUDA') == '1' and not _extension.cuda_kernels_compiled():
+    sys.exit('deeplab_ops._C has no CUDA kernels (DEEPLAB_OPS_CUDA=1)')
+print('deeplab_ops._C imported from', os.path.dirname(deeplab_ops.__file__))
+"
+}
+
+prepare() {  # import the prebuilt library; build in place only if that fails
+    if import_ok; then return 0; fi
+    echo "the prebuilt library does not import: building in place (minutes)"
+    "$PY" setup.py build_ext --inplace && import_ok
+}
+
+export -f bench pytest_run import_ok prepare
+export PY STAGE OUT BENCH_DEVICE WORKERS
 
 main() {
-echo "gpu_suite: $(date -u +%Y-%m-%dT%H:%M:%SZ), commit $GIT_COMMIT, python $PY, stage $STAGE, out $OUT"
+echo "gpu_suite: $(date -u +%Y-%m-%dT%H:%M:%SZ), commit $GIT_COMMIT, python $PY, stage $STAGE, out $OUT," \
+     "budget ${BUDGET}s"
 nvidia-smi --query-gpu=name,memory.total,driver_version,clocks.max.sm --format=csv 2>&1 || echo "nvidia-smi failed"
 "$PY" -c "import torch, triton; print('torch', torch.__version__, 'cuda', torch.version.cuda, '| triton', triton.__version__)" \
     || echo "torch/triton import failed"
 
-# 1. build, and what was built
-step build 240 build
-step info 60 '"$PY" -m deeplab_ops'
+# 1. the library, and what it offers
+phase import 300 prepare
+phase info 60 '"$PY" -m deeplab_ops'
 
-# 2. the test suite on the GPU (CUDA and Triton paths, half types included)
-step pytest 170 'set -o pipefail; "$PY" -m pytest -q -p no:cacheprovider tests 2>&1 | tee "$STAGE/pytest.log"'
+# 2. correctness first: the gpu-marked tests, then the rest of the suite with what the goal benchmarks leave
+phase pytest_gpu 90 'pytest_run pytest_gpu.log -m gpu'
+rc=$?
+if [ $rc -eq 5 ]; then  # pytest: no test collected, nothing is marked gpu: the whole suite instead
+    echo "=== no test is marked gpu: running the whole suite"
+    phase pytest_all 200 'pytest_run pytest_rest.log' "$GOAL_RESERVE" 60
+else
+    phase pytest_rest 150 'pytest_run pytest_rest.log -m "not gpu and not slow"' "$GOAL_RESERVE" 60
+fi
 
-# 3. benchmarks, goals first (the issue's goals: H100, bf16, output stride 16, batch 16)
-step aspp_goal 150 'bench aspp_bench.py aspp_goal --configs os16 --batches 16 --dtypes bf16 --profile \
-    --providers eager,cuda,triton,compile,compile-max --modes train_fwd,fwd_bwd,eval_fwd'
-step train_fused 100 'bench train_bench.py train_bench --models r50,r101 --output-strides 16 --batches 16 \
-    --dtypes bf16 --providers eager,cuda,triton,triton-lean,cuda-lean'
-step train_compile 90 'bench train_bench.py train_bench_compile --models r50 --output-strides 16 --batches 16 \
-    --dtypes bf16 --providers eager,compile --modes train_step'
-step aspp_sweep 60 'bench aspp_bench.py aspp_sweep --dtypes bf16 --providers eager,cuda,triton'
-step aspp_dtypes 45 'bench aspp_bench.py aspp_dtypes --configs os16 --batches 16 --dtypes fp16,fp32,tf32 \
-    --providers eager,cuda,triton'
-step conv_bn_relu 60 'bench conv_bn_relu_bench.py conv_bn_relu_bench --dtypes bf16 --batches 16 \
-    --providers eager,reference,cuda,triton'
+# 3. benchmarks, goals first (the issue's goals: bf16, output stride 16, batch 16). Modes in goal order: the
+#    eval rows come before fwd_bwd, whose compile-max case is the slowest to set up.
+phase aspp_goal 190 'BENCH_MARGIN_S=50 bench aspp_bench.py aspp_goal --configs os16 --batches 16 --dtypes bf16 \
+    --profile --providers eager,cuda,triton,compile,compile-max --modes train_fwd,eval_fwd,fwd_bwd' 0 60
+phase train_goal 150 'bench train_bench.py train_bench --models r50 --output-strides 16 --batches 16 \
+    --dtypes bf16 --providers eager,cuda-lean,triton-lean,cuda' 0 60
+phase goals 20 '"$PY" benchmarks/common.py goals "$STAGE" | tee "$STAGE/goals.txt"'
+phase train_more 90 'BENCH_MARGIN_S=45 bench train_bench.py train_bench_more --models r50,r101 --output-strides 16 \
+    --batches 16 --dtypes bf16 --providers eager,triton,compile --modes train_step' 0 60
+phase conv_bn_relu 60 'bench conv_bn_relu_bench.py conv_bn_relu_bench --dtypes bf16 --batches 16 \
+    --providers eager,reference,cuda,triton' 0 45
+phase aspp_sweep 60 'bench aspp_bench.py aspp_sweep --dtypes bf16 --providers eager,cuda,triton' 0 45
+phase aspp_dtypes 45 'bench aspp_bench.py aspp_dtypes --configs os16 --batches 16 --dtypes fp16,fp32,tf32 \
+    --providers eager,cuda,triton' 0 45
 
-step goals 30 '"$PY" benchmarks/common.py goals "$STAGE" | tee "$STAGE/goals.txt"'
-
-# 4. pack what comes back (at most 8 files; suite.log is written to $OUT directly)
+# 4. pack: at most 8 files in $OUT (suite.log and the pytest logs are written there directly)
 echo "=== summary ($(( $(date +%s) - START ))s of ${BUDGET}s)"
 printf '  %s\n' "${SUMMARY[@]}"
-if [ -f "$STAGE/pytest.log" ]; then cp "$STAGE/pytest.log" "$OUT/"; fi
-for f in aspp_goal.json train_bench.json; do
+for f in aspp_goal.json train_bench.json goals.txt; do
     if [ -f "$STAGE/$f" ]; then cp "$STAGE/$f" "$OUT/"; fi
 done
+for f in pytest_gpu.log pytest_rest.log; do
+    if [ -f "$OUT/$f" ]; then cp "$OUT/$f" "$STAGE/"; fi
+done
 tar -czf "$OUT/gpu_suite_results.tar.gz" -C "$STAGE" . || echo "tar failed"
-echo "results in $OUT: $(cd "$OUT" && ls | tr '\n' ' ')"
-if [ ${#SKIPPED[@]} -gt 0 ]; then echo "steps skipped for lack of time: ${SKIPPED[*]}"; fi
+echo "results in $OUT ($(find "$OUT" -maxdepth 1 -type f | wc -l) files; suite.log follows): $(cd "$OUT" && ls | tr '\n' ' ')"
+if [ ${#SKIPPED[@]} -gt 0 ]; then echo "phases skipped for lack of time: ${SKIPPED[*]}"; fi
 if [ ${#FAILED[@]} -gt 0 ]; then
-    echo "FAILED steps: ${FAILED[*]}"
+    echo "FAILED phases: ${FAILED[*]}"
     return 1
 fi
 return 0
 }
 
 main 2>&1 | tee "$OUT/suite.log"
-exit "${PIPESTATUS[0]}"
+rc=${PIPESTATUS[0]}
+rm -rf "$STAGE"
+exit "$rc"

@@ -204,3 +204,122 @@ def test_goal_report_reads_the_lean_memory_goal(tmp_path):
     assert len(lines) == 2, lines
     assert "triton-lean memory 0.50x, speed 1.10x met" in lines[0] and "test GPU" in lines[0]
     assert "cuda-lean memory 0.70x, speed 1.10x NOT met" in lines[1]
+
+
+# ---- git_commit: the project commit the rows name ---------------------------------------------------------------
+
+
+def _git(cwd: Path, *args: str) -> str:
+    result = subprocess.run(["git", *args], cwd=cwd, capture_output=True, text=True, check=True, timeout=30)
+    return result.stdout.strip()
+
+
+def _repo(path: Path) -> str:
+    """A git repository at path with one commit; its HEAD."""
+    path.mkdir(parents=True, exist_ok=True)
+    _git(path, "init", "-q")
+    (path / "file.txt").write_text("x\n")
+    _git(path, "add", "file.txt")
+    _git(path, "-c", "user.name=t", "-c", "user.email=t@t", "-c", "commit.gpgsign=false", "commit", "-q", "-m", "c")
+    return _git(path, "rev-parse", "HEAD")
+
+
+def test_git_commit_honours_env(monkeypatch, tmp_path):
+    monkeypatch.setenv("GIT_COMMIT", "abc1234")
+    assert common.git_commit() == "abc1234"
+    # $GIT_COMMIT wins over whatever repository (or none) the copy sits in
+    assert common.git_commit(tmp_path) == "abc1234"
+    monkeypatch.setenv("GIT_COMMIT", "")  # set but empty: as if unset
+    assert common.git_commit(tmp_path) != ""
+
+
+def test_git_commit_of_the_projects_own_repository(monkeypatch, tmp_path):
+    monkeypatch.delenv("GIT_COMMIT", raising=False)
+    head = _repo(tmp_path / "proj")
+    assert common.git_commit(tmp_path / "proj") == head
+    (tmp_path / "proj" / "file.txt").write_text("changed\n")
+    assert common.git_commit(tmp_path / "proj") == head + "+dirty"
+
+
+def test_git_commit_inside_another_repository_is_unknown(monkeypatch, tmp_path):
+    # On the GPU machine the copy sat inside another repository: its HEAD is not this project's commit.
+    monkeypatch.delenv("GIT_COMMIT", raising=False)
+    outer_head = _repo(tmp_path / "outer")
+    copy = tmp_path / "outer" / "work" / "deeplab_ops_copy"
+    (copy / "benchmarks").mkdir(parents=True)
+    assert common.git_commit(copy) == "unknown"
+    assert outer_head not in common.git_commit(copy)
+
+
+def test_git_commit_outside_any_repository_is_unknown(monkeypatch, tmp_path):
+    monkeypatch.delenv("GIT_COMMIT", raising=False)
+    monkeypatch.setenv("GIT_CEILING_DIRECTORIES", str(tmp_path))  # git must not look above tmp_path
+    (tmp_path / "copy").mkdir()
+    assert common.git_commit(tmp_path / "copy") == "unknown"
+
+
+def test_git_commit_in_the_rows(monkeypatch):
+    monkeypatch.setenv("GIT_COMMIT", "feedbeef")
+    assert common.environment(torch.device("cpu"))["git_commit"] == "feedbeef"
+
+
+def test_goal_report_names_a_mode_that_did_not_run(tmp_path):
+    # the first H200 run's aspp_goal stopped inside fwd_bwd: no eval_fwd rows, which the report must say
+    row = {"op": "aspp", "provider": "eager", "mode": "train_fwd", "dtype": "bf16", "batch": 16, "shape": "s",
+           "status": "ok", "median_ms": 1.0, "gpu": "test GPU"}
+    (tmp_path / "aspp_goal.json").write_text(json.dumps({"rows": [row, {**row, "provider": "cuda"}], "meta": {}}))
+    lines = common.goal_report(tmp_path)
+    assert "ASPP eval forward vs eager: no eval_fwd row ran in aspp_goal.json" in lines
+    assert any(line.startswith("ASPP train forward vs eager [s") and "cuda 1.00x" in line for line in lines)
+
+
+# ---- gpu_suite.sh, driven by a stand-in python that records its calls ----------------------------------------------
+
+FAKE_PYTHON = """#!/usr/bin/env bash
+args="$*"
+echo "${args//$'\\n'/ }" >> "$FAKE_LOG"
+if [ "$1 $2" = "-m pytest" ] && [ -n "${FAKE_NO_GPU_TESTS:-}" ] && [[ " $* " == *" -m gpu "* ]]; then exit 5; fi
+exit 0
+"""
+
+
+def _run_suite(tmp_path: Path, **env) -> tuple[subprocess.CompletedProcess, list[str], Path]:
+    fake = tmp_path / "python"
+    fake.write_text(FAKE_PYTHON)
+    fake.chmod(0o755)
+    log, out = tmp_path / "calls.txt", tmp_path / "out"
+    full_env = {"PATH": "/usr/bin:/bin", "HOME": str(tmp_path), "PYTHON": str(fake), "FAKE_LOG": str(log),
+                "OUT": str(out), "TMPDIR": str(tmp_path), "GIT_COMMIT": "abc1234", **env}
+    result = subprocess.run(["bash", str(BENCH_DIR / "gpu_suite.sh")], cwd=BENCH_DIR.parent, env=full_env,
+                            capture_output=True, text=True, timeout=120)
+    return result, log.read_text().splitlines(), out
+
+
+def test_gpu_suite_order_and_outputs(tmp_path):
+    result, calls, out = _run_suite(tmp_path)
+    assert result.returncode == 0, result.stdout + result.stderr
+    first = next(i for i, c in enumerate(calls) if c.startswith("-c") and "_extension.load()" in c)
+    info = calls.index("-m deeplab_ops")
+    pytests = [i for i, c in enumerate(calls) if c.startswith("-m pytest")]
+    benches = [i for i, c in enumerate(calls) if c.startswith("benchmarks/") and "_bench.py" in c]
+    assert first < info < pytests[0] < benches[0], calls
+    gpu, rest = calls[pytests[0]], calls[pytests[1]]
+    assert " -n 8 " in gpu and " -rA " in gpu and " -v " in gpu and gpu.endswith("-m gpu tests"), gpu
+    assert "-m not gpu and not slow tests" in rest
+    assert "setup.py" not in " ".join(calls)  # the prebuilt library imported: no build
+    # goals first, each with its own --budget-s; then the goal report
+    names = [calls[i].split("--name ")[1].split()[0] for i in benches]
+    assert names[:2] == ["aspp_goal", "train_bench"], names
+    assert all("--budget-s" in calls[i] for i in benches)
+    assert calls.index(next(c for c in calls if c.startswith("benchmarks/common.py goals"))) < benches[2]
+    files = sorted(p.name for p in out.iterdir())
+    assert len(files) <= 8 and {"suite.log", "gpu_suite_results.tar.gz"} <= set(files), files
+    assert "commit abc1234" in (out / "suite.log").read_text()
+
+
+def test_gpu_suite_runs_the_whole_suite_when_nothing_is_marked_gpu(tmp_path):
+    result, calls, _ = _run_suite(tmp_path, FAKE_NO_GPU_TESTS="1", GOAL_RESERVE_S="0")
+    assert result.returncode == 0, result.stdout + result.stderr
+    pytests = [c for c in calls if c.startswith("-m pytest")]
+    assert len(pytests) == 2 and pytests[1].endswith("-rA tests"), pytests  # no -m: the whole suite
+    assert "no test is marked gpu" in result.stdout
