@@ -70,16 +70,26 @@ def _check_config(stride, padding, dilation, training, momentum, eps, relu) -> t
 _CONFIGS: dict[tuple, tuple] = {}
 
 
+def _is_geometry(v) -> bool:
+    return type(v) is int or (type(v) is tuple and len(v) == 2 and type(v[0]) is int and type(v[1]) is int)
+
+
+def _config_key(stride, padding, dilation, training, momentum, eps, relu) -> tuple | None:
+    """The cache key of a configuration, or None (validate every time) unless every value has an exact type:
+    equal keys must mean equal configurations, and 1 == True would let relu=1 pass as relu=True."""
+    if (_is_geometry(stride) and _is_geometry(padding) and _is_geometry(dilation) and type(training) is bool
+            and type(relu) is bool and type(momentum) in (float, int) and type(eps) in (float, int)):
+        return (stride, padding, dilation, training, momentum, eps, relu)
+    return None
+
+
 def check_args(
     x, weight, bn_weight, bn_bias, running_mean, running_var, stride, padding, dilation, training, momentum, eps,
     residual, relu,
 ) -> tuple[tuple[int, int], tuple[int, int], tuple[int, int]]:
     """Validate a conv_bn_relu call; return (stride, padding, dilation) as pairs. Errors name the argument."""
-    try:
-        key = (stride, padding, dilation, training, momentum, eps, relu)
-        geometry = _CONFIGS.get(key)
-    except TypeError:  # an unhashable argument (a list): validate it every time
-        key, geometry = None, None
+    key = _config_key(stride, padding, dilation, training, momentum, eps, relu)
+    geometry = _CONFIGS.get(key) if key is not None else None
     if geometry is None:
         geometry = _check_config(stride, padding, dilation, training, momentum, eps, relu)
         if key is not None and len(_CONFIGS) < 4096:
