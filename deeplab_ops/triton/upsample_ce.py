@@ -38,7 +38,8 @@ import torch
 import triton
 import triton.language as tl
 
-from deeplab_ops.backends import interpreter_active
+from deeplab_ops.triton import _interpreter_active as interpreter_active
+from deeplab_ops.triton.launch import launch_kernel
 
 REDUCTIONS = ("none", "mean", "sum")
 
@@ -270,7 +271,7 @@ def forward(logits, target, ignore_index: int, align_corners: bool, reduction: s
     pcnt = torch.zeros((0 if per_pixel else grid,), dtype=torch.int32, device=logits.device)
     if p > 0:
         (y0, y1, ly0, ly1, _, _, _), (x0, x1, lx0, lx1, _, _, _) = _tables(logits, big_h, big_w, align_corners)
-        _uce_fwd_kernel[(grid,)](
+        launch_kernel(_uce_fwd_kernel, (grid,),
             logits, target, y0, y1, ly0, ly1, x0, x1, lx0, lx1, lse, loss_px, psum, pcnt,
             p, k, h, w, big_h, big_w, ignore_index,
             PER_PIXEL=per_pixel, ACC=tl_acc, BLOCK_P=block_p, BLOCK_K=_block_k(k), num_warps=4,
@@ -313,7 +314,7 @@ def backward(grad, logits, target, lse, count, ignore_index: int, align_corners:
     block_q = max(1, (1024 if interpreter_active() else 128) // block_x)
     block_k = _block_k(k)
     grid = (triton.cdiv(q, block_q), triton.cdiv(k, block_k))
-    _uce_bwd_kernel[grid](
+    launch_kernel(_uce_bwd_kernel, grid,
         logits, target, lse, g, dx,
         y0, y1, ly0, ly1, x0, x1, lx0, lx1, ys, ye, xs, xe,
         q, k, h, w, big_h, big_w, ignore_index, span_y, span_x,
