@@ -174,7 +174,9 @@ def _half_on_interpreter(name: str, t: torch.Tensor) -> list[str]:
 
 def _int32(largest: int) -> list[str]:
     limit = 2**31 - 1
-    return [f"a tensor of {largest} elements: the kernels index with int32 (at most {limit})"] if largest > limit else []
+    if largest <= limit:
+        return []
+    return [f"a tensor of {largest} elements: the kernels index with int32 (at most {limit})"]
 
 
 def _conv_bn_relu_support(*, x, weight, stride, padding, dilation, training, residual, **_) -> list[str]:

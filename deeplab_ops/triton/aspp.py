@@ -25,7 +25,6 @@ from deeplab_ops.triton.bn_kernels import (
     bn_backward_finalize,
     bn_backward_reduce,
     bn_finalize,
-    hyper_tensor,
 )
 from deeplab_ops.triton.conv_bn_relu import check_device
 from deeplab_ops.triton.conv_bn_relu import schedule as conv_schedule
@@ -39,9 +38,10 @@ from deeplab_ops.triton.conv_engine import (
     _dy_coef,
     _dy_tile,
     _fwd_tap,
-    _tile_origin,
-    _tile_pixels,
+    _gemm_tile,
+    _store_tile,
     _tile_stats,
+    _wgrad_block,
     _wgrad_tile,
     dot_precision,
     split_count,
@@ -71,6 +71,17 @@ def _pixel_tile(pid_t, HW, BLOCK_M: tl.constexpr):
     return img, p0, p_mask, img * HW + offs_p
 
 
+@triton.jit
+def _pixel_gemm_tile(pid_t, pid_n, HW, C_n, ACC_DTYPE: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+                     BLOCK_K: tl.constexpr):
+    # A projection GEMM program's tile (see _pixel_tile), its block of the C_n GEMM-N channels, the K offsets
+    # and a zero accumulator.
+    img, p0, p_mask, rows = _pixel_tile(pid_t, HW, BLOCK_M)
+    offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+    return (img, p0, p_mask, rows, offs_n, offs_n < C_n, tl.arange(0, BLOCK_K),
+            tl.zeros((BLOCK_M, BLOCK_N), ACC_DTYPE))
+
+
 # ---- conv branches ------------------------------------------------------------------------------------
 
 
@@ -89,12 +100,9 @@ def _aspp_branch_fwd_kernel(
     blocks_n = tl.cdiv(C, BLOCK_N)
     br = pid_bn // blocks_n
     rate = tl.load(rates_ptr + br)
-    img, oh0, ow0, oh_last, ow_last = _tile_origin(pid_t, H, W, BLOCK_H, BLOCK_W)
-    oh, ow, m_mask = _tile_pixels(oh0, ow0, H, W, BLOCK_H, BLOCK_W)
-    offs_n = (pid_bn % blocks_n) * BLOCK_N + tl.arange(0, BLOCK_N)
-    n_mask = offs_n < C
+    img, oh0, ow0, oh_last, ow_last, oh, ow, m_mask, offs_n, n_mask, acc = _gemm_tile(
+        pid_t, pid_bn % blocks_n, H, W, C, ACC_DTYPE, BLOCK_H, BLOCK_W, BLOCK_N)
 
-    acc = tl.zeros((BLOCK_H * BLOCK_W, BLOCK_N), ACC_DTYPE)
     for kh in range(3):
         for kw in range(3):
             live, ih_off, iw_off, tap = _branch_tap(br, kh, kw, rate)
@@ -124,15 +132,11 @@ def _aspp_branch_dgrad_kernel(
     COUNT_PAIRS: tl.constexpr, ACC_DTYPE: tl.constexpr, DOT_PRECISION: tl.constexpr,
     BLOCK_H: tl.constexpr, BLOCK_W: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
 ):
-    pid_t = tl.program_id(0)
     pid_n = tl.program_id(1)
-    img, ih0, iw0, ih_last, iw_last = _tile_origin(pid_t, H, W, BLOCK_H, BLOCK_W)
-    ih, iw, m_mask = _tile_pixels(ih0, iw0, H, W, BLOCK_H, BLOCK_W)
-    offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
-    n_mask = offs_n < C_in
+    img, ih0, iw0, ih_last, iw_last, ih, iw, m_mask, offs_n, n_mask, acc = _gemm_tile(
+        tl.program_id(0), pid_n, H, W, C_in, ACC_DTYPE, BLOCK_H, BLOCK_W, BLOCK_N)
 
     # Every branch's taps accumulate into one dx tile: no per-branch dx, no sum afterwards.
-    acc = tl.zeros((BLOCK_H * BLOCK_W, BLOCK_N), ACC_DTYPE)
     for br in range(NB):
         rate = tl.load(rates_ptr + br)
         for kh in range(3):
@@ -144,8 +148,7 @@ def _aspp_branch_dgrad_kernel(
                                  DOT_PRECISION, BLOCK_K)
 
     acc += tl.load(dxp_ptr + img * C_in + offs_n, mask=n_mask, other=0).to(ACC_DTYPE)[None, :]
-    dx_idx = (((img * H + ih) * W + iw) * C_in)[:, None] + offs_n[None, :]
-    tl.store(dx_ptr + dx_idx, acc.to(dx_ptr.dtype.element_ty), mask=m_mask[:, None] & n_mask[None, :])
+    _store_tile(dx_ptr, acc, img, ih, iw, H, W, C_in, offs_n, n_mask, m_mask)
 
 
 @triton.jit
@@ -164,15 +167,10 @@ def _aspp_branch_wgrad_kernel(
     tap = tl.where(t == 0, 4, (t - 1) % 9)
     _, ih_off, iw_off, _ = _branch_tap(br, tap // 3, tap % 3, tl.load(rates_ptr + br))
     pid_mn = tl.program_id(1)
-    blocks_n = tl.cdiv(C, BLOCK_N)
-    offs_ci = pid_mn // blocks_n * BLOCK_M + tl.arange(0, BLOCK_M)
-    offs_co = pid_mn % blocks_n * BLOCK_N + tl.arange(0, BLOCK_N)
-    ci_mask = offs_ci < C_in
+    offs_ci, ci_mask, offs_co, acc = _wgrad_block(pid_mn, C_in, C, ACC_DTYPE, BLOCK_M, BLOCK_N)
+    mean, k, a, b = _dy_coef(coef_ptr + br * C, offs_co, C, BC, ACC_DTYPE)
     pid_s = tl.program_id(2)
     tiles = tl.cdiv(H, BLOCK_H) * tl.cdiv(W, BLOCK_W)
-    mean, k, a, b = _dy_coef(coef_ptr + br * C, offs_co, C, BC, ACC_DTYPE)
-
-    acc = tl.zeros((BLOCK_M, BLOCK_N), ACC_DTYPE)
     for tile in range(pid_s, N * tiles, SPLITS):
         acc = _wgrad_tile(acc, x_ptr, g_ptr, g_ptr, y_ptr, tile, ih_off, iw_off, 1, 1, H, W, C_in, H, W, BC, br * C,
                           C, offs_ci, ci_mask, offs_co, mean, k, a, b, pairs_ptr, pid_mn == 0, False, COUNT_PAIRS,
@@ -210,12 +208,8 @@ def _aspp_project_fwd_kernel(
 ):
     pid_t = tl.program_id(0)
     pid_n = tl.program_id(1)
-    img, p0, p_mask, rows = _pixel_tile(pid_t, HW, BLOCK_M)
-    offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
-    n_mask = offs_n < C
-    offs_k = tl.arange(0, BLOCK_K)
-
-    acc = tl.zeros((BLOCK_M, BLOCK_N), ACC_DTYPE)
+    img, p0, p_mask, rows, offs_n, n_mask, offs_k, acc = _pixel_gemm_tile(pid_t, pid_n, HW, C, ACC_DTYPE, BLOCK_M,
+                                                                          BLOCK_N, BLOCK_K)
     for k0 in range(0, BC, BLOCK_K):
         kc = k0 + offs_k
         z = _branch_z(br_ptr, rows, p_mask, kc, BC, mean_ptr, scale_ptr, shift_ptr, ACC_DTYPE)
@@ -250,12 +244,8 @@ def _aspp_project_dgrad_kernel(
 ):
     pid_t = tl.program_id(0)
     pid_n = tl.program_id(1)
-    img, p0, p_mask, rows = _pixel_tile(pid_t, HW, BLOCK_M)
-    offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
-    n_mask = offs_n < BC
-    offs_k = tl.arange(0, BLOCK_K)
-
-    acc = tl.zeros((BLOCK_M, BLOCK_N), ACC_DTYPE)
+    img, p0, p_mask, rows, offs_n, n_mask, offs_k, acc = _pixel_gemm_tile(pid_t, pid_n, HW, BC, ACC_DTYPE, BLOCK_M,
+                                                                          BLOCK_N, BLOCK_K)
     for k0 in range(0, C, BLOCK_K):
         co = k0 + offs_k
         mean, k, a, b = _dy_coef(coef_ptr, co, C, C, ACC_DTYPE)
@@ -350,23 +340,27 @@ INTERPRETER_CONFIGS = {
 }
 
 _SPATIAL = ("C_in", "C", "BC", "H", "W")
+_PIXELS = ("HW", "BC", "C")
+
+
+def _spec(name, kernel, hopper, ampere, prune_args, bucketed, exact=()):
+    return KernelSpec(kernel, hopper, ampere, INTERPRETER_CONFIGS[name], prune_by_channels(*prune_args), bucketed,
+                      exact)
+
+
 KERNELS = {
-    "branch_fwd": KernelSpec(_aspp_branch_fwd_kernel, HOPPER_GEMM, AMPERE_GEMM, INTERPRETER_CONFIGS["branch_fwd"],
-                             prune_by_channels("C", "C_in", "BLOCK_N", "BLOCK_K"), _SPATIAL),
-    "branch_dgrad": KernelSpec(_aspp_branch_dgrad_kernel, HOPPER_GEMM, AMPERE_GEMM,
-                               INTERPRETER_CONFIGS["branch_dgrad"], prune_by_channels("C_in", "C", "BLOCK_N", "BLOCK_K"),
-                               _SPATIAL),
-    "branch_wgrad": KernelSpec(_aspp_branch_wgrad_kernel, HOPPER_WGRAD, AMPERE_WGRAD,
-                               INTERPRETER_CONFIGS["branch_wgrad"], prune_by_channels("C", "C_in", "BLOCK_N", "BLOCK_M"),
-                               _SPATIAL, ("SPLITS",)),
-    "project_fwd": KernelSpec(_aspp_project_fwd_kernel, HOPPER_PROJ, AMPERE_PROJ, INTERPRETER_CONFIGS["project_fwd"],
-                              prune_by_channels("C", "BC", "BLOCK_N", "BLOCK_K"), ("HW", "BC", "C")),
-    "project_dgrad": KernelSpec(_aspp_project_dgrad_kernel, HOPPER_PROJ, AMPERE_PROJ,
-                                INTERPRETER_CONFIGS["project_dgrad"], prune_by_channels("BC", "C", "BLOCK_N", "BLOCK_K"),
-                                ("HW", "BC", "C")),
-    "project_wgrad": KernelSpec(_aspp_project_wgrad_kernel, HOPPER_PROJ_WGRAD, AMPERE_PROJ_WGRAD,
-                                INTERPRETER_CONFIGS["project_wgrad"], prune_by_channels("C", "BC", "BLOCK_N", "BLOCK_M"),
-                                ("HW", "BC", "C"), ("SPLITS",)),
+    "branch_fwd": _spec("branch_fwd", _aspp_branch_fwd_kernel, HOPPER_GEMM, AMPERE_GEMM,
+                        ("C", "C_in", "BLOCK_N", "BLOCK_K"), _SPATIAL),
+    "branch_dgrad": _spec("branch_dgrad", _aspp_branch_dgrad_kernel, HOPPER_GEMM, AMPERE_GEMM,
+                          ("C_in", "C", "BLOCK_N", "BLOCK_K"), _SPATIAL),
+    "branch_wgrad": _spec("branch_wgrad", _aspp_branch_wgrad_kernel, HOPPER_WGRAD, AMPERE_WGRAD,
+                          ("C", "C_in", "BLOCK_N", "BLOCK_M"), _SPATIAL, ("SPLITS",)),
+    "project_fwd": _spec("project_fwd", _aspp_project_fwd_kernel, HOPPER_PROJ, AMPERE_PROJ,
+                         ("C", "BC", "BLOCK_N", "BLOCK_K"), _PIXELS),
+    "project_dgrad": _spec("project_dgrad", _aspp_project_dgrad_kernel, HOPPER_PROJ, AMPERE_PROJ,
+                           ("BC", "C", "BLOCK_N", "BLOCK_K"), _PIXELS),
+    "project_wgrad": _spec("project_wgrad", _aspp_project_wgrad_kernel, HOPPER_PROJ_WGRAD, AMPERE_PROJ_WGRAD,
+                           ("C", "BC", "BLOCK_N", "BLOCK_M"), _PIXELS, ("SPLITS",)),
 }
 
 
@@ -431,8 +425,9 @@ def branch_dgrad(g: Tensor, y: Tensor, coef: Tensor, wt: Tensor, rates: Tensor, 
 
 
 def branch_wgrad(xh: Tensor, g: Tensor, y: Tensor, coef: Tensor, rates: Tensor, *, pairs: Tensor | None = None,
-                 config: dict | None = None) -> Tensor:
-    """Packed dw (T, C_in, C) of every branch in one launch, in the opmath dtype."""
+                 config: dict | None = None, outs: list[Tensor] | None = None) -> Tensor | list[Tensor]:
+    """Packed dw (T, C_in, C) of every branch in one launch, in the opmath dtype; or summed straight into `outs`,
+    the branches' (C, C_in, KH, KW) gradients (opmath dtype, any memory format)."""
     n, h, wd, c_in = xh.shape
     bc = y.shape[3]
     nb = rates.shape[0]
@@ -450,7 +445,13 @@ def branch_wgrad(xh: Tensor, g: Tensor, y: Tensor, coef: Tensor, rates: Tensor, 
 
     run_tuned(KERNELS["branch_wgrad"], xh.device, xh.dtype, dict(C_in=c_in, C=c, BC=bc, H=h, W=wd, SPLITS=splits),
               meta, run, config)
-    return part.sum(0)
+    if outs is None:
+        return part.sum(0)
+    torch.sum(part[:, 0, :, :, None, None].transpose(1, 2), 0, out=outs[0])
+    for i in range(1, nb):
+        taps = part[:, 1 + 9 * (i - 1):1 + 9 * i].view(splits, 3, 3, c_in, c)
+        torch.sum(taps.permute(0, 4, 3, 1, 2), 0, out=outs[i])
+    return outs
 
 
 def project_forward(br: Tensor, w: Tensor, bias: Tensor, affine: tuple[Tensor, Tensor, Tensor], *, training: bool,
@@ -684,12 +685,17 @@ def backward(
         grad_x = from_nhwc(dx, suggest_memory_format(x))
     if output_mask[1]:
         xh = to_nhwc(x)
-        dw = branch_wgrad(xh, g_b, br, coef_b, rate_t)  # (T, C_in, C)
-        grad_conv = [dw[0].t().reshape(c, c_in, 1, 1)]
-        for i in range(1, nb):
-            grad_conv.append(dw[1 + 9 * (i - 1):1 + 9 * i].view(3, 3, c_in, c).permute(3, 2, 0, 1))
-        grad_conv = [gw.to(w.dtype).contiguous(memory_format=suggest_memory_format(w))
-                     for gw, w in zip(grad_conv, conv_weights, strict=True)]
+        if all(w.dtype == stat for w in conv_weights):
+            # The split partials reduced straight into each weight's layout: no permute copies.
+            grad_conv = branch_wgrad(xh, g_b, br, coef_b, rate_t, outs=[
+                torch.empty_like(w, memory_format=suggest_memory_format(w)) for w in conv_weights])
+        else:
+            dw = branch_wgrad(xh, g_b, br, coef_b, rate_t)  # (T, C_in, C)
+            grad_conv = [dw[0].t().reshape(c, c_in, 1, 1)]
+            for i in range(1, nb):
+                grad_conv.append(dw[1 + 9 * (i - 1):1 + 9 * i].view(3, 3, c_in, c).permute(3, 2, 0, 1))
+            grad_conv = [gw.to(w.dtype).contiguous(memory_format=suggest_memory_format(w))
+                         for gw, w in zip(grad_conv, conv_weights, strict=True)]
         grad_pool = (dy_p.t() @ xh.mean((1, 2), dtype=stat)).view(c, c_in, 1, 1).to(pool_weight.dtype)
         dw_main = project_wgrad(br, branch_affine, dz, z, yo, coef_o)  # (B*C, C)
         grad_proj = torch.cat([dw_main.t(), dbias.t() @ z_p], 1).view(c, bc + c, 1, 1).to(project_weight.dtype)

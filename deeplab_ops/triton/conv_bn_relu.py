@@ -115,8 +115,13 @@ def backward(
         dx = conv_dgrad(dz, z, y, coef, conv_weight_t(weight), geo, (x.shape[2], x.shape[3]), relu=relu)
         grad_x = from_nhwc(dx, suggest_memory_format(x))
     if output_mask[1]:
-        dw = conv_wgrad(to_nhwc(x), dz, z, y, coef, (weight.shape[2], weight.shape[3]), geo, relu=relu)
-        grad_w = dw.permute(3, 2, 0, 1).to(weight.dtype).contiguous(memory_format=suggest_memory_format(weight))
+        kernel_hw = (weight.shape[2], weight.shape[3])
+        if weight.dtype == coef.dtype:
+            grad_w = conv_wgrad(to_nhwc(x), dz, z, y, coef, kernel_hw, geo, relu=relu,
+                                dw_out=torch.empty_like(weight, memory_format=suggest_memory_format(weight)))
+        else:
+            dw = conv_wgrad(to_nhwc(x), dz, z, y, coef, kernel_hw, geo, relu=relu)
+            grad_w = dw.permute(3, 2, 0, 1).to(weight.dtype).contiguous(memory_format=suggest_memory_format(weight))
     grad_res = from_nhwc(g, suggest_memory_format(conv_out)) if output_mask[4] else None
     return (
         grad_x,

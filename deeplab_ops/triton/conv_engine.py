@@ -41,6 +41,34 @@ def _tile_pixels(r0, c0, H, W, BLOCK_H: tl.constexpr, BLOCK_W: tl.constexpr):
 
 
 @triton.jit
+def _gemm_tile(pid_t, pid_n, H, W, C_n, ACC_DTYPE: tl.constexpr, BLOCK_H: tl.constexpr, BLOCK_W: tl.constexpr,
+               BLOCK_N: tl.constexpr):
+    """A program's (pixels x channels) output tile: image, first and last row and column, each pixel's row, column
+    and in-map mask, its block of the C_n GEMM-N channels with their mask, and a zero accumulator."""
+    img, r0, c0, r_last, c_last = _tile_origin(pid_t, H, W, BLOCK_H, BLOCK_W)
+    r, c, m_mask = _tile_pixels(r0, c0, H, W, BLOCK_H, BLOCK_W)
+    offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+    acc = tl.zeros((BLOCK_H * BLOCK_W, BLOCK_N), ACC_DTYPE)
+    return img, r0, c0, r_last, c_last, r, c, m_mask, offs_n, offs_n < C_n, acc
+
+
+@triton.jit
+def _store_tile(ptr, acc, img, r, c, H, W, LD, offs_n, n_mask, m_mask):
+    # A (pixels x channels) accumulator tile into an NHWC tensor of LD channels per pixel, in the tensor's dtype.
+    idx = (((img * H + r) * W + c) * LD)[:, None] + offs_n[None, :]
+    tl.store(ptr + idx, acc.to(ptr.dtype.element_ty), mask=m_mask[:, None] & n_mask[None, :])
+
+
+@triton.jit
+def _wgrad_block(pid_mn, C_in, C, ACC_DTYPE: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):
+    # A wgrad program's (C_in, C) block of dw: its input and output channels, the input mask, a zero accumulator.
+    blocks_n = tl.cdiv(C, BLOCK_N)
+    offs_ci = pid_mn // blocks_n * BLOCK_M + tl.arange(0, BLOCK_M)
+    offs_co = pid_mn % blocks_n * BLOCK_N + tl.arange(0, BLOCK_N)
+    return offs_ci, offs_ci < C_in, offs_co, tl.zeros((BLOCK_M, BLOCK_N), ACC_DTYPE)
+
+
+@triton.jit
 def _samples_hit(first, last, step, size):
     # Does any of first, first + step, ..., last (first <= last) lie in [0, size)? Integer division only on
     # non-negative values: Triton's // truncates toward zero.
@@ -127,7 +155,8 @@ def _dgrad_tap(acc, dz_ptr, z_ptr, y_ptr, coef_ptr, wt_tap, ldy, ch0, img, ih, i
                first_block, RELU: tl.constexpr, COUNT_PAIRS: tl.constexpr, ACC_DTYPE: tl.constexpr,
                DOT_PRECISION: tl.constexpr, BLOCK_K: tl.constexpr):
     # acc += dy[(pixel + pad - tap*dil) / stride, ch0:ch0+C] @ wt_tap (C, C_in), dy from the BN-backward prologue
-    # (activation rows and coef rows of ldy channels; coef_ptr at channel ch0). Output row oh reaches input row ih iff oh * stride = ih + th_off.
+    # (activation and coef rows of ldy channels; coef_ptr at channel ch0). Output row oh reaches input row ih iff
+    # oh * stride = ih + th_off.
     rows_hit = _multiples_hit(ih0 + th_off, ih_last + th_off, stride_h, H_out)
     cols_hit = _multiples_hit(iw0 + tw_off, iw_last + tw_off, stride_w, W_out)
     if live & rows_hit & cols_hit:  # else: no output pixel reaches this tile through this tap
@@ -239,12 +268,9 @@ def _conv_fwd_kernel(
 ):
     pid_t = tl.program_id(0)
     pid_n = tl.program_id(1)
-    img, oh0, ow0, oh_last, ow_last = _tile_origin(pid_t, H_out, W_out, BLOCK_H, BLOCK_W)
-    oh, ow, m_mask = _tile_pixels(oh0, ow0, H_out, W_out, BLOCK_H, BLOCK_W)
-    offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
-    n_mask = offs_n < C_out
+    img, oh0, ow0, oh_last, ow_last, oh, ow, m_mask, offs_n, n_mask, acc = _gemm_tile(
+        pid_t, pid_n, H_out, W_out, C_out, ACC_DTYPE, BLOCK_H, BLOCK_W, BLOCK_N)
 
-    acc = tl.zeros((BLOCK_H * BLOCK_W, BLOCK_N), ACC_DTYPE)
     for kh in range(KH):
         for kw in range(KW):
             acc = _fwd_tap(acc, x_ptr, w_ptr + (kh * KW + kw) * C_in * C_out, C_out, img, oh, ow, m_mask, oh0, ow0,
@@ -288,14 +314,10 @@ def _conv_dgrad_kernel(
     ACC_DTYPE: tl.constexpr, DOT_PRECISION: tl.constexpr,
     BLOCK_H: tl.constexpr, BLOCK_W: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
 ):
-    pid_t = tl.program_id(0)
     pid_n = tl.program_id(1)
-    img, ih0, iw0, ih_last, iw_last = _tile_origin(pid_t, H, W, BLOCK_H, BLOCK_W)
-    ih, iw, m_mask = _tile_pixels(ih0, iw0, H, W, BLOCK_H, BLOCK_W)
-    offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
-    n_mask = offs_n < C_in
+    img, ih0, iw0, ih_last, iw_last, ih, iw, m_mask, offs_n, n_mask, acc = _gemm_tile(
+        tl.program_id(0), pid_n, H, W, C_in, ACC_DTYPE, BLOCK_H, BLOCK_W, BLOCK_N)
 
-    acc = tl.zeros((BLOCK_H * BLOCK_W, BLOCK_N), ACC_DTYPE)
     for kh in range(KH):
         for kw in range(KW):
             acc = _dgrad_tap(acc, dz_ptr, z_ptr, y_ptr, coef_ptr, wt_ptr + (kh * KW + kw) * C_out * C_in, C_out, 0,
@@ -303,8 +325,7 @@ def _conv_dgrad_kernel(
                              stride_h, stride_w, H_out, W_out, C_out, C_in, offs_n, n_mask, pid_n >= 0, pairs_ptr,
                              pid_n == 0, RELU, COUNT_PAIRS, ACC_DTYPE, DOT_PRECISION, BLOCK_K)
 
-    dx_idx = (((img * H + ih) * W + iw) * C_in)[:, None] + offs_n[None, :]
-    tl.store(dx_ptr + dx_idx, acc.to(dx_ptr.dtype.element_ty), mask=m_mask[:, None] & n_mask[None, :])
+    _store_tile(dx_ptr, acc, img, ih, iw, H, W, C_in, offs_n, n_mask, m_mask)
 
 
 @triton.jit
@@ -322,17 +343,12 @@ def _conv_wgrad_kernel(
     # the partials summed on the host in a fixed order: deterministic).
     tap = tl.program_id(0)
     pid_mn = tl.program_id(1)
-    blocks_n = tl.cdiv(C_out, BLOCK_N)
-    offs_ci = pid_mn // blocks_n * BLOCK_M + tl.arange(0, BLOCK_M)
-    offs_co = pid_mn % blocks_n * BLOCK_N + tl.arange(0, BLOCK_N)
-    ci_mask = offs_ci < C_in
+    offs_ci, ci_mask, offs_co, acc = _wgrad_block(pid_mn, C_in, C_out, ACC_DTYPE, BLOCK_M, BLOCK_N)
     pid_s = tl.program_id(2)
     tiles = tl.cdiv(H_out, BLOCK_H) * tl.cdiv(W_out, BLOCK_W)
     ih_off = tap // KW * dil_h - pad_h
     iw_off = tap % KW * dil_w - pad_w
     mean, k, a, b = _dy_coef(coef_ptr, offs_co, C_out, C_out, ACC_DTYPE)  # this program's C_out block: loaded once
-
-    acc = tl.zeros((BLOCK_M, BLOCK_N), ACC_DTYPE)
     for t in range(pid_s, N * tiles, SPLITS):
         acc = _wgrad_tile(acc, x_ptr, dz_ptr, z_ptr, y_ptr, t, ih_off, iw_off, stride_h, stride_w, H, W, C_in, H_out,
                           W_out, C_out, 0, C_out, offs_ci, ci_mask, offs_co, mean, k, a, b, pairs_ptr, pid_mn == 0,
@@ -507,9 +523,10 @@ def conv_dgrad(
 def conv_wgrad(
     x: torch.Tensor, grad_out: torch.Tensor, out: torch.Tensor, y: torch.Tensor, coef: torch.Tensor,
     kernel_hw: tuple[int, int], geo: Geometry, *, relu: bool, pairs: torch.Tensor | None = None,
-    config: dict | None = None,
+    config: dict | None = None, dw_out: torch.Tensor | None = None,
 ) -> torch.Tensor:
-    """dw as (KH, KW, C_in, C_out) in the opmath dtype, from NHWC x and (grad_out, out, conv_out), coef (4, C_out)."""
+    """dw as (KH, KW, C_in, C_out) in the opmath dtype, from NHWC x and (grad_out, out, conv_out), coef (4, C_out);
+    or summed straight into `dw_out`, a (C_out, C_in, KH, KW) tensor of the opmath dtype in any memory format."""
     n, h, wd, c_in = x.shape
     _, ho, wo, c_out = y.shape
     kh, kw = kernel_hw
@@ -530,4 +547,7 @@ def conv_wgrad(
     sizes = dict(C_in=c_in, C_out=c_out, H_out=ho, W_out=wo, stride_h=geo.stride[0], stride_w=geo.stride[1],
                  SPLITS=splits)
     run_tuned(KERNELS["wgrad"], x.device, x.dtype, sizes, meta, run, config)
+    if dw_out is not None:
+        # The split partials reduced in the weight's layout: no separate permute copy.
+        return torch.sum(part.view(splits, kh, kw, c_in, c_out).permute(0, 4, 3, 1, 2), 0, out=dw_out)
     return part.sum(0).view(kh, kw, c_in, c_out)
