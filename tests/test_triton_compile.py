@@ -18,6 +18,7 @@ import triton, triton.language as tl
 from triton.backends.compiler import GPUTarget
 from triton.compiler import ASTSource
 from deeplab_ops.triton import aspp as A, bn_kernels as B, conv_engine as E
+from deeplab_ops.triton.launch import kernel_name
 
 STAT = ("part", "coef", "mean", "scale", "shift", "bias", "dxp", "invstd", "hyper", "rm_", "rv_", "gamma", "beta",
         "count", "pm", "sum_")
@@ -60,17 +61,17 @@ for dt, arch in (("fp16", 90), ("fp32", 80), ("bf16", 90), ("fp64", 80)):
     st, acc = ("fp64", tl.float64) if dt == "fp64" else ("fp32", tl.float32)
     common = dict(ACC_DTYPE=acc, DOT_PRECISION="tf32" if dt == "fp32" else "ieee")
     for spec in [*E.KERNELS.values(), *A.KERNELS.values()]:
-        name = spec.kernel.fn.__name__.strip("_").removesuffix("_kernel")
+        name = kernel_name(spec.kernel)
         configs = spec.hopper if arch >= 90 else spec.ampere
         for cfg in (configs if full else configs[:1]):
             for mode in MODES[name]:
                 build(spec.kernel, dt, st, dict(common, **mode), arch, cfg)
-    build(B._bn_finalize_kernel, dt, st,
-          dict(HAS_GAMMA=True, HAS_BETA=True, HAS_RUNNING=True, ACC_DTYPE=acc, BLOCK_P=64, BLOCK_C=64), arch)
-    build(B._bn_apply_kernel, dt, st, dict(HAS_RES=True, RELU=True, BLOCK_M=64, BLOCK_C=64), arch)
-    build(B._bn_bwd_reduce_kernel, dt, st, dict(RELU=True, STORE_G=True, ACC_DTYPE=acc, BLOCK_M=64, BLOCK_C=64),
-          arch)
-    build(B._bn_bwd_finalize_kernel, dt, st, dict(TRAINING=True, HAS_GAMMA=True, ACC_DTYPE=acc, BLOCK_C=64), arch)
+    bn_modes = {"bn_finalize": dict(HAS_GAMMA=True, HAS_BETA=True, HAS_RUNNING=True, ACC_DTYPE=acc, BLOCK_P=64),
+                "bn_apply": dict(HAS_RES=True, RELU=True, BLOCK_M=64),
+                "bn_bwd_reduce": dict(RELU=True, STORE_G=True, ACC_DTYPE=acc, BLOCK_M=64),
+                "bn_bwd_finalize": dict(TRAINING=True, HAS_GAMMA=True, ACC_DTYPE=acc)}
+    for name, kernel in B.KERNELS.items():
+        build(kernel, dt, st, dict(bn_modes[name], BLOCK_C=64), arch)
 """
 
 

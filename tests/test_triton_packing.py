@@ -41,8 +41,14 @@ def test_hits_refreshes_and_forgets():
     assert packing.cache_info()["entries"] == entries - 1
 
 
-def test_inference_tensors_are_packed_every_call():
+def test_inference_and_float64_tensors_are_packed_every_call():
     with torch.inference_mode():
         w = torch.randn(4, 3, 1, 1, device=DEVICE)
         a, b = packing.conv_weight(w), packing.conv_weight(w)
     assert a is not b and torch.equal(a, b)
+    # float64: gradcheck perturbs inputs through .data, which leaves _version unchanged
+    w64 = torch.randn(4, 3, 3, 3, dtype=torch.float64, device=DEVICE, requires_grad=True)
+    first = packing.conv_weight(w64)
+    w64.data[0, 0, 0, 0] += 1.0
+    assert torch.equal(packing.conv_weight(w64), w64.detach().permute(2, 3, 1, 0)) and not torch.equal(
+        first, packing.conv_weight(w64))

@@ -214,6 +214,15 @@ def _bn_bwd_finalize_kernel(
     tl.store(coef_ptr + 3 * LD + offs_c, b, mask=c_mask)
 
 
+# The kernels by name (what ahead-of-time compile checks iterate over).
+KERNELS = {
+    "bn_finalize": _bn_finalize_kernel,
+    "bn_apply": _bn_apply_kernel,
+    "bn_bwd_reduce": _bn_bwd_reduce_kernel,
+    "bn_bwd_finalize": _bn_bwd_finalize_kernel,
+}
+
+
 # ---- launchers ----------------------------------------------------------------------------------------
 
 

@@ -3,7 +3,10 @@
 An entry is keyed by the kind of packing and the identity of the source tensors, and valid while each source
 keeps its storage (data_ptr), `_version` (bumped by in-place updates: optimizer steps, load_state_dict's copy_),
 shape, dtype and device. The cache holds no strong reference to a source: a weakref finalizer drops the entry
-when a source is freed. Inference-mode tensors have no version counter and are packed on every call.
+when a source is freed. Not cached: inference-mode tensors (no version counter) and float64 ones. Writes through
+`.data` do not bump `_version` (torch.autograd.gradcheck perturbs inputs that way); float64 is what gradcheck
+and numerical validation run in, where re-packing costs nothing that matters. Code that updates float32/half
+parameters through `.data` must not rely on this cache seeing the change.
 """
 
 from __future__ import annotations
@@ -33,8 +36,8 @@ def _evict(key: tuple) -> None:
 def cached(kind: str, sources: Sequence[Tensor], build: Callable[[], Tensor]) -> Tensor:
     """`build()`, or the tensor it returned for these `sources` in their current state. `build` must read
     detached sources (no autograd graph); the result is read-only for the caller."""
-    if any(t.is_inference() for t in sources):
-        return build()  # no version counter to validate an entry with
+    if any(t.is_inference() or t.dtype == torch.float64 for t in sources):
+        return build()  # no version counter to validate an entry with / validation runs (see the module notes)
     key = (kind, *(id(t) for t in sources))
     sig = tuple(_signature(t) for t in sources)
     entry = _CACHE.get(key)

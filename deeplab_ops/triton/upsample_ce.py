@@ -1,33 +1,8 @@
-"""Cross-entropy of bilinearly upsampled logits, never materializing the upsampled (N, K, H, W) tensor.
-
-Math. For an output pixel p = (n, y, x), bilinear interpolation reads 4 low-res neighbours with separable
-weights (PyTorch's upsample_bilinear2d: i0 = floor(src), i1 = i0 + (i0 < in - 1), l1 = src - i0, l0 = 1 - l1):
-    z[k] = ly0 * (lx0 * a[k, y0, x0] + lx1 * a[k, y0, x1]) + ly1 * (lx0 * a[k, y1, x0] + lx1 * a[k, y1, x1])
-    loss = logsumexp_k z[k] - z[target]                  (0 at ignore_index)
-    dz[k] = g * (exp(z[k] - lse) - [k == target])        g = dL/dloss at p (grad / count for "mean")
-    dlogits[n, k, i, j] = sum_p  wy(i, y) * wx(j, x) * dz[k](p)
-
-Kernels:
-  _uce_fwd_kernel  pixel tiles x class blocks: interpolates on the fly, online logsumexp over class blocks;
-                   stores the per-pixel logsumexp (N, H, W) in the opmath dtype (the only saved activation,
-                   1/K of the upsampled logits) and either the per-pixel loss ("none") or one (sum, count)
-                   partial per program, summed on the host in a fixed order (deterministic).
-  _uce_bwd_kernel  gather form: one program owns a tile of low-res positions x a block of classes and sums
-                   the contributions of every high-res pixel whose stencil touches them, recomputing dz there
-                   from the saved logsumexp. Each output element is written once by one program: no atomics,
-                   no contention (with atomics every one of the ~(2s)^2 pixels around a low-res position at
-                   upsampling factor s would hit the same K addresses), bitwise reproducible. The cost is
-                   recomputation: each high-res pixel is interpolated once per low-res neighbour it touches
-                   (<= 4), so the backward does about 4x the forward's interpolation work, all of it reads of
-                   the low-res logits (cache-resident: 16 x 21 x 65 x 65 fp32 is 5.7 MB) and the (N, H, W)
-                   logsumexp/target, never an (N, K, H, W) tensor.
-
-Stencil tables. The source index, neighbours and weights of every output row and column are computed once per
-(in size, out size, align_corners, dtype, device) on the host with PyTorch's formula (area_pixel_compute_scale
-from the sizes, area_pixel_compute_source_index with the clamp at 0) in the opmath dtype, and cached on the
-device (a call after the first per configuration does no host work and no copy), with, for each low-res index,
-the range of output indices whose stencil touches it (the backward's gather ranges). Forward and backward read
-the same tables, so they agree exactly on the stencil.
+"""Cross-entropy of bilinearly upsampled logits without materializing the upsampled (N, K, H, W) tensor: the
+forward kernel interpolates on the fly with an online logsumexp and saves only the per-pixel logsumexp; the
+backward kernel gathers, for each low-res position and class block, the contributions of every high-res pixel
+whose stencil touches it (no atomics, reproducible). Stencil tables are built once per configuration and cached
+on the device. The math and the trade-offs: docs/kernels.md.
 """
 
 from __future__ import annotations
