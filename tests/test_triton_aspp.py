@@ -332,73 +332,7 @@ def test_kernels_compute_the_scheduled_triples(size, rates, block):
         assert counted["forward"] == tiles * (1 + len(rates))
 
 
-# ---- the GPU code paths compile for Ampere and Hopper (no GPU needed: Triton compiles ahead of time) ----------
-
-_COMPILE_SCRIPT = r"""
-import sys
-import triton, triton.language as tl
-from triton.backends.compiler import GPUTarget
-from triton.compiler import ASTSource
-from deeplab_ops.triton import aspp as A
-
-def build(fn, ptrs, consts, arch, config):
-    sig = {a: "constexpr" if a in consts or a in config.kwargs else ("*" + ptrs[a] if a in ptrs else "i32")
-           for a in fn.arg_names}
-    triton.compile(ASTSource(fn, sig, constexprs={**consts, **config.kwargs}), target=GPUTarget("cuda", arch, 32),
-                   options=dict(num_warps=config.num_warps, num_stages=config.num_stages))
-
-full = sys.argv[1] == "all"
-for dt, arch in (("fp16", 90), ("fp32", 80), ("bf16", 90), ("fp64", 80)):
-    if not full and dt != "fp16":
-        continue
-    st, acc = ("fp64", tl.float64) if dt == "fp64" else ("fp32", tl.float32)
-    common = dict(ACC_DTYPE=acc, DOT_PRECISION="tf32" if dt == "fp32" else "ieee")
-    for name, (kernel, _, (hopper, ampere), _) in A._KERNELS.items():
-        configs = hopper if arch >= 90 else ampere
-        for cfg in (configs if full else configs[:1]):
-            ptrs = {a: (st if any(s in a for s in ("part", "coef", "mean", "scale", "shift", "bias", "dxp"))
-                        else "i32" if a in ("rates_ptr", "pairs_ptr") else dt)
-                    for a in kernel.arg_names if a.endswith("_ptr")}
-            both = (True, False) if full else (True,)
-            modes = [dict(TRAINING=t) for t in both] if "TRAINING" in kernel.arg_names else [{}]
-            for mode in modes:
-                if "COUNT_PAIRS" in kernel.arg_names:
-                    mode = dict(mode, COUNT_PAIRS=True)
-                build(kernel, ptrs, dict(common, **mode), arch, cfg)
-"""
-
-
-def _compile_for_gpus(which: str) -> None:
-    import os
-    import subprocess
-    import sys
-
-    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
-    done = subprocess.run([sys.executable, "-c", _COMPILE_SCRIPT, which], env=env, capture_output=True, text=True)
-    assert done.returncode == 0, done.stderr[-4000:]
-
-
-def test_kernels_compile_for_ampere_and_hopper():
-    """Every ASPP kernel, fp16 on sm_90, in its first autotune configuration (with -m slow: every configuration,
-    fp16/bf16 on sm_90 and fp32 (TF32)/fp64 on sm_80, training and eval epilogues)."""
-    _compile_for_gpus("first")
-
-
-@pytest.mark.slow
-def test_every_autotune_config_compiles():
-    """Every configuration of both lists, fp16/fp32/bf16/fp64: none fails to compile."""
-    _compile_for_gpus("all")
-
-
-def test_autotune_configs_are_valid():
-    for name, (_, _key, arch_configs, prune) in triton_aspp._KERNELS.items():
-        for configs in arch_configs:
-            assert configs, name
-            for c in configs:
-                blocks = [v for k, v in c.kwargs.items() if k.startswith("BLOCK_") and k not in ("BLOCK_H", "BLOCK_W")]
-                assert min(blocks) >= 16, (name, c)  # tl.dot's minimum on GPUs
-            small = prune(configs, {"C_in": 3, "C": 5, "BC": 20, "HW": 81, "H": 9, "W": 9, "SPLITS": 1})
-            assert small, (name, small)
+# The AOT compiles for sm_80 / sm_90 and the configuration lists: tests/test_triton_compile.py.
 
 
 # ---- GPU only: half types and TF32 ------------------------------------------------------------------------

@@ -1,25 +1,76 @@
-"""Triton kernels (the implicit-GEMM engine). Importing this package must not import triton.
+"""Triton kernels (the implicit-GEMM engine) and their registrations. Importing this package imports no triton.
 
-Registers the kernels of deeplab_ops::triton_conv_bn_relu_*, triton_aspp_* and triton_upsample_cross_entropy_*
-for CPU (Triton interpreter) and CUDA tensors, and what the triton backend supports. The kernel modules
-(conv_engine, bn_kernels, conv_bn_relu, aspp, upsample_ce) import triton; they are imported on the first call.
+Registers the Python kernels of the deeplab_ops::triton_* ops for CPU (Triton interpreter) and CUDA tensors; the
+kernel modules (conv_engine, bn_kernels, conv_bn_relu, aspp, upsample_ce) import triton on the first call.
+`count_launches()` counts this package's kernel launches in the current thread (the overhead benchmark's probe).
 
 The Triton interpreter keeps its launch grid in process-wide state, so interpreted launches (CPU tensors) from
-several Python threads would corrupt each other: calls on CPU tensors are serialized by one lock. CUDA launches
-are thread-safe and take no lock.
+several Python threads are serialized by one lock; CUDA launches take no lock.
 """
 
 from __future__ import annotations
 
+import contextlib
 import functools
+import os
 import threading
+from collections.abc import Iterator
+from dataclasses import dataclass, field
 
 import torch
 
-from deeplab_ops import backends
-
-_INT32_MAX = 2**31 - 1
 _INTERPRETER_LOCK = threading.RLock()
+_NO_SYNC_BN = "the triton backend has no synchronized BatchNorm; use backend='cuda' with a process group"
+
+
+def _interpreter_active() -> bool:
+    """Whether Triton kernels run in the interpreter (TRITON_INTERPRET=1), on CPU tensors."""
+    return os.environ.get("TRITON_INTERPRET", "0") not in ("", "0")
+
+
+# ---- launch counting ------------------------------------------------------------------------------------
+
+
+@dataclass
+class LaunchCount:
+    """Triton kernel launches made by this package in one thread while a `count_launches()` block was active."""
+
+    total: int = 0
+    by_kernel: dict[str, int] = field(default_factory=dict)
+
+
+_COUNTERS = threading.local()
+
+
+@contextlib.contextmanager
+def count_launches() -> Iterator[LaunchCount]:
+    """Count the Triton kernel launches this package makes in the current thread inside the block.
+
+    Yields a LaunchCount: `.total` and `.by_kernel` (kernel name, e.g. "conv_fwd", -> launches). Blocks nest
+    (each counts what ran inside it); autotuning benchmark runs are not counted. Inactive, the cost is one
+    thread-local attribute read per launch.
+    """
+    counter = LaunchCount()
+    active = getattr(_COUNTERS, "active", None)
+    if active is None:
+        active = _COUNTERS.active = []
+    active.append(counter)
+    try:
+        yield counter
+    finally:
+        active.remove(counter)
+
+
+def _record_launch(name: str) -> None:
+    """Called by the launchers once per kernel launch."""
+    active = getattr(_COUNTERS, "active", None)
+    if active:
+        for counter in active:
+            counter.total += 1
+            counter.by_kernel[name] = counter.by_kernel.get(name, 0) + 1
+
+
+# ---- kernel registrations -------------------------------------------------------------------------------
 
 
 def _serialized_on_cpu(kernel):
@@ -36,11 +87,20 @@ def _serialized_on_cpu(kernel):
 
 
 def _register(name: str, kernel) -> None:
+    op = name.split("::")[1]
+    if not hasattr(torch.ops.deeplab_ops, op):
+        return  # schema not in this build of deeplab_ops._C (csrc/ops.cpp) yet
     torch.library.register_kernel(name, ("cpu", "cuda"), _serialized_on_cpu(kernel))
 
 
+def _refuse_group(group_name: str | None) -> None:
+    if group_name is not None:
+        raise RuntimeError(_NO_SYNC_BN)
+
+
 def _forward(x, weight, bn_weight, bn_bias, running_mean, running_var, stride, padding, dilation, training, momentum,
-             eps, residual, relu):
+             eps, residual, relu, group_name=None, memory_efficient=False):
+    _refuse_group(group_name)
     from deeplab_ops.triton import conv_bn_relu
 
     return conv_bn_relu.forward(x, weight, bn_weight, bn_bias, running_mean, running_var, stride, padding, dilation,
@@ -48,40 +108,23 @@ def _forward(x, weight, bn_weight, bn_bias, running_mean, running_var, stride, p
 
 
 def _backward(grad_out, x, weight, bn_weight, conv_out, out, save_mean, save_invstd, stride, padding, dilation,
-              training, relu, output_mask):
+              training, relu, output_mask, group_name=None):
+    _refuse_group(group_name)
     from deeplab_ops.triton import conv_bn_relu
 
     return conv_bn_relu.backward(grad_out, x, weight, bn_weight, conv_out, out, save_mean, save_invstd, stride,
                                  padding, dilation, training, relu, output_mask)
 
 
-def _conv_bn_relu_support(*, x, weight, stride, padding, dilation, training, residual) -> list[str]:
-    """Why the triton engine cannot run this conv_bn_relu call (device and import are checked by backends)."""
-    reasons = []
-    if x.device.type == "cpu" and x.dtype in (torch.float16, torch.bfloat16):
-        reasons.append(
-            f"x has dtype {x.dtype}: the Triton interpreter stores half types as raw bits, so float16/bfloat16 "
-            "run on CUDA tensors only"
-        )
-    n, _, h, w = x.shape
-    cout, _, kh, kw = weight.shape
-    ho = (h + 2 * padding[0] - dilation[0] * (kh - 1) - 1) // stride[0] + 1
-    wo = (w + 2 * padding[1] - dilation[1] * (kw - 1) - 1) // stride[1] + 1
-    largest = max(x.numel(), n * cout * ho * wo, weight.numel())
-    if largest > _INT32_MAX:
-        reasons.append(f"a tensor of {largest} elements: the kernels index with int32 (at most {_INT32_MAX})")
-    return reasons
+def _conv_bias_act(x, weight, bias, residual, stride, padding, dilation, relu):
+    from deeplab_ops.triton import conv_bn_relu
 
-
-_register("deeplab_ops::triton_conv_bn_relu_forward", _forward)
-_register("deeplab_ops::triton_conv_bn_relu_backward", _backward)
-
-
-# ---- aspp (kernels in aspp.py) -------------------------------------------------------------------------
+    return conv_bn_relu.conv_bias_act(x, weight, bias, residual, stride, padding, dilation, relu)
 
 
 def _aspp_forward(x, conv_weights, pool_weight, project_weight, bn_weight, bn_bias, running_mean, running_var,
-                  rates, training, momentum, eps):
+                  rates, training, momentum, eps, group_name=None, memory_efficient=False):
+    _refuse_group(group_name)
     from deeplab_ops.triton import aspp
 
     return aspp.forward(x, list(conv_weights), pool_weight, project_weight, bn_weight, bn_bias, running_mean,
@@ -89,36 +132,13 @@ def _aspp_forward(x, conv_weights, pool_weight, project_weight, bn_weight, bn_bi
 
 
 def _aspp_backward(grad_out, x, conv_weights, pool_weight, project_weight, bn_weight, bn_bias, branch_out,
-                   pool_out, project_out, out, save_mean, save_invstd, rates, training, output_mask):
+                   pool_out, project_out, out, save_mean, save_invstd, rates, training, output_mask, group_name=None):
+    _refuse_group(group_name)
     from deeplab_ops.triton import aspp
 
     return aspp.backward(grad_out, x, list(conv_weights), pool_weight, project_weight, bn_weight, bn_bias,
                          branch_out, pool_out, project_out, out, save_mean, save_invstd, list(rates), training,
                          list(output_mask))
-
-
-def _aspp_support(*, x, rates, training, channels: int | None = None) -> list[str]:
-    """Why the triton kernels cannot run this aspp call (device and import are checked by backends)."""
-    reasons = []
-    if x.device.type == "cpu" and x.dtype in (torch.float16, torch.bfloat16):
-        reasons.append(
-            f"x has dtype {x.dtype}: the Triton interpreter stores half types as raw bits, so float16/bfloat16 "
-            "run on CUDA tensors only"
-        )
-    n, c_in, h, w = x.shape
-    # The largest tensors: the (N, H, W, (1 + len(rates)) * C) branch buffer and the packed branch weights.
-    c = channels if channels is not None else 1
-    largest = max(x.numel(), n * h * w * (1 + len(rates)) * c, (1 + 9 * len(rates)) * c_in * c)
-    if largest > _INT32_MAX:
-        reasons.append(f"a tensor of {largest} elements: the kernels index with int32 (at most {_INT32_MAX})")
-    return reasons
-
-
-_register("deeplab_ops::triton_aspp_forward", _aspp_forward)
-_register("deeplab_ops::triton_aspp_backward", _aspp_backward)
-
-
-# ---- upsample_cross_entropy (kernels in upsample_ce.py) ------------------------------------------------
 
 
 def _uce_forward(logits, target, ignore_index, align_corners, reduction):
@@ -133,19 +153,10 @@ def _uce_backward(grad, logits, target, lse, valid_count, ignore_index, align_co
     return upsample_ce.backward(grad, logits, target, lse, valid_count, ignore_index, align_corners, reduction)
 
 
-def _uce_support(*, logits, target) -> list[str]:
-    """Why the triton kernels cannot run this upsample_cross_entropy call (device and import checked by backends)."""
-    reasons = []
-    if logits.device.type == "cpu" and logits.dtype in (torch.float16, torch.bfloat16):
-        reasons.append(
-            f"logits has dtype {logits.dtype}: the Triton interpreter stores half types as raw bits, so "
-            "float16/bfloat16 run on CUDA tensors only"
-        )
-    largest = max(logits.numel(), target.numel())
-    if largest > _INT32_MAX:
-        reasons.append(f"a tensor of {largest} elements: the kernels index with int32 (at most {_INT32_MAX})")
-    return reasons
-
-
+_register("deeplab_ops::triton_conv_bn_relu_forward", _forward)
+_register("deeplab_ops::triton_conv_bn_relu_backward", _backward)
+_register("deeplab_ops::triton_conv_bias_act", _conv_bias_act)
+_register("deeplab_ops::triton_aspp_forward", _aspp_forward)
+_register("deeplab_ops::triton_aspp_backward", _aspp_backward)
 _register("deeplab_ops::triton_upsample_cross_entropy_forward", _uce_forward)
 _register("deeplab_ops::triton_upsample_cross_entropy_backward", _uce_backward)

@@ -1,12 +1,12 @@
-"""BatchNorm stages of the Triton engine that are not inside a convolution: finalize, apply, backward reduce.
+"""BatchNorm stages of the Triton engine outside a convolution: finalize, apply, backward reduce and finalize.
 
 Activations are NHWC, viewed as a (M = N*H*W, C) row-major matrix. Per-channel math runs in the opmath
 dtype (float32 for fp16/bf16/fp32 activations, float64 for float64), the formulas of csrc/common/bn_math.h:
   finalize  Chan's merge of per-tile (count, mean, M2) partials -> mean, invstd, scale, shift, running update
   apply     act((y - mean) * scale + shift [+ residual])        centred form, NaN-propagating ReLU
-  reduce    (sum g, sum g * (y - mean)) with g = dz * 1[!(z <= 0)] partials per row split, summed on the host
-The jit helpers at the top (`_relu`, `_act_grad`, `_bn_dy`) are also used by the conv engine's epilogues
-and prologues, so every kernel computes the same expression.
+  reduce    partial (sum g, sum g * (y - mean)) per row split, g = dz * 1[!(z <= 0)]
+  bwd finalize  the partials summed in order -> (sum g, sum g * xhat) and dy's coefficients
+The jit helpers at the top (`_relu`, `_act_grad`, `_bn_dy`) are shared with the conv engine's epilogues.
 """
 
 from __future__ import annotations
@@ -17,7 +17,8 @@ import torch
 import triton
 import triton.language as tl
 
-from deeplab_ops.backends import interpreter_active
+from deeplab_ops.triton import _interpreter_active as interpreter_active
+from deeplab_ops.triton.launch import launch_kernel
 
 # ---- shared per-element math -------------------------------------------------------------------------
 
@@ -48,6 +49,14 @@ def _bn_dy(g, y, mean, k, a, b):
     return k[None, :] * (g - a[None, :] - yb)
 
 
+@triton.jit
+def _invstd(var_eps, ACC_DTYPE: tl.constexpr):
+    if ACC_DTYPE == tl.float64:
+        return 1.0 / tl.sqrt(var_eps)  # float64 sqrt is correctly rounded
+    else:
+        return 1.0 / tl.sqrt_rn(var_eps)  # tl.sqrt is an approximation in float32
+
+
 # ---- kernels -----------------------------------------------------------------------------------------
 
 
@@ -59,7 +68,8 @@ def _bn_finalize_kernel(
     gamma_ptr, beta_ptr, rm_ptr, rv_ptr, hyper_ptr,
     # outputs (C,): statistics and the affine the apply uses; updated running statistics (copies)
     mean_ptr, invstd_ptr, scale_ptr, shift_ptr, new_rm_ptr, new_rv_ptr,
-    P, C,
+    # channel c of the partials is channel OFF + c of the parameters and outputs (ASPP: one block of a buffer)
+    P, C, OFF,
     HAS_GAMMA: tl.constexpr, HAS_BETA: tl.constexpr, HAS_RUNNING: tl.constexpr,
     ACC_DTYPE: tl.constexpr, BLOCK_P: tl.constexpr, BLOCK_C: tl.constexpr,
 ):
@@ -89,28 +99,25 @@ def _bn_finalize_kernel(
         mean_acc = mean_acc + delta * fb
         m2_acc = m2_acc + m2b + delta * delta * n_acc * fb
         n_acc = n_tot
-    var_eps = m2_acc / n_acc + tl.load(hyper_ptr + 1)
-    if ACC_DTYPE == tl.float64:
-        invstd = 1.0 / tl.sqrt(var_eps)  # float64 sqrt is correctly rounded
-    else:
-        invstd = 1.0 / tl.sqrt_rn(var_eps)  # tl.sqrt is an approximation in float32
-    tl.store(mean_ptr + offs_c, mean_acc, mask=c_mask)
-    tl.store(invstd_ptr + offs_c, invstd, mask=c_mask)
+    invstd = _invstd(m2_acc / n_acc + tl.load(hyper_ptr + 1), ACC_DTYPE)
+    ch = OFF + offs_c
+    tl.store(mean_ptr + ch, mean_acc, mask=c_mask)
+    tl.store(invstd_ptr + ch, invstd, mask=c_mask)
     scale = invstd
     if HAS_GAMMA:
-        scale = tl.load(gamma_ptr + offs_c, mask=c_mask, other=1).to(ACC_DTYPE) * invstd
-    tl.store(scale_ptr + offs_c, scale, mask=c_mask)
+        scale = tl.load(gamma_ptr + ch, mask=c_mask, other=1).to(ACC_DTYPE) * invstd
+    tl.store(scale_ptr + ch, scale, mask=c_mask)
     shift = tl.zeros((BLOCK_C,), ACC_DTYPE)
     if HAS_BETA:
-        shift = tl.load(beta_ptr + offs_c, mask=c_mask, other=0).to(ACC_DTYPE)
-    tl.store(shift_ptr + offs_c, shift, mask=c_mask)
+        shift = tl.load(beta_ptr + ch, mask=c_mask, other=0).to(ACC_DTYPE)
+    tl.store(shift_ptr + ch, shift, mask=c_mask)
     if HAS_RUNNING:
         momentum = tl.load(hyper_ptr)
-        rm = tl.load(rm_ptr + offs_c, mask=c_mask, other=0).to(ACC_DTYPE)
-        rv = tl.load(rv_ptr + offs_c, mask=c_mask, other=0).to(ACC_DTYPE)
+        rm = tl.load(rm_ptr + ch, mask=c_mask, other=0).to(ACC_DTYPE)
+        rv = tl.load(rv_ptr + ch, mask=c_mask, other=0).to(ACC_DTYPE)
         # Running variance uses the unbiased estimate, as F.batch_norm (n > 1 is checked at the boundary).
-        tl.store(new_rm_ptr + offs_c, (1.0 - momentum) * rm + momentum * mean_acc, mask=c_mask)
-        tl.store(new_rv_ptr + offs_c, (1.0 - momentum) * rv + momentum * (m2_acc / (n_acc - 1.0)), mask=c_mask)
+        tl.store(new_rm_ptr + ch, (1.0 - momentum) * rm + momentum * mean_acc, mask=c_mask)
+        tl.store(new_rv_ptr + ch, (1.0 - momentum) * rv + momentum * (m2_acc / (n_acc - 1.0)), mask=c_mask)
 
 
 @triton.jit
@@ -170,6 +177,52 @@ def _bn_bwd_reduce_kernel(
     tl.store(part_gy_ptr + pid_s * C + offs_c, sum_gy, mask=c_mask)
 
 
+@triton.jit
+def _bn_bwd_finalize_kernel(
+    part_g_ptr, part_gy_ptr,          # (S, C) partial sums of g and g * (y - mean), opmath
+    mean_ptr, invstd_ptr, gamma_ptr,  # (C,) saved statistics (opmath); gamma or a dummy
+    sum_g_ptr, sum_gx_ptr, coef_ptr,  # outputs: (C,) sum g and sum g * xhat; rows (mean, k, a, b) of dy, stride LD
+    S, C, LD, OFF, count,
+    TRAINING: tl.constexpr, HAS_GAMMA: tl.constexpr, ACC_DTYPE: tl.constexpr, BLOCK_C: tl.constexpr,
+):
+    # Channel c of the partials and coef is channel OFF + c of the statistics, gamma and sums (ASPP: a block).
+    # The partials summed in a fixed order (deterministic), then the per-channel coefficients of
+    # dy = k*(g - a - (y - mean)*b): k = gamma*invstd, a = sum g/n, b = invstd*sum(g*xhat)/n (a = b = 0 in eval).
+    offs_c = tl.program_id(0) * BLOCK_C + tl.arange(0, BLOCK_C)
+    c_mask = offs_c < C
+    sum_g = tl.zeros((BLOCK_C,), ACC_DTYPE)
+    sum_gy = tl.zeros((BLOCK_C,), ACC_DTYPE)
+    for s in range(0, S):
+        sum_g += tl.load(part_g_ptr + s * C + offs_c, mask=c_mask, other=0).to(ACC_DTYPE)
+        sum_gy += tl.load(part_gy_ptr + s * C + offs_c, mask=c_mask, other=0).to(ACC_DTYPE)
+    mean = tl.load(mean_ptr + OFF + offs_c, mask=c_mask, other=0).to(ACC_DTYPE)
+    invstd = tl.load(invstd_ptr + OFF + offs_c, mask=c_mask, other=0).to(ACC_DTYPE)
+    sum_gx = sum_gy * invstd
+    tl.store(sum_g_ptr + OFF + offs_c, sum_g, mask=c_mask)
+    tl.store(sum_gx_ptr + OFF + offs_c, sum_gx, mask=c_mask)
+    k = invstd
+    if HAS_GAMMA:
+        k = tl.load(gamma_ptr + OFF + offs_c, mask=c_mask, other=0).to(ACC_DTYPE) * invstd
+    a = tl.zeros((BLOCK_C,), ACC_DTYPE)
+    b = tl.zeros((BLOCK_C,), ACC_DTYPE)
+    if TRAINING:
+        a = sum_g / count
+        b = invstd * sum_gx / count
+    tl.store(coef_ptr + offs_c, mean, mask=c_mask)
+    tl.store(coef_ptr + LD + offs_c, k, mask=c_mask)
+    tl.store(coef_ptr + 2 * LD + offs_c, a, mask=c_mask)
+    tl.store(coef_ptr + 3 * LD + offs_c, b, mask=c_mask)
+
+
+# The kernels by name (what ahead-of-time compile checks iterate over).
+KERNELS = {
+    "bn_finalize": _bn_finalize_kernel,
+    "bn_apply": _bn_apply_kernel,
+    "bn_bwd_reduce": _bn_bwd_reduce_kernel,
+    "bn_bwd_finalize": _bn_bwd_finalize_kernel,
+}
+
+
 # ---- launchers ----------------------------------------------------------------------------------------
 
 
@@ -179,7 +232,7 @@ def acc_dtype(dtype: torch.dtype):
 
 
 @functools.lru_cache(maxsize=64)
-def _hyper(momentum: float, eps: float, dtype: torch.dtype, device: torch.device) -> torch.Tensor:
+def hyper_tensor(momentum: float, eps: float, dtype: torch.dtype, device: torch.device) -> torch.Tensor:
     # momentum and eps travel as a tensor (a Python float argument would be rounded to float32), kept on the
     # device: a host-to-device copy per call would synchronize the stream. Read-only in the kernels.
     return torch.tensor([momentum, eps], dtype=dtype, device=device)
@@ -192,29 +245,33 @@ def _block_c(c: int) -> int:
 def bn_finalize(
     count: torch.Tensor, pmean: torch.Tensor, pm2: torch.Tensor, bn_weight: torch.Tensor | None,
     bn_bias: torch.Tensor | None, running_mean: torch.Tensor | None, running_var: torch.Tensor | None,
-    momentum: float, eps: float,
+    momentum: float, eps: float, out: tuple[torch.Tensor, ...] | None = None, offset: int = 0,
 ) -> tuple[torch.Tensor, ...]:
     """Merge (P,) counts and (P, C) partials: (mean, invstd, scale, shift, new_running_mean, new_running_var).
 
-    The running statistics are returned updated as copies ((0,) tensors when none are given).
+    The running statistics are returned updated as copies ((0,) tensors when none are given). `out`: the six
+    tensors to write, whose channels offset .. offset + C (like those of the parameters) are this block's.
     """
     p, c = pmean.shape
     stat = pmean.dtype
-    hyper = _hyper(float(momentum), float(eps), stat, pmean.device)
-    outs = [torch.empty(c, dtype=stat, device=pmean.device) for _ in range(4)]
+    hyper = hyper_tensor(float(momentum), float(eps), stat, pmean.device)
     has_running = running_mean is not None
-    if has_running:
-        new_rm, new_rv = torch.empty_like(running_mean), torch.empty_like(running_var)
+    if out is not None:
+        outs, (new_rm, new_rv) = list(out[:4]), out[4:]
     else:
-        new_rm = new_rv = pmean.new_empty((0,))
+        outs = [torch.empty(c, dtype=stat, device=pmean.device) for _ in range(4)]
+        if has_running:
+            new_rm, new_rv = torch.empty_like(running_mean), torch.empty_like(running_var)
+        else:
+            new_rm = new_rv = pmean.new_empty((0,))
     dummy = hyper
     block_c = _block_c(c)
-    _bn_finalize_kernel[(triton.cdiv(c, block_c),)](
+    launch_kernel(_bn_finalize_kernel, (triton.cdiv(c, block_c),),
         count, pmean, pm2,
         bn_weight if bn_weight is not None else dummy, bn_bias if bn_bias is not None else dummy,
         running_mean if has_running else dummy, running_var if has_running else dummy, hyper,
         *outs, new_rm if has_running else dummy, new_rv if has_running else dummy,
-        p, c,
+        p, c, offset,
         HAS_GAMMA=bn_weight is not None, HAS_BETA=bn_bias is not None, HAS_RUNNING=has_running,
         ACC_DTYPE=acc_dtype(stat), BLOCK_P=32 if interpreter_active() else 64, BLOCK_C=block_c,
     )
@@ -231,7 +288,7 @@ def bn_apply(
     out = torch.empty_like(y)
     block_c = _block_c(c)
     block_m = max(16, 4096 // block_c) if not interpreter_active() else 64
-    _bn_apply_kernel[(triton.cdiv(m, block_m), triton.cdiv(c, block_c))](
+    launch_kernel(_bn_apply_kernel, (triton.cdiv(m, block_m), triton.cdiv(c, block_c)),
         y, residual if residual is not None else y, out, mean, scale, shift, m, c,
         HAS_RES=residual is not None, RELU=relu, BLOCK_M=block_m, BLOCK_C=block_c,
     )
@@ -241,10 +298,8 @@ def bn_apply(
 def bn_backward_reduce(
     grad_out: torch.Tensor, out: torch.Tensor, y: torch.Tensor, mean: torch.Tensor, relu: bool, store_g: bool,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
-    """(sum g, sum g * (y - mean), g or None) per channel from NHWC-contiguous activations, in mean's dtype.
-
-    One pass over (grad_out, out, y). The sums are deterministic: fixed row splits, summed in order on the host.
-    """
+    """(partial sums (S, C) of g and of g * (y - mean), g or None) from NHWC-contiguous activations, in mean's
+    dtype: one pass over (grad_out, out, y), fixed row splits (bn_backward_finalize sums them in order)."""
     c = y.shape[-1]
     m = y.numel() // c
     block_c = _block_c(c)
@@ -255,8 +310,31 @@ def bn_backward_reduce(
     part_g = torch.empty(splits, c, dtype=mean.dtype, device=y.device)
     part_gy = torch.empty_like(part_g)
     g = torch.empty_like(y) if store_g else None
-    _bn_bwd_reduce_kernel[(splits, triton.cdiv(c, block_c))](
+    launch_kernel(_bn_bwd_reduce_kernel, (splits, triton.cdiv(c, block_c)),
         grad_out, out, y, mean, g if store_g else y, part_g, part_gy, m, c, rows_per_prog,
         RELU=relu, STORE_G=store_g, ACC_DTYPE=acc_dtype(mean.dtype), BLOCK_M=block_m, BLOCK_C=block_c,
     )
-    return part_g.sum(0), part_gy.sum(0), g
+    return part_g, part_gy, g
+
+
+def bn_backward_finalize(
+    part_g: torch.Tensor, part_gy: torch.Tensor, mean: torch.Tensor, invstd: torch.Tensor,
+    gamma: torch.Tensor | None, count: int, training: bool, out: tuple[torch.Tensor, ...] | None = None,
+    offset: int = 0,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """(sum g, sum g * xhat, coef): the (S, C) partials summed in order, and coef's rows (mean, k, a, b) of
+    dy = k*(g - a - (y - mean)*b). `offset`: the partials' channel c is channel offset + c of mean, invstd, gamma
+    and of the sums in `out` = (sum_g, sum_gx, coef); coef: (4, >= C) with unit column stride."""
+    s, c = part_g.shape
+    stat = mean.dtype
+    if out is None:
+        out = (torch.empty(c, dtype=stat, device=mean.device), torch.empty(c, dtype=stat, device=mean.device),
+               torch.empty(4, c, dtype=stat, device=mean.device))
+    sum_g, sum_gx, coef = out
+    block_c = _block_c(c)
+    launch_kernel(_bn_bwd_finalize_kernel, (triton.cdiv(c, block_c),),
+        part_g, part_gy, mean, invstd, gamma if gamma is not None else invstd, sum_g, sum_gx, coef,
+        s, c, coef.stride(0), offset, count,
+        TRAINING=training, HAS_GAMMA=gamma is not None, ACC_DTYPE=acc_dtype(stat), BLOCK_C=block_c,
+    )
+    return sum_g, sum_gx, coef

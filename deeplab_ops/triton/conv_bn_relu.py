@@ -1,13 +1,11 @@
-"""Host side of the triton backend of conv_bn_relu: the kernels of deeplab_ops::triton_conv_bn_relu_forward and
-_backward (layout conversion, allocation, stage order), and the padding-tap schedule.
-
-Same contract as the C++ composite (csrc/conv_bn_relu.cpp). NHWC is the native layout: NCHW tensors are
-converted once on the way in and the outputs once on the way out; channels_last tensors pass through as views.
+"""Host side of the triton backend of conv_bn_relu and conv_bias_act: layouts, allocation, stage order, and the
+padding-tap schedule (`schedule`, `count_computed_pairs`). NHWC is native: channels_last tensors pass through
+as views, NCHW ones cost one conversion in and one out per tensor.
 
   training forward  conv_forward (y + per-tile partials) -> bn_finalize -> bn_apply         3 launches
-  eval forward      conv_forward with the affine/residual/ReLU epilogue                    1 launch
-  backward          bn_backward_reduce (sums, and g for the residual) -> dgrad, wgrad      3 launches
-                    with dy computed in the dgrad/wgrad prologues, never stored
+  eval forward      conv_forward with the BN (from the running statistics) + residual + ReLU epilogue   1 launch
+  conv_bias_act     conv_forward with the bias + residual + ReLU epilogue                   1 launch
+  backward          bn_backward_reduce -> bn_backward_finalize -> dgrad, wgrad (dy in their prologues)
 """
 
 from __future__ import annotations
@@ -15,31 +13,34 @@ from __future__ import annotations
 import torch
 from torch._prims_common import suggest_memory_format
 
-from deeplab_ops.backends import interpreter_active
-from deeplab_ops.ops.bn_stages import opmath_dtype
-from deeplab_ops.ops.conv_bn_relu import conv_output_size
-from deeplab_ops.triton.bn_kernels import bn_apply, bn_backward_reduce, bn_finalize
+from deeplab_ops.common import conv_output_size, from_nhwc, opmath_dtype, to_nhwc
+from deeplab_ops.triton import _interpreter_active
+from deeplab_ops.triton.bn_kernels import (
+    bn_apply,
+    bn_backward_finalize,
+    bn_backward_reduce,
+    bn_finalize,
+    hyper_tensor,
+)
 from deeplab_ops.triton.conv_engine import Geometry, conv_dgrad, conv_forward, conv_wgrad
+from deeplab_ops.triton.packing import conv_weight, conv_weight_t
 
 Tensor = torch.Tensor
 
 
-def _nhwc(t: Tensor) -> Tensor:
-    # (N, C, H, W) -> contiguous (N, H, W, C): a view for channels_last tensors, one copy for NCHW ones.
-    return t.permute(0, 2, 3, 1).contiguous()
-
-
-def _from_nhwc(t: Tensor, memory_format: torch.memory_format) -> Tensor:
-    # (N, H, W, C) -> (N, C, H, W) in `memory_format`: a view for channels_last, one copy for NCHW.
-    return t.permute(0, 3, 1, 2).contiguous(memory_format=memory_format)
-
-
-def _check_device(x: Tensor) -> None:
-    if x.device.type == "cpu" and not interpreter_active():
+def check_device(x: Tensor) -> None:
+    """CPU tensors run only in the Triton interpreter."""
+    if x.device.type == "cpu" and not _interpreter_active():
         raise RuntimeError(
             "deeplab_ops: the triton backend runs CPU tensors only in the Triton interpreter; set "
             "TRITON_INTERPRET=1 before importing deeplab_ops, or use CUDA tensors"
         )
+
+
+def _geometry(x: Tensor, weight: Tensor, stride, padding, dilation) -> tuple[Geometry, tuple[int, int]]:
+    geo = Geometry((stride[0], stride[1]), (padding[0], padding[1]), (dilation[0], dilation[1]))
+    return geo, conv_output_size((x.shape[2], x.shape[3]), (weight.shape[2], weight.shape[3]), geo.stride,
+                                 geo.padding, geo.dilation)
 
 
 def forward(
@@ -48,14 +49,13 @@ def forward(
     momentum: float, eps: float, residual: Tensor | None, relu: bool,
 ) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor, Tensor]:
     """(out, conv_out, save_mean, save_invstd, new_running_mean, new_running_var); see csrc/ops.cpp."""
-    _check_device(x)
-    geo = Geometry(tuple(stride), tuple(padding), tuple(dilation))
+    check_device(x)
+    geo, out_hw = _geometry(x, weight, stride, padding, dilation)
     mf = suggest_memory_format(x)
     stat = opmath_dtype(x.dtype)
-    out_hw = conv_output_size(tuple(x.shape[2:]), tuple(weight.shape[2:]), geo.stride, geo.padding, geo.dilation)
-    xh = _nhwc(x)
-    w = weight.permute(2, 3, 1, 0).contiguous()  # (KH, KW, C_in, C_out): K-major B operand per tap
-    res = _nhwc(residual) if residual is not None else None
+    xh = to_nhwc(x)
+    w = conv_weight(weight)
+    res = to_nhwc(residual) if residual is not None else None
     if training:
         y, _, (count, pmean, pm2) = conv_forward(xh, w, geo, out_hw, training=True, stat_dtype=stat)
         mean, invstd, scale, shift, new_rm, new_rv = bn_finalize(
@@ -63,16 +63,29 @@ def forward(
         )
         out = bn_apply(y, mean, scale, shift, res, relu)
     else:
-        # Per-channel constants of the eval epilogue; copies, so no output aliases the running buffers.
-        mean = running_mean.to(stat, copy=True)
-        invstd = (running_var.to(stat) + eps).rsqrt()
-        scale = bn_weight.to(stat) * invstd if bn_weight is not None else invstd.clone()
-        shift = bn_bias.to(stat, copy=True) if bn_bias is not None else torch.zeros_like(invstd)
-        y, out, _ = conv_forward(xh, w, geo, out_hw, training=False, stat_dtype=stat, affine=(mean, scale, shift),
-                                 residual=res, relu=relu)
-        rdt = running_mean.dtype
-        new_rm, new_rv = x.new_empty((0,), dtype=rdt), x.new_empty((0,), dtype=rdt)
-    return _from_nhwc(out, mf), _from_nhwc(y, mf), mean, invstd, new_rm, new_rv
+        c = weight.shape[0]
+        mean = torch.empty(c, dtype=stat, device=x.device)
+        invstd = torch.empty(c, dtype=stat, device=x.device)
+        hyper = hyper_tensor(float(momentum), float(eps), stat, x.device)
+        y, out, _ = conv_forward(xh, w, geo, out_hw, training=False, stat_dtype=stat, residual=res, relu=relu,
+                                 eval_bn=(running_mean, running_var, bn_weight, bn_bias, hyper, mean, invstd))
+        new_rm, new_rv = x.new_empty((0,), dtype=running_mean.dtype), x.new_empty((0,), dtype=running_mean.dtype)
+    return from_nhwc(out, mf), from_nhwc(y, mf), mean, invstd, new_rm, new_rv
+
+
+def conv_bias_act(
+    x: Tensor, weight: Tensor, bias: Tensor | None, residual: Tensor | None, stride: list[int],
+    padding: list[int], dilation: list[int], relu: bool,
+) -> Tensor:
+    """act(conv2d(x, weight, bias) [+ residual]) in one launch, in x's memory format. With no bias, residual or
+    ReLU it is the training forward's conv_out (same kernel, same tiles; accumulation order may differ only by
+    configuration)."""
+    check_device(x)
+    geo, out_hw = _geometry(x, weight, stride, padding, dilation)
+    res = to_nhwc(residual) if residual is not None else None
+    _, out, _ = conv_forward(to_nhwc(x), conv_weight(weight), geo, out_hw, training=False,
+                             stat_dtype=opmath_dtype(x.dtype), bias=bias, residual=res, relu=relu, store_y=False)
+    return from_nhwc(out, suggest_memory_format(x))
 
 
 def backward(
@@ -81,33 +94,35 @@ def backward(
     training: bool, relu: bool, output_mask: list[bool],
 ) -> tuple[Tensor | None, ...]:
     """(grad_x, grad_weight, grad_bn_weight, grad_bn_bias, grad_residual), None where output_mask is False."""
-    _check_device(x)
-    geo = Geometry(tuple(stride), tuple(padding), tuple(dilation))
-    stat = save_mean.dtype
-    dz, z, y = _nhwc(grad_out), _nhwc(out), _nhwc(conv_out)
+    check_device(x)
+    geo = Geometry((stride[0], stride[1]), (padding[0], padding[1]), (dilation[0], dilation[1]))
+    dz, z, y = to_nhwc(grad_out), to_nhwc(out), to_nhwc(conv_out)
     need_dy = output_mask[0] or output_mask[1]
-    sum_g = sum_g_xhat = g = None
-    if (training and need_dy) or output_mask[2] or output_mask[3] or output_mask[4]:
-        sum_g, sum_gy, g = bn_backward_reduce(dz, z, y, save_mean, relu, store_g=output_mask[4])
-        sum_g_xhat = sum_gy * save_invstd
-    grad_x = grad_w = None
-    if need_dy:
+    need_sums = (training and need_dy) or output_mask[2] or output_mask[3]
+    g = None
+    if need_sums or output_mask[4]:
+        part_g, part_gy, g = bn_backward_reduce(dz, z, y, save_mean, relu, store_g=output_mask[4])
+    else:  # eval dy needs no sums: the finalize reads no partials
+        part_g = part_gy = save_mean.new_empty((0, save_mean.shape[0]))
+    sum_g = sum_g_xhat = None
+    if need_sums or need_dy:
         # dy = k * (g - a - (y - mean) * b), csrc/common/bn_math.h's dy_coef; computed in the GEMM prologues.
         count = y.shape[0] * y.shape[1] * y.shape[2]
-        k = bn_weight.to(stat) * save_invstd if bn_weight is not None else save_invstd
-        if training:
-            a, b = sum_g / count, save_invstd * sum_g_xhat / count
+        sum_g, sum_g_xhat, coef = bn_backward_finalize(part_g, part_gy, save_mean, save_invstd, bn_weight, count,
+                                                       training)
+    grad_x = grad_w = None
+    if output_mask[0]:
+        dx = conv_dgrad(dz, z, y, coef, conv_weight_t(weight), geo, (x.shape[2], x.shape[3]), relu=relu)
+        grad_x = from_nhwc(dx, suggest_memory_format(x))
+    if output_mask[1]:
+        kernel_hw = (weight.shape[2], weight.shape[3])
+        if weight.dtype == coef.dtype:
+            grad_w = conv_wgrad(to_nhwc(x), dz, z, y, coef, kernel_hw, geo, relu=relu,
+                                dw_out=torch.empty_like(weight, memory_format=suggest_memory_format(weight)))
         else:
-            a = b = torch.zeros_like(save_invstd)
-        coef = torch.stack([save_mean.to(stat), k, a, b]).contiguous()
-        if output_mask[0]:
-            wt = weight.permute(2, 3, 0, 1).contiguous()  # (KH, KW, C_out, C_in)
-            dx = conv_dgrad(dz, z, y, coef, wt, geo, tuple(x.shape[2:]), relu=relu)
-            grad_x = _from_nhwc(dx, suggest_memory_format(x))
-        if output_mask[1]:
-            dw = conv_wgrad(_nhwc(x), dz, z, y, coef, tuple(weight.shape[2:]), geo, relu=relu)
+            dw = conv_wgrad(to_nhwc(x), dz, z, y, coef, kernel_hw, geo, relu=relu)
             grad_w = dw.permute(3, 2, 0, 1).to(weight.dtype).contiguous(memory_format=suggest_memory_format(weight))
-    grad_res = _from_nhwc(g, suggest_memory_format(conv_out)) if output_mask[4] else None
+    grad_res = from_nhwc(g, suggest_memory_format(conv_out)) if output_mask[4] else None
     return (
         grad_x,
         grad_w,
@@ -173,11 +188,11 @@ def count_computed_pairs(
 ) -> dict[str, int]:
     """Run the forward, dgrad and wgrad kernels with BLOCK_H x BLOCK_W tiles and count the (tile, tap) pairs
     each computed (one atomic per computed pair): the measured side of `schedule`."""
-    _check_device(x)
+    check_device(x)
     geo = Geometry(tuple(stride), tuple(padding), tuple(dilation))
     stat = opmath_dtype(x.dtype)
     out_hw = conv_output_size(tuple(x.shape[2:]), tuple(weight.shape[2:]), geo.stride, geo.padding, geo.dilation)
-    xh, w = _nhwc(x), weight.permute(2, 3, 1, 0).contiguous()
+    xh, w = to_nhwc(x), conv_weight(weight)
     counts = {}
     pairs = torch.zeros(1, dtype=torch.int32, device=x.device)
     fwd = dict(BLOCK_H=block_h, BLOCK_W=block_w, BLOCK_N=16, BLOCK_K=16)
@@ -185,7 +200,7 @@ def count_computed_pairs(
     counts["forward"] = int(pairs.item())
     coef = torch.randn(4, weight.shape[0], dtype=stat, device=x.device)
     pairs.zero_()
-    conv_dgrad(y, y, y, coef, weight.permute(2, 3, 0, 1).contiguous(), geo, tuple(x.shape[2:]), relu=True,
+    conv_dgrad(y, y, y, coef, conv_weight_t(weight), geo, tuple(x.shape[2:]), relu=True,
                pairs=pairs, config=fwd)
     counts["dgrad"] = int(pairs.item())
     pairs.zero_()

@@ -1,33 +1,8 @@
-"""Cross-entropy of bilinearly upsampled logits, never materializing the upsampled (N, K, H, W) tensor.
-
-Math. For an output pixel p = (n, y, x), bilinear interpolation reads 4 low-res neighbours with separable
-weights (PyTorch's upsample_bilinear2d: i0 = floor(src), i1 = i0 + (i0 < in - 1), l1 = src - i0, l0 = 1 - l1):
-    z[k] = ly0 * (lx0 * a[k, y0, x0] + lx1 * a[k, y0, x1]) + ly1 * (lx0 * a[k, y1, x0] + lx1 * a[k, y1, x1])
-    loss = logsumexp_k z[k] - z[target]                  (0 at ignore_index)
-    dz[k] = g * (exp(z[k] - lse) - [k == target])        g = dL/dloss at p (grad / count for "mean")
-    dlogits[n, k, i, j] = sum_p  wy(i, y) * wx(j, x) * dz[k](p)
-
-Kernels:
-  _uce_fwd_kernel  pixel tiles x class blocks: interpolates on the fly, online logsumexp over class blocks;
-                   stores the per-pixel logsumexp (N, H, W) in the opmath dtype (the only saved activation,
-                   1/K of the upsampled logits) and either the per-pixel loss ("none") or one (sum, count)
-                   partial per program, summed on the host in a fixed order (deterministic).
-  _uce_bwd_kernel  gather form: one program owns a tile of low-res positions x a block of classes and sums
-                   the contributions of every high-res pixel whose stencil touches them, recomputing dz there
-                   from the saved logsumexp. Each output element is written once by one program: no atomics,
-                   no contention (with atomics every one of the ~(2s)^2 pixels around a low-res position at
-                   upsampling factor s would hit the same K addresses), bitwise reproducible. The cost is
-                   recomputation: each high-res pixel is interpolated once per low-res neighbour it touches
-                   (<= 4), so the backward does about 4x the forward's interpolation work, all of it reads of
-                   the low-res logits (cache-resident: 16 x 21 x 65 x 65 fp32 is 5.7 MB) and the (N, H, W)
-                   logsumexp/target, never an (N, K, H, W) tensor.
-
-Stencil tables. The source index, neighbours and weights of every output row and column are computed once per
-(in size, out size, align_corners, dtype, device) on the host with PyTorch's formula (area_pixel_compute_scale
-from the sizes, area_pixel_compute_source_index with the clamp at 0) in the opmath dtype, and cached on the
-device (a call after the first per configuration does no host work and no copy), with, for each low-res index,
-the range of output indices whose stencil touches it (the backward's gather ranges). Forward and backward read
-the same tables, so they agree exactly on the stencil.
+"""Cross-entropy of bilinearly upsampled logits without materializing the upsampled (N, K, H, W) tensor: the
+forward kernel interpolates on the fly with an online logsumexp and saves only the per-pixel logsumexp; the
+backward kernel gathers, for each low-res position and class block, the contributions of every high-res pixel
+whose stencil touches it (no atomics, reproducible). Stencil tables are built once per configuration and cached
+on the device. The math and the trade-offs: docs/kernels.md.
 """
 
 from __future__ import annotations
@@ -38,7 +13,8 @@ import torch
 import triton
 import triton.language as tl
 
-from deeplab_ops.backends import interpreter_active
+from deeplab_ops.triton import _interpreter_active as interpreter_active
+from deeplab_ops.triton.launch import launch_kernel
 
 REDUCTIONS = ("none", "mean", "sum")
 
@@ -270,7 +246,7 @@ def forward(logits, target, ignore_index: int, align_corners: bool, reduction: s
     pcnt = torch.zeros((0 if per_pixel else grid,), dtype=torch.int32, device=logits.device)
     if p > 0:
         (y0, y1, ly0, ly1, _, _, _), (x0, x1, lx0, lx1, _, _, _) = _tables(logits, big_h, big_w, align_corners)
-        _uce_fwd_kernel[(grid,)](
+        launch_kernel(_uce_fwd_kernel, (grid,),
             logits, target, y0, y1, ly0, ly1, x0, x1, lx0, lx1, lse, loss_px, psum, pcnt,
             p, k, h, w, big_h, big_w, ignore_index,
             PER_PIXEL=per_pixel, ACC=tl_acc, BLOCK_P=block_p, BLOCK_K=_block_k(k), num_warps=4,
@@ -313,7 +289,7 @@ def backward(grad, logits, target, lse, count, ignore_index: int, align_corners:
     block_q = max(1, (1024 if interpreter_active() else 128) // block_x)
     block_k = _block_k(k)
     grid = (triton.cdiv(q, block_q), triton.cdiv(k, block_k))
-    _uce_bwd_kernel[grid](
+    launch_kernel(_uce_bwd_kernel, grid,
         logits, target, lse, g, dx,
         y0, y1, ly0, ly1, x0, x1, lx0, lx1, ys, ye, xs, xe,
         q, k, h, w, big_h, big_w, ignore_index, span_y, span_x,

@@ -1,0 +1,127 @@
+"""Host glue of the triton backend, counted on the CPU profiler (aten ops incl. nested; the interpreter's own work
+inside a launch excluded): copies and concatenations per call stay within budget, channels_last activations
+pass through without a layout copy, and no host path synchronizes with the device."""
+
+from __future__ import annotations
+
+import sys
+from collections import Counter
+
+import pytest
+import torch
+from helpers import CUDA
+from torch.profiler import ProfilerActivity, profile, record_function
+
+from deeplab_ops.triton import aspp as triton_aspp
+from deeplab_ops.triton import conv_bn_relu as triton_cbr
+
+DEVICE = "cuda" if CUDA else "cpu"
+GEO = ([1, 1], [1, 1], [1, 1])
+
+
+@pytest.fixture
+def marked_launches(monkeypatch):
+    """Interpreted launches run under a record_function range, so their aten ops can be told apart."""
+    if not CUDA:
+        import triton.runtime.interpreter as interpreter
+
+        call = interpreter.GridExecutor.__call__
+
+        def marked(self, *args, **kwargs):
+            with record_function("triton_launch"):
+                return call(self, *args, **kwargs)
+
+        monkeypatch.setattr(interpreter.GridExecutor, "__call__", marked)
+
+
+def _glue(fn) -> Counter:
+    fn()  # warm: packed weights, stencil and rate tables
+    with profile(activities=[ProfilerActivity.CPU]) as prof:
+        fn()
+    events = list(prof.events())
+    launches = [(e.time_range.start, e.time_range.end) for e in events if e.name == "triton_launch"]
+    return Counter(e.name for e in events if e.name.startswith("aten::")
+                   and not any(s <= e.time_range.start and e.time_range.end <= t for s, t in launches))
+
+
+def _conv_inputs(channels_last: bool):
+    mf = torch.channels_last if channels_last else torch.contiguous_format
+    x = torch.randn(2, 16, 9, 9, device=DEVICE).to(memory_format=mf)
+    w = torch.randn(16, 16, 3, 3, device=DEVICE)
+    stats = [torch.rand(16, device=DEVICE) + 0.5, torch.randn(16, device=DEVICE), torch.randn(16, device=DEVICE),
+             torch.rand(16, device=DEVICE) + 0.5]
+    return x, w, stats
+
+
+def _aspp_inputs(channels_last: bool, c=16, rates=(2, 3)):
+    mf = torch.channels_last if channels_last else torch.contiguous_format
+    x = torch.randn(2, 16, 9, 9, device=DEVICE).to(memory_format=mf)
+    cws = [torch.randn(c, 16, 1, 1, device=DEVICE)] + [torch.randn(c, 16, 3, 3, device=DEVICE) for _ in rates]
+    nbn = (len(rates) + 3) * c
+    rest = [torch.randn(c, 16, 1, 1, device=DEVICE), torch.randn(c, (len(rates) + 2) * c, 1, 1, device=DEVICE),
+            torch.rand(nbn, device=DEVICE) + 0.5, torch.randn(nbn, device=DEVICE), torch.randn(nbn, device=DEVICE),
+            torch.rand(nbn, device=DEVICE) + 0.5]
+    return x, cws, rest, list(rates)
+
+
+@pytest.mark.parametrize("channels_last", [True, False], ids=["channels_last", "nchw"])
+def test_conv_bn_relu_copies(marked_launches, channels_last):
+    x, w, (g, b, rm, rv) = _conv_inputs(channels_last)
+    conversions = 0 if channels_last else 1  # per activation crossing the boundary
+    for training in (True, False):
+        glue = _glue(lambda t=training: triton_cbr.forward(x, w, g, b, rm, rv, *GEO, t, 0.1, 1e-5, None, True))
+        # in: x; out: out and conv_out
+        assert glue["aten::copy_"] == 3 * conversions and glue["aten::cat"] == 0, (training, glue)
+    o = triton_cbr.forward(x, w, g, b, rm, rv, *GEO, True, 0.1, 1e-5, None, True)
+    dz = torch.randn_like(o[0])
+    glue = _glue(lambda: triton_cbr.backward(dz, x, w, g, o[1], o[0], o[2], o[3], *GEO, True, True,
+                                             [True, True, True, True, False]))
+    # in: grad_out, out, conv_out, x; out: grad_x. The weight gradient is summed into its layout: no copy.
+    assert glue["aten::copy_"] == 5 * conversions and glue["aten::cat"] == 0, glue
+    glue = _glue(lambda: triton_cbr.conv_bias_act(x, w, b, None, *GEO, True))
+    assert glue["aten::copy_"] == 2 * conversions, glue
+
+
+@pytest.mark.parametrize("channels_last", [True, False], ids=["channels_last", "nchw"])
+def test_aspp_glue_budget(marked_launches, channels_last):
+    x, cws, (pw, prw, bw, bb, rm, rv), rates = _aspp_inputs(channels_last)
+    conversions = 0 if channels_last else 1
+    train = _glue(lambda: triton_aspp.forward(x, cws, pw, prw, bw, bb, rm, rv, rates, True, 0.1, 1e-5))
+    # Layout: x in, out/branch_out/project_out out. The pooling branch's (N, C) BN partials: one copy (M2 = 0).
+    assert train["aten::cat"] == 0 and train["aten::copy_"] <= 4 * conversions + 1, train
+    evaluation = _glue(lambda: triton_aspp.forward(x, cws, pw, prw, bw, bb, rm, rv, rates, False, 0.1, 1e-5))
+    # + the saved running mean (an output must not alias the buffer) and the invstd/scale math on (B+2)*C values
+    assert evaluation["aten::cat"] == 0 and evaluation["aten::copy_"] <= 4 * conversions + 3, evaluation
+    o = triton_aspp.forward(x, cws, pw, prw, bw, bb, rm, rv, rates, True, 0.1, 1e-5)
+    dz = torch.randn_like(o[0])
+    bwd = _glue(lambda: triton_aspp.backward(dz, x, cws, pw, prw, bw, bb, o[1], o[2], o[3], o[0], o[4], o[5], rates,
+                                             True, [True, True, True]))
+    # Layout: grad_out, out, project_out, branch_out, x in; grad_x out; plus the pooling branch's (N, C) and (C,)
+    # vector math (5 small copies today). One cat: the projection weight's gradient (branch and pooling columns).
+    assert bwd["aten::cat"] <= 1 and bwd["aten::copy_"] <= 6 * conversions + 5, bwd
+
+
+def test_host_paths_do_not_synchronize(monkeypatch):
+    """No .item(), .tolist(), bool/int/float of a tensor or nonzero in the forward and backward host code (each
+    would wait for the device)."""
+
+    def refuse(name, original):
+        def guarded(self, *args, **kwargs):
+            caller = sys._getframe(1).f_globals.get("__name__", "")
+            if caller.startswith("deeplab_ops.triton"):
+                raise AssertionError(f"{caller} calls Tensor.{name}: a host synchronization")
+            return original(self, *args, **kwargs)
+
+        return guarded
+
+    for name in ("item", "tolist", "__bool__", "__int__", "__float__", "nonzero"):
+        monkeypatch.setattr(torch.Tensor, name, refuse(name, getattr(torch.Tensor, name)))
+    x, w, (g, b, rm, rv) = _conv_inputs(True)
+    for training in (True, False):
+        o = triton_cbr.forward(x, w, g, b, rm, rv, *GEO, training, 0.1, 1e-5, None, True)
+        triton_cbr.backward(torch.randn_like(o[0]), x, w, g, o[1], o[0], o[2], o[3], *GEO, training, True, [True] * 5)
+    xa, cws, (pw, prw, bw, bb, arm, arv), rates = _aspp_inputs(True)
+    for training in (True, False):
+        o = triton_aspp.forward(xa, cws, pw, prw, bw, bb, arm, arv, rates, training, 0.1, 1e-5)
+        triton_aspp.backward(torch.randn_like(o[0]), xa, cws, pw, prw, bw, bb, o[1], o[2], o[3], o[0], o[4], o[5],
+                             rates, training, [True, True, True])

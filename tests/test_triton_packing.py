@@ -1,0 +1,54 @@
+"""The packed-weight cache: hits while a parameter is unchanged, refreshes after an in-place update (optimizer
+step, load_state_dict), never keeps a freed parameter alive."""
+
+from __future__ import annotations
+
+import gc
+import weakref
+
+import torch
+from helpers import CUDA
+
+from deeplab_ops.triton import packing
+
+DEVICE = "cuda" if CUDA else "cpu"
+
+
+def test_hits_refreshes_and_forgets():
+    w = torch.nn.Parameter(torch.randn(4, 3, 3, 3, device=DEVICE))
+    before = packing.cache_info()
+    first = packing.conv_weight(w)
+    assert torch.equal(first, w.detach().permute(2, 3, 1, 0))
+    assert packing.conv_weight(w) is first  # unchanged: no re-pack
+    info = packing.cache_info()
+    assert info["hits"] == before["hits"] + 1 and info["misses"] == before["misses"] + 1
+
+    opt = torch.optim.SGD([w], lr=0.1)
+    w.grad = torch.randn_like(w)
+    opt.step()  # in place: bumps w._version
+    second = packing.conv_weight(w)
+    assert second is not first and torch.equal(second, w.detach().permute(2, 3, 1, 0))
+
+    with torch.no_grad():
+        w.copy_(torch.randn_like(w))  # what load_state_dict does
+    assert torch.equal(packing.conv_weight(w), w.detach().permute(2, 3, 1, 0))
+
+    entries = packing.cache_info()["entries"]
+    ref = weakref.ref(w)
+    del w, opt
+    gc.collect()
+    assert ref() is None, "the cache kept the parameter alive"
+    assert packing.cache_info()["entries"] == entries - 1
+
+
+def test_inference_and_float64_tensors_are_packed_every_call():
+    with torch.inference_mode():
+        w = torch.randn(4, 3, 1, 1, device=DEVICE)
+        a, b = packing.conv_weight(w), packing.conv_weight(w)
+    assert a is not b and torch.equal(a, b)
+    # float64: gradcheck perturbs inputs through .data, which leaves _version unchanged
+    w64 = torch.randn(4, 3, 3, 3, dtype=torch.float64, device=DEVICE, requires_grad=True)
+    first = packing.conv_weight(w64)
+    w64.data[0, 0, 0, 0] += 1.0
+    assert torch.equal(packing.conv_weight(w64), w64.detach().permute(2, 3, 1, 0)) and not torch.equal(
+        first, packing.conv_weight(w64))
