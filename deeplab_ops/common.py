@@ -5,6 +5,7 @@ and nn (this module imports none of them).
 from __future__ import annotations
 
 import numbers
+import threading
 import weakref
 
 import torch
@@ -69,39 +70,60 @@ def from_nhwc(t: Tensor, memory_format: torch.memory_format) -> Tensor:
 # ---- tensors derived from parameters, cached per parameter version --------------------------------------------
 #
 # A packed/transposed weight or a BatchNorm folded into a conv is a pure function of a few parameters and buffers.
-# It is rebuilt only when one of them changed: the key holds each tensor's storage pointer and its version counter,
-# which every in-place write bumps (optimizer steps, load_state_dict, running-statistics updates). An entry lives
-# as long as the first tensor of its key (weakref finalizer), so the cache never keeps a freed parameter's
-# derivative alive. Under torch.compile and CUDA-graph capture nothing is cached: the derivation is part of the
-# graph, so a replay after an optimizer step recomputes it.
+# It is rebuilt only when one of them changed: an entry is keyed by the kind of derivative and the identity of its
+# source tensors, and valid while each source keeps its storage (data_ptr), its version counter (bumped by every
+# in-place write: optimizer steps, load_state_dict's copy_, running-statistics updates), shape, strides, dtype and
+# device. The cache holds no strong reference to a source: a weakref finalizer drops the entry when one is freed.
+# Not cached (built every call): under torch.compile and CUDA-graph capture (the derivation must be part of the
+# graph, or a replay after an optimizer step would read a stale value), inference-mode tensors (no version
+# counter), and float64 ones: writes through `.data` do not bump the version (torch.autograd.gradcheck perturbs
+# inputs that way), and float64 is what gradcheck and numerical validation run in. Code that writes float32/half
+# parameters through `.data` must call `clear_derived()` afterwards.
 
 _DERIVED: dict[tuple, tuple[tuple, object]] = {}
+_DERIVED_LOCK = threading.Lock()
+_DERIVED_STATS = {"hits": 0, "misses": 0}
 
 
-def _stamp(tensors) -> tuple:
-    return tuple((None, 0) if t is None else (t.data_ptr(), t._version) for t in tensors)
+def _signature(t: Tensor | None) -> tuple | None:
+    return None if t is None else (t.data_ptr(), t._version, tuple(t.shape), t.stride(), t.dtype, t.device)
 
 
-def derived(tag, tensors: tuple, build):
-    """`build()` for these tensors, cached until one of them is written to or replaced. `tag` names the kind of
-    derivative (and any non-tensor inputs); tensors[0] must not be None: the entry dies with it."""
-    owner = tensors[0]
-    if torch.compiler.is_compiling() or (owner.is_cuda and torch.cuda.is_current_stream_capturing()):
-        # Traced or captured: a cache hit would leave the derivation out of the graph, and a replay after the
-        # parameters changed would read a stale value. Build it inside the graph instead.
+def _evict(key: tuple) -> None:
+    with _DERIVED_LOCK:
+        _DERIVED.pop(key, None)
+
+
+def derived(tag, sources, build):
+    """`build()`, or what it returned for these `sources` (tensors, or None) in their current state. `tag` names the
+    kind of derivative and any non-tensor input it depends on; `build` must read detached sources."""
+    live = [t for t in sources if t is not None]
+    if (torch.compiler.is_compiling() or any(t.is_inference() or t.dtype == torch.float64 for t in live)
+            or (live[0].is_cuda and torch.cuda.is_current_stream_capturing())):
         return build()
-    key = (tag, id(owner), *(id(t) for t in tensors[1:]))
-    stamp = _stamp(tensors)
-    hit = _DERIVED.get(key)
-    if hit is not None and hit[0] == stamp:
-        return hit[1]
+    key = (tag, *(id(t) for t in sources))
+    sig = tuple(_signature(t) for t in sources)
+    entry = _DERIVED.get(key)
+    if entry is not None and entry[0] == sig:
+        _DERIVED_STATS["hits"] += 1
+        return entry[1]
+    _DERIVED_STATS["misses"] += 1
     value = build()
-    if hit is None:
-        weakref.finalize(owner, _DERIVED.pop, key, None)
-    _DERIVED[key] = (stamp, value)
+    with _DERIVED_LOCK:
+        fresh = key not in _DERIVED
+        _DERIVED[key] = (sig, value)
+    if fresh:
+        for t in live:
+            weakref.finalize(t, _evict, key)
     return value
 
 
+def derived_cache_info() -> dict[str, int]:
+    """{"entries", "hits", "misses"} of the derived-tensor cache (tests, the overhead benchmark)."""
+    return {"entries": len(_DERIVED), **_DERIVED_STATS}
+
+
 def clear_derived() -> None:
-    """Drop every cached derivative (tests; freeing memory)."""
-    _DERIVED.clear()
+    """Drop every cached derivative: after writing parameters through `.data`, or to free the memory."""
+    with _DERIVED_LOCK:
+        _DERIVED.clear()

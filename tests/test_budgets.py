@@ -1,0 +1,125 @@
+"""The overhead budgets of docs/performance.md, one test per row: what a steady-state call runs besides its kernels,
+counted by benchmarks/overhead_bench.py's census (aten ops outside the backend's own kernels, nested ones
+included; copies; cat; host syncs; launches). Counts, never times: they are the same on every machine."""
+
+from __future__ import annotations
+
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+BENCH_DIR = Path(__file__).resolve().parent.parent / "benchmarks"
+sys.path.insert(0, str(BENCH_DIR))
+
+import overhead_bench  # noqa: E402
+
+import deeplab_ops  # noqa: E402
+
+CPU = torch.device("cpu")
+
+
+def _leaf(t: torch.Tensor, grad: bool) -> torch.Tensor:
+    return t.detach().clone(memory_format=torch.preserve_format).requires_grad_(grad)
+
+
+def _conv_call(mode: str, backend: str = "cpu", memory_efficient: bool = False, residual: bool = False):
+    """conv_bn_relu at 1x4x4x4 -> 4, 3x3, channels_last input, float32 parameters: (one call, its grad leaves)."""
+    grad = mode == "fwd_bwd"
+    x = _leaf(torch.randn(1, 4, 4, 4).contiguous(memory_format=torch.channels_last), grad)
+    w, gamma, beta = _leaf(torch.randn(4, 4, 3, 3), grad), _leaf(torch.rand(4) + 0.5, grad), _leaf(torch.randn(4), grad)
+    rm, rv = torch.randn(4), torch.rand(4) + 0.5
+    res = _leaf(torch.randn(1, 4, 4, 4).contiguous(memory_format=torch.channels_last), grad) if residual else None
+    training = mode != "eval_fwd"
+    g = torch.randn(1, 4, 4, 4).contiguous(memory_format=torch.channels_last)
+
+    def call():
+        with torch.set_grad_enabled(grad):
+            out = deeplab_ops.conv_bn_relu(x, w, gamma, beta, rm, rv, padding=1, training=training, residual=res,
+                                           backend=backend, memory_efficient=memory_efficient)
+        if grad:
+            out.backward(g)
+
+    return call, [t for t in (x, w, gamma, beta, res) if t is not None]
+
+
+def _aspp_call(mode: str, backend: str = "cpu", memory_efficient: bool = False):
+    """aspp at N=2, C_in=8, C=4, 5x5, rates (1, 2, 3), channels_last input, BatchNorm tensors concatenated."""
+    grad = mode == "fwd_bwd"
+    rates, c, cin = (1, 2, 3), 4, 8
+    x = _leaf(torch.randn(2, cin, 5, 5).contiguous(memory_format=torch.channels_last), grad)
+    convs = [_leaf(torch.randn(c, cin, 1, 1), grad)] + [_leaf(torch.randn(c, cin, 3, 3), grad) for _ in rates]
+    pool, proj = _leaf(torch.randn(c, cin, 1, 1), grad), _leaf(torch.randn(c, 5 * c, 1, 1), grad)
+    k = (len(rates) + 3) * c
+    gamma, beta = _leaf(torch.rand(k) + 0.5, grad), _leaf(torch.randn(k), grad)
+    rm, rv = torch.randn(k), torch.rand(k) + 0.5
+    training = mode != "eval_fwd"
+
+    def call():
+        with torch.set_grad_enabled(grad):
+            out = deeplab_ops.aspp(x, convs, pool, proj, gamma, beta, rm, rv, rates=rates, training=training,
+                                   backend=backend, memory_efficient=memory_efficient)
+        if grad:
+            out.backward(torch.ones_like(out))
+
+    return call, [x, *convs, pool, proj, gamma, beta]
+
+
+def _census(call, params, triton: bool = False) -> dict:
+    case = overhead_bench.Case(call, params, "", 1)
+    for _ in range(2):  # warm-up: caches filled, nothing compiled or allocated for the first time below
+        overhead_bench._clear(params)
+        call()
+    return overhead_bench.profile_calls(case, CPU, calls=3, triton=triton)
+
+
+def _check(row: dict, *, ops: int | None = None, copies: int | None = None) -> None:
+    where = row["census_detail"]
+    assert row["syncs"] == 0, f"host syncs: {row['sync_ops']} ({where})"
+    assert row["cat"] == 0, f"cat per call: {row['cat']} ({where})"
+    if copies is not None:
+        assert row["copies"] <= copies, f"{row['copies']} copies > {copies} ({where})"
+    if ops is not None:
+        assert row["aten_ops"] <= ops, f"{row['aten_ops']} aten ops outside the kernels > {ops} ({where})"
+
+
+# ---- the rows of docs/performance.md, "Budgets" ------------------------------------------------------------
+
+
+def test_conv_bn_relu_cpu_train_forward():
+    """Training forward, channels_last: only the two running-statistic copies, no cat, no sync, <= 8 ops."""
+    _check(_census(*_conv_call("train_fwd")), ops=8, copies=2)
+
+
+def test_conv_bn_relu_cpu_eval_forward():
+    """Eval forward without gradients: BatchNorm folded (cached): one conv with bias and ReLU, no copy."""
+    row = _census(*_conv_call("eval_fwd"))
+    _check(row, ops=4, copies=0)
+    assert row["bn_stage_calls"] == 0 and row["conv_calls"] == 1, row
+
+
+@pytest.mark.parametrize("memory_efficient", [False, True])
+def test_conv_bn_relu_cpu_backward_never_synchronizes(memory_efficient):
+    _check(_census(*_conv_call("fwd_bwd", memory_efficient=memory_efficient, residual=True)))
+
+
+def test_aspp_cpu_train_forward():
+    """Training forward with concatenated BatchNorm tensors: 2 copies (running statistics), no cat, no sync,
+    <= 24 ops."""
+    _check(_census(*_aspp_call("train_fwd")), ops=24, copies=2)
+
+
+@pytest.mark.parametrize("memory_efficient", [False, True])
+def test_aspp_cpu_backward_never_synchronizes(memory_efficient):
+    _check(_census(*_aspp_call("fwd_bwd", memory_efficient=memory_efficient)))
+
+
+def test_triton_launches():
+    """The triton backend's launches per call (interpreter or GPU alike): training forward 3 (conv + statistics
+    epilogue, finalize, apply), eval forward 1 (conv with the folded bias epilogue), no sync."""
+    train = _census(*_conv_call("train_fwd", backend="triton"), triton=True)
+    evalf = _census(*_conv_call("eval_fwd", backend="triton"), triton=True)
+    assert (train["triton_launches"], evalf["triton_launches"]) == (3, 1), (train["triton_by_kernel"],
+                                                                          evalf["triton_by_kernel"])
+    assert train["syncs"] == evalf["syncs"] == 0
