@@ -16,6 +16,7 @@ import torch.multiprocessing as mp
 import torch.nn.functional as F
 
 import deeplab_ops  # noqa: F401  (loads the extension, which registers the ops)
+from deeplab_ops import reference
 
 _ops = torch.ops.deeplab_ops
 
@@ -196,3 +197,46 @@ def test_group_name_is_ignored_in_eval_and_unknown_groups_are_named():
     assert torch.equal(plain[0], named[0])
     with pytest.raises(RuntimeError, match="group_name='no-such-group'"):
         _ops.conv_bn_relu_forward(*args, True, 0.1, 1e-5, None, True, "no-such-group")
+
+
+# ---- bn_finalize: the forms the composites use -------------------------------------------------------------
+
+
+@pytest.mark.parametrize("stat_dtype", [torch.float32, torch.float64], ids=str)
+@pytest.mark.parametrize("running_dtype", [torch.float32, torch.float64, torch.bfloat16], ids=str)
+def test_bn_finalize_partials_and_single_statistics_match_reference(stat_dtype, running_dtype):
+    c, parts, momentum, eps = 13, 4, 0.1, 1e-5
+    counts = torch.randint(2, 300, (parts,)).to(stat_dtype)
+    # Partials as column views of one packed buffer, as the all-gather delivers them: strided reads.
+    packed = torch.randn(parts, 1 + 2 * c, dtype=torch.float64).to(stat_dtype)
+    packed[:, 0] = counts
+    packed[:, 1 + c:] = packed[:, 1 + c:].abs() * counts[:, None]
+    mean, m2 = packed[:, 1:1 + c], packed[:, 1 + c:]
+    rm, rv = torch.randn(c).to(running_dtype), (torch.rand(c) + 0.5).to(running_dtype)
+    rm_ref, rv_ref = rm.double().clone(), rv.double().clone()  # the reference updates them in place
+    ref_mean, ref_invstd = reference.bn_finalize(packed[:, 0], mean, m2, rm_ref, rv_ref, momentum, eps)
+    tol = 1e-12 if stat_dtype == torch.float64 else 2e-6
+    run_tol = {torch.bfloat16: 1e-2, torch.float32: 2e-6}.get(running_dtype, tol)  # stored in running_dtype
+    out = [torch.empty(c, dtype=stat_dtype) for _ in range(2)] + [torch.empty(c, dtype=running_dtype) for _ in range(2)]
+    _ops.bn_finalize(mean, m2, packed[:, 0], 0.0, rm, rv, momentum, eps, *out)
+    for got, want, what, t in zip(out, (ref_mean, ref_invstd, rm_ref, rv_ref),
+                                  ("mean", "invstd", "running_mean", "running_var"), (tol, tol, run_tol, run_tol),
+                                  strict=True):
+        _close(got.double(), want, f"bn_finalize (P, C) {what}", t)
+    # One (C,) partial with its count given as a number: the single-process composite's call.
+    one = [torch.empty(c, dtype=stat_dtype) for _ in range(2)] + [torch.empty(c, dtype=running_dtype) for _ in range(2)]
+    _ops.bn_finalize(mean[0], m2[0], None, float(counts[0]), rm, rv, momentum, eps, *one)
+    rm1, rv1 = rm.double().clone(), rv.double().clone()
+    want = reference.bn_finalize(packed[:1, 0], mean[:1], m2[:1], rm1, rv1, momentum, eps)
+    for got, exp, what, t in zip(one, (*want, rm1, rv1), ("mean", "invstd", "running_mean", "running_var"),
+                                 (tol, tol, run_tol, run_tol), strict=True):
+        _close(got.double(), exp, f"bn_finalize (C,) {what}", t)
+
+
+def test_bn_finalize_eval_gives_the_running_statistics():
+    c, eps = 9, 1e-3
+    rm, rv = torch.randn(c, dtype=torch.float64), torch.rand(c, dtype=torch.float64) + 0.5
+    mean, invstd, empty = torch.empty(c), torch.empty(c), torch.empty(0, dtype=torch.float64)
+    _ops.bn_finalize(None, None, None, 0.0, rm, rv, 0.1, eps, mean, invstd, empty, empty)
+    _close(mean.double(), rm, "eval mean", 1e-7)
+    _close(invstd.double(), (rv + eps).rsqrt(), "eval invstd", 1e-6)
