@@ -240,3 +240,43 @@ def test_bn_finalize_eval_gives_the_running_statistics():
     _ops.bn_finalize(None, None, None, 0.0, rm, rv, 0.1, eps, mean, invstd, empty, empty)
     _close(mean.double(), rm, "eval mean", 1e-7)
     _close(invstd.double(), (rv + eps).rsqrt(), "eval invstd", 1e-6)
+
+
+# ---- host overhead: aten ops per call of the composite (CPU profiler) ----------------------------------------
+
+_CONV_OPS = ("aten::convolution", "aten::convolution_backward")
+_COPIES = ("aten::copy_", "aten::clone", "aten::_to_copy", "aten::cat", "aten::stack")
+_SYNCS = ("aten::item", "aten::_local_scalar_dense", "aten::nonzero")
+
+
+def _aten_ops_outside_conv_and_stages(fn) -> list[str]:
+    """Names of the aten ops one steady-state call runs, nested ones included, except the convolution's (and its
+    children) and those inside the BatchNorm stage kernels."""
+    from torch.profiler import ProfilerActivity, profile
+
+    for _ in range(2):
+        fn()
+    with profile(activities=[ProfilerActivity.CPU]) as prof:
+        fn()
+    names = []
+    for e in prof.events():
+        if not e.name.startswith("aten::"):
+            continue
+        p = e
+        while p is not None and p.name not in _CONV_OPS and not p.name.startswith("deeplab_ops::bn_"):
+            p = p.cpu_parent
+        if p is None:
+            names.append(e.name)
+    return names
+
+
+@pytest.mark.parametrize("training", [True, False], ids=["train", "eval"])
+def test_conv_bn_relu_forward_host_op_budget(training):
+    # The lead's Python adds two running-stat copy_ to these: 6 in all is the budget of a fused forward.
+    x = torch.randn(2, 8, 9, 9).contiguous(memory_format=torch.channels_last)
+    w = torch.randn(12, 8, 3, 3)
+    args = (x, w, torch.rand(12), torch.randn(12), torch.randn(12), torch.rand(12) + 0.5, (1, 1), (1, 1), (1, 1),
+            training, 0.1, 1e-5, None, True)
+    names = _aten_ops_outside_conv_and_stages(lambda: _ops.conv_bn_relu_forward(*args))
+    assert len(names) <= 4, f"aten ops per call outside the convolution and the BN stages: {names}"
+    assert not [n for n in names if n in _COPIES + _SYNCS], f"copies or host syncs per call: {names}"

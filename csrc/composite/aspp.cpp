@@ -230,9 +230,9 @@ std::tuple<at::Tensor, std::vector<at::Tensor>, at::Tensor, at::Tensor, at::Tens
     }
     if (output_mask[0]) {
       // The pooling branch's gradient is spread evenly over H x W: added as a broadcast, never materialized.
-      at::Tensor dpooled = at::mm(dy_p, pool_weight.reshape({g.c, g.cin}));
-      dpooled.div_(static_cast<double>(g.h * g.w));
-      grad_x.add_(dpooled.view({g.n, g.cin, 1, 1}));
+      // The 1 / (H * W) rides on add_'s alpha: a scalar division would convert a wrapped 0-d tensor per call.
+      const at::Tensor dpooled = at::mm(dy_p, pool_weight.reshape({g.c, g.cin}));
+      grad_x.add_(dpooled.view({g.n, g.cin, 1, 1}), 1.0 / static_cast<double>(g.h * g.w));
     }
   }
   at::Tensor grad_bn_weight, grad_bn_bias;
