@@ -171,23 +171,6 @@ __global__ void __launch_bounds__(kThreads)
 
 // ---- NHWC reductions: TX x TY blocks, threads along C (VEC channels each), blocks over rows ------------
 
-// Block shape for NHWC: tx threads along C (VEC channels each, at most a warp), ty = kThreads / tx along rows.
-struct ChannelTiling {
-  int tx, ty;
-  int64_t tiles;  // channel tiles: gridDim.y
-};
-
-ChannelTiling channel_tiling(int64_t channels, int vec) {
-  ChannelTiling t;
-  const int64_t packs = ceil_div(channels, vec);
-  t.tx = 1;
-  while (t.tx < packs && t.tx < kWarp) t.tx *= 2;
-  t.ty = kThreads / t.tx;
-  t.tiles = ceil_div(packs, t.tx);
-  TORCH_CHECK(t.tiles <= kMaxGridY, "deeplab_ops: too many channels for the CUDA kernels: ", channels);
-  return t;
-}
-
 // Row blocks of an NHWC reduction (gridDim.x, one partial each): enough to fill the GPU, at least
 // `min_rows_per_thread` rows per thread, at most ~kMaxSerial (which wins).
 struct RowBlocks {

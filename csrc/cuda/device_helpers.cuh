@@ -151,4 +151,22 @@ __device__ __forceinline__ Welford<acc_t> chunk_welford(const acc_t (&v)[V]) {
   return Welford<acc_t>{acc_t(V), mean, m2};
 }
 
+// Block shape of the channels_last kernels (reductions and element-wise passes): tx threads along C (VEC
+// channels each, at most a warp), ty = kThreads / tx along rows.
+struct ChannelTiling {
+  int tx, ty;
+  int64_t tiles;  // channel tiles: gridDim.y
+};
+
+inline ChannelTiling channel_tiling(int64_t channels, int vec) {
+  ChannelTiling t;
+  const int64_t packs = ceil_div(channels, vec);
+  t.tx = 1;
+  while (t.tx < packs && t.tx < kWarp) t.tx *= 2;
+  t.ty = kThreads / t.tx;
+  t.tiles = ceil_div(packs, t.tx);
+  TORCH_CHECK(t.tiles <= kMaxGridY, "deeplab_ops: too many channels for the CUDA kernels: ", channels);
+  return t;
+}
+
 }  // namespace deeplab_ops
