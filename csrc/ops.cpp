@@ -1,6 +1,8 @@
 // Every deeplab_ops schema, in one place. Backends register kernels for these names:
-//   csrc/cpu/   TORCH_LIBRARY_IMPL(deeplab_ops, CPU, m)
-//   csrc/cuda/  TORCH_LIBRARY_IMPL(deeplab_ops, CUDA, m)
+//   csrc/cpu/        the BN stage and upsample-CE kernels, TORCH_LIBRARY_IMPL(deeplab_ops, CPU, m)
+//   csrc/cuda/       the same for CUDA, TORCH_LIBRARY_IMPL(deeplab_ops, CUDA, m)
+//   csrc/composite/  conv_bn_relu, aspp, conv_bias_act: ATen convolutions + the stage ops, registered for CPU and
+//                    (CUDA build) CUDA
 //   deeplab_ops/triton/  Python kernels for the triton_* ops (torch.library.register_kernel)
 // Python adds the fake (meta) kernels and autograd (deeplab_ops/ops/).
 //
