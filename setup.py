@@ -157,6 +157,7 @@ def extensions():
         CUDAExtension(
             "deeplab_ops._C", sources, include_dirs=include_dirs,
             extra_compile_args={"cxx": cxx_flags, "nvcc": nvcc_flags},
+            # DEEPLAB_OPS_WITH_CUDA: the device-generic composites (csrc/composite/) also register for CUDA.
             define_macros=[*define_macros, ("DEEPLAB_OPS_WITH_CUDA", "1")],
             py_limited_api=True,
         )

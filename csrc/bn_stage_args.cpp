@@ -1,37 +1,85 @@
 #include "bn_stage_args.h"
 
-#include "common/checks.h"
+#include "common/arg_checks.h"
 
 namespace deeplab_ops {
+namespace {
 
-void check_finalize_args(const at::Tensor& count, const at::Tensor& mean, const at::Tensor& m2,
-                         const std::optional<at::Tensor>& running_mean, const std::optional<at::Tensor>& running_var) {
-  TORCH_CHECK(mean.dim() == 2, "deeplab_ops: mean partials must be 2-D (P, C), got shape ", mean.sizes());
-  DLO_CHECK_SAME_SHAPE(m2, mean);
-  TORCH_CHECK(count.dim() == 1 && count.size(0) == mean.size(0), "deeplab_ops: count must have shape (",
-              mean.size(0), ",), got ", count.sizes());
-  DLO_CHECK_SAME_DEVICE(m2, mean);
-  DLO_CHECK_SAME_DEVICE(count, mean);
+bool is_opmath_float(at::ScalarType t) { return t == at::kFloat || t == at::kDouble; }
+
+}  // namespace
+
+void check_finalize_args(const std::optional<at::Tensor>& mean, const std::optional<at::Tensor>& m2,
+                         const std::optional<at::Tensor>& counts, double count,
+                         const std::optional<at::Tensor>& running_mean, const std::optional<at::Tensor>& running_var,
+                         const at::Tensor& save_mean, const at::Tensor& save_invstd,
+                         const at::Tensor& new_running_mean, const at::Tensor& new_running_var) {
+  TORCH_CHECK(save_mean.dim() == 1, "deeplab_ops: save_mean must be a 1-D (C,) buffer, got shape ", save_mean.sizes());
+  const int64_t c = save_mean.size(0);
+  DLO_CHECK_CHANNEL_VECTOR(save_invstd, c);
+  TORCH_CHECK(is_opmath_float(save_mean.scalar_type()), "deeplab_ops: save_mean must be float32 or float64, got ",
+              save_mean.scalar_type());
+  DLO_CHECK_SAME_DTYPE(save_invstd, save_mean);
   TORCH_CHECK(present(running_mean) == present(running_var),
               "deeplab_ops: running_mean and running_var must be given together");
+  TORCH_CHECK(present(mean) == present(m2), "deeplab_ops: mean and m2 must be given together (training) or both "
+              "be None (eval)");
   if (present(running_mean)) {
-    DLO_CHECK_CHANNEL_VECTOR(*running_mean, mean.size(1));
-    DLO_CHECK_CHANNEL_VECTOR(*running_var, mean.size(1));
-    DLO_CHECK_SAME_DEVICE(*running_mean, mean);
-    DLO_CHECK_SAME_DEVICE(*running_var, mean);
+    DLO_CHECK_CHANNEL_VECTOR(*running_mean, c);
+    DLO_CHECK_CHANNEL_VECTOR(*running_var, c);
+    DLO_CHECK_SAME_DEVICE(*running_mean, save_mean);
+    DLO_CHECK_SAME_DEVICE(*running_var, save_mean);
+  }
+  if (!present(mean)) {
+    TORCH_CHECK(present(running_mean), "deeplab_ops: bn_finalize in eval (mean and m2 None) needs running_mean and "
+                "running_var");
+    return;
+  }
+  DLO_CHECK_SAME_SHAPE(*m2, *mean);
+  DLO_CHECK_SAME_DTYPE(*mean, save_mean);
+  DLO_CHECK_SAME_DTYPE(*m2, save_mean);
+  DLO_CHECK_SAME_DEVICE(*mean, save_mean);
+  DLO_CHECK_SAME_DEVICE(*m2, save_mean);
+  if (mean->dim() == 1) {
+    DLO_CHECK_CHANNEL_VECTOR(*mean, c);
+    TORCH_CHECK(!present(counts), "deeplab_ops: counts must be None for (C,) statistics (their count is `count`), "
+                "got shape ", counts->sizes());
+    TORCH_CHECK(count > 0, "deeplab_ops: count must be > 0 for (C,) statistics, got ", count);
+  } else {
+    TORCH_CHECK(mean->dim() == 2 && mean->size(1) == c, "deeplab_ops: mean must have shape (", c, ",) or (P, ", c,
+                "), got ", mean->sizes());
+    TORCH_CHECK(present(counts) && counts->dim() == 1 && counts->size(0) == mean->size(0),
+                "deeplab_ops: (P, C) partials need counts of shape (", mean->size(0), ",), got ",
+                present(counts) ? counts->sizes() : at::IntArrayRef{});
+    DLO_CHECK_SAME_DTYPE(*counts, save_mean);
+    DLO_CHECK_SAME_DEVICE(*counts, save_mean);
+  }
+  if (present(running_mean)) {
+    DLO_CHECK_CHANNEL_VECTOR(new_running_mean, c);
+    DLO_CHECK_CHANNEL_VECTOR(new_running_var, c);
+    DLO_CHECK_SAME_DTYPE(new_running_mean, *running_mean);
+    DLO_CHECK_SAME_DTYPE(new_running_var, *running_var);
+    DLO_CHECK_SAME_DTYPE(*running_var, *running_mean);
+    DLO_CHECK_SAME_DEVICE(new_running_mean, save_mean);
+    DLO_CHECK_SAME_DEVICE(new_running_var, save_mean);
   }
 }
 
-void check_apply_args(const at::Tensor& input, const at::Tensor& mean, const at::Tensor& scale,
-                      const at::Tensor& shift, const std::optional<at::Tensor>& residual) {
+void check_apply_args(const at::Tensor& input, const at::Tensor& mean, const at::Tensor& invstd,
+                      const std::optional<at::Tensor>& weight, const std::optional<at::Tensor>& bias,
+                      const std::optional<at::Tensor>& residual) {
   DLO_CHECK_ACTIVATION(input);
   const int64_t c = input.size(1);
   DLO_CHECK_CHANNEL_VECTOR(mean, c);
-  DLO_CHECK_CHANNEL_VECTOR(scale, c);
-  DLO_CHECK_CHANNEL_VECTOR(shift, c);
+  DLO_CHECK_CHANNEL_VECTOR(invstd, c);
   DLO_CHECK_SAME_DEVICE(mean, input);
-  DLO_CHECK_SAME_DEVICE(scale, input);
-  DLO_CHECK_SAME_DEVICE(shift, input);
+  DLO_CHECK_SAME_DEVICE(invstd, input);
+  for (const auto* t : {&weight, &bias}) {
+    if (present(*t)) {
+      DLO_CHECK_CHANNEL_VECTOR(**t, c);
+      DLO_CHECK_SAME_DEVICE(**t, input);
+    }
+  }
   if (present(residual)) {
     DLO_CHECK_SAME_SHAPE(*residual, input);
     DLO_CHECK_SAME_DTYPE(*residual, input);
@@ -54,26 +102,22 @@ void check_backward_args(const at::Tensor& grad_out, const at::Tensor& output, c
   DLO_CHECK_SAME_DEVICE(invstd, input);
 }
 
-at::Tensor dy_coefficients(const at::Tensor& mean, const at::Tensor& invstd, const std::optional<at::Tensor>& weight,
-                           const std::optional<at::Tensor>& sum_g, const std::optional<at::Tensor>& sum_g_xhat,
-                           double count, bool training, int64_t channels, at::ScalarType dtype) {
-  const at::Tensor mu = mean.to(dtype);
-  const at::Tensor is = invstd.to(dtype);
-  const at::Tensor k = present(weight) ? weight->to(dtype) * is : is;
-  at::Tensor a, b;
-  if (training) {
-    TORCH_CHECK(present(sum_g) && present(sum_g_xhat),
-                "deeplab_ops: bn_backward_dy in training mode needs sum_g and sum_g_xhat");
-    DLO_CHECK_CHANNEL_VECTOR(*sum_g, channels);
-    DLO_CHECK_CHANNEL_VECTOR(*sum_g_xhat, channels);
-    TORCH_CHECK(count > 0, "deeplab_ops: count must be > 0, got ", count);
-    a = sum_g->to(dtype) / count;
-    b = is * sum_g_xhat->to(dtype) / count;
-  } else {
-    a = at::zeros_like(mu);
-    b = at::zeros_like(mu);
+void check_dy_args(const at::Tensor& input, const std::optional<at::Tensor>& weight,
+                   const std::optional<at::Tensor>& sum_g, const std::optional<at::Tensor>& sum_g_xhat, double count,
+                   bool training) {
+  const int64_t c = input.size(1);
+  if (present(weight)) {
+    DLO_CHECK_CHANNEL_VECTOR(*weight, c);
+    DLO_CHECK_SAME_DEVICE(*weight, input);
   }
-  return at::stack({mu, k, a, b}).contiguous();
+  if (!training) return;
+  TORCH_CHECK(present(sum_g) && present(sum_g_xhat),
+              "deeplab_ops: bn_backward_dy in training mode needs sum_g and sum_g_xhat");
+  DLO_CHECK_CHANNEL_VECTOR(*sum_g, c);
+  DLO_CHECK_CHANNEL_VECTOR(*sum_g_xhat, c);
+  DLO_CHECK_SAME_DEVICE(*sum_g, input);
+  DLO_CHECK_SAME_DEVICE(*sum_g_xhat, input);
+  TORCH_CHECK(count > 0, "deeplab_ops: count must be > 0, got ", count);
 }
 
 }  // namespace deeplab_ops

@@ -1,6 +1,8 @@
 // Every deeplab_ops schema, in one place. Backends register kernels for these names:
-//   csrc/cpu/   TORCH_LIBRARY_IMPL(deeplab_ops, CPU, m)
-//   csrc/cuda/  TORCH_LIBRARY_IMPL(deeplab_ops, CUDA, m)
+//   csrc/cpu/        the BN stage and upsample-CE kernels, TORCH_LIBRARY_IMPL(deeplab_ops, CPU, m)
+//   csrc/cuda/       the same for CUDA, TORCH_LIBRARY_IMPL(deeplab_ops, CUDA, m)
+//   csrc/composite/  conv_bn_relu, aspp, conv_bias_act: ATen convolutions + the stage ops, registered for CPU and
+//                    (CUDA build) CUDA
 //   deeplab_ops/triton/  Python kernels for the triton_* ops (torch.library.register_kernel)
 // Python adds the fake (meta) kernels and autograd (deeplab_ops/ops/).
 //
@@ -34,15 +36,23 @@ TORCH_LIBRARY(deeplab_ops, m) {
   // Per-channel mean and M2 = sum((y - mean)^2) over (N, H, W), merged from per-block partials
   // (Chan et al.), never from E[y^2] - E[y]^2.
   m.def("bn_stats(Tensor input) -> (Tensor mean, Tensor m2)");
-  // Merge P partials (count: (P,), mean/m2: (P, C)) into the batch statistics; update running stats in
-  // place exactly as F.batch_norm does (unbiased variance for running_var). Returns (mean, invstd).
+  // The statistics that normalize, written into the caller's buffers (save_mean, save_invstd: (C,), float32 or
+  // float64; new_running_mean/var: (C,) in the running statistics' dtype, or empty when there are none), so that
+  // the composites allocate each output once and no per-call copies or cats are needed.
+  //   training (mean and m2 given): merge the partials with Chan's formula, mean/m2 (C,) over `count` values
+  //     each, or (P, C) with counts (P,) (the partials of P processes); update the running statistics out of
+  //     place exactly as F.batch_norm does (unbiased variance for running_var, from the merged count).
+  //   eval (mean and m2 None): save_mean = running_mean, save_invstd = 1 / sqrt(running_var + eps).
+  // Strided mean/m2/counts are read in place (the all-gathered partials are column views of one buffer).
   m.def(
-      "bn_finalize(Tensor count, Tensor mean, Tensor m2, Tensor(a!)? running_mean, "
-      "Tensor(b!)? running_var, float momentum, float eps) -> (Tensor save_mean, Tensor save_invstd)");
-  // out = act((input - mean) * scale + shift [+ residual]); act = ReLU or identity.
+      "bn_finalize(Tensor? mean, Tensor? m2, Tensor? counts, float count, Tensor? running_mean, "
+      "Tensor? running_var, float momentum, float eps, Tensor(a!) save_mean, Tensor(b!) save_invstd, "
+      "Tensor(c!) new_running_mean, Tensor(d!) new_running_var) -> ()");
+  // out = act((input - mean) * invstd * weight + bias [+ residual]); act = ReLU or identity; weight/bias None
+  // mean 1/0. Per-channel vectors of any floating dtype (converted to the opmath dtype only when they differ).
   m.def(
-      "bn_apply(Tensor input, Tensor mean, Tensor scale, Tensor shift, Tensor? residual, bool relu) "
-      "-> Tensor");
+      "bn_apply(Tensor input, Tensor mean, Tensor invstd, Tensor? weight, Tensor? bias, Tensor? residual, "
+      "bool relu) -> Tensor");
   // g = relu ? grad_out * (output > 0) : grad_out; xhat = (input - mean) * invstd.
   // Returns (sum g, sum g * xhat) per channel.
   m.def(

@@ -16,6 +16,7 @@ import torch.multiprocessing as mp
 import torch.nn.functional as F
 
 import deeplab_ops  # noqa: F401  (loads the extension, which registers the ops)
+from deeplab_ops import reference
 
 _ops = torch.ops.deeplab_ops
 
@@ -196,3 +197,86 @@ def test_group_name_is_ignored_in_eval_and_unknown_groups_are_named():
     assert torch.equal(plain[0], named[0])
     with pytest.raises(RuntimeError, match="group_name='no-such-group'"):
         _ops.conv_bn_relu_forward(*args, True, 0.1, 1e-5, None, True, "no-such-group")
+
+
+# ---- bn_finalize: the forms the composites use -------------------------------------------------------------
+
+
+@pytest.mark.parametrize("stat_dtype", [torch.float32, torch.float64], ids=str)
+@pytest.mark.parametrize("running_dtype", [torch.float32, torch.float64, torch.bfloat16], ids=str)
+def test_bn_finalize_partials_and_single_statistics_match_reference(stat_dtype, running_dtype):
+    c, parts, momentum, eps = 13, 4, 0.1, 1e-5
+    counts = torch.randint(2, 300, (parts,)).to(stat_dtype)
+    # Partials as column views of one packed buffer, as the all-gather delivers them: strided reads.
+    packed = torch.randn(parts, 1 + 2 * c, dtype=torch.float64).to(stat_dtype)
+    packed[:, 0] = counts
+    packed[:, 1 + c:] = packed[:, 1 + c:].abs() * counts[:, None]
+    mean, m2 = packed[:, 1:1 + c], packed[:, 1 + c:]
+    rm, rv = torch.randn(c).to(running_dtype), (torch.rand(c) + 0.5).to(running_dtype)
+    rm_ref, rv_ref = rm.double().clone(), rv.double().clone()  # the reference updates them in place
+    ref_mean, ref_invstd = reference.bn_finalize(packed[:, 0], mean, m2, rm_ref, rv_ref, momentum, eps)
+    tol = 1e-12 if stat_dtype == torch.float64 else 2e-6
+    run_tol = {torch.bfloat16: 1e-2, torch.float32: 2e-6}.get(running_dtype, tol)  # stored in running_dtype
+    out = [torch.empty(c, dtype=stat_dtype) for _ in range(2)] + [torch.empty(c, dtype=running_dtype) for _ in range(2)]
+    _ops.bn_finalize(mean, m2, packed[:, 0], 0.0, rm, rv, momentum, eps, *out)
+    for got, want, what, t in zip(out, (ref_mean, ref_invstd, rm_ref, rv_ref),
+                                  ("mean", "invstd", "running_mean", "running_var"), (tol, tol, run_tol, run_tol),
+                                  strict=True):
+        _close(got.double(), want, f"bn_finalize (P, C) {what}", t)
+    # One (C,) partial with its count given as a number: the single-process composite's call.
+    one = [torch.empty(c, dtype=stat_dtype) for _ in range(2)] + [torch.empty(c, dtype=running_dtype) for _ in range(2)]
+    _ops.bn_finalize(mean[0], m2[0], None, float(counts[0]), rm, rv, momentum, eps, *one)
+    rm1, rv1 = rm.double().clone(), rv.double().clone()
+    want = reference.bn_finalize(packed[:1, 0], mean[:1], m2[:1], rm1, rv1, momentum, eps)
+    for got, exp, what, t in zip(one, (*want, rm1, rv1), ("mean", "invstd", "running_mean", "running_var"),
+                                 (tol, tol, run_tol, run_tol), strict=True):
+        _close(got.double(), exp, f"bn_finalize (C,) {what}", t)
+
+
+def test_bn_finalize_eval_gives_the_running_statistics():
+    c, eps = 9, 1e-3
+    rm, rv = torch.randn(c, dtype=torch.float64), torch.rand(c, dtype=torch.float64) + 0.5
+    mean, invstd, empty = torch.empty(c), torch.empty(c), torch.empty(0, dtype=torch.float64)
+    _ops.bn_finalize(None, None, None, 0.0, rm, rv, 0.1, eps, mean, invstd, empty, empty)
+    _close(mean.double(), rm, "eval mean", 1e-7)
+    _close(invstd.double(), (rv + eps).rsqrt(), "eval invstd", 1e-6)
+
+
+# ---- host overhead: aten ops per call of the composite (CPU profiler) ----------------------------------------
+
+_CONV_OPS = ("aten::convolution", "aten::convolution_backward")
+_COPIES = ("aten::copy_", "aten::clone", "aten::_to_copy", "aten::cat", "aten::stack")
+_SYNCS = ("aten::item", "aten::_local_scalar_dense", "aten::nonzero")
+
+
+def _aten_ops_outside_conv_and_stages(fn) -> list[str]:
+    """Names of the aten ops one steady-state call runs, nested ones included, except the convolution's (and its
+    children) and those inside the BatchNorm stage kernels."""
+    from torch.profiler import ProfilerActivity, profile
+
+    for _ in range(2):
+        fn()
+    with profile(activities=[ProfilerActivity.CPU]) as prof:
+        fn()
+    names = []
+    for e in prof.events():
+        if not e.name.startswith("aten::"):
+            continue
+        p = e
+        while p is not None and p.name not in _CONV_OPS and not p.name.startswith("deeplab_ops::bn_"):
+            p = p.cpu_parent
+        if p is None:
+            names.append(e.name)
+    return names
+
+
+@pytest.mark.parametrize("training", [True, False], ids=["train", "eval"])
+def test_conv_bn_relu_forward_host_op_budget(training):
+    # The lead's Python adds two running-stat copy_ to these: 6 in all is the budget of a fused forward.
+    x = torch.randn(2, 8, 9, 9).contiguous(memory_format=torch.channels_last)
+    w = torch.randn(12, 8, 3, 3)
+    args = (x, w, torch.rand(12), torch.randn(12), torch.randn(12), torch.rand(12) + 0.5, (1, 1), (1, 1), (1, 1),
+            training, 0.1, 1e-5, None, True)
+    names = _aten_ops_outside_conv_and_stages(lambda: _ops.conv_bn_relu_forward(*args))
+    assert len(names) <= 4, f"aten ops per call outside the convolution and the BN stages: {names}"
+    assert not [n for n in names if n in _COPIES + _SYNCS], f"copies or host syncs per call: {names}"

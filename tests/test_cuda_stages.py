@@ -77,6 +77,20 @@ def check(actual: torch.Tensor, expected: torch.Tensor, what: str, atol: float, 
     )
 
 
+def finalize(count, mean, m2, rm, rv, momentum, eps):
+    """bn_finalize on (P, C) partials into fresh buffers, then the running statistics copied back in place: the
+    in-place contract of reference.bn_finalize, to compare with it."""
+    c = mean.shape[1]
+    save_mean, save_invstd = mean.new_empty(c), mean.new_empty(c)
+    new_rm = torch.empty_like(rm) if rm is not None else mean.new_empty(0)
+    new_rv = torch.empty_like(rv) if rv is not None else mean.new_empty(0)
+    _ops.bn_finalize(mean, m2, count, 0.0, rm, rv, momentum, eps, save_mean, save_invstd, new_rm, new_rv)
+    if rm is not None:
+        rm.copy_(new_rm)
+        rv.copy_(new_rv)
+    return save_mean, save_invstd
+
+
 def assert_layout(t: torch.Tensor, layout, what: str) -> None:
     assert t.is_contiguous(memory_format=layout), f"{what}: expected {layout}, got strides {t.stride()}"
 
@@ -154,13 +168,13 @@ def test_bn_finalize(stat_dtype, parts, running):
     rv_ref = rv.double() if running else None
     rm_cpu = rm.cpu() if running else None
     rv_cpu = rv.cpu() if running else None
-    save_mean, save_invstd = _ops.bn_finalize(count, mean, m2, rm, rv, momentum, eps)
+    save_mean, save_invstd = finalize(count, mean, m2, rm, rv, momentum, eps)
     assert save_mean.dtype == save_invstd.dtype == stat_dtype
     ref_mean, ref_invstd = reference.bn_finalize(count, mean, m2, rm_ref, rv_ref, momentum, eps)
     tol = 1e-12 if stat_dtype == torch.float64 else 1e-6
     check(save_mean, ref_mean, "bn_finalize mean", tol, tol)
     check(save_invstd, ref_invstd, "bn_finalize invstd", tol, tol)
-    cpu_mean, cpu_invstd = _ops.bn_finalize(count.cpu(), mean.cpu(), m2.cpu(), rm_cpu, rv_cpu, momentum, eps)
+    cpu_mean, cpu_invstd = finalize(count.cpu(), mean.cpu(), m2.cpu(), rm_cpu, rv_cpu, momentum, eps)
     # Same double-precision math; only the GPU's fused multiply-adds may move the last bit.
     check(save_mean, cpu_mean, "bn_finalize mean vs cpu", tol, tol)
     check(save_invstd, cpu_invstd, "bn_finalize invstd vs cpu", tol, tol)
@@ -180,8 +194,10 @@ def test_stats_then_finalize_update_running(layout):
     mean, m2 = _ops.bn_stats(y)
     rm, rv = channel(6, torch.float32), channel(6, torch.float32, 0.5, 1.5)
     rm_bn, rv_bn = rm.double(), rv.double()
-    count = torch.full((1,), float(n), device=CUDA)
-    save_mean, save_invstd = _ops.bn_finalize(count, mean[None], m2[None], rm, rv, 0.1, 1e-5)
+    save_mean, save_invstd = torch.empty_like(mean), torch.empty_like(mean)
+    new_rm, new_rv = torch.empty_like(rm), torch.empty_like(rv)
+    _ops.bn_finalize(mean, m2, None, float(n), rm, rv, 0.1, 1e-5, save_mean, save_invstd, new_rm, new_rv)
+    rm, rv = new_rm, new_rv
     torch.nn.functional.batch_norm(y.double(), rm_bn, rv_bn, None, None, True, 0.1, 1e-5)
     check(rm, rm_bn, "running_mean vs F.batch_norm", 1e-5, 1e-5)
     check(rv, rv_bn, "running_var vs F.batch_norm", 1e-5, 1e-5)
@@ -202,12 +218,14 @@ def test_bn_apply(shape, layout, residual, relu, dtype, stat_rtol, out_atol, out
     y = activation(shape, dtype, layout, mean=0.3)
     r = activation(shape, dtype, layout) if residual else None
     st = opmath(dtype)
-    mean, scale, shift = channel(c, st), channel(c, st, 0.5, 2.0), channel(c, st)
-    out = _ops.bn_apply(y, mean, scale, shift, r, relu)
+    mean, invstd, weight, shift = channel(c, st), channel(c, st, 0.5, 2.0), channel(c, st, 0.5, 1.5), channel(c, st)
+    scale = invstd * weight  # the kernel's per-channel scale, in the opmath dtype
+    out = _ops.bn_apply(y, mean, invstd, weight, shift, r, relu)
     assert out.dtype == dtype and out.shape == y.shape
     assert_layout(out, layout, "bn_apply output")
     check(out, reference.bn_apply(y, mean, scale, shift, r, relu), f"bn_apply {shape}", out_atol, out_rtol)
-    cpu = _ops.bn_apply(y.cpu(), mean.cpu(), scale.cpu(), shift.cpu(), None if r is None else r.cpu(), relu)
+    cpu = _ops.bn_apply(y.cpu(), mean.cpu(), invstd.cpu(), weight.cpu(), shift.cpu(), None if r is None else r.cpu(),
+                        relu)
     check(out, cpu, f"bn_apply vs cpu {shape}", out_atol, out_rtol)
 
 
@@ -216,7 +234,8 @@ def test_bn_apply_propagates_nan(layout):
     y = activation((2, 8, 5, 5), torch.float32, layout)
     y[0, 3, 2, 2] = float("nan")
     y[1, 5, 0, 4] = float("nan")
-    out = _ops.bn_apply(y, channel(8, torch.float32), channel(8, torch.float32), channel(8, torch.float32), None, True)
+    v = channel(8, torch.float32)
+    out = _ops.bn_apply(y, v, v, None, v, None, True)
     assert torch.equal(torch.isnan(out), torch.isnan(y)), "ReLU must propagate NaN, as torch.relu does"
 
 
@@ -224,7 +243,7 @@ def test_bn_apply_propagates_nan(layout):
 def test_bn_apply_empty(layout):
     y = torch.empty((0, 4, 3, 3), device=CUDA).contiguous(memory_format=layout)
     v = channel(4, torch.float32)
-    out = _ops.bn_apply(y, v, v, v, None, True)
+    out = _ops.bn_apply(y, v, v, v, v, None, True)
     assert out.shape == y.shape
 
 
@@ -309,7 +328,7 @@ def test_unaligned_inputs(shape, layout, dtype, stat_rtol, out_atol, out_rtol):
     check(m, ref_m, "bn_stats mean (unaligned)", stat_rtol, stat_rtol)
     check(m2, ref_m2, "bn_stats m2 (unaligned)", stat_rtol, stat_rtol)
     scale, shift = channel(c, st, 0.5, 2.0), channel(c, st)
-    out = _ops.bn_apply(y, mean, scale, shift, dz, True)
+    out = _ops.bn_apply(y, mean, scale, None, shift, dz, True)
     check(out, reference.bn_apply(y, mean, scale, shift, dz, True), "bn_apply (unaligned)", out_atol, out_rtol)
     sum_g, sum_gx = _ops.bn_backward_reduce(dz, z, y, mean, invstd, True)
     ref_g, ref_gx = reference.bn_backward_reduce(dz, z, y, mean, invstd, True)
@@ -347,3 +366,69 @@ def test_composite_forward_backward_match_cpu(layout, monkeypatch):
     cpu_grads = _ops.conv_bn_relu_backward(*[a.cpu() if isinstance(a, torch.Tensor) else a for a in bargs])
     for name, a, b in zip(["x", "weight", "bn_weight", "bn_bias"], grads[:4], cpu_grads[:4], strict=True):
         check(a, b, f"conv_bn_relu_backward grad {name}", 1e-9, 1e-9)
+
+
+@pytest.mark.parametrize("running_dtype", [torch.float32, torch.float64, torch.float16], ids=str)
+def test_bn_finalize_eval_reads_running_statistics(running_dtype):
+    c, eps = 21, 1e-5
+    rm, rv = channel(c, running_dtype), channel(c, running_dtype, 0.5, 1.5)
+    save_mean, save_invstd = torch.empty(c, device=CUDA), torch.empty(c, device=CUDA)
+    empty = torch.empty(0, device=CUDA, dtype=running_dtype)
+    _ops.bn_finalize(None, None, None, 0.0, rm, rv, 0.1, eps, save_mean, save_invstd, empty, empty)
+    check(save_mean, rm.double(), "eval mean", 1e-7, 1e-7)
+    check(save_invstd, (rv.double() + eps).rsqrt(), "eval invstd", 1e-6, 1e-6)
+
+
+@pytest.mark.parametrize("layout", LAYOUTS)
+def test_aspp_composite_matches_cpu(layout, monkeypatch):
+    monkeypatch.setattr(torch.backends.cudnn, "allow_tf32", False)
+    monkeypatch.setattr(torch.backends.cuda.matmul, "allow_tf32", False)
+    c, cin, rates = 3, 5, [1, 2]
+    x = activation((3, cin, 7, 6), torch.float64, layout)
+    convs = [channel(c * cin, torch.float64).view(c, cin, 1, 1)] + [
+        (torch.randn(c, cin, 3, 3, dtype=torch.float64) / 3).to(CUDA) for _ in rates]
+    pool = channel(c * cin, torch.float64).view(c, cin, 1, 1)
+    proj = channel(c * (len(rates) + 2) * c, torch.float64).view(c, (len(rates) + 2) * c, 1, 1)
+    k = (len(rates) + 3) * c
+    gamma, beta = channel(k, torch.float64, 0.5, 1.5), channel(k, torch.float64)
+    rm, rv = channel(k, torch.float64), channel(k, torch.float64, 0.5, 1.5)
+
+    def cpu(args):
+        return [[t.cpu() for t in a] if isinstance(a, list) and a and isinstance(a[0], torch.Tensor)
+                else a.cpu() if isinstance(a, torch.Tensor) else a for a in args]
+
+    for training in (True, False):
+        args = [x, convs, pool, proj, gamma, beta, rm, rv, rates, training, 0.1, 1e-5]
+        got, want = _ops.aspp_forward(*args), _ops.aspp_forward(*cpu(args))
+        for i, (a, b) in enumerate(zip(got, want, strict=True)):
+            check(a, b, f"aspp_forward output {i} (training={training})", 1e-10, 1e-10)
+        out, branch, pool_out, proj_out, mean, invstd = got[:6]
+        bargs = [torch.randn_like(out), x, convs, pool, proj, gamma, beta, branch, pool_out, proj_out, out, mean,
+                 invstd, rates, training, [True, True, True]]
+        grads, cpu_grads = _ops.aspp_backward(*bargs), _ops.aspp_backward(*cpu(bargs))
+        for i, (a, b) in enumerate(zip(grads, cpu_grads, strict=True)):
+            for aa, bb in zip(a, b, strict=True) if isinstance(a, list) else [(a, b)]:
+                check(aa, bb, f"aspp_backward output {i} (training={training})", 1e-9, 1e-9)
+
+
+@pytest.mark.parametrize("layout", LAYOUTS)
+@pytest.mark.parametrize("dtype,atol", [(torch.float32, 1e-5), (torch.float16, 2e-3), (torch.bfloat16, 1.6e-2)],
+                         ids=str)
+@pytest.mark.parametrize("with_bias,with_residual,relu", [(True, True, True), (True, False, True), (False, False, True),
+                                                          (True, True, False)], ids=str)
+def test_conv_bias_act_matches_float64(layout, dtype, atol, with_bias, with_residual, relu, monkeypatch):
+    # relu=True takes cuDNN's fused conv + bias (+ z) + ReLU when it applies; relu=False the generic path.
+    monkeypatch.setattr(torch.backends.cudnn, "allow_tf32", False)
+    x = activation((2, 8, 13, 11), dtype, layout)
+    w = (torch.randn(16, 8, 3, 3, dtype=torch.float64) / 72**0.5).to(dtype).to(CUDA)
+    bias = channel(16, dtype) if with_bias else None
+    ref = torch.nn.functional.conv2d(x.double(), w.double(), None if bias is None else bias.double(), 1, 2, 2)
+    r = activation(tuple(ref.shape), dtype, layout) if with_residual else None
+    if r is not None:
+        ref = ref + r.double()
+    if relu:
+        ref = torch.relu(ref)
+    out = _ops.conv_bias_act(x, w, bias, r, [1, 1], [2, 2], [2, 2], relu)
+    assert out.dtype == dtype
+    assert_layout(out, layout, "conv_bias_act output")
+    check(out, ref, f"conv_bias_act {dtype}", atol, atol)

@@ -9,7 +9,8 @@
 #include <tuple>
 #include <vector>
 
-#include "common/checks.h"
+#include "common/activation_layout.h"
+#include "common/arg_checks.h"
 #include "composite/batch_stats.h"
 #include "composite/group_collectives.h"
 #include "composite/stage_calls.h"
@@ -17,15 +18,15 @@
 namespace deeplab_ops {
 namespace {
 
-struct Geometry {
+struct AsppShape {
   int64_t n, cin, h, w, c, branches;  // branches: the conv branches (1x1 + one per rate)
 };
 
-Geometry check_aspp_args(const at::Tensor& x, at::TensorList conv_weights, const at::Tensor& pool_weight,
+AsppShape check_aspp_args(const at::Tensor& x, at::TensorList conv_weights, const at::Tensor& pool_weight,
                          const at::Tensor& project_weight, const at::Tensor& bn_weight, const at::Tensor& bn_bias,
                          at::IntArrayRef rates) {
   DLO_CHECK_ACTIVATION(x);
-  Geometry g{x.size(0), x.size(1), x.size(2), x.size(3), 0, static_cast<int64_t>(conv_weights.size())};
+  AsppShape g{x.size(0), x.size(1), x.size(2), x.size(3), 0, static_cast<int64_t>(conv_weights.size())};
   TORCH_CHECK(g.branches == static_cast<int64_t>(rates.size()) + 1, "deeplab_ops: aspp needs 1 + len(rates) = ",
               rates.size() + 1, " conv weights (the 1x1 branch, then one 3x3 per rate), got ", g.branches);
   g.c = conv_weights[0].size(0);
@@ -56,16 +57,12 @@ Geometry check_aspp_args(const at::Tensor& x, at::TensorList conv_weights, const
   return g;
 }
 
-// The running statistics of channels [start, start + len) as (mean, invstd) in the opmath dtype. Copies: the
-// returned statistics must not alias the running buffers.
-std::tuple<at::Tensor, at::Tensor> eval_stats(const at::Tensor& rm, const at::Tensor& rv, int64_t start, int64_t len,
-                                              double eps, at::ScalarType stat) {
-  return {rm.narrow(0, start, len).to(stat, false, true), (rv.narrow(0, start, len).to(stat) + eps).rsqrt()};
-}
+// Channels [start, start + len) of a per-channel vector, or of the K = (branches + 2) * C BatchNorm channels.
+at::Tensor block(const at::Tensor& t, int64_t start, int64_t len) { return t.slice(0, start, start + len); }
 
-std::optional<at::Tensor> narrow_opt(const std::optional<at::Tensor>& t, int64_t start, int64_t len) {
+std::optional<at::Tensor> block(const std::optional<at::Tensor>& t, int64_t start, int64_t len) {
   if (!present(t)) return std::nullopt;
-  return t->narrow(0, start, len);
+  return block(*t, start, len);
 }
 
 std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor>
@@ -74,7 +71,7 @@ aspp_forward(const at::Tensor& x, at::TensorList conv_weights, const at::Tensor&
              const std::optional<at::Tensor>& running_mean, const std::optional<at::Tensor>& running_var,
              at::IntArrayRef rates, bool training, double momentum, double eps,
              std::optional<c10::string_view> group_name, bool /*memory_efficient: read by the Python autograd*/) {
-  const Geometry g = check_aspp_args(x, conv_weights, pool_weight, project_weight, bn_weight, bn_bias, rates);
+  const AsppShape g = check_aspp_args(x, conv_weights, pool_weight, project_weight, bn_weight, bn_bias, rates);
   const int64_t bc = g.branches * g.c, k = bc + 2 * g.c;
   TORCH_CHECK(present(running_mean) == present(running_var),
               "deeplab_ops: running_mean and running_var must be given together");
@@ -88,10 +85,10 @@ aspp_forward(const at::Tensor& x, at::TensorList conv_weights, const at::Tensor&
               "per channel and image, so BatchNorm over a batch of 1 is undefined. Use a batch of 2 or more, or "
               "eval mode / frozen BatchNorm");
   const auto mf = x.suggest_memory_format();
-  const auto stat = opmath_dtype(x.scalar_type());
   const double hw_count = static_cast<double>(g.n * g.h * g.w);
 
-  // Conv branches, as one (N, B*C, H, W) pre-BN buffer so that one BN pass covers every branch.
+  // Conv branches, as one (N, B*C, H, W) pre-BN buffer so that one BN pass covers every branch. The cat is the
+  // one copy: branch_out is a single saved tensor and ATen's convolution has no output-buffer form.
   std::vector<at::Tensor> ys;
   ys.reserve(g.branches);
   for (int64_t b = 0; b < g.branches; ++b) {
@@ -101,68 +98,48 @@ aspp_forward(const at::Tensor& x, at::TensorList conv_weights, const at::Tensor&
   }
   const at::Tensor branch = at::cat(ys, 1).contiguous(mf);
   // Image pooling: mean over H x W, then its 1x1 conv as a matmul: (N, Cin) x (Cin, C).
-  const at::Tensor pooled = x.mean({2, 3});
-  const at::Tensor pool_pre = at::matmul(pooled, pool_weight.reshape({g.c, g.cin}).t()).contiguous();
+  const at::Tensor pool_pre = at::mm(x.mean({2, 3}), pool_weight.reshape({g.c, g.cin}).t());
   const at::Tensor pool4 = pool_pre.view({g.n, g.c, 1, 1});
 
-  // Running statistics are updated in copies (the op is functional); views of the copies per block.
-  const auto running_dtype = present(running_mean) ? running_mean->scalar_type() : stat;
-  at::Tensor new_rm = at::empty({0}, x.options().dtype(running_dtype));
-  at::Tensor new_rv = at::empty({0}, x.options().dtype(running_dtype));
-  std::optional<at::Tensor> rm, rv;
-  if (present(running_mean)) {
-    if (training) {
-      new_rm = running_mean->clone();
-      new_rv = running_var->clone();
-      rm = new_rm;
-      rv = new_rv;
-    } else {
-      rm = *running_mean;
-      rv = *running_var;
-    }
-  }
-  const at::Tensor bw = bn_weight.to(stat), bb = bn_bias.to(stat);
-
+  // Outputs allocated once; the finalize stage writes each block's slice of them (no cat, no clone).
+  const auto opts = x.options().dtype(opmath_dtype(x.scalar_type()));
+  const at::Tensor save_mean = at::empty({k}, opts), save_invstd = at::empty({k}, opts);
+  const bool update = training && present(running_mean);
+  const auto running_opts = present(running_mean) ? running_mean->options() : opts;
+  const at::Tensor new_rm = at::empty({update ? k : 0}, running_opts);
+  const at::Tensor new_rv = at::empty({update ? k : 0}, running_opts);
   const auto group = bn_group(group_name, training);
-  at::Tensor mean_b, invstd_b, mean_p, invstd_p;
+  // A block's slices of the statistics outputs: [start, start + len).
+  auto training_block = [&](const at::Tensor& pre, double count, int64_t start, int64_t len) {
+    return TrainingBlock{pre, count, block(running_mean, start, len), block(running_var, start, len),
+                         block(save_mean, start, len), block(save_invstd, start, len),
+                         update ? block(new_rm, start, len) : new_rm, update ? block(new_rv, start, len) : new_rv};
+  };
   if (training) {
     // The conv branches' and the pooling branch's statistics in one collective.
-    const auto stats = training_stats({{branch, hw_count, narrow_opt(rm, 0, bc), narrow_opt(rv, 0, bc)},
-                                       {pool4, static_cast<double>(g.n), narrow_opt(rm, bc, g.c),
-                                        narrow_opt(rv, bc, g.c)}},
-                                      group, momentum, eps);
-    std::tie(mean_b, invstd_b) = stats[0];
-    std::tie(mean_p, invstd_p) = stats[1];
+    training_stats({training_block(branch, hw_count, 0, bc), training_block(pool4, static_cast<double>(g.n), bc, g.c)},
+                   group, momentum, eps);
   } else {
-    std::tie(mean_b, invstd_b) = eval_stats(*rm, *rv, 0, bc, eps, stat);
-    std::tie(mean_p, invstd_p) = eval_stats(*rm, *rv, bc, g.c, eps, stat);
+    call_bn_finalize(std::nullopt, std::nullopt, std::nullopt, 0.0, running_mean, running_var, momentum, eps,
+                     save_mean, save_invstd, new_rm, new_rv);
   }
-  const at::Tensor z_cat = call_bn_apply(branch, mean_b, bw.narrow(0, 0, bc) * invstd_b, bb.narrow(0, 0, bc),
-                                         std::nullopt, true);
-  const at::Tensor z_p = call_bn_apply(pool4, mean_p, bw.narrow(0, bc, g.c) * invstd_p, bb.narrow(0, bc, g.c),
-                                       std::nullopt, true);
+  const at::Tensor z_cat = call_bn_apply(branch, block(save_mean, 0, bc), block(save_invstd, 0, bc),
+                                         block(bn_weight, 0, bc), block(bn_bias, 0, bc), std::nullopt, true);
+  const at::Tensor z_p = call_bn_apply(pool4, block(save_mean, bc, g.c), block(save_invstd, bc, g.c),
+                                       block(bn_weight, bc, g.c), block(bn_bias, bc, g.c), std::nullopt, true);
 
-  // Projection: 1x1 conv over the conv branches + the pooling branch as a per-(image, channel) bias.
-  const at::Tensor w_main = project_weight.narrow(1, 0, bc).contiguous();
+  // Projection: 1x1 conv over the conv branches + the pooling branch as a per-(image, channel) bias, added in
+  // place. The convolution takes the weight slice as a strided view.
+  const at::Tensor w_main = project_weight.narrow(1, 0, bc);
   const at::Tensor w_pool = project_weight.narrow(1, bc, g.c).reshape({g.c, g.c});
   at::Tensor proj = at::convolution(z_cat, w_main, std::nullopt, {1, 1}, {0, 0}, {1, 1}, false, {0, 0}, 1)
                         .contiguous(mf);
-  const at::Tensor bias = at::matmul(z_p.view({g.n, g.c}), w_pool.t());
-  proj.add_(bias.view({g.n, g.c, 1, 1}));
-  at::Tensor mean_o, invstd_o;
-  if (training) {
-    std::tie(mean_o, invstd_o) =
-        training_stats({{proj, hw_count, narrow_opt(rm, bc + g.c, g.c), narrow_opt(rv, bc + g.c, g.c)}}, group,
-                       momentum, eps)[0];
-  } else {
-    std::tie(mean_o, invstd_o) = eval_stats(*rm, *rv, bc + g.c, g.c, eps, stat);
-  }
-  at::Tensor out =
-      call_bn_apply(proj, mean_o, bw.narrow(0, bc + g.c, g.c) * invstd_o, bb.narrow(0, bc + g.c, g.c), std::nullopt,
-                    true);
-  (void)k;
-  return {out, branch, pool_pre, proj, at::cat({mean_b, mean_p, mean_o}), at::cat({invstd_b, invstd_p, invstd_o}),
-          new_rm, new_rv};
+  proj.add_(at::mm(z_p.view({g.n, g.c}), w_pool.t()).view({g.n, g.c, 1, 1}));
+  const int64_t po = bc + g.c;
+  if (training) training_stats({training_block(proj, hw_count, po, g.c)}, group, momentum, eps);
+  at::Tensor out = call_bn_apply(proj, block(save_mean, po, g.c), block(save_invstd, po, g.c),
+                                 block(bn_weight, po, g.c), block(bn_bias, po, g.c), std::nullopt, true);
+  return {out, branch, pool_pre, proj, save_mean, save_invstd, new_rm, new_rv};
 }
 
 std::tuple<at::Tensor, std::vector<at::Tensor>, at::Tensor, at::Tensor, at::Tensor, at::Tensor> aspp_backward(
@@ -171,18 +148,14 @@ std::tuple<at::Tensor, std::vector<at::Tensor>, at::Tensor, at::Tensor, at::Tens
     const at::Tensor& branch, const at::Tensor& pool_pre, const at::Tensor& proj, const at::Tensor& out,
     const at::Tensor& save_mean, const at::Tensor& save_invstd, at::IntArrayRef rates, bool training,
     std::array<bool, 3> output_mask, std::optional<c10::string_view> group_name) {
-  const Geometry g = check_aspp_args(x, conv_weights, pool_weight, project_weight, bn_weight, bn_bias, rates);
-  const int64_t bc = g.branches * g.c;
+  const AsppShape g = check_aspp_args(x, conv_weights, pool_weight, project_weight, bn_weight, bn_bias, rates);
+  const int64_t bc = g.branches * g.c, po = bc + g.c;
   const auto mf = x.suggest_memory_format();
-  const auto stat = opmath_dtype(x.scalar_type());
   const double hw_count = static_cast<double>(g.n * g.h * g.w);
-  const at::Tensor bw = bn_weight.to(stat), bb = bn_bias.to(stat);
-  auto block = [&](const at::Tensor& t, int64_t start, int64_t len) { return t.narrow(0, start, len); };
   const at::Tensor mean_b = block(save_mean, 0, bc), invstd_b = block(save_invstd, 0, bc);
   const at::Tensor mean_p = block(save_mean, bc, g.c), invstd_p = block(save_invstd, bc, g.c);
-  const at::Tensor mean_o = block(save_mean, bc + g.c, g.c), invstd_o = block(save_invstd, bc + g.c, g.c);
+  const at::Tensor mean_o = block(save_mean, po, g.c), invstd_o = block(save_invstd, po, g.c);
   const at::Tensor g_out = grad_out.contiguous(mf);
-
   // With a group, each BN's input gradient uses the group's sums and count (bn_backward_dy with count 1 on the
   // all-reduced means); grad_bn_weight / grad_bn_bias stay this process's sums (DDP averages them).
   const auto group = bn_group(group_name, training);
@@ -195,26 +168,28 @@ std::tuple<at::Tensor, std::vector<at::Tensor>, at::Tensor, at::Tensor, at::Tens
     std::tie(dsg_o, dsgx_o) = all_reduce_mean_sums({{sg_o, sgx_o, hw_count}}, *group)[0];
     count_o = 1.0;
   }
-  const at::Tensor dy_o = call_bn_backward_dy(g_out, out, proj, mean_o, invstd_o, block(bw, bc + g.c, g.c), dsg_o,
+  const at::Tensor dy_o = call_bn_backward_dy(g_out, out, proj, mean_o, invstd_o, block(bn_weight, po, g.c), dsg_o,
                                               dsgx_o, count_o, true, training);
   // The normalized branch outputs, recomputed from the pre-BN ones (cheaper than keeping them).
-  const at::Tensor z_cat = call_bn_apply(branch, mean_b, block(bw, 0, bc) * invstd_b, block(bb, 0, bc), std::nullopt,
-                                         true);
+  const at::Tensor z_cat = call_bn_apply(branch, mean_b, invstd_b, block(bn_weight, 0, bc), block(bn_bias, 0, bc),
+                                         std::nullopt, true);
   const at::Tensor pool4 = pool_pre.view({g.n, g.c, 1, 1});
-  const at::Tensor z_p = call_bn_apply(pool4, mean_p, block(bw, bc, g.c) * invstd_p, block(bb, bc, g.c),
+  const at::Tensor z_p = call_bn_apply(pool4, mean_p, invstd_p, block(bn_weight, bc, g.c), block(bn_bias, bc, g.c),
                                        std::nullopt, true);
   // Projection conv and the pooling bias.
-  const at::Tensor w_main = project_weight.narrow(1, 0, bc).contiguous();
+  const at::Tensor w_main = project_weight.narrow(1, 0, bc);
   const at::Tensor w_pool = project_weight.narrow(1, bc, g.c).reshape({g.c, g.c});
   auto proj_grads = at::convolution_backward(dy_o, z_cat, w_main, std::nullopt, {1, 1}, {0, 0}, {1, 1}, false, {0, 0},
                                              1, {true, output_mask[1], false});
   const at::Tensor dz_cat = std::get<0>(proj_grads).contiguous(mf);
   const at::Tensor dbias = dy_o.sum({2, 3});  // (N, C): the pooling branch's share, summed over H x W
-  const at::Tensor dz_p = at::matmul(dbias, w_pool).view({g.n, g.c, 1, 1}).contiguous();
+  const at::Tensor dz_p = at::mm(dbias, w_pool).view({g.n, g.c, 1, 1});
   at::Tensor grad_project_weight;
   if (output_mask[1]) {
-    const at::Tensor dw_pool = at::matmul(dbias.t(), z_p.view({g.n, g.c}));
-    grad_project_weight = at::cat({std::get<1>(proj_grads), dw_pool.view({g.c, g.c, 1, 1})}, 1);
+    // One copy: the weight gradient is one tensor, its two parts come from two products.
+    const at::Tensor dw_pool = at::mm(dbias.t(), z_p.view({g.n, g.c}));
+    grad_project_weight = at::cat({std::get<1>(proj_grads), dw_pool.view({g.c, g.c, 1, 1})}, 1)
+                              .contiguous(project_weight.suggest_memory_format());
   }
 
   // Pooling branch BN (over the batch) and the conv branches' BN (all branches in one pass).
@@ -232,27 +207,32 @@ std::tuple<at::Tensor, std::vector<at::Tensor>, at::Tensor, at::Tensor, at::Tens
       std::tie(dsg_b, dsgx_b) = sums[1];
       count_p = count_b = 1.0;
     }
-    const at::Tensor dy_p = call_bn_backward_dy(dz_p, z_p, pool4, mean_p, invstd_p, block(bw, bc, g.c), dsg_p,
+    const at::Tensor dy_p = call_bn_backward_dy(dz_p, z_p, pool4, mean_p, invstd_p, block(bn_weight, bc, g.c), dsg_p,
                                                 dsgx_p, count_p, true, training)
                                 .view({g.n, g.c});
-    if (output_mask[1]) {
-      grad_pool_weight = at::matmul(dy_p.t(), x.mean({2, 3})).view({g.c, g.cin, 1, 1});
-    }
-    const at::Tensor dy_b = call_bn_backward_dy(dz_cat, z_cat, branch, mean_b, invstd_b, block(bw, 0, bc), dsg_b,
-                                                dsgx_b, count_b, true, training);
-    if (output_mask[0]) {
-      // The pooling branch's gradient is spread evenly over H x W.
-      const at::Tensor dpooled = at::matmul(dy_p, pool_weight.reshape({g.c, g.cin})) / static_cast<double>(g.h * g.w);
-      grad_x = dpooled.view({g.n, g.cin, 1, 1}).expand({g.n, g.cin, g.h, g.w}).contiguous(mf);
-    }
+    if (output_mask[1]) grad_pool_weight = at::mm(dy_p.t(), x.mean({2, 3})).view({g.c, g.cin, 1, 1});
+    const at::Tensor dy_b = call_bn_backward_dy(dz_cat, z_cat, branch, mean_b, invstd_b, block(bn_weight, 0, bc),
+                                                dsg_b, dsgx_b, count_b, true, training);
     for (int64_t b = 0; b < g.branches; ++b) {
       const int64_t r = b == 0 ? 1 : rates[b - 1];
-      const at::Tensor dyb = dy_b.narrow(1, b * g.c, g.c).contiguous(mf);
-      auto grads = at::convolution_backward(dyb, x, conv_weights[b], std::nullopt, {1, 1},
+      // The branch's channel slice as a strided view: the convolution lays it out as it needs.
+      auto grads = at::convolution_backward(dy_b.narrow(1, b * g.c, g.c), x, conv_weights[b], std::nullopt, {1, 1},
                                             {b == 0 ? 0 : r, b == 0 ? 0 : r}, {r, r}, false, {0, 0}, 1,
                                             {output_mask[0], output_mask[1], false});
-      if (output_mask[0]) grad_x.add_(std::get<0>(grads));
+      if (output_mask[0]) {
+        if (b == 0) {
+          grad_x = std::get<0>(grads).contiguous(mf);
+        } else {
+          grad_x.add_(std::get<0>(grads));
+        }
+      }
       if (output_mask[1]) grad_conv.push_back(std::get<1>(grads).contiguous(conv_weights[b].suggest_memory_format()));
+    }
+    if (output_mask[0]) {
+      // The pooling branch's gradient is spread evenly over H x W: added as a broadcast, never materialized.
+      // The 1 / (H * W) rides on add_'s alpha: a scalar division would convert a wrapped 0-d tensor per call.
+      const at::Tensor dpooled = at::mm(dy_p, pool_weight.reshape({g.c, g.cin}));
+      grad_x.add_(dpooled.view({g.n, g.cin, 1, 1}), 1.0 / static_cast<double>(g.h * g.w));
     }
   }
   at::Tensor grad_bn_weight, grad_bn_bias;

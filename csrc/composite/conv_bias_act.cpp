@@ -8,7 +8,7 @@
 #include <limits>
 #include <optional>
 
-#include "common/checks.h"
+#include "common/arg_checks.h"
 #include "composite/stage_calls.h"
 
 namespace deeplab_ops {

@@ -7,7 +7,8 @@
 #include <optional>
 #include <tuple>
 
-#include "common/checks.h"
+#include "common/activation_layout.h"
+#include "common/arg_checks.h"
 #include "composite/batch_stats.h"
 #include "composite/group_collectives.h"
 #include "composite/stage_calls.h"
@@ -56,32 +57,24 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tenso
       at::convolution(x, weight, std::nullopt, stride, padding, dilation, false, {0, 0}, 1).contiguous(mf);
   const int64_t count = y.size(0) * y.size(2) * y.size(3);
   TORCH_CHECK(count > 0, "deeplab_ops: the convolution output is empty, shape ", y.sizes());
-  const auto stat = opmath_dtype(x.scalar_type());
-  at::Tensor mean, invstd;
-  // Empty unless training updates running statistics (distinct tensors: outputs must not alias).
-  const auto running_dtype = present(running_mean) ? running_mean->scalar_type() : stat;
-  at::Tensor new_rm = at::empty({0}, x.options().dtype(running_dtype));
-  at::Tensor new_rv = at::empty({0}, x.options().dtype(running_dtype));
+  // The outputs are allocated once here and the stages write them: no per-call copies or conversions.
+  const auto opts = x.options().dtype(opmath_dtype(x.scalar_type()));
+  at::Tensor mean = at::empty({y.size(1)}, opts), invstd = at::empty({y.size(1)}, opts);
+  // Running statistics updated out of place (the op is functional); empty unless training updates them.
+  const bool update = training && present(running_mean);
+  const auto running_opts = present(running_mean) ? running_mean->options() : opts;
+  at::Tensor new_rm = at::empty({update ? y.size(1) : 0}, running_opts);
+  at::Tensor new_rv = at::empty({update ? y.size(1) : 0}, running_opts);
   if (training) {
     TORCH_CHECK(count > 1, "deeplab_ops: training BatchNorm needs more than 1 value per channel, got output shape ",
                 y.sizes());
-    std::optional<at::Tensor> rm, rv;
-    if (present(running_mean)) {
-      new_rm = running_mean->clone();
-      new_rv = running_var->clone();
-      rm = new_rm;
-      rv = new_rv;
-    }
-    std::tie(mean, invstd) =
-        training_stats({{y, static_cast<double>(count), rm, rv}}, bn_group(group_name, training), momentum, eps)[0];
+    training_stats({{y, static_cast<double>(count), running_mean, running_var, mean, invstd, new_rm, new_rv}},
+                   bn_group(group_name, training), momentum, eps);
   } else {
-    // Copies: the returned statistics must not alias the running buffers.
-    mean = running_mean->to(stat, /*non_blocking=*/false, /*copy=*/true);
-    invstd = (running_var->to(stat) + eps).rsqrt();
+    call_bn_finalize(std::nullopt, std::nullopt, std::nullopt, 0.0, running_mean, running_var, momentum, eps, mean,
+                     invstd, new_rm, new_rv);
   }
-  const at::Tensor scale = present(bn_weight) ? bn_weight->to(stat) * invstd : invstd.clone();
-  const at::Tensor shift = present(bn_bias) ? bn_bias->to(stat, false, true) : at::zeros_like(invstd);
-  at::Tensor out = call_bn_apply(y, mean, scale, shift, residual, relu);
+  at::Tensor out = call_bn_apply(y, mean, invstd, bn_weight, bn_bias, residual, relu);
   return {out, y, mean, invstd, new_rm, new_rv};
 }
 

@@ -21,24 +21,31 @@ inline std::tuple<at::Tensor, at::Tensor> call_bn_stats(const at::Tensor& input)
   return op.call(input);
 }
 
-inline std::tuple<at::Tensor, at::Tensor> call_bn_finalize(const at::Tensor& count, const at::Tensor& mean,
-                                                    const at::Tensor& m2, const std::optional<at::Tensor>& rm,
-                                                    const std::optional<at::Tensor>& rv, double momentum, double eps) {
+inline void call_bn_finalize(const std::optional<at::Tensor>& mean, const std::optional<at::Tensor>& m2,
+                             const std::optional<at::Tensor>& counts, double count,
+                             const std::optional<at::Tensor>& running_mean,
+                             const std::optional<at::Tensor>& running_var, double momentum, double eps,
+                             const at::Tensor& save_mean, const at::Tensor& save_invstd,
+                             const at::Tensor& new_running_mean, const at::Tensor& new_running_var) {
   static auto op = c10::Dispatcher::singleton()
                        .findSchemaOrThrow("deeplab_ops::bn_finalize", "")
-                       .typed<std::tuple<at::Tensor, at::Tensor>(
-                           const at::Tensor&, const at::Tensor&, const at::Tensor&, const std::optional<at::Tensor>&,
-                           const std::optional<at::Tensor>&, double, double)>();
-  return op.call(count, mean, m2, rm, rv, momentum, eps);
+                       .typed<void(const std::optional<at::Tensor>&, const std::optional<at::Tensor>&,
+                                   const std::optional<at::Tensor>&, double, const std::optional<at::Tensor>&,
+                                   const std::optional<at::Tensor>&, double, double, const at::Tensor&,
+                                   const at::Tensor&, const at::Tensor&, const at::Tensor&)>();
+  op.call(mean, m2, counts, count, running_mean, running_var, momentum, eps, save_mean, save_invstd,
+          new_running_mean, new_running_var);
 }
 
-inline at::Tensor call_bn_apply(const at::Tensor& input, const at::Tensor& mean, const at::Tensor& scale,
-                         const at::Tensor& shift, const std::optional<at::Tensor>& residual, bool relu) {
+inline at::Tensor call_bn_apply(const at::Tensor& input, const at::Tensor& mean, const at::Tensor& invstd,
+                                const std::optional<at::Tensor>& weight, const std::optional<at::Tensor>& bias,
+                                const std::optional<at::Tensor>& residual, bool relu) {
   static auto op = c10::Dispatcher::singleton()
                        .findSchemaOrThrow("deeplab_ops::bn_apply", "")
-                       .typed<at::Tensor(const at::Tensor&, const at::Tensor&, const at::Tensor&, const at::Tensor&,
+                       .typed<at::Tensor(const at::Tensor&, const at::Tensor&, const at::Tensor&,
+                                         const std::optional<at::Tensor>&, const std::optional<at::Tensor>&,
                                          const std::optional<at::Tensor>&, bool)>();
-  return op.call(input, mean, scale, shift, residual, relu);
+  return op.call(input, mean, invstd, weight, bias, residual, relu);
 }
 
 inline std::tuple<at::Tensor, at::Tensor> call_bn_backward_reduce(const at::Tensor& grad_out, const at::Tensor& output,

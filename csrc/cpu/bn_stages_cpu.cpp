@@ -14,9 +14,10 @@
 #include <algorithm>
 #include <vector>
 
-#include "common/bn_math.h"
-#include "common/checks.h"
 #include "bn_stage_args.h"
+#include "common/activation_layout.h"
+#include "common/arg_checks.h"
+#include "common/bn_math.h"
 
 namespace deeplab_ops {
 namespace {
@@ -24,13 +25,39 @@ namespace {
 constexpr int64_t kPlaneChunk = 4096;  // NCHW: values per (count, mean, M2) block
 constexpr int64_t kRowBlock = 64;      // NHWC: rows (pixels) per block
 
-bool is_nhwc(const at::Tensor& t) { return t.suggest_memory_format() == at::MemoryFormat::ChannelsLast; }
+// A per-channel vector or (P, C) matrix of any floating dtype, read and written as double through its strides:
+// the finalize stage's inputs and outputs are few values, in whatever dtype the caller keeps them.
+class ChannelValues {
+ public:
+  explicit ChannelValues(const at::Tensor& t)
+      : data_(t.data_ptr()), dtype_(t.scalar_type()), s0_(t.stride(0)), s1_(t.dim() > 1 ? t.stride(1) : 0) {
+    TORCH_CHECK(dtype_ == at::kFloat || dtype_ == at::kDouble || dtype_ == at::kHalf || dtype_ == at::kBFloat16,
+                "deeplab_ops: per-channel values must be a floating dtype, got ", dtype_);
+  }
+  double get(int64_t i, int64_t j = 0) const {
+    const int64_t k = i * s0_ + j * s1_;
+    switch (dtype_) {
+      case at::kFloat: return static_cast<const float*>(data_)[k];
+      case at::kDouble: return static_cast<const double*>(data_)[k];
+      case at::kHalf: return static_cast<double>(static_cast<const at::Half*>(data_)[k]);
+      default: return static_cast<double>(static_cast<const at::BFloat16*>(data_)[k]);
+    }
+  }
+  void set(int64_t i, double v) const {
+    const int64_t k = i * s0_;
+    switch (dtype_) {
+      case at::kFloat: static_cast<float*>(data_)[k] = static_cast<float>(v); break;
+      case at::kDouble: static_cast<double*>(data_)[k] = v; break;
+      case at::kHalf: static_cast<at::Half*>(data_)[k] = static_cast<at::Half>(static_cast<float>(v)); break;
+      default: static_cast<at::BFloat16*>(data_)[k] = static_cast<at::BFloat16>(static_cast<float>(v)); break;
+    }
+  }
 
-struct Geometry {
-  int64_t n, c, hw;
+ private:
+  void* data_;
+  at::ScalarType dtype_;
+  int64_t s0_, s1_;
 };
-
-Geometry geometry(const at::Tensor& t) { return {t.size(0), t.size(1), t.size(2) * t.size(3)}; }
 
 // Welford partial of a contiguous run of `len` values, by two passes.
 template <typename scalar_t, typename acc_t>
@@ -50,10 +77,10 @@ std::tuple<at::Tensor, at::Tensor> bn_stats_cpu(const at::Tensor& input_) {
   check_activation(input_, "input");
   const auto mf = input_.suggest_memory_format();
   const at::Tensor input = as_kernel_layout(input_, mf);
-  const auto g = geometry(input);
-  const auto stat_dtype = opmath_dtype(input.scalar_type());
-  at::Tensor mean = at::empty({g.c}, input.options().dtype(stat_dtype));
-  at::Tensor m2 = at::empty({g.c}, input.options().dtype(stat_dtype));
+  const auto g = activation_shape(input);
+  const auto opmath = opmath_dtype(input.scalar_type());
+  at::Tensor mean = at::empty({g.c}, input.options().dtype(opmath));
+  at::Tensor m2 = at::empty({g.c}, input.options().dtype(opmath));
   if (g.n * g.hw == 0) {
     mean.fill_(NAN);
     m2.zero_();
@@ -61,10 +88,10 @@ std::tuple<at::Tensor, at::Tensor> bn_stats_cpu(const at::Tensor& input_) {
   }
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, input.scalar_type(), "bn_stats_cpu", [&] {
     using acc_t = at::acc_type<scalar_t, false>;
-    using stat_t = at::opmath_type<scalar_t>;
+    using op_t = at::opmath_type<scalar_t>;
     const scalar_t* x = input.const_data_ptr<scalar_t>();
-    stat_t* mean_p = mean.data_ptr<stat_t>();
-    stat_t* m2_p = m2.data_ptr<stat_t>();
+    op_t* mean_p = mean.data_ptr<op_t>();
+    op_t* m2_p = m2.data_ptr<op_t>();
     if (!is_nhwc(input)) {
       // One partial per (n, c) plane, then a merge over n per channel.
       std::vector<Welford<acc_t>> part(g.n * g.c);
@@ -82,8 +109,8 @@ std::tuple<at::Tensor, at::Tensor> bn_stats_cpu(const at::Tensor& input_) {
         for (int64_t c = begin; c < end; ++c) {
           Welford<acc_t> w = welford_empty<acc_t>();
           for (int64_t n = 0; n < g.n; ++n) w = welford_merge(w, part[n * g.c + c]);
-          mean_p[c] = static_cast<stat_t>(w.mean);
-          m2_p[c] = static_cast<stat_t>(w.m2);
+          mean_p[c] = static_cast<op_t>(w.mean);
+          m2_p[c] = static_cast<op_t>(w.m2);
         }
       });
     } else {
@@ -120,8 +147,8 @@ std::tuple<at::Tensor, at::Tensor> bn_stats_cpu(const at::Tensor& input_) {
             const int64_t cnt = std::min(rows, (b + 1) * kRowBlock) - b * kRowBlock;
             w = welford_merge(w, Welford<acc_t>{static_cast<acc_t>(cnt), bmean[b * g.c + c], bm2[b * g.c + c]});
           }
-          mean_p[c] = static_cast<stat_t>(w.mean);
-          m2_p[c] = static_cast<stat_t>(w.m2);
+          mean_p[c] = static_cast<op_t>(w.mean);
+          m2_p[c] = static_cast<op_t>(w.m2);
         }
       });
     }
@@ -129,57 +156,59 @@ std::tuple<at::Tensor, at::Tensor> bn_stats_cpu(const at::Tensor& input_) {
   return {mean, m2};
 }
 
-std::tuple<at::Tensor, at::Tensor> bn_finalize_cpu(const at::Tensor& count, const at::Tensor& mean,
-                                                   const at::Tensor& m2,
-                                                   const std::optional<at::Tensor>& running_mean,
-                                                   const std::optional<at::Tensor>& running_var, double momentum,
-                                                   double eps) {
-  check_finalize_args(count, mean, m2, running_mean, running_var);
-  const int64_t parts = mean.size(0), channels = mean.size(1);
-  const auto stat_dtype = mean.scalar_type();
-  const at::Tensor cnt = count.to(at::kDouble).contiguous();
-  const at::Tensor mu = mean.to(at::kDouble).contiguous();
-  const at::Tensor sq = m2.to(at::kDouble).contiguous();
-  const bool update = running_mean.has_value() && running_mean->defined();
-  at::Tensor rm, rv;
-  if (update) {
-    rm = running_mean->to(at::kDouble).contiguous();
-    rv = running_var->to(at::kDouble).contiguous();
-  }
-  at::Tensor save_mean = at::empty({channels}, mean.options().dtype(at::kDouble));
-  at::Tensor save_invstd = at::empty({channels}, mean.options().dtype(at::kDouble));
-  const double* cp = cnt.const_data_ptr<double>();
-  const double* mp = mu.const_data_ptr<double>();
-  const double* sp = sq.const_data_ptr<double>();
-  double* om = save_mean.data_ptr<double>();
-  double* oi = save_invstd.data_ptr<double>();
-  double* rmp = update ? rm.data_ptr<double>() : nullptr;
-  double* rvp = update ? rv.data_ptr<double>() : nullptr;
-  at::parallel_for(0, channels, 64, [&](int64_t begin, int64_t end) {
-    for (int64_t c = begin; c < end; ++c) {
-      Welford<double> w = welford_empty<double>();
-      for (int64_t p = 0; p < parts; ++p) w = welford_merge(w, Welford<double>{cp[p], mp[p * channels + c], sp[p * channels + c]});
-      const Finalized<double> f =
-          bn_finalize_channel<double>(w, update ? rmp[c] : 0.0, update ? rvp[c] : 0.0, momentum, eps);
-      om[c] = f.mean;
-      oi[c] = f.invstd;
-      if (update) {
-        rmp[c] = f.running_mean;
-        rvp[c] = f.running_var;
-      }
+// In double whatever the storage dtype, exactly as the CUDA kernel: merge, finalize, write.
+void bn_finalize_cpu(const std::optional<at::Tensor>& mean, const std::optional<at::Tensor>& m2,
+                     const std::optional<at::Tensor>& counts, double count,
+                     const std::optional<at::Tensor>& running_mean, const std::optional<at::Tensor>& running_var,
+                     double momentum, double eps, const at::Tensor& save_mean, const at::Tensor& save_invstd,
+                     const at::Tensor& new_running_mean, const at::Tensor& new_running_var) {
+  check_finalize_args(mean, m2, counts, count, running_mean, running_var, save_mean, save_invstd, new_running_mean,
+                      new_running_var);
+  const int64_t channels = save_mean.size(0);
+  const bool training = present(mean);
+  const bool update = training && present(running_mean);
+  const ChannelValues out_mean(save_mean), out_invstd(save_invstd);
+  if (!training) {
+    const ChannelValues rm(*running_mean), rv(*running_var);
+    for (int64_t c = 0; c < channels; ++c) {
+      out_mean.set(c, rm.get(c));
+      out_invstd.set(c, 1.0 / std::sqrt(rv.get(c) + eps));
     }
-  });
-  if (update) {
-    running_mean->copy_(rm);
-    running_var->copy_(rv);
+    return;
   }
-  return {save_mean.to(stat_dtype), save_invstd.to(stat_dtype)};
+  const bool parted = mean->dim() == 2;
+  const int64_t parts = parted ? mean->size(0) : 1;
+  const ChannelValues mu(*mean), sq(*m2);
+  std::optional<ChannelValues> cnt;
+  if (parted) cnt.emplace(*counts);
+  std::optional<ChannelValues> rm, rv, new_rm, new_rv;
+  if (update) {
+    rm.emplace(*running_mean);
+    rv.emplace(*running_var);
+    new_rm.emplace(new_running_mean);
+    new_rv.emplace(new_running_var);
+  }
+  for (int64_t c = 0; c < channels; ++c) {
+    Welford<double> w = welford_empty<double>();
+    for (int64_t p = 0; p < parts; ++p) {
+      w = welford_merge(w, parted ? Welford<double>{cnt->get(p), mu.get(p, c), sq.get(p, c)}
+                                  : Welford<double>{count, mu.get(c), sq.get(c)});
+    }
+    const Finalized<double> f =
+        bn_finalize_channel<double>(w, update ? rm->get(c) : 0.0, update ? rv->get(c) : 0.0, momentum, eps);
+    out_mean.set(c, f.mean);
+    out_invstd.set(c, f.invstd);
+    if (update) {
+      new_rm->set(c, f.running_mean);
+      new_rv->set(c, f.running_var);
+    }
+  }
 }
 
 // Element-wise passes: NCHW walks (n, c) planes with per-plane scalars; NHWC walks rows with the
 // channel loop innermost. `body(x_offset, c)` is called once per element.
 template <typename F>
-void for_each_element(const Geometry& g, bool nhwc, const F& body) {
+void for_each_element(const ActivationShape& g, bool nhwc, const F& body) {
   if (!nhwc) {
     at::parallel_for(0, g.n * g.c, std::max<int64_t>(1, 32768 / std::max<int64_t>(g.hw, 1)),
                      [&](int64_t begin, int64_t end) {
@@ -200,26 +229,33 @@ void for_each_element(const Geometry& g, bool nhwc, const F& body) {
   }
 }
 
-at::Tensor bn_apply_cpu(const at::Tensor& input_, const at::Tensor& mean, const at::Tensor& scale,
-                        const at::Tensor& shift, const std::optional<at::Tensor>& residual_, bool relu) {
-  check_apply_args(input_, mean, scale, shift, residual_);
+at::Tensor bn_apply_cpu(const at::Tensor& input_, const at::Tensor& mean, const at::Tensor& invstd,
+                        const std::optional<at::Tensor>& weight, const std::optional<at::Tensor>& bias,
+                        const std::optional<at::Tensor>& residual_, bool relu) {
+  check_apply_args(input_, mean, invstd, weight, bias, residual_);
   const auto mf = input_.suggest_memory_format();
   const at::Tensor input = as_kernel_layout(input_, mf);
-  const bool has_res = residual_.has_value() && residual_->defined();
+  const bool has_res = present(residual_);
   const at::Tensor residual = has_res ? as_kernel_layout(*residual_, mf) : at::Tensor();
-  at::Tensor out = at::empty_like(input, input.options(), mf);
-  const auto g = geometry(input);
-  const auto stat_dtype = opmath_dtype(input.scalar_type());
-  const at::Tensor mu = channel_vector(mean, stat_dtype), sc = channel_vector(scale, stat_dtype),
-                   sh = channel_vector(shift, stat_dtype);
+  at::Tensor out = at::empty(input.sizes(), input.options().memory_format(mf));
+  const auto g = activation_shape(input);
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, input.scalar_type(), "bn_apply_cpu", [&] {
     using op_t = at::opmath_type<scalar_t>;
+    // scale = weight * invstd and shift = bias per channel, in op_t as the CUDA kernel computes them.
+    const ChannelValues mu(mean), is(invstd);
+    std::optional<ChannelValues> wt, bs;
+    if (present(weight)) wt.emplace(*weight);
+    if (present(bias)) bs.emplace(*bias);
+    std::vector<op_t> mp(g.c), sp(g.c), hp(g.c);
+    for (int64_t c = 0; c < g.c; ++c) {
+      mp[c] = static_cast<op_t>(mu.get(c));
+      const op_t inv = static_cast<op_t>(is.get(c));
+      sp[c] = wt ? static_cast<op_t>(wt->get(c)) * inv : inv;
+      hp[c] = bs ? static_cast<op_t>(bs->get(c)) : op_t(0);
+    }
     const scalar_t* x = input.const_data_ptr<scalar_t>();
     const scalar_t* r = has_res ? residual.const_data_ptr<scalar_t>() : nullptr;
     scalar_t* z = out.data_ptr<scalar_t>();
-    const op_t* mp = mu.const_data_ptr<op_t>();
-    const op_t* sp = sc.const_data_ptr<op_t>();
-    const op_t* hp = sh.const_data_ptr<op_t>();
     for_each_element(g, is_nhwc(input), [&](int64_t i, int64_t c) {
       op_t v = bn_affine<op_t>(static_cast<op_t>(x[i]), mp[c], sp[c], hp[c]);
       if (r != nullptr) v += static_cast<op_t>(r[i]);
@@ -237,20 +273,20 @@ std::tuple<at::Tensor, at::Tensor> bn_backward_reduce_cpu(const at::Tensor& grad
   const at::Tensor input = as_kernel_layout(input_, mf);
   const at::Tensor grad_out = as_kernel_layout(grad_out_, mf);
   const at::Tensor output = as_kernel_layout(output_, mf);
-  const auto g = geometry(input);
-  const auto stat_dtype = opmath_dtype(input.scalar_type());
-  const at::Tensor mu = channel_vector(mean, stat_dtype), is = channel_vector(invstd, stat_dtype);
-  at::Tensor sum_g = at::zeros({g.c}, input.options().dtype(stat_dtype));
-  at::Tensor sum_gx = at::zeros({g.c}, input.options().dtype(stat_dtype));
+  const auto g = activation_shape(input);
+  const auto opmath = opmath_dtype(input.scalar_type());
+  const at::Tensor mu = opmath_channel_vector(mean, opmath), is = opmath_channel_vector(invstd, opmath);
+  at::Tensor sum_g = at::zeros({g.c}, input.options().dtype(opmath));
+  at::Tensor sum_gx = at::zeros({g.c}, input.options().dtype(opmath));
   if (g.n * g.hw == 0) return {sum_g, sum_gx};
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, input.scalar_type(), "bn_backward_reduce_cpu", [&] {
     using acc_t = at::acc_type<scalar_t, false>;
-    using stat_t = at::opmath_type<scalar_t>;
+    using op_t = at::opmath_type<scalar_t>;
     const scalar_t* y = input.const_data_ptr<scalar_t>();
     const scalar_t* dz = grad_out.const_data_ptr<scalar_t>();
     const scalar_t* z = output.const_data_ptr<scalar_t>();
-    const stat_t* mp = mu.const_data_ptr<stat_t>();
-    const stat_t* ip = is.const_data_ptr<stat_t>();
+    const op_t* mp = mu.const_data_ptr<op_t>();
+    const op_t* ip = is.const_data_ptr<op_t>();
     // Partials: one per (n, c) plane for NCHW, one per (row block, c) for NHWC; then summed per channel.
     const bool nhwc = is_nhwc(input);
     const int64_t rows = g.n * g.hw;
@@ -288,8 +324,8 @@ std::tuple<at::Tensor, at::Tensor> bn_backward_reduce_cpu(const at::Tensor& grad
         }
       });
     }
-    stat_t* og = sum_g.data_ptr<stat_t>();
-    stat_t* ogx = sum_gx.data_ptr<stat_t>();
+    op_t* og = sum_g.data_ptr<op_t>();
+    op_t* ogx = sum_gx.data_ptr<op_t>();
     at::parallel_for(0, g.c, 16, [&](int64_t begin, int64_t end) {
       for (int64_t c = begin; c < end; ++c) {
         acc_t sg = 0, sgx = 0;
@@ -297,9 +333,9 @@ std::tuple<at::Tensor, at::Tensor> bn_backward_reduce_cpu(const at::Tensor& grad
           sg += pg[p * g.c + c];
           sgx += pgx[p * g.c + c];
         }
-        og[c] = static_cast<stat_t>(sg);
+        og[c] = static_cast<op_t>(sg);
         // sum(g * xhat) = invstd * sum(g * (y - mean)): one multiply per channel, not per element.
-        ogx[c] = static_cast<stat_t>(sgx * static_cast<acc_t>(ip[c]));
+        ogx[c] = static_cast<op_t>(sgx * static_cast<acc_t>(ip[c]));
       }
     });
   });
@@ -316,22 +352,34 @@ at::Tensor bn_backward_dy_cpu(const at::Tensor& grad_out_, const at::Tensor& out
   const at::Tensor input = as_kernel_layout(input_, mf);
   const at::Tensor grad_out = as_kernel_layout(grad_out_, mf);
   const at::Tensor output = as_kernel_layout(output_, mf);
-  const auto g = geometry(input);
-  const auto stat_dtype = opmath_dtype(input.scalar_type());
-  const at::Tensor coef = dy_coefficients(mean, invstd, weight, sum_g, sum_g_xhat, count, training, g.c, stat_dtype);
-  at::Tensor dy = at::empty_like(input, input.options(), mf);
+  const auto g = activation_shape(input);
+  check_dy_args(input, weight, sum_g, sum_g_xhat, count, training);
+  at::Tensor dy = at::empty(input.sizes(), input.options().memory_format(mf));
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, input.scalar_type(), "bn_backward_dy_cpu", [&] {
     using op_t = at::opmath_type<scalar_t>;
+    // Per-channel coefficients (common/bn_math.h dy_coef), in op_t as the CUDA kernel computes them.
+    const ChannelValues mu(mean), is(invstd);
+    std::optional<ChannelValues> wt, sg, sgx;
+    if (present(weight)) wt.emplace(*weight);
+    if (training) {
+      sg.emplace(*sum_g);
+      sgx.emplace(*sum_g_xhat);
+    }
+    std::vector<op_t> mp(g.c);
+    std::vector<DyCoef<op_t>> cf(g.c);
+    for (int64_t c = 0; c < g.c; ++c) {
+      mp[c] = static_cast<op_t>(mu.get(c));
+      cf[c] = dy_coef<op_t>(wt ? static_cast<op_t>(wt->get(c)) : op_t(1), static_cast<op_t>(is.get(c)),
+                            training ? static_cast<op_t>(sg->get(c)) : op_t(0),
+                            training ? static_cast<op_t>(sgx->get(c)) : op_t(0), static_cast<op_t>(count), training);
+    }
     const scalar_t* y = input.const_data_ptr<scalar_t>();
     const scalar_t* dz = grad_out.const_data_ptr<scalar_t>();
     const scalar_t* z = output.const_data_ptr<scalar_t>();
     scalar_t* o = dy.data_ptr<scalar_t>();
-    const op_t* cf = coef.const_data_ptr<op_t>();  // (4, C): mean, k, a, b
-    const int64_t C = g.c;
     for_each_element(g, is_nhwc(input), [&](int64_t i, int64_t c) {
-      const DyCoef<op_t> dc{cf[C + c], cf[2 * C + c], cf[3 * C + c]};
       const op_t gi = act_grad<op_t>(static_cast<op_t>(dz[i]), static_cast<op_t>(z[i]), relu);
-      o[i] = static_cast<scalar_t>(bn_dy<op_t>(gi, static_cast<op_t>(y[i]), cf[c], dc));
+      o[i] = static_cast<scalar_t>(bn_dy<op_t>(gi, static_cast<op_t>(y[i]), mp[c], cf[c]));
     });
   });
   return dy;

@@ -1,4 +1,4 @@
-// Argument checks at the C++ boundary. The Python front door (deeplab_ops/ops/) validates first with
+// Argument checks at the C++ boundary, naming the argument, its value and what was expected. The Python front door (deeplab_ops/ops/) validates first with
 // friendlier messages; these guard direct torch.ops calls against out-of-bounds memory access.
 #pragma once
 
@@ -29,22 +29,6 @@ namespace deeplab_ops {
 
 inline void check_activation(const at::Tensor& t, const char* name) {
   TORCH_CHECK(t.dim() == 4, "deeplab_ops: ", name, " must be a 4-D (N, C, H, W) tensor, got shape ", t.sizes());
-}
-
-// The dtype of per-channel statistics for activations of dtype `t`.
-inline at::ScalarType opmath_dtype(at::ScalarType t) {
-  return t == at::kDouble ? at::kDouble : at::kFloat;
-}
-
-// NCHW-contiguous or channels_last-contiguous copy (no copy when already so): the kernels handle
-// exactly these two layouts.
-inline at::Tensor as_kernel_layout(const at::Tensor& t, at::MemoryFormat mf) {
-  return t.contiguous(mf);
-}
-
-// A per-channel vector in the opmath dtype, contiguous, on `ref`'s device.
-inline at::Tensor channel_vector(const at::Tensor& t, at::ScalarType dtype) {
-  return t.to(dtype).contiguous();
 }
 
 }  // namespace deeplab_ops
