@@ -91,7 +91,9 @@ def _signature(t: Tensor | None) -> tuple | None:
 
 def _evict(key: tuple) -> None:
     with _DERIVED_LOCK:
-        _DERIVED.pop(key, None)
+        entry = _DERIVED.pop(key, None)
+    # Freed outside the lock: a derived tensor may itself be the source of another entry, whose finalizer evicts.
+    del entry
 
 
 def derived(tag, sources, build):
@@ -110,8 +112,10 @@ def derived(tag, sources, build):
     _DERIVED_STATS["misses"] += 1
     value = build()
     with _DERIVED_LOCK:
-        fresh = key not in _DERIVED
+        old = _DERIVED.get(key)
         _DERIVED[key] = (sig, value)
+    fresh = old is None
+    del old  # freed outside the lock (see _evict)
     if fresh:
         for t in live:
             weakref.finalize(t, _evict, key)
@@ -126,4 +130,6 @@ def derived_cache_info() -> dict[str, int]:
 def clear_derived() -> None:
     """Drop every cached derivative: after writing parameters through `.data`, or to free the memory."""
     with _DERIVED_LOCK:
+        entries = dict(_DERIVED)
         _DERIVED.clear()
+    del entries  # freed outside the lock (see _evict)

@@ -118,22 +118,25 @@ def test_stage_ops_match_reference(shape, dtype, channels_last):
     pm, pm2 = torch.randn(3, c, dtype=dtype), torch.rand(3, c, dtype=dtype) * 10
     rm, rv = torch.randn(c, dtype=dtype), torch.rand(c, dtype=dtype) + 0.5
     rm_ref, rv_ref = rm.double(), rv.double()
-    fm, fi = ops.bn_finalize(counts, pm, pm2, rm, rv, 0.3, 1e-5)
+    fm, fi, nrm, nrv = (torch.empty(c, dtype=dtype) for _ in range(4))
+    ops.bn_finalize(pm, pm2, counts, 0.0, rm, rv, 0.3, 1e-5, fm, fi, nrm, nrv)  # running stats: out of place
     em, ei = reference.bn_finalize(counts, pm, pm2, rm_ref, rv_ref, 0.3, 1e-5)
-    for a, b, what in ((fm, em, "mean"), (fi, ei, "invstd"), (rm, rm_ref, "running_mean"), (rv, rv_ref, "running_var")):
+    for a, b, what in ((fm, em, "mean"), (fi, ei, "invstd"), (nrm, rm_ref, "running_mean"),
+                       (nrv, rv_ref, "running_var")):
         assert_close(a, b, f"bn_finalize {what}", atol, atol)
 
-    scale, shift = torch.randn(c, dtype=dtype), torch.randn(c, dtype=dtype)
+    gamma, beta = torch.randn(c, dtype=dtype), torch.randn(c, dtype=dtype)
+    invstd = torch.rand(c, dtype=dtype) + 0.1
+    scale = gamma * invstd
     res = torch.randn(shape, dtype=dtype).contiguous(memory_format=mf)
     for residual in (None, res):
         for relu in (False, True):
-            z = ops.bn_apply(y, mean, scale, shift, residual, relu)
+            z = ops.bn_apply(y, mean, invstd, gamma, beta, residual, relu)
             assert z.is_contiguous(memory_format=mf)
-            assert_close(z, reference.bn_apply(y, mean, scale, shift, residual, relu), "bn_apply", atol, atol)
+            assert_close(z, reference.bn_apply(y, mean, scale, beta, residual, relu), "bn_apply", atol, atol)
 
-    z = ops.bn_apply(y, mean, scale, shift, res, True)
+    z = ops.bn_apply(y, mean, invstd, gamma, beta, res, True)
     dz = torch.randn(shape, dtype=dtype).contiguous(memory_format=mf)
-    invstd = torch.rand(c, dtype=dtype) + 0.1
     for relu in (False, True):
         sg, sgx = ops.bn_backward_reduce(dz, z, y, mean, invstd, relu)
         esg, esgx = reference.bn_backward_reduce(dz, z, y, mean, invstd, relu)
@@ -141,7 +144,7 @@ def test_stage_ops_match_reference(shape, dtype, channels_last):
         assert_close(sgx, esgx, "sum_g_xhat", atol, atol)
         count = float(shape[0] * shape[2] * shape[3])
         for training in (True, False):
-            for weight in (None, scale):
+            for weight in (None, gamma):
                 dy = ops.bn_backward_dy(dz, z, y, mean, invstd, weight, sg, sgx, count, relu, training)
                 edy = reference.bn_backward_dy(dz, z, y, mean, invstd, weight, esg, esgx, count, relu, training)
                 assert dy.is_contiguous(memory_format=mf)
@@ -153,7 +156,7 @@ def test_relu_propagates_nan_like_torch():
     y[0, 1, 2, 3] = float("nan")
     y[1, 2, 0, 0] = float("inf")
     c = y.shape[1]
-    z = ops.bn_apply(y, torch.zeros(c), torch.ones(c), torch.zeros(c), None, True)
+    z = ops.bn_apply(y, torch.zeros(c), torch.ones(c), None, None, None, True)
     expected = torch.relu(y)
     assert torch.equal(z.isnan(), expected.isnan())
     assert_close(z, expected, "relu with nan/inf", 0, 0)
@@ -169,7 +172,7 @@ def _forward_args(case: Case, requires_grad=True):
             if t is not None:
                 t.requires_grad_()
     p, d, s = [case.pad] * 2, [case.dilation] * 2, [case.stride] * 2
-    return (x, w, g, b, rm, rv, s, p, d, case.training, 0.1, 1e-5, res, case.relu)
+    return (x, w, g, b, rm, rv, s, p, d, case.training, 0.1, 1e-5, res, case.relu, None, False)
 
 
 OPCHECK_CASES = [Case(2, 3, 7, 6, 4, residual=True), Case(2, 3, 7, 6, 4, dilation=2, channels_last=True),
@@ -193,13 +196,15 @@ def test_opcheck_stage_ops():
     c = 5
     mean, m2 = ops.bn_stats(y)
     invstd = torch.rand(c) + 0.5
-    z = ops.bn_apply(y, mean, invstd, torch.randn(c), None, True)
+    z = ops.bn_apply(y, mean, invstd, torch.randn(c), torch.randn(c), None, True)
     dz = torch.randn_like(y)
     sg, sgx = ops.bn_backward_reduce(dz, z, y, mean, invstd, True)
     torch.library.opcheck(ops.bn_stats.default, (y,))
-    torch.library.opcheck(ops.bn_finalize.default, (torch.tensor([24.0]), mean[None], m2[None], torch.zeros(c),
-                                                    torch.ones(c), 0.1, 1e-5))
-    torch.library.opcheck(ops.bn_apply.default, (y, mean, invstd, torch.randn(c), torch.randn_like(y), True))
+    outs = tuple(torch.empty(c) for _ in range(4))
+    torch.library.opcheck(ops.bn_finalize.default, (mean[None], m2[None], torch.tensor([24.0]), 0.0, torch.zeros(c),
+                                                    torch.ones(c), 0.1, 1e-5, *outs))
+    torch.library.opcheck(ops.bn_apply.default, (y, mean, invstd, torch.randn(c), torch.randn(c), torch.randn_like(y),
+                                                 True))
     torch.library.opcheck(ops.bn_backward_reduce.default, (dz, z, y, mean, invstd, True))
     torch.library.opcheck(ops.bn_backward_dy.default, (dz, z, y, mean, invstd, torch.rand(c), sg, sgx, 24.0, True,
                                                        True))

@@ -16,13 +16,13 @@ def _bn_stats_fake(input):
 
 
 @torch.library.register_fake("deeplab_ops::bn_finalize")
-def _bn_finalize_fake(count, mean, m2, running_mean, running_var, momentum, eps):
-    c = mean.shape[1]
-    return mean.new_empty((c,)), mean.new_empty((c,))
+def _bn_finalize_fake(mean, m2, counts, count, running_mean, running_var, momentum, eps, save_mean, save_invstd,
+                      new_running_mean, new_running_var):
+    return None  # writes into the four output buffers the caller allocated
 
 
 @torch.library.register_fake("deeplab_ops::bn_apply")
-def _bn_apply_fake(input, mean, scale, shift, residual, relu):
+def _bn_apply_fake(input, mean, invstd, weight, bias, residual, relu):
     return empty_activation(input)
 
 
