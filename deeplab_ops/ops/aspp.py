@@ -15,7 +15,7 @@ import torch
 
 from deeplab_ops import backends, reference
 from deeplab_ops.common import FLOAT_DTYPES, HALF_DTYPES, empty_activation, opmath_dtype
-from deeplab_ops.ops.conv_bn_relu import _group_name
+from deeplab_ops.ops.dispatch import below_autograd, group_name_of
 
 Tensor = torch.Tensor
 _ops = torch.ops.deeplab_ops
@@ -117,7 +117,7 @@ def _make_backward(backend: str):
             _, branch, pool_pre, proj, _, _, _, _ = forward_op(
                 x, conv_ws, pool_w, proj_w, bn_w, bn_b, rm, rv, list(rates), training, momentum, eps, group_name,
                 False)
-        gx, gconv, gpool, gproj, gbw, gbb = backward_op(
+        gx, gconv, gpool, gproj, gbw, gbb = below_autograd(backward_op)(
             grad_out, x, conv_ws, pool_w, proj_w, bn_w, bn_b, branch, pool_pre, proj, out, mean, invstd,
             list(rates), training, mask, group_name,
         )
@@ -302,7 +302,7 @@ def aspp(
                        running_vars, rates, training, momentum, eps)
     if memory_efficient is not False and memory_efficient is not True:
         raise TypeError(f"memory_efficient must be a bool, got {memory_efficient!r}")
-    group_name = _group_name(process_group) if training and process_group is not None else None
+    group_name = group_name_of(process_group) if training and process_group is not None else None
     name = backends.resolve(backend, "aspp", x.device, x=x, rates=rates, channels=conv_weights[0].shape[0],
                             synchronized=group_name is not None)
     if name == "reference":

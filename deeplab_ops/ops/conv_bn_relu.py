@@ -23,6 +23,7 @@ from deeplab_ops.common import (
     opmath_dtype,
     pair,
 )
+from deeplab_ops.ops.dispatch import below_autograd, group_name_of
 
 Tensor = torch.Tensor
 _ops = torch.ops.deeplab_ops
@@ -239,8 +240,8 @@ def _make_backward(backend: str):
         if memory_efficient:
             reads_y = training or mask[2]
             conv_out = conv_op(x, weight, None, None, stride, padding, dilation, False) if reads_y else out
-        gx, gw, gg, gb, gr = backward_op(grad_out, x, weight, bn_weight, conv_out, out, mean, invstd, stride, padding,
-                                         dilation, training, relu, mask, group_name)
+        gx, gw, gg, gb, gr = below_autograd(backward_op)(grad_out, x, weight, bn_weight, conv_out, out, mean, invstd,
+                                                         stride, padding, dilation, training, relu, mask, group_name)
         w_dtype, b_dtype = ctx.param_dtypes
         if gg is not None and gg.dtype != w_dtype:
             gg = gg.to(w_dtype)
@@ -349,7 +350,7 @@ def conv_bn_relu(
     )
     if memory_efficient is not False and memory_efficient is not True:
         raise TypeError(f"memory_efficient must be a bool, got {memory_efficient!r}")
-    group_name = _group_name(process_group) if training and process_group is not None else None
+    group_name = group_name_of(process_group) if training and process_group is not None else None
     name = backends.resolve(backend, "conv_bn_relu", x.device, x=x, weight=weight, stride=stride, padding=padding,
                             dilation=dilation, synchronized=group_name is not None)
     if name == "reference":
@@ -377,12 +378,3 @@ def conv_bn_relu(
             running_mean.copy_(new_rm)
             running_var.copy_(new_rv)
     return out
-
-
-def _group_name(process_group) -> str | None:
-    """The name of `process_group` when it has more than one process (None: nothing to synchronize)."""
-    import torch.distributed as dist
-
-    if not dist.is_available() or not dist.is_initialized() or dist.get_world_size(process_group) <= 1:
-        return None
-    return process_group.group_name

@@ -23,6 +23,7 @@ import torch
 
 from deeplab_ops import backends, reference
 from deeplab_ops.common import opmath_dtype
+from deeplab_ops.ops.dispatch import below_autograd
 
 Tensor = torch.Tensor
 _ops = torch.ops.deeplab_ops
@@ -128,7 +129,8 @@ def _make_backward(backward_op):
             return None, None, None, None, None
         logits, target, lse, count = ctx.saved_tensors
         ignore_index, align_corners, reduction = ctx.conf
-        grad = backward_op(grad_loss, logits, target, lse, count, ignore_index, align_corners, reduction)
+        grad = below_autograd(backward_op)(grad_loss, logits, target, lse, count, ignore_index, align_corners,
+                                           reduction)
         return grad, None, None, None, None
 
     return backward
