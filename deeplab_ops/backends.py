@@ -16,16 +16,11 @@ import os
 import torch
 
 from deeplab_ops import _extension
-from deeplab_ops.common import HALF_DTYPES, INT32_MAX, conv_output_size
+from deeplab_ops.common import HALF_DTYPES, INT32_MAX, conv_output_size, interpreter_active
 
 BACKENDS = ("reference", "cpu", "cuda", "triton")
 OPS = ("conv_bn_relu", "aspp", "upsample_cross_entropy")
 ENV_VAR = "DEEPLAB_OPS_BACKEND"
-
-
-def interpreter_active() -> bool:
-    """Whether Triton kernels run in the interpreter (TRITON_INTERPRET=1), on CPU tensors."""
-    return os.environ.get("TRITON_INTERPRET", "0") not in ("", "0")
 
 
 @functools.cache

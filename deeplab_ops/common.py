@@ -5,6 +5,7 @@ and nn (this module imports none of them).
 from __future__ import annotations
 
 import numbers
+import os
 import threading
 import weakref
 
@@ -16,6 +17,11 @@ Tensor = torch.Tensor
 INT32_MAX = 2**31 - 1
 HALF_DTYPES = (torch.float16, torch.bfloat16)
 FLOAT_DTYPES = (torch.float32, torch.float64, torch.float16, torch.bfloat16)
+
+
+def interpreter_active() -> bool:
+    """Whether Triton kernels run in the interpreter (TRITON_INTERPRET=1), on CPU tensors."""
+    return os.environ.get("TRITON_INTERPRET", "0") not in ("", "0")
 
 
 def opmath_dtype(dtype: torch.dtype) -> torch.dtype:

@@ -105,13 +105,14 @@ def test_direct_op_calls_are_checked_in_cpp():
     """Calls that bypass the Python front door still get an error, not an out-of-bounds access."""
     y = torch.randn(2, 3, 4, 4)
     with pytest.raises(RuntimeError, match="mean must be a 1-D tensor of 3 values"):
-        ops.bn_apply(y, torch.zeros(2), torch.ones(3), torch.zeros(3), None, True)
+        ops.bn_apply(y, torch.zeros(2), torch.ones(3), None, None, None, True)
     with pytest.raises(RuntimeError, match="residual must have shape"):
-        ops.bn_apply(y, torch.zeros(3), torch.ones(3), torch.zeros(3), torch.randn(2, 3, 4, 5), True)
+        ops.bn_apply(y, torch.zeros(3), torch.ones(3), None, None, torch.randn(2, 3, 4, 5), True)
     with pytest.raises(RuntimeError, match="input must be a 4-D"):
         ops.bn_stats(torch.randn(3, 4))
-    with pytest.raises(RuntimeError, match="count must have shape"):
-        ops.bn_finalize(torch.ones(2), torch.zeros(1, 3), torch.zeros(1, 3), None, None, 0.1, 1e-5)
+    with pytest.raises(RuntimeError, match=r"partials need counts of shape \(1,\)"):
+        ops.bn_finalize(torch.zeros(1, 3), torch.zeros(1, 3), torch.ones(2), 0.0, None, None, 0.1, 1e-5,
+                        *(torch.empty(3) for _ in range(4)))
     with pytest.raises(RuntimeError, match="weight expects 5 input channels"):
         ops.conv_bn_relu_forward(y, torch.randn(3, 5, 1, 1), None, None, None, None, [1, 1], [0, 0], [1, 1], True,
                                  0.1, 1e-5, None, True)

@@ -17,7 +17,7 @@ import torch
 import triton
 import triton.language as tl
 
-from deeplab_ops.triton import _interpreter_active as interpreter_active
+from deeplab_ops.common import interpreter_active
 from deeplab_ops.triton.launch import launch_kernel
 
 # ---- shared per-element math -------------------------------------------------------------------------

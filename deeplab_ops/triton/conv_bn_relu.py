@@ -14,7 +14,7 @@ import torch
 from torch._prims_common import suggest_memory_format
 
 from deeplab_ops.common import conv_output_size, from_nhwc, opmath_dtype, to_nhwc
-from deeplab_ops.triton import _interpreter_active
+from deeplab_ops.common import interpreter_active as _interpreter_active
 from deeplab_ops.triton.bn_kernels import (
     bn_apply,
     bn_backward_finalize,

@@ -13,7 +13,7 @@ import torch
 import triton
 import triton.language as tl
 
-from deeplab_ops.triton import _interpreter_active
+from deeplab_ops.common import interpreter_active as _interpreter_active
 from deeplab_ops.triton.bn_kernels import _act_grad, _bn_dy, _invstd, _relu, acc_dtype
 from deeplab_ops.triton.launch import KernelSpec, launch_kernel, prune_by_channels, run_tuned
 

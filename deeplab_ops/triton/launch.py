@@ -18,7 +18,9 @@ import triton
 import triton.testing
 from triton.runtime.errors import OutOfResources
 
-from deeplab_ops.triton import _COUNTERS, _interpreter_active, _record_launch
+from deeplab_ops.common import interpreter_active as _interpreter_active
+from deeplab_ops.triton.counting import _COUNTERS
+from deeplab_ops.triton.counting import record_launch as _record_launch
 
 
 def kernel_name(kernel) -> str:
