@@ -69,7 +69,8 @@ def _aspp_call(mode: str, backend: str = "cpu", memory_efficient: bool = False):
 def _census(call, params, triton: bool = False) -> dict:
     case = overhead_bench.Case(call, params, "", 1)
     for _ in range(2):  # warm-up: caches filled, nothing compiled or allocated for the first time below
-        overhead_bench._clear(params)
+        for p in params:
+            p.grad = None
         call()
     return overhead_bench.profile_calls(case, CPU, calls=3, triton=triton)
 
