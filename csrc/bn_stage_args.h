@@ -23,4 +23,9 @@ void check_dy_args(const at::Tensor& input, const std::optional<at::Tensor>& wei
                    const std::optional<at::Tensor>& sum_g, const std::optional<at::Tensor>& sum_g_xhat, double count,
                    bool training);
 
+// The convolution arguments every conv composite takes: x 4-D, weight (C_out, x's C_in, kH, kW) on x's device and
+// dtype (groups = 1), stride/padding/dilation of two values with stride, dilation >= 1 and padding >= 0.
+void check_conv_geometry_args(const at::Tensor& x, const at::Tensor& weight, at::IntArrayRef stride,
+                              at::IntArrayRef padding, at::IntArrayRef dilation);
+
 }  // namespace deeplab_ops

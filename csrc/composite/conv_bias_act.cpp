@@ -16,20 +16,7 @@ namespace {
 
 void check_conv_bias_act_args(const at::Tensor& x, const at::Tensor& weight, const std::optional<at::Tensor>& bias,
                               at::IntArrayRef stride, at::IntArrayRef padding, at::IntArrayRef dilation) {
-  DLO_CHECK_ACTIVATION(x);
-  TORCH_CHECK(weight.dim() == 4, "deeplab_ops: weight must be 4-D (C_out, C_in, kH, kW), got shape ", weight.sizes());
-  TORCH_CHECK(weight.size(1) == x.size(1), "deeplab_ops: weight expects ", weight.size(1),
-              " input channels (groups=1) but x has ", x.size(1));
-  DLO_CHECK_SAME_DEVICE(weight, x);
-  DLO_CHECK_SAME_DTYPE(weight, x);
-  TORCH_CHECK(stride.size() == 2 && padding.size() == 2 && dilation.size() == 2,
-              "deeplab_ops: stride, padding and dilation must have two values each, got stride=", stride,
-              ", padding=", padding, ", dilation=", dilation);
-  for (int i = 0; i < 2; ++i) {
-    TORCH_CHECK(stride[i] >= 1, "deeplab_ops: stride must be >= 1, got ", stride);
-    TORCH_CHECK(dilation[i] >= 1, "deeplab_ops: dilation must be >= 1, got ", dilation);
-    TORCH_CHECK(padding[i] >= 0, "deeplab_ops: padding must be >= 0, got ", padding);
-  }
+  check_conv_geometry_args(x, weight, stride, padding, dilation);
   if (present(bias)) {
     DLO_CHECK_CHANNEL_VECTOR(*bias, weight.size(0));
     DLO_CHECK_SAME_DEVICE(*bias, x);
