@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from dataclasses import dataclass
+from pathlib import Path
 
 import torch
 
@@ -10,6 +11,7 @@ import deeplab_ops
 from deeplab_ops import reference
 
 CUDA = torch.cuda.is_available()
+ROOT = Path(__file__).resolve().parent.parent  # the repository root
 
 
 @dataclass(frozen=True)

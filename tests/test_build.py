@@ -9,11 +9,10 @@ import sys
 from pathlib import Path
 
 import pytest
+from helpers import ROOT
 
 import deeplab_ops
 from deeplab_ops import _extension
-
-ROOT = Path(__file__).resolve().parents[1]
 
 
 def _load_setup():

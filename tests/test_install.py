@@ -8,9 +8,9 @@ import os
 import subprocess
 import sys
 import textwrap
-from pathlib import Path
 
 import pytest
+from helpers import ROOT
 from packaging.requirements import Requirement
 
 try:
@@ -18,7 +18,6 @@ try:
 except ImportError:  # Python 3.10
     tomllib = pytest.importorskip("tomli")
 
-ROOT = Path(__file__).resolve().parent.parent
 INSTALL = "pip install --no-build-isolation -e ."
 # pyproject.toml writes `license = "BSD-3-Clause"` (an SPDX expression, PEP 639): setuptools reads that from 77 on;
 # older ones stop the install with a schema error about project.license.

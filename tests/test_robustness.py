@@ -13,6 +13,7 @@ import time
 import numpy as np
 import pytest
 import torch
+from helpers import ROOT as _ROOT
 from PIL import Image
 from test_training_loop import TinySeg, _cfg, _train_set
 from torch import nn
@@ -22,7 +23,7 @@ from training import checkpoint as ckpt_io
 from training import datasets, loop
 from training.transforms import TrainTransform
 
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+ROOT = str(_ROOT)
 CPU = torch.device("cpu")
 
 # ---- kill -9 while a checkpoint is being written -----------------------------------------------------------------

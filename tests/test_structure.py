@@ -7,8 +7,9 @@ import ast
 from pathlib import Path
 
 import pytest
+from helpers import ROOT
 
-PACKAGE = Path(__file__).resolve().parent.parent / "deeplab_ops"
+PACKAGE = ROOT / "deeplab_ops"
 
 
 def _module_name(path: Path) -> str:

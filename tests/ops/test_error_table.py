@@ -12,13 +12,14 @@ import re
 import numpy as np
 import pytest
 import torch
+from helpers import ROOT as _ROOT
 from PIL import Image
 from torch import nn
 
 import deeplab_ops
 from deeplab_ops.nn import FusedASPP, FusedConvBNReLU, check_fusable, fused_aspp_forward
 
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+ROOT = str(_ROOT)
 ops = torch.ops.deeplab_ops
 
 

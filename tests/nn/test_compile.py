@@ -7,14 +7,12 @@ import copy
 import os
 import subprocess
 import sys
-from pathlib import Path
 
 import pytest
 import torch
+from helpers import ROOT
 
 import model
-
-ROOT = Path(__file__).resolve().parent.parent
 
 
 def _tiny(memory_efficient: bool) -> torch.nn.Module:

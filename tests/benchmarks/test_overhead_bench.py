@@ -9,8 +9,9 @@ from pathlib import Path
 
 import pytest
 import torch
+from helpers import ROOT  # noqa: E402
 
-BENCH_DIR = Path(__file__).resolve().parent.parent / "benchmarks"
+BENCH_DIR = ROOT / "benchmarks"
 sys.path.insert(0, str(BENCH_DIR))
 
 import overhead_bench  # noqa: E402
