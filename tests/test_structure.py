@@ -1,5 +1,5 @@
 """The package's shape, checked from its source: imports run one way (common → kernels → ops → modules → fusion → nn),
-no import cycle, triton/ never imports the op layer, one autograd implementation per op, no autograd.Function."""
+no import cycle, triton/ never imports the op layer, one autograd implementation (one autograd.Function) per op."""
 
 from __future__ import annotations
 
@@ -7,6 +7,7 @@ import ast
 from pathlib import Path
 
 import pytest
+import torch
 from helpers import ROOT
 
 PACKAGE = ROOT / "deeplab_ops"
@@ -104,23 +105,48 @@ def test_triton_does_not_import_the_op_layer():
 
 def _calls(name: str, attr: str) -> list[ast.Call]:
     tree = ast.parse(MODULES[name].read_text())
-    return [n for n in ast.walk(tree) if isinstance(n, ast.Call) and isinstance(n.func, ast.Attribute)
-            and n.func.attr == attr]
+    return [n for n in ast.walk(tree) if isinstance(n, ast.Call) and (
+        (isinstance(n.func, ast.Attribute) and n.func.attr == attr) or (isinstance(n.func, ast.Name)
+                                                                         and n.func.id == attr))]
+
+
+def _autograd_functions(name: str) -> list[str]:
+    tree = ast.parse(MODULES[name].read_text())
+    return [node.name for node in ast.walk(tree) if isinstance(node, ast.ClassDef)
+            and {ast.unparse(b) for b in node.bases} & {"torch.autograd.Function", "autograd.Function", "Function"}]
 
 
 def test_one_autograd_per_op():
-    """register_autograd is called only in the op files, once per op file for its forward (in a loop over the
-    op's backend twins, with one backward implementation) and once for the backward (which refuses double
-    backward); no module defines a torch.autograd.Function."""
-    for name, path in MODULES.items():
-        tree = ast.parse(path.read_text())
-        for node in ast.walk(tree):
-            if isinstance(node, ast.ClassDef):
-                bases = {ast.unparse(b) for b in node.bases}
-                assert not bases & {"torch.autograd.Function", "autograd.Function", "Function"}, (
-                    f"{name}.{node.name} is an autograd.Function: autograd belongs to the op's one registration")
-        calls = _calls(name, "register_autograd")
-        if name in ("deeplab_ops.ops.conv_bn_relu", "deeplab_ops.ops.aspp", "deeplab_ops.ops.upsample_ce"):
-            assert len(calls) == 2, f"{name}: {len(calls)} register_autograd calls, expected 2 (forward, backward)"
+    """Each op file defines exactly one torch.autograd.Function (the op's autograd, saving policy and statistics
+    reducer included) and registers it once, through ops/dispatch.py's register_autograd_kernels, as the Autograd
+    kernel of both backend twins of its forward op; no other module defines an autograd.Function or registers an
+    Autograd kernel, and nothing uses torch.library.register_autograd."""
+    op_files = {n for n in MODULES if n.startswith("deeplab_ops.ops.") and n.rpartition(".")[2] in
+                ("conv_bn_relu", "aspp", "upsample_ce")}
+    assert len(op_files) == 3, sorted(op_files)
+    for name in MODULES:
+        functions = _autograd_functions(name)
+        registrations = _calls(name, "register_autograd_kernels")
+        assert not _calls(name, "register_autograd"), f"{name} calls torch.library.register_autograd"
+        autograd_impls = [c for c in _calls(name, "impl") if any(
+            isinstance(a, ast.Constant) and a.value == "Autograd" for a in c.args)]
+        if name in op_files:
+            assert len(functions) == 1, f"{name} defines {functions}: expected one autograd.Function"
+            assert len(registrations) == 1, f"{name}: {len(registrations)} register_autograd_kernels calls"
         else:
-            assert not calls, f"{name} registers autograd; only the op files do"
+            assert not functions, f"{name} defines {functions}: autograd belongs to the op files"
+            assert not registrations, f"{name} registers an op's autograd; only the op files do"
+        if name != "deeplab_ops.ops.dispatch":
+            assert not autograd_impls, f"{name} registers an Autograd kernel outside ops/dispatch.py"
+
+
+def test_autograd_kernels_registered_for_both_twins():
+    """At run time: every forward op, C++ and triton_ twin alike, has a Python Autograd kernel (the op's
+    Function), and the backward ops have one too (it refuses double backward)."""
+    import deeplab_ops  # noqa: F401  (registers the kernels)
+
+    for op in ("conv_bn_relu", "aspp", "upsample_cross_entropy"):
+        for prefix in ("", "triton_"):
+            for stage in ("forward", "backward"):
+                qual = f"deeplab_ops::{prefix}{op}_{stage}"
+                assert torch._C._dispatch_has_kernel_for_dispatch_key(qual, "Autograd"), qual

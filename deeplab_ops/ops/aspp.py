@@ -15,7 +15,7 @@ import torch
 
 from deeplab_ops import backends, reference
 from deeplab_ops.common import FLOAT_DTYPES, HALF_DTYPES, empty_activation, opmath_dtype
-from deeplab_ops.ops.dispatch import below_autograd, group_name_of
+from deeplab_ops.ops.dispatch import below_autograd, call_backward, group_name_of, register_autograd_kernels
 
 Tensor = torch.Tensor
 _ops = torch.ops.deeplab_ops
@@ -80,69 +80,84 @@ def _backward_fake(grad_out, x, conv_weights, pool_weight, project_weight, bn_we
 # The statistics reducer is the process group named by group_name (None: local).
 
 
-def _setup_context(ctx, inputs, output):
-    (x, conv_weights, pool_weight, project_weight, bn_weight, bn_bias, running_mean, running_var, rates, training,
-     momentum, eps, group_name, memory_efficient) = inputs
-    out, branch, pool_pre, proj, mean, invstd, new_rm, new_rv = output
-    ctx.mark_non_differentiable(branch, pool_pre, proj, mean, invstd, new_rm, new_rv)
-    if memory_efficient:
-        # Training normalizes with batch statistics: the recompute needs no running statistics (and must not
-        # update them). Eval normalizes with the running statistics, which the recompute reads again.
-        keep = (None, None, None, None, None) if training else (None, None, None, running_mean, running_var)
-    else:
-        keep = (branch, pool_pre, proj, None, None)
-    ctx.save_for_backward(x, pool_weight, project_weight, bn_weight, bn_bias, out, mean, invstd, *keep,
-                          *conv_weights)
-    ctx.conf = (tuple(rates), training, float(momentum), float(eps), group_name, memory_efficient)
+_DOUBLE_BACKWARD = "deeplab_ops.aspp does not support double backward; use backend='reference' for it"
+_FORWARD_BY_PREFIX = {"": FORWARD["cpu"], "triton_": FORWARD["triton"]}
+_BACKWARD_BY_PREFIX = {"": BACKWARD["cpu"], "triton_": BACKWARD["triton"]}
 
 
-def _make_backward(backend: str):
-    forward_op, backward_op = FORWARD[backend], BACKWARD[backend]
+class _ASPP(torch.autograd.Function):
+    """The Autograd kernel of aspp_forward and triton_aspp_forward (`prefix` picks the twin). The conv weights come
+    last, unpacked (autograd tracks tensors, not lists of them)."""
 
+    @staticmethod
+    def forward(ctx, prefix, x, pool_weight, project_weight, bn_weight, bn_bias, running_mean, running_var, rates,
+                training, momentum, eps, group_name, memory_efficient, *conv_weights):
+        result = below_autograd(_FORWARD_BY_PREFIX[prefix], x, list(conv_weights), pool_weight, project_weight,
+                                bn_weight, bn_bias, running_mean, running_var, rates, training, momentum, eps,
+                                group_name, memory_efficient)
+        out, branch, pool_pre, proj, mean, invstd, new_rm, new_rv = result
+        ctx.mark_non_differentiable(branch, pool_pre, proj, mean, invstd, new_rm, new_rv)
+        ctx.set_materialize_grads(False)
+        if memory_efficient:
+            # Training normalizes with batch statistics: the recompute needs no running statistics (and must not
+            # update them). Eval normalizes with the running statistics, which the recompute reads again.
+            keep = (None, None, None, None, None) if training else (None, None, None, running_mean, running_var)
+        else:
+            keep = (branch, pool_pre, proj, None, None)
+        ctx.save_for_backward(x, pool_weight, project_weight, bn_weight, bn_bias, out, mean, invstd, *keep,
+                              *conv_weights)
+        ctx.conf = (prefix, list(rates), training, momentum, eps, group_name, memory_efficient)
+        return result
+
+    @staticmethod
     def backward(ctx, grad_out, *unused):
+        nig = ctx.needs_input_grad  # (prefix, x, pool_w, proj_w, bn_w, bn_b, rm, rv, ..., *conv_weights)
+        mask = [nig[1], any(nig[14:]) or nig[2] or nig[3], nig[4] or nig[5]]
+        n_conv = len(nig) - 14
+        if grad_out is None or not any(mask):
+            return (None,) * (14 + n_conv)
         (x, pool_w, proj_w, bn_w, bn_b, out, mean, invstd, branch, pool_pre, proj, rm, rv,
          *conv_ws) = ctx.saved_tensors
-        rates, training, momentum, eps, group_name, memory_efficient = ctx.conf
-        # torch.library unflattens needs_input_grad to the inputs' structure (nig[1]: one bool per conv weight)
-        # and wants the gradients in that structure: a list per conv weight, and for `rates` (a list of ints, a
-        # leaf) None, except that an empty list is no leaf and wants [] back (rates=(): no atrous branch).
-        nig = ctx.needs_input_grad
-        mask = [bool(nig[0]), any(nig[1]) or bool(nig[2]) or bool(nig[3]), bool(nig[4]) or bool(nig[5])]
-        grads = [None] * 14
-        grads[1] = [None] * len(conv_ws)
-        grads[8] = None if rates else []
-        if grad_out is None or not any(mask):
-            return tuple(grads)
+        prefix, rates, training, momentum, eps, group_name, memory_efficient = ctx.conf
         if memory_efficient:
-            _, branch, pool_pre, proj, _, _, _, _ = forward_op(
-                x, conv_ws, pool_w, proj_w, bn_w, bn_b, rm, rv, list(rates), training, momentum, eps, group_name,
-                False)
-        gx, gconv, gpool, gproj, gbw, gbb = below_autograd(backward_op)(
-            grad_out, x, conv_ws, pool_w, proj_w, bn_w, bn_b, branch, pool_pre, proj, out, mean, invstd,
-            list(rates), training, mask, group_name,
+            _, branch, pool_pre, proj, _, _, _, _ = below_autograd(
+                _FORWARD_BY_PREFIX[prefix], x, conv_ws, pool_w, proj_w, bn_w, bn_b, rm, rv, rates, training,
+                momentum, eps, group_name, False)
+        gx, gconv, gpool, gproj, gbw, gbb = call_backward(
+            _BACKWARD_BY_PREFIX[prefix], grad_out, x, conv_ws, pool_w, proj_w, bn_w, bn_b, branch, pool_pre, proj,
+            out, mean, invstd, rates, training, mask, group_name,
         )
-        grads[0] = gx
-        if gconv:
-            grads[1] = list(gconv)
-        grads[2], grads[3] = gpool, gproj
-        grads[4] = gbw if gbw is None or gbw.dtype == bn_w.dtype else gbw.to(bn_w.dtype)
-        grads[5] = gbb if gbb is None or gbb.dtype == bn_b.dtype else gbb.to(bn_b.dtype)
-        return tuple(grads)
-
-    return backward
+        if gbw is not None and gbw.dtype != bn_w.dtype:
+            gbw = gbw.to(bn_w.dtype)
+        if gbb is not None and gbb.dtype != bn_b.dtype:
+            gbb = gbb.to(bn_b.dtype)
+        return (None, gx, gpool, gproj, gbw, gbb, None, None, None, None, None, None, None, None,
+                *(gconv if gconv else (None,) * n_conv))
 
 
-def _no_double_backward(ctx, *grads):
-    raise RuntimeError("deeplab_ops.aspp does not support double backward; use backend='reference' for it")
+def _autograd_kernel(prefix: str):
+    """The Autograd kernel of `{prefix}aspp_forward`: the Function when a graph is built, else the op below
+    Autograd. The dispatcher drops trailing arguments equal to their defaults: they get them back here."""
+    forward = _FORWARD_BY_PREFIX[prefix]
+    apply = _ASPP.apply
+
+    def kernel(x, conv_weights, pool_weight, project_weight, bn_weight, bn_bias, running_mean, running_var, rates,
+               training, momentum, eps, group_name=None, memory_efficient=False):
+        if torch.is_grad_enabled() and torch._C._any_requires_grad(x, conv_weights, pool_weight, project_weight,
+                                                                   bn_weight, bn_bias):
+            return apply(prefix, x, pool_weight, project_weight, bn_weight, bn_bias, running_mean, running_var,
+                         rates, training, momentum, eps, group_name, memory_efficient, *conv_weights)
+        return below_autograd(forward, x, conv_weights, pool_weight, project_weight, bn_weight, bn_bias,
+                              running_mean, running_var, rates, training, momentum, eps, group_name,
+                              memory_efficient)
+
+    return kernel
 
 
-for _backend, _prefix in (("cpu", ""), ("triton", "triton_")):
+for _prefix in ("", "triton_"):
     torch.library.register_fake(f"deeplab_ops::{_prefix}aspp_forward")(_forward_fake)
     torch.library.register_fake(f"deeplab_ops::{_prefix}aspp_backward")(_backward_fake)
-    torch.library.register_autograd(f"deeplab_ops::{_prefix}aspp_forward", _make_backward(_backend),
-                                    setup_context=_setup_context)
-    torch.library.register_autograd(f"deeplab_ops::{_prefix}aspp_backward", _no_double_backward,
-                                    setup_context=lambda ctx, inputs, output: None)
+register_autograd_kernels("aspp", _autograd_kernel, _DOUBLE_BACKWARD)
 
 
 # ---- argument checks -------------------------------------------------------------------------------

@@ -23,7 +23,7 @@ from deeplab_ops.common import (
     opmath_dtype,
     pair,
 )
-from deeplab_ops.ops.dispatch import below_autograd, group_name_of
+from deeplab_ops.ops.dispatch import below_autograd, call_backward, group_name_of, register_autograd_kernels
 
 Tensor = torch.Tensor
 _ops = torch.ops.deeplab_ops
@@ -215,58 +215,77 @@ def _conv_bias_act_fake(x, weight, bias, residual, stride, padding, dilation, re
 # The statistics reducer is the process group named by group_name (None: local); the backward op all-reduces the
 # sums the input gradient needs over that group.
 
-_GRAD_INPUTS = (0, 1, 2, 3, 12)  # x, weight, bn_weight, bn_bias, residual in the forward schema
+_DOUBLE_BACKWARD = ("deeplab_ops.conv_bn_relu does not support double backward (a gradient of its gradient, as "
+                    "with create_graph=True); use backend='reference' for higher-order gradients")
 
 
-def _setup_context(ctx, inputs, output):
-    (x, weight, bn_weight, bn_bias, _, _, stride, padding, dilation, training, _, _, _, relu, group_name,
-     memory_efficient) = inputs
-    out, conv_out, mean, invstd, new_rm, new_rv = output
-    ctx.mark_non_differentiable(conv_out, mean, invstd, new_rm, new_rv)
-    ctx.save_for_backward(x, weight, bn_weight, None if memory_efficient else conv_out, out, mean, invstd)
-    ctx.conf = (stride, padding, dilation, training, relu, group_name, memory_efficient)
-    ctx.param_dtypes = (None if bn_weight is None else bn_weight.dtype, None if bn_bias is None else bn_bias.dtype)
+class _ConvBNReLU(torch.autograd.Function):
+    """The Autograd kernel of conv_bn_relu_forward and triton_conv_bn_relu_forward (`prefix` picks the twin)."""
 
+    @staticmethod
+    def forward(ctx, prefix, x, weight, bn_weight, bn_bias, running_mean, running_var, stride, padding, dilation,
+                training, momentum, eps, residual, relu, group_name, memory_efficient):
+        result = below_autograd(_FORWARD_BY_PREFIX[prefix], x, weight, bn_weight, bn_bias, running_mean,
+                                running_var, stride, padding, dilation, training, momentum, eps, residual, relu,
+                                group_name, memory_efficient)
+        out, conv_out, mean, invstd, new_rm, new_rv = result
+        ctx.mark_non_differentiable(conv_out, mean, invstd, new_rm, new_rv)
+        ctx.set_materialize_grads(False)  # no zero gradients built for the five non-differentiable outputs
+        ctx.save_for_backward(x, weight, bn_weight, None if memory_efficient else conv_out, out, mean, invstd)
+        ctx.conf = (prefix, stride, padding, dilation, training, relu, group_name, memory_efficient,
+                    None if bn_weight is None else bn_weight.dtype, None if bn_bias is None else bn_bias.dtype)
+        return result
 
-def _make_backward(backend: str):
-    backward_op, conv_op = BACKWARD[backend], CONV_BIAS_ACT[backend]
-
+    @staticmethod
     def backward(ctx, grad_out, *unused):
-        mask = [ctx.needs_input_grad[i] for i in _GRAD_INPUTS]
+        nig = ctx.needs_input_grad  # (prefix, x, weight, bn_weight, bn_bias, ..., residual at 13, ...)
+        mask = [nig[1], nig[2], nig[3], nig[4], nig[13]]
         if grad_out is None or not any(mask):
-            return (None,) * 16
+            return (None,) * 17
         x, weight, bn_weight, conv_out, out, mean, invstd = ctx.saved_tensors
-        stride, padding, dilation, training, relu, group_name, memory_efficient = ctx.conf
-        if memory_efficient:
-            reads_y = training or mask[2]
-            conv_out = conv_op(x, weight, None, None, stride, padding, dilation, False) if reads_y else out
-        gx, gw, gg, gb, gr = below_autograd(backward_op)(grad_out, x, weight, bn_weight, conv_out, out, mean, invstd,
-                                                         stride, padding, dilation, training, relu, mask, group_name)
-        w_dtype, b_dtype = ctx.param_dtypes
+        prefix, stride, padding, dilation, training, relu, group_name, memory_efficient, w_dtype, b_dtype = ctx.conf
+        if memory_efficient and (training or mask[2]):
+            conv_out = below_autograd(_CONV_BY_PREFIX[prefix], x, weight, None, None, stride, padding, dilation,
+                                      False)
+        elif memory_efficient:
+            conv_out = out
+        gx, gw, gg, gb, gr = call_backward(_BACKWARD_BY_PREFIX[prefix], grad_out, x, weight, bn_weight, conv_out,
+                                           out, mean, invstd, stride, padding, dilation, training, relu, mask,
+                                           group_name)
         if gg is not None and gg.dtype != w_dtype:
             gg = gg.to(w_dtype)
         if gb is not None and gb.dtype != b_dtype:
             gb = gb.to(b_dtype)
-        return gx, gw, gg, gb, None, None, None, None, None, None, None, None, gr, None, None, None
-
-    return backward
+        return None, gx, gw, gg, gb, None, None, None, None, None, None, None, None, gr, None, None, None
 
 
-def _no_double_backward(ctx, *grads):
-    raise RuntimeError(
-        "deeplab_ops.conv_bn_relu does not support double backward (a gradient of its gradient, as with "
-        "create_graph=True); use backend='reference' for higher-order gradients"
-    )
+_FORWARD_BY_PREFIX = {"": FORWARD["cpu"], "triton_": FORWARD["triton"]}
+_BACKWARD_BY_PREFIX = {"": BACKWARD["cpu"], "triton_": BACKWARD["triton"]}
+_CONV_BY_PREFIX = {"": CONV_BIAS_ACT["cpu"], "triton_": CONV_BIAS_ACT["triton"]}
 
 
-for _backend, _prefix in (("cpu", ""), ("triton", "triton_")):
+def _autograd_kernel(prefix: str):
+    """The Autograd kernel of `{prefix}conv_bn_relu_forward`: the Function when a graph is built, else the op
+    below Autograd. The dispatcher drops trailing arguments equal to their defaults: they get them back here."""
+    forward = _FORWARD_BY_PREFIX[prefix]
+    apply = _ConvBNReLU.apply
+
+    def kernel(x, weight, bn_weight, bn_bias, running_mean, running_var, stride, padding, dilation, training,
+               momentum, eps, residual, relu, group_name=None, memory_efficient=False):
+        if torch.is_grad_enabled() and torch._C._any_requires_grad(x, weight, bn_weight, bn_bias, residual):
+            return apply(prefix, x, weight, bn_weight, bn_bias, running_mean, running_var, stride, padding,
+                         dilation, training, momentum, eps, residual, relu, group_name, memory_efficient)
+        return below_autograd(forward, x, weight, bn_weight, bn_bias, running_mean, running_var, stride, padding,
+                              dilation, training, momentum, eps, residual, relu, group_name, memory_efficient)
+
+    return kernel
+
+
+for _prefix in ("", "triton_"):
     torch.library.register_fake(f"deeplab_ops::{_prefix}conv_bn_relu_forward")(_forward_fake)
     torch.library.register_fake(f"deeplab_ops::{_prefix}conv_bn_relu_backward")(_backward_fake)
     torch.library.register_fake(f"deeplab_ops::{_prefix}conv_bias_act")(_conv_bias_act_fake)
-    torch.library.register_autograd(f"deeplab_ops::{_prefix}conv_bn_relu_forward", _make_backward(_backend),
-                                    setup_context=_setup_context)
-    torch.library.register_autograd(f"deeplab_ops::{_prefix}conv_bn_relu_backward", _no_double_backward,
-                                    setup_context=lambda ctx, inputs, output: None)
+register_autograd_kernels("conv_bn_relu", _autograd_kernel, _DOUBLE_BACKWARD)
 
 
 # ---- eval: BatchNorm folded into the convolution ---------------------------------------------------

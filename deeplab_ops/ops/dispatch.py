@@ -1,9 +1,12 @@
-"""What every op's front door and autograd share: the process group's name for the ops, and the backward ops called
-past the Autograd key."""
+"""What every op's front door and autograd share: the process group's name for the ops, calls past the Autograd
+key, and the registration of an op's one autograd kernel for both backend twins (docs/architecture.md)."""
 
 from __future__ import annotations
 
 import torch
+
+_BELOW_AUTOGRAD = torch._C._AutoDispatchBelowAutograd
+_LIB = torch.library.Library("deeplab_ops", "IMPL")
 
 
 def group_name_of(process_group) -> str | None:
@@ -15,14 +18,57 @@ def group_name_of(process_group) -> str | None:
     return process_group.group_name
 
 
-def below_autograd(op):
-    """`op`, called past the Autograd dispatch key when no graph is being built (create_graph=False, the usual
-    backward): the backward ops' autograd kernels only refuse double backward, and cost a Python hop per call."""
+def below_autograd(op, *args):
+    """`op(*args)` past the Autograd dispatch key: the op's autograd kernel is not entered."""
+    with _BELOW_AUTOGRAD():
+        return op(*args)
+
+
+def call_backward(op, *args):
+    """An op's backward op from its autograd.Function.backward: past the Autograd key in the usual backward, through
+    it when a graph is being built (create_graph=True), where its kernel refuses double backward."""
     if torch.is_grad_enabled():
-        return op
+        return op(*args)
+    with _BELOW_AUTOGRAD():
+        return op(*args)
 
-    def call(*args):
-        with torch._C._AutoDispatchBelowAutograd():
-            return op(*args)
 
-    return call
+def _refusing_kernel(op, message: str):
+    """The Autograd kernel of a backward op: run it, and if a graph is being built, give its outputs a node that
+    raises `message` when differentiated (a gradient of a gradient)."""
+    error = message.encode()
+
+    def kernel(*args):
+        with _BELOW_AUTOGRAD():
+            out = op(*args)
+        if not (torch.is_grad_enabled() and torch._C._any_requires_grad(*args)):
+            return out
+        single = isinstance(out, torch.Tensor)
+        outs = (out,) if single else out
+        flat = [t for o in outs for t in (o if isinstance(o, (list, tuple)) else [o]) if t is not None]
+        if not flat:
+            return out
+        marked = torch._C._functions.DelayedError(error, len(flat))(
+            *[t.detach().requires_grad_(t.is_floating_point()) for t in flat])
+        marked = iter(marked if isinstance(marked, tuple) else (marked,))
+
+        def mark(o):
+            if o is None:
+                return None
+            if isinstance(o, (list, tuple)):
+                return [mark(t) for t in o]
+            return next(marked)
+
+        return mark(out) if single else tuple(mark(o) for o in outs)
+
+    return kernel
+
+
+def register_autograd_kernels(op: str, autograd_kernel, double_backward_message: str) -> None:
+    """Register the op's one autograd implementation for both twins: `autograd_kernel(prefix)` (prefix "" for the
+    C++ ops of the cpu and cuda backends, "triton_" for the triton ones) becomes the Autograd kernel of
+    `{prefix}{op}_forward`; `{prefix}{op}_backward` gets a kernel that refuses double backward."""
+    for prefix in ("", "triton_"):
+        _LIB.impl(f"{prefix}{op}_forward", autograd_kernel(prefix), "Autograd")
+        backward = getattr(torch.ops.deeplab_ops, f"{prefix}{op}_backward").default
+        _LIB.impl(f"{prefix}{op}_backward", _refusing_kernel(backward, double_backward_message), "Autograd")

@@ -23,7 +23,7 @@ import torch
 
 from deeplab_ops import backends, reference
 from deeplab_ops.common import opmath_dtype
-from deeplab_ops.ops.dispatch import below_autograd
+from deeplab_ops.ops.dispatch import below_autograd, call_backward, register_autograd_kernels
 
 Tensor = torch.Tensor
 _ops = torch.ops.deeplab_ops
@@ -114,47 +114,59 @@ def _backward_fake(grad, logits, target, lse, count, ignore_index, align_corners
 # ---- autograd --------------------------------------------------------------------------------------
 
 
-def _setup_context(ctx, inputs, output):
-    logits, target, ignore_index, align_corners, reduction = inputs
-    _, lse, count = output
-    ctx.mark_non_differentiable(lse, count)
-    # Saved: the low-res logits, the labels and the per-pixel logsumexp; never the upsampled logits.
-    ctx.save_for_backward(logits, target, lse, count)
-    ctx.conf = (ignore_index, align_corners, reduction)
+_DOUBLE_BACKWARD = (
+    "deeplab_ops.upsample_cross_entropy does not support double backward (a gradient of its gradient, as with "
+    "create_graph=True); use backend='reference' for higher-order gradients"
+)
+_FORWARD_BY_PREFIX = {"": _ops.upsample_cross_entropy_forward.default,
+                      "triton_": _ops.triton_upsample_cross_entropy_forward.default}
+_BACKWARD_BY_PREFIX = {"": _ops.upsample_cross_entropy_backward.default,
+                       "triton_": _ops.triton_upsample_cross_entropy_backward.default}
 
 
-def _make_backward(backward_op):
+class _UpsampleCrossEntropy(torch.autograd.Function):
+    """The Autograd kernel of upsample_cross_entropy_forward and its triton_ twin (`prefix` picks the twin)."""
+
+    @staticmethod
+    def forward(ctx, prefix, logits, target, ignore_index, align_corners, reduction):
+        result = below_autograd(_FORWARD_BY_PREFIX[prefix], logits, target, ignore_index, align_corners, reduction)
+        _, lse, count = result
+        ctx.mark_non_differentiable(lse, count)
+        ctx.set_materialize_grads(False)
+        # Saved: the low-res logits, the labels and the per-pixel logsumexp; never the upsampled logits.
+        ctx.save_for_backward(logits, target, lse, count)
+        ctx.conf = (prefix, ignore_index, align_corners, reduction)
+        return result
+
+    @staticmethod
     def backward(ctx, grad_loss, *unused):
-        if grad_loss is None or not ctx.needs_input_grad[0]:
-            return None, None, None, None, None
+        if grad_loss is None or not ctx.needs_input_grad[1]:
+            return None, None, None, None, None, None
         logits, target, lse, count = ctx.saved_tensors
-        ignore_index, align_corners, reduction = ctx.conf
-        grad = below_autograd(backward_op)(grad_loss, logits, target, lse, count, ignore_index, align_corners,
-                                           reduction)
-        return grad, None, None, None, None
-
-    return backward
+        prefix, ignore_index, align_corners, reduction = ctx.conf
+        grad = call_backward(_BACKWARD_BY_PREFIX[prefix], grad_loss, logits, target, lse, count, ignore_index,
+                             align_corners, reduction)
+        return None, grad, None, None, None, None
 
 
-def _no_double_backward(ctx, *grads):
-    raise RuntimeError(
-        "deeplab_ops.upsample_cross_entropy does not support double backward (a gradient of its gradient, as with "
-        "create_graph=True); use backend='reference' for higher-order gradients"
-    )
+def _autograd_kernel(prefix: str):
+    """The Autograd kernel of `{prefix}upsample_cross_entropy_forward`: the Function when a graph is built, else
+    the op below Autograd."""
+    forward = _FORWARD_BY_PREFIX[prefix]
+    apply = _UpsampleCrossEntropy.apply
+
+    def kernel(logits, target, ignore_index, align_corners, reduction):
+        if torch.is_grad_enabled() and logits.requires_grad:
+            return apply(prefix, logits, target, ignore_index, align_corners, reduction)
+        return below_autograd(forward, logits, target, ignore_index, align_corners, reduction)
+
+    return kernel
 
 
-def _register(prefix: str) -> None:
-    fwd = f"deeplab_ops::{prefix}upsample_cross_entropy_forward"
-    bwd = f"deeplab_ops::{prefix}upsample_cross_entropy_backward"
-    torch.library.register_fake(fwd)(_forward_fake)
-    torch.library.register_fake(bwd)(_backward_fake)
-    torch.library.register_autograd(fwd, _make_backward(getattr(_ops, f"{prefix}upsample_cross_entropy_backward")),
-                                    setup_context=_setup_context)
-    torch.library.register_autograd(bwd, _no_double_backward, setup_context=lambda ctx, inputs, output: None)
-
-
-_register("")
-_register("triton_")
+for _prefix in ("", "triton_"):
+    torch.library.register_fake(f"deeplab_ops::{_prefix}upsample_cross_entropy_forward")(_forward_fake)
+    torch.library.register_fake(f"deeplab_ops::{_prefix}upsample_cross_entropy_backward")(_backward_fake)
+register_autograd_kernels("upsample_cross_entropy", _autograd_kernel, _DOUBLE_BACKWARD)
 
 
 # ---- public functional -----------------------------------------------------------------------------

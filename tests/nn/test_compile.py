@@ -52,3 +52,47 @@ def test_train_py_compile_runs(tmp_path):
     done = subprocess.run(cmd, cwd=tmp_path, env=env, capture_output=True, text=True, timeout=900)
     assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
     assert (tmp_path / "last.pt").exists()
+
+
+@pytest.mark.parametrize("memory_efficient", [False, True])
+def test_aot_autograd_traces_the_ops_autograd_kernel(memory_efficient):
+    """AOTAutograd traces through each op's Autograd kernel: the forward graph holds the forward op, the backward
+    graph the backward op (and, with memory_efficient, the recomputing convolution), with no graph break."""
+    from functorch.compile import make_boxed_func
+    from torch._dynamo.backends.common import aot_autograd
+
+    import deeplab_ops
+
+    graphs: dict[str, set[str]] = {}
+
+    def capture(kind):
+        def compiler(gm, example_inputs):
+            graphs[kind] = {str(n.target) for n in gm.graph.nodes if n.op == "call_function"}
+            return make_boxed_func(gm.forward)
+
+        return compiler
+
+    torch._dynamo.reset()
+    x = torch.randn(2, 3, 6, 6, dtype=torch.float64, requires_grad=True)
+    w = torch.randn(4, 3, 3, 3, dtype=torch.float64, requires_grad=True)
+    g, b = torch.rand(4, dtype=torch.float64, requires_grad=True), torch.randn(4, dtype=torch.float64,
+                                                                                requires_grad=True)
+    rm, rv = torch.zeros(4, dtype=torch.float64), torch.ones(4, dtype=torch.float64)
+
+    def fn(x):
+        return deeplab_ops.conv_bn_relu(x, w, g, b, rm, rv, padding=1, backend="cpu",
+                                        memory_efficient=memory_efficient)
+
+    rm_e, rv_e = rm.clone(), rv.clone()
+    expected = deeplab_ops.conv_bn_relu(x, w, g, b, rm_e, rv_e, padding=1, backend="cpu")
+    (gx_e,) = torch.autograd.grad(expected.sum(), x)
+    compiled = torch.compile(fn, fullgraph=True, backend=aot_autograd(fw_compiler=capture("forward"),
+                                                                      bw_compiler=capture("backward")))
+    out = compiled(x)
+    (gx,) = torch.autograd.grad(out.sum(), x)
+    torch.testing.assert_close(out, expected)
+    torch.testing.assert_close(gx, gx_e)
+    torch.testing.assert_close((rm, rv), (rm_e, rv_e))
+    assert "deeplab_ops.conv_bn_relu_forward.default" in graphs["forward"], graphs["forward"]
+    assert "deeplab_ops.conv_bn_relu_backward.default" in graphs["backward"], graphs["backward"]
+    assert ("deeplab_ops.conv_bias_act.default" in graphs["backward"]) == memory_efficient, graphs["backward"]
