@@ -55,35 +55,52 @@ def check_fusable(conv: nn.Module, bn: nn.Module) -> None:
     _conv_padding(conv)
 
 
-def bn_call_args(bn: nn.BatchNorm2d, training: bool) -> dict:
-    """The BatchNorm arguments of a fused call that behaves as `bn.forward` does in this mode.
+_BN_KEYS = ("bn_weight", "bn_bias", "running_mean", "running_var", "training", "momentum", "eps")
 
-    Mirrors torch's _BatchNorm.forward: the momentum factor (1 / num_batches_tracked for momentum=None),
-    batch statistics when training or when no running statistics are tracked, and running statistics passed
-    for update only when tracked. num_batches_tracked is not incremented here: `bn_step` does it after the call
-    succeeded, so a failed call changes nothing the user saved.
-    """
+
+def _bn_args(bn: nn.BatchNorm2d, training: bool) -> tuple:
+    """(bn_weight, bn_bias, running_mean, running_var, training, momentum, eps) of a fused call that behaves as
+    `bn.forward` does in this mode (torch's _BatchNorm.forward: the momentum factor, 1 / num_batches_tracked for
+    momentum=None; batch statistics when training or when no running statistics are tracked; running statistics
+    passed for update only when tracked)."""
+    momentum = bn.momentum
     if training and bn.track_running_stats and bn.num_batches_tracked is not None:
-        momentum = 1.0 / float(bn.num_batches_tracked + 1) if bn.momentum is None else bn.momentum
-    else:
-        momentum = 0.0 if bn.momentum is None else bn.momentum
-    bn_training = training or (bn.running_mean is None and bn.running_var is None)
-    track = not training or bn.track_running_stats
-    return {
-        "bn_weight": bn.weight,
-        "bn_bias": bn.bias,
-        "running_mean": bn.running_mean if track else None,
-        "running_var": bn.running_var if track else None,
-        "training": bn_training,
-        "momentum": momentum,
-        "eps": bn.eps,
-    }
+        if momentum is None:
+            momentum = 1.0 / float(bn.num_batches_tracked + 1)
+    elif momentum is None:
+        momentum = 0.0
+    rm, rv = bn.running_mean, bn.running_var
+    bn_training = training or (rm is None and rv is None)
+    if training and not bn.track_running_stats:
+        rm = rv = None
+    return bn.weight, bn.bias, rm, rv, bn_training, momentum, bn.eps
+
+
+def bn_call_args(bn: nn.BatchNorm2d, training: bool) -> dict:
+    """The BatchNorm arguments of a fused call that behaves as `bn.forward` does in this mode, by name.
+    num_batches_tracked is not incremented here: `bn_step` does it after the call succeeded, so a failed call
+    changes nothing the user saved."""
+    return dict(zip(_BN_KEYS, _bn_args(bn, training), strict=True))
 
 
 def bn_step(bn: nn.BatchNorm2d, training: bool) -> None:
     """Count one training batch, as nn.BatchNorm2d.forward does."""
     if training and bn.track_running_stats and bn.num_batches_tracked is not None:
         bn.num_batches_tracked.add_(1)
+
+
+_GEOMETRY: dict[tuple, tuple] = {}
+
+
+def _geometry(conv: nn.Conv2d) -> tuple:
+    """(stride, padding, dilation) of `conv` as pairs, worked out once per distinct configuration."""
+    key = (conv.kernel_size, conv.stride, conv.padding, conv.dilation)
+    geometry = _GEOMETRY.get(key)
+    if geometry is None:
+        geometry = (tuple(conv.stride), _conv_padding(conv), tuple(conv.dilation))
+        if len(_GEOMETRY) < 4096:
+            _GEOMETRY[key] = geometry
+    return geometry
 
 
 def fused_conv_bn(
@@ -100,12 +117,12 @@ def fused_conv_bn(
 ) -> Tensor:
     """`act(bn(conv(x)) [+ residual])` through the fused op, with exactly the modules' semantics
     (memory_efficient: see deeplab_ops.conv_bn_relu)."""
-    args = bn_call_args(bn, training)
+    bn_weight, bn_bias, rm, rv, bn_training, momentum, eps = _bn_args(bn, training)
+    stride, padding, dilation = _geometry(conv)
     out = conv_bn_relu(
-        x, conv.weight, args["bn_weight"], args["bn_bias"], args["running_mean"], args["running_var"],
-        stride=tuple(conv.stride), padding=_conv_padding(conv), dilation=tuple(conv.dilation),
-        training=args["training"], momentum=args["momentum"], eps=args["eps"], residual=residual, relu=relu,
-        backend=backend, process_group=process_group, memory_efficient=memory_efficient,
+        x, conv.weight, bn_weight, bn_bias, rm, rv, stride=stride, padding=padding, dilation=dilation,
+        training=bn_training, momentum=momentum, eps=eps, residual=residual, relu=relu, backend=backend,
+        process_group=process_group, memory_efficient=memory_efficient,
     )
     bn_step(bn, training)
     return out
@@ -166,8 +183,9 @@ class FusedConvBNReLU(nn.Sequential):
         return self
 
     def forward(self, x: Tensor, residual: Tensor | None = None) -> Tensor:
+        modules = self._modules  # self[0], self[1] without nn.Sequential's indexing
         return fused_conv_bn(
-            self[0], self[1], x, training=self.training, residual=residual, relu=self.apply_relu,
+            modules["0"], modules["1"], x, training=self.training, residual=residual, relu=self.apply_relu,
             backend=self.backend, process_group=self.process_group,
             memory_efficient=getattr(self, "memory_efficient", False),  # modules pickled before the option
         )

@@ -15,7 +15,14 @@ import torch
 
 from deeplab_ops import backends, reference
 from deeplab_ops.common import FLOAT_DTYPES, HALF_DTYPES, empty_activation, opmath_dtype
-from deeplab_ops.ops.dispatch import below_autograd, call_backward, group_name_of, register_autograd_kernels
+from deeplab_ops.ops.dispatch import (
+    autograd_kernels,
+    below_autograd,
+    call_backward,
+    enter_directly,
+    group_name_of,
+    register_autograd_kernels,
+)
 
 Tensor = torch.Tensor
 _ops = torch.ops.deeplab_ops
@@ -158,6 +165,7 @@ for _prefix in ("", "triton_"):
     torch.library.register_fake(f"deeplab_ops::{_prefix}aspp_forward")(_forward_fake)
     torch.library.register_fake(f"deeplab_ops::{_prefix}aspp_backward")(_backward_fake)
 register_autograd_kernels("aspp", _autograd_kernel, _DOUBLE_BACKWARD)
+_KERNELS = autograd_kernels(_autograd_kernel)
 
 
 # ---- argument checks -------------------------------------------------------------------------------
@@ -329,7 +337,7 @@ def aspp(
             bn_weights, bn_biases, running_means, running_vars)), rates=rates, training=training,
             momentum=float(momentum), eps=float(eps))
     rm, rv = _flat(running_means), _flat(running_vars)
-    out, *_, new_rm, new_rv = FORWARD[name](
+    out, *_, new_rm, new_rv = (_KERNELS[name] if enter_directly(x) else FORWARD[name])(
         x, list(conv_weights), pool_weight, project_weight, _flat(bn_weights), _flat(bn_biases), rm, rv,
         list(rates), training, float(momentum), float(eps), group_name, memory_efficient,
     )

@@ -23,7 +23,14 @@ from deeplab_ops.common import (
     opmath_dtype,
     pair,
 )
-from deeplab_ops.ops.dispatch import below_autograd, call_backward, group_name_of, register_autograd_kernels
+from deeplab_ops.ops.dispatch import (
+    autograd_kernels,
+    below_autograd,
+    call_backward,
+    enter_directly,
+    group_name_of,
+    register_autograd_kernels,
+)
 
 Tensor = torch.Tensor
 _ops = torch.ops.deeplab_ops
@@ -286,6 +293,7 @@ for _prefix in ("", "triton_"):
     torch.library.register_fake(f"deeplab_ops::{_prefix}conv_bn_relu_backward")(_backward_fake)
     torch.library.register_fake(f"deeplab_ops::{_prefix}conv_bias_act")(_conv_bias_act_fake)
 register_autograd_kernels("conv_bn_relu", _autograd_kernel, _DOUBLE_BACKWARD)
+_KERNELS = autograd_kernels(_autograd_kernel)
 
 
 # ---- eval: BatchNorm folded into the convolution ---------------------------------------------------
@@ -388,7 +396,7 @@ def conv_bn_relu(
             w, b = derived(("fold", float(eps)), (weight, bn_weight, bn_bias, running_mean, running_var),
                            lambda: _fold(weight, bn_weight, bn_bias, running_mean, running_var, float(eps)))
         return CONV_BIAS_ACT[name](x, w, b, residual, stride, padding, dilation, relu)
-    out, _, _, _, new_rm, new_rv = FORWARD[name](
+    out, _, _, _, new_rm, new_rv = (_KERNELS[name] if enter_directly(x) else FORWARD[name])(
         x, weight, bn_weight, bn_bias, running_mean, running_var, stride, padding, dilation, training,
         float(momentum), float(eps), residual, relu, group_name, memory_efficient,
     )

@@ -18,6 +18,19 @@ def group_name_of(process_group) -> str | None:
     return process_group.group_name
 
 
+def autograd_kernels(autograd_kernel) -> dict:
+    """backend -> the op's Autograd kernel for that backend's twin (what the front door calls directly)."""
+    return {"cpu": autograd_kernel(""), "cuda": autograd_kernel(""), "triton": autograd_kernel("triton_")}
+
+
+def enter_directly(x) -> bool:
+    """Whether a front door may call its op's Autograd kernel itself, which is what the dispatcher runs at the
+    Autograd key, instead of the dispatched op (saving the boxing of every argument into Python): not while
+    torch.compile traces (its graph must hold the op), nor under a __torch_function__ mode or tensor subclass."""
+    return (type(x) is torch.Tensor and not torch.compiler.is_compiling()
+            and not torch._C._is_torch_function_mode_enabled())
+
+
 def below_autograd(op, *args):
     """`op(*args)` past the Autograd dispatch key: the op's autograd kernel is not entered."""
     with _BELOW_AUTOGRAD():

@@ -23,7 +23,13 @@ import torch
 
 from deeplab_ops import backends, reference
 from deeplab_ops.common import opmath_dtype
-from deeplab_ops.ops.dispatch import below_autograd, call_backward, register_autograd_kernels
+from deeplab_ops.ops.dispatch import (
+    autograd_kernels,
+    below_autograd,
+    call_backward,
+    enter_directly,
+    register_autograd_kernels,
+)
 
 Tensor = torch.Tensor
 _ops = torch.ops.deeplab_ops
@@ -167,6 +173,7 @@ for _prefix in ("", "triton_"):
     torch.library.register_fake(f"deeplab_ops::{_prefix}upsample_cross_entropy_forward")(_forward_fake)
     torch.library.register_fake(f"deeplab_ops::{_prefix}upsample_cross_entropy_backward")(_backward_fake)
 register_autograd_kernels("upsample_cross_entropy", _autograd_kernel, _DOUBLE_BACKWARD)
+_KERNELS = autograd_kernels(_autograd_kernel)
 
 
 # ---- public functional -----------------------------------------------------------------------------
@@ -218,5 +225,6 @@ def upsample_cross_entropy(
         if reduction == "none":
             return logits.new_zeros(target.shape) + zero
         return zero + (float("nan") if reduction == "mean" else 0.0)
-    loss, _, _ = FORWARD_OPS[name](logits, target, ignore_index, align_corners, reduction)
+    forward = _KERNELS[name] if enter_directly(logits) else FORWARD_OPS[name]
+    loss, _, _ = forward(logits, target, ignore_index, align_corners, reduction)
     return loss
