@@ -10,15 +10,15 @@ Two op families share one contract (schemas in csrc/ops.cpp):
   deeplab_ops::upsample_cross_entropy_forward / _backward          cpu and cuda backends (csrc/cpu, csrc/cuda)
   deeplab_ops::triton_upsample_cross_entropy_forward / _backward   triton backend (deeplab_ops/triton/)
 
-Labels outside [0, K) other than ignore_index: CPU tensors raise (as PyTorch does); on CUDA tensors, checking
-would cost a device-to-host synchronization per call, so the kernels instead give NaN loss (and NaN gradient)
-at such pixels, which propagates to the reduced loss, and never read out of range.
+Labels outside [0, K) other than ignore_index: CPU tensors raise (as PyTorch does), read in host memory; CUDA
+tensors are decided in the kernels, with no host synchronization: NaN loss (and gradient) at such pixels.
 """
 
 from __future__ import annotations
 
 import numbers
 
+import numpy
 import torch
 
 from deeplab_ops import backends, reference
@@ -89,15 +89,15 @@ def check_args(logits, target, ignore_index, align_corners, reduction) -> None:
 
 
 def check_target_range(target: Tensor, num_classes: int, ignore_index: int) -> None:
-    """Raise (as PyTorch does on CPU) if a label is outside [0, num_classes) and not ignore_index.
-
-    Synchronizes with the device when `target` is on a GPU, so the front door only calls it for CPU tensors.
-    """
-    bad = (target != ignore_index) & ((target < 0) | (target >= num_classes))
-    if bool(bad.any()):
-        where = tuple(int(v) for v in bad.nonzero()[0])
+    """Raise (as PyTorch does on CPU) if a label of the CPU tensor `target` is outside [0, num_classes) and not
+    ignore_index. CPU tensors live in host memory: the check reads it there (numpy), with no aten op and nothing to
+    synchronize; CUDA tensors are never checked on the host (their kernels decide: NaN)."""
+    labels = target.numpy()
+    bad = (labels != ignore_index) & ((labels < 0) | (labels >= num_classes))
+    if bad.any():
+        where = tuple(int(i) for i in numpy.argwhere(bad)[0])
         raise IndexError(
-            f"target has label {int(target[where])} at position {where}; expected labels in [0, {num_classes}) "
+            f"target has label {int(labels[where])} at position {where}; expected labels in [0, {num_classes}) "
             f"(K = logits.shape[1]) or ignore_index={ignore_index}"
         )
 
@@ -205,8 +205,8 @@ def upsample_cross_entropy(
         backend: "cpu", "cuda", "triton", "reference", or None for automatic choice ($DEEPLAB_OPS_BACKEND
             overrides None).
 
-    Labels outside [0, K) other than ignore_index raise IndexError for CPU tensors; for CUDA tensors they are
-    not checked (that would synchronize): their pixels get a NaN loss and gradient.
+    Labels outside [0, K) other than ignore_index raise IndexError for CPU tensors; for CUDA tensors the kernel
+    decides (no host synchronization): their pixels get a NaN loss and gradient.
 
     Returns:
         a 0-d tensor ("mean", "sum") or (N, H, W) ("none"), in logits' dtype.
@@ -217,7 +217,7 @@ def upsample_cross_entropy(
     if name == "reference":
         return reference.upsample_cross_entropy(logits, target, ignore_index=ignore_index,
                                                 align_corners=align_corners, reduction=reduction)
-    if logits.device.type == "cpu" and name != "cpu":  # the cpu kernel checks labels itself
+    if name == "triton" and target.device.type == "cpu":  # the cpu kernel checks labels itself
         check_target_range(target, logits.shape[1], ignore_index)
     if logits.shape[0] == 0:
         # Nothing to launch; PyTorch's values: mean of nothing is NaN, sum is 0. Keeps the graph to logits.
