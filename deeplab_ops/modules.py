@@ -236,6 +236,57 @@ def forget_aspp_parts(module: nn.Module) -> None:
     module.__dict__.pop(_PARTS_ATTR, None)
 
 
+_BN_TENSORS = ("weight", "bias", "running_mean", "running_var", "num_batches_tracked")
+
+
+def _back_to_back(ts: list[Tensor]) -> bool:
+    """Whether the equally shaped tensors `ts` lie back to back, in order, in the first one's storage."""
+    first = ts[0]
+    n, size, base = first.numel(), first.element_size(), first.data_ptr()
+    return (first.untyped_storage().nbytes() >= (first.storage_offset() + n * len(ts)) * size
+            and all(t.data_ptr() == base + i * n * size and t.dtype == first.dtype and t.is_contiguous()
+                    for i, t in enumerate(ts)))
+
+
+def pack_batchnorms(bns: list[nn.BatchNorm2d]) -> None:
+    """Lay out each kind of BatchNorm tensor (weight, bias, running statistics, batch counter) of `bns` back to back
+    in one storage, values kept (the tensors stay the same objects; their data moves): the fused ASPP then takes
+    them as views, with no cat per call. Kinds already so laid out, or that differ in shape, dtype or device, are
+    left alone."""
+    with torch.no_grad():
+        for attr in _BN_TENSORS:
+            ts = [getattr(bn, attr) for bn in bns]
+            if any(t is None for t in ts) or len({(t.shape, t.dtype, t.device) for t in ts}) != 1:
+                continue
+            if not _back_to_back(ts):
+                packed = torch.stack([t.detach() for t in ts])
+                for t, row in zip(ts, packed.unbind(0), strict=True):
+                    t.data = row
+
+
+def _aspp_config(bns: list[nn.BatchNorm2d]) -> bool:
+    """The mode of the fused ASPP's BatchNorms (training), after checking they can run as one: one mode, shared
+    momentum, eps and track_running_stats, affine. Clear errors otherwise."""
+    training = bns[0].training
+    if any(bn.training != training for bn in bns):
+        raise ValueError(
+            "the fused ASPP runs all its BatchNorms in one mode, but some are in training mode and some in eval "
+            "mode; put them all in one mode (e.g. freeze all: module.apply(lambda m: m.eval() if isinstance(m, "
+            "nn.BatchNorm2d) else None))"
+        )
+    first = _bn_args(bns[0], training)
+    for bn in bns:
+        a = _bn_args(bn, training) if bn is not bns[0] else first
+        if (a[4], a[5], a[6], a[2] is None) != (first[4], first[5], first[6], first[2] is None):
+            raise ValueError(
+                "the fused ASPP needs every BatchNorm of the module to share momentum, eps and "
+                f"track_running_stats; {bn} differs from {bns[0]}"
+            )
+        if a[0] is None or a[1] is None:
+            raise ValueError(f"the fused ASPP needs affine BatchNorms, got {bn}")
+    return training
+
+
 def fused_aspp_forward(module: nn.Module, x: Tensor, backend: str | None = None, process_group=None,
                        memory_efficient: bool = False) -> Tensor:
     """Run a module with torchvision's ASPP structure (``convs``, ``project``) on the fused ASPP op.
@@ -243,45 +294,39 @@ def fused_aspp_forward(module: nn.Module, x: Tensor, backend: str | None = None,
     Same result and side effects (running statistics, num_batches_tracked) as the module's own forward,
     including the dropout after the projection when it has one. The BatchNorm mode is read from the BatchNorms
     (so frozen BatchNorm, ``bn.eval()`` inside a training model, is honoured); they must all be in one mode.
-    The module's structure is validated on its first call and cached on it (`forget_aspp_parts` drops it).
+    The module's structure is validated on its first call and cached on it (`forget_aspp_parts` drops it); its
+    BatchNorm tensors are kept back to back in one storage per kind (`pack_batchnorms`), outside tracing.
     memory_efficient=True: the op keeps no pre-BN activation for the backward (see deeplab_ops.aspp).
     """
     parts = module.__dict__.get(_PARTS_ATTR)
     if parts is None:  # the structure is validated once per module, not per call
-        parts = aspp_parts(module)
+        convs, bns, rates = aspp_parts(module)
+        # after the projection's BatchNorm and ReLU: what the module applies to the op's output (a dropout with
+        # p=0 is the identity and is skipped)
+        extras = [m for m in list(module.project)[3:] if not (isinstance(m, nn.Dropout) and m.p == 0)]
+        parts = (convs, bns, rates, extras)
         object.__setattr__(module, _PARTS_ATTR, parts)  # plain attribute: not in the state_dict
-    convs, bns, rates = parts
-    modes = {bn.training for bn in bns}
-    if len(modes) != 1:
-        raise ValueError(
-            "the fused ASPP runs all its BatchNorms in one mode, but some are in training mode and some in eval "
-            "mode; put them all in one mode (e.g. freeze all: module.apply(lambda m: m.eval() if isinstance(m, "
-            "nn.BatchNorm2d) else None))"
-        )
-    training = modes.pop()
-    args = [bn_call_args(bn, training) for bn in bns]
-    first = args[0]
-    for bn, a in zip(bns, args, strict=True):
-        if (a["training"], a["momentum"], a["eps"], a["running_mean"] is None) != (
-            first["training"], first["momentum"], first["eps"], first["running_mean"] is None
-        ):
-            raise ValueError(
-                "the fused ASPP needs every BatchNorm of the module to share momentum, eps and "
-                f"track_running_stats; {bn} differs from {bns[0]}"
-            )
-        if a["bn_weight"] is None or a["bn_bias"] is None:
-            raise ValueError(f"the fused ASPP needs affine BatchNorms, got {bn}")
-    tracked = first["running_mean"] is not None
+    convs, bns, rates, extras = parts
+    training = _aspp_config(bns)
+    tracing = torch.compiler.is_compiling()
+    if not tracing:
+        pack_batchnorms(bns)
+    bn_weights, bn_biases, running_means, running_vars = ([getattr(bn, a) for bn in bns] for a in _BN_TENSORS[:4])
+    _, _, rm, _, bn_training, momentum, eps = _bn_args(bns[0], training)
+    tracked = rm is not None
     out = aspp(
-        x, [c.weight for c in convs[:-2]], convs[-2].weight, convs[-1].weight, [a["bn_weight"] for a in args],
-        [a["bn_bias"] for a in args], [a["running_mean"] for a in args] if tracked else None,
-        [a["running_var"] for a in args] if tracked else None, rates=rates, training=first["training"],
-        momentum=first["momentum"], eps=first["eps"], backend=backend, process_group=process_group,
-        memory_efficient=memory_efficient,
+        x, [c.weight for c in convs[:-2]], convs[-2].weight, convs[-1].weight, bn_weights, bn_biases,
+        running_means if tracked else None, running_vars if tracked else None, rates=rates, training=bn_training,
+        momentum=momentum, eps=eps, backend=backend, process_group=process_group, memory_efficient=memory_efficient,
     )
-    for bn in bns:
-        bn_step(bn, training)
-    for extra in list(module.project)[3:]:
+    if training and bns[0].track_running_stats and bns[0].num_batches_tracked is not None:
+        counters = [bn.num_batches_tracked for bn in bns]
+        if not tracing and _back_to_back(counters):  # one add for all
+            counters[0].detach().as_strided((len(counters),), (1,)).add_(1)
+        else:
+            for c in counters:
+                c.add_(1)
+    for extra in extras:
         out = extra(out)
     return out
 

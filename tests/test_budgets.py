@@ -66,6 +66,22 @@ def _aspp_call(mode: str, backend: str = "cpu", memory_efficient: bool = False):
     return call, [x, *convs, pool, proj, gamma, beta]
 
 
+def _aspp_module_call(mode: str, memory_efficient: bool = False):
+    """deeplab_ops.nn.FusedASPP (one BatchNorm module per branch, as torchvision's ASPP) at the same shape."""
+    grad = mode == "fwd_bwd"
+    module = deeplab_ops.nn.FusedASPP(8, (1, 2, 3), 4, backend="cpu", memory_efficient=memory_efficient)
+    module.train(mode != "eval_fwd")
+    x = _leaf(torch.randn(2, 8, 5, 5).contiguous(memory_format=torch.channels_last), grad)
+
+    def call():
+        with torch.set_grad_enabled(grad):
+            out = module(x)
+        if grad:
+            out.backward(torch.ones_like(out))
+
+    return call, [x, *module.parameters()]
+
+
 def _census(call, params, triton: bool = False) -> dict:
     case = overhead_bench.Case(call, params, "", 1)
     for _ in range(2):  # warm-up: caches filled, nothing compiled or allocated for the first time below
@@ -119,6 +135,30 @@ def test_aspp_cpu_train_forward():
 @pytest.mark.parametrize("memory_efficient", [False, True])
 def test_aspp_cpu_backward_never_synchronizes(memory_efficient):
     _check(_census(*_aspp_call("fwd_bwd", memory_efficient=memory_efficient)), cat=5)
+
+
+N_BN = 6  # the ASPP cases' BatchNorms: 1x1 branch, three rates, pooling, projection
+
+
+def test_aspp_module_train_forward():
+    """FusedASPP, separate BatchNorm modules: their tensors are kept back to back (deeplab_ops.nn.pack_batchnorms),
+    so no cat of them per call; copies: <= 2 per BatchNorm (measured: one per running statistic for all six, and
+    at::mean's 0-d conversion); the one cat is the C++ composite's pre-BN branch buffer; <= 24 ops besides views."""
+    row = _census(*_aspp_module_call("train_fwd"))
+    _check(row, ops=24, copies=2 * N_BN, cat=1, views_count=False)
+
+
+def test_aspp_module_eval_forward():
+    row = _census(*_aspp_module_call("eval_fwd"))
+    _check(row, ops=24, copies=2 * N_BN, cat=1, views_count=False)
+
+
+@pytest.mark.parametrize("memory_efficient", [False, True])
+def test_aspp_module_backward(memory_efficient):
+    """Forward + backward: no sync; no cat of BatchNorm parameters or of their gradients (the per-BatchNorm
+    gradients are views of the op's): the cats left are the C++ composite's, as with concatenated tensors (forward
+    branch buffer, once more in the memory-efficient recompute; three in its backward)."""
+    _check(_census(*_aspp_module_call("fwd_bwd", memory_efficient=memory_efficient)), cat=4 + memory_efficient)
 
 
 def test_triton_launches():

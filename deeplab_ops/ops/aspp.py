@@ -98,7 +98,8 @@ class _ASPP(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, prefix, x, pool_weight, project_weight, bn_weight, bn_bias, running_mean, running_var, rates,
-                training, momentum, eps, group_name, memory_efficient, *conv_weights):
+                training, momentum, eps, group_name, memory_efficient, n_conv, *tensors):
+        conv_weights = tensors[:n_conv]
         result = below_autograd(_FORWARD_BY_PREFIX[prefix], x, list(conv_weights), pool_weight, project_weight,
                                 bn_weight, bn_bias, running_mean, running_var, rates, training, momentum, eps,
                                 group_name, memory_efficient)
@@ -113,19 +114,22 @@ class _ASPP(torch.autograd.Function):
             keep = (branch, pool_pre, proj, None, None)
         ctx.save_for_backward(x, pool_weight, project_weight, bn_weight, bn_bias, out, mean, invstd, *keep,
                               *conv_weights)
-        ctx.conf = (prefix, list(rates), training, momentum, eps, group_name, memory_efficient)
+        ctx.conf = (prefix, list(rates), training, momentum, eps, group_name, memory_efficient, n_conv,
+                    len(tensors) - n_conv)
         return result
 
     @staticmethod
     def backward(ctx, grad_out, *unused):
-        nig = ctx.needs_input_grad  # (prefix, x, pool_w, proj_w, bn_w, bn_b, rm, rv, ..., *conv_weights)
-        mask = [nig[1], any(nig[14:]) or nig[2] or nig[3], nig[4] or nig[5]]
-        n_conv = len(nig) - 14
+        prefix, rates, training, momentum, eps, group_name, memory_efficient, n_conv, n_parts = ctx.conf
+        # needs_input_grad: (prefix, x, pool_w, proj_w, bn_w, bn_b, rm, rv, rates, ..., n_conv, *conv_weights,
+        # *bn_parts): bn_parts, when given, are the per-BatchNorm weights then biases that bn_w and bn_b alias.
+        nig = ctx.needs_input_grad
+        mask = [nig[1], any(nig[15:15 + n_conv]) or nig[2] or nig[3], nig[4] or nig[5] or any(nig[15 + n_conv:])]
+        grads = [None] * (15 + n_conv + n_parts)
         if grad_out is None or not any(mask):
-            return (None,) * (14 + n_conv)
+            return tuple(grads)
         (x, pool_w, proj_w, bn_w, bn_b, out, mean, invstd, branch, pool_pre, proj, rm, rv,
          *conv_ws) = ctx.saved_tensors
-        prefix, rates, training, momentum, eps, group_name, memory_efficient = ctx.conf
         if memory_efficient:
             _, branch, pool_pre, proj, _, _, _, _ = below_autograd(
                 _FORWARD_BY_PREFIX[prefix], x, conv_ws, pool_w, proj_w, bn_w, bn_b, rm, rv, rates, training,
@@ -138,22 +142,30 @@ class _ASPP(torch.autograd.Function):
             gbw = gbw.to(bn_w.dtype)
         if gbb is not None and gbb.dtype != bn_b.dtype:
             gbb = gbb.to(bn_b.dtype)
-        return (None, gx, gpool, gproj, gbw, gbb, None, None, None, None, None, None, None, None,
-                *(gconv if gconv else (None,) * n_conv))
+        grads[1], grads[2], grads[3] = gx, gpool, gproj
+        if gconv:
+            grads[15:15 + n_conv] = gconv
+        if n_parts and gbw is not None:  # per-BatchNorm gradients: views of the concatenated ones, no copy
+            grads[15 + n_conv:] = (*gbw.chunk(n_parts // 2), *gbb.chunk(n_parts // 2))
+        else:
+            grads[4], grads[5] = gbw, gbb
+        return tuple(grads)
 
 
 def _autograd_kernel(prefix: str):
     """The Autograd kernel of `{prefix}aspp_forward`: the Function when a graph is built, else the op below
-    Autograd. The dispatcher drops trailing arguments equal to their defaults: they get them back here."""
+    Autograd. The dispatcher drops trailing arguments equal to their defaults: they get them back here. bn_parts
+    (the front door only): the per-BatchNorm weights and biases that bn_weight and bn_bias alias."""
     forward = _FORWARD_BY_PREFIX[prefix]
     apply = _ASPP.apply
 
     def kernel(x, conv_weights, pool_weight, project_weight, bn_weight, bn_bias, running_mean, running_var, rates,
-               training, momentum, eps, group_name=None, memory_efficient=False):
+               training, momentum, eps, group_name=None, memory_efficient=False, bn_parts=()):
         if torch.is_grad_enabled() and torch._C._any_requires_grad(x, conv_weights, pool_weight, project_weight,
-                                                                   bn_weight, bn_bias):
+                                                                   bn_weight, bn_bias, bn_parts):
             return apply(prefix, x, pool_weight, project_weight, bn_weight, bn_bias, running_mean, running_var,
-                         rates, training, momentum, eps, group_name, memory_efficient, *conv_weights)
+                         rates, training, momentum, eps, group_name, memory_efficient, len(conv_weights),
+                         *conv_weights, *bn_parts)
         return below_autograd(forward, x, conv_weights, pool_weight, project_weight, bn_weight, bn_bias,
                               running_mean, running_var, rates, training, momentum, eps, group_name,
                               memory_efficient)
@@ -281,6 +293,24 @@ def _flat(value):
     return torch.cat(value)
 
 
+def _alias(value):
+    """A BatchNorm argument as one tensor without a copy, or None: itself if it is one tensor (or None); for a list
+    of (C,) tensors that lie back to back in one storage (what deeplab_ops.nn's fused ASPP keeps), a detached view
+    of all of them; None for any other list (it needs a cat)."""
+    if value is None:
+        return None
+    if isinstance(value, torch.Tensor):
+        return value
+    first = value[0]
+    step, size, base = first.shape[0], first.element_size(), first.data_ptr()
+    total = step * len(value)
+    if (first.untyped_storage().nbytes() >= (first.storage_offset() + total) * size
+            and all(t.data_ptr() == base + i * step * size and t.dtype == first.dtype and t.stride() == (1,)
+                    for i, t in enumerate(value))):
+        return first.detach().as_strided((total,), (1,))
+    return None
+
+
 def aspp(
     x: Tensor,
     conv_weights: list[Tensor],
@@ -336,29 +366,40 @@ def aspp(
         return reference.aspp(x, conv_weights, pool_weight, project_weight, *(_lists(v, n_bn) for v in (
             bn_weights, bn_biases, running_means, running_vars)), rates=rates, training=training,
             momentum=float(momentum), eps=float(eps))
-    rm, rv = _flat(running_means), _flat(running_vars)
-    out, *_, new_rm, new_rv = (_KERNELS[name] if enter_directly(x) else FORWARD[name])(
-        x, list(conv_weights), pool_weight, project_weight, _flat(bn_weights), _flat(bn_biases), rm, rv,
-        list(rates), training, float(momentum), float(eps), group_name, memory_efficient,
-    )
+    args = [x, list(conv_weights), pool_weight, project_weight, bn_weights, bn_biases, running_means, running_vars,
+            list(rates), training, float(momentum), float(eps), group_name, memory_efficient]
+    if enter_directly(x):
+        # Per-BatchNorm tensors back to back in one storage (deeplab_ops.nn's fused ASPP keeps them so) go in as
+        # views of it, the per-BatchNorm parameters being the autograd inputs (their gradients come back as
+        # views): no cat in forward or backward, one copy per running statistic.
+        rm, rv = _alias(running_means), _alias(running_vars)
+        parts = ()
+        if not isinstance(bn_weights, torch.Tensor) and not isinstance(bn_biases, torch.Tensor):
+            bw, bb = _alias(bn_weights), _alias(bn_biases)
+            if bw is not None and bb is not None:
+                args[4], args[5], parts = bw, bb, (*bn_weights, *bn_biases)
+        if not parts:
+            args[4], args[5] = _flat(bn_weights), _flat(bn_biases)
+        args[6] = _flat(running_means) if rm is None else rm
+        args[7] = _flat(running_vars) if rv is None else rv
+        out, *_, new_rm, new_rv = _KERNELS[name](*args, bn_parts=parts)
+    else:  # traced: the graph holds the op, which takes one tensor per BatchNorm argument
+        rm, rv = (t if isinstance(t, torch.Tensor) else None for t in (running_means, running_vars))
+        args[4:8] = _flat(bn_weights), _flat(bn_biases), _flat(running_means), _flat(running_vars)
+        out, *_, new_rm, new_rv = FORWARD[name](*args)
     if training and running_means is not None:
-        _copy_running(running_means, running_vars, new_rm, new_rv)
+        with torch.no_grad():
+            if rm is not None and rv is not None:  # one tensor, or views of the caller's buffers
+                rm.copy_(new_rm)
+                rv.copy_(new_rv)
+            else:
+                for m, v, nm, nv in zip(running_means, running_vars, new_rm.chunk(len(running_means)),
+                                        new_rv.chunk(len(running_vars)), strict=True):
+                    m.copy_(nm)
+                    v.copy_(nv)
     return out
 
 
 def _lists(value, n_bn: int):
     """A BatchNorm argument as per-BatchNorm tensors: views of a concatenated tensor (in-place updates reach it)."""
     return list(value.chunk(n_bn)) if isinstance(value, torch.Tensor) else value
-
-
-def _copy_running(running_means, running_vars, new_rm: Tensor, new_rv: Tensor) -> None:
-    """Copy the concatenated updated running statistics back into the caller's buffer(s)."""
-    with torch.no_grad():
-        if isinstance(running_means, torch.Tensor):
-            running_means.copy_(new_rm)
-            running_vars.copy_(new_rv)
-            return
-        for m, v, nm, nv in zip(running_means, running_vars, new_rm.chunk(len(running_means)),
-                                new_rv.chunk(len(running_vars)), strict=True):
-            m.copy_(nm)
-            v.copy_(nv)
