@@ -1,13 +1,5 @@
-"""deeplab_ops: fused Triton and CUDA C++ kernels for DeepLabV3 that compute exactly what cuDNN conv + BN + ReLU do.
-
-Public API:
-    conv_bn_relu(...)        fused convolution + BatchNorm (+ residual) + ReLU, with autograd
-    aspp(...)                fused ASPP (all branches, image pooling as a bias, projection), with autograd
-    upsample_cross_entropy   cross-entropy of bilinearly upsampled logits, never materializing them
-    nn.FusedConvBNReLU       drop-in for nn.Sequential(Conv2d, BatchNorm2d, ReLU), same state_dict
-    available_backends(dev)  which backends can run on a device, and why the others cannot
-    reference                the pure-PyTorch oracle of every op
-
+"""deeplab_ops: fused Triton and C++/CUDA ops for DeepLabV3 with exact BatchNorm semantics: conv_bn_relu, aspp,
+upsample_cross_entropy, the deeplab_ops.nn modules, available_backends and the reference oracle (docs/ops.md).
 Importing compiles nothing and touches no GPU.
 """
 

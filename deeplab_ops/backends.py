@@ -1,10 +1,6 @@
-"""Backends and dispatch: what each backend supports, why not, and which one `auto` picks.
-
-Every backend's rules live here, in one place: `not_supported_reasons(backend, op, device, **call)` returns the
-reasons a backend cannot run a call (empty when it can), as xformers does. `auto` picks the first candidate with
-no reasons (CUDA tensors: triton, then cuda; CPU tensors: cpu); an explicitly named backend that cannot run
-raises an error listing every backend's reasons. `DEEPLAB_OPS_BACKEND` overrides `backend=None`. The reference
-backend is never picked automatically.
+"""Backends: each backend's support rules in one place (`not_supported_reasons`), the automatic choice
+(`resolve`: CUDA tensors triton then cuda, CPU tensors cpu; $DEEPLAB_OPS_BACKEND overrides None) and the error
+listing every backend's reasons when a named one cannot run a call.
 """
 
 from __future__ import annotations

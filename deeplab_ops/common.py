@@ -92,7 +92,7 @@ _DERIVED_STATS = {"hits": 0, "misses": 0}
 
 
 def _signature(t: Tensor | None) -> tuple | None:
-    return None if t is None else (t.data_ptr(), t._version, tuple(t.shape), t.stride(), t.dtype, t.device)
+    return None if t is None else (t.data_ptr(), t._version, t.shape, t.stride(), t.dtype, t.device)
 
 
 def _evict(key: tuple) -> None:

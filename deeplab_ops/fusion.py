@@ -1,50 +1,6 @@
-"""Fuse every conv → BatchNorm (→ residual add) → ReLU, and every ASPP, of a model onto deeplab_ops ops, in place.
-
-Nothing here imports `model/`: structures are recognised by their shape, so torchvision's models fuse as well
-as ours.
-
-What is fused
-  * ASPP. A module with torchvision's ASPP structure (``convs``: a 1×1 branch, 3×3 atrous branches and an
-    image-pooling branch, each conv → BN → ReLU; ``project``: 1×1 conv → BN → ReLU (→ dropout)) runs on the fused
-    ASPP op (`deeplab_ops.nn.fused_aspp_forward`); every backend has it.
-  * Chains. In an ``nn.Sequential`` (any subclass) or an ``nn.ModuleDict`` that has a ``return_layers`` dict
-    (torchvision's IntermediateLayerGetter), consecutive children ``Conv2d → BatchNorm2d (→ ReLU)``. This covers
-    ASPP branches, ASPP's projection, conv-BN-ReLU layers inside heads (torchvision's DeepLabHead, FCNHead), a
-    ResNet stem held in such a container, and downsample paths ``Sequential(Conv2d, BatchNorm2d)`` (relu=False).
-  * Residual blocks. A module with ``conv1, bn1, …, convK, bnK`` (K = 2 or 3: torchvision's BasicBlock and
-    Bottleneck, model.resnet.Bottleneck), a ``relu`` and a ``downsample`` attribute (a module or None). Its forward
-    becomes ``conv_bn_relu`` for the first K−1 pairs and ``conv_bn_relu(..., residual=shortcut)`` for the last.
-
-How, with the state_dict unchanged (no parameter, buffer or module name moves)
-  * a fused chain's Conv2d becomes a :class:`FusedConv2d` (a Conv2d subclass whose forward runs the fused op
-    with the BatchNorm's parameters, buffers and mode), its BatchNorm2d a :class:`FusedAwayBatchNorm2d` (forward:
-    identity) and its ReLU's slot in the container holds a :class:`FusedAwayReLU` (identity) that remembers it;
-  * a residual block's or an ASPP's class becomes a subclass of its own class with the fused forward (deepcopy
-    and pickle give the same fused module back).
-:func:`unfuse_modules` restores the original classes and children. Both are idempotent.
-
-Assumptions and limits
-  * A fused container calls its children in order, each on the previous one's output (nn.Sequential's
-    contract; torchvision's ASPPPooling and IntermediateLayerGetter honour it). A child named in a container's
-    ``return_layers`` is not fused away. A residual block computes ``relu(bnK(convK(…relu(bn1(conv1(x)))…)) +
-    shortcut)`` with ``shortcut = downsample(x)`` or ``x``, as torchvision's blocks do. An ASPP computes
-    ``project(cat([branch(x) for branch in convs]))``, its pooling branch broadcasting the pooled map bilinearly.
-  * Only exact ``nn.Conv2d`` (no bias, groups=1, zero padding, symmetric padding) and exact ``nn.BatchNorm2d``
-    are fused; subclasses, SyncBatchNorm, frozen-BN classes and modules that appear twice in the model are left
-    alone. Forward hooks on a fused-away BatchNorm2d or ReLU see the fused output.
-  * BatchNorm mode follows each BatchNorm's own ``training`` flag, so frozen BN (``bn.eval()`` in a training
-    model) is honoured. The fused ASPP op takes one mode for all its BatchNorms, read from them (the dropout after
-    the projection follows its own flag): when the ASPP's BatchNorms are in different modes, that call runs the
-    ASPP's original forward (exact, unfused).
-  * Distributed training: `deeplab_ops.nn.sync_batchnorm(model, group)` makes every fused module share its
-    BatchNorm statistics across the group's processes (nn.SyncBatchNorm semantics); call it after fusing.
-  * ``fuse_modules(model, memory_efficient=True)``: fused convs, residual blocks and ASPPs keep no pre-BN
-    activation for the backward (README, "Memory-efficient training"); synchronized modules keep theirs.
-  * Pre-activation residual units (BN → ReLU → conv) do not have the conv → BN → ReLU shape at their input
-    BatchNorm, their last conv or their add: those stay unfused. Conv-BN-ReLU chains inside them (e.g.
-    model.resnet.PreActBottleneck's ``residual`` Sequential) are fused.
-  * Training BatchNorm on one value per channel (the ASPP image-pooling branch at batch 1) raises, as PyTorch
-    does: use a batch of 2 or more, eval mode, or frozen BatchNorm.
+"""fuse_modules / unfuse_modules / sync_batchnorm: run a model's conv → BatchNorm (→ residual add) → ReLU chains,
+residual blocks and ASPPs on deeplab_ops ops, in place, state_dict unchanged. What is fused, how, and the limits:
+docs/ops.md, "Fusing a model".
 """
 
 from __future__ import annotations

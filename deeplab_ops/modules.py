@@ -1,10 +1,5 @@
-"""nn.Module front ends of the fused ops: FusedConvBNReLU, FusedASPP, and the calls that run existing conv/BN modules
-on the ops with the modules' exact semantics (fused_conv_bn, fused_aspp_forward).
-
-FusedConvBNReLU is a drop-in for ``nn.Sequential(nn.Conv2d(..., bias=False), nn.BatchNorm2d(...), nn.ReLU())``
-with the same children and state_dict keys (``0.weight``, ``1.weight``, ``1.bias``, ``1.running_mean``,
-``1.running_var``, ``1.num_batches_tracked``), so checkpoints move both ways, and the same BatchNorm behaviour
-(momentum, momentum=None as a cumulative average, track_running_stats, eval).
+"""nn.Module front ends of the fused ops: FusedConvBNReLU and FusedASPP (torch's state_dict keys and BatchNorm
+semantics), and the calls that run existing conv/BN modules on the ops (fused_conv_bn, fused_aspp_forward).
 """
 
 from __future__ import annotations

@@ -10,9 +10,11 @@ from deeplab_ops.modules import (
     check_fusable,
     fused_aspp_forward,
     fused_conv_bn,
+    pack_batchnorms,
 )
 
 __all__ = [
     "FusedASPP", "FusedConvBNReLU", "aspp_parts", "bn_call_args", "bn_step", "check_fusable", "fuse_modules",
-    "fused_aspp_forward", "fused_config", "fused_conv_bn", "is_fused", "sync_batchnorm", "unfuse_modules",
+    "fused_aspp_forward", "fused_config", "fused_conv_bn", "is_fused", "pack_batchnorms", "sync_batchnorm",
+    "unfuse_modules",
 ]

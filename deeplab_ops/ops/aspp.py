@@ -1,10 +1,6 @@
-"""aspp: argument checks, fake kernels, the one autograd, the public function.
-
-Schemas: csrc/ops.cpp. `aspp_forward/_backward` run on the cpu and cuda backends (C++ composite, csrc/), their
-`triton_` twins on the triton backend (deeplab_ops/triton/aspp.py); both twins get the same fake kernels and the
-same autograd. The ops take every BatchNorm's tensors concatenated in the order [1×1 branch, one per rate, image
-pooling, projection]; `aspp` takes them so (no concatenation per call) or as per-BatchNorm lists (concatenated per
-call), and copies the updated running statistics back into the caller's buffers.
+"""aspp: argument checks, fake kernels, the one autograd, the public function. Schemas in csrc/ops.cpp
+(`aspp_forward/_backward` for cpu and cuda, `triton_` twins for triton); the ops take every BatchNorm's tensors
+concatenated (docs/ops.md; how per-BatchNorm lists avoid the cat: docs/performance.md).
 """
 
 from __future__ import annotations

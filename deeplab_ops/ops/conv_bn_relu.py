@@ -1,9 +1,6 @@
-"""conv_bn_relu: argument checks, fake kernels, the one autograd, the eval fold, the public function.
-
-Schemas: csrc/ops.cpp. `conv_bn_relu_forward/_backward` run on the cpu and cuda backends (C++ composites),
-their `triton_` twins on the triton backend; both twins get the same fake kernels and the same autograd. The
-forward is functional: it returns the updated running statistics, which `conv_bn_relu` copies into the caller's
-buffers, so autograd and torch.compile see no mutation inside the op.
+"""conv_bn_relu: argument checks, fake kernels, the one autograd, the eval fold, the public function. Schemas in
+csrc/ops.cpp (`conv_bn_relu_forward/_backward` for cpu and cuda, `triton_` twins for triton); the forward is
+functional (returns the new running statistics, which the front door copies into the caller's buffers).
 """
 
 from __future__ import annotations
@@ -24,6 +21,7 @@ from deeplab_ops.common import (
     pair,
 )
 from deeplab_ops.ops.dispatch import (
+    BELOW_AUTOGRAD,
     autograd_kernels,
     below_autograd,
     call_backward,
@@ -232,9 +230,10 @@ class _ConvBNReLU(torch.autograd.Function):
     @staticmethod
     def forward(ctx, prefix, x, weight, bn_weight, bn_bias, running_mean, running_var, stride, padding, dilation,
                 training, momentum, eps, residual, relu, group_name, memory_efficient):
-        result = below_autograd(_FORWARD_BY_PREFIX[prefix], x, weight, bn_weight, bn_bias, running_mean,
-                                running_var, stride, padding, dilation, training, momentum, eps, residual, relu,
-                                group_name, memory_efficient)
+        with BELOW_AUTOGRAD():
+            result = _FORWARD_BY_PREFIX[prefix](x, weight, bn_weight, bn_bias, running_mean, running_var, stride,
+                                                padding, dilation, training, momentum, eps, residual, relu,
+                                                group_name, memory_efficient)
         out, conv_out, mean, invstd, new_rm, new_rv = result
         ctx.mark_non_differentiable(conv_out, mean, invstd, new_rm, new_rv)
         ctx.set_materialize_grads(False)  # no zero gradients built for the five non-differentiable outputs
@@ -282,8 +281,9 @@ def _autograd_kernel(prefix: str):
         if torch.is_grad_enabled() and torch._C._any_requires_grad(x, weight, bn_weight, bn_bias, residual):
             return apply(prefix, x, weight, bn_weight, bn_bias, running_mean, running_var, stride, padding,
                          dilation, training, momentum, eps, residual, relu, group_name, memory_efficient)
-        return below_autograd(forward, x, weight, bn_weight, bn_bias, running_mean, running_var, stride, padding,
-                              dilation, training, momentum, eps, residual, relu, group_name, memory_efficient)
+        with BELOW_AUTOGRAD():
+            return forward(x, weight, bn_weight, bn_bias, running_mean, running_var, stride, padding, dilation,
+                           training, momentum, eps, residual, relu, group_name, memory_efficient)
 
     return kernel
 
@@ -389,19 +389,21 @@ def conv_bn_relu(
             dilation=dilation, training=training, momentum=float(momentum), eps=float(eps), residual=residual,
             relu=relu,
         )
+    direct = enter_directly(x)  # not traced: Python caches, the op's Autograd kernel called directly
     if not training and not _needs_grad(x, weight, bn_weight, bn_bias, residual):
-        if torch.compiler.is_compiling():  # traced: the fold is part of the graph (no Python cache to trace)
-            w, b = _fold(weight, bn_weight, bn_bias, running_mean, running_var, float(eps))
-        else:
-            w, b = derived(("fold", float(eps)), (weight, bn_weight, bn_bias, running_mean, running_var),
-                           lambda: _fold(weight, bn_weight, bn_bias, running_mean, running_var, float(eps)))
-        return CONV_BIAS_ACT[name](x, w, b, residual, stride, padding, dilation, relu)
-    out, _, _, _, new_rm, new_rv = (_KERNELS[name] if enter_directly(x) else FORWARD[name])(
+        if not direct:  # traced: the fold is part of the graph (no Python cache to trace)
+            return CONV_BIAS_ACT[name](x, *_fold(weight, bn_weight, bn_bias, running_mean, running_var, float(eps)),
+                                       residual, stride, padding, dilation, relu)
+        w, b = derived(("fold", float(eps)), (weight, bn_weight, bn_bias, running_mean, running_var),
+                       lambda: _fold(weight, bn_weight, bn_bias, running_mean, running_var, float(eps)))
+        with BELOW_AUTOGRAD():  # nothing to differentiate: skip the Autograd key's fallback
+            return CONV_BIAS_ACT[name](x, w, b, residual, stride, padding, dilation, relu)
+    out, _, _, _, new_rm, new_rv = (_KERNELS[name] if direct else FORWARD[name])(
         x, weight, bn_weight, bn_bias, running_mean, running_var, stride, padding, dilation, training,
         float(momentum), float(eps), residual, relu, group_name, memory_efficient,
     )
     if training and running_mean is not None:
-        with torch.no_grad():
+        with BELOW_AUTOGRAD() if direct else torch.no_grad():  # recorded by no graph
             running_mean.copy_(new_rm)
             running_var.copy_(new_rv)
     return out

@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import torch
 
-_BELOW_AUTOGRAD = torch._C._AutoDispatchBelowAutograd
+BELOW_AUTOGRAD = torch._C._AutoDispatchBelowAutograd  # a guard: ops called inside skip the Autograd key
 _LIB = torch.library.Library("deeplab_ops", "IMPL")
 
 
@@ -33,7 +33,7 @@ def enter_directly(x) -> bool:
 
 def below_autograd(op, *args):
     """`op(*args)` past the Autograd dispatch key: the op's autograd kernel is not entered."""
-    with _BELOW_AUTOGRAD():
+    with BELOW_AUTOGRAD():
         return op(*args)
 
 
@@ -42,7 +42,7 @@ def call_backward(op, *args):
     it when a graph is being built (create_graph=True), where its kernel refuses double backward."""
     if torch.is_grad_enabled():
         return op(*args)
-    with _BELOW_AUTOGRAD():
+    with BELOW_AUTOGRAD():
         return op(*args)
 
 
@@ -52,7 +52,7 @@ def _refusing_kernel(op, message: str):
     error = message.encode()
 
     def kernel(*args):
-        with _BELOW_AUTOGRAD():
+        with BELOW_AUTOGRAD():
             out = op(*args)
         if not (torch.is_grad_enabled() and torch._C._any_requires_grad(*args)):
             return out

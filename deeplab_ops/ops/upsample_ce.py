@@ -1,17 +1,6 @@
-"""Cross-entropy of bilinearly upsampled logits: argument checks, fake kernels, autograd, dispatch.
-
-`upsample_cross_entropy(logits, target)` equals
-``F.cross_entropy(F.interpolate(logits, target.shape[-2:], mode="bilinear", align_corners=...), target, ...)``
-without ever materializing the upsampled (N, K, H, W) logits, in forward or backward: the kernels interpolate
-the K logits of each output pixel from its 4 low-res neighbours on the fly and save only the per-pixel
-logsumexp (N, H, W) for the backward.
-
-Two op families share one contract (schemas in csrc/ops.cpp):
-  deeplab_ops::upsample_cross_entropy_forward / _backward          cpu and cuda backends (csrc/cpu, csrc/cuda)
-  deeplab_ops::triton_upsample_cross_entropy_forward / _backward   triton backend (deeplab_ops/triton/)
-
-Labels outside [0, K) other than ignore_index: CPU tensors raise (as PyTorch does), read in host memory; CUDA
-tensors are decided in the kernels, with no host synchronization: NaN loss (and gradient) at such pixels.
+"""upsample_cross_entropy: argument checks, fake kernels, the one autograd, the public function. Schemas in
+csrc/ops.cpp (`upsample_cross_entropy_forward/_backward` for cpu and cuda, `triton_` twins for triton); how the
+op works and its label-range rule: docs/ops.md.
 """
 
 from __future__ import annotations
