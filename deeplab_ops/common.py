@@ -105,12 +105,16 @@ def _evict(key: tuple) -> None:
 def derived(tag, sources, build):
     """`build()`, or what it returned for these `sources` (tensors, or None) in their current state. `tag` names the
     kind of derivative and any non-tensor input it depends on; `build` must read detached sources."""
-    live = [t for t in sources if t is not None]
-    if (torch.compiler.is_compiling() or any(t.is_inference() or t.dtype == torch.float64 for t in live)
-            or (live[0].is_cuda and torch.cuda.is_current_stream_capturing())):
+    if torch.compiler.is_compiling():
         return build()
-    key = (tag, *(id(t) for t in sources))
-    sig = tuple(_signature(t) for t in sources)
+    live = [t for t in sources if t is not None]
+    for t in live:
+        if t.is_inference() or t.dtype == torch.float64:
+            return build()
+    if live[0].is_cuda and torch.cuda.is_current_stream_capturing():
+        return build()
+    key = (tag, *map(id, sources))
+    sig = tuple([_signature(t) for t in sources])
     entry = _DERIVED.get(key)
     if entry is not None and entry[0] == sig:
         _DERIVED_STATS["hits"] += 1

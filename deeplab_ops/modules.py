@@ -296,10 +296,7 @@ def fused_aspp_forward(module: nn.Module, x: Tensor, backend: str | None = None,
     parts = module.__dict__.get(_PARTS_ATTR)
     if parts is None:  # the structure is validated once per module, not per call
         convs, bns, rates = aspp_parts(module)
-        # after the projection's BatchNorm and ReLU: what the module applies to the op's output (a dropout with
-        # p=0 is the identity and is skipped)
-        extras = [m for m in list(module.project)[3:] if not (isinstance(m, nn.Dropout) and m.p == 0)]
-        parts = (convs, bns, rates, extras)
+        parts = (convs, bns, rates, list(module.project)[3:])  # extras: applied to the op's output
         object.__setattr__(module, _PARTS_ATTR, parts)  # plain attribute: not in the state_dict
     convs, bns, rates, extras = parts
     training = _aspp_config(bns)
@@ -322,7 +319,8 @@ def fused_aspp_forward(module: nn.Module, x: Tensor, backend: str | None = None,
             for c in counters:
                 c.add_(1)
     for extra in extras:
-        out = extra(out)
+        if not (type(extra) is nn.Dropout and extra.p == 0):  # dropout(p=0) is the identity
+            out = extra(out)
     return out
 
 
