@@ -169,3 +169,24 @@ def test_triton_launches():
     assert (train["triton_launches"], evalf["triton_launches"]) == (3, 1), (train["triton_by_kernel"],
                                                                           evalf["triton_by_kernel"])
     assert train["syncs"] == evalf["syncs"] == 0
+
+
+@pytest.mark.parametrize("mode", ["train_fwd", "fwd_bwd"])
+def test_triton_upsample_cross_entropy_never_synchronizes(mode):
+    """The triton backend decides bad labels in its kernel (NaN) and reads nothing back: no item(), no nonzero,
+    in forward or backward (CPU tensors run it in the interpreter; their label check reads host memory)."""
+    grad = mode == "fwd_bwd"
+    logits = _leaf(torch.randn(2, 3, 4, 4), grad)
+    target = torch.randint(0, 3, (2, 8, 8))
+    target[0, 0, 0] = 255
+
+    def call():
+        with torch.set_grad_enabled(grad):
+            loss = deeplab_ops.upsample_cross_entropy(logits, target, backend="triton")
+        if grad:
+            loss.backward()
+
+    row = _census(call, [logits], triton=True)
+    _check(row)
+    assert row["triton_launches"] == 1 + grad, row["triton_by_kernel"]
+
