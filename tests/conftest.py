@@ -1,5 +1,9 @@
 """Test setup. Without a visible CUDA device, Triton kernels run in the interpreter on CPU tensors:
-TRITON_INTERPRET must be set before any Triton kernel module is imported, so it is set here, first."""
+TRITON_INTERPRET must be set before any Triton kernel module is imported, so it is set here, first.
+
+DEEPLAB_OPS_TEST_NO_INTERPRETER=1 leaves the interpreter off (TRITON_INTERPRET unset) as on a GPU machine: every
+test that needs triton then runs on CUDA tensors or is skipped with a reason that says a GPU is needed
+(helpers.TRITON_DEVICE, helpers.needs_triton)."""
 
 import os
 import zlib
@@ -14,7 +18,9 @@ def _cuda_visible() -> bool:
         return False
 
 
-if not _cuda_visible():
+if os.environ.get("DEEPLAB_OPS_TEST_NO_INTERPRETER", "0") not in ("", "0"):
+    os.environ.pop("TRITON_INTERPRET", None)
+elif not _cuda_visible():
     os.environ.setdefault("TRITON_INTERPRET", "1")
 
 import pytest  # noqa: E402
@@ -34,10 +40,10 @@ def _fresh_seed(request):
 @pytest.fixture
 def no_tf32():
     """float32 comparisons against float64 use float32 tolerances: TF32 off unless a test turns it on."""
-    previous = torch.backends.cudnn.allow_tf32
-    torch.backends.cudnn.allow_tf32 = False
+    previous = torch.backends.cudnn.allow_tf32, torch.backends.cuda.matmul.allow_tf32
+    torch.backends.cudnn.allow_tf32 = torch.backends.cuda.matmul.allow_tf32 = False
     yield
-    torch.backends.cudnn.allow_tf32 = previous
+    torch.backends.cudnn.allow_tf32, torch.backends.cuda.matmul.allow_tf32 = previous
 
 
 def pytest_report_header(config):
