@@ -3,7 +3,9 @@ TRITON_INTERPRET must be set before any Triton kernel module is imported, so it 
 
 DEEPLAB_OPS_TEST_NO_INTERPRETER=1 leaves the interpreter off (TRITON_INTERPRET unset) as on a GPU machine: every
 test that needs triton then runs on CUDA tensors or is skipped with a reason that says a GPU is needed
-(helpers.TRITON_DEVICE, helpers.needs_triton)."""
+(helpers.TRITON_DEVICE, helpers.needs_triton). DEEPLAB_OPS_TEST_SIGNATURES=1 prints, at the end, how many distinct
+Triton JIT specializations the tests launched (count_launches().signatures; per process under xdist): what a GPU
+run compiles, tuning candidates aside."""
 
 import os
 import zlib
@@ -35,6 +37,28 @@ def _fresh_seed(request):
     seed = zlib.crc32(request.node.nodeid.encode())
     torch.manual_seed(seed)
     yield
+
+
+_SIGNATURES = set() if os.environ.get("DEEPLAB_OPS_TEST_SIGNATURES", "0") not in ("", "0") else None
+
+
+@pytest.fixture(autouse=True)
+def _collect_signatures():
+    if _SIGNATURES is None:
+        yield
+        return
+    from deeplab_ops.triton import count_launches
+
+    with count_launches() as count:
+        yield
+    _SIGNATURES.update(count.signatures)
+
+
+def pytest_terminal_summary(terminalreporter):
+    if _SIGNATURES is not None:
+        kernels = sorted({s.kernel for s in _SIGNATURES})
+        terminalreporter.write_line(f"deeplab_ops: {len(_SIGNATURES)} distinct Triton JIT specializations launched "
+                                    f"(kernels: {', '.join(kernels)})")
 
 
 @pytest.fixture

@@ -48,8 +48,8 @@ def count_launches() -> Iterator[LaunchCount]:
     active.append(counter)
     try:
         yield counter
-    finally:
-        active.remove(counter)
+    finally:  # by identity: two counters with equal counts compare equal
+        del active[next(i for i in range(len(active) - 1, -1, -1) if active[i] is counter)]
 
 
 def record_launch(active: list[LaunchCount], name: str, signature: Callable[[], Signature]) -> None:
