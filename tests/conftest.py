@@ -42,8 +42,11 @@ def _fresh_seed(request):
 _SIGNATURES = set() if os.environ.get("DEEPLAB_OPS_TEST_SIGNATURES", "0") not in ("", "0") else None
 
 
+_PER_TEST: dict[str, int] = {}
+
+
 @pytest.fixture(autouse=True)
-def _collect_signatures():
+def _collect_signatures(request):
     if _SIGNATURES is None:
         yield
         return
@@ -51,6 +54,7 @@ def _collect_signatures():
 
     with count_launches() as count:
         yield
+    _PER_TEST[request.node.nodeid] = len(count.signatures - _SIGNATURES)
     _SIGNATURES.update(count.signatures)
 
 
@@ -58,7 +62,9 @@ def pytest_terminal_summary(terminalreporter):
     if _SIGNATURES is not None:
         kernels = sorted({s.kernel for s in _SIGNATURES})
         terminalreporter.write_line(f"deeplab_ops: {len(_SIGNATURES)} distinct Triton JIT specializations launched "
-                                    f"(kernels: {', '.join(kernels)})")
+                                    f"(kernels: {', '.join(kernels)}); the tests that added most:")
+        for nodeid, n in sorted(_PER_TEST.items(), key=lambda t: -t[1])[:10]:
+            terminalreporter.write_line(f"  {n:4d}  {nodeid}")
 
 
 @pytest.fixture

@@ -79,7 +79,7 @@ def _device_of(args) -> torch.device | None:
 
 def device_guard(device: torch.device | None):
     """A context that makes `device` current for a launch: torch.cuda.device when `device` is a CUDA device other
-    than the current one; the interpreter lock for CPU tensors; nothing otherwise."""
+    than the current one, else nothing; the interpreter lock for CPU (any non-CUDA) tensors."""
     if device is None:
         return contextlib.nullcontext()
     if device.type == "cuda":

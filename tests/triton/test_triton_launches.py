@@ -104,6 +104,10 @@ def test_tuned_configurations_are_cached_by_key(monkeypatch):
     assert pick(dtype=torch.bfloat16) == 4
     assert pick(TRAINING=False) == 5           # another epilogue is another kernel
     assert pick(c_in=60, hw=40) == 1 and len(tuned) == 5
+    wgrad = conv_engine.KERNELS["wgrad"]
+    sizes = dict(C_in=64, C_out=64, H_out=33, W_out=33, stride_h=1, stride_w=1, SPLITS=3)
+    assert launch.tuning_key(wgrad, cuda, torch.float16, sizes, meta) == launch.tuning_key(
+        wgrad, cuda, torch.float16, dict(sizes, H_out=129, W_out=65, SPLITS=17), meta)  # splits follow the map size
     # CPU tensors (the interpreter) do not tune unless asked to (set_autotune("all")): the fixed configuration.
     assert launch.autotune_mode() == "gpu"
     assert launch.tuned_config(spec, torch.device("cpu"), torch.float32, {}, meta, None) == spec.interpreter
