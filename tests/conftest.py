@@ -59,7 +59,10 @@ def _collect_signatures(request):
 
 
 def pytest_terminal_summary(terminalreporter):
-    if _SIGNATURES is not None:
+    if _SIGNATURES is not None and not _PER_TEST:
+        terminalreporter.write_line("deeplab_ops: no test ran in this process (none selected, or xdist workers ran "
+                                    "them): count the Triton JIT specializations without -n")
+    elif _SIGNATURES is not None:
         kernels = sorted({s.kernel for s in _SIGNATURES})
         terminalreporter.write_line(f"deeplab_ops: {len(_SIGNATURES)} distinct Triton JIT specializations launched "
                                     f"(kernels: {', '.join(kernels)}); the tests that added most:")
