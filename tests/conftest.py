@@ -1,5 +1,11 @@
 """Test setup. Without a visible CUDA device, Triton kernels run in the interpreter on CPU tensors:
-TRITON_INTERPRET must be set before any Triton kernel module is imported, so it is set here, first."""
+TRITON_INTERPRET must be set before any Triton kernel module is imported, so it is set here, first.
+
+DEEPLAB_OPS_TEST_NO_INTERPRETER=1 leaves the interpreter off (TRITON_INTERPRET unset) as on a GPU machine: every
+test that needs triton then runs on CUDA tensors or is skipped with a reason that says a GPU is needed
+(helpers.TRITON_DEVICE, helpers.needs_triton). DEEPLAB_OPS_TEST_SIGNATURES=1 prints, at the end, how many distinct
+Triton JIT specializations the tests launched (count_launches().signatures; per process under xdist): what a GPU
+run compiles, tuning candidates aside."""
 
 import os
 import zlib
@@ -14,7 +20,9 @@ def _cuda_visible() -> bool:
         return False
 
 
-if not _cuda_visible():
+if os.environ.get("DEEPLAB_OPS_TEST_NO_INTERPRETER", "0") not in ("", "0"):
+    os.environ.pop("TRITON_INTERPRET", None)
+elif not _cuda_visible():
     os.environ.setdefault("TRITON_INTERPRET", "1")
 
 import pytest  # noqa: E402
@@ -31,13 +39,44 @@ def _fresh_seed(request):
     yield
 
 
+_SIGNATURES = set() if os.environ.get("DEEPLAB_OPS_TEST_SIGNATURES", "0") not in ("", "0") else None
+
+
+_PER_TEST: dict[str, int] = {}
+
+
+@pytest.fixture(autouse=True)
+def _collect_signatures(request):
+    if _SIGNATURES is None:
+        yield
+        return
+    from deeplab_ops.triton import count_launches
+
+    with count_launches() as count:
+        yield
+    _PER_TEST[request.node.nodeid] = len(count.signatures - _SIGNATURES)
+    _SIGNATURES.update(count.signatures)
+
+
+def pytest_terminal_summary(terminalreporter):
+    if _SIGNATURES is not None and not _PER_TEST:
+        terminalreporter.write_line("deeplab_ops: no test ran in this process (none selected, or xdist workers ran "
+                                    "them): count the Triton JIT specializations without -n")
+    elif _SIGNATURES is not None:
+        kernels = sorted({s.kernel for s in _SIGNATURES})
+        terminalreporter.write_line(f"deeplab_ops: {len(_SIGNATURES)} distinct Triton JIT specializations launched "
+                                    f"(kernels: {', '.join(kernels)}); the tests that added most:")
+        for nodeid, n in sorted(_PER_TEST.items(), key=lambda t: -t[1])[:10]:
+            terminalreporter.write_line(f"  {n:4d}  {nodeid}")
+
+
 @pytest.fixture
 def no_tf32():
     """float32 comparisons against float64 use float32 tolerances: TF32 off unless a test turns it on."""
-    previous = torch.backends.cudnn.allow_tf32
-    torch.backends.cudnn.allow_tf32 = False
+    previous = torch.backends.cudnn.allow_tf32, torch.backends.cuda.matmul.allow_tf32
+    torch.backends.cudnn.allow_tf32 = torch.backends.cuda.matmul.allow_tf32 = False
     yield
-    torch.backends.cudnn.allow_tf32 = previous
+    torch.backends.cudnn.allow_tf32, torch.backends.cuda.matmul.allow_tf32 = previous
 
 
 def pytest_report_header(config):

@@ -1,17 +1,69 @@
-"""Shared test utilities: run a fused call and its reference on the same fresh inputs, compare everything."""
+"""Shared test utilities: where each backend runs (TRITON_DEVICE, the marks), fresh inputs, and a fused call against
+its reference on the same inputs."""
 
 from __future__ import annotations
 
 from dataclasses import dataclass
 from pathlib import Path
 
+import pytest
 import torch
 
 import deeplab_ops
 from deeplab_ops import reference
+from deeplab_ops.common import interpreter_active
 
 CUDA = torch.cuda.is_available()
 ROOT = Path(__file__).resolve().parent.parent  # the repository root
+
+# Where the triton backend runs: CUDA tensors where a GPU is visible, else CPU tensors in the Triton interpreter
+# (conftest turns it on; DEEPLAB_OPS_TEST_NO_INTERPRETER=1 leaves it off, and then triton cannot run here).
+TRITON_DEVICE = "cuda" if CUDA else "cpu"
+TRITON_RUNS = CUDA or interpreter_active()
+needs_cuda = pytest.mark.skipif(not CUDA, reason="needs a CUDA device; none is visible")
+needs_triton = pytest.mark.skipif(
+    not TRITON_RUNS,
+    reason="needs a GPU: the triton backend runs CPU tensors only in the Triton interpreter, which is off here",
+)
+# `gpu`: exercises a CUDA or Triton path (`pytest -m gpu`, the GPU suite's first phase). Triton tests run on CUDA
+# tensors where a GPU is visible and in the interpreter where none is; CUDA tests are skipped where none is.
+TRITON_MARKS = (pytest.mark.gpu, needs_triton)
+CUDA_MARKS = (pytest.mark.gpu, needs_cuda)
+
+
+def triton_test(fn):
+    """Decorator: a test that runs the triton backend on TRITON_DEVICE (marked `gpu`, skipped where triton cannot
+    run)."""
+    return pytest.mark.gpu(needs_triton(fn))
+
+
+def cuda_test(fn):
+    """Decorator: a test that needs a CUDA device (marked `gpu`, skipped where none is visible)."""
+    return pytest.mark.gpu(needs_cuda(fn))
+
+
+def triton_param(*values, id: str | None = None):
+    """A parametrize entry that runs the triton backend (marked `gpu`, skipped where triton cannot run)."""
+    return pytest.param(*values, marks=TRITON_MARKS, id=id)
+
+
+def cuda_param(*values, id: str | None = None):
+    """A parametrize entry that needs a CUDA device (marked `gpu`)."""
+    return pytest.param(*values, marks=CUDA_MARKS, id=id)
+
+
+def backend_param(backend: str):
+    """`backend` as a parametrize entry with the marks it needs: triton and cuda are `gpu` tests."""
+    if backend == "triton":
+        return triton_param(backend)
+    if backend == "cuda":
+        return cuda_param(backend)
+    return backend
+
+
+def device_for(backend: str) -> str:
+    """The device a test builds `backend`'s inputs on: CUDA for cuda, TRITON_DEVICE for triton, else CPU."""
+    return {"cuda": "cuda", "triton": TRITON_DEVICE}.get(backend, "cpu")
 
 
 @dataclass(frozen=True)
@@ -88,9 +140,11 @@ def assert_close(actual: torch.Tensor, expected: torch.Tensor, what: str, atol: 
     )
 
 
-def run_and_compare(case: Case, backend: str, dtype=torch.float32, device="cpu", grads: bool = True) -> None:
-    """Forward, every gradient and the running statistics of `backend` against the float64 reference."""
-    x, w, gamma, beta, rm, rv, res = make_inputs(case, dtype, device)
+def run_and_compare(case: Case, backend: str, dtype=torch.float32, device: str | None = None,
+                    grads: bool = True) -> None:
+    """Forward, every gradient and the running statistics of `backend` against the float64 reference, on `device`
+    (default: where `backend` runs, `device_for`)."""
+    x, w, gamma, beta, rm, rv, res = make_inputs(case, dtype, device or device_for(backend))
     atol, rtol = tolerances(dtype)
 
     def prepared(t, dt=None):

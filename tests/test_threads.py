@@ -1,5 +1,7 @@
-"""The ops called from several Python threads at once on CPU give the results they give one call at a time:
-forward, gradients and running statistics, per backend; a shared eval-mode module too."""
+"""The ops called from several Python threads at once give the results they give one call at a time: forward,
+gradients and running statistics, per backend (triton on CUDA tensors where a GPU is visible, else in the
+interpreter); a shared eval-mode module too. Triton with autotuning on (the interpreter tunes too: launch.py's
+"all" mode): correct results, every call's configuration one of its pruned candidates, one tuning per key."""
 
 from __future__ import annotations
 
@@ -8,31 +10,29 @@ from concurrent.futures import ThreadPoolExecutor
 
 import pytest
 import torch
-from helpers import Case, assert_close, make_inputs
+from helpers import (
+    CUDA,
+    TRITON_DEVICE,
+    Case,
+    assert_close,
+    backend_param,
+    device_for,
+    make_inputs,
+    tolerances,
+    triton_test,
+)
 
 import deeplab_ops
-from deeplab_ops import backends
+from deeplab_ops import reference
 from deeplab_ops.nn import FusedASPP, FusedConvBNReLU
 
 THREADS = 4
-CPU = torch.device("cpu")
-
 
 # The Triton interpreter keeps the launch grid in one process-wide builder, so two interpreted launches from two
 # threads would corrupt each other ("InterpreterError: ValueError('x >= grid_dim[0]')"): deeplab_ops/triton
-# serializes calls on CPU tensors with a lock, which these tests exercise.
-def _triton_param(op: str, **call):
-    try:
-        reasons = backends.not_supported_reasons("triton", op, CPU, **call)
-    except TypeError:
-        reasons = []
-    return pytest.param("triton", marks=pytest.mark.skip(reason="; ".join(reasons))) if reasons else "triton"
-
-
-CONV_BACKENDS = ["reference", "cpu", _triton_param(
-    "conv_bn_relu", x=torch.randn(2, 2, 5, 5), weight=torch.randn(2, 2, 3, 3), stride=(1, 1), padding=(1, 1),
-    dilation=(1, 1), training=True, residual=None)]
-ASPP_BACKENDS = ["reference", "cpu", _triton_param("aspp", x=torch.randn(2, 2, 5, 5), rates=(1, 2), training=True)]
+# serializes launches on CPU tensors with a lock, which these tests exercise. On CUDA tensors nothing is serialized.
+CONV_BACKENDS = ["reference", "cpu", backend_param("triton")]
+ASPP_BACKENDS = CONV_BACKENDS
 
 
 def _concurrently(fn, jobs):
@@ -51,7 +51,7 @@ def _concurrently(fn, jobs):
 
 def _conv_job(case: Case, backend: str, seed: int):
     torch.manual_seed(seed)  # the inputs only; the threads draw nothing else
-    x, w, g, b, rm, rv, res = make_inputs(case, torch.float64)
+    x, w, g, b, rm, rv, res = make_inputs(case, torch.float64, device_for(backend))
     return (case, backend, (x, w, g, b, rm, rv, res))
 
 
@@ -108,9 +108,10 @@ def test_aspp_from_threads(backend):
         return m
 
     n_jobs = THREADS if small else 2 * THREADS
-    xs = [torch.randn(2, cin, size, size + 1, dtype=torch.float64) for _ in range(n_jobs)]
-    expected = [_run_aspp((backend, make(i), xs[i])) for i in range(n_jobs)]
-    got = _concurrently(_run_aspp, [(backend, make(i), xs[i]) for i in range(n_jobs)])
+    device = device_for(backend)
+    xs = [torch.randn(2, cin, size, size + 1, dtype=torch.float64, device=device) for _ in range(n_jobs)]
+    expected = [_run_aspp((backend, make(i).to(device), xs[i])) for i in range(n_jobs)]
+    got = _concurrently(_run_aspp, [(backend, make(i).to(device), xs[i]) for i in range(n_jobs)])
     for i, (a, e) in enumerate(zip(got, expected, strict=True)):
         assert_close(a[0], e[0], f"{backend} aspp job {i} output", 1e-12, 1e-12)
         assert_close(a[1], e[1], f"{backend} aspp job {i} grad x", 1e-12, 1e-12)
@@ -131,3 +132,88 @@ def test_shared_eval_module_from_threads(backend):
     got = _concurrently(block, xs)
     for i, (a, e) in enumerate(zip(got, expected, strict=True)):
         assert_close(a, e, f"shared module job {i}", 1e-12, 1e-12)
+
+
+# ---- triton with autotuning on ---------------------------------------------------------------------------------
+
+# Channel counts for which the pruned lists keep two or more configurations (tuning compares them); shapes, strides,
+# dilations, layouts and dtypes vary, and keys repeat across threads (two threads may race to tune one key). One
+# epilogue (training, ReLU, no residual) keeps the number of kernel variants a GPU compiles small.
+_TUNE_CASES = [Case(2, 32, 6, 5, 32), Case(2, 32, 7, 7, 32, stride=2, channels_last=True),
+               Case(2, 32, 5, 6, 32, dilation=2), Case(2, 24, 6, 6, 32)]
+_TUNE_DTYPES = [torch.float32, torch.float16] if CUDA else [torch.float64, torch.float32]
+
+
+@pytest.fixture
+def tuning(monkeypatch):
+    """A fresh tuning cache with autotuning on ("all": the interpreter tunes too), and a record of every lookup:
+    (kernel spec, device, dtype, sizes, meta, the configuration returned) and how often each key was tuned."""
+    from deeplab_ops.triton import launch
+
+    monkeypatch.setattr(launch, "_TUNED", {})
+    previous = launch.set_autotune("gpu" if CUDA else "all")
+    lookups, tuned, lock = [], [], threading.Lock()
+    real_lookup, real_tune = launch.tuned_config, launch._tune
+
+    def lookup(spec, device, dtype, sizes, meta, run):
+        config = real_lookup(spec, device, dtype, sizes, meta, run)
+        with lock:
+            lookups.append((spec, device, dtype, dict(sizes), dict(meta), config))
+        return config
+
+    def tune(spec, device, sizes, run):
+        with lock:
+            tuned.append(spec.kernel)
+        return real_tune(spec, device, sizes, run)
+
+    monkeypatch.setattr(launch, "tuned_config", lookup)
+    monkeypatch.setattr(launch, "_tune", tune)
+    yield launch, lookups, tuned
+    launch.set_autotune(previous)
+
+
+def _tuned_job(args):
+    case, dtype, seed = args
+    torch.manual_seed(seed)
+    x, w, g, b, rm, rv, res = make_inputs(case, dtype, TRITON_DEVICE)
+    kw = dict(stride=case.stride, padding=case.pad, dilation=case.dilation, training=case.training, relu=case.relu)
+    leaves = [t.detach().clone().requires_grad_() for t in (x, w, g, b)]
+    rm_ours = rm.clone()
+    out = deeplab_ops.conv_bn_relu(*leaves, rm_ours, rv.clone(), residual=res, backend="triton", **kw)
+    grad = torch.randn(out.shape, generator=torch.Generator().manual_seed(seed), dtype=torch.float64)
+    grads = torch.autograd.grad(out, leaves, grad.to(out))
+    ref = [t.detach().double().requires_grad_() for t in (x, w, g, b)]
+    rm_ref = rm.double()
+    expected = reference.conv_bn_relu(*ref, rm_ref, rv.double(), residual=None if res is None else res.double(), **kw)
+    want = torch.autograd.grad(expected, ref, grad.to(expected))
+    return (out, rm_ours, *grads), (expected, rm_ref, *want)
+
+
+@triton_test
+@pytest.mark.usefixtures("no_tf32")
+def test_triton_autotuned_from_threads(tuning):
+    launch, lookups, tuned = tuning
+    # Each case once, dtypes alternating, and the first two twice (two threads tuning one key at once).
+    pairs = [(c, _TUNE_DTYPES[i % 2]) for i, c in enumerate(_TUNE_CASES + _TUNE_CASES[:2])]
+    jobs = [(case, dtype, seed) for seed, (case, dtype) in enumerate(pairs)]
+    results = _concurrently(_tuned_job, jobs)
+    for (case, dtype, _), (got, want) in zip(jobs, results, strict=True):
+        atol, rtol = tolerances(dtype)
+        for name, a, e in zip(("output", "running_mean", "grad x", "grad weight", "grad bn_weight", "grad bn_bias"),
+                              got, want, strict=True):
+            scale = 1 if name in ("output", "running_mean") else 10
+            assert_close(a, e, f"[{case}] {dtype} {name}", atol * scale, rtol * scale)
+    # Every call's configuration is one of its pruned candidates, and the one cached for its key.
+    device = torch.device(TRITON_DEVICE, 0) if CUDA else torch.device("cpu")
+    keys, compared = set(), 0
+    for spec, dev, dtype, sizes, meta, config in lookups:
+        options = launch.candidates(spec, dev, sizes)
+        assert config in options, f"{launch.kernel_name(spec.kernel)} {sizes}: {config} is not among {options}"
+        key = launch.tuning_key(spec, dev, dtype, sizes, meta)
+        assert launch._TUNED[key] == config, f"{key}: a call ran {config}, the cache holds {launch._TUNED[key]}"
+        keys.add(key)
+        compared += len(options) > 1
+    assert compared, "no lookup had two candidates: the test does not exercise tuning"
+    # One tuning per key, however many threads asked for it at once; one cache entry per key.
+    assert len(tuned) == len(keys) == len(launch._TUNED), (len(tuned), len(keys), len(launch._TUNED))
+    assert {k[1:3] for k in keys} == {(device.type, device.index)}

@@ -1,15 +1,26 @@
 """Kernel launches: a per-process cache of tuned configurations and the one place every launch goes through.
 
-On a GPU the first call of a kernel for a key (kernel, device, dtype, constexpr flags, channel counts and map
-size bucketed to powers of two, exact strides) times the candidate configurations once and caches the winner;
-every later call is a direct launch of the JIT kernel with that configuration: no autotuner lookup, and the
-caller gets the configuration it ran with from this call, not from shared autotuner state. Under the interpreter
-(and on CPU tensors) the fixed interpreter configuration is used. Every launch is counted for `count_launches`.
+The first call of a kernel for a key (kernel, device, dtype, constexpr flags, the sizes that decide the tile:
+channel counts bucketed to powers of two, strides exact; never the spatial sizes) times the pruned candidate
+configurations once and caches the winner; every later call is a direct launch of the JIT kernel with it. No
+Triton autotuner is involved: a call launches with the configuration this call looked up, never with shared
+"last best" state. Every launch runs on its tensors' device (a device guard when that is not the current one) and
+is counted for `count_launches`. Interpreted launches (CPU tensors) hold one process-wide lock.
+
+How tuning is done (`set_autotune`, or the environment variable DEEPLAB_OPS_AUTOTUNE at import):
+  "gpu" (default)  CUDA launches are tuned with triton.testing.do_bench; the interpreter runs its fixed config;
+  "all"            the interpreter tunes too, among the same pruned candidates (the Ampere list), timed by the wall
+                   clock on CPU tensors: the tuning path runs where no GPU is (tests);
+  "off"            nothing is tuned: CUDA launches use the first pruned candidate, the interpreter its fixed config.
 """
 
 from __future__ import annotations
 
+import contextlib
+import inspect
+import os
 import threading
+import time
 from collections.abc import Callable
 from typing import NamedTuple
 
@@ -19,8 +30,33 @@ import triton.testing
 from triton.runtime.errors import OutOfResources
 
 from deeplab_ops.common import interpreter_active as _interpreter_active
-from deeplab_ops.triton.counting import _COUNTERS
+from deeplab_ops.triton.counting import _COUNTERS, Signature
 from deeplab_ops.triton.counting import record_launch as _record_launch
+
+AUTOTUNE_MODES = ("gpu", "all", "off")
+_AUTOTUNE_ENV = "DEEPLAB_OPS_AUTOTUNE"
+
+
+def _check_mode(mode, what: str) -> str:
+    if mode not in AUTOTUNE_MODES:
+        raise ValueError(f"{what}={mode!r} is not an autotune mode; expected one of {AUTOTUNE_MODES}")
+    return mode
+
+
+_AUTOTUNE = [_check_mode(os.environ.get(_AUTOTUNE_ENV, "gpu") or "gpu", _AUTOTUNE_ENV)]
+
+
+def set_autotune(mode: str) -> str:
+    """Set how kernels are tuned ("gpu", "all" or "off", see the module docstring); returns the previous mode.
+    Process-wide: set it before the calls it should govern. Cached configurations stay cached."""
+    previous = _AUTOTUNE[0]
+    _AUTOTUNE[0] = _check_mode(mode, "mode")
+    return previous
+
+
+def autotune_mode() -> str:
+    """The current tuning mode."""
+    return _AUTOTUNE[0]
 
 
 def kernel_name(kernel) -> str:
@@ -29,10 +65,88 @@ def kernel_name(kernel) -> str:
     return name[: -len("_kernel")] if name.endswith("_kernel") else name
 
 
+# ---- launches --------------------------------------------------------------------------------------------
+
+_INTERPRETER_LOCK = threading.RLock()  # the interpreter keeps its launch grid in process-wide state
+
+
+def _device_of(args) -> torch.device | None:
+    for a in args:
+        if isinstance(a, torch.Tensor):
+            return a.device
+    return None
+
+
+def device_guard(device: torch.device | None):
+    """A context that makes `device` current for a launch: torch.cuda.device when `device` is a CUDA device other
+    than the current one, else nothing; the interpreter lock for CPU (any non-CUDA) tensors."""
+    if device is None:
+        return contextlib.nullcontext()
+    if device.type == "cuda":
+        index = device.index if device.index is not None else torch.cuda.current_device()
+        if index != torch.cuda.current_device():
+            return torch.cuda.device(index)
+        return contextlib.nullcontext()
+    return _INTERPRETER_LOCK
+
+
 def launch_kernel(kernel, grid: tuple[int, ...], *args, **kwargs) -> None:
-    """`kernel[grid](*args, **kwargs)`, counted: every launch of this package goes through here."""
-    _record_launch(kernel_name(kernel))
-    kernel[grid](*args, **kwargs)
+    """`kernel[grid](*args, **kwargs)` on the device of its first tensor argument, counted: every launch of this
+    package goes through here."""
+    active = getattr(_COUNTERS, "active", None)
+    if active:
+        _record_launch(active, kernel_name(kernel), lambda: launch_signature(kernel, args, kwargs))
+    with device_guard(_device_of(args)):
+        kernel[grid](*args, **kwargs)
+
+
+# ---- what a launch would compile on a GPU ----------------------------------------------------------------
+
+_PARAMS: dict[object, tuple[tuple[str, ...], frozenset[str]]] = {}
+_DEFAULT_OPTIONS = {"num_warps": 4, "num_stages": 3}  # Triton's defaults for CUDA
+
+
+def _params(kernel) -> tuple[tuple[str, ...], frozenset[str]]:
+    """(parameter names, constexpr names) of a JIT (or interpreted) kernel."""
+    info = _PARAMS.get(kernel)
+    if info is None:
+        params = inspect.signature(kernel.fn).parameters
+        constexpr = frozenset(n for n, p in params.items() if "constexpr" in str(p.annotation))
+        info = _PARAMS[kernel] = (tuple(params), constexpr)
+    return info
+
+
+def _arg_class(value):
+    """Triton's specialization of a runtime argument on CUDA: tensors by dtype and 16-byte alignment, integers by
+    width and class (== 1: a constant; divisible by 16; other)."""
+    if isinstance(value, torch.Tensor):
+        return (f"*{str(value.dtype).removeprefix('torch.')}", "align16" if value.data_ptr() % 16 == 0 else "")
+    if isinstance(value, bool):
+        return ("u1",)
+    if isinstance(value, int):
+        width = "i32" if -(2**31) <= value < 2**31 else "i64"
+        return (width, "==1" if value == 1 else "div16" if value % 16 == 0 else "")
+    if isinstance(value, float):
+        return ("fp32",)
+    if value is None:
+        return ("none",)
+    return (type(value).__name__,)
+
+
+def launch_signature(kernel, args: tuple, kwargs: dict) -> Signature:
+    """The JIT specialization a launch of `kernel` with these arguments compiles on a GPU: its name, constexpr and
+    compile-option values (num_warps and num_stages default to Triton's 4 and 3), and the class of every runtime
+    argument (`_arg_class`). Equal signatures share one compiled kernel."""
+    names, constexpr = _params(kernel)
+    bound = dict(zip(names, args, strict=False))  # the rest by keyword
+    bound.update((k, v) for k, v in kwargs.items() if k in names)
+    consts = [(n, _hashable(bound[n])) for n in names if n in constexpr and n in bound]
+    options = [(k, kwargs.get(k, default)) for k, default in _DEFAULT_OPTIONS.items()]
+    classes = tuple((n, *_arg_class(bound[n])) for n in names if n not in constexpr and n in bound)
+    return Signature(kernel_name(kernel), tuple(consts + options), classes)
+
+
+# ---- tuning ----------------------------------------------------------------------------------------------
 
 
 class KernelSpec(NamedTuple):
@@ -43,11 +157,17 @@ class KernelSpec(NamedTuple):
     ampere: list            # triton.Config list for sm_80..89 and older
     interpreter: dict       # the interpreter's (and pair counting's) fixed configuration
     prune: Callable         # prune(configs, sizes) -> configs
-    bucketed: tuple[str, ...] = ()   # sizes keyed by their next power of two (channels, map sizes)
-    exact: tuple[str, ...] = ()      # sizes keyed exactly (strides, split counts)
+    bucketed: tuple[str, ...] = ()   # sizes keyed by their next power of two (channels)
+    exact: tuple[str, ...] = ()      # sizes keyed exactly (strides)
 
     def configs(self, hopper: bool) -> list:
         return self.hopper if hopper else self.ampere
+
+
+# Sizes that never key the cache, whatever a spec lists: the spatial extents and the split counts derived from
+# them. The tile that wins is decided by dtype, kernel size, stride and channels, and a new map size must not
+# re-tune (each candidate compiled again) on a GPU.
+UNKEYED = frozenset({"H", "W", "H_out", "W_out", "HW", "SPLITS"})
 
 
 def config_dict(config) -> dict:
@@ -67,41 +187,71 @@ def _bucket(v: int) -> int:
     return triton.next_power_of_2(max(int(v), 1))
 
 
+def _on_gpu(device: torch.device) -> bool:
+    return device.type == "cuda" and not _interpreter_active()
+
+
+def tuning_key(spec: KernelSpec, device: torch.device, dtype: torch.dtype, sizes: dict, meta: dict) -> tuple:
+    """The cache key of a call: kernel, device, dtype, constexprs, keyed sizes (`UNKEYED` ones left out)."""
+    return (spec.kernel, device.type, device.index, dtype, tuple(sorted((k, _hashable(v)) for k, v in meta.items())),
+            tuple(_bucket(sizes[k]) for k in spec.bucketed if k not in UNKEYED),
+            tuple(sizes[k] for k in spec.exact if k not in UNKEYED))
+
+
+def candidates(spec: KernelSpec, device: torch.device, sizes: dict) -> list[dict]:
+    """The configurations a call is tuned among: the device's list (Hopper on sm_90+, else Ampere; the Ampere list
+    for the interpreter), pruned for `sizes`; as launch keyword arguments."""
+    hopper = _on_gpu(device) and torch.cuda.get_device_capability(device)[0] >= 9
+    return [config_dict(c) for c in spec.prune(spec.configs(hopper), sizes)]
+
+
 def tuned_config(spec: KernelSpec, device: torch.device, dtype: torch.dtype, sizes: dict, meta: dict,
                  run: Callable[[dict], object]) -> dict:
     """The configuration to launch `spec` with. `run(config)` launches the kernel (used only when tuning)."""
-    if device.type != "cuda" or _interpreter_active():
+    mode = _AUTOTUNE[0]
+    gpu = _on_gpu(device)
+    if not gpu and mode != "all":
         return spec.interpreter
-    key = (spec.kernel, device.index, dtype, tuple(sorted((k, _hashable(v)) for k, v in meta.items())),
-           tuple(_bucket(sizes[k]) for k in spec.bucketed), tuple(sizes[k] for k in spec.exact))
+    key = tuning_key(spec, device, dtype, sizes, meta)
     config = _TUNED.get(key)
     if config is not None:
         return config
     with _TUNE_LOCK:
         config = _TUNED.get(key)
         if config is None:
-            config = _TUNED[key] = _tune(spec, device, sizes, run)
+            untuned = gpu and mode == "off"
+            config = _TUNED[key] = candidates(spec, device, sizes)[0] if untuned else _tune(spec, device, sizes, run)
     return config
 
 
 def _tune(spec: KernelSpec, device: torch.device, sizes: dict, run: Callable[[dict], object]) -> dict:
-    hopper = torch.cuda.get_device_capability(device)[0] >= 9
-    candidates = [config_dict(c) for c in spec.prune(spec.configs(hopper), sizes)]
-    if len(candidates) == 1:
-        return candidates[0]
+    configs = candidates(spec, device, sizes)
+    if len(configs) == 1:
+        return configs[0]
     # Benchmark runs are not counted as launches of the caller.
     saved = getattr(_COUNTERS, "active", None)
     _COUNTERS.active = None
     try:
         timings = []
-        for config in candidates:
-            try:
-                timings.append((triton.testing.do_bench(lambda c=config: run(c), warmup=5, rep=20), config))
-            except OutOfResources:
-                continue
+        with device_guard(device):
+            for config in configs:
+                try:
+                    timings.append((_time(run, config, device), config))
+                except OutOfResources:
+                    continue
     finally:
         _COUNTERS.active = saved
+    if not timings:
+        raise RuntimeError(f"no configuration of {kernel_name(spec.kernel)} fits this GPU: {configs}")
     return min(timings, key=lambda t: t[0])[1]
+
+
+def _time(run: Callable[[dict], object], config: dict, device: torch.device) -> float:
+    if _on_gpu(device):
+        return triton.testing.do_bench(lambda: run(config), warmup=5, rep=20)
+    start = time.perf_counter()  # the interpreter: one run, wall clock
+    run(config)
+    return time.perf_counter() - start
 
 
 def prune_by_channels(n_arg: str, k_arg: str, n_block: str, k_block: str) -> Callable:
@@ -119,5 +269,7 @@ def prune_by_channels(n_arg: str, k_arg: str, n_block: str, k_block: str) -> Cal
 
 def run_tuned(spec: KernelSpec, device: torch.device, dtype: torch.dtype, sizes: dict, meta: dict,
               run: Callable[[dict], object], config: dict | None = None):
-    """`run(config)` with `config`, or the cached/tuned configuration: what the launchers call."""
-    return run(config if config is not None else tuned_config(spec, device, dtype, sizes, meta, run))
+    """`run(config)` with `config`, or the cached/tuned configuration: what the launchers call. On the device of
+    the tensors (CPU tensors: under the interpreter lock, so that tuning and launch are not interleaved)."""
+    with device_guard(device):
+        return run(config if config is not None else tuned_config(spec, device, dtype, sizes, meta, run))

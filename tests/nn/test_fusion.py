@@ -8,7 +8,7 @@ import io
 
 import pytest
 import torch
-from helpers import assert_close
+from helpers import TRITON_DEVICE, assert_close, device_for, triton_test
 from torch import nn
 from torchvision.models.resnet import BasicBlock, Bottleneck
 from torchvision.models.segmentation.deeplabv3 import ASPP as TorchvisionASPP
@@ -168,10 +168,6 @@ def test_idempotent_and_backend_choice():
         assert fusion.fused_config(fused.seq[1]).backend == "reference"
         assert fusion.fused_config(fused.aspp).backend == "reference"
         assert_close(fused(x), want, "backend='reference'", ATOL, RTOL)
-        # Every backend has ASPP kernels: the triton one too (the Triton interpreter here).
-        fuse_modules(fused, backend="triton")
-        assert fusion.is_fused(fused.aspp) and fusion.fused_config(fused.aspp).backend == "triton"
-        assert_close(fused(x), want, "backend='triton'", 1e-4, 1e-4)
     unfuse_modules(fused)
     unfuse_modules(fused)
     assert [type(m) for m in fused.modules()] == [type(m) for m in plain.modules()]
@@ -179,6 +175,19 @@ def test_idempotent_and_backend_choice():
         fuse_modules(fused, backend="bogus")
     with pytest.raises(TypeError, match="nn.Module"):
         fuse_modules(torch.zeros(1))
+
+
+@triton_test
+@pytest.mark.usefixtures("no_tf32")
+def test_triton_backend_fuses_every_module():
+    # Every backend has ASPP kernels: the triton one too (on CUDA tensors, or the Triton interpreter).
+    plain = _randomize(_Head({})).eval().to(TRITON_DEVICE)
+    fused = fuse_modules(copy.deepcopy(plain), backend="triton")
+    assert fusion.is_fused(fused.aspp) and fusion.fused_config(fused.aspp).backend == "triton"
+    assert fusion.fused_config(fused.seq[1]).backend == "triton"
+    x = torch.randn(2, 4, 9, 9, device=TRITON_DEVICE)
+    with torch.no_grad():
+        assert_close(fused(x), plain(x), "backend='triton'", 1e-4, 1e-4)
 
 
 def test_checkpoints_move_between_forms():
@@ -262,9 +271,9 @@ def test_aspp_pooling_branch_batch_one_in_training():
         aspp.eval()
         assert aspp(x1).shape == (1, 4, 5, 5)
     for backend in (None, "triton"):  # the fused ASPP op; conv_bn_relu chains (the error comes before any kernel)
-        tv = fuse_modules(TorchvisionASPP(8, (1, 2), out_channels=4), backend=backend)
+        tv = fuse_modules(TorchvisionASPP(8, (1, 2), out_channels=4), backend=backend).to(device_for(backend))
         with pytest.raises(ValueError, match="batch of 2 or more"):
-            tv(x1)
+            tv(x1.to(device_for(backend)))
 
 
 @pytest.mark.parametrize("mode", ["frozen_bn", "mixed_bn"])

@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import pytest
 import torch
-from helpers import CUDA, assert_close, assert_module_matches
+from helpers import assert_close, assert_module_matches, cuda_test
 from torchvision.models.segmentation.deeplabv3 import ASPP
 
 import deeplab_ops
@@ -29,11 +29,11 @@ def _randomize(module: torch.nn.Module) -> None:
                 b.copy_(torch.rand_like(b) + 0.5)
 
 
-def _pair(cin, rates, cout, dtype=torch.float32):
+def _pair(cin, rates, cout, dtype=torch.float32, backend=None):
     tv = ASPP(cin, rates, cout).to(dtype)
     tv.project[3].p = 0.0  # dropout compared separately: torchvision's is fixed at 0.5
     _randomize(tv)
-    fused = FusedASPP(cin, rates, cout).to(dtype)
+    fused = FusedASPP(cin, rates, cout, backend=backend).to(dtype)
     fused.load_state_dict(tv.state_dict())
     return tv, fused
 
@@ -54,8 +54,8 @@ def test_matches_torchvision_aspp(size, rates, training):
     assert out.is_contiguous(memory_format=torch.channels_last if channels_last else torch.contiguous_format)
 
 
-def _functional_inputs(n=2, cin=5, c=3, h=7, w=6, rates=(2, 5), dtype=torch.float64):
-    g = dict(dtype=dtype)
+def _functional_inputs(n=2, cin=5, c=3, h=7, w=6, rates=(2, 5), dtype=torch.float64, device="cpu"):
+    g = dict(dtype=dtype, device=device)
     x = torch.randn(n, cin, h, w, **g)
     conv_ws = [torch.randn(c, cin, 1, 1, **g)] + [torch.randn(c, cin, 3, 3, **g) for _ in rates]
     pool_w = torch.randn(c, cin, 1, 1, **g)
@@ -164,11 +164,12 @@ def test_bad_input(change, pattern):
         deeplab_ops.aspp(*tensors, rates=rates, backend="cpu")
 
 
-@pytest.mark.skipif(not CUDA, reason="needs a CUDA device")
+@cuda_test
+@pytest.mark.usefixtures("no_tf32")
+@pytest.mark.parametrize("backend", ["cuda", "triton"])
 @pytest.mark.parametrize("training", [True, False], ids=["train", "eval"])
-def test_cuda_matches_torchvision(training):
-    torch.backends.cudnn.allow_tf32 = False
-    tv, fused = _pair(16, (6, 12, 18), 8)
+def test_cuda_matches_torchvision(backend, training):
+    tv, fused = _pair(16, (6, 12, 18), 8, backend=backend)
     tv, fused = tv.cuda().train(training), fused.cuda().train(training)
     x = torch.randn(2, 16, 33, 33, device="cuda")
     assert_close(fused(x), tv(x), "cuda output", 1e-5, 1e-5)

@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import pytest
 import torch
-from helpers import CUDA, Case, assert_close, make_inputs, run_and_compare
+from helpers import Case, assert_close, cuda_test, make_inputs, run_and_compare
 
 import deeplab_ops
 from deeplab_ops import reference
@@ -253,18 +253,16 @@ def test_cpu_bfloat16_with_float32_bn_params():
 
 # ---- CUDA backend (runs wherever a GPU is visible) -----------------------------------------------------
 
-needs_cuda = pytest.mark.skipif(not CUDA, reason="needs a CUDA device")
 
-
-@needs_cuda
+@cuda_test
+@pytest.mark.usefixtures("no_tf32")
 @pytest.mark.parametrize("case", MATRIX, ids=str)
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float64], ids=str)
 def test_cuda_matches_reference(case, dtype):
-    torch.backends.cudnn.allow_tf32 = False
     run_and_compare(case, "cuda", dtype, device="cuda")
 
 
-@needs_cuda
+@cuda_test
 @pytest.mark.parametrize("case", MATRIX[::2], ids=str)
 @pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16], ids=str)
 def test_cuda_half_error_within_twice_the_reference_error(case, dtype):
@@ -280,7 +278,7 @@ def test_cuda_half_error_within_twice_the_reference_error(case, dtype):
     assert our_err <= 2 * ref_err + 1e-3, f"[{case}] {dtype}: fused error {our_err:.3g} vs reference {ref_err:.3g}"
 
 
-@needs_cuda
+@cuda_test
 def test_cuda_gradcheck():
     case = Case(2, 3, 5, 4, 3, residual=True, channels_last=True)
     x, w, g, b, rm, rv, res = make_inputs(case, torch.float64, "cuda")
@@ -290,7 +288,7 @@ def test_cuda_gradcheck():
     assert torch.autograd.gradcheck(f, inputs)
 
 
-@needs_cuda
+@cuda_test
 @pytest.mark.parametrize("case", OPCHECK_CASES, ids=str)
 def test_cuda_opcheck(case):
     args = tuple(a.cuda() if torch.is_tensor(a) else a for a in _forward_args(case, requires_grad=False))

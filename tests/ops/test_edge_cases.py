@@ -1,55 +1,42 @@
-"""Numerical edge cases behave as the reference does, on every backend that runs on CPU: NaN and Inf inputs, huge
-means with tiny variances, constant channels (variance 0), a feature map smaller than the dilation, all-negative
-pre-activations. conv_bn_relu and aspp; forward, gradients and running statistics."""
+"""Numerical edge cases behave as the reference does, on the reference, cpu and triton backends (triton on CUDA
+tensors where a GPU is visible, else in the interpreter): NaN and Inf inputs, huge means with tiny variances,
+constant channels (variance 0), a feature map smaller than the dilation, all-negative pre-activations. conv_bn_relu
+and aspp; forward, gradients and running statistics."""
 
 from __future__ import annotations
 
 import pytest
 import torch
-from helpers import assert_close
+from helpers import assert_close, backend_param, device_for
 from test_fuzz import compare
 
 import deeplab_ops
-from deeplab_ops import backends, reference
+from deeplab_ops import reference
 
-CPU = torch.device("cpu")
+pytestmark = pytest.mark.usefixtures("no_tf32")
 
-
-def _backends(op: str) -> list:
-    out = []
-    for name in ("reference", "cpu", "triton"):
-        if name == "triton":
-            call = (dict(x=torch.randn(2, 2, 5, 5), weight=torch.randn(2, 2, 3, 3), stride=(1, 1), padding=(1, 1),
-                         dilation=(1, 1), training=True, residual=None) if op == "conv_bn_relu"
-                    else dict(x=torch.randn(2, 2, 5, 5), rates=(1, 2), training=True))
-            try:
-                reasons = backends.not_supported_reasons("triton", op, CPU, **call)
-            except TypeError:
-                reasons = []
-            if reasons:
-                out.append(pytest.param(name, marks=pytest.mark.skip(reason="triton: " + "; ".join(reasons))))
-                continue
-        out.append(name)
-    return out
-
-
-CONV_BACKENDS = _backends("conv_bn_relu")
-ASPP_BACKENDS = _backends("aspp")
+CONV_BACKENDS = ["reference", "cpu", backend_param("triton")]
+ASPP_BACKENDS = CONV_BACKENDS
 
 
 def _conv(x, w, gamma, beta, rm, rv, backend, grads=True, **kw):
-    """Run the op (backend) or the reference (None) on copies; return (out, rm, rv, grads of x, w, gamma, beta)."""
-    leaves = [t.detach().clone().requires_grad_(grads) for t in (x, w, gamma, beta)]
-    rm = rm.clone() if rm is not None else None
-    rv = rv.clone() if rv is not None else None
+    """Run the op (backend, on the device it runs on) or the reference (None, on CPU) on copies of CPU tensors;
+    return (out, rm, rv, grads of x, w, gamma, beta), on CPU."""
+    device = device_for(backend) if backend is not None else "cpu"
+    leaves = [t.detach().to(device, copy=True).requires_grad_(grads) for t in (x, w, gamma, beta)]
+    rm = rm.to(device, copy=True) if rm is not None else None
+    rv = rv.to(device, copy=True) if rv is not None else None
+    if kw.get("residual") is not None:
+        kw["residual"] = kw["residual"].to(device)
     fn = reference.conv_bn_relu if backend is None else deeplab_ops.conv_bn_relu
     extra = {} if backend is None else {"backend": backend}
     out = fn(*leaves, rm, rv, **kw, **extra)
     g = None
     if grads:
         gen = torch.Generator().manual_seed(5)
-        g = torch.autograd.grad(out, leaves, torch.randn(out.shape, generator=gen, dtype=out.dtype))
-    return out.detach(), rm, rv, g
+        g = torch.autograd.grad(out, leaves, torch.randn(out.shape, generator=gen, dtype=out.dtype).to(device))
+        g = [t.cpu() for t in g]
+    return out.detach().cpu(), *(t.cpu() if t is not None else None for t in (rm, rv)), g
 
 
 def _same_nonfinite(actual, expected, what):
@@ -206,7 +193,8 @@ def test_map_smaller_than_the_dilation(backend, size, dilation, stride):
 def test_aspp_rates_larger_than_the_map(backend, training):
     from test_aspp import _functional_inputs
 
-    x, cws, pw, prw, bws, bbs, rms, rvs, rates = _functional_inputs(n=2, cin=3, c=2, h=3, w=4, rates=(6, 12, 18))
+    x, cws, pw, prw, bws, bbs, rms, rvs, rates = _functional_inputs(n=2, cin=3, c=2, h=3, w=4, rates=(6, 12, 18),
+                                                                    device=device_for(backend))
     leaves = [x, *cws, pw, prw, *bws, *bbs]
     for t in leaves:
         t.requires_grad_()
@@ -231,9 +219,9 @@ def test_aspp_rates_larger_than_the_map(backend, training):
 def test_all_negative_preactivations(backend, training, residual):
     """beta = -50 (and a negative residual): every pre-activation < 0, the output is exactly 0 and so is every
     gradient; the running statistics still update."""
-    x, w, gamma, beta, rm, rv = _inputs()
+    x, w, gamma, beta, rm, rv = (t.to(device_for(backend)) for t in _inputs())
     beta = torch.full_like(beta, -50.0)
-    res = -torch.rand(2, 4, 5, 6) if residual else None
+    res = -torch.rand(2, 4, 5, 6, device=x.device) if residual else None
     kw = dict(padding=1, training=training, residual=res)
     leaves = [t.detach().clone().requires_grad_() for t in (x, w, gamma, beta)]
     if res is not None:
@@ -257,7 +245,7 @@ def test_all_negative_preactivations(backend, training, residual):
 def test_aspp_nan_input_as_in_the_reference(backend, training):
     from test_aspp import _functional_inputs
 
-    x, cws, pw, prw, bws, bbs, rms, rvs, rates = _functional_inputs(dtype=torch.float32)
+    x, cws, pw, prw, bws, bbs, rms, rvs, rates = _functional_inputs(dtype=torch.float32, device=device_for(backend))
     x[1, 2, 3, 4] = float("nan")
     rm_ref, rv_ref = [t.clone() for t in rms], [t.clone() for t in rvs]
     out = deeplab_ops.aspp(x, cws, pw, prw, bws, bbs, rms, rvs, rates=rates, training=training, backend=backend)

@@ -1,12 +1,12 @@
-"""Property-based fuzzing of every public op on every backend that runs on CPU, against the float64 reference.
+"""Property-based fuzzing of every public op on the reference, cpu and triton backends, against the float64
+reference; triton runs on CUDA tensors where a GPU is visible, else in the interpreter on CPU tensors.
 
-conv_bn_relu (reference, cpu, triton through the interpreter), aspp (reference, cpu, and triton once
-deeplab_ops.backends reports it can run ASPP), FusedConvBNReLU and FusedASPP (against the unfused torch modules):
+conv_bn_relu, aspp, FusedConvBNReLU and FusedASPP (against the unfused torch modules):
 random shapes, kernel sizes, strides, dilations (larger than the map too), paddings, residual on and off, ReLU on
 and off, training and eval, affine and running statistics present or not, NCHW / channels_last / strided views,
 float32 and float64. Forward, every gradient and the running statistics are compared.
 
-The normal run draws a few examples per op (tiny shapes through the interpreter); `pytest -m slow` draws
+The normal run draws a few examples per op (tiny shapes for triton); `pytest -m slow` draws
 FUZZ_EXAMPLES (default 300) per op and backend. Hypothesis runs derandomized without a database, so CI
 replays the same examples; every failure the fuzzing found is kept below as a regular regression test.
 """
@@ -18,7 +18,7 @@ from dataclasses import dataclass
 
 import pytest
 import torch
-from helpers import assert_close
+from helpers import assert_close, backend_param, device_for
 from hypothesis import HealthCheck, given, settings
 from hypothesis import note as _note
 from hypothesis import strategies as st
@@ -26,10 +26,9 @@ from hypothesis.errors import InvalidArgument
 from torch import nn
 
 import deeplab_ops
-from deeplab_ops import backends, reference
+from deeplab_ops import reference
 from deeplab_ops.nn import FusedASPP, FusedConvBNReLU
 
-CPU = torch.device("cpu")
 SLOW_EXAMPLES = int(os.environ.get("FUZZ_EXAMPLES", "300"))
 
 
@@ -50,16 +49,9 @@ def note(value) -> None:
         pass
 
 
-def triton_runs(op: str, **call) -> bool:
-    """Whether deeplab_ops.backends says the triton backend can run `op` on CPU tensors here."""
-    try:
-        return not backends.not_supported_reasons("triton", op, CPU, **call)
-    except TypeError:  # a support check that wants other keywords: it is registered, so try the calls
-        return True
-
-
-def _probe_aspp_call() -> dict:
-    return dict(x=torch.randn(2, 2, 5, 5), rates=(1, 2), training=True)
+def backend_params(backends: list[tuple[str, int]]) -> list:
+    """(backend, examples) parametrize entries; triton's marked `gpu` and skipped where triton cannot run."""
+    return [pytest.param(b, n, marks=backend_param(b).marks if b == "triton" else (), id=b) for b, n in backends]
 
 
 # ---- conv_bn_relu ------------------------------------------------------------------------------------------
@@ -142,17 +134,19 @@ def conv_calls(draw, backend: str) -> ConvCall:
     )
 
 
-def _layout(t: torch.Tensor, layout: str) -> torch.Tensor:
+def _layout(t: torch.Tensor, layout: str, device: str = "cpu") -> torch.Tensor:
+    t = t.to(device)
     if layout == "channels_last":
         return t.contiguous(memory_format=torch.channels_last)
     if layout == "strided":  # every other column of a wider tensor: neither NCHW- nor NHWC-contiguous
-        wide = torch.empty(*t.shape[:3], 2 * t.shape[3], dtype=t.dtype).normal_()
+        wide = torch.empty(*t.shape[:3], 2 * t.shape[3], dtype=t.dtype, device=device).normal_()
         wide[..., ::2] = t
         return wide[..., ::2]
     return t.contiguous()
 
 
-def conv_inputs(c: ConvCall) -> dict:
+def conv_inputs(c: ConvCall, device: str = "cpu") -> dict:
+    """The drawn call's tensors (from its seed, on CPU), moved to `device` in the drawn layout."""
     g = torch.Generator().manual_seed(c.seed)
     ho, wo = c.out_hw
     kh, kw = c.kernel
@@ -162,15 +156,15 @@ def conv_inputs(c: ConvCall) -> dict:
 
     x = randn(c.n, c.cin, c.h, c.w) * c.scale + c.shift
     t = {
-        "x": _layout(x.to(c.dtype), c.layout),
+        "x": _layout(x.to(c.dtype), c.layout, device),
         "weight": (randn(c.cout, c.cin, kh, kw) / (c.cin * kh * kw) ** 0.5).to(c.dtype),
         "bn_weight": (torch.rand(c.cout, generator=g, dtype=torch.float64) + 0.5).to(c.dtype) if c.affine else None,
         "bn_bias": randn(c.cout).to(c.dtype) if c.affine else None,
         "running_mean": (randn(c.cout) * 0.1).to(c.dtype) if c.running else None,
         "running_var": (torch.rand(c.cout, generator=g, dtype=torch.float64) + 0.5).to(c.dtype) if c.running else None,
-        "residual": _layout(randn(c.n, c.cout, ho, wo).to(c.dtype), c.layout) if c.residual else None,
+        "residual": _layout(randn(c.n, c.cout, ho, wo).to(c.dtype), c.layout, device) if c.residual else None,
     }
-    return t
+    return {k: v.to(device) if v is not None else None for k, v in t.items()}
 
 
 def check_memory_format(out: torch.Tensor, x: torch.Tensor, layout: str) -> None:
@@ -189,6 +183,7 @@ def _grad_out(expected_z: torch.Tensor, relu: bool, seed: int) -> torch.Tensor:
     """Random output gradient, zero where the float64 pre-activation is within rounding of ReLU's kink (there the
     float32 result may fall on the other side, and the gradients legitimately differ)."""
     g = torch.randn(expected_z.shape, generator=torch.Generator().manual_seed(seed + 1), dtype=torch.float64)
+    g = g.to(expected_z.device)
     if relu:
         z = expected_z.detach()
         g = torch.where(z.abs() <= 1e-4 * max(1.0, z.abs().max().item()), torch.zeros_like(g), g)
@@ -244,7 +239,7 @@ def _run_conv(t: dict, c: ConvCall, grad: torch.Tensor, backend: str | None, dty
 
 def check_conv_call(c: ConvCall, backend: str) -> None:
     note(repr(c))
-    t = conv_inputs(c)
+    t = conv_inputs(c, device_for(backend))
     with torch.no_grad():  # the float64 pre-activation, for the kink mask
         z = reference.conv_bn_relu(
             t["x"].double(), t["weight"].double(), *(t[k].double() if t[k] is not None else None
@@ -270,21 +265,20 @@ def check_conv_call(c: ConvCall, backend: str) -> None:
 CONV_BACKENDS = [("reference", 25), ("cpu", 25), ("triton", 5)]
 
 
-@pytest.mark.parametrize("backend, examples", CONV_BACKENDS, ids=[b for b, _ in CONV_BACKENDS])
+@pytest.mark.usefixtures("no_tf32")
+@pytest.mark.parametrize("backend, examples", backend_params(CONV_BACKENDS))
 def test_fuzz_conv_bn_relu(backend, examples):
     _fuzz_conv(backend, examples)
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("backend", [b for b, _ in CONV_BACKENDS])
-def test_fuzz_conv_bn_relu_slow(backend):
+@pytest.mark.usefixtures("no_tf32")
+@pytest.mark.parametrize("backend, examples", backend_params(CONV_BACKENDS))
+def test_fuzz_conv_bn_relu_slow(backend, examples):
     _fuzz_conv(backend, SLOW_EXAMPLES)
 
 
 def _fuzz_conv(backend: str, examples: int) -> None:
-    if backend == "triton" and backends.available_backends(CPU)["triton"]:
-        pytest.skip("triton cannot run on CPU tensors here: " + "; ".join(backends.available_backends(CPU)["triton"]))
-
     @fuzz_settings(examples)
     @given(conv_calls(backend))
     def run(c):
@@ -331,18 +325,19 @@ def aspp_calls(draw, max_c: int, max_hw: int) -> AsppCall:
     )
 
 
-def aspp_inputs(a: AsppCall) -> dict:
+def aspp_inputs(a: AsppCall, device: str = "cpu") -> dict:
+    """The drawn call's tensors (from its seed, on CPU), moved to `device` (x in the drawn layout)."""
     g = torch.Generator().manual_seed(a.seed)
 
     def randn(*shape, scale=1.0):
-        return (torch.randn(*shape, generator=g, dtype=torch.float64) * scale).to(a.dtype)
+        return (torch.randn(*shape, generator=g, dtype=torch.float64) * scale).to(a.dtype).to(device)
 
     def pos(*shape):
-        return (torch.rand(*shape, generator=g, dtype=torch.float64) + 0.5).to(a.dtype)
+        return (torch.rand(*shape, generator=g, dtype=torch.float64) + 0.5).to(a.dtype).to(device)
 
     nb = len(a.rates) + 3
     return {
-        "x": _layout(randn(a.n, a.cin, a.h, a.w), a.layout),
+        "x": _layout(randn(a.n, a.cin, a.h, a.w), a.layout, device),
         "conv_weights": [randn(a.c, a.cin, 1, 1, scale=a.cin ** -0.5)]
         + [randn(a.c, a.cin, 3, 3, scale=(9 * a.cin) ** -0.5) for _ in a.rates],
         "pool_weight": randn(a.c, a.cin, 1, 1, scale=a.cin ** -0.5),
@@ -356,7 +351,7 @@ def aspp_inputs(a: AsppCall) -> dict:
 
 def check_aspp_call(a: AsppCall, backend: str) -> None:
     note(repr(a))
-    t = aspp_inputs(a)
+    t = aspp_inputs(a, device_for(backend))
     kw = dict(rates=a.rates, training=a.training, momentum=a.momentum, eps=a.eps)
 
     def run(backend: str | None, dtype: torch.dtype, grad: torch.Tensor | None = None):
@@ -384,6 +379,7 @@ def check_aspp_call(a: AsppCall, backend: str) -> None:
     exact_out = run(None, torch.float64)[0].detach()
     # The final ReLU's kink: no gradient where the float64 output is within rounding of 0.
     grad = torch.randn(exact_out.shape, generator=torch.Generator().manual_seed(a.seed + 1), dtype=torch.float64)
+    grad = grad.to(exact_out.device)
     if a.dtype != torch.float64:
         grad = torch.where(exact_out <= 1e-4 * max(1.0, exact_out.abs().max().item()), torch.zeros_like(grad), grad)
     out, rms, rvs, grads = run(backend, a.dtype, grad)
@@ -405,22 +401,21 @@ def check_aspp_call(a: AsppCall, backend: str) -> None:
 ASPP_BACKENDS = [("reference", 10), ("cpu", 12), ("triton", 3)]
 
 
-@pytest.mark.parametrize("backend, examples", ASPP_BACKENDS, ids=[b for b, _ in ASPP_BACKENDS])
+@pytest.mark.usefixtures("no_tf32")
+@pytest.mark.parametrize("backend, examples", backend_params(ASPP_BACKENDS))
 def test_fuzz_aspp(backend, examples):
     _fuzz_aspp(backend, examples)
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("backend", [b for b, _ in ASPP_BACKENDS])
-def test_fuzz_aspp_slow(backend):
+@pytest.mark.usefixtures("no_tf32")
+@pytest.mark.parametrize("backend, examples", backend_params(ASPP_BACKENDS))
+def test_fuzz_aspp_slow(backend, examples):
     _fuzz_aspp(backend, SLOW_EXAMPLES)
 
 
 def _fuzz_aspp(backend: str, examples: int) -> None:
     tiny = backend == "triton"
-    if tiny and not triton_runs("aspp", **_probe_aspp_call()):
-        pytest.skip("deeplab_ops.backends reports that triton cannot run aspp here: "
-                    + "; ".join(backends.not_supported_reasons("triton", "aspp", CPU, **_probe_aspp_call())))
 
     @fuzz_settings(examples)
     @given(aspp_calls(max_c=4 if tiny else 6, max_hw=9 if tiny else 12))
@@ -493,7 +488,7 @@ def _compare_modules(ours: nn.Module, theirs: nn.Module, x: torch.Tensor, modes,
         out, expected = ours(xo), theirs(xt)
         tag = f"{what} step {step} ({'train' if training else 'eval'})"
         assert_close(out, expected, f"{tag}: output", 1e-9, 1e-9)
-        grad = torch.randn(expected.shape, generator=g, dtype=expected.dtype)
+        grad = torch.randn(expected.shape, generator=g, dtype=expected.dtype).to(expected.device)
         out.backward(grad)
         expected.backward(grad)
         assert_close(xo.grad, xt.grad, f"{tag}: grad x", 1e-8, 1e-8)
@@ -514,10 +509,11 @@ def check_fused_conv_module(m: ModuleCase, backend: str) -> None:
     ours = FusedConvBNReLU(m.cin, m.cout, m.kernel, m.stride, m.padding, m.dilation, relu=m.relu,
                            momentum=m.momentum, affine=m.affine, track_running_stats=m.track, backend=backend).double()
     ours.load_state_dict(theirs.state_dict())
-    x = torch.randn(m.n, m.cin, m.h, m.w, generator=g, dtype=torch.float64)
+    device = device_for(backend)
+    x = torch.randn(m.n, m.cin, m.h, m.w, generator=g, dtype=torch.float64).to(device)
     if m.channels_last:
         x = x.contiguous(memory_format=torch.channels_last)
-    _compare_modules(ours, theirs, x, m.modes, f"FusedConvBNReLU[{backend}]")
+    _compare_modules(ours.to(device), theirs.to(device), x, m.modes, f"FusedConvBNReLU[{backend}]")
 
 
 def check_fused_aspp_module(m: ModuleCase, rates: tuple[int, ...], backend: str) -> None:
@@ -536,29 +532,28 @@ def check_fused_aspp_module(m: ModuleCase, rates: tuple[int, ...], backend: str)
     for mod in ours.modules():
         if isinstance(mod, nn.BatchNorm2d):
             mod.momentum = m.momentum
-    x = torch.randn(m.n, m.cin, m.h, m.w, generator=g, dtype=torch.float64)
+    device = device_for(backend)
+    x = torch.randn(m.n, m.cin, m.h, m.w, generator=g, dtype=torch.float64).to(device)
     if m.channels_last:
         x = x.contiguous(memory_format=torch.channels_last)
-    _compare_modules(ours, theirs, x, m.modes, f"FusedASPP[{backend}] rates {rates}")
+    _compare_modules(ours.to(device), theirs.to(device), x, m.modes, f"FusedASPP[{backend}] rates {rates}")
 
 
 MODULE_BACKENDS = [("reference", 6), ("cpu", 8), ("triton", 2)]
 
 
-@pytest.mark.parametrize("backend, examples", MODULE_BACKENDS, ids=[b for b, _ in MODULE_BACKENDS])
+@pytest.mark.parametrize("backend, examples", backend_params(MODULE_BACKENDS))
 def test_fuzz_fused_conv_bn_relu_module(backend, examples):
     _fuzz_conv_module(backend, examples)
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("backend", [b for b, _ in MODULE_BACKENDS])
-def test_fuzz_fused_conv_bn_relu_module_slow(backend):
+@pytest.mark.parametrize("backend, examples", backend_params(MODULE_BACKENDS))
+def test_fuzz_fused_conv_bn_relu_module_slow(backend, examples):
     _fuzz_conv_module(backend, SLOW_EXAMPLES)
 
 
 def _fuzz_conv_module(backend: str, examples: int) -> None:
-    if backend == "triton" and backends.available_backends(CPU)["triton"]:
-        pytest.skip("triton cannot run on CPU tensors here")
     tiny = backend == "triton"
 
     @fuzz_settings(examples)
@@ -572,21 +567,19 @@ def _fuzz_conv_module(backend: str, examples: int) -> None:
 ASPP_MODULE_BACKENDS = [("reference", 3), ("cpu", 5), ("triton", 1)]
 
 
-@pytest.mark.parametrize("backend, examples", ASPP_MODULE_BACKENDS, ids=[b for b, _ in ASPP_MODULE_BACKENDS])
+@pytest.mark.parametrize("backend, examples", backend_params(ASPP_MODULE_BACKENDS))
 def test_fuzz_fused_aspp_module(backend, examples):
     _fuzz_aspp_module(backend, examples)
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("backend", [b for b, _ in ASPP_MODULE_BACKENDS])
-def test_fuzz_fused_aspp_module_slow(backend):
+@pytest.mark.parametrize("backend, examples", backend_params(ASPP_MODULE_BACKENDS))
+def test_fuzz_fused_aspp_module_slow(backend, examples):
     _fuzz_aspp_module(backend, SLOW_EXAMPLES)
 
 
 def _fuzz_aspp_module(backend: str, examples: int) -> None:
     tiny = backend == "triton"
-    if tiny and not triton_runs("aspp", **_probe_aspp_call()):
-        pytest.skip("deeplab_ops.backends reports that triton cannot run aspp here")
 
     @fuzz_settings(examples)
     @given(module_cases(max_c=3 if tiny else 5, max_hw=7 if tiny else 10),
@@ -600,13 +593,11 @@ def _fuzz_aspp_module(backend: str, examples: int) -> None:
 # ---- regressions: every failure the fuzzing found, as a regular test ---------------------------------------------
 
 
-@pytest.mark.parametrize("backend", ["reference", "cpu", "triton"])
+@pytest.mark.parametrize("backend", ["reference", "cpu", backend_param("triton")])
 def test_aspp_without_rates_backward(backend):
     """Found by fuzzing: an ASPP with no atrous branch (rates=(), torchvision allows it) ran forward on the cpu
     backend but its backward failed: deeplab_ops/ops/aspp.py's backward returned None for the empty `rates` list
     input, and torch.library's autograd wants the inputs' structure (an empty list) there."""
-    if backend == "triton" and not triton_runs("aspp", **_probe_aspp_call()):
-        pytest.skip("deeplab_ops.backends reports that triton cannot run aspp here")
     for training in (True, False):
         check_aspp_call(AsppCall(n=2, cin=3, c=2, h=4, w=5, rates=(), training=training, running=True, layout="nchw",
                                  dtype=torch.float64, momentum=0.1, eps=1e-5, seed=11), backend)

@@ -8,7 +8,19 @@ import pickle
 
 import pytest
 import torch
-from helpers import CUDA, Case, assert_close, assert_same_training_step, make_inputs, tolerances
+from helpers import (
+    TRITON_DEVICE,
+    TRITON_MARKS,
+    Case,
+    assert_close,
+    assert_same_training_step,
+    backend_param,
+    cuda_test,
+    device_for,
+    make_inputs,
+    tolerances,
+    triton_test,
+)
 from torch import nn
 
 import deeplab_ops
@@ -83,14 +95,14 @@ def test_cpu_matches_saving_path(case):
     Case(2, 3, 6, 5, 4, training=False, relu=False, channels_last=True),
     Case(2, 3, 6, 6, 4, stride=2, dilation=2, training=True, residual=True),
 ], ids=str)
+@pytest.mark.usefixtures("no_tf32")
+@triton_test
 def test_triton_matches_saving_path(case):
-    _compare(case, "triton", 1e-5, 1e-5)
+    _compare(case, "triton", 1e-5, 1e-5, device=TRITON_DEVICE)
 
 
-needs_cuda = pytest.mark.skipif(not CUDA, reason="needs a CUDA device")
-
-
-@needs_cuda
+@pytest.mark.usefixtures("no_tf32")
+@cuda_test
 @pytest.mark.parametrize("backend", ["cuda", "triton"])
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float16])
 @pytest.mark.parametrize("case", [
@@ -102,13 +114,8 @@ needs_cuda = pytest.mark.skipif(not CUDA, reason="needs a CUDA device")
 def test_gpu_matches_saving_path(backend, dtype, case):
     # The lean backward recomputes y by the backend's own convolution: lean and saving results agree to the
     # dtype's tolerance (cuDNN / autotuned Triton may pick another algorithm the second time).
-    allow_tf32 = torch.backends.cudnn.allow_tf32
-    torch.backends.cudnn.allow_tf32 = False
-    try:
-        atol, rtol = (1e-5, 1e-5) if dtype == torch.float32 else tolerances(dtype)
-        _compare(case, backend, atol, rtol, dtype, "cuda")
-    finally:
-        torch.backends.cudnn.allow_tf32 = allow_tf32
+    atol, rtol = (1e-5, 1e-5) if dtype == torch.float32 else tolerances(dtype)
+    _compare(case, backend, atol, rtol, dtype, "cuda")
 
 
 @pytest.mark.parametrize("case", [
@@ -147,12 +154,13 @@ def test_reference_ignores_flag():
 
 @pytest.mark.parametrize("backend,training,relu", [
     ("cpu", True, True), ("cpu", False, True), ("cpu", True, False),
-    ("triton", True, True),  # y recomputed by the triton conv
-    ("triton", False, True),  # eval with a gamma gradient: y recomputed too
+    pytest.param("triton", True, True, marks=TRITON_MARKS),  # y recomputed by the triton conv
+    pytest.param("triton", False, True, marks=TRITON_MARKS),  # eval with a gamma gradient: y recomputed too
 ])
 def test_gradcheck_float64(backend, training, relu):
     case = Case(2, 2, 4, 4, 3, training=training, relu=relu, residual=True)
-    x, w, gamma, beta, rm, rv, res = (t.double() if t is not None else None for t in make_inputs(case))
+    x, w, gamma, beta, rm, rv, res = (t.double() if t is not None else None
+                                      for t in make_inputs(case, device=device_for(backend)))
     leaves = _leaves((x, w, gamma, beta, res))
 
     def f(x, w, gamma, beta, res):
@@ -219,13 +227,13 @@ def _saved_bytes(fn, exclude) -> tuple[int, int]:
     return sum(extra.values()), len(extra)
 
 
-@pytest.mark.parametrize("backend", ["cpu", "triton"])
+@pytest.mark.parametrize("backend", ["cpu", backend_param("triton")])
 @pytest.mark.parametrize("training,residual", [(True, False), (False, True)])
 def test_saved_bytes(backend, training, residual):
     """The saving path keeps the pre-BN activation (N*C*H*W elements) plus mean and invstd; the lean one keeps only
     mean and invstd (2*C statistics) beyond the op's own inputs and output."""
     case = Case(2, 3, 8, 8, 6, training=training, residual=residual)
-    x, w, gamma, beta, rm, rv, res = make_inputs(case)
+    x, w, gamma, beta, rm, rv, res = make_inputs(case, device=device_for(backend))
     leaves = _leaves((x, w, gamma, beta, res))
 
     def call(lean):

@@ -8,27 +8,22 @@ import copy
 
 import pytest
 import torch
-from helpers import CUDA, assert_close, assert_same_training_step
+from helpers import (
+    TRITON_DEVICE,
+    assert_close,
+    assert_same_training_step,
+    backend_param,
+    cuda_test,
+    device_for,
+    triton_test,
+)
 from torch import nn
 from torchvision.models.segmentation.deeplabv3 import ASPP as TorchvisionASPP
 
 import deeplab_ops
-from deeplab_ops import backends, reference
+from deeplab_ops import reference
 from deeplab_ops.fusion import fused_config
 from deeplab_ops.nn import FusedASPP
-
-CPU = torch.device("cpu")
-
-
-def _triton_runs() -> bool:
-    try:
-        return not backends.not_supported_reasons("triton", "aspp", CPU, x=torch.randn(2, 2, 5, 5), rates=(1, 2),
-                                                  training=True)
-    except TypeError:
-        return True
-
-
-needs_triton = pytest.mark.skipif(not _triton_runs(), reason="deeplab_ops.backends: triton cannot run aspp here")
 
 
 def _inputs(n=2, cin=4, c=3, h=6, w=5, rates=(1, 3), dtype=torch.float32, device="cpu", channels_last=False):
@@ -103,11 +98,13 @@ def test_cpu_without_rates():
     _compare("cpu", True, rates=())
 
 
-@needs_triton
+@triton_test
+@pytest.mark.usefixtures("no_tf32")
 @pytest.mark.parametrize("training", [True, False], ids=["train", "eval"])
 def test_triton_matches_saving_path(training):
-    # Interpreter: tiny shapes (C_in <= 8, C <= 4, batch 2, <= 9x9).
-    _compare("triton", training, cin=3, c=2, h=5, w=5, rates=(1, 2), channels_last=not training)
+    # Tiny shapes (C_in <= 8, C <= 4, batch 2, <= 9x9): the interpreter where no GPU is visible.
+    _compare("triton", training, cin=3, c=2, h=5, w=5, rates=(1, 2), channels_last=not training,
+             device=TRITON_DEVICE)
 
 
 def test_reference_ignores_flag():
@@ -137,18 +134,14 @@ def test_some_inputs_need_grad(training, wanted):
         torch.testing.assert_close(u, v, rtol=0, atol=0)
 
 
-@pytest.mark.skipif(not CUDA, reason="needs a CUDA device")
+@cuda_test
+@pytest.mark.usefixtures("no_tf32")
 @pytest.mark.parametrize("backend", ["cuda", "triton"])
 @pytest.mark.parametrize("training", [True, False], ids=["train", "eval"])
 def test_gpu_matches_saving_path(backend, training):
-    allow_tf32 = torch.backends.cudnn.allow_tf32
-    torch.backends.cudnn.allow_tf32 = False
-    try:
-        # cuDNN may pick another algorithm for the recompute: equal to rounding, not bitwise.
-        _compare(backend, training, exact=False, n=4, cin=16, c=8, h=17, w=19, rates=(2, 5, 7), device="cuda",
-                 channels_last=True)
-    finally:
-        torch.backends.cudnn.allow_tf32 = allow_tf32
+    # cuDNN may pick another algorithm for the recompute: equal to rounding, not bitwise.
+    _compare(backend, training, exact=False, n=4, cin=16, c=8, h=17, w=19, rates=(2, 5, 7), device="cuda",
+             channels_last=True)
 
 
 # ---- what autograd saves ------------------------------------------------------------------------------------------
@@ -173,14 +166,14 @@ def _bytes(saved) -> int:
     return sum(b for b, _ in saved.values())
 
 
-@pytest.mark.parametrize("backend", ["cpu", pytest.param("triton", marks=needs_triton)])
+@pytest.mark.parametrize("backend", ["cpu", backend_param("triton")])
 @pytest.mark.parametrize("training", [True, False], ids=["train", "eval"])
 def test_saved_bytes(backend, training):
     """Beyond the op's inputs and output, the saving path keeps the branch buffer (N, B*C, H, W), the projection's
     pre-BN output (N, C, H, W), the pooling vector (N, C) and (B + 2) * C-vectors (statistics, BN parameters); the
     lean one keeps only the vectors (and in eval the running statistics it normalized with)."""
     n, cin, c, h, w, rates = 2, 3, 2, 5, 6, (1, 2)
-    t = _inputs(n=n, cin=cin, c=c, h=h, w=w, rates=rates)
+    t = _inputs(n=n, cin=cin, c=c, h=h, w=w, rates=rates, device=device_for(backend))
     leaves = [t["x"], *t["conv_weights"], t["pool_weight"], t["project_weight"], *t["bn_weights"], *t["bn_biases"]]
     for v in leaves:
         v.requires_grad_()

@@ -1,19 +1,22 @@
-"""The launch counter (`deeplab_ops.triton.count_launches`): what the overhead benchmark reads."""
+"""The launch counter (`deeplab_ops.triton.count_launches`): what the overhead benchmark reads, the JIT
+specializations it predicts; the tuning cache's key; launches on their tensors' device."""
 
 from __future__ import annotations
 
+import contextlib
 import subprocess
 import sys
 import threading
 
+import pytest
 import torch
-from helpers import CUDA
+from helpers import TRITON_DEVICE, triton_test
 
 import deeplab_ops
 import deeplab_ops.triton as dtriton
 from deeplab_ops.triton import conv_bn_relu as triton_cbr
 
-DEVICE = "cuda" if CUDA else "cpu"
+DEVICE = TRITON_DEVICE
 
 
 def _conv_inputs(n=2, c_in=3, c_out=4, h=5, w=6):
@@ -24,12 +27,13 @@ def _conv_inputs(n=2, c_in=3, c_out=4, h=5, w=6):
     return x, weight, gamma, beta, rm, rv
 
 
-def _forward(training: bool):
-    x, weight, gamma, beta, rm, rv = _conv_inputs()
+def _forward(training: bool, **shape):
+    x, weight, gamma, beta, rm, rv = _conv_inputs(**shape)
     return triton_cbr.forward(x, weight, gamma, beta, rm, rv, [1, 1], [1, 1], [1, 1], training, 0.1, 1e-5, None,
                               True)
 
 
+@triton_test
 def test_counts_training_and_eval_forward_launches():
     with dtriton.count_launches() as train:
         _forward(True)
@@ -40,6 +44,7 @@ def test_counts_training_and_eval_forward_launches():
     assert evaluation.total == 1 and evaluation.by_kernel == {"conv_fwd": 1}
 
 
+@triton_test
 def test_counts_through_the_public_op_and_nests():
     x, weight, gamma, beta, rm, rv = _conv_inputs()
     with dtriton.count_launches() as outer:
@@ -51,6 +56,7 @@ def test_counts_through_the_public_op_and_nests():
     assert sum(outer.by_kernel.values()) == outer.total
 
 
+@triton_test
 def test_inactive_counter_sees_nothing_and_other_threads_are_not_counted():
     _forward(False)  # no block active: nothing to record into
     with dtriton.count_launches() as counter:
@@ -67,9 +73,10 @@ def test_counter_import_imports_no_triton():
     subprocess.run([sys.executable, "-c", code], check=True)
 
 
-def test_tuned_configurations_are_cached_by_bucket(monkeypatch):
-    """On a GPU a kernel is tuned once per key (dtype, constexprs, channel counts and map size bucketed to powers
-    of two, exact strides); later calls reuse the cached configuration and say which one they ran with."""
+def test_tuned_configurations_are_cached_by_key(monkeypatch):
+    """On a GPU a kernel is tuned once per key (dtype, constexprs, channel counts bucketed to powers of two, exact
+    strides; never the spatial size); later calls reuse the cached configuration and say which one they ran
+    with."""
     from deeplab_ops.triton import conv_engine, launch
 
     tuned = []
@@ -90,11 +97,198 @@ def test_tuned_configurations_are_cached_by_bucket(monkeypatch):
         return launch.tuned_config(spec, cuda, dtype, sizes, dict(meta, **flags), lambda cfg: None)["tag"]
 
     first = pick()
-    assert pick(c_in=60, hw=40) == first == 1  # same buckets (64 channels, 64-pixel rows): no new tuning
+    assert pick(c_in=60, hw=40) == first == 1  # same buckets (64 channels): no new tuning
+    assert pick(hw=513) == pick(hw=1) == 1     # the map size never re-tunes
     assert pick(c_in=65) == 2                  # 128-channel bucket
     assert pick(stride=2) == 3                 # strides are exact
     assert pick(dtype=torch.bfloat16) == 4
     assert pick(TRAINING=False) == 5           # another epilogue is another kernel
     assert pick(c_in=60, hw=40) == 1 and len(tuned) == 5
-    # CPU tensors (the interpreter) never tune: the fixed configuration.
+    wgrad = conv_engine.KERNELS["wgrad"]
+    sizes = dict(C_in=64, C_out=64, H_out=33, W_out=33, stride_h=1, stride_w=1, SPLITS=3)
+    assert launch.tuning_key(wgrad, cuda, torch.float16, sizes, meta) == launch.tuning_key(
+        wgrad, cuda, torch.float16, dict(sizes, H_out=129, W_out=65, SPLITS=17), meta)  # splits follow the map size
+    # CPU tensors (the interpreter) do not tune unless asked to (set_autotune("all")): the fixed configuration.
+    assert launch.autotune_mode() == "gpu"
     assert launch.tuned_config(spec, torch.device("cpu"), torch.float32, {}, meta, None) == spec.interpreter
+
+
+def test_autotune_modes(monkeypatch):
+    """"off": no tuning, the first pruned candidate on a GPU; "all": the interpreter tunes among the pruned
+    candidates (wall clock) and caches the winner; a bad mode is a clear error."""
+    from deeplab_ops.triton import conv_engine, launch
+
+    monkeypatch.setattr(launch, "_TUNED", {})
+    spec = conv_engine.KERNELS["fwd"]
+    sizes = dict(C_in=32, C_out=32, H_out=9, W_out=9, stride_h=1, stride_w=1)
+    meta = dict(KH=3, KW=3, TRAINING=True)
+    cpu = torch.device("cpu")
+    options = launch.candidates(spec, cpu, sizes)
+    assert len(options) >= 2 and all(c["BLOCK_N"] <= 32 and c["BLOCK_K"] <= 32 for c in options)
+    timed = []
+    previous = launch.set_autotune("all")
+    try:
+        got = launch.tuned_config(spec, cpu, torch.float32, sizes, meta, lambda c: timed.append(c))
+        again = launch.tuned_config(spec, cpu, torch.float32, dict(sizes, H_out=40), meta, None)
+        assert launch.set_autotune("off") == "all"
+        assert launch.tuned_config(spec, cpu, torch.float64, sizes, meta, None) == spec.interpreter
+        monkeypatch.setattr(launch, "_interpreter_active", lambda: False)
+        monkeypatch.setattr(torch.cuda, "get_device_capability", lambda device=None: (8, 0))
+        untuned = launch.tuned_config(spec, torch.device("cuda", 0), torch.float32, sizes, meta, None)
+    finally:
+        launch.set_autotune(previous)
+    assert timed == options and got in options and again is got  # every candidate ran once; the winner cached
+    assert untuned == launch.candidates(spec, torch.device("cuda", 0), sizes)[0]
+    with pytest.raises(ValueError, match=r"mode='fast' is not an autotune mode; expected one of \('gpu', 'all'"):
+        launch.set_autotune("fast")
+    env = {"DEEPLAB_OPS_AUTOTUNE": "sometimes", "PYTHONPATH": ":".join(sys.path)}
+    done = subprocess.run([sys.executable, "-c", "import deeplab_ops.triton.launch"], env=env, capture_output=True,
+                          text=True)
+    assert done.returncode != 0 and "DEEPLAB_OPS_AUTOTUNE='sometimes' is not an autotune mode" in done.stderr
+
+
+# ---- JIT specializations --------------------------------------------------------------------------------------
+
+
+@triton_test
+def test_signatures_follow_triton_specialization():
+    """Calls that differ only in a spatial size of the same class (not 1, not divisible by 16) compile nothing
+    new; a width divisible by 16 is another specialization of the conv (and of bn_apply, whose row count follows)."""
+    with dtriton.count_launches() as one:
+        _forward(True, w=6)
+    with dtriton.count_launches() as same_class:
+        _forward(True, w=6)
+        _forward(True, w=7)
+        _forward(True, w=9)
+    with dtriton.count_launches() as flipped:
+        _forward(True, w=6)
+        _forward(True, w=16)
+    assert same_class.total == 3 * one.total == 9
+    assert same_class.signatures == one.signatures and len(one.signatures) == 3
+    by_kernel = {}
+    for sig in flipped.signatures:
+        by_kernel.setdefault(sig.kernel, []).append(sig)
+    assert {k: len(v) for k, v in by_kernel.items()} == {"conv_fwd": 2, "bn_finalize": 1, "bn_apply": 2}
+    a, b = by_kernel["conv_fwd"]
+    assert a.constexprs == b.constexprs and {dict((n, c) for n, _, c in s.args)["W"] for s in (a, b)} == {"", "div16"}
+    conv = next(s for s in one.signatures if s.kernel == "conv_fwd")
+    consts, args = dict(conv.constexprs), {n: (t, c) for n, t, c in conv.args}
+    assert consts["KH"] == 3 and consts["TRAINING"] is True and {"BLOCK_H", "num_warps", "num_stages"} <= set(consts)
+    assert args["x_ptr"] == ("*float32", "align16") and args["C_in"] == ("i32", "") and args["stride_h"][1] == "==1"
+    with dtriton.count_launches() as evaluation:  # other constexprs (eval BN epilogue): another variant
+        _forward(False, w=6)
+    assert not evaluation.signatures & one.signatures
+
+
+def test_argument_classes_match_tritons_own():
+    """Two arguments get one class exactly when Triton's specialization (the NVIDIA backend's) says they compile
+    to one kernel: integers by width and by == 1 / divisible by 16, tensors by dtype and 16-byte alignment."""
+    from deeplab_ops.triton import launch
+
+    jit = pytest.importorskip("triton.runtime.jit")
+    native = getattr(jit, "native_specialize_impl", None)
+    if native is None:
+        pytest.skip("this Triton has no native_specialize_impl to compare with")
+    from triton.backends.compiler import BaseBackend
+
+    base = torch.zeros(64)
+    values = [0, 1, 2, 15, 16, 17, 32, 48, 2**31 - 1, 2**31, 2**32, -16, -1, True, False, 0.5, 2.0, None,
+              base, base[4:], base[1:], base.double(), base.half(), base.int()[8:]]
+    for a in values:
+        for b in values:
+            ours = launch._arg_class(a) == launch._arg_class(b)
+            theirs = native(BaseBackend, a, False, True, True) == native(BaseBackend, b, False, True, True)
+            assert ours == theirs, [v if not torch.is_tensor(v) else (v.dtype, v.data_ptr() % 16) for v in (a, b)]
+
+
+@triton_test
+def test_inactive_counting_computes_no_signature(monkeypatch):
+    from deeplab_ops.triton import launch
+
+    def boom(*args):
+        raise AssertionError("a signature was computed with no count_launches block active")
+
+    monkeypatch.setattr(launch, "launch_signature", boom)
+    errors = []
+    # A fresh thread: no block active there (conftest may count this one's launches, DEEPLAB_OPS_TEST_SIGNATURES).
+    worker = threading.Thread(target=lambda: errors.extend(_try(_forward, False)))
+    worker.start()
+    worker.join()
+    assert not errors, errors
+
+
+def _try(fn, *args) -> list:
+    try:
+        fn(*args)
+    except Exception as e:  # noqa: BLE001  (reported by the caller)
+        return [e]
+    return []
+
+
+def test_nested_blocks_with_equal_counts_end_in_any_order():
+    """Blocks are told apart by identity: an inner block that exits while its counts equal the outer one's stops
+    counting (not the outer)."""
+    with dtriton.count_launches() as outer:
+        with dtriton.count_launches() as inner:
+            assert inner == outer  # both empty: equal as values
+        from deeplab_ops.triton.counting import _COUNTERS
+
+        assert _COUNTERS.active[-1] is outer
+
+
+# ---- device guard ---------------------------------------------------------------------------------------------
+
+
+def test_launch_runs_under_its_tensors_device(monkeypatch):
+    """A launch (and tuning) on cuda:1 while cuda:0 is current switches to cuda:1 for the launch only; on the current
+    device there is no switch; CPU tensors hold the interpreter lock."""
+    from deeplab_ops.triton import launch
+
+    current, entered = [0], []
+
+    @contextlib.contextmanager
+    def switch(index):
+        entered.append(index)
+        saved, current[0] = current[0], index
+        try:
+            yield
+        finally:
+            current[0] = saved
+
+    monkeypatch.setattr(torch.cuda, "current_device", lambda: current[0])
+    monkeypatch.setattr(torch.cuda, "device", switch)
+    seen = []
+
+    class Kernel:
+        fn = launch.launch_kernel  # any function: only its name is read
+
+        def __getitem__(self, grid):
+            return lambda *args, **kwargs: seen.append(current[0])
+
+    monkeypatch.setattr(launch, "_device_of", lambda args: args[0])
+    launch.launch_kernel(Kernel(), (1,), torch.device("cuda", 1))
+    launch.launch_kernel(Kernel(), (1,), torch.device("cuda", 0))
+    assert seen == [1, 0] and entered == [1] and current == [0]
+    assert launch.device_guard(torch.device("cpu")) is launch._INTERPRETER_LOCK
+    assert launch.run_tuned(None, torch.device("cuda", 1), torch.float32, {}, {}, lambda c: current[0], {}) == 1
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(torch.cuda.device_count() < 2, reason="needs two CUDA devices")
+def test_second_device_while_first_is_current():
+    """A call on cuda:1 while cuda:0 is current: correct results, and the current device is left as it was."""
+    from helpers import Case, assert_close, make_inputs
+
+    from deeplab_ops import reference
+
+    case = Case(2, 32, 9, 7, 32, residual=True)
+    torch.cuda.set_device(0)
+    for dtype in (torch.float32, torch.float64):
+        x, w, g, b, rm, rv, res = make_inputs(case, dtype, "cuda:1")
+        rm_ref = rm.double()
+        out = deeplab_ops.conv_bn_relu(x, w, g, b, rm, rv.clone(), padding=1, residual=res, backend="triton")
+        expected = reference.conv_bn_relu(x.double(), w.double(), g.double(), b.double(), rm_ref, rv.double(),
+                                          padding=1, residual=res.double())
+        assert out.device == x.device and torch.cuda.current_device() == 0
+        assert_close(out, expected, f"cuda:1 {dtype} output", 2e-4 if dtype == torch.float32 else 1e-9, 2e-4)
+        assert_close(rm, rm_ref, f"cuda:1 {dtype} running_mean", 2e-4, 2e-4)
