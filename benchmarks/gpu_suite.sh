@@ -165,15 +165,17 @@ fi
 
 # 3. benchmarks, goals first (the issue's goals: bf16, output stride 16, batch 16). Modes in goal order: the
 #    eval rows come before fwd_bwd, whose compile-max case is the slowest to set up.
+#    The eager setups users run (channels_last, autocast) come with eager NCHW: the goals read the fastest of them.
 phase aspp_goal 190 'BENCH_MARGIN_S=50 bench aspp_bench.py aspp_goal --configs os16 --batches 16 --dtypes bf16 \
-    --profile --providers eager,cuda,triton,compile,compile-max --modes train_fwd,eval_fwd,fwd_bwd' 0 60
+    --profile --providers eager,eager-cl,eager-amp,eager-cl-amp,cuda,triton,compile,compile-max \
+    --modes train_fwd,eval_fwd,fwd_bwd' 0 60
 phase train_goal 150 'bench train_bench.py train_bench --models r50 --output-strides 16 --batches 16 \
-    --dtypes bf16 --providers eager,cuda-lean,triton-lean,cuda' 0 60
+    --dtypes bf16 --providers eager,eager-cl,eager-amp,cuda-lean,triton-lean,cuda' 0 60
 phase goals 20 '"$PY" benchmarks/common.py goals "$STAGE" | tee "$STAGE/goals.txt"'
 phase train_more 90 'BENCH_MARGIN_S=45 bench train_bench.py train_bench_more --models r50,r101 --output-strides 16 \
     --batches 16 --dtypes bf16 --providers eager,triton,compile --modes train_step' 0 60
 phase conv_bn_relu 60 'bench conv_bn_relu_bench.py conv_bn_relu_bench --dtypes bf16 --batches 16 \
-    --providers eager,reference,cuda,triton' 0 45
+    --providers eager,eager-cl,cuda,triton' 0 45
 phase aspp_sweep 60 'bench aspp_bench.py aspp_sweep --dtypes bf16 --providers eager,cuda,triton' 0 45
 phase aspp_dtypes 45 'bench aspp_bench.py aspp_dtypes --configs os16 --batches 16 --dtypes fp16,fp32,tf32 \
     --providers eager,cuda,triton' 0 45
