@@ -18,6 +18,7 @@ import json
 import math
 import os
 import platform
+import re
 import subprocess
 import sys
 import time
@@ -202,6 +203,55 @@ def roofline_bound_us(flops: float | None, min_bytes: float | None, dtype_name: 
     compute = (flops or 0.0) / (peak.tflops[dtype_name] * 1e12) if dtype_name in peak.tflops else 0.0
     memory = (min_bytes or 0.0) / (peak.hbm_tbps * 1e12)
     return max(compute, memory) * 1e6
+
+
+_ASPP_SHAPE = re.compile(r"^(\d+)x(\d+)x(\d+) r([\d/]+) ->(\d+)$")
+_CONV_SHAPE = re.compile(r"^\S+ (\d+)->(\d+) k(\d+)(?: s(\d+))?(?: d(\d+))? @(\d+)( \+res)?$")
+
+
+def row_counts(row: dict) -> tuple[float, int] | None:
+    """(useful FLOPs, min_bytes) of an aspp or conv_bn_relu row, from its op, mode, dtype, batch and shape label
+    (as aspp_bench and conv_bn_relu_bench write them): the roofline of results written before those columns.
+    None for other ops or labels."""
+    mode, elem, n = row["mode"], DTYPE_BYTES.get(row["dtype"]), int(row["batch"])
+    if elem is None or mode not in MODES:
+        return None
+    if row["op"] == "aspp" and (m := _ASPP_SHAPE.match(row["shape"])):
+        cin, h, w, cout = int(m[1]), int(m[2]), int(m[3]), int(m[5])
+        rates = tuple(int(r) for r in m[4].split("/"))
+        flops = mode_flops(aspp_flops(n, cin, cout, h, w, rates), mode)[0]
+        return flops, aspp_min_bytes(n, cin, cout, h, w, rates, mode, elem)
+    if row["op"] == "conv_bn_relu" and (m := _CONV_SHAPE.match(row["shape"])):
+        cin, cout, k, size = int(m[1]), int(m[2]), int(m[3]), int(m[6])
+        stride, dilation = int(m[4] or 1), int(m[5] or 1)
+        padding = dilation * (k - 1) // 2
+        out = (size + 2 * padding - dilation * (k - 1) - 1) // stride + 1
+        flops = mode_flops(conv_flops(n, cin, cout, size, size, k, dilation, padding, stride), mode)[0]
+        return flops, conv_bn_relu_min_bytes(n, cin, cout, size, size, k, out, out, bool(m[7]), mode, elem)
+    return None
+
+
+def roofline_report(path: str | Path) -> list[str]:
+    """Lines: each ok row of a results CSV or JSON with its FLOPs, minimum bytes, bound on its GPU and % of it."""
+    path = Path(path)
+    if path.suffix == ".json":
+        rows = json.loads(path.read_text())["rows"]
+    else:
+        with path.open() as f:
+            rows = list(csv.DictReader(f))
+    lines = [f"{'provider':<13} {'mode':<10} {'dtype':<5} {'shape':<34} {'N':>3} {'ms':>9} {'GFLOP':>9} "
+             f"{'min MB':>9} {'bound µs':>9} {'%bound':>7}"]
+    for r in rows:
+        counts = row_counts(r) if r["status"] == "ok" else None
+        if counts is None:
+            continue
+        median = float(r["median_ms"])
+        bound = roofline_bound_us(counts[0], counts[1], r["dtype"], gpu_peak(r.get("gpu")))
+        pct = f"{100.0 * bound / (median * 1e3):7.1f}" if bound else f"{'-':>7}"
+        lines.append(f"{r['provider']:<13} {r['mode']:<10} {r['dtype']:<5} {r['shape']:<34} {r['batch']:>3} "
+                     f"{median:9.4g} {counts[0] / 1e9:9.4g} {counts[1] / 1e6:9.4g} "
+                     f"{_fmt(bound) if bound else '-':>9} {pct}")
+    return lines
 
 
 # ---- environment ----------------------------------------------------------------------------------------------
@@ -884,9 +934,12 @@ def _lean_memory_report(path: Path) -> list[str]:
 if __name__ == "__main__":
     # python benchmarks/common.py goals DIR: the issue's goals, read from DIR's aspp_goal.json and train_bench.json
     # python benchmarks/common.py commit: the git_commit the rows will name (gpu_suite.sh prints it)
+    # python benchmarks/common.py roofline FILE: each aspp / conv_bn_relu row's roofline (also for older results)
     if len(sys.argv) == 2 and sys.argv[1] == "commit":
         print(git_commit())
     elif len(sys.argv) == 3 and sys.argv[1] == "goals":
         print("\n".join(goal_report(sys.argv[2])))
+    elif len(sys.argv) == 3 and sys.argv[1] == "roofline":
+        print("\n".join(roofline_report(sys.argv[2])))
     else:
-        sys.exit("usage: python benchmarks/common.py goals DIR | commit")
+        sys.exit("usage: python benchmarks/common.py goals DIR | roofline FILE.csv | commit")

@@ -365,6 +365,34 @@ def test_roofline_bound_by_hand():
     assert (cpu["flops"], cpu["min_bytes"], cpu["bound_us"], cpu["pct_of_bound"]) == (1e9, 100, None, None)
 
 
+def test_row_counts_read_the_shape_labels(tmp_path):
+    # rows written before the roofline columns: FLOPs and bytes from their labels, as the scripts wrote them
+    import conv_bn_relu_bench
+
+    s = next(c for c in conv_bn_relu_bench.CUDA_SHAPES if c.stride == 2)  # layer2 128->128 k3 s2 @129
+    conv = {"op": "conv_bn_relu", "mode": "fwd_bwd", "dtype": "bf16", "batch": "16", "shape": s.label()}
+    assert common.row_counts(conv) == (
+        3 * common.conv_flops(16, 128, 128, 129, 129, 3, 1, 1, 2)[0],
+        common.conv_bn_relu_min_bytes(16, 128, 128, 129, 129, 3, 65, 65, False, "fwd_bwd", 2))
+    res = next(c for c in conv_bn_relu_bench.CUDA_SHAPES if c.residual)
+    row = {**conv, "mode": "eval_fwd", "dtype": "fp32", "shape": res.label()}
+    assert common.row_counts(row)[1] == common.conv_bn_relu_min_bytes(16, 256, 1024, 33, 33, 1, 33, 33, True,
+                                                                      "eval_fwd", 4)
+    aspp = {"op": "aspp", "mode": "train_fwd", "dtype": "bf16", "batch": 16, "shape": "2048x33x33 r6/12/18 ->256"}
+    assert common.row_counts(aspp) == (common.aspp_flops(16, 2048, 256, 33, 33, (6, 12, 18))[0],
+                                       common.aspp_min_bytes(16, 2048, 256, 33, 33, (6, 12, 18), "train_fwd", 2))
+    assert common.row_counts({**aspp, "op": "deeplabv3"}) is None
+    # the report: H200 rows get a bound (ASPP train forward, bf16: compute-bound, 315 GFLOP / 989 TFLOP/s)
+    path = tmp_path / "r.csv"
+    with path.open("w", newline="") as f:
+        writer = csv.DictWriter(f, fieldnames=[*aspp, "status", "median_ms", "provider", "gpu"])
+        writer.writeheader()
+        writer.writerow({**aspp, "status": "ok", "median_ms": "0.638", "provider": "cuda", "gpu": "NVIDIA H200"})
+    lines = common.roofline_report(path)
+    bound = common.aspp_flops(16, 2048, 256, 33, 33, (6, 12, 18))[0] / 989e12 * 1e6  # µs
+    assert len(lines) == 2 and lines[1].split()[-2:] == [f"{bound:.3g}", f"{100 * bound / 638:.1f}"], lines
+
+
 def test_train_step_min_bytes_by_hand():
     import train_bench
 
