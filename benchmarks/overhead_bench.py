@@ -762,7 +762,8 @@ def step_markdown(step_rows: list[dict]) -> list[str]:
         "a GPU the JIT cache entries it adds (autotuning candidates included), under the interpreter predicted from "
         "the distinct launch signatures (count_launches().signatures). 2nd step: those a second step adds (0 in a "
         "steady state). kernels: distinct kernels launched (a lower bound on specializations). first step s: wall "
-        "time of the first step (compile and autotuning on a GPU; the interpreter's own pace on CPU).",
+        "time of the first step (compile and autotuning on a GPU; on CPU the interpreter's pace, or with dry "
+        "launches the CPU glue's alone).",
         "",
         "| " + " | ".join(h for _, h in STEP_TABLE) + " |",
         "|" + "|".join("---" for _ in STEP_TABLE) + "|",
@@ -777,16 +778,21 @@ def step_markdown(step_rows: list[dict]) -> list[str]:
 
 def markdown(rows: list[dict], env: dict, command: str, meta: list[str], step_rows: list[dict] | None = None) -> str:
     used = [(k, h) for k, h in TABLE if any(r.get(k) is not None for r in rows)]
+    machine = env['gpu'].removeprefix('none (CPU: ').removesuffix(')')
     lines = [
-        f"# Host overhead per call: {env['gpu'].removeprefix('none (CPU: ').removesuffix(')')}",
+        f"# {'Host overhead per call' if rows else 'First use of a training step on triton'}: {machine}",
         "",
         "Rerun (from the repository root; writes this file and its .csv):",
         "",
         f"    {command}",
         "",
         f"torch {env['torch']}, triton {env['triton']}, commit {env['git_commit']}, {env['time']}. ",
-        *[f"{m} " for m in meta],
+        *([f"{m} " for m in meta] if rows else []),
         "",
+    ]
+    if not rows:
+        return "\n".join(lines + step_markdown(step_rows or []))
+    lines += [
         "Per call, steady state. host µs: time.perf_counter around the call (median, p20, p80); x eager: host µs / "
         "eager's. aten ops: every aten op outside the backend's own kernels (bn_* stages, convolutions, Triton "
         "launches), nested ones included = alloc + copy + cat + red(uctions) + elem(entwise) + other + views; copy B: "
@@ -796,8 +802,6 @@ def markdown(rows: list[dict], env: dict, command: str, meta: list[str], step_ro
         "",
     ]
     lines += step_markdown(step_rows or [])
-    if not rows:
-        return "\n".join(lines) + "\n"
     lines += summary(rows) + [
         "",
         "## Every row",
