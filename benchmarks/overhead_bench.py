@@ -459,24 +459,25 @@ def profile_calls(case: Case, device: torch.device, calls: int, triton: bool) ->
 
 # ---- Triton specializations -----------------------------------------------------------------------------------
 
-_KERNEL_MODULES = ("conv_engine", "bn_kernels", "conv_bn_relu", "aspp", "upsample_ce")
-
 
 def triton_specializations() -> int | None:
-    """Compiled variants held by deeplab_ops' Triton kernels: the sum over JITFunctions of their per-device kernel
-    caches (`JITFunction.device_caches[device][0]`, triton 3.2 to 3.8). None under the interpreter (nothing is
+    """Compiled variants held by deeplab_ops' Triton kernels: the sum over the JITFunctions of its loaded
+    deeplab_ops.triton modules (each counted once, wherever imported) of their per-device kernel caches
+    (`JITFunction.device_caches[device][0]`, triton 3.2 to 3.8). None under the interpreter (nothing is
     compiled) or where triton keeps its cache elsewhere."""
     try:
         from triton.runtime.jit import JITFunction
     except ImportError:
         return None
-    found, total = False, 0
-    for name in _KERNEL_MODULES:
-        module = sys.modules.get(f"deeplab_ops.triton.{name}")
-        for obj in vars(module).values() if module else ():
+    found, total, seen = False, 0, set()
+    for name, module in list(sys.modules.items()):
+        if not name.startswith("deeplab_ops.triton.") or module is None:
+            continue
+        for obj in vars(module).values():
             caches = getattr(obj, "device_caches", None) if isinstance(obj, JITFunction) else None
-            if caches is None:
+            if caches is None or id(obj) in seen:
                 continue
+            seen.add(id(obj))
             found = True
             total += sum(len(c[0]) for c in caches.values())
     return total if found else None
@@ -886,6 +887,8 @@ def main(argv: list[str] | None = None) -> int:
                              "2026-11-28)")
     parser.add_argument("--threads", type=int, default=None,
                         help="torch CPU threads (default: torch's); 1 avoids oversubscription on a shared machine")
+    parser.add_argument("--budget-s", type=float, default=None,
+                        help="wall-clock budget: cases left when it is spent are recorded as skipped")
     step = parser.add_argument_group("first use: one DeepLabV3 training step on the triton backend (opt-in, runs "
                                      "first: the specializations it compiles are counted in a fresh process)")
     step.add_argument("--r50-step", action="store_true",
@@ -918,36 +921,56 @@ def main(argv: list[str] | None = None) -> int:
     )
     print(f"{env['gpu']} | torch {env['torch']} | triton {env['triton']} | commit {env['git_commit']}", flush=True)
     cuda = device.type == "cuda"
-    step_rows = []
-    if args.r50_step:
-        cfg = StepConfig(width=args.step_width, size=args.step_size or (513 if cuda else 33),
-                         batch=args.step_batch or (16 if cuda else 2))
-        step_dtype = args.step_dtype or ("bf16" if cuda else "fp32")
-        for provider in args.step_providers:
-            step_rows.append(step_row(provider, device, step_dtype, cfg, args.quick, env, args.dry_launches))
-            r = step_rows[-1]
-            print(f"  {r['op']} train_step {provider}: {_fmt(r['triton_specializations'])} specializations "
-                  f"({r['specializations_from'] or 'not counted'}), {_fmt(r['triton_launches'])} launches of "
-                  f"{_fmt(r['distinct_kernels'])} kernels, first step {_fmt(r['first_call_s'])} s {r['status']}",
-                  flush=True)
-    rows = []
-    for op in args.ops:
-        for mode in args.modes:
-            for provider in providers:
-                row = run_case(op, provider, mode, device, args.dtype, args.quick, env)
-                rows.append(row)
-                print(f"  {op:<22} {mode:<9} {provider:<9} {_fmt(row['host_us'])} µs, {_fmt(row['aten_ops'])} aten "
-                      f"ops, {_fmt(row['syncs'])} syncs {row['status']}", flush=True)
-    fill_eager(rows)
-    print_table(rows + step_rows)
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     meta = [f"Calls per case ({'--quick' if args.quick else 'full'}): {settings_for('eager', device, args.quick)}"
             + (f"; triton in the interpreter: {settings_for('triton', device, args.quick)}" if _interpreter() else "")
             + f". torch threads {torch.get_num_threads()}; dtype {args.dtype}; Triton interpreter "
             f"{'on' if _interpreter() else 'off'}."]
-    write_csv(step_rows + rows, out / f"{name}.csv")
-    (out / f"{name}.md").write_text(markdown(rows, env, command, meta, step_rows))
+    budget = common.Budget(args.budget_s)
+    step_rows, rows = [], []
+
+    def save() -> None:
+        """The rows so far, to NAME.csv and NAME.md: a run stopped by a timeout keeps every finished case."""
+        write_csv(step_rows + rows, out / f"{name}.csv")
+        (out / f"{name}.md").write_text(markdown(rows, env, command, meta, step_rows))
+
+    def spent(row: dict) -> bool:
+        if not budget.spent():
+            return False
+        row.update(status="skipped", note=f"time budget of {args.budget_s:.0f} s spent")
+        return True
+
+    if args.r50_step:
+        cfg = StepConfig(width=args.step_width, size=args.step_size or (513 if cuda else 33),
+                         batch=args.step_batch or (16 if cuda else 2))
+        step_dtype = args.step_dtype or ("bf16" if cuda else "fp32")
+        for provider in args.step_providers:
+            op, shape = cfg.label()
+            r = dict.fromkeys(FIELDS)
+            r.update(env, op=op, provider=provider, mode="train_step", dtype=step_dtype, shape=shape, batch=cfg.batch)
+            if not spent(r):
+                r = step_row(provider, device, step_dtype, cfg, args.quick, env, args.dry_launches)
+            step_rows.append(r)
+            save()
+            print(f"  {r['op']} train_step {provider}: {_fmt(r['triton_specializations'])} specializations "
+                  f"({r['specializations_from'] or 'not counted'}), {_fmt(r['triton_launches'])} launches of "
+                  f"{_fmt(r['distinct_kernels'])} kernels, first step {_fmt(r['first_call_s'])} s {r['status']}",
+                  flush=True)
+    for op in args.ops:
+        for mode in args.modes:
+            for provider in providers:
+                row = dict.fromkeys(FIELDS)
+                row.update(env, op=op, provider=provider, mode=mode, dtype=args.dtype)
+                if not spent(row):
+                    row = run_case(op, provider, mode, device, args.dtype, args.quick, env)
+                rows.append(row)
+                save()
+                print(f"  {op:<22} {mode:<9} {provider:<9} {_fmt(row['host_us'])} µs, {_fmt(row['aten_ops'])} aten "
+                      f"ops, {_fmt(row['syncs'])} syncs {row['status']}", flush=True)
+    fill_eager(rows)
+    print_table(rows + step_rows)
+    save()
     print(f"wrote {out / (name + '.csv')} and {out / (name + '.md')}")
     every = rows + step_rows
     return 0 if all(r["status"] != "error" for r in every) and any(r["status"] == "ok" for r in every) else 1

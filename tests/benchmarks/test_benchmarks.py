@@ -547,7 +547,10 @@ def test_gpu_suite_order_and_outputs(tmp_path):
     names = [calls[i].split("--name ")[1].split()[0] for i in benches]
     assert names[:2] == ["aspp_goal", "train_bench"], names
     assert all("--budget-s" in calls[i] for i in benches)
-    assert calls.index(next(c for c in calls if c.startswith("benchmarks/common.py goals"))) < benches[2]
+    goals = calls.index(next(c for c in calls if c.startswith("benchmarks/common.py goals")))
+    assert goals < benches[2]
+    # after the goals: the first use of a DeepLabV3-R50 training step (specializations compiled, first-step time)
+    assert names[2] == "first_use" and "overhead_bench.py --device cuda --r50-step" in calls[benches[2]], names
     files = sorted(p.name for p in out.iterdir())
     assert len(files) <= 8 and {"suite.log", "gpu_suite_results.tar.gz"} <= set(files), files
     assert "commit abc1234" in (out / "suite.log").read_text()

@@ -311,3 +311,13 @@ def test_r50_step_dry_cpu(tmp_path):
     assert lean > plain  # memory_efficient recomputes the pre-BN activation in the backward: more forward launches
     md = (tmp_path / "step.md").read_text()
     assert "## First use: one DeepLabV3 training step on triton" in md and "goal <= 40" in md
+
+
+def test_budget_spent_records_skipped_rows(tmp_path):
+    # --budget-s 0: no case starts; each is a skipped row saying why, and the run reports that nothing ran
+    argv = ["--device", "cpu", "--ops", "aspp", "--modes", "eval_fwd", "--backends", "cpu", "--budget-s", "0",
+            "--out", str(tmp_path), "--name", "b"]
+    assert overhead_bench.main(argv) == 1
+    rows = _read(tmp_path / "b.csv")
+    assert [(r["provider"], r["status"]) for r in rows] == [("eager", "skipped"), ("cpu", "skipped")]
+    assert all("time budget of 0 s spent" in r["note"] for r in rows)
