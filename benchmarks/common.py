@@ -740,7 +740,8 @@ def print_table(rows: list[dict], title: str = "", file=None) -> None:
 
 
 def plot(rows: list[dict], out_dir: str | Path, name: str) -> Path | None:
-    """{name}.png: per (mode, dtype), speedup over eager by shape and provider; None (and why) without matplotlib."""
+    """{name}.png: per (mode, dtype), speedup over the anchor (the fastest eager setup) by shape and provider; None
+    (and why) without matplotlib."""
     try:
         import matplotlib
 
@@ -750,10 +751,10 @@ def plot(rows: list[dict], out_dir: str | Path, name: str) -> Path | None:
         print(f"--plot: matplotlib is not installed, so {name}.png was not written (pip install matplotlib)",
               file=sys.stderr)
         return None
-    ok = [r for r in rows if r["status"] == "ok" and r.get("speedup_vs_eager") is not None]
+    ok = [r for r in rows if r["status"] == "ok" and r.get("speedup_vs_anchor") is not None]
     panels = sorted({(r["mode"], r["dtype"]) for r in ok})
     if not panels:
-        print(f"--plot: no timed rows with an eager baseline, so {name}.png was not written", file=sys.stderr)
+        print(f"--plot: no timed rows with an eager anchor, so {name}.png was not written", file=sys.stderr)
         return None
     cols = min(3, len(panels))
     nrows = math.ceil(len(panels) / cols)
@@ -764,13 +765,13 @@ def plot(rows: list[dict], out_dir: str | Path, name: str) -> Path | None:
         providers = list(dict.fromkeys(r["provider"] for r in sel))
         width = 0.8 / len(providers)
         for i, p in enumerate(providers):
-            vals = {f"{r['shape']} N{r['batch']}": r["speedup_vs_eager"] for r in sel if r["provider"] == p}
+            vals = {f"{r['shape']} N{r['batch']}": r["speedup_vs_anchor"] for r in sel if r["provider"] == p}
             xs = [j + i * width for j, c in enumerate(cases) if c in vals]
             ax.bar(xs, [vals[c] for c in cases if c in vals], width, label=p)
         ax.axhline(1.0, color="black", linewidth=0.8)
         ax.set_xticks([j + 0.4 - width / 2 for j in range(len(cases))])
         ax.set_xticklabels(cases, rotation=45, ha="right", fontsize=7)
-        ax.set_ylabel("speedup over eager")
+        ax.set_ylabel("speedup over the anchor (fastest eager)")
         ax.set_title(f"{name}: {mode}, {dtype}", fontsize=9)
         ax.legend(fontsize=7)
     for ax in list(axes.flat)[len(panels):]:
