@@ -8,6 +8,8 @@ Shapes (CUDA): Cin 2048 → Cout 256; 33×33 at output stride 16 with rates (6, 
 output stride 8 with (12, 24, 36); batches 1, 8, 16. Training modes at batch 1 are skipped: BatchNorm of the
 pooling branch needs more than one value per channel, as in PyTorch. The eager module is torchvision's ASPP with
 dropout 0 (model.ASPP when torchvision is absent); fused providers run deeplab_ops.nn.FusedASPP(dropout=0).
+eager-cl runs it channels_last, eager-amp as an fp32 module under torch.autocast (input in the dtype, as a
+backbone under autocast hands it over), eager-cl-amp both; the fastest eager setup is each case's anchor.
 """
 
 from __future__ import annotations
@@ -25,10 +27,10 @@ CUDA_CONFIGS = {  # name: (H = W, rates)
     "os8": (65, (12, 24, 36)),
 }
 CPU_CONFIGS = {"os16": (17, (3, 6, 9)), "os16_r12": (17, (6, 12, 18)), "os8": (33, (6, 12, 18))}
-CUDA_PROVIDERS = ("eager", "compile", "compile-max", "triton", "cuda")
-CPU_PROVIDERS = ("cpu", "reference", "eager")
+CUDA_PROVIDERS = ("eager", "eager-cl", "eager-amp", "eager-cl-amp", "compile", "compile-max", "triton", "cuda")
+CPU_PROVIDERS = ("cpu", "reference", "eager", "eager-cl")
 FUSED = common.FUSED_PROVIDERS
-PROVIDERS = ("eager", "compile", "compile-max", "triton", "cuda", "cpu", "reference")
+PROVIDERS = (*common.EAGER_PROVIDERS, "compile", "compile-max", "triton", "cuda", "cpu", "reference")
 
 
 def eager_aspp(cin: int, rates: tuple[int, ...], cout: int) -> torch.nn.Module:
@@ -55,7 +57,7 @@ def make_module(provider: str, cin: int, rates, cout: int) -> torch.nn.Module:
 
         return FusedASPP(cin, rates, cout, dropout=0.0, backend=provider)
     module = eager_aspp(cin, rates, cout)
-    if provider == "eager":
+    if provider in common.EAGER_PROVIDERS:
         return module
     return common.compiled(module, provider)
 
@@ -108,17 +110,22 @@ def main(argv: list[str] | None = None) -> int:
                         case = dict(op="aspp", provider=provider, mode=mode, dtype=dtype_name, shape=shape,
                                     batch=batch)
                         x = torch.randn(batch, cin, size, size, device=device, dtype=dtype)
-                        reason = common.unavailable(provider, "aspp", device, x=x, rates=rates, training=training)
+                        reason = (common.eager_unavailable(provider, dtype_name)
+                                  or common.unavailable(provider, "aspp", device, x=x, rates=rates, training=training))
                         if training and batch == 1:
                             reason = "BatchNorm in training needs batch >= 2 (the pooling branch has 1 value/channel)"
                         module_note = "" if provider in FUSED else eager_aspp_note()
 
-                        def build(provider=provider, mode=mode, x=x, rates=rates, dtype=dtype):
+                        def build(provider=provider, mode=mode, x=x, rates=rates, dtype=dtype, dtype_name=dtype_name):
                             compiled = provider.startswith("compile")
-                            module = make_module(provider, cin, rates, cout).to(device=device, dtype=dtype)
-                            return common.mode_case(mode, module, [x], compiled)
+                            module = common.prepare_eager(make_module(provider, cin, rates, cout), provider, device,
+                                                          dtype)
+                            return common.mode_case(mode, module, [common.prepare_input(x, provider)], compiled,
+                                                    amp=common.autocast_dtype(provider, dtype_name))
 
-                        runner.run(build, reason=reason, flops=flops, note=module_note, **case)
+                        min_bytes = common.aspp_min_bytes(batch, cin, cout, size, size, rates, mode,
+                                                          common.DTYPE_BYTES[dtype_name])
+                        runner.run(build, reason=reason, flops=flops, note=module_note, min_bytes=min_bytes, **case)
     rows = runner.rows
     meta = {"script": "aspp_bench", "argv": sys.argv[1:] if argv is None else argv, "matmul_peak": peak_desc,
             "matmul_peak_tflops": peak, "valid_tap_fraction": fractions, "environment": env}

@@ -11,18 +11,21 @@ FLOPs: "useful" counts the (kernel tap, output position) pairs whose input posit
 from __future__ import annotations
 
 import argparse
+import contextlib
 import csv
 import datetime
 import json
 import math
 import os
 import platform
+import re
 import subprocess
 import sys
 import time
 import traceback
 from collections.abc import Callable, Iterable, Sequence
 from pathlib import Path
+from typing import NamedTuple
 
 import torch
 
@@ -35,14 +38,22 @@ QUANTILES = (0.5, 0.2, 0.8)
 # One schema for every script's rows: JSON rows and CSV columns, in this order.
 FIELDS = (
     "op", "provider", "mode", "dtype", "shape", "batch", "status", "median_ms", "p20_ms", "p80_ms",
-    "useful_tflops", "dense_tflops", "pct_peak", "speedup_vs_eager", "images_per_s", "peak_mem_mb", "setup_s",
-    "note", "device", "gpu", "torch", "triton", "git_commit", "time",
+    "useful_tflops", "dense_tflops", "pct_peak", "speedup_vs_eager", "anchor", "speedup_vs_anchor",
+    "speedup_vs_compile", "min_bytes", "flops", "bound_us", "pct_of_bound", "images_per_s", "peak_mem_mb",
+    "setup_s", "note", "device", "gpu", "torch", "triton", "git_commit", "time",
 )
 ENV_FIELDS = ("device", "gpu", "torch", "triton", "git_commit", "time")
 
 # dtype names: fp32 runs with TF32 off, tf32 is float32 storage with TF32 tensor-core math on.
 DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32, "tf32": torch.float32}
 MODES = ("train_fwd", "eval_fwd", "fwd_bwd")
+
+# The eager setups users run: NCHW with the model cast to the dtype (eager), channels_last (eager-cl), autocast over
+# an fp32 model (eager-amp: torchvision's reference training with --amp), and both (eager-cl-amp). The fastest of
+# them that ran is each case's anchor (speedup_vs_anchor); compile providers are compared apart (speedup_vs_compile).
+EAGER_PROVIDERS = ("eager", "eager-cl", "eager-amp", "eager-cl-amp")
+COMPILE_PROVIDERS = ("compile", "compile-max")
+AMP_DTYPES = ("bf16", "fp16")
 
 
 # ---- FLOP counting --------------------------------------------------------------------------------------------
@@ -100,6 +111,147 @@ def mode_flops(forward: tuple[float, float], mode: str) -> tuple[float, float]:
     """FLOPs of a mode: forward + backward is 3× forward (dgrad and wgrad each cost one forward)."""
     k = 3.0 if mode == "fwd_bwd" else 1.0
     return forward[0] * k, forward[1] * k
+
+
+# ---- roofline: minimum HBM bytes, and the time bound they and the FLOPs imply on a known GPU ---------------------
+
+DTYPE_BYTES = {"bf16": 2, "fp16": 2, "fp32": 4, "tf32": 4}
+
+
+def conv_bn_relu_min_bytes(n: int, cin: int, cout: int, h: int, w: int, kernel: int, out_h: int, out_w: int,
+                           residual: bool, mode: str, elem: int) -> int:
+    """The fewest HBM bytes conv + BatchNorm (+ residual) + ReLU can move in a mode: each tensor the call must read
+    or write, once (docs/benchmarks.md, "Roofline").
+
+    Forward: read x, weight, residual, BN's weight, bias, running mean and var; write out (and, training, the
+    running mean and var). fwd_bwd adds the backward: read grad_out, x, weight, out (ReLU mask, BN rebuild) and BN's
+    weight; write grad_x, grad_weight, grad of BN's weight and bias, grad_residual.
+    """
+    if mode not in MODES:
+        raise ValueError(f"mode {mode!r} is not one of {MODES}")
+    x, wt, out = n * cin * h * w, cout * cin * kernel * kernel, n * cout * out_h * out_w
+    res = out if residual else 0
+    elems = x + wt + res + 4 * cout + out + (2 * cout if mode != "eval_fwd" else 0)
+    if mode == "fwd_bwd":
+        elems += (out + x + wt + out + cout) + (x + wt + 2 * cout + res)
+    return elems * elem
+
+
+def aspp_min_bytes(n: int, cin: int, cout: int, h: int, w: int, rates: Sequence[int], mode: str, elem: int) -> int:
+    """The fewest HBM bytes the ASPP module can move in a mode: x, every weight and BN vector, out, once; the branch
+    outputs (the (R+2)·Cout concat) never reach memory. fwd_bwd adds reading grad_out, x, the weights and out, and
+    writing grad_x and every weight's gradient. A lower bound: a real ASPP writes (or recomputes) the concat."""
+    if mode not in MODES:
+        raise ValueError(f"mode {mode!r} is not one of {MODES}")
+    r = len(rates)
+    weights = cin * cout * (2 + 9 * r) + (r + 2) * cout * cout  # 1x1, pooling 1x1, 3x3 branches, projection
+    bn = 4 * cout * (r + 3)  # weight, bias, running mean, running var of every BatchNorm (branches + projection)
+    x, out = n * cin * h * w, n * cout * h * w
+    elems = x + weights + bn + out + (bn // 2 if mode != "eval_fwd" else 0)
+    if mode == "fwd_bwd":
+        elems += (out + x + weights + out + bn // 4) + (x + weights + bn // 2)
+    return elems * elem
+
+
+class GpuPeak(NamedTuple):
+    """A card's dense peaks: TFLOP/s per benchmark dtype (fp32: CUDA cores, TF32 off) and HBM TB/s."""
+
+    name: str
+    tflops: dict
+    hbm_tbps: float
+    source: str
+
+
+_HOPPER_SXM = {"bf16": 989.0, "fp16": 989.0, "tf32": 494.0, "fp32": 67.0}
+_HOPPER_NVL = {"bf16": 835.0, "fp16": 835.0, "tf32": 418.0, "fp32": 60.0}
+_AMPERE = {"bf16": 312.0, "fp16": 312.0, "tf32": 156.0, "fp32": 19.5}
+# Matched in order against torch.cuda.get_device_name(): the first whose every word is in the name. Numbers: NVIDIA's
+# datasheets, dense (the datasheets' tensor-core figures are with 2:4 sparsity: halved here), boost clock.
+GPU_PEAKS = (
+    GpuPeak("H200 NVL", _HOPPER_NVL, 4.8, "NVIDIA H200 NVL datasheet (dense)"),
+    GpuPeak("H200", _HOPPER_SXM, 4.8, "NVIDIA H200 SXM datasheet: bf16/fp16 989, tf32 494, fp32 67 TFLOP/s dense, "
+                                      "HBM3e 4.8 TB/s"),
+    GpuPeak("H100 NVL", _HOPPER_NVL, 3.9, "NVIDIA H100 NVL datasheet (dense)"),
+    GpuPeak("H100 PCIe", {"bf16": 756.0, "fp16": 756.0, "tf32": 378.0, "fp32": 51.0}, 2.0,
+            "NVIDIA H100 PCIe datasheet (dense)"),
+    GpuPeak("H100", _HOPPER_SXM, 3.35, "NVIDIA H100 SXM datasheet: bf16/fp16 989, tf32 494, fp32 67 TFLOP/s dense, "
+                                       "HBM3 3.35 TB/s"),
+    GpuPeak("A100 80GB PCIe", _AMPERE, 1.935, "NVIDIA A100 datasheet, 80GB PCIe (dense)"),
+    GpuPeak("A100 80GB", _AMPERE, 2.039, "NVIDIA A100 datasheet, 80GB SXM: bf16/fp16 312, tf32 156, fp32 19.5 "
+                                         "TFLOP/s dense, HBM2e 2.039 TB/s"),
+    GpuPeak("A100", _AMPERE, 1.555, "NVIDIA A100 datasheet, 40GB (dense)"),
+)
+
+
+def gpu_peak(gpu_name: str | None) -> GpuPeak | None:
+    """The peak table's entry for a device name ('NVIDIA H200', 'NVIDIA A100-SXM4-80GB'); None when unknown (CPUs)."""
+    if not gpu_name or gpu_name.startswith("none"):
+        return None
+    words = set(gpu_name.upper().replace("-", " ").split())
+    for peak in GPU_PEAKS:
+        if set(peak.name.upper().split()) <= words:
+            return peak
+    return None
+
+
+def roofline_bound_us(flops: float | None, min_bytes: float | None, dtype_name: str, peak: GpuPeak | None
+                      ) -> float | None:
+    """The time no kernel can beat, in µs: max(FLOPs / peak FLOP/s at the dtype, bytes / HBM bandwidth).
+    None without a peak (or with neither count)."""
+    if peak is None or (flops is None and min_bytes is None):
+        return None
+    compute = (flops or 0.0) / (peak.tflops[dtype_name] * 1e12) if dtype_name in peak.tflops else 0.0
+    memory = (min_bytes or 0.0) / (peak.hbm_tbps * 1e12)
+    return max(compute, memory) * 1e6
+
+
+_ASPP_SHAPE = re.compile(r"^(\d+)x(\d+)x(\d+) r([\d/]+) ->(\d+)$")
+_CONV_SHAPE = re.compile(r"^\S+ (\d+)->(\d+) k(\d+)(?: s(\d+))?(?: d(\d+))? @(\d+)( \+res)?$")
+
+
+def row_counts(row: dict) -> tuple[float, int] | None:
+    """(useful FLOPs, min_bytes) of an aspp or conv_bn_relu row, from its op, mode, dtype, batch and shape label
+    (as aspp_bench and conv_bn_relu_bench write them): the roofline of results written before those columns.
+    None for other ops or labels."""
+    mode, elem, n = row["mode"], DTYPE_BYTES.get(row["dtype"]), int(row["batch"])
+    if elem is None or mode not in MODES:
+        return None
+    if row["op"] == "aspp" and (m := _ASPP_SHAPE.match(row["shape"])):
+        cin, h, w, cout = int(m[1]), int(m[2]), int(m[3]), int(m[5])
+        rates = tuple(int(r) for r in m[4].split("/"))
+        flops = mode_flops(aspp_flops(n, cin, cout, h, w, rates), mode)[0]
+        return flops, aspp_min_bytes(n, cin, cout, h, w, rates, mode, elem)
+    if row["op"] == "conv_bn_relu" and (m := _CONV_SHAPE.match(row["shape"])):
+        cin, cout, k, size = int(m[1]), int(m[2]), int(m[3]), int(m[6])
+        stride, dilation = int(m[4] or 1), int(m[5] or 1)
+        padding = dilation * (k - 1) // 2
+        out = (size + 2 * padding - dilation * (k - 1) - 1) // stride + 1
+        flops = mode_flops(conv_flops(n, cin, cout, size, size, k, dilation, padding, stride), mode)[0]
+        return flops, conv_bn_relu_min_bytes(n, cin, cout, size, size, k, out, out, bool(m[7]), mode, elem)
+    return None
+
+
+def roofline_report(path: str | Path) -> list[str]:
+    """Lines: each ok row of a results CSV or JSON with its FLOPs, minimum bytes, bound on its GPU and % of it."""
+    path = Path(path)
+    if path.suffix == ".json":
+        rows = json.loads(path.read_text())["rows"]
+    else:
+        with path.open() as f:
+            rows = list(csv.DictReader(f))
+    lines = [f"{'provider':<13} {'mode':<10} {'dtype':<5} {'shape':<34} {'N':>3} {'ms':>9} {'GFLOP':>9} "
+             f"{'min MB':>9} {'bound µs':>9} {'%bound':>7}"]
+    for r in rows:
+        counts = row_counts(r) if r["status"] == "ok" else None
+        if counts is None:
+            continue
+        median = float(r["median_ms"])
+        bound = roofline_bound_us(counts[0], counts[1], r["dtype"], gpu_peak(r.get("gpu")))
+        pct = f"{100.0 * bound / (median * 1e3):7.1f}" if bound else f"{'-':>7}"
+        lines.append(f"{r['provider']:<13} {r['mode']:<10} {r['dtype']:<5} {r['shape']:<34} {r['batch']:>3} "
+                     f"{median:9.4g} {counts[0] / 1e9:9.4g} {counts[1] / 1e6:9.4g} "
+                     f"{_fmt(bound) if bound else '-':>9} {pct}")
+    return lines
 
 
 # ---- environment ----------------------------------------------------------------------------------------------
@@ -172,6 +324,52 @@ def set_precision(dtype_name: str) -> torch.dtype:
     torch.backends.cudnn.allow_tf32 = tf32
     torch.backends.cudnn.benchmark = True
     return DTYPES[dtype_name]
+
+
+# ---- the eager setups ----------------------------------------------------------------------------------------
+
+
+def uses_channels_last(provider: str) -> bool:
+    """eager-cl, eager-cl-amp: module and input in channels_last."""
+    return provider.startswith("eager-cl")
+
+
+def uses_autocast(provider: str) -> bool:
+    """eager-amp, eager-cl-amp: an fp32 module run under torch.autocast at the row's dtype."""
+    return provider in EAGER_PROVIDERS and provider.endswith("-amp")
+
+
+def eager_unavailable(provider: str, dtype_name: str) -> str:
+    """Why an eager setup does not apply to this dtype ('' when it does): autocast runs bf16 or fp16 only."""
+    if uses_autocast(provider) and dtype_name not in AMP_DTYPES:
+        return (f"{provider} is autocast over an fp32 model: it runs {' or '.join(AMP_DTYPES)}, not {dtype_name} "
+                "(the fp32 model itself is the eager row)")
+    return ""
+
+
+def prepare_eager(module: torch.nn.Module, provider: str, device: torch.device, dtype: torch.dtype) -> torch.nn.Module:
+    """The module as an eager setup runs it: fp32 under autocast, else cast to dtype; channels_last for -cl."""
+    module = module.to(device=device, dtype=torch.float32 if uses_autocast(provider) else dtype)
+    if uses_channels_last(provider):
+        module = module.to(memory_format=torch.channels_last)
+    return module
+
+
+def prepare_input(x: torch.Tensor, provider: str) -> torch.Tensor:
+    """A 4-d input in the provider's memory format (channels_last for the -cl setups; others unchanged)."""
+    return x.contiguous(memory_format=torch.channels_last) if uses_channels_last(provider) and x.dim() == 4 else x
+
+
+def autocast_dtype(provider: str, dtype_name: str) -> torch.dtype | None:
+    """The autocast dtype of an -amp setup, None for every other provider."""
+    return DTYPES[dtype_name] if uses_autocast(provider) else None
+
+
+def autocast(device: torch.device, dtype: torch.dtype | None):
+    """torch.autocast(device, dtype), or a no-op context when dtype is None."""
+    if dtype is None:
+        return contextlib.nullcontext()
+    return torch.autocast(device_type=device.type, dtype=dtype)
 
 
 # ---- timing and memory ----------------------------------------------------------------------------------------
@@ -248,22 +446,25 @@ def matmul_peak(device: torch.device, quick: bool = False) -> tuple[float, str]:
 # ---- cases ---------------------------------------------------------------------------------------------------
 
 
-def mode_case(mode: str, module: torch.nn.Module, inputs: Sequence[torch.Tensor], compiled: bool = False):
+def mode_case(mode: str, module: torch.nn.Module, inputs: Sequence[torch.Tensor], compiled: bool = False,
+              amp: torch.dtype | None = None):
     """(fn, tensors whose .grad the timer clears) running `module(*inputs)` in one of MODES.
 
     train_fwd: train mode with autograd recording (as in a training step); eval_fwd: eval mode under no_grad;
     fwd_bwd: train mode, forward then backward with a fixed random output gradient, grads for inputs[0] too (in
-    DeepLab the input comes from the backbone). Compiled modules mark each call as a new CUDA-graph step.
+    DeepLab the input comes from the backbone). Compiled modules mark each call as a new CUDA-graph step. `amp`:
+    the forward runs under torch.autocast at that dtype (the backward outside it, as PyTorch's AMP recipe does).
     """
     mark = getattr(torch.compiler, "cudagraph_mark_step_begin", None) if compiled else None
     if mode not in MODES:
         raise ValueError(f"mode {mode!r} is not one of {MODES}")
+    device = inputs[0].device
     module.train(mode != "eval_fwd")
     if mode == "eval_fwd":
         def fn():
             if mark:
                 mark()
-            with torch.no_grad():
+            with torch.no_grad(), autocast(device, amp):
                 return module(*inputs)
 
         return fn, []
@@ -271,7 +472,8 @@ def mode_case(mode: str, module: torch.nn.Module, inputs: Sequence[torch.Tensor]
         def fn():
             if mark:
                 mark()
-            return module(*inputs)
+            with autocast(device, amp):
+                return module(*inputs)
 
         return fn, []
     inputs[0].requires_grad_(True)
@@ -280,7 +482,8 @@ def mode_case(mode: str, module: torch.nn.Module, inputs: Sequence[torch.Tensor]
     def fn():
         if mark:
             mark()
-        out = module(*inputs)
+        with autocast(device, amp):
+            out = module(*inputs)
         if not grad:
             grad.append(torch.randn_like(out))
         out.backward(grad[0])
@@ -332,7 +535,8 @@ class Runner:
         fill_speedups(self.rows)
         write_results(self.rows, self.args.out, self.args.name, {"partial": True})
 
-    def run(self, build, *, reason: str = "", flops=None, images=None, note: str = "", **case) -> dict | None:
+    def run(self, build, *, reason: str = "", flops=None, images=None, note: str = "", min_bytes: int | None = None,
+            **case) -> dict | None:
         """Run one case unless `reason` (or a spent budget) says to skip it; returns its row."""
         if not reason and self.budget.spent():
             reason = f"time budget of {self.args.budget_s:.0f} s spent"
@@ -343,7 +547,7 @@ class Runner:
         if getattr(self.args, "profile", False):
             profile = Path(self.args.out) / f"{self.args.name}_profile.txt"
         row = run_case(self.env, build, self.device, quick=self.args.quick, flops=flops, peak_tflops=self.peak,
-                       images=images, profile=profile, **case)
+                       images=images, profile=profile, min_bytes=min_bytes, **case)
         if note and not row["note"]:
             row["note"] = note
         self.rows.append(row)
@@ -370,8 +574,9 @@ def make_row(env: dict, **fields) -> dict:
 
 def timed_row(env: dict, fn: Callable[[], object], device: torch.device, *, quick: bool, flops: tuple[float, float]
               | None = None, peak_tflops: float | None = None, images: int | None = None,
-              grad_to_none: Sequence[torch.Tensor] | None = None, setup_s: float | None = None, **fields) -> dict:
-    """Time fn and fill the figures of a row: times, TFLOP/s, % of peak, images/s, peak memory."""
+              grad_to_none: Sequence[torch.Tensor] | None = None, setup_s: float | None = None,
+              min_bytes: int | None = None, **fields) -> dict:
+    """Time fn and fill the figures of a row: times, TFLOP/s, % of peak, roofline, images/s, peak memory."""
     median, p20, p80 = bench(fn, device, quick, grad_to_none, warm=setup_s is not None)
     row = make_row(env, status="ok", median_ms=median, p20_ms=p20, p80_ms=p80, setup_s=setup_s, **fields)
     if flops is not None:
@@ -379,15 +584,24 @@ def timed_row(env: dict, fn: Callable[[], object], device: torch.device, *, quic
         row["dense_tflops"] = flops[1] / (median * 1e-3) / 1e12
         if peak_tflops:
             row["pct_peak"] = 100.0 * row["useful_tflops"] / peak_tflops
+    fill_roofline(row, flops[0] if flops is not None else None, min_bytes)
     if images is not None:
         row["images_per_s"] = images / (median * 1e-3)
     row["peak_mem_mb"] = peak_memory_mb(fn, device)
     return row
 
 
+def fill_roofline(row: dict, flops: float | None, min_bytes: int | None) -> None:
+    """flops, min_bytes, bound_us (on a GPU of the peak table) and pct_of_bound (bound / median) of a row."""
+    row["flops"], row["min_bytes"] = flops, min_bytes
+    bound = roofline_bound_us(flops, min_bytes, row["dtype"], gpu_peak(row.get("gpu")))
+    row["bound_us"] = bound
+    row["pct_of_bound"] = 100.0 * bound / (row["median_ms"] * 1e3) if bound and row.get("median_ms") else None
+
+
 def run_case(env: dict, build: Callable[[], tuple[Callable[[], object], list[torch.Tensor]]], device: torch.device,
              *, quick: bool, flops=None, peak_tflops=None, images=None, profile: Path | None = None,
-             **fields) -> dict:
+             min_bytes: int | None = None, **fields) -> dict:
     """Build a case (returning fn and the tensors whose grads to clear), time its first call, then time it;
     with `profile`, append the case's top kernels (torch.profiler, 3 calls) to that file.
 
@@ -400,7 +614,7 @@ def run_case(env: dict, build: Callable[[], tuple[Callable[[], object], list[tor
         synchronize(device)
         setup_s = time.perf_counter() - start
         row = timed_row(env, fn, device, quick=quick, flops=flops, peak_tflops=peak_tflops, images=images,
-                        grad_to_none=grads, setup_s=setup_s, **fields)
+                        grad_to_none=grads, setup_s=setup_s, min_bytes=min_bytes, **fields)
         if profile is not None:
             title = " ".join(str(fields.get(k)) for k in ("provider", "mode", "dtype", "shape", "batch"))
             try:
@@ -437,12 +651,26 @@ def profile_case(fn: Callable[[], object], device: torch.device, path: Path, tit
 
 
 def fill_speedups(rows: list[dict], key: Sequence[str] = ("op", "mode", "dtype", "shape", "batch")) -> None:
-    """speedup_vs_eager = eager median / this median, for rows sharing `key` with an 'ok' eager row."""
-    eager = {tuple(r[k] for k in key): r["median_ms"] for r in rows if r["provider"] == "eager" and r["status"] == "ok"}
+    """Per case (rows sharing `key`), from its 'ok' rows: speedup_vs_eager = eager (NCHW) median / this median;
+    anchor = the fastest eager setup (EAGER_PROVIDERS) and speedup_vs_anchor = its median / this median;
+    speedup_vs_compile = the fastest compile provider's median / this median."""
+    groups: dict[tuple, list[dict]] = {}
     for r in rows:
-        base = eager.get(tuple(r[k] for k in key))
-        if r["status"] == "ok" and base:
-            r["speedup_vs_eager"] = base / r["median_ms"]
+        if r["status"] == "ok" and r.get("median_ms"):
+            groups.setdefault(tuple(r[k] for k in key), []).append(r)
+    for case in groups.values():
+        eager = next((r for r in case if r["provider"] == "eager"), None)
+        anchor = min((r for r in case if r["provider"] in EAGER_PROVIDERS), key=lambda r: r["median_ms"], default=None)
+        comp = min((r for r in case if r["provider"] in COMPILE_PROVIDERS), key=lambda r: r["median_ms"],
+                   default=None)
+        for r in case:
+            if eager:
+                r["speedup_vs_eager"] = eager["median_ms"] / r["median_ms"]
+            if anchor:
+                r["anchor"] = anchor["provider"]
+                r["speedup_vs_anchor"] = anchor["median_ms"] / r["median_ms"]
+            if comp:
+                r["speedup_vs_compile"] = comp["median_ms"] / r["median_ms"]
 
 
 class Budget:
@@ -488,8 +716,9 @@ def _fmt(v, digits: int = 3) -> str:
 TABLE_COLUMNS = (
     ("provider", "provider"), ("mode", "mode"), ("dtype", "dtype"), ("shape", "shape"), ("batch", "N"),
     ("median_ms", "ms"), ("p20_ms", "p20"), ("p80_ms", "p80"), ("useful_tflops", "TF/s use"),
-    ("dense_tflops", "TF/s dense"), ("pct_peak", "%peak"), ("speedup_vs_eager", "x eager"),
-    ("images_per_s", "img/s"), ("peak_mem_mb", "MiB"), ("status", "status"),
+    ("dense_tflops", "TF/s dense"), ("pct_peak", "%peak"), ("speedup_vs_eager", "x eager"), ("anchor", "anchor"),
+    ("speedup_vs_anchor", "x anchor"), ("speedup_vs_compile", "x compile"), ("bound_us", "bound µs"),
+    ("pct_of_bound", "%bound"), ("images_per_s", "img/s"), ("peak_mem_mb", "MiB"), ("status", "status"),
 )
 
 
@@ -511,7 +740,8 @@ def print_table(rows: list[dict], title: str = "", file=None) -> None:
 
 
 def plot(rows: list[dict], out_dir: str | Path, name: str) -> Path | None:
-    """{name}.png: per (mode, dtype), speedup over eager by shape and provider; None (and why) without matplotlib."""
+    """{name}.png: per (mode, dtype), speedup over the anchor (the fastest eager setup) by shape and provider; None
+    (and why) without matplotlib."""
     try:
         import matplotlib
 
@@ -521,10 +751,10 @@ def plot(rows: list[dict], out_dir: str | Path, name: str) -> Path | None:
         print(f"--plot: matplotlib is not installed, so {name}.png was not written (pip install matplotlib)",
               file=sys.stderr)
         return None
-    ok = [r for r in rows if r["status"] == "ok" and r.get("speedup_vs_eager") is not None]
+    ok = [r for r in rows if r["status"] == "ok" and r.get("speedup_vs_anchor") is not None]
     panels = sorted({(r["mode"], r["dtype"]) for r in ok})
     if not panels:
-        print(f"--plot: no timed rows with an eager baseline, so {name}.png was not written", file=sys.stderr)
+        print(f"--plot: no timed rows with an eager anchor, so {name}.png was not written", file=sys.stderr)
         return None
     cols = min(3, len(panels))
     nrows = math.ceil(len(panels) / cols)
@@ -535,13 +765,13 @@ def plot(rows: list[dict], out_dir: str | Path, name: str) -> Path | None:
         providers = list(dict.fromkeys(r["provider"] for r in sel))
         width = 0.8 / len(providers)
         for i, p in enumerate(providers):
-            vals = {f"{r['shape']} N{r['batch']}": r["speedup_vs_eager"] for r in sel if r["provider"] == p}
+            vals = {f"{r['shape']} N{r['batch']}": r["speedup_vs_anchor"] for r in sel if r["provider"] == p}
             xs = [j + i * width for j, c in enumerate(cases) if c in vals]
             ax.bar(xs, [vals[c] for c in cases if c in vals], width, label=p)
         ax.axhline(1.0, color="black", linewidth=0.8)
         ax.set_xticks([j + 0.4 - width / 2 for j in range(len(cases))])
         ax.set_xticklabels(cases, rotation=45, ha="right", fontsize=7)
-        ax.set_ylabel("speedup over eager")
+        ax.set_ylabel("speedup over the anchor (fastest eager)")
         ax.set_title(f"{name}: {mode}, {dtype}", fontsize=9)
         ax.legend(fontsize=7)
     for ax in list(axes.flat)[len(panels):]:
@@ -624,18 +854,25 @@ def finish(rows: list[dict], args: argparse.Namespace, meta: dict, title: str) -
 
 # ---- the issue's goals ---------------------------------------------------------------------------------------
 
-# (title, file stem, mode, baseline provider, target): fused median vs baseline median, H100 bf16 (issue #7).
+# (title, file stem, mode, baseline, target): fused median vs the baseline's, H100 bf16 (issue #7). Baseline "eager":
+# the fastest eager setup of the case (EAGER_PROVIDERS: the anchor); "compile": the faster of torch.compile default
+# and max-autotune. Each line also gives the ratio against eager NCHW (the first runs' only baseline).
 GOALS = (
-    ("ASPP train forward vs eager", "aspp_goal", "train_fwd", "eager", 1.8),
-    ("ASPP eval forward vs eager", "aspp_goal", "eval_fwd", "eager", 1.8),
-    ("ASPP train forward vs compile max-autotune", "aspp_goal", "train_fwd", "compile-max", 1.4),
-    ("ASPP eval forward vs compile max-autotune", "aspp_goal", "eval_fwd", "compile-max", 1.4),
-    ("ASPP forward + backward vs eager", "aspp_goal", "fwd_bwd", "eager", 1.6),
-    ("training step vs eager (images/s)", "train_bench", "train_step", "eager", 1.3),
+    ("ASPP train forward vs best eager", "aspp_goal", "train_fwd", "eager", 1.8),
+    ("ASPP eval forward vs best eager", "aspp_goal", "eval_fwd", "eager", 1.8),
+    ("ASPP train forward vs torch.compile", "aspp_goal", "train_fwd", "compile", 1.4),
+    ("ASPP eval forward vs torch.compile", "aspp_goal", "eval_fwd", "compile", 1.4),
+    ("ASPP forward + backward vs best eager", "aspp_goal", "fwd_bwd", "eager", 1.6),
+    ("training step vs best eager (images/s)", "train_bench", "train_step", "eager", 1.3),
 )
+BASELINES = {"eager": EAGER_PROVIDERS, "compile": COMPILE_PROVIDERS}
 # Issue #9: the memory-lean training step (train_bench's "-lean" providers) peaks at most at this fraction of
 # eager's memory, at equal or better speed (R50, output stride 16, crop 513, batch 16).
 LEAN_MEMORY_GOAL = 0.6
+
+
+def _fastest(sel: dict[str, dict], providers: Sequence[str]) -> dict | None:
+    return min((sel[p] for p in providers if p in sel), key=lambda r: r["median_ms"], default=None)
 
 
 def goal_report(out_dir: str | Path) -> list[str]:
@@ -650,47 +887,60 @@ def goal_report(out_dir: str | Path) -> list[str]:
         if not rows:
             lines.append(f"{title}: no {mode} row ran in {path.name}")
             continue
-        for shape in dict.fromkeys(r["shape"] for r in rows):
-            sel = {r["provider"]: r for r in rows if r["shape"] == shape}
-            if base not in sel:
-                lines.append(f"{title} [{shape}]: no {base} row")
+        for shape, dtype, batch in dict.fromkeys((r["shape"], r["dtype"], r["batch"]) for r in rows):
+            sel = {r["provider"]: r for r in rows if (r["shape"], r["dtype"], r["batch"]) == (shape, dtype, batch)}
+            where = f"{title} [{shape}, {dtype}, N{batch}, {next(iter(sel.values()))['gpu']}]"
+            anchor = _fastest(sel, BASELINES[base])
+            if anchor is None:
+                lines.append(f"{where}: no {' / '.join(BASELINES[base])} row")
                 continue
             for p in ("cuda", "triton", "cpu"):
                 if p in sel:
-                    ratio = sel[base]["median_ms"] / sel[p]["median_ms"]
+                    ratio = anchor["median_ms"] / sel[p]["median_ms"]
                     verdict = "met" if ratio >= target else "NOT met"
-                    lines.append(f"{title} [{shape}, {sel[p]['dtype']}, N{sel[p]['batch']}, {sel[p]['gpu']}]: "
-                                 f"{p} {ratio:.2f}x (goal {target}x) {verdict}")
+                    nchw = ""
+                    if base == "eager" and anchor["provider"] != "eager" and "eager" in sel:
+                        nchw = f"; vs eager NCHW {sel['eager']['median_ms'] / sel[p]['median_ms']:.2f}x"
+                    lines.append(f"{where}: {p} {ratio:.2f}x vs {anchor['provider']} (goal {target}x) {verdict}{nchw}")
     lines += _lean_memory_report(Path(out_dir) / "train_bench.json")
     return lines
 
 
 def _lean_memory_report(path: Path) -> list[str]:
+    """The lean goal per case: peak memory and speed against the anchor (the fastest eager setup), and eager NCHW."""
     title = f"lean training step peak memory <= {LEAN_MEMORY_GOAL}x eager's at >= eager's speed"
     if not path.exists():
         return [f"{title}: no {path.name}"]
     rows = [r for r in json.loads(path.read_text())["rows"] if r["mode"] == "train_step" and r["status"] == "ok"]
     lines = []
-    for shape in dict.fromkeys(r["shape"] for r in rows):
-        sel = {(r["provider"], r["batch"], r["dtype"]): r for r in rows if r["shape"] == shape}
-        for (p, batch, dtype), r in sel.items():
-            eager = sel.get(("eager", batch, dtype))
-            if not p.endswith("-lean") or eager is None or not r.get("peak_mem_mb") or not eager.get("peak_mem_mb"):
+    for shape, batch, dtype in dict.fromkeys((r["shape"], r["batch"], r["dtype"]) for r in rows):
+        sel = {r["provider"]: r for r in rows if (r["shape"], r["batch"], r["dtype"]) == (shape, batch, dtype)}
+        anchor = _fastest({p: r for p, r in sel.items() if r.get("peak_mem_mb")}, EAGER_PROVIDERS)
+        for p, r in sel.items():
+            if not p.endswith("-lean") or anchor is None or not r.get("peak_mem_mb"):
                 continue
-            mem = r["peak_mem_mb"] / eager["peak_mem_mb"]
-            speed = eager["median_ms"] / r["median_ms"]
+            mem = r["peak_mem_mb"] / anchor["peak_mem_mb"]
+            speed = anchor["median_ms"] / r["median_ms"]
             verdict = "met" if mem <= LEAN_MEMORY_GOAL and speed >= 1.0 else "NOT met"
+            nchw = ""
+            eager = sel.get("eager")
+            if anchor["provider"] != "eager" and eager and eager.get("peak_mem_mb"):
+                nchw = (f"; vs eager NCHW memory {r['peak_mem_mb'] / eager['peak_mem_mb']:.2f}x, speed "
+                        f"{eager['median_ms'] / r['median_ms']:.2f}x")
             lines.append(f"{title} [{shape}, {dtype}, N{batch}, {r['gpu']}]: {p} memory {mem:.2f}x, speed "
-                         f"{speed:.2f}x {verdict}")
+                         f"{speed:.2f}x vs {anchor['provider']} {verdict}{nchw}")
     return lines or [f"{title}: no lean and eager train_step rows with peak memory in {path.name}"]
 
 
 if __name__ == "__main__":
     # python benchmarks/common.py goals DIR: the issue's goals, read from DIR's aspp_goal.json and train_bench.json
     # python benchmarks/common.py commit: the git_commit the rows will name (gpu_suite.sh prints it)
+    # python benchmarks/common.py roofline FILE: each aspp / conv_bn_relu row's roofline (also for older results)
     if len(sys.argv) == 2 and sys.argv[1] == "commit":
         print(git_commit())
     elif len(sys.argv) == 3 and sys.argv[1] == "goals":
         print("\n".join(goal_report(sys.argv[2])))
+    elif len(sys.argv) == 3 and sys.argv[1] == "roofline":
+        print("\n".join(roofline_report(sys.argv[2])))
     else:
-        sys.exit("usage: python benchmarks/common.py goals DIR | commit")
+        sys.exit("usage: python benchmarks/common.py goals DIR | roofline FILE.csv | commit")

@@ -9,7 +9,8 @@ layer3's 23 times instead of 6), so one row covers both. Output stride 16: layer
 layer4 at 33×33 (dilation 2; 4 with multi-grid); output stride 8: layer3 at 65×65 (dilation 2), layer4 at 65×65
 (dilation 4); the ASPP 3×3 branches (2048 → 256) at rates 6/12/18 (33×33) and 12/24/36 (65×65). Providers:
 eager nn.Sequential(Conv2d(bias=False), BatchNorm2d, ReLU) (cuDNN, cudnn.benchmark on), deeplab_ops.reference,
-torch.compile of the eager module (default, max-autotune), deeplab_ops triton and cuda.
+torch.compile of the eager module (default, max-autotune), deeplab_ops triton and cuda; eager-cl, eager-amp,
+eager-cl-amp: the eager module channels_last, under torch.autocast (fp32 module), or both.
 """
 
 from __future__ import annotations
@@ -22,9 +23,10 @@ import common
 import torch
 from torch import nn
 
-CUDA_PROVIDERS = ("eager", "reference", "compile", "compile-max", "triton", "cuda")
-CPU_PROVIDERS = ("cpu", "reference", "eager")
-PROVIDERS = ("eager", "reference", "compile", "compile-max", "triton", "cuda", "cpu")
+CUDA_PROVIDERS = ("eager", "eager-cl", "eager-amp", "eager-cl-amp", "reference", "compile", "compile-max", "triton",
+                  "cuda")
+CPU_PROVIDERS = ("cpu", "reference", "eager", "eager-cl")
+PROVIDERS = (*common.EAGER_PROVIDERS, "reference", "compile", "compile-max", "triton", "cuda", "cpu")
 
 
 @dataclass(frozen=True)
@@ -116,7 +118,7 @@ def make_module(provider: str, s: ConvShape) -> nn.Module:
     if provider == "reference":
         return ReferenceConvBNReLU(s)
     module = EagerConvBNReLU(s)
-    if provider == "eager":
+    if provider in common.EAGER_PROVIDERS:
         return module
     return common.compiled(module, provider)
 
@@ -165,13 +167,19 @@ def main(argv: list[str] | None = None) -> int:
                             provider, "conv_bn_relu", device, x=x, weight=w, stride=pair[0], padding=pair[1],
                             dilation=pair[2], training=mode != "eval_fwd", residual=r,
                         ) if provider != "reference" else ""
+                        reason = common.eager_unavailable(provider, dtype_name) or reason
 
-                        def build(provider=provider, mode=mode, x=x, r=r, s=s, dtype=dtype):
+                        def build(provider=provider, mode=mode, x=x, r=r, s=s, dtype=dtype, dtype_name=dtype_name):
                             compiled = provider.startswith("compile")
-                            module = make_module(provider, s).to(device=device, dtype=dtype)
-                            return common.mode_case(mode, module, [x] if r is None else [x, r], compiled)
+                            module = common.prepare_eager(make_module(provider, s), provider, device, dtype)
+                            inputs = [common.prepare_input(t, provider) for t in ([x] if r is None else [x, r])]
+                            return common.mode_case(mode, module, inputs, compiled,
+                                                    amp=common.autocast_dtype(provider, dtype_name))
 
-                        runner.run(build, reason=reason, flops=flops, **case)
+                        min_bytes = common.conv_bn_relu_min_bytes(
+                            batch, s.cin, s.cout, s.size, s.size, s.kernel, s.out_size, s.out_size, s.residual, mode,
+                            common.DTYPE_BYTES[dtype_name])
+                        runner.run(build, reason=reason, flops=flops, min_bytes=min_bytes, **case)
     meta = {"script": "conv_bn_relu_bench", "argv": sys.argv[1:] if argv is None else argv, "matmul_peak": peak_desc,
             "matmul_peak_tflops": peak, "environment": env}
     return common.finish(runner.rows, args, meta, f"conv + BN + ReLU on {env['gpu']} ({peak_desc})")

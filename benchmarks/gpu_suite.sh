@@ -10,7 +10,8 @@
 #   2. correctness: `pytest -m gpu -n 8 -rA` (the whole suite when nothing is marked gpu), then the rest of the
 #      suite with what time the goal benchmarks leave (GOAL_RESERVE_S). Every test's line goes to $OUT as it runs,
 #      so the names of failing tests survive a timeout;
-#   3. the benchmarks, goal reports first, each with --budget-s a little below its timeout, then goals.txt;
+#   3. the benchmarks, goal reports first, each with --budget-s a little below its timeout, then goals.txt, then
+#      the first use of a DeepLabV3-R50 training step on triton (first_use.md: specializations, first-step time);
 #   4. pack: $OUT keeps at most 8 files (logs, goal JSONs, goals.txt, one tar.gz of everything else).
 #
 # A phase that fails (FAILED) or hits its timeout (TIMEOUT: its rows so far are kept) is logged and the suite goes
@@ -108,6 +109,21 @@ bench() {
         --budget-s "$budget" "$@"
 }
 
+# first_use: the first DeepLabV3-R50 training step on triton (overhead_bench.py --r50-step): the Triton
+# specializations it compiles (JIT cache entries; goal <= 40) and its time, rows written after each step. On the
+# cpu smoke run: the interpreter with dry launches (the count predicted in seconds).
+first_use() {
+    local margin=${BENCH_MARGIN_S:-30}
+    local budget=$(( STEP_S - margin > 5 ? STEP_S - margin : 5 ))
+    if [ "$BENCH_DEVICE" = cpu ]; then
+        TRITON_INTERPRET=1 "$PY" benchmarks/overhead_bench.py --device cpu --r50-step --dry-launches --threads 1 \
+            --out "$STAGE" --name first_use --budget-s "$budget"
+    else
+        "$PY" benchmarks/overhead_bench.py --device cuda --r50-step --out "$STAGE" --name first_use \
+            --budget-s "$budget"
+    fi
+}
+
 # pytest_run LOG ARGS...: pytest with a line per test (-v) and every outcome at the end (-rA), written to
 # $OUT/LOG as it runs (`tee -i`: the SIGINT of the timeout must not stop the log before pytest's summary).
 pytest_run() {
@@ -139,7 +155,7 @@ prepare() {  # import the prebuilt library; build in place only if that fails
     "$PY" setup.py build_ext --inplace && import_ok
 }
 
-export -f bench pytest_run import_ok prepare
+export -f bench first_use pytest_run import_ok prepare
 export PY STAGE OUT BENCH_DEVICE WORKERS
 
 main() {
@@ -165,15 +181,18 @@ fi
 
 # 3. benchmarks, goals first (the issue's goals: bf16, output stride 16, batch 16). Modes in goal order: the
 #    eval rows come before fwd_bwd, whose compile-max case is the slowest to set up.
+#    The eager setups users run (channels_last, autocast) come with eager NCHW: the goals read the fastest of them.
 phase aspp_goal 190 'BENCH_MARGIN_S=50 bench aspp_bench.py aspp_goal --configs os16 --batches 16 --dtypes bf16 \
-    --profile --providers eager,cuda,triton,compile,compile-max --modes train_fwd,eval_fwd,fwd_bwd' 0 60
+    --profile --providers eager,eager-cl,eager-amp,eager-cl-amp,cuda,triton,compile,compile-max \
+    --modes train_fwd,eval_fwd,fwd_bwd' 0 60
 phase train_goal 150 'bench train_bench.py train_bench --models r50 --output-strides 16 --batches 16 \
-    --dtypes bf16 --providers eager,cuda-lean,triton-lean,cuda' 0 60
+    --dtypes bf16 --providers eager,eager-cl,eager-amp,cuda-lean,triton-lean,cuda' 0 60
 phase goals 20 '"$PY" benchmarks/common.py goals "$STAGE" | tee "$STAGE/goals.txt"'
+phase first_use 120 'BENCH_MARGIN_S=60 first_use' 0 45
 phase train_more 90 'BENCH_MARGIN_S=45 bench train_bench.py train_bench_more --models r50,r101 --output-strides 16 \
     --batches 16 --dtypes bf16 --providers eager,triton,compile --modes train_step' 0 60
 phase conv_bn_relu 60 'bench conv_bn_relu_bench.py conv_bn_relu_bench --dtypes bf16 --batches 16 \
-    --providers eager,reference,cuda,triton' 0 45
+    --providers eager,eager-cl,cuda,triton' 0 45
 phase aspp_sweep 60 'bench aspp_bench.py aspp_sweep --dtypes bf16 --providers eager,cuda,triton' 0 45
 phase aspp_dtypes 45 'bench aspp_bench.py aspp_dtypes --configs os16 --batches 16 --dtypes fp16,fp32,tf32 \
     --providers eager,cuda,triton' 0 45

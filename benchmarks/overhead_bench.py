@@ -30,6 +30,15 @@ after warm-up, same parameters every call (grads set to None between calls, outs
 
 Census, launches and syncs are deterministic: they are counted the same on any machine, and tests keep budgets for
 them. Times on a shared CPU swing: compare rows of one run only.
+
+First use (opt-in, `--r50-step`; docs/benchmarks.md): one DeepLabV3-R50 training step on the triton backend (fused,
+and memory-lean): the Triton specializations its first step compiles (goal <= 40; on a GPU the JIT cache entries
+it adds, under the interpreter predicted from `count_launches().signatures`), its launches, and the first and a
+second step's time. `--dry-launches` (interpreter only) skips the kernels' work so the full-width network counts
+in seconds:
+
+    TRITON_INTERPRET=1 python benchmarks/overhead_bench.py --device cpu --r50-step --dry-launches
+    python benchmarks/overhead_bench.py --r50-step                     # a GPU: real compiles, first-step time
 """
 
 from __future__ import annotations
@@ -66,9 +75,12 @@ FIELDS = (
     "host_us", "host_p20_us", "host_p80_us", "wall_us", "gpu_us", "repeats", "eager_host_us", "host_x_eager",
     "aten_ops", *CATEGORIES, "copy_bytes", "deeplab_ops_events", "bn_stage_calls", "conv_calls",
     "triton_launches", "triton_by_kernel", "gpu_kernels", "syncs", "sync_ops",
-    "triton_specializations", "triton_recompiles", "profiled_calls", "census_detail", "note",
-    "device", "gpu", "machine", "torch", "triton", "git_commit", "time",
+    "triton_specializations", "triton_recompiles", "specializations_from", "distinct_kernels", "first_call_s",
+    "profiled_calls", "census_detail", "note", "device", "gpu", "machine", "torch", "triton", "git_commit", "time",
 )
+# The first-use goal (issue 13, item 4): Triton kernel specializations one DeepLabV3-R50 training step compiles.
+STEP_SPECIALIZATION_GOAL = 40
+STEP_PROVIDERS = ("triton", "triton-lean")
 
 
 @dataclass(frozen=True)
@@ -447,27 +459,188 @@ def profile_calls(case: Case, device: torch.device, calls: int, triton: bool) ->
 
 # ---- Triton specializations -----------------------------------------------------------------------------------
 
-_KERNEL_MODULES = ("conv_engine", "bn_kernels", "conv_bn_relu", "aspp", "upsample_ce")
-
 
 def triton_specializations() -> int | None:
-    """Compiled variants held by deeplab_ops' Triton kernels: the sum over JITFunctions of their per-device kernel
-    caches (`JITFunction.device_caches[device][0]`, triton 3.2 to 3.8). None under the interpreter (nothing is
+    """Compiled variants held by deeplab_ops' Triton kernels: the sum over the JITFunctions of its loaded
+    deeplab_ops.triton modules (each counted once, wherever imported) of their per-device kernel caches
+    (`JITFunction.device_caches[device][0]`, triton 3.2 to 3.8). None under the interpreter (nothing is
     compiled) or where triton keeps its cache elsewhere."""
     try:
         from triton.runtime.jit import JITFunction
     except ImportError:
         return None
-    found, total = False, 0
-    for name in _KERNEL_MODULES:
-        module = sys.modules.get(f"deeplab_ops.triton.{name}")
-        for obj in vars(module).values() if module else ():
+    found, total, seen = False, 0, set()
+    for name, module in list(sys.modules.items()):
+        if not name.startswith("deeplab_ops.triton.") or module is None:
+            continue
+        for obj in vars(module).values():
             caches = getattr(obj, "device_caches", None) if isinstance(obj, JITFunction) else None
-            if caches is None:
+            if caches is None or id(obj) in seen:
                 continue
+            seen.add(id(obj))
             found = True
             total += sum(len(c[0]) for c in caches.values())
     return total if found else None
+
+
+# ---- first use: a whole DeepLabV3 training step on the triton backend ------------------------------------------
+
+
+@dataclass(frozen=True)
+class StepConfig:
+    depth: int = 50
+    width: int = 64  # the backbone's base width: 64 is ResNet-50's; smaller gives a stand-in with the same layers
+    size: int = 513  # square crop
+    batch: int = 2
+    output_stride: int = 16
+    num_classes: int = 21
+
+    def label(self) -> tuple[str, str]:
+        """(op, shape) of the step's row: op names the network, shape the input."""
+        op = f"deeplabv3_r{self.depth}" + (f" width {self.width}" if self.width != 64 else "")
+        return op, f"3x{self.size}x{self.size} os{self.output_stride} K{self.num_classes}"
+
+
+def build_step(provider: str, device: torch.device, dtype: torch.dtype, cfg: StepConfig) -> Callable[[], object]:
+    """One training step of the fused DeepLabV3 on triton (train_bench's step: zero_grad, forward, loss, backward,
+    SGD); triton-lean: memory_efficient fused ops and upsample_cross_entropy, as train.py --fused-ops
+    --memory-efficient trains."""
+    import train_bench
+
+    from deeplab_ops.nn import fuse_modules
+    from model import deeplabv3_resnet
+
+    lean = provider.endswith(train_bench.LEAN)
+    net = deeplabv3_resnet(cfg.depth, num_classes=cfg.num_classes, output_stride=cfg.output_stride, width=cfg.width)
+    fuse_modules(net, backend="triton", memory_efficient=lean)
+    net.to(device=device, dtype=dtype)
+    x = torch.randn(cfg.batch, 3, cfg.size, cfg.size, device=device, dtype=dtype)
+    target = torch.randint(0, cfg.num_classes, (cfg.batch, cfg.size, cfg.size), device=device)
+    fn, _ = train_bench.step_case("train_step", net, x, target, compiled=False, lean=lean)
+    return fn
+
+
+def _signatures(count) -> set | None:
+    """The distinct kernel specializations a count_launches() block saw (LaunchCount.signatures, where this
+    deeplab_ops records them; None where it does not)."""
+    sigs = getattr(count, "signatures", None)
+    return None if sigs is None else set(sigs)
+
+
+@contextlib.contextmanager
+def dry_launches() -> Iterator[None]:
+    """Inside the block the Triton interpreter runs no kernel: launches still go through deeplab_ops' launcher (so
+    count_launches() counts them and records their signatures) but compute nothing. Values come out garbage;
+    shapes, dtypes, strides and the launches' arguments do not: what a specialization count needs, in seconds
+    instead of the interpreter's minutes or hours. Interpreter only."""
+    from triton.runtime.interpreter import InterpretedFunction
+
+    original = InterpretedFunction.run
+
+    def run(self, *args, **kwargs):
+        return None
+
+    InterpretedFunction.run = run
+    try:
+        yield
+    finally:
+        InterpretedFunction.run = original
+
+
+def run_step(provider: str, device: torch.device, dtype_name: str, cfg: StepConfig, quick: bool, env: dict,
+             dry: bool = False) -> dict:
+    """A row for the first training step(s) of the fused network on triton: launches, distinct kernels and the
+    specializations the first step compiles (GPU: JIT cache entries it adds; interpreter: predicted from the
+    launches' signatures), the first step's wall time and, unless --quick on CPU, a second step's (recompiles)."""
+    op, shape = cfg.label()
+    row = dict.fromkeys(FIELDS)
+    row.update(env, op=op, provider=provider, mode="train_step", dtype=dtype_name, shape=shape, batch=cfg.batch)
+    cuda = device.type == "cuda"
+    notes = []
+    try:
+        if dry and (cuda or not _interpreter()):
+            raise ValueError("dry launches (--dry-launches) need the Triton interpreter on CPU tensors "
+                             "(TRITON_INTERPRET=1, --device cpu): a GPU compiles and runs every launch")
+        fn = build_step(provider, device, common.DTYPES[dtype_name], cfg)
+        if dry:
+            inner = fn
+
+            def fn():
+                with dry_launches():
+                    return inner()
+
+            notes.append("dry launches: Triton kernels counted, not run (values garbage, arguments real); the step "
+                         "times are the CPU glue's alone")
+        before = triton_specializations()
+        with count_launches() as first:
+            t0 = time.perf_counter()
+            fn()
+            common.synchronize(device)
+            row["first_call_s"] = time.perf_counter() - t0
+        after = triton_specializations()
+        row.update(triton_launches=first.total, distinct_kernels=len(first.by_kernel),
+                   triton_by_kernel=", ".join(f"{k}×{v}" for k, v in sorted(first.by_kernel.items())))
+        first_sigs = _signatures(first)
+        if before is not None and after is not None:
+            row.update(triton_specializations=after - before, specializations_from="JIT cache entries")
+        elif first_sigs is not None:
+            row.update(triton_specializations=len(first_sigs), specializations_from="launch signatures (predicted)")
+            notes.append("interpreter: specializations predicted from count_launches().signatures, one per distinct "
+                         "signature; a GPU's autotuning also compiles each candidate config of a new tuning key")
+        else:
+            notes.append("count_launches() records no signatures in this deeplab_ops (LaunchCount.signatures is "
+                         "being added): no prediction; distinct_kernels is a lower bound")
+        if cuda or not quick:  # a second step: steady state (no new specializations expected)
+            with count_launches() as second:
+                host = time_calls(Case(fn, [], shape, cfg.batch), device, Settings(0, 1, 0.0, 1, 0))
+            row.update({k: host[k] for k in ("host_us", "host_p20_us", "host_p80_us", "wall_us", "gpu_us")},
+                       repeats=1)
+            later = triton_specializations()
+            second_sigs = _signatures(second)
+            if after is not None and later is not None:
+                row["triton_recompiles"] = later - after
+            elif first_sigs is not None and second_sigs is not None:
+                row["triton_recompiles"] = len(second_sigs - first_sigs)
+        if row["triton_specializations"] is not None:
+            verdict = "met" if row["triton_specializations"] <= STEP_SPECIALIZATION_GOAL else "NOT met"
+            notes.append(f"goal <= {STEP_SPECIALIZATION_GOAL} specializations per step: {verdict}")
+        if not cuda and not dry:
+            notes.append(f"first_call_s is the interpreter's time at a {cfg.size}x{cfg.size} crop: nothing like a "
+                         "GPU's compile time")
+        if cfg.size != 513:
+            notes.append(f"a {cfg.size}x{cfg.size} crop instead of 513x513: the count follows channel counts, kernel "
+                         "sizes, strides, dtypes and divisibility classes, not resolution, but a tiny map can change "
+                         "a size bucket or a divisibility class")
+        row["status"] = "ok"
+    except Exception as e:  # noqa: BLE001  (the row says why)
+        message = f"{type(e).__name__}: {str(e).strip().splitlines()[0] if str(e).strip() else ''}"
+        print(f"  error in the {provider} training step: {message}", file=sys.stderr)
+        if os.environ.get("BENCH_TRACEBACK"):
+            traceback.print_exc()
+        row["status"] = "error"
+        notes.append(message[:300])
+    finally:
+        if cuda:
+            torch.cuda.empty_cache()
+    row["note"] = "; ".join(notes) or None
+    return row
+
+
+def step_row(provider: str, device: torch.device, dtype_name: str, cfg: StepConfig, quick: bool, env: dict,
+             dry: bool = False) -> dict:
+    """run_step, or a skipped row saying why triton cannot run here (CPU tensors without the interpreter)."""
+    dtype = common.DTYPES[dtype_name]
+    x = torch.empty((2, 8, 5, 5), device=device, dtype=dtype)
+    w = torch.empty((8, 8, 3, 3), device="meta", dtype=dtype)
+    reason = common.unavailable("triton", "conv_bn_relu", device, x=x, weight=w, stride=(1, 1), padding=(1, 1),
+                                dilation=(1, 1), training=True, residual=None)
+    if not reason:
+        return run_step(provider, device, dtype_name, cfg, quick, env, dry)
+    op, shape = cfg.label()
+    row = dict.fromkeys(FIELDS)
+    row.update(env, op=op, provider=provider, mode="train_step", dtype=dtype_name, shape=shape, batch=cfg.batch,
+               status="skipped", note=reason)
+    return row
 
 
 # ---- running --------------------------------------------------------------------------------------------------
@@ -570,18 +743,57 @@ TABLE = (
 )
 
 
-def markdown(rows: list[dict], env: dict, command: str, meta: list[str]) -> str:
-    used = [(k, h) for k, h in TABLE if any(r.get(k) is not None for r in rows)]
+STEP_TABLE = (
+    ("op", "network"), ("shape", "input"), ("batch", "N"), ("dtype", "dtype"), ("provider", "provider"),
+    ("triton_specializations", "specializations"), ("specializations_from", "counted from"),
+    ("triton_recompiles", "2nd step"), ("distinct_kernels", "kernels"), ("triton_launches", "launches"),
+    ("first_call_s", "first step s"), ("host_us", "2nd step host µs"), ("wall_us", "2nd step wall µs"),
+    ("status", "status"),
+)
+
+
+def step_markdown(step_rows: list[dict]) -> list[str]:
+    """The first-use section: one line per training-step row, the goal, and the launches by kernel."""
+    if not step_rows:
+        return []
     lines = [
-        f"# Host overhead per call: {env['gpu'].removeprefix('none (CPU: ').removesuffix(')')}",
+        "## First use: one DeepLabV3 training step on triton",
+        "",
+        f"specializations: Triton kernel variants the first step compiles (goal <= {STEP_SPECIALIZATION_GOAL}): on "
+        "a GPU the JIT cache entries it adds (autotuning candidates included), under the interpreter predicted from "
+        "the distinct launch signatures (count_launches().signatures). 2nd step: those a second step adds (0 in a "
+        "steady state). kernels: distinct kernels launched (a lower bound on specializations). first step s: wall "
+        "time of the first step (compile and autotuning on a GPU; on CPU the interpreter's pace, or with dry "
+        "launches the CPU glue's alone).",
+        "",
+        "| " + " | ".join(h for _, h in STEP_TABLE) + " |",
+        "|" + "|".join("---" for _ in STEP_TABLE) + "|",
+    ]
+    lines += ["| " + " | ".join(_fmt(r.get(k)) for k, _ in STEP_TABLE) + " |" for r in step_rows]
+    lines.append("")
+    for r in step_rows:
+        lines.append(f"- **{r['op']} {r['provider']}**: {r['note'] or ''}"
+                     + (f"; launches: {r['triton_by_kernel']}" if r.get("triton_by_kernel") else ""))
+    return lines + [""]
+
+
+def markdown(rows: list[dict], env: dict, command: str, meta: list[str], step_rows: list[dict] | None = None) -> str:
+    used = [(k, h) for k, h in TABLE if any(r.get(k) is not None for r in rows)]
+    machine = env['gpu'].removeprefix('none (CPU: ').removesuffix(')')
+    lines = [
+        f"# {'Host overhead per call' if rows else 'First use of a training step on triton'}: {machine}",
         "",
         "Rerun (from the repository root; writes this file and its .csv):",
         "",
         f"    {command}",
         "",
         f"torch {env['torch']}, triton {env['triton']}, commit {env['git_commit']}, {env['time']}. ",
-        *[f"{m} " for m in meta],
+        *([f"{m} " for m in meta] if rows else []),
         "",
+    ]
+    if not rows:
+        return "\n".join(lines + step_markdown(step_rows or []))
+    lines += [
         "Per call, steady state. host µs: time.perf_counter around the call (median, p20, p80); x eager: host µs / "
         "eager's. aten ops: every aten op outside the backend's own kernels (bn_* stages, convolutions, Triton "
         "launches), nested ones included = alloc + copy + cat + red(uctions) + elem(entwise) + other + views; copy B: "
@@ -590,6 +802,7 @@ def markdown(rows: list[dict], env: dict, command: str, meta: list[str]) -> str:
         "compiled (none under the interpreter). A no-op .to() or .contiguous() still counts as a call (0 bytes).",
         "",
     ]
+    lines += step_markdown(step_rows or [])
     lines += summary(rows) + [
         "",
         "## Every row",
@@ -658,7 +871,8 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu", choices=("cuda", "cpu"),
                         help="default: cuda when visible")
-    parser.add_argument("--ops", type=common.csv_list(str, OPS), default=list(OPS), help=f"comma list of {OPS}")
+    parser.add_argument("--ops", type=common.csv_list(str, OPS), default=None,
+                        help=f"comma list of {OPS}; default: all of them, none with --r50-step alone")
     parser.add_argument("--backends", type=common.csv_list(str, ("eager", *BACKENDS)), default=None,
                         help=f"comma list of eager and {BACKENDS}; default: eager and {CPU_BACKENDS} on cpu (triton "
                              f"only with TRITON_INTERPRET=1, else recorded as skipped), eager and {CUDA_BACKENDS} on "
@@ -673,7 +887,27 @@ def main(argv: list[str] | None = None) -> int:
                              "2026-11-28)")
     parser.add_argument("--threads", type=int, default=None,
                         help="torch CPU threads (default: torch's); 1 avoids oversubscription on a shared machine")
+    parser.add_argument("--budget-s", type=float, default=None,
+                        help="wall-clock budget: cases left when it is spent are recorded as skipped")
+    step = parser.add_argument_group("first use: one DeepLabV3 training step on the triton backend (opt-in, runs "
+                                     "first: the specializations it compiles are counted in a fresh process)")
+    step.add_argument("--r50-step", action="store_true",
+                      help=f"count the Triton specializations the first training step compiles (goal <= "
+                           f"{STEP_SPECIALIZATION_GOAL}) and time it; on CPU (interpreter) predicted from the launches")
+    step.add_argument("--step-providers", type=common.csv_list(str, STEP_PROVIDERS), default=list(STEP_PROVIDERS),
+                      help="triton (fused=True) and/or triton-lean (memory_efficient + upsample_cross_entropy)")
+    step.add_argument("--step-size", type=int, default=None, help="square crop (default 513 on cuda, 33 on cpu)")
+    step.add_argument("--step-batch", type=int, default=None, help="batch (default 16 on cuda, 2 on cpu)")
+    step.add_argument("--step-width", type=int, default=64,
+                      help="backbone base width: 64 is ResNet-50; smaller is a stand-in with the same layers (tests)")
+    step.add_argument("--step-dtype", choices=tuple(common.DTYPES), default=None,
+                      help="default bf16 on cuda, fp32 on cpu (the interpreter)")
+    step.add_argument("--dry-launches", action="store_true",
+                      help="interpreter only: count the step's Triton launches and their signatures without running "
+                           "the kernels (seconds instead of the interpreter's hours at full width; values garbage)")
     args = parser.parse_args(argv)
+    if args.ops is None:
+        args.ops = [] if args.r50_step else list(OPS)
     device = common.resolve_device(args)
     common.set_precision(args.dtype)
     backends = [b for b in (args.backends or (CUDA_BACKENDS if device.type == "cuda" else CPU_BACKENDS))
@@ -686,26 +920,60 @@ def main(argv: list[str] | None = None) -> int:
         + ["python", "benchmarks/overhead_bench.py", *map(shlex.quote, sys.argv[1:] if argv is None else argv)]
     )
     print(f"{env['gpu']} | torch {env['torch']} | triton {env['triton']} | commit {env['git_commit']}", flush=True)
-    rows = []
-    for op in args.ops:
-        for mode in args.modes:
-            for provider in providers:
-                row = run_case(op, provider, mode, device, args.dtype, args.quick, env)
-                rows.append(row)
-                print(f"  {op:<22} {mode:<9} {provider:<9} {_fmt(row['host_us'])} µs, {_fmt(row['aten_ops'])} aten "
-                      f"ops, {_fmt(row['syncs'])} syncs {row['status']}", flush=True)
-    fill_eager(rows)
-    print_table(rows)
+    cuda = device.type == "cuda"
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     meta = [f"Calls per case ({'--quick' if args.quick else 'full'}): {settings_for('eager', device, args.quick)}"
             + (f"; triton in the interpreter: {settings_for('triton', device, args.quick)}" if _interpreter() else "")
             + f". torch threads {torch.get_num_threads()}; dtype {args.dtype}; Triton interpreter "
             f"{'on' if _interpreter() else 'off'}."]
-    write_csv(rows, out / f"{name}.csv")
-    (out / f"{name}.md").write_text(markdown(rows, env, command, meta))
+    budget = common.Budget(args.budget_s)
+    step_rows, rows = [], []
+
+    def save() -> None:
+        """The rows so far, to NAME.csv and NAME.md: a run stopped by a timeout keeps every finished case."""
+        write_csv(step_rows + rows, out / f"{name}.csv")
+        (out / f"{name}.md").write_text(markdown(rows, env, command, meta, step_rows))
+
+    def spent(row: dict) -> bool:
+        if not budget.spent():
+            return False
+        row.update(status="skipped", note=f"time budget of {args.budget_s:.0f} s spent")
+        return True
+
+    if args.r50_step:
+        cfg = StepConfig(width=args.step_width, size=args.step_size or (513 if cuda else 33),
+                         batch=args.step_batch or (16 if cuda else 2))
+        step_dtype = args.step_dtype or ("bf16" if cuda else "fp32")
+        for provider in args.step_providers:
+            op, shape = cfg.label()
+            r = dict.fromkeys(FIELDS)
+            r.update(env, op=op, provider=provider, mode="train_step", dtype=step_dtype, shape=shape, batch=cfg.batch)
+            if not spent(r):
+                r = step_row(provider, device, step_dtype, cfg, args.quick, env, args.dry_launches)
+            step_rows.append(r)
+            save()
+            print(f"  {r['op']} train_step {provider}: {_fmt(r['triton_specializations'])} specializations "
+                  f"({r['specializations_from'] or 'not counted'}), {_fmt(r['triton_launches'])} launches of "
+                  f"{_fmt(r['distinct_kernels'])} kernels, first step {_fmt(r['first_call_s'])} s {r['status']}",
+                  flush=True)
+    for op in args.ops:
+        for mode in args.modes:
+            for provider in providers:
+                row = dict.fromkeys(FIELDS)
+                row.update(env, op=op, provider=provider, mode=mode, dtype=args.dtype)
+                if not spent(row):
+                    row = run_case(op, provider, mode, device, args.dtype, args.quick, env)
+                rows.append(row)
+                save()
+                print(f"  {op:<22} {mode:<9} {provider:<9} {_fmt(row['host_us'])} µs, {_fmt(row['aten_ops'])} aten "
+                      f"ops, {_fmt(row['syncs'])} syncs {row['status']}", flush=True)
+    fill_eager(rows)
+    print_table(rows + step_rows)
+    save()
     print(f"wrote {out / (name + '.csv')} and {out / (name + '.md')}")
-    return 0 if all(r["status"] != "error" for r in rows) and any(r["status"] == "ok" for r in rows) else 1
+    every = rows + step_rows
+    return 0 if all(r["status"] != "error" for r in every) and any(r["status"] == "ok" for r in every) else 1
 
 
 def _interpreter() -> bool:

@@ -13,7 +13,9 @@ the loss takes the 1/16-resolution logits through `deeplab_ops.upsample_cross_en
 compare its peak_mem_mb with eager's and the plain fused provider's.
 train_step = zero_grad, forward, cross-entropy (ignore_index 255) against random labels, backward, SGD step
 (momentum 0.9, weight decay 1e-4). eval_fwd = eval mode under no_grad. The model's parameters, buffers and inputs
-are all in the benchmarked dtype (no autocast: the fused ops see what the eager convs see).
+are in the benchmarked dtype, except for the eager setups users also run: eager-cl (channels_last), eager-amp
+(an fp32 model under torch.autocast at the dtype, as torchvision's reference training runs --amp; GradScaler for
+fp16) and eager-cl-amp. The fastest eager setup is each case's anchor (docs/benchmarks.md).
 """
 
 from __future__ import annotations
@@ -26,11 +28,12 @@ import torch
 import torch.nn.functional as F
 
 MODES = ("train_step", "eval_fwd")
-CUDA_PROVIDERS = ("eager", "compile", "triton", "cuda", "triton-lean", "cuda-lean")
-CPU_PROVIDERS = ("cpu", "reference", "eager", "cpu-lean")
+CUDA_PROVIDERS = ("eager", "eager-cl", "eager-amp", "eager-cl-amp", "compile", "triton", "cuda", "triton-lean",
+                  "cuda-lean")
+CPU_PROVIDERS = ("cpu", "reference", "eager", "eager-cl", "cpu-lean")
 LEAN = "-lean"
-PROVIDERS = ("eager", "compile", "compile-max", "triton", "cuda", "cpu", "reference", "triton-lean", "cuda-lean",
-             "cpu-lean")
+PROVIDERS = (*common.EAGER_PROVIDERS, "compile", "compile-max", "triton", "cuda", "cpu", "reference", "triton-lean",
+             "cuda-lean", "cpu-lean")
 
 
 def backend_of(provider: str) -> str:
@@ -70,34 +73,84 @@ def probe_call(device: torch.device, dtype: torch.dtype) -> dict:
             "residual": None}
 
 
+_COUNTS: dict[tuple, tuple[float, float, int] | None] = {}
+
+
+def model_counts(depth: int, output_stride: int, size: int, num_classes: int) -> tuple[float, float, int] | None:
+    """(train_step FLOPs, eval_fwd FLOPs, parameters) of one image: torch.utils.flop_counter over the eager model
+    on the meta device (convolutions and matmuls, padding taps included; batch 2, halved). None if it fails."""
+    key = (depth, output_stride, size, num_classes)
+    if key not in _COUNTS:
+        try:
+            from torch.utils.flop_counter import FlopCounterMode
+
+            factory, _ = model_factory()
+            with torch.device("meta"):
+                net = factory(depth, num_classes=num_classes, output_stride=output_stride)
+            x = torch.randn(2, 3, size, size, device="meta")
+            target = torch.randint(0, num_classes, (2, size, size), device="meta")
+            train, evaluate = FlopCounterMode(display=False), FlopCounterMode(display=False)
+            with train:
+                F.cross_entropy(net.train()(x)["out"], target, ignore_index=255).backward()
+            with evaluate, torch.no_grad():
+                net.eval()(x)
+            params = sum(p.numel() for p in net.parameters())
+            _COUNTS[key] = (train.get_total_flops() / 2, evaluate.get_total_flops() / 2, params)
+        except Exception as e:  # noqa: BLE001  (the rows then have no roofline columns; the timing still runs)
+            print(f"train_bench: counting the model's FLOPs failed: {type(e).__name__}: {e}", file=sys.stderr)
+            _COUNTS[key] = None
+    return _COUNTS[key]
+
+
+def step_min_bytes(mode: str, batch: int, size: int, num_classes: int, params: int, elem: int) -> int:
+    """A lower bound on a step's HBM bytes: the images (and int64 labels), and the parameters' traffic: eval_fwd
+    reads them once and writes the logits; train_step reads them in forward and backward, writes their gradient,
+    and SGD reads parameter, gradient and momentum and writes parameter and momentum (8 passes). Activations are
+    not counted (a whole network's bound is its FLOPs)."""
+    images = batch * 3 * size * size * elem
+    if mode == "eval_fwd":
+        return images + params * elem + batch * num_classes * size * size * elem
+    return images + batch * size * size * 8 + 8 * params * elem
+
+
 def step_case(mode: str, net: torch.nn.Module, x: torch.Tensor, target: torch.Tensor, compiled: bool,
-              lean: bool = False):
+              lean: bool = False, amp: torch.dtype | None = None):
+    """(fn, []) of one train_step or eval_fwd. `amp`: forward and loss under torch.autocast at that dtype, as
+    torchvision's reference training runs --amp (with a GradScaler for float16; bfloat16 needs none)."""
     mark = getattr(torch.compiler, "cudagraph_mark_step_begin", None) if compiled else None
+    device = x.device
     if mode == "eval_fwd":
         net.eval()
 
         def fn():
             if mark:
                 mark()
-            with torch.no_grad():
+            with torch.no_grad(), common.autocast(device, amp):
                 return net(x)["out"]
 
         return fn, []
     net.train()
     opt = torch.optim.SGD(net.parameters(), lr=1e-3, momentum=0.9, weight_decay=1e-4)
+    scaler = torch.amp.GradScaler(device.type) if amp == torch.float16 else None
 
     def fn():
         if mark:
             mark()
         opt.zero_grad(set_to_none=True)
-        if lean:
-            import deeplab_ops
+        with common.autocast(device, amp):
+            if lean:
+                import deeplab_ops
 
-            loss = deeplab_ops.upsample_cross_entropy(net(x, upsample=False)["out"], target, ignore_index=255)
+                loss = deeplab_ops.upsample_cross_entropy(net(x, upsample=False)["out"], target, ignore_index=255)
+            else:
+                loss = F.cross_entropy(net(x)["out"].float(), target, ignore_index=255)
+        if scaler is None:
+            loss.backward()
+            opt.step()
         else:
-            loss = F.cross_entropy(net(x)["out"].float(), target, ignore_index=255)
-        loss.backward()
-        opt.step()
+            scaler.scale(loss).backward()
+            scaler.step(opt)
+            scaler.update()
 
     return fn, []
 
@@ -143,20 +196,32 @@ def main(argv: list[str] | None = None) -> int:
                         for provider in providers:
                             case = dict(op="deeplabv3", provider=provider, mode=mode, dtype=dtype_name, shape=shape,
                                         batch=batch)
-                            reason = missing or common.unavailable(backend_of(provider), "conv_bn_relu", device,
-                                                                   **probe_call(device, dtype))
+                            reason = missing or common.eager_unavailable(provider, dtype_name) or common.unavailable(
+                                backend_of(provider), "conv_bn_relu", device, **probe_call(device, dtype))
                             if not reason and mode == "train_step" and batch == 1:
                                 reason = "BatchNorm in training needs batch >= 2 (the ASPP pooling branch)"
 
-                            def build(provider=provider, mode=mode, os_=os_, batch=batch, dtype=dtype, name=name):
+                            def build(provider=provider, mode=mode, os_=os_, batch=batch, dtype=dtype, name=name,
+                                      dtype_name=dtype_name):
                                 compiled = provider.startswith("compile")
                                 net = make_model(provider, DEPTHS[name], os_, args.num_classes)
-                                net.to(device=device, dtype=dtype)
-                                x = torch.randn(batch, 3, size, size, device=device, dtype=dtype)
+                                net = common.prepare_eager(net, provider, device, dtype)
+                                amp = common.autocast_dtype(provider, dtype_name)
+                                # under autocast the images stay float32, as a data loader gives them
+                                x = torch.randn(batch, 3, size, size, device=device,
+                                                dtype=torch.float32 if amp else dtype)
+                                x = common.prepare_input(x, provider)
                                 target = torch.randint(0, args.num_classes, (batch, size, size), device=device)
-                                return step_case(mode, net, x, target, compiled, lean=provider.endswith(LEAN))
+                                return step_case(mode, net, x, target, compiled, lean=provider.endswith(LEAN), amp=amp)
 
-                            runner.run(build, reason=reason, images=batch, **case)
+                            counts = None if missing else model_counts(DEPTHS[name], os_, size, args.num_classes)
+                            flops = min_bytes = None
+                            if counts is not None:
+                                per_image = counts[0] if mode == "train_step" else counts[1]
+                                flops = (per_image * batch, per_image * batch)
+                                min_bytes = step_min_bytes(mode, batch, size, args.num_classes, counts[2],
+                                                           common.DTYPE_BYTES[dtype_name])
+                            runner.run(build, reason=reason, images=batch, flops=flops, min_bytes=min_bytes, **case)
     meta = {"script": "train_bench", "argv": sys.argv[1:] if argv is None else argv, "environment": env,
             "image_size": size}
     return common.finish(runner.rows, args, meta, f"DeepLabV3 on {env['gpu']}")

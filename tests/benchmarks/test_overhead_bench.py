@@ -184,3 +184,140 @@ def test_missing_count_launches_is_a_clear_error(monkeypatch):
 def test_machine_name():
     name = overhead_bench.machine_name(torch.device("cpu"))
     assert name and all(ch.isalnum() or ch == "-" for ch in name)
+
+
+# ---- first use: the training step's launches and specializations --------------------------------------------------
+
+
+def _interpreter() -> bool:
+    from deeplab_ops.backends import interpreter_active
+
+    return interpreter_active()
+
+
+needs_interpreter = pytest.mark.skipif(
+    not _interpreter(), reason="dry launches skip the Triton interpreter's kernels: CPU tensors under "
+                               "TRITON_INTERPRET=1 (where a GPU is visible, the GPU suite measures the real count)")
+
+
+def _stand_in_step(provider, device, dtype, cfg):
+    """A small fused network's training step (conv + BN + ReLU, then ASPP) in place of DeepLabV3: real kernels
+    in the interpreter in seconds."""
+    from deeplab_ops.nn import FusedASPP, FusedConvBNReLU
+
+    torch.manual_seed(0)
+    net = torch.nn.Sequential(FusedConvBNReLU(3, 8, 3, padding=1, backend="triton"),
+                              FusedASPP(8, (1, 2), 4, dropout=0.0, backend="triton")).to(device=device, dtype=dtype)
+    x = torch.randn(cfg.batch, 3, cfg.size, cfg.size, device=device, dtype=dtype)
+
+    def step():
+        for p in net.parameters():
+            p.grad = None
+        net(x).square().mean().backward()
+
+    return step
+
+
+@needs_interpreter
+def test_dry_launches_count_what_a_real_step_launches(monkeypatch):
+    # the same step, its kernels run and skipped: the same launches, by kernel, and the same signatures
+    monkeypatch.setattr(overhead_bench, "build_step", _stand_in_step)
+    cfg = overhead_bench.StepConfig(size=5, batch=2)
+    env = dict.fromkeys(("device", "gpu", "machine", "torch", "triton", "git_commit", "time"), "x")
+    cpu = torch.device("cpu")
+    real = overhead_bench.run_step("triton", cpu, "fp32", cfg, quick=False, env=env)
+    dry = overhead_bench.run_step("triton", cpu, "fp32", cfg, quick=False, env=env, dry=True)
+    assert real["status"] == dry["status"] == "ok", (real["note"], dry["note"])
+    assert real["triton_launches"] > 0 and real["distinct_kernels"] >= 4  # conv fwd/dgrad/wgrad, BN, ASPP kernels
+    for key in ("triton_launches", "triton_by_kernel", "distinct_kernels", "triton_specializations",
+                "triton_recompiles", "specializations_from"):
+        assert real[key] == dry[key], key
+    assert "dry launches" in dry["note"] and "dry launches" not in (real["note"] or "")
+
+
+class _FakeCount:
+    def __init__(self, signatures):
+        self.total, self.by_kernel, self.signatures = len(signatures), {"k": len(signatures)}, set(signatures)
+
+
+@needs_interpreter
+def test_specializations_predicted_from_signatures(monkeypatch):
+    # with LaunchCount.signatures (helper "launch"'s change), the count is the distinct signatures of the first step,
+    # and the second step's new ones are its recompiles; without them, no count and a note saying why
+    import contextlib
+
+    monkeypatch.setattr(overhead_bench, "build_step", lambda *a: (lambda: None))
+    steps = iter([{"a", "b", "c"}, {"a", "b", "d"}])
+
+    @contextlib.contextmanager
+    def fake():
+        yield _FakeCount(next(steps))
+
+    monkeypatch.setattr(overhead_bench, "count_launches", fake)
+    cfg = overhead_bench.StepConfig(size=33, batch=2)
+    env = dict.fromkeys(("device", "gpu", "machine", "torch", "triton", "git_commit", "time"), "x")
+    row = overhead_bench.run_step("triton", torch.device("cpu"), "fp32", cfg, quick=False, env=env)
+    assert (row["triton_specializations"], row["triton_recompiles"]) == (3, 1), row["note"]
+    assert row["specializations_from"] == "launch signatures (predicted)"
+    assert "goal <= 40 specializations" in row["note"]
+    assert "not resolution" in row["note"]  # the 33x33 crop's caveat
+
+    @contextlib.contextmanager
+    def without():
+        count = _FakeCount({"a"})
+        del count.signatures
+        yield count
+
+    monkeypatch.setattr(overhead_bench, "count_launches", without)
+    row = overhead_bench.run_step("triton", torch.device("cpu"), "fp32", cfg, quick=True, env=env)
+    assert row["status"] == "ok" and row["triton_specializations"] is None and row["distinct_kernels"] == 1
+    assert "records no signatures" in row["note"]
+
+
+def test_dry_launches_need_the_interpreter(monkeypatch):
+    monkeypatch.setattr(overhead_bench, "_interpreter", lambda: False)
+    monkeypatch.setattr(overhead_bench, "build_step", lambda *a: (lambda: None))
+    env = dict.fromkeys(("device", "gpu", "machine", "torch", "triton", "git_commit", "time"), "x")
+    row = overhead_bench.run_step("triton", torch.device("cpu"), "fp32", overhead_bench.StepConfig(), True, env,
+                                  dry=True)
+    assert row["status"] == "error" and "TRITON_INTERPRET=1" in row["note"]
+
+
+@needs_interpreter
+def test_r50_step_dry_cpu(tmp_path):
+    # the real DeepLabV3-R50 (width 64) at a 33x33 crop, batch 2, its Triton kernels skipped: the launches one
+    # training step makes, in seconds (the same counts a 513x513 crop gives: docs/benchmarks.md)
+    argv = ["--device", "cpu", "--r50-step", "--dry-launches", "--quick", "--threads", "1", "--out", str(tmp_path),
+            "--name", "step"]
+    saved_threads = torch.get_num_threads()
+    try:
+        assert overhead_bench.main(argv) == 0
+    finally:
+        torch.set_num_threads(saved_threads)
+    rows = _read(tmp_path / "step.csv")
+    assert [(r["op"], r["provider"], r["mode"], r["status"]) for r in rows] == [
+        ("deeplabv3_r50", p, "train_step", "ok") for p in overhead_bench.STEP_PROVIDERS]  # no op rows: step only
+    for r in rows:
+        by_kernel = {item.rsplit("×", 1)[0]: int(item.rsplit("×", 1)[1]) for item in r["triton_by_kernel"].split(", ")}
+        assert sum(by_kernel.values()) == int(r["triton_launches"]) and len(by_kernel) == int(r["distinct_kernels"])
+        # every conv of the network runs forward, dgrad and wgrad; BatchNorm's four stages; the ASPP's kernels
+        assert by_kernel["conv_fwd"] >= by_kernel["conv_dgrad"] and by_kernel["conv_wgrad"] > 50
+        assert {"bn_apply", "bn_finalize", "aspp_branch_fwd", "aspp_project_wgrad"} <= set(by_kernel)
+        if r["specializations_from"]:  # LaunchCount.signatures present: a prediction, at least one per kernel
+            assert int(r["triton_specializations"]) >= len(by_kernel)
+        else:
+            assert r["triton_specializations"] == "" and "records no signatures" in r["note"]
+    lean, plain = (int(r["triton_launches"]) for r in sorted(rows, key=lambda r: r["provider"], reverse=True))
+    assert lean > plain  # memory_efficient recomputes the pre-BN activation in the backward: more forward launches
+    md = (tmp_path / "step.md").read_text()
+    assert "## First use: one DeepLabV3 training step on triton" in md and "goal <= 40" in md
+
+
+def test_budget_spent_records_skipped_rows(tmp_path):
+    # --budget-s 0: no case starts; each is a skipped row saying why, and the run reports that nothing ran
+    argv = ["--device", "cpu", "--ops", "aspp", "--modes", "eval_fwd", "--backends", "cpu", "--budget-s", "0",
+            "--out", str(tmp_path), "--name", "b"]
+    assert overhead_bench.main(argv) == 1
+    rows = _read(tmp_path / "b.csv")
+    assert [(r["provider"], r["status"]) for r in rows] == [("eager", "skipped"), ("cpu", "skipped")]
+    assert all("time budget of 0 s spent" in r["note"] for r in rows)
