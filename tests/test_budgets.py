@@ -8,7 +8,7 @@ import sys
 
 import pytest
 import torch
-from helpers import ROOT  # noqa: E402
+from helpers import ROOT, device_for, triton_test  # noqa: E402
 
 BENCH_DIR = ROOT / "benchmarks"
 sys.path.insert(0, str(BENCH_DIR))
@@ -25,8 +25,17 @@ def _leaf(t: torch.Tensor, grad: bool) -> torch.Tensor:
 
 
 def _conv_call(mode: str, backend: str = "cpu", memory_efficient: bool = False, residual: bool = False):
-    """conv_bn_relu at 1x4x4x4 -> 4, 3x3, channels_last input, float32 parameters: (one call, its grad leaves)."""
+    """conv_bn_relu at 1x4x4x4 -> 4, 3x3, channels_last input, float32 parameters: (one call, its grad leaves),
+    on the device `backend` runs on here (triton: CUDA where a GPU is visible)."""
     grad = mode == "fwd_bwd"
+    torch.set_default_device(device_for(backend))
+    try:
+        return _conv_call_here(mode, backend, memory_efficient, residual, grad)
+    finally:
+        torch.set_default_device(None)
+
+
+def _conv_call_here(mode, backend, memory_efficient, residual, grad):
     x = _leaf(torch.randn(1, 4, 4, 4).contiguous(memory_format=torch.channels_last), grad)
     w, gamma, beta = _leaf(torch.randn(4, 4, 3, 3), grad), _leaf(torch.rand(4) + 0.5, grad), _leaf(torch.randn(4), grad)
     rm, rv = torch.randn(4), torch.rand(4) + 0.5
@@ -83,12 +92,13 @@ def _aspp_module_call(mode: str, memory_efficient: bool = False):
 
 
 def _census(call, params, triton: bool = False) -> dict:
+    device = params[0].device
     case = overhead_bench.Case(call, params, "", 1)
     for _ in range(2):  # warm-up: caches filled, nothing compiled or allocated for the first time below
         for p in params:
             p.grad = None
         call()
-    return overhead_bench.profile_calls(case, CPU, calls=3, triton=triton)
+    return overhead_bench.profile_calls(case, device, calls=3, triton=triton)
 
 
 def _check(row: dict, *, ops: int | None = None, copies: int | None = None, cat: int = 0,
@@ -161,6 +171,7 @@ def test_aspp_module_backward(memory_efficient):
     _check(_census(*_aspp_module_call("fwd_bwd", memory_efficient=memory_efficient)), cat=4 + memory_efficient)
 
 
+@triton_test
 def test_triton_launches():
     """The triton backend's launches per call (interpreter or GPU alike): training forward 3 (conv + statistics
     epilogue, finalize, apply), eval forward 1 (conv with the folded bias epilogue), no sync."""
@@ -171,13 +182,15 @@ def test_triton_launches():
     assert train["syncs"] == evalf["syncs"] == 0
 
 
+@triton_test
 @pytest.mark.parametrize("mode", ["train_fwd", "fwd_bwd"])
 def test_triton_upsample_cross_entropy_never_synchronizes(mode):
     """The triton backend decides bad labels in its kernel (NaN) and reads nothing back: no item(), no nonzero,
     in forward or backward (CPU tensors run it in the interpreter; their label check reads host memory)."""
     grad = mode == "fwd_bwd"
-    logits = _leaf(torch.randn(2, 3, 4, 4), grad)
-    target = torch.randint(0, 3, (2, 8, 8))
+    device = device_for("triton")
+    logits = _leaf(torch.randn(2, 3, 4, 4, device=device), grad)
+    target = torch.randint(0, 3, (2, 8, 8), device=device)
     target[0, 0, 0] = 255
 
     def call():
