@@ -175,7 +175,12 @@ def compile_job(job) -> dict:
 
 
 def main(argv: list[str]) -> None:
+    """argv: first|all [dtypes, comma-separated] [mode0: the first mode of each kernel only]."""
     jobs = _jobs(argv[1] == "all")
+    if len(argv) > 2:
+        jobs = [j for j in jobs if j[3] in argv[2].split(",")]
+    if "mode0" in argv[3:]:
+        jobs = [j for j in jobs if j[1] == 0]
     workers = int(os.environ.get("AOT_WORKERS", os.cpu_count() or 1))
     with ProcessPoolExecutor(workers) as pool:
         results = list(pool.map(compile_job, jobs, chunksize=1))
