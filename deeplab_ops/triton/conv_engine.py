@@ -491,8 +491,7 @@ FP64_MAX_PRODUCT = 16 * 16 * 16
 
 def smem_estimate(kernel, config, elem_size: int, hopper: bool) -> int:
     """Upper bound of the shared memory (bytes) `kernel` compiled with `config` uses for `elem_size`-byte
-    activations on Hopper (sm_90) or Ampere: its main loop's buffers (PIPELINE), or the opmath accumulator tile
-    for the epilogue's layout changes, whichever is larger."""
+    activations on Hopper (sm_90) or Ampere: its main loop's buffers (PIPELINE); the epilogue reuses them."""
     o = 8 if elem_size == 8 else 4
     m, k, n = MMA_SHAPE[kernel](config.kwargs)
     operands = (m * k + k * n) * elem_size
@@ -504,7 +503,7 @@ def smem_estimate(kernel, config, elem_size: int, hopper: bool) -> int:
         loop = (config.num_stages - 1) * stage + (2 if hopper else 1) * operands
     else:
         loop = (config.num_stages - 1) * stage + 3 * m * k * elem_size
-    return max(loop, m * n * o)
+    return loop
 
 
 def fitting_configs(kernel, configs, elem_size: int, smem_limit: float = float("inf"), hopper: bool = True) -> list:
