@@ -336,7 +336,7 @@ def _wgrad_cfg(bp, bm, bn, warps, stages):
 
 
 HOPPER_PROJ_WGRAD = [_wgrad_cfg(64, 128, 128, 8, 3), _wgrad_cfg(64, 64, 128, 4, 4), _wgrad_cfg(64, 64, 64, 4, 4),
-                     _wgrad_cfg(32, 32, 32, 4, 3), _wgrad_cfg(16, 16, 16, 2, 3)]
+                     _wgrad_cfg(32, 64, 32, 4, 3), _wgrad_cfg(16, 16, 16, 2, 3)]
 AMPERE_PROJ_WGRAD = [_wgrad_cfg(64, 128, 64, 8, 3), _wgrad_cfg(64, 64, 64, 4, 3), _wgrad_cfg(32, 32, 32, 4, 2),
                      _wgrad_cfg(16, 16, 16, 2, 2)]
 

@@ -425,9 +425,11 @@ def _cfg(bh, bw, bn, bk, warps, stages, k_name="BLOCK_K", n_name="BLOCK_N"):
 
 
 # Hopper (sm_90): more shared memory and deeper pipelines; 128-pixel tiles (8x16 feeds a 64-row wgmma twice).
+# Every tile but the last has >= 64 pixels (wgmma's warpgroup M); the last (4x4, 16 channels: float64 and
+# channel counts <= 16) lowers to mma.sync.
 HOPPER_GEMM = [
     _cfg(8, 16, 128, 64, 8, 3), _cfg(8, 16, 64, 64, 4, 4), _cfg(16, 16, 128, 32, 8, 3), _cfg(8, 8, 128, 64, 4, 4),
-    _cfg(8, 8, 64, 32, 4, 4), _cfg(4, 8, 32, 32, 4, 4), _cfg(4, 4, 16, 16, 2, 3),
+    _cfg(8, 8, 64, 32, 4, 4), _cfg(8, 8, 32, 32, 4, 4), _cfg(4, 4, 16, 16, 2, 3),
 ]
 # Ampere (sm_80/86/89) and older: 2-3 stages fit the smaller shared memory.
 AMPERE_GEMM = [
