@@ -493,7 +493,8 @@ FP64_MAX_PRODUCT = 16 * 16 * 16
 
 def smem_estimate(kernel, config, elem_size: int, hopper: bool) -> int:
     """Upper bound of the shared memory (bytes) `kernel` compiled with `config` uses for `elem_size`-byte
-    activations on Hopper (sm_90) or Ampere: its main loop's buffers (PIPELINE); the epilogue reuses them."""
+    activations with wgmma's operand staging (`hopper`: sm_90 with tensor cores) or without (sm_80, and fp32
+    without TF32 on sm_90): its main loop's buffers (PIPELINE); the epilogue reuses them."""
     o = 8 if elem_size == 8 else 4
     m, k, n = MMA_SHAPE[kernel](config.kwargs)
     operands = (m * k + k * n) * elem_size
@@ -542,12 +543,13 @@ def _device_limits(index: int) -> tuple[int, bool]:
 
 
 def fit_sizes(t: torch.Tensor) -> dict:
-    """The sizes entries `fit_pruner` reads: the element size, the device's shared memory per block and
-    whether it takes the Hopper configurations."""
+    """The sizes entries `fit_pruner` reads: the element size, the device's shared memory per block, and whether
+    the GEMMs stage their operands as wgmma does (Hopper, except fp32 without TF32: no tensor cores)."""
     if t.device.type != "cuda":
         return {"elem_size": t.element_size()}
     limit, hopper = _device_limits(t.device.index or 0)
-    return {"elem_size": t.element_size(), "smem_limit": limit, "hopper": hopper}
+    wgmma = hopper and not (t.dtype == torch.float32 and dot_precision(t.dtype, t.device) == "ieee")
+    return {"elem_size": t.element_size(), "smem_limit": limit, "hopper": wgmma}
 
 
 # The tuning cache key: channel counts and map sizes bucketed to powers of two, strides exact; the constexprs
