@@ -33,17 +33,30 @@ from deeplab_ops.triton.conv_engine import (
     AMPERE_WGRAD,
     HOPPER_GEMM,
     HOPPER_WGRAD,
+    MMA_SHAPE,
+    PIPELINE,
+    STAGE_BYTES,
     _bn_affine,
+    _conv_dgrad_kernel,
+    _conv_fwd_kernel,
+    _conv_wgrad_kernel,
+    _dgrad_stage,
     _dgrad_tap,
     _dy_coef,
     _dy_tile,
+    _fwd_stage,
     _fwd_tap,
     _gemm_tile,
+    _mma,
     _store_tile,
     _tile_stats,
     _wgrad_block,
+    _wgrad_stage,
     _wgrad_tile,
+    _wgrad_tiles,
     dot_precision,
+    fit_pruner,
+    fit_sizes,
     split_count,
 )
 from deeplab_ops.triton.launch import KernelSpec, launch_kernel, prune_by_channels, run_tuned
@@ -170,9 +183,9 @@ def _aspp_branch_wgrad_kernel(
     offs_ci, ci_mask, offs_co, acc = _wgrad_block(pid_mn, C_in, C, ACC_DTYPE, BLOCK_M, BLOCK_N)
     mean, k, a, b = _dy_coef(coef_ptr + br * C, offs_co, C, BC, ACC_DTYPE)
     pid_s = tl.program_id(2)
-    tiles = tl.cdiv(H, BLOCK_H) * tl.cdiv(W, BLOCK_W)
-    for tile in range(pid_s, N * tiles, SPLITS):
-        acc = _wgrad_tile(acc, x_ptr, g_ptr, g_ptr, y_ptr, tile, ih_off, iw_off, 1, 1, H, W, C_in, H, W, BC, br * C,
+    tiles = _wgrad_tiles(ih_off, iw_off, 1, 1, H, W, H, W, N, BLOCK_H, BLOCK_W)
+    for i in range(pid_s, tiles, SPLITS):
+        acc = _wgrad_tile(acc, x_ptr, g_ptr, g_ptr, y_ptr, i, ih_off, iw_off, 1, 1, H, W, C_in, H, W, BC, br * C,
                           C, offs_ci, ci_mask, offs_co, mean, k, a, b, pairs_ptr, pid_mn == 0, False, COUNT_PAIRS,
                           ACC_DTYPE, DOT_PRECISION, BLOCK_H, BLOCK_W)
 
@@ -215,7 +228,7 @@ def _aspp_project_fwd_kernel(
         z = _branch_z(br_ptr, rows, p_mask, kc, BC, mean_ptr, scale_ptr, shift_ptr, ACC_DTYPE)
         b = tl.load(w_ptr + kc[:, None] * C + offs_n[None, :], mask=(kc < BC)[:, None] & n_mask[None, :], other=0)
         # z rounded to the weights' dtype: what a stored normalized branch output would hold
-        acc = tl.dot(z.to(b.dtype), b, acc, input_precision=DOT_PRECISION)
+        acc = _mma(z.to(b.dtype), b, acc, DOT_PRECISION)
     acc += tl.load(bias_ptr + img * C + offs_n, mask=n_mask, other=0).to(ACC_DTYPE)[None, :]
 
     o_mask = p_mask[:, None] & n_mask[None, :]
@@ -254,7 +267,7 @@ def _aspp_project_dgrad_kernel(
             # The pooling bias's gradient: dy summed over the tile's pixels (one image per tile).
             tl.store(part_dy_ptr + pid_t * C + co, tl.sum(dy, 0), mask=co < C)
         wt = tl.load(w_ptr + co[:, None] * BC + offs_n[None, :], mask=(co < C)[:, None] & n_mask[None, :], other=0)
-        acc = tl.dot(dy.to(wt.dtype), wt, acc, input_precision=DOT_PRECISION)
+        acc = _mma(dy.to(wt.dtype), wt, acc, DOT_PRECISION)
 
     # Epilogue: the branch BNs' ReLU gradient, with z_cat's sign recomputed from the pre-BN branch outputs,
     # and the branch BN backward reduction's partial sums.
@@ -295,7 +308,7 @@ def _aspp_project_wgrad_kernel(
         z = _branch_z(br_ptr, rows, p_mask, offs_m, BC, bmean_ptr, bscale_ptr, bshift_ptr, ACC_DTYPE)
         dy = _dy_tile(dz_ptr, z_ptr, y_ptr, rows * C, p_mask, offs_n, C, mean, k, a, b, True, ACC_DTYPE)
         zt = tl.trans(z.to(br_ptr.dtype.element_ty))
-        acc = tl.dot(zt, dy.to(zt.dtype), acc, input_precision=DOT_PRECISION)
+        acc = _mma(zt, dy.to(zt.dtype), acc, DOT_PRECISION)
 
     idx = (pid_s * BC + offs_m)[:, None] * C + offs_n[None, :]
     tl.store(part_ptr + idx, acc, mask=(offs_m < BC)[:, None] & (offs_n < C)[None, :])
@@ -323,7 +336,7 @@ def _wgrad_cfg(bp, bm, bn, warps, stages):
 
 
 HOPPER_PROJ_WGRAD = [_wgrad_cfg(64, 128, 128, 8, 3), _wgrad_cfg(64, 64, 128, 4, 4), _wgrad_cfg(64, 64, 64, 4, 4),
-                     _wgrad_cfg(32, 32, 32, 4, 3), _wgrad_cfg(16, 16, 16, 2, 3)]
+                     _wgrad_cfg(32, 64, 32, 4, 3), _wgrad_cfg(16, 16, 16, 2, 3)]
 AMPERE_PROJ_WGRAD = [_wgrad_cfg(64, 128, 64, 8, 3), _wgrad_cfg(64, 64, 64, 4, 3), _wgrad_cfg(32, 32, 32, 4, 2),
                      _wgrad_cfg(16, 16, 16, 2, 2)]
 
@@ -344,8 +357,41 @@ _PIXELS = ("HW", "BC", "C")
 
 
 def _spec(name, kernel, hopper, ampere, prune_args, bucketed, exact=()):
-    return KernelSpec(kernel, hopper, ampere, INTERPRETER_CONFIGS[name], prune_by_channels(*prune_args), bucketed,
-                      exact)
+    return KernelSpec(kernel, hopper, ampere, INTERPRETER_CONFIGS[name],
+                      fit_pruner(kernel, prune_by_channels(*prune_args)), bucketed, exact)
+
+
+def _proj_stage(b, e, o, loads=1, rows=3):
+    # `loads` (pixels x K) activation tiles, `rows` per-channel opmath rows of K, and the (K x N) weight tile.
+    return (loads * b["BLOCK_M"] + b["BLOCK_N"]) * b["BLOCK_K"] * e + rows * b["BLOCK_K"] * o
+
+
+def _proj_wgrad_stage(b, e, o):
+    # The branch tile (pixels x M) with its BN rows, and the three (pixels x N) tiles of dy's prologue.
+    return (b["BLOCK_M"] + 3 * b["BLOCK_N"]) * b["BLOCK_P"] * e + 3 * b["BLOCK_M"] * o
+
+
+STAGE_BYTES.update({
+    _aspp_branch_fwd_kernel: _fwd_stage,
+    _aspp_branch_dgrad_kernel: lambda b, e, o: _dgrad_stage(b, e, o, loads=2),
+    _aspp_branch_wgrad_kernel: lambda b, e, o: _wgrad_stage(b, e, o, loads=2),
+    _aspp_project_fwd_kernel: _proj_stage,
+    _aspp_project_dgrad_kernel: lambda b, e, o: _proj_stage(b, e, o, loads=3, rows=4),
+    _aspp_project_wgrad_kernel: _proj_wgrad_stage,
+})
+PIPELINE.update({
+    _aspp_branch_fwd_kernel: "direct", _aspp_branch_dgrad_kernel: "prologue",
+    _aspp_branch_wgrad_kernel: "wgrad", _aspp_project_fwd_kernel: "prologue",
+    _aspp_project_dgrad_kernel: "prologue", _aspp_project_wgrad_kernel: "wgrad",
+})
+MMA_SHAPE.update({
+    _aspp_branch_fwd_kernel: MMA_SHAPE[_conv_fwd_kernel],
+    _aspp_branch_dgrad_kernel: MMA_SHAPE[_conv_dgrad_kernel],
+    _aspp_branch_wgrad_kernel: MMA_SHAPE[_conv_wgrad_kernel],
+    _aspp_project_fwd_kernel: lambda b: (b["BLOCK_M"], b["BLOCK_K"], b["BLOCK_N"]),
+    _aspp_project_dgrad_kernel: lambda b: (b["BLOCK_M"], b["BLOCK_K"], b["BLOCK_N"]),
+    _aspp_project_wgrad_kernel: lambda b: (b["BLOCK_M"], b["BLOCK_P"], b["BLOCK_N"]),
+})
 
 
 KERNELS = {
@@ -395,8 +441,8 @@ def branch_forward(xh: Tensor, w: Tensor, rates: Tensor, c: int, *, training: bo
                       pairs if pairs is not None else rates, h, wd, c_in, c, bc, **meta, **cfg)
         return parts
 
-    parts = run_tuned(KERNELS["branch_fwd"], xh.device, xh.dtype, dict(C_in=c_in, C=c, BC=bc, H=h, W=wd), meta, run,
-                      config)
+    sizes = dict(C_in=c_in, C=c, BC=bc, H=h, W=wd, **fit_sizes(xh))
+    parts = run_tuned(KERNELS["branch_fwd"], xh.device, xh.dtype, sizes, meta, run, config)
     return y, parts
 
 
@@ -420,7 +466,8 @@ def branch_dgrad(g: Tensor, y: Tensor, coef: Tensor, wt: Tensor, rates: Tensor, 
                       g, y, coef, wt, rates, dx_pool, dx, pairs if pairs is not None else rates, h, wd, c_in, c, bc,
                       nb, **meta, **cfg)
 
-    run_tuned(KERNELS["branch_dgrad"], y.device, y.dtype, dict(C_in=c_in, C=c, BC=bc, H=h, W=wd), meta, run, config)
+    run_tuned(KERNELS["branch_dgrad"], y.device, y.dtype, dict(C_in=c_in, C=c, BC=bc, H=h, W=wd, **fit_sizes(y)), meta,
+              run, config)
     return dx
 
 
@@ -443,8 +490,8 @@ def branch_wgrad(xh: Tensor, g: Tensor, y: Tensor, coef: Tensor, rates: Tensor, 
                       xh, g, y, coef, rates, part, pairs if pairs is not None else rates, n, h, wd, c_in, c, bc, t,
                       splits, **meta, **cfg)
 
-    run_tuned(KERNELS["branch_wgrad"], xh.device, xh.dtype, dict(C_in=c_in, C=c, BC=bc, H=h, W=wd, SPLITS=splits),
-              meta, run, config)
+    run_tuned(KERNELS["branch_wgrad"], xh.device, xh.dtype, dict(C_in=c_in, C=c, BC=bc, H=h, W=wd, SPLITS=splits,
+                                                                  **fit_sizes(xh)), meta, run, config)
     if outs is None:
         return part.sum(0)
     torch.sum(part[:, 0, :, :, None, None].transpose(1, 2), 0, out=outs[0])
@@ -480,7 +527,8 @@ def project_forward(br: Tensor, w: Tensor, bias: Tensor, affine: tuple[Tensor, T
                       *(parts if parts is not None else (y, y, y)), hw, bc, c, out_offset, **meta, **cfg)
         return parts
 
-    parts = run_tuned(KERNELS["project_fwd"], br.device, br.dtype, dict(HW=hw, BC=bc, C=c), meta, run)
+    parts = run_tuned(KERNELS["project_fwd"], br.device, br.dtype, dict(HW=hw, BC=bc, C=c, **fit_sizes(br)), meta,
+                      run)
     return y, out, parts
 
 
@@ -506,8 +554,8 @@ def project_dgrad(dz: Tensor, z: Tensor, y: Tensor, coef: Tensor, w: Tensor, br:
                       dz, z, y, coef, w, br, *branch_affine, g, part_g, part_gy, part_dy, hw, bc, c, **meta, **cfg)
         return part_g, part_gy, part_dy
 
-    part_g, part_gy, part_dy = run_tuned(KERNELS["project_dgrad"], br.device, br.dtype, dict(HW=hw, BC=bc, C=c), meta,
-                                         run)
+    part_g, part_gy, part_dy = run_tuned(KERNELS["project_dgrad"], br.device, br.dtype,
+                                         dict(HW=hw, BC=bc, C=c, **fit_sizes(br)), meta, run)
     return g, part_g, part_gy, part_dy.sum(1)
 
 
@@ -526,7 +574,8 @@ def project_wgrad(br: Tensor, branch_affine: tuple[Tensor, Tensor, Tensor], dz: 
                       (triton.cdiv(bc, cfg["BLOCK_M"]) * triton.cdiv(c, cfg["BLOCK_N"]), splits),
                       br, *branch_affine, dz, z, y, coef, part, n, hw, bc, c, splits, **meta, **cfg)
 
-    run_tuned(KERNELS["project_wgrad"], br.device, br.dtype, dict(HW=hw, BC=bc, C=c, SPLITS=splits), meta, run)
+    run_tuned(KERNELS["project_wgrad"], br.device, br.dtype, dict(HW=hw, BC=bc, C=c, SPLITS=splits, **fit_sizes(br)),
+              meta, run)
     return part.sum(0)
 
 

@@ -242,6 +242,15 @@ def _block_c(c: int) -> int:
     return min(64, triton.next_power_of_2(c))
 
 
+def launch_blocks(name: str, c: int) -> dict:
+    """The block sizes the launcher of KERNELS[name] uses on a GPU for `c` channels (the interpreter's differ)."""
+    block_c = _block_c(c)
+    return {"bn_finalize": dict(BLOCK_P=64, BLOCK_C=block_c),
+            "bn_apply": dict(BLOCK_M=max(16, 4096 // block_c), BLOCK_C=block_c),
+            "bn_bwd_reduce": dict(BLOCK_M=max(16, 2048 // block_c), BLOCK_C=block_c),
+            "bn_bwd_finalize": dict(BLOCK_C=block_c)}[name]
+
+
 def bn_finalize(
     count: torch.Tensor, pmean: torch.Tensor, pm2: torch.Tensor, bn_weight: torch.Tensor | None,
     bn_bias: torch.Tensor | None, running_mean: torch.Tensor | None, running_var: torch.Tensor | None,
@@ -265,15 +274,17 @@ def bn_finalize(
         else:
             new_rm = new_rv = pmean.new_empty((0,))
     dummy = hyper
-    block_c = _block_c(c)
-    launch_kernel(_bn_finalize_kernel, (triton.cdiv(c, block_c),),
+    blocks = launch_blocks("bn_finalize", c)
+    if interpreter_active():
+        blocks["BLOCK_P"] = 32
+    launch_kernel(_bn_finalize_kernel, (triton.cdiv(c, blocks["BLOCK_C"]),),
         count, pmean, pm2,
         bn_weight if bn_weight is not None else dummy, bn_bias if bn_bias is not None else dummy,
         running_mean if has_running else dummy, running_var if has_running else dummy, hyper,
         *outs, new_rm if has_running else dummy, new_rv if has_running else dummy,
         p, c, offset,
         HAS_GAMMA=bn_weight is not None, HAS_BETA=bn_bias is not None, HAS_RUNNING=has_running,
-        ACC_DTYPE=acc_dtype(stat), BLOCK_P=32 if interpreter_active() else 64, BLOCK_C=block_c,
+        ACC_DTYPE=acc_dtype(stat), **blocks,
     )
     return (*outs, new_rm, new_rv)
 
@@ -287,7 +298,7 @@ def bn_apply(
     m = y.numel() // c
     out = torch.empty_like(y)
     block_c = _block_c(c)
-    block_m = max(16, 4096 // block_c) if not interpreter_active() else 64
+    block_m = launch_blocks("bn_apply", c)["BLOCK_M"] if not interpreter_active() else 64
     launch_kernel(_bn_apply_kernel, (triton.cdiv(m, block_m), triton.cdiv(c, block_c)),
         y, residual if residual is not None else y, out, mean, scale, shift, m, c,
         HAS_RES=residual is not None, RELU=relu, BLOCK_M=block_m, BLOCK_C=block_c,
@@ -303,7 +314,7 @@ def bn_backward_reduce(
     c = y.shape[-1]
     m = y.numel() // c
     block_c = _block_c(c)
-    block_m = 64 if interpreter_active() else max(16, 2048 // block_c)
+    block_m = 64 if interpreter_active() else launch_blocks("bn_bwd_reduce", c)["BLOCK_M"]
     # Enough row splits to fill the GPU; about 16 row blocks per program keeps the partials small.
     rows_per_prog = block_m * (16 if not interpreter_active() else 64)
     splits = triton.cdiv(m, rows_per_prog)

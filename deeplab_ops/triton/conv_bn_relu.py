@@ -149,15 +149,19 @@ def _multiples_hit(first: int, last: int, step: int, count: int) -> bool:
 
 def _axis_hits(size: int, out: int, k: int, stride: int, pad: int, dil: int, block: int,
                dgrad: bool) -> list[list[bool]]:
-    # hits[tile][tap] along one axis. Forward/wgrad tiles cover the output, dgrad tiles the input.
+    # hits[tile][tap] along one axis. Forward/wgrad tiles cover the output; dgrad tiles cover each sub-pixel
+    # phase p of the input (rows p, p + stride, ...), and a tap reaches a phase only if (p + pad - t*dil) is a
+    # multiple of the stride.
+    if not dgrad:
+        off = [t * dil - pad for t in range(k)]
+        return [[_samples_hit(start * stride + o, (min(start + block, out) - 1) * stride + o, stride, size)
+                 for o in off] for start in range(0, out, block)]
     hits = []
-    for start in range(0, size if dgrad else out, block):
-        last = min(start + block, size if dgrad else out) - 1
-        if dgrad:
-            hits.append([_multiples_hit(start + pad - t * dil, last + pad - t * dil, stride, out) for t in range(k)])
-        else:
-            off = [t * dil - pad for t in range(k)]
-            hits.append([_samples_hit(start * stride + o, last * stride + o, stride, size) for o in off])
+    for p in range(min(stride, size)):
+        for start in range(0, -(-(size - p) // stride), block):
+            first, last = p + start * stride, min(p + (start + block - 1) * stride, size - 1)
+            hits.append([(p + pad - t * dil) % stride == 0 and
+                         _multiples_hit(first + pad - t * dil, last + pad - t * dil, stride, out) for t in range(k)])
     return hits
 
 

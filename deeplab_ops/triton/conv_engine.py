@@ -85,6 +85,17 @@ def _multiples_hit(first, last, step, count):
 
 
 @triton.jit
+def _mma(a, b, acc, DOT_PRECISION: tl.constexpr):
+    # acc + a @ b. DOT_PRECISION "fma" (float64): a plain multiply-accumulate over a broadcast product, which
+    # compiles on every admitted Triton (tl.dot rejects float64 on sm_90 before triton 3.8); else tl.dot with
+    # that input precision ("ieee" or "tf32").
+    if DOT_PRECISION == "fma":
+        return acc + tl.sum(a.to(acc.dtype)[:, :, None] * b.to(acc.dtype)[None, :, :], 1)
+    else:
+        return tl.dot(a, b, acc, input_precision=DOT_PRECISION)
+
+
+@triton.jit
 def _count_pair(pairs_ptr, first_block, COUNT_PAIRS: tl.constexpr):
     # One atomic per computed (tile, tap) pair, from the first program of the other GEMM dimension only.
     if COUNT_PAIRS:
@@ -145,7 +156,7 @@ def _fwd_tap(acc, x_ptr, w_tap, ldw, img, oh, ow, m_mask, oh0, ow0, oh_last, ow_
             k_mask = k < C_in
             a = tl.load(x_ptr + x_rows[:, None] + k[None, :], mask=a_ok[:, None] & k_mask[None, :], other=0)
             b = tl.load(w_tap + k[:, None] * ldw + offs_n[None, :], mask=k_mask[:, None] & n_mask[None, :], other=0)
-            acc = tl.dot(a, b, acc, input_precision=DOT_PRECISION)
+            acc = _mma(a, b, acc, DOT_PRECISION)
     return acc
 
 
@@ -174,32 +185,53 @@ def _dgrad_tap(acc, dz_ptr, z_ptr, y_ptr, coef_ptr, wt_tap, ldy, ch0, img, ih, i
             dy = _dy_tile(dz_ptr, z_ptr, y_ptr, dy_rows, ok, co, C, mean, k, a, b, RELU, ACC_DTYPE)
             wt = tl.load(wt_tap + co[:, None] * C_in + offs_n[None, :], mask=(co < C)[:, None] & n_mask[None, :],
                          other=0)
-            acc = tl.dot(dy.to(wt.dtype), wt, acc, input_precision=DOT_PRECISION)
+            acc = _mma(dy.to(wt.dtype), wt, acc, DOT_PRECISION)
     return acc
 
 
 @triton.jit
-def _wgrad_tile(acc, x_ptr, dz_ptr, z_ptr, y_ptr, t, ih_off, iw_off, stride_h, stride_w, H, W, C_in, H_out, W_out,
+def _hit_tiles(off, stride, size, out, BLOCK: tl.constexpr):
+    # Along one axis: (first tile, number of tiles) of BLOCK output positions o < out, in order, that hold an o
+    # with o * stride + off in [0, size): the tiles through which a tap reads a real input pixel (a range).
+    lo = (tl.maximum(-off, 0) + stride - 1) // stride
+    top = size - 1 - off
+    hi = tl.minimum(tl.where(top >= 0, tl.maximum(top, 0) // stride, -1), out - 1)
+    return lo // BLOCK, tl.where(lo <= hi, hi // BLOCK - lo // BLOCK + 1, 0)
+
+
+@triton.jit
+def _wgrad_tile(acc, x_ptr, dz_ptr, z_ptr, y_ptr, i, ih_off, iw_off, stride_h, stride_w, H, W, C_in, H_out, W_out,
                 ldy, ch0, C, offs_ci, ci_mask, offs_co, mean, k, a, b, pairs_ptr, first_block,
                 RELU: tl.constexpr, COUNT_PAIRS: tl.constexpr, ACC_DTYPE: tl.constexpr, DOT_PRECISION: tl.constexpr,
                 BLOCK_H: tl.constexpr, BLOCK_W: tl.constexpr):
-    # acc += x[tile pixels * stride + tap offset, offs_ci]^T @ dy[tile pixels, ch0 + offs_co] for output tile t,
-    # unless the tap reads only zero padding for the whole tile.
-    img, oh0, ow0, oh_last, ow_last = _tile_origin(t, H_out, W_out, BLOCK_H, BLOCK_W)
-    rows_hit = _samples_hit(oh0 * stride_h + ih_off, oh_last * stride_h + ih_off, stride_h, H)
-    cols_hit = _samples_hit(ow0 * stride_w + iw_off, ow_last * stride_w + iw_off, stride_w, W)
-    if rows_hit & cols_hit:
-        _count_pair(pairs_ptr, first_block, COUNT_PAIRS)
-        oh, ow, p_mask = _tile_pixels(oh0, ow0, H_out, W_out, BLOCK_H, BLOCK_W)
-        ih = oh * stride_h + ih_off
-        iw = ow * stride_w + iw_off
-        x_ok = p_mask & (ih >= 0) & (ih < H) & (iw >= 0) & (iw < W)
-        x_rows = ((img * H + ih) * W + iw) * C_in
-        xt = tl.load(x_ptr + x_rows[None, :] + offs_ci[:, None], mask=ci_mask[:, None] & x_ok[None, :], other=0)
-        dy_rows = ((img * H_out + oh) * W_out + ow) * ldy + ch0
-        dy = _dy_tile(dz_ptr, z_ptr, y_ptr, dy_rows, p_mask, offs_co, C, mean, k, a, b, RELU, ACC_DTYPE)
-        acc = tl.dot(xt, dy.to(xt.dtype), acc, input_precision=DOT_PRECISION)
-    return acc
+    # acc += x[tile pixels * stride + tap offset, offs_ci]^T @ dy[tile pixels, ch0 + offs_co] for the i-th of the
+    # tiles that read a real input pixel through the tap (image-major, then the rectangle of `_hit_tiles`): the
+    # caller's loop runs over those tiles only, with no branch, so the compiler pipelines its loads.
+    r_first, r_count = _hit_tiles(ih_off, stride_h, H, H_out, BLOCK_H)
+    c_first, c_count = _hit_tiles(iw_off, stride_w, W, W_out, BLOCK_W)
+    per_img = r_count * c_count
+    img = i // per_img
+    oh0 = (r_first + i % per_img // c_count) * BLOCK_H
+    ow0 = (c_first + i % per_img % c_count) * BLOCK_W
+    _count_pair(pairs_ptr, first_block, COUNT_PAIRS)
+    oh, ow, p_mask = _tile_pixels(oh0, ow0, H_out, W_out, BLOCK_H, BLOCK_W)
+    ih = oh * stride_h + ih_off
+    iw = ow * stride_w + iw_off
+    x_ok = p_mask & (ih >= 0) & (ih < H) & (iw >= 0) & (iw < W)
+    x_rows = ((img * H + ih) * W + iw) * C_in
+    xt = tl.load(x_ptr + x_rows[None, :] + offs_ci[:, None], mask=ci_mask[:, None] & x_ok[None, :], other=0)
+    dy_rows = ((img * H_out + oh) * W_out + ow) * ldy + ch0
+    dy = _dy_tile(dz_ptr, z_ptr, y_ptr, dy_rows, p_mask, offs_co, C, mean, k, a, b, RELU, ACC_DTYPE)
+    return _mma(xt, dy.to(xt.dtype), acc, DOT_PRECISION)
+
+
+@triton.jit
+def _wgrad_tiles(ih_off, iw_off, stride_h, stride_w, H, W, H_out, W_out, N,
+                 BLOCK_H: tl.constexpr, BLOCK_W: tl.constexpr):
+    # How many (image, tile) pairs read a real input pixel through a tap: the wgrad loop's trip count.
+    _, r_count = _hit_tiles(ih_off, stride_h, H, H_out, BLOCK_H)
+    _, c_count = _hit_tiles(iw_off, stride_w, W, W_out, BLOCK_W)
+    return N * r_count * c_count
 
 
 @triton.jit
@@ -314,15 +346,33 @@ def _conv_dgrad_kernel(
     ACC_DTYPE: tl.constexpr, DOT_PRECISION: tl.constexpr,
     BLOCK_H: tl.constexpr, BLOCK_W: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
 ):
+    # Sub-pixel phases: program 0-axis = (tile, phase). Phase (ph, pw) owns the input pixels ih = ph + i*stride_h,
+    # iw = pw + j*stride_w, tiled as a dense (BLOCK_H, BLOCK_W) grid of that sub-lattice; a tap reaches all of a
+    # phase's pixels or none ((ph + pad - kh*dil) % stride == 0), so no MMA row is masked for misalignment.
+    pid = tl.program_id(0)
     pid_n = tl.program_id(1)
-    img, ih0, iw0, ih_last, iw_last, ih, iw, m_mask, offs_n, n_mask, acc = _gemm_tile(
-        tl.program_id(0), pid_n, H, W, C_in, ACC_DTYPE, BLOCK_H, BLOCK_W, BLOCK_N)
+    phases = stride_h * stride_w
+    ph = pid % phases // stride_w
+    pw = pid % phases % stride_w
+    img, r0, c0, r_last, c_last, r, c, m_mask, offs_n, n_mask, acc = _gemm_tile(
+        pid // phases, pid_n, tl.cdiv(H, stride_h), tl.cdiv(W, stride_w), C_in, ACC_DTYPE, BLOCK_H, BLOCK_W,
+        BLOCK_N)
+    ih = ph + r * stride_h
+    iw = pw + c * stride_w
+    m_mask = m_mask & (ih < H) & (iw < W)
+    ih0 = ph + r0 * stride_h
+    iw0 = pw + c0 * stride_w
+    ih_last = tl.minimum(ph + r_last * stride_h, H - 1)
+    iw_last = tl.minimum(pw + c_last * stride_w, W - 1)
 
     for kh in range(KH):
         for kw in range(KW):
+            th_off = pad_h - kh * dil_h
+            tw_off = pad_w - kw * dil_w
+            live = ((ph + th_off) % stride_h == 0) & ((pw + tw_off) % stride_w == 0)
             acc = _dgrad_tap(acc, dz_ptr, z_ptr, y_ptr, coef_ptr, wt_ptr + (kh * KW + kw) * C_out * C_in, C_out, 0,
-                             img, ih, iw, m_mask, ih0, iw0, ih_last, iw_last, pad_h - kh * dil_h, pad_w - kw * dil_w,
-                             stride_h, stride_w, H_out, W_out, C_out, C_in, offs_n, n_mask, pid_n >= 0, pairs_ptr,
+                             img, ih, iw, m_mask, ih0, iw0, ih_last, iw_last, th_off, tw_off,
+                             stride_h, stride_w, H_out, W_out, C_out, C_in, offs_n, n_mask, live, pairs_ptr,
                              pid_n == 0, RELU, COUNT_PAIRS, ACC_DTYPE, DOT_PRECISION, BLOCK_K)
 
     _store_tile(dx_ptr, acc, img, ih, iw, H, W, C_in, offs_n, n_mask, m_mask)
@@ -345,12 +395,12 @@ def _conv_wgrad_kernel(
     pid_mn = tl.program_id(1)
     offs_ci, ci_mask, offs_co, acc = _wgrad_block(pid_mn, C_in, C_out, ACC_DTYPE, BLOCK_M, BLOCK_N)
     pid_s = tl.program_id(2)
-    tiles = tl.cdiv(H_out, BLOCK_H) * tl.cdiv(W_out, BLOCK_W)
     ih_off = tap // KW * dil_h - pad_h
     iw_off = tap % KW * dil_w - pad_w
     mean, k, a, b = _dy_coef(coef_ptr, offs_co, C_out, C_out, ACC_DTYPE)  # this program's C_out block: loaded once
-    for t in range(pid_s, N * tiles, SPLITS):
-        acc = _wgrad_tile(acc, x_ptr, dz_ptr, z_ptr, y_ptr, t, ih_off, iw_off, stride_h, stride_w, H, W, C_in, H_out,
+    tiles = _wgrad_tiles(ih_off, iw_off, stride_h, stride_w, H, W, H_out, W_out, N, BLOCK_H, BLOCK_W)
+    for i in range(pid_s, tiles, SPLITS):
+        acc = _wgrad_tile(acc, x_ptr, dz_ptr, z_ptr, y_ptr, i, ih_off, iw_off, stride_h, stride_w, H, W, C_in, H_out,
                           W_out, C_out, 0, C_out, offs_ci, ci_mask, offs_co, mean, k, a, b, pairs_ptr, pid_mn == 0,
                           RELU, COUNT_PAIRS, ACC_DTYPE, DOT_PRECISION, BLOCK_H, BLOCK_W)
 
@@ -375,9 +425,11 @@ def _cfg(bh, bw, bn, bk, warps, stages, k_name="BLOCK_K", n_name="BLOCK_N"):
 
 
 # Hopper (sm_90): more shared memory and deeper pipelines; 128-pixel tiles (8x16 feeds a 64-row wgmma twice).
+# Every tile but the last has >= 64 pixels (wgmma's warpgroup M); the last (4x4, 16 channels: float64 and
+# channel counts <= 16) lowers to mma.sync.
 HOPPER_GEMM = [
     _cfg(8, 16, 128, 64, 8, 3), _cfg(8, 16, 64, 64, 4, 4), _cfg(16, 16, 128, 32, 8, 3), _cfg(8, 8, 128, 64, 4, 4),
-    _cfg(8, 8, 64, 32, 4, 4), _cfg(4, 8, 32, 32, 4, 4), _cfg(4, 4, 16, 16, 2, 3),
+    _cfg(8, 8, 64, 32, 4, 4), _cfg(8, 8, 32, 32, 4, 4), _cfg(4, 4, 16, 16, 2, 3),
 ]
 # Ampere (sm_80/86/89) and older: 2-3 stages fit the smaller shared memory.
 AMPERE_GEMM = [
@@ -394,23 +446,132 @@ AMPERE_WGRAD = [
     _cfg(4, 4, 16, 16, 2, 2, "BLOCK_M"),
 ]
 
+# ---- shared memory and the float64 path: what pruning drops before any launch -----------------------------
+
+# Bytes one pipeline stage of each kernel's main loop loads, from its blocks, the activation element size and
+# the opmath size: the operands and the BN prologue's activation tiles and per-channel rows.
+
+
+def _fwd_stage(b, e, o):
+    return (b["BLOCK_H"] * b["BLOCK_W"] + b["BLOCK_N"]) * b["BLOCK_K"] * e
+
+
+def _dgrad_stage(b, e, o, loads=3):
+    return (loads * b["BLOCK_H"] * b["BLOCK_W"] + b["BLOCK_N"]) * b["BLOCK_K"] * e + 4 * b["BLOCK_K"] * o
+
+
+def _wgrad_stage(b, e, o, loads=3):
+    return (b["BLOCK_M"] + loads * b["BLOCK_N"]) * b["BLOCK_H"] * b["BLOCK_W"] * e
+
+
+# How a kernel's main loop holds its loads in shared memory (measured on compiled kernels, triton 3.6 and 3.8):
+#   "direct"    operands loaded straight into the MMA's buffers: num_stages stages;
+#   "prologue"  the A operand computed in registers (dgrad's BN prologue): num_stages - 1 stages of loads, plus
+#               the operands' staging (A + B; twice on Hopper, where wgmma reads both from shared memory);
+#   "wgrad"     num_stages - 1 stages of loads, a further stage of the A operand (x^T), and its staging (2 A).
+# Bounds, not exact sizes: the check against compiled kernels (tests/triton/test_triton_compile.py) holds them
+# above the compiled size and within 1.6x of it.
+STAGE_BYTES = {}    # kernel -> stage_bytes(blocks, elem, opmath); aspp.py adds its kernels
+MMA_SHAPE = {}      # kernel -> (M, K, N) of one tl.dot from the blocks
+PIPELINE = {}       # kernel -> "direct" | "prologue" | "wgrad"
+STAGE_BYTES.update({_conv_fwd_kernel: _fwd_stage, _conv_dgrad_kernel: _dgrad_stage,
+                    _conv_wgrad_kernel: _wgrad_stage})
+PIPELINE.update({_conv_fwd_kernel: "direct", _conv_dgrad_kernel: "prologue", _conv_wgrad_kernel: "wgrad"})
+
+
+def _pix_mkn(b):
+    return b["BLOCK_H"] * b["BLOCK_W"], b["BLOCK_K"], b["BLOCK_N"]
+
+
+MMA_SHAPE.update({_conv_fwd_kernel: _pix_mkn, _conv_dgrad_kernel: _pix_mkn,
+                  _conv_wgrad_kernel: lambda b: (b["BLOCK_M"], b["BLOCK_H"] * b["BLOCK_W"], b["BLOCK_N"])})
+
+# float64 multiplies through `_mma`'s broadcast product, held in registers: only tiles whose M*K*N product
+# stays this small are kept (the smallest configuration of every list).
+FP64_MAX_PRODUCT = 16 * 16 * 16
+
+
+def smem_estimate(kernel, config, elem_size: int, hopper: bool) -> int:
+    """Upper bound of the shared memory (bytes) `kernel` compiled with `config` uses for `elem_size`-byte
+    activations with wgmma's operand staging (`hopper`: sm_90 with tensor cores) or without (sm_80, and fp32
+    without TF32 on sm_90): its main loop's buffers (PIPELINE); the epilogue reuses them."""
+    o = 8 if elem_size == 8 else 4
+    m, k, n = MMA_SHAPE[kernel](config.kwargs)
+    operands = (m * k + k * n) * elem_size
+    stage = STAGE_BYTES[kernel](config.kwargs, elem_size, o)
+    kind = PIPELINE[kernel]
+    if kind == "direct":
+        loop = config.num_stages * stage
+    elif kind == "prologue":
+        loop = (config.num_stages - 1) * stage + (2 if hopper else 1) * operands
+    else:
+        loop = (config.num_stages - 1) * stage + 3 * m * k * elem_size
+    return loop
+
+
+def fitting_configs(kernel, configs, elem_size: int, smem_limit: float = float("inf"), hopper: bool = True) -> list:
+    """The configurations that can run: within `smem_limit` bytes of shared memory by `smem_estimate`; for
+    float64, tiles within FP64_MAX_PRODUCT. Never empty: the smallest if none fits."""
+    if elem_size == 8:
+        kept = [c for c in configs if _product(kernel, c) <= FP64_MAX_PRODUCT]
+    else:
+        kept = [c for c in configs if smem_estimate(kernel, c, elem_size, hopper) <= smem_limit]
+    return kept or [min(configs, key=lambda c: _product(kernel, c))]
+
+
+def _product(kernel, config) -> int:
+    m, k, n = MMA_SHAPE[kernel](config.kwargs)
+    return m * k * n
+
+
+def fit_pruner(kernel, channel_prune):
+    """prune(configs, sizes): `fitting_configs` for sizes["elem_size"], sizes["smem_limit"] and sizes["hopper"]
+    (what the launchers pass on a GPU), then `channel_prune`."""
+
+    def prune(configs, sizes):
+        return channel_prune(fitting_configs(kernel, configs, sizes.get("elem_size", 2),
+                                             sizes.get("smem_limit", float("inf")), sizes.get("hopper", True)),
+                             sizes)
+
+    return prune
+
+
+@functools.cache
+def _device_limits(index: int) -> tuple[int, bool]:
+    props = torch.cuda.get_device_properties(index)
+    return props.shared_memory_per_block_optin, props.major >= 9
+
+
+def fit_sizes(t: torch.Tensor) -> dict:
+    """The sizes entries `fit_pruner` reads: the element size, the device's shared memory per block, and whether
+    the GEMMs stage their operands as wgmma does (Hopper, except fp32 without TF32: no tensor cores)."""
+    if t.device.type != "cuda":
+        return {"elem_size": t.element_size()}
+    limit, hopper = _device_limits(t.device.index or 0)
+    wgmma = hopper and not (t.dtype == torch.float32 and dot_precision(t.dtype, t.device) == "ieee")
+    return {"elem_size": t.element_size(), "smem_limit": limit, "hopper": wgmma}
+
+
 # The tuning cache key: channel counts and map sizes bucketed to powers of two, strides exact; the constexprs
 # (kernel size, epilogue flags, dtype) are keyed by the launcher.
 KERNELS = {
     "fwd": KernelSpec(_conv_fwd_kernel, HOPPER_GEMM, AMPERE_GEMM, INTERPRETER_CONFIGS["fwd"],
-                      prune_by_channels("C_out", "C_in", "BLOCK_N", "BLOCK_K"), ("C_in", "C_out", "H_out", "W_out"),
-                      ("stride_h", "stride_w")),
+                      fit_pruner(_conv_fwd_kernel, prune_by_channels("C_out", "C_in", "BLOCK_N", "BLOCK_K")),
+                      ("C_in", "C_out", "H_out", "W_out"), ("stride_h", "stride_w")),
     "dgrad": KernelSpec(_conv_dgrad_kernel, HOPPER_GEMM, AMPERE_GEMM, INTERPRETER_CONFIGS["dgrad"],
-                        prune_by_channels("C_in", "C_out", "BLOCK_N", "BLOCK_K"), ("C_in", "C_out", "H", "W"),
-                        ("stride_h", "stride_w")),
+                        fit_pruner(_conv_dgrad_kernel, prune_by_channels("C_in", "C_out", "BLOCK_N", "BLOCK_K")),
+                        ("C_in", "C_out", "H", "W"), ("stride_h", "stride_w")),
     "wgrad": KernelSpec(_conv_wgrad_kernel, HOPPER_WGRAD, AMPERE_WGRAD, INTERPRETER_CONFIGS["wgrad"],
-                        prune_by_channels("C_out", "C_in", "BLOCK_N", "BLOCK_M"), ("C_in", "C_out", "H_out", "W_out"),
-                        ("stride_h", "stride_w", "SPLITS")),
+                        fit_pruner(_conv_wgrad_kernel, prune_by_channels("C_out", "C_in", "BLOCK_N", "BLOCK_M")),
+                        ("C_in", "C_out", "H_out", "W_out"), ("stride_h", "stride_w", "SPLITS")),
 }
 
 
 def dot_precision(dtype: torch.dtype, device: torch.device) -> str:
-    """tl.dot input precision: TF32 for float32 only where cuDNN would use it (torch.backends.cudnn.allow_tf32)."""
+    """The GEMMs' DOT_PRECISION: "fma" for float64 (see `_mma`), TF32 for float32 only where cuDNN would use it
+    (torch.backends.cudnn.allow_tf32), else "ieee"."""
+    if dtype == torch.float64:
+        return "fma"
     if dtype == torch.float32 and device.type == "cuda" and torch.backends.cudnn.allow_tf32:
         return "tf32"
     return "ieee"
@@ -489,7 +650,8 @@ def conv_forward(
         )
         return parts
 
-    sizes = dict(C_in=c_in, C_out=c_out, H_out=ho, W_out=wo, stride_h=geo.stride[0], stride_w=geo.stride[1])
+    sizes = dict(C_in=c_in, C_out=c_out, H_out=ho, W_out=wo, stride_h=geo.stride[0], stride_w=geo.stride[1],
+                 **fit_sizes(x))
     parts = run_tuned(KERNELS["fwd"], x.device, x.dtype, sizes, meta, run, config)
     return y, out, parts
 
@@ -504,18 +666,20 @@ def conv_dgrad(
     kh, kw, _, c_in = wt.shape
     h, wd = in_hw
     dx = y.new_empty((n, h, wd, c_in))
+    sh, sw = geo.stride
     meta = dict(KH=kh, KW=kw, RELU=relu, COUNT_PAIRS=pairs is not None, ACC_DTYPE=acc_dtype(y.dtype),
                 DOT_PRECISION=dot_precision(y.dtype, y.device))
 
     def run(cfg):
         launch_kernel(
             _conv_dgrad_kernel,
-            (n * triton.cdiv(h, cfg["BLOCK_H"]) * triton.cdiv(wd, cfg["BLOCK_W"]), triton.cdiv(c_in, cfg["BLOCK_N"])),
+            (n * triton.cdiv(triton.cdiv(h, sh), cfg["BLOCK_H"]) * triton.cdiv(triton.cdiv(wd, sw), cfg["BLOCK_W"])
+             * sh * sw, triton.cdiv(c_in, cfg["BLOCK_N"])),
             grad_out, out, y, coef, wt, dx, pairs if pairs is not None else dx, h, wd, c_in, ho, wo, c_out,
             *geo.args(), **meta, **cfg,
         )
 
-    sizes = dict(C_in=c_in, C_out=c_out, H=h, W=wd, stride_h=geo.stride[0], stride_w=geo.stride[1])
+    sizes = dict(C_in=c_in, C_out=c_out, H=h, W=wd, stride_h=geo.stride[0], stride_w=geo.stride[1], **fit_sizes(y))
     run_tuned(KERNELS["dgrad"], y.device, y.dtype, sizes, meta, run, config)
     return dx
 
@@ -545,7 +709,7 @@ def conv_wgrad(
         )
 
     sizes = dict(C_in=c_in, C_out=c_out, H_out=ho, W_out=wo, stride_h=geo.stride[0], stride_w=geo.stride[1],
-                 SPLITS=splits)
+                 SPLITS=splits, **fit_sizes(x))
     run_tuned(KERNELS["wgrad"], x.device, x.dtype, sizes, meta, run, config)
     if dw_out is not None:
         # The split partials reduced in the weight's layout: no separate permute copy.
