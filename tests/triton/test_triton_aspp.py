@@ -14,22 +14,18 @@ import itertools
 
 import pytest
 import torch
-from helpers import CUDA, assert_close, assert_module_matches, tolerances
+from helpers import CUDA, TRITON_DEVICE, assert_close, assert_module_matches, needs_triton, tolerances
 from torchvision.models.segmentation.deeplabv3 import ASPP
 
 import deeplab_ops
 from deeplab_ops import backends, reference
 from deeplab_ops.nn import FusedASPP
 
-DEVICE = "cuda" if CUDA else "cpu"
+DEVICE = TRITON_DEVICE  # CUDA tensors where a GPU is visible, else CPU tensors in the interpreter
 ops = torch.ops.deeplab_ops
 import deeplab_ops.triton.aspp as triton_aspp  # noqa: E402  (triton is a requirement: fail, never skip)
 
-if not CUDA and not backends.interpreter_active():
-    pytest.skip("no GPU and TRITON_INTERPRET is not set", allow_module_level=True)
-
-
-pytestmark = pytest.mark.usefixtures("no_tf32")
+pytestmark = [pytest.mark.usefixtures("no_tf32"), pytest.mark.gpu, needs_triton]
 
 
 def _inputs(n=2, cin=8, c=4, h=9, w=9, rates=(6, 12, 18), dtype=torch.float32, device=DEVICE,

@@ -10,21 +10,17 @@ from __future__ import annotations
 
 import pytest
 import torch
-from helpers import CUDA, Case, assert_close, make_inputs, run_and_compare
+from helpers import CUDA, TRITON_DEVICE, Case, assert_close, make_inputs, needs_triton, run_and_compare
 from test_conv_bn_relu import MATRIX as FOUNDATION_MATRIX
 
 import deeplab_ops
 from deeplab_ops import backends, reference
 
-DEVICE = "cuda" if CUDA else "cpu"
+DEVICE = TRITON_DEVICE  # CUDA tensors where a GPU is visible, else CPU tensors in the interpreter
 ops = torch.ops.deeplab_ops
 import deeplab_ops.triton.conv_bn_relu as triton_cbr  # noqa: E402  (triton is a requirement: fail, never skip)
 
-if not CUDA and not backends.interpreter_active():
-    pytest.skip("no GPU and TRITON_INTERPRET is not set", allow_module_level=True)
-
-
-pytestmark = pytest.mark.usefixtures("no_tf32")
+pytestmark = [pytest.mark.usefixtures("no_tf32"), pytest.mark.gpu, needs_triton]
 
 
 # The foundation's matrix (tests/test_conv_bn_relu.py: kernels 1x1 and 3x3, dilation 1-18 with padding =

@@ -9,13 +9,14 @@ from collections import Counter
 
 import pytest
 import torch
-from helpers import CUDA
+from helpers import CUDA, TRITON_DEVICE, needs_triton
 from torch.profiler import ProfilerActivity, profile, record_function
 
 from deeplab_ops.triton import aspp as triton_aspp
 from deeplab_ops.triton import conv_bn_relu as triton_cbr
 
-DEVICE = "cuda" if CUDA else "cpu"
+pytestmark = [pytest.mark.gpu, needs_triton]
+DEVICE = TRITON_DEVICE  # CUDA tensors where a GPU is visible, else CPU tensors in the interpreter
 GEO = ([1, 1], [1, 1], [1, 1])
 
 

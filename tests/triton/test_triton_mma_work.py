@@ -6,11 +6,12 @@ from __future__ import annotations
 
 import pytest
 import torch
-from helpers import CUDA
+from helpers import TRITON_DEVICE, needs_triton
 
 from deeplab_ops.triton import conv_bn_relu as triton_cbr
 
-DEVICE = "cuda" if CUDA else "cpu"
+pytestmark = [pytest.mark.gpu, needs_triton]
+DEVICE = TRITON_DEVICE  # CUDA tensors where a GPU is visible, else CPU tensors in the interpreter
 
 
 def _useful(h: int, w: int, k: int, stride: int, pad: int, dil: int) -> int:

@@ -7,12 +7,12 @@ import gc
 import weakref
 
 import torch
-from helpers import CUDA
+from helpers import TRITON_DEVICE
 
 from deeplab_ops.common import derived_cache_info
 from deeplab_ops.triton import packing
 
-DEVICE = "cuda" if CUDA else "cpu"
+DEVICE = TRITON_DEVICE  # the packed tensors live where the triton backend runs (no kernel is launched here)
 
 
 def test_hits_refreshes_and_forgets():
@@ -70,7 +70,11 @@ def test_eval_fold_refreshes_with_the_parameters():
         reference.load_state_dict(module.state_dict())
         module.eval(), reference.eval()
         with torch.no_grad():
-            torch.testing.assert_close(module(x), reference(x), rtol=1e-5, atol=1e-5, msg=what)
+            expected = reference(x)
+            # folding reorders float32 rounding: errors scale with the pre-activation's magnitude (hundreds after
+            # the steps below), not with each output's
+            torch.testing.assert_close(module(x), expected, rtol=1e-5, atol=2e-6 * expected.abs().max().item(),
+                                       msg=what)
 
     module.train()
     module(x)  # running statistics move
