@@ -54,6 +54,19 @@ void check_uce_args(const at::Tensor& logits, const at::Tensor& target) {
               logits.scalar_type());
 }
 
+// The value of a one-element CPU tensor, read in place: on the CPU its memory is the host's, so this is no host
+// synchronization and runs no aten op (Tensor::item() would run _local_scalar_dense).
+double read_one_value(const at::Tensor& t, const char* name) {
+  TORCH_CHECK(t.device().is_cpu(), "deeplab_ops.upsample_cross_entropy: ", name, " must be on the CPU with the "
+              "logits, got a tensor on ", t.device());
+  TORCH_CHECK(t.numel() == 1, "deeplab_ops.upsample_cross_entropy: ", name, " must have one element, got shape ",
+              t.sizes());
+  double v = 0;
+  AT_DISPATCH_ALL_TYPES_AND3(at::kHalf, at::kBFloat16, at::kBool, t.scalar_type(), "read_one_value",
+                             [&] { v = static_cast<double>(*t.const_data_ptr<scalar_t>()); });
+  return v;
+}
+
 [[noreturn]] void raise_bad_label(const at::Tensor& target, int64_t flat, int64_t k, int64_t ignore_index) {
   const int64_t hw = target.size(1) * target.size(2);
   const int64_t label = target.reshape({-1})[flat].item<int64_t>();
@@ -147,12 +160,13 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> upsample_cross_entropy_forward_cp
       sum += row_sum[row];
       count += row_count[row];
     }
-    valid_count.fill_(static_cast<double>(count));
+    // The scalar outputs are written in place, as the kernels write the others (no fill_ op per call).
+    *valid_count.data_ptr<scalar_t>() = static_cast<scalar_t>(count);
     if (reduction != Reduction::kNone) {
       // mean over no valid pixel: 0 / 0 = NaN, as PyTorch.
       const acc_t value = reduction == Reduction::kMean ? sum / static_cast<acc_t>(count) : sum;
       total = at::empty({}, logits.options());
-      total.fill_(static_cast<double>(value));
+      *total.data_ptr<scalar_t>() = static_cast<scalar_t>(value);
     }
   });
   return {reduction == Reduction::kNone ? loss : total, lse, valid_count};
@@ -185,17 +199,20 @@ at::Tensor upsample_cross_entropy_backward_cpu(const at::Tensor& grad_, const at
     const auto xs = axis_stencil<opmath_t>(w, W, align_corners);
     const scalar_t* x = logits.const_data_ptr<scalar_t>();
     const int64_t* t = target.const_data_ptr<int64_t>();
-    const at::Tensor lse = lse_.to(at::CppTypeToScalarType<acc_t>::value).contiguous();
-    const acc_t* lse_p = lse.const_data_ptr<acc_t>();
+    // lse and the per-pixel grad are read in the logits' dtype, as the forward writes them (widened to acc_t
+    // exactly, value by value): no conversion copy per call. Other dtypes (direct op calls) are converted once.
+    const auto dtype = logits.scalar_type();
+    const at::Tensor lse = lse_.scalar_type() == dtype ? lse_.contiguous() : lse_.to(dtype).contiguous();
+    const scalar_t* lse_p = lse.const_data_ptr<scalar_t>();
     at::Tensor grad_px;
-    const acc_t* g_p = nullptr;
+    const scalar_t* g_p = nullptr;
     acc_t g_all = 0;
     if (reduction == Reduction::kNone) {
-      grad_px = grad_.to(at::CppTypeToScalarType<acc_t>::value).contiguous();
-      g_p = grad_px.const_data_ptr<acc_t>();
+      grad_px = grad_.scalar_type() == dtype ? grad_.contiguous() : grad_.to(dtype).contiguous();
+      g_p = grad_px.const_data_ptr<scalar_t>();
     } else {
-      g_all = static_cast<acc_t>(grad_.item<double>());
-      if (reduction == Reduction::kMean) g_all /= static_cast<acc_t>(valid_count.item<double>());
+      g_all = static_cast<acc_t>(read_one_value(grad_, "grad"));
+      if (reduction == Reduction::kMean) g_all /= static_cast<acc_t>(read_one_value(valid_count, "valid_count"));
     }
     scalar_t* dx = grad_logits.data_ptr<scalar_t>();
     at::parallel_for(0, n * h, 1, [&](int64_t begin, int64_t end) {
@@ -217,10 +234,10 @@ at::Tensor upsample_cross_entropy_backward_cpu(const at::Tensor& grad_, const at
             TORCH_CHECK_INDEX(label >= 0 && label < k, "deeplab_ops.upsample_cross_entropy: target has label ",
                               label, " at flat position ", pix, "; expected labels in [0, ", k,
                               ") or ignore_index=", ignore_index);
-            const acc_t g = g_p ? g_p[pix] : g_all;
+            const acc_t g = g_p ? static_cast<acc_t>(g_p[pix]) : g_all;
             interpolate(xb, k, h * w, r0 + xs.i0[ox], r0 + xs.i1[ox], r1 + xs.i0[ox], r1 + xs.i1[ox], ys.l0[oy],
                         ys.l1[oy], xs.l0[ox], xs.l1[ox], z.data());
-            const acc_t l = lse_p[pix];
+            const acc_t l = static_cast<acc_t>(lse_p[pix]);
             const acc_t w0 = wy * static_cast<acc_t>(xs.l0[ox]), w1 = wy * static_cast<acc_t>(xs.l1[ox]);
             const int64_t c0 = xs.i0[ox], c1 = xs.i1[ox];
             for (int64_t c = 0; c < k; ++c) {

@@ -391,3 +391,34 @@ def test_cpu_stage_kernels_give_the_same_bits_for_any_thread_count(layout):
     for other in results[1:]:
         for a, b in zip(results[0], other, strict=True):
             assert torch.equal(a, b)
+
+
+# ---- upsample_cross_entropy on the CPU: no host read through an aten op, no conversion copy ---------------------
+
+
+@pytest.mark.parametrize("reduction", ["mean", "sum", "none"])
+def test_cpu_upsample_cross_entropy_runs_only_its_allocations(reduction):
+    # The backward reads grad and valid_count in place (no .item(), i.e. no _local_scalar_dense in the census) and
+    # lse and a per-pixel grad in the logits' dtype (no conversion copy); the forward writes its scalars in place.
+    from torch.profiler import ProfilerActivity, profile
+
+    logits = torch.randn(2, 5, 7, 9)
+    target = torch.randint(0, 5, (2, 25, 33))
+    target[0, 3, 4] = 255
+    loss, lse, valid = _ops.upsample_cross_entropy_forward(logits, target, 255, False, reduction)
+    grad = torch.rand_like(loss)
+    with profile(activities=[ProfilerActivity.CPU]) as prof:
+        _ops.upsample_cross_entropy_forward(logits, target, 255, False, reduction)
+        _ops.upsample_cross_entropy_backward(grad, logits, target, lse, valid, 255, False, reduction)
+    names = [e.name for e in prof.events() if e.name.startswith("aten::")]
+    assert set(names) <= {"aten::empty", "aten::empty_like"}, names
+    assert len(names) == 5, names  # forward: lse, valid_count, loss or total; backward: grad_logits (+ empty_like's)
+
+    grad_logits = _ops.upsample_cross_entropy_backward(grad, logits, target, lse, valid, 255, False, reduction)
+    expected_logits = logits.double().requires_grad_()
+    expected = F.cross_entropy(F.interpolate(expected_logits, size=(25, 33), mode="bilinear", align_corners=False),
+                               target, ignore_index=255, reduction=reduction)
+    expected.backward(grad.double())
+    assert valid.item() == target.ne(255).sum().item()
+    _close(loss.double(), expected.detach(), "loss", 1e-5)
+    _close(grad_logits.double(), expected_logits.grad, "grad_logits", 1e-5)
