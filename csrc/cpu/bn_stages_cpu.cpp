@@ -4,8 +4,8 @@
 // in the opmath type. Statistics are two-level: each block of values gives an exact (count, mean, M2)
 // by two passes over data that is still in cache, and blocks are merged with Chan's formula.
 //
-// Speed (docs/kernels.md, "CPU stage kernels"): every inner loop is a branch-free pass over contiguous
-// memory with per-channel constants hoisted out of it, so that the compiler vectorizes it. Contiguous
+// Speed: every inner loop is a branch-free pass over contiguous memory with per-channel constants
+// hoisted out of it, so that the compiler vectorizes it. Contiguous
 // reductions (NCHW planes) keep kLanes independent partial sums: one running sum would be a chain of
 // dependent double additions, latency-bound at a few cycles per value. The summation order is fixed by
 // the shape alone (planes, chunks, lanes, row blocks), never by the thread count: results are

@@ -65,6 +65,33 @@ def test_conv_bias_act_without_bias_is_the_forward_conv_out_exactly(layout):
     assert again.stride() == conv_out.stride()
 
 
+@pytest.mark.parametrize("with_residual", [False, True])
+def test_conv_bias_act_channels_last_relu_runs_one_onednn_call(with_residual):
+    # channels_last float32 with a ReLU: bias, residual sum and ReLU are oneDNN post-ops of one convolution call
+    # (mkldnn::_convolution_pointwise): no add_/relu_ passes, the output channels_last, the values conv + add + relu's.
+    from torch.profiler import ProfilerActivity, profile
+
+    cl = torch.channels_last
+    x = torch.randn(2, 8, 9, 9).contiguous(memory_format=cl)
+    w = torch.randn(6, 8, 3, 3).contiguous(memory_format=cl)
+    bias = torch.randn(6)
+    residual = torch.randn(2, 6, 9, 9).contiguous(memory_format=cl) if with_residual else None
+    with profile(activities=[ProfilerActivity.CPU]) as prof:
+        out = _ops.conv_bias_act(x, w, bias, residual, (1, 1), (2, 2), (2, 2), True)
+    names = [e.name for e in prof.events()]
+    if torch.backends.mkldnn.is_available() and torch.backends.mkldnn.enabled:
+        assert "mkldnn::_convolution_pointwise" in names, names
+        assert not {"aten::add_", "aten::relu_", "aten::copy_"} & set(names), names
+    assert out.is_contiguous(memory_format=cl)
+    ref = F.conv2d(x.double(), w.double(), bias.double(), 1, 2, 2)
+    if residual is not None:
+        ref = ref + residual.double()
+    _close(out.double(), F.relu(ref), "conv_bias_act (oneDNN post-ops)", 2e-5)
+    with pytest.raises(RuntimeError, match="residual must have shape"):
+        _ops.conv_bias_act(x, w, bias, torch.randn(2, 6, 9, 8).contiguous(memory_format=cl), (1, 1), (2, 2), (2, 2),
+                           True)
+
+
 def test_conv_bias_act_errors_name_the_argument():
     x, w = torch.randn(2, 3, 5, 5), torch.randn(4, 3, 3, 3)
     with pytest.raises(RuntimeError, match="bias must be a 1-D tensor of 4 values"):
