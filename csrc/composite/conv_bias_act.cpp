@@ -68,7 +68,9 @@ bool mkldnn_pointwise_applies(const at::Tensor& x, const at::Tensor& weight, con
   if (!relu || x.scalar_type() != at::kFloat || !x.is_cpu()) return false;
   if (!at::hasMKLDNN() || !at::globalContext().userEnabledMkldnn()) return false;
   if (x.suggest_memory_format() != at::MemoryFormat::ChannelsLast) return false;
-  if (!x.is_contiguous(at::MemoryFormat::ChannelsLast) || !weight.is_contiguous(weight.suggest_memory_format())) {
+  // The weight channels_last too (as a channels_last model's is; a 1x1 weight is both): oneDNN would copy any other
+  // into x's layout on every call.
+  if (!x.is_contiguous(at::MemoryFormat::ChannelsLast) || !weight.is_contiguous(at::MemoryFormat::ChannelsLast)) {
     return false;
   }
   if (present(bias) && !bias->is_contiguous()) return false;
