@@ -133,6 +133,14 @@ def extensions():
     # No -std flag: torch adds the standard its headers need (C++17 or C++20, by version).
     opt = ["-O0", "-g"] if debug else ["-O3"]
     cxx_flags = [*opt, "-fdiagnostics-color=always"]
+    # OpenMP: ATen's at::parallel_for is a header template that runs its body serially unless the including code is
+    # compiled with OpenMP (_OPENMP), so without -fopenmp every CPU kernel here would use one thread whatever
+    # torch.get_num_threads() says. torch on Linux runs on libgomp (its own copy, soname libgomp.so.1); the
+    # extension links the same soname, which the loader resolves to the copy torch already loaded: one thread pool,
+    # sized by torch.set_num_threads.
+    openmp = ["-fopenmp"] if sys.platform.startswith("linux") else []
+    cxx_flags += openmp
+    link_flags = list(openmp)
     sources = sorted(glob.glob("csrc/*.cpp") + glob.glob("csrc/composite/*.cpp") + glob.glob("csrc/cpu/*.cpp"))
     include_dirs = [os.path.join(ROOT, "csrc")]
     define_macros = []  # py_limited_api=True: torch's BuildExtension defines Py_LIMITED_API itself
@@ -140,7 +148,7 @@ def extensions():
         return [
             CppExtension(
                 "deeplab_ops._C", sources, include_dirs=include_dirs,
-                extra_compile_args={"cxx": cxx_flags}, define_macros=define_macros,
+                extra_compile_args={"cxx": cxx_flags}, extra_link_args=link_flags, define_macros=define_macros,
                 py_limited_api=True,
             )
         ]
@@ -156,7 +164,7 @@ def extensions():
     return [
         CUDAExtension(
             "deeplab_ops._C", sources, include_dirs=include_dirs,
-            extra_compile_args={"cxx": cxx_flags, "nvcc": nvcc_flags},
+            extra_compile_args={"cxx": cxx_flags, "nvcc": nvcc_flags}, extra_link_args=link_flags,
             # DEEPLAB_OPS_WITH_CUDA: the device-generic composites (csrc/composite/) also register for CUDA.
             define_macros=[*define_macros, ("DEEPLAB_OPS_WITH_CUDA", "1")],
             py_limited_api=True,

@@ -3,6 +3,7 @@
 // The epilogue runs in place on the convolution's output, so the op allocates nothing but that output.
 #include <ATen/ATen.h>
 #include <ATen/Context.h>
+#include <ATen/core/dispatch/Dispatcher.h>
 #include <torch/library.h>
 
 #include <limits>
@@ -31,6 +32,19 @@ void check_residual(const std::optional<at::Tensor>& residual, const at::Tensor&
   DLO_CHECK_SAME_DEVICE(*residual, out);
 }
 
+// The residual of a fused call, checked against the convolution output's shape [N, C_out, H_out, W_out] before the
+// call (the fused convolutions would reject a wrong one less clearly).
+void check_fused_residual(const at::Tensor& residual, const at::Tensor& x, const at::Tensor& weight,
+                          at::IntArrayRef stride, at::IntArrayRef padding, at::IntArrayRef dilation) {
+  const int64_t n = x.size(0), cout = weight.size(0);
+  const int64_t oh = (x.size(2) + 2 * padding[0] - dilation[0] * (weight.size(2) - 1) - 1) / stride[0] + 1;
+  const int64_t ow = (x.size(3) + 2 * padding[1] - dilation[1] * (weight.size(3) - 1) - 1) / stride[1] + 1;
+  TORCH_CHECK(residual.sizes() == at::IntArrayRef({n, cout, oh, ow}), "deeplab_ops: residual must have shape [", n,
+              ", ", cout, ", ", oh, ", ", ow, "] (the convolution output's), got ", residual.sizes());
+  DLO_CHECK_SAME_DTYPE(residual, x);
+  DLO_CHECK_SAME_DEVICE(residual, x);
+}
+
 // The same at::convolution call (and layout) as conv_bn_relu_forward's conv_out, then the epilogue in place.
 at::Tensor conv_bias_act_generic(const at::Tensor& x, const at::Tensor& weight, const std::optional<at::Tensor>& bias,
                                  const std::optional<at::Tensor>& residual, at::IntArrayRef stride,
@@ -43,10 +57,58 @@ at::Tensor conv_bias_act_generic(const at::Tensor& x, const at::Tensor& weight, 
   return out;
 }
 
+// oneDNN's convolution with the bias, the residual sum and the ReLU as post-ops (mkldnn::_convolution_pointwise and
+// its .binary form, the ops Inductor's CPU backend calls): the output is written once, in the input's channels_last
+// layout, with the values of oneDNN's convolution followed by add_ and relu_. For channels_last float32 with a ReLU.
+// Not for NCHW: oneDNN reorders NCHW to its blocked layout, and there at::convolution (which picks the THNN kernel
+// for 1x1 convolutions on one thread) measured faster. at::convolution also picks THNN for channels_last 1x1 on one
+// thread, converting the layout in and out: this path is up to 2x faster there.
+bool mkldnn_pointwise_applies(const at::Tensor& x, const at::Tensor& weight, const std::optional<at::Tensor>& bias,
+                              const std::optional<at::Tensor>& residual, bool relu) {
+  if (!relu || x.scalar_type() != at::kFloat || !x.is_cpu()) return false;
+  if (!at::hasMKLDNN() || !at::globalContext().userEnabledMkldnn()) return false;
+  if (x.suggest_memory_format() != at::MemoryFormat::ChannelsLast) return false;
+  // The weight channels_last too (as a channels_last model's is; a 1x1 weight is both): oneDNN would copy any other
+  // into x's layout on every call.
+  if (!x.is_contiguous(at::MemoryFormat::ChannelsLast) || !weight.is_contiguous(at::MemoryFormat::ChannelsLast)) {
+    return false;
+  }
+  if (present(bias) && !bias->is_contiguous()) return false;
+  return !present(residual) || residual->is_contiguous(at::MemoryFormat::ChannelsLast);
+}
+
+std::optional<at::Tensor> conv_bias_act_mkldnn(const at::Tensor& x, const at::Tensor& weight,
+                                               const std::optional<at::Tensor>& bias,
+                                               const std::optional<at::Tensor>& residual, at::IntArrayRef stride,
+                                               at::IntArrayRef padding, at::IntArrayRef dilation) {
+  using Unary = at::Tensor(const at::Tensor&, const at::Tensor&, const std::optional<at::Tensor>&, at::IntArrayRef,
+                           at::IntArrayRef, at::IntArrayRef, int64_t, c10::string_view,
+                           c10::List<std::optional<at::Scalar>>, std::optional<c10::string_view>);
+  using Binary = at::Tensor(const at::Tensor&, const at::Tensor&, const at::Tensor&, const std::optional<at::Tensor>&,
+                            at::IntArrayRef, at::IntArrayRef, at::IntArrayRef, int64_t, c10::string_view,
+                            std::optional<at::Scalar>, std::optional<c10::string_view>,
+                            c10::List<std::optional<at::Scalar>>, std::optional<c10::string_view>);
+  // Looked up once; absent from a torch built without oneDNN (then the generic path runs).
+  static const auto unary = c10::Dispatcher::singleton().findSchema({"mkldnn::_convolution_pointwise", ""});
+  static const auto binary = c10::Dispatcher::singleton().findSchema({"mkldnn::_convolution_pointwise", "binary"});
+  const c10::List<std::optional<at::Scalar>> no_scalars;
+  if (!present(residual)) {
+    if (!unary.has_value()) return std::nullopt;
+    return unary->typed<Unary>().call(x, weight, bias, padding, stride, dilation, 1, "relu", no_scalars, "");
+  }
+  if (!binary.has_value()) return std::nullopt;
+  check_fused_residual(*residual, x, weight, stride, padding, dilation);
+  return binary->typed<Binary>().call(x, *residual, weight, bias, padding, stride, dilation, 1, "add", std::nullopt,
+                                      "relu", no_scalars, "");
+}
+
 at::Tensor conv_bias_act_cpu(const at::Tensor& x, const at::Tensor& weight, const std::optional<at::Tensor>& bias,
                              const std::optional<at::Tensor>& residual, at::IntArrayRef stride,
                              at::IntArrayRef padding, at::IntArrayRef dilation, bool relu) {
   check_conv_bias_act_args(x, weight, bias, stride, padding, dilation);
+  if (mkldnn_pointwise_applies(x, weight, bias, residual, relu)) {
+    if (auto out = conv_bias_act_mkldnn(x, weight, bias, residual, stride, padding, dilation)) return *out;
+  }
   return conv_bias_act_generic(x, weight, bias, residual, stride, padding, dilation, relu);
 }
 
@@ -82,14 +144,7 @@ at::Tensor conv_bias_act_cuda(const at::Tensor& x, const at::Tensor& weight, con
   if (!present(residual)) {
     return at::cudnn_convolution_relu(x, weight, bias, stride, padding, dilation, 1).contiguous(mf);
   }
-  // The residual's shape is checked against the output's, which cuDNN would otherwise reject less clearly.
-  const int64_t n = x.size(0), cout = weight.size(0);
-  const int64_t oh = (x.size(2) + 2 * padding[0] - dilation[0] * (weight.size(2) - 1) - 1) / stride[0] + 1;
-  const int64_t ow = (x.size(3) + 2 * padding[1] - dilation[1] * (weight.size(3) - 1) - 1) / stride[1] + 1;
-  TORCH_CHECK(residual->sizes() == at::IntArrayRef({n, cout, oh, ow}), "deeplab_ops: residual must have the "
-              "convolution output's shape [", n, ", ", cout, ", ", oh, ", ", ow, "], got ", residual->sizes());
-  DLO_CHECK_SAME_DTYPE(*residual, x);
-  DLO_CHECK_SAME_DEVICE(*residual, x);
+  check_fused_residual(*residual, x, weight, stride, padding, dilation);
   return at::cudnn_convolution_add_relu(x, weight, *residual, at::Scalar(1.0), bias, stride, padding, dilation, 1)
       .contiguous(mf);
 }

@@ -4,12 +4,12 @@
 //   forward   one task per block of output rows: each pixel's K logits are interpolated into a K-vector, then
 //             logsumexp and the target logit; saves the per-pixel logsumexp; per-row partial sums, merged in
 //             row order (deterministic for any thread count).
-//   backward  gather form, one task per low-res row (n, i): walks the output rows whose stencil touches i and
-//             adds each pixel's dz = g * (softmax - onehot) to the two low-res columns it reads. Every output
-//             element has one owner: no atomics, deterministic. Each pixel is recomputed once per low-res row
-//             it touches (<= 2).
-// Accumulation in at::acc_type (double for float on CPU); the stencil (source index, neighbours, weights) in
-// PyTorch's opmath type, with its formula, so the neighbours are PyTorch's.
+//   backward  gather form, one task per block of 8 low-res rows of one image: walks the output rows whose
+//             stencil touches the block and adds each pixel's dz = g * (softmax - onehot) to the low-res rows and
+//             columns it reads. Every output element has one owner: no atomics, deterministic. A pixel is
+//             recomputed only where its two low-res rows lie in two blocks.
+// Accumulation in at::acc_type (double for float on CPU), exponentials in the opmath type; the stencil (source
+// index, neighbours, weights) in PyTorch's opmath type, with its formula, so the neighbours are PyTorch's.
 
 #include <ATen/ATen.h>
 #include <ATen/AccumulateType.h>
@@ -24,6 +24,7 @@
 #include <cmath>
 #include <limits>
 #include <string>
+#include <tuple>
 #include <vector>
 
 namespace deeplab_ops {
@@ -31,6 +32,15 @@ namespace {
 
 using upsample_ce::Reduction;
 using upsample_ce::parse_reduction;
+
+constexpr int64_t kLowResRowBlock = 8;  // backward: low-res rows per task
+
+// exp(v) of a logit minus the max or the logsumexp (v <= 0 up to rounding), in the opmath type as the CUDA and
+// Triton kernels compute it (expf for float32: several times cheaper than exp in double); sums stay in acc_t.
+template <typename opmath_t, typename acc_t>
+inline opmath_t softmax_exp(acc_t v) {
+  return std::exp(static_cast<opmath_t>(v));
+}
 
 template <typename opmath_t>
 struct AxisStencil {
@@ -52,6 +62,19 @@ void check_uce_args(const at::Tensor& logits, const at::Tensor& target) {
   TORCH_CHECK(logits.scalar_type() == at::kFloat || logits.scalar_type() == at::kDouble,
               "deeplab_ops.upsample_cross_entropy: the CPU kernels take float32 or float64 logits, got ",
               logits.scalar_type());
+}
+
+// The value of a one-element CPU tensor, read in place: on the CPU its memory is the host's, so this is no host
+// synchronization and runs no aten op (Tensor::item() would run _local_scalar_dense).
+double read_one_value(const at::Tensor& t, const char* name) {
+  TORCH_CHECK(t.device().is_cpu(), "deeplab_ops.upsample_cross_entropy: ", name, " must be on the CPU with the "
+              "logits, got a tensor on ", t.device());
+  TORCH_CHECK(t.numel() == 1, "deeplab_ops.upsample_cross_entropy: ", name, " must have one element, got shape ",
+              t.sizes());
+  double v = 0;
+  AT_DISPATCH_ALL_TYPES_AND3(at::kHalf, at::kBFloat16, at::kBool, t.scalar_type(), "read_one_value",
+                             [&] { v = static_cast<double>(*t.const_data_ptr<scalar_t>()); });
+  return v;
 }
 
 [[noreturn]] void raise_bad_label(const at::Tensor& target, int64_t flat, int64_t k, int64_t ignore_index) {
@@ -119,7 +142,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> upsample_cross_entropy_forward_cp
           acc_t m = -std::numeric_limits<acc_t>::infinity();
           for (int64_t c = 0; c < k; ++c) m = std::max(m, z[c]);
           acc_t s = 0;
-          for (int64_t c = 0; c < k; ++c) s += std::exp(z[c] - m);
+          for (int64_t c = 0; c < k; ++c) s += static_cast<acc_t>(softmax_exp<opmath_t>(z[c] - m));
           const acc_t l = m + std::log(s);
           lse_p[pix] = static_cast<scalar_t>(l);
           acc_t px = 0;
@@ -147,12 +170,13 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> upsample_cross_entropy_forward_cp
       sum += row_sum[row];
       count += row_count[row];
     }
-    valid_count.fill_(static_cast<double>(count));
+    // The scalar outputs are written in place, as the kernels write the others (no fill_ op per call).
+    *valid_count.data_ptr<scalar_t>() = static_cast<scalar_t>(count);
     if (reduction != Reduction::kNone) {
       // mean over no valid pixel: 0 / 0 = NaN, as PyTorch.
       const acc_t value = reduction == Reduction::kMean ? sum / static_cast<acc_t>(count) : sum;
       total = at::empty({}, logits.options());
-      total.fill_(static_cast<double>(value));
+      *total.data_ptr<scalar_t>() = static_cast<scalar_t>(value);
     }
   });
   return {reduction == Reduction::kNone ? loss : total, lse, valid_count};
@@ -185,31 +209,42 @@ at::Tensor upsample_cross_entropy_backward_cpu(const at::Tensor& grad_, const at
     const auto xs = axis_stencil<opmath_t>(w, W, align_corners);
     const scalar_t* x = logits.const_data_ptr<scalar_t>();
     const int64_t* t = target.const_data_ptr<int64_t>();
-    const at::Tensor lse = lse_.to(at::CppTypeToScalarType<acc_t>::value).contiguous();
-    const acc_t* lse_p = lse.const_data_ptr<acc_t>();
+    // lse and the per-pixel grad are read in the logits' dtype, as the forward writes them (widened to acc_t
+    // exactly, value by value): no conversion copy per call. Other dtypes (direct op calls) are converted once.
+    const auto dtype = logits.scalar_type();
+    const at::Tensor lse = lse_.scalar_type() == dtype ? lse_.contiguous() : lse_.to(dtype).contiguous();
+    const scalar_t* lse_p = lse.const_data_ptr<scalar_t>();
     at::Tensor grad_px;
-    const acc_t* g_p = nullptr;
+    const scalar_t* g_p = nullptr;
     acc_t g_all = 0;
     if (reduction == Reduction::kNone) {
-      grad_px = grad_.to(at::CppTypeToScalarType<acc_t>::value).contiguous();
-      g_p = grad_px.const_data_ptr<acc_t>();
+      grad_px = grad_.scalar_type() == dtype ? grad_.contiguous() : grad_.to(dtype).contiguous();
+      g_p = grad_px.const_data_ptr<scalar_t>();
     } else {
-      g_all = static_cast<acc_t>(grad_.item<double>());
-      if (reduction == Reduction::kMean) g_all /= static_cast<acc_t>(valid_count.item<double>());
+      g_all = static_cast<acc_t>(read_one_value(grad_, "grad"));
+      if (reduction == Reduction::kMean) g_all /= static_cast<acc_t>(read_one_value(valid_count, "valid_count"));
     }
     scalar_t* dx = grad_logits.data_ptr<scalar_t>();
-    at::parallel_for(0, n * h, 1, [&](int64_t begin, int64_t end) {
-      std::vector<acc_t> z(k), acc(k * w);
-      for (int64_t lr = begin; lr < end; ++lr) {
-        const int64_t b = lr / h, i = lr % h;
+    // One task per block of kLowResRowBlock low-res rows (b, i): the output rows whose stencil touches a row of the
+    // block, in order; each pixel's dz once per block (twice only for output rows between two blocks), added to the
+    // block's rows. Each low-res row's sum runs over the same output rows in the same order whatever the blocks.
+    const int64_t blocks_per_image = (h + kLowResRowBlock - 1) / kLowResRowBlock;
+    at::parallel_for(0, n * blocks_per_image, 1, [&](int64_t begin, int64_t end) {
+      std::vector<acc_t> z(k), dz(k), acc(kLowResRowBlock * k * w);
+      for (int64_t task = begin; task < end; ++task) {
+        const int64_t b = task / blocks_per_image;
+        const int64_t ia = (task % blocks_per_image) * kLowResRowBlock, ie = std::min(h, ia + kLowResRowBlock);
         const scalar_t* xb = x + b * k * h * w;
         std::fill(acc.begin(), acc.end(), acc_t(0));
-        for (int64_t oy = ys.start[i]; oy < ys.end[i]; ++oy) {
-          // Weight of low-res row i in output row oy (both terms when i0 == i1 == i, at the last row).
-          const acc_t wy = (ys.i0[oy] == i ? static_cast<acc_t>(ys.l0[oy]) : acc_t(0)) +
-                           (ys.i1[oy] == i ? static_cast<acc_t>(ys.l1[oy]) : acc_t(0));
-          if (wy == acc_t(0)) continue;
-          const int64_t r0 = ys.i0[oy] * w, r1 = ys.i1[oy] * w;
+        for (int64_t oy = ys.start[ia]; oy < ys.end[ie - 1]; ++oy) {
+          const int64_t i0 = ys.i0[oy], i1 = ys.i1[oy];
+          // Weight of each block row in output row oy (both terms when i0 == i1, at the last row).
+          const bool in0 = i0 >= ia && i0 < ie, in1 = i1 >= ia && i1 < ie && i1 != i0;
+          const acc_t wy0 = in0 ? static_cast<acc_t>(ys.l0[oy]) + (i1 == i0 ? static_cast<acc_t>(ys.l1[oy]) : acc_t(0))
+                                : acc_t(0);
+          const acc_t wy1 = in1 ? static_cast<acc_t>(ys.l1[oy]) : acc_t(0);
+          if (wy0 == acc_t(0) && wy1 == acc_t(0)) continue;
+          const int64_t r0 = i0 * w, r1 = i1 * w;
           for (int64_t ox = 0; ox < W; ++ox) {
             const int64_t pix = (b * H + oy) * W + ox;
             const int64_t label = t[pix];
@@ -217,22 +252,32 @@ at::Tensor upsample_cross_entropy_backward_cpu(const at::Tensor& grad_, const at
             TORCH_CHECK_INDEX(label >= 0 && label < k, "deeplab_ops.upsample_cross_entropy: target has label ",
                               label, " at flat position ", pix, "; expected labels in [0, ", k,
                               ") or ignore_index=", ignore_index);
-            const acc_t g = g_p ? g_p[pix] : g_all;
+            const acc_t g = g_p ? static_cast<acc_t>(g_p[pix]) : g_all;
             interpolate(xb, k, h * w, r0 + xs.i0[ox], r0 + xs.i1[ox], r1 + xs.i0[ox], r1 + xs.i1[ox], ys.l0[oy],
                         ys.l1[oy], xs.l0[ox], xs.l1[ox], z.data());
-            const acc_t l = lse_p[pix];
-            const acc_t w0 = wy * static_cast<acc_t>(xs.l0[ox]), w1 = wy * static_cast<acc_t>(xs.l1[ox]);
-            const int64_t c0 = xs.i0[ox], c1 = xs.i1[ox];
+            const acc_t l = static_cast<acc_t>(lse_p[pix]);
             for (int64_t c = 0; c < k; ++c) {
-              const acc_t dz = g * (std::exp(z[c] - l) - (c == label ? acc_t(1) : acc_t(0)));
-              acc[c * w + c0] += w0 * dz;
-              acc[c * w + c1] += w1 * dz;
+              dz[c] = g * (static_cast<acc_t>(softmax_exp<opmath_t>(z[c] - l)) - (c == label ? acc_t(1) : acc_t(0)));
+            }
+            const int64_t c0 = xs.i0[ox], c1 = xs.i1[ox];
+            const acc_t lx0 = static_cast<acc_t>(xs.l0[ox]), lx1 = static_cast<acc_t>(xs.l1[ox]);
+            for (const auto& [in, row, wy] : {std::tuple<bool, int64_t, acc_t>{in0, i0, wy0}, {in1, i1, wy1}}) {
+              if (!in || wy == acc_t(0)) continue;
+              acc_t* a = acc.data() + (row - ia) * k * w;
+              const acc_t w0 = wy * lx0, w1 = wy * lx1;
+              for (int64_t c = 0; c < k; ++c) {
+                a[c * w + c0] += w0 * dz[c];
+                a[c * w + c1] += w1 * dz[c];
+              }
             }
           }
         }
-        for (int64_t c = 0; c < k; ++c) {
-          scalar_t* out = dx + ((b * k + c) * h + i) * w;
-          for (int64_t j = 0; j < w; ++j) out[j] = static_cast<scalar_t>(acc[c * w + j]);
+        for (int64_t i = ia; i < ie; ++i) {
+          const acc_t* a = acc.data() + (i - ia) * k * w;
+          for (int64_t c = 0; c < k; ++c) {
+            scalar_t* out = dx + ((b * k + c) * h + i) * w;
+            for (int64_t j = 0; j < w; ++j) out[j] = static_cast<scalar_t>(a[c * w + j]);
+          }
         }
       }
     });

@@ -65,6 +65,33 @@ def test_conv_bias_act_without_bias_is_the_forward_conv_out_exactly(layout):
     assert again.stride() == conv_out.stride()
 
 
+@pytest.mark.parametrize("with_residual", [False, True])
+def test_conv_bias_act_channels_last_relu_runs_one_onednn_call(with_residual):
+    # channels_last float32 with a ReLU: bias, residual sum and ReLU are oneDNN post-ops of one convolution call
+    # (mkldnn::_convolution_pointwise): no add_/relu_ passes, the output channels_last, the values conv + add + relu's.
+    from torch.profiler import ProfilerActivity, profile
+
+    cl = torch.channels_last
+    x = torch.randn(2, 8, 9, 9).contiguous(memory_format=cl)
+    w = torch.randn(6, 8, 3, 3).contiguous(memory_format=cl)
+    bias = torch.randn(6)
+    residual = torch.randn(2, 6, 9, 9).contiguous(memory_format=cl) if with_residual else None
+    with profile(activities=[ProfilerActivity.CPU]) as prof:
+        out = _ops.conv_bias_act(x, w, bias, residual, (1, 1), (2, 2), (2, 2), True)
+    names = [e.name for e in prof.events()]
+    if torch.backends.mkldnn.is_available() and torch.backends.mkldnn.enabled:
+        assert "mkldnn::_convolution_pointwise" in names, names
+        assert not {"aten::add_", "aten::relu_", "aten::copy_"} & set(names), names
+    assert out.is_contiguous(memory_format=cl)
+    ref = F.conv2d(x.double(), w.double(), bias.double(), 1, 2, 2)
+    if residual is not None:
+        ref = ref + residual.double()
+    _close(out.double(), F.relu(ref), "conv_bias_act (oneDNN post-ops)", 2e-5)
+    with pytest.raises(RuntimeError, match="residual must have shape"):
+        _ops.conv_bias_act(x, w, bias, torch.randn(2, 6, 9, 8).contiguous(memory_format=cl), (1, 1), (2, 2), (2, 2),
+                           True)
+
+
 def test_conv_bias_act_errors_name_the_argument():
     x, w = torch.randn(2, 3, 5, 5), torch.randn(4, 3, 3, 3)
     with pytest.raises(RuntimeError, match="bias must be a 1-D tensor of 4 values"):
@@ -280,3 +307,145 @@ def test_conv_bn_relu_forward_host_op_budget(training):
     names = _aten_ops_outside_conv_and_stages(lambda: _ops.conv_bn_relu_forward(*args))
     assert len(names) <= 4, f"aten ops per call outside the convolution and the BN stages: {names}"
     assert not [n for n in names if n in _COPIES + _SYNCS], f"copies or host syncs per call: {names}"
+
+
+# ---- the CPU BatchNorm stage kernels: every vectorized loop and its tails ---------------------------------------
+#
+# csrc/cpu/bn_stages_cpu.cpp runs NCHW planes in chunks of 256 values with 8 partial sums, and channels_last rows in
+# chunks of 256 channels: these shapes give planes and rows shorter than, equal to and longer than those, with tails.
+
+STAGE_SHAPES = [(2, 3, 1, 5), (1, 2, 16, 16), (2, 3, 17, 31), (1, 300, 3, 5), (2, 257, 2, 3), (1, 1, 1, 1031)]
+STAGE_DTYPES = [
+    pytest.param(torch.float64, 1e-12, 1e-12, id="fp64"),
+    pytest.param(torch.float32, 1e-5, 1e-5, id="fp32"),
+    pytest.param(torch.float16, 1e-5, 2e-3, id="fp16"),
+    pytest.param(torch.bfloat16, 1e-5, 1.6e-2, id="bf16"),
+]
+
+
+def _stage_inputs(shape, dtype, layout):
+    """y, z = ReLU(BN(y) + shift), a gradient dz, and the statistics of y in the opmath dtype."""
+    c = shape[1]
+    st = torch.float64 if dtype == torch.float64 else torch.float32
+    y = (torch.randn(shape, dtype=torch.float64) * 1.5 + 0.7).to(dtype).contiguous(memory_format=layout)
+    mean, m2 = reference.bn_stats(y)
+    invstd = (m2 / (y.numel() // c) + 1e-5).rsqrt()
+    z = reference.bn_apply(y, mean, invstd, torch.randn(c, dtype=torch.float64) * 0.3, None, True)
+    z = z.contiguous(memory_format=layout)
+    dz = torch.randn(shape, dtype=torch.float64).to(dtype).contiguous(memory_format=layout)
+    return y, z, dz, mean.to(st), invstd.to(st)
+
+
+def _scaled_close(actual, expected, what, tol, scale):
+    torch.testing.assert_close(actual.double(), expected.double(), atol=tol * max(scale, 1.0), rtol=tol,
+                               equal_nan=True, msg=lambda m: f"{what}:\n{m}")
+
+
+@pytest.mark.parametrize("layout", LAYOUTS)
+@pytest.mark.parametrize("shape", STAGE_SHAPES, ids=str)
+@pytest.mark.parametrize("dtype,stat_tol,out_tol", STAGE_DTYPES)
+def test_cpu_stage_kernels_match_reference(shape, layout, dtype, stat_tol, out_tol):
+    c = shape[1]
+    y, z, dz, mean, invstd = _stage_inputs(shape, dtype, layout)
+    st = mean.dtype
+    got_mean, got_m2 = _ops.bn_stats(y)
+    ref_mean, ref_m2 = reference.bn_stats(y)
+    _scaled_close(got_mean, ref_mean, "bn_stats mean", stat_tol, ref_mean.abs().max().item())
+    _scaled_close(got_m2, ref_m2, "bn_stats m2", stat_tol, ref_m2.abs().max().item())
+
+    gamma, beta = torch.rand(c, dtype=st) + 0.5, torch.randn(c, dtype=st)
+    residual = torch.randn(shape, dtype=torch.float64).to(dtype).contiguous(memory_format=layout)
+    for res in (None, residual):
+        for relu in (False, True):
+            out = _ops.bn_apply(y, mean, invstd, gamma, beta, res, relu)
+            assert out.dtype == dtype and out.is_contiguous(memory_format=layout)
+            expected = reference.bn_apply(y, mean, (gamma * invstd), beta, res, relu)
+            _scaled_close(out, expected, f"bn_apply relu={relu} residual={res is not None}", out_tol, 4.0)
+
+    count = float(y.numel() // c)
+    for relu in (False, True):
+        sg, sgx = _ops.bn_backward_reduce(dz, z, y, mean, invstd, relu)
+        assert sg.dtype == sgx.dtype == st
+        esg, esgx = reference.bn_backward_reduce(dz, z, y, mean, invstd, relu)
+        g = reference.act_grad(dz, z, relu)
+        _scaled_close(sg, esg, f"sum_g relu={relu}", stat_tol, g.abs().sum((0, 2, 3)).max().item())
+        _scaled_close(sgx, esgx, f"sum_g_xhat relu={relu}", stat_tol, (g * 3).abs().sum((0, 2, 3)).max().item())
+        for training in (True, False):
+            dy = _ops.bn_backward_dy(dz, z, y, mean, invstd, gamma, sg, sgx, count, relu, training)
+            assert dy.dtype == dtype and dy.is_contiguous(memory_format=layout)
+            edy = reference.bn_backward_dy(dz, z, y, mean, invstd, gamma, sg, sgx, count, relu, training)
+            _scaled_close(dy, edy, f"bn_backward_dy relu={relu} training={training}", out_tol, 4.0)
+
+
+@pytest.mark.parametrize("layout", LAYOUTS)
+def test_cpu_dy_channels_with_zero_coefficient_do_not_read_y(layout):
+    # Training dy = k * (g - a - xhat * b), b = invstd * sum(g * xhat) / n. A channel whose b is exactly 0 (here:
+    # sum_g_xhat = 0) gets k * (g - a) and never reads y, so an infinite y there gives no NaN; the other channels
+    # (same call, channels_last rows mix both kinds) use y.
+    shape, c = (2, 300, 3, 5), 300
+    y, z, dz, mean, invstd = _stage_inputs(shape, torch.float32, layout)
+    zero = torch.arange(c) % 3 == 0
+    y = y.clone()
+    y[:, zero] = float("inf")
+    gamma = torch.rand(c) + 0.5
+    sg, sgx = torch.randn(c), torch.randn(c)
+    sgx[zero] = 0.0
+    count = float(y.numel() // c)
+    dy = _ops.bn_backward_dy(dz, z, y, mean, invstd, gamma, sg, sgx, count, True, True)
+    assert torch.isfinite(dy).all()
+    g = reference.act_grad(dz, z, True)
+    k, view = (gamma.double() * invstd.double()), (1, -1, 1, 1)
+    expected = reference.bn_backward_dy(dz, z, y, mean, invstd, gamma, sg, sgx, count, True, True).double()
+    expected[:, zero] = (k.view(view) * (g - sg.double().view(view) / count))[:, zero]
+    _scaled_close(dy, expected, "dy with b = 0 in every third channel", 1e-5, 4.0)
+
+
+@pytest.mark.parametrize("layout", LAYOUTS)
+def test_cpu_stage_kernels_give_the_same_bits_for_any_thread_count(layout):
+    # The summation order depends on the shape only (planes, chunks, partial sums, row blocks).
+    y, z, dz, mean, invstd = _stage_inputs((3, 70, 33, 35), torch.float32, layout)
+    threads = torch.get_num_threads()
+    results = []
+    try:
+        for n in (1, 2, 3):
+            torch.set_num_threads(n)
+            stats = _ops.bn_stats(y)
+            sums = _ops.bn_backward_reduce(dz, z, y, mean, invstd, True)
+            dy = _ops.bn_backward_dy(dz, z, y, mean, invstd, None, *sums, 3 * 33 * 35.0, True, True)
+            results.append((*stats, *sums, dy))
+    finally:
+        torch.set_num_threads(threads)
+    for other in results[1:]:
+        for a, b in zip(results[0], other, strict=True):
+            assert torch.equal(a, b)
+
+
+# ---- upsample_cross_entropy on the CPU: no host read through an aten op, no conversion copy ---------------------
+
+
+@pytest.mark.parametrize("reduction", ["mean", "sum", "none"])
+def test_cpu_upsample_cross_entropy_runs_only_its_allocations(reduction):
+    # The backward reads grad and valid_count in place (no .item(), i.e. no _local_scalar_dense in the census) and
+    # lse and a per-pixel grad in the logits' dtype (no conversion copy); the forward writes its scalars in place.
+    from torch.profiler import ProfilerActivity, profile
+
+    logits = torch.randn(2, 5, 7, 9)
+    target = torch.randint(0, 5, (2, 25, 33))
+    target[0, 3, 4] = 255
+    loss, lse, valid = _ops.upsample_cross_entropy_forward(logits, target, 255, False, reduction)
+    grad = torch.rand_like(loss)
+    with profile(activities=[ProfilerActivity.CPU]) as prof:
+        _ops.upsample_cross_entropy_forward(logits, target, 255, False, reduction)
+        _ops.upsample_cross_entropy_backward(grad, logits, target, lse, valid, 255, False, reduction)
+    names = [e.name for e in prof.events() if e.name.startswith("aten::")]
+    assert set(names) <= {"aten::empty", "aten::empty_like"}, names
+    assert len(names) == 5, names  # forward: lse, valid_count, loss or total; backward: grad_logits (+ empty_like's)
+
+    grad_logits = _ops.upsample_cross_entropy_backward(grad, logits, target, lse, valid, 255, False, reduction)
+    expected_logits = logits.double().requires_grad_()
+    expected = F.cross_entropy(F.interpolate(expected_logits, size=(25, 33), mode="bilinear", align_corners=False),
+                               target, ignore_index=255, reduction=reduction)
+    expected.backward(grad.double())
+    assert valid.item() == target.ne(255).sum().item()
+    _close(loss.double(), expected.detach(), "loss", 1e-5)
+    _close(grad_logits.double(), expected_logits.grad, "grad_logits", 1e-5)
