@@ -17,7 +17,8 @@ after warm-up, same parameters every call (grads set to None between calls, outs
 - a census of the aten ops a call runs outside the backend's own kernels, nested ones included (torch.profiler
   CPU events): own kernels are deeplab_ops::bn_* (the C++ stage kernels), convolutions (aten::conv2d,
   aten::convolution, aten::_convolution, aten::mkldnn_convolution, aten::cudnn_convolution*, aten::convolution_
-  backward, ...) and Triton launches, each with everything nested under it; every other aten::* event counts,
+  backward, mkldnn::_convolution_pointwise*, ...) and Triton launches, each with everything nested under it; every
+  other aten::* event counts,
   also inside the composite deeplab_ops::*_forward/_backward ops. Categories: allocations, copies (copy, clone,
   to, contiguous, ...; copy_bytes: what their copy_ calls write, shapes x dtype size), cat, reductions,
   elementwise, views (free, counted apart), other; they sum to aten_ops;
@@ -294,6 +295,10 @@ def category(name: str) -> str:
 
 
 def is_convolution(name: str) -> bool:
+    """aten's convolutions, and oneDNN's fused convolution + pointwise ops (mkldnn::_convolution_pointwise*: the
+    cpu backend's channels_last eval path)."""
+    if name.startswith("mkldnn::"):
+        return name.removeprefix("mkldnn::").lstrip("_").startswith("convolution")
     if not name.startswith("aten::"):
         return False
     base = name.removeprefix("aten::").lstrip("_")

@@ -15,9 +15,9 @@ from deeplab_ops import reference
 
 _ops = torch.ops.deeplab_ops
 
-pytestmark = pytest.mark.skipif(
+pytestmark = [pytest.mark.gpu, pytest.mark.skipif(
     not torch.cuda.is_available(), reason="the CUDA stage kernels need a CUDA device, and none is visible"
-)
+)]
 
 STAGE_OPS = ["bn_stats", "bn_finalize", "bn_apply", "bn_backward_reduce", "bn_backward_dy",
              "conv_bn_relu_forward", "conv_bn_relu_backward"]
