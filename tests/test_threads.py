@@ -150,10 +150,10 @@ def tuning(monkeypatch):
     (kernel spec, device, dtype, sizes, meta, the configuration returned) and how often each key was tuned."""
     from deeplab_ops.triton import launch
 
-    monkeypatch.setattr(launch, "_TUNED", {})
+    monkeypatch.setattr(launch, "TUNED", {})
     previous = launch.set_autotune("gpu" if CUDA else "all")
     lookups, tuned, lock = [], [], threading.Lock()
-    real_lookup, real_tune = launch.tuned_config, launch._tune
+    real_lookup, real_tune = launch.tuned_config, launch.tune
 
     def lookup(spec, device, dtype, sizes, meta, run):
         config = real_lookup(spec, device, dtype, sizes, meta, run)
@@ -167,7 +167,7 @@ def tuning(monkeypatch):
         return real_tune(spec, device, sizes, run)
 
     monkeypatch.setattr(launch, "tuned_config", lookup)
-    monkeypatch.setattr(launch, "_tune", tune)
+    monkeypatch.setattr(launch, "tune", tune)
     yield launch, lookups, tuned
     launch.set_autotune(previous)
 
@@ -210,10 +210,10 @@ def test_triton_autotuned_from_threads(tuning):
         options = launch.candidates(spec, dev, sizes)
         assert config in options, f"{launch.kernel_name(spec.kernel)} {sizes}: {config} is not among {options}"
         key = launch.tuning_key(spec, dev, dtype, sizes, meta)
-        assert launch._TUNED[key] == config, f"{key}: a call ran {config}, the cache holds {launch._TUNED[key]}"
+        assert launch.TUNED[key] == config, f"{key}: a call ran {config}, the cache holds {launch.TUNED[key]}"
         keys.add(key)
         compared += len(options) > 1
     assert compared, "no lookup had two candidates: the test does not exercise tuning"
     # One tuning per key, however many threads asked for it at once; one cache entry per key.
-    assert len(tuned) == len(keys) == len(launch._TUNED), (len(tuned), len(keys), len(launch._TUNED))
+    assert len(tuned) == len(keys) == len(launch.TUNED), (len(tuned), len(keys), len(launch.TUNED))
     assert {k[1:3] for k in keys} == {(device.type, device.index)}

@@ -52,6 +52,11 @@ def count_launches() -> Iterator[LaunchCount]:
         del active[next(i for i in range(len(active) - 1, -1, -1) if active[i] is counter)]
 
 
+def active_counts() -> tuple[LaunchCount, ...]:
+    """The `count_launches()` blocks active in this thread, outermost first."""
+    return tuple(getattr(_COUNTERS, "active", None) or ())
+
+
 def record_launch(active: list[LaunchCount], name: str, signature: Callable[[], Signature]) -> None:
     """Called by the launcher once per kernel launch while `active` (this thread's counters) is not empty."""
     sig = signature()

@@ -67,7 +67,7 @@ def kernel_name(kernel) -> str:
 
 # ---- launches --------------------------------------------------------------------------------------------
 
-_INTERPRETER_LOCK = threading.RLock()  # the interpreter keeps its launch grid in process-wide state
+INTERPRETER_LOCK = threading.RLock()  # the interpreter keeps its launch grid in process-wide state
 
 
 def _device_of(args) -> torch.device | None:
@@ -87,7 +87,7 @@ def device_guard(device: torch.device | None):
         if index != torch.cuda.current_device():
             return torch.cuda.device(index)
         return contextlib.nullcontext()
-    return _INTERPRETER_LOCK
+    return INTERPRETER_LOCK
 
 
 def launch_kernel(kernel, grid: tuple[int, ...], *args, **kwargs) -> None:
@@ -116,7 +116,7 @@ def _params(kernel) -> tuple[tuple[str, ...], frozenset[str]]:
     return info
 
 
-def _arg_class(value):
+def arg_class(value):
     """Triton's specialization of a runtime argument on CUDA: tensors by dtype and 16-byte alignment, integers by
     width and class (== 1: a constant; divisible by 16; other)."""
     if isinstance(value, torch.Tensor):
@@ -136,13 +136,13 @@ def _arg_class(value):
 def launch_signature(kernel, args: tuple, kwargs: dict) -> Signature:
     """The JIT specialization a launch of `kernel` with these arguments compiles on a GPU: its name, constexpr and
     compile-option values (num_warps and num_stages default to Triton's 4 and 3), and the class of every runtime
-    argument (`_arg_class`). Equal signatures share one compiled kernel."""
+    argument (`arg_class`). Equal signatures share one compiled kernel."""
     names, constexpr = _params(kernel)
     bound = dict(zip(names, args, strict=False))  # the rest by keyword
     bound.update((k, v) for k, v in kwargs.items() if k in names)
     consts = [(n, _hashable(bound[n])) for n in names if n in constexpr and n in bound]
     options = [(k, kwargs.get(k, default)) for k, default in _DEFAULT_OPTIONS.items()]
-    classes = tuple((n, *_arg_class(bound[n])) for n in names if n not in constexpr and n in bound)
+    classes = tuple((n, *arg_class(bound[n])) for n in names if n not in constexpr and n in bound)
     return Signature(kernel_name(kernel), tuple(consts + options), classes)
 
 
@@ -175,7 +175,7 @@ def config_dict(config) -> dict:
     return {**config.kwargs, "num_warps": config.num_warps, "num_stages": config.num_stages}
 
 
-_TUNED: dict[tuple, dict] = {}
+TUNED: dict[tuple, dict] = {}  # tuning key -> the configuration its calls launch with (read it; tuned_config writes)
 _TUNE_LOCK = threading.Lock()
 
 
@@ -213,18 +213,18 @@ def tuned_config(spec: KernelSpec, device: torch.device, dtype: torch.dtype, siz
     if not gpu and mode != "all":
         return spec.interpreter
     key = tuning_key(spec, device, dtype, sizes, meta)
-    config = _TUNED.get(key)
+    config = TUNED.get(key)
     if config is not None:
         return config
     with _TUNE_LOCK:
-        config = _TUNED.get(key)
+        config = TUNED.get(key)
         if config is None:
             untuned = gpu and mode == "off"
-            config = _TUNED[key] = candidates(spec, device, sizes)[0] if untuned else _tune(spec, device, sizes, run)
+            config = TUNED[key] = candidates(spec, device, sizes)[0] if untuned else tune(spec, device, sizes, run)
     return config
 
 
-def _tune(spec: KernelSpec, device: torch.device, sizes: dict, run: Callable[[dict], object]) -> dict:
+def tune(spec: KernelSpec, device: torch.device, sizes: dict, run: Callable[[dict], object]) -> dict:
     configs = candidates(spec, device, sizes)
     if len(configs) == 1:
         return configs[0]

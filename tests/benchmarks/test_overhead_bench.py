@@ -16,10 +16,12 @@ sys.path.insert(0, str(BENCH_DIR))
 
 import overhead_bench  # noqa: E402
 
+from deeplab_ops.backends import interpreter_active  # noqa: E402
+
 OPS = set(overhead_bench.OPS)
 MODES = set(overhead_bench.MODES)
 # triton rows on CPU tensors need the interpreter (on a GPU machine the suite leaves it off: no triton rows here)
-CPU_PROVIDERS = {"eager", "cpu", "reference"} | ({"triton"} if overhead_bench._interpreter() else set())
+CPU_PROVIDERS = {"eager", "cpu", "reference"} | ({"triton"} if interpreter_active() else set())
 
 
 @pytest.fixture(autouse=True)
@@ -192,14 +194,8 @@ def test_machine_name():
 # ---- first use: the training step's launches and specializations --------------------------------------------------
 
 
-def _interpreter() -> bool:
-    from deeplab_ops.backends import interpreter_active
-
-    return interpreter_active()
-
-
 needs_interpreter = pytest.mark.skipif(
-    not _interpreter(), reason="dry launches skip the Triton interpreter's kernels: CPU tensors under "
+    not interpreter_active(), reason="dry launches skip the Triton interpreter's kernels: CPU tensors under "
                                "TRITON_INTERPRET=1 (where a GPU is visible, the GPU suite measures the real count)")
 
 
@@ -222,7 +218,6 @@ def _stand_in_step(provider, device, dtype, cfg):
 
 
 @needs_interpreter
-@needs_interpreter
 def test_dry_launches_count_what_a_real_step_launches(monkeypatch):
     # the same step, its kernels run and skipped: the same launches, by kernel, and the same signatures
     monkeypatch.setattr(overhead_bench, "build_step", _stand_in_step)
@@ -244,7 +239,6 @@ class _FakeCount:
         self.total, self.by_kernel, self.signatures = len(signatures), {"k": len(signatures)}, set(signatures)
 
 
-@needs_interpreter
 @needs_interpreter
 def test_specializations_predicted_from_signatures(monkeypatch):
     # with LaunchCount.signatures (helper "launch"'s change), the count is the distinct signatures of the first step,
