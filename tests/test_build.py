@@ -122,5 +122,7 @@ def test_triton_backend_runs_here():
     from deeplab_ops import backends
 
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    if device.type == "cpu" and os.environ.get("DEEPLAB_OPS_TEST_NO_INTERPRETER", "0") not in ("", "0"):
+        pytest.skip("DEEPLAB_OPS_TEST_NO_INTERPRETER=1 turned the interpreter off on purpose, and no GPU is visible")
     reasons = backends.available_backends(device)["triton"]
     assert not reasons, f"triton backend cannot run {device.type} tensors here: {reasons}"
