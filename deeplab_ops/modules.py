@@ -248,6 +248,10 @@ def pack_batchnorms(bns: list[nn.BatchNorm2d]) -> None:
     in one storage, values kept (the tensors stay the same objects; their data moves): the fused ASPP then takes
     them as views, with no cat per call. Kinds already so laid out, or that differ in shape, dtype or device, are
     left alone."""
+    bns = list(bns)
+    for i, bn in enumerate(bns):
+        if not isinstance(bn, nn.modules.batchnorm._BatchNorm):
+            raise TypeError(f"bns[{i}] must be a BatchNorm module (e.g. nn.BatchNorm2d), got {type(bn).__name__}")
     with torch.no_grad():
         for attr in _BN_TENSORS:
             ts = [getattr(bn, attr) for bn in bns]

@@ -11,11 +11,9 @@ several Python threads are serialized by one lock; CUDA launches take no lock.
 from __future__ import annotations
 
 import functools
-import threading
 
 import torch
 
-_INTERPRETER_LOCK = threading.RLock()
 _NO_SYNC_BN = "the triton backend has no synchronized BatchNorm; use backend='cuda' with a process group"
 
 
@@ -31,7 +29,9 @@ def _serialized_on_cpu(kernel):
     def wrapper(first, *args, **kwargs):
         if first.device.type != "cpu":
             return kernel(first, *args, **kwargs)
-        with _INTERPRETER_LOCK:
+        from deeplab_ops.triton.launch import INTERPRETER_LOCK  # the one interpreter lock (re-entrant)
+
+        with INTERPRETER_LOCK:
             return kernel(first, *args, **kwargs)
 
     return wrapper

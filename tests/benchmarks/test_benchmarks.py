@@ -19,17 +19,6 @@ sys.path.insert(0, str(BENCH_DIR))
 
 import common  # noqa: E402
 
-
-@pytest.fixture(autouse=True)
-def _restore_global_settings():
-    # The scripts set cudnn.benchmark, TF32 and (--threads) the thread count; other tests must not see that.
-    saved = (torch.backends.cudnn.benchmark, torch.backends.cudnn.allow_tf32, torch.backends.cuda.matmul.allow_tf32)
-    threads = torch.get_num_threads()
-    yield
-    torch.backends.cudnn.benchmark, torch.backends.cudnn.allow_tf32, torch.backends.cuda.matmul.allow_tf32 = saved
-    torch.set_num_threads(threads)
-
-
 # One thread: on a shared CPU machine, oversubscribed OpenMP threads make these runs ten times slower.
 QUICK = ["--device", "cpu", "--quick", "--threads", "1"]
 

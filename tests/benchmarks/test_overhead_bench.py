@@ -24,15 +24,6 @@ MODES = set(overhead_bench.MODES)
 CPU_PROVIDERS = {"eager", "cpu", "reference"} | ({"triton"} if interpreter_active() else set())
 
 
-@pytest.fixture(autouse=True)
-def _restore_global_settings():
-    saved = (torch.backends.cudnn.benchmark, torch.backends.cudnn.allow_tf32, torch.backends.cuda.matmul.allow_tf32)
-    threads = torch.get_num_threads()
-    yield
-    torch.backends.cudnn.benchmark, torch.backends.cudnn.allow_tf32, torch.backends.cuda.matmul.allow_tf32 = saved
-    torch.set_num_threads(threads)
-
-
 def _read(path: Path) -> list[dict]:
     with path.open() as f:
         reader = csv.DictReader(f)

@@ -119,3 +119,31 @@ def test_failed_call_changes_no_state():
         fused(torch.randn(3, 9, 9))
     for k, v in fused.state_dict().items():
         assert torch.equal(v, before[k]), f"{k} changed by a failed call"
+
+
+def test_pack_batchnorms_keeps_values_and_lays_tensors_back_to_back():
+    from deeplab_ops.nn import pack_batchnorms
+
+    bns = [nn.BatchNorm2d(3) for _ in range(4)]
+    for bn in bns:
+        for t in (bn.weight, bn.bias, bn.running_mean, bn.running_var):
+            t.data.normal_()
+    before = [[t.clone() for t in (bn.weight, bn.bias, bn.running_mean, bn.running_var)] for bn in bns]
+    weights = [bn.weight for bn in bns]
+    pack_batchnorms(bns)
+    assert all(bn.weight is w for bn, w in zip(bns, weights, strict=True))  # the same Parameters
+    for bn, old in zip(bns, before, strict=True):
+        for t, o in zip((bn.weight, bn.bias, bn.running_mean, bn.running_var), old, strict=True):
+            assert torch.equal(t, o)
+    for attr in ("weight", "bias", "running_mean", "running_var"):
+        ts = [getattr(bn, attr) for bn in bns]
+        step = ts[0].numel() * ts[0].element_size()
+        assert [t.data_ptr() - ts[0].data_ptr() for t in ts] == [i * step for i in range(len(ts))]
+        assert len({t.untyped_storage().data_ptr() for t in ts}) == 1
+
+
+def test_pack_batchnorms_names_a_bad_argument():
+    from deeplab_ops.nn import pack_batchnorms
+
+    with pytest.raises(TypeError, match=r"bns\[1\] must be a BatchNorm module .* got Conv2d"):
+        pack_batchnorms([nn.BatchNorm2d(2), nn.Conv2d(2, 2, 1)])
