@@ -252,6 +252,11 @@ def pack_batchnorms(bns: list[nn.BatchNorm2d]) -> None:
     for i, bn in enumerate(bns):
         if not isinstance(bn, nn.modules.batchnorm._BatchNorm):
             raise TypeError(f"bns[{i}] must be a BatchNorm module (e.g. nn.BatchNorm2d), got {type(bn).__name__}")
+    _pack(bns)
+
+
+def _pack(bns: list[nn.BatchNorm2d]) -> None:
+    """pack_batchnorms without the argument check: the fused ASPP's per-call path (BatchNorms validated once)."""
     with torch.no_grad():
         for attr in _BN_TENSORS:
             ts = [getattr(bn, attr) for bn in bns]
@@ -306,7 +311,7 @@ def fused_aspp_forward(module: nn.Module, x: Tensor, backend: str | None = None,
     training = _aspp_config(bns)
     tracing = torch.compiler.is_compiling()
     if not tracing:
-        pack_batchnorms(bns)
+        _pack(bns)
     bn_weights, bn_biases, running_means, running_vars = ([getattr(bn, a) for bn in bns] for a in _BN_TENSORS[:4])
     _, _, rm, _, bn_training, momentum, eps = _bn_args(bns[0], training)
     tracked = rm is not None
