@@ -133,6 +133,10 @@ def extensions():
     # No -std flag: torch adds the standard its headers need (C++17 or C++20, by version).
     opt = ["-O0", "-g"] if debug else ["-O3"]
     cxx_flags = [*opt, "-fdiagnostics-color=always"]
+    # No contraction into fused multiply-adds: the ISA clones of a CPU kernel (csrc/cpu/upsample_ce_cpu.cpp) round
+    # alike on every machine. No trapping math: selects on floats vectorize (no program here reads FP exception flags).
+    if not sys.platform.startswith("win"):
+        cxx_flags += ["-ffp-contract=off", "-fno-trapping-math"]
     # OpenMP: ATen's at::parallel_for is a header template that runs its body serially unless the including code is
     # compiled with OpenMP (_OPENMP), so without -fopenmp every CPU kernel here would use one thread whatever
     # torch.get_num_threads() says. torch on Linux runs on libgomp (its own copy, soname libgomp.so.1); the

@@ -1,13 +1,16 @@
 // CPU kernels of upsample_cross_entropy (at::parallel_for, float32 and float64): the cross-entropy of bilinearly
-// upsampled logits without the (N, K, H, W) upsampled tensor. Same algorithm as the Triton and CUDA kernels
-// (deeplab_ops/triton/upsample_ce.py has the math):
-//   forward   one task per block of output rows: each pixel's K logits are interpolated into a K-vector, then
-//             logsumexp and the target logit; saves the per-pixel logsumexp; per-row partial sums, merged in
-//             row order (deterministic for any thread count).
+// upsampled logits without the (N, K, H, W) upsampled tensor. Same math as the Triton and CUDA kernels
+// (deeplab_ops/triton/upsample_ce.py), laid out for a CPU's vector units: work runs row by row, class by class,
+// with the pixels of an output row as the inner (vectorized) loop.
+//   forward   one task per block of output rows: the low-res rows a row reads are interpolated along x once
+//             (reused by the next output rows), the output row is their y blend; then per pixel logsumexp and
+//             the target logit; saves the per-pixel logsumexp; per-row partial sums, merged in row order
+//             (deterministic for any thread count).
 //   backward  gather form, one task per block of 8 low-res rows of one image: walks the output rows whose
-//             stencil touches the block and adds each pixel's dz = g * (softmax - onehot) to the low-res rows and
-//             columns it reads. Every output element has one owner: no atomics, deterministic. A pixel is
-//             recomputed only where its two low-res rows lie in two blocks.
+//             stencil touches the block, sums dz = g * (softmax - onehot) of each row into the block's rows (at
+//             output width, y-weighted), then spreads each summed row to the low-res columns. Every output element
+//             has one owner: no atomics, deterministic. A pixel is recomputed only where its two low-res rows lie
+//             in two blocks.
 // Accumulation in at::acc_type (double for float on CPU), exponentials in the opmath type; the stencil (source
 // index, neighbours, weights) in PyTorch's opmath type, with its formula, so the neighbours are PyTorch's.
 
@@ -22,10 +25,22 @@
 
 #include <algorithm>
 #include <cmath>
+#include <cstring>
 #include <limits>
 #include <string>
 #include <tuple>
+#include <utility>
 #include <vector>
+
+// The row loops below are compiled for AVX-512, AVX2 and the baseline ISA, picked once at load time (GCC's
+// target_clones on x86-64 Linux; elsewhere one baseline build). setup.py compiles with -ffp-contract=off, so every
+// clone rounds as the baseline does (no fused multiply-adds), and -fno-trapping-math, which lets the selects of
+// exp_opmath vectorize.
+#if defined(__GNUC__) && !defined(__clang__) && defined(__x86_64__) && defined(__linux__)
+#define DEEPLAB_OPS_ROW_CLONES __attribute__((target_clones("avx512f", "avx2", "default")))
+#else
+#define DEEPLAB_OPS_ROW_CLONES
+#endif
 
 namespace deeplab_ops {
 namespace {
@@ -34,13 +49,6 @@ using upsample_ce::Reduction;
 using upsample_ce::parse_reduction;
 
 constexpr int64_t kLowResRowBlock = 8;  // backward: low-res rows per task
-
-// exp(v) of a logit minus the max or the logsumexp (v <= 0 up to rounding), in the opmath type as the CUDA and
-// Triton kernels compute it (expf for float32: several times cheaper than exp in double); sums stay in acc_t.
-template <typename opmath_t, typename acc_t>
-inline opmath_t softmax_exp(acc_t v) {
-  return std::exp(static_cast<opmath_t>(v));
-}
 
 template <typename opmath_t>
 struct AxisStencil {
@@ -85,17 +93,159 @@ double read_one_value(const at::Tensor& t, const char* name) {
                     "); expected labels in [0, ", k, ") (K = logits.shape[1]) or ignore_index=", ignore_index);
 }
 
-// z[k] for one output pixel: PyTorch's nesting of the products (rows outside, columns inside).
-template <typename scalar_t, typename acc_t, typename opmath_t>
-inline void interpolate(const scalar_t* x, int64_t k, int64_t plane, int64_t o00, int64_t o01, int64_t o10,
-                        int64_t o11, opmath_t ly0, opmath_t ly1, opmath_t lx0, opmath_t lx1, acc_t* z) {
+// exp in the opmath type. float32: range reduction by ln 2 (split in two parts, the first exact in few bits) and
+// the degree-7 Taylor polynomial of e^r on |r| <= ln2/2 (truncation below 0.1 ulp), scaled by 2^n built from its
+// exponent bits: within about 1 ulp of expf, and with no library call, so the loops over a row's pixels
+// vectorize. Below -87.33 it returns 0 (expf would return a denormal under 1.2e-38), above 88.72 infinity, NaN for
+// NaN. float64 (the gradcheck dtype) uses std::exp.
+template <typename opmath_t>
+inline opmath_t exp_opmath(opmath_t x) {
+  return std::exp(x);
+}
+
+template <>
+inline float exp_opmath<float>(float x) {
+  float xc = x >= -87.0f ? x : -87.0f;  // NaN -> -87: the integer part below is always defined
+  xc = xc <= 88.0f ? xc : 88.0f;
+  const float round_magic = 12582912.0f;  // 1.5 * 2^23: adding and subtracting it rounds to an integer
+  const float n = (xc * 1.44269504088896341f + round_magic) - round_magic;
+  const float r = (xc - n * 0.693359375f) - n * -2.12194440e-4f;
+  float p = 1.0f / 5040.0f;
+  p = p * r + 1.0f / 720.0f;
+  p = p * r + 1.0f / 120.0f;
+  p = p * r + 1.0f / 24.0f;
+  p = p * r + 1.0f / 6.0f;
+  p = p * r + 0.5f;
+  p = p * r + 1.0f;
+  p = p * r + 1.0f;
+  const int32_t bits = (static_cast<int32_t>(n) + 127) << 23;
+  float scale;
+  std::memcpy(&scale, &bits, sizeof(scale));
+  const float v = p * scale;
+  return x != x ? x : (x < -87.33f ? 0.0f : (x > 88.72f ? std::numeric_limits<float>::infinity() : v));
+}
+
+// One low-res row (all K classes, `plane` apart from class to class) interpolated along x to the output width:
+// dst[c][ox] = lx0[ox] * row[c0[ox]] + lx1[ox] * row[c1[ox]] (PyTorch's inner product pair).
+template <typename scalar_t, typename acc_t>
+DEEPLAB_OPS_ROW_CLONES void interpolate_x(const scalar_t* row, int64_t k, int64_t plane, int64_t W,
+                                          const int64_t* c0, const int64_t* c1, const acc_t* lx0,
+                                          const acc_t* lx1, acc_t* dst) {
   for (int64_t c = 0; c < k; ++c) {
-    const scalar_t* p = x + c * plane;
-    z[c] = static_cast<acc_t>(ly0) * (static_cast<acc_t>(lx0) * static_cast<acc_t>(p[o00]) +
-                                      static_cast<acc_t>(lx1) * static_cast<acc_t>(p[o01])) +
-           static_cast<acc_t>(ly1) * (static_cast<acc_t>(lx0) * static_cast<acc_t>(p[o10]) +
-                                      static_cast<acc_t>(lx1) * static_cast<acc_t>(p[o11]));
+    const scalar_t* p = row + c * plane;
+    acc_t* d = dst + c * W;
+    for (int64_t ox = 0; ox < W; ++ox) {
+      d[ox] = lx0[ox] * static_cast<acc_t>(p[c0[ox]]) + lx1[ox] * static_cast<acc_t>(p[c1[ox]]);
+    }
   }
+}
+
+// An output row from the two x-interpolated low-res rows it reads: z = ly0 * h0 + ly1 * h1 (PyTorch's outer pair).
+template <typename acc_t>
+DEEPLAB_OPS_ROW_CLONES void blend_rows(const acc_t* __restrict h0, const acc_t* __restrict h1, acc_t ly0, acc_t ly1,
+                                       int64_t n, acc_t* __restrict z) {
+  for (int64_t e = 0; e < n; ++e) z[e] = ly0 * h0[e] + ly1 * h1[e];
+}
+
+// Bilinear interpolation in two passes, with PyTorch's nesting of the products (columns inside, rows outside):
+// a low-res row is first interpolated along x to the output width (once, reused by every output row that reads
+// it), then each output row is ly0 * row(i0) + ly1 * row(i1). Layout of a row buffer: [K][W], in acc_t.
+template <typename scalar_t, typename acc_t>
+struct RowInterpolator {
+  const scalar_t* x;  // logits, contiguous (N, K, h, w)
+  int64_t k, h, w, W;
+  const int64_t* c0;  // per output column: its two low-res columns and their weights
+  const int64_t* c1;
+  const acc_t* lx0;
+  const acc_t* lx1;
+  std::vector<acc_t> buf[2];
+  int64_t key[2] = {-1, -1};
+
+  RowInterpolator(const scalar_t* x_, int64_t k_, int64_t h_, int64_t w_, int64_t W_, const int64_t* c0_,
+                  const int64_t* c1_, const acc_t* lx0_, const acc_t* lx1_)
+      : x(x_), k(k_), h(h_), w(w_), W(W_), c0(c0_), c1(c1_), lx0(lx0_), lx1(lx1_) {
+    buf[0].resize(k * W);
+    buf[1].resize(k * W);
+  }
+
+  void fill(acc_t* dst, int64_t b, int64_t i) const {
+    interpolate_x(x + (b * k * h + i) * w, k, h * w, W, c0, c1, lx0, lx1, dst);
+  }
+
+  // The x-interpolated low-res rows i0 and i1 of image b (i1 == i0 or i0 + 1; i0 non-decreasing from call to
+  // call, so each row is interpolated once per run of output rows).
+  std::pair<const acc_t*, const acc_t*> rows(int64_t b, int64_t i0, int64_t i1) {
+    const int64_t k0 = b * h + i0, k1 = b * h + i1;
+    if (key[0] != k0) {
+      if (key[1] == k0) {
+        std::swap(buf[0], buf[1]);
+        std::swap(key[0], key[1]);
+      } else {
+        fill(buf[0].data(), b, i0);
+        key[0] = k0;
+      }
+    }
+    if (k1 == k0) return {buf[0].data(), buf[0].data()};
+    if (key[1] != k1) {
+      fill(buf[1].data(), b, i1);
+      key[1] = k1;
+    }
+    return {buf[0].data(), buf[1].data()};
+  }
+
+  // z[c][ox] of output row oy of image b.
+  void output_row(int64_t b, int64_t i0, int64_t i1, acc_t ly0, acc_t ly1, acc_t* z) {
+    const auto [h0, h1] = rows(b, i0, i1);
+    blend_rows(h0, h1, ly0, ly1, k * W, z);
+  }
+};
+
+// Per pixel of a row: m = max_c z, lse = m + log(sum_c exp(z - m)). Class by class over the row, so the inner
+// loops run over pixels (vectorized); each pixel's sum adds its classes in order.
+template <typename acc_t, typename opmath_t>
+DEEPLAB_OPS_ROW_CLONES void row_logsumexp(const acc_t* __restrict z, int64_t k, int64_t W, acc_t* __restrict m,
+                                          acc_t* __restrict s, acc_t* __restrict lse) {
+  for (int64_t ox = 0; ox < W; ++ox) m[ox] = -std::numeric_limits<acc_t>::infinity(), s[ox] = acc_t(0);
+  for (int64_t c = 0; c < k; ++c) {
+    const acc_t* zc = z + c * W;
+    for (int64_t ox = 0; ox < W; ++ox) m[ox] = m[ox] < zc[ox] ? zc[ox] : m[ox];
+  }
+  for (int64_t c = 0; c < k; ++c) {
+    const acc_t* zc = z + c * W;
+    for (int64_t ox = 0; ox < W; ++ox) s[ox] += static_cast<acc_t>(exp_opmath(static_cast<opmath_t>(zc[ox] - m[ox])));
+  }
+  for (int64_t ox = 0; ox < W; ++ox) lse[ox] = m[ox] + std::log(s[ox]);
+}
+
+// One output row's dz = g * (exp(z - lse) - onehot), class by class, added y-weighted into the block rows v0
+// (weight wy0) and v1 (wy1) the row reads (nullptr: outside the task's block). dz overwrites z. Ignored pixels
+// (label < 0 here) add nothing, whatever their logits.
+template <typename acc_t, typename opmath_t>
+DEEPLAB_OPS_ROW_CLONES void softmax_grad_row(acc_t* __restrict z, const acc_t* __restrict l,
+                                             const acc_t* __restrict g, const int64_t* __restrict label, int64_t k,
+                                             int64_t W, acc_t wy0, acc_t* __restrict v0, acc_t wy1,
+                                             acc_t* __restrict v1) {
+  for (int64_t c = 0; c < k; ++c) {
+    acc_t* dz = z + c * W;
+    for (int64_t ox = 0; ox < W; ++ox) {
+      const acc_t e = static_cast<acc_t>(exp_opmath(static_cast<opmath_t>(dz[ox] - l[ox])));
+      const acc_t d = g[ox] * (e - (label[ox] == c ? acc_t(1) : acc_t(0)));
+      dz[ox] = label[ox] < 0 ? acc_t(0) : d;
+    }
+    if (v0) {
+      acc_t* r = v0 + c * W;
+      for (int64_t ox = 0; ox < W; ++ox) r[ox] += wy0 * dz[ox];
+    }
+    if (v1) {
+      acc_t* r = v1 + c * W;
+      for (int64_t ox = 0; ox < W; ++ox) r[ox] += wy1 * dz[ox];
+    }
+  }
+}
+
+template <typename opmath_t, typename acc_t>
+std::vector<acc_t> widen(const std::vector<opmath_t>& v) {
+  return std::vector<acc_t>(v.begin(), v.end());
 }
 
 std::tuple<at::Tensor, at::Tensor, at::Tensor> upsample_cross_entropy_forward_cpu(const at::Tensor& logits_,
@@ -119,6 +269,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> upsample_cross_entropy_forward_cp
     using opmath_t = at::opmath_type<scalar_t>;
     const auto ys = axis_stencil<opmath_t>(h, H, align_corners);
     const auto xs = axis_stencil<opmath_t>(w, W, align_corners);
+    const auto lx0 = widen<opmath_t, acc_t>(xs.l0), lx1 = widen<opmath_t, acc_t>(xs.l1);
     const scalar_t* x = logits.const_data_ptr<scalar_t>();
     const int64_t* t = target.const_data_ptr<int64_t>();
     scalar_t* lse_p = lse.data_ptr<scalar_t>();
@@ -126,32 +277,28 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> upsample_cross_entropy_forward_cp
     const int64_t rows = n * H;
     std::vector<acc_t> row_sum(rows, acc_t(0));
     std::vector<int64_t> row_count(rows, 0), row_bad(rows, -1);
-    at::parallel_for(0, rows, std::max<int64_t>(1, 4096 / std::max<int64_t>(W * k, 1)), [&](int64_t begin, int64_t end) {
-      std::vector<acc_t> z(k);
+    at::parallel_for(0, rows, std::max<int64_t>(1, 32768 / std::max<int64_t>(W * k, 1)), [&](int64_t begin,
+                                                                                             int64_t end) {
+      RowInterpolator<scalar_t, acc_t> interp(x, k, h, w, W, xs.i0.data(), xs.i1.data(), lx0.data(), lx1.data());
+      std::vector<acc_t> z(k * W), m(W), s(W), l(W);
       for (int64_t row = begin; row < end; ++row) {
         const int64_t b = row / H, oy = row % H;
-        const scalar_t* xb = x + b * k * h * w;
-        const int64_t r0 = ys.i0[oy] * w, r1 = ys.i1[oy] * w;
+        interp.output_row(b, ys.i0[oy], ys.i1[oy], static_cast<acc_t>(ys.l0[oy]), static_cast<acc_t>(ys.l1[oy]),
+                          z.data());
+        row_logsumexp<acc_t, opmath_t>(z.data(), k, W, m.data(), s.data(), l.data());
         acc_t sum = 0;
         int64_t count = 0;
         for (int64_t ox = 0; ox < W; ++ox) {
           const int64_t pix = row * W + ox;
           const int64_t label = t[pix];
-          interpolate(xb, k, h * w, r0 + xs.i0[ox], r0 + xs.i1[ox], r1 + xs.i0[ox], r1 + xs.i1[ox], ys.l0[oy],
-                      ys.l1[oy], xs.l0[ox], xs.l1[ox], z.data());
-          acc_t m = -std::numeric_limits<acc_t>::infinity();
-          for (int64_t c = 0; c < k; ++c) m = std::max(m, z[c]);
-          acc_t s = 0;
-          for (int64_t c = 0; c < k; ++c) s += static_cast<acc_t>(softmax_exp<opmath_t>(z[c] - m));
-          const acc_t l = m + std::log(s);
-          lse_p[pix] = static_cast<scalar_t>(l);
+          lse_p[pix] = static_cast<scalar_t>(l[ox]);
           acc_t px = 0;
           if (label != ignore_index) {
             if (label < 0 || label >= k) {
               if (row_bad[row] < 0) row_bad[row] = pix;
               continue;
             }
-            px = l - z[label];
+            px = l[ox] - z[label * W + ox];
             sum += px;
             ++count;
           }
@@ -207,6 +354,7 @@ at::Tensor upsample_cross_entropy_backward_cpu(const at::Tensor& grad_, const at
     using opmath_t = at::opmath_type<scalar_t>;
     const auto ys = axis_stencil<opmath_t>(h, H, align_corners);
     const auto xs = axis_stencil<opmath_t>(w, W, align_corners);
+    const auto lx0 = widen<opmath_t, acc_t>(xs.l0), lx1 = widen<opmath_t, acc_t>(xs.l1);
     const scalar_t* x = logits.const_data_ptr<scalar_t>();
     const int64_t* t = target.const_data_ptr<int64_t>();
     // lse and the per-pixel grad are read in the logits' dtype, as the forward writes them (widened to acc_t
@@ -226,16 +374,19 @@ at::Tensor upsample_cross_entropy_backward_cpu(const at::Tensor& grad_, const at
     }
     scalar_t* dx = grad_logits.data_ptr<scalar_t>();
     // One task per block of kLowResRowBlock low-res rows (b, i): the output rows whose stencil touches a row of the
-    // block, in order; each pixel's dz once per block (twice only for output rows between two blocks), added to the
-    // block's rows. Each low-res row's sum runs over the same output rows in the same order whatever the blocks.
+    // block, in order. Each pixel's dz = g * (softmax - onehot) once per block (twice only for output rows between
+    // two blocks); the y-weighted dz of the output rows is summed per low-res row at output width, then spread to
+    // the low-res columns (the transpose of the x interpolation) once per low-res row. Each low-res row's sums run
+    // over the same output rows and columns in the same order whatever the blocks and threads: deterministic.
     const int64_t blocks_per_image = (h + kLowResRowBlock - 1) / kLowResRowBlock;
     at::parallel_for(0, n * blocks_per_image, 1, [&](int64_t begin, int64_t end) {
-      std::vector<acc_t> z(k), dz(k), acc(kLowResRowBlock * k * w);
+      RowInterpolator<scalar_t, acc_t> interp(x, k, h, w, W, xs.i0.data(), xs.i1.data(), lx0.data(), lx1.data());
+      std::vector<acc_t> z(k * W), g(W), l(W), v(kLowResRowBlock * k * W), a(w);
+      std::vector<int64_t> label(W);
       for (int64_t task = begin; task < end; ++task) {
         const int64_t b = task / blocks_per_image;
         const int64_t ia = (task % blocks_per_image) * kLowResRowBlock, ie = std::min(h, ia + kLowResRowBlock);
-        const scalar_t* xb = x + b * k * h * w;
-        std::fill(acc.begin(), acc.end(), acc_t(0));
+        std::fill(v.begin(), v.end(), acc_t(0));
         for (int64_t oy = ys.start[ia]; oy < ys.end[ie - 1]; ++oy) {
           const int64_t i0 = ys.i0[oy], i1 = ys.i1[oy];
           // Weight of each block row in output row oy (both terms when i0 == i1, at the last row).
@@ -244,39 +395,38 @@ at::Tensor upsample_cross_entropy_backward_cpu(const at::Tensor& grad_, const at
                                 : acc_t(0);
           const acc_t wy1 = in1 ? static_cast<acc_t>(ys.l1[oy]) : acc_t(0);
           if (wy0 == acc_t(0) && wy1 == acc_t(0)) continue;
-          const int64_t r0 = i0 * w, r1 = i1 * w;
+          const int64_t row_pix = (b * H + oy) * W;
+          bool any = false;
           for (int64_t ox = 0; ox < W; ++ox) {
-            const int64_t pix = (b * H + oy) * W + ox;
-            const int64_t label = t[pix];
-            if (label == ignore_index) continue;
-            TORCH_CHECK_INDEX(label >= 0 && label < k, "deeplab_ops.upsample_cross_entropy: target has label ",
-                              label, " at flat position ", pix, "; expected labels in [0, ", k,
+            const int64_t lab = t[row_pix + ox];
+            if (lab == ignore_index) {
+              label[ox] = -1, g[ox] = acc_t(0), l[ox] = acc_t(0);
+              continue;
+            }
+            TORCH_CHECK_INDEX(lab >= 0 && lab < k, "deeplab_ops.upsample_cross_entropy: target has label ", lab,
+                              " at flat position ", row_pix + ox, "; expected labels in [0, ", k,
                               ") or ignore_index=", ignore_index);
-            const acc_t g = g_p ? static_cast<acc_t>(g_p[pix]) : g_all;
-            interpolate(xb, k, h * w, r0 + xs.i0[ox], r0 + xs.i1[ox], r1 + xs.i0[ox], r1 + xs.i1[ox], ys.l0[oy],
-                        ys.l1[oy], xs.l0[ox], xs.l1[ox], z.data());
-            const acc_t l = static_cast<acc_t>(lse_p[pix]);
-            for (int64_t c = 0; c < k; ++c) {
-              dz[c] = g * (static_cast<acc_t>(softmax_exp<opmath_t>(z[c] - l)) - (c == label ? acc_t(1) : acc_t(0)));
-            }
-            const int64_t c0 = xs.i0[ox], c1 = xs.i1[ox];
-            const acc_t lx0 = static_cast<acc_t>(xs.l0[ox]), lx1 = static_cast<acc_t>(xs.l1[ox]);
-            for (const auto& [in, row, wy] : {std::tuple<bool, int64_t, acc_t>{in0, i0, wy0}, {in1, i1, wy1}}) {
-              if (!in || wy == acc_t(0)) continue;
-              acc_t* a = acc.data() + (row - ia) * k * w;
-              const acc_t w0 = wy * lx0, w1 = wy * lx1;
-              for (int64_t c = 0; c < k; ++c) {
-                a[c * w + c0] += w0 * dz[c];
-                a[c * w + c1] += w1 * dz[c];
-              }
-            }
+            label[ox] = lab;
+            g[ox] = g_p ? static_cast<acc_t>(g_p[row_pix + ox]) : g_all;
+            l[ox] = static_cast<acc_t>(lse_p[row_pix + ox]);
+            any = true;
           }
+          if (!any) continue;
+          interp.output_row(b, i0, i1, static_cast<acc_t>(ys.l0[oy]), static_cast<acc_t>(ys.l1[oy]), z.data());
+          acc_t* v0 = in0 ? v.data() + (i0 - ia) * k * W : nullptr;
+          acc_t* v1 = in1 ? v.data() + (i1 - ia) * k * W : nullptr;
+          softmax_grad_row<acc_t, opmath_t>(z.data(), l.data(), g.data(), label.data(), k, W, wy0, v0, wy1, v1);
         }
         for (int64_t i = ia; i < ie; ++i) {
-          const acc_t* a = acc.data() + (i - ia) * k * w;
           for (int64_t c = 0; c < k; ++c) {
+            const acc_t* r = v.data() + ((i - ia) * k + c) * W;
+            std::fill(a.begin(), a.end(), acc_t(0));
+            for (int64_t ox = 0; ox < W; ++ox) {
+              a[xs.i0[ox]] += lx0[ox] * r[ox];
+              a[xs.i1[ox]] += lx1[ox] * r[ox];
+            }
             scalar_t* out = dx + ((b * k + c) * h + i) * w;
-            for (int64_t j = 0; j < w; ++j) out[j] = static_cast<scalar_t>(a[c * w + j]);
+            for (int64_t j = 0; j < w; ++j) out[j] = static_cast<scalar_t>(a[j]);
           }
         }
       }

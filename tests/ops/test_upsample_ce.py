@@ -206,6 +206,53 @@ def test_random_shapes(backend, count, max_factor):
         _check_against_reference(case, backend, align_corners, reduction)
 
 
+@pytest.mark.parametrize("scale", [1.0, 40.0])
+def test_cpu_float32_wide_rows_and_wide_logit_range(scale):
+    # The CPU kernels' float32 exp (its own, vectorized) over softmax arguments from 0 down past its underflow
+    # (scale 40: differences of a few hundred), on rows wider than a vector, odd widths, against the float64
+    # reference; gradients relative to their largest value.
+    torch.manual_seed(7)
+    for n, k, h, w, big_h, big_w in [(2, 21, 5, 9, 37, 131), (1, 3, 4, 3, 29, 23)]:
+        logits = (torch.randn(n, k, h, w) * scale).requires_grad_()
+        target = torch.randint(0, k, (n, big_h, big_w))
+        target[torch.rand(n, big_h, big_w) < 0.2] = 255
+        for reduction in REDUCTIONS:
+            got = deeplab_ops.upsample_cross_entropy(logits, target, 255, False, reduction, backend="cpu")
+            ref_logits = logits.detach().double().requires_grad_()
+            want = reference.upsample_cross_entropy(ref_logits, target, 255, False, reduction)
+            _compare(got, want.float(), f"loss {reduction} scale {scale}", 1e-5 * scale, 2e-6)
+            grad_out = torch.randn_like(want)
+            (grad,) = torch.autograd.grad(got, logits, grad_out.float())
+            (grad_want,) = torch.autograd.grad(want, ref_logits, grad_out)
+            _compare(grad, grad_want.float(), f"dlogits {reduction} scale {scale}",
+                     1e-6 * grad_want.abs().max().item(), 1e-5)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+def test_cpu_bitwise_same_for_any_thread_count(dtype):
+    # Row partial sums merged in order (forward), one owner per low-res row block (backward): the same bits
+    # whether one thread runs every task or several share them.
+    torch.manual_seed(3)
+    logits = torch.randn(3, 21, 17, 13, dtype=dtype, requires_grad=True)
+    target = torch.randint(0, 21, (3, 129, 101))
+    target[torch.rand(3, 129, 101) < 0.1] = 255
+    saved = torch.get_num_threads()
+    results = []
+    try:
+        for threads in (1, 2, 3):
+            torch.set_num_threads(threads)
+            for reduction in REDUCTIONS:
+                loss = deeplab_ops.upsample_cross_entropy(logits, target, reduction=reduction, backend="cpu")
+                (grad,) = torch.autograd.grad(loss, logits, torch.ones_like(loss))
+                results.append((threads, reduction, loss, grad))
+    finally:
+        torch.set_num_threads(saved)
+    for threads, reduction, loss, grad in results[len(REDUCTIONS):]:
+        one_loss, one_grad = next((r[2], r[3]) for r in results if r[0] == 1 and r[1] == reduction)
+        assert torch.equal(loss, one_loss), f"loss ({reduction}) differs between 1 and {threads} threads"
+        assert torch.equal(grad, one_grad), f"dlogits ({reduction}) differ between 1 and {threads} threads"
+
+
 @pytest.mark.slow
 @pytest.mark.parametrize("backend", FUSED)
 def test_random_shapes_many(backend):
