@@ -247,11 +247,13 @@ _DOUBLE_BACKWARD = ("deeplab_ops.conv_bn_relu does not support double backward (
 
 
 class _ConvBNReLU(torch.autograd.Function):
-    """The Autograd kernel of conv_bn_relu_forward and triton_conv_bn_relu_forward (`prefix` picks the twin)."""
+    """The Autograd kernel of conv_bn_relu_forward and triton_conv_bn_relu_forward (`conf[0]`, the prefix, picks
+    the twin). Inputs: conf (the non-tensor arguments, one tuple: each input of an autograd.Function costs its
+    apply and its backward's result a slot), then the tensors."""
 
     @staticmethod
-    def forward(ctx, prefix, x, weight, bn_weight, bn_bias, running_mean, running_var, stride, padding, dilation,
-                training, momentum, eps, residual, relu, group_name, memory_efficient):
+    def forward(ctx, conf, x, weight, bn_weight, bn_bias, running_mean, running_var, residual):
+        prefix, stride, padding, dilation, training, momentum, eps, relu, group_name, memory_efficient = conf
         with BELOW_AUTOGRAD():
             result = _FORWARD_BY_PREFIX[prefix](x, weight, bn_weight, bn_bias, running_mean, running_var, stride,
                                                 padding, dilation, training, momentum, eps, residual, relu,
@@ -260,18 +262,18 @@ class _ConvBNReLU(torch.autograd.Function):
         ctx.mark_non_differentiable(conv_out, mean, invstd, new_rm, new_rv)
         ctx.materialize_grads = False  # set_materialize_grads(False): no zero gradients for those five outputs
         ctx.save_for_backward(x, weight, bn_weight, None if memory_efficient else conv_out, out, mean, invstd)
-        ctx.conf = (prefix, stride, padding, dilation, training, relu, group_name, memory_efficient,
-                    None if bn_weight is None else bn_weight.dtype, None if bn_bias is None else bn_bias.dtype)
+        ctx.conf = conf
+        ctx.dtypes = (None if bn_weight is None else bn_weight.dtype, None if bn_bias is None else bn_bias.dtype)
         return result
 
     @staticmethod
     def backward(ctx, grad_out, *unused):
-        nig = ctx.needs_input_grad  # (prefix, x, weight, bn_weight, bn_bias, ..., residual at 13, ...)
-        mask = [nig[1], nig[2], nig[3], nig[4], nig[13]]
+        nig = ctx.needs_input_grad  # (conf, x, weight, bn_weight, bn_bias, running_mean, running_var, residual)
+        mask = [nig[1], nig[2], nig[3], nig[4], nig[7]]
         if grad_out is None or not any(mask):
-            return (None,) * 17
+            return (None,) * 8
         x, weight, bn_weight, conv_out, out, mean, invstd = ctx.saved_tensors
-        prefix, stride, padding, dilation, training, relu, group_name, memory_efficient, w_dtype, b_dtype = ctx.conf
+        prefix, stride, padding, dilation, training, _, _, relu, group_name, memory_efficient = ctx.conf
         if memory_efficient and (training or mask[2]):
             conv_out = below_autograd(_CONV_BY_PREFIX[prefix], x, weight, None, None, stride, padding, dilation,
                                       False)
@@ -280,11 +282,12 @@ class _ConvBNReLU(torch.autograd.Function):
         gx, gw, gg, gb, gr = call_backward(_BACKWARD_BY_PREFIX[prefix], grad_out, x, weight, bn_weight, conv_out,
                                            out, mean, invstd, stride, padding, dilation, training, relu, mask,
                                            group_name)
+        w_dtype, b_dtype = ctx.dtypes
         if gg is not None and gg.dtype != w_dtype:
             gg = gg.to(w_dtype)
         if gb is not None and gb.dtype != b_dtype:
             gb = gb.to(b_dtype)
-        return None, gx, gw, gg, gb, None, None, None, None, None, None, None, None, gr, None, None, None
+        return None, gx, gw, gg, gb, None, None, gr
 
 
 _FORWARD_BY_PREFIX = {"": FORWARD["cpu"], "triton_": FORWARD["triton"]}
@@ -301,8 +304,8 @@ def _autograd_kernel(prefix: str):
     def kernel(x, weight, bn_weight, bn_bias, running_mean, running_var, stride, padding, dilation, training,
                momentum, eps, residual, relu, group_name=None, memory_efficient=False):
         if torch.is_grad_enabled() and torch._C._any_requires_grad(x, weight, bn_weight, bn_bias, residual):
-            return apply(prefix, x, weight, bn_weight, bn_bias, running_mean, running_var, stride, padding,
-                         dilation, training, momentum, eps, residual, relu, group_name, memory_efficient)
+            conf = (prefix, stride, padding, dilation, training, momentum, eps, relu, group_name, memory_efficient)
+            return apply(conf, x, weight, bn_weight, bn_bias, running_mean, running_var, residual)
         with BELOW_AUTOGRAD():
             return forward(x, weight, bn_weight, bn_bias, running_mean, running_var, stride, padding, dilation,
                            training, momentum, eps, residual, relu, group_name, memory_efficient)
