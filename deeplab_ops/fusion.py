@@ -17,6 +17,7 @@ from deeplab_ops.modules import (
     forget_aspp_parts,
     fused_aspp_forward,
     fused_conv_bn,
+    reads_directly,
 )
 
 Tensor = torch.Tensor
@@ -97,19 +98,36 @@ class FusedAwayReLU(nn.Identity):
 # ---- residual blocks -----------------------------------------------------------------------------------
 
 
+_BLOCK_PAIRS = {k: tuple((f"conv{i}", f"bn{i}") for i in range(1, k + 1)) for k in (2, 3)}
+_BLOCK_NAMES = {k: tuple(n for pair in pairs for n in pair) + ("downsample",) for k, pairs in _BLOCK_PAIRS.items()}
+
+
+def _block_parts(self: nn.Module, k: int) -> tuple[list, nn.Module | None]:
+    """([(conv_i, bn_i) for i = 1..k], downsample) of a residual block with k conv/BN pairs."""
+    pairs = _BLOCK_PAIRS[k]
+    if reads_directly(type(self), _BLOCK_NAMES[k]):
+        modules = self._modules
+        try:
+            parts = [(modules[c], modules[b]) for c, b in pairs]
+            return parts, modules["downsample"] if "downsample" in modules else self.downsample
+        except KeyError:  # one was deleted: getattr says what it says
+            pass
+    return [(getattr(self, c), getattr(self, b)) for c, b in pairs], self.downsample
+
+
 def _fused_block_forward(self: nn.Module, x: Tensor) -> Tensor:
     cfg = getattr(self, _FUSED_ATTR)
-    k, backend, group, lean = cfg.depth, cfg.backend, cfg.process_group, cfg.memory_efficient
+    backend, group, lean = cfg.backend, cfg.process_group, cfg.memory_efficient
+    parts, downsample = _block_parts(self, cfg.depth)
     out = x
-    for i in range(1, k):
-        bn = getattr(self, f"bn{i}")
-        out = fused_conv_bn(getattr(self, f"conv{i}"), bn, out, training=bn.training, relu=True, backend=backend,
-                            process_group=group, memory_efficient=lean)
-    shortcut = x if self.downsample is None else self.downsample(x)
-    bn = getattr(self, f"bn{k}")
+    for conv, bn in parts[:-1]:
+        out = fused_conv_bn(conv, bn, out, training=bn.training, relu=True, backend=backend, process_group=group,
+                            memory_efficient=lean)
+    shortcut = x if downsample is None else downsample(x)
+    conv, bn = parts[-1]
     return fused_conv_bn(
-        getattr(self, f"conv{k}"), bn, out, training=bn.training, residual=shortcut, relu=True, backend=backend,
-        process_group=group, memory_efficient=lean,
+        conv, bn, out, training=bn.training, residual=shortcut, relu=True, backend=backend, process_group=group,
+        memory_efficient=lean,
     )
 
 

@@ -51,24 +51,75 @@ def check_fusable(conv: nn.Module, bn: nn.Module) -> None:
 
 
 _BN_KEYS = ("bn_weight", "bn_bias", "running_mean", "running_var", "training", "momentum", "eps")
+_BN_TENSORS = ("weight", "bias", "running_mean", "running_var", "num_batches_tracked")
+_CONV_TENSORS = ("weight",)
+
+_DIRECT: dict[tuple, bool] = {}
+
+
+def reads_directly(cls: type, names: tuple[str, ...]) -> bool:
+    """Whether an instance of nn.Module subclass `cls` gives, for each of `names` it registered (a parameter, buffer
+    or submodule), what its _parameters/_buffers/_modules dict holds: nn.Module.__getattr__'s answer, read without
+    the failed attribute lookup before it. False when the class looks attributes up its own way (its own
+    __getattr__ or __getattribute__) or defines one of `names` itself (a property, as a parametrization adds).
+    Worked out once per class; False while torch.compile traces (its graph reads the attributes itself)."""
+    if torch.compiler.is_compiling():
+        return False
+    key = (cls, names)
+    direct = _DIRECT.get(key)
+    if direct is None:
+        direct = (cls.__getattr__ is nn.Module.__getattr__ and cls.__getattribute__ is object.__getattribute__
+                  and not any(hasattr(cls, n) for n in names))
+        _DIRECT[key] = direct
+    return direct
+
+
+def _bn_tensors(bn: nn.Module) -> tuple:
+    """bn's (weight, bias, running_mean, running_var, num_batches_tracked), each None where not registered so."""
+    if reads_directly(type(bn), _BN_TENSORS):
+        try:
+            params, buffers = bn._parameters, bn._buffers
+            return (params["weight"], params["bias"], buffers["running_mean"], buffers["running_var"],
+                    buffers["num_batches_tracked"])
+        except KeyError:  # one was deleted: getattr says what it says
+            pass
+    return bn.weight, bn.bias, bn.running_mean, bn.running_var, bn.num_batches_tracked
+
+
+def conv_weight(conv: nn.Module) -> Tensor:
+    """conv.weight (from its _parameters dict where that is what getattr returns)."""
+    if reads_directly(type(conv), _CONV_TENSORS):
+        weight = conv._parameters.get("weight")
+        if weight is not None:
+            return weight
+    return conv.weight
+
+
+def _bn_call(bn: nn.BatchNorm2d, training: bool) -> tuple:
+    """(bn_weight, bn_bias, running_mean, running_var, training, momentum, eps, counter) of a fused call that behaves
+    as `bn.forward` does in this mode (torch's _BatchNorm.forward: the momentum factor, 1 / num_batches_tracked for
+    momentum=None; batch statistics when training or when no running statistics are tracked; running statistics
+    passed for update only when tracked). counter: the num_batches_tracked tensor that counts the batch once the
+    call succeeded (`bn_step`), or None."""
+    weight, bias, rm, rv, tracked = _bn_tensors(bn)
+    momentum = bn.momentum
+    tracking = bn.track_running_stats
+    counter = tracked if training and tracking and tracked is not None else None
+    if counter is not None:
+        if momentum is None:
+            momentum = 1.0 / float(tracked + 1)
+    elif momentum is None:
+        momentum = 0.0
+    bn_training = training or (rm is None and rv is None)
+    if training and not tracking:
+        rm = rv = None
+    return weight, bias, rm, rv, bn_training, momentum, bn.eps, counter
 
 
 def _bn_args(bn: nn.BatchNorm2d, training: bool) -> tuple:
     """(bn_weight, bn_bias, running_mean, running_var, training, momentum, eps) of a fused call that behaves as
-    `bn.forward` does in this mode (torch's _BatchNorm.forward: the momentum factor, 1 / num_batches_tracked for
-    momentum=None; batch statistics when training or when no running statistics are tracked; running statistics
-    passed for update only when tracked)."""
-    momentum = bn.momentum
-    if training and bn.track_running_stats and bn.num_batches_tracked is not None:
-        if momentum is None:
-            momentum = 1.0 / float(bn.num_batches_tracked + 1)
-    elif momentum is None:
-        momentum = 0.0
-    rm, rv = bn.running_mean, bn.running_var
-    bn_training = training or (rm is None and rv is None)
-    if training and not bn.track_running_stats:
-        rm = rv = None
-    return bn.weight, bn.bias, rm, rv, bn_training, momentum, bn.eps
+    `bn.forward` does in this mode (see `_bn_call`)."""
+    return _bn_call(bn, training)[:7]
 
 
 def bn_call_args(bn: nn.BatchNorm2d, training: bool) -> dict:
@@ -80,8 +131,10 @@ def bn_call_args(bn: nn.BatchNorm2d, training: bool) -> dict:
 
 def bn_step(bn: nn.BatchNorm2d, training: bool) -> None:
     """Count one training batch, as nn.BatchNorm2d.forward does."""
-    if training and bn.track_running_stats and bn.num_batches_tracked is not None:
-        bn.num_batches_tracked.add_(1)
+    if training and bn.track_running_stats:
+        counter = _bn_tensors(bn)[4]
+        if counter is not None:
+            counter.add_(1)
 
 
 _GEOMETRY: dict[tuple, tuple] = {}
@@ -112,14 +165,15 @@ def fused_conv_bn(
 ) -> Tensor:
     """`act(bn(conv(x)) [+ residual])` through the fused op, with exactly the modules' semantics
     (memory_efficient: see deeplab_ops.conv_bn_relu)."""
-    bn_weight, bn_bias, rm, rv, bn_training, momentum, eps = _bn_args(bn, training)
+    bn_weight, bn_bias, rm, rv, bn_training, momentum, eps, counter = _bn_call(bn, training)
     stride, padding, dilation = _geometry(conv)
     out = conv_bn_relu(
-        x, conv.weight, bn_weight, bn_bias, rm, rv, stride=stride, padding=padding, dilation=dilation,
+        x, conv_weight(conv), bn_weight, bn_bias, rm, rv, stride=stride, padding=padding, dilation=dilation,
         training=bn_training, momentum=momentum, eps=eps, residual=residual, relu=relu, backend=backend,
         process_group=process_group, memory_efficient=memory_efficient,
     )
-    bn_step(bn, training)
+    if counter is not None:  # bn_step: the batch counted once the call succeeded
+        counter.add_(1)
     return out
 
 
@@ -229,9 +283,6 @@ _PARTS_ATTR = "_deeplab_ops_aspp_parts"
 def forget_aspp_parts(module: nn.Module) -> None:
     """Drop the validated ASPP structure cached on `module` (fuse/unfuse call it; so may a user who rebuilt it)."""
     module.__dict__.pop(_PARTS_ATTR, None)
-
-
-_BN_TENSORS = ("weight", "bias", "running_mean", "running_var", "num_batches_tracked")
 
 
 def _back_to_back(ts: list[Tensor]) -> bool:

@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import math
 import numbers
+import os
 
 import torch
 
@@ -46,11 +47,6 @@ CONV_BIAS_ACT = {"cpu": _ops.conv_bias_act.default, "cuda": _ops.conv_bias_act.d
 # ---- argument checks ------------------------------------------------------------------------------
 
 
-def _check_tensor(t, name: str) -> None:
-    if not isinstance(t, torch.Tensor):
-        raise TypeError(f"{name} must be a torch.Tensor, got {type(t).__name__}")
-
-
 def _check_config(stride, padding, dilation, training, momentum, eps, relu) -> tuple:
     """The call's fixed configuration, validated: (stride, padding, dilation) as pairs."""
     stride, padding, dilation = pair(stride, "stride"), pair(padding, "padding"), pair(dilation, "dilation")
@@ -74,59 +70,93 @@ def _check_config(stride, padding, dilation, training, momentum, eps, relu) -> t
 # Configurations already validated: (stride, padding, dilation, training, momentum, eps, relu) -> pairs. A module
 # calls with the same few configurations every step, so each is checked once.
 _CONFIGS: dict[tuple, tuple] = {}
+_NUMBER_TYPES = (float, int)
 
 
 def _is_geometry(v) -> bool:
-    return type(v) is int or (type(v) is tuple and len(v) == 2 and type(v[0]) is int and type(v[1]) is int)
+    t = type(v)
+    return t is int or (t is tuple and len(v) == 2 and type(v[0]) is int and type(v[1]) is int)
 
 
-def _config_key(stride, padding, dilation, training, momentum, eps, relu) -> tuple | None:
-    """The cache key of a configuration, or None (validate every time) unless every value has an exact type:
-    equal keys must mean equal configurations, and 1 == True would let relu=1 pass as relu=True."""
-    if (_is_geometry(stride) and _is_geometry(padding) and _is_geometry(dilation) and type(training) is bool
-            and type(relu) is bool and type(momentum) in (float, int) and type(eps) in (float, int)):
-        return (stride, padding, dilation, training, momentum, eps, relu)
-    return None
+def _checked_config(stride, padding, dilation, training, momentum, eps, relu) -> tuple:
+    """The call's (stride, padding, dilation) as pairs, each distinct configuration validated once. Cached only when
+    every value has an exact type: equal keys must mean equal configurations (1 == True == 1.0 would otherwise let
+    relu=1 pass as relu=True, or stride=1.0 as stride=1)."""
+    exact = (type(training) is bool and type(relu) is bool and type(momentum) in _NUMBER_TYPES
+             and type(eps) in _NUMBER_TYPES and _is_geometry(stride) and _is_geometry(padding)
+             and _is_geometry(dilation))
+    if exact:
+        key = (stride, padding, dilation, training, momentum, eps, relu)
+        geometry = _CONFIGS.get(key)
+        if geometry is not None:
+            return geometry
+    geometry = _check_config(stride, padding, dilation, training, momentum, eps, relu)
+    if exact and len(_CONFIGS) < 4096:
+        _CONFIGS[key] = geometry
+    return geometry
+
+
+def _check_vector(t, name: str, cout: int, device, dtype, bn_dtype):
+    """A BatchNorm tensor's checks (one value per output channel, x's device, an allowed dtype shared by the
+    other BatchNorm tensors); returns its dtype."""
+    if not isinstance(t, Tensor):
+        raise TypeError(f"{name} must be a torch.Tensor, got {type(t).__name__}")
+    shape = t.shape
+    if len(shape) != 1 or shape[0] != cout:
+        raise ValueError(f"{name} must have shape ({cout},) (one value per output channel), got {tuple(shape)}")
+    if t.device != device:
+        raise ValueError(f"{name} is on {t.device} but x is on {device}; expected the same device")
+    t_dtype = t.dtype
+    if t_dtype != dtype and not (dtype in HALF_DTYPES and t_dtype == torch.float32):
+        allowed = (dtype, torch.float32) if dtype in HALF_DTYPES else (dtype,)
+        raise TypeError(
+            f"{name} has dtype {t_dtype} but x has dtype {dtype}; expected " + " or ".join(map(str, allowed))
+        )
+    if bn_dtype is not None and t_dtype != bn_dtype:
+        raise TypeError(f"{name} has dtype {t_dtype} but the other BatchNorm tensors have {bn_dtype}")
+    return t_dtype
 
 
 def check_args(
     x, weight, bn_weight, bn_bias, running_mean, running_var, stride, padding, dilation, training, momentum, eps,
     residual, relu,
 ) -> tuple[tuple[int, int], tuple[int, int], tuple[int, int]]:
-    """Validate a conv_bn_relu call; return (stride, padding, dilation) as pairs. Errors name the argument."""
-    key = _config_key(stride, padding, dilation, training, momentum, eps, relu)
-    geometry = _CONFIGS.get(key) if key is not None else None
-    if geometry is None:
-        geometry = _check_config(stride, padding, dilation, training, momentum, eps, relu)
-        if key is not None and len(_CONFIGS) < 4096:
-            _CONFIGS[key] = geometry
+    """Validate a conv_bn_relu call; return (stride, padding, dilation) as pairs. Errors name the argument.
+    Per call only what can change per call is checked (tensor kinds, shapes, dtypes, devices): the fixed
+    configuration is validated once (`_checked_config`)."""
+    geometry = _checked_config(stride, padding, dilation, training, momentum, eps, relu)
     stride, padding, dilation = geometry
-    _check_tensor(x, "x")
-    _check_tensor(weight, "weight")
-    if x.dim() != 4:
-        raise ValueError(f"x must be a 4-D (N, C, H, W) tensor, got shape {tuple(x.shape)}")
-    if x.dtype not in FLOAT_DTYPES:
-        raise TypeError(f"x has dtype {x.dtype}; expected one of float32, float64, float16, bfloat16")
-    if weight.dim() != 4:
-        raise ValueError(f"weight must be a 4-D (C_out, C_in, kH, kW) tensor, got shape {tuple(weight.shape)}")
-    if weight.device != x.device:
-        raise ValueError(f"weight is on {weight.device} but x is on {x.device}; expected the same device")
-    if weight.dtype != x.dtype:
-        raise TypeError(f"weight has dtype {weight.dtype} but x has dtype {x.dtype}; expected the same dtype")
-    n, cin, h, w = x.shape
-    cout, wcin, kh, kw = weight.shape
+    if not isinstance(x, Tensor):
+        raise TypeError(f"x must be a torch.Tensor, got {type(x).__name__}")
+    if not isinstance(weight, Tensor):
+        raise TypeError(f"weight must be a torch.Tensor, got {type(weight).__name__}")
+    xshape, wshape = x.shape, weight.shape
+    if len(xshape) != 4:
+        raise ValueError(f"x must be a 4-D (N, C, H, W) tensor, got shape {tuple(xshape)}")
+    dtype = x.dtype
+    if dtype not in FLOAT_DTYPES:
+        raise TypeError(f"x has dtype {dtype}; expected one of float32, float64, float16, bfloat16")
+    if len(wshape) != 4:
+        raise ValueError(f"weight must be a 4-D (C_out, C_in, kH, kW) tensor, got shape {tuple(wshape)}")
+    device = x.device
+    if weight.device != device:
+        raise ValueError(f"weight is on {weight.device} but x is on {device}; expected the same device")
+    if weight.dtype != dtype:
+        raise TypeError(f"weight has dtype {weight.dtype} but x has dtype {dtype}; expected the same dtype")
+    n, cin, h, w = xshape
+    cout, wcin, kh, kw = wshape
     if wcin != cin:
         if wcin > 0 and cin % wcin == 0 and cin != wcin:
             raise ValueError(
-                f"weight has shape {tuple(weight.shape)}: {wcin} input channels for x's {cin} looks like a grouped "
+                f"weight has shape {tuple(wshape)}: {wcin} input channels for x's {cin} looks like a grouped "
                 f"convolution (groups={cin // wcin}); only groups=1 is supported, so weight.shape[1] must be {cin}"
             )
-        raise ValueError(f"weight.shape[1]={wcin} does not match x's {cin} channels (x shape {tuple(x.shape)})")
+        raise ValueError(f"weight.shape[1]={wcin} does not match x's {cin} channels (x shape {tuple(xshape)})")
     if cout < 1 or kh < 1 or kw < 1 or cin < 1:
-        raise ValueError(f"weight shape {tuple(weight.shape)} and x shape {tuple(x.shape)} must have no zero sizes "
+        raise ValueError(f"weight shape {tuple(wshape)} and x shape {tuple(xshape)} must have no zero sizes "
                          f"in channels and kernel")
     if n == 0:
-        raise ValueError(f"x has an empty batch (shape {tuple(x.shape)}); expected N >= 1")
+        raise ValueError(f"x has an empty batch (shape {tuple(xshape)}); expected N >= 1")
     ho, wo = conv_output_size((h, w), (kh, kw), stride, padding, dilation)
     if ho < 1 or wo < 1:
         raise ValueError(
@@ -134,23 +164,14 @@ def check_args(
             f"dilation {dilation}; expected an output of at least 1x1 (pad more or use a larger input)"
         )
     bn_dtype = None
-    for name, t in (("bn_weight", bn_weight), ("bn_bias", bn_bias), ("running_mean", running_mean),
-                    ("running_var", running_var)):
-        if t is None:
-            continue
-        _check_tensor(t, name)
-        if t.dim() != 1 or t.shape[0] != cout:
-            raise ValueError(f"{name} must have shape ({cout},) (one value per output channel), got {tuple(t.shape)}")
-        if t.device != x.device:
-            raise ValueError(f"{name} is on {t.device} but x is on {x.device}; expected the same device")
-        if t.dtype != x.dtype and not (x.dtype in HALF_DTYPES and t.dtype == torch.float32):
-            allowed = (x.dtype, torch.float32) if x.dtype in HALF_DTYPES else (x.dtype,)
-            raise TypeError(
-                f"{name} has dtype {t.dtype} but x has dtype {x.dtype}; expected " + " or ".join(map(str, allowed))
-            )
-        if bn_dtype is not None and t.dtype != bn_dtype:
-            raise TypeError(f"{name} has dtype {t.dtype} but the other BatchNorm tensors have {bn_dtype}")
-        bn_dtype = t.dtype
+    if bn_weight is not None:
+        bn_dtype = _check_vector(bn_weight, "bn_weight", cout, device, dtype, bn_dtype)
+    if bn_bias is not None:
+        bn_dtype = _check_vector(bn_bias, "bn_bias", cout, device, dtype, bn_dtype)
+    if running_mean is not None:
+        bn_dtype = _check_vector(running_mean, "running_mean", cout, device, dtype, bn_dtype)
+    if running_var is not None:
+        _check_vector(running_var, "running_var", cout, device, dtype, bn_dtype)
     if (running_mean is None) != (running_var is None):
         given = "running_mean" if running_var is None else "running_var"
         raise ValueError(f"running_mean and running_var must be given together; only {given} was given")
@@ -162,16 +183,17 @@ def check_args(
             "use a batch of 2 or more (or a larger input), or training=False with running statistics"
         )
     if residual is not None:
-        _check_tensor(residual, "residual")
+        if not isinstance(residual, Tensor):
+            raise TypeError(f"residual must be a torch.Tensor, got {type(residual).__name__}")
         if residual.shape != (n, cout, ho, wo):
             raise ValueError(
                 f"residual must have the output's shape {(n, cout, ho, wo)}, got {tuple(residual.shape)}"
             )
-        if residual.device != x.device:
-            raise ValueError(f"residual is on {residual.device} but x is on {x.device}; expected the same device")
-        if residual.dtype != x.dtype:
-            raise TypeError(f"residual has dtype {residual.dtype} but x has dtype {x.dtype}; expected the same dtype")
-    return stride, padding, dilation
+        if residual.device != device:
+            raise ValueError(f"residual is on {residual.device} but x is on {device}; expected the same device")
+        if residual.dtype != dtype:
+            raise TypeError(f"residual has dtype {residual.dtype} but x has dtype {dtype}; expected the same dtype")
+    return geometry
 
 
 # ---- fake kernels ----------------------------------------------------------------------------------
@@ -225,31 +247,33 @@ _DOUBLE_BACKWARD = ("deeplab_ops.conv_bn_relu does not support double backward (
 
 
 class _ConvBNReLU(torch.autograd.Function):
-    """The Autograd kernel of conv_bn_relu_forward and triton_conv_bn_relu_forward (`prefix` picks the twin)."""
+    """The Autograd kernel of conv_bn_relu_forward and triton_conv_bn_relu_forward (`conf[0]`, the prefix, picks
+    the twin). Inputs: conf (the non-tensor arguments, one tuple: each input of an autograd.Function costs its
+    apply and its backward's result a slot), then the tensors."""
 
     @staticmethod
-    def forward(ctx, prefix, x, weight, bn_weight, bn_bias, running_mean, running_var, stride, padding, dilation,
-                training, momentum, eps, residual, relu, group_name, memory_efficient):
+    def forward(ctx, conf, x, weight, bn_weight, bn_bias, running_mean, running_var, residual):
+        prefix, stride, padding, dilation, training, momentum, eps, relu, group_name, memory_efficient = conf
         with BELOW_AUTOGRAD():
             result = _FORWARD_BY_PREFIX[prefix](x, weight, bn_weight, bn_bias, running_mean, running_var, stride,
                                                 padding, dilation, training, momentum, eps, residual, relu,
                                                 group_name, memory_efficient)
         out, conv_out, mean, invstd, new_rm, new_rv = result
         ctx.mark_non_differentiable(conv_out, mean, invstd, new_rm, new_rv)
-        ctx.set_materialize_grads(False)  # no zero gradients built for the five non-differentiable outputs
+        ctx.materialize_grads = False  # set_materialize_grads(False): no zero gradients for those five outputs
         ctx.save_for_backward(x, weight, bn_weight, None if memory_efficient else conv_out, out, mean, invstd)
-        ctx.conf = (prefix, stride, padding, dilation, training, relu, group_name, memory_efficient,
-                    None if bn_weight is None else bn_weight.dtype, None if bn_bias is None else bn_bias.dtype)
+        ctx.conf = conf
+        ctx.dtypes = (None if bn_weight is None else bn_weight.dtype, None if bn_bias is None else bn_bias.dtype)
         return result
 
     @staticmethod
     def backward(ctx, grad_out, *unused):
-        nig = ctx.needs_input_grad  # (prefix, x, weight, bn_weight, bn_bias, ..., residual at 13, ...)
-        mask = [nig[1], nig[2], nig[3], nig[4], nig[13]]
+        nig = ctx.needs_input_grad  # (conf, x, weight, bn_weight, bn_bias, running_mean, running_var, residual)
+        mask = [nig[1], nig[2], nig[3], nig[4], nig[7]]
         if grad_out is None or not any(mask):
-            return (None,) * 17
+            return (None,) * 8
         x, weight, bn_weight, conv_out, out, mean, invstd = ctx.saved_tensors
-        prefix, stride, padding, dilation, training, relu, group_name, memory_efficient, w_dtype, b_dtype = ctx.conf
+        prefix, stride, padding, dilation, training, _, _, relu, group_name, memory_efficient = ctx.conf
         if memory_efficient and (training or mask[2]):
             conv_out = below_autograd(_CONV_BY_PREFIX[prefix], x, weight, None, None, stride, padding, dilation,
                                       False)
@@ -258,11 +282,12 @@ class _ConvBNReLU(torch.autograd.Function):
         gx, gw, gg, gb, gr = call_backward(_BACKWARD_BY_PREFIX[prefix], grad_out, x, weight, bn_weight, conv_out,
                                            out, mean, invstd, stride, padding, dilation, training, relu, mask,
                                            group_name)
+        w_dtype, b_dtype = ctx.dtypes
         if gg is not None and gg.dtype != w_dtype:
             gg = gg.to(w_dtype)
         if gb is not None and gb.dtype != b_dtype:
             gb = gb.to(b_dtype)
-        return None, gx, gw, gg, gb, None, None, None, None, None, None, None, None, gr, None, None, None
+        return None, gx, gw, gg, gb, None, None, gr
 
 
 _FORWARD_BY_PREFIX = {"": FORWARD["cpu"], "triton_": FORWARD["triton"]}
@@ -279,8 +304,8 @@ def _autograd_kernel(prefix: str):
     def kernel(x, weight, bn_weight, bn_bias, running_mean, running_var, stride, padding, dilation, training,
                momentum, eps, residual, relu, group_name=None, memory_efficient=False):
         if torch.is_grad_enabled() and torch._C._any_requires_grad(x, weight, bn_weight, bn_bias, residual):
-            return apply(prefix, x, weight, bn_weight, bn_bias, running_mean, running_var, stride, padding,
-                         dilation, training, momentum, eps, residual, relu, group_name, memory_efficient)
+            conf = (prefix, stride, padding, dilation, training, momentum, eps, relu, group_name, memory_efficient)
+            return apply(conf, x, weight, bn_weight, bn_bias, running_mean, running_var, residual)
         with BELOW_AUTOGRAD():
             return forward(x, weight, bn_weight, bn_bias, running_mean, running_var, stride, padding, dilation,
                            training, momentum, eps, residual, relu, group_name, memory_efficient)
@@ -316,6 +341,33 @@ def _fold(weight: Tensor, bn_weight: Tensor | None, bn_bias: Tensor | None, runn
 
 def _needs_grad(*tensors) -> bool:
     return torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in tensors)
+
+
+# ---- backend choice -------------------------------------------------------------------------------
+
+# Backends chosen for calls that no per-call rule can change: (backend, $DEEPLAB_OPS_BACKEND when backend is None,
+# device, synchronized) -> name. backends.resolve decides from these alone unless a backend it considers has a rule
+# of its own for conv_bn_relu's arguments (triton: int32 sizes, half types in the interpreter): those calls resolve
+# every time. Failures are never cached (the error is raised again, by backends.resolve).
+_RESOLVED: dict[tuple, str] = {}
+
+
+def _resolve(backend, x, weight, stride, padding, dilation, synchronized: bool) -> str:
+    device = x.device
+    key = (backend, os.environ.get(backends.ENV_VAR) if backend is None else None, device, synchronized)
+    name = _RESOLVED.get(key)
+    if name is not None:
+        return name
+    name = backends.resolve(backend, "conv_bn_relu", device, x=x, weight=weight, stride=stride, padding=padding,
+                            dilation=dilation, synchronized=synchronized)
+    requested = (key[1] or "auto") if backend is None else backend
+    considered = (name,)
+    if requested == "auto":
+        candidates = backends.auto_candidates(device)
+        considered = candidates[:candidates.index(name) + 1]
+    if not any((c, "conv_bn_relu") in backends._OP_RULES for c in considered) and len(_RESOLVED) < 64:
+        _RESOLVED[key] = name
+    return name
 
 
 # ---- public functional -----------------------------------------------------------------------------
@@ -378,8 +430,12 @@ def conv_bn_relu(
     if memory_efficient is not False and memory_efficient is not True:
         raise TypeError(f"memory_efficient must be a bool, got {memory_efficient!r}")
     group_name = group_name_of(process_group) if training and process_group is not None else None
-    name = backends.resolve(backend, "conv_bn_relu", x.device, x=x, weight=weight, stride=stride, padding=padding,
-                            dilation=dilation, synchronized=group_name is not None)
+    direct = enter_directly(x)  # not traced: Python caches, the op's Autograd kernel called directly
+    if direct:
+        name = _resolve(backend, x, weight, stride, padding, dilation, group_name is not None)
+    else:
+        name = backends.resolve(backend, "conv_bn_relu", x.device, x=x, weight=weight, stride=stride,
+                                padding=padding, dilation=dilation, synchronized=group_name is not None)
     if name == "reference":
         if group_name is not None:
             raise RuntimeError("deeplab_ops.conv_bn_relu: backend='reference' has no synchronized BatchNorm (a "
@@ -389,7 +445,6 @@ def conv_bn_relu(
             dilation=dilation, training=training, momentum=float(momentum), eps=float(eps), residual=residual,
             relu=relu,
         )
-    direct = enter_directly(x)  # not traced: Python caches, the op's Autograd kernel called directly
     if not training and not _needs_grad(x, weight, bn_weight, bn_bias, residual):
         if not direct:  # traced: the fold is part of the graph (no Python cache to trace)
             return CONV_BIAS_ACT[name](x, *_fold(weight, bn_weight, bn_bias, running_mean, running_var, float(eps)),

@@ -1,0 +1,205 @@
+"""The host path of a fused conv + BN + ReLU call: what is validated or resolved once is exact (a cache never lets a
+bad argument through, nor keeps a backend choice the environment changed), the modules read their parameters as
+getattr does, and a steady-state call's Python work is counted (counts, never times)."""
+
+from __future__ import annotations
+
+import collections
+import copy
+import sys
+
+import pytest
+import torch
+from helpers import TRITON_RUNS
+from torch import nn
+
+import deeplab_ops
+from deeplab_ops import backends
+from deeplab_ops.nn import FusedConvBNReLU, fuse_modules
+from deeplab_ops.ops import conv_bn_relu as op_module
+
+
+def _args():
+    torch.manual_seed(0)
+    return (torch.randn(2, 3, 6, 6), torch.randn(4, 3, 3, 3), torch.rand(4) + 0.5, torch.randn(4), torch.zeros(4),
+            torch.ones(4))
+
+
+def _call(**kwargs):
+    return deeplab_ops.conv_bn_relu(*_args(), **{"padding": 1, "backend": "cpu", **kwargs})
+
+
+@pytest.mark.parametrize("good, bad, exc, pattern", [
+    (dict(relu=True), dict(relu=1), TypeError, r"relu must be a bool, got 1"),
+    (dict(training=True), dict(training=1), TypeError, r"training must be a bool, got 1"),
+    (dict(stride=1), dict(stride=1.0), TypeError, r"stride must be an int or a pair of ints, got 1.0"),
+    (dict(stride=(1, 1)), dict(stride=(True, 1)), TypeError, r"stride must be an int or a pair of ints"),
+    (dict(padding=(1, 1)), dict(padding=[1, 1.0]), TypeError, r"padding must be an int or a pair of ints"),
+    (dict(momentum=1), dict(momentum=True), ValueError, r"momentum must be a number in \[0, 1\], got True"),
+], ids=["relu", "training", "stride-float", "stride-bool", "padding-float", "momentum-bool"])
+def test_a_validated_configuration_lets_no_equal_but_bad_value_through(good, bad, exc, pattern):
+    """1 == True == 1.0 hash alike: the configuration validated once must not answer for them."""
+    _call(**good)  # validated and cached
+    _call(**good)
+    with pytest.raises(exc, match=pattern):
+        _call(**bad)
+
+
+def test_backend_choice_follows_the_environment(monkeypatch):
+    calls = []
+    real = op_module.reference.conv_bn_relu
+    monkeypatch.setattr(op_module.reference, "conv_bn_relu", lambda *a, **k: calls.append(1) or real(*a, **k))
+    monkeypatch.delenv(backends.ENV_VAR, raising=False)
+    expected = _call(backend=None)  # auto on CPU tensors: the cpu backend (remembered)
+    assert not calls
+    monkeypatch.setenv(backends.ENV_VAR, "reference")
+    torch.testing.assert_close(_call(backend=None), expected)
+    assert len(calls) == 1, "DEEPLAB_OPS_BACKEND=reference set after a call with backend=None was not followed"
+    monkeypatch.setenv(backends.ENV_VAR, "bogus")
+    with pytest.raises(ValueError, match="DEEPLAB_OPS_BACKEND='bogus' is not a backend"):
+        _call(backend=None)
+    monkeypatch.delenv(backends.ENV_VAR)
+    _call(backend=None)
+    assert len(calls) == 1
+    with pytest.raises(RuntimeError, match="backend='cuda' cannot run this call"):  # a failure is not remembered
+        _call(backend="cuda")
+    with pytest.raises(RuntimeError, match="backend='cuda' cannot run this call"):
+        _call(backend="cuda")
+
+
+@pytest.mark.skipif(not TRITON_RUNS, reason="the triton backend cannot run here (no GPU, interpreter off)")
+def test_a_backend_with_per_call_rules_is_resolved_every_call():
+    """triton's rules depend on the call's tensors (half types in the interpreter, int32 sizes): never cached."""
+    device = "cuda" if torch.cuda.is_available() else "cpu"
+    x, w = torch.randn(2, 3, 6, 6, device=device), torch.randn(4, 3, 3, 3, device=device)
+    geometry = ((1, 1), (1, 1), (1, 1))
+    assert op_module._resolve("triton", x, w, *geometry, False) == "triton"
+    assert all(key[0] != "triton" for key in op_module._RESOLVED)
+    with pytest.raises(RuntimeError, match="has no synchronized BatchNorm"):
+        op_module._resolve("triton", x, w, *geometry, True)
+
+
+class _ShadowedWeightBN(nn.BatchNorm2d):
+    """A BatchNorm whose `weight` is a property: the fused call must read what getattr gives."""
+
+    @property
+    def weight(self):
+        w = self.__dict__["_parameters"].get("weight")
+        if w is None:  # while nn.Module registers it
+            raise AttributeError("weight")
+        return w * 2
+
+
+def _eager(conv, bn, x, residual=None):
+    y = bn(conv(x))
+    return torch.relu(y if residual is None else y + residual)
+
+
+@pytest.mark.parametrize("kind", ["property", "parametrization"])
+def test_fused_module_reads_bn_parameters_as_getattr_does(kind):
+    torch.manual_seed(0)
+    conv = nn.Conv2d(3, 4, 3, padding=1, bias=False).double()
+    if kind == "property":
+        bn = _ShadowedWeightBN(4).double()
+    else:
+        bn = nn.BatchNorm2d(4).double()
+        nn.utils.parametrize.register_parametrization(bn, "weight", nn.Softplus())
+    with torch.no_grad():
+        bn.bias.normal_()
+        if kind == "property":  # its reset_parameters wrote into the property's temporary
+            bn._parameters["weight"].uniform_(0.5, 1.5)
+    conv_e, bn_e = copy.deepcopy(conv), copy.deepcopy(bn)
+    fused = FusedConvBNReLU.from_modules(conv, bn, backend="cpu")
+    x = torch.randn(2, 3, 5, 5, dtype=torch.float64)
+    torch.testing.assert_close(fused(x), _eager(conv_e, bn_e, x))
+    fused(x).sum().backward()
+    _eager(conv_e, bn_e, x).sum().backward()
+    for (name, p), p_e in zip(fused.named_parameters(), list(conv_e.parameters()) + list(bn_e.parameters()),
+                              strict=True):
+        torch.testing.assert_close(p.grad, p_e.grad, msg=name)
+    torch.testing.assert_close(bn.running_mean, bn_e.running_mean)
+
+
+class _Block(nn.Module):
+    """A post-activation residual block (the shape fuse_modules recognises)."""
+
+    def __init__(self, c: int) -> None:
+        super().__init__()
+        self.conv1, self.bn1 = nn.Conv2d(c, c, 3, padding=1, bias=False), nn.BatchNorm2d(c)
+        self.conv2, self.bn2 = nn.Conv2d(c, c, 3, padding=1, bias=False), nn.BatchNorm2d(c)
+        self.relu = nn.ReLU()
+        self.downsample = None
+
+    def forward(self, x):
+        out = self.relu(self.bn1(self.conv1(x)))
+        return self.relu(self.bn2(self.conv2(out)) + x)
+
+
+def test_fused_block_uses_modules_replaced_after_fusion():
+    torch.manual_seed(0)
+    block = fuse_modules(_Block(4).double(), backend="cpu")
+    eager = copy.deepcopy(block)
+    deeplab_ops.nn.unfuse_modules(eager)
+    x = torch.randn(2, 4, 5, 5, dtype=torch.float64)
+    block(x)
+    eager(x)
+    new_conv = nn.Conv2d(4, 4, 1, bias=False).double()
+    block.conv2 = new_conv
+    eager.conv2 = copy.deepcopy(new_conv)
+    torch.testing.assert_close(block(x), eager(x))
+
+
+# ---- counts of a steady-state call's Python work ----------------------------------------------------------------
+
+_PACKAGE = str(deeplab_ops.__file__).rpartition("/")[0]
+
+
+def _python_calls(fn) -> collections.Counter:
+    """Python frames entered while `fn` runs, by (file, function)."""
+    counts = collections.Counter()
+
+    def profile(frame, event, arg):
+        if event == "call":
+            counts[(frame.f_code.co_filename, frame.f_code.co_name)] += 1
+
+    sys.setprofile(profile)
+    try:
+        fn()
+    finally:
+        sys.setprofile(None)
+    return counts
+
+
+# Python frames of deeplab_ops per steady-state layer forward (measured 21-23 on the cpu backend: module glue,
+# checks, backend choice, the autograd kernel and Function.forward); the backward runs 2 (Function.backward and the
+# call below Autograd).
+_FORWARD_FRAMES = 24
+_BACKWARD_FRAMES = 3
+
+
+@pytest.mark.parametrize("kind", ["FusedConvBNReLU", "fused chain", "fused block"])
+def test_steady_state_layer_python_work(kind):
+    """No nn.Module.__getattr__ (a failed attribute lookup first) and a bounded number of deeplab_ops frames per
+    fused layer, forward and backward."""
+    torch.manual_seed(0)
+    if kind == "FusedConvBNReLU":
+        model, layers = FusedConvBNReLU(4, 4, 3, padding=1, backend="cpu"), 1
+    elif kind == "fused chain":
+        model = fuse_modules(nn.Sequential(nn.Conv2d(4, 4, 3, padding=1, bias=False), nn.BatchNorm2d(4), nn.ReLU()),
+                             backend="cpu", channels_last=False)
+        layers = 1
+    else:
+        model, layers = fuse_modules(_Block(4), backend="cpu", channels_last=False), 2
+    x = torch.randn(2, 4, 5, 5, requires_grad=True)
+    for _ in range(2):
+        model(x).sum().backward()
+    forward = _python_calls(lambda: model(x))
+    out = model(x).sum()
+    backward = _python_calls(out.backward)
+    getattr_calls = sum(n for (file, name), n in forward.items() if name == "__getattr__" and "torch/nn" in file)
+    assert getattr_calls == 0, sorted(k for k in forward if k[1] == "__getattr__")
+    ours = sum(n for (file, _), n in forward.items() if file.startswith(_PACKAGE))
+    assert ours <= _FORWARD_FRAMES * layers, sorted((n, f.rpartition("/")[2], c) for (f, c), n in forward.items()
+                                                    if f.startswith(_PACKAGE))
+    ours_backward = sum(n for (file, _), n in backward.items() if file.startswith(_PACKAGE))
+    assert ours_backward <= _BACKWARD_FRAMES * layers, sorted(backward)
