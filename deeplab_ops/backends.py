@@ -110,6 +110,12 @@ _OP_RULES = {
 }
 
 
+def has_call_rules(backend: str, op: str) -> bool:
+    """Whether `backend` decides per call (from the call's tensors and sizes) if it can run `op`: when not, its
+    answer for a device never changes and callers may remember it."""
+    return (backend, op) in _OP_RULES
+
+
 def not_supported_reasons(backend: str, op: str, device: torch.device, **call) -> list[str]:
     """Why `backend` cannot run this call of `op` on `device`; empty when it can."""
     if op not in OPS:

@@ -365,7 +365,7 @@ def _resolve(backend, x, weight, stride, padding, dilation, synchronized: bool) 
     if requested == "auto":
         candidates = backends.auto_candidates(device)
         considered = candidates[:candidates.index(name) + 1]
-    if not any((c, "conv_bn_relu") in backends._OP_RULES for c in considered) and len(_RESOLVED) < 64:
+    if not any(backends.has_call_rules(c, "conv_bn_relu") for c in considered) and len(_RESOLVED) < 64:
         _RESOLVED[key] = name
     return name
 
