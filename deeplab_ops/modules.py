@@ -4,6 +4,8 @@ semantics), and the calls that run existing conv/BN modules on the ops (fused_co
 
 from __future__ import annotations
 
+import weakref
+
 import torch
 from torch import nn
 
@@ -107,13 +109,55 @@ def _bn_call(bn: nn.BatchNorm2d, training: bool) -> tuple:
     counter = tracked if training and tracking and tracked is not None else None
     if counter is not None:
         if momentum is None:
-            momentum = 1.0 / float(tracked + 1)
+            momentum = 1.0 / float(batches_tracked(counter) + 1)
     elif momentum is None:
         momentum = 0.0
     bn_training = training or (rm is None and rv is None)
     if training and not tracking:
         rm = rv = None
     return weight, bias, rm, rv, bn_training, momentum, bn.eps, counter
+
+
+# num_batches_tracked values known on the host, so that BatchNorm with momentum=None (the cumulative average, factor
+# 1 / num_batches_tracked) reads a CUDA counter from the device once rather than once per call (each read is a host
+# synchronization): id(counter) -> (weak reference, the counter's version, its value). Any other write to the
+# counter (load_state_dict, in-place ops) changes its version and forces one fresh read; a write through `.data`,
+# which PyTorch does not version, is not seen (docs/performance.md). CPU counters are read every call (no sync).
+_BATCHES: dict[int, tuple] = {}
+_REMEMBERED_DEVICES = ("cuda",)
+
+
+def _known_batches(counter: Tensor) -> int | None:
+    entry = _BATCHES.get(id(counter))
+    if entry is not None and entry[0]() is counter and entry[1] == counter._version:
+        return entry[2]
+    return None
+
+
+def batches_tracked(counter: Tensor) -> int:
+    """The value of a num_batches_tracked tensor, read from the device only when this module does not know it."""
+    if not torch.compiler.is_compiling():
+        value = _known_batches(counter)
+        if value is not None:
+            return value
+    value = int(counter)
+    _remember_batches(counter, value)
+    return value
+
+
+def _remember_batches(counter: Tensor, value: int) -> None:
+    if counter.device.type not in _REMEMBERED_DEVICES or torch.compiler.is_compiling() or counter.is_inference():
+        return
+    key = id(counter)
+    _BATCHES[key] = (weakref.ref(counter, lambda _, key=key: _BATCHES.pop(key, None)), counter._version, value)
+
+
+def count_batch(counter: Tensor) -> None:
+    """num_batches_tracked += 1, as nn.BatchNorm2d.forward does, keeping its value known on the host."""
+    known = _known_batches(counter) if _BATCHES else None
+    counter.add_(1)
+    if known is not None:
+        _remember_batches(counter, known + 1)
 
 
 def _bn_args(bn: nn.BatchNorm2d, training: bool) -> tuple:
@@ -134,7 +178,7 @@ def bn_step(bn: nn.BatchNorm2d, training: bool) -> None:
     if training and bn.track_running_stats:
         counter = _bn_tensors(bn)[4]
         if counter is not None:
-            counter.add_(1)
+            count_batch(counter)
 
 
 _GEOMETRY: dict[tuple, tuple] = {}
@@ -173,7 +217,7 @@ def fused_conv_bn(
         process_group=process_group, memory_efficient=memory_efficient,
     )
     if counter is not None:  # bn_step: the batch counted once the call succeeded
-        counter.add_(1)
+        count_batch(counter)
     return out
 
 
@@ -374,10 +418,15 @@ def fused_aspp_forward(module: nn.Module, x: Tensor, backend: str | None = None,
     if training and bns[0].track_running_stats and bns[0].num_batches_tracked is not None:
         counters = [bn.num_batches_tracked for bn in bns]
         if not tracing and _back_to_back(counters):  # one add for all
+            # The packed counters share storage, not version counters: each known value is carried over by hand.
+            known = [_known_batches(c) for c in counters] if _BATCHES else ()
             counters[0].detach().as_strided((len(counters),), (1,)).add_(1)
+            for c, value in zip(counters, known, strict=False):
+                if value is not None:
+                    _remember_batches(c, value + 1)
         else:
             for c in counters:
-                c.add_(1)
+                count_batch(c)
     for extra in extras:
         if not (type(extra) is nn.Dropout and extra.p == 0):  # dropout(p=0) is the identity
             out = extra(out)
