@@ -184,12 +184,6 @@ struct Lanes {
   DLO_INLINE void load(const scalar_t* __restrict__ p) {
     for (int j = 0; j < kLanes; ++j) set(j, static_cast<acc_t>(p[j]));
   }
-  // The n < kLanes values of a tail, the other lanes set to `pad`: a pad that makes the lane's term -0 (or +0 into
-  // sums that are never -0) leaves those partial sums exactly as they are.
-  template <typename scalar_t>
-  DLO_INLINE void load_tail(const scalar_t* __restrict__ p, int64_t n, acc_t pad) {
-    for (int j = 0; j < kLanes; ++j) set(j, j < n ? static_cast<acc_t>(p[j]) : pad);
-  }
   DLO_INLINE void add(const Lanes& o) {
     for (int k = 0; k < kVecs; ++k) v[k] += o.v[k];
   }
@@ -199,10 +193,10 @@ struct Lanes {
   DLO_INLINE void add_product(const Lanes& a, const Lanes& b) {
     for (int k = 0; k < kVecs; ++k) v[k] += a.v[k] * b.v[k];
   }
-  // The kLanes partial sums added in a fixed tree.
-  DLO_INLINE acc_t total() const {
+  // The kLanes partial sums plus the tails' sums `tail` (lane by lane), added in a fixed tree.
+  DLO_INLINE acc_t total(const acc_t* tail) const {
     acc_t t[kLanes];
-    for (int j = 0; j < kLanes; ++j) t[j] = get(j);
+    for (int j = 0; j < kLanes; ++j) t[j] = get(j) + tail[j];
     for (int w = kLanes / 2; w >= 1; w /= 2) {
       for (int j = 0; j < w; ++j) t[j] += t[j + w];
     }
@@ -210,13 +204,14 @@ struct Lanes {
   }
 };
 
-// vec(i) for the whole vectors of kLanes values at i = 0, kLanes, ... of [0, len), then tail(i, n) for the n values
-// left: value i goes to lane i % kLanes.
+// vec(i) for the whole vectors of kLanes values at i = 0, kLanes, ... of a run [0, len) (into the Lanes), then
+// tail(i, j) for the values i left, j = i % kLanes (into scalar sums tail[j]: building a vector of a run's short
+// tail costs more than adding its values one by one).
 template <typename Vec, typename Tail>
 DLO_INLINE void for_lanes(int64_t len, const Vec& vec, const Tail& tail) {
   const int64_t full = len - len % kLanes;
   for (int64_t i = 0; i < full; i += kLanes) vec(i);
-  if (full < len) tail(full, len - full);
+  for (int64_t i = full; i < len; ++i) tail(i, static_cast<int>(i - full));
 }
 
 // body(r, set) for the rows r in [0, rows), set = r % kRowSets: each set of partial sums (in memory) gets every
@@ -310,7 +305,7 @@ class ChannelValues {
 template <int kBytes, typename scalar_t, typename acc_t>
 DLO_INLINE Welford<acc_t> runs_stats(const scalar_t* __restrict__ p, int64_t stride, int64_t runs, int64_t len) {
   Lanes<acc_t, kBytes> s, v;
-  s.zero();
+  acc_t tail[kLanes] = {};
   for (int64_t r = 0; r < runs; ++r) {
     const scalar_t* __restrict__ q = p + r * stride;
     for_lanes(
@@ -319,14 +314,12 @@ DLO_INLINE Welford<acc_t> runs_stats(const scalar_t* __restrict__ p, int64_t str
           v.load(q + i);
           s.add(v);
         },
-        [&](int64_t i, int64_t left) {
-          v.load_tail(q + i, left, acc_t(-0.0));
-          s.add(v);
-        });
+        [&](int64_t i, int j) { tail[j] += static_cast<acc_t>(q[i]); });
   }
   const acc_t count = static_cast<acc_t>(runs * len);
-  const acc_t mean = s.total() / count;
+  const acc_t mean = s.total(tail) / count;
   s.zero();
+  std::fill(tail, tail + kLanes, acc_t(0));
   for (int64_t r = 0; r < runs; ++r) {
     const scalar_t* __restrict__ q = p + r * stride;
     for_lanes(
@@ -336,13 +329,12 @@ DLO_INLINE Welford<acc_t> runs_stats(const scalar_t* __restrict__ p, int64_t str
           v.subtract(mean);
           s.add_product(v, v);
         },
-        [&](int64_t i, int64_t left) {
-          v.load_tail(q + i, left, mean);  // (mean - mean)^2 = +0 into sums of squares
-          v.subtract(mean);
-          s.add_product(v, v);
+        [&](int64_t i, int j) {
+          const acc_t d = static_cast<acc_t>(q[i]) - mean;
+          tail[j] += d * d;
         });
   }
-  return Welford<acc_t>{count, mean, s.total()};
+  return Welford<acc_t>{count, mean, s.total(tail)};
 }
 
 // NCHW: the statistics of one channel, in blocks of whole planes (planes up to kStatBlock values) or of chunks of
@@ -618,8 +610,7 @@ DLO_INLINE void channel_reduce(const scalar_t* dz, const scalar_t* z, const scal
                                int64_t c, acc_t mean, acc_t& sum_g, acc_t& sum_gy) {
   alignas(64) scalar_t buf[kGradBuf];
   Lanes<acc_t, kBytes> sg, sgy, gv, yv;
-  sg.zero();
-  sgy.zero();
+  acc_t tg[kLanes] = {}, tgy[kLanes] = {};
   for (int64_t n = 0; n < g.n; ++n) {
     const int64_t o = (n * g.c + c) * g.hw;
     // Chunks of kGradBuf values (a multiple of kLanes): value i of the plane still goes to lane i % kLanes.
@@ -631,27 +622,24 @@ DLO_INLINE void channel_reduce(const scalar_t* dz, const scalar_t* z, const scal
         gs = buf;
       }
       const scalar_t* __restrict__ ys = y + o + s;
-      const auto step = [&] {
-        sg.add(gv);
-        yv.subtract(mean);
-        sgy.add_product(gv, yv);
-      };
       for_lanes(
           len,
           [&](int64_t i) {
             gv.load(gs + i);
             yv.load(ys + i);
-            step();
+            sg.add(gv);
+            yv.subtract(mean);
+            sgy.add_product(gv, yv);
           },
-          [&](int64_t i, int64_t left) {
-            gv.load_tail(gs + i, left, acc_t(-0.0));  // -0, and -0 * (mean - mean) = -0
-            yv.load_tail(ys + i, left, mean);
-            step();
+          [&](int64_t i, int j) {
+            const acc_t gi = static_cast<acc_t>(gs[i]);
+            tg[j] += gi;
+            tgy[j] += gi * (static_cast<acc_t>(ys[i]) - mean);
           });
     }
   }
-  sum_g = sg.total();
-  sum_gy = sgy.total();
+  sum_g = sg.total(tg);
+  sum_gy = sgy.total(tgy);
 }
 
 // NHWC: the same sums per channel over `rows` rows of c values, written to sg and sgy.
