@@ -9,8 +9,8 @@
 //   a thread's share, everything below it inlined) and runs the one that torch's own CPU kernels use
 //   (at::get_cpu_capability(), which ATEN_CPU_CAPABILITY overrides). Multiply-adds are never contracted into FMAs
 //   (fp-contract=off below), so every ISA computes the same operations and gives the same bits.
-// - One parallel region per call, and none below kParallelWork values per thread: the fork/join of the OpenMP
-//   threads costs more than such a pass.
+// - One parallel region per call, and none below kParallelWork (reductions) or kParallelMap (element-wise) values
+//   per thread: the fork/join of the OpenMP threads costs more than such a pass.
 // - Contiguous reductions keep kLanes independent partial sums (one running sum would be a chain of dependent
 //   double additions, latency-bound); NCHW reductions run one channel per work item, its N planes into the same
 //   lanes, so no per-plane partials are merged; channels_last reductions rotate consecutive rows over kRowSets sets
@@ -63,7 +63,9 @@ constexpr int64_t kGroup = 256;          // NHWC: channels per group of partial 
 constexpr int64_t kGradBuf = 256;        // values of act_grad(dz, z) computed ahead of a reduction (multiple of kLanes)
 constexpr int64_t kStatBlock = 8192;     // values per two-pass (count, mean, M2) block
 constexpr int64_t kReduceBlock = 16384;  // NHWC: values per row block of the backward reduction
-constexpr int64_t kParallelWork = 32768; // values per thread below which a pass runs on one thread
+constexpr int64_t kParallelWork = 32768; // values per thread below which a reduction runs on one thread
+constexpr int64_t kParallelMap = 65536;  // the same for an element-wise pass (less work per value)
+constexpr int64_t kTile = 256;           // NHWC element-wise: values per span of whole rows
 
 // ---- ISA dispatch and threading -----------------------------------------------------------------------------
 
@@ -119,11 +121,11 @@ void run_isa(Isa isa, const F& f, int64_t begin, int64_t end) {
 }
 
 // f(begin, end, width) over the items [0, items) of `work` values each, split over the threads (none when the whole pass
-// is under kParallelWork values per thread), in kernel_isa()'s build.
+// is under min_work values per thread), in kernel_isa()'s build.
 template <typename F>
-void parallel_items(int64_t items, int64_t work, const F& f) {
+void parallel_items(int64_t items, int64_t work, const F& f, int64_t min_work = kParallelWork) {
   const Isa isa = kernel_isa();
-  const int64_t grain = std::max<int64_t>(1, kParallelWork / std::max<int64_t>(work, 1));
+  const int64_t grain = std::max<int64_t>(1, min_work / std::max<int64_t>(work, 1));
   at::parallel_for(0, items, grain, [&](int64_t begin, int64_t end) { run_isa(isa, f, begin, end); });
 }
 
@@ -507,12 +509,35 @@ void bn_finalize_cpu(const std::optional<at::Tensor>& mean, const std::optional<
 template <typename Plane, typename Rows>
 void for_each_run(const ActivationShape& g, bool nhwc, const Plane& plane, const Rows& rows) {
   if (!nhwc) {
-    parallel_items(g.n * g.c, g.hw, [&](int64_t begin, int64_t end, auto) {
-      for (int64_t p = begin; p < end; ++p) plane(p * g.hw, p % g.c);
-    });
+    parallel_items(
+        g.n * g.c, g.hw,
+        [&](int64_t begin, int64_t end, auto) {
+          for (int64_t p = begin; p < end; ++p) plane(p * g.hw, p % g.c);
+        },
+        kParallelMap);
   } else {
-    parallel_items(g.n * g.hw, g.c, [&](int64_t begin, int64_t end, auto) { rows(begin * g.c, end - begin); });
+    parallel_items(
+        g.n * g.hw, g.c, [&](int64_t begin, int64_t end, auto) { rows(begin * g.c, end - begin); }, kParallelMap);
   }
+}
+
+// channels_last rows are walked in spans of tiled_length(c) values (whole rows, at least kTile values when c is
+// smaller), each one loop against per-channel values repeated to that length (tile_channels): no loop per row of few
+// channels.
+inline int64_t tiled_length(int64_t c) { return c * std::max<int64_t>(1, kTile / c); }
+
+// Per-channel values v[0..c) repeated to tiled_length(c) values.
+template <typename T>
+void tile_channels(std::vector<T>& v, int64_t c) {
+  const int64_t n = tiled_length(c);
+  v.resize(n);
+  for (int64_t i = c; i < n; ++i) v[i] = v[i - c];
+}
+
+// f(offset, n) over [0, total) in spans of `span` values.
+template <typename F>
+DLO_INLINE void for_spans(int64_t total, int64_t span, const F& f) {
+  for (int64_t s = 0; s < total; s += span) f(s, std::min(span, total - s));
 }
 
 // z = act((x - mean) * scale + shift [+ r]) over one contiguous run of one channel.
@@ -526,19 +551,18 @@ DLO_INLINE void apply_run(const scalar_t* __restrict__ x, const scalar_t* __rest
   }
 }
 
-// The same over `rows` channels_last rows of c values, with per-channel mean, scale, shift.
+// The same over `rows` channels_last rows of c values, with per-channel mean, scale, shift tiled (tile_channels).
 template <bool kRelu, bool kResidual, typename scalar_t, typename op_t>
 DLO_INLINE void apply_rows(const scalar_t* __restrict__ x, const scalar_t* __restrict__ r, scalar_t* __restrict__ z,
                            int64_t rows, int64_t c, const op_t* __restrict__ mean, const op_t* __restrict__ scale,
                            const op_t* __restrict__ shift) {
-  for (int64_t row = 0; row < rows; ++row) {
-    const int64_t o = row * c;
-    for (int64_t k = 0; k < c; ++k) {
+  for_spans(rows * c, tiled_length(c), [&](int64_t o, int64_t n) {
+    for (int64_t k = 0; k < n; ++k) {
       op_t v = bn_affine<op_t>(static_cast<op_t>(x[o + k]), mean[k], scale[k], shift[k]);
       if (kResidual) v += static_cast<op_t>(r[o + k]);
       z[o + k] = static_cast<scalar_t>(relu_if<op_t>(v, kRelu));
     }
-  }
+  });
 }
 
 at::Tensor bn_apply_cpu(const at::Tensor& input_, const at::Tensor& mean, const at::Tensor& invstd,
@@ -564,6 +588,9 @@ at::Tensor bn_apply_cpu(const at::Tensor& input_, const at::Tensor& mean, const 
       const op_t inv = static_cast<op_t>(is.get(c));
       sp[c] = wt ? static_cast<op_t>(wt->get(c)) * inv : inv;
       hp[c] = bs ? static_cast<op_t>(bs->get(c)) : op_t(0);
+    }
+    if (is_nhwc(input)) {
+      for (auto* v : {&mp, &sp, &hp}) tile_channels(*v, g.c);
     }
     const scalar_t* x = input.const_data_ptr<scalar_t>();
     const scalar_t* r = has_res ? residual.const_data_ptr<scalar_t>() : nullptr;
@@ -764,7 +791,8 @@ DLO_INLINE void dy_run(const scalar_t* __restrict__ dz, const scalar_t* __restri
 // How a channels_last dy pass treats the per-channel coefficient b (bn_dy's two forms).
 enum class DyForm { kConstant, kCentred, kMixed };  // every b = 0 / every b != 0 / some of each
 
-// The same over `rows` channels_last rows of c values with per-channel coefficients (k, a, b) and means. kMixed
+// The same over `rows` channels_last rows of c values with per-channel coefficients (k, a, b) and means, tiled
+// (tile_channels). kMixed
 // writes bn_dy as k * (g - a - (y' - mean) * b) with y' = mean where b = 0: the product is then exactly 0 and
 // (g - a) - 0 is g - a, so this is bn_dy for every channel, as a select of two loaded values (which vectorizes).
 template <bool kRelu, DyForm kForm, typename scalar_t, typename op_t>
@@ -772,9 +800,8 @@ DLO_INLINE void dy_rows(const scalar_t* __restrict__ dz, const scalar_t* __restr
                         const scalar_t* __restrict__ y, scalar_t* __restrict__ o, int64_t rows, int64_t c,
                         const op_t* __restrict__ mean, const op_t* __restrict__ k, const op_t* __restrict__ a,
                         const op_t* __restrict__ b) {
-  for (int64_t row = 0; row < rows; ++row) {
-    const int64_t base = row * c;
-    for (int64_t j = 0; j < c; ++j) {
+  for_spans(rows * c, tiled_length(c), [&](int64_t base, int64_t n) {
+    for (int64_t j = 0; j < n; ++j) {
       const op_t gj = grad_at<kRelu>(dz[base + j], z[base + j]);
       if (kForm == DyForm::kConstant) {
         o[base + j] = static_cast<scalar_t>(k[j] * (gj - a[j]));
@@ -786,7 +813,7 @@ DLO_INLINE void dy_rows(const scalar_t* __restrict__ dz, const scalar_t* __restr
         o[base + j] = static_cast<scalar_t>(k[j] * (gj - a[j] - (yc - mv) * bv));
       }
     }
-  }
+  });
 }
 
 at::Tensor bn_backward_dy_cpu(const at::Tensor& grad_out_, const at::Tensor& output_, const at::Tensor& input_,
@@ -820,6 +847,9 @@ at::Tensor bn_backward_dy_cpu(const at::Tensor& grad_out_, const at::Tensor& out
       ap[c] = cf.a;
       bp[c] = cf.b;
       zero_b += cf.b == op_t(0) ? 1 : 0;
+    }
+    if (is_nhwc(t.input)) {
+      for (auto* v : {&mp, &kp, &ap, &bp}) tile_channels(*v, g.c);
     }
     const scalar_t* y = t.input.const_data_ptr<scalar_t>();
     const scalar_t* dz = t.grad_out.const_data_ptr<scalar_t>();
