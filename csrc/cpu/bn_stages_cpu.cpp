@@ -120,8 +120,8 @@ void run_isa(Isa isa, const F& f, int64_t begin, int64_t end) {
   run_base(f, begin, end);
 }
 
-// f(begin, end, width) over the items [0, items) of `work` values each, split over the threads (none when the whole pass
-// is under min_work values per thread), in kernel_isa()'s build.
+// f(begin, end, width) over the items [0, items) of `work` values each, split over the threads (none when the whole
+// pass is under min_work values per thread), in kernel_isa()'s build.
 template <typename F>
 void parallel_items(int64_t items, int64_t work, const F& f, int64_t min_work = kParallelWork) {
   const Isa isa = kernel_isa();
@@ -256,6 +256,31 @@ DLO_INLINE at::opmath_type<scalar_t> grad_at(scalar_t dz, scalar_t z) {
   return act_grad<op_t>(static_cast<op_t>(dz), static_cast<op_t>(z), kRelu);
 }
 
+// NHWC reductions split the N * HW rows into blocks of a fixed number of rows (so that the order of the sums depends
+// on the shape only), each block giving two per-channel partials, then merged in block order.
+struct RowBlocks {
+  int64_t rows, block, blocks;
+  int64_t first(int64_t b) const { return b * block; }
+  int64_t count(int64_t b) const { return std::min(rows, (b + 1) * block) - b * block; }
+};
+
+// kernel(offset, rows, a_b, b_b) per block of about block_values values, on the threads, writing the block's two
+// partials (C values each) into row b of the (blocks, C) arrays a and b.
+template <typename acc_t, typename Kernel>
+RowBlocks row_block_partials(const ActivationShape& g, int64_t block_values, std::vector<acc_t>& a,
+                             std::vector<acc_t>& b, const Kernel& kernel) {
+  const int64_t rows = g.n * g.hw, block = std::max<int64_t>(1, block_values / g.c);
+  const RowBlocks rb{rows, block, (rows + block - 1) / block};
+  a.resize(rb.blocks * g.c);
+  b.resize(rb.blocks * g.c);
+  parallel_items(rb.blocks, block * g.c, [&](int64_t begin, int64_t end, auto) {
+    for (int64_t i = begin; i < end; ++i) {
+      kernel(rb.first(i) * g.c, rb.count(i), a.data() + i * g.c, b.data() + i * g.c);
+    }
+  });
+  return rb;
+}
+
 // f(std::true_type{}) or f(std::false_type{}): a runtime flag as a compile-time constant, so that the inner loops
 // of each instantiation have no branch on it.
 template <typename F>
@@ -308,34 +333,34 @@ template <int kBytes, typename scalar_t, typename acc_t>
 DLO_INLINE Welford<acc_t> runs_stats(const scalar_t* __restrict__ p, int64_t stride, int64_t runs, int64_t len) {
   Lanes<acc_t, kBytes> s, v;
   acc_t tail[kLanes] = {};
-  for (int64_t r = 0; r < runs; ++r) {
-    const scalar_t* __restrict__ q = p + r * stride;
-    for_lanes(
-        len,
-        [&](int64_t i) {
-          v.load(q + i);
-          s.add(v);
-        },
-        [&](int64_t i, int j) { tail[j] += static_cast<acc_t>(q[i]); });
-  }
+  // for_lanes over every run: vec(q + i) for the whole vectors, tail(q + i, j) for the values left.
+  const auto each_run = [&](const auto& vec, const auto& tail_value) {
+    for (int64_t r = 0; r < runs; ++r) {
+      const scalar_t* __restrict__ q = p + r * stride;
+      for_lanes(
+          len, [&](int64_t i) { vec(q + i); }, [&](int64_t i, int j) { tail_value(q + i, j); });
+    }
+  };
+  each_run(
+      [&](const scalar_t* q) {
+        v.load(q);
+        s.add(v);
+      },
+      [&](const scalar_t* q, int j) { tail[j] += static_cast<acc_t>(*q); });
   const acc_t count = static_cast<acc_t>(runs * len);
   const acc_t mean = s.total(tail) / count;
   s.zero();
   std::fill(tail, tail + kLanes, acc_t(0));
-  for (int64_t r = 0; r < runs; ++r) {
-    const scalar_t* __restrict__ q = p + r * stride;
-    for_lanes(
-        len,
-        [&](int64_t i) {
-          v.load(q + i);
-          v.subtract(mean);
-          s.add_product(v, v);
-        },
-        [&](int64_t i, int j) {
-          const acc_t d = static_cast<acc_t>(q[i]) - mean;
-          tail[j] += d * d;
-        });
-  }
+  each_run(
+      [&](const scalar_t* q) {
+        v.load(q);
+        v.subtract(mean);
+        s.add_product(v, v);
+      },
+      [&](const scalar_t* q, int j) {
+        const acc_t d = static_cast<acc_t>(*q) - mean;
+        tail[j] += d * d;
+      });
   return Welford<acc_t>{count, mean, s.total(tail)};
 }
 
@@ -417,23 +442,16 @@ std::tuple<at::Tensor, at::Tensor> bn_stats_cpu(const at::Tensor& input_) {
       return;
     }
     // Blocks of rows, each an exact (mean, M2) per channel; then the blocks merged in order, per channel.
-    const int64_t rows = g.n * g.hw;
-    const int64_t block = std::max<int64_t>(1, kStatBlock / g.c);
-    const int64_t blocks = (rows + block - 1) / block;
-    std::vector<acc_t> bmean(blocks * g.c), bm2(blocks * g.c);
-    parallel_items(blocks, block * g.c, [&](int64_t begin, int64_t end, auto) {
-      for (int64_t b = begin; b < end; ++b) {
-        const int64_t r0 = b * block;
-        rows_stats<scalar_t, acc_t>(x + r0 * g.c, std::min(rows, r0 + block) - r0, g.c, bmean.data() + b * g.c,
-                                    bm2.data() + b * g.c);
-      }
+    std::vector<acc_t> bmean, bm2;
+    const RowBlocks rb = row_block_partials(g, kStatBlock, bmean, bm2, [&](int64_t o, int64_t n, acc_t* mu, acc_t* sq) {
+      rows_stats<scalar_t, acc_t>(x + o, n, g.c, mu, sq);
     });
     serial_kernel([&](auto) {
       acc_t* __restrict__ mu = bmean.data();
       acc_t* __restrict__ sq = bm2.data();
-      for (int64_t b = 1; b < blocks; ++b) {
-        const acc_t na = static_cast<acc_t>(b * block);
-        const acc_t nb = static_cast<acc_t>(std::min(rows, (b + 1) * block) - b * block);
+      for (int64_t b = 1; b < rb.blocks; ++b) {
+        const acc_t na = static_cast<acc_t>(rb.first(b));
+        const acc_t nb = static_cast<acc_t>(rb.count(b));
         const acc_t* __restrict__ bmu = mu + b * g.c;
         const acc_t* __restrict__ bsq = sq + b * g.c;
         for (int64_t c = 0; c < g.c; ++c) {
@@ -748,21 +766,14 @@ std::tuple<at::Tensor, at::Tensor> bn_backward_reduce_cpu(const at::Tensor& grad
         return;
       }
       // Blocks of rows, each a partial per channel; then the partials added in block order, per channel.
-      const int64_t rows = g.n * g.hw;
-      const int64_t block = std::max<int64_t>(1, kReduceBlock / g.c);
-      const int64_t blocks = (rows + block - 1) / block;
-      std::vector<acc_t> pg(blocks * g.c), pgy(blocks * g.c);
-      parallel_items(blocks, block * g.c, [&](int64_t begin, int64_t end, auto) {
-        for (int64_t b = begin; b < end; ++b) {
-          const int64_t r0 = b * block, o = r0 * g.c;
-          rows_reduce<kRelu>(dz + o, z + o, y + o, std::min(rows, r0 + block) - r0, g.c, mp.data(),
-                             pg.data() + b * g.c, pgy.data() + b * g.c);
-        }
+      std::vector<acc_t> pg, pgy;
+      const RowBlocks rb = row_block_partials(g, kReduceBlock, pg, pgy, [&](int64_t o, int64_t n, acc_t* a, acc_t* b) {
+        rows_reduce<kRelu>(dz + o, z + o, y + o, n, g.c, mp.data(), a, b);
       });
       serial_kernel([&](auto) {
         acc_t* __restrict__ sg = pg.data();
         acc_t* __restrict__ sgy = pgy.data();
-        for (int64_t b = 1; b < blocks; ++b) {
+        for (int64_t b = 1; b < rb.blocks; ++b) {
           for (int64_t c = 0; c < g.c; ++c) {
             sg[c] += sg[b * g.c + c];
             sgy[c] += sgy[b * g.c + c];
