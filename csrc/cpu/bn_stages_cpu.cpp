@@ -9,8 +9,9 @@
 //   a thread's share, everything below it inlined) and runs the one that torch's own CPU kernels use
 //   (at::get_cpu_capability(), which ATEN_CPU_CAPABILITY overrides). Multiply-adds are never contracted into FMAs
 //   (fp-contract=off below), so every ISA computes the same operations and gives the same bits.
-// - One parallel region per call, and none below kParallelWork (reductions) or kParallelMap (element-wise) values
-//   per thread: the fork/join of the OpenMP threads costs more than such a pass.
+// - One parallel region per call, and none for a pass of at most kParallelWork (reductions) or kParallelMap
+//   (element-wise) values, at most one thread per that many values above: on such small passes the fork/join of the
+//   OpenMP threads costs more than it saves.
 // - Contiguous reductions keep kLanes independent partial sums (one running sum would be a chain of dependent
 //   double additions, latency-bound); NCHW reductions run one channel per work item, its N planes into the same
 //   lanes, so no per-plane partials are merged; channels_last reductions rotate consecutive rows over kRowSets sets
@@ -60,10 +61,10 @@ namespace {
 constexpr int kLanes = 16;               // independent partial sums of a contiguous reduction
 constexpr int kRowSets = 4;              // NHWC: sets of per-channel partial sums that consecutive rows rotate over
 constexpr int64_t kGroup = 256;          // NHWC: channels per group of partial sums (a stack array each)
-constexpr int64_t kGradBuf = 256;        // values of act_grad(dz, z) computed ahead of a reduction (multiple of kLanes)
+constexpr int64_t kGradBuf = 1024;       // values of act_grad(dz, z) computed ahead of a reduction (multiple of kLanes)
 constexpr int64_t kStatBlock = 8192;     // values per two-pass (count, mean, M2) block
 constexpr int64_t kReduceBlock = 16384;  // NHWC: values per row block of the backward reduction
-constexpr int64_t kParallelWork = 32768; // values per thread below which a reduction runs on one thread
+constexpr int64_t kParallelWork = 32768; // a reduction of at most this many values runs on one thread
 constexpr int64_t kParallelMap = 65536;  // the same for an element-wise pass (less work per value)
 constexpr int64_t kTile = 256;           // NHWC element-wise: values per span of whole rows
 
@@ -120,8 +121,8 @@ void run_isa(Isa isa, const F& f, int64_t begin, int64_t end) {
   run_base(f, begin, end);
 }
 
-// f(begin, end, width) over the items [0, items) of `work` values each, split over the threads (none when the whole
-// pass is under min_work values per thread), in kernel_isa()'s build.
+// f(begin, end, width) over the items [0, items) of `work` values each, in kernel_isa()'s build, split over at most
+// one thread per min_work values (so none for a pass of at most min_work values).
 template <typename F>
 void parallel_items(int64_t items, int64_t work, const F& f, int64_t min_work = kParallelWork) {
   const Isa isa = kernel_isa();
