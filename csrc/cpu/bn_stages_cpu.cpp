@@ -14,9 +14,9 @@
 //   OpenMP threads costs more than it saves.
 // - Contiguous reductions keep kLanes independent partial sums (one running sum would be a chain of dependent
 //   double additions, latency-bound); NCHW reductions run one channel per work item, its N planes into the same
-//   lanes, so no per-plane partials are merged; channels_last reductions rotate consecutive rows over kRowSets sets
-//   of per-channel partial sums, so that their load-add-store chains overlap.
-// The summation order is fixed by the shape alone (lanes, blocks, row sets), never by the thread count
+//   lanes, so no per-plane partials are merged; channels_last passes walk spans of whole rows, at least kTile values
+//   each (tiled_length).
+// The summation order is fixed by the shape alone (lanes, blocks, spans), never by the thread count
 // or the ISA: results are reproducible run to run, for any number of threads and on any CPU.
 
 #include <ATen/ATen.h>
@@ -59,14 +59,12 @@ namespace deeplab_ops {
 namespace {
 
 constexpr int kLanes = 16;               // independent partial sums of a contiguous reduction
-constexpr int kRowSets = 4;              // NHWC: sets of per-channel partial sums that consecutive rows rotate over
-constexpr int64_t kGroup = 256;          // NHWC: channels per group of partial sums (a stack array each)
 constexpr int64_t kGradBuf = 1024;       // values of act_grad(dz, z) computed ahead of a reduction (multiple of kLanes)
 constexpr int64_t kStatBlock = 8192;     // values per two-pass (count, mean, M2) block
 constexpr int64_t kReduceBlock = 16384;  // NHWC: values per row block of the backward reduction
 constexpr int64_t kParallelWork = 32768; // a reduction of at most this many values runs on one thread
 constexpr int64_t kParallelMap = 65536;  // the same for an element-wise pass (less work per value)
-constexpr int64_t kTile = 256;           // NHWC element-wise: values per span of whole rows
+constexpr int64_t kTile = 256;           // NHWC: values per span of whole rows (tiled_length)
 
 // ---- ISA dispatch and threading -----------------------------------------------------------------------------
 
@@ -217,26 +215,6 @@ DLO_INLINE void for_lanes(int64_t len, const Vec& vec, const Tail& tail) {
   for (int64_t i = full; i < len; ++i) tail(i, static_cast<int>(i - full));
 }
 
-// body(r, set) for the rows r in [0, rows), set = r % kRowSets: each set of partial sums (in memory) gets every
-// kRowSets-th row, so the load-add-store chains of consecutive rows are independent.
-template <typename Body>
-DLO_INLINE void for_row_sets(int64_t rows, const Body& body) {
-  for (int64_t r = 0; r < rows; ++r) body(r, static_cast<int>(r % kRowSets));
-}
-
-// The kRowSets partial sums of channel j (sets kGroup apart) added in a fixed tree.
-template <typename acc_t>
-DLO_INLINE acc_t sets_total(const acc_t* s, int64_t j) {
-  static_assert(kRowSets == 4, "sets_total adds 4 sets");
-  return (s[j] + s[2 * kGroup + j]) + (s[kGroup + j] + s[3 * kGroup + j]);
-}
-
-// f(k0, w) for the channel groups [k0, k0 + w) of c channels.
-template <typename F>
-DLO_INLINE void for_groups(int64_t c, const F& f) {
-  for (int64_t k0 = 0; k0 < c; k0 += kGroup) f(k0, std::min(kGroup, c - k0));
-}
-
 // The gradient at the BN output of n contiguous values, g = act_grad(dz, z), into g: a select of two loaded values
 // in the storage type, which vectorizes (with the conversion to the accumulation type inside the select, the
 // compiler branches per value instead).
@@ -327,6 +305,34 @@ class ChannelValues {
   int64_t s0_, s1_;
 };
 
+// channels_last rows are walked in spans of tiled_length(c) values (whole rows, at least kTile values when c is
+// smaller), each one loop against per-channel values repeated to that length (tile_channels) or into partial sums
+// per position of the span (fold_span): no loop per row of few channels, and in a reduction the load-add-store
+// chain of each partial sum advances once per span, not once per row.
+inline int64_t tiled_length(int64_t c) { return c * std::max<int64_t>(1, kTile / c); }
+
+// Per-channel values v[0..c) repeated to tiled_length(c) values.
+template <typename T>
+void tile_channels(std::vector<T>& v, int64_t c) {
+  const int64_t n = tiled_length(c);
+  v.resize(n);
+  for (int64_t i = c; i < n; ++i) v[i] = v[i - c];
+}
+
+// f(offset, n) over [0, total) in spans of `span` values.
+template <typename F>
+DLO_INLINE void for_spans(int64_t total, int64_t span, const F& f) {
+  for (int64_t s = 0; s < total; s += span) f(s, std::min(span, total - s));
+}
+
+// Channel k's total of the partial sums per position of a span (position p holds channel p % c), added in order.
+template <typename acc_t>
+DLO_INLINE acc_t fold_span(const acc_t* s, int64_t span, int64_t c, int64_t k) {
+  acc_t t = s[k];
+  for (int64_t p = k + c; p < span; p += c) t += s[p];
+  return t;
+}
+
 // ---- bn_stats ------------------------------------------------------------------------------------------------
 
 // Two-pass (count, mean, M2) of `runs` runs of `len` values, run r at p + r * stride, in kLanes partial sums.
@@ -381,36 +387,28 @@ DLO_INLINE Welford<acc_t> channel_stats(const scalar_t* x, const ActivationShape
   return w;
 }
 
-// NHWC: (mean, M2) per channel of `rows` rows of c values, by two passes.
+// NHWC: (mean, M2) per channel of `rows` rows of c values, by two passes over spans of whole rows; scratch holds
+// 2 * tiled_length(c) values.
 template <typename scalar_t, typename acc_t>
 DLO_INLINE void rows_stats(const scalar_t* __restrict__ x, int64_t rows, int64_t c, acc_t* __restrict__ mu,
-                           acc_t* __restrict__ m2) {
-  const acc_t inv = acc_t(1) / static_cast<acc_t>(rows);
-  for_groups(c, [&](int64_t k0, int64_t w) {
-    const scalar_t* __restrict__ xk = x + k0;
-    alignas(64) acc_t s[kRowSets * kGroup];
-    std::fill(s, s + kRowSets * kGroup, acc_t(0));
-    for_row_sets(rows, [&](int64_t r, int h) {
-      acc_t* __restrict__ a = s + h * kGroup;
-      const scalar_t* __restrict__ row = xk + r * c;
-      for (int64_t j = 0; j < w; ++j) a[j] += static_cast<acc_t>(row[j]);
-    });
-    alignas(64) acc_t mean[kGroup];
-    for (int64_t j = 0; j < w; ++j) mean[j] = sets_total(s, j) * inv;
-    std::fill(s, s + kRowSets * kGroup, acc_t(0));
-    for_row_sets(rows, [&](int64_t r, int h) {
-      acc_t* __restrict__ a = s + h * kGroup;
-      const scalar_t* __restrict__ row = xk + r * c;
-      for (int64_t j = 0; j < w; ++j) {
-        const acc_t d = static_cast<acc_t>(row[j]) - mean[j];
-        a[j] += d * d;
-      }
-    });
-    for (int64_t j = 0; j < w; ++j) {
-      mu[k0 + j] = mean[j];
-      m2[k0 + j] = sets_total(s, j);
+                           acc_t* __restrict__ m2, acc_t* __restrict__ scratch) {
+  const int64_t span = tiled_length(c);
+  acc_t* __restrict__ s = scratch;           // a partial sum per position
+  acc_t* __restrict__ mt = scratch + span;   // the means, tiled
+  std::fill(s, s + span, acc_t(0));
+  for_spans(rows * c, span, [&](int64_t o, int64_t n) {
+    for (int64_t k = 0; k < n; ++k) s[k] += static_cast<acc_t>(x[o + k]);
+  });
+  for (int64_t k = 0; k < c; ++k) mu[k] = fold_span(s, span, c, k) / static_cast<acc_t>(rows);
+  for (int64_t p = 0; p < span; p += c) std::copy(mu, mu + c, mt + p);
+  std::fill(s, s + span, acc_t(0));
+  for_spans(rows * c, span, [&](int64_t o, int64_t n) {
+    for (int64_t k = 0; k < n; ++k) {
+      const acc_t d = static_cast<acc_t>(x[o + k]) - mt[k];
+      s[k] += d * d;
     }
   });
+  for (int64_t k = 0; k < c; ++k) m2[k] = fold_span(s, span, c, k);
 }
 
 std::tuple<at::Tensor, at::Tensor> bn_stats_cpu(const at::Tensor& input_) {
@@ -445,7 +443,8 @@ std::tuple<at::Tensor, at::Tensor> bn_stats_cpu(const at::Tensor& input_) {
     // Blocks of rows, each an exact (mean, M2) per channel; then the blocks merged in order, per channel.
     std::vector<acc_t> bmean, bm2;
     const RowBlocks rb = row_block_partials(g, kStatBlock, bmean, bm2, [&](int64_t o, int64_t n, acc_t* mu, acc_t* sq) {
-      rows_stats<scalar_t, acc_t>(x + o, n, g.c, mu, sq);
+      std::vector<acc_t> scratch(2 * tiled_length(g.c));
+      rows_stats<scalar_t, acc_t>(x + o, n, g.c, mu, sq, scratch.data());
     });
     serial_kernel([&](auto) {
       acc_t* __restrict__ mu = bmean.data();
@@ -538,25 +537,6 @@ void for_each_run(const ActivationShape& g, bool nhwc, const Plane& plane, const
     parallel_items(
         g.n * g.hw, g.c, [&](int64_t begin, int64_t end, auto) { rows(begin * g.c, end - begin); }, kParallelMap);
   }
-}
-
-// channels_last rows are walked in spans of tiled_length(c) values (whole rows, at least kTile values when c is
-// smaller), each one loop against per-channel values repeated to that length (tile_channels): no loop per row of few
-// channels.
-inline int64_t tiled_length(int64_t c) { return c * std::max<int64_t>(1, kTile / c); }
-
-// Per-channel values v[0..c) repeated to tiled_length(c) values.
-template <typename T>
-void tile_channels(std::vector<T>& v, int64_t c) {
-  const int64_t n = tiled_length(c);
-  v.resize(n);
-  for (int64_t i = c; i < n; ++i) v[i] = v[i - c];
-}
-
-// f(offset, n) over [0, total) in spans of `span` values.
-template <typename F>
-DLO_INLINE void for_spans(int64_t total, int64_t span, const F& f) {
-  for (int64_t s = 0; s < total; s += span) f(s, std::min(span, total - s));
 }
 
 // z = act((x - mean) * scale + shift [+ r]) over one contiguous run of one channel.
@@ -688,38 +668,34 @@ DLO_INLINE void channel_reduce(const scalar_t* dz, const scalar_t* z, const scal
   sum_gy = sgy.total(tgy);
 }
 
-// NHWC: the same sums per channel over `rows` rows of c values, written to sg and sgy.
+// NHWC: the same sums per channel over `rows` rows of c values, written to sg and sgy, over spans of whole rows
+// with the means tiled (mt); scratch holds 2 * tiled_length(c) values, buf tiled_length(c).
 template <bool kRelu, typename scalar_t, typename acc_t>
 DLO_INLINE void rows_reduce(const scalar_t* __restrict__ dz, const scalar_t* __restrict__ z,
-                            const scalar_t* __restrict__ y, int64_t rows, int64_t c, const acc_t* __restrict__ mean,
-                            acc_t* __restrict__ sg, acc_t* __restrict__ sgy) {
-  alignas(64) scalar_t buf[kGroup];
-  for_groups(c, [&](int64_t k0, int64_t w) {
-    const acc_t* __restrict__ m = mean + k0;
-    alignas(64) acc_t a[kRowSets * kGroup], b[kRowSets * kGroup];
-    std::fill(a, a + kRowSets * kGroup, acc_t(0));
-    std::fill(b, b + kRowSets * kGroup, acc_t(0));
-    for_row_sets(rows, [&](int64_t r, int h) {
-      const int64_t o = r * c + k0;
-      const scalar_t* __restrict__ gs = dz + o;
-      if (kRelu) {
-        masked_grad(dz + o, z + o, buf, w);
-        gs = buf;
-      }
-      const scalar_t* __restrict__ ys = y + o;
-      acc_t* __restrict__ ah = a + h * kGroup;
-      acc_t* __restrict__ bh = b + h * kGroup;
-      for (int64_t j = 0; j < w; ++j) {
-        const acc_t gi = static_cast<acc_t>(gs[j]);
-        ah[j] += gi;
-        bh[j] += gi * (static_cast<acc_t>(ys[j]) - m[j]);
-      }
-    });
-    for (int64_t j = 0; j < w; ++j) {
-      sg[k0 + j] = sets_total(a, j);
-      sgy[k0 + j] = sets_total(b, j);
+                            const scalar_t* __restrict__ y, int64_t rows, int64_t c, const acc_t* __restrict__ mt,
+                            acc_t* __restrict__ sg, acc_t* __restrict__ sgy, acc_t* __restrict__ scratch,
+                            scalar_t* __restrict__ buf) {
+  const int64_t span = tiled_length(c);
+  acc_t* __restrict__ a = scratch;
+  acc_t* __restrict__ b = scratch + span;
+  std::fill(scratch, scratch + 2 * span, acc_t(0));
+  for_spans(rows * c, span, [&](int64_t o, int64_t n) {
+    const scalar_t* __restrict__ gs = dz + o;
+    if (kRelu) {
+      masked_grad(dz + o, z + o, buf, n);
+      gs = buf;
+    }
+    const scalar_t* __restrict__ ys = y + o;
+    for (int64_t k = 0; k < n; ++k) {
+      const acc_t gi = static_cast<acc_t>(gs[k]);
+      a[k] += gi;
+      b[k] += gi * (static_cast<acc_t>(ys[k]) - mt[k]);
     }
   });
+  for (int64_t k = 0; k < c; ++k) {
+    sg[k] = fold_span(a, span, c, k);
+    sgy[k] = fold_span(b, span, c, k);
+  }
 }
 
 std::tuple<at::Tensor, at::Tensor> bn_backward_reduce_cpu(const at::Tensor& grad_out_, const at::Tensor& output_,
@@ -767,9 +743,12 @@ std::tuple<at::Tensor, at::Tensor> bn_backward_reduce_cpu(const at::Tensor& grad
         return;
       }
       // Blocks of rows, each a partial per channel; then the partials added in block order, per channel.
-      std::vector<acc_t> pg, pgy;
+      std::vector<acc_t> pg, pgy, mt(mp);
+      tile_channels(mt, g.c);
       const RowBlocks rb = row_block_partials(g, kReduceBlock, pg, pgy, [&](int64_t o, int64_t n, acc_t* a, acc_t* b) {
-        rows_reduce<kRelu>(dz + o, z + o, y + o, n, g.c, mp.data(), a, b);
+        std::vector<acc_t> scratch(2 * tiled_length(g.c));
+        std::vector<scalar_t> buf(tiled_length(g.c));
+        rows_reduce<kRelu>(dz + o, z + o, y + o, n, g.c, mt.data(), a, b, scratch.data(), buf.data());
       });
       serial_kernel([&](auto) {
         acc_t* __restrict__ sg = pg.data();
