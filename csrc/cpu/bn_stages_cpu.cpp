@@ -14,8 +14,8 @@
 //   OpenMP threads costs more than it saves.
 // - Contiguous reductions keep kLanes independent partial sums (one running sum would be a chain of dependent
 //   double additions, latency-bound); NCHW reductions run one channel per work item, its N planes into the same
-//   lanes, so no per-plane partials are merged; channels_last passes walk spans of whole rows, at least kTile values
-//   each (tiled_length).
+//   lanes, so no per-plane partials are merged; channels_last passes walk spans of whole rows of up to kTile values
+//   (tiled_length), not row by row.
 // The summation order is fixed by the shape alone (lanes, blocks, spans), never by the thread count
 // or the ISA: results are reproducible run to run, for any number of threads and on any CPU.
 
@@ -243,8 +243,8 @@ struct RowBlocks {
   int64_t count(int64_t b) const { return std::min(rows, (b + 1) * block) - b * block; }
 };
 
-// kernel(offset, rows, a_b, b_b) per block of about block_values values, on the threads, writing the block's two
-// partials (C values each) into row b of the (blocks, C) arrays a and b.
+// kernel(offset, rows, a_row, b_row) per block of about block_values values, on the threads, writing the block's two
+// partials (C values each) into its rows of the (blocks, C) arrays a and b.
 template <typename acc_t, typename Kernel>
 RowBlocks row_block_partials(const ActivationShape& g, int64_t block_values, std::vector<acc_t>& a,
                              std::vector<acc_t>& b, const Kernel& kernel) {
@@ -305,10 +305,10 @@ class ChannelValues {
   int64_t s0_, s1_;
 };
 
-// channels_last rows are walked in spans of tiled_length(c) values (whole rows, at least kTile values when c is
-// smaller), each one loop against per-channel values repeated to that length (tile_channels) or into partial sums
-// per position of the span (fold_span): no loop per row of few channels, and in a reduction the load-add-store
-// chain of each partial sum advances once per span, not once per row.
+// channels_last rows are walked in spans of tiled_length(c) values (the most whole rows that fit in kTile values,
+// one row when c > kTile), each one loop against per-channel values repeated to that length (tile_channels) or
+// into partial sums per position of the span (fold_span): no loop per row of few channels, and in a reduction the
+// load-add-store chain of each partial sum advances once per span, not once per row.
 inline int64_t tiled_length(int64_t c) { return c * std::max<int64_t>(1, kTile / c); }
 
 // Per-channel values v[0..c) repeated to tiled_length(c) values.
