@@ -28,6 +28,7 @@
 #include <torch/library.h>
 
 #include <algorithm>
+#include <new>
 #include <string>
 #include <type_traits>
 #include <vector>
@@ -235,6 +236,28 @@ DLO_INLINE at::opmath_type<scalar_t> grad_at(scalar_t dz, scalar_t z) {
   return act_grad<op_t>(static_cast<op_t>(dz), static_cast<op_t>(z), kRelu);
 }
 
+// std::vector storage aligned to 64 bytes, for the arrays that the vector loops load and store (per-channel values,
+// partial sums, buffers): a full-width vector access then never straddles two cache lines.
+template <typename T>
+struct Aligned64 {
+  using value_type = T;
+  Aligned64() = default;
+  template <typename U>
+  Aligned64(const Aligned64<U>&) {}  // implicit: the allocator rebind protocol
+  T* allocate(size_t n) { return static_cast<T*>(::operator new(n * sizeof(T), std::align_val_t(64))); }
+  void deallocate(T* p, size_t) { ::operator delete(p, std::align_val_t(64)); }
+  template <typename U>
+  bool operator==(const Aligned64<U>&) const {
+    return true;
+  }
+  template <typename U>
+  bool operator!=(const Aligned64<U>&) const {
+    return false;
+  }
+};
+template <typename T>
+using AlignedVector = std::vector<T, Aligned64<T>>;
+
 // NHWC reductions split the N * HW rows into blocks of a fixed number of rows (so that the order of the sums depends
 // on the shape only), each block giving two per-channel partials, then merged in block order.
 struct RowBlocks {
@@ -246,8 +269,8 @@ struct RowBlocks {
 // kernel(offset, rows, a_row, b_row) per block of about block_values values, on the threads, writing the block's two
 // partials (C values each) into its rows of the (blocks, C) arrays a and b.
 template <typename acc_t, typename Kernel>
-RowBlocks row_block_partials(const ActivationShape& g, int64_t block_values, std::vector<acc_t>& a,
-                             std::vector<acc_t>& b, const Kernel& kernel) {
+RowBlocks row_block_partials(const ActivationShape& g, int64_t block_values, AlignedVector<acc_t>& a,
+                             AlignedVector<acc_t>& b, const Kernel& kernel) {
   const int64_t rows = g.n * g.hw, block = std::max<int64_t>(1, block_values / g.c);
   const RowBlocks rb{rows, block, (rows + block - 1) / block};
   a.resize(rb.blocks * g.c);
@@ -312,8 +335,8 @@ class ChannelValues {
 inline int64_t tiled_length(int64_t c) { return c * std::max<int64_t>(1, kTile / c); }
 
 // Per-channel values v[0..c) repeated to tiled_length(c) values.
-template <typename T>
-void tile_channels(std::vector<T>& v, int64_t c) {
+template <typename Vector>
+void tile_channels(Vector& v, int64_t c) {
   const int64_t n = tiled_length(c);
   v.resize(n);
   for (int64_t i = c; i < n; ++i) v[i] = v[i - c];
@@ -441,9 +464,9 @@ std::tuple<at::Tensor, at::Tensor> bn_stats_cpu(const at::Tensor& input_) {
       return;
     }
     // Blocks of rows, each an exact (mean, M2) per channel; then the blocks merged in order, per channel.
-    std::vector<acc_t> bmean, bm2;
+    AlignedVector<acc_t> bmean, bm2;
     const RowBlocks rb = row_block_partials(g, kStatBlock, bmean, bm2, [&](int64_t o, int64_t n, acc_t* mu, acc_t* sq) {
-      std::vector<acc_t> scratch(2 * tiled_length(g.c));
+      AlignedVector<acc_t> scratch(2 * tiled_length(g.c));
       rows_stats<scalar_t, acc_t>(x + o, n, g.c, mu, sq, scratch.data());
     });
     serial_kernel([&](auto) {
@@ -581,7 +604,7 @@ at::Tensor bn_apply_cpu(const at::Tensor& input_, const at::Tensor& mean, const 
     std::optional<ChannelValues> wt, bs;
     if (present(weight)) wt.emplace(*weight);
     if (present(bias)) bs.emplace(*bias);
-    std::vector<op_t> mp(g.c), sp(g.c), hp(g.c);
+    AlignedVector<op_t> mp(g.c), sp(g.c), hp(g.c);
     for (int64_t c = 0; c < g.c; ++c) {
       mp[c] = static_cast<op_t>(mu.get(c));
       const op_t inv = static_cast<op_t>(is.get(c));
@@ -718,7 +741,7 @@ std::tuple<at::Tensor, at::Tensor> bn_backward_reduce_cpu(const at::Tensor& grad
     const scalar_t* dz = t.grad_out.const_data_ptr<scalar_t>();
     const scalar_t* z = t.output.const_data_ptr<scalar_t>();
     const ChannelValues mu(mean), is(invstd);
-    std::vector<acc_t> mp(g.c), ip(g.c);
+    AlignedVector<acc_t> mp(g.c), ip(g.c);
     for (int64_t c = 0; c < g.c; ++c) {
       mp[c] = static_cast<acc_t>(static_cast<op_t>(mu.get(c)));
       ip[c] = static_cast<acc_t>(static_cast<op_t>(is.get(c)));
@@ -743,11 +766,11 @@ std::tuple<at::Tensor, at::Tensor> bn_backward_reduce_cpu(const at::Tensor& grad
         return;
       }
       // Blocks of rows, each a partial per channel; then the partials added in block order, per channel.
-      std::vector<acc_t> pg, pgy, mt(mp);
+      AlignedVector<acc_t> pg, pgy, mt(mp);
       tile_channels(mt, g.c);
       const RowBlocks rb = row_block_partials(g, kReduceBlock, pg, pgy, [&](int64_t o, int64_t n, acc_t* a, acc_t* b) {
-        std::vector<acc_t> scratch(2 * tiled_length(g.c));
-        std::vector<scalar_t> buf(tiled_length(g.c));
+        AlignedVector<acc_t> scratch(2 * tiled_length(g.c));
+        AlignedVector<scalar_t> buf(tiled_length(g.c));
         rows_reduce<kRelu>(dz + o, z + o, y + o, n, g.c, mt.data(), a, b, scratch.data(), buf.data());
       });
       serial_kernel([&](auto) {
@@ -826,7 +849,7 @@ at::Tensor bn_backward_dy_cpu(const at::Tensor& grad_out_, const at::Tensor& out
       sg.emplace(*sum_g);
       sgx.emplace(*sum_g_xhat);
     }
-    std::vector<op_t> mp(g.c), kp(g.c), ap(g.c), bp(g.c);
+    AlignedVector<op_t> mp(g.c), kp(g.c), ap(g.c), bp(g.c);
     int64_t zero_b = 0;  // channels whose dy does not read y
     for (int64_t c = 0; c < g.c; ++c) {
       mp[c] = static_cast<op_t>(mu.get(c));
