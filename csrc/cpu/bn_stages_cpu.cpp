@@ -54,6 +54,11 @@
 #endif
 #if (defined(__GNUC__) || defined(__clang__)) && defined(__x86_64__)
 #define DLO_X86_KERNELS 1
+#if defined(__clang__)
+#define DLO_AVX512_TARGET "avx512f,avx512bw,avx512vl,avx512dq,avx2,fma"
+#else  // GCC would otherwise use 256-bit vectors for the loops it vectorizes itself
+#define DLO_AVX512_TARGET "avx512f,avx512bw,avx512vl,avx512dq,avx2,fma,prefer-vector-width=512"
+#endif
 #endif
 
 namespace deeplab_ops {
@@ -105,8 +110,7 @@ __attribute__((target("avx2,fma"))) DLO_FLATTEN void run_avx2(const F& f, int64_
   f(begin, end, Width<32>{});
 }
 template <typename F>
-__attribute__((target("avx512f,avx512bw,avx512vl,avx512dq,avx2,fma,prefer-vector-width=512"))) DLO_FLATTEN void
-run_avx512(const F& f, int64_t begin, int64_t end) {
+__attribute__((target(DLO_AVX512_TARGET))) DLO_FLATTEN void run_avx512(const F& f, int64_t begin, int64_t end) {
   f(begin, end, Width<64>{});
 }
 #endif
