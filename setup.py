@@ -133,8 +133,9 @@ def extensions():
     # No -std flag: torch adds the standard its headers need (C++17 or C++20, by version).
     opt = ["-O0", "-g"] if debug else ["-O3"]
     cxx_flags = [*opt, "-fdiagnostics-color=always"]
-    # No contraction into fused multiply-adds: the ISA clones of a CPU kernel (csrc/cpu/upsample_ce_cpu.cpp) round
-    # alike on every machine. No trapping math: selects on floats vectorize (no program here reads FP exception flags).
+    # No contraction into fused multiply-adds: the baseline, AVX2 and AVX-512 builds of a CPU kernel
+    # (csrc/cpu/isa_dispatch.h) round alike. No trapping math: selects on floats vectorize (nothing here reads FP
+    # exception flags).
     if not sys.platform.startswith("win"):
         cxx_flags += ["-ffp-contract=off", "-fno-trapping-math"]
     # OpenMP: ATen's at::parallel_for is a header template that runs its body serially unless the including code is

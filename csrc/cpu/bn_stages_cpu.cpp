@@ -34,6 +34,7 @@
 #include <vector>
 
 #include "bn_stage_args.h"
+#include "cpu/isa_dispatch.h"
 #include "common/activation_layout.h"
 #include "common/arg_checks.h"
 #include "common/bn_math.h"
@@ -43,22 +44,6 @@
 #pragma STDC FP_CONTRACT OFF
 #elif defined(__GNUC__)
 #pragma GCC optimize("fp-contract=off")
-#endif
-
-#if defined(__GNUC__) || defined(__clang__)
-#define DLO_INLINE inline __attribute__((always_inline))
-#define DLO_FLATTEN __attribute__((flatten))
-#else
-#define DLO_INLINE inline
-#define DLO_FLATTEN
-#endif
-#if (defined(__GNUC__) || defined(__clang__)) && defined(__x86_64__)
-#define DLO_X86_KERNELS 1
-#if defined(__clang__)
-#define DLO_AVX512_TARGET "avx512f,avx512bw,avx512vl,avx512dq,avx2,fma"
-#else  // GCC would otherwise use 256-bit vectors for the loops it vectorizes itself
-#define DLO_AVX512_TARGET "avx512f,avx512bw,avx512vl,avx512dq,avx2,fma,prefer-vector-width=512"
-#endif
 #endif
 
 namespace deeplab_ops {
@@ -72,57 +57,9 @@ constexpr int64_t kParallelWork = 32768; // a reduction of at most this many val
 constexpr int64_t kParallelMap = 65536;  // the same for an element-wise pass (less work per value)
 constexpr int64_t kTile = 256;           // NHWC: values per span of whole rows (tiled_length)
 
-// ---- ISA dispatch and threading -----------------------------------------------------------------------------
+using namespace cpu_isa;
 
-enum class Isa { kBase, kAvx2, kAvx512 };
-
-// The widest ISA that torch's own CPU kernels use here (its choice, so ATEN_CPU_CAPABILITY applies to these too).
-Isa kernel_isa() {
-  static const Isa isa = [] {
-#ifdef DLO_X86_KERNELS
-    const std::string cap = at::get_cpu_capability();
-    __builtin_cpu_init();
-    if (cap == "AVX512" && __builtin_cpu_supports("avx512f") && __builtin_cpu_supports("avx512bw") &&
-        __builtin_cpu_supports("avx512vl") && __builtin_cpu_supports("avx512dq")) {
-      return Isa::kAvx512;
-    }
-    if ((cap == "AVX512" || cap == "AVX2") && __builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma")) {
-      return Isa::kAvx2;
-    }
-#endif
-    return Isa::kBase;
-  }();
-  return isa;
-}
-
-// f(begin, end, width) compiled for one ISA: f and all it calls are inlined here, so that the target applies to
-// its loops; width (a std::integral_constant) is the bytes of the ISA's vector registers.
-template <int kBytes>
-using Width = std::integral_constant<int, kBytes>;
-
-template <typename F>
-DLO_FLATTEN void run_base(const F& f, int64_t begin, int64_t end) {
-  f(begin, end, Width<16>{});
-}
-#ifdef DLO_X86_KERNELS
-template <typename F>
-__attribute__((target("avx2,fma"))) DLO_FLATTEN void run_avx2(const F& f, int64_t begin, int64_t end) {
-  f(begin, end, Width<32>{});
-}
-template <typename F>
-__attribute__((target(DLO_AVX512_TARGET))) DLO_FLATTEN void run_avx512(const F& f, int64_t begin, int64_t end) {
-  f(begin, end, Width<64>{});
-}
-#endif
-
-template <typename F>
-void run_isa(Isa isa, const F& f, int64_t begin, int64_t end) {
-#ifdef DLO_X86_KERNELS
-  if (isa == Isa::kAvx512) return run_avx512(f, begin, end);
-  if (isa == Isa::kAvx2) return run_avx2(f, begin, end);
-#endif
-  run_base(f, begin, end);
-}
+// ---- threading ------------------------------------------------------------------------------------------------
 
 // f(begin, end, width) over the items [0, items) of `work` values each, in kernel_isa()'s build, split over at most
 // one thread per min_work values (so none for a pass of at most min_work values).

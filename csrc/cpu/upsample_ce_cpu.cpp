@@ -12,7 +12,8 @@
 //             has one owner: no atomics, deterministic. A pixel is recomputed only where its two low-res rows lie
 //             in two blocks.
 // Accumulation in at::acc_type (double for float on CPU), exponentials in the opmath type; the stencil (source
-// index, neighbours, weights) in PyTorch's opmath type, with its formula, so the neighbours are PyTorch's.
+// index, neighbours, weights) in PyTorch's opmath type, with its formula, so the neighbours are PyTorch's. Each
+// task runs in the baseline, AVX2 or AVX-512 build (cpu/isa_dispatch.h), all of which give the same bits.
 
 #include <ATen/ATen.h>
 #include <ATen/AccumulateType.h>
@@ -22,6 +23,7 @@
 #include <torch/library.h>
 
 #include "common/upsample_stencil.h"
+#include "cpu/isa_dispatch.h"
 
 #include <algorithm>
 #include <cmath>
@@ -31,16 +33,6 @@
 #include <tuple>
 #include <utility>
 #include <vector>
-
-// The row loops below are compiled for AVX-512, AVX2 and the baseline ISA, picked once at load time (GCC's
-// target_clones on x86-64 Linux; elsewhere one baseline build). setup.py compiles with -ffp-contract=off, so every
-// clone rounds as the baseline does (no fused multiply-adds), and -fno-trapping-math, which lets the selects of
-// exp_opmath vectorize.
-#if defined(__GNUC__) && !defined(__clang__) && defined(__x86_64__) && defined(__linux__)
-#define DEEPLAB_OPS_ROW_CLONES __attribute__((target_clones("avx512f", "avx2", "default")))
-#else
-#define DEEPLAB_OPS_ROW_CLONES
-#endif
 
 namespace deeplab_ops {
 namespace {
@@ -128,7 +120,7 @@ inline float exp_opmath<float>(float x) {
 // One low-res row (all K classes, `plane` apart from class to class) interpolated along x to the output width:
 // dst[c][ox] = lx0[ox] * row[c0[ox]] + lx1[ox] * row[c1[ox]] (PyTorch's inner product pair).
 template <typename scalar_t, typename acc_t>
-DEEPLAB_OPS_ROW_CLONES void interpolate_x(const scalar_t* row, int64_t k, int64_t plane, int64_t W,
+void interpolate_x(const scalar_t* row, int64_t k, int64_t plane, int64_t W,
                                           const int64_t* c0, const int64_t* c1, const acc_t* lx0,
                                           const acc_t* lx1, acc_t* dst) {
   for (int64_t c = 0; c < k; ++c) {
@@ -142,7 +134,7 @@ DEEPLAB_OPS_ROW_CLONES void interpolate_x(const scalar_t* row, int64_t k, int64_
 
 // An output row from the two x-interpolated low-res rows it reads: z = ly0 * h0 + ly1 * h1 (PyTorch's outer pair).
 template <typename acc_t>
-DEEPLAB_OPS_ROW_CLONES void blend_rows(const acc_t* __restrict h0, const acc_t* __restrict h1, acc_t ly0, acc_t ly1,
+void blend_rows(const acc_t* __restrict h0, const acc_t* __restrict h1, acc_t ly0, acc_t ly1,
                                        int64_t n, acc_t* __restrict z) {
   for (int64_t e = 0; e < n; ++e) z[e] = ly0 * h0[e] + ly1 * h1[e];
 }
@@ -203,7 +195,7 @@ struct RowInterpolator {
 // Per pixel of a row: m = max_c z, lse = m + log(sum_c exp(z - m)). Class by class over the row, so the inner
 // loops run over pixels (vectorized); each pixel's sum adds its classes in order.
 template <typename acc_t, typename opmath_t>
-DEEPLAB_OPS_ROW_CLONES void row_logsumexp(const acc_t* __restrict z, int64_t k, int64_t W, acc_t* __restrict m,
+void row_logsumexp(const acc_t* __restrict z, int64_t k, int64_t W, acc_t* __restrict m,
                                           acc_t* __restrict s, acc_t* __restrict lse) {
   for (int64_t ox = 0; ox < W; ++ox) m[ox] = -std::numeric_limits<acc_t>::infinity(), s[ox] = acc_t(0);
   for (int64_t c = 0; c < k; ++c) {
@@ -221,7 +213,7 @@ DEEPLAB_OPS_ROW_CLONES void row_logsumexp(const acc_t* __restrict z, int64_t k, 
 // (weight wy0) and v1 (wy1) the row reads (nullptr: outside the task's block). dz overwrites z. Ignored pixels
 // (label < 0 here) add nothing, whatever their logits.
 template <typename acc_t, typename opmath_t>
-DEEPLAB_OPS_ROW_CLONES void softmax_grad_row(acc_t* __restrict z, const acc_t* __restrict l,
+void softmax_grad_row(acc_t* __restrict z, const acc_t* __restrict l,
                                              const acc_t* __restrict g, const int64_t* __restrict label, int64_t k,
                                              int64_t W, acc_t wy0, acc_t* __restrict v0, acc_t wy1,
                                              acc_t* __restrict v1) {
@@ -277,8 +269,8 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> upsample_cross_entropy_forward_cp
     const int64_t rows = n * H;
     std::vector<acc_t> row_sum(rows, acc_t(0));
     std::vector<int64_t> row_count(rows, 0), row_bad(rows, -1);
-    at::parallel_for(0, rows, std::max<int64_t>(1, 32768 / std::max<int64_t>(W * k, 1)), [&](int64_t begin,
-                                                                                             int64_t end) {
+    const auto isa = cpu_isa::kernel_isa();
+    auto body = [&](int64_t begin, int64_t end, auto /*vector width*/) {
       RowInterpolator<scalar_t, acc_t> interp(x, k, h, w, W, xs.i0.data(), xs.i1.data(), lx0.data(), lx1.data());
       std::vector<acc_t> z(k * W), m(W), s(W), l(W);
       for (int64_t row = begin; row < end; ++row) {
@@ -307,7 +299,9 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> upsample_cross_entropy_forward_cp
         row_sum[row] = sum;
         row_count[row] = count;
       }
-    });
+    };
+    at::parallel_for(0, rows, std::max<int64_t>(1, 32768 / std::max<int64_t>(W * k, 1)),
+                     [&](int64_t begin, int64_t end) { cpu_isa::run_isa(isa, body, begin, end); });
     for (int64_t row = 0; row < rows; ++row) {
       if (row_bad[row] >= 0) raise_bad_label(target, row_bad[row], k, ignore_index);
     }
@@ -379,7 +373,8 @@ at::Tensor upsample_cross_entropy_backward_cpu(const at::Tensor& grad_, const at
     // the low-res columns (the transpose of the x interpolation) once per low-res row. Each low-res row's sums run
     // over the same output rows and columns in the same order whatever the blocks and threads: deterministic.
     const int64_t blocks_per_image = (h + kLowResRowBlock - 1) / kLowResRowBlock;
-    at::parallel_for(0, n * blocks_per_image, 1, [&](int64_t begin, int64_t end) {
+    const auto isa = cpu_isa::kernel_isa();
+    auto body = [&](int64_t begin, int64_t end, auto /*vector width*/) {
       RowInterpolator<scalar_t, acc_t> interp(x, k, h, w, W, xs.i0.data(), xs.i1.data(), lx0.data(), lx1.data());
       std::vector<acc_t> z(k * W), g(W), l(W), v(kLowResRowBlock * k * W), a(w);
       std::vector<int64_t> label(W);
@@ -430,7 +425,9 @@ at::Tensor upsample_cross_entropy_backward_cpu(const at::Tensor& grad_, const at
           }
         }
       }
-    });
+    };
+    at::parallel_for(0, n * blocks_per_image, 1,
+                     [&](int64_t begin, int64_t end) { cpu_isa::run_isa(isa, body, begin, end); });
   });
   return grad_logits;
 }

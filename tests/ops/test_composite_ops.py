@@ -311,10 +311,13 @@ def test_conv_bn_relu_forward_host_op_budget(training):
 
 # ---- the CPU BatchNorm stage kernels: every vectorized loop and its tails ---------------------------------------
 #
-# csrc/cpu/bn_stages_cpu.cpp runs NCHW planes in chunks of 256 values with 8 partial sums, and channels_last rows in
-# chunks of 256 channels: these shapes give planes and rows shorter than, equal to and longer than those, with tails.
+# csrc/cpu/bn_stages_cpu.cpp sums NCHW planes in 16 partial sums (a plane's last values apart), computes act_grad
+# ahead in chunks of 1024 values, takes statistics in two-pass blocks of 8192 values, and walks channels_last rows
+# in spans of up to 256 values (one row when C > 256): these shapes give planes, rows and blocks shorter than, equal
+# to and longer than those, with tails.
 
-STAGE_SHAPES = [(2, 3, 1, 5), (1, 2, 16, 16), (2, 3, 17, 31), (1, 300, 3, 5), (2, 257, 2, 3), (1, 1, 1, 1031)]
+STAGE_SHAPES = [(2, 3, 1, 5), (1, 2, 16, 16), (2, 3, 17, 31), (1, 300, 3, 5), (2, 257, 2, 3), (1, 1, 1, 1031),
+                (1, 2, 91, 91)]
 STAGE_DTYPES = [
     pytest.param(torch.float64, 1e-12, 1e-12, id="fp64"),
     pytest.param(torch.float32, 1e-5, 1e-5, id="fp32"),

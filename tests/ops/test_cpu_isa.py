@@ -1,0 +1,72 @@
+"""The CPU kernels give the same bits in every ISA build (csrc/cpu/isa_dispatch.h: baseline, AVX2, AVX-512, chosen as
+torch's own CPU kernels are, so ATEN_CPU_CAPABILITY selects it) and for any thread count: each case runs in a fresh
+process per capability and thread count, and the outputs are compared bit for bit."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+
+import torch
+from helpers import ROOT
+
+_SCRIPT = r'''
+import sys, torch
+import deeplab_ops
+ops = torch.ops.deeplab_ops
+torch.set_num_threads(int(sys.argv[2]))
+g = torch.Generator().manual_seed(5)
+out = {"capability": torch.backends.cpu.get_cpu_capability()}
+for layout in (torch.contiguous_format, torch.channels_last):
+    for dtype in (torch.float32, torch.float64):
+        y = (torch.randn(3, 19, 23, 29, generator=g, dtype=torch.float64) * 2 + 0.5).to(dtype)
+        y = y.contiguous(memory_format=layout)
+        dz = torch.randn(y.shape, generator=g, dtype=torch.float64).to(dtype).contiguous(memory_format=layout)
+        c = y.shape[1]
+        stats = ops.bn_stats(y)
+        mean = y.double().mean((0, 2, 3)).to(stats[0].dtype)
+        invstd = (y.double().var((0, 2, 3), unbiased=False) + 1e-5).rsqrt().to(stats[0].dtype)
+        w = torch.rand(c, generator=g, dtype=torch.float64).to(mean.dtype) + 0.5
+        b = torch.randn(c, generator=g, dtype=torch.float64).to(mean.dtype)
+        z = ops.bn_apply(y, mean, invstd, w, b, None, True)
+        sg, sgx = ops.bn_backward_reduce(dz, z, y, mean, invstd, True)
+        dy = ops.bn_backward_dy(dz, z, y, mean, invstd, w, sg, sgx, float(y.numel() // c), True, True)
+        out[f"{layout} {dtype}"] = [t.clone() for t in (*stats, z, sg, sgx, dy)]
+for dtype in (torch.float32, torch.float64):
+    logits = torch.randn(2, 21, 9, 11, generator=g, dtype=torch.float64).to(dtype).requires_grad_()
+    target = torch.randint(0, 21, (2, 67, 85), generator=g)
+    target[torch.rand(2, 67, 85, generator=g) < 0.1] = 255
+    for reduction in ("sum", "none"):
+        loss = deeplab_ops.upsample_cross_entropy(logits, target, reduction=reduction, backend="cpu")
+        (grad,) = torch.autograd.grad(loss, logits, torch.ones_like(loss))
+        out[f"uce {dtype} {reduction}"] = [loss.detach(), grad]
+torch.save(out, sys.argv[1])
+'''
+
+
+def _run(tmp_path, capability: str | None, threads: int) -> dict:
+    path = tmp_path / f"{capability}-{threads}.pt"
+    env = {k: v for k, v in os.environ.items() if k != "ATEN_CPU_CAPABILITY"}
+    if capability is not None:
+        env["ATEN_CPU_CAPABILITY"] = capability
+    env["PYTHONPATH"] = os.pathsep.join([str(ROOT), env.get("PYTHONPATH", "")])
+    proc = subprocess.run([sys.executable, "-c", _SCRIPT, str(path), str(threads)], env=env, cwd=ROOT,
+                          capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    return torch.load(path)
+
+
+def test_same_bits_in_every_isa_build_and_thread_count(tmp_path):
+    runs = {(cap, threads): _run(tmp_path, cap, threads) for cap, threads in
+            [(None, 1), (None, 2), ("default", 1), ("avx2", 2)]}
+    base = runs[(None, 1)]
+    assert runs[("default", 1)]["capability"] == "DEFAULT"  # the environment variable reached torch
+    for (cap, threads), got in runs.items():
+        for key, tensors in base.items():
+            if key == "capability":
+                continue
+            for i, (a, b) in enumerate(zip(tensors, got[key], strict=True)):
+                assert torch.equal(a, b) or (a.isnan() == b.isnan()).all() and torch.equal(
+                    a.nan_to_num(), b.nan_to_num()
+                ), f"{key} output {i}: bits differ between the native build, 1 thread, and {cap} with {threads}"
