@@ -235,10 +235,15 @@ void softmax_grad_row(acc_t* __restrict z, const acc_t* __restrict l,
   }
 }
 
+// Both axes' stencils of a call, and the x weights widened to acc_t for the row loops.
 template <typename opmath_t, typename acc_t>
-std::vector<acc_t> widen(const std::vector<opmath_t>& v) {
-  return std::vector<acc_t>(v.begin(), v.end());
-}
+struct Stencils {
+  AxisStencil<opmath_t> ys, xs;
+  std::vector<acc_t> lx0, lx1;
+  Stencils(int64_t h, int64_t H, int64_t w, int64_t W, bool align_corners)
+      : ys(axis_stencil<opmath_t>(h, H, align_corners)), xs(axis_stencil<opmath_t>(w, W, align_corners)),
+        lx0(xs.l0.begin(), xs.l0.end()), lx1(xs.l1.begin(), xs.l1.end()) {}
+};
 
 std::tuple<at::Tensor, at::Tensor, at::Tensor> upsample_cross_entropy_forward_cpu(const at::Tensor& logits_,
                                                                                  const at::Tensor& target_,
@@ -259,9 +264,8 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> upsample_cross_entropy_forward_cp
   AT_DISPATCH_FLOATING_TYPES(logits.scalar_type(), "upsample_cross_entropy_forward_cpu", [&] {
     using acc_t = at::acc_type<scalar_t, false>;
     using opmath_t = at::opmath_type<scalar_t>;
-    const auto ys = axis_stencil<opmath_t>(h, H, align_corners);
-    const auto xs = axis_stencil<opmath_t>(w, W, align_corners);
-    const auto lx0 = widen<opmath_t, acc_t>(xs.l0), lx1 = widen<opmath_t, acc_t>(xs.l1);
+    const Stencils<opmath_t, acc_t> st(h, H, w, W, align_corners);
+    const auto &ys = st.ys, &xs = st.xs;
     const scalar_t* x = logits.const_data_ptr<scalar_t>();
     const int64_t* t = target.const_data_ptr<int64_t>();
     scalar_t* lse_p = lse.data_ptr<scalar_t>();
@@ -271,7 +275,8 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> upsample_cross_entropy_forward_cp
     std::vector<int64_t> row_count(rows, 0), row_bad(rows, -1);
     const auto isa = cpu_isa::kernel_isa();
     auto body = [&](int64_t begin, int64_t end, auto /*vector width*/) {
-      RowInterpolator<scalar_t, acc_t> interp(x, k, h, w, W, xs.i0.data(), xs.i1.data(), lx0.data(), lx1.data());
+      RowInterpolator<scalar_t, acc_t> interp(x, k, h, w, W, xs.i0.data(), xs.i1.data(), st.lx0.data(),
+                                              st.lx1.data());
       std::vector<acc_t> z(k * W), m(W), s(W), l(W);
       for (int64_t row = begin; row < end; ++row) {
         const int64_t b = row / H, oy = row % H;
@@ -346,9 +351,8 @@ at::Tensor upsample_cross_entropy_backward_cpu(const at::Tensor& grad_, const at
   AT_DISPATCH_FLOATING_TYPES(logits.scalar_type(), "upsample_cross_entropy_backward_cpu", [&] {
     using acc_t = at::acc_type<scalar_t, false>;
     using opmath_t = at::opmath_type<scalar_t>;
-    const auto ys = axis_stencil<opmath_t>(h, H, align_corners);
-    const auto xs = axis_stencil<opmath_t>(w, W, align_corners);
-    const auto lx0 = widen<opmath_t, acc_t>(xs.l0), lx1 = widen<opmath_t, acc_t>(xs.l1);
+    const Stencils<opmath_t, acc_t> st(h, H, w, W, align_corners);
+    const auto &ys = st.ys, &xs = st.xs;
     const scalar_t* x = logits.const_data_ptr<scalar_t>();
     const int64_t* t = target.const_data_ptr<int64_t>();
     // lse and the per-pixel grad are read in the logits' dtype, as the forward writes them (widened to acc_t
@@ -375,7 +379,8 @@ at::Tensor upsample_cross_entropy_backward_cpu(const at::Tensor& grad_, const at
     const int64_t blocks_per_image = (h + kLowResRowBlock - 1) / kLowResRowBlock;
     const auto isa = cpu_isa::kernel_isa();
     auto body = [&](int64_t begin, int64_t end, auto /*vector width*/) {
-      RowInterpolator<scalar_t, acc_t> interp(x, k, h, w, W, xs.i0.data(), xs.i1.data(), lx0.data(), lx1.data());
+      RowInterpolator<scalar_t, acc_t> interp(x, k, h, w, W, xs.i0.data(), xs.i1.data(), st.lx0.data(),
+                                              st.lx1.data());
       std::vector<acc_t> z(k * W), g(W), l(W), v(kLowResRowBlock * k * W), a(w);
       std::vector<int64_t> label(W);
       for (int64_t task = begin; task < end; ++task) {
@@ -417,8 +422,8 @@ at::Tensor upsample_cross_entropy_backward_cpu(const at::Tensor& grad_, const at
             const acc_t* r = v.data() + ((i - ia) * k + c) * W;
             std::fill(a.begin(), a.end(), acc_t(0));
             for (int64_t ox = 0; ox < W; ++ox) {
-              a[xs.i0[ox]] += lx0[ox] * r[ox];
-              a[xs.i1[ox]] += lx1[ox] * r[ox];
+              a[xs.i0[ox]] += st.lx0[ox] * r[ox];
+              a[xs.i1[ox]] += st.lx1[ox] * r[ox];
             }
             scalar_t* out = dx + ((b * k + c) * h + i) * w;
             for (int64_t j = 0; j < w; ++j) out[j] = static_cast<scalar_t>(a[j]);
