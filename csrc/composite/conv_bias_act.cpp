@@ -4,6 +4,7 @@
 #include <ATen/ATen.h>
 #include <ATen/Context.h>
 #include <ATen/core/dispatch/Dispatcher.h>
+#include <ATen/native/ConvUtils.h>
 #include <torch/library.h>
 
 #include <limits>
@@ -45,13 +46,32 @@ void check_fused_residual(const at::Tensor& residual, const at::Tensor& x, const
   DLO_CHECK_SAME_DEVICE(residual, x);
 }
 
+// Whether ATen would run this CPU convolution with THNN's dilated kernel (what it picks for small dilated inputs,
+// e.g. batch 1 in evaluation, instead of oneDNN). That kernel adds a bias image by image and channel by channel
+// (measured: 190 us against 110 us without the bias at 1x128x8x8, 3x3, dilation 2), so the bias then joins the
+// epilogue instead.
+bool bias_after_slow_dilated(const at::Tensor& x, const at::Tensor& weight, const std::optional<at::Tensor>& bias,
+                             at::IntArrayRef stride, at::IntArrayRef padding, at::IntArrayRef dilation) {
+  if (!present(bias) || !x.is_cpu() || (dilation[0] == 1 && dilation[1] == 1)) return false;
+  const c10::SymInt zero(0);
+  const std::vector<c10::SymInt> out_pad{zero, zero};
+  return at::native::select_conv_backend(x, weight, bias, c10::fromIntArrayRefSlow(stride),
+                                         c10::fromIntArrayRefSlow(padding), c10::fromIntArrayRefSlow(dilation),
+                                         false, out_pad, c10::SymInt(1), std::nullopt) ==
+         at::native::ConvBackend::SlowDilated2d;
+}
+
 // The same at::convolution call (and layout) as conv_bn_relu_forward's conv_out, then the epilogue in place.
 at::Tensor conv_bias_act_generic(const at::Tensor& x, const at::Tensor& weight, const std::optional<at::Tensor>& bias,
                                  const std::optional<at::Tensor>& residual, at::IntArrayRef stride,
                                  at::IntArrayRef padding, at::IntArrayRef dilation, bool relu) {
   const auto mf = x.suggest_memory_format();
-  at::Tensor out = at::convolution(x, weight, bias, stride, padding, dilation, false, {0, 0}, 1).contiguous(mf);
+  const bool bias_later = bias_after_slow_dilated(x, weight, bias, stride, padding, dilation);
+  at::Tensor out = at::convolution(x, weight, bias_later ? std::nullopt : bias, stride, padding, dilation, false,
+                                   {0, 0}, 1)
+                       .contiguous(mf);
   check_residual(residual, out);
+  if (bias_later) out.add_(bias->view({1, -1, 1, 1}));
   if (present(residual)) out.add_(*residual);
   if (relu) out.relu_();
   return out;

@@ -92,6 +92,30 @@ def test_conv_bias_act_channels_last_relu_runs_one_onednn_call(with_residual):
                            True)
 
 
+@pytest.mark.parametrize("with_residual", [False, True])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+def test_conv_bias_act_small_dilated_bias_in_the_epilogue(with_residual, dtype):
+    # Batch 1, a small dilated input: ATen picks THNN's dilated kernel, whose bias adds run image by image and
+    # channel by channel; the composite convolves without the bias and adds it in its epilogue instead.
+    from torch.profiler import ProfilerActivity, profile
+
+    x = torch.randn(1, 16, 8, 8, dtype=dtype)
+    w = torch.randn(16, 16, 3, 3, dtype=dtype)
+    bias = torch.randn(16, dtype=dtype)
+    backend = torch._C._select_conv_backend(x, w, bias, [1, 1], [2, 2], [2, 2], False, [0, 0], 1, None)
+    residual = torch.randn(1, 16, 8, 8, dtype=dtype) if with_residual else None
+    with profile(activities=[ProfilerActivity.CPU]) as prof:
+        out = _ops.conv_bias_act(x, w, bias, residual, (1, 1), (2, 2), (2, 2), True)
+    if backend == torch._C._ConvBackend.SlowDilated2d:
+        adds = [e for e in prof.events() if e.name == "aten::add_"]
+        assert len(adds) == 1 + with_residual, [e.name for e in prof.events()]
+    ref = F.conv2d(x.double(), w.double(), bias.double(), 1, 2, 2)
+    if residual is not None:
+        ref = ref + residual.double()
+    _close(out.double(), F.relu(ref), "conv_bias_act (bias after THNN's dilated conv)",
+           1e-12 if dtype == torch.float64 else 2e-5)
+
+
 def test_conv_bias_act_errors_name_the_argument():
     x, w = torch.randn(2, 3, 5, 5), torch.randn(4, 3, 3, 3)
     with pytest.raises(RuntimeError, match="bias must be a 1-D tensor of 4 values"):
