@@ -208,6 +208,12 @@ def test_train_script_end_to_end(tmp_path, monkeypatch, capsys):
     with pytest.raises(ValueError, match="batch size 1"):
         train_script.main(common + ["--out-dir", str(tmp_path / "b1"), "--batch-size", "1"])
 
+    # The fused ops train channels_last by default (their fastest layout on CPU and GPU): the main job end to end.
+    fused = str(tmp_path / "fused")
+    train_script.main(common + ["--out-dir", fused, "--fused-ops"])
+    assert json.load(open(os.path.join(fused, "metrics.json")))["metrics"]["miou"] >= 0.0
+    assert torch.load(os.path.join(fused, "last.pt"), weights_only=False)["args"]["channels_last"] is True
+
 
 def test_cli_presets_and_memory_efficient_flag(capsys):
     # The synthetic CPU default is the narrow network the README's quick start describes; VOC keeps the paper's.
@@ -220,6 +226,11 @@ def test_cli_presets_and_memory_efficient_flag(capsys):
     args = train_script.parse_args(["--backbone-width", "0"])
     with pytest.raises(SystemExit, match="--backbone-width must be >= 1, got 0"):
         train_script._apply_presets(args, torch.device("cpu"))
+    # channels_last: on by default with the fused ops, off without; either way on request.
+    assert train_script.parse_args(["--fused-ops"]).channels_last is True
+    assert train_script.parse_args([]).channels_last is False
+    assert train_script.parse_args(["--fused-ops", "--no-channels-last"]).channels_last is False
+    assert train_script.parse_args(["--channels-last"]).channels_last is True
     # --memory-efficient is a mode of the fused ops, and reaches every fused module of the model.
     with pytest.raises(SystemExit):
         train_script.parse_args(["--memory-efficient"])
