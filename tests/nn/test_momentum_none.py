@@ -26,6 +26,8 @@ def _host_reads(fn) -> int:
 @pytest.fixture
 def remember_cpu(monkeypatch):
     monkeypatch.setattr(modules, "_REMEMBERED_DEVICES", ("cuda", "cpu"))
+    yield
+    modules._BATCHES.clear()  # no CPU counter stays remembered for the tests that follow
 
 
 def _conv_pair():

@@ -315,7 +315,8 @@ CASES = {
     "nn-aspp-affine": lambda d: torchvision_aspp(lambda m: (setattr(m.project[1], "weight", None),
                                                            setattr(m.project[1], "bias", None))),
     "nn-sync-no-dist": lambda d: deeplab_ops.nn.sync_batchnorm(nn.Sequential()),
-    # direct torch.ops.deeplab_ops calls: the C++ boundary (csrc/common/arg_checks.h, csrc/composite/conv_bn_relu.cpp, csrc/composite/aspp.cpp)
+    # direct torch.ops.deeplab_ops calls: the C++ boundary (csrc/common/arg_checks.h,
+    # csrc/composite/conv_bn_relu.cpp, csrc/composite/aspp.cpp)
     "cpp-activation": lambda d: ops.bn_stats(torch.randn(3, 4)),
     "cpp-channel-vector": lambda d: ops.bn_apply(torch.randn(2, 3, 4, 4), torch.zeros(2), torch.ones(3), None, None,
                                                  None, True),
