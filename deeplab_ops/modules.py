@@ -109,7 +109,7 @@ def _bn_call(bn: nn.BatchNorm2d, training: bool) -> tuple:
     counter = tracked if training and tracking and tracked is not None else None
     if counter is not None:
         if momentum is None:
-            momentum = 1.0 / float(batches_tracked(counter) + 1)
+            momentum = 1.0 / float(_batches_tracked(counter) + 1)
     elif momentum is None:
         momentum = 0.0
     bn_training = training or (rm is None and rv is None)
@@ -134,7 +134,7 @@ def _known_batches(counter: Tensor) -> int | None:
     return None
 
 
-def batches_tracked(counter: Tensor) -> int:
+def _batches_tracked(counter: Tensor) -> int:
     """The value of a num_batches_tracked tensor, read from the device only when this module does not know it."""
     if not torch.compiler.is_compiling():
         value = _known_batches(counter)
@@ -152,7 +152,7 @@ def _remember_batches(counter: Tensor, value: int) -> None:
     _BATCHES[key] = (weakref.ref(counter, lambda _, key=key: _BATCHES.pop(key, None)), counter._version, value)
 
 
-def count_batch(counter: Tensor) -> None:
+def _count_batch(counter: Tensor) -> None:
     """num_batches_tracked += 1, as nn.BatchNorm2d.forward does, keeping its value known on the host."""
     known = _known_batches(counter) if _BATCHES else None
     counter.add_(1)
@@ -178,7 +178,7 @@ def bn_step(bn: nn.BatchNorm2d, training: bool) -> None:
     if training and bn.track_running_stats:
         counter = _bn_tensors(bn)[4]
         if counter is not None:
-            count_batch(counter)
+            _count_batch(counter)
 
 
 _GEOMETRY: dict[tuple, tuple] = {}
@@ -218,7 +218,7 @@ def fused_conv_bn(
     )
     if counter is not None:  # bn_step: the batch counted once the call succeeded
         if _BATCHES:
-            count_batch(counter)
+            _count_batch(counter)
         else:  # no counter value kept on the host (no CUDA momentum=None BatchNorm): no call for it
             counter.add_(1)
     return out
@@ -429,7 +429,7 @@ def fused_aspp_forward(module: nn.Module, x: Tensor, backend: str | None = None,
                     _remember_batches(c, value + 1)
         else:
             for c in counters:
-                count_batch(c)
+                _count_batch(c)
     for extra in extras:
         if not (type(extra) is nn.Dropout and extra.p == 0):  # dropout(p=0) is the identity
             out = extra(out)

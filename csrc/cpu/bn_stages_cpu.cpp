@@ -7,8 +7,8 @@
 // Speed:
 // - Every kernel is compiled for the baseline ISA, AVX2 and AVX-512 (a target attribute on the function that runs
 //   a thread's share, everything below it inlined) and runs the one that torch's own CPU kernels use
-//   (at::get_cpu_capability(), which ATEN_CPU_CAPABILITY overrides). Multiply-adds are never contracted into FMAs
-//   (fp-contract=off below), so every ISA computes the same operations and gives the same bits.
+//   (at::get_cpu_capability(), which ATEN_CPU_CAPABILITY overrides; cpu/isa_dispatch.h). Multiply-adds are never
+//   contracted into FMAs (setup.py compiles with -ffp-contract=off), so every ISA gives the same bits.
 // - One parallel region per call, and none for a pass of at most kParallelWork (reductions) or kParallelMap
 //   (element-wise) values, at most one thread per that many values above: on such small passes the fork/join of the
 //   OpenMP threads costs more than it saves.
@@ -38,13 +38,6 @@
 #include "common/activation_layout.h"
 #include "common/arg_checks.h"
 #include "common/bn_math.h"
-
-// After the headers, so that it applies to this file's functions only: no a * b + c becomes an FMA, in any ISA.
-#if defined(__clang__)
-#pragma STDC FP_CONTRACT OFF
-#elif defined(__GNUC__)
-#pragma GCC optimize("fp-contract=off")
-#endif
 
 namespace deeplab_ops {
 namespace {
