@@ -29,7 +29,6 @@ CUDA_CONFIGS = {  # name: (H = W, rates)
 CPU_CONFIGS = {"os16": (17, (3, 6, 9)), "os16_r12": (17, (6, 12, 18)), "os8": (33, (6, 12, 18))}
 CUDA_PROVIDERS = ("eager", "eager-cl", "eager-amp", "eager-cl-amp", "compile", "compile-max", "triton", "cuda")
 CPU_PROVIDERS = ("cpu", "reference", "eager", "eager-cl")
-FUSED = common.FUSED_PROVIDERS
 PROVIDERS = (*common.EAGER_PROVIDERS, "compile", "compile-max", "triton", "cuda", "cpu", "reference")
 
 
@@ -52,10 +51,11 @@ def eager_aspp_note() -> str:
 
 
 def make_module(provider: str, cin: int, rates, cout: int) -> torch.nn.Module:
-    if provider in FUSED:
+    backend = common.fused_backend(provider)
+    if backend is not None:
         from deeplab_ops.nn import FusedASPP
 
-        return FusedASPP(cin, rates, cout, dropout=0.0, backend=provider)
+        return FusedASPP(cin, rates, cout, dropout=0.0, backend=backend)
     module = eager_aspp(cin, rates, cout)
     if provider in common.EAGER_PROVIDERS:
         return module
@@ -114,7 +114,7 @@ def main(argv: list[str] | None = None) -> int:
                                   or common.unavailable(provider, "aspp", device, x=x, rates=rates, training=training))
                         if training and batch == 1:
                             reason = "BatchNorm in training needs batch >= 2 (the pooling branch has 1 value/channel)"
-                        module_note = "" if provider in FUSED else eager_aspp_note()
+                        module_note = "" if common.fused_backend(provider) else eager_aspp_note()
 
                         def build(provider=provider, mode=mode, x=x, rates=rates, dtype=dtype, dtype_name=dtype_name):
                             compiled = provider.startswith("compile")

@@ -330,8 +330,8 @@ def set_precision(dtype_name: str) -> torch.dtype:
 
 
 def uses_channels_last(provider: str) -> bool:
-    """eager-cl, eager-cl-amp: module and input in channels_last."""
-    return provider.startswith("eager-cl")
+    """eager-cl, eager-cl-amp and the fused -cl setups (cpu-cl, ...): module and input in channels_last."""
+    return provider.startswith("eager-cl") or provider in FUSED_CL_PROVIDERS
 
 
 def uses_autocast(provider: str) -> bool:
@@ -492,6 +492,16 @@ def mode_case(mode: str, module: torch.nn.Module, inputs: Sequence[torch.Tensor]
 
 
 FUSED_PROVIDERS = ("triton", "cuda", "cpu", "reference")  # deeplab_ops backends, by name
+# The fused modules with their weights and input channels_last (the layout train.py --fused-ops runs), beside the
+# NCHW rows of the same backend: like for like with eager-cl.
+FUSED_CL_PROVIDERS = ("triton-cl", "cuda-cl", "cpu-cl")
+
+
+def fused_backend(provider: str) -> str | None:
+    """The deeplab_ops backend a fused provider runs (cpu-cl -> cpu), None for eager and compile providers."""
+    if provider in FUSED_PROVIDERS:
+        return provider
+    return provider.removesuffix("-cl") if provider in FUSED_CL_PROVIDERS else None
 
 
 def compiled(module: torch.nn.Module, provider: str) -> torch.nn.Module:
@@ -505,10 +515,11 @@ def compiled(module: torch.nn.Module, provider: str) -> torch.nn.Module:
 
 def unavailable(provider: str, op: str, device: torch.device, **call) -> str:
     """Why a provider cannot run this call of `op` here ('' when it can), in deeplab_ops' own words."""
-    if provider in FUSED_PROVIDERS:
+    backend = fused_backend(provider)
+    if backend is not None:
         from deeplab_ops import backends
 
-        return "; ".join(backends.not_supported_reasons(provider, op, device, **call))
+        return "; ".join(backends.not_supported_reasons(backend, op, device, **call))
     if provider.startswith("compile") and device.type == "cuda":
         from deeplab_ops.backends import triton_import_error
 

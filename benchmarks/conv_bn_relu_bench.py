@@ -9,8 +9,9 @@ layer3's 23 times instead of 6), so one row covers both. Output stride 16: layer
 layer4 at 33×33 (dilation 2; 4 with multi-grid); output stride 8: layer3 at 65×65 (dilation 2), layer4 at 65×65
 (dilation 4); the ASPP 3×3 branches (2048 → 256) at rates 6/12/18 (33×33) and 12/24/36 (65×65). Providers:
 eager nn.Sequential(Conv2d(bias=False), BatchNorm2d, ReLU) (cuDNN, cudnn.benchmark on), deeplab_ops.reference,
-torch.compile of the eager module (default, max-autotune), deeplab_ops triton and cuda; eager-cl, eager-amp,
-eager-cl-amp: the eager module channels_last, under torch.autocast (fp32 module), or both.
+torch.compile of the eager module (default, max-autotune), deeplab_ops triton, cuda and cpu; eager-cl, eager-amp,
+eager-cl-amp: the eager module channels_last, under torch.autocast (fp32 module), or both; triton-cl, cuda-cl,
+cpu-cl: the fused module and its input channels_last (the layout train.py --fused-ops runs).
 """
 
 from __future__ import annotations
@@ -25,8 +26,9 @@ from torch import nn
 
 CUDA_PROVIDERS = ("eager", "eager-cl", "eager-amp", "eager-cl-amp", "reference", "compile", "compile-max", "triton",
                   "cuda")
-CPU_PROVIDERS = ("cpu", "reference", "eager", "eager-cl")
-PROVIDERS = (*common.EAGER_PROVIDERS, "reference", "compile", "compile-max", "triton", "cuda", "cpu")
+CPU_PROVIDERS = ("cpu", "cpu-cl", "reference", "eager", "eager-cl")
+PROVIDERS = (*common.EAGER_PROVIDERS, "reference", "compile", "compile-max", "triton", "cuda", "cpu",
+             *common.FUSED_CL_PROVIDERS)
 
 
 @dataclass(frozen=True)
@@ -111,10 +113,11 @@ class ReferenceConvBNReLU(EagerConvBNReLU):
 
 
 def make_module(provider: str, s: ConvShape) -> nn.Module:
-    if provider in ("triton", "cuda", "cpu"):
+    backend = common.fused_backend(provider)
+    if backend in ("triton", "cuda", "cpu"):
         from deeplab_ops.nn import FusedConvBNReLU
 
-        return FusedConvBNReLU(s.cin, s.cout, s.kernel, s.stride, s.padding, s.dilation, backend=provider)
+        return FusedConvBNReLU(s.cin, s.cout, s.kernel, s.stride, s.padding, s.dilation, backend=backend)
     if provider == "reference":
         return ReferenceConvBNReLU(s)
     module = EagerConvBNReLU(s)

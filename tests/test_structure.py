@@ -116,21 +116,32 @@ def _autograd_functions(name: str) -> list[str]:
             and {ast.unparse(b) for b in node.bases} & {"torch.autograd.Function", "autograd.Function", "Function"}]
 
 
+# The ops whose one autograd is C++ (a torch::autograd::Function registered at the Autograd key for both twins),
+# and the file that holds it: conv_bn_relu runs once per layer, where a Python Function's host time showed.
+CPP_AUTOGRAD = {"deeplab_ops.ops.conv_bn_relu": ("conv_bn_relu", "csrc/composite/conv_bn_relu_autograd.cpp")}
+
+
 def test_one_autograd_per_op():
-    """Each op file defines exactly one torch.autograd.Function (the op's autograd, saving policy and statistics
-    reducer included) and registers it once, through ops/dispatch.py's register_autograd_kernels, as the Autograd
-    kernel of both backend twins of its forward op; no other module defines an autograd.Function or registers an
-    Autograd kernel, and nothing uses torch.library.register_autograd."""
+    """Each op has exactly one autograd (saving policy and statistics reducer included), the Autograd kernel of both
+    backend twins of its forward op: a torch.autograd.Function in its op file, registered once through
+    ops/dispatch.py's register_autograd_kernels, or (CPP_AUTOGRAD) one C++ Function in one csrc file, with the op
+    file registering only its backward ops' double-backward refusal. No other module defines an autograd.Function
+    or registers an Autograd kernel, no other C++ file registers at the Autograd key, and nothing uses
+    torch.library.register_autograd."""
     op_files = {n for n in MODULES if n.startswith("deeplab_ops.ops.") and n.rpartition(".")[2] in
                 ("conv_bn_relu", "aspp", "upsample_ce")}
     assert len(op_files) == 3, sorted(op_files)
     for name in MODULES:
         functions = _autograd_functions(name)
         registrations = _calls(name, "register_autograd_kernels")
+        refusals = _calls(name, "register_double_backward_refusal")
         assert not _calls(name, "register_autograd"), f"{name} calls torch.library.register_autograd"
         autograd_impls = [c for c in _calls(name, "impl") if any(
             isinstance(a, ast.Constant) and a.value == "Autograd" for a in c.args)]
-        if name in op_files:
+        if name in CPP_AUTOGRAD:
+            assert not functions and not registrations, f"{name}'s autograd is C++; it defines {functions}"
+            assert len(refusals) == 1, f"{name}: {len(refusals)} register_double_backward_refusal calls"
+        elif name in op_files:
             assert len(functions) == 1, f"{name} defines {functions}: expected one autograd.Function"
             assert len(registrations) == 1, f"{name}: {len(registrations)} register_autograd_kernels calls"
         else:
@@ -138,11 +149,19 @@ def test_one_autograd_per_op():
             assert not registrations, f"{name} registers an op's autograd; only the op files do"
         if name != "deeplab_ops.ops.dispatch":
             assert not autograd_impls, f"{name} registers an Autograd kernel outside ops/dispatch.py"
+    cpp_files = {f.relative_to(ROOT).as_posix(): f.read_text() for f in (ROOT / "csrc").rglob("*.c*")}
+    at_autograd = {f for f, text in cpp_files.items() if "TORCH_LIBRARY_IMPL(deeplab_ops, Autograd" in text}
+    assert at_autograd == {f for _, f in CPP_AUTOGRAD.values()}, at_autograd
+    for op, file in CPP_AUTOGRAD.values():
+        text = cpp_files[file]
+        assert text.count("public torch::autograd::Function<") == 1, f"{file}: expected one C++ autograd Function"
+        for twin in ("", "triton_"):
+            assert f'm.impl("{twin}{op}_forward"' in text, f"{file} does not register {twin}{op}_forward"
 
 
 def test_autograd_kernels_registered_for_both_twins():
-    """At run time: every forward op, C++ and triton_ twin alike, has a Python Autograd kernel (the op's
-    Function), and the backward ops have one too (it refuses double backward)."""
+    """At run time: every forward op, C++ and triton_ twin alike, has an Autograd kernel (the op's Function, in
+    Python or, for conv_bn_relu, C++), and the backward ops have one too (it refuses double backward)."""
     import deeplab_ops  # noqa: F401  (registers the kernels)
 
     for op in ("conv_bn_relu", "aspp", "upsample_cross_entropy"):

@@ -1,6 +1,7 @@
-"""conv_bn_relu: argument checks, fake kernels, the one autograd, the eval fold, the public function. Schemas in
-csrc/ops.cpp (`conv_bn_relu_forward/_backward` for cpu and cuda, `triton_` twins for triton); the forward is
-functional (returns the new running statistics, which the front door copies into the caller's buffers).
+"""conv_bn_relu: argument checks, fake kernels, the eval fold, the public function. Schemas in csrc/ops.cpp
+(`conv_bn_relu_forward/_backward` for cpu and cuda, `triton_` twins for triton); the one autograd, shared by the
+twins, in csrc/composite/conv_bn_relu_autograd.cpp. The forward is functional (returns the new running statistics,
+which the front door copies into the caller's buffers).
 """
 
 from __future__ import annotations
@@ -21,15 +22,7 @@ from deeplab_ops.common import (
     opmath_dtype,
     pair,
 )
-from deeplab_ops.ops.dispatch import (
-    BELOW_AUTOGRAD,
-    autograd_kernels,
-    below_autograd,
-    call_backward,
-    enter_directly,
-    group_name_of,
-    register_autograd_kernels,
-)
+from deeplab_ops.ops.dispatch import BELOW_AUTOGRAD, enter_directly, group_name_of, register_double_backward_refusal
 
 Tensor = torch.Tensor
 _ops = torch.ops.deeplab_ops
@@ -231,94 +224,18 @@ def _conv_bias_act_fake(x, weight, bias, residual, stride, padding, dilation, re
 
 # ---- autograd: one implementation for both twins ------------------------------------------------------
 #
-# What the backward needs besides grad_out: x, weight, bn_weight, the output z, the statistics, and the pre-BN
-# conv output y. The saving policy decides where y comes from:
-#   saved      (memory_efficient=False) y is saved by the forward.
-#   recompute  (memory_efficient=True)  nothing activation-sized beyond x and z is kept; when the backward reads y
-#              (training BatchNorm: dy = k*(g - a - xhat*b) needs xhat everywhere; eval BatchNorm with a bn_weight
-#              gradient: dgamma = sum g*xhat) it is recomputed by the backend's own convolution, exact and with no
-#              host synchronization; otherwise (eval/frozen BatchNorm, no bn_weight gradient: dy = gamma*invstd*g)
-#              nothing is recomputed and z stands in for y, which is then not read.
-# The statistics reducer is the process group named by group_name (None: local); the backward op all-reduces the
-# sums the input gradient needs over that group.
+# In C++ (csrc/composite/conv_bn_relu_autograd.cpp, the Autograd kernel of conv_bn_relu_forward and of its triton_
+# twin): a network calls this op once per layer, and a Python autograd.Function cost as much host time as a small
+# layer's kernels. Here only the backward ops' Autograd kernels, which refuse double backward.
 
 _DOUBLE_BACKWARD = ("deeplab_ops.conv_bn_relu does not support double backward (a gradient of its gradient, as "
                     "with create_graph=True); use backend='reference' for higher-order gradients")
-
-
-class _ConvBNReLU(torch.autograd.Function):
-    """The Autograd kernel of conv_bn_relu_forward and triton_conv_bn_relu_forward (`conf[0]`, the prefix, picks
-    the twin). Inputs: conf (the non-tensor arguments, one tuple: each input of an autograd.Function costs its
-    apply and its backward's result a slot), then the tensors."""
-
-    @staticmethod
-    def forward(ctx, conf, x, weight, bn_weight, bn_bias, running_mean, running_var, residual):
-        prefix, stride, padding, dilation, training, momentum, eps, relu, group_name, memory_efficient = conf
-        with BELOW_AUTOGRAD():
-            result = _FORWARD_BY_PREFIX[prefix](x, weight, bn_weight, bn_bias, running_mean, running_var, stride,
-                                                padding, dilation, training, momentum, eps, residual, relu,
-                                                group_name, memory_efficient)
-        out, conv_out, mean, invstd, new_rm, new_rv = result
-        ctx.mark_non_differentiable(conv_out, mean, invstd, new_rm, new_rv)
-        ctx.materialize_grads = False  # set_materialize_grads(False): no zero gradients for those five outputs
-        ctx.save_for_backward(x, weight, bn_weight, None if memory_efficient else conv_out, out, mean, invstd)
-        ctx.conf = conf
-        ctx.dtypes = (None if bn_weight is None else bn_weight.dtype, None if bn_bias is None else bn_bias.dtype)
-        return result
-
-    @staticmethod
-    def backward(ctx, grad_out, *unused):
-        nig = ctx.needs_input_grad  # (conf, x, weight, bn_weight, bn_bias, running_mean, running_var, residual)
-        mask = [nig[1], nig[2], nig[3], nig[4], nig[7]]
-        if grad_out is None or not any(mask):
-            return (None,) * 8
-        x, weight, bn_weight, conv_out, out, mean, invstd = ctx.saved_tensors
-        prefix, stride, padding, dilation, training, _, _, relu, group_name, memory_efficient = ctx.conf
-        if memory_efficient and (training or mask[2]):
-            conv_out = below_autograd(_CONV_BY_PREFIX[prefix], x, weight, None, None, stride, padding, dilation,
-                                      False)
-        elif memory_efficient:
-            conv_out = out
-        gx, gw, gg, gb, gr = call_backward(_BACKWARD_BY_PREFIX[prefix], grad_out, x, weight, bn_weight, conv_out,
-                                           out, mean, invstd, stride, padding, dilation, training, relu, mask,
-                                           group_name)
-        w_dtype, b_dtype = ctx.dtypes
-        if gg is not None and gg.dtype != w_dtype:
-            gg = gg.to(w_dtype)
-        if gb is not None and gb.dtype != b_dtype:
-            gb = gb.to(b_dtype)
-        return None, gx, gw, gg, gb, None, None, gr
-
-
-_FORWARD_BY_PREFIX = {"": FORWARD["cpu"], "triton_": FORWARD["triton"]}
-_BACKWARD_BY_PREFIX = {"": BACKWARD["cpu"], "triton_": BACKWARD["triton"]}
-_CONV_BY_PREFIX = {"": CONV_BIAS_ACT["cpu"], "triton_": CONV_BIAS_ACT["triton"]}
-
-
-def _autograd_kernel(prefix: str):
-    """The Autograd kernel of `{prefix}conv_bn_relu_forward`: the Function when a graph is built, else the op
-    below Autograd. The dispatcher drops trailing arguments equal to their defaults: they get them back here."""
-    forward = _FORWARD_BY_PREFIX[prefix]
-    apply = _ConvBNReLU.apply
-
-    def kernel(x, weight, bn_weight, bn_bias, running_mean, running_var, stride, padding, dilation, training,
-               momentum, eps, residual, relu, group_name=None, memory_efficient=False):
-        if torch.is_grad_enabled() and torch._C._any_requires_grad(x, weight, bn_weight, bn_bias, residual):
-            conf = (prefix, stride, padding, dilation, training, momentum, eps, relu, group_name, memory_efficient)
-            return apply(conf, x, weight, bn_weight, bn_bias, running_mean, running_var, residual)
-        with BELOW_AUTOGRAD():
-            return forward(x, weight, bn_weight, bn_bias, running_mean, running_var, stride, padding, dilation,
-                           training, momentum, eps, residual, relu, group_name, memory_efficient)
-
-    return kernel
-
 
 for _prefix in ("", "triton_"):
     torch.library.register_fake(f"deeplab_ops::{_prefix}conv_bn_relu_forward")(_forward_fake)
     torch.library.register_fake(f"deeplab_ops::{_prefix}conv_bn_relu_backward")(_backward_fake)
     torch.library.register_fake(f"deeplab_ops::{_prefix}conv_bias_act")(_conv_bias_act_fake)
-register_autograd_kernels("conv_bn_relu", _autograd_kernel, _DOUBLE_BACKWARD)
-_KERNELS = autograd_kernels(_autograd_kernel)
+register_double_backward_refusal("conv_bn_relu", _DOUBLE_BACKWARD)
 
 
 # ---- eval: BatchNorm folded into the convolution ---------------------------------------------------
@@ -430,7 +347,7 @@ def conv_bn_relu(
     if memory_efficient is not False and memory_efficient is not True:
         raise TypeError(f"memory_efficient must be a bool, got {memory_efficient!r}")
     group_name = group_name_of(process_group) if training and process_group is not None else None
-    direct = enter_directly(x)  # not traced: Python caches, the op's Autograd kernel called directly
+    direct = enter_directly(x)  # not traced: Python caches (backend choice, the eval fold)
     if direct:
         name = _resolve(backend, x, weight, stride, padding, dilation, group_name is not None)
     else:
@@ -453,7 +370,7 @@ def conv_bn_relu(
                        lambda: _fold(weight, bn_weight, bn_bias, running_mean, running_var, float(eps)))
         with BELOW_AUTOGRAD():  # nothing to differentiate: skip the Autograd key's fallback
             return CONV_BIAS_ACT[name](x, w, b, residual, stride, padding, dilation, relu)
-    out, _, _, _, new_rm, new_rv = (_KERNELS[name] if direct else FORWARD[name])(
+    out, _, _, _, new_rm, new_rv = FORWARD[name](
         x, weight, bn_weight, bn_bias, running_mean, running_var, stride, padding, dilation, training,
         float(momentum), float(eps), residual, relu, group_name, memory_efficient,
     )

@@ -77,11 +77,18 @@ def _refusing_kernel(op, message: str):
     return kernel
 
 
+def register_double_backward_refusal(op: str, double_backward_message: str) -> None:
+    """`{prefix}{op}_backward` (both twins) gets an Autograd kernel that refuses double backward."""
+    for prefix in ("", "triton_"):
+        backward = getattr(torch.ops.deeplab_ops, f"{prefix}{op}_backward").default
+        _LIB.impl(f"{prefix}{op}_backward", _refusing_kernel(backward, double_backward_message), "Autograd")
+
+
 def register_autograd_kernels(op: str, autograd_kernel, double_backward_message: str) -> None:
     """Register the op's one autograd implementation for both twins: `autograd_kernel(prefix)` (prefix "" for the
     C++ ops of the cpu and cuda backends, "triton_" for the triton ones) becomes the Autograd kernel of
-    `{prefix}{op}_forward`; `{prefix}{op}_backward` gets a kernel that refuses double backward."""
+    `{prefix}{op}_forward`; `{prefix}{op}_backward` gets a kernel that refuses double backward. (conv_bn_relu's
+    autograd is C++ and registers itself: csrc/composite/conv_bn_relu_autograd.cpp.)"""
     for prefix in ("", "triton_"):
         _LIB.impl(f"{prefix}{op}_forward", autograd_kernel(prefix), "Autograd")
-        backward = getattr(torch.ops.deeplab_ops, f"{prefix}{op}_backward").default
-        _LIB.impl(f"{prefix}{op}_backward", _refusing_kernel(backward, double_backward_message), "Autograd")
+    register_double_backward_refusal(op, double_backward_message)

@@ -157,7 +157,7 @@ def test_conv_bn_relu_bench_cpu_quick(tmp_path):
 
     assert conv_bn_relu_bench.main([*QUICK, "--out", str(tmp_path)]) == 0
     rows, _ = _read(tmp_path, "conv_bn_relu_bench")
-    _check_timed(rows, {"cpu", "reference", "eager", "eager-cl"}, {"train_fwd", "eval_fwd", "fwd_bwd"})
+    _check_timed(rows, {"cpu", "cpu-cl", "reference", "eager", "eager-cl"}, {"train_fwd", "eval_fwd", "fwd_bwd"})
     assert any("+res" in r["shape"] for r in rows)
     for r in rows:  # the minimum bytes of each shape (16 channels at 9x9, 3x3 dilation 2; 1x1 16 -> 32 + residual)
         residual = "+res" in r["shape"]
