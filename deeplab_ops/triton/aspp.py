@@ -59,7 +59,7 @@ from deeplab_ops.triton.conv_engine import (
     fit_sizes,
     split_count,
 )
-from deeplab_ops.triton.launch import KernelSpec, launch_kernel, prune_by_channels, run_tuned
+from deeplab_ops.triton.launch import KernelSpec, cdiv, launch_kernel, prune_by_channels, run_tuned
 from deeplab_ops.triton.packing import cached
 
 Tensor = torch.Tensor
@@ -430,13 +430,13 @@ def branch_forward(xh: Tensor, w: Tensor, rates: Tensor, c: int, *, training: bo
     meta = _meta(xh, TRAINING=training, COUNT_PAIRS=pairs is not None)
 
     def run(cfg):
-        p = n * triton.cdiv(h, cfg["BLOCK_H"]) * triton.cdiv(wd, cfg["BLOCK_W"])
+        p = n * cdiv(h, cfg["BLOCK_H"]) * cdiv(wd, cfg["BLOCK_W"])
         parts = None
         if training:
             parts = (torch.empty(p, dtype=stat_dtype, device=xh.device),
                      torch.empty(p, bc, dtype=stat_dtype, device=xh.device),
                      torch.empty(p, bc, dtype=stat_dtype, device=xh.device))
-        launch_kernel(_aspp_branch_fwd_kernel, (p, nb * triton.cdiv(c, cfg["BLOCK_N"])),
+        launch_kernel(_aspp_branch_fwd_kernel, (p, nb * cdiv(c, cfg["BLOCK_N"])),
                       xh, w, rates, y, *(parts if parts is not None else (y, y, y)),
                       pairs if pairs is not None else rates, h, wd, c_in, c, bc, **meta, **cfg)
         return parts
@@ -461,8 +461,8 @@ def branch_dgrad(g: Tensor, y: Tensor, coef: Tensor, wt: Tensor, rates: Tensor, 
 
     def run(cfg):
         launch_kernel(_aspp_branch_dgrad_kernel,
-                      (n * triton.cdiv(h, cfg["BLOCK_H"]) * triton.cdiv(wd, cfg["BLOCK_W"]),
-                       triton.cdiv(c_in, cfg["BLOCK_N"])),
+                      (n * cdiv(h, cfg["BLOCK_H"]) * cdiv(wd, cfg["BLOCK_W"]),
+                       cdiv(c_in, cfg["BLOCK_N"])),
                       g, y, coef, wt, rates, dx_pool, dx, pairs if pairs is not None else rates, h, wd, c_in, c, bc,
                       nb, **meta, **cfg)
 
@@ -480,13 +480,13 @@ def branch_wgrad(xh: Tensor, g: Tensor, y: Tensor, coef: Tensor, rates: Tensor, 
     nb = rates.shape[0]
     c = bc // nb
     t = 1 + 9 * (nb - 1)
-    splits = split_count(xh.device, t * triton.cdiv(c_in, 64) * triton.cdiv(c, 64), n * triton.cdiv(h * wd, 64))
+    splits = split_count(xh.device, t * cdiv(c_in, 64) * cdiv(c, 64), n * cdiv(h * wd, 64))
     part = torch.empty(splits, t, c_in, c, dtype=coef.dtype, device=xh.device)
     meta = _meta(xh, COUNT_PAIRS=pairs is not None)
 
     def run(cfg):
         launch_kernel(_aspp_branch_wgrad_kernel,
-                      (t, triton.cdiv(c_in, cfg["BLOCK_M"]) * triton.cdiv(c, cfg["BLOCK_N"]), splits),
+                      (t, cdiv(c_in, cfg["BLOCK_M"]) * cdiv(c, cfg["BLOCK_N"]), splits),
                       xh, g, y, coef, rates, part, pairs if pairs is not None else rates, n, h, wd, c_in, c, bc, t,
                       splits, **meta, **cfg)
 
@@ -516,13 +516,13 @@ def project_forward(br: Tensor, w: Tensor, bias: Tensor, affine: tuple[Tensor, T
     meta = _meta(br, TRAINING=training)
 
     def run(cfg):
-        p = n * triton.cdiv(hw, cfg["BLOCK_M"])
+        p = n * cdiv(hw, cfg["BLOCK_M"])
         parts = None
         if training:
             parts = (torch.empty(p, dtype=stat_dtype, device=br.device),
                      torch.empty(p, c, dtype=stat_dtype, device=br.device),
                      torch.empty(p, c, dtype=stat_dtype, device=br.device))
-        launch_kernel(_aspp_project_fwd_kernel, (p, triton.cdiv(c, cfg["BLOCK_N"])),
+        launch_kernel(_aspp_project_fwd_kernel, (p, cdiv(c, cfg["BLOCK_N"])),
                       br, w, bias, y, out if out is not None else y, *affine,
                       *(parts if parts is not None else (y, y, y)), hw, bc, c, out_offset, **meta, **cfg)
         return parts
@@ -546,11 +546,11 @@ def project_dgrad(dz: Tensor, z: Tensor, y: Tensor, coef: Tensor, w: Tensor, br:
     meta = _meta(br)
 
     def run(cfg):
-        tiles = triton.cdiv(hw, cfg["BLOCK_M"])
+        tiles = cdiv(hw, cfg["BLOCK_M"])
         part_g = torch.empty(n * tiles, bc, dtype=stat, device=br.device)
         part_gy = torch.empty(n * tiles, bc, dtype=stat, device=br.device)
         part_dy = torch.empty(n, tiles, c, dtype=stat, device=br.device)
-        launch_kernel(_aspp_project_dgrad_kernel, (n * tiles, triton.cdiv(bc, cfg["BLOCK_N"])),
+        launch_kernel(_aspp_project_dgrad_kernel, (n * tiles, cdiv(bc, cfg["BLOCK_N"])),
                       dz, z, y, coef, w, br, *branch_affine, g, part_g, part_gy, part_dy, hw, bc, c, **meta, **cfg)
         return part_g, part_gy, part_dy
 
@@ -565,13 +565,13 @@ def project_wgrad(br: Tensor, branch_affine: tuple[Tensor, Tensor, Tensor], dz: 
     n, h, wd, bc = br.shape
     c = y.shape[3]
     hw = h * wd
-    splits = split_count(br.device, triton.cdiv(bc, 64) * triton.cdiv(c, 64), n * triton.cdiv(hw, 64))
+    splits = split_count(br.device, cdiv(bc, 64) * cdiv(c, 64), n * cdiv(hw, 64))
     part = torch.empty(splits, bc, c, dtype=coef.dtype, device=br.device)
     meta = _meta(br)
 
     def run(cfg):
         launch_kernel(_aspp_project_wgrad_kernel,
-                      (triton.cdiv(bc, cfg["BLOCK_M"]) * triton.cdiv(c, cfg["BLOCK_N"]), splits),
+                      (cdiv(bc, cfg["BLOCK_M"]) * cdiv(c, cfg["BLOCK_N"]), splits),
                       br, *branch_affine, dz, z, y, coef, part, n, hw, bc, c, splits, **meta, **cfg)
 
     run_tuned(KERNELS["project_wgrad"], br.device, br.dtype, dict(HW=hw, BC=bc, C=c, SPLITS=splits, **fit_sizes(br)),
@@ -764,7 +764,7 @@ def schedule(x_shape: tuple[int, ...], rates: tuple[int, ...], block_h: int, blo
     The 1x1 branch has one tap that always hits; each 3x3 branch follows conv_bn_relu's schedule.
     """
     n, c_in, h, w = x_shape
-    tiles = n * (triton.cdiv(h, block_h) * triton.cdiv(w, block_w))
+    tiles = n * (cdiv(h, block_h) * cdiv(w, block_w))
     computed, dense = tiles, tiles
     for r in rates:
         got, full = conv_schedule(x_shape, (1, c_in, 3, 3), (1, 1), (r, r), (r, r), block_h, block_w, pass_)

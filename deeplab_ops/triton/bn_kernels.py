@@ -18,7 +18,7 @@ import triton
 import triton.language as tl
 
 from deeplab_ops.common import interpreter_active
-from deeplab_ops.triton.launch import launch_kernel
+from deeplab_ops.triton.launch import cdiv, launch_kernel, next_power_of_2
 
 # ---- shared per-element math -------------------------------------------------------------------------
 
@@ -239,7 +239,7 @@ def hyper_tensor(momentum: float, eps: float, dtype: torch.dtype, device: torch.
 
 
 def _block_c(c: int) -> int:
-    return min(64, triton.next_power_of_2(c))
+    return min(64, next_power_of_2(c))
 
 
 def launch_blocks(name: str, c: int) -> dict:
@@ -277,7 +277,7 @@ def bn_finalize(
     blocks = launch_blocks("bn_finalize", c)
     if interpreter_active():
         blocks["BLOCK_P"] = 32
-    launch_kernel(_bn_finalize_kernel, (triton.cdiv(c, blocks["BLOCK_C"]),),
+    launch_kernel(_bn_finalize_kernel, (cdiv(c, blocks["BLOCK_C"]),),
         count, pmean, pm2,
         bn_weight if bn_weight is not None else dummy, bn_bias if bn_bias is not None else dummy,
         running_mean if has_running else dummy, running_var if has_running else dummy, hyper,
@@ -299,7 +299,7 @@ def bn_apply(
     out = torch.empty_like(y)
     block_c = _block_c(c)
     block_m = launch_blocks("bn_apply", c)["BLOCK_M"] if not interpreter_active() else 64
-    launch_kernel(_bn_apply_kernel, (triton.cdiv(m, block_m), triton.cdiv(c, block_c)),
+    launch_kernel(_bn_apply_kernel, (cdiv(m, block_m), cdiv(c, block_c)),
         y, residual if residual is not None else y, out, mean, scale, shift, m, c,
         HAS_RES=residual is not None, RELU=relu, BLOCK_M=block_m, BLOCK_C=block_c,
     )
@@ -317,11 +317,11 @@ def bn_backward_reduce(
     block_m = 64 if interpreter_active() else launch_blocks("bn_bwd_reduce", c)["BLOCK_M"]
     # Enough row splits to fill the GPU; about 16 row blocks per program keeps the partials small.
     rows_per_prog = block_m * (16 if not interpreter_active() else 64)
-    splits = triton.cdiv(m, rows_per_prog)
+    splits = cdiv(m, rows_per_prog)
     part_g = torch.empty(splits, c, dtype=mean.dtype, device=y.device)
     part_gy = torch.empty_like(part_g)
     g = torch.empty_like(y) if store_g else None
-    launch_kernel(_bn_bwd_reduce_kernel, (splits, triton.cdiv(c, block_c)),
+    launch_kernel(_bn_bwd_reduce_kernel, (splits, cdiv(c, block_c)),
         grad_out, out, y, mean, g if store_g else y, part_g, part_gy, m, c, rows_per_prog,
         RELU=relu, STORE_G=store_g, ACC_DTYPE=acc_dtype(mean.dtype), BLOCK_M=block_m, BLOCK_C=block_c,
     )
@@ -343,7 +343,7 @@ def bn_backward_finalize(
                torch.empty(4, c, dtype=stat, device=mean.device))
     sum_g, sum_gx, coef = out
     block_c = _block_c(c)
-    launch_kernel(_bn_bwd_finalize_kernel, (triton.cdiv(c, block_c),),
+    launch_kernel(_bn_bwd_finalize_kernel, (cdiv(c, block_c),),
         part_g, part_gy, mean, invstd, gamma if gamma is not None else invstd, sum_g, sum_gx, coef,
         s, c, coef.stride(0), offset, count,
         TRAINING=training, HAS_GAMMA=gamma is not None, ACC_DTYPE=acc_dtype(stat), BLOCK_C=block_c,

@@ -15,7 +15,7 @@ import triton.language as tl
 
 from deeplab_ops.common import interpreter_active as _interpreter_active
 from deeplab_ops.triton.bn_kernels import _act_grad, _bn_dy, _invstd, _relu, acc_dtype
-from deeplab_ops.triton.launch import KernelSpec, launch_kernel, prune_by_channels, run_tuned
+from deeplab_ops.triton.launch import KernelSpec, cdiv, launch_kernel, prune_by_channels, run_tuned
 
 # ---- tile / tap geometry (jit helpers; `conv_bn_relu.schedule` mirrors them on the host) ----------------
 
@@ -633,7 +633,7 @@ def conv_forward(
                 ACC_DTYPE=acc_dtype(x.dtype), DOT_PRECISION=dot_precision(x.dtype, x.device))
 
     def run(cfg):
-        p = n * triton.cdiv(ho, cfg["BLOCK_H"]) * triton.cdiv(wo, cfg["BLOCK_W"])
+        p = n * cdiv(ho, cfg["BLOCK_H"]) * cdiv(wo, cfg["BLOCK_W"])
         if training:
             parts = (torch.empty(p, dtype=stat_dtype, device=x.device),
                      torch.empty(p, c_out, dtype=stat_dtype, device=x.device),
@@ -642,7 +642,7 @@ def conv_forward(
             parts = None
         pc, pm, pm2 = parts if parts is not None else (dummy, dummy, dummy)
         launch_kernel(
-            _conv_fwd_kernel, (p, triton.cdiv(c_out, cfg["BLOCK_N"])),
+            _conv_fwd_kernel, (p, cdiv(c_out, cfg["BLOCK_N"])),
             x, w, dummy, out if out is not None else dummy, residual if residual is not None else dummy,
             rm, rv, gamma if gamma is not None else dummy, bias if bias is not None else dummy, hyper, save_mean,
             save_invstd, pc, pm, pm2, pairs if pairs is not None else dummy,
@@ -673,8 +673,8 @@ def conv_dgrad(
     def run(cfg):
         launch_kernel(
             _conv_dgrad_kernel,
-            (n * triton.cdiv(triton.cdiv(h, sh), cfg["BLOCK_H"]) * triton.cdiv(triton.cdiv(wd, sw), cfg["BLOCK_W"])
-             * sh * sw, triton.cdiv(c_in, cfg["BLOCK_N"])),
+            (n * cdiv(cdiv(h, sh), cfg["BLOCK_H"]) * cdiv(cdiv(wd, sw), cfg["BLOCK_W"])
+             * sh * sw, cdiv(c_in, cfg["BLOCK_N"])),
             grad_out, out, y, coef, wt, dx, pairs if pairs is not None else dx, h, wd, c_in, ho, wo, c_out,
             *geo.args(), **meta, **cfg,
         )
@@ -694,8 +694,8 @@ def conv_wgrad(
     n, h, wd, c_in = x.shape
     _, ho, wo, c_out = y.shape
     kh, kw = kernel_hw
-    splits = split_count(x.device, kh * kw * triton.cdiv(c_in, 64) * triton.cdiv(c_out, 64),
-                         n * triton.cdiv(ho * wo, 64))
+    splits = split_count(x.device, kh * kw * cdiv(c_in, 64) * cdiv(c_out, 64),
+                         n * cdiv(ho * wo, 64))
     part = torch.empty(splits, kh * kw, c_in, c_out, dtype=coef.dtype, device=x.device)
     meta = dict(KH=kh, KW=kw, RELU=relu, COUNT_PAIRS=pairs is not None, ACC_DTYPE=acc_dtype(x.dtype),
                 DOT_PRECISION=dot_precision(x.dtype, x.device))
@@ -703,7 +703,7 @@ def conv_wgrad(
     def run(cfg):
         launch_kernel(
             _conv_wgrad_kernel,
-            (kh * kw, triton.cdiv(c_in, cfg["BLOCK_M"]) * triton.cdiv(c_out, cfg["BLOCK_N"]), splits),
+            (kh * kw, cdiv(c_in, cfg["BLOCK_M"]) * cdiv(c_out, cfg["BLOCK_N"]), splits),
             x, grad_out, out, y, coef, part, pairs if pairs is not None else part, n, h, wd, c_in, ho, wo, c_out,
             splits, *geo.args(), **meta, **cfg,
         )

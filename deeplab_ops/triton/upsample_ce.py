@@ -14,7 +14,7 @@ import triton
 import triton.language as tl
 
 from deeplab_ops.common import interpreter_active
-from deeplab_ops.triton.launch import launch_kernel
+from deeplab_ops.triton.launch import cdiv, launch_kernel, next_power_of_2
 
 REDUCTIONS = ("none", "mean", "sum")
 
@@ -218,7 +218,7 @@ def _acc(dtype: torch.dtype):
 
 
 def _block_k(k: int) -> int:
-    return min(triton.next_power_of_2(max(k, 1)), 32)
+    return min(next_power_of_2(max(k, 1)), 32)
 
 
 def _tables(logits: torch.Tensor, out_h: int, out_w: int, align_corners: bool):
@@ -240,7 +240,7 @@ def forward(logits, target, ignore_index: int, align_corners: bool, reduction: s
     lse = torch.empty((n, big_h, big_w), dtype=acc, device=logits.device)
     per_pixel = reduction == "none"
     block_p = 512 if interpreter_active() else 128  # interpreter: fewer, larger numpy ops
-    grid = triton.cdiv(p, block_p)
+    grid = cdiv(p, block_p)
     loss_px = torch.empty((n, big_h, big_w) if per_pixel else (0,), dtype=acc, device=logits.device)
     psum = torch.zeros((0 if per_pixel else grid,), dtype=acc, device=logits.device)
     pcnt = torch.zeros((0 if per_pixel else grid,), dtype=torch.int32, device=logits.device)
@@ -285,10 +285,10 @@ def backward(grad, logits, target, lse, count, ignore_index: int, align_corners:
     y0, y1, ly0, ly1, ys, ye, span_y = ty
     x0, x1, lx0, lx1, xs, xe, span_x = tx
     # 64-128 tile rows on a GPU; in the interpreter a whole column range per step (fewer, larger numpy ops).
-    block_x = min(triton.next_power_of_2(max(span_x, 1)), 64 if interpreter_active() else 16)
+    block_x = min(next_power_of_2(max(span_x, 1)), 64 if interpreter_active() else 16)
     block_q = max(1, (1024 if interpreter_active() else 128) // block_x)
     block_k = _block_k(k)
-    grid = (triton.cdiv(q, block_q), triton.cdiv(k, block_k))
+    grid = (cdiv(q, block_q), cdiv(k, block_k))
     launch_kernel(_uce_bwd_kernel, grid,
         logits, target, lse, g, dx,
         y0, y1, ly0, ly1, x0, x1, lx0, lx1, ys, ye, xs, xe,
