@@ -192,7 +192,7 @@ phase first_use 120 'BENCH_MARGIN_S=60 first_use' 0 45
 phase train_more 90 'BENCH_MARGIN_S=45 bench train_bench.py train_bench_more --models r50,r101 --output-strides 16 \
     --batches 16 --dtypes bf16 --providers eager,triton,compile --modes train_step' 0 60
 phase conv_bn_relu 60 'bench conv_bn_relu_bench.py conv_bn_relu_bench --dtypes bf16 --batches 16 \
-    --providers eager,eager-cl,cuda,triton' 0 45
+    --providers eager,eager-cl,cuda,triton,cuda-cl,triton-cl' 0 45
 phase aspp_sweep 60 'bench aspp_bench.py aspp_sweep --dtypes bf16 --providers eager,cuda,triton' 0 45
 phase aspp_dtypes 45 'bench aspp_bench.py aspp_dtypes --configs os16 --batches 16 --dtypes fp16,fp32,tf32 \
     --providers eager,cuda,triton' 0 45
