@@ -2,14 +2,15 @@
 
     python benchmarks/aspp_bench.py                                  # every DeepLab shape, provider, mode, dtype
     python benchmarks/aspp_bench.py --dtypes bf16 --batches 16 --configs os16 --plot
-    python benchmarks/aspp_bench.py --device cpu --quick             # small shapes: cpu, reference, eager
+    python benchmarks/aspp_bench.py --device cpu --quick             # small shapes: cpu(-cl), reference, eager(-cl)
 
 Shapes (CUDA): Cin 2048 → Cout 256; 33×33 at output stride 16 with rates (6, 12, 18) and (12, 24, 36), 65×65 at
 output stride 8 with (12, 24, 36); batches 1, 8, 16. Training modes at batch 1 are skipped: BatchNorm of the
 pooling branch needs more than one value per channel, as in PyTorch. The eager module is torchvision's ASPP with
 dropout 0 (model.ASPP when torchvision is absent); fused providers run deeplab_ops.nn.FusedASPP(dropout=0).
 eager-cl runs it channels_last, eager-amp as an fp32 module under torch.autocast (input in the dtype, as a
-backbone under autocast hands it over), eager-cl-amp both; the fastest eager setup is each case's anchor.
+backbone under autocast hands it over), eager-cl-amp both; the fastest eager setup is each case's anchor. triton-cl,
+cuda-cl, cpu-cl: the fused module and its input channels_last.
 """
 
 from __future__ import annotations
@@ -28,8 +29,9 @@ CUDA_CONFIGS = {  # name: (H = W, rates)
 }
 CPU_CONFIGS = {"os16": (17, (3, 6, 9)), "os16_r12": (17, (6, 12, 18)), "os8": (33, (6, 12, 18))}
 CUDA_PROVIDERS = ("eager", "eager-cl", "eager-amp", "eager-cl-amp", "compile", "compile-max", "triton", "cuda")
-CPU_PROVIDERS = ("cpu", "reference", "eager", "eager-cl")
-PROVIDERS = (*common.EAGER_PROVIDERS, "compile", "compile-max", "triton", "cuda", "cpu", "reference")
+CPU_PROVIDERS = ("cpu", "cpu-cl", "reference", "eager", "eager-cl")
+PROVIDERS = (*common.EAGER_PROVIDERS, "compile", "compile-max", "triton", "cuda", "cpu", "reference",
+             *common.FUSED_CL_PROVIDERS)
 
 
 def eager_aspp(cin: int, rates: tuple[int, ...], cout: int) -> torch.nn.Module:

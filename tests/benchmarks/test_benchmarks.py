@@ -123,10 +123,10 @@ def _check_timed(rows: list[dict], providers: set[str], modes: set[str]) -> None
 def test_aspp_bench_cpu_quick(tmp_path, capsys):
     import aspp_bench
 
-    argv = [*QUICK, "--out", str(tmp_path), "--providers", "cpu,reference,eager,cuda", "--plot"]
+    argv = [*QUICK, "--out", str(tmp_path), "--providers", "cpu,cpu-cl,reference,eager,cuda", "--plot"]
     assert aspp_bench.main(argv) == 0
     rows, meta = _read(tmp_path, "aspp_bench")
-    _check_timed(rows, {"cpu", "reference", "eager"}, {"train_fwd", "eval_fwd", "fwd_bwd"})
+    _check_timed(rows, {"cpu", "cpu-cl", "reference", "eager"}, {"train_fwd", "eval_fwd", "fwd_bwd"})
     # the cuda backend cannot run CPU tensors: recorded as skipped with deeplab_ops' reason, never a crash
     cuda = [r for r in rows if r["provider"] == "cuda"]
     assert cuda and all(r["status"] == "skipped" and "CUDA tensors" in r["note"] for r in cuda)
