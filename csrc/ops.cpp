@@ -71,8 +71,8 @@ TORCH_LIBRARY(deeplab_ops, m) {
   // functional, so autograd and torch.compile treat it as such; the Python front door copies the new
   // running statistics into the module's buffers.
   // group_name (training only; ignored in eval): BatchNorm statistics over the batch of every process of that
-  // torch.distributed group (nn.SyncBatchNorm semantics). memory_efficient: read by the Python autograd to choose
-  // what to save; the kernels ignore it.
+  // torch.distributed group (nn.SyncBatchNorm semantics). memory_efficient: read by the autograd
+  // (csrc/composite/conv_bn_relu_autograd.cpp) to choose what to save; the kernels ignore it.
   DLO_DEF_WITH_TRITON_TWIN(
       "conv_bn_relu_forward",
       "(Tensor x, Tensor weight, Tensor? bn_weight, Tensor? bn_bias, Tensor? running_mean, Tensor? running_var, "

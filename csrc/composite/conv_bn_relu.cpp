@@ -30,7 +30,8 @@ void check_conv_args(const at::Tensor& x, const at::Tensor& weight, const std::o
   }
   TORCH_CHECK(present(running_mean) == present(running_var),
               "deeplab_ops: running_mean and running_var must be given together");
-  TORCH_CHECK(training || present(running_mean), "deeplab_ops: eval mode (training=False) needs running_mean and running_var");
+  TORCH_CHECK(training || present(running_mean),
+              "deeplab_ops: eval mode (training=False) needs running_mean and running_var");
 }
 
 std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> conv_bn_relu_forward(
@@ -38,7 +39,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tenso
     const std::optional<at::Tensor>& bn_bias, const std::optional<at::Tensor>& running_mean,
     const std::optional<at::Tensor>& running_var, at::IntArrayRef stride, at::IntArrayRef padding,
     at::IntArrayRef dilation, bool training, double momentum, double eps, const std::optional<at::Tensor>& residual,
-    bool relu, std::optional<c10::string_view> group_name, bool /*memory_efficient: read by the Python autograd*/) {
+    bool relu, std::optional<c10::string_view> group_name, bool /*memory_efficient: read by the autograd node*/) {
   check_conv_args(x, weight, bn_weight, bn_bias, running_mean, running_var, stride, padding, dilation, training);
   const auto mf = x.suggest_memory_format();
   const at::Tensor y =

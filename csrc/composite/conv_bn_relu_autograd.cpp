@@ -73,6 +73,9 @@ struct Config {
   bool relu;
   std::optional<c10::string_view> group_name;
   bool memory_efficient;
+  // Where forward puts the op's six results. Only `out` is the node's output: the other five are not
+  // differentiable, and a node with outputs marked non-differentiable cannot run under compiled autograd.
+  ForwardOutputs* result;
 };
 
 bool needs_grad(const Tensor& t) { return t.requires_grad(); }
@@ -91,16 +94,14 @@ struct ConvBNReLUFunction : public torch::autograd::Function<ConvBNReLUFunction>
   static variable_list forward(AutogradContext* ctx, const Tensor& x, const Tensor& weight, const OptTensor& bn_weight,
                                const OptTensor& bn_bias, const OptTensor& running_mean, const OptTensor& running_var,
                                const OptTensor& residual, const Config& c) {
-    ForwardOutputs r;
+    ForwardOutputs& r = *c.result;
     {
       at::AutoDispatchBelowADInplaceOrView below_autograd;
       r = twin_ops(c.twin).forward.call(x, weight, bn_weight, bn_bias, running_mean, running_var, c.stride, c.padding,
                                         c.dilation, c.training, c.momentum, c.eps, residual, c.relu, c.group_name,
                                         c.memory_efficient);
     }
-    auto& [out, conv_out, mean, invstd, new_rm, new_rv] = r;
-    ctx->mark_non_differentiable({conv_out, mean, invstd, new_rm, new_rv});
-    ctx->set_materialize_grads(false);  // no zero gradients made for those five outputs
+    const auto& [out, conv_out, mean, invstd, new_rm, new_rv] = r;
     ctx->save_for_backward({x, weight, bn_weight.value_or(Tensor()), c.memory_efficient ? Tensor() : conv_out, out,
                             mean, invstd});
     // The inputs' edges count only the tensors given (apply skips a None): x, weight, then the optional ones in
@@ -120,14 +121,13 @@ struct ConvBNReLUFunction : public torch::autograd::Function<ConvBNReLUFunction>
     ctx->saved_data[kDtypes] = std::vector<int64_t>{
         given(bn_weight) ? static_cast<int64_t>(bn_weight->scalar_type()) : -1,
         given(bn_bias) ? static_cast<int64_t>(bn_bias->scalar_type()) : -1};
-    return {out, conv_out, mean, invstd, new_rm, new_rv};
+    return {out};
   }
 
   // One gradient per forward argument: x, weight, bn_weight, bn_bias, running_mean, running_var, residual, config.
   static variable_list backward(AutogradContext* ctx, variable_list grad_outputs) {
     variable_list grads(8);
     const Tensor& grad_out = grad_outputs[0];
-    if (!grad_out.defined()) return grads;  // only the non-differentiable outputs were used
     const auto edges = ctx->saved_data.at(kEdges).toIntVector();
     std::array<bool, 5> mask{};  // x, weight, bn_weight, bn_bias, residual
     bool any = false;
@@ -184,6 +184,9 @@ struct ConvBNReLUFunction : public torch::autograd::Function<ConvBNReLUFunction>
   }
 };
 
+bool has_forward_grad(const Tensor& t) { return t._fw_grad(/*level=*/0).defined(); }
+bool has_forward_grad(const OptTensor& t) { return given(t) && has_forward_grad(*t); }
+
 // The Autograd kernel: a graph node when one is being built, else the op itself past the Autograd key.
 template <int64_t kTwinIndex>
 ForwardOutputs conv_bn_relu_autograd(const Tensor& x, const Tensor& weight, const OptTensor& bn_weight,
@@ -192,12 +195,22 @@ ForwardOutputs conv_bn_relu_autograd(const Tensor& x, const Tensor& weight, cons
                                      at::IntArrayRef dilation, bool training, double momentum, double eps,
                                      const OptTensor& residual, bool relu, std::optional<c10::string_view> group_name,
                                      bool memory_efficient) {
+  TORCH_CHECK(stride.size() == 2 && padding.size() == 2 && dilation.size() == 2,
+              "deeplab_ops: stride, padding and dilation must have two values each, got ", stride, ", ", padding,
+              " and ", dilation);
+  // Forward-mode AD would otherwise pass through unseen (no node is built for tangents alone): refuse it.
+  TORCH_CHECK(!(has_forward_grad(x) || has_forward_grad(weight) || has_forward_grad(bn_weight) ||
+                has_forward_grad(bn_bias) || has_forward_grad(residual)),
+              "deeplab_ops.conv_bn_relu does not support forward-mode AD (torch.autograd.forward_ad dual tensors, "
+              "torch.func.jvp); use backend='reference' for it");
   if (at::GradMode::is_enabled() && (needs_grad(x) || needs_grad(weight) || needs_grad(bn_weight) ||
                                      needs_grad(bn_bias) || needs_grad(residual))) {
+    ForwardOutputs r;
     const Config c{kTwinIndex, stride, padding, dilation, training, momentum, eps, relu, group_name,
-                   memory_efficient};
-    auto outs = ConvBNReLUFunction::apply(x, weight, bn_weight, bn_bias, running_mean, running_var, residual, c);
-    return {outs[0], outs[1], outs[2], outs[3], outs[4], outs[5]};
+                   memory_efficient, &r};
+    std::get<0>(r) = ConvBNReLUFunction::apply(x, weight, bn_weight, bn_bias, running_mean, running_var, residual,
+                                               c)[0];
+    return r;
   }
   at::AutoDispatchBelowADInplaceOrView below_autograd;
   return twin_ops(kTwinIndex).forward.call(x, weight, bn_weight, bn_bias, running_mean, running_var, stride, padding,

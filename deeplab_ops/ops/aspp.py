@@ -17,6 +17,7 @@ from deeplab_ops.ops.dispatch import (
     call_backward,
     enter_directly,
     group_name_of,
+    refuse_forward_ad,
     register_autograd_kernels,
 )
 
@@ -157,6 +158,7 @@ def _autograd_kernel(prefix: str):
 
     def kernel(x, conv_weights, pool_weight, project_weight, bn_weight, bn_bias, running_mean, running_var, rates,
                training, momentum, eps, group_name=None, memory_efficient=False, bn_parts=()):
+        refuse_forward_ad("aspp", x, conv_weights, pool_weight, project_weight, bn_weight, bn_bias, bn_parts)
         if torch.is_grad_enabled() and torch._C._any_requires_grad(x, conv_weights, pool_weight, project_weight,
                                                                    bn_weight, bn_bias, bn_parts):
             return apply(prefix, x, pool_weight, project_weight, bn_weight, bn_bias, running_mean, running_var,

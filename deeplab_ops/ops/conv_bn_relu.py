@@ -22,7 +22,13 @@ from deeplab_ops.common import (
     opmath_dtype,
     pair,
 )
-from deeplab_ops.ops.dispatch import BELOW_AUTOGRAD, enter_directly, group_name_of, register_double_backward_refusal
+from deeplab_ops.ops.dispatch import (
+    BELOW_AUTOGRAD,
+    enter_directly,
+    group_name_of,
+    refuse_forward_ad,
+    register_double_backward_refusal,
+)
 
 Tensor = torch.Tensor
 _ops = torch.ops.deeplab_ops
@@ -363,6 +369,7 @@ def conv_bn_relu(
             relu=relu,
         )
     if not training and not _needs_grad(x, weight, bn_weight, bn_bias, residual):
+        refuse_forward_ad("conv_bn_relu", x, weight, bn_weight, bn_bias, residual)  # the fold would drop a tangent
         if not direct:  # traced: the fold is part of the graph (no Python cache to trace)
             return CONV_BIAS_ACT[name](x, *_fold(weight, bn_weight, bn_bias, running_mean, running_var, float(eps)),
                                        residual, stride, padding, dilation, relu)

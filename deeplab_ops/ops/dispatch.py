@@ -4,7 +4,9 @@ key, and the registration of an op's one autograd kernel for both backend twins 
 from __future__ import annotations
 
 import torch
+import torch.autograd.forward_ad as _forward_ad
 
+_is_functorch_wrapped = torch._C._functorch.is_functorch_wrapped_tensor
 BELOW_AUTOGRAD = torch._C._AutoDispatchBelowAutograd  # a guard: ops called inside skip the Autograd key
 _LIB = torch.library.Library("deeplab_ops", "IMPL")
 
@@ -26,9 +28,24 @@ def autograd_kernels(autograd_kernel) -> dict:
 def enter_directly(x) -> bool:
     """Whether a front door may call its op's Autograd kernel itself, which is what the dispatcher runs at the
     Autograd key, instead of the dispatched op (saving the boxing of every argument into Python): not while
-    torch.compile traces (its graph must hold the op), nor under a __torch_function__ mode or tensor subclass."""
+    torch.compile traces (its graph must hold the op), nor under a __torch_function__ mode, a tensor subclass or a
+    torch.func transform (its wrapped tensors have no storage for the front doors' aliasing)."""
     return (type(x) is torch.Tensor and not torch.compiler.is_compiling()
-            and not torch._C._is_torch_function_mode_enabled())
+            and not torch._C._is_torch_function_mode_enabled() and not _is_functorch_wrapped(x))
+
+
+def refuse_forward_ad(op: str, *tensors) -> None:
+    """Raise a clear error when forward-mode AD is active (a torch.autograd.forward_ad dual level, torch.func.jvp)
+    and one of `tensors` (or of a list among them) carries a tangent: the ops have no forward derivative, and a call
+    below Autograd would drop the tangent silently. Free when no dual level is active."""
+    level = _forward_ad._current_level
+    if level < 0:
+        return
+    for t in tensors:
+        for u in t if isinstance(t, (list, tuple)) else (t,):
+            if isinstance(u, torch.Tensor) and torch._VF._unpack_dual(u, level)[1] is not None:
+                raise RuntimeError(f"deeplab_ops.{op} does not support forward-mode AD (torch.autograd.forward_ad "
+                                   "dual tensors, torch.func.jvp); use backend='reference' for it")
 
 
 def below_autograd(op, *args):
@@ -61,9 +78,14 @@ def _refusing_kernel(op, message: str):
         flat = [t for o in outs for t in (o if isinstance(o, (list, tuple)) else [o]) if t is not None]
         if not flat:
             return out
-        marked = torch._C._functions.DelayedError(error, len(flat))(
-            *[t.detach().requires_grad_(t.is_floating_point()) for t in flat])
-        marked = iter(marked if isinstance(marked, tuple) else (marked,))
+        # The node's inputs: the outputs (detached, so that they become its results) and the backward op's
+        # differentiable inputs, so that a gradient asked of those (torch.autograd.grad(gx, [x])) reaches the node
+        # and gets its message, not "appears to not have been used in the graph".
+        sources = [t for a in args for t in (a if isinstance(a, (list, tuple)) else [a])
+                   if isinstance(t, torch.Tensor) and t.requires_grad]
+        marked = torch._C._functions.DelayedError(error, len(flat) + len(sources))(
+            *[t.detach().requires_grad_(t.is_floating_point()) for t in flat], *sources)
+        marked = iter(marked[:len(flat)])
 
         def mark(o):
             if o is None:

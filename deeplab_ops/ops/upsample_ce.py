@@ -17,6 +17,7 @@ from deeplab_ops.ops.dispatch import (
     below_autograd,
     call_backward,
     enter_directly,
+    refuse_forward_ad,
     register_autograd_kernels,
 )
 
@@ -151,6 +152,7 @@ def _autograd_kernel(prefix: str):
     apply = _UpsampleCrossEntropy.apply
 
     def kernel(logits, target, ignore_index, align_corners, reduction):
+        refuse_forward_ad("upsample_cross_entropy", logits)
         if torch.is_grad_enabled() and logits.requires_grad:
             return apply(prefix, logits, target, ignore_index, align_corners, reduction)
         return below_autograd(forward, logits, target, ignore_index, align_corners, reduction)

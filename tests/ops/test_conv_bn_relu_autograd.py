@@ -136,3 +136,78 @@ def test_bn_parameter_gradients_come_in_their_dtype():
     out = deeplab_ops.conv_bn_relu(x, w, g, b, rm, rv, padding=1, backend="cpu")
     gg, gb = torch.autograd.grad(out.float().sum(), [g, b])
     assert gg.dtype == gb.dtype == torch.float32
+
+
+def test_compiled_autograd_runs_the_node():
+    """The node's only output is `out` (the statistics are plain results, no outputs marked non-differentiable):
+    compiled autograd can run its backward (eagerly: a C++ node is not traced), with eager's gradients."""
+    case = Case(2, 3, 5, 5, 4, residual=True)
+    x, w, g, b, rm, rv, res = make_inputs(case, torch.float64)
+    for lean in (False, True):
+        leaves = [[t.detach().clone().requires_grad_() for t in (x, w, g, b, res)] for _ in range(2)]
+        outs = [deeplab_ops.conv_bn_relu(*ls[:4], rm.clone(), rv.clone(), padding=1, residual=ls[4], backend="cpu",
+                                         memory_efficient=lean) for ls in leaves]
+        outs[0].sum().backward()
+        torch._dynamo.reset()
+        with torch._dynamo.compiled_autograd._enable(torch.compile(backend="aot_eager")):
+            outs[1].sum().backward()
+        for name, a, e in zip(NAMES, leaves[1], leaves[0], strict=True):
+            assert_close(a.grad, e.grad, f"compiled autograd grad {name} (lean={lean})", 1e-12, 1e-12)
+    torch._dynamo.reset()
+
+
+def test_double_backward_refused_through_autograd_grad():
+    """A gradient of the gradient asked with torch.autograd.grad reaches the refusing node (its message, not
+    'appears to not have been used in the graph')."""
+    x, w, g, b, rm, rv, _ = make_inputs(Case(2, 2, 4, 4, 2), torch.float64)
+    x.requires_grad_()
+    w.requires_grad_()
+    out = deeplab_ops.conv_bn_relu(x, w, g, b, rm, rv, padding=1, backend="cpu")
+    (gx,) = torch.autograd.grad(out.sum(), x, create_graph=True)
+    for wrt in (x, w):
+        with pytest.raises(RuntimeError, match="does not support double backward"):
+            torch.autograd.grad(gx.sum(), [wrt], retain_graph=True)
+
+
+def _aspp_args():
+    torch.manual_seed(0)
+    c, cin, rates = 3, 4, (2,)
+    x = torch.randn(2, cin, 5, 5, dtype=torch.float64)
+    cws = [torch.randn(c, cin, 1, 1, dtype=torch.float64), torch.randn(c, cin, 3, 3, dtype=torch.float64)]
+    pw = torch.randn(c, cin, 1, 1, dtype=torch.float64)
+    prw = torch.randn(c, 3 * c, 1, 1, dtype=torch.float64)
+    vec = [torch.rand(c, dtype=torch.float64) + 0.5 for _ in range(4 * len(rates) + 12)]
+    return x, cws, pw, prw, vec[:4], vec[4:8], vec[8:12], vec[12:16], rates
+
+
+@pytest.mark.parametrize("op", ["conv_bn_relu", "conv_bn_relu eval", "aspp", "aspp eval", "upsample_cross_entropy"])
+def test_forward_mode_ad_is_refused_clearly(op):
+    """The ops have no forward derivative: a tangent (forward_ad dual tensor or torch.func.jvp) gets a clear error,
+    never a result whose tangent was silently dropped (the no-graph and eval-fold paths run below Autograd)."""
+    import torch.autograd.forward_ad as fwAD
+
+    if op.startswith("conv_bn_relu"):
+        x, w, g, b, rm, rv, _ = make_inputs(Case(2, 2, 4, 4, 2), torch.float64)
+
+        def fn(t):
+            return deeplab_ops.conv_bn_relu(t, w, g, b, rm.clone(), rv.clone(), padding=1, backend="cpu",
+                                            training=not op.endswith("eval"))
+    elif op.startswith("aspp"):
+        x, cws, pw, prw, bws, bbs, rms, rvs, rates = _aspp_args()
+
+        def fn(t):
+            return deeplab_ops.aspp(t, cws, pw, prw, bws, bbs, [r.clone() for r in rms], [r.clone() for r in rvs],
+                                    rates=rates, training=not op.endswith("eval"), backend="cpu")
+    else:
+        x = torch.randn(2, 3, 4, 4, dtype=torch.float64)
+        target = torch.randint(0, 3, (2, 8, 8))
+
+        def fn(t):
+            return deeplab_ops.upsample_cross_entropy(t, target, backend="cpu")
+    name = op.split()[0]
+    with fwAD.dual_level(), pytest.raises(RuntimeError, match=f"{name} does not support forward-mode AD"):
+        fn(fwAD.make_dual(x, torch.randn_like(x)))
+    with pytest.raises(RuntimeError, match=f"{name} does not support forward-mode AD"):
+        torch.func.jvp(fn, (x,), (torch.randn_like(x),))
+    with fwAD.dual_level():  # no tangent: runs as usual
+        assert torch.equal(fn(x), fn(x))

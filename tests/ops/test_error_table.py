@@ -93,6 +93,14 @@ def double_backward(fn):
     g.sum().backward()
 
 
+def forward_ad(fn, x):
+    """fn on x made a forward-mode dual tensor (a tangent attached)."""
+    import torch.autograd.forward_ad as fwAD
+
+    with fwAD.dual_level():
+        fn(fwAD.make_dual(x, torch.randn_like(x)))
+
+
 def torchvision_aspp(change):
     from torchvision.models.segmentation.deeplabv3 import ASPP
 
@@ -246,6 +254,7 @@ CASES = {
     "cbr-double-backward": lambda d: double_backward(
         lambda x: cbr(x=x, weight=torch.randn(2, 3, 3, 3, dtype=torch.float64), bn_weight=None, bn_bias=None,
                       running_mean=None, running_var=None)),
+    "cbr-forward-ad": lambda d: forward_ad(lambda x: cbr(x=x), torch.randn(2, 3, 8, 8)),
     # backend choice (deeplab_ops/backends.py)
     "backend-unknown": lambda d: cbr(backend="cudnn"),
     "backend-env-unknown": lambda d: _with_env("DEEPLAB_OPS_BACKEND", "bogus", lambda: cbr(backend=None)),
@@ -277,6 +286,7 @@ CASES = {
     "aspp-double-backward": lambda d: double_backward(lambda x: aspp(**{
         **aspp_args(cin=3, h=5, w=5, dtype=torch.float64), "x": x})),
     "aspp-memory-efficient-type": lambda d: aspp(memory_efficient=1),
+    "aspp-forward-ad": lambda d: forward_ad(lambda x: aspp(x=x), aspp_args()["x"]),
     "cbr-memory-efficient-type": lambda d: cbr(memory_efficient="yes"),
     # upsample_cross_entropy (deeplab_ops/ops/upsample_ce.py)
     "uce-logits-type": lambda d: uce(logits=[1.0]),
@@ -293,6 +303,7 @@ CASES = {
     "uce-align-type": lambda d: uce(align_corners=1),
     "uce-reduction": lambda d: uce(reduction="avg"),
     "uce-label-range": lambda d: uce(target=torch.full((2, 9, 11), 7, dtype=torch.int64)),
+    "uce-forward-ad": lambda d: forward_ad(lambda x: uce(logits=x), torch.randn(2, 3, 4, 5)),
     "nn-aspp-memory-efficient-type": lambda d: FusedASPP(4, (1,), 2, memory_efficient="yes"),
     # nn modules and model fusion checks (deeplab_ops/nn.py)
     "nn-conv-type": lambda d: check_fusable(nn.Linear(2, 2), nn.BatchNorm2d(2)),
