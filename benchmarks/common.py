@@ -396,11 +396,16 @@ def bench(fn: Callable[[], object], device: torch.device, quick: bool = False,
         once_ms = (time.perf_counter() - start) * 1e3
         rep = min(max(rep, (5 if quick else 10) * once_ms), 1500 if quick else 4000)
         return tuple(do_bench(fn, warmup=warmup, rep=rep, grad_to_none=grad_to_none, quantiles=list(QUANTILES)))
-    reps = 3 if quick else 10
-    if not warm:
+    # CPU: warm-up calls first (oneDNN builds its primitives and the allocator grows on the first calls of a shape:
+    # with one warm-up call the first provider of a case measured a few percent slow), then repetitions for at
+    # least CPU_MIN_REPS calls and CPU_MIN_S seconds, at most CPU_MAX_REPS.
+    warmups, min_reps, min_s, max_reps = (1, 3, 0.0, 3) if quick else (CPU_WARMUP, CPU_MIN_REPS, CPU_MIN_S,
+                                                                         CPU_MAX_REPS)
+    for _ in range(warmups - 1 if warm else warmups):
         fn()
     times = []
-    for _ in range(reps):
+    began = time.perf_counter()
+    while len(times) < max_reps and (len(times) < min_reps or time.perf_counter() - began < min_s):
         if grad_to_none:
             for t in grad_to_none:
                 t.grad = None
@@ -408,6 +413,9 @@ def bench(fn: Callable[[], object], device: torch.device, quick: bool = False,
         fn()
         times.append((time.perf_counter() - start) * 1e3)
     return tuple(quantile(times, q) for q in QUANTILES)
+
+
+CPU_WARMUP, CPU_MIN_REPS, CPU_MIN_S, CPU_MAX_REPS = 5, 10, 0.3, 300  # bench()'s CPU loop (not --quick)
 
 
 def quantile(values: Sequence[float], q: float) -> float:
