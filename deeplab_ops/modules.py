@@ -4,6 +4,7 @@ semantics), and the calls that run existing conv/BN modules on the ops (fused_co
 
 from __future__ import annotations
 
+import operator
 import weakref
 
 import torch
@@ -332,13 +333,18 @@ def forget_aspp_parts(module: nn.Module) -> None:
     module.__dict__.pop(_PARTS_ATTR, None)
 
 
+_DTYPE = operator.attrgetter("dtype")
+
+
 def _back_to_back(ts: list[Tensor]) -> bool:
-    """Whether the equally shaped tensors `ts` lie back to back, in order, in the first one's storage."""
+    """Whether the equally shaped tensors `ts` lie back to back, in order, in the first one's storage. (Checked every
+    fused ASPP call: the per-tensor tests run as C-level maps, not a Python generator.)"""
     first = ts[0]
     n, size, base = first.numel(), first.element_size(), first.data_ptr()
-    return (first.untyped_storage().nbytes() >= (first.storage_offset() + n * len(ts)) * size
-            and all(t.data_ptr() == base + i * n * size and t.dtype == first.dtype and t.is_contiguous()
-                    for i, t in enumerate(ts)))
+    step = n * size
+    return ([t.data_ptr() for t in ts] == list(range(base, base + step * len(ts), step)) if step else False) and (
+        first.untyped_storage().nbytes() >= (first.storage_offset() + n * len(ts)) * size
+        and all(map(first.dtype.__eq__, map(_DTYPE, ts))) and all(map(Tensor.is_contiguous, ts)))
 
 
 def pack_batchnorms(bns: list[nn.BatchNorm2d]) -> None:
@@ -350,26 +356,35 @@ def pack_batchnorms(bns: list[nn.BatchNorm2d]) -> None:
     for i, bn in enumerate(bns):
         if not isinstance(bn, nn.modules.batchnorm._BatchNorm):
             raise TypeError(f"bns[{i}] must be a BatchNorm module (e.g. nn.BatchNorm2d), got {type(bn).__name__}")
-    _pack(bns)
+    _pack(list(zip(*(_bn_tensors(bn) for bn in bns), strict=True)))
 
 
-def _pack(bns: list[nn.BatchNorm2d]) -> None:
-    """pack_batchnorms without the argument check: the fused ASPP's per-call path (BatchNorms validated once)."""
+def _pack(kinds: list[tuple]) -> None:
+    """pack_batchnorms on the BatchNorms' tensors by kind (`kinds[k]`: every BatchNorm's k-th of _BN_TENSORS), without
+    the argument check: the fused ASPP's per-call path, where every kind is usually back to back already."""
     with torch.no_grad():
-        for attr in _BN_TENSORS:
-            ts = [getattr(bn, attr) for bn in bns]
-            if any(t is None for t in ts) or len({(t.shape, t.dtype, t.device) for t in ts}) != 1:
+        for ts in kinds:
+            if any(map(_IS_NONE, ts)) or _back_to_back(ts) or len({(t.shape, t.dtype, t.device) for t in ts}) != 1:
                 continue
-            if not _back_to_back(ts):
-                packed = torch.stack([t.detach() for t in ts])
-                for t, row in zip(ts, packed.unbind(0), strict=True):
-                    t.data = row
+            packed = torch.stack([t.detach() for t in ts])
+            for t, row in zip(ts, packed.unbind(0), strict=True):
+                t.data = row
 
 
-def _aspp_config(bns: list[nn.BatchNorm2d]) -> bool:
+_IS_NONE = None.__class__.__instancecheck__  # _IS_NONE(v): v is None, as a C-level call
+
+
+def _aspp_config(bns: list[nn.BatchNorm2d], tensors: list[tuple]) -> bool:
     """The mode of the fused ASPP's BatchNorms (training), after checking they can run as one: one mode, shared
-    momentum, eps and track_running_stats, affine. Clear errors otherwise."""
+    momentum, eps and track_running_stats, affine. Clear errors otherwise. tensors[i]: `_bn_tensors(bns[i])`."""
     training = bns[0].training
+    if [bn.training for bn in bns].count(training) == len(bns):
+        # The usual case, decided from plain attributes: one numeric momentum (the factor then does not depend on
+        # the batch counters), eps, track_running_stats and running statistics present or not, every one affine.
+        keys = [(bn.momentum, bn.eps, bn.track_running_stats, t[2] is None, t[3] is None, t[0] is None or t[1] is None)
+                for bn, t in zip(bns, tensors, strict=True)]
+        if keys[0][0] is not None and not keys[0][5] and keys.count(keys[0]) == len(keys):
+            return training
     if any(bn.training != training for bn in bns):
         raise ValueError(
             "the fused ASPP runs all its BatchNorms in one mode, but some are in training mode and some in eval "
@@ -406,20 +421,23 @@ def fused_aspp_forward(module: nn.Module, x: Tensor, backend: str | None = None,
         parts = (convs, bns, rates, list(module.project)[3:])  # extras: applied to the op's output
         object.__setattr__(module, _PARTS_ATTR, parts)  # plain attribute: not in the state_dict
     convs, bns, rates, extras = parts
-    training = _aspp_config(bns)
+    tensors = [_bn_tensors(bn) for bn in bns]
+    training = _aspp_config(bns, tensors)
     tracing = torch.compiler.is_compiling()
+    kinds = list(zip(*tensors, strict=True))  # per kind of _BN_TENSORS, every BatchNorm's tensor
     if not tracing:
-        _pack(bns)
-    bn_weights, bn_biases, running_means, running_vars = ([getattr(bn, a) for bn in bns] for a in _BN_TENSORS[:4])
+        _pack(kinds)
+    bn_weights, bn_biases, running_means, running_vars = (list(ts) for ts in kinds[:4])
     _, _, rm, _, bn_training, momentum, eps = _bn_args(bns[0], training)
     tracked = rm is not None
     out = aspp(
-        x, [c.weight for c in convs[:-2]], convs[-2].weight, convs[-1].weight, bn_weights, bn_biases,
-        running_means if tracked else None, running_vars if tracked else None, rates=rates, training=bn_training,
-        momentum=momentum, eps=eps, backend=backend, process_group=process_group, memory_efficient=memory_efficient,
+        x, [conv_weight(c) for c in convs[:-2]], conv_weight(convs[-2]), conv_weight(convs[-1]), bn_weights,
+        bn_biases, running_means if tracked else None, running_vars if tracked else None, rates=rates,
+        training=bn_training, momentum=momentum, eps=eps, backend=backend, process_group=process_group,
+        memory_efficient=memory_efficient,
     )
-    if training and bns[0].track_running_stats and bns[0].num_batches_tracked is not None:
-        counters = [bn.num_batches_tracked for bn in bns]
+    if training and bns[0].track_running_stats and tensors[0][4] is not None:
+        counters = list(kinds[4])
         if not tracing and _back_to_back(counters):  # one add for all
             # The packed counters share storage, not version counters: each known value is carried over by hand.
             known = [_known_batches(c) for c in counters] if _BATCHES else ()

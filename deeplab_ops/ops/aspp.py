@@ -6,6 +6,7 @@ concatenated (docs/ops.md; how per-BatchNorm lists avoid the cat: docs/performan
 from __future__ import annotations
 
 import numbers
+import operator
 
 import torch
 
@@ -210,11 +211,11 @@ def check_args(x, conv_weights, pool_weight, project_weight, bn_weights, bn_bias
         raise ValueError(f"x must be a 4-D (N, C, H, W) tensor, got {shape}")
     if x.dtype not in FLOAT_DTYPES:
         raise TypeError(f"x has dtype {x.dtype}; expected float32, float64, float16 or bfloat16")
-    if not isinstance(rates, (list, tuple)) or not all(
-        isinstance(r, numbers.Integral) and not isinstance(r, bool) and r >= 1 for r in rates
-    ):
+    if not isinstance(rates, (list, tuple)) or not all([
+        (type(r) is int or (isinstance(r, numbers.Integral) and not isinstance(r, bool))) and r >= 1 for r in rates
+    ]):
         raise ValueError(f"rates must be a sequence of ints >= 1, got {rates!r}")
-    rates = tuple(int(r) for r in rates)
+    rates = tuple([int(r) for r in rates])
     n, cin, h, w = x.shape
     if n == 0 or h == 0 or w == 0:
         raise ValueError(f"x must be non-empty, got shape {tuple(x.shape)}")
@@ -301,12 +302,17 @@ def _alias(value):
         return value
     first = value[0]
     step, size, base = first.shape[0], first.element_size(), first.data_ptr()
-    total = step * len(value)
-    if (first.untyped_storage().nbytes() >= (first.storage_offset() + total) * size
-            and all(t.data_ptr() == base + i * step * size and t.dtype == first.dtype and t.stride() == (1,)
-                    for i, t in enumerate(value))):
+    total, nbytes = step * len(value), step * size
+    # Per-tensor tests as list comparisons and C-level maps (this runs on every fused ASPP call).
+    if (nbytes and first.untyped_storage().nbytes() >= (first.storage_offset() + total) * size
+            and [t.data_ptr() for t in value] == list(range(base, base + nbytes * len(value), nbytes))
+            and all(map(first.dtype.__eq__, map(_DTYPE, value)))
+            and [t.stride() for t in value].count((1,)) == len(value)):
         return first.detach().as_strided((total,), (1,))
     return None
+
+
+_DTYPE = operator.attrgetter("dtype")
 
 
 def aspp(
