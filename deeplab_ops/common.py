@@ -91,10 +91,6 @@ _DERIVED_LOCK = threading.Lock()
 _DERIVED_STATS = {"hits": 0, "misses": 0}
 
 
-def _signature(t: Tensor | None) -> tuple | None:
-    return None if t is None else (t.data_ptr(), t._version, t.shape, t.stride(), t.dtype, t.device)
-
-
 def _evict(key: tuple) -> None:
     with _DERIVED_LOCK:
         entry = _DERIVED.pop(key, None)
@@ -114,7 +110,9 @@ def derived(tag, sources, build):
     if live[0].is_cuda and torch.cuda.is_current_stream_capturing():
         return build()
     key = (tag, *map(id, sources))
-    sig = tuple([_signature(t) for t in sources])
+    # Each source's state: storage, version counter, shape, strides, dtype, device (inline: this runs every call).
+    sig = tuple([None if t is None else (t.data_ptr(), t._version, t.shape, t.stride(), t.dtype, t.device)
+                 for t in sources])
     entry = _DERIVED.get(key)
     if entry is not None and entry[0] == sig:
         _DERIVED_STATS["hits"] += 1
