@@ -5,6 +5,7 @@ and nn (this module imports none of them).
 from __future__ import annotations
 
 import numbers
+import operator
 import os
 import threading
 import weakref
@@ -71,6 +72,21 @@ def to_nhwc(t: Tensor) -> Tensor:
 def from_nhwc(t: Tensor, memory_format: torch.memory_format) -> Tensor:
     """(N, H, W, C) -> (N, C, H, W) in `memory_format`: a view for channels_last, one copy for NCHW."""
     return t.permute(0, 3, 1, 2).contiguous(memory_format=memory_format)
+
+
+_DTYPE = operator.attrgetter("dtype")
+
+
+def back_to_back(ts) -> bool:
+    """Whether the equally shaped tensors `ts` (a non-empty sequence) lie back to back, in order, in the first one's
+    storage, with one dtype and each contiguous: what lets a list of per-BatchNorm tensors be taken as one view. The
+    per-tensor tests are list comparisons and C-level maps (the fused ASPP asks every call)."""
+    first = ts[0]
+    n, size, base = first.numel(), first.element_size(), first.data_ptr()
+    step = n * size
+    return (step > 0 and [t.data_ptr() for t in ts] == list(range(base, base + step * len(ts), step))
+            and first.untyped_storage().nbytes() >= (first.storage_offset() + n * len(ts)) * size
+            and all(map(first.dtype.__eq__, map(_DTYPE, ts))) and all(map(Tensor.is_contiguous, ts)))
 
 
 # ---- tensors derived from parameters, cached per parameter version --------------------------------------------

@@ -4,12 +4,12 @@ semantics), and the calls that run existing conv/BN modules on the ops (fused_co
 
 from __future__ import annotations
 
-import operator
 import weakref
 
 import torch
 from torch import nn
 
+from deeplab_ops.common import back_to_back
 from deeplab_ops.ops.aspp import aspp
 from deeplab_ops.ops.conv_bn_relu import conv_bn_relu
 
@@ -333,20 +333,6 @@ def forget_aspp_parts(module: nn.Module) -> None:
     module.__dict__.pop(_PARTS_ATTR, None)
 
 
-_DTYPE = operator.attrgetter("dtype")
-
-
-def _back_to_back(ts: list[Tensor]) -> bool:
-    """Whether the equally shaped tensors `ts` lie back to back, in order, in the first one's storage. (Checked every
-    fused ASPP call: the per-tensor tests run as C-level maps, not a Python generator.)"""
-    first = ts[0]
-    n, size, base = first.numel(), first.element_size(), first.data_ptr()
-    step = n * size
-    return ([t.data_ptr() for t in ts] == list(range(base, base + step * len(ts), step)) if step else False) and (
-        first.untyped_storage().nbytes() >= (first.storage_offset() + n * len(ts)) * size
-        and all(map(first.dtype.__eq__, map(_DTYPE, ts))) and all(map(Tensor.is_contiguous, ts)))
-
-
 def pack_batchnorms(bns: list[nn.BatchNorm2d]) -> None:
     """Lay out each kind of BatchNorm tensor (weight, bias, running statistics, batch counter) of `bns` back to back
     in one storage, values kept (the tensors stay the same objects; their data moves): the fused ASPP then takes
@@ -364,7 +350,7 @@ def _pack(kinds: list[tuple]) -> None:
     the argument check: the fused ASPP's per-call path, where every kind is usually back to back already."""
     with torch.no_grad():
         for ts in kinds:
-            if any(map(_IS_NONE, ts)) or _back_to_back(ts) or len({(t.shape, t.dtype, t.device) for t in ts}) != 1:
+            if any(map(_IS_NONE, ts)) or back_to_back(ts) or len({(t.shape, t.dtype, t.device) for t in ts}) != 1:
                 continue
             packed = torch.stack([t.detach() for t in ts])
             for t, row in zip(ts, packed.unbind(0), strict=True):
@@ -438,7 +424,7 @@ def fused_aspp_forward(module: nn.Module, x: Tensor, backend: str | None = None,
     )
     if training and bns[0].track_running_stats and tensors[0][4] is not None:
         counters = list(kinds[4])
-        if not tracing and _back_to_back(counters):  # one add for all
+        if not tracing and back_to_back(counters):  # one add for all
             # The packed counters share storage, not version counters: each known value is carried over by hand.
             known = [_known_batches(c) for c in counters] if _BATCHES else ()
             counters[0].detach().as_strided((len(counters),), (1,)).add_(1)

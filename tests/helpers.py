@@ -1,8 +1,11 @@
-"""Shared test utilities: where each backend runs (TRITON_DEVICE, the marks), fresh inputs, and a fused call against
-its reference on the same inputs."""
+"""Shared test utilities: where each backend runs (TRITON_DEVICE, the marks), fresh inputs, a fused call against
+its reference on the same inputs, and the Python-frame count of a call's host path."""
 
 from __future__ import annotations
 
+import collections
+import os
+import sys
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -214,3 +217,27 @@ def assert_module_matches(module, expected_module, x, what: str) -> torch.Tensor
     for (name, bm), be in zip(module.named_buffers(), expected_module.buffers(), strict=True):
         assert_close(bm, be, f"{what}: buffer {name}", 1e-5, 1e-5)
     return out
+
+
+def python_calls(fn) -> collections.Counter:
+    """Python frames entered while `fn` runs, by (file, function): the host-path tests count them (never times)."""
+    counts = collections.Counter()
+
+    def profile(frame, event, arg):
+        if event == "call":
+            counts[(frame.f_code.co_filename, frame.f_code.co_name)] += 1
+
+    sys.setprofile(profile)
+    try:
+        fn()
+    finally:
+        sys.setprofile(None)
+    return counts
+
+
+PACKAGE_DIR = os.path.dirname(deeplab_ops.__file__)  # a deeplab_ops frame's file starts so
+
+
+def package_frames(counts: collections.Counter) -> int:
+    """How many of `python_calls`' frames are deeplab_ops code."""
+    return sum(n for (file, _), n in counts.items() if file.startswith(PACKAGE_DIR))

@@ -6,12 +6,11 @@ concatenated (docs/ops.md; how per-BatchNorm lists avoid the cat: docs/performan
 from __future__ import annotations
 
 import numbers
-import operator
 
 import torch
 
 from deeplab_ops import backends, reference
-from deeplab_ops.common import FLOAT_DTYPES, HALF_DTYPES, empty_activation, opmath_dtype
+from deeplab_ops.common import FLOAT_DTYPES, HALF_DTYPES, back_to_back, empty_activation, opmath_dtype
 from deeplab_ops.ops.dispatch import (
     autograd_kernels,
     below_autograd,
@@ -296,23 +295,11 @@ def _alias(value):
     """A BatchNorm argument as one tensor without a copy, or None: itself if it is one tensor (or None); for a list
     of (C,) tensors that lie back to back in one storage (what deeplab_ops.nn's fused ASPP keeps), a detached view
     of all of them; None for any other list (it needs a cat)."""
-    if value is None:
-        return None
-    if isinstance(value, torch.Tensor):
+    if value is None or isinstance(value, torch.Tensor):
         return value
-    first = value[0]
-    step, size, base = first.shape[0], first.element_size(), first.data_ptr()
-    total, nbytes = step * len(value), step * size
-    # Per-tensor tests as list comparisons and C-level maps (this runs on every fused ASPP call).
-    if (nbytes and first.untyped_storage().nbytes() >= (first.storage_offset() + total) * size
-            and [t.data_ptr() for t in value] == list(range(base, base + nbytes * len(value), nbytes))
-            and all(map(first.dtype.__eq__, map(_DTYPE, value)))
-            and [t.stride() for t in value].count((1,)) == len(value)):
-        return first.detach().as_strided((total,), (1,))
+    if back_to_back(value):
+        return value[0].detach().as_strided((value[0].shape[0] * len(value),), (1,))
     return None
-
-
-_DTYPE = operator.attrgetter("dtype")
 
 
 def aspp(

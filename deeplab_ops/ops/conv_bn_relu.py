@@ -35,8 +35,6 @@ _ops = torch.ops.deeplab_ops
 
 FORWARD = {"cpu": _ops.conv_bn_relu_forward.default, "cuda": _ops.conv_bn_relu_forward.default,
            "triton": _ops.triton_conv_bn_relu_forward.default}
-BACKWARD = {"cpu": _ops.conv_bn_relu_backward.default, "cuda": _ops.conv_bn_relu_backward.default,
-            "triton": _ops.triton_conv_bn_relu_backward.default}
 # act(conv(x, w) + bias [+ residual]): the eval forward with BatchNorm folded into (w, bias), and (no bias, no
 # activation) the plain convolution that the memory-efficient backward recomputes.
 CONV_BIAS_ACT = {"cpu": _ops.conv_bias_act.default, "cuda": _ops.conv_bias_act.default,

@@ -81,6 +81,27 @@ def test_quantile_matches_torch():
         assert math.isclose(common.quantile(values, q), torch.quantile(torch.tensor(values), q).item(), rel_tol=1e-5)
 
 
+def test_cpu_timing_loop_warms_up_and_repeats(monkeypatch):
+    """On CPU, bench() runs CPU_WARMUP untimed calls (one fewer when the caller already ran fn) and then at least
+    CPU_MIN_REPS timed ones, for at least CPU_MIN_S seconds, at most CPU_MAX_REPS; --quick: 1 warm-up, 3 timed."""
+    calls = []
+    fn = lambda: calls.append(1)  # noqa: E731
+    monkeypatch.setattr(common, "CPU_MIN_S", 0.0)
+    common.bench(fn, torch.device("cpu"))
+    assert len(calls) == common.CPU_WARMUP + common.CPU_MIN_REPS
+    calls.clear()
+    common.bench(fn, torch.device("cpu"), warm=True)
+    assert len(calls) == common.CPU_WARMUP - 1 + common.CPU_MIN_REPS
+    calls.clear()
+    common.bench(fn, torch.device("cpu"), quick=True)
+    assert len(calls) == 1 + 3
+    calls.clear()
+    monkeypatch.setattr(common, "CPU_MIN_S", 60.0)  # a time floor longer than the cap: the cap ends the loop
+    monkeypatch.setattr(common, "CPU_MAX_REPS", 25)
+    common.bench(fn, torch.device("cpu"))
+    assert len(calls) == common.CPU_WARMUP + 25
+
+
 def test_make_row_rejects_unknown_fields():
     env = dict.fromkeys(common.ENV_FIELDS, "x")
     assert set(common.make_row(env, op="aspp")) == set(common.FIELDS)

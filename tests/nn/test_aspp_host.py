@@ -4,35 +4,16 @@ no nn.Module.__getattr__), and the BatchNorm tensors still packed and aliased (n
 
 from __future__ import annotations
 
-import collections
-import sys
-
 import pytest
 import torch
+from helpers import package_frames, python_calls
 from torch import nn
 
-import deeplab_ops
 from deeplab_ops.nn import FusedASPP
 
-_PACKAGE = str(deeplab_ops.__file__).rpartition("/")[0]
 # deeplab_ops frames per steady-state FusedASPP forward on the cpu backend (measured 82 in training and 80 in eval,
 # with four BatchNorm lists aliased; 313 before the per-call path was trimmed).
 _FRAMES = 85
-
-
-def _python_calls(fn) -> collections.Counter:
-    counts = collections.Counter()
-
-    def profile(frame, event, arg):
-        if event == "call":
-            counts[(frame.f_code.co_filename, frame.f_code.co_name)] += 1
-
-    sys.setprofile(profile)
-    try:
-        fn()
-    finally:
-        sys.setprofile(None)
-    return counts
 
 
 @pytest.mark.parametrize("training", [True, False], ids=["train", "eval"])
@@ -42,12 +23,10 @@ def test_steady_state_fused_aspp_python_work(training):
     x = torch.randn(2, 8, 5, 5)
     for _ in range(2):
         module(x)
-    calls = _python_calls(lambda: module(x))
+    calls = python_calls(lambda: module(x))
     getattr_calls = sum(n for (file, name), n in calls.items() if name == "__getattr__" and "torch/nn" in file)
     assert getattr_calls == 0, sorted(k for k in calls if k[1] == "__getattr__")
-    ours = sum(n for (file, _), n in calls.items() if file.startswith(_PACKAGE))
-    assert ours <= _FRAMES, sorted((n, f.rpartition("/")[2], c) for (f, c), n in calls.items()
-                                   if f.startswith(_PACKAGE))
+    assert package_frames(calls) <= _FRAMES, sorted(calls.items())
     # Still packed: each kind of BatchNorm tensor back to back in one storage, so the op takes views (no cat).
     bns = [m for m in module.modules() if isinstance(m, nn.BatchNorm2d)]
     for attr in ("weight", "bias", "running_mean", "running_var", "num_batches_tracked"):

@@ -211,3 +211,15 @@ def test_forward_mode_ad_is_refused_clearly(op):
         torch.func.jvp(fn, (x,), (torch.randn_like(x),))
     with fwAD.dual_level():  # no tangent: runs as usual
         assert torch.equal(fn(x), fn(x))
+
+
+@pytest.mark.parametrize("twin", ["", "triton_"])
+@pytest.mark.parametrize("bad", [[1], [1, 1, 1]], ids=["one", "three"])
+def test_geometry_lengths_checked_before_either_twin(twin, bad):
+    """The Autograd kernel reads stride/padding/dilation as pairs: a list of another length is refused there, for
+    both twins (the triton kernels would otherwise take [1, 1, 1] without a word), graph or no graph."""
+    x, w, g, b, rm, rv, _ = make_inputs(Case(2, 3, 5, 5, 4))
+    op = getattr(torch.ops.deeplab_ops, f"{twin}conv_bn_relu_forward")
+    for grad in (False, True):
+        with pytest.raises(RuntimeError, match="stride, padding and dilation must have two values each"):
+            op(x.clone().requires_grad_(grad), w, g, b, rm, rv, bad, [1, 1], [1, 1], True, 0.1, 1e-5, None, True)

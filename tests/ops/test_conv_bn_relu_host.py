@@ -4,13 +4,11 @@ getattr does, and a steady-state call's Python work is counted (counts, never ti
 
 from __future__ import annotations
 
-import collections
 import copy
-import sys
 
 import pytest
 import torch
-from helpers import TRITON_RUNS
+from helpers import TRITON_DEVICE, package_frames, python_calls, triton_test
 from torch import nn
 
 import deeplab_ops
@@ -67,11 +65,10 @@ def test_backend_choice_follows_the_environment(monkeypatch):
         _call(backend="cuda")
 
 
-@pytest.mark.skipif(not TRITON_RUNS, reason="the triton backend cannot run here (no GPU, interpreter off)")
+@triton_test
 def test_a_backend_with_per_call_rules_is_resolved_every_call():
     """triton's rules depend on the call's tensors (half types in the interpreter, int32 sizes): never cached."""
-    device = "cuda" if torch.cuda.is_available() else "cpu"
-    x, w = torch.randn(2, 3, 6, 6, device=device), torch.randn(4, 3, 3, 3, device=device)
+    x, w = torch.randn(2, 3, 6, 6, device=TRITON_DEVICE), torch.randn(4, 3, 3, 3, device=TRITON_DEVICE)
     geometry = ((1, 1), (1, 1), (1, 1))
     assert op_module._resolve("triton", x, w, *geometry, False) == "triton"
     assert all(key[0] != "triton" for key in op_module._RESOLVED)
@@ -151,25 +148,6 @@ def test_fused_block_uses_modules_replaced_after_fusion():
 
 # ---- counts of a steady-state call's Python work ----------------------------------------------------------------
 
-_PACKAGE = str(deeplab_ops.__file__).rpartition("/")[0]
-
-
-def _python_calls(fn) -> collections.Counter:
-    """Python frames entered while `fn` runs, by (file, function)."""
-    counts = collections.Counter()
-
-    def profile(frame, event, arg):
-        if event == "call":
-            counts[(frame.f_code.co_filename, frame.f_code.co_name)] += 1
-
-    sys.setprofile(profile)
-    try:
-        fn()
-    finally:
-        sys.setprofile(None)
-    return counts
-
-
 # Python frames of deeplab_ops per steady-state layer forward (measured 21-22 on the cpu backend: module glue, checks,
 # backend choice, the front door; the op's autograd is C++); the backward runs none (the C++ node calls the
 # backward op).
@@ -193,13 +171,10 @@ def test_steady_state_layer_python_work(kind):
     x = torch.randn(2, 4, 5, 5, requires_grad=True)
     for _ in range(2):
         model(x).sum().backward()
-    forward = _python_calls(lambda: model(x))
+    forward = python_calls(lambda: model(x))
     out = model(x).sum()
-    backward = _python_calls(out.backward)
+    backward = python_calls(out.backward)
     getattr_calls = sum(n for (file, name), n in forward.items() if name == "__getattr__" and "torch/nn" in file)
     assert getattr_calls == 0, sorted(k for k in forward if k[1] == "__getattr__")
-    ours = sum(n for (file, _), n in forward.items() if file.startswith(_PACKAGE))
-    assert ours <= _FORWARD_FRAMES * layers, sorted((n, f.rpartition("/")[2], c) for (f, c), n in forward.items()
-                                                    if f.startswith(_PACKAGE))
-    ours_backward = sum(n for (file, _), n in backward.items() if file.startswith(_PACKAGE))
-    assert ours_backward <= _BACKWARD_FRAMES * layers, sorted(backward)
+    assert package_frames(forward) <= _FORWARD_FRAMES * layers, sorted(forward.items())
+    assert package_frames(backward) <= _BACKWARD_FRAMES * layers, sorted(backward.items())
