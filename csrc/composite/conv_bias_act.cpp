@@ -12,6 +12,7 @@
 
 #include "common/arg_checks.h"
 #include "composite/stage_calls.h"
+#include "cpu/winograd_cpu.h"
 
 namespace deeplab_ops {
 namespace {
@@ -126,6 +127,10 @@ at::Tensor conv_bias_act_cpu(const at::Tensor& x, const at::Tensor& weight, cons
                              const std::optional<at::Tensor>& residual, at::IntArrayRef stride,
                              at::IntArrayRef padding, at::IntArrayRef dilation, bool relu) {
   check_conv_bias_act_args(x, weight, bias, stride, padding, dilation);
+  if (const int m = winograd_plan(x, weight, stride, padding, dilation)) {
+    if (present(residual)) check_fused_residual(*residual, x, weight, stride, padding, dilation);
+    return winograd_conv3x3(x, weight, bias, residual, padding, dilation, relu, m, x.suggest_memory_format());
+  }
   if (mkldnn_pointwise_applies(x, weight, bias, residual, relu)) {
     if (auto out = conv_bias_act_mkldnn(x, weight, bias, residual, stride, padding, dilation)) return *out;
   }

@@ -1,0 +1,459 @@
+// Winograd F(m x m, 3x3) convolution for float32 on the CPU (csrc/cpu/winograd_cpu.h says what and when).
+//
+// Per tile chunk: the input transform V = B^T d B of every (m + 2)^2 input patch, lane by lane over channels
+// ([(m + 2)^2, tiles, C_in]); one batched GEMM M = V U with the transformed weight U = G g G^T
+// ([(m + 2)^2, C_in, C_out]); the output transform A^T M A, with the bias, residual and ReLU, straight into the
+// output. Chunks keep V and M near the cache; the transforms run on the ISA that torch's kernels use
+// (cpu/isa_dispatch.h), the GEMMs in ATen's bmm.
+#include "cpu/winograd_cpu.h"
+
+#include <ATen/Parallel.h>
+
+#include <algorithm>
+#include <cstdlib>
+#include <cstring>
+#include <type_traits>
+
+
+
+#include "cpu/isa_dispatch.h"
+
+namespace deeplab_ops {
+namespace {
+
+using cpu_isa::kernel_isa;
+using cpu_isa::run_isa;
+
+constexpr int kLanes = 64;                      // channels per transform block (a tile's patch stays in L1)
+constexpr int64_t kBlockBytes = 1 << 20;         // V and M of one thread's block of tiles (in its L2)
+constexpr int64_t kMinBlockTiles = 32;           // rows of each GEMM (fewer make MKL's GEMMs inefficient)
+constexpr int64_t kMaxBlockTiles = 256;
+constexpr int64_t kMinChannels = 32;             // below this the GEMMs are too thin to pay for the transforms
+constexpr double kMaxWorkRatio = 0.45;           // GEMM work against direct convolution's, at most
+// The transformed weight, read by every block: larger ones stream from memory once per block (measured: 512 x 512
+// channels at 0.4x oneDNN's speed, 256 x 256 at 1.0-1.7x).
+constexpr int64_t kMaxWeightBytes = 12 << 20;
+
+int64_t ceil_div(int64_t a, int64_t b) { return (a + b - 1) / b; }
+
+// A stride-1 3x3 convolution split into the output's polyphase grids (one per dilation phase) and m x m tiles.
+struct Geometry {
+  int64_t n, c, k, h, w, ho, wo, ph, pw, dh, dw;
+  int64_t qh, qw;  // phases per axis (a dilation larger than the output leaves some empty)
+  int64_t th, tw;  // tiles per phase per axis
+  int64_t tiles() const { return n * qh * qw * th * tw; }
+};
+
+Geometry geometry(int64_t n, int64_t c, int64_t h, int64_t w, int64_t k, at::IntArrayRef padding,
+                  at::IntArrayRef dilation, int m) {
+  Geometry g{};
+  g.n = n, g.c = c, g.h = h, g.w = w, g.k = k;
+  g.ph = padding[0], g.pw = padding[1], g.dh = dilation[0], g.dw = dilation[1];
+  g.ho = h + 2 * g.ph - 2 * g.dh;
+  g.wo = w + 2 * g.pw - 2 * g.dw;
+  g.qh = std::min(g.dh, g.ho);
+  g.qw = std::min(g.dw, g.wo);
+  g.th = ceil_div(ceil_div(g.ho, g.dh), m);
+  g.tw = ceil_div(ceil_div(g.wo, g.dw), m);
+  return g;
+}
+
+// Tile t's image and the output pixel of its corner (its pixels are oy0 + dh * i, ox0 + dw * j, i, j < m).
+struct Tile {
+  int64_t n, oy0, ox0;
+};
+
+DLO_INLINE Tile tile_at(const Geometry& g, int64_t t, int m) {
+  const int64_t tx = t % g.tw;
+  t /= g.tw;
+  const int64_t ty = t % g.th;
+  t /= g.th;
+  const int64_t px = t % g.qw;
+  t /= g.qw;
+  const int64_t py = t % g.qh;
+  return {t / g.qh, py + g.dh * ty * m, px + g.dw * tx * m};
+}
+
+// Lanes of float32 as one GCC/clang vector of the ISA's register width (run_isa passes it), or a plain float.
+#if defined(__GNUC__) || defined(__clang__)
+template <int kBytes>
+struct FloatVec {
+  typedef float type __attribute__((vector_size(kBytes)));
+};
+#else
+template <int kBytes>
+struct FloatVec {
+  typedef float type;
+};
+#endif
+
+// Loads and stores through references: a vector passed or returned by value would change with the target's ABI.
+template <typename T>
+DLO_INLINE void load(T& v, const float* p) {
+  std::memcpy(&v, p, sizeof(T));
+}
+template <typename T>
+DLO_INLINE void store(float* p, const T& v) {
+  std::memcpy(p, &v, sizeof(T));
+}
+
+// The 1-D transforms along one axis of a tile for one vector (or one float) of channels: element j of the input at
+// in + j * is, of the output at out + j * os.
+template <int M>
+struct Transform;
+
+template <>
+struct Transform<4> {
+  static constexpr int A = 6;
+  static constexpr double G[A][3] = {{1.0 / 4, 0, 0},           {-1.0 / 6, -1.0 / 6, -1.0 / 6},
+                                     {-1.0 / 6, 1.0 / 6, -1.0 / 6}, {1.0 / 24, 1.0 / 12, 1.0 / 6},
+                                     {1.0 / 24, -1.0 / 12, 1.0 / 6}, {0, 0, 1}};
+  // B^T d
+  template <typename T>
+  DLO_INLINE static void input(const float* d, int64_t ds, float* v, int64_t vs) {
+    T d0, d1, d2, d3, d4, d5;
+    load(d0, d);
+    load(d1, d + ds);
+    load(d2, d + 2 * ds);
+    load(d3, d + 3 * ds);
+    load(d4, d + 4 * ds);
+    load(d5, d + 5 * ds);
+    store<T>(v, 4.f * d0 - 5.f * d2 + d4);
+    store<T>(v + vs, (d3 + d4) - 4.f * (d1 + d2));
+    store<T>(v + 2 * vs, 4.f * (d1 - d2) + (d4 - d3));
+    store<T>(v + 3 * vs, 2.f * (d3 - d1) + (d4 - d2));
+    store<T>(v + 4 * vs, 2.f * (d1 - d3) + (d4 - d2));
+    store<T>(v + 5 * vs, 4.f * d1 - 5.f * d3 + d5);
+  }
+  // A^T m
+  template <typename T>
+  DLO_INLINE static void output(const float* m, int64_t ms, float* y, int64_t ys) {
+    T m0, m1, m2, m3, m4, m5;
+    load(m0, m);
+    load(m1, m + ms);
+    load(m2, m + 2 * ms);
+    load(m3, m + 3 * ms);
+    load(m4, m + 4 * ms);
+    load(m5, m + 5 * ms);
+    const T a = m1 + m2, b = m1 - m2, p = m3 + m4, q = m3 - m4;
+    store<T>(y, m0 + a + p);
+    store<T>(y + ys, b + 2.f * q);
+    store<T>(y + 2 * ys, a + 4.f * p);
+    store<T>(y + 3 * ys, b + 8.f * q + m5);
+  }
+};
+
+template <>
+struct Transform<2> {
+  static constexpr int A = 4;
+  static constexpr double G[A][3] = {{1, 0, 0}, {0.5, 0.5, 0.5}, {0.5, -0.5, 0.5}, {0, 0, 1}};
+  template <typename T>
+  DLO_INLINE static void input(const float* d, int64_t ds, float* v, int64_t vs) {
+    T d0, d1, d2, d3;
+    load(d0, d);
+    load(d1, d + ds);
+    load(d2, d + 2 * ds);
+    load(d3, d + 3 * ds);
+    store<T>(v, d0 - d2);
+    store<T>(v + vs, d1 + d2);
+    store<T>(v + 2 * vs, d2 - d1);
+    store<T>(v + 3 * vs, d1 - d3);
+  }
+  template <typename T>
+  DLO_INLINE static void output(const float* m, int64_t ms, float* y, int64_t ys) {
+    T m0, m1, m2, m3;
+    load(m0, m);
+    load(m1, m + ms);
+    load(m2, m + 2 * ms);
+    load(m3, m + 3 * ms);
+    store<T>(y, m0 + m1 + m2);
+    store<T>(y + ys, (m1 - m2) - m3);
+  }
+};
+
+template <typename T>
+struct Tag {
+  using type = T;
+};
+
+// f(Tag<T>, offset) over `lanes` consecutive channels: vectors of V, then single floats for the rest.
+template <typename V, typename F>
+DLO_INLINE void for_lanes(int lanes, const F& f) {
+  constexpr int kPer = static_cast<int>(sizeof(V) / sizeof(float));
+  int c = 0;
+  for (; c + kPer <= lanes; c += kPer) f(Tag<V>{}, c);
+  for (; c < lanes; ++c) f(Tag<float>{}, c);
+}
+
+struct Strides4 {
+  int64_t n, c, h, w;
+};
+Strides4 strides_of(const at::Tensor& t) { return {t.stride(0), t.stride(1), t.stride(2), t.stride(3)}; }
+
+// V[xi][t - t0][c] for the chunk's tiles [t0 + begin, t0 + end): the transformed input patches. x channels-last
+// dense (xs.c == 1). A tile inside the image is read in place; one over its border through a zero-padded copy.
+template <int M, typename V>
+DLO_INLINE void input_tiles(const float* x, Strides4 xs, const Geometry& g, int64_t t0, int64_t begin, int64_t end,
+                            float* v, int64_t chunk) {
+  constexpr int A = Transform<M>::A;
+  alignas(64) float patch[A][A][kLanes];
+  alignas(64) float half[A][A][kLanes];
+  const int64_t vs = chunk * g.c;  // between transformed elements xi
+  for (int64_t t = begin; t < end; ++t) {
+    const Tile tile = tile_at(g, t0 + t, M);
+    const int64_t iy0 = tile.oy0 - g.ph, ix0 = tile.ox0 - g.pw;  // the patch's input rows iy0 + dh * j
+    const bool inside = iy0 >= 0 && ix0 >= 0 && iy0 + g.dh * (A - 1) < g.h && ix0 + g.dw * (A - 1) < g.w;
+    for (int64_t c0 = 0; c0 < g.c; c0 += kLanes) {
+      const int lanes = static_cast<int>(std::min<int64_t>(kLanes, g.c - c0));
+      const float* src = patch[0][0];
+      int64_t row = A * kLanes, col = kLanes;  // src's strides between patch rows and columns
+      if (inside) {
+        src = x + tile.n * xs.n + iy0 * xs.h + ix0 * xs.w + c0;
+        row = g.dh * xs.h, col = g.dw * xs.w;
+      } else {
+        for (int j = 0; j < A; ++j) {
+          const int64_t iy = iy0 + g.dh * j;
+          for (int l = 0; l < A; ++l) {
+            const int64_t ix = ix0 + g.dw * l;
+            float* p = patch[j][l];
+            if (iy < 0 || iy >= g.h || ix < 0 || ix >= g.w) {
+              for_lanes<V>(lanes, [&](auto tag, int c) { store(p + c, typename decltype(tag)::type{}); });
+            } else {
+              const float* s = x + tile.n * xs.n + iy * xs.h + ix * xs.w + c0;
+              for_lanes<V>(lanes, [&](auto tag, int c) {
+                typename decltype(tag)::type v;
+                load(v, s + c);
+                store(p + c, v);
+              });
+            }
+          }
+        }
+      }
+      for (int l = 0; l < A; ++l) {
+        for_lanes<V>(lanes, [&](auto tag, int c) {
+          Transform<M>::template input<typename decltype(tag)::type>(src + l * col + c, row, half[0][l] + c, A * kLanes);
+        });
+      }
+      float* dst = v + t * g.c + c0;
+      for (int r = 0; r < A; ++r) {
+        for_lanes<V>(lanes, [&](auto tag, int c) {
+          Transform<M>::template input<typename decltype(tag)::type>(half[r][0] + c, kLanes, dst + r * A * vs + c, vs);
+        });
+      }
+    }
+  }
+}
+
+struct Epilogue {
+  const float* bias;      // [K] or null
+  const float* residual;  // the output's shape, channels-last dense, or null
+  Strides4 rs;
+  bool relu;
+};
+
+template <typename T>
+DLO_INLINE void relu_in_place(T& v) {
+  if constexpr (std::is_same_v<T, float>) {
+    v = v < 0.f ? 0.f : v;  // NaN stays NaN
+  } else {
+    v = v < 0.f ? T{} : v;
+  }
+}
+
+// The output pixels of the chunk's tiles [t0 + begin, t0 + end) from the GEMM products mm[xi][t - t0][k], into a
+// channels-last dense output.
+template <int M, typename V>
+DLO_INLINE void output_tiles(const float* mm, const Geometry& g, int64_t t0, int64_t begin, int64_t end,
+                             int64_t chunk, const Epilogue& e, float* out, Strides4 os) {
+  constexpr int A = Transform<M>::A;
+  alignas(64) float half[M][A][kLanes];
+  alignas(64) float y[M][M][kLanes];
+  const int64_t ms = chunk * g.k;
+  for (int64_t t = begin; t < end; ++t) {
+    const Tile tile = tile_at(g, t0 + t, M);
+    for (int64_t k0 = 0; k0 < g.k; k0 += kLanes) {
+      const int lanes = static_cast<int>(std::min<int64_t>(kLanes, g.k - k0));
+      const float* src = mm + t * g.k + k0;
+      for (int l = 0; l < A; ++l) {
+        for_lanes<V>(lanes, [&](auto tag, int c) {
+          Transform<M>::template output<typename decltype(tag)::type>(src + l * ms + c, A * ms, half[0][l] + c, A * kLanes);
+        });
+      }
+      for (int i = 0; i < M; ++i) {
+        for_lanes<V>(lanes, [&](auto tag, int c) {
+          Transform<M>::template output<typename decltype(tag)::type>(half[i][0] + c, kLanes, y[i][0] + c, kLanes);
+        });
+      }
+      const float* bias = e.bias != nullptr ? e.bias + k0 : nullptr;
+      for (int i = 0; i < M; ++i) {
+        const int64_t oy = tile.oy0 + g.dh * i;
+        if (oy >= g.ho) break;
+        for (int j = 0; j < M; ++j) {
+          const int64_t ox = tile.ox0 + g.dw * j;
+          if (ox >= g.wo) break;
+          const float* val = y[i][j];
+          const float* r = e.residual == nullptr
+                               ? nullptr
+                               : e.residual + tile.n * e.rs.n + oy * e.rs.h + ox * e.rs.w + k0;
+          float* dst = out + tile.n * os.n + oy * os.h + ox * os.w + k0;
+          for_lanes<V>(lanes, [&](auto tag, int c) {
+            using T = typename decltype(tag)::type;
+            T s, a;
+            load(s, val + c);
+            if (bias != nullptr) load(a, bias + c), s = s + a;
+            if (r != nullptr) load(a, r + c), s = s + a;
+            if (e.relu) relu_in_place(s);
+            store(dst + c, s);
+          });
+        }
+      }
+    }
+  }
+}
+
+// U[xi][c][k] = (G g G^T)[xi] for g = w[k][c], for the input channels [begin, end): w as [C_in][3][3][C_out]
+// (wt, C_out contiguous), lane by lane over output channels. G's entries are rounded to float32 once.
+template <int M, typename V>
+DLO_INLINE void weight_tiles(const float* wt, int64_t c_in, int64_t k, int64_t begin, int64_t end, float* u) {
+  constexpr int A = Transform<M>::A;
+  float gm[A][3];
+  for (int a = 0; a < A; ++a)
+    for (int i = 0; i < 3; ++i) gm[a][i] = static_cast<float>(Transform<M>::G[a][i]);
+  const int64_t us = c_in * k;  // between transformed elements xi
+  for (int64_t c = begin; c < end; ++c) {
+    const float* g = wt + c * 9 * k;
+    for (int64_t k0 = 0; k0 < k; k0 += kLanes) {
+      const int lanes = static_cast<int>(std::min<int64_t>(kLanes, k - k0));
+      for_lanes<V>(lanes, [&](auto tag, int l) {
+        using T = typename decltype(tag)::type;
+        T w[3][3], h[A][3];
+        for (int i = 0; i < 3; ++i)
+          for (int j = 0; j < 3; ++j) load(w[i][j], g + (i * 3 + j) * k + k0 + l);
+        for (int a = 0; a < A; ++a)  // h = G w
+          for (int j = 0; j < 3; ++j) h[a][j] = gm[a][0] * w[0][j] + gm[a][1] * w[1][j] + gm[a][2] * w[2][j];
+        float* dst = u + c * k + k0 + l;
+        for (int a = 0; a < A; ++a)  // u = h G^T
+          for (int b = 0; b < A; ++b)
+            store(dst + (a * A + b) * us, h[a][0] * gm[b][0] + h[a][1] * gm[b][1] + h[a][2] * gm[b][2]);
+      });
+    }
+  }
+}
+
+template <int M>
+at::Tensor weight_transform(const at::Tensor& weight) {
+  constexpr int A = Transform<M>::A;
+  const int64_t k = weight.size(0), c = weight.size(1);
+  const at::Tensor wt = weight.permute({1, 2, 3, 0}).contiguous();  // [C_in, 3, 3, C_out]
+  at::Tensor u = at::empty({A * A, c, k}, weight.options());
+  const float* wp = wt.const_data_ptr<float>();
+  float* up = u.mutable_data_ptr<float>();
+  const auto isa = kernel_isa();
+  at::parallel_for(0, c, std::max<int64_t>(1, 4096 / k), [&](int64_t begin, int64_t end) {
+    run_isa(
+        isa,
+        [&](int64_t bb, int64_t ee, auto width) {
+          weight_tiles<M, typename FloatVec<decltype(width)::value>::type>(wp, c, k, bb, ee, up);
+        },
+        begin, end);
+  });
+  return u;
+}
+
+template <int M>
+at::Tensor winograd(const at::Tensor& x_, const at::Tensor& weight, const std::optional<at::Tensor>& bias,
+                    const std::optional<at::Tensor>& residual, at::IntArrayRef padding, at::IntArrayRef dilation,
+                    bool relu, at::MemoryFormat out_format) {
+  constexpr int A = Transform<M>::A;
+  const Geometry g = geometry(x_.size(0), x_.size(1), x_.size(2), x_.size(3), weight.size(0), padding, dilation, M);
+  const at::Tensor u = weight_transform<M>(weight);
+  // The kernels index channels-last dense tensors (NCHW ones cost one conversion in and one out).
+  constexpr auto kCL = at::MemoryFormat::ChannelsLast;
+  const at::Tensor x = x_.contiguous(kCL);
+  at::Tensor out = at::empty({g.n, g.k, g.ho, g.wo}, x.options().memory_format(kCL));
+  const at::Tensor b = bias.has_value() && bias->defined() ? bias->contiguous() : at::Tensor();
+  const at::Tensor r = residual.has_value() && residual->defined() ? residual->contiguous(kCL) : at::Tensor();
+  const Epilogue e{b.defined() ? b.const_data_ptr<float>() : nullptr, r.defined() ? r.const_data_ptr<float>() : nullptr,
+                   r.defined() ? strides_of(r) : Strides4{}, relu};
+  // Blocks of tiles, each transformed, multiplied and transformed back by one thread while its V and M stay in that
+  // core's cache (inside the parallel region ATen's bmm and MKL run on the calling thread).
+  const int64_t tiles = g.tiles();
+  int64_t block = std::clamp<int64_t>(kBlockBytes / (A * A * (g.c + g.k) * int64_t{sizeof(float)}), kMinBlockTiles,
+                                      kMaxBlockTiles);
+  block = std::max<int64_t>(1, std::min(block, ceil_div(tiles, at::get_num_threads())));
+  const int64_t blocks = ceil_div(tiles, block);
+  const float* xp = x.const_data_ptr<float>();
+  const Strides4 xs = strides_of(x), os = strides_of(out);
+  float* op = out.mutable_data_ptr<float>();
+  const auto isa = kernel_isa();
+  at::parallel_for(0, blocks, 1, [&](int64_t b0, int64_t b1) {
+    at::Tensor vbuf = at::empty({A * A * block * g.c}, x.options());
+    at::Tensor mbuf = at::empty({A * A * block * g.k}, x.options());
+    float* vp = vbuf.mutable_data_ptr<float>();
+    const float* mp = mbuf.const_data_ptr<float>();
+    for (int64_t blk = b0; blk < b1; ++blk) {
+      const int64_t t0 = blk * block, tc = std::min(block, tiles - t0);
+      run_isa(
+          isa,
+          [&](int64_t, int64_t, auto width) {
+            input_tiles<M, typename FloatVec<decltype(width)::value>::type>(xp, xs, g, t0, 0, tc, vp, tc);
+          },
+          0, 1);
+      at::Tensor products = mbuf.narrow(0, 0, A * A * tc * g.k).view({A * A, tc, g.k});
+      at::bmm_out(products, vbuf.narrow(0, 0, A * A * tc * g.c).view({A * A, tc, g.c}), u);
+      run_isa(
+          isa,
+          [&](int64_t, int64_t, auto width) {
+            output_tiles<M, typename FloatVec<decltype(width)::value>::type>(mp, g, t0, 0, tc, tc, e, op, os);
+          },
+          0, 1);
+    }
+  });
+  return out_format == kCL ? out : out.contiguous(out_format);
+}
+
+bool winograd_enabled() {
+  static const bool enabled = [] {
+    const char* v = std::getenv("DEEPLAB_OPS_CPU_WINOGRAD");
+    return v == nullptr || std::strcmp(v, "0") != 0;
+  }();
+  return enabled;
+}
+
+}  // namespace
+
+int winograd_plan(const at::Tensor& x, const at::Tensor& weight, at::IntArrayRef stride, at::IntArrayRef padding,
+                  at::IntArrayRef dilation) {
+  if (!winograd_enabled() || !x.is_cpu() || !weight.is_cpu()) return 0;
+  if (x.scalar_type() != at::kFloat || weight.scalar_type() != at::kFloat) return 0;
+  if (x.dim() != 4 || weight.dim() != 4 || weight.size(2) != 3 || weight.size(3) != 3) return 0;
+  if (weight.size(1) != x.size(1) || stride.size() != 2 || padding.size() != 2 || dilation.size() != 2) return 0;
+  if (stride[0] != 1 || stride[1] != 1 || padding[0] < 0 || padding[1] < 0 || dilation[0] < 1 || dilation[1] < 1) {
+    return 0;
+  }
+  if (x.size(1) < kMinChannels || weight.size(0) < kMinChannels || x.size(0) < 1) return 0;
+  // Channels-last input only: an NCHW one would cost a conversion in and out, which measured as much as the
+  // transform saves.
+  if (x.suggest_memory_format() != at::MemoryFormat::ChannelsLast) return 0;
+  if (36 * x.size(1) * weight.size(0) * int64_t{sizeof(float)} > kMaxWeightBytes) return 0;
+  const int64_t ho = x.size(2) + 2 * padding[0] - 2 * dilation[0], wo = x.size(3) + 2 * padding[1] - 2 * dilation[1];
+  if (ho < 1 || wo < 1) return 0;
+  int best = 0;
+  double best_work = kMaxWorkRatio * static_cast<double>(x.size(0) * ho * wo * 9);  // direct convolution's
+  for (int m : {4, 2}) {
+    const Geometry g = geometry(x.size(0), x.size(1), x.size(2), x.size(3), weight.size(0), padding, dilation, m);
+    const double work = static_cast<double>(g.tiles() * (m + 2) * (m + 2));
+    if (work < best_work) best = m, best_work = work;
+  }
+  return best;
+}
+
+at::Tensor winograd_conv3x3(const at::Tensor& x, const at::Tensor& weight, const std::optional<at::Tensor>& bias,
+                            const std::optional<at::Tensor>& residual, at::IntArrayRef padding,
+                            at::IntArrayRef dilation, bool relu, int m, at::MemoryFormat out_format) {
+  TORCH_CHECK(m == 4 || m == 2, "deeplab_ops: Winograd tile size must be 4 or 2, got ", m);
+  return m == 4 ? winograd<4>(x, weight, bias, residual, padding, dilation, relu, out_format)
+                : winograd<2>(x, weight, bias, residual, padding, dilation, relu, out_format);
+}
+
+}  // namespace deeplab_ops

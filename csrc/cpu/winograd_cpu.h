@@ -1,0 +1,32 @@
+// Winograd convolution for the cpu backend: float32 3x3 convolutions with stride 1 (any padding and dilation) as
+// F(4x4, 3x3) or F(2x2, 3x3) (Lavin & Gray, "Fast Algorithms for Convolutional Neural Networks", 2016), with the
+// eval epilogue (bias, residual, ReLU) fused into the output transform. A dilated convolution is d_h * d_w
+// undilated ones on the output's polyphase grids, so the tiles of each grid are gathered with the dilation's step.
+// The multiplications are one batched GEMM per tile chunk (at::bmm: MKL / oneDNN), 36 (or 16) products of
+// [tiles x C_in] by [C_in x C_out], against 9 * m^2 / (m + 2)^2 as many for direct convolution: 2.25x fewer for
+// F(2x2, 3x3), 4x fewer for F(4x4, 3x3).
+//
+// Used where the tile count makes it cheaper than oneDNN's direct convolution (winograd_plan); elsewhere, and for
+// every other dtype, ATen's convolution runs. DEEPLAB_OPS_CPU_WINOGRAD=0 turns it off (read once per process).
+#pragma once
+
+#include <ATen/ATen.h>
+
+#include <optional>
+
+namespace deeplab_ops {
+
+// The output tile size m (4 or 2) that winograd_conv3x3 would use for this convolution, or 0 where ATen's
+// convolution should run: not a float32 CPU 3x3 stride-1 convolution with groups 1, too few channels for the GEMMs
+// to pay, or tiles so sparse on the dilated grids that the transforms cost more than they save.
+int winograd_plan(const at::Tensor& x, const at::Tensor& weight, at::IntArrayRef stride, at::IntArrayRef padding,
+                  at::IntArrayRef dilation);
+
+// act(conv2d(x, weight, bias, stride=1, padding, dilation) [+ residual]) with output tile size m (winograd_plan's
+// answer), written in out_format. x, weight: float32 CPU, weight [C_out, C_in, 3, 3]; bias [C_out] or none;
+// residual the output's shape or none.
+at::Tensor winograd_conv3x3(const at::Tensor& x, const at::Tensor& weight, const std::optional<at::Tensor>& bias,
+                            const std::optional<at::Tensor>& residual, at::IntArrayRef padding,
+                            at::IntArrayRef dilation, bool relu, int m, at::MemoryFormat out_format);
+
+}  // namespace deeplab_ops

@@ -1,0 +1,228 @@
+"""The cpu backend's Winograd convolution (csrc/cpu/winograd_cpu.cpp): float32 channels-last 3x3 stride-1
+convolutions with at least 32 channels each way, where F(4x4, 3x3) or F(2x2, 3x3) does less work than oneDNN.
+
+Which algorithm ran is read from the profiler (Winograd's GEMMs are aten::bmm calls; oneDNN's convolution is
+mkldnn::_convolution_pointwise or aten::convolution); values are compared with float64 convolutions on fresh inputs,
+odd shapes, paddings and dilations included, through conv_bias_act (the eval path) and conv_bn_relu (training
+forward and backward, memory-efficient or not).
+"""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+
+import pytest
+import torch
+import torch.nn.functional as F
+from helpers import ROOT
+from torch.profiler import ProfilerActivity, profile
+
+import deeplab_ops
+from deeplab_ops import reference
+
+_ops = torch.ops.deeplab_ops
+CL = torch.channels_last
+
+
+def _ran(fn):
+    """fn's result and the names of the aten/deeplab ops it ran."""
+    with profile(activities=[ProfilerActivity.CPU]) as prof:
+        out = fn()
+    return out, {e.name for e in prof.events()}
+
+
+def _used_winograd(names) -> bool:
+    conv = {"aten::convolution", "aten::_convolution", "mkldnn::_convolution_pointwise", "aten::mkldnn_convolution"}
+    return "aten::bmm" in names and not conv & names
+
+
+def _inputs(n, c, k, h, w, scale=1.0):
+    x = torch.randn(n, c, h, w).contiguous(memory_format=CL)
+    weight = (torch.randn(k, c, 3, 3) * scale / (3 * c**0.5)).contiguous(memory_format=CL)
+    return x, weight
+
+
+def _close(actual, expected, what, tol=2e-5):
+    # Winograd F(4x4, 3x3) rounds in its transforms: about 10x oneDNN's error, relative to the output's size.
+    scale = max(expected.abs().max().item(), 1.0)
+    torch.testing.assert_close(actual.double(), expected, atol=tol * scale, rtol=tol, msg=lambda m: f"{what}:\n{m}")
+
+
+# (N, C_in, C_out, H, W, padding, dilation): square and not, 'same' padding and not, tiles over the border,
+# outputs smaller than one tile, channel counts that are not a multiple of the vector width or of 64.
+WINOGRAD_CASES = [
+    (2, 32, 32, 17, 17, (1, 1), (1, 1)),
+    (1, 40, 36, 13, 22, (1, 1), (1, 1)),
+    (2, 33, 70, 9, 9, (0, 0), (1, 1)),
+    (1, 32, 32, 20, 15, (2, 1), (2, 1)),
+    (1, 48, 32, 33, 33, (2, 2), (2, 2)),
+    (2, 32, 40, 6, 6, (1, 1), (1, 1)),
+    (1, 65, 33, 12, 12, (3, 3), (1, 1)),
+    (1, 32, 32, 26, 26, (4, 4), (4, 4)),
+]
+
+
+@pytest.mark.parametrize("case", WINOGRAD_CASES, ids=str)
+@pytest.mark.parametrize("epilogue", ["none", "bias", "bias+residual+relu", "relu"])
+def test_conv_bias_act_runs_winograd_and_matches_float64(case, epilogue):
+    n, c, k, h, w, padding, dilation = case
+    x, weight = _inputs(n, c, k, h, w)
+    bias = torch.randn(k) if "bias" in epilogue else None
+    ref = F.conv2d(x.double(), weight.double(), None if bias is None else bias.double(), 1, padding, dilation)
+    residual = torch.randn(ref.shape).contiguous(memory_format=CL) if "residual" in epilogue else None
+    if residual is not None:
+        ref = ref + residual.double()
+    relu = "relu" in epilogue
+    if relu:
+        ref = F.relu(ref)
+    out, names = _ran(lambda: _ops.conv_bias_act(x, weight, bias, residual, (1, 1), padding, dilation, relu))
+    assert _used_winograd(names), sorted(names)
+    assert out.shape == ref.shape and out.dtype == torch.float32 and out.is_contiguous(memory_format=CL)
+    _close(out, ref, f"winograd {case} {epilogue}")
+
+
+@pytest.mark.parametrize(
+    "why,make",
+    [
+        ("NCHW input", lambda: (torch.randn(2, 32, 17, 17), torch.randn(32, 32, 3, 3), (1, 1), (1, 1), (1, 1))),
+        ("float64", lambda: (*(t.double() for t in _inputs(2, 32, 32, 17, 17)), (1, 1), (1, 1), (1, 1))),
+        ("16 input channels", lambda: (*_inputs(2, 16, 32, 17, 17), (1, 1), (1, 1), (1, 1))),
+        ("16 output channels", lambda: (*_inputs(2, 32, 16, 17, 17), (1, 1), (1, 1), (1, 1))),
+        ("stride 2", lambda: (*_inputs(2, 32, 32, 17, 17), (2, 2), (1, 1), (1, 1))),
+        ("dilation 4 on 17x17: sparse tiles", lambda: (*_inputs(2, 32, 32, 17, 17), (1, 1), (4, 4), (4, 4))),
+        ("1x1 kernel", lambda: (torch.randn(2, 32, 9, 9).contiguous(memory_format=CL),
+                                torch.randn(32, 32, 1, 1), (1, 1), (0, 0), (1, 1))),
+        ("512 x 512 channels: transformed weight over the cache", lambda: (*_inputs(1, 512, 512, 9, 9), (1, 1),
+                                                                            (1, 1), (1, 1))),
+    ],
+    ids=lambda v: v if isinstance(v, str) else "",
+)
+def test_other_convolutions_run_onednn(why, make):
+    x, weight, stride, padding, dilation = make()
+    out, names = _ran(lambda: _ops.conv_bias_act(x, weight, None, None, stride, padding, dilation, True))
+    assert not _used_winograd(names), (why, sorted(names))
+    ref = F.relu(F.conv2d(x.double(), weight.double(), None, stride, padding, dilation))
+    _close(out, ref, why, 1e-12 if x.dtype == torch.float64 else 2e-5)
+
+
+@pytest.mark.parametrize("relu", [False, True])
+def test_non_finite_inputs_never_vanish(relu):
+    # A NaN or an infinity in the input reaches every output that it reaches in the direct convolution (as NaN or
+    # inf; Winograd's transforms mix a whole tile, so the 4x4 outputs of the tiles that share its input patch go
+    # NaN together, as with cuDNN's Winograd); the ReLU keeps NaN; every other output is the direct one's.
+    x, weight = _inputs(1, 32, 32, 16, 16)
+    x[0, 3, 5, 5] = float("nan")
+    if not relu:  # relu(-inf) is 0 for both algorithms
+        x[0, 5, 12, 2] = float("inf")
+    out, names = _ran(lambda: _ops.conv_bias_act(x, weight, None, None, (1, 1), (1, 1), (1, 1), relu))
+    assert _used_winograd(names)
+    ref = F.conv2d(x.double(), weight.double(), None, 1, 1, 1)
+    ref = F.relu(ref) if relu else ref
+    touched = F.max_pool2d((~x.isfinite()).any(1, keepdim=True).float(), 3, 1, 1).bool().expand_as(out)
+    assert not out[touched].isfinite().any()
+    assert out.isfinite().sum() > out.numel() // 2
+    both = out.isfinite()
+    _close(torch.where(both, out, 0), torch.where(both, ref, 0), "finite outputs")
+
+
+def test_strided_channels_last_views_and_one_thread():
+    # A channels-last view with gaps (a channel slice of a wider tensor) and a single-threaded run.
+    wide = torch.randn(2, 80, 15, 15).contiguous(memory_format=CL)
+    x = wide[:, 8:48]
+    assert x.stride(1) == 1 and not x.is_contiguous(memory_format=CL)
+    weight = torch.randn(36, 40, 3, 3) / 20
+    ref = F.conv2d(x.double(), weight.double(), None, 1, 1, 1)
+    threads = torch.get_num_threads()
+    try:
+        for n in sorted({1, threads}):
+            torch.set_num_threads(n)
+            out, names = _ran(lambda: _ops.conv_bias_act(x, weight, None, None, (1, 1), (1, 1), (1, 1), False))
+            assert _used_winograd(names), (n, sorted(names))
+            _close(out, ref, f"strided view, {n} threads")
+    finally:
+        torch.set_num_threads(threads)
+
+
+@pytest.mark.parametrize("memory_efficient", [False, True], ids=["saved", "lean"])
+@pytest.mark.parametrize("residual", [False, True])
+def test_conv_bn_relu_training_on_winograd_matches_the_reference(memory_efficient, residual):
+    # Training forward (the pre-BN convolution by Winograd), running statistics and every gradient, against the
+    # reference in float64; the memory-efficient backward recomputes the same convolution.
+    torch.manual_seed(0)
+    x, weight = _inputs(2, 32, 48, 13, 11, scale=3.0)
+    x.requires_grad_(True)
+    weight.requires_grad_(True)
+    bn_w = (torch.rand(48) + 0.5).requires_grad_(True)
+    bn_b = torch.randn(48).requires_grad_(True)
+    res = torch.randn(2, 48, 13, 11).contiguous(memory_format=CL).requires_grad_(True) if residual else None
+    rm, rv = torch.randn(48), torch.rand(48) + 0.5
+    rm_ref, rv_ref = rm.double(), rv.double()
+    kwargs = dict(stride=1, padding=2, dilation=2, training=True)
+    out, names = _ran(lambda: deeplab_ops.conv_bn_relu(x, weight, bn_w, bn_b, rm, rv, residual=res, backend="cpu",
+                                                        memory_efficient=memory_efficient, **kwargs))
+    assert "aten::bmm" in names, sorted(names)
+    leaves = [t for t in (x, weight, bn_w, bn_b, res) if t is not None]
+    dleaves = [t.detach().double().requires_grad_(True) for t in leaves]
+    dres = dleaves[4] if residual else None
+    ref = reference.conv_bn_relu(dleaves[0], dleaves[1], dleaves[2], dleaves[3], rm_ref, rv_ref, residual=dres,
+                                 **kwargs)
+    _close(out, ref.detach(), "training forward", 1e-4)
+    torch.testing.assert_close(rm.double(), rm_ref, atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(rv.double(), rv_ref, atol=1e-5, rtol=1e-5)
+    g = torch.randn(out.shape).contiguous(memory_format=CL)
+    grads = torch.autograd.grad(out, leaves, g)
+    ref_grads = torch.autograd.grad(ref, dleaves, g.double())
+    names = ["x", "weight", "bn_weight", "bn_bias", "residual"][: len(leaves)]
+    for name, got, want in zip(names, grads, ref_grads, strict=True):
+        _close(got, want, f"grad {name}", 1e-4)
+
+
+def test_memory_efficient_recompute_gives_the_forward_convolution_bit_for_bit():
+    x, weight = _inputs(2, 32, 32, 17, 17)
+    args = ((1, 1), (1, 1), (1, 1))
+    conv_out = _ops.conv_bn_relu_forward(x, weight, torch.rand(32), torch.randn(32), None, None, *args, True, 0.1,
+                                         1e-5, None, True)[1]
+    again, names = _ran(lambda: _ops.conv_bias_act(x, weight, None, None, *args, False))
+    assert _used_winograd(names)
+    assert torch.equal(again, conv_out)
+
+
+def test_eval_module_runs_winograd_and_the_switch_turns_it_off():
+    # A channels-last FusedConvBNReLU in eval: one Winograd convolution with BatchNorm folded in; with
+    # DEEPLAB_OPS_CPU_WINOGRAD=0 (read once per process) the same call runs oneDNN and agrees.
+    code = (
+        "import torch, deeplab_ops\n"
+        "from torch.profiler import profile\n"
+        "torch.manual_seed(0)\n"
+        "m = deeplab_ops.nn.FusedConvBNReLU(32, 32, 3, padding=1, backend='cpu').eval()"
+        ".to(memory_format=torch.channels_last)\n"
+        "m[1].running_var.uniform_(0.5, 2); m[1].running_mean.normal_()\n"
+        "x = torch.randn(2, 32, 17, 17).contiguous(memory_format=torch.channels_last)\n"
+        "with torch.no_grad(), profile() as p:\n"
+        "    y = m(x)\n"
+        "print('bmm' if any(e.name == 'aten::bmm' for e in p.events()) else 'onednn')\n"
+        "torch.save(y, __import__('sys').argv[1])\n"
+    )
+    outs = {}
+    for flag in ("1", "0"):
+        path = os.path.join(os.environ.get("TMPDIR", "/tmp"), f"winograd_switch_{os.getpid()}_{flag}.pt")
+        env = dict(os.environ, DEEPLAB_OPS_CPU_WINOGRAD=flag)
+        run = subprocess.run([sys.executable, "-c", code, path], env=env, cwd=ROOT, capture_output=True, text=True,
+                             timeout=300)
+        assert run.returncode == 0, run.stderr
+        outs[flag] = (run.stdout.split()[-1], torch.load(path))
+        os.remove(path)
+    assert outs["1"][0] == "bmm" and outs["0"][0] == "onednn", outs
+    torch.testing.assert_close(outs["1"][1], outs["0"][1], atol=1e-4, rtol=1e-4)
+
+
+@pytest.mark.parametrize("mode", ["no_grad", "inference_mode"])
+def test_runs_under_no_grad_and_inference_mode(mode):
+    x, weight = _inputs(2, 32, 32, 11, 11)
+    ctx = torch.inference_mode() if mode == "inference_mode" else torch.no_grad()
+    with ctx:
+        out, names = _ran(lambda: _ops.conv_bias_act(x, weight, None, None, (1, 1), (1, 1), (1, 1), True))
+    assert _used_winograd(names)
+    _close(out, F.relu(F.conv2d(x.double(), weight.double(), None, 1, 1, 1)), mode)
