@@ -74,6 +74,7 @@ CUDA_SHAPES = (
 )
 CPU_SHAPES = (
     ConvShape("os16", "layer3", 32, 32, 3, 17),
+    ConvShape("os16", "layer3", 64, 64, 3, 33),
     ConvShape("os16", "layer3", 32, 64, 1, 17, residual=True),
     ConvShape("os16", "layer2", 16, 16, 3, 33, stride=2),
     ConvShape("os8", "layer4", 32, 32, 3, 17, dilation=4),
