@@ -12,6 +12,7 @@
 #include "common/activation_layout.h"
 #include "common/arg_checks.h"
 #include "composite/batch_stats.h"
+#include "composite/conv_calls.h"
 #include "composite/group_collectives.h"
 #include "composite/stage_calls.h"
 
@@ -93,8 +94,7 @@ aspp_forward(const at::Tensor& x, at::TensorList conv_weights, const at::Tensor&
   ys.reserve(g.branches);
   for (int64_t b = 0; b < g.branches; ++b) {
     const int64_t r = b == 0 ? 1 : rates[b - 1];
-    ys.push_back(at::convolution(x, conv_weights[b], std::nullopt, {1, 1}, {b == 0 ? 0 : r, b == 0 ? 0 : r}, {r, r},
-                                 false, {0, 0}, 1));
+    ys.push_back(conv2d_forward(x, conv_weights[b], {1, 1}, {b == 0 ? 0 : r, b == 0 ? 0 : r}, {r, r}, mf));
   }
   const at::Tensor branch = at::cat(ys, 1).contiguous(mf);
   // Image pooling: mean over H x W, then its 1x1 conv as a matmul: (N, Cin) x (Cin, C).
@@ -216,17 +216,16 @@ std::tuple<at::Tensor, std::vector<at::Tensor>, at::Tensor, at::Tensor, at::Tens
     for (int64_t b = 0; b < g.branches; ++b) {
       const int64_t r = b == 0 ? 1 : rates[b - 1];
       // The branch's channel slice as a strided view: the convolution lays it out as it needs.
-      auto grads = at::convolution_backward(dy_b.narrow(1, b * g.c, g.c), x, conv_weights[b], std::nullopt, {1, 1},
-                                            {b == 0 ? 0 : r, b == 0 ? 0 : r}, {r, r}, false, {0, 0}, 1,
-                                            {output_mask[0], output_mask[1], false});
+      auto [gx, gw] = conv2d_backward(dy_b.narrow(1, b * g.c, g.c), x, conv_weights[b], {1, 1},
+                                      {b == 0 ? 0 : r, b == 0 ? 0 : r}, {r, r}, output_mask[0], output_mask[1]);
       if (output_mask[0]) {
         if (b == 0) {
-          grad_x = std::get<0>(grads).contiguous(mf);
+          grad_x = gx.contiguous(mf);
         } else {
-          grad_x.add_(std::get<0>(grads));
+          grad_x.add_(gx);
         }
       }
-      if (output_mask[1]) grad_conv.push_back(std::get<1>(grads).contiguous(conv_weights[b].suggest_memory_format()));
+      if (output_mask[1]) grad_conv.push_back(gw);
     }
     if (output_mask[0]) {
       // The pooling branch's gradient is spread evenly over H x W: added as a broadcast, never materialized.

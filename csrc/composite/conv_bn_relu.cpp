@@ -10,9 +10,9 @@
 #include "common/activation_layout.h"
 #include "common/arg_checks.h"
 #include "composite/batch_stats.h"
+#include "composite/conv_calls.h"
 #include "composite/group_collectives.h"
 #include "composite/stage_calls.h"
-#include "cpu/winograd_cpu.h"
 
 namespace deeplab_ops {
 namespace {
@@ -43,12 +43,9 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tenso
     bool relu, std::optional<c10::string_view> group_name, bool /*memory_efficient: read by the autograd node*/) {
   check_conv_args(x, weight, bn_weight, bn_bias, running_mean, running_var, stride, padding, dilation, training);
   const auto mf = x.suggest_memory_format();
-  // The cpu backend's Winograd convolution where it beats oneDNN (float32 channels-last 3x3, cpu/winograd_cpu.h);
-  // conv_bias_act's recompute for the memory-efficient backward makes the same choice, so gives the same values.
-  const int wino = winograd_plan(x, weight, stride, padding, dilation);
-  const at::Tensor y =
-      wino != 0 ? winograd_conv3x3(x, weight, std::nullopt, std::nullopt, padding, dilation, false, wino, mf)
-                : at::convolution(x, weight, std::nullopt, stride, padding, dilation, false, {0, 0}, 1).contiguous(mf);
+  // conv_bias_act's recompute for the memory-efficient backward makes the same choice of convolution (Winograd or
+  // ATen's), so gives the same values.
+  const at::Tensor y = conv2d_forward(x, weight, stride, padding, dilation, mf);
   const int64_t count = y.size(0) * y.size(2) * y.size(3);
   TORCH_CHECK(count > 0, "deeplab_ops: the convolution output is empty, shape ", y.sizes());
   // The outputs are allocated once here and the stages write them: no per-call copies or conversions.
@@ -101,11 +98,8 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> conv_bn_r
     }
     const at::Tensor dy = call_bn_backward_dy(grad_out, out, conv_out, save_mean, save_invstd, bn_weight, dy_sum_g,
                                               dy_sum_gx, count, relu, training);
-    auto grads = at::convolution_backward(dy, x, weight, std::nullopt, stride, padding, dilation, false, {0, 0}, 1,
-                                          {output_mask[0], output_mask[1], false});
-    // The gradients keep their tensor's memory format (cuDNN/oneDNN may return weight grads in x's).
-    if (output_mask[0]) grad_x = std::get<0>(grads).contiguous(x.suggest_memory_format());
-    if (output_mask[1]) grad_w = std::get<1>(grads).contiguous(weight.suggest_memory_format());
+    std::tie(grad_x, grad_w) = conv2d_backward(dy, x, weight, stride, padding, dilation, output_mask[0],
+                                               output_mask[1]);
   }
   at::Tensor grad_res;
   if (output_mask[4]) {

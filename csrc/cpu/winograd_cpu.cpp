@@ -10,6 +10,7 @@
 #include <ATen/Parallel.h>
 
 #include <algorithm>
+#include <array>
 #include <cstdlib>
 #include <cstring>
 #include <type_traits>
@@ -454,6 +455,27 @@ at::Tensor winograd_conv3x3(const at::Tensor& x, const at::Tensor& weight, const
   TORCH_CHECK(m == 4 || m == 2, "deeplab_ops: Winograd tile size must be 4 or 2, got ", m);
   return m == 4 ? winograd<4>(x, weight, bias, residual, padding, dilation, relu, out_format)
                 : winograd<2>(x, weight, bias, residual, padding, dilation, relu, out_format);
+}
+
+std::optional<at::Tensor> winograd_conv3x3_grad_input(const at::Tensor& grad_out, const at::Tensor& x,
+                                                      const at::Tensor& weight, at::IntArrayRef stride,
+                                                      at::IntArrayRef padding, at::IntArrayRef dilation) {
+  if (stride.size() != 2 || padding.size() != 2 || dilation.size() != 2 || stride[0] != 1 || stride[1] != 1) {
+    return std::nullopt;
+  }
+  if (x.dim() != 4 || weight.dim() != 4 || weight.size(2) != 3 || weight.size(3) != 3) return std::nullopt;
+  const std::array<int64_t, 2> pad{2 * dilation[0] - padding[0], 2 * dilation[1] - padding[1]};
+  if (pad[0] < 0 || pad[1] < 0) return std::nullopt;
+  // Checked on the transposed convolution's own tensors (grad_out, the weight as [C_in, C_out, 3, 3]): a view,
+  // nothing is copied unless it runs.
+  const at::Tensor transposed = weight.transpose(0, 1);
+  const int m = winograd_plan(grad_out, transposed, {1, 1}, pad, dilation);
+  if (m == 0 || x.suggest_memory_format() != at::MemoryFormat::ChannelsLast) return std::nullopt;
+  at::Tensor gx = winograd_conv3x3(grad_out, transposed.flip({2, 3}), std::nullopt, std::nullopt, pad, dilation,
+                                   false, m, at::MemoryFormat::ChannelsLast);
+  TORCH_CHECK(gx.sizes() == x.sizes(), "deeplab_ops: internal error: Winograd input gradient of shape ", gx.sizes(),
+              " for an input of shape ", x.sizes());
+  return gx;
 }
 
 }  // namespace deeplab_ops

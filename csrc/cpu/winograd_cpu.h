@@ -29,4 +29,11 @@ at::Tensor winograd_conv3x3(const at::Tensor& x, const at::Tensor& weight, const
                             const std::optional<at::Tensor>& residual, at::IntArrayRef padding,
                             at::IntArrayRef dilation, bool relu, int m, at::MemoryFormat out_format);
 
+// The gradient with respect to x of conv2d(x, weight, stride, padding, dilation) where that is a stride-1 3x3
+// convolution of grad_out (by the flipped, transposed weight, padded by 2 * dilation - padding) that winograd_plan
+// accepts, in x's memory format; std::nullopt otherwise (the caller runs ATen's convolution backward).
+std::optional<at::Tensor> winograd_conv3x3_grad_input(const at::Tensor& grad_out, const at::Tensor& x,
+                                                      const at::Tensor& weight, at::IntArrayRef stride,
+                                                      at::IntArrayRef padding, at::IntArrayRef dilation);
+
 }  // namespace deeplab_ops

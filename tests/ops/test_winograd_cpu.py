@@ -226,3 +226,65 @@ def test_runs_under_no_grad_and_inference_mode(mode):
         out, names = _ran(lambda: _ops.conv_bias_act(x, weight, None, None, (1, 1), (1, 1), (1, 1), True))
     assert _used_winograd(names)
     _close(out, F.relu(F.conv2d(x.double(), weight.double(), None, 1, 1, 1)), mode)
+
+
+@pytest.mark.parametrize(
+    "padding,dilation,winograd",
+    [((1, 1), (1, 1), True), ((2, 2), (2, 2), True), ((0, 1), (1, 1), True), ((3, 1), (1, 1), False)],
+    ids=["same", "dilated", "unpadded", "padding-over-2d"],
+)
+def test_backward_input_gradient_by_winograd(padding, dilation, winograd):
+    # The input gradient of a stride-1 3x3 layer is a 3x3 convolution of dy (flipped, transposed weight, padding
+    # 2 * dilation - padding): Winograd where that padding is not negative; the weight gradient stays oneDNN's.
+    torch.manual_seed(1)
+    x, weight = _inputs(2, 40, 32, 15, 14)
+    x.requires_grad_(True)
+    weight.requires_grad_(True)
+    bn_w, bn_b = torch.rand(32) + 0.5, torch.randn(32)
+    out = deeplab_ops.conv_bn_relu(x, weight, bn_w, bn_b, None, None, padding=padding, dilation=dilation,
+                                   backend="cpu")
+    g = torch.randn(out.shape).contiguous(memory_format=CL)
+    (gx, gw), names = _ran(lambda: torch.autograd.grad(out, (x, weight), g))
+    assert ("aten::bmm" in names) == winograd, sorted(names)
+    assert "aten::convolution_backward" in names  # the weight gradient
+    assert gx.is_contiguous(memory_format=CL)
+    dx, dw = x.detach().double().requires_grad_(True), weight.detach().double().requires_grad_(True)
+    ref = reference.conv_bn_relu(dx, dw, bn_w.double(), bn_b.double(), None, None, padding=padding,
+                                 dilation=dilation, training=True)
+    rgx, rgw = torch.autograd.grad(ref, (dx, dw), g.double())
+    _close(gx, rgx, "grad x", 1e-4)
+    _close(gw, rgw, "grad weight", 1e-4)
+
+
+@pytest.mark.parametrize("training", [True, False], ids=["train", "eval"])
+def test_aspp_branches_on_winograd_match_the_reference(training):
+    # The fused ASPP's 3x3 branches (channels-last, 32 channels, rates that tile a 20x20 map well) run Winograd in
+    # the forward and for the input gradient; output, running statistics and every gradient against float64.
+    torch.manual_seed(2)
+    n, cin, c, rates = 2, 32, 32, (2, 3)
+    x = torch.randn(n, cin, 20, 20).contiguous(memory_format=CL).requires_grad_(True)
+    convs = [torch.randn(c, cin, 1, 1) / cin**0.5] + [torch.randn(c, cin, 3, 3) / (3 * cin**0.5) for _ in rates]
+    convs = [w.contiguous(memory_format=CL).requires_grad_(True) for w in convs]
+    pool_w = (torch.randn(c, cin, 1, 1) / cin**0.5).requires_grad_(True)
+    proj_w = (torch.randn(c, (len(rates) + 2) * c, 1, 1) / (len(rates) + 2) / c**0.5).requires_grad_(True)
+    nb = len(rates) + 3
+    bn_w = [(torch.rand(c) + 0.5).requires_grad_(True) for _ in range(nb)]
+    bn_b = [torch.randn(c).requires_grad_(True) for _ in range(nb)]
+    rms, rvs = [torch.randn(c) for _ in range(nb)], [torch.rand(c) + 0.5 for _ in range(nb)]
+    rms_ref, rvs_ref = [t.double() for t in rms], [t.double() for t in rvs]
+    out, names = _ran(lambda: deeplab_ops.aspp(x, convs, pool_w, proj_w, bn_w, bn_b, rms, rvs, rates=rates,
+                                               training=training, backend="cpu"))
+    assert "aspp_forward" in " ".join(names) and "aten::bmm" in names, sorted(names)
+    leaves = [x, *convs, pool_w, proj_w, *bn_w, *bn_b]
+    dl = [t.detach().double().requires_grad_(True) for t in leaves]
+    k = len(convs)
+    ref = reference.aspp(dl[0], dl[1:1 + k], dl[1 + k], dl[2 + k], dl[3 + k:3 + k + nb], dl[3 + k + nb:],
+                         rms_ref, rvs_ref, rates=rates, training=training)
+    _close(out, ref.detach(), "aspp forward", 1e-4)
+    for got, want in zip(rms + rvs, rms_ref + rvs_ref, strict=True):
+        torch.testing.assert_close(got.double(), want, atol=1e-5, rtol=1e-5)
+    g = torch.randn(out.shape).contiguous(memory_format=CL)
+    grads, names = _ran(lambda: torch.autograd.grad(out, leaves, g))
+    assert "aten::bmm" in names, sorted(names)
+    for i, (got, want) in enumerate(zip(grads, torch.autograd.grad(ref, dl, g.double()), strict=True)):
+        _close(got, want, f"aspp gradient {i}", 1e-4)
