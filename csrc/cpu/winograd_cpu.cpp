@@ -106,9 +106,17 @@ struct Transform;
 template <>
 struct Transform<4> {
   static constexpr int A = 6;
-  static constexpr double G[A][3] = {{1.0 / 4, 0, 0},           {-1.0 / 6, -1.0 / 6, -1.0 / 6},
-                                     {-1.0 / 6, 1.0 / 6, -1.0 / 6}, {1.0 / 24, 1.0 / 12, 1.0 / 6},
-                                     {1.0 / 24, -1.0 / 12, 1.0 / 6}, {0, 0, 1}};
+  // G g (3 -> 6), with common terms shared
+  template <typename T>
+  DLO_INLINE static void kernel(const T* g, T* u) {
+    const T s = g[0] + g[2], p = g[0] * (1.f / 24) + g[2] * (1.f / 6), q = g[1] * (1.f / 12);
+    u[0] = g[0] * 0.25f;
+    u[1] = (s + g[1]) * (-1.f / 6);
+    u[2] = (s - g[1]) * (-1.f / 6);
+    u[3] = p + q;
+    u[4] = p - q;
+    u[5] = g[2];
+  }
   // B^T d
   template <typename T>
   DLO_INLINE static void input(const float* d, int64_t ds, float* v, int64_t vs) {
@@ -147,7 +155,14 @@ struct Transform<4> {
 template <>
 struct Transform<2> {
   static constexpr int A = 4;
-  static constexpr double G[A][3] = {{1, 0, 0}, {0.5, 0.5, 0.5}, {0.5, -0.5, 0.5}, {0, 0, 1}};
+  template <typename T>
+  DLO_INLINE static void kernel(const T* g, T* u) {
+    const T s = (g[0] + g[2]) * 0.5f, h = g[1] * 0.5f;
+    u[0] = g[0];
+    u[1] = s + h;
+    u[2] = s - h;
+    u[3] = g[2];
+  }
   template <typename T>
   DLO_INLINE static void input(const float* d, int64_t ds, float* v, int64_t vs) {
     T d0, d1, d2, d3;
@@ -317,9 +332,6 @@ DLO_INLINE void output_tiles(const float* mm, const Geometry& g, int64_t t0, int
 template <int M, typename V>
 DLO_INLINE void weight_tiles(const float* wt, int64_t c_in, int64_t k, int64_t begin, int64_t end, float* u) {
   constexpr int A = Transform<M>::A;
-  float gm[A][3];
-  for (int a = 0; a < A; ++a)
-    for (int i = 0; i < 3; ++i) gm[a][i] = static_cast<float>(Transform<M>::G[a][i]);
   const int64_t us = c_in * k;  // between transformed elements xi
   for (int64_t c = begin; c < end; ++c) {
     const float* g = wt + c * 9 * k;
@@ -327,15 +339,17 @@ DLO_INLINE void weight_tiles(const float* wt, int64_t c_in, int64_t k, int64_t b
       const int lanes = static_cast<int>(std::min<int64_t>(kLanes, k - k0));
       for_lanes<V>(lanes, [&](auto tag, int l) {
         using T = typename decltype(tag)::type;
-        T w[3][3], h[A][3];
-        for (int i = 0; i < 3; ++i)
-          for (int j = 0; j < 3; ++j) load(w[i][j], g + (i * 3 + j) * k + k0 + l);
-        for (int a = 0; a < A; ++a)  // h = G w
-          for (int j = 0; j < 3; ++j) h[a][j] = gm[a][0] * w[0][j] + gm[a][1] * w[1][j] + gm[a][2] * w[2][j];
+        T col[3], hc[A], h[A][3], row[A];
+        for (int j = 0; j < 3; ++j) {  // h = G w, column by column
+          for (int i = 0; i < 3; ++i) load(col[i], g + (i * 3 + j) * k + k0 + l);
+          Transform<M>::kernel(col, hc);
+          for (int a = 0; a < A; ++a) h[a][j] = hc[a];
+        }
         float* dst = u + c * k + k0 + l;
-        for (int a = 0; a < A; ++a)  // u = h G^T
-          for (int b = 0; b < A; ++b)
-            store(dst + (a * A + b) * us, h[a][0] * gm[b][0] + h[a][1] * gm[b][1] + h[a][2] * gm[b][2]);
+        for (int a = 0; a < A; ++a) {  // u = h G^T, row by row
+          Transform<M>::kernel(h[a], row);
+          for (int b = 0; b < A; ++b) store(dst + (a * A + b) * us, row[b]);
+        }
       });
     }
   }
@@ -350,7 +364,7 @@ at::Tensor weight_transform(const at::Tensor& weight) {
   const float* wp = wt.const_data_ptr<float>();
   float* up = u.mutable_data_ptr<float>();
   const auto isa = kernel_isa();
-  at::parallel_for(0, c, std::max<int64_t>(1, 4096 / k), [&](int64_t begin, int64_t end) {
+  at::parallel_for(0, c, std::max<int64_t>(1, 1024 / k), [&](int64_t begin, int64_t end) {
     run_isa(
         isa,
         [&](int64_t bb, int64_t ee, auto width) {
@@ -439,8 +453,19 @@ int winograd_plan(const at::Tensor& x, const at::Tensor& weight, at::IntArrayRef
   if (36 * x.size(1) * weight.size(0) * int64_t{sizeof(float)} > kMaxWeightBytes) return 0;
   const int64_t ho = x.size(2) + 2 * padding[0] - 2 * dilation[0], wo = x.size(3) + 2 * padding[1] - 2 * dilation[1];
   if (ho < 1 || wo < 1) return 0;
+  // Direct convolution's multiplies: oneDNN skips the taps that fall in the padding, which on a map not much larger
+  // than the dilation is most of them.
+  const auto valid_taps = [](int64_t size, int64_t out, int64_t pad, int64_t dil) {
+    int64_t taps = 0;
+    for (int64_t o = 0; o < out; ++o)
+      for (int64_t t = 0; t < 3; ++t) taps += (o - pad + dil * t >= 0 && o - pad + dil * t < size) ? 1 : 0;
+    return taps;
+  };
+  const double direct = static_cast<double>(x.size(0)) *
+                        static_cast<double>(valid_taps(x.size(2), ho, padding[0], dilation[0])) *
+                        static_cast<double>(valid_taps(x.size(3), wo, padding[1], dilation[1]));
   int best = 0;
-  double best_work = kMaxWorkRatio * static_cast<double>(x.size(0) * ho * wo * 9);  // direct convolution's
+  double best_work = kMaxWorkRatio * direct;
   for (int m : {4, 2}) {
     const Geometry g = geometry(x.size(0), x.size(1), x.size(2), x.size(3), weight.size(0), padding, dilation, m);
     const double work = static_cast<double>(g.tiles() * (m + 2) * (m + 2));

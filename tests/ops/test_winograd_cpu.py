@@ -58,9 +58,9 @@ WINOGRAD_CASES = [
     (2, 33, 70, 9, 9, (0, 0), (1, 1)),
     (1, 32, 32, 20, 15, (2, 1), (2, 1)),
     (1, 48, 32, 33, 33, (2, 2), (2, 2)),
-    (2, 32, 40, 6, 6, (1, 1), (1, 1)),
+    (2, 32, 40, 7, 7, (1, 1), (1, 1)),
     (1, 65, 33, 12, 12, (3, 3), (1, 1)),
-    (1, 32, 32, 26, 26, (4, 4), (4, 4)),
+    (1, 32, 32, 29, 29, (4, 4), (4, 4)),
 ]
 
 
@@ -92,6 +92,10 @@ def test_conv_bias_act_runs_winograd_and_matches_float64(case, epilogue):
         ("16 output channels", lambda: (*_inputs(2, 32, 16, 17, 17), (1, 1), (1, 1), (1, 1))),
         ("stride 2", lambda: (*_inputs(2, 32, 32, 17, 17), (2, 2), (1, 1), (1, 1))),
         ("dilation 4 on 17x17: sparse tiles", lambda: (*_inputs(2, 32, 32, 17, 17), (1, 1), (4, 4), (4, 4))),
+        ("6x6 map: as many Winograd products as direct taps", lambda: (*_inputs(2, 32, 40, 6, 6), (1, 1), (1, 1),
+                                                                       (1, 1))),
+        ("dilation 4 on 8x8: most taps in the padding", lambda: (*_inputs(8, 128, 128, 8, 8), (1, 1), (4, 4),
+                                                                 (4, 4))),
         ("1x1 kernel", lambda: (torch.randn(2, 32, 9, 9).contiguous(memory_format=CL),
                                 torch.randn(32, 32, 1, 1), (1, 1), (0, 0), (1, 1))),
         ("512 x 512 channels: transformed weight over the cache", lambda: (*_inputs(1, 512, 512, 9, 9), (1, 1),
@@ -151,12 +155,12 @@ def test_conv_bn_relu_training_on_winograd_matches_the_reference(memory_efficien
     # Training forward (the pre-BN convolution by Winograd), running statistics and every gradient, against the
     # reference in float64; the memory-efficient backward recomputes the same convolution.
     torch.manual_seed(0)
-    x, weight = _inputs(2, 32, 48, 13, 11, scale=3.0)
+    x, weight = _inputs(2, 32, 48, 16, 13, scale=3.0)
     x.requires_grad_(True)
     weight.requires_grad_(True)
     bn_w = (torch.rand(48) + 0.5).requires_grad_(True)
     bn_b = torch.randn(48).requires_grad_(True)
-    res = torch.randn(2, 48, 13, 11).contiguous(memory_format=CL).requires_grad_(True) if residual else None
+    res = torch.randn(2, 48, 16, 13).contiguous(memory_format=CL).requires_grad_(True) if residual else None
     rm, rv = torch.randn(48), torch.rand(48) + 0.5
     rm_ref, rv_ref = rm.double(), rv.double()
     kwargs = dict(stride=1, padding=2, dilation=2, training=True)
