@@ -29,6 +29,8 @@ constexpr int kLanes = 64;                      // channels per transform block 
 constexpr int64_t kBlockBytes = 1 << 20;         // V and M of one thread's block of tiles (in its L2)
 constexpr int64_t kMinBlockTiles = 32;           // rows of each GEMM (fewer make MKL's GEMMs inefficient)
 constexpr int64_t kMaxBlockTiles = 256;
+constexpr int64_t kParallelBlocks = 4;           // blocks a small convolution is split into (threads to use)
+constexpr int64_t kMinSplitTiles = 16;           // ... but no block under this many tiles
 constexpr int64_t kMinChannels = 32;             // below this the GEMMs are too thin to pay for the transforms
 constexpr double kMaxWorkRatio = 0.45;           // GEMM work against direct convolution's, at most
 // The transformed weight, read by every block: larger ones stream from memory once per block (measured: 512 x 512
@@ -395,7 +397,9 @@ at::Tensor winograd(const at::Tensor& x_, const at::Tensor& weight, const std::o
   const int64_t tiles = g.tiles();
   int64_t block = std::clamp<int64_t>(kBlockBytes / (A * A * (g.c + g.k) * int64_t{sizeof(float)}), kMinBlockTiles,
                                       kMaxBlockTiles);
-  block = std::max<int64_t>(1, std::min(block, ceil_div(tiles, at::get_num_threads())));
+  // At least kParallelBlocks blocks where the tiles allow, whatever the thread count: the blocks (so the GEMMs'
+  // shapes, so the bits) do not depend on it.
+  block = std::min(block, std::max(kMinSplitTiles, ceil_div(tiles, kParallelBlocks)));
   const int64_t blocks = ceil_div(tiles, block);
   const float* xp = x.const_data_ptr<float>();
   const Strides4 xs = strides_of(x), os = strides_of(out);

@@ -131,22 +131,32 @@ def test_non_finite_inputs_never_vanish(relu):
     _close(torch.where(both, out, 0), torch.where(both, ref, 0), "finite outputs")
 
 
-def test_strided_channels_last_views_and_one_thread():
-    # A channels-last view with gaps (a channel slice of a wider tensor) and a single-threaded run.
-    wide = torch.randn(2, 80, 15, 15).contiguous(memory_format=CL)
+@pytest.mark.parametrize("size", [15, 40], ids=["one-block", "many-blocks"])
+def test_strided_views_and_the_same_bits_for_any_thread_count(size):
+    # A channels-last view with gaps (a channel slice of a wider tensor), run on 1, 2 and 3 threads: the tile
+    # blocks do not depend on the thread count, so neither do the bits (forward and input gradient).
+    wide = torch.randn(2, 80, size, size).contiguous(memory_format=CL)
     x = wide[:, 8:48]
     assert x.stride(1) == 1 and not x.is_contiguous(memory_format=CL)
     weight = torch.randn(36, 40, 3, 3) / 20
     ref = F.conv2d(x.double(), weight.double(), None, 1, 1, 1)
+    dy = torch.randn(ref.shape).contiguous(memory_format=CL)
     threads = torch.get_num_threads()
+    results = []
     try:
-        for n in sorted({1, threads}):
+        for n in (1, 2, 3):
             torch.set_num_threads(n)
             out, names = _ran(lambda: _ops.conv_bias_act(x, weight, None, None, (1, 1), (1, 1), (1, 1), False))
             assert _used_winograd(names), (n, sorted(names))
             _close(out, ref, f"strided view, {n} threads")
+            xg = x.detach().requires_grad_(True)
+            y = deeplab_ops.conv_bn_relu(xg, weight, None, None, None, None, padding=1, backend="cpu")
+            results.append((out, torch.autograd.grad(y, xg, y.detach().sign() * dy)[0]))
     finally:
         torch.set_num_threads(threads)
+    for out, gx in results[1:]:
+        assert torch.equal(out, results[0][0])
+        assert torch.equal(gx, results[0][1])
 
 
 @pytest.mark.parametrize("memory_efficient", [False, True], ids=["saved", "lean"])
