@@ -7,6 +7,7 @@
 // (cpu/isa_dispatch.h), the GEMMs in ATen's bmm.
 #include "cpu/winograd_cpu.h"
 
+#include <ATen/Context.h>
 #include <ATen/Parallel.h>
 
 #include <algorithm>
@@ -431,6 +432,15 @@ at::Tensor winograd(const at::Tensor& x_, const at::Tensor& weight, const std::o
   return out_format == kCL ? out : out.contiguous(out_format);
 }
 
+// Whether ATen's float32 matmuls on the CPU multiply in float32 (not bfloat16 or TF32), read per call: the
+// setting can change at any time.
+bool full_float32_matmul() {
+  auto& ctx = at::globalContext();
+  const auto p = ctx.float32Precision(at::Float32Backend::MKLDNN, at::Float32Op::MATMUL);
+  return p != at::Float32Precision::BF16 && p != at::Float32Precision::TF32 &&
+         ctx.float32MatmulPrecision() != at::Float32MatmulPrecision::MEDIUM;
+}
+
 bool winograd_enabled() {
   static const bool enabled = [] {
     const char* v = std::getenv("DEEPLAB_OPS_CPU_WINOGRAD");
@@ -444,6 +454,10 @@ bool winograd_enabled() {
 int winograd_plan(const at::Tensor& x, const at::Tensor& weight, at::IntArrayRef stride, at::IntArrayRef padding,
                   at::IntArrayRef dilation) {
   if (!winograd_enabled() || !x.is_cpu() || !weight.is_cpu()) return 0;
+  // The GEMMs run through ATen's bmm, which follows the float32 matmul precision: where the user lowered it
+  // (torch.set_float32_matmul_precision("medium"), torch.backends.mkldnn.matmul.fp32_precision = "bf16"), bmm
+  // multiplies in bfloat16 while a convolution is meant to stay float32: oneDNN's convolution runs instead.
+  if (!full_float32_matmul()) return 0;
   if (x.scalar_type() != at::kFloat || weight.scalar_type() != at::kFloat) return 0;
   if (x.dim() != 4 || weight.dim() != 4 || weight.size(2) != 3 || weight.size(3) != 3) return 0;
   if (weight.size(1) != x.size(1) || stride.size() != 2 || padding.size() != 2 || dilation.size() != 2) return 0;

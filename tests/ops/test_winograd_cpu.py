@@ -302,3 +302,26 @@ def test_aspp_branches_on_winograd_match_the_reference(training):
     assert "aten::bmm" in names, sorted(names)
     for i, (got, want) in enumerate(zip(grads, torch.autograd.grad(ref, dl, g.double()), strict=True)):
         _close(got, want, f"aspp gradient {i}", 1e-4)
+
+
+@pytest.mark.parametrize("setting", ["matmul-precision-medium", "mkldnn-matmul-bf16"])
+def test_lowered_matmul_precision_keeps_convolutions_float32(setting):
+    # Winograd's GEMMs would follow the float32 matmul precision (bfloat16 on CPUs that have it); a convolution
+    # stays float32 whatever that setting says, so oneDNN's convolution runs instead.
+    x, weight = _inputs(2, 64, 64, 17, 17)
+    ref = F.conv2d(x.double(), weight.double(), None, 1, 1, 1)
+    before_global = torch.get_float32_matmul_precision()
+    before_mkldnn = torch.backends.mkldnn.matmul.fp32_precision
+    try:
+        if setting == "matmul-precision-medium":
+            torch.set_float32_matmul_precision("medium")
+        else:
+            torch.backends.mkldnn.matmul.fp32_precision = "bf16"
+        out, names = _ran(lambda: _ops.conv_bias_act(x, weight, None, None, (1, 1), (1, 1), (1, 1), False))
+        assert not _used_winograd(names), sorted(names)
+        _close(out, ref, setting)
+    finally:
+        torch.set_float32_matmul_precision(before_global)
+        torch.backends.mkldnn.matmul.fp32_precision = before_mkldnn
+    out, names = _ran(lambda: _ops.conv_bias_act(x, weight, None, None, (1, 1), (1, 1), (1, 1), False))
+    assert _used_winograd(names)
