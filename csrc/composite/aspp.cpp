@@ -92,9 +92,12 @@ aspp_forward(const at::Tensor& x, at::TensorList conv_weights, const at::Tensor&
   // one copy: branch_out is a single saved tensor and ATen's convolution has no output-buffer form.
   std::vector<at::Tensor> ys;
   ys.reserve(g.branches);
+  // Eval with no gradient to compute may run the 3x3 branches by Winograd (cpu backend, composite/conv_calls.h).
+  bool inference = !training && inference_call({&x, &pool_weight, &project_weight, &bn_weight, &bn_bias});
+  for (const auto& w : conv_weights) inference = inference && inference_call({&w});
   for (int64_t b = 0; b < g.branches; ++b) {
     const int64_t r = b == 0 ? 1 : rates[b - 1];
-    ys.push_back(conv2d_forward(x, conv_weights[b], {1, 1}, {b == 0 ? 0 : r, b == 0 ? 0 : r}, {r, r}, mf));
+    ys.push_back(conv2d_forward(x, conv_weights[b], {1, 1}, {b == 0 ? 0 : r, b == 0 ? 0 : r}, {r, r}, mf, inference));
   }
   const at::Tensor branch = at::cat(ys, 1).contiguous(mf);
   // Image pooling: mean over H x W, then its 1x1 conv as a matmul: (N, Cin) x (Cin, C).

@@ -43,9 +43,9 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tenso
     bool relu, std::optional<c10::string_view> group_name, bool /*memory_efficient: read by the autograd node*/) {
   check_conv_args(x, weight, bn_weight, bn_bias, running_mean, running_var, stride, padding, dilation, training);
   const auto mf = x.suggest_memory_format();
-  // conv_bias_act's recompute for the memory-efficient backward makes the same choice of convolution (Winograd or
-  // ATen's), so gives the same values.
-  const at::Tensor y = conv2d_forward(x, weight, stride, padding, dilation, mf);
+  // ATen's convolution: this op runs in training and for eval with a gradient (no-gradient eval folds BatchNorm
+  // into conv_bias_act); conv_bias_act's plain form, the memory-efficient recompute, runs the same.
+  const at::Tensor y = conv2d_forward(x, weight, stride, padding, dilation, mf, /*inference=*/false);
   const int64_t count = y.size(0) * y.size(2) * y.size(3);
   TORCH_CHECK(count > 0, "deeplab_ops: the convolution output is empty, shape ", y.sizes());
   // The outputs are allocated once here and the stages write them: no per-call copies or conversions.

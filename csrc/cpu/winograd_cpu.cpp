@@ -11,7 +11,6 @@
 #include <ATen/Parallel.h>
 
 #include <algorithm>
-#include <array>
 #include <cstdlib>
 #include <cstring>
 #include <type_traits>
@@ -385,7 +384,8 @@ at::Tensor winograd(const at::Tensor& x_, const at::Tensor& weight, const std::o
   constexpr int A = Transform<M>::A;
   const Geometry g = geometry(x_.size(0), x_.size(1), x_.size(2), x_.size(3), weight.size(0), padding, dilation, M);
   const at::Tensor u = weight_transform<M>(weight);
-  // The kernels index channels-last dense tensors (NCHW ones cost one conversion in and one out).
+  // The kernels index channels-last dense tensors: NCHW ones cost one conversion in and one out, less than the
+  // transforms save over oneDNN's NCHW convolution (docs/kernels.md).
   constexpr auto kCL = at::MemoryFormat::ChannelsLast;
   const at::Tensor x = x_.contiguous(kCL);
   at::Tensor out = at::empty({g.n, g.k, g.ho, g.wo}, x.options().memory_format(kCL));
@@ -465,9 +465,6 @@ int winograd_plan(const at::Tensor& x, const at::Tensor& weight, at::IntArrayRef
     return 0;
   }
   if (x.size(1) < kMinChannels || weight.size(0) < kMinChannels || x.size(0) < 1) return 0;
-  // Channels-last input only: an NCHW one would cost a conversion in and out, which measured as much as the
-  // transform saves.
-  if (x.suggest_memory_format() != at::MemoryFormat::ChannelsLast) return 0;
   if (36 * x.size(1) * weight.size(0) * int64_t{sizeof(float)} > kMaxWeightBytes) return 0;
   const int64_t ho = x.size(2) + 2 * padding[0] - 2 * dilation[0], wo = x.size(3) + 2 * padding[1] - 2 * dilation[1];
   if (ho < 1 || wo < 1) return 0;
@@ -498,27 +495,6 @@ at::Tensor winograd_conv3x3(const at::Tensor& x, const at::Tensor& weight, const
   TORCH_CHECK(m == 4 || m == 2, "deeplab_ops: Winograd tile size must be 4 or 2, got ", m);
   return m == 4 ? winograd<4>(x, weight, bias, residual, padding, dilation, relu, out_format)
                 : winograd<2>(x, weight, bias, residual, padding, dilation, relu, out_format);
-}
-
-std::optional<at::Tensor> winograd_conv3x3_grad_input(const at::Tensor& grad_out, const at::Tensor& x,
-                                                      const at::Tensor& weight, at::IntArrayRef stride,
-                                                      at::IntArrayRef padding, at::IntArrayRef dilation) {
-  if (stride.size() != 2 || padding.size() != 2 || dilation.size() != 2 || stride[0] != 1 || stride[1] != 1) {
-    return std::nullopt;
-  }
-  if (x.dim() != 4 || weight.dim() != 4 || weight.size(2) != 3 || weight.size(3) != 3) return std::nullopt;
-  const std::array<int64_t, 2> pad{2 * dilation[0] - padding[0], 2 * dilation[1] - padding[1]};
-  if (pad[0] < 0 || pad[1] < 0) return std::nullopt;
-  // Checked on the transposed convolution's own tensors (grad_out, the weight as [C_in, C_out, 3, 3]): a view,
-  // nothing is copied unless it runs.
-  const at::Tensor transposed = weight.transpose(0, 1);
-  const int m = winograd_plan(grad_out, transposed, {1, 1}, pad, dilation);
-  if (m == 0 || x.suggest_memory_format() != at::MemoryFormat::ChannelsLast) return std::nullopt;
-  at::Tensor gx = winograd_conv3x3(grad_out, transposed.flip({2, 3}), std::nullopt, std::nullopt, pad, dilation,
-                                   false, m, at::MemoryFormat::ChannelsLast);
-  TORCH_CHECK(gx.sizes() == x.sizes(), "deeplab_ops: internal error: Winograd input gradient of shape ", gx.sizes(),
-              " for an input of shape ", x.sizes());
-  return gx;
 }
 
 }  // namespace deeplab_ops

@@ -6,8 +6,10 @@
 // [tiles x C_in] by [C_in x C_out], against 9 * m^2 / (m + 2)^2 as many for direct convolution: 2.25x fewer for
 // F(2x2, 3x3), 4x fewer for F(4x4, 3x3).
 //
-// Used where the tile count makes it cheaper than oneDNN's direct convolution (winograd_plan); elsewhere, and for
-// every other dtype, ATen's convolution runs. DEEPLAB_OPS_CPU_WINOGRAD=0 turns it off (read once per process).
+// Inference only (no gradient computed): its rounding, about ten times oneDNN's, is amplified in a training step's
+// gradients (docs/kernels.md). Used where the tile count makes it cheaper than oneDNN's direct convolution
+// (winograd_plan); elsewhere, and for every other dtype, ATen's convolution runs. DEEPLAB_OPS_CPU_WINOGRAD=0 turns
+// it off (read once per process).
 #pragma once
 
 #include <ATen/ATen.h>
@@ -28,12 +30,5 @@ int winograd_plan(const at::Tensor& x, const at::Tensor& weight, at::IntArrayRef
 at::Tensor winograd_conv3x3(const at::Tensor& x, const at::Tensor& weight, const std::optional<at::Tensor>& bias,
                             const std::optional<at::Tensor>& residual, at::IntArrayRef padding,
                             at::IntArrayRef dilation, bool relu, int m, at::MemoryFormat out_format);
-
-// The gradient with respect to x of conv2d(x, weight, stride, padding, dilation) where that is a stride-1 3x3
-// convolution of grad_out (by the flipped, transposed weight, padded by 2 * dilation - padding) that winograd_plan
-// accepts, in x's memory format; std::nullopt otherwise (the caller runs ATen's convolution backward).
-std::optional<at::Tensor> winograd_conv3x3_grad_input(const at::Tensor& grad_out, const at::Tensor& x,
-                                                      const at::Tensor& weight, at::IntArrayRef stride,
-                                                      at::IntArrayRef padding, at::IntArrayRef dilation);
 
 }  // namespace deeplab_ops

@@ -97,9 +97,12 @@ class _ASPP(torch.autograd.Function):
     def forward(ctx, prefix, x, pool_weight, project_weight, bn_weight, bn_bias, running_mean, running_var, rates,
                 training, momentum, eps, group_name, memory_efficient, n_conv, *tensors):
         conv_weights = tensors[:n_conv]
-        result = below_autograd(_FORWARD_BY_PREFIX[prefix], x, list(conv_weights), pool_weight, project_weight,
-                                bn_weight, bn_bias, running_mean, running_var, rates, training, momentum, eps,
-                                group_name, memory_efficient)
+        # Grad mode on (Function.forward turns it off): the op sees that a gradient will flow, so its convolutions
+        # are the ones a training step is checked against (never the inference-only Winograd of the cpu backend).
+        with torch.enable_grad():
+            result = below_autograd(_FORWARD_BY_PREFIX[prefix], x, list(conv_weights), pool_weight, project_weight,
+                                    bn_weight, bn_bias, running_mean, running_var, rates, training, momentum, eps,
+                                    group_name, memory_efficient)
         out, branch, pool_pre, proj, mean, invstd, new_rm, new_rv = result
         ctx.mark_non_differentiable(branch, pool_pre, proj, mean, invstd, new_rm, new_rv)
         ctx.set_materialize_grads(False)
@@ -128,9 +131,10 @@ class _ASPP(torch.autograd.Function):
         (x, pool_w, proj_w, bn_w, bn_b, out, mean, invstd, branch, pool_pre, proj, rm, rv,
          *conv_ws) = ctx.saved_tensors
         if memory_efficient:
-            _, branch, pool_pre, proj, _, _, _, _ = below_autograd(
-                _FORWARD_BY_PREFIX[prefix], x, conv_ws, pool_w, proj_w, bn_w, bn_b, rm, rv, rates, training,
-                momentum, eps, group_name, False)
+            with torch.enable_grad():  # the forward's convolutions again (see forward)
+                _, branch, pool_pre, proj, _, _, _, _ = below_autograd(
+                    _FORWARD_BY_PREFIX[prefix], x, conv_ws, pool_w, proj_w, bn_w, bn_b, rm, rv, rates, training,
+                    momentum, eps, group_name, False)
         gx, gconv, gpool, gproj, gbw, gbb = call_backward(
             _BACKWARD_BY_PREFIX[prefix], grad_out, x, conv_ws, pool_w, proj_w, bn_w, bn_b, branch, pool_pre, proj,
             out, mean, invstd, rates, training, mask, group_name,
