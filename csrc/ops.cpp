@@ -90,9 +90,9 @@ TORCH_LIBRARY(deeplab_ops, m) {
       "bool[5] output_mask, str? group_name=None) "
       "-> (Tensor grad_x, Tensor grad_weight, Tensor grad_bn_weight, Tensor grad_bn_bias, Tensor grad_residual)");
   // act(conv2d(x, weight, bias) [+ residual]), act = ReLU or identity, groups = 1, output in x's memory format.
-  // The eval path with BatchNorm folded into weight/bias, and (no bias, no residual, no relu) the plain
-  // convolution that the memory-efficient backward recomputes: then exactly conv_bn_relu_forward's conv_out.
-  // No autograd.
+  // The eval path with BatchNorm folded into weight/bias (on CPU, float32 3x3 calls may run the inference-only
+  // Winograd convolution, csrc/cpu/winograd_cpu.h), and (no bias, no residual, no relu) the plain convolution that
+  // the memory-efficient backward recomputes: then exactly conv_bn_relu_forward's conv_out. No autograd.
   DLO_DEF_WITH_TRITON_TWIN(
       "conv_bias_act",
       "(Tensor x, Tensor weight, Tensor? bias, Tensor? residual, int[2] stride, int[2] padding, int[2] dilation, "

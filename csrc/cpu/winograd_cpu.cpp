@@ -1,9 +1,9 @@
 // Winograd F(m x m, 3x3) convolution for float32 on the CPU (csrc/cpu/winograd_cpu.h says what and when).
 //
-// Per tile chunk: the input transform V = B^T d B of every (m + 2)^2 input patch, lane by lane over channels
-// ([(m + 2)^2, tiles, C_in]); one batched GEMM M = V U with the transformed weight U = G g G^T
+// Per block of tiles, on one thread: the input transform V = B^T d B of every (m + 2)^2 input patch, lane by lane
+// over channels ([(m + 2)^2, tiles, C_in]); one batched GEMM M = V U with the transformed weight U = G g G^T
 // ([(m + 2)^2, C_in, C_out]); the output transform A^T M A, with the bias, residual and ReLU, straight into the
-// output. Chunks keep V and M near the cache; the transforms run on the ISA that torch's kernels use
+// output. Blocks keep V and M in the thread's cache; the transforms run on the ISA that torch's kernels use
 // (cpu/isa_dispatch.h), the GEMMs in ATen's bmm.
 #include "cpu/winograd_cpu.h"
 
@@ -14,8 +14,6 @@
 #include <cstdlib>
 #include <cstring>
 #include <type_traits>
-
-
 
 #include "cpu/isa_dispatch.h"
 
@@ -99,9 +97,14 @@ template <typename T>
 DLO_INLINE void store(float* p, const T& v) {
   std::memcpy(p, &v, sizeof(T));
 }
+// v[j] = the vector at p + j * stride, j < N: one axis of a tile.
+template <typename T, int N>
+DLO_INLINE void load_axis(T (&v)[N], const float* p, int64_t stride) {
+  for (int j = 0; j < N; ++j) load(v[j], p + j * stride);
+}
 
 // The 1-D transforms along one axis of a tile for one vector (or one float) of channels: element j of the input at
-// in + j * is, of the output at out + j * os.
+// in + j * (its stride), of the output at out + j * (its stride).
 template <int M>
 struct Transform;
 
@@ -122,35 +125,25 @@ struct Transform<4> {
   // B^T d
   template <typename T>
   DLO_INLINE static void input(const float* d, int64_t ds, float* v, int64_t vs) {
-    T d0, d1, d2, d3, d4, d5;
-    load(d0, d);
-    load(d1, d + ds);
-    load(d2, d + 2 * ds);
-    load(d3, d + 3 * ds);
-    load(d4, d + 4 * ds);
-    load(d5, d + 5 * ds);
-    store<T>(v, 4.f * d0 - 5.f * d2 + d4);
-    store<T>(v + vs, (d3 + d4) - 4.f * (d1 + d2));
-    store<T>(v + 2 * vs, 4.f * (d1 - d2) + (d4 - d3));
-    store<T>(v + 3 * vs, 2.f * (d3 - d1) + (d4 - d2));
-    store<T>(v + 4 * vs, 2.f * (d1 - d3) + (d4 - d2));
-    store<T>(v + 5 * vs, 4.f * d1 - 5.f * d3 + d5);
+    T x[6];
+    load_axis(x, d, ds);
+    store<T>(v, 4.f * x[0] - 5.f * x[2] + x[4]);
+    store<T>(v + vs, (x[3] + x[4]) - 4.f * (x[1] + x[2]));
+    store<T>(v + 2 * vs, 4.f * (x[1] - x[2]) + (x[4] - x[3]));
+    store<T>(v + 3 * vs, 2.f * (x[3] - x[1]) + (x[4] - x[2]));
+    store<T>(v + 4 * vs, 2.f * (x[1] - x[3]) + (x[4] - x[2]));
+    store<T>(v + 5 * vs, 4.f * x[1] - 5.f * x[3] + x[5]);
   }
   // A^T m
   template <typename T>
   DLO_INLINE static void output(const float* m, int64_t ms, float* y, int64_t ys) {
-    T m0, m1, m2, m3, m4, m5;
-    load(m0, m);
-    load(m1, m + ms);
-    load(m2, m + 2 * ms);
-    load(m3, m + 3 * ms);
-    load(m4, m + 4 * ms);
-    load(m5, m + 5 * ms);
-    const T a = m1 + m2, b = m1 - m2, p = m3 + m4, q = m3 - m4;
-    store<T>(y, m0 + a + p);
+    T x[6];
+    load_axis(x, m, ms);
+    const T a = x[1] + x[2], b = x[1] - x[2], p = x[3] + x[4], q = x[3] - x[4];
+    store<T>(y, x[0] + a + p);
     store<T>(y + ys, b + 2.f * q);
     store<T>(y + 2 * ys, a + 4.f * p);
-    store<T>(y + 3 * ys, b + 8.f * q + m5);
+    store<T>(y + 3 * ys, b + 8.f * q + x[5]);
   }
 };
 
@@ -167,25 +160,19 @@ struct Transform<2> {
   }
   template <typename T>
   DLO_INLINE static void input(const float* d, int64_t ds, float* v, int64_t vs) {
-    T d0, d1, d2, d3;
-    load(d0, d);
-    load(d1, d + ds);
-    load(d2, d + 2 * ds);
-    load(d3, d + 3 * ds);
-    store<T>(v, d0 - d2);
-    store<T>(v + vs, d1 + d2);
-    store<T>(v + 2 * vs, d2 - d1);
-    store<T>(v + 3 * vs, d1 - d3);
+    T x[4];
+    load_axis(x, d, ds);
+    store<T>(v, x[0] - x[2]);
+    store<T>(v + vs, x[1] + x[2]);
+    store<T>(v + 2 * vs, x[2] - x[1]);
+    store<T>(v + 3 * vs, x[1] - x[3]);
   }
   template <typename T>
   DLO_INLINE static void output(const float* m, int64_t ms, float* y, int64_t ys) {
-    T m0, m1, m2, m3;
-    load(m0, m);
-    load(m1, m + ms);
-    load(m2, m + 2 * ms);
-    load(m3, m + 3 * ms);
-    store<T>(y, m0 + m1 + m2);
-    store<T>(y + ys, (m1 - m2) - m3);
+    T x[4];
+    load_axis(x, m, ms);
+    store<T>(y, x[0] + x[1] + x[2]);
+    store<T>(y + ys, (x[1] - x[2]) - x[3]);
   }
 };
 
@@ -208,16 +195,15 @@ struct Strides4 {
 };
 Strides4 strides_of(const at::Tensor& t) { return {t.stride(0), t.stride(1), t.stride(2), t.stride(3)}; }
 
-// V[xi][t - t0][c] for the chunk's tiles [t0 + begin, t0 + end): the transformed input patches. x channels-last
-// dense (xs.c == 1). A tile inside the image is read in place; one over its border through a zero-padded copy.
+// V[xi][t][c] for the block's tiles t0 + t, t < count: the transformed input patches. x channels-last dense
+// (channel stride 1). A tile inside the image is read in place; one over its border through a zero-padded copy.
 template <int M, typename V>
-DLO_INLINE void input_tiles(const float* x, Strides4 xs, const Geometry& g, int64_t t0, int64_t begin, int64_t end,
-                            float* v, int64_t chunk) {
+DLO_INLINE void input_tiles(const float* x, Strides4 xs, const Geometry& g, int64_t t0, int64_t count, float* v) {
   constexpr int A = Transform<M>::A;
   alignas(64) float patch[A][A][kLanes];
   alignas(64) float half[A][A][kLanes];
-  const int64_t vs = chunk * g.c;  // between transformed elements xi
-  for (int64_t t = begin; t < end; ++t) {
+  const int64_t vs = count * g.c;  // between transformed elements xi
+  for (int64_t t = 0; t < count; ++t) {
     const Tile tile = tile_at(g, t0 + t, M);
     const int64_t iy0 = tile.oy0 - g.ph, ix0 = tile.ox0 - g.pw;  // the patch's input rows iy0 + dh * j
     const bool inside = iy0 >= 0 && ix0 >= 0 && iy0 + g.dh * (A - 1) < g.h && ix0 + g.dw * (A - 1) < g.w;
@@ -264,7 +250,7 @@ DLO_INLINE void input_tiles(const float* x, Strides4 xs, const Geometry& g, int6
 
 struct Epilogue {
   const float* bias;      // [K] or null
-  const float* residual;  // the output's shape, channels-last dense, or null
+  const float* residual;  // the output's shape, channels-last dense (channel stride 1), or null
   Strides4 rs;
   bool relu;
 };
@@ -278,16 +264,16 @@ DLO_INLINE void relu_in_place(T& v) {
   }
 }
 
-// The output pixels of the chunk's tiles [t0 + begin, t0 + end) from the GEMM products mm[xi][t - t0][k], into a
+// The output pixels of the block's tiles t0 + t, t < count, from the GEMM products mm[xi][t][k], into a
 // channels-last dense output.
 template <int M, typename V>
-DLO_INLINE void output_tiles(const float* mm, const Geometry& g, int64_t t0, int64_t begin, int64_t end,
-                             int64_t chunk, const Epilogue& e, float* out, Strides4 os) {
+DLO_INLINE void output_tiles(const float* mm, const Geometry& g, int64_t t0, int64_t count, const Epilogue& e,
+                             float* out, Strides4 os) {
   constexpr int A = Transform<M>::A;
   alignas(64) float half[M][A][kLanes];
   alignas(64) float y[M][M][kLanes];
-  const int64_t ms = chunk * g.k;
-  for (int64_t t = begin; t < end; ++t) {
+  const int64_t ms = count * g.k;
+  for (int64_t t = 0; t < count; ++t) {
     const Tile tile = tile_at(g, t0 + t, M);
     for (int64_t k0 = 0; k0 < g.k; k0 += kLanes) {
       const int lanes = static_cast<int>(std::min<int64_t>(kLanes, g.k - k0));
@@ -330,7 +316,7 @@ DLO_INLINE void output_tiles(const float* mm, const Geometry& g, int64_t t0, int
 }
 
 // U[xi][c][k] = (G g G^T)[xi] for g = w[k][c], for the input channels [begin, end): w as [C_in][3][3][C_out]
-// (wt, C_out contiguous), lane by lane over output channels. G's entries are rounded to float32 once.
+// (wt, C_out contiguous), lane by lane over output channels.
 template <int M, typename V>
 DLO_INLINE void weight_tiles(const float* wt, int64_t c_in, int64_t k, int64_t begin, int64_t end, float* u) {
   constexpr int A = Transform<M>::A;
@@ -416,7 +402,7 @@ at::Tensor winograd(const at::Tensor& x_, const at::Tensor& weight, const std::o
       run_isa(
           isa,
           [&](int64_t, int64_t, auto width) {
-            input_tiles<M, typename FloatVec<decltype(width)::value>::type>(xp, xs, g, t0, 0, tc, vp, tc);
+            input_tiles<M, typename FloatVec<decltype(width)::value>::type>(xp, xs, g, t0, tc, vp);
           },
           0, 1);
       at::Tensor products = mbuf.narrow(0, 0, A * A * tc * g.k).view({A * A, tc, g.k});
@@ -424,7 +410,7 @@ at::Tensor winograd(const at::Tensor& x_, const at::Tensor& weight, const std::o
       run_isa(
           isa,
           [&](int64_t, int64_t, auto width) {
-            output_tiles<M, typename FloatVec<decltype(width)::value>::type>(mp, g, t0, 0, tc, tc, e, op, os);
+            output_tiles<M, typename FloatVec<decltype(width)::value>::type>(mp, g, t0, tc, e, op, os);
           },
           0, 1);
     }
@@ -441,12 +427,14 @@ bool full_float32_matmul() {
          ctx.float32MatmulPrecision() != at::Float32MatmulPrecision::MEDIUM;
 }
 
+// $DEEPLAB_OPS_CPU_WINOGRAD, read per call (a getenv beside a convolution): unset, "" or "1" on, "0" off; any
+// other value is refused rather than read as either.
 bool winograd_enabled() {
-  static const bool enabled = [] {
-    const char* v = std::getenv("DEEPLAB_OPS_CPU_WINOGRAD");
-    return v == nullptr || std::strcmp(v, "0") != 0;
-  }();
-  return enabled;
+  const char* v = std::getenv("DEEPLAB_OPS_CPU_WINOGRAD");
+  if (v == nullptr || v[0] == '\0' || std::strcmp(v, "1") == 0) return true;
+  TORCH_CHECK_VALUE(std::strcmp(v, "0") == 0, "DEEPLAB_OPS_CPU_WINOGRAD='", v,
+                    "' is not a setting; expected '0' (Winograd off) or '1' (on, the default)");
+  return false;
 }
 
 }  // namespace

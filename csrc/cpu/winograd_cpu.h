@@ -2,14 +2,14 @@
 // F(4x4, 3x3) or F(2x2, 3x3) (Lavin & Gray, "Fast Algorithms for Convolutional Neural Networks", 2016), with the
 // eval epilogue (bias, residual, ReLU) fused into the output transform. A dilated convolution is d_h * d_w
 // undilated ones on the output's polyphase grids, so the tiles of each grid are gathered with the dilation's step.
-// The multiplications are one batched GEMM per tile chunk (at::bmm: MKL / oneDNN), 36 (or 16) products of
+// The multiplications are one batched GEMM per block of tiles (at::bmm: MKL / oneDNN), 36 (or 16) products of
 // [tiles x C_in] by [C_in x C_out], against 9 * m^2 / (m + 2)^2 as many for direct convolution: 2.25x fewer for
 // F(2x2, 3x3), 4x fewer for F(4x4, 3x3).
 //
 // Inference only (no gradient computed): its rounding, about ten times oneDNN's, is amplified in a training step's
 // gradients (docs/kernels.md). Used where the tile count makes it cheaper than oneDNN's direct convolution
 // (winograd_plan); elsewhere, and for every other dtype, ATen's convolution runs. DEEPLAB_OPS_CPU_WINOGRAD=0 turns
-// it off (read once per process).
+// it off (read per call).
 #pragma once
 
 #include <ATen/ATen.h>

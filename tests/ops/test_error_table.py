@@ -258,6 +258,7 @@ CASES = {
     # backend choice (deeplab_ops/backends.py)
     "backend-unknown": lambda d: cbr(backend="cudnn"),
     "backend-env-unknown": lambda d: _with_env("DEEPLAB_OPS_BACKEND", "bogus", lambda: cbr(backend=None)),
+    "cpu-winograd-env": lambda d: _with_env("DEEPLAB_OPS_CPU_WINOGRAD", "off", lambda: _no_grad_eval_cbr()),
     "backend-cannot-run": lambda d: cbr(backend="cuda"),
     "backend-triton-no-interpreter": lambda d: _with_env("TRITON_INTERPRET", "0", lambda: cbr(backend="triton")),
     # aspp: the Python front door (deeplab_ops/ops/aspp.py)
@@ -461,6 +462,11 @@ def _with_env(name, value, fn):
             del os.environ[name]
         else:
             os.environ[name] = old
+
+
+def _no_grad_eval_cbr():
+    with torch.no_grad():  # the eval fold: conv_bias_act, which asks whether Winograd may run
+        return cbr(training=False)
 
 
 def _cpp_tail(stride=(1, 1), padding=(0, 0), dilation=(1, 1), training=True, running_mean=None, running_var=None):

@@ -10,14 +10,9 @@ odd shapes, paddings and dilations included.
 
 from __future__ import annotations
 
-import os
-import subprocess
-import sys
-
 import pytest
 import torch
 import torch.nn.functional as F
-from helpers import ROOT
 from torch.profiler import ProfilerActivity, profile
 
 import deeplab_ops
@@ -212,33 +207,26 @@ def test_memory_efficient_recompute_gives_the_forward_convolution_bit_for_bit():
     assert torch.equal(again, conv_out)
 
 
-def test_eval_module_runs_winograd_and_the_switch_turns_it_off():
-    # A channels-last FusedConvBNReLU in eval: one Winograd convolution with BatchNorm folded in; with
-    # DEEPLAB_OPS_CPU_WINOGRAD=0 (read once per process) the same call runs oneDNN and agrees.
-    code = (
-        "import torch, deeplab_ops\n"
-        "from torch.profiler import profile\n"
-        "torch.manual_seed(0)\n"
-        "m = deeplab_ops.nn.FusedConvBNReLU(32, 32, 3, padding=1, backend='cpu').eval()"
-        ".to(memory_format=torch.channels_last)\n"
-        "m[1].running_var.uniform_(0.5, 2); m[1].running_mean.normal_()\n"
-        "x = torch.randn(2, 32, 17, 17).contiguous(memory_format=torch.channels_last)\n"
-        "with torch.no_grad(), profile() as p:\n"
-        "    y = m(x)\n"
-        "print('bmm' if any(e.name == 'aten::bmm' for e in p.events()) else 'onednn')\n"
-        "torch.save(y, __import__('sys').argv[1])\n"
-    )
-    outs = {}
-    for flag in ("1", "0"):
-        path = os.path.join(os.environ.get("TMPDIR", "/tmp"), f"winograd_switch_{os.getpid()}_{flag}.pt")
-        env = dict(os.environ, DEEPLAB_OPS_CPU_WINOGRAD=flag)
-        run = subprocess.run([sys.executable, "-c", code, path], env=env, cwd=ROOT, capture_output=True, text=True,
-                             timeout=300)
-        assert run.returncode == 0, run.stderr
-        outs[flag] = (run.stdout.split()[-1], torch.load(path))
-        os.remove(path)
-    assert outs["1"][0] == "bmm" and outs["0"][0] == "onednn", outs
-    torch.testing.assert_close(outs["1"][1], outs["0"][1], atol=1e-4, rtol=1e-4)
+@pytest.mark.parametrize("flag", [None, "", "1", "0"])
+def test_eval_module_runs_winograd_and_the_switch_turns_it_off(flag, monkeypatch):
+    # A FusedConvBNReLU in eval without gradients: one Winograd convolution with BatchNorm folded in, against the
+    # float64 reference; DEEPLAB_OPS_CPU_WINOGRAD=0 (read per call) runs oneDNN instead; unset, "" and "1" are on.
+    torch.manual_seed(0)
+    if flag is None:
+        monkeypatch.delenv("DEEPLAB_OPS_CPU_WINOGRAD", raising=False)
+    else:
+        monkeypatch.setenv("DEEPLAB_OPS_CPU_WINOGRAD", flag)
+    m = deeplab_ops.nn.FusedConvBNReLU(32, 32, 3, padding=1, backend="cpu").eval().to(memory_format=CL)
+    m[1].running_var.uniform_(0.5, 2)
+    m[1].running_mean.normal_()
+    x = torch.randn(2, 32, 17, 17).contiguous(memory_format=CL)
+    with torch.no_grad():
+        y, names = _ran(lambda: m(x))
+    assert _used_winograd(names) == (flag != "0"), sorted(names)
+    bn = m[1]
+    ref = reference.conv_bn_relu(x.double(), m[0].weight.double(), bn.weight.double(), bn.bias.double(),
+                                 bn.running_mean.double(), bn.running_var.double(), padding=1, training=False)
+    _close(y, ref.detach(), f"DEEPLAB_OPS_CPU_WINOGRAD={flag!r}")
 
 
 @pytest.mark.parametrize("mode", ["no_grad", "inference_mode"])
@@ -251,13 +239,18 @@ def test_runs_under_no_grad_and_inference_mode(mode):
     _close(out, F.relu(F.conv2d(x.double(), weight.double(), None, 1, 1, 1)), mode)
 
 
-@pytest.mark.parametrize("mode", ["train", "eval-with-grad", "eval-no-grad"])
+@pytest.mark.parametrize(
+    "mode", ["train", "train-lean", "eval-with-grad", "eval-with-grad-lean", "eval-no-grad", "eval-under-no_grad"]
+)
 def test_aspp_branches_run_winograd_only_without_gradients(mode):
     # The fused ASPP's 3x3 branches (channels-last, 32 channels, rates that tile a 20x20 map well): Winograd in
-    # eval with no gradient to compute, oneDNN in training and wherever a gradient flows; output, running
-    # statistics and (with gradients) every gradient against float64.
+    # eval with no gradient to compute (no input requires grad, or grad mode off though the parameters require
+    # it), oneDNN in training and wherever a gradient flows, the memory-efficient backward's recompute included;
+    # output, running statistics and (with gradients) every gradient against float64.
     torch.manual_seed(2)
-    training, grad = mode == "train", mode != "eval-no-grad"
+    training, lean = mode.startswith("train"), mode.endswith("-lean")
+    grad = mode != "eval-no-grad"  # whether the tensors require grad
+    flows = grad and mode != "eval-under-no_grad"  # whether a gradient is computed
     n, cin, c, rates = 2, 32, 32, (2, 3)
     x = torch.randn(n, cin, 20, 20).contiguous(memory_format=CL).requires_grad_(grad)
     convs = [torch.randn(c, cin, 1, 1) / cin**0.5] + [torch.randn(c, cin, 3, 3) / (3 * cin**0.5) for _ in rates]
@@ -269,9 +262,10 @@ def test_aspp_branches_run_winograd_only_without_gradients(mode):
     bn_b = [torch.randn(c).requires_grad_(grad) for _ in range(nb)]
     rms, rvs = [torch.randn(c) for _ in range(nb)], [torch.rand(c) + 0.5 for _ in range(nb)]
     rms_ref, rvs_ref = [t.double() for t in rms], [t.double() for t in rvs]
-    out, names = _ran(lambda: deeplab_ops.aspp(x, convs, pool_w, proj_w, bn_w, bn_b, rms, rvs, rates=rates,
-                                               training=training, backend="cpu"))
-    assert "aspp_forward" in " ".join(names) and ("aten::bmm" in names) == (not grad), sorted(names)
+    with torch.set_grad_enabled(flows):
+        out, names = _ran(lambda: deeplab_ops.aspp(x, convs, pool_w, proj_w, bn_w, bn_b, rms, rvs, rates=rates,
+                                                   training=training, backend="cpu", memory_efficient=lean))
+    assert "aspp_forward" in " ".join(names) and ("aten::bmm" in names) == (not flows), sorted(names)
     leaves = [x, *convs, pool_w, proj_w, *bn_w, *bn_b]
     dl = [t.detach().double().requires_grad_(True) for t in leaves]
     k = len(convs)
@@ -280,7 +274,7 @@ def test_aspp_branches_run_winograd_only_without_gradients(mode):
     _close(out, ref.detach(), "aspp forward", 1e-4)
     for got, want in zip(rms + rvs, rms_ref + rvs_ref, strict=True):
         torch.testing.assert_close(got.double(), want, atol=1e-5, rtol=1e-5)
-    if grad:
+    if flows:
         g = torch.randn(out.shape).contiguous(memory_format=CL)
         grads, names = _ran(lambda: torch.autograd.grad(out, leaves, g))
         assert "aten::bmm" not in names, sorted(names)
