@@ -11,7 +11,8 @@ from torch import nn
 
 from deeplab_ops.common import back_to_back
 from deeplab_ops.ops.aspp import aspp
-from deeplab_ops.ops.conv_bn_relu import conv_bn_relu
+from deeplab_ops.ops.conv_bn_relu import check_geometry, conv_bn_relu, eval_fast
+from deeplab_ops.ops.dispatch import enter_directly
 
 Tensor = torch.Tensor
 
@@ -87,6 +88,30 @@ def _bn_tensors(bn: nn.Module) -> tuple:
         except KeyError:  # one was deleted: getattr says what it says
             pass
     return bn.weight, bn.bias, bn.running_mean, bn.running_var, bn.num_batches_tracked
+
+
+# (type(conv), type(bn)) -> whether both read their tensors directly (reads_directly), for the eval fast path.
+_DIRECT_PAIRS: dict[tuple, bool] = {}
+
+
+def _fold_sources(conv: nn.Module, bn: nn.Module) -> tuple | None:
+    """(conv weight, bn weight, bias, running_mean, running_var), what BatchNorm folds into the conv in eval, as
+    getattr gives them; None when bn has no running statistics (it then normalizes with the batch's, eval or not).
+    Outside tracing only (the caller checked enter_directly)."""
+    key = (type(conv), type(bn))
+    direct = _DIRECT_PAIRS.get(key)
+    if direct is None:
+        direct = _DIRECT_PAIRS[key] = reads_directly(key[0], _CONV_TENSORS) and reads_directly(key[1], _BN_TENSORS)
+    if direct:
+        try:
+            params, buffers = bn._parameters, bn._buffers
+            sources = (conv._parameters["weight"], params["weight"], params["bias"], buffers["running_mean"],
+                       buffers["running_var"])
+        except KeyError:  # one was deleted: getattr says what it says
+            sources = (conv.weight, bn.weight, bn.bias, bn.running_mean, bn.running_var)
+    else:
+        sources = (conv.weight, bn.weight, bn.bias, bn.running_mean, bn.running_var)
+    return None if sources[3] is None or sources[4] is None else sources
 
 
 def conv_weight(conv: nn.Module) -> Tensor:
@@ -186,11 +211,11 @@ _GEOMETRY: dict[tuple, tuple] = {}
 
 
 def _geometry(conv: nn.Conv2d) -> tuple:
-    """(stride, padding, dilation) of `conv` as pairs, worked out once per distinct configuration."""
+    """(stride, padding, dilation) of `conv` as validated pairs, worked out once per distinct configuration."""
     key = (conv.kernel_size, conv.stride, conv.padding, conv.dilation)
     geometry = _GEOMETRY.get(key)
     if geometry is None:
-        geometry = (tuple(conv.stride), _conv_padding(conv), tuple(conv.dilation))
+        geometry = check_geometry(conv.stride, _conv_padding(conv), conv.dilation)
         if len(_GEOMETRY) < 4096:
             _GEOMETRY[key] = geometry
     return geometry
@@ -210,6 +235,12 @@ def fused_conv_bn(
 ) -> Tensor:
     """`act(bn(conv(x)) [+ residual])` through the fused op, with exactly the modules' semantics
     (memory_efficient: see deeplab_ops.conv_bn_relu)."""
+    if not training and enter_directly(x):  # eval: once the fold is cached, only x and residual are checked
+        sources = _fold_sources(conv, bn)
+        if sources is not None:
+            out = eval_fast(x, *sources, _geometry(conv), bn.eps, residual, relu, backend)
+            if out is not None:
+                return out
     bn_weight, bn_bias, rm, rv, bn_training, momentum, eps, counter = _bn_call(bn, training)
     stride, padding, dilation = _geometry(conv)
     out = conv_bn_relu(

@@ -1,0 +1,281 @@
+"""The eval fast path (ops/conv_bn_relu.py `eval_fast`): an eval call with nothing to differentiate whose BatchNorm
+fold is cached runs with only the checks x and residual can fail. These tests pin that it is taken (counts of the
+full checks), that it computes what eager PyTorch computes after every kind of parameter change, and that anything
+it cannot vouch for goes to the full path, which raises the same errors as before."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from helpers import package_frames, python_calls
+from torch import nn
+
+import deeplab_ops
+from deeplab_ops import backends
+from deeplab_ops.nn import FusedConvBNReLU
+from deeplab_ops.ops import conv_bn_relu as op_module
+
+
+def _pair(cin=3, cout=4, **conv):
+    """A fused module in eval with moved running statistics, and the eager module holding the same state."""
+    torch.manual_seed(0)
+    conv = {"kernel_size": 3, "padding": 1, **conv}
+    fused = FusedConvBNReLU(cin, cout, conv.pop("kernel_size"), backend="cpu", **conv)
+    fused.train()
+    fused(torch.randn(4, cin, 7, 7))  # running statistics move
+    with torch.no_grad():
+        fused[1].weight.uniform_(0.5, 1.5)
+        fused[1].bias.uniform_(-0.5, 0.5)
+    eager = nn.Sequential(nn.Conv2d(cin, cout, fused[0].kernel_size, fused[0].stride, fused[0].padding,
+                                    fused[0].dilation, bias=False), nn.BatchNorm2d(cout), nn.ReLU())
+    eager.load_state_dict(fused.state_dict())
+    return fused.eval(), eager.eval()
+
+
+def _close(actual, expected, what=""):
+    # folding reorders float32 rounding: errors scale with the pre-activation's magnitude
+    torch.testing.assert_close(actual, expected, rtol=1e-5, atol=2e-6 * max(expected.abs().max().item(), 1.0),
+                               msg=what)
+
+
+class _Counted:
+    """Counts the full path's argument checks (check_args) while installed."""
+
+    def __init__(self, monkeypatch):
+        self.calls = 0
+        real = op_module.check_args
+
+        def counted(*args, **kwargs):
+            self.calls += 1
+            return real(*args, **kwargs)
+
+        monkeypatch.setattr(op_module, "check_args", counted)
+
+
+def test_module_eval_takes_the_fast_path_once_the_fold_is_cached(monkeypatch):
+    fused, eager = _pair()
+    counted = _Counted(monkeypatch)
+    x = torch.randn(2, 3, 7, 7)
+    with torch.no_grad():
+        _close(fused(x), eager(x))
+        assert counted.calls == 1  # the first call: checked, folded, cached
+        for _ in range(3):
+            _close(fused(x), eager(x))
+        x2 = torch.randn(5, 3, 9, 11)  # another batch and size: still only the per-call checks
+        _close(fused(x2), eager(x2))
+    assert counted.calls == 1
+
+
+def test_functional_eval_takes_the_fast_path(monkeypatch):
+    fused, eager = _pair()
+    conv, bn = fused[0], fused[1]
+    counted = _Counted(monkeypatch)
+    x = torch.randn(2, 3, 7, 7)
+    with torch.no_grad():
+        for _ in range(3):
+            out = deeplab_ops.conv_bn_relu(x, conv.weight, bn.weight, bn.bias, bn.running_mean, bn.running_var,
+                                           padding=1, training=False, backend="cpu")
+            _close(out, eager(x))
+    assert counted.calls == 1
+
+
+def test_channels_last_and_residual_on_the_fast_path(monkeypatch):
+    fused, eager = _pair(cin=4, cout=4)
+    counted = _Counted(monkeypatch)
+    x = torch.randn(2, 4, 6, 6).to(memory_format=torch.channels_last)
+    r = torch.randn(2, 4, 6, 6).to(memory_format=torch.channels_last)
+    with torch.no_grad():
+        for _ in range(3):
+            out = fused(x, r)
+            expected = torch.relu(eager[1](eager[0](x)) + r)
+            _close(out, expected)
+            assert out.is_contiguous(memory_format=torch.channels_last)
+    assert counted.calls == 1
+
+
+def test_the_fast_path_follows_every_parameter_change():
+    fused, eager = _pair()
+    x = torch.randn(2, 3, 7, 7)
+
+    def check(what):
+        eager.load_state_dict(fused.state_dict())
+        fused.eval(), eager.eval()
+        with torch.no_grad():
+            _close(fused(x), eager(x), what)
+            _close(fused(x), eager(x), what + " (cached)")
+
+    check("first")
+    opt = torch.optim.SGD(fused.parameters(), lr=0.5)
+    fused.train()
+    fused(x).sum().backward()  # the training forward moves the running statistics too
+    opt.step()
+    check("after a training step and an optimizer step")
+    fused.load_state_dict({k: v + 0.25 if v.is_floating_point() else v for k, v in fused.state_dict().items()})
+    check("after load_state_dict")
+    fused[0].weight = nn.Parameter(torch.randn_like(fused[0].weight))
+    check("after replacing the conv's weight")
+    fused[1].running_var = torch.rand(4) + 0.1
+    check("after replacing a running-statistics buffer")
+    fused[1].eps = 0.5
+    eager[1].eps = 0.5
+    check("after changing eps")
+    fused.to(memory_format=torch.channels_last)  # `.data` reassigned: a new storage, the same version
+    check("after .to(channels_last)")
+    fused.double()
+    eager.double()
+    x = x.double()
+    check("after .double()")
+
+
+def test_the_fast_path_follows_a_changed_geometry():
+    fused, eager = _pair()
+    x = torch.randn(2, 3, 9, 9)
+    with torch.no_grad():
+        fused(x)
+        for conv in (fused[0], eager[0]):
+            conv.stride, conv.dilation, conv.padding = (2, 2), (2, 2), (2, 2)
+        out = fused(x)
+        assert out.shape == (2, 4, 5, 5)
+        _close(out, eager(x))
+        fused[0].stride = (0, 1)
+        with pytest.raises(ValueError, match=r"stride must be >= 1, got \(0, 1\)"):
+            fused(x)
+
+
+@pytest.mark.parametrize("bad, exc, pattern", [
+    (lambda: torch.randn(2, 3, 7, 7, dtype=torch.float64), TypeError,
+     "weight has dtype torch.float32 but x has dtype torch.float64"),
+    (lambda: torch.randn(2, 5, 7, 7), ValueError, r"weight.shape\[1\]=3 does not match x's 5 channels"),
+    (lambda: torch.randn(3, 7, 7), ValueError, r"x must be a 4-D \(N, C, H, W\) tensor"),
+    (lambda: torch.randn(0, 3, 7, 7), ValueError, "x has an empty batch"),
+    (lambda: torch.randn(1, 3, 1, 1)[:, :, :0], ValueError, "the output would be 0x1"),
+    (lambda: [1.0], TypeError, "x must be a torch.Tensor, got list"),
+], ids=["dtype", "channels", "3-D", "empty-batch", "no-output", "not-a-tensor"])
+def test_the_fast_path_raises_what_the_full_path_raises(bad, exc, pattern):
+    fused, _ = _pair()
+    with torch.no_grad():
+        fused(torch.randn(2, 3, 7, 7))  # fold cached
+        with pytest.raises(exc, match=pattern):
+            fused(bad())
+
+
+@pytest.mark.parametrize("residual, exc, pattern", [
+    (lambda: torch.randn(2, 4, 7, 6), ValueError, r"residual must have the output's shape \(2, 4, 7, 7\)"),
+    (lambda: torch.randn(2, 4, 7, 7, dtype=torch.float64), TypeError, "residual has dtype torch.float64"),
+    (lambda: 3.0, TypeError, "residual must be a torch.Tensor, got float"),
+], ids=["shape", "dtype", "not-a-tensor"])
+def test_a_bad_residual_on_the_fast_path(residual, exc, pattern):
+    fused, _ = _pair(cin=3, cout=4)
+    x = torch.randn(2, 3, 7, 7)
+    with torch.no_grad():
+        fused(x, torch.randn(2, 4, 7, 7))
+        with pytest.raises(exc, match=pattern):
+            fused(x, residual())
+
+
+def test_eval_with_gradients_is_not_folded():
+    """Eval with parameters that require grad and grad mode on (saliency maps, fine-tuning in eval): the full path
+    runs the differentiable op, and the gradients are eager's."""
+    fused, eager = _pair()
+    x = torch.randn(2, 3, 7, 7)
+    with torch.no_grad():
+        fused(x)  # the fold is cached
+    xf, xe = x.clone().requires_grad_(), x.clone().requires_grad_()
+    out = fused(xf)
+    assert out.grad_fn is not None
+    out.square().sum().backward()
+    eager(xe).square().sum().backward()
+    _close(xf.grad, xe.grad)
+    _close(fused[0].weight.grad, eager[0].weight.grad)
+    _close(fused[1].weight.grad, eager[1].weight.grad)
+
+
+def test_forward_ad_is_refused_after_the_fold_is_cached():
+    import torch.autograd.forward_ad as fwAD
+
+    fused, _ = _pair()
+    x = torch.randn(2, 3, 7, 7)
+    with torch.no_grad():
+        fused(x)
+    with fwAD.dual_level(), torch.no_grad():
+        dual = fwAD.make_dual(x, torch.randn_like(x))
+        with pytest.raises(RuntimeError, match="does not support forward-mode AD"):
+            fused(dual)
+
+
+def test_the_backend_choice_follows_the_environment_on_the_fast_path(monkeypatch):
+    fused, eager = _pair()
+    fused.backend = None
+    x = torch.randn(2, 3, 7, 7)
+    calls = []
+    real = op_module.reference.conv_bn_relu
+    monkeypatch.setattr(op_module.reference, "conv_bn_relu", lambda *a, **k: calls.append(1) or real(*a, **k))
+    monkeypatch.delenv(backends.ENV_VAR, raising=False)
+    with torch.no_grad():
+        fused(x), fused(x)
+        assert not calls
+        monkeypatch.setenv(backends.ENV_VAR, "reference")
+        _close(fused(x), eager(x))
+        assert calls == [1]
+
+
+def test_inference_tensors_are_never_cached():
+    with torch.inference_mode():
+        fused, eager = _pair()
+        x = torch.randn(2, 3, 7, 7)
+        for _ in range(2):
+            _close(fused(x), eager(x))
+    assert op_module.cached_derived(("fold", 1e-5), (fused[0].weight, fused[1].weight, fused[1].bias,
+                                                     fused[1].running_mean, fused[1].running_var)) is None
+
+
+def test_float64_is_folded_every_call():
+    """float64 is what gradcheck perturbs through `.data` (no version bump): never served from the cache."""
+    fused, eager = _pair()
+    fused.double(), eager.double()
+    x = torch.randn(2, 3, 7, 7, dtype=torch.float64)
+    with torch.no_grad():
+        fused(x)
+        fused[0].weight.data[0] += 1.0
+        eager[0].weight.data[0] += 1.0
+        _close(fused(x), eager(x))
+
+
+def test_steady_state_eval_python_work():
+    """The fast path's Python: module glue, the per-call checks, the cache lookup, the backend choice and the op
+    (measured 9 deeplab_ops frames on the cpu backend; the full path ran 21)."""
+    fused, _ = _pair()
+    x = torch.randn(2, 3, 7, 7)
+    with torch.no_grad():
+        fused(x), fused(x)
+        frames = python_calls(lambda: fused(x))
+    assert package_frames(frames) <= 9, sorted(frames.items())
+
+
+@pytest.mark.parametrize("kind", ["affine=False", "track_running_stats=False", "parametrized weight"])
+def test_unusual_modules_in_eval(kind):
+    torch.manual_seed(0)
+    affine, tracking = kind != "affine=False", kind != "track_running_stats=False"
+    fused = FusedConvBNReLU(3, 4, 3, padding=1, backend="cpu", affine=affine, track_running_stats=tracking)
+    eager = nn.Sequential(nn.Conv2d(3, 4, 3, padding=1, bias=False),
+                          nn.BatchNorm2d(4, affine=affine, track_running_stats=tracking), nn.ReLU())
+    eager.load_state_dict(fused.state_dict())
+    if kind == "parametrized weight":
+        for m in (fused, eager):
+            torch.nn.utils.parametrize.register_parametrization(m[0], "weight", _Scaled())
+    x = torch.randn(2, 3, 7, 7)
+    fused.train(), eager.train()
+    fused(x), eager(x)
+    fused.eval(), eager.eval()
+    with torch.no_grad():
+        for _ in range(3):
+            _close(fused(x), eager(x), kind)
+        if kind == "parametrized weight":
+            fused[0].parametrizations.weight.original.mul_(2.0)
+            eager[0].parametrizations.weight.original.mul_(2.0)
+            _close(fused(x), eager(x), kind + " after a change")
+
+
+class _Scaled(nn.Module):
+    def forward(self, w):
+        return w * 0.5
