@@ -134,6 +134,10 @@ def main(argv: list[str] | None = None) -> int:
                         help=f"comma list of {PROVIDERS}; default: {CUDA_PROVIDERS} on cuda, {CPU_PROVIDERS} on cpu")
     parser.add_argument("--shapes", type=common.csv_list(str, ("os16", "os8", "aspp")), default=["os16", "os8", "aspp"],
                         help="comma list of shape groups: os16 (ResNet blocks at output stride 16), os8, aspp")
+    parser.add_argument("--shape-set", choices=("deeplab", "small"), default=None,
+                        help="deeplab: DeepLabV3's own layer shapes (a 513x513 crop; the default on cuda); small: "
+                             "fewer channels and smaller maps with the same kernels, strides and dilations (the "
+                             "default on cpu, where the deeplab set takes minutes)")
     args = parser.parse_args(argv)
     device = common.resolve_device(args)
     cuda = device.type == "cuda"
@@ -143,7 +147,8 @@ def main(argv: list[str] | None = None) -> int:
     if args.quick and not cuda:
         shapes = QUICK_CPU_SHAPES
     else:
-        shapes = [s for s in (CUDA_SHAPES if cuda else CPU_SHAPES) if s.group in args.shapes]
+        shape_set = args.shape_set or ("deeplab" if cuda else "small")
+        shapes = [s for s in (CUDA_SHAPES if shape_set == "deeplab" else CPU_SHAPES) if s.group in args.shapes]
         if args.quick:
             shapes = shapes[:2]
 

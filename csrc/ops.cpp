@@ -13,6 +13,8 @@
 #include <Python.h>
 #include <torch/library.h>
 
+#include "cpu/winograd_cpu.h"
+
 extern "C" {
 // The extension module only exists to run the static registrations below and in the kernel files.
 PyObject* PyInit__C(void) {
@@ -97,6 +99,11 @@ TORCH_LIBRARY(deeplab_ops, m) {
       "conv_bias_act",
       "(Tensor x, Tensor weight, Tensor? bias, Tensor? residual, int[2] stride, int[2] padding, int[2] dilation, "
       "bool relu) -> Tensor");
+
+  // The cpu backend's cache of Winograd-transformed eval weights (csrc/cpu/winograd_cpu.h): {entries, bytes, hits,
+  // misses}, and emptying it (deeplab_ops.common.clear_derived calls it).
+  m.def("winograd_cache_info() -> int[]", &deeplab_ops::winograd_cache_info);
+  m.def("winograd_cache_clear() -> ()", &deeplab_ops::winograd_cache_clear);
 
   // ---- Fused ASPP (atrous spatial pyramid pooling, torchvision's structure) -------------------------
   // Branches: conv_weights[0] is the 1x1 branch, conv_weights[1 + i] the 3x3 branch with dilation =

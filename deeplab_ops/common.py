@@ -178,8 +178,10 @@ def derived_cache_info() -> dict[str, int]:
 
 
 def clear_derived() -> None:
-    """Drop every cached derivative: after writing parameters through `.data`, or to free the memory."""
+    """Drop every cached derivative: after writing parameters through `.data`, or to free the memory. The cpu
+    backend's Winograd transforms of the eval path's folded weights (csrc/cpu/winograd_cpu.h) go too."""
     with _DERIVED_LOCK:
         entries = dict(_DERIVED)
         _DERIVED.clear()
     del entries  # freed outside the lock (see _evict)
+    torch.ops.deeplab_ops.winograd_cache_clear()

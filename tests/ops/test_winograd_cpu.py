@@ -304,3 +304,79 @@ def test_lowered_matmul_precision_keeps_convolutions_float32(setting):
         torch.backends.mkldnn.matmul.fp32_precision = before_mkldnn
     out, names = _ran(lambda: _ops.conv_bias_act(x, weight, zero, None, (1, 1), (1, 1), (1, 1), False))
     assert _used_winograd(names)
+
+
+# ---- the transformed-weight cache of the eval path (conv_bias_act's folded weights) ------------------------------
+
+
+def _cache():
+    entries, nbytes, hits, misses = _ops.winograd_cache_info()
+    return {"entries": entries, "bytes": nbytes, "hits": hits, "misses": misses}
+
+
+def test_eval_weight_transform_is_cached_and_follows_the_parameters():
+    torch.manual_seed(0)
+    m = deeplab_ops.nn.FusedConvBNReLU(32, 40, 3, padding=1, backend="cpu").to(memory_format=CL)
+    x = torch.randn(2, 32, 13, 13).contiguous(memory_format=CL)
+    opt = torch.optim.SGD(m.parameters(), lr=0.1)
+
+    def eval_twice(what):
+        m.eval()
+        with torch.no_grad():
+            before = _cache()
+            first = m(x)
+            after_first = _cache()
+            second = m(x)
+            after = _cache()
+        assert after_first["misses"] == before["misses"] + 1, what  # transformed once...
+        assert after["hits"] == after_first["hits"] + 1 and after["misses"] == after_first["misses"], what  # ...kept
+        assert torch.equal(first, second), what
+        bn = m[1]
+        ref = reference.conv_bn_relu(x.double(), m[0].weight.double(), bn.weight.double(), bn.bias.double(),
+                                     bn.running_mean.double(), bn.running_var.double(), padding=1, training=False)
+        _close(first, ref.detach(), what)
+        return after
+
+    start = eval_twice("first")
+    for step in range(4):  # each step folds new weights: their transforms replace the freed ones', not add to them
+        m.train()
+        m(x).square().mean().backward()
+        opt.step()
+        state = eval_twice(f"after optimizer step {step}")
+        assert state["entries"] <= start["entries"] + 1, state
+    deeplab_ops.common.clear_derived()
+    assert _cache()["entries"] == 0 and _cache()["bytes"] == 0
+
+
+def test_direct_calls_follow_in_place_writes_and_new_storage():
+    x, weight = _inputs(1, 32, 32, 12, 12)
+    bias = torch.randn(32)
+
+    def check(what):
+        out = _ops.conv_bias_act(x, weight, bias, None, (1, 1), (1, 1), (1, 1), False)
+        _close(out, F.conv2d(x.double(), weight.double(), bias.double(), 1, 1, 1), what)
+
+    check("first")
+    check("cached")
+    weight.mul_(-2.0)  # in place: a new version
+    check("after an in-place write")
+    weight.data = torch.randn_like(weight)  # a new storage, the same version counter
+    check("after .data got a new tensor")
+
+
+def test_parameters_and_inference_tensors_are_not_cached():
+    """The ASPP's branches run Winograd on the parameters themselves (writes through `.data` must stay visible), and
+    inference tensors have no version counter: neither is kept."""
+    torch.manual_seed(0)
+    aspp = deeplab_ops.nn.FusedASPP(32, (2, 3), out_channels=32, backend="cpu").eval().to(memory_format=CL)
+    x = torch.randn(2, 32, 20, 20).contiguous(memory_format=CL)  # rates that tile this map well: Winograd
+    with torch.inference_mode():
+        xi, wi = _inputs(1, 32, 32, 9, 9)
+        before = _cache()
+        _ops.conv_bias_act(xi, wi, torch.zeros(32), None, (1, 1), (1, 1), (1, 1), True)
+        assert _cache()["entries"] == before["entries"] and _cache()["bytes"] == before["bytes"]
+    with torch.no_grad():
+        before = _cache()
+        _, names = _ran(lambda: aspp(x))
+        assert "aten::bmm" in names  # its 3x3 branches ran Winograd
+        assert _cache() == before
