@@ -40,9 +40,16 @@ constexpr int64_t kParallelBlocks = 4;           // blocks a small convolution i
 constexpr int64_t kMinSplitTiles = 16;           // ... but no block under this many tiles
 constexpr int64_t kMinChannels = 32;             // below this the GEMMs are too thin to pay for the transforms
 constexpr double kMaxWorkRatio = 0.45;           // GEMM work against direct convolution's, at most
-// The transformed weight, read by every block: larger ones stream from memory once per block (measured: 512 x 512
-// channels at 0.4x oneDNN's speed, 256 x 256 at 1.0-1.7x).
-constexpr int64_t kMaxWeightBytes = 12 << 20;
+// ... for weights large enough to run in chunks (at least ~300 channels each way): the transforms are a smaller part
+// there (measured: 1 x 512 x 33 x 33 at dilation 4, a ratio of 0.62, 1.21-1.30x oneDNN's speed; batch 2: 1.03x).
+constexpr double kMaxWorkRatioChunked = 0.65;
+// The transformed weight, read by every block: up to kBlockWeightBytes each thread's blocks multiply by it (larger
+// ones streamed from memory once per block ran 512 x 512 channels at 0.4x oneDNN's speed; 256 x 256 ran at
+// 1.0-1.7x); beyond that, chunks of tiles of about kChunkBytes of V and M, each multiplied in one bmm that reads U
+// once. Weights over kMaxWeightBytes run oneDNN.
+constexpr int64_t kBlockWeightBytes = 12 << 20;
+constexpr int64_t kChunkBytes = 48 << 20;
+constexpr int64_t kMaxWeightBytes = 160 << 20;
 
 int64_t ceil_div(int64_t a, int64_t b) { return (a + b - 1) / b; }
 
@@ -204,14 +211,16 @@ struct Strides4 {
 };
 Strides4 strides_of(const at::Tensor& t) { return {t.stride(0), t.stride(1), t.stride(2), t.stride(3)}; }
 
-// V[xi][t][c] for the block's tiles t0 + t, t < count: the transformed input patches. x channels-last dense
-// (channel stride 1). A tile inside the image is read in place; one over its border through a zero-padded copy.
+// V[xi][t][c] for the block's tiles t0 + t, t < count: the transformed input patches, V having `rows` tiles per xi
+// (count, or a whole chunk's tiles when v points into a chunk's V). x channels-last dense (channel stride 1). A tile
+// inside the image is read in place; one over its border through a zero-padded copy.
 template <int M, typename V>
-DLO_INLINE void input_tiles(const float* x, Strides4 xs, const Geometry& g, int64_t t0, int64_t count, float* v) {
+DLO_INLINE void input_tiles(const float* x, Strides4 xs, const Geometry& g, int64_t t0, int64_t count, int64_t rows,
+                            float* v) {
   constexpr int A = Transform<M>::A;
   alignas(64) float patch[A][A][kLanes];
   alignas(64) float half[A][A][kLanes];
-  const int64_t vs = count * g.c;  // between transformed elements xi
+  const int64_t vs = rows * g.c;  // between transformed elements xi
   for (int64_t t = 0; t < count; ++t) {
     const Tile tile = tile_at(g, t0 + t, M);
     const int64_t iy0 = tile.oy0 - g.ph, ix0 = tile.ox0 - g.pw;  // the patch's input rows iy0 + dh * j
@@ -273,15 +282,15 @@ DLO_INLINE void relu_in_place(T& v) {
   }
 }
 
-// The output pixels of the block's tiles t0 + t, t < count, from the GEMM products mm[xi][t][k], into a
-// channels-last dense output.
+// The output pixels of the block's tiles t0 + t, t < count, from the GEMM products mm[xi][t][k] (`rows` tiles per
+// xi, as for input_tiles), into a channels-last dense output.
 template <int M, typename V>
-DLO_INLINE void output_tiles(const float* mm, const Geometry& g, int64_t t0, int64_t count, const Epilogue& e,
-                             float* out, Strides4 os) {
+DLO_INLINE void output_tiles(const float* mm, const Geometry& g, int64_t t0, int64_t count, int64_t rows,
+                             const Epilogue& e, float* out, Strides4 os) {
   constexpr int A = Transform<M>::A;
   alignas(64) float half[M][A][kLanes];
   alignas(64) float y[M][M][kLanes];
-  const int64_t ms = count * g.k;
+  const int64_t ms = rows * g.k;
   for (int64_t t = 0; t < count; ++t) {
     const Tile tile = tile_at(g, t0 + t, M);
     for (int64_t k0 = 0; k0 < g.k; k0 += kLanes) {
@@ -524,6 +533,23 @@ at::Tensor cached_weight_transform(const at::Tensor& weight, bool cache_weight) 
   return u;
 }
 
+// f(offset, count, width) over sub-blocks of kMinSplitTiles of a chunk's `tiles` tiles, split over the threads, in
+// the ISA's build: the same partition, so the same bits, for any thread count.
+template <typename F>
+void for_sub_blocks(cpu_isa::Isa isa, int64_t tiles, const F& f) {
+  at::parallel_for(0, ceil_div(tiles, kMinSplitTiles), 1, [&](int64_t s0, int64_t s1) {
+    run_isa(
+        isa,
+        [&](int64_t b0, int64_t b1, auto width) {
+          for (int64_t sb = b0; sb < b1; ++sb) {
+            const int64_t off = sb * kMinSplitTiles;
+            f(off, std::min(kMinSplitTiles, tiles - off), width);
+          }
+        },
+        s0, s1);
+  });
+}
+
 template <int M>
 at::Tensor winograd(const at::Tensor& x_, const at::Tensor& weight, const std::optional<at::Tensor>& bias,
                     const std::optional<at::Tensor>& residual, at::IntArrayRef padding, at::IntArrayRef dilation,
@@ -542,19 +568,48 @@ at::Tensor winograd(const at::Tensor& x_, const at::Tensor& weight, const std::o
                                                                         : change_layout(*residual, kCL);
   const Epilogue e{b.defined() ? b.const_data_ptr<float>() : nullptr, r.defined() ? r.const_data_ptr<float>() : nullptr,
                    r.defined() ? strides_of(r) : Strides4{}, relu};
+  const int64_t tiles = g.tiles();
+  const float* xp = x.const_data_ptr<float>();
+  const Strides4 xs = strides_of(x), os = strides_of(out);
+  float* op = out.mutable_data_ptr<float>();
+  const auto isa = kernel_isa();
+  if (static_cast<int64_t>(u.nbytes()) > kBlockWeightBytes) {
+    // A weight too large for every thread's block to read it from cache: chunks of tiles, each transformed by all
+    // threads, multiplied with U read once per chunk, and transformed back by all.
+    const int64_t chunk = std::clamp<int64_t>(kChunkBytes / (A * A * (g.c + g.k) * int64_t{sizeof(float)}),
+                                              kMinBlockTiles, tiles);
+    const at::Tensor vbuf = at::empty({A * A, chunk, g.c}, x.options());
+    const at::Tensor mbuf = at::empty({A * A, chunk, g.k}, x.options());
+    float* vp = vbuf.mutable_data_ptr<float>();
+    for (int64_t t0 = 0; t0 < tiles; t0 += chunk) {
+      const int64_t tc = std::min(chunk, tiles - t0);
+      for_sub_blocks(isa, tc, [&](int64_t off, int64_t n, auto width) {
+        input_tiles<M, typename FloatVec<decltype(width)::value>::type>(xp, xs, g, t0 + off, n, chunk, vp + off * g.c);
+      });
+      // The (m + 2)^2 GEMMs split over the threads, each on one (as in the blocks): the same bits for any thread
+      // count, which MKL's own threading of one bmm would not promise.
+      at::parallel_for(0, A * A, 1, [&](int64_t x0, int64_t x1) {
+        for (int64_t xi = x0; xi < x1; ++xi) {
+          at::Tensor product = mbuf.select(0, xi).narrow(0, 0, tc);
+          at::mm_out(product, vbuf.select(0, xi).narrow(0, 0, tc), u.select(0, xi));
+        }
+      });
+      const float* pp = mbuf.const_data_ptr<float>();  // [A * A, chunk, K]: `chunk` rows between xi
+      for_sub_blocks(isa, tc, [&](int64_t off, int64_t n, auto width) {
+        output_tiles<M, typename FloatVec<decltype(width)::value>::type>(pp + off * g.k, g, t0 + off, n, chunk, e, op,
+                                                                         os);
+      });
+    }
+    return out_format == kCL ? out : change_layout(out, out_format);
+  }
   // Blocks of tiles, each transformed, multiplied and transformed back by one thread while its V and M stay in that
   // core's cache (inside the parallel region ATen's bmm and MKL run on the calling thread).
-  const int64_t tiles = g.tiles();
   int64_t block = std::clamp<int64_t>(kBlockBytes / (A * A * (g.c + g.k) * int64_t{sizeof(float)}), kMinBlockTiles,
                                       kMaxBlockTiles);
   // At least kParallelBlocks blocks where the tiles allow, whatever the thread count: the blocks (so the GEMMs'
   // shapes, so the bits) do not depend on it.
   block = std::min(block, std::max(kMinSplitTiles, ceil_div(tiles, kParallelBlocks)));
   const int64_t blocks = ceil_div(tiles, block);
-  const float* xp = x.const_data_ptr<float>();
-  const Strides4 xs = strides_of(x), os = strides_of(out);
-  float* op = out.mutable_data_ptr<float>();
-  const auto isa = kernel_isa();
   at::parallel_for(0, blocks, 1, [&](int64_t b0, int64_t b1) {
     at::Tensor vbuf = at::empty({A * A * block * g.c}, x.options());
     at::Tensor mbuf = at::empty({A * A * block * g.k}, x.options());
@@ -565,7 +620,7 @@ at::Tensor winograd(const at::Tensor& x_, const at::Tensor& weight, const std::o
       run_isa(
           isa,
           [&](int64_t, int64_t, auto width) {
-            input_tiles<M, typename FloatVec<decltype(width)::value>::type>(xp, xs, g, t0, tc, vp);
+            input_tiles<M, typename FloatVec<decltype(width)::value>::type>(xp, xs, g, t0, tc, tc, vp);
           },
           0, 1);
       at::Tensor products = mbuf.narrow(0, 0, A * A * tc * g.k).view({A * A, tc, g.k});
@@ -573,7 +628,7 @@ at::Tensor winograd(const at::Tensor& x_, const at::Tensor& weight, const std::o
       run_isa(
           isa,
           [&](int64_t, int64_t, auto width) {
-            output_tiles<M, typename FloatVec<decltype(width)::value>::type>(mp, g, t0, tc, e, op, os);
+            output_tiles<M, typename FloatVec<decltype(width)::value>::type>(mp, g, t0, tc, tc, e, op, os);
           },
           0, 1);
     }
@@ -631,11 +686,14 @@ int winograd_plan(const at::Tensor& x, const at::Tensor& weight, at::IntArrayRef
                         static_cast<double>(valid_taps(x.size(2), ho, padding[0], dilation[0])) *
                         static_cast<double>(valid_taps(x.size(3), wo, padding[1], dilation[1]));
   int best = 0;
-  double best_work = kMaxWorkRatio * direct;
+  double best_work = 0.0;
   for (int m : {4, 2}) {
     const Geometry g = geometry(x.size(0), x.size(1), x.size(2), x.size(3), weight.size(0), padding, dilation, m);
     const double work = static_cast<double>(g.tiles() * (m + 2) * (m + 2));
-    if (work < best_work) best = m, best_work = work;
+    const bool chunked = (m + 2) * (m + 2) * x.size(1) * weight.size(0) * int64_t{sizeof(float)} > kBlockWeightBytes;
+    if (work < (chunked ? kMaxWorkRatioChunked : kMaxWorkRatio) * direct && (best == 0 || work < best_work)) {
+      best = m, best_work = work;
+    }
   }
   return best;
 }

@@ -3,7 +3,7 @@ least 32 channels each way, where F(4x4, 3x3) or F(2x2, 3x3) does less work than
 with no gradient to compute: conv_bias_act with BatchNorm folded in, the fused ASPP's branches); training and
 eval-with-gradients keep oneDNN's convolution.
 
-Which algorithm ran is read from the profiler (Winograd's GEMMs are aten::bmm calls; oneDNN's convolution is
+Which algorithm ran is read from the profiler (Winograd's GEMMs are aten::bmm or aten::mm calls; oneDNN's convolution is
 mkldnn::_convolution_pointwise or aten::convolution); values are compared with float64 convolutions on fresh inputs,
 odd shapes, paddings and dilations included.
 """
@@ -30,8 +30,9 @@ def _ran(fn):
 
 
 def _used_winograd(names) -> bool:
+    # Its GEMMs: one bmm per block of tiles, or (weights over 12 MB) one mm per transformed element of a chunk.
     conv = {"aten::convolution", "aten::_convolution", "mkldnn::_convolution_pointwise", "aten::mkldnn_convolution"}
-    return "aten::bmm" in names and not conv & names
+    return bool({"aten::bmm", "aten::mm"} & names) and not conv & names
 
 
 def _inputs(n, c, k, h, w, scale=1.0):
@@ -96,8 +97,8 @@ def test_conv_bias_act_runs_winograd_and_matches_float64(case, epilogue, layout)
                                                                  (4, 4))),
         ("1x1 kernel", lambda: (torch.randn(2, 32, 9, 9).contiguous(memory_format=CL),
                                 torch.randn(32, 32, 1, 1), (1, 1), (0, 0), (1, 1))),
-        ("512 x 512 channels: transformed weight over the cache", lambda: (*_inputs(1, 512, 512, 9, 9), (1, 1),
-                                                                            (1, 1), (1, 1))),
+        ("1088 x 1088 channels: transformed weight over 160 MB", lambda: (*_inputs(1, 1088, 1088, 9, 9), (1, 1),
+                                                                           (1, 1), (1, 1))),
     ],
     ids=lambda v: v if isinstance(v, str) else "",
 )
@@ -107,6 +108,25 @@ def test_other_convolutions_run_onednn(why, make):
     assert not _used_winograd(names), (why, sorted(names))
     ref = F.relu(F.conv2d(x.double(), weight.double(), None, stride, padding, dilation))
     _close(out, ref, why, 1e-12 if x.dtype == torch.float64 else 2e-5)
+
+
+@pytest.mark.parametrize("layout", [CL, torch.contiguous_format], ids=["nhwc", "nchw"])
+@pytest.mark.parametrize("case", [(1, 300, 300, 100, 100, (1, 1), (1, 1)), (2, 320, 296, 23, 31, (2, 2), (2, 2)),
+                                  (1, 512, 512, 33, 33, (4, 4), (4, 4))], ids=str)
+def test_large_weights_run_in_chunks(case, layout):
+    """Transformed weights over 12 MB (about 300 channels each way): chunks of tiles, each multiplied in one bmm;
+    tile counts that are not a multiple of the chunk or of its 16-tile sub-blocks, and dilated grids (at dilation 4
+    on 33x33 maps, sparser tiles than the smaller weights are allowed)."""
+    n, cin, cout, h, w, padding, dilation = case
+    torch.manual_seed(1)
+    x = torch.randn(n, cin, h, w).contiguous(memory_format=layout)
+    weight = torch.randn(cout, cin, 3, 3) / (3 * cin**0.5)
+    bias, residual = torch.randn(cout), torch.randn(n, cout, h, w).contiguous(memory_format=layout)
+    out, names = _ran(lambda: _ops.conv_bias_act(x, weight, bias, residual, (1, 1), padding, dilation, True))
+    assert _used_winograd(names), sorted(names)
+    assert out.is_contiguous(memory_format=layout)
+    ref = F.relu(F.conv2d(x.double(), weight.double(), bias.double(), 1, padding, dilation) + residual.double())
+    _close(out, ref, f"chunked {case}")
 
 
 @pytest.mark.parametrize("relu", [False, True])
@@ -380,3 +400,19 @@ def test_parameters_and_inference_tensors_are_not_cached():
         _, names = _ran(lambda: aspp(x))
         assert "aten::bmm" in names  # its 3x3 branches ran Winograd
         assert _cache() == before
+
+
+def test_chunked_weights_give_the_same_bits_for_any_thread_count():
+    torch.manual_seed(3)
+    x = torch.randn(1, 300, 40, 40).contiguous(memory_format=CL)
+    weight, bias = torch.randn(300, 300, 3, 3) / 50, torch.randn(300)
+    threads = torch.get_num_threads()
+    results = []
+    try:
+        for n in (1, 2, 3):
+            torch.set_num_threads(n)
+            results.append(_ops.conv_bias_act(x, weight, bias, None, (1, 1), (1, 1), (1, 1), True))
+    finally:
+        torch.set_num_threads(threads)
+    for out in results[1:]:
+        assert torch.equal(out, results[0])
