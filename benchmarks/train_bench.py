@@ -30,15 +30,17 @@ import torch.nn.functional as F
 MODES = ("train_step", "eval_fwd")
 CUDA_PROVIDERS = ("eager", "eager-cl", "eager-amp", "eager-cl-amp", "compile", "triton", "cuda", "triton-lean",
                   "cuda-lean")
-CPU_PROVIDERS = ("cpu", "reference", "eager", "eager-cl", "cpu-lean")
+CPU_PROVIDERS = ("cpu", "cpu-cl", "reference", "eager", "eager-cl", "cpu-lean")
 LEAN = "-lean"
-PROVIDERS = (*common.EAGER_PROVIDERS, "compile", "compile-max", "triton", "cuda", "cpu", "reference", "triton-lean",
-             "cuda-lean", "cpu-lean")
+PROVIDERS = (*common.EAGER_PROVIDERS, "compile", "compile-max", "triton", "cuda", "cpu", "cpu-cl", "reference",
+             "triton-lean", "cuda-lean", "cpu-lean")
 
 
 def backend_of(provider: str) -> str:
-    """The deeplab_ops backend (or eager/compile provider) behind a provider name: triton-lean -> triton."""
-    return provider.removesuffix(LEAN)
+    """The deeplab_ops backend (or eager/compile provider) behind a provider name: triton-lean -> triton, cpu-cl
+    -> cpu (the fused model with its weights and input channels_last, as train.py --fused-ops runs it on the CPU;
+    on CUDA the fused model converts at its boundary by itself)."""
+    return provider.removesuffix(LEAN).removesuffix("-cl") if provider == "cpu-cl" else provider.removesuffix(LEAN)
 DEPTHS = {"r50": 50, "r101": 101}
 
 

@@ -190,9 +190,9 @@ def test_train_bench_cpu_quick(tmp_path):
     import train_bench
 
     # few providers keep this short: each call is a whole ResNet-50 step
-    assert train_bench.main([*QUICK, "--providers", "cpu,eager,cpu-lean", "--out", str(tmp_path)]) == 0
+    assert train_bench.main([*QUICK, "--providers", "cpu,cpu-cl,eager,cpu-lean", "--out", str(tmp_path)]) == 0
     rows, _ = _read(tmp_path, "train_bench")
-    _check_timed(rows, {"cpu", "eager", "cpu-lean"}, {"train_step", "eval_fwd"})
+    _check_timed(rows, {"cpu", "cpu-cl", "eager", "cpu-lean"}, {"train_step", "eval_fwd"})
     assert all(r["images_per_s"] > 0 for r in rows)
     flops = {mode: {r["flops"] / r["batch"] for r in rows if r["mode"] == mode} for mode in ("train_step", "eval_fwd")}
     assert len(flops["train_step"]) == len(flops["eval_fwd"]) == 1, flops  # one model: every provider the same
