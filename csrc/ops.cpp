@@ -100,8 +100,10 @@ TORCH_LIBRARY(deeplab_ops, m) {
       "(Tensor x, Tensor weight, Tensor? bias, Tensor? residual, int[2] stride, int[2] padding, int[2] dilation, "
       "bool relu) -> Tensor");
 
-  // The cpu backend's cache of Winograd-transformed eval weights (csrc/cpu/winograd_cpu.h): {entries, bytes, hits,
-  // misses}, and emptying it (deeplab_ops.common.clear_derived calls it).
+  // The cpu backend's cache of Winograd-transformed eval weights (csrc/cpu/winograd_cpu.h): registering a weight
+  // whose transforms may be kept (the eval path's cached folds; held weakly), {entries, bytes, hits, misses}, and
+  // emptying it (deeplab_ops.common.clear_derived calls it).
+  m.def("winograd_cache_allow(Tensor weight) -> ()", &deeplab_ops::winograd_cache_allow);
   m.def("winograd_cache_info() -> int[]", &deeplab_ops::winograd_cache_info);
   m.def("winograd_cache_clear() -> ()", &deeplab_ops::winograd_cache_clear);
 

@@ -106,7 +106,9 @@ def back_to_back(ts) -> bool:
 # A hit costs two attribute reads per source and one dict lookup (~1.5 us for five sources): it runs on every eval
 # call of every fused layer.
 
-_DERIVED: dict[tuple, tuple[tuple, object]] = {}
+# key -> (the sources' state, the value, the finalizers that evict the entry when a source is freed: registered
+# once per entry and detached when it goes, so rebuilding after clear_derived() adds none)
+_DERIVED: dict[tuple, tuple[tuple, object, tuple]] = {}
 _DERIVED_LOCK = threading.Lock()
 _DERIVED_STATS = {"hits": 0, "misses": 0}
 
@@ -114,8 +116,15 @@ _DERIVED_STATS = {"hits": 0, "misses": 0}
 def _evict(key: tuple) -> None:
     with _DERIVED_LOCK:
         entry = _DERIVED.pop(key, None)
-    # Freed outside the lock: a derived tensor may itself be the source of another entry, whose finalizer evicts.
-    del entry
+    _release(entry)
+
+
+def _release(entry) -> None:
+    """Detach a dropped entry's finalizers; its value is freed here, outside the lock (a derived tensor may itself
+    be the source of another entry, whose finalizer evicts)."""
+    if entry is not None:
+        for finalizer in entry[2]:
+            finalizer.detach()
 
 
 def _uncacheable_now(first) -> bool:
@@ -140,9 +149,10 @@ def cached_derived(tag, sources):
     return entry[1]
 
 
-def derived(tag, sources, build):
+def derived(tag, sources, build, on_store=None):
     """`build()`, or what it returned for these `sources` (tensors, or None) in their current state. `tag` names the
-    kind of derivative and any non-tensor input it depends on; `build` must read detached sources."""
+    kind of derivative and any non-tensor input it depends on. A value that is kept is built outside inference mode
+    and without a graph (a plain tensor, whatever mode the first call ran in), and `on_store(value)` is called."""
     if _uncacheable_now(sources[0]):
         return build()
     key = (tag, *map(id, sources))
@@ -160,15 +170,17 @@ def derived(tag, sources, build):
             _evict(key)
         return build()
     _DERIVED_STATS["misses"] += 1
-    value = build()
+    with torch.inference_mode(False), torch.no_grad():
+        value = build()
+    if on_store is not None:
+        on_store(value)
     with _DERIVED_LOCK:
         old = _DERIVED.get(key)
-        _DERIVED[key] = (state, value)
-    fresh = old is None
-    del old  # freed outside the lock (see _evict)
-    if fresh:
-        for t in live:
-            weakref.finalize(t, _evict, key)
+        finalizers = old[2] if old is not None else None
+        if finalizers is None:
+            finalizers = tuple(weakref.finalize(t, _evict, key) for t in live)
+        _DERIVED[key] = (state, value, finalizers)
+    del old  # the replaced value is freed outside the lock (its finalizers now belong to the new entry)
     return value
 
 
@@ -181,7 +193,9 @@ def clear_derived() -> None:
     """Drop every cached derivative: after writing parameters through `.data`, or to free the memory. The cpu
     backend's Winograd transforms of the eval path's folded weights (csrc/cpu/winograd_cpu.h) go too."""
     with _DERIVED_LOCK:
-        entries = dict(_DERIVED)
+        entries = list(_DERIVED.values())
         _DERIVED.clear()
-    del entries  # freed outside the lock (see _evict)
+    for entry in entries:  # outside the lock (see _release)
+        _release(entry)
+    del entries
     torch.ops.deeplab_ops.winograd_cache_clear()

@@ -11,7 +11,7 @@ from torch import nn
 
 from deeplab_ops.common import back_to_back
 from deeplab_ops.ops.aspp import aspp
-from deeplab_ops.ops.conv_bn_relu import check_geometry, conv_bn_relu, eval_fast
+from deeplab_ops.ops.conv_bn_relu import check_geometry, checked_scalars, conv_bn_relu, eval_fast
 from deeplab_ops.ops.dispatch import enter_directly
 
 Tensor = torch.Tensor
@@ -238,7 +238,10 @@ def fused_conv_bn(
     if not training and enter_directly(x):  # eval: once the fold is cached, only x and residual are checked
         sources = _fold_sources(conv, bn)
         if sources is not None:
-            out = eval_fast(x, *sources, _geometry(conv), bn.eps, residual, relu, backend)
+            # momentum, eps and relu as the full path checks them (once per value): eval ignores the momentum,
+            # which BatchNorm may leave None.
+            checked_scalars(0.0 if bn.momentum is None else bn.momentum, bn.eps, relu)
+            out = eval_fast(x, *sources, _geometry(conv), float(bn.eps), residual, relu, backend)
             if out is not None:
                 return out
     bn_weight, bn_bias, rm, rv, bn_training, momentum, eps, counter = _bn_call(bn, training)

@@ -132,10 +132,8 @@ at::Tensor conv_bias_act_cpu(const at::Tensor& x, const at::Tensor& weight, cons
   const bool plain = !present(bias) && !present(residual) && !relu;
   if (const int m = plain ? 0 : winograd_plan(x, weight, stride, padding, dilation)) {
     if (present(residual)) check_fused_residual(*residual, x, weight, stride, padding, dilation);
-    // The weight is the eval path's folded one (deeplab_ops.common.derived): the same tensor while the parameters
-    // are unchanged, so its transform is kept too.
-    return winograd_conv3x3(x, weight, bias, residual, padding, dilation, relu, m, x.suggest_memory_format(),
-                            /*cache_weight=*/true);
+    // The eval path's folded weights (deeplab_ops.common.derived) have their transforms kept (winograd_cache_allow).
+    return winograd_conv3x3(x, weight, bias, residual, padding, dilation, relu, m, x.suggest_memory_format());
   }
   if (mkldnn_pointwise_applies(x, weight, bias, residual, relu)) {
     if (auto out = conv_bias_act_mkldnn(x, weight, bias, residual, stride, padding, dilation)) return *out;

@@ -32,8 +32,7 @@ inline at::Tensor conv2d_forward(const at::Tensor& x, const at::Tensor& weight, 
                                  bool inference) {
   if (inference) {
     if (const int m = winograd_plan(x, weight, stride, padding, dilation)) {
-      return winograd_conv3x3(x, weight, std::nullopt, std::nullopt, padding, dilation, false, m, mf,
-                              /*cache_weight=*/false);  // parameters: `.data` writes must stay visible
+      return winograd_conv3x3(x, weight, std::nullopt, std::nullopt, padding, dilation, false, m, mf);
     }
   }
   return at::convolution(x, weight, std::nullopt, stride, padding, dilation, false, {0, 0}, 1).contiguous(mf);

@@ -433,60 +433,96 @@ at::Tensor change_layout(const at::Tensor& t, at::MemoryFormat to) {
   return out;
 }
 
-// Transformed weights kept between calls (cache_weight): an eval network's folded weights are the same tensors call
-// after call, and for a 256 x 256 layer the transform writes 9.4 MB, a third of a batch-1 33 x 33 call's time. An
-// entry belongs to one weight tensor (its TensorImpl, held weakly: the address cannot be reused while the entry
-// lives, and a freed weight's entry is dropped at the next insertion) in one state (storage, sizes, version
-// counter) and one tile size. Least recently used first out, within kCacheBytes and kCacheEntries.
+// Transformed weights kept between calls: an eval network's folded weights are the same tensors call after call,
+// and for a 256 x 256 layer the transform writes 9.4 MB, a third of a batch-1 33 x 33 call's time. Only weights
+// registered with winograd_cache_allow are kept: the eval path registers the folds it stores in
+// deeplab_ops.common.derived, which nothing writes in place. Any other tensor may change without its version
+// counter saying so (a compiled graph reuses one buffer for the next layer's folded weight; writes through `.data`),
+// so its transform is computed per call. An entry belongs to one weight tensor (its TensorImpl, held weakly: the
+// address cannot be reused while the entry lives; a freed weight's entry is dropped at the next lookup or
+// insertion) in one state (storage, sizes, version counter, read before the transform) and one tile size. Least
+// recently used first out, within kCacheBytes and kCacheEntries.
 constexpr int64_t kCacheBytes = int64_t{256} << 20;
 constexpr size_t kCacheEntries = 256;
 
-struct CachedTransform {
-  c10::weak_intrusive_ptr<c10::TensorImpl> owner;
+using WeakImpl = c10::weak_intrusive_ptr<c10::TensorImpl>;
+
+// What identifies a weight tensor's contents while its owner lives.
+struct WeightState {
   const c10::TensorImpl* impl;
   const void* data;
   std::vector<int64_t> sizes;
   uint32_t version;
+
+  static WeightState of(const at::Tensor& t) {
+    return {t.unsafeGetTensorImpl(), t.const_data_ptr(), t.sizes().vec(),
+            t.unsafeGetTensorImpl()->version_counter().current_version()};
+  }
+  bool operator==(const WeightState& o) const {
+    return impl == o.impl && data == o.data && version == o.version && sizes == o.sizes;
+  }
+};
+
+struct CachedTransform {
+  WeakImpl owner;
+  WeightState state;
   int m;
   at::Tensor u;
 };
 
 class TransformCache {
  public:
-  // The cached transform of `weight` in its current state for tile size m, or an undefined tensor.
-  at::Tensor find(const at::Tensor& weight, int m) {
+  // Registers `weight` (not an inference tensor: it has no version counter) as one whose transforms may be kept.
+  void allow(const at::Tensor& weight) {
+    if (weight.is_inference()) return;
     std::lock_guard<std::mutex> lock(mu_);
-    for (auto it = entries_.begin(); it != entries_.end(); ++it) {
-      if (it->impl == weight.unsafeGetTensorImpl() && it->m == m && !it->owner.expired()) {
-        if (it->data != weight.const_data_ptr() || it->version != version_of(weight) ||
-            it->sizes != weight.sizes()) {
-          break;  // changed since: rebuilt, and insert replaces the entry
-        }
-        entries_.splice(entries_.begin(), entries_, it);
-        ++hits_;
-        return it->u;
-      }
-    }
-    ++misses_;
-    return at::Tensor();
+    std::erase_if(allowed_, [](const WeakImpl& w) { return w.expired(); });
+    allowed_.emplace_back(weight.getIntrusivePtr());
   }
 
-  void insert(const at::Tensor& weight, int m, const at::Tensor& u) {
+  bool allowed(const at::Tensor& weight) {
+    if (weight.is_inference()) return false;
+    std::lock_guard<std::mutex> lock(mu_);
+    return std::any_of(allowed_.begin(), allowed_.end(), [&](const WeakImpl& w) {
+      return w._unsafe_get_target() == weight.unsafeGetTensorImpl() && !w.expired();
+    });
+  }
+
+  // The cached transform of a weight in `state` for tile size m, or an undefined tensor.
+  at::Tensor find(const WeightState& state, int m) {
+    std::list<CachedTransform> dropped;  // freed outside the lock
+    std::lock_guard<std::mutex> lock(mu_);
+    at::Tensor u;
+    for (auto it = entries_.begin(); it != entries_.end();) {
+      const auto next = std::next(it);
+      if (it->owner.expired()) {
+        drop(it, dropped);
+      } else if (!u.defined() && it->m == m && it->state == state) {
+        entries_.splice(entries_.begin(), entries_, it);
+        u = it->u;
+      }
+      it = next;
+    }
+    ++(u.defined() ? hits_ : misses_);
+    return u;
+  }
+
+  // Keeps u, the transform of `weight` as it was in `state` (read before the transform: a write during it leaves
+  // an entry the next call does not match).
+  void insert(const at::Tensor& weight, const WeightState& state, int m, const at::Tensor& u) {
     const int64_t nbytes = static_cast<int64_t>(u.nbytes());
     if (nbytes > kCacheBytes) return;
-    std::list<CachedTransform> dropped;  // freed outside the lock
+    std::list<CachedTransform> dropped;
     std::lock_guard<std::mutex> lock(mu_);
     for (auto it = entries_.begin(); it != entries_.end();) {
       const auto next = std::next(it);
-      if (it->owner.expired() || (it->impl == weight.unsafeGetTensorImpl() && it->m == m)) drop(it, dropped);
+      if (it->owner.expired() || (it->state.impl == state.impl && it->m == m)) drop(it, dropped);
       it = next;
     }
     while (!entries_.empty() && (bytes_ + nbytes > kCacheBytes || entries_.size() >= kCacheEntries)) {
       drop(std::prev(entries_.end()), dropped);
     }
-    entries_.push_front({c10::weak_intrusive_ptr<c10::TensorImpl>(weight.getIntrusivePtr()),
-                         weight.unsafeGetTensorImpl(), weight.const_data_ptr(), weight.sizes().vec(),
-                         version_of(weight), m, u});
+    entries_.push_front({WeakImpl(weight.getIntrusivePtr()), state, m, u});
     bytes_ += nbytes;
   }
 
@@ -499,14 +535,11 @@ class TransformCache {
     std::list<CachedTransform> dropped;
     std::lock_guard<std::mutex> lock(mu_);
     dropped.splice(dropped.begin(), entries_);
+    allowed_.clear();
     bytes_ = 0;
   }
 
-  static bool cacheable(const at::Tensor& weight) { return !weight.is_inference(); }  // no version counter
-
  private:
-  static uint32_t version_of(const at::Tensor& t) { return t.unsafeGetTensorImpl()->version_counter().current_version(); }
-
   void drop(std::list<CachedTransform>::iterator it, std::list<CachedTransform>& dropped) {
     bytes_ -= static_cast<int64_t>(it->u.nbytes());
     dropped.splice(dropped.begin(), entries_, it);
@@ -514,6 +547,7 @@ class TransformCache {
 
   std::mutex mu_;
   std::list<CachedTransform> entries_;  // most recently used first
+  std::vector<WeakImpl> allowed_;
   int64_t bytes_ = 0, hits_ = 0, misses_ = 0;
 };
 
@@ -523,12 +557,13 @@ TransformCache& transform_cache() {
 }
 
 template <int M>
-at::Tensor cached_weight_transform(const at::Tensor& weight, bool cache_weight) {
-  if (!cache_weight || !TransformCache::cacheable(weight)) return weight_transform<M>(weight);
-  at::Tensor u = transform_cache().find(weight, M);
+at::Tensor cached_weight_transform(const at::Tensor& weight) {
+  if (!transform_cache().allowed(weight)) return weight_transform<M>(weight);
+  const WeightState state = WeightState::of(weight);
+  at::Tensor u = transform_cache().find(state, M);
   if (!u.defined()) {
     u = weight_transform<M>(weight);
-    transform_cache().insert(weight, M, u);
+    transform_cache().insert(weight, state, M, u);
   }
   return u;
 }
@@ -553,10 +588,10 @@ void for_sub_blocks(cpu_isa::Isa isa, int64_t tiles, const F& f) {
 template <int M>
 at::Tensor winograd(const at::Tensor& x_, const at::Tensor& weight, const std::optional<at::Tensor>& bias,
                     const std::optional<at::Tensor>& residual, at::IntArrayRef padding, at::IntArrayRef dilation,
-                    bool relu, at::MemoryFormat out_format, bool cache_weight) {
+                    bool relu, at::MemoryFormat out_format) {
   constexpr int A = Transform<M>::A;
   const Geometry g = geometry(x_.size(0), x_.size(1), x_.size(2), x_.size(3), weight.size(0), padding, dilation, M);
-  const at::Tensor u = cached_weight_transform<M>(weight, cache_weight);
+  const at::Tensor u = cached_weight_transform<M>(weight);
   // The kernels index channels-last dense tensors: NCHW ones cost one conversion in and one out, less than the
   // transforms save over oneDNN's NCHW convolution (docs/kernels.md).
   constexpr auto kCL = at::MemoryFormat::ChannelsLast;
@@ -576,8 +611,8 @@ at::Tensor winograd(const at::Tensor& x_, const at::Tensor& weight, const std::o
   if (static_cast<int64_t>(u.nbytes()) > kBlockWeightBytes) {
     // A weight too large for every thread's block to read it from cache: chunks of tiles, each transformed by all
     // threads, multiplied with U read once per chunk, and transformed back by all.
-    const int64_t chunk = std::clamp<int64_t>(kChunkBytes / (A * A * (g.c + g.k) * int64_t{sizeof(float)}),
-                                              kMinBlockTiles, tiles);
+    const int64_t chunk = std::min(
+        std::max<int64_t>(kChunkBytes / (A * A * (g.c + g.k) * int64_t{sizeof(float)}), kMinBlockTiles), tiles);
     const at::Tensor vbuf = at::empty({A * A, chunk, g.c}, x.options());
     const at::Tensor mbuf = at::empty({A * A, chunk, g.k}, x.options());
     float* vp = vbuf.mutable_data_ptr<float>();
@@ -700,12 +735,13 @@ int winograd_plan(const at::Tensor& x, const at::Tensor& weight, at::IntArrayRef
 
 at::Tensor winograd_conv3x3(const at::Tensor& x, const at::Tensor& weight, const std::optional<at::Tensor>& bias,
                             const std::optional<at::Tensor>& residual, at::IntArrayRef padding,
-                            at::IntArrayRef dilation, bool relu, int m, at::MemoryFormat out_format,
-                            bool cache_weight) {
+                            at::IntArrayRef dilation, bool relu, int m, at::MemoryFormat out_format) {
   TORCH_CHECK(m == 4 || m == 2, "deeplab_ops: Winograd tile size must be 4 or 2, got ", m);
-  return m == 4 ? winograd<4>(x, weight, bias, residual, padding, dilation, relu, out_format, cache_weight)
-                : winograd<2>(x, weight, bias, residual, padding, dilation, relu, out_format, cache_weight);
+  return m == 4 ? winograd<4>(x, weight, bias, residual, padding, dilation, relu, out_format)
+                : winograd<2>(x, weight, bias, residual, padding, dilation, relu, out_format);
 }
+
+void winograd_cache_allow(const at::Tensor& weight) { transform_cache().allow(weight); }
 
 std::vector<int64_t> winograd_cache_info() { return transform_cache().info(); }
 

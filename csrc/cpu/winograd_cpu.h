@@ -27,17 +27,17 @@ int winograd_plan(const at::Tensor& x, const at::Tensor& weight, at::IntArrayRef
 
 // act(conv2d(x, weight, bias, stride=1, padding, dilation) [+ residual]) with output tile size m (winograd_plan's
 // answer), written in out_format. x, weight: float32 CPU, weight [C_out, C_in, 3, 3]; bias [C_out] or none;
-// residual the output's shape or none. cache_weight: keep the transformed weight for the next call with this weight
-// tensor in its current state (same tensor, storage, shape and version counter), as the eval path does for its
-// folded weights (deeplab_ops.common.derived's tensors, under the same rule: writes through `.data` are not seen,
-// and clear_derived() clears this cache too).
+// residual the output's shape or none. The transformed weight is kept for the next call with this weight tensor
+// in its current state (same tensor, storage, shape and version counter) if the weight was registered with
+// winograd_cache_allow, as the eval path registers the folded weights it caches (deeplab_ops.common.derived's
+// tensors, under the same rule: writes through `.data` are not seen; clear_derived() clears this cache too).
 at::Tensor winograd_conv3x3(const at::Tensor& x, const at::Tensor& weight, const std::optional<at::Tensor>& bias,
                             const std::optional<at::Tensor>& residual, at::IntArrayRef padding,
-                            at::IntArrayRef dilation, bool relu, int m, at::MemoryFormat out_format,
-                            bool cache_weight);
+                            at::IntArrayRef dilation, bool relu, int m, at::MemoryFormat out_format);
 
-// The transformed-weight cache: {entries, bytes, hits, misses}, and emptying it (ops winograd_cache_info and
-// winograd_cache_clear).
+// The transformed-weight cache (ops winograd_cache_allow, winograd_cache_info, winograd_cache_clear): registering a
+// weight whose transforms may be kept (held weakly), {entries, bytes, hits, misses}, and emptying it.
+void winograd_cache_allow(const at::Tensor& weight);
 std::vector<int64_t> winograd_cache_info();
 void winograd_cache_clear();
 

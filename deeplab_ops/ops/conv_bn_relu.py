@@ -83,7 +83,7 @@ def _is_geometry(v) -> bool:
     return t is int or (t is tuple and len(v) == 2 and type(v[0]) is int and type(v[1]) is int)
 
 
-def _checked_config(stride, padding, dilation, training, momentum, eps, relu) -> tuple:
+def checked_config(stride, padding, dilation, training, momentum, eps, relu) -> tuple:
     """The call's (stride, padding, dilation) as pairs, each distinct configuration validated once. Cached only when
     every value has an exact type: equal keys must mean equal configurations (1 == True == 1.0 would otherwise let
     relu=1 pass as relu=True, or stride=1.0 as stride=1)."""
@@ -99,6 +99,24 @@ def _checked_config(stride, padding, dilation, training, momentum, eps, relu) ->
     if exact and len(_CONFIGS) < 4096:
         _CONFIGS[key] = geometry
     return geometry
+
+
+# (momentum, eps, relu and their types) of module eval calls already validated (checked_scalars).
+_SCALARS: dict[tuple, bool] = {}
+
+
+def checked_scalars(momentum, eps, relu) -> None:
+    """Validate an eval call's momentum, eps and relu as the full path does (a module's geometry is validated by
+    modules._geometry), once per value and type: True == 1 == 1.0 must not answer for one another."""
+    try:
+        key = (momentum, eps, relu, type(momentum), type(eps), type(relu))
+        if key in _SCALARS:
+            return
+    except TypeError:  # unhashable: validated (and refused) below
+        key = None
+    _check_config(1, 0, 1, False, momentum, eps, relu)
+    if key is not None and len(_SCALARS) < 4096:
+        _SCALARS[key] = True
 
 
 def _check_vector(t, name: str, cout: int, device, dtype, bn_dtype):
@@ -128,8 +146,8 @@ def check_args(
 ) -> tuple[tuple[int, int], tuple[int, int], tuple[int, int]]:
     """Validate a conv_bn_relu call; return (stride, padding, dilation) as pairs. Errors name the argument.
     Per call only what can change per call is checked (tensor kinds, shapes, dtypes, devices): the fixed
-    configuration is validated once (`_checked_config`)."""
-    geometry = _checked_config(stride, padding, dilation, training, momentum, eps, relu)
+    configuration is validated once (`checked_config`)."""
+    geometry = checked_config(stride, padding, dilation, training, momentum, eps, relu)
     stride, padding, dilation = geometry
     if not isinstance(x, Tensor):
         raise TypeError(f"x must be a torch.Tensor, got {type(x).__name__}")
@@ -268,6 +286,13 @@ def _fold(weight: Tensor, bn_weight: Tensor | None, bn_bias: Tensor | None, runn
     return folded.contiguous(memory_format=torch._prims_common.suggest_memory_format(weight)), shift.to(weight.dtype)
 
 
+def _keep_transforms(folded: tuple[Tensor, Tensor]) -> None:
+    """A cached fold's weight, which nothing writes in place, may have its Winograd transform kept by the cpu
+    backend (csrc/cpu/winograd_cpu.h); other weights (parameters, a compiled graph's reused buffers) may not."""
+    if folded[0].device.type == "cpu":
+        torch.ops.deeplab_ops.winograd_cache_allow(folded[0])
+
+
 def _needs_grad(*tensors) -> bool:
     return torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in tensors)
 
@@ -400,7 +425,7 @@ def conv_bn_relu(
         raise TypeError(f"memory_efficient must be a bool, got {memory_efficient!r}")
     if not training and isinstance(weight, Tensor) and enter_directly(x):
         out = eval_fast(x, weight, bn_weight, bn_bias, running_mean, running_var,
-                        _checked_config(stride, padding, dilation, training, momentum, eps, relu), float(eps),
+                        checked_config(stride, padding, dilation, training, momentum, eps, relu), float(eps),
                         residual, relu, backend)
         if out is not None:
             return out
@@ -430,7 +455,8 @@ def conv_bn_relu(
             return CONV_BIAS_ACT[name](x, *_fold(weight, bn_weight, bn_bias, running_mean, running_var, float(eps)),
                                        residual, stride, padding, dilation, relu)
         w, b = derived(("fold", float(eps)), (weight, bn_weight, bn_bias, running_mean, running_var),
-                       lambda: _fold(weight, bn_weight, bn_bias, running_mean, running_var, float(eps)))
+                       lambda: _fold(weight, bn_weight, bn_bias, running_mean, running_var, float(eps)),
+                       on_store=_keep_transforms)
         with BELOW_AUTOGRAD():  # nothing to differentiate: skip the Autograd key's fallback
             return CONV_BIAS_ACT[name](x, w, b, residual, stride, padding, dilation, relu)
     out, _, _, _, new_rm, new_rv = FORWARD[name](

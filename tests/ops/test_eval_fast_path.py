@@ -243,13 +243,13 @@ def test_float64_is_folded_every_call():
 
 def test_steady_state_eval_python_work():
     """The fast path's Python: module glue, the per-call checks, the cache lookup, the backend choice and the op
-    (measured 9 deeplab_ops frames on the cpu backend; the full path ran 21)."""
+    (measured 10 deeplab_ops frames on the cpu backend; the full path ran 21)."""
     fused, _ = _pair()
     x = torch.randn(2, 3, 7, 7)
     with torch.no_grad():
         fused(x), fused(x)
         frames = python_calls(lambda: fused(x))
-    assert package_frames(frames) <= 9, sorted(frames.items())
+    assert package_frames(frames) <= 10, sorted(frames.items())
 
 
 @pytest.mark.parametrize("kind", ["affine=False", "track_running_stats=False", "parametrized weight"])
@@ -279,3 +279,37 @@ def test_unusual_modules_in_eval(kind):
 class _Scaled(nn.Module):
     def forward(self, w):
         return w * 0.5
+
+
+@pytest.mark.parametrize("change, exc, pattern", [
+    (lambda m: setattr(m[1], "momentum", 7), ValueError, r"momentum must be a number in \[0, 1\], got 7"),
+    (lambda m: setattr(m, "apply_relu", 1), TypeError, "relu must be a bool, got 1"),
+    (lambda m: setattr(m[1], "eps", True), ValueError, "eps must be a finite number > 0, got True"),
+], ids=["momentum", "relu", "eps-bool"])
+def test_a_module_configuration_is_checked_on_the_fast_path_too(change, exc, pattern):
+    """What the full path refuses in a module's configuration is refused whether or not the fold is cached (eps=True
+    would otherwise find eps=1.0's fold: True == 1.0)."""
+    fused, _ = _pair()
+    fused[1].eps = 1.0
+    x = torch.randn(2, 3, 7, 7)
+    with torch.no_grad():
+        fused(x), fused(x)  # cached
+        change(fused)
+        with pytest.raises(exc, match=pattern):
+            fused(x)
+
+
+def test_rebuilding_after_clear_derived_adds_no_finalizers():
+    import gc
+    import weakref
+
+    fused, _ = _pair()
+    x = torch.randn(2, 3, 7, 7)
+    with torch.no_grad():
+        fused(x)
+        gc.collect()  # other tests' garbage: its finalizers run now, not during the count
+        before = len(weakref.finalize._registry)
+        for _ in range(20):
+            deeplab_ops.common.clear_derived()
+            fused(x)
+    assert len(weakref.finalize._registry) == before

@@ -10,6 +10,8 @@ odd shapes, paddings and dilations included.
 
 from __future__ import annotations
 
+import gc
+
 import pytest
 import torch
 import torch.nn.functional as F
@@ -112,11 +114,13 @@ def test_other_convolutions_run_onednn(why, make):
 
 @pytest.mark.parametrize("layout", [CL, torch.contiguous_format], ids=["nhwc", "nchw"])
 @pytest.mark.parametrize("case", [(1, 300, 300, 100, 100, (1, 1), (1, 1)), (2, 320, 296, 23, 31, (2, 2), (2, 2)),
-                                  (1, 512, 512, 33, 33, (4, 4), (4, 4))], ids=str)
+                                  (1, 512, 512, 33, 33, (4, 4), (4, 4)), (1, 300, 300, 4, 4, (1, 1), (1, 1))],
+                         ids=str)
 def test_large_weights_run_in_chunks(case, layout):
-    """Transformed weights over 12 MB (about 300 channels each way): chunks of tiles, each multiplied in one bmm;
-    tile counts that are not a multiple of the chunk or of its 16-tile sub-blocks, and dilated grids (at dilation 4
-    on 33x33 maps, sparser tiles than the smaller weights are allowed)."""
+    """Transformed weights over 12 MB (about 300 channels each way): chunks of tiles, each multiplied in one GEMM
+    per transformed element; tile counts that are not a multiple of the chunk or of its 16-tile sub-blocks, fewer
+    tiles than a chunk's minimum (a 4x4 map), and dilated grids (at dilation 4 on 33x33 maps, sparser tiles than the
+    smaller weights are allowed)."""
     n, cin, cout, h, w, padding, dilation = case
     torch.manual_seed(1)
     x = torch.randn(n, cin, h, w).contiguous(memory_format=layout)
@@ -416,3 +420,68 @@ def test_chunked_weights_give_the_same_bits_for_any_thread_count():
         torch.set_num_threads(threads)
     for out in results[1:]:
         assert torch.equal(out, results[0])
+
+
+def test_only_the_eval_paths_cached_folds_keep_their_transforms():
+    """A weight the eval path did not register (a parameter, a compiled graph's buffer) may change without its
+    version counter saying so: its transform is computed every call."""
+    x, weight = _inputs(1, 32, 32, 12, 12)
+    bias = torch.randn(32)
+    before = _cache()
+    first = _ops.conv_bias_act(x, weight, bias, None, (1, 1), (1, 1), (1, 1), False)
+    weight.data.copy_(torch.randn_like(weight))  # a write the version counter does not see
+    out = _ops.conv_bias_act(x, weight, bias, None, (1, 1), (1, 1), (1, 1), False)
+    _close(out, F.conv2d(x.double(), weight.double(), bias.double(), 1, 1, 1), "after a .data write")
+    assert not torch.equal(out, first)
+    assert _cache()["entries"] == before["entries"] and _cache()["hits"] == before["hits"]
+
+
+def test_compiled_eval_model_matches_eager():
+    """Under torch.compile the fold is computed in the graph, and Inductor reuses one buffer for the next layer's
+    folded weight without bumping its version: nothing of a compiled graph is kept between calls."""
+    torch.manual_seed(0)
+    layers = [deeplab_ops.nn.FusedConvBNReLU(32, 32, 3, padding=1, backend="cpu") for _ in range(3)]
+    for f in layers:
+        with torch.no_grad():
+            f[1].running_mean.uniform_(-1, 1), f[1].running_var.uniform_(0.5, 2)
+            f[1].weight.uniform_(0.5, 2), f[1].bias.uniform_(-1, 1)
+    model = torch.nn.Sequential(*layers).eval()
+    x = torch.randn(1, 32, 17, 17)
+    with torch.no_grad():
+        ref = x.double()
+        for f in layers:
+            ref = reference.conv_bn_relu(ref, f[0].weight.double(), f[1].weight.double(), f[1].bias.double(),
+                                         f[1].running_mean.double(), f[1].running_var.double(), padding=1,
+                                         training=False)
+        compiled = torch.compile(model)
+        for _ in range(2):
+            _close(compiled(x), ref, "compiled eval model")
+
+
+def test_first_call_under_inference_mode_still_keeps_the_transform():
+    torch.manual_seed(0)
+    m = deeplab_ops.nn.FusedConvBNReLU(32, 32, 3, padding=1, backend="cpu").eval()
+    x = torch.randn(2, 32, 17, 17)
+    with torch.inference_mode():
+        first = m(x)
+    before = _cache()
+    with torch.no_grad():
+        for _ in range(3):
+            assert torch.equal(m(x), first)
+    assert _cache()["hits"] >= before["hits"] + 2  # the fold cached as a plain tensor, its transform kept
+
+
+def test_a_freed_models_transforms_go_at_the_next_lookup():
+    torch.manual_seed(0)
+    x = torch.randn(2, 32, 17, 17)
+    deeplab_ops.common.clear_derived()
+    m = deeplab_ops.nn.FusedConvBNReLU(32, 32, 3, padding=1, backend="cpu").eval()
+    with torch.no_grad():
+        m(x)
+    assert _cache()["entries"] == 1
+    del m
+    gc.collect()
+    other = deeplab_ops.nn.FusedConvBNReLU(32, 32, 3, padding=1, backend="cpu").eval()
+    with torch.no_grad():
+        other(x), other(x)
+    assert _cache()["entries"] == 1  # only the live model's
