@@ -96,7 +96,8 @@ _DIRECT_PAIRS: dict[tuple, bool] = {}
 
 def _fold_sources(conv: nn.Module, bn: nn.Module) -> tuple | None:
     """(conv weight, bn weight, bias, running_mean, running_var), what BatchNorm folds into the conv in eval, as
-    getattr gives them; None when bn has no running statistics (it then normalizes with the batch's, eval or not).
+    getattr gives them; None when bn has no running statistics (it then normalizes with the batch's, eval or not) or
+    the conv's weight is not a tensor.
     Outside tracing only (the caller checked enter_directly)."""
     key = (type(conv), type(bn))
     direct = _DIRECT_PAIRS.get(key)
@@ -111,7 +112,9 @@ def _fold_sources(conv: nn.Module, bn: nn.Module) -> tuple | None:
             sources = (conv.weight, bn.weight, bn.bias, bn.running_mean, bn.running_var)
     else:
         sources = (conv.weight, bn.weight, bn.bias, bn.running_mean, bn.running_var)
-    return None if sources[3] is None or sources[4] is None else sources
+    if sources[3] is None or sources[4] is None or not isinstance(sources[0], Tensor):
+        return None  # batch statistics, or a weight the full path refuses with its error
+    return sources
 
 
 def conv_weight(conv: nn.Module) -> Tensor:

@@ -313,3 +313,13 @@ def test_rebuilding_after_clear_derived_adds_no_finalizers():
             deeplab_ops.common.clear_derived()
             fused(x)
     assert len(weakref.finalize._registry) == before
+
+
+def test_a_missing_conv_weight_gets_the_full_paths_error():
+    fused, _ = _pair()
+    x = torch.randn(2, 3, 7, 7)
+    with torch.no_grad():
+        fused(x)
+        fused[0].weight = None
+        with pytest.raises(TypeError, match="weight must be a torch.Tensor, got NoneType"):
+            fused(x)
