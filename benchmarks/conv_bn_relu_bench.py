@@ -127,6 +127,16 @@ def make_module(provider: str, s: ConvShape) -> nn.Module:
     return common.compiled(module, provider)
 
 
+def select_shapes(cuda: bool, shape_set: str | None, groups: list[str], quick: bool) -> list[ConvShape]:
+    """The rows to run: shape_set "deeplab" (the default on cuda) or "small" (the default on cpu), in `groups`;
+    --quick keeps two (on cpu, without an explicit set, the two smallest layers)."""
+    shape_set = shape_set or ("deeplab" if cuda else "small")
+    if quick and not cuda and shape_set == "small":
+        return list(QUICK_CPU_SHAPES)
+    shapes = [s for s in (CUDA_SHAPES if shape_set == "deeplab" else CPU_SHAPES) if s.group in groups]
+    return shapes[:2] if quick else shapes
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     common.add_common_args(parser, "conv_bn_relu_bench")
@@ -144,13 +154,7 @@ def main(argv: list[str] | None = None) -> int:
     providers = args.providers or list(CUDA_PROVIDERS if cuda else CPU_PROVIDERS)
     dtypes = args.dtypes or (["bf16", "fp16", "fp32", "tf32"] if cuda else ["fp32"])
     batches = args.batches or ([16] if cuda else [2])
-    if args.quick and not cuda:
-        shapes = QUICK_CPU_SHAPES
-    else:
-        shape_set = args.shape_set or ("deeplab" if cuda else "small")
-        shapes = [s for s in (CUDA_SHAPES if shape_set == "deeplab" else CPU_SHAPES) if s.group in args.shapes]
-        if args.quick:
-            shapes = shapes[:2]
+    shapes = select_shapes(cuda, args.shape_set, args.shapes, args.quick)
 
     env = common.environment(device)
     peak, peak_desc = common.matmul_peak(device, args.quick)

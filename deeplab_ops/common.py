@@ -134,11 +134,10 @@ def _uncacheable_now(first) -> bool:
 
 
 def cached_derived(tag, sources):
-    """What `derived(tag, sources, ...)` cached for these sources in their current state, or None (never builds).
-    The eval fast path's lookup, inline: each frame and attribute read shows in a layer's per-call cost."""
+    """What `derived(tag, sources, ...)` cached for these sources in their current state, or None (never builds):
+    the eval fast path's lookup."""
     entry = _DERIVED.get((tag, *map(id, sources)))
-    first = sources[0]
-    if entry is None or torch.compiler.is_compiling() or (first.is_cuda and torch.cuda.is_current_stream_capturing()):
+    if entry is None or _uncacheable_now(sources[0]):
         return None
     try:
         if entry[0] != tuple([None if t is None else (t.data_ptr(), t._version) for t in sources]):

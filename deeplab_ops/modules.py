@@ -11,7 +11,7 @@ from torch import nn
 
 from deeplab_ops.common import back_to_back
 from deeplab_ops.ops.aspp import aspp
-from deeplab_ops.ops.conv_bn_relu import check_geometry, checked_scalars, conv_bn_relu, eval_fast
+from deeplab_ops.ops.conv_bn_relu import checked_config, conv_bn_relu, eval_fast
 from deeplab_ops.ops.dispatch import enter_directly
 
 Tensor = torch.Tensor
@@ -88,33 +88,6 @@ def _bn_tensors(bn: nn.Module) -> tuple:
         except KeyError:  # one was deleted: getattr says what it says
             pass
     return bn.weight, bn.bias, bn.running_mean, bn.running_var, bn.num_batches_tracked
-
-
-# (type(conv), type(bn)) -> whether both read their tensors directly (reads_directly), for the eval fast path.
-_DIRECT_PAIRS: dict[tuple, bool] = {}
-
-
-def _fold_sources(conv: nn.Module, bn: nn.Module) -> tuple | None:
-    """(conv weight, bn weight, bias, running_mean, running_var), what BatchNorm folds into the conv in eval, as
-    getattr gives them; None when bn has no running statistics (it then normalizes with the batch's, eval or not) or
-    the conv's weight is not a tensor.
-    Outside tracing only (the caller checked enter_directly)."""
-    key = (type(conv), type(bn))
-    direct = _DIRECT_PAIRS.get(key)
-    if direct is None:
-        direct = _DIRECT_PAIRS[key] = reads_directly(key[0], _CONV_TENSORS) and reads_directly(key[1], _BN_TENSORS)
-    if direct:
-        try:
-            params, buffers = bn._parameters, bn._buffers
-            sources = (conv._parameters["weight"], params["weight"], params["bias"], buffers["running_mean"],
-                       buffers["running_var"])
-        except KeyError:  # one was deleted: getattr says what it says
-            sources = (conv.weight, bn.weight, bn.bias, bn.running_mean, bn.running_var)
-    else:
-        sources = (conv.weight, bn.weight, bn.bias, bn.running_mean, bn.running_var)
-    if sources[3] is None or sources[4] is None or not isinstance(sources[0], Tensor):
-        return None  # batch statistics, or a weight the full path refuses with its error
-    return sources
 
 
 def conv_weight(conv: nn.Module) -> Tensor:
@@ -214,14 +187,24 @@ _GEOMETRY: dict[tuple, tuple] = {}
 
 
 def _geometry(conv: nn.Conv2d) -> tuple:
-    """(stride, padding, dilation) of `conv` as validated pairs, worked out once per distinct configuration."""
+    """(stride, padding, dilation) of `conv` as pairs, worked out once per distinct configuration."""
     key = (conv.kernel_size, conv.stride, conv.padding, conv.dilation)
     geometry = _GEOMETRY.get(key)
     if geometry is None:
-        geometry = check_geometry(conv.stride, _conv_padding(conv), conv.dilation)
+        geometry = (tuple(conv.stride), _conv_padding(conv), tuple(conv.dilation))
         if len(_GEOMETRY) < 4096:
             _GEOMETRY[key] = geometry
     return geometry
+
+
+def _fold_sources(conv: nn.Module, bn: nn.Module) -> tuple | None:
+    """(conv weight, bn weight, bias, running_mean, running_var), what BatchNorm folds into the conv in eval, as
+    getattr gives them; None when bn has no running statistics (it then normalizes with the batch's, eval or not) or
+    the conv's weight is not a tensor (the full path refuses it with its error)."""
+    weight, (bn_weight, bn_bias, rm, rv, _) = conv_weight(conv), _bn_tensors(bn)
+    if rm is None or rv is None or not isinstance(weight, Tensor):
+        return None
+    return weight, bn_weight, bn_bias, rm, rv
 
 
 def fused_conv_bn(
@@ -241,10 +224,11 @@ def fused_conv_bn(
     if not training and enter_directly(x):  # eval: once the fold is cached, only x and residual are checked
         sources = _fold_sources(conv, bn)
         if sources is not None:
-            # momentum, eps and relu as the full path checks them (once per value): eval ignores the momentum,
+            # The configuration as the full path checks it (once per configuration): eval ignores the momentum,
             # which BatchNorm may leave None.
-            checked_scalars(0.0 if bn.momentum is None else bn.momentum, bn.eps, relu)
-            out = eval_fast(x, *sources, _geometry(conv), float(bn.eps), residual, relu, backend)
+            geometry = checked_config(*_geometry(conv), False, 0.0 if bn.momentum is None else bn.momentum, bn.eps,
+                                      relu)
+            out = eval_fast(x, *sources, geometry, float(bn.eps), residual, relu, backend)
             if out is not None:
                 return out
     bn_weight, bn_bias, rm, rv, bn_training, momentum, eps, counter = _bn_call(bn, training)

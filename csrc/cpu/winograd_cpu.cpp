@@ -585,60 +585,15 @@ void for_sub_blocks(cpu_isa::Isa isa, int64_t tiles, const F& f) {
   });
 }
 
+// The transformed weight u fits beside every thread's blocks in cache: blocks of tiles, each transformed,
+// multiplied and transformed back by one thread while its V and M stay in that core's cache (inside the parallel
+// region ATen's bmm and MKL run on the calling thread).
 template <int M>
-at::Tensor winograd(const at::Tensor& x_, const at::Tensor& weight, const std::optional<at::Tensor>& bias,
-                    const std::optional<at::Tensor>& residual, at::IntArrayRef padding, at::IntArrayRef dilation,
-                    bool relu, at::MemoryFormat out_format) {
+void winograd_blocks(const Geometry& g, const float* xp, Strides4 xs, const at::Tensor& u, const Epilogue& e,
+                     float* op, Strides4 os, const at::TensorOptions& options) {
   constexpr int A = Transform<M>::A;
-  const Geometry g = geometry(x_.size(0), x_.size(1), x_.size(2), x_.size(3), weight.size(0), padding, dilation, M);
-  const at::Tensor u = cached_weight_transform<M>(weight);
-  // The kernels index channels-last dense tensors: NCHW ones cost one conversion in and one out, less than the
-  // transforms save over oneDNN's NCHW convolution (docs/kernels.md).
-  constexpr auto kCL = at::MemoryFormat::ChannelsLast;
-  const at::Tensor x = x_.is_contiguous(kCL) ? x_ : change_layout(x_, kCL);
-  at::Tensor out = at::empty({g.n, g.k, g.ho, g.wo}, x.options().memory_format(kCL));
-  const at::Tensor b = bias.has_value() && bias->defined() ? bias->contiguous() : at::Tensor();
-  const at::Tensor r = !residual.has_value() || !residual->defined() ? at::Tensor()
-                       : residual->is_contiguous(kCL)                  ? *residual
-                                                                        : change_layout(*residual, kCL);
-  const Epilogue e{b.defined() ? b.const_data_ptr<float>() : nullptr, r.defined() ? r.const_data_ptr<float>() : nullptr,
-                   r.defined() ? strides_of(r) : Strides4{}, relu};
   const int64_t tiles = g.tiles();
-  const float* xp = x.const_data_ptr<float>();
-  const Strides4 xs = strides_of(x), os = strides_of(out);
-  float* op = out.mutable_data_ptr<float>();
   const auto isa = kernel_isa();
-  if (static_cast<int64_t>(u.nbytes()) > kBlockWeightBytes) {
-    // A weight too large for every thread's block to read it from cache: chunks of tiles, each transformed by all
-    // threads, multiplied with U read once per chunk, and transformed back by all.
-    const int64_t chunk = std::min(
-        std::max<int64_t>(kChunkBytes / (A * A * (g.c + g.k) * int64_t{sizeof(float)}), kMinBlockTiles), tiles);
-    const at::Tensor vbuf = at::empty({A * A, chunk, g.c}, x.options());
-    const at::Tensor mbuf = at::empty({A * A, chunk, g.k}, x.options());
-    float* vp = vbuf.mutable_data_ptr<float>();
-    for (int64_t t0 = 0; t0 < tiles; t0 += chunk) {
-      const int64_t tc = std::min(chunk, tiles - t0);
-      for_sub_blocks(isa, tc, [&](int64_t off, int64_t n, auto width) {
-        input_tiles<M, typename FloatVec<decltype(width)::value>::type>(xp, xs, g, t0 + off, n, chunk, vp + off * g.c);
-      });
-      // The (m + 2)^2 GEMMs split over the threads, each on one (as in the blocks): the same bits for any thread
-      // count, which MKL's own threading of one bmm would not promise.
-      at::parallel_for(0, A * A, 1, [&](int64_t x0, int64_t x1) {
-        for (int64_t xi = x0; xi < x1; ++xi) {
-          at::Tensor product = mbuf.select(0, xi).narrow(0, 0, tc);
-          at::mm_out(product, vbuf.select(0, xi).narrow(0, 0, tc), u.select(0, xi));
-        }
-      });
-      const float* pp = mbuf.const_data_ptr<float>();  // [A * A, chunk, K]: `chunk` rows between xi
-      for_sub_blocks(isa, tc, [&](int64_t off, int64_t n, auto width) {
-        output_tiles<M, typename FloatVec<decltype(width)::value>::type>(pp + off * g.k, g, t0 + off, n, chunk, e, op,
-                                                                         os);
-      });
-    }
-    return out_format == kCL ? out : change_layout(out, out_format);
-  }
-  // Blocks of tiles, each transformed, multiplied and transformed back by one thread while its V and M stay in that
-  // core's cache (inside the parallel region ATen's bmm and MKL run on the calling thread).
   int64_t block = std::clamp<int64_t>(kBlockBytes / (A * A * (g.c + g.k) * int64_t{sizeof(float)}), kMinBlockTiles,
                                       kMaxBlockTiles);
   // At least kParallelBlocks blocks where the tiles allow, whatever the thread count: the blocks (so the GEMMs'
@@ -646,8 +601,8 @@ at::Tensor winograd(const at::Tensor& x_, const at::Tensor& weight, const std::o
   block = std::min(block, std::max(kMinSplitTiles, ceil_div(tiles, kParallelBlocks)));
   const int64_t blocks = ceil_div(tiles, block);
   at::parallel_for(0, blocks, 1, [&](int64_t b0, int64_t b1) {
-    at::Tensor vbuf = at::empty({A * A * block * g.c}, x.options());
-    at::Tensor mbuf = at::empty({A * A * block * g.k}, x.options());
+    at::Tensor vbuf = at::empty({A * A * block * g.c}, options);
+    at::Tensor mbuf = at::empty({A * A * block * g.k}, options);
     float* vp = vbuf.mutable_data_ptr<float>();
     const float* mp = mbuf.const_data_ptr<float>();
     for (int64_t blk = b0; blk < b1; ++blk) {
@@ -668,6 +623,67 @@ at::Tensor winograd(const at::Tensor& x_, const at::Tensor& weight, const std::o
           0, 1);
     }
   });
+}
+
+// A transformed weight too large for every thread's block to read it from cache: chunks of tiles, each transformed
+// by all threads, multiplied with u read once per chunk, and transformed back by all.
+template <int M>
+void winograd_chunks(const Geometry& g, const float* xp, Strides4 xs, const at::Tensor& u, const Epilogue& e,
+                     float* op, Strides4 os, const at::TensorOptions& options) {
+  constexpr int A = Transform<M>::A;
+  const int64_t tiles = g.tiles();
+  const auto isa = kernel_isa();
+  const int64_t chunk = std::min(
+      std::max<int64_t>(kChunkBytes / (A * A * (g.c + g.k) * int64_t{sizeof(float)}), kMinBlockTiles), tiles);
+  const at::Tensor vbuf = at::empty({A * A, chunk, g.c}, options);
+  const at::Tensor mbuf = at::empty({A * A, chunk, g.k}, options);
+  float* vp = vbuf.mutable_data_ptr<float>();
+  const float* pp = mbuf.const_data_ptr<float>();  // [A * A, chunk, K]: `chunk` rows between xi
+  for (int64_t t0 = 0; t0 < tiles; t0 += chunk) {
+    const int64_t tc = std::min(chunk, tiles - t0);
+    for_sub_blocks(isa, tc, [&](int64_t off, int64_t n, auto width) {
+      input_tiles<M, typename FloatVec<decltype(width)::value>::type>(xp, xs, g, t0 + off, n, chunk, vp + off * g.c);
+    });
+    // The (m + 2)^2 GEMMs split over the threads, each on one (as in the blocks): the same bits for any thread
+    // count, which MKL's own threading of one bmm would not promise.
+    at::parallel_for(0, A * A, 1, [&](int64_t x0, int64_t x1) {
+      for (int64_t xi = x0; xi < x1; ++xi) {
+        at::Tensor product = mbuf.select(0, xi).narrow(0, 0, tc);
+        at::mm_out(product, vbuf.select(0, xi).narrow(0, 0, tc), u.select(0, xi));
+      }
+    });
+    for_sub_blocks(isa, tc, [&](int64_t off, int64_t n, auto width) {
+      output_tiles<M, typename FloatVec<decltype(width)::value>::type>(pp + off * g.k, g, t0 + off, n, chunk, e, op,
+                                                                       os);
+    });
+  }
+}
+
+template <int M>
+at::Tensor winograd(const at::Tensor& x_, const at::Tensor& weight, const std::optional<at::Tensor>& bias,
+                    const std::optional<at::Tensor>& residual, at::IntArrayRef padding, at::IntArrayRef dilation,
+                    bool relu, at::MemoryFormat out_format) {
+  const Geometry g = geometry(x_.size(0), x_.size(1), x_.size(2), x_.size(3), weight.size(0), padding, dilation, M);
+  const at::Tensor u = cached_weight_transform<M>(weight);
+  // The kernels index channels-last dense tensors: NCHW ones cost one conversion in and one out, less than the
+  // transforms save over oneDNN's NCHW convolution (docs/kernels.md).
+  constexpr auto kCL = at::MemoryFormat::ChannelsLast;
+  const at::Tensor x = x_.is_contiguous(kCL) ? x_ : change_layout(x_, kCL);
+  at::Tensor out = at::empty({g.n, g.k, g.ho, g.wo}, x.options().memory_format(kCL));
+  const at::Tensor b = bias.has_value() && bias->defined() ? bias->contiguous() : at::Tensor();
+  const at::Tensor r = !residual.has_value() || !residual->defined() ? at::Tensor()
+                       : residual->is_contiguous(kCL)                  ? *residual
+                                                                        : change_layout(*residual, kCL);
+  const Epilogue e{b.defined() ? b.const_data_ptr<float>() : nullptr, r.defined() ? r.const_data_ptr<float>() : nullptr,
+                   r.defined() ? strides_of(r) : Strides4{}, relu};
+  const float* xp = x.const_data_ptr<float>();
+  const Strides4 xs = strides_of(x), os = strides_of(out);
+  float* op = out.mutable_data_ptr<float>();
+  if (static_cast<int64_t>(u.nbytes()) <= kBlockWeightBytes) {
+    winograd_blocks<M>(g, xp, xs, u, e, op, os, x.options());
+  } else {
+    winograd_chunks<M>(g, xp, xs, u, e, op, os, x.options());
+  }
   return out_format == kCL ? out : change_layout(out, out_format);
 }
 

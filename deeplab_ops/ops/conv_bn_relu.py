@@ -46,8 +46,8 @@ CONV_BIAS_ACT = {"cpu": _ops.conv_bias_act.default, "cuda": _ops.conv_bias_act.d
 # ---- argument checks ------------------------------------------------------------------------------
 
 
-def check_geometry(stride, padding, dilation) -> tuple:
-    """(stride, padding, dilation) as validated pairs."""
+def _check_config(stride, padding, dilation, training, momentum, eps, relu) -> tuple:
+    """The call's fixed configuration, validated: (stride, padding, dilation) as pairs."""
     stride, padding, dilation = pair(stride, "stride"), pair(padding, "padding"), pair(dilation, "dilation")
     if min(stride) < 1:
         raise ValueError(f"stride must be >= 1, got {stride}")
@@ -55,12 +55,6 @@ def check_geometry(stride, padding, dilation) -> tuple:
         raise ValueError(f"dilation must be >= 1, got {dilation}")
     if min(padding) < 0:
         raise ValueError(f"padding must be >= 0, got {padding}")
-    return stride, padding, dilation
-
-
-def _check_config(stride, padding, dilation, training, momentum, eps, relu) -> tuple:
-    """The call's fixed configuration, validated: (stride, padding, dilation) as pairs."""
-    stride, padding, dilation = check_geometry(stride, padding, dilation)
     if not isinstance(training, bool):
         raise TypeError(f"training must be a bool, got {training!r}")
     if not isinstance(relu, bool):
@@ -78,18 +72,16 @@ _CONFIGS: dict[tuple, tuple] = {}
 _NUMBER_TYPES = (float, int)
 
 
-def _is_geometry(v) -> bool:
-    t = type(v)
-    return t is int or (t is tuple and len(v) == 2 and type(v[0]) is int and type(v[1]) is int)
-
-
 def checked_config(stride, padding, dilation, training, momentum, eps, relu) -> tuple:
     """The call's (stride, padding, dilation) as pairs, each distinct configuration validated once. Cached only when
     every value has an exact type: equal keys must mean equal configurations (1 == True == 1.0 would otherwise let
     relu=1 pass as relu=True, or stride=1.0 as stride=1)."""
     exact = (type(training) is bool and type(relu) is bool and type(momentum) in _NUMBER_TYPES
-             and type(eps) in _NUMBER_TYPES and _is_geometry(stride) and _is_geometry(padding)
-             and _is_geometry(dilation))
+             and type(eps) in _NUMBER_TYPES)
+    for v in (stride, padding, dilation):  # each an int or a pair of ints (inline: every eval call asks)
+        t = type(v)
+        if not (t is int or (t is tuple and len(v) == 2 and type(v[0]) is int and type(v[1]) is int)):
+            exact = False
     if exact:
         key = (stride, padding, dilation, training, momentum, eps, relu)
         geometry = _CONFIGS.get(key)
@@ -99,24 +91,6 @@ def checked_config(stride, padding, dilation, training, momentum, eps, relu) -> 
     if exact and len(_CONFIGS) < 4096:
         _CONFIGS[key] = geometry
     return geometry
-
-
-# (momentum, eps, relu and their types) of module eval calls already validated (checked_scalars).
-_SCALARS: dict[tuple, bool] = {}
-
-
-def checked_scalars(momentum, eps, relu) -> None:
-    """Validate an eval call's momentum, eps and relu as the full path does (a module's geometry is validated by
-    modules._geometry), once per value and type: True == 1 == 1.0 must not answer for one another."""
-    try:
-        key = (momentum, eps, relu, type(momentum), type(eps), type(relu))
-        if key in _SCALARS:
-            return
-    except TypeError:  # unhashable: validated (and refused) below
-        key = None
-    _check_config(1, 0, 1, False, momentum, eps, relu)
-    if key is not None and len(_SCALARS) < 4096:
-        _SCALARS[key] = True
 
 
 def _check_vector(t, name: str, cout: int, device, dtype, bn_dtype):
@@ -346,8 +320,7 @@ def eval_fast(x, weight, bn_weight, bn_bias, running_mean, running_var, geometry
         return None
     n = xshape[0]
     stride, padding, dilation = geometry
-    ho = (xshape[2] + 2 * padding[0] - dilation[0] * (wshape[2] - 1) - 1) // stride[0] + 1
-    wo = (xshape[3] + 2 * padding[1] - dilation[1] * (wshape[3] - 1) - 1) // stride[1] + 1
+    ho, wo = conv_output_size(xshape[2:], wshape[2:], stride, padding, dilation)
     if n < 1 or ho < 1 or wo < 1:
         return None
     if residual is not None and (type(residual) is not Tensor or residual.shape != (n, wshape[0], ho, wo)

@@ -319,6 +319,24 @@ def test_goal_report_reads_the_best_eager_and_compile(tmp_path):
 # ---- roofline ----------------------------------------------------------------------------------------------------
 
 
+def test_conv_bn_relu_bench_shape_sets():
+    """--shape-set: DeepLab's own layer shapes on either device, or the small set; --quick keeps two rows."""
+    import conv_bn_relu_bench as bench
+
+    groups = ["os16", "os8", "aspp"]
+    assert bench.select_shapes(False, None, groups, False) == list(bench.CPU_SHAPES)
+    assert bench.select_shapes(False, None, groups, True) == list(bench.QUICK_CPU_SHAPES)
+    assert bench.select_shapes(True, None, groups, False) == list(bench.CUDA_SHAPES)
+    deeplab_cpu = bench.select_shapes(False, "deeplab", ["os16"], False)
+    assert deeplab_cpu == [s for s in bench.CUDA_SHAPES if s.group == "os16"]
+    assert any(s.cin == 512 and s.cout == 512 for s in deeplab_cpu)  # layer4's real channel count
+    assert bench.select_shapes(False, "deeplab", ["aspp"], True) == [s for s in bench.CUDA_SHAPES
+                                                                    if s.group == "aspp"][:2]
+    assert bench.select_shapes(True, "small", ["os16"], False) == [s for s in bench.CPU_SHAPES if s.group == "os16"]
+    with pytest.raises(SystemExit):  # argparse names the option and its choices
+        bench.main(["--device", "cpu", "--shape-set", "huge"])
+
+
 def test_conv_bn_relu_min_bytes_by_hand():
     # 1x4x5x5 -> 8 channels, 3x3, padding 1 (out 5x5), float32: x 100, weight 8*4*9 = 288, out 200, BN 4*8 = 32
     b = common.conv_bn_relu_min_bytes
