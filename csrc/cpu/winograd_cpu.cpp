@@ -41,7 +41,8 @@ constexpr int64_t kMinSplitTiles = 16;           // ... but no block under this 
 constexpr int64_t kMinChannels = 32;             // below this the GEMMs are too thin to pay for the transforms
 constexpr double kMaxWorkRatio = 0.45;           // GEMM work against direct convolution's, at most
 // ... for weights large enough to run in chunks (at least ~300 channels each way): the transforms are a smaller part
-// there (measured: 1 x 512 x 33 x 33 at dilation 4, a ratio of 0.62, 1.21-1.30x oneDNN's speed; batch 2: 1.03x).
+// there (measured with F(4x4): 1 x 512 x 33 x 33 at dilation 4, a ratio of 0.62, 1.21-1.30x oneDNN's speed; batch
+// 2: 1.03x. F(3x3) now takes that shape at a ratio of 0.43).
 constexpr double kMaxWorkRatioChunked = 0.65;
 // The transformed weight, read by every block: up to kBlockWeightBytes each thread's blocks multiply by it (larger
 // ones streamed from memory once per block ran 512 x 512 channels at 0.4x oneDNN's speed; 256 x 256 ran at
@@ -160,6 +161,43 @@ struct Transform<4> {
     store<T>(y + ys, b + 2.f * q);
     store<T>(y + 2 * ys, a + 4.f * p);
     store<T>(y + 3 * ys, b + 8.f * q + x[5]);
+  }
+};
+
+// F(3, 3) on the points 0, 1, -1, 2 and infinity: 25 products per 3x3 tile, for maps (or dilated phase grids) that
+// split into 3-pixel tiles where 4-pixel ones would compute a padded row and column (a 9 x 9 phase grid: 9 F(3x3)
+// tiles, 225 products, against 9 F(4x4) tiles, 324).
+template <>
+struct Transform<3> {
+  static constexpr int A = 5;
+  template <typename T>
+  DLO_INLINE static void kernel(const T* g, T* u) {
+    const T s = g[0] + g[2];
+    u[0] = g[0] * 0.5f;
+    u[1] = (s + g[1]) * -0.5f;
+    u[2] = (g[1] - s) * (1.f / 6);
+    u[3] = (g[0] + 2.f * g[1] + 4.f * g[2]) * (1.f / 6);
+    u[4] = g[2];
+  }
+  template <typename T>
+  DLO_INLINE static void input(const float* d, int64_t ds, float* v, int64_t vs) {
+    T x[5];
+    load_axis(x, d, ds);
+    const T e = x[3] - x[1];
+    store<T>(v, 2.f * (x[0] - x[2]) + e);
+    store<T>(v + vs, (x[3] - x[2]) - 2.f * x[1]);
+    store<T>(v + 2 * vs, 2.f * x[1] - 3.f * x[2] + x[3]);
+    store<T>(v + 3 * vs, e);
+    store<T>(v + 4 * vs, 2.f * (x[1] - x[3]) - x[2] + x[4]);
+  }
+  template <typename T>
+  DLO_INLINE static void output(const float* m, int64_t ms, float* y, int64_t ys) {
+    T x[5];
+    load_axis(x, m, ms);
+    const T a = x[1] + x[2];
+    store<T>(y, x[0] + a + x[3]);
+    store<T>(y + ys, (x[1] - x[2]) + 2.f * x[3]);
+    store<T>(y + 2 * ys, a + 4.f * x[3] + x[4]);
   }
 };
 
@@ -738,7 +776,7 @@ int winograd_plan(const at::Tensor& x, const at::Tensor& weight, at::IntArrayRef
                         static_cast<double>(valid_taps(x.size(3), wo, padding[1], dilation[1]));
   int best = 0;
   double best_work = 0.0;
-  for (int m : {4, 2}) {
+  for (int m : {4, 3, 2}) {
     const Geometry g = geometry(x.size(0), x.size(1), x.size(2), x.size(3), weight.size(0), padding, dilation, m);
     const double work = static_cast<double>(g.tiles() * (m + 2) * (m + 2));
     const bool chunked = (m + 2) * (m + 2) * x.size(1) * weight.size(0) * int64_t{sizeof(float)} > kBlockWeightBytes;
@@ -752,9 +790,16 @@ int winograd_plan(const at::Tensor& x, const at::Tensor& weight, at::IntArrayRef
 at::Tensor winograd_conv3x3(const at::Tensor& x, const at::Tensor& weight, const std::optional<at::Tensor>& bias,
                             const std::optional<at::Tensor>& residual, at::IntArrayRef padding,
                             at::IntArrayRef dilation, bool relu, int m, at::MemoryFormat out_format) {
-  TORCH_CHECK(m == 4 || m == 2, "deeplab_ops: Winograd tile size must be 4 or 2, got ", m);
-  return m == 4 ? winograd<4>(x, weight, bias, residual, padding, dilation, relu, out_format)
-                : winograd<2>(x, weight, bias, residual, padding, dilation, relu, out_format);
+  switch (m) {
+    case 4:
+      return winograd<4>(x, weight, bias, residual, padding, dilation, relu, out_format);
+    case 3:
+      return winograd<3>(x, weight, bias, residual, padding, dilation, relu, out_format);
+    case 2:
+      return winograd<2>(x, weight, bias, residual, padding, dilation, relu, out_format);
+    default:
+      TORCH_CHECK(false, "deeplab_ops: Winograd tile size must be 4, 3 or 2, got ", m);
+  }
 }
 
 void winograd_cache_allow(const at::Tensor& weight) { transform_cache().allow(weight); }

@@ -1,10 +1,12 @@
 // Winograd convolution for the cpu backend: float32 3x3 convolutions with stride 1 (any padding and dilation) as
-// F(4x4, 3x3) or F(2x2, 3x3) (Lavin & Gray, "Fast Algorithms for Convolutional Neural Networks", 2016), with the
-// eval epilogue (bias, residual, ReLU) fused into the output transform. A dilated convolution is d_h * d_w
+// F(4x4, 3x3), F(3x3, 3x3) or F(2x2, 3x3) (Lavin & Gray, "Fast Algorithms for Convolutional Neural Networks", 2016),
+// with the eval epilogue (bias, residual, ReLU) fused into the output transform. A dilated convolution is d_h * d_w
 // undilated ones on the output's polyphase grids, so the tiles of each grid are gathered with the dilation's step.
-// The multiplications are one batched GEMM per block of tiles (at::bmm: MKL / oneDNN), 36 (or 16) products of
-// [tiles x C_in] by [C_in x C_out], against 9 * m^2 / (m + 2)^2 as many for direct convolution: 2.25x fewer for
-// F(2x2, 3x3), 4x fewer for F(4x4, 3x3).
+// The multiplications are one batched GEMM per block of tiles (at::bmm: MKL / oneDNN), (m + 2)^2 products of
+// [tiles x C_in] by [C_in x C_out], against 9 * m^2 as many for direct convolution: 4x fewer for F(4x4, 3x3), 3.24x
+// for F(3x3, 3x3), 2.25x for F(2x2, 3x3). The tile size is the one that computes the fewest products over the
+// map's tiles: a grid of 9 x 9 pixels (a 33 x 33 map at dilation 4) is 9 tiles of F(3x3) but would be 9 tiles of
+// F(4x4) with a padded row and column.
 //
 // Inference only (no gradient computed): its rounding, about ten times oneDNN's, is amplified in a training step's
 // gradients (docs/kernels.md). Used where the tile count makes it cheaper than oneDNN's direct convolution
@@ -19,7 +21,7 @@
 
 namespace deeplab_ops {
 
-// The output tile size m (4 or 2) that winograd_conv3x3 would use for this convolution, or 0 where ATen's
+// The output tile size m (4, 3 or 2) that winograd_conv3x3 would use for this convolution, or 0 where ATen's
 // convolution should run: not a float32 CPU 3x3 stride-1 convolution with groups 1, too few channels for the GEMMs
 // to pay, or tiles so sparse on the dilated grids that the transforms cost more than they save.
 int winograd_plan(const at::Tensor& x, const at::Tensor& weight, at::IntArrayRef stride, at::IntArrayRef padding,

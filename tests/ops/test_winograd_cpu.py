@@ -1,5 +1,5 @@
 """The cpu backend's Winograd convolution (csrc/cpu/winograd_cpu.cpp): float32 3x3 stride-1 convolutions with at
-least 32 channels each way, where F(4x4, 3x3) or F(2x2, 3x3) does less work than oneDNN, in inference only (eval
+least 32 channels each way, where F(4x4, 3x3), F(3x3, 3x3) or F(2x2, 3x3) does less work than oneDNN, in inference only (eval
 with no gradient to compute: conv_bias_act with BatchNorm folded in, the fused ASPP's branches); training and
 eval-with-gradients keep oneDNN's convolution.
 
@@ -44,7 +44,7 @@ def _inputs(n, c, k, h, w, scale=1.0):
 
 
 def _close(actual, expected, what, tol=2e-5):
-    # Winograd F(4x4, 3x3) rounds in its transforms: about 10x oneDNN's error, relative to the output's size.
+    # Winograd rounds in its transforms: about 10x oneDNN's error, relative to the output's size.
     scale = max(expected.abs().max().item(), 1.0)
     torch.testing.assert_close(actual.double(), expected, atol=tol * scale, rtol=tol, msg=lambda m: f"{what}:\n{m}")
 
@@ -60,7 +60,15 @@ WINOGRAD_CASES = [
     (2, 32, 40, 7, 7, (1, 1), (1, 1)),
     (1, 65, 33, 12, 12, (3, 3), (1, 1)),
     (1, 32, 32, 29, 29, (4, 4), (4, 4)),
+    # F(3x3, 3x3): 9 x 9 phase grids, a 9 x 15 map, a grid of 6 x 9 / 6 x 14 pixels per phase
+    (1, 32, 32, 27, 27, (3, 3), (3, 3)),
+    (2, 40, 36, 9, 15, (1, 1), (1, 1)),
+    (1, 36, 40, 18, 27, (3, 2), (3, 2)),
+    # F(2x2, 3x3): a 2 x 4 output
+    (2, 32, 32, 4, 6, (0, 0), (1, 1)),
 ]
+# The tile size winograd_plan picks for each case above.
+WINOGRAD_TILES = [4, 4, 4, 4, 4, 4, 4, 4, 3, 3, 3, 2]
 
 
 @pytest.mark.parametrize("layout", [CL, torch.contiguous_format], ids=["nhwc", "nchw"])
@@ -85,6 +93,34 @@ def test_conv_bias_act_runs_winograd_and_matches_float64(case, epilogue, layout)
     _close(out, ref, f"winograd {case} {epilogue}")
 
 
+def _plan(n, c, k, h, w, padding, dilation, stride=(1, 1)):
+    return _ops.winograd_plan(torch.empty(n, c, h, w), torch.empty(k, c, 3, 3), stride, padding, dilation)
+
+
+@pytest.mark.parametrize(
+    "case,tile",
+    [*zip(WINOGRAD_CASES, WINOGRAD_TILES),
+     # DeepLabV3's layers on a 513 x 513 crop: F(4x4) on dense maps; F(3x3) where the dilation splits a 33 x 33 or
+     # 65 x 65 map into grids of 9, 6 or 3 pixels (layer4 at dilation 4, the ASPP's rates 6 and 12); oneDNN where the
+     # grids are mostly padding (rate 18 on 33 x 33, 24 and 36 on 65 x 65)
+     ((1, 256, 256, 33, 33, (1, 1), (1, 1)), 4), ((1, 512, 512, 33, 33, (2, 2), (2, 2)), 4),
+     ((1, 512, 512, 33, 33, (4, 4), (4, 4)), 3), ((1, 2048, 256, 33, 33, (6, 6), (6, 6)), 3),
+     ((1, 2048, 256, 33, 33, (12, 12), (12, 12)), 3), ((1, 2048, 256, 65, 65, (12, 12), (12, 12)), 3),
+     ((1, 2048, 256, 33, 33, (18, 18), (18, 18)), 0), ((1, 2048, 256, 65, 65, (24, 24), (24, 24)), 0),
+     ((1, 2048, 256, 65, 65, (36, 36), (36, 36)), 0)],
+    ids=str,
+)
+def test_plan_picks_the_tile_size_with_the_fewest_products(case, tile):
+    assert _plan(*case) == tile
+
+
+def test_plan_declines_what_winograd_cannot_run():
+    assert _plan(1, 64, 64, 33, 33, (1, 1), (1, 1), stride=(2, 2)) == 0
+    assert _ops.winograd_plan(torch.empty(1, 64, 33, 33, dtype=torch.float64), torch.empty(64, 64, 3, 3,
+                              dtype=torch.float64), (1, 1), (1, 1), (1, 1)) == 0
+    assert _ops.winograd_plan(torch.empty(1, 64, 33, 33), torch.empty(64, 64, 1, 1), (1, 1), (0, 0), (1, 1)) == 0
+
+
 @pytest.mark.parametrize(
     "why,make",
     [
@@ -93,8 +129,8 @@ def test_conv_bias_act_runs_winograd_and_matches_float64(case, epilogue, layout)
         ("16 output channels", lambda: (*_inputs(2, 32, 16, 17, 17), (1, 1), (1, 1), (1, 1))),
         ("stride 2", lambda: (*_inputs(2, 32, 32, 17, 17), (2, 2), (1, 1), (1, 1))),
         ("dilation 4 on 17x17: sparse tiles", lambda: (*_inputs(2, 32, 32, 17, 17), (1, 1), (4, 4), (4, 4))),
-        ("6x6 map: as many Winograd products as direct taps", lambda: (*_inputs(2, 32, 40, 6, 6), (1, 1), (1, 1),
-                                                                       (1, 1))),
+        ("3x3 map: one F(3x3) tile's 25 products against 49 direct taps", lambda: (*_inputs(2, 32, 40, 3, 3), (1, 1),
+                                                                                   (1, 1), (1, 1))),
         ("dilation 4 on 8x8: most taps in the padding", lambda: (*_inputs(8, 128, 128, 8, 8), (1, 1), (4, 4),
                                                                  (4, 4))),
         ("1x1 kernel", lambda: (torch.randn(2, 32, 9, 9).contiguous(memory_format=CL),
@@ -119,8 +155,8 @@ def test_other_convolutions_run_onednn(why, make):
 def test_large_weights_run_in_chunks(case, layout):
     """Transformed weights over 12 MB (about 300 channels each way): chunks of tiles, each multiplied in one GEMM
     per transformed element; tile counts that are not a multiple of the chunk or of its 16-tile sub-blocks, fewer
-    tiles than a chunk's minimum (a 4x4 map), and dilated grids (at dilation 4 on 33x33 maps, sparser tiles than the
-    smaller weights are allowed)."""
+    tiles than a chunk's minimum (a 4x4 map), and dilated grids (at dilation 4 on 33x33 maps, F(3x3) tiles on 9x9
+    grids)."""
     n, cin, cout, h, w, padding, dilation = case
     torch.manual_seed(1)
     x = torch.randn(n, cin, h, w).contiguous(memory_format=layout)
