@@ -1,7 +1,7 @@
 """The cpu backend's Winograd convolution (csrc/cpu/winograd_cpu.cpp): float32 3x3 stride-1 convolutions with at
-least 32 channels each way, where F(4x4, 3x3), F(3x3, 3x3) or F(2x2, 3x3) does less work than oneDNN, in inference only (eval
-with no gradient to compute: conv_bias_act with BatchNorm folded in, the fused ASPP's branches); training and
-eval-with-gradients keep oneDNN's convolution.
+least 32 channels each way, where F(4x4, 3x3), F(3x3, 3x3) or F(2x2, 3x3) does less work than oneDNN, in inference
+only (eval with no gradient to compute: conv_bias_act with BatchNorm folded in, the fused ASPP's branches); training
+and eval-with-gradients keep oneDNN's convolution.
 
 Which algorithm ran is read from the profiler (Winograd's GEMMs are aten::bmm or aten::mm calls; oneDNN's convolution is
 mkldnn::_convolution_pointwise or aten::convolution); values are compared with float64 convolutions on fresh inputs,
@@ -99,7 +99,7 @@ def _plan(n, c, k, h, w, padding, dilation, stride=(1, 1)):
 
 @pytest.mark.parametrize(
     "case,tile",
-    [*zip(WINOGRAD_CASES, WINOGRAD_TILES),
+    [*zip(WINOGRAD_CASES, WINOGRAD_TILES, strict=True),
      # DeepLabV3's layers on a 513 x 513 crop: F(4x4) on dense maps; F(3x3) where the dilation splits a 33 x 33 or
      # 65 x 65 map into grids of 9, 6 or 3 pixels (layer4 at dilation 4, the ASPP's rates 6 and 12); oneDNN where the
      # grids are mostly padding (rate 18 on 33 x 33, 24 and 36 on 65 x 65)
