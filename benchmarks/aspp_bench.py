@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import argparse
 import importlib.util
+import itertools
 import sys
 
 import common
@@ -102,32 +103,31 @@ def main(argv: list[str] | None = None) -> int:
         fractions[name] = {r: round(common.valid_tap_fraction(size, r), 4) for r in rates}
         forward = common.aspp_flops(1, cin, cout, size, size, rates)
         shape = f"{cin}x{size}x{size} r{'/'.join(map(str, rates))} ->{cout}"
-        for batch in batches:
-            for dtype_name in dtypes:
-                dtype = common.set_precision(dtype_name)
-                for mode in args.modes:
-                    training = mode != "eval_fwd"
-                    flops = common.mode_flops((forward[0] * batch, forward[1] * batch), mode)
-                    for provider in providers:
-                        case = dict(op="aspp", provider=provider, mode=mode, dtype=dtype_name, shape=shape,
-                                    batch=batch)
-                        x = torch.randn(batch, cin, size, size, device=device, dtype=dtype)
-                        reason = (common.eager_unavailable(provider, dtype_name)
-                                  or common.unavailable(provider, "aspp", device, x=x, rates=rates, training=training))
-                        if training and batch == 1:
-                            reason = "BatchNorm in training needs batch >= 2 (the pooling branch has 1 value/channel)"
-                        module_note = "" if common.fused_backend(provider) else eager_aspp_note()
+        for batch, dtype_name, mode in itertools.product(batches, dtypes, args.modes):
+            dtype = common.set_precision(dtype_name)
+            training = mode != "eval_fwd"
+            flops = common.mode_flops((forward[0] * batch, forward[1] * batch), mode)
+            with runner.group():
+                for provider in providers:
+                    case = dict(op="aspp", provider=provider, mode=mode, dtype=dtype_name, shape=shape,
+                                batch=batch)
+                    x = torch.randn(batch, cin, size, size, device=device, dtype=dtype)
+                    reason = (common.eager_unavailable(provider, dtype_name)
+                              or common.unavailable(provider, "aspp", device, x=x, rates=rates, training=training))
+                    if training and batch == 1:
+                        reason = "BatchNorm in training needs batch >= 2 (the pooling branch has 1 value/channel)"
+                    module_note = "" if common.fused_backend(provider) else eager_aspp_note()
 
-                        def build(provider=provider, mode=mode, x=x, rates=rates, dtype=dtype, dtype_name=dtype_name):
-                            compiled = provider.startswith("compile")
-                            module = common.prepare_eager(make_module(provider, cin, rates, cout), provider, device,
-                                                          dtype)
-                            return common.mode_case(mode, module, [common.prepare_input(x, provider)], compiled,
-                                                    amp=common.autocast_dtype(provider, dtype_name))
+                    def build(provider=provider, mode=mode, x=x, rates=rates, dtype=dtype, dtype_name=dtype_name):
+                        compiled = provider.startswith("compile")
+                        module = common.prepare_eager(make_module(provider, cin, rates, cout), provider, device,
+                                                      dtype)
+                        return common.mode_case(mode, module, [common.prepare_input(x, provider)], compiled,
+                                                amp=common.autocast_dtype(provider, dtype_name))
 
-                        min_bytes = common.aspp_min_bytes(batch, cin, cout, size, size, rates, mode,
-                                                          common.DTYPE_BYTES[dtype_name])
-                        runner.run(build, reason=reason, flops=flops, note=module_note, min_bytes=min_bytes, **case)
+                    min_bytes = common.aspp_min_bytes(batch, cin, cout, size, size, rates, mode,
+                                                      common.DTYPE_BYTES[dtype_name])
+                    runner.run(build, reason=reason, flops=flops, note=module_note, min_bytes=min_bytes, **case)
     rows = runner.rows
     meta = {"script": "aspp_bench", "argv": sys.argv[1:] if argv is None else argv, "matmul_peak": peak_desc,
             "matmul_peak_tflops": peak, "valid_tap_fraction": fractions, "environment": env}

@@ -1,7 +1,8 @@
 """What every benchmark script shares: FLOP counting, timing, peak memory, result rows, writers, table, plots.
 
 Timing: on CUDA `triton.testing.do_bench(fn, quantiles=[0.5, 0.2, 0.8])` (median, p20, p80 in ms, L2 flushed
-between calls by do_bench); on CPU a wall-clock loop with the same quantiles (do_bench needs a GPU).
+between calls by do_bench); on CPU a wall-clock loop with the same quantiles (do_bench needs a GPU), the providers of
+a case interleaved call by call (Runner.group, interleaved_times).
 Peak memory: `torch.cuda.max_memory_allocated` over one call after a reset (so it includes the inputs and
 weights that are alive during the call); on CPU it is not measured (None, empty in CSV).
 FLOPs: "useful" counts the (kernel tap, output position) pairs whose input position lies inside the image;
@@ -418,6 +419,46 @@ def bench(fn: Callable[[], object], device: torch.device, quick: bool = False,
 CPU_WARMUP, CPU_MIN_REPS, CPU_MIN_S, CPU_MAX_REPS = 5, 10, 0.3, 300  # bench()'s CPU loop (not --quick)
 
 
+def interleaved_times(calls: Sequence[tuple[Callable[[], object], Sequence[torch.Tensor]]], quick: bool = False
+                      ) -> list[list[float] | Exception]:
+    """Per (fn, tensors whose .grad to clear) of `calls`, each fn having run once already: the milliseconds of its
+    timed calls, or the exception that stopped it. CPU only. bench()'s loop for several functions at once: each
+    gets CPU_WARMUP - 1 more warm-up calls (at least one: building a later case may have undone an earlier one's
+    warm state, as torch._dynamo.reset() does to a compiled provider's graph), then rounds of one timed call each,
+    the order rotating by one per round (no function always runs after the same other), for at least CPU_MIN_REPS
+    rounds and CPU_MIN_S seconds per function, at most CPU_MAX_REPS rounds. A function that raises leaves the
+    rotation; the others go on."""
+    warmups, min_reps, min_s, max_reps = (1, 3, 0.0, 3) if quick else (CPU_WARMUP, CPU_MIN_REPS, CPU_MIN_S,
+                                                                         CPU_MAX_REPS)
+    results: list[list[float] | Exception] = [[] for _ in calls]
+    live = list(range(len(calls)))
+
+    def timed(i: int, record: bool) -> None:
+        fn, grads = calls[i]
+        try:
+            for t in grads:
+                t.grad = None
+            start = time.perf_counter()
+            fn()
+            if record:
+                results[i].append((time.perf_counter() - start) * 1e3)
+        except Exception as e:  # noqa: BLE001  (the caller turns it into the case's error row)
+            results[i] = e
+            live.remove(i)
+
+    for i in list(live):
+        for _ in range(max(1, warmups - 1)):
+            if i in live:
+                timed(i, record=False)
+    rounds, began = 0, time.perf_counter()
+    while live and rounds < max_reps and (rounds < min_reps or time.perf_counter() - began < min_s * len(live)):
+        shift = rounds % len(live)
+        for i in live[shift:] + live[:shift]:
+            timed(i, record=True)
+        rounds += 1
+    return results
+
+
 def quantile(values: Sequence[float], q: float) -> float:
     """Linear-interpolated quantile (what torch.quantile and do_bench compute)."""
     s = sorted(values)
@@ -536,12 +577,20 @@ def unavailable(provider: str, op: str, device: torch.device, **call) -> str:
 
 
 class Runner:
-    """Runs cases in order and keeps their rows: skips (with the reason printed) what cannot or need not run."""
+    """Runs cases and keeps their rows: skips (with the reason printed) what cannot or need not run.
+
+    Cases submitted inside `with runner.group():` (the providers of one op, mode, dtype, shape and batch) are timed
+    together. On the CPU they are built, warmed up, and then timed call by call in turn, the order rotating each
+    round (interleaved_times): a shared machine's slow phases (up to 1.6x on this project's 2-core machine, minutes
+    long) then fall on every provider of the case alike instead of on whichever ran during one. On a GPU they run one
+    after another (do_bench measures device time, which host load does not shift).
+    """
 
     def __init__(self, env: dict, device: torch.device, args: argparse.Namespace, peak_tflops: float | None) -> None:
         self.env, self.device, self.args, self.peak = env, device, args, peak_tflops
         self.budget = Budget(args.budget_s)
         self.rows: list[dict] = []
+        self._group: list[tuple] | None = None  # the cases of the open CPU group, in submission order
 
     def skip(self, reason: str, **case) -> None:
         print(f"  skip {case.get('provider')} {case.get('mode')} {case.get('dtype')} {case.get('shape')} "
@@ -554,19 +603,40 @@ class Runner:
         fill_speedups(self.rows)
         write_results(self.rows, self.args.out, self.args.name, {"partial": True})
 
+    @contextlib.contextmanager
+    def group(self):
+        """Time the cases run() is given inside together (interleaved on the CPU); their rows come in that order."""
+        if self.device.type != "cpu" or self._group is not None:
+            yield
+            return
+        self._group = []
+        try:
+            yield
+            cases = self._group
+        finally:
+            self._group = None
+        self._run_group(cases)
+
     def run(self, build, *, reason: str = "", flops=None, images=None, note: str = "", min_bytes: int | None = None,
             **case) -> dict | None:
-        """Run one case unless `reason` (or a spent budget) says to skip it; returns its row."""
+        """Run one case unless `reason` (or a spent budget) says to skip it; returns its row (None inside a CPU
+        group, whose rows are made when it closes)."""
         if not reason and self.budget.spent():
             reason = f"time budget of {self.args.budget_s:.0f} s spent"
+        if self._group is not None:
+            self._group.append((build, reason, dict(flops=flops, images=images, min_bytes=min_bytes), note, case))
+            return None
         if reason:
             self.skip(reason, **case)
             return None
-        profile = None
-        if getattr(self.args, "profile", False):
-            profile = Path(self.args.out) / f"{self.args.name}_profile.txt"
         row = run_case(self.env, build, self.device, quick=self.args.quick, flops=flops, peak_tflops=self.peak,
-                       images=images, profile=profile, min_bytes=min_bytes, **case)
+                       images=images, profile=self._profile_path(), min_bytes=min_bytes, **case)
+        return self._keep(row, note, case)
+
+    def _profile_path(self) -> Path | None:
+        return Path(self.args.out) / f"{self.args.name}_profile.txt" if getattr(self.args, "profile", False) else None
+
+    def _keep(self, row: dict, note: str, case: dict) -> dict:
         if note and not row["note"]:
             row["note"] = note
         self.rows.append(row)
@@ -575,6 +645,41 @@ class Runner:
         print(f"  {case.get('provider'):<12} {case.get('mode'):<9} {case.get('dtype'):<4} N{case.get('batch'):<3} "
               f"{case.get('shape')}: {_fmt(row['median_ms'])} ms{extra} {row['status']}", flush=True)
         return row
+
+    def _run_group(self, cases: list[tuple]) -> None:
+        """Build each case and time its first call (setup_s), then time them all interleaved; rows in order."""
+        built: list[tuple | dict | None] = []  # per case: (fn, grads, setup_s), an error row, or None (skipped)
+        for build, reason, _, _, case in cases:
+            if reason:
+                built.append(None)
+                continue
+            try:
+                start = time.perf_counter()
+                fn, grads = build()
+                fn()
+                built.append((fn, grads, time.perf_counter() - start))
+            except Exception as e:  # noqa: BLE001  (reported in the row and on stderr)
+                built.append(error_row(self.env, e, case))
+        timed = [b for b in built if isinstance(b, tuple)]
+        times = iter(interleaved_times([(fn, grads) for fn, grads, _ in timed], self.args.quick))
+        profile = self._profile_path()
+        for (_, reason, figures, note, case), b in zip(cases, built, strict=True):
+            if b is None:
+                self.skip(reason, **case)
+                continue
+            if isinstance(b, dict):
+                self._keep(b, note, case)
+                continue
+            fn, grads, setup_s = b
+            ms = next(times)
+            if isinstance(ms, Exception):
+                self._keep(error_row(self.env, ms, case), note, case)
+                continue
+            row = timed_row(self.env, fn, self.device, quick=self.args.quick, peak_tflops=self.peak, setup_s=setup_s,
+                            times=ms, **figures, **case)
+            if profile is not None:
+                profile_safely(fn, self.device, profile, case)
+            self._keep(row, note, case)
 
 
 # ---- rows ----------------------------------------------------------------------------------------------------
@@ -594,9 +699,13 @@ def make_row(env: dict, **fields) -> dict:
 def timed_row(env: dict, fn: Callable[[], object], device: torch.device, *, quick: bool, flops: tuple[float, float]
               | None = None, peak_tflops: float | None = None, images: int | None = None,
               grad_to_none: Sequence[torch.Tensor] | None = None, setup_s: float | None = None,
-              min_bytes: int | None = None, **fields) -> dict:
-    """Time fn and fill the figures of a row: times, TFLOP/s, % of peak, roofline, images/s, peak memory."""
-    median, p20, p80 = bench(fn, device, quick, grad_to_none, warm=setup_s is not None)
+              min_bytes: int | None = None, times: Sequence[float] | None = None, **fields) -> dict:
+    """Time fn (or take the milliseconds `times` of its calls, timed elsewhere) and fill the figures of a row:
+    times, TFLOP/s, % of peak, roofline, images/s, peak memory."""
+    if times is not None:
+        median, p20, p80 = (quantile(times, q) for q in QUANTILES)
+    else:
+        median, p20, p80 = bench(fn, device, quick, grad_to_none, warm=setup_s is not None)
     row = make_row(env, status="ok", median_ms=median, p20_ms=p20, p80_ms=p80, setup_s=setup_s, **fields)
     if flops is not None:
         row["useful_tflops"] = flops[0] / (median * 1e-3) / 1e12
@@ -635,22 +744,33 @@ def run_case(env: dict, build: Callable[[], tuple[Callable[[], object], list[tor
         row = timed_row(env, fn, device, quick=quick, flops=flops, peak_tflops=peak_tflops, images=images,
                         grad_to_none=grads, setup_s=setup_s, min_bytes=min_bytes, **fields)
         if profile is not None:
-            title = " ".join(str(fields.get(k)) for k in ("provider", "mode", "dtype", "shape", "batch"))
-            try:
-                profile_case(fn, device, profile, title)
-            except Exception as e:  # noqa: BLE001  (a profiler failure must not discard the timing)
-                print(f"  profiling {title} failed: {type(e).__name__}: {e}", file=sys.stderr)
+            profile_safely(fn, device, profile, fields)
         return row
     except Exception as e:  # noqa: BLE001  (reported in the row and on stderr)
-        message = f"{type(e).__name__}: {str(e).strip().splitlines()[0] if str(e).strip() else ''}"
-        print(f"  error in {fields.get('provider')} {fields.get('mode')} {fields.get('shape')}: {message}",
-              file=sys.stderr)
-        if os.environ.get("BENCH_TRACEBACK"):
-            traceback.print_exc()
-        return make_row(env, status="error", note=message[:300], **fields)
+        return error_row(env, e, fields)
     finally:
         if device.type == "cuda":
             torch.cuda.empty_cache()
+
+
+def error_row(env: dict, e: Exception, fields: dict) -> dict:
+    """A case's row with status 'error' and the exception's first line in note (also printed on stderr; the
+    traceback too with $BENCH_TRACEBACK): one broken provider never stops a run."""
+    message = f"{type(e).__name__}: {str(e).strip().splitlines()[0] if str(e).strip() else ''}"
+    print(f"  error in {fields.get('provider')} {fields.get('mode')} {fields.get('shape')}: {message}",
+          file=sys.stderr)
+    if os.environ.get("BENCH_TRACEBACK"):
+        traceback.print_exception(e)
+    return make_row(env, status="error", note=message[:300], **fields)
+
+
+def profile_safely(fn: Callable[[], object], device: torch.device, path: Path, fields: dict) -> None:
+    """profile_case under the case's title; a profiler failure is printed, never discards the timing."""
+    title = " ".join(str(fields.get(k)) for k in ("provider", "mode", "dtype", "shape", "batch"))
+    try:
+        profile_case(fn, device, path, title)
+    except Exception as e:  # noqa: BLE001
+        print(f"  profiling {title} failed: {type(e).__name__}: {e}", file=sys.stderr)
 
 
 def profile_case(fn: Callable[[], object], device: torch.device, path: Path, title: str, calls: int = 3) -> None:

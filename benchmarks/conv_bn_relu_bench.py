@@ -17,6 +17,7 @@ cpu-cl: the fused module and its input channels_last (the layout train.py --fuse
 from __future__ import annotations
 
 import argparse
+import itertools
 import sys
 from dataclasses import dataclass
 
@@ -163,36 +164,35 @@ def main(argv: list[str] | None = None) -> int:
     runner = common.Runner(env, device, args, peak)
     for s in shapes:
         forward = common.conv_flops(1, s.cin, s.cout, s.size, s.size, s.kernel, s.dilation, s.padding, s.stride)
-        for batch in batches:
-            for dtype_name in dtypes:
-                dtype = common.set_precision(dtype_name)
-                for mode in args.modes:
-                    flops = common.mode_flops((forward[0] * batch, forward[1] * batch), mode)
-                    for provider in providers:
-                        case = dict(op="conv_bn_relu", provider=provider, mode=mode, dtype=dtype_name,
-                                    shape=s.label(), batch=batch)
-                        x = torch.randn(batch, s.cin, s.size, s.size, device=device, dtype=dtype)
-                        r = (torch.randn(batch, s.cout, s.out_size, s.out_size, device=device, dtype=dtype)
-                             if s.residual else None)
-                        w = torch.empty(s.cout, s.cin, s.kernel, s.kernel, device="meta")
-                        pair = (s.stride,) * 2, (s.padding,) * 2, (s.dilation,) * 2
-                        reason = common.unavailable(
-                            provider, "conv_bn_relu", device, x=x, weight=w, stride=pair[0], padding=pair[1],
-                            dilation=pair[2], training=mode != "eval_fwd", residual=r,
-                        ) if provider != "reference" else ""
-                        reason = common.eager_unavailable(provider, dtype_name) or reason
+        for batch, dtype_name, mode in itertools.product(batches, dtypes, args.modes):
+            dtype = common.set_precision(dtype_name)
+            flops = common.mode_flops((forward[0] * batch, forward[1] * batch), mode)
+            with runner.group():
+                for provider in providers:
+                    case = dict(op="conv_bn_relu", provider=provider, mode=mode, dtype=dtype_name,
+                                shape=s.label(), batch=batch)
+                    x = torch.randn(batch, s.cin, s.size, s.size, device=device, dtype=dtype)
+                    r = (torch.randn(batch, s.cout, s.out_size, s.out_size, device=device, dtype=dtype)
+                         if s.residual else None)
+                    w = torch.empty(s.cout, s.cin, s.kernel, s.kernel, device="meta")
+                    pair = (s.stride,) * 2, (s.padding,) * 2, (s.dilation,) * 2
+                    reason = common.unavailable(
+                        provider, "conv_bn_relu", device, x=x, weight=w, stride=pair[0], padding=pair[1],
+                        dilation=pair[2], training=mode != "eval_fwd", residual=r,
+                    ) if provider != "reference" else ""
+                    reason = common.eager_unavailable(provider, dtype_name) or reason
 
-                        def build(provider=provider, mode=mode, x=x, r=r, s=s, dtype=dtype, dtype_name=dtype_name):
-                            compiled = provider.startswith("compile")
-                            module = common.prepare_eager(make_module(provider, s), provider, device, dtype)
-                            inputs = [common.prepare_input(t, provider) for t in ([x] if r is None else [x, r])]
-                            return common.mode_case(mode, module, inputs, compiled,
-                                                    amp=common.autocast_dtype(provider, dtype_name))
+                    def build(provider=provider, mode=mode, x=x, r=r, s=s, dtype=dtype, dtype_name=dtype_name):
+                        compiled = provider.startswith("compile")
+                        module = common.prepare_eager(make_module(provider, s), provider, device, dtype)
+                        inputs = [common.prepare_input(t, provider) for t in ([x] if r is None else [x, r])]
+                        return common.mode_case(mode, module, inputs, compiled,
+                                                amp=common.autocast_dtype(provider, dtype_name))
 
-                        min_bytes = common.conv_bn_relu_min_bytes(
-                            batch, s.cin, s.cout, s.size, s.size, s.kernel, s.out_size, s.out_size, s.residual, mode,
-                            common.DTYPE_BYTES[dtype_name])
-                        runner.run(build, reason=reason, flops=flops, min_bytes=min_bytes, **case)
+                    min_bytes = common.conv_bn_relu_min_bytes(
+                        batch, s.cin, s.cout, s.size, s.size, s.kernel, s.out_size, s.out_size, s.residual, mode,
+                        common.DTYPE_BYTES[dtype_name])
+                    runner.run(build, reason=reason, flops=flops, min_bytes=min_bytes, **case)
     meta = {"script": "conv_bn_relu_bench", "argv": sys.argv[1:] if argv is None else argv, "matmul_peak": peak_desc,
             "matmul_peak_tflops": peak, "environment": env}
     return common.finish(runner.rows, args, meta, f"conv + BN + ReLU on {env['gpu']} ({peak_desc})")

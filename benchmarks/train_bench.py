@@ -21,6 +21,7 @@ fp16) and eager-cl-amp. The fastest eager setup is each case's anchor (docs/benc
 from __future__ import annotations
 
 import argparse
+import itertools
 import sys
 
 import common
@@ -188,42 +189,40 @@ def main(argv: list[str] | None = None) -> int:
     _, missing = model_factory()
     if missing:
         print(f"train_bench: {missing}; every case is recorded as skipped", file=sys.stderr)
-    for name in models:
-        for os_ in args.output_strides:
-            shape = f"deeplabv3_{name} os{os_} {size}x{size}"
-            for batch in batches:
-                for dtype_name in dtypes:
-                    dtype = common.set_precision(dtype_name)
-                    for mode in args.modes:
-                        for provider in providers:
-                            case = dict(op="deeplabv3", provider=provider, mode=mode, dtype=dtype_name, shape=shape,
-                                        batch=batch)
-                            reason = missing or common.eager_unavailable(provider, dtype_name) or common.unavailable(
-                                backend_of(provider), "conv_bn_relu", device, **probe_call(device, dtype))
-                            if not reason and mode == "train_step" and batch == 1:
-                                reason = "BatchNorm in training needs batch >= 2 (the ASPP pooling branch)"
+    for name, os_, batch, dtype_name, mode in itertools.product(models, args.output_strides, batches, dtypes,
+                                                                args.modes):
+        shape = f"deeplabv3_{name} os{os_} {size}x{size}"
+        dtype = common.set_precision(dtype_name)
+        with runner.group():
+            for provider in providers:
+                case = dict(op="deeplabv3", provider=provider, mode=mode, dtype=dtype_name, shape=shape,
+                            batch=batch)
+                reason = missing or common.eager_unavailable(provider, dtype_name) or common.unavailable(
+                    backend_of(provider), "conv_bn_relu", device, **probe_call(device, dtype))
+                if not reason and mode == "train_step" and batch == 1:
+                    reason = "BatchNorm in training needs batch >= 2 (the ASPP pooling branch)"
 
-                            def build(provider=provider, mode=mode, os_=os_, batch=batch, dtype=dtype, name=name,
-                                      dtype_name=dtype_name):
-                                compiled = provider.startswith("compile")
-                                net = make_model(provider, DEPTHS[name], os_, args.num_classes)
-                                net = common.prepare_eager(net, provider, device, dtype)
-                                amp = common.autocast_dtype(provider, dtype_name)
-                                # under autocast the images stay float32, as a data loader gives them
-                                x = torch.randn(batch, 3, size, size, device=device,
-                                                dtype=torch.float32 if amp else dtype)
-                                x = common.prepare_input(x, provider)
-                                target = torch.randint(0, args.num_classes, (batch, size, size), device=device)
-                                return step_case(mode, net, x, target, compiled, lean=provider.endswith(LEAN), amp=amp)
+                def build(provider=provider, mode=mode, os_=os_, batch=batch, dtype=dtype, name=name,
+                          dtype_name=dtype_name):
+                    compiled = provider.startswith("compile")
+                    net = make_model(provider, DEPTHS[name], os_, args.num_classes)
+                    net = common.prepare_eager(net, provider, device, dtype)
+                    amp = common.autocast_dtype(provider, dtype_name)
+                    # under autocast the images stay float32, as a data loader gives them
+                    x = torch.randn(batch, 3, size, size, device=device,
+                                    dtype=torch.float32 if amp else dtype)
+                    x = common.prepare_input(x, provider)
+                    target = torch.randint(0, args.num_classes, (batch, size, size), device=device)
+                    return step_case(mode, net, x, target, compiled, lean=provider.endswith(LEAN), amp=amp)
 
-                            counts = None if missing else model_counts(DEPTHS[name], os_, size, args.num_classes)
-                            flops = min_bytes = None
-                            if counts is not None:
-                                per_image = counts[0] if mode == "train_step" else counts[1]
-                                flops = (per_image * batch, per_image * batch)
-                                min_bytes = step_min_bytes(mode, batch, size, args.num_classes, counts[2],
-                                                           common.DTYPE_BYTES[dtype_name])
-                            runner.run(build, reason=reason, images=batch, flops=flops, min_bytes=min_bytes, **case)
+                counts = None if missing else model_counts(DEPTHS[name], os_, size, args.num_classes)
+                flops = min_bytes = None
+                if counts is not None:
+                    per_image = counts[0] if mode == "train_step" else counts[1]
+                    flops = (per_image * batch, per_image * batch)
+                    min_bytes = step_min_bytes(mode, batch, size, args.num_classes, counts[2],
+                                               common.DTYPE_BYTES[dtype_name])
+                runner.run(build, reason=reason, images=batch, flops=flops, min_bytes=min_bytes, **case)
     meta = {"script": "train_bench", "argv": sys.argv[1:] if argv is None else argv, "environment": env,
             "image_size": size}
     return common.finish(runner.rows, args, meta, f"DeepLabV3 on {env['gpu']}")

@@ -102,6 +102,72 @@ def test_cpu_timing_loop_warms_up_and_repeats(monkeypatch):
     assert len(calls) == common.CPU_WARMUP + 25
 
 
+def test_interleaved_timing_rotates_the_order_and_drops_a_failing_function(monkeypatch):
+    """interleaved_times: CPU_WARMUP - 1 warm-up calls each, then rounds of one timed call per function, the order
+    rotating by one each round; a function that raises is dropped with its exception, the others go on; grads are
+    cleared before every call."""
+    monkeypatch.setattr(common, "CPU_MIN_S", 0.0)
+    log = []
+    param = torch.zeros(1, requires_grad=True)
+
+    def make(name, fail_at=None):
+        def fn():
+            assert param.grad is None, "grad not cleared"
+            log.append(name)
+            if fail_at is not None and log.count(name) == fail_at:
+                raise RuntimeError(f"{name} broke")
+            param.grad = torch.ones(1)
+        return fn
+
+    calls = [(make("a"), [param]), (make("b", fail_at=common.CPU_WARMUP + 2), [param]), (make("c"), [param])]
+    times = common.interleaved_times(calls)
+    warm = common.CPU_WARMUP - 1
+    assert log[:3 * warm] == ["a"] * warm + ["b"] * warm + ["c"] * warm
+    rounds = log[3 * warm:]
+    assert rounds[:9] == ["a", "b", "c", "b", "c", "a", "c", "a", "b"]  # b raises in round 3
+    assert rounds[9:13] == ["c", "a", "a", "c"]  # two left, still rotating
+    assert isinstance(times[1], RuntimeError) and "b broke" in str(times[1])
+    assert len(times[0]) == len(times[2]) == common.CPU_MIN_REPS
+    assert all(t >= 0 for t in times[0] + times[2])
+    log.clear()
+    quick = common.interleaved_times([(make("a"), [param]), (make("c"), [param])], quick=True)
+    assert log == ["a", "c"] + ["a", "c", "c", "a", "a", "c"] and [len(t) for t in quick] == [3, 3]
+
+
+def test_runner_group_times_cases_together_and_keeps_their_order(monkeypatch, tmp_path):
+    """Inside runner.group() on the CPU, run() only collects; at the end every case is built, timed interleaved,
+    and its row (skipped, error or ok) lands in submission order. Outside a group each case runs at once."""
+    monkeypatch.setattr(common, "CPU_MIN_S", 0.0)
+    args = type("Args", (), dict(budget_s=None, out=tmp_path, name="group", quick=True, profile=False))()
+    env = dict.fromkeys(common.ENV_FIELDS, "x")
+    runner = common.Runner(env, torch.device("cpu"), args, None)
+    log = []
+
+    def build(name):
+        def make():
+            if name == "broken":
+                raise ValueError("cannot build")
+            log.append(f"build {name}")
+            return (lambda: log.append(name)), []
+        return make
+
+    case = dict(op="conv_bn_relu", mode="eval_fwd", dtype="fp32", shape="s", batch=1)
+    with runner.group():
+        runner.run(build("eager"), provider="eager", **case)
+        runner.run(build("x"), reason="not here", provider="triton", **case)
+        runner.run(build("broken"), provider="cuda", **case)
+        runner.run(build("cpu"), provider="cpu", **case)
+        assert runner.rows == [] and log == []
+    assert log[:4] == ["build eager", "eager", "build cpu", "cpu"]  # built and called once each, in order
+    assert log[4:] == ["eager", "cpu"] + ["eager", "cpu", "cpu", "eager", "eager", "cpu"]  # warm-up, 3 rounds
+    assert [(r["provider"], r["status"]) for r in runner.rows] == [
+        ("eager", "ok"), ("triton", "skipped"), ("cuda", "error"), ("cpu", "ok")]
+    assert "cannot build" in runner.rows[2]["note"] and runner.rows[0]["speedup_vs_eager"] is not None
+    log.clear()
+    runner.run(build("alone"), provider="eager", **dict(case, shape="t"))
+    assert log[0] == "build alone" and runner.rows[-1]["status"] == "ok"
+
+
 def test_make_row_rejects_unknown_fields():
     env = dict.fromkeys(common.ENV_FIELDS, "x")
     assert set(common.make_row(env, op="aspp")) == set(common.FIELDS)
