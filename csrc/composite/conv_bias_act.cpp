@@ -83,10 +83,20 @@ at::Tensor conv_bias_act_generic(const at::Tensor& x, const at::Tensor& weight, 
 // layout, with the values of oneDNN's convolution followed by add_ and relu_. For channels_last float32 with a ReLU.
 // Not for NCHW: oneDNN reorders NCHW to its blocked layout, and there at::convolution (which picks the THNN kernel
 // for 1x1 convolutions on one thread) measured faster. at::convolution also picks THNN for channels_last 1x1 on one
-// thread, converting the layout in and out: this path is up to 2x faster there.
+// thread, converting the layout in and out: this path is up to 2x faster there. Not for small outputs either: the
+// post-op convolution costs more per call than the epilogue passes it saves (measured on this project's Xeon,
+// at::convolution + add_ + relu_ against it, same process: 8x64x17x17 1x1 with a residual 116 against 130 us, 141
+// against 164 on one thread; 8x16x17x17 3x3 stride 2 90 against 95; from about 2^18 output values it wins:
+// 4x64x33x33 3x3 935 against 1111 us, 2x256x33x33 1x1 599 against 706).
+constexpr int64_t kPointwiseMinOutput = int64_t{1} << 18;
+
 bool mkldnn_pointwise_applies(const at::Tensor& x, const at::Tensor& weight, const std::optional<at::Tensor>& bias,
-                              const std::optional<at::Tensor>& residual, bool relu) {
+                              const std::optional<at::Tensor>& residual, bool relu, at::IntArrayRef stride,
+                              at::IntArrayRef padding, at::IntArrayRef dilation) {
   if (!relu || x.scalar_type() != at::kFloat || !x.is_cpu()) return false;
+  const int64_t oh = (x.size(2) + 2 * padding[0] - dilation[0] * (weight.size(2) - 1) - 1) / stride[0] + 1;
+  const int64_t ow = (x.size(3) + 2 * padding[1] - dilation[1] * (weight.size(3) - 1) - 1) / stride[1] + 1;
+  if (x.size(0) * weight.size(0) * oh * ow < kPointwiseMinOutput) return false;
   if (!at::hasMKLDNN() || !at::globalContext().userEnabledMkldnn()) return false;
   if (x.suggest_memory_format() != at::MemoryFormat::ChannelsLast) return false;
   // The weight channels_last too (as a channels_last model's is; a 1x1 weight is both): oneDNN would copy any other
@@ -135,7 +145,7 @@ at::Tensor conv_bias_act_cpu(const at::Tensor& x, const at::Tensor& weight, cons
     // The eval path's folded weights (deeplab_ops.common.derived) have their transforms kept (winograd_cache_allow).
     return winograd_conv3x3(x, weight, bias, residual, padding, dilation, relu, m, x.suggest_memory_format());
   }
-  if (mkldnn_pointwise_applies(x, weight, bias, residual, relu)) {
+  if (mkldnn_pointwise_applies(x, weight, bias, residual, relu, stride, padding, dilation)) {
     if (auto out = conv_bias_act_mkldnn(x, weight, bias, residual, stride, padding, dilation)) return *out;
   }
   return conv_bias_act_generic(x, weight, bias, residual, stride, padding, dilation, relu);

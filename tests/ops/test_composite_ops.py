@@ -66,30 +66,36 @@ def test_conv_bias_act_without_bias_is_the_forward_conv_out_exactly(layout):
 
 
 @pytest.mark.parametrize("with_residual", [False, True])
-def test_conv_bias_act_channels_last_relu_runs_one_onednn_call(with_residual):
-    # channels_last float32 with a ReLU: bias, residual sum and ReLU are oneDNN post-ops of one convolution call
-    # (mkldnn::_convolution_pointwise): no add_/relu_ passes, the output channels_last, the values conv + add + relu's.
+@pytest.mark.parametrize("size", ["large", "small"])
+def test_conv_bias_act_channels_last_relu_runs_one_onednn_call_when_large(with_residual, size):
+    # channels_last float32 with a ReLU and at least 2^18 output values: bias, residual sum and ReLU are oneDNN
+    # post-ops of one convolution call (mkldnn::_convolution_pointwise): no add_/relu_ passes, the output
+    # channels_last. Smaller outputs take at::convolution + add_ + relu_ (the post-op call costs more per call than
+    # the passes it saves there). The values are conv + add + relu's either way.
     from torch.profiler import ProfilerActivity, profile
 
     cl = torch.channels_last
-    x = torch.randn(2, 8, 9, 9).contiguous(memory_format=cl)
-    w = torch.randn(6, 8, 3, 3).contiguous(memory_format=cl)
-    bias = torch.randn(6)
-    residual = torch.randn(2, 6, 9, 9).contiguous(memory_format=cl) if with_residual else None
+    n, hw = (4, 64) if size == "large" else (2, 9)  # 4 x 32 x 64 x 64 = 2^19 output values; 2 x 32 x 9 x 9
+    x = torch.randn(n, 8, hw, hw).contiguous(memory_format=cl)
+    w = torch.randn(32, 8, 3, 3).contiguous(memory_format=cl)
+    bias = torch.randn(32)
+    residual = torch.randn(n, 32, hw, hw).contiguous(memory_format=cl) if with_residual else None
     with profile(activities=[ProfilerActivity.CPU]) as prof:
         out = _ops.conv_bias_act(x, w, bias, residual, (1, 1), (2, 2), (2, 2), True)
     names = [e.name for e in prof.events()]
-    if torch.backends.mkldnn.is_available() and torch.backends.mkldnn.enabled:
+    if size == "small":
+        assert "mkldnn::_convolution_pointwise" not in names and "aten::relu_" in names, names
+    elif torch.backends.mkldnn.is_available() and torch.backends.mkldnn.enabled:
         assert "mkldnn::_convolution_pointwise" in names, names
         assert not {"aten::add_", "aten::relu_", "aten::copy_"} & set(names), names
     assert out.is_contiguous(memory_format=cl)
     ref = F.conv2d(x.double(), w.double(), bias.double(), 1, 2, 2)
     if residual is not None:
         ref = ref + residual.double()
-    _close(out.double(), F.relu(ref), "conv_bias_act (oneDNN post-ops)", 2e-5)
+    _close(out.double(), F.relu(ref), f"conv_bias_act ({size})", 2e-5)
     with pytest.raises(RuntimeError, match="residual must have shape"):
-        _ops.conv_bias_act(x, w, bias, torch.randn(2, 6, 9, 8).contiguous(memory_format=cl), (1, 1), (2, 2), (2, 2),
-                           True)
+        _ops.conv_bias_act(x, w, bias, torch.randn(n, 32, hw, hw - 1).contiguous(memory_format=cl), (1, 1), (2, 2),
+                           (2, 2), True)
 
 
 @pytest.mark.parametrize("with_residual", [False, True])
