@@ -51,6 +51,14 @@ constexpr double kMaxWorkRatioChunked = 0.65;
 constexpr int64_t kBlockWeightBytes = 12 << 20;
 constexpr int64_t kChunkBytes = 48 << 20;
 constexpr int64_t kMaxWeightBytes = 160 << 20;
+// A weight whose transform is not kept (not registered with winograd_cache_allow: the ASPP's branch parameters,
+// weights folded inside a compiled graph) is transformed on every call: U = G g G^T costs about as much as this many
+// GEMM products per transformed element (measured on this project's Xeon, per call, against the GEMMs' ~9.4 ps per
+// product: 256 x 256 and 512 x 512 channels 0.38-0.43 ns per element; over glibc's largest mmap threshold, 32 MB,
+// a fresh U is mapped and page-faulted in on each call: 2048 x 256 channels 1.75 ns, 1024 x 1024 3.1 ns).
+constexpr double kTransformCost = 40.0;
+constexpr double kTransformCostMapped = 250.0;
+constexpr int64_t kMappedBytes = int64_t{32} << 20;
 
 int64_t ceil_div(int64_t a, int64_t b) { return (a + b - 1) / b; }
 
@@ -774,12 +782,16 @@ int winograd_plan(const at::Tensor& x, const at::Tensor& weight, at::IntArrayRef
   const double direct = static_cast<double>(x.size(0)) *
                         static_cast<double>(valid_taps(x.size(2), ho, padding[0], dilation[0])) *
                         static_cast<double>(valid_taps(x.size(3), wo, padding[1], dilation[1]));
+  // The weight transform, per call where it is not kept, in the same units (products per input-output channel pair)
+  const bool kept = transform_cache().allowed(weight);
   int best = 0;
   double best_work = 0.0;
   for (int m : {4, 3, 2}) {
     const Geometry g = geometry(x.size(0), x.size(1), x.size(2), x.size(3), weight.size(0), padding, dilation, m);
-    const double work = static_cast<double>(g.tiles() * (m + 2) * (m + 2));
-    const bool chunked = (m + 2) * (m + 2) * x.size(1) * weight.size(0) * int64_t{sizeof(float)} > kBlockWeightBytes;
+    const int64_t u_bytes = (m + 2) * (m + 2) * x.size(1) * weight.size(0) * int64_t{sizeof(float)};
+    const double transform = kept ? 0.0 : (u_bytes > kMappedBytes ? kTransformCostMapped : kTransformCost);
+    const double work = (static_cast<double>(g.tiles()) + transform) * (m + 2) * (m + 2);
+    const bool chunked = u_bytes > kBlockWeightBytes;
     if (work < (chunked ? kMaxWorkRatioChunked : kMaxWorkRatio) * direct && (best == 0 || work < best_work)) {
       best = m, best_work = work;
     }

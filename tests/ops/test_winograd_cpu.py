@@ -43,6 +43,13 @@ def _inputs(n, c, k, h, w, scale=1.0):
     return x, weight
 
 
+def _kept(weight):
+    """weight, registered as one whose Winograd transform is kept between calls (as the eval path registers the
+    BatchNorm folds it caches): winograd_plan then counts no per-call weight transform against it."""
+    _ops.winograd_cache_allow(weight)
+    return weight
+
+
 def _close(actual, expected, what, tol=2e-5):
     # Winograd rounds in its transforms: about 10x oneDNN's error, relative to the output's size.
     scale = max(expected.abs().max().item(), 1.0)
@@ -78,7 +85,7 @@ def test_conv_bias_act_runs_winograd_and_matches_float64(case, epilogue, layout)
     # NCHW input is converted in and out (the output keeps x's memory format).
     n, c, k, h, w, padding, dilation = case
     x, weight = _inputs(n, c, k, h, w)
-    x = x.contiguous(memory_format=layout)
+    x, weight = x.contiguous(memory_format=layout), _kept(weight)
     bias = torch.randn(k) if "bias" in epilogue else None
     ref = F.conv2d(x.double(), weight.double(), None if bias is None else bias.double(), 1, padding, dilation)
     residual = torch.randn(ref.shape).contiguous(memory_format=layout) if "residual" in epilogue else None
@@ -93,8 +100,9 @@ def test_conv_bias_act_runs_winograd_and_matches_float64(case, epilogue, layout)
     _close(out, ref, f"winograd {case} {epilogue}")
 
 
-def _plan(n, c, k, h, w, padding, dilation, stride=(1, 1)):
-    return _ops.winograd_plan(torch.empty(n, c, h, w), torch.empty(k, c, 3, 3), stride, padding, dilation)
+def _plan(n, c, k, h, w, padding, dilation, stride=(1, 1), kept=True):
+    weight = torch.empty(k, c, 3, 3)
+    return _ops.winograd_plan(torch.empty(n, c, h, w), _kept(weight) if kept else weight, stride, padding, dilation)
 
 
 @pytest.mark.parametrize(
@@ -112,6 +120,20 @@ def _plan(n, c, k, h, w, padding, dilation, stride=(1, 1)):
 )
 def test_plan_picks_the_tile_size_with_the_fewest_products(case, tile):
     assert _plan(*case) == tile
+
+
+@pytest.mark.parametrize(
+    "case,kept,transformed",
+    [((2, 32, 32, 17, 17, (1, 1), (1, 1)), 4, 0),  # 50 tiles: a transform per call would cost more than it saves
+     ((1, 32, 32, 32, 32, (1, 1), (1, 1)), 4, 4),  # 64 tiles: it pays even so
+     ((2, 2048, 256, 33, 33, (6, 6), (6, 6)), 3, 0),  # an ASPP branch (its parameter, not kept): oneDNN
+     ((1, 512, 512, 33, 33, (2, 2), (2, 2)), 4, 3)],  # F(4x4)'s 38 MB transform would be mapped in on every call
+    ids=str,
+)
+def test_plan_counts_the_weight_transform_of_weights_not_kept(case, kept, transformed):
+    # A weight not registered with winograd_cache_allow is transformed on every call: the plan adds that cost.
+    assert _plan(*case, kept=True) == kept
+    assert _plan(*case, kept=False) == transformed
 
 
 def test_plan_declines_what_winograd_cannot_run():
@@ -160,7 +182,7 @@ def test_large_weights_run_in_chunks(case, layout):
     n, cin, cout, h, w, padding, dilation = case
     torch.manual_seed(1)
     x = torch.randn(n, cin, h, w).contiguous(memory_format=layout)
-    weight = torch.randn(cout, cin, 3, 3) / (3 * cin**0.5)
+    weight = _kept(torch.randn(cout, cin, 3, 3) / (3 * cin**0.5))
     bias, residual = torch.randn(cout), torch.randn(n, cout, h, w).contiguous(memory_format=layout)
     out, names = _ran(lambda: _ops.conv_bias_act(x, weight, bias, residual, (1, 1), padding, dilation, True))
     assert _used_winograd(names), sorted(names)
@@ -175,6 +197,7 @@ def test_non_finite_inputs_never_vanish(relu):
     # inf; Winograd's transforms mix a whole tile, so the 4x4 outputs of the tiles that share its input patch go
     # NaN together, as with cuDNN's Winograd); the ReLU keeps NaN; every other output is the direct one's.
     x, weight = _inputs(1, 32, 32, 16, 16)
+    weight = _kept(weight)
     x[0, 3, 5, 5] = float("nan")
     if not relu:  # relu(-inf) is 0 for both algorithms
         x[0, 5, 12, 2] = float("inf")
@@ -197,7 +220,7 @@ def test_strided_views_and_the_same_bits_for_any_thread_count(size):
     wide = torch.randn(2, 80, size, size).contiguous(memory_format=CL)
     x = wide[:, 8:48]
     assert x.stride(1) == 1 and not x.is_contiguous(memory_format=CL)
-    weight = torch.randn(36, 40, 3, 3) / 20
+    weight = _kept(torch.randn(36, 40, 3, 3) / 20)
     bias = torch.randn(36)
     ref = F.conv2d(x.double(), weight.double(), bias.double(), 1, 1, 1)
     threads = torch.get_num_threads()
@@ -292,6 +315,7 @@ def test_eval_module_runs_winograd_and_the_switch_turns_it_off(flag, monkeypatch
 @pytest.mark.parametrize("mode", ["no_grad", "inference_mode"])
 def test_runs_under_no_grad_and_inference_mode(mode):
     x, weight = _inputs(2, 32, 32, 11, 11)
+    weight = _kept(weight)
     ctx = torch.inference_mode() if mode == "inference_mode" else torch.no_grad()
     with ctx:
         out, names = _ran(lambda: _ops.conv_bias_act(x, weight, None, None, (1, 1), (1, 1), (1, 1), True))
@@ -303,7 +327,8 @@ def test_runs_under_no_grad_and_inference_mode(mode):
     "mode", ["train", "train-lean", "eval-with-grad", "eval-with-grad-lean", "eval-no-grad", "eval-under-no_grad"]
 )
 def test_aspp_branches_run_winograd_only_without_gradients(mode):
-    # The fused ASPP's 3x3 branches (channels-last, 32 channels, rates that tile a 20x20 map well): Winograd in
+    # The fused ASPP's 3x3 branches (channels-last, 32 channels, rates that tile a 40x40 map well enough to pay for
+    # transforming the branch parameters on every call): Winograd in
     # eval with no gradient to compute (no input requires grad, or grad mode off though the parameters require
     # it), oneDNN in training and wherever a gradient flows, the memory-efficient backward's recompute included;
     # output, running statistics and (with gradients) every gradient against float64.
@@ -312,7 +337,7 @@ def test_aspp_branches_run_winograd_only_without_gradients(mode):
     grad = mode != "eval-no-grad"  # whether the tensors require grad
     flows = grad and mode != "eval-under-no_grad"  # whether a gradient is computed
     n, cin, c, rates = 2, 32, 32, (2, 3)
-    x = torch.randn(n, cin, 20, 20).contiguous(memory_format=CL).requires_grad_(grad)
+    x = torch.randn(n, cin, 40, 40).contiguous(memory_format=CL).requires_grad_(grad)
     convs = [torch.randn(c, cin, 1, 1) / cin**0.5] + [torch.randn(c, cin, 3, 3) / (3 * cin**0.5) for _ in rates]
     convs = [w.contiguous(memory_format=CL).requires_grad_(grad) for w in convs]
     pool_w = (torch.randn(c, cin, 1, 1) / cin**0.5).requires_grad_(grad)
@@ -347,7 +372,7 @@ def test_lowered_matmul_precision_keeps_convolutions_float32(setting):
     # Winograd's GEMMs would follow the float32 matmul precision (bfloat16 on CPUs that have it); a convolution
     # stays float32 whatever that setting says, so oneDNN's convolution runs instead.
     x, weight = _inputs(2, 64, 64, 17, 17)
-    zero = torch.zeros(64)
+    weight, zero = _kept(weight), torch.zeros(64)
     ref = F.conv2d(x.double(), weight.double(), None, 1, 1, 1)
     before_global = torch.get_float32_matmul_precision()
     before_mkldnn = torch.backends.mkldnn.matmul.fp32_precision
@@ -409,11 +434,12 @@ def test_eval_weight_transform_is_cached_and_follows_the_parameters():
 
 
 def test_direct_calls_follow_in_place_writes_and_new_storage():
-    x, weight = _inputs(1, 32, 32, 12, 12)
+    x, weight = _inputs(1, 32, 32, 32, 32)  # large enough for Winograd to pay for a transform per call
     bias = torch.randn(32)
 
     def check(what):
-        out = _ops.conv_bias_act(x, weight, bias, None, (1, 1), (1, 1), (1, 1), False)
+        out, names = _ran(lambda: _ops.conv_bias_act(x, weight, bias, None, (1, 1), (1, 1), (1, 1), False))
+        assert _used_winograd(names), (what, sorted(names))
         _close(out, F.conv2d(x.double(), weight.double(), bias.double(), 1, 1, 1), what)
 
     check("first")
@@ -429,7 +455,7 @@ def test_parameters_and_inference_tensors_are_not_cached():
     inference tensors have no version counter: neither is kept."""
     torch.manual_seed(0)
     aspp = deeplab_ops.nn.FusedASPP(32, (2, 3), out_channels=32, backend="cpu").eval().to(memory_format=CL)
-    x = torch.randn(2, 32, 20, 20).contiguous(memory_format=CL)  # rates that tile this map well: Winograd
+    x = torch.randn(2, 32, 40, 40).contiguous(memory_format=CL)  # rates that tile this map well: Winograd
     with torch.inference_mode():
         xi, wi = _inputs(1, 32, 32, 9, 9)
         before = _cache()
@@ -461,10 +487,11 @@ def test_chunked_weights_give_the_same_bits_for_any_thread_count():
 def test_only_the_eval_paths_cached_folds_keep_their_transforms():
     """A weight the eval path did not register (a parameter, a compiled graph's buffer) may change without its
     version counter saying so: its transform is computed every call."""
-    x, weight = _inputs(1, 32, 32, 12, 12)
+    x, weight = _inputs(1, 32, 32, 32, 32)  # large enough for Winograd to pay for a transform per call
     bias = torch.randn(32)
     before = _cache()
-    first = _ops.conv_bias_act(x, weight, bias, None, (1, 1), (1, 1), (1, 1), False)
+    first, names = _ran(lambda: _ops.conv_bias_act(x, weight, bias, None, (1, 1), (1, 1), (1, 1), False))
+    assert _used_winograd(names), sorted(names)
     weight.data.copy_(torch.randn_like(weight))  # a write the version counter does not see
     out = _ops.conv_bias_act(x, weight, bias, None, (1, 1), (1, 1), (1, 1), False)
     _close(out, F.conv2d(x.double(), weight.double(), bias.double(), 1, 1, 1), "after a .data write")
@@ -482,7 +509,7 @@ def test_compiled_eval_model_matches_eager():
             f[1].running_mean.uniform_(-1, 1), f[1].running_var.uniform_(0.5, 2)
             f[1].weight.uniform_(0.5, 2), f[1].bias.uniform_(-1, 1)
     model = torch.nn.Sequential(*layers).eval()
-    x = torch.randn(1, 32, 17, 17)
+    x = torch.randn(1, 32, 40, 40)  # large enough for Winograd to pay for a transform per call
     with torch.no_grad():
         ref = x.double()
         for f in layers:
