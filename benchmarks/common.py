@@ -648,10 +648,12 @@ class Runner:
 
     def _run_group(self, cases: list[tuple]) -> None:
         """Build each case and time its first call (setup_s), then time them all interleaved; rows in order."""
-        built: list[tuple | dict | None] = []  # per case: (fn, grads, setup_s), an error row, or None (skipped)
+        built: list[tuple | dict | str] = []  # per case: (fn, grads, setup_s), an error row, or why it is skipped
         for build, reason, _, _, case in cases:
+            if not reason and self.budget.spent():  # spent while the group's earlier cases were built
+                reason = f"time budget of {self.args.budget_s:.0f} s spent"
             if reason:
-                built.append(None)
+                built.append(reason)
                 continue
             try:
                 start = time.perf_counter()
@@ -663,9 +665,9 @@ class Runner:
         timed = [b for b in built if isinstance(b, tuple)]
         times = iter(interleaved_times([(fn, grads) for fn, grads, _ in timed], self.args.quick))
         profile = self._profile_path()
-        for (_, reason, figures, note, case), b in zip(cases, built, strict=True):
-            if b is None:
-                self.skip(reason, **case)
+        for (_, _, figures, note, case), b in zip(cases, built, strict=True):
+            if isinstance(b, str):
+                self.skip(b, **case)
                 continue
             if isinstance(b, dict):
                 self._keep(b, note, case)

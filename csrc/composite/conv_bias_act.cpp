@@ -137,11 +137,12 @@ at::Tensor conv_bias_act_cpu(const at::Tensor& x, const at::Tensor& weight, cons
                              const std::optional<at::Tensor>& residual, at::IntArrayRef stride,
                              at::IntArrayRef padding, at::IntArrayRef dilation, bool relu) {
   check_conv_bias_act_args(x, weight, bias, stride, padding, dilation);
+  // The residual checked before any path runs: the same message whichever one the call's size and layout pick.
+  if (present(residual)) check_fused_residual(*residual, x, weight, stride, padding, dilation);
   // Winograd for the eval path (BatchNorm folded: a bias, usually a ReLU); the plain form (no bias, residual or ReLU)
   // is the memory-efficient recompute of a training forward's convolution and runs that convolution, ATen's.
   const bool plain = !present(bias) && !present(residual) && !relu;
   if (const int m = plain ? 0 : winograd_plan(x, weight, stride, padding, dilation)) {
-    if (present(residual)) check_fused_residual(*residual, x, weight, stride, padding, dilation);
     // The eval path's folded weights (deeplab_ops.common.derived) have their transforms kept (winograd_cache_allow).
     return winograd_conv3x3(x, weight, bias, residual, padding, dilation, relu, m, x.suggest_memory_format());
   }

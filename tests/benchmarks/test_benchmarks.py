@@ -168,6 +168,33 @@ def test_runner_group_times_cases_together_and_keeps_their_order(monkeypatch, tm
     assert log[0] == "build alone" and runner.rows[-1]["status"] == "ok"
 
 
+def test_runner_group_skips_the_cases_left_when_the_budget_is_spent_while_building(monkeypatch, tmp_path):
+    """--budget-s inside a CPU group: a case whose turn to be built comes after the budget is spent is skipped, as
+    outside a group; the cases built before it are timed."""
+    monkeypatch.setattr(common, "CPU_MIN_S", 0.0)
+    args = type("Args", (), dict(budget_s=60.0, out=tmp_path, name="budget", quick=True, profile=False))()
+    runner = common.Runner(dict.fromkeys(common.ENV_FIELDS, "x"), torch.device("cpu"), args, None)
+    spent = []
+    monkeypatch.setattr(runner.budget, "spent", lambda: bool(spent))
+    built = []
+
+    def build(name):
+        def make():
+            built.append(name)
+            spent.append(True)  # this build used up the budget
+            return (lambda: None), []
+        return make
+
+    case = dict(op="conv_bn_relu", mode="eval_fwd", dtype="fp32", shape="s", batch=1)
+    with runner.group():
+        for provider in ("eager", "eager-cl", "cpu"):
+            runner.run(build(provider), provider=provider, **case)
+    assert built == ["eager"]
+    assert [(r["provider"], r["status"]) for r in runner.rows] == [
+        ("eager", "ok"), ("eager-cl", "skipped"), ("cpu", "skipped")]
+    assert "time budget of 60 s spent" in runner.rows[1]["note"]
+
+
 def test_make_row_rejects_unknown_fields():
     env = dict.fromkeys(common.ENV_FIELDS, "x")
     assert set(common.make_row(env, op="aspp")) == set(common.FIELDS)

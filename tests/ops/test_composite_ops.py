@@ -93,9 +93,13 @@ def test_conv_bias_act_channels_last_relu_runs_one_onednn_call_when_large(with_r
     if residual is not None:
         ref = ref + residual.double()
     _close(out.double(), F.relu(ref), f"conv_bias_act ({size})", 2e-5)
-    with pytest.raises(RuntimeError, match="residual must have shape"):
+    # The same message on either path, naming the argument and the shape expected
+    expected = rf"^deeplab_ops: residual must have shape \[{n}, 32, {hw}, {hw}\] \(the convolution output's\)"
+    with pytest.raises(RuntimeError, match=expected):
         _ops.conv_bias_act(x, w, bias, torch.randn(n, 32, hw, hw - 1).contiguous(memory_format=cl), (1, 1), (2, 2),
                            (2, 2), True)
+    with pytest.raises(RuntimeError, match=expected):
+        _ops.conv_bias_act(x.contiguous(), w, bias, torch.randn(n, 32, hw - 1, hw), (1, 1), (2, 2), (2, 2), True)
 
 
 @pytest.mark.parametrize("with_residual", [False, True])

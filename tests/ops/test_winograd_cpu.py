@@ -127,6 +127,8 @@ def test_plan_picks_the_tile_size_with_the_fewest_products(case, tile):
     [((2, 32, 32, 17, 17, (1, 1), (1, 1)), 4, 0),  # 50 tiles: a transform per call would cost more than it saves
      ((1, 32, 32, 32, 32, (1, 1), (1, 1)), 4, 4),  # 64 tiles: it pays even so
      ((2, 2048, 256, 33, 33, (6, 6), (6, 6)), 3, 0),  # an ASPP branch (its parameter, not kept): oneDNN
+     ((8, 2048, 256, 33, 33, (6, 6), (6, 6)), 3, 3),  # ... but over batch 8's tiles the transform pays
+     ((2, 2048, 256, 65, 65, (12, 12), (12, 12)), 3, 3),  # ... as over an output-stride-8 map's (docs/kernels.md)
      ((1, 512, 512, 33, 33, (2, 2), (2, 2)), 4, 3)],  # F(4x4)'s 38 MB transform would be mapped in on every call
     ids=str,
 )
