@@ -487,8 +487,10 @@ at::Tensor change_layout(const at::Tensor& t, at::MemoryFormat to) {
 // so its transform is computed per call. An entry belongs to one weight tensor (its TensorImpl, held weakly: the
 // address cannot be reused while the entry lives; a freed weight's entry is dropped at the next lookup or
 // insertion) in one state (storage, sizes, version counter, read before the transform) and one tile size. Least
-// recently used first out, within kCacheBytes and kCacheEntries.
-constexpr int64_t kCacheBytes = int64_t{256} << 20;
+// recently used first out, within kCacheBytes and kCacheEntries. A forward pass uses its layers' transforms in
+// turn, so a model whose transforms exceed the cache evicts each before its next use: kCacheBytes holds
+// DeepLabV3-ResNet-101's (about 340 MB at output stride 16; ResNet-50's about 180 MB) with room to spare.
+constexpr int64_t kCacheBytes = int64_t{1} << 30;
 constexpr size_t kCacheEntries = 256;
 
 using WeakImpl = c10::weak_intrusive_ptr<c10::TensorImpl>;

@@ -435,6 +435,24 @@ def test_eval_weight_transform_is_cached_and_follows_the_parameters():
     assert _cache()["entries"] == 0 and _cache()["bytes"] == 0
 
 
+def test_a_deep_models_transforms_stay_cached_across_passes():
+    """30 registered 256 x 256 weights (9.4 MB of F(4x4) transform each, 283 MB: more than a 256 MB cache, which
+    evicted every one before its next use, as in a DeepLabV3-ResNet-101 eval), used in turn for three passes: the
+    second and third hit every one."""
+    deeplab_ops.common.clear_derived()
+    x = torch.randn(1, 256, 16, 16).contiguous(memory_format=CL)
+    weights = [_kept(torch.randn(256, 256, 3, 3) / 48) for _ in range(30)]
+    assert _ops.winograd_plan(x, weights[0], (1, 1), (1, 1), (1, 1)) == 4
+    before = _cache()
+    for _ in range(3):
+        for w in weights:
+            _ops.conv_bias_act(x, w, None, None, (1, 1), (1, 1), (1, 1), True)
+    after = _cache()
+    assert after["misses"] - before["misses"] == 30 and after["hits"] - before["hits"] == 60, after
+    del weights
+    deeplab_ops.common.clear_derived()
+
+
 def test_direct_calls_follow_in_place_writes_and_new_storage():
     x, weight = _inputs(1, 32, 32, 32, 32)  # large enough for Winograd to pay for a transform per call
     bias = torch.randn(32)
