@@ -50,6 +50,10 @@ constexpr double kMaxWorkRatioChunked = 0.65;
 // once. Weights over kMaxWeightBytes run oneDNN.
 constexpr int64_t kBlockWeightBytes = 12 << 20;
 constexpr int64_t kChunkBytes = 48 << 20;
+// ... and each of V and M under this: glibc serves a larger allocation by a fresh mmap that is page-faulted in on
+// every call (measured: 2 x 2048 x 33 x 33 -> 256 at dilation 6, a 43 MB V per chunk, 62.5 ms against 21.7 ms at
+// batch 1, whose 30 MB V is reused from the heap).
+constexpr int64_t kChunkBufferBytes = 30 << 20;
 constexpr int64_t kMaxWeightBytes = 160 << 20;
 // A weight whose transform is not kept (not registered with winograd_cache_allow: the ASPP's branch parameters,
 // weights folded inside a compiled graph) is transformed on every call: U = G g G^T costs about as much as this many
@@ -525,7 +529,10 @@ class TransformCache {
     if (weight.is_inference()) return;
     std::lock_guard<std::mutex> lock(mu_);
     std::erase_if(allowed_, [](const WeakImpl& w) { return w.expired(); });
-    allowed_.emplace_back(weight.getIntrusivePtr());
+    const bool known = std::any_of(allowed_.begin(), allowed_.end(), [&](const WeakImpl& w) {
+      return w._unsafe_get_target() == weight.unsafeGetTensorImpl();
+    });
+    if (!known) allowed_.emplace_back(weight.getIntrusivePtr());  // registered once, however often allowed
   }
 
   bool allowed(const at::Tensor& weight) {
@@ -681,8 +688,11 @@ void winograd_chunks(const Geometry& g, const float* xp, Strides4 xs, const at::
   constexpr int A = Transform<M>::A;
   const int64_t tiles = g.tiles();
   const auto isa = kernel_isa();
-  const int64_t chunk = std::min(
-      std::max<int64_t>(kChunkBytes / (A * A * (g.c + g.k) * int64_t{sizeof(float)}), kMinBlockTiles), tiles);
+  const int64_t most = std::max<int64_t>(
+      std::min(kChunkBytes / (A * A * (g.c + g.k)), kChunkBufferBytes / (A * A * std::max(g.c, g.k))) /
+          int64_t{sizeof(float)},
+      kMinBlockTiles);
+  const int64_t chunk = ceil_div(tiles, ceil_div(tiles, most));  // chunks of equal size, up to one tile
   const at::Tensor vbuf = at::empty({A * A, chunk, g.c}, options);
   const at::Tensor mbuf = at::empty({A * A, chunk, g.k}, options);
   float* vp = vbuf.mutable_data_ptr<float>();

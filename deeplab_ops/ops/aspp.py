@@ -364,6 +364,8 @@ def aspp(
     args = [x, list(conv_weights), pool_weight, project_weight, bn_weights, bn_biases, running_means, running_vars,
             list(rates), training, float(momentum), float(eps), group_name, memory_efficient]
     if enter_directly(x):
+        if name == "cpu" and not training:
+            _keep_branch_transforms(conv_weights)
         # Per-BatchNorm tensors back to back in one storage (deeplab_ops.nn's fused ASPP keeps them so) go in as
         # views of it, the per-BatchNorm parameters being the autograd inputs (their gradients come back as
         # views): no cat in forward or backward, one copy per running statistic.
@@ -393,6 +395,17 @@ def aspp(
                     m.copy_(nm)
                     v.copy_(nv)
     return out
+
+
+def _keep_branch_transforms(conv_weights) -> None:
+    """Registers the 3×3 branch weights of a cpu-backend eval call as weights whose Winograd transforms the backend
+    may keep (csrc/cpu/winograd_cpu.h), as the eval path of conv_bn_relu keeps its cached folds': kept per weight
+    tensor, storage and version counter, so an optimizer step or load_state_dict refreshes them and, as for the
+    folds, a write through `.data` is not seen (deeplab_ops.common.clear_derived() drops them). Without it, a
+    2048 → 256 branch would be transformed (52 MB) on every call, which costs more than Winograd saves there."""
+    for w in conv_weights[1:]:
+        if w.device.type == "cpu" and w.dtype == torch.float32:
+            torch.ops.deeplab_ops.winograd_cache_allow(w)
 
 
 def _lists(value, n_bn: int):

@@ -470,22 +470,53 @@ def test_direct_calls_follow_in_place_writes_and_new_storage():
     check("after .data got a new tensor")
 
 
-def test_parameters_and_inference_tensors_are_not_cached():
-    """The ASPP's branches run Winograd on the parameters themselves (writes through `.data` must stay visible), and
-    inference tensors have no version counter: neither is kept."""
-    torch.manual_seed(0)
-    aspp = deeplab_ops.nn.FusedASPP(32, (2, 3), out_channels=32, backend="cpu").eval().to(memory_format=CL)
-    x = torch.randn(2, 32, 40, 40).contiguous(memory_format=CL)  # rates that tile this map well: Winograd
+def test_inference_tensors_are_not_cached():
+    """Inference tensors have no version counter: their transforms are never kept."""
     with torch.inference_mode():
         xi, wi = _inputs(1, 32, 32, 9, 9)
+        _ops.winograd_cache_allow(wi)
         before = _cache()
         _ops.conv_bias_act(xi, wi, torch.zeros(32), None, (1, 1), (1, 1), (1, 1), True)
         assert _cache()["entries"] == before["entries"] and _cache()["bytes"] == before["bytes"]
+
+
+def _aspp_reference(aspp, x):
+    convs, pool, proj = list(aspp.convs)[:-1], aspp.convs[-1], aspp.project
+    bns = [c[1] for c in convs] + [pool[2], proj[1]]
+    d = lambda t: t.double()  # noqa: E731
+    return reference.aspp(d(x), [d(c[0].weight) for c in convs], d(pool[1].weight), d(proj[0].weight),
+                          [d(b.weight) for b in bns], [d(b.bias) for b in bns], [d(b.running_mean) for b in bns],
+                          [d(b.running_var) for b in bns], rates=aspp.atrous_rates, training=False)
+
+
+def test_aspp_eval_keeps_its_branch_transforms_and_follows_parameter_updates():
+    """The fused ASPP's 3x3 branch weights, in a cpu eval call, are registered as the eval path's folds are: their
+    transforms are kept per weight tensor, storage and version counter (a 2048 -> 256 branch would otherwise be
+    transformed, 52 MB, on every call, and the plan would leave it to oneDNN). Here the branches take Winograd only
+    because their transforms are kept; an in-place update (an optimizer step, load_state_dict) is seen; a write
+    through `.data` is not, until clear_derived(), as for the folds."""
+    torch.manual_seed(0)
+    deeplab_ops.common.clear_derived()
+    aspp = deeplab_ops.nn.FusedASPP(64, (3, 4), out_channels=32, backend="cpu").eval().to(memory_format=CL)
+    x = torch.randn(1, 64, 33, 33).contiguous(memory_format=CL)
+    branch = aspp.convs[1][0].weight
+    assert _ops.winograd_plan(x, branch.detach(), (1, 1), (3, 3), (3, 3)) == 0  # not kept: oneDNN
     with torch.no_grad():
         before = _cache()
-        _, names = _ran(lambda: aspp(x))
-        assert "aten::bmm" in names  # its 3x3 branches ran Winograd
-        assert _cache() == before
+        first, names = _ran(lambda: aspp(x))
+        assert "aten::bmm" in names, sorted(names)
+        after_first = _cache()
+        assert after_first["misses"] == before["misses"] + 2 and after_first["entries"] == before["entries"] + 2
+        assert torch.equal(aspp(x), first) and _cache()["hits"] == after_first["hits"] + 2
+        _close(first, _aspp_reference(aspp, x), "aspp eval, kept transforms", 1e-4)
+        branch.mul_(0.5)  # in place, through the parameter: a new version
+        _close(aspp(x), _aspp_reference(aspp, x), "after an in-place update", 1e-4)
+        stale = aspp(x)
+        branch.data.mul_(2.0)  # not seen by the version counter
+        assert torch.equal(aspp(x), stale)
+        deeplab_ops.common.clear_derived()
+        _close(aspp(x), _aspp_reference(aspp, x), "after clear_derived()", 1e-4)
+    deeplab_ops.common.clear_derived()
 
 
 def test_chunked_weights_give_the_same_bits_for_any_thread_count():
