@@ -402,9 +402,11 @@ def _keep_branch_transforms(conv_weights) -> None:
     may keep (csrc/cpu/winograd_cpu.h), as the eval path of conv_bn_relu keeps its cached folds': kept per weight
     tensor, storage and version counter, so an optimizer step or load_state_dict refreshes them and, as for the
     folds, a write through `.data` is not seen (deeplab_ops.common.clear_derived() drops them). Without it, a
-    2048 → 256 branch would be transformed (52 MB) on every call, which costs more than Winograd saves there."""
+    2048 → 256 branch would be transformed (52 MB) on every call, which costs more than Winograd saves there.
+    Parameters only: a weight computed per call (a scaled or reparametrized one) is never seen again, and registered
+    it would make the plan count its transform as kept and leave a dead transform in the cache."""
     for w in conv_weights[1:]:
-        if w.device.type == "cpu" and w.dtype == torch.float32:
+        if isinstance(w, torch.nn.Parameter) and w.device.type == "cpu" and w.dtype == torch.float32:
             torch.ops.deeplab_ops.winograd_cache_allow(w)
 
 

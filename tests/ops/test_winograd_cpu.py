@@ -519,6 +519,30 @@ def test_aspp_eval_keeps_its_branch_transforms_and_follows_parameter_updates():
     deeplab_ops.common.clear_derived()
 
 
+def test_aspp_weights_computed_per_call_are_not_kept():
+    """deeplab_ops.aspp called with branch weights computed per call (not parameters): nothing is registered, so the
+    plan still counts their transform and leaves them to oneDNN, and no dead transform is left in the cache."""
+    torch.manual_seed(0)
+    deeplab_ops.common.clear_derived()
+    aspp = deeplab_ops.nn.FusedASPP(64, (3, 4), out_channels=32, backend="cpu").eval().to(memory_format=CL)
+    x = torch.randn(1, 64, 33, 33).contiguous(memory_format=CL)
+    convs, pool, proj = list(aspp.convs)[:-1], aspp.convs[-1], aspp.project
+    bns = [c[1] for c in convs] + [pool[2], proj[1]]
+    before = _cache()
+    with torch.no_grad():
+        for _ in range(2):
+            weights = [c[0].weight * 1.0 for c in convs]  # fresh tensors, as a scaled weight would be
+            out, names = _ran(lambda ws=weights: deeplab_ops.aspp(
+                x, ws, pool[1].weight, proj[0].weight, [b.weight for b in bns], [b.bias for b in bns],
+                [b.running_mean for b in bns], [b.running_var for b in bns], rates=(3, 4), training=False,
+                backend="cpu"))
+            assert _ops.winograd_plan(x, weights[1], (1, 1), (3, 3), (3, 3)) == 0
+            assert "aten::bmm" not in names, sorted(names)
+            _close(out, _aspp_reference(aspp, x), "weights computed per call", 1e-4)
+    assert _cache() == before
+    deeplab_ops.common.clear_derived()
+
+
 def test_chunked_weights_give_the_same_bits_for_any_thread_count():
     torch.manual_seed(3)
     x = torch.randn(1, 300, 40, 40).contiguous(memory_format=CL)
