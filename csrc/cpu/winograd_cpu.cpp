@@ -499,19 +499,23 @@ constexpr size_t kCacheEntries = 256;
 
 using WeakImpl = c10::weak_intrusive_ptr<c10::TensorImpl>;
 
-// What identifies a weight tensor's contents while its owner lives.
+// What identifies a weight tensor's contents while its owner lives. The storage is compared by its StorageImpl,
+// which an entry holds weakly: `.data` given a new tensor keeps the version counter, and a data pointer alone is
+// reused by the allocator (`w.data = a; w.data = b` put b where the weight's storage had been: a stale hit).
 struct WeightState {
   const c10::TensorImpl* impl;
+  c10::weak_intrusive_ptr<c10::StorageImpl> storage;  // its address is not reused while the state is kept
   const void* data;
   std::vector<int64_t> sizes;
   uint32_t version;
 
   static WeightState of(const at::Tensor& t) {
-    return {t.unsafeGetTensorImpl(), t.const_data_ptr(), t.sizes().vec(),
+    return {t.unsafeGetTensorImpl(), t.storage().getWeakStorageImpl(), t.const_data_ptr(), t.sizes().vec(),
             t.unsafeGetTensorImpl()->version_counter().current_version()};
   }
   bool operator==(const WeightState& o) const {
-    return impl == o.impl && data == o.data && version == o.version && sizes == o.sizes;
+    return impl == o.impl && storage._unsafe_get_target() == o.storage._unsafe_get_target() && data == o.data &&
+           version == o.version && sizes == o.sizes;
   }
 };
 
@@ -692,7 +696,10 @@ void winograd_chunks(const Geometry& g, const float* xp, Strides4 xs, const at::
       std::min(kChunkBytes / (A * A * (g.c + g.k)), kChunkBufferBytes / (A * A * std::max(g.c, g.k))) /
           int64_t{sizeof(float)},
       kMinBlockTiles);
-  const int64_t chunk = ceil_div(tiles, ceil_div(tiles, most));  // chunks of equal size, up to one tile
+  // The fewest chunks of at most `most` tiles, each of `chunk` tiles but the last, which is up to one tile short per
+  // chunk (3104 tiles, at most 341 a chunk: nine chunks of 311, one of 305). V and M stay under kChunkBufferBytes where
+  // kMinBlockTiles tiles allow it: over about 6800 channels on one side (m = 4) they do not.
+  const int64_t chunk = ceil_div(tiles, ceil_div(tiles, most));
   const at::Tensor vbuf = at::empty({A * A, chunk, g.c}, options);
   const at::Tensor mbuf = at::empty({A * A, chunk, g.k}, options);
   float* vp = vbuf.mutable_data_ptr<float>();

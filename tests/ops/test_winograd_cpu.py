@@ -519,6 +519,37 @@ def test_aspp_eval_keeps_its_branch_transforms_and_follows_parameter_updates():
     deeplab_ops.common.clear_derived()
 
 
+def test_kept_transforms_follow_a_new_storage_at_the_old_address():
+    """`.data` given a new tensor keeps the version counter, and a new storage may lie where the old one did (the
+    allocator reuses a freed block: `w.data = a; w.data = b` put b at the weight's old address in most tries; here
+    made certain by two storages over one buffer): the kept transform follows the storage, not its address."""
+    torch.manual_seed(0)
+    deeplab_ops.common.clear_derived()
+    aspp = deeplab_ops.nn.FusedASPP(64, (3, 4), out_channels=32, backend="cpu").eval().to(memory_format=CL)
+    x = torch.randn(1, 64, 33, 33).contiguous(memory_format=CL)
+    branch = aspp.convs[1][0].weight
+    shape, strides = branch.shape, branch.stride()
+    buffer = bytearray(branch.numel() * 4)
+
+    def over_buffer(values):  # a new storage over `buffer` holding `values`, laid out as the weight is
+        flat = torch.frombuffer(buffer, dtype=torch.float32)
+        flat.copy_(values.permute(0, 2, 3, 1).reshape(-1))
+        return torch.frombuffer(buffer, dtype=torch.float32).as_strided(shape, strides)
+
+    with torch.no_grad():
+        branch.data = over_buffer(branch.detach())
+        _close(aspp(x), _aspp_reference(aspp, x), "first", 1e-4)
+        address, version = branch.data_ptr(), branch._version
+        branch.data = over_buffer(torch.randn(shape) * 0.05)
+        assert branch.data_ptr() == address and branch._version == version and branch.stride() == strides
+        _close(aspp(x), _aspp_reference(aspp, x), "a new storage at the old address", 1e-4)
+        for i in range(8):  # as the allocator does it
+            branch.data = torch.empty_like(branch)
+            branch.data = torch.randn_like(branch).mul_(0.05)
+            _close(aspp(x), _aspp_reference(aspp, x), f"after .data got new tensors ({i})", 1e-4)
+    deeplab_ops.common.clear_derived()
+
+
 def test_aspp_weights_computed_per_call_are_not_kept():
     """deeplab_ops.aspp called with branch weights computed per call (not parameters): nothing is registered, so the
     plan still counts their transform and leaves them to oneDNN, and no dead transform is left in the cache."""
