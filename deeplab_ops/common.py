@@ -12,6 +12,7 @@ import weakref
 
 import torch
 from torch._prims_common import suggest_memory_format
+from torch.optim.optimizer import register_optimizer_step_post_hook
 
 Tensor = torch.Tensor
 
@@ -168,6 +169,12 @@ def derived(tag, sources, build, on_store=None):
         if entry is not None:
             _evict(key)
         return build()
+    # The sources' storages, held while the entry lives: a storage given to a source later (`.data = other`) cannot
+    # then take the old one's address, so the data pointer in `state` tells it apart (no ABA).
+    try:
+        storages = tuple(t.untyped_storage() for t in live)
+    except (RuntimeError, NotImplementedError, TypeError):  # a tensor without a storage of its own
+        return build()
     _DERIVED_STATS["misses"] += 1
     with torch.inference_mode(False), torch.no_grad():
         value = build()
@@ -178,9 +185,22 @@ def derived(tag, sources, build, on_store=None):
         finalizers = old[2] if old is not None else None
         if finalizers is None:
             finalizers = tuple(weakref.finalize(t, _evict, key) for t in live)
-        _DERIVED[key] = (state, value, finalizers)
+        _DERIVED[key] = (state, value, finalizers, storages)
     del old  # the replaced value is freed outside the lock (its finalizers now belong to the new entry)
     return value
+
+
+def _count_fused_step(optimizer, args, kwargs) -> None:
+    """A fused optimizer step (`fused=True`: torch's Adam, AdamW, SGD, ...) writes the parameters in one kernel
+    without bumping their version counters, which `derived` (and the cpu backend's kept Winograd transforms) key on:
+    the step bumps them here, as every other in-place write does."""
+    for group in optimizer.param_groups:
+        if group.get("fused"):
+            torch.autograd.graph.increment_version([p for p in group["params"] if isinstance(p, torch.Tensor)])
+
+
+# Every optimizer's steps (one hook, registered once per process by the first import).
+_FUSED_STEP_HOOK = register_optimizer_step_post_hook(_count_fused_step)
 
 
 def derived_cache_info() -> dict[str, int]:

@@ -127,6 +127,44 @@ def test_the_fast_path_follows_every_parameter_change():
     check("after .double()")
 
 
+@pytest.mark.parametrize("optimizer", ["Adam", "AdamW", "SGD"])
+def test_the_fold_follows_a_fused_optimizer_step(optimizer):
+    # A fused step (fused=True) writes the parameters in one kernel without bumping their version counters; the
+    # package's optimizer hook bumps them, so the eval fold is rebuilt (it was stale: 88 % off after a fused Adam step).
+    fused, eager = _pair()
+    x = torch.randn(2, 3, 7, 7)
+    fused.eval()
+    with torch.no_grad():
+        fused(x)  # the fold is cached
+    opt = getattr(torch.optim, optimizer)(fused.parameters(), lr=0.5, fused=True)
+    for p in fused.parameters():
+        p.grad = torch.randn_like(p)
+    versions = [p._version for p in fused.parameters()]
+    opt.step()
+    assert all(p._version > v for p, v in zip(fused.parameters(), versions, strict=True))
+    eager.load_state_dict(fused.state_dict())
+    eager.eval()
+    with torch.no_grad():
+        _close(fused(x), eager(x), f"after a fused {optimizer} step")
+
+
+def test_the_fold_tells_a_new_storage_at_the_old_address_apart():
+    # `.data = other` keeps the version counter; were the old storage freed, the new one could take its address and
+    # the fold's (data pointer, version) state would match: the cache holds the sources' storages while it keeps
+    # their fold, so the address cannot come back.
+    fused, eager = _pair()
+    x = torch.randn(2, 3, 7, 7)
+    fused.eval(), eager.eval()
+    w = fused[0].weight
+    with torch.no_grad():
+        fused(x)
+        for _ in range(8):
+            w.data = torch.empty_like(w)  # free the previous storage ...
+            w.data = torch.randn_like(w)  # ... whose address the allocator tends to hand out again
+            eager[0].weight.copy_(w)
+            _close(fused(x), eager(x), "after .data got a new storage")
+
+
 def test_the_fast_path_follows_a_changed_geometry():
     fused, eager = _pair()
     x = torch.randn(2, 3, 9, 9)
