@@ -400,8 +400,7 @@ def bench(fn: Callable[[], object], device: torch.device, quick: bool = False,
     # CPU: warm-up calls first (oneDNN builds its primitives and the allocator grows on the first calls of a shape:
     # with one warm-up call the first provider of a case measured a few percent slow), then repetitions for at
     # least CPU_MIN_REPS calls and CPU_MIN_S seconds, at most CPU_MAX_REPS.
-    warmups, min_reps, min_s, max_reps = (1, 3, 0.0, 3) if quick else (CPU_WARMUP, CPU_MIN_REPS, CPU_MIN_S,
-                                                                         CPU_MAX_REPS)
+    warmups, min_reps, min_s, max_reps = cpu_loop(quick)
     for _ in range(warmups - 1 if warm else warmups):
         fn()
     times = []
@@ -419,6 +418,11 @@ def bench(fn: Callable[[], object], device: torch.device, quick: bool = False,
 CPU_WARMUP, CPU_MIN_REPS, CPU_MIN_S, CPU_MAX_REPS = 5, 10, 0.3, 300  # bench()'s CPU loop (not --quick)
 
 
+def cpu_loop(quick: bool) -> tuple[int, int, float, int]:
+    """(warm-up calls, least timed calls, least seconds, most timed calls) of the CPU timing loops."""
+    return (1, 3, 0.0, 3) if quick else (CPU_WARMUP, CPU_MIN_REPS, CPU_MIN_S, CPU_MAX_REPS)
+
+
 def interleaved_times(calls: Sequence[tuple[Callable[[], object], Sequence[torch.Tensor]]], quick: bool = False
                       ) -> list[list[float] | Exception]:
     """Per (fn, tensors whose .grad to clear) of `calls`, each fn having run once already: the milliseconds of its
@@ -428,8 +432,7 @@ def interleaved_times(calls: Sequence[tuple[Callable[[], object], Sequence[torch
     the order rotating by one per round (no function always runs after the same other), for at least CPU_MIN_REPS
     rounds and CPU_MIN_S seconds per function, at most CPU_MAX_REPS rounds. A function that raises leaves the
     rotation; the others go on."""
-    warmups, min_reps, min_s, max_reps = (1, 3, 0.0, 3) if quick else (CPU_WARMUP, CPU_MIN_REPS, CPU_MIN_S,
-                                                                         CPU_MAX_REPS)
+    warmups, min_reps, min_s, max_reps = cpu_loop(quick)
     results: list[list[float] | Exception] = [[] for _ in calls]
     live = list(range(len(calls)))
 

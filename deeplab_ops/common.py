@@ -169,12 +169,9 @@ def derived(tag, sources, build, on_store=None):
         if entry is not None:
             _evict(key)
         return build()
-    # The sources' storages, held while the entry lives: a storage given to a source later (`.data = other`) cannot
-    # then take the old one's address, so the data pointer in `state` tells it apart (no ABA).
-    try:
-        storages = tuple(t.untyped_storage() for t in live)
-    except (RuntimeError, NotImplementedError, TypeError):  # a tensor without a storage of its own
-        return build()
+    # The sources' storages (every one has a data pointer, read above), held while the entry lives: a storage given
+    # to a source later (`.data = other`) cannot then take the old one's address, so `state` tells it apart.
+    storages = tuple(t.untyped_storage() for t in live)
     _DERIVED_STATS["misses"] += 1
     with torch.inference_mode(False), torch.no_grad():
         value = build()

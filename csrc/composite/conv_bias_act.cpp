@@ -5,6 +5,7 @@
 #include <ATen/Context.h>
 #include <ATen/core/dispatch/Dispatcher.h>
 #include <ATen/native/ConvUtils.h>
+#include <c10/util/accumulate.h>
 #include <torch/library.h>
 
 #include <limits>
@@ -38,11 +39,9 @@ void check_residual(const std::optional<at::Tensor>& residual, const at::Tensor&
 // call (the fused convolutions would reject a wrong one less clearly).
 void check_fused_residual(const at::Tensor& residual, const at::Tensor& x, const at::Tensor& weight,
                           at::IntArrayRef stride, at::IntArrayRef padding, at::IntArrayRef dilation) {
-  const int64_t n = x.size(0), cout = weight.size(0);
-  const int64_t oh = (x.size(2) + 2 * padding[0] - dilation[0] * (weight.size(2) - 1) - 1) / stride[0] + 1;
-  const int64_t ow = (x.size(3) + 2 * padding[1] - dilation[1] * (weight.size(3) - 1) - 1) / stride[1] + 1;
-  TORCH_CHECK(residual.sizes() == at::IntArrayRef({n, cout, oh, ow}), "deeplab_ops: residual must have shape [", n,
-              ", ", cout, ", ", oh, ", ", ow, "] (the convolution output's), got ", residual.sizes());
+  const auto out = at::native::conv_output_size(x.sizes(), weight.sizes(), padding, stride, dilation);
+  TORCH_CHECK(residual.sizes() == at::IntArrayRef(out), "deeplab_ops: residual must have shape ", at::IntArrayRef(out),
+              " (the convolution output's), got ", residual.sizes());
   DLO_CHECK_SAME_DTYPE(residual, x);
   DLO_CHECK_SAME_DEVICE(residual, x);
 }
@@ -94,9 +93,10 @@ bool mkldnn_pointwise_applies(const at::Tensor& x, const at::Tensor& weight, con
                               const std::optional<at::Tensor>& residual, bool relu, at::IntArrayRef stride,
                               at::IntArrayRef padding, at::IntArrayRef dilation) {
   if (!relu || x.scalar_type() != at::kFloat || !x.is_cpu()) return false;
-  const int64_t oh = (x.size(2) + 2 * padding[0] - dilation[0] * (weight.size(2) - 1) - 1) / stride[0] + 1;
-  const int64_t ow = (x.size(3) + 2 * padding[1] - dilation[1] * (weight.size(3) - 1) - 1) / stride[1] + 1;
-  if (x.size(0) * weight.size(0) * oh * ow < kPointwiseMinOutput) return false;
+  if (c10::multiply_integers(at::native::conv_output_size(x.sizes(), weight.sizes(), padding, stride, dilation)) <
+      kPointwiseMinOutput) {
+    return false;
+  }
   if (!at::hasMKLDNN() || !at::globalContext().userEnabledMkldnn()) return false;
   if (x.suggest_memory_format() != at::MemoryFormat::ChannelsLast) return false;
   // The weight channels_last too (as a channels_last model's is; a 1x1 weight is both): oneDNN would copy any other
