@@ -13,6 +13,8 @@
 #include <Python.h>
 #include <torch/library.h>
 
+#include "cpu/conv_layout_cpu.h"
+#include "cpu/conv_taps_cpu.h"
 #include "cpu/winograd_cpu.h"
 
 extern "C" {
@@ -109,6 +111,16 @@ TORCH_LIBRARY(deeplab_ops, m) {
         [](const at::Tensor& x, const at::Tensor& weight, at::IntArrayRef stride, at::IntArrayRef padding,
            at::IntArrayRef dilation) -> int64_t {
           return deeplab_ops::winograd_plan(x, weight, stride, padding, dilation);
+        });
+  // sparse_taps_plan: whether the cpu backend runs a float32 convolution of an NCHW x channels_last (oneDNN skips
+  // the padding taps only there; csrc/cpu/conv_layout_cpu.h), and whether its backward skips them
+  // (csrc/cpu/conv_taps_cpu.h).
+  m.def("sparse_taps_plan(Tensor x, Tensor weight, int[2] stride, int[2] padding, int[2] dilation) "
+        "-> (bool channels_last, bool sparse_backward)",
+        [](const at::Tensor& x, const at::Tensor& weight, at::IntArrayRef stride, at::IntArrayRef padding,
+           at::IntArrayRef dilation) -> std::tuple<bool, bool> {
+          return {deeplab_ops::nchw_conv_via_channels_last(x, weight, stride, padding, dilation),
+                  deeplab_ops::conv_taps_backward_applies(x, weight, stride, padding, dilation)};
         });
   m.def("winograd_cache_allow(Tensor weight) -> ()", &deeplab_ops::winograd_cache_allow);
   m.def("winograd_cache_info() -> int[]", &deeplab_ops::winograd_cache_info);

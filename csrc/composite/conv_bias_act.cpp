@@ -13,6 +13,7 @@
 
 #include "common/arg_checks.h"
 #include "composite/stage_calls.h"
+#include "cpu/conv_layout_cpu.h"
 #include "cpu/winograd_cpu.h"
 
 namespace deeplab_ops {
@@ -133,6 +134,16 @@ std::optional<at::Tensor> conv_bias_act_mkldnn(const at::Tensor& x, const at::Te
                                       "relu", no_scalars, "");
 }
 
+// oneDNN's convolution with the epilogue as post-ops where that pays, else ATen's and the epilogue in place.
+at::Tensor conv_bias_act_direct(const at::Tensor& x, const at::Tensor& weight, const std::optional<at::Tensor>& bias,
+                                const std::optional<at::Tensor>& residual, at::IntArrayRef stride,
+                                at::IntArrayRef padding, at::IntArrayRef dilation, bool relu) {
+  if (mkldnn_pointwise_applies(x, weight, bias, residual, relu, stride, padding, dilation)) {
+    if (auto out = conv_bias_act_mkldnn(x, weight, bias, residual, stride, padding, dilation)) return *out;
+  }
+  return conv_bias_act_generic(x, weight, bias, residual, stride, padding, dilation, relu);
+}
+
 at::Tensor conv_bias_act_cpu(const at::Tensor& x, const at::Tensor& weight, const std::optional<at::Tensor>& bias,
                              const std::optional<at::Tensor>& residual, at::IntArrayRef stride,
                              at::IntArrayRef padding, at::IntArrayRef dilation, bool relu) {
@@ -146,10 +157,15 @@ at::Tensor conv_bias_act_cpu(const at::Tensor& x, const at::Tensor& weight, cons
     // The eval path's folded weights (deeplab_ops.common.derived) have their transforms kept (winograd_cache_allow).
     return winograd_conv3x3(x, weight, bias, residual, padding, dilation, relu, m, x.suggest_memory_format());
   }
-  if (mkldnn_pointwise_applies(x, weight, bias, residual, relu, stride, padding, dilation)) {
-    if (auto out = conv_bias_act_mkldnn(x, weight, bias, residual, stride, padding, dilation)) return *out;
+  if (nchw_conv_via_channels_last(x, weight, stride, padding, dilation)) {
+    constexpr auto kCL = at::MemoryFormat::ChannelsLast;
+    const std::optional<at::Tensor> r =
+        present(residual) ? std::optional<at::Tensor>(change_layout(*residual, kCL)) : std::nullopt;
+    return change_layout(conv_bias_act_direct(change_layout(x, kCL), channels_last_weight(weight), bias, r, stride,
+                                              padding, dilation, relu),
+                         at::MemoryFormat::Contiguous);
   }
-  return conv_bias_act_generic(x, weight, bias, residual, stride, padding, dilation, relu);
+  return conv_bias_act_direct(x, weight, bias, residual, stride, padding, dilation, relu);
 }
 
 #ifdef DEEPLAB_OPS_WITH_CUDA

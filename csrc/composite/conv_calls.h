@@ -1,7 +1,8 @@
 // The convolutions of the device-generic composites (conv_bn_relu, aspp) without bias: ATen's (oneDNN / cuDNN),
 // or for inference the cpu backend's Winograd convolution where winograd_plan takes the call (float32 3x3,
-// stride 1, cpu/winograd_cpu.h). Forward, and the input and weight gradients of the backward (always ATen's: a
-// training step keeps the convolution its gradients are checked against).
+// stride 1, cpu/winograd_cpu.h). Forward, and the input and weight gradients of the backward: ATen's, or on the
+// CPU for a convolution whose taps mostly fall in the padding, the same sums without those taps
+// (cpu/conv_taps_cpu.h). Winograd never runs in a training step (its rounding would reach the gradients).
 #pragma once
 
 #include <ATen/ATen.h>
@@ -11,6 +12,8 @@
 #include <optional>
 #include <tuple>
 
+#include "cpu/conv_layout_cpu.h"
+#include "cpu/conv_taps_cpu.h"
 #include "cpu/winograd_cpu.h"
 
 namespace deeplab_ops {
@@ -26,7 +29,8 @@ inline bool inference_call(std::initializer_list<const at::Tensor*> tensors) {
   return true;
 }
 
-// conv2d(x, weight, stride, padding, dilation) in memory format mf; Winograd allowed where `inference`.
+// conv2d(x, weight, stride, padding, dilation) in memory format mf; Winograd allowed where `inference`. An NCHW
+// float32 CPU x is run channels_last where oneDNN skips the padding taps only there (cpu/conv_layout_cpu.h).
 inline at::Tensor conv2d_forward(const at::Tensor& x, const at::Tensor& weight, at::IntArrayRef stride,
                                  at::IntArrayRef padding, at::IntArrayRef dilation, at::MemoryFormat mf,
                                  bool inference) {
@@ -35,17 +39,27 @@ inline at::Tensor conv2d_forward(const at::Tensor& x, const at::Tensor& weight, 
       return winograd_conv3x3(x, weight, std::nullopt, std::nullopt, padding, dilation, false, m, mf);
     }
   }
+  if (nchw_conv_via_channels_last(x, weight, stride, padding, dilation)) {
+    constexpr auto kCL = at::MemoryFormat::ChannelsLast;
+    const at::Tensor y = at::convolution(change_layout(x, kCL), channels_last_weight(weight), std::nullopt, stride,
+                                         padding, dilation, false, {0, 0}, 1);
+    return change_layout(y, mf);
+  }
   return at::convolution(x, weight, std::nullopt, stride, padding, dilation, false, {0, 0}, 1).contiguous(mf);
 }
 
 // The gradients of conv2d(x, weight, ...) with respect to x (in x's memory format) and weight (in the weight's),
-// each undefined unless wanted; dy may be a strided view.
+// each undefined unless wanted; dy may be a strided view. oneDNN's backward runs every tap, padding included:
+// where most fall in the padding, conv_taps_backward skips them.
 inline std::tuple<at::Tensor, at::Tensor> conv2d_backward(const at::Tensor& dy, const at::Tensor& x,
                                                           const at::Tensor& weight, at::IntArrayRef stride,
                                                           at::IntArrayRef padding, at::IntArrayRef dilation,
                                                           bool need_x, bool need_w) {
   at::Tensor grad_x, grad_w;
   if (!need_x && !need_w) return {grad_x, grad_w};
+  if (dy.is_cpu() && dy.scalar_type() == at::kFloat && conv_taps_backward_applies(x, weight, stride, padding, dilation)) {
+    return conv_taps_backward(dy, x, weight, padding, dilation, need_x, need_w);
+  }
   auto grads = at::convolution_backward(dy, x, weight, std::nullopt, stride, padding, dilation, false, {0, 0}, 1,
                                         {need_x, need_w, false});
   // The gradients keep their tensor's memory format (cuDNN/oneDNN may return weight grads in x's).

@@ -12,10 +12,6 @@
 
 #include <c10/util/intrusive_ptr.h>
 
-#if defined(__SSE2__)
-#include <immintrin.h>
-#endif
-
 #include <algorithm>
 #include <cstdlib>
 #include <cstring>
@@ -24,6 +20,7 @@
 #include <type_traits>
 #include <utility>
 
+#include "cpu/conv_layout_cpu.h"
 #include "cpu/isa_dispatch.h"
 
 namespace deeplab_ops {
@@ -431,58 +428,6 @@ at::Tensor weight_transform(const at::Tensor& weight) {
   return u;
 }
 
-// d[j * ldd + i] = s[i * lds + j] for i < rows, j < cols: 4 x 4 register transposes (SSE, on every x86-64) where
-// a whole one fits, single floats at the edges.
-void transpose_block(const float* s, int64_t lds, float* d, int64_t ldd, int64_t rows, int64_t cols) {
-  int64_t i = 0;
-#if defined(__SSE2__)
-  for (; i + 4 <= rows; i += 4) {
-    int64_t j = 0;
-    for (; j + 4 <= cols; j += 4) {
-      const float* p = s + i * lds + j;
-      __m128 r0 = _mm_loadu_ps(p), r1 = _mm_loadu_ps(p + lds), r2 = _mm_loadu_ps(p + 2 * lds),
-             r3 = _mm_loadu_ps(p + 3 * lds);
-      _MM_TRANSPOSE4_PS(r0, r1, r2, r3);
-      float* q = d + j * ldd + i;
-      _mm_storeu_ps(q, r0);
-      _mm_storeu_ps(q + ldd, r1);
-      _mm_storeu_ps(q + 2 * ldd, r2);
-      _mm_storeu_ps(q + 3 * ldd, r3);
-    }
-    for (; j < cols; ++j)
-      for (int64_t ii = i; ii < i + 4; ++ii) d[j * ldd + ii] = s[ii * lds + j];
-  }
-#endif
-  for (; i < rows; ++i)
-    for (int64_t j = 0; j < cols; ++j) d[j * ldd + i] = s[i * lds + j];
-}
-
-// A dense float32 [N, C, H, W] tensor's layout changed between NCHW and channels_last: per image a [H*W, C] <->
-// [C, H*W] transpose in 64 x 64 blocks, each read and written within a few cache lines. ATen's copy walks one
-// side with a stride of C or H * W (measured on a 1 x 64 x 129 x 129 map: channels_last to NCHW 2.7 ms, against
-// the convolution's 3 ms).
-at::Tensor change_layout(const at::Tensor& t, at::MemoryFormat to) {
-  const int64_t n = t.size(0), c = t.size(1), hw = t.size(2) * t.size(3);
-  at::Tensor out = at::empty(t.sizes(), t.options().memory_format(to));
-  const bool to_nchw = to == at::MemoryFormat::Contiguous;
-  const at::Tensor src_t = t.contiguous(to_nchw ? at::MemoryFormat::ChannelsLast : at::MemoryFormat::Contiguous);
-  const float* src = src_t.const_data_ptr<float>();
-  float* dst = out.mutable_data_ptr<float>();
-  // Source rows and columns: [hw, c] to NCHW, [c, hw] to channels_last.
-  const int64_t rows = to_nchw ? hw : c, cols = to_nchw ? c : hw;
-  constexpr int64_t kB = 64;  // measured on this CPU: 64 x 64 blocks 0.37-0.45 ms per 4 MB, 32 x 32 0.5
-  const int64_t rb = ceil_div(rows, kB), cb = ceil_div(cols, kB);
-  at::parallel_for(0, n * rb * cb, 4, [&](int64_t b0, int64_t b1) {
-    for (int64_t b = b0; b < b1; ++b) {
-      const int64_t img = b / (rb * cb), rem = b % (rb * cb);
-      const int64_t r0 = rem / cb * kB, c0 = rem % cb * kB;
-      transpose_block(src + img * hw * c + r0 * cols + c0, cols, dst + img * hw * c + c0 * rows + r0, rows,
-                      std::min(kB, rows - r0), std::min(kB, cols - c0));
-    }
-  });
-  return out;
-}
-
 // Transformed weights kept between calls: an eval network's folded weights are the same tensors call after call,
 // and for a 256 x 256 layer the transform writes 9.4 MB, a third of a batch-1 33 x 33 call's time. Only weights
 // registered with winograd_cache_allow are kept: the eval path registers the folds it stores in
@@ -792,15 +737,9 @@ int winograd_plan(const at::Tensor& x, const at::Tensor& weight, at::IntArrayRef
   if (ho < 1 || wo < 1) return 0;
   // Direct convolution's multiplies: oneDNN skips the taps that fall in the padding, which on a map not much larger
   // than the dilation is most of them.
-  const auto valid_taps = [](int64_t size, int64_t out, int64_t pad, int64_t dil) {
-    int64_t taps = 0;
-    for (int64_t o = 0; o < out; ++o)
-      for (int64_t t = 0; t < 3; ++t) taps += (o - pad + dil * t >= 0 && o - pad + dil * t < size) ? 1 : 0;
-    return taps;
-  };
   const double direct = static_cast<double>(x.size(0)) *
-                        static_cast<double>(valid_taps(x.size(2), ho, padding[0], dilation[0])) *
-                        static_cast<double>(valid_taps(x.size(3), wo, padding[1], dilation[1]));
+                        static_cast<double>(valid_taps(x.size(2), ho, padding[0], dilation[0], 3, 1)) *
+                        static_cast<double>(valid_taps(x.size(3), wo, padding[1], dilation[1], 3, 1));
   // The weight transform, per call where it is not kept, in the same units (products per input-output channel pair)
   const bool kept = transform_cache().allowed(weight);
   int best = 0;
@@ -831,6 +770,20 @@ at::Tensor winograd_conv3x3(const at::Tensor& x, const at::Tensor& weight, const
     default:
       TORCH_CHECK(false, "deeplab_ops: Winograd tile size must be 4, 3 or 2, got ", m);
   }
+}
+
+at::Tensor channels_last_weight(const at::Tensor& weight) {
+  constexpr auto kCL = at::MemoryFormat::ChannelsLast;
+  if (weight.is_contiguous(kCL)) return weight;
+  if (!transform_cache().allowed(weight)) return change_layout(weight, kCL);
+  constexpr int kLayoutKey = 1;  // not a tile size: the entry is the weight in channels_last
+  const WeightState state = WeightState::of(weight);
+  at::Tensor u = transform_cache().find(state, kLayoutKey);
+  if (!u.defined()) {
+    u = change_layout(weight, kCL);
+    transform_cache().insert(weight, state, kLayoutKey, u);
+  }
+  return u;
 }
 
 void winograd_cache_allow(const at::Tensor& weight) { transform_cache().allow(weight); }

@@ -37,6 +37,10 @@ at::Tensor winograd_conv3x3(const at::Tensor& x, const at::Tensor& weight, const
                             const std::optional<at::Tensor>& residual, at::IntArrayRef padding,
                             at::IntArrayRef dilation, bool relu, int m, at::MemoryFormat out_format);
 
+// `weight` in channels_last: itself where it is, the copy kept in the transformed-weight cache for a registered
+// weight (winograd_cache_allow, same rule), a fresh copy otherwise.
+at::Tensor channels_last_weight(const at::Tensor& weight);
+
 // The transformed-weight cache (ops winograd_cache_allow, winograd_cache_info, winograd_cache_clear): registering a
 // weight whose transforms may be kept (held weakly), {entries, bytes, hits, misses}, and emptying it.
 void winograd_cache_allow(const at::Tensor& weight);

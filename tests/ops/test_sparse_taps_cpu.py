@@ -1,0 +1,254 @@
+"""The cpu backend's convolutions whose taps mostly fall in the padding (an ASPP branch on a map not much larger
+than its rate): an NCHW input runs channels_last, where oneDNN skips those taps (csrc/cpu/conv_layout_cpu.h), and
+the backward skips them too (csrc/cpu/conv_taps_cpu.h: the input gradient as a convolution of dy with the flipped
+weight, the weight gradient one GEMM per tap over the positions inside the image).
+
+torch.ops.deeplab_ops.sparse_taps_plan says which path a convolution takes; each case below asserts it, so each
+exercises the path it means to. Values are compared with float64 on fresh random inputs; which ops ran is read
+from the profiler (counts, never times).
+"""
+
+from __future__ import annotations
+
+import pytest
+import torch
+import torch.nn.functional as F
+from torch.profiler import ProfilerActivity, profile
+from torchvision.models.segmentation.deeplabv3 import ASPP
+
+import deeplab_ops
+from deeplab_ops import reference
+from deeplab_ops.nn import FusedASPP
+
+_ops = torch.ops.deeplab_ops
+CL = torch.channels_last
+
+
+def _plan(x, weight, padding, dilation, stride=(1, 1)):
+    return tuple(_ops.sparse_taps_plan(x, weight, list(stride), list(padding), list(dilation)))
+
+
+def _ran(fn):
+    with profile(activities=[ProfilerActivity.CPU]) as prof:
+        out = fn()
+    return out, [e.name for e in prof.events()]
+
+
+def _close(actual, expected, what, tol=1e-4):
+    scale = max(expected.abs().max().item(), 1.0)
+    torch.testing.assert_close(actual.double(), expected, atol=tol * scale, rtol=tol, msg=lambda m: f"{what}:\n{m}")
+
+
+def _taps_inside(size, out, pad, dil, k):
+    """Taps along one axis that read the image at one output position at least (brute force)."""
+    return sum(any(0 <= o - pad + dil * t < size for o in range(out)) for t in range(k))
+
+
+def _weight(cout, cin, kh, kw):
+    return torch.randn(cout, cin, kh, kw) / (kh * kw * cin) ** 0.5
+
+
+# ---- the plan ----------------------------------------------------------------------------------------
+
+# (x shape, weight shape, padding, dilation, stride, layout, expected (channels_last, sparse_backward))
+PLAN_CASES = {
+    "rate18-33": ((1, 256, 33, 33), (256, 256, 3, 3), (18, 18), (18, 18), (1, 1), "nchw", (True, True)),
+    "rate12-33": ((1, 256, 33, 33), (256, 256, 3, 3), (12, 12), (12, 12), (1, 1), "nchw", (True, False)),
+    "rate6-33": ((1, 256, 33, 33), (256, 256, 3, 3), (6, 6), (6, 6), (1, 1), "nchw", (False, False)),
+    "dense": ((1, 256, 33, 33), (256, 256, 3, 3), (1, 1), (1, 1), (1, 1), "nchw", (False, False)),
+    # channels_last input: nothing to convert; the backward still skips
+    "channels-last": ((1, 256, 33, 33), (256, 256, 3, 3), (18, 18), (18, 18), (1, 1), "nhwc", (False, True)),
+    "stride-2": ((1, 256, 33, 33), (256, 256, 3, 3), (18, 18), (18, 18), (2, 2), "nchw", (False, False)),
+    "1x1": ((1, 256, 33, 33), (256, 256, 1, 1), (0, 0), (1, 1), (1, 1), "nchw", (False, False)),
+    # more padding than dilation * (k - 1): the input gradient's convolution would need a negative padding
+    "over-padded": ((1, 256, 9, 9), (256, 256, 3, 3), (13, 13), (6, 6), (1, 1), "nchw", (True, False)),
+    # too few channels: the conversions cost more than the taps save; the GEMMs are too thin
+    "thin": ((2, 16, 33, 33), (16, 16, 3, 3), (18, 18), (18, 18), (1, 1), "nchw", (False, False)),
+    "grouped": ((1, 256, 33, 33), (256, 128, 3, 3), (18, 18), (18, 18), (1, 1), "nchw", (False, False)),
+}
+
+
+@pytest.mark.parametrize("case", list(PLAN_CASES), ids=str)
+def test_plan(case):
+    xs, ws, padding, dilation, stride, layout, expected = PLAN_CASES[case]
+    x = torch.empty(xs)
+    if layout == "nhwc":
+        x = x.contiguous(memory_format=CL)
+    assert _plan(x, torch.empty(ws), padding, dilation, stride) == expected
+
+
+def test_plan_declines_other_dtypes_and_disabled_onednn():
+    x, w = torch.empty(1, 256, 33, 33), torch.empty(256, 256, 3, 3)
+    assert _plan(x, w, (18, 18), (18, 18)) == (True, True)
+    assert _plan(x.double(), w.double(), (18, 18), (18, 18)) == (False, False)
+    assert _plan(x.bfloat16(), w.bfloat16(), (18, 18), (18, 18)) == (False, False)
+    torch.backends.mkldnn.enabled = False
+    try:
+        assert _plan(x, w, (18, 18), (18, 18)) == (False, False)
+    finally:
+        torch.backends.mkldnn.enabled = True
+
+
+# ---- forward: NCHW through channels_last -------------------------------------------------------------
+
+
+@pytest.mark.parametrize("residual", [False, True], ids=["plain", "residual"])
+@pytest.mark.parametrize("mode", ["train", "eval-with-grad", "eval-no-grad"])
+def test_nchw_forward_runs_channels_last_and_matches_float64(mode, residual):
+    torch.manual_seed(0)
+    x = torch.randn(2, 256, 9, 11)
+    weight = _weight(256, 256, 3, 3)
+    kwargs = dict(stride=1, padding=(6, 7), dilation=(6, 7), training=mode == "train")
+    assert _plan(x, weight, (6, 7), (6, 7))[0]
+    assert _ops.winograd_plan(x, weight, [1, 1], [6, 7], [6, 7]) == 0  # the no-grad eval takes this path too
+    bn = [torch.rand(256) + 0.5, torch.randn(256), torch.randn(256) * 0.1, torch.rand(256) + 0.5]
+    res = torch.randn(2, 256, 9, 11) if residual else None
+    ref = reference.conv_bn_relu(x.double(), weight.double(), *(t.double() for t in bn),
+                                 residual=None if res is None else res.double(), **kwargs)
+    if mode == "eval-with-grad":
+        x.requires_grad_(True)
+    with torch.set_grad_enabled(mode != "eval-no-grad"):
+        out = deeplab_ops.conv_bn_relu(x, weight, *bn, residual=res, backend="cpu", **kwargs)
+    assert out.is_contiguous()  # the output keeps the input's NCHW format
+    _close(out, ref.detach(), mode)
+
+
+def test_memory_efficient_recompute_gives_the_forward_convolution_bit_for_bit():
+    # The recompute (conv_bias_act's plain form) takes the same channels_last route as the training forward.
+    x, weight = torch.randn(2, 256, 9, 9), _weight(256, 256, 3, 3)
+    args = ((1, 1), (6, 6), (6, 6))
+    assert _plan(x, weight, (6, 6), (6, 6))[0]
+    conv_out = _ops.conv_bn_relu_forward(x, weight, torch.rand(256), torch.randn(256), None, None, *args, True, 0.1,
+                                         1e-5, None, True)[1]
+    again = _ops.conv_bias_act(x, weight, None, None, *args, False)
+    assert again.is_contiguous()
+    assert torch.equal(again, conv_out)
+
+
+# ---- backward: the padding taps skipped --------------------------------------------------------------
+
+# (N, C_in, C_out, H, W, kernel, padding, dilation): square and not, 'same' padding and less, a 3 x 5 kernel,
+# channel counts that are no multiple of anything.
+BACKWARD_CASES = [
+    (2, 40, 36, 9, 11, (3, 3), (6, 6), (6, 6)),
+    (1, 33, 48, 10, 7, (3, 3), (5, 3), (5, 4)),
+    (2, 32, 40, 8, 13, (3, 5), (4, 8), (4, 4)),
+    (2, 35, 32, 12, 12, (3, 3), (2, 2), (7, 7)),
+    (3, 32, 32, 5, 5, (3, 3), (4, 4), (4, 4)),
+]
+
+
+@pytest.mark.parametrize("layout", [torch.contiguous_format, CL], ids=["nchw", "nhwc"])
+@pytest.mark.parametrize("case", BACKWARD_CASES, ids=str)
+@pytest.mark.parametrize("memory_efficient", [False, True], ids=["saved", "lean"])
+def test_backward_skips_the_padding_taps_and_matches_float64(case, layout, memory_efficient):
+    torch.manual_seed(1)
+    n, cin, cout, h, w, kernel, padding, dilation = case
+    x = torch.randn(n, cin, h, w).contiguous(memory_format=layout).requires_grad_(True)
+    weight = _weight(cout, cin, *kernel).contiguous(memory_format=layout).requires_grad_(True)
+    bn_w, bn_b = (torch.rand(cout) + 0.5).requires_grad_(True), torch.randn(cout).requires_grad_(True)
+    assert _plan(x, weight, padding, dilation)[1]
+    kwargs = dict(stride=1, padding=padding, dilation=dilation, training=True)
+    leaves = [x, weight, bn_w, bn_b]
+    out = deeplab_ops.conv_bn_relu(*leaves, None, None, backend="cpu", memory_efficient=memory_efficient, **kwargs)
+    dleaves = [t.detach().double().requires_grad_(True) for t in leaves]
+    ref = reference.conv_bn_relu(*dleaves, None, None, **kwargs)
+    _close(out, ref.detach(), "forward")
+    g = torch.randn(out.shape).contiguous(memory_format=layout)
+    grads, names = _ran(lambda: torch.autograd.grad(out, leaves, g))
+    assert "aten::convolution_backward" not in names, sorted(set(names))
+    # One GEMM per tap of the weight gradient that reaches the image at all (the others are zeros).
+    assert names.count("aten::mm") == _taps_inside(h, out.shape[2], padding[0], dilation[0], kernel[0]) * \
+        _taps_inside(w, out.shape[3], padding[1], dilation[1], kernel[1])
+    for name, got, want in zip(["x", "weight", "bn_weight", "bn_bias"], grads,
+                               torch.autograd.grad(ref, dleaves, g.double()), strict=True):
+        _close(got, want, f"grad {name}")
+    assert grads[0].is_contiguous(memory_format=layout)
+    assert grads[1].is_contiguous(memory_format=layout)
+
+
+@pytest.mark.parametrize("wanted", ["x", "weight"])
+def test_backward_computes_only_the_wanted_gradient(wanted):
+    torch.manual_seed(2)
+    x = torch.randn(2, 40, 9, 9).requires_grad_(wanted == "x")
+    weight = _weight(36, 40, 3, 3).requires_grad_(wanted == "weight")
+    bn = [torch.rand(36) + 0.5, torch.randn(36)]
+    out = deeplab_ops.conv_bn_relu(x, weight, *bn, None, None, padding=6, dilation=6, training=True, backend="cpu")
+    g = torch.randn(out.shape)
+    (got,), names = _ran(lambda: torch.autograd.grad(out, [x if wanted == "x" else weight], g))
+    assert "aten::convolution_backward" not in names
+    assert names.count("aten::mm") == (9 if wanted == "weight" else 0)
+    assert names.count("aten::convolution") == (1 if wanted == "x" else 0)
+    xd, wd = x.detach().double().requires_grad_(True), weight.detach().double().requires_grad_(True)
+    ref = reference.conv_bn_relu(xd, wd, *(t.double() for t in bn), None, None, padding=6, dilation=6, training=True)
+    want = torch.autograd.grad(ref, [xd if wanted == "x" else wd], g.double())[0]
+    _close(got, want, f"grad {wanted}")
+
+
+def test_a_dense_convolution_keeps_onednns_backward():
+    x = torch.randn(2, 40, 9, 9, requires_grad=True)
+    weight = _weight(36, 40, 3, 3).requires_grad_(True)
+    assert not _plan(x, weight, (2, 2), (2, 2))[1]
+    out = deeplab_ops.conv_bn_relu(x, weight, torch.ones(36), torch.zeros(36), None, None, padding=2, dilation=2,
+                                   training=True, backend="cpu")
+    _, names = _ran(lambda: out.sum().backward())
+    assert "aten::convolution_backward" in names
+
+
+def test_non_finite_values_reach_both_gradients():
+    torch.manual_seed(3)
+    x = torch.randn(2, 40, 9, 9, requires_grad=True)
+    weight = _weight(36, 40, 3, 3).requires_grad_(True)
+    out = deeplab_ops.conv_bn_relu(x, weight, torch.ones(36), torch.zeros(36), None, None, padding=6, dilation=6,
+                                   training=True, backend="cpu")
+    g = torch.randn(out.shape)
+    g[1, 5, 4, 4] = float("nan")
+    gx, gw = torch.autograd.grad(out, [x, weight], g)
+    # BatchNorm's backward spreads the NaN over its channel's reductions, so both gradients carry it.
+    assert gx.isnan().any() and gw.isnan().any()
+
+
+def test_fused_aspp_with_sparse_branches_matches_float64_in_training():
+    # Rates 6 and 8 on a 9 x 9 map: most of their taps fall in the padding; rate 2 keeps oneDNN's backward.
+    # Against torchvision's ASPP in float64 with the same parameters.
+    torch.manual_seed(4)
+    cin, cout, rates = 64, 32, (2, 6, 8)
+    tv = ASPP(cin, rates, cout).double()
+    tv.project[3].p = 0.0
+    with torch.no_grad():
+        for p in tv.parameters():
+            p.copy_(torch.randn_like(p) * (0.2 if p.dim() == 4 else 1.0))
+            if p.dim() == 1:
+                p.abs_().add_(0.5)
+    fused = FusedASPP(cin, rates, cout, backend="cpu")
+    fused.load_state_dict({k: v.float() for k, v in tv.state_dict().items()})
+    x = torch.randn(2, cin, 9, 9)
+    for r in rates:
+        assert _plan(x, torch.empty(cout, cin, 3, 3), (r, r), (r, r))[1] == (r > 2)
+    x_d, x_f = x.double().requires_grad_(True), x.clone().requires_grad_(True)
+    expected, out = tv(x_d), fused(x_f)
+    _close(out, expected.detach(), "forward")
+    g = torch.randn(out.shape)
+    expected.backward(g.double())
+    _, names = _ran(lambda: out.backward(g))
+    assert names.count("aten::convolution_backward") == 1 + 1 + 1  # 1x1 branch, rate 2, projection
+    _close(x_f.grad, x_d.grad, "grad x")
+    for (name, p), q in zip(fused.named_parameters(), tv.parameters(), strict=True):
+        _close(p.grad, q.grad, f"grad {name}")
+    for (name, b), c in zip(fused.named_buffers(), tv.buffers(), strict=True):
+        _close(b, c.double(), f"buffer {name}", 1e-5)
+
+
+def test_functional_conv_matches_torch_conv_on_odd_shapes():
+    # conv_bias_act (the eval path's convolution) through channels_last against F.conv2d in float64, with a bias and
+    # a residual, on several odd shapes.
+    torch.manual_seed(5)
+    for n, cin, cout, h, w, pad, dil in [(1, 300, 256, 7, 9, (5, 6), (5, 6)), (3, 384, 384, 7, 7, (5, 5), (5, 5))]:
+        x, weight, bias = torch.randn(n, cin, h, w), _weight(cout, cin, 3, 3), torch.randn(cout)
+        assert _plan(x, weight, pad, dil)[0]
+        ho, wo = h + 2 * pad[0] - 2 * dil[0], w + 2 * pad[1] - 2 * dil[1]
+        res = torch.randn(n, cout, ho, wo)
+        out = _ops.conv_bias_act(x, weight, bias, res, [1, 1], list(pad), list(dil), True)
+        want = (F.conv2d(x.double(), weight.double(), bias.double(), 1, pad, dil) + res.double()).relu()
+        assert out.is_contiguous()
+        _close(out, want, f"{n}x{cin}x{h}x{w}")
