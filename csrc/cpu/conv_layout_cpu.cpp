@@ -87,6 +87,13 @@ at::Tensor change_layout(const at::Tensor& t, at::MemoryFormat to) {
 }
 
 
+bool full_float32_matmul() {
+  auto& ctx = at::globalContext();
+  const auto p = ctx.float32Precision(at::Float32Backend::MKLDNN, at::Float32Op::MATMUL);
+  return p != at::Float32Precision::BF16 && p != at::Float32Precision::TF32 &&
+         ctx.float32MatmulPrecision() != at::Float32MatmulPrecision::MEDIUM;
+}
+
 int64_t valid_taps(int64_t size, int64_t out, int64_t pad, int64_t dil, int64_t k, int64_t stride) {
   int64_t taps = 0;
   for (int64_t t = 0; t < k; ++t) {

@@ -16,6 +16,11 @@ namespace deeplab_ops {
 // channel slice): t.contiguous(to).
 at::Tensor change_layout(const at::Tensor& t, at::MemoryFormat to);
 
+// Whether ATen's float32 matmuls on the CPU multiply in float32 (not bfloat16 or TF32), read per call: the setting
+// can change at any time. A convolution is meant to stay float32 whatever it says, so the convolutions built on
+// ATen's GEMMs (Winograd's, the tap-skipping weight gradient) run only where it holds.
+bool full_float32_matmul();
+
 // The (output position, tap) pairs along one axis of a convolution whose input position lies inside the input:
 // out positions, k taps, 0 <= o * stride - pad + dil * t < size.
 int64_t valid_taps(int64_t size, int64_t out, int64_t pad, int64_t dil, int64_t k, int64_t stride);

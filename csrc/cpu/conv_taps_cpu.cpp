@@ -36,6 +36,8 @@ bool conv_taps_backward_applies(const at::Tensor& x, const at::Tensor& weight, a
     return false;
   }
   if (!at::hasMKLDNN() || !at::globalContext().userEnabledMkldnn()) return false;
+  // The weight gradient's GEMMs (at::mm) follow the float32 matmul precision; oneDNN's backward stays float32.
+  if (!full_float32_matmul()) return false;
   const int64_t ho = x.size(2) + 2 * padding[0] - dilation[0] * (kh - 1);
   const int64_t wo = x.size(3) + 2 * padding[1] - dilation[1] * (kw - 1);
   if (ho < 1 || wo < 1) return false;

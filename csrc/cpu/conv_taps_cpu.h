@@ -20,7 +20,8 @@ namespace deeplab_ops {
 // Whether conv_taps_backward should run for conv2d(x, weight, stride, padding, dilation) (a float32 CPU dy of its
 // output's shape): float32 CPU x and weight, groups 1, stride 1, a kernel larger than 1 x 1, padding at most
 // dilation * (k - 1) (the input gradient's convolution needs padding >= 0), at least 32 channels each way, oneDNN
-// enabled, and at most half the (position, tap) pairs inside the image.
+// enabled, float32 matmuls at full precision (cpu/conv_layout_cpu.h: full_float32_matmul), and at most half the
+// (position, tap) pairs inside the image.
 bool conv_taps_backward_applies(const at::Tensor& x, const at::Tensor& weight, at::IntArrayRef stride,
                                 at::IntArrayRef padding, at::IntArrayRef dilation);
 

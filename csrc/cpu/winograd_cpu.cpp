@@ -697,15 +697,6 @@ at::Tensor winograd(const at::Tensor& x_, const at::Tensor& weight, const std::o
   return out_format == kCL ? out : change_layout(out, out_format);
 }
 
-// Whether ATen's float32 matmuls on the CPU multiply in float32 (not bfloat16 or TF32), read per call: the
-// setting can change at any time.
-bool full_float32_matmul() {
-  auto& ctx = at::globalContext();
-  const auto p = ctx.float32Precision(at::Float32Backend::MKLDNN, at::Float32Op::MATMUL);
-  return p != at::Float32Precision::BF16 && p != at::Float32Precision::TF32 &&
-         ctx.float32MatmulPrecision() != at::Float32MatmulPrecision::MEDIUM;
-}
-
 // $DEEPLAB_OPS_CPU_WINOGRAD, read per call (a getenv beside a convolution): unset, "" or "1" on, "0" off; any
 // other value is refused rather than read as either.
 bool winograd_enabled() {

@@ -89,6 +89,27 @@ def test_plan_declines_other_dtypes_and_disabled_onednn():
         torch.backends.mkldnn.enabled = True
 
 
+@pytest.mark.parametrize("setting", ["matmul-precision-medium", "mkldnn-matmul-bf16"])
+def test_lowered_matmul_precision_keeps_the_backward_float32(setting):
+    # The weight gradient's GEMMs go through ATen's mm, which follows the float32 matmul precision; a convolution's
+    # gradient is meant to stay float32, so oneDNN's backward runs instead (the forward is oneDNN's either way).
+    x, w = torch.empty(1, 256, 33, 33), torch.empty(256, 256, 3, 3)
+    if setting == "matmul-precision-medium":
+        before = torch.get_float32_matmul_precision()
+        torch.set_float32_matmul_precision("medium")
+    else:
+        before = torch.backends.mkldnn.matmul.fp32_precision
+        torch.backends.mkldnn.matmul.fp32_precision = "bf16"
+    try:
+        assert _plan(x, w, (18, 18), (18, 18)) == (True, False)
+    finally:
+        if setting == "matmul-precision-medium":
+            torch.set_float32_matmul_precision(before)
+        else:
+            torch.backends.mkldnn.matmul.fp32_precision = before
+    assert _plan(x, w, (18, 18), (18, 18)) == (True, True)
+
+
 # ---- forward: NCHW through channels_last -------------------------------------------------------------
 
 
