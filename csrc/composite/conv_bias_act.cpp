@@ -157,12 +157,14 @@ at::Tensor conv_bias_act_cpu(const at::Tensor& x, const at::Tensor& weight, cons
     // The eval path's folded weights (deeplab_ops.common.derived) have their transforms kept (winograd_cache_allow).
     return winograd_conv3x3(x, weight, bias, residual, padding, dilation, relu, m, x.suggest_memory_format());
   }
-  if (nchw_conv_via_channels_last(x, weight, stride, padding, dilation)) {
+  // The plain form (the recompute of a training forward's convolution) converts its weight as that forward did.
+  const bool kept = !plain && channels_last_weight_kept(weight);
+  if (nchw_conv_via_channels_last(x, weight, stride, padding, dilation, kept)) {
     constexpr auto kCL = at::MemoryFormat::ChannelsLast;
     const std::optional<at::Tensor> r =
         present(residual) ? std::optional<at::Tensor>(change_layout(*residual, kCL)) : std::nullopt;
-    return change_layout(conv_bias_act_direct(change_layout(x, kCL), channels_last_weight(weight), bias, r, stride,
-                                              padding, dilation, relu),
+    const at::Tensor w = kept ? channels_last_weight(weight) : change_layout(weight, kCL);
+    return change_layout(conv_bias_act_direct(change_layout(x, kCL), w, bias, r, stride, padding, dilation, relu),
                          at::MemoryFormat::Contiguous);
   }
   return conv_bias_act_direct(x, weight, bias, residual, stride, padding, dilation, relu);

@@ -39,10 +39,14 @@ inline at::Tensor conv2d_forward(const at::Tensor& x, const at::Tensor& weight, 
       return winograd_conv3x3(x, weight, std::nullopt, std::nullopt, padding, dilation, false, m, mf);
     }
   }
-  if (nchw_conv_via_channels_last(x, weight, stride, padding, dilation)) {
+  // The kept channels_last weight only where no gradient is computed: a training step reads its weight as it is
+  // (a write through `.data` bumps no version counter, and the backward reads the weight itself).
+  const bool kept = inference && channels_last_weight_kept(weight);
+  if (nchw_conv_via_channels_last(x, weight, stride, padding, dilation, kept)) {
     constexpr auto kCL = at::MemoryFormat::ChannelsLast;
-    const at::Tensor y = at::convolution(change_layout(x, kCL), channels_last_weight(weight), std::nullopt, stride,
-                                         padding, dilation, false, {0, 0}, 1);
+    const at::Tensor w = kept ? channels_last_weight(weight) : change_layout(weight, kCL);
+    const at::Tensor y =
+        at::convolution(change_layout(x, kCL), w, std::nullopt, stride, padding, dilation, false, {0, 0}, 1);
     return change_layout(y, mf);
   }
   return at::convolution(x, weight, std::nullopt, stride, padding, dilation, false, {0, 0}, 1).contiguous(mf);
@@ -57,7 +61,8 @@ inline std::tuple<at::Tensor, at::Tensor> conv2d_backward(const at::Tensor& dy, 
                                                           bool need_x, bool need_w) {
   at::Tensor grad_x, grad_w;
   if (!need_x && !need_w) return {grad_x, grad_w};
-  if (dy.is_cpu() && dy.scalar_type() == at::kFloat && conv_taps_backward_applies(x, weight, stride, padding, dilation)) {
+  if (dy.is_cpu() && dy.scalar_type() == at::kFloat &&
+      conv_taps_backward_applies(x, weight, stride, padding, dilation)) {
     return conv_taps_backward(dy, x, weight, padding, dilation, need_x, need_w);
   }
   auto grads = at::convolution_backward(dy, x, weight, std::nullopt, stride, padding, dilation, false, {0, 0}, 1,

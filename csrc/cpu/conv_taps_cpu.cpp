@@ -35,6 +35,7 @@ bool conv_taps_backward_applies(const at::Tensor& x, const at::Tensor& weight, a
   if (padding[0] < 0 || padding[1] < 0 || padding[0] > dilation[0] * (kh - 1) || padding[1] > dilation[1] * (kw - 1)) {
     return false;
   }
+  if (dilation[0] < 1 || dilation[1] < 1) return false;
   if (!at::hasMKLDNN() || !at::globalContext().userEnabledMkldnn()) return false;
   // The weight gradient's GEMMs (at::mm) follow the float32 matmul precision; oneDNN's backward stays float32.
   if (!full_float32_matmul()) return false;

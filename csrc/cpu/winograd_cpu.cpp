@@ -777,6 +777,8 @@ at::Tensor channels_last_weight(const at::Tensor& weight) {
   return u;
 }
 
+bool channels_last_weight_kept(const at::Tensor& weight) { return transform_cache().allowed(weight); }
+
 void winograd_cache_allow(const at::Tensor& weight) { transform_cache().allow(weight); }
 
 std::vector<int64_t> winograd_cache_info() { return transform_cache().info(); }

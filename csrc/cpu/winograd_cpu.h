@@ -41,6 +41,10 @@ at::Tensor winograd_conv3x3(const at::Tensor& x, const at::Tensor& weight, const
 // weight (winograd_cache_allow, same rule), a fresh copy otherwise.
 at::Tensor channels_last_weight(const at::Tensor& weight);
 
+// Whether channels_last_weight keeps `weight`'s copy (a registered weight). Only calls with no gradient to compute
+// use it: a training step reads its weight itself (a write through `.data` bumps no version counter).
+bool channels_last_weight_kept(const at::Tensor& weight);
+
 // The transformed-weight cache (ops winograd_cache_allow, winograd_cache_info, winograd_cache_clear): registering a
 // weight whose transforms may be kept (held weakly), {entries, bytes, hits, misses}, and emptying it.
 void winograd_cache_allow(const at::Tensor& weight);

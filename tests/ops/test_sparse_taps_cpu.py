@@ -45,7 +45,8 @@ def _taps_inside(size, out, pad, dil, k):
 
 
 def _weight(cout, cin, kh, kw):
-    return torch.randn(cout, cin, kh, kw) / (kh * kw * cin) ** 0.5
+    """channels_last, as a channels_last model's weights are: the route's forward then converts no weight per call."""
+    return (torch.randn(cout, cin, kh, kw) / (kh * kw * cin) ** 0.5).contiguous(memory_format=CL)
 
 
 # ---- the plan ----------------------------------------------------------------------------------------
@@ -74,11 +75,11 @@ def test_plan(case):
     x = torch.empty(xs)
     if layout == "nhwc":
         x = x.contiguous(memory_format=CL)
-    assert _plan(x, torch.empty(ws), padding, dilation, stride) == expected
+    assert _plan(x, torch.empty(ws).contiguous(memory_format=CL), padding, dilation, stride) == expected
 
 
 def test_plan_declines_other_dtypes_and_disabled_onednn():
-    x, w = torch.empty(1, 256, 33, 33), torch.empty(256, 256, 3, 3)
+    x, w = torch.empty(1, 256, 33, 33), torch.empty(256, 256, 3, 3).contiguous(memory_format=CL)
     assert _plan(x, w, (18, 18), (18, 18)) == (True, True)
     assert _plan(x.double(), w.double(), (18, 18), (18, 18)) == (False, False)
     assert _plan(x.bfloat16(), w.bfloat16(), (18, 18), (18, 18)) == (False, False)
@@ -93,7 +94,7 @@ def test_plan_declines_other_dtypes_and_disabled_onednn():
 def test_lowered_matmul_precision_keeps_the_backward_float32(setting):
     # The weight gradient's GEMMs go through ATen's mm, which follows the float32 matmul precision; a convolution's
     # gradient is meant to stay float32, so oneDNN's backward runs instead (the forward is oneDNN's either way).
-    x, w = torch.empty(1, 256, 33, 33), torch.empty(256, 256, 3, 3)
+    x, w = torch.empty(1, 256, 33, 33), torch.empty(256, 256, 3, 3).contiguous(memory_format=CL)
     if setting == "matmul-precision-medium":
         before = torch.get_float32_matmul_precision()
         torch.set_float32_matmul_precision("medium")
@@ -273,3 +274,32 @@ def test_functional_conv_matches_torch_conv_on_odd_shapes():
         want = (F.conv2d(x.double(), weight.double(), bias.double(), 1, pad, dil) + res.double()).relu()
         assert out.is_contiguous()
         _close(out, want, f"{n}x{cin}x{h}x{w}")
+
+
+def test_plan_counts_a_weight_converted_per_call():
+    # An NCHW weight that is not kept is converted on every call: on a small map that costs more than the taps save.
+    x, w = torch.empty(2, 2048, 9, 9), torch.empty(256, 2048, 3, 3)
+    assert _plan(x, w, (6, 6), (6, 6))[0] is False
+    assert _plan(x, w.contiguous(memory_format=CL), (6, 6), (6, 6))[0] is True
+    kept = torch.empty(256, 2048, 3, 3)
+    _ops.winograd_cache_allow(kept)
+    assert _plan(x, kept, (6, 6), (6, 6))[0] is True
+
+
+def test_training_forward_sees_a_weight_written_through_data():
+    # The fused ASPP's branch weights are registered by an eval call; a later training forward must read the weight
+    # as it is, also after a write that bumps no version counter (p.data.add_: a manual SGD step).
+    torch.manual_seed(6)
+    cin, cout = 640, 256
+    fused = FusedASPP(cin, (6,), cout, backend="cpu").eval()
+    x = torch.randn(2, cin, 9, 9)
+    with torch.no_grad():
+        fused(x)
+    w = fused.convs[1][0].weight
+    w.data.mul_(-1)
+    fused.train()
+    tv = ASPP(cin, (6,), cout).double()
+    tv.project[3].p = 0.0
+    tv.load_state_dict({k: v.double() for k, v in fused.state_dict().items()})
+    with torch.no_grad():
+        _close(fused(x), tv(x.double()), "training forward after w.data.mul_")
