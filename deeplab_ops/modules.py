@@ -368,8 +368,9 @@ def pack_batchnorms(bns: list[nn.BatchNorm2d]) -> None:
 
 def _pack(kinds: list[tuple]) -> None:
     """pack_batchnorms on the BatchNorms' tensors by kind (`kinds[k]`: every BatchNorm's k-th of _BN_TENSORS), without
-    the argument check: the fused ASPP's per-call path, where every kind is usually back to back already."""
-    with torch.no_grad():
+    the argument check: the fused ASPP's per-call path, where every kind is usually back to back already. Outside
+    inference mode even when called in it: the module's tensors stay normal ones that a later training step can use."""
+    with torch.no_grad(), torch.inference_mode(False):
         for ts in kinds:
             if any(map(_IS_NONE, ts)) or back_to_back(ts) or len({(t.shape, t.dtype, t.device) for t in ts}) != 1:
                 continue

@@ -142,6 +142,25 @@ def test_pack_batchnorms_keeps_values_and_lays_tensors_back_to_back():
         assert len({t.untyped_storage().data_ptr() for t in ts}) == 1
 
 
+def test_a_first_call_under_inference_mode_leaves_a_trainable_module():
+    # The fused ASPP packs its BatchNorm tensors on its first call; under torch.inference_mode() that must not turn
+    # the module's parameters and buffers into inference tensors (a later training step could not save them).
+    from deeplab_ops.nn import FusedASPP
+
+    torch.manual_seed(0)
+    module = FusedASPP(8, (2, 3), 4, backend="cpu").eval()
+    x = torch.randn(2, 8, 7, 7)
+    with torch.inference_mode():
+        first = module(x)
+    tensors = dict(module.named_parameters()) | dict(module.named_buffers())
+    assert not [name for name, t in tensors.items() if t.is_inference()]
+    with torch.no_grad():
+        assert torch.equal(module(x), first)
+    module.train()
+    module(x).square().mean().backward()
+    assert all(p.grad is not None for p in module.parameters())
+
+
 def test_pack_batchnorms_names_a_bad_argument():
     from deeplab_ops.nn import pack_batchnorms
 
