@@ -48,6 +48,13 @@ void transpose_block(const float* s, int64_t lds, float* d, int64_t ldd, int64_t
 // dilation 24 (57 %) 150 against 85, dilation 36 (40 %) 146 against 66; 512 -> 512 on 33 x 33 at dilation 8 (70 %)
 // 20.2 against 12.7; but at dilation 6 (78 %) 26.9 against 31.0 and dilation 2 (96 %) 32.9 against 39.8.
 constexpr double kMaxValidFraction = 0.72;
+// ... or this many with a dilation of at least kLargeDilation, where oneDNN's NCHW convolution is slower per tap
+// than its dense one (2048 -> 256 on 65 x 65, batch 1: dilation 12 (77 %) 156 ms, dilation 1 131): at dilation 12
+// (77 %) 156 against 110 ms (1024 -> 256: 69.9 against 51.7; 256 -> 256: 18.1 against 11.8), 512 -> 512 at
+// dilation 8 (84 %) 69.1 against 50.8; but at dilation 6 (88 %) 121 against 124 and 512 -> 512 at dilation 4
+// (92 %) 54.9 against 57.3.
+constexpr double kMaxValidFractionDilated = 0.85;
+constexpr int64_t kLargeDilation = 8;
 // Multiplies (the taps inside the image) per value converted (x in, the output out, an NCHW weight whose
 // channels_last copy is not kept) at least. Measured with 2048 -> 256 weights converted per call (a training
 // forward), against the NCHW convolution: rate 18 on 1 x 2048 x 33 x 33 (288 multiplies per converted value) 28.6
@@ -128,7 +135,10 @@ bool nchw_conv_via_channels_last(const at::Tensor& x, const at::Tensor& weight, 
   const double pairs = static_cast<double>(valid_taps(x.size(2), ho, padding[0], dilation[0], kh, 1)) *
                        static_cast<double>(valid_taps(x.size(3), wo, padding[1], dilation[1], kw, 1));
   const double positions = static_cast<double>(ho * wo);
-  if (pairs > kMaxValidFraction * static_cast<double>(kh * kw) * positions) return false;
+  const bool dilated = std::max(dilation[0], dilation[1]) >= kLargeDilation;
+  if (pairs > (dilated ? kMaxValidFractionDilated : kMaxValidFraction) * static_cast<double>(kh * kw) * positions) {
+    return false;
+  }
   const double n = static_cast<double>(x.size(0));
   const double cin = static_cast<double>(x.size(1)), cout = static_cast<double>(weight.size(0));
   double converted = n * (cin * static_cast<double>(x.size(2) * x.size(3)) + cout * positions);

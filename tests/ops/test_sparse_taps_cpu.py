@@ -56,6 +56,9 @@ PLAN_CASES = {
     "rate18-33": ((1, 256, 33, 33), (256, 256, 3, 3), (18, 18), (18, 18), (1, 1), "nchw", (True, True)),
     "rate12-33": ((1, 256, 33, 33), (256, 256, 3, 3), (12, 12), (12, 12), (1, 1), "nchw", (True, False)),
     "rate6-33": ((1, 256, 33, 33), (256, 256, 3, 3), (6, 6), (6, 6), (1, 1), "nchw", (False, False)),
+    # 77 % of the taps inside, but a dilation of 8 or more: oneDNN's NCHW convolution is slow per tap there
+    "rate12-65": ((1, 256, 65, 65), (256, 256, 3, 3), (12, 12), (12, 12), (1, 1), "nchw", (True, False)),
+    "rate6-65": ((1, 256, 65, 65), (256, 256, 3, 3), (6, 6), (6, 6), (1, 1), "nchw", (False, False)),
     "dense": ((1, 256, 33, 33), (256, 256, 3, 3), (1, 1), (1, 1), (1, 1), "nchw", (False, False)),
     # channels_last input: nothing to convert; the backward still skips
     "channels-last": ((1, 256, 33, 33), (256, 256, 3, 3), (18, 18), (18, 18), (1, 1), "nhwc", (False, True)),
