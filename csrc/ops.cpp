@@ -119,8 +119,8 @@ TORCH_LIBRARY(deeplab_ops, m) {
         "-> (bool channels_last, bool sparse_backward)",
         [](const at::Tensor& x, const at::Tensor& weight, at::IntArrayRef stride, at::IntArrayRef padding,
            at::IntArrayRef dilation) -> std::tuple<bool, bool> {
-          return {deeplab_ops::nchw_conv_via_channels_last(x, weight, stride, padding, dilation,
-                                                           deeplab_ops::channels_last_weight_kept(weight)),
+          // as a call with no gradient would decide (a registered weight's kept copy costs no conversion)
+          return {deeplab_ops::nchw_conv_via_channels_last(x, weight, stride, padding, dilation, true),
                   deeplab_ops::conv_taps_backward_applies(x, weight, stride, padding, dilation)};
         });
   m.def("winograd_cache_allow(Tensor weight) -> ()", &deeplab_ops::winograd_cache_allow);

@@ -158,13 +158,12 @@ at::Tensor conv_bias_act_cpu(const at::Tensor& x, const at::Tensor& weight, cons
     return winograd_conv3x3(x, weight, bias, residual, padding, dilation, relu, m, x.suggest_memory_format());
   }
   // The plain form (the recompute of a training forward's convolution) converts its weight as that forward did.
-  const bool kept = !plain && channels_last_weight_kept(weight);
-  if (nchw_conv_via_channels_last(x, weight, stride, padding, dilation, kept)) {
+  if (nchw_conv_via_channels_last(x, weight, stride, padding, dilation, !plain)) {
     constexpr auto kCL = at::MemoryFormat::ChannelsLast;
     const std::optional<at::Tensor> r =
         present(residual) ? std::optional<at::Tensor>(change_layout(*residual, kCL)) : std::nullopt;
-    const at::Tensor w = kept ? channels_last_weight(weight) : change_layout(weight, kCL);
-    return change_layout(conv_bias_act_direct(change_layout(x, kCL), w, bias, r, stride, padding, dilation, relu),
+    return change_layout(conv_bias_act_direct(change_layout(x, kCL), channels_last_weight(weight, !plain), bias, r,
+                                              stride, padding, dilation, relu),
                          at::MemoryFormat::Contiguous);
   }
   return conv_bias_act_direct(x, weight, bias, residual, stride, padding, dilation, relu);

@@ -39,14 +39,11 @@ inline at::Tensor conv2d_forward(const at::Tensor& x, const at::Tensor& weight, 
       return winograd_conv3x3(x, weight, std::nullopt, std::nullopt, padding, dilation, false, m, mf);
     }
   }
-  // The kept channels_last weight only where no gradient is computed: a training step reads its weight as it is
-  // (a write through `.data` bumps no version counter, and the backward reads the weight itself).
-  const bool kept = inference && channels_last_weight_kept(weight);
-  if (nchw_conv_via_channels_last(x, weight, stride, padding, dilation, kept)) {
+  // The kept channels_last weight only where no gradient is computed (channels_last_weight).
+  if (nchw_conv_via_channels_last(x, weight, stride, padding, dilation, inference)) {
     constexpr auto kCL = at::MemoryFormat::ChannelsLast;
-    const at::Tensor w = kept ? channels_last_weight(weight) : change_layout(weight, kCL);
-    const at::Tensor y =
-        at::convolution(change_layout(x, kCL), w, std::nullopt, stride, padding, dilation, false, {0, 0}, 1);
+    const at::Tensor y = at::convolution(change_layout(x, kCL), channels_last_weight(weight, inference), std::nullopt,
+                                         stride, padding, dilation, false, {0, 0}, 1);
     return change_layout(y, mf);
   }
   return at::convolution(x, weight, std::nullopt, stride, padding, dilation, false, {0, 0}, 1).contiguous(mf);

@@ -10,6 +10,8 @@
 
 #include <algorithm>
 
+#include "cpu/winograd_cpu.h"
+
 namespace deeplab_ops {
 namespace {
 
@@ -116,36 +118,42 @@ int64_t valid_taps(int64_t size, int64_t out, int64_t pad, int64_t dil, int64_t 
   return taps;
 }
 
-bool nchw_conv_via_channels_last(const at::Tensor& x, const at::Tensor& weight, at::IntArrayRef stride,
-                                 at::IntArrayRef padding, at::IntArrayRef dilation, bool weight_kept) {
+std::optional<TapPairs> sparse_tap_pairs(const at::Tensor& x, const at::Tensor& weight, at::IntArrayRef stride,
+                                         at::IntArrayRef padding, at::IntArrayRef dilation) {
   if (!x.is_cpu() || !weight.is_cpu() || x.scalar_type() != at::kFloat || weight.scalar_type() != at::kFloat) {
-    return false;
+    return std::nullopt;
   }
-  if (x.dim() != 4 || weight.dim() != 4 || weight.size(1) != x.size(1) || x.numel() == 0) return false;
+  if (x.dim() != 4 || weight.dim() != 4 || weight.size(1) != x.size(1) || x.numel() == 0) return std::nullopt;
   if (stride.size() != 2 || padding.size() != 2 || dilation.size() != 2 || stride[0] != 1 || stride[1] != 1) {
-    return false;
+    return std::nullopt;
   }
-  if (padding[0] < 0 || padding[1] < 0 || dilation[0] < 1 || dilation[1] < 1) return false;
-  if (x.suggest_memory_format() != at::MemoryFormat::Contiguous || !x.is_contiguous()) return false;
-  if (!at::hasMKLDNN() || !at::globalContext().userEnabledMkldnn()) return false;
+  if (padding[0] < 0 || padding[1] < 0 || dilation[0] < 1 || dilation[1] < 1) return std::nullopt;
+  if (!at::hasMKLDNN() || !at::globalContext().userEnabledMkldnn()) return std::nullopt;
   const int64_t kh = weight.size(2), kw = weight.size(3);
   const int64_t ho = x.size(2) + 2 * padding[0] - dilation[0] * (kh - 1);
   const int64_t wo = x.size(3) + 2 * padding[1] - dilation[1] * (kw - 1);
-  if (kh * kw == 1 || ho < 1 || wo < 1) return false;
+  if (kh * kw <= 1 || ho < 1 || wo < 1) return std::nullopt;
   const double pairs = static_cast<double>(valid_taps(x.size(2), ho, padding[0], dilation[0], kh, 1)) *
                        static_cast<double>(valid_taps(x.size(3), wo, padding[1], dilation[1], kw, 1));
   const double positions = static_cast<double>(ho * wo);
+  return TapPairs{pairs, positions, pairs / (static_cast<double>(kh * kw) * positions)};
+}
+
+bool nchw_conv_via_channels_last(const at::Tensor& x, const at::Tensor& weight, at::IntArrayRef stride,
+                                 at::IntArrayRef padding, at::IntArrayRef dilation, bool may_keep_weight) {
+  if (!x.is_cpu() || x.suggest_memory_format() != at::MemoryFormat::Contiguous || !x.is_contiguous()) return false;
+  const auto taps = sparse_tap_pairs(x, weight, stride, padding, dilation);
+  if (!taps) return false;
   const bool dilated = std::max(dilation[0], dilation[1]) >= kLargeDilation;
-  if (pairs > (dilated ? kMaxValidFractionDilated : kMaxValidFraction) * static_cast<double>(kh * kw) * positions) {
-    return false;
-  }
+  if (taps->fraction > (dilated ? kMaxValidFractionDilated : kMaxValidFraction)) return false;
   const double n = static_cast<double>(x.size(0));
   const double cin = static_cast<double>(x.size(1)), cout = static_cast<double>(weight.size(0));
-  double converted = n * (cin * static_cast<double>(x.size(2) * x.size(3)) + cout * positions);
-  if (!weight_kept && !weight.is_contiguous(at::MemoryFormat::ChannelsLast)) {
-    converted += static_cast<double>(weight.numel());  // converted on every call
-  }
-  return n * cin * cout * pairs >= kMinMacsPerConverted * converted;
+  double converted = n * (cin * static_cast<double>(x.size(2) * x.size(3)) + cout * taps->positions);
+  // The cache is consulted last (a lock): only a call that passed every other test.
+  const bool weight_converted = !weight.is_contiguous(at::MemoryFormat::ChannelsLast) &&
+                                !(may_keep_weight && channels_last_weight_kept(weight));
+  if (weight_converted) converted += static_cast<double>(weight.numel());  // on every call
+  return n * cin * cout * taps->pairs >= kMinMacsPerConverted * converted;
 }
 
 }  // namespace deeplab_ops

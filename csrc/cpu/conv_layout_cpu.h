@@ -8,6 +8,7 @@
 #include <ATen/ATen.h>
 
 #include <cstdint>
+#include <optional>
 
 namespace deeplab_ops {
 
@@ -25,13 +26,23 @@ bool full_float32_matmul();
 // out positions, k taps, 0 <= o * stride - pad + dil * t < size.
 int64_t valid_taps(int64_t size, int64_t out, int64_t pad, int64_t dil, int64_t k, int64_t stride);
 
+// The (position, tap) pairs of conv2d(x, weight, stride=1, padding, dilation) whose input lies in the image, the
+// output positions, and the pairs' fraction of positions * k_h * k_w; none unless the convolution is one both
+// sparse-tap routes can take: float32 CPU tensors, 4-D, groups 1, stride 1, padding >= 0, dilation >= 1, a kernel
+// larger than 1 x 1, a non-empty output, oneDNN enabled.
+struct TapPairs {
+  double pairs, positions, fraction;
+};
+std::optional<TapPairs> sparse_tap_pairs(const at::Tensor& x, const at::Tensor& weight, at::IntArrayRef stride,
+                                         at::IntArrayRef padding, at::IntArrayRef dilation);
+
 // Whether conv2d(x, weight, stride, padding, dilation) with an NCHW x runs faster converted to channels_last and
 // back: float32 on the CPU through oneDNN, groups 1, stride 1, at most 72 % of its taps inside the input (85 % at
 // a dilation of 8 or more), and enough multiplies per converted value that the conversions cost less than the
 // taps saved.
-// weight_kept: the call takes the weight's channels_last copy from the cache (else a weight that is not
-// channels_last is converted per call, and counted).
+// may_keep_weight: the call may take the weight's kept channels_last copy (channels_last_weight, a call with no
+// gradient); a weight that is not channels_last and not kept is converted per call, and counted.
 bool nchw_conv_via_channels_last(const at::Tensor& x, const at::Tensor& weight, at::IntArrayRef stride,
-                                 at::IntArrayRef padding, at::IntArrayRef dilation, bool weight_kept);
+                                 at::IntArrayRef padding, at::IntArrayRef dilation, bool may_keep_weight);
 
 }  // namespace deeplab_ops

@@ -1,8 +1,6 @@
 // The tap-skipping backward of the cpu backend's sparse-tap convolutions (cpu/conv_taps_cpu.h).
 #include "cpu/conv_taps_cpu.h"
 
-#include <ATen/Context.h>
-
 #include <algorithm>
 
 #include "cpu/conv_layout_cpu.h"
@@ -23,28 +21,12 @@ constexpr int64_t kMinChannels = 32;
 
 bool conv_taps_backward_applies(const at::Tensor& x, const at::Tensor& weight, at::IntArrayRef stride,
                                 at::IntArrayRef padding, at::IntArrayRef dilation) {
-  for (const auto* t : {&x, &weight}) {
-    if (!t->is_cpu() || t->scalar_type() != at::kFloat || t->dim() != 4) return false;
-  }
-  if (stride.size() != 2 || padding.size() != 2 || dilation.size() != 2 || stride[0] != 1 || stride[1] != 1) {
-    return false;
-  }
-  const int64_t kh = weight.size(2), kw = weight.size(3);
-  if (weight.size(1) != x.size(1) || kh * kw == 1 || x.numel() == 0) return false;
+  const auto taps = sparse_tap_pairs(x, weight, stride, padding, dilation);
+  if (!taps || taps->fraction > kMaxValidFraction) return false;
   if (x.size(1) < kMinChannels || weight.size(0) < kMinChannels) return false;
-  if (padding[0] < 0 || padding[1] < 0 || padding[0] > dilation[0] * (kh - 1) || padding[1] > dilation[1] * (kw - 1)) {
-    return false;
-  }
-  if (dilation[0] < 1 || dilation[1] < 1) return false;
-  if (!at::hasMKLDNN() || !at::globalContext().userEnabledMkldnn()) return false;
+  if (padding[0] > dilation[0] * (weight.size(2) - 1) || padding[1] > dilation[1] * (weight.size(3) - 1)) return false;
   // The weight gradient's GEMMs (at::mm) follow the float32 matmul precision; oneDNN's backward stays float32.
-  if (!full_float32_matmul()) return false;
-  const int64_t ho = x.size(2) + 2 * padding[0] - dilation[0] * (kh - 1);
-  const int64_t wo = x.size(3) + 2 * padding[1] - dilation[1] * (kw - 1);
-  if (ho < 1 || wo < 1) return false;
-  const double pairs = static_cast<double>(valid_taps(x.size(2), ho, padding[0], dilation[0], kh, 1)) *
-                       static_cast<double>(valid_taps(x.size(3), wo, padding[1], dilation[1], kw, 1));
-  return pairs <= kMaxValidFraction * static_cast<double>(kh * kw * ho * wo);
+  return full_float32_matmul();
 }
 
 std::tuple<at::Tensor, at::Tensor> conv_taps_backward(const at::Tensor& dy, const at::Tensor& x,

@@ -560,16 +560,22 @@ TransformCache& transform_cache() {
   return *cache;
 }
 
-template <int M>
-at::Tensor cached_weight_transform(const at::Tensor& weight) {
-  if (!transform_cache().allowed(weight)) return weight_transform<M>(weight);
+// build(weight), kept under `key` for a registered weight: found again while the weight is in the same state.
+template <typename F>
+at::Tensor kept_or_built(const at::Tensor& weight, int key, const F& build) {
+  if (!transform_cache().allowed(weight)) return build(weight);
   const WeightState state = WeightState::of(weight);
-  at::Tensor u = transform_cache().find(state, M);
+  at::Tensor u = transform_cache().find(state, key);
   if (!u.defined()) {
-    u = weight_transform<M>(weight);
-    transform_cache().insert(weight, state, M, u);
+    u = build(weight);
+    transform_cache().insert(weight, state, key, u);
   }
   return u;
+}
+
+template <int M>
+at::Tensor cached_weight_transform(const at::Tensor& weight) {
+  return kept_or_built(weight, M, [](const at::Tensor& w) { return weight_transform<M>(w); });
 }
 
 // f(offset, count, width) over sub-blocks of kMinSplitTiles of a chunk's `tiles` tiles, split over the threads, in
@@ -763,18 +769,12 @@ at::Tensor winograd_conv3x3(const at::Tensor& x, const at::Tensor& weight, const
   }
 }
 
-at::Tensor channels_last_weight(const at::Tensor& weight) {
+at::Tensor channels_last_weight(const at::Tensor& weight, bool may_keep) {
   constexpr auto kCL = at::MemoryFormat::ChannelsLast;
-  if (weight.is_contiguous(kCL)) return weight;
-  if (!transform_cache().allowed(weight)) return change_layout(weight, kCL);
+  const auto convert = [](const at::Tensor& w) { return change_layout(w, kCL); };
+  if (!may_keep || weight.is_contiguous(kCL)) return convert(weight);  // itself where it is channels_last
   constexpr int kLayoutKey = 1;  // not a tile size: the entry is the weight in channels_last
-  const WeightState state = WeightState::of(weight);
-  at::Tensor u = transform_cache().find(state, kLayoutKey);
-  if (!u.defined()) {
-    u = change_layout(weight, kCL);
-    transform_cache().insert(weight, state, kLayoutKey, u);
-  }
-  return u;
+  return kept_or_built(weight, kLayoutKey, convert);
 }
 
 bool channels_last_weight_kept(const at::Tensor& weight) { return transform_cache().allowed(weight); }

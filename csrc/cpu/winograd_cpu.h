@@ -37,12 +37,12 @@ at::Tensor winograd_conv3x3(const at::Tensor& x, const at::Tensor& weight, const
                             const std::optional<at::Tensor>& residual, at::IntArrayRef padding,
                             at::IntArrayRef dilation, bool relu, int m, at::MemoryFormat out_format);
 
-// `weight` in channels_last: itself where it is, the copy kept in the transformed-weight cache for a registered
-// weight (winograd_cache_allow, same rule), a fresh copy otherwise.
-at::Tensor channels_last_weight(const at::Tensor& weight);
+// `weight` in channels_last: itself where it is; where may_keep (a call with no gradient: a training step reads its
+// weight itself, since a write through `.data` bumps no version counter), the copy kept in the transformed-weight
+// cache for a registered weight (winograd_cache_allow, same rule); a fresh copy otherwise.
+at::Tensor channels_last_weight(const at::Tensor& weight, bool may_keep);
 
-// Whether channels_last_weight keeps `weight`'s copy (a registered weight). Only calls with no gradient to compute
-// use it: a training step reads its weight itself (a write through `.data` bumps no version counter).
+// Whether channels_last_weight(weight, true) keeps `weight`'s copy (a registered weight).
 bool channels_last_weight_kept(const at::Tensor& weight);
 
 // The transformed-weight cache (ops winograd_cache_allow, winograd_cache_info, winograd_cache_clear): registering a

@@ -306,3 +306,30 @@ def test_training_forward_sees_a_weight_written_through_data():
     tv.load_state_dict({k: v.double() for k, v in fused.state_dict().items()})
     with torch.no_grad():
         _close(fused(x), tv(x.double()), "training forward after w.data.mul_")
+
+
+def test_eval_keeps_the_folds_channels_last_copy_and_follows_updates():
+    # The no-grad eval path's fold (NCHW, like its weight) is registered; its channels_last copy is built once and
+    # found again by the next call, and a parameter update (a new fold) brings a new copy.
+    torch.manual_seed(7)
+    x = torch.randn(2, 256, 9, 11)
+    weight = torch.randn(256, 256, 3, 3) / 48
+    bn = [torch.rand(256) + 0.5, torch.randn(256), torch.randn(256) * 0.1, torch.rand(256) + 0.5]
+    kwargs = dict(stride=1, padding=(6, 7), dilation=(6, 7), training=False)
+    assert _ops.winograd_plan(x, weight, [1, 1], [6, 7], [6, 7]) == 0  # the cache's entry is the layout copy
+    _ops.winograd_cache_clear()
+    deeplab_ops.common.clear_derived()
+    with torch.no_grad():
+        for step in range(2):
+            before = list(_ops.winograd_cache_info())  # entries, bytes, hits, misses
+            out = deeplab_ops.conv_bn_relu(x, weight, *bn, backend="cpu", **kwargs)
+            after = list(_ops.winograd_cache_info())
+            assert after[0] == 1  # one copy, kept by the first call
+            assert after[2] - before[2] == step  # the second call finds it
+            ref = reference.conv_bn_relu(x.double(), weight.double(), *(t.double() for t in bn), **kwargs)
+            _close(out, ref, f"call {step}")
+        assert after[1] >= weight.numel() * 4  # the copy counts against the cache's bytes
+        weight.mul_(-1)  # an update: a new fold, a new copy
+        out = deeplab_ops.conv_bn_relu(x, weight, *bn, backend="cpu", **kwargs)
+    ref = reference.conv_bn_relu(x.double(), weight.double(), *(t.double() for t in bn), **kwargs)
+    _close(out, ref, "after the update")
