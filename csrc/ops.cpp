@@ -113,15 +113,16 @@ TORCH_LIBRARY(deeplab_ops, m) {
           return deeplab_ops::winograd_plan(x, weight, stride, padding, dilation);
         });
   // sparse_taps_plan: whether the cpu backend runs a float32 convolution of an NCHW x channels_last (oneDNN skips
-  // the padding taps only there; csrc/cpu/conv_layout_cpu.h), and whether its backward skips them
-  // (csrc/cpu/conv_taps_cpu.h).
+  // the padding taps only there; csrc/cpu/conv_layout_cpu.h), and whether its backward computes the input and the
+  // weight gradient by its own routes (csrc/cpu/conv_taps_cpu.h).
   m.def("sparse_taps_plan(Tensor x, Tensor weight, int[2] stride, int[2] padding, int[2] dilation) "
-        "-> (bool channels_last, bool sparse_backward)",
+        "-> (bool channels_last, bool input_grad, bool weight_grad)",
         [](const at::Tensor& x, const at::Tensor& weight, at::IntArrayRef stride, at::IntArrayRef padding,
-           at::IntArrayRef dilation) -> std::tuple<bool, bool> {
+           at::IntArrayRef dilation) -> std::tuple<bool, bool, bool> {
+          const auto backward = deeplab_ops::conv_taps_backward_plan(x, weight, stride, padding, dilation);
           // as a call with no gradient would decide (a registered weight's kept copy costs no conversion)
           return {deeplab_ops::nchw_conv_via_channels_last(x, weight, stride, padding, dilation, true),
-                  deeplab_ops::conv_taps_backward_applies(x, weight, stride, padding, dilation)};
+                  backward.input, backward.weight};
         });
   m.def("winograd_cache_allow(Tensor weight) -> ()", &deeplab_ops::winograd_cache_allow);
   m.def("winograd_cache_info() -> int[]", &deeplab_ops::winograd_cache_info);

@@ -95,9 +95,11 @@ aspp_forward(const at::Tensor& x, at::TensorList conv_weights, const at::Tensor&
   // Eval with no gradient to compute may run the 3x3 branches by Winograd (cpu backend, composite/conv_calls.h).
   bool inference = !training && inference_call({&x, &pool_weight, &project_weight, &bn_weight, &bn_bias});
   for (const auto& w : conv_weights) inference = inference && inference_call({&w});
+  ChannelsLastOnce x_cl(x);  // for the branches that run an NCHW x channels_last: converted once
   for (int64_t b = 0; b < g.branches; ++b) {
     const int64_t r = b == 0 ? 1 : rates[b - 1];
-    ys.push_back(conv2d_forward(x, conv_weights[b], {1, 1}, {b == 0 ? 0 : r, b == 0 ? 0 : r}, {r, r}, mf, inference));
+    ys.push_back(conv2d_forward(x, conv_weights[b], {1, 1}, {b == 0 ? 0 : r, b == 0 ? 0 : r}, {r, r}, mf, inference,
+                                &x_cl));
   }
   const at::Tensor branch = at::cat(ys, 1).contiguous(mf);
   // Image pooling: mean over H x W, then its 1x1 conv as a matmul: (N, Cin) x (Cin, C).
@@ -216,11 +218,13 @@ std::tuple<at::Tensor, std::vector<at::Tensor>, at::Tensor, at::Tensor, at::Tens
     if (output_mask[1]) grad_pool_weight = at::mm(dy_p.t(), x.mean({2, 3})).view({g.c, g.cin, 1, 1});
     const at::Tensor dy_b = call_bn_backward_dy(dz_cat, z_cat, branch, mean_b, invstd_b, block(bn_weight, 0, bc),
                                                 dsg_b, dsgx_b, count_b, true, training);
+    ChannelsLastOnce x_cl(x);  // for the branches whose weight gradient reads x channels_last: converted once
     for (int64_t b = 0; b < g.branches; ++b) {
       const int64_t r = b == 0 ? 1 : rates[b - 1];
       // The branch's channel slice as a strided view: the convolution lays it out as it needs.
       auto [gx, gw] = conv2d_backward(dy_b.narrow(1, b * g.c, g.c), x, conv_weights[b], {1, 1},
-                                      {b == 0 ? 0 : r, b == 0 ? 0 : r}, {r, r}, output_mask[0], output_mask[1]);
+                                      {b == 0 ? 0 : r, b == 0 ? 0 : r}, {r, r}, output_mask[0], output_mask[1],
+                                      &x_cl);
       if (output_mask[0]) {
         if (b == 0) {
           grad_x = gx.contiguous(mf);

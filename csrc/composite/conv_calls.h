@@ -1,8 +1,8 @@
 // The convolutions of the device-generic composites (conv_bn_relu, aspp) without bias: ATen's (oneDNN / cuDNN),
 // or for inference the cpu backend's Winograd convolution where winograd_plan takes the call (float32 3x3,
 // stride 1, cpu/winograd_cpu.h). Forward, and the input and weight gradients of the backward: ATen's, or on the
-// CPU for a convolution whose taps mostly fall in the padding, the same sums without those taps
-// (cpu/conv_taps_cpu.h). Winograd never runs in a training step (its rounding would reach the gradients).
+// CPU each gradient by the cpu backend's own route where that is faster (cpu/conv_taps_cpu.h). Winograd never
+// runs in a training step (its rounding would reach the gradients).
 #pragma once
 
 #include <ATen/ATen.h>
@@ -30,10 +30,11 @@ inline bool inference_call(std::initializer_list<const at::Tensor*> tensors) {
 }
 
 // conv2d(x, weight, stride, padding, dilation) in memory format mf; Winograd allowed where `inference`. An NCHW
-// float32 CPU x is run channels_last where oneDNN skips the padding taps only there (cpu/conv_layout_cpu.h).
+// float32 CPU x is run channels_last where oneDNN skips the padding taps only there (cpu/conv_layout_cpu.h), taken
+// from x_cl where given (a conversion shared by the convolutions of one call on the same x).
 inline at::Tensor conv2d_forward(const at::Tensor& x, const at::Tensor& weight, at::IntArrayRef stride,
                                  at::IntArrayRef padding, at::IntArrayRef dilation, at::MemoryFormat mf,
-                                 bool inference) {
+                                 bool inference, ChannelsLastOnce* x_cl = nullptr) {
   if (inference) {
     if (const int m = winograd_plan(x, weight, stride, padding, dilation)) {
       return winograd_conv3x3(x, weight, std::nullopt, std::nullopt, padding, dilation, false, m, mf);
@@ -42,31 +43,42 @@ inline at::Tensor conv2d_forward(const at::Tensor& x, const at::Tensor& weight, 
   // The kept channels_last weight only where no gradient is computed (channels_last_weight).
   if (nchw_conv_via_channels_last(x, weight, stride, padding, dilation, inference)) {
     constexpr auto kCL = at::MemoryFormat::ChannelsLast;
-    const at::Tensor y = at::convolution(change_layout(x, kCL), channels_last_weight(weight, inference), std::nullopt,
-                                         stride, padding, dilation, false, {0, 0}, 1);
+    const at::Tensor y = at::convolution(x_cl ? x_cl->get() : change_layout(x, kCL),
+                                         channels_last_weight(weight, inference), std::nullopt, stride, padding,
+                                         dilation, false, {0, 0}, 1);
     return change_layout(y, mf);
   }
   return at::convolution(x, weight, std::nullopt, stride, padding, dilation, false, {0, 0}, 1).contiguous(mf);
 }
 
 // The gradients of conv2d(x, weight, ...) with respect to x (in x's memory format) and weight (in the weight's),
-// each undefined unless wanted; dy may be a strided view. oneDNN's backward runs every tap, padding included:
-// where most fall in the padding, conv_taps_backward skips them.
+// each undefined unless wanted; dy may be a strided view. ATen's (oneDNN / cuDNN), or on the CPU the cpu
+// backend's routes for the gradients where they are faster (cpu/conv_taps_cpu.h), which read x channels_last:
+// from x_cl where given, as conv2d_forward.
 inline std::tuple<at::Tensor, at::Tensor> conv2d_backward(const at::Tensor& dy, const at::Tensor& x,
                                                           const at::Tensor& weight, at::IntArrayRef stride,
                                                           at::IntArrayRef padding, at::IntArrayRef dilation,
-                                                          bool need_x, bool need_w) {
+                                                          bool need_x, bool need_w,
+                                                          ChannelsLastOnce* x_cl = nullptr) {
   at::Tensor grad_x, grad_w;
-  if (!need_x && !need_w) return {grad_x, grad_w};
-  if (dy.is_cpu() && dy.scalar_type() == at::kFloat &&
-      conv_taps_backward_applies(x, weight, stride, padding, dilation)) {
-    return conv_taps_backward(dy, x, weight, padding, dilation, need_x, need_w);
+  bool taps_x = false, taps_w = false;
+  if ((need_x || need_w) && dy.is_cpu() && dy.scalar_type() == at::kFloat) {
+    const TapsBackwardPlan plan = conv_taps_backward_plan(x, weight, stride, padding, dilation);
+    taps_x = need_x && plan.input;
+    taps_w = need_w && plan.weight;
+    if (taps_x || taps_w) {
+      const at::Tensor xc = taps_w && x_cl ? x_cl->get() : at::Tensor();
+      std::tie(grad_x, grad_w) = conv_taps_backward(dy, x, xc, weight, padding, dilation, taps_x, taps_w);
+    }
   }
-  auto grads = at::convolution_backward(dy, x, weight, std::nullopt, stride, padding, dilation, false, {0, 0}, 1,
-                                        {need_x, need_w, false});
-  // The gradients keep their tensor's memory format (cuDNN/oneDNN may return weight grads in x's).
-  if (need_x) grad_x = std::get<0>(grads).contiguous(x.suggest_memory_format());
-  if (need_w) grad_w = std::get<1>(grads).contiguous(weight.suggest_memory_format());
+  const bool aten_x = need_x && !taps_x, aten_w = need_w && !taps_w;
+  if (aten_x || aten_w) {
+    auto grads = at::convolution_backward(dy, x, weight, std::nullopt, stride, padding, dilation, false, {0, 0}, 1,
+                                          {aten_x, aten_w, false});
+    // The gradients keep their tensor's memory format (cuDNN/oneDNN may return weight grads in x's).
+    if (aten_x) grad_x = std::get<0>(grads).contiguous(x.suggest_memory_format());
+    if (aten_w) grad_w = std::get<1>(grads).contiguous(weight.suggest_memory_format());
+  }
   return {grad_x, grad_w};
 }
 

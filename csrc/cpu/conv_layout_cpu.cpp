@@ -99,6 +99,36 @@ at::Tensor change_layout(const at::Tensor& t, at::MemoryFormat to) {
 }
 
 
+at::Tensor flipped_transposed_weight(const at::Tensor& weight) {
+  constexpr auto kCL = at::MemoryFormat::ChannelsLast;
+  if (weight.dim() != 4 || weight.scalar_type() != at::kFloat || !weight.is_cpu()) {
+    return weight.flip({2, 3}).transpose(0, 1).contiguous(kCL);
+  }
+  // [co][tap][ci] in memory; per tap a [co, ci] -> [ci, co] transpose in blocks, the tap flipped
+  const at::Tensor w = change_layout(weight, kCL);
+  const int64_t cout = w.size(0), cin = w.size(1), taps = w.size(2) * w.size(3);
+  at::Tensor out = at::empty({cin, cout, w.size(2), w.size(3)}, w.options().memory_format(kCL));
+  const float* src = w.const_data_ptr<float>();
+  float* dst = out.mutable_data_ptr<float>();
+  // Blocks of kR output by kC input channels, every tap in turn. The rows' strides are multiples of 1 KiB (taps *
+  // channels * 4 bytes), so a block's rows share a few cache sets: 16 destination rows stay within their ways.
+  // Measured on a 256 x 2048 x 3 x 3 weight, one thread: 64 x 64 blocks 8.2-10.3 ms, 64 x 16 6.1-7.1 ms.
+  constexpr int64_t kR = 64, kC = 16;
+  const int64_t rb = ceil_div(cout, kR), cb = ceil_div(cin, kC);
+  at::parallel_for(0, rb * cb, 1, [&](int64_t b0, int64_t b1) {
+    for (int64_t b = b0; b < b1; ++b) {
+      const int64_t r0 = b / cb * kR, c0 = b % cb * kC;
+      for (int64_t t = 0; t < taps; ++t) {
+        transpose_block(src + r0 * taps * cin + (taps - 1 - t) * cin + c0, taps * cin,
+                        dst + c0 * taps * cout + t * cout + r0, taps * cout, std::min(kR, cout - r0),
+                        std::min(kC, cin - c0));
+      }
+    }
+  });
+  return out;
+}
+
+
 bool full_float32_matmul() {
   auto& ctx = at::globalContext();
   const auto p = ctx.float32Precision(at::Float32Backend::MKLDNN, at::Float32Op::MATMUL);

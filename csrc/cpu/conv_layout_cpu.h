@@ -17,6 +17,27 @@ namespace deeplab_ops {
 // channel slice): t.contiguous(to).
 at::Tensor change_layout(const at::Tensor& t, at::MemoryFormat to);
 
+// x in channels_last, converted (change_layout) on the first get() and kept for the next: one conversion for the
+// several convolutions of one op call that read the same x (the ASPP's branches). x must outlive it.
+class ChannelsLastOnce {
+ public:
+  explicit ChannelsLastOnce(const at::Tensor& x) : x_(x) {}
+  const at::Tensor& get() {
+    if (!cl_.defined()) cl_ = change_layout(x_, at::MemoryFormat::ChannelsLast);
+    return cl_;
+  }
+
+ private:
+  const at::Tensor& x_;
+  at::Tensor cl_;
+};
+
+// weight [C_out, C_in, k_h, k_w] flipped in both spatial axes with its channel axes swapped, channels_last:
+// out[ci, co, ky, kx] = weight[co, ci, k_h - 1 - ky, k_w - 1 - kx], the weight of the convolution that computes an
+// input gradient. Float32 by cache-blocked transposes (ATen's flip and copy took 20-48 ms on a 2048 -> 256 3 x 3
+// weight, against the gradient's own 40).
+at::Tensor flipped_transposed_weight(const at::Tensor& weight);
+
 // Whether ATen's float32 matmuls on the CPU multiply in float32 (not bfloat16 or TF32), read per call: the setting
 // can change at any time. A convolution is meant to stay float32 whatever it says, so the convolutions built on
 // ATen's GEMMs (Winograd's, the tap-skipping weight gradient) run only where it holds.

@@ -1,4 +1,4 @@
-// The tap-skipping backward of the cpu backend's sparse-tap convolutions (cpu/conv_taps_cpu.h).
+// The cpu backend's own routes for a convolution's gradients (cpu/conv_taps_cpu.h).
 #include "cpu/conv_taps_cpu.h"
 
 #include <algorithm>
@@ -8,55 +8,80 @@
 namespace deeplab_ops {
 namespace {
 
-// (Position, tap) pairs inside the image, at most (against the dense k_h * k_w per position). Measured on this
-// project's Xeon (AVX-512, 2 cores), float32 3x3, both gradients against ATen's convolution_backward (oneDNN), same
-// process: 2 x 2048 -> 256 on 33 x 33 at dilation 18 (41 % of the pairs) 85 against 180 ms, 2 x 256 -> 256 10.3
-// against 15.9; but at dilation 12 (57 %) 113 against 110, 1 x 2048 -> 256 on 65 x 65 at dilation 24 (57 %) 214
-// against 220, 1 x 512 -> 512 on 33 x 33 at dilation 8 (70 %) 32 against 32.
-constexpr double kMaxValidFraction = 0.5;
 // Channels on each side at least: thinner GEMMs and convolutions run too far from the machine's peak.
 constexpr int64_t kMinChannels = 32;
 
+// Measured on this project's Xeon (AVX-512, 2 cores), float32 3 x 3, batch 1, a whole conv_bn_relu forward +
+// backward with each route on and off in the same process, one thread, CPU time (tests and benchmarks run two; the
+// machine was shared, so times of one configuration are the minimum of several):
+//
+// The weight gradient's GEMMs: in either layout where at most half the (position, tap) pairs are inside the image
+// (2048 -> 256 at rate 18 on 33 x 33, 41 %: 311 against 143 ms channels_last, 253 against 159 NCHW; rate 36 on
+// 65 x 65: 1172 against 403, 1280 against 810) ...
+constexpr double kMaxValidFraction = 0.5;
+// ... and channels_last up to this fraction with at least kWideIn input and kWideOut output channels, where
+// oneDNN's weight gradient runs every tap at about the GEMMs' pace per product (2048 -> 256 on 33 x 33 at rate 6,
+// 77 %: 252 against 222 ms; rate 12, 57 %: 226 against 183; 65 x 65 at rate 12, 77 %: 947 against 755). Not NCHW
+// (there oneDNN's one backward call for both gradients is cheaper than two halves: the same rows 0.95-1.04x), nor
+// denser (512 -> 512 on 65 x 65 at dilation 4, 92 %: 1.07x; on 33 x 33 at dilation 2, 1.00x; 1024 -> 256 dense
+// 1.00x), nor thinner (256 -> 256 dense on 33 x 33 0.87x, 64 -> 64 on 129 x 129 0.70x: oneDNN's own weight
+// gradient is faster there than GEMMs over long, thin matrices).
+constexpr double kMaxValidFractionWide = 0.8;
+constexpr int64_t kWideIn = 512, kWideOut = 256;
+// The input gradient channels_last, for an NCHW x with a horizontal dilation of at least this: oneDNN's NCHW
+// backward-data slows down 2-5x from there (256 -> 256 on 33 x 33 at dilation (1, 28) 5.0 ms, (1, 29) 11.9 against
+// 4.0 channels_last; 2048 -> 256 on 65 x 65 at (1, 28) 264, (1, 29) 594 against 221; on 129 x 129 already at
+// (1, 24): 256 against 119), while below it the channels_last convolution's 1.1-1.3x is spent on the
+// conversions and on the second oneDNN call for the weight gradient.
+constexpr int64_t kMinDilationNchwInput = 24;
+
 }  // namespace
 
-bool conv_taps_backward_applies(const at::Tensor& x, const at::Tensor& weight, at::IntArrayRef stride,
-                                at::IntArrayRef padding, at::IntArrayRef dilation) {
+TapsBackwardPlan conv_taps_backward_plan(const at::Tensor& x, const at::Tensor& weight, at::IntArrayRef stride,
+                                         at::IntArrayRef padding, at::IntArrayRef dilation) {
+  TapsBackwardPlan plan;
   const auto taps = sparse_tap_pairs(x, weight, stride, padding, dilation);
-  if (!taps || taps->fraction > kMaxValidFraction) return false;
-  if (x.size(1) < kMinChannels || weight.size(0) < kMinChannels) return false;
-  if (padding[0] > dilation[0] * (weight.size(2) - 1) || padding[1] > dilation[1] * (weight.size(3) - 1)) return false;
-  // The weight gradient's GEMMs (at::mm) follow the float32 matmul precision; oneDNN's backward stays float32.
-  return full_float32_matmul();
+  if (!taps) return plan;
+  const int64_t cin = x.size(1), cout = weight.size(0);
+  if (cin < kMinChannels || cout < kMinChannels) return plan;
+  const bool nchw = x.suggest_memory_format() == at::MemoryFormat::Contiguous;
+  const bool padded_within =
+      padding[0] <= dilation[0] * (weight.size(2) - 1) && padding[1] <= dilation[1] * (weight.size(3) - 1);
+  plan.input = nchw && padded_within && dilation[1] >= kMinDilationNchwInput;
+  const bool wide = !nchw && cin >= kWideIn && cout >= kWideOut && taps->fraction <= kMaxValidFractionWide;
+  plan.weight = (taps->fraction <= kMaxValidFraction || wide) && full_float32_matmul();
+  return plan;
 }
 
 std::tuple<at::Tensor, at::Tensor> conv_taps_backward(const at::Tensor& dy, const at::Tensor& x,
-                                                      const at::Tensor& weight, at::IntArrayRef padding,
-                                                      at::IntArrayRef dilation, bool need_x, bool need_w) {
+                                                      const at::Tensor& x_cl, const at::Tensor& weight,
+                                                      at::IntArrayRef padding, at::IntArrayRef dilation, bool need_x,
+                                                      bool need_w) {
   constexpr auto kCL = at::MemoryFormat::ChannelsLast;
   const int64_t cin = x.size(1), cout = weight.size(0), kh = weight.size(2), kw = weight.size(3);
   const int64_t h = x.size(2), w = x.size(3), ho = dy.size(2), wo = dy.size(3);
   const at::Tensor dy_cl = change_layout(dy, kCL);
   at::Tensor grad_x, grad_w;
   if (need_x) {
-    // w_t[ci, co, ky, kx] = w[co, ci, kh - 1 - ky, kw - 1 - kx]
-    const at::Tensor w_t = weight.flip({2, 3}).transpose(0, 1).contiguous(kCL);
-    grad_x = at::convolution(dy_cl, w_t, std::nullopt, {1, 1},
+    grad_x = at::convolution(dy_cl, flipped_transposed_weight(weight), std::nullopt, {1, 1},
                              {dilation[0] * (kh - 1) - padding[0], dilation[1] * (kw - 1) - padding[1]}, dilation,
                              false, {0, 0}, 1);
     grad_x = change_layout(grad_x, x.suggest_memory_format());
   }
   if (need_w) {
     // [N, H, W, C] views of the channels_last tensors: a tap's positions are a box of them.
-    const at::Tensor xv = change_layout(x, kCL).permute({0, 2, 3, 1});
+    const at::Tensor xv = (x_cl.defined() ? x_cl : change_layout(x, kCL)).permute({0, 2, 3, 1});
     const at::Tensor dv = dy_cl.permute({0, 2, 3, 1});
-    const at::Tensor taps = at::empty({kh * kw, cout, cin}, x.options());
+    // Each tap's GEMM writes its [C_out, C_in] slice of the channels_last gradient in place (row stride
+    // k_h * k_w * C_in).
+    grad_w = at::empty(weight.sizes(), weight.options().memory_format(kCL));
     for (int64_t ky = 0; ky < kh; ++ky) {
       const int64_t oy = ky * dilation[0] - padding[0];
       const int64_t i0 = std::max<int64_t>(0, -oy), i1 = std::min(ho, h - oy);
       for (int64_t kx = 0; kx < kw; ++kx) {
         const int64_t ox = kx * dilation[1] - padding[1];
         const int64_t j0 = std::max<int64_t>(0, -ox), j1 = std::min(wo, w - ox);
-        at::Tensor tap = taps.select(0, ky * kw + kx);
+        at::Tensor tap = grad_w.select(3, kx).select(2, ky);
         if (i1 <= i0 || j1 <= j0) {
           tap.zero_();
           continue;
@@ -67,7 +92,7 @@ std::tuple<at::Tensor, at::Tensor> conv_taps_backward(const at::Tensor& dy, cons
         at::mm_out(tap, a.t(), b);
       }
     }
-    grad_w = taps.view({kh, kw, cout, cin}).permute({2, 3, 0, 1}).contiguous(weight.suggest_memory_format());
+    grad_w = change_layout(grad_w, weight.suggest_memory_format());
   }
   return {grad_x, grad_w};
 }

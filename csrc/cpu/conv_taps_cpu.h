@@ -1,12 +1,12 @@
-// The backward of a float32 CPU convolution whose taps mostly fall in the padding: an ASPP branch on a map not much
-// larger than its rate (rate 18 on a 33 x 33 map: 41 % of the taps land in the image). oneDNN's forward skips the
-// padding taps (channels_last, cpu/conv_layout_cpu.h) but its backward runs every tap, at about 5x the forward's
-// time there. Here:
-//   - the input gradient is the forward convolution of dy with the weight flipped and transposed
-//     (dx[ci] = sum_co conv(dy[co], flip(w[co, ci])) with padding dilation * (k - 1) - padding), run channels_last
-//     by oneDNN, which skips the taps that fall outside dy;
-//   - the weight gradient is one GEMM per tap, dW[:, :, ky, kx] = dy^T x over the output positions whose input
-//     position lies in the image (gathered channels_last), and nothing over the others.
+// The backward of a float32 CPU convolution (stride 1) by other routes than oneDNN's convolution_backward, each
+// gradient where its route is the faster one (conv_taps_backward_plan):
+//   - the input gradient: the forward convolution of dy with the weight flipped and transposed
+//     (dx[ci] = sum_co conv(dy[co], flip(w[co, ci])) with padding dilation * (k - 1) - padding), run channels_last.
+//     oneDNN's channels_last backward-data is this same convolution (bit for bit), so the route serves an NCHW x,
+//     whose backward-data oneDNN runs in its blocked layout over every tap, padding included;
+//   - the weight gradient: one GEMM per tap, dW[:, :, ky, kx] = dy^T x over the output positions whose input
+//     position lies in the image (gathered channels_last), and nothing over the others. oneDNN's backward-weights
+//     runs every tap, and with many channels runs well below the GEMM's pace even where every tap is inside.
 // Same sums as the dense backward, in another order (float32 rounding of the same size; tests/ops check both
 // gradients against float64).
 #pragma once
@@ -17,18 +17,24 @@
 
 namespace deeplab_ops {
 
-// Whether conv_taps_backward should run for conv2d(x, weight, stride, padding, dilation) (a float32 CPU dy of its
-// output's shape): float32 CPU x and weight, groups 1, stride 1, a kernel larger than 1 x 1, padding at most
-// dilation * (k - 1) (the input gradient's convolution needs padding >= 0), at least 32 channels each way, oneDNN
-// enabled, float32 matmuls at full precision (cpu/conv_layout_cpu.h: full_float32_matmul), and at most half the
-// (position, tap) pairs inside the image.
-bool conv_taps_backward_applies(const at::Tensor& x, const at::Tensor& weight, at::IntArrayRef stride,
-                                at::IntArrayRef padding, at::IntArrayRef dilation);
+// Which gradients of conv2d(x, weight, stride, padding, dilation) conv_taps_backward computes (a float32 CPU dy of
+// its output's shape); the others run oneDNN's backward. Neither unless: float32 CPU x and weight, groups 1,
+// stride 1, a kernel larger than 1 x 1, at least 32 channels each way, oneDNN enabled. The input gradient also
+// needs an NCHW x and padding at most dilation * (k - 1) (the flipped convolution's padding is not negative); the
+// weight gradient float32 matmuls at full precision (cpu/conv_layout_cpu.h: full_float32_matmul).
+struct TapsBackwardPlan {
+  bool input = false;
+  bool weight = false;
+};
+TapsBackwardPlan conv_taps_backward_plan(const at::Tensor& x, const at::Tensor& weight, at::IntArrayRef stride,
+                                         at::IntArrayRef padding, at::IntArrayRef dilation);
 
 // The gradients of conv2d(x, weight, stride=1, padding, dilation) with respect to x (in x's memory format) and
-// weight (in the weight's), each undefined unless wanted. dy: the output's shape, any strides.
+// weight (in the weight's), each undefined unless wanted, by the routes above. dy: the output's shape, any strides;
+// x_cl: x in channels_last, or undefined (converted here where the weight gradient needs it).
 std::tuple<at::Tensor, at::Tensor> conv_taps_backward(const at::Tensor& dy, const at::Tensor& x,
-                                                      const at::Tensor& weight, at::IntArrayRef padding,
-                                                      at::IntArrayRef dilation, bool need_x, bool need_w);
+                                                      const at::Tensor& x_cl, const at::Tensor& weight,
+                                                      at::IntArrayRef padding, at::IntArrayRef dilation, bool need_x,
+                                                      bool need_w);
 
 }  // namespace deeplab_ops
