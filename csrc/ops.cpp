@@ -171,3 +171,33 @@ TORCH_LIBRARY(deeplab_ops, m) {
       "bool align_corners, str reduction) -> Tensor");
 }
 
+
+// ---- torch.autocast ------------------------------------------------------------------------------------
+// Under torch.autocast the ops run in the dtypes of the tensors they are given: autocast casts nothing for them
+// (deeplab_ops/ops/ casts a fused layer's inputs to autocast's dtype where eager PyTorch's convolution would run
+// in it), and no aten op inside them is autocast either. Without these kernels autocast would fall through to the
+// op and then cast the aten calls inside it: a convolution in bfloat16 beside BatchNorm statistics in float32, and
+// an op's outputs in mixed dtypes that its backward, which runs outside autocast, cannot combine.
+namespace {
+
+void run_without_autocast(const c10::OperatorHandle& op, torch::jit::Stack* stack) {
+  c10::impl::ExcludeDispatchKeyGuard no_autocast(c10::autocast_dispatch_keyset);
+  op.callBoxed(stack);
+}
+
+constexpr const char* kComputeOps[] = {
+    "bn_stats", "bn_finalize", "bn_apply", "bn_backward_reduce", "bn_backward_dy",
+    "conv_bn_relu_forward", "triton_conv_bn_relu_forward", "conv_bn_relu_backward", "triton_conv_bn_relu_backward",
+    "conv_bias_act", "triton_conv_bias_act", "aspp_forward", "triton_aspp_forward", "aspp_backward",
+    "triton_aspp_backward", "upsample_cross_entropy_forward", "triton_upsample_cross_entropy_forward",
+    "upsample_cross_entropy_backward", "triton_upsample_cross_entropy_backward",
+};
+
+void register_autocast(torch::Library& m) {
+  for (const char* name : kComputeOps) m.impl(name, torch::CppFunction::makeFromBoxedFunction<&run_without_autocast>());
+}
+
+}  // namespace
+
+TORCH_LIBRARY_IMPL(deeplab_ops, AutocastCPU, m) { register_autocast(m); }
+TORCH_LIBRARY_IMPL(deeplab_ops, AutocastCUDA, m) { register_autocast(m); }

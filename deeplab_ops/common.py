@@ -21,6 +21,28 @@ HALF_DTYPES = (torch.float16, torch.bfloat16)
 FLOAT_DTYPES = (torch.float32, torch.float64, torch.float16, torch.bfloat16)
 
 
+def autocast_dtype(x) -> torch.dtype | None:
+    """The dtype torch.autocast runs a convolution of x in, where autocast is on for x's device (cpu or cuda) and
+    would cast x (a float32, float16 or bfloat16 tensor); None otherwise. The fused ops' front doors cast their
+    convolution inputs to it, as eager autocast casts conv2d's; BatchNorm's tensors stay as they are."""
+    if not isinstance(x, Tensor):
+        return None
+    device = x.device.type
+    if device not in ("cpu", "cuda") or x.dtype not in (torch.float32, *HALF_DTYPES):
+        return None
+    return torch.get_autocast_dtype(device) if torch.is_autocast_enabled(device) else None
+
+
+def autocast_cast(t, dtype: torch.dtype):
+    """t in `dtype` where t is a float32/float16/bfloat16 tensor (autocast's rule); t itself otherwise (None, a
+    float64 tensor, a list: each element)."""
+    if isinstance(t, (list, tuple)):
+        return [autocast_cast(v, dtype) for v in t]
+    if isinstance(t, Tensor) and t.dtype in (torch.float32, *HALF_DTYPES) and t.dtype != dtype:
+        return t.to(dtype)
+    return t
+
+
 def interpreter_active() -> bool:
     """Whether Triton kernels run in the interpreter (TRITON_INTERPRET=1), on CPU tensors."""
     return os.environ.get("TRITON_INTERPRET", "0") not in ("", "0")

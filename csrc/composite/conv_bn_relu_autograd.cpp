@@ -4,8 +4,8 @@
 // per layer forward and ~50 us per backward (apply, ctx bookkeeping, argument boxing), as much as a small layer's
 // kernels. The aspp and upsample_cross_entropy ops, called once per step, keep theirs in Python (deeplab_ops/ops/).
 //
-// What the backward needs besides grad_out: x, weight, bn_weight, the output z, the statistics, and the pre-BN conv
-// output y. The saving policy decides where y comes from:
+// What the backward needs besides grad_out: x, weight, bn_weight, the output z (with the ReLU, for its mask), the
+// statistics, and the pre-BN conv output y. The saving policy decides where y comes from:
 //   saved      (memory_efficient=false) y is saved by the forward.
 //   recompute  (memory_efficient=true)  nothing activation-sized beyond x and z is kept; when the backward reads y
 //              (training BatchNorm: dy = k*(g - a - xhat*b) needs xhat everywhere; eval BatchNorm with a bn_weight
@@ -102,8 +102,11 @@ struct ConvBNReLUFunction : public torch::autograd::Function<ConvBNReLUFunction>
                                         c.memory_efficient);
     }
     const auto& [out, conv_out, mean, invstd, new_rm, new_rv] = r;
-    ctx->save_for_backward({x, weight, bn_weight.value_or(Tensor()), c.memory_efficient ? Tensor() : conv_out, out,
-                            mean, invstd});
+    // The output only with the ReLU, whose mask the backward reads: without it BatchNorm's backward needs its
+    // input, not its output, so the caller may write the output in place (an in-place ReLU6, `+=`), as after
+    // eager BatchNorm.
+    ctx->save_for_backward({x, weight, bn_weight.value_or(Tensor()), c.memory_efficient ? Tensor() : conv_out,
+                            c.relu ? out : Tensor(), mean, invstd});
     // The inputs' edges count only the tensors given (apply skips a None): x, weight, then the optional ones in
     // argument order (running_mean and running_var take edges too).
     int64_t next = 2;
@@ -141,7 +144,7 @@ struct ConvBNReLUFunction : public torch::autograd::Function<ConvBNReLUFunction>
     const Tensor& weight = saved[1];
     const OptTensor bn_weight = saved[2].defined() ? OptTensor(saved[2]) : std::nullopt;
     Tensor conv_out = saved[3];
-    const Tensor& out = saved[4];
+    Tensor out = saved[4];
     const auto& ops = twin_ops(ctx->saved_data.at(kTwin).toInt());
     const auto geometry = ctx->saved_data.at(kGeometry).toIntVector();
     const at::IntArrayRef stride(geometry.data(), 2), padding(geometry.data() + 2, 2), dilation(geometry.data() + 4, 2);
@@ -155,8 +158,9 @@ struct ConvBNReLUFunction : public torch::autograd::Function<ConvBNReLUFunction>
       at::AutoDispatchBelowADInplaceOrView below_autograd;
       conv_out = ops.conv.call(x, weight, std::nullopt, std::nullopt, stride, padding, dilation, false);
     } else if (memory_efficient) {
-      conv_out = out;  // not read: dy = gamma * invstd * g
+      conv_out = relu ? out : grad_out;  // not read: dy = gamma * invstd * g; a tensor of the output's shape
     }
+    if (!relu) out = conv_out;  // not read without the ReLU (no mask): a tensor of the output's shape
     std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor> r;
     if (at::GradMode::is_enabled()) {  // create_graph=True: the backward op's Autograd kernel refuses
       r = ops.backward.call(grad_out, x, weight, bn_weight, conv_out, out, saved[5], saved[6], stride, padding,

@@ -10,7 +10,15 @@ import numbers
 import torch
 
 from deeplab_ops import backends, reference
-from deeplab_ops.common import FLOAT_DTYPES, HALF_DTYPES, back_to_back, empty_activation, opmath_dtype
+from deeplab_ops.common import (
+    FLOAT_DTYPES,
+    HALF_DTYPES,
+    autocast_cast,
+    autocast_dtype,
+    back_to_back,
+    empty_activation,
+    opmath_dtype,
+)
 from deeplab_ops.ops.dispatch import (
     autograd_kernels,
     below_autograd,
@@ -346,6 +354,12 @@ def aspp(
             branch buffer nor the projection's pre-BN output): the backward recomputes them by one more forward
             of the op on the same backend. Same gradients and running statistics.
     """
+    # Under torch.autocast the convolutions run in autocast's dtype, as eager conv2d does there (BatchNorm's tensors
+    # as they are).
+    amp = autocast_dtype(x)
+    if amp is not None:
+        x, conv_weights = autocast_cast(x, amp), autocast_cast(conv_weights, amp)
+        pool_weight, project_weight = autocast_cast(pool_weight, amp), autocast_cast(project_weight, amp)
     rates = check_args(x, conv_weights, pool_weight, project_weight, bn_weights, bn_biases, running_means,
                        running_vars, rates, training, momentum, eps)
     if memory_efficient is not False and memory_efficient is not True:

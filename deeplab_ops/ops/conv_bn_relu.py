@@ -17,6 +17,8 @@ from deeplab_ops import backends, reference
 from deeplab_ops.common import (
     FLOAT_DTYPES,
     HALF_DTYPES,
+    autocast_cast,
+    autocast_dtype,
     cached_derived,
     conv_output_size,
     derived,
@@ -396,7 +398,13 @@ def conv_bn_relu(
     """
     if memory_efficient is not False and memory_efficient is not True:
         raise TypeError(f"memory_efficient must be a bool, got {memory_efficient!r}")
-    if not training and isinstance(weight, Tensor) and enter_directly(x):
+    # Under torch.autocast the convolution runs in autocast's dtype, as eager conv2d does there (x, weight and the
+    # residual cast; BatchNorm's tensors as they are). The cast weight is new on every call: its eval fold is not
+    # cached (computed per call, like the cast).
+    amp = autocast_dtype(x)
+    if amp is not None:
+        x, weight, residual = autocast_cast(x, amp), autocast_cast(weight, amp), autocast_cast(residual, amp)
+    if not training and amp is None and isinstance(weight, Tensor) and enter_directly(x):
         out = eval_fast(x, weight, bn_weight, bn_bias, running_mean, running_var,
                         checked_config(stride, padding, dilation, training, momentum, eps, relu), float(eps),
                         residual, relu, backend)
@@ -424,7 +432,7 @@ def conv_bn_relu(
         )
     if not training and not _needs_grad(x, weight, bn_weight, bn_bias, residual):
         refuse_forward_ad("conv_bn_relu", x, weight, bn_weight, bn_bias, residual)  # the fold would drop a tangent
-        if not direct:  # traced: the fold is part of the graph (no Python cache to trace)
+        if not direct or amp is not None:  # traced (the fold is part of the graph), or a weight cast per call
             return CONV_BIAS_ACT[name](x, *_fold(weight, bn_weight, bn_bias, running_mean, running_var, float(eps)),
                                        residual, stride, padding, dilation, relu)
         w, b = derived(("fold", float(eps)), (weight, bn_weight, bn_bias, running_mean, running_var),
