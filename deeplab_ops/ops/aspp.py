@@ -5,6 +5,7 @@ concatenated (docs/ops.md; how per-BatchNorm lists avoid the cat: docs/performan
 
 from __future__ import annotations
 
+import math
 import numbers
 
 import torch
@@ -193,6 +194,16 @@ _KERNELS = autograd_kernels(_autograd_kernel)
 # ---- argument checks -------------------------------------------------------------------------------
 
 
+def _describe(value) -> str:
+    """What a list argument was given as, for an error: its type and length, or a tensor's shape (never its
+    values: a tensor's repr can run to pages)."""
+    if isinstance(value, (list, tuple)):
+        return f"{type(value).__name__} of length {len(value)}"
+    if isinstance(value, torch.Tensor):
+        return f"a tensor of shape {tuple(value.shape)}"
+    return type(value).__name__ if value is not None else "None"
+
+
 def _check_bn(value, name: str, n_bn: int, c: int, allow_none: bool = False) -> list | Tensor | None:
     """One BatchNorm argument: a list of n_bn (C,) tensors, or one (n_bn * C,) tensor (already concatenated)."""
     if value is None and allow_none:
@@ -203,7 +214,7 @@ def _check_bn(value, name: str, n_bn: int, c: int, allow_none: bool = False) -> 
                              f"{c} channels concatenated), got {tuple(value.shape)}")
         return value
     if not isinstance(value, (list, tuple)) or len(value) != n_bn:
-        got = f"{type(value).__name__} of length {len(value)}" if isinstance(value, (list, tuple)) else repr(value)
+        got = _describe(value)
         raise ValueError(f"{name} must be a list of {n_bn} tensors (1x1 branch, one per rate, pooling, "
                          f"projection) or one ({n_bn * c},) tensor, got {got}")
     for i, t in enumerate(value):
@@ -231,8 +242,7 @@ def check_args(x, conv_weights, pool_weight, project_weight, bn_weights, bn_bias
     if n == 0 or h == 0 or w == 0:
         raise ValueError(f"x must be non-empty, got shape {tuple(x.shape)}")
     if not isinstance(conv_weights, (list, tuple)) or len(conv_weights) != len(rates) + 1:
-        got = (f"{type(conv_weights).__name__} of length {len(conv_weights)}"
-               if isinstance(conv_weights, (list, tuple)) else repr(conv_weights))
+        got = _describe(conv_weights)
         raise ValueError(f"conv_weights must be a list of {len(rates) + 1} tensors (the 1x1 branch, then one 3x3 per "
                          f"rate), got {got}")
     for i, t in enumerate(conv_weights):
@@ -288,8 +298,8 @@ def check_args(x, conv_weights, pool_weight, project_weight, bn_weights, bn_bias
         )
     if isinstance(momentum, bool) or not isinstance(momentum, numbers.Real) or not 0.0 <= momentum <= 1.0:
         raise ValueError(f"momentum must be a number in [0, 1], got {momentum!r}")
-    if isinstance(eps, bool) or not isinstance(eps, numbers.Real) or not eps > 0:
-        raise ValueError(f"eps must be a number > 0, got {eps!r}")
+    if isinstance(eps, bool) or not isinstance(eps, numbers.Real) or not (float(eps) > 0 and math.isfinite(eps)):
+        raise ValueError(f"eps must be a finite number > 0, got {eps!r}")
     return rates
 
 

@@ -173,3 +173,28 @@ def test_cuda_matches_torchvision(backend, training):
     tv, fused = tv.cuda().train(training), fused.cuda().train(training)
     x = torch.randn(2, 16, 33, 33, device="cuda")
     assert_close(fused(x), tv(x), "cuda output", 1e-5, 1e-5)
+
+
+@pytest.mark.parametrize("bad", ["conv_weights-tensor", "bn_weights-tensor-list", "eps-inf", "eps-nan"])
+def test_bad_arguments_are_named_briefly(bad):
+    # A tensor given where a list is expected is described by its shape, never its values; eps must be finite
+    # (as conv_bn_relu requires).
+    x = torch.randn(2, 8, 5, 5)
+    args = dict(x=x, conv_weights=[torch.randn(4, 8, 1, 1), torch.randn(4, 8, 3, 3)],
+                pool_weight=torch.randn(4, 8, 1, 1), project_weight=torch.randn(4, 12, 1, 1),
+                bn_weights=[torch.ones(4)] * 4, bn_biases=[torch.zeros(4)] * 4, running_means=None,
+                running_vars=None, rates=(2,))
+    expected = {"conv_weights-tensor": r"conv_weights must be a list of 2 tensors .* got a tensor of shape "
+                                       r"\(400, 8, 3, 3\)$",
+                "bn_weights-tensor-list": r"bn_weights must be a list of 4 tensors .* got list of length 3$",
+                "eps-inf": r"eps must be a finite number > 0, got inf",
+                "eps-nan": r"eps must be a finite number > 0, got nan"}[bad]
+    if bad == "conv_weights-tensor":
+        args["conv_weights"] = torch.randn(400, 8, 3, 3)
+    elif bad == "bn_weights-tensor-list":
+        args["bn_weights"] = [torch.ones(4)] * 3
+    else:
+        args["eps"] = float(bad.split("-")[1])
+    with pytest.raises(ValueError, match=expected) as info:
+        deeplab_ops.aspp(**args)
+    assert len(str(info.value)) < 300
