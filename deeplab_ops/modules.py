@@ -465,7 +465,7 @@ def fused_aspp_forward(module: nn.Module, x: Tensor, backend: str | None = None,
     BatchNorm tensors are kept back to back in one storage per kind (`pack_batchnorms`), outside tracing.
     memory_efficient=True: the op keeps no pre-BN activation for the backward (see deeplab_ops.aspp).
     """
-    parts = module.__dict__.get(_PARTS_ATTR)
+    parts = getattr(module, "__dict__", {}).get(_PARTS_ATTR)
     if parts is None:  # the structure is validated once per module, not per call
         convs, bns, rates = aspp_parts(module)
         parts = (convs, bns, rates, list(module.project)[3:])  # extras: applied to the op's output
