@@ -1,6 +1,7 @@
 """Backends: each backend's support rules in one place (`not_supported_reasons`), the automatic choice
-(`resolve`: CUDA tensors triton then cuda, CPU tensors cpu; $DEEPLAB_OPS_BACKEND overrides None) and the error
-listing every backend's reasons when a named one cannot run a call.
+(`resolve`: CUDA tensors triton then cuda, CPU tensors cpu; $DEEPLAB_OPS_BACKEND, checked by `env_backend`,
+overrides None), the error listing every backend's reasons when no chosen one can run a call, and the device checks
+of `available_backends`/`auto_backend`.
 """
 
 from __future__ import annotations

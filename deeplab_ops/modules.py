@@ -393,7 +393,7 @@ _PARTS_ATTR = "_deeplab_ops_aspp_parts"
 
 def forget_aspp_parts(module: nn.Module) -> None:
     """Drop the validated ASPP structure cached on `module` (fuse/unfuse call it; so may a user who rebuilt it)."""
-    module.__dict__.pop(_PARTS_ATTR, None)
+    getattr(module, "__dict__", {}).pop(_PARTS_ATTR, None)
 
 
 def pack_batchnorms(bns: list[nn.BatchNorm2d]) -> None:
