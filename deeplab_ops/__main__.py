@@ -37,8 +37,13 @@ def main() -> int:
     else:
         print("gpu          none visible")
     interp = backends.interpreter_active()
-    forced = os.environ.get(backends.ENV_VAR, "unset")
-    print(f"TRITON_INTERPRET={'1' if interp else 'unset'}; {backends.ENV_VAR}={forced}")
+    forced = os.environ.get(backends.ENV_VAR)
+    print(f"TRITON_INTERPRET={'1' if interp else 'unset'}; {backends.ENV_VAR}={'unset' if forced is None else forced}")
+    try:
+        backends.env_backend()
+    except ValueError as e:
+        print(f"error        {e}: every op call with backend=None raises this")
+        return 1
     devices = ["cpu"] + (["cuda"] if torch.cuda.is_available() else [])
     for dev in devices:
         print(f"backends on {dev}:")
@@ -46,7 +51,7 @@ def main() -> int:
             if name == "triton" and not reasons:
                 reasons = backends.not_supported_reasons("triton", "conv_bn_relu", torch.device(dev), **_probe(dev))
             print(f"  {name:<10} {'usable' if not reasons else 'unusable: ' + '; '.join(reasons)}")
-    print(f"auto picks   CPU tensors: {deeplab_ops.auto_backend('cpu')}; CUDA tensors: {_auto_cuda()}")
+    print(f"auto picks   CPU tensors: {_auto_cpu()}; CUDA tensors: {_auto_cuda()}")
     return 0
 
 
@@ -60,20 +65,54 @@ def _probe(dev: str) -> dict:
             "residual": None}
 
 
+def _forced_refusal(device) -> str | None:
+    """Why the backend $DEEPLAB_OPS_BACKEND forces cannot run tensors on `device` (None: it can, or none is forced);
+    without a GPU, CUDA tensors are judged from the build alone."""
+    import torch
+
+    from deeplab_ops import backends
+
+    forced = backends.env_backend()
+    if forced is None:
+        return None
+    device = torch.device(device)
+    reasons = backends.not_supported_reasons(forced, "conv_bn_relu", device, **_probe(device.type))
+    if device.type == "cuda" and not torch.cuda.is_available():
+        reasons = [r for r in reasons if "runs CUDA tensors" not in r]
+    if not reasons:
+        return None
+    return f"none ({backends.ENV_VAR}={forced!r} cannot run them: {'; '.join(reasons)})"
+
+
+def _auto_cpu() -> str:
+    """What backend=None runs CPU tensors with, or why nothing."""
+    from deeplab_ops import backends
+
+    refusal = _forced_refusal("cpu")
+    if refusal:
+        return refusal
+    return backends.auto_backend("cpu") or "none"
+
+
 def _auto_cuda() -> str:
     """What auto picks for CUDA tensors: answered from the build even without a GPU."""
     import torch
 
     from deeplab_ops import backends
 
-    if os.environ.get(backends.ENV_VAR) not in (None, "", "auto"):
-        return os.environ[backends.ENV_VAR]
+    refusal = _forced_refusal("cuda")
+    if refusal:
+        return refusal
+    suffix = "" if torch.cuda.is_available() else " (no GPU visible here)"
+    forced = backends.env_backend()
+    if forced is not None:
+        return forced + suffix
     cuda = torch.device("cuda")
     for name in backends.auto_candidates(cuda):
         reasons = [r for r in backends.not_supported_reasons(name, "conv_bn_relu", cuda, **_probe("cuda"))
                    if "runs CUDA tensors" not in r]
         if not reasons:
-            return name + ("" if torch.cuda.is_available() else " (no GPU visible here)")
+            return name + suffix
     return "none (no CUDA backend is usable in this build)"
 
 

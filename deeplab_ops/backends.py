@@ -1,6 +1,7 @@
 """Backends: each backend's support rules in one place (`not_supported_reasons`), the automatic choice
-(`resolve`: CUDA tensors triton then cuda, CPU tensors cpu; $DEEPLAB_OPS_BACKEND overrides None) and the error
-listing every backend's reasons when a named one cannot run a call.
+(`resolve`: CUDA tensors triton then cuda, CPU tensors cpu; $DEEPLAB_OPS_BACKEND, checked by `env_backend`,
+overrides None), the error listing every backend's reasons when no chosen one can run a call, and the device checks
+of `available_backends`/`auto_backend`.
 """
 
 from __future__ import annotations
@@ -96,17 +97,10 @@ def _triton_uce(*, logits, target, **_) -> list[str]:
     return _interpreter_half(logits, "logits") + _int32(max(logits.numel(), target.numel()))
 
 
-def _cpu_uce(*, logits, **_) -> list[str]:
-    if logits.dtype in HALF_DTYPES:
-        return [f"logits has dtype {logits.dtype}: the CPU kernels take float32 or float64 (use logits.float())"]
-    return []
-
-
 _OP_RULES = {
     ("triton", "conv_bn_relu"): _triton_conv_bn_relu,
     ("triton", "aspp"): _triton_aspp,
     ("triton", "upsample_cross_entropy"): _triton_uce,
-    ("cpu", "upsample_cross_entropy"): _cpu_uce,
 }
 
 
@@ -131,11 +125,21 @@ def auto_candidates(device: torch.device) -> tuple[str, ...]:
     return ("triton", "cuda") if device.type == "cuda" else ("cpu",)
 
 
+def env_backend() -> str | None:
+    """$DEEPLAB_OPS_BACKEND checked: the backend it names, or None when it is unset, empty or 'auto'."""
+    value = os.environ.get(ENV_VAR)
+    if not value or value == "auto":
+        return None
+    if value not in BACKENDS:
+        raise ValueError(f"{ENV_VAR}={value!r} is not a backend; expected one of {('auto', *BACKENDS)} or unset")
+    return value
+
+
 def resolve(backend: str | None, op: str, device: torch.device, **call) -> str:
     """The backend that runs this call: `backend`, else $DEEPLAB_OPS_BACKEND, else `auto`."""
     source = "backend"
     if backend is None:
-        backend = os.environ.get(ENV_VAR) or "auto"
+        backend = env_backend() or "auto"
         source = ENV_VAR
     if backend != "auto" and backend not in BACKENDS:
         raise ValueError(f"{source}={backend!r} is not a backend; expected one of {('auto', *BACKENDS)} or None")
@@ -147,10 +151,16 @@ def resolve(backend: str | None, op: str, device: torch.device, **call) -> str:
                 + _report(op, device, call)
             )
         return backend
-    for name in auto_candidates(device):
+    candidates = auto_candidates(device)
+    for name in candidates:
         if not not_supported_reasons(name, op, device, **call):
             return name
-    raise RuntimeError(f"deeplab_ops.{op}: no backend can run this call on {device}.\n" + _report(op, device, call))
+    able = [name for name in BACKENDS if not not_supported_reasons(name, op, device, **call)]
+    raise RuntimeError(
+        f"deeplab_ops.{op}: the automatic choice (backend=None) for tensors on {device} is among "
+        f"{', '.join(candidates)}, and none of them can run this call"
+        + (f"; pass backend={able[0]!r}, which can" if able else "") + ".\n" + _report(op, device, call)
+    )
 
 
 def _report(op: str, device: torch.device, call: dict) -> str:
@@ -161,19 +171,31 @@ def _report(op: str, device: torch.device, call: dict) -> str:
     return "Backends here:\n" + "\n".join(lines)
 
 
+def as_device(device, argument: str = "device") -> torch.device:
+    """`device` as a torch.device; a ValueError naming `argument` when it is not one."""
+    if isinstance(device, torch.device):
+        return device
+    try:
+        if isinstance(device, str) or (isinstance(device, int) and not isinstance(device, bool)):
+            return torch.device(device)
+    except RuntimeError:
+        pass
+    raise ValueError(f"{argument}={device!r} is not a device; expected a torch.device, a device string such as "
+                     "'cpu', 'cuda' or 'cuda:0', or a CUDA device index")
+
+
 def available_backends(device: str | torch.device = "cpu") -> dict[str, list[str]]:
     """For each backend, the reasons it cannot run on `device` (an empty list: it can)."""
-    device = torch.device(device)
+    device = as_device(device)
     return {name: _device_reasons(name, device) for name in BACKENDS}
 
 
 def auto_backend(device: str | torch.device) -> str | None:
-    """What `backend=None` picks for tensors on `device` (ignoring per-call limits), or None."""
-    device = torch.device(device)
-    forced = os.environ.get(ENV_VAR)
-    if forced and forced != "auto":
-        return forced
-    for name in auto_candidates(device):
+    """What `backend=None` picks for tensors on `device` (ignoring per-call limits), or None when no backend it
+    may pick can run them (raises ValueError when $DEEPLAB_OPS_BACKEND names no backend, as every op call would)."""
+    device = as_device(device)
+    forced = env_backend()
+    for name in (forced,) if forced else auto_candidates(device):
         if not _device_reasons(name, device):
             return name
     return None

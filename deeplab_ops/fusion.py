@@ -19,6 +19,7 @@ from deeplab_ops.modules import (
     fused_conv_bn,
     reads_directly,
 )
+from deeplab_ops.ops.dispatch import group_name_of
 
 Tensor = torch.Tensor
 
@@ -402,6 +403,9 @@ def sync_batchnorm(model: nn.Module, process_group=None) -> nn.Module:
     them with nn.SyncBatchNorm.convert_sync_batchnorm (after fusing, so the fused ones stay fused)."""
     import torch.distributed as dist
 
+    if not isinstance(model, nn.Module):
+        raise TypeError(f"model must be an nn.Module, got {type(model).__name__}")
+    group_name_of(process_group)  # a TypeError unless None or a ProcessGroup
     if process_group is None and not dist.is_initialized():
         raise RuntimeError("sync_batchnorm needs torch.distributed to be initialized (init_process_group) or an "
                            "explicit process_group")

@@ -12,7 +12,7 @@ from torch import nn
 from deeplab_ops.common import back_to_back
 from deeplab_ops.ops.aspp import aspp
 from deeplab_ops.ops.conv_bn_relu import checked_config, conv_bn_relu, eval_fast
-from deeplab_ops.ops.dispatch import enter_directly
+from deeplab_ops.ops.dispatch import enter_directly, group_name_of
 
 Tensor = torch.Tensor
 
@@ -52,6 +52,26 @@ def check_fusable(conv: nn.Module, bn: nn.Module) -> None:
     if bn.num_features != conv.out_channels:
         raise ValueError(f"bn has num_features={bn.num_features} but conv has out_channels={conv.out_channels}")
     _conv_padding(conv)
+
+
+_BatchNorm = nn.modules.batchnorm._BatchNorm
+
+
+def _check_module_types(conv, bn) -> None:
+    """TypeError unless conv is an nn.Conv2d and bn a BatchNorm module (subclasses included: the fused ones)."""
+    if not isinstance(conv, nn.Conv2d):
+        raise TypeError(f"conv must be an nn.Conv2d, got {type(conv).__name__}")
+    if not isinstance(bn, _BatchNorm):
+        raise TypeError(f"bn must be a BatchNorm module (e.g. nn.BatchNorm2d), got {type(bn).__name__}")
+
+
+def _check_x_channels(x, weight, owner: str) -> None:
+    """ValueError naming x when the 4-D tensor x has not the channel count the 4-D conv weight takes."""
+    if (isinstance(x, Tensor) and isinstance(weight, Tensor) and x.dim() == 4 and weight.dim() == 4
+            and x.shape[1] != weight.shape[1]):
+        c = weight.shape[1]
+        raise ValueError(f"x has {x.shape[1]} channels (shape {tuple(x.shape)}) but {owner} takes {c} input "
+                         f"channels (in_channels); expected x of shape (N, {c}, H, W)")
 
 
 _BN_KEYS = ("bn_weight", "bn_bias", "running_mean", "running_var", "training", "momentum", "eps")
@@ -172,11 +192,15 @@ def bn_call_args(bn: nn.BatchNorm2d, training: bool) -> dict:
     """The BatchNorm arguments of a fused call that behaves as `bn.forward` does in this mode, by name.
     num_batches_tracked is not incremented here: `bn_step` does it after the call succeeded, so a failed call
     changes nothing the user saved."""
+    if not isinstance(bn, _BatchNorm):
+        raise TypeError(f"bn must be a BatchNorm module (e.g. nn.BatchNorm2d), got {type(bn).__name__}")
     return dict(zip(_BN_KEYS, _bn_args(bn, training), strict=True))
 
 
 def bn_step(bn: nn.BatchNorm2d, training: bool) -> None:
     """Count one training batch, as nn.BatchNorm2d.forward does."""
+    if not isinstance(bn, _BatchNorm):
+        raise TypeError(f"bn must be a BatchNorm module (e.g. nn.BatchNorm2d), got {type(bn).__name__}")
     if training and bn.track_running_stats:
         counter = _bn_tensors(bn)[4]
         if counter is not None:
@@ -221,6 +245,10 @@ def fused_conv_bn(
 ) -> Tensor:
     """`act(bn(conv(x)) [+ residual])` through the fused op, with exactly the modules' semantics
     (memory_efficient: see deeplab_ops.conv_bn_relu)."""
+    _check_module_types(conv, bn)
+    _check_x_channels(x, conv_weight(conv), "conv")
+    if process_group is not None:
+        group_name_of(process_group)  # its type checked in eval too, where the op does not use it
     if not training and enter_directly(x):  # eval: once the fold is cached, only x and residual are checked
         sources = _fold_sources(conv, bn)
         if sources is not None:
@@ -318,7 +346,21 @@ def aspp_parts(module: nn.Module) -> tuple[list[nn.Conv2d], list[nn.BatchNorm2d]
     """Conv and BN modules of an ASPP with torchvision's structure, in the fused op's order, and its rates:
     ([1×1 branch, one 3×3 per rate, pooling, projection] convs, the BNs in the same order, rates)."""
     convs, bns, rates = [], [], []
-    branches = list(module.convs)
+    branch_list, project = getattr(module, "convs", None), getattr(module, "project", None)
+    if (not isinstance(module, nn.Module) or not isinstance(branch_list, (nn.ModuleList, nn.Sequential))
+            or not isinstance(project, nn.Sequential)):
+        raise TypeError(
+            f"module must be an ASPP with torchvision's structure (convs: a ModuleList of branches, project: a "
+            f"Sequential of conv, BatchNorm, ReLU), got {type(module).__name__}"
+        )
+    branches = list(branch_list)
+    for i, branch in enumerate(branches):
+        need = 3 if i == len(branches) - 1 else 2
+        if not isinstance(branch, nn.Sequential) or len(branch) < need:
+            what = "(pooling, conv, BatchNorm, ReLU)" if need == 3 else "(conv, BatchNorm, ReLU)"
+            raise ValueError(f"convs.{i} must be a Sequential {what}, got {type(branch).__name__}")
+    if len(project) < 2:
+        raise ValueError(f"project must be a Sequential (conv, BatchNorm, ReLU, ...), got {len(project)} modules")
     if len(branches) < 2:
         raise ValueError(f"an ASPP needs a 1x1 branch and a pooling branch, got {len(branches)} branches")
     for i, branch in enumerate(branches[:-1]):
@@ -351,7 +393,7 @@ _PARTS_ATTR = "_deeplab_ops_aspp_parts"
 
 def forget_aspp_parts(module: nn.Module) -> None:
     """Drop the validated ASPP structure cached on `module` (fuse/unfuse call it; so may a user who rebuilt it)."""
-    module.__dict__.pop(_PARTS_ATTR, None)
+    getattr(module, "__dict__", {}).pop(_PARTS_ATTR, None)
 
 
 def pack_batchnorms(bns: list[nn.BatchNorm2d]) -> None:
@@ -423,12 +465,15 @@ def fused_aspp_forward(module: nn.Module, x: Tensor, backend: str | None = None,
     BatchNorm tensors are kept back to back in one storage per kind (`pack_batchnorms`), outside tracing.
     memory_efficient=True: the op keeps no pre-BN activation for the backward (see deeplab_ops.aspp).
     """
-    parts = module.__dict__.get(_PARTS_ATTR)
+    parts = getattr(module, "__dict__", {}).get(_PARTS_ATTR)
     if parts is None:  # the structure is validated once per module, not per call
         convs, bns, rates = aspp_parts(module)
         parts = (convs, bns, rates, list(module.project)[3:])  # extras: applied to the op's output
         object.__setattr__(module, _PARTS_ATTR, parts)  # plain attribute: not in the state_dict
     convs, bns, rates, extras = parts
+    _check_x_channels(x, conv_weight(convs[0]), "the ASPP module")
+    if process_group is not None:
+        group_name_of(process_group)  # its type checked in eval too, where the op does not use it
     tensors = [_bn_tensors(bn) for bn in bns]
     training = _aspp_config(bns, tensors)
     tracing = torch.compiler.is_compiling()

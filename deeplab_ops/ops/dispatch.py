@@ -12,10 +12,19 @@ _LIB = torch.library.Library("deeplab_ops", "IMPL")
 
 
 def group_name_of(process_group) -> str | None:
-    """The name of `process_group` when it has more than one process (None: nothing to synchronize)."""
+    """The name of `process_group` when it has more than one process (None: nothing to synchronize, or None
+    given); a TypeError when it is neither None nor a torch.distributed ProcessGroup, initialized or not."""
+    if process_group is None:
+        return None
     import torch.distributed as dist
 
-    if not dist.is_available() or not dist.is_initialized() or dist.get_world_size(process_group) <= 1:
+    if not dist.is_available() or not isinstance(process_group, dist.ProcessGroup):
+        raise TypeError(
+            f"process_group must be a torch.distributed ProcessGroup (e.g. torch.distributed.group.WORLD) or None, "
+            f"got {type(process_group).__name__} {process_group!r}"
+            + ("" if dist.is_available() else " (this torch build has no torch.distributed)")
+        )
+    if not dist.is_initialized() or dist.get_world_size(process_group) <= 1:
         return None
     return process_group.group_name
 

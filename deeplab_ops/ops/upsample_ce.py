@@ -11,7 +11,7 @@ import numpy
 import torch
 
 from deeplab_ops import backends, reference
-from deeplab_ops.common import opmath_dtype
+from deeplab_ops.common import HALF_DTYPES, opmath_dtype
 from deeplab_ops.ops.dispatch import (
     autograd_kernels,
     below_autograd,
@@ -186,7 +186,8 @@ def upsample_cross_entropy(
     the fly: memory is O(N*H*W) (the saved per-pixel logsumexp) instead of O(N*K*H*W).
 
     Args:
-        logits: (N, K, h, w) float32/float64 (float16/bfloat16 on CUDA: accumulation in float32).
+        logits: (N, K, h, w) float32/float64, or float16/bfloat16 (computed in float32; on CPU the cpu backend
+            runs a float32 copy of logits).
         target: (N, H, W) int64 labels in [0, K) or ignore_index; (H, W) may be any size (up- or downsampling,
             non-integer ratios).
         ignore_index: label whose pixels contribute nothing (nor to the "mean" denominator).
@@ -216,6 +217,11 @@ def upsample_cross_entropy(
         if reduction == "none":
             return logits.new_zeros(target.shape) + zero
         return zero + (float("nan") if reduction == "mean" else 0.0)
+    if name == "cpu" and logits.dtype in HALF_DTYPES:
+        # The CPU kernels take float32/float64: half logits run as float32 (exact), as the GPU kernels accumulate
+        # them; the copy is of the low-resolution logits only, and the loss comes back in logits' dtype.
+        loss = upsample_cross_entropy(logits.float(), target, ignore_index, align_corners, reduction, backend=name)
+        return loss.to(logits.dtype)
     forward = _KERNELS[name] if enter_directly(logits) else FORWARD_OPS[name]
     loss, _, _ = forward(logits, target, ignore_index, align_corners, reduction)
     return loss

@@ -261,6 +261,9 @@ CASES = {
     "cpu-winograd-env": lambda d: _with_env("DEEPLAB_OPS_CPU_WINOGRAD", "off", lambda: _no_grad_eval_cbr()),
     "backend-cannot-run": lambda d: cbr(backend="cuda"),
     "backend-triton-no-interpreter": lambda d: _with_env("TRITON_INTERPRET", "0", lambda: cbr(backend="triton")),
+    "backend-auto-cannot-run": lambda d: _auto_triton_only(),
+    "backend-device": lambda d: deeplab_ops.available_backends("tpu"),
+    "process-group-type": lambda d: cbr(process_group="world"),
     # aspp: the Python front door (deeplab_ops/ops/aspp.py)
     "aspp-x": lambda d: aspp(x=torch.randn(5, 7, 6)),
     "aspp-x-dtype": lambda d: aspp(x=torch.ones(2, 5, 7, 6, dtype=torch.int32)),
@@ -305,6 +308,9 @@ CASES = {
     "uce-reduction": lambda d: uce(reduction="avg"),
     "uce-label-range": lambda d: uce(target=torch.full((2, 9, 11), 7, dtype=torch.int64)),
     "uce-forward-ad": lambda d: forward_ad(lambda x: uce(logits=x), torch.randn(2, 3, 4, 5)),
+    "uce-double-backward": lambda d: double_backward(lambda x: uce(logits=x)),
+    "uce-int32": lambda d: uce(logits=torch.empty(1, 2**31, 1, 1, device="meta"),
+                               target=torch.zeros(1, 1, 1, dtype=torch.int64, device="meta")),
     "nn-aspp-memory-efficient-type": lambda d: FusedASPP(4, (1,), 2, memory_efficient="yes"),
     # nn modules and model fusion checks (deeplab_ops/nn.py)
     "nn-conv-type": lambda d: check_fusable(nn.Linear(2, 2), nn.BatchNorm2d(2)),
@@ -327,6 +333,19 @@ CASES = {
     "nn-aspp-affine": lambda d: torchvision_aspp(lambda m: (setattr(m.project[1], "weight", None),
                                                            setattr(m.project[1], "bias", None))),
     "nn-sync-no-dist": lambda d: deeplab_ops.nn.sync_batchnorm(nn.Sequential()),
+    "nn-aspp-mixed-mode": lambda d: _mixed_mode_aspp(),
+    "nn-aspp-module-type": lambda d: fused_aspp_forward(nn.Conv2d(4, 3, 1), torch.randn(2, 4, 6, 6)),
+    "nn-aspp-branch-type": lambda d: torchvision_aspp(lambda m: m.convs.__setitem__(0, nn.Conv2d(4, 3, 1))),
+    "nn-aspp-x-channels": lambda d: FusedASPP(5, [1], 4)(torch.randn(2, 6, 7, 7)),
+    "nn-x-channels": lambda d: FusedConvBNReLU(5, 4, 3, padding=1)(torch.randn(2, 6, 7, 7)),
+    "nn-fused-conv-type": lambda d: deeplab_ops.nn.fused_conv_bn(nn.Linear(2, 2), nn.BatchNorm2d(2),
+                                                                 torch.randn(2, 2, 4, 4), training=True),
+    "nn-fused-bn-type": lambda d: deeplab_ops.nn.bn_call_args(nn.Linear(2, 2), True),
+    "nn-pack-bn-type": lambda d: deeplab_ops.nn.pack_batchnorms([nn.Linear(2, 2)]),
+    "nn-model-type": lambda d: deeplab_ops.nn.fuse_modules("m"),
+    "nn-fuse-backend": lambda d: deeplab_ops.nn.fuse_modules(nn.Sequential(), backend="x"),
+    "nn-fuse-memory-efficient": lambda d: deeplab_ops.nn.fuse_modules(nn.Sequential(), memory_efficient=1),
+    "nn-fuse-channels-last": lambda d: deeplab_ops.nn.fuse_modules(nn.Sequential(), channels_last=1),
     # direct torch.ops.deeplab_ops calls: the C++ boundary (csrc/common/arg_checks.h,
     # csrc/composite/conv_bn_relu.cpp, csrc/composite/aspp.cpp)
     "cpp-activation": lambda d: ops.bn_stats(torch.randn(3, 4)),
@@ -462,6 +481,25 @@ def _with_env(name, value, fn):
             del os.environ[name]
         else:
             os.environ[name] = old
+
+
+def _auto_triton_only():
+    """upsample_cross_entropy with backend=None when the automatic choice for CPU tensors is triton alone and the
+    Triton interpreter is off: nothing it considers can run the call (on a GPU build: CUDA tensors without kernels)."""
+    from deeplab_ops import backends
+
+    real = backends.auto_candidates
+    backends.auto_candidates = lambda device: ("triton",)
+    try:
+        return _with_env("TRITON_INTERPRET", "0", lambda: uce(backend=None))
+    finally:
+        backends.auto_candidates = real
+
+
+def _mixed_mode_aspp():
+    m = FusedASPP(4, [2], 3)
+    m.convs[1][1].eval()
+    return m(torch.randn(2, 4, 6, 6))
 
 
 def _no_grad_eval_cbr():

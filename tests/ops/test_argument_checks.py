@@ -1,0 +1,206 @@
+"""Argument checks at the public surface: half logits on CPU, $DEEPLAB_OPS_BACKEND, device arguments,
+process_group, and the module arguments and x channels of deeplab_ops.nn."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+
+import pytest
+import torch
+from helpers import ROOT
+from torch import nn
+
+import deeplab_ops
+from deeplab_ops import backends, reference
+from deeplab_ops.nn import FusedASPP, FusedConvBNReLU, fused_aspp_forward, fused_conv_bn, sync_batchnorm
+
+PG_ERROR = r"process_group must be a torch.distributed ProcessGroup \(e.g. torch.distributed.group.WORLD\) or None"
+
+
+# ---- half logits on CPU --------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("backend", [None, "cpu"])
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+@pytest.mark.parametrize("reduction", ["mean", "sum", "none"])
+def test_half_logits_on_cpu_run_as_float32(dtype, backend, reduction):
+    torch.manual_seed(0)
+    logits = torch.randn(2, 3, 4, 5).to(dtype).requires_grad_()
+    target = torch.randint(0, 3, (2, 9, 11))
+    target[0, 0, :4] = 255
+    assert backends.resolve(backend, "upsample_cross_entropy", logits.device, logits=logits, target=target) == "cpu"
+    loss = deeplab_ops.upsample_cross_entropy(logits, target, reduction=reduction, backend=backend)
+    assert loss.dtype == dtype
+    # The oracle on the same values in float32 (half -> float32 is exact), rounded to the half type.
+    exact = logits.detach().float().requires_grad_()
+    want = reference.upsample_cross_entropy(exact, target, reduction=reduction)
+    torch.testing.assert_close(loss, want.to(dtype), rtol=0, atol=0)
+    g = torch.randn(want.shape)
+    loss.backward(g.to(dtype))
+    want.backward(g.to(dtype).float())
+    assert logits.grad.dtype == dtype
+    torch.testing.assert_close(logits.grad.float(), exact.grad.to(dtype).float(), rtol=0, atol=0)
+
+
+def test_auto_choice_error_is_truthful(monkeypatch):
+    # Nothing the automatic choice considers can run the call: the message says so and names what can.
+    monkeypatch.setattr(backends, "auto_candidates", lambda device: ("triton",))
+    monkeypatch.setenv("TRITON_INTERPRET", "0")
+    logits, target = torch.randn(1, 3, 2, 2), torch.zeros(1, 4, 4, dtype=torch.int64)
+    with pytest.raises(RuntimeError) as info:
+        deeplab_ops.upsample_cross_entropy(logits, target)
+    text = str(info.value)
+    assert "none of them can run this call; pass backend='reference', which can" in text
+    assert "no backend can run" not in text
+    assert "reference: can run it" in text
+
+
+# ---- $DEEPLAB_OPS_BACKEND --------------------------------------------------------------------------------------
+
+
+def test_env_backend_is_validated_where_read(monkeypatch):
+    monkeypatch.setenv("DEEPLAB_OPS_BACKEND", "bogus")
+    message = r"DEEPLAB_OPS_BACKEND='bogus' is not a backend; expected one of \('auto', 'reference', 'cpu'"
+    with pytest.raises(ValueError, match=message):
+        deeplab_ops.auto_backend("cpu")
+    with pytest.raises(ValueError, match=message):
+        deeplab_ops.upsample_cross_entropy(torch.randn(1, 3, 2, 2), torch.zeros(1, 4, 4, dtype=torch.int64))
+    for value, want in (("", "cpu"), ("auto", "cpu"), ("reference", "reference"), ("cpu", "cpu"), ("cuda", None)):
+        monkeypatch.setenv("DEEPLAB_OPS_BACKEND", value)
+        assert deeplab_ops.auto_backend("cpu") == want, value  # cuda cannot run CPU tensors: None, not "cuda"
+
+
+def _tool(value: str) -> subprocess.CompletedProcess:
+    env = {**os.environ, "DEEPLAB_OPS_BACKEND": value, "PYTHONPATH": str(ROOT)}
+    return subprocess.run([sys.executable, "-m", "deeplab_ops"], env=env, capture_output=True, text=True,
+                          timeout=300, cwd=ROOT)
+
+
+def test_tool_reports_a_bad_env_backend():
+    bogus = _tool("bogus")
+    assert bogus.returncode == 1
+    assert "DEEPLAB_OPS_BACKEND='bogus' is not a backend" in bogus.stdout
+    assert "auto picks" not in bogus.stdout
+    forced = _tool("cuda")
+    assert forced.returncode == 0, forced.stderr
+    line = next(ln for ln in forced.stdout.splitlines() if ln.startswith("auto picks"))
+    assert "CPU tensors: none (DEEPLAB_OPS_BACKEND='cuda' cannot run them: it runs CUDA tensors" in line
+
+
+# ---- device arguments --------------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("call", [deeplab_ops.available_backends, deeplab_ops.auto_backend])
+@pytest.mark.parametrize("device", ["tpu", "gpu", None, 1.5])
+def test_device_argument_is_named(call, device):
+    with pytest.raises(ValueError, match=rf"device={device!r} is not a device; expected a torch.device"):
+        call(device)
+
+
+def test_device_argument_accepts_devices():
+    assert deeplab_ops.available_backends(torch.device("cpu"))["cpu"] == []
+    assert deeplab_ops.available_backends("cuda:0")["cpu"] == ["it runs CPU tensors, got a tensor on cuda:0"]
+    assert deeplab_ops.available_backends(0) == deeplab_ops.available_backends("cuda:0")
+
+
+# ---- process_group -----------------------------------------------------------------------------------------------
+
+
+def _cbr(process_group, training=True):
+    x, w = torch.randn(2, 3, 5, 5), torch.randn(4, 3, 3, 3)
+    return deeplab_ops.conv_bn_relu(x, w, torch.ones(4), torch.zeros(4), torch.zeros(4), torch.ones(4), padding=1,
+                                    training=training, process_group=process_group, backend="cpu")
+
+
+def _aspp(process_group):
+    m = FusedASPP(3, [2], 4)
+    m.process_group = process_group
+    return m(torch.randn(2, 3, 6, 6))
+
+
+def _module_eval(process_group):
+    m = FusedConvBNReLU(3, 4, 3, padding=1).eval()
+    m.process_group = process_group
+    return m(torch.randn(2, 3, 5, 5))
+
+
+def _check_bad_groups():
+    for bad in ("world", 5, object()):
+        for call in (_cbr, _aspp, _module_eval, lambda g: sync_batchnorm(FusedASPP(3, [2], 4), g)):
+            with pytest.raises(TypeError, match=PG_ERROR + f", got {type(bad).__name__} "):
+                call(bad)
+
+
+def test_process_group_type_without_distributed():
+    import torch.distributed as dist
+
+    assert not dist.is_initialized()
+    _check_bad_groups()
+    assert _cbr(None).shape == (2, 4, 5, 5)
+
+
+def test_process_group_type_with_distributed(tmp_path):
+    import torch.distributed as dist
+
+    dist.init_process_group("gloo", init_method=f"file://{tmp_path}/store", rank=0, world_size=1)
+    try:
+        _check_bad_groups()
+        # A real group of one process: nothing to synchronize, the call runs and equals the unsynchronized one.
+        torch.manual_seed(0)
+        synced = _cbr(dist.group.WORLD)
+        torch.manual_seed(0)
+        torch.testing.assert_close(synced, _cbr(None), rtol=0, atol=0)
+        assert _aspp(dist.group.WORLD).shape == (2, 4, 6, 6)
+    finally:
+        dist.destroy_process_group()
+
+
+# ---- module arguments and x's channels ------------------------------------------------------------------------
+
+
+def test_fused_aspp_forward_checks_the_module():
+    x = torch.randn(2, 4, 6, 6)
+    for module in (nn.Conv2d(4, 3, 1), nn.Sequential(), "aspp"):
+        with pytest.raises(TypeError, match=r"module must be an ASPP with torchvision's structure .*, got "):
+            fused_aspp_forward(module, x)
+    m = FusedASPP(4, [2], 3)
+    m.convs[0] = nn.Conv2d(4, 3, 1)
+    with pytest.raises(ValueError, match=r"convs.0 must be a Sequential \(conv, BatchNorm, ReLU\), got Conv2d"):
+        m(x)
+    m = FusedASPP(4, [2], 3)
+    m.convs[2] = nn.Sequential(nn.AdaptiveAvgPool2d(1))
+    with pytest.raises(ValueError, match=r"convs.2 must be a Sequential \(pooling, conv, BatchNorm, ReLU\)"):
+        m(x)
+
+
+def test_fused_conv_bn_checks_the_modules():
+    x = torch.randn(2, 2, 4, 4)
+    with pytest.raises(TypeError, match="conv must be an nn.Conv2d, got Linear"):
+        fused_conv_bn(nn.Linear(2, 2), nn.BatchNorm2d(2), x, training=True)
+    with pytest.raises(TypeError, match=r"bn must be a BatchNorm module \(e.g. nn.BatchNorm2d\), got ReLU"):
+        fused_conv_bn(nn.Conv2d(2, 2, 1, bias=False), nn.ReLU(), x, training=False)
+    for call in (deeplab_ops.nn.bn_call_args, deeplab_ops.nn.bn_step):
+        with pytest.raises(TypeError, match=r"bn must be a BatchNorm module .*, got Conv2d"):
+            call(nn.Conv2d(2, 2, 1), True)
+    with pytest.raises(TypeError, match="model must be an nn.Module, got str"):
+        sync_batchnorm("model")
+
+
+@pytest.mark.parametrize("training", [True, False])
+def test_x_channels_are_checked_first(training):
+    x = torch.randn(2, 6, 7, 7)
+    aspp = FusedASPP(5, [1], 4).train(training)
+    cbr = FusedConvBNReLU(5, 4, 3, padding=1).train(training)
+    before = [t.clone() for t in (*aspp.buffers(), *cbr.buffers())]
+    with pytest.raises(ValueError, match=r"x has 6 channels \(shape \(2, 6, 7, 7\)\) but the ASPP module takes 5 "
+                                         r"input channels \(in_channels\); expected x of shape \(N, 5, H, W\)"):
+        aspp(x)
+    with pytest.raises(ValueError, match=r"x has 6 channels \(shape \(2, 6, 7, 7\)\) but conv takes 5 input "
+                                         r"channels \(in_channels\)"):
+        cbr(x)
+    after = [*aspp.buffers(), *cbr.buffers()]
+    assert all(torch.equal(a, b) for a, b in zip(before, after, strict=True))  # a refused call changes nothing
+    assert aspp(torch.randn(2, 5, 7, 7)).shape == (2, 4, 7, 7)
+    assert cbr(torch.randn(2, 5, 7, 7)).shape == (2, 4, 7, 7)
