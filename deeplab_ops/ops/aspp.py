@@ -374,7 +374,9 @@ def aspp(
                        running_vars, rates, training, momentum, eps)
     if memory_efficient is not False and memory_efficient is not True:
         raise TypeError(f"memory_efficient must be a bool, got {memory_efficient!r}")
-    group_name = group_name_of(process_group) if training and process_group is not None else None
+    group_name = group_name_of(process_group)  # checked in eval too (it synchronizes nothing there)
+    if not training:
+        group_name = None
     name = backends.resolve(backend, "aspp", x.device, x=x, rates=rates, channels=conv_weights[0].shape[0],
                             synchronized=group_name is not None)
     if name == "reference":

@@ -401,6 +401,8 @@ def conv_bn_relu(
     # Under torch.autocast the convolution runs in autocast's dtype, as eager conv2d does there (x, weight and the
     # residual cast; BatchNorm's tensors as they are). The cast weight is new on every call: its eval fold is not
     # cached (computed per call, like the cast).
+    if process_group is not None and not training:
+        group_name_of(process_group)  # checked in eval too (it synchronizes nothing there)
     amp = autocast_dtype(x)
     if amp is not None:
         x, weight, residual = autocast_cast(x, amp), autocast_cast(weight, amp), autocast_cast(residual, amp)

@@ -11,7 +11,7 @@ import numpy
 import torch
 
 from deeplab_ops import backends, reference
-from deeplab_ops.common import HALF_DTYPES, opmath_dtype
+from deeplab_ops.common import HALF_DTYPES, autocast_dtype, opmath_dtype
 from deeplab_ops.ops.dispatch import (
     autograd_kernels,
     below_autograd,
@@ -203,6 +203,8 @@ def upsample_cross_entropy(
     Returns:
         a 0-d tensor ("mean", "sum") or (N, H, W) ("none"), in logits' dtype.
     """
+    if autocast_dtype(logits) is not None:  # autocast runs cross-entropy in float32: so does this loss
+        logits = logits.float()
     check_args(logits, target, ignore_index, align_corners, reduction)
     ignore_index = int(ignore_index)
     name = backends.resolve(backend, "upsample_cross_entropy", logits.device, logits=logits, target=target)

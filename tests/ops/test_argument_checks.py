@@ -114,8 +114,8 @@ def _cbr(process_group, training=True):
                                     training=training, process_group=process_group, backend="cpu")
 
 
-def _aspp(process_group):
-    m = FusedASPP(3, [2], 4)
+def _aspp(process_group, training=True):
+    m = FusedASPP(3, [2], 4).train(training)
     m.process_group = process_group
     return m(torch.randn(2, 3, 6, 6))
 
@@ -128,7 +128,8 @@ def _module_eval(process_group):
 
 def _check_bad_groups():
     for bad in ("world", 5, object()):
-        for call in (_cbr, _aspp, _module_eval, lambda g: sync_batchnorm(FusedASPP(3, [2], 4), g)):
+        for call in (_cbr, lambda g: _cbr(g, training=False), _aspp, lambda g: _aspp(g, training=False),
+                     _module_eval, lambda g: sync_batchnorm(FusedASPP(3, [2], 4), g)):
             with pytest.raises(TypeError, match=PG_ERROR + f", got {type(bad).__name__} "):
                 call(bad)
 

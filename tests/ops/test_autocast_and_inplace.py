@@ -132,3 +132,19 @@ def test_output_with_relu_is_saved_as_eager_relu_saves_its_own():
     y.clamp_(max=0.5)
     with pytest.raises(RuntimeError, match="modified by an inplace operation"):
         y.sum().backward()
+
+
+def test_loss_under_autocast_is_float32_as_eager_cross_entropy():
+    torch.manual_seed(4)
+    logits = torch.randn(2, 5, 4, 4).bfloat16().requires_grad_()
+    target = torch.randint(0, 5, (2, 16, 16))
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        got = deeplab_ops.upsample_cross_entropy(logits, target)
+        eager = nn.functional.cross_entropy(nn.functional.interpolate(logits, (16, 16), mode="bilinear"), target)
+    assert got.dtype == eager.dtype == torch.float32
+    # the interpolation in float32 too (eager's may round the upsampled logits to bfloat16 first)
+    want = nn.functional.cross_entropy(nn.functional.interpolate(logits.float(), (16, 16), mode="bilinear"), target)
+    torch.testing.assert_close(got, want, atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(got, eager, atol=2e-2, rtol=2e-2)
+    got.backward()
+    assert logits.grad.dtype == torch.bfloat16
