@@ -284,10 +284,16 @@ def _is_predict_mask(path: str) -> bool:
 
 
 def plan_predict_outputs(in_dir: str, files: list[str], out: str) -> dict[str, str]:
-    """Input path -> mask path for --predict, refusing (before anything is written) any output that would
-    overwrite an input image or an existing file that is not a mask from an earlier --predict run."""
+    """Input path -> mask path for --predict, refusing (before anything is written) the input folder as --out and
+    any output that would overwrite an input image (a link to one) or an existing file that is not a mask from an
+    earlier --predict run."""
     if os.path.exists(out) and not os.path.isdir(out):
         raise SystemExit(f"--out {out}: exists and is not a folder")
+    if os.path.isdir(out) and os.path.samefile(out, in_dir):
+        # Masks beside the photos would replace .png photos, and the next --predict would take them for photos.
+        raise SystemExit(f"--predict: refusing to write masks into the input folder {in_dir} (--out {out}): they "
+                         "could replace .png photos and would be read as photos by the next run; give --out another "
+                         "folder (default predictions/)")
     names = mask_names(files)
     lowered = {}
     for f, name in names.items():

@@ -146,9 +146,16 @@ def test_predict_never_overwrites_inputs_and_names_colliding_stems_apart(tmp_pat
     photos = tmp_path / "photos"
     before = _photos(photos, ["a.png", "b.jpg"])
     # --out equal to the input folder: a.png's mask would replace the photo a.png. Nothing is written.
+    with pytest.raises(SystemExit, match=r"refusing to write masks into the input folder .*photos"):
+        train_script.main(["--predict", str(photos), "--checkpoint", ckpt, "--out", str(photos) + "/", "--device",
+                           "cpu"])
+    # An output folder holding a link to an input photo under a mask's name: refused too.
+    linked = tmp_path / "linked"
+    linked.mkdir()
+    os.symlink(photos / "a.png", linked / "a.png")
     with pytest.raises(SystemExit, match=r"refusing to write any mask: .*a\.png would overwrite the input image"):
-        train_script.main(["--predict", str(photos), "--checkpoint", ckpt, "--out", str(photos), "--device", "cpu"])
-    assert sorted(os.listdir(photos)) == ["a.png", "b.jpg"]
+        train_script.main(["--predict", str(photos), "--checkpoint", ckpt, "--out", str(linked), "--device", "cpu"])
+    assert sorted(os.listdir(photos)) == ["a.png", "b.jpg"] and os.listdir(linked) == ["a.png"]
     assert all((photos / n).read_bytes() == data for n, data in before.items())
 
     # x.png and x.jpg: distinct masks x.png.png and x.jpg.png, and the count printed is the count written.
