@@ -597,13 +597,15 @@ def parse_args(argv=None) -> argparse.Namespace:
 
     g = p.add_argument_group("run")
     g.add_argument("--out-dir", help="checkpoints, metrics.json, metrics.jsonl, previews (default runs/DATASET)")
-    g.add_argument("--resume", nargs="?", const="auto", help="continue a run from CKPT (default OUT_DIR/last.pt)")
+    g.add_argument("--resume", nargs="?", const="auto", help="continue a run from CKPT (default OUT_DIR/last.pt); "
+                   "the lr schedule from there is that of the --lr and --iterations given now")
     g.add_argument("--checkpoint-every", type=int, help="save last.pt every N iterations")
     g.add_argument("--stop-after", type=int, help="stop after N iterations of this invocation (resume later)")
     g.add_argument("--eval-only", action="store_true", help="evaluate --checkpoint (default OUT_DIR/best.pt)")
     g.add_argument("--checkpoint", help="checkpoint for --eval-only / --predict")
-    g.add_argument("--predict", metavar="DIR", help="write colour-coded masks for every image in DIR")
-    g.add_argument("--out", help="--predict: output folder (default predictions/)")
+    g.add_argument("--predict", metavar="DIR", help="write colour-coded masks for every image in DIR (NAME.png; "
+                   "NAME.EXT.png where two images share a name); never overwrites an input or a foreign file")
+    g.add_argument("--out", help="--predict: output folder, not DIR itself (default predictions/)")
     g.add_argument("--device", choices=["auto", "cpu", "cuda"], default="auto")
     g.add_argument("--log-every", type=int, default=20)
     g.add_argument("--no-tensorboard", action="store_true", help="no TensorBoard events even when installed")
@@ -667,6 +669,10 @@ def check_args(args, error, defaults: dict | None = None) -> None:
         if not (_finite(lo) and _finite(hi) and 0 < lo <= hi):
             error(f"--scale-range MIN MAX must satisfy 0 < MIN <= MAX, got {lo:g} {hi:g}")
     parse_eval_scales(args.eval_scales, error)
+    for name in ("out_dir", "out"):
+        path = getattr(args, name)
+        if path and os.path.exists(path) and not os.path.isdir(path):
+            error(f"--{name.replace('_', '-')} {path}: exists and is not a folder")
     if args.predict and args.eval_only:
         error("--predict and --eval-only are two commands: drop --eval-only to write masks for the images in "
               f"{args.predict}, or drop --predict to evaluate on the dataset")

@@ -69,6 +69,14 @@ def test_bad_flags_are_refused_before_any_work(argv, message, capsys):
     assert message in err, err
 
 
+def test_output_folders_that_are_files_are_refused(tmp_path, capsys):
+    (tmp_path / "f").write_text("x")
+    assert f"--out-dir {tmp_path / 'f'}: exists and is not a folder" in _parse_error(
+        ["--out-dir", str(tmp_path / "f")], capsys)
+    assert f"--out {tmp_path / 'f'}: exists and is not a folder" in _parse_error(
+        ["--predict", "p", "--checkpoint", "c.pt", "--out", str(tmp_path / "f")], capsys)
+
+
 def test_good_flags_pass_and_unread_flags_warn(capsys):
     args = train_script.parse_args(["--eval-scales", "ms", "--momentum", "0", "--eval-every", "0", "--preview", "0",
                                     "--workers", "0", "--scale-range", "1", "1", "--crop-size", "16"])
