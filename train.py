@@ -129,7 +129,14 @@ def load_backbone_weights(net: torch.nn.Module, path: str) -> None:
 
 
 def build_datasets(args):
-    """(train, val, class_names) raw datasets for --dataset."""
+    """(train, val, class_names) raw datasets for --dataset; a missing or malformed dataset exits with its error."""
+    try:
+        return _build_datasets(args)
+    except (FileNotFoundError, ValueError) as e:
+        raise SystemExit(f"--dataset {args.dataset}: {e}") from None
+
+
+def _build_datasets(args):
     if args.dataset == "synthetic":
         train = datasets.SyntheticShapes("train", args.crop_size, args.synthetic_train_size, seed=args.data_seed)
         val = datasets.SyntheticShapes("val", args.crop_size, args.synthetic_val_size, seed=args.data_seed)
@@ -227,13 +234,24 @@ def _model_from_checkpoint(ckpt: dict, args, output_stride: int) -> torch.nn.Mod
     return net
 
 
-def _eval_scales(args) -> tuple[float, ...]:
-    if args.eval_scales == "ms":
+def parse_eval_scales(text: str, error=None) -> tuple[float, ...]:
+    """--eval-scales: 'ms' or comma-separated finite scales > 0."""
+    if text == "ms":
         return MS_SCALES
     try:
-        return tuple(float(s) for s in args.eval_scales.split(","))
+        scales = tuple(float(s) for s in text.split(","))
     except ValueError:
-        raise SystemExit(f"--eval-scales must be 'ms' or comma-separated floats, got {args.eval_scales!r}") from None
+        scales = ()
+    if not scales or not all(_finite(s) and s > 0 for s in scales):
+        message = f"--eval-scales must be 'ms' or comma-separated numbers > 0 (e.g. 0.75,1.0,1.25), got {text!r}"
+        if error is None:
+            raise SystemExit(message)
+        error(message)
+    return scales
+
+
+def _eval_scales(args) -> tuple[float, ...]:
+    return parse_eval_scales(args.eval_scales)
 
 
 def run_eval(net, val_set, class_names, device, args, info, out_dir: str | None, tag: str) -> dict:
@@ -246,40 +264,138 @@ def run_eval(net, val_set, class_names, device, args, info, out_dir: str | None,
     return metrics
 
 
+def mask_names(files: list[str]) -> dict[str, str]:
+    """Input file -> mask file name: `<stem>.png`, or `<file>.png` (x.jpg -> x.jpg.png) for names whose stems
+    collide (x.png and x.jpg; compared case-insensitively, as some filesystems do)."""
+    stems: dict[str, int] = {}
+    for f in files:
+        key = os.path.splitext(f)[0].lower()
+        stems[key] = stems.get(key, 0) + 1
+    return {f: (os.path.splitext(f)[0] if stems[os.path.splitext(f)[0].lower()] == 1 else f) + ".png" for f in files}
+
+
+def _is_predict_mask(path: str) -> bool:
+    """Whether `path` looks like a mask --predict wrote: a palette PNG with the VOC palette."""
+    try:
+        with Image.open(path) as im:
+            return im.format == "PNG" and im.mode == "P" and list(im.getpalette() or [])[:768] == palette_bytes()
+    except Exception:
+        return False
+
+
+def plan_predict_outputs(in_dir: str, files: list[str], out: str) -> dict[str, str]:
+    """Input path -> mask path for --predict, refusing (before anything is written) the input folder as --out and
+    any output that would overwrite an input image (a link to one) or an existing file that is not a mask from an
+    earlier --predict run."""
+    if os.path.exists(out) and not os.path.isdir(out):
+        raise SystemExit(f"--out {out}: exists and is not a folder")
+    if os.path.isdir(out) and os.path.samefile(out, in_dir):
+        # Masks beside the photos would replace .png photos, and the next --predict would take them for photos.
+        raise SystemExit(f"--predict: refusing to write masks into the input folder {in_dir} (--out {out}): they "
+                         "could replace .png photos and would be read as photos by the next run; give --out another "
+                         "folder (default predictions/)")
+    names = mask_names(files)
+    lowered = {}
+    for f, name in names.items():
+        if name.lower() in lowered:
+            raise SystemExit(f"--predict: {lowered[name.lower()]} and {f} in {in_dir} would both write {name}; "
+                             "rename one of them")
+        lowered[name.lower()] = f
+    inputs = {}
+    for f in files:
+        st = os.stat(os.path.join(in_dir, f))
+        inputs[(st.st_dev, st.st_ino)] = os.path.join(in_dir, f)
+    plan = {}
+    for f, name in names.items():
+        target = os.path.join(out, name)
+        if os.path.exists(target):
+            st = os.stat(target)
+            if (st.st_dev, st.st_ino) in inputs:
+                raise SystemExit(f"--predict: refusing to write any mask: {target} would overwrite the input image "
+                                 f"{inputs[(st.st_dev, st.st_ino)]}; give --out a folder other than {in_dir} "
+                                 "(default predictions/)")
+            if not _is_predict_mask(target):
+                raise SystemExit(f"--predict: refusing to write any mask: {target} exists and is not a mask written "
+                                 "by --predict (a VOC-palette PNG); move it away or give --out another folder")
+        plan[os.path.join(in_dir, f)] = target
+    return plan
+
+
+def checkpoint_or_exit(path: str, flag: str) -> dict:
+    """load_checkpoint, with a missing file reported against the flag that named it (a corrupt one raises
+    load_checkpoint's error, which names the file)."""
+    try:
+        return ckpt_io.load_checkpoint(path)
+    except FileNotFoundError as e:
+        raise SystemExit(f"{flag} {path}: {e}") from None
+
+
+def check_num_classes(ckpt: dict, path: str, num_classes: int, args, command: str) -> None:
+    """Refuse a checkpoint whose class count differs from the dataset's."""
+    saved = ckpt.get("num_classes")
+    if saved is not None and saved != num_classes:
+        source = f"--dataset {args.dataset}" + (f" --data-root {args.data_root}" if args.data_root else "") + (
+            f" --classes {args.classes}" if args.classes else "")
+        raise SystemExit(f"{command}: --checkpoint {path} predicts {saved} classes, but {source} has {num_classes}; "
+                         f"use a checkpoint trained on this dataset, or the dataset flags it was trained with "
+                         f"(--eval-only reads them from the checkpoint when --dataset is not given)")
+
+
+def _dataset_num_classes(args) -> int | None:
+    """Class count of an explicitly named dataset (for --predict's check), None when none is named."""
+    if args.dataset in ("synthetic", "voc"):
+        return len(datasets.SYNTHETIC_CLASSES if args.dataset == "synthetic" else datasets.VOC_CLASSES)
+    if args.dataset == "folder" or args.classes:
+        if not (args.classes or args.data_root):
+            raise SystemExit("--dataset folder needs --data-root PATH (or --classes FILE) to know its classes")
+        return len(datasets.read_class_list(args.classes or os.path.join(args.data_root, "classes.txt")))
+    return None
+
+
 def cmd_predict(args, device) -> None:
-    if not args.checkpoint:
-        raise SystemExit("--predict needs --checkpoint CKPT")
     out = args.out or "predictions"
-    ckpt = ckpt_io.load_checkpoint(args.checkpoint)
+    if not os.path.isdir(args.predict):
+        raise SystemExit(f"--predict: not a folder: {args.predict}")
+    files = sorted(f for f in os.listdir(args.predict) if f.lower().endswith(datasets.IMAGE_EXTENSIONS)
+                   and os.path.isfile(os.path.join(args.predict, f)))
+    if not files:
+        raise SystemExit(f"--predict: no images ({', '.join(datasets.IMAGE_EXTENSIONS)}) in {args.predict}")
+    plan = plan_predict_outputs(args.predict, files, out)
+    ckpt = checkpoint_or_exit(args.checkpoint, "--checkpoint")
+    num_classes = _dataset_num_classes(args)
+    if num_classes is not None:
+        check_num_classes(ckpt, args.checkpoint, num_classes, args, "--predict")
     os_ = args.eval_output_stride or ckpt.get("args", {}).get("output_stride", 16)
     net = _model_from_checkpoint(ckpt, args, os_).to(device).eval()
     if args.channels_last:
         net = net.to(memory_format=torch.channels_last)
-    if not os.path.isdir(args.predict):
-        raise SystemExit(f"--predict: not a folder: {args.predict}")
-    files = sorted(f for f in os.listdir(args.predict) if f.lower().endswith(datasets.IMAGE_EXTENSIONS))
-    if not files:
-        raise SystemExit(f"--predict: no images ({', '.join(datasets.IMAGE_EXTENSIONS)}) in {args.predict}")
     os.makedirs(out, exist_ok=True)
-    tf, t0 = EvalTransform(), time.time()
-    for f in files:
-        img, _ = tf(datasets.read_image(os.path.join(args.predict, f)), None)
+    tf, t0, written = EvalTransform(), time.time(), 0
+    for src, target in plan.items():
+        img, _ = tf(datasets.read_image(src), None)
         probs = loop.predict_probs(net, img[None].to(device), _eval_scales(args), args.eval_flip, args.amp,
                                    args.channels_last)
-        save_mask_png(probs.argmax(1)[0].cpu().numpy(), os.path.join(out, os.path.splitext(f)[0] + ".png"))
-    print(f"wrote {len(files)} colour-coded masks (palette PNG, values = class indices) to {out} "
-          f"in {time.time() - t0:.1f}s")
+        save_mask_png(probs.argmax(1)[0].cpu().numpy(), target)
+        written += 1
+    renamed = sum(1 for f, name in mask_names(files).items() if name == f + ".png")
+    print(f"wrote {written} colour-coded masks (palette PNG, values = class indices) to {out} "
+          f"in {time.time() - t0:.1f}s" + (f"; {renamed} of them named <file>.png (e.g. x.jpg.png), since images "
+                                          "with the same name and another extension would share <name>.png"
+                                          if renamed else ""))
 
 
 def cmd_eval_only(args, device, info) -> None:
     path = args.checkpoint or os.path.join(args.out_dir or os.path.join("runs", args.dataset or "synthetic"), "best.pt")
-    ckpt = ckpt_io.load_checkpoint(path)
+    ckpt = checkpoint_or_exit(path, "--checkpoint" if args.checkpoint else "--eval-only (default checkpoint)")
     saved = ckpt.get("args", {})
-    for key in ("dataset", "data_root", "sbd_root", "classes", "crop_size", "synthetic_val_size", "data_seed"):
-        if getattr(args, key) is None and key in saved:
-            setattr(args, key, saved[key])
+    if args.dataset is None or args.dataset == saved.get("dataset"):  # the dataset it was trained on
+        for key in ("dataset", "data_root", "sbd_root", "classes", "crop_size", "synthetic_val_size", "data_seed"):
+            if getattr(args, key) is None and key in saved:
+                setattr(args, key, saved[key])
+    check_dataset_flags(args, _exit)
     _apply_presets(args, device)
     _, val, class_names = build_datasets(args)
+    check_num_classes(ckpt, path, len(class_names), args, "--eval-only")
     os_ = args.eval_output_stride or saved.get("output_stride", 16)
     net = _model_from_checkpoint(ckpt, args, os_).to(device)
     if args.channels_last:
@@ -322,6 +438,9 @@ def loop_format(metrics: dict) -> str:
 
 
 def cmd_train(args, device, info) -> None:
+    if args.batch_size % info.world_size:
+        raise SystemExit(f"--batch-size {args.batch_size} (global) must be divisible by the number of processes, "
+                         f"{info.world_size}")
     train_raw, val_raw, class_names = build_datasets(args)
     if info.is_main:
         print(f"data: {args.dataset} train {len(train_raw)} images, val {len(val_raw)} images, "
@@ -350,9 +469,21 @@ def cmd_train(args, device, info) -> None:
     resume = None
     if args.resume:
         path = os.path.join(args.out_dir, "last.pt") if args.resume == "auto" else args.resume
-        resume = ckpt_io.load_checkpoint(path)
+        resume = checkpoint_or_exit(path, "--resume")
+        check_num_classes(resume, path, len(class_names), args, "--resume")
+        if resume.get("iteration", 0) > args.iterations:
+            raise SystemExit(f"--resume {path}: the checkpoint is at iteration {resume['iteration']}, beyond "
+                             f"--iterations {args.iterations}; give --iterations >= {resume['iteration']}")
         if info.is_main:
             print(f"resuming {path} at iteration {resume['iteration']}")
+            saved = resume.get("args", {})
+            changed = [f"--{k.replace('_', '-')} {saved[k]} -> {getattr(args, k)}"
+                       for k in ("iterations", "lr", "poly_power", "momentum", "weight_decay")
+                       if k in saved and saved[k] != getattr(args, k)]
+            if changed:
+                print(f"note: changed since the checkpoint's run: {', '.join(changed)}; from iteration "
+                      f"{resume['iteration']} on, the learning rate follows the poly schedule of --lr {args.lr} over "
+                      f"--iterations {args.iterations}")
     cfg = loop.TrainConfig(
         iterations=args.iterations, batch_size=args.batch_size, lr=args.lr, momentum=args.momentum,
         weight_decay=args.weight_decay, poly_power=args.poly_power, seed=args.seed, amp=args.amp,
@@ -466,13 +597,15 @@ def parse_args(argv=None) -> argparse.Namespace:
 
     g = p.add_argument_group("run")
     g.add_argument("--out-dir", help="checkpoints, metrics.json, metrics.jsonl, previews (default runs/DATASET)")
-    g.add_argument("--resume", nargs="?", const="auto", help="continue a run from CKPT (default OUT_DIR/last.pt)")
+    g.add_argument("--resume", nargs="?", const="auto", help="continue a run from CKPT (default OUT_DIR/last.pt); "
+                   "the lr schedule from there is that of the --lr and --iterations given now")
     g.add_argument("--checkpoint-every", type=int, help="save last.pt every N iterations")
     g.add_argument("--stop-after", type=int, help="stop after N iterations of this invocation (resume later)")
     g.add_argument("--eval-only", action="store_true", help="evaluate --checkpoint (default OUT_DIR/best.pt)")
     g.add_argument("--checkpoint", help="checkpoint for --eval-only / --predict")
-    g.add_argument("--predict", metavar="DIR", help="write colour-coded masks for every image in DIR")
-    g.add_argument("--out", help="--predict: output folder (default predictions/)")
+    g.add_argument("--predict", metavar="DIR", help="write colour-coded masks for every image in DIR (NAME.png; "
+                   "NAME.EXT.png where two images share a name); never overwrites an input or a foreign file")
+    g.add_argument("--out", help="--predict: output folder, not DIR itself (default predictions/)")
     g.add_argument("--device", choices=["auto", "cpu", "cuda"], default="auto")
     g.add_argument("--log-every", type=int, default=20)
     g.add_argument("--no-tensorboard", action="store_true", help="no TensorBoard events even when installed")
@@ -481,7 +614,116 @@ def parse_args(argv=None) -> argparse.Namespace:
         args.channels_last = args.fused_ops
     if args.memory_efficient and not args.fused_ops:
         p.error("--memory-efficient is a mode of the fused ops: add --fused-ops")
+    check_args(args, p.error, {k: p.get_default(k) for k in vars(args)})
     return args
+
+
+MIN_CROP = 16  # the largest output stride: a smaller crop leaves the network less than one feature pixel
+MAX_SEED = 2**32 - 1  # NumPy's seeds
+
+
+def _finite(v: float) -> bool:
+    return v == v and v not in (float("inf"), float("-inf"))
+
+
+# Flags only training reads (the model of --eval-only / --predict comes from the checkpoint), and the evaluation
+# flags --predict does not read.
+TRAINING_ONLY = ("resume", "stop_after", "checkpoint_every", "iterations", "batch_size", "lr", "poly_power", "momentum",
+                 "weight_decay", "scale_range", "no_flip", "freeze_bn", "compile", "backbone", "backbone_width",
+                 "backbone_weights", "output_stride", "aux_loss", "memory_efficient", "eval_every")
+NOT_PREDICT = ("out_dir", "preview", "eval_batch_size", "workers", "train_split", "val_split", "sbd_root",
+               "synthetic_train_size", "synthetic_val_size", "data_seed", "crop_size")
+
+
+def check_args(args, error, defaults: dict | None = None) -> None:
+    """Refuse flag values that are out of range or contradict each other (error(message) does not return), and
+    warn about flags the chosen command does not read (those that differ from `defaults`, the parser's). Values
+    left unset (None) come from the presets later."""
+    ints = {  # flag: (minimum, what it means)
+        "iterations": (1, "training iterations"), "batch_size": (1, "the global batch size"),
+        "stop_after": (1, "iterations to run in this invocation"), "log_every": (1, "iterations between log lines"),
+        "checkpoint_every": (1, "iterations between last.pt saves"), "eval_batch_size": (1, "images per batch"),
+        "eval_every": (0, "iterations between evaluations; 0 evaluates at the end only"),
+        "preview": (0, "images in the preview PNG; 0 for none"), "workers": (0, "data-loading processes"),
+        "backbone_width": (1, "the ResNet's base width"), "crop_size": (MIN_CROP, "pixels (the largest output "
+                                                                                 "stride, 16: a smaller crop leaves "
+                                                                                 "less than one feature pixel)"),
+        "synthetic_train_size": (1, "images"), "synthetic_val_size": (1, "images"),
+        "seed": (0, f"a seed in [0, {MAX_SEED}]"), "data_seed": (0, f"a seed in [0, {MAX_SEED}]"),
+    }
+    for name, (low, what) in ints.items():
+        v = getattr(args, name)
+        if v is not None and (v < low or (name in ("seed", "data_seed") and v > MAX_SEED)):
+            error(f"--{name.replace('_', '-')} must be >= {low} ({what}), got {v}")
+    if args.lr is not None and not (_finite(args.lr) and args.lr > 0):
+        error(f"--lr must be a finite number > 0, got {args.lr}")
+    if not (_finite(args.poly_power) and args.poly_power > 0):
+        error(f"--poly-power must be a finite number > 0 (the poly schedule's exponent; 0.9 in the paper), got "
+              f"{args.poly_power}")
+    if not (_finite(args.momentum) and 0 <= args.momentum < 1):
+        error(f"--momentum must be in [0, 1), got {args.momentum}")
+    if not (_finite(args.weight_decay) and args.weight_decay >= 0):
+        error(f"--weight-decay must be a finite number >= 0, got {args.weight_decay}")
+    if args.scale_range is not None:
+        lo, hi = args.scale_range
+        if not (_finite(lo) and _finite(hi) and 0 < lo <= hi):
+            error(f"--scale-range MIN MAX must satisfy 0 < MIN <= MAX, got {lo:g} {hi:g}")
+    parse_eval_scales(args.eval_scales, error)
+    for name in ("out_dir", "out"):
+        path = getattr(args, name)
+        if path and os.path.exists(path) and not os.path.isdir(path):
+            error(f"--{name.replace('_', '-')} {path}: exists and is not a folder")
+    if args.predict and args.eval_only:
+        error("--predict and --eval-only are two commands: drop --eval-only to write masks for the images in "
+              f"{args.predict}, or drop --predict to evaluate on the dataset")
+    if args.checkpoint and not (args.eval_only or args.predict):
+        error(f"--checkpoint {args.checkpoint} is read only by --eval-only and --predict; to continue training from "
+              "a checkpoint use --resume CKPT, to initialise the backbone --backbone-weights PTH")
+    if args.out and not args.predict:
+        error(f"--out {args.out} is --predict's output folder; training and --eval-only write to --out-dir")
+    if args.predict and not args.checkpoint:
+        error("--predict needs --checkpoint CKPT (the model to run)")
+    running = "--predict" if args.predict else "--eval-only" if args.eval_only else None
+    given = [k for k in vars(args) if defaults is not None and getattr(args, k) != defaults.get(k)]
+    if running:
+        for name in given:
+            if name in TRAINING_ONLY:
+                warn(f"--{name.replace('_', '-')} is a training flag; {running} ignores it (the model comes from "
+                     "the checkpoint)")
+            elif args.predict and name in NOT_PREDICT:
+                warn(f"--{name.replace('_', '-')} is not read by --predict, which writes masks for the images in "
+                     f"{args.predict} to --out")
+    if not args.eval_only:  # --eval-only takes the dataset from the checkpoint: checked once it is known
+        check_dataset_flags(args, error)
+
+
+def check_dataset_flags(args, error) -> None:
+    """Dataset flags the chosen --dataset does not read: --data-root with the synthetic set is refused (a
+    forgotten --dataset folder/voc would train on the synthetic set), the others are warned about."""
+    dataset = args.dataset or ("synthetic" if not args.predict else None)
+    if args.predict:  # --dataset / --data-root / --classes only check the checkpoint's class count
+        if args.dataset is None and args.data_root:
+            warn(f"--data-root {args.data_root} is not read by --predict without --dataset folder (which checks the "
+                 "checkpoint's class count against DATA_ROOT/classes.txt)")
+        return
+    if args.data_root and dataset == "synthetic":
+        error(f"--data-root {args.data_root} is not read by --dataset synthetic" +
+              (" (the default)" if args.dataset is None else "") + ": add --dataset folder or --dataset voc")
+    unread = {"sbd_root": dataset != "voc", "classes": dataset != "folder",
+              "synthetic_train_size": dataset != "synthetic", "synthetic_val_size": dataset != "synthetic",
+              "data_seed": dataset != "synthetic", "train_split": dataset == "synthetic",
+              "val_split": dataset == "synthetic"}
+    for name, ignored in unread.items():
+        if ignored and getattr(args, name) is not None:
+            warn(f"--{name.replace('_', '-')} is not read by --dataset {dataset}; ignoring it")
+
+
+def _exit(message: str) -> None:
+    raise SystemExit(message)
+
+
+def warn(text: str) -> None:
+    print(f"warning: {text}", file=sys.stderr)
 
 
 def _apply_presets(args, device: torch.device) -> None:
@@ -503,9 +745,8 @@ def _apply_presets(args, device: torch.device) -> None:
         args.workers = 0 if device.type == "cpu" else min(8, os.cpu_count() or 1)
     if args.out_dir is None:
         args.out_dir = os.path.join("runs", args.dataset)
-    for name in ("iterations", "batch_size", "crop_size", "backbone_width"):
-        if getattr(args, name) < 1:
-            raise SystemExit(f"--{name.replace('_', '-')} must be >= 1, got {getattr(args, name)}")
+    if args.amp == "fp16" and device.type != "cuda":
+        raise SystemExit("--amp fp16 needs a CUDA device (fp16 autocast with a GradScaler); use --amp bf16 on CPU")
 
 
 def main(argv=None) -> None:

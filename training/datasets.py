@@ -431,12 +431,27 @@ def read_class_list(path: str) -> list[str]:
     return names
 
 
+def _masks_by_stem(masks_dir: str) -> dict[str, str]:
+    """name -> mask path for every PNG in `masks_dir`, the extension matched in any case (x.png, x.PNG)."""
+    found: dict[str, str] = {}
+    for f in sorted(os.listdir(masks_dir)):
+        stem, ext = os.path.splitext(f)
+        if ext.lower() != ".png":
+            continue
+        path = os.path.join(masks_dir, f)
+        if stem in found:
+            raise ValueError(f"folder dataset: two masks named {stem!r}: {found[stem]} and {path}; keep one")
+        found[stem] = path
+    return found
+
+
 class FolderSegmentation:
     """A user's dataset: ROOT/images/<name>.<jpg|png|...> with ROOT/masks/<name>.png, and a class list.
 
-    Masks are palette or single-channel PNGs whose values are class indices (255 = ignore). Splits come from
-    ROOT/<split>.txt (one name per line) when it exists; without any list files, a deterministic 90/10 split by
-    a hash of each name gives `train` and `val`.
+    Masks are palette or single-channel PNGs (extension in any case) whose values are class indices (255 =
+    ignore). Names must be unique (x.png and x.jpg in images/ is refused). Splits come from ROOT/<split>.txt (one
+    name per line) when it exists; `train` without train.txt is every image val.txt does not list; without any
+    list files, a deterministic 90/10 split by a hash of each name gives `train` and `val` (docs/training.md).
     """
 
     def __init__(self, root: str, split: str = "train", classes_file: str | None = None) -> None:
@@ -446,10 +461,16 @@ class FolderSegmentation:
                 raise FileNotFoundError(f"folder dataset: {d} does not exist (expected {root}/images and "
                                         f"{root}/masks)")
         self.classes = tuple(read_class_list(classes_file or os.path.join(root, "classes.txt")))
-        by_stem = {}
+        by_stem: dict[str, str] = {}
         for f in sorted(os.listdir(images_dir)):
             if f.lower().endswith(IMAGE_EXTENSIONS):
-                by_stem.setdefault(os.path.splitext(f)[0], os.path.join(images_dir, f))
+                stem, path = os.path.splitext(f)[0], os.path.join(images_dir, f)
+                if stem in by_stem:
+                    raise ValueError(f"folder dataset: two images named {stem!r}: {by_stem[stem]} and {path}; a name "
+                                     "(the file name without its extension) must be unique, since it pairs the image "
+                                     f"with {masks_dir}/{stem}.png: rename or remove one of them")
+                by_stem[stem] = path
+        masks_by_stem = _masks_by_stem(masks_dir)
         list_file = os.path.join(root, f"{split}.txt")
         if os.path.isfile(list_file):
             names = _list_ids(list_file)
@@ -457,17 +478,32 @@ class FolderSegmentation:
             if unknown:
                 raise FileNotFoundError(f"{list_file} lists {unknown[0]!r} but {images_dir} has no image of that name"
                                         + (f" (and {len(unknown) - 1} more)" if len(unknown) > 1 else ""))
-        elif split in ("train", "val") and not any(
-                os.path.isfile(os.path.join(root, f"{s}.txt")) for s in ("train", "val")):
+        elif split == "train" and os.path.isfile(val_file := os.path.join(root, "val.txt")):
+            held_out = set(_list_ids(val_file))  # train.txt absent: every image val.txt does not list
+            names = [n for n in sorted(by_stem) if n not in held_out]
+        elif split in ("train", "val") and not os.path.isfile(os.path.join(root, "train.txt")):
             import zlib
 
             names = [n for n in sorted(by_stem) if (zlib.crc32(n.encode()) % 10 == 0) == (split == "val")]
+            if not names:
+                raise ValueError(
+                    f"folder dataset {root}: the automatic 90/10 split (by a hash of each name) left split {split!r} "
+                    f"empty ({len(by_stem)} images in {images_dir}); with few images, write the validation images' "
+                    f"names to {os.path.join(root, 'val.txt')} (one name per line, without the extension): the "
+                    "other images then form the training split")
         else:
             raise FileNotFoundError(f"split list not found: {list_file}")
         if not names:
             raise ValueError(f"folder dataset {root}: split {split!r} has no images")
-        self.items = [(n, by_stem[n], os.path.join(masks_dir, f"{n}.png")) for n in names]
-        _check_exist([m for _, _, m in self.items], "mask")
+        self.items = [(n, by_stem[n], masks_by_stem.get(n, os.path.join(masks_dir, f"{n}.png"))) for n in names]
+        missing = [n for n in names if n not in masks_by_stem]
+        if missing:
+            n = missing[0]
+            others = sorted(f for f in os.listdir(masks_dir) if os.path.splitext(f)[0] == n)
+            more = f" (and {len(missing) - 1} more)" if len(missing) > 1 else ""
+            hint = (f"; {masks_dir} has {', '.join(others)}, but masks must be PNG files (lossless class indices)"
+                    if others else "")
+            raise FileNotFoundError(f"mask file not found: {os.path.join(masks_dir, n + '.png')}{more}{hint}")
 
     def source(self, index: int) -> str:
         _, image_path, mask_path = self.items[index]

@@ -110,6 +110,24 @@ def poly_lambda(total: int, power: float) -> Callable[[int], float]:
     return lambda i: max(0.0, 1.0 - i / total) ** power
 
 
+def apply_hyperparameters(optimizer: torch.optim.Optimizer, scheduler: torch.optim.lr_scheduler.LambdaLR,
+                          cfg: TrainConfig, it: int) -> None:
+    """After loading a checkpoint's optimizer and scheduler: this run's lr, momentum, weight decay and poly
+    schedule (cfg.iterations, cfg.poly_power) from iteration `it` on.
+
+    The loaded states hold the saved run's values (its lr already decayed by its own schedule: 0 at the end of a
+    finished run). With unchanged settings this writes the same floats (the same expression LambdaLR evaluates),
+    so a resume stays bit-identical to an uninterrupted run."""
+    scheduler.base_lrs = [cfg.lr] * len(optimizer.param_groups)
+    scheduler.last_epoch = it
+    for i, (group, fn) in enumerate(zip(optimizer.param_groups, scheduler.lr_lambdas, strict=True)):
+        group["initial_lr"] = cfg.lr
+        group["lr"] = cfg.lr * fn(it)
+        group["momentum"] = cfg.momentum
+        group["weight_decay"] = cfg.weight_decay if i == 0 else 0.0  # param_groups: [decayed, not decayed]
+    scheduler._last_lr = [group["lr"] for group in optimizer.param_groups]
+
+
 def freeze_batchnorm(model: nn.Module) -> None:
     """Put every BatchNorm (plain or inside a fused deeplab_ops module) in eval mode with frozen affine params.
 
@@ -364,7 +382,8 @@ def fit(model: nn.Module, train_set, cfg: TrainConfig, device: torch.device, *, 
 
     val_fn(model) -> metrics dict (or None) runs the evaluation; the best 'miou' is tracked and saved as best.pt.
     `resume` is a checkpoint dict: model, optimizer, scheduler, scaler, iteration, best metric and RNG states are
-    restored and the sample stream continues at the saved iteration.
+    restored and the sample stream continues at the saved iteration; lr, momentum, weight decay and the poly
+    schedule are cfg's from there (apply_hyperparameters: unchanged settings continue the saved run exactly).
     """
     core = ckpt_io.unwrap(model)
     local_batch = cfg.batch_size // world_size
@@ -388,6 +407,7 @@ def fit(model: nn.Module, train_set, cfg: TrainConfig, device: torch.device, *, 
         start, best, best_it = resume["iteration"], resume.get("best_metric"), resume.get("best_iteration")
         if start > cfg.iterations:
             raise ValueError(f"the checkpoint is at iteration {start}, beyond --iterations {cfg.iterations}")
+        apply_hyperparameters(optimizer, scheduler, cfg, start)
 
     stop = cfg.iterations if cfg.stop_after is None else min(cfg.iterations, start + cfg.stop_after)
     sampler = StreamSampler(len(train_set), cfg.batch_size, cfg.seed, start, stop, rank, world_size)

@@ -110,19 +110,23 @@ def metrics_from_confusion(cm: torch.Tensor | np.ndarray, class_names=None) -> d
     }
 
 
+def _pct(v: float) -> str:
+    """A percentage cell, 7 wide; "n/a" for an undefined (NaN) value."""
+    return f"{v * 100:7.2f}" if v == v else f"{'n/a':>7}"
+
+
 def format_table(metrics: dict) -> str:
-    """A printable per-class IoU table followed by the summary numbers."""
+    """A printable per-class IoU table followed by the summary numbers; undefined cells print "n/a"."""
     ious, accs = metrics["per_class_iou"], metrics["per_class_accuracy"]
     width = max(12, *(len(n) for n in ious))
     lines = [f"{'class':<{width}}  {'IoU':>7}  {'acc':>7}"]
     for name, v in ious.items():
-        a = accs[name]
-        lines.append(f"{name:<{width}}  {v * 100:7.2f}  {a * 100:7.2f}" if v == v else f"{name:<{width}}      n/a")
-    lines.append(f"{'mIoU':<{width}}  {metrics['miou'] * 100:7.2f}   (dataset-level confusion matrix)")
-    lines.append(f"{'pixel acc':<{width}}  {metrics['pixel_accuracy'] * 100:7.2f}")
-    lines.append(f"{'mean acc':<{width}}  {metrics['mean_accuracy'] * 100:7.2f}")
-    lines.append(f"{'fwIoU':<{width}}  {metrics['fw_iou'] * 100:7.2f}")
+        lines.append(f"{name:<{width}}  {_pct(v)}  {_pct(accs[name])}")
+    lines.append(f"{'mIoU':<{width}}  {_pct(metrics['miou'])}   (dataset-level confusion matrix)")
+    lines.append(f"{'pixel acc':<{width}}  {_pct(metrics['pixel_accuracy'])}")
+    lines.append(f"{'mean acc':<{width}}  {_pct(metrics['mean_accuracy'])}")
+    lines.append(f"{'fwIoU':<{width}}  {_pct(metrics['fw_iou'])}")
     if "per_image_miou_present" in metrics:
-        lines.append(f"{'per-img mIoU':<{width}}  {metrics['per_image_miou_present'] * 100:7.2f}   "
+        lines.append(f"{'per-img mIoU':<{width}}  {_pct(metrics['per_image_miou_present'])}   "
                      "(TF-reference style: per image, classes present only; not comparable to mIoU)")
     return "\n".join(lines)

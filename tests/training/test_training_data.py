@@ -243,3 +243,50 @@ def test_eval_transform_and_pad_collate():
     assert images.shape == (2, 3, 8, 7) and masks.shape == (2, 8, 7) and sizes == [(5, 7), (8, 3)]
     assert torch.all(masks[0, 5:] == 255) and torch.all(masks[1, :, 3:] == 255)
     assert torch.equal(images[1, :, :8, :3], samples[1][0])
+
+
+def _folder(tmp_path, names, mask_ext=".png"):
+    (tmp_path / "images").mkdir()
+    (tmp_path / "masks").mkdir()
+    (tmp_path / "classes.txt").write_text("background\nthing\n")
+    for n in names:
+        Image.fromarray(np.zeros((6, 5, 3), np.uint8)).save(tmp_path / "images" / n)
+        stem = os.path.splitext(n)[0]
+        Image.fromarray(np.ones((6, 5), np.uint8), mode="L").save(tmp_path / "masks" / f"{stem}{mask_ext}",
+                                                                   format="PNG")
+    return tmp_path
+
+
+def test_folder_small_set_hash_split_names_val_txt(tmp_path):
+    # 3 names whose hash puts none into val: the error names the list file to write and its place.
+    import zlib
+
+    names = [f"im{i}" for i in range(40) if zlib.crc32(f"im{i}".encode()) % 10][:3]
+    root = _folder(tmp_path, [f"{n}.jpg" for n in names])
+    assert len(datasets.FolderSegmentation(str(root), "train")) == 3
+    with pytest.raises(ValueError, match=f"left split 'val' empty.*{root / 'val.txt'}.*without the extension"):
+        datasets.FolderSegmentation(str(root), "val")
+    # Following the advice: val.txt alone; train is then every other image.
+    (root / "val.txt").write_text(f"{names[0]}\n")
+    assert [it[0] for it in datasets.FolderSegmentation(str(root), "val").items] == names[:1]
+    assert [it[0] for it in datasets.FolderSegmentation(str(root), "train").items] == names[1:]
+
+
+def test_folder_duplicate_stems_are_refused(tmp_path):
+    root = _folder(tmp_path, ["x.png", "y.png"])
+    Image.fromarray(np.zeros((6, 5, 3), np.uint8)).save(root / "images" / "x.jpg")
+    with pytest.raises(ValueError, match=r"two images named 'x'.*x\.jpg and .*x\.png"):
+        datasets.FolderSegmentation(str(root), "train")
+
+
+def test_folder_mask_extension_in_any_case(tmp_path):
+    root = _folder(tmp_path, ["a.jpg", "b.jpg"], mask_ext=".PNG")
+    (root / "train.txt").write_text("a\nb\n")
+    ds = datasets.FolderSegmentation(str(root), "train")
+    assert [os.path.basename(m) for _, _, m in ds.items] == ["a.PNG", "b.PNG"]
+    assert ds[1][1].max() == 1
+    # A mask saved in another format is named in the error, not just "not found".
+    os.remove(root / "masks" / "b.PNG")
+    Image.fromarray(np.ones((6, 5), np.uint8), mode="L").save(root / "masks" / "b.jpg")
+    with pytest.raises(FileNotFoundError, match=r"b\.png.*has b\.jpg, but masks must be PNG"):
+        datasets.FolderSegmentation(str(root), "train")

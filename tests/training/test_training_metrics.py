@@ -76,3 +76,15 @@ def test_random_matches_dense_loop():
         if t != 255:
             ref[t, p] += 1
     assert torch.equal(cm, ref)
+
+
+def test_table_prints_n_a_for_every_undefined_cell():
+    # Class 1 is predicted but absent from the labels: IoU 0, accuracy undefined. Class 2 appears nowhere.
+    cm = torch.tensor([[3, 1, 0], [0, 0, 0], [0, 0, 0]])
+    m = metrics_from_confusion(cm, ["bg", "cat", "dog"])
+    assert m["per_class_iou"]["cat"] == 0.0 and math.isnan(m["per_class_accuracy"]["cat"])
+    table = format_table(m | {"per_image_miou_present": float("nan")})
+    assert "nan" not in table.lower().replace("n/a", "")
+    rows = {line.split()[0]: line.split()[1:] for line in table.splitlines()}
+    assert rows["cat"] == ["0.00", "n/a"] and rows["dog"] == ["n/a", "n/a"] and rows["bg"] == ["75.00", "75.00"]
+    assert rows["per-img"][1] == "n/a"

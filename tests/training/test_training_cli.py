@@ -1,0 +1,245 @@
+"""train.py's command line: flag validation, flags a command does not read, --predict's outputs, class-count
+checks of --eval-only / --predict, and resume with a changed --iterations."""
+
+import json
+import os
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+from test_training_loop import TinySeg, _cfg, _tiny_build_model, _train_set
+
+import train as train_script
+from training import checkpoint as ckpt_io
+from training import loop
+
+
+def _parse_error(argv, capsys) -> str:
+    with pytest.raises(SystemExit) as e:
+        train_script.parse_args(argv)
+    assert e.value.code == 2
+    return capsys.readouterr().err
+
+
+@pytest.mark.parametrize("argv, message", [
+    (["--log-every", "0"], "--log-every must be >= 1 (iterations between log lines), got 0"),
+    (["--poly-power", "-1"], "--poly-power must be a finite number > 0 (the poly schedule's exponent; 0.9 in the "
+                             "paper), got -1.0"),
+    (["--poly-power", "0"], "--poly-power must be a finite number > 0"),
+    (["--eval-scales", "0"], "--eval-scales must be 'ms' or comma-separated numbers > 0 (e.g. 0.75,1.0,1.25), "
+                             "got '0'"),
+    (["--eval-scales", "1.0,-0.5"], "--eval-scales must be 'ms' or comma-separated numbers > 0"),
+    (["--eval-scales", "big"], "got 'big'"),
+    (["--eval-every", "-1"], "--eval-every must be >= 0 (iterations between evaluations; 0 evaluates at the end "
+                             "only), got -1"),
+    (["--momentum", "1"], "--momentum must be in [0, 1), got 1.0"),
+    (["--momentum", "-0.1"], "--momentum must be in [0, 1), got -0.1"),
+    (["--preview", "-1"], "--preview must be >= 0 (images in the preview PNG; 0 for none), got -1"),
+    (["--checkpoint-every", "0"], "--checkpoint-every must be >= 1 (iterations between last.pt saves), got 0"),
+    (["--checkpoint-every", "-5"], "--checkpoint-every must be >= 1"),
+    (["--workers", "-1"], "--workers must be >= 0 (data-loading processes), got -1"),
+    (["--eval-batch-size", "0"], "--eval-batch-size must be >= 1 (images per batch), got 0"),
+    (["--lr", "0"], "--lr must be a finite number > 0, got 0.0"),
+    (["--lr", "nan"], "--lr must be a finite number > 0, got nan"),
+    (["--lr", "inf"], "--lr must be a finite number > 0, got inf"),
+    (["--weight-decay=-1e-4"], "--weight-decay must be a finite number >= 0, got -0.0001"),
+    (["--weight-decay", "nan"], "--weight-decay must be a finite number >= 0, got nan"),
+    (["--iterations", "0"], "--iterations must be >= 1 (training iterations), got 0"),
+    (["--batch-size", "0"], "--batch-size must be >= 1 (the global batch size), got 0"),
+    (["--stop-after", "0"], "--stop-after must be >= 1 (iterations to run in this invocation), got 0"),
+    (["--crop-size", "8"], "--crop-size must be >= 16 (pixels (the largest output stride, 16"),
+    (["--scale-range", "2", "1"], "--scale-range MIN MAX must satisfy 0 < MIN <= MAX, got 2 1"),
+    (["--scale-range", "0", "1"], "--scale-range MIN MAX must satisfy 0 < MIN <= MAX, got 0 1"),
+    (["--synthetic-train-size", "0"], "--synthetic-train-size must be >= 1 (images), got 0"),
+    (["--seed", "-1"], "--seed must be >= 0 (a seed in [0, 4294967295]), got -1"),
+    (["--data-seed", str(2**32)], "--data-seed must be >= 0 (a seed in [0, 4294967295]), got 4294967296"),
+    (["--predict", "x", "--eval-only", "--checkpoint", "c.pt"],
+     "--predict and --eval-only are two commands: drop --eval-only to write masks for the images in x, or drop "
+     "--predict"),
+    (["--checkpoint", "c.pt"], "--checkpoint c.pt is read only by --eval-only and --predict; to continue training "
+                               "from a checkpoint use --resume CKPT"),
+    (["--out", "m"], "--out m is --predict's output folder"),
+    (["--predict", "x"], "--predict needs --checkpoint CKPT"),
+    (["--data-root", "mydata"], "--data-root mydata is not read by --dataset synthetic (the default): add "
+                                "--dataset folder or --dataset voc"),
+])
+def test_bad_flags_are_refused_before_any_work(argv, message, capsys):
+    err = _parse_error(argv, capsys)
+    assert message in err, err
+
+
+def test_output_folders_that_are_files_are_refused(tmp_path, capsys):
+    (tmp_path / "f").write_text("x")
+    assert f"--out-dir {tmp_path / 'f'}: exists and is not a folder" in _parse_error(
+        ["--out-dir", str(tmp_path / "f")], capsys)
+    assert f"--out {tmp_path / 'f'}: exists and is not a folder" in _parse_error(
+        ["--predict", "p", "--checkpoint", "c.pt", "--out", str(tmp_path / "f")], capsys)
+
+
+def test_good_flags_pass_and_unread_flags_warn(capsys):
+    args = train_script.parse_args(["--eval-scales", "ms", "--momentum", "0", "--eval-every", "0", "--preview", "0",
+                                    "--workers", "0", "--scale-range", "1", "1", "--crop-size", "16"])
+    assert train_script._eval_scales(args) == train_script.MS_SCALES
+    assert capsys.readouterr().err == ""
+    train_script.parse_args(["--sbd-root", "sbd", "--classes", "c.txt", "--val-split", "v"])
+    err = capsys.readouterr().err
+    for flag in ("--sbd-root", "--classes", "--val-split"):
+        assert f"warning: {flag} is not read by --dataset synthetic; ignoring it" in err
+    train_script.parse_args(["--eval-only", "--resume", "--iterations", "5"])
+    err = capsys.readouterr().err
+    assert "--resume is a training flag; --eval-only ignores it" in err and "--iterations is a training flag" in err
+
+
+def test_flags_predict_and_eval_only_do_not_read_warn(capsys):
+    train_script.parse_args(["--predict", "p", "--checkpoint", "c.pt", "--out-dir", "o", "--lr", "0.1",
+                             "--data-root", "d"])
+    err = capsys.readouterr().err
+    assert "--out-dir is not read by --predict, which writes masks for the images in p to --out" in err
+    assert "--lr is a training flag; --predict ignores it (the model comes from the checkpoint)" in err
+    assert "--data-root d is not read by --predict without --dataset folder" in err
+    train_script.parse_args(["--eval-only", "--memory-efficient", "--fused-ops", "--momentum", "0.5"])
+    err = capsys.readouterr().err
+    assert "--memory-efficient is a training flag; --eval-only ignores it" in err and "--momentum is a" in err
+    assert "--fused-ops" not in err  # read: the evaluation runs on the fused ops
+
+
+def test_dataset_and_resume_errors_exit_naming_the_flag(tmp_path, monkeypatch):
+    monkeypatch.setattr(train_script, "build_model", _tiny_build_model)
+    with pytest.raises(SystemExit, match=r"--dataset folder: folder dataset: .*images does not exist"):
+        train_script.main(["--dataset", "folder", "--data-root", str(tmp_path / "nowhere"), "--device", "cpu"])
+    common = ["--crop-size", "32", "--synthetic-train-size", "8", "--synthetic-val-size", "2", "--batch-size", "2",
+              "--no-tensorboard", "--device", "cpu", "--out-dir", str(tmp_path / "run"), "--preview", "0",
+              "--log-every", "1"]
+    with pytest.raises(SystemExit, match=r"--resume .*last\.pt: checkpoint not found"):
+        train_script.main(common + ["--iterations", "2", "--resume"])
+    train_script.main(common + ["--iterations", "2"])
+    with pytest.raises(SystemExit, match=r"the checkpoint is at iteration 2, beyond --iterations 1; give "
+                                         r"--iterations >= 2"):
+        train_script.main(common + ["--iterations", "1", "--resume"])
+    # Resuming the finished run with more iterations and a lower --lr (what the NaN-loss message advises): the
+    # log's lr continues on the new 4-iteration schedule of the new lr.
+    train_script.main(common + ["--iterations", "4", "--resume", "--lr", "0.01"])
+    lrs = [r["lr"] for r in map(json.loads, open(tmp_path / "run" / "metrics.jsonl")) if r["kind"] == "train"]
+    assert lrs[-2:] == [0.01 * loop.poly_lambda(4, 0.9)(i) for i in (2, 3)]
+    assert torch.load(tmp_path / "run" / "last.pt", weights_only=False)["optimizer"]["param_groups"][0]["lr"] == 0.0
+
+
+def test_amp_fp16_on_cpu_is_refused_naming_the_flag():
+    args = train_script.parse_args(["--amp", "fp16"])
+    with pytest.raises(SystemExit, match="--amp fp16 needs a CUDA device"):
+        train_script._apply_presets(args, torch.device("cpu"))
+
+
+def _checkpoint(path, num_classes, dataset="synthetic", **saved):
+    torch.manual_seed(0)
+    state = {"model": TinySeg(num_classes).state_dict(), "num_classes": num_classes, "iteration": 3,
+             "args": {"dataset": dataset, "backbone": "resnet29", "output_stride": 8, "crop_size": 32,
+                      "synthetic_val_size": 2, **saved}}
+    torch.save(state, path)
+    return str(path)
+
+
+def _photos(folder, names):
+    folder.mkdir(exist_ok=True)
+    for i, n in enumerate(names):
+        img = np.random.default_rng(i).integers(0, 256, (18, 20, 3), dtype=np.uint8)
+        Image.fromarray(img).save(folder / n)
+    return {n: (folder / n).read_bytes() for n in names}
+
+
+def test_predict_never_overwrites_inputs_and_names_colliding_stems_apart(tmp_path, monkeypatch, capsys):
+    monkeypatch.setattr(train_script, "build_model", _tiny_build_model)
+    ckpt = _checkpoint(tmp_path / "c.pt", 21)
+    photos = tmp_path / "photos"
+    before = _photos(photos, ["a.png", "b.jpg"])
+    # --out equal to the input folder: a.png's mask would replace the photo a.png. Nothing is written.
+    with pytest.raises(SystemExit, match=r"refusing to write masks into the input folder .*photos"):
+        train_script.main(["--predict", str(photos), "--checkpoint", ckpt, "--out", str(photos) + "/", "--device",
+                           "cpu"])
+    # An output folder holding a link to an input photo under a mask's name: refused too.
+    linked = tmp_path / "linked"
+    linked.mkdir()
+    os.symlink(photos / "a.png", linked / "a.png")
+    with pytest.raises(SystemExit, match=r"refusing to write any mask: .*a\.png would overwrite the input image"):
+        train_script.main(["--predict", str(photos), "--checkpoint", ckpt, "--out", str(linked), "--device", "cpu"])
+    assert sorted(os.listdir(photos)) == ["a.png", "b.jpg"] and os.listdir(linked) == ["a.png"]
+    assert all((photos / n).read_bytes() == data for n, data in before.items())
+
+    # x.png and x.jpg: distinct masks x.png.png and x.jpg.png, and the count printed is the count written.
+    _photos(photos, ["x.png", "x.jpg"])
+    out = tmp_path / "masks"
+    train_script.main(["--predict", str(photos), "--checkpoint", ckpt, "--out", str(out), "--device", "cpu"])
+    assert sorted(os.listdir(out)) == ["a.png", "b.png", "x.jpg.png", "x.png.png"]
+    printed = capsys.readouterr().out
+    assert "wrote 4 colour-coded masks" in printed and "2 of them named <file>.png" in printed
+    # A rerun replaces its own masks; a foreign file in the way is refused, and left alone.
+    train_script.main(["--predict", str(photos), "--checkpoint", ckpt, "--out", str(out), "--device", "cpu"])
+    Image.fromarray(np.zeros((4, 4, 3), np.uint8)).save(out / "b.png")
+    foreign = (out / "b.png").read_bytes()
+    with pytest.raises(SystemExit, match=r"b\.png exists and is not a mask written by --predict"):
+        train_script.main(["--predict", str(photos), "--checkpoint", ckpt, "--out", str(out), "--device", "cpu"])
+    assert (out / "b.png").read_bytes() == foreign
+    # Class count of an explicitly named dataset.
+    with pytest.raises(SystemExit, match="--predict: --checkpoint .* predicts 21 classes, but --dataset folder "
+                                         ".* has 3"):
+        (tmp_path / "classes.txt").write_text("bg\ncat\ndog\n")
+        train_script.main(["--predict", str(photos), "--checkpoint", ckpt, "--out", str(tmp_path / "m2"),
+                           "--dataset", "folder", "--data-root", str(tmp_path), "--device", "cpu"])
+    assert not (tmp_path / "m2").exists()
+
+
+def test_mask_names():
+    assert train_script.mask_names(["a.jpg", "b.png", "B.jpg", "c.tif"]) == {
+        "a.jpg": "a.png", "b.png": "b.png.png", "B.jpg": "B.jpg.png", "c.tif": "c.png"}
+
+
+def test_eval_only_refuses_a_checkpoint_with_another_class_count(tmp_path, monkeypatch):
+    monkeypatch.setattr(train_script, "build_model", _tiny_build_model)
+    ckpt = _checkpoint(tmp_path / "best.pt", 3, dataset="folder", data_root=str(tmp_path / "mydata"))
+    with pytest.raises(SystemExit, match=r"--eval-only: --checkpoint .*best\.pt predicts 3 classes, but --dataset "
+                                         r"synthetic has 21; use a checkpoint trained on this dataset"):
+        train_script.main(["--eval-only", "--checkpoint", ckpt, "--dataset", "synthetic", "--out-dir",
+                           str(tmp_path / "run"), "--device", "cpu"])
+    assert not (tmp_path / "run").exists()
+    # The same class count evaluates.
+    ok = _checkpoint(tmp_path / "ok.pt", 21)
+    train_script.main(["--eval-only", "--checkpoint", ok, "--out-dir", str(tmp_path / "run"), "--device", "cpu",
+                       "--preview", "0"])
+    assert os.path.isfile(tmp_path / "run" / "metrics_eval.json")
+
+
+class _Log:
+    def __init__(self):
+        self.records = []
+
+    def write(self, record):
+        self.records.append(record)
+
+
+def test_resume_with_more_iterations_follows_the_new_poly_schedule(tmp_path):
+    torch.manual_seed(0)
+    model = TinySeg()
+    cfg = _cfg(iterations=4, out_dir=str(tmp_path), lr=0.02)
+    loop.fit(model, _train_set(), cfg, torch.device("cpu"))
+    state = ckpt_io.load_checkpoint(str(tmp_path / "last.pt"))
+    assert state["optimizer"]["param_groups"][0]["lr"] == 0.0  # the finished 4-iteration schedule
+    log = _Log()
+    result = loop.fit(TinySeg(), _train_set(), _cfg(iterations=7, out_dir=str(tmp_path), lr=0.02),
+                      torch.device("cpu"), resume=state, log=log)
+    assert [i for i, _ in result.losses] == [5, 6, 7]
+    lrs = [r["lr"] for r in log.records if r["kind"] == "train"]
+    # Iteration i + 1 runs at lr(i) = 0.02 (1 - i/7)^0.9: from where the new schedule is at iteration 4.
+    assert lrs == [0.02 * loop.poly_lambda(7, 0.9)(i) for i in (4, 5, 6)]
+    assert lrs[0] > 0.005
+
+
+def test_resume_applies_this_runs_momentum_and_weight_decay(tmp_path):
+    torch.manual_seed(0)
+    loop.fit(TinySeg(), _train_set(), _cfg(iterations=2, out_dir=str(tmp_path)), torch.device("cpu"))
+    state = ckpt_io.load_checkpoint(str(tmp_path / "last.pt"))
+    loop.fit(TinySeg(), _train_set(), _cfg(iterations=3, out_dir=str(tmp_path), momentum=0.5, weight_decay=0.01),
+             torch.device("cpu"), resume=state)
+    groups = ckpt_io.load_checkpoint(str(tmp_path / "last.pt"))["optimizer"]["param_groups"]
+    seen = [(g["momentum"], g["weight_decay"], g["initial_lr"]) for g in groups]
+    assert seen == [(0.5, 0.01, 0.02), (0.5, 0.0, 0.02)]
