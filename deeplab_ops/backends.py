@@ -139,10 +139,11 @@ def resolve(backend: str | None, op: str, device: torch.device, **call) -> str:
     """The backend that runs this call: `backend`, else $DEEPLAB_OPS_BACKEND, else `auto`."""
     source = "backend"
     if backend is None:
-        backend = env_backend() or "auto"
+        backend = os.environ.get(ENV_VAR) or "auto"  # a bad value is refused just below, as env_backend does
         source = ENV_VAR
     if backend != "auto" and backend not in BACKENDS:
-        raise ValueError(f"{source}={backend!r} is not a backend; expected one of {('auto', *BACKENDS)} or None")
+        raise ValueError(f"{source}={backend!r} is not a backend; expected one of {('auto', *BACKENDS)} or "
+                         + ("unset" if source == ENV_VAR else "None"))
     if backend != "auto":
         reasons = not_supported_reasons(backend, op, device, **call)
         if reasons:

@@ -245,8 +245,10 @@ def fused_conv_bn(
 ) -> Tensor:
     """`act(bn(conv(x)) [+ residual])` through the fused op, with exactly the modules' semantics
     (memory_efficient: see deeplab_ops.conv_bn_relu)."""
-    _check_module_types(conv, bn)
-    _check_x_channels(x, conv_weight(conv), "conv")
+    if not isinstance(conv, nn.Conv2d) or not isinstance(bn, _BatchNorm):
+        _check_module_types(conv, bn)
+    if not isinstance(x, Tensor) or x.dim() != 4 or x.shape[1] != conv.in_channels:
+        _check_x_channels(x, conv_weight(conv), "conv")
     if process_group is not None:
         group_name_of(process_group)  # its type checked in eval too, where the op does not use it
     if not training and enter_directly(x):  # eval: once the fold is cached, only x and residual are checked
@@ -471,7 +473,8 @@ def fused_aspp_forward(module: nn.Module, x: Tensor, backend: str | None = None,
         parts = (convs, bns, rates, list(module.project)[3:])  # extras: applied to the op's output
         object.__setattr__(module, _PARTS_ATTR, parts)  # plain attribute: not in the state_dict
     convs, bns, rates, extras = parts
-    _check_x_channels(x, conv_weight(convs[0]), "the ASPP module")
+    if not isinstance(x, Tensor) or x.dim() != 4 or x.shape[1] != convs[0].in_channels:
+        _check_x_channels(x, conv_weight(convs[0]), "the ASPP module")
     if process_group is not None:
         group_name_of(process_group)  # its type checked in eval too, where the op does not use it
     tensors = [_bn_tensors(bn) for bn in bns]

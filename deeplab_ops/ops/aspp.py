@@ -366,7 +366,7 @@ def aspp(
     """
     # Under torch.autocast the convolutions run in autocast's dtype, as eager conv2d does there (BatchNorm's tensors
     # as they are).
-    amp = autocast_dtype(x)
+    amp = autocast_dtype(x) if torch._C._is_any_autocast_enabled() else None  # a C call when autocast is off
     if amp is not None:
         x, conv_weights = autocast_cast(x, amp), autocast_cast(conv_weights, amp)
         pool_weight, project_weight = autocast_cast(pool_weight, amp), autocast_cast(project_weight, amp)

@@ -403,7 +403,7 @@ def conv_bn_relu(
     # cached (computed per call, like the cast).
     if process_group is not None and not training:
         group_name_of(process_group)  # checked in eval too (it synchronizes nothing there)
-    amp = autocast_dtype(x)
+    amp = autocast_dtype(x) if torch._C._is_any_autocast_enabled() else None  # a C call when autocast is off
     if amp is not None:
         x, weight, residual = autocast_cast(x, amp), autocast_cast(weight, amp), autocast_cast(residual, amp)
     if not training and amp is None and isinstance(weight, Tensor) and enter_directly(x):

@@ -203,7 +203,8 @@ def upsample_cross_entropy(
     Returns:
         a 0-d tensor ("mean", "sum") or (N, H, W) ("none"), in logits' dtype.
     """
-    if autocast_dtype(logits) is not None:  # autocast runs cross-entropy in float32: so does this loss
+    # autocast runs cross-entropy in float32: so does this loss
+    if torch._C._is_any_autocast_enabled() and autocast_dtype(logits) is not None:
         logits = logits.float()
     check_args(logits, target, ignore_index, align_corners, reduction)
     ignore_index = int(ignore_index)
