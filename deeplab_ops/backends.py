@@ -125,13 +125,19 @@ def auto_candidates(device: torch.device) -> tuple[str, ...]:
     return ("triton", "cuda") if device.type == "cuda" else ("cpu",)
 
 
+def _not_a_backend(source: str, value) -> ValueError:
+    """The error for a backend name that names none (`source`: the argument or the environment variable)."""
+    return ValueError(f"{source}={value!r} is not a backend; expected one of {('auto', *BACKENDS)} or "
+                      + ("unset" if source == ENV_VAR else "None"))
+
+
 def env_backend() -> str | None:
     """$DEEPLAB_OPS_BACKEND checked: the backend it names, or None when it is unset, empty or 'auto'."""
     value = os.environ.get(ENV_VAR)
     if not value or value == "auto":
         return None
     if value not in BACKENDS:
-        raise ValueError(f"{ENV_VAR}={value!r} is not a backend; expected one of {('auto', *BACKENDS)} or unset")
+        raise _not_a_backend(ENV_VAR, value)
     return value
 
 
@@ -142,8 +148,7 @@ def resolve(backend: str | None, op: str, device: torch.device, **call) -> str:
         backend = os.environ.get(ENV_VAR) or "auto"  # a bad value is refused just below, as env_backend does
         source = ENV_VAR
     if backend != "auto" and backend not in BACKENDS:
-        raise ValueError(f"{source}={backend!r} is not a backend; expected one of {('auto', *BACKENDS)} or "
-                         + ("unset" if source == ENV_VAR else "None"))
+        raise _not_a_backend(source, backend)
     if backend != "auto":
         reasons = not_supported_reasons(backend, op, device, **call)
         if reasons:

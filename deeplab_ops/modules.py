@@ -57,12 +57,17 @@ def check_fusable(conv: nn.Module, bn: nn.Module) -> None:
 _BatchNorm = nn.modules.batchnorm._BatchNorm
 
 
+def _bn_type_error(bn, name: str = "bn") -> TypeError:
+    """The error for a module given where a BatchNorm module is expected (raised only on that path)."""
+    return TypeError(f"{name} must be a BatchNorm module (e.g. nn.BatchNorm2d), got {type(bn).__name__}")
+
+
 def _check_module_types(conv, bn) -> None:
     """TypeError unless conv is an nn.Conv2d and bn a BatchNorm module (subclasses included: the fused ones)."""
     if not isinstance(conv, nn.Conv2d):
         raise TypeError(f"conv must be an nn.Conv2d, got {type(conv).__name__}")
     if not isinstance(bn, _BatchNorm):
-        raise TypeError(f"bn must be a BatchNorm module (e.g. nn.BatchNorm2d), got {type(bn).__name__}")
+        raise _bn_type_error(bn)
 
 
 def _check_x_channels(x, weight, owner: str) -> None:
@@ -193,14 +198,14 @@ def bn_call_args(bn: nn.BatchNorm2d, training: bool) -> dict:
     num_batches_tracked is not incremented here: `bn_step` does it after the call succeeded, so a failed call
     changes nothing the user saved."""
     if not isinstance(bn, _BatchNorm):
-        raise TypeError(f"bn must be a BatchNorm module (e.g. nn.BatchNorm2d), got {type(bn).__name__}")
+        raise _bn_type_error(bn)
     return dict(zip(_BN_KEYS, _bn_args(bn, training), strict=True))
 
 
 def bn_step(bn: nn.BatchNorm2d, training: bool) -> None:
     """Count one training batch, as nn.BatchNorm2d.forward does."""
     if not isinstance(bn, _BatchNorm):
-        raise TypeError(f"bn must be a BatchNorm module (e.g. nn.BatchNorm2d), got {type(bn).__name__}")
+        raise _bn_type_error(bn)
     if training and bn.track_running_stats:
         counter = _bn_tensors(bn)[4]
         if counter is not None:
@@ -406,7 +411,7 @@ def pack_batchnorms(bns: list[nn.BatchNorm2d]) -> None:
     bns = list(bns)
     for i, bn in enumerate(bns):
         if not isinstance(bn, nn.modules.batchnorm._BatchNorm):
-            raise TypeError(f"bns[{i}] must be a BatchNorm module (e.g. nn.BatchNorm2d), got {type(bn).__name__}")
+            raise _bn_type_error(bn, f"bns[{i}]")
     _pack(list(zip(*(_bn_tensors(bn) for bn in bns), strict=True)))
 
 
