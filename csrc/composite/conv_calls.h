@@ -37,7 +37,9 @@ inline at::Tensor conv2d_forward(const at::Tensor& x, const at::Tensor& weight, 
                                  bool inference, ChannelsLastOnce* x_cl = nullptr) {
   if (inference) {
     if (const int m = winograd_plan(x, weight, stride, padding, dilation)) {
-      return winograd_conv3x3(x, weight, std::nullopt, std::nullopt, padding, dilation, false, m, mf);
+      // Winograd reads x channels_last: the call's shared conversion where there is one
+      return winograd_conv3x3(x_cl ? x_cl->get() : x, weight, std::nullopt, std::nullopt, padding, dilation, false, m,
+                              mf);
     }
   }
   // The kept channels_last weight only where no gradient is computed (channels_last_weight).

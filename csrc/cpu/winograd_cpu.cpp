@@ -41,6 +41,8 @@ constexpr double kMaxWorkRatio = 0.45;           // GEMM work against direct con
 // there (measured with F(4x4): 1 x 512 x 33 x 33 at dilation 4, a ratio of 0.62, 1.21-1.30x oneDNN's speed; batch
 // 2: 1.03x. F(3x3) now takes that shape at a ratio of 0.43).
 constexpr double kMaxWorkRatioChunked = 0.65;
+// ... and short grids' work, their weight reads counted (winograd_plan), for weights of chunk size
+constexpr double kMaxShortGridRatio = 0.8;
 // The transformed weight, read by every block: up to kBlockWeightBytes each thread's blocks multiply by it (larger
 // ones streamed from memory once per block ran 512 x 512 channels at 0.4x oneDNN's speed; 256 x 256 ran at
 // 1.0-1.7x); beyond that, chunks of tiles of about kChunkBytes of V and M, each multiplied in one bmm that reads U
@@ -329,6 +331,24 @@ DLO_INLINE void relu_in_place(T& v) {
   }
 }
 
+// Output pixel (n, oy, ox)'s channels [k0, k0 + lanes) from val, with the epilogue: + bias, + residual, ReLU.
+template <typename V>
+DLO_INLINE void store_pixel(const float* val, const Epilogue& e, int64_t n, int64_t oy, int64_t ox, int64_t k0,
+                            int lanes, float* out, Strides4 os) {
+  const float* bias = e.bias != nullptr ? e.bias + k0 : nullptr;
+  const float* r = e.residual == nullptr ? nullptr : e.residual + n * e.rs.n + oy * e.rs.h + ox * e.rs.w + k0;
+  float* dst = out + n * os.n + oy * os.h + ox * os.w + k0;
+  for_lanes<V>(lanes, [&](auto tag, int c) {
+    using T = typename decltype(tag)::type;
+    T s, a;
+    load(s, val + c);
+    if (bias != nullptr) load(a, bias + c), s = s + a;
+    if (r != nullptr) load(a, r + c), s = s + a;
+    if (e.relu) relu_in_place(s);
+    store(dst + c, s);
+  });
+}
+
 // The output pixels of the block's tiles t0 + t, t < count, from the GEMM products mm[xi][t][k] (`rows` tiles per
 // xi, as for input_tiles), into a channels-last dense output.
 template <int M, typename V>
@@ -353,27 +373,13 @@ DLO_INLINE void output_tiles(const float* mm, const Geometry& g, int64_t t0, int
           Transform<M>::template output<typename decltype(tag)::type>(half[i][0] + c, kLanes, y[i][0] + c, kLanes);
         });
       }
-      const float* bias = e.bias != nullptr ? e.bias + k0 : nullptr;
       for (int i = 0; i < M; ++i) {
         const int64_t oy = tile.oy0 + g.dh * i;
         if (oy >= g.ho) break;
         for (int j = 0; j < M; ++j) {
           const int64_t ox = tile.ox0 + g.dw * j;
           if (ox >= g.wo) break;
-          const float* val = y[i][j];
-          const float* r = e.residual == nullptr
-                               ? nullptr
-                               : e.residual + tile.n * e.rs.n + oy * e.rs.h + ox * e.rs.w + k0;
-          float* dst = out + tile.n * os.n + oy * os.h + ox * os.w + k0;
-          for_lanes<V>(lanes, [&](auto tag, int c) {
-            using T = typename decltype(tag)::type;
-            T s, a;
-            load(s, val + c);
-            if (bias != nullptr) load(a, bias + c), s = s + a;
-            if (r != nullptr) load(a, r + c), s = s + a;
-            if (e.relu) relu_in_place(s);
-            store(dst + c, s);
-          });
+          store_pixel<V>(y[i][j], e, tile.n, oy, ox, k0, lanes, out, os);
         }
       }
     }
@@ -675,32 +681,452 @@ void winograd_chunks(const Geometry& g, const float* xp, Strides4 xs, const at::
   }
 }
 
-template <int M>
-at::Tensor winograd(const at::Tensor& x_, const at::Tensor& weight, const std::optional<at::Tensor>& bias,
-                    const std::optional<at::Tensor>& residual, at::IntArrayRef padding, at::IntArrayRef dilation,
-                    bool relu, at::MemoryFormat out_format) {
-  const Geometry g = geometry(x_.size(0), x_.size(1), x_.size(2), x_.size(3), weight.size(0), padding, dilation, M);
-  const at::Tensor u = cached_weight_transform<M>(weight);
-  // The kernels index channels-last dense tensors: NCHW ones cost one conversion in and one out, less than the
-  // transforms save over oneDNN's NCHW convolution (docs/kernels.md).
+// ---- Short grids: a dilated 3x3 convolution whose dilation phase grids are at most 3 pixels along each axis ----
+//
+// With padding == dilation, output pixel i of a phase grid reads grid pixels i - 1, i, i + 1 (zero outside the
+// grid): each grid is an undilated 3x3 convolution with padding 1 over a map of L_h x L_w pixels, L <= 3 where the
+// map is at most three dilations across (the ASPP's rate 18 on a 33 x 33 map: grids of 2 and 1 pixels). Most of
+// F(m)'s tile there is padding; instead each grid is computed whole, with the minimal algorithm for its length
+// along each axis (GridAxis<L>): L = 2, y0 = g1 x0 + g2 x1, y1 = g0 x0 + g1 x1, is a 2 x 2 Toeplitz product in 3
+// multiplies (g1 (x0 + x1), (g2 - g1) x1, (g0 - g1) x0) where direct convolution does 4; L = 3 is F(3, 3) with its
+// two outer inputs zero (5 against 7); L = 1 the centre tap. A 2 x 2 grid: 9 products against 16, a 3 x 3 one 25
+// against 49. Grids of one type (L_h, L_w) share their GEMMs: one per point pair, [grids x C_in] by [C_in x C_out].
+template <int L>
+struct GridAxis;
+
+template <>
+struct GridAxis<1> {
+  static constexpr int P = 1;
+  template <typename T>
+  DLO_INLINE static void kernel(const T* g, T* u) {
+    u[0] = g[1];
+  }
+  template <typename T>
+  DLO_INLINE static void input(const float* d, int64_t, float* v, int64_t) {
+    T x;
+    load(x, d);
+    store(v, x);
+  }
+  template <typename T>
+  DLO_INLINE static void output(const float* m, int64_t, float* y, int64_t) {
+    T x;
+    load(x, m);
+    store(y, x);
+  }
+};
+
+template <>
+struct GridAxis<2> {
+  static constexpr int P = 3;
+  template <typename T>
+  DLO_INLINE static void kernel(const T* g, T* u) {
+    u[0] = g[1];
+    u[1] = g[2] - g[1];
+    u[2] = g[0] - g[1];
+  }
+  template <typename T>
+  DLO_INLINE static void input(const float* d, int64_t ds, float* v, int64_t vs) {
+    T x[2];
+    load_axis(x, d, ds);
+    store<T>(v, x[0] + x[1]);
+    store<T>(v + vs, x[1]);
+    store<T>(v + 2 * vs, x[0]);
+  }
+  template <typename T>
+  DLO_INLINE static void output(const float* m, int64_t ms, float* y, int64_t ys) {
+    T x[3];
+    load_axis(x, m, ms);
+    store<T>(y, x[0] + x[1]);
+    store<T>(y + ys, x[0] + x[2]);
+  }
+};
+
+template <>
+struct GridAxis<3> {
+  static constexpr int P = 5;
+  template <typename T>
+  DLO_INLINE static void kernel(const T* g, T* u) {
+    Transform<3>::kernel(g, u);
+  }
+  // Transform<3>::input of (0, x0, x1, x2, 0)
+  template <typename T>
+  DLO_INLINE static void input(const float* d, int64_t ds, float* v, int64_t vs) {
+    T x[3];
+    load_axis(x, d, ds);
+    const T e = x[2] - x[0];
+    store<T>(v, e - 2.f * x[1]);
+    store<T>(v + vs, (x[2] - x[1]) - 2.f * x[0]);
+    store<T>(v + 2 * vs, 2.f * x[0] - 3.f * x[1] + x[2]);
+    store<T>(v + 3 * vs, e);
+    store<T>(v + 4 * vs, -2.f * e - x[1]);
+  }
+  template <typename T>
+  DLO_INLINE static void output(const float* m, int64_t ms, float* y, int64_t ys) {
+    Transform<3>::output<T>(m, ms, y, ys);
+  }
+};
+
+constexpr int grid_points(int l) { return l == 1 ? 1 : l == 2 ? 3 : 5; }
+
+// The phase grids of one axis (padding == dilation, stride 1, so the output has the input's size): phase p's grid
+// has ceil((size - p) / dil) pixels, which falls with p: the phases whose grids have L pixels are [begin[L], end[L]).
+struct GridAxisPhases {
+  int64_t begin[4] = {0, 0, 0, 0}, end[4] = {0, 0, 0, 0};
+  int64_t count(int l) const { return end[l] - begin[l]; }
+};
+
+GridAxisPhases grid_axis_phases(int64_t size, int64_t dil) {
+  GridAxisPhases a;
+  for (int64_t p = 0; p < std::min(size, dil); ++p) {
+    const int64_t l = ceil_div(size - p, dil);  // 1..3 where short_grids_apply
+    if (a.end[l] == 0) a.begin[l] = p;
+    a.end[l] = p + 1;
+  }
+  return a;
+}
+
+// One type of grid (L_h x L_w pixels): n * (phases of length L_h) * (of length L_w) grids, whose transformed weight
+// starts at point `first` of the whole transform [points, C_in, C_out].
+struct GridType {
+  int lh, lw;
+  int64_t grids, first;
+  int points() const { return grid_points(lh) * grid_points(lw); }
+};
+
+struct ShortGrids {
+  int64_t n, c, k, h, w, dh, dw;
+  GridAxisPhases ay, ax;
+  std::vector<GridType> types;  // the lengths present, longest first
+  int64_t points = 0;           // all types' together
+};
+
+ShortGrids short_grids(int64_t n, int64_t c, int64_t h, int64_t w, int64_t k, at::IntArrayRef dilation) {
+  ShortGrids s{n, c, k, h, w, dilation[0], dilation[1], grid_axis_phases(h, dilation[0]),
+               grid_axis_phases(w, dilation[1]), {}, 0};
+  for (int lh = 3; lh >= 1; --lh) {
+    for (int lw = 3; lw >= 1; --lw) {
+      const int64_t grids = n * s.ay.count(lh) * s.ax.count(lw);
+      if (grids == 0) continue;
+      s.types.push_back({lh, lw, grids, s.points});
+      s.points += grid_points(lh) * grid_points(lw);
+    }
+  }
+  return s;
+}
+
+// Whether the short-grid algorithm computes this convolution: every phase grid at most 3 pixels along each axis,
+// padding equal to the dilation (stride 1, 3 x 3: checked by the caller).
+bool short_grids_apply(int64_t h, int64_t w, at::IntArrayRef padding, at::IntArrayRef dilation) {
+  return padding[0] == dilation[0] && padding[1] == dilation[1] && h <= 3 * dilation[0] && w <= 3 * dilation[1];
+}
+
+// Grid g of a type: its image and the output pixel of its first pixel (its pixels are y0 + dh * i, x0 + dw * j).
+DLO_INLINE Tile grid_at(const ShortGrids& s, const GridType& type, int64_t g) {
+  const int64_t nx = s.ax.count(type.lw), ny = s.ay.count(type.lh);
+  const int64_t ix = g % nx;
+  g /= nx;
+  const int64_t iy = g % ny;
+  return {g / ny, s.ay.begin[type.lh] + iy, s.ax.begin[type.lw] + ix};
+}
+
+// V[p][g][c] for grids g0 + g, g < count, of one type (`rows` grids between points p): the transformed grids, read
+// in place (a grid's pixels all lie in the image).
+template <int LH, int LW, typename V>
+DLO_INLINE void input_grids(const float* x, Strides4 xs, const ShortGrids& s, const GridType& type, int64_t g0,
+                            int64_t count, int64_t rows, float* v) {
+  constexpr int PW = GridAxis<LW>::P;
+  alignas(64) float half[LH][PW][kLanes];
+  const int64_t vs = rows * s.c;
+  for (int64_t g = 0; g < count; ++g) {
+    const Tile grid = grid_at(s, type, g0 + g);
+    const float* base = x + grid.n * xs.n + grid.oy0 * xs.h + grid.ox0 * xs.w;
+    for (int64_t c0 = 0; c0 < s.c; c0 += kLanes) {
+      const int lanes = static_cast<int>(std::min<int64_t>(kLanes, s.c - c0));
+      for (int i = 0; i < LH; ++i) {
+        for_lanes<V>(lanes, [&](auto tag, int c) {
+          GridAxis<LW>::template input<typename decltype(tag)::type>(base + i * s.dh * xs.h + c0 + c, s.dw * xs.w,
+                                                                     half[i][0] + c, kLanes);
+        });
+      }
+      float* dst = v + g * s.c + c0;
+      for (int b = 0; b < PW; ++b) {
+        for_lanes<V>(lanes, [&](auto tag, int c) {
+          GridAxis<LH>::template input<typename decltype(tag)::type>(half[0][b] + c, PW * kLanes, dst + b * vs + c,
+                                                                     PW * vs);
+        });
+      }
+    }
+  }
+}
+
+// The output pixels of grids g0 + g, g < count, of one type from the GEMM products mm[p][g][k] (`rows` grids
+// between points), with the epilogue, into a channels-last dense output.
+template <int LH, int LW, typename V>
+DLO_INLINE void output_grids(const float* mm, const ShortGrids& s, const GridType& type, int64_t g0, int64_t count,
+                             int64_t rows, const Epilogue& e, float* out, Strides4 os) {
+  constexpr int PW = GridAxis<LW>::P;
+  alignas(64) float half[LH][PW][kLanes];
+  alignas(64) float y[LH][LW][kLanes];
+  const int64_t ms = rows * s.k;
+  for (int64_t g = 0; g < count; ++g) {
+    const Tile grid = grid_at(s, type, g0 + g);
+    for (int64_t k0 = 0; k0 < s.k; k0 += kLanes) {
+      const int lanes = static_cast<int>(std::min<int64_t>(kLanes, s.k - k0));
+      const float* src = mm + g * s.k + k0;
+      for (int b = 0; b < PW; ++b) {
+        for_lanes<V>(lanes, [&](auto tag, int c) {
+          GridAxis<LH>::template output<typename decltype(tag)::type>(src + b * ms + c, PW * ms, half[0][b] + c,
+                                                                      PW * kLanes);
+        });
+      }
+      for (int i = 0; i < LH; ++i) {
+        for_lanes<V>(lanes, [&](auto tag, int c) {
+          GridAxis<LW>::template output<typename decltype(tag)::type>(half[i][0] + c, kLanes, y[i][0] + c, kLanes);
+        });
+      }
+      for (int i = 0; i < LH; ++i) {
+        const int64_t oy = grid.oy0 + s.dh * i;
+        for (int j = 0; j < LW; ++j) {
+          const int64_t ox = grid.ox0 + s.dw * j;
+          store_pixel<V>(y[i][j], e, grid.n, oy, ox, k0, lanes, out, os);
+        }
+      }
+    }
+  }
+}
+
+// U[first + a * P_w + b][c][k] = (G_h g G_w^T)[a][b] for g = w[k][c], one grid type, input channels [begin, end)
+// (wt as [C_in][3][3][C_out]).
+template <int LH, int LW, typename V>
+DLO_INLINE void weight_grids(const float* wt, int64_t c_in, int64_t k, int64_t first, int64_t begin, int64_t end,
+                             float* u) {
+  constexpr int PH = GridAxis<LH>::P, PW = GridAxis<LW>::P;
+  const int64_t us = c_in * k;
+  for (int64_t c = begin; c < end; ++c) {
+    const float* g = wt + c * 9 * k;
+    for (int64_t k0 = 0; k0 < k; k0 += kLanes) {
+      const int lanes = static_cast<int>(std::min<int64_t>(kLanes, k - k0));
+      for_lanes<V>(lanes, [&](auto tag, int l) {
+        using T = typename decltype(tag)::type;
+        T col[3], hc[PH], h[PH][3], row[PW];
+        for (int j = 0; j < 3; ++j) {
+          for (int i = 0; i < 3; ++i) load(col[i], g + (i * 3 + j) * k + k0 + l);
+          GridAxis<LH>::kernel(col, hc);
+          for (int a = 0; a < PH; ++a) h[a][j] = hc[a];
+        }
+        float* dst = u + (first * c_in + c) * k + k0 + l;
+        for (int a = 0; a < PH; ++a) {
+          GridAxis<LW>::kernel(h[a], row);
+          for (int b = 0; b < PW; ++b) store(dst + (a * PW + b) * us, row[b]);
+        }
+      });
+    }
+  }
+}
+
+// f(Tag<L_h>, Tag<L_w>) for a type's lengths as template arguments.
+template <typename F>
+DLO_INLINE void with_lengths(const GridType& type, const F& f) {
+  const auto w = [&](auto lh) {
+    switch (type.lw) {
+      case 1:
+        return f(lh, std::integral_constant<int, 1>{});
+      case 2:
+        return f(lh, std::integral_constant<int, 2>{});
+      default:
+        return f(lh, std::integral_constant<int, 3>{});
+    }
+  };
+  switch (type.lh) {
+    case 1:
+      return w(std::integral_constant<int, 1>{});
+    case 2:
+      return w(std::integral_constant<int, 2>{});
+    default:
+      return w(std::integral_constant<int, 3>{});
+  }
+}
+
+// Every type's transformed weight in one tensor [points, C_in, C_out], in the order of s.types.
+at::Tensor short_grid_weight_transform(const at::Tensor& weight, const ShortGrids& s) {
+  const int64_t k = weight.size(0), c = weight.size(1);
+  const at::Tensor wt = weight.permute({1, 2, 3, 0}).contiguous();  // [C_in, 3, 3, C_out]
+  at::Tensor u = at::empty({s.points, c, k}, weight.options());
+  const float* wp = wt.const_data_ptr<float>();
+  float* up = u.mutable_data_ptr<float>();
+  const auto isa = kernel_isa();
+  at::parallel_for(0, c, std::max<int64_t>(1, 1024 / k), [&](int64_t begin, int64_t end) {
+    for (const GridType& type : s.types) {
+      with_lengths(type, [&](auto lh, auto lw) {
+        run_isa(
+            isa,
+            [&](int64_t bb, int64_t ee, auto width) {
+              weight_grids<decltype(lh)::value, decltype(lw)::value, typename FloatVec<decltype(width)::value>::type>(
+                  wp, c, k, type.first, bb, ee, up);
+            },
+            begin, end);
+      });
+    }
+  });
+  return u;
+}
+
+// The cache key of a short-grid transform: which types it holds (a bit per (L_h, L_w)), beside the tile sizes.
+int short_grid_key(const ShortGrids& s) {
+  int mask = 0;
+  for (const GridType& type : s.types) mask |= 1 << ((type.lh - 1) * 3 + (type.lw - 1));
+  return 1000 + mask;
+}
+
+// The grids of one type per chunk: the fewest chunks whose V and M keep within the chunk limits (as F(m)'s).
+int64_t short_grid_chunk(const ShortGrids& s, const GridType& type) {
+  const int64_t p = type.points();
+  const int64_t most = std::max<int64_t>(
+      std::min(kChunkBytes / (p * (s.c + s.k)), kChunkBufferBytes / (p * std::max(s.c, s.k))) / int64_t{sizeof(float)},
+      kMinBlockTiles);
+  return ceil_div(type.grids, ceil_div(type.grids, most));
+}
+
+// The GEMMs of one point over a chunk of `rows` grids. Each reads the point's weight (C_in x C_out floats): where
+// that exceeds a core's L2 (1 MB here), one GEMM per point (2048 -> 256 at rate 36 on a 65 x 65 map, 2 threads: 77
+// ms, against 89 ms with each point's rows in two GEMMs and 142 ms on oneDNN); below, at least 16 GEMMs over all
+// points where the rows allow (parts of at least kMinBlockTiles rows), so that the threads share them evenly
+// whatever the point count.
+constexpr int64_t kL2Bytes = 1 << 20;
+int64_t short_grid_parts(int64_t points, int64_t rows, int64_t point_bytes) {
+  if (point_bytes > kL2Bytes) return 1;
+  return std::clamp<int64_t>(ceil_div(16, points), 1, std::max<int64_t>(1, rows / kMinBlockTiles));
+}
+
+// The short-grid convolution: per type, chunks of grids (each chunk's V and M within the chunk limits), each
+// transformed by all threads, multiplied point by point (the GEMMs split over the threads in a partition fixed by
+// the shapes, each on one thread: the same bits for any thread count) and transformed back by all.
+void short_grid_conv(const ShortGrids& s, const float* xp, Strides4 xs, const at::Tensor& u, const Epilogue& e,
+                     float* op, Strides4 os, const at::TensorOptions& options) {
+  const auto isa = kernel_isa();
+  int64_t v_size = 0, m_size = 0;
+  for (const GridType& type : s.types) {
+    v_size = std::max(v_size, type.points() * short_grid_chunk(s, type) * s.c);
+    m_size = std::max(m_size, type.points() * short_grid_chunk(s, type) * s.k);
+  }
+  const at::Tensor vbuf = at::empty({v_size}, options);
+  const at::Tensor mbuf = at::empty({m_size}, options);
+  float* vp = vbuf.mutable_data_ptr<float>();
+  const float* pp = mbuf.const_data_ptr<float>();
+  for (const GridType& type : s.types) {
+    const int64_t chunk = short_grid_chunk(s, type), points = type.points();
+    const at::Tensor ut = u.narrow(0, type.first, points);
+    for (int64_t g0 = 0; g0 < type.grids; g0 += chunk) {
+      const int64_t gc = std::min(chunk, type.grids - g0);
+      with_lengths(type, [&](auto lh, auto lw) {
+        for_sub_blocks(isa, gc, [&](int64_t off, int64_t n, auto width) {
+          input_grids<decltype(lh)::value, decltype(lw)::value, typename FloatVec<decltype(width)::value>::type>(
+              xp, xs, s, type, g0 + off, n, gc, vp + off * s.c);
+        });
+      });
+      const int64_t parts = short_grid_parts(points, gc, s.c * s.k * int64_t{sizeof(float)});
+      const int64_t part_rows = ceil_div(gc, parts);
+      const at::Tensor v = vbuf.narrow(0, 0, points * gc * s.c).view({points, gc, s.c});
+      const at::Tensor m = mbuf.narrow(0, 0, points * gc * s.k).view({points, gc, s.k});
+      at::parallel_for(0, points * parts, 1, [&](int64_t t0, int64_t t1) {
+        for (int64_t t = t0; t < t1; ++t) {
+          const int64_t p = t / parts, r0 = (t % parts) * part_rows;
+          if (r0 >= gc) continue;
+          const int64_t rn = std::min(part_rows, gc - r0);
+          at::Tensor product = m.select(0, p).narrow(0, r0, rn);
+          at::mm_out(product, v.select(0, p).narrow(0, r0, rn), ut.select(0, p));
+        }
+      });
+      with_lengths(type, [&](auto lh, auto lw) {
+        for_sub_blocks(isa, gc, [&](int64_t off, int64_t n, auto width) {
+          output_grids<decltype(lh)::value, decltype(lw)::value, typename FloatVec<decltype(width)::value>::type>(
+              pp + off * s.k, s, type, g0 + off, n, gc, e, op, os);
+        });
+      });
+    }
+  }
+}
+
+// The entries' frame: x and the residual channels-last dense (NCHW ones converted in: one conversion in and one out
+// cost less than the transforms save over oneDNN's NCHW convolution, docs/kernels.md), a channels-last output of
+// [N, C_out, ho, wo], body(x, its strides, the epilogue, out, its strides), the output returned in out_format.
+template <typename F>
+at::Tensor channels_last_call(const at::Tensor& x_, int64_t k, int64_t ho, int64_t wo,
+                              const std::optional<at::Tensor>& bias, const std::optional<at::Tensor>& residual,
+                              bool relu, at::MemoryFormat out_format, const F& body) {
   constexpr auto kCL = at::MemoryFormat::ChannelsLast;
   const at::Tensor x = x_.is_contiguous(kCL) ? x_ : change_layout(x_, kCL);
-  at::Tensor out = at::empty({g.n, g.k, g.ho, g.wo}, x.options().memory_format(kCL));
+  at::Tensor out = at::empty({x.size(0), k, ho, wo}, x.options().memory_format(kCL));
   const at::Tensor b = bias.has_value() && bias->defined() ? bias->contiguous() : at::Tensor();
   const at::Tensor r = !residual.has_value() || !residual->defined() ? at::Tensor()
                        : residual->is_contiguous(kCL)                  ? *residual
                                                                         : change_layout(*residual, kCL);
   const Epilogue e{b.defined() ? b.const_data_ptr<float>() : nullptr, r.defined() ? r.const_data_ptr<float>() : nullptr,
                    r.defined() ? strides_of(r) : Strides4{}, relu};
-  const float* xp = x.const_data_ptr<float>();
-  const Strides4 xs = strides_of(x), os = strides_of(out);
-  float* op = out.mutable_data_ptr<float>();
-  if (static_cast<int64_t>(u.nbytes()) <= kBlockWeightBytes) {
-    winograd_blocks<M>(g, xp, xs, u, e, op, os, x.options());
-  } else {
-    winograd_chunks<M>(g, xp, xs, u, e, op, os, x.options());
-  }
+  body(x.const_data_ptr<float>(), strides_of(x), e, out.mutable_data_ptr<float>(), strides_of(out), x.options());
   return out_format == kCL ? out : change_layout(out, out_format);
+}
+
+template <int M>
+at::Tensor winograd(const at::Tensor& x, const at::Tensor& weight, const std::optional<at::Tensor>& bias,
+                    const std::optional<at::Tensor>& residual, at::IntArrayRef padding, at::IntArrayRef dilation,
+                    bool relu, at::MemoryFormat out_format) {
+  const Geometry g = geometry(x.size(0), x.size(1), x.size(2), x.size(3), weight.size(0), padding, dilation, M);
+  const at::Tensor u = cached_weight_transform<M>(weight);
+  return channels_last_call(x, g.k, g.ho, g.wo, bias, residual, relu, out_format,
+                            [&](const float* xp, Strides4 xs, const Epilogue& e, float* op, Strides4 os,
+                                const at::TensorOptions& options) {
+                              if (static_cast<int64_t>(u.nbytes()) <= kBlockWeightBytes) {
+                                winograd_blocks<M>(g, xp, xs, u, e, op, os, options);
+                              } else {
+                                winograd_chunks<M>(g, xp, xs, u, e, op, os, options);
+                              }
+                            });
+}
+
+// The short-grid convolution's entry (winograd_plan's 1), as winograd<M> for tiles.
+at::Tensor short_grid_winograd(const at::Tensor& x, const at::Tensor& weight, const std::optional<at::Tensor>& bias,
+                               const std::optional<at::Tensor>& residual, at::IntArrayRef padding,
+                               at::IntArrayRef dilation, bool relu, at::MemoryFormat out_format) {
+  TORCH_CHECK(short_grids_apply(x.size(2), x.size(3), padding, dilation),
+              "deeplab_ops: the short-grid convolution needs padding == dilation and a map at most 3 dilations across");
+  const ShortGrids s = short_grids(x.size(0), x.size(1), x.size(2), x.size(3), weight.size(0), dilation);
+  const at::Tensor u =
+      kept_or_built(weight, short_grid_key(s), [&](const at::Tensor& w) { return short_grid_weight_transform(w, s); });
+  return channels_last_call(x, s.k, s.h, s.w, bias, residual, relu, out_format,
+                            [&](const float* xp, Strides4 xs, const Epilogue& e, float* op, Strides4 os,
+                                const at::TensorOptions& options) { short_grid_conv(s, xp, xs, u, e, op, os, options); });
+}
+
+// A GEMM's read of one point of a transformed weight (C_in x C_out floats), in GEMM rows of products: about 30 rows
+// where the point exceeds a core's L2 (1 MB on this project's Xeon; a 2048 x 256 point is 2 MB, and a call's points
+// together 18-128 MB), proportionally less for smaller points.
+double short_grid_reads(int64_t point_bytes) {
+  constexpr double kRows = 30.0;
+  return kRows * std::min(1.0, static_cast<double>(point_bytes) / static_cast<double>(kL2Bytes));
+}
+
+// F(m x m)'s work as short grids count theirs (products, the per-call transform where the weight is not kept, and
+// each GEMM's read of its point of U: once per chunk, or per block of tiles where U fits beside them).
+double tile_work_with_reads(const at::Tensor& x, const at::Tensor& weight, at::IntArrayRef padding,
+                            at::IntArrayRef dilation, int m, double transform) {
+  const int64_t a2 = (m + 2) * (m + 2), c = x.size(1), k = weight.size(0);
+  const Geometry g = geometry(x.size(0), c, x.size(2), x.size(3), k, padding, dilation, m);
+  const int64_t tiles = g.tiles(), point_bytes = c * k * int64_t{sizeof(float)};
+  int64_t gemms;
+  if (a2 * point_bytes > kBlockWeightBytes) {
+    const int64_t most = std::max<int64_t>(
+        std::min(kChunkBytes / (a2 * (c + k)), kChunkBufferBytes / (a2 * std::max(c, k))) / int64_t{sizeof(float)},
+        kMinBlockTiles);
+    gemms = ceil_div(tiles, most);
+  } else {
+    int64_t block =
+        std::clamp<int64_t>(kBlockBytes / (a2 * (c + k) * int64_t{sizeof(float)}), kMinBlockTiles, kMaxBlockTiles);
+    block = std::min(block, std::max(kMinSplitTiles, ceil_div(tiles, kParallelBlocks)));
+    gemms = ceil_div(tiles, block);
+  }
+  return (static_cast<double>(tiles) + transform + short_grid_reads(point_bytes) * static_cast<double>(gemms)) *
+         static_cast<double>(a2);
 }
 
 // $DEEPLAB_OPS_CPU_WINOGRAD, read per call (a getenv beside a convolution): unset, "" or "1" on, "0" off; any
@@ -751,6 +1177,33 @@ int winograd_plan(const at::Tensor& x, const at::Tensor& weight, at::IntArrayRef
       best = m, best_work = work;
     }
   }
+  // Short grids (a map at most three dilations across, padding == dilation): each grid whole. Their GEMMs have few
+  // rows per point where the map is small, so the cost counts, beside the products, each GEMM's read of its point of
+  // the transformed weight (short_grid_reads); measured against oneDNN (2048 -> 256, batch 1, channels-last, kept
+  // weights): 0.70x its time at rate 18 on 33 x 33 maps (work 0.70 of direct's by this count), 0.68x at rate 24 on
+  // 65 x 65 (0.61), 0.66x at rate 36 (0.62), 0.93x at rate 12 on 33 x 33 (0.86; F(3x3) tiles 0.70x, 0.77 by the same
+  // count, so they run), 1.5x at rate 6 on 17 x 17 (1.78).
+  if (short_grids_apply(x.size(2), x.size(3), padding, dilation)) {
+    const ShortGrids s = short_grids(x.size(0), x.size(1), x.size(2), x.size(3), weight.size(0), dilation);
+    const int64_t point_bytes = x.size(1) * weight.size(0) * int64_t{sizeof(float)};
+    const int64_t u_bytes = s.points * point_bytes;
+    if (u_bytes <= kMaxWeightBytes) {
+      const double reads = short_grid_reads(point_bytes);
+      const double transform = kept ? 0.0 : (u_bytes > kMappedBytes ? kTransformCostMapped : kTransformCost);
+      double work = 0.0;
+      for (const GridType& type : s.types) {
+        const int64_t chunk = short_grid_chunk(s, type);
+        const double gemms =
+            static_cast<double>(ceil_div(type.grids, chunk) * short_grid_parts(type.points(), chunk, point_bytes));
+        work += (static_cast<double>(type.grids) + transform + reads * gemms) * type.points();
+      }
+      // Channels enough for F(4x4)'s weight to run in chunks (about 300 each way), as for tiles: with fewer, the
+      // transforms are a larger part (256 -> 256 at rate 12 on a 33 x 33 map: 1.19x oneDNN's time, 2 threads).
+      const double ratio = 36 * point_bytes > kBlockWeightBytes ? kMaxShortGridRatio : kMaxWorkRatio;
+      const double tiles = best == 0 ? 0.0 : tile_work_with_reads(x, weight, padding, dilation, best, transform);
+      if (work < ratio * direct && (best == 0 || work < tiles)) best = 1;
+    }
+  }
   return best;
 }
 
@@ -764,8 +1217,10 @@ at::Tensor winograd_conv3x3(const at::Tensor& x, const at::Tensor& weight, const
       return winograd<3>(x, weight, bias, residual, padding, dilation, relu, out_format);
     case 2:
       return winograd<2>(x, weight, bias, residual, padding, dilation, relu, out_format);
+    case 1:
+      return short_grid_winograd(x, weight, bias, residual, padding, dilation, relu, out_format);
     default:
-      TORCH_CHECK(false, "deeplab_ops: Winograd tile size must be 4, 3 or 2, got ", m);
+      TORCH_CHECK(false, "deeplab_ops: Winograd tile size must be 4, 3 or 2 (or 1: short grids), got ", m);
   }
 }
 

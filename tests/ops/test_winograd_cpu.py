@@ -109,13 +109,19 @@ def _plan(n, c, k, h, w, padding, dilation, stride=(1, 1), kept=True):
     "case,tile",
     [*zip(WINOGRAD_CASES, WINOGRAD_TILES, strict=True),
      # DeepLabV3's layers on a 513 x 513 crop: F(4x4) on dense maps; F(3x3) where the dilation splits a 33 x 33 or
-     # 65 x 65 map into grids of 9, 6 or 3 pixels (layer4 at dilation 4, the ASPP's rates 6 and 12); oneDNN where the
-     # grids are mostly padding (rate 18 on 33 x 33, 24 and 36 on 65 x 65)
+     # 65 x 65 map into grids of 9, 6 or 3 pixels (layer4 at dilation 4, the ASPP's rates 6 and 12); short grids
+     # (1) where the grids are at most 3 pixels and mostly padding for tiles (rate 18 on 33 x 33, 24 and 36 on
+     # 65 x 65)
      ((1, 256, 256, 33, 33, (1, 1), (1, 1)), 4), ((1, 512, 512, 33, 33, (2, 2), (2, 2)), 4),
      ((1, 512, 512, 33, 33, (4, 4), (4, 4)), 3), ((1, 2048, 256, 33, 33, (6, 6), (6, 6)), 3),
      ((1, 2048, 256, 33, 33, (12, 12), (12, 12)), 3), ((1, 2048, 256, 65, 65, (12, 12), (12, 12)), 3),
-     ((1, 2048, 256, 33, 33, (18, 18), (18, 18)), 0), ((1, 2048, 256, 65, 65, (24, 24), (24, 24)), 0),
-     ((1, 2048, 256, 65, 65, (36, 36), (36, 36)), 0)],
+     ((1, 2048, 256, 33, 33, (18, 18), (18, 18)), 1), ((1, 2048, 256, 65, 65, (24, 24), (24, 24)), 1),
+     ((1, 2048, 256, 65, 65, (36, 36), (36, 36)), 1), ((2, 2048, 256, 33, 33, (18, 18), (18, 18)), 1),
+     # short grids declined: grids of 2 and 1 pixels where most are 1 (rate 24 on 33 x 33, rate 12 on 17 x 17: the
+     # GEMMs' weight reads outweigh the products saved), 256 channels (the transforms' share too large), padding
+     # other than the dilation (the grids are not whole convolutions with padding 1)
+     ((1, 2048, 256, 33, 33, (24, 24), (24, 24)), 0), ((1, 2048, 256, 17, 17, (12, 12), (12, 12)), 0),
+     ((1, 256, 256, 33, 33, (12, 12), (12, 12)), 0), ((1, 300, 300, 33, 33, (18, 17), (18, 18)), 0)],
     ids=str,
 )
 def test_plan_picks_the_tile_size_with_the_fewest_products(case, tile):
@@ -191,6 +197,82 @@ def test_large_weights_run_in_chunks(case, layout):
     assert out.is_contiguous(memory_format=layout)
     ref = F.relu(F.conv2d(x.double(), weight.double(), bias.double(), 1, padding, dilation) + residual.double())
     _close(out, ref, f"chunked {case}")
+
+
+# Short grids (plan 1): maps at most three dilations across, padding = dilation, channels enough to pay (about 300
+# each way). (N, C_in, C_out, H, W, padding = dilation): grids of 2 and 1 pixels both ways (the ASPP's rate 18 on a
+# 33 x 33 map), of 3 and 2 (rate 24 on 65 x 65), 3 / 2 one way and 2 / 1 the other, 3 only one way, every grid 3
+# (F(3x3)'s products, which F(3x3) runs only with more channels), odd channel counts, batches.
+SHORT_GRID_CASES = [
+    (1, 301, 297, 33, 33, (18, 18)),
+    (1, 320, 288, 26, 26, (10, 10)),
+    (1, 320, 288, 26, 33, (10, 18)),
+    (2, 300, 300, 20, 33, (7, 18)),
+    (2, 320, 296, 23, 17, (8, 9)),
+    (1, 300, 300, 30, 30, (10, 10)),
+    (3, 300, 300, 13, 13, (7, 7)),
+]
+
+
+def _short_grid_inputs(case, layout=CL, seed=0):
+    n, cin, cout, h, w, dil = case
+    torch.manual_seed(seed)
+    x = torch.randn(n, cin, h, w).contiguous(memory_format=layout)
+    weight = _kept(torch.randn(cout, cin, 3, 3) / (3 * cin**0.5))
+    return x, weight, dil
+
+
+@pytest.mark.parametrize("layout", [CL, torch.contiguous_format], ids=["nhwc", "nchw"])
+@pytest.mark.parametrize("case", SHORT_GRID_CASES, ids=str)
+@pytest.mark.parametrize("epilogue", ["bias", "bias+residual+relu"])
+def test_short_grids_match_float64(case, epilogue, layout):
+    """Each dilation phase grid computed whole: 3 products per 2 pixels along an axis where direct convolution does
+    4 (a 2 x 2 Toeplitz product), F(3, 3) on 3-pixel grids, the centre tap on 1-pixel ones (docs/kernels.md)."""
+    x, weight, dil = _short_grid_inputs(case, layout)
+    assert _ops.winograd_plan(x, weight, (1, 1), dil, dil) == 1
+    bias = torch.randn(weight.shape[0])
+    ref = F.conv2d(x.double(), weight.double(), bias.double(), 1, dil, dil)
+    residual = None
+    if "residual" in epilogue:
+        residual = torch.randn(ref.shape).contiguous(memory_format=layout)
+        ref = F.relu(ref + residual.double())
+    relu = "relu" in epilogue
+    out, names = _ran(lambda: _ops.conv_bias_act(x, weight, bias, residual, (1, 1), dil, dil, relu))
+    assert _used_winograd(names), sorted(names)
+    assert out.shape == ref.shape and out.is_contiguous(memory_format=layout)
+    _close(out, ref, f"short grids {case} {epilogue}")
+
+
+def test_short_grids_give_the_same_bits_for_any_thread_count_and_keep_their_transform():
+    x, weight, dil = _short_grid_inputs((2, 300, 300, 20, 33, (7, 18)), seed=4)
+    bias = torch.randn(300)
+    before = _ops.winograd_cache_info()
+    threads = torch.get_num_threads()
+    results = []
+    try:
+        for n in (1, 2, 3):
+            torch.set_num_threads(n)
+            results.append(_ops.conv_bias_act(x, weight, bias, None, (1, 1), dil, dil, True))
+    finally:
+        torch.set_num_threads(threads)
+    for out in results[1:]:
+        assert torch.equal(out, results[0])
+    after = _ops.winograd_cache_info()
+    assert after[2] - before[2] == 2 and after[3] - before[3] == 1  # transformed once, found twice
+
+
+def test_short_grids_spread_non_finite_inputs_over_their_grid_only():
+    # A NaN reaches every output it reaches in the direct convolution (its dilated 3 x 3 neighbourhood, all in its
+    # own phase grid), and through the transforms at most the rest of that grid; every other output is exact.
+    x, weight, dil = _short_grid_inputs((1, 300, 300, 26, 26, (10, 10)), seed=5)
+    x[0, 7, 4, 13] = float("nan")
+    out = _ops.conv_bias_act(x, weight, torch.zeros(300), None, (1, 1), dil, dil, False)
+    ref = F.conv2d(x.double(), weight.double(), None, 1, dil, dil)
+    assert not out[~ref.isfinite()].isfinite().any()
+    grid = torch.zeros(26, 26, dtype=torch.bool)
+    grid[4::10, 3::10] = True  # the NaN's phase grid: rows 4, 14, 24; columns 3, 13, 23
+    assert out[:, :, ~grid].isfinite().all()
+    _close(out[:, :, ~grid], ref[:, :, ~grid], "outside the NaN's grid")
 
 
 @pytest.mark.parametrize("relu", [False, True])
