@@ -78,10 +78,15 @@ def conv_bias_act(
     padding: list[int], dilation: list[int], relu: bool,
 ) -> Tensor:
     """act(conv2d(x, weight, bias) [+ residual]) in one launch, in x's memory format. With no bias, residual or
-    ReLU it is the training forward's conv_out (same kernel, same tiles; accumulation order may differ only by
-    configuration)."""
+    ReLU it is the training forward's conv_out, computed by the training forward's own kernel specialization and
+    configuration (its per-tile statistics computed and dropped): the memory-efficient backward's recompute gives
+    the forward's conv_out bit for bit and compiles no kernel variant of its own (a DeepLabV3-R50 step's six)."""
     check_device(x)
     geo, out_hw = _geometry(x, weight, stride, padding, dilation)
+    if bias is None and residual is None and not relu:
+        y, _, _ = conv_forward(to_nhwc(x), conv_weight(weight), geo, out_hw, training=True,
+                               stat_dtype=opmath_dtype(x.dtype))
+        return from_nhwc(y, suggest_memory_format(x))
     res = to_nhwc(residual) if residual is not None else None
     _, out, _ = conv_forward(to_nhwc(x), conv_weight(weight), geo, out_hw, training=False,
                              stat_dtype=opmath_dtype(x.dtype), bias=bias, residual=res, relu=relu, store_y=False)

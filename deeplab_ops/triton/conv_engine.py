@@ -629,7 +629,8 @@ def conv_forward(
         rm = rv = gamma = hyper = save_mean = save_invstd = dummy
     meta = dict(KH=kh, KW=kw, TRAINING=training, EVAL_BN=eval_bn is not None,
                 HAS_GAMMA=eval_bn is not None and gamma is not None, HAS_BIAS=bias is not None,
-                STORE_Y=training or store_y, HAS_RES=residual is not None, RELU=relu, COUNT_PAIRS=pairs is not None,
+                STORE_Y=training or store_y, HAS_RES=residual is not None, RELU=relu and not training,
+                COUNT_PAIRS=pairs is not None,
                 ACC_DTYPE=acc_dtype(x.dtype), DOT_PRECISION=dot_precision(x.dtype, x.device))
 
     def run(cfg):
