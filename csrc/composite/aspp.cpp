@@ -137,8 +137,8 @@ aspp_forward(const at::Tensor& x, at::TensorList conv_weights, const at::Tensor&
   // place. The convolution takes the weight slice as a strided view.
   const at::Tensor w_main = project_weight.narrow(1, 0, bc);
   const at::Tensor w_pool = project_weight.narrow(1, bc, g.c).reshape({g.c, g.c});
-  at::Tensor proj = at::convolution(z_cat, w_main, std::nullopt, {1, 1}, {0, 0}, {1, 1}, false, {0, 0}, 1)
-                        .contiguous(mf);
+  at::Tensor proj =
+      change_layout(at::convolution(z_cat, w_main, std::nullopt, {1, 1}, {0, 0}, {1, 1}, false, {0, 0}, 1), mf);
   proj.add_(at::mm(z_p.view({g.n, g.c}), w_pool.t()).view({g.n, g.c, 1, 1}));
   const int64_t po = bc + g.c;
   if (training) training_stats({training_block(proj, hw_count, po, g.c)}, group, momentum, eps);
@@ -160,7 +160,7 @@ std::tuple<at::Tensor, std::vector<at::Tensor>, at::Tensor, at::Tensor, at::Tens
   const at::Tensor mean_b = block(save_mean, 0, bc), invstd_b = block(save_invstd, 0, bc);
   const at::Tensor mean_p = block(save_mean, bc, g.c), invstd_p = block(save_invstd, bc, g.c);
   const at::Tensor mean_o = block(save_mean, po, g.c), invstd_o = block(save_invstd, po, g.c);
-  const at::Tensor g_out = grad_out.contiguous(mf);
+  const at::Tensor g_out = change_layout(grad_out, mf);
   // With a group, each BN's input gradient uses the group's sums and count (bn_backward_dy with count 1 on the
   // all-reduced means); grad_bn_weight / grad_bn_bias stay this process's sums (DDP averages them).
   const auto group = bn_group(group_name, training);
@@ -186,15 +186,15 @@ std::tuple<at::Tensor, std::vector<at::Tensor>, at::Tensor, at::Tensor, at::Tens
   const at::Tensor w_pool = project_weight.narrow(1, bc, g.c).reshape({g.c, g.c});
   auto proj_grads = at::convolution_backward(dy_o, z_cat, w_main, std::nullopt, {1, 1}, {0, 0}, {1, 1}, false, {0, 0},
                                              1, {true, output_mask[1], false});
-  const at::Tensor dz_cat = std::get<0>(proj_grads).contiguous(mf);
+  const at::Tensor dz_cat = change_layout(std::get<0>(proj_grads), mf);
   const at::Tensor dbias = dy_o.sum({2, 3});  // (N, C): the pooling branch's share, summed over H x W
   const at::Tensor dz_p = at::mm(dbias, w_pool).view({g.n, g.c, 1, 1});
   at::Tensor grad_project_weight;
   if (output_mask[1]) {
     // One copy: the weight gradient is one tensor, its two parts come from two products.
     const at::Tensor dw_pool = at::mm(dbias.t(), z_p.view({g.n, g.c}));
-    grad_project_weight = at::cat({std::get<1>(proj_grads), dw_pool.view({g.c, g.c, 1, 1})}, 1)
-                              .contiguous(project_weight.suggest_memory_format());
+    grad_project_weight = change_layout(at::cat({std::get<1>(proj_grads), dw_pool.view({g.c, g.c, 1, 1})}, 1),
+                                        project_weight.suggest_memory_format());
   }
 
   // Pooling branch BN (over the batch) and the conv branches' BN (all branches in one pass).
@@ -227,7 +227,7 @@ std::tuple<at::Tensor, std::vector<at::Tensor>, at::Tensor, at::Tensor, at::Tens
                                       &x_cl);
       if (output_mask[0]) {
         if (b == 0) {
-          grad_x = gx.contiguous(mf);
+          grad_x = change_layout(gx, mf);
         } else {
           grad_x.add_(gx);
         }

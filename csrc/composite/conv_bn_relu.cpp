@@ -77,7 +77,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> conv_bn_r
     std::optional<c10::string_view> group_name) {
   check_backward_args(grad_out_, out, conv_out, save_mean, save_invstd);
   const auto mf = conv_out.suggest_memory_format();
-  const at::Tensor grad_out = grad_out_.contiguous(mf);
+  const at::Tensor grad_out = change_layout(grad_out_, mf);
   const bool need_dy = output_mask[0] || output_mask[1];
   at::Tensor sum_g, sum_gx;
   if ((training && need_dy) || output_mask[2] || output_mask[3]) {
