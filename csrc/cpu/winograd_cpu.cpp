@@ -666,8 +666,10 @@ void winograd_chunks(const Geometry& g, const float* xp, Strides4 xs, const at::
     for_sub_blocks(isa, tc, [&](int64_t off, int64_t n, auto width) {
       input_tiles<M, typename FloatVec<decltype(width)::value>::type>(xp, xs, g, t0 + off, n, chunk, vp + off * g.c);
     });
-    // The (m + 2)^2 GEMMs split over the threads, each on one (as in the blocks): the same bits for any thread
-    // count, which MKL's own threading of one bmm would not promise.
+    // The (m + 2)^2 GEMMs split over the threads, each on one (as in the blocks): the same bits for any number of
+    // threads from 2, which MKL's own threading of one bmm would not promise. One thread runs them outside a
+    // parallel region, where MKL rounds GEMMs with thousands of products per output differently (2048 -> 256
+    // channels: outputs 1.2e-5 apart between 1 and 2 threads; 300 -> 300 the same bits).
     at::parallel_for(0, A * A, 1, [&](int64_t x0, int64_t x1) {
       for (int64_t xi = x0; xi < x1; ++xi) {
         at::Tensor product = mbuf.select(0, xi).narrow(0, 0, tc);
@@ -993,14 +995,21 @@ int64_t short_grid_chunk(const ShortGrids& s, const GridType& type) {
 // points where the rows allow (parts of at least kMinBlockTiles rows), so that the threads share them evenly
 // whatever the point count.
 constexpr int64_t kL2Bytes = 1 << 20;
+// Never a single GEMM where there are two rows: ATen runs a one-task parallel_for on the calling thread, outside any
+// parallel region, where MKL splits the GEMM over its own threads and the bits follow the thread count (a 1 x 1 grid
+// type of 2048 -> 256 channels at rate 18: outputs 7e-7 apart between 2 and 3 threads).
 int64_t short_grid_parts(int64_t points, int64_t rows, int64_t point_bytes) {
-  if (point_bytes > kL2Bytes) return 1;
-  return std::clamp<int64_t>(ceil_div(16, points), 1, std::max<int64_t>(1, rows / kMinBlockTiles));
+  const int64_t parts = point_bytes > kL2Bytes
+                            ? 1
+                            : std::clamp<int64_t>(ceil_div(16, points), 1, std::max<int64_t>(1, rows / kMinBlockTiles));
+  return points * parts < 2 && rows >= 2 ? 2 : parts;
 }
 
 // The short-grid convolution: per type, chunks of grids (each chunk's V and M within the chunk limits), each
 // transformed by all threads, multiplied point by point (the GEMMs split over the threads in a partition fixed by
-// the shapes, each on one thread: the same bits for any thread count) and transformed back by all.
+// the shapes, each on one thread: the same bits for any number of threads from 2; one thread runs them outside a
+// parallel region, where MKL's GEMMs with thousands of products per output round differently, as F(m)'s chunks)
+// and transformed back by all.
 void short_grid_conv(const ShortGrids& s, const float* xp, Strides4 xs, const at::Tensor& u, const Epilogue& e,
                      float* op, Strides4 os, const at::TensorOptions& options) {
   const auto isa = kernel_isa();
@@ -1026,15 +1035,23 @@ void short_grid_conv(const ShortGrids& s, const float* xp, Strides4 xs, const at
       });
       const int64_t parts = short_grid_parts(points, gc, s.c * s.k * int64_t{sizeof(float)});
       const int64_t part_rows = ceil_div(gc, parts);
+      // ... nor where there is one row (one grid of a one-point type): its columns in two GEMMs then
+      const int64_t col_parts = points * parts < 2 && s.k >= 2 ? 2 : 1, part_cols = ceil_div(s.k, col_parts);
       const at::Tensor v = vbuf.narrow(0, 0, points * gc * s.c).view({points, gc, s.c});
       const at::Tensor m = mbuf.narrow(0, 0, points * gc * s.k).view({points, gc, s.k});
-      at::parallel_for(0, points * parts, 1, [&](int64_t t0, int64_t t1) {
+      at::parallel_for(0, points * parts * col_parts, 1, [&](int64_t t0, int64_t t1) {
         for (int64_t t = t0; t < t1; ++t) {
-          const int64_t p = t / parts, r0 = (t % parts) * part_rows;
+          const int64_t p = t / (parts * col_parts), r0 = (t / col_parts % parts) * part_rows;
+          const int64_t k0 = t % col_parts * part_cols;
           if (r0 >= gc) continue;
-          const int64_t rn = std::min(part_rows, gc - r0);
-          at::Tensor product = m.select(0, p).narrow(0, r0, rn);
-          at::mm_out(product, v.select(0, p).narrow(0, r0, rn), ut.select(0, p));
+          const int64_t rn = std::min(part_rows, gc - r0), kn = std::min(part_cols, s.k - k0);
+          if (col_parts == 1) {
+            at::Tensor product = m.select(0, p).narrow(0, r0, rn);
+            at::mm_out(product, v.select(0, p).narrow(0, r0, rn), ut.select(0, p));
+          } else {
+            m.select(0, p).narrow(0, r0, rn).narrow(1, k0, kn).copy_(
+                at::mm(v.select(0, p).narrow(0, r0, rn), ut.select(0, p).narrow(1, k0, kn)));
+          }
         }
       });
       with_lengths(type, [&](auto lh, auto lw) {

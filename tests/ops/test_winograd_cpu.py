@@ -261,6 +261,28 @@ def test_short_grids_give_the_same_bits_for_any_thread_count_and_keep_their_tran
     assert after[2] - before[2] == 2 and after[3] - before[3] == 1  # transformed once, found twice
 
 
+def test_short_grids_with_large_weights_give_the_same_bits_from_two_threads_up():
+    """ASPP-sized weights (2 MB per transformed point): each point one GEMM, and a one-point type (the 1 x 1 grids
+    of rate 18 on a 33 x 33 map) split in two, so that every GEMM runs on one thread inside the parallel region
+    (one GEMM alone ran on MKL's threads: bits that followed the thread count)."""
+    torch.manual_seed(6)
+    x = torch.randn(1, 2048, 33, 33).contiguous(memory_format=CL)
+    weight = _kept(torch.randn(256, 2048, 3, 3) / 136)
+    bias = torch.randn(256)
+    assert _ops.winograd_plan(x, weight, (1, 1), (18, 18), (18, 18)) == 1
+    threads = torch.get_num_threads()
+    results = []
+    try:
+        for n in (2, 3):
+            torch.set_num_threads(n)
+            results.append(_ops.conv_bias_act(x, weight, bias, None, (1, 1), (18, 18), (18, 18), False))
+    finally:
+        torch.set_num_threads(threads)
+    assert torch.equal(results[0], results[1])
+    ref = F.conv2d(x.double(), weight.double(), bias.double(), 1, 18, 18)
+    _close(results[0], ref, "2048 -> 256 at rate 18")
+
+
 def test_short_grids_spread_non_finite_inputs_over_their_grid_only():
     # A NaN reaches every output it reaches in the direct convolution (its dilated 3 x 3 neighbourhood, all in its
     # own phase grid), and through the transforms at most the rest of that grid; every other output is exact.
