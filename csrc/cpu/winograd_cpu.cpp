@@ -601,6 +601,27 @@ void for_sub_blocks(cpu_isa::Isa isa, int64_t tiles, const F& f) {
   });
 }
 
+// Tiles per block of winograd_blocks for `points` transformed elements and C_in + C_out = `channels`: V and M of a
+// block within kBlockBytes, and at least kParallelBlocks blocks where the tiles allow, whatever the thread count:
+// the blocks (so the GEMMs' shapes, so the bits) do not depend on it.
+int64_t block_tiles(int64_t points, int64_t c, int64_t k, int64_t tiles) {
+  const int64_t block = std::clamp<int64_t>(kBlockBytes / (points * (c + k) * int64_t{sizeof(float)}),
+                                            kMinBlockTiles, kMaxBlockTiles);
+  return std::min(block, std::max(kMinSplitTiles, ceil_div(tiles, kParallelBlocks)));
+}
+
+// Rows (tiles or grids) per chunk of `rows` for `points` transformed elements: the fewest chunks of at most the rows
+// whose V and M keep within kChunkBytes together and kChunkBufferBytes each (at least kMinBlockTiles rows), each of
+// the returned size but the last, which is up to one row short per chunk (3104 tiles, at most 341 a chunk: nine
+// chunks of 311, one of 305). Over about 6800 channels on one side (m = 4) the buffers exceed kChunkBufferBytes.
+int64_t chunk_rows(int64_t points, int64_t c, int64_t k, int64_t rows) {
+  const int64_t most = std::max<int64_t>(
+      std::min(kChunkBytes / (points * (c + k)), kChunkBufferBytes / (points * std::max(c, k))) /
+          int64_t{sizeof(float)},
+      kMinBlockTiles);
+  return ceil_div(rows, ceil_div(rows, most));
+}
+
 // The transformed weight u fits beside every thread's blocks in cache: blocks of tiles, each transformed,
 // multiplied and transformed back by one thread while its V and M stay in that core's cache (inside the parallel
 // region ATen's bmm and MKL run on the calling thread).
@@ -610,11 +631,7 @@ void winograd_blocks(const Geometry& g, const float* xp, Strides4 xs, const at::
   constexpr int A = Transform<M>::A;
   const int64_t tiles = g.tiles();
   const auto isa = kernel_isa();
-  int64_t block = std::clamp<int64_t>(kBlockBytes / (A * A * (g.c + g.k) * int64_t{sizeof(float)}), kMinBlockTiles,
-                                      kMaxBlockTiles);
-  // At least kParallelBlocks blocks where the tiles allow, whatever the thread count: the blocks (so the GEMMs'
-  // shapes, so the bits) do not depend on it.
-  block = std::min(block, std::max(kMinSplitTiles, ceil_div(tiles, kParallelBlocks)));
+  const int64_t block = block_tiles(A * A, g.c, g.k, tiles);
   const int64_t blocks = ceil_div(tiles, block);
   at::parallel_for(0, blocks, 1, [&](int64_t b0, int64_t b1) {
     at::Tensor vbuf = at::empty({A * A * block * g.c}, options);
@@ -649,14 +666,7 @@ void winograd_chunks(const Geometry& g, const float* xp, Strides4 xs, const at::
   constexpr int A = Transform<M>::A;
   const int64_t tiles = g.tiles();
   const auto isa = kernel_isa();
-  const int64_t most = std::max<int64_t>(
-      std::min(kChunkBytes / (A * A * (g.c + g.k)), kChunkBufferBytes / (A * A * std::max(g.c, g.k))) /
-          int64_t{sizeof(float)},
-      kMinBlockTiles);
-  // The fewest chunks of at most `most` tiles, each of `chunk` tiles but the last, which is up to one tile short per
-  // chunk (3104 tiles, at most 341 a chunk: nine chunks of 311, one of 305). V and M stay under kChunkBufferBytes where
-  // kMinBlockTiles tiles allow it: over about 6800 channels on one side (m = 4) they do not.
-  const int64_t chunk = ceil_div(tiles, ceil_div(tiles, most));
+  const int64_t chunk = chunk_rows(A * A, g.c, g.k, tiles);
   const at::Tensor vbuf = at::empty({A * A, chunk, g.c}, options);
   const at::Tensor mbuf = at::empty({A * A, chunk, g.k}, options);
   float* vp = vbuf.mutable_data_ptr<float>();
@@ -980,13 +990,9 @@ int short_grid_key(const ShortGrids& s) {
   return 1000 + mask;
 }
 
-// The grids of one type per chunk: the fewest chunks whose V and M keep within the chunk limits (as F(m)'s).
+// The grids of one type per chunk (chunk_rows, as F(m)'s tiles).
 int64_t short_grid_chunk(const ShortGrids& s, const GridType& type) {
-  const int64_t p = type.points();
-  const int64_t most = std::max<int64_t>(
-      std::min(kChunkBytes / (p * (s.c + s.k)), kChunkBufferBytes / (p * std::max(s.c, s.k))) / int64_t{sizeof(float)},
-      kMinBlockTiles);
-  return ceil_div(type.grids, ceil_div(type.grids, most));
+  return chunk_rows(type.points(), s.c, s.k, type.grids);
 }
 
 // The GEMMs of one point over a chunk of `rows` grids. Each reads the point's weight (C_in x C_out floats): where
@@ -1130,18 +1136,9 @@ double tile_work_with_reads(const at::Tensor& x, const at::Tensor& weight, at::I
   const int64_t a2 = (m + 2) * (m + 2), c = x.size(1), k = weight.size(0);
   const Geometry g = geometry(x.size(0), c, x.size(2), x.size(3), k, padding, dilation, m);
   const int64_t tiles = g.tiles(), point_bytes = c * k * int64_t{sizeof(float)};
-  int64_t gemms;
-  if (a2 * point_bytes > kBlockWeightBytes) {
-    const int64_t most = std::max<int64_t>(
-        std::min(kChunkBytes / (a2 * (c + k)), kChunkBufferBytes / (a2 * std::max(c, k))) / int64_t{sizeof(float)},
-        kMinBlockTiles);
-    gemms = ceil_div(tiles, most);
-  } else {
-    int64_t block =
-        std::clamp<int64_t>(kBlockBytes / (a2 * (c + k) * int64_t{sizeof(float)}), kMinBlockTiles, kMaxBlockTiles);
-    block = std::min(block, std::max(kMinSplitTiles, ceil_div(tiles, kParallelBlocks)));
-    gemms = ceil_div(tiles, block);
-  }
+  // as winograd<M> runs them: chunks or blocks
+  const int64_t gemms = ceil_div(tiles, a2 * point_bytes > kBlockWeightBytes ? chunk_rows(a2, c, k, tiles)
+                                                                            : block_tiles(a2, c, k, tiles));
   return (static_cast<double>(tiles) + transform + short_grid_reads(point_bytes) * static_cast<double>(gemms)) *
          static_cast<double>(a2);
 }

@@ -83,13 +83,13 @@ def conv_bias_act(
     the forward's conv_out bit for bit and compiles no kernel variant of its own (a DeepLabV3-R50 step's six)."""
     check_device(x)
     geo, out_hw = _geometry(x, weight, stride, padding, dilation)
+    xh, w, stat = to_nhwc(x), conv_weight(weight), opmath_dtype(x.dtype)
     if bias is None and residual is None and not relu:
-        y, _, _ = conv_forward(to_nhwc(x), conv_weight(weight), geo, out_hw, training=True,
-                               stat_dtype=opmath_dtype(x.dtype))
+        y, _, _ = conv_forward(xh, w, geo, out_hw, training=True, stat_dtype=stat)
         return from_nhwc(y, suggest_memory_format(x))
     res = to_nhwc(residual) if residual is not None else None
-    _, out, _ = conv_forward(to_nhwc(x), conv_weight(weight), geo, out_hw, training=False,
-                             stat_dtype=opmath_dtype(x.dtype), bias=bias, residual=res, relu=relu, store_y=False)
+    _, out, _ = conv_forward(xh, w, geo, out_hw, training=False, stat_dtype=stat, bias=bias, residual=res, relu=relu,
+                             store_y=False)
     return from_nhwc(out, suggest_memory_format(x))
 
 
