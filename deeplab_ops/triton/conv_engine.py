@@ -489,6 +489,13 @@ MMA_SHAPE.update({_conv_fwd_kernel: _pix_mkn, _conv_dgrad_kernel: _pix_mkn,
 # float64 multiplies through `_mma`'s broadcast product, held in registers: only tiles whose M*K*N product
 # stays this small are kept (the smallest configuration of every list).
 FP64_MAX_PRODUCT = 16 * 16 * 16
+# float32 without TF32 ("ieee") multiplies on the FMA units, operand slices and accumulator in registers: larger
+# tiles spilled 0.2-12 KB per thread to local memory (ptxas for sm_80 / sm_90: the wgrads' 64 x 32 x 64 2.8 KB on
+# sm_80, the forward's 128 x 64 x 128 1.3 KB on sm_90), these up to 32 B (tests/triton/test_triton_compile.py).
+FP32_FMA_MAX_PRODUCT = 64 * 32 * 32
+# TF32 tiles whose float32 accumulator exceeds this many registers per thread spilled (256 x 128 pixels x
+# channels at 8 warps, 128 per thread: 312 B in the forward on sm_90).
+TF32_MAX_ACC_PER_THREAD = 64
 
 
 def smem_estimate(kernel, config, elem_size: int, hopper: bool) -> int:
@@ -509,13 +516,20 @@ def smem_estimate(kernel, config, elem_size: int, hopper: bool) -> int:
     return loop
 
 
-def fitting_configs(kernel, configs, elem_size: int, smem_limit: float = float("inf"), hopper: bool = True) -> list:
-    """The configurations that can run: within `smem_limit` bytes of shared memory by `smem_estimate`; for
-    float64, tiles within FP64_MAX_PRODUCT. Never empty: the smallest if none fits."""
+def fitting_configs(kernel, configs, elem_size: int, smem_limit: float = float("inf"), hopper: bool = True,
+                    fma: bool = False) -> list:
+    """The configurations that can run without spilling: within `smem_limit` bytes of shared memory by
+    `smem_estimate`; for float64, tiles within FP64_MAX_PRODUCT; for float32, within FP32_FMA_MAX_PRODUCT on the
+    FMA units (`fma`: no TF32) and TF32_MAX_ACC_PER_THREAD on tensor cores. Never empty: the smallest if none
+    fits."""
     if elem_size == 8:
         kept = [c for c in configs if _product(kernel, c) <= FP64_MAX_PRODUCT]
     else:
         kept = [c for c in configs if smem_estimate(kernel, c, elem_size, hopper) <= smem_limit]
+        if elem_size == 4 and fma:
+            kept = [c for c in kept if _product(kernel, c) <= FP32_FMA_MAX_PRODUCT]
+        elif elem_size == 4:
+            kept = [c for c in kept if _acc_per_thread(kernel, c) <= TF32_MAX_ACC_PER_THREAD]
     return kept or [min(configs, key=lambda c: _product(kernel, c))]
 
 
@@ -524,13 +538,19 @@ def _product(kernel, config) -> int:
     return m * k * n
 
 
+def _acc_per_thread(kernel, config) -> int:
+    m, _, n = MMA_SHAPE[kernel](config.kwargs)
+    return m * n // (32 * config.num_warps)
+
+
 def fit_pruner(kernel, channel_prune):
-    """prune(configs, sizes): `fitting_configs` for sizes["elem_size"], sizes["smem_limit"] and sizes["hopper"]
-    (what the launchers pass on a GPU), then `channel_prune`."""
+    """prune(configs, sizes): `fitting_configs` for sizes["elem_size"], sizes["smem_limit"], sizes["hopper"] and
+    sizes["fma"] (what the launchers pass: `fit_sizes`), then `channel_prune`."""
 
     def prune(configs, sizes):
         return channel_prune(fitting_configs(kernel, configs, sizes.get("elem_size", 2),
-                                             sizes.get("smem_limit", float("inf")), sizes.get("hopper", True)),
+                                             sizes.get("smem_limit", float("inf")), sizes.get("hopper", True),
+                                             sizes.get("fma", False)),
                              sizes)
 
     return prune
@@ -543,13 +563,14 @@ def _device_limits(index: int) -> tuple[int, bool]:
 
 
 def fit_sizes(t: torch.Tensor) -> dict:
-    """The sizes entries `fit_pruner` reads: the element size, the device's shared memory per block, and whether
-    the GEMMs stage their operands as wgmma does (Hopper, except fp32 without TF32: no tensor cores)."""
+    """The sizes entries `fit_pruner` reads: the element size, whether float32 multiplies on the FMA units (no
+    TF32), the device's shared memory per block, and whether the GEMMs stage their operands as wgmma does (Hopper,
+    except on the FMA units)."""
+    fma = t.dtype == torch.float32 and dot_precision(t.dtype, t.device) == "ieee"
     if t.device.type != "cuda":
-        return {"elem_size": t.element_size()}
+        return {"elem_size": t.element_size(), "fma": fma}
     limit, hopper = _device_limits(t.device.index or 0)
-    wgmma = hopper and not (t.dtype == torch.float32 and dot_precision(t.dtype, t.device) == "ieee")
-    return {"elem_size": t.element_size(), "smem_limit": limit, "hopper": wgmma}
+    return {"elem_size": t.element_size(), "fma": fma, "smem_limit": limit, "hopper": hopper and not fma}
 
 
 # The tuning cache key: channel counts and map sizes bucketed to powers of two, strides exact; the constexprs

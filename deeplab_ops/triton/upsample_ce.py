@@ -221,6 +221,31 @@ def _block_k(k: int) -> int:
     return min(next_power_of_2(max(k, 1)), 32)
 
 
+# GPU launch configurations, chosen so that neither kernel spills registers on sm_80 or sm_90 in any dtype
+# (`ptxas -v` of every configuration below: tests/triton/test_triton_compile.py). Each element of a tile holds four
+# gathered corners, their addresses and the interpolated value, about 25 registers at 4-8 elements per thread: a
+# 128 x 32 forward tile at 4 warps (32 per thread) spilled 3.2 KB per thread to local memory, a 128 x 16 one 0.6
+# KB. So class blocks are at most 8 wide (21 classes: 3 blocks, 24 lanes), the forward runs 4 elements per thread
+# at 8 warps (108-127 registers; float64 158-162) and the backward 8 at 4 warps (118-128; float64 192); a backward
+# tile of one output column per position (BLOCK_X 1) spilled at 128 rows and runs 64.
+_GPU_BLOCK_K = 8
+
+
+def fwd_config(k: int) -> tuple[int, int, int]:
+    """(BLOCK_P, BLOCK_K, num_warps) of `_uce_fwd_kernel` on a GPU for k classes: a tile of 1024 elements (at most
+    512 pixels), 8 warps."""
+    block_k = min(next_power_of_2(max(k, 1)), _GPU_BLOCK_K)
+    return min(512, 1024 // block_k), block_k, 8
+
+
+def bwd_config(k: int, span_x: int) -> tuple[int, int, int, int]:
+    """(BLOCK_Q, BLOCK_X, BLOCK_K, num_warps) of `_uce_bwd_kernel` on a GPU for k classes and a gather range of
+    at most span_x output columns per low-res column: 128 tile rows (64 with one column each), 4 warps."""
+    block_x = min(next_power_of_2(max(span_x, 1)), 16)
+    rows = 128 if block_x > 1 else 64
+    return rows // block_x, block_x, min(next_power_of_2(max(k, 1)), _GPU_BLOCK_K), 4
+
+
 def _tables(logits: torch.Tensor, out_h: int, out_w: int, align_corners: bool):
     acc, _ = _acc(logits.dtype)
     return (axis_tables(logits.shape[2], out_h, align_corners, acc, logits.device),
@@ -239,7 +264,8 @@ def forward(logits, target, ignore_index: int, align_corners: bool, reduction: s
     p = n * big_h * big_w
     lse = torch.empty((n, big_h, big_w), dtype=acc, device=logits.device)
     per_pixel = reduction == "none"
-    block_p = 512 if interpreter_active() else 128  # interpreter: fewer, larger numpy ops
+    # interpreter: fewer, larger numpy ops
+    block_p, block_k, warps = (512, _block_k(k), 4) if interpreter_active() else fwd_config(k)
     grid = cdiv(p, block_p)
     loss_px = torch.empty((n, big_h, big_w) if per_pixel else (0,), dtype=acc, device=logits.device)
     psum = torch.zeros((0 if per_pixel else grid,), dtype=acc, device=logits.device)
@@ -249,7 +275,7 @@ def forward(logits, target, ignore_index: int, align_corners: bool, reduction: s
         launch_kernel(_uce_fwd_kernel, (grid,),
             logits, target, y0, y1, ly0, ly1, x0, x1, lx0, lx1, lse, loss_px, psum, pcnt,
             p, k, h, w, big_h, big_w, ignore_index,
-            PER_PIXEL=per_pixel, ACC=tl_acc, BLOCK_P=block_p, BLOCK_K=_block_k(k), num_warps=4,
+            PER_PIXEL=per_pixel, ACC=tl_acc, BLOCK_P=block_p, BLOCK_K=block_k, num_warps=warps,
         )
     if per_pixel:
         count = (target != ignore_index).sum().to(acc)
@@ -284,15 +310,16 @@ def backward(grad, logits, target, lse, count, ignore_index: int, align_corners:
     ty, tx = _tables(logits, big_h, big_w, align_corners)
     y0, y1, ly0, ly1, ys, ye, span_y = ty
     x0, x1, lx0, lx1, xs, xe, span_x = tx
-    # 64-128 tile rows on a GPU; in the interpreter a whole column range per step (fewer, larger numpy ops).
-    block_x = min(next_power_of_2(max(span_x, 1)), 64 if interpreter_active() else 16)
-    block_q = max(1, (1024 if interpreter_active() else 128) // block_x)
-    block_k = _block_k(k)
+    if interpreter_active():  # a whole column range per step: fewer, larger numpy ops
+        block_x = min(next_power_of_2(max(span_x, 1)), 64)
+        block_q, block_k, warps = max(1, 1024 // block_x), _block_k(k), 4
+    else:
+        block_q, block_x, block_k, warps = bwd_config(k, span_x)
     grid = (cdiv(q, block_q), cdiv(k, block_k))
     launch_kernel(_uce_bwd_kernel, grid,
         logits, target, lse, g, dx,
         y0, y1, ly0, ly1, x0, x1, lx0, lx1, ys, ye, xs, xe,
         q, k, h, w, big_h, big_w, ignore_index, span_y, span_x,
-        PER_PIXEL=per_pixel, ACC=tl_acc, BLOCK_Q=block_q, BLOCK_X=block_x, BLOCK_K=block_k, num_warps=4,
+        PER_PIXEL=per_pixel, ACC=tl_acc, BLOCK_Q=block_q, BLOCK_X=block_x, BLOCK_K=block_k, num_warps=warps,
     )
     return dx

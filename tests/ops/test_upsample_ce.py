@@ -427,9 +427,14 @@ from triton.backends.compiler import GPUTarget
 from triton.compiler import ASTSource
 from deeplab_ops.triton import upsample_ce as U
 
-def build(fn, ptrs, consts, arch):
+def build(fn, ptrs, consts, arch, warps):
     sig = {a: "constexpr" if a in consts else ("*" + ptrs[a] if a in ptrs else "i32") for a in fn.arg_names}
-    triton.compile(ASTSource(fn, sig, constexprs=consts), target=GPUTarget("cuda", arch, 32), options=dict(num_warps=4))
+    triton.compile(ASTSource(fn, sig, constexprs=consts), target=GPUTarget("cuda", arch, 32),
+                   options=dict(num_warps=warps))
+
+# the GPU launchers' configurations for 21 classes upsampled 8x (16 output columns per low-res column)
+block_p, fwd_k, fwd_warps = U.fwd_config(21)
+block_q, block_x, bwd_k, bwd_warps = U.bwd_config(21, 16)
 
 for dt, arch in (("fp16", 90), ("fp32", 80), ("bf16", 90), ("fp64", 80)):
     st, acc = ("fp64", tl.float64) if dt == "fp64" else ("fp32", tl.float32)
@@ -437,10 +442,10 @@ for dt, arch in (("fp16", 90), ("fp32", 80), ("bf16", 90), ("fp64", 80)):
                   lx1_ptr=st)
     for per_pixel in (True, False):
         build(U._uce_fwd_kernel, dict(x_ptr=dt, t_ptr="i64", lse_ptr=st, loss_ptr=st, psum_ptr=st, pcnt_ptr="i32",
-              **tables), dict(PER_PIXEL=per_pixel, ACC=acc, BLOCK_P=128, BLOCK_K=32), arch)
+              **tables), dict(PER_PIXEL=per_pixel, ACC=acc, BLOCK_P=block_p, BLOCK_K=fwd_k), arch, fwd_warps)
         build(U._uce_bwd_kernel, dict(x_ptr=dt, t_ptr="i64", lse_ptr=st, g_ptr=st, dx_ptr=dt, ys_ptr="i32",
               ye_ptr="i32", xs_ptr="i32", xe_ptr="i32", **tables),
-              dict(PER_PIXEL=per_pixel, ACC=acc, BLOCK_Q=8, BLOCK_X=16, BLOCK_K=32), arch)
+              dict(PER_PIXEL=per_pixel, ACC=acc, BLOCK_Q=block_q, BLOCK_X=block_x, BLOCK_K=bwd_k), arch, bwd_warps)
 print("ok")
 """
 

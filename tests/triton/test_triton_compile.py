@@ -1,6 +1,7 @@
 """Ahead-of-time compilation of every Triton kernel for sm_80 and sm_90 without a GPU (`triton.compile` for a
 GPUTarget), as the runtime specializes them, with each compiled kernel's shared memory against the target's
-limit and its PTX's MMA and pipelining instructions. The same file is the compile script (run in a subprocess,
+limit, its registers spilled to the stack (the cubin's resource usage) and its PTX's MMA and pipelining
+instructions. The same file is the compile script (run in a subprocess,
 outside the interpreter): `python tests/triton/test_triton_compile.py first|all`. Commands and recorded results
 for triton 3.8 and 3.6: docs/kernels.md, "Ahead-of-time checks"."""
 
@@ -20,6 +21,9 @@ ARCHS = (80, 90)
 # Opt-in shared memory per block: A100 (sm_80) 163 KiB, H100/H200 (sm_90) 227 KiB.
 SMEM_LIMIT = {80: 163 * 1024, 90: 227 * 1024}
 DTYPES = ("fp16", "bf16", "fp32", "tf32", "fp64")
+# Stack frame a kept configuration may use per thread, i.e. spilled registers: a few saved outside the main loop
+# (up to 80 B seen in kept fp16 configurations); the spills the pruning removes were 0.2-12 KB, in the main loops.
+STACK_LIMIT = 128
 ELEM_SIZE = {"fp16": 2, "bf16": 2, "fp32": 4, "tf32": 4, "fp64": 8}
 
 # ---- the compile script (runs without TRITON_INTERPRET) ---------------------------------------------------
@@ -31,7 +35,10 @@ _INT32_PTRS = ("rates_ptr", "pairs_ptr", "pcnt_ptr", "y0_ptr", "y1_ptr", "x0_ptr
 
 _FWD = dict(KH=3, KW=3, HAS_RES=True, RELU=True)
 _BN_BLOCKS = (16, 64)
-_UCE_X = (1, 4, 16)
+# upsample_cross_entropy's GPU configurations (upsample_ce.fwd_config / bwd_config) for these class counts and
+# gather spans, the recipes' first (21 classes, 8x upsampling: 16 columns): binary masks, one column per position.
+_UCE_CLASSES = (21, 2, 1)
+_UCE_SPANS = (16, 2, 1)
 
 
 def _modes():
@@ -75,8 +82,9 @@ def _kernels():
     for name, kernel in B.KERNELS.items():
         blocks = [(B.launch_blocks(name, c), 4, 3) for c in _BN_BLOCKS]
         out[name] = (kernel, None, dict.fromkeys(ARCHS, blocks))
-    fwd = [(dict(BLOCK_P=128, BLOCK_K=k), 4, 3) for k in (16, 32)]
-    bwd = [(dict(BLOCK_Q=128 // x, BLOCK_X=x, BLOCK_K=32), 4, 3) for x in _UCE_X]
+    fwd = [(dict(BLOCK_P=p, BLOCK_K=k), w, 3) for p, k, w in dict.fromkeys(U.fwd_config(k) for k in _UCE_CLASSES)]
+    bwd = [(dict(BLOCK_Q=q, BLOCK_X=x, BLOCK_K=k), w, 3)
+           for q, x, k, w in dict.fromkeys(U.bwd_config(k, s) for k in _UCE_CLASSES[:2] for s in _UCE_SPANS)]
     out["uce_fwd"] = (U._uce_fwd_kernel, None, dict.fromkeys(ARCHS, fwd))
     out["uce_bwd"] = (U._uce_bwd_kernel, None, dict.fromkeys(ARCHS, bwd))
     return out
@@ -170,8 +178,29 @@ def compile_job(job) -> dict:
         return rec
     ptx = k.asm["ptx"]
     rec.update(shared=k.metadata.shared, wgmma="wgmma.mma_async" in ptx, mma_sync="mma.sync" in ptx,
-               cp_async="cp.async" in ptx)
+               cp_async="cp.async" in ptx, **_resource_usage(k.asm["cubin"]))
     return rec
+
+
+def _resource_usage(cubin: bytes) -> dict:
+    """Registers per thread and stack-frame bytes (where ptxas puts spilled registers) of a compiled kernel, from
+    the cubin the runtime would load (`cuobjdump --dump-resource-usage`, shipped with Triton)."""
+    import re
+    import shutil
+    import tempfile
+
+    import triton.backends.nvidia as nvidia
+
+    tool = Path(nvidia.__file__).parent / "bin" / "cuobjdump"
+    tool = str(tool) if tool.exists() else shutil.which("cuobjdump")
+    if tool is None:
+        return {}
+    with tempfile.NamedTemporaryFile(suffix=".cubin") as f:
+        f.write(cubin)
+        f.flush()
+        out = subprocess.run([tool, "--dump-resource-usage", f.name], capture_output=True, text=True).stdout
+    found = re.search(r"REG:(\d+) STACK:(\d+)", out)
+    return dict(regs=int(found.group(1)), stack=int(found.group(2))) if found else {}
 
 
 def main(argv: list[str]) -> None:
@@ -214,7 +243,7 @@ def _kept(rec: dict, spec) -> bool:
         return True  # not autotuned: the launch configuration is fixed
     configs = spec.configs(rec["arch"] >= 90)
     return configs[rec["config"]] in fitting_configs(spec.kernel, configs, ELEM_SIZE[rec["dtype"]],
-                                                     SMEM_LIMIT[rec["arch"]], _wgmma(rec))
+                                                     SMEM_LIMIT[rec["arch"]], _wgmma(rec), rec["dtype"] == "fp32")
 
 
 def _wgmma(rec: dict) -> bool:
@@ -238,6 +267,11 @@ def _check(results: list[dict]) -> None:
         limit = SMEM_LIMIT[r["arch"]]
         if kept and r["shared"] > limit:
             problems.append(f"{where}: kept, but needs {r['shared']} B of shared memory > {limit}")
+        if "stack" not in r:
+            problems.append(f"{where}: no resource usage (cuobjdump missing or its output changed)")
+        elif kept and r["stack"] > STACK_LIMIT:
+            problems.append(f"{where}: {r['stack']} B of stack frame > {STACK_LIMIT} (spilled registers, "
+                            f"{r['regs']} used)")
         if spec is not None and r["dtype"] != "fp64":
             # The pruning's estimate bounds the compiled size from above (so it never keeps a configuration that
             # does not fit) and, near the limit, stays within 1.6x of it (so it drops few that would).
@@ -255,7 +289,7 @@ def first_configs() -> list[dict]:
 
 def test_kernels_compile_for_ampere_and_hopper(first_configs):
     """Every kernel in every mode in its first configuration: fp16 on sm_90, bf16 and TF32 on sm_80, fp64 on
-    sm_90; each within the target's shared memory."""
+    sm_90; each within the target's shared memory and without spilling (STACK_LIMIT)."""
     assert {r["name"] for r in first_configs} == set(_modes())
     _check(first_configs)
 
@@ -278,8 +312,9 @@ def test_gemm_main_loops_use_tensor_cores_and_pipeline(first_configs):
 @pytest.mark.slow
 def test_every_launch_config_compiles_and_fits():
     """Every kernel x every configuration x {fp16, bf16, fp32, tf32, fp64} x {sm_80, sm_90}: the configurations
-    the pruning keeps compile and fit in shared memory; the ones it drops do not fit (or, for fp64, are not
-    compiled by the runtime at all). Recorded runs under triton 3.8 and 3.6: docs/kernels.md."""
+    the pruning keeps compile, fit in shared memory and do not spill (STACK_LIMIT); the ones it drops do not
+    fit (or, for fp64, are not compiled by the runtime at all). Recorded runs under triton 3.8 and 3.6:
+    docs/kernels.md."""
     _check(_compile_all("all"))
 
 
@@ -308,3 +343,25 @@ def test_autotune_configs_are_valid(module):
 
 if __name__ == "__main__":
     main(sys.argv)
+
+
+def test_register_rules_of_the_pruning():
+    """What the launchers pass decides the register rules: float32 on a CPU (no TF32) is priced as FMA tiles of at
+    most FP32_FMA_MAX_PRODUCT products, TF32 by its accumulator per thread, 2-byte dtypes by shared memory only;
+    a list where nothing fits keeps its smallest tile."""
+    import torch
+
+    from deeplab_ops.triton import conv_engine as E
+
+    assert E.fit_sizes(torch.empty(1, dtype=torch.float32)) == {"elem_size": 4, "fma": True}
+    assert E.fit_sizes(torch.empty(1, dtype=torch.float64))["fma"] is False
+    for spec in _specs().values():
+        for hopper in (True, False):
+            configs = spec.configs(hopper)
+            fma = E.fitting_configs(spec.kernel, configs, 4, fma=True)
+            assert all(E._product(spec.kernel, c) <= E.FP32_FMA_MAX_PRODUCT for c in fma)
+            tf32 = E.fitting_configs(spec.kernel, configs, 4)
+            assert all(E._acc_per_thread(spec.kernel, c) <= E.TF32_MAX_ACC_PER_THREAD for c in tf32)
+            assert E.fitting_configs(spec.kernel, configs, 2) == configs
+            assert E.fitting_configs(spec.kernel, configs, 4, smem_limit=0, fma=True) == \
+                [min(configs, key=lambda c: E._product(spec.kernel, c))]
