@@ -2,6 +2,8 @@
 
 #include "common/arg_checks.h"
 
+#include <utility>
+
 namespace deeplab_ops {
 namespace {
 
@@ -74,10 +76,11 @@ void check_apply_args(const at::Tensor& input, const at::Tensor& mean, const at:
   DLO_CHECK_CHANNEL_VECTOR(invstd, c);
   DLO_CHECK_SAME_DEVICE(mean, input);
   DLO_CHECK_SAME_DEVICE(invstd, input);
-  for (const auto* t : {&weight, &bias}) {
+  const std::pair<const std::optional<at::Tensor>*, const char*> vectors[] = {{&weight, "weight"}, {&bias, "bias"}};
+  for (const auto& [t, name] : vectors) {
     if (present(*t)) {
-      DLO_CHECK_CHANNEL_VECTOR(**t, c);
-      DLO_CHECK_SAME_DEVICE(**t, input);
+      check_channel_vector(**t, name, c);
+      check_same_device(**t, name, input, "input");
     }
   }
   if (present(residual)) {
@@ -123,6 +126,8 @@ void check_dy_args(const at::Tensor& input, const std::optional<at::Tensor>& wei
 void check_conv_geometry_args(const at::Tensor& x, const at::Tensor& weight, at::IntArrayRef stride,
                               at::IntArrayRef padding, at::IntArrayRef dilation) {
   DLO_CHECK_ACTIVATION(x);
+  TORCH_CHECK(at::isFloatingType(x.scalar_type()), "deeplab_ops: x must be float16, bfloat16, float32 or float64, got ",
+              x.scalar_type());
   TORCH_CHECK(weight.dim() == 4, "deeplab_ops: weight must be 4-D (C_out, C_in, kH, kW), got shape ", weight.sizes());
   TORCH_CHECK(weight.size(1) == x.size(1), "deeplab_ops: weight expects ", weight.size(1),
               " input channels (groups=1) but x has ", x.size(1));
@@ -135,6 +140,12 @@ void check_conv_geometry_args(const at::Tensor& x, const at::Tensor& weight, at:
     TORCH_CHECK(stride[i] >= 1, "deeplab_ops: stride must be >= 1, got ", stride);
     TORCH_CHECK(dilation[i] >= 1, "deeplab_ops: dilation must be >= 1, got ", dilation);
     TORCH_CHECK(padding[i] >= 0, "deeplab_ops: padding must be >= 0, got ", padding);
+  }
+  for (int i = 0; i < 2; ++i) {  // the padded input must hold one (dilated) kernel window per axis
+    TORCH_CHECK(x.size(2 + i) + 2 * padding[i] >= dilation[i] * (weight.size(2 + i) - 1) + 1,
+                "deeplab_ops: the convolution output would be empty: input spatial size ", x.sizes().slice(2),
+                " with padding ", padding, " is smaller than the dilated kernel (", weight.sizes().slice(2),
+                " at dilation ", dilation, ")");
   }
 }
 

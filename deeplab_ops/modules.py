@@ -337,8 +337,11 @@ class FusedConvBNReLU(nn.Sequential):
 
     def forward(self, x: Tensor, residual: Tensor | None = None) -> Tensor:
         modules = self._modules  # self[0], self[1] without nn.Sequential's indexing
+        bn = modules["1"]
+        # The BatchNorm's own mode, as nn.Sequential runs it: a frozen BatchNorm (block.train(); block[1].eval())
+        # normalizes with its running statistics and leaves them alone.
         return fused_conv_bn(
-            modules["0"], modules["1"], x, training=self.training, residual=residual, relu=self.apply_relu,
+            modules["0"], bn, x, training=bn.training, residual=residual, relu=self.apply_relu,
             backend=self.backend, process_group=self.process_group,
             memory_efficient=getattr(self, "memory_efficient", False),  # modules pickled before the option
         )

@@ -129,22 +129,13 @@ def apply_hyperparameters(optimizer: torch.optim.Optimizer, scheduler: torch.opt
 
 
 def freeze_batchnorm(model: nn.Module) -> None:
-    """Put every BatchNorm (plain or inside a fused deeplab_ops module) in eval mode with frozen affine params.
-
-    Fused modules read their own `training` flag, not their BatchNorm child's, so they are switched too.
-    """
+    """Put every BatchNorm (plain or inside a fused deeplab_ops module, which follows its BatchNorm's mode) in
+    eval mode with frozen affine params."""
     for m in model.modules():
-        fused = type(m).__module__.startswith("deeplab_ops") and any(
-            isinstance(c, nn.modules.batchnorm._BatchNorm) for c in m.children())
-        if isinstance(m, nn.modules.batchnorm._BatchNorm) or fused:
+        if isinstance(m, nn.modules.batchnorm._BatchNorm):
             m.eval()
-            for p in m.parameters(recurse=not fused):
+            for p in m.parameters():
                 p.requires_grad_(False)
-            if fused:
-                for c in m.children():
-                    if isinstance(c, nn.modules.batchnorm._BatchNorm):
-                        for p in c.parameters():
-                            p.requires_grad_(False)
 
 
 def check_batch_size(model: nn.Module, per_bn_batch: int, freeze_bn: bool) -> None:

@@ -6,6 +6,7 @@
 #include <array>
 #include <optional>
 #include <tuple>
+#include <utility>
 
 #include "common/activation_layout.h"
 #include "common/arg_checks.h"
@@ -23,10 +24,12 @@ void check_conv_args(const at::Tensor& x, const at::Tensor& weight, const std::o
                      at::IntArrayRef dilation, bool training) {
   check_conv_geometry_args(x, weight, stride, padding, dilation);
   const int64_t cout = weight.size(0);
-  for (const auto* t : {&bn_weight, &bn_bias, &running_mean, &running_var}) {
+  const std::pair<const std::optional<at::Tensor>*, const char*> vectors[] = {
+      {&bn_weight, "bn_weight"}, {&bn_bias, "bn_bias"}, {&running_mean, "running_mean"}, {&running_var, "running_var"}};
+  for (const auto& [t, name] : vectors) {
     if (present(*t)) {
-      DLO_CHECK_CHANNEL_VECTOR(**t, cout);
-      DLO_CHECK_SAME_DEVICE(**t, x);
+      check_channel_vector(**t, name, cout);
+      check_same_device(**t, name, x, "x");
     }
   }
   TORCH_CHECK(present(running_mean) == present(running_var),

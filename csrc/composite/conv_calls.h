@@ -57,11 +57,51 @@ inline at::Tensor conv2d_forward(const at::Tensor& x, const at::Tensor& weight, 
 // each undefined unless wanted; dy may be a strided view. ATen's (oneDNN / cuDNN), or on the CPU the cpu
 // backend's routes for the gradients where they are faster (cpu/conv_taps_cpu.h), which read x channels_last:
 // from x_cl where given, as conv2d_forward.
+// PyTorch 2.14's oneDNN weight gradient of a strided 1 x 1 convolution with few input channels corrupts the heap
+// (2-8 input channels, channels_last, even maps: a segfault, an abort or a hang; eager F.conv2d too; measured on this
+// project's Xeon, a margin to 16 here). A 1 x 1 convolution with stride s and padding p reads x only at
+// (i*s - p, j*s - p): it is the stride-1 convolution of that subsample (the same products in the same order), and
+// x's gradient is the subsample's, scattered back with zeros elsewhere.
+inline bool subsample_strided_1x1(const at::Tensor& x, const at::Tensor& weight, at::IntArrayRef stride) {
+  return x.is_cpu() && weight.size(2) == 1 && weight.size(3) == 1 && (stride[0] > 1 || stride[1] > 1) &&
+         x.size(1) < 16;
+}
+
+inline std::tuple<at::Tensor, at::Tensor> conv2d_backward_subsampled(const at::Tensor& dy, const at::Tensor& x,
+                                                                     const at::Tensor& weight, at::IntArrayRef stride,
+                                                                     at::IntArrayRef padding, bool need_x,
+                                                                     bool need_w) {
+  const auto format = x.suggest_memory_format();
+  const bool padded = padding[0] > 0 || padding[1] > 0;
+  const at::Tensor xp = padded ? at::constant_pad_nd(x, {padding[1], padding[1], padding[0], padding[0]}) : x;
+  const int64_t rows = (dy.size(2) - 1) * stride[0] + 1, cols = (dy.size(3) - 1) * stride[1] + 1;
+  const auto pick = [&](const at::Tensor& t) {
+    return t.slice(2, 0, rows, stride[0]).slice(3, 0, cols, stride[1]);
+  };
+  const at::Tensor sub = pick(xp).contiguous(format);
+  auto grads = at::convolution_backward(dy, sub, weight, std::nullopt, {1, 1}, {0, 0}, {1, 1}, false, {0, 0}, 1,
+                                        {need_x, need_w, false});
+  at::Tensor grad_x, grad_w;
+  if (need_x) {
+    at::Tensor gxp = at::zeros(xp.sizes(), x.options().memory_format(format));
+    pick(gxp).copy_(std::get<0>(grads));
+    grad_x = padded ? gxp.slice(2, padding[0], padding[0] + x.size(2))
+                          .slice(3, padding[1], padding[1] + x.size(3))
+                          .contiguous(format)
+                    : gxp;
+  }
+  if (need_w) grad_w = change_layout(std::get<1>(grads), weight.suggest_memory_format());
+  return {grad_x, grad_w};
+}
+
 inline std::tuple<at::Tensor, at::Tensor> conv2d_backward(const at::Tensor& dy, const at::Tensor& x,
                                                           const at::Tensor& weight, at::IntArrayRef stride,
                                                           at::IntArrayRef padding, at::IntArrayRef dilation,
                                                           bool need_x, bool need_w,
                                                           ChannelsLastOnce* x_cl = nullptr) {
+  if (need_w && subsample_strided_1x1(x, weight, stride)) {
+    return conv2d_backward_subsampled(dy, x, weight, stride, padding, need_x, need_w);
+  }
   at::Tensor grad_x, grad_w;
   bool taps_x = false, taps_w = false;
   if ((need_x || need_w) && dy.is_cpu() && dy.scalar_type() == at::kFloat) {

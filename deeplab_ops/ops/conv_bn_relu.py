@@ -31,6 +31,7 @@ from deeplab_ops.ops.dispatch import (
     enter_directly,
     group_name_of,
     refuse_forward_ad,
+    refuse_grad_transforms,
     register_double_backward_refusal,
 )
 
@@ -432,6 +433,7 @@ def conv_bn_relu(
             dilation=dilation, training=training, momentum=float(momentum), eps=float(eps), residual=residual,
             relu=relu,
         )
+    refuse_grad_transforms("conv_bn_relu", x, weight, bn_weight, bn_bias, residual)
     if not training and not _needs_grad(x, weight, bn_weight, bn_bias, residual):
         refuse_forward_ad("conv_bn_relu", x, weight, bn_weight, bn_bias, residual)  # the fold would drop a tangent
         if not direct or amp is not None:  # traced (the fold is part of the graph), or a weight cast per call

@@ -57,6 +57,24 @@ def refuse_forward_ad(op: str, *tensors) -> None:
                                    "dual tensors, torch.func.jvp); use backend='reference' for it")
 
 
+_interpreter_stack = torch._C._functorch.get_interpreter_stack
+_GRAD = torch._C._functorch.TransformType.Grad
+
+
+def refuse_grad_transforms(op: str, *tensors) -> None:
+    """Raise a clear error inside torch.func's reverse-mode transforms (grad, vjp, jacrev, hessian) when one of
+    `tensors` is wrapped by them: the op's autograd is a C++ autograd function, which they cannot run (PyTorch's own
+    error names neither the op nor what to use instead). Forward mode (jvp, jacfwd) gets `refuse_forward_ad`'s
+    error; vmap alone runs (PyTorch's batching fallback). Free outside torch.func."""
+    stack = _interpreter_stack()
+    if not stack or not any(i.key() == _GRAD for i in stack):
+        return
+    if any(isinstance(t, torch.Tensor) and _is_functorch_wrapped(t) for t in tensors):
+        raise RuntimeError(f"deeplab_ops.{op} cannot run inside torch.func's reverse-mode transforms (grad, vjp, "
+                           "jacrev, hessian); use torch.autograd.grad or .backward() for its gradients, or "
+                           "backend='reference' under torch.func")
+
+
 def below_autograd(op, *args):
     """`op(*args)` past the Autograd dispatch key: the op's autograd kernel is not entered."""
     with BELOW_AUTOGRAD():

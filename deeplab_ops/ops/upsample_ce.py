@@ -18,6 +18,7 @@ from deeplab_ops.ops.dispatch import (
     call_backward,
     enter_directly,
     refuse_forward_ad,
+    refuse_grad_transforms,
     register_autograd_kernels,
 )
 
@@ -87,7 +88,8 @@ def check_target_range(target: Tensor, num_classes: int, ignore_index: int) -> N
     if bad.any():
         where = tuple(int(i) for i in numpy.argwhere(bad)[0])
         raise IndexError(
-            f"target has label {int(labels[where])} at position {where}; expected labels in [0, {num_classes}) "
+            f"deeplab_ops.upsample_cross_entropy: target has label {int(labels[where])} at position {where}; "
+            f"expected labels in [0, {num_classes}) "
             f"(K = logits.shape[1]) or ignore_index={ignore_index}"
         )
 
@@ -212,6 +214,7 @@ def upsample_cross_entropy(
     if name == "reference":
         return reference.upsample_cross_entropy(logits, target, ignore_index=ignore_index,
                                                 align_corners=align_corners, reduction=reduction)
+    refuse_grad_transforms("upsample_cross_entropy", logits)
     if name == "triton" and target.device.type == "cpu":  # the cpu kernel checks labels itself
         check_target_range(target, logits.shape[1], ignore_index)
     if logits.shape[0] == 0:

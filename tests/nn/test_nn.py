@@ -65,6 +65,36 @@ def test_same_behaviour_as_sequential_through_train_and_eval(bn_kwargs, relu):
         _assert_same_state(fused, plain, f"step {step}")
 
 
+@pytest.mark.parametrize("relu", [True, False])
+def test_a_frozen_batchnorm_is_followed_as_in_sequential(relu):
+    """block.train(); block[1].eval(): the BatchNorm normalizes with its running statistics and leaves them (and
+    num_batches_tracked) alone, batch 1 included, as in nn.Sequential; and back to training with block[1].train()."""
+    fused, plain = _pair(relu)
+    for m in (fused, plain):
+        m.train()
+        m[1].eval()
+    for step, shape in enumerate([(2, 3, 9, 8), (1, 3, 1, 1), (1, 3, 5, 4)]):
+        x = torch.randn(shape) + step
+        xf, xp = x.clone().requires_grad_(), x.clone().requires_grad_()
+        of, op = fused(xf), plain(xp)
+        assert_close(of, op, f"frozen step {step} output", 1e-5, 1e-5)
+        g = torch.randn_like(of)
+        of.backward(g)
+        op.backward(g)
+        assert_close(xf.grad, xp.grad, f"frozen step {step} grad x", 1e-5, 1e-4)
+        for (name, pf), pp in zip(fused.named_parameters(), plain.parameters(), strict=True):
+            assert_close(pf.grad, pp.grad, f"frozen step {step} grad {name}", 1e-4, 1e-4)
+            pf.grad = pp.grad = None
+        _assert_same_state(fused, plain, f"frozen step {step}")
+    assert int(fused[1].num_batches_tracked) == 0
+    for m in (fused, plain):
+        m[1].train()
+    x = torch.randn(2, 3, 9, 8)
+    assert_close(fused(x), plain(x), "unfrozen output", 1e-5, 1e-5)
+    _assert_same_state(fused, plain, "unfrozen")
+    assert int(fused[1].num_batches_tracked) == 1
+
+
 def test_residual_input():
     fused, plain = _pair(True)
     x = torch.randn(2, 3, 7, 7)

@@ -101,6 +101,11 @@ def forward_ad(fn, x):
         fn(fwAD.make_dual(x, torch.randn_like(x)))
 
 
+def func_grad(fn, x):
+    """torch.func.grad of fn(x).sum() (a reverse-mode transform wraps x)."""
+    torch.func.grad(lambda t: fn(t).sum())(x)
+
+
 def torchvision_aspp(change):
     from torchvision.models.segmentation.deeplabv3 import ASPP
 
@@ -255,6 +260,7 @@ CASES = {
         lambda x: cbr(x=x, weight=torch.randn(2, 3, 3, 3, dtype=torch.float64), bn_weight=None, bn_bias=None,
                       running_mean=None, running_var=None)),
     "cbr-forward-ad": lambda d: forward_ad(lambda x: cbr(x=x), torch.randn(2, 3, 8, 8)),
+    "cbr-func-grad": lambda d: func_grad(lambda x: cbr(x=x), torch.randn(2, 3, 8, 8)),
     # backend choice (deeplab_ops/backends.py)
     "backend-unknown": lambda d: cbr(backend="cudnn"),
     "backend-env-unknown": lambda d: _with_env("DEEPLAB_OPS_BACKEND", "bogus", lambda: cbr(backend=None)),
@@ -308,6 +314,7 @@ CASES = {
     "uce-reduction": lambda d: uce(reduction="avg"),
     "uce-label-range": lambda d: uce(target=torch.full((2, 9, 11), 7, dtype=torch.int64)),
     "uce-forward-ad": lambda d: forward_ad(lambda x: uce(logits=x), torch.randn(2, 3, 4, 5)),
+    "uce-func-grad": lambda d: func_grad(lambda x: uce(logits=x), torch.randn(2, 3, 4, 5)),
     "uce-double-backward": lambda d: double_backward(lambda x: uce(logits=x)),
     "uce-int32": lambda d: uce(logits=torch.empty(1, 2**31, 1, 1, device="meta"),
                                target=torch.zeros(1, 1, 1, dtype=torch.int64, device="meta")),
@@ -378,6 +385,10 @@ CASES = {
                                                            *_cpp_tail(running_mean=torch.zeros(3))),
     "cpp-eval-running": lambda d: ops.conv_bn_relu_forward(torch.randn(2, 3, 4, 4), torch.randn(3, 3, 1, 1),
                                                            *_cpp_tail(training=False)),
+    "cpp-x-dtype": lambda d: ops.conv_bn_relu_forward(torch.ones(2, 3, 4, 4, dtype=torch.int64),
+                                                      torch.ones(3, 3, 3, 3, dtype=torch.int64), *_cpp_tail()),
+    "cpp-window": lambda d: ops.conv_bn_relu_forward(torch.randn(2, 3, 6, 6), torch.randn(3, 3, 3, 3),
+                                                     *_cpp_tail(dilation=(5, 5))),
     "cpp-empty-output": lambda d: ops.conv_bn_relu_forward(torch.randn(0, 3, 4, 4), torch.randn(3, 3, 3, 3),
                                                            *_cpp_tail()),
     "cpp-one-value": lambda d: ops.conv_bn_relu_forward(torch.randn(1, 3, 1, 1), torch.randn(3, 3, 1, 1),
