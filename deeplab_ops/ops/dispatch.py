@@ -65,7 +65,10 @@ def refuse_grad_transforms(op: str, *tensors) -> None:
     """Raise a clear error inside torch.func's reverse-mode transforms (grad, vjp, jacrev, hessian) when one of
     `tensors` is wrapped by them: the op's autograd is a C++ autograd function, which they cannot run (PyTorch's own
     error names neither the op nor what to use instead). Forward mode (jvp, jacfwd) gets `refuse_forward_ad`'s
-    error; vmap alone runs (PyTorch's batching fallback). Free outside torch.func."""
+    error; vmap alone runs (PyTorch's batching fallback). Free outside torch.func; skipped while torch.compile
+    traces (its graph holds the op, and Dynamo cannot trace the interpreter stack)."""
+    if torch.compiler.is_compiling():
+        return
     stack = _interpreter_stack()
     if not stack or not any(i.key() == _GRAD for i in stack):
         return
