@@ -41,6 +41,14 @@ def check_fusable(conv: nn.Module, bn: nn.Module) -> None:
         raise TypeError(f"conv must be an nn.Conv2d, got {type(conv).__name__}")
     if not isinstance(bn, nn.BatchNorm2d):
         raise TypeError(f"bn must be an nn.BatchNorm2d, got {type(bn).__name__}")
+    _check_conv_computable(conv)
+    if bn.num_features != conv.out_channels:
+        raise ValueError(f"bn has num_features={bn.num_features} but conv has out_channels={conv.out_channels}")
+    _conv_padding(conv)
+
+
+def _check_conv_computable(conv: nn.Conv2d) -> None:
+    """Raise unless the convolution is one the fused op computes: no bias, groups 1, zero padding."""
     if conv.bias is not None:
         raise ValueError(
             "conv has a bias; the fused op needs bias=False (BatchNorm's shift makes a conv bias redundant)"
@@ -49,9 +57,6 @@ def check_fusable(conv: nn.Module, bn: nn.Module) -> None:
         raise ValueError(f"conv has groups={conv.groups}; the fused op supports groups=1 only")
     if conv.padding_mode != "zeros":
         raise ValueError(f"conv has padding_mode={conv.padding_mode!r}; the fused op supports 'zeros' only")
-    if bn.num_features != conv.out_channels:
-        raise ValueError(f"bn has num_features={bn.num_features} but conv has out_channels={conv.out_channels}")
-    _conv_padding(conv)
 
 
 _BatchNorm = nn.modules.batchnorm._BatchNorm
@@ -252,6 +257,8 @@ def fused_conv_bn(
     (memory_efficient: see deeplab_ops.conv_bn_relu)."""
     if not isinstance(conv, nn.Conv2d) or not isinstance(bn, _BatchNorm):
         _check_module_types(conv, bn)
+    if conv.bias is not None or conv.padding_mode != "zeros" or conv.groups != 1:  # would be silently dropped
+        _check_conv_computable(conv)
     if not isinstance(x, Tensor) or x.dim() != 4 or x.shape[1] != conv.in_channels:
         _check_x_channels(x, conv_weight(conv), "conv")
     if process_group is not None:

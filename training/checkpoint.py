@@ -106,8 +106,12 @@ def check_resumable(ckpt: dict, path: str = "the checkpoint") -> None:
 
 
 def capture_rng_state() -> dict:
-    # The legacy global NumPy state is saved on purpose: user code and libraries draw from it.
-    state = {"torch": torch.get_rng_state(), "numpy": np.random.get_state(), "python": random.getstate()}  # noqa: NPY002
+    # The legacy global NumPy state is saved on purpose: user code and libraries draw from it. Its key array is
+    # kept as a tensor, so that the checkpoint holds no numpy object and loads with torch.load(weights_only=True)
+    # (model.load_checkpoint reads train.py's checkpoints that way).
+    name, keys, pos, has_gauss, cached = np.random.get_state()  # noqa: NPY002
+    numpy_state = (name, torch.from_numpy(keys.astype(np.int64)), int(pos), int(has_gauss), float(cached))
+    state = {"torch": torch.get_rng_state(), "numpy": numpy_state, "python": random.getstate()}
     if torch.cuda.is_available() and torch.cuda.is_initialized():
         state["cuda"] = torch.cuda.get_rng_state_all()
     return state
@@ -115,7 +119,9 @@ def capture_rng_state() -> dict:
 
 def restore_rng_state(state: dict) -> None:
     torch.set_rng_state(state["torch"])
-    np.random.set_state(state["numpy"])  # noqa: NPY002
+    name, keys, *rest = state["numpy"]  # keys: a tensor (or, in checkpoints before it was, the numpy array)
+    keys = keys.numpy() if isinstance(keys, torch.Tensor) else np.asarray(keys)
+    np.random.set_state((name, keys.astype(np.uint32), *rest))  # noqa: NPY002
     random.setstate(state["python"])
     if "cuda" in state and torch.cuda.is_available():
         cuda_states = state["cuda"]

@@ -450,17 +450,18 @@ def fit(model: nn.Module, train_set, cfg: TrainConfig, device: torch.device, *, 
                 log.write({"kind": "train", "iteration": it, "loss": value, "lr": lr,
                            "elapsed_s": round(time.time() - t_start, 3)})
             do_eval = val_fn is not None and (it == cfg.iterations or (cfg.eval_every and it % cfg.eval_every == 0))
+            if it == stop or do_eval or (cfg.checkpoint_every and it % cfg.checkpoint_every == 0):
+                save("last.pt", it)  # before the evaluation: an error there keeps what was trained
             if do_eval:
                 last_metrics = val_fn(model)
                 _set_train_mode(model, cfg.freeze_bn)
                 if last_metrics is not None and (best is None or last_metrics["miou"] > best):
                     best, best_it = last_metrics["miou"], it
                     save("best.pt", it)
+                    save("last.pt", it)  # with the new best recorded
                 if log is not None and is_main and last_metrics is not None:
                     log.write({"kind": "val", "iteration": it, **{k: v for k, v in last_metrics.items()
                                                                    if isinstance(v, (int, float))}})
-            if it == stop or do_eval or (cfg.checkpoint_every and it % cfg.checkpoint_every == 0):
-                save("last.pt", it)
     return TrainResult(losses, it, best, best_it, last_metrics)
 
 

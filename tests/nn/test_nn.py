@@ -183,3 +183,19 @@ def test_pack_batchnorms_names_a_bad_argument():
 
     with pytest.raises(TypeError, match=r"bns\[1\] must be a BatchNorm module .* got Conv2d"):
         pack_batchnorms([nn.BatchNorm2d(2), nn.Conv2d(2, 2, 1)])
+
+
+@pytest.mark.parametrize("training", [True, False])
+@pytest.mark.parametrize("conv, message", [
+    (nn.Conv2d(4, 4, 3), "conv has a bias"),
+    (nn.Conv2d(4, 4, 3, padding=1, bias=False, padding_mode="reflect"), "padding_mode='reflect'"),
+    (nn.Conv2d(4, 4, 3, groups=2, bias=False), "groups=2"),
+], ids=["bias", "reflect", "groups"])
+def test_fused_conv_bn_refuses_a_conv_it_would_compute_differently(conv, message, training):
+    """deeplab_ops.nn.fused_conv_bn on a (conv, bn) pair the op cannot compute exactly raises, in training and in
+    eval (where the fold would have dropped the bias or the padding mode silently)."""
+    from deeplab_ops.nn import fused_conv_bn
+
+    bn = nn.BatchNorm2d(4).train(training)
+    with pytest.raises(ValueError, match=message):
+        fused_conv_bn(conv, bn, torch.randn(2, 4, 8, 8), training=training)

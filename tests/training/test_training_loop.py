@@ -84,6 +84,18 @@ def test_resume_gives_the_same_losses(tmp_path):
         assert torch.equal(v, resumed_model.state_dict()[k]), k
 
 
+def test_an_error_in_the_final_evaluation_keeps_the_trained_checkpoint(tmp_path):
+    def val_fn(model):
+        raise ValueError("bad validation mask")
+
+    model = TinySeg()
+    with pytest.raises(ValueError, match="bad validation mask"):
+        loop.fit(model, _train_set(), _cfg(out_dir=str(tmp_path)), torch.device("cpu"), val_fn=val_fn)
+    state = ckpt_io.load_checkpoint(str(tmp_path / "last.pt"))
+    assert state["iteration"] == 6
+    assert all(torch.equal(v, state["model"][k]) for k, v in model.state_dict().items())
+
+
 def test_fused_and_eager_training_match_for_20_iterations():
     torch.manual_seed(0)
     eager = TinySeg(fused=False)
@@ -213,6 +225,27 @@ def test_train_script_end_to_end(tmp_path, monkeypatch, capsys):
     train_script.main(common + ["--out-dir", fused, "--fused-ops"])
     assert json.load(open(os.path.join(fused, "metrics.json")))["metrics"]["miou"] >= 0.0
     assert torch.load(os.path.join(fused, "last.pt"), weights_only=False)["args"]["channels_last"] is True
+    # A train.py checkpoint holds no numpy object: it loads weights-only, as model.load_checkpoint reads it.
+    from model.checkpoint import read_state_dict
+
+    saved = torch.load(os.path.join(fused, "last.pt"), weights_only=True)
+    state = read_state_dict(os.path.join(fused, "last.pt"))
+    assert state.keys() == saved["model"].keys() and all(torch.equal(state[k], saved["model"][k]) for k in state)
+
+
+def test_rng_state_round_trip_through_a_weights_only_load(tmp_path):
+    """capture_rng_state -> torch.save -> torch.load(weights_only=True) -> restore_rng_state: the same draws."""
+    import random
+
+    torch.manual_seed(3)
+    np.random.seed(4)  # noqa: NPY002
+    random.seed(5)
+    np.random.rand(7)  # noqa: NPY002 (a cached position inside the key array)
+    torch.save({"rng": ckpt_io.capture_rng_state()}, tmp_path / "rng.pt")
+    expected = (torch.rand(3), np.random.rand(3), random.random())  # noqa: NPY002
+    ckpt_io.restore_rng_state(torch.load(tmp_path / "rng.pt", weights_only=True)["rng"])
+    got = (torch.rand(3), np.random.rand(3), random.random())  # noqa: NPY002
+    assert torch.equal(got[0], expected[0]) and np.array_equal(got[1], expected[1]) and got[2] == expected[2]
 
 
 def test_cli_presets_and_memory_efficient_flag(capsys):
