@@ -336,9 +336,11 @@ def check_num_classes(ckpt: dict, path: str, num_classes: int, args, command: st
     if saved is not None and saved != num_classes:
         source = f"--dataset {args.dataset}" + (f" --data-root {args.data_root}" if args.data_root else "") + (
             f" --classes {args.classes}" if args.classes else "")
-        raise SystemExit(f"{command}: --checkpoint {path} predicts {saved} classes, but {source} has {num_classes}; "
-                         f"use a checkpoint trained on this dataset, or the dataset flags it was trained with "
-                         f"(--eval-only reads them from the checkpoint when --dataset is not given)")
+        flag = "--resume" if command == "--resume" else "--checkpoint"
+        hint = " (--eval-only reads them from the checkpoint when --dataset is not given)" \
+            if command == "--eval-only" else ""
+        raise SystemExit(f"{command}: {flag} {path} predicts {saved} classes, but {source} has {num_classes}; "
+                         f"use a checkpoint trained on this dataset, or the dataset flags it was trained with{hint}")
 
 
 def _dataset_num_classes(args) -> int | None:
@@ -525,7 +527,8 @@ def cmd_train(args, device, info) -> None:
         _report(args, info, result.last_metrics, {"iteration": result.iteration, "train_seconds": round(train_s, 2),
                                                   "best_miou": result.best_metric,
                                                   "best_iteration": result.best_iteration,
-                                                  "preview": os.path.join(args.out_dir, "predictions_val.png")},
+                                                  "preview": (os.path.join(args.out_dir, "predictions_val.png")
+                                                              if args.preview > 0 else None)},
                 "metrics.json")
 
 

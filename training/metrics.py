@@ -116,10 +116,11 @@ def _pct(v: float) -> str:
 
 
 def format_table(metrics: dict) -> str:
-    """A printable per-class IoU table followed by the summary numbers; undefined cells print "n/a"."""
+    """A printable per-class IoU table followed by the summary numbers, in percent (metrics.json keeps the
+    fractions); undefined cells print "n/a"."""
     ious, accs = metrics["per_class_iou"], metrics["per_class_accuracy"]
     width = max(12, *(len(n) for n in ious))
-    lines = [f"{'class':<{width}}  {'IoU':>7}  {'acc':>7}"]
+    lines = [f"{'class':<{width}}  {'IoU %':>7}  {'acc %':>7}"]
     for name, v in ious.items():
         lines.append(f"{name:<{width}}  {_pct(v)}  {_pct(accs[name])}")
     lines.append(f"{'mIoU':<{width}}  {_pct(metrics['miou'])}   (dataset-level confusion matrix)")
