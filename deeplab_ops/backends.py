@@ -33,8 +33,10 @@ def _device_reasons(backend: str, device: torch.device) -> list[str]:
         return []  # meta tensors: every op has a fake kernel that computes shapes only
     if backend == "cpu":
         return [] if device.type == "cpu" else [f"it runs CPU tensors, got a tensor on {device}"]
+    # a CUDA device asked about where none is visible (available_backends("cuda") on a CPU machine)
+    reasons = ["no CUDA device is visible here (torch.cuda.is_available() is False)"] \
+        if device.type == "cuda" and not torch.cuda.is_available() else []
     if backend == "cuda":
-        reasons = []
         if device.type != "cuda":
             reasons.append(f"it runs CUDA tensors, got a tensor on {device}")
         if not _extension.cuda_kernels_compiled():
@@ -44,7 +46,6 @@ def _device_reasons(backend: str, device: torch.device) -> list[str]:
             )
         return reasons
     if backend == "triton":
-        reasons = []
         error = triton_import_error()
         if error:
             reasons.append(error)

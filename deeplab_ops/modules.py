@@ -59,6 +59,20 @@ def _check_conv_computable(conv: nn.Conv2d) -> None:
         raise ValueError(f"conv has padding_mode={conv.padding_mode!r}; the fused op supports 'zeros' only")
 
 
+def _pair(value) -> tuple:
+    return tuple(value) if isinstance(value, (tuple, list)) else (value, value)
+
+
+def _check_module_options(backend, memory_efficient) -> None:
+    """A fused module's backend and memory_efficient, checked when it is built (not at its first call)."""
+    from deeplab_ops.backends import BACKENDS
+
+    if backend is not None and backend not in ("auto", *BACKENDS):
+        raise ValueError(f"backend={backend!r} is not a backend; expected one of {('auto', *BACKENDS)} or None")
+    if not isinstance(memory_efficient, bool):
+        raise TypeError(f"memory_efficient must be a bool, got {memory_efficient!r}")
+
+
 _BatchNorm = nn.modules.batchnorm._BatchNorm
 
 
@@ -315,6 +329,12 @@ class FusedConvBNReLU(nn.Sequential):
         device=None,
         dtype=None,
     ) -> None:
+        if not isinstance(relu, bool):
+            raise TypeError(f"relu must be a bool, got {relu!r}")
+        _check_module_options(backend, memory_efficient)
+        for name, value in (("stride", stride), ("dilation", dilation)):
+            if any(not isinstance(v, int) or isinstance(v, bool) or v < 1 for v in _pair(value)):
+                raise ValueError(f"{name} must be an int >= 1 or a pair of them, got {value!r}")
         conv = nn.Conv2d(
             in_channels, out_channels, kernel_size, stride, padding, dilation, bias=False, device=device, dtype=dtype
         )
@@ -544,6 +564,12 @@ class FusedASPP(nn.Module):
         memory_efficient: bool = False,
     ) -> None:
         super().__init__()
+        if not isinstance(atrous_rates, (tuple, list)):
+            raise TypeError(f"atrous_rates must be a tuple or list of ints >= 1 (e.g. (12, 24, 36)), got "
+                            f"{atrous_rates!r}")
+        _check_module_options(backend, memory_efficient)
+        if not isinstance(out_channels, int) or isinstance(out_channels, bool) or out_channels < 1:
+            raise ValueError(f"out_channels must be an int >= 1, got {out_channels!r}")
         rates = tuple(atrous_rates)
         if not all(isinstance(r, int) and not isinstance(r, bool) and r >= 1 for r in rates):
             raise ValueError(f"atrous_rates must be ints >= 1, got {atrous_rates!r}")

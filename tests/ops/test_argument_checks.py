@@ -205,3 +205,13 @@ def test_x_channels_are_checked_first(training):
     assert all(torch.equal(a, b) for a, b in zip(before, after, strict=True))  # a refused call changes nothing
     assert aspp(torch.randn(2, 5, 7, 7)).shape == (2, 4, 7, 7)
     assert cbr(torch.randn(2, 5, 7, 7)).shape == (2, 4, 7, 7)
+
+
+def test_a_cuda_device_where_none_is_visible_runs_no_gpu_backend(monkeypatch):
+    """available_backends("cuda") / auto_backend("cuda") on a machine without a visible GPU: cuda and triton say so,
+    and the automatic choice is None."""
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    reasons = deeplab_ops.available_backends("cuda")
+    for backend in ("cuda", "triton"):
+        assert "no CUDA device is visible here" in reasons[backend][0], reasons
+    assert deeplab_ops.auto_backend("cuda") is None
