@@ -322,11 +322,13 @@ def plan_predict_outputs(in_dir: str, files: list[str], out: str) -> dict[str, s
 
 
 def checkpoint_or_exit(path: str, flag: str) -> dict:
-    """load_checkpoint, with a missing file reported against the flag that named it (a corrupt one raises
-    load_checkpoint's error, which names the file)."""
+    """load_checkpoint, with a missing, empty, corrupt or foreign file reported against the flag that named it
+    (load_checkpoint's errors name the file and say what is wrong with it) as a one-line exit, not a traceback."""
+    if os.path.isdir(path):
+        raise SystemExit(f"{flag} {path}: this is a folder; give a checkpoint file in it (last.pt or best.pt)")
     try:
         return ckpt_io.load_checkpoint(path)
-    except FileNotFoundError as e:
+    except (FileNotFoundError, RuntimeError, ValueError) as e:
         raise SystemExit(f"{flag} {path}: {e}") from None
 
 
@@ -686,6 +688,17 @@ def check_args(args, error, defaults: dict | None = None) -> None:
         error(f"--out {args.out} is --predict's output folder; training and --eval-only write to --out-dir")
     if args.predict and not args.checkpoint:
         error("--predict needs --checkpoint CKPT (the model to run)")
+    # The package's environment variables, read by the ops at their first call: checked before any work.
+    from deeplab_ops import backends
+
+    try:
+        backends.env_backend()
+    except ValueError as e:
+        error(str(e))
+    winograd = os.environ.get("DEEPLAB_OPS_CPU_WINOGRAD")
+    if winograd not in (None, "", "0", "1"):
+        error(f"DEEPLAB_OPS_CPU_WINOGRAD={winograd!r} is not 0 or 1 (0 turns the cpu backend's Winograd "
+              "convolutions off; 1 or unset: on)")
     running = "--predict" if args.predict else "--eval-only" if args.eval_only else None
     given = [k for k in vars(args) if defaults is not None and getattr(args, k) != defaults.get(k)]
     if running:

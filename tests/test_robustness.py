@@ -188,10 +188,14 @@ def test_train_script_resume_from_a_corrupt_checkpoint(tmp_path, monkeypatch):
     out_dir = tmp_path / "run"
     out_dir.mkdir()
     (out_dir / "last.pt").write_bytes(b"PK\x03\x04 not really a zip")
-    with pytest.raises(RuntimeError, match=r"cannot read checkpoint .*last\.pt .*corrupt or truncated"):
-        train_script.main(["--resume", "--out-dir", str(out_dir), "--device", "cpu", "--iterations", "1",
-                           "--crop-size", "32", "--synthetic-train-size", "4", "--synthetic-val-size", "2",
-                           "--no-tensorboard", "--batch-size", "2"])
+    common = ["--out-dir", str(out_dir), "--device", "cpu", "--iterations", "1", "--crop-size", "32",
+              "--synthetic-train-size", "4", "--synthetic-val-size", "2", "--no-tensorboard", "--batch-size", "2"]
+    # a one-line exit naming the flag and the file, not a traceback
+    with pytest.raises(SystemExit, match=r"^--resume .*last\.pt: cannot read checkpoint .*last\.pt .*corrupt or "
+                                         r"truncated"):
+        train_script.main(["--resume", *common])
+    with pytest.raises(SystemExit, match=r"^--resume .*run: this is a folder; give a checkpoint file in it"):
+        train_script.main(["--resume", str(out_dir), *common])
 
 
 # ---- DataLoader worker crash -------------------------------------------------------------------------------------

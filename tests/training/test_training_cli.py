@@ -243,3 +243,12 @@ def test_resume_applies_this_runs_momentum_and_weight_decay(tmp_path):
     groups = ckpt_io.load_checkpoint(str(tmp_path / "last.pt"))["optimizer"]["param_groups"]
     seen = [(g["momentum"], g["weight_decay"], g["initial_lr"]) for g in groups]
     assert seen == [(0.5, 0.01, 0.02), (0.5, 0.0, 0.02)]
+
+
+@pytest.mark.parametrize("variable, value, message", [
+    ("DEEPLAB_OPS_BACKEND", "bogus", "DEEPLAB_OPS_BACKEND='bogus' is not a backend"),
+    ("DEEPLAB_OPS_CPU_WINOGRAD", "off", "DEEPLAB_OPS_CPU_WINOGRAD='off' is not 0 or 1"),
+])
+def test_bad_environment_is_refused_before_any_work(variable, value, message, capsys, monkeypatch):
+    monkeypatch.setenv(variable, value)
+    assert message in _parse_error(["--iterations", "1"], capsys)
