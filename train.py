@@ -365,6 +365,13 @@ def cmd_predict(args, device) -> None:
     if not files:
         raise SystemExit(f"--predict: no images ({', '.join(datasets.IMAGE_EXTENSIONS)}) in {args.predict}")
     plan = plan_predict_outputs(args.predict, files, out)
+    if args.amp == "fp16" and device.type != "cuda":
+        raise SystemExit("--amp fp16 needs a CUDA device (fp16 autocast); use --amp bf16 on CPU")
+    for src in plan:  # every image decodes before any mask is written (a bad file stops the run with none written)
+        try:
+            datasets.read_image(src)
+        except RuntimeError as e:
+            raise SystemExit(f"--predict: {e}; no mask was written") from None
     ckpt = checkpoint_or_exit(args.checkpoint, "--checkpoint")
     num_classes = _dataset_num_classes(args)
     if num_classes is not None:

@@ -252,3 +252,18 @@ def test_resume_applies_this_runs_momentum_and_weight_decay(tmp_path):
 def test_bad_environment_is_refused_before_any_work(variable, value, message, capsys, monkeypatch):
     monkeypatch.setenv(variable, value)
     assert message in _parse_error(["--iterations", "1"], capsys)
+
+
+def test_predict_checks_every_image_before_writing_any_mask(tmp_path, monkeypatch):
+    monkeypatch.setattr(train_script, "build_model", _tiny_build_model)
+    ckpt = _checkpoint(tmp_path / "c.pt", 21)
+    photos = tmp_path / "photos"
+    _photos(photos, ["a.jpg"])
+    (photos / "z.jpg").write_bytes(b"not an image")
+    out = tmp_path / "masks"
+    with pytest.raises(SystemExit, match=r"^--predict: cannot read image .*z\.jpg: .*; no mask was written"):
+        train_script.main(["--predict", str(photos), "--checkpoint", ckpt, "--out", str(out), "--device", "cpu"])
+    assert not out.exists() or not os.listdir(out)
+    with pytest.raises(SystemExit, match="--amp fp16 needs a CUDA device"):
+        train_script.main(["--predict", str(photos), "--checkpoint", ckpt, "--out", str(out), "--device", "cpu",
+                           "--amp", "fp16"])
