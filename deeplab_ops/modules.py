@@ -271,7 +271,8 @@ def fused_conv_bn(
     (memory_efficient: see deeplab_ops.conv_bn_relu)."""
     if not isinstance(conv, nn.Conv2d) or not isinstance(bn, _BatchNorm):
         _check_module_types(conv, bn)
-    if conv.bias is not None or conv.padding_mode != "zeros" or conv.groups != 1:  # would be silently dropped
+    # what the op would silently drop (the bias read from _parameters: no nn.Module.__getattr__ per call)
+    if conv._parameters.get("bias") is not None or conv.padding_mode != "zeros" or conv.groups != 1:
         _check_conv_computable(conv)
     if not isinstance(x, Tensor) or x.dim() != 4 or x.shape[1] != conv.in_channels:
         _check_x_channels(x, conv_weight(conv), "conv")
