@@ -65,10 +65,10 @@ def _pair(value) -> tuple:
 
 def _check_module_options(backend, memory_efficient) -> None:
     """A fused module's backend and memory_efficient, checked when it is built (not at its first call)."""
-    from deeplab_ops.backends import BACKENDS
+    from deeplab_ops.backends import BACKENDS, _not_a_backend
 
     if backend is not None and backend not in ("auto", *BACKENDS):
-        raise ValueError(f"backend={backend!r} is not a backend; expected one of {('auto', *BACKENDS)} or None")
+        raise _not_a_backend("backend", backend)  # the ops' own message
     if not isinstance(memory_efficient, bool):
         raise TypeError(f"memory_efficient must be a bool, got {memory_efficient!r}")
 
