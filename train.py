@@ -128,28 +128,32 @@ def load_backbone_weights(net: torch.nn.Module, path: str) -> None:
 # ---- data --------------------------------------------------------------------------------------------------------
 
 
-def build_datasets(args):
-    """(train, val, class_names) raw datasets for --dataset; a missing or malformed dataset exits with its error."""
+def build_datasets(args, train: bool = True):
+    """(train, val, class_names) raw datasets for --dataset (train None when `train` is False: --eval-only reads
+    the validation split only); a missing or malformed dataset exits with its error."""
     try:
-        return _build_datasets(args)
+        return _build_datasets(args, train)
     except (FileNotFoundError, ValueError) as e:
         raise SystemExit(f"--dataset {args.dataset}: {e}") from None
 
 
-def _build_datasets(args):
+def _build_datasets(args, train: bool):
     if args.dataset == "synthetic":
-        train = datasets.SyntheticShapes("train", args.crop_size, args.synthetic_train_size, seed=args.data_seed)
         val = datasets.SyntheticShapes("val", args.crop_size, args.synthetic_val_size, seed=args.data_seed)
-        return train, val, list(datasets.SYNTHETIC_CLASSES)
+        tr = datasets.SyntheticShapes("train", args.crop_size, args.synthetic_train_size, seed=args.data_seed) \
+            if train else None
+        return tr, val, list(datasets.SYNTHETIC_CLASSES)
     if not args.data_root:
         raise SystemExit(f"--dataset {args.dataset} needs --data-root PATH")
     if args.dataset == "voc":
-        train = datasets.VOCSegmentation(args.data_root, args.train_split or "train_aug", sbd_root=args.sbd_root)
         val = datasets.VOCSegmentation(args.data_root, args.val_split or "val", sbd_root=args.sbd_root)
-        return train, val, list(train.classes)
-    train = datasets.FolderSegmentation(args.data_root, args.train_split or "train", classes_file=args.classes)
+        tr = datasets.VOCSegmentation(args.data_root, args.train_split or "train_aug", sbd_root=args.sbd_root) \
+            if train else None
+        return tr, val, list(val.classes)
     val = datasets.FolderSegmentation(args.data_root, args.val_split or "val", classes_file=args.classes)
-    return train, val, list(train.classes)
+    tr = datasets.FolderSegmentation(args.data_root, args.train_split or "train", classes_file=args.classes) \
+        if train else None
+    return tr, val, list(val.classes)
 
 
 class _Normalized:
@@ -395,17 +399,25 @@ def cmd_predict(args, device) -> None:
                                           if renamed else ""))
 
 
+# The flags that define each dataset's validation split: --eval-only restores them from the checkpoint's saved
+# arguments (the ones the user does not give), so it evaluates on what the run validated on.
+EVAL_DATASET_FLAGS = {"synthetic": ("dataset", "crop_size", "synthetic_val_size", "data_seed"),
+                      "voc": ("dataset", "data_root", "sbd_root", "val_split"),
+                      "folder": ("dataset", "data_root", "classes", "val_split")}
+
+
 def cmd_eval_only(args, device, info) -> None:
     path = args.checkpoint or os.path.join(args.out_dir or os.path.join("runs", args.dataset or "synthetic"), "best.pt")
     ckpt = checkpoint_or_exit(path, "--checkpoint" if args.checkpoint else "--eval-only (default checkpoint)")
     saved = ckpt.get("args", {})
-    if args.dataset is None or args.dataset == saved.get("dataset"):  # the dataset it was trained on
-        for key in ("dataset", "data_root", "sbd_root", "classes", "crop_size", "synthetic_val_size", "data_seed"):
-            if getattr(args, key) is None and key in saved:
+    same_root = args.data_root is None or args.data_root == saved.get("data_root")
+    if (args.dataset is None or args.dataset == saved.get("dataset")) and same_root:  # the dataset it trained on
+        for key in EVAL_DATASET_FLAGS.get(saved.get("dataset"), ()):
+            if getattr(args, key) is None and saved.get(key) is not None:
                 setattr(args, key, saved[key])
     check_dataset_flags(args, _exit)
     _apply_presets(args, device)
-    _, val, class_names = build_datasets(args)
+    _, val, class_names = build_datasets(args, train=False)
     check_num_classes(ckpt, path, len(class_names), args, "--eval-only")
     os_ = args.eval_output_stride or saved.get("output_stride", 16)
     net = _model_from_checkpoint(ckpt, args, os_).to(device)

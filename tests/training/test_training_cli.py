@@ -267,3 +267,42 @@ def test_predict_checks_every_image_before_writing_any_mask(tmp_path, monkeypatc
     with pytest.raises(SystemExit, match="--amp fp16 needs a CUDA device"):
         train_script.main(["--predict", str(photos), "--checkpoint", ckpt, "--out", str(out), "--device", "cpu",
                            "--amp", "fp16"])
+
+
+def test_eval_only_reads_the_validation_split_the_run_used(tmp_path, monkeypatch, capsys):
+    """--eval-only restores a folder dataset's --val-split (and its root and classes) from the checkpoint, builds
+    only that split (the training split may be gone), and warns about nothing the user did not type."""
+    monkeypatch.setattr(train_script, "build_model", _tiny_build_model)
+    root = tmp_path / "mydata"
+    (root / "images").mkdir(parents=True)
+    (root / "masks").mkdir()
+    (root / "classes.txt").write_text("background\ncat\ndog\n")
+    for i in range(5):
+        Image.fromarray(np.full((34, 36, 3), 40 * i, np.uint8)).save(root / "images" / f"im{i}.png")
+        Image.fromarray(np.full((34, 36), i % 3, np.uint8), mode="L").save(root / "masks" / f"im{i}.png")
+    (root / "holdout.txt").write_text("im3\nim4\n")  # the run's --val-split; its --train-split list is not there
+    # The saved arguments as a training run writes them: presets filled in (synthetic sizes, data seed) too.
+    ckpt = _checkpoint(tmp_path / "best.pt", 3, dataset="folder", data_root=str(root), classes=None,
+                       train_split="mine", val_split="holdout", sbd_root=None, data_seed=0,
+                       synthetic_train_size=4000)
+    capsys.readouterr()
+    train_script.main(["--eval-only", "--checkpoint", ckpt, "--out-dir", str(tmp_path / "run"), "--device", "cpu",
+                       "--preview", "0"])
+    assert "warning" not in capsys.readouterr().err
+    record = json.load(open(tmp_path / "run" / "metrics_eval.json"))
+    assert record["args"]["val_split"] == "holdout" and record["args"]["train_split"] is None
+    assert record["args"]["data_root"] == str(root)
+    # The validation split the user names wins over the saved one.
+    with pytest.raises(SystemExit, match="--dataset folder: .*missing"):
+        train_script.main(["--eval-only", "--checkpoint", ckpt, "--out-dir", str(tmp_path / "run"), "--device",
+                           "cpu", "--preview", "0", "--val-split", "missing"])
+    # Another --data-root is another dataset: none of the run's split flags are carried over to it.
+    import shutil
+
+    other = tmp_path / "other"
+    shutil.copytree(root, other)
+    (other / "holdout.txt").unlink()
+    (other / "val.txt").write_text("im0\n")
+    train_script.main(["--eval-only", "--checkpoint", ckpt, "--out-dir", str(tmp_path / "run2"), "--device", "cpu",
+                       "--preview", "0", "--dataset", "folder", "--data-root", str(other)])
+    assert json.load(open(tmp_path / "run2" / "metrics_eval.json"))["args"]["val_split"] is None
