@@ -16,6 +16,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import pickle
 import random
 import sys
 import time
@@ -123,6 +124,40 @@ def load_backbone_weights(net: torch.nn.Module, path: str) -> None:
         return
     state = torch.load(path, map_location="cpu", weights_only=True)
     net.backbone.load_state_dict({k: v for k, v in state.items() if not k.startswith("fc.")}, strict=False)
+
+
+def backbone_weights_or_exit(net: torch.nn.Module, args) -> None:
+    """load_backbone_weights(net, --backbone-weights), with a missing, unreadable or mismatched file stopping the run
+    in a few lines that name the flag, and for a ResNet of another depth or width the flags that fit it."""
+    path = args.backbone_weights
+    if not os.path.isfile(path):
+        raise SystemExit(f"--backbone-weights {path}: file not found")
+    try:
+        load_backbone_weights(net, path)
+    except (RuntimeError, ValueError, TypeError, pickle.UnpicklingError) as e:
+        first = str(e).splitlines()[0] if str(e) else type(e).__name__
+        fits = _resnet_flags(path)
+        hint = f"; the file holds a {fits}: train with those flags" if fits else ""
+        raise SystemExit(f"--backbone-weights {path} does not fit --backbone {args.backbone} --backbone-width "
+                         f"{args.backbone_width}{hint} ({first})") from None
+
+
+def _resnet_flags(path: str) -> str | None:
+    """'--backbone resnetD --backbone-width W' for an ImageNet ResNet state_dict whose blocks per stage match one of
+    model/'s depths, None otherwise."""
+    try:
+        from model.checkpoint import read_state_dict
+        from model.resnet import DEPTHS
+
+        state = read_state_dict(path)
+    except Exception:  # noqa: BLE001 (unreadable: the caller reports the load's own error)
+        return None
+    blocks = tuple(len({k.split(".")[1] for k in state if k.startswith(f"layer{i}.")}) for i in range(1, 5))
+    depth = next((d for d, b in DEPTHS.items() if b == blocks), None)
+    stem = state.get("conv1.weight")
+    if depth is None or stem is None:
+        return None
+    return f"--backbone resnet{depth} --backbone-width {stem.shape[0]}"
 
 
 # ---- data --------------------------------------------------------------------------------------------------------
@@ -473,9 +508,7 @@ def cmd_train(args, device, info) -> None:
     net = build_model(args.backbone, len(class_names), args.output_stride, args.aux_loss, args.fused_ops,
                       args.memory_efficient, width=args.backbone_width)
     if args.backbone_weights:
-        if not os.path.isfile(args.backbone_weights):
-            raise SystemExit(f"--backbone-weights: file not found: {args.backbone_weights}")
-        load_backbone_weights(net, args.backbone_weights)
+        backbone_weights_or_exit(net, args)
     net = net.to(device)
     if args.channels_last:
         net = net.to(memory_format=torch.channels_last)
@@ -537,6 +570,8 @@ def cmd_train(args, device, info) -> None:
     try:
         result = loop.fit(net, train_set, cfg, device, val_fn=val_fn, resume=resume, rank=info.rank,
                           world_size=info.world_size, log=log)
+    except FloatingPointError as e:  # a NaN/Inf loss: the message says which checkpoint is the last good one
+        raise SystemExit(f"train.py: {e}") from None
     finally:
         log.close()
     train_s = time.time() - t0
@@ -753,6 +788,16 @@ def check_dataset_flags(args, error) -> None:
             warn(f"--{name.replace('_', '-')} is not read by --dataset {dataset}; ignoring it")
 
 
+def _data_error_text(e: BaseException) -> str:
+    """A data error's own message; one re-raised from a DataLoader worker carries the worker's traceback, whose
+    last line is "module.Class: message"."""
+    text = str(e)
+    if "Original Traceback" in text:
+        last = text.strip().splitlines()[-1]
+        text = last.split(": ", 1)[1] if ": " in last else last
+    return text
+
+
 def _exit(message: str) -> None:
     raise SystemExit(message)
 
@@ -795,6 +840,10 @@ def main(argv=None) -> None:
         else:
             _apply_presets(args, device)
             cmd_train(args, device, info)
+    except datasets.DataFileError as e:  # a sample's file, met while training or evaluating: named in one line
+        kept = "" if args.predict or args.eval_only else \
+            f"; the checkpoints written so far are in {os.path.abspath(args.out_dir)}"
+        raise SystemExit(f"train.py: {_data_error_text(e)}{kept}") from None
     finally:
         if info.enabled:
             torch.distributed.destroy_process_group()

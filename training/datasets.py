@@ -24,15 +24,32 @@ IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".bmp", ".tif", ".tiff", ".webp")
 # ---- file reading with errors that name the file ---------------------------------------------------------------
 
 
+class DataFileError(Exception):
+    """A sample's file that cannot be used (missing, undecodable, or holding bad values); the message names it.
+    train.py turns it into a one-line exit; the concrete classes are also the built-in error they refine."""
+
+
+class MissingDataFile(DataFileError, FileNotFoundError):
+    pass
+
+
+class UnreadableDataFile(DataFileError, RuntimeError):
+    pass
+
+
+class BadDataFile(DataFileError, ValueError):
+    pass
+
+
 def read_image(path: str) -> np.ndarray:
     """An RGB image as (H, W, 3) uint8; errors name the file."""
     if not os.path.isfile(path):
-        raise FileNotFoundError(f"image file not found: {path}")
+        raise MissingDataFile(f"image file not found: {path}")
     try:
         with Image.open(path) as im:
             return np.asarray(im.convert("RGB"), dtype=np.uint8).copy()
     except Exception as e:  # PIL raises several types for truncated or foreign files
-        raise RuntimeError(f"cannot read image {path}: {type(e).__name__}: {e}") from e
+        raise UnreadableDataFile(f"cannot read image {path}: {type(e).__name__}: {e}") from e
 
 
 def read_index_mask(path: str, num_classes: int | None = None) -> np.ndarray:
@@ -42,29 +59,29 @@ def read_index_mask(path: str, num_classes: int | None = None) -> np.ndarray:
     because mapping colours back to classes is ambiguous.
     """
     if not os.path.isfile(path):
-        raise FileNotFoundError(f"mask file not found: {path}")
+        raise MissingDataFile(f"mask file not found: {path}")
     try:
         with Image.open(path) as im:
             mode = im.mode
             if mode in ("RGB", "RGBA"):
-                raise ValueError(
+                raise BadDataFile(
                     f"mask is an {mode} colour image; expected a palette (P) or single-channel index PNG whose pixel "
                     "values are class indices (255 = ignore)"
                 )
             arr = np.asarray(im)
     except ValueError as e:
-        raise ValueError(f"bad mask {path}: {e}") from e
+        raise BadDataFile(f"bad mask {path}: {e}") from e
     except Exception as e:
-        raise RuntimeError(f"cannot read mask {path}: {type(e).__name__}: {e}") from e
+        raise UnreadableDataFile(f"cannot read mask {path}: {type(e).__name__}: {e}") from e
     if arr.ndim != 2:
-        raise ValueError(f"bad mask {path}: expected a single-channel image, got shape {arr.shape}")
+        raise BadDataFile(f"bad mask {path}: expected a single-channel image, got shape {arr.shape}")
     if arr.max(initial=0) > 255 or arr.min(initial=0) < 0:
-        raise ValueError(f"bad mask {path}: values must be class indices in [0, 255], got [{arr.min()}, {arr.max()}]")
+        raise BadDataFile(f"bad mask {path}: values must be class indices in [0, 255], got [{arr.min()}, {arr.max()}]")
     arr = arr.astype(np.uint8)
     if num_classes is not None:
         bad = (arr >= num_classes) & (arr != IGNORE_INDEX)
         if bad.any():
-            raise ValueError(
+            raise BadDataFile(
                 f"bad mask {path}: class indices {sorted(np.unique(arr[bad]).tolist())} are >= num_classes="
                 f"{num_classes} (and not the ignore label {IGNORE_INDEX})"
             )
@@ -74,17 +91,17 @@ def read_index_mask(path: str, num_classes: int | None = None) -> np.ndarray:
 def read_sbd_mat(path: str) -> np.ndarray:
     """The class mask of an SBD ``dataset/cls/*.mat`` file (GTcls.Segmentation) as (H, W) uint8."""
     if not os.path.isfile(path):
-        raise FileNotFoundError(f"SBD label file not found: {path}")
+        raise MissingDataFile(f"SBD label file not found: {path}")
     try:
         from scipy.io import loadmat
 
         mat = loadmat(path, mat_dtype=False, squeeze_me=True, struct_as_record=False)
         seg = np.asarray(mat["GTcls"].Segmentation)
     except Exception as e:
-        raise RuntimeError(f"cannot read SBD label {path} (expected a struct GTcls with field Segmentation): "
+        raise UnreadableDataFile(f"cannot read SBD label {path} (expected a struct GTcls with field Segmentation): "
                            f"{type(e).__name__}: {e}") from e
     if seg.ndim != 2:
-        raise ValueError(f"bad SBD label {path}: GTcls.Segmentation has shape {seg.shape}, expected (H, W)")
+        raise BadDataFile(f"bad SBD label {path}: GTcls.Segmentation has shape {seg.shape}, expected (H, W)")
     return seg.astype(np.uint8)
 
 
@@ -122,7 +139,7 @@ def describe_source(dataset, index: int) -> str:
             return f"sample {index} of {type(dataset).__name__}"
 
 
-class WorkerCrashError(RuntimeError):
+class WorkerCrashError(DataFileError, RuntimeError):
     """A DataLoader worker died (signal or exit) while reading; the message names the file."""
 
 
@@ -409,7 +426,7 @@ class VOCSegmentation:
         else:
             mask = read_index_mask(label_path, num_classes=len(self.classes))
         if mask.shape != image.shape[:2]:
-            raise ValueError(f"label {label_path} is {mask.shape[1]}x{mask.shape[0]} but image {image_path} is "
+            raise BadDataFile(f"label {label_path} is {mask.shape[1]}x{mask.shape[0]} but image {image_path} is "
                              f"{image.shape[1]}x{image.shape[0]}")
         return image, mask, name
 
@@ -517,6 +534,6 @@ class FolderSegmentation:
         image = read_image(image_path)
         mask = read_index_mask(mask_path, num_classes=len(self.classes))
         if mask.shape != image.shape[:2]:
-            raise ValueError(f"mask {mask_path} is {mask.shape[1]}x{mask.shape[0]} but image {image_path} is "
+            raise BadDataFile(f"mask {mask_path} is {mask.shape[1]}x{mask.shape[0]} but image {image_path} is "
                              f"{image.shape[1]}x{image.shape[0]}")
         return image, mask, name

@@ -306,3 +306,66 @@ def test_eval_only_reads_the_validation_split_the_run_used(tmp_path, monkeypatch
     train_script.main(["--eval-only", "--checkpoint", ckpt, "--out-dir", str(tmp_path / "run2"), "--device", "cpu",
                        "--preview", "0", "--dataset", "folder", "--data-root", str(other)])
     assert json.load(open(tmp_path / "run2" / "metrics_eval.json"))["args"]["val_split"] is None
+
+
+def test_backbone_weights_of_another_resnet_name_the_flags_that_fit(tmp_path):
+    """--backbone-weights from a ResNet of another depth or width stops train.py before any work, in one message
+    that names the flag, the backbone it was given and the flags the file fits; an unreadable file likewise."""
+    from model.resnet import ResNet
+
+    weights = tmp_path / "r50w8.pth"
+    torch.save(ResNet(50, width=8).state_dict(), weights)
+    common = ["--crop-size", "32", "--synthetic-train-size", "4", "--synthetic-val-size", "2", "--batch-size", "2",
+              "--iterations", "1", "--no-tensorboard", "--device", "cpu", "--out-dir", str(tmp_path / "run")]
+    with pytest.raises(SystemExit) as e:
+        train_script.main(common + ["--backbone", "resnet29", "--backbone-width", "16", "--backbone-weights",
+                                    str(weights)])
+    message = str(e.value)
+    assert message.startswith(f"--backbone-weights {weights} does not fit --backbone resnet29 --backbone-width 16; "
+                              "the file holds a --backbone resnet50 --backbone-width 8: train with those flags")
+    assert len(message.splitlines()) == 1
+    (tmp_path / "junk.pth").write_bytes(b"not a checkpoint")
+    with pytest.raises(SystemExit, match=r"--backbone-weights .*junk\.pth does not fit --backbone resnet29 "
+                                         r"--backbone-width 16 \("):
+        train_script.main(common + ["--backbone", "resnet29", "--backbone-width", "16", "--backbone-weights",
+                                    str(tmp_path / "junk.pth")])
+    assert not (tmp_path / "run" / "last.pt").exists()
+    # The file that fits trains.
+    fits = tmp_path / "r29w16.pth"
+    torch.save(ResNet(29, width=16).state_dict(), fits)
+    train_script.main(common + ["--backbone", "resnet29", "--backbone-width", "16", "--backbone-weights", str(fits),
+                                "--preview", "0"])
+    assert (tmp_path / "run" / "last.pt").exists()
+
+
+def _mask_folder(root, bad: str, val: str):
+    (root / "images").mkdir(parents=True)
+    (root / "masks").mkdir()
+    (root / "classes.txt").write_text("background\ncat\ndog\n")
+    for i in range(6):
+        Image.fromarray(np.full((36, 36, 3), 40 * i, np.uint8)).save(root / "images" / f"im{i}.png")
+        mask = np.full((36, 36), i % 3, np.uint8)
+        if f"im{i}" == bad:
+            mask[3, 4] = 7
+        Image.fromarray(mask, mode="L").save(root / "masks" / f"im{i}.png")
+    (root / "val.txt").write_text(val)
+    return str(root)
+
+
+@pytest.mark.parametrize("where, workers", [("val", "0"), ("train", "0"), ("train", "1")])
+def test_a_bad_mask_met_in_training_or_evaluation_stops_in_one_line(tmp_path, monkeypatch, where, workers):
+    """A mask with a class index the class list does not have, met while training (in the process or in a
+    DataLoader worker) or evaluating: train.py names the file and what is wrong in one line, and the checkpoint
+    written before the evaluation stays."""
+    monkeypatch.setattr(train_script, "build_model", _tiny_build_model)
+    root = _mask_folder(tmp_path / "data", bad="im5" if where == "val" else "im0", val="im4\nim5\n")
+    out = tmp_path / "run"
+    with pytest.raises(SystemExit) as e:
+        train_script.main(["--dataset", "folder", "--data-root", root, "--crop-size", "32", "--batch-size", "2",
+                           "--iterations", "2", "--no-tensorboard", "--device", "cpu", "--out-dir", str(out),
+                           "--workers", workers, "--preview", "0"])
+    message = str(e.value)
+    bad = os.path.join(root, "masks", "im5.png" if where == "val" else "im0.png")
+    assert message == (f"train.py: bad mask {bad}: class indices [7] are >= num_classes=3 (and not the ignore label "
+                       f"255); the checkpoints written so far are in {out}")
+    assert (out / "last.pt").exists() == (where == "val")
