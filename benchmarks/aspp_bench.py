@@ -73,8 +73,10 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--configs", type=common.csv_list(str, CUDA_CONFIGS), default=list(CUDA_CONFIGS),
                         help="comma list: os16 (33x33, rates 6/12/18), os16_r12 (33x33, 12/24/36), os8 (65x65, "
                              "12/24/36); on cpu the same names are 17/17/33 px with halved rates")
-    parser.add_argument("--in-channels", type=int, default=None, help="Cin (default 2048 on cuda, 64 on cpu)")
-    parser.add_argument("--out-channels", type=int, default=None, help="Cout (default 256 on cuda, 32 on cpu)")
+    parser.add_argument("--in-channels", type=common.int_at_least(1, "channels"), default=None,
+                        help="Cin (default 2048 on cuda, 64 on cpu)")
+    parser.add_argument("--out-channels", type=common.int_at_least(1, "channels"), default=None,
+                        help="Cout (default 256 on cuda, 32 on cpu)")
     args = parser.parse_args(argv)
     device = common.resolve_device(args)
     cuda = device.type == "cuda"

@@ -949,6 +949,40 @@ def csv_list(kind: Callable = str, choices: Iterable | None = None) -> Callable[
     return parse
 
 
+def int_at_least(low: int, what: str) -> Callable[[str], int]:
+    """argparse type: an integer >= low (what it counts is named in the error)."""
+
+    def parse(text: str) -> int:
+        try:
+            value = int(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"expected an integer >= {low} ({what}), got {text!r}") from None
+        if value < low:
+            raise argparse.ArgumentTypeError(f"must be >= {low} ({what}), got {value}")
+        return value
+
+    return parse
+
+
+def positive_seconds(text: str) -> float:
+    """argparse type: a finite number of seconds > 0."""
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a number of seconds > 0, got {text!r}") from None
+    if not (math.isfinite(value) and value > 0):
+        raise argparse.ArgumentTypeError(f"must be a finite number of seconds > 0, got {text}")
+    return value
+
+
+def out_folder(text: str) -> str:
+    """argparse type: the results folder: a folder or a path that does not exist yet (it is created)."""
+    if os.path.exists(text) and not os.path.isdir(text):
+        raise argparse.ArgumentTypeError(f"{text} exists and is not a folder (the results folder, created if "
+                                         "missing)")
+    return text
+
+
 def add_common_args(parser: argparse.ArgumentParser, name: str, modes: Sequence[str] = MODES,
                     modes_help: str = "comma list of train_fwd (train-mode forward, autograd recording), eval_fwd "
                                       "(no_grad), fwd_bwd (forward + backward)",
@@ -961,16 +995,17 @@ def add_common_args(parser: argparse.ArgumentParser, name: str, modes: Sequence[
                         help="comma list of bf16, fp16, fp32 (TF32 off), tf32 (fp32 with TF32 on); "
                              f"default: {dtypes_default}")
     parser.add_argument("--modes", type=csv_list(str, modes), default=list(modes), help=modes_help)
-    parser.add_argument("--batches", type=csv_list(int), default=None, help="comma list of batch sizes")
+    parser.add_argument("--batches", type=csv_list(int_at_least(1, "a batch size")), default=None,
+                        help="comma list of batch sizes")
     parser.add_argument("--quick", action="store_true", help="fewest shapes and repetitions (tests, smoke runs)")
-    parser.add_argument("--out", default="bench_out", help="directory for the JSON/CSV/PNG results")
+    parser.add_argument("--out", type=out_folder, default="bench_out", help="directory for the JSON/CSV/PNG results")
     parser.add_argument("--name", default=name, help="file stem of the results (default: %(default)s)")
     parser.add_argument("--plot", action="store_true", help="also write NAME.png (needs matplotlib)")
     parser.add_argument("--profile", action="store_true",
                         help="append each timed case's top kernels (torch.profiler) to NAME_profile.txt")
-    parser.add_argument("--threads", type=int, default=None,
+    parser.add_argument("--threads", type=int_at_least(1, "torch CPU threads"), default=None,
                         help="torch CPU threads (default: torch's); 1 avoids oversubscription on a shared machine")
-    parser.add_argument("--budget-s", type=float, default=None,
+    parser.add_argument("--budget-s", type=positive_seconds, default=None,
                         help="wall-clock budget: cases left when it is spent are recorded as skipped")
 
 

@@ -886,13 +886,13 @@ def main(argv: list[str] | None = None) -> int:
                         help="comma list of train_fwd, eval_fwd (no_grad, training=False), fwd_bwd")
     parser.add_argument("--dtype", choices=tuple(common.DTYPES), default="fp32")
     parser.add_argument("--quick", action="store_true", help="few calls per case (seconds; tests, smoke runs)")
-    parser.add_argument("--out", default="bench_out", help="directory for NAME.csv and NAME.md")
+    parser.add_argument("--out", type=common.out_folder, default="bench_out", help="directory for NAME.csv and NAME.md")
     parser.add_argument("--name", default=None,
                         help="file stem (default: overhead-<device>-<machine>-<UTC date>, e.g. overhead-cpu-xeon-"
                              "2026-11-28)")
-    parser.add_argument("--threads", type=int, default=None,
+    parser.add_argument("--threads", type=common.int_at_least(1, "torch CPU threads"), default=None,
                         help="torch CPU threads (default: torch's); 1 avoids oversubscription on a shared machine")
-    parser.add_argument("--budget-s", type=float, default=None,
+    parser.add_argument("--budget-s", type=common.positive_seconds, default=None,
                         help="wall-clock budget: cases left when it is spent are recorded as skipped")
     step = parser.add_argument_group("first use: one DeepLabV3 training step on the triton backend (opt-in, runs "
                                      "first: the specializations it compiles are counted in a fresh process)")
@@ -901,9 +901,11 @@ def main(argv: list[str] | None = None) -> int:
                            f"{STEP_SPECIALIZATION_GOAL}) and time it; on CPU (interpreter) predicted from the launches")
     step.add_argument("--step-providers", type=common.csv_list(str, STEP_PROVIDERS), default=list(STEP_PROVIDERS),
                       help="triton (fused=True) and/or triton-lean (memory_efficient + upsample_cross_entropy)")
-    step.add_argument("--step-size", type=int, default=None, help="square crop (default 513 on cuda, 33 on cpu)")
-    step.add_argument("--step-batch", type=int, default=None, help="batch (default 16 on cuda, 2 on cpu)")
-    step.add_argument("--step-width", type=int, default=64,
+    step.add_argument("--step-size", type=common.int_at_least(16, "pixels: the largest output stride"), default=None,
+                      help="square crop (default 513 on cuda, 33 on cpu)")
+    step.add_argument("--step-batch", type=common.int_at_least(2, "images: training BatchNorm needs 2"), default=None,
+                      help="batch (default 16 on cuda, 2 on cpu)")
+    step.add_argument("--step-width", type=common.int_at_least(1, "the ResNet's base width"), default=64,
                       help="backbone base width: 64 is ResNet-50; smaller is a stand-in with the same layers (tests)")
     step.add_argument("--step-dtype", choices=tuple(common.DTYPES), default=None,
                       help="default bf16 on cuda, fp32 on cpu (the interpreter)")

@@ -169,8 +169,9 @@ def main(argv: list[str] | None = None) -> int:
                         help="comma list of r50, r101")
     parser.add_argument("--output-strides", type=common.csv_list(int, (8, 16)), default=[16],
                         help="comma list of 16, 8")
-    parser.add_argument("--image-size", type=int, default=None, help="square crop (default 513 on cuda, 65 on cpu)")
-    parser.add_argument("--num-classes", type=int, default=21)
+    parser.add_argument("--image-size", type=common.int_at_least(16, "pixels: the largest output stride"),
+                        default=None, help="square crop (default 513 on cuda, 65 on cpu)")
+    parser.add_argument("--num-classes", type=common.int_at_least(1, "classes"), default=21)
     args = parser.parse_args(argv)
     device = common.resolve_device(args)
     cuda = device.type == "cuda"

@@ -683,3 +683,33 @@ def test_gpu_suite_runs_the_whole_suite_when_nothing_is_marked_gpu(tmp_path):
     pytests = [c for c in calls if c.startswith("-m pytest")]
     assert len(pytests) == 2 and pytests[1].endswith("-rA tests"), pytests  # no -m: the whole suite
     assert "no test is marked gpu" in result.stdout
+
+
+@pytest.mark.parametrize("module, argv, message", [
+    ("aspp_bench", ["--threads", "-1"], "argument --threads: must be >= 1 (torch CPU threads), got -1"),
+    ("aspp_bench", ["--threads", "two"], "argument --threads: expected an integer >= 1 (torch CPU threads), got 'two'"),
+    ("aspp_bench", ["--batches", "4,-2"], "argument --batches: must be >= 1 (a batch size), got -2"),
+    ("aspp_bench", ["--in-channels", "0"], "argument --in-channels: must be >= 1 (channels), got 0"),
+    ("aspp_bench", ["--out-channels", "-3"], "argument --out-channels: must be >= 1 (channels), got -3"),
+    ("aspp_bench", ["--budget-s", "nan"], "argument --budget-s: must be a finite number of seconds > 0, got nan"),
+    ("aspp_bench", ["--budget-s", "0"], "argument --budget-s: must be a finite number of seconds > 0, got 0"),
+    ("conv_bn_relu_bench", ["--out", "FILE"], "argument --out: FILE exists and is not a folder"),
+    ("train_bench", ["--image-size", "8"], "argument --image-size: must be >= 16 (pixels: the largest output "
+                                           "stride), got 8"),
+    ("train_bench", ["--num-classes", "0"], "argument --num-classes: must be >= 1 (classes), got 0"),
+    ("overhead_bench", ["--threads", "0"], "argument --threads: must be >= 1"),
+    ("overhead_bench", ["--out", "FILE"], "argument --out: FILE exists and is not a folder"),
+    ("overhead_bench", ["--step-batch", "1"], "argument --step-batch: must be >= 2 (images: training BatchNorm "
+                                              "needs 2), got 1"),
+    ("overhead_bench", ["--step-size", "4"], "argument --step-size: must be >= 16"),
+])
+def test_benchmark_flags_out_of_range_are_refused(module, argv, message, tmp_path, capsys):
+    """A value the benchmark cannot use is a usage error naming the flag, not a silent default or a traceback."""
+    existing = tmp_path / "results.csv"
+    existing.write_text("kept\n")
+    argv = [str(existing) if a == "FILE" else a for a in argv]
+    with pytest.raises(SystemExit) as e:
+        __import__(module).main(argv)
+    assert e.value.code == 2
+    assert message.replace("FILE", str(existing)) in capsys.readouterr().err
+    assert existing.read_text() == "kept\n"
