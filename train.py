@@ -495,10 +495,27 @@ def loop_format(metrics: dict) -> str:
     return format_table(metrics)
 
 
+def check_bn_batch(args, world_size: int) -> None:
+    """Training BatchNorm needs 2 or more images per BatchNorm batch (the ASPP pooling branch has one value per image
+    and channel): refused before any work. Across processes, the unfused network's synchronized BatchNorm pools
+    every process's images; the fused ops' synchronized statistics still need 2 per process."""
+    if args.freeze_bn:
+        return
+    per_process = args.batch_size // world_size
+    if world_size == 1 and args.batch_size < 2:
+        raise SystemExit(loop.BATCH1_MESSAGE)
+    if world_size > 1 and args.fused_ops and per_process < 2:
+        raise SystemExit(f"--fused-ops over {world_size} processes needs 2 or more images per process (--batch-size "
+                         f"{2 * world_size} or more; got {args.batch_size}, {per_process} per process): the fused "
+                         "ASPP's image-pooling BatchNorm checks its batch in each process. Raise --batch-size, drop "
+                         "--fused-ops (nn.SyncBatchNorm pools the processes' images), or --freeze-bn")
+
+
 def cmd_train(args, device, info) -> None:
     if args.batch_size % info.world_size:
         raise SystemExit(f"--batch-size {args.batch_size} (global) must be divisible by the number of processes, "
                          f"{info.world_size}")
+    check_bn_batch(args, info.world_size)
     train_raw, val_raw, class_names = build_datasets(args)
     if info.is_main:
         print(f"data: {args.dataset} train {len(train_raw)} images, val {len(val_raw)} images, "

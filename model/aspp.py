@@ -59,7 +59,9 @@ class ASPPPooling(nn.Sequential):
 
     def forward(self, x: Tensor) -> Tensor:
         bn = self[2]
-        if x.shape[0] == 1 and (bn.training or bn.running_mean is None):
+        # A plain BatchNorm2d sees this process's batch alone; a synchronized one (nn.SyncBatchNorm, training's
+        # DistributedBatchNorm2d) pools the batch of every process, so one image per process is its own to judge.
+        if x.shape[0] == 1 and type(bn) is nn.BatchNorm2d and (bn.training or bn.running_mean is None):
             raise ValueError(
                 "ASPP image-pooling branch: its BatchNorm normalizes one pooled value per channel and image, so "
                 f"training it needs a batch of 2 or more; got input of shape {tuple(x.shape)} (batch 1). Use a "

@@ -97,3 +97,65 @@ def test_convert_keeps_state_dict_and_leaves_fused_batchnorms_to_the_ops():
         groups = [m.process_group for m in converted.modules() if isinstance(m, FusedConvBNReLU)] + [
             fusion.fused_config(m).process_group for m in converted.modules() if fusion.fused_config(m) is not None]
         assert groups and all(g is group for g in groups)
+
+
+def _aspp_worker(rank: int, world: int, port: int, init: dict, x: torch.Tensor, out_dir: str) -> None:
+    from model.aspp import ASPP
+
+    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
+    torch.set_num_threads(1)
+    dist.init_process_group("gloo", rank=rank, world_size=world)
+    try:
+        aspp = ASPP(6, (1, 2), out_channels=4)
+        aspp.load_state_dict(init)
+        aspp = distributed.convert_sync_batchnorm(aspp, "cpu")
+        mine = x[rank:rank + 1].clone().requires_grad_(True)
+        out = aspp(mine)
+        out.square().sum().backward()
+        torch.save({"out": out.detach(), "grad": mine.grad, "state": aspp.state_dict()},
+                   os.path.join(out_dir, f"aspp{rank}.pt"))
+    finally:
+        dist.destroy_process_group()
+
+
+@pytest.mark.skipif(not dist.is_available(), reason="torch.distributed is not available")
+def test_one_image_per_process_trains_the_aspp_pooling_branch_with_synchronized_batchnorm(tmp_path):
+    """Two processes with one image each: the synchronized BatchNorm of the ASPP's image-pooling branch sees both
+    images (the model's batch-1 guard is for a plain BatchNorm alone), and the result is the one-process batch of 2:
+    outputs, input gradients and running statistics."""
+    from model.aspp import ASPP
+
+    torch.manual_seed(0)
+    aspp = ASPP(6, (1, 2), out_channels=4)
+    init = {k: v.clone() for k, v in aspp.state_dict().items()}
+    x = torch.randn(2, 6, 5, 7)
+    ref_x = x.clone().requires_grad_(True)
+    ref = aspp(ref_x)
+    ref.square().sum().backward()
+    mp.spawn(_aspp_worker, args=(2, _free_port(), init, x, str(tmp_path)), nprocs=2, join=True)
+    for rank in range(2):
+        run = torch.load(tmp_path / f"aspp{rank}.pt")
+        torch.testing.assert_close(run["out"], ref[rank:rank + 1].detach(), rtol=1e-5, atol=1e-5)
+        torch.testing.assert_close(run["grad"], ref_x.grad[rank:rank + 1], rtol=1e-4, atol=1e-5)
+        for k, v in aspp.state_dict().items():
+            torch.testing.assert_close(run["state"][k], v, rtol=1e-5, atol=1e-6, msg=k)
+    with pytest.raises(ValueError, match="batch of 2 or more"):  # one process, one image: refused
+        aspp(x[:1])
+
+
+@pytest.mark.parametrize("world, batch, fused, refused", [
+    (1, 1, False, True), (1, 2, False, False), (2, 2, False, False), (2, 2, True, True), (2, 4, True, False),
+    (4, 4, True, True),
+])
+def test_train_py_refuses_a_bn_batch_of_one_before_any_work(world, batch, fused, refused):
+    import train as train_script
+
+    args = SimpleNamespace(batch_size=batch, fused_ops=fused, freeze_bn=False)
+    if refused:
+        with pytest.raises(SystemExit, match="batch size 1 per BatchNorm batch" if world == 1 else
+                           f"--fused-ops over {world} processes needs 2 or more images per process "
+                           f"\\(--batch-size {2 * world} or more; got {batch}, 1 per process\\)"):
+            train_script.check_bn_batch(args, world)
+    else:
+        train_script.check_bn_batch(args, world)
+    train_script.check_bn_batch(SimpleNamespace(batch_size=batch, fused_ops=fused, freeze_bn=True), world)

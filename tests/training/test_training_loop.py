@@ -217,7 +217,7 @@ def test_train_script_end_to_end(tmp_path, monkeypatch, capsys):
     m = Image.open(tmp_path / "masks" / "p1.png")
     assert m.mode == "P" and m.size == (30, 21) and np.asarray(m).max() < 21
 
-    with pytest.raises(ValueError, match="batch size 1"):
+    with pytest.raises(SystemExit, match="batch size 1"):
         train_script.main(common + ["--out-dir", str(tmp_path / "b1"), "--batch-size", "1"])
 
     # The fused ops train channels_last by default (their fastest layout on CPU and GPU): the main job end to end.
