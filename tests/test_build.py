@@ -126,3 +126,37 @@ def test_triton_backend_runs_here():
         pytest.skip("DEEPLAB_OPS_TEST_NO_INTERPRETER=1 turned the interpreter off on purpose, and no GPU is visible")
     reasons = backends.available_backends(device)["triton"]
     assert not reasons, f"triton backend cannot run {device.type} tensors here: {reasons}"
+
+
+# C++20 features with no C++17 meaning. torch 2.13+ builds extensions as C++20, torch 2.11 (the GPU machine's,
+# inside the admitted range torch>=2.6) as C++17, so the build here cannot catch them: std::erase_if once broke the
+# torch 2.11 build while every check here passed. The authoritative check is a build on the oldest admitted stack
+# (docs/kernels.md, "Ahead-of-time checks"); this scan is the one every run makes.
+CXX20_ONLY = {
+    r"\bstd::erase(_if)?\s*\(": "std::erase / std::erase_if (use erase-remove)",
+    r"#include\s*<(span|ranges|concepts|format|bit|numbers|source_location|compare|semaphore|latch|barrier)>":
+        "a C++20 header",
+    r"\bstd::(span|ranges|bit_cast|format|midpoint|lerp|ssize|to_address|source_location)\b": "a C++20 library name",
+    r"\.(starts_with|ends_with|contains)\s*\(": "starts_with / ends_with / contains (C++20 members)",
+    r"<=>": "the three-way comparison operator",
+    r"\b(consteval|constinit|co_await|co_yield|co_return|char8_t|requires)\b": "a C++20 keyword",
+    r"\busing\s+enum\b": "using enum",
+    r"\[\[(likely|unlikely|no_unique_address)\]\]": "a C++20 attribute",
+    r"[{,]\s*\.[A-Za-z_]\w*\s*=(?!=)": "a designated initializer",
+}
+
+
+def test_cxx_sources_are_cxx17():
+    """Every C++ and CUDA source compiles as C++17 (torch < 2.13 builds extensions with -std=c++17)."""
+    import re
+
+    found = []
+    for path in sorted((ROOT / "csrc").rglob("*")):
+        if path.suffix not in (".cpp", ".h", ".cu", ".cuh"):
+            continue
+        for number, line in enumerate(path.read_text().splitlines(), 1):
+            code = line.split("//", 1)[0]
+            for pattern, what in CXX20_ONLY.items():
+                if re.search(pattern, code):
+                    found.append(f"{path.relative_to(ROOT)}:{number}: {what}: {line.strip()}")
+    assert not found, "C++20 in the sources:\n" + "\n".join(found)

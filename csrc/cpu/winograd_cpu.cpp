@@ -483,7 +483,9 @@ class TransformCache {
   void allow(const at::Tensor& weight) {
     if (weight.is_inference()) return;
     std::lock_guard<std::mutex> lock(mu_);
-    std::erase_if(allowed_, [](const WeakImpl& w) { return w.expired(); });
+    // erase-remove, not std::erase_if: the extension builds as C++17 with torch < 2.13 (torch 2.11 included).
+    allowed_.erase(std::remove_if(allowed_.begin(), allowed_.end(), [](const WeakImpl& w) { return w.expired(); }),
+                   allowed_.end());
     const bool known = std::any_of(allowed_.begin(), allowed_.end(), [&](const WeakImpl& w) {
       return w._unsafe_get_target() == weight.unsafeGetTensorImpl();
     });
