@@ -725,11 +725,13 @@ def check_args(args, error, defaults: dict | None = None) -> None:
                                                                                  "stride, 16: a smaller crop leaves "
                                                                                  "less than one feature pixel)"),
         "synthetic_train_size": (1, "images"), "synthetic_val_size": (1, "images"),
-        "seed": (0, f"a seed in [0, {MAX_SEED}]"), "data_seed": (0, f"a seed in [0, {MAX_SEED}]"),
+        "seed": (0, "a seed"), "data_seed": (0, "a seed"),
     }
     for name, (low, what) in ints.items():
         v = getattr(args, name)
-        if v is not None and (v < low or (name in ("seed", "data_seed") and v > MAX_SEED)):
+        if v is not None and name in ("seed", "data_seed") and not 0 <= v <= MAX_SEED:
+            error(f"--{name.replace('_', '-')} must be in [0, {MAX_SEED}] (NumPy's seed range), got {v}")
+        elif v is not None and v < low:
             error(f"--{name.replace('_', '-')} must be >= {low} ({what}), got {v}")
     if args.lr is not None and not (_finite(args.lr) and args.lr > 0):
         error(f"--lr must be a finite number > 0, got {args.lr}")

@@ -33,6 +33,16 @@ def _image_size(text: str) -> tuple[int, int]:
     return (sizes[0], sizes[0]) if len(sizes) == 1 else sizes
 
 
+def _batch_size(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected an integer >= 1, got {text!r}") from None
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"must be >= 1, got {value}")
+    return value
+
+
 def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     """Command-line arguments (see `python -m model --help`)."""
     p = argparse.ArgumentParser(prog="python -m model", description=__doc__.split("\n\n")[0],
@@ -50,7 +60,7 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     p.add_argument("--residual-unit", choices=RESIDUAL_UNITS, default="v1.5")
     p.add_argument("--num-classes", type=int, default=21)
     p.add_argument("--image-size", type=_image_size, default=(513, 513), help="N or HxW (default 513)")
-    p.add_argument("--batch-size", type=int, default=1)
+    p.add_argument("--batch-size", type=_batch_size, default=1, help="images (default 1)")
     return p.parse_args(argv)
 
 
@@ -125,8 +135,6 @@ def main(argv: Sequence[str] | None = None) -> int:
     if not args.summary:
         parse_args(["--help"])
         return 2
-    if args.batch_size < 1:
-        raise SystemExit(f"--batch-size must be >= 1, got {args.batch_size}")
     try:
         with torch.device("meta"):
             model: nn.Module = deeplabv3_resnet(

@@ -327,3 +327,8 @@ def test_summary_cli_matches_torchvision_published_numbers(capsys):
     assert "resnet101" in capsys.readouterr().out
     assert summary_main(["--summary", "--output-stride", "4"]) == 2
     assert "output_stride must be one of (8, 16)" in capsys.readouterr().err
+    for bad in ("0", "-3", "two"):  # a usage error with the usage line, as argparse gives every flag
+        with pytest.raises(SystemExit) as e:
+            summary_main(["--summary", "--batch-size", bad])
+        err = capsys.readouterr().err
+        assert e.value.code == 2 and err.startswith("usage: python -m model") and "argument --batch-size:" in err

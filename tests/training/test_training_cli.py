@@ -52,8 +52,8 @@ def _parse_error(argv, capsys) -> str:
     (["--scale-range", "2", "1"], "--scale-range MIN MAX must satisfy 0 < MIN <= MAX, got 2 1"),
     (["--scale-range", "0", "1"], "--scale-range MIN MAX must satisfy 0 < MIN <= MAX, got 0 1"),
     (["--synthetic-train-size", "0"], "--synthetic-train-size must be >= 1 (images), got 0"),
-    (["--seed", "-1"], "--seed must be >= 0 (a seed in [0, 4294967295]), got -1"),
-    (["--data-seed", str(2**32)], "--data-seed must be >= 0 (a seed in [0, 4294967295]), got 4294967296"),
+    (["--seed", "-1"], "--seed must be in [0, 4294967295] (NumPy's seed range), got -1"),
+    (["--data-seed", str(2**32)], "--data-seed must be in [0, 4294967295] (NumPy's seed range), got 4294967296"),
     (["--predict", "x", "--eval-only", "--checkpoint", "c.pt"],
      "--predict and --eval-only are two commands: drop --eval-only to write masks for the images in x, or drop "
      "--predict"),
