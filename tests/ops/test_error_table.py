@@ -277,6 +277,7 @@ CASES = {
     "aspp-empty": lambda d: aspp(x=torch.randn(2, 5, 0, 6)),
     "aspp-list": lambda d: aspp(conv_weights=aspp_args()["conv_weights"][:-1]),
     "aspp-list-item": lambda d: aspp_item("bn_weights", 1, [1.0]),
+    "aspp-x-channels": lambda d: aspp(x=torch.randn(2, 4, 7, 6)),
     "aspp-conv-shape": lambda d: aspp_item("conv_weights", 1, torch.randn(3, 5, 1, 1)),
     "aspp-pool-shape": lambda d: aspp(pool_weight=torch.randn(3, 4, 1, 1)),
     "aspp-project-shape": lambda d: aspp(project_weight=torch.randn(3, 7, 1, 1)),
