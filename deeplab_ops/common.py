@@ -100,6 +100,19 @@ def from_nhwc(t: Tensor, memory_format: torch.memory_format) -> Tensor:
 _DTYPE = operator.attrgetter("dtype")
 
 
+def strided_like(grad: Tensor | None, param: Tensor) -> Tensor | None:
+    """`grad` with `param`'s strides where the two differ only in dimensions of size 1 (a 1 x 1 weight created
+    channels_last has strides (C_in, 1, C_in, C_in), the same memory as the contiguous (C_in, 1, 1, 1)): a view, no
+    copy, so DistributedDataParallel's buckets see the parameter's layout (it warns "grad strides do not match
+    bucket view strides" otherwise). Any other grad is returned as it is. The C++ composites' twin:
+    strided_like_param (csrc/common/activation_layout.h)."""
+    if grad is None or grad.shape != param.shape or grad.stride() == param.stride():
+        return grad
+    if any(size != 1 and a != b for size, a, b in zip(grad.shape, grad.stride(), param.stride(), strict=True)):
+        return grad
+    return grad.as_strided(param.shape, param.stride(), grad.storage_offset())
+
+
 def back_to_back(ts) -> bool:
     """Whether the equally shaped tensors `ts` (a non-empty sequence) lie back to back, in order, in the first one's
     storage, with one dtype and each contiguous: what lets a list of per-BatchNorm tensors be taken as one view. The

@@ -23,6 +23,18 @@ inline at::Tensor opmath_channel_vector(const at::Tensor& t, at::ScalarType dtyp
   return t.scalar_type() == dtype ? t.contiguous() : t.to(dtype).contiguous();
 }
 
+// `grad` with `param`'s strides where the two differ only in dimensions of size 1 (a 1 x 1 weight created
+// channels_last has strides (C_in, 1, C_in, C_in), the same memory as the contiguous (C_in, 1, 1, 1)): a view, no
+// copy. DistributedDataParallel's buckets and optimizers that compare strides then see the parameter's own layout
+// (DDP warns "grad strides do not match bucket view strides" otherwise). Any other grad is returned as it is.
+inline at::Tensor strided_like_param(const at::Tensor& grad, const at::Tensor& param) {
+  if (!grad.defined() || grad.sizes() != param.sizes() || grad.strides() == param.strides()) return grad;
+  for (int64_t d = 0; d < grad.dim(); ++d) {
+    if (grad.size(d) != 1 && grad.stride(d) != param.stride(d)) return grad;
+  }
+  return grad.as_strided(param.sizes(), param.strides(), grad.storage_offset());
+}
+
 // An activation as N planes of C channels of H*W values each.
 struct ActivationShape {
   int64_t n, c, hw;

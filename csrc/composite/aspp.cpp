@@ -246,7 +246,9 @@ std::tuple<at::Tensor, std::vector<at::Tensor>, at::Tensor, at::Tensor, at::Tens
     grad_bn_weight = at::cat({sgx_b, sgx_p, sgx_o});
     grad_bn_bias = at::cat({sg_b, sg_p, sg_o});
   }
-  return {grad_x, grad_conv, grad_pool_weight, grad_project_weight, grad_bn_weight, grad_bn_bias};
+  for (size_t b = 0; b < grad_conv.size(); ++b) grad_conv[b] = strided_like_param(grad_conv[b], conv_weights[b]);
+  return {grad_x, grad_conv, strided_like_param(grad_pool_weight, pool_weight),
+          strided_like_param(grad_project_weight, project_weight), grad_bn_weight, grad_bn_bias};
 }
 
 }  // namespace

@@ -17,7 +17,7 @@ import triton
 import triton.language as tl
 from torch._prims_common import suggest_memory_format
 
-from deeplab_ops.common import from_nhwc, opmath_dtype, to_nhwc
+from deeplab_ops.common import from_nhwc, opmath_dtype, strided_like, to_nhwc
 from deeplab_ops.triton.bn_kernels import (
     _relu,
     acc_dtype,
@@ -751,7 +751,9 @@ def backward(
         grad_proj = grad_proj.contiguous(memory_format=suggest_memory_format(project_weight))
     if not output_mask[2]:
         grad_bw = grad_bb = None
-    return grad_x, grad_conv, grad_pool, grad_proj, grad_bw, grad_bb
+    grad_conv = [strided_like(g, w) for g, w in zip(grad_conv, conv_weights, strict=False)]
+    return grad_x, grad_conv, strided_like(grad_pool, pool_weight), strided_like(grad_proj, project_weight), grad_bw, \
+        grad_bb
 
 
 # ---- the padding-tap schedule ---------------------------------------------------------------------------

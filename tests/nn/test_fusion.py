@@ -8,7 +8,7 @@ import io
 
 import pytest
 import torch
-from helpers import TRITON_DEVICE, assert_close, device_for, triton_test
+from helpers import TRITON_DEVICE, assert_close, backend_param, device_for, triton_test
 from torch import nn
 from torchvision.models.resnet import BasicBlock, Bottleneck
 from torchvision.models.segmentation.deeplabv3 import ASPP as TorchvisionASPP
@@ -294,3 +294,37 @@ def test_fused_aspp_runs_the_op_under_frozen_bn_and_the_original_under_mixed_mod
     assert_close(fused(x), want, mode, ATOL, RTOL)
     assert len(calls) == (1 if mode == "frozen_bn" else 0)
     _assert_same_state(fused, plain, mode)
+
+
+def _grad_stride_mismatches(net: nn.Module) -> list:
+    return [(n, tuple(p.stride()), tuple(p.grad.stride())) for n, p in net.named_parameters()
+            if p.grad is not None and p.grad.stride() != p.stride()]
+
+
+@pytest.mark.parametrize("backend", [backend_param(b) for b in ("cpu", "cuda", "triton", "reference")])
+@pytest.mark.parametrize("memory_efficient", [False, True], ids=["", "memory_efficient"])
+def test_grads_have_their_parameters_strides_in_a_channels_last_model(backend, memory_efficient):
+    """A channels_last fused network (1 x 1 and 3 x 3 conv-BN-ReLU, an ASPP): every parameter's gradient has the
+    parameter's own strides (1 x 1 weights included, whose channels_last strides differ from the contiguous ones
+    only in size-1 dimensions), as eager PyTorch gives them; DistributedDataParallel warns "grad strides do not
+    match bucket view strides" otherwise. On the cpu backend the whole DeepLabV3 too."""
+    from model import deeplabv3_resnet
+    from model.aspp import ASPP
+
+    device = device_for(backend)
+    torch.manual_seed(0)
+    small = nn.Sequential(nn.Conv2d(6, 8, 1, bias=False), nn.BatchNorm2d(8), nn.ReLU(),
+                          nn.Conv2d(8, 8, 3, padding=1, bias=False), nn.BatchNorm2d(8), nn.ReLU(),
+                          ASPP(8, (1, 2), out_channels=4))
+    cases = [(small, (2, 6, 6, 7), lambda out: out)]
+    fuse_modules(small, backend=backend, memory_efficient=memory_efficient)
+    assert fusion.fused_config(small[6]) is not None  # the ASPP runs on the fused op
+    if backend == "cpu":
+        cases.append((deeplabv3_resnet(29, num_classes=3, output_stride=8, width=8, fused=True,
+                                       memory_efficient=memory_efficient), (2, 3, 33, 33), lambda out: out["out"]))
+    for net, shape, pick in cases:
+        net = net.to(device, memory_format=torch.channels_last)
+        x = torch.randn(*shape, device=device).contiguous(memory_format=torch.channels_last)
+        pick(net(x)).sum().backward()
+        assert not _grad_stride_mismatches(net), _grad_stride_mismatches(net)
+        assert all(p.grad is not None for p in net.parameters())
