@@ -964,14 +964,14 @@ def int_at_least(low: int, what: str) -> Callable[[str], int]:
     return parse
 
 
-def positive_seconds(text: str) -> float:
-    """argparse type: a finite number of seconds > 0."""
+def budget_seconds(text: str) -> float:
+    """argparse type: a finite number of seconds >= 0 (0: every case is recorded as skipped, nothing runs)."""
     try:
         value = float(text)
     except ValueError:
-        raise argparse.ArgumentTypeError(f"expected a number of seconds > 0, got {text!r}") from None
-    if not (math.isfinite(value) and value > 0):
-        raise argparse.ArgumentTypeError(f"must be a finite number of seconds > 0, got {text}")
+        raise argparse.ArgumentTypeError(f"expected a number of seconds >= 0, got {text!r}") from None
+    if not (math.isfinite(value) and value >= 0):
+        raise argparse.ArgumentTypeError(f"must be a finite number of seconds >= 0, got {text}")
     return value
 
 
@@ -1005,7 +1005,7 @@ def add_common_args(parser: argparse.ArgumentParser, name: str, modes: Sequence[
                         help="append each timed case's top kernels (torch.profiler) to NAME_profile.txt")
     parser.add_argument("--threads", type=int_at_least(1, "torch CPU threads"), default=None,
                         help="torch CPU threads (default: torch's); 1 avoids oversubscription on a shared machine")
-    parser.add_argument("--budget-s", type=positive_seconds, default=None,
+    parser.add_argument("--budget-s", type=budget_seconds, default=None,
                         help="wall-clock budget: cases left when it is spent are recorded as skipped")
 
 

@@ -892,7 +892,7 @@ def main(argv: list[str] | None = None) -> int:
                              "2026-11-28)")
     parser.add_argument("--threads", type=common.int_at_least(1, "torch CPU threads"), default=None,
                         help="torch CPU threads (default: torch's); 1 avoids oversubscription on a shared machine")
-    parser.add_argument("--budget-s", type=common.positive_seconds, default=None,
+    parser.add_argument("--budget-s", type=common.budget_seconds, default=None,
                         help="wall-clock budget: cases left when it is spent are recorded as skipped")
     step = parser.add_argument_group("first use: one DeepLabV3 training step on the triton backend (opt-in, runs "
                                      "first: the specializations it compiles are counted in a fresh process)")

@@ -488,7 +488,9 @@ def _aspp_config(bns: list[nn.BatchNorm2d], tensors: list[tuple]) -> bool:
                 f"track_running_stats; {bn} differs from {bns[0]}"
             )
         if a[0] is None or a[1] is None:
-            raise ValueError(f"the fused ASPP needs affine BatchNorms, got {bn}")
+            missing = " and ".join(n for n, t in (("weight", a[0]), ("bias", a[1])) if t is None)
+            raise ValueError(f"the fused ASPP needs affine BatchNorms (a weight and a bias each), but a "
+                             f"{type(bn).__name__}({bn.num_features}) has no {missing}")
     return training
 
 

@@ -1,5 +1,7 @@
 #include "composite/group_collectives.h"
 
+#include <ATen/core/dispatch/Dispatcher.h>
+#include <ATen/core/stack.h>
 #include <torch/csrc/distributed/c10d/GroupRegistry.hpp>
 #include <torch/csrc/distributed/c10d/ProcessGroup.hpp>
 
@@ -13,21 +15,24 @@ at::Tensor wait_tensor(const at::Tensor& t) {
   return op.call(t);
 }
 
-// The group argument of the functional collectives is `Any` (a group name or a ProcessGroup) in this torch; a
-// name travels as a string IValue.
+// The group argument of the functional collectives is `str group_name` in torch 2.11 and `Any group_name` (a name
+// or a ProcessGroup) in torch 2.14: a typed call matches one schema only (a mismatch is "Tried to access or call an
+// operator with a wrong signature"), so they are called boxed, with the name as a string IValue, which both take.
+at::Tensor call_collective(const c10::OperatorHandle& op, torch::jit::Stack stack) {
+  op.callBoxed(&stack);
+  return wait_tensor(stack.at(0).toTensor());
+}
+
 // (size * numel,): every process's `t`, in rank order.
 at::Tensor all_gather_into_tensor(const at::Tensor& t, const BnGroup& group) {
-  static auto op = c10::Dispatcher::singleton()
-                       .findSchemaOrThrow("_c10d_functional::all_gather_into_tensor", "")
-                       .typed<at::Tensor(const at::Tensor&, int64_t, const c10::IValue&)>();
-  return wait_tensor(op.call(t, group.size, c10::IValue(group.name)));
+  static const auto op =
+      c10::Dispatcher::singleton().findSchemaOrThrow("_c10d_functional::all_gather_into_tensor", "");
+  return call_collective(op, {t, group.size, c10::IValue(group.name)});
 }
 
 at::Tensor all_reduce_sum(const at::Tensor& t, const BnGroup& group) {
-  static auto op = c10::Dispatcher::singleton()
-                       .findSchemaOrThrow("_c10d_functional::all_reduce", "")
-                       .typed<at::Tensor(const at::Tensor&, std::string, const c10::IValue&)>();
-  return wait_tensor(op.call(t, "sum", c10::IValue(group.name)));
+  static const auto op = c10::Dispatcher::singleton().findSchemaOrThrow("_c10d_functional::all_reduce", "");
+  return call_collective(op, {t, c10::IValue(std::string("sum")), c10::IValue(group.name)});
 }
 
 }  // namespace

@@ -691,8 +691,8 @@ def test_gpu_suite_runs_the_whole_suite_when_nothing_is_marked_gpu(tmp_path):
     ("aspp_bench", ["--batches", "4,-2"], "argument --batches: must be >= 1 (a batch size), got -2"),
     ("aspp_bench", ["--in-channels", "0"], "argument --in-channels: must be >= 1 (channels), got 0"),
     ("aspp_bench", ["--out-channels", "-3"], "argument --out-channels: must be >= 1 (channels), got -3"),
-    ("aspp_bench", ["--budget-s", "nan"], "argument --budget-s: must be a finite number of seconds > 0, got nan"),
-    ("aspp_bench", ["--budget-s", "0"], "argument --budget-s: must be a finite number of seconds > 0, got 0"),
+    ("aspp_bench", ["--budget-s", "nan"], "argument --budget-s: must be a finite number of seconds >= 0, got nan"),
+    ("aspp_bench", ["--budget-s", "-1"], "argument --budget-s: must be a finite number of seconds >= 0, got -1"),
     ("conv_bn_relu_bench", ["--out", "FILE"], "argument --out: FILE exists and is not a folder"),
     ("train_bench", ["--image-size", "8"], "argument --image-size: must be >= 16 (pixels: the largest output "
                                            "stride), got 8"),

@@ -87,7 +87,11 @@ def test_conv_bias_act_channels_last_relu_runs_one_onednn_call_when_large(with_r
         assert "mkldnn::_convolution_pointwise" not in names and "aten::relu_" in names, names
     elif torch.backends.mkldnn.is_available() and torch.backends.mkldnn.enabled:
         assert "mkldnn::_convolution_pointwise" in names, names
-        assert not {"aten::add_", "aten::relu_", "aten::copy_"} & set(names), names
+        assert not {"aten::add_", "aten::relu_"} & set(names), names
+        # torch 2.11's binary form accumulates into a clone of the residual (oneDNN's sum post-op writes over its
+        # second operand): one copy inside the op; torch 2.14's reads it (a binary add post-op): none.
+        old_binary = with_residual and tuple(int(v) for v in torch.__version__.split(".")[:2]) < (2, 14)
+        assert names.count("aten::copy_") <= (1 if old_binary else 0), names
     assert out.is_contiguous(memory_format=cl)
     ref = F.conv2d(x.double(), w.double(), bias.double(), 1, 2, 2)
     if residual is not None:
