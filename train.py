@@ -134,17 +134,20 @@ def backbone_weights_or_exit(net: torch.nn.Module, args) -> None:
         raise SystemExit(f"--backbone-weights {path}: file not found")
     try:
         load_backbone_weights(net, path)
-    except (RuntimeError, ValueError, TypeError, pickle.UnpicklingError) as e:
+    except (RuntimeError, ValueError, TypeError, EOFError, OSError, pickle.UnpicklingError) as e:
         first = str(e).splitlines()[0] if str(e) else type(e).__name__
+        if isinstance(e, EOFError) or (os.path.isfile(path) and os.path.getsize(path) == 0):
+            first = "the file is empty"
         fits = _resnet_flags(path)
-        hint = f"; the file holds a {fits}: train with those flags" if fits else ""
-        raise SystemExit(f"--backbone-weights {path} does not fit --backbone {args.backbone} --backbone-width "
-                         f"{args.backbone_width}{hint} ({first})") from None
+        given = f"--backbone {args.backbone} --backbone-width {args.backbone_width}"
+        hint = f"; the file holds a {fits}: train with those flags" if fits and fits != given else ""
+        raise SystemExit(f"--backbone-weights {path} does not fit {given}{hint} ({first})") from None
 
 
 def _resnet_flags(path: str) -> str | None:
-    """'--backbone resnetD --backbone-width W' for an ImageNet ResNet state_dict whose blocks per stage match one of
-    model/'s depths, None otherwise."""
+    """'--backbone resnetD --backbone-width W' for a state_dict of one of model/'s ResNets (torchvision's v1.5
+    bottleneck: the blocks per stage of a depth model/ builds, the stem's width, ungrouped 3x3 convolutions as wide as
+    the stem at layer1), None for anything else (resnet34's basic blocks, wide ResNets, ResNeXts, ...)."""
     try:
         from model.checkpoint import read_state_dict
         from model.resnet import DEPTHS
@@ -154,10 +157,13 @@ def _resnet_flags(path: str) -> str | None:
         return None
     blocks = tuple(len({k.split(".")[1] for k in state if k.startswith(f"layer{i}.")}) for i in range(1, 5))
     depth = next((d for d, b in DEPTHS.items() if b == blocks), None)
-    stem = state.get("conv1.weight")
-    if depth is None or stem is None:
+    stem, conv1, conv2 = (state.get(k) for k in ("conv1.weight", "layer1.0.conv1.weight", "layer1.0.conv2.weight"))
+    if depth is None or stem is None or conv1 is None or conv2 is None or "layer1.0.conv3.weight" not in state:
         return None
-    return f"--backbone resnet{depth} --backbone-width {stem.shape[0]}"
+    width = stem.shape[0]
+    if conv1.shape[0] != width or conv2.shape[:2] != (width, width):
+        return None
+    return f"--backbone resnet{depth} --backbone-width {width}"
 
 
 # ---- data --------------------------------------------------------------------------------------------------------
@@ -441,12 +447,20 @@ EVAL_DATASET_FLAGS = {"synthetic": ("dataset", "crop_size", "synthetic_val_size"
                       "folder": ("dataset", "data_root", "classes", "val_split")}
 
 
+def _same_folder(given: str | None, saved: str | None) -> bool:
+    """Whether --data-root (None: not given) names the checkpoint's data root, however spelled."""
+    if given is None or given == saved:
+        return True
+    return saved is not None and os.path.realpath(given) == os.path.realpath(saved)
+
+
 def cmd_eval_only(args, device, info) -> None:
     path = args.checkpoint or os.path.join(args.out_dir or os.path.join("runs", args.dataset or "synthetic"), "best.pt")
     ckpt = checkpoint_or_exit(path, "--checkpoint" if args.checkpoint else "--eval-only (default checkpoint)")
     saved = ckpt.get("args", {})
-    same_root = args.data_root is None or args.data_root == saved.get("data_root")
-    if (args.dataset is None or args.dataset == saved.get("dataset")) and same_root:  # the dataset it trained on
+    if args.dataset is None and saved.get("dataset") is not None:  # the kind of dataset it trained on
+        args.dataset = saved["dataset"]
+    if args.dataset == saved.get("dataset") and _same_folder(args.data_root, saved.get("data_root")):
         for key in EVAL_DATASET_FLAGS.get(saved.get("dataset"), ()):
             if getattr(args, key) is None and saved.get(key) is not None:
                 setattr(args, key, saved[key])
@@ -588,7 +602,9 @@ def cmd_train(args, device, info) -> None:
         result = loop.fit(net, train_set, cfg, device, val_fn=val_fn, resume=resume, rank=info.rank,
                           world_size=info.world_size, log=log)
     except FloatingPointError as e:  # a NaN/Inf loss: the message says which checkpoint is the last good one
-        raise SystemExit(f"train.py: {e}") from None
+        # Every process stops at the same step (the loss is summed over them); the main one, which wrote the
+        # checkpoints, says so, the others exit quietly with status 1.
+        raise SystemExit(f"train.py: {e}" if info.is_main else 1) from None
     finally:
         log.close()
     train_s = time.time() - t0
@@ -709,6 +725,7 @@ TRAINING_ONLY = ("resume", "stop_after", "checkpoint_every", "iterations", "batc
                  "backbone_weights", "output_stride", "aux_loss", "memory_efficient", "eval_every")
 NOT_PREDICT = ("out_dir", "preview", "eval_batch_size", "workers", "train_split", "val_split", "sbd_root",
                "synthetic_train_size", "synthetic_val_size", "data_seed", "crop_size")
+NOT_EVAL_ONLY = ("train_split", "synthetic_train_size")
 
 
 def check_args(args, error, defaults: dict | None = None) -> None:
@@ -782,6 +799,8 @@ def check_args(args, error, defaults: dict | None = None) -> None:
             elif args.predict and name in NOT_PREDICT:
                 warn(f"--{name.replace('_', '-')} is not read by --predict, which writes masks for the images in "
                      f"{args.predict} to --out")
+            elif args.eval_only and name in NOT_EVAL_ONLY:
+                warn(f"--{name.replace('_', '-')} is not read by --eval-only, which evaluates the validation split")
     if not args.eval_only:  # --eval-only takes the dataset from the checkpoint: checked once it is known
         check_dataset_flags(args, error)
 
@@ -860,8 +879,10 @@ def main(argv=None) -> None:
             _apply_presets(args, device)
             cmd_train(args, device, info)
     except datasets.DataFileError as e:  # a sample's file, met while training or evaluating: named in one line
-        kept = "" if args.predict or args.eval_only else \
-            f"; the checkpoints written so far are in {os.path.abspath(args.out_dir)}"
+        written = [] if args.predict or args.eval_only else \
+            [f for f in ("last.pt", "best.pt") if os.path.isfile(os.path.join(args.out_dir, f))]
+        kept = f"; the checkpoints written so far ({', '.join(written)}) are in {os.path.abspath(args.out_dir)}" \
+            if written else ""
         raise SystemExit(f"train.py: {_data_error_text(e)}{kept}") from None
     finally:
         if info.enabled:

@@ -3,6 +3,7 @@
 #include "common/arg_checks.h"
 
 #include <utility>
+#include <vector>
 
 namespace deeplab_ops {
 namespace {
@@ -147,6 +148,18 @@ void check_conv_geometry_args(const at::Tensor& x, const at::Tensor& weight, at:
                 " with padding ", padding, " is smaller than the dilated kernel (", weight.sizes().slice(2),
                 " at dilation ", dilation, ")");
   }
+}
+
+void check_conv_output(const at::Tensor& x, const at::Tensor& weight, at::IntArrayRef stride, at::IntArrayRef padding,
+                       at::IntArrayRef dilation, const at::Tensor& conv_out) {
+  TORCH_CHECK(conv_out.defined(), "deeplab_ops: conv_out must be a tensor (the forward's convolution output)");
+  std::vector<int64_t> expected{x.size(0), weight.size(0), 0, 0};
+  for (int i = 0; i < 2; ++i) {
+    expected[2 + i] = (x.size(2 + i) + 2 * padding[i] - dilation[i] * (weight.size(2 + i) - 1) - 1) / stride[i] + 1;
+  }
+  TORCH_CHECK(conv_out.sizes() == at::IntArrayRef(expected), "deeplab_ops: conv_out must have shape ",
+              at::IntArrayRef(expected), " (x ", x.sizes(), " convolved with weight ", weight.sizes(), " at stride ",
+              stride, ", padding ", padding, ", dilation ", dilation, "), got ", conv_out.sizes());
 }
 
 }  // namespace deeplab_ops

@@ -28,4 +28,9 @@ void check_dy_args(const at::Tensor& input, const std::optional<at::Tensor>& wei
 void check_conv_geometry_args(const at::Tensor& x, const at::Tensor& weight, at::IntArrayRef stride,
                               at::IntArrayRef padding, at::IntArrayRef dilation);
 
+// The convolution output a backward receives (conv_out) has the shape the geometry gives: (N, C_out, H_out, W_out)
+// of x, weight, stride, padding and dilation (checked by check_conv_geometry_args first).
+void check_conv_output(const at::Tensor& x, const at::Tensor& weight, at::IntArrayRef stride, at::IntArrayRef padding,
+                       at::IntArrayRef dilation, const at::Tensor& conv_out);
+
 }  // namespace deeplab_ops

@@ -128,35 +128,78 @@ def test_triton_backend_runs_here():
     assert not reasons, f"triton backend cannot run {device.type} tensors here: {reasons}"
 
 
-# C++20 features with no C++17 meaning. torch 2.13+ builds extensions as C++20, torch 2.11 (the GPU machine's,
-# inside the admitted range torch>=2.6) as C++17, so the build here cannot catch them: std::erase_if once broke the
-# torch 2.11 build while every check here passed. The authoritative check is a build on the oldest admitted stack
-# (docs/kernels.md, "Ahead-of-time checks"); this scan is the one every run makes.
-CXX20_ONLY = {
-    r"\bstd::erase(_if)?\s*\(": "std::erase / std::erase_if (use erase-remove)",
-    r"#include\s*<(span|ranges|concepts|format|bit|numbers|source_location|compare|semaphore|latch|barrier)>":
-        "a C++20 header",
-    r"\bstd::(span|ranges|bit_cast|format|midpoint|lerp|ssize|to_address|source_location)\b": "a C++20 library name",
-    r"\.(starts_with|ends_with|contains)\s*\(": "starts_with / ends_with / contains (C++20 members)",
-    r"<=>": "the three-way comparison operator",
-    r"\b(consteval|constinit|co_await|co_yield|co_return|char8_t|requires)\b": "a C++20 keyword",
-    r"\busing\s+enum\b": "using enum",
-    r"\[\[(likely|unlikely|no_unique_address)\]\]": "a C++20 attribute",
-    r"[{,]\s*\.[A-Za-z_]\w*\s*=(?!=)": "a designated initializer",
+# C++20 features with no C++17 meaning. torch 2.13+ builds extensions as C++20, torch 2.11 (the GPU machine's) as
+# C++17, so the build here cannot catch them: std::erase_if once broke the torch 2.11 build while every check here
+# passed. The authoritative check is a build on that stack (docs/kernels.md, "Tested stacks"); this scan is the one
+# every run makes. Each pattern has an example it must find (test_cxx20_patterns_find_their_examples).
+CXX20_ONLY = {  # pattern: (what, an example)
+    r"\bstd::erase(_if)?\s*\(": ("std::erase / std::erase_if (use erase-remove)", "std::erase_if(v, pred);"),
+    r"#\s*include\s*<(span|ranges|concepts|format|bit|numbers|source_location|compare|semaphore|latch|barrier|"
+    r"stop_token|syncstream)>": ("a C++20 header", "#include <span>"),
+    r"\bstd::(span|ranges|views|bit_cast|popcount|bit_width|bit_ceil|bit_floor|countl_zero|countr_zero|has_single_bit|"
+    r"format|midpoint|lerp|ssize|to_address|source_location|remove_cvref(_t)?|is_constant_evaluated|type_identity|"
+    r"make_shared_for_overwrite|jthread)\b": ("a C++20 library name", "int n = std::popcount(x);"),
+    r"\.(starts_with|ends_with|contains)\s*\(": ("starts_with / ends_with / contains (C++20 members)",
+                                                  "if (name.starts_with(\"a\")) {}"),
+    r"<=>": ("the three-way comparison operator", "auto c = a <=> b;"),
+    r"\b(consteval|constinit|co_await|co_yield|co_return|char8_t|requires|concept)\b":
+        ("a C++20 keyword", "consteval int f() { return 1; }"),
+    r"\busing\s+enum\b": ("using enum", "using enum Color;"),
+    r"\[\[\s*(likely|unlikely|no_unique_address)\s*\]\]": ("a C++20 attribute", "if (x) [[likely]] { }"),
+    r"(^|[{,(])\s*\.[A-Za-z_]\w*\s*=(?!=)": ("a designated initializer", "Point p{.x = 1, .y = 2};"),
+    r"\[[^\]\n]*\]\s*<\s*(typename|class|auto)\b": ("a lambda with a template parameter list",
+                                                         "auto f = []<typename T>(T t) { return t; };"),
 }
+
+
+def _code_only(text: str) -> str:
+    """C++ source without comments and string/character literals (their text is not code), lines kept."""
+    import re
+
+    def blank(match: re.Match) -> str:
+        return "\n" * match.group(0).count("\n") if match.group(0).startswith("/*") else \
+            (" " if match.group(0).startswith("//") else '""')
+
+    return re.sub(r'/\*.*?\*/|//[^\n]*|"(?:\\.|[^"\\\n])*"|\'(?:\\.|[^\'\\\n])*\'', blank, text, flags=re.S)
+
+
+def _cxx20_uses(text: str) -> list[tuple[int, str]]:
+    import re
+
+    found = []
+    for number, code in enumerate(_code_only(text).splitlines(), 1):
+        for pattern, (what, _) in CXX20_ONLY.items():
+            if re.search(pattern, code):
+                found.append((number, what))
+    return found
+
+
+def test_cxx20_patterns_find_their_examples():
+    """Each pattern finds its example, and none fires on C++17 code that merely looks alike (comments, strings,
+    a member named like a C++20 one, a `.x = ` assignment statement)."""
+    for pattern, (what, example) in CXX20_ONLY.items():
+        assert any(w == what for _, w in _cxx20_uses(example)), (pattern, example)
+    clean = """
+        // requires grad; std::erase_if in a comment; a <=> b
+        /* consteval
+           std::span */
+        TORCH_CHECK(ok, "x requires a tensor that contains(3) <=> values");
+        v.erase(std::remove_if(v.begin(), v.end(), pred), v.end());
+        p.x = 1;
+        q->x = 2;
+        auto f = [](int t) { return t < 3; };
+        char c = '"';
+        std::map<int, int> m; m.count(3);
+    """
+    assert _cxx20_uses(clean) == [], _cxx20_uses(clean)
 
 
 def test_cxx_sources_are_cxx17():
     """Every C++ and CUDA source compiles as C++17 (torch < 2.13 builds extensions with -std=c++17)."""
-    import re
-
     found = []
     for path in sorted((ROOT / "csrc").rglob("*")):
-        if path.suffix not in (".cpp", ".h", ".cu", ".cuh"):
-            continue
-        for number, line in enumerate(path.read_text().splitlines(), 1):
-            code = line.split("//", 1)[0]
-            for pattern, what in CXX20_ONLY.items():
-                if re.search(pattern, code):
-                    found.append(f"{path.relative_to(ROOT)}:{number}: {what}: {line.strip()}")
+        if path.suffix in (".cpp", ".h", ".cu", ".cuh"):
+            lines = path.read_text().splitlines()
+            found += [f"{path.relative_to(ROOT)}:{n}: {what}: {lines[n - 1].strip()}"
+                      for n, what in _cxx20_uses(path.read_text())]
     assert not found, "C++20 in the sources:\n" + "\n".join(found)

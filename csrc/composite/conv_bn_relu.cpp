@@ -78,6 +78,8 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> conv_bn_r
     const at::Tensor& save_mean, const at::Tensor& save_invstd, at::IntArrayRef stride, at::IntArrayRef padding,
     at::IntArrayRef dilation, bool training, bool relu, std::array<bool, 5> output_mask,
     std::optional<c10::string_view> group_name) {
+  check_conv_geometry_args(x, weight, stride, padding, dilation);
+  check_conv_output(x, weight, stride, padding, dilation, conv_out);
   check_backward_args(grad_out_, out, conv_out, save_mean, save_invstd);
   const auto mf = conv_out.suggest_memory_format();
   const at::Tensor grad_out = change_layout(grad_out_, mf);

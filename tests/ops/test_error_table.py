@@ -398,6 +398,7 @@ CASES = {
                                                            *_cpp_tail()),
     "cpp-one-value": lambda d: ops.conv_bn_relu_forward(torch.randn(1, 3, 1, 1), torch.randn(3, 3, 1, 1),
                                                         *_cpp_tail()),
+    "cpp-bwd-conv-out": lambda d: _cpp_backward(stride=[2, 2]),
     "cpp-aspp-empty": lambda d: _cpp_aspp(x=torch.randn(2, 5, 0, 6)),
     "cpp-aspp-weights": lambda d: _cpp_aspp(conv_weights=aspp_args()["conv_weights"][:-1]),
     "cpp-aspp-rates": lambda d: _cpp_aspp(rates=[2, 0]),
@@ -526,6 +527,19 @@ def _no_grad_eval_cbr():
 def _cpp_tail(stride=(1, 1), padding=(0, 0), dilation=(1, 1), training=True, running_mean=None, running_var=None):
     return (None, None, running_mean, running_var, list(stride), list(padding), list(dilation), training, 0.1, 1e-5,
             None, True)
+
+
+def _cpp_backward(**over):
+    """conv_bn_relu_backward on a forward's saved tensors (x 2x4x8x8, 3x3 weight, padding 1), with `over` changed."""
+    torch.manual_seed(0)
+    x, w = torch.randn(2, 4, 8, 8), torch.randn(6, 4, 3, 3)
+    out, conv_out, mean, invstd, _, _ = ops.conv_bn_relu_forward(x, w, torch.ones(6), torch.zeros(6), None, None,
+                                                                 [1, 1], [1, 1], [1, 1], True, 0.1, 1e-5, None, True)
+    a = dict(grad_out=torch.randn_like(out), x=x, weight=w, bn_weight=torch.ones(6), conv_out=conv_out, out=out,
+             save_mean=mean, save_invstd=invstd, stride=[1, 1], padding=[1, 1], dilation=[1, 1], training=True,
+             relu=True, output_mask=[True, True, True, True, False])
+    a.update(over)
+    return ops.conv_bn_relu_backward(*a.values())
 
 
 def _cpp_aspp(training=True, running_mean="default", running_var="default", **over):

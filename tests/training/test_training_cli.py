@@ -102,6 +102,8 @@ def test_flags_predict_and_eval_only_do_not_read_warn(capsys):
     err = capsys.readouterr().err
     assert "--memory-efficient is a training flag; --eval-only ignores it" in err and "--momentum is a" in err
     assert "--fused-ops" not in err  # read: the evaluation runs on the fused ops
+    train_script.parse_args(["--eval-only", "--train-split", "mine"])
+    assert "--train-split is not read by --eval-only, which evaluates the validation split" in capsys.readouterr().err
 
 
 def test_dataset_and_resume_errors_exit_naming_the_flag(tmp_path, monkeypatch):
@@ -292,6 +294,13 @@ def test_eval_only_reads_the_validation_split_the_run_used(tmp_path, monkeypatch
     record = json.load(open(tmp_path / "run" / "metrics_eval.json"))
     assert record["args"]["val_split"] == "holdout" and record["args"]["train_split"] is None
     assert record["args"]["data_root"] == str(root)
+    # The same root spelled otherwise (a trailing slash), and --data-root without --dataset: still the run's
+    # dataset and split.
+    for extra in (["--data-root", str(root) + "/"], ["--dataset", "folder", "--data-root", str(root) + "/."]):
+        train_script.main(["--eval-only", "--checkpoint", ckpt, "--out-dir", str(tmp_path / "run"), "--device",
+                           "cpu", "--preview", "0", *extra])
+        record = json.load(open(tmp_path / "run" / "metrics_eval.json"))
+        assert (record["args"]["dataset"], record["args"]["val_split"]) == ("folder", "holdout"), extra
     # The validation split the user names wins over the saved one.
     with pytest.raises(SystemExit, match="--dataset folder: .*missing"):
         train_script.main(["--eval-only", "--checkpoint", ckpt, "--out-dir", str(tmp_path / "run"), "--device",
@@ -330,6 +339,21 @@ def test_backbone_weights_of_another_resnet_name_the_flags_that_fit(tmp_path):
         train_script.main(common + ["--backbone", "resnet29", "--backbone-width", "16", "--backbone-weights",
                                     str(tmp_path / "junk.pth")])
     assert not (tmp_path / "run" / "last.pt").exists()
+    # Not one of model/'s ResNets (torchvision's resnet34 has ResNet-50's blocks per stage, in basic blocks): no
+    # hint, rather than one naming the flags that just failed. An empty file says so.
+    from torchvision.models import resnet34
+
+    r34 = tmp_path / "r34.pth"
+    torch.save(resnet34().state_dict(), r34)
+    with pytest.raises(SystemExit) as e:
+        train_script.main(common + ["--backbone", "resnet50", "--backbone-width", "8", "--backbone-weights", str(r34)])
+    assert str(e.value).startswith(f"--backbone-weights {r34} does not fit --backbone resnet50 --backbone-width 8 (")
+    assert "the file holds" not in str(e.value)
+    (tmp_path / "empty.pth").write_bytes(b"")
+    with pytest.raises(SystemExit, match=r"empty\.pth does not fit --backbone resnet29 --backbone-width 16 \(the file "
+                                         r"is empty\)$"):
+        train_script.main(common + ["--backbone", "resnet29", "--backbone-width", "16", "--backbone-weights",
+                                    str(tmp_path / "empty.pth")])
     # The file that fits trains.
     fits = tmp_path / "r29w16.pth"
     torch.save(ResNet(29, width=16).state_dict(), fits)
@@ -366,6 +390,7 @@ def test_a_bad_mask_met_in_training_or_evaluation_stops_in_one_line(tmp_path, mo
                            "--workers", workers, "--preview", "0"])
     message = str(e.value)
     bad = os.path.join(root, "masks", "im5.png" if where == "val" else "im0.png")
+    kept = f"; the checkpoints written so far (last.pt) are in {out}" if where == "val" else ""
     assert message == (f"train.py: bad mask {bad}: class indices [7] are >= num_classes=3 (and not the ignore label "
-                       f"255); the checkpoints written so far are in {out}")
+                       f"255){kept}")
     assert (out / "last.pt").exists() == (where == "val")
