@@ -496,6 +496,18 @@ FP32_FMA_MAX_PRODUCT = 64 * 32 * 32
 # TF32 tiles whose float32 accumulator exceeds this many registers per thread spilled (256 x 128 pixels x
 # channels at 8 warps, 128 per thread: 312 B in the forward on sm_90).
 TF32_MAX_ACC_PER_THREAD = 64
+# Triton before 3.8 (3.6: torch 2.11's release, the GPU machine's) allocates the conv forward's eval epilogue
+# (BatchNorm folded: scale and bias per channel) worse: its 8 x 16 x 128 tile at 8 warps (64 accumulator registers
+# per thread) spilled 192 B on sm_90, where triton 3.8 spills none. There, that kernel's TF32 tiles at 8 warps keep
+# at most half as many (the whole matrix under triton 3.6: docs/kernels.md); the other kernels' 8-warp tiles, and
+# its training-mode compile, spilled at most 48 B.
+_TRITON_BEFORE_3_8 = tuple(int(v) for v in triton.__version__.split(".")[:2]) < (3, 8)
+
+
+def _tf32_acc_limit(kernel, num_warps: int) -> int:
+    if _TRITON_BEFORE_3_8 and num_warps >= 8 and kernel is _conv_fwd_kernel:
+        return TF32_MAX_ACC_PER_THREAD // 2
+    return TF32_MAX_ACC_PER_THREAD
 
 
 def smem_estimate(kernel, config, elem_size: int, hopper: bool) -> int:
@@ -529,7 +541,7 @@ def fitting_configs(kernel, configs, elem_size: int, smem_limit: float = float("
         if elem_size == 4 and fma:
             kept = [c for c in kept if _product(kernel, c) <= FP32_FMA_MAX_PRODUCT]
         elif elem_size == 4:
-            kept = [c for c in kept if _acc_per_thread(kernel, c) <= TF32_MAX_ACC_PER_THREAD]
+            kept = [c for c in kept if _acc_per_thread(kernel, c) <= _tf32_acc_limit(kernel, c.num_warps)]
     return kept or [min(configs, key=lambda c: _product(kernel, c))]
 
 

@@ -361,7 +361,9 @@ def test_register_rules_of_the_pruning():
             fma = E.fitting_configs(spec.kernel, configs, 4, fma=True)
             assert all(E._product(spec.kernel, c) <= E.FP32_FMA_MAX_PRODUCT for c in fma)
             tf32 = E.fitting_configs(spec.kernel, configs, 4)
-            assert all(E._acc_per_thread(spec.kernel, c) <= E.TF32_MAX_ACC_PER_THREAD for c in tf32)
+            limit = E.TF32_MAX_ACC_PER_THREAD
+            assert all(E._acc_per_thread(spec.kernel, c) <= E._tf32_acc_limit(spec.kernel, c.num_warps) <= limit
+                       for c in tf32)
             assert E.fitting_configs(spec.kernel, configs, 2) == configs
             assert E.fitting_configs(spec.kernel, configs, 4, smem_limit=0, fma=True) == \
                 [min(configs, key=lambda c: E._product(spec.kernel, c))]
