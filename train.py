@@ -136,7 +136,7 @@ def backbone_weights_or_exit(net: torch.nn.Module, args) -> None:
         load_backbone_weights(net, path)
     except (RuntimeError, ValueError, TypeError, EOFError, OSError, pickle.UnpicklingError) as e:
         first = str(e).splitlines()[0] if str(e) else type(e).__name__
-        if isinstance(e, EOFError) or (os.path.isfile(path) and os.path.getsize(path) == 0):
+        if os.path.getsize(path) == 0:  # torch.load's EOFError says nothing of it
             first = "the file is empty"
         fits = _resnet_flags(path)
         given = f"--backbone {args.backbone} --backbone-width {args.backbone_width}"
@@ -513,12 +513,12 @@ def check_bn_batch(args, world_size: int) -> None:
     """Training BatchNorm needs 2 or more images per BatchNorm batch (the ASPP pooling branch has one value per image
     and channel): refused before any work. Across processes, the unfused network's synchronized BatchNorm pools
     every process's images; the fused ops' synchronized statistics still need 2 per process."""
-    if args.freeze_bn:
-        return
     per_process = args.batch_size // world_size
-    if world_size == 1 and args.batch_size < 2:
+    if args.freeze_bn or per_process >= 2:
+        return
+    if world_size == 1:
         raise SystemExit(loop.BATCH1_MESSAGE)
-    if world_size > 1 and args.fused_ops and per_process < 2:
+    if args.fused_ops:
         raise SystemExit(f"--fused-ops over {world_size} processes needs 2 or more images per process (--batch-size "
                          f"{2 * world_size} or more; got {args.batch_size}, {per_process} per process): the fused "
                          "ASPP's image-pooling BatchNorm checks its batch in each process. Raise --batch-size, drop "
@@ -742,14 +742,15 @@ def check_args(args, error, defaults: dict | None = None) -> None:
                                                                                  "stride, 16: a smaller crop leaves "
                                                                                  "less than one feature pixel)"),
         "synthetic_train_size": (1, "images"), "synthetic_val_size": (1, "images"),
-        "seed": (0, "a seed"), "data_seed": (0, "a seed"),
     }
     for name, (low, what) in ints.items():
         v = getattr(args, name)
-        if v is not None and name in ("seed", "data_seed") and not 0 <= v <= MAX_SEED:
-            error(f"--{name.replace('_', '-')} must be in [0, {MAX_SEED}] (NumPy's seed range), got {v}")
-        elif v is not None and v < low:
+        if v is not None and v < low:
             error(f"--{name.replace('_', '-')} must be >= {low} ({what}), got {v}")
+    for name in ("seed", "data_seed"):
+        v = getattr(args, name)
+        if v is not None and not 0 <= v <= MAX_SEED:
+            error(f"--{name.replace('_', '-')} must be in [0, {MAX_SEED}] (NumPy's seed range), got {v}")
     if args.lr is not None and not (_finite(args.lr) and args.lr > 0):
         error(f"--lr must be a finite number > 0, got {args.lr}")
     if not (_finite(args.poly_power) and args.poly_power > 0):

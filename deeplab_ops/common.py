@@ -66,6 +66,15 @@ def pair(value, name: str) -> tuple[int, int]:
     raise TypeError(f"{name} must be an int or a pair of ints, got {value!r}")
 
 
+def check_x_channels(x, weight, owner: str) -> None:
+    """ValueError naming x when the 4-D tensor x has not the channel count the 4-D conv weight takes."""
+    if (isinstance(x, Tensor) and isinstance(weight, Tensor) and x.dim() == 4 and weight.dim() == 4
+            and x.shape[1] != weight.shape[1]):
+        c = weight.shape[1]
+        raise ValueError(f"x has {x.shape[1]} channels (shape {tuple(x.shape)}) but {owner} takes {c} input "
+                         f"channels (in_channels); expected x of shape (N, {c}, H, W)")
+
+
 def conv_output_size(
     size: tuple[int, int], kernel: tuple[int, int], stride: tuple[int, int], padding: tuple[int, int],
     dilation: tuple[int, int],

@@ -9,7 +9,7 @@ import weakref
 import torch
 from torch import nn
 
-from deeplab_ops.common import back_to_back
+from deeplab_ops.common import back_to_back, check_x_channels, pair
 from deeplab_ops.ops.aspp import aspp
 from deeplab_ops.ops.conv_bn_relu import checked_config, conv_bn_relu, eval_fast
 from deeplab_ops.ops.dispatch import enter_directly, group_name_of
@@ -59,10 +59,6 @@ def _check_conv_computable(conv: nn.Conv2d) -> None:
         raise ValueError(f"conv has padding_mode={conv.padding_mode!r}; the fused op supports 'zeros' only")
 
 
-def _pair(value) -> tuple:
-    return tuple(value) if isinstance(value, (tuple, list)) else (value, value)
-
-
 def _check_module_options(backend, memory_efficient) -> None:
     """A fused module's backend and memory_efficient, checked when it is built (not at its first call)."""
     from deeplab_ops.backends import BACKENDS, _not_a_backend
@@ -87,15 +83,6 @@ def _check_module_types(conv, bn) -> None:
         raise TypeError(f"conv must be an nn.Conv2d, got {type(conv).__name__}")
     if not isinstance(bn, _BatchNorm):
         raise _bn_type_error(bn)
-
-
-def _check_x_channels(x, weight, owner: str) -> None:
-    """ValueError naming x when the 4-D tensor x has not the channel count the 4-D conv weight takes."""
-    if (isinstance(x, Tensor) and isinstance(weight, Tensor) and x.dim() == 4 and weight.dim() == 4
-            and x.shape[1] != weight.shape[1]):
-        c = weight.shape[1]
-        raise ValueError(f"x has {x.shape[1]} channels (shape {tuple(x.shape)}) but {owner} takes {c} input "
-                         f"channels (in_channels); expected x of shape (N, {c}, H, W)")
 
 
 _BN_KEYS = ("bn_weight", "bn_bias", "running_mean", "running_var", "training", "momentum", "eps")
@@ -275,7 +262,7 @@ def fused_conv_bn(
     if conv._parameters.get("bias") is not None or conv.padding_mode != "zeros" or conv.groups != 1:
         _check_conv_computable(conv)
     if not isinstance(x, Tensor) or x.dim() != 4 or x.shape[1] != conv.in_channels:
-        _check_x_channels(x, conv_weight(conv), "conv")
+        check_x_channels(x, conv_weight(conv), "conv")
     if process_group is not None:
         group_name_of(process_group)  # its type checked in eval too, where the op does not use it
     if not training and enter_directly(x):  # eval: once the fold is cached, only x and residual are checked
@@ -334,7 +321,7 @@ class FusedConvBNReLU(nn.Sequential):
             raise TypeError(f"relu must be a bool, got {relu!r}")
         _check_module_options(backend, memory_efficient)
         for name, value in (("stride", stride), ("dilation", dilation)):
-            if any(not isinstance(v, int) or isinstance(v, bool) or v < 1 for v in _pair(value)):
+            if min(pair(value, name)) < 1:  # pair: TypeError naming it for anything but an int or two
                 raise ValueError(f"{name} must be an int >= 1 or a pair of them, got {value!r}")
         conv = nn.Conv2d(
             in_channels, out_channels, kernel_size, stride, padding, dilation, bias=False, device=device, dtype=dtype
@@ -512,7 +499,7 @@ def fused_aspp_forward(module: nn.Module, x: Tensor, backend: str | None = None,
         object.__setattr__(module, _PARTS_ATTR, parts)  # plain attribute: not in the state_dict
     convs, bns, rates, extras = parts
     if not isinstance(x, Tensor) or x.dim() != 4 or x.shape[1] != convs[0].in_channels:
-        _check_x_channels(x, conv_weight(convs[0]), "the ASPP module")
+        check_x_channels(x, conv_weight(convs[0]), "the ASPP module")
     if process_group is not None:
         group_name_of(process_group)  # its type checked in eval too, where the op does not use it
     tensors = [_bn_tensors(bn) for bn in bns]

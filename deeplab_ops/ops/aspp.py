@@ -17,6 +17,7 @@ from deeplab_ops.common import (
     autocast_cast,
     autocast_dtype,
     back_to_back,
+    check_x_channels,
     empty_activation,
     opmath_dtype,
 )
@@ -249,14 +250,12 @@ def check_args(x, conv_weights, pool_weight, project_weight, bn_weights, bn_bias
         if not isinstance(t, torch.Tensor):
             raise TypeError(f"conv_weights[{i}] must be a torch.Tensor, got {type(t).__name__}")
     c = conv_weights[0].shape[0] if conv_weights[0].dim() == 4 else -1
-    takes = {t.shape[1] for t in (*conv_weights, pool_weight) if isinstance(t, torch.Tensor) and t.dim() == 4}
-    if len(takes) == 1 and cin not in takes:  # the weights agree with each other: x is the odd one out
-        raise ValueError(f"x has {cin} channels (shape {tuple(x.shape)}), but the ASPP's weights take "
-                         f"{takes.pop()} (conv_weights[i].shape[1] and pool_weight.shape[1]); expected x with that "
-                         "many channels (the backbone's output)")
     for i, wt in enumerate(conv_weights):
         k = 1 if i == 0 else 3
         if tuple(wt.shape) != (c, cin, k, k):
+            if {t.shape[1] for t in (*conv_weights, pool_weight) if isinstance(t, torch.Tensor) and t.dim() == 4} \
+                    == {conv_weights[0].shape[1]}:  # the weights agree with each other: x is the odd one out
+                check_x_channels(x, conv_weights[0], "the aspp op")
             raise ValueError(f"conv_weights[{i}] must have shape {(c, cin, k, k)}, got {tuple(wt.shape)}")
     for name, t, shape in (("pool_weight", pool_weight, (c, cin, 1, 1)),
                            ("project_weight", project_weight, (c, (len(rates) + 2) * c, 1, 1))):

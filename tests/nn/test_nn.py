@@ -199,3 +199,17 @@ def test_fused_conv_bn_refuses_a_conv_it_would_compute_differently(conv, message
     bn = nn.BatchNorm2d(4).train(training)
     with pytest.raises(ValueError, match=message):
         fused_conv_bn(conv, bn, torch.randn(2, 4, 8, 8), training=training)
+
+
+@pytest.mark.parametrize("kwargs, error, message", [
+    (dict(stride=0), ValueError, r"stride must be an int >= 1 or a pair of them, got 0"),
+    (dict(dilation=(1, 0)), ValueError, r"dilation must be an int >= 1 or a pair of them, got \(1, 0\)"),
+    (dict(stride=1.5), TypeError, r"stride must be an int or a pair of ints, got 1.5"),
+    (dict(stride=(1, 1, 1)), TypeError, r"stride must be an int or a pair of ints, got \(1, 1, 1\)"),
+    (dict(dilation="2"), TypeError, r"dilation must be an int or a pair of ints, got '2'"),
+])
+def test_fused_conv_bn_relu_refuses_bad_geometry_when_built(kwargs, error, message):
+    """FusedConvBNReLU checks stride and dilation when it is built, with the op's own messages for what is not an int
+    or a pair (a triple is not silently taken), and names a value below 1."""
+    with pytest.raises(error, match=message):
+        FusedConvBNReLU(3, 4, 3, **kwargs)
