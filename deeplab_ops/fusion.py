@@ -268,8 +268,10 @@ def fuse_modules(model: nn.Module, backend: str | None = None, memory_efficient:
             training").
         channels_last: on CUDA, run the fused model channels_last end to end (the fused kernels' native layout,
             and cuDNN's for bf16/fp16): a 4-D CUDA input is converted once at `model`'s boundary, 4-D outputs are
-            returned in the contiguous (NCHW) format, and the model's conv weights are made channels_last on the
-            first CUDA call. CPU inputs pass unchanged.
+            returned in the contiguous (NCHW) format, and the model's conv weights are made channels_last now
+            (a model on CUDA) or on its first CUDA call (one moved there later: wrap such a model in
+            DistributedDataParallel after that call or after `model.to(memory_format=torch.channels_last)`, so
+            that DDP records the weights' final strides). CPU inputs pass unchanged.
 
     Returns:
         `model`, fused.
@@ -304,6 +306,8 @@ def fuse_modules(model: nn.Module, backend: str | None = None, memory_efficient:
         handles = (model.register_forward_pre_hook(_channels_last_in),
                    model.register_forward_hook(_contiguous_out))
         object.__setattr__(model, _BOUNDARY_ATTR, tuple(h.id for h in handles))
+        if any(p.device.type == "cuda" for p in model.parameters()):
+            _weights_channels_last(model)  # now, before a DistributedDataParallel wrapper records their strides
     return model
 
 
@@ -316,12 +320,17 @@ def _channels_last_in(module: nn.Module, args: tuple):
     if not args or not isinstance(args[0], Tensor) or args[0].dim() != 4 or args[0].device.type != "cuda":
         return None
     if not torch.compiler.is_compiling() and not module.__dict__.get("_deeplab_ops_weights_cl", False):
-        with torch.no_grad():  # once: cuDNN would convert NCHW weights on every call
-            for p in module.parameters():
-                if p.dim() == 4 and p.device.type == "cuda":
-                    p.data = p.data.contiguous(memory_format=torch.channels_last)
-        object.__setattr__(module, "_deeplab_ops_weights_cl", True)
+        _weights_channels_last(module)
     return (args[0].contiguous(memory_format=torch.channels_last), *args[1:])
+
+
+def _weights_channels_last(module: nn.Module) -> None:
+    """Once per model: its 4-D CUDA parameters channels_last (cuDNN would convert NCHW weights on every call)."""
+    with torch.no_grad():
+        for p in module.parameters():
+            if p.dim() == 4 and p.device.type == "cuda":
+                p.data = p.data.contiguous(memory_format=torch.channels_last)
+    object.__setattr__(module, "_deeplab_ops_weights_cl", True)
 
 
 def _nchw(value):

@@ -9,7 +9,10 @@
 #include <torch/library.h>
 
 #include <limits>
+#include <mutex>
 #include <optional>
+#include <set>
+#include <vector>
 
 #include "common/arg_checks.h"
 #include "composite/stage_calls.h"
@@ -172,38 +175,75 @@ at::Tensor conv_bias_act_cpu(const at::Tensor& x, const at::Tensor& weight, cons
 #ifdef DEEPLAB_OPS_WITH_CUDA
 // cuDNN's fused conv + bias (+ z) + ReLU (at::cudnn_convolution_relu / _add_relu) saves the epilogue's two passes
 // over the output. It computes in x's dtype with float accumulation for float16/bfloat16/float32, lays the output
-// out channels_last when x or weight is (cudnn_conv_suggest_memory_format) and indexes with 32 bits; calls outside
-// that take the generic path, so the output is always in x's memory format.
+// out channels_last when x or weight is (cudnn_conv_suggest_memory_format) and indexes with 32 bits (input, weight,
+// residual and output); it ignores cuDNN's determinism settings and mishandles a residual that aliases x
+// (pytorch/pytorch#62926). Calls outside that take the generic path, so the output is always in x's memory format.
 bool cudnn_fused_applies(const at::Tensor& x, const at::Tensor& weight, const std::optional<at::Tensor>& residual,
-                         bool relu) {
+                         at::IntArrayRef stride, at::IntArrayRef padding, at::IntArrayRef dilation, bool relu) {
   if (!relu) return false;  // cuDNN's fused forms all end in ReLU
   const auto dtype = x.scalar_type();
   if (dtype != at::kFloat && dtype != at::kHalf && dtype != at::kBFloat16) return false;
   auto& ctx = at::globalContext();
   if (!ctx.userEnabledCuDNN() || !ctx.hasCuDNN()) return false;
+  if (ctx.deterministicCuDNN() || ctx.deterministicAlgorithms()) return false;
   const bool x_nhwc = x.suggest_memory_format() == at::MemoryFormat::ChannelsLast;
   const bool w_nhwc = weight.suggest_memory_format() == at::MemoryFormat::ChannelsLast;
   if (w_nhwc && !x_nhwc) return false;  // cuDNN would write channels_last for an NCHW x
   constexpr int64_t kMax32 = std::numeric_limits<int32_t>::max();
   if (x.numel() > kMax32 || weight.numel() > kMax32) return false;
-  if (present(residual) && residual->numel() > kMax32) return false;
+  if (c10::multiply_integers(at::native::conv_output_size(x.sizes(), weight.sizes(), padding, stride, dilation)) >
+      kMax32) {
+    return false;
+  }
+  if (present(residual) && (residual->numel() > kMax32 || residual->is_alias_of(x))) return false;
   return true;
 }
+
+// Configurations cuDNN found no fused engine for ("unable to find an engine", CUDNN_STATUS_NOT_SUPPORTED): they
+// take the generic path from then on instead of failing the plan search on every call.
+using FusedKey = std::vector<int64_t>;
+
+FusedKey fused_key(const at::Tensor& x, const at::Tensor& weight, bool residual, at::IntArrayRef stride,
+                   at::IntArrayRef padding, at::IntArrayRef dilation) {
+  FusedKey key{static_cast<int64_t>(x.scalar_type()), static_cast<int64_t>(x.suggest_memory_format()),
+               static_cast<int64_t>(weight.suggest_memory_format()), residual, x.device().index()};
+  for (const auto dims : {x.sizes(), weight.sizes(), stride, padding, dilation}) {
+    key.insert(key.end(), dims.begin(), dims.end());
+  }
+  return key;
+}
+
+std::mutex unfused_mutex;
+std::set<FusedKey> unfused;  // bounded by the configurations a process runs; a few integers each
 
 at::Tensor conv_bias_act_cuda(const at::Tensor& x, const at::Tensor& weight, const std::optional<at::Tensor>& bias,
                               const std::optional<at::Tensor>& residual, at::IntArrayRef stride,
                               at::IntArrayRef padding, at::IntArrayRef dilation, bool relu) {
   check_conv_bias_act_args(x, weight, bias, stride, padding, dilation);
-  if (!cudnn_fused_applies(x, weight, residual, relu)) {
+  if (present(residual)) check_fused_residual(*residual, x, weight, stride, padding, dilation);
+  if (!cudnn_fused_applies(x, weight, residual, stride, padding, dilation, relu)) {
     return conv_bias_act_generic(x, weight, bias, residual, stride, padding, dilation, relu);
   }
-  const auto mf = x.suggest_memory_format();
-  if (!present(residual)) {
-    return at::cudnn_convolution_relu(x, weight, bias, stride, padding, dilation, 1).contiguous(mf);
+  const FusedKey key = fused_key(x, weight, present(residual), stride, padding, dilation);
+  {
+    const std::lock_guard<std::mutex> lock(unfused_mutex);
+    if (unfused.count(key)) return conv_bias_act_generic(x, weight, bias, residual, stride, padding, dilation, relu);
   }
-  check_fused_residual(*residual, x, weight, stride, padding, dilation);
-  return at::cudnn_convolution_add_relu(x, weight, *residual, at::Scalar(1.0), bias, stride, padding, dilation, 1)
-      .contiguous(mf);
+  const auto mf = x.suggest_memory_format();
+  try {
+    if (!present(residual)) {
+      return at::cudnn_convolution_relu(x, weight, bias, stride, padding, dilation, 1).contiguous(mf);
+    }
+    return at::cudnn_convolution_add_relu(x, weight, *residual, at::Scalar(1.0), bias, stride, padding, dilation, 1)
+        .contiguous(mf);
+  } catch (const c10::OutOfMemoryError&) {
+    throw;  // the generic path would need the same memory
+  } catch (const c10::Error&) {
+    // No fused engine for this configuration (a host-side error: nothing was launched).
+    const std::lock_guard<std::mutex> lock(unfused_mutex);
+    unfused.insert(key);
+  }
+  return conv_bias_act_generic(x, weight, bias, residual, stride, padding, dilation, relu);
 }
 #endif
 

@@ -77,7 +77,11 @@ AxisStencil build_axis_stencil(int64_t in, int64_t out, bool align_corners, cons
 }
 
 // Tables cached per (in, out, align_corners, opmath dtype, device); DeepLab training uses one or two
-// configurations. Never freed (a static holding CUDA memory must not be destroyed after the CUDA context).
+// configurations, an evaluation over images of many sizes a few per size. The cache itself is never destroyed (a
+// static holding CUDA memory must not be freed after the CUDA context); past 1024 entries it starts afresh. The
+// caching allocator reuses a freed table's memory on the stream it was allocated on only, so every use records the
+// stream that reads it (free where it is the allocating stream): a table evicted while a kernel on another stream
+// still reads it is not handed out before that kernel is done.
 template <typename opmath_t>
 AxisStencil axis_stencil(int64_t in, int64_t out, bool align_corners, const at::Device& device) {
   using Key = std::tuple<int64_t, int64_t, bool, int, int>;
@@ -85,15 +89,21 @@ AxisStencil axis_stencil(int64_t in, int64_t out, bool align_corners, const at::
   static std::mutex mutex;
   const Key key{in, out, align_corners, static_cast<int>(c10::CppTypeToScalarType<opmath_t>::value),
                 static_cast<int>(device.index())};
+  const auto used_on = [&device](AxisStencil s) {
+    const c10::Stream stream = c10::cuda::getCurrentCUDAStream(device.index());
+    s.idx.record_stream(stream);
+    s.weight.record_stream(stream);
+    return s;
+  };
   {
     const std::lock_guard<std::mutex> lock(mutex);
     const auto it = cache->find(key);
-    if (it != cache->end()) return it->second;
+    if (it != cache->end()) return used_on(it->second);
   }
   AxisStencil built = build_axis_stencil<opmath_t>(in, out, align_corners, device);
   const std::lock_guard<std::mutex> lock(mutex);
-  if (cache->size() >= 256) cache->clear();
-  return cache->emplace(key, built).first->second;
+  if (cache->size() >= 1024) cache->clear();
+  return used_on(cache->emplace(key, built).first->second);
 }
 
 template <typename scalar_t, typename opmath_t>

@@ -617,8 +617,12 @@ def _pool_weight(pool_weight: Tensor, stat: torch.dtype) -> Tensor:
 @functools.lru_cache(maxsize=32)
 def _rate_table(rates: tuple[int, ...], device: torch.device) -> Tensor:
     # The branches' dilations (entry 0: the 1x1 branch), kept on the device: a host-to-device copy per call
-    # would synchronize the stream. Read-only in the kernels.
-    return torch.tensor([1, *rates], dtype=torch.int32, device=device)
+    # would synchronize the stream. Filled on the device (no host copy, so even a first call inside a CUDA-graph
+    # capture works). Read-only in the kernels.
+    t = torch.empty(len(rates) + 1, dtype=torch.int32, device=device)
+    for i, r in enumerate((1, *rates)):
+        t[i].fill_(r)
+    return t
 
 
 # ---- host side of the op ----------------------------------------------------------------------------------

@@ -18,7 +18,7 @@ import triton
 import triton.language as tl
 
 from deeplab_ops.common import interpreter_active
-from deeplab_ops.triton.launch import cdiv, launch_kernel, next_power_of_2
+from deeplab_ops.triton.launch import cdiv, jit_unspecialized, launch_kernel, next_power_of_2
 
 # ---- shared per-element math -------------------------------------------------------------------------
 
@@ -60,7 +60,7 @@ def _invstd(var_eps, ACC_DTYPE: tl.constexpr):
 # ---- kernels -----------------------------------------------------------------------------------------
 
 
-@triton.jit
+@jit_unspecialized("P")  # the partials' count follows batch and map size
 def _bn_finalize_kernel(
     # partials from the conv epilogue: count (P,), mean and M2 (P, C), opmath dtype
     count_ptr, pmean_ptr, pm2_ptr,
@@ -234,8 +234,12 @@ def acc_dtype(dtype: torch.dtype):
 @functools.lru_cache(maxsize=64)
 def hyper_tensor(momentum: float, eps: float, dtype: torch.dtype, device: torch.device) -> torch.Tensor:
     # momentum and eps travel as a tensor (a Python float argument would be rounded to float32), kept on the
-    # device: a host-to-device copy per call would synchronize the stream. Read-only in the kernels.
-    return torch.tensor([momentum, eps], dtype=dtype, device=device)
+    # device: a host-to-device copy per call would synchronize the stream. Filled by two kernels, not copied from
+    # the host, so even a first call inside a CUDA-graph capture works. Read-only in the kernels.
+    t = torch.empty(2, dtype=dtype, device=device)
+    t[0].fill_(momentum)
+    t[1].fill_(eps)
+    return t
 
 
 def _block_c(c: int) -> int:

@@ -600,12 +600,23 @@ KERNELS = {
 }
 
 
+def cudnn_conv_tf32() -> bool:
+    """Whether cuDNN's float32 convolutions may use TF32: `torch.backends.cudnn.conv.fp32_precision` (which resolves
+    "none" through cudnn's and the global setting; only "tf32" allows it), else, on a torch without that API, the
+    legacy `torch.backends.cudnn.allow_tf32`. The legacy flag raises once the new API has set conv and RNN apart
+    (e.g. `torch.backends.cudnn.conv.fp32_precision = "ieee"`), so it is read only where the new one is missing."""
+    precision = getattr(getattr(torch.backends.cudnn, "conv", None), "fp32_precision", None)
+    if isinstance(precision, str):
+        return precision == "tf32"
+    return bool(torch.backends.cudnn.allow_tf32)
+
+
 def dot_precision(dtype: torch.dtype, device: torch.device) -> str:
     """The GEMMs' DOT_PRECISION: "fma" for float64 (see `_mma`), TF32 for float32 only where cuDNN would use it
-    (torch.backends.cudnn.allow_tf32), else "ieee"."""
+    (`cudnn_conv_tf32`), else "ieee"."""
     if dtype == torch.float64:
         return "fma"
-    if dtype == torch.float32 and device.type == "cuda" and torch.backends.cudnn.allow_tf32:
+    if dtype == torch.float32 and device.type == "cuda" and cudnn_conv_tf32():
         return "tf32"
     return "ieee"
 

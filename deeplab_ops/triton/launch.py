@@ -120,6 +120,18 @@ def launch_kernel(kernel, grid: tuple[int, ...], *args, **kwargs) -> None:
 
 _PARAMS: dict[object, tuple[tuple[str, ...], frozenset[str]]] = {}
 _DEFAULT_OPTIONS = {"num_warps": 4, "num_stages": 3}  # Triton's defaults for CUDA
+_NOT_SPECIALIZED: dict[object, frozenset[str]] = {}  # kernel -> its do_not_specialize names (`jit_unspecialized`)
+
+
+def jit_unspecialized(*names: str):
+    """`@triton.jit(do_not_specialize=names)`, remembered for `launch_signature` (the interpreter's kernels do not
+    keep it): for integers that follow the batch and map size (a count of tiles), one compiled kernel serves every
+    value instead of three (== 1, divisible by 16, other)."""
+    def wrap(fn):
+        kernel = triton.jit(do_not_specialize=list(names))(fn)
+        _NOT_SPECIALIZED[kernel] = frozenset(names)
+        return kernel
+    return wrap
 
 
 def _params(kernel) -> tuple[tuple[str, ...], frozenset[str]]:
@@ -158,7 +170,9 @@ def launch_signature(kernel, args: tuple, kwargs: dict) -> Signature:
     bound.update((k, v) for k, v in kwargs.items() if k in names)
     consts = [(n, _hashable(bound[n])) for n in names if n in constexpr and n in bound]
     options = [(k, kwargs.get(k, default)) for k, default in _DEFAULT_OPTIONS.items()]
-    classes = tuple((n, *arg_class(bound[n])) for n in names if n not in constexpr and n in bound)
+    plain = _NOT_SPECIALIZED.get(kernel, frozenset())
+    classes = tuple((n, arg_class(bound[n])[0], "") if n in plain else (n, *arg_class(bound[n]))
+                    for n in names if n not in constexpr and n in bound)
     return Signature(kernel_name(kernel), tuple(consts + options), classes)
 
 
@@ -232,6 +246,10 @@ def tuned_config(spec: KernelSpec, device: torch.device, dtype: torch.dtype, siz
     config = TUNED.get(key)
     if config is not None:
         return config
+    if gpu and torch.cuda.is_available() and torch.cuda.is_current_stream_capturing():
+        # Inside a CUDA-graph capture nothing may be timed (do_bench synchronizes): the first candidate, not
+        # remembered, so that a call outside the capture still tunes this key.
+        return candidates(spec, device, sizes)[0]
     with _TUNE_LOCK:
         config = TUNED.get(key)
         if config is None:

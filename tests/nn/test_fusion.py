@@ -8,7 +8,7 @@ import io
 
 import pytest
 import torch
-from helpers import TRITON_DEVICE, assert_close, backend_param, device_for, triton_test
+from helpers import TRITON_DEVICE, assert_close, backend_param, cuda_test, device_for, triton_test
 from torch import nn
 from torchvision.models.resnet import BasicBlock, Bottleneck
 from torchvision.models.segmentation.deeplabv3 import ASPP as TorchvisionASPP
@@ -328,3 +328,40 @@ def test_grads_have_their_parameters_strides_in_a_channels_last_model(backend, m
         pick(net(x)).sum().backward()
         assert not _grad_stride_mismatches(net), _grad_stride_mismatches(net)
         assert all(p.grad is not None for p in net.parameters())
+
+
+def _weight_layouts(net: nn.Module) -> dict:
+    return {n: p.is_contiguous(memory_format=torch.channels_last) and not p.is_contiguous()
+            for n, p in net.named_parameters() if p.dim() == 4 and p.shape[-1] > 1}
+
+
+def test_channels_last_boundary_leaves_cpu_models_alone():
+    # The boundary is CUDA's: a CPU model's weights keep their layout, its input and output theirs.
+    net = _randomize(_Head({}))
+    before = {n: p.stride() for n, p in net.named_parameters()}
+    fuse_modules(net, backend="cpu")
+    assert {n: p.stride() for n, p in net.named_parameters()} == before
+    out = net.eval()(torch.randn(2, 4, 12, 12))
+    assert out.is_contiguous() and {n: p.stride() for n, p in net.named_parameters()} == before
+
+
+@cuda_test
+@pytest.mark.parametrize("fuse_on_cuda", [True, False], ids=["fused-on-cuda", "moved-after-fusing"])
+def test_channels_last_boundary_on_cuda(fuse_on_cuda):
+    # A model fused on CUDA has channels_last conv weights at once (before a DistributedDataParallel wrapper records
+    # their strides); one moved there after fusing gets them on its first CUDA call. Either way the output comes
+    # back NCHW and equals the unfused model's, with gradients of the weights' own strides.
+    torch.manual_seed(0)
+    plain = _randomize(_Head({})).cuda()
+    net = copy.deepcopy(plain) if fuse_on_cuda else copy.deepcopy(plain).cpu()
+    fuse_modules(net, backend="cuda")
+    assert all(_weight_layouts(net).values()) is fuse_on_cuda, _weight_layouts(net)
+    net = net.cuda()
+    x = torch.randn(2, 4, 12, 12, device="cuda")
+    with torch.backends.cudnn.flags(enabled=True, allow_tf32=False):
+        out, ref = net(x), plain(x)
+        assert all(_weight_layouts(net).values()), _weight_layouts(net)
+        assert out.is_contiguous()
+        assert_close(out, ref, "fused model on CUDA", 1e-4, 1e-4)
+        out.sum().backward()
+    assert not _grad_stride_mismatches(net), _grad_stride_mismatches(net)

@@ -432,3 +432,68 @@ def test_conv_bias_act_matches_float64(layout, dtype, atol, with_bias, with_resi
     assert out.dtype == dtype
     assert_layout(out, layout, "conv_bias_act output")
     check(out, ref, f"conv_bias_act {dtype}", atol, atol)
+
+
+# The eval path's geometries in DeepLabV3 (scaled-down channels and maps): (C_in, C_out, kernel, stride, padding,
+# dilation, H, W): the 7x7 stem, 1x1 stride 1 and 2 (the downsample), 3x3 stride 2, dilations 2/4/8 and an ASPP rate
+# whose taps mostly fall in the padding.
+EVAL_GEOMETRIES = [
+    pytest.param(3, 16, 7, 2, 3, 1, 37, 29, id="stem7x7s2"),
+    pytest.param(32, 64, 1, 1, 0, 1, 17, 17, id="1x1"),
+    pytest.param(32, 64, 1, 2, 0, 1, 17, 15, id="1x1s2"),
+    pytest.param(16, 16, 3, 2, 1, 1, 33, 33, id="3x3s2"),
+    pytest.param(16, 24, 3, 1, 2, 2, 17, 19, id="3x3d2"),
+    pytest.param(16, 16, 3, 1, 4, 4, 17, 17, id="3x3d4"),
+    pytest.param(16, 16, 3, 1, 8, 8, 33, 33, id="3x3d8"),
+    pytest.param(16, 8, 3, 1, 12, 12, 9, 9, id="3x3d12-padding"),
+]
+
+
+@pytest.mark.parametrize("cin,cout,k,stride,pad,dil,h,w", EVAL_GEOMETRIES)
+@pytest.mark.parametrize("layout", LAYOUTS)
+@pytest.mark.parametrize("dtype,atol", [(torch.float32, 1e-5), (torch.float16, 2e-3), (torch.bfloat16, 1.6e-2)],
+                         ids=str)
+@pytest.mark.parametrize("with_residual", [False, True], ids=["bias-relu", "bias-add-relu"])
+def test_conv_bias_act_deeplab_geometries(cin, cout, k, stride, pad, dil, h, w, layout, dtype, atol, with_residual,
+                                          monkeypatch):
+    # Where cuDNN's fused conv + bias (+ z) + ReLU takes the call, and where it has no engine (then the generic
+    # path, remembered per configuration): the result is the same function either way.
+    monkeypatch.setattr(torch.backends.cudnn, "allow_tf32", False)
+    x = activation((2, cin, h, w), dtype, layout)
+    wt = (torch.randn(cout, cin, k, k, dtype=torch.float64) / (cin * k * k) ** 0.5).to(dtype).to(CUDA)
+    bias = channel(cout, dtype)
+    ref = torch.nn.functional.conv2d(x.double(), wt.double(), bias.double(), stride, pad, dil)
+    r = activation(tuple(ref.shape), dtype, layout) if with_residual else None
+    ref = torch.relu(ref + r.double() if r is not None else ref)
+    for attempt in range(2):  # the second call: the remembered route
+        out = _ops.conv_bias_act(x, wt, bias, r, [stride] * 2, [pad] * 2, [dil] * 2, True)
+        assert out.dtype == dtype
+        assert_layout(out, layout, f"conv_bias_act output (call {attempt + 1})")
+        check(out, ref, f"conv_bias_act {dtype} (call {attempt + 1})", atol, atol)
+
+
+@pytest.mark.parametrize("layout", LAYOUTS)
+def test_conv_bias_act_residual_aliasing_input(layout, monkeypatch):
+    # conv(x) + x with the residual x itself (pytorch/pytorch#62926: cuDNN's fused add misreads an aliased z).
+    monkeypatch.setattr(torch.backends.cudnn, "allow_tf32", False)
+    x = activation((2, 8, 9, 11), torch.float32, layout)
+    wt = channel(8 * 8, torch.float32).reshape(8, 8, 1, 1) / 8
+    bias = channel(8, torch.float32)
+    out = _ops.conv_bias_act(x, wt, bias, x, [1, 1], [0, 0], [1, 1], True)
+    ref = torch.relu(torch.nn.functional.conv2d(x.double(), wt.double(), bias.double()) + x.double())
+    check(out, ref, "conv_bias_act with residual = x", 1e-5, 1e-5)
+
+
+def test_conv_bias_act_deterministic_mode(monkeypatch):
+    # Under cudnn.deterministic the call leaves cuDNN's fused forms (which take no determinism setting): two calls
+    # give the same bits, and the result is the function's.
+    monkeypatch.setattr(torch.backends.cudnn, "allow_tf32", False)
+    monkeypatch.setattr(torch.backends.cudnn, "deterministic", True)
+    x = activation((2, 16, 17, 17), torch.float32, torch.channels_last)
+    wt = (torch.randn(16, 16, 3, 3, dtype=torch.float64) / 12).float().to(CUDA)
+    bias = channel(16, torch.float32)
+    a = _ops.conv_bias_act(x, wt, bias, None, [1, 1], [2, 2], [2, 2], True)
+    b = _ops.conv_bias_act(x, wt, bias, None, [1, 1], [2, 2], [2, 2], True)
+    assert torch.equal(a, b), "conv_bias_act under cudnn.deterministic: two calls differ"
+    ref = torch.relu(torch.nn.functional.conv2d(x.double(), wt.double(), bias.double(), 1, 2, 2))
+    check(a, ref, "conv_bias_act under cudnn.deterministic", 1e-5, 1e-5)

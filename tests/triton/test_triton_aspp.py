@@ -363,16 +363,18 @@ def test_half_error_within_twice_the_reference_error(case, dtype):
 
 @pytest.mark.gpu
 @pytest.mark.skipif(not CUDA, reason="TF32 needs a GPU")
-def test_tf32_follows_cudnn_allow_tf32():
+def test_tf32_follows_cudnn_allow_tf32(monkeypatch):
     case = GPU_CASES[0]
     (exact,) = _gpu_runs(*case, [(torch.float64, "reference")])
-    torch.backends.cudnn.allow_tf32 = True
+    monkeypatch.setattr(torch.backends.cudnn, "allow_tf32", True)
     ref_tf32, ours_tf32 = _gpu_runs(*case, [(torch.float32, "reference"), (torch.float32, "triton")])
     torch.backends.cudnn.allow_tf32 = False
     (ours_ieee,) = _gpu_runs(*case, [(torch.float32, "triton")])
     for i, (e, r, t, f) in enumerate(zip(exact, ref_tf32, ours_tf32, ours_ieee, strict=True)):
         scale = max(e.abs().max().item(), 1.0)
-        assert (t - e).abs().max().item() <= 2 * (r - e).abs().max().item() + 1e-5 * scale, f"tf32 output {i}"
+        # at most twice cuDNN's error with TF32 allowed, or TF32's own rounding scale (cuDNN may pick float32
+        # kernels for some passes even then)
+        assert (t - e).abs().max().item() <= max(2 * (r - e).abs().max().item(), 4e-3 * scale), f"tf32 output {i}"
         assert (f - e).abs().max().item() <= 2e-3 * scale, f"allow_tf32=False must give float32 accuracy, output {i}"
 
 

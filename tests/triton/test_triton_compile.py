@@ -127,6 +127,7 @@ def _signature(fn, dtype: str, consts: dict):
     data = {"fp16": "fp16", "bf16": "bf16", "fp32": "fp32", "tf32": "fp32", "fp64": "fp64"}[dtype]
     stat = "fp64" if dtype == "fp64" else "fp32"
     sig, attrs = {}, {}
+    unspecialized = set(getattr(fn, "do_not_specialize", None) or ())  # names (or indices) the runtime keeps plain
     for i, a in enumerate(fn.arg_names):
         if a in consts:
             sig[a] = "constexpr"
@@ -143,8 +144,9 @@ def _signature(fn, dtype: str, consts: dict):
         else:
             sig[a] = "i32"
         # The runtime's specialization of 16-byte-aligned pointers and integers divisible by 16 (the widest it
-        # can choose: every size a multiple of 16).
-        attrs[(i,)] = [["tt.divisibility", 16]]
+        # can choose: every size a multiple of 16), except for the arguments a kernel asks it not to specialize.
+        if a not in unspecialized and i not in unspecialized:
+            attrs[(i,)] = [["tt.divisibility", 16]]
     return sig, attrs
 
 

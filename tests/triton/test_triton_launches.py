@@ -147,13 +147,41 @@ def test_autotune_modes(monkeypatch):
     assert done.returncode != 0 and "DEEPLAB_OPS_AUTOTUNE='sometimes' is not an autotune mode" in done.stderr
 
 
+def test_no_tuning_inside_a_cuda_graph_capture(monkeypatch):
+    """A key first met inside a CUDA-graph capture (where timing would synchronize, which a capture forbids) runs
+    the first pruned candidate, untimed and not remembered: the same key outside a capture is tuned as usual."""
+    from deeplab_ops.triton import conv_engine, launch
+
+    tuned = []
+    monkeypatch.setattr(launch, "_interpreter_active", lambda: False)
+    monkeypatch.setattr(launch, "TUNED", {})
+    monkeypatch.setattr(launch, "tune", lambda spec, device, sizes, run: tuned.append(sizes) or {"tag": "tuned"})
+    monkeypatch.setattr(torch.cuda, "get_device_capability", lambda device=None: (9, 0))
+    capturing = [True]
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "is_current_stream_capturing", lambda: capturing[0])
+    spec = conv_engine.KERNELS["fwd"]
+    cuda = torch.device("cuda", 0)
+    sizes = dict(C_in=64, C_out=64, H_out=33, W_out=33, stride_h=1, stride_w=1)
+    meta = dict(KH=3, KW=3, TRAINING=True)
+    first = launch.candidates(spec, cuda, sizes)[0]
+    assert launch.tuned_config(spec, cuda, torch.float16, sizes, meta, None) == first
+    assert not tuned and not launch.TUNED
+    capturing[0] = False
+    assert launch.tuned_config(spec, cuda, torch.float16, sizes, meta, None) == {"tag": "tuned"} and len(tuned) == 1
+    capturing[0] = True  # a tuned key is served inside a capture too
+    assert launch.tuned_config(spec, cuda, torch.float16, sizes, meta, None) == {"tag": "tuned"} and len(tuned) == 1
+
+
 # ---- JIT specializations --------------------------------------------------------------------------------------
 
 
 @triton_test
 def test_signatures_follow_triton_specialization():
     """Calls that differ only in a spatial size of the same class (not 1, not divisible by 16) compile nothing
-    new; a width divisible by 16 is another specialization of the conv (and of bn_apply, whose row count follows)."""
+    new; a width divisible by 16 is another specialization of the conv (and of bn_apply, whose row count follows),
+    not of bn_finalize, whose count of partials is declared unspecialized (on a GPU it is 8 for w=6 and 16 for
+    w=16)."""
     with dtriton.count_launches() as one:
         _forward(True, w=6)
     with dtriton.count_launches() as same_class:
@@ -168,7 +196,9 @@ def test_signatures_follow_triton_specialization():
     by_kernel = {}
     for sig in flipped.signatures:
         by_kernel.setdefault(sig.kernel, []).append(sig)
+    # bn_finalize's count of partials P (which follows batch and map size) is not specialized: one kernel for all
     assert {k: len(v) for k, v in by_kernel.items()} == {"conv_fwd": 2, "bn_finalize": 1, "bn_apply": 2}
+    assert dict((n, c) for n, _, c in by_kernel["bn_finalize"][0].args)["P"] == ""
     a, b = by_kernel["conv_fwd"]
     assert a.constexprs == b.constexprs and {dict((n, c) for n, _, c in s.args)["W"] for s in (a, b)} == {"", "div16"}
     conv = next(s for s in one.signatures if s.kernel == "conv_fwd")
