@@ -29,6 +29,7 @@ CUDA_CONFIGS = {  # name: (H = W, rates)
     "os8": (65, (12, 24, 36)),
 }
 CPU_CONFIGS = {"os16": (17, (3, 6, 9)), "os16_r12": (17, (6, 12, 18)), "os8": (33, (6, 12, 18))}
+QUICK_CPU_CONFIGS = {"os16": (9, (2, 4, 6)), "os16_r12": (9, (3, 6, 9)), "os8": (17, (3, 6, 9))}  # --quick on cpu
 CUDA_PROVIDERS = ("eager", "eager-cl", "eager-amp", "eager-cl-amp", "compile", "compile-max", "triton", "cuda")
 CPU_PROVIDERS = ("cpu", "cpu-cl", "reference", "eager", "eager-cl")
 PROVIDERS = (*common.EAGER_PROVIDERS, "compile", "compile-max", "triton", "cuda", "cpu", "reference",
@@ -70,9 +71,10 @@ def main(argv: list[str] | None = None) -> int:
     common.add_common_args(parser, "aspp_bench")
     parser.add_argument("--providers", type=common.csv_list(str, PROVIDERS), default=None,
                         help=f"comma list of {PROVIDERS}; default: {CUDA_PROVIDERS} on cuda, {CPU_PROVIDERS} on cpu")
-    parser.add_argument("--configs", type=common.csv_list(str, CUDA_CONFIGS), default=list(CUDA_CONFIGS),
+    parser.add_argument("--configs", type=common.csv_list(str, CUDA_CONFIGS), default=None,
                         help="comma list: os16 (33x33, rates 6/12/18), os16_r12 (33x33, 12/24/36), os8 (65x65, "
-                             "12/24/36); on cpu the same names are 17/17/33 px with halved rates")
+                             "12/24/36); on cpu the same names are 17/17/33 px with halved rates (--quick: 9/9/17 "
+                             "px); default: all (--quick: os16)")
     parser.add_argument("--in-channels", type=common.int_at_least(1, "channels"), default=None,
                         help="Cin (default 2048 on cuda, 64 on cpu)")
     parser.add_argument("--out-channels", type=common.int_at_least(1, "channels"), default=None,
@@ -84,14 +86,14 @@ def main(argv: list[str] | None = None) -> int:
     dtypes = args.dtypes or (["bf16", "fp16", "fp32", "tf32"] if cuda else ["fp32"])
     batches = args.batches or ([1, 8, 16] if cuda else [2])
     configs = CUDA_CONFIGS if cuda else CPU_CONFIGS
-    names = args.configs
+    names = args.configs or list(CUDA_CONFIGS)
     cin = args.in_channels or (2048 if cuda else 64)
     cout = args.out_channels or (256 if cuda else 32)
-    if args.quick:
-        names = names[:1]
-        batches = batches[:1] if cuda else [2]
+    if args.quick:  # fewer and smaller cases, but what was asked for explicitly is kept
+        names = args.configs or names[:1]
+        batches = args.batches or batches[:1]
         if not cuda:
-            names, configs = ["os16"], {"os16": (9, (2, 4, 6))}
+            configs = QUICK_CPU_CONFIGS
             cin, cout = args.in_channels or 32, args.out_channels or 16
 
     env = common.environment(device)

@@ -6,7 +6,7 @@
 
 At tiny tensors a call costs almost nothing but its overhead: Python, the dispatcher, checks, allocations, copies,
 layout conversions, cat, launches and host syncs. A fused op only beats eager PyTorch if that overhead is smaller
-than what the eager layers spend (DESIGN.md, "Performance method"). For conv_bn_relu (1x4x4x4 -> 4, 3x3,
+than what the eager layers spend (docs/performance.md). For conv_bn_relu (1x4x4x4 -> 4, 3x3,
 channels_last input), aspp (N=2, C_in=8, C=4, 5x5, rates 1/2/3) and upsample_cross_entropy (N=2, K=3, 4x4 -> 8x8),
 every backend that runs here and eager PyTorch (Conv2d -> BatchNorm2d -> ReLU; torchvision's ASPP, model.ASPP
 without torchvision; F.interpolate + F.cross_entropy), in train_fwd / eval_fwd (no_grad, training=False) / fwd_bwd,

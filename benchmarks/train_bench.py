@@ -165,8 +165,8 @@ def main(argv: list[str] | None = None) -> int:
                            "bf16 on cuda, fp32 on cpu")
     parser.add_argument("--providers", type=common.csv_list(str, PROVIDERS), default=None,
                         help=f"comma list of {PROVIDERS}; default: {CUDA_PROVIDERS} on cuda, {CPU_PROVIDERS} on cpu")
-    parser.add_argument("--models", type=common.csv_list(str, DEPTHS), default=list(DEPTHS),
-                        help="comma list of r50, r101")
+    parser.add_argument("--models", type=common.csv_list(str, DEPTHS), default=None,
+                        help="comma list of r50, r101 (default: both; --quick: r50)")
     parser.add_argument("--output-strides", type=common.csv_list(int, (8, 16)), default=[16],
                         help="comma list of 16, 8")
     parser.add_argument("--image-size", type=common.int_at_least(16, "pixels: the largest output stride"),
@@ -179,9 +179,9 @@ def main(argv: list[str] | None = None) -> int:
     dtypes = args.dtypes or (["bf16"] if cuda else ["fp32"])
     batches = args.batches or ([16] if cuda else [2])
     size = args.image_size or (513 if cuda else 65)
-    models = args.models
-    if args.quick:
-        models, batches = models[:1], batches[:1]
+    models = args.models or list(DEPTHS)
+    if args.quick:  # fewer and smaller cases, but what was asked for explicitly is kept
+        models, batches = args.models or models[:1], args.batches or batches[:1]
         size = args.image_size or (257 if cuda else 17)
 
     env = common.environment(device)

@@ -85,15 +85,20 @@ class FusedAwayBatchNorm2d(nn.BatchNorm2d):
         return x
 
 
-class FusedAwayReLU(nn.Identity):
-    """Stands in a container's slot for a ReLU that the preceding FusedConv2d applies; remembers that ReLU."""
+class FusedAwayReLU(nn.ReLU):
+    """A ReLU applied by the preceding FusedConv2d: its forward passes the input through (the same module, its class
+    swapped, so that hooks registered on it still run, seeing the fused output)."""
 
-    def __init__(self, original: nn.ReLU) -> None:
-        super().__init__()
-        object.__setattr__(self, "original", original)  # not registered: no new module name
+    def forward(self, x: Tensor) -> Tensor:
+        return x
 
     def extra_repr(self) -> str:
-        return f"fused into the preceding conv, was {self.original!r}"
+        return f"fused into the preceding conv, {super().extra_repr() or 'not inplace'}"
+
+
+def _hooked(module: nn.Module) -> bool:
+    """Whether `module` has forward hooks or forward pre-hooks of its own."""
+    return bool(module._forward_hooks or module._forward_pre_hooks)
 
 
 # ---- residual blocks -----------------------------------------------------------------------------------
@@ -120,6 +125,12 @@ def _fused_block_forward(self: nn.Module, x: Tensor) -> Tensor:
     cfg = getattr(self, _FUSED_ATTR)
     backend, group, lean = cfg.backend, cfg.process_group, cfg.memory_efficient
     parts, downsample = _block_parts(self, cfg.depth)
+    relu = self._modules.get("relu")
+    if relu is not None and _hooked(relu):
+        return type(self).original_class.forward(self, x)  # hooks see what they would see unfused
+    for conv, bn in parts:
+        if _hooked(conv) or _hooked(bn):
+            return type(self).original_class.forward(self, x)
     out = x
     for conv, bn in parts[:-1]:
         out = fused_conv_bn(conv, bn, out, training=bn.training, relu=True, backend=backend, process_group=group,
@@ -134,7 +145,12 @@ def _fused_block_forward(self: nn.Module, x: Tensor) -> Tensor:
 
 def _fused_aspp_forward(self: nn.Module, x: Tensor) -> Tensor:
     cfg = getattr(self, _FUSED_ATTR)
-    modes = {m.training for m in self.modules() if isinstance(m, nn.BatchNorm2d)}
+    modes = set()
+    for m in self.modules():
+        if m is not self and _hooked(m):  # hooks on a part see what they would see unfused
+            return type(self).original_class.forward(self, x)
+        if isinstance(m, nn.BatchNorm2d):
+            modes.add(m.training)
     if len(modes) != 1:
         # Mixed BatchNorm modes in one ASPP: the op's single mode would be wrong for some; run the original.
         return type(self).original_class.forward(self, x)
@@ -370,7 +386,7 @@ def _fuse_chain(container: nn.Module, backend: str | None, shared: set[int], mem
         conv.__class__ = FusedConv2d
         bn.__class__ = FusedAwayBatchNorm2d
         if relu:
-            container._modules[names[i + 2]] = FusedAwayReLU(children[i + 2])
+            children[i + 2].__class__ = FusedAwayReLU
         i += 3 if relu else 2
 
 
@@ -385,10 +401,9 @@ def unfuse_modules(model: nn.Module) -> nn.Module:
     for module in list(model.modules()):
         _remove_boundary(module)
         forget_aspp_parts(module)
-        for name, child in list(module._modules.items()):
-            if type(child) is FusedAwayReLU:
-                module._modules[name] = child.original
-        if type(module) is FusedConv2d:
+        if type(module) is FusedAwayReLU:
+            module.__class__ = nn.ReLU
+        elif type(module) is FusedConv2d:
             module.__class__ = nn.Conv2d
             delattr(module, _FUSED_ATTR)
         elif type(module) is FusedAwayBatchNorm2d:

@@ -249,7 +249,10 @@ def check_args(x, conv_weights, pool_weight, project_weight, bn_weights, bn_bias
     for i, t in enumerate(conv_weights):
         if not isinstance(t, torch.Tensor):
             raise TypeError(f"conv_weights[{i}] must be a torch.Tensor, got {type(t).__name__}")
-    c = conv_weights[0].shape[0] if conv_weights[0].dim() == 4 else -1
+    if conv_weights[0].dim() != 4:
+        raise ValueError(f"conv_weights[0] must be a 4-D weight (C, {cin}, 1, 1) (the 1x1 branch; C its output "
+                         f"channels), got shape {tuple(conv_weights[0].shape)}")
+    c = conv_weights[0].shape[0]
     for i, wt in enumerate(conv_weights):
         k = 1 if i == 0 else 3
         if tuple(wt.shape) != (c, cin, k, k):
@@ -415,15 +418,13 @@ def aspp(
         args[4:8] = _flat(bn_weights), _flat(bn_biases), _flat(running_means), _flat(running_vars)
         out, *_, new_rm, new_rv = FORWARD[name](*args)
     if training and running_means is not None:
-        with torch.no_grad():
-            if rm is not None and rv is not None:  # one tensor, or views of the caller's buffers
-                rm.copy_(new_rm)
-                rv.copy_(new_rv)
-            else:
-                for m, v, nm, nv in zip(running_means, running_vars, new_rm.chunk(len(running_means)),
-                                        new_rv.chunk(len(running_vars)), strict=True):
-                    m.copy_(nm)
-                    v.copy_(nv)
+        with torch.no_grad():  # each statistic in its own form: one tensor (or views of the caller's), or a list
+            for given, whole, new in ((running_means, rm, new_rm), (running_vars, rv, new_rv)):
+                if whole is not None:
+                    whole.copy_(new)
+                else:
+                    for t, part in zip(given, new.chunk(len(given)), strict=True):
+                        t.copy_(part)
     return out
 
 

@@ -49,6 +49,9 @@ CONV_BIAS_ACT = {"cpu": _ops.conv_bias_act.default, "cuda": _ops.conv_bias_act.d
 # ---- argument checks ------------------------------------------------------------------------------
 
 
+_MAX_GEOMETRY = 2**31 - 1
+
+
 def _check_config(stride, padding, dilation, training, momentum, eps, relu) -> tuple:
     """The call's fixed configuration, validated: (stride, padding, dilation) as pairs."""
     stride, padding, dilation = pair(stride, "stride"), pair(padding, "padding"), pair(dilation, "dilation")
@@ -58,6 +61,9 @@ def _check_config(stride, padding, dilation, training, momentum, eps, relu) -> t
         raise ValueError(f"dilation must be >= 1, got {dilation}")
     if min(padding) < 0:
         raise ValueError(f"padding must be >= 0, got {padding}")
+    for name, value in (("stride", stride), ("padding", padding), ("dilation", dilation)):
+        if max(value) > _MAX_GEOMETRY:  # kernels index with 32 bits; the op schema takes int64 at most
+            raise ValueError(f"{name} must be at most {_MAX_GEOMETRY} (2**31 - 1), got {value}")
     if not isinstance(training, bool):
         raise TypeError(f"training must be a bool, got {training!r}")
     if not isinstance(relu, bool):

@@ -212,6 +212,8 @@ def upsample_cross_entropy(
     ignore_index = int(ignore_index)
     name = backends.resolve(backend, "upsample_cross_entropy", logits.device, logits=logits, target=target)
     if name == "reference":
+        if target.device.type == "cpu":  # the message every CPU backend gives, not F.cross_entropy's
+            check_target_range(target, logits.shape[1], ignore_index)
         return reference.upsample_cross_entropy(logits, target, ignore_index=ignore_index,
                                                 align_corners=align_corners, reduction=reduction)
     refuse_grad_transforms("upsample_cross_entropy", logits)

@@ -37,8 +37,8 @@ def _brute_taps(h, w, k, d, p, s):
 
 
 @pytest.mark.parametrize(("size", "rates", "design"), [
-    (33, (6, 12, 18), (0.77, 0.57, 0.41)),   # DESIGN.md, output stride 16
-    (33, (12, 24, 36), (0.57, 0.27, 0.11)),  # DESIGN.md's 12/24/36 figures are at 33x33
+    (33, (6, 12, 18), (0.77, 0.57, 0.41)),   # benchmarks/results/README.md, output stride 16
+    (33, (12, 24, 36), (0.57, 0.27, 0.11)),  # the 12/24/36 figures at 33x33
     (65, (12, 24, 36), (0.77, 0.57, 0.40)),  # output stride 8: the feature map is 65x65
 ])
 def test_valid_tap_fraction(size, rates, design):
@@ -47,8 +47,8 @@ def test_valid_tap_fraction(size, rates, design):
         exact = ((size + 2 * max(0, size - r)) / (3 * size)) ** 2
         got = common.valid_tap_fraction(size, r)
         assert got == pytest.approx(exact, rel=1e-12)
-        # DESIGN.md rounds to two digits; rate 18 at 33x33 is (63/99)^2 = 0.40496, which it gives as 0.41
-        assert abs(got - expected) < 0.006, f"{size}x{size} rate {r}: {got:.4f}, DESIGN.md says {expected}"
+        # the two-digit figures of the design notes; rate 18 at 33x33 is (63/99)^2 = 0.40496, given as 0.41
+        assert abs(got - expected) < 0.006, f"{size}x{size} rate {r}: {got:.4f}, expected about {expected}"
 
 
 def test_conv_taps_matches_brute_force():
@@ -69,7 +69,7 @@ def test_aspp_flops():
     conv3_dense = 3 * 2.0 * n * cin * cout * 9 * hw
     conv3_useful = sum(2.0 * n * cin * cout * 9 * hw * common.valid_tap_fraction(size, r) for r in rates)
     assert math.isclose(dense - useful, conv3_dense - conv3_useful + 2.0 * n * cout * cout * (hw - 1))
-    # the forward is dominated by the 3x3 branches: about 40% of their FLOPs multiply padding (DESIGN.md)
+    # the forward is dominated by the 3x3 branches: about 40% of their FLOPs multiply padding
     assert 0.35 < 1 - conv3_useful / conv3_dense < 0.45
     assert common.mode_flops((useful, dense), "fwd_bwd") == (3 * useful, 3 * dense)
     assert common.mode_flops((useful, dense), "eval_fwd") == (useful, dense)
@@ -264,6 +264,28 @@ def test_aspp_bench_cpu_quick(tmp_path, capsys):
         assert (tmp_path / "aspp_bench.png").stat().st_size > 0
     except ImportError:
         assert "matplotlib is not installed" in out.err
+
+
+def test_quick_keeps_what_was_asked_for(tmp_path):
+    """--quick shrinks the defaults, not explicit lists: --batches and --configs (aspp_bench), --models and
+    --batches (train_bench) run as given; a training batch of 1 is recorded as skipped, as documented."""
+    import aspp_bench
+
+    argv = [*QUICK, "--out", str(tmp_path), "--providers", "eager", "--modes", "train_fwd,eval_fwd", "--batches",
+            "1,3", "--configs", "os8,os16"]
+    assert aspp_bench.main(argv) == 0
+    rows, _ = _read(tmp_path, "aspp_bench")
+    assert {(r["batch"], r["shape"].split(" ")[0]) for r in rows} == {(b, s) for b in (1, 3)
+                                                                        for s in ("32x17x17", "32x9x9")}
+    skipped = [r for r in rows if r["status"] == "skipped"]
+    assert skipped and all(r["batch"] == 1 and r["mode"] == "train_fwd" for r in skipped)
+    import train_bench
+
+    parser_rows = tmp_path / "train"
+    assert train_bench.main([*QUICK, "--out", str(parser_rows), "--providers", "eager", "--modes", "eval_fwd",
+                             "--batches", "1,2", "--models", "r101"]) == 0
+    rows, _ = _read(parser_rows, "train_bench")
+    assert sorted(r["batch"] for r in rows) == [1, 2] and all("r101" in r["shape"] for r in rows)
 
 
 def test_conv_bn_relu_bench_cpu_quick(tmp_path):

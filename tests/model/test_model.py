@@ -148,7 +148,7 @@ def test_fused_and_unfused_one_training_step():
     # batch of 2 (an optimizer step adds nothing: it maps equal gradients to equal parameters).
     # Tolerance: the float32 gradients of this training step are ill-conditioned (training BatchNorm over few
     # values per channel, ReLU kinks): PyTorch's own float32 gradients are ~4% (relative L2 over all parameters)
-    # from the float64 ones. So, as DESIGN.md does for low precision, the fused float32 gradients must be at
+    # from the float64 ones. So, as the project does for low precision, the fused float32 gradients must be at
     # least as close to float64 as PyTorch's float32 are (within 1.5x, over all parameters), and every tensor's
     # gradient within 20% of float64's (a missing or wrong gradient path is off by ~100%). The loss and the
     # running statistics after the step are well-conditioned and compared tightly.

@@ -365,3 +365,49 @@ def test_channels_last_boundary_on_cuda(fuse_on_cuda):
         assert_close(out, ref, "fused model on CUDA", 1e-4, 1e-4)
         out.sum().backward()
     assert not _grad_stride_mismatches(net), _grad_stride_mismatches(net)
+
+
+def test_forward_hooks_on_fused_away_and_inner_modules_still_run():
+    """A hook on a chain's fused-away ReLU or BatchNorm runs and sees the fused output (the modules stay); one on a
+    residual block's or an ASPP's part makes that module run unfused, so the hook sees the unfused value; hooks
+    added after fusing behave the same; unfusing keeps them. The outputs equal the unfused model's throughout."""
+    torch.manual_seed(0)
+    plain = _randomize(_Head({})).eval()
+    fused = copy.deepcopy(plain)
+    seen = {}
+
+    def record(name):
+        def hook(module, args, out):
+            seen.setdefault(name, []).append(out.detach().clone())
+        return hook
+
+    relu, bn = fused.seq[3], fused.seq[2]
+    relu.register_forward_hook(record("chain relu"))
+    fuse_modules(fused, backend="cpu")
+    assert type(fused.seq[3]) is fusion.FusedAwayReLU and fused.seq[3] is relu
+    bn.register_forward_hook(record("chain bn"))  # after fusing
+    x = torch.randn(2, 4, 12, 12)
+    with torch.no_grad():
+        want = plain(x)
+        assert_close(fused(x), want, "fused model with chain hooks", ATOL, RTOL)
+        expected_relu = plain.seq[3](plain.seq[2](plain.seq[1](x)))
+    assert_close(seen["chain relu"][0], expected_relu, "the chain ReLU's hook", ATOL, RTOL)
+    assert_close(seen["chain bn"][0], expected_relu, "the fused-away BatchNorm's hook (the fused output)", ATOL, RTOL)
+    for name, part in (("block bn2", fused.bottleneck.bn2), ("block relu", fused.bottleneck.relu),
+                       ("aspp branch bn", fused.aspp.convs[1][1]), ("aspp pool relu", fused.aspp.convs[-1][3])):
+        seen.clear()
+        handle = part.register_forward_hook(record(name))
+        with torch.no_grad():
+            assert_close(fused(x), want, f"fused model with a hook on {name}", ATOL, RTOL)
+        assert seen.get(name), f"the hook on {name} did not run"
+        handle.remove()
+    # the unfused values the block's hook saw: bn2's output in the unfused block
+    seen.clear()
+    fused.bottleneck.bn2.register_forward_hook(record("bn2"))
+    plain_seen = []
+    plain.bottleneck.bn2.register_forward_hook(lambda m, a, out: plain_seen.append(out.detach().clone()))
+    with torch.no_grad():
+        fused(x), plain(x)
+    assert_close(seen["bn2"][0], plain_seen[0], "the block's bn2 hook", ATOL, RTOL)
+    unfuse_modules(fused)
+    assert type(fused.seq[3]) is nn.ReLU and fused.seq[3] is relu and relu._forward_hooks

@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import pytest
 import torch
-from helpers import assert_close, assert_module_matches, cuda_test
+from helpers import assert_close, assert_module_matches, backend_param, cuda_test, device_for
 from torchvision.models.segmentation.deeplabv3 import ASPP
 
 import deeplab_ops
@@ -84,6 +84,42 @@ def test_functional_matches_reference_float64(training):
     for i, (a, b) in enumerate(zip(torch.autograd.grad(out, leaves, grad), torch.autograd.grad(exp, leaves, grad),
                                    strict=True)):
         assert_close(a, b, f"grad of input {i}", 1e-9, 1e-9)
+
+
+@pytest.mark.parametrize("backend", [backend_param(b) for b in ("cpu", "reference", "triton")])
+@pytest.mark.parametrize("forms", ["LLLT", "LLTL", "TTLT", "TLTL", "TTTT"])
+def test_each_bn_argument_may_be_a_list_or_one_tensor(backend, forms):
+    """bn_weights, bn_biases, running_means, running_vars: each independently a list (one tensor per BatchNorm) or
+    one concatenated tensor (L / T in that order): the same output, gradients and running statistics as all lists,
+    the caller's tensors updated in place in whichever form it gave them."""
+    device = device_for(backend)
+    dtype = torch.float64 if backend != "triton" else torch.float32
+    x, cws, pw, prw, bws, bbs, rms, rvs, rates = _functional_inputs(dtype=dtype, device=device)
+    want_rm, want_rv = [t.clone() for t in rms], [t.clone() for t in rvs]
+    want = deeplab_ops.aspp(x, cws, pw, prw, bws, bbs, want_rm, want_rv, rates=rates, training=True, backend=backend)
+
+    def form(parts, letter, grad=False):
+        t = torch.cat([p.detach() for p in parts]) if letter == "T" else [p.detach().clone() for p in parts]
+        if grad:
+            for leaf in [t] if letter == "T" else t:
+                leaf.requires_grad_()
+        return t
+
+    bw, bb, rm, rv = (form(p, f, grad=i < 2) for i, (p, f) in enumerate(zip((bws, bbs, rms, rvs), forms, strict=True)))
+    out = deeplab_ops.aspp(x, cws, pw, prw, bw, bb, rm, rv, rates=rates, training=True, backend=backend)
+    tol = 1e-10 if dtype == torch.float64 else 1e-5
+    assert_close(out, want, f"output ({forms})", tol, tol)
+    for name, got, exp in (("running_means", rm, want_rm), ("running_vars", rv, want_rv)):
+        assert_close(got if isinstance(got, torch.Tensor) else torch.cat(got), torch.cat(exp), f"{name} ({forms})",
+                     tol, tol)
+    grad = torch.randn_like(out)
+    leaves = [t for p in (bw, bb) for t in ([p] if isinstance(p, torch.Tensor) else p)]
+    got = torch.cat([g.flatten() for g in torch.autograd.grad(out, leaves, grad)])
+    ref_leaves = [t.detach().clone().requires_grad_() for t in (*bws, *bbs)]
+    ref = deeplab_ops.aspp(x, cws, pw, prw, ref_leaves[:len(bws)], ref_leaves[len(bws):], None, None, rates=rates,
+                           training=True, backend=backend)
+    assert_close(got, torch.cat([g.flatten() for g in torch.autograd.grad(ref, ref_leaves, grad)]),
+                 f"BatchNorm gradients ({forms})", tol * 10, tol * 10)
 
 
 def test_gradcheck_float64():

@@ -155,8 +155,8 @@ def _geometric_pairs(h, w, k, rate, block_h, block_w, dgrad=False):
 def test_padding_tap_schedule_33x33(rate, fraction):
     shape, wshape = (1, 1, 33, 33), (1, 1, 3, 3)
     geo = ((1, 1), (rate, rate), (rate, rate))
-    # Per-pixel tiles: the valid-tap fraction of DESIGN.md, exactly ((33 + 2 (33 - rate)) / 99)^2 per axis pair.
-    # (Rate 18 gives 63^2/99^2 = 0.40496, which DESIGN.md rounds to 0.41.)
+    # Per-pixel tiles: the valid-tap fraction (benchmarks/results/README.md), exactly ((33 + 2 (33 - rate)) / 99)^2
+    # per axis pair (rate 18: 63^2/99^2 = 0.40496).
     computed, dense = triton_cbr.schedule(shape, wshape, *geo, 1, 1)
     assert dense == 33 * 33 * 9 and computed == (33 + 2 * (33 - rate)) ** 2
     assert abs(computed / dense - fraction) < 0.0051
