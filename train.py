@@ -126,18 +126,24 @@ def load_backbone_weights(net: torch.nn.Module, path: str) -> None:
     net.backbone.load_state_dict({k: v for k, v in state.items() if not k.startswith("fc.")}, strict=False)
 
 
+try:  # a checkpoint file that exists but cannot be read (empty, corrupt): model.checkpoint.load_file raises it
+    from model.checkpoint import CheckpointReadError
+
+    _UNREADABLE: tuple[type[BaseException], ...] = (CheckpointReadError,)
+except ImportError:
+    _UNREADABLE = ()
+
+
 def backbone_weights_or_exit(net: torch.nn.Module, args) -> None:
     """load_backbone_weights(net, --backbone-weights), with a missing, unreadable or mismatched file stopping the run
     in a few lines that name the flag, and for a ResNet of another depth or width the flags that fit it."""
     path = args.backbone_weights
-    if not os.path.isfile(path):
-        raise SystemExit(f"--backbone-weights {path}: file not found")
     try:
         load_backbone_weights(net, path)
-    except (RuntimeError, ValueError, TypeError, EOFError, OSError, pickle.UnpicklingError) as e:
+    except (OSError, *_UNREADABLE) as e:  # missing, a folder, empty, corrupt: model.checkpoint.load_file's words
+        raise SystemExit(f"--backbone-weights {path}: {e}") from None
+    except (RuntimeError, ValueError, TypeError, EOFError, pickle.UnpicklingError) as e:
         first = str(e).splitlines()[0] if str(e) else type(e).__name__
-        if os.path.getsize(path) == 0:  # torch.load's EOFError says nothing of it
-            first = "the file is empty"
         fits = _resnet_flags(path)
         given = f"--backbone {args.backbone} --backbone-width {args.backbone_width}"
         hint = f"; the file holds a {fits}: train with those flags" if fits and fits != given else ""
@@ -255,7 +261,7 @@ def _setup(args) -> tuple[torch.device, distributed.DistInfo]:
         dev_type = "cuda" if torch.cuda.is_available() else "cpu"
     else:
         dev_type = args.device
-        if dev_type == "cuda" and not torch.cuda.is_available():
+        if dev_type == "cuda" and not torch.cuda.is_available():  # parse_args refuses it; for callers that do not
             raise SystemExit("--device cuda: no CUDA device is visible")
     if args.deterministic:
         os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")
@@ -271,11 +277,73 @@ def _setup(args) -> tuple[torch.device, distributed.DistInfo]:
     return device, info
 
 
-def _model_from_checkpoint(ckpt: dict, args, output_stride: int) -> torch.nn.Module:
-    saved = ckpt.get("args", {})
-    net = build_model(saved.get("backbone", args.backbone), ckpt["num_classes"], output_stride,
-                      saved.get("aux_loss", False), args.fused_ops, width=saved.get("backbone_width") or 64)
-    net.load_state_dict(ckpt["model"])
+# The flags that shape the network's weights: a checkpoint trained with other values does not load.
+MODEL_FLAGS = ("backbone", "backbone_width", "aux_loss")
+
+
+def _flag(name: str, value=None, with_value: bool = True) -> str:
+    """'--name value' ('--name' alone for a set switch, 'no --name' for an unset one)."""
+    flag = "--" + name.replace("_", "-")
+    if isinstance(value, bool):
+        return flag if value else f"no {flag}"
+    return f"{flag} {value}" if with_value else flag
+
+
+def _weights_mismatch(net: torch.nn.Module, state) -> str | None:
+    """Load `state` into `net` strictly; None when it loads, else a one-line summary of why it does not."""
+    core = ckpt_io.unwrap(net)
+    try:
+        core.load_state_dict(state)
+        return None
+    except (RuntimeError, TypeError, AttributeError) as e:
+        error = e
+    try:
+        from model.checkpoint import check_keys
+
+        check_keys(core, state)
+    except ImportError:
+        pass
+    except ValueError as e:  # counts of missing / unexpected keys and shape mismatches, and check_keys' hints
+        lines = [line.strip() for line in str(e).splitlines()]
+        return "; ".join([lines[0]] + [line for line in lines if line.startswith("hint:")])
+    lines = str(error).splitlines()
+    return lines[0].rstrip(":") if lines else type(error).__name__
+
+
+def check_weights_fit(net: torch.nn.Module, ckpt: dict, path: str, flag: str, args=None) -> None:
+    """Load the checkpoint's weights into `net`, or stop in one line naming the file: for --resume (`args` given)
+    the model flags whose values differ from those the checkpoint was trained with, else why the weights do not fit
+    the network the checkpoint's own saved flags describe."""
+    problem = _weights_mismatch(net, ckpt["model"])
+    if problem is None:
+        return
+    saved = ckpt.get("args") or {}
+    own = " ".join(_flag(k, saved[k]) for k in MODEL_FLAGS if saved.get(k) is not None and saved[k] is not False)
+    if args is not None:
+        differ = [k for k in MODEL_FLAGS if saved.get(k) is not None and saved[k] != getattr(args, k)]
+        if differ:
+            parts = [f"{_flag(k, saved[k])} (not {getattr(args, k)})" if not isinstance(saved[k], bool) else
+                     f"{_flag(k, True)} (which this command lacks)" if saved[k] else f"{_flag(k, False)} (but this "
+                     "command gives it)" for k in differ]
+            raise SystemExit(f"{flag}: {path} was trained with {', '.join(parts)}: its weights do not fit the network "
+                             f"these flags build; resume with the checkpoint's model flags ({own}), or start a new "
+                             "run in another --out-dir")
+        raise SystemExit(f"{flag}: {path} does not fit the network these flags build ({problem})")
+    described = f" ({own})" if own else ""
+    raise SystemExit(f"{flag} {path}: its weights do not fit the network its saved flags describe{described}: "
+                     f"{problem}; it was not written by this train.py (model.load_checkpoint loads other state_dicts "
+                     "into a network you build)")
+
+
+def _model_from_checkpoint(ckpt: dict, args, output_stride: int, path: str, flag: str) -> torch.nn.Module:
+    """The network a train.py checkpoint describes (its saved model flags and class count), with its weights."""
+    saved = ckpt.get("args") or {}
+    if not isinstance(ckpt.get("num_classes"), int):
+        raise SystemExit(f"{flag} {path}: has no 'num_classes' entry, so it is not a checkpoint train.py wrote "
+                         "(model.load_checkpoint loads other state_dicts into a network you build)")
+    net = build_model(saved.get("backbone") or args.backbone or "resnet101", ckpt["num_classes"], output_stride,
+                      bool(saved.get("aux_loss", False)), args.fused_ops, width=saved.get("backbone_width") or 64)
+    check_weights_fit(net, ckpt, path, flag)
     return net
 
 
@@ -367,13 +435,12 @@ def plan_predict_outputs(in_dir: str, files: list[str], out: str) -> dict[str, s
 
 
 def checkpoint_or_exit(path: str, flag: str) -> dict:
-    """load_checkpoint, with a missing, empty, corrupt or foreign file reported against the flag that named it
-    (load_checkpoint's errors name the file and say what is wrong with it) as a one-line exit, not a traceback."""
-    if os.path.isdir(path):
-        raise SystemExit(f"{flag} {path}: this is a folder; give a checkpoint file in it (last.pt or best.pt)")
+    """load_checkpoint, with a missing file, a folder, an empty, corrupt or foreign file reported against the flag
+    that named it (load_checkpoint's errors name the file and say what is wrong with it) as a one-line exit, not a
+    traceback."""
     try:
         return ckpt_io.load_checkpoint(path)
-    except (FileNotFoundError, RuntimeError, ValueError) as e:
+    except (OSError, RuntimeError, ValueError) as e:
         raise SystemExit(f"{flag} {path}: {e}") from None
 
 
@@ -410,8 +477,6 @@ def cmd_predict(args, device) -> None:
     if not files:
         raise SystemExit(f"--predict: no images ({', '.join(datasets.IMAGE_EXTENSIONS)}) in {args.predict}")
     plan = plan_predict_outputs(args.predict, files, out)
-    if args.amp == "fp16" and device.type != "cuda":
-        raise SystemExit("--amp fp16 needs a CUDA device (fp16 autocast); use --amp bf16 on CPU")
     for src in plan:  # every image decodes before any mask is written (a bad file stops the run with none written)
         try:
             datasets.read_image(src)
@@ -422,7 +487,7 @@ def cmd_predict(args, device) -> None:
     if num_classes is not None:
         check_num_classes(ckpt, args.checkpoint, num_classes, args, "--predict")
     os_ = args.eval_output_stride or ckpt.get("args", {}).get("output_stride", 16)
-    net = _model_from_checkpoint(ckpt, args, os_).to(device).eval()
+    net = _model_from_checkpoint(ckpt, args, os_, args.checkpoint, "--checkpoint").to(device).eval()
     if args.channels_last:
         net = net.to(memory_format=torch.channels_last)
     os.makedirs(out, exist_ok=True)
@@ -454,22 +519,42 @@ def _same_folder(given: str | None, saved: str | None) -> bool:
     return saved is not None and os.path.realpath(given) == os.path.realpath(saved)
 
 
+def _restored_note(args, restored: list[str], path: str) -> str:
+    """' (…)': which of the dataset flags an --eval-only error names came from the checkpoint, not the command
+    line, and how a relative path in them is read."""
+    paths = [k for k in ("data_root", "sbd_root", "classes") if k in restored]
+    if not paths:
+        return ""
+    named = ", ".join(_flag(k, getattr(args, k)) for k in paths)
+    relative = [getattr(args, k) for k in paths if not os.path.isabs(getattr(args, k))]
+    where = f", read relative to the current folder {os.getcwd()}" if relative else ""
+    flags = ", ".join(_flag(k, with_value=False) for k in paths)
+    return f" ({named}: saved in the checkpoint {path}{where}; pass {flags} to give the dataset's location)"
+
+
 def cmd_eval_only(args, device, info) -> None:
     path = args.checkpoint or os.path.join(args.out_dir or os.path.join("runs", args.dataset or "synthetic"), "best.pt")
     ckpt = checkpoint_or_exit(path, "--checkpoint" if args.checkpoint else "--eval-only (default checkpoint)")
-    saved = ckpt.get("args", {})
+    saved = ckpt.get("args") or {}
+    restored = []  # the dataset flags read from the checkpoint
     if args.dataset is None and saved.get("dataset") is not None:  # the kind of dataset it trained on
         args.dataset = saved["dataset"]
+        restored.append("dataset")
     if args.dataset == saved.get("dataset") and _same_folder(args.data_root, saved.get("data_root")):
         for key in EVAL_DATASET_FLAGS.get(saved.get("dataset"), ()):
             if getattr(args, key) is None and saved.get(key) is not None:
                 setattr(args, key, saved[key])
+                restored.append(key)
     check_dataset_flags(args, _exit)
     _apply_presets(args, device)
-    _, val, class_names = build_datasets(args, train=False)
+    try:
+        _, val, class_names = _build_datasets(args, train=False)
+    except (FileNotFoundError, ValueError) as e:
+        raise SystemExit(f"--dataset {args.dataset}: {e}{_restored_note(args, restored, path)}") from None
     check_num_classes(ckpt, path, len(class_names), args, "--eval-only")
     os_ = args.eval_output_stride or saved.get("output_stride", 16)
-    net = _model_from_checkpoint(ckpt, args, os_).to(device)
+    net = _model_from_checkpoint(ckpt, args, os_, path, "--checkpoint" if args.checkpoint else
+                                 "--eval-only (default checkpoint)").to(device)
     if args.channels_last:
         net = net.to(memory_format=torch.channels_last)
     t0 = time.time()
@@ -525,6 +610,113 @@ def check_bn_batch(args, world_size: int) -> None:
                          "--fused-ops (nn.SyncBatchNorm pools the processes' images), or --freeze-bn")
 
 
+# Flags whose change a resumed run does not note: where and how the run reports, not what it computes (the
+# sample stream is the same for any --workers; --backbone-weights only initialises, and the checkpoint's weights
+# replace it).
+NOT_NOTED_ON_RESUME = ("resume", "overwrite", "out_dir", "stop_after", "checkpoint_every", "log_every",
+                       "no_tensorboard", "device", "workers", "preview", "eval_only", "checkpoint", "predict", "out",
+                       "backbone_weights")
+LR_SCHEDULE_FLAGS = ("iterations", "lr", "poly_power")
+
+
+def _same_value(a, b) -> bool:
+    if isinstance(a, (list, tuple)) and isinstance(b, (list, tuple)):
+        return list(a) == list(b)
+    return a == b
+
+
+def _value_text(value) -> str:
+    if isinstance(value, bool):
+        return "on" if value else "off"
+    if value is None:
+        return "unset"
+    if isinstance(value, (list, tuple)):
+        return " ".join(f"{v:g}" if isinstance(v, float) else str(v) for v in value)
+    return str(value)
+
+
+def resume_note(saved: dict, args, iteration: int) -> str | None:
+    """'note: changed since the checkpoint's run: …' naming every setting the checkpoint records that this resumed
+    run changes (None when none does); operational flags (NOT_NOTED_ON_RESUME) aside."""
+    changed = [k for k in vars(args) if k in saved and k not in NOT_NOTED_ON_RESUME
+               and not _same_value(saved[k], getattr(args, k))]
+    if not changed:
+        return None
+    text = ("note: changed since the checkpoint's run: " +
+            ", ".join(f"{_flag(k, with_value=False)} {_value_text(saved[k])} -> {_value_text(getattr(args, k))}"
+                      for k in changed) +
+            "; the run continues with the new values (a resume repeats an uninterrupted run only with the same ones)")
+    if any(k in LR_SCHEDULE_FLAGS for k in changed):
+        text += (f"; from iteration {iteration} on, the learning rate follows the poly schedule of --lr {args.lr} over "
+                 f"--iterations {args.iterations}")
+    return text
+
+
+# What a training run writes to --out-dir (and tb/'s TensorBoard events): a fresh run into a folder that holds them
+# is refused unless --overwrite, which removes them first.
+RUN_FILES = ("last.pt", "best.pt", "metrics.jsonl", "metrics.json", "predictions_val.png")
+
+
+def _tb_events(out_dir: str) -> list[str]:
+    tb = os.path.join(out_dir, "tb")
+    try:
+        return sorted(os.path.join("tb", f) for f in os.listdir(tb)
+                      if f.startswith("events.out.tfevents.") and os.path.isfile(os.path.join(tb, f)))
+    except OSError:
+        return []
+
+
+def earlier_run(out_dir: str) -> list[str]:
+    """The files of an earlier training run in `out_dir` (RUN_FILES and TensorBoard events)."""
+    return [f for f in RUN_FILES if os.path.isfile(os.path.join(out_dir, f))] + _tb_events(out_dir)
+
+
+def _describe_run(out_dir: str, files: list[str]) -> str:
+    parts = []
+    for f in files:
+        it = ckpt_io.checkpoint_iteration(os.path.join(out_dir, f)) if f.endswith(".pt") else None
+        parts.append(f"{f} at iteration {it}" if it is not None else f)
+    events = [f for f in parts if f.startswith("tb" + os.sep)]
+    parts = [f for f in parts if f not in events]
+    return ", ".join(parts + ([f"{len(events)} TensorBoard event files in tb/"] if events else []))
+
+
+def check_out_dir(args, error) -> None:
+    """A fresh training run (no --resume) into an --out-dir that holds an earlier run would replace its checkpoints
+    and mix the two runs' logs: refused unless --overwrite. So is --resume from another folder's checkpoint into
+    it (its saves would replace that run's); --overwrite with --resume from --out-dir itself is a contradiction."""
+    if args.predict or args.eval_only:
+        return
+    out_dir = args.out_dir or os.path.join("runs", args.dataset or "synthetic")
+    resume_here = args.resume == "auto" or bool(args.resume) and os.path.realpath(
+        os.path.dirname(os.path.abspath(args.resume))) == os.path.realpath(out_dir)
+    if args.overwrite and resume_here:
+        resume = "--resume" if args.resume == "auto" else f"--resume {args.resume}"
+        error(f"--overwrite removes the run in --out-dir {out_dir} and {resume} continues it: drop one of them")
+    files = earlier_run(out_dir)
+    if not files or args.overwrite:
+        return
+    if not args.resume:
+        error(f"--out-dir {out_dir} holds an earlier run ({_describe_run(out_dir, files)}): add --resume to continue "
+              "it, --overwrite to replace it (its files are removed), or give another --out-dir")
+    if not resume_here and os.path.isfile(args.resume):
+        error(f"--out-dir {out_dir} holds an earlier run ({_describe_run(out_dir, files)}), and --resume "
+              f"{args.resume} continues a run from another folder, whose saves would replace that run's files: give "
+              "another --out-dir, or add --overwrite to remove them")
+
+
+def remove_earlier_run(out_dir: str) -> list[str]:
+    """--overwrite: delete the earlier run's files (earlier_run) from `out_dir`; returns their names."""
+    removed = []
+    for f in earlier_run(out_dir):
+        try:
+            os.unlink(os.path.join(out_dir, f))
+            removed.append(f)
+        except FileNotFoundError:
+            pass
+    return removed
+
+
 def cmd_train(args, device, info) -> None:
     if args.batch_size % info.world_size:
         raise SystemExit(f"--batch-size {args.batch_size} (global) must be divisible by the number of processes, "
@@ -561,16 +753,16 @@ def cmd_train(args, device, info) -> None:
         if resume.get("iteration", 0) > args.iterations:
             raise SystemExit(f"--resume {path}: the checkpoint is at iteration {resume['iteration']}, beyond "
                              f"--iterations {args.iterations}; give --iterations >= {resume['iteration']}")
+        check_weights_fit(net, resume, path, "--resume", args)
         if info.is_main:
             print(f"resuming {path} at iteration {resume['iteration']}")
-            saved = resume.get("args", {})
-            changed = [f"--{k.replace('_', '-')} {saved[k]} -> {getattr(args, k)}"
-                       for k in ("iterations", "lr", "poly_power", "momentum", "weight_decay")
-                       if k in saved and saved[k] != getattr(args, k)]
-            if changed:
-                print(f"note: changed since the checkpoint's run: {', '.join(changed)}; from iteration "
-                      f"{resume['iteration']} on, the learning rate follows the poly schedule of --lr {args.lr} over "
-                      f"--iterations {args.iterations}")
+            note = resume_note(resume.get("args") or {}, args, resume["iteration"])
+            if note:
+                print(note)
+    if info.is_main and args.overwrite:  # every check passed: the earlier run's files go just before training
+        removed = remove_earlier_run(args.out_dir)
+        if removed:
+            print(f"--overwrite: removed the earlier run's {', '.join(removed)} from {os.path.abspath(args.out_dir)}")
     cfg = loop.TrainConfig(
         iterations=args.iterations, batch_size=args.batch_size, lr=args.lr, momentum=args.momentum,
         weight_decay=args.weight_decay, poly_power=args.poly_power, seed=args.seed, amp=args.amp,
@@ -601,7 +793,7 @@ def cmd_train(args, device, info) -> None:
     try:
         result = loop.fit(net, train_set, cfg, device, val_fn=val_fn, resume=resume, rank=info.rank,
                           world_size=info.world_size, log=log)
-    except FloatingPointError as e:  # a NaN/Inf loss: the message says which checkpoint is the last good one
+    except FloatingPointError as e:  # a NaN/Inf loss: the message names the checkpoints and what can get past it
         # Every process stops at the same step (the loss is summed over them); the main one, which wrote the
         # checkpoints, says so, the others exit quietly with status 1.
         raise SystemExit(f"train.py: {e}" if info.is_main else 1) from None
@@ -625,6 +817,17 @@ def cmd_train(args, device, info) -> None:
 
 
 def parse_args(argv=None) -> argparse.Namespace:
+    p = build_parser()
+    args = p.parse_args(argv)
+    if args.channels_last is None:
+        args.channels_last = args.fused_ops
+    if args.memory_efficient and not args.fused_ops:
+        p.error("--memory-efficient is a mode of the fused ops: add --fused-ops")
+    check_args(args, p.error, {k: p.get_default(k) for k in vars(args)})
+    return args
+
+
+def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     g = p.add_argument_group("data")
     g.add_argument("--dataset", choices=["synthetic", "voc", "folder"], default=None,
@@ -688,9 +891,13 @@ def parse_args(argv=None) -> argparse.Namespace:
     g.add_argument("--preview", type=int, default=8, help="images in the predictions-vs-ground-truth PNG")
 
     g = p.add_argument_group("run")
-    g.add_argument("--out-dir", help="checkpoints, metrics.json, metrics.jsonl, previews (default runs/DATASET)")
+    g.add_argument("--out-dir", help="checkpoints, metrics.json, metrics.jsonl, previews (default runs/DATASET); a new "
+                   "run refuses one that holds an earlier run (see --resume, --overwrite)")
     g.add_argument("--resume", nargs="?", const="auto", help="continue a run from CKPT (default OUT_DIR/last.pt); "
                    "the lr schedule from there is that of the --lr and --iterations given now")
+    g.add_argument("--overwrite", action="store_true", help="start a new run in an --out-dir that holds an earlier "
+                   "one, removing its last.pt, best.pt, metrics.jsonl, metrics.json, predictions_val.png and tb/ "
+                   "events first (without it such a folder is refused: --resume continues the run there)")
     g.add_argument("--checkpoint-every", type=int, help="save last.pt every N iterations")
     g.add_argument("--stop-after", type=int, help="stop after N iterations of this invocation (resume later)")
     g.add_argument("--eval-only", action="store_true", help="evaluate --checkpoint (default OUT_DIR/best.pt)")
@@ -701,13 +908,7 @@ def parse_args(argv=None) -> argparse.Namespace:
     g.add_argument("--device", choices=["auto", "cpu", "cuda"], default="auto")
     g.add_argument("--log-every", type=int, default=20)
     g.add_argument("--no-tensorboard", action="store_true", help="no TensorBoard events even when installed")
-    args = p.parse_args(argv)
-    if args.channels_last is None:
-        args.channels_last = args.fused_ops
-    if args.memory_efficient and not args.fused_ops:
-        p.error("--memory-efficient is a mode of the fused ops: add --fused-ops")
-    check_args(args, p.error, {k: p.get_default(k) for k in vars(args)})
-    return args
+    return p
 
 
 MIN_CROP = 16  # the largest output stride: a smaller crop leaves the network less than one feature pixel
@@ -720,9 +921,9 @@ def _finite(v: float) -> bool:
 
 # Flags only training reads (the model of --eval-only / --predict comes from the checkpoint), and the evaluation
 # flags --predict does not read.
-TRAINING_ONLY = ("resume", "stop_after", "checkpoint_every", "iterations", "batch_size", "lr", "poly_power", "momentum",
-                 "weight_decay", "scale_range", "no_flip", "freeze_bn", "compile", "backbone", "backbone_width",
-                 "backbone_weights", "output_stride", "aux_loss", "memory_efficient", "eval_every")
+TRAINING_ONLY = ("resume", "overwrite", "stop_after", "checkpoint_every", "iterations", "batch_size", "lr",
+                 "poly_power", "momentum", "weight_decay", "scale_range", "no_flip", "freeze_bn", "compile", "backbone",
+                 "backbone_width", "backbone_weights", "output_stride", "aux_loss", "memory_efficient", "eval_every")
 NOT_PREDICT = ("out_dir", "preview", "eval_batch_size", "workers", "train_split", "val_split", "sbd_root",
                "synthetic_train_size", "synthetic_val_size", "data_seed", "crop_size")
 NOT_EVAL_ONLY = ("train_split", "synthetic_train_size")
@@ -779,6 +980,13 @@ def check_args(args, error, defaults: dict | None = None) -> None:
         error(f"--out {args.out} is --predict's output folder; training and --eval-only write to --out-dir")
     if args.predict and not args.checkpoint:
         error("--predict needs --checkpoint CKPT (the model to run)")
+    # Flags that need a device: checked against the devices visible here (--device auto picks CUDA when there is one).
+    cuda = torch.cuda.is_available()
+    if args.device == "cuda" and not cuda:
+        error("--device cuda: no CUDA device is visible (use --device cpu, or auto)")
+    if args.amp == "fp16" and (args.device == "cpu" or not cuda):
+        on = "--device cpu" if args.device == "cpu" else "a CPU (no CUDA device is visible)"
+        error(f"--amp fp16 needs a CUDA device (fp16 autocast with a GradScaler), not {on}; use --amp bf16 or none")
     # The package's environment variables, read by the ops at their first call: checked before any work.
     from deeplab_ops import backends
 
@@ -864,12 +1072,13 @@ def _apply_presets(args, device: torch.device) -> None:
         args.workers = 0 if device.type == "cpu" else min(8, os.cpu_count() or 1)
     if args.out_dir is None:
         args.out_dir = os.path.join("runs", args.dataset)
-    if args.amp == "fp16" and device.type != "cuda":
-        raise SystemExit("--amp fp16 needs a CUDA device (fp16 autocast with a GradScaler); use --amp bf16 on CPU")
 
 
 def main(argv=None) -> None:
     args = parse_args(argv)
+    # The folder's contents, not the flags: checked here rather than in parse_args (whose callers need no folder),
+    # still before any work and as a flag error (status 2).
+    check_out_dir(args, build_parser().error)
     device, info = _setup(args)
     try:
         if args.predict:

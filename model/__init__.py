@@ -12,7 +12,14 @@ per stage.
 """
 
 from model.aspp import ASPP, ASPPConv, ASPPPooling
-from model.checkpoint import CheckpointMismatchError, load_backbone, load_checkpoint, read_state_dict
+from model.checkpoint import (
+    CheckpointMismatchError,
+    CheckpointReadError,
+    load_backbone,
+    load_checkpoint,
+    load_file,
+    read_state_dict,
+)
 from model.deeplabv3 import DeepLabV3, deeplabv3_resnet, deeplabv3_resnet50, deeplabv3_resnet101
 from model.heads import DeepLabHead, FCNHead
 from model.resnet import Bottleneck, PreActBottleneck, ResNet, stage_dilations
@@ -23,6 +30,7 @@ __all__ = [
     "ASPPPooling",
     "Bottleneck",
     "CheckpointMismatchError",
+    "CheckpointReadError",
     "DeepLabHead",
     "DeepLabV3",
     "FCNHead",
@@ -33,6 +41,7 @@ __all__ = [
     "deeplabv3_resnet101",
     "load_backbone",
     "load_checkpoint",
+    "load_file",
     "read_state_dict",
     "stage_dilations",
 ]

@@ -9,11 +9,18 @@ A file may hold a raw state_dict or a dict with the state_dict under "model" or 
 checkpoints); a "module." prefix on every key (DistributedDataParallel) is removed. Keys are checked strictly:
 the error lists every missing key, unexpected key and shape mismatch. Fused and unfused models have the same
 keys, so either loads what the other saved.
+
+Every file is read through :func:`load_file` (``training.checkpoint`` and ``train.py`` too): a missing file raises
+FileNotFoundError, a folder IsADirectoryError, and a file that is empty, corrupt or truncated, not a torch.save
+file, or (read weights-only) holding other objects than tensors :class:`CheckpointReadError`; each message names the
+file and says what is wrong with it.
 """
 
 from __future__ import annotations
 
 import os
+import re
+import warnings
 from collections.abc import Mapping, Sequence
 
 import torch
@@ -30,18 +37,81 @@ class CheckpointMismatchError(ValueError):
     """A checkpoint's keys or shapes do not match the model; the message lists every difference."""
 
 
+class CheckpointReadError(ValueError, RuntimeError):
+    """A checkpoint file that exists but cannot be read: empty, corrupt or truncated, not a torch.save file, or
+    holding objects a weights-only load does not build. A ValueError (the file is bad input), and a RuntimeError
+    as well, which training.checkpoint.load_checkpoint raised for these before."""
+
+
+CHECKPOINT_SUFFIXES = (".pt", ".pth", ".ckpt", ".bin", ".tar")
+
+
+def _folder_hint(path: str) -> str:
+    try:
+        found = sorted(f for f in os.listdir(path) if f.lower().endswith(CHECKPOINT_SUFFIXES)
+                       and os.path.isfile(os.path.join(path, f)))
+    except OSError:
+        found = []
+    if not found:
+        return ""
+    return f" (it holds {', '.join(found[:5])}" + (f" and {len(found) - 5} more" if len(found) > 5 else "") + ")"
+
+
+def _load_error_detail(e: BaseException) -> str:
+    """One line of what torch.load said, without its weights-only advice (re-running with weights_only=False is
+    no remedy for a damaged file, and unsafe for an untrusted one)."""
+    text = str(e)
+    if "WeightsUnpickler error:" in text:
+        rest = text.split("WeightsUnpickler error:", 1)[1].strip()
+        text = rest.splitlines()[0] if rest else "weights-only unpickling failed"
+    lines = [line.strip() for line in text.splitlines() if line.strip()]
+    first = lines[0].split(". ")[0].rstrip(".") if lines else "(no message)"  # torch's zip errors run on
+    return f"{type(e).__name__}: {first}"
+
+
+def load_file(path: str | os.PathLike, *, weights_only: bool = True, map_location="cpu", advice: str = "") -> object:
+    """torch.load(path), with every way a file can fail to load reported in one line that names it.
+
+    Raises FileNotFoundError (no such file), IsADirectoryError (a folder) or CheckpointReadError (empty, corrupt or
+    truncated, not a torch.save file; with weights_only, objects other than tensors, numbers, strings and
+    containers). `advice` is appended to the messages of files that exist but cannot be read (what to do instead).
+    """
+    path = os.fspath(path)
+    if os.path.isdir(path):
+        raise IsADirectoryError(f"cannot read checkpoint {path}: this is a folder; give a checkpoint file in it"
+                                f"{_folder_hint(path)}")
+    if not os.path.isfile(path):
+        raise FileNotFoundError(f"checkpoint not found: {path} (no such file; checkpoints are read from local files)")
+    size = os.path.getsize(path)
+    if size == 0:
+        raise CheckpointReadError(f"cannot read checkpoint {path}: the file is empty (0 bytes){advice}")
+    try:
+        with warnings.catch_warnings():  # a non-torch pickle read weights-only warns of its protocol, then fails
+            warnings.filterwarnings("ignore", message="Detected pickle protocol")
+            return torch.load(path, map_location=map_location, weights_only=weights_only)
+    except Exception as e:
+        found = re.search(r"Unsupported global: GLOBAL ([\w.]+)", str(e)) if weights_only else None
+        if found:
+            raise CheckpointReadError(
+                f"cannot read checkpoint {path}: it holds a pickled {found.group(1)}, and checkpoints are read "
+                "weights-only (tensors, numbers, strings and their containers: no code from the file runs); save "
+                "the tensors alone, e.g. torch.save(model.state_dict(), PATH)") from None
+        raise CheckpointReadError(
+            f"cannot read checkpoint {path} ({size} bytes): it is corrupt or truncated, or not a torch.save file "
+            f"({_load_error_detail(e)}){advice}") from None
+
+
 def read_state_dict(source: StateDictSource) -> dict[str, Tensor]:
-    """The state_dict in `source`: a path to a local file (loaded on CPU, weights only) or a mapping.
+    """The state_dict in `source`: a path to a local file (loaded on CPU, weights only, by :func:`load_file`, whose
+    errors name the file) or a mapping.
 
     Unwraps {"model": …} / {"state_dict": …} and removes a "module." prefix present on every key.
     """
     what = "state_dict"
     if isinstance(source, str | os.PathLike):
         path = os.fspath(source)
-        if not os.path.isfile(path):
-            raise FileNotFoundError(f"checkpoint file {path!r} does not exist (checkpoints are read from local files)")
         what = repr(path)
-        obj = torch.load(path, map_location="cpu", weights_only=True)
+        obj = load_file(path, weights_only=True)
     else:
         obj = source
     if not isinstance(obj, Mapping):

@@ -109,7 +109,8 @@ def test_nan_loss_stops_with_a_clear_message_and_keeps_the_last_good_checkpoint(
     last = os.path.join(out_dir, "last.pt")
     message = str(info.value)
     assert "loss is nan at iteration 4" in message
-    assert f"last good checkpoint is {last} (iteration 3)" in message and "--resume" in message
+    assert f"Checkpoints: {last} (iteration 3). {last} holds the weights this forward ran" in message
+    assert "good" not in message
     ckpt = ckpt_io.load_checkpoint(last)
     assert ckpt["iteration"] == 3
     assert all(torch.isfinite(v).all() for v in ckpt["model"].values() if v.is_floating_point())
@@ -131,7 +132,7 @@ def test_train_script_nan_loss_keeps_last_pt(tmp_path, monkeypatch):
     args = ["--crop-size", "32", "--synthetic-train-size", "16", "--synthetic-val-size", "2", "--batch-size", "2",
             "--iterations", "4", "--checkpoint-every", "1", "--no-tensorboard", "--device", "cpu",
             "--out-dir", out_dir]
-    with pytest.raises(SystemExit, match=r"^train.py: loss is nan at iteration 3: .*last good checkpoint is "
+    with pytest.raises(SystemExit, match=r"^train.py: loss is nan at iteration 3: .*Checkpoints: "
                                          r".*last\.pt \(iteration 2\)") as info:
         train_script.main(args)
     assert "\n" not in str(info.value)  # one line, no traceback

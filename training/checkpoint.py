@@ -17,6 +17,8 @@ import tempfile
 import numpy as np
 import torch
 
+from model.checkpoint import load_file
+
 
 def _temp_prefix(path: str) -> str:
     return f".{os.path.basename(path)}."
@@ -74,26 +76,30 @@ def atomic_save(obj, path: str) -> None:
 RESUME_KEYS = ("model", "optimizer", "scheduler", "iteration", "rng")
 
 
+# What to do about a checkpoint that exists but cannot be read (the messages of model.checkpoint.load_file).
+UNREADABLE_ADVICE = ("; saves are atomic (a save that was interrupted leaves the previous file), so it was truncated "
+                     "or overwritten afterwards, or it is not a checkpoint: use another one (best.pt, an earlier copy)")
+
+
 def load_checkpoint(path: str, map_location="cpu") -> dict:
-    """Load a checkpoint written by `atomic_save`; errors name the file and say what is wrong with it."""
-    if not os.path.isfile(path):
-        raise FileNotFoundError(f"checkpoint not found: {path}")
-    size = os.path.getsize(path)
-    if size == 0:
-        raise RuntimeError(f"cannot read checkpoint {path}: the file is empty (0 bytes); it is not a checkpoint that "
-                           "atomic_save finished, so it was truncated or overwritten afterwards: use another "
-                           "checkpoint (best.pt, an earlier copy)")
-    try:
-        ckpt = torch.load(path, map_location=map_location, weights_only=False)
-    except Exception as e:
-        raise RuntimeError(
-            f"cannot read checkpoint {path} ({size} bytes): it is corrupt or truncated, or not a torch.save file "
-            f"({type(e).__name__}: {e}). Saves are atomic, so an interrupted save does not do this; use another "
-            "checkpoint (best.pt, an earlier copy)"
-        ) from e
+    """Load a checkpoint written by `atomic_save`; errors name the file and say what is wrong with it:
+    FileNotFoundError, IsADirectoryError, model.CheckpointReadError (empty, corrupt, truncated; also a RuntimeError),
+    ValueError (a file that holds no train.py checkpoint)."""
+    ckpt = load_file(path, weights_only=False, map_location=map_location, advice=UNREADABLE_ADVICE)
     if not isinstance(ckpt, dict) or "model" not in ckpt:
         raise ValueError(f"{path} is not a train.py checkpoint (expected a dict with a 'model' entry)")
     return ckpt
+
+
+def checkpoint_iteration(path: str) -> int | None:
+    """The iteration a checkpoint file records, read cheaply (weights-only and memory-mapped: no tensor is read);
+    None when the file cannot be read so or records none."""
+    try:
+        ckpt = torch.load(path, map_location="cpu", weights_only=True, mmap=True)
+    except Exception:  # noqa: BLE001 (any unreadable file: no iteration to name)
+        return None
+    it = ckpt.get("iteration") if isinstance(ckpt, dict) else None
+    return it if isinstance(it, int) else None
 
 
 def check_resumable(ckpt: dict, path: str = "the checkpoint") -> None:

@@ -435,7 +435,9 @@ def fit(model: nn.Module, train_set, cfg: TrainConfig, device: torch.device, *, 
             if not math.isfinite(value):
                 # Before backward: no weight and no checkpoint takes this step (BatchNorm running statistics saw the
                 # forward, as they would in PyTorch; the checkpoints hold the last good ones).
-                raise FloatingPointError(nonfinite_loss_message(value, it + 1, saved, resume is not None))
+                raise FloatingPointError(nonfinite_loss_message(value, it + 1, _checkpoints_in(cfg.out_dir, saved)
+                                                                if is_main else saved,
+                                                                start if resume is not None else None))
             optimizer.zero_grad(set_to_none=True)
             scaler.scale(loss).backward()
             scaler.step(optimizer)
@@ -465,17 +467,49 @@ def fit(model: nn.Module, train_set, cfg: TrainConfig, device: torch.device, *, 
     return TrainResult(losses, it, best, best_it, last_metrics)
 
 
-def nonfinite_loss_message(value: float, iteration: int, saved: dict[str, int], resumed: bool) -> str:
-    """Why training stopped at a NaN/Inf loss, and which checkpoint is the last good one."""
+def _checkpoints_in(out_dir: str | None, saved: dict[str, int]) -> dict[str, int | None]:
+    """Checkpoint path -> iteration: those this invocation saved, and last.pt / best.pt already in `out_dir` (an
+    earlier invocation's, read for their iteration; None if unreadable)."""
+    found: dict[str, int | None] = dict(saved)
+    for name in ("last.pt", "best.pt") if out_dir else ():
+        path = os.path.join(out_dir, name)
+        if path not in found and os.path.isfile(path):
+            found[path] = ckpt_io.checkpoint_iteration(path)
+    return found
+
+
+def nonfinite_loss_message(value: float, iteration: int, checkpoints: dict[str, int | None],
+                           resumed_at: int | None = None) -> str:
+    """Why training stopped at a NaN/Inf loss, which checkpoints there are, and what can get past it.
+
+    No checkpoint is called good: the weights of iteration i's forward are those after step i - 1, so a checkpoint
+    of iteration i - 1 holds exactly the weights that gave the NaN (resuming from it repeats the same forward on
+    the same batch, at any --lr), and an older one may already hold diverging weights."""
     text = (f"loss is {value} at iteration {iteration}: training stopped before the optimizer step, so no weight and "
             "no checkpoint took it. ")
-    if saved:
-        path = max(saved, key=lambda p: (saved[p], p.endswith("last.pt")))
-        text += (f"The last good checkpoint is {path} (iteration {saved[path]}); resume from it with "
-                 f"--resume {path} after lowering --lr")
+    ran = iteration - 1  # this forward ran the weights after `ran` steps
+    again = "start the run again with a lower --lr (train.py --overwrite replaces this run; or give another --out-dir)"
+    found = sorted(((i, p) for p, i in checkpoints.items()), key=lambda t: -1 if t[0] is None else t[0], reverse=True)
+    if not found:
+        text += "No checkpoint was written by this run"
+        if resumed_at is not None:
+            holds = ", holds the weights this forward ran" if resumed_at == ran else ""
+            text += f" (the checkpoint it resumed from, at iteration {resumed_at}{holds}, is unchanged)"
+        return text + f"; {again}, or check the data (--amp fp16 may overflow: try bf16 or none)."
+    text += "Checkpoints: " + ", ".join(f"{p} (iteration {i})" if i is not None else f"{p} (unreadable)"
+                                        for i, p in found) + ". "
+    same = [p for i, p in found if i == ran]
+    older = [(i, p) for i, p in found if i is not None and i < ran]
+    if same:
+        text += (f"{same[0]} holds the weights this forward ran: resuming from it repeats this step on the same batch "
+                 "and stops here again, whatever the --lr. ")
+    if older:
+        i, p = older[0]
+        text += (f"{'The older' if same else 'The most recent'} {p} (iteration {i}) may predate the divergence, or "
+                 f"already hold diverging weights (see the losses logged up to iteration {i}): --resume {p} with a "
+                 f"lower --lr, or {again}")
     else:
-        text += ("No checkpoint was written by this run" + (" (the checkpoint it resumed from is unchanged)"
-                                                              if resumed else "") + "; lower --lr")
+        text += again[0].upper() + again[1:]
     return text + ", or check the data (--amp fp16 may overflow: try bf16 or none)."
 
 

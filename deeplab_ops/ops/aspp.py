@@ -30,6 +30,7 @@ from deeplab_ops.ops.dispatch import (
     refuse_forward_ad,
     register_autograd_kernels,
 )
+from deeplab_ops.triton import validate_with
 
 Tensor = torch.Tensor
 _ops = torch.ops.deeplab_ops
@@ -426,6 +427,43 @@ def aspp(
                     for t, part in zip(given, new.chunk(len(given)), strict=True):
                         t.copy_(part)
     return out
+
+
+# ---- the triton twins' argument checks (deeplab_ops.triton.validate_with; see deeplab_ops/ops/conv_bn_relu.py) ---
+
+
+def _direct_forward(x, conv_weights, pool_weight, project_weight, bn_weight, bn_bias, running_mean, running_var,
+                    rates, training, momentum, eps, group_name=None, memory_efficient=False):
+    check_args(x, list(conv_weights), pool_weight, project_weight, bn_weight, bn_bias, running_mean, running_var,
+               list(rates), training, momentum, eps)
+
+
+def _direct_backward(grad_out, x, conv_weights, pool_weight, project_weight, bn_weight, bn_bias, branch_out,
+                     pool_out, project_out, out, save_mean, save_invstd, rates, training, output_mask,
+                     group_name=None):
+    conv_weights, rates = list(conv_weights), list(rates)
+    if conv_weights and isinstance(conv_weights[0], torch.Tensor) and conv_weights[0].dim() == 4:
+        for name, t in (("save_mean", save_mean), ("save_invstd", save_invstd)):
+            _check_bn(t, name, len(rates) + 3, conv_weights[0].shape[0])
+    # the saved statistics stand where the running ones would: one tensor of (len(rates) + 3) * C values each
+    check_args(x, conv_weights, pool_weight, project_weight, bn_weight, bn_bias, save_mean, save_invstd, rates,
+               training, 0.1, 1e-5)
+    n, _, h, w = x.shape
+    c = conv_weights[0].shape[0]
+    for name, t, shape in (("grad_out", grad_out, (n, c, h, w)), ("project_out", project_out, (n, c, h, w)),
+                           ("out", out, (n, c, h, w)), ("branch_out", branch_out, (n, len(conv_weights) * c, h, w)),
+                           ("pool_out", pool_out, (n, c))):
+        if not isinstance(t, torch.Tensor) or t.shape != shape:
+            got = tuple(t.shape) if isinstance(t, torch.Tensor) else type(t).__name__
+            raise ValueError(f"{name} must have shape {shape} (the forward's), got {got}")
+        if t.device != x.device:
+            raise ValueError(f"{name} is on {t.device} but x is on {x.device}; expected the same device")
+    if len(output_mask) != 3:
+        raise ValueError(f"output_mask must have 3 values (x, weights, BatchNorm parameters), got {list(output_mask)}")
+
+
+validate_with("triton_aspp_forward", _direct_forward)
+validate_with("triton_aspp_backward", _direct_backward)
 
 
 def _keep_branch_transforms(conv_weights) -> None:

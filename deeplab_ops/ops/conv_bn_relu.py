@@ -34,6 +34,7 @@ from deeplab_ops.ops.dispatch import (
     refuse_grad_transforms,
     register_double_backward_refusal,
 )
+from deeplab_ops.triton import validate_with
 
 Tensor = torch.Tensor
 _ops = torch.ops.deeplab_ops
@@ -123,15 +124,9 @@ def _check_vector(t, name: str, cout: int, device, dtype, bn_dtype):
     return t_dtype
 
 
-def check_args(
-    x, weight, bn_weight, bn_bias, running_mean, running_var, stride, padding, dilation, training, momentum, eps,
-    residual, relu,
-) -> tuple[tuple[int, int], tuple[int, int], tuple[int, int]]:
-    """Validate a conv_bn_relu call; return (stride, padding, dilation) as pairs. Errors name the argument.
-    Per call only what can change per call is checked (tensor kinds, shapes, dtypes, devices): the fixed
-    configuration is validated once (`checked_config`)."""
-    geometry = checked_config(stride, padding, dilation, training, momentum, eps, relu)
-    stride, padding, dilation = geometry
+def check_conv(x, weight, stride, padding, dilation) -> tuple[int, int, int, int]:
+    """x and weight of a convolution with this (already checked) geometry: tensors of the right ranks, dtype,
+    device and channels, a non-empty output; returns the output's shape (N, C_out, H_out, W_out)."""
     if not isinstance(x, Tensor):
         raise TypeError(f"x must be a torch.Tensor, got {type(x).__name__}")
     if not isinstance(weight, Tensor):
@@ -169,6 +164,19 @@ def check_args(
             f"the output would be {ho}x{wo}: x is {h}x{w} with kernel {kh}x{kw}, stride {stride}, padding {padding}, "
             f"dilation {dilation}; expected an output of at least 1x1 (pad more or use a larger input)"
         )
+    return n, cout, ho, wo
+
+
+def check_args(
+    x, weight, bn_weight, bn_bias, running_mean, running_var, stride, padding, dilation, training, momentum, eps,
+    residual, relu,
+) -> tuple[tuple[int, int], tuple[int, int], tuple[int, int]]:
+    """Validate a conv_bn_relu call; return (stride, padding, dilation) as pairs. Errors name the argument.
+    Per call only what can change per call is checked (tensor kinds, shapes, dtypes, devices): the fixed
+    configuration is validated once (`checked_config`)."""
+    geometry = checked_config(stride, padding, dilation, training, momentum, eps, relu)
+    n, cout, ho, wo = check_conv(x, weight, *geometry)
+    device, dtype = x.device, x.dtype
     bn_dtype = None
     if bn_weight is not None:
         bn_dtype = _check_vector(bn_weight, "bn_weight", cout, device, dtype, bn_dtype)
@@ -189,17 +197,62 @@ def check_args(
             "use a batch of 2 or more (or a larger input), or training=False with running statistics"
         )
     if residual is not None:
-        if not isinstance(residual, Tensor):
-            raise TypeError(f"residual must be a torch.Tensor, got {type(residual).__name__}")
-        if residual.shape != (n, cout, ho, wo):
-            raise ValueError(
-                f"residual must have the output's shape {(n, cout, ho, wo)}, got {tuple(residual.shape)}"
-            )
-        if residual.device != device:
-            raise ValueError(f"residual is on {residual.device} but x is on {device}; expected the same device")
-        if residual.dtype != dtype:
-            raise TypeError(f"residual has dtype {residual.dtype} but x has dtype {dtype}; expected the same dtype")
+        _check_like_output(residual, "residual", (n, cout, ho, wo), x)
     return geometry
+
+
+def _check_like_output(t, name: str, shape: tuple, x: Tensor) -> None:
+    """A tensor of the convolution output's shape, on x's device, in x's dtype."""
+    if not isinstance(t, Tensor):
+        raise TypeError(f"{name} must be a torch.Tensor, got {type(t).__name__}")
+    if t.shape != shape:
+        raise ValueError(f"{name} must have the output's shape {shape}, got {tuple(t.shape)}")
+    if t.device != x.device:
+        raise ValueError(f"{name} is on {t.device} but x is on {x.device}; expected the same device")
+    if t.dtype != x.dtype:
+        raise TypeError(f"{name} has dtype {t.dtype} but x has dtype {x.dtype}; expected the same dtype")
+
+
+# ---- the triton twins' argument checks (deeplab_ops.triton.validate_with) -----------------------------------
+# The C++ ops check their arguments in C++; the triton twins run Python kernels, which would read out of bounds on a
+# GPU for inconsistent shapes: a call that reaches them, directly (torch.ops.deeplab_ops.triton_*) or not, is
+# checked with the front door's rules (the forward's checks, the saved tensors' shapes for the backward).
+
+
+def _direct_forward(x, weight, bn_weight, bn_bias, running_mean, running_var, stride, padding, dilation, training,
+                    momentum, eps, residual, relu, group_name=None, memory_efficient=False):
+    check_args(x, weight, bn_weight, bn_bias, running_mean, running_var, tuple(stride), tuple(padding),
+               tuple(dilation), training, momentum, eps, residual, relu)
+
+
+def _direct_backward(grad_out, x, weight, bn_weight, conv_out, out, save_mean, save_invstd, stride, padding,
+                     dilation, training, relu, output_mask, group_name=None):
+    geometry = checked_config(tuple(stride), tuple(padding), tuple(dilation), training, 0.1, 1e-5, relu)
+    shape = check_conv(x, weight, *geometry)
+    for name, t in (("bn_weight", bn_weight), ("save_mean", save_mean), ("save_invstd", save_invstd)):
+        if t is not None or name != "bn_weight":
+            _check_vector(t, name, shape[1], x.device, x.dtype, None)
+    for name, t in (("grad_out", grad_out), ("conv_out", conv_out), ("out", out)):
+        _check_like_output(t, name, shape, x)
+    if len(output_mask) != 5:
+        raise ValueError(f"output_mask must have 5 values (x, weight, bn_weight, bn_bias, residual), got "
+                         f"{list(output_mask)}")
+
+
+def _direct_conv_bias_act(x, weight, bias, residual, stride, padding, dilation, relu):
+    geometry = checked_config(tuple(stride), tuple(padding), tuple(dilation), False, 0.1, 1e-5, relu)
+    shape = check_conv(x, weight, *geometry)
+    if bias is not None:
+        _check_vector(bias, "bias", shape[1], x.device, x.dtype, None)
+        if bias.dtype != x.dtype:
+            raise TypeError(f"bias has dtype {bias.dtype} but x has dtype {x.dtype}; expected the same dtype")
+    if residual is not None:
+        _check_like_output(residual, "residual", shape, x)
+
+
+validate_with("triton_conv_bn_relu_forward", _direct_forward)
+validate_with("triton_conv_bn_relu_backward", _direct_backward)
+validate_with("triton_conv_bias_act", _direct_conv_bias_act)
 
 
 # ---- fake kernels ----------------------------------------------------------------------------------

@@ -21,6 +21,7 @@ from deeplab_ops.ops.dispatch import (
     refuse_grad_transforms,
     register_autograd_kernels,
 )
+from deeplab_ops.triton import validate_with
 
 Tensor = torch.Tensor
 _ops = torch.ops.deeplab_ops
@@ -92,6 +93,31 @@ def check_target_range(target: Tensor, num_classes: int, ignore_index: int) -> N
             f"expected labels in [0, {num_classes}) "
             f"(K = logits.shape[1]) or ignore_index={ignore_index}"
         )
+
+
+# ---- the triton twins' argument checks (deeplab_ops.triton.validate_with; see deeplab_ops/ops/conv_bn_relu.py) ---
+
+
+def _direct_forward(logits, target, ignore_index, align_corners, reduction):
+    check_args(logits, target, ignore_index, align_corners, reduction)
+    if target.device.type == "cpu":
+        check_target_range(target, logits.shape[1], int(ignore_index))
+
+
+def _direct_backward(grad, logits, target, lse, valid_count, ignore_index, align_corners, reduction):
+    check_args(logits, target, ignore_index, align_corners, reduction)
+    loss_shape = tuple(target.shape) if reduction == "none" else ()
+    for name, t, shape in (("grad", grad, loss_shape), ("lse", lse, tuple(target.shape)),
+                           ("valid_count", valid_count, ())):
+        if not isinstance(t, torch.Tensor) or t.shape != shape:
+            got = tuple(t.shape) if isinstance(t, torch.Tensor) else type(t).__name__
+            raise ValueError(f"{name} must have shape {shape} (the forward's, reduction={reduction!r}), got {got}")
+        if t.device != logits.device:
+            raise ValueError(f"{name} is on {t.device} but logits is on {logits.device}; expected the same device")
+
+
+validate_with("triton_upsample_cross_entropy_forward", _direct_forward)
+validate_with("triton_upsample_cross_entropy_backward", _direct_backward)
 
 
 # ---- fake kernels ----------------------------------------------------------------------------------

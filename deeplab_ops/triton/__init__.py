@@ -37,11 +37,34 @@ def _serialized_on_cpu(kernel):
     return wrapper
 
 
+# The op layer's argument checks for these ops (deeplab_ops/ops/*: `validate_with`). The C++ ops check their
+# arguments in C++; these kernels are Python, and inconsistent shapes would make a kernel read or write out of bounds
+# on a GPU, so every call is checked, except inside a backward pass (whose arguments the forward saved; the
+# memory-efficient recompute included).
+_VALIDATORS: dict[str, object] = {}
+
+
+def validate_with(op: str, check) -> None:
+    """Install `check(*args, **kwargs)`, raising for bad arguments, as the argument check of deeplab_ops::`op`."""
+    _VALIDATORS[op] = check
+
+
+def _validated(op: str, kernel):
+    @functools.wraps(kernel)
+    def wrapper(*args, **kwargs):
+        check = _VALIDATORS.get(op)
+        if check is not None and torch._C._current_autograd_node() is None:
+            check(*args, **kwargs)
+        return kernel(*args, **kwargs)
+
+    return wrapper
+
+
 def _register(name: str, kernel) -> None:
     op = name.split("::")[1]
     if not hasattr(torch.ops.deeplab_ops, op):
         return  # schema not in this build of deeplab_ops._C (csrc/ops.cpp) yet
-    torch.library.register_kernel(name, ("cpu", "cuda"), _serialized_on_cpu(kernel))
+    torch.library.register_kernel(name, ("cpu", "cuda"), _serialized_on_cpu(_validated(op, kernel)))
 
 
 def _refuse_group(group_name: str | None) -> None:

@@ -132,10 +132,52 @@ def test_strict_key_check_lists_missing_and_unexpected(torchvision_pair, tmp_pat
     other = nn.Sequential(nn.Conv2d(3, 4, 1))
     model.load_checkpoint(other, tmp_path / "ddp.pth")
     assert torch.equal(other[0].weight, small[0].weight)
-    with pytest.raises(FileNotFoundError, match="does not exist"):
+    with pytest.raises(FileNotFoundError, match=r"checkpoint not found: .*missing\.pth \(no such file"):
         model.load_checkpoint(other, tmp_path / "missing.pth")
     with pytest.raises(model.CheckpointMismatchError, match="load_backbone"):
         model.load_checkpoint(paper, {"conv1.weight": torch.zeros(1), "fc.weight": torch.zeros(1)})
+
+
+@pytest.mark.parametrize("load", ["load_checkpoint", "load_backbone", "read_state_dict"])
+def test_unreadable_files_are_named_with_what_is_wrong(tmp_path, load):
+    """Every loader reads files through model.checkpoint.load_file (train.py's --checkpoint, --resume and
+    --backbone-weights too): an empty, corrupt or non-tensor file, a folder or a missing path raises an error of its
+    own type whose one-line message names the file, never torch's advice to load with weights_only=False."""
+    import numpy as np
+
+    net = nn.Sequential(nn.Conv2d(3, 4, 1))
+    net.backbone = nn.Sequential(nn.Conv2d(3, 4, 1))
+    call = {"load_checkpoint": lambda p: model.load_checkpoint(net, p),
+            "load_backbone": lambda p: model.load_backbone(net, p),
+            "read_state_dict": model.read_state_dict}[load]
+    (tmp_path / "empty.pth").write_bytes(b"")
+    (tmp_path / "garbage.pth").write_bytes(np.random.default_rng(0).integers(0, 256, 500, dtype=np.uint8).tobytes())
+    (tmp_path / "zip.pth").write_bytes(b"PK\x03\x04 0123456789")
+    torch.save({"w": np.zeros(3)}, tmp_path / "numpy.pth")
+    (tmp_path / "folder").mkdir()
+    torch.save(net.state_dict(), tmp_path / "folder" / "weights.pth")
+    cases = [
+        ("empty.pth", model.CheckpointReadError, "cannot read checkpoint {p}: the file is empty (0 bytes)"),
+        ("garbage.pth", model.CheckpointReadError, "cannot read checkpoint {p} (500 bytes): it is corrupt or "
+                                                   "truncated, or not a torch.save file (UnpicklingError: "),
+        ("zip.pth", model.CheckpointReadError, "cannot read checkpoint {p} (15 bytes): it is corrupt or truncated, "
+                                               "or not a torch.save file (RuntimeError: PytorchStreamReader failed "
+                                               "reading zip archive: not a ZIP archive)"),
+        ("numpy.pth", model.CheckpointReadError, "cannot read checkpoint {p}: it holds a pickled numpy."),
+        ("folder", IsADirectoryError, "cannot read checkpoint {p}: this is a folder; give a checkpoint file in it "
+                                      "(it holds weights.pth)"),
+        ("missing.pth", FileNotFoundError, "checkpoint not found: {p} (no such file; checkpoints are read from "
+                                           "local files)"),
+    ]
+    for name, exc, message in cases:
+        path = tmp_path / name
+        with pytest.raises(exc) as info:
+            call(path)
+        text = str(info.value)
+        assert text.startswith(message.format(p=path)), text
+        assert "weights_only" not in text and "\n" not in text, text
+    # Bad input: a ValueError, and for those who caught training.checkpoint's errors, a RuntimeError too.
+    assert issubclass(model.CheckpointReadError, ValueError) and issubclass(model.CheckpointReadError, RuntimeError)
 
 
 def _global_rel_err(got: dict, want: dict) -> float:

@@ -401,6 +401,16 @@ CASES = {
     "cpp-one-value": lambda d: ops.conv_bn_relu_forward(torch.randn(1, 3, 1, 1), torch.randn(3, 3, 1, 1),
                                                         *_cpp_tail()),
     "cpp-bwd-conv-out": lambda d: _cpp_backward(stride=[2, 2]),
+    # the triton twins called directly: the front door's checks (deeplab_ops.triton.validate_with)
+    "triton-direct-args": lambda d: ops.triton_conv_bn_relu_forward(
+        torch.randn(2, 4, 8, 8), torch.randn(6, 4, 3, 3), torch.ones(6), torch.zeros(6), None, None, [1, 1], [1, 1],
+        [1, 1], True, 0.1, 1e-5, torch.randn(2, 6, 4, 4), True),
+    "triton-bwd-saved-shape": lambda d: _triton_backward(stride=[2, 2]),
+    "triton-bwd-output-mask": lambda d: _triton_backward(output_mask=[True, True, True]),
+    "triton-aspp-saved-shape": lambda d: _triton_aspp_backward(branch_out=torch.randn(2, 6, 7, 6)),
+    "triton-uce-saved-shape": lambda d: ops.triton_upsample_cross_entropy_backward(
+        torch.ones(()), torch.randn(2, 3, 4, 5), torch.randint(0, 3, (2, 9, 11)), torch.zeros(2, 4, 11),
+        torch.ones(()), 255, False, "mean"),
     "cpp-aspp-empty": lambda d: _cpp_aspp(x=torch.randn(2, 5, 0, 6)),
     "cpp-aspp-weights": lambda d: _cpp_aspp(conv_weights=aspp_args()["conv_weights"][:-1]),
     "cpp-aspp-rates": lambda d: _cpp_aspp(rates=[2, 0]),
@@ -531,8 +541,9 @@ def _cpp_tail(stride=(1, 1), padding=(0, 0), dilation=(1, 1), training=True, run
             None, True)
 
 
-def _cpp_backward(**over):
-    """conv_bn_relu_backward on a forward's saved tensors (x 2x4x8x8, 3x3 weight, padding 1), with `over` changed."""
+def _cpp_backward(op=None, **over):
+    """conv_bn_relu_backward (or `op`, its triton twin) on a forward's saved tensors (x 2x4x8x8, 3x3 weight, padding
+    1), with `over` changed. The triton twin checks its arguments before any kernel runs, interpreter or not."""
     torch.manual_seed(0)
     x, w = torch.randn(2, 4, 8, 8), torch.randn(6, 4, 3, 3)
     out, conv_out, mean, invstd, _, _ = ops.conv_bn_relu_forward(x, w, torch.ones(6), torch.zeros(6), None, None,
@@ -541,7 +552,24 @@ def _cpp_backward(**over):
              save_mean=mean, save_invstd=invstd, stride=[1, 1], padding=[1, 1], dilation=[1, 1], training=True,
              relu=True, output_mask=[True, True, True, True, False])
     a.update(over)
-    return ops.conv_bn_relu_backward(*a.values())
+    return (op or ops.conv_bn_relu_backward)(*a.values())
+
+
+def _triton_backward(**over):
+    return _cpp_backward(ops.triton_conv_bn_relu_backward, **over)
+
+
+def _triton_aspp_backward(**over):
+    a = aspp_args()
+    x, cws, c = a["x"], a["conv_weights"], 3
+    n, _, h, w = x.shape
+    b = dict(grad_out=torch.randn(n, c, h, w), x=x, conv_weights=cws, pool_weight=a["pool_weight"],
+             project_weight=a["project_weight"], bn_weight=torch.cat(a["bn_weights"]),
+             bn_bias=torch.cat(a["bn_biases"]), branch_out=torch.randn(n, 3 * c, h, w), pool_out=torch.randn(n, c),
+             project_out=torch.randn(n, c, h, w), out=torch.randn(n, c, h, w), save_mean=torch.zeros(5 * c),
+             save_invstd=torch.ones(5 * c), rates=list(a["rates"]), training=True, output_mask=[True, True, True])
+    b.update(over)
+    return ops.triton_aspp_backward(*b.values())
 
 
 def _cpp_aspp(training=True, running_mean="default", running_var="default", **over):

@@ -127,10 +127,19 @@ def test_dataset_and_resume_errors_exit_naming_the_flag(tmp_path, monkeypatch):
     assert torch.load(tmp_path / "run" / "last.pt", weights_only=False)["optimizer"]["param_groups"][0]["lr"] == 0.0
 
 
-def test_amp_fp16_on_cpu_is_refused_naming_the_flag():
-    args = train_script.parse_args(["--amp", "fp16"])
-    with pytest.raises(SystemExit, match="--amp fp16 needs a CUDA device"):
-        train_script._apply_presets(args, torch.device("cpu"))
+def test_amp_fp16_on_cpu_is_refused_naming_the_flag(capsys, monkeypatch):
+    """A flag error like the others (argparse's error: line, status 2), for every command, whether the CPU is
+    chosen by --device cpu or is all there is."""
+    for argv in (["--amp", "fp16", "--device", "cpu"], ["--amp", "fp16", "--eval-only", "--device", "cpu"],
+                 ["--amp", "fp16", "--predict", "p", "--checkpoint", "c.pt", "--device", "cpu"]):
+        assert "error: --amp fp16 needs a CUDA device (fp16 autocast with a GradScaler), not --device cpu; use --amp " \
+               "bf16 or none" in _parse_error(argv, capsys)
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    assert "error: --amp fp16 needs a CUDA device (fp16 autocast with a GradScaler), not a CPU (no CUDA device is " \
+           "visible); use --amp bf16 or none" in _parse_error(["--amp", "fp16"], capsys)
+    assert "error: --device cuda: no CUDA device is visible (use --device cpu, or auto)" in _parse_error(
+        ["--device", "cuda"], capsys)
+    train_script.parse_args(["--amp", "bf16", "--device", "cpu"])
 
 
 def _checkpoint(path, num_classes, dataset="synthetic", **saved):
@@ -266,9 +275,6 @@ def test_predict_checks_every_image_before_writing_any_mask(tmp_path, monkeypatc
     with pytest.raises(SystemExit, match=r"^--predict: cannot read image .*z\.jpg: .*; no mask was written"):
         train_script.main(["--predict", str(photos), "--checkpoint", ckpt, "--out", str(out), "--device", "cpu"])
     assert not out.exists() or not os.listdir(out)
-    with pytest.raises(SystemExit, match="--amp fp16 needs a CUDA device"):
-        train_script.main(["--predict", str(photos), "--checkpoint", ckpt, "--out", str(out), "--device", "cpu",
-                           "--amp", "fp16"])
 
 
 def test_eval_only_reads_the_validation_split_the_run_used(tmp_path, monkeypatch, capsys):
@@ -333,11 +339,21 @@ def test_backbone_weights_of_another_resnet_name_the_flags_that_fit(tmp_path):
     assert message.startswith(f"--backbone-weights {weights} does not fit --backbone resnet29 --backbone-width 16; "
                               "the file holds a --backbone resnet50 --backbone-width 8: train with those flags")
     assert len(message.splitlines()) == 1
+    # A file that cannot be read is named with what is wrong with it (model.checkpoint.load_file's words, as for
+    # --checkpoint and --resume), not as one that "does not fit", and without torch's weights_only advice.
     (tmp_path / "junk.pth").write_bytes(b"not a checkpoint")
-    with pytest.raises(SystemExit, match=r"--backbone-weights .*junk\.pth does not fit --backbone resnet29 "
-                                         r"--backbone-width 16 \("):
-        train_script.main(common + ["--backbone", "resnet29", "--backbone-width", "16", "--backbone-weights",
-                                    str(tmp_path / "junk.pth")])
+    (tmp_path / "folder").mkdir()
+    for path, says in [(tmp_path / "junk.pth", " (16 bytes): it is corrupt or truncated, or not a torch.save file "
+                                               "(UnpicklingError: Unsupported operand 110)"),
+                       (tmp_path / "folder", ": this is a folder; give a checkpoint file in it"),
+                       (tmp_path / "nothing.pth", None)]:
+        with pytest.raises(SystemExit) as e:
+            train_script.main(common + ["--backbone", "resnet29", "--backbone-width", "16", "--backbone-weights",
+                                        str(path)])
+        expected = f"--backbone-weights {path}: checkpoint not found: {path} (no such file" if says is None else \
+            f"--backbone-weights {path}: cannot read checkpoint {path}{says}"
+        assert str(e.value).startswith(expected), str(e.value)
+        assert "weights_only" not in str(e.value) and "\n" not in str(e.value)
     assert not (tmp_path / "run" / "last.pt").exists()
     # Not one of model/'s ResNets (torchvision's resnet34 has ResNet-50's blocks per stage, in basic blocks): no
     # hint, rather than one naming the flags that just failed. An empty file says so.
@@ -350,8 +366,8 @@ def test_backbone_weights_of_another_resnet_name_the_flags_that_fit(tmp_path):
     assert str(e.value).startswith(f"--backbone-weights {r34} does not fit --backbone resnet50 --backbone-width 8 (")
     assert "the file holds" not in str(e.value)
     (tmp_path / "empty.pth").write_bytes(b"")
-    with pytest.raises(SystemExit, match=r"empty\.pth does not fit --backbone resnet29 --backbone-width 16 \(the file "
-                                         r"is empty\)$"):
+    with pytest.raises(SystemExit, match=r"^--backbone-weights \S*empty\.pth: cannot read checkpoint \S*empty\.pth: "
+                                         r"the file is empty \(0 bytes\)$"):
         train_script.main(common + ["--backbone", "resnet29", "--backbone-width", "16", "--backbone-weights",
                                     str(tmp_path / "empty.pth")])
     # The file that fits trains.

@@ -1,0 +1,277 @@
+"""train.py and a run's folder: a resume whose model flags differ from the checkpoint's, a new run into a folder
+that holds an earlier one (--overwrite), the note that names the settings a resume changes, the NaN-loss message's
+advice, and --eval-only's errors about what it read from the checkpoint."""
+
+import json
+import os
+
+import pytest
+import torch
+from test_training_loop import TinySeg, _cfg, _tiny_build_model, _train_set
+
+import train as train_script
+from training import checkpoint as ckpt_io
+from training import loop
+
+CPU = torch.device("cpu")
+# The real DeepLabV3 at its smallest (ResNet-29 of width 4), so that model flags change its weights' keys and shapes.
+SMALL = ["--crop-size", "32", "--synthetic-train-size", "4", "--synthetic-val-size", "2", "--batch-size", "2",
+         "--backbone", "resnet29", "--backbone-width", "4", "--no-tensorboard", "--device", "cpu", "--preview", "0",
+         "--log-every", "1"]
+
+
+def _exit_message(argv) -> str:
+    with pytest.raises(SystemExit) as e:
+        train_script.main(argv)
+    return str(e.value.code)
+
+
+def _usage_error(argv, capsys) -> str:
+    with pytest.raises(SystemExit) as e:
+        train_script.main(argv)
+    assert e.value.code == 2
+    last = capsys.readouterr().err.strip().splitlines()[-1]
+    return last[last.index("error: "):]  # after the program's name (train.py, or pytest's)
+
+
+@pytest.fixture(scope="module")
+def small_run(tmp_path_factory):
+    """A finished 2-iteration run of the small DeepLabV3: its folder."""
+    out = tmp_path_factory.mktemp("small") / "run"
+    train_script.main(SMALL + ["--iterations", "2", "--out-dir", str(out)])
+    return out
+
+
+# ---- --resume with other model flags ----------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("flags, differs", [
+    (["--backbone-width", "8"], "--backbone-width 4 (not 8)"),
+    (["--backbone", "resnet50"], "--backbone resnet29 (not resnet50)"),
+    (["--aux-loss"], "no --aux-loss (but this command gives it)"),
+    (["--backbone", "resnet50", "--backbone-width", "8"], "--backbone resnet29 (not resnet50), --backbone-width 4 "
+                                                          "(not 8)"),
+])
+def test_resume_with_other_model_flags_names_them_in_one_line(small_run, flags, differs):
+    last = small_run / "last.pt"
+    before = last.read_bytes()
+    message = _exit_message(SMALL + ["--iterations", "3", "--out-dir", str(small_run), "--resume", *flags])
+    assert message == (f"--resume: {last} was trained with {differs}: its weights do not fit the network these flags "
+                       "build; resume with the checkpoint's model flags (--backbone resnet29 --backbone-width 4), or "
+                       "start a new run in another --out-dir")
+    assert last.read_bytes() == before
+
+
+def test_resume_of_an_aux_loss_run_without_it_and_a_mismatch_no_flag_explains(tmp_path):
+    out = tmp_path / "aux"
+    train_script.main(SMALL + ["--iterations", "1", "--out-dir", str(out), "--aux-loss"])
+    message = _exit_message(SMALL + ["--iterations", "2", "--out-dir", str(out), "--resume"])
+    assert message.startswith(f"--resume: {out / 'last.pt'} was trained with --aux-loss (which this command lacks): ")
+    assert "(--backbone resnet29 --backbone-width 4 --aux-loss)" in message
+    # Saved flags that match the command but weights that do not (a checkpoint edited or written elsewhere): the
+    # load error in one line.
+    state = torch.load(out / "last.pt", weights_only=False)
+    state["args"]["aux_loss"] = False
+    torch.save(state, tmp_path / "edited.pt")
+    message = _exit_message(SMALL + ["--iterations", "2", "--out-dir", str(tmp_path / "other"), "--resume",
+                                     str(tmp_path / "edited.pt")])
+    assert message.startswith(f"--resume: {tmp_path / 'edited.pt'} does not fit the network these flags build "
+                              "(checkpoint does not match the model (DeepLabV3): 0 missing keys, ")
+    assert "aux_loss=True" in message and "\n" not in message
+
+
+def test_eval_only_and_predict_name_a_checkpoint_whose_weights_do_not_fit(tmp_path, small_run):
+    state = torch.load(small_run / "last.pt", weights_only=False)
+    state["args"]["backbone_width"] = 8  # its saved flags no longer describe its weights
+    torch.save(state, tmp_path / "wrong.pt")
+    message = _exit_message(["--eval-only", "--checkpoint", str(tmp_path / "wrong.pt"), "--out-dir",
+                             str(tmp_path / "ev"), "--device", "cpu"])
+    assert message.startswith(f"--checkpoint {tmp_path / 'wrong.pt'}: its weights do not fit the network its saved "
+                              "flags describe (--backbone resnet29 --backbone-width 8): checkpoint does not match the "
+                              "model (DeepLabV3): 0 missing keys, 0 unexpected keys, ")
+    assert "\n" not in message
+    torch.save({"model": state["model"]}, tmp_path / "bare.pt")  # no num_classes: not train.py's
+    (tmp_path / "photos").mkdir()
+    from PIL import Image
+
+    Image.new("RGB", (20, 18)).save(tmp_path / "photos" / "a.png")
+    message = _exit_message(["--predict", str(tmp_path / "photos"), "--checkpoint", str(tmp_path / "bare.pt"),
+                             "--out", str(tmp_path / "masks"), "--device", "cpu"])
+    assert message.startswith(f"--checkpoint {tmp_path / 'bare.pt'}: has no 'num_classes' entry, so it is not a "
+                              "checkpoint train.py wrote")
+
+
+# ---- a new run into a folder that holds an earlier one ---------------------------------------------------------
+
+
+TINY = ["--crop-size", "32", "--synthetic-train-size", "8", "--synthetic-val-size", "2", "--batch-size", "2",
+        "--no-tensorboard", "--device", "cpu", "--log-every", "1"]
+
+
+def _records(out):
+    return [json.loads(line) for line in open(out / "metrics.jsonl")]
+
+
+def test_a_new_run_into_a_folder_with_an_earlier_run_is_refused_until_overwrite(tmp_path, monkeypatch, capsys):
+    monkeypatch.setattr(train_script, "build_model", _tiny_build_model)
+    out = tmp_path / "run"
+    train_script.main(TINY + ["--iterations", "2", "--out-dir", str(out)])
+    files = sorted(os.listdir(out))
+    assert files == ["best.pt", "last.pt", "metrics.json", "metrics.jsonl", "predictions_val.png"]
+    before = {f: (out / f).read_bytes() for f in files}
+    capsys.readouterr()
+    error = _usage_error(TINY + ["--iterations", "3", "--out-dir", str(out)], capsys)
+    assert error == (f"error: --out-dir {out} holds an earlier run (last.pt at iteration 2, best.pt at "
+                     "iteration 2, metrics.jsonl, metrics.json, predictions_val.png): add --resume to continue it, "
+                     "--overwrite to replace it (its files are removed), or give another --out-dir")
+    assert {f: (out / f).read_bytes() for f in os.listdir(out)} == before  # nothing replaced, nothing appended
+    # The default --out-dir (runs/DATASET, relative to the current folder) too: the README's command run twice.
+    monkeypatch.chdir(tmp_path)
+    train_script.main(TINY + ["--iterations", "1"])
+    assert "runs/synthetic holds an earlier run (last.pt at iteration 1" in _usage_error(TINY + ["--iterations", "1"],
+                                                                                          capsys)
+    # --resume and --overwrite contradict each other for the run in --out-dir.
+    assert _usage_error(TINY + ["--iterations", "3", "--out-dir", str(out), "--resume", "--overwrite"], capsys) == (
+        f"error: --overwrite removes the run in --out-dir {out} and --resume continues it: drop one of them")
+    # --resume of another folder's checkpoint into it would replace its files too.
+    error = _usage_error(TINY + ["--iterations", "3", "--out-dir", str(out), "--resume",
+                                 str(tmp_path / "runs" / "synthetic" / "last.pt")], capsys)
+    assert "continues a run from another folder, whose saves would replace that run's files" in error
+    # --overwrite: the earlier run's files go, and the new run's log holds only its own records.
+    (out / "tb").mkdir()
+    (out / "tb" / "events.out.tfevents.1.host.1").write_bytes(b"x")
+    (out / "metrics_eval.json").write_text("{}")  # an --eval-only result: not the training run's, kept
+    train_script.main(TINY + ["--iterations", "1", "--out-dir", str(out), "--overwrite", "--preview", "0"])
+    assert f"--overwrite: removed the earlier run's last.pt, best.pt, metrics.jsonl, metrics.json, " \
+           f"predictions_val.png, tb/events.out.tfevents.1.host.1 from {out}" in capsys.readouterr().out
+    assert [(r["kind"], r["iteration"]) for r in _records(out)] == [("train", 1), ("val", 1)]
+    assert ckpt_io.checkpoint_iteration(str(out / "last.pt")) == 1
+    assert sorted(os.listdir(out)) == ["best.pt", "last.pt", "metrics.json", "metrics.jsonl", "metrics_eval.json",
+                                       "tb"]
+    # --resume continues it; --eval-only and --predict write to other files and are not refused.
+    train_script.main(TINY + ["--iterations", "2", "--out-dir", str(out), "--resume", "--preview", "0"])
+    assert [r["iteration"] for r in _records(out) if r["kind"] == "train"] == [1, 2]
+    train_script.main(["--eval-only", "--checkpoint", str(out / "last.pt"), "--out-dir", str(out), "--device", "cpu",
+                       "--preview", "0"])
+
+
+def test_parse_args_does_not_look_at_the_folder(tmp_path, monkeypatch):
+    """The folder check is main's: parse_args (called by tools and tests) accepts a folder with a run in it."""
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "runs" / "synthetic").mkdir(parents=True)
+    (tmp_path / "runs" / "synthetic" / "last.pt").write_bytes(b"x")
+    assert train_script.parse_args(["--iterations", "3"]).out_dir is None
+
+
+# ---- the note a resume prints -----------------------------------------------------------------------------------
+
+
+def test_resume_notes_every_changed_setting_the_checkpoint_records(tmp_path, monkeypatch, capsys):
+    monkeypatch.setattr(train_script, "build_model", _tiny_build_model)
+    out = tmp_path / "run"
+    train_script.main(TINY + ["--iterations", "2", "--out-dir", str(out), "--stop-after", "1", "--preview", "0"])
+    capsys.readouterr()
+    train_script.main(["--crop-size", "48", "--synthetic-train-size", "8", "--synthetic-val-size", "2",
+                       "--batch-size", "4", "--seed", "3", "--no-flip", "--no-tensorboard", "--device", "cpu",
+                       "--log-every", "2", "--iterations", "2", "--out-dir", str(out), "--resume", "--preview", "0",
+                       "--workers", "0"])
+    notes = [line for line in capsys.readouterr().out.splitlines() if line.startswith("note:")]
+    assert notes == ["note: changed since the checkpoint's run: --batch-size 2 -> 4, --crop-size 32 -> 48, "
+                     "--no-flip off -> on, --seed 0 -> 3; the run continues with the new values (a resume repeats an "
+                     "uninterrupted run only with the same ones)"]
+    # The same settings: no note.
+    train_script.main(TINY + ["--iterations", "3", "--out-dir", str(out), "--resume", "--preview", "0",
+                              "--crop-size", "48", "--batch-size", "4", "--seed", "3", "--no-flip"])
+    notes = [line for line in capsys.readouterr().out.splitlines() if line.startswith("note:")]
+    assert notes == ["note: changed since the checkpoint's run: --iterations 2 -> 3; the run continues with the new "
+                     "values (a resume repeats an uninterrupted run only with the same ones); from iteration 2 on, "
+                     "the learning rate follows the poly schedule of --lr 0.05 over --iterations 3"]
+
+
+# ---- the NaN-loss message ---------------------------------------------------------------------------------------
+
+
+def test_nan_loss_advice_is_true_resuming_the_latest_checkpoint_fails_again(tmp_path):
+    """A real divergence (lr 1e5): the checkpoint of the iteration before the NaN holds the weights whose forward
+    gave it, so resuming from it with a lower lr stops at the same iteration: the message says so and calls no
+    checkpoint good; an older one (best.pt) is offered only as one that may predate the divergence."""
+    out = str(tmp_path / "run")
+    torch.manual_seed(0)
+    evals = []
+
+    def val_fn(model):
+        evals.append(1)
+        return {"miou": 0.5 - 0.01 * len(evals)}  # the first evaluation is the best: best.pt stays at iteration 2
+
+    with pytest.raises(FloatingPointError) as info:
+        loop.fit(TinySeg(), _train_set(), _cfg(out_dir=out, checkpoint_every=1, eval_every=2, iterations=30, lr=1e5),
+                 CPU, val_fn=val_fn)
+    message = str(info.value)
+    nan_at = int(message.split(" at iteration ")[1].split(":")[0])
+    last, best = os.path.join(out, "last.pt"), os.path.join(out, "best.pt")
+    assert nan_at >= 3 and ckpt_io.checkpoint_iteration(last) == nan_at - 1
+    assert "good" not in message
+    assert (f"Checkpoints: {last} (iteration {nan_at - 1}), {best} (iteration 2). {last} holds the weights this "
+            "forward ran: resuming from it repeats this step on the same batch and stops here again, whatever the "
+            f"--lr. The older {best} (iteration 2) may predate the divergence, or already hold diverging weights") in \
+        message
+    assert message.endswith("start the run again with a lower --lr (train.py --overwrite replaces this run; or give "
+                            "another --out-dir), or check the data (--amp fp16 may overflow: try bf16 or none).")
+    # What the message says of last.pt is so: resumed with a 10^5 times lower lr, the same iteration's loss is NaN.
+    with pytest.raises(FloatingPointError, match=f"loss is nan at iteration {nan_at}: "):
+        loop.fit(TinySeg(), _train_set(), _cfg(out_dir=out, iterations=30, lr=1.0), CPU,
+                 resume=ckpt_io.load_checkpoint(last))
+
+
+def test_nan_loss_message_without_checkpoints_or_with_an_older_one():
+    none = loop.nonfinite_loss_message(float("nan"), 5, {}, resumed_at=4)
+    assert "No checkpoint was written by this run (the checkpoint it resumed from, at iteration 4, holds the " \
+           "weights this forward ran, is unchanged); start the run again with a lower --lr" in none
+    older = loop.nonfinite_loss_message(float("inf"), 700, {"r/last.pt": 500, "r/best.pt": None})
+    assert "Checkpoints: r/last.pt (iteration 500), r/best.pt (unreadable). The most recent r/last.pt (iteration " \
+           "500) may predate the divergence, or already hold diverging weights" in older
+    assert "holds the weights this forward ran" not in older and "good" not in older
+
+
+def test_train_py_nan_loss_is_one_line_naming_the_checkpoints(tmp_path, monkeypatch):
+    monkeypatch.setattr(train_script, "build_model", _tiny_build_model)
+    out = tmp_path / "run"
+    message = _exit_message(TINY + ["--iterations", "30", "--lr", "1e5", "--checkpoint-every", "1", "--out-dir",
+                                    str(out)])
+    assert message.startswith("train.py: loss is nan at iteration ") and "\n" not in message
+    assert f"Checkpoints: {out / 'last.pt'} (iteration " in message and "good" not in message
+
+
+# ---- --eval-only: dataset flags read from the checkpoint --------------------------------------------------------
+
+
+def test_eval_only_says_a_relative_data_root_came_from_the_checkpoint(tmp_path, monkeypatch):
+    monkeypatch.setattr(train_script, "build_model", _tiny_build_model)
+    torch.save({"model": TinySeg(3).state_dict(), "num_classes": 3, "iteration": 2,
+                "args": {"dataset": "folder", "data_root": "d1", "backbone": "resnet29", "output_stride": 8}},
+               tmp_path / "best.pt")
+    elsewhere = tmp_path / "elsewhere"
+    elsewhere.mkdir()
+    monkeypatch.chdir(elsewhere)
+    message = _exit_message(["--eval-only", "--checkpoint", str(tmp_path / "best.pt"), "--device", "cpu"])
+    assert message == (f"--dataset folder: folder dataset: d1/images does not exist (expected d1/images and d1/masks) "
+                       f"(--data-root d1: saved in the checkpoint {tmp_path / 'best.pt'}, read relative to the current "
+                       f"folder {elsewhere}; pass --data-root to give the dataset's location)")
+
+
+@pytest.mark.parametrize("name, says", [
+    ("empty.pt", "cannot read checkpoint {p}: the file is empty (0 bytes); saves are atomic"),
+    ("junk.pt", "cannot read checkpoint {p} (9 bytes): it is corrupt or truncated, or not a torch.save file ("),
+    ("folder", "cannot read checkpoint {p}: this is a folder; give a checkpoint file in it (it holds last.pt)"),
+    ("missing.pt", "checkpoint not found: {p} (no such file"),
+])
+def test_unreadable_checkpoint_files_stop_eval_only_in_one_line(tmp_path, name, says):
+    (tmp_path / "empty.pt").write_bytes(b"")
+    (tmp_path / "junk.pt").write_bytes(b"not a pt!")
+    (tmp_path / "folder").mkdir()
+    (tmp_path / "folder" / "last.pt").write_bytes(b"x")
+    path = tmp_path / name
+    message = _exit_message(["--eval-only", "--checkpoint", str(path), "--device", "cpu", "--out-dir",
+                             str(tmp_path / "ev")])
+    assert message.startswith(f"--checkpoint {path}: " + says.format(p=path)), message
+    assert "\n" not in message and "weights_only" not in message
