@@ -12,6 +12,7 @@ from deeplab_ops.backends import BACKENDS
 from deeplab_ops.modules import (
     FusedASPP,
     FusedConvBNReLU,
+    aspp_fusable,
     aspp_parts,
     check_fusable,
     forget_aspp_parts,
@@ -24,8 +25,8 @@ from deeplab_ops.ops.dispatch import group_name_of
 Tensor = torch.Tensor
 
 __all__ = [
-    "FusedAwayBatchNorm2d", "FusedAwayReLU", "FusedConfig", "FusedConv2d", "fuse_modules", "fused_config", "is_fused",
-    "sync_batchnorm", "unfuse_modules",
+    "FusedAwayBatchNorm2d", "FusedAwayReLU", "FusedConfig", "FusedConv2d", "fuse_modules", "fused_batchnorms",
+    "fused_config", "is_fused", "sync_batchnorm", "unfuse_modules",
 ]
 
 _FUSED_ATTR = "_deeplab_ops_fused"  # plain (unregistered) attribute: never part of the state_dict
@@ -96,10 +97,6 @@ class FusedAwayReLU(nn.ReLU):
         return f"fused into the preceding conv, {super().extra_repr() or 'not inplace'}"
 
 
-def _hooked(module: nn.Module) -> bool:
-    """Whether `module` has forward hooks or forward pre-hooks of its own."""
-    return bool(module._forward_hooks or module._forward_pre_hooks)
-
 
 # ---- residual blocks -----------------------------------------------------------------------------------
 
@@ -126,10 +123,10 @@ def _fused_block_forward(self: nn.Module, x: Tensor) -> Tensor:
     backend, group, lean = cfg.backend, cfg.process_group, cfg.memory_efficient
     parts, downsample = _block_parts(self, cfg.depth)
     relu = self._modules.get("relu")
-    if relu is not None and _hooked(relu):
+    if relu is not None and (relu._forward_hooks or relu._forward_pre_hooks):
         return type(self).original_class.forward(self, x)  # hooks see what they would see unfused
-    for conv, bn in parts:
-        if _hooked(conv) or _hooked(bn):
+    for conv, bn in parts:  # (inline: no call per part on every forward)
+        if conv._forward_hooks or conv._forward_pre_hooks or bn._forward_hooks or bn._forward_pre_hooks:
             return type(self).original_class.forward(self, x)
     out = x
     for conv, bn in parts[:-1]:
@@ -147,7 +144,7 @@ def _fused_aspp_forward(self: nn.Module, x: Tensor) -> Tensor:
     cfg = getattr(self, _FUSED_ATTR)
     modes = set()
     for m in self.modules():
-        if m is not self and _hooked(m):  # hooks on a part see what they would see unfused
+        if m is not self and (m._forward_hooks or m._forward_pre_hooks):  # hooks on a part: what they see unfused
             return type(self).original_class.forward(self, x)
         if isinstance(m, nn.BatchNorm2d):
             modes.add(m.training)
@@ -228,25 +225,12 @@ def _residual_block_depth(module: nn.Module, shared: set[int]) -> int:
 
 
 def _is_aspp(module: nn.Module, shared: set[int]) -> bool:
-    """Whether `module` has torchvision's ASPP structure with modules the fused ASPP op computes exactly."""
-    branches, project = getattr(module, "convs", None), getattr(module, "project", None)
-    if not isinstance(branches, nn.ModuleList) or not isinstance(project, nn.Sequential) or len(branches) < 2:
+    """Whether `module` has torchvision's ASPP structure with modules the fused ASPP op computes exactly, none of
+    them shared."""
+    if not aspp_fusable(module):
         return False
-    lengths = [len(b) if isinstance(b, nn.Sequential) else -1 for b in branches]
-    if lengths != [3] * (len(branches) - 1) + [4] or len(project) < 3:
-        return False
-    relus = [b[2] for b in branches[:-1]] + [branches[-1][3], project[2]]
-    if any(type(r) is not nn.ReLU for r in relus) or not all(isinstance(m, nn.Dropout) for m in list(project)[3:]):
-        return False
-    try:
-        convs, bns, _ = aspp_parts(module)
-    except (TypeError, ValueError, IndexError):
-        return False
-    if not all(_fusable(c, b, shared) for c, b in zip(convs, bns, strict=True)):
-        return False
-    first = bns[0]
-    same = (first.momentum, first.eps, first.track_running_stats)
-    return all(b.affine and (b.momentum, b.eps, b.track_running_stats) == same for b in bns)
+    convs, bns, _ = aspp_parts(module)
+    return all(_fusable(c, b, shared) for c, b in zip(convs, bns, strict=True))
 
 
 def _is_chain_container(module: nn.Module) -> bool:
@@ -302,8 +286,10 @@ def fuse_modules(model: nn.Module, backend: str | None = None, memory_efficient:
         raise TypeError(f"channels_last must be a bool, got {channels_last!r}")
     unfuse_modules(model)
     shared = _shared_modules(model)
-    modules = list(model.modules())
-    inside_aspp: set[int] = set()
+    # deeplab_ops.nn's own fused modules run the fused ops already, with their own settings: left as they are
+    inside_aspp = {id(m) for top in model.modules() if isinstance(top, (FusedConvBNReLU, FusedASPP))
+                   for m in top.modules()}
+    modules = [m for m in model.modules() if id(m) not in inside_aspp]
     for module in modules:
         if id(module) not in inside_aspp and _is_aspp(module, shared):
             inside_aspp.update(id(m) for m in module.modules())
@@ -419,16 +405,40 @@ def is_fused(module: nn.Module) -> bool:
     return type(module) in (FusedConv2d, FusedAwayBatchNorm2d, FusedAwayReLU) or _is_fused_class(module)
 
 
-def sync_batchnorm(model: nn.Module, process_group=None) -> nn.Module:
+def fused_batchnorms(model: nn.Module) -> set[int]:
+    """ids of the BatchNorms of `model` whose statistics a fused op computes (fused-away ones, those inside a
+    FusedConvBNReLU, FusedASPP or a fused residual block or ASPP): `sync_batchnorm` synchronizes them through the op,
+    and nn.SyncBatchNorm must not replace them."""
+    owned: set[int] = set()
+    for m in model.modules():
+        if isinstance(m, FusedAwayBatchNorm2d):
+            owned.add(id(m))
+        elif isinstance(m, (FusedConvBNReLU, FusedASPP)) or (fused_config(m) is not None
+                                                              and not isinstance(m, FusedConv2d)):
+            owned.update(id(b) for b in m.modules() if isinstance(b, nn.BatchNorm2d))
+    return owned
+
+
+def sync_batchnorm(model: nn.Module, process_group=None, *, unfused: bool = False) -> nn.Module:
     """Share BatchNorm statistics across the processes of `process_group` (default: the whole world) in every
     fused module of `model` — FusedConvBNReLU, FusedASPP and what `fuse_modules` made — as
     nn.SyncBatchNorm.convert_sync_batchnorm does for unfused BatchNorms. In place; call it after fusing (a later
-    `fuse_modules` starts from fresh, unsynchronized fused modules). Unfused BatchNorms are left alone: convert
-    them with nn.SyncBatchNorm.convert_sync_batchnorm (after fusing, so the fused ones stay fused)."""
+    `fuse_modules` starts from fresh, unsynchronized fused modules).
+
+    unfused=True also replaces every other nn.BatchNorm2d with an nn.SyncBatchNorm (parameters and buffers
+    shared), as nn.SyncBatchNorm.convert_sync_batchnorm would, but leaves the fused ones alone. Do not run
+    nn.SyncBatchNorm.convert_sync_batchnorm on a fused model: it replaces the fused-away BatchNorms too, which the
+    fused convolutions still apply, so they would normalize twice.
+
+    Returns:
+        `model` (a new module only where `model` itself is an unfused BatchNorm2d and unfused=True).
+    """
     import torch.distributed as dist
 
     if not isinstance(model, nn.Module):
         raise TypeError(f"model must be an nn.Module, got {type(model).__name__}")
+    if not isinstance(unfused, bool):
+        raise TypeError(f"unfused must be a bool, got {unfused!r}")
     group_name_of(process_group)  # a TypeError unless None or a ProcessGroup
     if process_group is None and not dist.is_initialized():
         raise RuntimeError("sync_batchnorm needs torch.distributed to be initialized (init_process_group) or an "
@@ -440,4 +450,18 @@ def sync_batchnorm(model: nn.Module, process_group=None) -> nn.Module:
         cfg = fused_config(module)
         if cfg is not None:
             cfg.process_group = group
-    return model
+    if not unfused:
+        return model
+    owned = fused_batchnorms(model)
+
+    def walk(module: nn.Module) -> nn.Module:
+        if type(module) is nn.BatchNorm2d and id(module) not in owned:
+            return nn.SyncBatchNorm.convert_sync_batchnorm(module, process_group)
+        for name, child in list(module._modules.items()):
+            if child is not None:
+                new = walk(child)
+                if new is not child:
+                    module._modules[name] = new
+        return module
+
+    return walk(model)

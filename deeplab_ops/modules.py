@@ -352,14 +352,32 @@ class FusedConvBNReLU(nn.Sequential):
 
     def forward(self, x: Tensor, residual: Tensor | None = None) -> Tensor:
         modules = self._modules  # self[0], self[1] without nn.Sequential's indexing
-        bn = modules["1"]
+        conv, bn, relu = modules.get("0"), modules.get("1"), modules.get("2")
+        # The fused op computes exactly these children: a conv, a BatchNorm2d (not a SyncBatchNorm that
+        # nn.SyncBatchNorm.convert_sync_batchnorm put there) and a ReLU if relu=True, nothing appended, and no hooks
+        # on them. Otherwise the children run one by one as nn.Sequential runs them (the residual added before the
+        # third), so that what a user changed or hooked is what runs.
+        if (len(modules) != (3 if self.apply_relu else 2) or not isinstance(bn, nn.BatchNorm2d)
+                or (relu is not None and type(relu) is not nn.ReLU) or conv._forward_hooks or conv._forward_pre_hooks
+                or bn._forward_hooks or bn._forward_pre_hooks
+                or (relu is not None and (relu._forward_hooks or relu._forward_pre_hooks))):
+            return self._unfused_forward(x, residual)
         # The BatchNorm's own mode, as nn.Sequential runs it: a frozen BatchNorm (block.train(); block[1].eval())
         # normalizes with its running statistics and leaves them alone.
         return fused_conv_bn(
-            modules["0"], bn, x, training=bn.training, residual=residual, relu=self.apply_relu,
+            conv, bn, x, training=bn.training, residual=residual, relu=self.apply_relu,
             backend=self.backend, process_group=self.process_group,
             memory_efficient=getattr(self, "memory_efficient", False),  # modules pickled before the option
         )
+
+    def _unfused_forward(self, x: Tensor, residual: Tensor | None) -> Tensor:
+        if residual is None:
+            return nn.Sequential.forward(self, x)
+        children = list(self._modules.values())
+        y = children[1](children[0](x)) + residual
+        for child in children[2:]:
+            y = child(y)
+        return y
 
     def extra_repr(self) -> str:
         return f"relu={self.apply_relu}, backend={self.backend!r}" + (
@@ -414,6 +432,49 @@ def aspp_parts(module: nn.Module) -> tuple[list[nn.Conv2d], list[nn.BatchNorm2d]
 
 
 _PARTS_ATTR = "_deeplab_ops_aspp_parts"
+
+
+def aspp_fusable(module: nn.Module) -> bool:
+    """Whether `module` has torchvision's ASPP structure with modules the fused ASPP op computes exactly: branches of
+    (conv, BatchNorm2d, ReLU) and a pooling branch (pool, conv, BatchNorm2d, ReLU), a projection of (conv,
+    BatchNorm2d, ReLU) and dropouts, the BatchNorms affine with one momentum, eps and tracking."""
+    branches, project = getattr(module, "convs", None), getattr(module, "project", None)
+    if not isinstance(branches, nn.ModuleList) or not isinstance(project, nn.Sequential) or len(branches) < 2:
+        return False
+    lengths = [len(b) if isinstance(b, nn.Sequential) else -1 for b in branches]
+    if lengths != [3] * (len(branches) - 1) + [4] or len(project) < 3:
+        return False
+    relus = [b[2] for b in branches[:-1]] + [branches[-1][3], project[2]]
+    if any(type(r) is not nn.ReLU for r in relus) or not all(isinstance(m, nn.Dropout) for m in list(project)[3:]):
+        return False
+    try:
+        _, bns, _ = aspp_parts(module)  # the convs' geometry and the pooling included
+    except (TypeError, ValueError, IndexError):
+        return False
+    if not all(type(b) is nn.BatchNorm2d for b in bns):
+        return False
+    first = bns[0]
+    same = (first.momentum, first.eps, first.track_running_stats)
+    return all(b.affine and (b.momentum, b.eps, b.track_running_stats) == same for b in bns)
+
+
+def _aspp_containers(module: nn.Module) -> list:
+    """The `_modules` dicts of an ASPP's containers: the module, convs, each branch, project."""
+    convs, project = module._modules["convs"], module._modules["project"]
+    return [module._modules, convs._modules, *(b._modules for b in convs._modules.values()), project._modules]
+
+
+def current_aspp_parts(module: nn.Module) -> tuple | None:
+    """The ASPP structure cached on `module` while its children are the ones it was validated with (a branch, conv,
+    BatchNorm or dropout replaced or added drops it: the next call validates anew); None where none is cached."""
+    parts = getattr(module, "__dict__", {}).get(_PARTS_ATTR)
+    if parts is None or torch.compiler.is_compiling():  # compiled graphs guard on the modules themselves
+        return parts
+    for modules, children in parts[4]:
+        if tuple(modules.values()) != children:
+            forget_aspp_parts(module)
+            return None
+    return parts
 
 
 def forget_aspp_parts(module: nn.Module) -> None:
@@ -492,12 +553,14 @@ def fused_aspp_forward(module: nn.Module, x: Tensor, backend: str | None = None,
     BatchNorm tensors are kept back to back in one storage per kind (`pack_batchnorms`), outside tracing.
     memory_efficient=True: the op keeps no pre-BN activation for the backward (see deeplab_ops.aspp).
     """
-    parts = getattr(module, "__dict__", {}).get(_PARTS_ATTR)
+    parts = current_aspp_parts(module)
     if parts is None:  # the structure is validated once per module, not per call
         convs, bns, rates = aspp_parts(module)
-        parts = (convs, bns, rates, list(module.project)[3:])  # extras: applied to the op's output
+        # extras: applied to the op's output; children: each container's children, to see them replaced
+        children = tuple((d, tuple(d.values())) for d in _aspp_containers(module))
+        parts = (convs, bns, rates, list(module.project)[3:], children)
         object.__setattr__(module, _PARTS_ATTR, parts)  # plain attribute: not in the state_dict
-    convs, bns, rates, extras = parts
+    convs, bns, rates, extras, _ = parts
     if not isinstance(x, Tensor) or x.dim() != 4 or x.shape[1] != convs[0].in_channels:
         check_x_channels(x, conv_weight(convs[0]), "the ASPP module")
     if process_group is not None:
@@ -589,8 +652,23 @@ class FusedASPP(nn.Module):
         self.process_group = None  # set by sync_batchnorm(): statistics shared across processes
 
     def forward(self, x: Tensor) -> Tensor:
+        # The fused op computes torchvision's ASPP of these very children: where one was replaced by a module it
+        # cannot compute (a biased conv, a SyncBatchNorm, a LeakyReLU), or has a hook, the children run one by one
+        # as torchvision's ASPP runs them, so that what a user changed or hooked is what runs.
+        if current_aspp_parts(self) is None and not aspp_fusable(self):
+            return self._unfused_forward(x)
+        for m in self.modules():
+            if m is not self and (m._forward_hooks or m._forward_pre_hooks):
+                return self._unfused_forward(x)
         return fused_aspp_forward(self, x, backend=self.backend, process_group=self.process_group,
                                   memory_efficient=getattr(self, "memory_efficient", False))  # pickled before it
+
+    def _unfused_forward(self, x: Tensor) -> Tensor:
+        branches = list(self.convs)
+        out = [branch(x) for branch in branches[:-1]]
+        pooled = branches[-1](x)  # (N, C, 1, 1): broadcast back bilinearly, as torchvision's ASPPPooling does
+        out.append(torch.nn.functional.interpolate(pooled, size=x.shape[-2:], mode="bilinear", align_corners=False))
+        return self.project(torch.cat(out, dim=1))
 
     def extra_repr(self) -> str:
         return f"atrous_rates={self.atrous_rates}, backend={self.backend!r}" + (

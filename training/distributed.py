@@ -100,31 +100,16 @@ class DistributedBatchNorm2d(nn.BatchNorm2d):
 SYNC_BN_TYPES = (nn.SyncBatchNorm, DistributedBatchNorm2d)
 
 
-def _fused_owned_batchnorms(model: nn.Module) -> set[int]:
-    """ids of the BatchNorms whose statistics a fused deeplab_ops op computes (synchronized through the op)."""
-    from deeplab_ops.fusion import FusedAwayBatchNorm2d, FusedConv2d, fused_config
-    from deeplab_ops.nn import FusedASPP, FusedConvBNReLU
-
-    owned: set[int] = set()
-    for m in model.modules():
-        if isinstance(m, FusedAwayBatchNorm2d):
-            owned.add(id(m))
-        elif isinstance(m, (FusedConvBNReLU, FusedASPP)) or (
-            fused_config(m) is not None and not isinstance(m, FusedConv2d)
-        ):
-            owned.update(id(b) for b in m.modules() if isinstance(b, nn.BatchNorm2d))
-    return owned
-
-
 def convert_sync_batchnorm(model: nn.Module, device_type: str) -> nn.Module:
     """Synchronize every BatchNorm's statistics across the processes (state_dict unchanged).
 
     Fused deeplab_ops modules (FusedConvBNReLU, FusedASPP, and what deeplab_ops.nn.fuse_modules made) share
     their statistics through the fused ops' process group (deeplab_ops.nn.sync_batchnorm); every other
     nn.BatchNorm2d becomes nn.SyncBatchNorm on CUDA, DistributedBatchNorm2d on CPU (gloo)."""
+    from deeplab_ops.fusion import fused_batchnorms
     from deeplab_ops.nn import sync_batchnorm
 
-    owned = _fused_owned_batchnorms(model)
+    owned = fused_batchnorms(model)
     if owned:
         sync_batchnorm(model)
     convert = nn.SyncBatchNorm.convert_sync_batchnorm if device_type == "cuda" else _convert_cpu

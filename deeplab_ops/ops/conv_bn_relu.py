@@ -196,8 +196,9 @@ def check_args(
             f"training BatchNorm needs more than 1 value per channel, but the output is {n}x{cout}x{ho}x{wo}; "
             "use a batch of 2 or more (or a larger input), or training=False with running statistics"
         )
-    if residual is not None:
-        _check_like_output(residual, "residual", (n, cout, ho, wo), x)
+    if residual is not None and not (isinstance(residual, Tensor) and residual.shape == (n, cout, ho, wo)
+                                     and residual.device == device and residual.dtype == dtype):
+        _check_like_output(residual, "residual", (n, cout, ho, wo), x)  # which of them, said (no frame per call)
     return geometry
 
 

@@ -6,6 +6,7 @@ import pytest
 import torch
 from helpers import assert_close, assert_module_matches
 from torch import nn
+from torch.nn import functional as F
 
 from deeplab_ops.nn import FusedConvBNReLU
 
@@ -213,3 +214,39 @@ def test_fused_conv_bn_relu_refuses_bad_geometry_when_built(kwargs, error, messa
     or a pair (a triple is not silently taken), and names a value below 1."""
     with pytest.raises(error, match=message):
         FusedConvBNReLU(3, 4, 3, **kwargs)
+
+
+def test_changed_or_hooked_children_run_as_the_sequential_runs_them():
+    """FusedConvBNReLU is a drop-in for nn.Sequential(conv, bn, relu): a child appended, a ReLU replaced (Identity,
+    LeakyReLU), a BatchNorm made an nn.SyncBatchNorm, or a hook on a child — then the children run one by one, as
+    the Sequential runs them (the residual added before the third); untouched, the fused op runs."""
+    torch.manual_seed(0)
+    x, r = torch.randn(2, 3, 8, 8), torch.randn(2, 4, 8, 8)
+
+    def fresh():
+        m = FusedConvBNReLU(3, 4, 3, padding=1)
+        with torch.no_grad():
+            m[1].running_mean.normal_(0, 0.2)
+            m[1].running_var.uniform_(0.5, 1.5)
+        return m.eval()
+
+    m = fresh()
+    m.append(nn.Conv2d(4, 2, 1))
+    assert_close(m(x), nn.Sequential(*m)(x), "an appended conv", 1e-6, 1e-6)
+    for replacement, act in ((nn.Identity(), lambda t: t), (nn.LeakyReLU(0.1), lambda t: F.leaky_relu(t, 0.1))):
+        m = fresh()
+        m[2] = replacement
+        assert_close(m(x), act(m[1](m[0](x))), f"relu replaced by {replacement}", 1e-6, 1e-6)
+        assert_close(m(x, r), act(m[1](m[0](x)) + r), f"{replacement} with a residual", 1e-6, 1e-6)
+    m = fresh()
+    m[1] = nn.SyncBatchNorm.convert_sync_batchnorm(m[1])  # what the fused op would not synchronize
+    assert isinstance(m[1], nn.SyncBatchNorm)
+    assert_close(m(x), torch.relu(F.batch_norm(m[0](x), m[1].running_mean, m[1].running_var, m[1].weight, m[1].bias)),
+                 "a SyncBatchNorm child (eval)", 1e-5, 1e-5)
+    for i in range(3):
+        m, seen = fresh(), []
+        m[i].register_forward_hook(lambda mod, args, out, seen=seen: seen.append(out.detach().clone()))
+        want = nn.Sequential(*m)(x)
+        seen.clear()
+        assert_close(m(x), want, f"a hook on child {i}", 1e-6, 1e-6)
+        assert len(seen) == 1, f"the hook on child {i} ran {len(seen)} times"

@@ -166,14 +166,17 @@ def test_fused_aspp_forward_checks_the_module():
     for module in (nn.Conv2d(4, 3, 1), nn.Sequential(), "aspp"):
         with pytest.raises(TypeError, match=r"module must be an ASPP with torchvision's structure .*, got "):
             fused_aspp_forward(module, x)
+    # The functional form refuses a structure the op cannot compute; the module runs such children one by one, as
+    # torchvision's ASPP would (tests/ops/test_aspp.py: test_fused_aspp_follows_replaced_or_hooked_children).
     m = FusedASPP(4, [2], 3)
     m.convs[0] = nn.Conv2d(4, 3, 1)
     with pytest.raises(ValueError, match=r"convs.0 must be a Sequential \(conv, BatchNorm, ReLU\), got Conv2d"):
-        m(x)
+        fused_aspp_forward(m, x)
+    assert m(x).shape == (2, 3, 6, 6)
     m = FusedASPP(4, [2], 3)
     m.convs[2] = nn.Sequential(nn.AdaptiveAvgPool2d(1))
     with pytest.raises(ValueError, match=r"convs.2 must be a Sequential \(pooling, conv, BatchNorm, ReLU\)"):
-        m(x)
+        fused_aspp_forward(m, x)
 
 
 def test_fused_conv_bn_checks_the_modules():
@@ -215,3 +218,40 @@ def test_a_cuda_device_where_none_is_visible_runs_no_gpu_backend(monkeypatch):
     for backend in ("cuda", "triton"):
         assert "no CUDA device is visible here" in reasons[backend][0], reasons
     assert deeplab_ops.auto_backend("cuda") is None
+
+
+def test_sync_batchnorm_unfused_leaves_the_fused_batchnorms_alone(tmp_path):
+    """sync_batchnorm(model, unfused=True): every BatchNorm no fused op computes becomes an nn.SyncBatchNorm (its
+    tensors shared), the fused-away ones and those inside fused modules stay, so nothing normalizes twice (what
+    nn.SyncBatchNorm.convert_sync_batchnorm on a fused model would do); eval output unchanged."""
+    import copy
+
+    import torch.distributed as dist
+
+    from deeplab_ops import fusion
+
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Conv2d(3, 4, 3, padding=1, bias=False), nn.BatchNorm2d(4), nn.ReLU(),
+                          nn.Conv2d(4, 4, 3, padding=1, bias=True), nn.BatchNorm2d(4), nn.ReLU(),  # biased: unfused
+                          FusedConvBNReLU(4, 4, 1))
+    for m in model.modules():
+        if isinstance(m, nn.BatchNorm2d):
+            with torch.no_grad():
+                m.running_mean.normal_(0, 0.2)
+                m.running_var.uniform_(0.5, 1.5)
+    model.eval()
+    x = torch.randn(2, 3, 8, 8)
+    want = copy.deepcopy(model)(x)
+    deeplab_ops.nn.fuse_modules(model)
+    dist.init_process_group("gloo", init_method=f"file://{tmp_path}/store", rank=0, world_size=1)
+    try:
+        with pytest.raises(TypeError, match="unfused must be a bool, got 1"):
+            sync_batchnorm(model, unfused=1)
+        synced = sync_batchnorm(model, unfused=True)
+    finally:
+        dist.destroy_process_group()
+    assert synced is model
+    assert type(model[1]) is fusion.FusedAwayBatchNorm2d and type(model[4]) is nn.SyncBatchNorm
+    assert type(model[6][1]) is nn.BatchNorm2d and model[6].process_group is not None
+    assert len(fusion.fused_batchnorms(model)) == 2
+    torch.testing.assert_close(model(x), want, rtol=1e-5, atol=1e-5)

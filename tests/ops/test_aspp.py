@@ -234,3 +234,29 @@ def test_bad_arguments_are_named_briefly(bad):
     with pytest.raises(ValueError, match=expected) as info:
         deeplab_ops.aspp(**args)
     assert len(str(info.value)) < 300
+
+
+def test_fused_aspp_follows_replaced_or_hooked_children():
+    """FusedASPP runs its current children: a branch conv replaced after a call (the cached structure is seen to be
+    stale), one the fused op cannot compute (a biased conv: the children then run one by one, as torchvision's ASPP
+    runs them), a LeakyReLU, a hook on a part; torchvision's ASPP with the same children gives the same output."""
+    tv, fused = _pair(8, (1, 2), 4)
+    tv.eval()
+    fused.eval()
+    x = torch.randn(2, 8, 9, 9)
+    assert_close(fused(x), tv(x), "untouched", 1e-5, 1e-5)
+    for where, make in ((("convs", 1, 0), lambda: torch.nn.Conv2d(8, 4, 3, padding=1, bias=False)),
+                        (("convs", 1, 0), lambda: torch.nn.Conv2d(8, 4, 3, padding=1, bias=True)),
+                        (("convs", 2, 2), lambda: torch.nn.LeakyReLU(0.1)),
+                        (("project", 1), lambda: torch.nn.BatchNorm2d(4, eps=1e-3).eval())):
+        new = make()
+        for m in (tv, fused):
+            container = getattr(m, where[0])
+            for i in where[1:-1]:
+                container = container[i]
+            container[where[-1]] = new
+        assert_close(fused(x), tv(x), f"{where} replaced by {new}", 1e-5, 1e-5)
+    seen = []
+    fused.convs[0][1].register_forward_hook(lambda m, args, out: seen.append(out))
+    assert_close(fused(x), tv(x), "a hook on the 1x1 branch's BatchNorm", 1e-5, 1e-5)
+    assert len(seen) == 1
