@@ -22,6 +22,7 @@ from deeplab_ops.common import (
     opmath_dtype,
 )
 from deeplab_ops.ops.dispatch import (
+    any_requires_grad,
     autograd_kernels,
     below_autograd,
     call_backward,
@@ -30,7 +31,7 @@ from deeplab_ops.ops.dispatch import (
     refuse_forward_ad,
     register_autograd_kernels,
 )
-from deeplab_ops.triton import validate_with
+from deeplab_ops.triton import call_checked, validate_with
 
 Tensor = torch.Tensor
 _ops = torch.ops.deeplab_ops
@@ -174,8 +175,8 @@ def _autograd_kernel(prefix: str):
     def kernel(x, conv_weights, pool_weight, project_weight, bn_weight, bn_bias, running_mean, running_var, rates,
                training, momentum, eps, group_name=None, memory_efficient=False, bn_parts=()):
         refuse_forward_ad("aspp", x, conv_weights, pool_weight, project_weight, bn_weight, bn_bias, bn_parts)
-        if torch.is_grad_enabled() and torch._C._any_requires_grad(x, conv_weights, pool_weight, project_weight,
-                                                                   bn_weight, bn_bias, bn_parts):
+        if torch.is_grad_enabled() and any_requires_grad(x, conv_weights, pool_weight, project_weight, bn_weight,
+                                                         bn_bias, bn_parts):
             return apply(prefix, x, pool_weight, project_weight, bn_weight, bn_bias, running_mean, running_var,
                          rates, training, momentum, eps, group_name, memory_efficient, len(conv_weights),
                          *conv_weights, *bn_parts)
@@ -408,12 +409,15 @@ def aspp(
         if not isinstance(bn_weights, torch.Tensor) and not isinstance(bn_biases, torch.Tensor):
             bw, bb = _alias(bn_weights), _alias(bn_biases)
             if bw is not None and bb is not None:
-                args[4], args[5], parts = bw, bb, (*bn_weights, *bn_biases)
+                args[4], args[5], parts = bw, bb, [*bn_weights, *bn_biases]  # a list: any_requires_grad sees it
         if not parts:
             args[4], args[5] = _flat(bn_weights), _flat(bn_biases)
         args[6] = _flat(running_means) if rm is None else rm
         args[7] = _flat(running_vars) if rv is None else rv
-        out, *_, new_rm, new_rv = _KERNELS[name](*args, bn_parts=parts)
+        if name == "triton":  # checked above: the twin skips its check
+            out, *_, new_rm, new_rv = call_checked(_KERNELS[name], *args, bn_parts=parts)
+        else:
+            out, *_, new_rm, new_rv = _KERNELS[name](*args, bn_parts=parts)
     else:  # traced: the graph holds the op, which takes one tensor per BatchNorm argument
         rm, rv = (t if isinstance(t, torch.Tensor) else None for t in (running_means, running_vars))
         args[4:8] = _flat(bn_weights), _flat(bn_biases), _flat(running_means), _flat(running_vars)

@@ -34,7 +34,7 @@ from deeplab_ops.ops.dispatch import (
     refuse_grad_transforms,
     register_double_backward_refusal,
 )
-from deeplab_ops.triton import validate_with
+from deeplab_ops.triton import call_checked, validate_with
 
 Tensor = torch.Tensor
 _ops = torch.ops.deeplab_ops
@@ -401,6 +401,9 @@ def eval_fast(x, weight, bn_weight, bn_bias, running_mean, running_var, geometry
     if name == "reference":
         return None
     with BELOW_AUTOGRAD():  # nothing to differentiate: skip the Autograd key's fallback
+        if name == "triton":  # checked here and by the full path that cached the fold: the twin skips its check
+            return call_checked(CONV_BIAS_ACT[name], x, folded[0], folded[1], residual, stride, padding, dilation,
+                                relu)
         return CONV_BIAS_ACT[name](x, folded[0], folded[1], residual, stride, padding, dilation, relu)
 
 
@@ -503,11 +506,15 @@ def conv_bn_relu(
                        lambda: _fold(weight, bn_weight, bn_bias, running_mean, running_var, float(eps)),
                        on_store=_keep_transforms)
         with BELOW_AUTOGRAD():  # nothing to differentiate: skip the Autograd key's fallback
+            if name == "triton":  # checked above: the twin skips its check
+                return call_checked(CONV_BIAS_ACT[name], x, w, b, residual, stride, padding, dilation, relu)
             return CONV_BIAS_ACT[name](x, w, b, residual, stride, padding, dilation, relu)
-    out, _, _, _, new_rm, new_rv = FORWARD[name](
-        x, weight, bn_weight, bn_bias, running_mean, running_var, stride, padding, dilation, training,
-        float(momentum), float(eps), residual, relu, group_name, memory_efficient,
-    )
+    args = (x, weight, bn_weight, bn_bias, running_mean, running_var, stride, padding, dilation, training,
+            float(momentum), float(eps), residual, relu, group_name, memory_efficient)
+    if name == "triton" and direct:  # checked above: the twin skips its check (traced, the graph's op checks)
+        out, _, _, _, new_rm, new_rv = call_checked(FORWARD[name], *args)
+    else:
+        out, _, _, _, new_rm, new_rv = FORWARD[name](*args)
     if training and running_mean is not None:
         with BELOW_AUTOGRAD() if direct else torch.no_grad():  # recorded by no graph
             running_mean.copy_(new_rm)

@@ -57,6 +57,20 @@ def refuse_forward_ad(op: str, *tensors) -> None:
                                    "dual tensors, torch.func.jvp); use backend='reference' for it")
 
 
+def _any_requires_grad_py(*args) -> bool:
+    for a in args:
+        if isinstance(a, torch.Tensor):
+            if a.requires_grad:
+                return True
+        elif isinstance(a, (list, tuple)) and any(isinstance(t, torch.Tensor) and t.requires_grad for t in a):
+            return True
+    return False
+
+
+# Whether a tensor among the arguments (tensors, lists of tensors, anything else) requires grad: torch's C function
+# where it has one (not torch 2.6), else the same in Python.
+any_requires_grad = getattr(torch._C, "_any_requires_grad", _any_requires_grad_py)
+
 _interpreter_stack = torch._C._functorch.get_interpreter_stack
 _GRAD = torch._C._functorch.TransformType.Grad
 
@@ -101,7 +115,7 @@ def _refusing_kernel(op, message: str):
     def kernel(*args):
         with BELOW_AUTOGRAD():
             out = op(*args)
-        if not (torch.is_grad_enabled() and torch._C._any_requires_grad(*args)):
+        if not (torch.is_grad_enabled() and any_requires_grad(*args)):
             return out
         single = isinstance(out, torch.Tensor)
         outs = (out,) if single else out

@@ -21,7 +21,7 @@ from deeplab_ops.ops.dispatch import (
     refuse_grad_transforms,
     register_autograd_kernels,
 )
-from deeplab_ops.triton import validate_with
+from deeplab_ops.triton import call_checked, validate_with
 
 Tensor = torch.Tensor
 _ops = torch.ops.deeplab_ops
@@ -256,6 +256,8 @@ def upsample_cross_entropy(
         # them; the copy is of the low-resolution logits only, and the loss comes back in logits' dtype.
         loss = upsample_cross_entropy(logits.float(), target, ignore_index, align_corners, reduction, backend=name)
         return loss.to(logits.dtype)
-    forward = _KERNELS[name] if enter_directly(logits) else FORWARD_OPS[name]
-    loss, _, _ = forward(logits, target, ignore_index, align_corners, reduction)
-    return loss
+    if not enter_directly(logits):  # traced: the graph holds the op (the triton twin checks its arguments)
+        return FORWARD_OPS[name](logits, target, ignore_index, align_corners, reduction)[0]
+    if name == "triton":  # checked above: the twin skips its check (the label scan included)
+        return call_checked(_KERNELS[name], logits, target, ignore_index, align_corners, reduction)[0]
+    return _KERNELS[name](logits, target, ignore_index, align_corners, reduction)[0]

@@ -11,6 +11,7 @@ several Python threads are serialized by one lock; CUDA launches take no lock.
 from __future__ import annotations
 
 import functools
+import threading
 
 import torch
 
@@ -40,8 +41,15 @@ def _serialized_on_cpu(kernel):
 # The op layer's argument checks for these ops (deeplab_ops/ops/*: `validate_with`). The C++ ops check their
 # arguments in C++; these kernels are Python, and inconsistent shapes would make a kernel read or write out of bounds
 # on a GPU, so every call is checked, except inside a backward pass (whose arguments the forward saved; the
-# memory-efficient recompute included).
+# memory-efficient recompute included) and a call from a front door that has checked them already (`call_checked`).
 _VALIDATORS: dict[str, object] = {}
+
+
+class _Checked(threading.local):
+    by_caller = False  # True while a front door calls a twin with the arguments it has checked (this thread)
+
+
+_CHECKED = _Checked()
 
 
 def validate_with(op: str, check) -> None:
@@ -49,11 +57,24 @@ def validate_with(op: str, check) -> None:
     _VALIDATORS[op] = check
 
 
+def call_checked(op, *args, **kwargs):
+    """`op(*args, **kwargs)` for a caller that has checked the arguments with the twins' rules (a front door): the
+    triton twin it reaches skips its own check. Not for traced calls (torch.compile runs the op without the front
+    door: the twin checks there)."""
+    if _CHECKED.by_caller:
+        return op(*args, **kwargs)
+    _CHECKED.by_caller = True
+    try:
+        return op(*args, **kwargs)
+    finally:
+        _CHECKED.by_caller = False
+
+
 def _validated(op: str, kernel):
     @functools.wraps(kernel)
     def wrapper(*args, **kwargs):
         check = _VALIDATORS.get(op)
-        if check is not None and torch._C._current_autograd_node() is None:
+        if check is not None and not _CHECKED.by_caller and torch._C._current_autograd_node() is None:
             check(*args, **kwargs)
         return kernel(*args, **kwargs)
 

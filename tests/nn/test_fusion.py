@@ -296,6 +296,39 @@ def test_fused_aspp_runs_the_op_under_frozen_bn_and_the_original_under_mixed_mod
     _assert_same_state(fused, plain, mode)
 
 
+@pytest.mark.parametrize("backend", [backend_param(b) for b in ("cpu", "cuda", "triton", "reference")])
+@pytest.mark.parametrize("kind", ["fuse_modules", "FusedASPP"])
+def test_fused_aspp_trains_its_batchnorms_with_frozen_convolutions(backend, kind):
+    """Only the BatchNorms train (every conv weight frozen, the input needs no gradient): the fused ASPP still
+    builds a graph and gives torchvision's BatchNorm gradients (the per-BatchNorm parameters went to the op in a
+    tuple, which torch's requires-grad test skips: no graph, no gradient, silently)."""
+    from deeplab_ops.nn import FusedASPP
+
+    device = device_for(backend)
+    plain = _randomize(TorchvisionASPP(6, (1, 2), out_channels=4)).to(device).train()
+    plain.project[3].p = 0.0  # no dropout: the two draw their masks differently
+    if kind == "FusedASPP":
+        fused = FusedASPP(6, (1, 2), 4, dropout=0.0, backend=backend).to(device)
+        fused.load_state_dict(plain.state_dict())
+    else:
+        fused = fuse_modules(copy.deepcopy(plain), backend=backend, channels_last=False)
+    for m in (plain, fused):
+        for p in m.parameters():
+            p.requires_grad_(p.dim() == 1)  # BatchNorm weights and biases only
+    x = torch.randn(2, 6, 9, 7, device=device)
+    torch.manual_seed(0)
+    want = plain(x)
+    torch.manual_seed(0)
+    got = fused(x)
+    assert got.grad_fn is not None, "no graph: the BatchNorm parameters would get no gradient"
+    grad = torch.randn_like(want)
+    want.backward(grad)
+    got.backward(grad)
+    for (name, pf), pp in zip(fused.named_parameters(), plain.parameters(), strict=True):
+        if pp.requires_grad:
+            assert_close(pf.grad, pp.grad, f"{backend} {kind}: grad {name}", 1e-4, 1e-4)
+
+
 def _grad_stride_mismatches(net: nn.Module) -> list:
     return [(n, tuple(p.stride()), tuple(p.grad.stride())) for n, p in net.named_parameters()
             if p.grad is not None and p.grad.stride() != p.stride()]

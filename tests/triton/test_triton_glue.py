@@ -126,3 +126,71 @@ def test_host_paths_do_not_synchronize(monkeypatch):
         o = triton_aspp.forward(xa, cws, pw, prw, bw, bb, arm, arv, rates, training, 0.1, 1e-5)
         triton_aspp.backward(torch.randn_like(o[0]), xa, cws, pw, prw, bw, bb, o[1], o[2], o[3], o[0], o[4], o[5],
                              rates, training, [True, True, True])
+
+
+# ---- the twins' argument checks: once per call -------------------------------------------------------------------
+
+
+@pytest.fixture
+def twin_checks(monkeypatch):
+    """Counts of each triton twin's own argument check (deeplab_ops.triton.validate_with), by op."""
+    import deeplab_ops  # noqa: F401  (installs the checks)
+    from deeplab_ops.triton import _VALIDATORS
+
+    counts = Counter()
+    for op, check in list(_VALIDATORS.items()):
+        def counted(*args, _op=op, _check=check, **kwargs):
+            counts[_op] += 1
+            return _check(*args, **kwargs)
+
+        monkeypatch.setitem(_VALIDATORS, op, counted)
+    return counts
+
+
+def test_front_door_calls_are_checked_once(twin_checks):
+    """A front door checks its arguments and its triton twin does not check them again (forward, the eval fold's
+    first and cached calls, the memory-efficient recompute, backward); a direct call of a twin is checked."""
+    import deeplab_ops
+
+    x, w, (g, b, rm, rv) = _conv_inputs(True)
+    params = [t.requires_grad_() for t in (w.clone(), g.clone(), b.clone())]
+    xg = x.clone().requires_grad_()
+    for efficient in (False, True):
+        out = deeplab_ops.conv_bn_relu(xg, params[0], params[1], params[2], rm, rv, padding=1, backend="triton",
+                                       memory_efficient=efficient)
+        out.sum().backward()
+    with torch.no_grad():
+        for _ in range(2):  # the full path (folds and caches), then the cached fold's fast path
+            deeplab_ops.conv_bn_relu(x, w, g, b, rm, rv, padding=1, training=False, backend="triton")
+    xa, cws, (pw, prw, bw, bb, arm, arv), rates = _aspp_inputs(True)
+    cws = [c.requires_grad_() for c in cws]
+    for training in (True, False):
+        deeplab_ops.aspp(xa, cws, pw, prw, bw, bb, arm, arv, rates=rates, training=training,
+                         backend="triton").sum().backward()
+    logits = torch.randn(2, 3, 4, 5, device=DEVICE, requires_grad=True)
+    target = torch.randint(0, 3, (2, 9, 11), device=DEVICE)
+    deeplab_ops.upsample_cross_entropy(logits, target, backend="triton").backward()
+    assert not twin_checks, twin_checks  # every twin was called, none checked again
+
+    torch.ops.deeplab_ops.triton_conv_bn_relu_forward(x, w, g, b, rm, rv, *GEO, True, 0.1, 1e-5, None, True)
+    torch.ops.deeplab_ops.triton_upsample_cross_entropy_forward(logits.detach(), target, 255, False, "mean")
+    assert twin_checks == {"triton_conv_bn_relu_forward": 1, "triton_upsample_cross_entropy_forward": 1}
+
+
+def test_a_failed_front_door_call_leaves_the_twins_checking(monkeypatch):
+    """The mark a front door sets around its triton call is cleared when the call raises: a later direct call
+    with bad arguments is refused by the twin's check, not run."""
+    import deeplab_ops
+    from deeplab_ops.triton import _CHECKED
+
+    def broken(*args, **kwargs):
+        raise RuntimeError("kernel failed")
+
+    monkeypatch.setattr(triton_cbr, "forward", broken)
+    x, w, (g, b, rm, rv) = _conv_inputs(True)
+    with pytest.raises(RuntimeError, match="kernel failed"):
+        deeplab_ops.conv_bn_relu(x, w, g, b, rm, rv, padding=1, backend="triton")
+    assert not _CHECKED.by_caller
+    with pytest.raises(ValueError, match="residual"):
+        torch.ops.deeplab_ops.triton_conv_bn_relu_forward(x, w, g, b, rm, rv, *GEO, True, 0.1, 1e-5,
+                                                          torch.randn(2, 16, 4, 4, device=DEVICE), True)
