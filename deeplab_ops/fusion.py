@@ -18,6 +18,7 @@ from deeplab_ops.modules import (
     forget_aspp_parts,
     fused_aspp_forward,
     fused_conv_bn,
+    hooked_part,
     reads_directly,
 )
 from deeplab_ops.ops.dispatch import group_name_of
@@ -26,7 +27,7 @@ Tensor = torch.Tensor
 
 __all__ = [
     "FusedAwayBatchNorm2d", "FusedAwayReLU", "FusedConfig", "FusedConv2d", "fuse_modules", "fused_batchnorms",
-    "fused_config", "is_fused", "sync_batchnorm", "unfuse_modules",
+    "fused_config", "is_fused", "replace_unfused_batchnorms", "sync_batchnorm", "unfuse_modules",
 ]
 
 _FUSED_ATTR = "_deeplab_ops_fused"  # plain (unregistered) attribute: never part of the state_dict
@@ -97,7 +98,6 @@ class FusedAwayReLU(nn.ReLU):
         return f"fused into the preceding conv, {super().extra_repr() or 'not inplace'}"
 
 
-
 # ---- residual blocks -----------------------------------------------------------------------------------
 
 
@@ -142,13 +142,9 @@ def _fused_block_forward(self: nn.Module, x: Tensor) -> Tensor:
 
 def _fused_aspp_forward(self: nn.Module, x: Tensor) -> Tensor:
     cfg = getattr(self, _FUSED_ATTR)
-    modes = set()
-    for m in self.modules():
-        if m is not self and (m._forward_hooks or m._forward_pre_hooks):  # hooks on a part: what they see unfused
-            return type(self).original_class.forward(self, x)
-        if isinstance(m, nn.BatchNorm2d):
-            modes.add(m.training)
-    if len(modes) != 1:
+    if hooked_part(self):  # hooks on a part: what they would see unfused
+        return type(self).original_class.forward(self, x)
+    if len({m.training for m in self.modules() if isinstance(m, nn.BatchNorm2d)}) != 1:
         # Mixed BatchNorm modes in one ASPP: the op's single mode would be wrong for some; run the original.
         return type(self).original_class.forward(self, x)
     return fused_aspp_forward(self, x, backend=cfg.backend, process_group=cfg.process_group,
@@ -452,11 +448,19 @@ def sync_batchnorm(model: nn.Module, process_group=None, *, unfused: bool = Fals
             cfg.process_group = group
     if not unfused:
         return model
-    owned = fused_batchnorms(model)
+    return replace_unfused_batchnorms(
+        model, lambda bn: nn.SyncBatchNorm.convert_sync_batchnorm(bn, process_group))
+
+
+def replace_unfused_batchnorms(model: nn.Module, convert, owned: set[int] | None = None) -> nn.Module:
+    """Every nn.BatchNorm2d of `model` that no fused op computes (not in `owned`, default `fused_batchnorms(model)`)
+    replaced by `convert(bn)`, in place; returns `model`, or convert(model) where `model` is such a BatchNorm."""
+    if owned is None:
+        owned = fused_batchnorms(model)
 
     def walk(module: nn.Module) -> nn.Module:
         if type(module) is nn.BatchNorm2d and id(module) not in owned:
-            return nn.SyncBatchNorm.convert_sync_batchnorm(module, process_group)
+            return convert(module)
         for name, child in list(module._modules.items()):
             if child is not None:
                 new = walk(child)

@@ -464,6 +464,15 @@ def _aspp_containers(module: nn.Module) -> list:
     return [module._modules, convs._modules, *(b._modules for b in convs._modules.values()), project._modules]
 
 
+def hooked_part(module: nn.Module) -> bool:
+    """Whether a submodule of `module` (not `module` itself) has a forward or forward-pre hook: a fused forward then
+    runs the parts one by one, so that the hooks see what they would see unfused."""
+    for m in module.modules():  # a loop, not any(...): no generator frame per submodule on the per-call path
+        if m is not module and (m._forward_hooks or m._forward_pre_hooks):
+            return True
+    return False
+
+
 def current_aspp_parts(module: nn.Module) -> tuple | None:
     """The ASPP structure cached on `module` while its children are the ones it was validated with (a branch, conv,
     BatchNorm or dropout replaced or added drops it: the next call validates anew); None where none is cached."""
@@ -571,7 +580,7 @@ def fused_aspp_forward(module: nn.Module, x: Tensor, backend: str | None = None,
     kinds = list(zip(*tensors, strict=True))  # per kind of _BN_TENSORS, every BatchNorm's tensor
     if not tracing:
         _pack(kinds)
-    bn_weights, bn_biases, running_means, running_vars = (list(ts) for ts in kinds[:4])
+    bn_weights, bn_biases, running_means, running_vars = [list(ts) for ts in kinds[:4]]
     _, _, rm, _, bn_training, momentum, eps = _bn_args(bns[0], training)
     tracked = rm is not None
     out = aspp(
@@ -655,11 +664,8 @@ class FusedASPP(nn.Module):
         # The fused op computes torchvision's ASPP of these very children: where one was replaced by a module it
         # cannot compute (a biased conv, a SyncBatchNorm, a LeakyReLU), or has a hook, the children run one by one
         # as torchvision's ASPP runs them, so that what a user changed or hooked is what runs.
-        if current_aspp_parts(self) is None and not aspp_fusable(self):
+        if (current_aspp_parts(self) is None and not aspp_fusable(self)) or hooked_part(self):
             return self._unfused_forward(x)
-        for m in self.modules():
-            if m is not self and (m._forward_hooks or m._forward_pre_hooks):
-                return self._unfused_forward(x)
         return fused_aspp_forward(self, x, backend=self.backend, process_group=self.process_group,
                                   memory_efficient=getattr(self, "memory_efficient", False))  # pickled before it
 

@@ -106,40 +106,26 @@ def convert_sync_batchnorm(model: nn.Module, device_type: str) -> nn.Module:
     Fused deeplab_ops modules (FusedConvBNReLU, FusedASPP, and what deeplab_ops.nn.fuse_modules made) share
     their statistics through the fused ops' process group (deeplab_ops.nn.sync_batchnorm); every other
     nn.BatchNorm2d becomes nn.SyncBatchNorm on CUDA, DistributedBatchNorm2d on CPU (gloo)."""
-    from deeplab_ops.fusion import fused_batchnorms
+    from deeplab_ops.fusion import fused_batchnorms, replace_unfused_batchnorms
     from deeplab_ops.nn import sync_batchnorm
 
     owned = fused_batchnorms(model)
     if owned:
         sync_batchnorm(model)
     convert = nn.SyncBatchNorm.convert_sync_batchnorm if device_type == "cuda" else _convert_cpu
-
-    def walk(module: nn.Module) -> nn.Module:
-        if type(module) is nn.BatchNorm2d and id(module) not in owned:
-            return convert(module)
-        for name, child in list(module.named_children()):
-            new = walk(child)
-            if new is not child:
-                module._modules[name] = new
-        return module
-
-    return walk(model)
+    return replace_unfused_batchnorms(model, convert, owned)
 
 
-def _convert_cpu(module: nn.Module) -> nn.Module:
-    out = module
-    if isinstance(module, nn.BatchNorm2d) and not isinstance(module, SYNC_BN_TYPES):
-        out = DistributedBatchNorm2d(module.num_features, module.eps, module.momentum, module.affine,
-                                     module.track_running_stats, device=module.weight.device if module.affine
-                                     else None)
-        if module.affine:
-            with torch.no_grad():
-                out.weight = module.weight
-                out.bias = module.bias
-        out.running_mean = module.running_mean
-        out.running_var = module.running_var
-        out.num_batches_tracked = module.num_batches_tracked
-        out.train(module.training)
-    for name, child in module.named_children():
-        out.add_module(name, _convert_cpu(child))
+def _convert_cpu(bn: nn.BatchNorm2d) -> DistributedBatchNorm2d:
+    """A DistributedBatchNorm2d sharing `bn`'s parameters and buffers."""
+    out = DistributedBatchNorm2d(bn.num_features, bn.eps, bn.momentum, bn.affine, bn.track_running_stats,
+                                 device=bn.weight.device if bn.affine else None)
+    if bn.affine:
+        with torch.no_grad():
+            out.weight = bn.weight
+            out.bias = bn.bias
+    out.running_mean = bn.running_mean
+    out.running_var = bn.running_var
+    out.num_batches_tracked = bn.num_batches_tracked
+    out.train(bn.training)
     return out
