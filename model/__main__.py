@@ -17,7 +17,7 @@ import torch
 from torch import nn
 from torch.utils.flop_counter import FlopCounterMode
 
-from model.deeplabv3 import DEFAULT_MULTI_GRID, DeepLabV3, deeplabv3_resnet
+from model.deeplabv3 import DeepLabV3, deeplabv3_resnet
 from model.heads import HEADS
 from model.resnet import DEPTHS, RESIDUAL_UNITS
 
@@ -49,15 +49,15 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--summary", action="store_true", help="print parameters and FLOPs per stage")
     p.add_argument("--backbone", choices=[f"resnet{d}" for d in sorted(DEPTHS)], default="resnet50")
-    p.add_argument("--output-stride", type=int, default=16, help="8 or 16 (default 16)")
-    p.add_argument("--multi-grid", type=int, nargs="+", default=list(DEFAULT_MULTI_GRID),
+    p.add_argument("--output-stride", type=int, default=None, help="8 or 16 (default 16; --preset torchvision: 8)")
+    p.add_argument("--multi-grid", type=int, nargs="+", default=None,
                    help="block-4 rate multipliers (default 1 2 4)")
     p.add_argument("--atrous-rates", type=int, nargs="+", default=None,
                    help="ASPP rates (default: 6 12 18 at output stride 16, 12 24 36 at 8)")
-    p.add_argument("--head", choices=HEADS, default="paper")
+    p.add_argument("--head", choices=HEADS, default=None, help="default paper; --preset torchvision: torchvision")
     p.add_argument("--aux-loss", action="store_true", help="add the auxiliary FCN head on block 3")
     p.add_argument("--preset", choices=("torchvision",), default=None, help="torchvision's deeplabv3 exactly")
-    p.add_argument("--residual-unit", choices=RESIDUAL_UNITS, default="v1.5")
+    p.add_argument("--residual-unit", choices=RESIDUAL_UNITS, default=None, help="default v1.5")
     p.add_argument("--num-classes", type=int, default=21)
     p.add_argument("--image-size", type=_image_size, default=(513, 513), help="N or HxW (default 513)")
     p.add_argument("--batch-size", type=_batch_size, default=1, help="images (default 1)")
@@ -139,7 +139,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         with torch.device("meta"):
             model: nn.Module = deeplabv3_resnet(
                 int(args.backbone.removeprefix("resnet")), num_classes=args.num_classes,
-                output_stride=args.output_stride, multi_grid=tuple(args.multi_grid), atrous_rates=args.atrous_rates,
+                output_stride=args.output_stride, multi_grid=args.multi_grid, atrous_rates=args.atrous_rates,
                 head=args.head, aux_loss=args.aux_loss, preset=args.preset, residual_unit=args.residual_unit,
             )
     except ValueError as e:

@@ -66,17 +66,15 @@ def _check_int(value, name: str, minimum: int) -> int:
 
 
 def _check_preset_args(**given) -> None:
-    """preset="torchvision" fixes these arguments: each must be left at its default or equal the preset's value."""
-    defaults = {"output_stride": 16, "atrous_rates": None, "head": "paper", "multi_grid": DEFAULT_MULTI_GRID,
-                "residual_unit": "v1.5"}
+    """preset="torchvision" fixes these arguments: each must be left unset (None) or equal the preset's value."""
     fixed = {**TORCHVISION_PRESET, "multi_grid": DEFAULT_MULTI_GRID, "residual_unit": "v1.5"}
     for name, value in given.items():
         if isinstance(value, list):
             value = tuple(value)
-        if value != defaults[name] and value != fixed[name]:
+        if value is not None and value != fixed[name]:
             raise ValueError(
                 f"preset='torchvision' fixes {name}={fixed[name]!r} (torchvision's deeplabv3), got {name}={value!r}: "
-                f"leave {name} at its default or use preset=None"
+                f"leave {name} unset or use preset=None"
             )
 
 
@@ -84,14 +82,14 @@ def deeplabv3_resnet(
     depth: int,
     *,
     num_classes: int = 21,
-    output_stride: int = 16,
-    multi_grid: Sequence[int] = DEFAULT_MULTI_GRID,
+    output_stride: int | None = None,
+    multi_grid: Sequence[int] | None = None,
     atrous_rates: Sequence[int] | None = None,
-    head: str = "paper",
+    head: str | None = None,
     aux_loss: bool = False,
     fused: bool = False,
     preset: str | None = None,
-    residual_unit: str = "v1.5",
+    residual_unit: str | None = None,
     memory_efficient: bool = False,
     width: int = 64,
 ) -> DeepLabV3:
@@ -105,9 +103,9 @@ def deeplabv3_resnet(
     num_classes = _check_int(num_classes, "num_classes", 1)
     if preset not in PRESETS:
         raise ValueError(f"preset must be one of {PRESETS}, got {preset!r}")
-    if head not in HEADS:
+    if head is not None and head not in HEADS:
         raise ValueError(f"head must be one of {HEADS}, got {head!r}")
-    if residual_unit not in RESIDUAL_UNITS:
+    if residual_unit is not None and residual_unit not in RESIDUAL_UNITS:
         raise ValueError(f"residual_unit must be one of {RESIDUAL_UNITS}, got {residual_unit!r}")
     if not isinstance(aux_loss, bool):
         raise TypeError(f"aux_loss must be a bool, got {aux_loss!r}")
@@ -126,6 +124,11 @@ def deeplabv3_resnet(
                            residual_unit=residual_unit)
         output_stride, atrous_rates, head = (TORCHVISION_PRESET[k] for k in ("output_stride", "atrous_rates", "head"))
         multi_grid, pattern = DEFAULT_MULTI_GRID, "torchvision"
+    # Unset (None): the defaults of preset=None.
+    output_stride = 16 if output_stride is None else output_stride
+    multi_grid = DEFAULT_MULTI_GRID if multi_grid is None else multi_grid
+    head = "paper" if head is None else head
+    residual_unit = "v1.5" if residual_unit is None else residual_unit
     check_backbone_args(DEPTHS[depth], output_stride, multi_grid, pattern)
     rates = RATES_BY_OUTPUT_STRIDE[output_stride] if atrous_rates is None else check_rates(atrous_rates)
 
@@ -149,15 +152,15 @@ def deeplabv3_resnet(
 
 def deeplabv3_resnet50(
     num_classes: int = 21,
-    output_stride: int = 16,
-    multi_grid: Sequence[int] = DEFAULT_MULTI_GRID,
+    output_stride: int | None = None,
+    multi_grid: Sequence[int] | None = None,
     atrous_rates: Sequence[int] | None = None,
-    head: str = "paper",
+    head: str | None = None,
     aux_loss: bool = False,
     fused: bool = False,
     *,
     preset: str | None = None,
-    residual_unit: str = "v1.5",
+    residual_unit: str | None = None,
     memory_efficient: bool = False,
     width: int = 64,
 ) -> DeepLabV3:
@@ -165,16 +168,19 @@ def deeplabv3_resnet50(
 
     Args:
         num_classes: logits channels (>= 1); 21 for PASCAL VOC.
-        output_stride: 16 or 8 (input size / feature size); strides beyond it become dilation.
-        multi_grid: block-4 rate multipliers, one per unit: block-4 dilations = base rate × multi_grid.
+        output_stride: 16 or 8 (input size / feature size); strides beyond it become dilation. None: 16.
+        multi_grid: block-4 rate multipliers, one per unit: block-4 dilations = base rate × multi_grid. None:
+            (1, 2, 4).
         atrous_rates: ASPP rates; None: (6, 12, 18) at output stride 16, (12, 24, 36) at 8.
         head: "paper" (ASPP → 1×1 logits) or "torchvision" (ASPP with dropout → 3×3 conv-BN-ReLU → 1×1 logits).
+            None: "paper".
         aux_loss: add torchvision's auxiliary FCN head on block 3; the forward then returns "out" and "aux".
         fused: run every conv → BN (→ add) → ReLU on deeplab_ops ops (same state_dict as unfused).
         preset: "torchvision" reproduces torchvision's deeplabv3_resnet50 exactly (output stride 8 with its
-            dilation pattern, rates (12, 24, 36), its head); the other arguments must then stay at their defaults
-            or equal the preset's values.
-        residual_unit: "v1.5" (torchvision's bottleneck) or "preact" (full pre-activation unit).
+            dilation pattern, rates (12, 24, 36), its head); output_stride, multi_grid, atrous_rates, head and
+            residual_unit must then be left unset (None) or equal the preset's values (a ValueError otherwise,
+            never a value silently replaced).
+        residual_unit: "v1.5" (torchvision's bottleneck) or "preact" (full pre-activation unit). None: "v1.5".
         memory_efficient: with fused=True, the fused ops save no pre-BN activations for the backward (see
             deeplab_ops.conv_bn_relu's memory_efficient).
         width: the backbone's base width (64, ResNet-50's); ASPP and head get 4 x width channels.
@@ -191,15 +197,15 @@ def deeplabv3_resnet50(
 
 def deeplabv3_resnet101(
     num_classes: int = 21,
-    output_stride: int = 16,
-    multi_grid: Sequence[int] = DEFAULT_MULTI_GRID,
+    output_stride: int | None = None,
+    multi_grid: Sequence[int] | None = None,
     atrous_rates: Sequence[int] | None = None,
-    head: str = "paper",
+    head: str | None = None,
     aux_loss: bool = False,
     fused: bool = False,
     *,
     preset: str | None = None,
-    residual_unit: str = "v1.5",
+    residual_unit: str | None = None,
     memory_efficient: bool = False,
     width: int = 64,
 ) -> DeepLabV3:

@@ -290,11 +290,28 @@ def test_channels_last(torchvision_pair, fused):
         ({"memory_efficient": True}, r"memory_efficient=True needs fused=True"),
         ({"width": 0}, r"width must be an int >= 1, got 0"),
         ({"preset": "torchvision", "width": 32}, r"preset='torchvision' fixes width=64"),
+        # the defaults of preset=None, given explicitly, are not silently replaced by the preset's values
+        ({"preset": "torchvision", "output_stride": 16}, r"fixes output_stride=8 .*got output_stride=16: leave"),
+        ({"preset": "torchvision", "head": "paper"}, r"fixes head='torchvision' .*got head='paper'"),
+        ({"preset": "torchvision", "multi_grid": [1, 1, 1]}, r"fixes multi_grid=\(1, 2, 4\)"),
+        ({"preset": "torchvision", "residual_unit": "preact"}, r"fixes residual_unit='v1.5'"),
     ],
 )
 def test_bad_configurations_fail_clearly(kwargs, message):
     with pytest.raises(ValueError, match=message):
         model.deeplabv3_resnet50(**kwargs)
+
+
+def test_preset_accepts_its_own_values_and_unset_arguments():
+    with torch.device("meta"):
+        unset = model.deeplabv3_resnet50(preset="torchvision")
+        spelled = model.deeplabv3_resnet50(preset="torchvision", output_stride=8, multi_grid=[1, 2, 4],
+                                           atrous_rates=(12, 24, 36), head="torchvision", residual_unit="v1.5")
+        plain = model.deeplabv3_resnet50()
+    assert unset.config == spelled.config
+    assert (unset.config["output_stride"], unset.config["head"]) == (8, "torchvision")
+    assert plain.config["output_stride"] == 16 and plain.config["head"] == "paper"
+    assert plain.config["multi_grid"] == (1, 2, 4) and plain.config["residual_unit"] == "v1.5"
 
 
 def test_dilations_follow_output_stride_and_multi_grid():
@@ -369,6 +386,9 @@ def test_summary_cli_matches_torchvision_published_numbers(capsys):
     assert "resnet101" in capsys.readouterr().out
     assert summary_main(["--summary", "--output-stride", "4"]) == 2
     assert "output_stride must be one of (8, 16)" in capsys.readouterr().err
+    # --preset with a flag it fixes, typed with another value (the plain default included): refused, not replaced
+    assert summary_main(["--summary", "--preset", "torchvision", "--output-stride", "16"]) == 2
+    assert "fixes output_stride=8" in capsys.readouterr().err
     for bad in ("0", "-3", "two"):  # a usage error with the usage line, as argparse gives every flag
         with pytest.raises(SystemExit) as e:
             summary_main(["--summary", "--batch-size", bad])
