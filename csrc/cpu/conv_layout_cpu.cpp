@@ -3,12 +3,14 @@
 
 #include <ATen/Context.h>
 #include <ATen/Parallel.h>
+#include <torch/version.h>
 
 #if defined(__SSE2__)
 #include <immintrin.h>
 #endif
 
 #include <algorithm>
+#include <string>
 
 #include "cpu/winograd_cpu.h"
 
@@ -131,10 +133,18 @@ at::Tensor flipped_transposed_weight(const at::Tensor& weight) {
 
 bool full_float32_matmul() {
   auto& ctx = at::globalContext();
+  // oneDNN's own float32 matmul precision first (an enum from torch 2.10, a string in 2.9, absent before), then
+  // the legacy float32MatmulPrecision (which raises when read after a "bf16"/"tf32" set through the new API).
+#if TORCH_VERSION_MAJOR > 2 || (TORCH_VERSION_MAJOR == 2 && TORCH_VERSION_MINOR >= 10)
   const auto p = ctx.float32Precision(at::Float32Backend::MKLDNN, at::Float32Op::MATMUL);
-  return p != at::Float32Precision::BF16 && p != at::Float32Precision::TF32 &&
-         ctx.float32MatmulPrecision() != at::Float32MatmulPrecision::MEDIUM;
+  if (p == at::Float32Precision::BF16 || p == at::Float32Precision::TF32) return false;
+#elif TORCH_VERSION_MAJOR == 2 && TORCH_VERSION_MINOR == 9
+  const std::string p = ctx.float32Precision("mkldnn", "matmul");
+  if (p == "bf16" || p == "tf32") return false;
+#endif
+  return ctx.float32MatmulPrecision() != at::Float32MatmulPrecision::MEDIUM;
 }
+
 
 int64_t valid_taps(int64_t size, int64_t out, int64_t pad, int64_t dil, int64_t k, int64_t stride) {
   int64_t taps = 0;
