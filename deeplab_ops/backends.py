@@ -183,8 +183,10 @@ def as_device(device, argument: str = "device") -> torch.device:
     if isinstance(device, torch.device):
         return device
     try:
-        if isinstance(device, str) or (isinstance(device, int) and not isinstance(device, bool)):
+        if isinstance(device, str):
             return torch.device(device)
+        if isinstance(device, int) and not isinstance(device, bool):
+            return torch.device("cuda", device)  # (torch.device(0) needs a visible accelerator on torch 2.6)
     except RuntimeError:
         pass
     raise ValueError(f"{argument}={device!r} is not a device; expected a torch.device, a device string such as "

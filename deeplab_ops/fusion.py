@@ -334,10 +334,11 @@ def _weights_channels_last(module: nn.Module) -> None:
 def _nchw(value):
     if isinstance(value, Tensor):
         return value.contiguous() if value.dim() == 4 and value.device.type == "cuda" else value
+    # (lists, not generators: torch 2.6's dynamo cannot trace a generator)
     if isinstance(value, dict):
-        return type(value)((k, _nchw(v)) for k, v in value.items())
+        return type(value)([(k, _nchw(v)) for k, v in value.items()])
     if isinstance(value, (list, tuple)) and not hasattr(value, "_fields"):
-        return type(value)(_nchw(v) for v in value)
+        return type(value)([_nchw(v) for v in value])
     return value
 
 

@@ -523,13 +523,20 @@ def _aspp_config(bns: list[nn.BatchNorm2d], tensors: list[tuple]) -> bool:
     """The mode of the fused ASPP's BatchNorms (training), after checking they can run as one: one mode, shared
     momentum, eps and track_running_stats, affine. Clear errors otherwise. tensors[i]: `_bn_tensors(bns[i])`."""
     training = bns[0].training
-    if [bn.training for bn in bns].count(training) == len(bns):
-        # The usual case, decided from plain attributes: one numeric momentum (the factor then does not depend on
-        # the batch counters), eps, track_running_stats and running statistics present or not, every one affine.
-        keys = [(bn.momentum, bn.eps, bn.track_running_stats, t[2] is None, t[3] is None, t[0] is None or t[1] is None)
-                for bn, t in zip(bns, tensors, strict=True)]
-        if keys[0][0] is not None and not keys[0][5] and keys.count(keys[0]) == len(keys):
-            return training
+    # The usual case, decided from plain attributes: one mode, one numeric momentum (the factor then does not depend
+    # on the batch counters), eps, track_running_stats and running statistics present or not, every one affine.
+    # (A loop, not list.count: torch.compile of torch 2.6 cannot trace list.count.)
+    first, uniform = None, True
+    for bn, t in zip(bns, tensors, strict=True):
+        key = (bn.training, bn.momentum, bn.eps, bn.track_running_stats, t[2] is None, t[3] is None,
+               t[0] is None or t[1] is None)
+        if first is None:
+            first = key
+        elif key != first:
+            uniform = False
+            break
+    if uniform and first[1] is not None and not first[6]:
+        return training
     if any(bn.training != training for bn in bns):
         raise ValueError(
             "the fused ASPP runs all its BatchNorms in one mode, but some are in training mode and some in eval "

@@ -58,12 +58,14 @@ def refuse_forward_ad(op: str, *tensors) -> None:
 
 
 def _any_requires_grad_py(*args) -> bool:
-    for a in args:
+    for a in args:  # loops, not any(...): no generator frames on the per-call path
         if isinstance(a, torch.Tensor):
             if a.requires_grad:
                 return True
-        elif isinstance(a, (list, tuple)) and any(isinstance(t, torch.Tensor) and t.requires_grad for t in a):
-            return True
+        elif isinstance(a, (list, tuple)):
+            for t in a:
+                if isinstance(t, torch.Tensor) and t.requires_grad:
+                    return True
     return False
 
 

@@ -69,7 +69,9 @@ Tensor = torch.Tensor
 def _branch_tap(br, kh, kw, rate):
     # Branch br's tap (kh, kw): whether it exists (the 1x1 branch has only the centre), its row and column
     # offsets (stride 1, padding = dilation = rate), and its index in the packed weights (1x1 first, 9 per rate).
-    live = (br > 0) | ((kh == 1) & (kw == 1))
+    # (Arithmetic, not `(kh == 1) & (kw == 1)`: the Triton 3.2 interpreter, where the loop indices are Python ints,
+    # cannot mix a Python bool into a tensor expression.)
+    live = (br > 0) | (br * 0 + (kh - 1) * (kh - 1) + (kw - 1) * (kw - 1) == 0)
     return live, (kh - 1) * rate, (kw - 1) * rate, tl.where(br == 0, 0, 1 + (br - 1) * 9 + kh * 3 + kw)
 
 

@@ -61,7 +61,8 @@ def test_same_bits_in_every_isa_build_and_thread_count(tmp_path):
     runs = {(cap, threads): _run(tmp_path, cap, threads) for cap, threads in
             [(None, 1), (None, 2), ("default", 1), ("avx2", 2)]}
     base = runs[(None, 1)]
-    assert runs[("default", 1)]["capability"] == "DEFAULT"  # the environment variable reached torch
+    # the environment variable reached torch (which names the baseline "NO AVX" before torch 2.7 or so)
+    assert runs[("default", 1)]["capability"] in ("DEFAULT", "NO AVX")
     for (cap, threads), got in runs.items():
         for key, tensors in base.items():
             if key == "capability":

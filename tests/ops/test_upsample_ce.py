@@ -422,14 +422,15 @@ def test_peak_allocation_cpu():
 
 _COMPILE_SCRIPT = r"""
 import sys
+sys.path.insert(0, "tests/triton")
 import triton, triton.language as tl
 from triton.backends.compiler import GPUTarget
-from triton.compiler import ASTSource
+from test_triton_compile import ast_source
 from deeplab_ops.triton import upsample_ce as U
 
 def build(fn, ptrs, consts, arch, warps):
     sig = {a: "constexpr" if a in consts else ("*" + ptrs[a] if a in ptrs else "i32") for a in fn.arg_names}
-    triton.compile(ASTSource(fn, sig, constexprs=consts), target=GPUTarget("cuda", arch, 32),
+    triton.compile(ast_source(fn, sig, consts, {}), target=GPUTarget("cuda", arch, 32),
                    options=dict(num_warps=warps))
 
 # the GPU launchers' configurations for 21 classes upsampled 8x (16 output columns per low-res column)
@@ -458,7 +459,10 @@ def test_triton_kernels_compile_for_ampere_and_hopper():
     import sys
 
     env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}  # real JIT functions, not interpreted
-    done = subprocess.run([sys.executable, "-c", _COMPILE_SCRIPT], env=env, capture_output=True, text=True)
+    from helpers import ROOT
+
+    done = subprocess.run([sys.executable, "-c", _COMPILE_SCRIPT], env=env, capture_output=True, text=True,
+                          cwd=ROOT)  # the script imports tests/triton/test_triton_compile.py's ast_source
     assert done.returncode == 0, done.stderr[-4000:]
 
 
