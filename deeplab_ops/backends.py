@@ -187,7 +187,7 @@ def as_device(device, argument: str = "device") -> torch.device:
             return torch.device(device)
         if isinstance(device, int) and not isinstance(device, bool):
             return torch.device("cuda", device)  # (torch.device(0) needs a visible accelerator on torch 2.6)
-    except RuntimeError:
+    except (RuntimeError, ValueError, OverflowError):
         pass
     raise ValueError(f"{argument}={device!r} is not a device; expected a torch.device, a device string such as "
                      "'cpu', 'cuda' or 'cuda:0', or a CUDA device index")

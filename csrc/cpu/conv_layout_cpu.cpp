@@ -133,16 +133,19 @@ at::Tensor flipped_transposed_weight(const at::Tensor& weight) {
 
 bool full_float32_matmul() {
   auto& ctx = at::globalContext();
-  // oneDNN's own float32 matmul precision first (an enum from torch 2.10, a string in 2.9, absent before), then
-  // the legacy float32MatmulPrecision (which raises when read after a "bf16"/"tf32" set through the new API).
+  // Whether oneDNN's float32 matmuls run at full precision. From torch 2.9 its own setting says so (an enum from
+  // 2.10, a string in 2.9), the global one ("medium" shows there as "bf16") included; reading the legacy global
+  // setting there would raise after any new-API setting that differs from it (e.g. CUDA's matmul TF32). Before
+  // 2.9 the legacy setting alone decides.
 #if TORCH_VERSION_MAJOR > 2 || (TORCH_VERSION_MAJOR == 2 && TORCH_VERSION_MINOR >= 10)
   const auto p = ctx.float32Precision(at::Float32Backend::MKLDNN, at::Float32Op::MATMUL);
-  if (p == at::Float32Precision::BF16 || p == at::Float32Precision::TF32) return false;
+  return p != at::Float32Precision::BF16 && p != at::Float32Precision::TF32;
 #elif TORCH_VERSION_MAJOR == 2 && TORCH_VERSION_MINOR == 9
   const std::string p = ctx.float32Precision("mkldnn", "matmul");
-  if (p == "bf16" || p == "tf32") return false;
-#endif
+  return p != "bf16" && p != "tf32";
+#else
   return ctx.float32MatmulPrecision() != at::Float32MatmulPrecision::MEDIUM;
+#endif
 }
 
 

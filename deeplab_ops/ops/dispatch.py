@@ -62,15 +62,15 @@ def _any_requires_grad_py(*args) -> bool:
         if isinstance(a, torch.Tensor):
             if a.requires_grad:
                 return True
-        elif isinstance(a, (list, tuple)):
+        elif isinstance(a, list):  # as torch's: lists, not tuples
             for t in a:
                 if isinstance(t, torch.Tensor) and t.requires_grad:
                     return True
     return False
 
 
-# Whether a tensor among the arguments (tensors, lists of tensors, anything else) requires grad: torch's C function
-# where it has one (not torch 2.6), else the same in Python.
+# Whether a tensor among the arguments (tensors, lists of tensors, anything else; tuples are not looked into)
+# requires grad: torch's C function where it has one (not torch 2.6), else the same in Python.
 any_requires_grad = getattr(torch._C, "_any_requires_grad", _any_requires_grad_py)
 
 _interpreter_stack = torch._C._functorch.get_interpreter_stack

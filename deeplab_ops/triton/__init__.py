@@ -59,9 +59,10 @@ def validate_with(op: str, check) -> None:
 
 def call_checked(op, *args, **kwargs):
     """`op(*args, **kwargs)` for a caller that has checked the arguments with the twins' rules (a front door): the
-    triton twin it reaches skips its own check. Not for traced calls (torch.compile runs the op without the front
-    door: the twin checks there)."""
-    if _CHECKED.by_caller:
+    first triton twin it reaches skips its own check (one call: any other twin reached inside it checks). Not for
+    traced calls (torch.compile runs the op without the front door: the twin checks there), nor under a
+    TorchDispatchMode (which sees, and may change, the arguments before the twin)."""
+    if _CHECKED.by_caller or torch._C._len_torch_dispatch_stack() > 0:
         return op(*args, **kwargs)
     _CHECKED.by_caller = True
     try:
@@ -73,8 +74,9 @@ def call_checked(op, *args, **kwargs):
 def _validated(op: str, kernel):
     @functools.wraps(kernel)
     def wrapper(*args, **kwargs):
+        checked, _CHECKED.by_caller = _CHECKED.by_caller, False  # the mark covers this one call
         check = _VALIDATORS.get(op)
-        if check is not None and not _CHECKED.by_caller and torch._C._current_autograd_node() is None:
+        if check is not None and not checked and torch._C._current_autograd_node() is None:
             check(*args, **kwargs)
         return kernel(*args, **kwargs)
 

@@ -500,6 +500,25 @@ def test_lowered_matmul_precision_keeps_convolutions_float32(setting):
     assert _used_winograd(names)
 
 
+@pytest.mark.skipif(not hasattr(torch.backends.cuda.matmul, "fp32_precision"),
+                    reason="torch before 2.9 has no per-backend float32 precision setting")
+def test_cuda_tf32_through_the_new_api_leaves_cpu_convolutions_running():
+    """TF32 for CUDA matmuls set through PyTorch's per-backend API (what its deprecation warning asks for) makes
+    the legacy global precision unreadable (torch raises on reading it); the CPU kernels' precision test reads
+    oneDNN's own setting, so CPU convolutions still run, and Winograd with them (oneDNN's matmul stays float32)."""
+    x, weight = _inputs(2, 64, 64, 17, 17)
+    weight, zero = _kept(weight), torch.zeros(64)
+    ref = F.conv2d(x.double(), weight.double(), None, 1, 1, 1)
+    before = torch.backends.cuda.matmul.fp32_precision
+    torch.backends.cuda.matmul.fp32_precision = "tf32"
+    try:
+        out, names = _ran(lambda: _ops.conv_bias_act(x, weight, zero, None, (1, 1), (1, 1), (1, 1), False))
+        assert _used_winograd(names), sorted(names)
+        _close(out, ref, "cuda matmul tf32")
+    finally:
+        torch.backends.cuda.matmul.fp32_precision = before
+
+
 # ---- the transformed-weight cache of the eval path (conv_bias_act's folded weights) ------------------------------
 
 

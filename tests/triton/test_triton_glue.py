@@ -194,3 +194,42 @@ def test_a_failed_front_door_call_leaves_the_twins_checking(monkeypatch):
     with pytest.raises(ValueError, match="residual"):
         torch.ops.deeplab_ops.triton_conv_bn_relu_forward(x, w, g, b, rm, rv, *GEO, True, 0.1, 1e-5,
                                                           torch.randn(2, 16, 4, 4, device=DEVICE), True)
+
+
+def test_a_weight_reshaped_through_data_is_checked_again():
+    """`weight.data = a view of the same storage` keeps data_ptr and the version counter: the cached eval fold
+    is keyed on the shape too, so the next call folds again and its checks see the new shape (the triton twin,
+    which the front door's mark lets skip its own check, never gets the stale fold)."""
+    import deeplab_ops
+
+    w = torch.randn(4, 3, 3, 3, device=DEVICE)
+    g, b, rm, rv = torch.rand(4, device=DEVICE) + 0.5, torch.randn(4, device=DEVICE), torch.randn(4, device=DEVICE), \
+        torch.rand(4, device=DEVICE) + 0.5
+    with torch.no_grad():
+        deeplab_ops.conv_bn_relu(torch.randn(1, 3, 6, 6, device=DEVICE), w, g, b, rm, rv, padding=1,
+                                 training=False, backend="triton")
+        w.data = w.data[:, :2]
+        x = torch.randn(1, 2, 6, 6, device=DEVICE)
+        out = deeplab_ops.conv_bn_relu(x, w, g, b, rm, rv, padding=1, training=False, backend="triton")
+        want = deeplab_ops.conv_bn_relu(x, w, g, b, rm, rv, padding=1, training=False, backend="reference")
+    torch.testing.assert_close(out, want, rtol=1e-4, atol=1e-4)
+
+
+def test_a_dispatch_mode_does_not_inherit_the_front_doors_mark():
+    """A TorchDispatchMode sees (and may change) a front door's arguments before the twin runs: under one the twin
+    checks what it gets."""
+    from torch.utils._python_dispatch import TorchDispatchMode
+
+    import deeplab_ops
+
+    class SwapResidual(TorchDispatchMode):
+        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+            if func is torch.ops.deeplab_ops.triton_conv_bn_relu_forward.default:
+                args = list(args)
+                args[12] = torch.randn(2, 16, 4, 4, device=DEVICE)
+            return func(*args, **(kwargs or {}))
+
+    x, w, (g, b, rm, rv) = _conv_inputs(True)
+    with SwapResidual(), pytest.raises(ValueError, match="residual"):
+        deeplab_ops.conv_bn_relu(x, w, g, b, rm, rv, padding=1, residual=torch.randn(2, 16, 9, 9, device=DEVICE),
+                                 backend="triton")
