@@ -142,9 +142,10 @@ def _fused_block_forward(self: nn.Module, x: Tensor) -> Tensor:
 
 def _fused_aspp_forward(self: nn.Module, x: Tensor) -> Tensor:
     cfg = getattr(self, _FUSED_ATTR)
-    if hooked_part(self):  # hooks on a part: what they would see unfused
+    modes: set[bool] = set()
+    if hooked_part(self, modes):  # hooks on a part: what they would see unfused
         return type(self).original_class.forward(self, x)
-    if len({m.training for m in self.modules() if isinstance(m, nn.BatchNorm2d)}) != 1:
+    if len(modes) != 1:
         # Mixed BatchNorm modes in one ASPP: the op's single mode would be wrong for some; run the original.
         return type(self).original_class.forward(self, x)
     return fused_aspp_forward(self, x, backend=cfg.backend, process_group=cfg.process_group,

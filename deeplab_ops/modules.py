@@ -464,12 +464,15 @@ def _aspp_containers(module: nn.Module) -> list:
     return [module._modules, convs._modules, *(b._modules for b in convs._modules.values()), project._modules]
 
 
-def hooked_part(module: nn.Module) -> bool:
+def hooked_part(module: nn.Module, bn_modes: set | None = None) -> bool:
     """Whether a submodule of `module` (not `module` itself) has a forward or forward-pre hook: a fused forward then
-    runs the parts one by one, so that the hooks see what they would see unfused."""
+    runs the parts one by one, so that the hooks see what they would see unfused. bn_modes: a set that gets the
+    `training` flag of every BatchNorm2d seen, in the same walk (a walk costs ~2 us per submodule)."""
     for m in module.modules():  # a loop, not any(...): no generator frame per submodule on the per-call path
         if m is not module and (m._forward_hooks or m._forward_pre_hooks):
             return True
+        if bn_modes is not None and isinstance(m, nn.BatchNorm2d):
+            bn_modes.add(m.training)
     return False
 
 
