@@ -16,10 +16,10 @@ from deeplab_ops.modules import (
     aspp_parts,
     check_fusable,
     forget_aspp_parts,
-    fused_aspp_forward,
     fused_conv_bn,
-    hooked_part,
     reads_directly,
+    run_fused_aspp,
+    runnable_aspp_parts,
 )
 from deeplab_ops.ops.dispatch import group_name_of
 
@@ -37,19 +37,20 @@ class FusedConfig:
     """How a fused module runs: the absorbed BatchNorm and ReLU (fused convs), the number of conv/BN pairs
     (residual blocks), the backend, whether the fused convs, blocks and ASPPs save no pre-BN activation
     (memory_efficient, see deeplab_ops.conv_bn_relu and deeplab_ops.aspp), and the process group whose processes
-    share BatchNorm statistics (set by `deeplab_ops.nn.sync_batchnorm`; None: none)."""
+    share BatchNorm statistics (set by `deeplab_ops.nn.sync_batchnorm`; None: none). chain (fused convs): the
+    container's `_modules` dict and the (name, module) of the BatchNorm and ReLU it absorbed, which must stay there."""
 
-    __slots__ = ("bn", "relu", "depth", "backend", "process_group", "memory_efficient")
+    __slots__ = ("bn", "relu", "depth", "backend", "process_group", "memory_efficient", "chain")
 
     def __init__(self, *, bn=None, relu=False, depth=0, backend=None, process_group=None,
-                 memory_efficient=False) -> None:
+                 memory_efficient=False, chain=None) -> None:
         self.bn, self.relu, self.depth, self.backend, self.process_group = bn, relu, depth, backend, process_group
-        self.memory_efficient = memory_efficient
+        self.memory_efficient, self.chain = memory_efficient, chain
 
     def __getstate__(self):
         # A process group belongs to this process's distributed run and cannot be pickled: copies do not share it.
         return {"bn": self.bn, "relu": self.relu, "depth": self.depth, "backend": self.backend,
-                "memory_efficient": self.memory_efficient}
+                "memory_efficient": self.memory_efficient, "chain": self.chain}
 
     def __setstate__(self, state) -> None:
         self.__init__(**state)
@@ -76,8 +77,24 @@ class FusedConv2d(nn.Conv2d):
 
     def forward(self, x: Tensor) -> Tensor:
         cfg = getattr(self, _FUSED_ATTR)
+        chain = cfg.chain
+        if chain is not None:
+            for name, module in chain[1]:
+                if chain[0].get(name) is not module:
+                    raise _chain_changed(name, module)
         return fused_conv_bn(self, cfg.bn, x, training=cfg.bn.training, relu=cfg.relu, backend=cfg.backend,
                              process_group=cfg.process_group, memory_efficient=cfg.memory_efficient)
+
+
+def _chain_changed(name: str, module: nn.Module) -> RuntimeError:
+    """The error for a fused conv whose absorbed BatchNorm or ReLU is no longer its container's child `name`."""
+    kind = "BatchNorm" if isinstance(module, nn.BatchNorm2d) else "ReLU"
+    return RuntimeError(
+        f"the {kind} that fuse_modules fused into the preceding conv (its container's child {name!r}) was replaced "
+        f"or removed after fusing, but the fused conv still applies the one it absorbed, so the new module would "
+        f"not compute what the model says: call deeplab_ops.nn.unfuse_modules(model) before changing a fused "
+        f"model's modules, and fuse_modules(model) again after"
+    )
 
 
 class FusedAwayBatchNorm2d(nn.BatchNorm2d):
@@ -122,11 +139,16 @@ def _fused_block_forward(self: nn.Module, x: Tensor) -> Tensor:
     cfg = getattr(self, _FUSED_ATTR)
     backend, group, lean = cfg.backend, cfg.process_group, cfg.memory_efficient
     parts, downsample = _block_parts(self, cfg.depth)
-    relu = self._modules.get("relu")
-    if relu is not None and (relu._forward_hooks or relu._forward_pre_hooks):
-        return type(self).original_class.forward(self, x)  # hooks see what they would see unfused
-    for conv, bn in parts:  # (inline: no call per part on every forward)
-        if conv._forward_hooks or conv._forward_pre_hooks or bn._forward_hooks or bn._forward_pre_hooks:
+    relu = self._modules.get("relu") or getattr(self, "relu", None)
+    # A part the op does not compute (replaced after fusing: a LeakyReLU, a FrozenBatchNorm2d or SyncBatchNorm, a
+    # biased conv) or a hook on a part: the original forward runs the parts, so that what a user changed or hooked
+    # is what runs. (Inline: no call per part on every forward.)
+    if type(relu) is not nn.ReLU or relu._forward_hooks or relu._forward_pre_hooks:
+        return type(self).original_class.forward(self, x)
+    for conv, bn in parts:
+        if (type(conv) is not nn.Conv2d or type(bn) is not nn.BatchNorm2d or conv._forward_hooks
+                or conv._forward_pre_hooks or bn._forward_hooks or bn._forward_pre_hooks
+                or conv._parameters.get("bias") is not None or conv.groups != 1 or conv.padding_mode != "zeros"):
             return type(self).original_class.forward(self, x)
     out = x
     for conv, bn in parts[:-1]:
@@ -142,14 +164,18 @@ def _fused_block_forward(self: nn.Module, x: Tensor) -> Tensor:
 
 def _fused_aspp_forward(self: nn.Module, x: Tensor) -> Tensor:
     cfg = getattr(self, _FUSED_ATTR)
-    modes: set[bool] = set()
-    if hooked_part(self, modes):  # hooks on a part: what they would see unfused
+    # A child the op does not compute (replaced after fusing) or a hook on a part: the original forward runs the
+    # children, so that what a user changed or hooked is what runs.
+    parts = runnable_aspp_parts(self)
+    if parts is None:
         return type(self).original_class.forward(self, x)
-    if len(modes) != 1:
-        # Mixed BatchNorm modes in one ASPP: the op's single mode would be wrong for some; run the original.
-        return type(self).original_class.forward(self, x)
-    return fused_aspp_forward(self, x, backend=cfg.backend, process_group=cfg.process_group,
-                              memory_efficient=cfg.memory_efficient)
+    bns = parts[1]
+    training = bns[0].training
+    for bn in bns:
+        if bn.training != training:
+            # Mixed BatchNorm modes in one ASPP: the op's single mode would be wrong for some; run the original.
+            return type(self).original_class.forward(self, x)
+    return run_fused_aspp(self, parts, x, cfg.backend, cfg.process_group, cfg.memory_efficient)
 
 
 _FORWARDS = {"block": _fused_block_forward, "aspp": _fused_aspp_forward}
@@ -365,8 +391,10 @@ def _fuse_chain(container: nn.Module, backend: str | None, shared: set[int], mem
             i += 1
             continue
         relu = i + 2 < len(children) and type(children[i + 2]) is nn.ReLU and id(children[i + 2]) not in shared
-        object.__setattr__(conv, _FUSED_ATTR,
-                           FusedConfig(bn=bn, relu=relu, backend=backend, memory_efficient=memory_efficient))
+        absorbed = ((names[i + 1], bn), (names[i + 2], children[i + 2])) if relu else ((names[i + 1], bn),)
+        object.__setattr__(conv, _FUSED_ATTR, FusedConfig(bn=bn, relu=relu, backend=backend,
+                                                          memory_efficient=memory_efficient,
+                                                          chain=(container._modules, absorbed)))
         conv.__class__ = FusedConv2d
         bn.__class__ = FusedAwayBatchNorm2d
         if relu:

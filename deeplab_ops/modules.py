@@ -458,27 +458,39 @@ def aspp_fusable(module: nn.Module) -> bool:
     return all(b.affine and (b.momentum, b.eps, b.track_running_stats) == same for b in bns)
 
 
-def _aspp_containers(module: nn.Module) -> list:
-    """The `_modules` dicts of an ASPP's containers: the module, convs, each branch, project."""
-    convs, project = module._modules["convs"], module._modules["project"]
-    return [module._modules, convs._modules, *(b._modules for b in convs._modules.values()), project._modules]
+def _cache_aspp_parts(module: nn.Module) -> tuple:
+    """Validate `module`'s ASPP structure (aspp_parts: clear errors) and cache it on the module: (convs, bns, rates,
+    extras, children, submodules). extras: the modules applied to the op's output; submodules: every module under
+    `module`, looked at for hooks on each call; children: each one's (and `module`'s) `_modules` dict with the
+    children it had, so that a child replaced, added or deleted anywhere drops the cache."""
+    convs, bns, rates = aspp_parts(module)
+    submodules = tuple(m for m in module.modules() if m is not module)
+    children = tuple((m._modules, tuple(m._modules.values())) for m in (module, *submodules))
+    parts = (convs, bns, rates, list(module.project)[3:], children, submodules)
+    object.__setattr__(module, _PARTS_ATTR, parts)  # plain attribute: not in the state_dict
+    return parts
 
 
-def hooked_part(module: nn.Module, bn_modes: set | None = None) -> bool:
-    """Whether a submodule of `module` (not `module` itself) has a forward or forward-pre hook: a fused forward then
-    runs the parts one by one, so that the hooks see what they would see unfused. bn_modes: a set that gets the
-    `training` flag of every BatchNorm2d seen, in the same walk (a walk costs ~2 us per submodule)."""
-    for m in module.modules():  # a loop, not any(...): no generator frame per submodule on the per-call path
-        if m is not module and (m._forward_hooks or m._forward_pre_hooks):
-            return True
-        if bn_modes is not None and isinstance(m, nn.BatchNorm2d):
-            bn_modes.add(m.training)
-    return False
+def runnable_aspp_parts(module: nn.Module) -> tuple | None:
+    """The cached ASPP structure of `module` (validated and cached here where none is) when the fused op computes
+    what its children compute now; None where a child is one the op does not compute (aspp_fusable) or a submodule
+    has a forward or forward-pre hook: a fused forward then runs the children one by one, so that what a user
+    changed or hooked is what runs. Per call, with the structure cached: one look at each submodule's hooks."""
+    parts = current_aspp_parts(module)
+    if parts is None:
+        if not aspp_fusable(module):
+            return None
+        parts = _cache_aspp_parts(module)
+    for m in parts[5]:  # a loop, not any(...): no generator frame per submodule on the per-call path
+        if m._forward_hooks or m._forward_pre_hooks:
+            return None
+    return parts
 
 
 def current_aspp_parts(module: nn.Module) -> tuple | None:
-    """The ASPP structure cached on `module` while its children are the ones it was validated with (a branch, conv,
-    BatchNorm or dropout replaced or added drops it: the next call validates anew); None where none is cached."""
+    """The ASPP structure cached on `module` while every submodule's children are the ones it was validated with (a
+    branch, conv, BatchNorm or dropout replaced, added or deleted drops it: the next call validates anew); None
+    where none is cached."""
     parts = getattr(module, "__dict__", {}).get(_PARTS_ATTR)
     if parts is None or torch.compiler.is_compiling():  # compiled graphs guard on the modules themselves
         return parts
@@ -574,12 +586,14 @@ def fused_aspp_forward(module: nn.Module, x: Tensor, backend: str | None = None,
     """
     parts = current_aspp_parts(module)
     if parts is None:  # the structure is validated once per module, not per call
-        convs, bns, rates = aspp_parts(module)
-        # extras: applied to the op's output; children: each container's children, to see them replaced
-        children = tuple((d, tuple(d.values())) for d in _aspp_containers(module))
-        parts = (convs, bns, rates, list(module.project)[3:], children)
-        object.__setattr__(module, _PARTS_ATTR, parts)  # plain attribute: not in the state_dict
-    convs, bns, rates, extras, _ = parts
+        parts = _cache_aspp_parts(module)
+    return run_fused_aspp(module, parts, x, backend, process_group, memory_efficient)
+
+
+def run_fused_aspp(module: nn.Module, parts: tuple, x: Tensor, backend: str | None, process_group,
+                   memory_efficient: bool) -> Tensor:
+    """fused_aspp_forward with the module's validated structure (current_aspp_parts / runnable_aspp_parts) given."""
+    convs, bns, rates, extras = parts[:4]
     if not isinstance(x, Tensor) or x.dim() != 4 or x.shape[1] != convs[0].in_channels:
         check_x_channels(x, conv_weight(convs[0]), "the ASPP module")
     if process_group is not None:
@@ -674,10 +688,11 @@ class FusedASPP(nn.Module):
         # The fused op computes torchvision's ASPP of these very children: where one was replaced by a module it
         # cannot compute (a biased conv, a SyncBatchNorm, a LeakyReLU), or has a hook, the children run one by one
         # as torchvision's ASPP runs them, so that what a user changed or hooked is what runs.
-        if (current_aspp_parts(self) is None and not aspp_fusable(self)) or hooked_part(self):
+        parts = runnable_aspp_parts(self)
+        if parts is None:
             return self._unfused_forward(x)
-        return fused_aspp_forward(self, x, backend=self.backend, process_group=self.process_group,
-                                  memory_efficient=getattr(self, "memory_efficient", False))  # pickled before it
+        return run_fused_aspp(self, parts, x, self.backend, self.process_group,
+                              getattr(self, "memory_efficient", False))  # (a FusedASPP pickled before it existed)
 
     def _unfused_forward(self, x: Tensor) -> Tensor:
         branches = list(self.convs)

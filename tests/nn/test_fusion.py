@@ -285,8 +285,8 @@ def test_fused_aspp_runs_the_op_under_frozen_bn_and_the_original_under_mixed_mod
         for b in (bns(m) if mode == "frozen_bn" else bns(m)[:2]):
             b.eval()
     calls = []
-    real = fusion.fused_aspp_forward
-    monkeypatch.setattr(fusion, "fused_aspp_forward", lambda *a, **k: calls.append(1) or real(*a, **k))
+    real = fusion.run_fused_aspp
+    monkeypatch.setattr(fusion, "run_fused_aspp", lambda *a, **k: calls.append(1) or real(*a, **k))
     x = torch.randn(2, 6, 9, 7)
     torch.manual_seed(0)
     want = plain(x)
@@ -294,6 +294,87 @@ def test_fused_aspp_runs_the_op_under_frozen_bn_and_the_original_under_mixed_mod
     assert_close(fused(x), want, mode, ATOL, RTOL)
     assert len(calls) == (1 if mode == "frozen_bn" else 0)
     _assert_same_state(fused, plain, mode)
+
+
+def _block(cls):
+    return cls(16, 16) if cls is BasicBlock else cls(16, 4)
+
+
+_CHANGES = {
+    "leaky relu": lambda m: setattr(m, "relu", nn.LeakyReLU(0.5)),
+    "frozen bn": lambda m: setattr(m, "bn1", __import__("torchvision").ops.FrozenBatchNorm2d(m.bn1.num_features)),
+    "identity bn": lambda m: setattr(m, "bn2", nn.Identity()),
+    "biased conv": lambda m: setattr(m, "conv1", nn.Conv2d(16, m.conv1.out_channels, m.conv1.kernel_size,
+                                                           padding=m.conv1.padding)),
+    "aspp leaky relu": lambda m: m.project.__setitem__(2, nn.LeakyReLU(0.5)),
+    "aspp bn eps": lambda m: m.convs[1].__setitem__(1, nn.BatchNorm2d(4, eps=0.3)),
+    "aspp biased conv": lambda m: m.convs[0].__setitem__(0, nn.Conv2d(8, 4, 1)),
+}
+
+
+@pytest.mark.parametrize("change", ["relu replaced", "bn replaced", "relu deleted", "module inserted",
+                                    "convert_sync_batchnorm"])
+def test_a_chain_changed_after_fusing_is_refused(change):
+    """A conv → BN → ReLU chain fused into its conv: the fused conv applies the BatchNorm and ReLU it absorbed, so a
+    replacement in the container would run besides them (normalizing twice, or a ReLU before a LeakyReLU): a
+    clear error instead of a wrong result; unfuse, change, fuse works; copies and pickles keep running."""
+    torch.manual_seed(0)
+    plain = _randomize(nn.Sequential(nn.Conv2d(3, 4, 3, bias=False), nn.BatchNorm2d(4), nn.ReLU(),
+                                     nn.Conv2d(4, 4, 1, bias=False))).eval()
+    fused = fuse_modules(copy.deepcopy(plain), backend="cpu")
+    x = torch.randn(2, 3, 6, 6)
+    buffer = io.BytesIO()
+    torch.save(fused, buffer)
+    buffer.seek(0)
+    for copied in (copy.deepcopy(fused), torch.load(buffer, weights_only=False)):
+        assert_close(copied(x), plain(x), "a copy of the fused chain", ATOL, RTOL)
+    edit = {
+        "relu replaced": lambda m: m.__setitem__(2, nn.LeakyReLU(0.5)),
+        "bn replaced": lambda m: m.__setitem__(1, nn.BatchNorm2d(4).eval()),
+        "relu deleted": lambda m: m.__delitem__(2),
+        "module inserted": lambda m: m.insert(1, nn.Identity()),
+        "convert_sync_batchnorm": lambda m: nn.SyncBatchNorm.convert_sync_batchnorm(m),
+    }[change]
+    for m in (plain, fused):
+        edit(m)
+    with pytest.raises(RuntimeError, match="after fusing, but the fused conv still applies the one it absorbed"):
+        fused(x)
+    unfuse_modules(fused)
+    fuse_modules(fused, backend="cpu")
+    with torch.no_grad():
+        assert_close(fused(x), plain(x), f"{change}, fused again", ATOL, RTOL)
+
+
+@pytest.mark.parametrize("training", [True, False], ids=["train", "eval"])
+@pytest.mark.parametrize("change", list(_CHANGES))
+def test_a_part_replaced_after_fusing_runs_as_the_original_does(change, training):
+    """A residual block's or ASPP's part replaced after fuse_modules by one the fused op does not compute (another
+    activation, a FrozenBatchNorm2d, a biased conv, BatchNorms of other settings) runs as the original module runs
+    it: same output, gradients and running statistics (the block computed ReLU for a LeakyReLU, silently, and the
+    ASPP did so too; a FrozenBatchNorm2d or biased conv raised)."""
+    torch.manual_seed(0)
+    if change.startswith("aspp"):
+        plain, x = TorchvisionASPP(8, (1, 2), out_channels=4), torch.randn(2, 8, 7, 6)
+        plain.project[3].p = 0.0
+    else:
+        plain, x = (_block(Bottleneck if "relu" in change or "frozen" in change else BasicBlock),
+                    torch.randn(2, 16, 7, 6))
+    plain = _randomize(plain).train(training)
+    fused = fuse_modules(copy.deepcopy(plain), backend="cpu")
+    fused(x)  # its structure seen (and cached) before the change
+    plain(x)
+    torch.manual_seed(1)
+    for m in (plain, fused):
+        _CHANGES[change](m)
+    fused.load_state_dict(plain.state_dict())
+    plain.train(training), fused.train(training)
+    xs = [x.clone().requires_grad_(True) for _ in range(2)]
+    out, want = fused(xs[0]), plain(xs[1])
+    assert_close(out, want, change, ATOL, RTOL)
+    g = torch.randn_like(want)
+    out.backward(g), want.backward(g)
+    assert_close(xs[0].grad, xs[1].grad, f"{change}: input gradient", GRAD_ATOL, GRAD_RTOL)
+    _assert_same_state(fused, plain, change)
 
 
 @pytest.mark.parametrize("backend", [backend_param(b) for b in ("cpu", "cuda", "triton", "reference")])

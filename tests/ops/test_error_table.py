@@ -346,6 +346,7 @@ CASES = {
     "nn-aspp-shared-bn": lambda d: torchvision_aspp(lambda m: setattr(m.convs[1][1], "eps", 1e-3)),
     "nn-aspp-affine": lambda d: torchvision_aspp(lambda m: (setattr(m.project[1], "weight", None),
                                                            setattr(m.project[1], "bias", None))),
+    "nn-fused-chain-changed": lambda d: _changed_chain(),
     "nn-sync-no-dist": lambda d: deeplab_ops.nn.sync_batchnorm(nn.Sequential()),
     "nn-aspp-mixed-mode": lambda d: _mixed_mode_aspp(),
     "nn-aspp-module-type": lambda d: fused_aspp_forward(nn.Conv2d(4, 3, 1), torch.randn(2, 4, 6, 6)),
@@ -523,6 +524,12 @@ def _auto_triton_only():
         return _with_env("TRITON_INTERPRET", "0", lambda: uce(backend=None))
     finally:
         backends.auto_candidates = real
+
+
+def _changed_chain():
+    m = deeplab_ops.nn.fuse_modules(nn.Sequential(nn.Conv2d(2, 3, 1, bias=False), nn.BatchNorm2d(3), nn.ReLU()))
+    m[2] = nn.LeakyReLU()
+    return m(torch.randn(2, 2, 4, 4))
 
 
 def _mixed_mode_aspp():
