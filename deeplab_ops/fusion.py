@@ -5,6 +5,9 @@ docs/ops.md, "Fusing a model".
 
 from __future__ import annotations
 
+import copy
+from collections import OrderedDict
+
 import torch
 from torch import nn
 
@@ -56,8 +59,6 @@ class FusedConfig:
         self.__init__(**state)
 
     def __deepcopy__(self, memo):
-        import copy
-
         new = FusedConfig(**copy.deepcopy(self.__getstate__(), memo))
         new.process_group = self.process_group
         return new
@@ -73,7 +74,9 @@ def fused_config(module: nn.Module) -> FusedConfig | None:
 
 
 class FusedConv2d(nn.Conv2d):
-    """A Conv2d whose forward computes ``act(bn(conv(x)))`` with the fused op, for the BatchNorm it absorbed."""
+    """A Conv2d whose forward computes ``act(bn(conv(x)))`` with the fused op, for the BatchNorm it absorbed. With
+    a hook of its own (forward, forward-pre, backward) it computes the convolution alone, and its fused-away
+    BatchNorm and ReLU apply themselves, so that the hook sees what it would see unfused."""
 
     def forward(self, x: Tensor) -> Tensor:
         cfg = getattr(self, _FUSED_ATTR)
@@ -82,6 +85,8 @@ class FusedConv2d(nn.Conv2d):
             for name, module in chain[1]:
                 if chain[0].get(name) is not module:
                     raise _chain_changed(name, module)
+        if self._forward_hooks or self._forward_pre_hooks or self._backward_hooks or self._backward_pre_hooks:
+            return self._conv_forward(x, self.weight, self.bias)
         return fused_conv_bn(self, cfg.bn, x, training=cfg.bn.training, relu=cfg.relu, backend=cfg.backend,
                              process_group=cfg.process_group, memory_efficient=cfg.memory_efficient)
 
@@ -97,19 +102,32 @@ def _chain_changed(name: str, module: nn.Module) -> RuntimeError:
     )
 
 
+_CONV_ATTR = "_deeplab_ops_fused_into"  # plain attribute of a fused-away BatchNorm or ReLU: the conv that applies it
+
+
 class FusedAwayBatchNorm2d(nn.BatchNorm2d):
-    """A BatchNorm2d applied by the preceding FusedConv2d: its forward passes the input through."""
+    """A BatchNorm2d applied by the preceding FusedConv2d: its forward passes the input through (normalizes, as
+    nn.BatchNorm2d, while a hook on that conv makes the conv compute the convolution alone)."""
 
     def forward(self, x: Tensor) -> Tensor:
-        return x
+        conv = self.__dict__.get(_CONV_ATTR)  # (inline: no call on the fused path)
+        if conv is None or not (conv._forward_hooks or conv._forward_pre_hooks or conv._backward_hooks
+                                or conv._backward_pre_hooks) or fused_config(conv) is None:
+            return x
+        return nn.BatchNorm2d.forward(self, x)  # the hooked conv computed the convolution alone
 
 
 class FusedAwayReLU(nn.ReLU):
     """A ReLU applied by the preceding FusedConv2d: its forward passes the input through (the same module, its class
-    swapped, so that hooks registered on it still run, seeing the fused output)."""
+    swapped, so that hooks registered on it still run, seeing the fused output; applies ReLU while a hook on that
+    conv makes the conv compute the convolution alone)."""
 
     def forward(self, x: Tensor) -> Tensor:
-        return x
+        conv = self.__dict__.get(_CONV_ATTR)
+        if conv is None or not (conv._forward_hooks or conv._forward_pre_hooks or conv._backward_hooks
+                                or conv._backward_pre_hooks) or fused_config(conv) is None:
+            return x
+        return nn.ReLU.forward(self, x)
 
     def extra_repr(self) -> str:
         return f"fused into the preceding conv, {super().extra_repr() or 'not inplace'}"
@@ -143,11 +161,13 @@ def _fused_block_forward(self: nn.Module, x: Tensor) -> Tensor:
     # A part the op does not compute (replaced after fusing: a LeakyReLU, a FrozenBatchNorm2d or SyncBatchNorm, a
     # biased conv) or a hook on a part: the original forward runs the parts, so that what a user changed or hooked
     # is what runs. (Inline: no call per part on every forward.)
-    if type(relu) is not nn.ReLU or relu._forward_hooks or relu._forward_pre_hooks:
+    if (type(relu) is not nn.ReLU or relu._forward_hooks or relu._forward_pre_hooks or relu._backward_hooks
+            or relu._backward_pre_hooks):
         return type(self).original_class.forward(self, x)
     for conv, bn in parts:
-        if (type(conv) is not nn.Conv2d or type(bn) is not nn.BatchNorm2d or conv._forward_hooks
-                or conv._forward_pre_hooks or bn._forward_hooks or bn._forward_pre_hooks
+        if (type(conv) is not nn.Conv2d or type(bn) is not nn.BatchNorm2d
+                or conv._forward_hooks or conv._forward_pre_hooks or conv._backward_hooks or conv._backward_pre_hooks
+                or bn._forward_hooks or bn._forward_pre_hooks or bn._backward_hooks or bn._backward_pre_hooks
                 or conv._parameters.get("bias") is not None or conv.groups != 1 or conv.padding_mode != "zeros"):
             return type(self).original_class.forward(self, x)
     out = x
@@ -166,16 +186,12 @@ def _fused_aspp_forward(self: nn.Module, x: Tensor) -> Tensor:
     cfg = getattr(self, _FUSED_ATTR)
     # A child the op does not compute (replaced after fusing) or a hook on a part: the original forward runs the
     # children, so that what a user changed or hooked is what runs.
+    # BatchNorms that cannot run as one (mixed modes; with momentum=None, different batch counters) likewise.
     parts = runnable_aspp_parts(self)
     if parts is None:
         return type(self).original_class.forward(self, x)
-    bns = parts[1]
-    training = bns[0].training
-    for bn in bns:
-        if bn.training != training:
-            # Mixed BatchNorm modes in one ASPP: the op's single mode would be wrong for some; run the original.
-            return type(self).original_class.forward(self, x)
-    return run_fused_aspp(self, parts, x, cfg.backend, cfg.process_group, cfg.memory_efficient)
+    return run_fused_aspp(self, parts, x, cfg.backend, cfg.process_group, cfg.memory_efficient,
+                          unfused=type(self).original_class.forward)
 
 
 _FORWARDS = {"block": _fused_block_forward, "aspp": _fused_aspp_forward}
@@ -194,6 +210,7 @@ def _reduce_fused(self: nn.Module, protocol: int):
 
 
 _FUSED_CLASSES: dict[tuple[type, str], type] = {}
+_FUSED_CLASS_SET: set[type] = set()  # the values of _FUSED_CLASSES
 
 
 def _fused_class(cls: type, kind: str) -> type:
@@ -212,11 +229,17 @@ def _fused_class(cls: type, kind: str) -> type:
                 "fused_kind": kind,
             },
         )
+        _FUSED_CLASS_SET.add(_FUSED_CLASSES[(cls, kind)])
     return _FUSED_CLASSES[(cls, kind)]
 
 
-def _is_fused_class(module: nn.Module) -> bool:
-    return type(module) in _FUSED_CLASSES.values()
+def _fused_class_of(module: nn.Module) -> type | None:
+    """The fused residual-block or ASPP class `module` is an instance of (its class, or one derived from it after
+    fusing, as torch.nn.utils.parametrize derives one); None for any other module."""
+    for cls in type(module).__mro__:
+        if cls in _FUSED_CLASS_SET:
+            return cls
+    return None
 
 
 # ---- recognition ---------------------------------------------------------------------------------------
@@ -232,14 +255,24 @@ def _fusable(conv: nn.Module, bn: nn.Module, shared: set[int]) -> bool:
     return True
 
 
+def _overrides_a_forward(cls: type) -> bool:
+    """Whether module class `cls` overrides the forward of a module class it derives from (a subclass of a residual
+    block or ASPP that adds to its forward: what the fused forward would drop)."""
+    return sum("forward" in c.__dict__ for c in cls.__mro__ if issubclass(c, nn.Module) and c is not nn.Module) > 1
+
+
 def _residual_block_depth(module: nn.Module, shared: set[int]) -> int:
-    """K when `module` is a post-activation residual block with K conv/BN pairs (K = 2 or 3), else 0."""
+    """K when `module` is a post-activation residual block with K conv/BN pairs (K = 2 or 3), else 0. Not one: a
+    module with children besides convI, bnI, relu and downsample (its forward uses them: a squeeze-excitation, a
+    drop path), or a subclass that overrides its base class's forward."""
     if type(getattr(module, "relu", None)) is not nn.ReLU or not hasattr(module, "downsample"):
         return 0
     if module.downsample is not None and not isinstance(module.downsample, nn.Module):
         return 0
     k = 3 if hasattr(module, "conv3") else 2
     if hasattr(module, f"conv{k + 1}") or hasattr(module, f"bn{k + 1}"):
+        return 0
+    if not set(module._modules) <= set(_BLOCK_NAMES[k]) | {"relu"} or _overrides_a_forward(type(module)):
         return 0
     for i in range(1, k + 1):
         if not _fusable(getattr(module, f"conv{i}", None), getattr(module, f"bn{i}", None), shared):
@@ -249,8 +282,8 @@ def _residual_block_depth(module: nn.Module, shared: set[int]) -> int:
 
 def _is_aspp(module: nn.Module, shared: set[int]) -> bool:
     """Whether `module` has torchvision's ASPP structure with modules the fused ASPP op computes exactly, none of
-    them shared."""
-    if not aspp_fusable(module):
+    them shared, and no other child (`convs` and `project` only) or overridden forward of a base class."""
+    if not aspp_fusable(module) or set(module._modules) != {"convs", "project"} or _overrides_a_forward(type(module)):
         return False
     convs, bns, _ = aspp_parts(module)
     return all(_fusable(c, b, shared) for c, b in zip(convs, bns, strict=True))
@@ -359,14 +392,34 @@ def _weights_channels_last(module: nn.Module) -> None:
 
 
 def _nchw(value):
+    """`value` with its 4-D CUDA tensors contiguous (NCHW), looked for in lists, tuples and dicts; a container whose
+    values all stay the same objects is returned itself (a CPU model's output passes unchanged)."""
     if isinstance(value, Tensor):
         return value.contiguous() if value.dim() == 4 and value.device.type == "cuda" else value
     # (lists, not generators: torch 2.6's dynamo cannot trace a generator)
     if isinstance(value, dict):
-        return type(value)([(k, _nchw(v)) for k, v in value.items()])
-    if isinstance(value, (list, tuple)) and not hasattr(value, "_fields"):
-        return type(value)([_nchw(v) for v in value])
-    return value
+        new = [(k, _nchw(v)) for k, v in value.items()]
+        if all([n is v for (_, n), v in zip(new, value.values(), strict=True)]):
+            return value
+        if type(value) in (dict, OrderedDict):
+            return type(value)(new)
+        out = copy.copy(value)  # a dict subclass (a defaultdict keeps its factory)
+        for k, v in new:
+            out[k] = v
+        return out
+    if isinstance(value, (list, tuple)):
+        new = [_nchw(v) for v in value]
+        if all([n is v for n, v in zip(new, value, strict=True)]):
+            return value
+        if type(value) in (list, tuple):
+            return type(value)(new)
+        if hasattr(value, "_fields"):  # a namedtuple
+            return type(value)._make(new)
+        if isinstance(value, list):
+            out = copy.copy(value)
+            out[:] = new
+            return out
+    return value  # a container it cannot rebuild: as it is
 
 
 def _contiguous_out(module: nn.Module, args: tuple, output):
@@ -397,8 +450,10 @@ def _fuse_chain(container: nn.Module, backend: str | None, shared: set[int], mem
                                                           chain=(container._modules, absorbed)))
         conv.__class__ = FusedConv2d
         bn.__class__ = FusedAwayBatchNorm2d
+        object.__setattr__(bn, _CONV_ATTR, conv)
         if relu:
             children[i + 2].__class__ = FusedAwayReLU
+            object.__setattr__(children[i + 2], _CONV_ATTR, conv)
         i += 3 if relu else 2
 
 
@@ -413,22 +468,42 @@ def unfuse_modules(model: nn.Module) -> nn.Module:
     for module in list(model.modules()):
         _remove_boundary(module)
         forget_aspp_parts(module)
-        if type(module) is FusedAwayReLU:
-            module.__class__ = nn.ReLU
-        elif type(module) is FusedConv2d:
-            module.__class__ = nn.Conv2d
-            delattr(module, _FUSED_ATTR)
-        elif type(module) is FusedAwayBatchNorm2d:
-            module.__class__ = nn.BatchNorm2d
-        elif _is_fused_class(module):
-            module.__class__ = type(module).original_class
-            delattr(module, _FUSED_ATTR)
+        for fused_cls, plain_cls in _PLAIN.items():
+            if isinstance(module, fused_cls):
+                _restore_class(module, fused_cls, plain_cls)
+                module.__dict__.pop(_CONV_ATTR, None)
+                module.__dict__.pop(_FUSED_ATTR, None)
+                break
+        else:
+            fused_cls = _fused_class_of(module)
+            if fused_cls is not None:
+                _restore_class(module, fused_cls, fused_cls.original_class)
+                delattr(module, _FUSED_ATTR)
     return model
+
+
+_PLAIN = {FusedAwayReLU: nn.ReLU, FusedConv2d: nn.Conv2d, FusedAwayBatchNorm2d: nn.BatchNorm2d}
+
+
+def _restore_class(module: nn.Module, fused_cls: type, plain_cls: type) -> None:
+    """Give `module` back its unfused class: plain_cls where its class is fused_cls; where its class was derived from
+    fused_cls after fusing (torch.nn.utils.parametrize makes one such class per module it parametrizes), that
+    class's base fused_cls becomes plain_cls, so the parametrization stays."""
+    cls = type(module)
+    if cls is fused_cls:
+        module.__class__ = plain_cls
+    else:
+        for c in cls.__mro__:
+            if fused_cls in c.__bases__:
+                c.__bases__ = tuple(plain_cls if b is fused_cls else b for b in c.__bases__)
+                c.__name__ = c.__name__.replace(fused_cls.__name__, plain_cls.__name__)
+                c.__qualname__ = c.__qualname__.replace(fused_cls.__name__, plain_cls.__name__)
+                break
 
 
 def is_fused(module: nn.Module) -> bool:
     """Whether `module` is a fused conv, a fused-away BatchNorm2d or ReLU, or a fused residual block or ASPP."""
-    return type(module) in (FusedConv2d, FusedAwayBatchNorm2d, FusedAwayReLU) or _is_fused_class(module)
+    return isinstance(module, (FusedConv2d, FusedAwayBatchNorm2d, FusedAwayReLU)) or _fused_class_of(module) is not None
 
 
 def fused_batchnorms(model: nn.Module) -> set[int]:

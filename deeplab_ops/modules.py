@@ -358,9 +358,11 @@ class FusedConvBNReLU(nn.Sequential):
         # on them. Otherwise the children run one by one as nn.Sequential runs them (the residual added before the
         # third), so that what a user changed or hooked is what runs.
         if (len(modules) != (3 if self.apply_relu else 2) or not isinstance(bn, nn.BatchNorm2d)
-                or (relu is not None and type(relu) is not nn.ReLU) or conv._forward_hooks or conv._forward_pre_hooks
-                or bn._forward_hooks or bn._forward_pre_hooks
-                or (relu is not None and (relu._forward_hooks or relu._forward_pre_hooks))):
+                or (relu is not None and type(relu) is not nn.ReLU)
+                or conv._forward_hooks or conv._forward_pre_hooks or conv._backward_hooks or conv._backward_pre_hooks
+                or bn._forward_hooks or bn._forward_pre_hooks or bn._backward_hooks or bn._backward_pre_hooks
+                or (relu is not None and (relu._forward_hooks or relu._forward_pre_hooks or relu._backward_hooks
+                                          or relu._backward_pre_hooks))):
             return self._unfused_forward(x, residual)
         # The BatchNorm's own mode, as nn.Sequential runs it: a frozen BatchNorm (block.train(); block[1].eval())
         # normalizes with its running statistics and leaves them alone.
@@ -474,15 +476,15 @@ def _cache_aspp_parts(module: nn.Module) -> tuple:
 def runnable_aspp_parts(module: nn.Module) -> tuple | None:
     """The cached ASPP structure of `module` (validated and cached here where none is) when the fused op computes
     what its children compute now; None where a child is one the op does not compute (aspp_fusable) or a submodule
-    has a forward or forward-pre hook: a fused forward then runs the children one by one, so that what a user
-    changed or hooked is what runs. Per call, with the structure cached: one look at each submodule's hooks."""
+    has a hook (forward, forward-pre, backward): a fused forward then runs the children one by one, so that what a
+    user changed or hooked is what runs. Per call, with the structure cached: one look at each submodule's hooks."""
     parts = current_aspp_parts(module)
     if parts is None:
         if not aspp_fusable(module):
             return None
         parts = _cache_aspp_parts(module)
     for m in parts[5]:  # a loop, not any(...): no generator frame per submodule on the per-call path
-        if m._forward_hooks or m._forward_pre_hooks:
+        if m._forward_hooks or m._forward_pre_hooks or m._backward_hooks or m._backward_pre_hooks:
             return None
     return parts
 
@@ -534,9 +536,10 @@ def _pack(kinds: list[tuple]) -> None:
 _IS_NONE = None.__class__.__instancecheck__  # _IS_NONE(v): v is None, as a C-level call
 
 
-def _aspp_config(bns: list[nn.BatchNorm2d], tensors: list[tuple]) -> bool:
+def _aspp_config(bns: list[nn.BatchNorm2d], tensors: list[tuple], strict: bool = True) -> bool | None:
     """The mode of the fused ASPP's BatchNorms (training), after checking they can run as one: one mode, shared
-    momentum, eps and track_running_stats, affine. Clear errors otherwise. tensors[i]: `_bn_tensors(bns[i])`."""
+    momentum factor (with momentum=None: the same num_batches_tracked), eps and track_running_stats, affine. Clear
+    errors otherwise; strict=False: None instead of an error. tensors[i]: `_bn_tensors(bns[i])`."""
     training = bns[0].training
     # The usual case, decided from plain attributes: one mode, one numeric momentum (the factor then does not depend
     # on the batch counters), eps, track_running_stats and running statistics present or not, every one affine.
@@ -553,6 +556,8 @@ def _aspp_config(bns: list[nn.BatchNorm2d], tensors: list[tuple]) -> bool:
     if uniform and first[1] is not None and not first[6]:
         return training
     if any(bn.training != training for bn in bns):
+        if not strict:
+            return None
         raise ValueError(
             "the fused ASPP runs all its BatchNorms in one mode, but some are in training mode and some in eval "
             "mode; put them all in one mode (e.g. freeze all: module.apply(lambda m: m.eval() if isinstance(m, "
@@ -562,15 +567,28 @@ def _aspp_config(bns: list[nn.BatchNorm2d], tensors: list[tuple]) -> bool:
     for bn in bns:
         a = _bn_args(bn, training) if bn is not bns[0] else first
         if (a[4], a[5], a[6], a[2] is None) != (first[4], first[5], first[6], first[2] is None):
+            if not strict:
+                return None
             raise ValueError(
-                "the fused ASPP needs every BatchNorm of the module to share momentum, eps and "
-                f"track_running_stats; {bn} differs from {bns[0]}"
+                "the fused ASPP needs every BatchNorm of the module to share momentum, eps and track_running_stats "
+                "(with momentum=None also num_batches_tracked: the cumulative average's factor is 1/(n+1)); "
+                f"{_bn_settings(bn, a)} differs from {_bn_settings(bns[0], first)}"
             )
         if a[0] is None or a[1] is None:
+            if not strict:
+                return None
             missing = " and ".join(n for n, t in (("weight", a[0]), ("bias", a[1])) if t is None)
             raise ValueError(f"the fused ASPP needs affine BatchNorms (a weight and a bias each), but a "
                              f"{type(bn).__name__}({bn.num_features}) has no {missing}")
     return training
+
+
+def _bn_settings(bn: nn.BatchNorm2d, args: tuple) -> str:
+    """What a fused ASPP compares of a BatchNorm, for its error message."""
+    counter = _bn_tensors(bn)[4]
+    return (f"{type(bn).__name__}({bn.num_features}, momentum={bn.momentum}, eps={bn.eps}, track_running_stats="
+            f"{bn.track_running_stats}, num_batches_tracked={None if counter is None else int(counter)}, "
+            f"running statistics {'absent' if args[2] is None else 'present'})")
 
 
 def fused_aspp_forward(module: nn.Module, x: Tensor, backend: str | None = None, process_group=None,
@@ -591,15 +609,19 @@ def fused_aspp_forward(module: nn.Module, x: Tensor, backend: str | None = None,
 
 
 def run_fused_aspp(module: nn.Module, parts: tuple, x: Tensor, backend: str | None, process_group,
-                   memory_efficient: bool) -> Tensor:
-    """fused_aspp_forward with the module's validated structure (current_aspp_parts / runnable_aspp_parts) given."""
+                   memory_efficient: bool, unfused=None) -> Tensor:
+    """fused_aspp_forward with the module's validated structure (current_aspp_parts / runnable_aspp_parts) given.
+    unfused: None (BatchNorms that cannot run as one raise a clear error), or a function that `unfused(module, x)`
+    runs the children one by one, called instead (a fused module's forward)."""
     convs, bns, rates, extras = parts[:4]
     if not isinstance(x, Tensor) or x.dim() != 4 or x.shape[1] != convs[0].in_channels:
         check_x_channels(x, conv_weight(convs[0]), "the ASPP module")
     if process_group is not None:
         group_name_of(process_group)  # its type checked in eval too, where the op does not use it
     tensors = [_bn_tensors(bn) for bn in bns]
-    training = _aspp_config(bns, tensors)
+    training = _aspp_config(bns, tensors, strict=unfused is None)
+    if training is None:
+        return unfused(module, x)
     tracing = torch.compiler.is_compiling()
     kinds = list(zip(*tensors, strict=True))  # per kind of _BN_TENSORS, every BatchNorm's tensor
     if not tracing:
@@ -686,13 +708,15 @@ class FusedASPP(nn.Module):
 
     def forward(self, x: Tensor) -> Tensor:
         # The fused op computes torchvision's ASPP of these very children: where one was replaced by a module it
-        # cannot compute (a biased conv, a SyncBatchNorm, a LeakyReLU), or has a hook, the children run one by one
-        # as torchvision's ASPP runs them, so that what a user changed or hooked is what runs.
+        # cannot compute (a biased conv, a SyncBatchNorm, a LeakyReLU; BatchNorms in different modes or of different
+        # settings), or has a hook, the children run one by one as torchvision's ASPP runs them, so that what a user
+        # changed or hooked is what runs.
         parts = runnable_aspp_parts(self)
         if parts is None:
             return self._unfused_forward(x)
         return run_fused_aspp(self, parts, x, self.backend, self.process_group,
-                              getattr(self, "memory_efficient", False))  # (a FusedASPP pickled before it existed)
+                              getattr(self, "memory_efficient", False),  # (a FusedASPP pickled before it existed)
+                              unfused=FusedASPP._unfused_forward)
 
     def _unfused_forward(self, x: Tensor) -> Tensor:
         branches = list(self.convs)

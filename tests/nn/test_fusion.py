@@ -13,7 +13,7 @@ from torch import nn
 from torchvision.models.resnet import BasicBlock, Bottleneck
 from torchvision.models.segmentation.deeplabv3 import ASPP as TorchvisionASPP
 
-from deeplab_ops import fusion
+from deeplab_ops import fusion, modules
 from deeplab_ops.nn import fuse_modules, unfuse_modules
 
 # float32 on CPU: the fused op normalizes with the same statistics in a different summation order.
@@ -285,8 +285,8 @@ def test_fused_aspp_runs_the_op_under_frozen_bn_and_the_original_under_mixed_mod
         for b in (bns(m) if mode == "frozen_bn" else bns(m)[:2]):
             b.eval()
     calls = []
-    real = fusion.run_fused_aspp
-    monkeypatch.setattr(fusion, "run_fused_aspp", lambda *a, **k: calls.append(1) or real(*a, **k))
+    real = modules.aspp
+    monkeypatch.setattr(modules, "aspp", lambda *a, **k: calls.append(1) or real(*a, **k))
     x = torch.randn(2, 6, 9, 7)
     torch.manual_seed(0)
     want = plain(x)
@@ -343,6 +343,203 @@ def test_a_chain_changed_after_fusing_is_refused(change):
     fuse_modules(fused, backend="cpu")
     with torch.no_grad():
         assert_close(fused(x), plain(x), f"{change}, fused again", ATOL, RTOL)
+
+
+def _probe(name, seen):
+    def hook(module, args, out):
+        seen[name] = out.detach().clone()
+        return out * 2  # a hook that changes the output: the model's result follows it
+    return hook
+
+
+@pytest.mark.parametrize("kind", ["forward", "full backward"])
+def test_a_hook_on_a_fused_chain_conv_sees_the_convolution(kind):
+    """A hook on a fused chain's conv (a Grad-CAM-style probe on `downsample.0`) sees the convolution's output, as
+    unfused, and what it returns is what the BatchNorm and ReLU get; a full backward hook sees the convolution's
+    gradients. (It saw, and changed, the fused conv → BN → ReLU output.) The fused path resumes when it is removed."""
+    torch.manual_seed(0)
+    plain = _randomize(nn.Sequential(nn.Conv2d(3, 4, 3, bias=False), nn.BatchNorm2d(4), nn.ReLU(),
+                                     nn.Conv2d(4, 4, 1, bias=False), nn.BatchNorm2d(4))).train()
+    fused = fuse_modules(copy.deepcopy(plain), backend="cpu")
+    seen: dict = {}
+    handles = []
+    for name, m in (("plain", plain), ("fused", fused)):
+        for i in (0, 3):
+            if kind == "forward":
+                handles.append(m[i].register_forward_hook(_probe(f"{name}{i}", seen)))
+            else:
+                handles.append(m[i].register_full_backward_hook(
+                    lambda mod, gin, gout, key=f"{name}{i}": seen.__setitem__(key, gout[0].clone())))
+    x = torch.randn(2, 3, 7, 6)
+    xs = [x.clone().requires_grad_(True) for _ in range(2)]
+    out, want = fused(xs[0]), plain(xs[1])
+    assert_close(out, want, f"{kind} hooks on the fused convs", ATOL, RTOL)
+    g = torch.randn_like(want)
+    out.backward(g), want.backward(g)
+    assert_close(xs[0].grad, xs[1].grad, "input gradient", GRAD_ATOL, GRAD_RTOL)
+    for i in (0, 3):
+        assert_close(seen[f"fused{i}"], seen[f"plain{i}"], f"what the hook on conv {i} saw", GRAD_ATOL, GRAD_RTOL)
+    _assert_same_state(fused, plain, f"{kind} hooks")
+    for h in handles:
+        h.remove()
+    calls = []
+    real = fusion.fused_conv_bn
+    fusion.fused_conv_bn = lambda *a, **k: calls.append(1) or real(*a, **k)
+    try:
+        assert_close(fused(x), plain(x), "hooks removed", ATOL, RTOL)
+    finally:
+        fusion.fused_conv_bn = real
+    assert len(calls) == 2
+
+
+@pytest.mark.parametrize("kind", ["fuse_modules", "FusedASPP"])
+def test_aspp_with_cumulative_average_batchnorms_at_different_counts_runs_unfused(kind):
+    """momentum=None BatchNorms whose num_batches_tracked differ (one frozen for a while, a checkpoint) cannot run as
+    the fused op's one cumulative factor: the fused ASPP runs its children (it raised an error whose two BatchNorms
+    printed alike); the functional form raises, naming the counters."""
+    from deeplab_ops.nn import FusedASPP, fused_aspp_forward
+
+    torch.manual_seed(0)
+    plain = _randomize(TorchvisionASPP(4, (1, 2), out_channels=4)).train()
+    plain.project[3].p = 0.0
+    if kind == "FusedASPP":
+        fused = FusedASPP(4, (1, 2), 4, backend="cpu")
+        fused.load_state_dict(plain.state_dict())
+    else:
+        fused = fuse_modules(copy.deepcopy(plain), backend="cpu")
+    for m in (plain, fused):
+        for b in m.modules():
+            if isinstance(b, nn.BatchNorm2d):
+                b.momentum = None
+    x = torch.randn(2, 4, 6, 5)
+    assert_close(fused(x), plain(x), "equal counters: the fused op", ATOL, RTOL)
+    for m in (plain, fused):
+        m.project[1].num_batches_tracked.fill_(7)
+    for step in range(2):
+        assert_close(fused(x), plain(x), f"different counters, step {step}", ATOL, RTOL)
+    _assert_same_state(fused, plain, "cumulative averages")
+    with pytest.raises(ValueError, match=r"num_batches_tracked: the cumulative average.*num_batches_tracked=9"):
+        fused_aspp_forward(fused, x)
+
+
+def test_a_conv_parametrized_after_fusing_unfuses():
+    """torch.nn.utils.parametrize on a fused conv derives a class from FusedConv2d: unfuse_modules gives it back
+    Conv2d as its base (the parametrization stays), so its BatchNorm is not applied twice; fusing again leaves the
+    parametrized conv alone, as it does one parametrized before fusing."""
+    from torch.nn.utils import parametrize
+
+    class Double(nn.Module):
+        def forward(self, w):
+            return w * 2
+
+    torch.manual_seed(0)
+    plain = _randomize(nn.Sequential(nn.Conv2d(3, 4, 3, padding=1, bias=False), nn.BatchNorm2d(4), nn.ReLU())).train()
+    fused = fuse_modules(copy.deepcopy(plain), backend="cpu")
+    for m in (plain, fused):
+        parametrize.register_parametrization(m[0], "weight", Double())
+    x = torch.randn(2, 3, 5, 5)
+    assert_close(fused(x), plain(x), "parametrized fused conv", ATOL, RTOL)
+    unfuse_modules(fused)
+    assert not any(fusion.is_fused(m) for m in fused.modules())
+    assert isinstance(fused[0], nn.Conv2d) and not isinstance(fused[0], fusion.FusedConv2d)
+    assert type(fused[0]).__name__ == "ParametrizedConv2d" and parametrize.is_parametrized(fused[0], "weight")
+    assert_close(fused(x), plain(x), "unfused", ATOL, RTOL)
+    fuse_modules(fused, backend="cpu")
+    assert_close(fused(x), plain(x), "fused again", ATOL, RTOL)
+    _assert_same_state(fused, plain, "parametrized")
+
+
+def test_the_boundary_leaves_cpu_outputs_and_containers_as_they_are():
+    """On CPU the channels_last boundary returns the model's own output objects (a defaultdict or a list subclass
+    failed to be rebuilt: TypeError); on CUDA only containers holding a converted tensor are rebuilt."""
+    import collections
+
+    class Tagged(list):
+        def __init__(self, items, tag):
+            super().__init__(items)
+            self.tag = tag
+
+    Pair = collections.namedtuple("Pair", "a b")
+
+    class M(nn.Module):
+        def __init__(self, kind):
+            super().__init__()
+            self.kind = kind
+            self.body = nn.Sequential(nn.Conv2d(3, 4, 3, bias=False), nn.BatchNorm2d(4), nn.ReLU())
+
+        def forward(self, x):
+            y = self.body(x)
+            if self.kind == "defaultdict":
+                out = collections.defaultdict(list)
+                out["out"] = y
+                return out
+            return {"tagged": lambda: Tagged([y], "t"), "namedtuple": lambda: Pair(y, 1), "list": lambda: [y, (y,)],
+                    "dict": lambda: {"out": y}}[self.kind]()
+
+    x = torch.randn(2, 3, 5, 5)
+    for kind in ("defaultdict", "tagged", "namedtuple", "list", "dict"):
+        m = M(kind)
+        returned: list = []
+        m.register_forward_hook(lambda mod, args, out, seen=returned: seen.append(out))  # before the boundary's
+        fuse_modules(m, backend="cpu")
+        out = m(x)
+        assert out is returned[0], kind
+    t = torch.randn(2, 3, 4, 4).contiguous(memory_format=torch.channels_last)
+    for value in (collections.defaultdict(list, a=t), Tagged([t], "t"), Pair(t, 1), [t, (t,)], {"a": t}):
+        assert fusion._nchw(value) is value  # CPU tensors: nothing to convert
+
+
+def _se_block():
+    class SE(BasicBlock):
+        def __init__(self):
+            super().__init__(8, 8)
+            self.gate = nn.Conv2d(8, 8, 1)
+
+        def forward(self, x):
+            out = super().forward(x)
+            return out * torch.sigmoid(self.gate(out.mean((2, 3), keepdim=True)))
+    return SE()
+
+
+def _scaled_block():
+    class Scaled(BasicBlock):
+        def forward(self, x):
+            return super().forward(x) * 0.5
+    return Scaled(8, 8)
+
+
+def _extra_child_block():
+    block = BasicBlock(8, 8)
+    block.drop = nn.Dropout(0.0)
+    return block
+
+
+def _aspp_subclass():
+    class Tapped(TorchvisionASPP):
+        def forward(self, x):
+            return super().forward(x) + 1
+    return Tapped(8, (1, 2), 4)
+
+
+@pytest.mark.parametrize("make", [_se_block, _scaled_block, _extra_child_block, _aspp_subclass],
+                         ids=["squeeze-excitation subclass", "overridden forward", "extra child", "ASPP subclass"])
+def test_blocks_whose_forward_may_differ_are_left_alone(make):
+    """A residual block or ASPP whose forward may compute something else than the fused one (a subclass that
+    overrides its base's forward, a block with another child) is not fused as a whole (an SE block lost its gate,
+    silently); its conv → BN chains still may be."""
+    torch.manual_seed(0)
+    plain = _randomize(make()).train()
+    if hasattr(plain, "project"):
+        plain.project[3].p = 0.0
+    fused = fuse_modules(copy.deepcopy(plain), backend="cpu")
+    assert fusion.fused_config(fused) is None
+    x = torch.randn(2, 8, 6, 5)
+    xs = [x.clone().requires_grad_(True) for _ in range(2)]
+    out, want = fused(xs[0]), plain(xs[1])
+    assert_close(out, want, make.__name__, ATOL, RTOL)
+    out.sum().backward(), want.sum().backward()
+    assert_close(xs[0].grad, xs[1].grad, f"{make.__name__}: input gradient", GRAD_ATOL, GRAD_RTOL)
+    _assert_same_state(fused, plain, make.__name__)
 
 
 @pytest.mark.parametrize("training", [True, False], ids=["train", "eval"])
