@@ -405,23 +405,27 @@ def triton_launch_scopes() -> Iterator[None]:
     except ImportError:
         yield
         return
+    # A GPU launch: JITFunction.run. An interpreted one: GridExecutor.__call__ (every Triton from 3.2 runs its grid
+    # there; 3.2-3.4 keep InterpretedFunction.run per instance, 3.6 on the class), self.fn the rewritten kernel.
     patched = []
-    for cls in (jit.JITFunction, getattr(interpreter, "InterpretedFunction", None)):
-        if cls is None or "run" not in vars(cls):
+    for cls, attr in ((jit.JITFunction, "run"), (getattr(interpreter, "GridExecutor", None), "__call__")):
+        if cls is None or attr not in vars(cls):
             continue
-        original = cls.run
+        original = vars(cls)[attr]
 
-        def run(self, *args, _original=original, **kwargs):
-            with torch.profiler.record_function(f"triton::{getattr(self, '__name__', type(self).__name__)}"):
+        def launch(self, *args, _original=original, **kwargs):
+            kernel = self.fn if isinstance(self, getattr(interpreter, "GridExecutor", ())) else self
+            name = getattr(kernel, "__name__", type(self).__name__)
+            with torch.profiler.record_function(f"triton::{name}"):
                 return _original(self, *args, **kwargs)
 
-        cls.run = run
-        patched.append((cls, original))
+        setattr(cls, attr, launch)
+        patched.append((cls, attr, original))
     try:
         yield
     finally:
-        for cls, original in reversed(patched):
-            cls.run = original
+        for cls, attr, original in reversed(patched):
+            setattr(cls, attr, original)
 
 
 def count_launches():
@@ -538,18 +542,18 @@ def dry_launches() -> Iterator[None]:
     count_launches() counts them and records their signatures) but compute nothing. Values come out garbage;
     shapes, dtypes, strides and the launches' arguments do not: what a specialization count needs, in seconds
     instead of the interpreter's minutes or hours. Interpreter only."""
-    from triton.runtime.interpreter import InterpretedFunction
+    from triton.runtime.interpreter import GridExecutor  # where every interpreted launch runs its grid (3.2-3.8)
 
-    original = InterpretedFunction.run
+    original = GridExecutor.__call__
 
     def run(self, *args, **kwargs):
         return None
 
-    InterpretedFunction.run = run
+    GridExecutor.__call__ = run
     try:
         yield
     finally:
-        InterpretedFunction.run = original
+        GridExecutor.__call__ = original
 
 
 def run_step(provider: str, device: torch.device, dtype_name: str, cfg: StepConfig, quick: bool, env: dict,
