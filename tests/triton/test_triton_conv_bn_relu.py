@@ -227,10 +227,21 @@ def _out_shape(case):
     return (case.n, case.cout, ho, wo)
 
 
+# torch >= 2.9: per-backend float32 precision settings (torch.backends.cudnn.conv.fp32_precision, ...); before it
+# only the legacy flag exists (deeplab_ops reads the new one where it exists).
+NEW_PRECISION_API = hasattr(getattr(torch.backends.cudnn, "conv", None), "fp32_precision")
+
+
 @pytest.fixture
 def cudnn_precision():
-    """Restores cuDNN's float32 settings (legacy flag and the fp32_precision API) after a test changes them."""
+    """Restores cuDNN's float32 settings (legacy flag and, where it exists, the fp32_precision API) after a test
+    changes them."""
     cudnn = torch.backends.cudnn
+    if not NEW_PRECISION_API:
+        saved = cudnn.allow_tf32
+        yield
+        cudnn.allow_tf32 = saved
+        return
     saved = (cudnn.fp32_precision, cudnn.conv.fp32_precision, cudnn.rnn.fp32_precision,
              torch.backends.fp32_precision)
     yield
@@ -238,22 +249,32 @@ def cudnn_precision():
     cudnn.fp32_precision, cudnn.conv.fp32_precision, cudnn.rnn.fp32_precision = saved[:3]
 
 
-def test_dot_precision_follows_cudnns_conv_setting(cudnn_precision):
-    """float32 GEMMs use TF32 exactly where cuDNN's convolutions may, whichever API set it — the legacy flag, or
-    the fp32_precision settings (conv alone, cuDNN's, the global one), with which reading the legacy flag raises."""
+def _fp32_dot():
+    from deeplab_ops.triton.conv_engine import dot_precision
+
+    return dot_precision(torch.float32, torch.device("cuda"))
+
+
+def test_dot_precision_follows_cudnns_legacy_flag(cudnn_precision):
+    """float32 GEMMs use TF32 exactly where cuDNN's convolutions may: torch.backends.cudnn.allow_tf32."""
     from deeplab_ops.triton.conv_engine import dot_precision
 
     cuda = torch.device("cuda")
-
-    def fp32():
-        return dot_precision(torch.float32, cuda)
-
     cudnn = torch.backends.cudnn
     cudnn.allow_tf32 = True
-    assert fp32() == "tf32" and dot_precision(torch.float64, cuda) == "fma"
+    assert _fp32_dot() == "tf32" and dot_precision(torch.float64, cuda) == "fma"
     assert dot_precision(torch.float32, torch.device("cpu")) == "ieee" == dot_precision(torch.bfloat16, cuda)
     cudnn.allow_tf32 = False
-    assert fp32() == "ieee"
+    assert _fp32_dot() == "ieee"
+
+
+@pytest.mark.skipif(not NEW_PRECISION_API, reason=f"torch {torch.__version__} has no fp32_precision settings "
+                    "(torch >= 2.9): only the legacy flag, tested above, can set cuDNN's float32 precision")
+def test_dot_precision_follows_cudnns_fp32_precision_settings(cudnn_precision):
+    """... and whichever fp32_precision setting set it (conv alone, cuDNN's, the global one), with which reading the
+    legacy flag raises."""
+    fp32 = _fp32_dot
+    cudnn = torch.backends.cudnn
     cudnn.allow_tf32 = True
     cudnn.conv.fp32_precision = "ieee"  # conv and RNN now differ: torch.backends.cudnn.allow_tf32 raises
     assert fp32() == "ieee"
@@ -276,7 +297,10 @@ def test_tf32_follows_cudnn_allow_tf32(case, cudnn_precision):
     torch.backends.cudnn.allow_tf32 = True
     ref_tf32 = _run_all(case, torch.float32, "reference", x, w, g, b, rm, rv, res, grad_out)
     ours_tf32 = _run_all(case, torch.float32, "triton", x, w, g, b, rm, rv, res, grad_out)
-    torch.backends.cudnn.conv.fp32_precision = "ieee"  # the new API (the legacy flag then raises when read)
+    if NEW_PRECISION_API:
+        torch.backends.cudnn.conv.fp32_precision = "ieee"  # the new API (the legacy flag then raises when read)
+    else:
+        torch.backends.cudnn.allow_tf32 = False
     ours_ieee = _run_all(case, torch.float32, "triton", x, w, g, b, rm, rv, res, grad_out)
     for i, (e, r, t, f) in enumerate(zip(exact, ref_tf32, ours_tf32, ours_ieee, strict=False)):
         scale = max(e.abs().max().item(), 1.0)
