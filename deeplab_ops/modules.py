@@ -520,6 +520,23 @@ def pack_batchnorms(bns: list[nn.BatchNorm2d]) -> None:
     _pack(list(zip(*(_bn_tensors(bn) for bn in bns), strict=True)))
 
 
+def unpack_batchnorms(module: nn.Module) -> nn.Module:
+    """Give each BatchNorm tensor under `module` (itself included) that shares its storage with others (as
+    pack_batchnorms and a fused ASPP's first call lay them out) a storage of its own, values kept (the tensors stay
+    the same objects, so optimizers are unaffected): for tools that refuse a state_dict whose tensors share a storage
+    none of them covers, such as safetensors' save_model and load_model. A fused ASPP packs them again on its next
+    call. Returns `module`."""
+    if not isinstance(module, nn.Module):
+        raise TypeError(f"module must be an nn.Module, got {type(module).__name__}")
+    with torch.no_grad(), torch.inference_mode(False):
+        for m in module.modules():
+            if isinstance(m, _BatchNorm):
+                for t in _bn_tensors(m):
+                    if t is not None and t.untyped_storage().nbytes() != t.numel() * t.element_size():
+                        t.data = t.detach().clone()
+    return module
+
+
 def _pack(kinds: list[tuple]) -> None:
     """pack_batchnorms on the BatchNorms' tensors by kind (`kinds[k]`: every BatchNorm's k-th of _BN_TENSORS), without
     the argument check: the fused ASPP's per-call path, where every kind is usually back to back already. Outside

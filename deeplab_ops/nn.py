@@ -11,10 +11,11 @@ from deeplab_ops.modules import (
     fused_aspp_forward,
     fused_conv_bn,
     pack_batchnorms,
+    unpack_batchnorms,
 )
 
 __all__ = [
     "FusedASPP", "FusedConvBNReLU", "aspp_parts", "bn_call_args", "bn_step", "check_fusable", "fuse_modules",
     "fused_aspp_forward", "fused_config", "fused_conv_bn", "is_fused", "pack_batchnorms", "sync_batchnorm",
-    "unfuse_modules",
+    "unfuse_modules", "unpack_batchnorms",
 ]

@@ -250,3 +250,33 @@ def test_changed_or_hooked_children_run_as_the_sequential_runs_them():
         seen.clear()
         assert_close(m(x), want, f"a hook on child {i}", 1e-6, 1e-6)
         assert len(seen) == 1, f"the hook on child {i} ran {len(seen)} times"
+
+
+@pytest.mark.parametrize("kind", ["FusedASPP", "fuse_modules"])
+def test_unpack_batchnorms_gives_each_tensor_its_own_storage(kind):
+    """After a fused ASPP's first call its BatchNorm tensors share storages (packed), which safetensors' save_model
+    and load_model refuse ("None is covering the entire storage"): unpack_batchnorms gives each its own, values and
+    objects kept; the next call packs them again and computes the same."""
+    from torchvision.models.segmentation.deeplabv3 import ASPP
+
+    from deeplab_ops.nn import FusedASPP, fuse_modules, unpack_batchnorms
+
+    torch.manual_seed(0)
+    module = FusedASPP(8, (1, 2), 4, backend="cpu") if kind == "FusedASPP" else fuse_modules(ASPP(8, (1, 2), 4))
+    module.eval()
+    x = torch.randn(2, 8, 5, 5)
+    want = module(x)
+
+    def shared(m):
+        return [k for k, t in m.state_dict().items() if t.untyped_storage().nbytes() != t.numel() * t.element_size()]
+
+    assert shared(module)  # packed by the call
+    before = {k: (t, t.detach().clone()) for k, t in module.state_dict(keep_vars=True).items()}
+    assert unpack_batchnorms(module) is module
+    assert not shared(module)
+    for k, t in module.state_dict(keep_vars=True).items():
+        assert t is before[k][0] and torch.equal(t, before[k][1]), k
+    assert torch.equal(module(x), want)
+    assert shared(module)  # packed again
+    with pytest.raises(TypeError, match="module must be an nn.Module, got list"):
+        unpack_batchnorms([module])
