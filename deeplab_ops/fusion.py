@@ -487,18 +487,25 @@ _PLAIN = {FusedAwayReLU: nn.ReLU, FusedConv2d: nn.Conv2d, FusedAwayBatchNorm2d: 
 
 def _restore_class(module: nn.Module, fused_cls: type, plain_cls: type) -> None:
     """Give `module` back its unfused class: plain_cls where its class is fused_cls; where its class was derived from
-    fused_cls after fusing (torch.nn.utils.parametrize makes one such class per module it parametrizes), that
-    class's base fused_cls becomes plain_cls, so the parametrization stays."""
-    cls = type(module)
+    fused_cls after fusing (torch.nn.utils.parametrize derives one per module it parametrizes), the same class
+    derived from plain_cls instead, so the parametrization stays (a new class, made once: a deep copy of the model
+    shares the derived class, which must stay as it is for the copy)."""
+    module.__class__ = _unfused_class(type(module), fused_cls, plain_cls)
+
+
+def _unfused_class(cls: type, fused_cls: type, plain_cls: type) -> type:
     if cls is fused_cls:
-        module.__class__ = plain_cls
-    else:
-        for c in cls.__mro__:
-            if fused_cls in c.__bases__:
-                c.__bases__ = tuple(plain_cls if b is fused_cls else b for b in c.__bases__)
-                c.__name__ = c.__name__.replace(fused_cls.__name__, plain_cls.__name__)
-                c.__qualname__ = c.__qualname__.replace(fused_cls.__name__, plain_cls.__name__)
-                break
+        return plain_cls
+    if not issubclass(cls, fused_cls):
+        return cls
+    if cls not in _UNFUSED_DERIVED:
+        bases = tuple(_unfused_class(b, fused_cls, plain_cls) for b in cls.__bases__)
+        namespace = {k: v for k, v in vars(cls).items() if k not in ("__dict__", "__weakref__")}
+        _UNFUSED_DERIVED[cls] = type(cls.__name__.replace(fused_cls.__name__, plain_cls.__name__), bases, namespace)
+    return _UNFUSED_DERIVED[cls]
+
+
+_UNFUSED_DERIVED: dict[type, type] = {}  # a class derived from a fused one -> the same derived from the unfused one
 
 
 def is_fused(module: nn.Module) -> bool:

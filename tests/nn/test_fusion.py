@@ -447,6 +447,20 @@ def test_a_conv_parametrized_after_fusing_unfuses():
     fuse_modules(fused, backend="cpu")
     assert_close(fused(x), plain(x), "fused again", ATOL, RTOL)
     _assert_same_state(fused, plain, "parametrized")
+    # A deep copy shares the derived class: unfusing one leaves the other fused and right.
+    plain2 = _randomize(nn.Sequential(nn.Conv2d(3, 4, 3, padding=1, bias=False), nn.BatchNorm2d(4), nn.ReLU()))
+    one = fuse_modules(copy.deepcopy(plain2), backend="cpu")
+    parametrize.register_parametrization(one[0], "weight", Double())
+    parametrize.register_parametrization(plain2[0], "weight", Double())
+    two = copy.deepcopy(one)
+    assert type(two[0]) is type(one[0])
+    unfuse_modules(two)
+    assert isinstance(one[0], fusion.FusedConv2d) and not isinstance(two[0], fusion.FusedConv2d)
+    with torch.no_grad():
+        for m in (one, two):
+            assert_close(m(x), plain2(x), "a deep copy unfused, the original fused", ATOL, RTOL)
+    parametrize.remove_parametrizations(two[0], "weight")
+    assert type(two[0]) is nn.Conv2d
 
 
 def test_the_boundary_leaves_cpu_outputs_and_containers_as_they_are():
