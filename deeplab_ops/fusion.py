@@ -23,6 +23,8 @@ from deeplab_ops.modules import (
     reads_directly,
     run_fused_aspp,
     runnable_aspp_parts,
+    synced_batch_norm,
+    unfused_call,
 )
 from deeplab_ops.ops.dispatch import group_name_of
 
@@ -114,7 +116,8 @@ class FusedAwayBatchNorm2d(nn.BatchNorm2d):
         if conv is None or not (conv._forward_hooks or conv._forward_pre_hooks or conv._backward_hooks
                                 or conv._backward_pre_hooks) or fused_config(conv) is None:
             return x
-        return nn.BatchNorm2d.forward(self, x)  # the hooked conv computed the convolution alone
+        group = fused_config(conv).process_group  # the hooked conv computed the convolution alone
+        return nn.BatchNorm2d.forward(self, x) if group is None else synced_batch_norm(self, group, x)
 
 
 class FusedAwayReLU(nn.ReLU):
@@ -163,13 +166,13 @@ def _fused_block_forward(self: nn.Module, x: Tensor) -> Tensor:
     # is what runs. (Inline: no call per part on every forward.)
     if (type(relu) is not nn.ReLU or relu._forward_hooks or relu._forward_pre_hooks or relu._backward_hooks
             or relu._backward_pre_hooks):
-        return type(self).original_class.forward(self, x)
+        return unfused_call(self, cfg.process_group, type(self).original_class.forward, x)
     for conv, bn in parts:
         if (type(conv) is not nn.Conv2d or type(bn) is not nn.BatchNorm2d
                 or conv._forward_hooks or conv._forward_pre_hooks or conv._backward_hooks or conv._backward_pre_hooks
                 or bn._forward_hooks or bn._forward_pre_hooks or bn._backward_hooks or bn._backward_pre_hooks
                 or conv._parameters.get("bias") is not None or conv.groups != 1 or conv.padding_mode != "zeros"):
-            return type(self).original_class.forward(self, x)
+            return unfused_call(self, cfg.process_group, type(self).original_class.forward, x)
     out = x
     for conv, bn in parts[:-1]:
         out = fused_conv_bn(conv, bn, out, training=bn.training, relu=True, backend=backend, process_group=group,
@@ -189,7 +192,7 @@ def _fused_aspp_forward(self: nn.Module, x: Tensor) -> Tensor:
     # BatchNorms that cannot run as one (mixed modes; with momentum=None, different batch counters) likewise.
     parts = runnable_aspp_parts(self)
     if parts is None:
-        return type(self).original_class.forward(self, x)
+        return unfused_call(self, cfg.process_group, type(self).original_class.forward, x)
     return run_fused_aspp(self, parts, x, cfg.backend, cfg.process_group, cfg.memory_efficient,
                           unfused=type(self).original_class.forward)
 

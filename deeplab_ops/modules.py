@@ -4,6 +4,7 @@ semantics), and the calls that run existing conv/BN modules on the ops (fused_co
 
 from __future__ import annotations
 
+import functools
 import weakref
 
 import torch
@@ -218,6 +219,58 @@ def bn_step(bn: nn.BatchNorm2d, training: bool) -> None:
             _count_batch(counter)
 
 
+def synced_batch_norm(bn: nn.BatchNorm2d, group, x: Tensor) -> Tensor:
+    """`bn.forward(x)` with the training statistics computed across the processes of `group`, as nn.SyncBatchNorm
+    computes them, on CPU tensors too: what a synchronized fused op's BatchNorm computes, for a fused module's part
+    that runs on its own (hooked, or replaced after fusing). Batch statistics (mean, then the centred sum of
+    squares: two passes) are summed over the group with a differentiable all-reduce, so the backward sums the
+    statistics' gradients over the group as well; the running variance is unbiased over the global count."""
+    import torch.distributed as dist
+    from torch.distributed.nn.functional import all_reduce
+
+    bn._check_input_dim(x)
+    weight, bias, rm, rv, bn_training, momentum, eps, counter = _bn_call(bn, bn.training)
+    if not bn_training or dist.get_world_size(group) == 1:
+        out = torch.nn.functional.batch_norm(x, rm, rv, weight, bias, bn_training, momentum, eps)
+    else:
+        c = x.shape[1]
+        xf = x.float() if x.dtype in (torch.float16, torch.bfloat16) else x
+        shape = (1, c, 1, 1)
+        local = torch.cat([xf.sum((0, 2, 3)), xf.new_full((1,), x.numel() // max(c, 1))])
+        total = all_reduce(local, group=group)
+        count = total[c:].detach()  # on the device: no host synchronization
+        mean = total[:c] / count
+        centred = xf - mean.view(shape)
+        var = all_reduce((centred * centred).sum((0, 2, 3)), group=group) / count
+        out = centred * torch.rsqrt(var + eps).view(shape)
+        if weight is not None:
+            out = out * weight.view(shape) + bias.view(shape)
+        out = out.to(x.dtype)
+        if rm is not None:
+            with torch.no_grad():
+                rm.mul_(1 - momentum).add_(mean.to(rm.dtype), alpha=momentum)
+                rv.mul_(1 - momentum).add_((var * count / (count - 1)).to(rv.dtype), alpha=momentum)
+    if counter is not None:
+        _count_batch(counter)
+    return out
+
+
+def unfused_call(module: nn.Module, process_group, forward, *args) -> Tensor:
+    """`forward(module, *args)`: a fused module's children run one by one (a part replaced after fusing or hooked).
+    With a process group (`sync_batchnorm`), its nn.BatchNorm2d children, whose statistics the fused op would
+    share, compute their training statistics across the group meanwhile (`synced_batch_norm`)."""
+    if process_group is None:
+        return forward(module, *args)
+    bns = [m for m in module.modules() if type(m) is nn.BatchNorm2d and "forward" not in m.__dict__]
+    for bn in bns:
+        bn.forward = functools.partial(synced_batch_norm, bn, process_group)
+    try:
+        return forward(module, *args)
+    finally:
+        for bn in bns:
+            bn.__dict__.pop("forward", None)
+
+
 _GEOMETRY: dict[tuple, tuple] = {}
 
 
@@ -363,7 +416,7 @@ class FusedConvBNReLU(nn.Sequential):
                 or bn._forward_hooks or bn._forward_pre_hooks or bn._backward_hooks or bn._backward_pre_hooks
                 or (relu is not None and (relu._forward_hooks or relu._forward_pre_hooks or relu._backward_hooks
                                           or relu._backward_pre_hooks))):
-            return self._unfused_forward(x, residual)
+            return unfused_call(self, self.process_group, type(self)._unfused_forward, x, residual)
         # The BatchNorm's own mode, as nn.Sequential runs it: a frozen BatchNorm (block.train(); block[1].eval())
         # normalizes with its running statistics and leaves them alone.
         return fused_conv_bn(
@@ -638,7 +691,7 @@ def run_fused_aspp(module: nn.Module, parts: tuple, x: Tensor, backend: str | No
     tensors = [_bn_tensors(bn) for bn in bns]
     training = _aspp_config(bns, tensors, strict=unfused is None)
     if training is None:
-        return unfused(module, x)
+        return unfused_call(module, process_group, unfused, x)
     tracing = torch.compiler.is_compiling()
     kinds = list(zip(*tensors, strict=True))  # per kind of _BN_TENSORS, every BatchNorm's tensor
     if not tracing:
@@ -730,7 +783,7 @@ class FusedASPP(nn.Module):
         # changed or hooked is what runs.
         parts = runnable_aspp_parts(self)
         if parts is None:
-            return self._unfused_forward(x)
+            return unfused_call(self, self.process_group, type(self)._unfused_forward, x)
         return run_fused_aspp(self, parts, x, self.backend, self.process_group,
                               getattr(self, "memory_efficient", False),  # (a FusedASPP pickled before it existed)
                               unfused=FusedASPP._unfused_forward)

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import collections
 import os
+import socket
 import sys
 from dataclasses import dataclass
 from pathlib import Path
@@ -241,3 +242,39 @@ PACKAGE_DIR = os.path.dirname(deeplab_ops.__file__)  # a deeplab_ops frame's fil
 def package_frames(counts: collections.Counter) -> int:
     """How many of `python_calls`' frames are deeplab_ops code."""
     return sum(n for (file, _), n in counts.items() if file.startswith(PACKAGE_DIR))
+
+
+def free_port() -> int:
+    """A TCP port free on 127.0.0.1 now (the rendezvous of a test's torch.distributed processes)."""
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def run_two_processes(target, *args, timeout: float = 180) -> dict:
+    """Run target(rank, port, *args, queue) in 2 spawned processes (a torch.distributed pair rendezvousing on a
+    free port) and return {rank: what it put on the queue after its rank}. A process that puts (rank, "message")
+    fails the test with that message (its error, not a queue timeout); every process must exit cleanly."""
+    import multiprocessing
+
+    ctx = multiprocessing.get_context("spawn")
+    queue = ctx.Queue()
+    port = free_port()
+    procs = [ctx.Process(target=target, args=(r, port, *args, queue)) for r in range(2)]
+    for p in procs:
+        p.start()
+    results = {}
+    try:
+        for _ in procs:
+            rank, *rest = queue.get(timeout=timeout)
+            if len(rest) == 1 and isinstance(rest[0], str):
+                pytest.fail(rest[0])
+            results[rank] = rest
+        for p in procs:
+            p.join(timeout=60)
+            assert p.exitcode == 0, f"a process exited with {p.exitcode}"
+    finally:
+        for p in procs:
+            if p.is_alive():
+                p.kill()
+    return results

@@ -7,13 +7,12 @@ Shapes are odd on purpose; inputs are fresh random values in float64 and float32
 from __future__ import annotations
 
 import os
-import socket
 
 import pytest
 import torch
 import torch.distributed as dist
-import torch.multiprocessing as mp
 import torch.nn.functional as F
+from helpers import run_two_processes
 
 import deeplab_ops  # noqa: F401  (loads the extension, which registers the ops)
 from deeplab_ops import reference
@@ -148,12 +147,6 @@ CONV_ARGS = ((1, 1), (1, 1), (1, 1))
 RATES = [1, 2]
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 def _conv_inputs():
     g = torch.Generator().manual_seed(4321)
     d = dict(generator=g, dtype=torch.float64)
@@ -223,23 +216,7 @@ def _group_worker(rank: int, port: int, queue) -> None:
 
 
 def test_group_name_matches_the_ops_on_the_concatenated_batch():
-    ctx = mp.get_context("spawn")
-    queue = ctx.Queue()
-    port = _free_port()
-    procs = [ctx.Process(target=_group_worker, args=(r, port, queue)) for r in range(2)]
-    for p in procs:
-        p.start()
-    by_rank = {}
-    for _ in procs:
-        rank, results = queue.get(timeout=180)
-        if isinstance(results, str):
-            for p in procs:
-                p.kill()
-            pytest.fail(results)
-        by_rank[rank] = results
-    for p in procs:
-        p.join(timeout=60)
-        assert p.exitcode == 0
+    by_rank = {rank: results for rank, (results,) in run_two_processes(_group_worker).items()}
     tol = 1e-10
     for op, inputs, step in (("conv_bn_relu", _conv_inputs, _conv_step), ("aspp", _aspp_inputs, _aspp_step)):
         whole = step(inputs(), slice(None), None)

@@ -4,19 +4,12 @@ match one process with the whole batch (output, every gradient after DDP-style a
 from __future__ import annotations
 
 import os
-import socket
 
 import torch
 import torch.distributed as dist
-import torch.multiprocessing as mp
+from helpers import run_two_processes
 
 import deeplab_ops
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def _inputs():
@@ -57,20 +50,9 @@ def _worker(rank: int, port: int, queue) -> None:
 
 
 def test_two_processes_match_one_process_with_the_global_batch():
-    ctx = mp.get_context("spawn")
-    queue = ctx.Queue()
-    port = _free_port()
-    procs = [ctx.Process(target=_worker, args=(r, port, queue)) for r in range(2)]
-    for p in procs:
-        p.start()
-    results = {}
-    for _ in procs:
-        r, out_r, grads_r, rm_r, rv_r = queue.get(timeout=120)
-        results[r] = (torch.from_numpy(out_r), [torch.from_numpy(g) for g in grads_r], torch.from_numpy(rm_r),
-                      torch.from_numpy(rv_r))
-    for p in procs:
-        p.join(timeout=60)
-        assert p.exitcode == 0
+    results = {r: (torch.from_numpy(out_r), [torch.from_numpy(g) for g in grads_r], torch.from_numpy(rm_r),
+                   torch.from_numpy(rv_r))
+               for r, (out_r, grads_r, rm_r, rv_r) in run_two_processes(_worker).items()}
     x, w, gamma, beta, res, grad = _inputs()
     rm, rv = torch.zeros(5, dtype=torch.float64), torch.ones(5, dtype=torch.float64)
     out, grads = _step(x, w, gamma, beta, res, grad, rm, rv, None)
@@ -117,19 +99,7 @@ def _aspp_inputs():
 
 
 def test_fused_aspp_two_processes_match_one_process():
-    ctx = mp.get_context("spawn")
-    queue = ctx.Queue()
-    port = _free_port()
-    procs = [ctx.Process(target=_aspp_worker, args=(r, port, queue)) for r in range(2)]
-    for p in procs:
-        p.start()
-    results = {}
-    for _ in procs:
-        r, *rest = queue.get(timeout=120)
-        results[r] = rest
-    for p in procs:
-        p.join(timeout=60)
-        assert p.exitcode == 0
+    results = run_two_processes(_aspp_worker)
     module, x, grad = _aspp_inputs()
     x.requires_grad_()
     out = module(x)

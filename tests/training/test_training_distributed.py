@@ -2,7 +2,6 @@
 
 import copy
 import os
-import socket
 from types import SimpleNamespace
 from unittest import mock
 
@@ -10,6 +9,7 @@ import pytest
 import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
+from helpers import free_port
 from test_training_loop import TinySeg, _cfg, _train_set
 from torch import nn
 
@@ -18,12 +18,6 @@ from deeplab_ops.nn import FusedConvBNReLU, fuse_modules
 from training import distributed, loop
 
 STEPS, GLOBAL_BATCH = 3, 4
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def _worker(rank: int, world: int, port: int, init: dict, out_dir: str, fused: bool) -> None:
@@ -58,7 +52,7 @@ def test_two_gloo_processes_match_one_process(tmp_path, fused):
     finally:
         torch.set_num_threads(threads)
 
-    mp.spawn(_worker, args=(2, _free_port(), init, str(tmp_path), fused), nprocs=2, join=True)
+    mp.spawn(_worker, args=(2, free_port(), init, str(tmp_path), fused), nprocs=2, join=True)
     runs = [torch.load(tmp_path / f"{r}.pt") for r in range(2)]
     # Tolerance: the same float32 math, summed in a different order (per-process partial sums, then the
     # all-reduce): 1e-5 relative on the loss, 1e-4 / 1e-5 on parameters and running statistics after 3 SGD steps.
@@ -132,7 +126,7 @@ def test_one_image_per_process_trains_the_aspp_pooling_branch_with_synchronized_
     ref_x = x.clone().requires_grad_(True)
     ref = aspp(ref_x)
     ref.square().sum().backward()
-    mp.spawn(_aspp_worker, args=(2, _free_port(), init, x, str(tmp_path)), nprocs=2, join=True)
+    mp.spawn(_aspp_worker, args=(2, free_port(), init, x, str(tmp_path)), nprocs=2, join=True)
     for rank in range(2):
         run = torch.load(tmp_path / f"aspp{rank}.pt")
         torch.testing.assert_close(run["out"], ref[rank:rank + 1].detach(), rtol=1e-5, atol=1e-5)
