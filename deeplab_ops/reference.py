@@ -31,10 +31,22 @@ def conv_bn_relu(
 ) -> Tensor:
     """`act(BN(conv(x, weight)) [+ residual])`, exactly as the unfused PyTorch modules compute it."""
     y = F.conv2d(x, weight, None, stride, padding, dilation)
-    z = F.batch_norm(y, running_mean, running_var, bn_weight, bn_bias, training, momentum, eps)
+    z = _batch_norm(y, running_mean, running_var, bn_weight, bn_bias, training, momentum, eps)
     if residual is not None:
         z = z + residual
     return F.relu(z) if relu else z
+
+
+def _batch_norm(y, running_mean, running_var, weight, bias, training, momentum, eps) -> Tensor:
+    """F.batch_norm with unit-stride per-channel vectors. PyTorch's CPU batch-norm backward for channels_last input
+    (and 1x1 maps, which count as channels_last) reads a strided weight, or in eval strided running statistics, as
+    if contiguous (torch 2.14: the gradients come out wrong, NaN where the gaps hold NaN). Running statistics that
+    training updates in place are passed as given (the forward honours their strides; the backward does not read
+    them)."""
+    weight, bias = (t if t is None else t.contiguous() for t in (weight, bias))
+    if not training:
+        running_mean, running_var = (t if t is None else t.contiguous() for t in (running_mean, running_var))
+    return F.batch_norm(y, running_mean, running_var, weight, bias, training, momentum, eps)
 
 
 # ---- stages (float64 math) --------------------------------------------------------------------------
@@ -153,7 +165,7 @@ def aspp(
     rvs = running_vars if running_vars is not None else [None] * n_bn
 
     def bn_relu(y: Tensor, i: int) -> Tensor:
-        return F.relu(F.batch_norm(y, rms[i], rvs[i], bn_weights[i], bn_biases[i], training, momentum, eps))
+        return F.relu(_batch_norm(y, rms[i], rvs[i], bn_weights[i], bn_biases[i], training, momentum, eps))
 
     outs = [bn_relu(F.conv2d(x, conv_weights[0]), 0)]
     for i, r in enumerate(rates):

@@ -229,7 +229,7 @@ def _check_bn(value, name: str, n_bn: int, c: int, allow_none: bool = False) -> 
 
 
 def check_args(x, conv_weights, pool_weight, project_weight, bn_weights, bn_biases, running_means, running_vars,
-               rates, training, momentum, eps) -> tuple[int, ...]:
+               rates, training, momentum, eps, empty: bool = False) -> tuple[int, ...]:
     """Validate an aspp call; errors name the argument, its value and what was expected. Returns the rates."""
     if not isinstance(x, torch.Tensor) or x.dim() != 4:
         shape = tuple(x.shape) if isinstance(x, torch.Tensor) else type(x).__name__
@@ -242,7 +242,7 @@ def check_args(x, conv_weights, pool_weight, project_weight, bn_weights, bn_bias
         raise ValueError(f"rates must be a sequence of ints >= 1, got {rates!r}")
     rates = tuple([int(r) for r in rates])
     n, cin, h, w = x.shape
-    if n == 0 or h == 0 or w == 0:
+    if (n == 0 and not empty) or h == 0 or w == 0:
         raise ValueError(f"x must be non-empty, got shape {tuple(x.shape)}")
     if not isinstance(conv_weights, (list, tuple)) or len(conv_weights) != len(rates) + 1:
         got = _describe(conv_weights)
@@ -299,7 +299,7 @@ def check_args(x, conv_weights, pool_weight, project_weight, bn_weights, bn_bias
         raise TypeError(f"training must be a bool, got {training!r}")
     if not training and running_means is None:
         raise ValueError("training=False (eval) uses running statistics: running_means and running_vars are needed")
-    if training and n < 2:
+    if training and n == 1:  # (an empty batch passes, as in torchvision's ASPP)
         raise ValueError(
             f"aspp in training mode needs a batch of 2 or more (got N={n}): the image-pooling branch has one value "
             "per channel and image, so its BatchNorm over a batch of 1 is undefined (PyTorch raises too). Use a "
@@ -380,7 +380,7 @@ def aspp(
         x, conv_weights = autocast_cast(x, amp), autocast_cast(conv_weights, amp)
         pool_weight, project_weight = autocast_cast(pool_weight, amp), autocast_cast(project_weight, amp)
     rates = check_args(x, conv_weights, pool_weight, project_weight, bn_weights, bn_biases, running_means,
-                       running_vars, rates, training, momentum, eps)
+                       running_vars, rates, training, momentum, eps, empty=True)
     if memory_efficient is not False and memory_efficient is not True:
         raise TypeError(f"memory_efficient must be a bool, got {memory_efficient!r}")
     group_name = group_name_of(process_group)  # checked in eval too (it synchronizes nothing there)
@@ -388,6 +388,11 @@ def aspp(
         group_name = None
     name = backends.resolve(backend, "aspp", x.device, x=x, rates=rates, channels=conv_weights[0].shape[0],
                             synchronized=group_name is not None)
+    if x.shape[0] == 0:  # an empty batch: what eager computes (an empty output; running statistics unchanged)
+        if group_name is not None:
+            raise ValueError(f"x has an empty batch (shape {tuple(x.shape)}) with a process_group in training; "
+                             f"expected N >= 1 on every process (the statistics are shared)")
+        name = "reference"
     if name == "reference":
         if group_name is not None:
             raise RuntimeError("deeplab_ops.aspp: backend='reference' has no synchronized BatchNorm (a "

@@ -124,7 +124,7 @@ def _check_vector(t, name: str, cout: int, device, dtype, bn_dtype):
     return t_dtype
 
 
-def check_conv(x, weight, stride, padding, dilation) -> tuple[int, int, int, int]:
+def check_conv(x, weight, stride, padding, dilation, empty: bool = False) -> tuple[int, int, int, int]:
     """x and weight of a convolution with this (already checked) geometry: tensors of the right ranks, dtype,
     device and channels, a non-empty output; returns the output's shape (N, C_out, H_out, W_out)."""
     if not isinstance(x, Tensor):
@@ -156,7 +156,7 @@ def check_conv(x, weight, stride, padding, dilation) -> tuple[int, int, int, int
     if cout < 1 or kh < 1 or kw < 1 or cin < 1:
         raise ValueError(f"weight shape {tuple(wshape)} and x shape {tuple(xshape)} must have no zero sizes "
                          f"in channels and kernel")
-    if n == 0:
+    if n == 0 and not empty:
         raise ValueError(f"x has an empty batch (shape {tuple(xshape)}); expected N >= 1")
     ho, wo = conv_output_size((h, w), (kh, kw), stride, padding, dilation)
     if ho < 1 or wo < 1:
@@ -169,13 +169,14 @@ def check_conv(x, weight, stride, padding, dilation) -> tuple[int, int, int, int
 
 def check_args(
     x, weight, bn_weight, bn_bias, running_mean, running_var, stride, padding, dilation, training, momentum, eps,
-    residual, relu,
+    residual, relu, empty: bool = False,
 ) -> tuple[tuple[int, int], tuple[int, int], tuple[int, int]]:
     """Validate a conv_bn_relu call; return (stride, padding, dilation) as pairs. Errors name the argument.
     Per call only what can change per call is checked (tensor kinds, shapes, dtypes, devices): the fixed
-    configuration is validated once (`checked_config`)."""
+    configuration is validated once (`checked_config`). empty: an empty batch (N = 0) is valid (the public op
+    computes it as eager does; the kernels' direct entries refuse it)."""
     geometry = checked_config(stride, padding, dilation, training, momentum, eps, relu)
-    n, cout, ho, wo = check_conv(x, weight, *geometry)
+    n, cout, ho, wo = check_conv(x, weight, *geometry, empty=empty)
     device, dtype = x.device, x.dtype
     bn_dtype = None
     if bn_weight is not None:
@@ -191,7 +192,7 @@ def check_args(
         raise ValueError(f"running_mean and running_var must be given together; only {given} was given")
     if not training and running_mean is None:
         raise ValueError("training=False (eval) uses running statistics: running_mean and running_var must be given")
-    if training and n * ho * wo <= 1:
+    if training and n * ho * wo == 1:  # (F.batch_norm's rule: an empty batch passes)
         raise ValueError(
             f"training BatchNorm needs more than 1 value per channel, but the output is {n}x{cout}x{ho}x{wo}; "
             "use a batch of 2 or more (or a larger input), or training=False with running statistics"
@@ -478,7 +479,7 @@ def conv_bn_relu(
             return out
     stride, padding, dilation = check_args(
         x, weight, bn_weight, bn_bias, running_mean, running_var, stride, padding, dilation, training, momentum, eps,
-        residual, relu,
+        residual, relu, empty=True,
     )
     group_name = group_name_of(process_group) if training and process_group is not None else None
     direct = enter_directly(x)  # not traced: Python caches (backend choice, the eval fold)
@@ -487,6 +488,11 @@ def conv_bn_relu(
     else:
         name = backends.resolve(backend, "conv_bn_relu", x.device, x=x, weight=weight, stride=stride,
                                 padding=padding, dilation=dilation, synchronized=group_name is not None)
+    if x.shape[0] == 0:  # an empty batch: what eager computes (an empty output; running statistics unchanged)
+        if group_name is not None:
+            raise ValueError(f"x has an empty batch (shape {tuple(x.shape)}) with a process_group in training; "
+                             f"expected N >= 1 on every process (the statistics are shared)")
+        name = "reference"
     if name == "reference":
         if group_name is not None:
             raise RuntimeError("deeplab_ops.conv_bn_relu: backend='reference' has no synchronized BatchNorm (a "

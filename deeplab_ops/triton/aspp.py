@@ -26,7 +26,7 @@ from deeplab_ops.triton.bn_kernels import (
     bn_backward_reduce,
     bn_finalize,
 )
-from deeplab_ops.triton.conv_bn_relu import check_device
+from deeplab_ops.triton.conv_bn_relu import check_device, vectors
 from deeplab_ops.triton.conv_bn_relu import schedule as conv_schedule
 from deeplab_ops.triton.conv_engine import (
     AMPERE_GEMM,
@@ -637,6 +637,7 @@ def forward(
 ) -> tuple[Tensor, ...]:
     """(out, branch_out, pool_out, project_out, save_mean, save_invstd, new_running_mean, new_running_var)."""
     check_device(x)
+    bn_weight, bn_bias, running_mean, running_var = vectors(bn_weight, bn_bias, running_mean, running_var)
     n, c_in, h, wd = x.shape
     c = conv_weights[0].shape[0]
     bc = len(conv_weights) * c
@@ -698,6 +699,7 @@ def backward(
 ) -> tuple:
     """(grad_x, grad_conv_weights, grad_pool_weight, grad_project_weight, grad_bn_weight, grad_bn_bias)."""
     check_device(x)
+    bn_weight, bn_bias, save_mean, save_invstd = vectors(bn_weight, bn_bias, save_mean, save_invstd)
     n, c_in, h, wd = x.shape
     c = conv_weights[0].shape[0]
     nb = len(conv_weights)

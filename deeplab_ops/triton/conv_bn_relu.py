@@ -37,6 +37,12 @@ def check_device(x: Tensor) -> None:
         )
 
 
+def vectors(*ts: Tensor | None) -> tuple:
+    """Per-channel vectors as the kernels index them: unit stride (a strided or expanded view, such as a slice of
+    a larger buffer, copied; a contiguous one as it is, with no aten call); None stays None."""
+    return tuple(t if t is None else t.contiguous() for t in ts)
+
+
 def _geometry(x: Tensor, weight: Tensor, stride, padding, dilation) -> tuple[Geometry, tuple[int, int]]:
     geo = Geometry((stride[0], stride[1]), (padding[0], padding[1]), (dilation[0], dilation[1]))
     return geo, conv_output_size((x.shape[2], x.shape[3]), (weight.shape[2], weight.shape[3]), geo.stride,
@@ -50,6 +56,7 @@ def forward(
 ) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor, Tensor]:
     """(out, conv_out, save_mean, save_invstd, new_running_mean, new_running_var); see csrc/ops.cpp."""
     check_device(x)
+    bn_weight, bn_bias, running_mean, running_var = vectors(bn_weight, bn_bias, running_mean, running_var)
     geo, out_hw = _geometry(x, weight, stride, padding, dilation)
     mf = suggest_memory_format(x)
     stat = opmath_dtype(x.dtype)
@@ -82,6 +89,7 @@ def conv_bias_act(
     configuration (its per-tile statistics computed and dropped): the memory-efficient backward's recompute gives
     the forward's conv_out bit for bit and compiles no kernel variant of its own (a DeepLabV3-R50 step's six)."""
     check_device(x)
+    (bias,) = vectors(bias)
     geo, out_hw = _geometry(x, weight, stride, padding, dilation)
     xh, w, stat = to_nhwc(x), conv_weight(weight), opmath_dtype(x.dtype)
     if bias is None and residual is None and not relu:
@@ -100,6 +108,7 @@ def backward(
 ) -> tuple[Tensor | None, ...]:
     """(grad_x, grad_weight, grad_bn_weight, grad_bn_bias, grad_residual), None where output_mask is False."""
     check_device(x)
+    bn_weight, save_mean, save_invstd = vectors(bn_weight, save_mean, save_invstd)
     geo = Geometry((stride[0], stride[1]), (padding[0], padding[1]), (dilation[0], dilation[1]))
     dz, z, y = to_nhwc(grad_out), to_nhwc(out), to_nhwc(conv_out)
     need_dy = output_mask[0] or output_mask[1]

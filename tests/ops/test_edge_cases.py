@@ -310,3 +310,144 @@ def test_strided_1x1_with_few_input_channels_does_not_corrupt_memory():
     done = subprocess.run([sys.executable, "-c", _STRIDED_1X1], env=env, capture_output=True, text=True, timeout=300)
     assert done.returncode == 0, f"rc {done.returncode}: {done.stderr[-2000:]}"
     assert float(done.stdout.split()[-1]) < 1e-5, done.stdout
+
+
+def _eager_cbr(x, w, gamma, beta, rm, rv, training, residual):
+    y = torch.nn.functional.batch_norm(torch.nn.functional.conv2d(x, w, padding=1), rm, rv, gamma, beta, training)
+    return torch.relu(y if residual is None else y + residual)
+
+
+@pytest.mark.parametrize("backend", CONV_BACKENDS)
+@pytest.mark.parametrize("training", [True, False], ids=["train", "eval"])
+@pytest.mark.parametrize("residual", [False, True], ids=["plain", "residual"])
+def test_an_empty_batch_computes_what_eager_does(backend, training, residual):
+    """N = 0 is a valid batch for conv2d and batch_norm: an empty output, zero gradients for the parameters, the
+    running statistics unchanged (what eager computes), in training and eval, on every backend."""
+    device = device_for(backend)
+    g = torch.Generator().manual_seed(3)
+    w, gamma, beta = torch.randn(4, 3, 3, 3, generator=g), torch.rand(4, generator=g) + 0.5, torch.randn(4, generator=g)
+    rm, rv = torch.randn(4, generator=g), torch.rand(4, generator=g) + 0.5
+    results = []
+    for fn in ("eager", "op"):
+        leaves = [t.to(device, copy=True).requires_grad_() for t in (torch.randn(0, 3, 6, 5), w, gamma, beta)]
+        res = torch.randn(0, 4, 6, 5, device=device, requires_grad=True) if residual else None
+        stats = [rm.to(device, copy=True), rv.to(device, copy=True)]
+        if fn == "eager":
+            out = _eager_cbr(*leaves, *stats, training, res)
+        else:
+            out = deeplab_ops.conv_bn_relu(*leaves, *stats, padding=1, training=training, residual=res,
+                                           backend=backend)
+        grads = torch.autograd.grad(out.sum(), leaves + ([res] if residual else []))
+        results.append((out, stats, grads))
+    (out_e, stats_e, grads_e), (out_o, stats_o, grads_o) = results
+    assert out_o.shape == out_e.shape == (0, 4, 6, 5)
+    for a, b in zip(stats_o + list(grads_o), stats_e + list(grads_e), strict=True):
+        torch.testing.assert_close(a, b, rtol=0, atol=0)
+    torch.testing.assert_close(stats_o[0].cpu(), rm, rtol=0, atol=0)
+
+
+@pytest.mark.parametrize("backend", ASPP_BACKENDS)
+@pytest.mark.parametrize("training", [True, False], ids=["train", "eval"])
+def test_aspp_of_an_empty_batch_computes_what_eager_does(backend, training):
+    """The fused ASPP module on N = 0 against torchvision's ASPP: an empty output, zero parameter gradients,
+    running statistics unchanged, num_batches_tracked counted as eager counts it."""
+    import copy
+
+    from torchvision.models.segmentation.deeplabv3 import ASPP
+
+    from deeplab_ops.nn import FusedASPP
+
+    device = device_for(backend)
+    torch.manual_seed(4)
+    eager = ASPP(3, [1, 2], 4).to(device).train(training)
+    eager.project[3] = torch.nn.Dropout(0.0)
+    fused = FusedASPP(3, (1, 2), 4, backend=backend).to(device).train(training)
+    fused.load_state_dict(eager.state_dict())
+    fused.project[3] = torch.nn.Dropout(0.0)
+    before = copy.deepcopy(eager.state_dict())
+    outs = []
+    for m in (eager, fused):
+        x = torch.randn(0, 3, 5, 6, device=device, requires_grad=True)
+        out = m(x)
+        out.sum().backward()
+        outs.append(out)
+    assert outs[0].shape == outs[1].shape == (0, 4, 5, 6)
+    for (name, a), b in zip(fused.named_parameters(), eager.parameters(), strict=True):
+        torch.testing.assert_close(a.grad, b.grad, rtol=0, atol=0, msg=name)
+    for (name, a), b in zip(fused.state_dict().items(), eager.state_dict().values(), strict=True):
+        torch.testing.assert_close(a, b, rtol=0, atol=0, msg=name)
+        if "running" in name:
+            torch.testing.assert_close(a, before[name], rtol=0, atol=0, msg=name)
+
+
+def _strided(t: torch.Tensor, kind: str) -> torch.Tensor:
+    """t's values in a view with other strides: every second element of a larger buffer, or (all equal) an
+    expanded scalar."""
+    if kind == "expanded":
+        return t[:1].expand(t.shape[0])
+    buf = torch.empty(2 * t.shape[0], dtype=t.dtype, device=t.device).fill_(float("nan"))
+    buf[::2] = t
+    return buf[::2]
+
+
+@pytest.mark.parametrize("backend", CONV_BACKENDS)
+@pytest.mark.parametrize("training", [True, False], ids=["train", "eval"])
+@pytest.mark.parametrize("kind", ["slice", "expanded"])
+@pytest.mark.parametrize("layout", [torch.contiguous_format, torch.channels_last], ids=["nchw", "nhwc"])
+def test_strided_batchnorm_tensors_as_contiguous_ones(backend, training, kind, layout):
+    """BatchNorm weight, bias and running statistics given as strided or expanded views compute what contiguous
+    copies compute (forward, gradients, running statistics written back into the views), on every backend.
+    (PyTorch's own CPU batch-norm backward gets channels_last with strided weights wrong: the reference works
+    around it.)"""
+    device = device_for(backend)
+    g = torch.Generator().manual_seed(6)
+    x, w = torch.randn(2, 3, 6, 5, generator=g).to(memory_format=layout), torch.randn(4, 3, 3, 3, generator=g)
+    vecs = [torch.rand(4, generator=g) + 0.5, torch.randn(4, generator=g), torch.randn(4, generator=g),
+            torch.rand(4, generator=g) + 0.5]
+    if kind == "expanded":  # expanded views cannot be written: running statistics stay contiguous
+        vecs[0].fill_(1.3), vecs[1].fill_(-0.2)
+    results = []
+    for strided in (False, True):
+        leaves = [t.to(device, copy=True).requires_grad_() for t in (x, w)]
+        gamma, beta, rm, rv = [t.to(device, copy=True) for t in vecs]
+        if strided:
+            gamma, beta = _strided(gamma, kind), _strided(beta, kind)
+            if kind == "slice":
+                rm, rv = _strided(rm, kind), _strided(rv, kind)
+        leaves += [gamma.requires_grad_(), beta.requires_grad_()]  # (views of tensors without grad: leaves)
+        out = deeplab_ops.conv_bn_relu(*leaves, rm, rv, padding=1, training=training, backend=backend)
+        gen = torch.Generator().manual_seed(5)
+        grads = torch.autograd.grad(out, leaves, torch.randn(out.shape, generator=gen).to(device))
+        results.append((out, *grads, rm, rv))
+    for a, b in zip(results[1], results[0], strict=True):
+        torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize("backend", ASPP_BACKENDS)
+@pytest.mark.parametrize("training", [True, False], ids=["train", "eval"])
+def test_aspp_strided_batchnorm_tensors_as_contiguous_ones(backend, training):
+    """The aspp op's concatenated BatchNorm tensors as strided views of larger buffers compute what contiguous
+    ones compute: forward, gradients (x and the BatchNorm parameters), running statistics."""
+    device = device_for(backend)
+    g = torch.Generator().manual_seed(8)
+    c, rates = 3, (1, 2)
+    k = (len(rates) + 3) * c
+    x = torch.randn(2, 4, 5, 6, generator=g)
+    cws = [torch.randn(c, 4, 1, 1, generator=g)] + [torch.randn(c, 4, 3, 3, generator=g) for _ in rates]
+    pw, prw = torch.randn(c, 4, 1, 1, generator=g), torch.randn(c, (len(rates) + 2) * c, 1, 1, generator=g)
+    vecs = [torch.rand(k, generator=g) + 0.5, torch.randn(k, generator=g), torch.randn(k, generator=g),
+            torch.rand(k, generator=g) + 0.5]
+    results = []
+    for strided in (False, True):
+        xs = x.to(device, copy=True).requires_grad_()  # (the pooling branch's 1x1 maps count as channels_last)
+        bw, bb, rm, rv = [t.to(device, copy=True) for t in vecs]
+        if strided:
+            bw, bb, rm, rv = (_strided(t, "slice") for t in (bw, bb, rm, rv))
+        bw.requires_grad_(), bb.requires_grad_()
+        out = deeplab_ops.aspp(xs, [t.to(device) for t in cws], pw.to(device), prw.to(device), bw, bb, rm, rv,
+                               rates=rates, training=training, backend=backend)
+        gen = torch.Generator().manual_seed(5)
+        grads = torch.autograd.grad(out, [xs, bw, bb], torch.randn(out.shape, generator=gen).to(device))
+        results.append((out, *grads, rm, rv))
+    for a, b in zip(results[1], results[0], strict=True):
+        torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-5)
