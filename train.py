@@ -18,7 +18,9 @@ import json
 import os
 import pickle
 import random
+import shutil
 import sys
+import tempfile
 import time
 
 import numpy as np
@@ -763,6 +765,8 @@ def cmd_train(args, device, info) -> None:
         removed = remove_earlier_run(args.out_dir)
         if removed:
             print(f"--overwrite: removed the earlier run's {', '.join(removed)} from {os.path.abspath(args.out_dir)}")
+    if resume is not None:
+        carry_best(path, resume, args.out_dir, info.is_main)
     cfg = loop.TrainConfig(
         iterations=args.iterations, batch_size=args.batch_size, lr=args.lr, momentum=args.momentum,
         weight_decay=args.weight_decay, poly_power=args.poly_power, seed=args.seed, amp=args.amp,
@@ -788,7 +792,8 @@ def cmd_train(args, device, info) -> None:
         return run_eval(target, val_raw, class_names, device, args, info, args.out_dir, "val")
 
     log = loop.MetricsLog(os.path.join(args.out_dir, "metrics.jsonl") if info.is_main else None,
-                          os.path.join(args.out_dir, "tb") if info.is_main and not args.no_tensorboard else None)
+                          os.path.join(args.out_dir, "tb") if info.is_main and not args.no_tensorboard else None,
+                          resume_at=None if resume is None else resume["iteration"])
     t0 = time.time()
     try:
         result = loop.fit(net, train_set, cfg, device, val_fn=val_fn, resume=resume, rank=info.rank,
@@ -811,6 +816,37 @@ def cmd_train(args, device, info) -> None:
                                                   "preview": (os.path.join(args.out_dir, "predictions_val.png")
                                                               if args.preview > 0 else None)},
                 "metrics.json")
+
+
+def carry_best(resume_path: str, resume: dict, out_dir: str, is_main: bool) -> None:
+    """--resume CKPT from another folder into --out-dir: the best.pt that the checkpoint's best metric names comes
+    along (copied atomically by the main process), so that --out-dir holds the best.pt its metrics report. Where
+    that file is gone (or holds another iteration), the run tracks its best afresh: the checkpoint's best is
+    forgotten (in `resume`, on every process alike) and the next evaluation writes best.pt."""
+    if resume.get("best_metric") is None:
+        return
+    src = os.path.join(os.path.dirname(os.path.abspath(resume_path)), "best.pt")
+    dst = os.path.join(out_dir, "best.pt")
+    if os.path.exists(dst) and os.path.realpath(src) == os.path.realpath(dst):
+        return  # resumed in place
+    if os.path.isfile(src) and ckpt_io.checkpoint_iteration(src) == resume.get("best_iteration"):
+        if is_main:
+            os.makedirs(out_dir, exist_ok=True)
+            fd, tmp = tempfile.mkstemp(prefix=".best.pt.", suffix=".tmp", dir=out_dir)
+            os.close(fd)
+            try:
+                shutil.copyfile(src, tmp)
+                os.replace(tmp, dst)
+            except BaseException:
+                if os.path.exists(tmp):
+                    os.unlink(tmp)
+                raise
+            print(f"copied {src} (the best so far, iteration {resume['best_iteration']}) into {out_dir}")
+        return
+    if is_main:
+        print(f"note: {src}, the best checkpoint --resume {resume_path} names (iteration "
+              f"{resume.get('best_iteration')}), is not there: the best is tracked afresh from this run's evaluations")
+    resume["best_metric"] = resume["best_iteration"] = None
 
 
 # ---- command line ------------------------------------------------------------------------------------------------

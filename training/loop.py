@@ -14,6 +14,7 @@ import math
 import os
 import random
 import sys
+import tempfile
 import time
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
@@ -302,18 +303,24 @@ def _hms(seconds: float) -> str:
 class MetricsLog:
     """JSON-lines metrics log (one object per line) and, when `tensorboard` is installed, a SummaryWriter."""
 
-    def __init__(self, path: str | None, tensorboard_dir: str | None = None) -> None:
+    def __init__(self, path: str | None, tensorboard_dir: str | None = None, resume_at: int | None = None) -> None:
+        """resume_at: the iteration a resumed run continues from. Records of later iterations, which the
+        interrupted run logged after its last checkpoint and the resumed run logs again, are dropped (from the
+        JSON-lines file, rewritten atomically, and from TensorBoard through its purge_step)."""
         self.path = path
         self.tb = None
         if path:
             os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
+            if resume_at is not None and os.path.isfile(path):
+                _drop_records_after(path, resume_at)
         if tensorboard_dir:
             try:
                 from torch.utils.tensorboard import SummaryWriter
             except ImportError:  # tensorboard is optional
                 SummaryWriter = None
             if SummaryWriter is not None:
-                self.tb = SummaryWriter(tensorboard_dir)
+                self.tb = SummaryWriter(tensorboard_dir,
+                                        purge_step=None if resume_at is None else resume_at + 1)
 
     def write(self, record: dict) -> None:
         if self.path:
@@ -329,6 +336,68 @@ class MetricsLog:
     def close(self) -> None:
         if self.tb is not None:
             self.tb.close()
+
+
+def _drop_records_after(path: str, iteration: int) -> None:
+    """Rewrite the JSON-lines log at `path` without the records of iterations after `iteration` (atomically: a
+    crash leaves the old file or the new one). Lines that are not such records are kept as they are."""
+    with open(path) as f:
+        lines = f.readlines()
+    kept = []
+    for line in lines:
+        try:
+            it = json.loads(line).get("iteration")
+        except (ValueError, AttributeError):  # not a JSON object: not ours to judge
+            it = None
+        if not (isinstance(it, int) and it > iteration):
+            kept.append(line if line.endswith("\n") else line + "\n")
+    if len(kept) == len(lines):
+        return
+    fd, tmp = tempfile.mkstemp(prefix=f".{os.path.basename(path)}.", suffix=".tmp",
+                               dir=os.path.dirname(os.path.abspath(path)))
+    try:
+        with os.fdopen(fd, "w") as f:
+            f.writelines(kept)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        if os.path.exists(tmp):
+            os.unlink(tmp)
+        raise
+
+
+def load_optimizer_state(optimizer: torch.optim.Optimizer, state: dict, model: nn.Module, weight_decay: float) -> None:
+    """optimizer.load_state_dict(state), also where the saved run trained another set of parameters than this one
+    (--freeze-bn changed on resume: `param_groups` leaves frozen BatchNorm parameters out, so the saved groups
+    have other sizes). Then each parameter both runs train gets its saved state (momentum buffer); a parameter the
+    saved run froze starts without one, as it would in a fresh run. Anything else that does not fit raises."""
+    saved_sizes = [len(g["params"]) for g in state["param_groups"]]
+    if saved_sizes == [len(g["params"]) for g in optimizer.param_groups]:
+        optimizer.load_state_dict(state)
+        return
+    bn_params = [p for m in model.modules() if isinstance(m, nn.modules.batchnorm._BatchNorm)
+                 for p in m.parameters(recurse=False)]
+    flags = [p.requires_grad for p in bn_params]
+    try:  # the saved run's groups: BatchNorm parameters frozen where this run trains them, and the other way
+        for p in bn_params:
+            p.requires_grad_(not any(flags))
+        groups = param_groups(model, weight_decay)
+    finally:
+        for p, flag in zip(bn_params, flags, strict=True):
+            p.requires_grad_(flag)
+    if [len(g["params"]) for g in groups] != saved_sizes:
+        raise ValueError(
+            f"the checkpoint's optimizer holds parameter groups of {saved_sizes} parameters, but this model trains "
+            f"{[len(g['params']) for g in optimizer.param_groups]} (and {[len(g['params']) for g in groups]} with "
+            f"its BatchNorms frozen the other way): it was saved for another model"
+        )
+    saved = torch.optim.SGD(groups, lr=1.0)
+    saved.load_state_dict(state)
+    mine = {p for g in optimizer.param_groups for p in g["params"]}
+    for p, st in saved.state.items():
+        if p in mine:
+            optimizer.state[p] = st
 
 
 # ---- the loop --------------------------------------------------------------------------------------------------
@@ -391,7 +460,7 @@ def fit(model: nn.Module, train_set, cfg: TrainConfig, device: torch.device, *, 
     if resume is not None:
         ckpt_io.check_resumable(resume)
         core.load_state_dict(resume["model"])
-        optimizer.load_state_dict(resume["optimizer"])
+        load_optimizer_state(optimizer, resume["optimizer"], core, cfg.weight_decay)
         scheduler.load_state_dict(resume["scheduler"])
         if resume.get("grad_scaler"):
             scaler.load_state_dict(resume["grad_scaler"])
@@ -455,7 +524,11 @@ def fit(model: nn.Module, train_set, cfg: TrainConfig, device: torch.device, *, 
             if it == stop or do_eval or (cfg.checkpoint_every and it % cfg.checkpoint_every == 0):
                 save("last.pt", it)  # before the evaluation: an error there keeps what was trained
             if do_eval:
+                # The evaluation's draws (its loader's seed) leave the training's random streams as they were, so
+                # that a run resumed from the checkpoint saved just before it continues exactly as this one does.
+                rng = ckpt_io.capture_rng_state()
                 last_metrics = val_fn(model)
+                ckpt_io.restore_rng_state(rng)
                 _set_train_mode(model, cfg.freeze_bn)
                 if last_metrics is not None and (best is None or last_metrics["miou"] > best):
                     best, best_it = last_metrics["miou"], it

@@ -19,6 +19,8 @@ from training import loop
 from training.datasets import SyntheticShapes
 from training.transforms import TrainTransform
 
+CPU = torch.device("cpu")
+
 
 def _cbr(cin, cout, k, stride=1, padding=0, dilation=1):
     return nn.Sequential(nn.Conv2d(cin, cout, k, stride, padding, dilation, bias=False), nn.BatchNorm2d(cout),
@@ -274,3 +276,82 @@ def test_cli_presets_and_memory_efficient_flag(capsys):
     cfgs = [fused_config(m) for m in net.modules() if fused_config(m) is not None]
     assert cfgs and all(c.memory_efficient for c in cfgs)
     assert net.backbone.out_channels == 256  # width 8: 8 * 8 * 4
+
+
+def test_a_resume_from_an_evaluation_that_set_no_new_best_is_identical(tmp_path):
+    """The checkpoint before an evaluation holds the random streams of that moment; the evaluation's own draws (a
+    loader's seed, here a randn) must not move the training's, or a run resumed there (after an evaluation that
+    set no new best, so last.pt was not saved again) diverges from the uninterrupted one (dropout draws)."""
+
+    def val_fn(scores):  # mIoU 0.5 at iteration 2, 0.3 at 4 (no new best), 0.4 at 6
+        def run(model):
+            torch.randn(3)  # what creating an evaluation loader's iterator does to the global stream
+            return {"miou": scores.pop(0)}
+        return run
+
+    cfg = dict(eval_every=2)
+    torch.manual_seed(0)
+    init = TinySeg(dropout=0.3).state_dict()
+    models = [TinySeg(dropout=0.3) for _ in range(3)]
+    for m in models:
+        m.load_state_dict(init)
+    torch.manual_seed(1)  # the dropout draws come from the global stream
+    ref = loop.fit(models[0], _train_set(), _cfg(out_dir=str(tmp_path / "a"), **cfg), CPU,
+                   val_fn=val_fn([0.5, 0.3, 0.4]))
+    torch.manual_seed(1)
+    first = loop.fit(models[1], _train_set(), _cfg(out_dir=str(tmp_path / "b"), stop_after=4, **cfg), CPU,
+                     val_fn=val_fn([0.5, 0.3]))
+    assert (first.iteration, first.best_iteration) == (4, 2)
+    torch.manual_seed(123)  # a different process state: everything must come from the checkpoint
+    state = ckpt_io.load_checkpoint(str(tmp_path / "b" / "last.pt"))
+    second = loop.fit(models[2], _train_set(), _cfg(out_dir=str(tmp_path / "b"), **cfg), CPU, val_fn=val_fn([0.4]),
+                      resume=state)
+    assert first.losses + second.losses == ref.losses  # bitwise on CPU
+    assert (second.best_metric, second.best_iteration) == (ref.best_metric, ref.best_iteration) == (0.5, 2)
+
+
+def _optimizer_after_a_step(model, frozen: bool):
+    for p in (p for m in model.modules() if isinstance(m, nn.BatchNorm2d) for p in m.parameters()):
+        p.requires_grad_(not frozen)
+    opt = torch.optim.SGD(loop.param_groups(model, 1e-4), lr=0.1, momentum=0.9)
+    model(torch.randn(2, 3, 16, 16))["out"].square().mean().backward()
+    opt.step()
+    return opt
+
+
+@pytest.mark.parametrize("saved_frozen", [False, True], ids=["saved-trainable", "saved-frozen"])
+def test_resume_with_freeze_bn_changed_carries_the_optimizer_state_by_parameter(saved_frozen):
+    """--freeze-bn changed on resume: the saved optimizer covers other parameters (frozen BatchNorm parameters are
+    left out), so its state is carried over parameter by parameter: what both runs train keeps its momentum."""
+    torch.manual_seed(0)
+    model = TinySeg()
+    saved_opt = _optimizer_after_a_step(model, saved_frozen)
+    saved = saved_opt.state_dict()
+    momentum = {p: s["momentum_buffer"].clone() for p, s in saved_opt.state.items()}
+    bn = [p for m in model.modules() if isinstance(m, nn.BatchNorm2d) for p in m.parameters()]
+    for p in bn:
+        p.requires_grad_(saved_frozen)  # this run: the other setting
+    opt = torch.optim.SGD(loop.param_groups(model, 1e-4), lr=0.1, momentum=0.9)
+    loop.load_optimizer_state(opt, saved, model, 1e-4)
+    assert all(p.requires_grad == saved_frozen for p in bn)  # the flags stay as this run set them
+    for p in model.parameters():
+        is_bn = any(p is q for q in bn)
+        if not is_bn:  # trained by both runs
+            assert torch.equal(opt.state[p]["momentum_buffer"], momentum[p])
+        else:  # trained by one run only: frozen now (no state), or frozen then (none yet, as in a fresh run)
+            assert p not in opt.state
+    other = torch.optim.SGD(loop.param_groups(TinySeg(), 1e-4), lr=0.1, momentum=0.9)
+    other.param_groups[0]["params"].pop()  # another model's layout
+    with pytest.raises(ValueError, match="it was saved for another model"):
+        loop.load_optimizer_state(opt, other.state_dict(), model, 1e-4)
+
+
+def test_train_py_resume_with_freeze_bn_changed_runs(tmp_path, monkeypatch):
+    monkeypatch.setattr(train_script, "build_model", _tiny_build_model)
+    args = ["--crop-size", "32", "--synthetic-train-size", "8", "--synthetic-val-size", "2", "--batch-size", "2",
+            "--no-tensorboard", "--device", "cpu", "--log-every", "1", "--preview", "0", "--out-dir",
+            str(tmp_path / "run")]
+    train_script.main(args + ["--iterations", "3", "--stop-after", "1"])
+    train_script.main(args + ["--iterations", "3", "--stop-after", "1", "--resume", "--freeze-bn"])
+    train_script.main(args + ["--iterations", "3", "--resume"])
+    assert ckpt_io.checkpoint_iteration(str(tmp_path / "run" / "last.pt")) == 3

@@ -275,3 +275,52 @@ def test_unreadable_checkpoint_files_stop_eval_only_in_one_line(tmp_path, name, 
                              str(tmp_path / "ev")])
     assert message.startswith(f"--checkpoint {path}: " + says.format(p=path)), message
     assert "\n" not in message and "weights_only" not in message
+
+
+# ---- --resume CKPT into another folder; the log of an interrupted run ------------------------------------------
+
+
+def test_resume_into_another_folder_brings_the_best_checkpoint_along(tmp_path, monkeypatch, capsys):
+    """A run forked with --resume OTHER/last.pt into a fresh --out-dir: the best.pt its metrics name is there too
+    (copied), or, where the other folder's best.pt is gone, the best is tracked afresh and written by this run."""
+    monkeypatch.setattr(train_script, "build_model", _tiny_build_model)
+    real_eval = train_script.run_eval
+    src = tmp_path / "src"
+    train_script.main(TINY + ["--iterations", "2", "--eval-every", "1", "--out-dir", str(src), "--preview", "0"])
+    best_it = ckpt_io.checkpoint_iteration(str(src / "best.pt"))
+    # The fork's evaluations never beat the best (mIoU 0: a best must be strictly higher).
+    monkeypatch.setattr(train_script, "run_eval", lambda *a, **k: {**real_eval(*a, **k), "miou": 0.0})
+    fork = tmp_path / "fork"
+    capsys.readouterr()
+    train_script.main(TINY + ["--iterations", "3", "--eval-every", "1", "--resume", str(src / "last.pt"),
+                              "--out-dir", str(fork), "--preview", "0"])
+    assert f"into {fork}" in capsys.readouterr().out
+    assert (fork / "best.pt").read_bytes() == (src / "best.pt").read_bytes()
+    report = json.load(open(fork / "metrics.json"))
+    assert report["best_iteration"] == best_it == ckpt_io.checkpoint_iteration(str(fork / "best.pt"))
+    # The other folder's best.pt gone: this run's evaluations decide, and the file it names is in --out-dir.
+    (src / "best.pt").unlink()
+    fork2 = tmp_path / "fork2"
+    train_script.main(TINY + ["--iterations", "3", "--eval-every", "1", "--resume", str(src / "last.pt"),
+                              "--out-dir", str(fork2), "--preview", "0"])
+    assert "is not there: the best is tracked afresh" in capsys.readouterr().out
+    report = json.load(open(fork2 / "metrics.json"))
+    assert report["best_iteration"] == 3 == ckpt_io.checkpoint_iteration(str(fork2 / "best.pt"))
+
+
+def test_a_resume_drops_the_records_logged_after_the_checkpoint(tmp_path, monkeypatch):
+    """An interrupted run logged iterations after its last checkpoint; the resumed run logs them again: the log
+    keeps one record per iteration (and lines that are not records of later iterations)."""
+    monkeypatch.setattr(train_script, "build_model", _tiny_build_model)
+    out = tmp_path / "run"
+    args = TINY + ["--iterations", "4", "--out-dir", str(out), "--preview", "0"]
+    train_script.main(args + ["--stop-after", "2"])
+    with open(out / "metrics.jsonl", "a") as f:  # what Ctrl-C at iteration 3, after its record, leaves
+        f.write(json.dumps({"kind": "train", "iteration": 3, "loss": 9.9}) + "\n")
+        f.write("not json\n")
+    train_script.main(args + ["--resume"])
+    lines = open(out / "metrics.jsonl").read().splitlines()
+    assert "not json" in lines
+    records = [json.loads(line) for line in lines if line != "not json"]
+    assert [r["iteration"] for r in records if r["kind"] == "train"] == [1, 2, 3, 4]
+    assert all(r.get("loss") != 9.9 for r in records)
