@@ -20,7 +20,6 @@ import pickle
 import random
 import shutil
 import sys
-import tempfile
 import time
 
 import numpy as np
@@ -831,16 +830,8 @@ def carry_best(resume_path: str, resume: dict, out_dir: str, is_main: bool) -> N
         return  # resumed in place
     if os.path.isfile(src) and ckpt_io.checkpoint_iteration(src) == resume.get("best_iteration"):
         if is_main:
-            os.makedirs(out_dir, exist_ok=True)
-            fd, tmp = tempfile.mkstemp(prefix=".best.pt.", suffix=".tmp", dir=out_dir)
-            os.close(fd)
-            try:
-                shutil.copyfile(src, tmp)
-                os.replace(tmp, dst)
-            except BaseException:
-                if os.path.exists(tmp):
-                    os.unlink(tmp)
-                raise
+            with open(src, "rb") as f:
+                ckpt_io.atomic_write(dst, lambda out: shutil.copyfileobj(f, out))
             print(f"copied {src} (the best so far, iteration {resume['best_iteration']}) into {out_dir}")
         return
     if is_main:

@@ -48,13 +48,19 @@ def _remove_stale_temps(folder: str, path: str) -> None:
 
 def atomic_save(obj, path: str) -> None:
     """torch.save to `path` so that a crash leaves either the old file or the new one, never half of one."""
+    atomic_write(path, lambda f: torch.save(obj, f))
+
+
+def atomic_write(path: str, write) -> None:
+    """write(f) into a binary file that then replaces `path` in one step (temp file in the same folder, fsync,
+    os.replace): a crash leaves either the old file or the new one, never half of one."""
     folder = os.path.dirname(os.path.abspath(path))
     os.makedirs(folder, exist_ok=True)
     _remove_stale_temps(folder, path)
     fd, tmp = tempfile.mkstemp(prefix=f"{_temp_prefix(path)}{os.getpid()}.", suffix=".tmp", dir=folder)
     try:
         with os.fdopen(fd, "wb") as f:
-            torch.save(obj, f)
+            write(f)
             f.flush()
             os.fsync(f.fileno())
         os.replace(tmp, path)

@@ -14,7 +14,6 @@ import math
 import os
 import random
 import sys
-import tempfile
 import time
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
@@ -341,7 +340,7 @@ class MetricsLog:
 def _drop_records_after(path: str, iteration: int) -> None:
     """Rewrite the JSON-lines log at `path` without the records of iterations after `iteration` (atomically: a
     crash leaves the old file or the new one). Lines that are not such records are kept as they are."""
-    with open(path) as f:
+    with open(path, encoding="utf-8") as f:
         lines = f.readlines()
     kept = []
     for line in lines:
@@ -351,20 +350,8 @@ def _drop_records_after(path: str, iteration: int) -> None:
             it = None
         if not (isinstance(it, int) and it > iteration):
             kept.append(line if line.endswith("\n") else line + "\n")
-    if len(kept) == len(lines):
-        return
-    fd, tmp = tempfile.mkstemp(prefix=f".{os.path.basename(path)}.", suffix=".tmp",
-                               dir=os.path.dirname(os.path.abspath(path)))
-    try:
-        with os.fdopen(fd, "w") as f:
-            f.writelines(kept)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-        raise
+    if len(kept) != len(lines):
+        ckpt_io.atomic_write(path, lambda f: f.write("".join(kept).encode()))
 
 
 def load_optimizer_state(optimizer: torch.optim.Optimizer, state: dict, model: nn.Module, weight_decay: float) -> None:
