@@ -75,6 +75,19 @@ def read_index_mask(path: str, num_classes: int | None = None) -> np.ndarray:
         raise UnreadableDataFile(f"cannot read mask {path}: {type(e).__name__}: {e}") from e
     if arr.ndim != 2:
         raise BadDataFile(f"bad mask {path}: expected a single-channel image, got shape {arr.shape}")
+    return class_index_mask(arr, path, num_classes)
+
+
+def class_index_mask(arr: np.ndarray, path: str, num_classes: int | None = None) -> np.ndarray:
+    """A decoded mask's values checked as class indices and returned as uint8: integers in [0, 255], each below
+    `num_classes` or the ignore label 255. Every mask reader (PNG, SBD .mat) goes through it; errors name `path`."""
+    if arr.dtype.kind == "f":  # a float TIFF, a MATLAB double: whole numbers only, never truncated silently
+        fractional = ~np.isfinite(arr) | (arr != np.round(arr))
+        if fractional.any():
+            raise BadDataFile(f"bad mask {path}: values must be whole-number class indices, got "
+                              f"{arr[fractional].flat[0]}")
+    elif arr.dtype.kind not in "biu":
+        raise BadDataFile(f"bad mask {path}: values must be class indices, got an array of dtype {arr.dtype}")
     if arr.max(initial=0) > 255 or arr.min(initial=0) < 0:
         raise BadDataFile(f"bad mask {path}: values must be class indices in [0, 255], got [{arr.min()}, {arr.max()}]")
     arr = arr.astype(np.uint8)
@@ -88,8 +101,9 @@ def read_index_mask(path: str, num_classes: int | None = None) -> np.ndarray:
     return arr
 
 
-def read_sbd_mat(path: str) -> np.ndarray:
-    """The class mask of an SBD ``dataset/cls/*.mat`` file (GTcls.Segmentation) as (H, W) uint8."""
+def read_sbd_mat(path: str, num_classes: int | None = None) -> np.ndarray:
+    """The class mask of an SBD ``dataset/cls/*.mat`` file (GTcls.Segmentation) as (H, W) uint8, its values
+    checked as read_index_mask checks a PNG's (never wrapped to 8 bits)."""
     if not os.path.isfile(path):
         raise MissingDataFile(f"SBD label file not found: {path}")
     try:
@@ -102,15 +116,16 @@ def read_sbd_mat(path: str) -> np.ndarray:
                            f"{type(e).__name__}: {e}") from e
     if seg.ndim != 2:
         raise BadDataFile(f"bad SBD label {path}: GTcls.Segmentation has shape {seg.shape}, expected (H, W)")
-    return seg.astype(np.uint8)
+    return class_index_mask(seg, path, num_classes)
 
 
 def read_split(path: str) -> list[str]:
-    """Image ids, one per line, of a split list file."""
+    """The entries of a split list file: its non-blank lines, each without its line end (a name may hold spaces
+    and dots; how an entry names an image is the dataset's to say: _list_ids for VOC, _folder_names for a folder)."""
     if not os.path.isfile(path):
         raise FileNotFoundError(f"split list not found: {path}")
     with open(path) as f:
-        ids = [line.split()[0] for line in f if line.strip()]
+        ids = [line.rstrip("\r\n") for line in f if line.strip()]
     if not ids:
         raise ValueError(f"split list {path} is empty")
     return ids
@@ -347,8 +362,13 @@ def _find_sbd_root(root: str) -> str:
 
 
 def _list_ids(path: str) -> list[str]:
-    """Ids of a list file; lines may be bare ids or 'JPEGImages/x.jpg SegmentationClassAug/x.png' pairs."""
-    return [os.path.splitext(os.path.basename(i))[0] for i in read_split(path)]
+    """Ids of a VOC or SBD list file; lines may be bare ids (VOC's ids hold no spaces) or
+    'JPEGImages/x.jpg SegmentationClassAug/x.png' pairs, whose first path gives the id."""
+    ids = []
+    for line in read_split(path):
+        stem, ext = os.path.splitext(os.path.basename(line.split()[0]))
+        ids.append(stem if ext.lower() in IMAGE_EXTENSIONS + (".mat",) else stem + ext)
+    return ids
 
 
 class VOCSegmentation:
@@ -422,7 +442,7 @@ class VOCSegmentation:
         name, image_path, label_path = self.items[index]
         image = read_image(image_path)
         if label_path.endswith(".mat"):
-            mask = read_sbd_mat(label_path)
+            mask = read_sbd_mat(label_path, num_classes=len(self.classes))
         else:
             mask = read_index_mask(label_path, num_classes=len(self.classes))
         if mask.shape != image.shape[:2]:
@@ -445,6 +465,40 @@ def read_class_list(path: str) -> list[str]:
     if len(names) > 255:
         raise ValueError(f"class list {path} names {len(names)} classes; at most 255 fit in an 8-bit mask with 255 "
                          "as the ignore label")
+    return names
+
+
+def _folder_names(list_file: str, by_stem: dict[str, str], images_dir: str) -> list[str]:
+    """The image names a folder dataset's split list gives, one per line.
+
+    An entry is matched exactly against the names (each file name in images/ without its final extension: the
+    name of `scan.000.png` is `scan.000`, of `my img.png` `my img`); whitespace around it is dropped when the entry
+    as written names no image. An entry that is not a name but an image's whole file name (`x.jpg`) or a path
+    ending in one (`images/x.jpg`, or an 'images/x.jpg masks/x.png' pair) gives that image. Anything else is refused,
+    naming the entry: a split is never guessed.
+    """
+    by_file = {os.path.basename(path): stem for stem, path in by_stem.items()}
+
+    def name_of(entry: str) -> str | None:
+        stripped = entry.strip()
+        for name in (entry, stripped):
+            if name in by_stem:
+                return name
+        for path in (stripped, stripped.split()[0]):  # x.jpg, images/x.jpg, 'images/x.jpg masks/x.png'
+            if os.path.basename(path) in by_file:
+                return by_file[os.path.basename(path)]
+        return None
+
+    names, unknown = [], []
+    for entry in read_split(list_file):
+        name = name_of(entry)
+        if name is None:
+            unknown.append(entry.strip())
+        else:
+            names.append(name)
+    if unknown:
+        raise FileNotFoundError(f"{list_file} lists {unknown[0]!r} but {images_dir} has no image of that name"
+                                + (f" (and {len(unknown) - 1} more)" if len(unknown) > 1 else ""))
     return names
 
 
@@ -487,16 +541,19 @@ class FolderSegmentation:
                                      "(the file name without its extension) must be unique, since it pairs the image "
                                      f"with {masks_dir}/{stem}.png: rename or remove one of them")
                 by_stem[stem] = path
+        if not by_stem:
+            others = sorted(os.listdir(images_dir))
+            what = (f"holds no images: its {len(others)} entries (e.g. {others[0]!r}) are not image files"
+                    if others else "is empty")
+            raise FileNotFoundError(
+                f"folder dataset {root}: the images folder {images_dir} {what}; put the images there "
+                f"({'/'.join(e[1:] for e in IMAGE_EXTENSIONS)}), each with its mask {masks_dir}/<name>.png")
         masks_by_stem = _masks_by_stem(masks_dir)
         list_file = os.path.join(root, f"{split}.txt")
         if os.path.isfile(list_file):
-            names = _list_ids(list_file)
-            unknown = [n for n in names if n not in by_stem]
-            if unknown:
-                raise FileNotFoundError(f"{list_file} lists {unknown[0]!r} but {images_dir} has no image of that name"
-                                        + (f" (and {len(unknown) - 1} more)" if len(unknown) > 1 else ""))
+            names = _folder_names(list_file, by_stem, images_dir)
         elif split == "train" and os.path.isfile(val_file := os.path.join(root, "val.txt")):
-            held_out = set(_list_ids(val_file))  # train.txt absent: every image val.txt does not list
+            held_out = set(_folder_names(val_file, by_stem, images_dir))  # no train.txt: every image val.txt omits
             names = [n for n in sorted(by_stem) if n not in held_out]
         elif split in ("train", "val") and not os.path.isfile(os.path.join(root, "train.txt")):
             import zlib

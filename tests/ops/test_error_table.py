@@ -165,6 +165,15 @@ def voc(d, split_ids=("a",), val_ids=("b",), aug=False):
     return r
 
 
+def _mat(d, labels) -> str:
+    """An SBD-style .mat label file (GTcls.Segmentation) holding `labels`: its path."""
+    from scipy.io import savemat
+
+    path = f"{d}/m.mat"
+    savemat(path, {"GTcls": {"Segmentation": labels}})
+    return path
+
+
 def _datasets():
     from training import datasets
 
@@ -465,7 +474,12 @@ CASES = {
     "data-folder-dirs": lambda d: _datasets().FolderSegmentation(str(d)),
     "data-folder-unknown": lambda d: _folder_unknown(d),
     "data-folder-no-split": lambda d: _datasets().FolderSegmentation(folder(d), "test"),
-    "data-folder-empty-split": lambda d: _datasets().FolderSegmentation(folder(d, names=(), lists=False), "val"),
+    "data-folder-empty-split": lambda d: _datasets().FolderSegmentation(folder(d, names=("a",), lists=False), "val"),
+    "data-folder-no-images": lambda d: _datasets().FolderSegmentation(folder(d, names=(), lists=False), "val"),
+    "data-sbd-classes": lambda d: _datasets().read_sbd_mat(_mat(d, np.full((4, 4), 30, np.uint8)), num_classes=21),
+    "data-sbd-values": lambda d: _datasets().read_sbd_mat(_mat(d, np.full((4, 4), 300, np.uint16))),
+    "data-mask-fraction": lambda d: _datasets().read_sbd_mat(_mat(d, np.full((4, 4), 1.5))),
+    "data-mask-dtype": lambda d: _datasets().read_sbd_mat(_mat(d, np.full((4, 4), 1 + 1j))),
     "data-folder-mask-missing": lambda d: _folder_mask_missing(d),
     "data-size-mismatch": lambda d: _folder_size_mismatch(d),
     # training: transforms and metrics (training/transforms.py, training/metrics.py)

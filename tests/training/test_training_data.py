@@ -140,6 +140,44 @@ def test_missing_and_corrupt_files_are_named(voc_tree):
         datasets.VOCSegmentation(str(root / "nowhere"), "val")
 
 
+def _write_sbd_mat(path, seg):
+    savemat(path, {"GTcls": {"Segmentation": seg, "Boundaries": np.zeros(1), "CategoriesPresent": np.unique(seg)}})
+
+
+def test_sbd_mat_labels_are_checked_like_png_masks(voc_tree):
+    # An SBD .mat label goes through the PNG masks' check: a class index the class list lacks, a value beyond 8 bits
+    # (never wrapped: 300 is not class 44) or a fractional one stops with the file named, as a DataFileError (which
+    # train.py prints as one line), not as an IndexError in the loss.
+    root, voc, sbd, (a, b, c, d, e, f), truth = voc_tree
+    aug = datasets.VOCSegmentation(str(voc), "train_aug", sbd_root=str(sbd))
+    at_e = [it[0] for it in aug.items].index(e)
+    h, w = truth[e][2].shape
+    seg = np.zeros((h, w), np.uint8)
+    seg[2, 3], seg[4, 5] = 30, 255  # 255 (ignore) is allowed
+    _write_sbd_mat(sbd / "cls" / f"{e}.mat", seg)
+    with pytest.raises(datasets.DataFileError,
+                       match=rf"^bad mask .*{e}\.mat: class indices \[30\] are >= num_classes=21 \(and not the ignore "
+                             r"label 255\)$") as caught:
+        aug[at_e]
+    assert isinstance(caught.value, ValueError)
+    wide = np.zeros((h, w), np.uint16)
+    wide[1, 1] = 300
+    _write_sbd_mat(sbd / "cls" / f"{e}.mat", wide)
+    with pytest.raises(datasets.DataFileError,
+                       match=rf"bad mask .*{e}\.mat: values must be class indices in \[0, 255\], got \[0, 300\]"):
+        aug[at_e]
+    with pytest.raises(datasets.DataFileError, match=r"values must be class indices in \[0, 255\]"):
+        datasets.read_sbd_mat(str(sbd / "cls" / f"{e}.mat"))  # without a class count too
+    _write_sbd_mat(sbd / "cls" / f"{e}.mat", np.full((h, w), 1.5))
+    with pytest.raises(datasets.DataFileError,
+                       match=rf"bad mask .*{e}\.mat: values must be whole-number class indices, got 1\.5"):
+        aug[at_e]
+    # Whole numbers stored as doubles (MATLAB's default) are fine.
+    _write_sbd_mat(sbd / "cls" / f"{e}.mat", truth[e][2].astype(np.float64))
+    image, mask, _ = aug[at_e]
+    assert mask.dtype == np.uint8 and np.array_equal(mask, truth[e][2])
+
+
 # ---- folder ------------------------------------------------------------------------------------------------------
 
 
@@ -289,4 +327,60 @@ def test_folder_mask_extension_in_any_case(tmp_path):
     os.remove(root / "masks" / "b.PNG")
     Image.fromarray(np.ones((6, 5), np.uint8), mode="L").save(root / "masks" / "b.jpg")
     with pytest.raises(FileNotFoundError, match=r"b\.png.*has b\.jpg, but masks must be PNG"):
+        datasets.FolderSegmentation(str(root), "train")
+
+
+def test_folder_split_lists_match_whole_names(tmp_path):
+    # A listed name is the whole file name less its final extension, dots and spaces included: `im0.aug` is not
+    # `im0`, `scan.000` is the name of scan.000.png, `my img0` of `my img0.png` (and not of `my.png`).
+    (tmp_path / "aug").mkdir()
+    (tmp_path / "odd").mkdir()
+    root = _folder(tmp_path / "aug", ["im0.png", "im1.png", "im2.png", "im0.aug.png", "im1.aug.png"])
+    (root / "val.txt").write_text("im0.aug\n")
+    assert [it[0] for it in datasets.FolderSegmentation(str(root), "val").items] == ["im0.aug"]
+    assert [it[0] for it in datasets.FolderSegmentation(str(root), "train").items] == ["im0", "im1", "im1.aug", "im2"]
+    ds = datasets.FolderSegmentation(str(root), "val")
+    assert os.path.basename(ds.items[0][1]) == "im0.aug.png" and os.path.basename(ds.items[0][2]) == "im0.aug.png"
+
+    root = _folder(tmp_path / "odd", ["scan.000.png", "scan.001.jpg", "my img0.png", "my img1.png", "my.png"])
+    (root / "val.txt").write_text("scan.000\nmy img0  \r\n\n")  # whitespace at the line ends is dropped
+    val = datasets.FolderSegmentation(str(root), "val")
+    assert [it[0] for it in val.items] == ["scan.000", "my img0"]
+    assert [it[0] for it in datasets.FolderSegmentation(str(root), "train").items] == ["my", "my img1", "scan.001"]
+    assert val[1][2] == "my img0"
+    # An image's whole file name, or a path ending in one (also as the first of an image / mask pair), names it.
+    (root / "test.txt").write_text("scan.001.jpg\nimages/my img1.png\nimages/my.png masks/my.png\n")
+    assert [it[0] for it in datasets.FolderSegmentation(str(root), "test").items] == ["scan.001", "my img1", "my"]
+    # Anything else is refused, naming the entry as written: no name is guessed from a part of it.
+    for listed in ("scan", "my img", "scan.000.jpg", "my img0 my.png"):
+        (root / "test.txt").write_text(f"{listed}\n")
+        with pytest.raises(FileNotFoundError,
+                           match=f"test.txt lists '{listed}' but .*images has no image of that name"):
+            datasets.FolderSegmentation(str(root), "test")
+    # train without train.txt is checked against val.txt's names too: a misspelt held-out name is not ignored.
+    (root / "val.txt").write_text("scan\n")
+    with pytest.raises(FileNotFoundError, match="val.txt lists 'scan'"):
+        datasets.FolderSegmentation(str(root), "train")
+
+
+def test_voc_lists_keep_their_forms(voc_tree):
+    # VOC's and SBD's lists: bare ids and 'image label' path pairs, line ends of any kind.
+    root, voc, sbd, (a, b, c, d, e, f), truth = voc_tree
+    pair = f"/JPEGImages/{b}.jpg /SegmentationClass/{b}.png"
+    (voc / "ImageSets/Segmentation/train.txt").write_bytes(f"{a}\r\n{pair}\n".encode())
+    assert [it[0] for it in datasets.VOCSegmentation(str(voc), "train").items] == [a, b]
+
+
+def test_folder_empty_images_folder_is_named(tmp_path):
+    root = _folder(tmp_path, [])
+    images = root / "images"
+    for split in ("train", "val"):
+        with pytest.raises(FileNotFoundError, match=f"the images folder {images} is empty; put the images there"):
+            datasets.FolderSegmentation(str(root), split)
+    (root / "train.txt").write_text("a\n")  # a split list too: the folder is the problem, not the list
+    with pytest.raises(FileNotFoundError, match=f"the images folder {images} is empty"):
+        datasets.FolderSegmentation(str(root), "train")
+    (images / "a.gif").write_bytes(b"GIF89a")
+    with pytest.raises(FileNotFoundError, match=f"the images folder {images} holds no images: its 1 entries "
+                                                r"\(e\.g\. 'a\.gif'\) are not image files"):
         datasets.FolderSegmentation(str(root), "train")
