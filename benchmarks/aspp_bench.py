@@ -76,9 +76,9 @@ def main(argv: list[str] | None = None) -> int:
                              "12/24/36); on cpu the same names are 17/17/33 px with halved rates (--quick: 9/9/17 "
                              "px); default: all (--quick: os16)")
     parser.add_argument("--in-channels", type=common.int_at_least(1, "channels"), default=None,
-                        help="Cin (default 2048 on cuda, 64 on cpu)")
+                        help="Cin (default 2048 on cuda, 64 on cpu; --quick on cpu: 32)")
     parser.add_argument("--out-channels", type=common.int_at_least(1, "channels"), default=None,
-                        help="Cout (default 256 on cuda, 32 on cpu)")
+                        help="Cout (default 256 on cuda, 32 on cpu; --quick on cpu: 16)")
     args = parser.parse_args(argv)
     device = common.resolve_device(args)
     cuda = device.type == "cuda"

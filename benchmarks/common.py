@@ -937,7 +937,11 @@ def csv_list(kind: Callable = str, choices: Iterable | None = None) -> Callable[
     allowed = None if choices is None else list(choices)
 
     def parse(text: str) -> list:
-        items = [kind(t.strip()) for t in text.split(",") if t.strip()]
+        try:
+            items = [kind(t.strip()) for t in text.split(",") if t.strip()]
+        except ValueError:
+            expected = f"of {sorted(allowed)}" if allowed is not None else f"of {getattr(kind, '__name__', 'value')}s"
+            raise argparse.ArgumentTypeError(f"expected a comma-separated list {expected}, got {text!r}") from None
         if not items:
             raise argparse.ArgumentTypeError("expected a comma-separated list with at least one item")
         if allowed is not None:
@@ -983,6 +987,16 @@ def out_folder(text: str) -> str:
     return text
 
 
+def file_stem(text: str) -> str:
+    """argparse type: the results' file stem (NAME.json, NAME.csv, ...): a plain file name, no folder in it (the
+    folder is --out), not empty, not hidden."""
+    if not text or text in (".", "..") or text.startswith(".") or "/" in text or os.sep in text or "\0" in text:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a file stem: expected a plain file name such as "
+                                         "'aspp-h200' (no folder: give that with --out; not empty, not starting "
+                                         "with a dot)")
+    return text
+
+
 def add_common_args(parser: argparse.ArgumentParser, name: str, modes: Sequence[str] = MODES,
                     modes_help: str = "comma list of train_fwd (train-mode forward, autograd recording), eval_fwd "
                                       "(no_grad), fwd_bwd (forward + backward)",
@@ -999,7 +1013,8 @@ def add_common_args(parser: argparse.ArgumentParser, name: str, modes: Sequence[
                         help="comma list of batch sizes")
     parser.add_argument("--quick", action="store_true", help="fewest shapes and repetitions (tests, smoke runs)")
     parser.add_argument("--out", type=out_folder, default="bench_out", help="directory for the JSON/CSV/PNG results")
-    parser.add_argument("--name", default=name, help="file stem of the results (default: %(default)s)")
+    parser.add_argument("--name", type=file_stem, default=name,
+                        help="file stem of the results, in --out (default: %(default)s)")
     parser.add_argument("--plot", action="store_true", help="also write NAME.png (needs matplotlib)")
     parser.add_argument("--profile", action="store_true",
                         help="append each timed case's top kernels (torch.profiler) to NAME_profile.txt")
@@ -1115,11 +1130,14 @@ if __name__ == "__main__":
     # python benchmarks/common.py goals DIR: the issue's goals, read from DIR's aspp_goal.json and train_bench.json
     # python benchmarks/common.py commit: the git_commit the rows will name (gpu_suite.sh prints it)
     # python benchmarks/common.py roofline FILE: each aspp / conv_bn_relu row's roofline (also for older results)
-    if len(sys.argv) == 2 and sys.argv[1] == "commit":
-        print(git_commit())
-    elif len(sys.argv) == 3 and sys.argv[1] == "goals":
-        print("\n".join(goal_report(sys.argv[2])))
-    elif len(sys.argv) == 3 and sys.argv[1] == "roofline":
-        print("\n".join(roofline_report(sys.argv[2])))
-    else:
-        sys.exit("usage: python benchmarks/common.py goals DIR | roofline FILE.csv | commit")
+    try:
+        if len(sys.argv) == 2 and sys.argv[1] == "commit":
+            print(git_commit())
+        elif len(sys.argv) == 3 and sys.argv[1] == "goals":
+            print("\n".join(goal_report(sys.argv[2])))
+        elif len(sys.argv) == 3 and sys.argv[1] == "roofline":
+            print("\n".join(roofline_report(sys.argv[2])))
+        else:
+            sys.exit("usage: python benchmarks/common.py goals DIR | roofline FILE.csv | commit")
+    except OSError as e:  # a results file or folder that is not there: one line, not a traceback
+        sys.exit(f"benchmarks/common.py {sys.argv[1]}: {e.strerror or e}: {e.filename or sys.argv[2]}")

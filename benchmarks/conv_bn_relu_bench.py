@@ -81,6 +81,7 @@ CPU_SHAPES = (
     ConvShape("os8", "layer4", 32, 32, 3, 17, dilation=4),
     ConvShape("aspp", "aspp", 64, 16, 3, 17, dilation=6),
 )
+SHAPE_GROUPS = ("os16", "os8", "aspp")
 QUICK_CPU_SHAPES = (
     ConvShape("os16", "layer3", 16, 16, 3, 9, dilation=2),
     ConvShape("os16", "layer3", 16, 32, 1, 9, residual=True),
@@ -128,12 +129,14 @@ def make_module(provider: str, s: ConvShape) -> nn.Module:
     return common.compiled(module, provider)
 
 
-def select_shapes(cuda: bool, shape_set: str | None, groups: list[str], quick: bool) -> list[ConvShape]:
-    """The rows to run: shape_set "deeplab" (the default on cuda) or "small" (the default on cpu), in `groups`;
-    --quick keeps two (on cpu, without an explicit set, the two smallest layers)."""
-    shape_set = shape_set or ("deeplab" if cuda else "small")
-    if quick and not cuda and shape_set == "small":
+def select_shapes(cuda: bool, shape_set: str | None, groups: list[str] | None, quick: bool) -> list[ConvShape]:
+    """The rows to run: shape_set "deeplab" (the default on cuda) or "small" (the default on cpu), in `groups`
+    (None: every group); --quick keeps two (on cpu, with neither a set nor groups given, two smaller layers still:
+    given ones are kept, as every explicit list is)."""
+    if quick and not cuda and shape_set is None and groups is None:
         return list(QUICK_CPU_SHAPES)
+    shape_set = shape_set or ("deeplab" if cuda else "small")
+    groups = groups or list(SHAPE_GROUPS)
     shapes = [s for s in (CUDA_SHAPES if shape_set == "deeplab" else CPU_SHAPES) if s.group in groups]
     return shapes[:2] if quick else shapes
 
@@ -143,8 +146,9 @@ def main(argv: list[str] | None = None) -> int:
     common.add_common_args(parser, "conv_bn_relu_bench")
     parser.add_argument("--providers", type=common.csv_list(str, PROVIDERS), default=None,
                         help=f"comma list of {PROVIDERS}; default: {CUDA_PROVIDERS} on cuda, {CPU_PROVIDERS} on cpu")
-    parser.add_argument("--shapes", type=common.csv_list(str, ("os16", "os8", "aspp")), default=["os16", "os8", "aspp"],
-                        help="comma list of shape groups: os16 (ResNet blocks at output stride 16), os8, aspp")
+    parser.add_argument("--shapes", type=common.csv_list(str, SHAPE_GROUPS), default=None,
+                        help="comma list of shape groups: os16 (ResNet blocks at output stride 16), os8, aspp "
+                             "(default: all)")
     parser.add_argument("--shape-set", choices=("deeplab", "small"), default=None,
                         help="deeplab: DeepLabV3's own layer shapes (a 513x513 crop; the default on cuda); small: "
                              "fewer channels and smaller maps with the same kernels, strides and dilations (the "

@@ -891,7 +891,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--dtype", choices=tuple(common.DTYPES), default="fp32")
     parser.add_argument("--quick", action="store_true", help="few calls per case (seconds; tests, smoke runs)")
     parser.add_argument("--out", type=common.out_folder, default="bench_out", help="directory for NAME.csv and NAME.md")
-    parser.add_argument("--name", default=None,
+    parser.add_argument("--name", type=common.file_stem, default=None,
                         help="file stem (default: overhead-<device>-<machine>-<UTC date>, e.g. overhead-cpu-xeon-"
                              "2026-11-28)")
     parser.add_argument("--threads", type=common.int_at_least(1, "torch CPU threads"), default=None,

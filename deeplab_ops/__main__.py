@@ -78,10 +78,17 @@ def _forced_refusal(device) -> str | None:
     device = torch.device(device)
     reasons = backends.not_supported_reasons(forced, "conv_bn_relu", device, **_probe(device.type))
     if device.type == "cuda" and not torch.cuda.is_available():
-        reasons = [r for r in reasons if "runs CUDA tensors" not in r]
+        reasons = _build_reasons(reasons)
     if not reasons:
         return None
     return f"none ({backends.ENV_VAR}={forced!r} cannot run them: {'; '.join(reasons)})"
+
+
+def _build_reasons(reasons: list[str]) -> list[str]:
+    """Of why a backend cannot run a CUDA call here, the reasons of this build (not: no GPU is visible now)."""
+    from deeplab_ops import backends
+
+    return [r for r in reasons if r != backends.NO_CUDA_DEVICE and "runs CUDA tensors" not in r]
 
 
 def _auto_cpu() -> str:
@@ -109,8 +116,7 @@ def _auto_cuda() -> str:
         return forced + suffix
     cuda = torch.device("cuda")
     for name in backends.auto_candidates(cuda):
-        reasons = [r for r in backends.not_supported_reasons(name, "conv_bn_relu", cuda, **_probe("cuda"))
-                   if "runs CUDA tensors" not in r]
+        reasons = _build_reasons(backends.not_supported_reasons(name, "conv_bn_relu", cuda, **_probe("cuda")))
         if not reasons:
             return name + suffix
     return "none (no CUDA backend is usable in this build)"

@@ -28,14 +28,16 @@ def triton_import_error() -> str | None:
     return None
 
 
+NO_CUDA_DEVICE = "no CUDA device is visible here (torch.cuda.is_available() is False)"
+
+
 def _device_reasons(backend: str, device: torch.device) -> list[str]:
     if backend == "reference" or (device.type == "meta" and backend in BACKENDS):
         return []  # meta tensors: every op has a fake kernel that computes shapes only
     if backend == "cpu":
         return [] if device.type == "cpu" else [f"it runs CPU tensors, got a tensor on {device}"]
     # a CUDA device asked about where none is visible (available_backends("cuda") on a CPU machine)
-    reasons = ["no CUDA device is visible here (torch.cuda.is_available() is False)"] \
-        if device.type == "cuda" and not torch.cuda.is_available() else []
+    reasons = [NO_CUDA_DEVICE] if device.type == "cuda" and not torch.cuda.is_available() else []
     if backend == "cuda":
         if device.type != "cuda":
             reasons.append(f"it runs CUDA tensors, got a tensor on {device}")

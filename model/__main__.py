@@ -45,6 +45,10 @@ def _batch_size(text: str) -> int:
 
 def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     """Command-line arguments (see `python -m model --help`)."""
+    return build_parser().parse_args(argv)
+
+
+def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="python -m model", description=__doc__.split("\n\n")[0],
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--summary", action="store_true", help="print parameters and FLOPs per stage")
@@ -61,7 +65,7 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     p.add_argument("--num-classes", type=int, default=21)
     p.add_argument("--image-size", type=_image_size, default=(513, 513), help="N or HxW (default 513)")
     p.add_argument("--batch-size", type=_batch_size, default=1, help="images (default 1)")
-    return p.parse_args(argv)
+    return p
 
 
 def _stages(model: DeepLabV3) -> list[tuple[str, list[str]]]:
@@ -132,8 +136,10 @@ def format_summary(model: DeepLabV3, rows: list[dict], image_size: tuple[int, in
 def main(argv: Sequence[str] | None = None) -> int:
     """Entry point; returns the exit status."""
     args = parse_args(argv)
-    if not args.summary:
-        parse_args(["--help"])
+    if not args.summary:  # nothing asked: the usage, and the status of a usage error
+        parser = build_parser()
+        parser.print_help(sys.stderr)
+        print(f"{parser.prog}: error: nothing to do: add --summary", file=sys.stderr)
         return 2
     try:
         with torch.device("meta"):

@@ -84,6 +84,9 @@ def test_python_m_deeplab_ops_reports_versions_and_backends():
     for needle in ("torch", "triton", "deeplab_ops", "CUDA C++ kernels", "backends on cpu", "auto picks",
                    "CPU tensors: cpu"):
         assert needle in out, f"{needle!r} missing from:\n{out}"
+    # CUDA tensors are judged from the build (a GPU absent now is no reason): triton installed, triton it is.
+    if importlib.util.find_spec("triton") is not None:
+        assert "CUDA tensors: triton" in out, out
 
 
 def test_setup_without_torch_says_what_to_do():

@@ -440,7 +440,11 @@ def test_conv_bn_relu_bench_shape_sets():
 
     groups = ["os16", "os8", "aspp"]
     assert bench.select_shapes(False, None, groups, False) == list(bench.CPU_SHAPES)
-    assert bench.select_shapes(False, None, groups, True) == list(bench.QUICK_CPU_SHAPES)
+    assert bench.select_shapes(False, None, None, True) == list(bench.QUICK_CPU_SHAPES)
+    assert bench.select_shapes(False, None, None, False) == list(bench.CPU_SHAPES)
+    # --quick keeps the groups and the set given (it used to return the two quick os16 rows for any of them)
+    assert bench.select_shapes(False, None, ["aspp"], True) == [s for s in bench.CPU_SHAPES if s.group == "aspp"]
+    assert bench.select_shapes(False, "small", None, True) == list(bench.CPU_SHAPES[:2])
     assert bench.select_shapes(True, None, groups, False) == list(bench.CUDA_SHAPES)
     deeplab_cpu = bench.select_shapes(False, "deeplab", ["os16"], False)
     assert deeplab_cpu == [s for s in bench.CUDA_SHAPES if s.group == "os16"]
@@ -724,6 +728,12 @@ def test_gpu_suite_runs_the_whole_suite_when_nothing_is_marked_gpu(tmp_path):
     ("overhead_bench", ["--step-batch", "1"], "argument --step-batch: must be >= 2 (images: training BatchNorm "
                                               "needs 2), got 1"),
     ("overhead_bench", ["--step-size", "4"], "argument --step-size: must be >= 16"),
+    ("aspp_bench", ["--name", "sub/x"], "argument --name: 'sub/x' is not a file stem"),  # (a traceback after the run)
+    ("conv_bn_relu_bench", ["--name", ""], "argument --name: '' is not a file stem"),
+    ("overhead_bench", ["--name", ".hidden"], "argument --name: '.hidden' is not a file stem"),
+    ("train_bench", ["--output-strides", "abc"], "argument --output-strides: expected a comma-separated list of "
+                                                 "[8, 16], got 'abc'"),
+    ("aspp_bench", ["--batches", "x"], "argument --batches: expected an integer >= 1 (a batch size), got 'x'"),
 ])
 def test_benchmark_flags_out_of_range_are_refused(module, argv, message, tmp_path, capsys):
     """A value the benchmark cannot use is a usage error naming the flag, not a silent default or a traceback."""

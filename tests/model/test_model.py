@@ -389,6 +389,9 @@ def test_summary_cli_matches_torchvision_published_numbers(capsys):
     # --preset with a flag it fixes, typed with another value (the plain default included): refused, not replaced
     assert summary_main(["--summary", "--preset", "torchvision", "--output-stride", "16"]) == 2
     assert "fixes output_stride=8" in capsys.readouterr().err
+    assert summary_main([]) == 2  # nothing asked: the usage and a usage error's status (it exited 0 inside --help)
+    err = capsys.readouterr().err
+    assert err.startswith("usage: python -m model") and err.rstrip().endswith("nothing to do: add --summary")
     for bad in ("0", "-3", "two"):  # a usage error with the usage line, as argparse gives every flag
         with pytest.raises(SystemExit) as e:
             summary_main(["--summary", "--batch-size", bad])
