@@ -217,3 +217,48 @@ def test_triton_autotuned_from_threads(tuning):
     # One tuning per key, however many threads asked for it at once; one cache entry per key.
     assert len(tuned) == len(keys) == len(launch.TUNED), (len(tuned), len(keys), len(launch.TUNED))
     assert {k[1:3] for k in keys} == {(device.type, device.index)}
+
+
+_GC_IN_THE_CACHE_LOCK = '''
+import gc, weakref
+import torch
+from deeplab_ops import common
+
+gc.disable()  # collections happen only where this script says
+t = torch.randn(4)
+common.derived(("t",), (t,), lambda: t * 2)
+box = type("Box", (), {})()
+box.self, box.t = box, t  # a cycle: t is freed by the cyclic collector only (as a dropped fused model is)
+del t, box
+real = weakref.finalize
+
+
+def finalize_after_a_collection(*args):  # CPython may collect at any allocation: here, inside the cache's lock
+    gc.collect()
+    return real(*args)
+
+
+weakref.finalize = finalize_after_a_collection
+u = torch.randn(4)
+common.derived(("u",), (u,), lambda: u * 2)
+assert common.derived_cache_info()["entries"] == 1, common.derived_cache_info()
+print("done")
+'''
+
+
+def test_a_garbage_collection_inside_the_cache_lock_does_not_deadlock():
+    """A fused model is a reference cycle: dropped, its tensors are freed by the cyclic collector, which may run at
+    any allocation, inside the derived-tensor cache's lock too, where their finalizers evict entries. That deadlocked
+    a thread on itself (a plain Lock; found by a review: a loop fusing and dropping small models hung within 1000
+    iterations). In a subprocess, so that a deadlock fails this test and not the session."""
+    import subprocess
+    import sys
+
+    from helpers import ROOT
+
+    try:
+        proc = subprocess.run([sys.executable, "-c", _GC_IN_THE_CACHE_LOCK], capture_output=True, text=True,
+                              timeout=60, cwd=ROOT)
+    except subprocess.TimeoutExpired:
+        pytest.fail("derived() deadlocked: a collection inside its lock ran a finalizer that waits for the lock")
+    assert proc.returncode == 0 and proc.stdout.strip() == "done", proc.stdout + proc.stderr
