@@ -24,6 +24,7 @@ from deeplab_ops.common import (
 from deeplab_ops.ops.dispatch import (
     any_requires_grad,
     autograd_kernels,
+    backend_for_batch,
     below_autograd,
     call_backward,
     enter_directly,
@@ -388,11 +389,8 @@ def aspp(
         group_name = None
     name = backends.resolve(backend, "aspp", x.device, x=x, rates=rates, channels=conv_weights[0].shape[0],
                             synchronized=group_name is not None)
-    if x.shape[0] == 0:  # an empty batch: what eager computes (an empty output; running statistics unchanged)
-        if group_name is not None:
-            raise ValueError(f"x has an empty batch (shape {tuple(x.shape)}) with a process_group in training; "
-                             f"expected N >= 1 on every process (the statistics are shared)")
-        name = "reference"
+    if x.shape[0] == 0:  # (inline: no call per call) an empty batch runs on the reference, as eager computes it
+        name = backend_for_batch(x, name, group_name)
     if name == "reference":
         if group_name is not None:
             raise RuntimeError("deeplab_ops.aspp: backend='reference' has no synchronized BatchNorm (a "

@@ -28,6 +28,7 @@ from deeplab_ops.common import (
 )
 from deeplab_ops.ops.dispatch import (
     BELOW_AUTOGRAD,
+    backend_for_batch,
     enter_directly,
     group_name_of,
     refuse_forward_ad,
@@ -488,11 +489,8 @@ def conv_bn_relu(
     else:
         name = backends.resolve(backend, "conv_bn_relu", x.device, x=x, weight=weight, stride=stride,
                                 padding=padding, dilation=dilation, synchronized=group_name is not None)
-    if x.shape[0] == 0:  # an empty batch: what eager computes (an empty output; running statistics unchanged)
-        if group_name is not None:
-            raise ValueError(f"x has an empty batch (shape {tuple(x.shape)}) with a process_group in training; "
-                             f"expected N >= 1 on every process (the statistics are shared)")
-        name = "reference"
+    if x.shape[0] == 0:  # (inline: no call per call) an empty batch runs on the reference, as eager computes it
+        name = backend_for_batch(x, name, group_name)
     if name == "reference":
         if group_name is not None:
             raise RuntimeError("deeplab_ops.conv_bn_relu: backend='reference' has no synchronized BatchNorm (a "

@@ -29,6 +29,19 @@ def group_name_of(process_group) -> str | None:
     return process_group.group_name
 
 
+def backend_for_batch(x, name: str, group_name: str | None) -> str:
+    """The backend a resolved call runs on: `name`, or for an empty batch (N = 0; callers test that inline first,
+    so that the usual call pays no frame) the reference, which computes
+    what eager does (an empty output, zero parameter gradients, running statistics unchanged). Refused with a
+    process group in training: every process takes part in the statistics' collectives."""
+    if x.shape[0] != 0:
+        return name
+    if group_name is not None:
+        raise ValueError(f"x has an empty batch (shape {tuple(x.shape)}) with a process_group in training; "
+                         f"expected N >= 1 on every process (the statistics are shared)")
+    return "reference"
+
+
 def autograd_kernels(autograd_kernel) -> dict:
     """backend -> the op's Autograd kernel for that backend's twin (what the front door calls directly)."""
     return {"cpu": autograd_kernel(""), "cuda": autograd_kernel(""), "triton": autograd_kernel("triton_")}
