@@ -25,7 +25,7 @@ struct AsppShape {
 
 AsppShape check_aspp_args(const at::Tensor& x, at::TensorList conv_weights, const at::Tensor& pool_weight,
                          const at::Tensor& project_weight, const at::Tensor& bn_weight, const at::Tensor& bn_bias,
-                         at::IntArrayRef rates) {
+                         at::IntArrayRef rates, bool synchronized) {
   DLO_CHECK_ACTIVATION(x);
   AsppShape g{x.size(0), x.size(1), x.size(2), x.size(3), 0, static_cast<int64_t>(conv_weights.size())};
   TORCH_CHECK(g.branches == static_cast<int64_t>(rates.size()) + 1, "deeplab_ops: aspp needs 1 + len(rates) = ",
@@ -54,7 +54,9 @@ AsppShape check_aspp_args(const at::Tensor& x, at::TensorList conv_weights, cons
   const int64_t k = (g.branches + 2) * g.c;
   DLO_CHECK_CHANNEL_VECTOR(bn_weight, k);
   DLO_CHECK_CHANNEL_VECTOR(bn_bias, k);
-  TORCH_CHECK(g.n >= 1 && g.h >= 1 && g.w >= 1, "deeplab_ops: aspp needs a non-empty input, got ", x.sizes());
+  // A synchronized process may hold an empty batch (nn.SyncBatchNorm allows it): it takes part in the collectives.
+  TORCH_CHECK((g.n >= 1 || synchronized) && g.h >= 1 && g.w >= 1, "deeplab_ops: aspp needs a non-empty input, got ",
+              x.sizes());
   return g;
 }
 
@@ -72,7 +74,9 @@ aspp_forward(const at::Tensor& x, at::TensorList conv_weights, const at::Tensor&
              const std::optional<at::Tensor>& running_mean, const std::optional<at::Tensor>& running_var,
              at::IntArrayRef rates, bool training, double momentum, double eps,
              std::optional<c10::string_view> group_name, bool /*memory_efficient: read by the Python autograd*/) {
-  const AsppShape g = check_aspp_args(x, conv_weights, pool_weight, project_weight, bn_weight, bn_bias, rates);
+  const auto group = bn_group(group_name, training);
+  const AsppShape g =
+      check_aspp_args(x, conv_weights, pool_weight, project_weight, bn_weight, bn_bias, rates, group.has_value());
   const int64_t bc = g.branches * g.c, k = bc + 2 * g.c;
   TORCH_CHECK(present(running_mean) == present(running_var),
               "deeplab_ops: running_mean and running_var must be given together");
@@ -81,7 +85,7 @@ aspp_forward(const at::Tensor& x, at::TensorList conv_weights, const at::Tensor&
     DLO_CHECK_CHANNEL_VECTOR(*running_mean, k);
     DLO_CHECK_CHANNEL_VECTOR(*running_var, k);
   }
-  TORCH_CHECK(!training || g.n > 1,
+  TORCH_CHECK(!training || g.n > 1 || group,
               "deeplab_ops: aspp in training mode needs a batch of 2 or more: its image-pooling branch has one value "
               "per channel and image, so BatchNorm over a batch of 1 is undefined. Use a batch of 2 or more, or "
               "eval mode / frozen BatchNorm");
@@ -113,7 +117,6 @@ aspp_forward(const at::Tensor& x, at::TensorList conv_weights, const at::Tensor&
   const auto running_opts = present(running_mean) ? running_mean->options() : opts;
   const at::Tensor new_rm = at::empty({update ? k : 0}, running_opts);
   const at::Tensor new_rv = at::empty({update ? k : 0}, running_opts);
-  const auto group = bn_group(group_name, training);
   // A block's slices of the statistics outputs: [start, start + len).
   auto training_block = [&](const at::Tensor& pre, double count, int64_t start, int64_t len) {
     return TrainingBlock{pre, count, block(running_mean, start, len), block(running_var, start, len),
@@ -153,7 +156,11 @@ std::tuple<at::Tensor, std::vector<at::Tensor>, at::Tensor, at::Tensor, at::Tens
     const at::Tensor& branch, const at::Tensor& pool_pre, const at::Tensor& proj, const at::Tensor& out,
     const at::Tensor& save_mean, const at::Tensor& save_invstd, at::IntArrayRef rates, bool training,
     std::array<bool, 3> output_mask, std::optional<c10::string_view> group_name) {
-  const AsppShape g = check_aspp_args(x, conv_weights, pool_weight, project_weight, bn_weight, bn_bias, rates);
+  // With a group, each BN's input gradient uses the group's sums and count (bn_backward_dy with count 1 on the
+  // all-reduced means); grad_bn_weight / grad_bn_bias stay this process's sums (DDP averages them).
+  const auto group = bn_group(group_name, training);
+  const AsppShape g =
+      check_aspp_args(x, conv_weights, pool_weight, project_weight, bn_weight, bn_bias, rates, group.has_value());
   const int64_t bc = g.branches * g.c, po = bc + g.c;
   const auto mf = x.suggest_memory_format();
   const double hw_count = static_cast<double>(g.n * g.h * g.w);
@@ -161,9 +168,6 @@ std::tuple<at::Tensor, std::vector<at::Tensor>, at::Tensor, at::Tensor, at::Tens
   const at::Tensor mean_p = block(save_mean, bc, g.c), invstd_p = block(save_invstd, bc, g.c);
   const at::Tensor mean_o = block(save_mean, po, g.c), invstd_o = block(save_invstd, po, g.c);
   const at::Tensor g_out = change_layout(grad_out, mf);
-  // With a group, each BN's input gradient uses the group's sums and count (bn_backward_dy with count 1 on the
-  // all-reduced means); grad_bn_weight / grad_bn_bias stay this process's sums (DDP averages them).
-  const auto group = bn_group(group_name, training);
 
   // Projection BN.
   auto [sg_o, sgx_o] = call_bn_backward_reduce(g_out, out, proj, mean_o, invstd_o, true);

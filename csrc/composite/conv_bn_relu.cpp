@@ -50,7 +50,10 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tenso
   // into conv_bias_act); conv_bias_act's plain form, the memory-efficient recompute, runs the same.
   const at::Tensor y = conv2d_forward(x, weight, stride, padding, dilation, mf, /*inference=*/false);
   const int64_t count = y.size(0) * y.size(2) * y.size(3);
-  TORCH_CHECK(count > 0, "deeplab_ops: the convolution output is empty, shape ", y.sizes());
+  // With a group, a process may hold an empty batch or one value per channel (nn.SyncBatchNorm allows both): it
+  // takes part in the statistics' collectives with what it has.
+  const auto group = bn_group(group_name, training);
+  TORCH_CHECK(count > 0 || group, "deeplab_ops: the convolution output is empty, shape ", y.sizes());
   // The outputs are allocated once here and the stages write them: no per-call copies or conversions.
   const auto opts = x.options().dtype(opmath_dtype(x.scalar_type()));
   at::Tensor mean = at::empty({y.size(1)}, opts), invstd = at::empty({y.size(1)}, opts);
@@ -60,10 +63,10 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tenso
   at::Tensor new_rm = at::empty({update ? y.size(1) : 0}, running_opts);
   at::Tensor new_rv = at::empty({update ? y.size(1) : 0}, running_opts);
   if (training) {
-    TORCH_CHECK(count > 1, "deeplab_ops: training BatchNorm needs more than 1 value per channel, got output shape ",
-                y.sizes());
-    training_stats({{y, static_cast<double>(count), running_mean, running_var, mean, invstd, new_rm, new_rv}},
-                   bn_group(group_name, training), momentum, eps);
+    TORCH_CHECK(count > 1 || group,
+                "deeplab_ops: training BatchNorm needs more than 1 value per channel, got output shape ", y.sizes());
+    training_stats({{y, static_cast<double>(count), running_mean, running_var, mean, invstd, new_rm, new_rv}}, group,
+                   momentum, eps);
   } else {
     call_bn_finalize(std::nullopt, std::nullopt, std::nullopt, 0.0, running_mean, running_var, momentum, eps, mean,
                      invstd, new_rm, new_rv);

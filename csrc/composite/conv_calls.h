@@ -35,6 +35,12 @@ inline bool inference_call(std::initializer_list<const at::Tensor*> tensors) {
 inline at::Tensor conv2d_forward(const at::Tensor& x, const at::Tensor& weight, at::IntArrayRef stride,
                                  at::IntArrayRef padding, at::IntArrayRef dilation, at::MemoryFormat mf,
                                  bool inference, ChannelsLastOnce* x_cl = nullptr) {
+  if (x.size(0) == 0) {  // an empty batch (a process's share under a synchronized BatchNorm): no kernel runs
+    const auto out = [&](int d) {
+      return (x.size(d + 2) + 2 * padding[d] - dilation[d] * (weight.size(d + 2) - 1) - 1) / stride[d] + 1;
+    };
+    return at::empty({0, weight.size(0), out(0), out(1)}, x.options().memory_format(mf));
+  }
   if (inference) {
     if (const int m = winograd_plan(x, weight, stride, padding, dilation)) {
       // Winograd reads x channels_last: the call's shared conversion where there is one
@@ -99,6 +105,9 @@ inline std::tuple<at::Tensor, at::Tensor> conv2d_backward(const at::Tensor& dy, 
                                                           at::IntArrayRef padding, at::IntArrayRef dilation,
                                                           bool need_x, bool need_w,
                                                           ChannelsLastOnce* x_cl = nullptr) {
+  if (x.size(0) == 0) {  // an empty batch: no input to differentiate, a zero weight gradient
+    return {need_x ? at::empty_like(x) : at::Tensor(), need_w ? at::zeros_like(weight) : at::Tensor()};
+  }
   if (need_w && subsample_strided_1x1(x, weight, stride)) {
     return conv2d_backward_subsampled(dy, x, weight, stride, padding, need_x, need_w);
   }

@@ -230,8 +230,10 @@ def _check_bn(value, name: str, n_bn: int, c: int, allow_none: bool = False) -> 
 
 
 def check_args(x, conv_weights, pool_weight, project_weight, bn_weights, bn_biases, running_means, running_vars,
-               rates, training, momentum, eps, empty: bool = False) -> tuple[int, ...]:
-    """Validate an aspp call; errors name the argument, its value and what was expected. Returns the rates."""
+               rates, training, momentum, eps, empty: bool = False, synchronized: bool = False) -> tuple[int, ...]:
+    """Validate an aspp call; errors name the argument, its value and what was expected. Returns the rates.
+    synchronized: the training statistics are shared by a process group, so this process may hold one image (its
+    pooling branch's BatchNorm counts the group's images: nn.SyncBatchNorm's rule)."""
     if not isinstance(x, torch.Tensor) or x.dim() != 4:
         shape = tuple(x.shape) if isinstance(x, torch.Tensor) else type(x).__name__
         raise ValueError(f"x must be a 4-D (N, C, H, W) tensor, got {shape}")
@@ -300,7 +302,7 @@ def check_args(x, conv_weights, pool_weight, project_weight, bn_weights, bn_bias
         raise TypeError(f"training must be a bool, got {training!r}")
     if not training and running_means is None:
         raise ValueError("training=False (eval) uses running statistics: running_means and running_vars are needed")
-    if training and n == 1:  # (an empty batch passes, as in torchvision's ASPP)
+    if training and n == 1 and not synchronized:  # (an empty batch passes, as in torchvision's ASPP)
         raise ValueError(
             f"aspp in training mode needs a batch of 2 or more (got N={n}): the image-pooling branch has one value "
             "per channel and image, so its BatchNorm over a batch of 1 is undefined (PyTorch raises too). Use a "
@@ -381,7 +383,8 @@ def aspp(
         x, conv_weights = autocast_cast(x, amp), autocast_cast(conv_weights, amp)
         pool_weight, project_weight = autocast_cast(pool_weight, amp), autocast_cast(project_weight, amp)
     rates = check_args(x, conv_weights, pool_weight, project_weight, bn_weights, bn_biases, running_means,
-                       running_vars, rates, training, momentum, eps, empty=True)
+                       running_vars, rates, training, momentum, eps, empty=True,
+                       synchronized=training and process_group is not None)
     if memory_efficient is not False and memory_efficient is not True:
         raise TypeError(f"memory_efficient must be a bool, got {memory_efficient!r}")
     group_name = group_name_of(process_group)  # checked in eval too (it synchronizes nothing there)

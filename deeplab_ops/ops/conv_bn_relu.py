@@ -170,12 +170,13 @@ def check_conv(x, weight, stride, padding, dilation, empty: bool = False) -> tup
 
 def check_args(
     x, weight, bn_weight, bn_bias, running_mean, running_var, stride, padding, dilation, training, momentum, eps,
-    residual, relu, empty: bool = False,
+    residual, relu, empty: bool = False, synchronized: bool = False,
 ) -> tuple[tuple[int, int], tuple[int, int], tuple[int, int]]:
     """Validate a conv_bn_relu call; return (stride, padding, dilation) as pairs. Errors name the argument.
     Per call only what can change per call is checked (tensor kinds, shapes, dtypes, devices): the fixed
     configuration is validated once (`checked_config`). empty: an empty batch (N = 0) is valid (the public op
-    computes it as eager does; the kernels' direct entries refuse it)."""
+    computes it as eager does; the kernels' direct entries refuse it). synchronized: the training statistics are
+    shared by a process group, so this process may hold a single value per channel (nn.SyncBatchNorm's rule)."""
     geometry = checked_config(stride, padding, dilation, training, momentum, eps, relu)
     n, cout, ho, wo = check_conv(x, weight, *geometry, empty=empty)
     device, dtype = x.device, x.dtype
@@ -193,7 +194,7 @@ def check_args(
         raise ValueError(f"running_mean and running_var must be given together; only {given} was given")
     if not training and running_mean is None:
         raise ValueError("training=False (eval) uses running statistics: running_mean and running_var must be given")
-    if training and n * ho * wo == 1:  # (F.batch_norm's rule: an empty batch passes)
+    if training and n * ho * wo == 1 and not synchronized:  # (F.batch_norm's rule: an empty batch passes)
         raise ValueError(
             f"training BatchNorm needs more than 1 value per channel, but the output is {n}x{cout}x{ho}x{wo}; "
             "use a batch of 2 or more (or a larger input), or training=False with running statistics"
@@ -480,7 +481,7 @@ def conv_bn_relu(
             return out
     stride, padding, dilation = check_args(
         x, weight, bn_weight, bn_bias, running_mean, running_var, stride, padding, dilation, training, momentum, eps,
-        residual, relu, empty=True,
+        residual, relu, empty=True, synchronized=training and process_group is not None,
     )
     group_name = group_name_of(process_group) if training and process_group is not None else None
     direct = enter_directly(x)  # not traced: Python caches (backend choice, the eval fold)

@@ -32,13 +32,11 @@ def group_name_of(process_group) -> str | None:
 def backend_for_batch(x, name: str, group_name: str | None) -> str:
     """The backend a resolved call runs on: `name`, or for an empty batch (N = 0; callers test that inline first,
     so that the usual call pays no frame) the reference, which computes
-    what eager does (an empty output, zero parameter gradients, running statistics unchanged). Refused with a
-    process group in training: every process takes part in the statistics' collectives."""
-    if x.shape[0] != 0:
+    what eager does (an empty output, zero parameter gradients, running statistics unchanged). With a process
+    group in training, `name` (cpu or cuda): the process takes part in the statistics' collectives with nothing
+    (its peers wait for it), its running statistics taking the group's, as nn.SyncBatchNorm's do."""
+    if x.shape[0] != 0 or group_name is not None:
         return name
-    if group_name is not None:
-        raise ValueError(f"x has an empty batch (shape {tuple(x.shape)}) with a process_group in training; "
-                         f"expected N >= 1 on every process (the statistics are shared)")
     return "reference"
 
 

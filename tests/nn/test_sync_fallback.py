@@ -2,8 +2,9 @@
 
 After `sync_batchnorm`, a fused module whose part is hooked (or replaced after fusing) runs that part unfused: its
 BatchNorms must still compute their training statistics across the process group, as the fused op does. Two gloo
-processes on CPU, each with an uneven share of the batch, match one process with the whole batch: output, input
-and parameter gradients (after DDP-style summing), running statistics and batch counters.
+processes on CPU, each with an uneven share of the batch (one image, or none: nn.SyncBatchNorm allows both on a
+process), match one process with the whole batch: output, input and parameter gradients (after DDP-style summing),
+running statistics and batch counters.
 """
 
 from __future__ import annotations
@@ -21,7 +22,11 @@ from torchvision.models.segmentation.deeplabv3 import ASPP
 import deeplab_ops
 from deeplab_ops.nn import FusedASPP, FusedConvBNReLU, fuse_modules
 
-SHARES = (slice(0, 2), slice(2, 5))  # uneven: the group's count is the sum of different local counts
+# The batch of 5 split over the two processes: uneven (the group's count is the sum of different local counts); one
+# image on a process (the pooling branches' BatchNorms hold one value per channel there); none on a process (it takes
+# part in every collective with nothing: a hang or an error before).
+SHARES = {"uneven": (slice(0, 2), slice(2, 5)), "one-image": (slice(0, 4), slice(4, 5)),
+          "empty": (slice(0, 5), slice(5, 5))}
 HOOKED = ("stem.0", "block.conv1", "aspp.convs.1.0", "fused_head.0", "fused_aspp.convs.0.0", "momentum_none.0")
 
 
@@ -69,13 +74,13 @@ def _step(net, x, grad):
     return out.detach(), x.grad, {n: p.grad for n, p in net.named_parameters()}, dict(net.named_buffers())
 
 
-def _worker(rank: int, port: int, hooked: tuple, queue) -> None:
+def _worker(rank: int, port: int, hooked: tuple, shares: str, queue) -> None:
     os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
     dist.init_process_group("gloo", rank=rank, world_size=2)
     try:
         net, x, grad, seen = _setup(hooked)
         deeplab_ops.nn.sync_batchnorm(net)
-        share = SHARES[rank]
+        share = SHARES[shares][rank]
         out, gx, grads, buffers = _step(net, x[share], grad[share])
         for g in grads.values():  # what DDP does (summed: each process's loss is its share of the global one)
             dist.all_reduce(g)
@@ -89,9 +94,10 @@ def _worker(rank: int, port: int, hooked: tuple, queue) -> None:
         dist.destroy_process_group()
 
 
+@pytest.mark.parametrize("shares", list(SHARES))
 @pytest.mark.parametrize("hooked", [HOOKED, ()], ids=["hooked-parts", "no-hooks"])
-def test_synchronized_parts_match_one_process_with_the_global_batch(hooked):
-    results = run_two_processes(_worker, hooked)
+def test_synchronized_parts_match_one_process_with_the_global_batch(hooked, shares):
+    results = run_two_processes(_worker, hooked, shares)
     net, x, grad, seen = _setup(hooked)
     out, gx, grads, buffers = _step(net, x, grad)
     tol = dict(atol=1e-10, rtol=1e-10)

@@ -1,10 +1,12 @@
-"""BatchNorm synchronized across processes in the fused op: 2 gloo processes on CPU, each with half of a batch,
-match one process with the whole batch (output, every gradient after DDP-style averaging, running stats)."""
+"""BatchNorm synchronized across processes in the fused op: 2 gloo processes on CPU, each with a share of a batch
+(half, one image, or none: nn.SyncBatchNorm allows a process an empty batch), match one process with the whole batch
+(output, every gradient after DDP-style averaging, running stats)."""
 
 from __future__ import annotations
 
 import os
 
+import pytest
 import torch
 import torch.distributed as dist
 from helpers import run_two_processes
@@ -31,12 +33,17 @@ def _step(x, w, gamma, beta, res, grad, rm, rv, group):
     return out.detach(), [t.grad for t in leaves]
 
 
-def _worker(rank: int, port: int, queue) -> None:
+# Images of the batch of 4 on rank 0 (rank 1 has the rest): half each; one image on rank 1 (one value per channel
+# in the ASPP's pooling branch there); none on rank 1 (it takes part in the collectives with nothing).
+SPLITS = {"half": 2, "one-image": 3, "empty": 4}
+
+
+def _worker(rank: int, port: int, split: int, queue) -> None:
     os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
     dist.init_process_group("gloo", rank=rank, world_size=2)
     try:
         x, w, gamma, beta, res, grad = _inputs()
-        half = slice(2 * rank, 2 * rank + 2)
+        half = slice(0, split) if rank == 0 else slice(split, 4)
         rm, rv = torch.zeros(5, dtype=torch.float64), torch.ones(5, dtype=torch.float64)
         # The loss of a process is its share of the global loss: scale its output gradient so that the sum
         # over processes (what DDP's averaging times the world size gives) equals the global gradient.
@@ -45,14 +52,18 @@ def _worker(rank: int, port: int, queue) -> None:
             dist.all_reduce(g)
         # numpy arrays travel by value: torch tensors would be shared memory that dies with this process.
         queue.put((rank, out.numpy(), [g.numpy() for g in grads], rm.numpy(), rv.numpy()))
+    except Exception as exc:  # the test fails with this process's error, not with a queue timeout
+        queue.put((rank, f"rank {rank}: {type(exc).__name__}: {exc}"))
+        raise
     finally:
         dist.destroy_process_group()
 
 
-def test_two_processes_match_one_process_with_the_global_batch():
+@pytest.mark.parametrize("split", list(SPLITS))
+def test_two_processes_match_one_process_with_the_global_batch(split):
     results = {r: (torch.from_numpy(out_r), [torch.from_numpy(g) for g in grads_r], torch.from_numpy(rm_r),
                    torch.from_numpy(rv_r))
-               for r, (out_r, grads_r, rm_r, rv_r) in run_two_processes(_worker).items()}
+               for r, (out_r, grads_r, rm_r, rv_r) in run_two_processes(_worker, SPLITS[split]).items()}
     x, w, gamma, beta, res, grad = _inputs()
     rm, rv = torch.zeros(5, dtype=torch.float64), torch.ones(5, dtype=torch.float64)
     out, grads = _step(x, w, gamma, beta, res, grad, rm, rv, None)
@@ -68,13 +79,13 @@ def test_two_processes_match_one_process_with_the_global_batch():
         torch.testing.assert_close(results[r][3], rv, **tol)
 
 
-def _aspp_worker(rank: int, port: int, queue) -> None:
+def _aspp_worker(rank: int, port: int, split: int, queue) -> None:
     os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
     dist.init_process_group("gloo", rank=rank, world_size=2)
     try:
         module, x, grad = _aspp_inputs()
         deeplab_ops.nn.sync_batchnorm(module)
-        half = slice(2 * rank, 2 * rank + 2)
+        half = slice(0, split) if rank == 0 else slice(split, 4)
         xr = x[half].clone().requires_grad_()
         out = module(xr)
         out.backward(grad[half])
@@ -83,6 +94,9 @@ def _aspp_worker(rank: int, port: int, queue) -> None:
             dist.all_reduce(g)
         queue.put((rank, out.detach().numpy(), xr.grad.numpy(), [g.numpy() for g in grads],
                    [b.numpy() for b in module.buffers()]))
+    except Exception as exc:
+        queue.put((rank, f"rank {rank}: {type(exc).__name__}: {exc}"))
+        raise
     finally:
         dist.destroy_process_group()
 
@@ -98,8 +112,9 @@ def _aspp_inputs():
     return module, x, grad
 
 
-def test_fused_aspp_two_processes_match_one_process():
-    results = run_two_processes(_aspp_worker)
+@pytest.mark.parametrize("split", list(SPLITS))
+def test_fused_aspp_two_processes_match_one_process(split):
+    results = run_two_processes(_aspp_worker, SPLITS[split])
     module, x, grad = _aspp_inputs()
     x.requires_grad_()
     out = module(x)

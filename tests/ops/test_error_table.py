@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import os
 import re
-from unittest import mock
 
 import numpy as np
 import pytest
@@ -241,7 +240,6 @@ CASES = {
     "cbr-grouped": lambda d: cbr(x=torch.randn(2, 4, 8, 8), weight=torch.randn(4, 2, 3, 3)),
     "cbr-channels": lambda d: cbr(weight=torch.randn(4, 5, 3, 3)),
     "cbr-zero-size": lambda d: cbr(weight=torch.randn(0, 3, 3, 3)),
-    "cbr-empty-batch": lambda d: _in_a_process_group(d, lambda g: cbr(x=torch.randn(0, 3, 8, 8), process_group=g)),
     "triton-empty-batch": lambda d: _triton_forward(x=torch.randn(0, 3, 8, 8)),
     "cbr-pair": lambda d: cbr(stride=1.5),
     "cbr-stride": lambda d: cbr(stride=0),
@@ -527,19 +525,6 @@ def _with_env(name, value, fn):
             del os.environ[name]
         else:
             os.environ[name] = old
-
-
-def _in_a_process_group(d, fn):
-    """fn(group) with torch.distributed initialized: a gloo group of this one process (its store in d) that the
-    ops take for a group of two (get_world_size says 2), for the checks made before any collective runs."""
-    import torch.distributed as dist
-
-    dist.init_process_group("gloo", init_method=f"file://{d}/store", rank=0, world_size=1)
-    try:
-        with mock.patch.object(dist, "get_world_size", return_value=2):
-            return fn(dist.group.WORLD)
-    finally:
-        dist.destroy_process_group()
 
 
 def _triton_forward(**over):
