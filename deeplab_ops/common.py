@@ -157,8 +157,8 @@ def back_to_back(ts) -> bool:
 # once per entry and detached when it goes, so rebuilding after clear_derived() adds none)
 _DERIVED: dict[tuple, tuple[tuple, object, tuple]] = {}
 # Reentrant: the cyclic garbage collector may run at any allocation, inside the lock too, and free a source whose
-# finalizer evicts (a fused model is a reference cycle, freed only so). An eviction reentering there pops another
-# entry (the sources of the entry being stored are alive), which the locked code does not hold.
+# finalizer evicts (a parameter held in a reference cycle is freed only so). An eviction reentering there pops
+# another entry (the sources of the entry being stored are alive), which the locked code does not hold.
 _DERIVED_LOCK = threading.RLock()
 _DERIVED_STATS = {"hits": 0, "misses": 0}
 

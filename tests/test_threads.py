@@ -228,7 +228,7 @@ gc.disable()  # collections happen only where this script says
 t = torch.randn(4)
 common.derived(("t",), (t,), lambda: t * 2)
 box = type("Box", (), {})()
-box.self, box.t = box, t  # a cycle: t is freed by the cyclic collector only (as a dropped fused model is)
+box.self, box.t = box, t  # a cycle: t is freed by the cyclic collector only
 del t, box
 real = weakref.finalize
 
@@ -247,10 +247,11 @@ print("done")
 
 
 def test_a_garbage_collection_inside_the_cache_lock_does_not_deadlock():
-    """A fused model is a reference cycle: dropped, its tensors are freed by the cyclic collector, which may run at
-    any allocation, inside the derived-tensor cache's lock too, where their finalizers evict entries. That deadlocked
-    a thread on itself (a plain Lock; found by a review: a loop fusing and dropping small models hung within 1000
-    iterations). In a subprocess, so that a deadlock fails this test and not the session."""
+    """A parameter held in a reference cycle (a model that refers to itself, a frame kept by a traceback) is freed
+    by the cyclic collector, which may run at any allocation, inside the derived-tensor cache's lock too, where its
+    finalizers evict entries. That deadlocked a thread on itself (a plain Lock; found by a review: a loop fusing and
+    dropping small models hung within 1000 iterations). In a subprocess, so that a deadlock fails this test and not
+    the session."""
     import subprocess
     import sys
 
