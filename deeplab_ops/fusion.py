@@ -76,18 +76,20 @@ def fused_config(module: nn.Module) -> FusedConfig | None:
 
 
 class FusedConv2d(nn.Conv2d):
-    """A Conv2d whose forward computes ``act(bn(conv(x)))`` with the fused op, for the BatchNorm it absorbed. With
-    a hook of its own (forward, forward-pre, backward) it computes the convolution alone, and its fused-away
-    BatchNorm and ReLU apply themselves, so that the hook sees what it would see unfused."""
+    """A Conv2d whose forward computes ``act(bn(conv(x)))`` with the fused op, for the BatchNorm it absorbed. It
+    computes the convolution alone, its fused-away BatchNorm and ReLU applying themselves, with a hook of its own
+    (forward, forward-pre, backward: the hook sees what it would see unfused) and as an nn.DataParallel replica
+    (whose BatchNorm is the replica's, its parameters broadcast to the replica's device, not the one it absorbed)."""
 
     def forward(self, x: Tensor) -> Tensor:
         cfg = getattr(self, _FUSED_ATTR)
         chain = cfg.chain
-        if chain is not None:
+        if chain is not None and not self.__dict__.get("_is_replica"):  # (a replica's container is another)
             for name, module in chain[1]:
                 if chain[0].get(name) is not module:
                     raise _chain_changed(name, module)
-        if self._forward_hooks or self._forward_pre_hooks or self._backward_hooks or self._backward_pre_hooks:
+        if (self._forward_hooks or self._forward_pre_hooks or self._backward_hooks or self._backward_pre_hooks
+                or self.__dict__.get("_is_replica")):
             return self._conv_forward(x, self.weight, self.bias)
         return fused_conv_bn(self, cfg.bn, x, training=cfg.bn.training, relu=cfg.relu, backend=cfg.backend,
                              process_group=cfg.process_group, memory_efficient=cfg.memory_efficient)
@@ -109,9 +111,11 @@ _CONV_ATTR = "_deeplab_ops_fused_into"  # plain attribute of a fused-away BatchN
 
 class FusedAwayBatchNorm2d(nn.BatchNorm2d):
     """A BatchNorm2d applied by the preceding FusedConv2d: its forward passes the input through (normalizes, as
-    nn.BatchNorm2d, while a hook on that conv makes the conv compute the convolution alone)."""
+    nn.BatchNorm2d, while that conv computes the convolution alone: hooked, or as an nn.DataParallel replica)."""
 
     def forward(self, x: Tensor) -> Tensor:
+        if self.__dict__.get("_is_replica"):  # an nn.DataParallel replica: so is its conv, which ran alone
+            return nn.BatchNorm2d.forward(self, x)
         conv = self.__dict__.get(_CONV_ATTR)  # (inline: no call on the fused path)
         if conv is None or not (conv._forward_hooks or conv._forward_pre_hooks or conv._backward_hooks
                                 or conv._backward_pre_hooks) or fused_config(conv) is None:
@@ -126,6 +130,8 @@ class FusedAwayReLU(nn.ReLU):
     conv makes the conv compute the convolution alone)."""
 
     def forward(self, x: Tensor) -> Tensor:
+        if self.__dict__.get("_is_replica"):  # an nn.DataParallel replica: so is its conv, which ran alone
+            return nn.ReLU.forward(self, x)
         conv = self.__dict__.get(_CONV_ATTR)
         if conv is None or not (conv._forward_hooks or conv._forward_pre_hooks or conv._backward_hooks
                                 or conv._backward_pre_hooks) or fused_config(conv) is None:

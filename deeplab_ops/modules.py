@@ -549,6 +549,9 @@ def current_aspp_parts(module: nn.Module) -> tuple | None:
     parts = getattr(module, "__dict__", {}).get(_PARTS_ATTR)
     if parts is None or torch.compiler.is_compiling():  # compiled graphs guard on the modules themselves
         return parts
+    if parts[4][0][0] is not module._modules:  # cached on another module: an nn.DataParallel replica copied it
+        forget_aspp_parts(module)
+        return None
     for modules, children in parts[4]:
         if tuple(modules.values()) != children:
             forget_aspp_parts(module)
