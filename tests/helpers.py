@@ -12,6 +12,7 @@ from pathlib import Path
 
 import pytest
 import torch
+from torch import nn
 
 import deeplab_ops
 from deeplab_ops import reference
@@ -278,3 +279,29 @@ def run_two_processes(target, *args, timeout: float = 180) -> dict:
             if p.is_alive():
                 p.kill()
     return results
+
+
+class MixedFusedNet(nn.Module):
+    """Every kind of fused part in one small float network (3 -> 4 channels, any map of 3x3 or more): a conv chain, a
+    residual block and a torchvision ASPP (fuse_modules fuses them), a FusedConvBNReLU, a FusedASPP, and a chain
+    whose BatchNorm has momentum=None. Dropout 0: deterministic."""
+
+    def __init__(self):
+        from torchvision.models.resnet import BasicBlock
+        from torchvision.models.segmentation.deeplabv3 import ASPP
+
+        from deeplab_ops.nn import FusedASPP, FusedConvBNReLU
+
+        super().__init__()
+        self.stem = nn.Sequential(nn.Conv2d(3, 8, 3, padding=1, bias=False), nn.BatchNorm2d(8), nn.ReLU())
+        self.block = BasicBlock(8, 8)
+        self.aspp = ASPP(8, [1, 2], 6)
+        self.aspp.project[3] = nn.Dropout(0.0)
+        self.fused_head = FusedConvBNReLU(6, 5, 3, padding=1)
+        self.fused_aspp = FusedASPP(5, (1, 3), 4)
+        self.fused_aspp.project[3] = nn.Dropout(0.0)
+        self.momentum_none = nn.Sequential(nn.Conv2d(4, 4, 1, bias=False), nn.BatchNorm2d(4, momentum=None),
+                                           nn.ReLU())
+
+    def forward(self, x):
+        return self.momentum_none(self.fused_aspp(self.fused_head(self.aspp(self.block(self.stem(x))))))

@@ -19,11 +19,9 @@ import importlib
 
 import pytest
 import torch
-from torch import nn
-from torchvision.models.resnet import BasicBlock
-from torchvision.models.segmentation.deeplabv3 import ASPP
+from helpers import MixedFusedNet
 
-from deeplab_ops.nn import FusedASPP, FusedConvBNReLU, fuse_modules
+from deeplab_ops.nn import fuse_modules
 
 _replicate = importlib.import_module("torch.nn.parallel.replicate")
 
@@ -47,21 +45,6 @@ def cpu_replicate(monkeypatch):
     return _replicate.replicate
 
 
-class _Net(nn.Module):
-    def __init__(self):
-        super().__init__()
-        self.stem = nn.Sequential(nn.Conv2d(3, 8, 3, padding=1, bias=False), nn.BatchNorm2d(8), nn.ReLU())
-        self.block = BasicBlock(8, 8)
-        self.aspp = ASPP(8, [1, 2], 6)
-        self.aspp.project[3] = nn.Dropout(0.0)  # deterministic
-        self.head = FusedConvBNReLU(6, 5, 3, padding=1)
-        self.fused_aspp = FusedASPP(5, (1, 3), 4)
-        self.fused_aspp.project[3] = nn.Dropout(0.0)
-
-    def forward(self, x):
-        return self.fused_aspp(self.head(self.aspp(self.block(self.stem(x)))))
-
-
 def _data_parallel_step(replicate, model, x, grad):
     replicas = replicate(model, [0, 1])
     out = torch.cat([r(share) for r, share in zip(replicas, x.chunk(2), strict=True)])
@@ -72,7 +55,7 @@ def _data_parallel_step(replicate, model, x, grad):
 @pytest.mark.parametrize("memory_efficient", [False, True])
 def test_fused_replicas_compute_what_unfused_replicas_compute(cpu_replicate, memory_efficient):
     torch.manual_seed(3)
-    plain = _Net().double()
+    plain = MixedFusedNet().double()
     with torch.no_grad():
         for p in plain.parameters():
             p.add_(torch.rand_like(p) * 0.3)

@@ -14,13 +14,10 @@ import os
 import pytest
 import torch
 import torch.distributed as dist
-from helpers import run_two_processes
-from torch import nn
-from torchvision.models.resnet import BasicBlock
-from torchvision.models.segmentation.deeplabv3 import ASPP
+from helpers import MixedFusedNet, run_two_processes
 
 import deeplab_ops
-from deeplab_ops.nn import FusedASPP, FusedConvBNReLU, fuse_modules
+from deeplab_ops.nn import fuse_modules
 
 # The batch of 5 split over the two processes: uneven (the group's count is the sum of different local counts); one
 # image on a process (the pooling branches' BatchNorms hold one value per channel there); none on a process (it takes
@@ -30,26 +27,9 @@ SHARES = {"uneven": (slice(0, 2), slice(2, 5)), "one-image": (slice(0, 4), slice
 HOOKED = ("stem.0", "block.conv1", "aspp.convs.1.0", "fused_head.0", "fused_aspp.convs.0.0", "momentum_none.0")
 
 
-class _Net(nn.Module):
-    def __init__(self):
-        super().__init__()
-        self.stem = nn.Sequential(nn.Conv2d(3, 8, 3, padding=1, bias=False), nn.BatchNorm2d(8), nn.ReLU())
-        self.block = BasicBlock(8, 8)
-        self.aspp = ASPP(8, [1, 2], 6)
-        self.aspp.project[3] = nn.Dropout(0.0)  # deterministic
-        self.fused_head = FusedConvBNReLU(6, 5, 3, padding=1)
-        self.fused_aspp = FusedASPP(5, (1, 3), 4)
-        self.fused_aspp.project[3] = nn.Dropout(0.0)
-        self.momentum_none = nn.Sequential(nn.Conv2d(4, 4, 1, bias=False), nn.BatchNorm2d(4, momentum=None),
-                                           nn.ReLU())
-
-    def forward(self, x):
-        return self.momentum_none(self.fused_aspp(self.fused_head(self.aspp(self.block(self.stem(x))))))
-
-
 def _setup(hooked: tuple[str, ...]):
     torch.manual_seed(7)
-    net = _Net().double()
+    net = MixedFusedNet().double()
     with torch.no_grad():
         for name, p in net.named_parameters():
             p.copy_(torch.rand_like(p) + 0.5 if p.dim() == 1 else torch.randn_like(p) * 0.4)
