@@ -209,19 +209,28 @@ void row_logsumexp(const acc_t* __restrict z, int64_t k, int64_t W, acc_t* __res
   for (int64_t ox = 0; ox < W; ++ox) lse[ox] = m[ox] + std::log(s[ox]);
 }
 
-// One output row's dz = g * (exp(z - lse) - onehot), class by class, added y-weighted into the block rows v0
-// (weight wy0) and v1 (wy1) the row reads (nullptr: outside the task's block). dz overwrites z. Ignored pixels
-// (label < 0 here) add nothing, whatever their logits.
+// One output row's dz = g * (softmax(z) - onehot), class by class, added y-weighted into the block rows v0
+// (weight wy0) and v1 (wy1) the row reads (nullptr: outside the task's block). dz overwrites z; s is scratch (W).
+// Ignored pixels (label < 0 here) add nothing, whatever their logits. softmax = exp(z - l) / sum_c exp(z_c - l):
+// l is the forward's logsumexp as stored, in the logits' dtype, so for float32 it is off by up to |lse| * 2^-24;
+// an exp(z - l) alone would carry that error into every probability (6e-5 at logits ~1e3), the sum divides it out.
 template <typename acc_t, typename opmath_t>
-void softmax_grad_row(acc_t* __restrict z, const acc_t* __restrict l,
-                                             const acc_t* __restrict g, const int64_t* __restrict label, int64_t k,
-                                             int64_t W, acc_t wy0, acc_t* __restrict v0, acc_t wy1,
-                                             acc_t* __restrict v1) {
+void softmax_grad_row(acc_t* __restrict z, const acc_t* __restrict l, const acc_t* __restrict g,
+                      const int64_t* __restrict label, int64_t k, int64_t W, acc_t wy0, acc_t* __restrict v0,
+                      acc_t wy1, acc_t* __restrict v1, acc_t* __restrict s) {
+  for (int64_t ox = 0; ox < W; ++ox) s[ox] = acc_t(0);
+  for (int64_t c = 0; c < k; ++c) {
+    acc_t* e = z + c * W;
+    for (int64_t ox = 0; ox < W; ++ox) {
+      e[ox] = static_cast<acc_t>(exp_opmath(static_cast<opmath_t>(e[ox] - l[ox])));
+      s[ox] += e[ox];
+    }
+  }
+  for (int64_t ox = 0; ox < W; ++ox) s[ox] = g[ox] / s[ox];  // g / sum: one division per pixel
   for (int64_t c = 0; c < k; ++c) {
     acc_t* dz = z + c * W;
     for (int64_t ox = 0; ox < W; ++ox) {
-      const acc_t e = static_cast<acc_t>(exp_opmath(static_cast<opmath_t>(dz[ox] - l[ox])));
-      const acc_t d = g[ox] * (e - (label[ox] == c ? acc_t(1) : acc_t(0)));
+      const acc_t d = s[ox] * dz[ox] - (label[ox] == c ? g[ox] : acc_t(0));
       dz[ox] = label[ox] < 0 ? acc_t(0) : d;
     }
     if (v0) {
@@ -381,7 +390,7 @@ at::Tensor upsample_cross_entropy_backward_cpu(const at::Tensor& grad_, const at
     auto body = [&](int64_t begin, int64_t end, auto /*vector width*/) {
       RowInterpolator<scalar_t, acc_t> interp(x, k, h, w, W, xs.i0.data(), xs.i1.data(), st.lx0.data(),
                                               st.lx1.data());
-      std::vector<acc_t> z(k * W), g(W), l(W), v(kLowResRowBlock * k * W), a(w);
+      std::vector<acc_t> z(k * W), g(W), l(W), sums(W), v(kLowResRowBlock * k * W), a(w);
       std::vector<int64_t> label(W);
       for (int64_t task = begin; task < end; ++task) {
         const int64_t b = task / blocks_per_image;
@@ -415,7 +424,8 @@ at::Tensor upsample_cross_entropy_backward_cpu(const at::Tensor& grad_, const at
           interp.output_row(b, i0, i1, static_cast<acc_t>(ys.l0[oy]), static_cast<acc_t>(ys.l1[oy]), z.data());
           acc_t* v0 = in0 ? v.data() + (i0 - ia) * k * W : nullptr;
           acc_t* v1 = in1 ? v.data() + (i1 - ia) * k * W : nullptr;
-          softmax_grad_row<acc_t, opmath_t>(z.data(), l.data(), g.data(), label.data(), k, W, wy0, v0, wy1, v1);
+          softmax_grad_row<acc_t, opmath_t>(z.data(), l.data(), g.data(), label.data(), k, W, wy0, v0, wy1, v1,
+                                            sums.data());
         }
         for (int64_t i = ia; i < ie; ++i) {
           for (int64_t c = 0; c < k; ++c) {

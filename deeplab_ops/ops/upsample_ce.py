@@ -237,13 +237,17 @@ def upsample_cross_entropy(
     check_args(logits, target, ignore_index, align_corners, reduction)
     ignore_index = int(ignore_index)
     name = backends.resolve(backend, "upsample_cross_entropy", logits.device, logits=logits, target=target)
+    # The label scan reads a CPU target's memory (numpy): not while torch.compile traces (the graph would branch on
+    # data) nor under a torch.func transform (wrapped tensors have no storage), where F.cross_entropy (reference)
+    # and the triton twin's own check (its op in the traced graph) raise for a bad label.
+    scan = target.device.type == "cpu" and enter_directly(logits) and enter_directly(target)
     if name == "reference":
-        if target.device.type == "cpu":  # the message every CPU backend gives, not F.cross_entropy's
+        if scan:  # the message every CPU backend gives, not F.cross_entropy's
             check_target_range(target, logits.shape[1], ignore_index)
         return reference.upsample_cross_entropy(logits, target, ignore_index=ignore_index,
                                                 align_corners=align_corners, reduction=reduction)
     refuse_grad_transforms("upsample_cross_entropy", logits)
-    if name == "triton" and target.device.type == "cpu":  # the cpu kernel checks labels itself
+    if name == "triton" and scan:  # the cpu kernel checks labels itself
         check_target_range(target, logits.shape[1], ignore_index)
     if logits.shape[0] == 0:
         # Nothing to launch; PyTorch's values: mean of nothing is NaN, sum is 0. Keeps the graph to logits.

@@ -71,12 +71,24 @@ def call_checked(op, *args, **kwargs):
         _CHECKED.by_caller = False
 
 
+def _check_device(op: str, first) -> None:
+    """A twin's tensors run on a GPU, or on the CPU in the Triton interpreter: anything else is refused here, with
+    what the front doors say (triton itself would fail with "0 active drivers")."""
+    if isinstance(first, torch.Tensor) and first.device.type == "cpu":
+        from deeplab_ops.common import interpreter_active
+
+        if not interpreter_active():
+            raise RuntimeError(f"deeplab_ops::{op} runs CUDA tensors, or CPU tensors only in the Triton interpreter "
+                               f"(TRITON_INTERPRET=1); got a tensor on cpu")
+
+
 def _validated(op: str, kernel):
     @functools.wraps(kernel)
     def wrapper(*args, **kwargs):
         checked, _CHECKED.by_caller = _CHECKED.by_caller, False  # the mark covers this one call
         check = _VALIDATORS.get(op)
         if check is not None and not checked and torch._C._current_autograd_node() is None:
+            _check_device(op, args[0] if args else None)
             check(*args, **kwargs)
         return kernel(*args, **kwargs)
 

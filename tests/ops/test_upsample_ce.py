@@ -230,6 +230,72 @@ def test_cpu_float32_wide_rows_and_wide_logit_range(scale):
                      1e-6 * grad_want.abs().max().item(), 1e-5)
 
 
+def test_cpu_float32_gradient_as_accurate_as_eager_at_large_logits():
+    # The forward's logsumexp is stored in float32 (|lse| * 2^-24 off); the backward recomputes the logits in
+    # double, so exp(z - lse) alone carried that error into every probability (6e-5 at logits ~1e3, 2.8e-4 at 1e4,
+    # against eager's 3e-7): the backward divides it out. Truth: float64 on the same float32 logits.
+    torch.manual_seed(0)
+    n, k, h, w, big_h, big_w = 2, 4, 3, 3, 5, 6
+    target = torch.randint(0, k, (n, big_h, big_w))
+    up = torch.nn.functional.interpolate
+    for scale in (30.0, 1e3, 1e4):
+        x = torch.randn(n, k, h, w) * scale
+        truth = x.double().requires_grad_()
+        torch.nn.functional.cross_entropy(up(truth, size=(big_h, big_w), mode="bilinear"), target,
+                                          reduction="sum").backward()
+        eager = x.clone().requires_grad_()
+        torch.nn.functional.cross_entropy(up(eager, size=(big_h, big_w), mode="bilinear"), target,
+                                          reduction="sum").backward()
+        ours = x.clone().requires_grad_()
+        deeplab_ops.upsample_cross_entropy(ours, target, reduction="sum", backend="cpu").backward()
+        err_eager = (eager.grad.double() - truth.grad).abs().max().item()
+        err_ours = (ours.grad.double() - truth.grad).abs().max().item()
+        assert err_ours <= max(2 * err_eager, 1e-6), (scale, err_ours, err_eager)
+
+
+def test_reference_backend_under_torch_func_and_vmap():
+    # The errors of the fused backends under torch.func say: backend='reference' there. Its label scan read the
+    # target's memory (numpy), which a transform's tensors do not have.
+    torch.manual_seed(0)
+    x = torch.randn(2, 4, 3, 4, dtype=torch.float64)
+    t = torch.randint(0, 4, (2, 7, 6))
+    t[0, 0, 0] = 255
+
+    def eager(x, t=t):
+        up = torch.nn.functional.interpolate(x, size=(7, 6), mode="bilinear")
+        return torch.nn.functional.cross_entropy(up, t, ignore_index=255)
+
+    def ours(x, t=t):
+        return deeplab_ops.upsample_cross_entropy(x, t, ignore_index=255, backend="reference")
+
+    v = torch.randn_like(x)
+    tol = dict(atol=1e-12, rtol=1e-12)
+    torch.testing.assert_close(torch.func.grad(ours)(x), torch.func.grad(eager)(x), **tol)
+    torch.testing.assert_close(torch.func.jacrev(ours)(x), torch.func.jacrev(eager)(x), **tol)
+    torch.testing.assert_close(torch.func.jvp(ours, (x,), (v,))[1], torch.func.jvp(eager, (x,), (v,))[1], **tol)
+    targets = t.unsqueeze(0).expand(3, -1, -1, -1)
+    torch.testing.assert_close(torch.vmap(lambda tt: ours(x, tt))(targets),
+                               torch.vmap(lambda tt: eager(x, tt))(targets), **tol)
+
+
+@pytest.mark.parametrize("backend", ["reference", "cpu", backend_param("triton")])
+def test_compiles_fullgraph(backend):
+    # The label scan of a CPU target (numpy, a branch on data) ran while torch.compile traced the reference and
+    # triton backends: "Data-dependent branching". Traced, the graph holds the op (reference: F.cross_entropy).
+    device = device_for(backend)
+    torch.manual_seed(0)
+    x = torch.randn(2, 3, 4, 5, device=device, requires_grad=True)
+    t = torch.randint(0, 3, (2, 9, 7), device=device)
+    fn = torch.compile(lambda x, t: deeplab_ops.upsample_cross_entropy(x, t, backend=backend), fullgraph=True,
+                       backend="aot_eager")
+    got = fn(x, t)
+    (g,) = torch.autograd.grad(got, x)
+    want = reference.upsample_cross_entropy(x, t)
+    (g_want,) = torch.autograd.grad(want, x)
+    torch.testing.assert_close(got, want, atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(g, g_want, atol=1e-6, rtol=1e-5)
+
+
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
 def test_cpu_bitwise_same_for_any_thread_count(dtype):
     # Row partial sums merged in order (forward), one owner per low-res row block (backward): the same bits
