@@ -122,11 +122,17 @@ def strided_like(grad: Tensor | None, param: Tensor) -> Tensor | None:
     return grad.as_strided(param.shape, param.stride(), grad.storage_offset())
 
 
+is_functorch_wrapped = torch._C._functorch.is_functorch_wrapped_tensor
+
+
 def back_to_back(ts) -> bool:
     """Whether the equally shaped tensors `ts` (a non-empty sequence) lie back to back, in order, in the first one's
     storage, with one dtype and each contiguous: what lets a list of per-BatchNorm tensors be taken as one view. The
-    per-tensor tests are list comparisons and C-level maps (the fused ASPP asks every call)."""
+    per-tensor tests are list comparisons and C-level maps (the fused ASPP asks every call). A torch.func
+    transform's tensors (vmap over stacked module states) have no storage: never back to back."""
     first = ts[0]
+    if is_functorch_wrapped(first):
+        return False
     n, size, base = first.numel(), first.element_size(), first.data_ptr()
     step = n * size
     return (step > 0 and [t.data_ptr() for t in ts] == list(range(base, base + step * len(ts), step))

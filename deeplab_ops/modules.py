@@ -10,7 +10,7 @@ import weakref
 import torch
 from torch import nn
 
-from deeplab_ops.common import back_to_back, check_x_channels, pair
+from deeplab_ops.common import back_to_back, check_x_channels, is_functorch_wrapped, pair
 from deeplab_ops.ops.aspp import aspp
 from deeplab_ops.ops.conv_bn_relu import checked_config, conv_bn_relu, eval_fast
 from deeplab_ops.ops.dispatch import enter_directly, group_name_of
@@ -596,10 +596,16 @@ def unpack_batchnorms(module: nn.Module) -> nn.Module:
 def _pack(kinds: list[tuple]) -> None:
     """pack_batchnorms on the BatchNorms' tensors by kind (`kinds[k]`: every BatchNorm's k-th of _BN_TENSORS), without
     the argument check: the fused ASPP's per-call path, where every kind is usually back to back already. Outside
-    inference mode even when called in it: the module's tensors stay normal ones that a later training step can use."""
+    inference mode even when called in it: the module's tensors stay normal ones that a later training step can use.
+    Kinds that are not `_movable` stay where they are (the fused ASPP then concatenates them per call); so does
+    every kind inside a torch.func transform, whose new tensors are the transform's (wrapped: a module tensor's data
+    set to one would outlive the transform, a crash)."""
+    if _IN_FUNCTORCH() is not None:
+        return
     with torch.no_grad(), torch.inference_mode(False):
         for ts in kinds:
-            if any(map(_IS_NONE, ts)) or back_to_back(ts) or len({(t.shape, t.dtype, t.device) for t in ts}) != 1:
+            if (any(map(_IS_NONE, ts)) or back_to_back(ts) or len({(t.shape, t.dtype, t.device) for t in ts}) != 1
+                    or not _movable(ts)):
                 continue
             packed = torch.stack([t.detach() for t in ts])
             for t, row in zip(ts, packed.unbind(0), strict=True):
@@ -607,6 +613,23 @@ def _pack(kinds: list[tuple]) -> None:
 
 
 _IS_NONE = None.__class__.__instancecheck__  # _IS_NONE(v): v is None, as a C-level call
+_IN_FUNCTORCH = torch._C._functorch.peek_interpreter_stack  # None outside every torch.func transform
+
+
+def _movable(ts) -> bool:
+    """Whether _pack may move the equally shaped tensors `ts` into a new storage of its own, where nothing but the
+    tensors themselves sees the move: not a torch.func transform's (no storage), not in shared memory (after
+    model.share_memory() other processes read and write that storage: Hogwild training would lose their updates),
+    and each in a storage of its own or in an earlier pack of len(ts) of them, not in another layout's larger
+    buffer (a flat parameter buffer, which would no longer hold them)."""
+    size = ts[0].numel() * ts[0].element_size()
+    for t in ts:
+        if is_functorch_wrapped(t) or (t.device.type == "cpu" and t.is_shared()):
+            return False
+        held = t.untyped_storage().nbytes()
+        if held != size and held != size * len(ts):
+            return False
+    return True
 
 
 def _aspp_config(bns: list[nn.BatchNorm2d], tensors: list[tuple], strict: bool = True) -> bool | None:

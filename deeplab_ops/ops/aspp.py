@@ -19,6 +19,7 @@ from deeplab_ops.common import (
     back_to_back,
     check_x_channels,
     empty_activation,
+    is_functorch_wrapped,
     opmath_dtype,
 )
 from deeplab_ops.ops.dispatch import (
@@ -30,6 +31,7 @@ from deeplab_ops.ops.dispatch import (
     enter_directly,
     group_name_of,
     refuse_forward_ad,
+    refuse_grad_transforms,
     register_autograd_kernels,
 )
 from deeplab_ops.triton import call_checked, validate_with
@@ -336,6 +338,21 @@ def _alias(value):
     return None
 
 
+_IN_FUNCTORCH = torch._C._functorch.peek_interpreter_stack  # None outside every torch.func transform
+
+
+def _transform_backend(name: str, *args) -> str:
+    """The backend of an aspp call inside a torch.func transform: reverse-mode transforms (grad, vjp, jacrev) and
+    forward-mode AD on the op's tensors get conv_bn_relu's errors; under vmap, where a tensor is batched, the
+    reference, whose aten ops batch (PyTorch has no batching fallback for an op with Tensor[] arguments)."""
+    if name == "reference":  # differentiable and batchable by every transform
+        return name
+    tensors = [t for a in args for t in (a if isinstance(a, (list, tuple)) else (a,)) if isinstance(t, Tensor)]
+    refuse_grad_transforms("aspp", *tensors)
+    refuse_forward_ad("aspp", *tensors)
+    return "reference" if any(map(is_functorch_wrapped, tensors)) else name
+
+
 def aspp(
     x: Tensor,
     conv_weights: list[Tensor],
@@ -394,6 +411,9 @@ def aspp(
                             synchronized=group_name is not None)
     if x.shape[0] == 0:  # (inline: no call per call) an empty batch runs on the reference, as eager computes it
         name = backend_for_batch(x, name, group_name)
+    if _IN_FUNCTORCH() is not None and not torch.compiler.is_compiling():  # inside a torch.func transform
+        name = _transform_backend(name, x, conv_weights, pool_weight, project_weight, bn_weights, bn_biases,
+                                  running_means, running_vars)
     if name == "reference":
         if group_name is not None:
             raise RuntimeError("deeplab_ops.aspp: backend='reference' has no synchronized BatchNorm (a "

@@ -6,7 +6,8 @@ from __future__ import annotations
 import torch
 import torch.autograd.forward_ad as _forward_ad
 
-_is_functorch_wrapped = torch._C._functorch.is_functorch_wrapped_tensor
+from deeplab_ops.common import is_functorch_wrapped
+
 BELOW_AUTOGRAD = torch._C._AutoDispatchBelowAutograd  # a guard: ops called inside skip the Autograd key
 _LIB = torch.library.Library("deeplab_ops", "IMPL")
 
@@ -51,7 +52,7 @@ def enter_directly(x) -> bool:
     torch.compile traces (its graph must hold the op), nor under a __torch_function__ mode, a tensor subclass or a
     torch.func transform (its wrapped tensors have no storage for the front doors' aliasing)."""
     return (type(x) is torch.Tensor and not torch.compiler.is_compiling()
-            and not torch._C._is_torch_function_mode_enabled() and not _is_functorch_wrapped(x))
+            and not torch._C._is_torch_function_mode_enabled() and not is_functorch_wrapped(x))
 
 
 def refuse_forward_ad(op: str, *tensors) -> None:
@@ -99,7 +100,7 @@ def refuse_grad_transforms(op: str, *tensors) -> None:
     stack = _interpreter_stack()
     if not stack or not any(i.key() == _GRAD for i in stack):
         return
-    if any(isinstance(t, torch.Tensor) and _is_functorch_wrapped(t) for t in tensors):
+    if any(isinstance(t, torch.Tensor) and is_functorch_wrapped(t) for t in tensors):
         raise RuntimeError(f"deeplab_ops.{op} cannot run inside torch.func's reverse-mode transforms (grad, vjp, "
                            "jacrev, hessian); use torch.autograd.grad or .backward() for its gradients, or "
                            "backend='reference' under torch.func")

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import copy
+
 import pytest
 import torch
 from helpers import assert_close, assert_module_matches
@@ -177,6 +179,71 @@ def test_a_first_call_under_inference_mode_leaves_a_trainable_module():
     module.train()
     module(x).square().mean().backward()
     assert all(p.grad is not None for p in module.parameters())
+
+
+def test_a_fused_aspp_leaves_shared_memory_and_foreign_buffers_where_they_are():
+    # The fused ASPP re-packs its BatchNorm tensors into one new storage when they are not back to back: after
+    # model.share_memory() (Hogwild training) that took them out of shared memory, so other processes' updates were
+    # lost (found by a review); tensors living in a larger buffer of someone else's (a flat parameter buffer) would
+    # no longer be in it. Both stay where they are; the ASPP computes the same.
+    from deeplab_ops.nn import FusedASPP
+
+    torch.manual_seed(0)
+    module = FusedASPP(8, (2, 3), 4, backend="cpu")
+    module.project[3].p = 0.0
+    x = torch.randn(2, 8, 7, 7)
+    want = copy.deepcopy(module)(x)
+    module.share_memory()
+    tensors = list(module.parameters()) + list(module.buffers())
+    assert all(t.is_shared() for t in tensors)
+    torch.testing.assert_close(module(x), want)
+    assert all(t.is_shared() for t in tensors), "a tensor left shared memory"
+
+    module = FusedASPP(8, (2, 3), 4, backend="cpu")
+    bns = [m for m in module.modules() if isinstance(m, nn.BatchNorm2d)]
+    flat = torch.zeros(100 * len(bns))  # a foreign layout: every BatchNorm weight a view of one larger buffer
+    with torch.no_grad():
+        for i, bn in enumerate(bns):
+            bn.weight.data = flat[100 * i:100 * i + 4]
+            bn.weight.fill_(1.0 + i)
+    module(x).sum().backward()
+    assert all(bn.weight.untyped_storage().data_ptr() == flat.untyped_storage().data_ptr() for bn in bns)
+    flat.mul_(2)  # the owner's writes still reach the module
+    assert torch.equal(bns[1].weight.detach(), torch.full((4,), 4.0))
+
+
+@pytest.mark.parametrize("training", [False, True])
+def test_fused_aspp_ensembles_under_vmap_and_refuses_grad_transforms_clearly(training):
+    # torch.func.stack_module_state + vmap(functional_call): PyTorch has no batching fallback for the ASPP op (its
+    # Tensor[] arguments): batched, it runs on the reference. Under torch.func.grad, its first call re-packed the
+    # BatchNorm tensors into tensors of the transform, which outlived it: a segmentation fault (found by a review).
+    from deeplab_ops.nn import FusedASPP
+
+    torch.manual_seed(0)
+    x = torch.randn(2, 8, 7, 7, dtype=torch.float64)
+    models = [FusedASPP(8, (2, 3), 4, backend="cpu").double().train(training) for _ in range(2)]
+    for m in models:
+        m.project[3].p = 0.0
+    copies = [copy.deepcopy(m) for m in models]
+    params, buffers = torch.func.stack_module_state(models)
+    skeleton = copy.deepcopy(models[0]).to("meta")
+    got = torch.vmap(lambda p, b: torch.func.functional_call(skeleton, (p, b), (x,)))(params, buffers)
+    torch.testing.assert_close(got, torch.stack([m(x) for m in copies]), atol=1e-12, rtol=1e-12)
+    for name, b in buffers.items():
+        torch.testing.assert_close(b, torch.stack([dict(m.named_buffers())[name] for m in copies]))
+
+    module = copies[0]
+    with pytest.raises(RuntimeError, match=r"deeplab_ops.aspp cannot run inside torch.func's reverse-mode"):
+        torch.func.grad(lambda t: module(t).sum())(x)
+    if training:  # a training BatchNorm updates captured buffers, which torch.func.grad refuses (eager's too)
+        return
+    reference = FusedASPP(8, (2, 3), 4, backend="reference").double().eval()
+    reference.load_state_dict(module.state_dict())
+    reference.project[3].p = 0.0
+    grad = torch.func.grad(lambda t: reference(t).sum())(x)  # what the error says to use
+    xg = x.clone().requires_grad_()
+    module(xg).sum().backward()
+    torch.testing.assert_close(grad, xg.grad, atol=1e-12, rtol=1e-12)
 
 
 def test_pack_batchnorms_names_a_bad_argument():

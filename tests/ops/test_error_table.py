@@ -311,6 +311,7 @@ CASES = {
         **aspp_args(cin=3, h=5, w=5, dtype=torch.float64), "x": x})),
     "aspp-memory-efficient-type": lambda d: aspp(memory_efficient=1),
     "aspp-forward-ad": lambda d: forward_ad(lambda x: aspp(x=x), aspp_args()["x"]),
+    "aspp-func-grad": lambda d: func_grad(lambda x: aspp(x=x), torch.randn(2, 5, 7, 6)),
     "cbr-memory-efficient-type": lambda d: cbr(memory_efficient="yes"),
     # upsample_cross_entropy (deeplab_ops/ops/upsample_ce.py)
     "uce-logits-type": lambda d: uce(logits=[1.0]),
