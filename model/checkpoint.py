@@ -135,10 +135,22 @@ def _format_keys(keys: Sequence[str], limit: int = 30) -> str:
     return shown + (f", … ({len(keys) - limit} more)" if len(keys) > limit else "")
 
 
-def check_keys(model: nn.Module, state: Mapping[str, Tensor], prefix: str = "") -> None:
-    """Raise CheckpointMismatchError listing missing keys, unexpected keys and shape mismatches, if any."""
+def _counter_of_an_old_batchnorm(key: str, state: Mapping[str, Tensor]) -> bool:
+    """Whether `key` is the num_batches_tracked of a BatchNorm whose other tensors `state` holds: a state_dict in the
+    format before PyTorch 0.4.1 (torchvision's classic ImageNet ResNet files), which nn.BatchNorm2d loads as it is,
+    keeping its own counter."""
+    head, dot, last = key.rpartition(".")
+    return last == "num_batches_tracked" and f"{head}{dot}running_mean" in state
+
+
+def check_keys(model: nn.Module, state: Mapping[str, Tensor], prefix: str = "",
+               ignore_prefixes: tuple[str, ...] = ()) -> None:
+    """Raise CheckpointMismatchError listing missing keys, unexpected keys and shape mismatches, if any. The model's
+    keys starting with one of `ignore_prefixes` need not be in `state`, nor do the batch counters of BatchNorms in a
+    state_dict of before PyTorch 0.4.1 (which has none)."""
     expected = model.state_dict()
-    missing = [k for k in expected if k not in state]
+    missing = [k for k in expected if k not in state and not (ignore_prefixes and k.startswith(ignore_prefixes))
+               and not _counter_of_an_old_batchnorm(k, state)]
     unexpected = [k for k in state if k not in expected]
     shapes = [
         f"{prefix}{k}: checkpoint {tuple(state[k].shape)} vs model {tuple(v.shape)}"
@@ -188,17 +200,24 @@ def load_checkpoint(
         model: e.g. ``model.deeplabv3_resnet50(preset="torchvision", aux_loss=True)`` for torchvision's
             deeplabv3_resnet50 state_dict; fused or not.
         source: path to a local file, or a state_dict.
-        ignore_prefixes: checkpoint keys starting with one of these are dropped first (e.g.
-            ("aux_classifier.",) to load torchvision's checkpoint into a model without the auxiliary head).
+        ignore_prefixes: a key prefix, or several: checkpoint keys starting with one are dropped, and the model's
+            keep their initialisation (e.g. "aux_classifier." to load torchvision's checkpoint into a model without
+            the auxiliary head; "classifier.4." to fine-tune on another number of classes).
 
     Returns:
         `model`.
     """
+    if isinstance(ignore_prefixes, str):
+        ignore_prefixes = (ignore_prefixes,)
+    if not isinstance(ignore_prefixes, Sequence) or not all(isinstance(p, str) for p in ignore_prefixes):
+        raise TypeError(f"ignore_prefixes must be a key prefix or a sequence of them (e.g. ('aux_classifier.',)), "
+                        f"got {ignore_prefixes!r}")
     state = read_state_dict(source)
     prefixes = tuple(ignore_prefixes)
     state = {k: v for k, v in state.items() if not k.startswith(prefixes)} if prefixes else state
-    check_keys(model, state)
-    model.load_state_dict(state, strict=True)
+    check_keys(model, state, ignore_prefixes=prefixes)
+    # Strict but for what check_keys allows (the keys it ignores; old BatchNorms' counters, which load as they are)
+    model.load_state_dict(state, strict=not prefixes)
     return model
 
 
@@ -215,9 +234,9 @@ def load_backbone(model: nn.Module, source: StateDictSource) -> nn.Module:
     if not isinstance(backbone, nn.Module):
         raise TypeError(f"model must have a .backbone module (a DeepLabV3), got {type(model).__name__}")
     state = {k: v for k, v in read_state_dict(source).items() if k not in IMAGENET_CLASSIFIER_KEYS}
-    if state and all(k.startswith("backbone.") for k in state):
+    if any(k.startswith("backbone.") for k in state):
         raise CheckpointMismatchError(
-            "the checkpoint's keys all start with 'backbone.': it is a whole DeepLabV3 state_dict, not an ImageNet "
+            "the checkpoint's keys start with 'backbone.': it is a whole DeepLabV3 state_dict, not an ImageNet "
             "ResNet one; use load_checkpoint(model, ...)"
         )
     check_keys(backbone, state, prefix="backbone.")

@@ -110,6 +110,44 @@ def test_backbone_loads_torchvision_imagenet_resnet(torchvision_pair):
         assert keys101 == set(model.deeplabv3_resnet101().backbone.state_dict())
 
 
+def test_backbone_loads_a_state_dict_from_before_pytorch_0_4_1(tmp_path):
+    # torchvision's classic ImageNet ResNet files have no num_batches_tracked (added to BatchNorm in 0.4.1), and
+    # nn.BatchNorm2d loads them strictly (keeping its counter): load_backbone and load_checkpoint refused them as
+    # "53 missing keys" (found by a review).
+    torch.manual_seed(0)
+    with torch.device("meta"):
+        imagenet = tv_models.resnet50(weights=None).state_dict()
+    net = model.deeplabv3_resnet50(num_classes=3)
+    state = {k: torch.randn(v.shape) if v.is_floating_point() else torch.zeros(v.shape, dtype=v.dtype)
+             for k, v in imagenet.items() if not k.endswith("num_batches_tracked")}
+    torch.save(state, tmp_path / "resnet50-old.pth")
+    model.load_backbone(net, tmp_path / "resnet50-old.pth")
+    assert torch.equal(net.backbone.conv1.weight, state["conv1.weight"])
+    assert torch.equal(net.backbone.layer4[2].bn3.running_var, state["layer4.2.bn3.running_var"])
+    whole = {k: v for k, v in net.state_dict().items() if not k.endswith("num_batches_tracked")}
+    model.load_checkpoint(model.deeplabv3_resnet50(num_classes=3), whole)
+    with pytest.raises(model.CheckpointMismatchError, match=r"(?s)2 missing keys.*layer1\.0\.bn1\.running_mean"):
+        model.load_backbone(net, {k: v for k, v in state.items() if k != "layer1.0.bn1.running_mean"})
+
+
+def test_load_checkpoint_fine_tunes_on_other_classes_and_hints_a_whole_model_given_as_a_backbone():
+    torch.manual_seed(0)
+    source = model.deeplabv3_resnet50(num_classes=21, aux_loss=True, width=8)
+    target = model.deeplabv3_resnet50(num_classes=5, aux_loss=True, width=8)
+    head = target.classifier[1].weight.detach().clone()
+    # The model's keys under ignore_prefixes keep their initialisation; one prefix may be given as a string.
+    model.load_checkpoint(target, source.state_dict(), ignore_prefixes=("classifier.1.", "aux_classifier.4."))
+    assert torch.equal(target.classifier[1].weight, head)
+    assert torch.equal(target.backbone.conv1.weight, source.backbone.conv1.weight)
+    no_aux = model.deeplabv3_resnet50(num_classes=21, width=8)
+    model.load_checkpoint(no_aux, source.state_dict(), ignore_prefixes="aux_classifier.")
+    assert torch.equal(no_aux.classifier[1].weight, source.classifier[1].weight)
+    with pytest.raises(TypeError, match=r"ignore_prefixes must be a key prefix or a sequence of them"):
+        model.load_checkpoint(no_aux, source.state_dict(), ignore_prefixes=[1])
+    with pytest.raises(model.CheckpointMismatchError, match=r"whole DeepLabV3 state_dict.*load_checkpoint"):
+        model.load_backbone(no_aux, source.state_dict())  # backbone.* and classifier.* keys
+
+
 def test_strict_key_check_lists_missing_and_unexpected(torchvision_pair, tmp_path):
     tv, _, _, _ = torchvision_pair
     with torch.device("meta"):
