@@ -15,7 +15,33 @@ def _version(dist: str) -> str:
         return "not installed"
 
 
-def main() -> int:
+def _parse(argv: list[str] | None) -> None:
+    import argparse
+
+    argparse.ArgumentParser(
+        prog="python -m deeplab_ops",
+        description="Report the Python, torch and triton versions, the compiled kernels, the GPUs, which backends "
+                    "run here (and why the others cannot), and what backend=None picks for CPU and CUDA tensors. "
+                    "Exits 1 when an environment setting would make op calls fail.",
+        epilog=f"Settings read: {_SETTINGS}.",
+    ).parse_args(argv)  # no options: --help prints this, anything else exits 2
+
+
+_SETTINGS = "DEEPLAB_OPS_BACKEND (the backend of backend=None), DEEPLAB_OPS_CPU_WINOGRAD (0: no Winograd), " \
+            "TRITON_INTERPRET (1: triton runs CPU tensors)"
+
+
+def _winograd_setting() -> str | None:
+    """The error every cpu-backend inference call would raise for $DEEPLAB_OPS_CPU_WINOGRAD (None: a valid one)."""
+    value = os.environ.get("DEEPLAB_OPS_CPU_WINOGRAD")
+    if value in (None, "", "0", "1"):
+        return None
+    return (f"DEEPLAB_OPS_CPU_WINOGRAD={value!r} is not a setting; expected '0' (Winograd off) or '1' (on, the "
+            f"default)")
+
+
+def main(argv: list[str] | None = None) -> int:
+    _parse(argv)
     import torch
 
     print(f"python       {platform.python_version()} ({sys.executable})")
@@ -43,6 +69,10 @@ def main() -> int:
         backends.env_backend()
     except ValueError as e:
         print(f"error        {e}: every op call with backend=None raises this")
+        return 1
+    winograd = _winograd_setting()
+    if winograd is not None:
+        print(f"error        {winograd}: every cpu-backend inference call raises this")
         return 1
     devices = ["cpu"] + (["cuda"] if torch.cuda.is_available() else [])
     for dev in devices:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import functools
 import importlib.util
 import os
 import subprocess
@@ -87,6 +88,21 @@ def test_python_m_deeplab_ops_reports_versions_and_backends():
     # CUDA tensors are judged from the build (a GPU absent now is no reason): triton installed, triton it is.
     if importlib.util.find_spec("triton") is not None:
         assert "CUDA tensors: triton" in out, out
+
+
+def test_python_m_deeplab_ops_has_help_refuses_unknown_arguments_and_bad_settings():
+    # It ignored its arguments (--help printed the report, --frobnicate exited 0) and reported a cpu backend usable
+    # under a DEEPLAB_OPS_CPU_WINOGRAD that makes every cpu inference call raise (found by a review).
+    env = {k: v for k, v in os.environ.items() if k not in ("DEEPLAB_OPS_BACKEND", "DEEPLAB_OPS_CPU_WINOGRAD")}
+    run = functools.partial(subprocess.run, capture_output=True, text=True, timeout=120)
+    help_ = run([sys.executable, "-m", "deeplab_ops", "--help"], env=env)
+    assert help_.returncode == 0 and "usage: python -m deeplab_ops" in help_.stdout
+    assert "DEEPLAB_OPS_CPU_WINOGRAD" in help_.stdout and "backends on cpu" not in help_.stdout
+    bad = run([sys.executable, "-m", "deeplab_ops", "--frobnicate"], env=env)
+    assert bad.returncode == 2 and "unrecognized arguments: --frobnicate" in bad.stderr
+    winograd = run([sys.executable, "-m", "deeplab_ops"], env={**env, "DEEPLAB_OPS_CPU_WINOGRAD": "2"})
+    assert winograd.returncode == 1
+    assert "DEEPLAB_OPS_CPU_WINOGRAD='2' is not a setting" in winograd.stdout, winograd.stdout
 
 
 def test_setup_without_torch_says_what_to_do():
