@@ -276,6 +276,8 @@ _GEOMETRY: dict[tuple, tuple] = {}
 
 def _geometry(conv: nn.Conv2d) -> tuple:
     """(stride, padding, dilation) of `conv` as pairs, worked out once per distinct configuration."""
+    if torch.compiler.is_compiling():  # a traced graph reads no Python cache (it would guard on it)
+        return tuple(conv.stride), _conv_padding(conv), tuple(conv.dilation)
     key = (conv.kernel_size, conv.stride, conv.padding, conv.dilation)
     geometry = _GEOMETRY.get(key)
     if geometry is None:
@@ -522,7 +524,8 @@ def _cache_aspp_parts(module: nn.Module) -> tuple:
     submodules = tuple(m for m in module.modules() if m is not module)
     children = tuple((m._modules, tuple(m._modules.values())) for m in (module, *submodules))
     parts = (convs, bns, rates, list(module.project)[3:], children, submodules)
-    object.__setattr__(module, _PARTS_ATTR, parts)  # plain attribute: not in the state_dict
+    if not torch.compiler.is_compiling():  # a traced graph writes no module attribute (a side effect)
+        object.__setattr__(module, _PARTS_ATTR, parts)  # plain attribute: not in the state_dict
     return parts
 
 
@@ -622,12 +625,17 @@ def _movable(ts) -> bool:
     model.share_memory() other processes read and write that storage: Hogwild training would lose their updates),
     and each in a storage of its own or in an earlier pack of len(ts) of them, not in another layout's larger
     buffer (a flat parameter buffer, which would no longer hold them)."""
-    size = ts[0].numel() * ts[0].element_size()
+    n = ts[0].numel()
+    size = n * ts[0].element_size()
     for t in ts:
         if is_functorch_wrapped(t) or (t.device.type == "cpu" and t.is_shared()):
             return False
         held = t.untyped_storage().nbytes()
-        if held != size and held != size * len(ts):
+        if held == size:
+            continue
+        # an earlier pack: contiguous rows of one storage that holds len(ts) of them (not columns of a caller's
+        # (C, len(ts)) tensor, which that tensor's owner reads)
+        if held != size * len(ts) or not t.is_contiguous() or t.storage_offset() % n:
             return False
     return True
 

@@ -312,7 +312,8 @@ def check_args(x, conv_weights, pool_weight, project_weight, bn_weights, bn_bias
         )
     if isinstance(momentum, bool) or not isinstance(momentum, numbers.Real) or not 0.0 <= momentum <= 1.0:
         raise ValueError(f"momentum must be a number in [0, 1], got {momentum!r}")
-    if isinstance(eps, bool) or not isinstance(eps, numbers.Real) or not (float(eps) > 0 and math.isfinite(eps)):
+    # comparisons only (no math.isfinite): torch.compile(dynamic=True) traces a module's eps as a symbolic float
+    if isinstance(eps, bool) or not isinstance(eps, numbers.Real) or not 0 < eps < math.inf:
         raise ValueError(f"eps must be a finite number > 0, got {eps!r}")
     return rates
 

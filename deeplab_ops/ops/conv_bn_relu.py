@@ -70,9 +70,10 @@ def _check_config(stride, padding, dilation, training, momentum, eps, relu) -> t
         raise TypeError(f"training must be a bool, got {training!r}")
     if not isinstance(relu, bool):
         raise TypeError(f"relu must be a bool, got {relu!r}")
-    if isinstance(momentum, bool) or not isinstance(momentum, numbers.Real) or not 0.0 <= float(momentum) <= 1.0:
+    if isinstance(momentum, bool) or not isinstance(momentum, numbers.Real) or not 0.0 <= momentum <= 1.0:
         raise ValueError(f"momentum must be a number in [0, 1], got {momentum!r}")
-    if isinstance(eps, bool) or not isinstance(eps, numbers.Real) or not (float(eps) > 0 and math.isfinite(eps)):
+    # comparisons only (no math.isfinite): torch.compile(dynamic=True) traces a module's eps as a symbolic float
+    if isinstance(eps, bool) or not isinstance(eps, numbers.Real) or not 0 < eps < math.inf:
         raise ValueError(f"eps must be a finite number > 0, got {eps!r}")
     return stride, padding, dilation
 
@@ -93,6 +94,8 @@ def checked_config(stride, padding, dilation, training, momentum, eps, relu) -> 
         t = type(v)
         if not (t is int or (t is tuple and len(v) == 2 and type(v[0]) is int and type(v[1]) is int)):
             exact = False
+    if exact and torch.compiler.is_compiling():  # a traced graph reads no Python cache (it would guard on it)
+        exact = False
     if exact:
         key = (stride, padding, dilation, training, momentum, eps, relu)
         geometry = _CONFIGS.get(key)

@@ -96,3 +96,48 @@ def test_aot_autograd_traces_the_ops_autograd_kernel(memory_efficient):
     assert "deeplab_ops.conv_bn_relu_forward.default" in graphs["forward"], graphs["forward"]
     assert "deeplab_ops.conv_bn_relu_backward.default" in graphs["backward"], graphs["backward"]
     assert ("deeplab_ops.conv_bias_act.default" in graphs["backward"]) == memory_efficient, graphs["backward"]
+
+
+def _fused_parts():
+    from deeplab_ops.nn import FusedASPP, FusedConvBNReLU
+
+    torch.manual_seed(0)
+    aspp = FusedASPP(4, (1, 2), 3, backend="cpu").double()
+    aspp.project[3].p = 0.0
+    return {"conv": (FusedConvBNReLU(3, 4, 3, padding=1, backend="cpu").double(), 3),
+            "aspp": (aspp, 4)}
+
+
+@pytest.mark.parametrize("kind", ["conv", "aspp"])
+@pytest.mark.parametrize("training", [True, False], ids=["train", "eval"])
+def test_fused_modules_compile_dynamic_once_and_under_checkpoint(kind, training):
+    # Found by a review: dynamic=True traced a module's eps as a symbolic float, whose math.isfinite check failed
+    # the compile; tracing read and wrote the modules' Python caches (checked configurations, conv geometry, the
+    # ASPP's structure), so a second identical call compiled again and a compiled checkpoint from a cold start
+    # failed ("unsafe side effect").
+    from torch.utils.checkpoint import checkpoint
+
+    from deeplab_ops import modules
+    from deeplab_ops.ops import conv_bn_relu
+
+    def cold_caches():  # as in a new process: no configuration checked, no geometry worked out yet
+        conv_bn_relu._CONFIGS.clear()
+        modules._GEOMETRY.clear()
+        torch._dynamo.reset()
+
+    module, cin = _fused_parts()[kind]
+    module.train(training)
+    x = torch.randn(2, cin, 6, 5, dtype=torch.float64)
+    cold_caches()
+    got = torch.compile(copy.deepcopy(module), fullgraph=True, backend="eager", dynamic=True)(x)
+    torch.testing.assert_close(got, copy.deepcopy(module)(x))
+    cold_caches()
+    torch._dynamo.utils.counters.clear()
+    compiled = torch.compile(copy.deepcopy(module), fullgraph=True, backend="eager")
+    for _ in range(3):
+        compiled(x)
+    assert torch._dynamo.utils.counters["stats"]["unique_graphs"] == 1
+    cold_caches()
+    cold = _fused_parts()[kind][0].train(training)  # never called: no structure cached
+    step = torch.compile(lambda t: checkpoint(cold, t, use_reentrant=False), fullgraph=True, backend="eager")
+    torch.testing.assert_close(step(x), _fused_parts()[kind][0].train(training)(x))

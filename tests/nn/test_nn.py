@@ -211,6 +211,14 @@ def test_a_fused_aspp_leaves_shared_memory_and_foreign_buffers_where_they_are():
     flat.mul_(2)  # the owner's writes still reach the module
     assert torch.equal(bns[1].weight.detach(), torch.full((4,), 4.0))
 
+    # Columns of a caller's (C, number of BatchNorms) tensor, through functional_call: exactly as many bytes as a
+    # pack of them, but not one (the update went to a new storage, the caller's tensor stayed zero).
+    module = FusedASPP(8, (2, 3), 4, backend="cpu")
+    names = [n for n, _ in module.named_buffers() if n.endswith("running_mean")]
+    columns = torch.zeros(4, len(names))
+    torch.func.functional_call(module, {n: columns[:, i] for i, n in enumerate(names)}, (x,))
+    assert (columns != 0).all()
+
 
 @pytest.mark.parametrize("training", [False, True])
 def test_fused_aspp_ensembles_under_vmap_and_refuses_grad_transforms_clearly(training):
