@@ -6,7 +6,6 @@ of `available_backends`/`auto_backend`.
 
 from __future__ import annotations
 
-import functools
 import importlib.util
 import os
 
@@ -20,12 +19,15 @@ OPS = ("conv_bn_relu", "aspp", "upsample_cross_entropy")
 ENV_VAR = "DEEPLAB_OPS_BACKEND"
 
 
-@functools.cache
+# Looked up once, at import (find_spec imports nothing): a call traced by torch.compile then reads a constant
+# (torch 2.6's Dynamo cannot trace find_spec, nor a functools.cache around it on its first call).
+_TRITON_IMPORT_ERROR = None if importlib.util.find_spec("triton") is not None else \
+    "triton is not installed (pip install triton)"
+
+
 def triton_import_error() -> str | None:
     """None when triton can be imported, else why not (checked without importing it)."""
-    if importlib.util.find_spec("triton") is None:
-        return "triton is not installed (pip install triton)"
-    return None
+    return _TRITON_IMPORT_ERROR
 
 
 NO_CUDA_DEVICE = "no CUDA device is visible here (torch.cuda.is_available() is False)"

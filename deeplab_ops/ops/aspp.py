@@ -412,7 +412,7 @@ def aspp(
                             synchronized=group_name is not None)
     if x.shape[0] == 0:  # (inline: no call per call) an empty batch runs on the reference, as eager computes it
         name = backend_for_batch(x, name, group_name)
-    if _IN_FUNCTORCH() is not None and not torch.compiler.is_compiling():  # inside a torch.func transform
+    if not torch.compiler.is_compiling() and _IN_FUNCTORCH() is not None:  # inside a torch.func transform
         name = _transform_backend(name, x, conv_weights, pool_weight, project_weight, bn_weights, bn_biases,
                                   running_means, running_vars)
     if name == "reference":
