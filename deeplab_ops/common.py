@@ -123,6 +123,7 @@ def strided_like(grad: Tensor | None, param: Tensor) -> Tensor | None:
 
 
 is_functorch_wrapped = torch._C._functorch.is_functorch_wrapped_tensor
+functorch_transform = torch._C._functorch.peek_interpreter_stack  # None outside every torch.func transform
 
 
 def back_to_back(ts) -> bool:

@@ -84,12 +84,13 @@ class FusedConv2d(nn.Conv2d):
     def forward(self, x: Tensor) -> Tensor:
         cfg = getattr(self, _FUSED_ATTR)
         chain = cfg.chain
-        if chain is not None and not self.__dict__.get("_is_replica"):  # (a replica's container is another)
+        replica = self.__dict__.get("_is_replica", False)
+        if chain is not None and not replica:  # (a replica's container is another)
             for name, module in chain[1]:
                 if chain[0].get(name) is not module:
                     raise _chain_changed(name, module)
         if (self._forward_hooks or self._forward_pre_hooks or self._backward_hooks or self._backward_pre_hooks
-                or self.__dict__.get("_is_replica")):
+                or replica):
             return self._conv_forward(x, self.weight, self.bias)
         return fused_conv_bn(self, cfg.bn, x, training=cfg.bn.training, relu=cfg.relu, backend=cfg.backend,
                              process_group=cfg.process_group, memory_efficient=cfg.memory_efficient)

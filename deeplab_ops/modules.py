@@ -10,7 +10,7 @@ import weakref
 import torch
 from torch import nn
 
-from deeplab_ops.common import back_to_back, check_x_channels, is_functorch_wrapped, pair
+from deeplab_ops.common import back_to_back, check_x_channels, functorch_transform, is_functorch_wrapped, pair
 from deeplab_ops.ops.aspp import aspp
 from deeplab_ops.ops.conv_bn_relu import checked_config, conv_bn_relu, eval_fast
 from deeplab_ops.ops.dispatch import enter_directly, group_name_of
@@ -603,7 +603,7 @@ def _pack(kinds: list[tuple]) -> None:
     Kinds that are not `_movable` stay where they are (the fused ASPP then concatenates them per call); so does
     every kind inside a torch.func transform, whose new tensors are the transform's (wrapped: a module tensor's data
     set to one would outlive the transform, a crash)."""
-    if _IN_FUNCTORCH() is not None:
+    if functorch_transform() is not None:
         return
     with torch.no_grad(), torch.inference_mode(False):
         for ts in kinds:
@@ -616,7 +616,6 @@ def _pack(kinds: list[tuple]) -> None:
 
 
 _IS_NONE = None.__class__.__instancecheck__  # _IS_NONE(v): v is None, as a C-level call
-_IN_FUNCTORCH = torch._C._functorch.peek_interpreter_stack  # None outside every torch.func transform
 
 
 def _movable(ts) -> bool:

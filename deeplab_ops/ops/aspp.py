@@ -19,6 +19,7 @@ from deeplab_ops.common import (
     back_to_back,
     check_x_channels,
     empty_activation,
+    functorch_transform,
     is_functorch_wrapped,
     opmath_dtype,
 )
@@ -339,9 +340,6 @@ def _alias(value):
     return None
 
 
-_IN_FUNCTORCH = torch._C._functorch.peek_interpreter_stack  # None outside every torch.func transform
-
-
 def _transform_backend(name: str, *args) -> str:
     """The backend of an aspp call inside a torch.func transform: reverse-mode transforms (grad, vjp, jacrev) and
     forward-mode AD on the op's tensors get conv_bn_relu's errors; under vmap, where a tensor is batched, the
@@ -412,7 +410,7 @@ def aspp(
                             synchronized=group_name is not None)
     if x.shape[0] == 0:  # (inline: no call per call) an empty batch runs on the reference, as eager computes it
         name = backend_for_batch(x, name, group_name)
-    if not torch.compiler.is_compiling() and _IN_FUNCTORCH() is not None:  # inside a torch.func transform
+    if not torch.compiler.is_compiling() and functorch_transform() is not None:  # inside a torch.func transform
         name = _transform_backend(name, x, conv_weights, pool_weight, project_weight, bn_weights, bn_biases,
                                   running_means, running_vars)
     if name == "reference":
