@@ -469,7 +469,7 @@ def _dataset_num_classes(args) -> int | None:
     return None
 
 
-def cmd_predict(args, device) -> None:
+def cmd_predict(args, device, info: distributed.DistInfo) -> None:
     out = args.out or "predictions"
     if not os.path.isdir(args.predict):
         raise SystemExit(f"--predict: not a folder: {args.predict}")
@@ -478,11 +478,19 @@ def cmd_predict(args, device) -> None:
     if not files:
         raise SystemExit(f"--predict: no images ({', '.join(datasets.IMAGE_EXTENSIONS)}) in {args.predict}")
     plan = plan_predict_outputs(args.predict, files, out)
-    for src in plan:  # every image decodes before any mask is written (a bad file stops the run with none written)
+    # Under torchrun every process predicts every world-th image. Every image decodes before any mask is written (a
+    # bad file stops the run with none written): the processes agree on that before writing.
+    plan = dict(list(plan.items())[info.rank::info.world_size])
+    error = None
+    for src in plan:
         try:
             datasets.read_image(src)
         except RuntimeError as e:
-            raise SystemExit(f"--predict: {e}; no mask was written") from None
+            error = f"--predict: {e}; no mask was written"
+            break
+    errors = distributed.all_gather_objects(error) if info.enabled else [error]
+    if any(errors):
+        raise SystemExit(next(e for e in errors if e) if info.is_main else 1)
     ckpt = checkpoint_or_exit(args.checkpoint, "--checkpoint")
     num_classes = _dataset_num_classes(args)
     if num_classes is not None:
@@ -499,6 +507,10 @@ def cmd_predict(args, device) -> None:
                                    args.channels_last)
         save_mask_png(probs.argmax(1)[0].cpu().numpy(), target)
         written += 1
+    if info.enabled:
+        written = sum(distributed.all_gather_objects(written))  # and every process has finished
+    if not info.is_main:
+        return
     renamed = sum(1 for f, name in mask_names(files).items() if name == f + ".png")
     print(f"wrote {written} colour-coded masks (palette PNG, values = class indices) to {out} "
           f"in {time.time() - t0:.1f}s" + (f"; {renamed} of them named <file>.png (e.g. x.jpg.png), since images "
@@ -597,18 +609,11 @@ def loop_format(metrics: dict) -> str:
 
 def check_bn_batch(args, world_size: int) -> None:
     """Training BatchNorm needs 2 or more images per BatchNorm batch (the ASPP pooling branch has one value per image
-    and channel): refused before any work. Across processes, the unfused network's synchronized BatchNorm pools
-    every process's images; the fused ops' synchronized statistics still need 2 per process."""
-    per_process = args.batch_size // world_size
-    if args.freeze_bn or per_process >= 2:
-        return
-    if world_size == 1:
+    and channel): refused before any work. Across processes every BatchNorm is synchronized (the unfused ones by
+    nn.SyncBatchNorm / DistributedBatchNorm2d, the fused ones through the fused ops' process group), so its batch is
+    the global one: one image per process trains."""
+    if world_size == 1 and args.batch_size < 2 and not args.freeze_bn:
         raise SystemExit(loop.BATCH1_MESSAGE)
-    if args.fused_ops:
-        raise SystemExit(f"--fused-ops over {world_size} processes needs 2 or more images per process (--batch-size "
-                         f"{2 * world_size} or more; got {args.batch_size}, {per_process} per process): the fused "
-                         "ASPP's image-pooling BatchNorm checks its batch in each process. Raise --batch-size, drop "
-                         "--fused-ops (nn.SyncBatchNorm pools the processes' images), or --freeze-bn")
 
 
 # Flags whose change a resumed run does not note: where and how the run reports, not what it computes (the
@@ -1109,7 +1114,7 @@ def main(argv=None) -> None:
     device, info = _setup(args)
     try:
         if args.predict:
-            cmd_predict(args, device)
+            cmd_predict(args, device, info)
         elif args.eval_only:
             cmd_eval_only(args, device, info)
         else:
@@ -1121,6 +1126,13 @@ def main(argv=None) -> None:
         kept = f"; the checkpoints written so far ({', '.join(written)}) are in {os.path.abspath(args.out_dir)}" \
             if written else ""
         raise SystemExit(f"train.py: {_data_error_text(e)}{kept}") from None
+    except RuntimeError as e:
+        if not (info.enabled and distributed.lost_peer(e)):
+            raise
+        # Another process stopped (its own message says why) and this one's collective failed: one line from the
+        # main process, none from the others, instead of every process's communication traceback.
+        raise SystemExit(f"train.py: another process stopped (its message above says why), so this run stopped "
+                         f"too; {str(e).splitlines()[0][:200]}" if info.is_main else 1) from None
     finally:
         if info.enabled:
             torch.distributed.destroy_process_group()

@@ -4,7 +4,8 @@ A save killed at any point (kill -9, power loss after the fsync) leaves the prev
 the killed save's temp file is removed by the next save of the same path.
 
 A checkpoint is a dict: model, optimizer, scheduler, grad_scaler (fp16), iteration (finished steps),
-best_metric / best_iteration, rng (torch CPU + every CUDA device, numpy, python `random`), args, and
+best_metric / best_iteration, rng (torch CPU + every CUDA device, numpy, python `random`; in a distributed run
+rng_ranks holds every process's, rng process 0's), args, and
 num_classes / class_names so that `--eval-only` and `--predict` rebuild the model from the file alone.
 """
 
@@ -141,6 +142,29 @@ def restore_rng_state(state: dict) -> None:
             torch.cuda.set_rng_state_all(cuda_states)
 
 
+def seed_process(seed: int, rank: int, iteration: int = 0) -> None:
+    """Seed torch (CPU and every CUDA device), numpy's global state and python's `random` with a stream of their own
+    for process `rank` of a distributed run: without it every process would draw the same dropout masks."""
+    state = np.random.SeedSequence([seed, rank, iteration]).generate_state(2)
+    value = int(state[0]) << 32 | int(state[1])
+    torch.manual_seed(value)
+    np.random.seed(int(state[0]))  # noqa: NPY002 (the legacy global state, for libraries that use it)
+    random.seed(value)
+
+
+def restore_process_rng(ckpt: dict, seed: int, rank: int, world_size: int) -> None:
+    """Restore this process's random streams from a checkpoint: its own state when the checkpoint holds one per
+    process of a run with as many processes ('rng_ranks'); otherwise process 0 takes the saved 'rng' and every other
+    process a fresh stream of its own (seed_process at the checkpoint's iteration)."""
+    per_rank = ckpt.get("rng_ranks")
+    if per_rank is not None and len(per_rank) == world_size:
+        restore_rng_state(per_rank[rank])
+    elif rank == 0:
+        restore_rng_state(ckpt["rng"])
+    else:
+        seed_process(seed, rank, int(ckpt.get("iteration", 0)))
+
+
 def unwrap(model: torch.nn.Module) -> torch.nn.Module:
     """The module under DistributedDataParallel / torch.compile wrappers (whose state_dict keys are the plain ones)."""
     while True:
@@ -153,8 +177,9 @@ def unwrap(model: torch.nn.Module) -> torch.nn.Module:
 
 
 def training_state(model, optimizer, scheduler, scaler, iteration: int, best_metric: float | None,
-                   best_iteration: int | None, extra: dict) -> dict:
-    """Everything a resume needs to continue the same run, as one dict for `atomic_save`."""
+                   best_iteration: int | None, extra: dict, rng_ranks: list | None = None) -> dict:
+    """Everything a resume needs to continue the same run, as one dict for `atomic_save`. `rng_ranks`: every
+    process's capture_rng_state() in a distributed run (saved as 'rng_ranks'; 'rng' is process 0's)."""
     return {
         "model": unwrap(model).state_dict(),
         "optimizer": optimizer.state_dict(),
@@ -163,6 +188,7 @@ def training_state(model, optimizer, scheduler, scaler, iteration: int, best_met
         "iteration": iteration,
         "best_metric": best_metric,
         "best_iteration": best_iteration,
-        "rng": capture_rng_state(),
+        "rng": capture_rng_state() if rng_ranks is None else rng_ranks[0],
+        **({} if rng_ranks is None else {"rng_ranks": rng_ranks}),
         **extra,
     }

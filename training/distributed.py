@@ -52,6 +52,23 @@ def all_reduce_sum(t: torch.Tensor) -> torch.Tensor:
     return t
 
 
+# What a collective raises when a peer process has gone (gloo names the broken connection; NCCL raises DistError).
+_LOST_PEER = ("Connection reset by peer", "Connection closed by peer", "Broken pipe", "Socket closed")
+
+
+def lost_peer(error: BaseException) -> bool:
+    """Whether `error` is a collective's failure because another process stopped."""
+    dist_error = getattr(dist, "DistError", None)
+    return (dist_error is not None and isinstance(error, dist_error)) or any(s in str(error) for s in _LOST_PEER)
+
+
+def all_gather_objects(obj) -> list:
+    """Every process's `obj` (picklable), in rank order."""
+    out = [None] * dist.get_world_size()
+    dist.all_gather_object(out, obj)
+    return out
+
+
 class _AllReduceSum(torch.autograd.Function):
     """Sum over processes; the gradient of every process's input is the sum of every process's output gradient."""
 
@@ -98,6 +115,22 @@ class DistributedBatchNorm2d(nn.BatchNorm2d):
 
 
 SYNC_BN_TYPES = (nn.SyncBatchNorm, DistributedBatchNorm2d)
+
+
+def synchronized_batchnorm(model: nn.Module) -> bool:
+    """Whether `model` synchronizes BatchNorm statistics across processes: an nn.SyncBatchNorm or
+    DistributedBatchNorm2d, or a fused deeplab_ops module given a process group (convert_sync_batchnorm)."""
+    from deeplab_ops.fusion import fused_config
+    from deeplab_ops.nn import FusedASPP, FusedConvBNReLU
+
+    for m in model.modules():
+        if isinstance(m, SYNC_BN_TYPES):
+            return True
+        group = m.process_group if isinstance(m, (FusedConvBNReLU, FusedASPP)) else getattr(fused_config(m),
+                                                                                             "process_group", None)
+        if group is not None:
+            return True
+    return False
 
 
 def convert_sync_batchnorm(model: nn.Module, device_type: str) -> nn.Module:

@@ -222,7 +222,8 @@ def evaluate(model: nn.Module, dataset, num_classes: int, class_names, device: t
     """Metrics over `dataset` (items (image, mask, name) already normalized by EvalTransform).
 
     With world_size > 1 each process evaluates every world_size-th image and the confusion matrices are summed.
-    Returns (metrics, kept) where kept holds up to `keep` (image, mask, prediction) triples for a preview.
+    Returns (metrics, kept) where kept holds the (image, mask, prediction) triples of the dataset's first `keep`
+    images, for a preview (gathered from every process: every process returns them).
     """
     was_training = model.training
     model.eval()
@@ -231,15 +232,15 @@ def evaluate(model: nn.Module, dataset, num_classes: int, class_names, device: t
     reads = datasets.ReadTracker(torch.utils.data.Subset(dataset, indices), num_workers)
     loader = torch.utils.data.DataLoader(reads.dataset, batch_size=batch_size, shuffle=False,
                                          num_workers=num_workers, collate_fn=pad_collate)
-    kept, t0, done = [], time.time(), 0
+    kept, t0, done = [], time.time(), 0  # kept: (index in the dataset, triple) for the first `keep` images
     with reads.reporting():
         for images, masks, sizes, _names in loader:
             probs = predict_probs(model, images.to(device, non_blocking=True), scales, flip, amp, channels_last)
             pred = probs.argmax(1).cpu()
             for i, (h, w) in enumerate(sizes):
                 metrics.update(pred[i, :h, :w], masks[i, :h, :w])
-                if len(kept) < keep:
-                    kept.append((images[i, :, :h, :w], masks[i, :h, :w], pred[i, :h, :w]))
+                if indices[done + i] < keep:
+                    kept.append((indices[done + i], (images[i, :, :h, :w], masks[i, :h, :w], pred[i, :h, :w])))
             done += len(sizes)
             if progress and rank == 0:
                 Progress.line(f"eval {done * world_size}/{len(dataset)} images  {time.time() - t0:.0f}s", final=False)
@@ -250,10 +251,12 @@ def evaluate(model: nn.Module, dataset, num_classes: int, class_names, device: t
         metrics.reset()
         c = num_classes * num_classes
         metrics.merge_(state[:c].round().long().view(num_classes, num_classes), float(state[c]), int(state[c + 1]))
+        if keep > 0:
+            kept = sorted((k for share in dist_utils.all_gather_objects(kept) for k in share), key=lambda k: k[0])
     if progress and rank == 0:
         Progress.line(f"eval {len(dataset)} images  {time.time() - t0:.1f}s", final=True)
     model.train(was_training)
-    return metrics.compute(), kept
+    return metrics.compute(), [triple for _, triple in kept]
 
 
 # ---- logging ---------------------------------------------------------------------------------------------------
@@ -434,7 +437,7 @@ def fit(model: nn.Module, train_set, cfg: TrainConfig, device: torch.device, *, 
     """
     core = ckpt_io.unwrap(model)
     local_batch = cfg.batch_size // world_size
-    sync_bn = world_size > 1 and any(isinstance(m, dist_utils.SYNC_BN_TYPES) for m in core.modules())
+    sync_bn = world_size > 1 and dist_utils.synchronized_batchnorm(core)
     check_batch_size(core, cfg.batch_size if sync_bn else local_batch, cfg.freeze_bn)
     if cfg.amp == "fp16" and device.type != "cuda":
         raise ValueError("--amp fp16 needs a CUDA device (fp16 autocast with a GradScaler); use --amp bf16 on CPU")
@@ -462,17 +465,26 @@ def fit(model: nn.Module, train_set, cfg: TrainConfig, device: torch.device, *, 
     loader = torch.utils.data.DataLoader(reads.dataset, batch_sampler=sampler, num_workers=cfg.num_workers,
                                          pin_memory=device.type == "cuda", collate_fn=_collate_train)
     # Creating the loader's iterator draws a seed from the torch RNG, so the saved RNG state is restored after it.
+    # Every process of a distributed run draws from a stream of its own (dropout masks): process 0 continues the
+    # stream seeded before the model was built, the others are seeded from (seed, rank).
     batches = iter(loader)
     if resume is not None:
-        ckpt_io.restore_rng_state(resume["rng"])
+        ckpt_io.restore_process_rng(resume, cfg.seed, rank, world_size)
+    elif rank > 0:
+        ckpt_io.seed_process(cfg.seed, rank)
     is_main = rank == 0
     progress = Progress(cfg.iterations, start, cfg.batch_size, cfg.log_every) if cfg.progress and is_main else None
 
     saved: dict[str, int] = {}  # checkpoint path -> iteration, written by this invocation
 
-    def save(name: str, it: int) -> None:
+    def rng_states() -> list | None:
+        """Every process's random streams, for the checkpoints (collective: called by every process alike)."""
+        return dist_utils.all_gather_objects(ckpt_io.capture_rng_state()) if world_size > 1 else None
+
+    def save(name: str, it: int, rng_ranks: list | None) -> None:
         if is_main and cfg.out_dir:
-            state = ckpt_io.training_state(model, optimizer, scheduler, scaler, it, best, best_it, cfg.extra_state)
+            state = ckpt_io.training_state(model, optimizer, scheduler, scaler, it, best, best_it, cfg.extra_state,
+                                           rng_ranks)
             path = os.path.join(cfg.out_dir, name)
             ckpt_io.atomic_save(state, path)
             saved[path] = it
@@ -509,7 +521,8 @@ def fit(model: nn.Module, train_set, cfg: TrainConfig, device: torch.device, *, 
                            "elapsed_s": round(time.time() - t_start, 3)})
             do_eval = val_fn is not None and (it == cfg.iterations or (cfg.eval_every and it % cfg.eval_every == 0))
             if it == stop or do_eval or (cfg.checkpoint_every and it % cfg.checkpoint_every == 0):
-                save("last.pt", it)  # before the evaluation: an error there keeps what was trained
+                rng_ranks = rng_states()  # the same after the evaluation, which restores them
+                save("last.pt", it, rng_ranks)  # before the evaluation: an error there keeps what was trained
             if do_eval:
                 # The evaluation's draws (its loader's seed) leave the training's random streams as they were, so
                 # that a run resumed from the checkpoint saved just before it continues exactly as this one does.
@@ -519,8 +532,8 @@ def fit(model: nn.Module, train_set, cfg: TrainConfig, device: torch.device, *, 
                 _set_train_mode(model, cfg.freeze_bn)
                 if last_metrics is not None and (best is None or last_metrics["miou"] > best):
                     best, best_it = last_metrics["miou"], it
-                    save("best.pt", it)
-                    save("last.pt", it)  # with the new best recorded
+                    save("best.pt", it, rng_ranks)
+                    save("last.pt", it, rng_ranks)  # with the new best recorded
                 if log is not None and is_main and last_metrics is not None:
                     log.write({"kind": "val", "iteration": it, **{k: v for k, v in last_metrics.items()
                                                                    if isinstance(v, (int, float))}})

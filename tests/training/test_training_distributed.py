@@ -1,10 +1,12 @@
 """DistributedDataParallel on CPU (gloo) with synchronized BatchNorm equals one process with the global batch."""
 
+import contextlib
 import copy
 import os
 from types import SimpleNamespace
 from unittest import mock
 
+import numpy as np
 import pytest
 import torch
 import torch.distributed as dist
@@ -15,16 +17,26 @@ from torch import nn
 
 from deeplab_ops import fusion
 from deeplab_ops.nn import FusedConvBNReLU, fuse_modules
+from training import checkpoint as ckpt_io
 from training import distributed, loop
 
 STEPS, GLOBAL_BATCH = 3, 4
 
 
-def _worker(rank: int, world: int, port: int, init: dict, out_dir: str, fused: bool) -> None:
+@contextlib.contextmanager
+def _gloo_group(rank: int, world: int, port: int):
+    """Process `rank` of a gloo group of `world` on one thread (as the one-process references run), for a block."""
     os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
     torch.set_num_threads(1)
     dist.init_process_group("gloo", rank=rank, world_size=world)
     try:
+        yield
+    finally:
+        dist.destroy_process_group()
+
+
+def _worker(rank: int, world: int, port: int, init: dict, out_dir: str, fused: bool) -> None:
+    with _gloo_group(rank, world, port):
         model = TinySeg()
         model.load_state_dict(init)
         if fused:
@@ -34,8 +46,6 @@ def _worker(rank: int, world: int, port: int, init: dict, out_dir: str, fused: b
         result = loop.fit(model, _train_set(), _cfg(iterations=STEPS, batch_size=GLOBAL_BATCH), torch.device("cpu"),
                           rank=rank, world_size=world)
         torch.save({"losses": result.losses, "state": model.module.state_dict()}, os.path.join(out_dir, f"{rank}.pt"))
-    finally:
-        dist.destroy_process_group()
 
 
 @pytest.mark.skipif(not dist.is_available(), reason="torch.distributed is not available")
@@ -64,6 +74,53 @@ def test_two_gloo_processes_match_one_process(tmp_path, fused):
             torch.testing.assert_close(run["state"][k], v, rtol=1e-4, atol=1e-5, msg=k)
     for k, v in runs[0]["state"].items():  # both processes hold the same model
         torch.testing.assert_close(runs[1]["state"][k], v, rtol=0, atol=0, msg=k)
+
+
+def _dropout_worker(rank: int, world: int, port: int, init: dict, out_dir: str, fused: bool) -> None:
+    def model():
+        m = TinySeg(dropout=0.5)
+        m.load_state_dict(init)
+        if fused:
+            fuse_modules(m, backend="cpu")
+        return torch.nn.parallel.DistributedDataParallel(distributed.convert_sync_batchnorm(m, "cpu"))
+
+    with _gloo_group(rank, world, port):
+        cfg = dict(iterations=4, batch_size=world * (1 if fused else 2))  # fused: one image per process trains
+        torch.manual_seed(7)  # as train.py does before building the model: the same on every process
+        straight = model()
+        loop.fit(straight, _train_set(), _cfg(**cfg, out_dir=os.path.join(out_dir, "a")), torch.device("cpu"),
+                 rank=rank, world_size=world)
+        draws = distributed.all_gather_objects(torch.rand(4))  # what each process's dropout would draw next
+        torch.manual_seed(7)
+        first = model()
+        loop.fit(first, _train_set(), _cfg(**cfg, stop_after=2, out_dir=os.path.join(out_dir, "b")),
+                 torch.device("cpu"), rank=rank, world_size=world)
+        torch.manual_seed(123)  # another state: the resumed run's streams come from the checkpoint
+        resumed = model()
+        state = ckpt_io.load_checkpoint(os.path.join(out_dir, "b", "last.pt"))
+        loop.fit(resumed, _train_set(), _cfg(**cfg, out_dir=os.path.join(out_dir, "b")), torch.device("cpu"),
+                 resume=state, rank=rank, world_size=world)
+        torch.save({"draws": draws, "straight": straight.module.state_dict(), "resumed": resumed.module.state_dict(),
+                    "rng_ranks": len(state["rng_ranks"])}, os.path.join(out_dir, f"drop{rank}.pt"))
+
+
+@pytest.mark.skipif(not dist.is_available(), reason="torch.distributed is not available")
+@pytest.mark.parametrize("fused", [False, True], ids=["eager", "fused"])
+def test_processes_draw_their_own_dropout_masks_and_resume_them(tmp_path, fused):
+    """Every process draws its own dropout masks (the same masks in every process would correlate the batch's
+    shares), and a resumed run continues each process's own random stream: the checkpoint holds one per process, so
+    training 2 steps, saving and resuming for 2 more gives bitwise the weights of 4 steps straight."""
+    torch.manual_seed(0)
+    init = {k: v.clone() for k, v in TinySeg(dropout=0.5).state_dict().items()}
+    mp.spawn(_dropout_worker, args=(2, free_port(), init, str(tmp_path), fused), nprocs=2, join=True)
+    runs = [torch.load(tmp_path / f"drop{r}.pt") for r in range(2)]
+    assert not torch.equal(runs[0]["draws"][0], runs[0]["draws"][1])
+    for run in runs:
+        assert run["rng_ranks"] == 2
+        for k, v in run["straight"].items():
+            assert torch.equal(run["resumed"][k], v), k
+    for k, v in runs[0]["straight"].items():  # DDP keeps the processes' models identical
+        assert torch.equal(runs[1]["straight"][k], v), k
 
 
 def test_convert_keeps_state_dict_and_leaves_fused_batchnorms_to_the_ops():
@@ -96,10 +153,7 @@ def test_convert_keeps_state_dict_and_leaves_fused_batchnorms_to_the_ops():
 def _aspp_worker(rank: int, world: int, port: int, init: dict, x: torch.Tensor, out_dir: str) -> None:
     from model.aspp import ASPP
 
-    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
-    torch.set_num_threads(1)
-    dist.init_process_group("gloo", rank=rank, world_size=world)
-    try:
+    with _gloo_group(rank, world, port):
         aspp = ASPP(6, (1, 2), out_channels=4)
         aspp.load_state_dict(init)
         aspp = distributed.convert_sync_batchnorm(aspp, "cpu")
@@ -108,8 +162,6 @@ def _aspp_worker(rank: int, world: int, port: int, init: dict, x: torch.Tensor, 
         out.square().sum().backward()
         torch.save({"out": out.detach(), "grad": mine.grad, "state": aspp.state_dict()},
                    os.path.join(out_dir, f"aspp{rank}.pt"))
-    finally:
-        dist.destroy_process_group()
 
 
 @pytest.mark.skipif(not dist.is_available(), reason="torch.distributed is not available")
@@ -138,18 +190,179 @@ def test_one_image_per_process_trains_the_aspp_pooling_branch_with_synchronized_
 
 
 @pytest.mark.parametrize("world, batch, fused, refused", [
-    (1, 1, False, True), (1, 2, False, False), (2, 2, False, False), (2, 2, True, True), (2, 4, True, False),
-    (4, 4, True, True),
+    (1, 1, False, True), (1, 1, True, True), (1, 2, False, False), (2, 2, False, False), (2, 2, True, False),
+    (2, 4, True, False), (4, 4, True, False),
 ])
 def test_train_py_refuses_a_bn_batch_of_one_before_any_work(world, batch, fused, refused):
+    """One process: a batch of 1 is refused. Across processes every BatchNorm is synchronized (fused or not), so one
+    image per process trains."""
     import train as train_script
 
     args = SimpleNamespace(batch_size=batch, fused_ops=fused, freeze_bn=False)
     if refused:
-        with pytest.raises(SystemExit, match="batch size 1 per BatchNorm batch" if world == 1 else
-                           f"--fused-ops over {world} processes needs 2 or more images per process "
-                           f"\\(--batch-size {2 * world} or more; got {batch}, 1 per process\\)"):
+        with pytest.raises(SystemExit, match="batch size 1 per BatchNorm batch"):
             train_script.check_bn_batch(args, world)
     else:
         train_script.check_bn_batch(args, world)
     train_script.check_bn_batch(SimpleNamespace(batch_size=batch, fused_ops=fused, freeze_bn=True), world)
+
+
+def test_a_checkpoint_from_another_process_count_gives_each_process_a_stream_of_its_own():
+    """rng_ranks from 2 processes resumed by 3 (or a checkpoint without them): process 0 takes the saved 'rng',
+    the others fresh streams of their own, seeded from (seed, rank, iteration)."""
+    torch.manual_seed(5)
+    saved = ckpt_io.capture_rng_state()
+    ckpt = {"rng": saved, "rng_ranks": [saved, saved], "iteration": 3}
+    draws = []
+    for rank in range(3):
+        torch.manual_seed(99)
+        ckpt_io.restore_process_rng(ckpt, seed=7, rank=rank, world_size=3)
+        draws.append(torch.rand(4))
+    ckpt_io.restore_rng_state(saved)
+    assert torch.equal(draws[0], torch.rand(4))
+    assert not torch.equal(draws[1], draws[0]) and not torch.equal(draws[2], draws[1])
+    ckpt_io.seed_process(7, 2, 3)
+    assert torch.equal(draws[2], torch.rand(4))
+    without = {"rng": saved, "iteration": 3}
+    ckpt_io.restore_process_rng(without, seed=7, rank=2, world_size=3)
+    assert torch.equal(draws[2], torch.rand(4))
+
+
+def _eval_worker(rank: int, world: int, port: int, init: dict, keep: int, out_dir: str) -> None:
+    import train as train_script
+    from training.datasets import SyntheticShapes
+
+    with _gloo_group(rank, world, port):
+        model = TinySeg()
+        model.load_state_dict(init)
+        val = train_script._Normalized(SyntheticShapes("val", 24, 7, seed=3))
+        metrics, kept = loop.evaluate(model, val, 21, None, torch.device("cpu"), batch_size=2, keep=keep, rank=rank,
+                                      world_size=world, progress=False)
+        torch.save({"metrics": metrics, "kept": kept}, os.path.join(out_dir, f"eval{rank}.pt"))
+
+
+@pytest.mark.skipif(not dist.is_available(), reason="torch.distributed is not available")
+def test_a_distributed_evaluation_previews_the_first_images_of_the_whole_set(tmp_path):
+    """--preview N under torchrun shows the dataset's first N images, as one process does (each process evaluates
+    every world-th image: its own kept ones alone would be every world-th)."""
+    import train as train_script
+    from training.datasets import SyntheticShapes
+
+    torch.manual_seed(0)
+    model = TinySeg()
+    init = {k: v.clone() for k, v in model.state_dict().items()}
+    val = train_script._Normalized(SyntheticShapes("val", 24, 7, seed=3))
+    metrics, kept = loop.evaluate(model, val, 21, None, torch.device("cpu"), batch_size=2, keep=5, progress=False)
+    assert len(kept) == 5
+    mp.spawn(_eval_worker, args=(3, free_port(), init, 5, str(tmp_path)), nprocs=3, join=True)
+    for rank in range(3):
+        run = torch.load(tmp_path / f"eval{rank}.pt")
+        assert run["metrics"]["miou"] == pytest.approx(metrics["miou"], abs=1e-12, nan_ok=True)
+        assert len(run["kept"]) == len(kept)
+        for got, want in zip(run["kept"], kept, strict=True):
+            for a, b in zip(got, want, strict=True):
+                torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-5)
+
+
+def _train_py_worker(rank: int, port: int, commands: list, queue) -> None:
+    """Runs train.py's main() for each argv of `commands` as process `rank` of 2 under torchrun's environment, with
+    the tiny network standing in for DeepLabV3; puts (rank, [(exit status or message, output), ...])."""
+    import contextlib
+    import io
+
+    from test_training_loop import _tiny_build_model
+
+    import train as train_script
+
+    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK=str(rank), LOCAL_RANK=str(rank),
+                      WORLD_SIZE="2")
+    torch.set_num_threads(1)
+    train_script.build_model = _tiny_build_model
+    results = []
+    try:
+        for argv in commands:
+            out = io.StringIO()
+            with contextlib.redirect_stdout(out), contextlib.redirect_stderr(out):
+                try:
+                    train_script.main(argv)
+                    code = 0
+                except SystemExit as e:
+                    code = e.code
+            results.append((code, out.getvalue()))
+    except Exception as e:  # noqa: BLE001 (reported to the test)
+        queue.put((rank, f"process {rank}: {type(e).__name__}: {e}"))
+        return
+    queue.put((rank, results))
+
+
+@pytest.mark.skipif(not dist.is_available(), reason="torch.distributed is not available")
+def test_train_py_under_torchrun_trains_fused_with_one_image_per_process_previews_and_predicts(tmp_path):
+    """train.py in 2 processes: --fused-ops with one image per process trains; the checkpoint holds both processes'
+    random streams; the preview shows the set's first images; --predict splits the images between the processes
+    (each mask written once, one report), and a bad image stops both with no mask written."""
+    from helpers import run_two_processes
+    from PIL import Image
+
+    full = str(tmp_path / "run")
+    photos, bad = tmp_path / "photos", tmp_path / "bad"
+    photos.mkdir()
+    bad.mkdir()
+    for i in range(3):
+        for folder in (photos, bad):
+            Image.fromarray(np.random.default_rng(i).integers(0, 256, (20 + i, 30, 3), dtype=np.uint8)).save(
+                folder / f"p{i}.jpg")
+    (bad / "p3.jpg").write_bytes(b"not a jpeg")
+    train = ["--crop-size", "32", "--synthetic-train-size", "16", "--synthetic-val-size", "5", "--batch-size", "2",
+             "--iterations", "2", "--no-tensorboard", "--device", "cpu", "--fused-ops", "--preview", "3",
+             "--out-dir", full]
+    predict = ["--checkpoint", os.path.join(full, "last.pt"), "--device", "cpu"]
+    commands = [train, ["--predict", str(photos), "--out", str(tmp_path / "masks"), *predict],
+                ["--predict", str(bad), "--out", str(tmp_path / "none"), *predict]]
+    # One pair of processes per command, as torchrun starts them (a process initialises its group once).
+    runs = [run_two_processes(_train_py_worker, [argv], timeout=300) for argv in commands]
+    (main_train, other_train), (main_predict, other_predict), (main_bad, other_bad) = (
+        (run[0][0][0], run[1][0][0]) for run in runs)
+    assert main_train[0] == 0 and other_train[0] == 0, (main_train, other_train)
+    saved = torch.load(os.path.join(full, "last.pt"), weights_only=True)
+    assert len(saved["rng_ranks"]) == 2 and not torch.equal(saved["rng_ranks"][0]["torch"],
+                                                            saved["rng_ranks"][1]["torch"])
+    width, height = Image.open(os.path.join(full, "predictions_val.png")).size
+    assert height == width  # three rows of three square images (image, truth, prediction)
+
+    assert main_predict[0] == 0 and other_predict[0] == 0, (main_predict, other_predict)
+    assert "wrote 3 colour-coded masks" in main_predict[1] and "wrote" not in other_predict[1]
+    assert sorted(os.listdir(tmp_path / "masks")) == ["p0.png", "p1.png", "p2.png"]
+    for i in range(3):
+        assert Image.open(tmp_path / "masks" / f"p{i}.png").size == (30, 20 + i)
+
+    assert isinstance(main_bad[0], str) and "p3.jpg" in main_bad[0] and "no mask was written" in main_bad[0]
+    assert other_bad[0] == 1
+    assert not (tmp_path / "none").exists() or os.listdir(tmp_path / "none") == []
+
+
+@pytest.mark.parametrize("rank", [0, 1])
+def test_a_process_whose_peer_stopped_exits_with_one_line_not_a_traceback(tmp_path, monkeypatch, rank):
+    """Another process's error (a bad data file, say) breaks this one's collective: the main process says so in one
+    line, the others exit with status 1 and say nothing; any other error stays as it is."""
+    import train as train_script
+
+    lost = RuntimeError("[gloo/transport/tcp/pair.cc:545] Read error [127.0.0.1]:1: Connection reset by peer. ...")
+    monkeypatch.setattr(train_script, "_setup", lambda args: (torch.device("cpu"), distributed.DistInfo(rank, 2, 0)))
+    monkeypatch.setattr(dist, "destroy_process_group", lambda: None)
+    argv = ["--out-dir", str(tmp_path / "run"), "--device", "cpu"]
+    for error, expected in ((lost, "another process stopped" if rank == 0 else 1),
+                            (dist.DistError("NCCL communicator was aborted"), "another process stopped"
+                             if rank == 0 else 1),
+                            (RuntimeError("a bug of ours"), None)):
+        def fail(*args, error=error):
+            raise error
+
+        monkeypatch.setattr(train_script, "cmd_train", fail)
+        if expected is None:
+            with pytest.raises(RuntimeError, match="a bug of ours"):
+                train_script.main(argv)
+            continue
+        with pytest.raises(SystemExit) as stop:
+            train_script.main(argv)
+        assert stop.value.code == 1 if rank else expected in stop.value.code
+    assert distributed.lost_peer(lost) and not distributed.lost_peer(RuntimeError("CUDA out of memory"))
