@@ -43,7 +43,8 @@ class FusedConfig:
     (residual blocks), the backend, whether the fused convs, blocks and ASPPs save no pre-BN activation
     (memory_efficient, see deeplab_ops.conv_bn_relu and deeplab_ops.aspp), and the process group whose processes
     share BatchNorm statistics (set by `deeplab_ops.nn.sync_batchnorm`; None: none). chain (fused convs): the
-    container's `_modules` dict and the (name, module) of the BatchNorm and ReLU it absorbed, which must stay there."""
+    container's `_modules` dict, the conv's name there, the (name, module) of the BatchNorm and ReLU it absorbed, and
+    the container's _ChainState (`_chain_runs_fused`)."""
 
     __slots__ = ("bn", "relu", "depth", "backend", "process_group", "memory_efficient", "chain")
 
@@ -75,72 +76,106 @@ def fused_config(module: nn.Module) -> FusedConfig | None:
     return getattr(module, _FUSED_ATTR, None)
 
 
+class _ChainState:
+    """Shared by a fused chain container and the convs fused in it: how many calls of the container are running.
+    A fused conv runs the fused op only inside its container's call (sliced out of it, called on its own, or with
+    the container's children iterated by hand, it is a plain convolution and its BatchNorm and ReLU apply
+    themselves)."""
+
+    __slots__ = ("running",)
+
+    def __init__(self) -> None:
+        self.running = 0
+
+    def __getstate__(self):
+        return 0  # a copy or a pickle starts outside any call
+
+    def __setstate__(self, state) -> None:
+        self.running = 0
+
+
+def _has_hooks(m: nn.Module) -> bool:
+    return bool(m._forward_hooks or m._forward_pre_hooks or m._backward_hooks or m._backward_pre_hooks)
+
+
+def _chain_runs_fused(conv: nn.Module, cfg: FusedConfig) -> bool:
+    """Whether `conv` (a FusedConv2d) computes act(bn(conv(x))) in this call, its fused-away BatchNorm and ReLU
+    passing their input through: inside a call of the container it was fused in, that container still holding the
+    conv and the modules it absorbed in their places, none of them hooked (a hook sees what it would see unfused),
+    and not an nn.DataParallel replica (whose container and BatchNorm are others). Otherwise the three run one by one
+    as unfused modules. (Inline checks: this runs on every call of the three.)"""
+    chain = cfg.chain
+    if chain is None or not chain[3].running or conv.__dict__.get("_is_replica", False):
+        return False
+    modules = chain[0]
+    if modules.get(chain[1]) is not conv or _has_hooks(conv):
+        return False
+    for name, module in chain[2]:
+        if modules.get(name) is not module or _has_hooks(module):
+            return False
+    return True
+
+
 class FusedConv2d(nn.Conv2d):
-    """A Conv2d whose forward computes ``act(bn(conv(x)))`` with the fused op, for the BatchNorm it absorbed. It
-    computes the convolution alone, its fused-away BatchNorm and ReLU applying themselves, with a hook of its own
-    (forward, forward-pre, backward: the hook sees what it would see unfused) and as an nn.DataParallel replica
-    (whose BatchNorm is the replica's, its parameters broadcast to the replica's device, not the one it absorbed)."""
+    """A Conv2d whose forward, inside a call of the container it was fused in, computes ``act(bn(conv(x)))`` with
+    the fused op for the BatchNorm (and ReLU) it absorbed; anywhere else (sliced out, called on its own, with a hook
+    on it, its BatchNorm or ReLU, with them replaced, or as an nn.DataParallel replica) it computes the convolution
+    alone and its BatchNorm and ReLU apply themselves (`_chain_runs_fused`)."""
 
     def forward(self, x: Tensor) -> Tensor:
         cfg = getattr(self, _FUSED_ATTR)
-        chain = cfg.chain
-        replica = self.__dict__.get("_is_replica", False)
-        if chain is not None and not replica:  # (a replica's container is another)
-            for name, module in chain[1]:
-                if chain[0].get(name) is not module:
-                    raise _chain_changed(name, module)
-        if (self._forward_hooks or self._forward_pre_hooks or self._backward_hooks or self._backward_pre_hooks
-                or replica):
+        if not _chain_runs_fused(self, cfg):
             return self._conv_forward(x, self.weight, self.bias)
         return fused_conv_bn(self, cfg.bn, x, training=cfg.bn.training, relu=cfg.relu, backend=cfg.backend,
                              process_group=cfg.process_group, memory_efficient=cfg.memory_efficient)
-
-
-def _chain_changed(name: str, module: nn.Module) -> RuntimeError:
-    """The error for a fused conv whose absorbed BatchNorm or ReLU is no longer its container's child `name`."""
-    kind = "BatchNorm" if isinstance(module, nn.BatchNorm2d) else "ReLU"
-    return RuntimeError(
-        f"the {kind} that fuse_modules fused into the preceding conv (its container's child {name!r}) was replaced "
-        f"or removed after fusing, but the fused conv still applies the one it absorbed, so the new module would "
-        f"not compute what the model says: call deeplab_ops.nn.unfuse_modules(model) before changing a fused "
-        f"model's modules, and fuse_modules(model) again after"
-    )
 
 
 _CONV_ATTR = "_deeplab_ops_fused_into"  # plain attribute of a fused-away BatchNorm or ReLU: the conv that applies it
 
 
 class FusedAwayBatchNorm2d(nn.BatchNorm2d):
-    """A BatchNorm2d applied by the preceding FusedConv2d: its forward passes the input through (normalizes, as
-    nn.BatchNorm2d, while that conv computes the convolution alone: hooked, or as an nn.DataParallel replica)."""
+    """A BatchNorm2d applied by the preceding FusedConv2d: its forward passes the input through while that conv ran
+    fused, and normalizes (as nn.BatchNorm2d, across the process group of a synchronized model) where it computed the
+    convolution alone (`_chain_runs_fused`)."""
 
     def forward(self, x: Tensor) -> Tensor:
-        if self.__dict__.get("_is_replica"):  # an nn.DataParallel replica: so is its conv, which ran alone
-            return nn.BatchNorm2d.forward(self, x)
-        conv = self.__dict__.get(_CONV_ATTR)  # (inline: no call on the fused path)
-        if conv is None or not (conv._forward_hooks or conv._forward_pre_hooks or conv._backward_hooks
-                                or conv._backward_pre_hooks) or fused_config(conv) is None:
+        conv = self.__dict__.get(_CONV_ATTR)
+        cfg = None if conv is None else fused_config(conv)
+        if cfg is not None and not self.__dict__.get("_is_replica", False) and _chain_runs_fused(conv, cfg):
             return x
-        group = fused_config(conv).process_group  # the hooked conv computed the convolution alone
+        group = None if cfg is None else cfg.process_group
         return nn.BatchNorm2d.forward(self, x) if group is None else synced_batch_norm(self, group, x)
 
 
 class FusedAwayReLU(nn.ReLU):
-    """A ReLU applied by the preceding FusedConv2d: its forward passes the input through (the same module, its class
-    swapped, so that hooks registered on it still run, seeing the fused output; applies ReLU while a hook on that
-    conv makes the conv compute the convolution alone)."""
+    """A ReLU applied by the preceding FusedConv2d: its forward passes the input through while that conv ran fused,
+    and applies ReLU where it computed the convolution alone (`_chain_runs_fused`)."""
 
     def forward(self, x: Tensor) -> Tensor:
-        if self.__dict__.get("_is_replica"):  # an nn.DataParallel replica: so is its conv, which ran alone
-            return nn.ReLU.forward(self, x)
         conv = self.__dict__.get(_CONV_ATTR)
-        if conv is None or not (conv._forward_hooks or conv._forward_pre_hooks or conv._backward_hooks
-                                or conv._backward_pre_hooks) or fused_config(conv) is None:
+        cfg = None if conv is None else fused_config(conv)
+        if cfg is not None and not self.__dict__.get("_is_replica", False) and _chain_runs_fused(conv, cfg):
             return x
         return nn.ReLU.forward(self, x)
 
     def extra_repr(self) -> str:
         return f"fused into the preceding conv, {super().extra_repr() or 'not inplace'}"
+
+
+_CHAIN_ATTR = "_deeplab_ops_chain"  # plain attribute of a fused chain container: its _ChainState
+
+
+def _fused_chain_forward(self: nn.Module, *args, **kwargs):
+    """A chain container's forward: its own class's, with its fused convs running fused for the call."""
+    forward = type(self).original_class.forward
+    state = self.__dict__.get(_CHAIN_ATTR)
+    if state is None:  # a copy made by slicing it (nn.Sequential.__getitem__): its convs were fused in another
+        return forward(self, *args, **kwargs)
+    state.running += 1
+    try:
+        return forward(self, *args, **kwargs)
+    finally:
+        state.running -= 1
 
 
 # ---- residual blocks -----------------------------------------------------------------------------------
@@ -204,7 +239,7 @@ def _fused_aspp_forward(self: nn.Module, x: Tensor) -> Tensor:
                           unfused=type(self).original_class.forward)
 
 
-_FORWARDS = {"block": _fused_block_forward, "aspp": _fused_aspp_forward}
+_FORWARDS = {"block": _fused_block_forward, "aspp": _fused_aspp_forward, "chain": _fused_chain_forward}
 
 
 def _rebuild_fused(original_class: type, kind: str) -> nn.Module:
@@ -224,9 +259,10 @@ _FUSED_CLASS_SET: set[type] = set()  # the values of _FUSED_CLASSES
 
 
 def _fused_class(cls: type, kind: str) -> type:
-    """The subclass of `cls` whose forward is the fused one of `kind` ("block" or "aspp"), made once."""
+    """The subclass of `cls` whose forward is the fused one of `kind` ("block", "aspp" or "chain"), made once."""
     if (cls, kind) not in _FUSED_CLASSES:
-        op = "the fused ASPP op" if kind == "aspp" else "deeplab_ops.conv_bn_relu"
+        op = {"aspp": "the fused ASPP op", "block": "deeplab_ops.conv_bn_relu",
+              "chain": "deeplab_ops.conv_bn_relu for its conv → BatchNorm (→ ReLU) chains"}[kind]
         _FUSED_CLASSES[(cls, kind)] = type(
             f"{cls.__name__}Fused",
             (cls,),
@@ -244,8 +280,8 @@ def _fused_class(cls: type, kind: str) -> type:
 
 
 def _fused_class_of(module: nn.Module) -> type | None:
-    """The fused residual-block or ASPP class `module` is an instance of (its class, or one derived from it after
-    fusing, as torch.nn.utils.parametrize derives one); None for any other module."""
+    """The fused residual-block, ASPP or chain-container class `module` is an instance of (its class, or one derived
+    from it after fusing, as torch.nn.utils.parametrize derives one); None for any other module."""
     for cls in type(module).__mro__:
         if cls in _FUSED_CLASS_SET:
             return cls
@@ -274,7 +310,8 @@ def _overrides_a_forward(cls: type) -> bool:
 def _residual_block_depth(module: nn.Module, shared: set[int]) -> int:
     """K when `module` is a post-activation residual block with K conv/BN pairs (K = 2 or 3), else 0. Not one: a
     module with children besides convI, bnI, relu and downsample (its forward uses them: a squeeze-excitation, a
-    drop path), or a subclass that overrides its base class's forward."""
+    drop path), parameters or buffers of its own (a ReZero / LayerScale gain), or a subclass that overrides its base
+    class's forward."""
     if type(getattr(module, "relu", None)) is not nn.ReLU or not hasattr(module, "downsample"):
         return 0
     if module.downsample is not None and not isinstance(module.downsample, nn.Module):
@@ -282,7 +319,8 @@ def _residual_block_depth(module: nn.Module, shared: set[int]) -> int:
     k = 3 if hasattr(module, "conv3") else 2
     if hasattr(module, f"conv{k + 1}") or hasattr(module, f"bn{k + 1}"):
         return 0
-    if not set(module._modules) <= set(_BLOCK_NAMES[k]) | {"relu"} or _overrides_a_forward(type(module)):
+    if (not set(module._modules) <= set(_BLOCK_NAMES[k]) | {"relu"} or module._parameters or module._buffers
+            or _overrides_a_forward(type(module))):
         return 0
     for i in range(1, k + 1):
         if not _fusable(getattr(module, f"conv{i}", None), getattr(module, f"bn{i}", None), shared):
@@ -292,8 +330,10 @@ def _residual_block_depth(module: nn.Module, shared: set[int]) -> int:
 
 def _is_aspp(module: nn.Module, shared: set[int]) -> bool:
     """Whether `module` has torchvision's ASPP structure with modules the fused ASPP op computes exactly, none of
-    them shared, and no other child (`convs` and `project` only) or overridden forward of a base class."""
-    if not aspp_fusable(module) or set(module._modules) != {"convs", "project"} or _overrides_a_forward(type(module)):
+    them shared, and no other child (`convs` and `project` only), parameter or buffer of its own, or overridden
+    forward of a base class."""
+    if (not aspp_fusable(module) or set(module._modules) != {"convs", "project"} or module._parameters
+            or module._buffers or _overrides_a_forward(type(module))):
         return False
     convs, bns, _ = aspp_parts(module)
     return all(_fusable(c, b, shared) for c, b in zip(convs, bns, strict=True))
@@ -330,8 +370,7 @@ def fuse_modules(model: nn.Module, backend: str | None = None, memory_efficient:
         backend: the deeplab_ops backend for every fused call ("cpu", "cuda", "triton", "reference"), or None for
             automatic choice per call.
         memory_efficient: fused convs, residual blocks and ASPPs save no pre-BN activation for the backward
-            (deeplab_ops.conv_bn_relu's and deeplab_ops.aspp's memory_efficient; README "Memory-efficient
-            training").
+            (deeplab_ops.conv_bn_relu's and deeplab_ops.aspp's memory_efficient; docs/memory_efficient.md).
         channels_last: on CUDA, run the fused model channels_last end to end (the fused kernels' native layout,
             and cuDNN's for bf16/fp16): a 4-D CUDA input is converted once at `model`'s boundary, 4-D outputs are
             returned in the contiguous (NCHW) format, and the model's conv weights are made channels_last now
@@ -447,6 +486,7 @@ def _fuse_chain(container: nn.Module, backend: str | None, shared: set[int], mem
     names = list(container._modules)
     children = list(container._modules.values())
     keep = set(getattr(container, "return_layers", None) or ())
+    state = None
     i = 0
     while i + 1 < len(children):
         conv, bn = children[i], children[i + 1]
@@ -455,9 +495,13 @@ def _fuse_chain(container: nn.Module, backend: str | None, shared: set[int], mem
             continue
         relu = i + 2 < len(children) and type(children[i + 2]) is nn.ReLU and id(children[i + 2]) not in shared
         absorbed = ((names[i + 1], bn), (names[i + 2], children[i + 2])) if relu else ((names[i + 1], bn),)
+        if state is None:
+            state = _ChainState()
+            object.__setattr__(container, _CHAIN_ATTR, state)
+            container.__class__ = _fused_class(type(container), "chain")
         object.__setattr__(conv, _FUSED_ATTR, FusedConfig(bn=bn, relu=relu, backend=backend,
                                                           memory_efficient=memory_efficient,
-                                                          chain=(container._modules, absorbed)))
+                                                          chain=(container._modules, names[i], absorbed, state)))
         conv.__class__ = FusedConv2d
         bn.__class__ = FusedAwayBatchNorm2d
         object.__setattr__(bn, _CONV_ATTR, conv)
@@ -488,7 +532,8 @@ def unfuse_modules(model: nn.Module) -> nn.Module:
             fused_cls = _fused_class_of(module)
             if fused_cls is not None:
                 _restore_class(module, fused_cls, fused_cls.original_class)
-                delattr(module, _FUSED_ATTR)
+                module.__dict__.pop(_FUSED_ATTR, None)
+                module.__dict__.pop(_CHAIN_ATTR, None)
     return model
 
 
@@ -544,9 +589,9 @@ def sync_batchnorm(model: nn.Module, process_group=None, *, unfused: bool = Fals
     `fuse_modules` starts from fresh, unsynchronized fused modules).
 
     unfused=True also replaces every other nn.BatchNorm2d with an nn.SyncBatchNorm (parameters and buffers
-    shared), as nn.SyncBatchNorm.convert_sync_batchnorm would, but leaves the fused ones alone. Do not run
-    nn.SyncBatchNorm.convert_sync_batchnorm on a fused model: it replaces the fused-away BatchNorms too, which the
-    fused convolutions still apply, so they would normalize twice.
+    shared), as nn.SyncBatchNorm.convert_sync_batchnorm would, but leaves the fused ones alone. Prefer it to
+    nn.SyncBatchNorm.convert_sync_batchnorm on a fused model: that one replaces the fused ones too, and the chains,
+    blocks and ASPPs holding them then run unfused (correct, but slower).
 
     Returns:
         `model` (a new module only where `model` itself is an unfused BatchNorm2d and unfused=True).

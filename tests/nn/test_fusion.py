@@ -312,37 +312,87 @@ _CHANGES = {
 }
 
 
-@pytest.mark.parametrize("change", ["relu replaced", "bn replaced", "relu deleted", "module inserted",
-                                    "convert_sync_batchnorm"])
-def test_a_chain_changed_after_fusing_is_refused(change):
-    """A conv → BN → ReLU chain fused into its conv: the fused conv applies the BatchNorm and ReLU it absorbed, so a
-    replacement in the container would run besides them (normalizing twice, or a ReLU before a LeakyReLU): a
-    clear error instead of a wrong result; unfuse, change, fuse works; copies and pickles keep running."""
+class _StandardizedConv(nn.Conv2d):
+    """A weight-standardized convolution (a Conv2d subclass with its own forward)."""
+
+    def forward(self, x):
+        w = self.weight
+        w = (w - w.mean(dim=(1, 2, 3), keepdim=True)) / (w.std(dim=(1, 2, 3), keepdim=True) + 1e-5)
+        return self._conv_forward(x, w, self.bias)
+
+
+def _stem_conv(m):
+    return _StandardizedConv(3, 4, 3, bias=False)
+
+
+_CHAIN_EDITS = {
+    "relu replaced": lambda m: m.__setitem__(2, nn.LeakyReLU(0.5)),
+    "bn replaced": lambda m: m.__setitem__(1, nn.BatchNorm2d(4)),
+    "conv replaced": lambda m: m.__setitem__(0, _stem_conv(m)),
+    "conv deleted": lambda m: m.__delitem__(0) or m.insert(0, nn.Conv2d(3, 4, 3, bias=False)),
+    "relu deleted": lambda m: m.__delitem__(2),
+    "module inserted": lambda m: m.insert(1, nn.Identity()),
+    "convert_sync_batchnorm": lambda m: nn.SyncBatchNorm.convert_sync_batchnorm(m),
+}
+
+
+# (nn.SyncBatchNorm trains on CUDA tensors only: the unfused reference of that change runs in eval here)
+@pytest.mark.parametrize("change, training", [(c, t) for c in _CHAIN_EDITS for t in (False, True)
+                                              if not (t and c == "convert_sync_batchnorm")])
+def test_a_chain_changed_after_fusing_computes_what_the_changed_model_computes(change, training):
+    """A conv → BN → ReLU chain fused into its conv, then changed in its container (a module replaced, deleted or
+    inserted; nn.SyncBatchNorm.convert_sync_batchnorm): the chain runs one module after the other, so what runs is
+    what the container holds (outputs, gradients, running statistics as the same change on the unfused model);
+    copies and pickles keep running fused."""
     torch.manual_seed(0)
     plain = _randomize(nn.Sequential(nn.Conv2d(3, 4, 3, bias=False), nn.BatchNorm2d(4), nn.ReLU(),
-                                     nn.Conv2d(4, 4, 1, bias=False))).eval()
+                                     nn.Conv2d(4, 4, 1, bias=False))).train(training)
     fused = fuse_modules(copy.deepcopy(plain), backend="cpu")
     x = torch.randn(2, 3, 6, 6)
     buffer = io.BytesIO()
     torch.save(fused, buffer)
     buffer.seek(0)
     for copied in (copy.deepcopy(fused), torch.load(buffer, weights_only=False)):
-        assert_close(copied(x), plain(x), "a copy of the fused chain", ATOL, RTOL)
-    edit = {
-        "relu replaced": lambda m: m.__setitem__(2, nn.LeakyReLU(0.5)),
-        "bn replaced": lambda m: m.__setitem__(1, nn.BatchNorm2d(4).eval()),
-        "relu deleted": lambda m: m.__delitem__(2),
-        "module inserted": lambda m: m.insert(1, nn.Identity()),
-        "convert_sync_batchnorm": lambda m: nn.SyncBatchNorm.convert_sync_batchnorm(m),
-    }[change]
-    for m in (plain, fused):
-        edit(m)
-    with pytest.raises(RuntimeError, match="after fusing, but the fused conv still applies the one it absorbed"):
-        fused(x)
+        assert_close(copied(x), copy.deepcopy(plain)(x), "a copy of the fused chain", ATOL, RTOL)
+    torch.manual_seed(1)
+    _CHAIN_EDITS[change](plain)
+    torch.manual_seed(1)
+    _CHAIN_EDITS[change](fused)
+    fused.load_state_dict(plain.state_dict())  # a new module's fresh parameters: the same in both
+    plain.train(training), fused.train(training)
+    for _ in range(2):
+        xa, xb = x.clone().requires_grad_(True), x.clone().requires_grad_(True)
+        ya, yb = plain(xa), fused(xb)
+        assert_close(yb, ya, f"{change}: output", ATOL, RTOL)
+        ya.square().sum().backward()
+        yb.square().sum().backward()
+        assert_close(xb.grad, xa.grad, f"{change}: input gradient", GRAD_ATOL, GRAD_RTOL)
+    for (name, pa), pb in zip(plain.named_parameters(), fused.parameters(), strict=True):
+        assert_close(pb.grad, pa.grad, f"{change}: {name}.grad", GRAD_ATOL, GRAD_RTOL)
+    _assert_same_state(fused, plain, change)
     unfuse_modules(fused)
     fuse_modules(fused, backend="cpu")
     with torch.no_grad():
-        assert_close(fused(x), plain(x), f"{change}, fused again", ATOL, RTOL)
+        assert_close(fused.eval()(x), plain.eval()(x), f"{change}, fused again", ATOL, RTOL)
+
+
+@pytest.mark.parametrize("training", [False, True], ids=["eval", "train"])
+def test_a_fused_chain_sliced_or_iterated_by_hand_computes_the_unfused_values(training):
+    """A slice of a fused Sequential (a VGG feature extractor cut before a ReLU, or after its conv) and its children
+    called one by one compute what the unfused ones do: a fused conv runs fused only inside its container's call."""
+    torch.manual_seed(0)
+    plain = _randomize(nn.Sequential(nn.Conv2d(3, 4, 3, padding=1, bias=False), nn.BatchNorm2d(4), nn.ReLU(),
+                                     nn.Conv2d(4, 5, 3, bias=False), nn.BatchNorm2d(5), nn.ReLU())).train(training)
+    fused = fuse_modules(copy.deepcopy(plain), backend="cpu")
+    x = torch.randn(2, 3, 7, 7)
+    for cut in range(1, 7):
+        assert_close(fused[:cut](x), plain[:cut](x), f"[:{cut}]", ATOL, RTOL)
+    a = b = x
+    for pm, fm in zip(plain, fused, strict=True):
+        a, b = pm(a), fm(b)
+        assert_close(b, a, f"child {type(pm).__name__} called by hand", ATOL, RTOL)
+    assert_close(fused(x), plain(x), "the whole chain", ATOL, RTOL)
+    _assert_same_state(fused, plain, "sliced and iterated")
 
 
 def _probe(name, seen):
@@ -528,6 +578,29 @@ def _extra_child_block():
     return block
 
 
+class _ReZeroBlock(nn.Module):
+    """torchvision's BasicBlock names, with a learned gain on the residual branch (ReZero / LayerScale)."""
+
+    def __init__(self):
+        super().__init__()
+        self.conv1, self.bn1 = nn.Conv2d(8, 8, 3, padding=1, bias=False), nn.BatchNorm2d(8)
+        self.conv2, self.bn2 = nn.Conv2d(8, 8, 3, padding=1, bias=False), nn.BatchNorm2d(8)
+        self.relu, self.downsample = nn.ReLU(inplace=True), None
+        self.alpha = nn.Parameter(torch.tensor(0.3))
+
+    def forward(self, x):
+        out = self.relu(self.bn1(self.conv1(x)))
+        return self.relu(self.bn2(self.conv2(out)) * self.alpha + x)
+
+
+def _gain_aspp():
+    class Gained(TorchvisionASPP):
+        def __init__(self):
+            super().__init__(8, (1, 2), 4)
+            self.register_buffer("gain", torch.tensor(2.0))
+    return Gained()
+
+
 def _aspp_subclass():
     class Tapped(TorchvisionASPP):
         def forward(self, x):
@@ -535,12 +608,15 @@ def _aspp_subclass():
     return Tapped(8, (1, 2), 4)
 
 
-@pytest.mark.parametrize("make", [_se_block, _scaled_block, _extra_child_block, _aspp_subclass],
-                         ids=["squeeze-excitation subclass", "overridden forward", "extra child", "ASPP subclass"])
+@pytest.mark.parametrize("make", [_se_block, _scaled_block, _extra_child_block, _ReZeroBlock, _aspp_subclass,
+                                  _gain_aspp],
+                         ids=["squeeze-excitation subclass", "overridden forward", "extra child", "own parameter",
+                              "ASPP subclass", "ASPP own buffer"])
 def test_blocks_whose_forward_may_differ_are_left_alone(make):
     """A residual block or ASPP whose forward may compute something else than the fused one (a subclass that
-    overrides its base's forward, a block with another child) is not fused as a whole (an SE block lost its gate,
-    silently); its conv → BN chains still may be."""
+    overrides its base's forward, a block with another child, or with a parameter or buffer of its own) is not
+    fused as a whole (an SE block lost its gate, a ReZero block its gain, silently); its conv → BN chains still
+    may be."""
     torch.manual_seed(0)
     plain = _randomize(make()).train()
     if hasattr(plain, "project"):
@@ -692,10 +768,45 @@ def test_channels_last_boundary_on_cuda(fuse_on_cuda):
     assert not _grad_stride_mismatches(net), _grad_stride_mismatches(net)
 
 
+@pytest.mark.parametrize("part", ["bn", "relu"])
+@pytest.mark.parametrize("hook", ["forward pre-hook", "full backward hook"])
+def test_a_pre_or_backward_hook_on_a_fused_away_module_sees_the_unfused_values(part, hook):
+    """A forward pre-hook that changes a chain's BatchNorm's (or ReLU's) input, or a full backward hook there: the
+    chain runs unfused, so the hook acts where it would unfused (not after the fused BatchNorm and ReLU) and sees
+    the unfused gradients; outputs, input and parameter gradients and running statistics as unfused."""
+    torch.manual_seed(0)
+    plain = _randomize(nn.Sequential(nn.Conv2d(3, 4, 3, bias=False), nn.BatchNorm2d(4), nn.ReLU(),
+                                     nn.Conv2d(4, 4, 1, bias=False))).train()
+    fused = fuse_modules(copy.deepcopy(plain), backend="cpu")
+    seen = {}
+    for name, model in (("plain", plain), ("fused", fused)):
+        module = model[1] if part == "bn" else model[2]
+        if hook == "forward pre-hook":
+            module.register_forward_pre_hook(lambda m, args: (args[0] * 0.5 + 0.25,))
+        else:
+            module.register_full_backward_hook(
+                lambda m, gin, gout, name=name: seen.setdefault(name, []).append((gin[0].clone(), gout[0].clone())))
+    x = torch.randn(2, 3, 6, 6)
+    xa, xb = x.clone().requires_grad_(True), x.clone().requires_grad_(True)
+    ya, yb = plain(xa), fused(xb)
+    assert_close(yb, ya, f"{hook} on the {part}: output", ATOL, RTOL)
+    ya.square().sum().backward()
+    yb.square().sum().backward()
+    assert_close(xb.grad, xa.grad, "input gradient", GRAD_ATOL, GRAD_RTOL)
+    for (name, pa), pb in zip(plain.named_parameters(), fused.parameters(), strict=True):
+        assert_close(pb.grad, pa.grad, f"{name}.grad", GRAD_ATOL, GRAD_RTOL)
+    _assert_same_state(fused, plain, hook)
+    if hook == "full backward hook":
+        for (gin_a, gout_a), (gin_b, gout_b) in zip(seen["plain"], seen["fused"], strict=True):
+            assert_close(gin_b, gin_a, "the hook's grad_input", GRAD_ATOL, GRAD_RTOL)
+            assert_close(gout_b, gout_a, "the hook's grad_output", GRAD_ATOL, GRAD_RTOL)
+
+
 def test_forward_hooks_on_fused_away_and_inner_modules_still_run():
-    """A hook on a chain's fused-away ReLU or BatchNorm runs and sees the fused output (the modules stay); one on a
-    residual block's or an ASPP's part makes that module run unfused, so the hook sees the unfused value; hooks
-    added after fusing behave the same; unfusing keeps them. The outputs equal the unfused model's throughout."""
+    """A hook on a chain's fused-away ReLU or BatchNorm, or on a residual block's or an ASPP's part, makes that
+    chain, block or ASPP run unfused, so the hook sees the unfused value (the BatchNorm's output before the ReLU);
+    hooks added after fusing behave the same; unfusing keeps them. The outputs equal the unfused model's
+    throughout."""
     torch.manual_seed(0)
     plain = _randomize(_Head({})).eval()
     fused = copy.deepcopy(plain)
@@ -715,9 +826,10 @@ def test_forward_hooks_on_fused_away_and_inner_modules_still_run():
     with torch.no_grad():
         want = plain(x)
         assert_close(fused(x), want, "fused model with chain hooks", ATOL, RTOL)
-        expected_relu = plain.seq[3](plain.seq[2](plain.seq[1](x)))
+        expected_bn = plain.seq[2](plain.seq[1](x))
+        expected_relu = plain.seq[3](expected_bn)
     assert_close(seen["chain relu"][0], expected_relu, "the chain ReLU's hook", ATOL, RTOL)
-    assert_close(seen["chain bn"][0], expected_relu, "the fused-away BatchNorm's hook (the fused output)", ATOL, RTOL)
+    assert_close(seen["chain bn"][0], expected_bn, "the fused-away BatchNorm's hook", ATOL, RTOL)
     for name, part in (("block bn2", fused.bottleneck.bn2), ("block relu", fused.bottleneck.relu),
                        ("aspp branch bn", fused.aspp.convs[1][1]), ("aspp pool relu", fused.aspp.convs[-1][3])):
         seen.clear()
