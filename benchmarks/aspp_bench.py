@@ -68,7 +68,7 @@ def make_module(provider: str, cin: int, rates, cout: int) -> torch.nn.Module:
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    common.add_common_args(parser, "aspp_bench")
+    common.add_common_args(parser, "aspp_bench", batches_default="1,8,16 on cuda, 2 on cpu; --quick: the first")
     parser.add_argument("--providers", type=common.csv_list(str, PROVIDERS), default=None,
                         help=f"comma list of {PROVIDERS}; default: {CUDA_PROVIDERS} on cuda, {CPU_PROVIDERS} on cpu")
     parser.add_argument("--configs", type=common.csv_list(str, CUDA_CONFIGS), default=None,
@@ -79,7 +79,7 @@ def main(argv: list[str] | None = None) -> int:
                         help="Cin (default 2048 on cuda, 64 on cpu; --quick on cpu: 32)")
     parser.add_argument("--out-channels", type=common.int_at_least(1, "channels"), default=None,
                         help="Cout (default 256 on cuda, 32 on cpu; --quick on cpu: 16)")
-    args = parser.parse_args(argv)
+    args = common.parse_args(parser, argv)
     device = common.resolve_device(args)
     cuda = device.type == "cuda"
     providers = args.providers or list(CUDA_PROVIDERS if cuda else CPU_PROVIDERS)

@@ -15,6 +15,7 @@ import argparse
 import contextlib
 import csv
 import datetime
+import errno
 import json
 import math
 import os
@@ -22,6 +23,7 @@ import platform
 import re
 import subprocess
 import sys
+import tempfile
 import time
 import traceback
 from collections.abc import Callable, Iterable, Sequence
@@ -232,26 +234,70 @@ def row_counts(row: dict) -> tuple[float, int] | None:
     return None
 
 
-def roofline_report(path: str | Path) -> list[str]:
-    """Lines: each ok row of a results CSV or JSON with its FLOPs, minimum bytes, bound on its GPU and % of it."""
+# The columns a results file must have for `roofline` and `goals` to read its rows.
+ROW_COLUMNS = ("op", "provider", "mode", "dtype", "shape", "batch", "status", "median_ms")
+
+
+def read_rows(path: str | Path) -> list[dict]:
+    """The rows of a results file: NAME.json ({"meta", "rows"}) or NAME.csv (FIELDS columns). ValueError, saying
+    what is wrong, for a file that is not one (not JSON, no "rows", a row or header without ROW_COLUMNS, empty);
+    OSError for one that cannot be read."""
     path = Path(path)
     if path.suffix == ".json":
-        rows = json.loads(path.read_text())["rows"]
+        try:
+            data = json.loads(path.read_text())
+        except json.JSONDecodeError as e:
+            raise ValueError(f"{path}: not valid JSON ({e.msg}, line {e.lineno} column {e.colno})") from None
+        except UnicodeDecodeError:
+            raise ValueError(f"{path}: not a text file") from None
+        rows = data.get("rows") if isinstance(data, dict) else None
+        if not isinstance(rows, list) or not all(isinstance(r, dict) for r in rows):
+            raise ValueError(f'{path}: not a results JSON (expected {{"meta": ..., "rows": [...]}}, as the '
+                             "benchmark scripts write)")
+        missing = sorted({c for r in rows for c in ROW_COLUMNS if c not in r})
     else:
-        with path.open() as f:
-            rows = list(csv.DictReader(f))
+        try:
+            with path.open(newline="") as f:
+                reader = csv.DictReader(f)
+                rows = list(reader)
+                header = reader.fieldnames
+        except UnicodeDecodeError:
+            raise ValueError(f"{path}: not a text file") from None
+        except csv.Error as e:
+            raise ValueError(f"{path}: not a results CSV ({e})") from None
+        if not header:
+            raise ValueError(f"{path}: empty, expected a results CSV with a header line ({', '.join(ROW_COLUMNS)}, "
+                             "...)")
+        missing = [c for c in ROW_COLUMNS if c not in header]
+    if missing:
+        raise ValueError(f"{path}: not a benchmark results file: no {', '.join(missing)} column (expected the "
+                         "NAME.csv or NAME.json of aspp_bench, conv_bn_relu_bench or train_bench)")
+    return rows
+
+
+def roofline_report(path: str | Path) -> list[str]:
+    """Lines: each ok row of a results CSV or JSON with its FLOPs, minimum bytes, bound on its GPU and % of it.
+    ValueError when the file is not a results file or holds no ok aspp or conv_bn_relu row."""
+    path = Path(path)
+    rows = read_rows(path)
     lines = [f"{'provider':<13} {'mode':<10} {'dtype':<5} {'shape':<34} {'N':>3} {'ms':>9} {'GFLOP':>9} "
              f"{'min MB':>9} {'bound µs':>9} {'%bound':>7}"]
     for r in rows:
-        counts = row_counts(r) if r["status"] == "ok" else None
+        try:
+            counts = row_counts(r) if r["status"] == "ok" else None
+            median = float(r["median_ms"]) if counts is not None else None
+        except (TypeError, ValueError) as e:
+            raise ValueError(f"{path}: a row's batch or median_ms is not a number ({e}): {r}") from None
         if counts is None:
             continue
-        median = float(r["median_ms"])
         bound = roofline_bound_us(counts[0], counts[1], r["dtype"], gpu_peak(r.get("gpu")))
         pct = f"{100.0 * bound / (median * 1e3):7.1f}" if bound else f"{'-':>7}"
         lines.append(f"{r['provider']:<13} {r['mode']:<10} {r['dtype']:<5} {r['shape']:<34} {r['batch']:>3} "
                      f"{median:9.4g} {counts[0] / 1e9:9.4g} {counts[1] / 1e6:9.4g} "
                      f"{_fmt(bound) if bound else '-':>9} {pct}")
+    if len(lines) == 1:
+        raise ValueError(f"{path}: no aspp or conv_bn_relu row with status ok ({len(rows)} rows; the roofline is "
+                         "computed for aspp_bench and conv_bn_relu_bench results)")
     return lines
 
 
@@ -980,11 +1026,56 @@ def budget_seconds(text: str) -> float:
 
 
 def out_folder(text: str) -> str:
-    """argparse type: the results folder: a folder or a path that does not exist yet (it is created)."""
+    """argparse type: the results folder: a folder, or a path that does not exist yet (created when the first rows
+    are written). Checked here, before any case runs, so that a folder that cannot be made or written is a usage
+    error instead of a traceback after the first case: the folder, or else its nearest existing parent, must be a
+    folder in which a file can be made (an unnamed temporary file, gone at once)."""
     if os.path.exists(text) and not os.path.isdir(text):
         raise argparse.ArgumentTypeError(f"{text} exists and is not a folder (the results folder, created if "
                                          "missing)")
+    where = text
+    if not os.path.isdir(text):
+        where = os.path.dirname(os.path.abspath(text))
+        while not os.path.exists(where):
+            where = os.path.dirname(where)
+        if not os.path.isdir(where):
+            raise argparse.ArgumentTypeError(f"cannot create the results folder {text}: {where} is a file, not a "
+                                             "folder")
+    try:
+        with tempfile.TemporaryFile(dir=where):
+            pass
+    except OSError as e:
+        if where == text:
+            raise argparse.ArgumentTypeError(f"cannot write in the results folder {text}: {e.strerror or e}") \
+                from None
+        raise argparse.ArgumentTypeError(f"cannot create the results folder {text} (in {where}): "
+                                         f"{e.strerror or e}") from None
     return text
+
+
+def check_output_files(parser: argparse.ArgumentParser, out_dir: str | Path, names: Iterable[str]) -> None:
+    """A usage error (exit status 2, before any case runs) when one of the result files `names` in the --out
+    folder cannot be written: a folder, or something else that is not a plain file, already has its name."""
+    for name in names:
+        path = Path(out_dir) / name
+        if path.exists() and not path.is_file():
+            kind = "a folder" if path.is_dir() else "not a plain file"
+            parser.error(f"argument --out: {path} is {kind}: the results file {name} cannot be written there "
+                         "(choose another --out or --name)")
+
+
+def output_names(args: argparse.Namespace) -> list[str]:
+    """The files a script of add_common_args writes in --out: NAME.json, NAME.csv, NAME.png with --plot,
+    NAME_profile.txt with --profile."""
+    return ([f"{args.name}.json", f"{args.name}.csv"] + [f"{args.name}.png"] * bool(args.plot)
+            + [f"{args.name}_profile.txt"] * bool(args.profile))
+
+
+def parse_args(parser: argparse.ArgumentParser, argv: list[str] | None) -> argparse.Namespace:
+    """parser.parse_args(argv), then the check that the result files can be written (check_output_files)."""
+    args = parser.parse_args(argv)
+    check_output_files(parser, args.out, output_names(args))
+    return args
 
 
 def file_stem(text: str) -> str:
@@ -1000,19 +1091,23 @@ def file_stem(text: str) -> str:
 def add_common_args(parser: argparse.ArgumentParser, name: str, modes: Sequence[str] = MODES,
                     modes_help: str = "comma list of train_fwd (train-mode forward, autograd recording), eval_fwd "
                                       "(no_grad), fwd_bwd (forward + backward)",
-                    dtypes_default: str = "all on cuda, fp32 on cpu") -> None:
-    """Flags every script takes (the subject-specific ones are added by the script)."""
+                    dtypes_default: str = "all on cuda, fp32 on cpu",
+                    batches_default: str = "16 on cuda, 2 on cpu") -> None:
+    """Flags aspp_bench, conv_bn_relu_bench and train_bench take (the subject-specific ones are added by the
+    script; overhead_bench has its own). Every option's help names its default (tests/benchmarks)."""
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu", choices=("cuda", "cpu"),
                         help="cuda: DeepLab shapes; cpu: small shapes, providers cpu/reference/eager "
                              "(default: cuda when visible)")
     parser.add_argument("--dtypes", type=csv_list(str, DTYPES), default=None,
                         help="comma list of bf16, fp16, fp32 (TF32 off), tf32 (fp32 with TF32 on); "
                              f"default: {dtypes_default}")
-    parser.add_argument("--modes", type=csv_list(str, modes), default=list(modes), help=modes_help)
+    parser.add_argument("--modes", type=csv_list(str, modes), default=list(modes),
+                        help=f"{modes_help} (default: {','.join(modes)})")
     parser.add_argument("--batches", type=csv_list(int_at_least(1, "a batch size")), default=None,
-                        help="comma list of batch sizes")
+                        help=f"comma list of batch sizes (default: {batches_default})")
     parser.add_argument("--quick", action="store_true", help="fewest shapes and repetitions (tests, smoke runs)")
-    parser.add_argument("--out", type=out_folder, default="bench_out", help="directory for the JSON/CSV/PNG results")
+    parser.add_argument("--out", type=out_folder, default="bench_out",
+                        help="folder for the JSON/CSV/PNG results, created if missing (default: %(default)s)")
     parser.add_argument("--name", type=file_stem, default=name,
                         help="file stem of the results, in --out (default: %(default)s)")
     parser.add_argument("--plot", action="store_true", help="also write NAME.png (needs matplotlib)")
@@ -1021,7 +1116,7 @@ def add_common_args(parser: argparse.ArgumentParser, name: str, modes: Sequence[
     parser.add_argument("--threads", type=int_at_least(1, "torch CPU threads"), default=None,
                         help="torch CPU threads (default: torch's); 1 avoids oversubscription on a shared machine")
     parser.add_argument("--budget-s", type=budget_seconds, default=None,
-                        help="wall-clock budget: cases left when it is spent are recorded as skipped")
+                        help="wall-clock budget: cases left when it is spent are recorded as skipped (default: none)")
 
 
 def resolve_device(args: argparse.Namespace) -> torch.device:
@@ -1070,42 +1165,79 @@ def _fastest(sel: dict[str, dict], providers: Sequence[str]) -> dict | None:
 
 
 def goal_report(out_dir: str | Path) -> list[str]:
-    """Lines saying, for each goal and fused provider, the measured ratio against its target (or why none)."""
+    """Lines saying, for each goal and fused provider, the measured ratio against its target (or why none).
+    FileNotFoundError / NotADirectoryError when out_dir is not a folder; a results file that cannot be read gets
+    a line saying why (goal_problems lists those)."""
+    return _goal_report(out_dir)[0]
+
+
+def goal_problems(out_dir: str | Path) -> list[str]:
+    """Why the goals cannot be read from out_dir: each results file that is there but cannot be read, or, when
+    neither is there, that; [] when goal_report's lines are all measurements or missing rows."""
+    return _goal_report(out_dir)[1]
+
+
+def _goal_report(out_dir: str | Path) -> tuple[list[str], list[str]]:
+    out = Path(out_dir)
+    if not out.exists():
+        raise FileNotFoundError(errno.ENOENT, "no such results folder", str(out))
+    if not out.is_dir():
+        raise NotADirectoryError(errno.ENOTDIR, "not a folder", str(out))
+    files: dict[str, list[dict] | str] = {}  # file name: its rows, or why they cannot be read
+    problems = []
+    for stem in dict.fromkeys([g[1] for g in GOALS] + ["train_bench"]):
+        path = out / f"{stem}.json"
+        if not path.exists():
+            files[path.name] = f"no {path.name}"
+            continue
+        try:
+            files[path.name] = read_rows(path)
+        except (OSError, ValueError) as e:
+            reason = str(e) if isinstance(e, ValueError) else f"{path}: {e.strerror or e}"
+            files[path.name] = f"cannot read {path.name}: {reason.removeprefix(f'{path}: ')}"
+            problems.append(reason)
+    if all(isinstance(v, str) and v.startswith("no ") for v in files.values()):
+        problems.append(f"{out}: no {' nor '.join(files)} here (the results folder of gpu_suite.sh, or --out of "
+                        "aspp_bench --name aspp_goal and train_bench)")
     lines = []
     for title, stem, mode, base, target in GOALS:
-        path = Path(out_dir) / f"{stem}.json"
-        if not path.exists():
-            lines.append(f"{title}: no {path.name}")
+        rows = files[f"{stem}.json"]
+        if isinstance(rows, str):
+            lines.append(f"{title}: {rows}")
             continue
-        rows = [r for r in json.loads(path.read_text())["rows"] if r["mode"] == mode and r["status"] == "ok"]
+        rows = [r for r in rows if r["mode"] == mode and r["status"] == "ok"]
         if not rows:
-            lines.append(f"{title}: no {mode} row ran in {path.name}")
+            lines.append(f"{title}: no {mode} row ran in {stem}.json")
             continue
         for shape, dtype, batch in dict.fromkeys((r["shape"], r["dtype"], r["batch"]) for r in rows):
             sel = {r["provider"]: r for r in rows if (r["shape"], r["dtype"], r["batch"]) == (shape, dtype, batch)}
-            where = f"{title} [{shape}, {dtype}, N{batch}, {next(iter(sel.values()))['gpu']}]"
+            where = f"{title} [{shape}, {dtype}, N{batch}, {next(iter(sel.values())).get('gpu')}]"
             anchor = _fastest(sel, BASELINES[base])
             if anchor is None:
                 lines.append(f"{where}: no {' / '.join(BASELINES[base])} row")
                 continue
-            for p in ("cuda", "triton", "cpu"):
-                if p in sel:
-                    ratio = anchor["median_ms"] / sel[p]["median_ms"]
-                    verdict = "met" if ratio >= target else "NOT met"
-                    nchw = ""
-                    if base == "eager" and anchor["provider"] != "eager" and "eager" in sel:
-                        nchw = f"; vs eager NCHW {sel['eager']['median_ms'] / sel[p]['median_ms']:.2f}x"
-                    lines.append(f"{where}: {p} {ratio:.2f}x vs {anchor['provider']} (goal {target}x) {verdict}{nchw}")
-    lines += _lean_memory_report(Path(out_dir) / "train_bench.json")
-    return lines
+            fused = [p for p in ("cuda", "triton", "cpu") if p in sel]
+            if not fused:
+                lines.append(f"{where}: no cuda / triton / cpu row to compare with {anchor['provider']} (ran: "
+                             f"{', '.join(sel)})")
+            for p in fused:
+                ratio = anchor["median_ms"] / sel[p]["median_ms"]
+                verdict = "met" if ratio >= target else "NOT met"
+                nchw = ""
+                if base == "eager" and anchor["provider"] != "eager" and "eager" in sel:
+                    nchw = f"; vs eager NCHW {sel['eager']['median_ms'] / sel[p]['median_ms']:.2f}x"
+                lines.append(f"{where}: {p} {ratio:.2f}x vs {anchor['provider']} (goal {target}x) {verdict}{nchw}")
+    lines += _lean_memory_report(files["train_bench.json"], "train_bench.json")
+    return lines, problems
 
 
-def _lean_memory_report(path: Path) -> list[str]:
-    """The lean goal per case: peak memory and speed against the anchor (the fastest eager setup), and eager NCHW."""
+def _lean_memory_report(rows: list[dict] | str, name: str) -> list[str]:
+    """The lean goal per case: peak memory and speed against the anchor (the fastest eager setup), and eager NCHW.
+    `rows`: train_bench.json's rows, or why there are none."""
     title = f"lean training step peak memory <= {LEAN_MEMORY_GOAL}x eager's at >= eager's speed"
-    if not path.exists():
-        return [f"{title}: no {path.name}"]
-    rows = [r for r in json.loads(path.read_text())["rows"] if r["mode"] == "train_step" and r["status"] == "ok"]
+    if isinstance(rows, str):
+        return [f"{title}: {rows}"]
+    rows = [r for r in rows if r["mode"] == "train_step" and r["status"] == "ok"]
     lines = []
     for shape, batch, dtype in dict.fromkeys((r["shape"], r["batch"], r["dtype"]) for r in rows):
         sel = {r["provider"]: r for r in rows if (r["shape"], r["batch"], r["dtype"]) == (shape, batch, dtype)}
@@ -1123,21 +1255,39 @@ def _lean_memory_report(path: Path) -> list[str]:
                         f"{eager['median_ms'] / r['median_ms']:.2f}x")
             lines.append(f"{title} [{shape}, {dtype}, N{batch}, {r['gpu']}]: {p} memory {mem:.2f}x, speed "
                          f"{speed:.2f}x vs {anchor['provider']} {verdict}{nchw}")
-    return lines or [f"{title}: no lean and eager train_step rows with peak memory in {path.name}"]
+    return lines or [f"{title}: no lean and eager train_step rows with peak memory in {name}"]
+
+
+def main(argv: Sequence[str]) -> int:
+    """python benchmarks/common.py goals DIR | roofline FILE | commit: the report on stdout; an unreadable or wrong
+    input is one line on stderr and exit status 1 (a wrong command line: 2)."""
+    usage = "usage: python benchmarks/common.py goals DIR | roofline FILE.csv | commit"
+    argv = list(argv)
+    try:
+        if argv == ["commit"]:
+            print(git_commit())
+        elif len(argv) == 2 and argv[0] == "goals":
+            lines, problems = _goal_report(argv[1])
+            print("\n".join(lines), flush=True)
+            for problem in problems:
+                print(f"benchmarks/common.py goals: {problem}", file=sys.stderr)
+            return 1 if problems else 0
+        elif len(argv) == 2 and argv[0] == "roofline":
+            print("\n".join(roofline_report(argv[1])))
+        else:
+            print(usage, file=sys.stderr)
+            return 2
+    except OSError as e:  # a results file or folder that is not there: one line, not a traceback
+        print(f"benchmarks/common.py {argv[0]}: {e.strerror or e}: {e.filename or argv[1]}", file=sys.stderr)
+        return 1
+    except ValueError as e:  # a file that is not a results file
+        print(f"benchmarks/common.py {argv[0]}: {e}", file=sys.stderr)
+        return 1
+    return 0
 
 
 if __name__ == "__main__":
     # python benchmarks/common.py goals DIR: the issue's goals, read from DIR's aspp_goal.json and train_bench.json
     # python benchmarks/common.py commit: the git_commit the rows will name (gpu_suite.sh prints it)
     # python benchmarks/common.py roofline FILE: each aspp / conv_bn_relu row's roofline (also for older results)
-    try:
-        if len(sys.argv) == 2 and sys.argv[1] == "commit":
-            print(git_commit())
-        elif len(sys.argv) == 3 and sys.argv[1] == "goals":
-            print("\n".join(goal_report(sys.argv[2])))
-        elif len(sys.argv) == 3 and sys.argv[1] == "roofline":
-            print("\n".join(roofline_report(sys.argv[2])))
-        else:
-            sys.exit("usage: python benchmarks/common.py goals DIR | roofline FILE.csv | commit")
-    except OSError as e:  # a results file or folder that is not there: one line, not a traceback
-        sys.exit(f"benchmarks/common.py {sys.argv[1]}: {e.strerror or e}: {e.filename or sys.argv[2]}")
+    sys.exit(main(sys.argv[1:]))

@@ -5,9 +5,11 @@
     python benchmarks/conv_bn_relu_bench.py --device cpu --quick     # small shapes: cpu, reference, eager
 
 Shapes are those of a 513×513 crop. ResNet-50 and ResNet-101 have the same block shapes (ResNet-101 repeats
-layer3's 23 times instead of 6), so one row covers both. Output stride 16: layer3 at 33×33 (dilation 1),
-layer4 at 33×33 (dilation 2; 4 with multi-grid); output stride 8: layer3 at 65×65 (dilation 2), layer4 at 65×65
-(dilation 4); the ASPP 3×3 branches (2048 → 256) at rates 6/12/18 (33×33) and 12/24/36 (65×65). Providers:
+layer3's 23 times instead of 6), so one row covers both. Group os16: layer1 at 129×129 and layer2 (stride 2 at
+129×129, stride 1 at 65×65), the same at either output stride, then output stride 16's layer3 at 33×33 (3×3, and
+the 1×1 with the residual) and layer4 at 33×33 (dilation 2; 4 with multi-grid); group os8: layer3 at 65×65
+(dilation 2), layer4 at 65×65 (dilation 4, and the 1×1 with the residual); group aspp: the ASPP 3×3 branches
+(2048 → 256) at rates 6/12/18 (33×33) and 12/24/36 (65×65). Providers:
 eager nn.Sequential(Conv2d(bias=False), BatchNorm2d, ReLU) (cuDNN, cudnn.benchmark on), deeplab_ops.reference,
 torch.compile of the eager module (default, max-autotune), deeplab_ops triton, cuda and cpu; eager-cl, eager-amp,
 eager-cl-amp: the eager module channels_last, under torch.autocast (fp32 module), or both; triton-cl, cuda-cl,
@@ -147,13 +149,14 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--providers", type=common.csv_list(str, PROVIDERS), default=None,
                         help=f"comma list of {PROVIDERS}; default: {CUDA_PROVIDERS} on cuda, {CPU_PROVIDERS} on cpu")
     parser.add_argument("--shapes", type=common.csv_list(str, SHAPE_GROUPS), default=None,
-                        help="comma list of shape groups: os16 (ResNet blocks at output stride 16), os8, aspp "
+                        help="comma list of shape groups: os16 (layer1, layer2, and layer3/layer4 at output stride "
+                             "16), os8 (layer3/layer4 at output stride 8), aspp (the ASPP's 3x3 branches) "
                              "(default: all)")
     parser.add_argument("--shape-set", choices=("deeplab", "small"), default=None,
                         help="deeplab: DeepLabV3's own layer shapes (a 513x513 crop; the default on cuda); small: "
                              "fewer channels and smaller maps with the same kernels, strides and dilations (the "
                              "default on cpu, where the deeplab set takes minutes)")
-    args = parser.parse_args(argv)
+    args = common.parse_args(parser, argv)
     device = common.resolve_device(args)
     cuda = device.type == "cuda"
     providers = args.providers or list(CUDA_PROVIDERS if cuda else CPU_PROVIDERS)

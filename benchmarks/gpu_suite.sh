@@ -15,9 +15,13 @@
 #   4. pack: $OUT keeps at most 8 files (logs, goal JSONs, goals.txt, one tar.gz of everything else).
 #
 # A phase that fails (FAILED) or hits its timeout (TIMEOUT: its rows so far are kept) is logged and the suite goes
-# on; one for which too little time is left is reported as SKIPPED. Exit status: 0 when no phase failed, else 1.
+# on; one for which too little time is left is reported as SKIPPED. Exit status: 0 when no phase failed, else 1;
+# 2 before anything runs when no GPU is visible (`nvidia-smi -L` fails) and BENCH_DEVICE is not cpu, or when
+# BENCH_DEVICE is neither cuda nor cpu.
 # Knobs: OUT, PYTHON, SUITE_BUDGET_S, GOAL_RESERVE_S (default 360; 0 runs the whole test suite before any
-# benchmark), BENCH_DEVICE (cpu: a quick smoke run of the benchmarks where there is no GPU), PYTEST_WORKERS (8).
+# benchmark), BENCH_DEVICE (cuda, the default; cpu: a smoke run where there is no GPU: the benchmarks with
+# --device cpu --quick, the first use with the interpreter's dry launches, and DEEPLAB_OPS_CUDA defaults to 0 so
+# the library is not rebuilt for CUDA kernels), PYTEST_WORKERS (8).
 #
 # What comes back in $OUT (the device tool returns at most 8 files):
 #   suite.log                  everything printed, with a summary of the phases at the end
@@ -27,6 +31,17 @@
 #   goals.txt                  the goals, measured (`python benchmarks/common.py goals DIR`)
 #   gpu_suite_results.tar.gz   every JSON, CSV, PNG, profile and log of the run
 set -u
+
+# No GPU: stop here, before anything is built or run, unless a CPU smoke run is asked for.
+BENCH_DEVICE=${BENCH_DEVICE:-cuda}
+if [ "$BENCH_DEVICE" != cuda ] && [ "$BENCH_DEVICE" != cpu ]; then
+    echo "gpu_suite: BENCH_DEVICE=$BENCH_DEVICE: expected cuda (the default) or cpu" >&2
+    exit 2
+fi
+if [ "$BENCH_DEVICE" = cuda ] && ! nvidia-smi -L >/dev/null 2>&1; then
+    echo "gpu_suite: no GPU visible (nvidia-smi failed); BENCH_DEVICE=cpu for a CPU smoke run" >&2
+    exit 2
+fi
 
 START=$(date +%s)
 BUDGET=${SUITE_BUDGET_S:-530}
@@ -38,13 +53,14 @@ mkdir -p "$OUT"
 OUT=$(cd "$OUT" && pwd)
 STAGE=$(mktemp -d "${TMPDIR:-/tmp}/gpu_suite.XXXXXX")
 PY=${PYTHON:-$(command -v python3 || command -v python)}
-BENCH_DEVICE=${BENCH_DEVICE:-cuda}
 WORKERS=${PYTEST_WORKERS:-8}
 export PYTHONUNBUFFERED=1
 export PYTHONPATH="$PWD${PYTHONPATH:+:$PYTHONPATH}"  # the tree's deeplab_ops and model/, no pip install
 export TORCH_CUDA_ARCH_LIST=${TORCH_CUDA_ARCH_LIST:-9.0}
 export MAX_JOBS=${MAX_JOBS:-16}
-export DEEPLAB_OPS_CUDA=${DEEPLAB_OPS_CUDA:-1}  # a library without the CUDA kernels is rebuilt here
+# a library without the CUDA kernels is rebuilt here (not on the cpu smoke run, where none can be built)
+if [ "$BENCH_DEVICE" = cpu ]; then export DEEPLAB_OPS_CUDA=${DEEPLAB_OPS_CUDA:-0}; fi
+export DEEPLAB_OPS_CUDA=${DEEPLAB_OPS_CUDA:-1}
 # $GIT_COMMIT wins; else the commit of this project's own repository, or "unknown" when the copy has no .git or
 # sits inside another repository (benchmarks/common.py git_commit: one rule for the suite and the rows).
 if [ -z "${GIT_COMMIT:-}" ]; then

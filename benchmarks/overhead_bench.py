@@ -35,8 +35,8 @@ them. Times on a shared CPU swing: compare rows of one run only.
 First use (opt-in, `--r50-step`; docs/benchmarks.md): one DeepLabV3-R50 training step on the triton backend (fused,
 and memory-lean): the Triton specializations its first step compiles (goal <= 40; on a GPU the JIT cache entries
 it adds, under the interpreter predicted from `count_launches().signatures`), its launches, and the first and a
-second step's time. `--dry-launches` (interpreter only) skips the kernels' work so the full-width network counts
-in seconds:
+second step's time. `--dry-launches` (with --r50-step, under TRITON_INTERPRET=1 on --device cpu; otherwise a usage
+error) skips the kernels' work so the full-width network counts in seconds:
 
     TRITON_INTERPRET=1 python benchmarks/overhead_bench.py --device cpu --r50-step --dry-launches
     python benchmarks/overhead_bench.py --r50-step                     # a GPU: real compiles, first-step time
@@ -887,36 +887,50 @@ def main(argv: list[str] | None = None) -> int:
                              f"only with TRITON_INTERPRET=1, else recorded as skipped), eager and {CUDA_BACKENDS} on "
                              "cuda. eager rows are always run: the others are compared with them")
     parser.add_argument("--modes", type=common.csv_list(str, MODES), default=list(MODES),
-                        help="comma list of train_fwd, eval_fwd (no_grad, training=False), fwd_bwd")
-    parser.add_argument("--dtype", choices=tuple(common.DTYPES), default="fp32")
+                        help=f"comma list of train_fwd, eval_fwd (no_grad, training=False), fwd_bwd (default: "
+                             f"{','.join(MODES)})")
+    parser.add_argument("--dtype", choices=tuple(common.DTYPES), default="fp32",
+                        help="one dtype for every case: fp32 (TF32 off), tf32, bf16 or fp16 (default: %(default)s)")
     parser.add_argument("--quick", action="store_true", help="few calls per case (seconds; tests, smoke runs)")
-    parser.add_argument("--out", type=common.out_folder, default="bench_out", help="directory for NAME.csv and NAME.md")
+    parser.add_argument("--out", type=common.out_folder, default="bench_out",
+                        help="folder for NAME.csv and NAME.md, created if missing (default: %(default)s)")
     parser.add_argument("--name", type=common.file_stem, default=None,
                         help="file stem (default: overhead-<device>-<machine>-<UTC date>, e.g. overhead-cpu-xeon-"
                              "2026-11-28)")
     parser.add_argument("--threads", type=common.int_at_least(1, "torch CPU threads"), default=None,
                         help="torch CPU threads (default: torch's); 1 avoids oversubscription on a shared machine")
     parser.add_argument("--budget-s", type=common.budget_seconds, default=None,
-                        help="wall-clock budget: cases left when it is spent are recorded as skipped")
+                        help="wall-clock budget: cases left when it is spent are recorded as skipped (default: none)")
     step = parser.add_argument_group("first use: one DeepLabV3 training step on the triton backend (opt-in, runs "
                                      "first: the specializations it compiles are counted in a fresh process)")
     step.add_argument("--r50-step", action="store_true",
                       help=f"count the Triton specializations the first training step compiles (goal <= "
                            f"{STEP_SPECIALIZATION_GOAL}) and time it; on CPU (interpreter) predicted from the launches")
     step.add_argument("--step-providers", type=common.csv_list(str, STEP_PROVIDERS), default=list(STEP_PROVIDERS),
-                      help="triton (fused=True) and/or triton-lean (memory_efficient + upsample_cross_entropy)")
+                      help="triton (fused=True) and/or triton-lean (memory_efficient + upsample_cross_entropy) "
+                           f"(default: {','.join(STEP_PROVIDERS)})")
     step.add_argument("--step-size", type=common.int_at_least(16, "pixels: the largest output stride"), default=None,
                       help="square crop (default 513 on cuda, 33 on cpu)")
     step.add_argument("--step-batch", type=common.int_at_least(2, "images: training BatchNorm needs 2"), default=None,
                       help="batch (default 16 on cuda, 2 on cpu)")
     step.add_argument("--step-width", type=common.int_at_least(1, "the ResNet's base width"), default=64,
-                      help="backbone base width: 64 is ResNet-50; smaller is a stand-in with the same layers (tests)")
+                      help="backbone base width: 64 is ResNet-50; smaller is a stand-in with the same layers (tests) "
+                           "(default: %(default)s)")
     step.add_argument("--step-dtype", choices=tuple(common.DTYPES), default=None,
                       help="default bf16 on cuda, fp32 on cpu (the interpreter)")
     step.add_argument("--dry-launches", action="store_true",
-                      help="interpreter only: count the step's Triton launches and their signatures without running "
-                           "the kernels (seconds instead of the interpreter's hours at full width; values garbage)")
+                      help="with --r50-step, in the interpreter only (TRITON_INTERPRET=1, --device cpu): count the "
+                           "step's Triton launches and their signatures without running the kernels (seconds "
+                           "instead of the interpreter's hours at full width; values garbage)")
     args = parser.parse_args(argv)
+    if args.dry_launches and not args.r50_step:
+        parser.error("argument --dry-launches: needs --r50-step (it skips the kernels of that training step's "
+                     "launches; the per-op cases always run theirs)")
+    if args.dry_launches and (args.device != "cpu" or not _interpreter()):
+        got = ("--device cuda (a GPU compiles and runs every launch)" if args.device != "cpu"
+               else "TRITON_INTERPRET is not 1")
+        parser.error("argument --dry-launches: needs the Triton interpreter on CPU tensors (TRITON_INTERPRET=1 "
+                     f"and --device cpu); here {got}")
     if args.ops is None:
         args.ops = [] if args.r50_step else list(OPS)
     device = common.resolve_device(args)
@@ -926,6 +940,7 @@ def main(argv: list[str] | None = None) -> int:
     providers = ["eager", *backends]
     env = environment(device)
     name = args.name or f"overhead-{device.type}-{env['machine']}-{env['time'][:10]}"
+    common.check_output_files(parser, args.out, [f"{name}.csv", f"{name}.md"])
     command = " ".join(
         ["TRITON_INTERPRET=1"] * (device.type == "cpu" and "triton" in backends and _interpreter())
         + ["python", "benchmarks/overhead_bench.py", *map(shlex.quote, sys.argv[1:] if argv is None else argv)]
@@ -966,8 +981,8 @@ def main(argv: list[str] | None = None) -> int:
             save()
             print(f"  {r['op']} train_step {provider}: {_fmt(r['triton_specializations'])} specializations "
                   f"({r['specializations_from'] or 'not counted'}), {_fmt(r['triton_launches'])} launches of "
-                  f"{_fmt(r['distinct_kernels'])} kernels, first step {_fmt(r['first_call_s'])} s {r['status']}",
-                  flush=True)
+                  f"{_fmt(r['distinct_kernels'])} kernels, first step {_fmt(r['first_call_s'])} s "
+                  f"{_status(r)}", flush=True)
     for op in args.ops:
         for mode in args.modes:
             for provider in providers:
@@ -978,13 +993,18 @@ def main(argv: list[str] | None = None) -> int:
                 rows.append(row)
                 save()
                 print(f"  {op:<22} {mode:<9} {provider:<9} {_fmt(row['host_us'])} µs, {_fmt(row['aten_ops'])} aten "
-                      f"ops, {_fmt(row['syncs'])} syncs {row['status']}", flush=True)
+                      f"ops, {_fmt(row['syncs'])} syncs {_status(row)}", flush=True)
     fill_eager(rows)
     print_table(rows + step_rows)
     save()
     print(f"wrote {out / (name + '.csv')} and {out / (name + '.md')}")
     every = rows + step_rows
     return 0 if all(r["status"] != "error" for r in every) and any(r["status"] == "ok" for r in every) else 1
+
+
+def _status(row: dict) -> str:
+    """A row's status for its progress line, with the reason when it did not run ("skipped: ...")."""
+    return row["status"] if row["status"] == "ok" or not row.get("note") else f"{row['status']}: {row['note']}"
 
 
 def _interpreter() -> bool:

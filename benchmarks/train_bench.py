@@ -168,12 +168,13 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--models", type=common.csv_list(str, DEPTHS), default=None,
                         help="comma list of r50, r101 (default: both; --quick: r50)")
     parser.add_argument("--output-strides", type=common.csv_list(int, (8, 16)), default=[16],
-                        help="comma list of 16, 8")
+                        help="comma list of 16, 8 (default: 16)")
     parser.add_argument("--image-size", type=common.int_at_least(16, "pixels: the largest output stride"),
                         default=None,
                         help="square crop (default 513 on cuda, 65 on cpu; --quick: 257 on cuda, 17 on cpu)")
-    parser.add_argument("--num-classes", type=common.int_at_least(1, "classes"), default=21)
-    args = parser.parse_args(argv)
+    parser.add_argument("--num-classes", type=common.int_at_least(1, "classes"), default=21,
+                        help="classes of the head and of the random labels (default: %(default)s)")
+    args = common.parse_args(parser, argv)
     device = common.resolve_device(args)
     cuda = device.type == "cuda"
     providers = args.providers or list(CUDA_PROVIDERS if cuda else CPU_PROVIDERS)

@@ -6,6 +6,7 @@ import csv
 import itertools
 import json
 import math
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -661,21 +662,30 @@ def test_goal_report_names_a_mode_that_did_not_run(tmp_path):
 FAKE_PYTHON = """#!/usr/bin/env bash
 args="$*"
 echo "${args//$'\\n'/ }" >> "$FAKE_LOG"
+if [ -n "${FAKE_ENV_LOG:-}" ]; then echo "DEEPLAB_OPS_CUDA=${DEEPLAB_OPS_CUDA:-}" >> "$FAKE_ENV_LOG"; fi
 if [ "$1 $2" = "-m pytest" ] && [ -n "${FAKE_NO_GPU_TESTS:-}" ] && [[ " $* " == *" -m gpu "* ]]; then exit 5; fi
 exit 0
 """
 
 
-def _run_suite(tmp_path: Path, **env) -> tuple[subprocess.CompletedProcess, list[str], Path]:
+def _run_suite(tmp_path: Path, gpu: bool = True, **env) -> tuple[subprocess.CompletedProcess, list[str], Path]:
+    """gpu_suite.sh with the stand-in python, and a stand-in nvidia-smi first on PATH: one that lists a GPU, or
+    (gpu=False) one that fails as it does where no GPU or driver is (whatever this machine has)."""
     fake = tmp_path / "python"
     fake.write_text(FAKE_PYTHON)
     fake.chmod(0o755)
+    bin_dir = tmp_path / "bin"
+    bin_dir.mkdir()
+    smi = bin_dir / "nvidia-smi"
+    smi.write_text("#!/usr/bin/env bash\necho 'GPU 0: Stand-in GPU (UUID: GPU-0)'\n" if gpu else
+                   "#!/usr/bin/env bash\necho 'NVIDIA-SMI has failed' >&2\nexit 9\n")
+    smi.chmod(0o755)
     log, out = tmp_path / "calls.txt", tmp_path / "out"
-    full_env = {"PATH": "/usr/bin:/bin", "HOME": str(tmp_path), "PYTHON": str(fake), "FAKE_LOG": str(log),
-                "OUT": str(out), "TMPDIR": str(tmp_path), "GIT_COMMIT": "abc1234", **env}
+    full_env = {"PATH": f"{bin_dir}:/usr/bin:/bin", "HOME": str(tmp_path), "PYTHON": str(fake),
+                "FAKE_LOG": str(log), "OUT": str(out), "TMPDIR": str(tmp_path), "GIT_COMMIT": "abc1234", **env}
     result = subprocess.run(["bash", str(BENCH_DIR / "gpu_suite.sh")], cwd=BENCH_DIR.parent, env=full_env,
                             capture_output=True, text=True, timeout=120)
-    return result, log.read_text().splitlines(), out
+    return result, log.read_text().splitlines() if log.exists() else [], out
 
 
 def test_gpu_suite_order_and_outputs(tmp_path):
@@ -709,6 +719,35 @@ def test_gpu_suite_runs_the_whole_suite_when_nothing_is_marked_gpu(tmp_path):
     pytests = [c for c in calls if c.startswith("-m pytest")]
     assert len(pytests) == 2 and pytests[1].endswith("-rA tests"), pytests  # no -m: the whole suite
     assert "no test is marked gpu" in result.stdout
+
+
+def test_gpu_suite_stops_at_once_without_a_gpu(tmp_path):
+    """No GPU visible (nvidia-smi fails) and no BENCH_DEVICE=cpu: one line saying so and exit 2, before anything
+    is built, tested or written (it used to print "nvidia-smi failed" and rebuild the CUDA extension in place)."""
+    result, calls, out = _run_suite(tmp_path, gpu=False)
+    assert result.returncode == 2, result.stdout + result.stderr
+    assert "no GPU visible (nvidia-smi failed); BENCH_DEVICE=cpu for a CPU smoke run" in result.stderr
+    assert calls == [] and not out.exists()
+    (tmp_path / "typo").mkdir()
+    result, calls, _ = _run_suite(tmp_path / "typo", BENCH_DEVICE="gpu")
+    assert result.returncode == 2 and "BENCH_DEVICE=gpu: expected cuda (the default) or cpu" in result.stderr
+    assert calls == []
+
+
+def test_gpu_suite_cpu_smoke_run_without_a_gpu(tmp_path):
+    """BENCH_DEVICE=cpu runs where nvidia-smi fails: the benchmarks with --device cpu --quick, the first use in the
+    interpreter with dry launches, and no rebuild for CUDA kernels (DEEPLAB_OPS_CUDA defaults to 0)."""
+    env_log = tmp_path / "env.txt"
+    result, calls, _ = _run_suite(tmp_path, gpu=False, BENCH_DEVICE="cpu", GOAL_RESERVE_S="0",
+                                  FAKE_ENV_LOG=str(env_log))
+    assert result.returncode == 0, result.stdout + result.stderr
+    assert "nvidia-smi failed" in result.stdout  # the suite's GPU line says so, and the suite goes on
+    benches = [c for c in calls if c.startswith("benchmarks/") and "_bench.py" in c]
+    assert benches and all("--device cpu" in c for c in benches), benches
+    assert all("--quick" in c for c in benches if "overhead_bench.py" not in c)
+    assert any("--r50-step --dry-launches" in c for c in benches)
+    assert set(env_log.read_text().splitlines()) == {"DEEPLAB_OPS_CUDA=0"}  # every python the suite started
+    assert "setup.py" not in " ".join(calls)
 
 
 @pytest.mark.parametrize("module, argv, message", [
@@ -745,3 +784,173 @@ def test_benchmark_flags_out_of_range_are_refused(module, argv, message, tmp_pat
     assert e.value.code == 2
     assert message.replace("FILE", str(existing)) in capsys.readouterr().err
     assert existing.read_text() == "kept\n"
+
+
+# ---- --out: a folder that cannot be made or written, result files that cannot be written ------------------------
+
+
+def _no_work(monkeypatch):
+    """Make any start of work fail the test: the argument checks must come first."""
+    import overhead_bench
+
+    def started(*args, **kwargs):
+        raise AssertionError("the benchmark started work before refusing --out")
+
+    monkeypatch.setattr(common, "matmul_peak", started)
+    monkeypatch.setattr(common, "Runner", started)
+    monkeypatch.setattr(overhead_bench, "run_case", started)
+    monkeypatch.setattr(overhead_bench, "step_row", started)
+
+
+SCRIPTS = ("aspp_bench", "conv_bn_relu_bench", "train_bench", "overhead_bench")
+
+
+@pytest.mark.parametrize("module", SCRIPTS)
+def test_out_that_cannot_be_created_is_refused_before_any_work(module, tmp_path, monkeypatch, capsys):
+    """--out below a file, or where no folder can be made: a usage error naming --out (exit 2) before any case
+    runs (it was a NotADirectoryError / FileNotFoundError traceback from write_results after the first case)."""
+    _no_work(monkeypatch)
+    afile = tmp_path / "afile"
+    afile.write_text("kept\n")
+    out = afile / "sub"
+    with pytest.raises(SystemExit) as e:
+        __import__(module).main([*QUICK, "--out", str(out)])
+    assert e.value.code == 2
+    err = capsys.readouterr().err
+    assert f"argument --out: cannot create the results folder {out}: {afile} is a file, not a folder" in err, err
+    assert afile.read_text() == "kept\n"
+    if Path("/proc").is_dir() and not Path("/proc/nope").exists():  # Linux: no folder can be made in /proc
+        with pytest.raises(SystemExit) as e:
+            __import__(module).main([*QUICK, "--out", "/proc/nope"])
+        assert e.value.code == 2
+        assert "argument --out: cannot create the results folder /proc/nope (in /proc)" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("module, argv, taken", [
+    ("aspp_bench", [], "aspp_bench.json"),
+    ("aspp_bench", ["--plot"], "aspp_bench.png"),
+    ("conv_bn_relu_bench", ["--name", "c"], "c.csv"),
+    ("train_bench", ["--profile"], "train_bench_profile.txt"),
+    ("overhead_bench", ["--name", "o"], "o.md"),
+    ("overhead_bench", ["--name", "o"], "o.csv"),
+])
+def test_results_file_name_taken_by_a_folder_is_refused(module, argv, taken, tmp_path, monkeypatch, capsys):
+    """A folder with the name of a result file (NAME.json, .csv, .png, _profile.txt; overhead_bench: NAME.csv,
+    NAME.md) in --out: a usage error before any case runs (it was an IsADirectoryError after the first case)."""
+    _no_work(monkeypatch)
+    (tmp_path / taken).mkdir()
+    with pytest.raises(SystemExit) as e:
+        __import__(module).main([*QUICK, "--out", str(tmp_path), *argv])
+    assert e.value.code == 2
+    err = capsys.readouterr().err
+    assert f"argument --out: {tmp_path / taken} is a folder: the results file {taken} cannot be written" in err, err
+
+
+# ---- --help names every default -------------------------------------------------------------------------------
+
+
+def _help_options(text: str) -> dict[str, str]:
+    """argparse --help text -> {option: its entry (invocation and help)} for the options that take a value."""
+    entries, current = {}, None
+    for line in text.splitlines():
+        m = re.match(r"^  (?:-\w, )?(--[\w-]+)( [^\s-]\S*)?", line)
+        if m:
+            current = m[1] if m[2] else None  # a switch (--quick) has no value, so no default to name
+            if current:
+                entries[current] = line
+        elif current and line.startswith("   "):
+            entries[current] += " " + line.strip()
+        else:
+            current = None
+    return entries
+
+
+@pytest.mark.parametrize("module", SCRIPTS)
+def test_help_names_every_default(module, capsys):
+    """docs/benchmarks.md: "--help lists every flag with its default": every option that takes a value says its
+    default (--out, --batches, --modes, --output-strides, --step-width, --num-classes ... said nothing)."""
+    with pytest.raises(SystemExit) as e:
+        __import__(module).main(["--help"])
+    assert e.value.code == 0
+    entries = _help_options(capsys.readouterr().out)
+    assert {"--device", "--out", "--name", "--threads", "--budget-s"} <= set(entries), entries
+    missing = {flag: entry for flag, entry in entries.items() if not re.search(r"\bdefault\b", entry)}
+    assert not missing, missing
+
+
+# ---- python benchmarks/common.py goals / roofline: one line and a nonzero exit for what it cannot read ----------
+
+
+def test_roofline_of_a_file_that_is_not_results(tmp_path, capsys):
+    """roofline on a Markdown file (was KeyError 'status'), an empty file (was a lone header, exit 0), a corrupt
+    JSON, a results file without aspp or conv_bn_relu rows: one line on stderr, exit 1."""
+    empty = tmp_path / "empty.csv"
+    empty.write_text("")
+    corrupt = tmp_path / "aspp_bench.json"
+    corrupt.write_text('{"rows": [')
+    train = tmp_path / "train.csv"
+    with train.open("w", newline="") as f:
+        writer = csv.DictWriter(f, fieldnames=common.FIELDS)
+        writer.writeheader()
+        writer.writerow({**dict.fromkeys(common.FIELDS, ""), "op": "deeplabv3", "provider": "eager", "status": "ok",
+                         "mode": "eval_fwd", "dtype": "fp32", "shape": "deeplabv3_r50 os16 17x17", "batch": "2",
+                         "median_ms": "5"})
+    for path, message in [(ROOT / "benchmarks" / "results" / "README.md", "not a benchmark results file: no op, "),
+                          (empty, "empty, expected a results CSV with a header line"),
+                          (corrupt, "not valid JSON"),
+                          (train, "no aspp or conv_bn_relu row with status ok (1 rows")]:
+        assert common.main(["roofline", str(path)]) == 1, path
+        out = capsys.readouterr()
+        assert out.out == "" and out.err.count("\n") == 1, out
+        assert out.err.startswith(f"benchmarks/common.py roofline: {path}: {message}"), out.err
+    assert common.main(["roofline", str(tmp_path / "none.csv")]) == 1
+    assert capsys.readouterr().err == f"benchmarks/common.py roofline: No such file or directory: {tmp_path}/none.csv\n"
+
+
+def test_roofline_of_a_markdown_file_as_a_script():
+    # the command a new user typed: one line, no traceback
+    result = subprocess.run([sys.executable, str(BENCH_DIR / "common.py"), "roofline",
+                             str(ROOT / "benchmarks" / "results" / "README.md")], capture_output=True, text=True,
+                            timeout=120)
+    assert result.returncode == 1 and "Traceback" not in result.stderr, result.stderr
+    assert "not a benchmark results file" in result.stderr and result.stdout == ""
+
+
+def test_goals_of_a_folder_that_is_not_there_or_not_results(tmp_path, capsys):
+    """goals DIR: a folder that is not there (or a file) is one line, exit 1 (it printed "no aspp_goal.json" lines,
+    exit 0); a corrupt aspp_goal.json is reported in the goals' lines and on stderr, exit 1 (was a JSONDecodeError
+    traceback), the other file's goals still reported; a folder with neither file: exit 1."""
+    assert common.main(["goals", str(tmp_path / "nonexistent")]) == 1
+    out = capsys.readouterr()
+    assert out.out == "" and out.err == f"benchmarks/common.py goals: no such results folder: {tmp_path}/nonexistent\n"
+    (tmp_path / "file").write_text("x")
+    assert common.main(["goals", str(tmp_path / "file")]) == 1
+    assert capsys.readouterr().err == f"benchmarks/common.py goals: not a folder: {tmp_path}/file\n"
+    assert common.main(["goals", str(tmp_path)]) == 1
+    assert "no aspp_goal.json nor train_bench.json here" in capsys.readouterr().err
+    (tmp_path / "aspp_goal.json").write_text('{"rows": [{"op": "aspp"')
+    (tmp_path / "train_bench.json").write_text(json.dumps({"meta": {}, "rows": [
+        {"op": "deeplabv3", "provider": p, "mode": "train_step", "dtype": "bf16", "shape": "s", "batch": 2,
+         "status": "ok", "median_ms": ms, "gpu": "none (CPU: x)", "peak_mem_mb": None}
+        for p, ms in (("eager", 3.0), ("cpu", 2.0))]}))
+    assert common.main(["goals", str(tmp_path)]) == 1
+    out = capsys.readouterr()
+    assert "ASPP train forward vs best eager: cannot read aspp_goal.json: not valid JSON (" in out.out
+    assert "training step vs best eager (images/s) [s, bf16, N2, none (CPU: x)]: cpu 1.50x vs eager" in out.out
+    assert out.err.startswith(f"benchmarks/common.py goals: {tmp_path}/aspp_goal.json: not valid JSON (")
+    (tmp_path / "aspp_goal.json").write_text(json.dumps([1, 2]))
+    assert common.main(["goals", str(tmp_path)]) == 1
+    assert "not a results JSON" in capsys.readouterr().err
+
+
+def test_goals_say_when_no_fused_row_ran(tmp_path, capsys):
+    """train_bench.py --device cpu --quick --providers eager,eager-cl,eager-amp --dtypes bf16: eager rows only. The
+    training-step goal's line says there is no fused row to compare (it was missing altogether)."""
+    rows = [{"op": "deeplabv3", "provider": p, "mode": "train_step", "dtype": "bf16", "shape": "s", "batch": 2,
+             "status": "ok", "median_ms": ms, "gpu": "none (CPU: x)", "peak_mem_mb": None}
+            for p, ms in (("eager", 3.0), ("eager-cl", 2.0), ("eager-amp", 4.0))]
+    (tmp_path / "train_bench.json").write_text(json.dumps({"meta": {}, "rows": rows}))
+    assert common.main(["goals", str(tmp_path)]) == 0
+    lines = capsys.readouterr().out.splitlines()
+    assert ("training step vs best eager (images/s) [s, bf16, N2, none (CPU: x)]: no cuda / triton / cpu row to "
+            "compare with eager-cl (ran: eager, eager-cl, eager-amp)") in lines, lines

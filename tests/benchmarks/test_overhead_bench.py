@@ -311,3 +311,39 @@ def test_budget_spent_records_skipped_rows(tmp_path):
     rows = _read(tmp_path / "b.csv")
     assert [(r["provider"], r["status"]) for r in rows] == [("eager", "skipped"), ("cpu", "skipped")]
     assert all("time budget of 0 s spent" in r["note"] for r in rows)
+
+
+@pytest.mark.parametrize("argv, interpreter, message", [
+    (["--dry-launches"], True, "argument --dry-launches: needs --r50-step"),
+    (["--r50-step", "--dry-launches"], False, "argument --dry-launches: needs the Triton interpreter on CPU tensors "
+                                              "(TRITON_INTERPRET=1 and --device cpu); here TRITON_INTERPRET is not 1"),
+])
+def test_dry_launches_flag_says_what_it_needs(argv, interpreter, message, tmp_path, monkeypatch, capsys):
+    # --dry-launches was ignored without --r50-step, and without the interpreter turned into an error row after
+    # the run started: a usage error (exit 2) before anything runs
+    monkeypatch.setattr(overhead_bench, "_interpreter", lambda: interpreter)
+    monkeypatch.setattr(overhead_bench, "run_case", lambda *a, **k: pytest.fail("a case ran"))
+    monkeypatch.setattr(overhead_bench, "step_row", lambda *a, **k: pytest.fail("the step ran"))
+    with pytest.raises(SystemExit) as e:
+        overhead_bench.main(["--device", "cpu", "--quick", "--out", str(tmp_path), *argv])
+    assert e.value.code == 2
+    assert message in capsys.readouterr().err
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_r50_step_prints_why_it_was_skipped(tmp_path, monkeypatch, capsys):
+    # on CPU without the interpreter the step rows are skipped and the run exits 1: the reason is printed with
+    # each row, not only written into the .md file
+    monkeypatch.setenv("TRITON_INTERPRET", "0")
+    argv = ["--device", "cpu", "--r50-step", "--quick", "--threads", "1", "--out", str(tmp_path), "--name", "s"]
+    saved_threads = torch.get_num_threads()
+    try:
+        assert overhead_bench.main(argv) == 1
+    finally:
+        torch.set_num_threads(saved_threads)
+    out = capsys.readouterr().out
+    reason = "skipped: it runs CPU tensors only in the Triton interpreter (TRITON_INTERPRET=1)"
+    for provider in overhead_bench.STEP_PROVIDERS:
+        assert f"deeplabv3_r50 train_step {provider}: " in out
+    assert out.count(reason) == len(overhead_bench.STEP_PROVIDERS), out
+    assert [r["status"] for r in _read(tmp_path / "s.csv")] == ["skipped"] * len(overhead_bench.STEP_PROVIDERS)
