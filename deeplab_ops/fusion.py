@@ -94,24 +94,21 @@ class _ChainState:
         self.running = 0
 
 
-def _has_hooks(m: nn.Module) -> bool:
-    return bool(m._forward_hooks or m._forward_pre_hooks or m._backward_hooks or m._backward_pre_hooks)
-
-
 def _chain_runs_fused(conv: nn.Module, cfg: FusedConfig) -> bool:
     """Whether `conv` (a FusedConv2d) computes act(bn(conv(x))) in this call, its fused-away BatchNorm and ReLU
     passing their input through: inside a call of the container it was fused in, that container still holding the
     conv and the modules it absorbed in their places, none of them hooked (a hook sees what it would see unfused),
     and not an nn.DataParallel replica (whose container and BatchNorm are others). Otherwise the three run one by one
-    as unfused modules. (Inline checks: this runs on every call of the three.)"""
+    as unfused modules. (Checks inline, no call per module: this runs on every call of the three.)"""
     chain = cfg.chain
     if chain is None or not chain[3].running or conv.__dict__.get("_is_replica", False):
         return False
     modules = chain[0]
-    if modules.get(chain[1]) is not conv or _has_hooks(conv):
+    if modules.get(chain[1]) is not conv:
         return False
-    for name, module in chain[2]:
-        if modules.get(name) is not module or _has_hooks(module):
+    for name, module in ((chain[1], conv), *chain[2]):
+        if (modules.get(name) is not module or module._forward_hooks or module._forward_pre_hooks
+                or module._backward_hooks or module._backward_pre_hooks):
             return False
     return True
 
@@ -123,7 +120,7 @@ class FusedConv2d(nn.Conv2d):
     alone and its BatchNorm and ReLU apply themselves (`_chain_runs_fused`)."""
 
     def forward(self, x: Tensor) -> Tensor:
-        cfg = getattr(self, _FUSED_ATTR)
+        cfg = self.__dict__[_FUSED_ATTR]
         if not _chain_runs_fused(self, cfg):
             return self._conv_forward(x, self.weight, self.bias)
         return fused_conv_bn(self, cfg.bn, x, training=cfg.bn.training, relu=cfg.relu, backend=cfg.backend,
@@ -140,7 +137,7 @@ class FusedAwayBatchNorm2d(nn.BatchNorm2d):
 
     def forward(self, x: Tensor) -> Tensor:
         conv = self.__dict__.get(_CONV_ATTR)
-        cfg = None if conv is None else fused_config(conv)
+        cfg = None if conv is None else conv.__dict__.get(_FUSED_ATTR)
         if cfg is not None and not self.__dict__.get("_is_replica", False) and _chain_runs_fused(conv, cfg):
             return x
         group = None if cfg is None else cfg.process_group
@@ -153,7 +150,7 @@ class FusedAwayReLU(nn.ReLU):
 
     def forward(self, x: Tensor) -> Tensor:
         conv = self.__dict__.get(_CONV_ATTR)
-        cfg = None if conv is None else fused_config(conv)
+        cfg = None if conv is None else conv.__dict__.get(_FUSED_ATTR)
         if cfg is not None and not self.__dict__.get("_is_replica", False) and _chain_runs_fused(conv, cfg):
             return x
         return nn.ReLU.forward(self, x)

@@ -60,6 +60,24 @@ def _check_conv_computable(conv: nn.Conv2d) -> None:
         raise ValueError(f"conv has padding_mode={conv.padding_mode!r}; the fused op supports 'zeros' only")
 
 
+def _parametrized_pair(conv: nn.Module, bn: nn.Module) -> bool:
+    """Whether conv and bn are an nn.Conv2d and an nn.BatchNorm2d, each that class itself or the class that
+    torch.nn.utils.parametrize derived from it (its tensors become properties, its forward is the class's), and no
+    bias is parametrized onto the conv (the fused op has no conv bias)."""
+    type_of = nn.utils.parametrize.type_before_parametrizations
+    return (type_of(conv) is nn.Conv2d and type_of(bn) is nn.BatchNorm2d
+            and not nn.utils.parametrize.is_parametrized(conv, "bias"))
+
+
+def _symmetric_padding(conv: nn.Conv2d) -> bool:
+    """Whether conv's string padding ('valid', or 'same') is one the fused op computes (symmetric)."""
+    try:
+        _conv_padding(conv)
+    except ValueError:
+        return False
+    return True
+
+
 def _check_module_options(backend, memory_efficient) -> None:
     """A fused module's backend and memory_efficient, checked when it is built (not at its first call)."""
     from deeplab_ops.backends import BACKENDS, _not_a_backend
@@ -408,15 +426,24 @@ class FusedConvBNReLU(nn.Sequential):
     def forward(self, x: Tensor, residual: Tensor | None = None) -> Tensor:
         modules = self._modules  # self[0], self[1] without nn.Sequential's indexing
         conv, bn, relu = modules.get("0"), modules.get("1"), modules.get("2")
-        # The fused op computes exactly these children: a conv, a BatchNorm2d (not a SyncBatchNorm that
-        # nn.SyncBatchNorm.convert_sync_batchnorm put there) and a ReLU if relu=True, nothing appended, and no hooks
-        # on them. Otherwise the children run one by one as nn.Sequential runs them (the residual added before the
-        # third), so that what a user changed or hooked is what runs.
-        if (len(modules) != (3 if self.apply_relu else 2) or not isinstance(bn, nn.BatchNorm2d)
+        # The fused op computes exactly these children: an nn.Conv2d without bias, with groups 1, zero and symmetric
+        # padding, an nn.BatchNorm2d and a ReLU if relu=True — those very classes (a subclass's forward may compute
+        # anything: a weight-standardized conv, a SyncBatchNorm that nn.SyncBatchNorm.convert_sync_batchnorm put
+        # there; torch.nn.utils.parametrize's derived class of one of them is it), no forward set on the instance,
+        # nothing appended, and no hooks on them. Otherwise the children run one by one as nn.Sequential runs them
+        # (the residual added before the third), so that what a user changed or hooked is what runs. (Inline: no
+        # call per child on every forward; only a parametrized child or a string padding calls a helper.)
+        if (len(modules) != (3 if self.apply_relu else 2)
+                or ((type(conv) is not nn.Conv2d or type(bn) is not nn.BatchNorm2d)
+                    and not _parametrized_pair(conv, bn))
                 or (relu is not None and type(relu) is not nn.ReLU)
+                or conv._parameters.get("bias") is not None or conv.groups != 1 or conv.padding_mode != "zeros"
+                or (type(conv.padding) is str and not _symmetric_padding(conv))
+                or "forward" in conv.__dict__ or "forward" in bn.__dict__
                 or conv._forward_hooks or conv._forward_pre_hooks or conv._backward_hooks or conv._backward_pre_hooks
                 or bn._forward_hooks or bn._forward_pre_hooks or bn._backward_hooks or bn._backward_pre_hooks
-                or (relu is not None and (relu._forward_hooks or relu._forward_pre_hooks or relu._backward_hooks
+                or (relu is not None and ("forward" in relu.__dict__ or relu._forward_hooks
+                                          or relu._forward_pre_hooks or relu._backward_hooks
                                           or relu._backward_pre_hooks))):
             return unfused_call(self, self.process_group, type(self)._unfused_forward, x, residual)
         # The BatchNorm's own mode, as nn.Sequential runs it: a frozen BatchNorm (block.train(); block[1].eval())

@@ -14,6 +14,7 @@ from deeplab_ops import backends, reference
 from deeplab_ops.common import (
     FLOAT_DTYPES,
     HALF_DTYPES,
+    INT32_MAX,
     autocast_cast,
     autocast_dtype,
     back_to_back,
@@ -22,6 +23,7 @@ from deeplab_ops.common import (
     functorch_transform,
     is_functorch_wrapped,
     opmath_dtype,
+    strided_like,
 )
 from deeplab_ops.ops.dispatch import (
     any_requires_grad,
@@ -75,11 +77,14 @@ def _backward_fake(grad_out, x, conv_weights, pool_weight, project_weight, bn_we
     want_x, want_w, want_bn = output_mask
     stat = save_mean.dtype
     k = save_mean.shape[0]
+    # Each weight gradient dense in its weight's memory format, with the weight's own strides where the two differ
+    # only in dimensions of size 1 (the kernels' strided_like_param); never the weight's strides as such
+    # (empty_like), which for a transposed or expanded weight are not the kernels'.
     return (
         empty_activation(x) if want_x else None,
-        [torch.empty_like(w) for w in conv_weights] if want_w else [],
-        torch.empty_like(pool_weight) if want_w else None,
-        torch.empty_like(project_weight) if want_w else None,
+        [strided_like(empty_activation(w), w) for w in conv_weights] if want_w else [],
+        strided_like(empty_activation(pool_weight), pool_weight) if want_w else None,
+        strided_like(empty_activation(project_weight), project_weight) if want_w else None,
         x.new_empty((k,), dtype=stat) if want_bn else None,
         x.new_empty((k,), dtype=stat) if want_bn else None,
     )
@@ -247,6 +252,8 @@ def check_args(x, conv_weights, pool_weight, project_weight, bn_weights, bn_bias
     ]):
         raise ValueError(f"rates must be a sequence of ints >= 1, got {rates!r}")
     rates = tuple([int(r) for r in rates])
+    if rates and max(rates) > INT32_MAX:  # kernels index with 32 bits; the op schema takes int64 at most
+        raise ValueError(f"rates must be at most {INT32_MAX} (2**31 - 1), got {rates}")
     n, cin, h, w = x.shape
     if (n == 0 and not empty) or h == 0 or w == 0:
         raise ValueError(f"x must be non-empty, got shape {tuple(x.shape)}")
@@ -268,6 +275,9 @@ def check_args(x, conv_weights, pool_weight, project_weight, bn_weights, bn_bias
                     == {conv_weights[0].shape[1]}:  # the weights agree with each other: x is the odd one out
                 check_x_channels(x, conv_weights[0], "the aspp op")
             raise ValueError(f"conv_weights[{i}] must have shape {(c, cin, k, k)}, got {tuple(wt.shape)}")
+    if c < 1 or cin < 1:  # as conv_bn_relu: a convolution without channels is refused, not computed
+        raise ValueError(f"conv_weights[0] shape {tuple(conv_weights[0].shape)} and x shape {tuple(x.shape)} must "
+                         f"have no zero sizes in channels (C >= 1 output channels, C_in >= 1 input channels)")
     for name, t, shape in (("pool_weight", pool_weight, (c, cin, 1, 1)),
                            ("project_weight", project_weight, (c, (len(rates) + 2) * c, 1, 1))):
         if not isinstance(t, torch.Tensor) or tuple(t.shape) != shape:

@@ -280,10 +280,12 @@ def _forward_fake(x, weight, bn_weight, bn_bias, running_mean, running_var, stri
 
 def _backward_fake(grad_out, x, weight, bn_weight, conv_out, out, save_mean, save_invstd, stride, padding, dilation,
                    training, relu, output_mask, group_name=None):
+    # The kernels return each gradient dense in its tensor's memory format (NCHW or channels_last), whatever the
+    # tensor's own strides (transposed, expanded, a slice): empty_like(x) would predict those strides instead.
     c = weight.shape[0]
     return (
-        torch.empty_like(x) if output_mask[0] else None,
-        torch.empty_like(weight) if output_mask[1] else None,
+        empty_activation(x) if output_mask[0] else None,
+        empty_activation(weight) if output_mask[1] else None,
         save_mean.new_empty((c,)) if output_mask[2] else None,
         save_mean.new_empty((c,)) if output_mask[3] else None,
         empty_activation(conv_out) if output_mask[4] else None,

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import copy
+import types
 
 import pytest
 import torch
@@ -325,6 +326,83 @@ def test_changed_or_hooked_children_run_as_the_sequential_runs_them():
         seen.clear()
         assert_close(m(x), want, f"a hook on child {i}", 1e-6, 1e-6)
         assert len(seen) == 1, f"the hook on child {i} ran {len(seen)} times"
+
+
+class _WeightStandardizedConv2d(nn.Conv2d):
+    """A Conv2d subclass with its own forward (weight standardization): not the convolution the fused op computes."""
+
+    def forward(self, x):
+        w = self.weight
+        w = (w - w.mean((1, 2, 3), keepdim=True)) / (w.std((1, 2, 3), keepdim=True) + 1e-5)
+        return self._conv_forward(x, w, None)
+
+
+class _ScaledBatchNorm2d(nn.BatchNorm2d):
+    """A BatchNorm2d subclass with its own forward."""
+
+    def forward(self, x):
+        return 2 * super().forward(x)
+
+
+def _doubled_bn_forward(bn):
+    """bn with a forward set on the instance (a bound method: a deep copy binds it to the copy)."""
+    bn.forward = types.MethodType(lambda self, x: 2 * nn.BatchNorm2d.forward(self, x), bn)
+    return bn
+
+
+# change -> (the child replaced, its replacement, x's channels)
+_CHILDREN_THE_OP_DOES_NOT_COMPUTE = {
+    "conv subclass": (0, lambda: _WeightStandardizedConv2d(3, 4, 3, padding=1, bias=False), 3),
+    "bn subclass": (1, lambda: _ScaledBatchNorm2d(4), 3),
+    "bn forward on the instance": (1, lambda: _doubled_bn_forward(nn.BatchNorm2d(4)), 3),
+    "biased conv": (0, lambda: nn.Conv2d(3, 4, 3, padding=1), 3),
+    "reflect padding": (0, lambda: nn.Conv2d(3, 4, 3, padding=1, bias=False, padding_mode="reflect"), 3),
+    "grouped conv": (0, lambda: nn.Conv2d(4, 4, 3, padding=1, groups=2, bias=False), 4),
+    "asymmetric 'same' padding": (0, lambda: nn.Conv2d(3, 4, 2, padding="same", bias=False), 3),
+    "conv replaced by Identity": (0, lambda: nn.Identity(), 4),
+    "bn replaced by Identity": (1, lambda: nn.Identity(), 3),
+}
+
+
+@pytest.mark.filterwarnings("ignore:Using padding='same' with even kernel lengths")
+@pytest.mark.parametrize("training", [True, False], ids=["train", "eval"])
+@pytest.mark.parametrize("change", list(_CHILDREN_THE_OP_DOES_NOT_COMPUTE))
+def test_a_child_the_op_does_not_compute_runs_as_the_sequential_runs_it(change, training, monkeypatch):
+    """A conv or BatchNorm child replaced by one the fused op does not compute — a Conv2d or BatchNorm2d subclass
+    with its own forward, a forward set on the instance, a conv with a bias, a non-zero padding mode, groups > 1 or
+    asymmetric 'same' padding, an nn.Identity — runs, with the other children, one by one as nn.Sequential runs them:
+    output, every gradient and the running statistics; the fused op never sees it (it would compute the plain conv
+    and BatchNorm, or raise)."""
+    import deeplab_ops.modules
+
+    torch.manual_seed(0)
+    index, make, cin = _CHILDREN_THE_OP_DOES_NOT_COMPUTE[change]
+    x = torch.randn(2, cin, 8, 8, dtype=torch.float64)
+    m = FusedConvBNReLU(3, 4, 3, padding=1)
+    m[index] = make()
+    m = m.double().train(training)
+    with torch.no_grad():
+        for p in m.parameters():
+            p.copy_(torch.randn_like(p))
+    plain = copy.deepcopy(nn.Sequential(*m))
+    fused_calls = []
+    fused = deeplab_ops.modules.fused_conv_bn
+    monkeypatch.setattr(deeplab_ops.modules, "fused_conv_bn", lambda *a, **k: fused_calls.append(1) or fused(*a, **k))
+    for step in range(2):
+        assert_module_matches(m, plain, x, f"{change} ({'train' if training else 'eval'}), call {step}")
+        r = torch.randn(2, 4, 8, 8, dtype=torch.float64)
+        with torch.no_grad():
+            children = list(plain)
+            assert_close(m(x, r), children[2](children[1](children[0](x)) + r), f"{change} with a residual", 1e-6,
+                         1e-6)
+    assert not fused_calls, f"{change}: the fused op ran {len(fused_calls)} times"
+    # untouched (and with a parametrized weight: torch.nn.utils.parametrize derives a class of the conv's), the fused
+    # op runs, and computes what the Sequential computes
+    m = FusedConvBNReLU(3, 4, 3, padding=1).double().train(training)
+    nn.utils.parametrize.register_parametrization(m[0], "weight", nn.Tanh())
+    plain = copy.deepcopy(nn.Sequential(*m))
+    assert_module_matches(m, plain, torch.randn(2, 3, 8, 8, dtype=torch.float64), "a parametrized conv weight")
+    assert fused_calls, "the fused op did not run for a module the op computes"
 
 
 @pytest.mark.parametrize("kind", ["FusedASPP", "fuse_modules"])

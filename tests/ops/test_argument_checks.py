@@ -1,5 +1,6 @@
 """Argument checks at the public surface: half logits on CPU, $DEEPLAB_OPS_BACKEND, device arguments,
-process_group, and the module arguments and x channels of deeplab_ops.nn."""
+process_group, the module arguments and x channels of deeplab_ops.nn, and the range and size checks of aspp and
+upsample_cross_entropy."""
 
 from __future__ import annotations
 
@@ -9,7 +10,7 @@ import sys
 
 import pytest
 import torch
-from helpers import ROOT
+from helpers import ROOT, backend_param, device_for
 from torch import nn
 
 import deeplab_ops
@@ -271,3 +272,62 @@ def test_any_requires_grad_fallback_matches_torch():
         assert _any_requires_grad_py(*args) is expected, args
         if hasattr(torch._C, "_any_requires_grad"):
             assert torch._C._any_requires_grad(*args) is expected, args
+
+
+# ---- range and size checks: the argument named on every backend, before any kernel ------------------------------
+
+
+def _aspp_call(cin=3, c=4, rates=(1, 2), backend="cpu", training=True):
+    device = device_for(backend)
+    x = torch.randn(2, cin, 7, 6, device=device)
+    cws = [torch.randn(c, cin, 1, 1, device=device)] + [torch.randn(c, cin, 3, 3, device=device) for _ in rates]
+    n_bn = len(rates) + 3
+    bn = [[torch.full((c,), v, device=device) for _ in range(n_bn)] for v in (1.0, 0.0, 0.0, 1.0)]
+    return deeplab_ops.aspp(x, cws, torch.randn(c, cin, 1, 1, device=device),
+                            torch.randn(c, (len(rates) + 2) * c, 1, 1, device=device), *bn, rates=rates,
+                            training=training, backend=backend)
+
+
+ASPP_BACKENDS = ["reference", "cpu", backend_param("triton")]
+
+
+@pytest.mark.parametrize("backend", ASPP_BACKENDS)
+@pytest.mark.parametrize(("cin", "c"), [(3, 0), (0, 4)])
+def test_aspp_without_channels_is_refused_naming_the_shapes(backend, cin, c):
+    # As conv_bn_relu (cbr-zero-size): a convolution without input or output channels is refused, not computed.
+    with pytest.raises(ValueError, match=rf"conv_weights\[0\] shape \({c}, {cin}, 1, 1\) and x shape "
+                                         rf"\(2, {cin}, 7, 6\) must have no zero sizes in channels"):
+        _aspp_call(cin=cin, c=c, backend=backend)
+
+
+@pytest.mark.parametrize("backend", ASPP_BACKENDS)
+@pytest.mark.parametrize("training", [True, False])
+@pytest.mark.parametrize("rate", [2**31, 2**62, 2**63, 2**64 + 1])
+def test_aspp_rates_over_int32_are_refused_naming_rates(backend, training, rate):
+    # The kernels index with 32 bits and the op schema takes int64: conv_bn_relu's bound (cbr-geometry-range).
+    with pytest.raises(ValueError, match=rf"rates must be at most 2147483647 \(2\*\*31 - 1\), got \(2, {rate}\)"):
+        _aspp_call(rates=(2, rate), backend=backend, training=training)
+
+
+def test_aspp_rate_at_the_int32_bound_runs():
+    # 2**31 - 1 passes the check: every tap of its 3x3 branch but the centre falls in the padding.
+    torch.manual_seed(0)
+    got = _aspp_call(rates=(2**31 - 1,), training=False)
+    torch.manual_seed(0)
+    want = _aspp_call(rates=(50,), training=False)
+    torch.testing.assert_close(got, want)
+
+
+@pytest.mark.parametrize("backend", ["reference", "cpu", backend_param("triton")])
+@pytest.mark.parametrize("ignore_index", [2**63, -(2**63) - 1, 2**70])
+def test_ignore_index_outside_int64_is_refused_naming_the_range(backend, ignore_index):
+    device = device_for(backend)
+    logits, target = torch.randn(2, 3, 4, 5, device=device), torch.randint(0, 3, (2, 9, 11), device=device)
+    with pytest.raises(ValueError, match=rf"ignore_index must be in the int64 range \[-2\*\*63, 2\*\*63 - 1\], got "
+                                         rf"{ignore_index}"):
+        deeplab_ops.upsample_cross_entropy(logits, target, ignore_index=ignore_index, backend=backend)
+    # the int64 bounds themselves are labels no pixel has: nothing ignored
+    for bound in (2**63 - 1, -(2**63)):
+        torch.testing.assert_close(
+            deeplab_ops.upsample_cross_entropy(logits, target, ignore_index=bound, backend=backend),
+            deeplab_ops.upsample_cross_entropy(logits, target, ignore_index=-100, backend="reference"))

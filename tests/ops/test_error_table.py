@@ -286,6 +286,8 @@ CASES = {
     "aspp-x": lambda d: aspp(x=torch.randn(5, 7, 6)),
     "aspp-x-dtype": lambda d: aspp(x=torch.ones(2, 5, 7, 6, dtype=torch.int32)),
     "aspp-rates": lambda d: aspp(rates=(2, 0)),
+    "aspp-rates-range": lambda d: aspp(rates=(2**31, 5)),
+    "aspp-zero-size": lambda d: aspp(**aspp_args(c=0)),
     "aspp-empty": lambda d: aspp(x=torch.randn(2, 5, 0, 6)),
     "aspp-list": lambda d: aspp(conv_weights=aspp_args()["conv_weights"][:-1]),
     "aspp-list-item": lambda d: aspp_item("bn_weights", 1, [1.0]),
@@ -325,6 +327,7 @@ CASES = {
     "uce-classes": lambda d: uce(logits=torch.randn(2, 0, 4, 5)),
     "uce-empty-map": lambda d: uce(target=torch.zeros(2, 0, 11, dtype=torch.int64)),
     "uce-ignore-type": lambda d: uce(ignore_index=1.5),
+    "uce-ignore-range": lambda d: uce(ignore_index=2**63),
     "uce-align-type": lambda d: uce(align_corners=1),
     "uce-reduction": lambda d: uce(reduction="avg"),
     "uce-label-range": lambda d: uce(target=torch.full((2, 9, 11), 7, dtype=torch.int64)),
@@ -358,7 +361,6 @@ CASES = {
     "nn-aspp-shared-bn": lambda d: torchvision_aspp(lambda m: setattr(m.convs[1][1], "eps", 1e-3)),
     "nn-aspp-affine": lambda d: torchvision_aspp(lambda m: (setattr(m.project[1], "weight", None),
                                                            setattr(m.project[1], "bias", None))),
-    "nn-fused-chain-changed": lambda d: _changed_chain(),
     "nn-sync-no-dist": lambda d: deeplab_ops.nn.sync_batchnorm(nn.Sequential()),
     "nn-aspp-mixed-mode": lambda d: _mixed_mode_aspp(),
     "nn-aspp-module-type": lambda d: fused_aspp_forward(nn.Conv2d(4, 3, 1), torch.randn(2, 4, 6, 6)),
@@ -549,12 +551,6 @@ def _auto_triton_only():
         return _with_env("TRITON_INTERPRET", "0", lambda: uce(backend=None))
     finally:
         backends.auto_candidates = real
-
-
-def _changed_chain():
-    m = deeplab_ops.nn.fuse_modules(nn.Sequential(nn.Conv2d(2, 3, 1, bias=False), nn.BatchNorm2d(3), nn.ReLU()))
-    m[2] = nn.LeakyReLU()
-    return m(torch.randn(2, 2, 4, 4))
 
 
 def _mixed_mode_aspp():
