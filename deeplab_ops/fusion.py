@@ -43,8 +43,7 @@ class FusedConfig:
     (residual blocks), the backend, whether the fused convs, blocks and ASPPs save no pre-BN activation
     (memory_efficient, see deeplab_ops.conv_bn_relu and deeplab_ops.aspp), and the process group whose processes
     share BatchNorm statistics (set by `deeplab_ops.nn.sync_batchnorm`; None: none). chain (fused convs): the
-    container's `_modules` dict, the conv's name there, the (name, module) of the BatchNorm and ReLU it absorbed, and
-    the container's _ChainState (`_chain_runs_fused`)."""
+    (name, module) of the BatchNorm and ReLU it absorbed, which follow it in its container (`_run_chain`)."""
 
     __slots__ = ("bn", "relu", "depth", "backend", "process_group", "memory_efficient", "chain")
 
@@ -76,103 +75,78 @@ def fused_config(module: nn.Module) -> FusedConfig | None:
     return getattr(module, _FUSED_ATTR, None)
 
 
-class _ChainState:
-    """Shared by a fused chain container and the convs fused in it: how many calls of the container are running.
-    A fused conv runs the fused op only inside its container's call (sliced out of it, called on its own, or with
-    the container's children iterated by hand, it is a plain convolution and its BatchNorm and ReLU apply
-    themselves)."""
-
-    __slots__ = ("running",)
-
-    def __init__(self) -> None:
-        self.running = 0
-
-    def __getstate__(self):
-        return 0  # a copy or a pickle starts outside any call
-
-    def __setstate__(self, state) -> None:
-        self.running = 0
-
-
-def _chain_runs_fused(conv: nn.Module, cfg: FusedConfig) -> bool:
-    """Whether `conv` (a FusedConv2d) computes act(bn(conv(x))) in this call, its fused-away BatchNorm and ReLU
-    passing their input through: inside a call of the container it was fused in, that container still holding the
-    conv and the modules it absorbed in their places, none of them hooked (a hook sees what it would see unfused),
-    and not an nn.DataParallel replica (whose container and BatchNorm are others). Otherwise the three run one by one
-    as unfused modules. (Checks inline, no call per module: this runs on every call of the three.)"""
-    chain = cfg.chain
-    if chain is None or not chain[3].running or conv.__dict__.get("_is_replica", False):
-        return False
-    modules = chain[0]
-    if modules.get(chain[1]) is not conv:
-        return False
-    for name, module in ((chain[1], conv), *chain[2]):
-        if (modules.get(name) is not module or module._forward_hooks or module._forward_pre_hooks
-                or module._backward_hooks or module._backward_pre_hooks):
-            return False
-    return True
-
-
 class FusedConv2d(nn.Conv2d):
-    """A Conv2d whose forward, inside a call of the container it was fused in, computes ``act(bn(conv(x)))`` with
-    the fused op for the BatchNorm (and ReLU) it absorbed; anywhere else (sliced out, called on its own, with a hook
-    on it, its BatchNorm or ReLU, with them replaced, or as an nn.DataParallel replica) it computes the convolution
-    alone and its BatchNorm and ReLU apply themselves (`_chain_runs_fused`)."""
-
-    def forward(self, x: Tensor) -> Tensor:
-        cfg = self.__dict__[_FUSED_ATTR]
-        if not _chain_runs_fused(self, cfg):
-            return self._conv_forward(x, self.weight, self.bias)
-        return fused_conv_bn(self, cfg.bn, x, training=cfg.bn.training, relu=cfg.relu, backend=cfg.backend,
-                             process_group=cfg.process_group, memory_efficient=cfg.memory_efficient)
+    """A Conv2d of a fused conv → BatchNorm (→ ReLU) chain. Its container's forward runs the chain as one fused op
+    (`_run_chain`); called on its own (a slice of the container, children called by hand, a hook on it, its
+    BatchNorm or ReLU, a changed chain, an nn.DataParallel replica) it is a plain convolution, and its BatchNorm and
+    ReLU apply themselves."""
 
 
 _CONV_ATTR = "_deeplab_ops_fused_into"  # plain attribute of a fused-away BatchNorm or ReLU: the conv that applies it
 
 
 class FusedAwayBatchNorm2d(nn.BatchNorm2d):
-    """A BatchNorm2d applied by the preceding FusedConv2d: its forward passes the input through while that conv ran
-    fused, and normalizes (as nn.BatchNorm2d, across the process group of a synchronized model) where it computed the
-    convolution alone (`_chain_runs_fused`)."""
+    """A BatchNorm2d of a fused chain, applied by the fused op when its container runs the chain fused; called on its
+    own, it normalizes as nn.BatchNorm2d (across the process group of a synchronized model)."""
 
     def forward(self, x: Tensor) -> Tensor:
         conv = self.__dict__.get(_CONV_ATTR)
-        cfg = None if conv is None else conv.__dict__.get(_FUSED_ATTR)
-        if cfg is not None and not self.__dict__.get("_is_replica", False) and _chain_runs_fused(conv, cfg):
-            return x
+        cfg = None if conv is None or self.__dict__.get("_is_replica", False) else conv.__dict__.get(_FUSED_ATTR)
         group = None if cfg is None else cfg.process_group
         return nn.BatchNorm2d.forward(self, x) if group is None else synced_batch_norm(self, group, x)
 
 
 class FusedAwayReLU(nn.ReLU):
-    """A ReLU applied by the preceding FusedConv2d: its forward passes the input through while that conv ran fused,
-    and applies ReLU where it computed the convolution alone (`_chain_runs_fused`)."""
-
-    def forward(self, x: Tensor) -> Tensor:
-        conv = self.__dict__.get(_CONV_ATTR)
-        cfg = None if conv is None else conv.__dict__.get(_FUSED_ATTR)
-        if cfg is not None and not self.__dict__.get("_is_replica", False) and _chain_runs_fused(conv, cfg):
-            return x
-        return nn.ReLU.forward(self, x)
+    """A ReLU of a fused chain, applied by the fused op when its container runs the chain fused; called on its own,
+    a ReLU."""
 
     def extra_repr(self) -> str:
         return f"fused into the preceding conv, {super().extra_repr() or 'not inplace'}"
 
 
-_CHAIN_ATTR = "_deeplab_ops_chain"  # plain attribute of a fused chain container: its _ChainState
+def _run_chain(self: nn.Module, x: Tensor, keep: dict | None):
+    """A fused chain container's forward: its children in order, each on the previous one's output, a fused conv
+    followed by the BatchNorm (and ReLU) it absorbed computed by one fused op; with `keep` (return_layers), the
+    OrderedDict of the outputs it names. A chain runs fused only as it was fused: the same modules in a row (read
+    from the container now: one replaced, deleted or inserted after fusing makes it run one module after the other,
+    as does a hook on any of the three, a return_layers entry naming the conv or BatchNorm, or an nn.DataParallel
+    replica). (Checks inline: no call per child.)"""
+    items = list(self._modules.items())
+    out = None if keep is None else OrderedDict()
+    i, n = 0, len(items)
+    while i < n:
+        name, m = items[i]
+        cfg = m.__dict__.get(_FUSED_ATTR) if isinstance(m, FusedConv2d) else None
+        fused = (cfg is not None and cfg.chain is not None and i + len(cfg.chain) < n
+                 and not m.__dict__.get("_is_replica", False) and not (
+                     m._forward_hooks or m._forward_pre_hooks or m._backward_hooks or m._backward_pre_hooks
+                     or (keep is not None and name in keep)))
+        if fused:
+            for j, (part_name, part) in enumerate(cfg.chain, start=i + 1):
+                if (items[j][0] != part_name or items[j][1] is not part or part._forward_hooks
+                        or part._forward_pre_hooks or part._backward_hooks or part._backward_pre_hooks
+                        or (keep is not None and j < i + len(cfg.chain) and part_name in keep)):
+                    fused = False
+                    break
+        if fused:
+            x = fused_conv_bn(m, cfg.bn, x, training=cfg.bn.training, relu=cfg.relu, backend=cfg.backend,
+                              process_group=cfg.process_group, memory_efficient=cfg.memory_efficient)
+            i += len(cfg.chain)
+            name = items[i][0]
+        else:
+            x = m(x)
+        if keep is not None and name in keep:
+            out[keep[name]] = x
+        i += 1
+    return x if keep is None else out
 
 
-def _fused_chain_forward(self: nn.Module, *args, **kwargs):
-    """A chain container's forward: its own class's, with its fused convs running fused for the call."""
-    forward = type(self).original_class.forward
-    state = self.__dict__.get(_CHAIN_ATTR)
-    if state is None:  # a copy made by slicing it (nn.Sequential.__getitem__): its convs were fused in another
-        return forward(self, *args, **kwargs)
-    state.running += 1
-    try:
-        return forward(self, *args, **kwargs)
-    finally:
-        state.running -= 1
+def _fused_sequential_forward(self: nn.Module, input: Tensor) -> Tensor:
+    return _run_chain(self, input, None)
+
+
+def _fused_return_layers_forward(self: nn.Module, x: Tensor) -> OrderedDict:
+    return _run_chain(self, x, self.return_layers)
 
 
 # ---- residual blocks -----------------------------------------------------------------------------------
@@ -236,7 +210,8 @@ def _fused_aspp_forward(self: nn.Module, x: Tensor) -> Tensor:
                           unfused=type(self).original_class.forward)
 
 
-_FORWARDS = {"block": _fused_block_forward, "aspp": _fused_aspp_forward, "chain": _fused_chain_forward}
+_FORWARDS = {"block": _fused_block_forward, "aspp": _fused_aspp_forward, "sequential": _fused_sequential_forward,
+             "return_layers": _fused_return_layers_forward}
 
 
 def _rebuild_fused(original_class: type, kind: str) -> nn.Module:
@@ -256,10 +231,10 @@ _FUSED_CLASS_SET: set[type] = set()  # the values of _FUSED_CLASSES
 
 
 def _fused_class(cls: type, kind: str) -> type:
-    """The subclass of `cls` whose forward is the fused one of `kind` ("block", "aspp" or "chain"), made once."""
+    """The subclass of `cls` whose forward is the fused one of `kind` (a key of _FORWARDS), made once."""
     if (cls, kind) not in _FUSED_CLASSES:
-        op = {"aspp": "the fused ASPP op", "block": "deeplab_ops.conv_bn_relu",
-              "chain": "deeplab_ops.conv_bn_relu for its conv → BatchNorm (→ ReLU) chains"}[kind]
+        op = {"aspp": "the fused ASPP op", "block": "deeplab_ops.conv_bn_relu"}.get(
+            kind, "deeplab_ops.conv_bn_relu for its conv → BatchNorm (→ ReLU) chains")
         _FUSED_CLASSES[(cls, kind)] = type(
             f"{cls.__name__}Fused",
             (cls,),
@@ -336,10 +311,36 @@ def _is_aspp(module: nn.Module, shared: set[int]) -> bool:
     return all(_fusable(c, b, shared) for c, b in zip(convs, bns, strict=True))
 
 
-def _is_chain_container(module: nn.Module) -> bool:
-    return isinstance(module, nn.Sequential) or (
-        isinstance(module, nn.ModuleDict) and isinstance(getattr(module, "return_layers", None), dict)
-    )
+# A container class may declare `deeplab_ops_chain = "sequential"` (its forward is nn.Sequential's: the children in
+# order, each on the previous one's output) or "return_layers" (that, returning an OrderedDict of the outputs its
+# `return_layers` dict names, as torchvision's IntermediateLayerGetter does): fuse_modules then fuses its chains.
+CHAIN_ATTR = "deeplab_ops_chain"
+
+
+def _chain_kind(module: nn.Module) -> str | None:
+    """How `module` runs its children, when it is a container whose forward fuse_modules can run with its chains
+    fused: "sequential" (nn.Sequential's forward), "return_layers" (torchvision's IntermediateLayerGetter's), or
+    None (any other forward: its children may be called in any order, so its chains are left alone)."""
+    cls = type(module)
+    declared = getattr(cls, CHAIN_ATTR, None)
+    if declared in _CHAIN_FORWARDS:
+        return declared
+    if isinstance(module, nn.Sequential) and cls.forward is nn.Sequential.forward:
+        return "sequential"
+    if isinstance(getattr(module, "return_layers", None), dict) and cls.forward is _intermediate_layer_getter_forward():
+        return "return_layers"
+    return None
+
+
+def _intermediate_layer_getter_forward():
+    try:
+        from torchvision.models._utils import IntermediateLayerGetter
+    except ImportError:  # no torchvision: no IntermediateLayerGetter to recognise
+        return None
+    return IntermediateLayerGetter.forward
+
+
+_CHAIN_FORWARDS = ("sequential", "return_layers")
 
 
 def _shared_modules(model: nn.Module) -> set[int]:
@@ -404,8 +405,9 @@ def fuse_modules(model: nn.Module, backend: str | None = None, memory_efficient:
                                FusedConfig(depth=k, backend=backend, memory_efficient=memory_efficient))
             module.__class__ = _fused_class(type(module), "block")
     for container in modules:
-        if _is_chain_container(container) and id(container) not in inside_aspp:
-            _fuse_chain(container, backend, shared, memory_efficient)
+        kind = _chain_kind(container)
+        if kind is not None and id(container) not in inside_aspp:
+            _fuse_chain(container, kind, backend, shared, memory_efficient)
     if channels_last:
         handles = (model.register_forward_pre_hook(_channels_last_in),
                    model.register_forward_hook(_contiguous_out))
@@ -479,11 +481,11 @@ def _remove_boundary(model: nn.Module) -> None:
     model.__dict__.pop("_deeplab_ops_weights_cl", None)
 
 
-def _fuse_chain(container: nn.Module, backend: str | None, shared: set[int], memory_efficient: bool) -> None:
+def _fuse_chain(container: nn.Module, kind: str, backend: str | None, shared: set[int],
+                memory_efficient: bool) -> None:
     names = list(container._modules)
     children = list(container._modules.values())
     keep = set(getattr(container, "return_layers", None) or ())
-    state = None
     i = 0
     while i + 1 < len(children):
         conv, bn = children[i], children[i + 1]
@@ -492,13 +494,10 @@ def _fuse_chain(container: nn.Module, backend: str | None, shared: set[int], mem
             continue
         relu = i + 2 < len(children) and type(children[i + 2]) is nn.ReLU and id(children[i + 2]) not in shared
         absorbed = ((names[i + 1], bn), (names[i + 2], children[i + 2])) if relu else ((names[i + 1], bn),)
-        if state is None:
-            state = _ChainState()
-            object.__setattr__(container, _CHAIN_ATTR, state)
-            container.__class__ = _fused_class(type(container), "chain")
+        if _fused_class_of(container) is None:
+            container.__class__ = _fused_class(type(container), kind)
         object.__setattr__(conv, _FUSED_ATTR, FusedConfig(bn=bn, relu=relu, backend=backend,
-                                                          memory_efficient=memory_efficient,
-                                                          chain=(container._modules, names[i], absorbed, state)))
+                                                          memory_efficient=memory_efficient, chain=absorbed))
         conv.__class__ = FusedConv2d
         bn.__class__ = FusedAwayBatchNorm2d
         object.__setattr__(bn, _CONV_ATTR, conv)
@@ -530,7 +529,6 @@ def unfuse_modules(model: nn.Module) -> nn.Module:
             if fused_cls is not None:
                 _restore_class(module, fused_cls, fused_cls.original_class)
                 module.__dict__.pop(_FUSED_ATTR, None)
-                module.__dict__.pop(_CHAIN_ATTR, None)
     return model
 
 

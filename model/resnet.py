@@ -163,7 +163,8 @@ class ResNet(nn.Sequential):
     preact (TF-slim resnet_v2): ``conv1 (7×7, stride 2, bias) → maxpool → layer1 … layer4 → postnorm (BN, ReLU)``.
 
     `forward` runs the children in order and returns ``{"out": last stage, "aux": layer3}`` ("aux" only with
-    `return_aux`). Being an nn.Sequential chain, deeplab_ops fusion fuses its stem.
+    `return_aux`), as torchvision's IntermediateLayerGetter does: `deeplab_ops_chain` tells deeplab_ops's
+    fuse_modules so, and it fuses the stem.
 
     Args:
         depth: 50 or 101.
@@ -175,6 +176,8 @@ class ResNet(nn.Sequential):
         width: channels of the stem and of block 1's bottleneck (64 in ResNet-50/101; each block doubles it,
             and a bottleneck's output is 4x its width); smaller widths make small networks for CPU runs.
     """
+
+    deeplab_ops_chain = "return_layers"  # deeplab_ops.fusion: the forward is IntermediateLayerGetter's
 
     def __init__(
         self,

@@ -333,6 +333,8 @@ _CHAIN_EDITS = {
     "relu deleted": lambda m: m.__delitem__(2),
     "module inserted": lambda m: m.insert(1, nn.Identity()),
     "convert_sync_batchnorm": lambda m: nn.SyncBatchNorm.convert_sync_batchnorm(m),
+    # nn.Sequential.__delitem__ gives the container a new _modules dict: a later change must still be seen
+    "last deleted, conv replaced": lambda m: m.__delitem__(3) or m.__setitem__(0, _stem_conv(m)),
 }
 
 
@@ -374,6 +376,82 @@ def test_a_chain_changed_after_fusing_computes_what_the_changed_model_computes(c
     fuse_modules(fused, backend="cpu")
     with torch.no_grad():
         assert_close(fused.eval()(x), plain.eval()(x), f"{change}, fused again", ATOL, RTOL)
+
+
+def _one_shot(module, seen):
+    """A forward hook that records the output once and removes itself (a common probe)."""
+    def hook(m, args, out):
+        seen.append(out.detach().clone())
+        handle.remove()
+    handle = module.register_forward_hook(hook)
+
+
+@pytest.mark.parametrize("part", [0, 1, 2], ids=["conv", "bn", "relu"])
+def test_a_hook_that_removes_itself_mid_chain_leaves_the_chain_unfused_for_that_call(part):
+    """A one-shot hook on a chain's conv, BatchNorm or ReLU: the call that runs it runs the whole chain unfused (the
+    decision is made once per chain and call, not per module: the BatchNorm and ReLU were skipped after the hook on
+    the conv removed itself); the next call runs fused; outputs, gradients and statistics as unfused."""
+    torch.manual_seed(0)
+    plain = _randomize(nn.Sequential(nn.Conv2d(3, 4, 3, bias=False), nn.BatchNorm2d(4), nn.ReLU(),
+                                     nn.Conv2d(4, 4, 1, bias=False))).train()
+    fused = fuse_modules(copy.deepcopy(plain), backend="cpu")
+    seen = {"plain": [], "fused": []}
+    _one_shot(plain[part], seen["plain"])
+    _one_shot(fused[part], seen["fused"])
+    x = torch.randn(2, 3, 6, 6)
+    for call in range(2):
+        xa, xb = x.clone().requires_grad_(True), x.clone().requires_grad_(True)
+        ya, yb = plain(xa), fused(xb)
+        assert_close(yb, ya, f"call {call}: output", ATOL, RTOL)
+        ya.square().sum().backward()
+        yb.square().sum().backward()
+        assert_close(xb.grad, xa.grad, f"call {call}: input gradient", GRAD_ATOL, GRAD_RTOL)
+    assert_close(seen["fused"][0], seen["plain"][0], "what the hook saw", ATOL, RTOL)
+    _assert_same_state(fused, plain, "one-shot hook")
+
+
+def test_a_chain_called_by_hand_inside_its_containers_call_computes_the_unfused_value():
+    """A hook inside the container's call (on its last conv) that calls the chain's conv by hand: that call is a
+    plain convolution (the container's own call does not make the conv fused anywhere else)."""
+    torch.manual_seed(0)
+    fused = fuse_modules(_randomize(nn.Sequential(nn.Conv2d(3, 4, 3, bias=False), nn.BatchNorm2d(4), nn.ReLU(),
+                                                  nn.Conv2d(4, 4, 1, bias=False))).eval(), backend="cpu")
+    x = torch.randn(2, 3, 6, 6)
+    got = []
+    fused[3].register_forward_pre_hook(lambda m, args: got.append(fused[0](x)) and None)
+    with torch.no_grad():
+        fused(x)
+        want = torch.nn.functional.conv2d(x, fused[0].weight)
+    assert_close(got[0], want, "the conv called from a hook", ATOL, RTOL)
+
+
+@pytest.mark.parametrize("layer", ["conv1", "bn1"])
+def test_return_layers_changed_after_fusing_gets_the_unfused_intermediate(layer):
+    """torchvision's IntermediateLayerGetter whose return_layers is changed after fusing to name a chain's conv or
+    BatchNorm: that chain runs unfused, so the returned intermediate (and its gradients) are the unfused ones."""
+    from torchvision.models._utils import IntermediateLayerGetter
+
+    class Net(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.conv1, self.bn1, self.relu = nn.Conv2d(3, 4, 3, bias=False), nn.BatchNorm2d(4), nn.ReLU()
+            self.conv2 = nn.Conv2d(4, 4, 1)
+
+    torch.manual_seed(0)
+    plain = _randomize(IntermediateLayerGetter(Net(), {"conv2": "out"})).train()
+    fused = fuse_modules(copy.deepcopy(plain), backend="cpu")
+    assert type(fused.conv1) is fusion.FusedConv2d
+    for m in (plain, fused):
+        m.return_layers = {layer: "feat", "conv2": "out"}
+    x = torch.randn(2, 3, 6, 6)
+    xa, xb = x.clone().requires_grad_(True), x.clone().requires_grad_(True)
+    a, b = plain(xa), fused(xb)
+    for key in ("feat", "out"):
+        assert_close(b[key], a[key], f"{layer}: {key}", ATOL, RTOL)
+    (a["feat"].square().sum() + a["out"].sum()).backward()
+    (b["feat"].square().sum() + b["out"].sum()).backward()
+    assert_close(xb.grad, xa.grad, "input gradient", GRAD_ATOL, GRAD_RTOL)
+    _assert_same_state(fused, plain, layer)
 
 
 @pytest.mark.parametrize("training", [False, True], ids=["eval", "train"])
@@ -848,3 +926,24 @@ def test_forward_hooks_on_fused_away_and_inner_modules_still_run():
     assert_close(seen["bn2"][0], plain_seen[0], "the block's bn2 hook", ATOL, RTOL)
     unfuse_modules(fused)
     assert type(fused.seq[3]) is nn.ReLU and fused.seq[3] is relu and relu._forward_hooks
+
+
+def test_a_container_declaring_its_chain_forward_runs_its_stem_fused(monkeypatch):
+    """model.resnet.ResNet (an nn.Sequential whose forward returns a dict, declaring deeplab_ops_chain =
+    "return_layers") runs its stem conv → BN → ReLU as one fused op; the same forward unfused gives the same
+    features."""
+    from model.resnet import ResNet
+
+    torch.manual_seed(0)
+    plain = _randomize(ResNet(50, width=4, return_aux=True)).eval()
+    fused = fuse_modules(copy.deepcopy(plain), backend="cpu")
+    calls = []
+    real = fusion.fused_conv_bn
+    monkeypatch.setattr(fusion, "fused_conv_bn", lambda conv, *a, **k: calls.append(conv) or real(conv, *a, **k))
+    x = torch.randn(2, 3, 32, 32)
+    with torch.no_grad():
+        got, want = fused(x), plain(x)
+    assert list(got) == list(want)
+    for key in want:
+        assert_close(got[key], want[key], key, ATOL, RTOL)
+    assert calls and calls[0] is fused.conv1
