@@ -338,6 +338,18 @@ _CHAIN_EDITS = {
 }
 
 
+def _two_training_calls(plain: nn.Module, fused: nn.Module, x: torch.Tensor, what: str) -> None:
+    """Two forward + backward calls of each model on x: outputs and input gradients equal (parameter gradients
+    accumulate over both, for the caller to compare)."""
+    for call in range(2):
+        xa, xb = x.clone().requires_grad_(True), x.clone().requires_grad_(True)
+        ya, yb = plain(xa), fused(xb)
+        assert_close(yb, ya, f"{what}, call {call}: output", ATOL, RTOL)
+        ya.square().sum().backward()
+        yb.square().sum().backward()
+        assert_close(xb.grad, xa.grad, f"{what}, call {call}: input gradient", GRAD_ATOL, GRAD_RTOL)
+
+
 # (nn.SyncBatchNorm trains on CUDA tensors only: the unfused reference of that change runs in eval here)
 @pytest.mark.parametrize("change, training", [(c, t) for c in _CHAIN_EDITS for t in (False, True)
                                               if not (t and c == "convert_sync_batchnorm")])
@@ -362,13 +374,7 @@ def test_a_chain_changed_after_fusing_computes_what_the_changed_model_computes(c
     _CHAIN_EDITS[change](fused)
     fused.load_state_dict(plain.state_dict())  # a new module's fresh parameters: the same in both
     plain.train(training), fused.train(training)
-    for _ in range(2):
-        xa, xb = x.clone().requires_grad_(True), x.clone().requires_grad_(True)
-        ya, yb = plain(xa), fused(xb)
-        assert_close(yb, ya, f"{change}: output", ATOL, RTOL)
-        ya.square().sum().backward()
-        yb.square().sum().backward()
-        assert_close(xb.grad, xa.grad, f"{change}: input gradient", GRAD_ATOL, GRAD_RTOL)
+    _two_training_calls(plain, fused, x, change)
     for (name, pa), pb in zip(plain.named_parameters(), fused.parameters(), strict=True):
         assert_close(pb.grad, pa.grad, f"{change}: {name}.grad", GRAD_ATOL, GRAD_RTOL)
     _assert_same_state(fused, plain, change)
@@ -399,13 +405,7 @@ def test_a_hook_that_removes_itself_mid_chain_leaves_the_chain_unfused_for_that_
     _one_shot(plain[part], seen["plain"])
     _one_shot(fused[part], seen["fused"])
     x = torch.randn(2, 3, 6, 6)
-    for call in range(2):
-        xa, xb = x.clone().requires_grad_(True), x.clone().requires_grad_(True)
-        ya, yb = plain(xa), fused(xb)
-        assert_close(yb, ya, f"call {call}: output", ATOL, RTOL)
-        ya.square().sum().backward()
-        yb.square().sum().backward()
-        assert_close(xb.grad, xa.grad, f"call {call}: input gradient", GRAD_ATOL, GRAD_RTOL)
+    _two_training_calls(plain, fused, x, "one-shot hook")
     assert_close(seen["fused"][0], seen["plain"][0], "what the hook saw", ATOL, RTOL)
     _assert_same_state(fused, plain, "one-shot hook")
 
