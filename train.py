@@ -14,6 +14,8 @@ wd 1e-4, scale 0.5-2.0, flip, OS 16, 30k iterations); the synthetic set uses a s
 from __future__ import annotations
 
 import argparse
+import contextlib
+import io
 import json
 import os
 import pickle
@@ -1082,7 +1084,18 @@ def _exit(message: str) -> None:
 
 
 def warn(text: str) -> None:
-    print(f"warning: {text}", file=sys.stderr)
+    if not machine_follower():
+        print(f"warning: {text}", file=sys.stderr)
+
+
+def machine_follower() -> bool:
+    """Under torchrun, whether this process is not its machine's first (LOCAL_RANK > 0): that one prints the
+    warnings and errors every process meets alike (flags, refusals before any work), once per machine."""
+    try:
+        world = int(os.environ.get("WORLD_SIZE", "1"))
+    except ValueError:
+        world = 1
+    return world > 1 and os.environ.get("LOCAL_RANK", "0") != "0"
 
 
 def _apply_presets(args, device: torch.device) -> None:
@@ -1107,10 +1120,12 @@ def _apply_presets(args, device: torch.device) -> None:
 
 
 def main(argv=None) -> None:
-    args = parse_args(argv)
-    # The folder's contents, not the flags: checked here rather than in parse_args (whose callers need no folder),
-    # still before any work and as a flag error (status 2).
-    check_out_dir(args, build_parser().error)
+    quiet = machine_follower()
+    with contextlib.redirect_stderr(io.StringIO()) if quiet else contextlib.nullcontext():
+        args = parse_args(argv)
+        # The folder's contents, not the flags: checked here rather than in parse_args (whose callers need no
+        # folder), still before any work and as a flag error (status 2).
+        check_out_dir(args, build_parser().error)
     device, info = _setup(args)
     try:
         if args.predict:
@@ -1131,8 +1146,15 @@ def main(argv=None) -> None:
             raise
         # Another process stopped (its own message says why) and this one's collective failed: one line from the
         # main process, none from the others, instead of every process's communication traceback.
-        raise SystemExit(f"train.py: another process stopped (its message above says why), so this run stopped "
-                         f"too; {str(e).splitlines()[0][:200]}" if info.is_main else 1) from None
+        reason = str(e).splitlines()[0].split(". ")[0].rstrip(".")
+        raise SystemExit("train.py: another process stopped (see its message above, or torchrun's summary for a "
+                         f"process that was killed), so this run stopped too ({reason})" if info.is_main else 1
+                         ) from None
+    except SystemExit as e:
+        # What every process meets alike (a refusal before any work): said once per machine.
+        if quiet and isinstance(e.code, str):
+            raise SystemExit(1) from None
+        raise
     finally:
         if info.enabled:
             torch.distributed.destroy_process_group()

@@ -52,14 +52,16 @@ def all_reduce_sum(t: torch.Tensor) -> torch.Tensor:
     return t
 
 
-# What a collective raises when a peer process has gone (gloo names the broken connection; NCCL raises DistError).
+# What a collective raises when a peer process has gone: gloo names the broken connection; torch raises
+# DistNetworkError for a store or socket connection lost. (Not any DistError: a timeout may be a hang of ours.)
 _LOST_PEER = ("Connection reset by peer", "Connection closed by peer", "Broken pipe", "Socket closed")
 
 
 def lost_peer(error: BaseException) -> bool:
     """Whether `error` is a collective's failure because another process stopped."""
-    dist_error = getattr(dist, "DistError", None)
-    return (dist_error is not None and isinstance(error, dist_error)) or any(s in str(error) for s in _LOST_PEER)
+    network_error = getattr(dist, "DistNetworkError", None)
+    return ((network_error is not None and isinstance(error, network_error))
+            or any(s in str(error) for s in _LOST_PEER))
 
 
 def all_gather_objects(obj) -> list:

@@ -489,6 +489,10 @@ def fit(model: nn.Module, train_set, cfg: TrainConfig, device: torch.device, *, 
             ckpt_io.atomic_save(state, path)
             saved[path] = it
 
+    if resume is not None and stop == start:
+        # Nothing left to train (a finished run resumed, maybe into another --out-dir): the run's last.pt is the one
+        # it resumed, so that the folder holds the checkpoint its report names.
+        save("last.pt", start, rng_states())
     losses, last_metrics, it, t_start = [], None, start, time.time()
     with reads.reporting():
         for images, masks in batches:
@@ -523,6 +527,8 @@ def fit(model: nn.Module, train_set, cfg: TrainConfig, device: torch.device, *, 
             if it == stop or do_eval or (cfg.checkpoint_every and it % cfg.checkpoint_every == 0):
                 rng_ranks = rng_states()  # the same after the evaluation, which restores them
                 save("last.pt", it, rng_ranks)  # before the evaluation: an error there keeps what was trained
+                if world_size > 1:  # every process goes on once it is written (an error names it)
+                    torch.distributed.barrier()
             if do_eval:
                 # The evaluation's draws (its loader's seed) leave the training's random streams as they were, so
                 # that a run resumed from the checkpoint saved just before it continues exactly as this one does.

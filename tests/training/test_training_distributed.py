@@ -351,18 +351,63 @@ def test_a_process_whose_peer_stopped_exits_with_one_line_not_a_traceback(tmp_pa
     monkeypatch.setattr(dist, "destroy_process_group", lambda: None)
     argv = ["--out-dir", str(tmp_path / "run"), "--device", "cpu"]
     for error, expected in ((lost, "another process stopped" if rank == 0 else 1),
-                            (dist.DistError("NCCL communicator was aborted"), "another process stopped"
+                            (dist.DistNetworkError("failed to recv, got 0 bytes"), "another process stopped"
                              if rank == 0 else 1),
-                            (RuntimeError("a bug of ours"), None)):
+                            (RuntimeError("a bug of ours"), None), (dist.DistError("timed out: a hang"), None)):
         def fail(*args, error=error):
             raise error
 
         monkeypatch.setattr(train_script, "cmd_train", fail)
         if expected is None:
-            with pytest.raises(RuntimeError, match="a bug of ours"):
+            with pytest.raises(RuntimeError, match="a bug of ours|a hang"):
                 train_script.main(argv)
             continue
         with pytest.raises(SystemExit) as stop:
             train_script.main(argv)
         assert stop.value.code == 1 if rank else expected in stop.value.code
     assert distributed.lost_peer(lost) and not distributed.lost_peer(RuntimeError("CUDA out of memory"))
+
+
+@pytest.mark.parametrize("local_rank", [0, 1])
+def test_what_every_process_meets_alike_is_said_once_per_machine(tmp_path, monkeypatch, capsys, local_rank):
+    """Under torchrun, a warning about a flag and a refusal before any work come from each machine's first process
+    only (the others exit with status 1, silently): not once per process."""
+    import train as train_script
+
+    monkeypatch.setenv("WORLD_SIZE", "2")
+    monkeypatch.setenv("LOCAL_RANK", str(local_rank))
+    monkeypatch.setattr(train_script, "_setup",
+                        lambda args: (torch.device("cpu"), distributed.DistInfo(local_rank, 2, local_rank)))
+    monkeypatch.setattr(dist, "destroy_process_group", lambda: None)
+    argv = ["--out-dir", str(tmp_path / "run"), "--device", "cpu", "--batch-size", "3", "--sbd-root", "/nowhere"]
+    with pytest.raises(SystemExit) as stop:
+        train_script.main(argv)
+    out = capsys.readouterr()
+    if local_rank == 0:
+        assert "must be divisible by the number of processes" in stop.value.code
+        assert "warning: --sbd-root is not read" in out.err
+    else:
+        assert stop.value.code == 1 and out.err == "" and out.out == ""
+    with pytest.raises(SystemExit) as stop:  # an argument error (status 2): usage and message once per machine
+        train_script.main(["--iterations", "0"])
+    out = capsys.readouterr()
+    assert stop.value.code == 2 and (("--iterations" in out.err) == (local_rank == 0))
+
+
+def test_a_finished_run_resumed_into_another_folder_leaves_its_last_checkpoint_there(tmp_path, monkeypatch):
+    """--resume of a run already at --iterations, into another --out-dir: nothing trains, and the new folder holds
+    the last.pt its report names (it was missing, so a later --resume there found nothing)."""
+    from test_training_loop import _tiny_build_model
+
+    import train as train_script
+
+    monkeypatch.setattr(train_script, "build_model", _tiny_build_model)
+    common = ["--crop-size", "32", "--synthetic-train-size", "8", "--synthetic-val-size", "2", "--batch-size", "2",
+              "--iterations", "2", "--no-tensorboard", "--device", "cpu"]
+    first, other = str(tmp_path / "first"), str(tmp_path / "other")
+    train_script.main(common + ["--out-dir", first])
+    train_script.main(common + ["--out-dir", other, "--resume", os.path.join(first, "last.pt")])
+    saved, copied = (torch.load(os.path.join(d, "last.pt"), weights_only=True) for d in (first, other))
+    assert copied["iteration"] == saved["iteration"] == 2
+    for k, v in saved["model"].items():
+        assert torch.equal(copied["model"][k], v), k
