@@ -23,6 +23,7 @@ from deeplab_ops.modules import (
     reads_directly,
     run_fused_aspp,
     runnable_aspp_parts,
+    symmetric_padding,
     synced_batch_norm,
     unfused_call,
 )
@@ -109,8 +110,9 @@ def _run_chain(self: nn.Module, x: Tensor, keep: dict | None):
     followed by the BatchNorm (and ReLU) it absorbed computed by one fused op; with `keep` (return_layers), the
     OrderedDict of the outputs it names. A chain runs fused only as it was fused: the same modules in a row (read
     from the container now: one replaced, deleted or inserted after fusing makes it run one module after the other,
-    as does a hook on any of the three, a return_layers entry naming the conv or BatchNorm, or an nn.DataParallel
-    replica). (Checks inline: no call per child.)"""
+    as does a hook or an instance `forward` on any of the three, a conv changed into one the op does not compute, a
+    return_layers entry naming the conv or BatchNorm, or an nn.DataParallel replica). (Checks inline: no call per
+    child.)"""
     items = list(self._modules.items())
     out = None if keep is None else OrderedDict()
     i, n = 0, len(items)
@@ -118,13 +120,17 @@ def _run_chain(self: nn.Module, x: Tensor, keep: dict | None):
         name, m = items[i]
         cfg = m.__dict__.get(_FUSED_ATTR) if isinstance(m, FusedConv2d) else None
         fused = (cfg is not None and cfg.chain is not None and i + len(cfg.chain) < n
-                 and not m.__dict__.get("_is_replica", False) and not (
+                 and not m.__dict__.get("_is_replica", False) and "forward" not in m.__dict__ and not (
                      m._forward_hooks or m._forward_pre_hooks or m._backward_hooks or m._backward_pre_hooks
-                     or (keep is not None and name in keep)))
+                     or (keep is not None and name in keep))
+                 # a conv changed after fusing into one the op does not compute
+                 and m._parameters.get("bias") is None and m.groups == 1 and m.padding_mode == "zeros"
+                 and (type(m.padding) is not str or symmetric_padding(m)))
         if fused:
             for j, (part_name, part) in enumerate(cfg.chain, start=i + 1):
-                if (items[j][0] != part_name or items[j][1] is not part or part._forward_hooks
-                        or part._forward_pre_hooks or part._backward_hooks or part._backward_pre_hooks
+                if (items[j][0] != part_name or items[j][1] is not part or "forward" in part.__dict__
+                        or part._forward_hooks or part._forward_pre_hooks or part._backward_hooks
+                        or part._backward_pre_hooks
                         or (keep is not None and j < i + len(cfg.chain) and part_name in keep)):
                     fused = False
                     break
@@ -325,9 +331,13 @@ def _chain_kind(module: nn.Module) -> str | None:
     declared = getattr(cls, CHAIN_ATTR, None)
     if declared in _CHAIN_FORWARDS:
         return declared
-    if isinstance(module, nn.Sequential) and cls.forward is nn.Sequential.forward:
+    # (nn.Sequential's forward walks `iter(self)`, IntermediateLayerGetter's `self.items()`: a class overriding
+    # those chooses what runs, which _run_chain, walking the children, would not follow)
+    if isinstance(module, nn.Sequential) and cls.forward is nn.Sequential.forward and cls.__iter__ is (
+            nn.Sequential.__iter__):
         return "sequential"
-    if isinstance(getattr(module, "return_layers", None), dict) and cls.forward is _intermediate_layer_getter_forward():
+    if (isinstance(getattr(module, "return_layers", None), dict) and isinstance(module, nn.ModuleDict)
+            and cls.forward is _intermediate_layer_getter_forward() and cls.items is nn.ModuleDict.items):
         return "return_layers"
     return None
 

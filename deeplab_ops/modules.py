@@ -69,7 +69,7 @@ def _parametrized_pair(conv: nn.Module, bn: nn.Module) -> bool:
             and not nn.utils.parametrize.is_parametrized(conv, "bias"))
 
 
-def _symmetric_padding(conv: nn.Conv2d) -> bool:
+def symmetric_padding(conv: nn.Conv2d) -> bool:
     """Whether conv's string padding ('valid', or 'same') is one the fused op computes (symmetric)."""
     try:
         _conv_padding(conv)
@@ -438,7 +438,7 @@ class FusedConvBNReLU(nn.Sequential):
                     and not _parametrized_pair(conv, bn))
                 or (relu is not None and type(relu) is not nn.ReLU)
                 or conv._parameters.get("bias") is not None or conv.groups != 1 or conv.padding_mode != "zeros"
-                or (type(conv.padding) is str and not _symmetric_padding(conv))
+                or (type(conv.padding) is str and not symmetric_padding(conv))
                 or "forward" in conv.__dict__ or "forward" in bn.__dict__
                 or conv._forward_hooks or conv._forward_pre_hooks or conv._backward_hooks or conv._backward_pre_hooks
                 or bn._forward_hooks or bn._forward_pre_hooks or bn._backward_hooks or bn._backward_pre_hooks

@@ -335,6 +335,12 @@ _CHAIN_EDITS = {
     "convert_sync_batchnorm": lambda m: nn.SyncBatchNorm.convert_sync_batchnorm(m),
     # nn.Sequential.__delitem__ gives the container a new _modules dict: a later change must still be seen
     "last deleted, conv replaced": lambda m: m.__delitem__(3) or m.__setitem__(0, _stem_conv(m)),
+    # a forward set on an instance (monkeypatching; accelerate's hooks do so)
+    "relu forward set": lambda m: setattr(m[2], "forward", lambda x, f=m[2].forward: f(x) * 3),
+    "conv forward set": lambda m: setattr(m[0], "forward", lambda x, f=m[0].forward: f(x) + 0.5),
+    # the conv changed into one the fused op does not compute
+    "conv bias added": lambda m: setattr(m[0], "bias", nn.Parameter(torch.randn(4))),
+    "conv reflect padding": lambda m: setattr(m[0], "padding_mode", "reflect"),
 }
 
 
@@ -947,3 +953,20 @@ def test_a_container_declaring_its_chain_forward_runs_its_stem_fused(monkeypatch
     for key in want:
         assert_close(got[key], want[key], key, ATOL, RTOL)
     assert calls and calls[0] is fused.conv1
+
+
+def test_a_sequential_that_chooses_its_children_by_iter_is_left_as_it_runs():
+    """An nn.Sequential subclass overriding __iter__ (nn.Sequential's forward walks iter(self)) decides what runs:
+    its chains are not fused, and it computes what it did."""
+    class FirstThree(nn.Sequential):
+        def __iter__(self):
+            return iter(list(self._modules.values())[:3])
+
+    torch.manual_seed(0)
+    plain = _randomize(FirstThree(nn.Conv2d(3, 4, 3, bias=False), nn.BatchNorm2d(4), nn.ReLU(),
+                                  nn.Conv2d(4, 4, 1, bias=False))).eval()
+    fused = fuse_modules(copy.deepcopy(plain), backend="cpu")
+    assert type(fused) is FirstThree and type(fused[0]) is nn.Conv2d
+    x = torch.randn(2, 3, 6, 6)
+    with torch.no_grad():
+        assert_close(fused(x), plain(x), "FirstThree", ATOL, RTOL)
