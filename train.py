@@ -249,11 +249,18 @@ def save_preview(kept, path: str) -> None:
     im.save(path)
 
 
+PREDICT_MARK = ("Software", "deeplab_ops train.py --predict")  # a PNG text chunk in every mask --predict writes
+
+
 def save_mask_png(pred: np.ndarray, path: str) -> None:
-    """A palette PNG: pixel values are class indices, colours are VOC's."""
+    """A palette PNG: pixel values are class indices, colours are VOC's; marked as written by --predict."""
+    from PIL import PngImagePlugin
+
     im = Image.fromarray(pred.astype(np.uint8), mode="P")
     im.putpalette(palette_bytes())
-    im.save(path)
+    info = PngImagePlugin.PngInfo()
+    info.add_text(*PREDICT_MARK)
+    im.save(path, pnginfo=info)
 
 
 # ---- commands ----------------------------------------------------------------------------------------------------
@@ -391,10 +398,12 @@ def mask_names(files: list[str]) -> dict[str, str]:
 
 
 def _is_predict_mask(path: str) -> bool:
-    """Whether `path` looks like a mask --predict wrote: a palette PNG with the VOC palette."""
+    """Whether `path` is a mask --predict wrote: a palette PNG with its mark (a VOC-palette PNG alone may be a
+    dataset's ground truth, VOC's SegmentationClass)."""
     try:
         with Image.open(path) as im:
-            return im.format == "PNG" and im.mode == "P" and list(im.getpalette() or [])[:768] == palette_bytes()
+            return (im.format == "PNG" and im.mode == "P"
+                    and getattr(im, "text", {}).get(PREDICT_MARK[0]) == PREDICT_MARK[1])
     except Exception:
         return False
 
@@ -432,7 +441,7 @@ def plan_predict_outputs(in_dir: str, files: list[str], out: str) -> dict[str, s
                                  "(default predictions/)")
             if not _is_predict_mask(target):
                 raise SystemExit(f"--predict: refusing to write any mask: {target} exists and is not a mask written "
-                                 "by --predict (a VOC-palette PNG); move it away or give --out another folder")
+                                 "by --predict (a ground-truth mask, say); move it away or give --out another folder")
         plan[os.path.join(in_dir, f)] = target
     return plan
 
@@ -487,7 +496,7 @@ def cmd_predict(args, device, info: distributed.DistInfo) -> None:
     for src in plan:
         try:
             datasets.read_image(src)
-        except RuntimeError as e:
+        except datasets.DataFileError as e:
             error = f"--predict: {e}; no mask was written"
             break
     errors = distributed.all_gather_objects(error) if info.enabled else [error]
@@ -690,9 +699,16 @@ def _describe_run(out_dir: str, files: list[str]) -> str:
 
 
 def check_out_dir(args, error) -> None:
-    """A fresh training run (no --resume) into an --out-dir that holds an earlier run would replace its checkpoints
+    """The folder the command writes (--out-dir, or --out for --predict) must be one it can create and write in. A
+    fresh training run (no --resume) into an --out-dir that holds an earlier run would replace its checkpoints
     and mix the two runs' logs: refused unless --overwrite. So is --resume from another folder's checkpoint into
     it (its saves would replace that run's); --overwrite with --resume from --out-dir itself is a contradiction."""
+    writes = ("--out", args.out or "predictions") if args.predict else ("--out-dir", args.out_dir) \
+        if args.eval_only else ("--out-dir", args.out_dir or os.path.join("runs", args.dataset or "synthetic"))
+    if writes[1]:
+        problem = ckpt_io.folder_problem(writes[1])
+        if problem:
+            error(f"{writes[0]} {writes[1]}: {problem}")
     if args.predict or args.eval_only:
         return
     out_dir = args.out_dir or os.path.join("runs", args.dataset or "synthetic")
@@ -705,8 +721,9 @@ def check_out_dir(args, error) -> None:
     if not files or args.overwrite:
         return
     if not args.resume:
-        error(f"--out-dir {out_dir} holds an earlier run ({_describe_run(out_dir, files)}): add --resume to continue "
-              "it, --overwrite to replace it (its files are removed), or give another --out-dir")
+        resumable = "add --resume to continue it, " if "last.pt" in files else "add "
+        error(f"--out-dir {out_dir} holds an earlier run ({_describe_run(out_dir, files)}): {resumable}--overwrite "
+              "to replace it (its files are removed), or give another --out-dir")
     if not resume_here and os.path.isfile(args.resume):
         error(f"--out-dir {out_dir} holds an earlier run ({_describe_run(out_dir, files)}), and --resume "
               f"{args.resume} continues a run from another folder, whose saves would replace that run's files: give "
@@ -1025,9 +1042,16 @@ def check_args(args, error, defaults: dict | None = None) -> None:
     from deeplab_ops import backends
 
     try:
-        backends.env_backend()
+        forced = backends.env_backend()
     except ValueError as e:
         error(str(e))
+    if forced and (args.fused_ops or args.predict or args.eval_only):
+        # the fused ops would refuse it at the first step, after the data and the model were built
+        device = "cuda" if args.device == "cuda" or (args.device == "auto" and torch.cuda.is_available()) else "cpu"
+        reasons = backends.available_backends(device)[forced]
+        if reasons:
+            error(f"DEEPLAB_OPS_BACKEND={forced} cannot run the fused ops on --device {device} "
+                  f"({'; '.join(reasons)}): unset it, or name a backend that runs there")
     winograd = os.environ.get("DEEPLAB_OPS_CPU_WINOGRAD")
     if winograd not in (None, "", "0", "1"):
         error(f"DEEPLAB_OPS_CPU_WINOGRAD={winograd!r} is not 0 or 1 (0 turns the cpu backend's Winograd "
@@ -1150,6 +1174,15 @@ def main(argv=None) -> None:
         raise SystemExit("train.py: another process stopped (see its message above, or torchrun's summary for a "
                          f"process that was killed), so this run stopped too ({reason})" if info.is_main else 1
                          ) from None
+    except KeyboardInterrupt:
+        # Ctrl-C: no traceback; what is saved and how to go on (a save is atomic: an interrupted one left the previous)
+        if info.is_main and not (args.predict or args.eval_only):
+            saved = [f"{f} (iteration {ckpt_io.checkpoint_iteration(os.path.join(args.out_dir, f))})"
+                     for f in ("last.pt", "best.pt") if os.path.isfile(os.path.join(args.out_dir, f))]
+            print("\ntrain.py: interrupted; " + (f"{', '.join(saved)} in {os.path.abspath(args.out_dir)}: --resume "
+                                                  "continues from last.pt" if saved else "no checkpoint was saved"),
+                  file=sys.stderr)
+        raise SystemExit(130) from None
     except SystemExit as e:
         # What every process meets alike (a refusal before any work): said once per machine.
         if quiet and isinstance(e.code, str):

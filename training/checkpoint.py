@@ -52,6 +52,34 @@ def atomic_save(obj, path: str) -> None:
     atomic_write(path, lambda f: torch.save(obj, f))
 
 
+def folder_problem(path: str) -> str | None:
+    """Why the folder `path` cannot be created or written in (None when it can), without creating it: a part of it
+    that is a file, or the nearest existing folder not writable."""
+    path = os.path.abspath(path)
+    probe = path
+    while not os.path.exists(probe):
+        parent = os.path.dirname(probe)
+        if parent == probe:
+            break
+        probe = parent
+    if not os.path.isdir(probe):
+        return f"cannot create the folder: {probe} is a file, not a folder"
+    try:  # a file created and removed: access() says yes to root on a read-only or virtual file system
+        fd, tmp = tempfile.mkstemp(prefix=".deeplab_ops_probe.", dir=probe)
+        os.close(fd)
+        os.unlink(tmp)
+    except OSError as e:
+        where = "" if probe == path else f" (in {probe})"
+        return f"cannot write there{where}: {e.strerror or e}"
+    return None
+
+
+def _umask() -> int:
+    mask = os.umask(0)
+    os.umask(mask)
+    return mask
+
+
 def atomic_write(path: str, write) -> None:
     """write(f) into a binary file that then replaces `path` in one step (temp file in the same folder, fsync,
     os.replace): a crash leaves either the old file or the new one, never half of one."""
@@ -64,6 +92,7 @@ def atomic_write(path: str, write) -> None:
             write(f)
             f.flush()
             os.fsync(f.fileno())
+        os.chmod(tmp, 0o666 & ~_umask())  # mkstemp makes it 0600: the mode any new file gets here instead
         os.replace(tmp, path)
     except BaseException:
         if os.path.exists(tmp):

@@ -47,9 +47,27 @@ def read_image(path: str) -> np.ndarray:
         raise MissingDataFile(f"image file not found: {path}")
     try:
         with Image.open(path) as im:
+            if im.mode in WIDE_MODES:  # convert("RGB") would clip every value above 255 to white
+                return _rgb_from_wide(im, path)
             return np.asarray(im.convert("RGB"), dtype=np.uint8).copy()
+    except BadDataFile:
+        raise
     except Exception as e:  # PIL raises several types for truncated or foreign files
         raise UnreadableDataFile(f"cannot read image {path}: {type(e).__name__}: {e}") from e
+
+
+WIDE_MODES = ("I;16", "I;16B", "I;16L", "I;16N", "I", "F")  # single-channel images with more than 8 bits
+
+
+def _rgb_from_wide(im: Image.Image, path: str) -> np.ndarray:
+    """A 16-bit grayscale image (PIL mode I;16*, or I holding 0..65535) as 8-bit RGB, scaled by 255/65535; a
+    32-bit integer or float image has no range to scale from and is refused, naming the file and its mode."""
+    values = np.asarray(im, dtype=np.float64)
+    if im.mode == "F" or (im.mode == "I" and values.size and (values.min() < 0 or values.max() > 65535)):
+        raise BadDataFile(f"image {path} is a {'float' if im.mode == 'F' else '32-bit integer'} image (PIL mode "
+                          f"{im.mode}); expected 8-bit or 16-bit RGB or grayscale: convert it to 8-bit first")
+    gray = np.rint(values * (255.0 / 65535.0)).astype(np.uint8)
+    return np.repeat(gray[..., None], 3, axis=2)
 
 
 def read_index_mask(path: str, num_classes: int | None = None) -> np.ndarray:
@@ -459,7 +477,13 @@ def read_class_list(path: str) -> list[str]:
         raise FileNotFoundError(f"class list not found: {path} (one class name per line; line i is class index i, "
                                 "line 0 usually 'background')")
     with open(path) as f:
-        names = [line.strip() for line in f if line.strip()]
+        lines = [line.strip() for line in f]
+    while lines and not lines[-1]:  # blank lines at the end
+        lines.pop()
+    if "" in lines:  # a blank line would shift every later class index by one
+        raise ValueError(f"class list {path}: line {lines.index('') + 1} is blank; line i names class index i, so a "
+                         "blank line would shift the classes after it: remove it, or name the class")
+    names = lines
     if len(names) < 2:
         raise ValueError(f"class list {path} names {len(names)} classes; need at least 2")
     if len(names) > 255:

@@ -77,6 +77,24 @@ def test_output_folders_that_are_files_are_refused(tmp_path, capsys):
         ["--predict", "p", "--checkpoint", "c.pt", "--out", str(tmp_path / "f")], capsys)
 
 
+@pytest.mark.parametrize("command", ["train", "eval-only", "predict"])
+def test_output_folders_that_cannot_be_made_are_refused_before_any_work(tmp_path, capsys, command):
+    """An --out-dir (--out) under a file, or where nothing can be written (/proc), is an argument error before any
+    work (it was a traceback once the data and the model were built)."""
+    (tmp_path / "f").write_text("x")
+    flag = "--out" if command == "predict" else "--out-dir"
+    extra = {"train": [], "eval-only": ["--eval-only", "--checkpoint", "c.pt"],
+             "predict": ["--predict", str(tmp_path), "--checkpoint", "c.pt"]}[command]
+    for folder, problem in ((tmp_path / "f" / "sub", f"{tmp_path / 'f'} is a file, not a folder"),
+                            ("/proc/deeplab_ops_nowhere", "cannot write there")):
+        with pytest.raises(SystemExit) as stop:
+            train_script.main([*extra, flag, str(folder), "--device", "cpu"])
+        assert stop.value.code == 2
+        err = capsys.readouterr().err
+        assert f"{flag} {folder}: " in err and problem in err, err
+        assert not os.path.exists(folder)
+
+
 def test_good_flags_pass_and_unread_flags_warn(capsys):
     args = train_script.parse_args(["--eval-scales", "ms", "--momentum", "0", "--eval-every", "0", "--preview", "0",
                                     "--workers", "0", "--scale-range", "1", "1", "--crop-size", "16"])
@@ -184,13 +202,18 @@ def test_predict_never_overwrites_inputs_and_names_colliding_stems_apart(tmp_pat
     assert sorted(os.listdir(out)) == ["a.png", "b.png", "x.jpg.png", "x.png.png"]
     printed = capsys.readouterr().out
     assert "wrote 4 colour-coded masks" in printed and "2 of them named <file>.png" in printed
-    # A rerun replaces its own masks; a foreign file in the way is refused, and left alone.
+    # A rerun replaces its own masks; a foreign file in the way is refused, and left alone: an RGB PNG, and a
+    # VOC-palette mask not written by --predict (a dataset's ground truth: VOC's SegmentationClass).
     train_script.main(["--predict", str(photos), "--checkpoint", ckpt, "--out", str(out), "--device", "cpu"])
-    Image.fromarray(np.zeros((4, 4, 3), np.uint8)).save(out / "b.png")
-    foreign = (out / "b.png").read_bytes()
-    with pytest.raises(SystemExit, match=r"b\.png exists and is not a mask written by --predict"):
-        train_script.main(["--predict", str(photos), "--checkpoint", ckpt, "--out", str(out), "--device", "cpu"])
-    assert (out / "b.png").read_bytes() == foreign
+    truth = Image.fromarray(np.ones((4, 4), np.uint8), mode="P")
+    truth.putpalette(train_script.palette_bytes())
+    for foreign_image in (Image.fromarray(np.zeros((4, 4, 3), np.uint8)), truth):
+        foreign_image.save(out / "b.png")
+        foreign = (out / "b.png").read_bytes()
+        with pytest.raises(SystemExit, match=r"b\.png exists and is not a mask written by --predict"):
+            train_script.main(["--predict", str(photos), "--checkpoint", ckpt, "--out", str(out), "--device",
+                               "cpu"])
+        assert (out / "b.png").read_bytes() == foreign
     # Class count of an explicitly named dataset.
     with pytest.raises(SystemExit, match="--predict: --checkpoint .* predicts 21 classes, but --dataset folder "
                                          ".* has 3"):
@@ -263,6 +286,17 @@ def test_resume_applies_this_runs_momentum_and_weight_decay(tmp_path):
 def test_bad_environment_is_refused_before_any_work(variable, value, message, capsys, monkeypatch):
     monkeypatch.setenv(variable, value)
     assert message in _parse_error(["--iterations", "1"], capsys)
+
+
+def test_a_backend_forced_by_the_environment_that_cannot_run_on_the_device_is_refused(capsys, monkeypatch):
+    """DEEPLAB_OPS_BACKEND=cuda with --fused-ops on a CPU run: an argument error naming why, before any work (the
+    fused ops refused it at the first step, in a 40-line traceback); an unfused run does not read it."""
+    monkeypatch.setenv("DEEPLAB_OPS_BACKEND", "cuda")
+    err = _parse_error(["--fused-ops", "--device", "cpu"], capsys)
+    assert "DEEPLAB_OPS_BACKEND=cuda cannot run the fused ops on --device cpu (it runs CUDA tensors" in err, err
+    train_script.parse_args(["--device", "cpu"])
+    monkeypatch.setenv("DEEPLAB_OPS_BACKEND", "reference")
+    train_script.parse_args(["--fused-ops", "--device", "cpu"])
 
 
 def test_predict_checks_every_image_before_writing_any_mask(tmp_path, monkeypatch):
@@ -410,3 +444,38 @@ def test_a_bad_mask_met_in_training_or_evaluation_stops_in_one_line(tmp_path, mo
     assert message == (f"train.py: bad mask {bad}: class indices [7] are >= num_classes=3 (and not the ignore label "
                        f"255){kept}")
     assert (out / "last.pt").exists() == (where == "val")
+
+
+def test_ctrl_c_says_what_is_saved_and_how_to_go_on(tmp_path, monkeypatch, capsys):
+    """Ctrl-C while training: no traceback, exit status 130, and the checkpoints kept (with their iterations) and
+    that --resume continues."""
+    monkeypatch.setattr(train_script, "build_model", _tiny_build_model)
+    out = tmp_path / "run"
+    real_fit = loop.fit
+
+    def interrupted(model, train_set, cfg, *args, **kwargs):
+        real_fit(model, train_set, dataclasses.replace(cfg, stop_after=1), *args, **kwargs)
+        raise KeyboardInterrupt
+
+    import dataclasses
+    monkeypatch.setattr(loop, "fit", interrupted)
+    with pytest.raises(SystemExit) as stop:
+        train_script.main(["--crop-size", "32", "--synthetic-train-size", "8", "--synthetic-val-size", "2",
+                           "--batch-size", "2", "--iterations", "4", "--no-tensorboard", "--device", "cpu",
+                           "--out-dir", str(out)])
+    assert stop.value.code == 130
+    err = capsys.readouterr().err
+    assert f"train.py: interrupted; last.pt (iteration 1) in {out}: --resume continues from last.pt" in err, err
+    assert "Traceback" not in err
+
+
+def test_a_folder_with_no_last_checkpoint_is_not_offered_to_resume(tmp_path, capsys):
+    """An --out-dir holding only best.pt (or a preview) of an earlier run: refused, without suggesting --resume
+    (which would find no last.pt)."""
+    out = tmp_path / "run"
+    out.mkdir()
+    (out / "predictions_val.png").write_bytes(b"x")
+    with pytest.raises(SystemExit) as stop:
+        train_script.main(["--out-dir", str(out), "--device", "cpu"])
+    message = capsys.readouterr().err.strip().splitlines()[-1]  # (after the usage, which lists every flag)
+    assert stop.value.code == 2 and "holds an earlier run" in message and "--resume" not in message, message

@@ -384,3 +384,29 @@ def test_folder_empty_images_folder_is_named(tmp_path):
     with pytest.raises(FileNotFoundError, match=f"the images folder {images} holds no images: its 1 entries "
                                                 r"\(e\.g\. 'a\.gif'\) are not image files"):
         datasets.FolderSegmentation(str(root), "train")
+
+
+def test_a_16_bit_image_is_scaled_not_clipped_to_white_and_a_float_image_is_refused(tmp_path):
+    """A 16-bit grayscale PNG (PIL mode I;16) reads as its values scaled to 8 bits (PIL's convert('RGB') clipped
+    every value above 255: a white image, silently); a float image has no range to scale from: refused, naming it."""
+    values = np.array([[0, 257, 32896], [65535, 1000, 60000]], dtype=np.uint16)
+    Image.fromarray(values).save(tmp_path / "deep.png")
+    with Image.open(tmp_path / "deep.png") as im:
+        assert im.mode.startswith("I")
+    image = datasets.read_image(str(tmp_path / "deep.png"))
+    assert image.shape == (2, 3, 3) and image.dtype == np.uint8
+    np.testing.assert_array_equal(image[..., 0], np.rint(values / 257.0).astype(np.uint8))
+    assert (image[..., 0] == image[..., 2]).all()
+    Image.fromarray(np.full((2, 2), 0.5, np.float32)).save(tmp_path / "f.tif")
+    with pytest.raises(datasets.BadDataFile, match=r"f\.tif is a float image \(PIL mode F\)"):
+        datasets.read_image(str(tmp_path / "f.tif"))
+
+
+def test_a_blank_line_inside_the_class_list_is_refused_naming_it(tmp_path):
+    """Line i names class index i: a blank line would shift every later class (it was dropped, silently); blank
+    lines at the end are fine."""
+    (tmp_path / "c.txt").write_text("background\n\ncat\ndog\n")
+    with pytest.raises(ValueError, match=r"c\.txt: line 2 is blank"):
+        datasets.read_class_list(str(tmp_path / "c.txt"))
+    (tmp_path / "d.txt").write_text("background\ncat\n\n\n")
+    assert datasets.read_class_list(str(tmp_path / "d.txt")) == ["background", "cat"]

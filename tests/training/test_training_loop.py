@@ -162,6 +162,19 @@ def test_freeze_bn_keeps_statistics_and_allows_batch_1():
         assert not model.stem[1].training and model.cls.training
 
 
+def test_a_saved_checkpoint_gets_the_mode_of_any_new_file(tmp_path):
+    """atomic_save writes a temp file (mkstemp: mode 0600) and renames it: the checkpoint gets the umask's mode, as
+    metrics.json does, not 0600 (others in a shared folder could not read it)."""
+    mask = os.umask(0o022)
+    try:
+        ckpt_io.atomic_save({"w": torch.ones(1)}, str(tmp_path / "c.pt"))
+        with open(tmp_path / "plain.txt", "w") as f:
+            f.write("x")
+    finally:
+        os.umask(mask)
+    assert (os.stat(tmp_path / "c.pt").st_mode & 0o777) == (os.stat(tmp_path / "plain.txt").st_mode & 0o777)
+
+
 def test_atomic_save_leaves_old_file_on_failure(tmp_path):
     path = str(tmp_path / "ckpt.pt")
     ckpt_io.atomic_save({"model": {"w": torch.ones(2)}}, path)
