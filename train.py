@@ -705,10 +705,12 @@ def check_out_dir(args, error) -> None:
     it (its saves would replace that run's); --overwrite with --resume from --out-dir itself is a contradiction."""
     writes = ("--out", args.out or "predictions") if args.predict else ("--out-dir", args.out_dir) \
         if args.eval_only else ("--out-dir", args.out_dir or os.path.join("runs", args.dataset or "synthetic"))
-    if writes[1]:
-        problem = ckpt_io.folder_problem(writes[1])
-        if problem:
-            error(f"{writes[0]} {writes[1]}: {problem}")
+    problem = ckpt_io.unwritable_folder(writes[1]) if writes[1] else None
+    if problem:
+        where, why = problem
+        error(f"{writes[0]} {writes[1]}: cannot create the folder: {where} {why}" if why == ckpt_io.NOT_A_FOLDER else
+              f"{writes[0]} {writes[1]}: cannot write there" + ("" if where == os.path.abspath(writes[1]) else
+                                                                 f" (in {where})") + f": {why}")
     if args.predict or args.eval_only:
         return
     out_dir = args.out_dir or os.path.join("runs", args.dataset or "synthetic")

@@ -23,7 +23,6 @@ import platform
 import re
 import subprocess
 import sys
-import tempfile
 import time
 import traceback
 from collections.abc import Callable, Iterable, Sequence
@@ -1033,23 +1032,16 @@ def out_folder(text: str) -> str:
     if os.path.exists(text) and not os.path.isdir(text):
         raise argparse.ArgumentTypeError(f"{text} exists and is not a folder (the results folder, created if "
                                          "missing)")
-    where = text
-    if not os.path.isdir(text):
-        where = os.path.dirname(os.path.abspath(text))
-        while not os.path.exists(where):
-            where = os.path.dirname(where)
-        if not os.path.isdir(where):
-            raise argparse.ArgumentTypeError(f"cannot create the results folder {text}: {where} is a file, not a "
-                                             "folder")
-    try:
-        with tempfile.TemporaryFile(dir=where):
-            pass
-    except OSError as e:
-        if where == text:
-            raise argparse.ArgumentTypeError(f"cannot write in the results folder {text}: {e.strerror or e}") \
-                from None
-        raise argparse.ArgumentTypeError(f"cannot create the results folder {text} (in {where}): "
-                                         f"{e.strerror or e}") from None
+    from training.checkpoint import NOT_A_FOLDER, unwritable_folder
+
+    problem = unwritable_folder(text)
+    if problem is not None:
+        where, why = problem
+        if why == NOT_A_FOLDER:
+            raise argparse.ArgumentTypeError(f"cannot create the results folder {text}: {where} {why}")
+        if where == os.path.abspath(text):
+            raise argparse.ArgumentTypeError(f"cannot write in the results folder {text}: {why}")
+        raise argparse.ArgumentTypeError(f"cannot create the results folder {text} (in {where}): {why}")
     return text
 
 

@@ -52,25 +52,23 @@ def atomic_save(obj, path: str) -> None:
     atomic_write(path, lambda f: torch.save(obj, f))
 
 
-def folder_problem(path: str) -> str | None:
-    """Why the folder `path` cannot be created or written in (None when it can), without creating it: a part of it
-    that is a file, or the nearest existing folder not writable."""
-    path = os.path.abspath(path)
-    probe = path
-    while not os.path.exists(probe):
-        parent = os.path.dirname(probe)
-        if parent == probe:
-            break
-        probe = parent
+NOT_A_FOLDER = "is a file, not a folder"  # unwritable_folder's reason when a part of the path is a file
+
+
+def unwritable_folder(path: str) -> tuple[str, str] | None:
+    """Why the folder `path` cannot be created or written in, without creating it: (the nearest existing path: the
+    folder itself or an ancestor, the reason: "is a file, not a folder" or the OS error), or None when it can. A file
+    is created there and removed (access() says yes to root on a read-only or virtual file system)."""
+    probe = os.path.abspath(path)
+    while not os.path.exists(probe) and os.path.dirname(probe) != probe:
+        probe = os.path.dirname(probe)
     if not os.path.isdir(probe):
-        return f"cannot create the folder: {probe} is a file, not a folder"
-    try:  # a file created and removed: access() says yes to root on a read-only or virtual file system
-        fd, tmp = tempfile.mkstemp(prefix=".deeplab_ops_probe.", dir=probe)
-        os.close(fd)
-        os.unlink(tmp)
+        return probe, NOT_A_FOLDER
+    try:
+        with tempfile.TemporaryFile(dir=probe):
+            pass
     except OSError as e:
-        where = "" if probe == path else f" (in {probe})"
-        return f"cannot write there{where}: {e.strerror or e}"
+        return probe, str(e.strerror or e)
     return None
 
 
