@@ -157,8 +157,10 @@ TORCH_LIBRARY(deeplab_ops, m) {
   // F.cross_entropy(F.interpolate(logits, target.shape[-2:], mode="bilinear", align_corners), target,
   // ignore_index, reduction) without materializing the (N, K, H, W) upsampled logits. logits (N, K, h, w),
   // target (N, H, W) int64, reduction "none" | "mean" | "sum". Returns the loss (logits' dtype; (N, H, W) for
-  // "none", else 0-d), the per-pixel logsumexp (N, H, W) and the count of non-ignored pixels (0-d), both in the
-  // opmath dtype, which the backward uses. Labels outside [0, K) other than ignore_index: an error on CPU, NaN
+  // "none", else 0-d), the per-pixel logsumexp as its two parts, lse (2, N, H, W): lse[0] the maximum over classes
+  // of the upsampled logits, lse[1] the log of the sum of exp(z - maximum) (so that the backward's z - logsumexp is
+  // as exact as log_softmax's, whatever the logits' magnitude), and the count of non-ignored pixels (0-d), both in
+  // the opmath dtype, which the backward uses. Labels outside [0, K) other than ignore_index: an error on CPU, NaN
   // loss/gradient at those pixels on CUDA (no device-side check).
   DLO_DEF_WITH_TRITON_TWIN(
       "upsample_cross_entropy_forward",

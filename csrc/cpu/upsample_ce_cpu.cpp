@@ -212,8 +212,9 @@ void row_logsumexp(const acc_t* __restrict z, int64_t k, int64_t W, acc_t* __res
 // One output row's dz = g * (softmax(z) - onehot), class by class, added y-weighted into the block rows v0
 // (weight wy0) and v1 (wy1) the row reads (nullptr: outside the task's block). dz overwrites z; s is scratch (W).
 // Ignored pixels (label < 0 here) add nothing, whatever their logits. softmax = exp(z - l) / sum_c exp(z_c - l):
-// l is the forward's logsumexp as stored, in the logits' dtype, so for float32 it is off by up to |lse| * 2^-24;
-// an exp(z - l) alone would carry that error into every probability (6e-5 at logits ~1e3), the sum divides it out.
+// l is the forward's logsumexp rebuilt from its two stored parts (max and log-sum, each in the logits' dtype), so
+// for float32 it is off by up to |max| * 2^-24; an exp(z - l) alone would carry that error into every probability
+// (6e-5 at logits ~1e3), the sum divides it out.
 template <typename acc_t, typename opmath_t>
 void softmax_grad_row(acc_t* __restrict z, const acc_t* __restrict l, const acc_t* __restrict g,
                       const int64_t* __restrict label, int64_t k, int64_t W, acc_t wy0, acc_t* __restrict v0,
@@ -266,7 +267,9 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> upsample_cross_entropy_forward_cp
   const int64_t n = logits.size(0), k = logits.size(1), h = logits.size(2), w = logits.size(3);
   const int64_t H = target.size(1), W = target.size(2);
   const auto opmath = logits.scalar_type();  // float32 or float64: its own opmath type
-  at::Tensor lse = at::empty({n, H, W}, logits.options().dtype(opmath));
+  // The logsumexp as its two parts (the op's contract, csrc/ops.cpp): lse[0] the maximum, lse[1] the log-sum.
+  at::Tensor lse = at::empty({2, n, H, W}, logits.options().dtype(opmath));
+  const int64_t plane = n * H * W;
   at::Tensor loss = reduction == Reduction::kNone ? at::empty({n, H, W}, logits.options()) : at::Tensor();
   at::Tensor valid_count = at::empty({}, logits.options().dtype(opmath));
   at::Tensor total;
@@ -297,7 +300,8 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> upsample_cross_entropy_forward_cp
         for (int64_t ox = 0; ox < W; ++ox) {
           const int64_t pix = row * W + ox;
           const int64_t label = t[pix];
-          lse_p[pix] = static_cast<scalar_t>(l[ox]);
+          lse_p[pix] = static_cast<scalar_t>(m[ox]);
+          lse_p[plane + pix] = static_cast<scalar_t>(std::log(s[ox]));
           acc_t px = 0;
           if (label != ignore_index) {
             if (label < 0 || label >= k) {
@@ -347,8 +351,10 @@ at::Tensor upsample_cross_entropy_backward_cpu(const at::Tensor& grad_, const at
   const at::Tensor target = target_.contiguous();
   const int64_t n = logits.size(0), k = logits.size(1), h = logits.size(2), w = logits.size(3);
   const int64_t H = target.size(1), W = target.size(2);
-  TORCH_CHECK(lse_.sizes() == target.sizes(), "deeplab_ops.upsample_cross_entropy: lse must have shape ",
-              target.sizes(), " (like target), got ", lse_.sizes());
+  TORCH_CHECK(lse_.dim() == 4 && lse_.size(0) == 2 && lse_.sizes().slice(1) == target.sizes(),
+              "deeplab_ops.upsample_cross_entropy: lse must have shape (2, ", n, ", ", H, ", ", W,
+              ") (the forward's max and log-sum planes), got ", lse_.sizes());
+  const int64_t plane = n * H * W;
   if (reduction == Reduction::kNone) {
     TORCH_CHECK(grad_.sizes() == target.sizes(), "deeplab_ops.upsample_cross_entropy: grad must have shape ",
                 target.sizes(), " for reduction='none', got ", grad_.sizes());
@@ -417,7 +423,7 @@ at::Tensor upsample_cross_entropy_backward_cpu(const at::Tensor& grad_, const at
                               ") or ignore_index=", ignore_index);
             label[ox] = lab;
             g[ox] = g_p ? static_cast<acc_t>(g_p[row_pix + ox]) : g_all;
-            l[ox] = static_cast<acc_t>(lse_p[row_pix + ox]);
+            l[ox] = static_cast<acc_t>(lse_p[row_pix + ox]) + static_cast<acc_t>(lse_p[plane + row_pix + ox]);
             any = true;
           }
           if (!any) continue;

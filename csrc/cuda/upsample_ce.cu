@@ -3,11 +3,12 @@
 // (deeplab_ops/triton/upsample_ce.py has the math).
 //
 //   forward   one thread per output pixel: interpolates its K logits from the 4 low-res neighbours, one-pass
-//             logsumexp (one exp per class), the target logit; stores the per-pixel logsumexp (opmath) and the
+//             logsumexp (one exp per class), the target logit; stores the per-pixel logsumexp as its maximum and
+//             log-sum (two opmath planes, so that z - logsumexp is as exact as log_softmax's) and the
 //             per-pixel loss ("none") or one (sum, count) partial per block, merged on the host in block
 //             order (deterministic).
 //   backward  gather form, one thread per low-res element (n, k, i, j), j fastest so that a warp shares its
-//             output rows: sums wy * wx * g * (exp(z_k - lse) - [k == t]) over the output pixels whose stencil
+//             output rows: sums wy * wx * g * (exp((z_k - max) - logsum) - [k == t]) over the output pixels whose stencil
 //             reads (i, j), recomputing z_k there. Every output element has one writer: no atomics (which at
 //             upsampling factor s would put ~(2s)^2 pixels on each address), bitwise reproducible; the cost
 //             is ~4x the forward's interpolation work, reading cache-resident low-res logits.
@@ -119,7 +120,7 @@ __global__ void __launch_bounds__(kThreads)
     uce_forward_kernel(const scalar_t* __restrict__ x, const int64_t* __restrict__ target,
                        const int32_t* __restrict__ yidx, const opmath_t* __restrict__ yw,
                        const int32_t* __restrict__ xidx, const opmath_t* __restrict__ xw,
-                       opmath_t* __restrict__ lse_out, scalar_t* __restrict__ loss_out,
+                       opmath_t* __restrict__ max_out, opmath_t* __restrict__ logs_out, scalar_t* __restrict__ loss_out,
                        opmath_t* __restrict__ psum, int32_t* __restrict__ pcnt, int P, int K, int h, int w, int H,
                        int W, int64_t ignore_index) {
   const int p = blockIdx.x * kThreads + threadIdx.x;
@@ -145,11 +146,13 @@ __global__ void __launch_bounds__(kThreads)
         s += ::exp(z - m);  // also propagates NaN logits into s
       }
     }
-    const opmath_t lse = m + ::log(s);
-    lse_out[p] = lse;
+    const opmath_t log_s = ::log(s);
+    max_out[p] = m;
+    logs_out[p] = log_s;
     if (t != ignore_index) {
       valid = 1;
-      loss = (t < 0 || t >= K) ? std::numeric_limits<opmath_t>::quiet_NaN() : lse - zt;
+      // (m - zt) + log s: the rounding of m + log s (up to |m| * 2^-24 in float) never enters.
+      loss = (t < 0 || t >= K) ? std::numeric_limits<opmath_t>::quiet_NaN() : (m - zt) + log_s;
     }
     if (loss_out != nullptr) loss_out[p] = static_cast<scalar_t>(loss);
   }
@@ -176,7 +179,8 @@ __global__ void __launch_bounds__(kThreads)
 template <typename scalar_t, typename opmath_t>
 __global__ void __launch_bounds__(kThreads)
     uce_backward_kernel(const scalar_t* __restrict__ x, const int64_t* __restrict__ target,
-                        const opmath_t* __restrict__ lse, const opmath_t* __restrict__ grad, bool per_pixel,
+                        const opmath_t* __restrict__ max_in, const opmath_t* __restrict__ logs_in,
+                        const opmath_t* __restrict__ grad, bool per_pixel,
                         const int32_t* __restrict__ yidx, const opmath_t* __restrict__ yw,
                         const int32_t* __restrict__ xidx, const opmath_t* __restrict__ xw,
                         scalar_t* __restrict__ dx, int total, int K, int h, int w, int H, int W,
@@ -208,7 +212,8 @@ __global__ void __launch_bounds__(kThreads)
       if (t < 0 || t >= K) g = std::numeric_limits<opmath_t>::quiet_NaN();
       const opmath_t z = interp<scalar_t, opmath_t>(plane, y0 * w + x0, y0 * w + x1, y1 * w + x0, y1 * w + x1,
                                                     ly0, ly1, lx0, lx1);
-      const opmath_t d = ::exp(z - lse[pix]) - (t == k ? opmath_t(1) : opmath_t(0));
+      // (z - max) - log-sum: exact near the maximum (Sterbenz), as PyTorch's log_softmax.
+      const opmath_t d = ::exp((z - max_in[pix]) - logs_in[pix]) - (t == k ? opmath_t(1) : opmath_t(0));
       acc += wy * wx * g * d;
     }
   }
@@ -231,7 +236,8 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> upsample_cross_entropy_forward_cu
   const int64_t P = n * H * W;
   const int64_t blocks = (P + kThreads - 1) / kThreads;
   const bool per_pixel = reduction == Reduction::kNone;
-  at::Tensor lse = at::empty({n, H, W}, logits.options().dtype(opmath));
+  // The logsumexp as its two parts (the op's contract, csrc/ops.cpp): lse[0] the maximum, lse[1] the log-sum.
+  at::Tensor lse = at::empty({2, n, H, W}, logits.options().dtype(opmath));
   at::Tensor loss = per_pixel ? at::empty({n, H, W}, logits.options()) : at::Tensor();
   at::Tensor psum = at::zeros({per_pixel ? 0 : blocks}, logits.options().dtype(opmath));
   at::Tensor pcnt = at::zeros({per_pixel ? 0 : blocks}, logits.options().dtype(at::kInt));
@@ -244,7 +250,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> upsample_cross_entropy_forward_cu
     uce_forward_kernel<scalar_t, opmath_t><<<blocks, kThreads, 0, c10::cuda::getCurrentCUDAStream()>>>(
         logits.const_data_ptr<scalar_t>(), target.const_data_ptr<int64_t>(), ys.idx.const_data_ptr<int32_t>(),
         ys.weight.const_data_ptr<opmath_t>(), xs.idx.const_data_ptr<int32_t>(), xs.weight.const_data_ptr<opmath_t>(),
-        lse.data_ptr<opmath_t>(), per_pixel ? loss.data_ptr<scalar_t>() : nullptr,
+        lse.data_ptr<opmath_t>(), lse.data_ptr<opmath_t>() + P, per_pixel ? loss.data_ptr<scalar_t>() : nullptr,
         per_pixel ? nullptr : psum.data_ptr<opmath_t>(), per_pixel ? nullptr : pcnt.data_ptr<int32_t>(),
         static_cast<int>(P), static_cast<int>(k), static_cast<int>(h), static_cast<int>(w), static_cast<int>(H),
         static_cast<int>(W), ignore_index);
@@ -272,8 +278,9 @@ at::Tensor upsample_cross_entropy_backward_cuda(const at::Tensor& grad_, const a
   const at::Tensor target = target_.contiguous();
   const int64_t n = logits.size(0), k = logits.size(1), h = logits.size(2), w = logits.size(3);
   const int64_t H = target.size(1), W = target.size(2);
-  TORCH_CHECK(lse_.sizes() == target.sizes(), "deeplab_ops.upsample_cross_entropy: lse must have shape ",
-              target.sizes(), " (like target), got ", lse_.sizes());
+  TORCH_CHECK(lse_.dim() == 4 && lse_.size(0) == 2 && lse_.sizes().slice(1) == target.sizes(),
+              "deeplab_ops.upsample_cross_entropy: lse must have shape (2, ", n, ", ", H, ", ", W,
+              ") (the forward's max and log-sum planes), got ", lse_.sizes());
   const bool per_pixel = reduction == Reduction::kNone;
   if (per_pixel) {
     TORCH_CHECK(grad_.sizes() == target.sizes(), "deeplab_ops.upsample_cross_entropy: grad must have shape ",
@@ -298,7 +305,7 @@ at::Tensor upsample_cross_entropy_backward_cuda(const at::Tensor& grad_, const a
     const int64_t blocks = (total + kThreads - 1) / kThreads;
     uce_backward_kernel<scalar_t, opmath_t><<<blocks, kThreads, 0, c10::cuda::getCurrentCUDAStream()>>>(
         logits.const_data_ptr<scalar_t>(), target.const_data_ptr<int64_t>(), lse.const_data_ptr<opmath_t>(),
-        grad.const_data_ptr<opmath_t>(), per_pixel, ys.idx.const_data_ptr<int32_t>(),
+        lse.const_data_ptr<opmath_t>() + n * H * W, grad.const_data_ptr<opmath_t>(), per_pixel, ys.idx.const_data_ptr<int32_t>(),
         ys.weight.const_data_ptr<opmath_t>(), xs.idx.const_data_ptr<int32_t>(), xs.weight.const_data_ptr<opmath_t>(),
         dx.data_ptr<scalar_t>(), static_cast<int>(total), static_cast<int>(k), static_cast<int>(h),
         static_cast<int>(w), static_cast<int>(H), static_cast<int>(W), ignore_index);

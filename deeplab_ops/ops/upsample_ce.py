@@ -109,7 +109,7 @@ def _direct_forward(logits, target, ignore_index, align_corners, reduction):
 def _direct_backward(grad, logits, target, lse, valid_count, ignore_index, align_corners, reduction):
     check_args(logits, target, ignore_index, align_corners, reduction)
     loss_shape = tuple(target.shape) if reduction == "none" else ()
-    for name, t, shape in (("grad", grad, loss_shape), ("lse", lse, tuple(target.shape)),
+    for name, t, shape in (("grad", grad, loss_shape), ("lse", lse, (2, *target.shape)),
                            ("valid_count", valid_count, ())):
         if not isinstance(t, torch.Tensor) or t.shape != shape:
             got = tuple(t.shape) if isinstance(t, torch.Tensor) else type(t).__name__
@@ -129,7 +129,7 @@ def _forward_fake(logits, target, ignore_index, align_corners, reduction):
     n, big_h, big_w = target.shape
     acc = opmath_dtype(logits.dtype)
     loss_shape = (n, big_h, big_w) if reduction == "none" else ()
-    return (logits.new_empty(loss_shape), logits.new_empty((n, big_h, big_w), dtype=acc),
+    return (logits.new_empty(loss_shape), logits.new_empty((2, n, big_h, big_w), dtype=acc),
             logits.new_empty((), dtype=acc))
 
 
@@ -159,7 +159,8 @@ class _UpsampleCrossEntropy(torch.autograd.Function):
         _, lse, count = result
         ctx.mark_non_differentiable(lse, count)
         ctx.set_materialize_grads(False)
-        # Saved: the low-res logits, the labels and the per-pixel logsumexp; never the upsampled logits.
+        # Saved: the low-res logits, the labels and the per-pixel logsumexp (its max and log-sum, (2, N, H, W));
+        # never the upsampled logits.
         ctx.save_for_backward(logits, target, lse, count)
         ctx.conf = (prefix, ignore_index, align_corners, reduction)
         return result

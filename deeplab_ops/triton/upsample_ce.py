@@ -1,5 +1,7 @@
 """Cross-entropy of bilinearly upsampled logits without materializing the upsampled (N, K, H, W) tensor: the
-forward kernel interpolates on the fly with an online logsumexp and saves only the per-pixel logsumexp; the
+forward kernel interpolates on the fly with an online logsumexp and saves only the per-pixel logsumexp, as its two
+parts (the maximum and the log of the rescaled sum, so that the backward's z - logsumexp is as exact as PyTorch's
+log_softmax, whatever the logits' magnitude); the
 backward kernel gathers, for each low-res position and class block, the contributions of every high-res pixel
 whose stencil touches it (no atomics, reproducible). Stencil tables are built once per configuration and cached
 on the device. The math and the trade-offs: docs/kernels.md.
@@ -81,8 +83,9 @@ def _uce_fwd_kernel(
     x_ptr, t_ptr,
     # stencil tables: rows (H,), columns (W,)
     y0_ptr, y1_ptr, ly0_ptr, ly1_ptr, x0_ptr, x1_ptr, lx0_ptr, lx1_ptr,
-    # outputs: logsumexp (N, H, W) opmath; per-pixel loss (N, H, W) opmath or per-program partials (grid,)
-    lse_ptr, loss_ptr, psum_ptr, pcnt_ptr,
+    # outputs: logsumexp parts (2, N, H, W) opmath (max; log of the sum); per-pixel loss (N, H, W) opmath or
+    # per-program partials (grid,)
+    max_ptr, logs_ptr, loss_ptr, psum_ptr, pcnt_ptr,
     P, K, h, w, H, W, ignore_index,
     PER_PIXEL: tl.constexpr, ACC: tl.constexpr, BLOCK_P: tl.constexpr, BLOCK_K: tl.constexpr,
 ):
@@ -119,12 +122,14 @@ def _uce_fwd_kernel(
         m_new = tl.maximum(m, tl.max(z, 1))
         s = s * tl.exp(m - m_new) + tl.sum(tl.exp(z - m_new[:, None]), 1)
         m = m_new
-    lse = m + tl.log(s)
+    log_s = tl.log(s)
     # A label outside [0, K) (other than ignore_index) gives NaN: no device-side assert, no out-of-range read.
     bad = valid & ((t < 0) | (t >= K))
-    loss = tl.where(bad, float("nan"), lse - zt)
+    # (m - zt) + log s, not (m + log s) - zt: the rounding of m + log s (up to |m| * 2^-24 in float32) never enters.
+    loss = tl.where(bad, float("nan"), (m - zt) + log_s)
     loss = tl.where(valid, loss, 0.0)
-    tl.store(lse_ptr + p, lse, mask=pm)
+    tl.store(max_ptr + p, m, mask=pm)
+    tl.store(logs_ptr + p, log_s, mask=pm)
     if PER_PIXEL:
         tl.store(loss_ptr + p, loss, mask=pm)
     else:
@@ -134,8 +139,8 @@ def _uce_fwd_kernel(
 
 @triton.jit
 def _uce_bwd_kernel(
-    # logits (N, K, h, w) contiguous; target (N, H, W) int64; saved logsumexp (N, H, W) opmath
-    x_ptr, t_ptr, lse_ptr,
+    # logits (N, K, h, w) contiguous; target (N, H, W) int64; saved logsumexp parts (2, N, H, W) opmath
+    x_ptr, t_ptr, max_ptr, logs_ptr,
     # dL/dloss: (N, H, W) when PER_PIXEL, else a 0-d opmath tensor (grad, or grad / count for "mean")
     g_ptr,
     # output: dlogits (N, K, h, w) contiguous
@@ -191,7 +196,8 @@ def _uce_bwd_kernel(
             pix = n * (H * W) + oy * W + ox
             t = tl.load(t_ptr + pix, mask=pm, other=ignore_index)
             valid = pm & (t != ignore_index)
-            lse = tl.load(lse_ptr + pix, mask=valid, other=0.0)
+            m = tl.load(max_ptr + pix, mask=valid, other=0.0)
+            log_s = tl.load(logs_ptr + pix, mask=valid, other=0.0)
             if PER_PIXEL:
                 g = tl.load(g_ptr + pix, mask=valid, other=0.0).to(ACC)
             else:
@@ -201,7 +207,8 @@ def _uce_bwd_kernel(
             mask = valid[:, None] & km[None, :]
             z = _interp(x_ptr, base, kk, hw, iy0 * w + ix0, iy0 * w + ix1, iy1 * w + ix0, iy1 * w + ix1,
                         ly0, ly1, lx0, lx1, mask, ACC)
-            prob = tl.exp(z - lse[:, None])
+            # (z - m) - log s: exact near the maximum (Sterbenz), as PyTorch's log_softmax.
+            prob = tl.exp((z - m[:, None]) - log_s[:, None])
             onehot = tl.where(kk[None, :] == t[:, None], 1.0, 0.0)
             acc += (wgt * g)[:, None] * (prob - onehot)
     res = tl.sum(tl.reshape(acc, (BLOCK_Q, BLOCK_X, BLOCK_K)), 1)
@@ -253,7 +260,8 @@ def _tables(logits: torch.Tensor, out_h: int, out_w: int, align_corners: bool):
 
 
 def forward(logits, target, ignore_index: int, align_corners: bool, reduction: str):
-    """(loss, lse, valid_count): the op's contract (csrc/ops.cpp)."""
+    """(loss, lse, valid_count): the op's contract (csrc/ops.cpp); lse is (2, N, H, W): the maximum and the log
+    of the rescaled sum."""
     if reduction not in REDUCTIONS:
         raise ValueError(f"reduction={reduction!r}; expected one of {REDUCTIONS}")
     logits = logits.contiguous()
@@ -262,7 +270,7 @@ def forward(logits, target, ignore_index: int, align_corners: bool, reduction: s
     big_h, big_w = target.shape[1:]
     acc, tl_acc = _acc(logits.dtype)
     p = n * big_h * big_w
-    lse = torch.empty((n, big_h, big_w), dtype=acc, device=logits.device)
+    lse = torch.empty((2, n, big_h, big_w), dtype=acc, device=logits.device)
     per_pixel = reduction == "none"
     # interpreter: fewer, larger numpy ops
     block_p, block_k, warps = (512, _block_k(k), 4) if interpreter_active() else fwd_config(k)
@@ -273,7 +281,7 @@ def forward(logits, target, ignore_index: int, align_corners: bool, reduction: s
     if p > 0:
         (y0, y1, ly0, ly1, _, _, _), (x0, x1, lx0, lx1, _, _, _) = _tables(logits, big_h, big_w, align_corners)
         launch_kernel(_uce_fwd_kernel, (grid,),
-            logits, target, y0, y1, ly0, ly1, x0, x1, lx0, lx1, lse, loss_px, psum, pcnt,
+            logits, target, y0, y1, ly0, ly1, x0, x1, lx0, lx1, lse[0], lse[1], loss_px, psum, pcnt,
             p, k, h, w, big_h, big_w, ignore_index,
             PER_PIXEL=per_pixel, ACC=tl_acc, BLOCK_P=block_p, BLOCK_K=block_k, num_warps=warps,
         )
@@ -281,7 +289,7 @@ def forward(logits, target, ignore_index: int, align_corners: bool, reduction: s
         count = (target != ignore_index).sum().to(acc)
         return loss_px.to(logits.dtype), lse, count
     count = pcnt.sum().to(acc)
-    total = psum.sum()
+    total = psum.sum(dtype=torch.float64)  # the partials merged in double, as the cuda backend does
     loss = total / count if reduction == "mean" else total
     return loss.to(logits.dtype), lse, count
 
@@ -317,7 +325,7 @@ def backward(grad, logits, target, lse, count, ignore_index: int, align_corners:
         block_q, block_x, block_k, warps = bwd_config(k, span_x)
     grid = (cdiv(q, block_q), cdiv(k, block_k))
     launch_kernel(_uce_bwd_kernel, grid,
-        logits, target, lse, g, dx,
+        logits, target, lse[0], lse[1], g, dx,
         y0, y1, ly0, ly1, x0, x1, lx0, lx1, ys, ye, xs, xe,
         q, k, h, w, big_h, big_w, ignore_index, span_y, span_x,
         PER_PIXEL=per_pixel, ACC=tl_acc, BLOCK_Q=block_q, BLOCK_X=block_x, BLOCK_K=block_k, num_warps=warps,

@@ -253,6 +253,44 @@ def test_cpu_float32_gradient_as_accurate_as_eager_at_large_logits():
         assert err_ours <= max(2 * err_eager, 1e-6), (scale, err_ours, err_eager)
 
 
+@pytest.mark.parametrize("backend", ["cpu", backend_param("triton"), backend_param("cuda")])
+@pytest.mark.parametrize("shift", [0.0, 100.0, 1000.0, 3000.0])
+def test_large_logits_as_exact_as_eager(backend, shift):
+    # Confident pixels at large logits: the target's gradient is p - 1 with 1 - p ~ 7e-3. A logsumexp saved as one
+    # rounded float32 (m + log s, |m| * 2^-24 off) put that error into every probability: 4e-3 relative on those
+    # gradients at logits ~1e3, 100x eager's. Saved as its two parts, (z - m) - log s is exact near the maximum, as
+    # log_softmax is. align_corners with the same size: the interpolation is the identity, so the logsumexp is the
+    # only rounding that differs from eager's. Truth: float64 on the same float32 logits.
+    torch.manual_seed(0)
+    n, k, h, w = 2, 21, 13, 17
+    target = torch.randint(0, k, (n, h, w))
+    x = torch.randn(n, k, h, w) + shift
+    x.scatter_(1, target[:, None], 8 + shift)
+
+    def run(fn, logits, tgt):
+        logits = logits.clone().requires_grad_()
+        loss = fn(logits, tgt)
+        loss.backward(torch.ones_like(loss))
+        return loss.detach().double().cpu(), logits.grad.double().cpu()
+
+    def eager(logits, tgt):
+        up = torch.nn.functional.interpolate(logits, size=(h, w), mode="bilinear", align_corners=True)
+        return torch.nn.functional.cross_entropy(up, tgt, reduction="none")
+
+    def ours(logits, tgt):
+        return deeplab_ops.upsample_cross_entropy(logits, tgt, align_corners=True, reduction="none", backend=backend)
+
+    def rel(got, want):
+        return ((got - want).abs() / want.abs().clamp_min(1e-30)).max().item()
+
+    loss64, grad64 = run(eager, x.double(), target)
+    loss_e, grad_e = run(eager, x, target)
+    device = device_for(backend)
+    loss_o, grad_o = run(ours, x.to(device), target.to(device))
+    assert rel(loss_o, loss64) <= 3 * rel(loss_e, loss64) + 1e-6, (rel(loss_o, loss64), rel(loss_e, loss64))
+    assert rel(grad_o, grad64) <= 3 * rel(grad_e, grad64) + 1e-6, (rel(grad_o, grad64), rel(grad_e, grad64))
+
+
 def test_reference_backend_under_torch_func_and_vmap():
     # The errors of the fused backends under torch.func say: backend='reference' there. Its label scan read the
     # target's memory (numpy), which a transform's tensors do not have.
@@ -452,13 +490,13 @@ def _saved_bytes(fn):
 @pytest.mark.parametrize("backend", FUSED)
 def test_saves_no_upsampled_tensor(backend):
     # What autograd keeps between forward and backward: the low-res logits, the labels, the per-pixel
-    # logsumexp (N, H, W) and a count; the reference keeps (N, K, H, W) tensors (the upsampled logits and
-    # its log-softmax). Proves the saved set only, not the peak (see test_peak_allocation_cpu).
+    # logsumexp as its max and log-sum (2, N, H, W) and a count; the reference keeps (N, K, H, W) tensors (the
+    # upsampled logits and its log-softmax). Proves the saved set only, not the peak (see test_peak_allocation_cpu).
     n, k, h, w, big_h, big_w = case = (2, 21, 4, 4, 32, 32)
     logits, target = make_inputs(case, dtype=torch.float32, device=device_for(backend))
     upsampled = n * k * big_h * big_w * 4
     out, ours = _saved_bytes(lambda: deeplab_ops.upsample_cross_entropy(logits, target, backend=backend))
-    expected = logits.numel() * 4 + target.numel() * 8 + n * big_h * big_w * 4 + 4
+    expected = logits.numel() * 4 + target.numel() * 8 + 2 * n * big_h * big_w * 4 + 4
     assert ours == expected, f"saved {ours} bytes, expected {expected} (logits + target + lse + count)"
     assert ours < upsampled, f"saved {ours} bytes >= one upsampled tensor ({upsampled} bytes)"
     _, ref = _saved_bytes(lambda: reference.upsample_cross_entropy(logits, target))
@@ -508,10 +546,11 @@ for dt, arch in (("fp16", 90), ("fp32", 80), ("bf16", 90), ("fp64", 80)):
     tables = dict(y0_ptr="i32", y1_ptr="i32", x0_ptr="i32", x1_ptr="i32", ly0_ptr=st, ly1_ptr=st, lx0_ptr=st,
                   lx1_ptr=st)
     for per_pixel in (True, False):
-        build(U._uce_fwd_kernel, dict(x_ptr=dt, t_ptr="i64", lse_ptr=st, loss_ptr=st, psum_ptr=st, pcnt_ptr="i32",
-              **tables), dict(PER_PIXEL=per_pixel, ACC=acc, BLOCK_P=block_p, BLOCK_K=fwd_k), arch, fwd_warps)
-        build(U._uce_bwd_kernel, dict(x_ptr=dt, t_ptr="i64", lse_ptr=st, g_ptr=st, dx_ptr=dt, ys_ptr="i32",
-              ye_ptr="i32", xs_ptr="i32", xe_ptr="i32", **tables),
+        build(U._uce_fwd_kernel, dict(x_ptr=dt, t_ptr="i64", max_ptr=st, logs_ptr=st, loss_ptr=st, psum_ptr=st,
+              pcnt_ptr="i32", **tables), dict(PER_PIXEL=per_pixel, ACC=acc, BLOCK_P=block_p, BLOCK_K=fwd_k),
+              arch, fwd_warps)
+        build(U._uce_bwd_kernel, dict(x_ptr=dt, t_ptr="i64", max_ptr=st, logs_ptr=st, g_ptr=st, dx_ptr=dt,
+              ys_ptr="i32", ye_ptr="i32", xs_ptr="i32", xe_ptr="i32", **tables),
               dict(PER_PIXEL=per_pixel, ACC=acc, BLOCK_Q=block_q, BLOCK_X=block_x, BLOCK_K=bwd_k), arch, bwd_warps)
 print("ok")
 """
