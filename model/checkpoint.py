@@ -6,9 +6,10 @@
   ``fc.*`` classifier is dropped).
 
 A file may hold a raw state_dict or a dict with the state_dict under "model" or "state_dict" (training
-checkpoints); a "module." prefix on every key (DistributedDataParallel) is removed. Keys are checked strictly:
-the error lists every missing key, unexpected key and shape mismatch. Fused and unfused models have the same
-keys, so either loads what the other saved.
+checkpoints); a "module." (DistributedDataParallel) or "_orig_mod." (torch.compile) prefix on every key is removed.
+Keys are checked strictly: the error lists every missing key, unexpected key and shape mismatch, with hints that name
+the factory argument the checkpoint needs and its value (num_classes, width, depth, head, the number of
+atrous_rates, aux_loss). Fused and unfused models have the same keys, so either loads what the other saved.
 
 Every file is read through :func:`load_file` (``training.checkpoint`` and ``train.py`` too): a missing file raises
 FileNotFoundError, a folder IsADirectoryError, and a file that is empty, corrupt or truncated, not a torch.save
@@ -31,6 +32,9 @@ Tensor = torch.Tensor
 StateDictSource = str | os.PathLike | Mapping[str, Tensor]
 
 IMAGENET_CLASSIFIER_KEYS = ("fc.weight", "fc.bias")
+# Where a training checkpoint keeps the state_dict, and the key prefixes that wrappers add to every key.
+WRAPPER_KEYS = ("model", "state_dict")
+WRAPPER_PREFIXES = ("module.", "_orig_mod.")  # DistributedDataParallel, torch.compile
 
 
 class CheckpointMismatchError(ValueError):
@@ -105,11 +109,11 @@ def read_state_dict(source: StateDictSource) -> dict[str, Tensor]:
     """The state_dict in `source`: a path to a local file (loaded on CPU, weights only, by :func:`load_file`, whose
     errors name the file) or a mapping.
 
-    Unwraps {"model": …} / {"state_dict": …} and removes a "module." prefix present on every key.
+    Unwraps {"model": …} / {"state_dict": …} and removes a "module." / "_orig_mod." prefix present on every key.
     """
     what = "state_dict"
-    if isinstance(source, str | os.PathLike):
-        path = os.fspath(source)
+    if isinstance(source, str | bytes | os.PathLike):
+        path = os.fsdecode(source)
         what = repr(path)
         obj = load_file(path, weights_only=True)
     else:
@@ -117,17 +121,42 @@ def read_state_dict(source: StateDictSource) -> dict[str, Tensor]:
     if not isinstance(obj, Mapping):
         raise TypeError(f"checkpoint {what} must hold a state_dict (a mapping of names to tensors), got "
                         f"{type(obj).__name__}")
-    for wrapper in ("model", "state_dict"):
+    for wrapper in WRAPPER_KEYS:
         if isinstance(obj.get(wrapper), Mapping):
             obj = obj[wrapper]
             break
     bad = [k for k, v in obj.items() if not isinstance(k, str) or not isinstance(v, torch.Tensor)]
+    if bad and len(bad) == len(obj):  # not a state_dict at all: say what it holds and where one is looked for
+        raise TypeError(
+            f"checkpoint {what} holds no state_dict: expected a mapping of names to tensors, or a dict with one under "
+            f"{' or '.join(repr(w) for w in WRAPPER_KEYS)}; it holds a dict of {_describe_entries(obj)}"
+            + _nested_hint(obj))
     if bad:
         raise TypeError(f"checkpoint {what}: expected a mapping of str to tensors; entries {bad[:5]!r} are not")
     state = dict(obj)
-    if state and all(k.startswith("module.") for k in state):
-        state = {k[len("module."):]: v for k, v in state.items()}
+    # DistributedDataParallel's "module." and torch.compile's "_orig_mod." (either order, when both wrap the model)
+    stripped = True
+    while state and stripped:
+        stripped = False
+        for wrapper_prefix in WRAPPER_PREFIXES:
+            if all(k.startswith(wrapper_prefix) for k in state):
+                state = {k[len(wrapper_prefix):]: v for k, v in state.items()}
+                stripped = True
     return state
+
+
+def _describe_entries(obj: Mapping, limit: int = 8) -> str:
+    items = [f"{k!r} ({type(v).__name__})" for k, v in list(obj.items())[:limit]]
+    more = f", … ({len(obj) - limit} more)" if len(obj) > limit else ""
+    return (", ".join(items) + more) if items else "no entries"
+
+
+def _nested_hint(obj: Mapping) -> str:
+    """Where a state_dict sits under another key ({"weights": state_dict}): name it."""
+    for k, v in obj.items():
+        if isinstance(v, Mapping) and v and all(isinstance(t, torch.Tensor) for t in v.values()):
+            return f"; its entry {k!r} looks like one: pass torch.load(PATH, weights_only=True)[{k!r}] instead"
+    return ""
 
 
 def _format_keys(keys: Sequence[str], limit: int = 30) -> str:
@@ -171,12 +200,98 @@ def check_keys(model: nn.Module, state: Mapping[str, Tensor], prefix: str = "",
         )
     if shapes:
         lines.append("  shape mismatches: " + "; ".join(shapes[:30]))
-    lines += _hints(missing, unexpected, shapes, prefix)
+    lines += _hints(missing, unexpected, shapes, prefix, _architecture_hints(model, expected, state, prefix))
     raise CheckpointMismatchError("\n".join(lines))
 
 
-def _hints(missing: list[str], unexpected: list[str], shapes: list[str], prefix: str) -> list[str]:
-    hints = []
+def _units_per_stage(state: Mapping[str, Tensor], base: str) -> tuple[int, ...]:
+    """Units in layer1 … layer4 of the ResNet whose keys start with `base` ("backbone." or "")."""
+    return tuple(len({k[len(f"{base}layer{i}."):].split(".")[0] for k in state if k.startswith(f"{base}layer{i}.")})
+                 for i in range(1, 5))
+
+
+def _depth_name(units: tuple[int, ...]) -> str:
+    from model.resnet import DEPTHS
+
+    depth = next((d for d, u in DEPTHS.items() if u == units), None)
+    return f"resnet{depth}" if depth is not None else "a depth model/ does not build"
+
+
+def _logits_key(keys, head: str) -> str | None:
+    """The logits conv's weight of a head ("classifier" or "aux_classifier"): its last weight."""
+    weights = [k for k in keys if k.startswith(f"{head}.") and k.endswith(".weight")]
+    return weights[-1] if weights else None
+
+
+def _head_style(state: Mapping[str, Tensor]) -> str | None:
+    """'paper' (ASPP → 1×1 logits: classifier.1.bias) or 'torchvision' (ASPP → 3×3 conv-BN-ReLU → 1×1 logits:
+    classifier.2.running_mean, classifier.4.bias), None when the state_dict has neither."""
+    if "classifier.2.running_mean" in state and "classifier.4.bias" in state:
+        return "torchvision"
+    if "classifier.1.bias" in state and "classifier.2.weight" not in state:
+        return "paper"
+    return None
+
+
+def _architecture_hints(model: nn.Module, expected: Mapping[str, Tensor], state: Mapping[str, Tensor],
+                        prefix: str) -> tuple[list[str], bool]:
+    """What the checkpoint's network is where the model's differs, named as the factory argument to change, with
+    both values: depth (units per stage), width, head, the number of ASPP rates, num_classes. Returns the hints and
+    whether a classifier shape mismatch was explained."""
+    hints: list[str] = []
+    explained = False
+    if not state:
+        return ["the checkpoint's state_dict is empty (no keys at all): it holds no weights"], explained
+    config = getattr(model, "config", None) or {}
+    # The backbone: "backbone.layer1.…" in a whole model, "layer1.…" in a backbone (load_backbone).
+    base = "backbone." if any(k.startswith("backbone.") for k in expected) else ""
+    ours, theirs = _units_per_stage(expected, base), _units_per_stage(state, base)
+    if all(theirs) and all(ours) and ours != theirs:
+        depth = _depth_name(theirs)
+        build = f": build the model with deeplabv3_resnet({depth[6:]}, ...)" if depth.startswith("resnet") else ""
+        hints.append(f"the checkpoint's backbone has {theirs} units per stage ({depth}), the model's {ours} "
+                     f"({_depth_name(ours)}){build}")
+    stem = f"{base}conv1.weight"
+    if (stem in state and stem in expected and state[stem].dim() == 4
+            and state[stem].shape[0] != expected[stem].shape[0]):
+        explained = True  # every later shape follows the width, the classifier's included
+        hints.append(f"the checkpoint's backbone has width {state[stem].shape[0]} ({prefix}{stem} "
+                     f"{tuple(state[stem].shape)}), the model's width={expected[stem].shape[0]}: build the model with "
+                     f"width={state[stem].shape[0]}")
+    if base:  # a whole DeepLabV3: its heads
+        ours_head, their_head = _head_style(expected), _head_style(state)
+        if ours_head and their_head and ours_head != their_head:
+            explained = True
+            preset = (" (preset='torchvision' for torchvision's deeplabv3_resnet50/101 checkpoints)"
+                      if their_head == "torchvision" else "")
+            hints.append(f"the checkpoint has the {their_head!r} head and the model the {ours_head!r} one: build the "
+                         f"model with head={their_head!r}{preset}")
+        branches = lambda d: {k.split(".")[3] for k in d if k.startswith("classifier.0.convs.")}  # noqa: E731
+        n_ours, n_theirs = len(branches(expected)), len(branches(state))
+        if n_ours and n_theirs and n_ours != n_theirs:
+            explained = True
+            rates = config.get("atrous_rates")
+            hints.append(f"the checkpoint's ASPP has {n_theirs - 2} atrous rates, the model's {n_ours - 2}"
+                         f"{f' (atrous_rates={rates})' if rates else ''}: build the model with {n_theirs - 2} "
+                         "atrous_rates (a checkpoint does not record the rates themselves)")
+        if ours_head == their_head:
+            logits = [k for k in (_logits_key(expected, h) for h in ("classifier", "aux_classifier")) if k]
+            differ = [k for k in logits if k in state and state[k].dim() == expected[k].dim()
+                      and state[k].shape[0] != expected[k].shape[0] and state[k].shape[1:] == expected[k].shape[1:]]
+            if differ:
+                explained = True
+                theirs_n, ours_n = state[differ[0]].shape[0], expected[differ[0]].shape[0]
+                drop = tuple(k[: -len("weight")] for k in logits if k in state)
+                hints.append(f"the checkpoint was trained for {theirs_n} classes ({differ[0]} "
+                             f"{tuple(state[differ[0]].shape)}), the model has num_classes={ours_n}: build it with "
+                             f"num_classes={theirs_n}, or pass ignore_prefixes={drop!r} to fine-tune the rest on "
+                             f"{ours_n} classes")
+    return hints, explained
+
+
+def _hints(missing: list[str], unexpected: list[str], shapes: list[str], prefix: str,
+           architecture: tuple[list[str], bool] = ([], False)) -> list[str]:
+    hints, explained = list(architecture[0]), architecture[1]
     if any(k.startswith("aux_classifier.") for k in unexpected):
         hints.append("the checkpoint has an auxiliary head: build the model with aux_loss=True, or pass "
                      "ignore_prefixes=('aux_classifier.',)")
@@ -184,7 +299,8 @@ def _hints(missing: list[str], unexpected: list[str], shapes: list[str], prefix:
         hints.append("the model has an auxiliary head that the checkpoint lacks: build it with aux_loss=False")
     if not prefix and any(k in IMAGENET_CLASSIFIER_KEYS for k in unexpected):
         hints.append("this looks like an ImageNet ResNet state_dict: use load_backbone(model, ...)")
-    if any(s.startswith(f"{prefix}classifier.") or s.startswith(f"{prefix}aux_classifier.") for s in shapes):
+    if not explained and any(s.startswith(f"{prefix}classifier.") or s.startswith(f"{prefix}aux_classifier.")
+                             for s in shapes):
         hints.append("a classifier's shape differs: check num_classes, head and atrous_rates")
     if any("residual." in k or "preact." in k for k in missing + unexpected):
         hints.append("one side uses residual_unit='preact' and the other the v1.5 bottleneck")
@@ -202,7 +318,8 @@ def load_checkpoint(
         source: path to a local file, or a state_dict.
         ignore_prefixes: a key prefix, or several: checkpoint keys starting with one are dropped, and the model's
             keep their initialisation (e.g. "aux_classifier." to load torchvision's checkpoint into a model without
-            the auxiliary head; "classifier.4." to fine-tune on another number of classes).
+            the auxiliary head; "classifier.4." to fine-tune on another number of classes). An empty prefix, or
+            prefixes that drop every key of the checkpoint, are refused (ValueError): nothing would load.
 
     Returns:
         `model`.
@@ -212,9 +329,17 @@ def load_checkpoint(
     if not isinstance(ignore_prefixes, Sequence) or not all(isinstance(p, str) for p in ignore_prefixes):
         raise TypeError(f"ignore_prefixes must be a key prefix or a sequence of them (e.g. ('aux_classifier.',)), "
                         f"got {ignore_prefixes!r}")
-    state = read_state_dict(source)
     prefixes = tuple(ignore_prefixes)
-    state = {k: v for k, v in state.items() if not k.startswith(prefixes)} if prefixes else state
+    if "" in prefixes:
+        raise ValueError(f"ignore_prefixes={ignore_prefixes!r} holds an empty prefix, which every key starts with: "
+                         "the whole checkpoint would be dropped and nothing loaded; give key prefixes such as "
+                         "'aux_classifier.'")
+    state = read_state_dict(source)
+    kept = {k: v for k, v in state.items() if not k.startswith(prefixes)} if prefixes else state
+    if state and not kept:
+        raise ValueError(f"ignore_prefixes={ignore_prefixes!r} drops every key of the checkpoint ({len(state)} keys, "
+                         f"e.g. {next(iter(state))!r}): nothing would be loaded")
+    state = kept
     check_keys(model, state, ignore_prefixes=prefixes)
     # Strict but for what check_keys allows (the keys it ignores; old BatchNorms' counters, which load as they are)
     model.load_state_dict(state, strict=not prefixes)

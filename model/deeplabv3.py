@@ -46,6 +46,10 @@ class DeepLabV3(nn.Module):
     def forward(self, x: Tensor, upsample: bool = True) -> dict[str, Tensor]:
         if x.dim() != 4 or x.shape[1] != 3:
             raise ValueError(f"x must be an (N, 3, H, W) image batch, got shape {tuple(x.shape)}")
+        if not x.is_floating_point():
+            # Unfused, PyTorch says only "expected scalar type Byte but found Float" for a uint8 image batch.
+            raise TypeError(f"x must be a floating-point image batch (normalized, in the model's dtype), got dtype "
+                            f"{x.dtype}: convert it first, e.g. x.float() / 255 before normalizing")
         size = x.shape[-2:]
         features = self.backbone(x)
 
@@ -63,6 +67,27 @@ def _check_int(value, name: str, minimum: int) -> int:
     if isinstance(value, bool) or not isinstance(value, numbers.Integral) or value < minimum:
         raise ValueError(f"{name} must be an int >= {minimum}, got {value!r}")
     return int(value)
+
+
+def _as_int_if_integral(value):
+    """An integral number (int, numpy integer) as an int; anything else (None, 8.0, "16", True) unchanged, for the
+    checks to refuse by name."""
+    if isinstance(value, numbers.Integral) and not isinstance(value, bool):
+        return int(value)
+    return value
+
+
+def _ints_if_integral(values):
+    """A sequence of integral numbers as a tuple of ints; anything else unchanged, for the checks to refuse."""
+    if values is None or isinstance(values, str | bytes):
+        return values
+    try:
+        items = tuple(values)
+    except TypeError:
+        return values
+    if all(isinstance(v, numbers.Integral) and not isinstance(v, bool) for v in items):
+        return tuple(int(v) for v in items)
+    return values
 
 
 def _check_preset_args(**given) -> None:
@@ -98,7 +123,8 @@ def deeplabv3_resnet(
     width: the backbone's base width (64: ResNet-50/101's); the ASPP and head get 4 x width channels (256 at 64).
     A smaller width gives a small network for CPU runs (train.py's synthetic default).
     """
-    if depth not in DEPTHS:
+    depth = _as_int_if_integral(depth)
+    if isinstance(depth, bool) or not isinstance(depth, int) or depth not in DEPTHS:  # 50.0 made "resnet50.0"
         raise ValueError(f"depth must be one of {tuple(DEPTHS)}, got {depth!r}")
     num_classes = _check_int(num_classes, "num_classes", 1)
     if preset not in PRESETS:
@@ -117,6 +143,10 @@ def deeplabv3_resnet(
         raise ValueError("memory_efficient=True needs fused=True: it is a mode of the fused ops")
     pattern = "paper"
     width = _check_int(width, "width", 1)
+    # 8.0 passed `output_stride in (8, 16)` and was kept as a float (config, checkpoints); numpy ints were refused
+    # in multi_grid / atrous_rates. Integral values become ints; the rest is refused below, by name.
+    output_stride = _as_int_if_integral(output_stride)
+    multi_grid, atrous_rates = _ints_if_integral(multi_grid), _ints_if_integral(atrous_rates)
     if preset == "torchvision" and width != 64:
         raise ValueError(f"preset='torchvision' fixes width=64 (torchvision's ResNet), got width={width}")
     if preset == "torchvision":

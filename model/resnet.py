@@ -136,7 +136,8 @@ def check_backbone_args(depths: Sequence[int], output_stride: int, multi_grid: S
     """Raise a ValueError naming the argument for a configuration the backbone cannot build."""
     if len(depths) != 4 or any(not isinstance(n, int) or n < 1 for n in depths):
         raise ValueError(f"depths must be 4 positive ints (units per stage), got {tuple(depths)!r}")
-    if output_stride not in OUTPUT_STRIDES:
+    # 8.0 == 8, but a float stride was kept as one (config, checkpoints): ints only, as for num_classes and width.
+    if isinstance(output_stride, bool) or not isinstance(output_stride, int) or output_stride not in OUTPUT_STRIDES:
         raise ValueError(
             f"output_stride must be one of {OUTPUT_STRIDES} (DeepLabV3 trades layer4's, or layer3's and layer4's, "
             f"strides for dilation), got {output_stride!r}"
