@@ -199,11 +199,26 @@ def _build_datasets(args, train: bool):
         val = datasets.VOCSegmentation(args.data_root, args.val_split or "val", sbd_root=args.sbd_root)
         tr = datasets.VOCSegmentation(args.data_root, args.train_split or "train_aug", sbd_root=args.sbd_root) \
             if train else None
+        warn_shared_images(tr, val, args.train_split or "train_aug", args.val_split or "val")
         return tr, val, list(val.classes)
     val = datasets.FolderSegmentation(args.data_root, args.val_split or "val", classes_file=args.classes)
     tr = datasets.FolderSegmentation(args.data_root, args.train_split or "train", classes_file=args.classes) \
         if train else None
+    warn_shared_images(tr, val, args.train_split or "train", args.val_split or "val")
     return tr, val, list(val.classes)
+
+
+def warn_shared_images(train_set, val_set, train_split: str, val_split: str) -> None:
+    """Warn when the training and validation splits share images (two list files naming the same image): the
+    validation scores would then measure images the network trains on. A warning, not an error: evaluating on
+    training images can be meant (checking that a small set is fitted)."""
+    if train_set is None:
+        return
+    shared = {os.path.realpath(p) for _, p, _ in train_set.items} & {os.path.realpath(p) for _, p, _ in val_set.items}
+    if shared:
+        warn(f"the training split {train_split!r} and the validation split {val_split!r} share {len(shared)} of "
+             f"{len(val_set.items)} validation images (e.g. {sorted(shared)[0]}): the validation scores measure "
+             "images the network trains on")
 
 
 class _Normalized:
@@ -1005,6 +1020,9 @@ def check_args(args, error, defaults: dict | None = None) -> None:
         v = getattr(args, name)
         if v is not None and not 0 <= v <= MAX_SEED:
             error(f"--{name.replace('_', '-')} must be in [0, {MAX_SEED}] (NumPy's seed range), got {v}")
+    if (args.batch_size == 1 and not args.freeze_bn and not args.eval_only and not args.predict
+            and _world_size() == 1):  # across processes the BatchNorms are synchronized: check_bn_batch
+        error(f"--batch-size 1: {loop.BATCH1_MESSAGE}")
     if args.lr is not None and not (_finite(args.lr) and args.lr > 0):
         error(f"--lr must be a finite number > 0, got {args.lr}")
     if not (_finite(args.poly_power) and args.poly_power > 0):
@@ -1114,14 +1132,18 @@ def warn(text: str) -> None:
         print(f"warning: {text}", file=sys.stderr)
 
 
+def _world_size() -> int:
+    """The process count torchrun gives (WORLD_SIZE), 1 outside torchrun."""
+    try:
+        return int(os.environ.get("WORLD_SIZE", "1"))
+    except ValueError:
+        return 1
+
+
 def machine_follower() -> bool:
     """Under torchrun, whether this process is not its machine's first (LOCAL_RANK > 0): that one prints the
     warnings and errors every process meets alike (flags, refusals before any work), once per machine."""
-    try:
-        world = int(os.environ.get("WORLD_SIZE", "1"))
-    except ValueError:
-        world = 1
-    return world > 1 and os.environ.get("LOCAL_RANK", "0") != "0"
+    return _world_size() > 1 and os.environ.get("LOCAL_RANK", "0") != "0"
 
 
 def _apply_presets(args, device: torch.device) -> None:

@@ -479,3 +479,35 @@ def test_a_folder_with_no_last_checkpoint_is_not_offered_to_resume(tmp_path, cap
         train_script.main(["--out-dir", str(out), "--device", "cpu"])
     message = capsys.readouterr().err.strip().splitlines()[-1]  # (after the usage, which lists every flag)
     assert stop.value.code == 2 and "holds an earlier run" in message and "--resume" not in message, message
+
+
+def test_batch_size_1_is_a_flag_error_unless_bn_is_frozen_or_processes_share_the_batch(capsys, monkeypatch):
+    err = _parse_error(["--batch-size", "1"], capsys)
+    assert "error: --batch-size 1: batch size 1 per BatchNorm batch" in err and "--freeze-bn" in err, err
+    train_script.parse_args(["--batch-size", "1", "--freeze-bn"])
+    train_script.parse_args(["--eval-only", "--checkpoint", "x.pt", "--batch-size", "1"])  # read by training only
+    monkeypatch.setenv("WORLD_SIZE", "2")  # torchrun: every BatchNorm is synchronized over the processes
+    train_script.parse_args(["--batch-size", "2"])
+
+
+def test_train_and_val_lists_sharing_images_are_named(tmp_path, capsys):
+    # Two list files that name the same image: the validation scores would measure training images (a warning:
+    # evaluating on training images can be meant).
+    (tmp_path / "images").mkdir()
+    (tmp_path / "masks").mkdir()
+    (tmp_path / "classes.txt").write_text("background\nthing\n")
+    for i in range(4):
+        Image.fromarray(np.zeros((8, 8, 3), np.uint8)).save(tmp_path / "images" / f"im{i}.png")
+        Image.fromarray(np.zeros((8, 8), np.uint8), mode="L").save(tmp_path / "masks" / f"im{i}.png")
+    (tmp_path / "train.txt").write_text("im0\nim1\nim2\n")
+    (tmp_path / "val.txt").write_text("im2\nim3\n")
+    args = train_script.parse_args(["--dataset", "folder", "--data-root", str(tmp_path)])
+    capsys.readouterr()
+    train_set, val_set, _ = train_script.build_datasets(args)
+    err = capsys.readouterr().err
+    assert len(train_set) == 3 and len(val_set) == 2
+    assert "split 'train' and the validation split 'val' share 1 of 2 validation images" in err, err
+    assert "im2.png" in err
+    (tmp_path / "val.txt").write_text("im3\n")
+    train_script.build_datasets(args)
+    assert "share" not in capsys.readouterr().err
