@@ -510,7 +510,7 @@ def cmd_predict(args, device, info: distributed.DistInfo) -> None:
     error = None
     for src in plan:
         try:
-            datasets.read_image(src)
+            datasets.read_image(src, exif_orientation=True)
         except datasets.DataFileError as e:
             error = f"--predict: {e}; no mask was written"
             break
@@ -528,7 +528,7 @@ def cmd_predict(args, device, info: distributed.DistInfo) -> None:
     os.makedirs(out, exist_ok=True)
     tf, t0, written = EvalTransform(), time.time(), 0
     for src, target in plan.items():
-        img, _ = tf(datasets.read_image(src), None)
+        img, _ = tf(datasets.read_image(src, exif_orientation=True), None)  # upright, as viewers show it
         probs = loop.predict_probs(net, img[None].to(device), _eval_scales(args), args.eval_flip, args.amp,
                                    args.channels_last)
         save_mask_png(probs.argmax(1)[0].cpu().numpy(), target)

@@ -14,7 +14,7 @@ from collections.abc import Iterable, Iterator, Sequence
 
 import numpy as np
 import torch
-from PIL import Image
+from PIL import Image, ImageOps
 
 from training.palette import IGNORE_INDEX, VOC_CLASSES
 
@@ -41,12 +41,15 @@ class BadDataFile(DataFileError, ValueError):
     pass
 
 
-def read_image(path: str) -> np.ndarray:
-    """An RGB image as (H, W, 3) uint8; errors name the file."""
+def read_image(path: str, exif_orientation: bool = False) -> np.ndarray:
+    """An RGB image as (H, W, 3) uint8; errors name the file. exif_orientation: turn it upright as its EXIF
+    Orientation tag says (as image viewers show a phone photo); else its pixels as stored."""
     if not os.path.isfile(path):
         raise MissingDataFile(f"image file not found: {path}")
     try:
         with Image.open(path) as im:
+            if exif_orientation:
+                im = ImageOps.exif_transpose(im)
             if im.mode in WIDE_MODES:  # convert("RGB") would clip every value above 255 to white
                 return _rgb_from_wide(im, path)
             return np.asarray(im.convert("RGB"), dtype=np.uint8).copy()
@@ -615,6 +618,10 @@ class FolderSegmentation:
         image = read_image(image_path)
         mask = read_index_mask(mask_path, num_classes=len(self.classes))
         if mask.shape != image.shape[:2]:
+            # A photo stored sideways with an EXIF Orientation tag, annotated as viewers show it: turn it upright.
+            upright = read_image(image_path, exif_orientation=True)
+            if upright.shape[:2] == mask.shape:
+                return upright, mask, name
             raise BadDataFile(f"mask {mask_path} is {mask.shape[1]}x{mask.shape[0]} but image {image_path} is "
                              f"{image.shape[1]}x{image.shape[0]}")
         return image, mask, name

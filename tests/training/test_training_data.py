@@ -410,3 +410,26 @@ def test_a_blank_line_inside_the_class_list_is_refused_naming_it(tmp_path):
         datasets.read_class_list(str(tmp_path / "c.txt"))
     (tmp_path / "d.txt").write_text("background\ncat\n\n\n")
     assert datasets.read_class_list(str(tmp_path / "d.txt")) == ["background", "cat"]
+
+
+def test_folder_photo_stored_sideways_pairs_with_an_upright_mask(tmp_path):
+    # A phone photo stored 30x20 with EXIF Orientation 6 (shown 20x30), its mask drawn on what the viewer showed:
+    # the image is turned upright to pair with it. A mask of the stored size pairs with the stored pixels.
+    (tmp_path / "images").mkdir()
+    (tmp_path / "masks").mkdir()
+    (tmp_path / "classes.txt").write_text("background\nthing\n")
+    stored = np.random.default_rng(0).integers(0, 256, (20, 30, 3), dtype=np.uint8)
+    exif = Image.Exif()
+    exif[0x0112] = 6
+    for name in ("upright", "stored"):
+        Image.fromarray(stored).save(tmp_path / "images" / f"{name}.png", exif=exif)
+    Image.fromarray(np.ones((30, 20), np.uint8), mode="L").save(tmp_path / "masks" / "upright.png")
+    Image.fromarray(np.ones((20, 30), np.uint8), mode="L").save(tmp_path / "masks" / "stored.png")
+    (tmp_path / "train.txt").write_text("upright\nstored\n")
+    ds = datasets.FolderSegmentation(str(tmp_path), "train")
+    image, mask, _ = ds[0]
+    assert image.shape == (30, 20, 3) and mask.shape == (30, 20)
+    assert np.array_equal(image, np.rot90(stored, k=-1))  # Orientation 6: turned 90 degrees clockwise
+    image, mask, _ = ds[1]
+    assert np.array_equal(image, stored) and mask.shape == (20, 30)
+    assert datasets.read_image(str(tmp_path / "images" / "upright.png"), exif_orientation=True).shape == (30, 20, 3)

@@ -227,10 +227,16 @@ def test_train_script_end_to_end(tmp_path, monkeypatch, capsys):
     for i in range(2):
         Image.fromarray(np.random.default_rng(i).integers(0, 256, (20 + i, 30, 3), dtype=np.uint8)).save(
             images / f"p{i}.jpg")
+    # A phone photo stored sideways (30x20 pixels) with EXIF Orientation 6: predicted upright, as viewers show it.
+    exif = Image.Exif()
+    exif[0x0112] = 6
+    Image.fromarray(np.random.default_rng(5).integers(0, 256, (20, 30, 3), dtype=np.uint8)).save(
+        images / "phone.jpg", exif=exif)
     train_script.main(["--predict", str(images), "--checkpoint", os.path.join(full, "last.pt"), "--out",
                        str(tmp_path / "masks"), "--device", "cpu"])
     m = Image.open(tmp_path / "masks" / "p1.png")
     assert m.mode == "P" and m.size == (30, 21) and np.asarray(m).max() < 21
+    assert Image.open(tmp_path / "masks" / "phone.png").size == (20, 30)
 
     # A flag error like the others: argparse's error line and exit status 2 before any work (it was status 1 after
     # the data were built), the flag named; --freeze-bn trains a batch of 1.
