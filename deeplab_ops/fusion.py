@@ -181,16 +181,19 @@ def _fused_block_forward(self: nn.Module, x: Tensor) -> Tensor:
     parts, downsample = _block_parts(self, cfg.depth)
     relu = self._modules.get("relu") or getattr(self, "relu", None)
     # A part the op does not compute (replaced after fusing: a LeakyReLU, a FrozenBatchNorm2d or SyncBatchNorm, a
-    # biased conv) or a hook on a part: the original forward runs the parts, so that what a user changed or hooked
-    # is what runs. (Inline: no call per part on every forward.)
-    if (type(relu) is not nn.ReLU or relu._forward_hooks or relu._forward_pre_hooks or relu._backward_hooks
-            or relu._backward_pre_hooks):
+    # biased conv, a conv with asymmetric 'same' padding), a forward set on a part's instance (monkeypatching,
+    # accelerate's hooks) or a hook on a part: the original forward runs the parts, so that what a user changed or
+    # hooked is what runs. (Inline: no call per part on every forward.)
+    if (type(relu) is not nn.ReLU or "forward" in relu.__dict__ or relu._forward_hooks or relu._forward_pre_hooks
+            or relu._backward_hooks or relu._backward_pre_hooks):
         return unfused_call(self, cfg.process_group, type(self).original_class.forward, x)
     for conv, bn in parts:
         if (type(conv) is not nn.Conv2d or type(bn) is not nn.BatchNorm2d
+                or "forward" in conv.__dict__ or "forward" in bn.__dict__
                 or conv._forward_hooks or conv._forward_pre_hooks or conv._backward_hooks or conv._backward_pre_hooks
                 or bn._forward_hooks or bn._forward_pre_hooks or bn._backward_hooks or bn._backward_pre_hooks
-                or conv._parameters.get("bias") is not None or conv.groups != 1 or conv.padding_mode != "zeros"):
+                or conv._parameters.get("bias") is not None or conv.groups != 1 or conv.padding_mode != "zeros"
+                or (type(conv.padding) is str and not symmetric_padding(conv))):
             return unfused_call(self, cfg.process_group, type(self).original_class.forward, x)
     out = x
     for conv, bn in parts[:-1]:

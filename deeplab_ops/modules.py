@@ -560,14 +560,17 @@ def runnable_aspp_parts(module: nn.Module) -> tuple | None:
     """The cached ASPP structure of `module` (validated and cached here where none is) when the fused op computes
     what its children compute now; None where a child is one the op does not compute (aspp_fusable) or a submodule
     has a hook (forward, forward-pre, backward): a fused forward then runs the children one by one, so that what a
-    user changed or hooked is what runs. Per call, with the structure cached: one look at each submodule's hooks."""
+    user changed or hooked is what runs; so does a forward set on a submodule's instance (monkeypatching,
+    accelerate's hooks), which module(x) runs instead of its class's. Per call, with the structure cached: one look
+    at each submodule's hooks and instance dict."""
     parts = current_aspp_parts(module)
     if parts is None:
         if not aspp_fusable(module):
             return None
         parts = _cache_aspp_parts(module)
     for m in parts[5]:  # a loop, not any(...): no generator frame per submodule on the per-call path
-        if m._forward_hooks or m._forward_pre_hooks or m._backward_hooks or m._backward_pre_hooks:
+        if (m._forward_hooks or m._forward_pre_hooks or m._backward_hooks or m._backward_pre_hooks
+                or "forward" in m.__dict__):
             return None
     return parts
 
@@ -647,14 +650,15 @@ _IS_NONE = None.__class__.__instancecheck__  # _IS_NONE(v): v is None, as a C-le
 
 def _movable(ts) -> bool:
     """Whether _pack may move the equally shaped tensors `ts` into a new storage of its own, where nothing but the
-    tensors themselves sees the move: not a torch.func transform's (no storage), not in shared memory (after
-    model.share_memory() other processes read and write that storage: Hogwild training would lose their updates),
-    and each in a storage of its own or in an earlier pack of len(ts) of them, not in another layout's larger
-    buffer (a flat parameter buffer, which would no longer hold them)."""
+    tensors themselves sees the move: not a torch.func transform's (no storage), not an inference tensor (made under
+    torch.inference_mode: given another's storage it can no longer be used outside inference mode), not in shared
+    memory (after model.share_memory() other processes read and write that storage: Hogwild training would lose their
+    updates), and each in a storage of its own or in an earlier pack of len(ts) of them, not in another layout's
+    larger buffer (a flat parameter buffer, which would no longer hold them)."""
     n = ts[0].numel()
     size = n * ts[0].element_size()
     for t in ts:
-        if is_functorch_wrapped(t) or (t.device.type == "cpu" and t.is_shared()):
+        if is_functorch_wrapped(t) or t.is_inference() or (t.device.type == "cpu" and t.is_shared()):
             return False
         held = t.untyped_storage().nbytes()
         if held == size:

@@ -1,0 +1,162 @@
+"""A fine-tuning and deployment review of the module layer (deeplab_ops/modules.py, fusion.py): each test compares a
+fused model with the same unfused eager model (forward, gradients, BatchNorm running statistics and
+num_batches_tracked) in a scenario that once differed or crashed."""
+
+from __future__ import annotations
+
+import copy
+
+import pytest
+import torch
+from test_fusion import _randomize
+from torch import nn
+from torchvision.models.segmentation.deeplabv3 import ASPP as TorchvisionASPP
+
+from deeplab_ops.nn import FusedASPP, fuse_modules
+
+
+def _assert_same_state(fused: nn.Module, plain: nn.Module, what: str) -> None:
+    sf, sp = fused.state_dict(), plain.state_dict()
+    assert list(sf) == list(sp), what
+    for k in sp:
+        torch.testing.assert_close(sf[k], sp[k], rtol=1e-9, atol=1e-9, msg=f"{what}: {k}")
+
+
+def _aspp_pair(kind: str) -> tuple[nn.Module, nn.Module]:
+    """(eager torchvision ASPP, the same ASPP fused), float64, dropout 0."""
+    torch.manual_seed(0)
+    plain = _randomize(TorchvisionASPP(4, (1, 2), out_channels=3)).double()
+    plain.project[3].p = 0.0
+    if kind == "fuse_modules":
+        fused = fuse_modules(copy.deepcopy(plain))
+    else:
+        fused = FusedASPP(4, (1, 2), out_channels=3).double()
+        fused.load_state_dict(plain.state_dict())
+    return plain, fused
+
+
+@pytest.mark.parametrize("kind", ["fuse_modules", "FusedASPP"])
+def test_aspp_built_under_inference_mode_runs_outside_it_as_eager(kind):
+    # Found by this review: a model built (or loaded) under torch.inference_mode() has inference tensors; eager runs
+    # it in eval under no_grad, and trains its BatchNorms under inference_mode. The fused ASPP moved its BatchNorm
+    # tensors into one storage (pack_batchnorms), which made inference tensors unusable outside inference mode:
+    # every call raised "Inference tensors do not track version counter".
+    with torch.inference_mode():
+        plain, fused = _aspp_pair(kind)
+    x = torch.randn(2, 4, 7, 6, dtype=torch.float64)
+    for m in (plain, fused):
+        m.eval()
+    with torch.no_grad():
+        torch.testing.assert_close(fused(x), plain(x), rtol=1e-9, atol=1e-9)
+    with torch.inference_mode():
+        torch.testing.assert_close(fused(x), plain(x), rtol=1e-9, atol=1e-9)
+    for m in (plain, fused):
+        m.train()
+    for step in range(2):
+        with torch.inference_mode():
+            torch.testing.assert_close(fused(x + step), plain(x + step), rtol=1e-9, atol=1e-9)
+        _assert_same_state(fused, plain, f"training step {step} under inference_mode")
+    for m in (plain, fused):
+        m.eval()
+    with torch.no_grad():  # the statistics learnt under inference_mode, used outside it
+        torch.testing.assert_close(fused(x), plain(x), rtol=1e-9, atol=1e-9)
+
+
+def test_aspp_with_inference_mode_buffers_only_runs_as_eager_in_eval():
+    # The same with only the BatchNorm buffers made under inference_mode (statistics loaded there into fresh
+    # tensors), the parameters normal ones: eval with gradients and frozen BatchNorm fine-tuning work in the fused
+    # ASPP (eager may refuse to save an inference tensor for backward; the fused op saves none).
+    plain, fused = _aspp_pair("FusedASPP")
+    for m in (plain, fused):
+        for bn in m.modules():
+            if isinstance(bn, nn.BatchNorm2d):
+                for name, t in list(bn._buffers.items()):
+                    with torch.inference_mode():
+                        bn._buffers[name] = t.clone()
+        m.eval()
+    x = torch.randn(2, 4, 7, 6, dtype=torch.float64)
+    with torch.no_grad():
+        torch.testing.assert_close(fused(x), plain(x), rtol=1e-9, atol=1e-9)
+    fused.train()
+    fused.apply(lambda m: m.eval() if isinstance(m, nn.BatchNorm2d) else None)  # frozen BatchNorm, convs trained
+    out = fused(x)
+    with torch.no_grad():
+        torch.testing.assert_close(out, plain(x), rtol=1e-9, atol=1e-9)
+    out.sum().backward()
+    assert all(p.grad is not None for p in fused.parameters() if p.requires_grad)
+
+
+def _halving_forward(module: nn.Module) -> None:
+    """Set a forward on the instance, as accelerate's add_hook_to_module (device maps, offloading) or a monkeypatch
+    does: module(x) runs it, not the class's forward."""
+    original = module.forward
+
+    def forward(*args, **kwargs):
+        return original(*args, **kwargs) * 0.5
+
+    module.forward = forward
+
+
+def _block_model() -> nn.Module:
+    from torchvision.models.resnet import BasicBlock, Bottleneck
+
+    down = nn.Sequential(nn.Conv2d(4, 8, 1, stride=2, bias=False), nn.BatchNorm2d(8))
+    return nn.Sequential(BasicBlock(4, 4), Bottleneck(4, 2, stride=2, downsample=down))
+
+
+@pytest.mark.parametrize("part", ["0.conv1", "0.bn2", "0.relu", "1.conv3", "1.bn1"])
+@pytest.mark.parametrize("when", ["before", "after"])
+def test_a_forward_set_on_a_residual_block_part_runs_as_eager(part, when):
+    # Found by this review: a fused residual block computed conv → BatchNorm → ReLU itself and ignored a forward set
+    # on the instance of one of its parts (fused chains and FusedConvBNReLU honour it): a silently different result.
+    torch.manual_seed(0)
+    plain = _randomize(_block_model()).double()
+    fused = copy.deepcopy(plain)
+    if when == "after":
+        fuse_modules(fused)
+    for m in (plain, fused):
+        _halving_forward(dict(m.named_modules())[part])
+    if when == "before":
+        fuse_modules(fused)
+    x = torch.randn(2, 4, 6, 6, dtype=torch.float64)
+    xp, xf = x.clone().requires_grad_(), x.clone().requires_grad_()
+    out_p, out_f = plain(xp), fused(xf)
+    torch.testing.assert_close(out_f, out_p, rtol=1e-9, atol=1e-9)
+    out_p.sum().backward()
+    out_f.sum().backward()
+    torch.testing.assert_close(xf.grad, xp.grad, rtol=1e-9, atol=1e-9)
+    _assert_same_state(fused, plain, part)
+
+
+@pytest.mark.parametrize("part", ["convs.1.0", "convs.1.1", "convs.0.2", "convs.2.0", "project.1", "project.3",
+                                  "convs.1"])
+@pytest.mark.parametrize("kind", ["fuse_modules", "FusedASPP"])
+def test_a_forward_set_on_an_aspp_part_runs_as_eager(kind, part):
+    # Found by this review: the fused ASPP op ignored a forward set on the instance of a branch, conv, BatchNorm,
+    # ReLU or dropout (accelerate's hooks, a monkeypatch): a silently different result.
+    plain, fused = _aspp_pair(kind)
+    for m in (plain, fused):
+        _halving_forward(dict(m.named_modules())[part])
+    x = torch.randn(2, 4, 7, 6, dtype=torch.float64)
+    for training in (True, False):
+        for m in (plain, fused):
+            m.train(training)
+        torch.testing.assert_close(fused(x), plain(x), rtol=1e-9, atol=1e-9)
+        _assert_same_state(fused, plain, f"{part} training={training}")
+
+
+@pytest.mark.filterwarnings("ignore:Using padding='same' with even kernel")
+def test_a_residual_block_conv_replaced_by_one_with_asymmetric_same_padding_runs_as_eager():
+    # Found by this review: a fused residual block whose conv was replaced after fusing by one with padding='same'
+    # that needs asymmetric padding (an even kernel) raised the fused op's ValueError instead of running the conv
+    # as the block does (fused chains and FusedConvBNReLU run it unfused).
+    torch.manual_seed(0)
+    plain = _randomize(_block_model()).double()
+    fused = fuse_modules(copy.deepcopy(plain))
+    torch.manual_seed(1)
+    conv = nn.Conv2d(4, 4, 2, padding="same", bias=False).double()
+    plain[0].conv2 = conv
+    fused[0].conv2 = copy.deepcopy(conv)
+    x = torch.randn(2, 4, 6, 6, dtype=torch.float64)
+    torch.testing.assert_close(fused(x), plain(x), rtol=1e-9, atol=1e-9)
+    _assert_same_state(fused, plain, "same padding")
