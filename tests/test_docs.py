@@ -161,7 +161,7 @@ def test_benchmark_doc_flags_exist():
     helps = {s: _options(f"benchmarks/{s}.py") for s in _BENCH_SCRIPTS}
     wrong = []
     sections = re.split(r"^(#+ .*)$", text, flags=re.M)
-    for heading, body in zip(sections[1::2], sections[2::2]):
+    for heading, body in zip(sections[1::2], sections[2::2], strict=True):
         for row in re.findall(r"^\|(.*)\|$", body, re.M):
             cells = [c.strip() for c in row.split("|")]
             if heading.startswith("### Flags of aspp_bench"):
