@@ -1088,8 +1088,8 @@ def add_common_args(parser: argparse.ArgumentParser, name: str, modes: Sequence[
     """Flags aspp_bench, conv_bn_relu_bench and train_bench take (the subject-specific ones are added by the
     script; overhead_bench has its own). Every option's help names its default (tests/benchmarks)."""
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu", choices=("cuda", "cpu"),
-                        help="cuda: DeepLab shapes; cpu: small shapes, providers cpu/reference/eager "
-                             "(default: cuda when visible)")
+                        help="cuda: DeepLab shapes; cpu: small shapes, the CPU providers (cpu, cpu-cl, reference, "
+                             "eager, eager-cl; train_bench also cpu-lean) (default: cuda when visible)")
     parser.add_argument("--dtypes", type=csv_list(str, DTYPES), default=None,
                         help="comma list of bf16, fp16, fp32 (TF32 off), tf32 (fp32 with TF32 on); "
                              f"default: {dtypes_default}")

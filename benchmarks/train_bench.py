@@ -9,8 +9,9 @@ autotunes every conv of the network), and the fused model (`deeplab_ops.nn.fuse_
 what `fused=True` builds) on each deeplab_ops backend: triton, cuda (GPU), cpu, reference (CPU). A "-lean"
 provider (triton-lean, cuda-lean, cpu-lean) is the same fused model in its memory-lean form, as `train.py
 --fused-ops --memory-efficient` trains it: the fused ops save no pre-BN activations (memory_efficient=True) and
-the loss takes the 1/16-resolution logits through `deeplab_ops.upsample_cross_entropy` (no upsampled logits);
-compare its peak_mem_mb with eager's and the plain fused provider's.
+the loss takes the logits at the output stride's resolution (1/16 by default) through
+`deeplab_ops.upsample_cross_entropy` (no upsampled logits); compare its peak_mem_mb with eager's and the plain
+fused provider's.
 train_step = zero_grad, forward, cross-entropy (ignore_index 255) against random labels, backward, SGD step
 (momentum 0.9, weight decay 1e-4). eval_fwd = eval mode under no_grad. The model's parameters, buffers and inputs
 are in the benchmarked dtype, except for the eager setups users also run: eager-cl (channels_last), eager-amp
