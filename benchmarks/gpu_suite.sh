@@ -5,8 +5,10 @@
 #     GIT_COMMIT=<sha> bash benchmarks/gpu_suite.sh   # where the copy has no .git of its own: the commit the rows name
 #
 # Phases, in this order, each under its own `timeout` inside one deadline (SUITE_BUDGET_S, default 530 s):
-#   1. import the prebuilt deeplab_ops/_C.abi3.so (send it along: GPU.md); rebuild in place only when the import
-#      fails (or, with DEEPLAB_OPS_CUDA=1, the library has no CUDA kernels); print `python -m deeplab_ops`;
+#   1. import the prebuilt deeplab_ops/_C.abi3.so (send it along: GPU.md; with the deeplab_ops/_build_info.json its
+#      build wrote, or with none: an import refuses a _C whose record names another torch); rebuild in place only
+#      when the import fails (or, with DEEPLAB_OPS_CUDA=1, the library has no CUDA kernels); print `python -m
+#      deeplab_ops`;
 #   2. correctness: `pytest -m gpu -n 8 -rA` (the whole suite when nothing is marked gpu), then the rest of the
 #      suite with what time the goal benchmarks leave (GOAL_RESERVE_S). Every test's line goes to $OUT as it runs,
 #      so the names of failing tests survive a timeout;

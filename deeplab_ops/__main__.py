@@ -40,6 +40,26 @@ def _winograd_setting() -> str | None:
             f"default)")
 
 
+def _build_lines(cuda_built: bool, info: dict | None) -> list[str]:
+    """What was compiled and, from setup.py's record of the build, against which torch and why no CUDA kernels."""
+    line = f"compiled     C++ CPU kernels: yes; CUDA C++ kernels: {'yes' if cuda_built else 'no'}"
+    if not cuda_built and info and info.get("cuda_reason"):
+        line += f" ({info['cuda_reason']})"
+    lines = [line]
+    if info:
+        extra = []
+        if cuda_built and info.get("cuda_home"):
+            extra.append(f"CUDA toolkit {info['cuda_home']}")
+        if cuda_built and info.get("cuda_arch_list"):
+            extra.append(f"TORCH_CUDA_ARCH_LIST={info['cuda_arch_list']}")
+        if info.get("debug"):
+            extra.append("DEBUG=1 (-O0 -g)")
+        lines.append(f"built with   torch {info.get('torch', '?')}" + "".join(f"; {e}" for e in extra))
+    else:
+        lines.append("built with   unknown (no _build_info.json beside deeplab_ops._C: built by an older setup.py)")
+    return lines
+
+
 def main(argv: list[str] | None = None) -> int:
     _parse(argv)
     import torch
@@ -55,7 +75,8 @@ def main(argv: list[str] | None = None) -> int:
         return 1
     print(f"deeplab_ops  {deeplab_ops.__version__} ({os.path.dirname(deeplab_ops.__file__)})")
     cuda_built = _extension.cuda_kernels_compiled()
-    print(f"compiled     C++ CPU kernels: yes; CUDA C++ kernels: {'yes' if cuda_built else 'no'}")
+    for line in _build_lines(cuda_built, _extension.build_info()):
+        print(line)
     if torch.cuda.is_available():
         for i in range(torch.cuda.device_count()):
             p = torch.cuda.get_device_properties(i)

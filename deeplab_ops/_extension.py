@@ -4,6 +4,9 @@ from __future__ import annotations
 
 import functools
 import importlib
+import importlib.machinery
+import json
+import os
 
 import torch
 
@@ -13,8 +16,43 @@ _REBUILD = (
 )
 
 
-def load() -> None:
+# Written by setup.py beside _C: the torch it was built against, whether the CUDA kernels were compiled and why not.
+BUILD_INFO = "_build_info.json"
+_HERE = os.path.dirname(os.path.abspath(__file__))
+
+
+def build_info(directory: str = _HERE) -> dict | None:
+    """What setup.py recorded about the build of _C in `directory` (None: no record, e.g. an older build)."""
+    try:
+        with open(os.path.join(directory, BUILD_INFO)) as f:
+            info = json.load(f)
+    except (OSError, ValueError):
+        return None
+    return info if isinstance(info, dict) else None
+
+
+def _extension_present(directory: str) -> bool:
+    return any(os.path.isfile(os.path.join(directory, "_C" + suffix))
+               for suffix in importlib.machinery.EXTENSION_SUFFIXES)
+
+
+def stale_build_message(info: dict | None, torch_version: str = torch.__version__) -> str | None:
+    """Why _C must not be loaded with this torch (None: it may). An extension built against another torch can load
+    without an error and then crash or compute garbage: its C++ calls assume that torch's data layouts."""
+    built = (info or {}).get("torch")
+    if not built or built == torch_version:
+        return None
+    return (f"deeplab_ops: the compiled extension deeplab_ops._C was built against torch {built}, but this is torch "
+            f"{torch_version}: it must be rebuilt. {_REBUILD}")
+
+
+def load(directory: str = _HERE) -> None:
     """Import deeplab_ops._C, which registers every op schema and the C++ kernels."""
+    info = build_info(directory)
+    if _extension_present(directory):
+        stale = stale_build_message(info)
+        if stale:
+            raise ImportError(stale)
     try:
         importlib.import_module("deeplab_ops._C")
     except ModuleNotFoundError as e:
@@ -22,9 +60,13 @@ def load() -> None:
             raise
         raise ImportError(f"deeplab_ops: the compiled extension deeplab_ops._C is missing. {_REBUILD}") from e
     except (ImportError, OSError) as e:
+        if info and info.get("torch") == torch.__version__:
+            why = f"It was built against this torch ({torch.__version__}); rebuilding may still help."
+        else:
+            why = "It was probably built against another torch."
         raise ImportError(
             f"deeplab_ops: the compiled extension deeplab_ops._C cannot be loaded with torch {torch.__version__} "
-            f"({e}). It was probably built against another torch. {_REBUILD}"
+            f"({e}). {why} {_REBUILD}"
         ) from e
 
 

@@ -222,3 +222,195 @@ def test_cxx_sources_are_cxx17():
             found += [f"{path.relative_to(ROOT)}:{n}: {what}: {lines[n - 1].strip()}"
                       for n, what in _cxx20_uses(path.read_text())]
     assert not found, "C++20 in the sources:\n" + "\n".join(found)
+
+
+# --- build settings and install paths as a user meets them (a review of setup.py) ---------------------------------
+
+def _run_setup(env_overrides: dict, *args: str, cwd=ROOT, pythonpath: str | None = None):
+    """`python setup.py --version` (or `args`) in a fresh process: runs setup.py's decisions, compiles nothing."""
+    env = {k: v for k, v in os.environ.items()
+           if k not in ("DEEPLAB_OPS_CUDA", "CUDA_HOME", "CUDA_PATH", "TORCH_CUDA_ARCH_LIST", "MAX_JOBS", "DEBUG",
+                        "PYTHONPATH")}
+    env.update(env_overrides)
+    if pythonpath:
+        env["PYTHONPATH"] = pythonpath
+    return subprocess.run([sys.executable, str(ROOT / "setup.py"), *(args or ("--version",))], cwd=cwd, env=env,
+                          capture_output=True, text=True, timeout=120)
+
+
+@pytest.mark.parametrize("value", ["0", "abc", "-1"])
+def test_max_jobs_that_torch_would_misread_stops_the_build(value):
+    # torch passed MAX_JOBS=0 on as `ninja -j 0` (no limit: every compile at once) and ignored "abc" and "-1" (ninja's
+    # default, the CPU count + 2): on a shared machine the opposite of what was asked for.
+    proc = _run_setup({"DEEPLAB_OPS_CUDA": "0", "MAX_JOBS": value})
+    assert proc.returncode != 0 and f"MAX_JOBS={value!r}" in proc.stderr, proc.stdout + proc.stderr
+
+
+def test_max_jobs_accepts_a_count_and_defaults(clean_env):
+    setup = _load_setup()
+    clean_env.setenv("MAX_JOBS", "3")
+    setup.default_max_jobs()
+    assert os.environ["MAX_JOBS"] == "3"
+    clean_env.delenv("MAX_JOBS")
+    setup.default_max_jobs()
+    assert int(os.environ["MAX_JOBS"]) >= 1
+
+
+def test_debug_values(clean_env):
+    # DEBUG=true (or any value but "1") built -O3 without a word.
+    setup = _load_setup()
+    for value, debug in (("1", True), ("true", True), ("0", False), ("", False)):
+        clean_env.setenv("DEBUG", value)
+        assert setup.debug_build() is debug, value
+    clean_env.setenv("DEBUG", "garbage")
+    with pytest.raises(SystemExit, match="DEBUG='garbage' is not understood"):
+        setup.debug_build()
+    proc = _run_setup({"DEEPLAB_OPS_CUDA": "0", "DEBUG": "yes please"})
+    assert proc.returncode != 0 and "DEBUG='yes please'" in proc.stderr, proc.stdout + proc.stderr
+
+
+def _versioned_toolkit(root: Path, release: str = "13.0", archs: str = "75 80 86 89 90 100 120") -> Path:
+    """A fake toolkit whose nvcc answers --version and --list-gpu-arch like nvcc `release`."""
+    kit = _fake_toolkit(root)
+    listing = "\\n".join(f"compute_{a}" for a in archs.split())
+    (kit / "bin" / "nvcc").write_text(
+        "#!/bin/sh\n"
+        f'case "$1" in\n'
+        f'  --version) echo "Cuda compilation tools, release {release}, V{release}.1";;\n'
+        f'  --list-gpu-arch) printf "{listing}\\n";;\n'
+        "esac\n")
+    return kit
+
+
+needs_cuda_torch = pytest.mark.skipif(
+    __import__("torch").version.cuda is None, reason="torch here is not a CUDA build: setup.py builds no CUDA sources")
+
+
+@needs_cuda_torch
+@pytest.mark.parametrize("arch, says", [
+    ("native", "none is visible here"),  # torch: IndexError: list index out of range
+    ("7.0", "cannot compile for"),        # in torch's list, not in nvcc 13's: nvcc failed mid-build
+    ("sm_90", "Unknown CUDA arch"),
+])
+def test_torch_cuda_arch_list_is_checked_before_compiling(tmp_path, arch, says):
+    kit = _versioned_toolkit(tmp_path, release=__import__("torch").version.cuda)
+    proc = _run_setup({"CUDA_HOME": str(kit), "TORCH_CUDA_ARCH_LIST": arch, "CUDA_VISIBLE_DEVICES": ""})
+    assert proc.returncode != 0, proc.stdout + proc.stderr
+    assert f"TORCH_CUDA_ARCH_LIST={arch!r}" in proc.stderr or f"TORCH_CUDA_ARCH_LIST={arch}" in proc.stderr
+    assert says in proc.stderr, proc.stderr
+
+
+@needs_cuda_torch
+def test_valid_arch_list_passes(tmp_path, clean_env):
+    kit = _versioned_toolkit(tmp_path)
+    clean_env.setenv("TORCH_CUDA_ARCH_LIST", "8.0;9.0a+PTX")
+    _load_setup().check_arch_list(str(kit))  # no SystemExit
+
+
+@needs_cuda_torch
+def test_cuda_home_that_is_not_a_toolkit_stops_a_cuda_build(tmp_path):
+    # It built the CPU kernels only, saying so only in output pip hides: CUDA_HOME names the toolkit the user wants.
+    proc = _run_setup({"CUDA_HOME": str(tmp_path)})
+    assert proc.returncode != 0, proc.stdout + proc.stderr
+    assert f"CUDA_HOME={tmp_path} is not a CUDA toolkit" in proc.stderr and "DEEPLAB_OPS_CUDA=0" in proc.stderr
+    assert _run_setup({"CUDA_HOME": str(tmp_path), "DEEPLAB_OPS_CUDA": "0"}).returncode == 0
+
+
+def test_toolkit_of_another_cuda_major_is_not_used(tmp_path, clean_env):
+    # torch stops a build whose nvcc's major version differs from its own CUDA's, after setup.py chose to build the
+    # CUDA sources: "unset" means build them when they can be built.
+    import torch
+
+    setup = _load_setup()
+    clean_env.setattr(torch.version, "cuda", "13.0")
+    clean_env.setenv("CUDA_HOME", str(_versioned_toolkit(tmp_path, release="12.4")))
+    clean_env.delenv("DEEPLAB_OPS_CUDA", raising=False)
+    assert setup.cuda_decision() == (False, None)
+    assert "CUDA 12.4" in setup.BUILD["cuda_reason"] and "CUDA 13.0" in setup.BUILD["cuda_reason"]
+    clean_env.setenv("DEEPLAB_OPS_CUDA", "1")
+    with pytest.raises(SystemExit, match="CUDA 12.4"):
+        setup.cuda_decision()
+
+
+def test_pip_isolated_build_against_another_torch_is_refused(tmp_path):
+    # `pip install -e .` without --no-build-isolation downloaded torch (pyproject's build requires) into
+    # pip-build-env-*, built against it (a CUDA build if nvcc was found, though the environment's torch was CPU-only)
+    # and installed an extension that does not load with the environment's torch.
+    fake = tmp_path / "pip-build-env-abc" / "overlay" / "torch"
+    fake.mkdir(parents=True)
+    (fake / "__init__.py").write_text("__version__ = '9.9.9+cu999'\nclass version:\n    cuda = '99.0'\n")
+    proc = _run_setup({}, pythonpath=str(fake.parent))
+    assert proc.returncode != 0
+    assert "isolated environment" in proc.stderr and "9.9.9+cu999" in proc.stderr, proc.stderr
+    assert "pip install --no-build-isolation -e ." in proc.stderr
+    import torch
+
+    setup = _load_setup()
+    assert setup.isolated_build_problem(str(fake / "__init__.py"), torch.__version__) is None  # the same torch: fine
+    assert setup.isolated_build_problem(torch.__file__, "9.9.9") is None  # not an isolated build
+
+
+def test_sdist_carries_every_source_and_header(tmp_path):
+    # setuptools put only the compiled sources of the building machine in the sdist: no header (every build from it
+    # failed), and on a CPU-only machine no CUDA source.
+    import shutil
+    import tarfile
+
+    tree = tmp_path / "tree"
+    tree.mkdir()
+    for name in ("setup.py", "pyproject.toml", "README.md"):
+        shutil.copy(ROOT / name, tree / name)
+    for name in ("csrc", "deeplab_ops", "model", "training"):
+        shutil.copytree(ROOT / name, tree / name, ignore=shutil.ignore_patterns("__pycache__", "*.so", "*.json"))
+    proc = subprocess.run([sys.executable, "setup.py", "-q", "sdist", "-d", str(tmp_path / "dist")], cwd=tree,
+                          env={**os.environ, "DEEPLAB_OPS_CUDA": "0"}, capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    (archive,) = (tmp_path / "dist").glob("*.tar.gz")
+    with tarfile.open(archive) as tar:
+        names = {n.split("/", 1)[1] for n in tar.getnames() if "/" in n}
+    wanted = {str(p.relative_to(ROOT)) for p in (ROOT / "csrc").rglob("*") if p.is_file()}
+    assert not wanted - names, f"missing from the sdist: {sorted(wanted - names)}"
+
+
+def test_build_records_what_it_built(tmp_path, clean_env, monkeypatch):
+    """build_ext writes what was built beside the extension; `python -m deeplab_ops` shows why no CUDA kernels (it
+    said "CUDA C++ kernels: no", and the cuda backend's hint told to rebuild where a toolkit is found, on a machine
+    that has one, for a build made with DEEPLAB_OPS_CUDA=0)."""
+    import json
+
+    from setuptools import Distribution, Extension
+    from setuptools.command import build_ext
+
+    from deeplab_ops.__main__ import _build_lines
+
+    setup = _load_setup()
+    clean_env.setenv("DEEPLAB_OPS_CUDA", "0")
+    setup.cuda_decision()
+    monkeypatch.setattr(build_ext.build_ext, "run", lambda self: None)  # compile nothing
+    cmd = setup.build_ext_class()(Distribution({"name": "x", "ext_modules": [Extension("deeplab_ops._C", [])]}))
+    cmd.initialize_options()
+    cmd.build_lib = str(tmp_path)
+    cmd.finalize_options()
+    cmd.run()
+    info = json.loads((tmp_path / "deeplab_ops" / _extension.BUILD_INFO).read_text())
+    import torch
+
+    assert info["torch"] == torch.__version__ and info["cuda_kernels"] is False
+    assert info == _extension.build_info(str(tmp_path / "deeplab_ops"))
+    lines = _build_lines(False, info)
+    assert "CUDA C++ kernels: no (DEEPLAB_OPS_CUDA=0 at build time)" in lines[0]
+    assert f"torch {torch.__version__}" in lines[1]
+
+
+def test_extension_built_against_another_torch_is_not_loaded(tmp_path):
+    # An extension built against another torch may load without an error and then crash; the error named no versions.
+    import json
+
+    (tmp_path / "_C.abi3.so").write_bytes(b"")  # never loaded: refused first
+    (tmp_path / _extension.BUILD_INFO).write_text(json.dumps({"torch": "2.0.0+cpu"}))
+    with pytest.raises(ImportError, match=r"built against torch 2\.0\.0\+cpu, but this is torch .*must be rebuilt"):
+        _extension.load(str(tmp_path))
+    import torch
+
+    assert _extension.stale_build_message({"torch": torch.__version__}) is None
+    assert _extension.stale_build_message(None) is None
