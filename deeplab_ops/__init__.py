@@ -6,16 +6,17 @@ Importing compiles nothing and touches no GPU.
 # ruff: noqa: I001  (order matters: load _C, then the modules that register kernels for its ops)
 from deeplab_ops import _extension
 
-_extension.load()
-
-from deeplab_ops.ops import bn_stages as _bn_stages  # noqa: E402,F401  (fake kernels of the stage ops)
-from deeplab_ops.ops.conv_bn_relu import conv_bn_relu  # noqa: E402
-from deeplab_ops.ops.aspp import aspp  # noqa: E402
-from deeplab_ops.ops.upsample_ce import upsample_cross_entropy  # noqa: E402
-from deeplab_ops.backends import BACKENDS, auto_backend, available_backends  # noqa: E402
-from deeplab_ops import reference  # noqa: E402
-from deeplab_ops import triton as _triton  # noqa: E402,F401  (registers the triton kernels; imports no triton)
-from deeplab_ops import nn  # noqa: E402
+# Raises an ImportError that says how to rebuild when _C is missing or stale; only `python -m deeplab_ops` goes on
+# without it, to report why.
+if _extension.load_for_package():
+    from deeplab_ops.ops import bn_stages as _bn_stages  # noqa: F401  (fake kernels of the stage ops)
+    from deeplab_ops.ops.conv_bn_relu import conv_bn_relu
+    from deeplab_ops.ops.aspp import aspp
+    from deeplab_ops.ops.upsample_ce import upsample_cross_entropy
+    from deeplab_ops.backends import BACKENDS, auto_backend, available_backends
+    from deeplab_ops import reference
+    from deeplab_ops import triton as _triton  # noqa: F401  (registers the triton kernels; imports no triton)
+    from deeplab_ops import nn
 
 __version__ = "0.1.0"
 

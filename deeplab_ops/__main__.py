@@ -73,6 +73,12 @@ def main(argv: list[str] | None = None) -> int:
     except ImportError as e:
         print(f"deeplab_ops  cannot be imported: {e}")
         return 1
+    if _extension.LOAD_ERROR is not None:  # the package imported only to report this
+        print(f"deeplab_ops  cannot be imported: {_extension.LOAD_ERROR}")
+        info = _extension.build_info()
+        if info:
+            print(f"built with   torch {info.get('torch', '?')} (deeplab_ops/{_extension.BUILD_INFO})")
+        return 1
     print(f"deeplab_ops  {deeplab_ops.__version__} ({os.path.dirname(deeplab_ops.__file__)})")
     cuda_built = _extension.cuda_kernels_compiled()
     for line in _build_lines(cuda_built, _extension.build_info()):

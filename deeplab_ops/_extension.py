@@ -5,8 +5,10 @@ from __future__ import annotations
 import functools
 import importlib
 import importlib.machinery
+import itertools
 import json
 import os
+import sys
 
 import torch
 
@@ -68,6 +70,31 @@ def load(directory: str = _HERE) -> None:
             f"deeplab_ops: the compiled extension deeplab_ops._C cannot be loaded with torch {torch.__version__} "
             f"({e}). {why} {_REBUILD}"
         ) from e
+
+
+# Why _C did not load, when `python -m deeplab_ops` imported the package to report it (diagnosing()); else None.
+LOAD_ERROR: ImportError | None = None
+
+
+def diagnosing(argv: list[str] | None = None) -> bool:
+    """Whether this process is `python -m deeplab_ops`, the report of what was built: its import of the package must
+    not fail on a missing or stale _C (runpy imports the package before __main__ runs), so that it can say why."""
+    argv = list(getattr(sys, "orig_argv", []) if argv is None else argv)
+    return "-mdeeplab_ops" in argv or ("-m", "deeplab_ops") in itertools.pairwise(argv)
+
+
+def load_for_package() -> bool:
+    """load(), from deeplab_ops/__init__.py: True when _C is loaded; False (the failure kept in LOAD_ERROR) only under
+    `python -m deeplab_ops`, which then reports it; any other import raises the ImportError."""
+    global LOAD_ERROR
+    try:
+        load()
+    except ImportError as e:
+        if not diagnosing():
+            raise
+        LOAD_ERROR = e
+        return False
+    return True
 
 
 def has_kernel(op: str, dispatch_key: str) -> bool:

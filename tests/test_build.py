@@ -414,3 +414,34 @@ def test_extension_built_against_another_torch_is_not_loaded(tmp_path):
 
     assert _extension.stale_build_message({"torch": torch.__version__}) is None
     assert _extension.stale_build_message(None) is None
+
+
+def test_python_m_deeplab_ops_reports_a_missing_or_stale_extension(tmp_path):
+    """`python -m deeplab_ops` is the check to run when the build is wrong: runpy imports the package before its
+    __main__, so a missing or stale _C gave a traceback and no report. It reports the reason (exit 1); `import
+    deeplab_ops` still raises it."""
+    import shutil
+    import subprocess
+    import sys
+
+    pkg = tmp_path / "deeplab_ops"
+    shutil.copytree(ROOT / "deeplab_ops", pkg, ignore=shutil.ignore_patterns("_C*", "_build_info.json", "__pycache__"))
+    env = {k: v for k, v in os.environ.items() if k != "PYTHONPATH"}
+
+    def run(*args):
+        return subprocess.run([sys.executable, *args], cwd=tmp_path, env=env, capture_output=True, text=True,
+                              timeout=300)
+
+    report = run("-m", "deeplab_ops")
+    assert report.returncode == 1 and "Traceback" not in report.stderr, report.stderr[-2000:]
+    assert "deeplab_ops  cannot be imported: deeplab_ops: the compiled extension deeplab_ops._C is missing" in \
+        report.stdout, report.stdout
+    imported = run("-c", "import deeplab_ops")
+    assert imported.returncode == 1 and "ImportError: deeplab_ops: the compiled extension" in imported.stderr
+
+    so = next(p for p in (ROOT / "deeplab_ops").iterdir() if p.name.startswith("_C") and p.suffix == ".so")
+    shutil.copy(so, pkg / so.name)
+    (pkg / "_build_info.json").write_text('{"torch": "1.0.0", "cuda_kernels": false}')
+    report = run("-m", "deeplab_ops")
+    assert report.returncode == 1 and "Traceback" not in report.stderr, report.stderr[-2000:]
+    assert "was built against torch 1.0.0" in report.stdout and "built with   torch 1.0.0" in report.stdout
