@@ -367,7 +367,8 @@ def main() -> None:
     setup(
         ext_modules=ext_modules,
         cmdclass={"build_ext": build_ext_class()},
-        options={"bdist_wheel": {"py_limited_api": "cp39"}},
+        # abi3 from Python 3.10: the stable API torch compiles the extension for (-DPy_LIMITED_API=0x030A0000)
+        options={"bdist_wheel": {"py_limited_api": "cp310"}},
     )
 
 
