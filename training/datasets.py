@@ -487,6 +487,12 @@ def read_class_list(path: str) -> list[str]:
         raise ValueError(f"class list {path}: line {lines.index('') + 1} is blank; line i names class index i, so a "
                          "blank line would shift the classes after it: remove it, or name the class")
     names = lines
+    first: dict[str, int] = {}
+    for i, name in enumerate(names):
+        if name in first:  # the metrics report per class by name: two alike would be told apart by index only
+            raise ValueError(f"class list {path}: lines {first[name] + 1} and {i + 1} both name {name!r}; each class "
+                             "needs a name of its own")
+        first[name] = i
     if len(names) < 2:
         raise ValueError(f"class list {path} names {len(names)} classes; need at least 2")
     if len(names) > 255:

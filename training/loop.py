@@ -235,12 +235,11 @@ def evaluate(model: nn.Module, dataset, num_classes: int, class_names, device: t
     kept, t0, done = [], time.time(), 0  # kept: (index in the dataset, triple) for the first `keep` images
     with reads.reporting():
         for images, masks, sizes, _names in loader:
-            probs = predict_probs(model, images.to(device, non_blocking=True), scales, flip, amp, channels_last)
-            pred = probs.argmax(1).cpu()
-            for i, (h, w) in enumerate(sizes):
-                metrics.update(pred[i, :h, :w], masks[i, :h, :w])
+            preds = _predict_at_own_sizes(model, images, sizes, device, scales, flip, amp, channels_last)
+            for i, ((h, w), pred) in enumerate(zip(sizes, preds, strict=True)):
+                metrics.update(pred, masks[i, :h, :w])
                 if indices[done + i] < keep:
-                    kept.append((indices[done + i], (images[i, :, :h, :w], masks[i, :h, :w], pred[i, :h, :w])))
+                    kept.append((indices[done + i], (images[i, :, :h, :w], masks[i, :h, :w], pred)))
             done += len(sizes)
             if progress and rank == 0:
                 Progress.line(f"eval {done * world_size}/{len(dataset)} images  {time.time() - t0:.0f}s", final=False)
@@ -257,6 +256,26 @@ def evaluate(model: nn.Module, dataset, num_classes: int, class_names, device: t
         Progress.line(f"eval {len(dataset)} images  {time.time() - t0:.1f}s", final=True)
     model.train(was_training)
     return metrics.compute(), [triple for _, triple in kept]
+
+
+def _predict_at_own_sizes(model: nn.Module, images: torch.Tensor, sizes, device: torch.device, scales, flip: bool,
+                          amp: str, channels_last: bool) -> list[torch.Tensor]:
+    """Per image of a padded batch (pad_collate), its (h, w) prediction on the CPU, each image predicted at its own
+    size: the images of one size go through the network together, unpadded. Padding would change every pixel's
+    prediction, not only those near the border (the ASPP image-pooling branch averages over the whole input, and
+    the scaled size and the output-stride grid follow the padded size), so the metrics would depend on
+    --eval-batch-size and on which images share a batch."""
+    preds: list[torch.Tensor | None] = [None] * len(sizes)
+    groups: dict[tuple[int, int], list[int]] = {}
+    for i, (h, w) in enumerate(sizes):
+        groups.setdefault((int(h), int(w)), []).append(i)
+    for (h, w), idx in groups.items():
+        x = images[idx, :, :h, :w] if len(idx) < len(sizes) or (h, w) != tuple(images.shape[-2:]) else images
+        probs = predict_probs(model, x.to(device, non_blocking=True), scales, flip, amp, channels_last)
+        pred = probs.argmax(1).cpu()
+        for j, i in enumerate(idx):
+            preds[i] = pred[j]
+    return preds
 
 
 # ---- logging ---------------------------------------------------------------------------------------------------

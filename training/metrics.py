@@ -1,4 +1,4 @@
-"""Segmentation metrics from a dataset-level confusion matrix, and the per-image variant of the TF reference.
+"""Segmentation metrics from a dataset-level confusion matrix, and a per-image variant.
 
 Dataset-level (the PASCAL VOC protocol): one (C, C) confusion matrix summed over every pixel of the split, then
     pixel accuracy  = Σ diag / Σ all
@@ -8,9 +8,13 @@ Dataset-level (the PASCAL VOC protocol): one (C, C) confusion matrix summed over
 Rows are ground truth, columns predictions; pixels labelled `ignore_index` are not counted.
 
 Per-image ("per_image_miou_present"): the mean over images of each image's mIoU, where an image's mIoU averages
-only the classes present in it (in its ground truth or its prediction). This is the number the TensorFlow
-reference implementation's evaluation reported; it is usually higher than the dataset-level mIoU because small,
-hard classes weigh less. It is reported next to, never instead of, the dataset-level mIoU.
+only the classes present in it (in its ground truth or its prediction, on pixels not ignored); images without a
+pixel to count are left out. It is usually higher than the dataset-level mIoU because small, hard classes weigh
+less. It is not what the DeepLab papers or their TensorFlow reference's eval.py give (tf.metrics.mean_iou: the
+dataset-level confusion matrix, as above), so it is shown next to, never instead of, the dataset-level mIoU.
+
+Per-class results are keyed by class name; a name given to more than one class gets its class index appended
+("thing [2]"), so that no class's entry replaces another's.
 """
 
 from __future__ import annotations
@@ -87,11 +91,26 @@ class SegmentationMetrics:
         }
 
 
+def _unique_names(names: list[str]) -> list[str]:
+    """Class names as dict keys: a name that more than one class has gets " [index]" appended for each of them."""
+    counts: dict[str, int] = {}
+    for n in names:
+        counts[n] = counts.get(n, 0) + 1
+    keys = [n if counts[n] == 1 else f"{n} [{i}]" for i, n in enumerate(names)]
+    taken = set()
+    for i, k in enumerate(keys):  # a key may still clash with a given name ("a [1]"): append the index again
+        while k in taken:
+            k = f"{k} [{i}]"
+        keys[i] = k
+        taken.add(k)
+    return keys
+
+
 def metrics_from_confusion(cm: torch.Tensor | np.ndarray, class_names=None) -> dict:
     """Pixel accuracy, mean accuracy, mIoU, fwIoU and per-class IoU/accuracy of a (C, C) confusion matrix."""
     cm = torch.as_tensor(cm).double()
     c = cm.shape[0]
-    names = list(class_names) if class_names is not None else [str(i) for i in range(c)]
+    names = _unique_names([str(n) for n in class_names] if class_names is not None else [str(i) for i in range(c)])
     total = cm.sum()
     inter, gt, pr = cm.diag(), cm.sum(1), cm.sum(0)
     union = gt + pr - inter
@@ -129,5 +148,5 @@ def format_table(metrics: dict) -> str:
     lines.append(f"{'fwIoU':<{width}}  {_pct(metrics['fw_iou'])}")
     if "per_image_miou_present" in metrics:
         lines.append(f"{'per-img mIoU':<{width}}  {_pct(metrics['per_image_miou_present'])}   "
-                     "(TF-reference style: per image, classes present only; not comparable to mIoU)")
+                     "(mean of per-image mIoUs over the classes present; not comparable to mIoU)")
     return "\n".join(lines)

@@ -8,6 +8,7 @@ training.loop.StreamSampler): resuming a run replays exactly the same crops.
 
 from __future__ import annotations
 
+import math
 import random
 
 import numpy as np
@@ -24,11 +25,15 @@ def to_tensors(image: np.ndarray, mask: np.ndarray | None) -> tuple[torch.Tensor
     """(H, W, 3) uint8 and (H, W) uint8 → float (3, H, W) in [0, 1] and int64 (H, W)."""
     if image.ndim != 3 or image.shape[2] != 3:
         raise ValueError(f"image must be (H, W, 3), got shape {image.shape}")
+    if image.dtype != np.uint8:  # divided by 255 below: a float image in [0, 1] would become nearly black
+        raise ValueError(f"image must be uint8 (values 0-255), got dtype {image.dtype}")
     img = torch.from_numpy(np.ascontiguousarray(image)).permute(2, 0, 1).float().div_(255.0)
     if mask is None:
         return img, None
     if mask.shape != image.shape[:2]:
         raise ValueError(f"mask shape {mask.shape} does not match image shape {image.shape[:2]}")
+    if mask.dtype.kind not in "ui":  # a float mask would be truncated to class indices
+        raise ValueError(f"mask must hold integer class indices, got dtype {mask.dtype}")
     return img, torch.from_numpy(np.ascontiguousarray(mask)).long()
 
 
@@ -38,9 +43,36 @@ def normalize(img: torch.Tensor, mean=IMAGENET_MEAN, std=IMAGENET_STD) -> torch.
     return (img - m) / s
 
 
+def _linear_taps(in_size: int, out_size: int):
+    """Source rows/columns and weights of a linear resize, align_corners=False (F.interpolate's convention):
+    output pixel d samples the input at (d + 0.5)·in/out − 0.5, clamped to the image, between pixels i0 and i1."""
+    src = ((torch.arange(out_size, dtype=torch.float64) + 0.5) * (in_size / out_size) - 0.5).clamp_(min=0.0)
+    i0 = src.floor().long().clamp_(max=in_size - 1)
+    i1 = (i0 + 1).clamp_(max=in_size - 1)
+    w1 = (src - i0).float()
+    return i0, i1, 1.0 - w1, w1
+
+
+def _bilinear(img: torch.Tensor, size: tuple[int, int]) -> torch.Tensor:
+    """Bilinear resize of (C, H, W), align_corners=False, no antialiasing: F.interpolate's function, computed with
+    gathers and elementwise products and sums (each rounded once), so that every value is the same at any thread
+    count. F.interpolate's CPU bilinear kernel rounds differently depending on how its work is split between
+    threads: a DataLoader worker (one thread) would give other last bits than the main process."""
+    x = img.permute(1, 2, 0)  # (H, W, C): rows and columns are gathered whole
+    for dim, out in ((0, size[0]), (1, size[1])):
+        i0, i1, w0, w1 = _linear_taps(x.shape[dim], out)
+        shape = (-1, 1, 1) if dim == 0 else (-1, 1)
+        lo = x.index_select(dim, i0).mul_(w0.to(x.dtype).view(shape))
+        x = lo.add_(x.index_select(dim, i1).mul_(w1.to(x.dtype).view(shape)))
+    return x.permute(2, 0, 1)
+
+
 def resize_pair(img: torch.Tensor, mask: torch.Tensor | None, size: tuple[int, int]):
-    """Bilinear (align_corners=False) image, nearest-exact mask: pixel centres map identically for both."""
-    img = F.interpolate(img[None], size=size, mode="bilinear", align_corners=False)[0]
+    """Bilinear (align_corners=False) image, nearest-exact mask: pixel centres map identically for both.
+
+    The image's values do not depend on torch's thread count (see _bilinear): a sample is the same in the main
+    process and in any DataLoader worker."""
+    img = _bilinear(img, size)
     if mask is not None:
         mask = F.interpolate(mask[None, None].float(), size=size, mode="nearest-exact")[0, 0].long()
     return img, mask
@@ -56,6 +88,8 @@ class TrainTransform:
         lo, hi = scale_range
         if not 0 < lo <= hi:
             raise ValueError(f"scale_range must satisfy 0 < min <= max, got {scale_range}")
+        if not math.isfinite(hi):
+            raise ValueError(f"scale_range must be finite, got {scale_range}")
         self.crop_size, self.scale_range, self.flip = crop_size, (float(lo), float(hi)), flip
         self.mean, self.std, self.ignore_index = mean, std, ignore_index
 

@@ -433,3 +433,9 @@ def test_folder_photo_stored_sideways_pairs_with_an_upright_mask(tmp_path):
     image, mask, _ = ds[1]
     assert np.array_equal(image, stored) and mask.shape == (20, 30)
     assert datasets.read_image(str(tmp_path / "images" / "upright.png"), exif_orientation=True).shape == (30, 20, 3)
+
+
+def test_class_list_with_a_repeated_name_is_refused(tmp_path):
+    (tmp_path / "classes.txt").write_text("background\ncat\ndog\ncat\n")
+    with pytest.raises(ValueError, match="lines 2 and 4 both name 'cat'"):
+        datasets.read_class_list(str(tmp_path / "classes.txt"))
