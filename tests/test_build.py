@@ -426,10 +426,15 @@ def test_python_m_deeplab_ops_reports_a_missing_or_stale_extension(tmp_path):
 
     pkg = tmp_path / "deeplab_ops"
     shutil.copytree(ROOT / "deeplab_ops", pkg, ignore=shutil.ignore_patterns("_C*", "_build_info.json", "__pycache__"))
-    env = {k: v for k, v in os.environ.items() if k != "PYTHONPATH"}
+    import torch
+
+    # -S: no site processing, so no editable install's finder or .pth (CI's `pip install -e .`) can put the
+    # repository's deeplab_ops before the copy; torch and the rest come from their site-packages, given directly.
+    site_packages = os.path.dirname(os.path.dirname(torch.__file__))
+    env = {**{k: v for k, v in os.environ.items() if k != "PYTHONPATH"}, "PYTHONPATH": f"{tmp_path}:{site_packages}"}
 
     def run(*args):
-        return subprocess.run([sys.executable, *args], cwd=tmp_path, env=env, capture_output=True, text=True,
+        return subprocess.run([sys.executable, "-S", *args], cwd=tmp_path, env=env, capture_output=True, text=True,
                               timeout=300)
 
     report = run("-m", "deeplab_ops")
