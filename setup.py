@@ -157,14 +157,18 @@ def find_cuda_home() -> tuple[str | None, str]:
     return None, "no nvcc on PATH, no CUDA_HOME, no /usr/local/cuda"
 
 
+def _nvcc_output(home: str, flag: str) -> str:
+    """What the toolkit's nvcc prints for `flag` ("" when it cannot be run)."""
+    try:
+        return subprocess.run([os.path.join(home, "bin", "nvcc"), flag], capture_output=True, text=True,
+                              timeout=60).stdout
+    except (OSError, subprocess.SubprocessError):
+        return ""
+
+
 def nvcc_release(home: str) -> str | None:
     """The CUDA release of the toolkit's nvcc ("13.0"), or None when nvcc does not say."""
-    try:
-        out = subprocess.run([os.path.join(home, "bin", "nvcc"), "--version"], capture_output=True, text=True,
-                             timeout=60)
-    except (OSError, subprocess.SubprocessError):
-        return None
-    match = re.search(r"release (\d+)\.(\d+)", out.stdout)
+    match = re.search(r"release (\d+)\.(\d+)", _nvcc_output(home, "--version"))
     return f"{match.group(1)}.{match.group(2)}" if match else None
 
 
@@ -239,12 +243,7 @@ def default_max_jobs() -> None:
 
 def nvcc_archs(home: str) -> set[str] | None:
     """The virtual architectures the toolkit's nvcc compiles for ({"75", "80", ...}), or None if it does not say."""
-    try:
-        out = subprocess.run([os.path.join(home, "bin", "nvcc"), "--list-gpu-arch"], capture_output=True, text=True,
-                             timeout=60)
-    except (OSError, subprocess.SubprocessError):
-        return None
-    found = set(re.findall(r"compute_(\d+)", out.stdout))
+    found = set(re.findall(r"compute_(\d+)", _nvcc_output(home, "--list-gpu-arch")))
     return found or None
 
 

@@ -33,6 +33,12 @@ def build_info(directory: str = _HERE) -> dict | None:
     return info if isinstance(info, dict) else None
 
 
+@functools.cache
+def cuda_build_reason() -> str | None:
+    """Why this package's _C has no CUDA kernels, as setup.py recorded it (None: no record, or it has them)."""
+    return (build_info() or {}).get("cuda_reason")
+
+
 def _extension_present(directory: str) -> bool:
     return any(os.path.isfile(os.path.join(directory, "_C" + suffix))
                for suffix in importlib.machinery.EXTENSION_SUFFIXES)

@@ -44,7 +44,7 @@ def _device_reasons(backend: str, device: torch.device) -> list[str]:
         if device.type != "cuda":
             reasons.append(f"it runs CUDA tensors, got a tensor on {device}")
         if not _extension.cuda_kernels_compiled():
-            why = (_extension.build_info() or {}).get("cuda_reason")  # setup.py's record of why not
+            why = _extension.cuda_build_reason()
             reasons.append(
                 f"deeplab_ops._C was built without the CUDA kernels{f' ({why})' if why else ''}: rebuild with a CUDA "
                 "build of torch and a CUDA toolkit of its major version, with DEEPLAB_OPS_CUDA=1 to make anything "

@@ -421,8 +421,6 @@ def test_python_m_deeplab_ops_reports_a_missing_or_stale_extension(tmp_path):
     __main__, so a missing or stale _C gave a traceback and no report. It reports the reason (exit 1); `import
     deeplab_ops` still raises it."""
     import shutil
-    import subprocess
-    import sys
 
     pkg = tmp_path / "deeplab_ops"
     shutil.copytree(ROOT / "deeplab_ops", pkg, ignore=shutil.ignore_patterns("_C*", "_build_info.json", "__pycache__"))

@@ -192,11 +192,10 @@ struct RowInterpolator {
   }
 };
 
-// Per pixel of a row: m = max_c z, lse = m + log(sum_c exp(z - m)). Class by class over the row, so the inner
-// loops run over pixels (vectorized); each pixel's sum adds its classes in order.
+// Per pixel of a row, the logsumexp's two parts: m = max_c z and, in s, log(sum_c exp(z - m)). Class by class over
+// the row, so the inner loops run over pixels (vectorized); each pixel's sum adds its classes in order.
 template <typename acc_t, typename opmath_t>
-void row_logsumexp(const acc_t* __restrict z, int64_t k, int64_t W, acc_t* __restrict m,
-                                          acc_t* __restrict s, acc_t* __restrict lse) {
+void row_logsumexp(const acc_t* __restrict z, int64_t k, int64_t W, acc_t* __restrict m, acc_t* __restrict s) {
   for (int64_t ox = 0; ox < W; ++ox) m[ox] = -std::numeric_limits<acc_t>::infinity(), s[ox] = acc_t(0);
   for (int64_t c = 0; c < k; ++c) {
     const acc_t* zc = z + c * W;
@@ -206,7 +205,7 @@ void row_logsumexp(const acc_t* __restrict z, int64_t k, int64_t W, acc_t* __res
     const acc_t* zc = z + c * W;
     for (int64_t ox = 0; ox < W; ++ox) s[ox] += static_cast<acc_t>(exp_opmath(static_cast<opmath_t>(zc[ox] - m[ox])));
   }
-  for (int64_t ox = 0; ox < W; ++ox) lse[ox] = m[ox] + std::log(s[ox]);
+  for (int64_t ox = 0; ox < W; ++ox) s[ox] = std::log(s[ox]);
 }
 
 // One output row's dz = g * (softmax(z) - onehot), class by class, added y-weighted into the block rows v0
@@ -289,26 +288,26 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> upsample_cross_entropy_forward_cp
     auto body = [&](int64_t begin, int64_t end, auto /*vector width*/) {
       RowInterpolator<scalar_t, acc_t> interp(x, k, h, w, W, xs.i0.data(), xs.i1.data(), st.lx0.data(),
                                               st.lx1.data());
-      std::vector<acc_t> z(k * W), m(W), s(W), l(W);
+      std::vector<acc_t> z(k * W), m(W), s(W);
       for (int64_t row = begin; row < end; ++row) {
         const int64_t b = row / H, oy = row % H;
         interp.output_row(b, ys.i0[oy], ys.i1[oy], static_cast<acc_t>(ys.l0[oy]), static_cast<acc_t>(ys.l1[oy]),
                           z.data());
-        row_logsumexp<acc_t, opmath_t>(z.data(), k, W, m.data(), s.data(), l.data());
+        row_logsumexp<acc_t, opmath_t>(z.data(), k, W, m.data(), s.data());
         acc_t sum = 0;
         int64_t count = 0;
         for (int64_t ox = 0; ox < W; ++ox) {
           const int64_t pix = row * W + ox;
           const int64_t label = t[pix];
           lse_p[pix] = static_cast<scalar_t>(m[ox]);
-          lse_p[plane + pix] = static_cast<scalar_t>(std::log(s[ox]));
+          lse_p[plane + pix] = static_cast<scalar_t>(s[ox]);
           acc_t px = 0;
           if (label != ignore_index) {
             if (label < 0 || label >= k) {
               if (row_bad[row] < 0) row_bad[row] = pix;
               continue;
             }
-            px = l[ox] - z[label * W + ox];
+            px = (m[ox] - z[label * W + ox]) + s[ox];
             sum += px;
             ++count;
           }

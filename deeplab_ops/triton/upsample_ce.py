@@ -83,9 +83,9 @@ def _uce_fwd_kernel(
     x_ptr, t_ptr,
     # stencil tables: rows (H,), columns (W,)
     y0_ptr, y1_ptr, ly0_ptr, ly1_ptr, x0_ptr, x1_ptr, lx0_ptr, lx1_ptr,
-    # outputs: logsumexp parts (2, N, H, W) opmath (max; log of the sum); per-pixel loss (N, H, W) opmath or
-    # per-program partials (grid,)
-    max_ptr, logs_ptr, loss_ptr, psum_ptr, pcnt_ptr,
+    # outputs: logsumexp parts (2, N, H, W) opmath (the max at p, the log of the sum at P + p, in int64: 2P may pass
+    # 2^31); per-pixel loss (N, H, W) opmath or per-program partials (grid,)
+    lse_ptr, loss_ptr, psum_ptr, pcnt_ptr,
     P, K, h, w, H, W, ignore_index,
     PER_PIXEL: tl.constexpr, ACC: tl.constexpr, BLOCK_P: tl.constexpr, BLOCK_K: tl.constexpr,
 ):
@@ -128,8 +128,8 @@ def _uce_fwd_kernel(
     # (m - zt) + log s, not (m + log s) - zt: the rounding of m + log s (up to |m| * 2^-24 in float32) never enters.
     loss = tl.where(bad, float("nan"), (m - zt) + log_s)
     loss = tl.where(valid, loss, 0.0)
-    tl.store(max_ptr + p, m, mask=pm)
-    tl.store(logs_ptr + p, log_s, mask=pm)
+    tl.store(lse_ptr + p, m, mask=pm)
+    tl.store(lse_ptr + (p.to(tl.int64) + P), log_s, mask=pm)
     if PER_PIXEL:
         tl.store(loss_ptr + p, loss, mask=pm)
     else:
@@ -140,14 +140,14 @@ def _uce_fwd_kernel(
 @triton.jit
 def _uce_bwd_kernel(
     # logits (N, K, h, w) contiguous; target (N, H, W) int64; saved logsumexp parts (2, N, H, W) opmath
-    x_ptr, t_ptr, max_ptr, logs_ptr,
+    x_ptr, t_ptr, lse_ptr,
     # dL/dloss: (N, H, W) when PER_PIXEL, else a 0-d opmath tensor (grad, or grad / count for "mean")
     g_ptr,
     # output: dlogits (N, K, h, w) contiguous
     dx_ptr,
     # stencil tables: rows (H,), columns (W,), and the gather ranges of each low-res row (h,) and column (w,)
     y0_ptr, y1_ptr, ly0_ptr, ly1_ptr, x0_ptr, x1_ptr, lx0_ptr, lx1_ptr, ys_ptr, ye_ptr, xs_ptr, xe_ptr,
-    Q, K, h, w, H, W, ignore_index, SPAN_Y, SPAN_X,
+    Q, K, h, w, H, W, P, ignore_index, SPAN_Y, SPAN_X,
     PER_PIXEL: tl.constexpr, ACC: tl.constexpr, BLOCK_Q: tl.constexpr, BLOCK_X: tl.constexpr,
     BLOCK_K: tl.constexpr,
 ):
@@ -196,8 +196,8 @@ def _uce_bwd_kernel(
             pix = n * (H * W) + oy * W + ox
             t = tl.load(t_ptr + pix, mask=pm, other=ignore_index)
             valid = pm & (t != ignore_index)
-            m = tl.load(max_ptr + pix, mask=valid, other=0.0)
-            log_s = tl.load(logs_ptr + pix, mask=valid, other=0.0)
+            m = tl.load(lse_ptr + pix, mask=valid, other=0.0)
+            log_s = tl.load(lse_ptr + (pix.to(tl.int64) + P), mask=valid, other=0.0)
             if PER_PIXEL:
                 g = tl.load(g_ptr + pix, mask=valid, other=0.0).to(ACC)
             else:
@@ -281,7 +281,7 @@ def forward(logits, target, ignore_index: int, align_corners: bool, reduction: s
     if p > 0:
         (y0, y1, ly0, ly1, _, _, _), (x0, x1, lx0, lx1, _, _, _) = _tables(logits, big_h, big_w, align_corners)
         launch_kernel(_uce_fwd_kernel, (grid,),
-            logits, target, y0, y1, ly0, ly1, x0, x1, lx0, lx1, lse[0], lse[1], loss_px, psum, pcnt,
+            logits, target, y0, y1, ly0, ly1, x0, x1, lx0, lx1, lse, loss_px, psum, pcnt,
             p, k, h, w, big_h, big_w, ignore_index,
             PER_PIXEL=per_pixel, ACC=tl_acc, BLOCK_P=block_p, BLOCK_K=block_k, num_warps=warps,
         )
@@ -289,7 +289,7 @@ def forward(logits, target, ignore_index: int, align_corners: bool, reduction: s
         count = (target != ignore_index).sum().to(acc)
         return loss_px.to(logits.dtype), lse, count
     count = pcnt.sum().to(acc)
-    total = psum.sum(dtype=torch.float64)  # the partials merged in double, as the cuda backend does
+    total = psum.sum()
     loss = total / count if reduction == "mean" else total
     return loss.to(logits.dtype), lse, count
 
@@ -325,9 +325,9 @@ def backward(grad, logits, target, lse, count, ignore_index: int, align_corners:
         block_q, block_x, block_k, warps = bwd_config(k, span_x)
     grid = (cdiv(q, block_q), cdiv(k, block_k))
     launch_kernel(_uce_bwd_kernel, grid,
-        logits, target, lse[0], lse[1], g, dx,
+        logits, target, lse, g, dx,
         y0, y1, ly0, ly1, x0, x1, lx0, lx1, ys, ye, xs, xe,
-        q, k, h, w, big_h, big_w, ignore_index, span_y, span_x,
+        q, k, h, w, big_h, big_w, n * big_h * big_w, ignore_index, span_y, span_x,
         PER_PIXEL=per_pixel, ACC=tl_acc, BLOCK_Q=block_q, BLOCK_X=block_x, BLOCK_K=block_k, num_warps=warps,
     )
     return dx

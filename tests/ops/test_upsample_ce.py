@@ -546,10 +546,10 @@ for dt, arch in (("fp16", 90), ("fp32", 80), ("bf16", 90), ("fp64", 80)):
     tables = dict(y0_ptr="i32", y1_ptr="i32", x0_ptr="i32", x1_ptr="i32", ly0_ptr=st, ly1_ptr=st, lx0_ptr=st,
                   lx1_ptr=st)
     for per_pixel in (True, False):
-        build(U._uce_fwd_kernel, dict(x_ptr=dt, t_ptr="i64", max_ptr=st, logs_ptr=st, loss_ptr=st, psum_ptr=st,
+        build(U._uce_fwd_kernel, dict(x_ptr=dt, t_ptr="i64", lse_ptr=st, loss_ptr=st, psum_ptr=st,
               pcnt_ptr="i32", **tables), dict(PER_PIXEL=per_pixel, ACC=acc, BLOCK_P=block_p, BLOCK_K=fwd_k),
               arch, fwd_warps)
-        build(U._uce_bwd_kernel, dict(x_ptr=dt, t_ptr="i64", max_ptr=st, logs_ptr=st, g_ptr=st, dx_ptr=dt,
+        build(U._uce_bwd_kernel, dict(x_ptr=dt, t_ptr="i64", lse_ptr=st, g_ptr=st, dx_ptr=dt,
               ys_ptr="i32", ye_ptr="i32", xs_ptr="i32", xe_ptr="i32", **tables),
               dict(PER_PIXEL=per_pixel, ACC=acc, BLOCK_Q=block_q, BLOCK_X=block_x, BLOCK_K=bwd_k), arch, bwd_warps)
 print("ok")

@@ -29,7 +29,7 @@ ELEM_SIZE = {"fp16": 2, "bf16": 2, "fp32": 4, "tf32": 4, "fp64": 8}
 # ---- the compile script (runs without TRITON_INTERPRET) ---------------------------------------------------
 
 _STAT = ("part", "coef", "mean", "scale", "shift", "bias", "dxp", "invstd", "hyper", "rm_", "rv_", "gamma", "beta",
-         "count", "pm", "sum_", "lse", "max_ptr", "logs_ptr", "loss", "psum", "ly0", "ly1", "lx0", "lx1")
+         "count", "pm", "sum_", "lse", "loss", "psum", "ly0", "ly1", "lx0", "lx1")
 _INT32_PTRS = ("rates_ptr", "pairs_ptr", "pcnt_ptr", "y0_ptr", "y1_ptr", "x0_ptr", "x1_ptr", "ys_ptr", "ye_ptr",
                "xs_ptr", "xe_ptr")
 
