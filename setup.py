@@ -14,8 +14,9 @@ Build switches (environment variables):
                          torch's list and `nvcc --list-gpu-arch` before compiling; "native" needs a GPU.
   MAX_JOBS               parallel compile jobs (ninja), a whole number >= 1. Unset: the CPU count, capped
                          so that each job has about 4 GiB of memory.
-  DEBUG                  1 (or true/yes/on): -O0 -g host and device code (device code with -G is not
-                         enabled: too slow); 0 (false/no/off) or unset: -O3. Any other value is an error.
+  DEBUG                  1 (or true/yes/on): -O0 -g host and device code with asserts on (NDEBUG, which
+                         Python's compile flags define, undefined; device code with -G is not enabled: too
+                         slow); 0 (false/no/off) or unset: -O3. Any other value is an error.
 
 Any value these cannot use stops the build with the reason, before anything is compiled. What was built (the
 torch it was built against, whether the CUDA kernels were compiled and why not) is recorded beside the extension
@@ -293,7 +294,9 @@ def extensions():
 
     BUILD["debug"] = debug
     # No -std flag: torch adds the standard its headers need (C++17 or C++20, by version).
-    opt = ["-O0", "-g"] if debug else ["-O3"]
+    # -UNDEBUG: Python's own compile flags (sysconfig, which setuptools puts first) define NDEBUG, which would
+    # compile out every assert and TORCH_INTERNAL_ASSERT_DEBUG_ONLY of a debug build.
+    opt = ["-O0", "-g", "-UNDEBUG"] if debug else ["-O3"]
     cxx_flags = [*opt, "-fdiagnostics-color=always"]
     # No contraction into fused multiply-adds: the baseline, AVX2 and AVX-512 builds of a CPU kernel
     # (csrc/cpu/isa_dispatch.h) round alike. No trapping math: selects on floats vectorize (nothing here reads FP

@@ -96,6 +96,12 @@ def _check_preset_args(**given) -> None:
     for name, value in given.items():
         if isinstance(value, list):
             value = tuple(value)
+        if value is not None and value != fixed[name] and name == "multi_grid":
+            # torchvision's ResNet has no multi-grid: its layer4 blocks run dilations 2, 4, 4 at output stride 8.
+            raise ValueError(
+                f"preset='torchvision' takes no multi_grid (torchvision's ResNet has none: its layer4 blocks run "
+                f"dilations 2, 4, 4), got multi_grid={value!r}: leave multi_grid unset or use preset=None"
+            )
         if value is not None and value != fixed[name]:
             raise ValueError(
                 f"preset='torchvision' fixes {name}={fixed[name]!r} (torchvision's deeplabv3), got {name}={value!r}: "

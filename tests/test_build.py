@@ -269,6 +269,19 @@ def test_debug_values(clean_env):
     assert proc.returncode != 0 and "DEBUG='yes please'" in proc.stderr, proc.stdout + proc.stderr
 
 
+def test_debug_build_keeps_asserts(clean_env):
+    # DEBUG=1 compiled -O0 -g but kept Python's -DNDEBUG (sysconfig's flags, which setuptools passes first): every
+    # assert and TORCH_INTERNAL_ASSERT_DEBUG_ONLY compiled out of the debug build. -UNDEBUG comes after them.
+    setup = _load_setup()
+    clean_env.setenv("DEEPLAB_OPS_CUDA", "0")
+    clean_env.setenv("MAX_JOBS", "1")  # extensions() sets it when unset: restored by the fixture this way
+    for value, debug in (("1", True), ("0", False)):
+        clean_env.setenv("DEBUG", value)
+        (ext,) = setup.extensions()
+        flags = ext.extra_compile_args["cxx"]
+        assert ("-UNDEBUG" in flags) is debug and ("-O0" in flags) is debug, (value, flags)
+
+
 def _versioned_toolkit(root: Path, release: str = "13.0", archs: str = "75 80 86 89 90 100 120") -> Path:
     """A fake toolkit whose nvcc answers --version and --list-gpu-arch like nvcc `release`."""
     kit = _fake_toolkit(root)

@@ -192,7 +192,7 @@ def test_cli_errors_name_the_flag_with_the_usage(capsys):
     assert err.startswith("usage: python -m model")
     assert "python -m model: error: argument --output-stride: output_stride must be one of (8, 16)" in err
     assert summary_main(["--summary", "--preset", "torchvision", "--multi-grid", "1", "1", "1"]) == 2
-    assert "error: argument --multi-grid: preset='torchvision' fixes multi_grid" in capsys.readouterr().err
+    assert "error: argument --multi-grid: preset='torchvision' takes no multi_grid" in capsys.readouterr().err
     assert summary_main(["--summary", "--num-classes", "0"]) == 2
     assert "error: argument --num-classes: num_classes must be an int >= 1, got 0" in capsys.readouterr().err
 
