@@ -8,6 +8,7 @@ import functools
 import weakref
 
 import torch
+import torch.utils.checkpoint
 from torch import nn
 
 from deeplab_ops.common import back_to_back, check_x_channels, functorch_transform, is_functorch_wrapped, pair
@@ -212,6 +213,19 @@ def _count_batch(counter: Tensor) -> None:
         _remember_batches(counter, known + 1)
 
 
+# What torch.utils.checkpoint(use_reentrant=False) raises to stop a recomputation once the region's last saved tensor
+# is packed (private to torch: None where a version has none). The fused ops write their running statistics before
+# they save anything, as eager BatchNorm does; a stop raised from their save counts the batch too, as eager's
+# BatchNorm counted it before its op.
+_STOP_RECOMPUTATION = getattr(torch.utils.checkpoint, "_StopRecomputationError", None)
+
+
+def _count_if_stopped(error: BaseException, counters) -> None:
+    if _STOP_RECOMPUTATION is not None and isinstance(error, _STOP_RECOMPUTATION):
+        for counter in counters:
+            _count_batch(counter)
+
+
 def _bn_args(bn: nn.BatchNorm2d, training: bool) -> tuple:
     """(bn_weight, bn_bias, running_mean, running_var, training, momentum, eps) of a fused call that behaves as
     `bn.forward` does in this mode (see `_bn_call`)."""
@@ -350,11 +364,16 @@ def fused_conv_bn(
                 return out
     bn_weight, bn_bias, rm, rv, bn_training, momentum, eps, counter = _bn_call(bn, training)
     stride, padding, dilation = _geometry(conv)
-    out = conv_bn_relu(
-        x, conv_weight(conv), bn_weight, bn_bias, rm, rv, stride=stride, padding=padding, dilation=dilation,
-        training=bn_training, momentum=momentum, eps=eps, residual=residual, relu=relu, backend=backend,
-        process_group=process_group, memory_efficient=memory_efficient,
-    )
+    try:
+        out = conv_bn_relu(
+            x, conv_weight(conv), bn_weight, bn_bias, rm, rv, stride=stride, padding=padding, dilation=dilation,
+            training=bn_training, momentum=momentum, eps=eps, residual=residual, relu=relu, backend=backend,
+            process_group=process_group, memory_efficient=memory_efficient,
+        )
+    except Exception as error:
+        if counter is not None:
+            _count_if_stopped(error, (counter,))
+        raise
     if counter is not None:  # bn_step: the batch counted once the call succeeded
         if _BATCHES:
             _count_batch(counter)
@@ -496,7 +515,9 @@ def aspp_parts(module: nn.Module) -> tuple[list[nn.Conv2d], list[nn.BatchNorm2d]
         k = 1 if i == 0 else 3
         if tuple(conv.kernel_size) != (k, k) or tuple(conv.stride) != (1, 1):
             raise ValueError(f"convs.{i} must be a {k}x{k} stride-1 conv, got {conv}")
-        if i > 0:
+        if i == 0:
+            _check_pointwise(conv, "convs.0")
+        else:
             r = conv.dilation[0]
             if tuple(conv.dilation) != (r, r) or _conv_padding(conv) != (r, r):
                 raise ValueError(f"convs.{i} must have dilation = padding = rate, got {conv}")
@@ -507,12 +528,35 @@ def aspp_parts(module: nn.Module) -> tuple[list[nn.Conv2d], list[nn.BatchNorm2d]
     if not isinstance(pooling[0], nn.AdaptiveAvgPool2d) or pooling[0].output_size not in (1, (1, 1)):
         raise ValueError(f"convs.{len(branches) - 1} must be the image-pooling branch, got {pooling}")
     check_fusable(pooling[1], pooling[2])
+    _check_pointwise(pooling[1], f"convs.{len(branches) - 1}.1", stride=False)  # any stride maps 1x1 to 1x1
     convs.append(pooling[1])
     bns.append(pooling[2])
     check_fusable(module.project[0], module.project[1])
+    _check_pointwise(module.project[0], "project.0")
     convs.append(module.project[0])
     bns.append(module.project[1])
     return convs, bns, tuple(rates)
+
+
+def _check_pointwise(conv: nn.Conv2d, name: str, stride: bool = True) -> None:
+    """Raise unless `conv` is the 1x1 convolution without padding (and, with `stride`, of stride 1) that the fused
+    ASPP op computes for the 1x1 branch, the pooling branch and the projection (another padding or stride changes
+    the output's size or values: the op would silently compute the plain 1x1 convolution instead)."""
+    if (tuple(conv.kernel_size) != (1, 1) or _conv_padding(conv) != (0, 0)
+            or (stride and tuple(conv.stride) != (1, 1))):
+        what = "1x1 stride-1 conv without padding" if stride else "1x1 conv without padding"
+        raise ValueError(f"{name} must be a {what}, got {conv}")
+
+
+def _aspp_signature(convs: list, pool: nn.Module) -> tuple:
+    """What of the ASPP's parts a fused call computes from and that can change in place without a child being
+    replaced: each conv's geometry, padding mode, groups and whether it has a bias, and the pooling's output size.
+    The cached structure (`current_aspp_parts`) holds only while this is what it was when validated."""
+    sig = [getattr(pool, "output_size", None)]
+    for conv in convs:
+        sig.append((conv.stride, conv.padding, conv.dilation, conv.padding_mode, conv.groups,
+                    conv._parameters.get("bias") is not None))
+    return tuple(sig)
 
 
 _PARTS_ATTR = "_deeplab_ops_aspp_parts"
@@ -544,13 +588,16 @@ def aspp_fusable(module: nn.Module) -> bool:
 
 def _cache_aspp_parts(module: nn.Module) -> tuple:
     """Validate `module`'s ASPP structure (aspp_parts: clear errors) and cache it on the module: (convs, bns, rates,
-    extras, children, submodules). extras: the modules applied to the op's output; submodules: every module under
-    `module`, looked at for hooks on each call; children: each one's (and `module`'s) `_modules` dict with the
-    children it had, so that a child replaced, added or deleted anywhere drops the cache."""
+    extras, children, submodules, (pool, signature)). extras: the modules applied to the op's output; submodules:
+    every module under `module`, looked at for hooks on each call; children: each one's (and `module`'s) `_modules`
+    dict with the children it had, so that a child replaced, added or deleted anywhere drops the cache; signature:
+    `_aspp_signature` of the convs and the pooling `pool`, so that a conv changed in place (a bias added, another
+    dilation or padding) drops it too."""
     convs, bns, rates = aspp_parts(module)
     submodules = tuple(m for m in module.modules() if m is not module)
     children = tuple((m._modules, tuple(m._modules.values())) for m in (module, *submodules))
-    parts = (convs, bns, rates, list(module.project)[3:], children, submodules)
+    pool = list(module.convs)[-1][0]
+    parts = (convs, bns, rates, list(module.project)[3:], children, submodules, (pool, _aspp_signature(convs, pool)))
     if not torch.compiler.is_compiling():  # a traced graph writes no module attribute (a side effect)
         object.__setattr__(module, _PARTS_ATTR, parts)  # plain attribute: not in the state_dict
     return parts
@@ -577,8 +624,9 @@ def runnable_aspp_parts(module: nn.Module) -> tuple | None:
 
 def current_aspp_parts(module: nn.Module) -> tuple | None:
     """The ASPP structure cached on `module` while every submodule's children are the ones it was validated with (a
-    branch, conv, BatchNorm or dropout replaced, added or deleted drops it: the next call validates anew); None
-    where none is cached."""
+    branch, conv, BatchNorm or dropout replaced, added or deleted drops it: the next call validates anew) and every
+    conv is as it was (a bias added, another stride, padding, dilation or padding mode drops it too); None where none
+    is cached."""
     parts = getattr(module, "__dict__", {}).get(_PARTS_ATTR)
     if parts is None or torch.compiler.is_compiling():  # compiled graphs guard on the modules themselves
         return parts
@@ -589,6 +637,10 @@ def current_aspp_parts(module: nn.Module) -> tuple | None:
         if tuple(modules.values()) != children:
             forget_aspp_parts(module)
             return None
+    check = parts[6] if len(parts) > 6 else None  # (a module pickled with an older cache has none)
+    if check is None or _aspp_signature(parts[0], check[0]) != check[1]:  # a conv changed in place: validated anew
+        forget_aspp_parts(module)
+        return None
     return parts
 
 
@@ -763,13 +815,19 @@ def run_fused_aspp(module: nn.Module, parts: tuple, x: Tensor, backend: str | No
     bn_weights, bn_biases, running_means, running_vars = [list(ts) for ts in kinds[:4]]
     _, _, rm, _, bn_training, momentum, eps = _bn_args(bns[0], training)
     tracked = rm is not None
-    out = aspp(
-        x, [conv_weight(c) for c in convs[:-2]], conv_weight(convs[-2]), conv_weight(convs[-1]), bn_weights,
-        bn_biases, running_means if tracked else None, running_vars if tracked else None, rates=rates,
-        training=bn_training, momentum=momentum, eps=eps, backend=backend, process_group=process_group,
-        memory_efficient=memory_efficient,
-    )
-    if training and bns[0].track_running_stats and tensors[0][4] is not None:
+    counting = training and bns[0].track_running_stats and tensors[0][4] is not None
+    try:
+        out = aspp(
+            x, [conv_weight(c) for c in convs[:-2]], conv_weight(convs[-2]), conv_weight(convs[-1]), bn_weights,
+            bn_biases, running_means if tracked else None, running_vars if tracked else None, rates=rates,
+            training=bn_training, momentum=momentum, eps=eps, backend=backend, process_group=process_group,
+            memory_efficient=memory_efficient,
+        )
+    except Exception as error:
+        if counting:
+            _count_if_stopped(error, kinds[4])
+        raise
+    if counting:
         counters = list(kinds[4])
         if not tracing and back_to_back(counters):  # one add for all
             # The packed counters share storage, not version counters: each known value is carried over by hand.

@@ -14,6 +14,12 @@
 //              dy = gamma*invstd*g) nothing is recomputed and z stands in for y, which is then not read.
 // The backward op runs past the Autograd key, except while a graph of the gradient is built (create_graph=True):
 // then it goes through its own Autograd kernel (deeplab_ops/ops/dispatch.py), which refuses double backward.
+//
+// Running statistics: when it builds a node, the forward writes the op's updated running statistics into the caller's
+// running_mean / running_var itself, before anything is saved for the backward (the front door writes them only for a
+// call that built no node: the output does not require grad). As eager BatchNorm updates them inside its op, before
+// autograd saves its tensors: torch.utils.checkpoint(use_reentrant=False) stops its recomputation inside the packing
+// of a region's last saved tensor, which would otherwise skip the update of the region's last fused layer.
 #include <ATen/ATen.h>
 #include <ATen/core/dispatch/Dispatcher.h>
 #include <torch/csrc/autograd/custom_function.h>
@@ -102,6 +108,12 @@ struct ConvBNReLUFunction : public torch::autograd::Function<ConvBNReLUFunction>
                                         c.memory_efficient);
     }
     const auto& [out, conv_out, mean, invstd, new_rm, new_rv] = r;
+    if (c.training && given(running_mean) && new_rm.defined()) {
+      // Above ADInplaceOrView: the writes bump the statistics' version counters (the eval fold's cache reads them).
+      at::AutoDispatchBelowAutograd no_autograd;
+      running_mean->copy_(new_rm);
+      running_var->copy_(new_rv);
+    }
     // The output only with the ReLU, whose mask the backward reads: without it BatchNorm's backward needs its
     // input, not its output, so the caller may write the output in place (an in-place ReLU6, `+=`), as after
     // eager BatchNorm.

@@ -125,6 +125,13 @@ class _ASPP(torch.autograd.Function):
                                     bn_weight, bn_bias, running_mean, running_var, rates, training, momentum, eps,
                                     group_name, memory_efficient)
         out, branch, pool_pre, proj, mean, invstd, new_rm, new_rv = result
+        if training and running_mean is not None:
+            # The running statistics are written here, before anything is saved for the backward (the front door
+            # writes them only for a call that built no node): torch.utils.checkpoint(use_reentrant=False) stops its
+            # recomputation inside the packing of a region's last saved tensor, after eager BatchNorm updated its
+            # statistics, and so after these writes.
+            running_mean.copy_(new_rm)
+            running_var.copy_(new_rv)
         ctx.mark_non_differentiable(branch, pool_pre, proj, mean, invstd, new_rm, new_rv)
         ctx.set_materialize_grads(False)
         if memory_efficient:
@@ -458,10 +465,13 @@ def aspp(
         args[4:8] = _flat(bn_weights), _flat(bn_biases), _flat(running_means), _flat(running_vars)
         out, *_, new_rm, new_rv = FORWARD[name](*args)
     if training and running_means is not None:
+        # A call that built a graph node (its output requires grad) wrote `whole` in its forward (_ASPP.forward).
+        wrote = out.requires_grad
         with torch.no_grad():  # each statistic in its own form: one tensor (or views of the caller's), or a list
             for given, whole, new in ((running_means, rm, new_rm), (running_vars, rv, new_rv)):
                 if whole is not None:
-                    whole.copy_(new)
+                    if not wrote:
+                        whole.copy_(new)
                 else:
                     for t, part in zip(given, new.chunk(len(given)), strict=True):
                         t.copy_(part)

@@ -525,7 +525,10 @@ def conv_bn_relu(
         out, _, _, _, new_rm, new_rv = call_checked(FORWARD[name], *args)
     else:
         out, _, _, _, new_rm, new_rv = FORWARD[name](*args)
-    if training and running_mean is not None:
+    # A call that built a graph node wrote the statistics in its forward, before saving anything for the backward
+    # (csrc/composite/conv_bn_relu_autograd.cpp: so a checkpointed recomputation that stops at the save updated them,
+    # as eager BatchNorm's does); the others are written here.
+    if training and running_mean is not None and not out.requires_grad:
         with BELOW_AUTOGRAD() if direct else torch.no_grad():  # recorded by no graph
             running_mean.copy_(new_rm)
             running_var.copy_(new_rv)

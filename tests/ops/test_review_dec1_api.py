@@ -1,0 +1,107 @@
+"""Review (Dec 1) of the ops' and modules' API as a new user meets it: defects found and fixed, one test each (each
+failed before its fix)."""
+
+from __future__ import annotations
+
+import copy
+
+import pytest
+import torch
+from torch import nn
+from torchvision.models.segmentation.deeplabv3 import ASPP as TorchvisionASPP
+
+from deeplab_ops.nn import FusedASPP, fuse_modules
+
+
+def _aspp(seed: int = 0) -> nn.Module:
+    torch.manual_seed(seed)
+    m = TorchvisionASPP(3, [1, 2], 4).double().eval()
+    with torch.no_grad():
+        for bn in m.modules():
+            if isinstance(bn, nn.BatchNorm2d):
+                bn.weight.uniform_(0.5, 1.5)
+                bn.bias.uniform_(0.5, 1.5)  # mostly positive before the ReLUs: every branch contributes
+                bn.running_mean.normal_(0.0, 0.2)
+                bn.running_var.uniform_(0.5, 2.0)
+    return m
+
+
+def _x() -> torch.Tensor:
+    return torch.randn(2, 3, 5, 6, dtype=torch.float64, generator=torch.Generator().manual_seed(1))
+
+
+def _pointwise_conv(m: nn.Module, where: str) -> nn.Conv2d:
+    return {"project": m.project[0], "pool": m.convs[-1][1], "branch0": m.convs[0][0]}[where]
+
+
+@pytest.mark.parametrize("where,change", [("project", "padding"), ("project", "stride"), ("pool", "padding")])
+def test_aspp_with_padded_or_strided_pointwise_conv_is_not_fused_into_another_function(where, change):
+    """An ASPP of torchvision's structure whose projection (or pooling) conv has a padding or a stride was fused, and
+    the fused op silently computed the plain 1x1 convolution: another shape or other values than the module's own
+    forward. Now such a module is not fused (it runs its own forward)."""
+    m = _aspp()
+    conv = _pointwise_conv(m, where)
+    setattr(conv, change, (1, 1) if change == "padding" else (2, 2))
+    fused = fuse_modules(copy.deepcopy(m), backend="cpu")
+    x = _x()
+    expected = m(x)
+    out = fused(x)
+    assert out.shape == expected.shape
+    torch.testing.assert_close(out, expected)
+
+
+def test_aspp_with_padded_1x1_branch_is_not_fused():
+    """The 1x1 branch with padding makes torchvision's ASPP fail (its branches' sizes differ); the fused op computed
+    an output anyway. Now it is not fused, and fails as the module does."""
+    m = _aspp()
+    m.convs[0][0].padding = (1, 1)
+    fused = fuse_modules(copy.deepcopy(m), backend="cpu")
+    with pytest.raises(RuntimeError, match="Sizes of tensors must match"):
+        m(_x())
+    with pytest.raises(RuntimeError, match="Sizes of tensors must match"):
+        fused(_x())
+
+
+def _same_bias(m: nn.Module) -> None:
+    m.project[0].bias = nn.Parameter(torch.linspace(-1, 1, 4, dtype=torch.float64))
+
+
+def _dilate(m: nn.Module) -> None:
+    m.convs[1][0].dilation = (2, 2)
+    m.convs[1][0].padding = (2, 2)
+
+
+def _reflect(m: nn.Module) -> None:
+    m.convs[2][0].padding_mode = "reflect"
+
+
+@pytest.mark.parametrize("change", [_same_bias, _dilate, _reflect], ids=["bias", "dilation", "reflect"])
+@pytest.mark.parametrize("kind", ["fuse_modules", "FusedASPP"])
+def test_aspp_conv_changed_in_place_after_a_call_is_seen(kind, change):
+    """A fused ASPP caches its validated structure on its first call; a conv changed in place afterwards (a bias
+    added, another dilation and padding, reflect padding) was not seen: the op kept computing the old structure
+    (max differences 0.2-0.5). Now the change drops the cache, and the next call computes what the module does."""
+    if kind == "fuse_modules":
+        m = _aspp()
+        fused = fuse_modules(copy.deepcopy(m), backend="cpu")
+    else:
+        fused = FusedASPP(3, [1, 2], 4, backend="cpu").double().eval()
+        fused.load_state_dict(_aspp().state_dict())
+        m = _aspp()
+    x = _x()
+    torch.testing.assert_close(fused(x), m(x))  # first call: the structure is cached
+    change(m)
+    change(fused)
+    torch.testing.assert_close(fused(x), m(x))
+
+
+def test_fused_aspp_forward_refuses_a_conv_changed_in_place():
+    """deeplab_ops.nn.fused_aspp_forward (the functional form) validates again, with its clear error, after a conv of
+    an ASPP it ran was given a bias."""
+    from deeplab_ops.nn import fused_aspp_forward
+
+    m = _aspp()
+    fused_aspp_forward(m, _x(), backend="cpu")
+    _same_bias(m)
+    with pytest.raises(ValueError, match="conv has a bias"):
+        fused_aspp_forward(m, _x(), backend="cpu")
