@@ -1167,6 +1167,26 @@ def _apply_presets(args, device: torch.device) -> None:
         args.out_dir = os.path.join("runs", args.dataset)
 
 
+def _is_cpu_out_of_memory(e: RuntimeError) -> bool:
+    """PyTorch's CPU allocator failing (a RuntimeError, not a MemoryError)."""
+    return "DefaultCPUAllocator: can't allocate memory" in str(e) or "not enough memory" in str(e)
+
+
+def _out_of_memory_text(args, e: BaseException) -> str:
+    """One line for an allocation that failed: the sizes that set the memory, and what the run kept."""
+    first = (str(e).strip().splitlines() or [""])[0][:200]
+    sizes = ", ".join(f"{_flag(k, with_value=False)} {getattr(args, k)}" for k in ("crop_size", "batch_size",
+                                                                                  "eval_batch_size")
+                      if getattr(args, k, None) is not None)
+    written = [] if args.predict or args.eval_only or not args.out_dir else \
+        [f for f in ("last.pt", "best.pt") if os.path.isfile(os.path.join(args.out_dir, f))]
+    kept = f"; the checkpoints written so far ({', '.join(written)}) are in {os.path.abspath(args.out_dir)}" \
+        if written else ""
+    return (f"train.py: out of memory ({type(e).__name__}: {first})" + (f" with {sizes}" if sizes else "") +
+            "; lower --crop-size (for the synthetic set it is also the image size), --batch-size or "
+            f"--eval-batch-size{kept}")
+
+
 def main(argv=None) -> None:
     quiet = machine_follower()
     with contextlib.redirect_stderr(io.StringIO()) if quiet else contextlib.nullcontext():
@@ -1189,7 +1209,11 @@ def main(argv=None) -> None:
         kept = f"; the checkpoints written so far ({', '.join(written)}) are in {os.path.abspath(args.out_dir)}" \
             if written else ""
         raise SystemExit(f"train.py: {_data_error_text(e)}{kept}") from None
+    except (MemoryError, torch.OutOfMemoryError) as e:  # e.g. --crop-size 100000: one line, not a traceback
+        raise SystemExit(_out_of_memory_text(args, e)) from None
     except RuntimeError as e:
+        if _is_cpu_out_of_memory(e):
+            raise SystemExit(_out_of_memory_text(args, e)) from None
         if not (info.enabled and distributed.lost_peer(e)):
             raise
         # Another process stopped (its own message says why) and this one's collective failed: one line from the

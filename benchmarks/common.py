@@ -1169,37 +1169,94 @@ def goal_problems(out_dir: str | Path) -> list[str]:
     return _goal_report(out_dir)[1]
 
 
+# The results files the goals read, by their name in a run (gpu_suite.sh's NAME.json; a copy of its NAME.csv does as
+# well): aspp_goal and train_bench, and train_bench_lean where a run measured the lean providers apart. A folder may
+# hold them under a prefix naming the run, as benchmarks/results/ does: DATE-CARD-NAME.EXT
+# (2026-11-28-h200-aspp_goal.csv).
+GOAL_STEMS = ("aspp_goal", "train_bench")
+LEAN_STEMS = ("train_bench", "train_bench_lean")
+_GOAL_FILE = re.compile(r"^(?P<prefix>.*-)?(?P<stem>aspp_goal|train_bench|train_bench_lean)\.(?P<ext>json|csv)$")
+
+
+def goal_files(out_dir: str | Path) -> dict[str, dict[str, Path]]:
+    """The goals' results files in out_dir, by run: {prefix: {stem: path}}, prefix "" for the unprefixed NAME.EXT
+    (gpu_suite.sh's folder) and e.g. "2026-11-28-h200-" for benchmarks/results/'s DATE-CARD-NAME.EXT; of a
+    run's NAME.json and NAME.csv, the JSON. {} when there is none."""
+    runs: dict[str, dict[str, Path]] = {}
+    for path in sorted(Path(out_dir).iterdir()):
+        m = _GOAL_FILE.match(path.name)
+        if m is None or not path.is_file():
+            continue
+        stems = runs.setdefault(m["prefix"] or "", {})
+        if m["stem"] not in stems or m["ext"] == "json":
+            stems[m["stem"]] = path
+    return dict(sorted(runs.items()))
+
+
+def _goal_rows(path: Path) -> list[dict]:
+    """read_rows, with a CSV's median_ms and peak_mem_mb as numbers (None where empty)."""
+    rows = read_rows(path)
+    for r in rows:
+        for key in ("median_ms", "peak_mem_mb"):
+            v = r.get(key)
+            if isinstance(v, str):
+                try:
+                    r[key] = float(v) if v.strip() else None
+                except ValueError:
+                    raise ValueError(f"{path}: a row's {key} is not a number ({v!r}): {r}") from None
+    return [r for r in rows if r["status"] != "ok" or r.get("median_ms") is not None]
+
+
 def _goal_report(out_dir: str | Path) -> tuple[list[str], list[str]]:
     out = Path(out_dir)
     if not out.exists():
         raise FileNotFoundError(errno.ENOENT, "no such results folder", str(out))
     if not out.is_dir():
         raise NotADirectoryError(errno.ENOTDIR, "not a folder", str(out))
-    files: dict[str, list[dict] | str] = {}  # file name: its rows, or why they cannot be read
+    runs = goal_files(out)
+    if not any(stem in stems for stems in runs.values() for stem in GOAL_STEMS):
+        names = " nor ".join(f"{stem}.json" for stem in GOAL_STEMS)
+        problem = (f"{out}: no {names} here (nor their .csv, nor a run's DATE-CARD-NAME copies such as "
+                   "2026-11-28-h200-aspp_goal.csv; the results folder of gpu_suite.sh, or --out of aspp_bench --name "
+                   "aspp_goal and train_bench)")
+        lines, _ = _run_goal_report(out, "", {})
+        return lines, [problem]
+    lines, problems = [], []
+    for prefix, stems in runs.items():
+        if not any(stem in stems for stem in GOAL_STEMS):
+            continue  # e.g. a lone train_bench_lean: reported with its run's train_bench only
+        run_lines, run_problems = _run_goal_report(out, prefix, stems)
+        lines += run_lines
+        problems += run_problems
+    return lines, problems
+
+
+def _run_goal_report(out: Path, prefix: str, stems: dict[str, Path]) -> tuple[list[str], list[str]]:
+    """The goals of one run: the files of `stems` (stem: path), those of GOAL_STEMS missing said so."""
+    files: dict[str, list[dict] | str] = {}  # stem: its rows, or why they cannot be read
+    names: dict[str, str] = {}  # stem: the file's name (the expected NAME.json when there is none)
     problems = []
-    for stem in dict.fromkeys([g[1] for g in GOALS] + ["train_bench"]):
-        path = out / f"{stem}.json"
-        if not path.exists():
-            files[path.name] = f"no {path.name}"
+    for stem in dict.fromkeys(GOAL_STEMS + LEAN_STEMS):
+        path = stems.get(stem)
+        names[stem] = path.name if path else f"{prefix}{stem}.json"
+        if path is None:
+            files[stem] = f"no {names[stem]}"
             continue
         try:
-            files[path.name] = read_rows(path)
+            files[stem] = _goal_rows(path)
         except (OSError, ValueError) as e:
             reason = str(e) if isinstance(e, ValueError) else f"{path}: {e.strerror or e}"
-            files[path.name] = f"cannot read {path.name}: {reason.removeprefix(f'{path}: ')}"
+            files[stem] = f"cannot read {path.name}: {reason.removeprefix(f'{path}: ')}"
             problems.append(reason)
-    if all(isinstance(v, str) and v.startswith("no ") for v in files.values()):
-        problems.append(f"{out}: no {' nor '.join(files)} here (the results folder of gpu_suite.sh, or --out of "
-                        "aspp_bench --name aspp_goal and train_bench)")
-    lines = []
+    lines = [f"read: {', '.join(str(p) for p in stems.values())}"] if stems else []
     for title, stem, mode, base, target in GOALS:
-        rows = files[f"{stem}.json"]
+        rows = files[stem]
         if isinstance(rows, str):
             lines.append(f"{title}: {rows}")
             continue
         rows = [r for r in rows if r["mode"] == mode and r["status"] == "ok"]
         if not rows:
-            lines.append(f"{title}: no {mode} row ran in {stem}.json")
+            lines.append(f"{title}: no {mode} row ran in {names[stem]}")
             continue
         for shape, dtype, batch in dict.fromkeys((r["shape"], r["dtype"], r["batch"]) for r in rows):
             sel = {r["provider"]: r for r in rows if (r["shape"], r["dtype"], r["batch"]) == (shape, dtype, batch)}
@@ -1219,7 +1276,14 @@ def _goal_report(out_dir: str | Path) -> tuple[list[str], list[str]]:
                 if base == "eager" and anchor["provider"] != "eager" and "eager" in sel:
                     nchw = f"; vs eager NCHW {sel['eager']['median_ms'] / sel[p]['median_ms']:.2f}x"
                 lines.append(f"{where}: {p} {ratio:.2f}x vs {anchor['provider']} (goal {target}x) {verdict}{nchw}")
-    lines += _lean_memory_report(files["train_bench.json"], "train_bench.json")
+    lean = [_lean_memory_report(files[stem], names[stem]) for stem in LEAN_STEMS if not isinstance(files[stem], str)]
+    measured = [report for report in lean if not (len(report) == 1 and _NO_LEAN_ROWS in report[0])]
+    if measured:
+        lines += [line for report in measured for line in report]
+    elif lean:
+        lines += lean[0]
+    else:
+        lines += _lean_memory_report(files["train_bench"], names["train_bench"])
     return lines, problems
 
 
@@ -1247,7 +1311,19 @@ def _lean_memory_report(rows: list[dict] | str, name: str) -> list[str]:
                         f"{eager['median_ms'] / r['median_ms']:.2f}x")
             lines.append(f"{title} [{shape}, {dtype}, N{batch}, {r['gpu']}]: {p} memory {mem:.2f}x, speed "
                          f"{speed:.2f}x vs {anchor['provider']} {verdict}{nchw}")
-    return lines or [f"{title}: no lean and eager train_step rows with peak memory in {name}"]
+    return lines or [f"{title}: {_NO_LEAN_ROWS} in {name}"]
+
+
+_NO_LEAN_ROWS = "no lean and eager train_step rows with peak memory"
+
+
+def _silence_stdout() -> None:
+    """After a broken pipe: stdout to /dev/null, so that the interpreter's final flush raises nothing more."""
+    try:
+        devnull = os.open(os.devnull, os.O_WRONLY)
+        os.dup2(devnull, sys.stdout.fileno())
+    except (OSError, ValueError):  # no real file descriptor (a test's captured stdout): nothing to redirect
+        pass
 
 
 def main(argv: Sequence[str]) -> int:
@@ -1269,6 +1345,9 @@ def main(argv: Sequence[str]) -> int:
         else:
             print(usage, file=sys.stderr)
             return 2
+    except BrokenPipeError:  # the reader stopped early (`goals DIR | head`): no message naming the results file
+        _silence_stdout()
+        return 1
     except OSError as e:  # a results file or folder that is not there: one line, not a traceback
         print(f"benchmarks/common.py {argv[0]}: {e.strerror or e}: {e.filename or argv[1]}", file=sys.stderr)
         return 1

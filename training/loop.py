@@ -187,7 +187,8 @@ def _cross_entropy_sum(logits: torch.Tensor, target: torch.Tensor, ignore_index:
 @torch.no_grad()
 def predict_probs(model: nn.Module, images: torch.Tensor, scales=(1.0,), flip: bool = False, amp: str = "none",
                   channels_last: bool = False) -> torch.Tensor:
-    """Class scores (N, C, H, W) at the input size: softmax averaged over scales (and flips) when more than one.
+    """Class probabilities (N, C, H, W) at the input size, float32: the softmax of the logits, averaged over the
+    scales and flips when more than one (every call returns probabilities, whatever the number of passes).
 
     Multi-scale: the input is resized (bilinear) by each scale, the logits resized back; probabilities are
     averaged, as in the TF reference's multi-scale inference.
@@ -207,8 +208,6 @@ def predict_probs(model: nn.Module, images: torch.Tensor, scales=(1.0,), flip: b
                 logits = logits.flip(-1)
             if logits.shape[-2:] != (h, w):
                 logits = F.interpolate(logits, size=(h, w), mode="bilinear", align_corners=False)
-            if len(scales) == 1 and not flip:
-                return logits
             p = logits.softmax(1)
             total = p if total is None else total + p
             n += 1
@@ -245,11 +244,13 @@ def evaluate(model: nn.Module, dataset, num_classes: int, class_names, device: t
                 Progress.line(f"eval {done * world_size}/{len(dataset)} images  {time.time() - t0:.0f}s", final=False)
     if world_size > 1:
         state = torch.cat([metrics.cm.flatten().double(),
-                           torch.tensor([metrics.image_miou_sum, metrics.image_count], dtype=torch.float64)])
+                           torch.tensor([metrics.image_miou_sum, metrics.image_count, metrics.images_seen],
+                                        dtype=torch.float64)])
         state = dist_utils.all_reduce_sum(state.to(device)).cpu()
         metrics.reset()
         c = num_classes * num_classes
-        metrics.merge_(state[:c].round().long().view(num_classes, num_classes), float(state[c]), int(state[c + 1]))
+        metrics.merge_(state[:c].round().long().view(num_classes, num_classes), float(state[c]), int(state[c + 1]),
+                       int(state[c + 2]))
         if keep > 0:
             kept = sorted((k for share in dist_utils.all_gather_objects(kept) for k in share), key=lambda k: k[0])
     if progress and rank == 0:

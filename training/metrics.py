@@ -9,9 +9,13 @@ Rows are ground truth, columns predictions; pixels labelled `ignore_index` are n
 
 Per-image ("per_image_miou_present"): the mean over images of each image's mIoU, where an image's mIoU averages
 only the classes present in it (in its ground truth or its prediction, on pixels not ignored); images without a
-pixel to count are left out. It is usually higher than the dataset-level mIoU because small, hard classes weigh
+pixel to count (every pixel ignore-labelled) are left out of it, and "num_images_per_image_miou" says how many
+images it averages. It is usually higher than the dataset-level mIoU because small, hard classes weigh
 less. It is not what the DeepLab papers or their TensorFlow reference's eval.py give (tf.metrics.mean_iou: the
 dataset-level confusion matrix, as above), so it is shown next to, never instead of, the dataset-level mIoU.
+
+"num_images" is the number of images evaluated, every one (an image whose pixels are all ignore-labelled too);
+"num_pixels" the number of pixels counted (not ignore-labelled).
 
 Per-class results are keyed by class name; a name given to more than one class gets its class index appended
 ("thing [2]"), so that no class's entry replaces another's.
@@ -64,7 +68,8 @@ class SegmentationMetrics:
 
     def reset(self) -> None:
         self.cm = torch.zeros(self.num_classes, self.num_classes, dtype=torch.int64)
-        self.image_miou_sum, self.image_count = 0.0, 0
+        # image_count: the images with a pixel to count (the per-image mIoU's denominator); images_seen: every image
+        self.image_miou_sum, self.image_count, self.images_seen = 0.0, 0, 0
 
     def update(self, pred: torch.Tensor, target: torch.Tensor) -> None:
         """pred, target: (N, H, W) or (H, W) class indices (one entry per image for the per-image metric)."""
@@ -73,21 +78,25 @@ class SegmentationMetrics:
         for p, t in zip(pred.cpu(), target.cpu(), strict=True):
             cm = confusion_matrix(p, t, self.num_classes, self.ignore_index)
             self.cm += cm
+            self.images_seen += 1
             m = _per_image_miou(cm)
             if m is not None:
                 self.image_miou_sum += m
                 self.image_count += 1
 
-    def merge_(self, cm: torch.Tensor, image_miou_sum: float, image_count: int) -> None:
-        """Add another accumulator's state (e.g. all-reduced across processes)."""
+    def merge_(self, cm: torch.Tensor, image_miou_sum: float, image_count: int, images_seen: int | None = None) -> None:
+        """Add another accumulator's state (e.g. all-reduced across processes). image_count: its images with a pixel
+        to count; images_seen: all its images (default image_count)."""
         self.cm += cm.to(self.cm)
         self.image_miou_sum += image_miou_sum
         self.image_count += image_count
+        self.images_seen += image_count if images_seen is None else images_seen
 
     def compute(self) -> dict:
         return metrics_from_confusion(self.cm, self.class_names) | {
             "per_image_miou_present": self.image_miou_sum / self.image_count if self.image_count else float("nan"),
-            "num_images": self.image_count,
+            "num_images": self.images_seen,
+            "num_images_per_image_miou": self.image_count,
         }
 
 
@@ -142,11 +151,21 @@ def format_table(metrics: dict) -> str:
     lines = [f"{'class':<{width}}  {'IoU %':>7}  {'acc %':>7}"]
     for name, v in ious.items():
         lines.append(f"{name:<{width}}  {_pct(v)}  {_pct(accs[name])}")
-    lines.append(f"{'mIoU':<{width}}  {_pct(metrics['miou'])}   (dataset-level confusion matrix)")
+    counted = ""
+    if "num_images" in metrics:
+        counted = f": {metrics['num_images']} images evaluated" + (
+            f", {metrics['num_pixels']} pixels counted" if "num_pixels" in metrics else "")
+    lines.append(f"{'mIoU':<{width}}  {_pct(metrics['miou'])}   (dataset-level confusion matrix{counted})")
     lines.append(f"{'pixel acc':<{width}}  {_pct(metrics['pixel_accuracy'])}")
     lines.append(f"{'mean acc':<{width}}  {_pct(metrics['mean_accuracy'])}")
     lines.append(f"{'fwIoU':<{width}}  {_pct(metrics['fw_iou'])}")
     if "per_image_miou_present" in metrics:
+        over, seen = metrics.get("num_images_per_image_miou"), metrics.get("num_images")
+        note = ""
+        if over is not None and seen is not None and over != seen:
+            left = seen - over
+            note = (f"; over {over} of the {seen} images: {left} {'has' if left == 1 else 'have'} every pixel "
+                    "ignore-labelled and " + ("is" if left == 1 else "are") + " left out")
         lines.append(f"{'per-img mIoU':<{width}}  {_pct(metrics['per_image_miou_present'])}   "
-                     "(mean of per-image mIoUs over the classes present; not comparable to mIoU)")
+                     f"(mean of per-image mIoUs over the classes present; not comparable to mIoU{note})")
     return "\n".join(lines)

@@ -62,7 +62,8 @@ def ref_metrics(preds, targets, c, ignore=255):
         "iou": iou,
         "acc": acc,
         "per_image": sum(per_image) / len(per_image) if per_image else math.nan,
-        "num_images": len(per_image),
+        "num_images": len(preds),  # every image evaluated
+        "num_images_per_image_miou": len(per_image),  # those with a pixel to count
     }
 
 
@@ -80,6 +81,7 @@ def check_against_reference(preds, targets, c, ignore=255):
         assert _same(got[key], want[key]), key
     assert _same(got["per_image_miou_present"], want["per_image"])
     assert got["num_images"] == want["num_images"]
+    assert got["num_images_per_image_miou"] == want["num_images_per_image_miou"]
     assert got["num_pixels"] == want["cm"].sum()
     for k in range(c):
         assert _same(got["per_class_iou"][str(k)], want["iou"][k])
@@ -114,7 +116,7 @@ def test_metrics_adversarial_cases():
     p3 = np.array([[0]])
     got = check_against_reference([p1, p2, p3], [t1, t2, t3], c)
     assert math.isnan(got["per_class_iou"]["3"]) and math.isnan(got["per_class_accuracy"]["3"])
-    assert got["per_class_iou"]["2"] == 0.0 and got["num_images"] == 2
+    assert got["per_class_iou"]["2"] == 0.0 and got["num_images"] == 3 and got["num_images_per_image_miou"] == 2
     # uint8 labels (what a PNG decodes to) give the same counts as int64 ones
     m8 = SegmentationMetrics(c)
     m8.update(torch.as_tensor(p1), torch.as_tensor(t1.astype(np.uint8)))
