@@ -57,7 +57,9 @@ class ASPPPooling(nn.Sequential):
             nn.ReLU(inplace=True),
         )
 
-    def forward(self, x: Tensor) -> Tensor:
+    def check_batch(self, x: Tensor) -> None:
+        """Raise the batch-1 error where this branch's BatchNorm would train on one value per channel (a plain
+        BatchNorm2d in training mode, or without running statistics, given a batch of 1)."""
         bn = self[2]
         # A plain BatchNorm2d sees this process's batch alone; a synchronized one (nn.SyncBatchNorm, training's
         # DistributedBatchNorm2d) pools the batch of every process, so one image per process is its own to judge.
@@ -67,6 +69,9 @@ class ASPPPooling(nn.Sequential):
                 f"training it needs a batch of 2 or more; got input of shape {tuple(x.shape)} (batch 1). Use a "
                 "batch of at least 2, model.eval(), or freeze the BatchNorm layers (call .eval() on them)"
             )
+
+    def forward(self, x: Tensor) -> Tensor:
+        self.check_batch(x)
         size = x.shape[-2:]
         for module in self:
             x = module(x)
@@ -111,5 +116,16 @@ class ASPP(nn.Module):
         self.project = nn.Sequential(*project)
         self.atrous_rates = rates
 
+    def check_batch(self, x: Tensor) -> None:
+        """Raise the image-pooling branch's batch-1 error (`ASPPPooling.check_batch`) for input `x`."""
+        for branch in self.convs:
+            if isinstance(branch, ASPPPooling):
+                branch.check_batch(x)
+
     def forward(self, x: Tensor) -> Tensor:
+        # A batch the pooling branch refuses is refused before any branch runs: the other branches' BatchNorms
+        # would otherwise have updated their running statistics for a call that fails (the fused ASPP op, which
+        # refuses it before computing anything, leaves them unchanged).
+        if x.shape[0] == 1:
+            self.check_batch(x)
         return self.project(torch.cat([branch(x) for branch in self.convs], dim=1))

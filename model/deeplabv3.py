@@ -14,8 +14,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from deeplab_ops.fusion import fuse_modules
-from model.aspp import RATES_BY_OUTPUT_STRIDE, check_rates
+from deeplab_ops.fusion import fuse_modules, fused_config
+from model.aspp import ASPP, RATES_BY_OUTPUT_STRIDE, check_rates
 from model.heads import HEADS, DeepLabHead, FCNHead
 from model.resnet import DEPTHS, RESIDUAL_UNITS, ResNet, check_backbone_args
 
@@ -50,6 +50,8 @@ class DeepLabV3(nn.Module):
             # Unfused, PyTorch says only "expected scalar type Byte but found Float" for a uint8 image batch.
             raise TypeError(f"x must be a floating-point image batch (normalized, in the model's dtype), got dtype "
                             f"{x.dtype}: convert it first, e.g. x.float() / 255 before normalizing")
+        if x.shape[0] == 1 and self.training:
+            self._check_batch(x)
         size = x.shape[-2:]
         features = self.backbone(x)
 
@@ -61,6 +63,16 @@ class DeepLabV3(nn.Module):
         if self.aux_classifier is not None:
             result["aux"] = resize(self.aux_classifier(features["aux"]))
         return result
+
+    def _check_batch(self, x: Tensor) -> None:
+        """Refuse a batch the classifier's ASPP refuses (batch 1 with its image-pooling BatchNorm training) before
+        the backbone runs: its BatchNorms would otherwise have updated their running statistics and batch counters
+        for a call that fails, a change a caller that catches the error and skips the batch does not expect."""
+        for module in self.classifier.modules():
+            if isinstance(module, ASPP):
+                cfg = fused_config(module)
+                if cfg is None or cfg.process_group is None:  # a synchronized fused ASPP pools every process's batch
+                    module.check_batch(x)
 
 
 def _check_int(value, name: str, minimum: int) -> int:
