@@ -95,8 +95,11 @@ class DistributedBatchNorm2d(nn.BatchNorm2d):
         all_reduce = _AllReduceSum.apply
         self._check_input_dim(x)
         c = x.shape[1]
-        xf = x.float()
-        count = torch.tensor([x.numel() / c], dtype=torch.float32, device=x.device)
+        # The statistics in float32, or in float64 for a float64 input (as nn.SyncBatchNorm and F.batch_norm compute
+        # them): float32 there would round a float64 model's every BatchNorm (~1e-5 off eager).
+        xf = x.to(torch.promote_types(x.dtype, torch.float32))
+        # The count in float64: exact at any batch (float32 rounds counts above 2**24 pixels per channel).
+        count = torch.tensor([x.numel() // c], dtype=torch.float64, device=x.device)
         dist.all_reduce(count)
         n = float(count.item())
         if n <= 1:
