@@ -260,10 +260,12 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> upsample_cross_entropy_forward_cu
     at::Tensor count = target.ne(ignore_index).sum().to(opmath);
     return {loss, lse, count};
   }
-  // Partials merged in block order, in double: deterministic, and exact counts.
-  at::Tensor count = pcnt.sum(at::kLong).to(opmath);
+  // Partials merged in block order, in double: deterministic, and exact counts. The mean divides by the exact
+  // int64 count (as the CPU kernel does), not by the opmath count, which float rounds above 2**24 pixels.
+  const at::Tensor count_exact = pcnt.sum(at::kLong);
+  at::Tensor count = count_exact.to(opmath);
   at::Tensor total = psum.sum(at::kDouble);
-  at::Tensor value = reduction == Reduction::kMean ? total / count.to(at::kDouble) : total;
+  at::Tensor value = reduction == Reduction::kMean ? total / count_exact.to(at::kDouble) : total;
   return {value.to(logits.scalar_type()), lse, count};
 }
 
@@ -281,7 +283,19 @@ at::Tensor upsample_cross_entropy_backward_cuda(const at::Tensor& grad_, const a
   TORCH_CHECK(lse_.dim() == 4 && lse_.size(0) == 2 && lse_.sizes().slice(1) == target.sizes(),
               "deeplab_ops.upsample_cross_entropy: lse must have shape (2, ", n, ", ", H, ", ", W,
               ") (the forward's max and log-sum planes), got ", lse_.sizes());
+  // The kernel reads lse, grad and (for "mean") valid_count through raw device pointers: a tensor on another
+  // device (a CPU tensor from a direct torch.ops call) would be read as a device address (illegal memory access).
+  TORCH_CHECK(lse_.device() == logits.device(), "deeplab_ops.upsample_cross_entropy: lse is on ", lse_.device(),
+              " but logits is on ", logits.device());
+  TORCH_CHECK(grad_.device() == logits.device(), "deeplab_ops.upsample_cross_entropy: grad is on ", grad_.device(),
+              " but logits is on ", logits.device());
   const bool per_pixel = reduction == Reduction::kNone;
+  if (reduction == Reduction::kMean) {
+    // One value (an empty valid_count would broadcast grad to an empty tensor, whose grad[0] the kernel reads).
+    TORCH_CHECK(valid_count.numel() == 1 && valid_count.device() == logits.device(),
+                "deeplab_ops.upsample_cross_entropy: valid_count must be one value on ", logits.device(),
+                " for reduction='mean', got shape ", valid_count.sizes(), " on ", valid_count.device());
+  }
   if (per_pixel) {
     TORCH_CHECK(grad_.sizes() == target.sizes(), "deeplab_ops.upsample_cross_entropy: grad must have shape ",
                 target.sizes(), " for reduction='none', got ", grad_.sizes());
