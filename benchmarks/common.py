@@ -548,9 +548,10 @@ def mode_case(mode: str, module: torch.nn.Module, inputs: Sequence[torch.Tensor]
     """(fn, tensors whose .grad the timer clears) running `module(*inputs)` in one of MODES.
 
     train_fwd: train mode with autograd recording (as in a training step); eval_fwd: eval mode under no_grad;
-    fwd_bwd: train mode, forward then backward with a fixed random output gradient, grads for inputs[0] too (in
-    DeepLab the input comes from the backbone). Compiled modules mark each call as a new CUDA-graph step. `amp`:
-    the forward runs under torch.autocast at that dtype (the backward outside it, as PyTorch's AMP recipe does).
+    fwd_bwd: train mode, forward then backward with a fixed random output gradient, grads for every floating-point
+    input too (x, and a conv's residual: in DeepLab both come from the backbone, and min_bytes counts both
+    gradients). Compiled modules mark each call as a new CUDA-graph step. `amp`: the forward runs under
+    torch.autocast at that dtype (the backward outside it, as PyTorch's AMP recipe does).
     """
     mark = getattr(torch.compiler, "cudagraph_mark_step_begin", None) if compiled else None
     if mode not in MODES:
@@ -573,7 +574,9 @@ def mode_case(mode: str, module: torch.nn.Module, inputs: Sequence[torch.Tensor]
                 return module(*inputs)
 
         return fn, []
-    inputs[0].requires_grad_(True)
+    for t in inputs:
+        if t.is_floating_point():
+            t.requires_grad_(True)
     grad = []
 
     def fn():
@@ -585,7 +588,7 @@ def mode_case(mode: str, module: torch.nn.Module, inputs: Sequence[torch.Tensor]
             grad.append(torch.randn_like(out))
         out.backward(grad[0])
 
-    return fn, list(module.parameters()) + [inputs[0]]
+    return fn, list(module.parameters()) + [t for t in inputs if t.requires_grad]
 
 
 FUSED_PROVIDERS = ("triton", "cuda", "cpu", "reference")  # deeplab_ops backends, by name
