@@ -140,16 +140,44 @@ def read_sbd_mat(path: str, num_classes: int | None = None) -> np.ndarray:
     return class_index_mask(seg, path, num_classes)
 
 
+def _read_text_lines(path: str, what: str) -> list[str]:
+    """A text file's lines without their line ends, read as UTF-8 whatever the locale; a byte-order mark (Windows
+    Notepad writes one) is dropped, not left in the first name; a file in another encoding is named."""
+    try:
+        with open(path, encoding="utf-8-sig") as f:
+            return [line.rstrip("\r\n") for line in f]
+    except UnicodeDecodeError as e:
+        raise ValueError(f"{what} {path} is not UTF-8 text ({e}): save it as UTF-8") from None
+
+
+def _read_split_numbered(path: str) -> list[tuple[int, str]]:
+    """(line number, entry) for every non-blank line of a split list file."""
+    if not os.path.isfile(path):
+        raise FileNotFoundError(f"split list not found: {path}")
+    entries = [(n, line) for n, line in enumerate(_read_text_lines(path, "split list"), 1) if line.strip()]
+    if not entries:
+        raise ValueError(f"split list {path} is empty")
+    return entries
+
+
 def read_split(path: str) -> list[str]:
     """The entries of a split list file: its non-blank lines, each without its line end (a name may hold spaces
     and dots; how an entry names an image is the dataset's to say: _list_ids for VOC, _folder_names for a folder)."""
-    if not os.path.isfile(path):
-        raise FileNotFoundError(f"split list not found: {path}")
-    with open(path) as f:
-        ids = [line.rstrip("\r\n") for line in f if line.strip()]
-    if not ids:
-        raise ValueError(f"split list {path} is empty")
-    return ids
+    return [entry for _, entry in _read_split_numbered(path)]
+
+
+def _refuse_repeats(path: str, numbered_names: Iterable[tuple[int, str, str]]) -> None:
+    """Refuse a split list that names an image twice (as the same or another spelling: `x` and `x.jpg`): the
+    image would count twice, in training and in the validation scores. numbered_names: (line, entry, name)."""
+    first: dict[str, tuple[int, str]] = {}
+    for line, entry, name in numbered_names:
+        if name in first:
+            line0, entry0 = first[name]
+            same = f"{entry0.strip()!r}" + ("" if entry0.strip() == entry.strip() else f" and {entry.strip()!r}")
+            raise ValueError(f"split list {path}: lines {line0} and {line} both name the image {name!r} ({same}); "
+                             "list each image once: a repeated one would count twice in training and in the "
+                             "validation scores")
+        first[name] = (line, entry)
 
 
 def _check_exist(paths: Sequence[str], what: str) -> None:
@@ -382,14 +410,17 @@ def _find_sbd_root(root: str) -> str:
                             "benchmark_RELEASE/dataset with cls/*.mat, train.txt and val.txt")
 
 
-def _list_ids(path: str) -> list[str]:
+def _list_ids(path: str, unique: bool = False) -> list[str]:
     """Ids of a VOC or SBD list file; lines may be bare ids (VOC's ids hold no spaces) or
-    'JPEGImages/x.jpg SegmentationClassAug/x.png' pairs, whose first path gives the id."""
-    ids = []
-    for line in read_split(path):
+    'JPEGImages/x.jpg SegmentationClassAug/x.png' pairs, whose first path gives the id. unique: refuse an id
+    listed twice (a list that gives a split's images in order; lists read as sets need not)."""
+    numbered = []
+    for n, line in _read_split_numbered(path):
         stem, ext = os.path.splitext(os.path.basename(line.split()[0]))
-        ids.append(stem if ext.lower() in IMAGE_EXTENSIONS + (".mat",) else stem + ext)
-    return ids
+        numbered.append((n, line, stem if ext.lower() in IMAGE_EXTENSIONS + (".mat",) else stem + ext))
+    if unique:
+        _refuse_repeats(path, numbered)
+    return [i for _, _, i in numbered]
 
 
 class VOCSegmentation:
@@ -410,7 +441,7 @@ class VOCSegmentation:
         aug_dir = os.path.join(self.root, "SegmentationClassAug")
         items: list[tuple[str, str, str]] = []  # (name, image path, label path)
         if split != "train_aug":
-            for i in _list_ids(os.path.join(seg_lists, f"{split}.txt")):
+            for i in _list_ids(os.path.join(seg_lists, f"{split}.txt"), unique=True):
                 items.append((i, self._jpeg(i), os.path.join(self.root, "SegmentationClass", f"{i}.png")))
         else:
             val_ids = set(_list_ids(os.path.join(seg_lists, "val.txt")))
@@ -430,7 +461,7 @@ class VOCSegmentation:
             elif os.path.isdir(aug_dir) and any(f.endswith(".png") for f in os.listdir(aug_dir)):
                 listed = os.path.join(seg_lists, "train_aug.txt")
                 if os.path.isfile(listed):
-                    ids = _list_ids(listed)
+                    ids = _list_ids(listed, unique=True)
                 else:
                     ids = sorted(os.path.splitext(f)[0] for f in os.listdir(aug_dir) if f.endswith(".png"))
                     ids = [i for i in ids if i not in val_ids]
@@ -479,8 +510,7 @@ def read_class_list(path: str) -> list[str]:
     if not os.path.isfile(path):
         raise FileNotFoundError(f"class list not found: {path} (one class name per line; line i is class index i, "
                                 "line 0 usually 'background')")
-    with open(path) as f:
-        lines = [line.strip() for line in f]
+    lines = [line.strip() for line in _read_text_lines(path, "class list")]
     while lines and not lines[-1]:  # blank lines at the end
         lines.pop()
     if "" in lines:  # a blank line would shift every later class index by one
@@ -508,7 +538,7 @@ def _folder_names(list_file: str, by_stem: dict[str, str], images_dir: str) -> l
     name of `scan.000.png` is `scan.000`, of `my img.png` `my img`); whitespace around it is dropped when the entry
     as written names no image. An entry that is not a name but an image's whole file name (`x.jpg`) or a path
     ending in one (`images/x.jpg`, or an 'images/x.jpg masks/x.png' pair) gives that image. Anything else is refused,
-    naming the entry: a split is never guessed.
+    naming the entry: a split is never guessed; so is an image named twice (_refuse_repeats).
     """
     by_file = {os.path.basename(path): stem for stem, path in by_stem.items()}
 
@@ -522,17 +552,18 @@ def _folder_names(list_file: str, by_stem: dict[str, str], images_dir: str) -> l
                 return by_file[os.path.basename(path)]
         return None
 
-    names, unknown = [], []
-    for entry in read_split(list_file):
+    numbered, unknown = [], []
+    for line, entry in _read_split_numbered(list_file):
         name = name_of(entry)
         if name is None:
             unknown.append(entry.strip())
         else:
-            names.append(name)
+            numbered.append((line, entry, name))
     if unknown:
         raise FileNotFoundError(f"{list_file} lists {unknown[0]!r} but {images_dir} has no image of that name"
                                 + (f" (and {len(unknown) - 1} more)" if len(unknown) > 1 else ""))
-    return names
+    _refuse_repeats(list_file, numbered)
+    return [name for _, _, name in numbered]
 
 
 def _masks_by_stem(masks_dir: str) -> dict[str, str]:
@@ -621,13 +652,19 @@ class FolderSegmentation:
 
     def __getitem__(self, index: int):
         name, image_path, mask_path = self.items[index]
-        image = read_image(image_path)
+        # A photo with an EXIF Orientation tag (a phone's, stored sideways or upside down) is turned upright, as
+        # image viewers, annotation tools and --predict show it: its mask is drawn on that view. Only a mask that
+        # fits the stored pixels and not the upright view (drawn by a tool that ignores the tag) pairs with the
+        # pixels as stored. Checking the size alone would pair an upside-down photo (Orientation 3: the same size
+        # either way) unturned with its upright mask, 180 degrees apart.
+        image = read_image(image_path, exif_orientation=True)
         mask = read_index_mask(mask_path, num_classes=len(self.classes))
         if mask.shape != image.shape[:2]:
-            # A photo stored sideways with an EXIF Orientation tag, annotated as viewers show it: turn it upright.
-            upright = read_image(image_path, exif_orientation=True)
-            if upright.shape[:2] == mask.shape:
-                return upright, mask, name
+            stored = read_image(image_path)
+            if stored.shape[:2] == mask.shape:
+                return stored, mask, name
             raise BadDataFile(f"mask {mask_path} is {mask.shape[1]}x{mask.shape[0]} but image {image_path} is "
-                             f"{image.shape[1]}x{image.shape[0]}")
+                             f"{stored.shape[1]}x{stored.shape[0]}"
+                             + (f" ({image.shape[1]}x{image.shape[0]} turned upright as its EXIF Orientation tag "
+                                "says)" if stored.shape != image.shape else ""))
         return image, mask, name
