@@ -176,12 +176,13 @@ def _aspp_branch_wgrad_kernel(
     BLOCK_H: tl.constexpr, BLOCK_W: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
 ):
     # One program: one packed (branch, tap), a (C_in, C) block, every SPLITS-th spatial tile (split-K over
-    # pixels; the partials are summed on the host in a fixed order: deterministic).
-    t = tl.program_id(0)
+    # pixels; the partials are summed on the host in a fixed order: deterministic). Axis 0 is (channel block,
+    # packed tap), the tap fastest: the channel blocks alone can pass the 65535 of a grid's y axis.
+    t = tl.program_id(0) % T
     br = tl.where(t == 0, 0, 1 + (t - 1) // 9)
     tap = tl.where(t == 0, 4, (t - 1) % 9)
     _, ih_off, iw_off, _ = _branch_tap(br, tap // 3, tap % 3, tl.load(rates_ptr + br))
-    pid_mn = tl.program_id(1)
+    pid_mn = tl.program_id(0) // T
     offs_ci, ci_mask, offs_co, acc = _wgrad_block(pid_mn, C_in, C, ACC_DTYPE, BLOCK_M, BLOCK_N)
     mean, k, a, b = _dy_coef(coef_ptr + br * C, offs_co, C, BC, ACC_DTYPE)
     pid_s = tl.program_id(2)
@@ -488,7 +489,7 @@ def branch_wgrad(xh: Tensor, g: Tensor, y: Tensor, coef: Tensor, rates: Tensor, 
 
     def run(cfg):
         launch_kernel(_aspp_branch_wgrad_kernel,
-                      (t, cdiv(c_in, cfg["BLOCK_M"]) * cdiv(c, cfg["BLOCK_N"]), splits),
+                      (t * cdiv(c_in, cfg["BLOCK_M"]) * cdiv(c, cfg["BLOCK_N"]), 1, splits),
                       xh, g, y, coef, rates, part, pairs if pairs is not None else rates, n, h, wd, c_in, c, bc, t,
                       splits, **meta, **cfg)
 

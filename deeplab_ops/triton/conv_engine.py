@@ -390,9 +390,11 @@ def _conv_wgrad_kernel(
     BLOCK_H: tl.constexpr, BLOCK_W: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
 ):
     # One program: one tap, a (C_in, C_out) block, and every SPLITS-th spatial tile (split-K over pixels,
-    # the partials summed on the host in a fixed order: deterministic).
-    tap = tl.program_id(0)
-    pid_mn = tl.program_id(1)
+    # the partials summed on the host in a fixed order: deterministic). Axis 0 is (channel block, tap), tap
+    # fastest: the channel blocks can pass the 65535 of a grid's y axis (float64 and FMA float32 keep 16 x 16
+    # blocks only: 4096 x 4096 channels are 65536 of them).
+    tap = tl.program_id(0) % (KH * KW)
+    pid_mn = tl.program_id(0) // (KH * KW)
     offs_ci, ci_mask, offs_co, acc = _wgrad_block(pid_mn, C_in, C_out, ACC_DTYPE, BLOCK_M, BLOCK_N)
     pid_s = tl.program_id(2)
     ih_off = tap // KW * dil_h - pad_h
@@ -748,7 +750,7 @@ def conv_wgrad(
     def run(cfg):
         launch_kernel(
             _conv_wgrad_kernel,
-            (kh * kw, cdiv(c_in, cfg["BLOCK_M"]) * cdiv(c_out, cfg["BLOCK_N"]), splits),
+            (kh * kw * cdiv(c_in, cfg["BLOCK_M"]) * cdiv(c_out, cfg["BLOCK_N"]), 1, splits),
             x, grad_out, out, y, coef, part, pairs if pairs is not None else part, n, h, wd, c_in, ho, wo, c_out,
             splits, *geo.args(), **meta, **cfg,
         )

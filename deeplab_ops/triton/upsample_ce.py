@@ -118,9 +118,12 @@ def _uce_fwd_kernel(
                     ly0, ly1, lx0, lx1, mask, ACC)
         z = tl.where(km[None, :], z, float("-inf"))
         zt += tl.sum(tl.where((kk[None, :] == t[:, None]) & km[None, :], z, 0.0), 1)
-        # Online logsumexp over class blocks: rescale the running sum to the new maximum.
+        # Online logsumexp over class blocks: rescale the running sum to the new maximum. While every class so far
+        # is -inf (a block of classes masked with -inf), the maximum is -inf and (-inf) - (-inf) would be NaN: shift
+        # by 0 instead (s stays 0), so a later finite block still gives PyTorch's finite logsumexp.
         m_new = tl.maximum(m, tl.max(z, 1))
-        s = s * tl.exp(m - m_new) + tl.sum(tl.exp(z - m_new[:, None]), 1)
+        m_ref = tl.where(m_new == float("-inf"), 0.0, m_new)
+        s = s * tl.exp(m - m_ref) + tl.sum(tl.exp(z - m_ref[:, None]), 1)
         m = m_new
     log_s = tl.log(s)
     # A label outside [0, K) (other than ignore_index) gives NaN: no device-side assert, no out-of-range read.
