@@ -142,9 +142,9 @@ __global__ void __launch_bounds__(kThreads)
       if (z > m) {
         s = s * ::exp(m - z) + opmath_t(1);
         m = z;
-      } else {
+      } else if (z != m || m != -std::numeric_limits<opmath_t>::infinity()) {
         s += ::exp(z - m);  // also propagates NaN logits into s
-      }
+      }  // else -inf while every class so far is -inf: adds exp(-inf) = 0, where exp(z - m) would be NaN
     }
     const opmath_t log_s = ::log(s);
     max_out[p] = m;

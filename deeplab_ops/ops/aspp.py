@@ -23,6 +23,7 @@ from deeplab_ops.common import (
     functorch_transform,
     is_functorch_wrapped,
     opmath_dtype,
+    refuse_beyond_int32,
     strided_like,
 )
 from deeplab_ops.ops.dispatch import (
@@ -485,6 +486,15 @@ def _direct_forward(x, conv_weights, pool_weight, project_weight, bn_weight, bn_
                     rates, training, momentum, eps, group_name=None, memory_efficient=False):
     check_args(x, list(conv_weights), pool_weight, project_weight, bn_weight, bn_bias, running_mean, running_var,
                list(rates), training, momentum, eps)
+    _refuse_large("triton_aspp_forward", x, list(conv_weights), list(rates))
+
+
+def _refuse_large(op: str, x, conv_weights, rates) -> None:
+    # The largest tensors (as deeplab_ops.backends counts them): x, the (N, H, W, (1 + len(rates)) * C) branch
+    # buffer and the packed branch weights.
+    n, c_in, h, w = x.shape
+    c = conv_weights[0].shape[0]
+    refuse_beyond_int32(op, max(x.numel(), n * h * w * (1 + len(rates)) * c, (1 + 9 * len(rates)) * c_in * c))
 
 
 def _direct_backward(grad_out, x, conv_weights, pool_weight, project_weight, bn_weight, bn_bias, branch_out,
@@ -509,6 +519,7 @@ def _direct_backward(grad_out, x, conv_weights, pool_weight, project_weight, bn_
             raise ValueError(f"{name} is on {t.device} but x is on {x.device}; expected the same device")
     if len(output_mask) != 3:
         raise ValueError(f"output_mask must have 3 values (x, weights, BatchNorm parameters), got {list(output_mask)}")
+    _refuse_large("triton_aspp_backward", x, conv_weights, rates)
 
 
 validate_with("triton_aspp_forward", _direct_forward)

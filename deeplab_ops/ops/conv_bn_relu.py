@@ -25,6 +25,7 @@ from deeplab_ops.common import (
     empty_activation,
     opmath_dtype,
     pair,
+    refuse_beyond_int32,
 )
 from deeplab_ops.ops.dispatch import (
     BELOW_AUTOGRAD,
@@ -228,8 +229,13 @@ def _check_like_output(t, name: str, shape: tuple, x: Tensor) -> None:
 
 def _direct_forward(x, weight, bn_weight, bn_bias, running_mean, running_var, stride, padding, dilation, training,
                     momentum, eps, residual, relu, group_name=None, memory_efficient=False):
-    check_args(x, weight, bn_weight, bn_bias, running_mean, running_var, tuple(stride), tuple(padding),
-               tuple(dilation), training, momentum, eps, residual, relu)
+    geometry = check_args(x, weight, bn_weight, bn_bias, running_mean, running_var, tuple(stride), tuple(padding),
+                          tuple(dilation), training, momentum, eps, residual, relu)
+    _refuse_large("triton_conv_bn_relu_forward", x, weight, check_conv(x, weight, *geometry))
+
+
+def _refuse_large(op: str, x, weight, shape) -> None:
+    refuse_beyond_int32(op, max(x.numel(), weight.numel(), math.prod(shape)))
 
 
 def _direct_backward(grad_out, x, weight, bn_weight, conv_out, out, save_mean, save_invstd, stride, padding,
@@ -244,6 +250,7 @@ def _direct_backward(grad_out, x, weight, bn_weight, conv_out, out, save_mean, s
     if len(output_mask) != 5:
         raise ValueError(f"output_mask must have 5 values (x, weight, bn_weight, bn_bias, residual), got "
                          f"{list(output_mask)}")
+    _refuse_large("triton_conv_bn_relu_backward", x, weight, shape)
 
 
 def _direct_conv_bias_act(x, weight, bias, residual, stride, padding, dilation, relu):
@@ -255,6 +262,7 @@ def _direct_conv_bias_act(x, weight, bias, residual, stride, padding, dilation, 
             raise TypeError(f"bias has dtype {bias.dtype} but x has dtype {x.dtype}; expected the same dtype")
     if residual is not None:
         _check_like_output(residual, "residual", shape, x)
+    _refuse_large("triton_conv_bias_act", x, weight, shape)
 
 
 validate_with("triton_conv_bn_relu_forward", _direct_forward)

@@ -617,15 +617,22 @@ def _pool_weight(pool_weight: Tensor, stat: torch.dtype) -> Tensor:
     return cached(f"aspp_pool_{stat}", (pool_weight,), lambda: pool_weight.detach().reshape(c, -1).to(stat, copy=True))
 
 
-@functools.lru_cache(maxsize=32)
 def _rate_table(rates: tuple[int, ...], device: torch.device) -> Tensor:
-    # The branches' dilations (entry 0: the 1x1 branch), kept on the device: a host-to-device copy per call
-    # would synchronize the stream. Filled on the device (no host copy, so even a first call inside a CUDA-graph
-    # capture works). Read-only in the kernels.
-    t = torch.empty(len(rates) + 1, dtype=torch.int32, device=device)
-    for i, r in enumerate((1, *rates)):
-        t[i].fill_(r)
-    return t
+    """The branches' dilations (entry 0: the 1x1 branch) on the device (a host-to-device copy per call would
+    synchronize the stream). Read-only in the kernels. Inside a CUDA-graph capture: filled by kernels the graph
+    records, not cached (see bn_kernels.hyper_tensor)."""
+    if device.type == "cuda" and torch.cuda.is_current_stream_capturing():
+        t = torch.empty(len(rates) + 1, dtype=torch.int32, device=device)
+        for i, r in enumerate((1, *rates)):
+            t[i].fill_(r)
+        return t
+    return _cached_rate_table(rates, device)
+
+
+@functools.lru_cache(maxsize=32)
+def _cached_rate_table(rates: tuple[int, ...], device: torch.device) -> Tensor:
+    # A blocking copy, once per rate set and device: complete before any stream reads it.
+    return torch.tensor((1, *rates), dtype=torch.int32).to(device)
 
 
 # ---- host side of the op ----------------------------------------------------------------------------------

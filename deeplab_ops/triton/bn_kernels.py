@@ -54,7 +54,9 @@ def _invstd(var_eps, ACC_DTYPE: tl.constexpr):
     if ACC_DTYPE == tl.float64:
         return 1.0 / tl.sqrt(var_eps)  # float64 sqrt is correctly rounded
     else:
-        return 1.0 / tl.sqrt_rn(var_eps)  # tl.sqrt is an approximation in float32
+        # tl.sqrt is an approximation in float32, and so is `/` (div.full.f32, up to 2 ulp): both correctly rounded,
+        # as the CUDA C++ kernels' 1 / sqrt is.
+        return tl.div_rn(tl.full(var_eps.shape, 1.0, tl.float32), tl.sqrt_rn(var_eps))
 
 
 # ---- kernels -----------------------------------------------------------------------------------------
@@ -231,15 +233,25 @@ def acc_dtype(dtype: torch.dtype):
     return tl.float64 if dtype == torch.float64 else tl.float32
 
 
-@functools.lru_cache(maxsize=64)
 def hyper_tensor(momentum: float, eps: float, dtype: torch.dtype, device: torch.device) -> torch.Tensor:
-    # momentum and eps travel as a tensor (a Python float argument would be rounded to float32), kept on the
-    # device: a host-to-device copy per call would synchronize the stream. Filled by two kernels, not copied from
-    # the host, so even a first call inside a CUDA-graph capture works. Read-only in the kernels.
-    t = torch.empty(2, dtype=dtype, device=device)
-    t[0].fill_(momentum)
-    t[1].fill_(eps)
-    return t
+    """(momentum, eps) as a tensor on the device (a Python float argument would be rounded to float32; a
+    host-to-device copy per call would synchronize the stream). Read-only in the kernels."""
+    if device.type == "cuda" and torch.cuda.is_current_stream_capturing():
+        # Inside a CUDA-graph capture no copy may block: filled by two kernels that the graph records and replays
+        # before its reader. Not cached: recorded fills run only when the graph replays, so a cached tensor would be
+        # uninitialized for an eager call (or another graph) made before that.
+        t = torch.empty(2, dtype=dtype, device=device)
+        t[0].fill_(momentum)
+        t[1].fill_(eps)
+        return t
+    return _hyper_tensor(momentum, eps, dtype, device)
+
+
+@functools.lru_cache(maxsize=64)
+def _hyper_tensor(momentum: float, eps: float, dtype: torch.dtype, device: torch.device) -> torch.Tensor:
+    # A blocking copy, once per configuration: complete before any stream reads it (kernels filling it on the first
+    # caller's stream could race a later call on another stream).
+    return torch.tensor([momentum, eps], dtype=dtype).to(device)
 
 
 def _block_c(c: int) -> int:

@@ -236,8 +236,9 @@ def _block_k(k: int) -> int:
 # gathered corners, their addresses and the interpolated value, about 25 registers at 4-8 elements per thread: a
 # 128 x 32 forward tile at 4 warps (32 per thread) spilled 3.2 KB per thread to local memory, a 128 x 16 one 0.6
 # KB. So class blocks are at most 8 wide (21 classes: 3 blocks, 24 lanes), the forward runs 4 elements per thread
-# at 8 warps (108-127 registers; float64 158-162) and the backward 8 at 4 warps (118-128; float64 192); a backward
-# tile of one output column per position (BLOCK_X 1) spilled at 128 rows and runs 64.
+# at 8 warps (110-120 registers; float64 160-166, with the -inf guard of the online logsumexp) and the backward 8
+# at 4 warps (118-128; float64 192); a backward tile of one output column per position (BLOCK_X 1) spilled at 128
+# rows and runs 64.
 _GPU_BLOCK_K = 8
 
 

@@ -105,3 +105,28 @@ def test_fused_aspp_forward_refuses_a_conv_changed_in_place():
     _same_bias(m)
     with pytest.raises(ValueError, match="conv has a bias"):
         fused_aspp_forward(m, _x(), backend="cpu")
+
+
+def test_triton_twins_refuse_tensors_beyond_int32_indexing():
+    # The Triton kernels index with int32; the front doors never pick triton past 2**31 - 1 elements, but a direct
+    # torch.ops.deeplab_ops.triton_* call (or a traced graph's) went through its validator unrefused, and on a GPU
+    # its offsets would wrap (e.g. x of 64 x 2048 x 129 x 129). Expanded tensors: no memory behind the sizes.
+    from deeplab_ops.ops import aspp as aspp_ops
+    from deeplab_ops.ops import conv_bn_relu as conv_ops
+
+    x = torch.zeros(1).expand(64, 2048, 129, 129)
+    w = torch.zeros(1).expand(256, 2048, 1, 1)
+    g, b, rm, rv = (torch.ones(256) for _ in range(4))
+    with pytest.raises(ValueError, match=r"triton_conv_bn_relu_forward: a tensor of 2181169152 elements.*int32"):
+        conv_ops._direct_forward(x, w, g, b, rm, rv, (1, 1), (0, 0), (1, 1), True, 0.1, 1e-5, None, True)
+    with pytest.raises(ValueError, match=r"triton_conv_bias_act: .*int32"):
+        conv_ops._direct_conv_bias_act(x, w, b, None, (1, 1), (0, 0), (1, 1), True)
+    small = torch.zeros(1).expand(2, 8, 5, 5)
+    conv_ops._direct_conv_bias_act(small, torch.zeros(1).expand(4, 8, 1, 1), torch.ones(4), None, (1, 1), (0, 0),
+                                   (1, 1), True)  # within the range: accepted
+    c = 16
+    weights = [torch.zeros(1).expand(c, 2048, 1, 1)] + [torch.zeros(1).expand(c, 2048, 3, 3) for _ in range(3)]
+    pool, proj = torch.zeros(1).expand(c, 2048, 1, 1), torch.zeros(1).expand(c, 5 * c, 1, 1)
+    bn = [torch.ones(6 * c) for _ in range(4)]
+    with pytest.raises(ValueError, match=r"triton_aspp_forward: .*int32"):
+        aspp_ops._direct_forward(x, weights, pool, proj, *bn, [6, 12, 18], True, 0.1, 1e-5)

@@ -10,6 +10,7 @@ import time
 
 import pytest
 import torch
+import torch.nn.functional as F
 from helpers import CUDA, TRITON_DEVICE, backend_param, cuda_test, device_for, triton_param, triton_test
 
 import deeplab_ops
@@ -656,3 +657,25 @@ def test_gpu_bad_label_is_nan_and_auto_backend():
     for backend in ("cuda", "triton"):
         loss = deeplab_ops.upsample_cross_entropy(logits, target, backend=backend)
         assert loss.isnan(), f"{backend}: an out-of-range label must give NaN on CUDA, got {loss}"
+
+
+@pytest.mark.parametrize("backend", ["cpu", backend_param("triton"), backend_param("cuda")])
+@pytest.mark.parametrize("masked", [1, 8])
+def test_leading_minus_inf_classes_give_eager_loss(backend, masked):
+    # Classes masked out with -inf logits (a label set restricted per image): the CUDA kernel's one-pass logsumexp
+    # computed exp(-inf - (-inf)) = NaN while every class so far was -inf (class 0 masked: NaN loss and gradients
+    # where F.cross_entropy is finite); the Triton kernel did per block of classes (dec 1 reviews).
+    device = device_for(backend)
+    torch.manual_seed(0)
+    logits = torch.randn(2, 21, 8, 8, dtype=torch.float64, device=device) * 3
+    logits[:, :masked] = float("-inf")
+    target = torch.randint(masked, 21, (2, 3, 3), device=device)  # 8x8 -> 3x3: every bilinear weight > 0
+    x = logits.clone().requires_grad_()
+    ref = logits.clone().requires_grad_()
+    got = deeplab_ops.upsample_cross_entropy(x, target, backend=backend)
+    want = F.cross_entropy(F.interpolate(ref, size=(3, 3), mode="bilinear", align_corners=False), target)
+    assert torch.isfinite(want)
+    torch.testing.assert_close(got, want, rtol=1e-9, atol=1e-9)
+    got.backward()
+    want.backward()
+    torch.testing.assert_close(x.grad, ref.grad, rtol=1e-9, atol=1e-9)
