@@ -220,10 +220,10 @@ def _folder_dataset(root, names):
 def _die_on(bad: str):
     real = datasets.read_image
 
-    def read_image(path):
+    def read_image(path, **kwargs):
         if os.path.basename(path) == bad:
             os.kill(os.getpid(), signal.SIGKILL)  # a decoder segfault or the OOM killer: no Python exception
-        return real(path)
+        return real(path, **kwargs)
 
     return read_image
 

@@ -201,10 +201,10 @@ def _dead_worker(d):
     root = folder(d, names=("a", "b", "c", "d"))
     real = ds.read_image
 
-    def read_image(path):
+    def read_image(path, **kwargs):
         if path.endswith("c.png"):
             os.kill(os.getpid(), signal.SIGKILL)
-        return real(path)
+        return real(path, **kwargs)
 
     ds.read_image = read_image
     try:
