@@ -438,7 +438,10 @@ _BOUNDARY_ATTR = "_deeplab_ops_boundary_hooks"  # plain attribute: the ids of th
 def _channels_last_in(module: nn.Module, args: tuple):
     if not args or not isinstance(args[0], Tensor) or args[0].dim() != 4 or args[0].device.type != "cuda":
         return None
-    if not torch.compiler.is_compiling() and not module.__dict__.get("_deeplab_ops_weights_cl", False):
+    # Not inside a CUDA-graph capture: the new storage would come from the graph's pool and the recorded copy would
+    # rewrite the weights from freed memory at every replay (undoing optimizer steps); the next eager call does it.
+    if (not torch.compiler.is_compiling() and not module.__dict__.get("_deeplab_ops_weights_cl", False)
+            and not torch.cuda.is_current_stream_capturing()):
         _weights_channels_last(module)
     return (args[0].contiguous(memory_format=torch.channels_last), *args[1:])
 

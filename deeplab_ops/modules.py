@@ -162,6 +162,14 @@ def _bn_call(bn: nn.BatchNorm2d, training: bool) -> tuple:
     counter = tracked if training and tracking and tracked is not None else None
     if counter is not None:
         if momentum is None:
+            if counter.is_cuda and torch.cuda.is_current_stream_capturing():
+                # The factor 1 / (n + 1) would be frozen into the graph (a kernel argument) and the counter's value
+                # kept on the host would go stale: every replay would average with the captured n, silently. Eager
+                # BatchNorm reads the counter on the host here, which a capture refuses: refuse as clearly.
+                raise RuntimeError(
+                    f"{type(bn).__name__} with momentum=None (a cumulative average, factor 1 / num_batches_tracked) "
+                    "cannot be captured in a CUDA graph: the factor changes every step. Set a momentum, or run "
+                    "this BatchNorm outside the graph")
             momentum = 1.0 / float(_batches_tracked(counter) + 1)
     elif momentum is None:
         momentum = 0.0
@@ -810,7 +818,10 @@ def run_fused_aspp(module: nn.Module, parts: tuple, x: Tensor, backend: str | No
         return unfused_call(module, process_group, unfused, x)
     tracing = torch.compiler.is_compiling()
     kinds = list(zip(*tensors, strict=True))  # per kind of _BN_TENSORS, every BatchNorm's tensor
-    if not tracing:
+    # Not inside a CUDA-graph capture either: a pack's new storage would come from the graph's pool, and the
+    # recorded stack would copy freed memory over the BatchNorm tensors at every replay. Unpacked, the op
+    # concatenates per call (recorded like any op).
+    if not tracing and not (x.is_cuda and torch.cuda.is_current_stream_capturing()):
         _pack(kinds)
     bn_weights, bn_biases, running_means, running_vars = [list(ts) for ts in kinds[:4]]
     _, _, rm, _, bn_training, momentum, eps = _bn_args(bns[0], training)

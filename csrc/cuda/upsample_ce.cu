@@ -82,18 +82,25 @@ AxisStencil build_axis_stencil(int64_t in, int64_t out, bool align_corners, cons
 // static holding CUDA memory must not be freed after the CUDA context); past 1024 entries it starts afresh. The
 // caching allocator reuses a freed table's memory on the stream it was allocated on only, so every use records the
 // stream that reads it (free where it is the allocating stream): a table evicted while a kernel on another stream
-// still reads it is not handed out before that kernel is done.
+// still reads it is not handed out before that kernel is done. A table read inside a CUDA-graph capture is also kept
+// for good (`captured`): the graph keeps its address, and a replay after the table's eviction would read memory the
+// allocator had handed to other tensors.
 template <typename opmath_t>
 AxisStencil axis_stencil(int64_t in, int64_t out, bool align_corners, const at::Device& device) {
   using Key = std::tuple<int64_t, int64_t, bool, int, int>;
   static auto* cache = new std::map<Key, AxisStencil>();
+  static auto* captured = new std::map<const void*, AxisStencil>();
   static std::mutex mutex;
   const Key key{in, out, align_corners, static_cast<int>(c10::CppTypeToScalarType<opmath_t>::value),
                 static_cast<int>(device.index())};
+  // Called with `mutex` held.
   const auto used_on = [&device](AxisStencil s) {
-    const c10::Stream stream = c10::cuda::getCurrentCUDAStream(device.index());
+    const c10::cuda::CUDAStream stream = c10::cuda::getCurrentCUDAStream(device.index());
     s.idx.record_stream(stream);
     s.weight.record_stream(stream);
+    cudaStreamCaptureStatus status = cudaStreamCaptureStatusNone;
+    C10_CUDA_CHECK(cudaStreamIsCapturing(stream.stream(), &status));
+    if (status != cudaStreamCaptureStatusNone) captured->emplace(s.idx.data_ptr(), s);
     return s;
   };
   {

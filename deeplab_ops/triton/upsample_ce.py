@@ -257,10 +257,22 @@ def bwd_config(k: int, span_x: int) -> tuple[int, int, int, int]:
     return rows // block_x, block_x, min(next_power_of_2(max(k, 1)), _GPU_BLOCK_K), 4
 
 
+# Tables a CUDA-graph capture has read, never freed: a captured launch keeps the tables' addresses, and
+# axis_tables' LRU may evict (free) an entry later (more than 64 configurations: an evaluation over many image
+# sizes, shapes recorded by torch.compile(mode="reduce-overhead")), after which every replay would read memory
+# the allocator has handed to other tensors. id(tables) -> tables; a rebuilt entry captured again is kept as well.
+_CAPTURED_TABLES: dict[int, tuple] = {}
+
+
 def _tables(logits: torch.Tensor, out_h: int, out_w: int, align_corners: bool):
     acc, _ = _acc(logits.dtype)
-    return (axis_tables(logits.shape[2], out_h, align_corners, acc, logits.device),
-            axis_tables(logits.shape[3], out_w, align_corners, acc, logits.device))
+    device = logits.device
+    tables = (axis_tables(logits.shape[2], out_h, align_corners, acc, device),
+              axis_tables(logits.shape[3], out_w, align_corners, acc, device))
+    if device.type == "cuda" and torch.cuda.is_current_stream_capturing():
+        for t in tables:
+            _CAPTURED_TABLES.setdefault(id(t), t)
+    return tables
 
 
 def forward(logits, target, ignore_index: int, align_corners: bool, reduction: str):

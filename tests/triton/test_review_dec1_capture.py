@@ -1,0 +1,118 @@
+"""Review of CUDA-graph capture hazards (dec 1, helper): regressions for the defects fixed in deeplab_ops/triton.
+
+The triton loss's stencil tables live in an LRU cache (`upsample_ce.axis_tables`, 64 configurations). A launch
+captured in a CUDA graph keeps the tables' device addresses; once the cache evicted that entry (more configurations
+met afterwards: an evaluation over many image sizes, shapes recorded by torch.compile(mode="reduce-overhead")), the
+tables were freed and every replay of the graph read memory the allocator had handed to other tensors (wrong loss
+and gradients, or an illegal address). Tables read inside a capture are now kept for the process's lifetime. The
+capture is mocked (torch.cuda.is_current_stream_capturing) and the tables built on the CPU: no GPU and no
+interpreter are needed (no kernel runs).
+"""
+
+from __future__ import annotations
+
+import functools
+import gc
+import types
+import weakref
+
+import pytest
+import torch
+
+
+def _fake_logits(h: int, w: int):
+    # What _tables reads of the logits: dtype, shape, device (a CUDA device, so that the capture check applies).
+    return types.SimpleNamespace(dtype=torch.float32, shape=(1, 3, h, w), device=torch.device("cuda", 0))
+
+
+@pytest.fixture
+def tiny_cpu_cache(monkeypatch):
+    """axis_tables as an LRU of one configuration, its tables built on the CPU; no table kept from earlier tests."""
+    from deeplab_ops.triton import upsample_ce
+
+    build = upsample_ce.axis_tables.__wrapped__
+
+    @functools.lru_cache(maxsize=1)
+    def axis_tables(in_size, out_size, align_corners, dtype, device):
+        return build(in_size, out_size, align_corners, dtype, torch.device("cpu"))
+
+    monkeypatch.setattr(upsample_ce, "axis_tables", axis_tables)
+    monkeypatch.setattr(upsample_ce, "_CAPTURED_TABLES", {})
+    capturing = [False]
+    monkeypatch.setattr(torch.cuda, "is_current_stream_capturing", lambda: capturing[0])
+    return upsample_ce, capturing
+
+
+def test_tables_read_by_a_capture_outlive_their_cache_entry(tiny_cpu_cache):
+    upsample_ce, capturing = tiny_cpu_cache
+    capturing[0] = True
+    ty, tx = upsample_ce._tables(_fake_logits(4, 5), 16, 20, False)
+    captured = [weakref.ref(ty[0]), weakref.ref(tx[0])]
+    del ty, tx
+    capturing[0] = False
+    for size in (6, 7, 8):  # other configurations: the one-entry cache evicts the captured tables
+        upsample_ce._tables(_fake_logits(size, size), 2 * size, 2 * size, False)
+    gc.collect()
+    assert all(ref() is not None for ref in captured), "tables a captured graph reads were freed"
+
+
+def test_calls_outside_a_capture_keep_nothing(tiny_cpu_cache):
+    upsample_ce, _ = tiny_cpu_cache
+    ty, _ = upsample_ce._tables(_fake_logits(4, 5), 16, 20, False)
+    ref = weakref.ref(ty[0])
+    del ty, _
+    upsample_ce._tables(_fake_logits(6, 6), 12, 12, False)  # evicts: freed, as before
+    gc.collect()
+    assert ref() is None and not upsample_ce._CAPTURED_TABLES
+
+
+def test_a_rebuilt_entry_captured_again_keeps_both(tiny_cpu_cache):
+    """Two graphs captured on either side of an eviction read two different table sets of one configuration."""
+    upsample_ce, capturing = tiny_cpu_cache
+    capturing[0] = True
+    first = weakref.ref(upsample_ce._tables(_fake_logits(4, 4), 8, 8, False)[0][0])
+    capturing[0] = False
+    upsample_ce._tables(_fake_logits(5, 5), 10, 10, False)  # evicts
+    capturing[0] = True
+    second = weakref.ref(upsample_ce._tables(_fake_logits(4, 4), 8, 8, False)[0][0])
+    capturing[0] = False
+    upsample_ce._tables(_fake_logits(5, 5), 10, 10, False)  # evicts again
+    gc.collect()
+    assert first() is not None and second() is not None and first() is not second()
+
+
+def test_hyper_tensor_fills_on_each_stream_and_never_blocks(monkeypatch):
+    # (momentum, eps) on the device: a blocking host-to-device copy per new value (what a first version of the
+    # capture fix did) would synchronize every BatchNorm call with momentum=None, whose factor changes every step.
+    # Now: kernels fill it on the reading stream (cached per stream), and inside a capture a fresh, uncached one.
+    from deeplab_ops.triton import bn_kernels
+
+    fills = []
+
+    def filled(momentum, eps, dtype, device):
+        fills.append((momentum, eps))
+        return torch.tensor([momentum, eps], dtype=dtype)  # stands for the device tensor the kernels fill
+
+    def no_host_copy(*args, **kwargs):
+        raise AssertionError("a host-to-device copy")
+
+    stream = [7]
+    capturing = [False]
+    monkeypatch.setattr(bn_kernels, "_filled", filled)
+    monkeypatch.setattr(torch.Tensor, "to", no_host_copy)
+    monkeypatch.setattr(torch.cuda, "is_current_stream_capturing", lambda: capturing[0])
+    monkeypatch.setattr(torch._C, "_cuda_getCurrentRawStream", lambda index: stream[0], raising=False)
+    bn_kernels._hyper_tensor.cache_clear()
+    cuda = torch.device("cuda", 0)
+    a = bn_kernels.hyper_tensor(0.5, 1e-5, torch.float32, cuda)
+    assert bn_kernels.hyper_tensor(0.5, 1e-5, torch.float32, cuda) is a and len(fills) == 1  # cached on stream 7
+    stream[0] = 8
+    assert bn_kernels.hyper_tensor(0.5, 1e-5, torch.float32, cuda) is not a and len(fills) == 2  # its own on 8
+    for n in range(5):  # momentum=None: a new factor each step, each filled by kernels
+        bn_kernels.hyper_tensor(1.0 / (n + 3), 1e-5, torch.float32, cuda)
+    assert len(fills) == 7
+    capturing[0] = True
+    c1 = bn_kernels.hyper_tensor(0.5, 1e-5, torch.float32, cuda)
+    c2 = bn_kernels.hyper_tensor(0.5, 1e-5, torch.float32, cuda)
+    assert c1 is not c2 and len(fills) == 9  # inside a capture: never the cached one, never cached
+    bn_kernels._hyper_tensor.cache_clear()
