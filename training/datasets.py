@@ -48,8 +48,8 @@ def read_image(path: str, exif_orientation: bool = False) -> np.ndarray:
         raise MissingDataFile(f"image file not found: {path}")
     try:
         with Image.open(path) as im:
-            if exif_orientation:
-                im = ImageOps.exif_transpose(im)
+            if exif_orientation and im.getexif().get(0x0112, 1) != 1:  # 0x0112: Orientation; 1: upright already
+                im = ImageOps.exif_transpose(im)  # (it copies an upright image whole: not called for one)
             if im.mode in WIDE_MODES:  # convert("RGB") would clip every value above 255 to white
                 return _rgb_from_wide(im, path)
             return np.asarray(im.convert("RGB"), dtype=np.uint8).copy()

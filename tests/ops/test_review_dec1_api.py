@@ -130,3 +130,14 @@ def test_triton_twins_refuse_tensors_beyond_int32_indexing():
     bn = [torch.ones(6 * c) for _ in range(4)]
     with pytest.raises(ValueError, match=r"triton_aspp_forward: .*int32"):
         aspp_ops._direct_forward(x, weights, pool, proj, *bn, [6, 12, 18], True, 0.1, 1e-5)
+    # the backward twins: the saved tensors of such a forward
+    out = torch.zeros(1).expand(64, 256, 129, 129)
+    with pytest.raises(ValueError, match=r"triton_conv_bn_relu_backward: .*int32"):
+        conv_ops._direct_backward(out, x, w, g, out, out, torch.zeros(256), torch.ones(256), (1, 1), (0, 0), (1, 1),
+                                  True, True, [True] * 5)
+    n, h = 64, 129
+    branch = torch.zeros(1).expand(n, 4 * c, h, h)
+    small_out = torch.zeros(1).expand(n, c, h, h)
+    with pytest.raises(ValueError, match=r"triton_aspp_backward: .*int32"):
+        aspp_ops._direct_backward(small_out, x, weights, pool, proj, bn[0], bn[1], branch, torch.zeros(n, c),
+                                  small_out, small_out, bn[2], bn[3], [6, 12, 18], True, [True] * 3)

@@ -679,3 +679,20 @@ def test_leading_minus_inf_classes_give_eager_loss(backend, masked):
     got.backward()
     want.backward()
     torch.testing.assert_close(x.grad, ref.grad, rtol=1e-9, atol=1e-9)
+
+
+@cuda_test
+def test_cuda_backward_refuses_saved_tensors_elsewhere_and_counts_exactly():
+    # The CUDA backward read lse / grad / valid_count through raw device pointers: a CPU tensor from a direct
+    # torch.ops call was read as a device address (illegal memory access), and an empty valid_count for 'mean'
+    # broadcast grad to an empty tensor whose first value the kernel read (dec 1, a static review).
+    logits = torch.randn(2, 3, 4, 4, device="cuda")
+    target = torch.randint(0, 3, (2, 8, 8), device="cuda")
+    loss, lse, valid = _ops.upsample_cross_entropy_forward(logits, target, 255, False, "mean")
+    grad = torch.ones((), device="cuda")
+    with pytest.raises(RuntimeError, match="lse is on cpu but logits is on cuda"):
+        _ops.upsample_cross_entropy_backward(grad, logits, target, lse.cpu(), valid, 255, False, "mean")
+    with pytest.raises(RuntimeError, match="grad is on cpu but logits is on cuda"):
+        _ops.upsample_cross_entropy_backward(grad.cpu(), logits, target, lse, valid, 255, False, "mean")
+    with pytest.raises(RuntimeError, match="valid_count must be one value"):
+        _ops.upsample_cross_entropy_backward(grad, logits, target, lse, valid.new_empty(0), 255, False, "mean")
