@@ -85,19 +85,36 @@ def _no_group(synchronized: bool) -> list[str]:
     return []
 
 
+def conv_largest(x: torch.Tensor, weight: torch.Tensor, out_numel: int) -> int:
+    """The most elements of one tensor a triton conv_bn_relu call indexes: x, its output, the weight."""
+    return max(x.numel(), out_numel, weight.numel())
+
+
+def aspp_largest(x: torch.Tensor, rates, channels: int) -> int:
+    """The most elements of one tensor a triton aspp call indexes: x, the (N, H, W, (1 + len(rates)) * C) branch
+    buffer and the packed branch weights."""
+    n, c_in, h, w = x.shape
+    return max(x.numel(), n * h * w * (1 + len(rates)) * channels, (1 + 9 * len(rates)) * c_in * channels)
+
+
+def refuse_beyond_int32(op: str, largest: int) -> None:
+    """Raise for a call of a triton twin (torch.ops.deeplab_ops.triton_*, called directly or from a traced graph)
+    whose largest tensor is beyond the kernels' int32 indexing (on a GPU its offsets would wrap): the rule by which
+    `resolve` never picks triton for such a call."""
+    reasons = _int32(largest)
+    if reasons:
+        raise ValueError(f"deeplab_ops.{op}: {reasons[0]}: use backend='cuda' or a smaller batch")
+
+
 def _triton_conv_bn_relu(*, x, weight, stride, padding, dilation, synchronized=False, **_) -> list[str]:
     n, _, h, w = x.shape
     cout, _, kh, kw = weight.shape
     ho, wo = conv_output_size((h, w), (kh, kw), stride, padding, dilation)
-    return (_interpreter_half(x, "x") + _int32(max(x.numel(), n * cout * ho * wo, weight.numel()))
-            + _no_group(synchronized))
+    return _interpreter_half(x, "x") + _int32(conv_largest(x, weight, n * cout * ho * wo)) + _no_group(synchronized)
 
 
 def _triton_aspp(*, x, rates, channels, synchronized=False, **_) -> list[str]:
-    n, c_in, h, w = x.shape
-    # The largest tensors: the (N, H, W, (1 + len(rates)) * C) branch buffer and the packed branch weights.
-    largest = max(x.numel(), n * h * w * (1 + len(rates)) * channels, (1 + 9 * len(rates)) * c_in * channels)
-    return _interpreter_half(x, "x") + _int32(largest) + _no_group(synchronized)
+    return _interpreter_half(x, "x") + _int32(aspp_largest(x, rates, channels)) + _no_group(synchronized)
 
 
 def _triton_uce(*, logits, target, **_) -> list[str]:

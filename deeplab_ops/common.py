@@ -75,16 +75,6 @@ def check_x_channels(x, weight, owner: str) -> None:
                          f"channels (in_channels); expected x of shape (N, {c}, H, W)")
 
 
-def refuse_beyond_int32(op: str, largest: int) -> None:
-    """Raise for a call of a triton twin (torch.ops.deeplab_ops.triton_*, called directly or from a traced graph)
-    whose largest tensor has more elements than the Triton kernels' int32 indexing reaches: on a GPU its offsets
-    would wrap (wrong values, or an illegal address). The front doors never pick triton for such a call
-    (deeplab_ops.backends); a direct call is refused here, naming the size."""
-    if largest > INT32_MAX:
-        raise ValueError(f"deeplab_ops.{op}: a tensor of {largest} elements; the Triton kernels index with int32 "
-                         f"(at most {INT32_MAX}): use backend='cuda' or a smaller batch")
-
-
 def conv_output_size(
     size: tuple[int, int], kernel: tuple[int, int], stride: tuple[int, int], padding: tuple[int, int],
     dilation: tuple[int, int],

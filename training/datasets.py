@@ -150,20 +150,16 @@ def _read_text_lines(path: str, what: str) -> list[str]:
         raise ValueError(f"{what} {path} is not UTF-8 text ({e}): save it as UTF-8") from None
 
 
-def _read_split_numbered(path: str) -> list[tuple[int, str]]:
-    """(line number, entry) for every non-blank line of a split list file."""
+def read_split(path: str) -> list[tuple[int, str]]:
+    """(line number, entry) for every non-blank line of a split list file, the entry without its line end (a name
+    may hold spaces and dots; how an entry names an image is the dataset's to say: _list_ids for VOC, _folder_names
+    for a folder; the line numbers name a repeated image's two lines)."""
     if not os.path.isfile(path):
         raise FileNotFoundError(f"split list not found: {path}")
     entries = [(n, line) for n, line in enumerate(_read_text_lines(path, "split list"), 1) if line.strip()]
     if not entries:
         raise ValueError(f"split list {path} is empty")
     return entries
-
-
-def read_split(path: str) -> list[str]:
-    """The entries of a split list file: its non-blank lines, each without its line end (a name may hold spaces
-    and dots; how an entry names an image is the dataset's to say: _list_ids for VOC, _folder_names for a folder)."""
-    return [entry for _, entry in _read_split_numbered(path)]
 
 
 def _refuse_repeats(path: str, numbered_names: Iterable[tuple[int, str, str]]) -> None:
@@ -415,7 +411,7 @@ def _list_ids(path: str, unique: bool = False) -> list[str]:
     'JPEGImages/x.jpg SegmentationClassAug/x.png' pairs, whose first path gives the id. unique: refuse an id
     listed twice (a list that gives a split's images in order; lists read as sets need not)."""
     numbered = []
-    for n, line in _read_split_numbered(path):
+    for n, line in read_split(path):
         stem, ext = os.path.splitext(os.path.basename(line.split()[0]))
         numbered.append((n, line, stem if ext.lower() in IMAGE_EXTENSIONS + (".mat",) else stem + ext))
     if unique:
@@ -553,7 +549,7 @@ def _folder_names(list_file: str, by_stem: dict[str, str], images_dir: str) -> l
         return None
 
     numbered, unknown = [], []
-    for line, entry in _read_split_numbered(list_file):
+    for line, entry in read_split(list_file):
         name = name_of(entry)
         if name is None:
             unknown.append(entry.strip())

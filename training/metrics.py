@@ -84,13 +84,13 @@ class SegmentationMetrics:
                 self.image_miou_sum += m
                 self.image_count += 1
 
-    def merge_(self, cm: torch.Tensor, image_miou_sum: float, image_count: int, images_seen: int | None = None) -> None:
+    def merge_(self, cm: torch.Tensor, image_miou_sum: float, image_count: int, images_seen: int) -> None:
         """Add another accumulator's state (e.g. all-reduced across processes). image_count: its images with a pixel
-        to count; images_seen: all its images (default image_count)."""
+        to count; images_seen: all its images."""
         self.cm += cm.to(self.cm)
         self.image_miou_sum += image_miou_sum
         self.image_count += image_count
-        self.images_seen += image_count if images_seen is None else images_seen
+        self.images_seen += images_seen
 
     def compute(self) -> dict:
         return metrics_from_confusion(self.cm, self.class_names) | {

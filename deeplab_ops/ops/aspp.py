@@ -23,7 +23,6 @@ from deeplab_ops.common import (
     functorch_transform,
     is_functorch_wrapped,
     opmath_dtype,
-    refuse_beyond_int32,
     strided_like,
 )
 from deeplab_ops.ops.dispatch import (
@@ -490,11 +489,7 @@ def _direct_forward(x, conv_weights, pool_weight, project_weight, bn_weight, bn_
 
 
 def _refuse_large(op: str, x, conv_weights, rates) -> None:
-    # The largest tensors (as deeplab_ops.backends counts them): x, the (N, H, W, (1 + len(rates)) * C) branch
-    # buffer and the packed branch weights.
-    n, c_in, h, w = x.shape
-    c = conv_weights[0].shape[0]
-    refuse_beyond_int32(op, max(x.numel(), n * h * w * (1 + len(rates)) * c, (1 + 9 * len(rates)) * c_in * c))
+    backends.refuse_beyond_int32(op, backends.aspp_largest(x, rates, conv_weights[0].shape[0]))
 
 
 def _direct_backward(grad_out, x, conv_weights, pool_weight, project_weight, bn_weight, bn_bias, branch_out,

@@ -25,7 +25,6 @@ from deeplab_ops.common import (
     empty_activation,
     opmath_dtype,
     pair,
-    refuse_beyond_int32,
 )
 from deeplab_ops.ops.dispatch import (
     BELOW_AUTOGRAD,
@@ -235,7 +234,7 @@ def _direct_forward(x, weight, bn_weight, bn_bias, running_mean, running_var, st
 
 
 def _refuse_large(op: str, x, weight, shape) -> None:
-    refuse_beyond_int32(op, max(x.numel(), weight.numel(), math.prod(shape)))
+    backends.refuse_beyond_int32(op, backends.conv_largest(x, weight, math.prod(shape)))
 
 
 def _direct_backward(grad_out, x, weight, bn_weight, conv_out, out, save_mean, save_invstd, stride, padding,

@@ -10,8 +10,6 @@ BN sums), branch finalize, projection wgrad, branch dgrad, branch wgrad.
 
 from __future__ import annotations
 
-import functools
-
 import torch
 import triton
 import triton.language as tl
@@ -59,7 +57,7 @@ from deeplab_ops.triton.conv_engine import (
     fit_sizes,
     split_count,
 )
-from deeplab_ops.triton.launch import KernelSpec, cdiv, launch_kernel, prune_by_channels, run_tuned
+from deeplab_ops.triton.launch import KernelSpec, cdiv, device_constants, launch_kernel, prune_by_channels, run_tuned
 from deeplab_ops.triton.packing import cached
 
 Tensor = torch.Tensor
@@ -618,21 +616,9 @@ def _pool_weight(pool_weight: Tensor, stat: torch.dtype) -> Tensor:
 
 
 def _rate_table(rates: tuple[int, ...], device: torch.device) -> Tensor:
-    """The branches' dilations (entry 0: the 1x1 branch) on the device (a host-to-device copy per call would
-    synchronize the stream). Read-only in the kernels. Inside a CUDA-graph capture: filled by kernels the graph
-    records, not cached (see bn_kernels.hyper_tensor)."""
-    if device.type == "cuda" and torch.cuda.is_current_stream_capturing():
-        t = torch.empty(len(rates) + 1, dtype=torch.int32, device=device)
-        for i, r in enumerate((1, *rates)):
-            t[i].fill_(r)
-        return t
-    return _cached_rate_table(rates, device)
-
-
-@functools.lru_cache(maxsize=32)
-def _cached_rate_table(rates: tuple[int, ...], device: torch.device) -> Tensor:
-    # A blocking copy, once per rate set and device: complete before any stream reads it.
-    return torch.tensor((1, *rates), dtype=torch.int32).to(device)
+    """The branches' dilations (entry 0: the 1x1 branch) on the device, read-only in the kernels
+    (launch.device_constants)."""
+    return device_constants((1, *rates), torch.int32, device)
 
 
 # ---- host side of the op ----------------------------------------------------------------------------------

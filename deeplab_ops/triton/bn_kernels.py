@@ -11,14 +11,12 @@ The jit helpers at the top (`_relu`, `_act_grad`, `_bn_dy`) are shared with the 
 
 from __future__ import annotations
 
-import functools
-
 import torch
 import triton
 import triton.language as tl
 
 from deeplab_ops.common import interpreter_active
-from deeplab_ops.triton.launch import cdiv, jit_unspecialized, launch_kernel, next_power_of_2
+from deeplab_ops.triton.launch import cdiv, device_constants, jit_unspecialized, launch_kernel, next_power_of_2
 
 # ---- shared per-element math -------------------------------------------------------------------------
 
@@ -234,30 +232,8 @@ def acc_dtype(dtype: torch.dtype):
 
 
 def hyper_tensor(momentum: float, eps: float, dtype: torch.dtype, device: torch.device) -> torch.Tensor:
-    """(momentum, eps) as a tensor on the device (a Python float argument would be rounded to float32; a
-    host-to-device copy per call would synchronize the stream). Read-only in the kernels."""
-    if device.type != "cuda":
-        return _hyper_tensor(momentum, eps, dtype, device, 0)
-    if torch.cuda.is_current_stream_capturing():
-        # Filled by kernels the graph records and replays before its reader. Not cached: recorded fills run only
-        # when the graph replays, so a cached tensor would be unfilled for an eager call made before that.
-        return _filled(momentum, eps, dtype, device)
-    # One per stream: filled by two kernels on the stream that reads it (no host synchronization, which a blocking
-    # copy would be: with momentum=None BatchNorm's factor changes every step), so no reader on another stream can
-    # run before the fill.
-    return _hyper_tensor(momentum, eps, dtype, device, torch._C._cuda_getCurrentRawStream(device.index))
-
-
-def _filled(momentum: float, eps: float, dtype: torch.dtype, device: torch.device) -> torch.Tensor:
-    t = torch.empty(2, dtype=dtype, device=device)
-    t[0].fill_(momentum)
-    t[1].fill_(eps)
-    return t
-
-
-@functools.lru_cache(maxsize=64)
-def _hyper_tensor(momentum: float, eps: float, dtype: torch.dtype, device: torch.device, stream: int) -> torch.Tensor:
-    return _filled(momentum, eps, dtype, device)
+    """(momentum, eps) on the device, read-only in the kernels (launch.device_constants)."""
+    return device_constants((momentum, eps), dtype, device)
 
 
 def _block_c(c: int) -> int:

@@ -17,6 +17,7 @@ How tuning is done (`set_autotune`, or the environment variable DEEPLAB_OPS_AUTO
 from __future__ import annotations
 
 import contextlib
+import functools
 import inspect
 import os
 import threading
@@ -79,6 +80,34 @@ def cdiv(a: int, b: int) -> int:
 def next_power_of_2(n: int) -> int:
     """The smallest power of 2 >= n (0 for 0): triton.next_power_of_2's value, at a bit_length's cost."""
     return 1 << (n - 1).bit_length() if n > 0 else 0
+
+
+# ---- small constants on the device -------------------------------------------------------------------------
+
+
+def device_constants(values: tuple, dtype: torch.dtype, device: torch.device) -> torch.Tensor:
+    """`values` as a read-only 1-D tensor on `device` (momentum and eps, a Python float argument being rounded to
+    float32; the ASPP's rates), filled by kernels: a host-to-device copy would synchronize the stream, per call with
+    momentum=None BatchNorm, whose factor changes every step. Cached per stream, each filled on the stream that reads
+    it, so no reader on another stream runs before its fill. Inside a CUDA-graph capture: a fresh tensor the graph
+    fills when it replays, never cached (a cached one would stay unfilled for eager calls before a replay)."""
+    if device.type != "cuda":
+        return _cached_constants(values, dtype, device, 0)
+    if torch.cuda.is_current_stream_capturing():
+        return _filled(values, dtype, device)
+    return _cached_constants(values, dtype, device, torch._C._cuda_getCurrentRawStream(device.index))
+
+
+def _filled(values: tuple, dtype: torch.dtype, device: torch.device) -> torch.Tensor:
+    t = torch.empty(len(values), dtype=dtype, device=device)
+    for i, v in enumerate(values):
+        t[i].fill_(v)
+    return t
+
+
+@functools.lru_cache(maxsize=128)
+def _cached_constants(values: tuple, dtype: torch.dtype, device: torch.device, stream: int) -> torch.Tensor:
+    return _filled(values, dtype, device)
 
 
 # ---- launches --------------------------------------------------------------------------------------------

@@ -11,13 +11,13 @@ import copy
 
 import pytest
 import torch
+from helpers import TRITON_MARKS, device_for
 from torch import nn
 from torch.utils.checkpoint import checkpoint, set_checkpoint_early_stop
 
 from deeplab_ops.nn import fuse_modules
 from model.aspp import ASPP
 from model.resnet import Bottleneck
-from tests.helpers import backend_param, device_for
 
 
 def _layers(momentum):
@@ -48,8 +48,8 @@ def _state(module):
 
 
 def _case(backend, kind, momentum, mode):
-    marks = backend_param(backend).marks if backend == "triton" else ()
-    return pytest.param(backend, kind, momentum, mode, marks=marks, id=f"{backend}-{kind}-{momentum}-{mode}")
+    return pytest.param(backend, kind, momentum, mode, marks=TRITON_MARKS if backend == "triton" else (),
+                        id=f"{backend}-{kind}-{momentum}-{mode}")
 
 
 # every combination on cpu; triton (the interpreter on a CPU machine: slow) where the early stop bites

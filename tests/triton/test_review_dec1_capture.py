@@ -85,24 +85,24 @@ def test_hyper_tensor_fills_on_each_stream_and_never_blocks(monkeypatch):
     # (momentum, eps) on the device: a blocking host-to-device copy per new value (what a first version of the
     # capture fix did) would synchronize every BatchNorm call with momentum=None, whose factor changes every step.
     # Now: kernels fill it on the reading stream (cached per stream), and inside a capture a fresh, uncached one.
-    from deeplab_ops.triton import bn_kernels
+    from deeplab_ops.triton import bn_kernels, launch
 
     fills = []
 
-    def filled(momentum, eps, dtype, device):
-        fills.append((momentum, eps))
-        return torch.tensor([momentum, eps], dtype=dtype)  # stands for the device tensor the kernels fill
+    def filled(values, dtype, device):
+        fills.append(values)
+        return torch.tensor(values, dtype=dtype)  # stands for the device tensor the kernels fill
 
     def no_host_copy(*args, **kwargs):
         raise AssertionError("a host-to-device copy")
 
     stream = [7]
     capturing = [False]
-    monkeypatch.setattr(bn_kernels, "_filled", filled)
+    monkeypatch.setattr(launch, "_filled", filled)
     monkeypatch.setattr(torch.Tensor, "to", no_host_copy)
     monkeypatch.setattr(torch.cuda, "is_current_stream_capturing", lambda: capturing[0])
     monkeypatch.setattr(torch._C, "_cuda_getCurrentRawStream", lambda index: stream[0], raising=False)
-    bn_kernels._hyper_tensor.cache_clear()
+    launch._cached_constants.cache_clear()
     cuda = torch.device("cuda", 0)
     a = bn_kernels.hyper_tensor(0.5, 1e-5, torch.float32, cuda)
     assert bn_kernels.hyper_tensor(0.5, 1e-5, torch.float32, cuda) is a and len(fills) == 1  # cached on stream 7
@@ -115,4 +115,4 @@ def test_hyper_tensor_fills_on_each_stream_and_never_blocks(monkeypatch):
     c1 = bn_kernels.hyper_tensor(0.5, 1e-5, torch.float32, cuda)
     c2 = bn_kernels.hyper_tensor(0.5, 1e-5, torch.float32, cuda)
     assert c1 is not c2 and len(fills) == 9  # inside a capture: never the cached one, never cached
-    bn_kernels._hyper_tensor.cache_clear()
+    launch._cached_constants.cache_clear()
