@@ -1,4 +1,4 @@
-"""model/: regressions found by a review of the package as a user meets it — checkpoint loading (silent no-op loads,
+"""model/ as a user meets it — checkpoint loading (silent no-op loads,
 torch.compile's key prefix, errors that name the argument and both values), the factories' argument checks, the
 input check, and `python -m model` / `summarize`. Tiny networks (ResNet-29 of width 4) and meta tensors only."""
 

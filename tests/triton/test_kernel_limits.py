@@ -1,4 +1,4 @@
-"""Review of the Triton kernels (dec 1, helper): regressions for the defects fixed in deeplab_ops/triton.
+"""The Triton kernels at their limits: classes masked with -inf, and launch grids within CUDA's limits.
 
 upsample_cross_entropy's forward runs an online logsumexp over class blocks (8 classes on a GPU, up to 32 in the
 interpreter). A pixel whose classes of the first block(s) are all -inf (classes masked out with -inf logits) had

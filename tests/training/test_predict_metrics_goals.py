@@ -1,4 +1,4 @@
-"""Review of 2026-12-01: predict_probs returns probabilities for any number of passes; num_images counts every
+"""predict_probs returns probabilities for any number of passes; num_images counts every
 image evaluated; `benchmarks/common.py goals` reads a folder of DATE-CARD-prefixed results (benchmarks/results/)
 and prints nothing but its report; train.py turns an allocation that fails (a huge --crop-size) into one line."""
 

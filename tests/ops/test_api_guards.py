@@ -1,5 +1,5 @@
-"""Review (Dec 1) of the ops' and modules' API as a new user meets it: defects found and fixed, one test each (each
-failed before its fix)."""
+"""Guards of the ops' and modules' API: the fused ASPP refuses (or does not fuse) padded or strided 1×1 convs and
+sees a conv changed in place after its first call; the Triton twins refuse tensors beyond int32 indexing."""
 
 from __future__ import annotations
 

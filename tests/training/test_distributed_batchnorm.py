@@ -1,4 +1,4 @@
-"""Review of the distributed training path (2026-12-01): what two gloo processes compute against one process."""
+"""The distributed training path: what two gloo processes compute against one process."""
 
 from __future__ import annotations
 

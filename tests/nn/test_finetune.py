@@ -1,5 +1,5 @@
-"""A fine-tuning and deployment review of the module layer (deeplab_ops/modules.py, fusion.py): each test compares a
-fused model with the same unfused eager model (forward, gradients, BatchNorm running statistics and
+"""Fine-tuning and deployment scenarios through the module layer (deeplab_ops/modules.py, fusion.py): each test
+compares a fused model with the same unfused eager model (forward, gradients, BatchNorm running statistics and
 num_batches_tracked) in a scenario that once differed or crashed."""
 
 from __future__ import annotations
@@ -37,7 +37,7 @@ def _aspp_pair(kind: str) -> tuple[nn.Module, nn.Module]:
 
 @pytest.mark.parametrize("kind", ["fuse_modules", "FusedASPP"])
 def test_aspp_built_under_inference_mode_runs_outside_it_as_eager(kind):
-    # Found by this review: a model built (or loaded) under torch.inference_mode() has inference tensors; eager runs
+    # Once wrong: a model built (or loaded) under torch.inference_mode() has inference tensors; eager runs
     # it in eval under no_grad, and trains its BatchNorms under inference_mode. The fused ASPP moved its BatchNorm
     # tensors into one storage (pack_batchnorms), which made inference tensors unusable outside inference mode:
     # every call raised "Inference tensors do not track version counter".
@@ -107,7 +107,7 @@ def _block_model() -> nn.Module:
 @pytest.mark.parametrize("part", ["0.conv1", "0.bn2", "0.relu", "1.conv3", "1.bn1"])
 @pytest.mark.parametrize("when", ["before", "after"])
 def test_a_forward_set_on_a_residual_block_part_runs_as_eager(part, when):
-    # Found by this review: a fused residual block computed conv → BatchNorm → ReLU itself and ignored a forward set
+    # Once wrong: a fused residual block computed conv → BatchNorm → ReLU itself and ignored a forward set
     # on the instance of one of its parts (fused chains and FusedConvBNReLU honour it): a silently different result.
     torch.manual_seed(0)
     plain = _randomize(_block_model()).double()
@@ -132,7 +132,7 @@ def test_a_forward_set_on_a_residual_block_part_runs_as_eager(part, when):
                                   "convs.1"])
 @pytest.mark.parametrize("kind", ["fuse_modules", "FusedASPP"])
 def test_a_forward_set_on_an_aspp_part_runs_as_eager(kind, part):
-    # Found by this review: the fused ASPP op ignored a forward set on the instance of a branch, conv, BatchNorm,
+    # Once wrong: the fused ASPP op ignored a forward set on the instance of a branch, conv, BatchNorm,
     # ReLU or dropout (accelerate's hooks, a monkeypatch): a silently different result.
     plain, fused = _aspp_pair(kind)
     for m in (plain, fused):
@@ -147,7 +147,7 @@ def test_a_forward_set_on_an_aspp_part_runs_as_eager(kind, part):
 
 @pytest.mark.filterwarnings("ignore:Using padding='same' with even kernel")
 def test_a_residual_block_conv_replaced_by_one_with_asymmetric_same_padding_runs_as_eager():
-    # Found by this review: a fused residual block whose conv was replaced after fusing by one with padding='same'
+    # Once wrong: a fused residual block whose conv was replaced after fusing by one with padding='same'
     # that needs asymmetric padding (an even kernel) raised the fused op's ValueError instead of running the conv
     # as the block does (fused chains and FusedConvBNReLU run it unfused).
     torch.manual_seed(0)

@@ -1,4 +1,4 @@
-"""Data-loading review (2026-12-01): split lists naming an image twice, UTF-8 byte-order marks and other encodings
+"""Split lists naming an image twice, UTF-8 byte-order marks and other encodings
 in the list files, and a folder photo stored upside down (EXIF Orientation 3) beside its upright mask."""
 
 import numpy as np

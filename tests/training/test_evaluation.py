@@ -1,4 +1,4 @@
-"""Evaluation review: training.metrics and loop.evaluate / loop.predict_probs against independent numpy / plain
+"""Evaluation: training.metrics and loop.evaluate / loop.predict_probs against independent numpy / plain
 PyTorch reimplementations, on small random and adversarial inputs (ignore pixels, absent classes, odd and tiny image
 sizes, mixed-size batches, multi-scale + flip, aux heads, channels_last and fused models)."""
 

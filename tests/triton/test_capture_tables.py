@@ -1,4 +1,4 @@
-"""Review of CUDA-graph capture hazards (dec 1, helper): regressions for the defects fixed in deeplab_ops/triton.
+"""CUDA-graph capture hazards of deeplab_ops/triton's cached tables.
 
 The triton loss's stencil tables live in an LRU cache (`upsample_ce.axis_tables`, 64 configurations). A launch
 captured in a CUDA graph keeps the tables' device addresses; once the cache evicted that entry (more configurations

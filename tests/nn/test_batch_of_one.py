@@ -1,4 +1,5 @@
-"""Whole-model review (DeepLabV3 fused vs unfused): regression tests for the defects it fixed."""
+"""A training batch of one through a whole DeepLabV3, fused vs unfused: refused before any BatchNorm updates, or
+trained where no BatchNorm needs a batch statistic (a frozen ASPP)."""
 
 from __future__ import annotations
 
