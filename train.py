@@ -834,7 +834,8 @@ def cmd_train(args, device, info) -> None:
 
     log = loop.MetricsLog(os.path.join(args.out_dir, "metrics.jsonl") if info.is_main else None,
                           os.path.join(args.out_dir, "tb") if info.is_main and not args.no_tensorboard else None,
-                          resume_at=None if resume is None else resume["iteration"])
+                          resume_at=None if resume is None else resume["iteration"],
+                          eval_pending=resume is not None and bool(resume.get("eval_pending")))
     t0 = time.time()
     try:
         result = loop.fit(net, train_set, cfg, device, val_fn=val_fn, resume=resume, rank=info.rank,
@@ -955,7 +956,8 @@ def build_parser() -> argparse.ArgumentParser:
                    help="output stride at evaluation (default: the training one); 8 as in the paper's best results")
     g.add_argument("--eval-scales", default="1.0", help="comma-separated scales, or 'ms' for 0.5,0.75,...,1.75")
     g.add_argument("--eval-flip", action="store_true", help="also average the horizontally flipped input")
-    g.add_argument("--eval-batch-size", type=int, default=1, help="images per evaluation batch (padded)")
+    g.add_argument("--eval-batch-size", type=int, default=1, help="images per evaluation batch (those of one size go "
+                   "through the network together, unpadded: the metrics do not depend on it)")
     g.add_argument("--eval-every", type=int, help="evaluate (and track best.pt) every N iterations; 0: at the end")
     g.add_argument("--preview", type=int, default=8, help="images in the predictions-vs-ground-truth PNG")
 

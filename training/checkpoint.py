@@ -4,7 +4,8 @@ A save killed at any point (kill -9, power loss after the fsync) leaves the prev
 the killed save's temp file is removed by the next save of the same path.
 
 A checkpoint is a dict: model, optimizer, scheduler, grad_scaler (fp16), iteration (finished steps),
-best_metric / best_iteration, rng (torch CPU + every CUDA device, numpy, python `random`; in a distributed run
+best_metric / best_iteration, eval_pending (saved just before the evaluation of its iteration, which had not
+finished: a resume runs it first), rng (torch CPU + every CUDA device, numpy, python `random`; in a distributed run
 rng_ranks holds every process's, rng process 0's), args, and
 num_classes / class_names so that `--eval-only` and `--predict` rebuild the model from the file alone.
 """
@@ -204,9 +205,12 @@ def unwrap(model: torch.nn.Module) -> torch.nn.Module:
 
 
 def training_state(model, optimizer, scheduler, scaler, iteration: int, best_metric: float | None,
-                   best_iteration: int | None, extra: dict, rng_ranks: list | None = None) -> dict:
+                   best_iteration: int | None, extra: dict, rng_ranks: list | None = None,
+                   eval_pending: bool = False) -> dict:
     """Everything a resume needs to continue the same run, as one dict for `atomic_save`. `rng_ranks`: every
-    process's capture_rng_state() in a distributed run (saved as 'rng_ranks'; 'rng' is process 0's)."""
+    process's capture_rng_state() in a distributed run (saved as 'rng_ranks'; 'rng' is process 0's).
+    `eval_pending`: the checkpoint is the one saved just before the evaluation of its iteration, which has not
+    finished yet (a resume from it runs that evaluation first)."""
     return {
         "model": unwrap(model).state_dict(),
         "optimizer": optimizer.state_dict(),
@@ -215,6 +219,7 @@ def training_state(model, optimizer, scheduler, scaler, iteration: int, best_met
         "iteration": iteration,
         "best_metric": best_metric,
         "best_iteration": best_iteration,
+        "eval_pending": eval_pending,
         "rng": capture_rng_state() if rng_ranks is None else rng_ranks[0],
         **({} if rng_ranks is None else {"rng_ranks": rng_ranks}),
         **extra,

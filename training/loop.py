@@ -325,16 +325,19 @@ def _hms(seconds: float) -> str:
 class MetricsLog:
     """JSON-lines metrics log (one object per line) and, when `tensorboard` is installed, a SummaryWriter."""
 
-    def __init__(self, path: str | None, tensorboard_dir: str | None = None, resume_at: int | None = None) -> None:
+    def __init__(self, path: str | None, tensorboard_dir: str | None = None, resume_at: int | None = None,
+                 eval_pending: bool = False) -> None:
         """resume_at: the iteration a resumed run continues from. Records of later iterations, which the
         interrupted run logged after its last checkpoint and the resumed run logs again, are dropped (from the
-        JSON-lines file, rewritten atomically, and from TensorBoard through its purge_step)."""
+        JSON-lines file, rewritten atomically, and from TensorBoard through its purge_step). eval_pending: the
+        checkpoint's evaluation had not finished, and the resumed run runs it again: a validation record of
+        resume_at is dropped too."""
         self.path = path
         self.tb = None
         if path:
             os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
             if resume_at is not None and os.path.isfile(path):
-                _drop_records_after(path, resume_at)
+                _drop_records_after(path, resume_at, drop_val_at=eval_pending)
         if tensorboard_dir:
             try:
                 from torch.utils.tensorboard import SummaryWriter
@@ -360,18 +363,20 @@ class MetricsLog:
             self.tb.close()
 
 
-def _drop_records_after(path: str, iteration: int) -> None:
-    """Rewrite the JSON-lines log at `path` without the records of iterations after `iteration` (atomically: a
-    crash leaves the old file or the new one). Lines that are not such records are kept as they are."""
+def _drop_records_after(path: str, iteration: int, drop_val_at: bool = False) -> None:
+    """Rewrite the JSON-lines log at `path` without the records of iterations after `iteration` (and, with
+    `drop_val_at`, the validation records of `iteration` itself), atomically: a crash leaves the old file or the new
+    one. Lines that are not such records are kept as they are."""
     with open(path, encoding="utf-8") as f:
         lines = f.readlines()
     kept = []
     for line in lines:
         try:
-            it = json.loads(line).get("iteration")
+            record = json.loads(line)
+            it, kind = record.get("iteration"), record.get("kind")
         except (ValueError, AttributeError):  # not a JSON object: not ours to judge
-            it = None
-        if not (isinstance(it, int) and it > iteration):
+            it = kind = None
+        if not (isinstance(it, int) and (it > iteration or (drop_val_at and it == iteration and kind == "val"))):
             kept.append(line if line.endswith("\n") else line + "\n")
     if len(kept) != len(lines):
         ckpt_io.atomic_write(path, lambda f: f.write("".join(kept).encode()))
@@ -501,19 +506,47 @@ def fit(model: nn.Module, train_set, cfg: TrainConfig, device: torch.device, *, 
         """Every process's random streams, for the checkpoints (collective: called by every process alike)."""
         return dist_utils.all_gather_objects(ckpt_io.capture_rng_state()) if world_size > 1 else None
 
-    def save(name: str, it: int, rng_ranks: list | None) -> None:
+    def save(name: str, it: int, rng_ranks: list | None, eval_pending: bool = False) -> None:
         if is_main and cfg.out_dir:
             state = ckpt_io.training_state(model, optimizer, scheduler, scaler, it, best, best_it, cfg.extra_state,
-                                           rng_ranks)
+                                           rng_ranks, eval_pending=eval_pending)
             path = os.path.join(cfg.out_dir, name)
             ckpt_io.atomic_save(state, path)
             saved[path] = it
 
-    if resume is not None and stop == start:
+    last_metrics = None
+
+    def evaluate_at(it: int, rng_ranks: list | None) -> None:
+        """The evaluation of iteration `it`, whose last.pt is saved (marked eval_pending): best.pt when its mIoU is
+        the best so far, the log's record, then last.pt again, the evaluation done and the best recorded."""
+        nonlocal best, best_it, last_metrics
+        # The evaluation's draws (its loader's seed) leave the training's random streams as they were, so that a
+        # run resumed from the checkpoint saved just before it continues exactly as this one does.
+        rng = ckpt_io.capture_rng_state()
+        last_metrics = val_fn(model)
+        ckpt_io.restore_rng_state(rng)
+        _set_train_mode(model, cfg.freeze_bn)
+        if last_metrics is not None and (best is None or last_metrics["miou"] > best):
+            best, best_it = last_metrics["miou"], it
+            save("best.pt", it, rng_ranks)
+        if log is not None and is_main and last_metrics is not None:
+            log.write({"kind": "val", "iteration": it, **{k: v for k, v in last_metrics.items()
+                                                           if isinstance(v, (int, float))}})
+        save("last.pt", it, rng_ranks)  # the evaluation done, the new best recorded
+
+    def evaluates_at(it: int) -> bool:
+        return val_fn is not None and (it == cfg.iterations or bool(cfg.eval_every and it % cfg.eval_every == 0))
+
+    if resume is not None and resume.get("eval_pending") and evaluates_at(start):
+        # The checkpoint was saved just before its iteration's evaluation, which did not finish (the run was
+        # interrupted, or stopped on an error there): it runs now, as the uninterrupted run ran it, before the next
+        # step (best.pt, the log's record and, at the end, metrics.json come from it).
+        evaluate_at(start, rng_states())
+    elif resume is not None and stop == start:
         # Nothing left to train (a finished run resumed, maybe into another --out-dir): the run's last.pt is the one
         # it resumed, so that the folder holds the checkpoint its report names.
         save("last.pt", start, rng_states())
-    losses, last_metrics, it, t_start = [], None, start, time.time()
+    losses, it, t_start = [], start, time.time()
     with reads.reporting():
         for images, masks in batches:
             images = images.to(device, non_blocking=True)
@@ -543,26 +576,15 @@ def fit(model: nn.Module, train_set, cfg: TrainConfig, device: torch.device, *, 
             if log is not None and is_main and (it % cfg.log_every == 0 or it == stop):
                 log.write({"kind": "train", "iteration": it, "loss": value, "lr": lr,
                            "elapsed_s": round(time.time() - t_start, 3)})
-            do_eval = val_fn is not None and (it == cfg.iterations or (cfg.eval_every and it % cfg.eval_every == 0))
+            do_eval = evaluates_at(it)
             if it == stop or do_eval or (cfg.checkpoint_every and it % cfg.checkpoint_every == 0):
                 rng_ranks = rng_states()  # the same after the evaluation, which restores them
-                save("last.pt", it, rng_ranks)  # before the evaluation: an error there keeps what was trained
+                # Before the evaluation: an error there keeps what was trained, and a resume runs the evaluation.
+                save("last.pt", it, rng_ranks, eval_pending=do_eval)
                 if world_size > 1:  # every process goes on once it is written (an error names it)
                     torch.distributed.barrier()
             if do_eval:
-                # The evaluation's draws (its loader's seed) leave the training's random streams as they were, so
-                # that a run resumed from the checkpoint saved just before it continues exactly as this one does.
-                rng = ckpt_io.capture_rng_state()
-                last_metrics = val_fn(model)
-                ckpt_io.restore_rng_state(rng)
-                _set_train_mode(model, cfg.freeze_bn)
-                if last_metrics is not None and (best is None or last_metrics["miou"] > best):
-                    best, best_it = last_metrics["miou"], it
-                    save("best.pt", it, rng_ranks)
-                    save("last.pt", it, rng_ranks)  # with the new best recorded
-                if log is not None and is_main and last_metrics is not None:
-                    log.write({"kind": "val", "iteration": it, **{k: v for k, v in last_metrics.items()
-                                                                   if isinstance(v, (int, float))}})
+                evaluate_at(it, rng_ranks)
     return TrainResult(losses, it, best, best_it, last_metrics)
 
 
