@@ -6,9 +6,11 @@ docs/ops.md, "Fusing a model".
 from __future__ import annotations
 
 import copy
+import operator
 from collections import OrderedDict
 
 import torch
+import torch.fx
 from torch import nn
 
 from deeplab_ops.backends import BACKENDS
@@ -76,11 +78,23 @@ def fused_config(module: nn.Module) -> FusedConfig | None:
     return getattr(module, _FUSED_ATTR, None)
 
 
+def _traced_call(module: nn.Module, x: torch.fx.Proxy) -> torch.fx.Proxy:
+    """What torch.fx symbolic tracing records for an nn.Conv2d, nn.BatchNorm2d or nn.ReLU, one of its leaf modules
+    (whose class lives in torch.nn): one call_module node. Their fused-away subclasses live elsewhere, so a tracer
+    would otherwise trace into their forward (BatchNorm's checks the input's dim: a TraceError)."""
+    return x.tracer.create_proxy("call_module", x.tracer.path_of_module(module), (x,), {})
+
+
 class FusedConv2d(nn.Conv2d):
     """A Conv2d of a fused conv → BatchNorm (→ ReLU) chain. Its container's forward runs the chain as one fused op
     (`_run_chain`); called on its own (a slice of the container, children called by hand, a hook on it, its
     BatchNorm or ReLU, a changed chain, an nn.DataParallel replica) it is a plain convolution, and its BatchNorm and
     ReLU apply themselves."""
+
+    def forward(self, input: Tensor) -> Tensor:
+        if isinstance(input, torch.fx.Proxy):
+            return _traced_call(self, input)
+        return nn.Conv2d.forward(self, input)
 
 
 _CONV_ATTR = "_deeplab_ops_fused_into"  # plain attribute of a fused-away BatchNorm or ReLU: the conv that applies it
@@ -91,6 +105,8 @@ class FusedAwayBatchNorm2d(nn.BatchNorm2d):
     own, it normalizes as nn.BatchNorm2d (across the process group of a synchronized model)."""
 
     def forward(self, x: Tensor) -> Tensor:
+        if isinstance(x, torch.fx.Proxy):
+            return _traced_call(self, x)
         conv = self.__dict__.get(_CONV_ATTR)
         cfg = None if conv is None or self.__dict__.get("_is_replica", False) else conv.__dict__.get(_FUSED_ATTR)
         group = None if cfg is None else cfg.process_group
@@ -100,6 +116,11 @@ class FusedAwayBatchNorm2d(nn.BatchNorm2d):
 class FusedAwayReLU(nn.ReLU):
     """A ReLU of a fused chain, applied by the fused op when its container runs the chain fused; called on its own,
     a ReLU."""
+
+    def forward(self, input: Tensor) -> Tensor:
+        if isinstance(input, torch.fx.Proxy):
+            return _traced_call(self, input)
+        return nn.ReLU.forward(self, input)
 
     def extra_repr(self) -> str:
         return f"fused into the preceding conv, {super().extra_repr() or 'not inplace'}"
@@ -116,9 +137,11 @@ def _run_chain(self: nn.Module, x: Tensor, keep: dict | None):
     items = list(self._modules.items())
     out = None if keep is None else OrderedDict()
     i, n = 0, len(items)
+    # torch.fx symbolic tracing (torchvision's create_feature_extractor): the children one by one, as recorded
+    traced = isinstance(x, torch.fx.Proxy)
     while i < n:
         name, m = items[i]
-        cfg = m.__dict__.get(_FUSED_ATTR) if isinstance(m, FusedConv2d) else None
+        cfg = m.__dict__.get(_FUSED_ATTR) if isinstance(m, FusedConv2d) and not traced else None
         fused = (cfg is not None and cfg.chain is not None and i + len(cfg.chain) < n
                  and not m.__dict__.get("_is_replica", False) and "forward" not in m.__dict__ and not (
                      m._forward_hooks or m._forward_pre_hooks or m._backward_hooks or m._backward_pre_hooks
@@ -177,6 +200,8 @@ def _block_parts(self: nn.Module, k: int) -> tuple[list, nn.Module | None]:
 
 def _fused_block_forward(self: nn.Module, x: Tensor) -> Tensor:
     cfg = getattr(self, _FUSED_ATTR)
+    if isinstance(x, torch.fx.Proxy):  # torch.fx symbolic tracing: what the original forward calls, as recorded
+        return type(self).original_class.forward(self, x)
     backend, group, lean = cfg.backend, cfg.process_group, cfg.memory_efficient
     parts, downsample = _block_parts(self, cfg.depth)
     relu = self._modules.get("relu") or getattr(self, "relu", None)
@@ -209,6 +234,8 @@ def _fused_block_forward(self: nn.Module, x: Tensor) -> Tensor:
 
 def _fused_aspp_forward(self: nn.Module, x: Tensor) -> Tensor:
     cfg = getattr(self, _FUSED_ATTR)
+    if isinstance(x, torch.fx.Proxy):  # torch.fx symbolic tracing: what the original forward calls, as recorded
+        return type(self).original_class.forward(self, x)
     # A child the op does not compute (replaced after fusing) or a hook on a part: the original forward runs the
     # children, so that what a user changed or hooked is what runs.
     # BatchNorms that cannot run as one (mixed modes; with momentum=None, different batch counters) likewise.
@@ -306,7 +333,97 @@ def _residual_block_depth(module: nn.Module, shared: set[int]) -> int:
     for i in range(1, k + 1):
         if not _fusable(getattr(module, f"conv{i}", None), getattr(module, f"bn{i}", None), shared):
             return 0
+    if not _computes_residual_block(module, k):
+        return 0
     return k
+
+
+class _PartsTracer(torch.fx.Tracer):
+    """Symbolic tracing of a block's forward with every module it calls as one call_module node (none runs)."""
+
+    def is_leaf_module(self, m: nn.Module, module_qualified_name: str) -> bool:
+        return True
+
+
+_ADDS = (operator.add, operator.iadd, torch.add)
+_RELUS = (torch.relu, torch.relu_, torch.nn.functional.relu)
+
+
+def _computes_residual_block(module: nn.Module, k: int) -> bool:
+    """Whether `module`'s forward computes what the fused block's does, read from its data flow (torch.fx, its
+    parts as leaves, in training and in eval mode, so that a branch taken in one mode only is seen):
+    `relu(bnK(convK(…relu(bn1(conv1(x)))…)) + shortcut)`, shortcut = downsample(x) (x where downsample is None),
+    and nothing else. Names alone do not tell: a pre-activation unit named like torchvision's (bn1 → relu → conv1,
+    no ReLU after the add) or one with the ReLU before the add has the same children. A forward that cannot be
+    traced symbolically is not fused as a block (its conv → BN chains still may be)."""
+    training = module.training
+    try:
+        for mode in (True, False):
+            module.training = mode
+            try:
+                graph = _PartsTracer().trace(module)
+            except Exception:  # any forward symbolic tracing cannot follow: left as it is
+                return False
+            if not _is_block_graph(graph, k, module.downsample is not None):
+                return False
+    finally:
+        module.training = training
+    return True
+
+
+def _is_block_graph(graph: torch.fx.Graph, k: int, has_downsample: bool) -> bool:
+    nodes = list(graph.nodes)
+    inputs = [n for n in nodes if n.op == "placeholder"]
+    outputs = [n for n in nodes if n.op == "output"]
+    if len(inputs) != 1 or len(outputs) != 1 or len(outputs[0].args) != 1:
+        return False
+    x, seen = inputs[0], set()
+
+    def module_call(node, target):
+        ok = (isinstance(node, torch.fx.Node) and node.op == "call_module" and node.target == target
+              and len(node.args) == 1 and not node.kwargs)
+        if ok:
+            seen.add(node)
+        return ok
+
+    def relu(node):
+        ok = isinstance(node, torch.fx.Node) and len(node.args) == 1 and (
+            (node.op == "call_module" and node.target == "relu" and not node.kwargs)
+            or (node.op == "call_function" and node.target in _RELUS and set(node.kwargs) <= {"inplace"})
+            or (node.op == "call_method" and node.target in ("relu", "relu_") and not node.kwargs))
+        if ok:
+            seen.add(node)
+        return ok
+
+    def shortcut(node):
+        return module_call(node, "downsample") and node.args[0] is x if has_downsample else node is x
+
+    out = outputs[0].args[0]
+    if not relu(out):
+        return False
+    add = out.args[0]
+    if not (isinstance(add, torch.fx.Node) and len(add.args) == 2 and not add.kwargs and (
+            (add.op == "call_function" and add.target in _ADDS)
+            or (add.op == "call_method" and add.target in ("add", "add_")))):
+        return False
+    seen.add(add)
+    a, b = add.args
+    if shortcut(b):
+        node = a
+    elif shortcut(a):
+        node = b
+    else:
+        return False
+    for i in range(k, 0, -1):
+        if i < k:
+            if not relu(node):
+                return False
+            node = node.args[0]
+        if not module_call(node, f"bn{i}") or not module_call(node.args[0], f"conv{i}"):
+            return False
+        node = node.args[0].args[0]
+    # the input at the end of the chain, and no other computation anywhere (a gain, a second use of a part)
+    return node is x and all(n in seen for n in nodes if n.op not in ("placeholder", "output"))
 
 
 def _is_aspp(module: nn.Module, shared: set[int]) -> bool:

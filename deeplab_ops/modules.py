@@ -8,6 +8,7 @@ import functools
 import weakref
 
 import torch
+import torch.fx
 import torch.utils.checkpoint
 from torch import nn
 
@@ -451,6 +452,8 @@ class FusedConvBNReLU(nn.Sequential):
         return self
 
     def forward(self, x: Tensor, residual: Tensor | None = None) -> Tensor:
+        if isinstance(x, torch.fx.Proxy):  # torch.fx symbolic tracing: the children, as nn.Sequential calls them
+            return self._unfused_forward(x, residual)
         modules = self._modules  # self[0], self[1] without nn.Sequential's indexing
         conv, bn, relu = modules.get("0"), modules.get("1"), modules.get("2")
         # The fused op computes exactly these children: an nn.Conv2d without bias, with groups 1, zero and symmetric
@@ -914,6 +917,8 @@ class FusedASPP(nn.Module):
         # cannot compute (a biased conv, a SyncBatchNorm, a LeakyReLU; BatchNorms in different modes or of different
         # settings), or has a hook, the children run one by one as torchvision's ASPP runs them, so that what a user
         # changed or hooked is what runs.
+        if isinstance(x, torch.fx.Proxy):  # torch.fx symbolic tracing: the children, as torchvision's ASPP calls them
+            return self._unfused_forward(x)
         parts = runnable_aspp_parts(self)
         if parts is None:
             return unfused_call(self, self.process_group, type(self)._unfused_forward, x)

@@ -1,0 +1,223 @@
+"""fuse_modules applied to models users already have: blocks named like torchvision's that compute something else,
+and torch.fx symbolic tracing (torchvision's create_feature_extractor) of fused models and modules. The oracle is
+the same model unfused: forward, every gradient, the BatchNorm state."""
+
+from __future__ import annotations
+
+import copy
+
+import pytest
+import torch
+from helpers import assert_close
+from test_fusion import _randomize
+from torch import nn
+from torchvision.models.feature_extraction import create_feature_extractor, get_graph_node_names
+from torchvision.models.resnet import BasicBlock, Bottleneck, resnet18
+from torchvision.models.segmentation.deeplabv3 import ASPP as TorchvisionASPP
+
+import model
+from deeplab_ops import fusion
+from deeplab_ops.nn import FusedASPP, FusedConvBNReLU, fuse_modules
+
+TOL = 1e-10  # float64
+
+
+def _assert_same_training(plain: nn.Module, fused: nn.Module, x: torch.Tensor, what: str, steps: int = 2) -> None:
+    """Training steps (forward, every gradient, running statistics and counters), then eval, fused vs plain."""
+    opts = [torch.optim.SGD(m.parameters(), lr=0.05) for m in (plain, fused)]
+    for step in range(steps):
+        outs = []
+        for m, opt in zip((plain, fused), opts, strict=True):
+            m.train()
+            opt.zero_grad()
+            out = m(x)
+            (out * torch.linspace(-1, 1, out.numel(), dtype=out.dtype).view(out.shape)).sum().backward()
+            outs.append(out)
+        assert_close(outs[1], outs[0], f"{what}: step {step} output", TOL, TOL)
+        for (name, p), q in zip(plain.named_parameters(), fused.parameters(), strict=True):
+            assert_close(q.grad, p.grad, f"{what}: step {step} grad {name}", TOL, TOL)
+        for (name, b), c in zip(plain.named_buffers(), fused.buffers(), strict=True):
+            if b.is_floating_point():
+                assert_close(c, b, f"{what}: step {step} {name}", TOL, TOL)
+            else:
+                assert torch.equal(c, b), f"{what}: step {step} {name}"
+        for opt in opts:
+            opt.step()
+    plain.eval(), fused.eval()
+    with torch.no_grad():
+        assert_close(fused(x), plain(x), f"{what}: eval output", TOL, TOL)
+
+
+# ---- blocks named like torchvision's whose forward computes something else ----------------------------------
+
+
+class _PreActBasicBlock(nn.Module):
+    """bearpaw/pytorch-classification's pre-activation BasicBlock (models/cifar/preresnet.py): torchvision's
+    attribute names (conv1, bn1, conv2, bn2, relu, downsample), but BN → ReLU → conv and no ReLU after the add."""
+
+    def __init__(self, inplanes: int, planes: int) -> None:
+        super().__init__()
+        self.bn1 = nn.BatchNorm2d(inplanes)
+        self.relu = nn.ReLU(inplace=True)
+        self.conv1 = nn.Conv2d(inplanes, planes, 3, padding=1, bias=False)
+        self.bn2 = nn.BatchNorm2d(planes)
+        self.conv2 = nn.Conv2d(planes, planes, 3, padding=1, bias=False)
+        self.downsample = None
+
+    def forward(self, x):
+        residual = x
+        out = self.bn1(x)
+        out = self.relu(out)
+        out = self.conv1(out)
+        out = self.bn2(out)
+        out = self.relu(out)
+        out = self.conv2(out)
+        if self.downsample is not None:
+            residual = self.downsample(x)
+        out += residual
+        return out
+
+
+class _ReluBeforeAdd(nn.Module):
+    """torchvision's names; the last ReLU applied before the add."""
+
+    def __init__(self, c: int) -> None:
+        super().__init__()
+        self.conv1, self.bn1 = nn.Conv2d(c, c, 3, padding=1, bias=False), nn.BatchNorm2d(c)
+        self.conv2, self.bn2 = nn.Conv2d(c, c, 3, padding=1, bias=False), nn.BatchNorm2d(c)
+        self.relu, self.downsample = nn.ReLU(inplace=True), None
+
+    def forward(self, x):
+        out = self.relu(self.bn1(self.conv1(x)))
+        return self.relu(self.bn2(self.conv2(out))) + x
+
+
+class _DropPathInTraining(nn.Module):
+    """torchvision's names and forward, plus a branch taken in training only (a stochastic-depth scale read from a
+    plain attribute): fused, training would lose it."""
+
+    def __init__(self, c: int) -> None:
+        super().__init__()
+        self.conv1, self.bn1 = nn.Conv2d(c, c, 3, padding=1, bias=False), nn.BatchNorm2d(c)
+        self.conv2, self.bn2 = nn.Conv2d(c, c, 3, padding=1, bias=False), nn.BatchNorm2d(c)
+        self.relu, self.downsample = nn.ReLU(inplace=True), None
+        self.survival = 0.5
+
+    def forward(self, x):
+        out = self.bn2(self.conv2(self.relu(self.bn1(self.conv1(x)))))
+        if self.training:
+            out = out * self.survival
+        return self.relu(out + x)
+
+
+class _MMStyleBasicBlock(nn.Module):
+    """mmcv/mmseg's BasicBlock layout: the norms registered as bn1/bn2 and read through properties, the add in an
+    inner function behind a checkpoint switch: the same function as torchvision's, fused."""
+
+    def __init__(self, c: int) -> None:
+        super().__init__()
+        self.conv1, self.conv2 = nn.Conv2d(c, c, 3, padding=1, bias=False), nn.Conv2d(c, c, 3, padding=1, bias=False)
+        self.norm1_name, self.norm2_name = "bn1", "bn2"
+        self.add_module(self.norm1_name, nn.BatchNorm2d(c))
+        self.add_module(self.norm2_name, nn.BatchNorm2d(c))
+        self.relu, self.downsample, self.with_cp = nn.ReLU(inplace=True), None, False
+
+    @property
+    def norm1(self):
+        return getattr(self, self.norm1_name)
+
+    @property
+    def norm2(self):
+        return getattr(self, self.norm2_name)
+
+    def forward(self, x):
+        def _inner_forward(x):
+            identity = x
+            out = self.relu(self.norm1(self.conv1(x)))
+            out = self.norm2(self.conv2(out))
+            if self.downsample is not None:
+                identity = self.downsample(x)
+            out += identity
+            return out
+
+        out = torch.utils.checkpoint.checkpoint(_inner_forward, x) if self.with_cp and x.requires_grad else (
+            _inner_forward(x))
+        return self.relu(out)
+
+
+@pytest.mark.parametrize("make", [lambda: nn.Sequential(_PreActBasicBlock(4, 4), _PreActBasicBlock(4, 4)),
+                                  lambda: _ReluBeforeAdd(4), lambda: _DropPathInTraining(4)],
+                         ids=["pre-activation block", "relu before the add", "training-only branch"])
+def test_a_block_named_like_torchvisions_that_computes_otherwise_is_not_fused(make):
+    torch.manual_seed(0)
+    plain = _randomize(make()).double()
+    fused = fuse_modules(copy.deepcopy(plain))
+    assert not any(fusion.fused_config(m) is not None and fusion.fused_config(m).depth for m in fused.modules())
+    _assert_same_training(plain, fused, torch.randn(2, 4, 6, 5, dtype=torch.float64), "block")
+
+
+@pytest.mark.parametrize("make", [lambda: BasicBlock(4, 4), lambda: Bottleneck(16, 4),
+                                  lambda: Bottleneck(8, 4, stride=2, downsample=nn.Sequential(
+                                      nn.Conv2d(8, 16, 1, stride=2, bias=False), nn.BatchNorm2d(16))),
+                                  lambda: model.Bottleneck(8, 2, stride=2), lambda: _MMStyleBasicBlock(4)],
+                         ids=["torchvision BasicBlock", "torchvision Bottleneck", "torchvision Bottleneck downsample",
+                              "model.Bottleneck", "mmcv-style BasicBlock"])
+def test_blocks_that_compute_torchvisions_function_are_still_fused(make):
+    torch.manual_seed(0)
+    plain = _randomize(make()).double()
+    fused = fuse_modules(copy.deepcopy(plain))
+    assert fusion.fused_config(fused) is not None and fusion.fused_config(fused).depth in (2, 3)
+    _assert_same_training(plain, fused, torch.randn(2, plain.conv1.in_channels, 6, 5, dtype=torch.float64), "block")
+
+
+# ---- torch.fx symbolic tracing (torchvision's create_feature_extractor) -------------------------------------
+
+
+@pytest.mark.parametrize("training", [True, False], ids=["train", "eval"])
+def test_create_feature_extractor_of_a_fused_model(training):
+    """A fused torchvision ResNet traces as the unfused one does (same node names) and the extracted features,
+    gradients and running statistics are the unfused model's."""
+    torch.manual_seed(0)
+    plain = _randomize(resnet18(num_classes=3)).double().train(training)
+    fused = fuse_modules(copy.deepcopy(plain))
+    assert get_graph_node_names(fused) == get_graph_node_names(plain)
+    nodes = {"layer2": "mid", "layer3.0.downsample.1": "down", "relu": "stem"}
+    fx_plain, fx_fused = create_feature_extractor(plain, nodes), create_feature_extractor(fused, nodes)
+    x = torch.randn(2, 3, 32, 32, dtype=torch.float64)
+    want, got = fx_plain(x), fx_fused(x)
+    for k in want:
+        assert_close(got[k], want[k], k, TOL, TOL)
+    if training:
+        sum(v.sum() for v in want.values()).backward()
+        sum(v.sum() for v in got.values()).backward()
+        for (name, p), q in zip(fx_plain.named_parameters(), fx_fused.parameters(), strict=True):
+            if p.grad is not None:
+                assert_close(q.grad, p.grad, name, TOL, TOL)
+    for (name, b), c in zip(fx_plain.named_buffers(), fx_fused.buffers(), strict=True):
+        assert_close(c.double(), b.double(), name, TOL, TOL)
+
+
+def test_symbolic_trace_of_fused_modules_and_a_fused_chain():
+    """FusedConvBNReLU, FusedASPP, a fused torchvision ASPP and a fused Sequential chain trace symbolically
+    (torch.fx), and the traced module computes what they compute, in training and eval."""
+
+    class Net(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.a = FusedConvBNReLU(3, 4, 3, padding=1)
+            self.b = FusedASPP(4, [1, 2], 4)
+            self.c = TorchvisionASPP(4, [1, 2], 4)
+            self.d = nn.Sequential(nn.Conv2d(4, 4, 3, padding=1, bias=False), nn.BatchNorm2d(4), nn.ReLU())
+
+        def forward(self, x):
+            return self.d(self.c(self.b(self.a(x))))
+
+    torch.manual_seed(0)
+    net = fuse_modules(_randomize(Net()).double())
+    net.c.project[3].p = 0.0
+    x = torch.randn(2, 3, 6, 5, dtype=torch.float64)
+    for training in (True, False):
+        net.train(training)
+        traced = torch.fx.symbolic_trace(net)
+        want = copy.deepcopy(net)
+        assert_close(traced(x), want(x), f"training={training}", TOL, TOL)
