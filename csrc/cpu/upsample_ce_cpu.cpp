@@ -209,20 +209,25 @@ void row_logsumexp(const acc_t* __restrict z, int64_t k, int64_t W, acc_t* __res
 }
 
 // One output row's dz = g * (softmax(z) - onehot), class by class, added y-weighted into the block rows v0
-// (weight wy0) and v1 (wy1) the row reads (nullptr: outside the task's block). dz overwrites z; s is scratch (W).
-// Ignored pixels (label < 0 here) add nothing, whatever their logits. softmax = exp(z - l) / sum_c exp(z_c - l):
-// l is the forward's logsumexp rebuilt from its two stored parts (max and log-sum, each in the logits' dtype), so
-// for float32 it is off by up to |max| * 2^-24; an exp(z - l) alone would carry that error into every probability
-// (6e-5 at logits ~1e3), the sum divides it out.
+// (weight wy0) and v1 (wy1) the row reads (nullptr: outside the task's block). dz overwrites z; m and s are scratch
+// (W). Ignored pixels (label < 0 here) add nothing, whatever their logits. softmax = exp(z - m) / sum_c exp(z_c - m)
+// with m = max_c z recomputed here from the very z of the forward (acc_t): exact, whatever the logits' magnitude.
+// (The forward's logsumexp is stored in the logits' dtype: for float32 rebuilt from it, it is off by up to
+// |max| * 2^-24, which for logits beyond about 1e9 overflows or underflows every exp(z - lse) and made the
+// gradient NaN.)
 template <typename acc_t, typename opmath_t>
-void softmax_grad_row(acc_t* __restrict z, const acc_t* __restrict l, const acc_t* __restrict g,
+void softmax_grad_row(acc_t* __restrict z, acc_t* __restrict m, const acc_t* __restrict g,
                       const int64_t* __restrict label, int64_t k, int64_t W, acc_t wy0, acc_t* __restrict v0,
                       acc_t wy1, acc_t* __restrict v1, acc_t* __restrict s) {
-  for (int64_t ox = 0; ox < W; ++ox) s[ox] = acc_t(0);
+  for (int64_t ox = 0; ox < W; ++ox) s[ox] = acc_t(0), m[ox] = -std::numeric_limits<acc_t>::infinity();
+  for (int64_t c = 0; c < k; ++c) {
+    const acc_t* zc = z + c * W;
+    for (int64_t ox = 0; ox < W; ++ox) m[ox] = m[ox] < zc[ox] ? zc[ox] : m[ox];
+  }
   for (int64_t c = 0; c < k; ++c) {
     acc_t* e = z + c * W;
     for (int64_t ox = 0; ox < W; ++ox) {
-      e[ox] = static_cast<acc_t>(exp_opmath(static_cast<opmath_t>(e[ox] - l[ox])));
+      e[ox] = static_cast<acc_t>(exp_opmath(static_cast<opmath_t>(e[ox] - m[ox])));
       s[ox] += e[ox];
     }
   }
@@ -353,7 +358,6 @@ at::Tensor upsample_cross_entropy_backward_cpu(const at::Tensor& grad_, const at
   TORCH_CHECK(lse_.dim() == 4 && lse_.size(0) == 2 && lse_.sizes().slice(1) == target.sizes(),
               "deeplab_ops.upsample_cross_entropy: lse must have shape (2, ", n, ", ", H, ", ", W,
               ") (the forward's max and log-sum planes), got ", lse_.sizes());
-  const int64_t plane = n * H * W;
   if (reduction == Reduction::kNone) {
     TORCH_CHECK(grad_.sizes() == target.sizes(), "deeplab_ops.upsample_cross_entropy: grad must have shape ",
                 target.sizes(), " for reduction='none', got ", grad_.sizes());
@@ -369,11 +373,10 @@ at::Tensor upsample_cross_entropy_backward_cpu(const at::Tensor& grad_, const at
     const auto &ys = st.ys, &xs = st.xs;
     const scalar_t* x = logits.const_data_ptr<scalar_t>();
     const int64_t* t = target.const_data_ptr<int64_t>();
-    // lse and the per-pixel grad are read in the logits' dtype, as the forward writes them (widened to acc_t
-    // exactly, value by value): no conversion copy per call. Other dtypes (direct op calls) are converted once.
+    // The per-pixel grad is read in the logits' dtype (widened to acc_t exactly, value by value): no conversion
+    // copy per call; other dtypes (direct op calls) are converted once. lse (checked above, the op's contract) is
+    // not read: each pixel's maximum is recomputed from the same z as the forward's, in acc_t (softmax_grad_row).
     const auto dtype = logits.scalar_type();
-    const at::Tensor lse = lse_.scalar_type() == dtype ? lse_.contiguous() : lse_.to(dtype).contiguous();
-    const scalar_t* lse_p = lse.const_data_ptr<scalar_t>();
     at::Tensor grad_px;
     const scalar_t* g_p = nullptr;
     acc_t g_all = 0;
@@ -395,7 +398,7 @@ at::Tensor upsample_cross_entropy_backward_cpu(const at::Tensor& grad_, const at
     auto body = [&](int64_t begin, int64_t end, auto /*vector width*/) {
       RowInterpolator<scalar_t, acc_t> interp(x, k, h, w, W, xs.i0.data(), xs.i1.data(), st.lx0.data(),
                                               st.lx1.data());
-      std::vector<acc_t> z(k * W), g(W), l(W), sums(W), v(kLowResRowBlock * k * W), a(w);
+      std::vector<acc_t> z(k * W), g(W), m(W), sums(W), v(kLowResRowBlock * k * W), a(w);
       std::vector<int64_t> label(W);
       for (int64_t task = begin; task < end; ++task) {
         const int64_t b = task / blocks_per_image;
@@ -414,7 +417,7 @@ at::Tensor upsample_cross_entropy_backward_cpu(const at::Tensor& grad_, const at
           for (int64_t ox = 0; ox < W; ++ox) {
             const int64_t lab = t[row_pix + ox];
             if (lab == ignore_index) {
-              label[ox] = -1, g[ox] = acc_t(0), l[ox] = acc_t(0);
+              label[ox] = -1, g[ox] = acc_t(0);
               continue;
             }
             TORCH_CHECK_INDEX(lab >= 0 && lab < k, "deeplab_ops.upsample_cross_entropy: target has label ", lab,
@@ -422,14 +425,13 @@ at::Tensor upsample_cross_entropy_backward_cpu(const at::Tensor& grad_, const at
                               ") or ignore_index=", ignore_index);
             label[ox] = lab;
             g[ox] = g_p ? static_cast<acc_t>(g_p[row_pix + ox]) : g_all;
-            l[ox] = static_cast<acc_t>(lse_p[row_pix + ox]) + static_cast<acc_t>(lse_p[plane + row_pix + ox]);
             any = true;
           }
           if (!any) continue;
           interp.output_row(b, i0, i1, static_cast<acc_t>(ys.l0[oy]), static_cast<acc_t>(ys.l1[oy]), z.data());
           acc_t* v0 = in0 ? v.data() + (i0 - ia) * k * W : nullptr;
           acc_t* v1 = in1 ? v.data() + (i1 - ia) * k * W : nullptr;
-          softmax_grad_row<acc_t, opmath_t>(z.data(), l.data(), g.data(), label.data(), k, W, wy0, v0, wy1, v1,
+          softmax_grad_row<acc_t, opmath_t>(z.data(), m.data(), g.data(), label.data(), k, W, wy0, v0, wy1, v1,
                                             sums.data());
         }
         for (int64_t i = ia; i < ie; ++i) {

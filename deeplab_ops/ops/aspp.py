@@ -252,6 +252,8 @@ def check_args(x, conv_weights, pool_weight, project_weight, bn_weights, bn_bias
     if not isinstance(x, torch.Tensor) or x.dim() != 4:
         shape = tuple(x.shape) if isinstance(x, torch.Tensor) else type(x).__name__
         raise ValueError(f"x must be a 4-D (N, C, H, W) tensor, got {shape}")
+    if x.layout != torch.strided:
+        raise TypeError(f"x must be a dense (strided) tensor, got layout {x.layout}")
     if x.dtype not in FLOAT_DTYPES:
         raise TypeError(f"x has dtype {x.dtype}; expected float32, float64, float16 or bfloat16")
     if not isinstance(rates, (list, tuple)) or not all([
@@ -293,6 +295,8 @@ def check_args(x, conv_weights, pool_weight, project_weight, bn_weights, bn_bias
     for name, t in [("pool_weight", pool_weight), ("project_weight", project_weight)] + [
         (f"conv_weights[{i}]", t) for i, t in enumerate(conv_weights)
     ]:
+        if t.layout != torch.strided:
+            raise TypeError(f"{name} must be a dense (strided) tensor, got layout {t.layout}")
         if t.device != x.device:
             raise ValueError(f"{name} is on {t.device} but x is on {x.device}; expected the same device")
         if t.dtype != x.dtype:
@@ -309,10 +313,16 @@ def check_args(x, conv_weights, pool_weight, project_weight, bn_weights, bn_bias
     for name, value in given.items():
         for i, t in enumerate([value] if isinstance(value, torch.Tensor) else value or []):
             where = name if isinstance(value, torch.Tensor) else f"{name}[{i}]"
+            if t.layout != torch.strided:
+                raise TypeError(f"{where} must be a dense (strided) tensor, got layout {t.layout}")
             if t.device != x.device:
                 raise ValueError(f"{where} is on {t.device} but x is on {x.device}; expected the same device")
             if t.dtype not in allowed:
                 raise TypeError(f"{where} has dtype {t.dtype}; expected " + " or ".join(map(str, allowed)))
+            if t.requires_grad and name.startswith("running_") and torch.is_grad_enabled():
+                raise ValueError(f"{where} requires grad, but running statistics are buffers that BatchNorm updates "
+                                 f"in place and does not differentiate (F.batch_norm refuses them too); pass "
+                                 f"{where}.detach(), or call under torch.no_grad()")
             dtypes.add(t.dtype)
     if len(dtypes) > 1:
         raise TypeError(f"the BatchNorm tensors must share one dtype, got {sorted(map(str, dtypes))}")

@@ -112,6 +112,8 @@ def _check_vector(t, name: str, cout: int, device, dtype, bn_dtype):
     other BatchNorm tensors); returns its dtype."""
     if not isinstance(t, Tensor):
         raise TypeError(f"{name} must be a torch.Tensor, got {type(t).__name__}")
+    if t.layout != torch.strided:
+        raise TypeError(f"{name} must be a dense (strided) tensor, got layout {t.layout}")
     shape = t.shape
     if len(shape) != 1 or shape[0] != cout:
         raise ValueError(f"{name} must have shape ({cout},) (one value per output channel), got {tuple(shape)}")
@@ -135,6 +137,9 @@ def check_conv(x, weight, stride, padding, dilation, empty: bool = False) -> tup
         raise TypeError(f"x must be a torch.Tensor, got {type(x).__name__}")
     if not isinstance(weight, Tensor):
         raise TypeError(f"weight must be a torch.Tensor, got {type(weight).__name__}")
+    if x.layout != torch.strided or weight.layout != torch.strided:
+        name, t = ("x", x) if x.layout != torch.strided else ("weight", weight)
+        raise TypeError(f"{name} must be a dense (strided) tensor, got layout {t.layout}")
     xshape, wshape = x.shape, weight.shape
     if len(xshape) != 4:
         raise ValueError(f"x must be a 4-D (N, C, H, W) tensor, got shape {tuple(xshape)}")
@@ -197,21 +202,35 @@ def check_args(
         raise ValueError(f"running_mean and running_var must be given together; only {given} was given")
     if not training and running_mean is None:
         raise ValueError("training=False (eval) uses running statistics: running_mean and running_var must be given")
+    if running_mean is not None and (running_mean.requires_grad or running_var.requires_grad):
+        _refuse_running_grad("running_mean" if running_mean.requires_grad else "running_var")
     if training and n * ho * wo == 1 and not synchronized:  # (F.batch_norm's rule: an empty batch passes)
         raise ValueError(
             f"training BatchNorm needs more than 1 value per channel, but the output is {n}x{cout}x{ho}x{wo}; "
             "use a batch of 2 or more (or a larger input), or training=False with running statistics"
         )
     if residual is not None and not (isinstance(residual, Tensor) and residual.shape == (n, cout, ho, wo)
-                                     and residual.device == device and residual.dtype == dtype):
+                                     and residual.device == device and residual.dtype == dtype
+                                     and residual.layout == torch.strided):
         _check_like_output(residual, "residual", (n, cout, ho, wo), x)  # which of them, said (no frame per call)
     return geometry
+
+
+def _refuse_running_grad(name: str) -> None:
+    """Running statistics that require grad, where a graph is being built: F.batch_norm refuses them (they are
+    buffers it updates in place, not differentiable inputs); the kernels would update them behind autograd's back."""
+    if torch.is_grad_enabled():
+        raise ValueError(f"{name} requires grad, but running statistics are buffers that BatchNorm updates in place "
+                         f"and does not differentiate (F.batch_norm refuses them too); pass {name}.detach(), or "
+                         "call under torch.no_grad()")
 
 
 def _check_like_output(t, name: str, shape: tuple, x: Tensor) -> None:
     """A tensor of the convolution output's shape, on x's device, in x's dtype."""
     if not isinstance(t, Tensor):
         raise TypeError(f"{name} must be a torch.Tensor, got {type(t).__name__}")
+    if t.layout != torch.strided:
+        raise TypeError(f"{name} must be a dense (strided) tensor, got layout {t.layout}")
     if t.shape != shape:
         raise ValueError(f"{name} must have the output's shape {shape}, got {tuple(t.shape)}")
     if t.device != x.device:
@@ -394,7 +413,7 @@ def eval_fast(x, weight, bn_weight, bn_bias, running_mean, running_var, geometry
         return None
     xshape, wshape = x.shape, weight.shape
     if (len(xshape) != 4 or len(wshape) != 4 or x.dtype != weight.dtype or x.device != weight.device
-            or xshape[1] != wshape[1]):
+            or xshape[1] != wshape[1] or x.layout != torch.strided):
         return None
     n = xshape[0]
     stride, padding, dilation = geometry
@@ -402,7 +421,8 @@ def eval_fast(x, weight, bn_weight, bn_bias, running_mean, running_var, geometry
     if n < 1 or ho < 1 or wo < 1:
         return None
     if residual is not None and (type(residual) is not Tensor or residual.shape != (n, wshape[0], ho, wo)
-                                 or residual.dtype != x.dtype or residual.device != x.device):
+                                 or residual.dtype != x.dtype or residual.device != x.device
+                                 or residual.layout != torch.strided):
         return None
     folded = cached_derived(("fold", eps), (weight, bn_weight, bn_bias, running_mean, running_var))
     if folded is None:  # a hit also means the BatchNorm tensors are the tensors validated before

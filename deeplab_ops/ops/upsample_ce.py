@@ -41,6 +41,9 @@ def check_args(logits, target, ignore_index, align_corners, reduction) -> None:
         raise TypeError(f"logits must be a torch.Tensor, got {type(logits).__name__}")
     if not isinstance(target, torch.Tensor):
         raise TypeError(f"target must be a torch.Tensor, got {type(target).__name__}")
+    for name, t in (("logits", logits), ("target", target)):
+        if t.layout != torch.strided:
+            raise TypeError(f"{name} must be a dense (strided) tensor, got layout {t.layout}")
     if logits.dim() != 4:
         raise ValueError(f"logits must be a 4-D (N, K, h, w) tensor, got shape {tuple(logits.shape)}")
     if logits.dtype not in _SUPPORTED_DTYPES:
