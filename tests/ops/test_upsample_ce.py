@@ -616,6 +616,16 @@ def test_gpu_half(backend, dtype, reduction):
     (go,) = torch.autograd.grad(got, xo, grad_out.to(dtype))
     assert got.dtype == dtype and go.dtype == dtype
     for what, ours, theirs, exact in (("loss", got, ref_h, want), ("dlogits", go, gh, g64)):
+        if not torch.isfinite(theirs).all():
+            # float16's 'sum' over 4 x 129 x 129 pixels (~2e5) is beyond its largest value (65504): the reference in
+            # half overflows to inf where float64 does not, and ours must overflow where it does, not compute NaN
+            assert torch.isfinite(exact).all(), f"{what}: the float64 reference is not finite"
+            assert torch.equal(ours.isinf(), theirs.isinf()) and torch.equal(ours.isnan(), theirs.isnan()), \
+                f"{what}: ours overflows at other places than the reference in {dtype}"
+            finite = torch.isfinite(theirs)
+            ours, theirs, exact = ours[finite], theirs[finite], exact[finite]
+            if exact.numel() == 0:
+                continue
         err = (ours.double() - exact).abs().max().item()
         ref_err = (theirs.double() - exact).abs().max().item()
         floor = 1e-3 * exact.abs().max().item()
