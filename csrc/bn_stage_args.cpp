@@ -2,6 +2,7 @@
 
 #include "common/arg_checks.h"
 
+#include <cmath>
 #include <utility>
 #include <vector>
 
@@ -12,11 +13,30 @@ bool is_opmath_float(at::ScalarType t) { return t == at::kFloat || t == at::kDou
 
 }  // namespace
 
+void check_bn_hyper(double momentum, double eps) {
+  // Comparisons that NaN fails.
+  TORCH_CHECK(momentum >= 0.0 && momentum <= 1.0, "deeplab_ops: momentum must be a number in [0, 1], got ", momentum);
+  TORCH_CHECK(eps > 0.0 && std::isfinite(eps), "deeplab_ops: eps must be a finite number > 0, got ", eps);
+}
+
+at::ScalarType check_bn_dtype(const at::Tensor& t, const char* name, at::ScalarType x_dtype,
+                              std::optional<at::ScalarType> shared) {
+  const at::ScalarType d = t.scalar_type();
+  const bool half = x_dtype == at::kHalf || x_dtype == at::kBFloat16;
+  TORCH_CHECK(d == x_dtype || (half && d == at::kFloat), "deeplab_ops: ", name, " has dtype ", d, " but x has dtype ",
+              x_dtype, "; expected ", x_dtype, half ? " or Float" : "");
+  TORCH_CHECK(!shared.has_value() || d == *shared, "deeplab_ops: ", name, " has dtype ", d,
+              " but the other BatchNorm tensors have ", shared.value_or(d));
+  return d;
+}
+
 void check_finalize_args(const std::optional<at::Tensor>& mean, const std::optional<at::Tensor>& m2,
                          const std::optional<at::Tensor>& counts, double count,
                          const std::optional<at::Tensor>& running_mean, const std::optional<at::Tensor>& running_var,
                          const at::Tensor& save_mean, const at::Tensor& save_invstd,
-                         const at::Tensor& new_running_mean, const at::Tensor& new_running_var) {
+                         const at::Tensor& new_running_mean, const at::Tensor& new_running_var,
+                         double momentum, double eps) {
+  check_bn_hyper(momentum, eps);
   TORCH_CHECK(save_mean.dim() == 1, "deeplab_ops: save_mean must be a 1-D (C,) buffer, got shape ", save_mean.sizes());
   const int64_t c = save_mean.size(0);
   DLO_CHECK_CHANNEL_VECTOR(save_invstd, c);

@@ -13,7 +13,8 @@ void check_finalize_args(const std::optional<at::Tensor>& mean, const std::optio
                          const std::optional<at::Tensor>& counts, double count,
                          const std::optional<at::Tensor>& running_mean, const std::optional<at::Tensor>& running_var,
                          const at::Tensor& save_mean, const at::Tensor& save_invstd,
-                         const at::Tensor& new_running_mean, const at::Tensor& new_running_var);
+                         const at::Tensor& new_running_mean, const at::Tensor& new_running_var, double momentum,
+                         double eps);
 void check_apply_args(const at::Tensor& input, const at::Tensor& mean, const at::Tensor& invstd,
                       const std::optional<at::Tensor>& weight, const std::optional<at::Tensor>& bias,
                       const std::optional<at::Tensor>& residual);
@@ -22,6 +23,16 @@ void check_backward_args(const at::Tensor& grad_out, const at::Tensor& output, c
 void check_dy_args(const at::Tensor& input, const std::optional<at::Tensor>& weight,
                    const std::optional<at::Tensor>& sum_g, const std::optional<at::Tensor>& sum_g_xhat, double count,
                    bool training);
+
+// BatchNorm's momentum in [0, 1] and eps finite and > 0 (NaN refused): the front door's rule (deeplab_ops/ops/), checked
+// again for direct torch.ops calls by every op that takes them (the composites' forwards, bn_finalize).
+void check_bn_hyper(double momentum, double eps);
+
+// A BatchNorm tensor's dtype (bn_weight, bn_bias, the running or saved statistics): x's, or float32 when x is
+// float16/bfloat16, the front door's rule; with `shared` given, also that dtype (the BatchNorm tensors of one call
+// share one). Returns the tensor's dtype.
+at::ScalarType check_bn_dtype(const at::Tensor& t, const char* name, at::ScalarType x_dtype,
+                              std::optional<at::ScalarType> shared = std::nullopt);
 
 // The convolution arguments every conv composite takes: x 4-D, weight (C_out, x's C_in, kH, kW) on x's device and
 // dtype (groups = 1), stride/padding/dilation of two values with stride, dilation >= 1 and padding >= 0.

@@ -27,6 +27,9 @@ AsppShape check_aspp_args(const at::Tensor& x, at::TensorList conv_weights, cons
                          const at::Tensor& project_weight, const at::Tensor& bn_weight, const at::Tensor& bn_bias,
                          at::IntArrayRef rates, bool synchronized) {
   DLO_CHECK_ACTIVATION(x);
+  // Before anything reads x (its image pooling's mean would fail with aten's message, naming no argument).
+  TORCH_CHECK(at::isFloatingType(x.scalar_type()), "deeplab_ops: x must be float16, bfloat16, float32 or float64, got ",
+              x.scalar_type());
   AsppShape g{x.size(0), x.size(1), x.size(2), x.size(3), 0, static_cast<int64_t>(conv_weights.size())};
   TORCH_CHECK(g.branches == static_cast<int64_t>(rates.size()) + 1, "deeplab_ops: aspp needs 1 + len(rates) = ",
               rates.size() + 1, " conv weights (the 1x1 branch, then one 3x3 per rate), got ", g.branches);
@@ -37,8 +40,10 @@ AsppShape check_aspp_args(const at::Tensor& x, at::TensorList conv_weights, cons
     TORCH_CHECK(w.dim() == 4 && w.size(0) == g.c && w.size(1) == g.cin && w.size(2) == k && w.size(3) == k,
                 "deeplab_ops: conv_weights[", b, "] must have shape (", g.c, ", ", g.cin, ", ", k, ", ", k, "), got ",
                 w.sizes());
-    DLO_CHECK_SAME_DEVICE(w, x);
-    DLO_CHECK_SAME_DTYPE(w, x);
+    TORCH_CHECK(w.device() == x.device(), "deeplab_ops: conv_weights[", b, "] is on ", w.device(), " but x is on ",
+                x.device());
+    TORCH_CHECK(w.scalar_type() == x.scalar_type(), "deeplab_ops: conv_weights[", b, "] has dtype ", w.scalar_type(),
+                " but x has dtype ", x.scalar_type());
     if (b > 0) TORCH_CHECK(rates[b - 1] >= 1, "deeplab_ops: rates must be >= 1, got ", rates);
   }
   TORCH_CHECK(pool_weight.dim() == 4 && pool_weight.size(0) == g.c && pool_weight.size(1) == g.cin &&
@@ -49,11 +54,17 @@ AsppShape check_aspp_args(const at::Tensor& x, at::TensorList conv_weights, cons
                   project_weight.size(3) == 1,
               "deeplab_ops: project_weight must have shape (", g.c, ", ", (g.branches + 1) * g.c, ", 1, 1), got ",
               project_weight.sizes());
+  DLO_CHECK_SAME_DEVICE(pool_weight, x);
+  DLO_CHECK_SAME_DEVICE(project_weight, x);
   DLO_CHECK_SAME_DTYPE(pool_weight, x);
   DLO_CHECK_SAME_DTYPE(project_weight, x);
   const int64_t k = (g.branches + 2) * g.c;
   DLO_CHECK_CHANNEL_VECTOR(bn_weight, k);
   DLO_CHECK_CHANNEL_VECTOR(bn_bias, k);
+  DLO_CHECK_SAME_DEVICE(bn_weight, x);
+  DLO_CHECK_SAME_DEVICE(bn_bias, x);
+  // The BatchNorm tensors share one dtype: x's, or float32 for half x (the running statistics: aspp_forward).
+  check_bn_dtype(bn_bias, "bn_bias", x.scalar_type(), check_bn_dtype(bn_weight, "bn_weight", x.scalar_type()));
   // A synchronized process may hold an empty batch (nn.SyncBatchNorm allows it): it takes part in the collectives.
   TORCH_CHECK((g.n >= 1 || synchronized) && g.h >= 1 && g.w >= 1, "deeplab_ops: aspp needs a non-empty input, got ",
               x.sizes());
@@ -81,9 +92,14 @@ aspp_forward(const at::Tensor& x, at::TensorList conv_weights, const at::Tensor&
   TORCH_CHECK(present(running_mean) == present(running_var),
               "deeplab_ops: running_mean and running_var must be given together");
   TORCH_CHECK(training || present(running_mean), "deeplab_ops: aspp in eval mode needs running statistics");
+  check_bn_hyper(momentum, eps);
   if (present(running_mean)) {
     DLO_CHECK_CHANNEL_VECTOR(*running_mean, k);
     DLO_CHECK_CHANNEL_VECTOR(*running_var, k);
+    DLO_CHECK_SAME_DEVICE(*running_mean, x);
+    DLO_CHECK_SAME_DEVICE(*running_var, x);
+    check_bn_dtype(*running_mean, "running_mean", x.scalar_type(), bn_weight.scalar_type());
+    check_bn_dtype(*running_var, "running_var", x.scalar_type(), bn_weight.scalar_type());
   }
   TORCH_CHECK(!training || g.n > 1 || group,
               "deeplab_ops: aspp in training mode needs a batch of 2 or more: its image-pooling branch has one value "
@@ -162,6 +178,13 @@ std::tuple<at::Tensor, std::vector<at::Tensor>, at::Tensor, at::Tensor, at::Tens
   const AsppShape g =
       check_aspp_args(x, conv_weights, pool_weight, project_weight, bn_weight, bn_bias, rates, group.has_value());
   const int64_t bc = g.branches * g.c, po = bc + g.c;
+  // The forward's statistics: one value per BatchNorm channel, on x's device, in the dtype the forward gives them.
+  DLO_CHECK_CHANNEL_VECTOR(save_mean, po + g.c);
+  DLO_CHECK_CHANNEL_VECTOR(save_invstd, po + g.c);
+  DLO_CHECK_SAME_DEVICE(save_mean, x);
+  DLO_CHECK_SAME_DEVICE(save_invstd, x);
+  check_bn_dtype(save_mean, "save_mean", x.scalar_type());
+  check_bn_dtype(save_invstd, "save_invstd", x.scalar_type());
   const auto mf = x.suggest_memory_format();
   const double hw_count = static_cast<double>(g.n * g.h * g.w);
   const at::Tensor mean_b = block(save_mean, 0, bc), invstd_b = block(save_invstd, 0, bc);

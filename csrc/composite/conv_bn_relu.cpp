@@ -21,15 +21,18 @@ namespace {
 void check_conv_args(const at::Tensor& x, const at::Tensor& weight, const std::optional<at::Tensor>& bn_weight,
                      const std::optional<at::Tensor>& bn_bias, const std::optional<at::Tensor>& running_mean,
                      const std::optional<at::Tensor>& running_var, at::IntArrayRef stride, at::IntArrayRef padding,
-                     at::IntArrayRef dilation, bool training) {
+                     at::IntArrayRef dilation, bool training, double momentum, double eps) {
   check_conv_geometry_args(x, weight, stride, padding, dilation);
+  check_bn_hyper(momentum, eps);
   const int64_t cout = weight.size(0);
   const std::pair<const std::optional<at::Tensor>*, const char*> vectors[] = {
       {&bn_weight, "bn_weight"}, {&bn_bias, "bn_bias"}, {&running_mean, "running_mean"}, {&running_var, "running_var"}};
+  std::optional<at::ScalarType> bn_dtype;  // the BatchNorm tensors share one dtype: x's, or float32 for half x
   for (const auto& [t, name] : vectors) {
     if (present(*t)) {
       check_channel_vector(**t, name, cout);
       check_same_device(**t, name, x, "x");
+      bn_dtype = check_bn_dtype(**t, name, x.scalar_type(), bn_dtype);
     }
   }
   TORCH_CHECK(present(running_mean) == present(running_var),
@@ -44,7 +47,8 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tenso
     const std::optional<at::Tensor>& running_var, at::IntArrayRef stride, at::IntArrayRef padding,
     at::IntArrayRef dilation, bool training, double momentum, double eps, const std::optional<at::Tensor>& residual,
     bool relu, std::optional<c10::string_view> group_name, bool /*memory_efficient: read by the autograd node*/) {
-  check_conv_args(x, weight, bn_weight, bn_bias, running_mean, running_var, stride, padding, dilation, training);
+  check_conv_args(x, weight, bn_weight, bn_bias, running_mean, running_var, stride, padding, dilation, training,
+                  momentum, eps);
   const auto mf = x.suggest_memory_format();
   // ATen's convolution: this op runs in training and for eval with a gradient (no-gradient eval folds BatchNorm
   // into conv_bias_act); conv_bias_act's plain form, the memory-efficient recompute, runs the same.
@@ -84,6 +88,10 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> conv_bn_r
   check_conv_geometry_args(x, weight, stride, padding, dilation);
   check_conv_output(x, weight, stride, padding, dilation, conv_out);
   check_backward_args(grad_out_, out, conv_out, save_mean, save_invstd);
+  // The saved statistics and bn_weight in the dtypes the forward gives them (the triton twin's rule too).
+  if (present(bn_weight)) check_bn_dtype(*bn_weight, "bn_weight", x.scalar_type());
+  check_bn_dtype(save_mean, "save_mean", x.scalar_type());
+  check_bn_dtype(save_invstd, "save_invstd", x.scalar_type());
   const auto mf = conv_out.suggest_memory_format();
   const at::Tensor grad_out = change_layout(grad_out_, mf);
   const bool need_dy = output_mask[0] || output_mask[1];

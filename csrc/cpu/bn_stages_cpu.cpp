@@ -435,7 +435,7 @@ void bn_finalize_cpu(const std::optional<at::Tensor>& mean, const std::optional<
                      double momentum, double eps, const at::Tensor& save_mean, const at::Tensor& save_invstd,
                      const at::Tensor& new_running_mean, const at::Tensor& new_running_var) {
   check_finalize_args(mean, m2, counts, count, running_mean, running_var, save_mean, save_invstd, new_running_mean,
-                      new_running_var);
+                      new_running_var, momentum, eps);
   const int64_t channels = save_mean.size(0);
   const bool training = present(mean);
   const bool update = training && present(running_mean);

@@ -69,7 +69,7 @@ void bn_finalize_cuda(const std::optional<at::Tensor>& mean, const std::optional
                       double momentum, double eps, const at::Tensor& save_mean, const at::Tensor& save_invstd,
                       const at::Tensor& new_running_mean, const at::Tensor& new_running_var) {
   check_finalize_args(mean, m2, counts, count, running_mean, running_var, save_mean, save_invstd, new_running_mean,
-                      new_running_var);
+                      new_running_var, momentum, eps);
   TORCH_CHECK(save_mean.is_cuda(), "deeplab_ops: bn_finalize on CUDA needs save_mean on a CUDA device, got ",
               save_mean.device());
   const c10::cuda::CUDAGuard device_guard(save_mean.device());

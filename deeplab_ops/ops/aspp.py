@@ -450,7 +450,8 @@ def aspp(
             momentum=float(momentum), eps=float(eps))
     args = [x, list(conv_weights), pool_weight, project_weight, bn_weights, bn_biases, running_means, running_vars,
             list(rates), training, float(momentum), float(eps), group_name, memory_efficient]
-    if enter_directly(x):
+    direct = enter_directly(x)
+    if direct:
         if name == "cpu" and not training:
             _keep_branch_transforms(conv_weights)
         # Per-BatchNorm tensors back to back in one storage (deeplab_ops.nn's fused ASPP keeps them so) go in as
@@ -477,7 +478,18 @@ def aspp(
     if training and running_means is not None:
         # A call that built a graph node (its output requires grad) wrote `whole` in its forward (_ASPP.forward).
         wrote = out.requires_grad
-        with torch.no_grad():  # each statistic in its own form: one tensor (or views of the caller's), or a list
+        # Statistics made under torch.inference_mode() (a model built or loaded there) and updated outside it with no
+        # graph (BatchNorm recalibration under no_grad) are written inside inference mode, which allows it: eager
+        # F.batch_norm writes them inside its kernel, which inference mode does not police (not traced: no graph
+        # break). With a graph, _ASPP.forward's write refuses them, as eager BatchNorm refuses to save them.
+        inference = False
+        if direct and not wrote:
+            for value in (running_means, running_vars):
+                for t in (value,) if isinstance(value, torch.Tensor) else value:
+                    if t.is_inference():
+                        inference = True
+        # Each statistic in its own form: one tensor (or views of the caller's), or a list.
+        with torch.inference_mode() if inference else torch.no_grad():
             for given, whole, new in ((running_means, rm, new_rm), (running_vars, rv, new_rv)):
                 if whole is not None:
                     if not wrote:

@@ -556,7 +556,21 @@ def conv_bn_relu(
     # (csrc/composite/conv_bn_relu_autograd.cpp: so a checkpointed recomputation that stops at the save updated them,
     # as eager BatchNorm's does); the others are written here.
     if training and running_mean is not None and not out.requires_grad:
-        with BELOW_AUTOGRAD() if direct else torch.no_grad():  # recorded by no graph
-            running_mean.copy_(new_rm)
-            running_var.copy_(new_rv)
+        if direct and (running_mean.is_inference() or running_var.is_inference()):  # (not traced: no graph break)
+            # Statistics made under torch.inference_mode() (a model built or loaded there), updated outside it (no
+            # graph: BatchNorm recalibration under no_grad): eager F.batch_norm writes them inside its kernel, which
+            # inference mode does not police; an in-place copy_ outside inference mode would be refused.
+            _write_inference(running_mean, running_var, new_rm, new_rv)
+        else:
+            with BELOW_AUTOGRAD() if direct else torch.no_grad():  # recorded by no graph
+                running_mean.copy_(new_rm)
+                running_var.copy_(new_rv)
     return out
+
+
+def _write_inference(running_mean: Tensor, running_var: Tensor, new_rm: Tensor, new_rv: Tensor) -> None:
+    """The running statistics' update where one of them is an inference tensor: written inside inference mode,
+    which allows in-place writes to inference tensors (and to normal ones), as eager BatchNorm's kernel writes them."""
+    with torch.inference_mode():
+        running_mean.copy_(new_rm)
+        running_var.copy_(new_rv)

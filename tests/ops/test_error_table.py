@@ -441,6 +441,18 @@ CASES = {
     "cpp-aspp-pool-shape": lambda d: _cpp_aspp(pool_weight=torch.randn(3, 4, 1, 1)),
     "cpp-aspp-batch-1": lambda d: _cpp_aspp(x=torch.randn(1, 5, 7, 6)),
     "cpp-aspp-eval-running": lambda d: _cpp_aspp(training=False, running_mean=None, running_var=None),
+    "cpp-momentum": lambda d: ops.conv_bn_relu_forward(torch.randn(2, 3, 4, 4), torch.randn(3, 3, 1, 1),
+                                                       *_cpp_tail(momentum=1.5)),
+    "cpp-eps": lambda d: _cpp_aspp(eps=0.0),
+    "cpp-bn-dtype": lambda d: ops.conv_bn_relu_forward(torch.randn(2, 3, 4, 4), torch.randn(3, 3, 1, 1), *_cpp_tail(
+        running_mean=torch.zeros(3, dtype=torch.float64), running_var=torch.ones(3, dtype=torch.float64))),
+    "cpp-bn-mixed": lambda d: ops.conv_bn_relu_forward(
+        torch.randn(2, 3, 4, 4, dtype=torch.bfloat16), torch.randn(3, 3, 1, 1, dtype=torch.bfloat16), torch.ones(3),
+        torch.zeros(3, dtype=torch.bfloat16), None, None, [1, 1], [0, 0], [1, 1], True, 0.1, 1e-5, None, True),
+    "cpp-aspp-x-dtype": lambda d: _cpp_aspp(**{k: v.long() for k, v in aspp_args().items()
+                                               if k in ("x", "pool_weight", "project_weight")}),
+    "cpp-aspp-conv-dtype": lambda d: _cpp_aspp(conv_weights=[torch.randn(3, 5, 1, 1)] + [
+        torch.randn(3, 5, 3, 3, dtype=torch.float64), torch.randn(3, 5, 3, 3)]),
     # training: checkpoints (training/checkpoint.py)
     "ckpt-missing": lambda d: _ckpt().load_checkpoint(f"{d}/nothing.pt"),
     "ckpt-empty": lambda d: _ckpt().load_checkpoint(_ckpt_file(d, b"")),
@@ -572,9 +584,10 @@ def _no_grad_eval_cbr():
         return cbr(training=False)
 
 
-def _cpp_tail(stride=(1, 1), padding=(0, 0), dilation=(1, 1), training=True, running_mean=None, running_var=None):
-    return (None, None, running_mean, running_var, list(stride), list(padding), list(dilation), training, 0.1, 1e-5,
-            None, True)
+def _cpp_tail(stride=(1, 1), padding=(0, 0), dilation=(1, 1), training=True, running_mean=None, running_var=None,
+              momentum=0.1, eps=1e-5):
+    return (None, None, running_mean, running_var, list(stride), list(padding), list(dilation), training, momentum,
+            eps, None, True)
 
 
 def _cpp_backward(op=None, **over):
@@ -608,14 +621,14 @@ def _triton_aspp_backward(**over):
     return ops.triton_aspp_backward(*b.values())
 
 
-def _cpp_aspp(training=True, running_mean="default", running_var="default", **over):
+def _cpp_aspp(training=True, running_mean="default", running_var="default", momentum=0.1, eps=1e-5, **over):
     a = aspp_args()
     a.update(over)
-    rm = torch.cat(a["running_means"]) if running_mean == "default" else running_mean
-    rv = torch.cat(a["running_vars"]) if running_var == "default" else running_var
+    rm = torch.cat(a["running_means"]) if isinstance(running_mean, str) else running_mean
+    rv = torch.cat(a["running_vars"]) if isinstance(running_var, str) else running_var
     return ops.aspp_forward(a["x"], a["conv_weights"], a["pool_weight"], a["project_weight"],
                             torch.cat(a["bn_weights"]), torch.cat(a["bn_biases"]), rm, rv, list(a["rates"]),
-                            training, 0.1, 1e-5)
+                            training, momentum, eps)
 
 
 def _loop():
