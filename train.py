@@ -913,7 +913,8 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--synthetic-train-size", type=int, default=None, help="synthetic: training images (default 4000)")
     g.add_argument("--synthetic-val-size", type=int, default=None, help="synthetic: validation images (default 200)")
     g.add_argument("--data-seed", type=int, default=None, help="synthetic: generator seed (default 0)")
-    g.add_argument("--workers", type=int, default=None, help="data-loading processes (default 0 on CPU, 8 on GPU)")
+    g.add_argument("--workers", type=int, default=None,
+                   help="data-loading processes (default 0 on CPU; on GPU the CPU count, at most 8)")
 
     g = p.add_argument_group("model")
     g.add_argument("--backbone", choices=available_backbones(), default=None,
