@@ -124,6 +124,9 @@ def strided_like(grad: Tensor | None, param: Tensor) -> Tensor | None:
 
 is_functorch_wrapped = torch._C._functorch.is_functorch_wrapped_tensor
 functorch_transform = torch._C._functorch.peek_interpreter_stack  # None outside every torch.func transform
+# None outside torch.jit.trace (torch.jit.is_tracing() without its Python frame): a traced graph must compute what it
+# depends on from the module's tensors (a cached value would be recorded as a constant) and serve every grad mode.
+jit_tracing = torch._C._get_tracing_state
 
 
 def back_to_back(ts) -> bool:

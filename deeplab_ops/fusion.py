@@ -23,6 +23,7 @@ from deeplab_ops.modules import (
     forget_aspp_parts,
     fused_conv_bn,
     reads_directly,
+    refuse_scripting,
     run_fused_aspp,
     runnable_aspp_parts,
     symmetric_padding,
@@ -78,6 +79,14 @@ def fused_config(module: nn.Module) -> FusedConfig | None:
     return getattr(module, _FUSED_ATTR, None)
 
 
+_UNFUSED_HINT = "deeplab_ops.nn.unfuse_modules(model)"
+
+
+def _refuse_scripting(self: nn.Module):
+    """`__prepare_scriptable__` of the classes fuse_modules gives modules: torch.jit.script raises a clear error."""
+    refuse_scripting(self, _UNFUSED_HINT)
+
+
 def _traced_call(module: nn.Module, x: torch.fx.Proxy) -> torch.fx.Proxy:
     """What torch.fx symbolic tracing records for an nn.Conv2d, nn.BatchNorm2d or nn.ReLU, one of its leaf modules
     (whose class lives in torch.nn): one call_module node. Their fused-away subclasses live elsewhere, so a tracer
@@ -90,6 +99,8 @@ class FusedConv2d(nn.Conv2d):
     (`_run_chain`); called on its own (a slice of the container, children called by hand, a hook on it, its
     BatchNorm or ReLU, a changed chain, an nn.DataParallel replica) it is a plain convolution, and its BatchNorm and
     ReLU apply themselves."""
+
+    __prepare_scriptable__ = _refuse_scripting
 
     def forward(self, input: Tensor) -> Tensor:
         if isinstance(input, torch.fx.Proxy):
@@ -104,6 +115,8 @@ class FusedAwayBatchNorm2d(nn.BatchNorm2d):
     """A BatchNorm2d of a fused chain, applied by the fused op when its container runs the chain fused; called on its
     own, it normalizes as nn.BatchNorm2d (across the process group of a synchronized model)."""
 
+    __prepare_scriptable__ = _refuse_scripting
+
     def forward(self, x: Tensor) -> Tensor:
         if isinstance(x, torch.fx.Proxy):
             return _traced_call(self, x)
@@ -116,6 +129,8 @@ class FusedAwayBatchNorm2d(nn.BatchNorm2d):
 class FusedAwayReLU(nn.ReLU):
     """A ReLU of a fused chain, applied by the fused op when its container runs the chain fused; called on its own,
     a ReLU."""
+
+    __prepare_scriptable__ = _refuse_scripting
 
     def forward(self, input: Tensor) -> Tensor:
         if isinstance(input, torch.fx.Proxy):
@@ -279,6 +294,7 @@ def _fused_class(cls: type, kind: str) -> type:
                 "__doc__": f"{cls.__module__}.{cls.__qualname__} running on {op}.",
                 "forward": _FORWARDS[kind],
                 "__reduce_ex__": _reduce_fused,
+                "__prepare_scriptable__": _refuse_scripting,
                 "original_class": cls,
                 "fused_kind": kind,
             },

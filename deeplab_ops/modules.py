@@ -12,7 +12,14 @@ import torch.fx
 import torch.utils.checkpoint
 from torch import nn
 
-from deeplab_ops.common import back_to_back, check_x_channels, functorch_transform, is_functorch_wrapped, pair
+from deeplab_ops.common import (
+    back_to_back,
+    check_x_channels,
+    functorch_transform,
+    is_functorch_wrapped,
+    jit_tracing,
+    pair,
+)
 from deeplab_ops.ops.aspp import aspp
 from deeplab_ops.ops.conv_bn_relu import checked_config, conv_bn_relu, eval_fast
 from deeplab_ops.ops.dispatch import enter_directly, group_name_of
@@ -214,10 +221,24 @@ def _remember_batches(counter: Tensor, value: int) -> None:
     _BATCHES[key] = (weakref.ref(counter, lambda _, key=key: _BATCHES.pop(key, None)), counter._version, value)
 
 
+def _count_inference(counter: Tensor) -> None:
+    """After `counter.add_(1)` raised: a BatchNorm made under torch.inference_mode() (a model built or loaded there)
+    trained outside it with no graph (recalibration under no_grad) has inference tensors, which PyTorch refuses to
+    update in place outside inference mode, after its kernel wrote them (torch 2.6-2.14: the add is done). The op
+    wrote the running statistics as eager's kernel writes them (ops/conv_bn_relu.py), so the batch is counted and the
+    refusal dropped, rather than leave the statistics updated and the error raised (eager's own add_ refuses before
+    its kernel runs). Any other error is raised again."""
+    if not counter.is_inference():
+        raise  # the error being handled by the caller
+
+
 def _count_batch(counter: Tensor) -> None:
     """num_batches_tracked += 1, as nn.BatchNorm2d.forward does, keeping its value known on the host."""
     known = _known_batches(counter) if _BATCHES else None
-    counter.add_(1)
+    try:
+        counter.add_(1)
+    except RuntimeError:
+        _count_inference(counter)
     if known is not None:
         _remember_batches(counter, known + 1)
 
@@ -312,6 +333,16 @@ def unfused_call(module: nn.Module, process_group, forward, *args) -> Tensor:
             bn.__dict__.pop("forward", None)
 
 
+def refuse_scripting(module: nn.Module, unfused: str) -> None:
+    """What torch.jit.script gets from a fused module (its `__prepare_scriptable__`): a clear error where TorchScript's
+    own, raised deep in compiling the Python the fused forwards run (the checks, caches and fallbacks around the ops),
+    names neither the module nor what to use instead. `unfused`: how to get the module's unfused form."""
+    raise RuntimeError(
+        f"torch.jit.script cannot compile {type(module).__name__}: deeplab_ops' fused modules run Python that "
+        f"TorchScript does not support. Use torch.compile or torch.export (or torch.jit.trace), or script the "
+        f"unfused form where it is scriptable: {unfused} (the same state_dict)")
+
+
 _GEOMETRY: dict[tuple, tuple] = {}
 
 
@@ -361,7 +392,9 @@ def fused_conv_bn(
         check_x_channels(x, conv_weight(conv), "conv")
     if process_group is not None:
         group_name_of(process_group)  # its type checked in eval too, where the op does not use it
-    if not training and enter_directly(x):  # eval: once the fold is cached, only x and residual are checked
+    # eval: once the fold is cached, only x and residual are checked; not under torch.autocast, where the op casts x
+    # and the weight first and folds into the cast weight (the cached fold is of the parameters' own dtype)
+    if not training and enter_directly(x) and not torch._C._is_any_autocast_enabled():
         sources = _fold_sources(conv, bn)
         if sources is not None:
             # The configuration as the full path checks it (once per configuration): eval ignores the momentum,
@@ -387,7 +420,10 @@ def fused_conv_bn(
         if _BATCHES:
             _count_batch(counter)
         else:  # no counter value kept on the host (no CUDA momentum=None BatchNorm): no call for it
-            counter.add_(1)
+            try:
+                counter.add_(1)
+            except RuntimeError:
+                _count_inference(counter)
     return out
 
 
@@ -483,6 +519,9 @@ class FusedConvBNReLU(nn.Sequential):
             backend=self.backend, process_group=self.process_group,
             memory_efficient=getattr(self, "memory_efficient", False),  # modules pickled before the option
         )
+
+    def __prepare_scriptable__(self):
+        refuse_scripting(self, "nn.Sequential(nn.Conv2d(..., bias=False), nn.BatchNorm2d(...), nn.ReLU())")
 
     def _unfused_forward(self, x: Tensor, residual: Tensor | None) -> Tensor:
         if residual is None:
@@ -819,7 +858,8 @@ def run_fused_aspp(module: nn.Module, parts: tuple, x: Tensor, backend: str | No
     training = _aspp_config(bns, tensors, strict=unfused is None)
     if training is None:
         return unfused_call(module, process_group, unfused, x)
-    tracing = torch.compiler.is_compiling()
+    # torch.compile or torch.jit.trace: no packing (a graph would record it, or depend on it) and one add per counter
+    tracing = torch.compiler.is_compiling() or jit_tracing() is not None
     kinds = list(zip(*tensors, strict=True))  # per kind of _BN_TENSORS, every BatchNorm's tensor
     # Not inside a CUDA-graph capture either: a pack's new storage would come from the graph's pool, and the
     # recorded stack would copy freed memory over the BatchNorm tensors at every replay. Unpacked, the op
@@ -925,6 +965,9 @@ class FusedASPP(nn.Module):
         return run_fused_aspp(self, parts, x, self.backend, self.process_group,
                               getattr(self, "memory_efficient", False),  # (a FusedASPP pickled before it existed)
                               unfused=FusedASPP._unfused_forward)
+
+    def __prepare_scriptable__(self):
+        refuse_scripting(self, "torchvision.models.segmentation.deeplabv3.ASPP")
 
     def _unfused_forward(self, x: Tensor) -> Tensor:
         branches = list(self.convs)

@@ -22,6 +22,7 @@ from deeplab_ops.common import (
     empty_activation,
     functorch_transform,
     is_functorch_wrapped,
+    jit_tracing,
     opmath_dtype,
     strided_like,
 )
@@ -477,7 +478,8 @@ def aspp(
         out, *_, new_rm, new_rv = FORWARD[name](*args)
     if training and running_means is not None:
         # A call that built a graph node (its output requires grad) wrote `whole` in its forward (_ASPP.forward).
-        wrote = out.requires_grad
+        # (torch.jit.trace records the copies always: its graph also runs where no node is built, as under no_grad.)
+        wrote = out.requires_grad and jit_tracing() is None
         # Statistics made under torch.inference_mode() (a model built or loaded there) and updated outside it with no
         # graph (BatchNorm recalibration under no_grad) are written inside inference mode, which allows it: eager
         # F.batch_norm writes them inside its kernel, which inference mode does not police (not traced: no graph

@@ -23,6 +23,7 @@ from deeplab_ops.common import (
     conv_output_size,
     derived,
     empty_activation,
+    jit_tracing,
     opmath_dtype,
     pair,
 )
@@ -534,7 +535,9 @@ def conv_bn_relu(
             relu=relu,
         )
     refuse_grad_transforms("conv_bn_relu", x, weight, bn_weight, bn_bias, residual)
-    if not training and not _needs_grad(x, weight, bn_weight, bn_bias, residual):
+    # (torch.jit.trace records one graph for every grad mode, and checks it by tracing again under no_grad: eval runs
+    # the op there, which differentiates and reads the running statistics, not the fold, which has no backward.)
+    if not training and not _needs_grad(x, weight, bn_weight, bn_bias, residual) and (direct or jit_tracing() is None):
         refuse_forward_ad("conv_bn_relu", x, weight, bn_weight, bn_bias, residual)  # the fold would drop a tangent
         if not direct or amp is not None:  # traced (the fold is part of the graph), or a weight cast per call
             return CONV_BIAS_ACT[name](x, *_fold(weight, bn_weight, bn_bias, running_mean, running_var, float(eps)),
@@ -554,8 +557,9 @@ def conv_bn_relu(
         out, _, _, _, new_rm, new_rv = FORWARD[name](*args)
     # A call that built a graph node wrote the statistics in its forward, before saving anything for the backward
     # (csrc/composite/conv_bn_relu_autograd.cpp: so a checkpointed recomputation that stops at the save updated them,
-    # as eager BatchNorm's does); the others are written here.
-    if training and running_mean is not None and not out.requires_grad:
+    # as eager BatchNorm's does); the others are written here. (torch.jit.trace records the copies always: its graph
+    # also runs where no node is built, as under no_grad; where one is, the recorded copy writes what the node wrote.)
+    if training and running_mean is not None and (not out.requires_grad or jit_tracing() is not None):
         if direct and (running_mean.is_inference() or running_var.is_inference()):  # (not traced: no graph break)
             # Statistics made under torch.inference_mode() (a model built or loaded there), updated outside it (no
             # graph: BatchNorm recalibration under no_grad): eager F.batch_norm writes them inside its kernel, which

@@ -6,7 +6,7 @@ from __future__ import annotations
 import torch
 import torch.autograd.forward_ad as _forward_ad
 
-from deeplab_ops.common import is_functorch_wrapped
+from deeplab_ops.common import is_functorch_wrapped, jit_tracing
 
 BELOW_AUTOGRAD = torch._C._AutoDispatchBelowAutograd  # a guard: ops called inside skip the Autograd key
 _LIB = torch.library.Library("deeplab_ops", "IMPL")
@@ -49,9 +49,10 @@ def autograd_kernels(autograd_kernel) -> dict:
 def enter_directly(x) -> bool:
     """Whether a front door may call its op's Autograd kernel itself, which is what the dispatcher runs at the
     Autograd key, instead of the dispatched op (saving the boxing of every argument into Python): not while
-    torch.compile traces (its graph must hold the op), nor under a __torch_function__ mode, a tensor subclass or a
-    torch.func transform (its wrapped tensors have no storage for the front doors' aliasing)."""
-    return (type(x) is torch.Tensor and not torch.compiler.is_compiling()
+    torch.compile or torch.jit.trace traces (its graph must hold the op, and no Python cache), nor under a
+    __torch_function__ mode, a tensor subclass or a torch.func transform (its wrapped tensors have no storage for
+    the front doors' aliasing)."""
+    return (type(x) is torch.Tensor and not torch.compiler.is_compiling() and jit_tracing() is None
             and not torch._C._is_torch_function_mode_enabled() and not is_functorch_wrapped(x))
 
 

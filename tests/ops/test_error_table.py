@@ -9,6 +9,7 @@ from __future__ import annotations
 import functools
 import os
 import re
+import warnings
 
 import numpy as np
 import pytest
@@ -343,6 +344,7 @@ CASES = {
     "uce-int32": lambda d: uce(logits=torch.empty(1, 2**31, 1, 1, device="meta"),
                                target=torch.zeros(1, 1, 1, dtype=torch.int64, device="meta")),
     "nn-aspp-memory-efficient-type": lambda d: FusedASPP(4, (1,), 2, memory_efficient="yes"),
+    "nn-jit-script": lambda d: _script(FusedConvBNReLU(3, 4, 3)),
     # nn modules and model fusion checks (deeplab_ops/nn.py)
     "nn-conv-type": lambda d: check_fusable(nn.Linear(2, 2), nn.BatchNorm2d(2)),
     "nn-bn-type": lambda d: check_fusable(nn.Conv2d(2, 2, 1, bias=False), nn.BatchNorm1d(2)),
@@ -538,6 +540,12 @@ def _resume_beyond(d):
 
     resume = _ckpt().load_checkpoint(f"{d}/run/last.pt")
     loop.fit(TinySeg(), _train_set(), _cfg(iterations=1), torch.device("cpu"), resume=resume)
+
+
+def _script(module):
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", FutureWarning)  # torch.jit.script's deprecation notice (torch >= 2.10)
+        torch.jit.script(module)
 
 
 def _with_env(name, value, fn):

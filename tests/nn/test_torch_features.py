@@ -1,0 +1,244 @@
+"""The fused modules combined with PyTorch's own features compute what the unfused modules compute (outputs,
+gradients, running statistics), or refuse clearly: torch.jit.trace (a traced fused model follows its parameters and
+running statistics: no cached BatchNorm fold or Python-side call is baked into the graph), torch.jit.script (a clear
+error), torch.autocast in eval after the fold was cached, torch.func.functional_call in eval with a cached fold."""
+
+from __future__ import annotations
+
+import copy
+import io
+import warnings
+
+import pytest
+import torch
+from helpers import assert_close
+from torch import nn
+from torchvision.models.segmentation.deeplabv3 import ASPP as TorchvisionASPP
+
+from deeplab_ops.nn import FusedASPP, FusedConvBNReLU, fuse_modules, unfuse_modules, unpack_batchnorms
+
+ATOL, RTOL = 1e-5, 1e-5
+
+
+def _randomize(model: nn.Module, seed: int = 0) -> nn.Module:
+    """Random BatchNorm affine parameters and running statistics (eval BatchNorm is then no identity)."""
+    g = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for m in model.modules():
+            if isinstance(m, nn.Conv2d):
+                m.weight.copy_(torch.randn(m.weight.shape, generator=g) * 0.5)
+            if isinstance(m, nn.BatchNorm2d):
+                m.weight.copy_(torch.rand(m.num_features, generator=g) + 0.5)
+                m.bias.copy_(torch.rand(m.num_features, generator=g) - 0.5)
+                m.running_mean.copy_(torch.rand(m.num_features, generator=g) - 0.5)
+                m.running_var.copy_(torch.rand(m.num_features, generator=g) + 0.5)
+    return model
+
+
+def _chain() -> nn.Sequential:
+    return _randomize(nn.Sequential(nn.Conv2d(3, 4, 3, padding=1, bias=False), nn.BatchNorm2d(4), nn.ReLU(),
+                                    nn.Conv2d(4, 4, 3, padding=2, dilation=2, bias=False), nn.BatchNorm2d(4),
+                                    nn.ReLU()))
+
+
+def _trace(module: nn.Module, x: torch.Tensor, **kwargs):
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # TracerWarnings of the shape checks, torch.jit.trace's deprecation
+        return torch.jit.trace(module, (x,), **kwargs)
+
+
+@pytest.mark.parametrize("grad", [False, True], ids=["no_grad", "grad"])
+@pytest.mark.parametrize("warm", [False, True], ids=["cold", "fold_cached"])
+def test_jit_trace_eval_follows_parameters(grad, warm):
+    # A traced graph serves every grad mode and must read the module's tensors: the eval fold (cached per parameter
+    # version outside tracing) recorded as constants would ignore a later load_state_dict; built while tracing it
+    # crashed (suggest_memory_format on traced sizes); with grad the sanity check's no_grad retrace differed.
+    ref = _chain().eval()
+    fused = fuse_modules(copy.deepcopy(ref)).eval()
+    x = torch.randn(2, 3, 9, 9)
+    if warm:
+        with torch.no_grad():
+            fused(x)
+    with torch.set_grad_enabled(grad):
+        traced = _trace(fused, x)  # check_trace on: traced again and compared
+        x2 = torch.randn(1, 3, 12, 10)
+        assert_close(traced(x2), ref(x2), "traced output", ATOL, RTOL)
+        new = _randomize(copy.deepcopy(ref), seed=1).state_dict()
+        ref.load_state_dict(new)
+        traced.load_state_dict(new)
+        assert_close(traced(x2), ref(x2), "traced output after load_state_dict", ATOL, RTOL)
+    buffer = io.BytesIO()
+    torch.jit.save(traced, buffer)
+    buffer.seek(0)
+    with torch.no_grad():
+        assert_close(torch.jit.load(buffer)(x2), ref(x2), "saved and loaded trace", ATOL, RTOL)
+
+
+class _ChainAndASPP(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.chain = _chain()
+        self.aspp = _randomize(TorchvisionASPP(4, (1, 2), 4), seed=3)
+        self.aspp.project[3].p = 0.0  # (torchvision's dropout)
+
+    def forward(self, x):
+        return self.aspp(self.chain(x))
+
+
+@pytest.mark.parametrize("run_grad", [True, False], ids=["run_grad", "run_no_grad"])
+@pytest.mark.parametrize("trace_grad", [True, False], ids=["traced_grad", "traced_no_grad"])
+def test_jit_trace_train_updates_running_stats(trace_grad, run_grad):
+    # One traced training graph serves every grad mode: traced with a graph to build, the running statistics were
+    # written by the op's autograd node, which the trace does not record, so the traced module run under no_grad
+    # left them unchanged; the fused ASPP's BatchNorm tensors, packed by an earlier call, went in as a Python
+    # autograd.Function call (not saveable) whose replay left them unchanged too; and its first call's packing made
+    # the sanity check's second trace differ.
+    ref = _ChainAndASPP().train()
+    fused = fuse_modules(copy.deepcopy(ref))
+    x = torch.randn(2, 3, 7, 7)
+    with torch.no_grad():
+        fused(x)  # packs the ASPP's BatchNorm tensors
+    with torch.set_grad_enabled(trace_grad):
+        traced = _trace(fused, x)  # check_trace on
+    ref.load_state_dict(fused.state_dict())  # tracing ran training forwards
+    x2 = torch.randn(3, 3, 6, 9)
+    with torch.set_grad_enabled(run_grad):
+        out_r, out_t = ref(x2), traced(x2)
+    assert_close(out_t, out_r, "traced training output", ATOL, RTOL)
+    for (name, b_r), b_f in zip(ref.named_buffers(), fused.buffers(), strict=True):
+        assert_close(b_f, b_r, f"buffer {name} after a traced training call", ATOL, RTOL)
+    if run_grad:
+        out_r.square().sum().backward()
+        out_t.square().sum().backward()
+        for (name, p_r), p_f in zip(ref.named_parameters(), fused.parameters(), strict=True):
+            assert_close(p_f.grad, p_r.grad, f"grad {name}", 1e-4, 1e-4)
+    torch.jit.save(traced, io.BytesIO())
+
+
+def test_jit_trace_fused_aspp_packs_nothing():
+    # A fused ASPP traced before its first call: the first trace packed its BatchNorm tensors and the sanity check's
+    # second trace did not (graphs differed); traced packed, the graph counted the batches with one add over the
+    # packed counters (an as_strided view of the first), which fails (or writes out of bounds) once they are no
+    # longer packed (unpack_batchnorms, load_state_dict(assign=True)).
+    ref = _randomize(TorchvisionASPP(4, (1, 2), 4))
+    ref.project[3].p = 0.0
+    fused = fuse_modules(copy.deepcopy(ref))
+    x = torch.randn(2, 4, 7, 7)
+    traced = _trace(fused, x)  # check_trace on
+    with torch.no_grad():
+        fused(x)  # packs them
+    traced = _trace(fused, x, check_trace=False)
+    unpack_batchnorms(fused)
+    ref.load_state_dict(fused.state_dict())  # tracing ran training forwards
+    x2 = torch.randn(3, 4, 6, 5)
+    assert_close(traced(x2), ref(x2), "traced output", ATOL, RTOL)
+    for (name, b_r), b_f in zip(ref.named_buffers(), fused.buffers(), strict=True):
+        assert_close(b_f, b_r, f"buffer {name}", ATOL, RTOL)
+
+
+@pytest.mark.parametrize("what", ["fused_model", "FusedConvBNReLU", "FusedASPP", "fused_conv"])
+def test_jit_script_refuses_clearly(what):
+    # TorchScript cannot compile the fused forwards; its own error pointed into torch.fx's source.
+    model = {"fused_model": lambda: fuse_modules(nn.Sequential(_chain())),
+             "FusedConvBNReLU": lambda: FusedConvBNReLU(3, 4, 3),
+             "FusedASPP": lambda: FusedASPP(4, (1, 2), 4),
+             "fused_conv": lambda: fuse_modules(_chain())[0]}[what]()
+    with pytest.raises(RuntimeError, match=r"torch\.jit\.script cannot compile .*torch\.compile or torch\.export"):
+        torch.jit.script(model)
+    if what == "fused_model":
+        torch.jit.script(unfuse_modules(model))  # the unfused model scripts as before
+
+
+def test_autocast_eval_after_fold_cached():
+    # The eval fast path of a fused conv reused the fold cached outside autocast (float32): under
+    # torch.autocast('cpu', bfloat16) the output came back float32, computed in float32, unlike eager's bfloat16.
+    ref = _chain().eval()
+    fused = fuse_modules(copy.deepcopy(ref)).eval()
+    x = torch.randn(2, 3, 9, 9)
+    with torch.no_grad():
+        fused(x)  # caches the fold
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            out_r, out_f = ref(x), fused(x)
+    assert out_f.dtype == out_r.dtype == torch.bfloat16
+    assert_close(out_f, out_r, "autocast eval output", 2e-2, 2e-2)
+
+
+@pytest.mark.parametrize("train", [False, True], ids=["eval", "train"])
+def test_functional_call_uses_substituted_tensors(train):
+    ref = _chain().train(train)
+    fused = fuse_modules(copy.deepcopy(ref)).train(train)
+    x = torch.randn(2, 3, 9, 9)
+    with torch.no_grad():
+        fused(x)  # caches the fold (eval)
+        ref.load_state_dict(fused.state_dict())
+    new = {k: v.clone() for k, v in _randomize(copy.deepcopy(ref), seed=2).state_dict().items()}
+    new_f = {k: v.clone() for k, v in new.items()}
+    with torch.no_grad():
+        out_r = torch.func.functional_call(ref, new, (x,))
+        out_f = torch.func.functional_call(fused, new_f, (x,))
+    assert_close(out_f, out_r, "functional_call output", ATOL, RTOL)
+    for k in new:
+        assert_close(new_f[k], new[k], f"substituted {k}", ATOL, RTOL)
+
+
+def test_jit_trace_functional_aspp_updates_running_stats():
+    # deeplab_ops.aspp with one concatenated tensor per BatchNorm argument, traced with a graph to build: the
+    # running statistics were written by the autograd node only, so the traced function run under no_grad left them
+    # unchanged.
+    import deeplab_ops
+
+    class Functional(nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            g = torch.Generator().manual_seed(0)
+            self.convs = nn.ParameterList([nn.Parameter(torch.randn(4, 4, k, k, generator=g)) for k in (1, 3, 3)])
+            self.pool = nn.Parameter(torch.randn(4, 4, 1, 1, generator=g))
+            self.project = nn.Parameter(torch.randn(4, 16, 1, 1, generator=g))
+            self.bn_weight = nn.Parameter(torch.rand(20, generator=g) + 0.5)
+            self.bn_bias = nn.Parameter(torch.rand(20, generator=g) - 0.5)
+            self.register_buffer("running_mean", torch.zeros(20))
+            self.register_buffer("running_var", torch.ones(20))
+
+        def forward(self, x):
+            return deeplab_ops.aspp(x, list(self.convs), self.pool, self.project, self.bn_weight, self.bn_bias,
+                                    self.running_mean, self.running_var, rates=(1, 2), training=True)
+
+    module = Functional()
+    traced = _trace(module, torch.randn(2, 4, 7, 7))  # with grad (parameters), checked under no_grad
+    expected = copy.deepcopy(module)
+    x = torch.randn(3, 4, 6, 5)
+    with torch.no_grad():
+        assert_close(traced(x), expected(x), "traced output", ATOL, RTOL)
+    assert_close(module.running_mean, expected.running_mean, "running_mean", ATOL, RTOL)
+    assert_close(module.running_var, expected.running_var, "running_var", ATOL, RTOL)
+
+
+@pytest.mark.parametrize("kind", ["FusedConvBNReLU", "FusedASPP"])
+def test_a_model_made_under_inference_mode_recalibrates_its_batchnorms_outside_it(kind):
+    # Statistics and num_batches_tracked made under torch.inference_mode() (a model built or loaded there) and
+    # updated outside it with no graph (training mode under no_grad): the op writes the statistics as eager's kernel
+    # does, and the module counts the batch (once wrong: the statistics were updated, then the count raised
+    # PyTorch's in-place refusal, leaving the BatchNorm half updated). Oracle: the unfused module run inside
+    # inference mode, where eager's count may be written.
+    torch.manual_seed(0)
+    if kind == "FusedConvBNReLU":
+        plain = nn.Sequential(nn.Conv2d(3, 4, 3, padding=1, bias=False), nn.BatchNorm2d(4), nn.ReLU()).double()
+        x = torch.randn(2, 3, 7, 6, dtype=torch.float64)
+    else:
+        plain = TorchvisionASPP(5, [2, 3], 4).double()
+        x = torch.randn(2, 5, 7, 6, dtype=torch.float64)
+    state = copy.deepcopy(plain.state_dict())
+    with torch.inference_mode():
+        want = copy.deepcopy(plain)
+        want.load_state_dict(state)
+        want.train()
+        want(x)
+        made = FusedConvBNReLU(3, 4, 3, padding=1) if kind == "FusedConvBNReLU" else FusedASPP(5, [2, 3], 4)
+        made = made.double()
+        made.load_state_dict(state)
+    made.train()
+    with torch.no_grad():
+        made(x)
+    for (name, got), (_, exp) in zip(made.state_dict().items(), want.state_dict().items(), strict=True):
+        same = torch.equal(got, exp) if got.dtype == torch.int64 else torch.allclose(got, exp, rtol=1e-12, atol=1e-12)
+        assert same, (name, got, exp)
