@@ -13,6 +13,7 @@ import torch.utils.checkpoint
 from torch import nn
 
 from deeplab_ops.common import (
+    autocast_dtype,
     back_to_back,
     check_x_channels,
     functorch_transform,
@@ -226,8 +227,9 @@ def _count_inference(counter: Tensor) -> None:
     trained outside it with no graph (recalibration under no_grad) has inference tensors, which PyTorch refuses to
     update in place outside inference mode, after its kernel wrote them (torch 2.6-2.14: the add is done). The op
     wrote the running statistics as eager's kernel writes them (ops/conv_bn_relu.py), so the batch is counted and the
-    refusal dropped, rather than leave the statistics updated and the error raised (eager's own add_ refuses before
-    its kernel runs). Any other error is raised again."""
+    refusal dropped, rather than leave the statistics updated and the error raised. (Eager nn.BatchNorm2d raises
+    there: its own num_batches_tracked.add_(1), which runs before F.batch_norm, is refused after counting, and its
+    running statistics are left as they were.) Any other error is raised again."""
     if not counter.is_inference():
         raise  # the error being handled by the caller
 
@@ -392,9 +394,10 @@ def fused_conv_bn(
         check_x_channels(x, conv_weight(conv), "conv")
     if process_group is not None:
         group_name_of(process_group)  # its type checked in eval too, where the op does not use it
-    # eval: once the fold is cached, only x and residual are checked; not under torch.autocast, where the op casts x
-    # and the weight first and folds into the cast weight (the cached fold is of the parameters' own dtype)
-    if not training and enter_directly(x) and not torch._C._is_any_autocast_enabled():
+    # eval: once the fold is cached, only x and residual are checked; not under torch.autocast for x's device, where
+    # the op casts x and the weight first and folds into the cast weight (the cached fold is of the parameters' own
+    # dtype). Autocast for another device (or for x's dtype: float64) casts nothing here: the fast path stays.
+    if not training and enter_directly(x) and (not torch._C._is_any_autocast_enabled() or autocast_dtype(x) is None):
         sources = _fold_sources(conv, bn)
         if sources is not None:
             # The configuration as the full path checks it (once per configuration): eval ignores the momentum,
