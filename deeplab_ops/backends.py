@@ -92,9 +92,13 @@ def conv_largest(x: torch.Tensor, weight: torch.Tensor, out_numel: int) -> int:
 
 def aspp_largest(x: torch.Tensor, rates, channels: int) -> int:
     """The most elements of one tensor a triton aspp call indexes: x, the (N, H, W, (1 + len(rates)) * C) branch
-    buffer and the packed branch weights."""
+    buffer, the packed branch weights, and the projection weight's branch columns ((1 + len(rates)) * C by C, the
+    projection kernels' operand, whose shape their weight-gradient partials have too): with few input channels and
+    many output channels (C_in = 256, C >= 23171 at three rates) the last is the largest."""
     n, c_in, h, w = x.shape
-    return max(x.numel(), n * h * w * (1 + len(rates)) * channels, (1 + 9 * len(rates)) * c_in * channels)
+    branches = 1 + len(rates)
+    return max(x.numel(), n * h * w * branches * channels, (1 + 9 * len(rates)) * c_in * channels,
+               branches * channels * channels)
 
 
 def refuse_beyond_int32(op: str, largest: int) -> None:

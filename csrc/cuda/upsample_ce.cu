@@ -49,8 +49,11 @@ using upsample_ce::parse_reduction;
 
 void check_uce_args(const at::Tensor& logits, const at::Tensor& target) {
   upsample_ce::check_args(logits, target);
-  TORCH_CHECK(logits.numel() < std::numeric_limits<int32_t>::max() &&
-                  target.numel() < std::numeric_limits<int32_t>::max(),
+  // At most 2**31 - 1 elements, as the front door (deeplab_ops/ops/upsample_ce.py): every offset the kernels form
+  // in int (p < P, e < total, n * K * hw widened, k * hw, (n * H + oy) * W) is then below the element count, and
+  // the last block's thread index, ceil(P / 256) * 256 - 1, is at most 2**31 - 1.
+  TORCH_CHECK(logits.numel() <= std::numeric_limits<int32_t>::max() &&
+                  target.numel() <= std::numeric_limits<int32_t>::max(),
               "deeplab_ops.upsample_cross_entropy: logits ", logits.sizes(), " or target ", target.sizes(),
               " has 2**31 or more elements; the kernels index with int32");
 }
