@@ -835,7 +835,7 @@ def cmd_train(args, device, info) -> None:
     log = loop.MetricsLog(os.path.join(args.out_dir, "metrics.jsonl") if info.is_main else None,
                           os.path.join(args.out_dir, "tb") if info.is_main and not args.no_tensorboard else None,
                           resume_at=None if resume is None else resume["iteration"],
-                          eval_pending=resume is not None and bool(resume.get("eval_pending")))
+                          eval_pending=loop.resume_evaluates(resume, cfg, validating=True))
     t0 = time.time()
     try:
         result = loop.fit(net, train_set, cfg, device, val_fn=val_fn, resume=resume, rank=info.rank,

@@ -322,6 +322,19 @@ def _hms(seconds: float) -> str:
     return f"{h}:{rem // 60:02d}:{rem % 60:02d}" if h else f"{rem // 60:02d}:{rem % 60:02d}"
 
 
+def evaluates(cfg: TrainConfig, it: int) -> bool:
+    """Whether a run with a validation set evaluates after iteration `it`: every `eval_every` iterations and at the
+    end."""
+    return it == cfg.iterations or bool(cfg.eval_every and it % cfg.eval_every == 0)
+
+
+def resume_evaluates(resume: dict | None, cfg: TrainConfig, *, validating: bool) -> bool:
+    """Whether a run resumed from `resume` first runs the evaluation its checkpoint was saved before and which did not
+    finish (eval_pending): when this run, with its own flags, evaluates at that iteration."""
+    return (resume is not None and bool(resume.get("eval_pending")) and validating
+            and evaluates(cfg, resume["iteration"]))
+
+
 class MetricsLog:
     """JSON-lines metrics log (one object per line) and, when `tensorboard` is installed, a SummaryWriter."""
 
@@ -535,9 +548,9 @@ def fit(model: nn.Module, train_set, cfg: TrainConfig, device: torch.device, *, 
         save("last.pt", it, rng_ranks)  # the evaluation done, the new best recorded
 
     def evaluates_at(it: int) -> bool:
-        return val_fn is not None and (it == cfg.iterations or bool(cfg.eval_every and it % cfg.eval_every == 0))
+        return val_fn is not None and evaluates(cfg, it)
 
-    if resume is not None and resume.get("eval_pending") and evaluates_at(start):
+    if resume_evaluates(resume, cfg, validating=val_fn is not None):
         # The checkpoint was saved just before its iteration's evaluation, which did not finish (the run was
         # interrupted, or stopped on an error there): it runs now, as the uninterrupted run ran it, before the next
         # step (best.pt, the log's record and, at the end, metrics.json come from it).

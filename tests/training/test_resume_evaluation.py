@@ -109,3 +109,30 @@ def test_help_says_what_eval_batch_size_does():
     text = " ".join(train_script.build_parser().format_help().split())
     assert "(padded)" not in text
     assert "unpadded: the metrics do not depend on it" in text
+
+
+def test_a_resume_that_no_longer_evaluates_there_keeps_the_finished_evaluations_record(tmp_path, monkeypatch):
+    """Killed after an evaluation finished and logged its record but before last.pt was saved again (still marked
+    eval_pending), then resumed with flags that do not evaluate at that iteration (--eval-every changed): the resumed
+    run does not run that evaluation again, so the log keeps its record (before: dropped as if it would be rewritten,
+    and lost)."""
+    from training import checkpoint as ckpt_io
+
+    monkeypatch.setattr(train_script, "build_model", _tiny_build_model)
+    common = TINY + ["--iterations", "4"]
+    out = tmp_path / "run"
+    real_save = ckpt_io.atomic_save
+
+    def killed_after_the_evaluation(state, path, *args, **kwargs):
+        if str(path).endswith("last.pt") and state["iteration"] == 2 and not state["eval_pending"]:
+            raise KeyboardInterrupt  # the re-save after the evaluation of iteration 2
+        return real_save(state, path, *args, **kwargs)
+
+    monkeypatch.setattr(ckpt_io, "atomic_save", killed_after_the_evaluation)
+    with pytest.raises(SystemExit):
+        train_script.main(common + ["--eval-every", "1", "--out-dir", str(out)])
+    assert torch.load(out / "last.pt", weights_only=False)["eval_pending"]
+    assert [r["iteration"] for r in _records(out / "metrics.jsonl", "val")] == [1, 2]
+    monkeypatch.setattr(ckpt_io, "atomic_save", real_save)
+    train_script.main(common + ["--eval-every", "4", "--out-dir", str(out), "--resume"])
+    assert [r["iteration"] for r in _records(out / "metrics.jsonl", "val")] == [1, 2, 4]
