@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import copy
 import operator
+import weakref
 from collections import OrderedDict
 
 import torch
@@ -108,7 +109,32 @@ class FusedConv2d(nn.Conv2d):
         return nn.Conv2d.forward(self, input)
 
 
-_CONV_ATTR = "_deeplab_ops_fused_into"  # plain attribute of a fused-away BatchNorm or ReLU: the conv that applies it
+_CONV_ATTR = "_deeplab_ops_fused_into"  # plain attribute of a fused-away BatchNorm or ReLU: a _ConvLink to the conv
+
+
+class _ConvLink:
+    """A fused-away BatchNorm's or ReLU's link to the conv that applies it: weak (`ref`), since the conv's FusedConfig
+    holds the BatchNorm and ReLU (a strong link back would make a reference cycle of every fused chain, and a dropped
+    fused model, its parameters and its cached folds would then wait for the cyclic garbage collector). A deep copy
+    links to the copy of the conv (made through `memo`: the copied container's conv), a pickle to the unpickled
+    conv. (A plain object holding a weakref.ref, not a weakref.ref subclass: torch.compile traces calls of the one,
+    not of the other.)"""
+
+    __slots__ = ("ref",)
+
+    def __init__(self, conv: nn.Module) -> None:
+        self.ref = weakref.ref(conv)
+
+    def __deepcopy__(self, memo):
+        conv = self.ref()
+        return _link(None if conv is None else copy.deepcopy(conv, memo))
+
+    def __reduce__(self):
+        return _link, (self.ref(),)
+
+
+def _link(conv):
+    return None if conv is None else _ConvLink(conv)
 
 
 class FusedAwayBatchNorm2d(nn.BatchNorm2d):
@@ -120,7 +146,9 @@ class FusedAwayBatchNorm2d(nn.BatchNorm2d):
     def forward(self, x: Tensor) -> Tensor:
         if isinstance(x, torch.fx.Proxy):
             return _traced_call(self, x)
-        conv = self.__dict__.get(_CONV_ATTR)
+        link = self.__dict__.get(_CONV_ATTR)
+        # (a module pickled whole by an earlier version holds the conv itself)
+        conv = link.ref() if type(link) is _ConvLink else link
         cfg = None if conv is None or self.__dict__.get("_is_replica", False) else conv.__dict__.get(_FUSED_ATTR)
         group = None if cfg is None else cfg.process_group
         return nn.BatchNorm2d.forward(self, x) if group is None else synced_batch_norm(self, group, x)
@@ -376,10 +404,15 @@ def _computes_residual_block(module: nn.Module, k: int) -> bool:
     try:
         for mode in (True, False):
             module.training = mode
+            tracer = _PartsTracer()
             try:
-                graph = _PartsTracer().trace(module)
+                graph = tracer.trace(module)
             except Exception:  # any forward symbolic tracing cannot follow: left as it is
                 return False
+            finally:
+                # The tracer is a reference cycle (its patched functions' closures) holding the module: dropped
+                # here, not when the cyclic garbage collector runs, so a fused model dropped later is freed at once.
+                tracer.__dict__.clear()
             if not _is_block_graph(graph, k, module.downsample is not None):
                 return False
     finally:
@@ -649,10 +682,11 @@ def _fuse_chain(container: nn.Module, kind: str, backend: str | None, shared: se
                                                           memory_efficient=memory_efficient, chain=absorbed))
         conv.__class__ = FusedConv2d
         bn.__class__ = FusedAwayBatchNorm2d
-        object.__setattr__(bn, _CONV_ATTR, conv)
+        link = _ConvLink(conv)
+        object.__setattr__(bn, _CONV_ATTR, link)
         if relu:
             children[i + 2].__class__ = FusedAwayReLU
-            object.__setattr__(children[i + 2], _CONV_ATTR, conv)
+            object.__setattr__(children[i + 2], _CONV_ATTR, link)
         i += 3 if relu else 2
 
 
@@ -704,7 +738,9 @@ def _unfused_class(cls: type, fused_cls: type, plain_cls: type) -> type:
     return _UNFUSED_DERIVED[cls]
 
 
-_UNFUSED_DERIVED: dict[type, type] = {}  # a class derived from a fused one -> the same derived from the unfused one
+# A class derived from a fused one -> the same derived from the unfused one; weakly keyed: torch's parametrize derives
+# one class per module, and an entry goes with its class (the unfused class made from it does not refer to it).
+_UNFUSED_DERIVED: weakref.WeakKeyDictionary[type, type] = weakref.WeakKeyDictionary()
 
 
 def is_fused(module: nn.Module) -> bool:

@@ -22,7 +22,7 @@ from deeplab_ops.common import (
     pair,
 )
 from deeplab_ops.ops.aspp import aspp
-from deeplab_ops.ops.conv_bn_relu import checked_config, conv_bn_relu, eval_fast
+from deeplab_ops.ops.conv_bn_relu import checked_config, conv_bn_relu, drop_oldest, eval_fast
 from deeplab_ops.ops.dispatch import enter_directly, group_name_of
 
 Tensor = torch.Tensor
@@ -118,7 +118,10 @@ _BN_KEYS = ("bn_weight", "bn_bias", "running_mean", "running_var", "training", "
 _BN_TENSORS = ("weight", "bias", "running_mean", "running_var", "num_batches_tracked")
 _CONV_TENSORS = ("weight",)
 
-_DIRECT: dict[tuple, bool] = {}
+# (id(cls), names) -> (a weak reference to cls, the answer): a class is not kept alive by this cache (torch's
+# parametrize makes one class per module it parametrizes, so a process that builds and drops such models would
+# otherwise keep every class); its entry goes with it, and the reference tells a reused id from the class it was.
+_DIRECT: dict[tuple, tuple] = {}
 
 
 def reads_directly(cls: type, names: tuple[str, ...]) -> bool:
@@ -129,12 +132,13 @@ def reads_directly(cls: type, names: tuple[str, ...]) -> bool:
     Worked out once per class; False while torch.compile traces (its graph reads the attributes itself)."""
     if torch.compiler.is_compiling():
         return False
-    key = (cls, names)
-    direct = _DIRECT.get(key)
-    if direct is None:
-        direct = (cls.__getattr__ is nn.Module.__getattr__ and cls.__getattribute__ is object.__getattribute__
-                  and not any(hasattr(cls, n) for n in names))
-        _DIRECT[key] = direct
+    key = (id(cls), names)
+    entry = _DIRECT.get(key)
+    if entry is not None and entry[0]() is cls:
+        return entry[1]
+    direct = (cls.__getattr__ is nn.Module.__getattr__ and cls.__getattribute__ is object.__getattribute__
+              and not any(hasattr(cls, n) for n in names))
+    _DIRECT[key] = (weakref.ref(cls, lambda _, key=key: _DIRECT.pop(key, None)), direct)
     return direct
 
 
@@ -356,8 +360,9 @@ def _geometry(conv: nn.Conv2d) -> tuple:
     geometry = _GEOMETRY.get(key)
     if geometry is None:
         geometry = (tuple(conv.stride), _conv_padding(conv), tuple(conv.dilation))
-        if len(_GEOMETRY) < 4096:
-            _GEOMETRY[key] = geometry
+        if len(_GEOMETRY) >= 4096:  # bounded, the oldest out first (as checked configurations)
+            drop_oldest(_GEOMETRY)
+        _GEOMETRY[key] = geometry
     return geometry
 
 

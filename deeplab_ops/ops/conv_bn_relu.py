@@ -80,9 +80,22 @@ def _check_config(stride, padding, dilation, training, momentum, eps, relu) -> t
 
 
 # Configurations already validated: (stride, padding, dilation, training, momentum, eps, relu) -> pairs. A module
-# calls with the same few configurations every step, so each is checked once.
+# calls with the same few configurations every step, so each is checked once. At most _MAX_CONFIGS, the oldest
+# dropped first: a training BatchNorm with momentum=None brings a new momentum (1 / (n + 1)) every step, which must
+# neither grow the cache without bound nor fill it for good (every configuration first seen afterwards, a new model's
+# in a sweep, would then be checked on every call).
 _CONFIGS: dict[tuple, tuple] = {}
+_MAX_CONFIGS = 4096
 _NUMBER_TYPES = (float, int)
+
+
+def drop_oldest(cache: dict) -> None:
+    """Remove the first-inserted entry of `cache` (a bounded cache's eviction); nothing where another thread changed
+    it meanwhile (then it is no larger than the bound either)."""
+    try:
+        del cache[next(iter(cache))]
+    except (KeyError, RuntimeError, StopIteration):
+        pass
 
 
 def checked_config(stride, padding, dilation, training, momentum, eps, relu) -> tuple:
@@ -103,7 +116,9 @@ def checked_config(stride, padding, dilation, training, momentum, eps, relu) -> 
         if geometry is not None:
             return geometry
     geometry = _check_config(stride, padding, dilation, training, momentum, eps, relu)
-    if exact and len(_CONFIGS) < 4096:
+    if exact:
+        if len(_CONFIGS) >= _MAX_CONFIGS:
+            drop_oldest(_CONFIGS)
         _CONFIGS[key] = geometry
     return geometry
 
