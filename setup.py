@@ -229,7 +229,7 @@ def default_max_jobs() -> None:
     then runs as many jobs as it likes) and passes 0 on as `ninja -j 0`, which means no limit at all."""
     value = os.environ.get("MAX_JOBS")
     if value:
-        if not (value.isdigit() and int(value) >= 1):
+        if not (re.fullmatch(r"[0-9]+", value) and int(value) >= 1):  # not isdigit(): "²" is a digit to it
             sys.exit(f"deeplab_ops: MAX_JOBS={value!r} is not a number of compile jobs; expected a whole number "
                      f">= 1 (or unset: the CPU count, capped at one job per 4 GiB of memory).")
         return

@@ -14,7 +14,8 @@ import torch
 
 _REBUILD = (
     "Build it against the torch in this environment with `pip install --no-build-isolation -e .` "
-    "from the repository root (torch must be installed first: `pip install -r requirements.txt`)."
+    "from the repository root, or `pip install --no-build-isolation .` for a regular install (torch must be "
+    "installed first: `pip install -r requirements.txt`)."
 )
 
 
@@ -54,6 +55,36 @@ def stale_build_message(info: dict | None, torch_version: str = torch.__version_
             f"{torch_version}: it must be rebuilt. {_REBUILD}")
 
 
+def installed_elsewhere(directory: str = _HERE) -> str | None:
+    """The folder of an installed deeplab_ops other than the one in `directory` (None: there is none, or it is this
+    one). After a regular `pip install .`, Python started in the repository (or `python train.py` there, whose folder
+    is sys.path[0]) imports the source tree's deeplab_ops, which has no _C of its own, instead of the installed one."""
+    import importlib.metadata  # here: only a failed import needs it
+
+    try:
+        here = os.path.realpath(os.path.join(directory, "__init__.py"))
+        for dist in importlib.metadata.distributions(name="deeplab_ops"):
+            for file in dist.files or ():
+                if file.as_posix() == "deeplab_ops/__init__.py":
+                    path = os.path.realpath(str(dist.locate_file(file)))
+                    if path != here and os.path.isfile(path):
+                        return os.path.dirname(path)
+    except Exception:  # a damaged install record must not hide the real error
+        return None
+    return None
+
+
+def missing_message(directory: str = _HERE) -> str:
+    """Why _C cannot be imported when there is none beside this package, and what to do."""
+    other = installed_elsewhere(directory)
+    if other is None:
+        return f"deeplab_ops: the compiled extension deeplab_ops._C is missing. {_REBUILD}"
+    return (f"deeplab_ops: the compiled extension deeplab_ops._C is missing from {directory}, a source tree that "
+            f"comes before the installed deeplab_ops ({other}) on sys.path because it is in the current folder or the "
+            f"folder of the script being run. Run Python from another folder (train.py as `python -m train`), or "
+            f"build the extension into the source tree too: `pip install --no-build-isolation -e .` there.")
+
+
 def load(directory: str = _HERE) -> None:
     """Import deeplab_ops._C, which registers every op schema and the C++ kernels."""
     info = build_info(directory)
@@ -66,7 +97,7 @@ def load(directory: str = _HERE) -> None:
     except ModuleNotFoundError as e:
         if e.name != "deeplab_ops._C":
             raise
-        raise ImportError(f"deeplab_ops: the compiled extension deeplab_ops._C is missing. {_REBUILD}") from e
+        raise ImportError(missing_message(directory)) from e
     except (ImportError, OSError) as e:
         if info and info.get("torch") == torch.__version__:
             why = f"It was built against this torch ({torch.__version__}); rebuilding may still help."

@@ -238,7 +238,7 @@ def _run_setup(env_overrides: dict, *args: str, cwd=ROOT, pythonpath: str | None
                           capture_output=True, text=True, timeout=120)
 
 
-@pytest.mark.parametrize("value", ["0", "abc", "-1"])
+@pytest.mark.parametrize("value", ["0", "abc", "-1", "\u00b2"])  # "²": str.isdigit() says yes, int() says no
 def test_max_jobs_that_torch_would_misread_stops_the_build(value):
     # torch passed MAX_JOBS=0 on as `ninja -j 0` (no limit: every compile at once) and ignored "abc" and "-1" (ninja's
     # default, the CPU count + 2): on a shared machine the opposite of what was asked for.
@@ -371,7 +371,7 @@ def test_sdist_carries_every_source_and_header(tmp_path):
 
     tree = tmp_path / "tree"
     tree.mkdir()
-    for name in ("setup.py", "pyproject.toml", "README.md"):
+    for name in ("setup.py", "pyproject.toml", "README.md", "train.py"):
         shutil.copy(ROOT / name, tree / name)
     for name in ("csrc", "deeplab_ops", "model", "training"):
         shutil.copytree(ROOT / name, tree / name, ignore=shutil.ignore_patterns("__pycache__", "*.so", "*.json"))
@@ -382,6 +382,7 @@ def test_sdist_carries_every_source_and_header(tmp_path):
     with tarfile.open(archive) as tar:
         names = {n.split("/", 1)[1] for n in tar.getnames() if "/" in n}
     wanted = {str(p.relative_to(ROOT)) for p in (ROOT / "csrc").rglob("*") if p.is_file()}
+    wanted.add("train.py")  # installed as the module `train` (pyproject.toml's py-modules)
     assert not wanted - names, f"missing from the sdist: {sorted(wanted - names)}"
 
 

@@ -107,3 +107,40 @@ def test_every_package_is_installed():
         for init in (ROOT / top).rglob("__init__.py"):
             name = ".".join(init.parent.relative_to(ROOT).parts)
             assert name in packages, f"{name} has an __init__.py but is not in [tool.setuptools] packages"
+
+
+def test_train_py_is_installed_as_a_module():
+    # A regular install (`pip install --no-build-isolation .`, or a wheel) installed deeplab_ops, model and training but
+    # not train.py: `python train.py` in the repository then imports the source tree's deeplab_ops (no _C there) and
+    # fails, and no folder outside it had train. Installed as the module `train`: `python -m train` from any folder.
+    assert "train" in _pyproject()["tool"]["setuptools"]["py-modules"]
+    text = (ROOT / "train.py").read_text()
+    assert "\ndef main(" in text and 'if __name__ == "__main__":' in text
+
+
+def test_source_tree_before_an_installed_package_is_named(tmp_path):
+    # After a regular install, Python started in the repository imports the source tree's deeplab_ops, which has no _C:
+    # the error said "_C is missing, build it with pip install -e ." though the install was fine. It names both folders.
+    import shutil
+
+    import torch
+
+    source = tmp_path / "repo"
+    shutil.copytree(ROOT / "deeplab_ops", source / "deeplab_ops",
+                    ignore=shutil.ignore_patterns("_C*", "_build_info.json", "__pycache__"))
+    site = tmp_path / "site"  # a stand-in for site-packages holding the installed package and its record
+    (site / "deeplab_ops").mkdir(parents=True)
+    (site / "deeplab_ops" / "__init__.py").write_text("")
+    record = site / "deeplab_ops-0.1.0.dist-info"
+    record.mkdir()
+    (record / "METADATA").write_text("Metadata-Version: 2.1\nName: deeplab_ops\nVersion: 0.1.0\n")
+    (record / "RECORD").write_text("deeplab_ops/__init__.py,,\ndeeplab_ops-0.1.0.dist-info/RECORD,,\n")
+    site_packages = os.path.dirname(os.path.dirname(torch.__file__))
+    # -S: no site processing (an editable install's finder would otherwise find this repository's deeplab_ops)
+    env = {**{k: v for k, v in os.environ.items() if k != "PYTHONPATH"},
+           "PYTHONPATH": f"{source}:{site}:{site_packages}"}
+    proc = subprocess.run([sys.executable, "-S", "-c", "import deeplab_ops"], cwd=source, env=env,
+                          capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 1, proc.stdout + proc.stderr[-2000:]
+    assert f"missing from {source / 'deeplab_ops'}" in proc.stderr, proc.stderr[-2000:]
+    assert f"installed deeplab_ops ({site / 'deeplab_ops'})" in proc.stderr and "python -m train" in proc.stderr
