@@ -122,6 +122,29 @@ def strided_like(grad: Tensor | None, param: Tensor) -> Tensor | None:
     return grad.as_strided(param.shape, param.stride(), grad.storage_offset())
 
 
+def refuse_layout(name: str, t: Tensor) -> None:
+    """Raise for a tensor argument that is not dense (sparse, mkldnn): every op reads its tensors by their strides.
+    Called only once a caller's inline `t.layout != torch.strided` found one (no frame per call)."""
+    raise TypeError(f"{name} must be a dense (strided) tensor, got layout {t.layout}")
+
+
+def refuse_running_grad(name: str) -> None:
+    """Raise for running statistics that require grad while grad mode is on: F.batch_norm refuses them (buffers it
+    updates in place, not differentiable inputs); the kernels would update them behind autograd's back."""
+    raise ValueError(f"{name} requires grad, but running statistics are buffers that BatchNorm updates in place and "
+                     f"does not differentiate (F.batch_norm refuses them too); pass {name}.detach(), or call under "
+                     "torch.no_grad()")
+
+
+def drop_oldest(cache: dict) -> None:
+    """Remove the first-inserted entry of `cache` (a bounded cache's eviction); nothing where another thread changed
+    it meanwhile (then it is no larger than the bound either)."""
+    try:
+        del cache[next(iter(cache))]
+    except (KeyError, RuntimeError, StopIteration):
+        pass
+
+
 is_functorch_wrapped = torch._C._functorch.is_functorch_wrapped_tensor
 functorch_transform = torch._C._functorch.peek_interpreter_stack  # None outside every torch.func transform
 # None outside torch.jit.trace (torch.jit.is_tracing() without its Python frame): a traced graph must compute what it

@@ -16,13 +16,14 @@ from deeplab_ops.common import (
     autocast_dtype,
     back_to_back,
     check_x_channels,
+    drop_oldest,
     functorch_transform,
     is_functorch_wrapped,
     jit_tracing,
     pair,
 )
 from deeplab_ops.ops.aspp import aspp
-from deeplab_ops.ops.conv_bn_relu import checked_config, conv_bn_relu, drop_oldest, eval_fast
+from deeplab_ops.ops.conv_bn_relu import checked_config, conv_bn_relu, eval_fast
 from deeplab_ops.ops.dispatch import enter_directly, group_name_of
 
 Tensor = torch.Tensor

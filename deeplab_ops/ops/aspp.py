@@ -24,6 +24,8 @@ from deeplab_ops.common import (
     is_functorch_wrapped,
     jit_tracing,
     opmath_dtype,
+    refuse_layout,
+    refuse_running_grad,
     strided_like,
 )
 from deeplab_ops.ops.dispatch import (
@@ -254,7 +256,7 @@ def check_args(x, conv_weights, pool_weight, project_weight, bn_weights, bn_bias
         shape = tuple(x.shape) if isinstance(x, torch.Tensor) else type(x).__name__
         raise ValueError(f"x must be a 4-D (N, C, H, W) tensor, got {shape}")
     if x.layout != torch.strided:
-        raise TypeError(f"x must be a dense (strided) tensor, got layout {x.layout}")
+        refuse_layout("x", x)
     if x.dtype not in FLOAT_DTYPES:
         raise TypeError(f"x has dtype {x.dtype}; expected float32, float64, float16 or bfloat16")
     if not isinstance(rates, (list, tuple)) or not all([
@@ -297,7 +299,7 @@ def check_args(x, conv_weights, pool_weight, project_weight, bn_weights, bn_bias
         (f"conv_weights[{i}]", t) for i, t in enumerate(conv_weights)
     ]:
         if t.layout != torch.strided:
-            raise TypeError(f"{name} must be a dense (strided) tensor, got layout {t.layout}")
+            refuse_layout(name, t)
         if t.device != x.device:
             raise ValueError(f"{name} is on {t.device} but x is on {x.device}; expected the same device")
         if t.dtype != x.dtype:
@@ -315,15 +317,13 @@ def check_args(x, conv_weights, pool_weight, project_weight, bn_weights, bn_bias
         for i, t in enumerate([value] if isinstance(value, torch.Tensor) else value or []):
             where = name if isinstance(value, torch.Tensor) else f"{name}[{i}]"
             if t.layout != torch.strided:
-                raise TypeError(f"{where} must be a dense (strided) tensor, got layout {t.layout}")
+                refuse_layout(where, t)
             if t.device != x.device:
                 raise ValueError(f"{where} is on {t.device} but x is on {x.device}; expected the same device")
             if t.dtype not in allowed:
                 raise TypeError(f"{where} has dtype {t.dtype}; expected " + " or ".join(map(str, allowed)))
             if t.requires_grad and name.startswith("running_") and torch.is_grad_enabled():
-                raise ValueError(f"{where} requires grad, but running statistics are buffers that BatchNorm updates "
-                                 f"in place and does not differentiate (F.batch_norm refuses them too); pass "
-                                 f"{where}.detach(), or call under torch.no_grad()")
+                refuse_running_grad(where)
             dtypes.add(t.dtype)
     if len(dtypes) > 1:
         raise TypeError(f"the BatchNorm tensors must share one dtype, got {sorted(map(str, dtypes))}")

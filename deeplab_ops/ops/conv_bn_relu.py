@@ -22,10 +22,13 @@ from deeplab_ops.common import (
     cached_derived,
     conv_output_size,
     derived,
+    drop_oldest,
     empty_activation,
     jit_tracing,
     opmath_dtype,
     pair,
+    refuse_layout,
+    refuse_running_grad,
 )
 from deeplab_ops.ops.dispatch import (
     BELOW_AUTOGRAD,
@@ -89,15 +92,6 @@ _MAX_CONFIGS = 4096
 _NUMBER_TYPES = (float, int)
 
 
-def drop_oldest(cache: dict) -> None:
-    """Remove the first-inserted entry of `cache` (a bounded cache's eviction); nothing where another thread changed
-    it meanwhile (then it is no larger than the bound either)."""
-    try:
-        del cache[next(iter(cache))]
-    except (KeyError, RuntimeError, StopIteration):
-        pass
-
-
 def checked_config(stride, padding, dilation, training, momentum, eps, relu) -> tuple:
     """The call's (stride, padding, dilation) as pairs, each distinct configuration validated once. Cached only when
     every value has an exact type: equal keys must mean equal configurations (1 == True == 1.0 would otherwise let
@@ -129,7 +123,7 @@ def _check_vector(t, name: str, cout: int, device, dtype, bn_dtype):
     if not isinstance(t, Tensor):
         raise TypeError(f"{name} must be a torch.Tensor, got {type(t).__name__}")
     if t.layout != torch.strided:
-        raise TypeError(f"{name} must be a dense (strided) tensor, got layout {t.layout}")
+        refuse_layout(name, t)
     shape = t.shape
     if len(shape) != 1 or shape[0] != cout:
         raise ValueError(f"{name} must have shape ({cout},) (one value per output channel), got {tuple(shape)}")
@@ -154,8 +148,7 @@ def check_conv(x, weight, stride, padding, dilation, empty: bool = False) -> tup
     if not isinstance(weight, Tensor):
         raise TypeError(f"weight must be a torch.Tensor, got {type(weight).__name__}")
     if x.layout != torch.strided or weight.layout != torch.strided:
-        name, t = ("x", x) if x.layout != torch.strided else ("weight", weight)
-        raise TypeError(f"{name} must be a dense (strided) tensor, got layout {t.layout}")
+        refuse_layout(*(("x", x) if x.layout != torch.strided else ("weight", weight)))
     xshape, wshape = x.shape, weight.shape
     if len(xshape) != 4:
         raise ValueError(f"x must be a 4-D (N, C, H, W) tensor, got shape {tuple(xshape)}")
@@ -218,8 +211,9 @@ def check_args(
         raise ValueError(f"running_mean and running_var must be given together; only {given} was given")
     if not training and running_mean is None:
         raise ValueError("training=False (eval) uses running statistics: running_mean and running_var must be given")
-    if running_mean is not None and (running_mean.requires_grad or running_var.requires_grad):
-        _refuse_running_grad("running_mean" if running_mean.requires_grad else "running_var")
+    if (running_mean is not None and (running_mean.requires_grad or running_var.requires_grad)
+            and torch.is_grad_enabled()):
+        refuse_running_grad("running_mean" if running_mean.requires_grad else "running_var")
     if training and n * ho * wo == 1 and not synchronized:  # (F.batch_norm's rule: an empty batch passes)
         raise ValueError(
             f"training BatchNorm needs more than 1 value per channel, but the output is {n}x{cout}x{ho}x{wo}; "
@@ -232,21 +226,12 @@ def check_args(
     return geometry
 
 
-def _refuse_running_grad(name: str) -> None:
-    """Running statistics that require grad, where a graph is being built: F.batch_norm refuses them (they are
-    buffers it updates in place, not differentiable inputs); the kernels would update them behind autograd's back."""
-    if torch.is_grad_enabled():
-        raise ValueError(f"{name} requires grad, but running statistics are buffers that BatchNorm updates in place "
-                         f"and does not differentiate (F.batch_norm refuses them too); pass {name}.detach(), or "
-                         "call under torch.no_grad()")
-
-
 def _check_like_output(t, name: str, shape: tuple, x: Tensor) -> None:
     """A tensor of the convolution output's shape, on x's device, in x's dtype."""
     if not isinstance(t, Tensor):
         raise TypeError(f"{name} must be a torch.Tensor, got {type(t).__name__}")
     if t.layout != torch.strided:
-        raise TypeError(f"{name} must be a dense (strided) tensor, got layout {t.layout}")
+        refuse_layout(name, t)
     if t.shape != shape:
         raise ValueError(f"{name} must have the output's shape {shape}, got {tuple(t.shape)}")
     if t.device != x.device:

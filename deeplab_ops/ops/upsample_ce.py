@@ -11,7 +11,7 @@ import numpy
 import torch
 
 from deeplab_ops import backends, reference
-from deeplab_ops.common import HALF_DTYPES, autocast_dtype, opmath_dtype
+from deeplab_ops.common import HALF_DTYPES, autocast_dtype, opmath_dtype, refuse_layout
 from deeplab_ops.ops.dispatch import (
     autograd_kernels,
     below_autograd,
@@ -43,7 +43,7 @@ def check_args(logits, target, ignore_index, align_corners, reduction) -> None:
         raise TypeError(f"target must be a torch.Tensor, got {type(target).__name__}")
     for name, t in (("logits", logits), ("target", target)):
         if t.layout != torch.strided:
-            raise TypeError(f"{name} must be a dense (strided) tensor, got layout {t.layout}")
+            refuse_layout(name, t)
     if logits.dim() != 4:
         raise ValueError(f"logits must be a 4-D (N, K, h, w) tensor, got shape {tuple(logits.shape)}")
     if logits.dtype not in _SUPPORTED_DTYPES:
