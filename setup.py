@@ -346,11 +346,28 @@ def extensions():
     ]
 
 
+def editable_build_temp() -> str:
+    """Where `pip install -e .` keeps its objects between installs: build/ in the source tree, one folder per
+    Python, torch and CUDA decision (ninja sees no change in a header torch installs with -isystem, so an upgraded
+    torch gets a new folder instead of reusing objects compiled against the old one)."""
+    torch_tag = re.sub(r"[^\w.+-]", "_", torch.__version__)
+    kind = "cuda" if BUILD.get("cuda_kernels") else "cpu"
+    return os.path.join(ROOT, "build", f"editable-{sys.implementation.cache_tag}-torch{torch_tag}-{kind}")
+
+
 def build_ext_class():
     """torch's BuildExtension (ninja) that also writes BUILD beside each extension it builds (in place or not)."""
     from torch.utils.cpp_extension import BuildExtension
 
     class BuildExt(BuildExtension.with_options(use_ninja=True)):
+        def finalize_options(self):
+            super().finalize_options()
+            if getattr(self, "editable_mode", False):
+                # setuptools builds an editable install in a new temporary folder each time, so ninja found no
+                # objects and compiled every source again; a folder of our own keeps them, and ninja recompiles what
+                # changed (a source or header, or the compile command: flags, arch list, CUDA on/off).
+                self.build_temp = editable_build_temp()
+
         def run(self):
             super().run()
             for ext in self.extensions:

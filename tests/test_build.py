@@ -462,3 +462,29 @@ def test_python_m_deeplab_ops_reports_a_missing_or_stale_extension(tmp_path):
     report = run("-m", "deeplab_ops")
     assert report.returncode == 1 and "Traceback" not in report.stderr, report.stderr[-2000:]
     assert "was built against torch 1.0.0" in report.stdout and "built with   torch 1.0.0" in report.stdout
+
+
+def test_editable_installs_keep_their_objects(tmp_path, clean_env, monkeypatch):
+    """`pip install -e .` compiled every source again each time: setuptools gives an editable build a new temporary
+    build_temp, where ninja finds no objects. build_ext keeps them in a folder of the source tree, one per Python,
+    torch and CUDA decision; other builds keep the build_temp setuptools gives them."""
+    import torch
+    from setuptools import Distribution, Extension
+
+    setup = _load_setup()
+    clean_env.setenv("DEEPLAB_OPS_CUDA", "0")
+    setup.cuda_decision()
+
+    def finalized(editable: bool):
+        cmd = setup.build_ext_class()(Distribution({"name": "x", "ext_modules": [Extension("deeplab_ops._C", [])]}))
+        cmd.initialize_options()
+        cmd.build_temp = str(tmp_path / "setuptools-temp")  # what setuptools' editable_wheel passes
+        cmd.editable_mode = editable
+        cmd.finalize_options()
+        return cmd.build_temp
+
+    kept = finalized(True)
+    assert kept == finalized(True)  # the same folder for the next install
+    assert Path(kept).parent == ROOT / "build"
+    assert sys.implementation.cache_tag in kept and torch.__version__.split("+")[0] in kept and kept.endswith("-cpu")
+    assert finalized(False) == str(tmp_path / "setuptools-temp")
