@@ -10,13 +10,15 @@ from __future__ import annotations
 import contextlib
 import os
 import re
+import unicodedata
+import warnings
 from collections.abc import Iterable, Iterator, Sequence
 
 import numpy as np
 import torch
 from PIL import Image, ImageOps
 
-from training.palette import IGNORE_INDEX, VOC_CLASSES
+from training.palette import IGNORE_INDEX, VOC_CLASSES, voc_colormap
 
 IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".bmp", ".tif", ".tiff", ".webp")
 
@@ -41,11 +43,16 @@ class BadDataFile(DataFileError, ValueError):
     pass
 
 
+class MissingReader(DataFileError, ImportError):
+    """A dataset's files need a package that is not installed (scipy for SBD's .mat labels)."""
+
+
 def read_image(path: str, exif_orientation: bool = False) -> np.ndarray:
     """An RGB image as (H, W, 3) uint8; errors name the file. exif_orientation: turn it upright as its EXIF
     Orientation tag says (as image viewers show a phone photo); else its pixels as stored."""
     if not os.path.isfile(path):
-        raise MissingDataFile(f"image file not found: {path}")
+        raise MissingDataFile(f"image file not found: {path}" + (" (a folder of that name)" if os.path.isdir(path)
+                                                                 else ""))
     try:
         with Image.open(path) as im:
             if exif_orientation and im.getexif().get(0x0112, 1) != 1:  # 0x0112: Orientation; 1: upright already
@@ -64,30 +71,46 @@ WIDE_MODES = ("I;16", "I;16B", "I;16L", "I;16N", "I", "F")  # single-channel ima
 
 def _rgb_from_wide(im: Image.Image, path: str) -> np.ndarray:
     """A 16-bit grayscale image (PIL mode I;16*, or I holding 0..65535) as 8-bit RGB, scaled by 255/65535; a
-    32-bit integer or float image has no range to scale from and is refused, naming the file and its mode."""
+    32-bit integer or float image has no range to scale from and is refused, naming the file and its mode; so is
+    one whose largest value is 1 to 255 (8-bit data in a 16-bit file: scaled, it would be black)."""
     values = np.asarray(im, dtype=np.float64)
     if im.mode == "F" or (im.mode == "I" and values.size and (values.min() < 0 or values.max() > 65535)):
         raise BadDataFile(f"image {path} is a {'float' if im.mode == 'F' else '32-bit integer'} image (PIL mode "
                           f"{im.mode}); expected 8-bit or 16-bit RGB or grayscale: convert it to 8-bit first")
+    if values.size and 0 < values.max() <= 255:  # scaled by 255/65535 every pixel would be 0 or 1: black
+        raise BadDataFile(f"image {path} is a {'16-bit' if im.mode.startswith('I;16') else 'wide'} grayscale image "
+                          f"(PIL mode {im.mode}) whose values all lie in [0, 255] (max {values.max():.0f}): 8-bit "
+                          "data stored with more bits? Scaled from 16 bits to 8 it would be black: save it as an "
+                          "8-bit image")
     gray = np.rint(values * (255.0 / 65535.0)).astype(np.uint8)
     return np.repeat(gray[..., None], 3, axis=2)
+
+
+LOSSY_FORMATS = ("JPEG", "MPO")  # PIL's names of formats that always store lossy pixels (MPO: multi-picture JPEG)
 
 
 def read_index_mask(path: str, num_classes: int | None = None) -> np.ndarray:
     """A class-index mask (palette 'P' or grayscale 'L'/'I' PNG) as (H, W) uint8; errors name the file.
 
     Palette PNGs store class indices directly (VOC's SegmentationClass); an RGB mask is refused with a hint,
-    because mapping colours back to classes is ambiguous.
+    because mapping colours back to classes is ambiguous; so is a file holding JPEG data, whatever its name.
     """
     if not os.path.isfile(path):
-        raise MissingDataFile(f"mask file not found: {path}")
+        raise MissingDataFile(f"mask file not found: {path}" + (" (a folder of that name)" if os.path.isdir(path)
+                                                                else ""))
     try:
         with Image.open(path) as im:
             mode = im.mode
+            if im.format in LOSSY_FORMATS:  # whatever the file's name says (x.png that holds JPEG data)
+                raise BadDataFile(
+                    f"the file holds {im.format} data, whose lossy compression changes class indices along every "
+                    "edge (stray values that may still be valid classes); expected a lossless PNG of class indices: "
+                    "save the mask as PNG from its source, not converted from a JPEG"
+                )
             if mode in ("RGB", "RGBA"):
                 raise BadDataFile(
                     f"mask is an {mode} colour image; expected a palette (P) or single-channel index PNG whose pixel "
-                    "values are class indices (255 = ignore)"
+                    f"values are class indices (255 = ignore){_colour_mask_hint(np.asarray(im.convert('RGB')))}"
                 )
             arr = np.asarray(im)
     except ValueError as e:
@@ -97,6 +120,22 @@ def read_index_mask(path: str, num_classes: int | None = None) -> np.ndarray:
     if arr.ndim != 2:
         raise BadDataFile(f"bad mask {path}: expected a single-channel image, got shape {arr.shape}")
     return class_index_mask(arr, path, num_classes)
+
+
+def _colour_mask_hint(rgb: np.ndarray) -> str:
+    """What an RGB mask most likely is, and how to convert it (for the error that refuses it)."""
+    if (rgb[..., 0] == rgb[..., 1]).all() and (rgb[..., 1] == rgb[..., 2]).all():
+        return ("; its three channels are equal everywhere: a single-channel mask saved as RGB: save its first "
+                "channel as a grayscale (L) PNG")
+    colours = np.unique(rgb.reshape(-1, 3), axis=0)
+    cmap = voc_colormap()
+    codes = {tuple(int(v) for v in c): i for i, c in enumerate(cmap)}
+    indices = [codes.get(tuple(int(v) for v in c)) for c in colours]
+    if all(i is not None for i in indices):
+        return (f"; its {len(colours)} colours are all PASCAL VOC palette colours (classes {sorted(indices)}): a VOC-"
+                "style mask saved as RGB: convert each colour to its index in training.palette.voc_colormap() and "
+                "save the indices as a palette or grayscale PNG")
+    return ""
 
 
 def class_index_mask(arr: np.ndarray, path: str, num_classes: int | None = None) -> np.ndarray:
@@ -474,6 +513,16 @@ class VOCSegmentation:
             raise ValueError(f"VOC split {split!r} under {self.root} has no images")
         _check_exist([p for _, p, _ in items], "image")
         _check_exist([p for _, _, p in items], "label")
+        mats = sum(p.endswith(".mat") for _, _, p in items)
+        if mats:  # refused now, not at the first .mat sample drawn (whose error blamed the file)
+            try:
+                import scipy.io  # noqa: F401
+            except ImportError as e:
+                raise MissingReader(
+                    f"--sbd-root {sbd_root}: {mats} of the {len(items)} {split} images have their labels only in "
+                    f"SBD's MATLAB files ({sbd}/cls/*.mat), which are read with scipy, and scipy cannot be imported "
+                    f"({type(e).__name__}: {e}): pip install scipy, or use the pre-converted PNG labels in "
+                    f"{aug_dir} instead of --sbd-root") from None
         self.items = items
 
     def _jpeg(self, i: str) -> str:
@@ -536,16 +585,19 @@ def _folder_names(list_file: str, by_stem: dict[str, str], images_dir: str) -> l
     ending in one (`images/x.jpg`, or an 'images/x.jpg masks/x.png' pair) gives that image. Anything else is refused,
     naming the entry: a split is never guessed; so is an image named twice (_refuse_repeats).
     """
-    by_file = {os.path.basename(path): stem for stem, path in by_stem.items()}
+    by_file = {_nfc(os.path.basename(path)): stem for stem, path in by_stem.items()}
+    by_nfc = {_nfc(stem): stem for stem in by_stem}
 
     def name_of(entry: str) -> str | None:
         stripped = entry.strip()
         for name in (entry, stripped):
             if name in by_stem:
                 return name
+        if _nfc(stripped) in by_nfc:  # the same letters, composed otherwise (a name typed vs one saved by macOS)
+            return by_nfc[_nfc(stripped)]
         for path in (stripped, stripped.split()[0]):  # x.jpg, images/x.jpg, 'images/x.jpg masks/x.png'
-            if os.path.basename(path) in by_file:
-                return by_file[os.path.basename(path)]
+            if _nfc(os.path.basename(path)) in by_file:
+                return by_file[_nfc(os.path.basename(path))]
         return None
 
     numbered, unknown = [], []
@@ -562,18 +614,56 @@ def _folder_names(list_file: str, by_stem: dict[str, str], images_dir: str) -> l
     return [name for _, _, name in numbered]
 
 
+def _nfc(name: str) -> str:
+    """A name in Unicode's composed form (NFC): macOS stores file names decomposed (NFD: 'e' + a combining
+    accent), most editors write composed text, and the two spellings look the same. Names are matched in this
+    form (an image with its mask, a split list's entry with an image)."""
+    return unicodedata.normalize("NFC", name)
+
+
 def _masks_by_stem(masks_dir: str) -> dict[str, str]:
-    """name -> mask path for every PNG in `masks_dir`, the extension matched in any case (x.png, x.PNG)."""
+    """NFC name -> mask path for every PNG in `masks_dir`, the extension matched in any case (x.png, x.PNG);
+    folders are not masks."""
     found: dict[str, str] = {}
     for f in sorted(os.listdir(masks_dir)):
         stem, ext = os.path.splitext(f)
-        if ext.lower() != ".png":
-            continue
         path = os.path.join(masks_dir, f)
-        if stem in found:
-            raise ValueError(f"folder dataset: two masks named {stem!r}: {found[stem]} and {path}; keep one")
-        found[stem] = path
+        if ext.lower() != ".png" or os.path.isdir(path):
+            continue
+        if _nfc(stem) in found:
+            raise ValueError(f"folder dataset: two masks named {stem!r}: {found[_nfc(stem)]} and {path}; keep one")
+        found[_nfc(stem)] = path
     return found
+
+
+_WARNED_BLACK_AND_WHITE: set[str] = set()  # mask folders warned about, once per process
+
+
+def _warn_black_and_white_masks(root: str, mask_paths: Sequence[str], sample: int = 4) -> None:
+    """Warn when the first masks hold 0 and 255 only, 255 on a large part of them: a black-and-white mask whose
+    white (255) is meant as the foreground, which this layout reads as the ignore label: never trained, never
+    scored, and the metrics (background alone) look perfect. A warning, since 255 may mean ignore; a mask that
+    cannot be read is left to the read that names it."""
+    folder = os.path.dirname(os.path.abspath(mask_paths[0]))
+    if folder in _WARNED_BLACK_AND_WHITE:
+        return
+    white = total = 0
+    for path in mask_paths[:sample]:
+        try:
+            mask = read_index_mask(path)
+        except DataFileError:
+            return
+        if not np.isin(mask, (0, IGNORE_INDEX)).all():
+            return
+        white, total = white + int((mask == IGNORE_INDEX).sum()), total + mask.size
+    if total and white >= 0.05 * total:
+        _WARNED_BLACK_AND_WHITE.add(folder)
+        warnings.warn(
+            f"folder dataset {root}: its first masks ({', '.join(os.path.basename(p) for p in mask_paths[:sample])}) "
+            f"hold only the values 0 and 255, 255 on {100 * white / total:.0f}% of their pixels; 255 is the ignore "
+            "label (neither trained nor scored): if white (255) marks the foreground, save it as class 1 (mask // 255"
+            " with 'background' and your class in classes.txt); if 255 means 'ignore' there, all is well",
+            UserWarning, stacklevel=3)
 
 
 class FolderSegmentation:
@@ -593,14 +683,17 @@ class FolderSegmentation:
                                         f"{root}/masks)")
         self.classes = tuple(read_class_list(classes_file or os.path.join(root, "classes.txt")))
         by_stem: dict[str, str] = {}
+        by_nfc: dict[str, str] = {}  # NFC name -> name: x.png and x.jpg, or two spellings of one name, are refused
         for f in sorted(os.listdir(images_dir)):
-            if f.lower().endswith(IMAGE_EXTENSIONS):
-                stem, path = os.path.splitext(f)[0], os.path.join(images_dir, f)
-                if stem in by_stem:
-                    raise ValueError(f"folder dataset: two images named {stem!r}: {by_stem[stem]} and {path}; a name "
+            path = os.path.join(images_dir, f)
+            if f.lower().endswith(IMAGE_EXTENSIONS) and not os.path.isdir(path):  # a folder `x.png` is no image
+                stem = os.path.splitext(f)[0]
+                if _nfc(stem) in by_nfc:
+                    first = by_stem[by_nfc[_nfc(stem)]]
+                    raise ValueError(f"folder dataset: two images named {stem!r}: {first} and {path}; a name "
                                      "(the file name without its extension) must be unique, since it pairs the image "
                                      f"with {masks_dir}/{stem}.png: rename or remove one of them")
-                by_stem[stem] = path
+                by_stem[stem], by_nfc[_nfc(stem)] = path, stem
         if not by_stem:
             others = sorted(os.listdir(images_dir))
             what = (f"holds no images: its {len(others)} entries (e.g. {others[0]!r}) are not image files"
@@ -618,7 +711,9 @@ class FolderSegmentation:
         elif split in ("train", "val") and not os.path.isfile(os.path.join(root, "train.txt")):
             import zlib
 
-            names = [n for n in sorted(by_stem) if (zlib.crc32(n.encode()) % 10 == 0) == (split == "val")]
+            # os.fsencode: the name's bytes on disk (UTF-8 for a UTF-8 name; a name in another encoding, which
+            # Python reads with surrogate escapes, has no UTF-8 form: n.encode() raised UnicodeEncodeError)
+            names = [n for n in sorted(by_stem) if (zlib.crc32(os.fsencode(n)) % 10 == 0) == (split == "val")]
             if not names:
                 raise ValueError(
                     f"folder dataset {root}: the automatic 90/10 split (by a hash of each name) left split {split!r} "
@@ -629,15 +724,21 @@ class FolderSegmentation:
             raise FileNotFoundError(f"split list not found: {list_file}")
         if not names:
             raise ValueError(f"folder dataset {root}: split {split!r} has no images")
-        self.items = [(n, by_stem[n], masks_by_stem.get(n, os.path.join(masks_dir, f"{n}.png"))) for n in names]
-        missing = [n for n in names if n not in masks_by_stem]
+        self.items = [(n, by_stem[n], masks_by_stem.get(_nfc(n), os.path.join(masks_dir, f"{n}.png")))
+                      for n in names]
+        missing = [n for n in names if _nfc(n) not in masks_by_stem]
         if missing:
             n = missing[0]
-            others = sorted(f for f in os.listdir(masks_dir) if os.path.splitext(f)[0] == n)
+            others = sorted(f + (" (a folder)" if os.path.isdir(os.path.join(masks_dir, f)) else "")
+                            for f in os.listdir(masks_dir) if _nfc(os.path.splitext(f)[0]) == _nfc(n))
             more = f" (and {len(missing) - 1} more)" if len(missing) > 1 else ""
             hint = (f"; {masks_dir} has {', '.join(others)}, but masks must be PNG files (lossless class indices)"
                     if others else "")
             raise FileNotFoundError(f"mask file not found: {os.path.join(masks_dir, n + '.png')}{more}{hint}")
+        # A link whose target is gone is listed but is no file: named now, not when training first reads it.
+        _check_exist([p for _, p, _ in self.items], "image")
+        _check_exist([p for _, _, p in self.items], "mask")
+        _warn_black_and_white_masks(root, [p for _, _, p in self.items])
 
     def source(self, index: int) -> str:
         _, image_path, mask_path = self.items[index]

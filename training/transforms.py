@@ -27,6 +27,8 @@ def to_tensors(image: np.ndarray, mask: np.ndarray | None) -> tuple[torch.Tensor
         raise ValueError(f"image must be (H, W, 3), got shape {image.shape}")
     if image.dtype != np.uint8:  # divided by 255 below: a float image in [0, 1] would become nearly black
         raise ValueError(f"image must be uint8 (values 0-255), got dtype {image.dtype}")
+    if 0 in image.shape[:2]:  # no pixel: a training crop would be all padding, a resize fails inside torch
+        raise ValueError(f"image must have at least one pixel, got an empty one of shape {image.shape}")
     img = torch.from_numpy(np.ascontiguousarray(image)).permute(2, 0, 1).float().div_(255.0)
     if mask is None:
         return img, None
@@ -94,6 +96,12 @@ class TrainTransform:
         self.mean, self.std, self.ignore_index = mean, std, ignore_index
 
     def __call__(self, image: np.ndarray, mask: np.ndarray, rng: random.Random):
+        if not all(hasattr(rng, m) for m in ("uniform", "randint", "random")):  # None: an index without a seed
+            raise TypeError(f"TrainTransform needs rng, a random.Random seeded per sample (a sample's crop is a "
+                            f"function of its seed), got {type(rng).__name__}; index loop.AugmentedDataset with "
+                            "(index, sample_seed) pairs, as loop.StreamSampler yields them")
+        if mask is None:
+            raise ValueError("TrainTransform needs the sample's mask, got None (EvalTransform takes images alone)")
         img, lbl = to_tensors(image, mask)
         h, w = lbl.shape
         lo, hi = self.scale_range

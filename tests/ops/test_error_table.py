@@ -175,6 +175,28 @@ def _mat(d, labels) -> str:
     return path
 
 
+def _sbd_without_scipy(d):
+    """train_aug with one label only in SBD's .mat files, built while scipy cannot be imported."""
+    import sys
+    from unittest import mock
+
+    r = voc(d, split_ids=("a",), val_ids=("c",))
+    os.makedirs(f"{d}/sbd/cls")
+    png(f"{r}/JPEGImages/b.jpg", np.zeros((8, 8, 3), np.uint8))
+    _mat(f"{d}/sbd", np.ones((4, 4), np.uint8))
+    os.rename(f"{d}/sbd/m.mat", f"{d}/sbd/cls/b.mat")
+    open(f"{d}/sbd/train.txt", "w").write("b\n")
+    open(f"{d}/sbd/val.txt", "w").write("c\n")
+    with mock.patch.dict(sys.modules, {"scipy": None, "scipy.io": None}):
+        return _datasets().VOCSegmentation(r, "train_aug", sbd_root=f"{d}/sbd")
+
+
+def _jpeg_named_png(d) -> str:
+    path = f"{d}/m.png"
+    Image.fromarray(np.zeros((8, 8), np.uint8), mode="L").save(path, format="JPEG")
+    return path
+
+
 def _datasets():
     from training import datasets
 
@@ -479,6 +501,12 @@ CASES = {
         png(f"{d}/m.tif", np.full((4, 4), 300, np.int32), "I")),
     "data-mask-classes": lambda d: _datasets().read_index_mask(png(f"{d}/m.png", np.full((4, 4), 7, np.uint8), "L"),
                                                                num_classes=3),
+    "data-mask-jpeg": lambda d: _datasets().read_index_mask(_jpeg_named_png(d)),
+    "data-image-8-in-16": lambda d: _datasets().read_image(png(f"{d}/x.png", np.full((4, 4), 200, np.uint16))),
+    "data-sbd-no-scipy": _sbd_without_scipy,
+    "tf-image-empty": lambda d: _transforms().to_tensors(np.zeros((0, 5, 3), np.uint8), None),
+    "tf-train-rng": lambda d: _transforms().TrainTransform(4)(np.zeros((4, 4, 3), np.uint8), np.zeros((4, 4), np.uint8),
+                                                              None),
     "data-sbd-missing": lambda d: _datasets().read_sbd_mat(f"{d}/no.mat"),
     "data-sbd-unreadable": lambda d: _datasets().read_sbd_mat(_ckpt_file(d, b"not a mat file")),
     "data-split-missing": lambda d: _datasets().read_split(f"{d}/no.txt"),
