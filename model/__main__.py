@@ -30,7 +30,9 @@ def _image_size(text: str) -> tuple[int, int]:
         sizes = tuple(int(p) for p in parts)
     except ValueError:
         raise argparse.ArgumentTypeError(f"--image-size must be N or HxW, got {text!r}") from None
-    if len(sizes) not in (1, 2) or min(sizes) < 1:
+    if len(sizes) not in (1, 2):
+        raise argparse.ArgumentTypeError(f"--image-size must be N or HxW (one or two sizes), got {text!r}")
+    if min(sizes) < 1:
         raise argparse.ArgumentTypeError(f"--image-size must be N or HxW with positive sizes, got {text!r}")
     return (sizes[0], sizes[0]) if len(sizes) == 1 else sizes
 

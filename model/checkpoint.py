@@ -9,7 +9,10 @@ A file may hold a raw state_dict or a dict with the state_dict under "model" or 
 checkpoints); a "module." (DistributedDataParallel) or "_orig_mod." (torch.compile) prefix on every key is removed.
 Keys are checked strictly: the error lists every missing key, unexpected key and shape mismatch, with hints that name
 the factory argument the checkpoint needs and its value (num_classes, width, depth, head, the number of
-atrous_rates, aux_loss). Fused and unfused models have the same keys, so either loads what the other saved.
+atrous_rates, aux_loss; a prefix that only some keys carry, or one not removed, such as a wrapper's "model."). Tensors
+that cannot load (meta, sparse, quantized, complex into real) and a model on the meta device are refused before
+anything is copied, so a failed load leaves the model as it was. Fused and unfused models have the same keys, so
+either loads what the other saved.
 
 Every file is read through :func:`load_file` (``training.checkpoint`` and ``train.py`` too): a missing file raises
 FileNotFoundError, a folder IsADirectoryError, and a file that is empty, corrupt or truncated, not a torch.save
@@ -79,8 +82,15 @@ def load_file(path: str | os.PathLike, *, weights_only: bool = True, map_locatio
     Raises FileNotFoundError (no such file), IsADirectoryError (a folder) or CheckpointReadError (empty, corrupt or
     truncated, not a torch.save file; with weights_only, objects other than tensors, numbers, strings and
     containers). `advice` is appended to the messages of files that exist but cannot be read (what to do instead).
+    A path starting with "~" that names no file as written is read from the user's home folder.
     """
     path = os.fspath(path)
+    if isinstance(path, bytes):
+        path = os.fsdecode(path)
+    if path.startswith("~") and not os.path.lexists(path):
+        # "~/runs/best.pt" from Python code or a `--flag=~/...` the shell did not expand: the user's home, as a shell
+        # would read it (a file literally named "~..." in the current folder is still read as itself).
+        path = os.path.expanduser(path)
     if os.path.isdir(path):
         raise IsADirectoryError(f"cannot read checkpoint {path}: this is a folder; give a checkpoint file in it"
                                 f"{_folder_hint(path)}")
@@ -94,7 +104,11 @@ def load_file(path: str | os.PathLike, *, weights_only: bool = True, map_locatio
             warnings.filterwarnings("ignore", message="Detected pickle protocol")
             return torch.load(path, map_location=map_location, weights_only=weights_only)
     except Exception as e:
-        found = re.search(r"Unsupported global: GLOBAL ([\w.]+)", str(e)) if weights_only else None
+        # "Unsupported global: GLOBAL x.Y was not an allowed global", or for a module torch blocks outright (os,
+        # posix, subprocess, ...: a file crafted to run code) "unsupported GLOBAL posix.system whose module posix is
+        # blocked": both are refusals of an object, not a damaged file.
+        found = (re.search(r"unsupported (?:global: )?GLOBAL ([\w.]+)", str(e), re.IGNORECASE)
+                 if weights_only else None)
         if found:
             raise CheckpointReadError(
                 f"cannot read checkpoint {path}: it holds a pickled {found.group(1)}, and checkpoints are read "
@@ -121,10 +135,12 @@ def read_state_dict(source: StateDictSource) -> dict[str, Tensor]:
     if not isinstance(obj, Mapping):
         raise TypeError(f"checkpoint {what} must hold a state_dict (a mapping of names to tensors), got "
                         f"{type(obj).__name__}")
-    for wrapper in WRAPPER_KEYS:
-        if isinstance(obj.get(wrapper), Mapping):
-            obj = obj[wrapper]
-            break
+    wrapped = [w for w in WRAPPER_KEYS if isinstance(obj.get(w), Mapping)]
+    # The first wrapper entry that holds tensors ({"model": {"name": ...}, "state_dict": {...}}: the state_dict),
+    # else the first one (whose contents the errors below describe).
+    holding = [w for w in wrapped if any(isinstance(v, torch.Tensor) for v in obj[w].values())]
+    if wrapped:
+        obj = obj[(holding or wrapped)[0]]
     bad = [k for k, v in obj.items() if not isinstance(k, str) or not isinstance(v, torch.Tensor)]
     if bad and len(bad) == len(obj):  # not a state_dict at all: say what it holds and where one is looked for
         raise TypeError(
@@ -201,7 +217,66 @@ def check_keys(model: nn.Module, state: Mapping[str, Tensor], prefix: str = "",
     if shapes:
         lines.append("  shape mismatches: " + "; ".join(shapes[:30]))
     lines += _hints(missing, unexpected, shapes, prefix, _architecture_hints(model, expected, state, prefix))
+    lines += [f"  hint: {h}" for h in _prefix_hints(missing, unexpected, state, prefix)]
     raise CheckpointMismatchError("\n".join(lines))
+
+
+def check_loadable(model: nn.Module, state: Mapping[str, Tensor], prefix: str = "") -> None:
+    """Raise before anything is copied where load_state_dict would fail part-way (leaving the model half loaded) or
+    load nothing: a model whose tensors are on the meta device (copying into them is a no-op), checkpoint tensors
+    with no data (meta), in a sparse or quantized layout, or complex where the model's are real (the imaginary part
+    would be dropped). Run after check_keys (keys and shapes already match)."""
+    expected = model.state_dict()
+    empty = [k for k, v in expected.items() if k in state and v.is_meta]
+    if empty:
+        raise ValueError(
+            f"the model's tensors are on the meta device (shapes only, no data: {len(empty)} of them, e.g. "
+            f"{prefix}{empty[0]}), so loading would copy nothing into them; build the model on a real device, or give "
+            "it storage first with model.to_empty(device='cpu')")
+    problems: dict[str, list[str]] = {}
+    for k, v in state.items():
+        if k not in expected:
+            continue
+        if v.is_meta:
+            why = "meta tensors (shapes, no data: saved from a model built on the meta device)"
+        elif v.layout != torch.strided:
+            why = f"{v.layout} tensors (dense tensors only: save them with .to_dense())"
+        elif v.is_quantized:
+            why = f"quantized {v.dtype} tensors (save them with .dequantize())"
+        elif v.is_complex() and not expected[k].is_complex():
+            why = f"{v.dtype} tensors where the model's are real (their imaginary parts would be dropped)"
+        else:
+            continue
+        problems.setdefault(why, []).append(prefix + k)
+    if problems:
+        raise CheckpointMismatchError(
+            "checkpoint holds tensors that cannot load into the model (nothing was loaded): "
+            + "; ".join(f"{why}: {_format_keys(keys, 5)}" for why, keys in problems.items()))
+
+
+def _prefix_hints(missing: Sequence[str], unexpected: Sequence[str], state: Mapping[str, Tensor],
+                  prefix: str) -> list[str]:
+    """Where unexpected keys are the model's missing keys under a prefix (a wrapper's "model.", a "module." that only
+    some keys carry), name the prefix: a wrapper prefix is removed only when every key has it."""
+    missing_set = set(missing)
+    found: dict[str, list[str]] = {}
+    for k in unexpected:
+        parts = k.split(".")
+        for i in range(1, len(parts)):
+            if ".".join(parts[i:]) in missing_set:
+                found.setdefault(".".join(parts[:i]) + ".", []).append(k)
+                break
+    hints = []
+    for head, keys in sorted(found.items(), key=lambda item: -len(item[1]))[:3]:
+        carrying = sum(1 for k in state if k.startswith(head))
+        removed = (f"a {head!r} prefix is removed only when every key carries it" if head in WRAPPER_PREFIXES
+                   else f"only {' and '.join(repr(w) for w in WRAPPER_PREFIXES)} prefixes are removed, when every key "
+                   "carries one")
+        hints.append(f"{len(keys)} unexpected keys are the model's own with a {head!r} prefix (checkpoint key "
+                     f"{keys[0]!r} is the model's {prefix}{keys[0][len(head):]}); {carrying} of the checkpoint's "
+                     f"{len(state)} keys carry it, and {removed}: remove it, e.g. "
+                     f"{{k.removeprefix({head!r}): v for k, v in state.items()}}")
+    return hints
 
 
 def _units_per_stage(state: Mapping[str, Tensor], base: str) -> tuple[int, ...]:
@@ -302,7 +377,15 @@ def _hints(missing: list[str], unexpected: list[str], shapes: list[str], prefix:
     if not explained and any(s.startswith(f"{prefix}classifier.") or s.startswith(f"{prefix}aux_classifier.")
                              for s in shapes):
         hints.append("a classifier's shape differs: check num_classes, head and atrous_rates")
-    if any("residual." in k or "preact." in k for k in missing + unexpected):
+    preact_missing = any(".residual." in k or ".preact." in k for k in missing)
+    preact_unexpected = any(".residual." in k or ".preact." in k for k in unexpected)
+    if preact_missing and not preact_unexpected:
+        hints.append("the model uses residual_unit='preact' and the checkpoint the v1.5 bottleneck (torchvision's "
+                     "ImageNet ResNets are v1.5): build the model with residual_unit='v1.5'")
+    elif preact_unexpected and not preact_missing:
+        hints.append("the checkpoint uses residual_unit='preact' and the model the v1.5 bottleneck: build the model "
+                     "with residual_unit='preact'")
+    elif preact_missing:
         hints.append("one side uses residual_unit='preact' and the other the v1.5 bottleneck")
     return [f"  hint: {h}" for h in hints]
 
@@ -341,6 +424,7 @@ def load_checkpoint(
                          f"e.g. {next(iter(state))!r}): nothing would be loaded")
     state = kept
     check_keys(model, state, ignore_prefixes=prefixes)
+    check_loadable(model, state)
     # Strict but for what check_keys allows (the keys it ignores; old BatchNorms' counters, which load as they are)
     model.load_state_dict(state, strict=not prefixes)
     return model
@@ -365,5 +449,6 @@ def load_backbone(model: nn.Module, source: StateDictSource) -> nn.Module:
             "ResNet one; use load_checkpoint(model, ...)"
         )
     check_keys(backbone, state, prefix="backbone.")
+    check_loadable(backbone, state, prefix="backbone.")
     backbone.load_state_dict(state, strict=True)
     return model

@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import numbers
 from collections import OrderedDict
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence, Set
 
 import torch
 import torch.nn.functional as F
@@ -93,6 +93,8 @@ def _ints_if_integral(values):
     """A sequence of integral numbers as a tuple of ints; anything else unchanged, for the checks to refuse."""
     if values is None or isinstance(values, str | bytes):
         return values
+    if isinstance(values, Set | Mapping):
+        return values  # unordered: refused by _check_ordered
     try:
         items = tuple(values)
     except TypeError:
@@ -100,6 +102,14 @@ def _ints_if_integral(values):
     if all(isinstance(v, numbers.Integral) and not isinstance(v, bool) for v in items):
         return tuple(int(v) for v in items)
     return values
+
+
+def _check_ordered(value, name: str) -> None:
+    """Refuse a set (or dict) for a per-unit or per-branch sequence: its iteration order is not the order written
+    ({4, 1, 2} iterates 1, 2, 4), so the rates would silently be other ones than the caller meant."""
+    if isinstance(value, Set | Mapping):
+        raise ValueError(f"{name} must be an ordered sequence of positive ints (a tuple or list: the order gives each "
+                         f"unit or branch its rate), got a {type(value).__name__} {value!r}")
 
 
 def _check_preset_args(**given) -> None:
@@ -164,6 +174,8 @@ def deeplabv3_resnet(
     # 8.0 passed `output_stride in (8, 16)` and was kept as a float (config, checkpoints); numpy ints were refused
     # in multi_grid / atrous_rates. Integral values become ints; the rest is refused below, by name.
     output_stride = _as_int_if_integral(output_stride)
+    _check_ordered(multi_grid, "multi_grid")
+    _check_ordered(atrous_rates, "atrous_rates")
     multi_grid, atrous_rates = _ints_if_integral(multi_grid), _ints_if_integral(atrous_rates)
     if preset == "torchvision" and width != 64:
         raise ValueError(f"preset='torchvision' fixes width=64 (torchvision's ResNet), got width={width}")

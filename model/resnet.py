@@ -145,6 +145,8 @@ def check_backbone_args(depths: Sequence[int], output_stride: int, multi_grid: S
     if pattern not in DILATION_PATTERNS:
         raise ValueError(f"dilation pattern must be one of {DILATION_PATTERNS}, got {pattern!r}")
     try:
+        if isinstance(multi_grid, str | bytes):  # '124' iterated as ('1', '2', '4'), named so in the error
+            raise TypeError
         grid = tuple(multi_grid)
     except TypeError:
         raise ValueError(f"multi_grid must be a sequence of positive ints, got {multi_grid!r}") from None

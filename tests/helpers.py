@@ -316,3 +316,16 @@ class MixedFusedNet(nn.Module):
 
     def forward(self, x):
         return self.momentum_none(self.fused_aspp(self.fused_head(self.aspp(self.block(self.stem(x))))))
+
+
+def randomize_batchnorm(net: nn.Module) -> nn.Module:
+    """Random BatchNorm parameters and running statistics (eval BN must not be the identity), in place."""
+    with torch.no_grad():
+        for m in net.modules():
+            if isinstance(m, nn.BatchNorm2d):
+                m.weight.uniform_(0.5, 1.5)
+                m.bias.normal_(0.0, 0.2)
+                m.running_mean.normal_(0.0, 0.2)
+                m.running_var.uniform_(0.5, 1.5)
+                m.num_batches_tracked.fill_(7)
+    return net

@@ -11,6 +11,7 @@ import copy
 import pytest
 import torch
 import torch.nn.functional as F
+from helpers import randomize_batchnorm
 from torch import nn
 
 import model
@@ -24,17 +25,6 @@ tv_models = pytest.importorskip("torchvision.models")
 ODD_INPUT = (1, 3, 41, 35)
 
 
-def _randomize(net: nn.Module) -> nn.Module:
-    """Random weights and BatchNorm statistics (eval BN must not be the identity)."""
-    with torch.no_grad():
-        for m in net.modules():
-            if isinstance(m, nn.BatchNorm2d):
-                m.weight.uniform_(0.5, 1.5)
-                m.bias.normal_(0.0, 0.2)
-                m.running_mean.normal_(0.0, 0.2)
-                m.running_var.uniform_(0.5, 1.5)
-                m.num_batches_tracked.fill_(7)
-    return net
 
 
 def _max_rel_err(got: torch.Tensor, want: torch.Tensor) -> float:
@@ -46,7 +36,7 @@ def torchvision_pair(tmp_path_factory):
     """torchvision's deeplabv3_resnet50 (random, aux head) and ours with preset="torchvision" loaded from its
     state_dict saved to a local file; plus torchvision's eval output on an odd-sized input."""
     torch.manual_seed(1234)
-    tv = _randomize(tv_seg.deeplabv3_resnet50(weights=None, weights_backbone=None, aux_loss=True)).eval()
+    tv = randomize_batchnorm(tv_seg.deeplabv3_resnet50(weights=None, weights_backbone=None, aux_loss=True)).eval()
     path = tmp_path_factory.mktemp("ckpt") / "deeplabv3_resnet50.pth"
     torch.save(tv.state_dict(), path)
     ours = model.deeplabv3_resnet50(preset="torchvision", aux_loss=True)
@@ -386,7 +376,7 @@ def test_heads_and_return_type():
 
 def test_preact_residual_unit_fuses_its_conv_bn_relu_chains():
     torch.manual_seed(0)
-    net = _randomize(model.deeplabv3_resnet50(residual_unit="preact", num_classes=4)).eval()
+    net = randomize_batchnorm(model.deeplabv3_resnet50(residual_unit="preact", num_classes=4)).eval()
     unit = net.backbone.layer2[0]
     assert isinstance(unit, model.PreActBottleneck) and unit.residual.conv2.stride == (2, 2)
     fused = fuse_modules(copy.deepcopy(net))
