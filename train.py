@@ -481,7 +481,8 @@ def check_num_classes(ckpt: dict, path: str, num_classes: int, args, command: st
         flag = "--resume" if command == "--resume" else "--checkpoint"
         hint = " (--eval-only reads them from the checkpoint when --dataset is not given)" \
             if command == "--eval-only" else ""
-        raise SystemExit(f"{command}: {flag} {path} predicts {saved} classes, but {source} has {num_classes}; "
+        named = f"{flag} {path}" if command == flag else f"{command}: {flag} {path}"
+        raise SystemExit(f"{named} predicts {saved} classes, but {source} has {num_classes}; "
                          f"use a checkpoint trained on this dataset, or the dataset flags it was trained with{hint}")
 
 
@@ -735,6 +736,17 @@ def check_out_dir(args, error) -> None:
     if args.overwrite and resume_here:
         resume = "--resume" if args.resume == "auto" else f"--resume {args.resume}"
         error(f"--overwrite removes the run in --out-dir {out_dir} and {resume} continues it: drop one of them")
+    last = os.path.join(out_dir, "last.pt")
+    if resume_here and args.resume != "auto" and os.path.isfile(args.resume) and os.path.isfile(last) \
+            and not os.path.samefile(args.resume, last):
+        # An older checkpoint of the folder (best.pt, a copy): the resumed run's saves would replace the later last.pt
+        # and its resume would drop the log's later records; what the user saved stays unless they move it away.
+        at, later = ckpt_io.checkpoint_iteration(args.resume), ckpt_io.checkpoint_iteration(last)
+        if at is not None and later is not None and later > at:
+            error(f"--resume {args.resume} (iteration {at}) continues the run in --out-dir {out_dir} from an earlier "
+                  f"point: its saves would replace last.pt at iteration {later} (and the log's records after iteration "
+                  f"{at}); give another --out-dir to branch off there (or move last.pt away to rewind this folder), or "
+                  "--resume its last.pt")
     files = earlier_run(out_dir)
     if not files or args.overwrite:
         return
@@ -792,11 +804,19 @@ def cmd_train(args, device, info) -> None:
     if args.resume:
         path = os.path.join(args.out_dir, "last.pt") if args.resume == "auto" else args.resume
         resume = checkpoint_or_exit(path, "--resume")
+        try:  # before anything reads its entries: one line, not a KeyError
+            ckpt_io.check_resumable(resume, "the checkpoint")
+        except ValueError as e:
+            raise SystemExit(f"--resume {path}: {e}") from None
         check_num_classes(resume, path, len(class_names), args, "--resume")
         if resume.get("iteration", 0) > args.iterations:
             raise SystemExit(f"--resume {path}: the checkpoint is at iteration {resume['iteration']}, beyond "
                              f"--iterations {args.iterations}; give --iterations >= {resume['iteration']}")
         check_weights_fit(net, resume, path, "--resume", args)
+        try:  # what fit() loads, checked before --overwrite removes the earlier run below
+            loop.check_resume_state(net, resume, args.weight_decay)
+        except (ValueError, KeyError, TypeError, RuntimeError) as e:
+            raise SystemExit(f"--resume {path}: {e}") from None
         if info.is_main:
             print(f"resuming {path} at iteration {resume['iteration']}")
             note = resume_note(resume.get("args") or {}, args, resume["iteration"])
@@ -943,7 +963,8 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--scale-range", type=float, nargs=2, metavar=("MIN", "MAX"), help="random scale (voc: 0.5 2.0)")
     g.add_argument("--no-flip", action="store_true", help="no random horizontal flip")
     g.add_argument("--freeze-bn", action="store_true", help="BatchNorm in eval mode with frozen affine parameters")
-    g.add_argument("--amp", choices=["none", "bf16", "fp16"], default="none", help="mixed precision (GPU)")
+    g.add_argument("--amp", choices=["none", "bf16", "fp16"], default="none",
+                   help="mixed precision: bf16 on CPU or GPU, fp16 on a CUDA device only")
     g.add_argument("--channels-last", action=argparse.BooleanOptionalAction, default=None,
                    help="NHWC memory format for the model and inputs (default: on with --fused-ops, whose kernels run "
                         "fastest in NHWC on CPU and GPU alike; off otherwise)")

@@ -116,11 +116,21 @@ UNREADABLE_ADVICE = ("; saves are atomic (a save that was interrupted leaves the
                      "or overwritten afterwards, or it is not a checkpoint: use another one (best.pt, an earlier copy)")
 
 
+def _numpy_array_globals() -> list:
+    """What unpickling a plain numpy array needs (its reconstructor, ndarray, its dtype): data, no code."""
+    multiarray = getattr(np, "_core", None) or np.core
+    return [multiarray.multiarray._reconstruct, np.ndarray, np.dtype, type(np.dtype(np.uint32))]
+
+
 def load_checkpoint(path: str, map_location="cpu") -> dict:
     """Load a checkpoint written by `atomic_save`; errors name the file and say what is wrong with it:
     FileNotFoundError, IsADirectoryError, model.CheckpointReadError (empty, corrupt, truncated; also a RuntimeError),
     ValueError (a file that holds no train.py checkpoint)."""
-    ckpt = load_file(path, weights_only=False, map_location=map_location, advice=UNREADABLE_ADVICE)
+    # Weights-only, as model.load_file reads every file: a checkpoint is data, and a file crafted to run code when
+    # unpickled (an object whose __reduce__ calls os.system) is refused, running nothing. numpy arrays are allowed:
+    # checkpoints written before the numpy random state was kept as a tensor hold one.
+    with torch.serialization.safe_globals(_numpy_array_globals()):
+        ckpt = load_file(path, weights_only=True, map_location=map_location, advice=UNREADABLE_ADVICE)
     if not isinstance(ckpt, dict) or "model" not in ckpt:
         raise ValueError(f"{path} is not a train.py checkpoint (expected a dict with a 'model' entry)")
     return ckpt

@@ -428,6 +428,26 @@ def load_optimizer_state(optimizer: torch.optim.Optimizer, state: dict, model: n
             optimizer.state[p] = st
 
 
+def check_resume_state(model: nn.Module, resume: dict, weight_decay: float) -> None:
+    """Raise a ValueError saying what is wrong unless `resume` can continue a run of `model` (its BatchNorms already
+    frozen or not as the run trains them): the entries a resume needs, a count of finished steps, and an optimizer
+    and a scheduler state that load as fit() loads them (into throwaway copies: the model is left as it is).
+    train.py checks this before anything is written or removed (--overwrite), since fit() would only find out after."""
+    ckpt_io.check_resumable(resume, "the checkpoint")
+    it = resume["iteration"]
+    if isinstance(it, bool) or not isinstance(it, int) or it < 0:
+        raise ValueError(f"its 'iteration' entry is {it!r}, not a count of finished steps")
+    core = ckpt_io.unwrap(model)
+    optimizer = torch.optim.SGD(param_groups(core, weight_decay), lr=1.0, momentum=0.9)
+    load_optimizer_state(optimizer, resume["optimizer"], core, weight_decay)
+    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda i: 1.0)
+    try:
+        scheduler.load_state_dict(resume["scheduler"])
+    except (KeyError, TypeError, AttributeError, ValueError) as e:
+        raise ValueError(f"its 'scheduler' entry is not a learning-rate scheduler's state ({type(e).__name__}: "
+                         f"{e})") from None
+
+
 # ---- the loop --------------------------------------------------------------------------------------------------
 
 

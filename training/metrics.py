@@ -153,7 +153,8 @@ def format_table(metrics: dict) -> str:
         lines.append(f"{name:<{width}}  {_pct(v)}  {_pct(accs[name])}")
     counted = ""
     if "num_images" in metrics:
-        counted = f": {metrics['num_images']} images evaluated" + (
+        n = metrics["num_images"]
+        counted = f": {n} image{'' if n == 1 else 's'} evaluated" + (
             f", {metrics['num_pixels']} pixels counted" if "num_pixels" in metrics else "")
     lines.append(f"{'mIoU':<{width}}  {_pct(metrics['miou'])}   (dataset-level confusion matrix{counted})")
     lines.append(f"{'pixel acc':<{width}}  {_pct(metrics['pixel_accuracy'])}")

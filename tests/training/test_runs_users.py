@@ -1,0 +1,231 @@
+"""train.py as a demanding user runs it: resumes from checkpoints that cannot continue a run, resumes that would
+replace a later checkpoint of the folder, the wording of what a run prints, and the help's --amp."""
+
+import os
+
+import pytest
+import torch
+from test_training_loop import TinySeg, _tiny_build_model
+
+import train as train_script
+from training import checkpoint as ckpt_io
+from training.metrics import SegmentationMetrics, format_table
+
+TINY = ["--crop-size", "32", "--synthetic-train-size", "8", "--synthetic-val-size", "2", "--batch-size", "2",
+        "--no-tensorboard", "--device", "cpu", "--log-every", "1", "--preview", "0"]
+
+
+def _exit_message(argv) -> str:
+    with pytest.raises(SystemExit) as e:
+        train_script.main(argv)
+    return str(e.value.code)
+
+
+def _usage_error(argv, capsys) -> str:
+    with pytest.raises(SystemExit) as e:
+        train_script.main(argv)
+    assert e.value.code == 2
+    last = capsys.readouterr().err.strip().splitlines()[-1]
+    return last[last.index("error: "):]
+
+
+def _files(folder) -> dict:
+    return {f: (folder / f).read_bytes() for f in sorted(os.listdir(folder))}
+
+
+@pytest.fixture
+def finished_run(tmp_path, monkeypatch):
+    """A finished 2-iteration run of the tiny network in tmp_path/run."""
+    monkeypatch.setattr(train_script, "build_model", _tiny_build_model)
+    out = tmp_path / "run"
+    train_script.main(TINY + ["--iterations", "2", "--out-dir", str(out)])
+    return out
+
+
+@pytest.mark.parametrize("drop", [("optimizer", "scheduler", "rng"), ("iteration", "optimizer", "scheduler", "rng")],
+                         ids=["no-optimizer", "no-iteration"])
+def test_resume_of_a_checkpoint_that_cannot_continue_a_run_is_refused_before_overwrite_removes_anything(
+        tmp_path, finished_run, drop):
+    # A checkpoint with the weights and class count but not the training state (an exported or hand-made one): it
+    # raised a KeyError traceback ('iteration'), or, with --overwrite, removed the folder's earlier run first and
+    # then stopped on a ValueError traceback: the user's last.pt, best.pt and log were gone.
+    state = torch.load(finished_run / "last.pt", weights_only=False)
+    bare = {k: v for k, v in state.items() if k not in drop}
+    (tmp_path / "other").mkdir()
+    torch.save(bare, tmp_path / "other" / "bare.pt")
+    before = _files(finished_run)
+    path = str(tmp_path / "other" / "bare.pt")
+    for extra in (["--overwrite"], []):
+        out = finished_run if extra else tmp_path / "fresh"
+        message = _exit_message(TINY + ["--iterations", "4", "--out-dir", str(out), "--resume", path, *extra])
+        assert message.startswith(f"--resume {path}: cannot resume from the checkpoint: it has no "), message
+        assert "'optimizer'" in message and "\n" not in message
+    assert _files(finished_run) == before
+    assert not (tmp_path / "fresh").exists() or not os.listdir(tmp_path / "fresh")
+
+
+def test_resume_of_a_checkpoint_whose_optimizer_does_not_fit_is_refused_before_overwrite_removes_anything(
+        tmp_path, finished_run):
+    state = torch.load(finished_run / "last.pt", weights_only=False)
+    other = TinySeg(21)
+    opt = torch.optim.SGD([{"params": list(other.parameters())[:3]}], lr=0.1, momentum=0.9)
+    state["optimizer"] = opt.state_dict()  # one group of 3 parameters: another model's
+    (tmp_path / "other").mkdir()
+    torch.save(state, tmp_path / "other" / "odd.pt")
+    before = _files(finished_run)
+    path = str(tmp_path / "other" / "odd.pt")
+    message = _exit_message(TINY + ["--iterations", "4", "--out-dir", str(finished_run), "--resume", path,
+                                    "--overwrite"])
+    assert message.startswith(f"--resume {path}: the checkpoint's optimizer holds parameter groups of [3] "), message
+    assert _files(finished_run) == before
+
+
+def test_resume_from_an_older_checkpoint_of_the_folder_would_replace_its_later_last_checkpoint(
+        tmp_path, monkeypatch, capsys):
+    monkeypatch.setattr(train_script, "build_model", _tiny_build_model)
+    out = tmp_path / "run"
+    train_script.main(TINY + ["--iterations", "4", "--stop-after", "2", "--out-dir", str(out)])
+    ckpt_io.atomic_write(str(out / "early.pt"), lambda f: f.write((out / "last.pt").read_bytes()))
+    train_script.main(TINY + ["--iterations", "4", "--out-dir", str(out), "--resume"])
+    assert ckpt_io.checkpoint_iteration(str(out / "last.pt")) == 4
+    before = _files(out)
+    capsys.readouterr()
+    error = _usage_error(TINY + ["--iterations", "4", "--out-dir", str(out), "--resume", str(out / "early.pt")],
+                         capsys)
+    assert error == (f"error: --resume {out / 'early.pt'} (iteration 2) continues the run in --out-dir {out} from "
+                     "an earlier point: its saves would replace last.pt at iteration 4 (and the log's records after "
+                     "iteration 2); give another --out-dir to branch off there (or move last.pt away to rewind "
+                     "this folder), or --resume its last.pt")
+    assert _files(out) == before
+    # Branching off into another folder works (best.pt comes along), and resuming last.pt itself still does.
+    train_script.main(TINY + ["--iterations", "4", "--out-dir", str(tmp_path / "branch"), "--resume",
+                              str(out / "early.pt")])
+    assert ckpt_io.checkpoint_iteration(str(tmp_path / "branch" / "last.pt")) == 4
+    train_script.main(TINY + ["--iterations", "5", "--out-dir", str(out), "--resume", str(out / "last.pt")])
+    assert ckpt_io.checkpoint_iteration(str(out / "last.pt")) == 5
+
+
+def test_a_resume_of_another_class_count_names_the_flag_once(tmp_path, finished_run):
+    classes = tmp_path / "data" / "classes.txt"
+    classes.parent.mkdir()
+    classes.write_text("a\nb\nc\n")
+    ckpt = torch.load(finished_run / "last.pt", weights_only=False)
+    args = train_script.parse_args(["--dataset", "folder", "--data-root", str(classes.parent)])
+    with pytest.raises(SystemExit) as e:
+        train_script.check_num_classes(ckpt, "run/last.pt", 3, args, "--resume")
+    assert str(e.value.code).startswith("--resume run/last.pt predicts 21 classes, but --dataset folder --data-root ")
+
+
+def test_the_table_counts_one_image_in_the_singular():
+    m = SegmentationMetrics(2)
+    m.update(torch.zeros(2, 2, dtype=torch.long), torch.zeros(2, 2, dtype=torch.long))
+    assert "(dataset-level confusion matrix: 1 image evaluated, 4 pixels counted)" in format_table(m.compute())
+    m.update(torch.zeros(2, 2, dtype=torch.long), torch.zeros(2, 2, dtype=torch.long))
+    assert "(dataset-level confusion matrix: 2 images evaluated, 8 pixels counted)" in format_table(m.compute())
+
+
+def test_help_says_bf16_runs_on_cpu_and_fp16_needs_cuda():
+    text = " ".join(train_script.build_parser().format_help().split())
+    assert "--amp {none,bf16,fp16} mixed precision: bf16 on CPU or GPU, fp16 on a CUDA device only" in text
+
+
+# ---- torchrun: the whole network, N processes against one with the global batch ---------------------------------
+
+
+class _Float64:
+    """A training set whose images are float64 (the model runs in float64: rounding out of the comparison)."""
+
+    def __init__(self, dataset) -> None:
+        self.dataset = dataset
+
+    def __len__(self) -> int:
+        return len(self.dataset)
+
+    def __getitem__(self, key):
+        image, mask, name = self.dataset[key]
+        return image.double(), mask, name
+
+
+def _deeplab_case(fused: bool, memory_efficient: bool):
+    from training import datasets, loop
+    from training.transforms import TrainTransform
+
+    torch.manual_seed(0)
+    net = train_script.build_model("resnet29", 21, 8, False, fused, memory_efficient, width=4).double()
+    data = _Float64(loop.AugmentedDataset(datasets.SyntheticShapes("train", 32, 8, seed=0),
+                                          TrainTransform(32, (1.0, 1.0), True)))
+    cfg = loop.TrainConfig(iterations=3, batch_size=4, lr=0.05, progress=False, fused_loss=fused)
+    return net, data, cfg
+
+
+def _deeplab_worker(rank, port, fused, memory_efficient, queue):
+    import torch.distributed as dist
+
+    from training import distributed, loop
+
+    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
+    torch.set_num_threads(1)
+    dist.init_process_group("gloo", rank=rank, world_size=2)
+    try:
+        net, data, cfg = _deeplab_case(fused, memory_efficient)
+        net = torch.nn.parallel.DistributedDataParallel(distributed.convert_sync_batchnorm(net, "cpu"))
+        result = loop.fit(net, data, cfg, torch.device("cpu"), rank=rank, world_size=2)
+        # numpy arrays: pickled by value (a tensor would be shared through a file descriptor of a process that exits)
+        queue.put((rank, result.losses, {k: v.numpy() for k, v in net.module.state_dict().items()}))
+    except Exception as e:  # noqa: BLE001 (the test names it)
+        queue.put((rank, f"process {rank}: {type(e).__name__}: {e}"))
+    finally:
+        dist.destroy_process_group()
+
+
+@pytest.mark.parametrize("fused, memory_efficient", [(False, False), (True, True)], ids=["eager", "fused-me"])
+def test_two_processes_train_train_pys_network_as_one_process_with_the_global_batch_in_float64(
+        fused, memory_efficient):
+    """docs/training.md: --batch-size is the global batch, BatchNorm synchronized (DistributedBatchNorm2d, or the fused
+    ops' process group with the fused ASPP and the fused loss): in float64 two processes compute what one computes
+    with the whole batch, up to summation order (the one-process reference is always the eager network)."""
+    from helpers import run_two_processes
+
+    from training import loop
+
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        net, data, cfg = _deeplab_case(False, False)
+        single = loop.fit(net, data, cfg, torch.device("cpu"))
+    finally:
+        torch.set_num_threads(threads)
+    results = run_two_processes(_deeplab_worker, fused, memory_efficient, timeout=300)
+    for rank in (0, 1):
+        losses, state = results[rank]
+        assert [i for i, _ in losses] == [1, 2, 3]
+        for (_, a), (_, b) in zip(losses, single.losses, strict=True):
+            assert a == pytest.approx(b, rel=1e-9, abs=0)
+        for k, v in net.state_dict().items():
+            torch.testing.assert_close(torch.from_numpy(state[k]), v, rtol=1e-7, atol=1e-9, msg=k)
+
+
+def test_ctrl_c_inside_a_checkpoint_save_keeps_the_previous_checkpoint_loadable(tmp_path, monkeypatch, capsys):
+    """Ctrl-C while torch.save writes last.pt (half of the new file written): the previous last.pt stays whole and
+    loadable, no temp file is left, and the message names the iteration it holds."""
+    monkeypatch.setattr(train_script, "build_model", _tiny_build_model)
+    out = tmp_path / "run"
+    real_save, calls = torch.save, []
+
+    def save(obj, f, *args, **kwargs):
+        calls.append(obj.get("iteration"))
+        if len(calls) == 2:  # iteration 2's last.pt: half written, then Ctrl-C
+            f.write(b"\x80\x02half a checkpoint")
+            raise KeyboardInterrupt
+        return real_save(obj, f, *args, **kwargs)
+
+    monkeypatch.setattr(ckpt_io.torch, "save", save)
+    with pytest.raises(SystemExit) as stop:
+        train_script.main(TINY + ["--iterations", "3", "--checkpoint-every", "1", "--out-dir", str(out)])
+    assert stop.value.code == 130 and calls == [1, 2]
+    assert f"train.py: interrupted; last.pt (iteration 1) in {out}" in capsys.readouterr().err
+    assert sorted(os.listdir(out)) == ["last.pt", "metrics.jsonl"]
+    assert ckpt_io.load_checkpoint(str(out / "last.pt"))["iteration"] == 1
+    monkeypatch.setattr(ckpt_io.torch, "save", real_save)
+    train_script.main(TINY + ["--iterations", "3", "--out-dir", str(out), "--resume"])
+    assert ckpt_io.load_checkpoint(str(out / "last.pt"))["iteration"] == 3
