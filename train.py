@@ -24,6 +24,7 @@ import random
 import shutil
 import sys
 import time
+import warnings
 
 import numpy as np
 import torch
@@ -183,9 +184,17 @@ def build_datasets(args, train: bool = True):
     """(train, val, class_names) raw datasets for --dataset (train None when `train` is False: --eval-only reads
     the validation split only); a missing or malformed dataset exits with its error."""
     try:
-        return _build_datasets(args, train)
-    except (FileNotFoundError, ValueError) as e:
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always", UserWarning)
+            built = _build_datasets(args, train)
+    except (OSError, ValueError) as e:  # OSError: FileNotFoundError, and an unreadable folder (PermissionError)
         raise SystemExit(f"--dataset {args.dataset}: {e}") from None
+    for w in caught:  # the datasets' warnings (black-and-white masks, ...) as train.py's own one-line warnings
+        if w.category is UserWarning:
+            warn(str(w.message))
+        else:
+            warnings.warn_explicit(w.message, w.category, w.filename, w.lineno)
+    return built
 
 
 def _build_datasets(args, train: bool):

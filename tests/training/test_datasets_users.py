@@ -301,3 +301,35 @@ def test_black_and_white_masks_warn_that_255_is_ignored(tmp_path):
         datasets.FolderSegmentation(str(other), "val")
         datasets.FolderSegmentation(str(other), "train")
         datasets.FolderSegmentation(str(root), "train")  # warned once for this folder already
+
+
+def test_train_py_prints_dataset_warnings_and_unreadable_folders_in_one_line(tmp_path, capsys, monkeypatch):
+    """train.py printed the datasets' warnings in Python's raw format (`train.py:205: UserWarning: …` and a source
+    line), and an images/ folder it may not list (PermissionError) was a traceback: now `warning: …` and one line."""
+    import types
+
+    import train
+
+    root = _folder(tmp_path / "d", names=[f"im{i}" for i in range(5)])
+    for i in range(5):
+        m = np.zeros((12, 16), np.uint8)
+        m[2:8, 3:12] = 255
+        Image.fromarray(m).save(root / "masks" / f"im{i}.png")
+    (root / "val.txt").write_text("im0\n")
+    args = types.SimpleNamespace(dataset="folder", data_root=str(root), val_split=None, train_split=None,
+                                 classes=None)
+    train.build_datasets(args)
+    err = capsys.readouterr().err
+    assert "warning: folder dataset" in err and "255 is the ignore label" in err and "UserWarning" not in err
+    assert err.count("warning:") == 1  # the train split on the same folder is not warned again
+
+    listdir = os.listdir
+
+    def refused(path):
+        if str(path).endswith("images"):
+            raise PermissionError(13, "Permission denied", str(path))
+        return listdir(path)
+
+    monkeypatch.setattr(os, "listdir", refused)
+    with pytest.raises(SystemExit, match=r"--dataset folder: \[Errno 13\] Permission denied: '.*images'"):
+        train.build_datasets(args)
