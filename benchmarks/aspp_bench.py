@@ -117,7 +117,8 @@ def main(argv: list[str] | None = None) -> int:
                                 batch=batch)
                     x = torch.randn(batch, cin, size, size, device=device, dtype=dtype)
                     reason = (common.eager_unavailable(provider, dtype_name)
-                              or common.unavailable(provider, "aspp", device, x=x, rates=rates, training=training))
+                              or common.unavailable(provider, "aspp", device, x=x, rates=rates, channels=cout,
+                                                 training=training))
                     if training and batch == 1:
                         reason = "BatchNorm in training needs batch >= 2 (the pooling branch has 1 value/channel)"
                     module_note = "" if common.fused_backend(provider) else eager_aspp_note()
@@ -139,4 +140,4 @@ def main(argv: list[str] | None = None) -> int:
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    sys.exit(common.run_script(main, "aspp_bench.py"))

@@ -16,6 +16,7 @@ import contextlib
 import csv
 import datetime
 import errno
+import io
 import json
 import math
 import os
@@ -641,6 +642,8 @@ class Runner:
         self.env, self.device, self.args, self.peak = env, device, args, peak_tflops
         self.budget = Budget(args.budget_s)
         self.rows: list[dict] = []
+        # every file an earlier run of this NAME may have left, --plot or --profile or not: none describes this run
+        set_aside_earlier_results(args.out, [f"{args.name}{ext}" for ext in RESULT_SUFFIXES])
         self._group: list[tuple] | None = None  # the cases of the open CPU group, in submission order
 
     def skip(self, reason: str, **case) -> None:
@@ -879,21 +882,71 @@ class Budget:
 # ---- output --------------------------------------------------------------------------------------------------
 
 
+# The last row of the CSV of a run that has not finished (killed, interrupted, or still running): a CSV has no "meta"
+# to say so, and without it the cases finished so far would look like the whole run.
+PARTIAL_STATUS = "partial"
+PARTIAL_NOTE = ("the run had not finished when this file was written (stopped, interrupted or still running): the "
+                "rows above are the cases finished so far")
+
+
+def write_text_atomic(path: str | Path, text: str) -> None:
+    """Replace path by a file holding text in one step (training.checkpoint.atomic_write: a temporary file in the
+    same folder, then os.replace): a run killed while writing leaves the previous file whole, never half of one."""
+    from training.checkpoint import atomic_write
+
+    data = text.encode()
+    atomic_write(str(path), lambda f: f.write(data))
+
+
 def write_results(rows: list[dict], out_dir: str | Path, name: str, extra: dict | None = None) -> tuple[Path, Path]:
-    """Write {name}.json ({"meta", "rows"}) and {name}.csv (FIELDS columns) under out_dir; return both paths."""
+    """Write {name}.json ({"meta", "rows"}) and {name}.csv (FIELDS columns) under out_dir, each replaced in one step;
+    return both paths. With extra["partial"] (the saves during a run) the CSV ends with a row of status
+    PARTIAL_STATUS saying so (the JSON says it in its meta)."""
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     json_path, csv_path = out / f"{name}.json", out / f"{name}.csv"
-    json_path.write_text(json.dumps({"meta": extra or {}, "rows": rows}, indent=1, default=str) + "\n")
-    with csv_path.open("w", newline="") as f:
-        writer = csv.DictWriter(f, fieldnames=FIELDS)
-        writer.writeheader()
-        for r in rows:
-            writer.writerow({k: ("" if r.get(k) is None else _fmt_csv(r.get(k))) for k in FIELDS})
+    write_text_atomic(json_path, json.dumps({"meta": extra or {}, "rows": rows}, indent=1, default=str) + "\n")
+    buffer = io.StringIO(newline="")
+    writer = csv.DictWriter(buffer, fieldnames=FIELDS)
+    writer.writeheader()
+    for r in rows:
+        writer.writerow({k: ("" if r.get(k) is None else _fmt_csv(r.get(k), k)) for k in FIELDS})
+    if (extra or {}).get("partial"):
+        writer.writerow({"status": PARTIAL_STATUS, "note": PARTIAL_NOTE})
+    write_text_atomic(csv_path, buffer.getvalue())
     return json_path, csv_path
 
 
-def _fmt_csv(v):
+def set_aside_earlier_results(out_dir: str | Path, names: Iterable[str]) -> list[tuple[Path, Path]]:
+    """Before a run writes its first rows: move the files of an earlier run with the same --out and --name (`names`:
+    NAME.json, NAME.csv, ...) aside to NAME.prev-<their UTC modification time>.EXT, so that a rerun, finished or
+    not, overwrites nothing a user kept. Prints and returns the (old, new) paths."""
+    out = Path(out_dir)
+    earlier = [out / n for n in names if (out / n).is_file()]
+    if not earlier:
+        return []
+    stamp = datetime.datetime.fromtimestamp(max(p.stat().st_mtime for p in earlier), datetime.timezone.utc)
+    tag = stamp.strftime("%Y%m%dT%H%M%SZ")
+    moved = []
+    for path in earlier:
+        stem, ext = (path.name[:-len(path.suffix)], path.suffix) if path.suffix else (path.name, "")
+        target, k = path.with_name(f"{stem}.prev-{tag}{ext}"), 1
+        while target.exists():
+            k += 1
+            target = path.with_name(f"{stem}.prev-{tag}-{k}{ext}")
+        os.replace(path, target)
+        moved.append((path, target))
+    print(f"kept the earlier run's results: {', '.join(f'{a.name} -> {b.name}' for a, b in moved)} (in {out})",
+          flush=True)
+    return moved
+
+
+COUNT_FIELDS = ("flops", "min_bytes")  # counts: written in full (6 significant digits would round them)
+
+
+def _fmt_csv(v, key: str = ""):
+    if key in COUNT_FIELDS and isinstance(v, float) and v.is_integer():
+        return str(int(v))
     return f"{v:.6g}" if isinstance(v, float) else v
 
 
@@ -996,6 +1049,9 @@ def csv_list(kind: Callable = str, choices: Iterable | None = None) -> Callable[
             bad = [t for t in items if t not in allowed]
             if bad:
                 raise argparse.ArgumentTypeError(f"{bad} not in {allowed}")
+        twice = sorted({t for t in items if items.count(t) > 1}, key=items.index)
+        if twice:  # each would run (and be written) twice, as two rows of one case
+            raise argparse.ArgumentTypeError(f"{', '.join(map(str, twice))} listed more than once in {text!r}")
         return items
 
     return parse
@@ -1059,11 +1115,14 @@ def check_output_files(parser: argparse.ArgumentParser, out_dir: str | Path, nam
                          "(choose another --out or --name)")
 
 
+RESULT_SUFFIXES = (".json", ".csv", ".png", "_profile.txt")  # NAME + each: the files add_common_args' scripts write
+
+
 def output_names(args: argparse.Namespace) -> list[str]:
     """The files a script of add_common_args writes in --out: NAME.json, NAME.csv, NAME.png with --plot,
     NAME_profile.txt with --profile."""
-    return ([f"{args.name}.json", f"{args.name}.csv"] + [f"{args.name}.png"] * bool(args.plot)
-            + [f"{args.name}_profile.txt"] * bool(args.profile))
+    return ([f"{args.name}.json", f"{args.name}.csv"] + [f"{args.name}.png"] * bool(getattr(args, "plot", False))
+            + [f"{args.name}_profile.txt"] * bool(getattr(args, "profile", False)))
 
 
 def parse_args(parser: argparse.ArgumentParser, argv: list[str] | None) -> argparse.Namespace:
@@ -1121,6 +1180,18 @@ def resolve_device(args: argparse.Namespace) -> torch.device:
     if args.device == "cuda" and not torch.cuda.is_available():
         raise SystemExit("--device cuda: no CUDA device is visible here; use --device cpu")
     return torch.device(args.device)
+
+
+def run_script(main: Callable[[], int], script: str) -> int:
+    """main() of a benchmark script run from the command line; Ctrl-C (or the SIGINT of gpu_suite.sh's timeout)
+    is one line saying what was kept, and exit status 130, instead of a traceback."""
+    try:
+        return main()
+    except KeyboardInterrupt:
+        print(f"\n{script}: interrupted: the results files keep the cases finished so far, marked partial (the "
+              "JSON's meta, the CSV's last row; overhead_bench: the CSV's last row and the Markdown's first "
+              "paragraph)", file=sys.stderr)
+        return 130
 
 
 def finish(rows: list[dict], args: argparse.Namespace, meta: dict, title: str) -> int:

@@ -1,5 +1,6 @@
 #!/usr/bin/env bash
-# One GPU command does it all (../shared/GPU.md), in at most ~9 minutes. Run from the repository root:
+# One GPU command does it all (../shared/GPU.md), in at most ~9 minutes. Run from the repository root (or from any
+# folder: the phases run from the root; a relative OUT or PYTHON is taken from where it was started):
 #
 #     bash benchmarks/gpu_suite.sh                    # results in $OUT, ./bench_out when OUT is unset
 #     GIT_COMMIT=<sha> bash benchmarks/gpu_suite.sh   # where the copy has no .git of its own: the commit the rows name
@@ -20,14 +21,16 @@
 #   4. pack: $OUT keeps at most 8 files (logs, goal JSONs, goals.txt, one tar.gz of everything else).
 #
 # A phase that fails (FAILED) or hits its timeout (TIMEOUT: its rows so far are kept) is logged and the suite goes
-# on; one for which too little time is left is reported as SKIPPED. Exit status: 0 when no phase failed, else 1;
-# 2 before anything runs when no GPU is visible (`nvidia-smi -L` fails) and BENCH_DEVICE is not cpu, or when
-# BENCH_DEVICE is neither cuda nor cpu.
+# on; one for which too little time is left is reported as SKIPPED. Ctrl-C (or TERM) hands SIGINT to the running
+# phase (INTERRUPTED: its rows so far are kept), skips the rest, packs $OUT as usual and exits with status 130.
+# Exit status: 0 when no phase failed, else 1; 2 before anything runs when no GPU is visible (`nvidia-smi -L`
+# fails) and BENCH_DEVICE is not cpu, or when BENCH_DEVICE is neither cuda nor cpu.
 # Knobs: OUT, PYTHON, SUITE_BUDGET_S, GOAL_RESERVE_S (default 360; 0 runs the whole test suite before any
 # benchmark), PYTEST_GPU_S (the gpu phase's cap, default 180), BENCH_DEVICE (cuda, the default; cpu: a smoke
 # run where there is no GPU: the benchmarks with
-# --device cpu --quick, the first use with the interpreter's dry launches, and DEEPLAB_OPS_CUDA defaults to 0 so
-# the library is not rebuilt for CUDA kernels), PYTEST_WORKERS (8).
+# --device cpu --quick and the cpu backend where a GPU run has cuda (cpu, cpu-cl, cpu-lean: goals.txt then compares
+# a fused provider), the first use with the interpreter's dry launches, and DEEPLAB_OPS_CUDA defaults to 0 so the
+# library is not rebuilt for CUDA kernels), PYTEST_WORKERS (8).
 #
 # What comes back in $OUT (the device tool returns at most 8 files):
 #   suite.log                  everything printed, with a summary of the phases at the end
@@ -59,6 +62,11 @@ mkdir -p "$OUT"
 OUT=$(cd "$OUT" && pwd)
 STAGE=$(mktemp -d "${TMPDIR:-/tmp}/gpu_suite.XXXXXX")
 PY=${PYTHON:-$(command -v python3 || command -v python)}
+case "$PY" in /* | "") ;; */*) PY="$PWD/$PY" ;; esac  # a relative PYTHON names a file from where the suite started
+# Every phase runs from the repository root (benchmarks/..., tests, setup.py are paths from it), wherever the suite
+# was started: OUT and PYTHON, given relative to that folder, are resolved above.
+ROOT=$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)
+cd "$ROOT" || { echo "gpu_suite: cannot enter the repository root $ROOT" >&2; exit 2; }
 WORKERS=${PYTEST_WORKERS:-8}
 export PYTHONUNBUFFERED=1
 export PYTHONPATH="$PWD${PYTHONPATH:+:$PYTHONPATH}"  # the tree's deeplab_ops and model/, no pip install
@@ -86,6 +94,12 @@ left() { echo $(( BUDGET - ($(date +%s) - START) )); }
 # SKIPPED when that is under MIN (default 20 s). The benchmarks read $STEP_S (their timeout) to set --budget-s.
 phase() {
     local name=$1 cap=$2 cmd=$3 reserve=${4:-0} min=${5:-20}
+    if [ -n "$INTERRUPTED" ]; then
+        echo "=== $name: SKIPPED (interrupted)"
+        SKIPPED+=("$name")
+        SUMMARY+=("SKIPPED  $name (interrupted)")
+        return 0
+    fi
     local avail=$(( $(left) - PACK_S - reserve ))
     local limit=$(( cap < avail ? cap : avail ))
     if [ "$limit" -lt "$min" ]; then
@@ -98,8 +112,23 @@ phase() {
     echo "=== $name (limit ${limit}s, $(left)s left) $(date -u +%H:%M:%S)"
     local t0 rc took
     t0=$(date +%s)
-    timeout --signal=INT --kill-after=15 "$limit" bash -c "$cmd"
+    # in the background, waited for: a Ctrl-C (or TERM) runs on_interrupt at once, which hands it on to the phase
+    # (timeout runs it in a process group of its own, which a terminal's Ctrl-C does not reach)
+    timeout --signal=INT --kill-after=15 "$limit" bash -c "$cmd" &
+    PHASE_PID=$!
+    wait "$PHASE_PID"
     rc=$?
+    while kill -0 "$PHASE_PID" 2>/dev/null; do  # interrupted: wait for the phase to write its rows and end
+        wait "$PHASE_PID"
+        rc=$?
+    done
+    PHASE_PID=
+    if [ -n "$INTERRUPTED" ]; then
+        echo "=== $name: interrupted (what it wrote so far is kept)"
+        FAILED+=("$name")
+        SUMMARY+=("INTERRUPTED $name (rc $rc, $(( $(date +%s) - t0 ))s)")
+        return 130
+    fi
     took=$(( $(date +%s) - t0 ))
     if [ $rc -eq 0 ]; then
         SUMMARY+=("ok       $name (${took}s)")
@@ -125,10 +154,15 @@ bench() {
     shift 2
     local margin=${BENCH_MARGIN_S:-30}
     local budget=$(( STEP_S - margin > 5 ? STEP_S - margin : 5 ))
-    local extra=()
+    local extra=() args=() a prev=
     [ "$BENCH_DEVICE" = cpu ] && extra=(--quick --threads 1)
+    for a in "$@"; do  # the cpu smoke run times the cpu backend where a GPU run times cuda (goals.txt compares it)
+        if [ "$BENCH_DEVICE" = cpu ] && [ "$prev" = --providers ]; then a=${a//cuda/cpu}; fi
+        args+=("$a")
+        prev=$a
+    done
     "$PY" "benchmarks/$script" --device "$BENCH_DEVICE" "${extra[@]}" --out "$STAGE" --name "$name" --plot \
-        --budget-s "$budget" "$@"
+        --budget-s "$budget" "${args[@]}"
 }
 
 # first_use: the first DeepLabV3-R50 training step on triton (overhead_bench.py --r50-step): the Triton
@@ -180,7 +214,17 @@ prepare() {  # import the prebuilt library; build in place only if that fails
 export -f bench first_use pytest_run import_ok prepare
 export PY STAGE OUT BENCH_DEVICE WORKERS
 
+# Ctrl-C or TERM: the running phase gets SIGINT (the benchmarks keep their finished rows, pytest prints its
+# summary), the phases left are SKIPPED, and what the run wrote is packed into $OUT as usual; exit status 130.
+INTERRUPTED=
+PHASE_PID=
+on_interrupt() {
+    INTERRUPTED=1
+    if [ -n "$PHASE_PID" ]; then kill -INT -- "-$PHASE_PID" 2>/dev/null || kill -INT "$PHASE_PID" 2>/dev/null; fi
+}
+
 main() {
+trap on_interrupt INT TERM
 echo "gpu_suite: $(date -u +%Y-%m-%dT%H:%M:%SZ), commit $GIT_COMMIT, python $PY, stage $STAGE, out $OUT," \
      "budget ${BUDGET}s"
 nvidia-smi --query-gpu=name,memory.total,driver_version,clocks.max.sm --format=csv 2>&1 || echo "nvidia-smi failed"
@@ -210,7 +254,7 @@ phase aspp_goal 190 'BENCH_MARGIN_S=50 bench aspp_bench.py aspp_goal --configs o
 # (20 s kept back for the goals phase that follows)
 phase train_goal 150 'bench train_bench.py train_bench --models r50 --output-strides 16 --batches 16 \
     --dtypes bf16 --providers eager,eager-cl,eager-amp,cuda-lean,triton-lean,cuda' 20 60
-phase goals 20 '"$PY" benchmarks/common.py goals "$STAGE" | tee "$STAGE/goals.txt"'
+phase goals 20 'set -o pipefail; "$PY" benchmarks/common.py goals "$STAGE" | tee "$STAGE/goals.txt"'
 phase first_use 120 'BENCH_MARGIN_S=60 first_use' 0 45
 phase train_more 90 'BENCH_MARGIN_S=45 bench train_bench.py train_bench_more --models r50,r101 --output-strides 16 \
     --batches 16 --dtypes bf16 --providers eager,triton,compile --modes train_step' 0 60
@@ -231,15 +275,22 @@ for f in pytest_gpu.log pytest_rest.log; do
 done
 tar -czf "$OUT/gpu_suite_results.tar.gz" -C "$STAGE" . || echo "tar failed"
 echo "results in $OUT ($(find "$OUT" -maxdepth 1 -type f | wc -l) files; suite.log follows): $(cd "$OUT" && ls | tr '\n' ' ')"
-if [ ${#SKIPPED[@]} -gt 0 ]; then echo "phases skipped for lack of time: ${SKIPPED[*]}"; fi
+if [ ${#SKIPPED[@]} -gt 0 ]; then
+    echo "phases skipped ${INTERRUPTED:+(interrupted, or }for lack of time${INTERRUPTED:+)}: ${SKIPPED[*]}"
+fi
 if [ ${#FAILED[@]} -gt 0 ]; then
     echo "FAILED phases: ${FAILED[*]}"
-    return 1
 fi
-return 0
+if [ -n "$INTERRUPTED" ]; then
+    echo "gpu_suite: interrupted; the results so far are in $OUT"
+    return 130
+fi
+[ ${#FAILED[@]} -eq 0 ]
 }
 
-main 2>&1 | tee "$OUT/suite.log"
+# The suite itself waits for main to pack and end (tee -i: suite.log keeps what is printed after a Ctrl-C).
+trap 'INTERRUPTED=1' INT TERM
+main 2>&1 | tee -i "$OUT/suite.log"
 rc=${PIPESTATUS[0]}
 rm -rf "$STAGE"
 exit "$rc"

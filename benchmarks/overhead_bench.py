@@ -47,6 +47,7 @@ from __future__ import annotations
 import argparse
 import contextlib
 import csv
+import io
 import os
 import re
 import shlex
@@ -725,8 +726,7 @@ def machine_name(device: torch.device) -> str:
 
 
 def environment(device: torch.device) -> dict:
-    env = common.environment(device)
-    env["git_commit"] = os.environ.get("GIT_COMMIT") or env["git_commit"]
+    env = common.environment(device)  # git_commit: $GIT_COMMIT when set (common.git_commit)
     env["machine"] = machine_name(device)
     return env
 
@@ -857,13 +857,20 @@ def summary(rows: list[dict]) -> list[str]:
     return lines
 
 
-def write_csv(rows: list[dict], path: Path) -> None:
-    with path.open("w", newline="") as f:
-        writer = csv.DictWriter(f, fieldnames=FIELDS)
-        writer.writeheader()
-        for r in rows:
-            writer.writerow({k: "" if r.get(k) is None else (f"{r[k]:.6g}" if isinstance(r[k], float) else r[k])
-                             for k in FIELDS})
+def write_csv(rows: list[dict], path: Path, partial: bool = False) -> None:
+    """NAME.csv, replaced in one step; `partial` (the saves during a run): a last row of status partial says so."""
+    buffer = io.StringIO(newline="")
+    writer = csv.DictWriter(buffer, fieldnames=FIELDS)
+    writer.writeheader()
+    for r in rows:
+        writer.writerow({k: "" if r.get(k) is None else (f"{r[k]:.6g}" if isinstance(r[k], float) else r[k])
+                         for k in FIELDS})
+    if partial:
+        writer.writerow({"status": common.PARTIAL_STATUS, "note": common.PARTIAL_NOTE})
+    common.write_text_atomic(path, buffer.getvalue())
+
+
+PARTIAL_MD = f"**Partial**: {common.PARTIAL_NOTE}."
 
 
 def print_table(rows: list[dict]) -> None:
@@ -956,10 +963,17 @@ def main(argv: list[str] | None = None) -> int:
     budget = common.Budget(args.budget_s)
     step_rows, rows = [], []
 
-    def save() -> None:
-        """The rows so far, to NAME.csv and NAME.md: a run stopped by a timeout keeps every finished case."""
-        write_csv(step_rows + rows, out / f"{name}.csv")
-        (out / f"{name}.md").write_text(markdown(rows, env, command, meta, step_rows))
+    common.set_aside_earlier_results(out, [f"{name}.csv", f"{name}.md"])
+
+    def save(partial: bool = True) -> None:
+        """The rows so far, to NAME.csv and NAME.md: a run stopped by a timeout keeps every finished case (and says
+        that it is partial: the last CSV row, the Markdown's first paragraph)."""
+        write_csv(step_rows + rows, out / f"{name}.csv", partial)
+        text = markdown(rows, env, command, meta, step_rows)
+        if partial:
+            title, _, body = text.partition("\n")
+            text = f"{title}\n\n{PARTIAL_MD}\n{body}"
+        common.write_text_atomic(out / f"{name}.md", text)
 
     def spent(row: dict) -> bool:
         if not budget.spent():
@@ -996,7 +1010,7 @@ def main(argv: list[str] | None = None) -> int:
                       f"ops, {_fmt(row['syncs'])} syncs {_status(row)}", flush=True)
     fill_eager(rows)
     print_table(rows + step_rows)
-    save()
+    save(partial=False)
     print(f"wrote {out / (name + '.csv')} and {out / (name + '.md')}")
     every = rows + step_rows
     return 0 if all(r["status"] != "error" for r in every) and any(r["status"] == "ok" for r in every) else 1
@@ -1014,4 +1028,4 @@ def _interpreter() -> bool:
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    sys.exit(common.run_script(main, "overhead_bench.py"))

@@ -70,8 +70,10 @@ def make_model(provider: str, depth: int, output_stride: int, num_classes: int) 
 
 
 def probe_call(device: torch.device, dtype: torch.dtype) -> dict:
-    """A typical backbone conv call, to ask a backend whether it runs the model's convs at all."""
-    x = torch.empty((2, 256, 33, 33), device="meta", dtype=dtype)
+    """A typical backbone conv call, to ask a backend whether it runs the model's convs at all. Its input is on the
+    device (a backend's rules look at it: the Triton interpreter refuses half types on CPU tensors); its weight,
+    whose size is all that is asked, is not allocated."""
+    x = torch.empty((2, 256, 33, 33), device=device, dtype=dtype)
     w = torch.empty((256, 256, 3, 3), device="meta", dtype=dtype)
     return {"x": x, "weight": w, "stride": (1, 1), "padding": (2, 2), "dilation": (2, 2), "training": True,
             "residual": None}
@@ -233,4 +235,4 @@ def main(argv: list[str] | None = None) -> int:
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    sys.exit(common.run_script(main, "train_bench.py"))

@@ -661,16 +661,22 @@ def test_goal_report_names_a_mode_that_did_not_run(tmp_path):
 
 FAKE_PYTHON = """#!/usr/bin/env bash
 args="$*"
+if [ -n "${FAKE_PWD:-}" ]; then args="$PWD | $args"; fi
 echo "${args//$'\\n'/ }" >> "$FAKE_LOG"
 if [ -n "${FAKE_ENV_LOG:-}" ]; then echo "DEEPLAB_OPS_CUDA=${DEEPLAB_OPS_CUDA:-}" >> "$FAKE_ENV_LOG"; fi
 if [ "$1 $2" = "-m pytest" ] && [ -n "${FAKE_NO_GPU_TESTS:-}" ] && [[ " $* " == *" -m gpu "* ]]; then exit 5; fi
+if [ "$1 $2" = "benchmarks/common.py goals" ] && [ -n "${FAKE_GOALS_FAIL:-}" ]; then
+    echo "benchmarks/common.py goals: no aspp_goal.json" >&2; exit 1
+fi
 exit 0
 """
 
 
-def _run_suite(tmp_path: Path, gpu: bool = True, **env) -> tuple[subprocess.CompletedProcess, list[str], Path]:
+def _run_suite(tmp_path: Path, gpu: bool = True, cwd: Path | None = None,
+               **env) -> tuple[subprocess.CompletedProcess, list[str], Path]:
     """gpu_suite.sh with the stand-in python, and a stand-in nvidia-smi first on PATH: one that lists a GPU, or
-    (gpu=False) one that fails as it does where no GPU or driver is (whatever this machine has)."""
+    (gpu=False) one that fails as it does where no GPU or driver is (whatever this machine has); started in `cwd`
+    (the repository root unless given). FAKE_PWD=1 prefixes each recorded call with the folder it ran in."""
     fake = tmp_path / "python"
     fake.write_text(FAKE_PYTHON)
     fake.chmod(0o755)
@@ -683,7 +689,7 @@ def _run_suite(tmp_path: Path, gpu: bool = True, **env) -> tuple[subprocess.Comp
     log, out = tmp_path / "calls.txt", tmp_path / "out"
     full_env = {"PATH": f"{bin_dir}:/usr/bin:/bin", "HOME": str(tmp_path), "PYTHON": str(fake),
                 "FAKE_LOG": str(log), "OUT": str(out), "TMPDIR": str(tmp_path), "GIT_COMMIT": "abc1234", **env}
-    result = subprocess.run(["bash", str(BENCH_DIR / "gpu_suite.sh")], cwd=BENCH_DIR.parent, env=full_env,
+    result = subprocess.run(["bash", str(BENCH_DIR / "gpu_suite.sh")], cwd=cwd or BENCH_DIR.parent, env=full_env,
                             capture_output=True, text=True, timeout=120)
     return result, log.read_text().splitlines() if log.exists() else [], out
 
@@ -954,3 +960,90 @@ def test_goals_say_when_no_fused_row_ran(tmp_path, capsys):
     lines = capsys.readouterr().out.splitlines()
     assert ("training step vs best eager (images/s) [s, bf16, N2, none (CPU: x)]: no cuda / triton / cpu row to "
             "compare with eager-cl (ran: eager, eager-cl, eager-amp)") in lines, lines
+
+
+# ---- gpu_suite.sh from another folder, its goals phase, Ctrl-C -------------------------------------------------------
+
+def test_gpu_suite_started_from_another_folder_runs_from_the_repository_root(tmp_path):
+    """`bash /path/to/benchmarks/gpu_suite.sh` from another folder ran every phase there: the import failed and
+    tried setup.py, pytest found no tests, every benchmark was "can't open file benchmarks/...". The phases now run
+    from the repository root; a relative OUT is still taken from the folder the suite was started in."""
+    elsewhere = tmp_path / "elsewhere"
+    elsewhere.mkdir()
+    result, calls, _ = _run_suite(tmp_path, cwd=elsewhere, OUT="results", FAKE_PWD="1")
+    assert result.returncode == 0, result.stdout + result.stderr
+    assert calls and {c.split(" | ")[0] for c in calls} == {str(BENCH_DIR.parent)}, calls
+    assert any("benchmarks/aspp_bench.py" in c for c in calls)
+    assert (elsewhere / "results" / "suite.log").is_file() and not (BENCH_DIR.parent / "results").exists()
+
+
+def test_gpu_suite_reports_a_goals_report_that_failed(tmp_path):
+    """The goals phase piped `common.py goals` into tee, whose status was the phase's: a report that could not be
+    made (no aspp_goal.json) was summarized as "ok goals". It is FAILED now, as every phase that fails."""
+    result, _, _ = _run_suite(tmp_path, FAKE_GOALS_FAIL="1")
+    assert result.returncode == 1, result.stdout + result.stderr
+    assert "FAILED   goals (rc 1" in result.stdout
+
+
+def test_gpu_suite_cpu_smoke_run_times_the_cpu_backend(tmp_path):
+    """BENCH_DEVICE=cpu ran the GPU run's provider lists on the CPU: cuda, cuda-cl and cuda-lean were skipped
+    (no CUDA tensors) and triton too (no interpreter), so no fused provider was timed and every line of goals.txt
+    said "no cuda / triton / cpu row". The smoke run times the cpu backend in their place."""
+    result, calls, _ = _run_suite(tmp_path, BENCH_DEVICE="cpu", GOAL_RESERVE_S="0")
+    assert result.returncode == 0, result.stdout + result.stderr
+    providers = [c.split("--providers ")[1].split()[0] for c in calls if "--providers " in c]
+    assert len(providers) >= 5, calls  # the two goal benchmarks, train_more, conv_bn_relu, the ASPP sweeps
+    assert not any("cuda" in p for p in providers), providers
+    assert {"cpu", "cpu-lean", "cpu-cl"} <= {p for ps in providers for p in ps.split(",")}, providers
+
+
+SLOW_BENCH_PYTHON = """#!/usr/bin/env bash
+echo "$PWD | $*" >> "$FAKE_LOG"
+case "$*" in
+    *aspp_bench.py*) prev=; for a in "$@"; do [ "$prev" = --out ] && out=$a; prev=$a; done
+                     echo '{"meta": {"partial": true}, "rows": []}' > "$out/aspp_goal.json"
+                     echo started >> "$FAKE_LOG.started"; sleep 60 ;;
+esac
+exit 0
+"""
+
+
+def test_ctrl_c_of_gpu_suite_stops_the_phase_and_keeps_what_it_wrote(tmp_path):
+    """A terminal's Ctrl-C reached the suite's shells but not the running phase (timeout runs it in a process group
+    of its own): the suite sat until the phase ended (minutes), its tee had died, and it removed its staging folder
+    without packing anything: every result of the run was lost. Now the phase gets the SIGINT at once, the phases
+    left are skipped, and $OUT holds the logs and the tar.gz as after a full run; exit status 130."""
+    import os
+    import signal
+    import time
+
+    fake = tmp_path / "python"
+    fake.write_text(SLOW_BENCH_PYTHON)
+    fake.chmod(0o755)
+    bin_dir = tmp_path / "bin"
+    bin_dir.mkdir()
+    (bin_dir / "nvidia-smi").write_text("#!/usr/bin/env bash\necho 'GPU 0: Stand-in GPU (UUID: GPU-0)'\n")
+    (bin_dir / "nvidia-smi").chmod(0o755)
+    log, out = tmp_path / "calls.txt", tmp_path / "out"
+    env = {"PATH": f"{bin_dir}:/usr/bin:/bin", "HOME": str(tmp_path), "PYTHON": str(fake), "FAKE_LOG": str(log),
+           "TMPDIR": str(tmp_path), "GIT_COMMIT": "abc1234", "OUT": str(out)}
+    suite = subprocess.Popen(["bash", str(BENCH_DIR / "gpu_suite.sh")], cwd=BENCH_DIR.parent, env=env,
+                             start_new_session=True, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    try:
+        deadline = time.monotonic() + 60
+        while not (tmp_path / "calls.txt.started").exists():  # the aspp_goal phase is running
+            assert time.monotonic() < deadline and suite.poll() is None, "the aspp_goal phase did not start"
+            time.sleep(0.1)
+        os.killpg(suite.pid, signal.SIGINT)  # what a terminal's Ctrl-C does: the foreground process group
+        stdout, _ = suite.communicate(timeout=40)  # the phase sleeps 60 s: it must not be waited for
+    finally:
+        if suite.poll() is None:
+            os.killpg(suite.pid, signal.SIGKILL)
+            suite.wait()
+    assert suite.returncode == 130, stdout
+    assert "INTERRUPTED aspp_goal" in stdout and "SKIPPED  train_goal (interrupted)" in stdout, stdout
+    assert not any("train_bench.py" in c for c in log.read_text().splitlines())
+    names = sorted(p.name for p in out.iterdir())
+    assert {"suite.log", "gpu_suite_results.tar.gz", "aspp_goal.json"} <= set(names) and len(names) <= 8, names
+    assert "gpu_suite: interrupted" in (out / "suite.log").read_text()
+    assert not list(tmp_path.glob("gpu_suite.*"))  # the staging folder is removed, its files packed

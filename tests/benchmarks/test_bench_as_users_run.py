@@ -1,0 +1,254 @@
+"""The benchmarks as users run them: the triton provider of the ASPP benchmark, reruns into a folder that holds an
+earlier run's results, runs that stop before the end, and gpu_suite.sh started from another folder."""
+
+from __future__ import annotations
+
+import csv
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+from helpers import ROOT
+
+BENCH_DIR = ROOT / "benchmarks"
+sys.path.insert(0, str(BENCH_DIR))
+
+import common  # noqa: E402
+
+QUICK = ["--device", "cpu", "--quick", "--threads", "1"]
+
+
+def _csv_rows(path: Path) -> list[dict]:
+    with path.open(newline="") as f:
+        return list(csv.DictReader(f))
+
+
+# ---- aspp_bench: the triton provider ----------------------------------------------------------------------------
+
+
+def test_aspp_bench_asks_the_triton_backend_with_the_calls_channels(tmp_path, monkeypatch):
+    """aspp_bench asked deeplab_ops whether triton can run its case without the ASPP's channel count, which the
+    triton rule needs (its int32 check): `--providers triton` stopped the whole run with "TypeError: _triton_aspp()
+    missing 1 required keyword-only argument: 'channels'" wherever that rule is consulted: under the interpreter on
+    CPU, and on every GPU (the suite's aspp_goal phase). With the count, the case runs (or, here with a spent
+    budget, is recorded as skipped)."""
+    import aspp_bench
+
+    monkeypatch.setenv("TRITON_INTERPRET", "1")
+    argv = [*QUICK, "--out", str(tmp_path), "--providers", "triton,triton-cl", "--modes", "eval_fwd",
+            "--budget-s", "0"]
+    assert aspp_bench.main(argv) == 1  # nothing ran: the budget of 0 s records every case as skipped
+    rows = json.loads((tmp_path / "aspp_bench.json").read_text())["rows"]
+    assert [(r["provider"], r["status"]) for r in rows] == [("triton", "skipped"), ("triton-cl", "skipped")]
+    assert all(r["note"] == "time budget of 0 s spent" for r in rows), rows
+
+
+def test_aspp_bench_passes_the_channels_the_module_has(tmp_path, monkeypatch):
+    """The availability question carries the module's own C_out (--out-channels), the number the triton rule sizes
+    the branch buffers with."""
+    import aspp_bench
+
+    from deeplab_ops import backends
+
+    seen = []
+    original = backends.not_supported_reasons
+
+    def spy(backend, op, device, **call):
+        seen.append((backend, op, call.get("channels"), call["x"].shape[1]))
+        return original(backend, op, device, **call)
+
+    monkeypatch.setattr(backends, "not_supported_reasons", spy)
+    argv = [*QUICK, "--out", str(tmp_path), "--providers", "cpu", "--modes", "eval_fwd", "--in-channels", "6",
+            "--out-channels", "5", "--budget-s", "0"]
+    aspp_bench.main(argv)
+    assert seen == [("cpu", "aspp", 5, 6)]
+
+
+# ---- reruns: an earlier run's results are moved aside, never overwritten ----------------------------------------
+
+
+def test_a_rerun_keeps_the_earlier_runs_results(tmp_path, capsys):
+    """A second run with the same --out and --name overwrote NAME.json and NAME.csv at its first case (a rerun
+    stopped after one case left one row where a whole run had been), kept an earlier NAME.png beside rows it does
+    not show, and appended its profiles to the earlier run's NAME_profile.txt. The earlier files are now moved to
+    NAME.prev-<time>.EXT, and the run says so."""
+    import conv_bn_relu_bench
+
+    for ext in common.RESULT_SUFFIXES:
+        (tmp_path / f"cbr{ext}").write_text(f"earlier {ext}\n")
+    argv = [*QUICK, "--out", str(tmp_path), "--name", "cbr", "--providers", "eager", "--modes", "eval_fwd",
+            "--budget-s", "0"]
+    conv_bn_relu_bench.main(argv)
+    assert "kept the earlier run's results: cbr.json -> cbr.prev-" in capsys.readouterr().out
+    for ext in common.RESULT_SUFFIXES:
+        kept = list(tmp_path.glob(f"cbr.prev-*{ext}" if ext[0] == "." else "cbr_profile.prev-*.txt"))
+        assert len(kept) == 1 and kept[0].read_text() == f"earlier {ext}\n", (ext, sorted(tmp_path.iterdir()))
+    assert not (tmp_path / "cbr.png").exists() and not (tmp_path / "cbr_profile.txt").exists()
+    assert json.loads((tmp_path / "cbr.json").read_text())["meta"]["script"] == "conv_bn_relu_bench"
+    # a third run keeps the second's too: nothing is replaced
+    conv_bn_relu_bench.main(argv)
+    assert len(list(tmp_path.glob("cbr.prev-*.json"))) == 2
+
+
+def test_a_rerun_of_overhead_bench_keeps_the_earlier_runs_results(tmp_path):
+    import overhead_bench
+
+    for ext in (".csv", ".md"):
+        (tmp_path / f"oh{ext}").write_text(f"earlier {ext}\n")
+    overhead_bench.main(["--device", "cpu", "--quick", "--ops", "upsample_cross_entropy", "--modes", "eval_fwd",
+                         "--backends", "cpu", "--out", str(tmp_path), "--name", "oh", "--budget-s", "0"])
+    for ext in (".csv", ".md"):
+        kept = list(tmp_path.glob(f"oh.prev-*{ext}"))
+        assert len(kept) == 1 and kept[0].read_text() == f"earlier {ext}\n", sorted(tmp_path.iterdir())
+    assert (tmp_path / "oh.csv").read_text().startswith("op,provider,")
+
+
+# ---- runs that stop before the end ------------------------------------------------------------------------------
+
+
+def _row(**fields) -> dict:
+    case = dict(op="aspp", provider="eager", mode="eval_fwd", dtype="fp32", shape="32x9x9 r2/4/6 ->16", batch=2,
+                status="ok", median_ms=1.0)
+    return common.make_row(dict.fromkeys(common.ENV_FIELDS, "x"), **{**case, **fields})
+
+
+def test_the_csv_of_an_unfinished_run_says_so(tmp_path):
+    """The JSON of a run still going (or killed) says "partial" in its meta; its CSV looked exactly like a finished
+    run's. Its last row now has status partial and a note saying so; a finished run's CSV has no such row."""
+    common.write_results([_row()], tmp_path, "run", {"partial": True})
+    rows = _csv_rows(tmp_path / "run.csv")
+    assert [r["status"] for r in rows] == ["ok", "partial"]
+    assert rows[-1]["note"] == common.PARTIAL_NOTE and rows[-1]["op"] == ""
+    # the readers of results files skip it: the roofline and the goals read ok rows only
+    assert len(common.roofline_report(tmp_path / "run.csv")) == 2  # its header and the ok row
+    common.write_results([_row()], tmp_path, "run", {"script": "aspp_bench"})
+    assert [r["status"] for r in _csv_rows(tmp_path / "run.csv")] == ["ok"]
+
+
+def test_overhead_bench_files_of_an_unfinished_run_say_so(tmp_path):
+    import overhead_bench
+
+    row = dict.fromkeys(overhead_bench.FIELDS)
+    row.update(op="aspp", provider="cpu", mode="eval_fwd", status="ok")
+    overhead_bench.write_csv([row], tmp_path / "o.csv", partial=True)
+    assert [r["status"] for r in _csv_rows(tmp_path / "o.csv")] == ["ok", "partial"]
+    overhead_bench.write_csv([row], tmp_path / "o.csv")
+    assert [r["status"] for r in _csv_rows(tmp_path / "o.csv")] == ["ok"]
+
+
+def test_overhead_bench_markdown_of_a_finished_run_is_not_marked_partial(tmp_path):
+    import overhead_bench
+
+    overhead_bench.main(["--device", "cpu", "--quick", "--ops", "upsample_cross_entropy", "--modes", "eval_fwd",
+                         "--backends", "cpu", "--out", str(tmp_path), "--name", "oh", "--budget-s", "0"])
+    assert overhead_bench.PARTIAL_MD not in (tmp_path / "oh.md").read_text()
+    assert "partial" not in {r["status"] for r in _csv_rows(tmp_path / "oh.csv")}
+
+
+class _Interrupting(int):
+    """A value JSON writes as a number and the CSV writer turns into text by str(): Ctrl-C arrives there."""
+
+    def __str__(self) -> str:
+        raise KeyboardInterrupt
+
+
+def test_a_write_interrupted_half_way_leaves_the_previous_file_whole(tmp_path):
+    """The CSV was truncated and then written row by row: Ctrl-C (or gpu_suite's SIGINT) in between left a file
+    holding the header and some rows, which looked like a smaller finished run. Each file is now written aside and
+    replaces the previous one in one step."""
+    common.write_results([_row(), _row(provider="cpu"), _row(provider="cpu-cl")], tmp_path, "run")
+    before = (tmp_path / "run.csv").read_text()
+    with pytest.raises(KeyboardInterrupt):
+        common.write_results([_row(median_ms=2.0), _row(provider="cpu", batch=_Interrupting(2))], tmp_path, "run")
+    assert (tmp_path / "run.csv").read_text() == before
+    assert len(_csv_rows(tmp_path / "run.csv")) == 3
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["run.csv", "run.json"]  # no temporary file left
+
+
+def test_ctrl_c_is_one_line_and_exit_status_130(capsys):
+    def main():
+        raise KeyboardInterrupt
+
+    assert common.run_script(main, "aspp_bench.py") == 130
+    err = capsys.readouterr().err
+    assert "aspp_bench.py: interrupted: the results files keep the cases finished so far, marked partial" in err
+    assert "Traceback" not in err
+
+
+@pytest.mark.parametrize("script", ["aspp_bench", "conv_bn_relu_bench", "train_bench", "overhead_bench"])
+def test_ctrl_c_in_a_script_as_a_command(script, tmp_path):
+    """A SIGINT while the script runs (here: at once, from the first line of its main) ends it with the line and
+    status 130, as Ctrl-C or the timeout of a gpu_suite.sh phase does."""
+    code = (f"import sys; sys.path.insert(0, {str(BENCH_DIR)!r}); import runpy, {script}\n"
+            f"def stop(*a, **k):\n    raise KeyboardInterrupt\n"
+            f"import argparse; argparse.ArgumentParser.parse_args = stop\n"
+            f"sys.argv = [{script + '.py'!r}]\n"
+            f"runpy.run_path({str(BENCH_DIR / (script + '.py'))!r}, run_name='__main__')\n")
+    result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300,
+                            cwd=tmp_path)
+    assert result.returncode == 130, result.stderr
+    assert f"{script}.py: interrupted" in result.stderr and "Traceback" not in result.stderr
+
+
+# ---- overhead_bench: the commit --------------------------------------------------------------------------------
+
+
+def test_overhead_bench_git_commit_follows_the_one_rule(monkeypatch):
+    """overhead_bench took $GIT_COMMIT as it was, so GIT_COMMIT=' ' named the rows ' ' where the other scripts (and
+    gpu_suite.sh) fall back to the repository's HEAD for a blank value."""
+    import overhead_bench
+
+    monkeypatch.setenv("GIT_COMMIT", "  ")
+    cpu = torch.device("cpu")
+    assert overhead_bench.environment(cpu)["git_commit"] == common.environment(cpu)["git_commit"] != "  "
+    monkeypatch.setenv("GIT_COMMIT", " abc123 ")
+    assert overhead_bench.environment(cpu)["git_commit"] == "abc123"
+
+
+# ---- what a results file holds, and lists given twice ------------------------------------------------------------
+
+
+def test_the_csv_holds_the_flop_count_in_full(tmp_path):
+    """flops is a count (2 x the multiply-adds of the taps inside the image), kept as a float: the CSV wrote it with
+    6 significant digits, so the quick ASPP row's 2784256 read 2.78426e+06 and a training step's 667342124 read
+    6.67342e+08, not what an independent count gives."""
+    common.write_results([_row(flops=2784256.0, min_bytes=97152, median_ms=0.5)], tmp_path, "run")
+    row = _csv_rows(tmp_path / "run.csv")[0]
+    assert (row["flops"], row["min_bytes"], row["median_ms"]) == ("2784256", "97152", "0.5")
+
+
+@pytest.mark.parametrize("module, argv, message", [
+    ("aspp_bench", ["--providers", "eager,cpu,eager"], "argument --providers: eager listed more than once"),
+    ("conv_bn_relu_bench", ["--batches", "2,2"], "argument --batches: 2 listed more than once"),
+    ("train_bench", ["--dtypes", "fp32,bf16,fp32"], "argument --dtypes: fp32 listed more than once"),
+    ("overhead_bench", ["--ops", "aspp,aspp"], "argument --ops: aspp listed more than once"),
+])
+def test_a_list_item_given_twice_is_refused(module, argv, message, tmp_path, capsys):
+    """--providers eager,cpu,eager ran eager twice in every case: two rows of one case, whose speedups and goal
+    lines then took one of them. A usage error naming the flag, before anything runs."""
+    import importlib
+
+    script = importlib.import_module(module)
+    with pytest.raises(SystemExit) as exit_info:
+        script.main([*QUICK[:2], "--out", str(tmp_path / "out"), *argv])
+    assert exit_info.value.code == 2
+    assert message in capsys.readouterr().err
+    assert not (tmp_path / "out").exists()
+
+
+def test_train_bench_skips_triton_at_a_half_dtype_in_the_interpreter(tmp_path, monkeypatch):
+    """train_bench asked the triton backend about a call on the meta device, where the interpreter's rule (half
+    types only on CUDA tensors) does not look: `TRITON_INTERPRET=1 train_bench.py --device cpu --providers triton
+    --dtypes bf16` built the model and recorded an error row (RuntimeError from inside the first conv) where the
+    other scripts record the case as skipped with that reason."""
+    import train_bench
+
+    monkeypatch.setenv("TRITON_INTERPRET", "1")
+    train_bench.main([*QUICK, "--out", str(tmp_path), "--providers", "triton,triton-lean", "--dtypes", "bf16",
+                      "--modes", "eval_fwd"])
+    rows = json.loads((tmp_path / "train_bench.json").read_text())["rows"]
+    assert [r["status"] for r in rows] == ["skipped", "skipped"], rows
+    assert all("the Triton interpreter stores half types as raw bits" in r["note"] for r in rows)
