@@ -914,7 +914,7 @@ class FusedASPP(nn.Module):
     ``convs.0`` (1×1 branch), ``convs.{1..R}`` (3×3, dilation = padding = rate), ``convs.{R+1}`` (image pooling),
     ``project`` (1×1 projection, BN, ReLU, dropout): a torchvision ``ASPP`` state_dict loads unchanged. With
     dropout=0.5 it computes what torchvision's ASPP computes, in training and eval. memory_efficient=True keeps
-    no pre-BN activation for the backward (see deeplab_ops.aspp); after sync_batchnorm() it is ignored.
+    no pre-BN activation for the backward (see deeplab_ops.aspp), synchronized BatchNorm included.
     """
 
     def __init__(

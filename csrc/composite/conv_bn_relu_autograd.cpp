@@ -142,7 +142,7 @@ struct ConvBNReLUFunction : public torch::autograd::Function<ConvBNReLUFunction>
   // One gradient per forward argument: x, weight, bn_weight, bn_bias, running_mean, running_var, residual, config.
   static variable_list backward(AutogradContext* ctx, variable_list grad_outputs) {
     variable_list grads(8);
-    const Tensor& grad_out = grad_outputs[0];
+    Tensor grad_out = grad_outputs[0];
     const auto edges = ctx->saved_data.at(kEdges).toIntVector();
     std::array<bool, 5> mask{};  // x, weight, bn_weight, bn_bias, residual
     bool any = false;
@@ -170,7 +170,11 @@ struct ConvBNReLUFunction : public torch::autograd::Function<ConvBNReLUFunction>
       at::AutoDispatchBelowADInplaceOrView below_autograd;
       conv_out = ops.conv.call(x, weight, std::nullopt, std::nullopt, stride, padding, dilation, false);
     } else if (memory_efficient) {
-      conv_out = relu ? out : grad_out;  // not read: dy = gamma * invstd * g; a tensor of the output's shape
+      // Not read: dy = gamma * invstd * g; a tensor of the output's shape and layout, which the backward takes its
+      // memory format from. Without the ReLU that is the incoming gradient, in x's layout: converted once here (an
+      // NCHW gradient of a channels_last layer made the backward run NCHW and sum in another order).
+      if (!relu) grad_out = grad_out.contiguous(x.suggest_memory_format());
+      conv_out = relu ? out : grad_out;
     }
     if (!relu) out = conv_out;  // not read without the ReLU (no mask): a tensor of the output's shape
     std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor> r;

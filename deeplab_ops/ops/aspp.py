@@ -113,6 +113,16 @@ _FORWARD_BY_PREFIX = {"": FORWARD["cpu"], "triton_": FORWARD["triton"]}
 _BACKWARD_BY_PREFIX = {"": BACKWARD["cpu"], "triton_": BACKWARD["triton"]}
 
 
+def _as_differentiated(x: Tensor) -> Tensor:
+    """x as the op must see it inside the autograd Function: requiring grad (an alias of it where it does not; no copy),
+    so that the cpu composite runs a training step's convolutions (csrc/composite/conv_calls.h inference_call), in the
+    forward and in the memory-efficient backward's recompute alike. (An inference tensor, which cannot require grad
+    outside inference mode, is passed as it is: a graph cannot save it anyway.)"""
+    if x.requires_grad or x.is_inference():
+        return x
+    return x.detach().requires_grad_()
+
+
 class _ASPP(torch.autograd.Function):
     """The Autograd kernel of aspp_forward and triton_aspp_forward (`prefix` picks the twin). The conv weights come
     last, unpacked (autograd tracks tensors, not lists of them)."""
@@ -121,12 +131,14 @@ class _ASPP(torch.autograd.Function):
     def forward(ctx, prefix, x, pool_weight, project_weight, bn_weight, bn_bias, running_mean, running_var, rates,
                 training, momentum, eps, group_name, memory_efficient, n_conv, *tensors):
         conv_weights = tensors[:n_conv]
-        # Grad mode on (Function.forward turns it off): the op sees that a gradient will flow, so its convolutions
-        # are the ones a training step is checked against (never the inference-only Winograd of the cpu backend).
+        # Grad mode on (Function.forward turns it off) and an x that requires grad: the op sees that a gradient will
+        # flow, so its convolutions are the ones a training step is checked against (never the inference-only
+        # Winograd of the cpu backend), also where the only inputs wanting a gradient are the per-BatchNorm parts
+        # that bn_weight and bn_bias alias (detached views the op would take for constants).
         with torch.enable_grad():
-            result = below_autograd(_FORWARD_BY_PREFIX[prefix], x, list(conv_weights), pool_weight, project_weight,
-                                    bn_weight, bn_bias, running_mean, running_var, rates, training, momentum, eps,
-                                    group_name, memory_efficient)
+            result = below_autograd(_FORWARD_BY_PREFIX[prefix], _as_differentiated(x), list(conv_weights),
+                                    pool_weight, project_weight, bn_weight, bn_bias, running_mean, running_var, rates,
+                                    training, momentum, eps, group_name, memory_efficient)
         out, branch, pool_pre, proj, mean, invstd, new_rm, new_rv = result
         if training and running_mean is not None:
             # The running statistics are written here, before anything is saved for the backward (the front door
@@ -164,8 +176,8 @@ class _ASPP(torch.autograd.Function):
         if memory_efficient:
             with torch.enable_grad():  # the forward's convolutions again (see forward)
                 _, branch, pool_pre, proj, _, _, _, _ = below_autograd(
-                    _FORWARD_BY_PREFIX[prefix], x, conv_ws, pool_w, proj_w, bn_w, bn_b, rm, rv, rates, training,
-                    momentum, eps, group_name, False)
+                    _FORWARD_BY_PREFIX[prefix], _as_differentiated(x), conv_ws, pool_w, proj_w, bn_w, bn_b, rm, rv,
+                    rates, training, momentum, eps, group_name, False)
         gx, gconv, gpool, gproj, gbw, gbb = call_backward(
             _BACKWARD_BY_PREFIX[prefix], grad_out, x, conv_ws, pool_w, proj_w, bn_w, bn_b, branch, pool_pre, proj,
             out, mean, invstd, rates, training, mask, group_name,
