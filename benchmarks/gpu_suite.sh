@@ -2,7 +2,7 @@
 # One GPU command does it all (../shared/GPU.md), in at most ~9 minutes. Run from the repository root (or from any
 # folder: the phases run from the root; a relative OUT or PYTHON is taken from where it was started):
 #
-#     bash benchmarks/gpu_suite.sh                    # results in $OUT, ./bench_out when OUT is unset
+#     bash benchmarks/gpu_suite.sh          # results in $OUT (empty or new), else ./bench_out/gpu_suite-<UTC time>
 #     GIT_COMMIT=<sha> bash benchmarks/gpu_suite.sh   # where the copy has no .git of its own: the commit the rows name
 #
 # Phases, in this order, each under its own `timeout` inside one deadline (SUITE_BUDGET_S, default 530 s):
@@ -57,7 +57,17 @@ BUDGET=${SUITE_BUDGET_S:-530}
 # what the rest of the test suite leaves for the goal benchmarks and goals.txt (0: the tests first, in full)
 GOAL_RESERVE=${GOAL_RESERVE_S:-360}
 PACK_S=15                           # kept back for packing
-OUT=${OUT:-./bench_out}
+# $OUT gets fixed file names (suite.log, aspp_goal.json, ...): a folder that holds files already (an earlier run's)
+# is refused rather than overwritten; unset, each run gets a folder of its own under ./bench_out
+if [ -z "${OUT:-}" ]; then
+    OUT=./bench_out/gpu_suite-$(date -u +%Y%m%d-%H%M%S)
+    if [ -e "$OUT" ]; then OUT="$OUT-$$"; fi  # two runs started within a second
+fi
+if [ -d "$OUT" ] && [ -n "$(ls -A "$OUT" 2>/dev/null)" ]; then
+    echo "gpu_suite: OUT=$OUT already holds files (an earlier run's results?), which this run would replace;" \
+         "give an empty or new folder, or leave OUT unset (./bench_out/gpu_suite-<UTC time>)" >&2
+    exit 2
+fi
 mkdir -p "$OUT"
 OUT=$(cd "$OUT" && pwd)
 STAGE=$(mktemp -d "${TMPDIR:-/tmp}/gpu_suite.XXXXXX")

@@ -1047,3 +1047,24 @@ def test_ctrl_c_of_gpu_suite_stops_the_phase_and_keeps_what_it_wrote(tmp_path):
     assert {"suite.log", "gpu_suite_results.tar.gz", "aspp_goal.json"} <= set(names) and len(names) <= 8, names
     assert "gpu_suite: interrupted" in (out / "suite.log").read_text()
     assert not list(tmp_path.glob("gpu_suite.*"))  # the staging folder is removed, its files packed
+
+
+def test_gpu_suite_never_writes_over_an_earlier_runs_results(tmp_path):
+    """OUT unset wrote into ./bench_out, and an OUT that held an earlier run's files had suite.log, aspp_goal.json,
+    train_bench.json, goals.txt and the tar.gz replaced (and the at-most-8-files count no longer held). A folder that
+    holds files is refused before anything runs; unset, each run gets a folder of its own."""
+    kept = tmp_path / "kept"
+    kept.mkdir()
+    (kept / "aspp_goal.json").write_text("an earlier run's\n")
+    for run in ("a", "b", "c"):
+        (tmp_path / run).mkdir()
+    result, calls, _ = _run_suite(tmp_path / "a", OUT=str(kept))
+    assert result.returncode == 2 and "already holds files" in result.stderr and not calls, result.stderr
+    assert (kept / "aspp_goal.json").read_text() == "an earlier run's\n" and len(list(kept.iterdir())) == 1
+    elsewhere = tmp_path / "elsewhere"
+    elsewhere.mkdir()
+    for run in ("b", "c"):
+        result, _, _ = _run_suite(tmp_path / run, cwd=elsewhere, OUT="")
+        assert result.returncode == 0, result.stdout + result.stderr
+    runs = sorted((elsewhere / "bench_out").iterdir())
+    assert len(runs) == 2 and all(r.name.startswith("gpu_suite-") and (r / "suite.log").is_file() for r in runs)
