@@ -852,9 +852,11 @@ def cmd_train(args, device, info) -> None:
         core = ckpt_io.unwrap(model)
         if args.eval_output_stride and args.eval_output_stride != args.output_stride:
             if "net" not in eval_net_cache:
-                eval_net_cache["net"] = build_model(args.backbone, len(class_names), args.eval_output_stride,
-                                                    args.aux_loss, args.fused_ops,
-                                                    width=args.backbone_width).to(device)
+                eval_net = build_model(args.backbone, len(class_names), args.eval_output_stride, args.aux_loss,
+                                       args.fused_ops, width=args.backbone_width).to(device)
+                if args.channels_last:  # as the training network: its kernels run fastest in that layout
+                    eval_net = eval_net.to(memory_format=torch.channels_last)
+                eval_net_cache["net"] = eval_net
             target = eval_net_cache["net"]
             target.load_state_dict(core.state_dict())
         else:

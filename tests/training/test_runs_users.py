@@ -229,3 +229,22 @@ def test_ctrl_c_inside_a_checkpoint_save_keeps_the_previous_checkpoint_loadable(
     monkeypatch.setattr(ckpt_io.torch, "save", real_save)
     train_script.main(TINY + ["--iterations", "3", "--out-dir", str(out), "--resume"])
     assert ckpt_io.load_checkpoint(str(out / "last.pt"))["iteration"] == 3
+
+
+def test_the_network_evaluated_at_another_output_stride_is_channels_last_as_the_trained_one(tmp_path, monkeypatch):
+    """With --eval-output-stride other than --output-stride, val_fn evaluates a second network; it was left NCHW
+    while the trained network was channels_last (--fused-ops), so evaluation ran its fused kernels in the slower
+    layout and converted every input."""
+    monkeypatch.setattr(train_script, "build_model", _tiny_build_model)
+    layouts = []
+    run_eval = train_script.run_eval
+
+    def recording(net, *args, **kwargs):
+        weights = [p for p in net.parameters() if p.dim() == 4]
+        layouts.append(all(w.is_contiguous(memory_format=torch.channels_last) for w in weights))
+        return run_eval(net, *args, **kwargs)
+
+    monkeypatch.setattr(train_script, "run_eval", recording)
+    train_script.main(TINY + ["--iterations", "2", "--out-dir", str(tmp_path / "run"), "--fused-ops",
+                              "--output-stride", "16", "--eval-output-stride", "8"])
+    assert layouts and all(layouts), layouts
