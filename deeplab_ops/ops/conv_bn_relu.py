@@ -365,6 +365,14 @@ def _keep_transforms(folded: tuple[Tensor, Tensor]) -> None:
         torch.ops.deeplab_ops.winograd_cache_allow(folded[0])
 
 
+# Dtypes whose eval folds BatchNorm into the convolution. In float16/bfloat16 the folded weight w·γ/√(var+ε) would be
+# rounded to the half dtype: one rounding of every product w·x more than eager's conv → BatchNorm (whose weight is
+# the parameter itself, exact), which is as large as the output where a filter's terms cancel (a 14× larger error
+# than eager's on mean-100 inputs; 2.5–3× on image-like ones). Half eval runs the unfolded forward instead: the
+# convolution in the half dtype, BatchNorm from the running statistics in float32, as eager rounds.
+FOLDED_DTYPES = (torch.float32, torch.float64)
+
+
 def _needs_grad(*tensors) -> bool:
     return torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in tensors)
 
@@ -537,7 +545,8 @@ def conv_bn_relu(
     refuse_grad_transforms("conv_bn_relu", x, weight, bn_weight, bn_bias, residual)
     # (torch.jit.trace records one graph for every grad mode, and checks it by tracing again under no_grad: eval runs
     # the op there, which differentiates and reads the running statistics, not the fold, which has no backward.)
-    if not training and not _needs_grad(x, weight, bn_weight, bn_bias, residual) and (direct or jit_tracing() is None):
+    if (not training and weight.dtype in FOLDED_DTYPES and not _needs_grad(x, weight, bn_weight, bn_bias, residual)
+            and (direct or jit_tracing() is None)):
         refuse_forward_ad("conv_bn_relu", x, weight, bn_weight, bn_bias, residual)  # the fold would drop a tangent
         if not direct or amp is not None:  # traced (the fold is part of the graph), or a weight cast per call
             return CONV_BIAS_ACT[name](x, *_fold(weight, bn_weight, bn_bias, running_mean, running_var, float(eps)),
