@@ -4,7 +4,9 @@ semantics), and the calls that run existing conv/BN modules on the ops (fused_co
 
 from __future__ import annotations
 
+import collections
 import functools
+import numbers
 import weakref
 
 import torch
@@ -488,6 +490,7 @@ class FusedConvBNReLU(nn.Sequential):
         check_fusable(conv, bn)
         if not isinstance(relu, bool):
             raise TypeError(f"relu must be a bool, got {relu!r}")
+        _check_module_options(backend, memory_efficient)  # as the constructor checks them: when built
         self = cls.__new__(cls)
         nn.Sequential.__init__(self, conv, bn, *([nn.ReLU()] if relu else []))
         self.apply_relu = relu
@@ -528,6 +531,14 @@ class FusedConvBNReLU(nn.Sequential):
             backend=self.backend, process_group=self.process_group,
             memory_efficient=getattr(self, "memory_efficient", False),  # modules pickled before the option
         )
+
+    def __getitem__(self, idx):
+        # nn.Sequential builds a slice as self.__class__(OrderedDict(...)), which this constructor cannot take: a slice
+        # of the fused block is the plain nn.Sequential of those children (the same modules), computing what the
+        # unfused Sequential's slice computes.
+        if isinstance(idx, slice):
+            return nn.Sequential(collections.OrderedDict(list(self._modules.items())[idx]))
+        return super().__getitem__(idx)
 
     def __prepare_scriptable__(self):
         refuse_scripting(self, "nn.Sequential(nn.Conv2d(..., bias=False), nn.BatchNorm2d(...), nn.ReLU())")
@@ -936,7 +947,7 @@ class FusedASPP(nn.Module):
         rates = tuple(atrous_rates)
         if not all(isinstance(r, int) and not isinstance(r, bool) and r >= 1 for r in rates):
             raise ValueError(f"atrous_rates must be ints >= 1, got {atrous_rates!r}")
-        if not 0.0 <= dropout < 1.0:
+        if not isinstance(dropout, numbers.Real) or isinstance(dropout, bool) or not 0.0 <= dropout < 1.0:
             raise ValueError(f"dropout must be in [0, 1), got {dropout!r}")
 
         def conv_bn_relu_seq(k: int, rate: int = 1) -> nn.Sequential:

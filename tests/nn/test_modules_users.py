@@ -1,0 +1,210 @@
+"""deeplab_ops.nn's modules used directly, as a user building a network of their own does: every constructor and
+classmethod argument, the nn.Module protocol and BatchNorm semantics, against the eager modules they replace
+(nn.Sequential(Conv2d, BatchNorm2d, ReLU), torchvision's ASPP), in float64."""
+
+from __future__ import annotations
+
+import copy
+import io
+import pickle
+
+import pytest
+import torch
+from helpers import TRITON_DEVICE, needs_triton
+from torch import nn
+from torchvision.models.segmentation.deeplabv3 import ASPP
+
+from deeplab_ops.nn import FusedASPP, FusedConvBNReLU
+
+D = torch.float64
+BACKENDS = ("cpu", "reference")
+
+
+def _eager_copy(fused: nn.Module) -> nn.Sequential:
+    """The unfused Sequential of deep copies of a FusedConvBNReLU's children (the same parameters and buffers)."""
+    return nn.Sequential(*[copy.deepcopy(child) for child in fused._modules.values()])
+
+
+def _assert_same_state(a: nn.Module, b: nn.Module) -> None:
+    sa, sb = a.state_dict(), b.state_dict()
+    assert list(sa) == list(sb)
+    for key in sa:
+        torch.testing.assert_close(sa[key], sb[key], rtol=0, atol=1e-10, msg=key)
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("kwargs", [
+    {}, {"relu": False}, {"momentum": None}, {"affine": False}, {"track_running_stats": False}, {"eps": 0.3},
+    {"momentum": 1.0}, {"momentum": 0.0}, {"padding": "same", "dilation": 2}, {"padding": "valid", "stride": 2},
+    {"kernel_size": (3, 1), "padding": (1, 0), "stride": (2, 1), "dilation": (1, 2)},
+], ids=str)
+def test_every_constructor_argument_computes_what_eager_computes(backend, kwargs):
+    torch.manual_seed(0)
+    args = {"kernel_size": 3, "padding": 1, **kwargs}
+    fused = FusedConvBNReLU(3, 4, dtype=D, backend=backend, **args)
+    eager = _eager_copy(fused)
+    for training in (True, False, True):
+        fused.train(training), eager.train(training)
+        for n in (4, 1, 3):  # different batch sizes: the running statistics' updates differ
+            x = torch.randn(n, 3, 7, 6, dtype=D)
+            torch.testing.assert_close(fused(x), eager(x), rtol=0, atol=1e-10)
+    _assert_same_state(fused, eager)
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("bn_kwargs", [{}, {"affine": False}, {"track_running_stats": False}, {"momentum": None},
+                                       {"eps": 1e-3}], ids=str)
+def test_from_modules_runs_the_given_modules_as_eager(backend, bn_kwargs):
+    torch.manual_seed(0)
+    conv, bn = nn.Conv2d(3, 4, 3, padding=1, bias=False, dtype=D), nn.BatchNorm2d(4, dtype=D, **bn_kwargs)
+    eager = nn.Sequential(copy.deepcopy(conv), copy.deepcopy(bn), nn.ReLU())
+    fused = FusedConvBNReLU.from_modules(conv, bn, backend=backend)
+    assert fused[0] is conv and fused[1] is bn
+    for training in (True, True, False, True):
+        x = torch.randn(3, 3, 6, 6, dtype=D)
+        fused.train(training), eager.train(training)
+        torch.testing.assert_close(fused(x), eager(x), rtol=0, atol=1e-10)
+    _assert_same_state(fused, eager)
+
+
+@pytest.mark.parametrize("kwargs, error, message", [
+    ({"backend": "gpu"}, ValueError, "backend='gpu' is not a backend"),
+    ({"memory_efficient": "yes"}, TypeError, "memory_efficient must be a bool, got 'yes'"),
+    ({"memory_efficient": 1}, TypeError, "memory_efficient must be a bool, got 1"),
+], ids=str)
+def test_from_modules_checks_backend_and_memory_efficient_when_built(kwargs, error, message):
+    # As the constructor does: not at the first call, and never shown in the repr as an option it took
+    # (memory_efficient='yes' was shown as memory_efficient=True).
+    with pytest.raises(error, match=message.replace("(", r"\(").replace(")", r"\)")):
+        FusedConvBNReLU.from_modules(nn.Conv2d(3, 4, 3, bias=False), nn.BatchNorm2d(4), **kwargs)
+
+
+@pytest.mark.parametrize("dropout", ["0.5", None, [0.5], True])
+def test_fused_aspp_names_a_dropout_that_is_not_a_number(dropout):
+    # was: TypeError "'<=' not supported between instances of 'float' and 'str'", naming nothing
+    with pytest.raises(ValueError, match=r"dropout must be in \[0, 1\), got "):
+        FusedASPP(4, (1, 2), 3, dropout=dropout)
+
+
+def test_fused_aspp_takes_a_numpy_dropout():
+    np = pytest.importorskip("numpy")
+    assert FusedASPP(4, (1,), 3, dropout=np.float32(0.5)).project[3].p == pytest.approx(0.5)
+
+
+@pytest.mark.parametrize("idx", [slice(None, 2), slice(0, 3), slice(1, None), slice(None, None, 2)], ids=str)
+def test_a_slice_is_the_plain_sequential_of_those_children(idx):
+    # nn.Sequential builds a slice as self.__class__(OrderedDict(...)): FusedConvBNReLU's constructor cannot take
+    # that (TypeError: missing 'out_channels' and 'kernel_size'). The slice holds the same modules and computes what
+    # the eager Sequential's slice computes.
+    torch.manual_seed(0)
+    fused = FusedConvBNReLU(3, 4, 3, padding=1, dtype=D)
+    eager = _eager_copy(fused)
+    part, eager_part = fused[idx], eager[idx]
+    assert type(part) is nn.Sequential
+    assert list(part._modules) == list(eager_part._modules)
+    assert all(a is b for a, b in zip(part, list(fused._modules.values())[idx], strict=True))
+    x = torch.randn(2, 3, 5, 5, dtype=D) if idx.start in (None, 0) else torch.randn(2, 4, 5, 5, dtype=D)
+    torch.testing.assert_close(part.train()(x), eager_part.train()(x), rtol=0, atol=1e-10)
+    assert isinstance(fused[0], nn.Conv2d) and isinstance(fused[-1], nn.ReLU)  # integer indexing unchanged
+
+
+def test_state_dict_protocol_and_copies_match_eager():
+    torch.manual_seed(0)
+    fused = FusedConvBNReLU(3, 4, 3, padding=1, dtype=D)
+    eager = nn.Sequential(nn.Conv2d(3, 4, 3, padding=1, bias=False, dtype=D), nn.BatchNorm2d(4, dtype=D), nn.ReLU())
+    assert [n for n, _ in fused.named_modules()] == [n for n, _ in eager.named_modules()]
+    assert [n for n, _ in fused.named_parameters()] == [n for n, _ in eager.named_parameters()]
+    fused.load_state_dict(eager.state_dict(), strict=True)
+    buffer = io.BytesIO()
+    torch.save(fused, buffer)
+    buffer.seek(0)
+    x = torch.randn(2, 3, 5, 5, dtype=D)
+    for copied in (copy.deepcopy(fused), pickle.loads(pickle.dumps(fused)), torch.load(buffer, weights_only=False)):
+        assert type(copied) is FusedConvBNReLU
+        torch.testing.assert_close(copied.train()(x), eager.train()(x), rtol=0, atol=1e-10)
+        eager.load_state_dict(fused.state_dict())  # back, for the next copy
+
+
+@pytest.mark.parametrize("where", ["", "0", "1", "2"])
+@pytest.mark.parametrize("kind", ["forward", "forward_pre", "full_backward"])
+def test_hooks_on_the_module_and_its_children_fire_as_eager(where, kind):
+    torch.manual_seed(0)
+    fused = FusedConvBNReLU(3, 4, 3, padding=1, dtype=D)
+    eager = _eager_copy(fused)
+    calls = []
+    for model, tag in ((fused, "fused"), (eager, "eager")):
+        getattr(model.get_submodule(where), f"register_{kind}_hook")(lambda *_, tag=tag: calls.append(tag))
+    x = torch.randn(2, 3, 5, 5, dtype=D, requires_grad=True)
+    y_fused, y_eager = fused.train()(x), eager.train()(x)
+    (y_fused.sum() + y_eager.sum()).backward()
+    torch.testing.assert_close(y_fused, y_eager, rtol=0, atol=1e-10)
+    assert calls.count("fused") == calls.count("eager") == 1
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_optimizer_steps_partial_freezing_and_parametrizations_follow_eager(backend):
+    torch.manual_seed(0)
+    fused = FusedConvBNReLU(3, 4, 3, padding=1, dtype=D, backend=backend)
+    eager = _eager_copy(fused)
+    for model in (fused, eager):
+        nn.utils.parametrizations.weight_norm(model[0])
+        model[1].bias.requires_grad_(False)
+    opts = [torch.optim.SGD(m.parameters(), lr=0.1, momentum=0.9) for m in (fused, eager)]
+    for step in range(4):
+        x = torch.randn(3, 3, 5, 5, dtype=D)
+        for model, opt in zip((fused, eager), opts, strict=True):
+            model.train(step % 2 == 0)  # eval steps use the cached fold, which must follow the in-place updates
+            opt.zero_grad()
+            (model(x) ** 2).sum().backward()
+            nn.utils.clip_grad_norm_(model.parameters(), 1.0)
+            opt.step()
+    assert fused[1].bias.grad is None
+    x = torch.randn(2, 3, 5, 5, dtype=D)
+    torch.testing.assert_close(fused.eval()(x), eager.eval()(x), rtol=0, atol=1e-10)
+    _assert_same_state(fused, eager)
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("dropout", [0.0, 0.5])
+def test_fused_aspp_follows_torchvision_aspp_through_training(backend, dropout):
+    torch.manual_seed(0)
+    fused = FusedASPP(4, (1, 2), 3, dropout=dropout, backend=backend).double()
+    eager = ASPP(4, (1, 2), 3).double()
+    eager.project[3] = nn.Dropout(dropout)
+    eager.load_state_dict(fused.state_dict(), strict=True)
+    opts = [torch.optim.Adam(m.parameters(), lr=1e-2) for m in (fused, eager)]
+    for n in (2, 3, 4):
+        x = torch.randn(n, 4, 6, 5, dtype=D)
+        for model, opt in zip((fused, eager), opts, strict=True):
+            opt.zero_grad()
+            torch.manual_seed(n)  # the same dropout mask
+            (model.train()(x) ** 2).sum().backward()
+            opt.step()
+    x = torch.randn(2, 4, 5, 5, dtype=D)
+    torch.testing.assert_close(fused.eval()(x), eager.eval()(x), rtol=0, atol=1e-10)
+    _assert_same_state(fused, eager)
+
+
+def test_training_on_one_value_per_channel_is_refused_and_changes_nothing():
+    fused = FusedConvBNReLU(3, 4, 3, dtype=D)
+    before = copy.deepcopy(fused.state_dict())
+    with pytest.raises(ValueError, match="more than 1 value per channel"):
+        fused.train()(torch.randn(1, 3, 3, 3, dtype=D))
+    for key, value in fused.state_dict().items():
+        assert torch.equal(value, before[key]), key
+
+
+@pytest.mark.parametrize("kwargs", [{}, {"momentum": None, "affine": False}, {"track_running_stats": False},
+                                    {"stride": 2, "padding": (1, 0)}], ids=str)
+@pytest.mark.gpu
+@needs_triton
+def test_triton_backend_module_follows_eager(kwargs):
+    torch.manual_seed(0)
+    fused = FusedConvBNReLU(3, 4, 3, **{"padding": 1, **kwargs}, backend="triton", device=TRITON_DEVICE)
+    eager = _eager_copy(fused)
+    for n in (2, 3):
+        x = torch.randn(n, 3, 5, 5, device=TRITON_DEVICE).to(memory_format=torch.channels_last)
+        torch.testing.assert_close(fused.train()(x), eager.train()(x), rtol=1e-4, atol=1e-4)
+    torch.testing.assert_close(fused.eval()(x), eager.eval()(x), rtol=1e-4, atol=1e-4)
+    for key, value in eager.state_dict().items():
+        torch.testing.assert_close(fused.state_dict()[key], value, rtol=1e-4, atol=1e-5, msg=key)
