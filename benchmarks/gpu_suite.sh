@@ -68,8 +68,10 @@ if [ -d "$OUT" ] && [ -n "$(ls -A "$OUT" 2>/dev/null)" ]; then
          "give an empty or new folder, or leave OUT unset (./bench_out/gpu_suite-<UTC time>)" >&2
     exit 2
 fi
-mkdir -p "$OUT"
-OUT=$(cd "$OUT" && pwd)
+if ! mkdir -p "$OUT" 2>/dev/null || ! OUT=$(cd "$OUT" && pwd); then  # a file, or a folder that cannot be made
+    echo "gpu_suite: OUT=$OUT cannot be created or entered; give a folder (empty or new)" >&2
+    exit 2
+fi
 STAGE=$(mktemp -d "${TMPDIR:-/tmp}/gpu_suite.XXXXXX")
 PY=${PYTHON:-$(command -v python3 || command -v python)}
 case "$PY" in /* | "") ;; */*) PY="$PWD/$PY" ;; esac  # a relative PYTHON names a file from where the suite started
@@ -298,9 +300,10 @@ fi
 [ ${#FAILED[@]} -eq 0 ]
 }
 
-# The suite itself waits for main to pack and end (tee -i: suite.log keeps what is printed after a Ctrl-C).
-trap 'INTERRUPTED=1' INT TERM
-main 2>&1 | tee -i "$OUT/suite.log"
-rc=${PIPESTATUS[0]}
+# main runs in this shell (not in a pipeline's subshell, which a TERM sent to the suite's PID did not reach: the
+# phases ran on and the suite exited 0), its output through tee (-i: suite.log keeps what is printed after a Ctrl-C).
+main > >(tee -i "$OUT/suite.log") 2>&1
+rc=$?
+wait "$!" 2>/dev/null  # tee: suite.log complete before the suite ends
 rm -rf "$STAGE"
 exit "$rc"

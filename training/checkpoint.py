@@ -117,9 +117,13 @@ UNREADABLE_ADVICE = ("; saves are atomic (a save that was interrupted leaves the
 
 
 def _numpy_array_globals() -> list:
-    """What unpickling a plain numpy array needs (its reconstructor, ndarray, its dtype): data, no code."""
+    """What unpickling a plain numpy array needs (its reconstructor, ndarray, its dtype): data, no code. A file
+    pickled under numpy 1.x names the reconstructor numpy.core.multiarray._reconstruct, one pickled under numpy 2
+    numpy._core.multiarray._reconstruct: both are allowed, whichever numpy reads them."""
     multiarray = getattr(np, "_core", None) or np.core
-    return [multiarray.multiarray._reconstruct, np.ndarray, np.dtype, type(np.dtype(np.uint32))]
+    reconstruct = multiarray.multiarray._reconstruct
+    return [reconstruct, (reconstruct, "numpy.core.multiarray._reconstruct"),
+            (reconstruct, "numpy._core.multiarray._reconstruct"), np.ndarray, np.dtype, type(np.dtype(np.uint32))]
 
 
 def load_checkpoint(path: str, map_location="cpu") -> dict:
@@ -140,7 +144,8 @@ def checkpoint_iteration(path: str) -> int | None:
     """The iteration a checkpoint file records, read cheaply (weights-only and memory-mapped: no tensor is read);
     None when the file cannot be read so or records none."""
     try:
-        ckpt = torch.load(path, map_location="cpu", weights_only=True, mmap=True)
+        with torch.serialization.safe_globals(_numpy_array_globals()):  # older checkpoints' numpy random state
+            ckpt = torch.load(path, map_location="cpu", weights_only=True, mmap=True)
     except Exception:  # noqa: BLE001 (any unreadable file: no iteration to name)
         return None
     it = ckpt.get("iteration") if isinstance(ckpt, dict) else None

@@ -659,9 +659,14 @@ def nonfinite_loss_message(value: float, iteration: int, checkpoints: dict[str, 
                  "and stops here again, whatever the --lr. ")
     if older:
         i, p = older[0]
+        later = [q for j, q in found if j is not None and j > i]
+        # train.py refuses to resume an older checkpoint into the folder whose last.pt is later (its saves would
+        # replace it): the advice names a new folder then, where the resumed run branches off
+        branch = (f" --out-dir NEW_FOLDER (another folder: train.py does not resume an older checkpoint into the "
+                  f"folder of the later {later[0]})" if later else "")
         text += (f"{'The older' if same else 'The most recent'} {p} (iteration {i}) may predate the divergence, or "
-                 f"already hold diverging weights (see the losses logged up to iteration {i}): --resume {p} with a "
-                 f"lower --lr, or {again}")
+                 f"already hold diverging weights (see the losses logged up to iteration {i}): --resume {p}{branch} "
+                 f"with a lower --lr, or {again}")
     else:
         text += again[0].upper() + again[1:]
     return text + ", or check the data (--amp fp16 may overflow: try bf16 or none)."

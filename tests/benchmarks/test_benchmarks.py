@@ -1008,7 +1008,8 @@ exit 0
 """
 
 
-def test_ctrl_c_of_gpu_suite_stops_the_phase_and_keeps_what_it_wrote(tmp_path):
+@pytest.mark.parametrize("how", ["ctrl-c", "term"])
+def test_ctrl_c_of_gpu_suite_stops_the_phase_and_keeps_what_it_wrote(tmp_path, how):
     """A terminal's Ctrl-C reached the suite's shells but not the running phase (timeout runs it in a process group
     of its own): the suite sat until the phase ended (minutes), its tee had died, and it removed its staging folder
     without packing anything: every result of the run was lost. Now the phase gets the SIGINT at once, the phases
@@ -1034,7 +1035,10 @@ def test_ctrl_c_of_gpu_suite_stops_the_phase_and_keeps_what_it_wrote(tmp_path):
         while not (tmp_path / "calls.txt.started").exists():  # the aspp_goal phase is running
             assert time.monotonic() < deadline and suite.poll() is None, "the aspp_goal phase did not start"
             time.sleep(0.1)
-        os.killpg(suite.pid, signal.SIGINT)  # what a terminal's Ctrl-C does: the foreground process group
+        if how == "ctrl-c":
+            os.killpg(suite.pid, signal.SIGINT)  # what a terminal's Ctrl-C does: the foreground process group
+        else:  # `kill PID`, a CI cancel: the suite's own process only (main ran in a pipeline's subshell, which the
+            suite.send_signal(signal.SIGTERM)  # TERM did not reach: every phase ran on and the suite exited 0)
         stdout, _ = suite.communicate(timeout=40)  # the phase sleeps 60 s: it must not be waited for
     finally:
         if suite.poll() is None:
@@ -1068,3 +1072,16 @@ def test_gpu_suite_never_writes_over_an_earlier_runs_results(tmp_path):
         assert result.returncode == 0, result.stdout + result.stderr
     runs = sorted((elsewhere / "bench_out").iterdir())
     assert len(runs) == 2 and all(r.name.startswith("gpu_suite-") and (r / "suite.log").is_file() for r in runs)
+
+
+@pytest.mark.parametrize("kind", ["file", "under-a-file"])
+def test_gpu_suite_refuses_an_out_that_is_no_folder(tmp_path, kind):
+    """OUT naming a file (or a folder under one): mkdir failed unchecked and OUT became '' after the cd, so the logs
+    and the tar.gz went to /."""
+    (tmp_path / "run").mkdir()
+    taken = tmp_path / "taken"
+    taken.write_text("the user's file\n")
+    out = taken if kind == "file" else taken / "sub"
+    result, calls, _ = _run_suite(tmp_path / "run", OUT=str(out))
+    assert result.returncode == 2 and "cannot be created or entered" in result.stderr and not calls, result.stderr
+    assert taken.read_text() == "the user's file\n"

@@ -248,3 +248,50 @@ def test_the_network_evaluated_at_another_output_stride_is_channels_last_as_the_
     train_script.main(TINY + ["--iterations", "2", "--out-dir", str(tmp_path / "run"), "--fused-ops",
                               "--output-stride", "16", "--eval-output-stride", "8"])
     assert layouts and all(layouts), layouts
+
+
+def test_an_older_checkpoint_pickled_by_numpy_1_still_loads(tmp_path):
+    """Checkpoints written before the numpy random state was kept as a tensor hold a numpy array; pickled under
+    numpy 1.x its reconstructor is numpy.core.multiarray._reconstruct, which the weights-only load refused as if the
+    file ran code (and checkpoint_iteration read no iteration from it)."""
+    import io
+
+    import numpy as np
+
+    state = {"model": {"w": torch.zeros(1)}, "optimizer": {}, "scheduler": {}, "iteration": 1,
+             "rng": {"torch": torch.get_rng_state(), "numpy": np.random.get_state(),  # noqa: NPY002
+                     "python": (3, (1,) * 625, None)}}
+    buf = io.BytesIO()
+    torch.save(state, buf, _use_new_zipfile_serialization=False)  # protocol 2: GLOBAL 'module\nname\n' as text
+    raw = buf.getvalue()
+    assert b"numpy._core.multiarray" in raw
+    path = tmp_path / "old.pt"
+    path.write_bytes(raw.replace(b"numpy._core.multiarray", b"numpy.core.multiarray"))  # as numpy 1.x writes it
+    ckpt = ckpt_io.load_checkpoint(str(path))
+    ckpt_io.restore_rng_state(ckpt["rng"])
+    assert ckpt["iteration"] == 1
+    zipped = tmp_path / "old_zip.pt"
+    torch.save(state, zipped)
+    assert ckpt_io.checkpoint_iteration(str(zipped)) == 1
+
+
+def test_the_nan_loss_advice_to_resume_an_older_checkpoint_runs_as_written(tmp_path, monkeypatch):
+    """A NaN at the step after last.pt was saved: the message said `--resume OUT/best.pt with a lower --lr`, and
+    train.py refused exactly that command with the same --out-dir (an older checkpoint of a folder whose last.pt is
+    later). The advice names a new folder, and that command runs."""
+    from training import loop
+
+    monkeypatch.setattr(train_script, "build_model", _tiny_build_model)
+    out = tmp_path / "run"
+    train_script.main(TINY + ["--iterations", "4", "--stop-after", "2", "--out-dir", str(out)])
+    early = (out / "last.pt").read_bytes()
+    train_script.main(TINY + ["--iterations", "4", "--out-dir", str(out), "--resume"])
+    ckpt_io.atomic_write(str(out / "best.pt"), lambda f: f.write(early))  # the evaluation of iteration 2 scored best
+    last, best = str(out / "last.pt"), str(out / "best.pt")
+    message = loop.nonfinite_loss_message(float("nan"), 5, {last: 4, best: 2})
+    assert f"--resume {best} --out-dir NEW_FOLDER (another folder" in message and "with a lower --lr" in message
+    train_script.main(TINY + ["--iterations", "6", "--out-dir", str(tmp_path / "new"), "--resume", best,
+                              "--lr", "0.001"])
+    assert ckpt_io.checkpoint_iteration(str(tmp_path / "new" / "last.pt")) == 6
+    # with no later checkpoint, no new folder is needed
+    assert "NEW_FOLDER" not in loop.nonfinite_loss_message(float("nan"), 5, {best: 2})
