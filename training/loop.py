@@ -241,7 +241,10 @@ def evaluate(model: nn.Module, dataset, num_classes: int, class_names, device: t
                     kept.append((indices[done + i], (images[i, :, :h, :w], masks[i, :h, :w], pred)))
             done += len(sizes)
             if progress and rank == 0:
-                Progress.line(f"eval {done * world_size}/{len(dataset)} images  {time.time() - t0:.0f}s", final=False)
+                # this process's count times the processes: an estimate, at most the dataset's size (5 images on
+                # 2 processes: 3 and 2)
+                seen = min(done * world_size, len(dataset))
+                Progress.line(f"eval {seen}/{len(dataset)} images  {time.time() - t0:.0f}s", final=False)
     if world_size > 1:
         state = torch.cat([metrics.cm.flatten().double(),
                            torch.tensor([metrics.image_miou_sum, metrics.image_count, metrics.images_seen],

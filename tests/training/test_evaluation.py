@@ -364,3 +364,13 @@ def test_deeplabv3_tiny_images_fused_channels_last_and_aux():
     ds = _Set([(9, 1), (17, 30), (5, 5)], 4)
     _assert_same_metrics(_evaluate(plain, ds, 4, batch_size=3, scales=(0.5, 1.0), flip=True),
                          _evaluate(MainHeadOnly(), ds, 4, batch_size=3, scales=(0.5, 1.0), flip=True))
+
+
+def test_the_progress_of_a_distributed_evaluation_never_counts_past_the_dataset(monkeypatch):
+    """Process 0 of 2 on 5 images evaluates 3 and showed 'eval 6/5' (its count times the processes)."""
+    lines = []
+    monkeypatch.setattr(loop.Progress, "line", staticmethod(lambda text, final: lines.append(text)))
+    monkeypatch.setattr(loop.dist_utils, "all_reduce_sum", lambda t: t)  # one process standing in for both
+    loop.evaluate(_tiny(num_classes=3), _Set([(5, 6)] * 5, 3), 3, None, CPU, rank=0, world_size=2)
+    counts = [tuple(map(int, t.split()[1].split("/"))) for t in lines if "/" in t.split()[1]]
+    assert counts and all(done <= total == 5 for done, total in counts), lines
