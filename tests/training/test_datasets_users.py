@@ -276,15 +276,21 @@ def test_an_rgb_mask_is_refused_with_a_hint_of_what_it_is(tmp_path):
         datasets.read_index_mask(str(tmp_path / "other.png"))
 
 
-def test_black_and_white_masks_warn_that_255_is_ignored(tmp_path):
-    """Masks drawn white (255) on black for a 2-class set: every foreground pixel was the ignore label, never
-    trained or scored, and the metrics (background alone) looked perfect, without a word."""
-    root = _folder(tmp_path / "d", names=[f"im{i}" for i in range(5)])
+def _black_and_white_folder(path):
+    """A folder dataset of 5 masks drawn white (255) on black, 28% of their pixels; val lists im0."""
+    root = _folder(path, names=[f"im{i}" for i in range(5)])
     for i in range(5):
         m = np.zeros((12, 16), np.uint8)
         m[2:8, 3:12] = 255
         Image.fromarray(m).save(root / "masks" / f"im{i}.png")
     (root / "val.txt").write_text("im0\n")
+    return root
+
+
+def test_black_and_white_masks_warn_that_255_is_ignored(tmp_path):
+    """Masks drawn white (255) on black for a 2-class set: every foreground pixel was the ignore label, never
+    trained or scored, and the metrics (background alone) looked perfect, without a word."""
+    root = _black_and_white_folder(tmp_path / "d")
     with pytest.warns(UserWarning, match=r"only the values 0 and 255, 255 on 28% of their pixels; 255 is the ignore "
                                          r"label .*mask // 255"):
         datasets.FolderSegmentation(str(root), "val")
@@ -310,12 +316,7 @@ def test_train_py_prints_dataset_warnings_and_unreadable_folders_in_one_line(tmp
 
     import train
 
-    root = _folder(tmp_path / "d", names=[f"im{i}" for i in range(5)])
-    for i in range(5):
-        m = np.zeros((12, 16), np.uint8)
-        m[2:8, 3:12] = 255
-        Image.fromarray(m).save(root / "masks" / f"im{i}.png")
-    (root / "val.txt").write_text("im0\n")
+    root = _black_and_white_folder(tmp_path / "d")
     args = types.SimpleNamespace(dataset="folder", data_root=str(root), val_split=None, train_split=None,
                                  classes=None)
     train.build_datasets(args)

@@ -6,6 +6,7 @@ import os
 import pytest
 import torch
 from test_training_loop import TinySeg, _tiny_build_model
+from test_training_runs import _exit_message, _usage_error
 
 import train as train_script
 from training import checkpoint as ckpt_io
@@ -13,20 +14,6 @@ from training.metrics import SegmentationMetrics, format_table
 
 TINY = ["--crop-size", "32", "--synthetic-train-size", "8", "--synthetic-val-size", "2", "--batch-size", "2",
         "--no-tensorboard", "--device", "cpu", "--log-every", "1", "--preview", "0"]
-
-
-def _exit_message(argv) -> str:
-    with pytest.raises(SystemExit) as e:
-        train_script.main(argv)
-    return str(e.value.code)
-
-
-def _usage_error(argv, capsys) -> str:
-    with pytest.raises(SystemExit) as e:
-        train_script.main(argv)
-    assert e.value.code == 2
-    last = capsys.readouterr().err.strip().splitlines()[-1]
-    return last[last.index("error: "):]
 
 
 def _files(folder) -> dict:
