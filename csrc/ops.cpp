@@ -102,6 +102,14 @@ TORCH_LIBRARY(deeplab_ops, m) {
       "(Tensor x, Tensor weight, Tensor? bias, Tensor? residual, int[2] stride, int[2] padding, int[2] dilation, "
       "bool relu) -> Tensor");
 
+  // conv_bn_relu_forward's `out` in eval (BatchNorm from the running statistics), and nothing else: the eval path
+  // of the dtypes whose BatchNorm is not folded into the weight (float16/bfloat16), where nothing is differentiated.
+  // No conv_out, statistics or running-statistic outputs (the triton kernel then stores only `out`). No autograd.
+  DLO_DEF_WITH_TRITON_TWIN(
+      "conv_bn_relu_eval",
+      "(Tensor x, Tensor weight, Tensor? bn_weight, Tensor? bn_bias, Tensor running_mean, Tensor running_var, "
+      "int[2] stride, int[2] padding, int[2] dilation, float eps, Tensor? residual, bool relu) -> Tensor");
+
   // The cpu backend's cache of Winograd-transformed eval weights (csrc/cpu/winograd_cpu.h): registering a weight
   // whose transforms may be kept (the eval path's cached folds; held weakly), {entries, bytes, hits, misses}, and
   // emptying it (deeplab_ops.common.clear_derived calls it).
@@ -190,6 +198,7 @@ void run_without_autocast(const c10::OperatorHandle& op, torch::jit::Stack* stac
 constexpr const char* kComputeOps[] = {
     "bn_stats", "bn_finalize", "bn_apply", "bn_backward_reduce", "bn_backward_dy",
     "conv_bn_relu_forward", "triton_conv_bn_relu_forward", "conv_bn_relu_backward", "triton_conv_bn_relu_backward",
+    "conv_bn_relu_eval", "triton_conv_bn_relu_eval",
     "conv_bias_act", "triton_conv_bias_act", "aspp_forward", "triton_aspp_forward", "aspp_backward",
     "triton_aspp_backward", "upsample_cross_entropy_forward", "triton_upsample_cross_entropy_forward",
     "upsample_cross_entropy_backward", "triton_upsample_cross_entropy_backward",

@@ -402,7 +402,8 @@ def fused_conv_bn(
         check_x_channels(x, conv_weight(conv), "conv")
     if process_group is not None:
         group_name_of(process_group)  # its type checked in eval too, where the op does not use it
-    # eval: once the fold is cached (float32/float64 weights: half dtypes are not folded), only x and residual are
+    # eval: once the fold is cached (float32/float64; half dtypes: a mark that the parameters passed the full
+    # checks, conv_bn_relu_eval running them unfolded), only x and residual are
     # checked; not under torch.autocast for x's device, where the op casts x and the weight first (a half dtype: the
     # unfolded path). Autocast for another device (or for x's dtype: float64) casts nothing here: the fast path stays.
     if not training and enter_directly(x) and (not torch._C._is_any_autocast_enabled() or autocast_dtype(x) is None):

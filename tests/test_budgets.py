@@ -24,22 +24,26 @@ def _leaf(t: torch.Tensor, grad: bool) -> torch.Tensor:
     return t.detach().clone(memory_format=torch.preserve_format).requires_grad_(grad)
 
 
-def _conv_call(mode: str, backend: str = "cpu", memory_efficient: bool = False, residual: bool = False):
-    """conv_bn_relu at 1x4x4x4 -> 4, 3x3, channels_last input, float32 parameters: (one call, its grad leaves),
+def _conv_call(mode: str, backend: str = "cpu", memory_efficient: bool = False, residual: bool = False,
+               dtype: torch.dtype = torch.float32):
+    """conv_bn_relu at 1x4x4x4 -> 4, 3x3, channels_last input, `dtype` parameters: (one call, its grad leaves),
     on the device `backend` runs on here (triton: CUDA where a GPU is visible)."""
     grad = mode == "fwd_bwd"
     torch.set_default_device(device_for(backend))
     try:
-        return _conv_call_here(mode, backend, memory_efficient, residual, grad)
+        return _conv_call_here(mode, backend, memory_efficient, residual, grad, dtype)
     finally:
         torch.set_default_device(None)
 
 
-def _conv_call_here(mode, backend, memory_efficient, residual, grad):
-    x = _leaf(torch.randn(1, 4, 4, 4).contiguous(memory_format=torch.channels_last), grad)
-    w, gamma, beta = _leaf(torch.randn(4, 4, 3, 3), grad), _leaf(torch.rand(4) + 0.5, grad), _leaf(torch.randn(4), grad)
-    rm, rv = torch.randn(4), torch.rand(4) + 0.5
-    res = _leaf(torch.randn(1, 4, 4, 4).contiguous(memory_format=torch.channels_last), grad) if residual else None
+def _conv_call_here(mode, backend, memory_efficient, residual, grad, dtype):
+    def leaf(t):
+        return _leaf(t.to(dtype), grad)
+
+    x = leaf(torch.randn(1, 4, 4, 4).contiguous(memory_format=torch.channels_last))
+    w, gamma, beta = leaf(torch.randn(4, 4, 3, 3)), leaf(torch.rand(4) + 0.5), leaf(torch.randn(4))
+    rm, rv = torch.randn(4).to(dtype), (torch.rand(4) + 0.5).to(dtype)
+    res = leaf(torch.randn(1, 4, 4, 4).contiguous(memory_format=torch.channels_last)) if residual else None
     training = mode != "eval_fwd"
     g = torch.randn(1, 4, 4, 4).contiguous(memory_format=torch.channels_last)
 
@@ -128,6 +132,15 @@ def test_conv_bn_relu_cpu_eval_forward():
     row = _census(*_conv_call("eval_fwd"))
     _check(row, ops=4, copies=0)
     assert row["bn_stage_calls"] == 0 and row["conv_calls"] == 1, row
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+def test_conv_bn_relu_cpu_half_eval_forward(dtype):
+    """Eval forward without gradients in a half dtype (BatchNorm not folded: conv_bn_relu.FOLDED_DTYPES): the eval
+    op, one convolution and two BN stage calls (finalize, apply); the finalize's 4 outputs allocated; no copy."""
+    row = _census(*_conv_call("eval_fwd", dtype=dtype))
+    _check(row, ops=4, copies=0)
+    assert row["bn_stage_calls"] == 2 and row["conv_calls"] == 1, row
 
 
 @pytest.mark.parametrize("memory_efficient", [False, True])

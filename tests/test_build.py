@@ -73,7 +73,7 @@ def test_cuda_home_that_is_not_a_toolkit_is_reported(tmp_path, clean_env):
 
 def test_import_compiles_nothing_and_registers_every_op():
     for op in ("bn_stats", "bn_finalize", "bn_apply", "bn_backward_reduce", "bn_backward_dy", "conv_bn_relu_forward",
-               "conv_bn_relu_backward", "aspp_forward", "aspp_backward", "conv_bias_act"):
+               "conv_bn_relu_backward", "conv_bn_relu_eval", "aspp_forward", "aspp_backward", "conv_bias_act"):
         assert _extension.has_kernel(op, "CPU"), op
     assert deeplab_ops.__version__
 

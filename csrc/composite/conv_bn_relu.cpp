@@ -79,6 +79,29 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tenso
   return {out, y, mean, invstd, new_rm, new_rv};
 }
 
+// Eval with nothing to differentiate, where BatchNorm is not folded into the weight (float16/bfloat16: the folded
+// weight would round every product once more than eager's conv -> BatchNorm): the forward's `out` in eval, with no
+// conv_out, statistics or running-statistic outputs to allocate or return. Same convolution call and stages as the
+// forward, so the same bits.
+at::Tensor conv_bn_relu_eval(const at::Tensor& x, const at::Tensor& weight, const std::optional<at::Tensor>& bn_weight,
+                             const std::optional<at::Tensor>& bn_bias, const at::Tensor& running_mean,
+                             const at::Tensor& running_var, at::IntArrayRef stride, at::IntArrayRef padding,
+                             at::IntArrayRef dilation, double eps, const std::optional<at::Tensor>& residual,
+                             bool relu) {
+  const std::optional<at::Tensor> rm = running_mean, rv = running_var;
+  check_conv_args(x, weight, bn_weight, bn_bias, rm, rv, stride, padding, dilation, /*training=*/false,
+                  /*momentum=*/0.0, eps);
+  const at::Tensor y = conv2d_forward(x, weight, stride, padding, dilation, x.suggest_memory_format(),
+                                      /*inference=*/false);
+  TORCH_CHECK(y.numel() > 0, "deeplab_ops: the convolution output is empty, shape ", y.sizes());
+  const auto opts = x.options().dtype(opmath_dtype(x.scalar_type()));
+  at::Tensor mean = at::empty({y.size(1)}, opts), invstd = at::empty({y.size(1)}, opts);
+  const auto empty_opts = running_mean.options();
+  call_bn_finalize(std::nullopt, std::nullopt, std::nullopt, 0.0, rm, rv, 0.0, eps, mean, invstd,
+                   at::empty({0}, empty_opts), at::empty({0}, empty_opts));
+  return call_bn_apply(y, mean, invstd, bn_weight, bn_bias, residual, relu);
+}
+
 std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> conv_bn_relu_backward(
     const at::Tensor& grad_out_, const at::Tensor& x, const at::Tensor& weight,
     const std::optional<at::Tensor>& bn_weight, const at::Tensor& conv_out, const at::Tensor& out,
@@ -129,12 +152,14 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> conv_bn_r
 TORCH_LIBRARY_IMPL(deeplab_ops, CPU, m) {
   m.impl("conv_bn_relu_forward", &conv_bn_relu_forward);
   m.impl("conv_bn_relu_backward", &conv_bn_relu_backward);
+  m.impl("conv_bn_relu_eval", &conv_bn_relu_eval);
 }
 
 #ifdef DEEPLAB_OPS_WITH_CUDA
 TORCH_LIBRARY_IMPL(deeplab_ops, CUDA, m) {
   m.impl("conv_bn_relu_forward", &conv_bn_relu_forward);
   m.impl("conv_bn_relu_backward", &conv_bn_relu_backward);
+  m.impl("conv_bn_relu_eval", &conv_bn_relu_eval);
 }
 #endif
 

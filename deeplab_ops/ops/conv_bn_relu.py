@@ -50,6 +50,9 @@ FORWARD = {"cpu": _ops.conv_bn_relu_forward.default, "cuda": _ops.conv_bn_relu_f
 # activation) the plain convolution that the memory-efficient backward recomputes.
 CONV_BIAS_ACT = {"cpu": _ops.conv_bias_act.default, "cuda": _ops.conv_bias_act.default,
                  "triton": _ops.triton_conv_bias_act.default}
+# The forward's `out` in eval and nothing else: the eval path of the dtypes not folded (FOLDED_DTYPES).
+EVAL = {"cpu": _ops.conv_bn_relu_eval.default, "cuda": _ops.conv_bn_relu_eval.default,
+        "triton": _ops.triton_conv_bn_relu_eval.default}
 
 
 # ---- argument checks ------------------------------------------------------------------------------
@@ -284,7 +287,18 @@ def _direct_conv_bias_act(x, weight, bias, residual, stride, padding, dilation, 
     _refuse_large("triton_conv_bias_act", x, weight, shape)
 
 
+def _direct_eval(x, weight, bn_weight, bn_bias, running_mean, running_var, stride, padding, dilation, eps, residual,
+                 relu):
+    for name, t in (("running_mean", running_mean), ("running_var", running_var)):
+        if not isinstance(t, Tensor):  # the schema's Tensor (not Tensor?): never None
+            raise TypeError(f"{name} must be a torch.Tensor, got {type(t).__name__}")
+    geometry = check_args(x, weight, bn_weight, bn_bias, running_mean, running_var, tuple(stride), tuple(padding),
+                          tuple(dilation), False, 0.1, eps, residual, relu)
+    _refuse_large("triton_conv_bn_relu_eval", x, weight, check_conv(x, weight, *geometry))
+
+
 validate_with("triton_conv_bn_relu_forward", _direct_forward)
+validate_with("triton_conv_bn_relu_eval", _direct_eval)
 validate_with("triton_conv_bn_relu_backward", _direct_backward)
 validate_with("triton_conv_bias_act", _direct_conv_bias_act)
 
@@ -324,6 +338,11 @@ def _conv_bias_act_fake(x, weight, bias, residual, stride, padding, dilation, re
     return empty_activation(x, (x.shape[0], weight.shape[0], ho, wo))
 
 
+def _eval_fake(x, weight, bn_weight, bn_bias, running_mean, running_var, stride, padding, dilation, eps, residual,
+               relu):
+    return _conv_bias_act_fake(x, weight, None, residual, stride, padding, dilation, relu)
+
+
 # ---- autograd: one implementation for both twins ------------------------------------------------------
 #
 # In C++ (csrc/composite/conv_bn_relu_autograd.cpp, the Autograd kernel of conv_bn_relu_forward and of its triton_
@@ -337,6 +356,7 @@ for _prefix in ("", "triton_"):
     torch.library.register_fake(f"deeplab_ops::{_prefix}conv_bn_relu_forward")(_forward_fake)
     torch.library.register_fake(f"deeplab_ops::{_prefix}conv_bn_relu_backward")(_backward_fake)
     torch.library.register_fake(f"deeplab_ops::{_prefix}conv_bias_act")(_conv_bias_act_fake)
+    torch.library.register_fake(f"deeplab_ops::{_prefix}conv_bn_relu_eval")(_eval_fake)
 register_double_backward_refusal("conv_bn_relu", _DOUBLE_BACKWARD)
 
 
@@ -368,9 +388,29 @@ def _keep_transforms(folded: tuple[Tensor, Tensor]) -> None:
 # Dtypes whose eval folds BatchNorm into the convolution. In float16/bfloat16 the folded weight w·γ/√(var+ε) would be
 # rounded to the half dtype: one rounding of every product w·x more than eager's conv → BatchNorm (whose weight is
 # the parameter itself, exact), which is as large as the output where a filter's terms cancel (a 14× larger error
-# than eager's on mean-100 inputs; 2.5–3× on image-like ones). Half eval runs the unfolded forward instead: the
+# than eager's on mean-100 inputs; 2.5–3× on image-like ones). Half eval runs conv_bn_relu_eval instead: the
 # convolution in the half dtype, BatchNorm from the running statistics in float32, as eager rounds.
 FOLDED_DTYPES = (torch.float32, torch.float64)
+
+
+def _eval_unfolded(name, cached, x, weight, bn_weight, bn_bias, running_mean, running_var, stride, padding, dilation,
+                   eps, residual, relu):
+    """Eval with nothing to differentiate in a dtype not folded: EVAL (no conv_out, statistics or running-statistic
+    outputs; triton stores the output alone). `cached`: a direct call with the parameters themselves (no autocast
+    cast), validated by the full path: marks them validated for eval_fast, as a cached fold does."""
+    args = (x, weight, bn_weight, bn_bias, running_mean, running_var, stride, padding, dilation, eps, residual, relu)
+    if not cached:  # traced, or a weight cast per call
+        return EVAL[name](*args)
+    derived(("eval", eps), (weight, bn_weight, bn_bias, running_mean, running_var), _VALIDATED)
+    with BELOW_AUTOGRAD():  # nothing to differentiate: skip the Autograd key's fallback
+        if name == "triton":  # checked by the caller: the twin skips its check
+            return call_checked(EVAL[name], *args)
+        return EVAL[name](*args)
+
+
+def _VALIDATED() -> bool:
+    """The value cached for eval parameters that are not folded: only that they passed the full path's checks."""
+    return True
 
 
 def _needs_grad(*tensors) -> bool:
@@ -415,9 +455,10 @@ def eval_fast(x, weight, bn_weight, bn_bias, running_mean, running_var, geometry
     folded them after validating them (shapes, dtypes, devices) against an x of the weight's dtype and device, and
     they are unchanged since, so they are still valid for any x that passes the checks here (4-D, the weight's
     dtype, device and input channels, a non-empty batch, an output of at least 1x1; the residual's shape, dtype and
-    device). `geometry`: validated (stride, padding, dilation) pairs; eps: a validated float. Callers check
-    enter_directly(x) first (not traced, a plain tensor). Each layer of a fused network in eval runs this: about 5 us
-    of Python on top of the op here, where the full path took about 25."""
+    device). In the dtypes not folded (FOLDED_DTYPES) the full path caches a mark of that validation instead, under
+    the same key, and this runs conv_bn_relu_eval. `geometry`: validated (stride, padding, dilation) pairs; eps: a
+    validated float. Callers check enter_directly(x) first (not traced, a plain tensor). Each layer of a fused network
+    in eval runs this: about 5 us of Python on top of the op here, where the full path took about 25."""
     if _forward_ad._current_level >= 0:  # forward-mode AD: the full path refuses it
         return None
     xshape, wshape = x.shape, weight.shape
@@ -433,7 +474,9 @@ def eval_fast(x, weight, bn_weight, bn_bias, running_mean, running_var, geometry
                                  or residual.dtype != x.dtype or residual.device != x.device
                                  or residual.layout != torch.strided):
         return None
-    folded = cached_derived(("fold", eps), (weight, bn_weight, bn_bias, running_mean, running_var))
+    folds = weight.dtype in FOLDED_DTYPES
+    folded = cached_derived(("fold", eps) if folds else ("eval", eps),
+                            (weight, bn_weight, bn_bias, running_mean, running_var))
     if folded is None:  # a hit also means the BatchNorm tensors are the tensors validated before
         return None
     if torch.is_grad_enabled() and (x.requires_grad or weight.requires_grad
@@ -444,11 +487,15 @@ def eval_fast(x, weight, bn_weight, bn_bias, running_mean, running_var, geometry
     name = _resolve(backend, x, weight, stride, padding, dilation, False)
     if name == "reference":
         return None
+    if folds:
+        op, args = CONV_BIAS_ACT[name], (x, folded[0], folded[1], residual, stride, padding, dilation, relu)
+    else:
+        op, args = EVAL[name], (x, weight, bn_weight, bn_bias, running_mean, running_var, stride, padding, dilation,
+                                eps, residual, relu)
     with BELOW_AUTOGRAD():  # nothing to differentiate: skip the Autograd key's fallback
         if name == "triton":  # checked here and by the full path that cached the fold: the twin skips its check
-            return call_checked(CONV_BIAS_ACT[name], x, folded[0], folded[1], residual, stride, padding, dilation,
-                                relu)
-        return CONV_BIAS_ACT[name](x, folded[0], folded[1], residual, stride, padding, dilation, relu)
+            return call_checked(op, *args)
+        return op(*args)
 
 
 # ---- public functional -----------------------------------------------------------------------------
@@ -545,9 +592,12 @@ def conv_bn_relu(
     refuse_grad_transforms("conv_bn_relu", x, weight, bn_weight, bn_bias, residual)
     # (torch.jit.trace records one graph for every grad mode, and checks it by tracing again under no_grad: eval runs
     # the op there, which differentiates and reads the running statistics, not the fold, which has no backward.)
-    if (not training and weight.dtype in FOLDED_DTYPES and not _needs_grad(x, weight, bn_weight, bn_bias, residual)
+    if (not training and not _needs_grad(x, weight, bn_weight, bn_bias, residual)
             and (direct or jit_tracing() is None)):
-        refuse_forward_ad("conv_bn_relu", x, weight, bn_weight, bn_bias, residual)  # the fold would drop a tangent
+        refuse_forward_ad("conv_bn_relu", x, weight, bn_weight, bn_bias, residual)  # these would drop a tangent
+        if weight.dtype not in FOLDED_DTYPES:  # half dtypes: the forward's `out` alone, BatchNorm unfolded
+            return _eval_unfolded(name, direct and amp is None, x, weight, bn_weight, bn_bias, running_mean,
+                                  running_var, stride, padding, dilation, float(eps), residual, relu)
         if not direct or amp is not None:  # traced (the fold is part of the graph), or a weight cast per call
             return CONV_BIAS_ACT[name](x, *_fold(weight, bn_weight, bn_bias, running_mean, running_var, float(eps)),
                                        residual, stride, padding, dilation, relu)

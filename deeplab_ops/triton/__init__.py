@@ -131,6 +131,13 @@ def _backward(grad_out, x, weight, bn_weight, conv_out, out, save_mean, save_inv
                                  padding, dilation, training, relu, output_mask)
 
 
+def _eval(x, weight, bn_weight, bn_bias, running_mean, running_var, stride, padding, dilation, eps, residual, relu):
+    from deeplab_ops.triton import conv_bn_relu
+
+    return conv_bn_relu.eval_forward(x, weight, bn_weight, bn_bias, running_mean, running_var, stride, padding,
+                                     dilation, eps, residual, relu)
+
+
 def _conv_bias_act(x, weight, bias, residual, stride, padding, dilation, relu):
     from deeplab_ops.triton import conv_bn_relu
 
@@ -171,6 +178,7 @@ def _uce_backward(grad, logits, target, lse, valid_count, ignore_index, align_co
 _register("deeplab_ops::triton_conv_bn_relu_forward", _forward)
 _register("deeplab_ops::triton_conv_bn_relu_backward", _backward)
 _register("deeplab_ops::triton_conv_bias_act", _conv_bias_act)
+_register("deeplab_ops::triton_conv_bn_relu_eval", _eval)
 _register("deeplab_ops::triton_aspp_forward", _aspp_forward)
 _register("deeplab_ops::triton_aspp_backward", _aspp_backward)
 _register("deeplab_ops::triton_upsample_cross_entropy_forward", _uce_forward)

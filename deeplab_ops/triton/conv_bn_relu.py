@@ -4,6 +4,7 @@ as views, NCHW ones cost one conversion in and one out per tensor.
 
   training forward  conv_forward (y + per-tile partials) -> bn_finalize -> bn_apply         3 launches
   eval forward      conv_forward with the BN (from the running statistics) + residual + ReLU epilogue   1 launch
+  eval (no conv_out) the same launch storing only the output (conv_bn_relu_eval: half dtypes, no gradient)
   conv_bias_act     conv_forward with the bias + residual + ReLU epilogue                   1 launch
   backward          bn_backward_reduce -> bn_backward_finalize -> dgrad, wgrad (dy in their prologues)
 """
@@ -78,6 +79,26 @@ def forward(
                                  eval_bn=(running_mean, running_var, bn_weight, bn_bias, hyper, mean, invstd))
         new_rm, new_rv = x.new_empty((0,), dtype=running_mean.dtype), x.new_empty((0,), dtype=running_mean.dtype)
     return from_nhwc(out, mf), from_nhwc(y, mf), mean, invstd, new_rm, new_rv
+
+
+def eval_forward(
+    x: Tensor, weight: Tensor, bn_weight: Tensor | None, bn_bias: Tensor | None, running_mean: Tensor,
+    running_var: Tensor, stride: list[int], padding: list[int], dilation: list[int], eps: float,
+    residual: Tensor | None, relu: bool,
+) -> Tensor:
+    """forward()'s `out` in eval, by the same kernel with the same epilogue, storing nothing else (no conv_out)."""
+    check_device(x)
+    bn_weight, bn_bias, running_mean, running_var = vectors(bn_weight, bn_bias, running_mean, running_var)
+    geo, out_hw = _geometry(x, weight, stride, padding, dilation)
+    stat = opmath_dtype(x.dtype)
+    c = weight.shape[0]
+    stats = torch.empty(2, c, dtype=stat, device=x.device)  # the epilogue's save_mean/save_invstd, not returned
+    hyper = hyper_tensor(0.0, float(eps), stat, x.device)
+    res = to_nhwc(residual) if residual is not None else None
+    _, out, _ = conv_forward(to_nhwc(x), conv_weight(weight), geo, out_hw, training=False, stat_dtype=stat,
+                             residual=res, relu=relu, store_y=False,
+                             eval_bn=(running_mean, running_var, bn_weight, bn_bias, hyper, stats[0], stats[1]))
+    return from_nhwc(out, suggest_memory_format(x))
 
 
 def conv_bias_act(

@@ -20,7 +20,7 @@ pytestmark = [pytest.mark.gpu, pytest.mark.skipif(
 )]
 
 STAGE_OPS = ["bn_stats", "bn_finalize", "bn_apply", "bn_backward_reduce", "bn_backward_dy",
-             "conv_bn_relu_forward", "conv_bn_relu_backward"]
+             "conv_bn_relu_forward", "conv_bn_relu_backward", "conv_bn_relu_eval"]
 
 # (dtype, stat_rtol, out_atol, out_rtol). Statistics and sums accumulate in float32 (float64 for float64)
 # whatever the input dtype, so their tolerance does not depend on it; 16-bit outputs computed in float32 may

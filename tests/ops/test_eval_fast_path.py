@@ -227,11 +227,13 @@ def test_eval_with_gradients_is_not_folded():
     _close(fused[1].weight.grad, eager[1].weight.grad)
 
 
-def test_forward_ad_is_refused_after_the_fold_is_cached():
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])  # bfloat16: not folded, conv_bn_relu_eval
+def test_forward_ad_is_refused_after_the_fold_is_cached(dtype):
     import torch.autograd.forward_ad as fwAD
 
     fused, _ = _pair()
-    x = torch.randn(2, 3, 7, 7)
+    fused.to(dtype)
+    x = torch.randn(2, 3, 7, 7, dtype=dtype)
     with torch.no_grad():
         fused(x)
     with fwAD.dual_level(), torch.no_grad():

@@ -1,0 +1,249 @@
+"""Eval in the dtypes whose BatchNorm is not folded into the weight (float16/bfloat16: conv_bn_relu.FOLDED_DTYPES).
+With nothing to differentiate, the front door runs the op conv_bn_relu_eval: the forward's `out` in eval, with no
+conv_out, statistics or running-statistic outputs (the triton kernel stores the output alone). These tests pin that
+it is the forward's `out` bit for bit, that the eval fast path takes it once its parameters are validated (as it
+takes a cached fold), that it follows every parameter change, and what it costs per call (counts)."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from helpers import cuda_test, device_for, triton_test
+from torch import nn
+
+import deeplab_ops
+from deeplab_ops.nn import FusedConvBNReLU
+from deeplab_ops.ops import conv_bn_relu as op_module
+
+_ops = torch.ops.deeplab_ops
+CL = torch.channels_last
+
+
+def _inputs(dtype, layout, variant, device="cpu", bn_dtype=None, stride=1):
+    """x (2, 5, 9, 7), a 3x3 weight to 6 channels (dilation 2, padding 2, `stride`) and moved BatchNorm tensors."""
+    g = torch.Generator().manual_seed(3)
+    bn_dtype = bn_dtype or dtype
+    x = torch.randn(2, 5, 9, 7, generator=g).to(dtype)
+    w = (torch.randn(6, 5, 3, 3, generator=g) * 0.3).to(dtype)
+    gamma, beta = (torch.rand(6, generator=g) + 0.5).to(bn_dtype), torch.randn(6, generator=g).to(bn_dtype)
+    rm, rv = torch.randn(6, generator=g).to(bn_dtype), (torch.rand(6, generator=g) + 0.3).to(bn_dtype)
+    if variant == "no_affine":
+        gamma = beta = None
+    ho, wo = (9 - 1) // stride + 1, (7 - 1) // stride + 1
+    res = torch.randn(2, 6, ho, wo, generator=g).to(dtype) if variant == "residual" else None
+    if layout == "cl":
+        x = x.contiguous(memory_format=CL)
+        res = res.contiguous(memory_format=CL) if res is not None else None
+    to = (lambda t: t if t is None else t.to(device))
+    return [to(t) for t in (x, w, gamma, beta, rm, rv, res)], ([stride] * 2, [2, 2], [2, 2]), variant != "no_relu"
+
+
+def _both(prefix, tensors, geometry, relu, eps=1e-3):
+    """(the forward op's out in eval, the eval op's output)."""
+    x, w, gamma, beta, rm, rv, res = tensors
+    fwd = getattr(_ops, f"{prefix}conv_bn_relu_forward")(x, w, gamma, beta, rm, rv, *geometry, False, 0.1, eps, res,
+                                                         relu)
+    return fwd[0], getattr(_ops, f"{prefix}conv_bn_relu_eval")(x, w, gamma, beta, rm, rv, *geometry, eps, res, relu)
+
+
+def _same(actual, expected):
+    assert actual.dtype == expected.dtype and actual.shape == expected.shape
+    assert actual.stride() == expected.stride(), (actual.stride(), expected.stride())
+    assert torch.equal(actual, expected), (actual.double() - expected.double()).abs().max()
+
+
+@pytest.mark.parametrize("variant", ["plain", "residual", "no_relu", "no_affine"])
+@pytest.mark.parametrize("layout", ["nchw", "cl"])
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16, torch.float32, torch.float64])
+def test_cpu_eval_op_is_the_forward_out_bit_for_bit(dtype, layout, variant):
+    _same(*reversed(_both("", *_inputs(dtype, layout, variant))))
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+@pytest.mark.parametrize("stride", [1, 2])
+def test_cpu_eval_op_with_float32_batchnorm_tensors(dtype, stride):
+    _same(*reversed(_both("", *_inputs(dtype, "cl", "residual", bn_dtype=torch.float32, stride=stride))))
+
+
+@cuda_test
+@pytest.mark.parametrize("variant", ["plain", "residual", "no_affine"])
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16, torch.float32])
+def test_cuda_eval_op_is_the_forward_out_bit_for_bit(dtype, variant):
+    _same(*reversed(_both("", *_inputs(dtype, "cl", variant, device="cuda", bn_dtype=torch.float32))))
+
+
+@triton_test
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+def test_triton_half_eval_op_on_a_gpu_is_the_forward_out_bit_for_bit(dtype):
+    if device_for("triton") != "cuda":
+        pytest.skip("half dtypes run on CUDA tensors only (the interpreter stores them as raw bits)")
+    _same(*reversed(_both("triton_", *_inputs(dtype, "cl", "residual", device="cuda", bn_dtype=torch.float32))))
+
+
+@triton_test
+@pytest.mark.parametrize("variant", ["plain", "residual", "no_affine"])
+@pytest.mark.parametrize("layout", ["nchw", "cl"])
+def test_triton_eval_op_is_the_forward_out_bit_for_bit(layout, variant):
+    """The same kernel and epilogue as the eval forward, storing only the output (float32 here: the interpreter
+    runs no half dtypes; on a GPU the same code runs them)."""
+    _same(*reversed(_both("triton_", *_inputs(torch.float32, layout, variant, device=device_for("triton")))))
+
+
+@triton_test
+def test_triton_eval_op_stores_no_conv_out(monkeypatch):
+    from deeplab_ops.triton import conv_bn_relu as triton_cbr
+
+    seen = []
+    real = triton_cbr.conv_forward
+    monkeypatch.setattr(triton_cbr, "conv_forward", lambda *a, **k: seen.append(k["store_y"]) or real(*a, **k))
+    tensors, geometry, relu = _inputs(torch.float32, "cl", "plain", device=device_for("triton"))
+    x, w, gamma, beta, rm, rv, res = tensors
+    _ops.triton_conv_bn_relu_eval(x, w, gamma, beta, rm, rv, *geometry, 1e-3, res, relu)
+    assert seen == [False]
+
+
+def test_eval_op_errors_name_the_argument():
+    (x, w, gamma, beta, rm, rv, _), geometry, _ = _inputs(torch.bfloat16, "cl", "plain")
+    with pytest.raises(RuntimeError, match="running_var"):
+        _ops.conv_bn_relu_eval(x, w, gamma, beta, rm, rv[:5], *geometry, 1e-3, None, True)
+    with pytest.raises(RuntimeError, match="eps"):
+        _ops.conv_bn_relu_eval(x, w, gamma, beta, rm, rv, *geometry, -1.0, None, True)
+    with pytest.raises(RuntimeError, match="residual"):
+        _ops.conv_bn_relu_eval(x, w, gamma, beta, rm, rv, *geometry, 1e-3, torch.randn(2, 6, 9, 6), True)
+
+
+@triton_test
+def test_triton_eval_op_checks_its_arguments():
+    (x, w, gamma, beta, rm, rv, _), geometry, _ = _inputs(torch.float32, "cl", "plain", device=device_for("triton"))
+    with pytest.raises(ValueError, match=r"running_var must have shape \(6,\)"):
+        _ops.triton_conv_bn_relu_eval(x, w, gamma, beta, rm, rv[:5], *geometry, 1e-3, None, True)
+    with pytest.raises(ValueError, match="eps must be a finite number"):
+        _ops.triton_conv_bn_relu_eval(x, w, gamma, beta, rm, rv, *geometry, 0.0, None, True)
+
+
+# ---- the front door -------------------------------------------------------------------------------------------
+
+
+def _pair(dtype=torch.bfloat16, cin=3, cout=4):
+    """A fused module in eval with moved running statistics, and the eager module holding the same state."""
+    torch.manual_seed(0)
+    fused = FusedConvBNReLU(cin, cout, 3, padding=1, backend="cpu")
+    fused.train()
+    fused(torch.randn(4, cin, 7, 7))
+    with torch.no_grad():
+        fused[1].weight.uniform_(0.5, 1.5)
+        fused[1].bias.uniform_(-0.5, 0.5)
+    eager = nn.Sequential(nn.Conv2d(cin, cout, 3, padding=1, bias=False), nn.BatchNorm2d(cout), nn.ReLU())
+    eager.load_state_dict(fused.state_dict())
+    return fused.to(dtype).eval(), eager.to(dtype).eval()
+
+
+class _Counted:
+    """Calls of the full path's checks and of each op the front door runs, while installed."""
+
+    def __init__(self, monkeypatch):
+        self.checks = 0
+        self.ops = []
+        real_check = op_module.check_args
+
+        def check(*args, **kwargs):
+            self.checks += 1
+            return real_check(*args, **kwargs)
+
+        monkeypatch.setattr(op_module, "check_args", check)
+        for table, name in ((op_module.EVAL, "eval"), (op_module.FORWARD, "forward"),
+                            (op_module.CONV_BIAS_ACT, "conv_bias_act")):
+            for backend, op in list(table.items()):
+                monkeypatch.setitem(table, backend, self._counting(op, name))
+
+    def _counting(self, op, name):
+        def run(*args, **kwargs):
+            self.ops.append(name)
+            return op(*args, **kwargs)
+
+        return run
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+def test_half_module_eval_runs_the_eval_op_then_the_fast_path(monkeypatch, dtype):
+    fused, eager = _pair(dtype)
+    x = torch.randn(2, 3, 7, 7).to(dtype)
+    counted = _Counted(monkeypatch)
+    with torch.no_grad():
+        outs = [fused(x) for _ in range(3)]
+        expected = eager(x)
+    assert counted.checks == 1 and counted.ops == ["eval"] * 3, (counted.checks, counted.ops)
+    for out in outs[1:]:
+        _same(out, outs[0])
+    torch.testing.assert_close(outs[0], expected, rtol=1.6e-2, atol=1e-2)
+    # the forward op's out, as a call with a gradient to compute gives it (there: the autograd's forward)
+    with torch.no_grad():
+        forward_out = op_module.FORWARD["cpu"](x, fused[0].weight, fused[1].weight, fused[1].bias,
+                                               fused[1].running_mean, fused[1].running_var, [1, 1], [1, 1], [1, 1],
+                                               False, 0.1, fused[1].eps, None, True)[0]
+    _same(outs[0], forward_out)
+
+
+def test_half_functional_eval_and_with_gradients(monkeypatch):
+    fused, _ = _pair()
+    x = torch.randn(2, 3, 7, 7, dtype=torch.bfloat16).contiguous(memory_format=CL)
+    res = torch.randn(2, 4, 7, 7, dtype=torch.bfloat16).contiguous(memory_format=CL)
+    conv, bn = fused[0], fused[1]
+    counted = _Counted(monkeypatch)
+
+    def call():
+        return deeplab_ops.conv_bn_relu(x, conv.weight, bn.weight, bn.bias, bn.running_mean, bn.running_var,
+                                        padding=1, training=False, residual=res, backend="cpu")
+
+    with torch.no_grad():
+        a, b = call(), call()
+    with_grad = call()  # the parameters want a gradient: the forward op, through the autograd
+    assert counted.checks == 2 and counted.ops == ["eval", "eval", "forward"], counted.ops
+    assert with_grad.requires_grad
+    _same(a, b)
+    _same(a, with_grad.detach())
+    assert a.is_contiguous(memory_format=CL)
+
+
+def test_half_eval_follows_every_parameter_change():
+    fused, eager = _pair()
+    x = torch.randn(2, 3, 7, 7, dtype=torch.bfloat16)
+
+    def check(what):
+        eager.load_state_dict(fused.state_dict())
+        fused.eval(), eager.eval()
+        with torch.no_grad():
+            first, again, expected = fused(x), fused(x), eager(x)
+        _same(again, first)
+        torch.testing.assert_close(first, expected, rtol=1.6e-2, atol=1e-2, msg=what)
+
+    check("first")
+    with torch.no_grad():
+        fused[1].running_mean.add_(0.5)
+        fused[1].weight.mul_(2)
+    check("after in-place writes")
+    fused.load_state_dict({k: v + 0.25 if v.is_floating_point() else v for k, v in fused.state_dict().items()})
+    check("after load_state_dict")
+    fused[0].weight = nn.Parameter(torch.randn_like(fused[0].weight))
+    check("after replacing the conv's weight")
+    fused[1].running_var = torch.rand(4, dtype=torch.bfloat16) + 0.1
+    check("after replacing a running-statistics buffer")
+    fused[1].eps = 0.5
+    eager[1].eps = 0.5
+    check("after changing eps")
+    fused[1].running_var = torch.rand(5, dtype=torch.bfloat16) + 0.1  # a bad buffer: the full path's error
+    with torch.no_grad(), pytest.raises(ValueError, match=r"running_var must have shape \(4,\)"):
+        fused(x)
+
+
+def test_half_eval_compiles_fullgraph():
+    """A traced call runs the eval op itself (its fake kernel gives the output's shape and layout)."""
+    torch._dynamo.reset()
+    fused, _ = _pair()
+    x = torch.randn(2, 3, 7, 7, dtype=torch.bfloat16).contiguous(memory_format=CL)
+    compiled = torch.compile(fused, fullgraph=True, backend="aot_eager")
+    with torch.no_grad():
+        expected = fused(x)
+        out = compiled(x)
+    _same(out, expected)
+
