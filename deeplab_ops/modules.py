@@ -403,10 +403,12 @@ def fused_conv_bn(
     if process_group is not None:
         group_name_of(process_group)  # its type checked in eval too, where the op does not use it
     # eval: once the fold is cached (float32/float64; half dtypes: a mark that the parameters passed the full
-    # checks, conv_bn_relu_eval running them unfolded), only x and residual are
-    # checked; not under torch.autocast for x's device, where the op casts x and the weight first (a half dtype: the
-    # unfolded path). Autocast for another device (or for x's dtype: float64) casts nothing here: the fast path stays.
-    if not training and enter_directly(x) and (not torch._C._is_any_autocast_enabled() or autocast_dtype(x) is None):
+    # checks, conv_bn_relu_eval running them unfolded), only x and residual are checked; not under torch.autocast
+    # for x's device in another dtype, where the op casts x and the weight first (a half dtype: the unfolded path).
+    # Autocast for another device, for float64 x, or in x's own dtype (a half model; eval_fast declines a weight or
+    # residual autocast would cast) casts nothing here: the fast path stays.
+    if not training and enter_directly(x) and (not torch._C._is_any_autocast_enabled()
+                                               or autocast_dtype(x) in (None, x.dtype)):
         sources = _fold_sources(conv, bn)
         if sources is not None:
             # The configuration as the full path checks it (once per configuration): eval ignores the momentum,

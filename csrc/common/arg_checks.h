@@ -7,9 +7,12 @@
 // Each names its tensors as written at the call, without an optional's dereference (`*running_mean`: running_mean).
 #define DLO_ARG(t) ::deeplab_ops::arg_name(#t)
 
-#define DLO_CHECK_ACTIVATION(t)                                                                          \
-  TORCH_CHECK((t).dim() == 4, "deeplab_ops: ", DLO_ARG(t), " must be a 4-D (N, C, H, W) tensor, got shape ", \
-              (t).sizes())
+#define DLO_CHECK_ACTIVATION(t)                                                                            \
+  do {                                                                                                       \
+    TORCH_CHECK((t).defined(), "deeplab_ops: ", DLO_ARG(t), " must be a tensor, got None");                  \
+    TORCH_CHECK((t).dim() == 4, "deeplab_ops: ", DLO_ARG(t), " must be a 4-D (N, C, H, W) tensor, got shape ", \
+                (t).sizes());                                                                                \
+  } while (0)
 
 #define DLO_CHECK_SAME_SHAPE(t, ref)                                                               \
   TORCH_CHECK((t).sizes() == (ref).sizes(), "deeplab_ops: ", DLO_ARG(t), " must have shape ", (ref).sizes(), \

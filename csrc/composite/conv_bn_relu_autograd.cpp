@@ -15,6 +15,10 @@
 // The backward op runs past the Autograd key, except while a graph of the gradient is built (create_graph=True):
 // then it goes through its own Autograd kernel (deeplab_ops/ops/dispatch.py), which refuses double backward.
 //
+// conv_bn_relu_eval (eval's output alone, for dtypes whose BatchNorm is not folded) has no backward: the front door
+// calls it only with nothing to differentiate. Its Autograd kernel refuses an input that needs a gradient (autograd's
+// fallback would only warn and leave the gradients None) and forward-mode tangents, then runs the op.
+//
 // Running statistics: when it builds a node, the forward writes the op's updated running statistics into the caller's
 // running_mean / running_var itself, before anything is saved for the backward (the front door writes them only for a
 // call that built no node: the output does not require grad). As eager BatchNorm updates them inside its op, before
@@ -29,6 +33,7 @@
 #include <optional>
 #include <string>
 #include <tuple>
+#include <utility>
 
 namespace deeplab_ops {
 namespace {
@@ -48,6 +53,8 @@ using BackwardSig = std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor>(
     std::optional<c10::string_view>);
 using ConvSig = Tensor(const Tensor&, const Tensor&, const OptTensor&, const OptTensor&, at::IntArrayRef,
                        at::IntArrayRef, at::IntArrayRef, bool);
+using EvalSig = Tensor(const Tensor&, const Tensor&, const OptTensor&, const OptTensor&, const Tensor&, const Tensor&,
+                       at::IntArrayRef, at::IntArrayRef, at::IntArrayRef, double, const OptTensor&, bool);
 
 // The ops of one twin: "" (cpu, cuda) or "triton_".
 struct TwinOps {
@@ -238,11 +245,38 @@ ForwardOutputs conv_bn_relu_autograd(const Tensor& x, const Tensor& weight, cons
                                            memory_efficient);
 }
 
+template <int64_t kTwinIndex>
+Tensor conv_bn_relu_eval_autograd(const Tensor& x, const Tensor& weight, const OptTensor& bn_weight,
+                                  const OptTensor& bn_bias, const Tensor& running_mean, const Tensor& running_var,
+                                  at::IntArrayRef stride, at::IntArrayRef padding, at::IntArrayRef dilation, double eps,
+                                  const OptTensor& residual, bool relu) {
+  const char* op = kTwinIndex == kTriton ? "deeplab_ops::triton_conv_bn_relu_eval" : "deeplab_ops::conv_bn_relu_eval";
+  const std::pair<const char*, OptTensor> inputs[] = {{"x", x},           {"weight", weight},
+                                                      {"bn_weight", bn_weight}, {"bn_bias", bn_bias},
+                                                      {"running_mean", running_mean}, {"running_var", running_var},
+                                                      {"residual", residual}};
+  for (const auto& [name, t] : inputs) {
+    TORCH_CHECK(!has_forward_grad(t), op, " does not support forward-mode AD (", name,
+                " carries a tangent); call deeplab_ops.conv_bn_relu with backend='reference' for it");
+    TORCH_CHECK(!(at::GradMode::is_enabled() && needs_grad(t)), op, " computes eval's output with nothing to ",
+                "differentiate, but ", name, " requires grad; call deeplab_ops.conv_bn_relu(..., training=False), ",
+                "which differentiates eval calls, or run this under torch.no_grad()");
+  }
+  static const auto eval = c10::Dispatcher::singleton()
+                               .findSchemaOrThrow(op, "")
+                               .typed<EvalSig>();
+  at::AutoDispatchBelowADInplaceOrView below_autograd;
+  return eval.call(x, weight, bn_weight, bn_bias, running_mean, running_var, stride, padding, dilation, eps, residual,
+                   relu);
+}
+
 }  // namespace
 
 TORCH_LIBRARY_IMPL(deeplab_ops, Autograd, m) {
   m.impl("conv_bn_relu_forward", &conv_bn_relu_autograd<kComposite>);
   m.impl("triton_conv_bn_relu_forward", &conv_bn_relu_autograd<kTriton>);
+  m.impl("conv_bn_relu_eval", &conv_bn_relu_eval_autograd<kComposite>);
+  m.impl("triton_conv_bn_relu_eval", &conv_bn_relu_eval_autograd<kTriton>);
 }
 
 }  // namespace deeplab_ops

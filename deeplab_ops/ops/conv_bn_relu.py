@@ -306,8 +306,18 @@ validate_with("triton_conv_bias_act", _direct_conv_bias_act)
 # ---- fake kernels ----------------------------------------------------------------------------------
 
 
+def _fake_devices(x, **tensors) -> None:
+    """A fake kernel is also the Meta kernel: a meta tensor beside real ones would reach it and get an
+    uninitialized output back. Every tensor on x's device, as the real kernels require."""
+    for name, t in tensors.items():
+        if t is not None and t.device != x.device:
+            raise ValueError(f"{name} is on {t.device} but x is on {x.device}; expected the same device")
+
+
 def _forward_fake(x, weight, bn_weight, bn_bias, running_mean, running_var, stride, padding, dilation, training,
                   momentum, eps, residual, relu, group_name=None, memory_efficient=False):
+    _fake_devices(x, weight=weight, bn_weight=bn_weight, bn_bias=bn_bias, running_mean=running_mean,
+                  running_var=running_var, residual=residual)
     ho, wo = conv_output_size(tuple(x.shape[2:]), tuple(weight.shape[2:]), stride, padding, dilation)
     shape = (x.shape[0], weight.shape[0], ho, wo)
     stat = opmath_dtype(x.dtype)
@@ -334,12 +344,14 @@ def _backward_fake(grad_out, x, weight, bn_weight, conv_out, out, save_mean, sav
 
 
 def _conv_bias_act_fake(x, weight, bias, residual, stride, padding, dilation, relu):
+    _fake_devices(x, weight=weight, bias=bias, residual=residual)
     ho, wo = conv_output_size(tuple(x.shape[2:]), tuple(weight.shape[2:]), stride, padding, dilation)
     return empty_activation(x, (x.shape[0], weight.shape[0], ho, wo))
 
 
 def _eval_fake(x, weight, bn_weight, bn_bias, running_mean, running_var, stride, padding, dilation, eps, residual,
                relu):
+    _fake_devices(x, bn_weight=bn_weight, bn_bias=bn_bias, running_mean=running_mean, running_var=running_var)
     return _conv_bias_act_fake(x, weight, None, residual, stride, padding, dilation, relu)
 
 
@@ -482,7 +494,8 @@ def eval_fast(x, weight, bn_weight, bn_bias, running_mean, running_var, geometry
     if torch.is_grad_enabled() and (x.requires_grad or weight.requires_grad
                                     or (bn_weight is not None and bn_weight.requires_grad)
                                     or (bn_bias is not None and bn_bias.requires_grad)
-                                    or (residual is not None and residual.requires_grad)):
+                                    or (residual is not None and residual.requires_grad)
+                                    or running_mean.requires_grad or running_var.requires_grad):  # (refused there)
         return None
     name = _resolve(backend, x, weight, stride, padding, dilation, False)
     if name == "reference":
@@ -560,7 +573,11 @@ def conv_bn_relu(
         group_name_of(process_group)  # checked in eval too (it synchronizes nothing there)
     amp = autocast_dtype(x) if torch._C._is_any_autocast_enabled() else None  # a C call when autocast is off
     if amp is not None:
-        x, weight, residual = autocast_cast(x, amp), autocast_cast(weight, amp), autocast_cast(residual, amp)
+        cast = autocast_cast(x, amp), autocast_cast(weight, amp), autocast_cast(residual, amp)
+        if cast[0] is x and cast[1] is weight and cast[2] is residual:
+            amp = None  # already in autocast's dtype (a half model under autocast): nothing cast, as outside it
+        else:
+            x, weight, residual = cast
     if not training and amp is None and isinstance(weight, Tensor) and enter_directly(x):
         out = eval_fast(x, weight, bn_weight, bn_bias, running_mean, running_var,
                         checked_config(stride, padding, dilation, training, momentum, eps, relu), float(eps),

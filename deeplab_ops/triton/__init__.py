@@ -28,7 +28,7 @@ def _serialized_on_cpu(kernel):
 
     @functools.wraps(kernel)
     def wrapper(first, *args, **kwargs):
-        if first.device.type != "cpu":
+        if not isinstance(first, torch.Tensor) or first.device.type != "cpu":  # (not a tensor: the check names it)
             return kernel(first, *args, **kwargs)
         from deeplab_ops.triton.launch import INTERPRETER_LOCK  # the one interpreter lock (re-entrant)
 

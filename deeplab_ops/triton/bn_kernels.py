@@ -11,6 +11,8 @@ The jit helpers at the top (`_relu`, `_act_grad`, `_bn_dy`) are shared with the 
 
 from __future__ import annotations
 
+import math
+
 import torch
 import triton
 import triton.language as tl
@@ -232,7 +234,10 @@ def acc_dtype(dtype: torch.dtype):
 
 
 def hyper_tensor(momentum: float, eps: float, dtype: torch.dtype, device: torch.device) -> torch.Tensor:
-    """(momentum, eps) on the device, read-only in the kernels (launch.device_constants)."""
+    """(momentum, eps) on the device, read-only in the kernels (launch.device_constants). An eps beyond the dtype's
+    range is infinity there, as C++'s conversion gives it (the checks take any finite eps > 0)."""
+    if eps > torch.finfo(dtype).max:
+        eps = math.inf
     return device_constants((momentum, eps), dtype, device)
 
 

@@ -473,6 +473,9 @@ CASES = {
     "cpp-bn-mixed": lambda d: ops.conv_bn_relu_forward(
         torch.randn(2, 3, 4, 4, dtype=torch.bfloat16), torch.randn(3, 3, 1, 1, dtype=torch.bfloat16), torch.ones(3),
         torch.zeros(3, dtype=torch.bfloat16), None, None, [1, 1], [0, 0], [1, 1], True, 0.1, 1e-5, None, True),
+    "cpp-eval-grad": lambda d: ops.conv_bn_relu_eval(
+        torch.randn(2, 3, 4, 4, requires_grad=True), torch.randn(3, 3, 1, 1), None, None, torch.zeros(3), torch.ones(3),
+        [1, 1], [0, 0], [1, 1], 1e-5, None, True),
     "cpp-aspp-x-dtype": lambda d: _cpp_aspp(**{k: v.long() for k, v in aspp_args().items()
                                                if k in ("x", "pool_weight", "project_weight")}),
     "cpp-aspp-conv-dtype": lambda d: _cpp_aspp(conv_weights=[torch.randn(3, 5, 1, 1)] + [

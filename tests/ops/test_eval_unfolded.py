@@ -247,3 +247,26 @@ def test_half_eval_compiles_fullgraph():
         out = compiled(x)
     _same(out, expected)
 
+
+
+def test_half_model_under_autocast_of_its_dtype_takes_the_fast_path(monkeypatch):
+    """Autocast in the model's own dtype casts nothing: the call is what it is outside autocast (validated once,
+    then the fast path), and so is its result; a float32 model under the same autocast still casts per call."""
+    fused, eager = _pair()
+    x = torch.randn(2, 3, 7, 7, dtype=torch.bfloat16)
+    counted = _Counted(monkeypatch)
+    with torch.no_grad():
+        expected = fused(x)
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            outs = [fused(x) for _ in range(2)]
+            eager_amp = eager(x)
+    assert counted.checks == 1 and counted.ops == ["eval"] * 3, (counted.checks, counted.ops)
+    for out in outs:
+        _same(out, expected)
+    torch.testing.assert_close(outs[0], eager_amp, rtol=1.6e-2, atol=1e-2)
+    fused32, _ = _pair(torch.float32)
+    before = counted.checks
+    with torch.no_grad(), torch.autocast("cpu", dtype=torch.bfloat16):
+        for _ in range(2):
+            assert fused32(x.float()).dtype == torch.bfloat16
+    assert counted.checks == before + 2, (before, counted.checks)
