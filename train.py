@@ -304,7 +304,7 @@ def _setup(args) -> tuple[torch.device, distributed.DistInfo]:
         torch.backends.cudnn.benchmark = False
     elif dev_type == "cuda":
         torch.backends.cudnn.benchmark = True
-    info = distributed.init_from_env(dev_type)
+    info = distributed.init_from_env(dev_type, args.dist_timeout)
     device = torch.device("cuda", info.local_rank) if dev_type == "cuda" else torch.device("cpu")
     random.seed(args.seed)
     np.random.seed(args.seed)  # noqa: NPY002 (the legacy global state, for libraries that use it)
@@ -658,7 +658,7 @@ def check_bn_batch(args, world_size: int) -> None:
 # replace it).
 NOT_NOTED_ON_RESUME = ("resume", "overwrite", "out_dir", "stop_after", "checkpoint_every", "log_every",
                        "no_tensorboard", "device", "workers", "preview", "eval_only", "checkpoint", "predict", "out",
-                       "backbone_weights")
+                       "backbone_weights", "dist_timeout")
 LR_SCHEDULE_FLAGS = ("iterations", "lr", "poly_power")
 
 
@@ -1010,6 +1010,10 @@ def build_parser() -> argparse.ArgumentParser:
                    "NAME.EXT.png where two images share a name); never overwrites an input or a foreign file")
     g.add_argument("--out", help="--predict: output folder, not DIR itself (default predictions/)")
     g.add_argument("--device", choices=["auto", "cpu", "cuda"], default="auto")
+    g.add_argument("--dist-timeout", type=float, default=distributed.DEFAULT_TIMEOUT_MIN, metavar="MINUTES",
+                   help="under torchrun: how long a collective waits for the other processes before every process "
+                   "stops (a hung process is found after this long; raise it for evaluations much longer than a "
+                   "step on one process)")
     g.add_argument("--log-every", type=int, default=20)
     g.add_argument("--no-tensorboard", action="store_true", help="no TensorBoard events even when installed")
     return p
@@ -1066,6 +1070,8 @@ def check_args(args, error, defaults: dict | None = None) -> None:
               f"{args.poly_power}")
     if not (_finite(args.momentum) and 0 <= args.momentum < 1):
         error(f"--momentum must be in [0, 1), got {args.momentum}")
+    if not (_finite(args.dist_timeout) and args.dist_timeout > 0):
+        error(f"--dist-timeout must be a finite number of minutes > 0, got {args.dist_timeout}")
     if not (_finite(args.weight_decay) and args.weight_decay >= 0):
         error(f"--weight-decay must be a finite number >= 0, got {args.weight_decay}")
     if args.scale_range is not None:

@@ -9,6 +9,7 @@ through `_AllReduceSum`, whose backward all-reduces the gradient: that gives the
 
 from __future__ import annotations
 
+import datetime
 import os
 from dataclasses import dataclass
 
@@ -32,8 +33,12 @@ class DistInfo:
         return self.rank == 0
 
 
-def init_from_env(device_type: str) -> DistInfo:
-    """Initialise the default process group when launched by torchrun (WORLD_SIZE > 1): NCCL on GPU, gloo on CPU."""
+DEFAULT_TIMEOUT_MIN = 30.0  # torch's default for gloo
+
+
+def init_from_env(device_type: str, timeout_min: float = DEFAULT_TIMEOUT_MIN) -> DistInfo:
+    """Initialise the default process group when launched by torchrun (WORLD_SIZE > 1): NCCL on GPU, gloo on CPU.
+    A collective waits `timeout_min` minutes for the other processes (a hung one: then this one stops)."""
     world = int(os.environ.get("WORLD_SIZE", "1"))
     if world <= 1:
         return DistInfo()
@@ -42,7 +47,7 @@ def init_from_env(device_type: str) -> DistInfo:
         backend = "nccl" if device_type == "cuda" else "gloo"
         if device_type == "cuda":
             torch.cuda.set_device(local_rank)
-        dist.init_process_group(backend=backend)
+        dist.init_process_group(backend=backend, timeout=datetime.timedelta(minutes=timeout_min))
     return DistInfo(rank, world, local_rank)
 
 

@@ -108,8 +108,8 @@ def _train_py_worker(rank: int, port: int, out_dir: str, queue) -> None:
     group = {}
     init = distributed.init_from_env
 
-    def init_and_keep(device_type):
-        info = init(device_type)
+    def init_and_keep(device_type, *args):
+        info = init(device_type, *args)
         group["world"] = dist.group.WORLD
         return info
 

@@ -411,3 +411,57 @@ def test_a_finished_run_resumed_into_another_folder_leaves_its_last_checkpoint_t
     assert copied["iteration"] == saved["iteration"] == 2
     for k, v in saved["model"].items():
         assert torch.equal(copied["model"][k], v), k
+
+
+def _hung_peer_worker(rank: int, port: int, flag: str, out_dir: str, queue) -> None:
+    """train.py's main() as process `rank` of 2 with --dist-timeout 0.05 (3 s): process 1 hangs in its training
+    (never reaches a collective) until process 0 has given up waiting and written `flag`."""
+    import time
+
+    from test_training_loop import _tiny_build_model
+
+    import train as train_script
+
+    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK=str(rank), LOCAL_RANK=str(rank),
+                      WORLD_SIZE="2")
+    torch.set_num_threads(1)
+    train_script.build_model = _tiny_build_model
+    if rank == 1:
+        def hang(*args, **kwargs):
+            deadline = time.monotonic() + 120
+            while not os.path.exists(flag) and time.monotonic() < deadline:
+                time.sleep(0.1)
+
+        train_script.cmd_train = hang
+    argv = ["--crop-size", "32", "--synthetic-train-size", "4", "--synthetic-val-size", "2", "--batch-size", "2",
+            "--iterations", "2", "--no-tensorboard", "--device", "cpu", "--preview", "0", "--dist-timeout", "0.05",
+            "--out-dir", os.path.join(out_dir, str(rank))]
+    try:
+        train_script.main(argv)
+        outcome = "finished"
+    except RuntimeError as error:
+        outcome = str(error)
+    finally:
+        if rank == 0:
+            open(flag, "w").close()
+    queue.put((rank, "outcome", outcome))  # (one string alone would be taken for a failure)
+
+
+def test_dist_timeout_stops_a_process_whose_peer_hangs(tmp_path):
+    """A hung process (alive, never reaching the collective) is waited for --dist-timeout minutes, not torch's 30:
+    process 0 stops with gloo's timeout error while process 1 still hangs."""
+    from helpers import run_two_processes
+
+    results = run_two_processes(_hung_peer_worker, str(tmp_path / "gave-up"), str(tmp_path), timeout=120)
+    assert "Timed out" in results[0][1], results
+    assert results[1][1] == "finished", results
+
+
+def test_dist_timeout_must_be_positive(capsys):
+    import train as train_script
+
+    for bad in ("0", "-1", "nan", "inf"):
+        with pytest.raises(SystemExit) as stop:
+            train_script.main(["--dist-timeout", bad])
+        assert stop.value.code == 2
+        assert "--dist-timeout must be a finite number of minutes > 0" in capsys.readouterr().err
