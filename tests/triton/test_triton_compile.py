@@ -48,6 +48,9 @@ def _modes():
                           COUNT_PAIRS=True),
                      dict(_FWD, TRAINING=False, EVAL_BN=True, HAS_GAMMA=True, HAS_BIAS=True, STORE_Y=True,
                           COUNT_PAIRS=False),
+                     # half-dtype eval with nothing to differentiate (conv_bn_relu_eval): the output alone
+                     dict(_FWD, TRAINING=False, EVAL_BN=True, HAS_GAMMA=True, HAS_BIAS=True, STORE_Y=False,
+                          COUNT_PAIRS=False),
                      dict(_FWD, TRAINING=False, EVAL_BN=False, HAS_GAMMA=False, HAS_BIAS=True, STORE_Y=False,
                           COUNT_PAIRS=False)],
         "conv_dgrad": [dict(KH=3, KW=3, RELU=True, COUNT_PAIRS=True)],
