@@ -413,14 +413,14 @@ def _eval_unfolded(name, cached, x, weight, bn_weight, bn_bias, running_mean, ru
     args = (x, weight, bn_weight, bn_bias, running_mean, running_var, stride, padding, dilation, eps, residual, relu)
     if not cached:  # traced, or a weight cast per call
         return EVAL[name](*args)
-    derived(("eval", eps), (weight, bn_weight, bn_bias, running_mean, running_var), _VALIDATED)
+    derived(("eval", eps), (weight, bn_weight, bn_bias, running_mean, running_var), _validation_mark)
     with BELOW_AUTOGRAD():  # nothing to differentiate: skip the Autograd key's fallback
         if name == "triton":  # checked by the caller: the twin skips its check
             return call_checked(EVAL[name], *args)
         return EVAL[name](*args)
 
 
-def _VALIDATED() -> bool:
+def _validation_mark() -> bool:
     """The value cached for eval parameters that are not folded: only that they passed the full path's checks."""
     return True
 
