@@ -270,3 +270,56 @@ def test_half_model_under_autocast_of_its_dtype_takes_the_fast_path(monkeypatch)
         for _ in range(2):
             assert fused32(x.float()).dtype == torch.bfloat16
     assert counted.checks == before + 2, (before, counted.checks)
+
+
+
+def _random_cases(seed: int, dtypes, count: int, device="cpu"):
+    """`count` random calls: odd shapes, kernel sizes (non-square too), strides, paddings and dilations, both
+    layouts, with and without residual / ReLU / affine, BatchNorm tensors in x's dtype (or float32 for half x)."""
+    rng = torch.Generator().manual_seed(100 + seed)
+
+    def pick(*values):
+        return values[int(torch.randint(len(values), (1,), generator=rng))]
+
+    cases = []
+    while len(cases) < count:
+        dtype = pick(*dtypes)
+        bn_dtype = pick(dtype, torch.float32) if dtype in (torch.bfloat16, torch.float16) else dtype
+        n, cin, cout = pick(1, 2, 3), pick(1, 3, 8, 17), pick(1, 4, 9)
+        kh, kw = pick(1, 3, 5), pick(1, 3, 2)
+        stride, dilation = [pick(1, 2, 3), pick(1, 2)], [pick(1, 2, 4), pick(1, 3)]
+        padding = [pick(0, 1, dilation[0] * (kh // 2)), pick(0, 2, dilation[1] * (kw // 2))]
+        h, w = pick(5, 9, 16), pick(6, 11)
+        ho = (h + 2 * padding[0] - dilation[0] * (kh - 1) - 1) // stride[0] + 1
+        wo = (w + 2 * padding[1] - dilation[1] * (kw - 1) - 1) // stride[1] + 1
+        if ho < 1 or wo < 1:
+            continue
+        x = torch.randn(n, cin, h, w, generator=rng).to(dtype)
+        wt = (torch.randn(cout, cin, kh, kw, generator=rng) * 0.3).to(dtype)
+        gamma, beta = torch.rand(cout, generator=rng) + 0.5, torch.randn(cout, generator=rng)
+        rm, rv = torch.randn(cout, generator=rng), torch.rand(cout, generator=rng) + 0.1
+        gamma, beta, rm, rv = (t.to(bn_dtype) for t in (gamma, beta, rm, rv))
+        if pick(True, False):
+            gamma = beta = None
+        res = torch.randn(n, cout, ho, wo, generator=rng).to(dtype) if pick(True, False) else None
+        if pick(True, False):
+            x = x.contiguous(memory_format=CL)
+        tensors = [t if t is None else t.to(device) for t in (x, wt, gamma, beta, rm, rv, res)]
+        cases.append((tensors, (stride, padding, dilation), pick(True, False), pick(1e-5, 1e-3)))
+    return cases
+
+
+@pytest.mark.parametrize("seed", range(6))
+def test_cpu_eval_op_is_the_forward_out_on_random_geometries(seed):
+    for tensors, geometry, relu, eps in _random_cases(seed, (torch.bfloat16, torch.float16), 5):
+        _same(*reversed(_both("", tensors, geometry, relu, eps)))
+
+
+@triton_test
+@pytest.mark.parametrize("seed", range(2))
+def test_triton_eval_op_is_the_forward_out_on_random_geometries(seed):
+    """float32 in the interpreter (half dtypes on a GPU); float64 too."""
+    dtypes = (torch.float32, torch.float64) + ((torch.bfloat16, torch.float16) if device_for("triton") == "cuda"
+                                               else ())
+    for tensors, geometry, relu, eps in _random_cases(seed, dtypes, 3, device=device_for("triton")):
+        _same(*reversed(_both("triton_", tensors, geometry, relu, eps)))
