@@ -236,9 +236,12 @@ def acc_dtype(dtype: torch.dtype):
 def hyper_tensor(momentum: float, eps: float, dtype: torch.dtype, device: torch.device) -> torch.Tensor:
     """(momentum, eps) on the device, read-only in the kernels (launch.device_constants). An eps beyond the dtype's
     range is infinity there, as C++'s conversion gives it (the checks take any finite eps > 0)."""
-    if eps > torch.finfo(dtype).max:
+    if eps > _LARGEST.get(dtype, math.inf):
         eps = math.inf
     return device_constants((momentum, eps), dtype, device)
+
+
+_LARGEST = {t: torch.finfo(t).max for t in (torch.float32, torch.float64)}  # (no finfo per call)
 
 
 def _block_c(c: int) -> int:

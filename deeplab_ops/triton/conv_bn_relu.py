@@ -56,28 +56,22 @@ def forward(
     momentum: float, eps: float, residual: Tensor | None, relu: bool,
 ) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor, Tensor]:
     """(out, conv_out, save_mean, save_invstd, new_running_mean, new_running_var); see csrc/ops.cpp."""
+    if not training:
+        out, y, mean, invstd = _eval(x, weight, bn_weight, bn_bias, running_mean, running_var, stride, padding,
+                                     dilation, eps, residual, relu, store_y=True)
+        rdt = running_mean.dtype  # no running-statistic update in eval: empty outputs
+        return out, y, mean, invstd, x.new_empty((0,), dtype=rdt), x.new_empty((0,), dtype=rdt)
     check_device(x)
     bn_weight, bn_bias, running_mean, running_var = vectors(bn_weight, bn_bias, running_mean, running_var)
     geo, out_hw = _geometry(x, weight, stride, padding, dilation)
     mf = suggest_memory_format(x)
-    stat = opmath_dtype(x.dtype)
-    xh = to_nhwc(x)
-    w = conv_weight(weight)
     res = to_nhwc(residual) if residual is not None else None
-    if training:
-        y, _, (count, pmean, pm2) = conv_forward(xh, w, geo, out_hw, training=True, stat_dtype=stat)
-        mean, invstd, scale, shift, new_rm, new_rv = bn_finalize(
-            count, pmean, pm2, bn_weight, bn_bias, running_mean, running_var, momentum, eps
-        )
-        out = bn_apply(y, mean, scale, shift, res, relu)
-    else:
-        c = weight.shape[0]
-        mean = torch.empty(c, dtype=stat, device=x.device)
-        invstd = torch.empty(c, dtype=stat, device=x.device)
-        hyper = hyper_tensor(float(momentum), float(eps), stat, x.device)
-        y, out, _ = conv_forward(xh, w, geo, out_hw, training=False, stat_dtype=stat, residual=res, relu=relu,
-                                 eval_bn=(running_mean, running_var, bn_weight, bn_bias, hyper, mean, invstd))
-        new_rm, new_rv = x.new_empty((0,), dtype=running_mean.dtype), x.new_empty((0,), dtype=running_mean.dtype)
+    y, _, (count, pmean, pm2) = conv_forward(to_nhwc(x), conv_weight(weight), geo, out_hw, training=True,
+                                             stat_dtype=opmath_dtype(x.dtype))
+    mean, invstd, scale, shift, new_rm, new_rv = bn_finalize(
+        count, pmean, pm2, bn_weight, bn_bias, running_mean, running_var, momentum, eps
+    )
+    out = bn_apply(y, mean, scale, shift, res, relu)
     return from_nhwc(out, mf), from_nhwc(y, mf), mean, invstd, new_rm, new_rv
 
 
@@ -87,18 +81,28 @@ def eval_forward(
     residual: Tensor | None, relu: bool,
 ) -> Tensor:
     """forward()'s `out` in eval, by the same kernel with the same epilogue, storing nothing else (no conv_out)."""
+    return _eval(x, weight, bn_weight, bn_bias, running_mean, running_var, stride, padding, dilation, eps, residual,
+                 relu, store_y=False)[0]
+
+
+def _eval(x, weight, bn_weight, bn_bias, running_mean, running_var, stride, padding, dilation, eps, residual, relu,
+          store_y: bool) -> tuple[Tensor, Tensor | None, Tensor, Tensor]:
+    """Eval in one launch: (out, conv_out if `store_y` else None, save_mean, save_invstd), BatchNorm from the
+    running statistics in the conv's epilogue, outputs in x's memory format."""
     check_device(x)
     bn_weight, bn_bias, running_mean, running_var = vectors(bn_weight, bn_bias, running_mean, running_var)
     geo, out_hw = _geometry(x, weight, stride, padding, dilation)
+    mf = suggest_memory_format(x)
     stat = opmath_dtype(x.dtype)
     c = weight.shape[0]
-    stats = torch.empty(2, c, dtype=stat, device=x.device)  # the epilogue's save_mean/save_invstd, not returned
-    hyper = hyper_tensor(0.0, float(eps), stat, x.device)
+    mean = torch.empty(c, dtype=stat, device=x.device)
+    invstd = torch.empty(c, dtype=stat, device=x.device)
+    hyper = hyper_tensor(0.0, float(eps), stat, x.device)  # (the eval epilogue reads eps only)
     res = to_nhwc(residual) if residual is not None else None
-    _, out, _ = conv_forward(to_nhwc(x), conv_weight(weight), geo, out_hw, training=False, stat_dtype=stat,
-                             residual=res, relu=relu, store_y=False,
-                             eval_bn=(running_mean, running_var, bn_weight, bn_bias, hyper, stats[0], stats[1]))
-    return from_nhwc(out, suggest_memory_format(x))
+    y, out, _ = conv_forward(to_nhwc(x), conv_weight(weight), geo, out_hw, training=False, stat_dtype=stat,
+                             residual=res, relu=relu, store_y=store_y,
+                             eval_bn=(running_mean, running_var, bn_weight, bn_bias, hyper, mean, invstd))
+    return from_nhwc(out, mf), None if y is None else from_nhwc(y, mf), mean, invstd
 
 
 def conv_bias_act(

@@ -9,6 +9,7 @@ from __future__ import annotations
 import pytest
 import torch
 from helpers import cuda_test, device_for, triton_test
+from test_eval_fast_path import _Counted as CountedChecks
 from torch import nn
 
 import deeplab_ops
@@ -72,11 +73,10 @@ def test_cuda_eval_op_is_the_forward_out_bit_for_bit(dtype, variant):
     _same(*reversed(_both("", *_inputs(dtype, "cl", variant, device="cuda", bn_dtype=torch.float32))))
 
 
+@cuda_test  # half dtypes run on CUDA tensors only (the interpreter stores them as raw bits)
 @triton_test
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
 def test_triton_half_eval_op_on_a_gpu_is_the_forward_out_bit_for_bit(dtype):
-    if device_for("triton") != "cuda":
-        pytest.skip("half dtypes run on CUDA tensors only (the interpreter stores them as raw bits)")
     _same(*reversed(_both("triton_", *_inputs(dtype, "cl", "residual", device="cuda", bn_dtype=torch.float32))))
 
 
@@ -138,19 +138,12 @@ def _pair(dtype=torch.bfloat16, cin=3, cout=4):
     return fused.to(dtype).eval(), eager.to(dtype).eval()
 
 
-class _Counted:
-    """Calls of the full path's checks and of each op the front door runs, while installed."""
+class _Counted(CountedChecks):
+    """The full path's checks (`calls`, test_eval_fast_path's counter) and each op the front door runs (`ops`)."""
 
     def __init__(self, monkeypatch):
-        self.checks = 0
+        super().__init__(monkeypatch)
         self.ops = []
-        real_check = op_module.check_args
-
-        def check(*args, **kwargs):
-            self.checks += 1
-            return real_check(*args, **kwargs)
-
-        monkeypatch.setattr(op_module, "check_args", check)
         for table, name in ((op_module.EVAL, "eval"), (op_module.FORWARD, "forward"),
                             (op_module.CONV_BIAS_ACT, "conv_bias_act")):
             for backend, op in list(table.items()):
@@ -172,7 +165,7 @@ def test_half_module_eval_runs_the_eval_op_then_the_fast_path(monkeypatch, dtype
     with torch.no_grad():
         outs = [fused(x) for _ in range(3)]
         expected = eager(x)
-    assert counted.checks == 1 and counted.ops == ["eval"] * 3, (counted.checks, counted.ops)
+    assert counted.calls == 1 and counted.ops == ["eval"] * 3, (counted.calls, counted.ops)
     for out in outs[1:]:
         _same(out, outs[0])
     torch.testing.assert_close(outs[0], expected, rtol=1.6e-2, atol=1e-2)
@@ -198,7 +191,7 @@ def test_half_functional_eval_and_with_gradients(monkeypatch):
     with torch.no_grad():
         a, b = call(), call()
     with_grad = call()  # the parameters want a gradient: the forward op, through the autograd
-    assert counted.checks == 2 and counted.ops == ["eval", "eval", "forward"], counted.ops
+    assert counted.calls == 2 and counted.ops == ["eval", "eval", "forward"], counted.ops
     assert with_grad.requires_grad
     _same(a, b)
     _same(a, with_grad.detach())
@@ -260,16 +253,16 @@ def test_half_model_under_autocast_of_its_dtype_takes_the_fast_path(monkeypatch)
         with torch.autocast("cpu", dtype=torch.bfloat16):
             outs = [fused(x) for _ in range(2)]
             eager_amp = eager(x)
-    assert counted.checks == 1 and counted.ops == ["eval"] * 3, (counted.checks, counted.ops)
+    assert counted.calls == 1 and counted.ops == ["eval"] * 3, (counted.calls, counted.ops)
     for out in outs:
         _same(out, expected)
     torch.testing.assert_close(outs[0], eager_amp, rtol=1.6e-2, atol=1e-2)
     fused32, _ = _pair(torch.float32)
-    before = counted.checks
+    before = counted.calls
     with torch.no_grad(), torch.autocast("cpu", dtype=torch.bfloat16):
         for _ in range(2):
             assert fused32(x.float()).dtype == torch.bfloat16
-    assert counted.checks == before + 2, (before, counted.checks)
+    assert counted.calls == before + 2, (before, counted.calls)
 
 
 

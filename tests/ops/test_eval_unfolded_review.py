@@ -9,6 +9,7 @@ import threading
 import pytest
 import torch
 from helpers import device_for, triton_test
+from test_eval_unfolded import CL, _pair, _same
 from torch import nn
 
 import deeplab_ops
@@ -16,28 +17,7 @@ from deeplab_ops.common import clear_derived
 from deeplab_ops.nn import FusedConvBNReLU
 
 _ops = torch.ops.deeplab_ops
-CL = torch.channels_last
 GEOMETRY = ([1, 1], [1, 1], [1, 1])
-
-
-def _pair(dtype=torch.bfloat16, cin=3, cout=4):
-    """A fused module in eval with moved statistics and affine parameters, and the eager module with its state."""
-    torch.manual_seed(0)
-    fused = FusedConvBNReLU(cin, cout, 3, padding=1, backend="cpu")
-    with torch.no_grad():
-        fused[1].running_mean.uniform_(-1, 1)
-        fused[1].running_var.uniform_(0.5, 2)
-        fused[1].weight.uniform_(0.5, 1.5)
-        fused[1].bias.uniform_(-0.5, 0.5)
-    eager = nn.Sequential(nn.Conv2d(cin, cout, 3, padding=1, bias=False), nn.BatchNorm2d(cout), nn.ReLU())
-    eager.load_state_dict(fused.state_dict())
-    return fused.to(dtype).eval(), eager.to(dtype).eval()
-
-
-def _same(actual, expected):
-    assert actual.dtype == expected.dtype and actual.shape == expected.shape
-    assert actual.stride() == expected.stride(), (actual.stride(), expected.stride())
-    assert torch.equal(actual, expected), (actual.double() - expected.double()).abs().max()
 
 
 def _args(dtype=torch.bfloat16, bn_dtype=torch.float32, device="cpu"):
@@ -143,7 +123,7 @@ def test_direct_triton_eval_op_errors_name_the_argument():
 
 
 def test_fresh_module_refuses_running_statistics_that_require_grad():
-    """The full path's rule (F.batch_norm refuses them too); the xfail below is the fast path's miss of it."""
+    """The full path's rule (F.batch_norm refuses them too); the fast path's own is tested below."""
     fused, _ = _pair()
     for p in fused.parameters():
         p.requires_grad_(False)
