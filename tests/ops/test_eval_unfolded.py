@@ -304,8 +304,22 @@ def _random_cases(seed: int, dtypes, count: int, device="cpu"):
 
 @pytest.mark.parametrize("seed", range(6))
 def test_cpu_eval_op_is_the_forward_out_on_random_geometries(seed):
+    """... and within the half dtype's rounding of deeplab_ops.reference computed in float64."""
+    from deeplab_ops import reference
+
     for tensors, geometry, relu, eps in _random_cases(seed, (torch.bfloat16, torch.float16), 5):
-        _same(*reversed(_both("", tensors, geometry, relu, eps)))
+        fwd, out = _both("", tensors, geometry, relu, eps)
+        _same(out, fwd)
+        x, w, gamma, beta, rm, rv, res = (t if t is None else t.double() for t in tensors)
+        stride, padding, dilation = geometry
+        ref = reference.conv_bn_relu(x, w, gamma, beta, rm, rv, stride=stride, padding=padding, dilation=dilation,
+                                     training=False, eps=eps, residual=res, relu=relu)
+        # the conv output rounds once to the half dtype before BatchNorm scales it (as eager's): up to an ulp of
+        # |y| times the scale, plus the output's own rounding
+        ulp = torch.finfo(out.dtype).eps
+        scale = (1.0 if gamma is None else gamma.abs().max()) / (rv.min() + eps) ** 0.5
+        y_max = torch.nn.functional.conv2d(x, w, None, stride, padding, dilation).abs().max()
+        torch.testing.assert_close(out.double(), ref, rtol=ulp, atol=float(ulp * (scale * y_max + 1)))
 
 
 @triton_test
