@@ -7,7 +7,9 @@
 // Python adds the fake (meta) kernels and autograd (deeplab_ops/ops/).
 //
 // Layout conventions: activations are NCHW or channels_last (NHWC) 4-D tensors; outputs keep the
-// input's memory format. Per-channel statistics (mean, m2, invstd, sums) are in the "opmath" dtype:
+// input's memory format, except the intermediates that only a backward reads (conv_out, branch_out, project_out,
+// and conv_bias_act's plain convolution that recomputes conv_out): the triton_ twins return those channels_last,
+// the layout their kernels read (no conversion out and back for an NCHW input). Per-channel statistics (mean, m2, invstd, sums) are in the "opmath" dtype:
 // float32 for float16/bfloat16/float32 activations, float64 for float64.
 
 #include <Python.h>
@@ -96,7 +98,8 @@ TORCH_LIBRARY(deeplab_ops, m) {
   // act(conv2d(x, weight, bias) [+ residual]), act = ReLU or identity, groups = 1, output in x's memory format.
   // The eval path with BatchNorm folded into weight/bias (on CPU, float32 3x3 calls may run the inference-only
   // Winograd convolution, csrc/cpu/winograd_cpu.h), and (no bias, no residual, no relu) the plain convolution that
-  // the memory-efficient backward recomputes: then exactly conv_bn_relu_forward's conv_out. No autograd.
+  // the memory-efficient backward recomputes: then exactly conv_bn_relu_forward's conv_out (strides included: the
+  // triton twin returns that one channels_last). No autograd.
   DLO_DEF_WITH_TRITON_TWIN(
       "conv_bias_act",
       "(Tensor x, Tensor weight, Tensor? bias, Tensor? residual, int[2] stride, int[2] padding, int[2] dilation, "

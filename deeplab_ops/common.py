@@ -86,13 +86,15 @@ def conv_output_size(
     )
 
 
-def empty_activation(like: Tensor, shape: tuple[int, ...] | None = None, dtype: torch.dtype | None = None) -> Tensor:
-    """An empty 4-D activation in `like`'s memory format (what the kernels return for outputs)."""
+def empty_activation(like: Tensor, shape: tuple[int, ...] | None = None, dtype: torch.dtype | None = None,
+                     memory_format: torch.memory_format | None = None) -> Tensor:
+    """An empty 4-D activation in `like`'s memory format, or in `memory_format` (what the kernels return for
+    outputs)."""
     return torch.empty(
         shape if shape is not None else like.shape,
         dtype=dtype or like.dtype,
         device=like.device,
-        memory_format=suggest_memory_format(like),
+        memory_format=memory_format or suggest_memory_format(like),
     )
 
 

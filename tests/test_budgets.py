@@ -25,27 +25,27 @@ def _leaf(t: torch.Tensor, grad: bool) -> torch.Tensor:
 
 
 def _conv_call(mode: str, backend: str = "cpu", memory_efficient: bool = False, residual: bool = False,
-               dtype: torch.dtype = torch.float32):
-    """conv_bn_relu at 1x4x4x4 -> 4, 3x3, channels_last input, `dtype` parameters: (one call, its grad leaves),
-    on the device `backend` runs on here (triton: CUDA where a GPU is visible)."""
+               dtype: torch.dtype = torch.float32, layout: torch.memory_format = torch.channels_last):
+    """conv_bn_relu at 1x4x4x4 -> 4, 3x3, input (and gradient) in `layout`, `dtype` parameters: (one call, its
+    grad leaves), on the device `backend` runs on here (triton: CUDA where a GPU is visible)."""
     grad = mode == "fwd_bwd"
     torch.set_default_device(device_for(backend))
     try:
-        return _conv_call_here(mode, backend, memory_efficient, residual, grad, dtype)
+        return _conv_call_here(mode, backend, memory_efficient, residual, grad, dtype, layout)
     finally:
         torch.set_default_device(None)
 
 
-def _conv_call_here(mode, backend, memory_efficient, residual, grad, dtype):
+def _conv_call_here(mode, backend, memory_efficient, residual, grad, dtype, layout):
     def leaf(t):
         return _leaf(t.to(dtype), grad)
 
-    x = leaf(torch.randn(1, 4, 4, 4).contiguous(memory_format=torch.channels_last))
+    x = leaf(torch.randn(1, 4, 4, 4).contiguous(memory_format=layout))
     w, gamma, beta = leaf(torch.randn(4, 4, 3, 3)), leaf(torch.rand(4) + 0.5), leaf(torch.randn(4))
     rm, rv = torch.randn(4).to(dtype), (torch.rand(4) + 0.5).to(dtype)
-    res = leaf(torch.randn(1, 4, 4, 4).contiguous(memory_format=torch.channels_last)) if residual else None
+    res = leaf(torch.randn(1, 4, 4, 4).contiguous(memory_format=layout)) if residual else None
     training = mode != "eval_fwd"
-    g = torch.randn(1, 4, 4, 4).contiguous(memory_format=torch.channels_last)
+    g = torch.randn(1, 4, 4, 4).contiguous(memory_format=layout)
 
     def call():
         with torch.set_grad_enabled(grad):
@@ -57,11 +57,21 @@ def _conv_call_here(mode, backend, memory_efficient, residual, grad, dtype):
     return call, [t for t in (x, w, gamma, beta, res) if t is not None]
 
 
-def _aspp_call(mode: str, backend: str = "cpu", memory_efficient: bool = False):
-    """aspp at N=2, C_in=8, C=4, 5x5, rates (1, 2, 3), channels_last input, BatchNorm tensors concatenated."""
+def _aspp_call(mode: str, backend: str = "cpu", memory_efficient: bool = False,
+               layout: torch.memory_format = torch.channels_last):
+    """aspp at N=2, C_in=8, C=4, 5x5, rates (1, 2, 3), input in `layout`, BatchNorm tensors concatenated, on the
+    device `backend` runs on here."""
+    torch.set_default_device(device_for(backend))
+    try:
+        return _aspp_call_here(mode, backend, memory_efficient, layout)
+    finally:
+        torch.set_default_device(None)
+
+
+def _aspp_call_here(mode, backend, memory_efficient, layout):
     grad = mode == "fwd_bwd"
     rates, c, cin = (1, 2, 3), 4, 8
-    x = _leaf(torch.randn(2, cin, 5, 5).contiguous(memory_format=torch.channels_last), grad)
+    x = _leaf(torch.randn(2, cin, 5, 5).contiguous(memory_format=layout), grad)
     convs = [_leaf(torch.randn(c, cin, 1, 1), grad)] + [_leaf(torch.randn(c, cin, 3, 3), grad) for _ in rates]
     pool, proj = _leaf(torch.randn(c, cin, 1, 1), grad), _leaf(torch.randn(c, 5 * c, 1, 1), grad)
     k = (len(rates) + 3) * c
@@ -216,3 +226,41 @@ def test_triton_upsample_cross_entropy_never_synchronizes(mode):
     _check(row)
     assert row["triton_launches"] == 1 + grad, row["triton_by_kernel"]
 
+
+
+# ---- NCHW input on triton: one conversion per activation the op reads or returns ---------------------------
+
+_SCALARS = 32  # bytes: 0-d float32 copies of Python scalars wrapped on CPU (a mean's or a division's divisor, <= 0)
+
+
+def _nchw_row(call_and_params) -> dict:
+    row = _census(*call_and_params, triton=True)
+    _check(row)
+    return row
+
+
+@triton_test
+@pytest.mark.parametrize("mode,memory_efficient", [("train_fwd", False), ("fwd_bwd", False), ("fwd_bwd", True)])
+def test_triton_conv_bn_relu_nchw_conversions(mode, memory_efficient):
+    """An NCHW input on triton, whose kernels read and write NHWC: what copy_ writes is one conversion per
+    activation the op reads or returns, and the two running-statistic updates. Forward: x and the residual in, out
+    back (conv_out, which only the backward reads, stays channels_last). Backward: grad_out, the saved out and x
+    (the weight gradient's operand) in, grad_x and grad_residual out; memory_efficient: x once more for the
+    recompute of conv_out (channels_last, as the forward's)."""
+    act, stats = 1 * 4 * 4 * 4 * 4, 2 * 4 * 4  # 1x4x4x4 float32; two 4-channel running statistics
+    conversions = {("train_fwd", False): 3, ("fwd_bwd", False): 8, ("fwd_bwd", True): 9}[mode, memory_efficient]
+    row = _nchw_row(_conv_call(mode, backend="triton", residual=True, memory_efficient=memory_efficient,
+                               layout=torch.contiguous_format))
+    assert row["copy_bytes"] <= conversions * act + stats, (row["copy_bytes"], row["census_detail"])
+
+
+@triton_test
+@pytest.mark.parametrize("mode", ["train_fwd", "fwd_bwd"])
+def test_triton_aspp_nchw_conversions(mode):
+    """As above for aspp (N=2, C_in=8, C=4, 5x5): forward x in and out back (branch_out and project_out, which only
+    the backward reads, stay channels_last), the two running-statistic updates of the six BatchNorms; backward
+    grad_out, the saved out and x in, grad_x out; and at most a few 0-d copies of Python scalars."""
+    x, out, stats = 2 * 8 * 25 * 4, 2 * 4 * 25 * 4, 2 * 24 * 4
+    budget = x + out + stats + (out + out + x + x if mode == "fwd_bwd" else 0) + _SCALARS
+    row = _nchw_row(_aspp_call(mode, backend="triton", layout=torch.contiguous_format))
+    assert row["copy_bytes"] <= budget, (row["copy_bytes"], row["census_detail"])

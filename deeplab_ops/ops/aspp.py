@@ -75,6 +75,15 @@ def _forward_fake(x, conv_weights, pool_weight, project_weight, bn_weight, bn_bi
     )
 
 
+def _triton_forward_fake(*args, **kwargs):
+    # The triton twin returns branch_out and project_out channels_last whatever x's format: only its backward
+    # reads them, as NHWC.
+    out, branch, pool_pre, proj, *rest = _forward_fake(*args, **kwargs)
+    cl = torch.channels_last
+    return (out, empty_activation(branch, memory_format=cl), pool_pre, empty_activation(proj, memory_format=cl),
+            *rest)
+
+
 def _backward_fake(grad_out, x, conv_weights, pool_weight, project_weight, bn_weight, bn_bias, branch_out, pool_out,
                    project_out, out, save_mean, save_invstd, rates, training, output_mask, group_name=None):
     want_x, want_w, want_bn = output_mask
@@ -218,8 +227,8 @@ def _autograd_kernel(prefix: str):
     return kernel
 
 
-for _prefix in ("", "triton_"):
-    torch.library.register_fake(f"deeplab_ops::{_prefix}aspp_forward")(_forward_fake)
+for _prefix, _fwd_fake in (("", _forward_fake), ("triton_", _triton_forward_fake)):
+    torch.library.register_fake(f"deeplab_ops::{_prefix}aspp_forward")(_fwd_fake)
     torch.library.register_fake(f"deeplab_ops::{_prefix}aspp_backward")(_backward_fake)
 register_autograd_kernels("aspp", _autograd_kernel, _DOUBLE_BACKWARD)
 _KERNELS = autograd_kernels(_autograd_kernel)

@@ -329,6 +329,12 @@ def _forward_fake(x, weight, bn_weight, bn_bias, running_mean, running_var, stri
             x.new_empty((c if updates else 0,), dtype=rdt))
 
 
+def _triton_forward_fake(*args, **kwargs):
+    # The triton twin returns conv_out channels_last whatever x's format: only its backward reads it, as NHWC.
+    out, conv_out, *rest = _forward_fake(*args, **kwargs)
+    return (out, empty_activation(conv_out, memory_format=torch.channels_last), *rest)
+
+
 def _backward_fake(grad_out, x, weight, bn_weight, conv_out, out, save_mean, save_invstd, stride, padding, dilation,
                    training, relu, output_mask, group_name=None):
     # The kernels return each gradient dense in its tensor's memory format (NCHW or channels_last), whatever the
@@ -343,10 +349,26 @@ def _backward_fake(grad_out, x, weight, bn_weight, conv_out, out, save_mean, sav
     )
 
 
+def _triton_backward_fake(grad_out, x, weight, bn_weight, conv_out, out, *args, **kwargs):
+    # The triton twin returns grad_residual in x's memory format (its conv_out is channels_last whatever x's).
+    *grads, grad_res = _backward_fake(grad_out, x, weight, bn_weight, conv_out, out, *args, **kwargs)
+    if grad_res is not None:
+        grad_res = empty_activation(x, tuple(conv_out.shape), dtype=conv_out.dtype)
+    return (*grads, grad_res)
+
+
 def _conv_bias_act_fake(x, weight, bias, residual, stride, padding, dilation, relu):
     _fake_devices(x, weight=weight, bias=bias, residual=residual)
     ho, wo = conv_output_size(tuple(x.shape[2:]), tuple(weight.shape[2:]), stride, padding, dilation)
     return empty_activation(x, (x.shape[0], weight.shape[0], ho, wo))
+
+
+def _triton_conv_bias_act_fake(x, weight, bias, residual, stride, padding, dilation, relu):
+    # The plain convolution (no bias, residual or ReLU) is the training forward's conv_out: channels_last there.
+    out = _conv_bias_act_fake(x, weight, bias, residual, stride, padding, dilation, relu)
+    if bias is None and residual is None and not relu:
+        return empty_activation(out, memory_format=torch.channels_last)
+    return out
 
 
 def _eval_fake(x, weight, bn_weight, bn_bias, running_mean, running_var, stride, padding, dilation, eps, residual,
@@ -364,10 +386,12 @@ def _eval_fake(x, weight, bn_weight, bn_bias, running_mean, running_var, stride,
 _DOUBLE_BACKWARD = ("deeplab_ops.conv_bn_relu does not support double backward (a gradient of its gradient, as "
                     "with create_graph=True); use backend='reference' for higher-order gradients")
 
-for _prefix in ("", "triton_"):
-    torch.library.register_fake(f"deeplab_ops::{_prefix}conv_bn_relu_forward")(_forward_fake)
-    torch.library.register_fake(f"deeplab_ops::{_prefix}conv_bn_relu_backward")(_backward_fake)
-    torch.library.register_fake(f"deeplab_ops::{_prefix}conv_bias_act")(_conv_bias_act_fake)
+for _prefix, _fwd_fake, _bwd_fake, _cba_fake in (
+        ("", _forward_fake, _backward_fake, _conv_bias_act_fake),
+        ("triton_", _triton_forward_fake, _triton_backward_fake, _triton_conv_bias_act_fake)):
+    torch.library.register_fake(f"deeplab_ops::{_prefix}conv_bn_relu_forward")(_fwd_fake)
+    torch.library.register_fake(f"deeplab_ops::{_prefix}conv_bn_relu_backward")(_bwd_fake)
+    torch.library.register_fake(f"deeplab_ops::{_prefix}conv_bias_act")(_cba_fake)
     torch.library.register_fake(f"deeplab_ops::{_prefix}conv_bn_relu_eval")(_eval_fake)
 register_double_backward_refusal("conv_bn_relu", _DOUBLE_BACKWARD)
 

@@ -561,8 +561,9 @@ def project_dgrad(dz: Tensor, z: Tensor, y: Tensor, coef: Tensor, w: Tensor, br:
 
 
 def project_wgrad(br: Tensor, branch_affine: tuple[Tensor, Tensor, Tensor], dz: Tensor, z: Tensor, y: Tensor,
-                  coef: Tensor) -> Tensor:
-    """dW (B*C, C) of the projection's branch columns, in the opmath dtype."""
+                  coef: Tensor, out: Tensor | None = None) -> Tensor:
+    """dW (B*C, C) of the projection's branch columns, in the opmath dtype; the split partials summed into `out`
+    (any strides) when given."""
     n, h, wd, bc = br.shape
     c = y.shape[3]
     hw = h * wd
@@ -577,7 +578,7 @@ def project_wgrad(br: Tensor, branch_affine: tuple[Tensor, Tensor, Tensor], dz: 
 
     run_tuned(KERNELS["project_wgrad"], br.device, br.dtype, dict(HW=hw, BC=bc, C=c, SPLITS=splits, **fit_sizes(br)),
               meta, run)
-    return part.sum(0)
+    return part.sum(0) if out is None else torch.sum(part, 0, out=out)
 
 
 # ---- packed weights (cached per parameter version: packing.cached) --------------------------------------
@@ -682,7 +683,10 @@ def forward(
     if not (training and has_running):
         rdt = running_mean.dtype if has_running else stat
         new_rm, new_rv = x.new_empty((0,), dtype=rdt), x.new_empty((0,), dtype=rdt)
-    return (from_nhwc(out, mf), from_nhwc(branch, mf), pool_pre, from_nhwc(proj, mf), save_mean, save_invstd,
+    # branch_out and project_out only feed the backward, which reads them as NHWC: channels_last whatever x's
+    # format (no copies out; the fake kernel says so).
+    cl = torch.channels_last
+    return (from_nhwc(out, mf), from_nhwc(branch, cl), pool_pre, from_nhwc(proj, cl), save_mean, save_invstd,
             new_rm, new_rv)
 
 
@@ -748,8 +752,12 @@ def backward(
             grad_conv = [gw.to(w.dtype).contiguous(memory_format=suggest_memory_format(w))
                          for gw, w in zip(grad_conv, conv_weights, strict=True)]
         grad_pool = (dy_p.t() @ xh.mean((1, 2), dtype=stat)).view(c, c_in, 1, 1).to(pool_weight.dtype)
-        dw_main = project_wgrad(br, branch_affine, dz, z, yo, coef_o)  # (B*C, C)
-        grad_proj = torch.cat([dw_main.t(), dbias.t() @ z_p], 1).view(c, bc + c, 1, 1).to(project_weight.dtype)
+        # The projection's gradient: the branch columns summed straight into their block, the pooling columns
+        # beside them (no cat).
+        grad_proj = dz.new_empty((c, bc + c), dtype=stat)
+        project_wgrad(br, branch_affine, dz, z, yo, coef_o, out=grad_proj[:, :bc].t())
+        torch.mm(dbias.t(), z_p, out=grad_proj[:, bc:])
+        grad_proj = grad_proj.view(c, bc + c, 1, 1).to(project_weight.dtype)
         grad_proj = grad_proj.contiguous(memory_format=suggest_memory_format(project_weight))
     if not output_mask[2]:
         grad_bw = grad_bb = None

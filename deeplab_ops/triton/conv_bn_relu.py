@@ -72,7 +72,8 @@ def forward(
         count, pmean, pm2, bn_weight, bn_bias, running_mean, running_var, momentum, eps
     )
     out = bn_apply(y, mean, scale, shift, res, relu)
-    return from_nhwc(out, mf), from_nhwc(y, mf), mean, invstd, new_rm, new_rv
+    # conv_out only feeds the backward, which reads it as NHWC: channels_last whatever x's format (no copy out).
+    return from_nhwc(out, mf), from_nhwc(y, torch.channels_last), mean, invstd, new_rm, new_rv
 
 
 def eval_forward(
@@ -88,7 +89,7 @@ def eval_forward(
 def _eval(x, weight, bn_weight, bn_bias, running_mean, running_var, stride, padding, dilation, eps, residual, relu,
           store_y: bool) -> tuple[Tensor, Tensor | None, Tensor, Tensor]:
     """Eval in one launch: (out, conv_out if `store_y` else None, save_mean, save_invstd), BatchNorm from the
-    running statistics in the conv's epilogue, outputs in x's memory format."""
+    running statistics in the conv's epilogue; out in x's memory format, conv_out channels_last (as forward's)."""
     check_device(x)
     bn_weight, bn_bias, running_mean, running_var = vectors(bn_weight, bn_bias, running_mean, running_var)
     geo, out_hw = _geometry(x, weight, stride, padding, dilation)
@@ -102,7 +103,7 @@ def _eval(x, weight, bn_weight, bn_bias, running_mean, running_var, stride, padd
     y, out, _ = conv_forward(to_nhwc(x), conv_weight(weight), geo, out_hw, training=False, stat_dtype=stat,
                              residual=res, relu=relu, store_y=store_y,
                              eval_bn=(running_mean, running_var, bn_weight, bn_bias, hyper, mean, invstd))
-    return from_nhwc(out, mf), None if y is None else from_nhwc(y, mf), mean, invstd
+    return from_nhwc(out, mf), None if y is None else from_nhwc(y, torch.channels_last), mean, invstd
 
 
 def conv_bias_act(
@@ -111,15 +112,16 @@ def conv_bias_act(
 ) -> Tensor:
     """act(conv2d(x, weight, bias) [+ residual]) in one launch, in x's memory format. With no bias, residual or
     ReLU it is the training forward's conv_out, computed by the training forward's own kernel specialization and
-    configuration (its per-tile statistics computed and dropped): the memory-efficient backward's recompute gives
-    the forward's conv_out bit for bit and compiles no kernel variant of its own (a DeepLabV3-R50 step's six)."""
+    configuration (its per-tile statistics computed and dropped) and returned channels_last as forward returns it:
+    the memory-efficient backward's recompute gives the forward's conv_out bit for bit, with no conversion out and
+    back for an NCHW x, and compiles no kernel variant of its own (a DeepLabV3-R50 step's six)."""
     check_device(x)
     (bias,) = vectors(bias)
     geo, out_hw = _geometry(x, weight, stride, padding, dilation)
     xh, w, stat = to_nhwc(x), conv_weight(weight), opmath_dtype(x.dtype)
     if bias is None and residual is None and not relu:
         y, _, _ = conv_forward(xh, w, geo, out_hw, training=True, stat_dtype=stat)
-        return from_nhwc(y, suggest_memory_format(x))
+        return from_nhwc(y, torch.channels_last)
     res = to_nhwc(residual) if residual is not None else None
     _, out, _ = conv_forward(xh, w, geo, out_hw, training=False, stat_dtype=stat, bias=bias, residual=res, relu=relu,
                              store_y=False)
@@ -161,7 +163,7 @@ def backward(
         else:
             dw = conv_wgrad(to_nhwc(x), dz, z, y, coef, kernel_hw, geo, relu=relu)
             grad_w = dw.permute(3, 2, 0, 1).to(weight.dtype).contiguous(memory_format=suggest_memory_format(weight))
-    grad_res = from_nhwc(g, suggest_memory_format(conv_out)) if output_mask[4] else None
+    grad_res = from_nhwc(g, suggest_memory_format(x)) if output_mask[4] else None
     return (
         grad_x,
         grad_w,
