@@ -255,12 +255,14 @@ def test_triton_conv_bn_relu_nchw_conversions(mode, memory_efficient):
 
 
 @triton_test
-@pytest.mark.parametrize("mode", ["train_fwd", "fwd_bwd"])
-def test_triton_aspp_nchw_conversions(mode):
+@pytest.mark.parametrize("mode,memory_efficient", [("train_fwd", False), ("fwd_bwd", False), ("fwd_bwd", True)])
+def test_triton_aspp_nchw_conversions(mode, memory_efficient):
     """As above for aspp (N=2, C_in=8, C=4, 5x5): forward x in and out back (branch_out and project_out, which only
     the backward reads, stay channels_last), the two running-statistic updates of the six BatchNorms; backward
-    grad_out, the saved out and x in, grad_x out; and at most a few 0-d copies of Python scalars."""
+    grad_out, the saved out and x in, grad_x out; and at most a few 0-d copies of Python scalars. memory_efficient:
+    the same bytes (x converted once for the recompute and the weight gradient; the recompute's out a view)."""
     x, out, stats = 2 * 8 * 25 * 4, 2 * 4 * 25 * 4, 2 * 24 * 4
     budget = x + out + stats + (out + out + x + x if mode == "fwd_bwd" else 0) + _SCALARS
-    row = _nchw_row(_aspp_call(mode, backend="triton", layout=torch.contiguous_format))
+    row = _nchw_row(_aspp_call(mode, backend="triton", memory_efficient=memory_efficient,
+                               layout=torch.contiguous_format))
     assert row["copy_bytes"] <= budget, (row["copy_bytes"], row["census_detail"])

@@ -9,6 +9,7 @@ import math
 import numbers
 
 import torch
+from torch._prims_common import suggest_memory_format
 
 from deeplab_ops import backends, reference
 from deeplab_ops.common import (
@@ -182,15 +183,24 @@ class _ASPP(torch.autograd.Function):
             return tuple(grads)
         (x, pool_w, proj_w, bn_w, bn_b, out, mean, invstd, branch, pool_pre, proj, rm, rv,
          *conv_ws) = ctx.saved_tensors
+        x_format = None
         if memory_efficient:
+            xr = x
+            if prefix == "triton_" and not x.is_contiguous(memory_format=torch.channels_last):
+                # The triton kernels read x as NHWC in the recompute and in the weight gradient: convert it once
+                # for both (and the recompute's discarded `out` is then a view, not a conversion back).
+                x_format, xr = suggest_memory_format(x), x.contiguous(memory_format=torch.channels_last)
             with torch.enable_grad():  # the forward's convolutions again (see forward)
                 _, branch, pool_pre, proj, _, _, _, _ = below_autograd(
-                    _FORWARD_BY_PREFIX[prefix], _as_differentiated(x), conv_ws, pool_w, proj_w, bn_w, bn_b, rm, rv,
+                    _FORWARD_BY_PREFIX[prefix], _as_differentiated(xr), conv_ws, pool_w, proj_w, bn_w, bn_b, rm, rv,
                     rates, training, momentum, eps, group_name, False)
+            x = xr
         gx, gconv, gpool, gproj, gbw, gbb = call_backward(
             _BACKWARD_BY_PREFIX[prefix], grad_out, x, conv_ws, pool_w, proj_w, bn_w, bn_b, branch, pool_pre, proj,
             out, mean, invstd, rates, training, mask, group_name,
         )
+        if x_format is not None and gx is not None:
+            gx = gx.contiguous(memory_format=x_format)  # grad_x in x's own format, as without the conversion
         if gbw is not None and gbw.dtype != bn_w.dtype:
             gbw = gbw.to(bn_w.dtype)
         if gbb is not None and gbb.dtype != bn_b.dtype:
