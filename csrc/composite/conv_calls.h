@@ -122,7 +122,18 @@ inline std::tuple<at::Tensor, at::Tensor> conv2d_backward(const at::Tensor& dy, 
       std::tie(grad_x, grad_w) = conv_taps_backward(dy, x, xc, weight, padding, dilation, taps_x, taps_w);
     }
   }
-  const bool aten_x = need_x && !taps_x, aten_w = need_w && !taps_w;
+  const bool aten_x = need_x && !taps_x;
+  bool aten_w = need_w && !taps_w;
+  if (aten_w && dy.scalar_type() == at::kFloat && nchw_weight_grad(x, weight, dy.size(2) * dy.size(3))) {
+    // A channels_last x's weight gradient from NCHW copies (cpu/conv_taps_cpu.h); its input gradient below stays
+    // channels_last, where oneDNN's backward-data keeps pace.
+    constexpr auto kNCHW = at::MemoryFormat::Contiguous;
+    const at::Tensor gw = std::get<1>(at::convolution_backward(
+        change_layout(dy, kNCHW), change_layout(x, kNCHW), change_layout(weight, kNCHW), std::nullopt, stride,
+        padding, dilation, false, {0, 0}, 1, {false, true, false}));
+    grad_w = change_layout(gw, weight.suggest_memory_format());
+    aten_w = false;
+  }
   if (aten_x || aten_w) {
     auto grads = at::convolution_backward(dy, x, weight, std::nullopt, stride, padding, dilation, false, {0, 0}, 1,
                                           {aten_x, aten_w, false});

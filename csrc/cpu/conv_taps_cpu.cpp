@@ -1,6 +1,8 @@
 // The cpu backend's own routes for a convolution's gradients (cpu/conv_taps_cpu.h).
 #include "cpu/conv_taps_cpu.h"
 
+#include <ATen/Context.h>
+
 #include <algorithm>
 
 #include "cpu/conv_layout_cpu.h"
@@ -34,6 +36,16 @@ constexpr int64_t kWideIn = 512, kWideOut = 256;
 // (1, 24): 256 against 119), while below it the channels_last convolution's 1.1-1.3x is spent on the
 // conversions and on the second oneDNN call for the weight gradient.
 constexpr int64_t kMinDilationNchwInput = 24;
+// The weight gradient of a channels_last x from NCHW copies of x and dy where an image's output positions times
+// both channel counts reach this. oneDNN's channels_last backward-weights against its NCHW one, float32 3 x 3, the
+// weight gradient alone (2 threads; 1 thread): 512 -> 512 on 33 x 33 at dilation 2 31.1 against 28.0 ms (82.8
+// against 56.7), on 65 x 65 at dilation 4 145 against 116 (356 against 226); 256 -> 256 on 65 x 65 at dilation 2
+// 50.0 against 27.3; 2048 -> 256 on 33 x 33 at dilation 6 98.2 against 75.6; 128 -> 128 at stride 2 on 129 x 129
+// 13.2 against 7.7; 64 -> 64 on 129 x 129 9.7 against 7.8 (2^26 and more: faster NCHW on every row measured, the
+// least 256 -> 256 on 33 x 33, 1.06-1.07x); below: 64 -> 64 on 65 x 65, batch 2, 3.6 against 3.7, on 33 x 33, batch 8,
+// 3.6 against 3.7, 128 -> 128 on 17 x 17, batch 8, 3.1 against 3.4. 1 x 1 weights: no faster either way. The copies
+// (x, dy, and a channels_last weight's gradient back) are cache-blocked transposes, about 0.1 ms per MB.
+constexpr int64_t kMinNchwWeightGradWork = int64_t{1} << 26;
 
 }  // namespace
 
@@ -51,6 +63,16 @@ TapsBackwardPlan conv_taps_backward_plan(const at::Tensor& x, const at::Tensor& 
   const bool wide = !nchw && cin >= kWideIn && cout >= kWideOut && taps->fraction <= kMaxValidFractionWide;
   plan.weight = (taps->fraction <= kMaxValidFraction || wide) && full_float32_matmul();
   return plan;
+}
+
+bool nchw_weight_grad(const at::Tensor& x, const at::Tensor& weight, int64_t out_positions) {
+  if (x.dim() != 4 || weight.dim() != 4 || !x.is_cpu() || x.scalar_type() != at::kFloat ||
+      weight.scalar_type() != at::kFloat) {
+    return false;
+  }
+  if (weight.size(2) * weight.size(3) == 1 || x.suggest_memory_format() != at::MemoryFormat::ChannelsLast) return false;
+  if (!at::hasMKLDNN() || !at::globalContext().userEnabledMkldnn()) return false;
+  return out_positions * x.size(1) * weight.size(0) >= kMinNchwWeightGradWork;
 }
 
 std::tuple<at::Tensor, at::Tensor> conv_taps_backward(const at::Tensor& dy, const at::Tensor& x,
