@@ -135,8 +135,8 @@ TORCH_LIBRARY(deeplab_ops, m) {
           return {deeplab_ops::nchw_conv_via_channels_last(x, weight, stride, padding, dilation, true),
                   backward.input, backward.weight};
         });
-  // nchw_weight_grad_plan: whether the cpu backend's backward of a float32 convolution computes the weight gradient
-  // of a channels_last x from NCHW copies of x and its output gradient (csrc/cpu/conv_taps_cpu.h; false where the
+  // nchw_weight_grad_plan: whether the cpu backend's backward of a float32 strided or dilated convolution computes
+  // the weight gradient of a channels_last x from NCHW copies of x and its output gradient (csrc/cpu/conv_taps_cpu.h; false where the
   // weight gradient takes the per-tap GEMMs of sparse_taps_plan).
   m.def("nchw_weight_grad_plan(Tensor x, Tensor weight, int[2] stride, int[2] padding, int[2] dilation) -> bool",
         [](const at::Tensor& x, const at::Tensor& weight, at::IntArrayRef stride, at::IntArrayRef padding,
@@ -148,7 +148,7 @@ TORCH_LIBRARY(deeplab_ops, m) {
           for (int d = 0; d < 2; ++d) {
             positions *= (x.size(d + 2) + 2 * padding[d] - dilation[d] * (weight.size(d + 2) - 1) - 1) / stride[d] + 1;
           }
-          return deeplab_ops::nchw_weight_grad(x, weight, positions);
+          return deeplab_ops::nchw_weight_grad(x, weight, stride, dilation, positions);
         });
   m.def("winograd_cache_allow(Tensor weight) -> ()", &deeplab_ops::winograd_cache_allow);
   m.def("winograd_cache_info() -> int[]", &deeplab_ops::winograd_cache_info);

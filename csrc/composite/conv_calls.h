@@ -124,7 +124,8 @@ inline std::tuple<at::Tensor, at::Tensor> conv2d_backward(const at::Tensor& dy, 
   }
   const bool aten_x = need_x && !taps_x;
   bool aten_w = need_w && !taps_w;
-  if (aten_w && dy.scalar_type() == at::kFloat && nchw_weight_grad(x, weight, dy.size(2) * dy.size(3))) {
+  if (aten_w && dy.scalar_type() == at::kFloat &&
+      nchw_weight_grad(x, weight, stride, dilation, dy.size(2) * dy.size(3))) {
     // A channels_last x's weight gradient from NCHW copies (cpu/conv_taps_cpu.h); its input gradient below stays
     // channels_last, where oneDNN's backward-data keeps pace.
     constexpr auto kNCHW = at::MemoryFormat::Contiguous;

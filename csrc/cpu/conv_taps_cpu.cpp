@@ -36,15 +36,20 @@ constexpr int64_t kWideIn = 512, kWideOut = 256;
 // (1, 24): 256 against 119), while below it the channels_last convolution's 1.1-1.3x is spent on the
 // conversions and on the second oneDNN call for the weight gradient.
 constexpr int64_t kMinDilationNchwInput = 24;
-// The weight gradient of a channels_last x from NCHW copies of x and dy where an image's output positions times
-// both channel counts reach this. oneDNN's channels_last backward-weights against its NCHW one, float32 3 x 3, the
-// weight gradient alone (2 threads; 1 thread): 512 -> 512 on 33 x 33 at dilation 2 31.1 against 28.0 ms (82.8
-// against 56.7), on 65 x 65 at dilation 4 145 against 116 (356 against 226); 256 -> 256 on 65 x 65 at dilation 2
-// 50.0 against 27.3; 2048 -> 256 on 33 x 33 at dilation 6 98.2 against 75.6; 128 -> 128 at stride 2 on 129 x 129
-// 13.2 against 7.7; 64 -> 64 on 129 x 129 9.7 against 7.8 (2^26 and more: faster NCHW on every row measured, the
-// least 256 -> 256 on 33 x 33, 1.06-1.07x); below: 64 -> 64 on 65 x 65, batch 2, 3.6 against 3.7, on 33 x 33, batch 8,
-// 3.6 against 3.7, 128 -> 128 on 17 x 17, batch 8, 3.1 against 3.4. 1 x 1 weights: no faster either way. The copies
-// (x, dy, and a channels_last weight's gradient back) are cache-blocked transposes, about 0.1 ms per MB.
+// The weight gradient of a strided or dilated convolution of a channels_last x from NCHW copies of x and dy where an
+// image's output positions times both channel counts reach this. Measured on the AMD EPYC (AVX-512, 2 cores) of
+// 2026-12-01, float32 3 x 3, batch 1, oneDNN's channels_last backward-weights against its NCHW one, the weight
+// gradient alone (2 threads; 1 thread): 512 -> 512 on 65 x 65 at dilation 4 145 against 116 ms (356 against 226);
+// 256 -> 256 on 65 x 65 at dilation 2 50.0 against 27.3 (85.3 against 54.9); 512 -> 512 on 33 x 33 at dilation 2
+// 31.1 against 28.0 (82.8 against 56.7); 2048 -> 256 on 33 x 33 at dilation 6 98.2 against 75.6; 128 -> 128 at
+// stride 2 on 129 x 129 13.2 against 7.7 (49.2 against 18.5). A whole conv_bn_relu forward + backward against eager
+// channels_last (conv_bn_relu_bench.py, two runs, ratios before -> after): 512 -> 512 on 65 x 65 at dilation 4
+// 0.98 / 1.08 -> 1.27 / 1.20, 256 -> 256 on 65 x 65 at dilation 2 1.01 / 0.99 -> 1.09 / 1.06, the stride-2 row
+// 1.02 / 1.00 -> 1.11 / 1.16. Not dense stride-1 convolutions: there the weight gradient alone ran faster NCHW
+// too (64 -> 64 on 129 x 129 9.7 against 7.8 ms), but the layer lost 3-18 % (64 -> 64 on 129 x 129, 128 -> 128 on
+// 65 x 65, 256 -> 256 on 33 x 33). Below the threshold channels_last is as fast or faster (64 -> 64 on 65 x 65,
+// batch 2: 3.6 against 3.7; 128 -> 128 on 17 x 17, batch 8: 3.1 against 3.4); 1 x 1 weights gain nothing either
+// way. The copies (x, dy, and a channels_last weight's gradient back) are cache-blocked transposes.
 constexpr int64_t kMinNchwWeightGradWork = int64_t{1} << 26;
 
 }  // namespace
@@ -65,12 +70,14 @@ TapsBackwardPlan conv_taps_backward_plan(const at::Tensor& x, const at::Tensor& 
   return plan;
 }
 
-bool nchw_weight_grad(const at::Tensor& x, const at::Tensor& weight, int64_t out_positions) {
+bool nchw_weight_grad(const at::Tensor& x, const at::Tensor& weight, at::IntArrayRef stride,
+                      at::IntArrayRef dilation, int64_t out_positions) {
   if (x.dim() != 4 || weight.dim() != 4 || !x.is_cpu() || x.scalar_type() != at::kFloat ||
       weight.scalar_type() != at::kFloat) {
     return false;
   }
   if (weight.size(2) * weight.size(3) == 1 || x.suggest_memory_format() != at::MemoryFormat::ChannelsLast) return false;
+  if (stride[0] == 1 && stride[1] == 1 && dilation[0] == 1 && dilation[1] == 1) return false;
   if (!at::hasMKLDNN() || !at::globalContext().userEnabledMkldnn()) return false;
   return out_positions * x.size(1) * weight.size(0) >= kMinNchwWeightGradWork;
 }

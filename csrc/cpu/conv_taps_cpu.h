@@ -29,12 +29,13 @@ struct TapsBackwardPlan {
 TapsBackwardPlan conv_taps_backward_plan(const at::Tensor& x, const at::Tensor& weight, at::IntArrayRef stride,
                                          at::IntArrayRef padding, at::IntArrayRef dilation);
 
-// Whether the weight gradient of conv2d(x, weight, ...) (out_positions: its output's H_out * W_out), where oneDNN's
-// backward computes it, runs from NCHW copies of a channels_last x and of dy: oneDNN's channels_last
-// backward-weights of a float32 convolution with a kernel larger than 1 x 1 runs well below its NCHW (blocked) one
-// wherever an image carries much work (conv_taps_cpu.cpp has the measurements), while its channels_last
-// backward-data keeps pace. Needs float32 CPU tensors and oneDNN enabled.
-bool nchw_weight_grad(const at::Tensor& x, const at::Tensor& weight, int64_t out_positions);
+// Whether the weight gradient of conv2d(x, weight, stride, ..., dilation) (out_positions: its output's
+// H_out * W_out), where oneDNN's backward computes it, runs from NCHW copies of a channels_last x and of dy:
+// oneDNN's channels_last backward-weights of a float32 convolution larger than 1 x 1, strided or dilated, runs well
+// below its NCHW (blocked) one wherever an image carries much work (conv_taps_cpu.cpp has the measurements), while
+// its channels_last backward-data keeps pace. Needs float32 CPU tensors and oneDNN enabled.
+bool nchw_weight_grad(const at::Tensor& x, const at::Tensor& weight, at::IntArrayRef stride,
+                      at::IntArrayRef dilation, int64_t out_positions);
 
 // The gradients of conv2d(x, weight, stride=1, padding, dilation) with respect to x (in x's memory format) and
 // weight (in the weight's), each undefined unless wanted, by the routes above. dy: the output's shape, any strides;

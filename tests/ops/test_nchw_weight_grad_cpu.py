@@ -1,7 +1,7 @@
 """The cpu backend's weight gradient of a channels_last x from NCHW copies of x and dy (csrc/cpu/conv_taps_cpu.h):
-oneDNN's channels_last backward-weights of a float32 convolution larger than 1x1 runs well below its NCHW (blocked)
-one where an image carries much work, while its channels_last backward-data keeps pace, so the input gradient stays
-channels_last.
+oneDNN's channels_last backward-weights of a float32 strided or dilated convolution larger than 1x1 runs well below
+its NCHW (blocked) one where an image carries much work, while its channels_last backward-data keeps pace, so the
+input gradient stays channels_last.
 
 torch.ops.deeplab_ops.nchw_weight_grad_plan says where the route is taken; each case below asserts it, so each
 exercises the path it means to. Values are compared with float64 on fresh random inputs; which convolution calls
@@ -25,20 +25,22 @@ def _plan(x, weight, padding, dilation, stride=(1, 1)):
     return _ops.nchw_weight_grad_plan(x, weight, list(stride), list(padding), list(dilation))
 
 
-# (x shape, weight shape, padding, dilation, stride, layout, expected): the route from 2^26 output positions x
-# C_in x C_out per image
+# (x shape, weight shape, padding, dilation, stride, layout, expected): the route for strided or dilated weights
+# from 2^26 output positions x C_in x C_out per image
 PLAN_CASES = {
-    "at-the-threshold": ((1, 256, 32, 32), (256, 256, 3, 3), (1, 1), (1, 1), (1, 1), "nhwc", True),
-    "below-the-threshold": ((1, 256, 31, 32), (256, 256, 3, 3), (1, 1), (1, 1), (1, 1), "nhwc", False),
+    "at-the-threshold": ((1, 256, 32, 32), (256, 256, 3, 3), (2, 2), (2, 2), (1, 1), "nhwc", True),
+    "below-the-threshold": ((1, 256, 31, 32), (256, 256, 3, 3), (2, 2), (2, 2), (1, 1), "nhwc", False),
+    # dense stride 1: the weight gradient alone ran faster NCHW there too, but the layer did not
+    "dense": ((1, 256, 64, 64), (256, 256, 3, 3), (1, 1), (1, 1), (1, 1), "nhwc", False),
     "layer4-dilated": ((1, 512, 33, 33), (512, 512, 3, 3), (2, 2), (2, 2), (1, 1), "nhwc", True),
     "stride-2": ((1, 128, 129, 129), (128, 128, 3, 3), (1, 1), (1, 1), (2, 2), "nhwc", True),
     "3x5": ((1, 96, 80, 90), (100, 96, 3, 5), (2, 4), (2, 2), (1, 1), "nhwc", True),
     # per image: a batch of small maps stays oneDNN's channels_last (faster there)
-    "batch-of-small-maps": ((8, 128, 17, 17), (128, 128, 3, 3), (1, 1), (1, 1), (1, 1), "nhwc", False),
+    "batch-of-small-maps": ((8, 128, 17, 17), (128, 128, 3, 3), (2, 2), (2, 2), (1, 1), "nhwc", False),
     # NCHW x: oneDNN runs its NCHW weight gradient already
-    "nchw": ((1, 256, 32, 32), (256, 256, 3, 3), (1, 1), (1, 1), (1, 1), "nchw", False),
+    "nchw": ((1, 256, 32, 32), (256, 256, 3, 3), (2, 2), (2, 2), (1, 1), "nchw", False),
     # 1x1: neither layout faster, and the copies would cost
-    "1x1": ((1, 256, 64, 64), (256, 256, 1, 1), (0, 0), (1, 1), (1, 1), "nhwc", False),
+    "1x1": ((1, 256, 64, 64), (256, 256, 1, 1), (0, 0), (1, 1), (2, 2), "nhwc", False),
     # mostly padding: the weight gradient's per-tap GEMMs (sparse_taps_plan) take it
     "taps-first": ((1, 2048, 33, 33), (256, 2048, 3, 3), (18, 18), (18, 18), (1, 1), "nhwc", False),
 }
@@ -58,12 +60,12 @@ def test_plan(case):
 
 def test_plan_declines_other_dtypes_and_disabled_onednn():
     x, w = torch.empty(1, 256, 32, 32).contiguous(memory_format=CL), torch.empty(256, 256, 3, 3)
-    assert _plan(x, w, (1, 1), (1, 1))
-    assert not _plan(x.double(), w.double(), (1, 1), (1, 1))
-    assert not _plan(x.bfloat16(), w.bfloat16(), (1, 1), (1, 1))
+    assert _plan(x, w, (2, 2), (2, 2))
+    assert not _plan(x.double(), w.double(), (2, 2), (2, 2))
+    assert not _plan(x.bfloat16(), w.bfloat16(), (2, 2), (2, 2))
     torch.backends.mkldnn.enabled = False
     try:
-        assert not _plan(x, w, (1, 1), (1, 1))
+        assert not _plan(x, w, (2, 2), (2, 2))
     finally:
         torch.backends.mkldnn.enabled = True
 
@@ -120,10 +122,10 @@ def test_weight_gradient_alone_runs_one_nchw_call():
     x = torch.randn(1, 256, 32, 32).contiguous(memory_format=CL)
     weight = (torch.randn(256, 256, 3, 3) / 48).contiguous(memory_format=CL).requires_grad_(True)
     bn_w, bn_b = torch.rand(256) + 0.5, torch.randn(256)
-    assert _plan(x, weight, (1, 1), (1, 1))
+    assert _plan(x, weight, (2, 2), (2, 2))
     with profile(activities=[ProfilerActivity.CPU]) as prof:
-        out = deeplab_ops.conv_bn_relu(x, weight, bn_w, bn_b, None, None, stride=1, padding=1, training=True,
-                                       backend="cpu")
+        out = deeplab_ops.conv_bn_relu(x, weight, bn_w, bn_b, None, None, stride=1, padding=2, dilation=2,
+                                       training=True, backend="cpu")
         (grad_w,) = torch.autograd.grad(out, weight, torch.ones_like(out))
     assert [e.name for e in prof.events()].count("aten::convolution_backward") == 1
     _close(grad_w, _weight_grad_ref(x, weight, bn_w, bn_b), "grad_weight", tol=3e-4)
@@ -132,6 +134,6 @@ def test_weight_gradient_alone_runs_one_nchw_call():
 
 def _weight_grad_ref(x, weight, bn_w, bn_b):
     wd = weight.detach().double().requires_grad_(True)
-    ref = reference.conv_bn_relu(x.double(), wd, bn_w.double(), bn_b.double(), None, None, stride=1, padding=1,
-                                 training=True)
+    ref = reference.conv_bn_relu(x.double(), wd, bn_w.double(), bn_b.double(), None, None, stride=1, padding=2,
+                                 dilation=2, training=True)
     return torch.autograd.grad(ref, wd, torch.ones_like(ref))[0]
