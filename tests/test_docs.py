@@ -110,14 +110,14 @@ def test_internal_links_and_anchors_resolve(doc):
     assert not bad, f"{_doc_id(doc)} has broken links: {bad}"
 
 
-_RESULT_FILE = re.compile(r"(?<![\w-])((?:aspp|conv_bn_relu|train|overhead)-cpu-xeon-\d{4}-\d\d-\d\d[\w-]*"
+_RESULT_FILE = re.compile(r"(?<![\w-])((?:aspp|conv_bn_relu|train|overhead)-cpu-(?:xeon|epyc)-\d{4}-\d\d-\d\d[\w-]*"
                           r"|\d{4}-\d\d-\d\d-h200-[\w-]+)\.(\{[\w,\s]+\}|csv|json|md|txt|log)(?!\w)")
 
 
 @pytest.mark.parametrize("doc", _ALL_DOCS, ids=_doc_id)
 def test_cited_result_files_exist(doc):
-    """Every committed result file a page names (`conv_bn_relu-cpu-xeon-DATE-LABEL.csv`, `NAME.{json,csv}`,
-    `DATE-h200-NAME.csv`) is in benchmarks/results/."""
+    """Every committed result file a page names (`conv_bn_relu-cpu-xeon-DATE-LABEL.csv`, `-cpu-epyc-` alike,
+    `NAME.{json,csv}`, `DATE-h200-NAME.csv`) is in benchmarks/results/."""
     results = ROOT / "benchmarks" / "results"
     missing = []
     for stem, ext in _RESULT_FILE.findall(doc.read_text()):
