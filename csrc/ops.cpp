@@ -9,11 +9,13 @@
 // Layout conventions: activations are NCHW or channels_last (NHWC) 4-D tensors; outputs keep the
 // input's memory format, except the intermediates that only a backward reads (conv_out, branch_out, project_out,
 // and conv_bias_act's plain convolution that recomputes conv_out): the triton_ twins return those channels_last,
-// the layout their kernels read (no conversion out and back for an NCHW input). Per-channel statistics (mean, m2, invstd, sums) are in the "opmath" dtype:
+// the layout their kernels read (no conversion out and back for an NCHW input). Per-channel statistics (mean, m2,
+// invstd, sums) are in the "opmath" dtype:
 // float32 for float16/bfloat16/float32 activations, float64 for float64.
 
 #include <Python.h>
 #include <torch/library.h>
+#include <ATen/native/ConvUtils.h>
 
 #include "cpu/conv_layout_cpu.h"
 #include "cpu/conv_taps_cpu.h"
@@ -136,19 +138,23 @@ TORCH_LIBRARY(deeplab_ops, m) {
                   backward.input, backward.weight};
         });
   // nchw_weight_grad_plan: whether the cpu backend's backward of a float32 strided or dilated convolution computes
-  // the weight gradient of a channels_last x from NCHW copies of x and its output gradient (csrc/cpu/conv_taps_cpu.h; false where the
-  // weight gradient takes the per-tap GEMMs of sparse_taps_plan).
+  // the weight gradient of a channels_last x from NCHW copies of x and its output gradient
+  // (csrc/cpu/conv_taps_cpu.h; false where the weight gradient takes the per-tap GEMMs of sparse_taps_plan).
   m.def("nchw_weight_grad_plan(Tensor x, Tensor weight, int[2] stride, int[2] padding, int[2] dilation) -> bool",
         [](const at::Tensor& x, const at::Tensor& weight, at::IntArrayRef stride, at::IntArrayRef padding,
            at::IntArrayRef dilation) -> bool {
-          TORCH_CHECK(x.dim() == 4 && weight.dim() == 4, "nchw_weight_grad_plan: x and weight must be 4-D, got ",
-                      x.sizes(), " and ", weight.sizes());
-          if (deeplab_ops::conv_taps_backward_plan(x, weight, stride, padding, dilation).weight) return false;
-          int64_t positions = 1;
+          TORCH_CHECK(x.dim() == 4, "nchw_weight_grad_plan: x must be 4-D (N, C, H, W), got shape ", x.sizes());
+          TORCH_CHECK(weight.dim() == 4, "nchw_weight_grad_plan: weight must be 4-D (C_out, C_in, kH, kW), got shape ",
+                      weight.sizes());
           for (int d = 0; d < 2; ++d) {
-            positions *= (x.size(d + 2) + 2 * padding[d] - dilation[d] * (weight.size(d + 2) - 1) - 1) / stride[d] + 1;
+            TORCH_CHECK(stride[d] >= 1, "nchw_weight_grad_plan: stride must be positive, got ", stride);
+            TORCH_CHECK(dilation[d] >= 1, "nchw_weight_grad_plan: dilation must be positive, got ", dilation);
+            TORCH_CHECK(padding[d] >= 0, "nchw_weight_grad_plan: padding must be non-negative, got ", padding);
           }
-          return deeplab_ops::nchw_weight_grad(x, weight, stride, dilation, positions);
+          if (deeplab_ops::conv_taps_backward_plan(x, weight, stride, padding, dilation).weight) return false;
+          const auto out = at::native::conv_output_size(x.sizes(), weight.sizes(), padding, stride, dilation);
+          return out[2] > 0 && out[3] > 0 &&
+                 deeplab_ops::nchw_weight_grad(x, weight, stride, dilation, out[2] * out[3]);
         });
   m.def("winograd_cache_allow(Tensor weight) -> ()", &deeplab_ops::winograd_cache_allow);
   m.def("winograd_cache_info() -> int[]", &deeplab_ops::winograd_cache_info);

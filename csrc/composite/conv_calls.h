@@ -128,10 +128,14 @@ inline std::tuple<at::Tensor, at::Tensor> conv2d_backward(const at::Tensor& dy, 
       nchw_weight_grad(x, weight, stride, dilation, dy.size(2) * dy.size(3))) {
     // A channels_last x's weight gradient from NCHW copies (cpu/conv_taps_cpu.h); its input gradient below stays
     // channels_last, where oneDNN's backward-data keeps pace.
+    // The weight's values do not enter its own gradient (a NaN-filled weight gives the same bits): a channels_last
+    // weight is stood in for by an NCHW buffer of its shape rather than transposed (oneDNN would otherwise run
+    // channels_last again).
     constexpr auto kNCHW = at::MemoryFormat::Contiguous;
-    const at::Tensor gw = std::get<1>(at::convolution_backward(
-        change_layout(dy, kNCHW), change_layout(x, kNCHW), change_layout(weight, kNCHW), std::nullopt, stride,
-        padding, dilation, false, {0, 0}, 1, {false, true, false}));
+    const at::Tensor w_nchw = weight.is_contiguous() ? weight : at::empty(weight.sizes(), weight.options());
+    const at::Tensor gw = std::get<1>(at::convolution_backward(change_layout(dy, kNCHW), change_layout(x, kNCHW),
+                                                               w_nchw, std::nullopt, stride, padding, dilation, false,
+                                                               {0, 0}, 1, {false, true, false}));
     grad_w = change_layout(gw, weight.suggest_memory_format());
     aten_w = false;
   }

@@ -76,7 +76,8 @@ bool nchw_weight_grad(const at::Tensor& x, const at::Tensor& weight, at::IntArra
       weight.scalar_type() != at::kFloat) {
     return false;
   }
-  if (weight.size(2) * weight.size(3) == 1 || x.suggest_memory_format() != at::MemoryFormat::ChannelsLast) return false;
+  if (weight.size(1) != x.size(1) || weight.size(2) * weight.size(3) == 1) return false;  // grouped, or 1 x 1
+  if (x.suggest_memory_format() != at::MemoryFormat::ChannelsLast) return false;
   if (stride[0] == 1 && stride[1] == 1 && dilation[0] == 1 && dilation[1] == 1) return false;
   if (!at::hasMKLDNN() || !at::globalContext().userEnabledMkldnn()) return false;
   return out_positions * x.size(1) * weight.size(0) >= kMinNchwWeightGradWork;

@@ -1,5 +1,6 @@
 // The backward of a float32 CPU convolution (stride 1) by other routes than oneDNN's convolution_backward, each
-// gradient where its route is the faster one (conv_taps_backward_plan):
+// gradient where its route is the faster one (conv_taps_backward_plan; and, any stride, oneDNN's own weight gradient
+// run on NCHW copies of a channels_last x: nchw_weight_grad below):
 //   - the input gradient: the forward convolution of dy with the weight flipped and transposed
 //     (dx[ci] = sum_co conv(dy[co], flip(w[co, ci])) with padding dilation * (k - 1) - padding), run channels_last.
 //     oneDNN's channels_last backward-data is this same convolution (bit for bit), so the route serves an NCHW x,

@@ -10,6 +10,8 @@ ran is read from the profiler (counts, never times).
 
 from __future__ import annotations
 
+import re
+
 import pytest
 import torch
 from torch.profiler import ProfilerActivity, profile
@@ -41,6 +43,8 @@ PLAN_CASES = {
     "nchw": ((1, 256, 32, 32), (256, 256, 3, 3), (2, 2), (2, 2), (1, 1), "nchw", False),
     # 1x1: neither layout faster, and the copies would cost
     "1x1": ((1, 256, 64, 64), (256, 256, 1, 1), (0, 0), (1, 1), (2, 2), "nhwc", False),
+    # grouped (the fused ops never are): not taken
+    "grouped": ((1, 256, 32, 32), (256, 128, 3, 3), (2, 2), (2, 2), (1, 1), "nhwc", False),
     # mostly padding: the weight gradient's per-tap GEMMs (sparse_taps_plan) take it
     "taps-first": ((1, 2048, 33, 33), (256, 2048, 3, 3), (18, 18), (18, 18), (1, 1), "nhwc", False),
 }
@@ -68,6 +72,27 @@ def test_plan_declines_other_dtypes_and_disabled_onednn():
         assert not _plan(x, w, (2, 2), (2, 2))
     finally:
         torch.backends.mkldnn.enabled = True
+
+
+@pytest.mark.parametrize("bad,message", [
+    (dict(x=torch.empty(256, 32, 32)), "x must be 4-D (N, C, H, W), got shape [256, 32, 32]"),
+    (dict(weight=torch.empty(256, 256, 3)), "weight must be 4-D (C_out, C_in, kH, kW), got shape [256, 256, 3]"),
+    (dict(stride=[0, 1]), "stride must be positive, got [0, 1]"),
+    (dict(dilation=[2, 0]), "dilation must be positive, got [2, 0]"),
+    (dict(padding=[-1, 2]), "padding must be non-negative, got [-1, 2]"),
+], ids=["x-3d", "weight-3d", "stride-0", "dilation-0", "padding-negative"])
+def test_plan_refuses_bad_arguments_by_name(bad, message):
+    args = dict(x=torch.empty(1, 256, 32, 32).contiguous(memory_format=CL), weight=torch.empty(256, 256, 3, 3),
+                stride=[1, 1], padding=[2, 2], dilation=[2, 2])
+    args.update(bad)
+    with pytest.raises(RuntimeError, match="nchw_weight_grad_plan: " + re.escape(message)):
+        _ops.nchw_weight_grad_plan(args["x"], args["weight"], args["stride"], args["padding"], args["dilation"])
+
+
+def test_plan_of_an_empty_output_is_false():
+    # a kernel larger than the padded map: no output position, nothing to route
+    x = torch.empty(1, 256, 2, 2).contiguous(memory_format=CL)
+    assert not _plan(x, torch.empty(256, 256, 3, 3), (0, 0), (2, 2))
 
 
 def _close(actual, expected, what, tol=1e-4):
