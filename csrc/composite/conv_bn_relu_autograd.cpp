@@ -173,9 +173,18 @@ struct ConvBNReLUFunction : public torch::autograd::Function<ConvBNReLUFunction>
     if (const auto it = ctx->saved_data.find(kGroup); it != ctx->saved_data.end()) group = it->second.toStringRef();
     const std::optional<c10::string_view> group_name =
         group.has_value() ? std::optional<c10::string_view>(*group) : std::nullopt;
-    if (memory_efficient && (training || mask[2])) {
+    // The Triton kernels read x channels_last: where x is not, the recompute and the weight gradient would each
+    // convert it. Converted once here instead, and x's gradients go back in x's format (as the op returns them).
+    Tensor x_in = x;
+    const auto x_format = x.suggest_memory_format();
+    const bool recompute = memory_efficient && (training || mask[2]);
+    if (recompute && ctx->saved_data.at(kTwin).toInt() == kTriton && x.dim() == 4 &&
+        !x.is_contiguous(at::MemoryFormat::ChannelsLast)) {
+      x_in = x.contiguous(at::MemoryFormat::ChannelsLast);
+    }
+    if (recompute) {
       at::AutoDispatchBelowADInplaceOrView below_autograd;
-      conv_out = ops.conv.call(x, weight, std::nullopt, std::nullopt, stride, padding, dilation, false);
+      conv_out = ops.conv.call(x_in, weight, std::nullopt, std::nullopt, stride, padding, dilation, false);
     } else if (memory_efficient) {
       // Not read: dy = gamma * invstd * g; a tensor of the output's shape and layout, which the backward takes its
       // memory format from. Without the ReLU that is the incoming gradient, in x's layout: converted once here (an
@@ -186,14 +195,18 @@ struct ConvBNReLUFunction : public torch::autograd::Function<ConvBNReLUFunction>
     if (!relu) out = conv_out;  // not read without the ReLU (no mask): a tensor of the output's shape
     std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor> r;
     if (at::GradMode::is_enabled()) {  // create_graph=True: the backward op's Autograd kernel refuses
-      r = ops.backward.call(grad_out, x, weight, bn_weight, conv_out, out, saved[5], saved[6], stride, padding,
+      r = ops.backward.call(grad_out, x_in, weight, bn_weight, conv_out, out, saved[5], saved[6], stride, padding,
                             dilation, training, relu, mask, group_name);
     } else {
       at::AutoDispatchBelowADInplaceOrView below_autograd;
-      r = ops.backward.call(grad_out, x, weight, bn_weight, conv_out, out, saved[5], saved[6], stride, padding,
+      r = ops.backward.call(grad_out, x_in, weight, bn_weight, conv_out, out, saved[5], saved[6], stride, padding,
                             dilation, training, relu, mask, group_name);
     }
     auto& [gx, gw, gg, gb, gr] = r;
+    if (!x_in.is_same(x)) {
+      if (gx.defined()) gx = gx.contiguous(x_format);
+      if (gr.defined()) gr = gr.contiguous(x_format);
+    }
     // The BatchNorm gradients come in the statistics' dtype: each goes back in its parameter's.
     const auto dtypes = ctx->saved_data.at(kDtypes).toIntVector();
     if (gg.defined() && dtypes[0] >= 0 && gg.scalar_type() != static_cast<at::ScalarType>(dtypes[0])) {
