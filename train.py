@@ -46,7 +46,7 @@ PRESETS = {
     # Sized for a 2-core CPU: 64 px crops, batch 8, a narrow ResNet-29 (width 16: 16..128-wide bottlenecks, a
     # 64-channel ASPP) at output stride 8, 4000 SGD steps at lr 0.05: about 0.06 s each with --fused-ops on an idle
     # 2-core machine (4 minutes in all), 2-4x that when its cores are shared (docs/training.md). Measured: mIoU
-    # 0.54-0.60 on the synthetic validation split.
+    # 0.52-0.60 on the synthetic validation split.
     "synthetic": dict(crop_size=64, batch_size=8, lr=0.05, iterations=4000, scale_range=(1.0, 1.0),
                       backbone="smallest", eval_every=0, checkpoint_every=500, output_stride=8, backbone_width=16),
     "synthetic-gpu": dict(crop_size=128, batch_size=16, lr=0.02, iterations=3000, scale_range=(0.75, 1.5),
