@@ -27,6 +27,7 @@ elif not _cuda_visible():
 
 import pytest  # noqa: E402
 import torch  # noqa: E402
+from helpers import auto_workers, available_memory  # noqa: E402
 
 import deeplab_ops  # noqa: E402,F401
 
@@ -43,40 +44,16 @@ def _share_cores_between_workers() -> None:
 
 _share_cores_between_workers()
 
-# Memory one xdist worker may take at its peak (a whole-network test, a Triton interpreter run, a train.py child),
-# and the most workers `-n auto` starts: one per core otherwise, which on a large workstation would start dozens of
-# processes that each import torch and hold their own caches.
-_WORKER_BYTES = 3 << 30
-_MAX_AUTO_WORKERS = 16
-
-
-def _available_memory() -> int | None:
-    try:
-        with open("/proc/meminfo") as f:
-            for line in f:
-                if line.startswith("MemAvailable:"):
-                    return int(line.split()[1]) * 1024
-    except (OSError, ValueError, IndexError):
-        pass
-    return None
-
-
-def auto_workers(count: int, memory: int | None) -> int:
-    """xdist's `-n auto` count (one per core), at most _MAX_AUTO_WORKERS and as many as `memory` bytes hold at
-    _WORKER_BYTES each (None: unknown, no bound)."""
-    count = min(count, _MAX_AUTO_WORKERS)
-    if memory is not None:
-        count = min(count, memory // _WORKER_BYTES)
-    return max(1, count)
-
-
 @pytest.hookimpl(optionalhook=True, wrapper=True)
 def pytest_xdist_auto_num_workers(config):
-    """`-n auto`: auto_workers of xdist's count and the available memory; $PYTEST_XDIST_AUTO_NUM_WORKERS as given."""
+    """`-n auto`: helpers.auto_workers of xdist's count and the available memory; a number in
+    $PYTEST_XDIST_AUTO_NUM_WORKERS as given."""
     count = yield
-    if os.environ.get("PYTEST_XDIST_AUTO_NUM_WORKERS"):
-        return count
-    return auto_workers(count, _available_memory())
+    try:
+        int(os.environ.get("PYTEST_XDIST_AUTO_NUM_WORKERS", ""))
+        return count  # the user's number, as xdist read it
+    except ValueError:  # unset, or not a number (xdist warned and counted the cores)
+        return auto_workers(count, available_memory())
 
 
 def pytest_sessionstart(session):

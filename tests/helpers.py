@@ -329,3 +329,31 @@ def randomize_batchnorm(net: nn.Module) -> nn.Module:
                 m.running_var.uniform_(0.5, 1.5)
                 m.num_batches_tracked.fill_(7)
     return net
+
+
+# The test suite's `-n auto` (pytest-xdist; tests/conftest.py's pytest_xdist_auto_num_workers). Memory one xdist
+# worker may take at its peak (a whole-network test, a Triton interpreter run, a train.py child),
+# and the most workers `-n auto` starts: one per core otherwise, which on a large workstation would start dozens of
+# processes that each import torch and hold their own caches.
+_WORKER_BYTES = 3 << 30
+_MAX_AUTO_WORKERS = 8
+
+
+def available_memory() -> int | None:
+    try:
+        with open("/proc/meminfo") as f:
+            for line in f:
+                if line.startswith("MemAvailable:"):
+                    return int(line.split()[1]) * 1024
+    except (OSError, ValueError, IndexError):
+        pass
+    return None
+
+
+def auto_workers(count: int, memory: int | None) -> int:
+    """xdist's `-n auto` count (one per core), at most _MAX_AUTO_WORKERS and as many as `memory` bytes hold at
+    _WORKER_BYTES each (None: unknown, no bound)."""
+    count = min(count, _MAX_AUTO_WORKERS)
+    if memory is not None:
+        count = min(count, memory // _WORKER_BYTES)
+    return max(1, count)
