@@ -27,22 +27,13 @@ elif not _cuda_visible():
 
 import pytest  # noqa: E402
 import torch  # noqa: E402
-from helpers import auto_workers, available_memory  # noqa: E402
+from helpers import auto_workers, available_memory, share_cores_between_workers  # noqa: E402
 
 import deeplab_ops  # noqa: E402,F401
 
+# Under pytest-xdist each worker takes its share of the cores for torch's threads (helpers.py).
+share_cores_between_workers()
 
-def _share_cores_between_workers() -> None:
-    """Under pytest-xdist (`-n auto`), each worker process takes its share of the cores for torch's intra-op threads
-    rather than all of them: on a 2-core machine the suite took 16 min with two workers of two threads each, 12.4
-    with one thread each (22.6 in one process). Tests that need a thread count set it themselves and restore it."""
-    workers = int(os.environ.get("PYTEST_XDIST_WORKER_COUNT", "0") or 0)
-    if workers > 1:
-        cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
-        torch.set_num_threads(max(1, cores // workers))
-
-
-_share_cores_between_workers()
 
 @pytest.hookimpl(optionalhook=True, wrapper=True)
 def pytest_xdist_auto_num_workers(config):

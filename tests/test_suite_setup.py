@@ -5,7 +5,7 @@ import os
 
 import pytest
 import torch
-from helpers import _MAX_AUTO_WORKERS, auto_workers, available_memory
+from helpers import _MAX_AUTO_WORKERS, auto_workers, available_memory, share_cores_between_workers, usable_cores
 
 GIB = 1 << 30
 
@@ -27,9 +27,17 @@ def test_available_memory_is_read_where_the_system_says_it():
         assert memory is None
 
 
-def test_a_worker_uses_its_share_of_the_cores():
-    workers = int(os.environ.get("PYTEST_XDIST_WORKER_COUNT", "0") or 0)
-    if workers <= 1:
-        pytest.skip("runs under pytest-xdist with several workers (-n auto on a machine with several cores)")
-    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count()
-    assert torch.get_num_threads() == max(1, cores // workers)
+@pytest.mark.parametrize("workers", [None, "1", "2", "3", "64"])
+def test_a_worker_takes_its_share_of_the_cores(monkeypatch, workers):
+    saved = torch.get_num_threads()
+    if workers is None:
+        monkeypatch.delenv("PYTEST_XDIST_WORKER_COUNT", raising=False)
+    else:
+        monkeypatch.setenv("PYTEST_XDIST_WORKER_COUNT", workers)
+    try:
+        torch.set_num_threads(5)  # a value the share never gives here: unchanged outside xdist or with one worker
+        share_cores_between_workers()
+        expected = 5 if workers in (None, "1") else max(1, usable_cores() // int(workers))
+        assert torch.get_num_threads() == expected
+    finally:
+        torch.set_num_threads(saved)

@@ -176,7 +176,6 @@ struct ConvBNReLUFunction : public torch::autograd::Function<ConvBNReLUFunction>
     // The Triton kernels read x channels_last: where x is not, the recompute and the weight gradient would each
     // convert it. Converted once here instead, and x's gradients go back in x's format (as the op returns them).
     Tensor x_in = x;
-    const auto x_format = x.suggest_memory_format();
     const bool recompute = memory_efficient && (training || mask[2]);
     if (recompute && ctx->saved_data.at(kTwin).toInt() == kTriton && x.dim() == 4 &&
         !x.is_contiguous(at::MemoryFormat::ChannelsLast)) {
@@ -204,6 +203,7 @@ struct ConvBNReLUFunction : public torch::autograd::Function<ConvBNReLUFunction>
     }
     auto& [gx, gw, gg, gb, gr] = r;
     if (!x_in.is_same(x)) {
+      const auto x_format = x.suggest_memory_format();
       if (gx.defined()) gx = gx.contiguous(x_format);
       if (gr.defined()) gr = gr.contiguous(x_format);
     }
