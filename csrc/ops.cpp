@@ -19,6 +19,7 @@
 
 #include "cpu/conv_layout_cpu.h"
 #include "cpu/conv_taps_cpu.h"
+#include "cpu/gemm_cpu.h"
 #include "cpu/winograd_cpu.h"
 
 extern "C" {
@@ -156,6 +157,9 @@ TORCH_LIBRARY(deeplab_ops, m) {
           return out[2] > 0 && out[3] > 0 &&
                  deeplab_ops::nchw_weight_grad(x, weight, stride, dilation, out[2] * out[3]);
         });
+  // cpu_gemm: a @ b by the Winograd convolution's float32 GEMM kernel (csrc/cpu/gemm_cpu.h), its rows in GEMMs of
+  // row_block rows and its columns in GEMMs of panel_block 32-column panels (0: all); for tests.
+  m.def("cpu_gemm(Tensor a, Tensor b, int row_block, int panel_block=0) -> Tensor", &deeplab_ops::cpu_gemm);
   m.def("winograd_cache_allow(Tensor weight) -> ()", &deeplab_ops::winograd_cache_allow);
   m.def("winograd_cache_info() -> int[]", &deeplab_ops::winograd_cache_info);
   m.def("winograd_cache_clear() -> ()", &deeplab_ops::winograd_cache_clear);

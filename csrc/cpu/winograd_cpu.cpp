@@ -4,11 +4,12 @@
 // over channels ([(m + 2)^2, tiles, C_in]); one batched GEMM M = V U with the transformed weight U = G g G^T
 // ([(m + 2)^2, C_in, C_out]); the output transform A^T M A, with the bias, residual and ReLU, straight into the
 // output. Blocks keep V and M in the thread's cache; the transforms run on the ISA that torch's kernels use
-// (cpu/isa_dispatch.h), the GEMMs in ATen's bmm.
+// (cpu/isa_dispatch.h), the GEMMs on cpu/gemm_cpu.h's kernel with U packed for it.
 #include "cpu/winograd_cpu.h"
 
 #include <ATen/Context.h>
 #include <ATen/Parallel.h>
+#include <ATen/record_function.h>
 
 #include <c10/util/intrusive_ptr.h>
 
@@ -21,6 +22,7 @@
 #include <utility>
 
 #include "cpu/conv_layout_cpu.h"
+#include "cpu/gemm_cpu.h"
 #include "cpu/isa_dispatch.h"
 
 namespace deeplab_ops {
@@ -31,7 +33,7 @@ using cpu_isa::run_isa;
 
 constexpr int kLanes = 64;                      // channels per transform block (a tile's patch stays in L1)
 constexpr int64_t kBlockBytes = 1 << 20;         // V and M of one thread's block of tiles (in its L2)
-constexpr int64_t kMinBlockTiles = 32;           // rows of each GEMM (fewer make MKL's GEMMs inefficient)
+constexpr int64_t kMinBlockTiles = 32;           // rows of each GEMM (fewer read U too often)
 constexpr int64_t kMaxBlockTiles = 256;
 constexpr int64_t kParallelBlocks = 4;           // blocks a small convolution is split into (threads to use)
 constexpr int64_t kMinSplitTiles = 16;           // ... but no block under this many tiles
@@ -43,9 +45,16 @@ constexpr double kMaxWorkRatio = 0.45;           // GEMM work against direct con
 constexpr double kMaxWorkRatioChunked = 0.65;
 // ... and short grids' work, their weight reads counted (winograd_plan), for weights of chunk size
 constexpr double kMaxShortGridRatio = 0.8;
+// ... and stride-2 tiles', for transformed weights up to kMaxStridedWeightBytes (36 elements of C_in x C_out:
+// about 170 channels each way). Measured on this project's EPYC (2 threads, channels-last, kept weights, bias and
+// ReLU, against oneDNN's convolution of the same call): 128 -> 128 on a 129 x 129 map 5.5 against 6.6 ms (work
+// 0.63 of direct's by this count), 64 -> 64 on 65 x 65 0.33 against 0.41 ms, at batch 8 3.5 against 3.7 ms; 256 ->
+// 256 on 65 x 65 (a 9.4 MB transform, read from L3 by every block's GEMMs) 7.4 against 7.0 ms.
+constexpr double kMaxStridedWorkRatio = 0.68;
+constexpr int64_t kMaxStridedWeightBytes = 4 << 20;
 // The transformed weight, read by every block: up to kBlockWeightBytes each thread's blocks multiply by it (larger
 // ones streamed from memory once per block ran 512 x 512 channels at 0.4x oneDNN's speed; 256 x 256 ran at
-// 1.0-1.7x); beyond that, chunks of tiles of about kChunkBytes of V and M, each multiplied in one bmm that reads U
+// 1.0-1.7x); beyond that, chunks of tiles of about kChunkBytes of V and M, each multiplied with U read
 // once. Weights over kMaxWeightBytes run oneDNN.
 constexpr int64_t kBlockWeightBytes = 12 << 20;
 constexpr int64_t kChunkBytes = 48 << 20;
@@ -65,11 +74,28 @@ constexpr int64_t kMappedBytes = int64_t{32} << 20;
 
 int64_t ceil_div(int64_t a, int64_t b) { return (a + b - 1) / b; }
 
+// A transformed weight of `points` elements, each [C_in x C_out] packed for the GEMM: [points, packed size], zero
+// in the padding columns of the last panel (written by no transform).
+at::Tensor packed_weight_buffer(int64_t points, int64_t c_in, int64_t c_out, const at::TensorOptions& options) {
+  const int64_t size = gemm_packed_size(c_in, c_out);
+  return c_out % kGemmPanel == 0 ? at::empty({points, size}, options) : at::zeros({points, size}, options);
+}
+
+// M[rows x C_out] (row stride C_out) = V[rows x C_in] (row stride C_in) times transformed element xi of u, for the
+// output-channel panels [p0, p1) (all of them by default), on the calling thread.
+void point_gemm(const float* v, const at::Tensor& u, int64_t xi, int64_t c_in, int64_t c_out, float* m, int64_t rows,
+                int64_t p0 = 0, int64_t p1 = -1) {
+  packed_gemm(v, c_in, u.const_data_ptr<float>() + xi * u.size(1), c_in, c_out, m, c_out, rows, p0,
+              p1 < 0 ? gemm_panels(c_out) : p1);
+}
+
 // A stride-1 3x3 convolution split into the output's polyphase grids (one per dilation phase) and m x m tiles.
+// A stride-2 convolution (dilation 1): one grid, its tiles' input patches 2m + 1 pixels across, 2m apart (sh, sw).
 struct Geometry {
   int64_t n, c, k, h, w, ho, wo, ph, pw, dh, dw;
   int64_t qh, qw;  // phases per axis (a dilation larger than the output leaves some empty)
   int64_t th, tw;  // tiles per phase per axis
+  int64_t sh = 1, sw = 1;  // the stride: output pixel oy reads input rows sh * oy - ph + j
   int64_t tiles() const { return n * qh * qw * th * tw; }
 };
 
@@ -84,6 +110,19 @@ Geometry geometry(int64_t n, int64_t c, int64_t h, int64_t w, int64_t k, at::Int
   g.qw = std::min(g.dw, g.wo);
   g.th = ceil_div(ceil_div(g.ho, g.dh), m);
   g.tw = ceil_div(ceil_div(g.wo, g.dw), m);
+  return g;
+}
+
+// A stride-2 3x3 convolution (dilation 1) in m x m output tiles.
+Geometry strided_geometry(int64_t n, int64_t c, int64_t h, int64_t w, int64_t k, at::IntArrayRef padding, int m) {
+  Geometry g{};
+  g.n = n, g.c = c, g.h = h, g.w = w, g.k = k;
+  g.ph = padding[0], g.pw = padding[1], g.dh = 1, g.dw = 1, g.sh = 2, g.sw = 2;
+  g.ho = (h + 2 * g.ph - 3) / 2 + 1;
+  g.wo = (w + 2 * g.pw - 3) / 2 + 1;
+  g.qh = 1, g.qw = 1;
+  g.th = ceil_div(g.ho, m);
+  g.tw = ceil_div(g.wo, m);
   return g;
 }
 
@@ -132,13 +171,23 @@ DLO_INLINE void load_axis(T (&v)[N], const float* p, int64_t stride) {
 }
 
 // The 1-D transforms along one axis of a tile for one vector (or one float) of channels: element j of the input at
-// in + j * (its stride), of the output at out + j * (its stride).
+// in + j * (its stride), of the output at out + j * (its stride). kTile outputs per axis from A transformed
+// elements; the weight's transform has P distinct elements per axis, point(a) the one that element a multiplies by
+// (every one its own but in the stride-2 transform).
 template <int M>
 struct Transform;
 
+template <int kTileSize, int kElements>
+struct AxisShape {
+  static constexpr int kTile = kTileSize, A = kElements, P = kElements;
+  static constexpr int point(int a) { return a; }
+};
+
+// The transform id of stride-2 convolutions in 4 x 4 output tiles (winograd_plan's answer for them).
+constexpr int kStrided4 = -4;
+
 template <>
-struct Transform<4> {
-  static constexpr int A = 6;
+struct Transform<4> : AxisShape<4, 6> {
   // G g (3 -> 6), with common terms shared
   template <typename T>
   DLO_INLINE static void kernel(const T* g, T* u) {
@@ -179,8 +228,7 @@ struct Transform<4> {
 // split into 3-pixel tiles where 4-pixel ones would compute a padded row and column (a 9 x 9 phase grid: 9 F(3x3)
 // tiles, 225 products, against 9 F(4x4) tiles, 324).
 template <>
-struct Transform<3> {
-  static constexpr int A = 5;
+struct Transform<3> : AxisShape<3, 5> {
   template <typename T>
   DLO_INLINE static void kernel(const T* g, T* u) {
     const T s = g[0] + g[2];
@@ -213,8 +261,7 @@ struct Transform<3> {
 };
 
 template <>
-struct Transform<2> {
-  static constexpr int A = 4;
+struct Transform<2> : AxisShape<2, 4> {
   template <typename T>
   DLO_INLINE static void kernel(const T* g, T* u) {
     const T s = (g[0] + g[2]) * 0.5f, h = g[1] * 0.5f;
@@ -238,6 +285,50 @@ struct Transform<2> {
     load_axis(x, m, ms);
     store<T>(y, x[0] + x[1] + x[2]);
     store<T>(y + ys, (x[1] - x[2]) - x[3]);
+  }
+};
+
+// A stride-2 3x3 convolution along one axis, 4 outputs from the 9 inputs d0..d8 they read: y_r = w0 d_2r + w1 d_2r+1
+// + w2 d_2r+2. The even inputs e_r = d_2r (5) with (w0, w2) are F(4, 2) on the points 0, 1, -1, 2 and infinity (5
+// products); the odd ones q_r = d_2r+1 (4) multiply w1 directly (4). 9 products per 4 outputs against 12, so in 2-D
+// 81 per 4 x 4 tile against 144 (1.78x fewer); elements 5-8 of U are all w1's (P = 6 distinct per axis).
+template <>
+struct Transform<kStrided4> {
+  static constexpr int kTile = 4, A = 9, P = 6;
+  static constexpr int point(int a) { return a < 5 ? a : 5; }
+  // G g (3 -> the 6 distinct elements)
+  template <typename T>
+  DLO_INLINE static void kernel(const T* g, T* u) {
+    u[0] = g[0] * 0.5f;
+    u[1] = (g[0] + g[2]) * 0.5f;
+    u[2] = (g[0] - g[2]) * (1.f / 6);
+    u[3] = (g[0] + 2.f * g[2]) * (1.f / 6);
+    u[4] = g[2];
+    u[5] = g[1];
+  }
+  // B^T d: F(4, 2)'s on the even inputs, the odd ones as they are
+  template <typename T>
+  DLO_INLINE static void input(const float* d, int64_t ds, float* v, int64_t vs) {
+    T x[9];
+    load_axis(x, d, ds);
+    const T e1 = x[2], e2 = x[4], e3 = x[6];
+    store<T>(v, 2.f * (x[0] - e2) + (e3 - e1));
+    store<T>(v + vs, 2.f * e1 + (e2 - e3));
+    store<T>(v + 2 * vs, 3.f * e2 - 2.f * e1 - e3);
+    store<T>(v + 3 * vs, e3 - e1);
+    store<T>(v + 4 * vs, 2.f * (e1 - e3) - e2 + x[8]);
+    for (int r = 0; r < 4; ++r) store<T>(v + (5 + r) * vs, x[2 * r + 1]);
+  }
+  // A^T m
+  template <typename T>
+  DLO_INLINE static void output(const float* m, int64_t ms, float* y, int64_t ys) {
+    T x[9];
+    load_axis(x, m, ms);
+    const T a = x[1] + x[2], b = x[1] - x[2];
+    store<T>(y, (x[0] + a + x[3]) + x[5]);
+    store<T>(y + ys, (b + 2.f * x[3]) + x[6]);
+    store<T>(y + 2 * ys, (a + 4.f * x[3]) + x[7]);
+    store<T>(y + 3 * ys, (b + 8.f * x[3] + x[4]) + x[8]);
   }
 };
 
@@ -271,8 +362,9 @@ DLO_INLINE void input_tiles(const float* x, Strides4 xs, const Geometry& g, int6
   alignas(64) float half[A][A][kLanes];
   const int64_t vs = rows * g.c;  // between transformed elements xi
   for (int64_t t = 0; t < count; ++t) {
-    const Tile tile = tile_at(g, t0 + t, M);
-    const int64_t iy0 = tile.oy0 - g.ph, ix0 = tile.ox0 - g.pw;  // the patch's input rows iy0 + dh * j
+    const Tile tile = tile_at(g, t0 + t, Transform<M>::kTile);
+    // the patch's input rows iy0 + dh * j
+    const int64_t iy0 = g.sh * tile.oy0 - g.ph, ix0 = g.sw * tile.ox0 - g.pw;
     const bool inside = iy0 >= 0 && ix0 >= 0 && iy0 + g.dh * (A - 1) < g.h && ix0 + g.dw * (A - 1) < g.w;
     for (int64_t c0 = 0; c0 < g.c; c0 += kLanes) {
       const int lanes = static_cast<int>(std::min<int64_t>(kLanes, g.c - c0));
@@ -354,12 +446,12 @@ DLO_INLINE void store_pixel(const float* val, const Epilogue& e, int64_t n, int6
 template <int M, typename V>
 DLO_INLINE void output_tiles(const float* mm, const Geometry& g, int64_t t0, int64_t count, int64_t rows,
                              const Epilogue& e, float* out, Strides4 os) {
-  constexpr int A = Transform<M>::A;
-  alignas(64) float half[M][A][kLanes];
-  alignas(64) float y[M][M][kLanes];
+  constexpr int A = Transform<M>::A, T = Transform<M>::kTile;
+  alignas(64) float half[T][A][kLanes];
+  alignas(64) float y[T][T][kLanes];
   const int64_t ms = rows * g.k;
   for (int64_t t = 0; t < count; ++t) {
-    const Tile tile = tile_at(g, t0 + t, M);
+    const Tile tile = tile_at(g, t0 + t, T);
     for (int64_t k0 = 0; k0 < g.k; k0 += kLanes) {
       const int lanes = static_cast<int>(std::min<int64_t>(kLanes, g.k - k0));
       const float* src = mm + t * g.k + k0;
@@ -368,15 +460,15 @@ DLO_INLINE void output_tiles(const float* mm, const Geometry& g, int64_t t0, int
           Transform<M>::template output<typename decltype(tag)::type>(src + l * ms + c, A * ms, half[0][l] + c, A * kLanes);
         });
       }
-      for (int i = 0; i < M; ++i) {
+      for (int i = 0; i < T; ++i) {
         for_lanes<V>(lanes, [&](auto tag, int c) {
           Transform<M>::template output<typename decltype(tag)::type>(half[i][0] + c, kLanes, y[i][0] + c, kLanes);
         });
       }
-      for (int i = 0; i < M; ++i) {
+      for (int i = 0; i < T; ++i) {
         const int64_t oy = tile.oy0 + g.dh * i;
         if (oy >= g.ho) break;
-        for (int j = 0; j < M; ++j) {
+        for (int j = 0; j < T; ++j) {
           const int64_t ox = tile.ox0 + g.dw * j;
           if (ox >= g.wo) break;
           store_pixel<V>(y[i][j], e, tile.n, oy, ox, k0, lanes, out, os);
@@ -387,27 +479,29 @@ DLO_INLINE void output_tiles(const float* mm, const Geometry& g, int64_t t0, int
 }
 
 // U[xi][c][k] = (G g G^T)[xi] for g = w[k][c], for the input channels [begin, end): w as [C_in][3][3][C_out]
-// (wt, C_out contiguous), lane by lane over output channels.
+// (wt, C_out contiguous), lane by lane over output channels. Each xi's [C_in x C_out] is packed for the GEMM
+// (gemm_packed_index: a vector of lanes stays within one panel, kLanes being a multiple of the panel width's
+// divisors the vectors have).
 template <int M, typename V>
 DLO_INLINE void weight_tiles(const float* wt, int64_t c_in, int64_t k, int64_t begin, int64_t end, float* u) {
-  constexpr int A = Transform<M>::A;
-  const int64_t us = c_in * k;  // between transformed elements xi
+  constexpr int P = Transform<M>::P;  // the distinct elements per axis: U holds P x P
+  const int64_t us = gemm_packed_size(c_in, k);  // between transformed elements xi
   for (int64_t c = begin; c < end; ++c) {
     const float* g = wt + c * 9 * k;
     for (int64_t k0 = 0; k0 < k; k0 += kLanes) {
       const int lanes = static_cast<int>(std::min<int64_t>(kLanes, k - k0));
       for_lanes<V>(lanes, [&](auto tag, int l) {
         using T = typename decltype(tag)::type;
-        T col[3], hc[A], h[A][3], row[A];
+        T col[3], hc[P], h[P][3], row[P];
         for (int j = 0; j < 3; ++j) {  // h = G w, column by column
           for (int i = 0; i < 3; ++i) load(col[i], g + (i * 3 + j) * k + k0 + l);
           Transform<M>::kernel(col, hc);
-          for (int a = 0; a < A; ++a) h[a][j] = hc[a];
+          for (int a = 0; a < P; ++a) h[a][j] = hc[a];
         }
-        float* dst = u + c * k + k0 + l;
-        for (int a = 0; a < A; ++a) {  // u = h G^T, row by row
+        float* dst = u + gemm_packed_index(c_in, c, k0 + l);
+        for (int a = 0; a < P; ++a) {  // u = h G^T, row by row
           Transform<M>::kernel(h[a], row);
-          for (int b = 0; b < A; ++b) store(dst + (a * A + b) * us, row[b]);
+          for (int b = 0; b < P; ++b) store(dst + (a * P + b) * us, row[b]);
         }
       });
     }
@@ -416,10 +510,10 @@ DLO_INLINE void weight_tiles(const float* wt, int64_t c_in, int64_t k, int64_t b
 
 template <int M>
 at::Tensor weight_transform(const at::Tensor& weight) {
-  constexpr int A = Transform<M>::A;
+  constexpr int P = Transform<M>::P;
   const int64_t k = weight.size(0), c = weight.size(1);
   const at::Tensor wt = weight.permute({1, 2, 3, 0}).contiguous();  // [C_in, 3, 3, C_out]
-  at::Tensor u = at::empty({A * A, c, k}, weight.options());
+  at::Tensor u = packed_weight_buffer(P * P, c, k, weight.options());
   const float* wp = wt.const_data_ptr<float>();
   float* up = u.mutable_data_ptr<float>();
   const auto isa = kernel_isa();
@@ -603,13 +697,40 @@ void for_sub_blocks(cpu_isa::Isa isa, int64_t tiles, const F& f) {
   });
 }
 
+// The element of U that transformed element xi (of A x A) multiplies by.
+template <int M>
+int64_t u_point(int64_t xi) {
+  constexpr int A = Transform<M>::A, P = Transform<M>::P;
+  return Transform<M>::point(static_cast<int>(xi / A)) * P + Transform<M>::point(static_cast<int>(xi % A));
+}
+
 // Tiles per block of winograd_blocks for `points` transformed elements and C_in + C_out = `channels`: V and M of a
-// block within kBlockBytes, and at least kParallelBlocks blocks where the tiles allow, whatever the thread count:
-// the blocks (so the GEMMs' shapes, so the bits) do not depend on it.
-int64_t block_tiles(int64_t points, int64_t c, int64_t k, int64_t tiles) {
-  const int64_t block = std::clamp<int64_t>(kBlockBytes / (points * (c + k) * int64_t{sizeof(float)}),
-                                            kMinBlockTiles, kMaxBlockTiles);
-  return std::min(block, std::max(kMinSplitTiles, ceil_div(tiles, kParallelBlocks)));
+// block within kBlockBytes, and at least kParallelBlocks blocks where the tiles allow; then the blocks evened out
+// over `threads` (a multiple of them where the tiles allow: 289 tiles at most 32 a block on 2 threads are 10 blocks
+// of 29, not nine of 32 and one of 1). The bits do not depend on the blocks (each tile is transformed alone, each
+// GEMM output is one chain over C_in).
+int64_t block_tiles(int64_t points, int64_t c, int64_t k, int64_t tiles, int64_t threads) {
+  const int64_t most = std::min(std::clamp<int64_t>(kBlockBytes / (points * (c + k) * int64_t{sizeof(float)}),
+                                                    kMinBlockTiles, kMaxBlockTiles),
+                                std::max(kMinSplitTiles, ceil_div(tiles, kParallelBlocks)));
+  int64_t blocks = ceil_div(tiles, most);
+  const int64_t even = ceil_div(blocks, threads) * threads;
+  if (even * kMinSplitTiles <= tiles) blocks = even;
+  return ceil_div(tiles, blocks);
+}
+
+// The GEMMs of transformed elements [begin, end) over their first `used` rows (V and M with `rows` rows between
+// elements): consecutive elements that multiply by the same element of U (the stride-2 transform's) in one GEMM of
+// their rows together where no unused rows lie between them.
+template <int M>
+void element_gemms(const float* v, const at::Tensor& u, const Geometry& g, float* m, int64_t rows, int64_t used,
+                   int64_t begin, int64_t end) {
+  for (int64_t xi = begin; xi < end;) {
+    int64_t run = 1;
+    while (used == rows && xi + run < end && u_point<M>(xi + run) == u_point<M>(xi)) ++run;
+    point_gemm(v + xi * rows * g.c, u, u_point<M>(xi), g.c, g.k, m + xi * rows * g.k, (run - 1) * rows + used);
+    xi += run;
+  }
 }
 
 // Rows (tiles or grids) per chunk of `rows` for `points` transformed elements: the fewest chunks of at most the rows
@@ -625,21 +746,20 @@ int64_t chunk_rows(int64_t points, int64_t c, int64_t k, int64_t rows) {
 }
 
 // The transformed weight u fits beside every thread's blocks in cache: blocks of tiles, each transformed,
-// multiplied and transformed back by one thread while its V and M stay in that core's cache (inside the parallel
-// region ATen's bmm and MKL run on the calling thread).
+// multiplied and transformed back by one thread while its V and M stay in that core's cache.
 template <int M>
 void winograd_blocks(const Geometry& g, const float* xp, Strides4 xs, const at::Tensor& u, const Epilogue& e,
                      float* op, Strides4 os, const at::TensorOptions& options) {
   constexpr int A = Transform<M>::A;
   const int64_t tiles = g.tiles();
   const auto isa = kernel_isa();
-  const int64_t block = block_tiles(A * A, g.c, g.k, tiles);
+  const int64_t block = block_tiles(A * A, g.c, g.k, tiles, at::get_num_threads());
   const int64_t blocks = ceil_div(tiles, block);
   at::parallel_for(0, blocks, 1, [&](int64_t b0, int64_t b1) {
     at::Tensor vbuf = at::empty({A * A * block * g.c}, options);
     at::Tensor mbuf = at::empty({A * A * block * g.k}, options);
     float* vp = vbuf.mutable_data_ptr<float>();
-    const float* mp = mbuf.const_data_ptr<float>();
+    float* mp = mbuf.mutable_data_ptr<float>();
     for (int64_t blk = b0; blk < b1; ++blk) {
       const int64_t t0 = blk * block, tc = std::min(block, tiles - t0);
       run_isa(
@@ -648,8 +768,7 @@ void winograd_blocks(const Geometry& g, const float* xp, Strides4 xs, const at::
             input_tiles<M, typename FloatVec<decltype(width)::value>::type>(xp, xs, g, t0, tc, tc, vp);
           },
           0, 1);
-      at::Tensor products = mbuf.narrow(0, 0, A * A * tc * g.k).view({A * A, tc, g.k});
-      at::bmm_out(products, vbuf.narrow(0, 0, A * A * tc * g.c).view({A * A, tc, g.c}), u);
+      element_gemms<M>(vp, u, g, mp, tc, tc, 0, A * A);
       run_isa(
           isa,
           [&](int64_t, int64_t, auto width) {
@@ -672,22 +791,16 @@ void winograd_chunks(const Geometry& g, const float* xp, Strides4 xs, const at::
   const at::Tensor vbuf = at::empty({A * A, chunk, g.c}, options);
   const at::Tensor mbuf = at::empty({A * A, chunk, g.k}, options);
   float* vp = vbuf.mutable_data_ptr<float>();
-  const float* pp = mbuf.const_data_ptr<float>();  // [A * A, chunk, K]: `chunk` rows between xi
+  float* mp = mbuf.mutable_data_ptr<float>();  // [A * A, chunk, K]: `chunk` rows between xi
+  const float* pp = mp;
   for (int64_t t0 = 0; t0 < tiles; t0 += chunk) {
     const int64_t tc = std::min(chunk, tiles - t0);
     for_sub_blocks(isa, tc, [&](int64_t off, int64_t n, auto width) {
       input_tiles<M, typename FloatVec<decltype(width)::value>::type>(xp, xs, g, t0 + off, n, chunk, vp + off * g.c);
     });
-    // The (m + 2)^2 GEMMs split over the threads, each on one (as in the blocks): the same bits for any number of
-    // threads from 2, which MKL's own threading of one bmm would not promise. One thread runs them outside a
-    // parallel region, where MKL rounds GEMMs with thousands of products per output differently (2048 -> 256
-    // channels: outputs 1.2e-5 apart between 1 and 2 threads; 300 -> 300 the same bits).
-    at::parallel_for(0, A * A, 1, [&](int64_t x0, int64_t x1) {
-      for (int64_t xi = x0; xi < x1; ++xi) {
-        at::Tensor product = mbuf.select(0, xi).narrow(0, 0, tc);
-        at::mm_out(product, vbuf.select(0, xi).narrow(0, 0, tc), u.select(0, xi));
-      }
-    });
+    // The (m + 2)^2 GEMMs split over the threads, each on one (as in the blocks).
+    at::parallel_for(0, A * A, 1,
+                     [&](int64_t x0, int64_t x1) { element_gemms<M>(vp, u, g, mp, chunk, tc, x0, x1); });
     for_sub_blocks(isa, tc, [&](int64_t off, int64_t n, auto width) {
       output_tiles<M, typename FloatVec<decltype(width)::value>::type>(pp + off * g.k, g, t0 + off, n, chunk, e, op,
                                                                        os);
@@ -915,7 +1028,7 @@ template <int LH, int LW, typename V>
 DLO_INLINE void weight_grids(const float* wt, int64_t c_in, int64_t k, int64_t first, int64_t begin, int64_t end,
                              float* u) {
   constexpr int PH = GridAxis<LH>::P, PW = GridAxis<LW>::P;
-  const int64_t us = c_in * k;
+  const int64_t us = gemm_packed_size(c_in, k);
   for (int64_t c = begin; c < end; ++c) {
     const float* g = wt + c * 9 * k;
     for (int64_t k0 = 0; k0 < k; k0 += kLanes) {
@@ -928,7 +1041,7 @@ DLO_INLINE void weight_grids(const float* wt, int64_t c_in, int64_t k, int64_t f
           GridAxis<LH>::kernel(col, hc);
           for (int a = 0; a < PH; ++a) h[a][j] = hc[a];
         }
-        float* dst = u + (first * c_in + c) * k + k0 + l;
+        float* dst = u + first * us + gemm_packed_index(c_in, c, k0 + l);
         for (int a = 0; a < PH; ++a) {
           GridAxis<LW>::kernel(h[a], row);
           for (int b = 0; b < PW; ++b) store(dst + (a * PW + b) * us, row[b]);
@@ -965,7 +1078,7 @@ DLO_INLINE void with_lengths(const GridType& type, const F& f) {
 at::Tensor short_grid_weight_transform(const at::Tensor& weight, const ShortGrids& s) {
   const int64_t k = weight.size(0), c = weight.size(1);
   const at::Tensor wt = weight.permute({1, 2, 3, 0}).contiguous();  // [C_in, 3, 3, C_out]
-  at::Tensor u = at::empty({s.points, c, k}, weight.options());
+  at::Tensor u = packed_weight_buffer(s.points, c, k, weight.options());
   const float* wp = wt.const_data_ptr<float>();
   float* up = u.mutable_data_ptr<float>();
   const auto isa = kernel_isa();
@@ -1003,9 +1116,8 @@ int64_t short_grid_chunk(const ShortGrids& s, const GridType& type) {
 // points where the rows allow (parts of at least kMinBlockTiles rows), so that the threads share them evenly
 // whatever the point count.
 constexpr int64_t kL2Bytes = 1 << 20;
-// Never a single GEMM where there are two rows: ATen runs a one-task parallel_for on the calling thread, outside any
-// parallel region, where MKL splits the GEMM over its own threads and the bits follow the thread count (a 1 x 1 grid
-// type of 2048 -> 256 channels at rate 18: outputs 7e-7 apart between 2 and 3 threads).
+// Never a single GEMM where there are two rows, so that two threads share the work (a one-point type, a 1 x 1 grid
+// type of 2048 -> 256 channels at rate 18); one row, its column panels in two GEMMs (short_grid_conv).
 int64_t short_grid_parts(int64_t points, int64_t rows, int64_t point_bytes) {
   const int64_t parts = point_bytes > kL2Bytes
                             ? 1
@@ -1014,10 +1126,8 @@ int64_t short_grid_parts(int64_t points, int64_t rows, int64_t point_bytes) {
 }
 
 // The short-grid convolution: per type, chunks of grids (each chunk's V and M within the chunk limits), each
-// transformed by all threads, multiplied point by point (the GEMMs split over the threads in a partition fixed by
-// the shapes, each on one thread: the same bits for any number of threads from 2; one thread runs them outside a
-// parallel region, where MKL's GEMMs with thousands of products per output round differently, as F(m)'s chunks)
-// and transformed back by all.
+// transformed by all threads, multiplied point by point (the GEMMs split over the threads, each on one thread; the
+// bits do not depend on the split, cpu/gemm_cpu.h) and transformed back by all.
 void short_grid_conv(const ShortGrids& s, const float* xp, Strides4 xs, const at::Tensor& u, const Epilogue& e,
                      float* op, Strides4 os, const at::TensorOptions& options) {
   const auto isa = kernel_isa();
@@ -1029,10 +1139,11 @@ void short_grid_conv(const ShortGrids& s, const float* xp, Strides4 xs, const at
   const at::Tensor vbuf = at::empty({v_size}, options);
   const at::Tensor mbuf = at::empty({m_size}, options);
   float* vp = vbuf.mutable_data_ptr<float>();
-  const float* pp = mbuf.const_data_ptr<float>();
+  float* mp = mbuf.mutable_data_ptr<float>();
+  const float* pp = mp;
+  const int64_t panels = gemm_panels(s.k);
   for (const GridType& type : s.types) {
     const int64_t chunk = short_grid_chunk(s, type), points = type.points();
-    const at::Tensor ut = u.narrow(0, type.first, points);
     for (int64_t g0 = 0; g0 < type.grids; g0 += chunk) {
       const int64_t gc = std::min(chunk, type.grids - g0);
       with_lengths(type, [&](auto lh, auto lw) {
@@ -1043,23 +1154,16 @@ void short_grid_conv(const ShortGrids& s, const float* xp, Strides4 xs, const at
       });
       const int64_t parts = short_grid_parts(points, gc, s.c * s.k * int64_t{sizeof(float)});
       const int64_t part_rows = ceil_div(gc, parts);
-      // ... nor where there is one row (one grid of a one-point type): its columns in two GEMMs then
-      const int64_t col_parts = points * parts < 2 && s.k >= 2 ? 2 : 1, part_cols = ceil_div(s.k, col_parts);
-      const at::Tensor v = vbuf.narrow(0, 0, points * gc * s.c).view({points, gc, s.c});
-      const at::Tensor m = mbuf.narrow(0, 0, points * gc * s.k).view({points, gc, s.k});
+      // ... nor where there is one row (one grid of a one-point type): its column panels in two GEMMs then
+      const int64_t col_parts = points * parts < 2 ? std::min<int64_t>(2, panels) : 1;
+      const int64_t part_panels = ceil_div(panels, col_parts);
       at::parallel_for(0, points * parts * col_parts, 1, [&](int64_t t0, int64_t t1) {
         for (int64_t t = t0; t < t1; ++t) {
           const int64_t p = t / (parts * col_parts), r0 = (t / col_parts % parts) * part_rows;
-          const int64_t k0 = t % col_parts * part_cols;
-          if (r0 >= gc) continue;
-          const int64_t rn = std::min(part_rows, gc - r0), kn = std::min(part_cols, s.k - k0);
-          if (col_parts == 1) {
-            at::Tensor product = m.select(0, p).narrow(0, r0, rn);
-            at::mm_out(product, v.select(0, p).narrow(0, r0, rn), ut.select(0, p));
-          } else {
-            m.select(0, p).narrow(0, r0, rn).narrow(1, k0, kn).copy_(
-                at::mm(v.select(0, p).narrow(0, r0, rn), ut.select(0, p).narrow(1, k0, kn)));
-          }
+          const int64_t q0 = t % col_parts * part_panels;
+          if (r0 >= gc || q0 >= panels) continue;
+          point_gemm(vp + (p * gc + r0) * s.c, u, type.first + p, s.c, s.k, mp + (p * gc + r0) * s.k,
+                     std::min(part_rows, gc - r0), q0, std::min(panels, q0 + part_panels));
         }
       });
       with_lengths(type, [&](auto lh, auto lw) {
@@ -1096,7 +1200,10 @@ template <int M>
 at::Tensor winograd(const at::Tensor& x, const at::Tensor& weight, const std::optional<at::Tensor>& bias,
                     const std::optional<at::Tensor>& residual, at::IntArrayRef padding, at::IntArrayRef dilation,
                     bool relu, at::MemoryFormat out_format) {
-  const Geometry g = geometry(x.size(0), x.size(1), x.size(2), x.size(3), weight.size(0), padding, dilation, M);
+  const Geometry g =
+      M == kStrided4
+          ? strided_geometry(x.size(0), x.size(1), x.size(2), x.size(3), weight.size(0), padding, Transform<M>::kTile)
+          : geometry(x.size(0), x.size(1), x.size(2), x.size(3), weight.size(0), padding, dilation, M);
   const at::Tensor u = cached_weight_transform<M>(weight);
   return channels_last_call(x, g.k, g.ho, g.wo, bias, residual, relu, out_format,
                             [&](const float* xp, Strides4 xs, const Epilogue& e, float* op, Strides4 os,
@@ -1140,7 +1247,7 @@ double tile_work_with_reads(const at::Tensor& x, const at::Tensor& weight, at::I
   const int64_t tiles = g.tiles(), point_bytes = c * k * int64_t{sizeof(float)};
   // as winograd<M> runs them: chunks or blocks
   const int64_t gemms = ceil_div(tiles, a2 * point_bytes > kBlockWeightBytes ? chunk_rows(a2, c, k, tiles)
-                                                                            : block_tiles(a2, c, k, tiles));
+                                                                            : block_tiles(a2, c, k, tiles, 1));
   return (static_cast<double>(tiles) + transform + short_grid_reads(point_bytes) * static_cast<double>(gemms)) *
          static_cast<double>(a2);
 }
@@ -1160,18 +1267,32 @@ bool winograd_enabled() {
 int winograd_plan(const at::Tensor& x, const at::Tensor& weight, at::IntArrayRef stride, at::IntArrayRef padding,
                   at::IntArrayRef dilation) {
   if (!winograd_enabled() || !x.is_cpu() || !weight.is_cpu()) return 0;
-  // The GEMMs run through ATen's bmm, which follows the float32 matmul precision: where the user lowered it
-  // (torch.set_float32_matmul_precision("medium"), torch.backends.mkldnn.matmul.fp32_precision = "bf16"), bmm
-  // multiplies in bfloat16 while a convolution is meant to stay float32: oneDNN's convolution runs instead.
-  if (!full_float32_matmul()) return 0;
+  // The GEMMs are float32 whatever the float32 matmul precision says (cpu/gemm_cpu.h), as a convolution stays.
   if (x.scalar_type() != at::kFloat || weight.scalar_type() != at::kFloat) return 0;
   if (x.dim() != 4 || weight.dim() != 4 || weight.size(2) != 3 || weight.size(3) != 3) return 0;
   if (weight.size(1) != x.size(1) || stride.size() != 2 || padding.size() != 2 || dilation.size() != 2) return 0;
-  if (stride[0] != 1 || stride[1] != 1 || padding[0] < 0 || padding[1] < 0 || dilation[0] < 1 || dilation[1] < 1) {
-    return 0;
-  }
+  if (padding[0] < 0 || padding[1] < 0 || dilation[0] < 1 || dilation[1] < 1) return 0;
   if (x.size(1) < kMinChannels || weight.size(0) < kMinChannels || x.size(0) < 1) return 0;
   if (36 * x.size(1) * weight.size(0) * int64_t{sizeof(float)} > kMaxWeightBytes) return 0;
+  // The weight transform, per call where it is not kept, in the same units as the products (per input-output
+  // channel pair)
+  const bool kept = transform_cache().allowed(weight);
+  const auto transform_cost = [&](int64_t u_bytes) {
+    return kept ? 0.0 : (u_bytes > kMappedBytes ? kTransformCostMapped : kTransformCost);
+  };
+  if (stride[0] == 2 && stride[1] == 2 && dilation[0] == 1 && dilation[1] == 1) {
+    // Stride 2: 4 x 4 output tiles of 81 products each, against direct convolution's taps inside the image.
+    const Geometry g = strided_geometry(x.size(0), x.size(1), x.size(2), x.size(3), weight.size(0), padding, 4);
+    if (g.ho < 1 || g.wo < 1) return 0;
+    const double direct = static_cast<double>(x.size(0)) *
+                          static_cast<double>(valid_taps(x.size(2), g.ho, padding[0], 1, 3, 2)) *
+                          static_cast<double>(valid_taps(x.size(3), g.wo, padding[1], 1, 3, 2));
+    const int64_t u_bytes = 36 * x.size(1) * weight.size(0) * int64_t{sizeof(float)};
+    if (u_bytes > kMaxStridedWeightBytes) return 0;
+    const double work = (static_cast<double>(g.tiles()) + transform_cost(u_bytes)) * 81.0;
+    return work < kMaxStridedWorkRatio * direct ? kStrided4 : 0;
+  }
+  if (stride[0] != 1 || stride[1] != 1) return 0;
   const int64_t ho = x.size(2) + 2 * padding[0] - 2 * dilation[0], wo = x.size(3) + 2 * padding[1] - 2 * dilation[1];
   if (ho < 1 || wo < 1) return 0;
   // Direct convolution's multiplies: oneDNN skips the taps that fall in the padding, which on a map not much larger
@@ -1179,14 +1300,12 @@ int winograd_plan(const at::Tensor& x, const at::Tensor& weight, at::IntArrayRef
   const double direct = static_cast<double>(x.size(0)) *
                         static_cast<double>(valid_taps(x.size(2), ho, padding[0], dilation[0], 3, 1)) *
                         static_cast<double>(valid_taps(x.size(3), wo, padding[1], dilation[1], 3, 1));
-  // The weight transform, per call where it is not kept, in the same units (products per input-output channel pair)
-  const bool kept = transform_cache().allowed(weight);
   int best = 0;
   double best_work = 0.0;
   for (int m : {4, 3, 2}) {
     const Geometry g = geometry(x.size(0), x.size(1), x.size(2), x.size(3), weight.size(0), padding, dilation, m);
     const int64_t u_bytes = (m + 2) * (m + 2) * x.size(1) * weight.size(0) * int64_t{sizeof(float)};
-    const double transform = kept ? 0.0 : (u_bytes > kMappedBytes ? kTransformCostMapped : kTransformCost);
+    const double transform = transform_cost(u_bytes);
     const double work = (static_cast<double>(g.tiles()) + transform) * (m + 2) * (m + 2);
     const bool chunked = u_bytes > kBlockWeightBytes;
     if (work < (chunked ? kMaxWorkRatioChunked : kMaxWorkRatio) * direct && (best == 0 || work < best_work)) {
@@ -1205,7 +1324,7 @@ int winograd_plan(const at::Tensor& x, const at::Tensor& weight, at::IntArrayRef
     const int64_t u_bytes = s.points * point_bytes;
     if (u_bytes <= kMaxWeightBytes) {
       const double reads = short_grid_reads(point_bytes);
-      const double transform = kept ? 0.0 : (u_bytes > kMappedBytes ? kTransformCostMapped : kTransformCost);
+      const double transform = transform_cost(u_bytes);
       double work = 0.0;
       for (const GridType& type : s.types) {
         const int64_t chunk = short_grid_chunk(s, type);
@@ -1226,6 +1345,8 @@ int winograd_plan(const at::Tensor& x, const at::Tensor& weight, at::IntArrayRef
 at::Tensor winograd_conv3x3(const at::Tensor& x, const at::Tensor& weight, const std::optional<at::Tensor>& bias,
                             const std::optional<at::Tensor>& residual, at::IntArrayRef padding,
                             at::IntArrayRef dilation, bool relu, int m, at::MemoryFormat out_format) {
+  // Named in the profiler (its GEMMs are no aten ops): a trace shows which convolutions ran by Winograd.
+  RECORD_FUNCTION("deeplab_ops::winograd_conv3x3", std::vector<c10::IValue>());
   switch (m) {
     case 4:
       return winograd<4>(x, weight, bias, residual, padding, dilation, relu, out_format);
@@ -1235,8 +1356,11 @@ at::Tensor winograd_conv3x3(const at::Tensor& x, const at::Tensor& weight, const
       return winograd<2>(x, weight, bias, residual, padding, dilation, relu, out_format);
     case 1:
       return short_grid_winograd(x, weight, bias, residual, padding, dilation, relu, out_format);
+    case kStrided4:
+      return winograd<kStrided4>(x, weight, bias, residual, padding, dilation, relu, out_format);
     default:
-      TORCH_CHECK(false, "deeplab_ops: Winograd tile size must be 4, 3 or 2 (or 1: short grids), got ", m);
+      TORCH_CHECK(false, "deeplab_ops: Winograd tile size must be 4, 3 or 2 (or 1: short grids, -4: stride 2), got ",
+                  m);
   }
 }
 

@@ -2,9 +2,11 @@
 // F(4x4, 3x3), F(3x3, 3x3) or F(2x2, 3x3) (Lavin & Gray, "Fast Algorithms for Convolutional Neural Networks", 2016),
 // with the eval epilogue (bias, residual, ReLU) fused into the output transform. A dilated convolution is d_h * d_w
 // undilated ones on the output's polyphase grids, so the tiles of each grid are gathered with the dilation's step.
-// The multiplications are one batched GEMM per block of tiles (at::bmm: MKL / oneDNN), (m + 2)^2 products of
-// [tiles x C_in] by [C_in x C_out], against 9 * m^2 as many for direct convolution: 4x fewer for F(4x4, 3x3), 3.24x
-// for F(3x3, 3x3), 2.25x for F(2x2, 3x3). The tile size is the one that computes the fewest products over the
+// The multiplications are GEMMs per block of tiles on the extension's own kernel (cpu/gemm_cpu.h), (m + 2)^2
+// products of [tiles x C_in] by [C_in x C_out], against 9 * m^2 as many for direct convolution: 4x fewer for F(4x4,
+// 3x3), 3.24x for F(3x3, 3x3), 2.25x for F(2x2, 3x3). Stride 2 (dilation 1) splits each axis into its even inputs,
+// an F(4, 2) with the kernel's outer taps, and its odd ones, which multiply the centre tap: 81 products per 4 x 4
+// output tile against 144. The tile size is the one that computes the fewest products over the
 // map's tiles: a grid of 9 x 9 pixels (a 33 x 33 map at dilation 4) is 9 tiles of F(3x3) but would be 9 tiles of
 // F(4x4) with a padded row and column. Where every grid is at most 3 pixels along each axis (a map at most three
 // dilations across, padding == dilation: the ASPP's rate 18 on a 33 x 33 map), "short grids" compute each grid
@@ -24,14 +26,15 @@
 
 namespace deeplab_ops {
 
-// The output tile size m (4, 3 or 2) that winograd_conv3x3 would use for this convolution, 1 for short grids, or 0
-// where ATen's convolution should run: not a float32 CPU 3x3 stride-1 convolution with groups 1, too few channels
-// for the GEMMs to pay, or tiles so sparse on the dilated grids that the transforms cost more than they save.
+// The output tile size m (4, 3 or 2) that winograd_conv3x3 would use for this convolution, 1 for short grids, -4 for
+// stride-2 4 x 4 tiles, or 0 where ATen's convolution should run: not a float32 CPU 3x3 convolution with groups 1
+// and stride 1 (or 2 without dilation), too few channels for the GEMMs to pay, or tiles so sparse on the dilated
+// grids that the transforms cost more than they save.
 int winograd_plan(const at::Tensor& x, const at::Tensor& weight, at::IntArrayRef stride, at::IntArrayRef padding,
                   at::IntArrayRef dilation);
 
 // act(conv2d(x, weight, bias, stride=1, padding, dilation) [+ residual]) with output tile size m, or short grids
-// for m = 1 (winograd_plan's answer), written in out_format. x, weight: float32 CPU, weight [C_out, C_in, 3, 3];
+// for m = 1, or stride 2 (dilation 1) for m = -4 (winograd_plan's answer), written in out_format. x, weight: float32 CPU, weight [C_out, C_in, 3, 3];
 // bias [C_out] or none; residual the output's shape or none. The transformed weight is kept for the next call with this weight tensor
 // in its current state (same tensor, storage, shape and version counter) if the weight was registered with
 // winograd_cache_allow, as the eval path registers the folded weights it caches (deeplab_ops.common.derived's

@@ -34,6 +34,18 @@ def _make_inputs(path) -> None:
         target = torch.randint(0, 21, (2, 67, 85), generator=g)
         target[torch.rand(2, 67, 85, generator=g) < 0.1] = 255
         inputs[f"uce {dtype}"] = (logits, target)
+    # the Winograd convolution's GEMM (panels of 32 columns: 70 leaves a part panel; 300 inner: two blocks of 256)
+    inputs["gemm"] = (torch.randn(37, 300, generator=g), torch.randn(300, 70, generator=g))
+    # a Winograd convolution: transforms and GEMMs (48 output channels: a part panel), F(4x4) and short grids
+    x = torch.randn(2, 40, 13, 11, generator=g).contiguous(memory_format=torch.channels_last)
+    weight = (torch.randn(48, 40, 3, 3, generator=g) / 20).contiguous(memory_format=torch.channels_last)
+    inputs["winograd"] = (x, weight, torch.randn(48, generator=g))
+    x = torch.randn(3, 300, 13, 13, generator=g).contiguous(memory_format=torch.channels_last)
+    weight = (torch.randn(300, 300, 3, 3, generator=g) / 50).contiguous(memory_format=torch.channels_last)
+    inputs["short grids"] = (x, weight, torch.randn(300, generator=g))
+    x = torch.randn(2, 40, 31, 32, generator=g).contiguous(memory_format=torch.channels_last)
+    weight = (torch.randn(36, 40, 3, 3, generator=g) / 20).contiguous(memory_format=torch.channels_last)
+    inputs["stride 2"] = (x, weight, torch.randn(36, generator=g))
     torch.save(inputs, path)
 
 
@@ -45,7 +57,7 @@ torch.set_num_threads(int(sys.argv[2]))
 inputs = torch.load(sys.argv[3])
 out = {"capability": torch.backends.cpu.get_cpu_capability()}
 for key, value in inputs.items():
-    if key.startswith("uce"):
+    if key.startswith(("uce", "gemm", "winograd", "short grids", "stride 2")):
         continue
     y, dz, mean, invstd, w, b = value
     c = y.shape[1]
@@ -61,6 +73,15 @@ for dtype in (torch.float32, torch.float64):
         loss = deeplab_ops.upsample_cross_entropy(logits, target, reduction=reduction, backend="cpu")
         (grad,) = torch.autograd.grad(loss, logits, torch.ones_like(loss))
         out[f"uce {dtype} {reduction}"] = [loss.detach(), grad]
+a, b = inputs["gemm"]
+out["gemm"] = [ops.cpu_gemm(a, b, 8), ops.cpu_gemm(a, b, 5, 1)]
+for key, stride, dilation, plan in (("winograd", 1, 1, 4), ("short grids", 1, 7, 1), ("stride 2", 2, 1, -4)):
+    x, weight, bias = inputs[key]
+    ops.winograd_cache_allow(weight)
+    s, d = (stride, stride), (dilation, dilation)
+    assert ops.winograd_plan(x, weight, s, d, d) == plan, key  # the plan the shape gets: Winograd runs
+    with torch.no_grad():
+        out[key] = [ops.conv_bias_act(x, weight, bias, None, s, d, d, True)]
 torch.save(out, sys.argv[1])
 '''
 

@@ -1,11 +1,11 @@
-"""The cpu backend's Winograd convolution (csrc/cpu/winograd_cpu.cpp): float32 3x3 stride-1 convolutions with at
-least 32 channels each way, where F(4x4, 3x3), F(3x3, 3x3) or F(2x2, 3x3) does less work than oneDNN, in inference
-only (eval with no gradient to compute: conv_bias_act with BatchNorm folded in, the fused ASPP's branches); training
-and eval-with-gradients keep oneDNN's convolution.
+"""The cpu backend's Winograd convolution (csrc/cpu/winograd_cpu.cpp): float32 3x3 convolutions of stride 1 (and
+2) with at least 32 channels each way, where F(4x4, 3x3), F(3x3, 3x3), F(2x2, 3x3) or the stride-2 tiles do less
+work than oneDNN, in inference only (eval with no gradient to compute: conv_bias_act with BatchNorm folded in, the
+fused ASPP's branches); training and eval-with-gradients keep oneDNN's convolution.
 
-Which algorithm ran is read from the profiler (Winograd's GEMMs are aten::bmm or aten::mm calls; oneDNN's convolution is
-mkldnn::_convolution_pointwise or aten::convolution); values are compared with float64 convolutions on fresh inputs,
-odd shapes, paddings and dilations included.
+Which algorithm ran is read from the profiler (Winograd records deeplab_ops::winograd_conv3x3 around its own GEMMs;
+oneDNN's convolution is mkldnn::_convolution_pointwise or aten::convolution); values are compared with float64
+convolutions on fresh inputs, odd shapes, paddings and dilations included.
 """
 
 from __future__ import annotations
@@ -22,6 +22,7 @@ from deeplab_ops import reference
 
 _ops = torch.ops.deeplab_ops
 CL = torch.channels_last
+WINOGRAD = "deeplab_ops::winograd_conv3x3"  # the profiler's name of a Winograd convolution
 
 
 def _ran(fn):
@@ -32,9 +33,8 @@ def _ran(fn):
 
 
 def _used_winograd(names) -> bool:
-    # Its GEMMs: one bmm per block of tiles, or (weights over 12 MB) one mm per transformed element of a chunk.
     conv = {"aten::convolution", "aten::_convolution", "mkldnn::_convolution_pointwise", "aten::mkldnn_convolution"}
-    return bool({"aten::bmm", "aten::mm"} & names) and not conv & names
+    return WINOGRAD in names and not conv & names
 
 
 def _inputs(n, c, k, h, w, scale=1.0):
@@ -144,8 +144,68 @@ def test_plan_counts_the_weight_transform_of_weights_not_kept(case, kept, transf
     assert _plan(*case, kept=False) == transformed
 
 
+# Stride 2 (plan -4): (N, C_in, C_out, H, W, padding), odd and even maps, no padding, asymmetric padding, channel counts
+# that leave part of a 32-channel GEMM panel, tiles over the border.
+STRIDED_CASES = [
+    (1, 40, 36, 47, 31, (1, 1)),
+    (2, 33, 70, 32, 25, (0, 0)),
+    (2, 32, 48, 30, 31, (2, 1)),
+    (2, 32, 32, 16, 16, (1, 1)),
+]
+
+
+@pytest.mark.parametrize("layout", [CL, torch.contiguous_format], ids=["nhwc", "nchw"])
+@pytest.mark.parametrize("case", STRIDED_CASES, ids=str)
+@pytest.mark.parametrize("epilogue", ["bias", "bias+residual+relu"])
+def test_stride_2_runs_winograd_and_matches_float64(case, epilogue, layout):
+    n, c, k, h, w, padding = case
+    x, weight = _inputs(n, c, k, h, w)
+    x, weight = x.contiguous(memory_format=layout), _kept(weight)
+    assert _ops.winograd_plan(x, weight, (2, 2), padding, (1, 1)) == -4
+    bias = torch.randn(k)
+    ref = F.conv2d(x.double(), weight.double(), bias.double(), 2, padding)
+    residual = torch.randn(ref.shape).contiguous(memory_format=layout) if "residual" in epilogue else None
+    if residual is not None:
+        ref = F.relu(ref + residual.double())
+    out, names = _ran(lambda: _ops.conv_bias_act(x, weight, bias, residual, (2, 2), padding, (1, 1),
+                                                  residual is not None))
+    assert _used_winograd(names), sorted(names)
+    assert out.shape == ref.shape and out.is_contiguous(memory_format=layout)
+    _close(out, ref, f"stride 2 {case} {epilogue}")
+
+
+def test_stride_2_gives_the_same_bits_for_any_thread_count():
+    x, weight = _inputs(3, 64, 40, 31, 32)
+    weight = _kept(weight)
+    assert _ops.winograd_plan(x, weight, (2, 2), (1, 1), (1, 1)) == -4
+    threads = torch.get_num_threads()
+    try:
+        outs = []
+        for n in (1, 2, 3):
+            torch.set_num_threads(n)
+            outs.append(_ops.conv_bias_act(x, weight, None, None, (2, 2), (1, 1), (1, 1), False))
+    finally:
+        torch.set_num_threads(threads)
+    assert torch.equal(outs[0], outs[1]) and torch.equal(outs[0], outs[2])
+    _close(outs[0], F.conv2d(x.double(), weight.double(), None, 2, 1), "stride 2, 3 threads")
+
+
+@pytest.mark.parametrize("case,plan", [
+    ((1, 128, 128, 129, 129, (1, 1)), -4),  # DeepLabV3's layer2 stride-2 convolution (0.63 of direct's products)
+    ((1, 256, 256, 65, 65, (1, 1)), 0),  # its layer3 one: the 9.4 MB transform is read from L3 by every block
+    ((1, 64, 64, 33, 33, (1, 1)), 0),  # 17 x 17 outputs: 5 x 5 tiles of which a fifth is padding
+    ((1, 16, 16, 129, 129, (1, 1)), 0),  # too few channels for the GEMMs
+], ids=str)
+def test_stride_2_plan(case, plan):
+    n, c, k, h, w, padding = case
+    assert _plan(n, c, k, h, w, padding, (1, 1), stride=(2, 2)) == plan
+
+
 def test_plan_declines_what_winograd_cannot_run():
     assert _plan(1, 64, 64, 33, 33, (1, 1), (1, 1), stride=(2, 2)) == 0
+    assert _plan(1, 128, 128, 129, 129, (1, 1), (1, 1), stride=(2, 1)) == 0  # strides 1 and 2, or 3: oneDNN
+    assert _plan(1, 128, 128, 129, 129, (1, 1), (1, 1), stride=(3, 3)) == 0
+    assert _plan(1, 128, 128, 129, 129, (2, 2), (2, 2), stride=(2, 2)) == 0  # stride 2 with dilation
     assert _ops.winograd_plan(torch.empty(1, 64, 33, 33, dtype=torch.float64), torch.empty(64, 64, 3, 3,
                               dtype=torch.float64), (1, 1), (1, 1), (1, 1)) == 0
     assert _ops.winograd_plan(torch.empty(1, 64, 33, 33), torch.empty(64, 64, 1, 1), (1, 1), (0, 0), (1, 1)) == 0
@@ -362,7 +422,7 @@ def test_training_and_gradients_keep_onednn(memory_efficient, layout, training):
     kwargs = dict(stride=1, padding=2, dilation=2, training=training)
     out, names = _ran(lambda: deeplab_ops.conv_bn_relu(x, weight, bn_w, bn_b, rm, rv, backend="cpu",
                                                         memory_efficient=memory_efficient, **kwargs))
-    assert "aten::bmm" not in names, sorted(names)
+    assert WINOGRAD not in names, sorted(names)
     leaves = [x, weight, bn_w, bn_b]
     dleaves = [t.detach().double().requires_grad_(True) for t in leaves]
     ref = reference.conv_bn_relu(*dleaves, rm_ref, rv_ref, **kwargs)
@@ -371,7 +431,7 @@ def test_training_and_gradients_keep_onednn(memory_efficient, layout, training):
     torch.testing.assert_close(rv.double(), rv_ref, atol=1e-5, rtol=1e-5)
     g = torch.randn(out.shape).contiguous(memory_format=layout)
     grads, names = _ran(lambda: torch.autograd.grad(out, leaves, g))
-    assert "aten::bmm" not in names, sorted(names)
+    assert WINOGRAD not in names, sorted(names)
     for name, got, want in zip(["x", "weight", "bn_weight", "bn_bias"], grads,
                                torch.autograd.grad(ref, dleaves, g.double()), strict=True):
         _close(got, want, f"grad {name}", 1e-4)
@@ -456,7 +516,7 @@ def test_aspp_branches_run_winograd_only_without_gradients(mode):
     with torch.set_grad_enabled(flows):
         out, names = _ran(lambda: deeplab_ops.aspp(x, convs, pool_w, proj_w, bn_w, bn_b, rms, rvs, rates=rates,
                                                    training=training, backend="cpu", memory_efficient=lean))
-    assert "aspp_forward" in " ".join(names) and ("aten::bmm" in names) == (not flows), sorted(names)
+    assert "aspp_forward" in " ".join(names) and (WINOGRAD in names) == (not flows), sorted(names)
     leaves = [x, *convs, pool_w, proj_w, *bn_w, *bn_b]
     dl = [t.detach().double().requires_grad_(True) for t in leaves]
     k = len(convs)
@@ -468,7 +528,7 @@ def test_aspp_branches_run_winograd_only_without_gradients(mode):
     if flows:
         g = torch.randn(out.shape).contiguous(memory_format=CL)
         grads, names = _ran(lambda: torch.autograd.grad(out, leaves, g))
-        assert "aten::bmm" not in names, sorted(names)
+        assert WINOGRAD not in names, sorted(names)
         for i, (got, want) in enumerate(zip(grads, torch.autograd.grad(ref, dl, g.double()), strict=True)):
             _close(got, want, f"aspp gradient {i}", 1e-4)
 
@@ -477,8 +537,9 @@ def test_aspp_branches_run_winograd_only_without_gradients(mode):
 @pytest.mark.parametrize("setting", ["matmul-precision-medium"] + (
     ["mkldnn-matmul-bf16"] if hasattr(torch.backends.mkldnn, "matmul") else []))
 def test_lowered_matmul_precision_keeps_convolutions_float32(setting):
-    # Winograd's GEMMs would follow the float32 matmul precision (bfloat16 on CPUs that have it); a convolution
-    # stays float32 whatever that setting says, so oneDNN's convolution runs instead.
+    # A convolution stays float32 whatever the float32 matmul precision says (bfloat16 on CPUs that have it):
+    # Winograd's GEMMs are the extension's own float32 kernel, which no such setting changes, so it still runs, and
+    # gives the same bits as with the default precision.
     x, weight = _inputs(2, 64, 64, 17, 17)
     weight, zero = _kept(weight), torch.zeros(64)
     ref = F.conv2d(x.double(), weight.double(), None, 1, 1, 1)
@@ -489,15 +550,15 @@ def test_lowered_matmul_precision_keeps_convolutions_float32(setting):
             torch.set_float32_matmul_precision("medium")
         else:
             torch.backends.mkldnn.matmul.fp32_precision = "bf16"
-        out, names = _ran(lambda: _ops.conv_bias_act(x, weight, zero, None, (1, 1), (1, 1), (1, 1), False))
-        assert not _used_winograd(names), sorted(names)
-        _close(out, ref, setting)
+        lowered, names = _ran(lambda: _ops.conv_bias_act(x, weight, zero, None, (1, 1), (1, 1), (1, 1), False))
+        assert _used_winograd(names), sorted(names)
+        _close(lowered, ref, setting)
     finally:
         torch.set_float32_matmul_precision(before_global)
         if before_mkldnn is not None:
             torch.backends.mkldnn.matmul.fp32_precision = before_mkldnn
     out, names = _ran(lambda: _ops.conv_bias_act(x, weight, zero, None, (1, 1), (1, 1), (1, 1), False))
-    assert _used_winograd(names)
+    assert _used_winograd(names) and torch.equal(out, lowered)
 
 
 @pytest.mark.skipif(not hasattr(torch.backends.cuda.matmul, "fp32_precision"),
@@ -630,7 +691,7 @@ def test_aspp_eval_keeps_its_branch_transforms_and_follows_parameter_updates():
     with torch.no_grad():
         before = _cache()
         first, names = _ran(lambda: aspp(x))
-        assert "aten::bmm" in names, sorted(names)
+        assert WINOGRAD in names, sorted(names)
         after_first = _cache()
         assert after_first["misses"] == before["misses"] + 2 and after_first["entries"] == before["entries"] + 2
         assert torch.equal(aspp(x), first) and _cache()["hits"] == after_first["hits"] + 2
@@ -694,7 +755,7 @@ def test_aspp_weights_computed_per_call_are_not_kept():
                 [b.running_mean for b in bns], [b.running_var for b in bns], rates=(3, 4), training=False,
                 backend="cpu"))
             assert _ops.winograd_plan(x, weights[1], (1, 1), (3, 3), (3, 3)) == 0
-            assert "aten::bmm" not in names, sorted(names)
+            assert WINOGRAD not in names, sorted(names)
             _close(out, _aspp_reference(aspp, x), "weights computed per call", 1e-4)
     assert _cache() == before
     deeplab_ops.common.clear_derived()

@@ -1,0 +1,223 @@
+// The packed float32 GEMM of cpu/gemm_cpu.h.
+//
+// Register blocking: a micro-kernel holds a tile of kRows rows by one 32-column panel of C in registers (AVX-512: 8
+// rows by two 16-float vectors; AVX2: 6 rows by two 8-float vectors, a panel in two halves) and runs the inner
+// dimension in blocks of kInner, B's panel block (32 KB) staying in L1 while A's rows stream through it: on this
+// project's AMD EPYC (Zen 4, one thread) 108-113 GFLOP/s at the Winograd shapes (128-2048 inner, 128-256 columns,
+// 128-289 rows), where ATen's mm (MKL) ran 66-78 and oneDNN's inner product with a prepacked weight 72-101.
+#include "cpu/gemm_cpu.h"
+
+#include <ATen/Parallel.h>
+
+#include <algorithm>
+#include <cmath>
+
+#include "cpu/isa_dispatch.h"
+
+#ifdef DLO_X86_KERNELS
+#include <immintrin.h>
+#endif
+
+namespace deeplab_ops {
+namespace {
+
+constexpr int64_t kInner = 256;  // inner-dimension block: B's panel block of 32 KB, A's rows of the block in L2
+
+// The baseline build: one std::fma chain per element, in the same order as the vector kernels.
+void gemm_base(const float* a, int64_t lda, const float* b, int64_t inner, int64_t n, float* c, int64_t ldc,
+               int64_t rows, int64_t p0, int64_t p1) {
+  for (int64_t p = p0; p < p1; ++p) {
+    const float* bp = b + p * inner * kGemmPanel;
+    const int64_t cols = std::min(kGemmPanel, n - p * kGemmPanel);
+    for (int64_t i = 0; i < rows; ++i) {
+      for (int64_t j = 0; j < cols; ++j) {
+        float acc = 0.f;
+        for (int64_t k = 0; k < inner; ++k) acc = std::fma(a[i * lda + k], bp[k * kGemmPanel + j], acc);
+        c[i * ldc + p * kGemmPanel + j] = acc;
+      }
+    }
+  }
+}
+
+#ifdef DLO_X86_KERNELS
+#define DLO_AVX512_KERNEL __attribute__((target("avx512f,avx2,fma"), always_inline)) inline
+#define DLO_AVX2_KERNEL __attribute__((target("avx2,fma"), always_inline)) inline
+
+// R rows of C's panel (columns masked by m0, m1) += or = A's rows [.., k0 + kc) times the panel's block.
+template <int R>
+DLO_AVX512_KERNEL void tile_avx512(const float* a, int64_t lda, const float* b, int64_t kc, float* c, int64_t ldc,
+                                   bool first, __mmask16 m0, __mmask16 m1) {
+  __m512 acc0[R], acc1[R];
+  for (int r = 0; r < R; ++r) {
+    acc0[r] = first ? _mm512_setzero_ps() : _mm512_maskz_loadu_ps(m0, c + r * ldc);
+    acc1[r] = first ? _mm512_setzero_ps() : _mm512_maskz_loadu_ps(m1, c + r * ldc + 16);
+  }
+  for (int64_t k = 0; k < kc; ++k) {
+    const __m512 b0 = _mm512_loadu_ps(b + k * kGemmPanel), b1 = _mm512_loadu_ps(b + k * kGemmPanel + 16);
+    for (int r = 0; r < R; ++r) {
+      const __m512 av = _mm512_set1_ps(a[r * lda + k]);
+      acc0[r] = _mm512_fmadd_ps(av, b0, acc0[r]);
+      acc1[r] = _mm512_fmadd_ps(av, b1, acc1[r]);
+    }
+  }
+  for (int r = 0; r < R; ++r) {
+    _mm512_mask_storeu_ps(c + r * ldc, m0, acc0[r]);
+    _mm512_mask_storeu_ps(c + r * ldc + 16, m1, acc1[r]);
+  }
+}
+
+template <int R>
+DLO_AVX512_KERNEL void rows_avx512(const float* a, int64_t lda, const float* b, int64_t kc, float* c, int64_t ldc,
+                                   int64_t rows, bool first, __mmask16 m0, __mmask16 m1) {
+  int64_t i = 0;
+  for (; i + R <= rows; i += R) tile_avx512<R>(a + i * lda, lda, b, kc, c + i * ldc, ldc, first, m0, m1);
+  const int64_t rest = rows - i;
+  a += i * lda, c += i * ldc;
+  switch (rest) {  // the last rows, fewer than R
+    case 7: return tile_avx512<7>(a, lda, b, kc, c, ldc, first, m0, m1);
+    case 6: return tile_avx512<6>(a, lda, b, kc, c, ldc, first, m0, m1);
+    case 5: return tile_avx512<5>(a, lda, b, kc, c, ldc, first, m0, m1);
+    case 4: return tile_avx512<4>(a, lda, b, kc, c, ldc, first, m0, m1);
+    case 3: return tile_avx512<3>(a, lda, b, kc, c, ldc, first, m0, m1);
+    case 2: return tile_avx512<2>(a, lda, b, kc, c, ldc, first, m0, m1);
+    case 1: return tile_avx512<1>(a, lda, b, kc, c, ldc, first, m0, m1);
+    default: return;
+  }
+}
+
+__attribute__((target("avx512f,avx2,fma"))) void gemm_avx512(const float* a, int64_t lda, const float* b,
+                                                             int64_t inner, int64_t n, float* c, int64_t ldc,
+                                                             int64_t rows, int64_t p0, int64_t p1) {
+  for (int64_t k0 = 0; k0 < inner; k0 += kInner) {
+    const int64_t kc = std::min(kInner, inner - k0);
+    for (int64_t p = p0; p < p1; ++p) {
+      const int64_t cols = std::min(kGemmPanel, n - p * kGemmPanel);
+      const auto m0 = static_cast<__mmask16>(cols >= 16 ? 0xFFFF : (1u << cols) - 1);
+      const auto m1 = static_cast<__mmask16>(cols >= 32 ? 0xFFFF : cols <= 16 ? 0 : (1u << (cols - 16)) - 1);
+      rows_avx512<8>(a + k0, lda, b + p * inner * kGemmPanel + k0 * kGemmPanel, kc, c + p * kGemmPanel, ldc, rows,
+                     k0 == 0, m0, m1);
+    }
+  }
+}
+
+// AVX2: a panel in two halves of 16 columns, each R rows by two 8-float vectors.
+template <int R>
+DLO_AVX2_KERNEL void tile_avx2(const float* a, int64_t lda, const float* b, int64_t kc, float* c, int64_t ldc,
+                               bool first, __m256i m0, __m256i m1) {
+  __m256 acc0[R], acc1[R];
+  for (int r = 0; r < R; ++r) {
+    acc0[r] = first ? _mm256_setzero_ps() : _mm256_maskload_ps(c + r * ldc, m0);
+    acc1[r] = first ? _mm256_setzero_ps() : _mm256_maskload_ps(c + r * ldc + 8, m1);
+  }
+  for (int64_t k = 0; k < kc; ++k) {
+    const __m256 b0 = _mm256_loadu_ps(b + k * kGemmPanel), b1 = _mm256_loadu_ps(b + k * kGemmPanel + 8);
+    for (int r = 0; r < R; ++r) {
+      const __m256 av = _mm256_broadcast_ss(a + r * lda + k);
+      acc0[r] = _mm256_fmadd_ps(av, b0, acc0[r]);
+      acc1[r] = _mm256_fmadd_ps(av, b1, acc1[r]);
+    }
+  }
+  for (int r = 0; r < R; ++r) {
+    _mm256_maskstore_ps(c + r * ldc, m0, acc0[r]);
+    _mm256_maskstore_ps(c + r * ldc + 8, m1, acc1[r]);
+  }
+}
+
+template <int R>
+DLO_AVX2_KERNEL void rows_avx2(const float* a, int64_t lda, const float* b, int64_t kc, float* c, int64_t ldc,
+                               int64_t rows, bool first, __m256i m0, __m256i m1) {
+  int64_t i = 0;
+  for (; i + R <= rows; i += R) tile_avx2<R>(a + i * lda, lda, b, kc, c + i * ldc, ldc, first, m0, m1);
+  const int64_t rest = rows - i;
+  a += i * lda, c += i * ldc;
+  switch (rest) {
+    case 5: return tile_avx2<5>(a, lda, b, kc, c, ldc, first, m0, m1);
+    case 4: return tile_avx2<4>(a, lda, b, kc, c, ldc, first, m0, m1);
+    case 3: return tile_avx2<3>(a, lda, b, kc, c, ldc, first, m0, m1);
+    case 2: return tile_avx2<2>(a, lda, b, kc, c, ldc, first, m0, m1);
+    case 1: return tile_avx2<1>(a, lda, b, kc, c, ldc, first, m0, m1);
+    default: return;
+  }
+}
+
+// The lanes [0, 8) of an AVX2 mask whose first `cols` lanes are on.
+__attribute__((target("avx2,fma"))) __m256i lanes_avx2(int64_t cols) {
+  const __m256i index = _mm256_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7);
+  return _mm256_cmpgt_epi32(_mm256_set1_epi32(static_cast<int>(std::clamp<int64_t>(cols, 0, 8))), index);
+}
+
+__attribute__((target("avx2,fma"))) void gemm_avx2(const float* a, int64_t lda, const float* b, int64_t inner,
+                                                   int64_t n, float* c, int64_t ldc, int64_t rows, int64_t p0,
+                                                   int64_t p1) {
+  for (int64_t k0 = 0; k0 < inner; k0 += kInner) {
+    const int64_t kc = std::min(kInner, inner - k0);
+    for (int64_t p = p0; p < p1; ++p) {
+      const int64_t cols = std::min(kGemmPanel, n - p * kGemmPanel);
+      for (int64_t half = 0; half < 2 && half * 16 < cols; ++half) {
+        const int64_t hc = cols - half * 16;
+        rows_avx2<6>(a + k0, lda, b + p * inner * kGemmPanel + k0 * kGemmPanel + half * 16, kc,
+                     c + p * kGemmPanel + half * 16, ldc, rows, k0 == 0, lanes_avx2(hc), lanes_avx2(hc - 8));
+      }
+    }
+  }
+}
+#endif
+
+}  // namespace
+
+void packed_gemm(const float* a, int64_t lda, const float* b, int64_t inner, int64_t n, float* c, int64_t ldc,
+                 int64_t rows, int64_t panel_begin, int64_t panel_end) {
+  if (rows <= 0 || panel_begin >= panel_end) return;
+  if (inner == 0) {  // an empty sum
+    for (int64_t i = 0; i < rows; ++i) {
+      const int64_t j0 = panel_begin * kGemmPanel, j1 = std::min(n, panel_end * kGemmPanel);
+      std::fill(c + i * ldc + j0, c + i * ldc + j1, 0.f);
+    }
+    return;
+  }
+#ifdef DLO_X86_KERNELS
+  switch (cpu_isa::kernel_isa()) {
+    case cpu_isa::Isa::kAvx512:
+      return gemm_avx512(a, lda, b, inner, n, c, ldc, rows, panel_begin, panel_end);
+    case cpu_isa::Isa::kAvx2:
+      return gemm_avx2(a, lda, b, inner, n, c, ldc, rows, panel_begin, panel_end);
+    default:
+      break;
+  }
+#endif
+  gemm_base(a, lda, b, inner, n, c, ldc, rows, panel_begin, panel_end);
+}
+
+at::Tensor cpu_gemm(const at::Tensor& a, const at::Tensor& b, int64_t row_block, int64_t panel_block) {
+  TORCH_CHECK(a.dim() == 2 && b.dim() == 2, "cpu_gemm: a and b must be matrices, got shapes ", a.sizes(), " and ",
+              b.sizes());
+  TORCH_CHECK(a.size(1) == b.size(0), "cpu_gemm: a's columns (", a.size(1), ") must equal b's rows (", b.size(0),
+              ")");
+  TORCH_CHECK(a.is_cpu() && b.is_cpu() && a.scalar_type() == at::kFloat && b.scalar_type() == at::kFloat,
+              "cpu_gemm: a and b must be float32 CPU tensors, got ", a.scalar_type(), " on ", a.device(), " and ",
+              b.scalar_type(), " on ", b.device());
+  TORCH_CHECK(row_block >= 1, "cpu_gemm: row_block must be at least 1, got ", row_block);
+  TORCH_CHECK(panel_block >= 0, "cpu_gemm: panel_block must be non-negative (0: every panel), got ", panel_block);
+  const int64_t m = a.size(0), inner = a.size(1), n = b.size(1), panels = gemm_panels(n);
+  const at::Tensor ac = a.contiguous();
+  // b packed: [panels][inner][kGemmPanel], zero past n
+  at::Tensor bp = at::zeros({panels * kGemmPanel, inner}, b.options());
+  bp.narrow(0, 0, n).copy_(b.t());
+  bp = bp.view({panels, kGemmPanel, inner}).transpose(1, 2).contiguous();
+  at::Tensor c = at::empty({m, n}, a.options());
+  const int64_t pb = panel_block == 0 ? std::max<int64_t>(panels, 1) : panel_block;
+  const int64_t row_parts = (m + row_block - 1) / row_block, panel_parts = (panels + pb - 1) / pb;
+  const float* ap = ac.const_data_ptr<float>();
+  const float* bpp = bp.const_data_ptr<float>();
+  float* cp = c.mutable_data_ptr<float>();
+  at::parallel_for(0, row_parts * panel_parts, 1, [&](int64_t t0, int64_t t1) {
+    for (int64_t t = t0; t < t1; ++t) {
+      const int64_t r0 = t / panel_parts * row_block, p0 = t % panel_parts * pb;
+      packed_gemm(ap + r0 * inner, inner, bpp, inner, n, cp + r0 * n, n, std::min(row_block, m - r0), p0,
+                  std::min(panels, p0 + pb));
+    }
+  });
+  return c;
+}
+
+}  // namespace deeplab_ops

@@ -1,0 +1,38 @@
+// A float32 GEMM for the Winograd convolutions' products (csrc/cpu/winograd_cpu.cpp): C = A B with B packed once
+// (its transformed weight, kept between calls) and A and C row-major, on the calling thread.
+//
+// Every output element is one chain of fused multiply-adds in the order of the inner dimension, whatever the ISA
+// (AVX-512, AVX2: their FMA instructions; the baseline build: std::fma), the row and column blocking, the caller's
+// split of the rows or columns over threads and the thread count: the same bits everywhere.
+#pragma once
+
+#include <ATen/ATen.h>
+
+#include <cstdint>
+
+namespace deeplab_ops {
+
+// Columns per panel of a packed B: B as [panels][inner][kPanel] floats, zero in the columns past its width.
+constexpr int64_t kGemmPanel = 32;
+
+inline int64_t gemm_panels(int64_t n) { return (n + kGemmPanel - 1) / kGemmPanel; }
+
+// Floats of one packed B of `inner` rows and n columns.
+inline int64_t gemm_packed_size(int64_t inner, int64_t n) { return gemm_panels(n) * inner * kGemmPanel; }
+
+// Where element (row i, column j) of a packed B of `inner` rows lies.
+inline int64_t gemm_packed_index(int64_t inner, int64_t i, int64_t j) {
+  return (j / kGemmPanel) * inner * kGemmPanel + i * kGemmPanel + j % kGemmPanel;
+}
+
+// C[rows x n] = A[rows x inner] B for C's column panels [panel_begin, panel_end) (columns panel * kGemmPanel on,
+// up to n): A's rows `lda` floats apart, C's `ldc`; B packed (gemm_packed_index). Overwrites C there.
+void packed_gemm(const float* a, int64_t lda, const float* b, int64_t inner, int64_t n, float* c, int64_t ldc,
+                 int64_t rows, int64_t panel_begin, int64_t panel_end);
+
+// a @ b for float32 CPU matrices through packed_gemm (b packed per call), its rows in GEMMs of `row_block` rows and
+// its columns in GEMMs of `panel_block` panels (0: all): the op cpu_gemm, which tests check against float64 and,
+// bit for bit, across blockings, thread counts and ISA builds.
+at::Tensor cpu_gemm(const at::Tensor& a, const at::Tensor& b, int64_t row_block, int64_t panel_block);
+
+}  // namespace deeplab_ops
