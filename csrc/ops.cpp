@@ -120,7 +120,8 @@ TORCH_LIBRARY(deeplab_ops, m) {
   // whose transforms may be kept (the eval path's cached folds; held weakly), {entries, bytes, hits, misses}, and
   // emptying it (deeplab_ops.common.clear_derived calls it).
   // winograd_plan: the output tile size (4, 3 or 2) the cpu backend's Winograd convolution would run a float32 eval
-  // convolution with, 1 for its short grids, or 0 where oneDNN's convolution runs (csrc/cpu/winograd_cpu.h).
+  // convolution with, 1 for its short grids, -4 for stride-2 tiles, or 0 where oneDNN's convolution runs
+  // (csrc/cpu/winograd_cpu.h).
   m.def("winograd_plan(Tensor x, Tensor weight, int[2] stride, int[2] padding, int[2] dilation) -> int",
         [](const at::Tensor& x, const at::Tensor& weight, at::IntArrayRef stride, at::IntArrayRef padding,
            at::IntArrayRef dilation) -> int64_t {

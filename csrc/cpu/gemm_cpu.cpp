@@ -3,8 +3,9 @@
 // Register blocking: a micro-kernel holds a tile of kRows rows by one 32-column panel of C in registers (AVX-512: 8
 // rows by two 16-float vectors; AVX2: 6 rows by two 8-float vectors, a panel in two halves) and runs the inner
 // dimension in blocks of kInner, B's panel block (32 KB) staying in L1 while A's rows stream through it: on this
-// project's AMD EPYC (Zen 4, one thread) 108-113 GFLOP/s at the Winograd shapes (128-2048 inner, 128-256 columns,
-// 128-289 rows), where ATen's mm (MKL) ran 66-78 and oneDNN's inner product with a prepacked weight 72-101.
+// project's AMD EPYC (Zen 4, one thread) 104-114 GFLOP/s at the Winograd shapes (128-2048 inner, 128-256 columns,
+// 72-289 rows; 87-104 where each GEMM reads a fresh 2 MB B), where ATen's mm (MKL) ran 66-78 and oneDNN's inner
+// product with a prepacked weight 72-101.
 #include "cpu/gemm_cpu.h"
 
 #include <ATen/Parallel.h>
@@ -23,19 +24,20 @@ namespace {
 
 constexpr int64_t kInner = 256;  // inner-dimension block: B's panel block of 32 KB, A's rows of the block in L2
 
-// The baseline build: one std::fma chain per element, in the same order as the vector kernels.
+// The baseline build (and machines other than x86): ATen's mm (MKL, OpenBLAS, ...) per panel, which reads the
+// panel as a row-major [inner x cols] matrix 32 floats a row. A scalar FMA chain per element would give the vector
+// kernels' bits, but on x86 without an FMA target each step is a library call: 1 GFLOP/s against mm's ~80, which
+// would make Winograd many times slower than the oneDNN convolution it replaces. So this build's bits are mm's.
 void gemm_base(const float* a, int64_t lda, const float* b, int64_t inner, int64_t n, float* c, int64_t ldc,
                int64_t rows, int64_t p0, int64_t p1) {
+  const auto options = at::TensorOptions().dtype(at::kFloat);
+  const at::Tensor av = at::from_blob(const_cast<float*>(a), {rows, inner}, {lda, 1}, options);
   for (int64_t p = p0; p < p1; ++p) {
-    const float* bp = b + p * inner * kGemmPanel;
     const int64_t cols = std::min(kGemmPanel, n - p * kGemmPanel);
-    for (int64_t i = 0; i < rows; ++i) {
-      for (int64_t j = 0; j < cols; ++j) {
-        float acc = 0.f;
-        for (int64_t k = 0; k < inner; ++k) acc = std::fma(a[i * lda + k], bp[k * kGemmPanel + j], acc);
-        c[i * ldc + p * kGemmPanel + j] = acc;
-      }
-    }
+    const at::Tensor bv =
+        at::from_blob(const_cast<float*>(b + p * inner * kGemmPanel), {inner, cols}, {kGemmPanel, 1}, options);
+    at::Tensor cv = at::from_blob(c + p * kGemmPanel, {rows, cols}, {ldc, 1}, options);
+    at::mm_out(cv, av, bv);
   }
 }
 
@@ -205,15 +207,17 @@ at::Tensor cpu_gemm(const at::Tensor& a, const at::Tensor& b, int64_t row_block,
   bp.narrow(0, 0, n).copy_(b.t());
   bp = bp.view({panels, kGemmPanel, inner}).transpose(1, 2).contiguous();
   at::Tensor c = at::empty({m, n}, a.options());
-  const int64_t pb = panel_block == 0 ? std::max<int64_t>(panels, 1) : panel_block;
-  const int64_t row_parts = (m + row_block - 1) / row_block, panel_parts = (panels + pb - 1) / pb;
+  // blocks larger than the matrix are the whole of it (no overflow in the part counts)
+  const int64_t pb = std::max<int64_t>(1, std::min(panel_block == 0 ? panels : panel_block, panels));
+  const int64_t rb = std::max<int64_t>(1, std::min(row_block, m));
+  const int64_t row_parts = (m + rb - 1) / rb, panel_parts = (panels + pb - 1) / pb;
   const float* ap = ac.const_data_ptr<float>();
   const float* bpp = bp.const_data_ptr<float>();
   float* cp = c.mutable_data_ptr<float>();
   at::parallel_for(0, row_parts * panel_parts, 1, [&](int64_t t0, int64_t t1) {
     for (int64_t t = t0; t < t1; ++t) {
-      const int64_t r0 = t / panel_parts * row_block, p0 = t % panel_parts * pb;
-      packed_gemm(ap + r0 * inner, inner, bpp, inner, n, cp + r0 * n, n, std::min(row_block, m - r0), p0,
+      const int64_t r0 = t / panel_parts * rb, p0 = t % panel_parts * pb;
+      packed_gemm(ap + r0 * inner, inner, bpp, inner, n, cp + r0 * n, n, std::min(rb, m - r0), p0,
                   std::min(panels, p0 + pb));
     }
   });

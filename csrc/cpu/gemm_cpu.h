@@ -1,9 +1,10 @@
 // A float32 GEMM for the Winograd convolutions' products (csrc/cpu/winograd_cpu.cpp): C = A B with B packed once
 // (its transformed weight, kept between calls) and A and C row-major, on the calling thread.
 //
-// Every output element is one chain of fused multiply-adds in the order of the inner dimension, whatever the ISA
-// (AVX-512, AVX2: their FMA instructions; the baseline build: std::fma), the row and column blocking, the caller's
-// split of the rows or columns over threads and the thread count: the same bits everywhere.
+// Every output element is one chain of fused multiply-adds in the order of the inner dimension, whatever the vector
+// ISA (AVX-512, AVX2), the row and column blocking, the caller's split of the rows or columns over threads and the
+// thread count: the same bits in all of these. The baseline build (and machines other than x86) runs ATen's mm per
+// panel instead (gemm_cpu.cpp says why): its own bits, and the float32 matmul precision applies there.
 #pragma once
 
 #include <ATen/ATen.h>

@@ -1,9 +1,9 @@
 // Winograd F(m x m, 3x3) convolution for float32 on the CPU (csrc/cpu/winograd_cpu.h says what and when).
 //
-// Per block of tiles, on one thread: the input transform V = B^T d B of every (m + 2)^2 input patch, lane by lane
-// over channels ([(m + 2)^2, tiles, C_in]); one batched GEMM M = V U with the transformed weight U = G g G^T
-// ([(m + 2)^2, C_in, C_out]); the output transform A^T M A, with the bias, residual and ReLU, straight into the
-// output. Blocks keep V and M in the thread's cache; the transforms run on the ISA that torch's kernels use
+// Per block of tiles, on one thread: the input transform V = B^T d B of every (m + 2)^2 input patch (A^2: 81 for
+// stride 2), lane by lane over channels ([A^2, tiles, C_in]); a GEMM M = V U per transformed element with the
+// transformed weight U = G g G^T ([elements, packed C_in x C_out], cpu/gemm_cpu.h; stride 2 keeps 36 distinct
+// elements); the output transform A^T M A, with the bias, residual and ReLU, straight into the output. Blocks keep V and M in the thread's cache; the transforms run on the ISA that torch's kernels use
 // (cpu/isa_dispatch.h), the GEMMs on cpu/gemm_cpu.h's kernel with U packed for it.
 #include "cpu/winograd_cpu.h"
 
@@ -33,7 +33,8 @@ using cpu_isa::run_isa;
 
 constexpr int kLanes = 64;                      // channels per transform block (a tile's patch stays in L1)
 constexpr int64_t kBlockBytes = 1 << 20;         // V and M of one thread's block of tiles (in its L2)
-constexpr int64_t kMinBlockTiles = 32;           // rows of each GEMM (fewer read U too often)
+constexpr int64_t kMinBlockTiles = 32;           // rows of each GEMM (fewer read U too often; block_tiles may
+                                                 // even blocks out down to kMinSplitTiles over many threads)
 constexpr int64_t kMaxBlockTiles = 256;
 constexpr int64_t kParallelBlocks = 4;           // blocks a small convolution is split into (threads to use)
 constexpr int64_t kMinSplitTiles = 16;           // ... but no block under this many tiles
@@ -118,8 +119,8 @@ Geometry strided_geometry(int64_t n, int64_t c, int64_t h, int64_t w, int64_t k,
   Geometry g{};
   g.n = n, g.c = c, g.h = h, g.w = w, g.k = k;
   g.ph = padding[0], g.pw = padding[1], g.dh = 1, g.dw = 1, g.sh = 2, g.sw = 2;
-  g.ho = (h + 2 * g.ph - 3) / 2 + 1;
-  g.wo = (w + 2 * g.pw - 3) / 2 + 1;
+  g.ho = h + 2 * g.ph < 3 ? 0 : (h + 2 * g.ph - 3) / 2 + 1;  // no output where the padded map is under 3 pixels
+  g.wo = w + 2 * g.pw < 3 ? 0 : (w + 2 * g.pw - 3) / 2 + 1;
   g.qh = 1, g.qw = 1;
   g.th = ceil_div(g.ho, m);
   g.tw = ceil_div(g.wo, m);
@@ -913,7 +914,7 @@ GridAxisPhases grid_axis_phases(int64_t size, int64_t dil) {
 }
 
 // One type of grid (L_h x L_w pixels): n * (phases of length L_h) * (of length L_w) grids, whose transformed weight
-// starts at point `first` of the whole transform [points, C_in, C_out].
+// starts at point `first` of the whole transform [points, packed C_in x C_out].
 struct GridType {
   int lh, lw;
   int64_t grids, first;
@@ -1074,7 +1075,7 @@ DLO_INLINE void with_lengths(const GridType& type, const F& f) {
   }
 }
 
-// Every type's transformed weight in one tensor [points, C_in, C_out], in the order of s.types.
+// Every type's transformed weight in one tensor [points, packed C_in x C_out], in the order of s.types.
 at::Tensor short_grid_weight_transform(const at::Tensor& weight, const ShortGrids& s) {
   const int64_t k = weight.size(0), c = weight.size(1);
   const at::Tensor wt = weight.permute({1, 2, 3, 0}).contiguous();  // [C_in, 3, 3, C_out]
@@ -1267,7 +1268,10 @@ bool winograd_enabled() {
 int winograd_plan(const at::Tensor& x, const at::Tensor& weight, at::IntArrayRef stride, at::IntArrayRef padding,
                   at::IntArrayRef dilation) {
   if (!winograd_enabled() || !x.is_cpu() || !weight.is_cpu()) return 0;
-  // The GEMMs are float32 whatever the float32 matmul precision says (cpu/gemm_cpu.h), as a convolution stays.
+  // The GEMMs are float32 whatever the float32 matmul precision says (cpu/gemm_cpu.h), as a convolution stays; but
+  // for the baseline build's, ATen's mm, which follows it: where the user lowered it (torch's "medium", oneDNN's
+  // "bf16"), oneDNN's float32 convolution runs instead.
+  if (kernel_isa() == cpu_isa::Isa::kBase && !full_float32_matmul()) return 0;
   if (x.scalar_type() != at::kFloat || weight.scalar_type() != at::kFloat) return 0;
   if (x.dim() != 4 || weight.dim() != 4 || weight.size(2) != 3 || weight.size(3) != 3) return 0;
   if (weight.size(1) != x.size(1) || stride.size() != 2 || padding.size() != 2 || dilation.size() != 2) return 0;

@@ -1,7 +1,7 @@
 """The float32 GEMM kernel of the cpu backend's Winograd convolution (csrc/cpu/gemm_cpu.h), through the op cpu_gemm:
 against float64 on odd shapes (rows, inner sizes across its 256-deep blocks, columns that leave part of a 32-column
 panel), and bit for bit across the ways a caller splits it (rows, column panels, threads). tests/ops/test_cpu_isa.py
-checks the ISA builds give the same bits."""
+checks the AVX2 and AVX-512 builds give the same bits (the baseline build runs ATen's mm)."""
 
 from __future__ import annotations
 
@@ -54,6 +54,14 @@ def test_same_bits_for_every_split_and_thread_count():
                 assert torch.equal(got, want), f"{n} threads, blocks {row_block}/{panel_block}"
     finally:
         torch.set_num_threads(threads)
+
+
+def test_blocks_larger_than_the_matrix_are_the_whole_of_it():
+    g = torch.Generator().manual_seed(11)
+    a, b = torch.randn(5, 7, generator=g), torch.randn(7, 40, generator=g)
+    want = _ops.cpu_gemm(a, b, 5)
+    for row_block, panel_block in ((2**63 - 1, 0), (1, 2**63 - 1), (2**62, 2**62)):
+        assert torch.equal(_ops.cpu_gemm(a, b, row_block, panel_block), want), (row_block, panel_block)
 
 
 def test_special_values():
