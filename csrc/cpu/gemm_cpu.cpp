@@ -13,6 +13,7 @@
 #include <algorithm>
 #include <cmath>
 
+#include "cpu/conv_layout_cpu.h"
 #include "cpu/isa_dispatch.h"
 
 #ifdef DLO_X86_KERNELS
@@ -188,6 +189,13 @@ void packed_gemm(const float* a, int64_t lda, const float* b, int64_t inner, int
   }
 #endif
   gemm_base(a, lda, b, inner, n, c, ldc, rows, panel_begin, panel_end);
+}
+
+bool packed_gemm_is_float32() {
+#ifdef DLO_X86_KERNELS
+  if (cpu_isa::kernel_isa() != cpu_isa::Isa::kBase) return true;
+#endif
+  return full_float32_matmul();
 }
 
 at::Tensor cpu_gemm(const at::Tensor& a, const at::Tensor& b, int64_t row_block, int64_t panel_block) {

@@ -31,6 +31,10 @@ inline int64_t gemm_packed_index(int64_t inner, int64_t i, int64_t j) {
 void packed_gemm(const float* a, int64_t lda, const float* b, int64_t inner, int64_t n, float* c, int64_t ldc,
                  int64_t rows, int64_t panel_begin, int64_t panel_end);
 
+// Whether packed_gemm multiplies in float32 now: always in the vector builds; in the baseline build, ATen's mm, only
+// while the float32 matmul precision is not lowered (torch's "medium", oneDNN's "bf16").
+bool packed_gemm_is_float32();
+
 // a @ b for float32 CPU matrices through packed_gemm (b packed per call), its rows in GEMMs of `row_block` rows and
 // its columns in GEMMs of `panel_block` panels (0: all): the op cpu_gemm, which tests check against float64 and,
 // bit for bit, across blockings, thread counts and ISA builds.

@@ -3,8 +3,9 @@
 // Per block of tiles, on one thread: the input transform V = B^T d B of every (m + 2)^2 input patch (A^2: 81 for
 // stride 2), lane by lane over channels ([A^2, tiles, C_in]); a GEMM M = V U per transformed element with the
 // transformed weight U = G g G^T ([elements, packed C_in x C_out], cpu/gemm_cpu.h; stride 2 keeps 36 distinct
-// elements); the output transform A^T M A, with the bias, residual and ReLU, straight into the output. Blocks keep V and M in the thread's cache; the transforms run on the ISA that torch's kernels use
-// (cpu/isa_dispatch.h), the GEMMs on cpu/gemm_cpu.h's kernel with U packed for it.
+// elements); the output transform A^T M A, with the bias, residual and ReLU, straight into the output. Blocks keep
+// V and M in the thread's cache; the transforms run on the ISA that torch's kernels use (cpu/isa_dispatch.h), the
+// GEMMs on cpu/gemm_cpu.h's kernel with U packed for it.
 #include "cpu/winograd_cpu.h"
 
 #include <ATen/Context.h>
@@ -793,7 +794,6 @@ void winograd_chunks(const Geometry& g, const float* xp, Strides4 xs, const at::
   const at::Tensor mbuf = at::empty({A * A, chunk, g.k}, options);
   float* vp = vbuf.mutable_data_ptr<float>();
   float* mp = mbuf.mutable_data_ptr<float>();  // [A * A, chunk, K]: `chunk` rows between xi
-  const float* pp = mp;
   for (int64_t t0 = 0; t0 < tiles; t0 += chunk) {
     const int64_t tc = std::min(chunk, tiles - t0);
     for_sub_blocks(isa, tc, [&](int64_t off, int64_t n, auto width) {
@@ -803,7 +803,7 @@ void winograd_chunks(const Geometry& g, const float* xp, Strides4 xs, const at::
     at::parallel_for(0, A * A, 1,
                      [&](int64_t x0, int64_t x1) { element_gemms<M>(vp, u, g, mp, chunk, tc, x0, x1); });
     for_sub_blocks(isa, tc, [&](int64_t off, int64_t n, auto width) {
-      output_tiles<M, typename FloatVec<decltype(width)::value>::type>(pp + off * g.k, g, t0 + off, n, chunk, e, op,
+      output_tiles<M, typename FloatVec<decltype(width)::value>::type>(mp + off * g.k, g, t0 + off, n, chunk, e, op,
                                                                        os);
     });
   }
@@ -1128,7 +1128,7 @@ int64_t short_grid_parts(int64_t points, int64_t rows, int64_t point_bytes) {
 
 // The short-grid convolution: per type, chunks of grids (each chunk's V and M within the chunk limits), each
 // transformed by all threads, multiplied point by point (the GEMMs split over the threads, each on one thread; the
-// bits do not depend on the split, cpu/gemm_cpu.h) and transformed back by all.
+// vector builds' bits do not depend on the split, cpu/gemm_cpu.h) and transformed back by all.
 void short_grid_conv(const ShortGrids& s, const float* xp, Strides4 xs, const at::Tensor& u, const Epilogue& e,
                      float* op, Strides4 os, const at::TensorOptions& options) {
   const auto isa = kernel_isa();
@@ -1141,7 +1141,6 @@ void short_grid_conv(const ShortGrids& s, const float* xp, Strides4 xs, const at
   const at::Tensor mbuf = at::empty({m_size}, options);
   float* vp = vbuf.mutable_data_ptr<float>();
   float* mp = mbuf.mutable_data_ptr<float>();
-  const float* pp = mp;
   const int64_t panels = gemm_panels(s.k);
   for (const GridType& type : s.types) {
     const int64_t chunk = short_grid_chunk(s, type), points = type.points();
@@ -1170,7 +1169,7 @@ void short_grid_conv(const ShortGrids& s, const float* xp, Strides4 xs, const at
       with_lengths(type, [&](auto lh, auto lw) {
         for_sub_blocks(isa, gc, [&](int64_t off, int64_t n, auto width) {
           output_grids<decltype(lh)::value, decltype(lw)::value, typename FloatVec<decltype(width)::value>::type>(
-              pp + off * s.k, s, type, g0 + off, n, gc, e, op, os);
+              mp + off * s.k, s, type, g0 + off, n, gc, e, op, os);
         });
       });
     }
@@ -1268,10 +1267,9 @@ bool winograd_enabled() {
 int winograd_plan(const at::Tensor& x, const at::Tensor& weight, at::IntArrayRef stride, at::IntArrayRef padding,
                   at::IntArrayRef dilation) {
   if (!winograd_enabled() || !x.is_cpu() || !weight.is_cpu()) return 0;
-  // The GEMMs are float32 whatever the float32 matmul precision says (cpu/gemm_cpu.h), as a convolution stays; but
-  // for the baseline build's, ATen's mm, which follows it: where the user lowered it (torch's "medium", oneDNN's
-  // "bf16"), oneDNN's float32 convolution runs instead.
-  if (kernel_isa() == cpu_isa::Isa::kBase && !full_float32_matmul()) return 0;
+  // A convolution stays float32: where the GEMMs would follow a lowered float32 matmul precision (the baseline
+  // build's, cpu/gemm_cpu.h), oneDNN's float32 convolution runs instead.
+  if (!packed_gemm_is_float32()) return 0;
   if (x.scalar_type() != at::kFloat || weight.scalar_type() != at::kFloat) return 0;
   if (x.dim() != 4 || weight.dim() != 4 || weight.size(2) != 3 || weight.size(3) != 3) return 0;
   if (weight.size(1) != x.size(1) || stride.size() != 2 || padding.size() != 2 || dilation.size() != 2) return 0;
