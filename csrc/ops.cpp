@@ -171,21 +171,22 @@ TORCH_LIBRARY(deeplab_ops, m) {
   // over the (len(rates) + 2) * C concatenation. The BatchNorm tensors of all branches are concatenated in
   // the order [conv branches..., pooling, projection], each block C channels (K = (len(rates) + 3) * C).
   // The pooling branch enters the projection as a per-(image, channel) bias, never broadcast over H x W.
-  // Saved for backward: branch_out (pre-BN conv branch outputs, N x (len(rates) + 1) * C x H x W), pool_out
+  // Saved for backward: branch_out (the pre-BN conv branch outputs as the twin keeps them: the cpu/cuda composite
+  // one N x C x H x W tensor per branch, the triton twin one N x (len(rates) + 1) * C x H x W buffer), pool_out
   // (pre-BN pooling branch, N x C), project_out (pre-BN projection) and the statistics (K,).
   // group_name / memory_efficient: as for conv_bn_relu_forward; every BatchNorm block is synchronized.
   DLO_DEF_WITH_TRITON_TWIN(
       "aspp_forward",
       "(Tensor x, Tensor[] conv_weights, Tensor pool_weight, Tensor project_weight, Tensor bn_weight, "
       "Tensor bn_bias, Tensor? running_mean, Tensor? running_var, int[] rates, bool training, float momentum, "
-      "float eps, str? group_name=None, bool memory_efficient=False) -> (Tensor out, Tensor branch_out, "
+      "float eps, str? group_name=None, bool memory_efficient=False) -> (Tensor out, Tensor[] branch_out, "
       "Tensor pool_out, Tensor project_out, Tensor save_mean, Tensor save_invstd, Tensor new_running_mean, "
       "Tensor new_running_var)");
   // output_mask: gradients wanted for (x, the conv weights, the BatchNorm weight and bias).
   DLO_DEF_WITH_TRITON_TWIN(
       "aspp_backward",
       "(Tensor grad_out, Tensor x, Tensor[] conv_weights, Tensor pool_weight, Tensor project_weight, "
-      "Tensor bn_weight, Tensor bn_bias, Tensor branch_out, Tensor pool_out, Tensor project_out, Tensor out, "
+      "Tensor bn_weight, Tensor bn_bias, Tensor[] branch_out, Tensor pool_out, Tensor project_out, Tensor out, "
       "Tensor save_mean, Tensor save_invstd, int[] rates, bool training, bool[3] output_mask, "
       "str? group_name=None) -> (Tensor grad_x, Tensor[] grad_conv_weights, Tensor grad_pool_weight, "
       "Tensor grad_project_weight, Tensor grad_bn_weight, Tensor grad_bn_bias)");

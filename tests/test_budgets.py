@@ -159,15 +159,19 @@ def test_conv_bn_relu_cpu_backward_never_synchronizes(memory_efficient):
 
 
 def test_aspp_cpu_train_forward():
-    """Training forward with concatenated BatchNorm tensors: no sync; one cat (the pre-BN branch buffer: ATen's
-    convolutions cannot write into slices of one buffer); copies: the two running-statistics copies and one 0-d
-    dtype conversion inside at::mean (counted as to, _to_copy and copy_); <= 24 ops besides views."""
-    _check(_census(*_aspp_call("train_fwd")), ops=24, copies=5, cat=1, views_count=False)
+    """Training forward with concatenated BatchNorm tensors, in either layout: no sync; no cat (each conv branch
+    keeps its own pre-BN tensor, the projection sums per-branch convolutions); copies: the two running-statistics
+    copies and one 0-d dtype conversion inside at::mean (counted as to, _to_copy and copy_); <= 24 ops besides
+    views."""
+    for layout in (torch.channels_last, torch.contiguous_format):
+        _check(_census(*_aspp_call("train_fwd", layout=layout)), ops=24, copies=5, views_count=False)
 
 
 @pytest.mark.parametrize("memory_efficient", [False, True])
 def test_aspp_cpu_backward_never_synchronizes(memory_efficient):
-    _check(_census(*_aspp_call("fwd_bwd", memory_efficient=memory_efficient)), cat=5)
+    """No sync; the backward's three cats join per-branch gradients into the op's single outputs: the projection
+    weight's, the BatchNorm weights' and biases'. The forward and its memory-efficient recompute join nothing."""
+    _check(_census(*_aspp_call("fwd_bwd", memory_efficient=memory_efficient)), cat=3)
 
 
 N_BN = 6  # the ASPP cases' BatchNorms: 1x1 branch, three rates, pooling, projection
@@ -176,22 +180,22 @@ N_BN = 6  # the ASPP cases' BatchNorms: 1x1 branch, three rates, pooling, projec
 def test_aspp_module_train_forward():
     """FusedASPP, separate BatchNorm modules: their tensors are kept back to back (deeplab_ops.nn.pack_batchnorms),
     so no cat of them per call; copies: <= 2 per BatchNorm (measured: one per running statistic for all six, and
-    at::mean's 0-d conversion); the one cat is the C++ composite's pre-BN branch buffer; <= 24 ops besides views."""
+    at::mean's 0-d conversion); no cat; <= 24 ops besides views."""
     row = _census(*_aspp_module_call("train_fwd"))
-    _check(row, ops=24, copies=2 * N_BN, cat=1, views_count=False)
+    _check(row, ops=24, copies=2 * N_BN, views_count=False)
 
 
 def test_aspp_module_eval_forward():
     row = _census(*_aspp_module_call("eval_fwd"))
-    _check(row, ops=24, copies=2 * N_BN, cat=1, views_count=False)
+    _check(row, ops=24, copies=2 * N_BN, views_count=False)
 
 
 @pytest.mark.parametrize("memory_efficient", [False, True])
 def test_aspp_module_backward(memory_efficient):
     """Forward + backward: no sync; no cat of BatchNorm parameters or of their gradients (the per-BatchNorm
-    gradients are views of the op's): the cats left are the C++ composite's, as with concatenated tensors (forward
-    branch buffer, once more in the memory-efficient recompute; three in its backward)."""
-    _check(_census(*_aspp_module_call("fwd_bwd", memory_efficient=memory_efficient)), cat=4 + memory_efficient)
+    gradients are views of the op's): the cats left are the C++ composite backward's three, as with concatenated
+    tensors."""
+    _check(_census(*_aspp_module_call("fwd_bwd", memory_efficient=memory_efficient)), cat=3)
 
 
 @triton_test

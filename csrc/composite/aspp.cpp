@@ -1,6 +1,7 @@
 // The composite fused ASPP of the cpu and cuda backends: ATen convolutions (oneDNN / cuDNN) plus the BN stage
-// ops. All conv branches' BatchNorms run as one (N, B*C, H, W) pass; the pooling branch enters the projection as a
-// per-(image, channel) bias; normalized branch outputs are recomputed in backward, not saved.
+// ops. Each conv branch keeps its own pre-BN output (no buffer joins them) and the projection sums its per-branch
+// 1x1 convolutions; the pooling branch enters the projection as a per-(image, channel) bias; normalized branch
+// outputs are recomputed in backward, not saved.
 #include <ATen/ATen.h>
 #include <torch/library.h>
 
@@ -79,7 +80,37 @@ std::optional<at::Tensor> block(const std::optional<at::Tensor>& t, int64_t star
   return block(*t, start, len);
 }
 
-std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor>
+// The conv branches normalized (BatchNorm + ReLU), each by its block of the statistics and parameters.
+std::vector<at::Tensor> normalized_branches(at::TensorList branch, const at::Tensor& mean, const at::Tensor& invstd,
+                                            const at::Tensor& bn_weight, const at::Tensor& bn_bias, int64_t c) {
+  std::vector<at::Tensor> z;
+  z.reserve(branch.size());
+  for (size_t b = 0; b < branch.size(); ++b) {
+    const int64_t start = static_cast<int64_t>(b) * c;
+    z.push_back(call_bn_apply(branch[b], block(mean, start, c), block(invstd, start, c), block(bn_weight, start, c),
+                              block(bn_bias, start, c), std::nullopt, true));
+  }
+  return z;
+}
+
+// The projection's 1x1 convolution over the normalized conv branches: sum over b of conv(z[b], its C input
+// channels of project_weight), in memory format mf. float32 / float64: one convolution per branch, accumulated in
+// place (nothing joins the branches); float16 / bfloat16: one convolution over their concatenation, so that the
+// sum is rounded to the half type once, as a single convolution over every branch rounds it.
+at::Tensor branch_projection(at::TensorList z, const at::Tensor& project_weight, int64_t c, at::MemoryFormat mf) {
+  const auto conv1x1 = [&](const at::Tensor& input, int64_t start, int64_t len) {
+    return change_layout(at::convolution(input, project_weight.narrow(1, start, len), std::nullopt, {1, 1}, {0, 0},
+                                         {1, 1}, false, {0, 0}, 1),
+                         mf);
+  };
+  const int64_t branches = static_cast<int64_t>(z.size());
+  if (at::isReducedFloatingType(z[0].scalar_type())) return conv1x1(at::cat(z, 1), 0, branches * c);
+  at::Tensor proj = conv1x1(z[0], 0, c);
+  for (int64_t b = 1; b < branches; ++b) proj.add_(conv1x1(z[b], b * c, c));
+  return proj;
+}
+
+std::tuple<at::Tensor, std::vector<at::Tensor>, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor>
 aspp_forward(const at::Tensor& x, at::TensorList conv_weights, const at::Tensor& pool_weight,
              const at::Tensor& project_weight, const at::Tensor& bn_weight, const at::Tensor& bn_bias,
              const std::optional<at::Tensor>& running_mean, const std::optional<at::Tensor>& running_var,
@@ -108,20 +139,19 @@ aspp_forward(const at::Tensor& x, at::TensorList conv_weights, const at::Tensor&
   const auto mf = x.suggest_memory_format();
   const double hw_count = static_cast<double>(g.n * g.h * g.w);
 
-  // Conv branches, as one (N, B*C, H, W) pre-BN buffer so that one BN pass covers every branch. The cat is the
-  // one copy: branch_out is a single saved tensor and ATen's convolution has no output-buffer form.
-  std::vector<at::Tensor> ys;
-  ys.reserve(g.branches);
+  // Conv branches, one pre-BN tensor each (branch_out): each branch is normalized by its own BatchNorm, so no
+  // buffer joins them (ATen's convolutions could not write into one anyway: they have no output-buffer form).
+  std::vector<at::Tensor> branch;
+  branch.reserve(g.branches);
   // Eval with no gradient to compute may run the 3x3 branches by Winograd (cpu backend, composite/conv_calls.h).
   bool inference = !training && inference_call({&x, &pool_weight, &project_weight, &bn_weight, &bn_bias});
   for (const auto& w : conv_weights) inference = inference && inference_call({&w});
   ChannelsLastOnce x_cl(x);  // for the branches that run an NCHW x channels_last: converted once
   for (int64_t b = 0; b < g.branches; ++b) {
     const int64_t r = b == 0 ? 1 : rates[b - 1];
-    ys.push_back(conv2d_forward(x, conv_weights[b], {1, 1}, {b == 0 ? 0 : r, b == 0 ? 0 : r}, {r, r}, mf, inference,
-                                &x_cl));
+    branch.push_back(conv2d_forward(x, conv_weights[b], {1, 1}, {b == 0 ? 0 : r, b == 0 ? 0 : r}, {r, r}, mf,
+                                    inference, &x_cl));
   }
-  const at::Tensor branch = at::cat(ys, 1).contiguous(mf);
   // Image pooling: mean over H x W, then its 1x1 conv as a matmul: (N, Cin) x (Cin, C).
   const at::Tensor pool_pre = at::mm(x.mean({2, 3}), pool_weight.reshape({g.c, g.cin}).t());
   const at::Tensor pool4 = pool_pre.view({g.n, g.c, 1, 1});
@@ -140,24 +170,24 @@ aspp_forward(const at::Tensor& x, at::TensorList conv_weights, const at::Tensor&
                          update ? block(new_rm, start, len) : new_rm, update ? block(new_rv, start, len) : new_rv};
   };
   if (training) {
-    // The conv branches' and the pooling branch's statistics in one collective.
-    training_stats({training_block(branch, hw_count, 0, bc), training_block(pool4, static_cast<double>(g.n), bc, g.c)},
-                   group, momentum, eps);
+    // Every branch's statistics (conv branches, then pooling) in one collective.
+    std::vector<TrainingBlock> blocks;
+    blocks.reserve(g.branches + 1);
+    for (int64_t b = 0; b < g.branches; ++b) blocks.push_back(training_block(branch[b], hw_count, b * g.c, g.c));
+    blocks.push_back(training_block(pool4, static_cast<double>(g.n), bc, g.c));
+    training_stats(blocks, group, momentum, eps);
   } else {
     call_bn_finalize(std::nullopt, std::nullopt, std::nullopt, 0.0, running_mean, running_var, momentum, eps,
                      save_mean, save_invstd, new_rm, new_rv);
   }
-  const at::Tensor z_cat = call_bn_apply(branch, block(save_mean, 0, bc), block(save_invstd, 0, bc),
-                                         block(bn_weight, 0, bc), block(bn_bias, 0, bc), std::nullopt, true);
+  const std::vector<at::Tensor> z = normalized_branches(branch, save_mean, save_invstd, bn_weight, bn_bias, g.c);
   const at::Tensor z_p = call_bn_apply(pool4, block(save_mean, bc, g.c), block(save_invstd, bc, g.c),
                                        block(bn_weight, bc, g.c), block(bn_bias, bc, g.c), std::nullopt, true);
 
   // Projection: 1x1 conv over the conv branches + the pooling branch as a per-(image, channel) bias, added in
-  // place. The convolution takes the weight slice as a strided view.
-  const at::Tensor w_main = project_weight.narrow(1, 0, bc);
+  // place.
   const at::Tensor w_pool = project_weight.narrow(1, bc, g.c).reshape({g.c, g.c});
-  at::Tensor proj =
-      change_layout(at::convolution(z_cat, w_main, std::nullopt, {1, 1}, {0, 0}, {1, 1}, false, {0, 0}, 1), mf);
+  at::Tensor proj = branch_projection(z, project_weight, g.c, mf);
   proj.add_(at::mm(z_p.view({g.n, g.c}), w_pool.t()).view({g.n, g.c, 1, 1}));
   const int64_t po = bc + g.c;
   if (training) training_stats({training_block(proj, hw_count, po, g.c)}, group, momentum, eps);
@@ -169,7 +199,7 @@ aspp_forward(const at::Tensor& x, at::TensorList conv_weights, const at::Tensor&
 std::tuple<at::Tensor, std::vector<at::Tensor>, at::Tensor, at::Tensor, at::Tensor, at::Tensor> aspp_backward(
     const at::Tensor& grad_out, const at::Tensor& x, at::TensorList conv_weights, const at::Tensor& pool_weight,
     const at::Tensor& project_weight, const at::Tensor& bn_weight, const at::Tensor& bn_bias,
-    const at::Tensor& branch, const at::Tensor& pool_pre, const at::Tensor& proj, const at::Tensor& out,
+    at::TensorList branch, const at::Tensor& pool_pre, const at::Tensor& proj, const at::Tensor& out,
     const at::Tensor& save_mean, const at::Tensor& save_invstd, at::IntArrayRef rates, bool training,
     std::array<bool, 3> output_mask, std::optional<c10::string_view> group_name) {
   // With a group, each BN's input gradient uses the group's sums and count (bn_backward_dy with count 1 on the
@@ -178,6 +208,16 @@ std::tuple<at::Tensor, std::vector<at::Tensor>, at::Tensor, at::Tensor, at::Tens
   const AsppShape g =
       check_aspp_args(x, conv_weights, pool_weight, project_weight, bn_weight, bn_bias, rates, group.has_value());
   const int64_t bc = g.branches * g.c, po = bc + g.c;
+  TORCH_CHECK(static_cast<int64_t>(branch.size()) == g.branches, "deeplab_ops: branch_out must hold ", g.branches,
+              " tensors (the forward's pre-BN conv branches, one per conv weight), got ", branch.size());
+  for (int64_t b = 0; b < g.branches; ++b) {
+    TORCH_CHECK(branch[b].sizes() == at::IntArrayRef({g.n, g.c, g.h, g.w}), "deeplab_ops: branch_out[", b,
+                "] must have shape (", g.n, ", ", g.c, ", ", g.h, ", ", g.w, ") (the forward's), got ",
+                branch[b].sizes());
+    TORCH_CHECK(branch[b].device() == x.device() && branch[b].scalar_type() == x.scalar_type(),
+                "deeplab_ops: branch_out[", b, "] is ", branch[b].scalar_type(), " on ", branch[b].device(),
+                " but x is ", x.scalar_type(), " on ", x.device(), "; expected the forward's");
+  }
   // The forward's statistics: one value per BatchNorm channel, on x's device, in the dtype the forward gives them.
   DLO_CHECK_CHANNEL_VECTOR(save_mean, po + g.c);
   DLO_CHECK_CHANNEL_VECTOR(save_invstd, po + g.c);
@@ -203,55 +243,62 @@ std::tuple<at::Tensor, std::vector<at::Tensor>, at::Tensor, at::Tensor, at::Tens
   const at::Tensor dy_o = call_bn_backward_dy(g_out, out, proj, mean_o, invstd_o, block(bn_weight, po, g.c), dsg_o,
                                               dsgx_o, count_o, true, training);
   // The normalized branch outputs, recomputed from the pre-BN ones (cheaper than keeping them).
-  const at::Tensor z_cat = call_bn_apply(branch, mean_b, invstd_b, block(bn_weight, 0, bc), block(bn_bias, 0, bc),
-                                         std::nullopt, true);
+  const std::vector<at::Tensor> z = normalized_branches(branch, save_mean, save_invstd, bn_weight, bn_bias, g.c);
   const at::Tensor pool4 = pool_pre.view({g.n, g.c, 1, 1});
   const at::Tensor z_p = call_bn_apply(pool4, mean_p, invstd_p, block(bn_weight, bc, g.c), block(bn_bias, bc, g.c),
                                        std::nullopt, true);
-  // Projection conv and the pooling bias.
-  const at::Tensor w_main = project_weight.narrow(1, 0, bc);
+  // Projection conv, per branch (its input and its weight columns), and the pooling bias.
+  std::vector<at::Tensor> dz(g.branches), grad_project_parts;
+  if (output_mask[1]) grad_project_parts.reserve(g.branches + 1);
+  for (int64_t b = 0; b < g.branches; ++b) {
+    auto grads = at::convolution_backward(dy_o, z[b], project_weight.narrow(1, b * g.c, g.c), std::nullopt, {1, 1},
+                                          {0, 0}, {1, 1}, false, {0, 0}, 1, {true, output_mask[1], false});
+    dz[b] = change_layout(std::get<0>(grads), mf);
+    if (output_mask[1]) grad_project_parts.push_back(std::move(std::get<1>(grads)));
+  }
   const at::Tensor w_pool = project_weight.narrow(1, bc, g.c).reshape({g.c, g.c});
-  auto proj_grads = at::convolution_backward(dy_o, z_cat, w_main, std::nullopt, {1, 1}, {0, 0}, {1, 1}, false, {0, 0},
-                                             1, {true, output_mask[1], false});
-  const at::Tensor dz_cat = change_layout(std::get<0>(proj_grads), mf);
   const at::Tensor dbias = dy_o.sum({2, 3});  // (N, C): the pooling branch's share, summed over H x W
   const at::Tensor dz_p = at::mm(dbias, w_pool).view({g.n, g.c, 1, 1});
   at::Tensor grad_project_weight;
   if (output_mask[1]) {
-    // One copy: the weight gradient is one tensor, its two parts come from two products.
-    const at::Tensor dw_pool = at::mm(dbias.t(), z_p.view({g.n, g.c}));
-    grad_project_weight = change_layout(at::cat({std::get<1>(proj_grads), dw_pool.view({g.c, g.c, 1, 1})}, 1),
-                                        project_weight.suggest_memory_format());
+    // One copy: the weight gradient is one tensor, its parts come from separate products.
+    grad_project_parts.push_back(at::mm(dbias.t(), z_p.view({g.n, g.c})).view({g.c, g.c, 1, 1}));
+    grad_project_weight = change_layout(at::cat(grad_project_parts, 1), project_weight.suggest_memory_format());
   }
 
-  // Pooling branch BN (over the batch) and the conv branches' BN (all branches in one pass).
+  // Pooling branch BN (over the batch) and each conv branch's BN.
   auto [sg_p, sgx_p] = call_bn_backward_reduce(dz_p, z_p, pool4, mean_p, invstd_p, true);
-  auto [sg_b, sgx_b] = call_bn_backward_reduce(dz_cat, z_cat, branch, mean_b, invstd_b, true);
+  std::vector<at::Tensor> sg_b(g.branches), sgx_b(g.branches);
+  for (int64_t b = 0; b < g.branches; ++b) {
+    std::tie(sg_b[b], sgx_b[b]) = call_bn_backward_reduce(dz[b], z[b], branch[b], block(mean_b, b * g.c, g.c),
+                                                          block(invstd_b, b * g.c, g.c), true);
+  }
   std::vector<at::Tensor> grad_conv;
   at::Tensor grad_x, grad_pool_weight;
   if (output_mask[0] || output_mask[1]) {
-    at::Tensor dsg_p = sg_p, dsgx_p = sgx_p, dsg_b = sg_b, dsgx_b = sgx_b;
+    std::vector<at::Tensor> dsg_b = sg_b, dsgx_b = sgx_b;
+    at::Tensor dsg_p = sg_p, dsgx_p = sgx_p;
     double count_p = static_cast<double>(g.n), count_b = hw_count;
     if (group) {
-      const auto sums =
-          all_reduce_mean_sums({{sg_p, sgx_p, static_cast<double>(g.n)}, {sg_b, sgx_b, hw_count}}, *group);
-      std::tie(dsg_p, dsgx_p) = sums[0];
-      std::tie(dsg_b, dsgx_b) = sums[1];
+      std::vector<BlockSums> sums{{sg_p, sgx_p, static_cast<double>(g.n)}};
+      for (int64_t b = 0; b < g.branches; ++b) sums.push_back({sg_b[b], sgx_b[b], hw_count});
+      const auto reduced = all_reduce_mean_sums(sums, *group);
+      std::tie(dsg_p, dsgx_p) = reduced[0];
+      for (int64_t b = 0; b < g.branches; ++b) std::tie(dsg_b[b], dsgx_b[b]) = reduced[b + 1];
       count_p = count_b = 1.0;
     }
     const at::Tensor dy_p = call_bn_backward_dy(dz_p, z_p, pool4, mean_p, invstd_p, block(bn_weight, bc, g.c), dsg_p,
                                                 dsgx_p, count_p, true, training)
                                 .view({g.n, g.c});
     if (output_mask[1]) grad_pool_weight = at::mm(dy_p.t(), x.mean({2, 3})).view({g.c, g.cin, 1, 1});
-    const at::Tensor dy_b = call_bn_backward_dy(dz_cat, z_cat, branch, mean_b, invstd_b, block(bn_weight, 0, bc),
-                                                dsg_b, dsgx_b, count_b, true, training);
     ChannelsLastOnce x_cl(x);  // for the branches whose weight gradient reads x channels_last: converted once
     for (int64_t b = 0; b < g.branches; ++b) {
       const int64_t r = b == 0 ? 1 : rates[b - 1];
-      // The branch's channel slice as a strided view: the convolution lays it out as it needs.
-      auto [gx, gw] = conv2d_backward(dy_b.narrow(1, b * g.c, g.c), x, conv_weights[b], {1, 1},
-                                      {b == 0 ? 0 : r, b == 0 ? 0 : r}, {r, r}, output_mask[0], output_mask[1],
-                                      &x_cl);
+      const at::Tensor dy_b = call_bn_backward_dy(dz[b], z[b], branch[b], block(mean_b, b * g.c, g.c),
+                                                  block(invstd_b, b * g.c, g.c), block(bn_weight, b * g.c, g.c),
+                                                  dsg_b[b], dsgx_b[b], count_b, true, training);
+      auto [gx, gw] = conv2d_backward(dy_b, x, conv_weights[b], {1, 1}, {b == 0 ? 0 : r, b == 0 ? 0 : r}, {r, r},
+                                      output_mask[0], output_mask[1], &x_cl);
       if (output_mask[0]) {
         if (b == 0) {
           grad_x = change_layout(gx, mf);
@@ -270,8 +317,10 @@ std::tuple<at::Tensor, std::vector<at::Tensor>, at::Tensor, at::Tensor, at::Tens
   }
   at::Tensor grad_bn_weight, grad_bn_bias;
   if (output_mask[2]) {
-    grad_bn_weight = at::cat({sgx_b, sgx_p, sgx_o});
-    grad_bn_bias = at::cat({sg_b, sg_p, sg_o});
+    sgx_b.insert(sgx_b.end(), {sgx_p, sgx_o});
+    sg_b.insert(sg_b.end(), {sg_p, sg_o});
+    grad_bn_weight = at::cat(sgx_b);
+    grad_bn_bias = at::cat(sg_b);
   }
   for (size_t b = 0; b < grad_conv.size(); ++b) grad_conv[b] = strided_like_param(grad_conv[b], conv_weights[b]);
   return {grad_x, grad_conv, strided_like_param(grad_pool_weight, pool_weight),

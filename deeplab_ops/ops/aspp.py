@@ -40,6 +40,7 @@ from deeplab_ops.ops.dispatch import (
     refuse_forward_ad,
     refuse_grad_transforms,
     register_autograd_kernels,
+    register_fake,
 )
 from deeplab_ops.triton import call_checked, validate_with
 
@@ -66,7 +67,7 @@ def _forward_fake(x, conv_weights, pool_weight, project_weight, bn_weight, bn_bi
     rdt = running_mean.dtype if running_mean is not None else stat
     return (
         empty_activation(x, (n, c, h, w)),
-        empty_activation(x, (n, b * c, h, w)),
+        [empty_activation(x, (n, c, h, w)) for _ in range(b)],
         x.new_empty((n, c)),
         empty_activation(x, (n, c, h, w)),
         x.new_empty((k,), dtype=stat),
@@ -76,13 +77,14 @@ def _forward_fake(x, conv_weights, pool_weight, project_weight, bn_weight, bn_bi
     )
 
 
-def _triton_forward_fake(*args, **kwargs):
-    # The triton twin returns branch_out and project_out channels_last whatever x's format: only its backward
-    # reads them, as NHWC.
-    out, branch, pool_pre, proj, *rest = _forward_fake(*args, **kwargs)
+def _triton_forward_fake(x, conv_weights, *args, **kwargs):
+    # The triton twin returns its one branch buffer (N, B*C, H, W) and project_out channels_last whatever x's
+    # format: only its backward reads them, as NHWC.
+    out, branch, pool_pre, proj, *rest = _forward_fake(x, conv_weights, *args, **kwargs)
+    n, c, h, w = out.shape
     cl = torch.channels_last
-    return (out, empty_activation(branch, memory_format=cl), pool_pre, empty_activation(proj, memory_format=cl),
-            *rest)
+    buffer = empty_activation(x, (n, len(conv_weights) * c, h, w), memory_format=cl)
+    return (out, [buffer], pool_pre, empty_activation(proj, memory_format=cl), *rest)
 
 
 def _backward_fake(grad_out, x, conv_weights, pool_weight, project_weight, bn_weight, bn_bias, branch_out, pool_out,
@@ -106,12 +108,13 @@ def _backward_fake(grad_out, x, conv_weights, pool_weight, project_weight, bn_we
 # ---- autograd: one implementation for both twins ------------------------------------------------------
 #
 # Saving policy, chosen by memory_efficient:
-#   saved      the pre-BN branch buffer (N, B*C, H, W), the pooling vector (N, C) and the projection's pre-BN
+#   saved      the pre-BN branch outputs (branch_out: one (N, C, H, W) tensor per conv branch for the composite,
+#              one (N, B*C, H, W) buffer for the triton twin), the pooling vector (N, C) and the projection's pre-BN
 #              output (N, C, H, W) are saved by the forward.
 #   recompute  none of them is kept: the backward runs the same forward op once more (no running-statistics
 #              update; eval: with the running statistics the forward read) for those buffers and hands them to the
 #              unchanged backward op with the statistics the forward saved. Recompute rather than rebuild from the
-#              output: the branch buffer must be recomputed whatever is done with the projection, and with it in
+#              output: the branch outputs must be recomputed whatever is done with the projection, and with them in
 #              hand the projection's pre-BN output is one 1x1 conv of B*C -> C channels (about 2% of the 3x3
 #              branches' FLOPs at C_in = 2048, C = 256). Same op, backend, inputs and statistics: the very buffers
 #              the forward produced, so the gradients are those of the saving policy.
@@ -150,6 +153,7 @@ class _ASPP(torch.autograd.Function):
                                     pool_weight, project_weight, bn_weight, bn_bias, running_mean, running_var, rates,
                                     training, momentum, eps, group_name, memory_efficient)
         out, branch, pool_pre, proj, mean, invstd, new_rm, new_rv = result
+        branch = list(branch)
         if training and running_mean is not None:
             # The running statistics are written here, before anything is saved for the backward (the front door
             # writes them only for a call that built no node): torch.utils.checkpoint(use_reentrant=False) stops its
@@ -157,19 +161,22 @@ class _ASPP(torch.autograd.Function):
             # statistics, and so after these writes.
             running_mean.copy_(new_rm)
             running_var.copy_(new_rv)
-        ctx.mark_non_differentiable(branch, pool_pre, proj, mean, invstd, new_rm, new_rv)
+        ctx.mark_non_differentiable(*branch, pool_pre, proj, mean, invstd, new_rm, new_rv)
         ctx.set_materialize_grads(False)
         if memory_efficient:
             # Training normalizes with batch statistics: the recompute needs no running statistics (and must not
             # update them). Eval normalizes with the running statistics, which the recompute reads again.
-            keep = (None, None, None, None, None) if training else (None, None, None, running_mean, running_var)
+            keep = (None, None, None, None) if training else (None, None, running_mean, running_var)
+            branch = []
         else:
-            keep = (branch, pool_pre, proj, None, None)
+            keep = (pool_pre, proj, None, None)
         ctx.save_for_backward(x, pool_weight, project_weight, bn_weight, bn_bias, out, mean, invstd, *keep,
-                              *conv_weights)
+                              *conv_weights, *branch)
         ctx.conf = (prefix, list(rates), training, momentum, eps, group_name, memory_efficient, n_conv,
                     len(tensors) - n_conv)
-        return result
+        # branch_out's tensors are outputs of their own (a list is no output to autograd): the kernel below lists
+        # them again.
+        return out, *branch, pool_pre, proj, mean, invstd, new_rm, new_rv
 
     @staticmethod
     def backward(ctx, grad_out, *unused):
@@ -181,8 +188,8 @@ class _ASPP(torch.autograd.Function):
         grads = [None] * (15 + n_conv + n_parts)
         if grad_out is None or not any(mask):
             return tuple(grads)
-        (x, pool_w, proj_w, bn_w, bn_b, out, mean, invstd, branch, pool_pre, proj, rm, rv,
-         *conv_ws) = ctx.saved_tensors
+        (x, pool_w, proj_w, bn_w, bn_b, out, mean, invstd, pool_pre, proj, rm, rv, *rest) = ctx.saved_tensors
+        conv_ws, branch = list(rest[:n_conv]), list(rest[n_conv:])
         x_format = None
         if memory_efficient:
             xr = x
@@ -227,9 +234,10 @@ def _autograd_kernel(prefix: str):
         refuse_forward_ad("aspp", x, conv_weights, pool_weight, project_weight, bn_weight, bn_bias, bn_parts)
         if torch.is_grad_enabled() and any_requires_grad(x, conv_weights, pool_weight, project_weight, bn_weight,
                                                          bn_bias, bn_parts):
-            return apply(prefix, x, pool_weight, project_weight, bn_weight, bn_bias, running_mean, running_var,
-                         rates, training, momentum, eps, group_name, memory_efficient, len(conv_weights),
-                         *conv_weights, *bn_parts)
+            out, *branch, pool_pre, proj, mean, invstd, new_rm, new_rv = apply(
+                prefix, x, pool_weight, project_weight, bn_weight, bn_bias, running_mean, running_var, rates,
+                training, momentum, eps, group_name, memory_efficient, len(conv_weights), *conv_weights, *bn_parts)
+            return out, branch, pool_pre, proj, mean, invstd, new_rm, new_rv
         return below_autograd(forward, x, conv_weights, pool_weight, project_weight, bn_weight, bn_bias,
                               running_mean, running_var, rates, training, momentum, eps, group_name,
                               memory_efficient)
@@ -238,8 +246,8 @@ def _autograd_kernel(prefix: str):
 
 
 for _prefix, _fwd_fake in (("", _forward_fake), ("triton_", _triton_forward_fake)):
-    torch.library.register_fake(f"deeplab_ops::{_prefix}aspp_forward")(_fwd_fake)
-    torch.library.register_fake(f"deeplab_ops::{_prefix}aspp_backward")(_backward_fake)
+    register_fake(f"deeplab_ops::{_prefix}aspp_forward")(_fwd_fake)
+    register_fake(f"deeplab_ops::{_prefix}aspp_backward")(_backward_fake)
 register_autograd_kernels("aspp", _autograd_kernel, _DOUBLE_BACKWARD)
 _KERNELS = autograd_kernels(_autograd_kernel)
 
@@ -447,9 +455,9 @@ def aspp(
         process_group: a torch.distributed process group whose processes share BatchNorm statistics in training
             (nn.SyncBatchNorm semantics); None: no synchronization. The cpu and cuda backends synchronize; triton
             refuses (auto picks cuda).
-        memory_efficient: keep no pre-BN activation for the backward (neither the (N, (len(rates) + 1) * C, H, W)
-            branch buffer nor the projection's pre-BN output): the backward recomputes them by one more forward
-            of the op on the same backend. Same gradients and running statistics.
+        memory_efficient: keep no pre-BN activation for the backward (neither the conv branches' pre-BN outputs,
+            N * (len(rates) + 1) * C * H * W values, nor the projection's pre-BN output): the backward recomputes
+            them by one more forward of the op on the same backend. Same gradients and running statistics.
     """
     # Under torch.autocast the convolutions run in autocast's dtype, as eager conv2d does there (BatchNorm's tensors
     # as they are).
@@ -559,8 +567,13 @@ def _direct_backward(grad_out, x, conv_weights, pool_weight, project_weight, bn_
                training, 0.1, 1e-5)
     n, _, h, w = x.shape
     c = conv_weights[0].shape[0]
+    if not isinstance(branch_out, (list, tuple)) or len(branch_out) != 1:
+        got = f"{type(branch_out).__name__} of length {len(branch_out)}" if isinstance(branch_out, (list, tuple)) \
+            else type(branch_out).__name__
+        raise ValueError(f"branch_out must be the triton forward's list of one buffer (N, B*C, H, W), got {got}")
     for name, t, shape in (("grad_out", grad_out, (n, c, h, w)), ("project_out", project_out, (n, c, h, w)),
-                           ("out", out, (n, c, h, w)), ("branch_out", branch_out, (n, len(conv_weights) * c, h, w)),
+                           ("out", out, (n, c, h, w)),
+                           ("branch_out[0]", branch_out[0], (n, len(conv_weights) * c, h, w)),
                            ("pool_out", pool_out, (n, c))):
         if not isinstance(t, torch.Tensor) or t.shape != shape:
             got = tuple(t.shape) if isinstance(t, torch.Tensor) else type(t).__name__

@@ -3,36 +3,35 @@ tests that check them trace under torch.compile. They have no autograd: the fuse
 
 from __future__ import annotations
 
-import torch
-
 from deeplab_ops.common import empty_activation, opmath_dtype
+from deeplab_ops.ops.dispatch import register_fake
 
 
-@torch.library.register_fake("deeplab_ops::bn_stats")
+@register_fake("deeplab_ops::bn_stats")
 def _bn_stats_fake(input):
     c = input.shape[1]
     dt = opmath_dtype(input.dtype)
     return input.new_empty((c,), dtype=dt), input.new_empty((c,), dtype=dt)
 
 
-@torch.library.register_fake("deeplab_ops::bn_finalize")
+@register_fake("deeplab_ops::bn_finalize")
 def _bn_finalize_fake(mean, m2, counts, count, running_mean, running_var, momentum, eps, save_mean, save_invstd,
                       new_running_mean, new_running_var):
     return None  # writes into the four output buffers the caller allocated
 
 
-@torch.library.register_fake("deeplab_ops::bn_apply")
+@register_fake("deeplab_ops::bn_apply")
 def _bn_apply_fake(input, mean, invstd, weight, bias, residual, relu):
     return empty_activation(input)
 
 
-@torch.library.register_fake("deeplab_ops::bn_backward_reduce")
+@register_fake("deeplab_ops::bn_backward_reduce")
 def _bn_backward_reduce_fake(grad_out, output, input, mean, invstd, relu):
     c = input.shape[1]
     dt = opmath_dtype(input.dtype)
     return input.new_empty((c,), dtype=dt), input.new_empty((c,), dtype=dt)
 
 
-@torch.library.register_fake("deeplab_ops::bn_backward_dy")
+@register_fake("deeplab_ops::bn_backward_dy")
 def _bn_backward_dy_fake(grad_out, output, input, mean, invstd, weight, sum_g, sum_g_xhat, count, relu, training):
     return empty_activation(input)

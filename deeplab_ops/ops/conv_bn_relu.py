@@ -38,6 +38,7 @@ from deeplab_ops.ops.dispatch import (
     refuse_forward_ad,
     refuse_grad_transforms,
     register_double_backward_refusal,
+    register_fake,
 )
 from deeplab_ops.triton import call_checked, validate_with
 
@@ -389,10 +390,10 @@ _DOUBLE_BACKWARD = ("deeplab_ops.conv_bn_relu does not support double backward (
 for _prefix, _fwd_fake, _bwd_fake, _cba_fake in (
         ("", _forward_fake, _backward_fake, _conv_bias_act_fake),
         ("triton_", _triton_forward_fake, _triton_backward_fake, _triton_conv_bias_act_fake)):
-    torch.library.register_fake(f"deeplab_ops::{_prefix}conv_bn_relu_forward")(_fwd_fake)
-    torch.library.register_fake(f"deeplab_ops::{_prefix}conv_bn_relu_backward")(_bwd_fake)
-    torch.library.register_fake(f"deeplab_ops::{_prefix}conv_bias_act")(_cba_fake)
-    torch.library.register_fake(f"deeplab_ops::{_prefix}conv_bn_relu_eval")(_eval_fake)
+    register_fake(f"deeplab_ops::{_prefix}conv_bn_relu_forward")(_fwd_fake)
+    register_fake(f"deeplab_ops::{_prefix}conv_bn_relu_backward")(_bwd_fake)
+    register_fake(f"deeplab_ops::{_prefix}conv_bias_act")(_cba_fake)
+    register_fake(f"deeplab_ops::{_prefix}conv_bn_relu_eval")(_eval_fake)
 register_double_backward_refusal("conv_bn_relu", _DOUBLE_BACKWARD)
 
 

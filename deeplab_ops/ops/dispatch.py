@@ -3,6 +3,11 @@ key, and the registration of an op's one autograd kernel for both backend twins 
 
 from __future__ import annotations
 
+import functools
+import hashlib
+import os
+import sys
+
 import torch
 import torch.autograd.forward_ad as _forward_ad
 
@@ -10,6 +15,70 @@ from deeplab_ops.common import is_functorch_wrapped, jit_tracing
 
 BELOW_AUTOGRAD = torch._C._AutoDispatchBelowAutograd  # a guard: ops called inside skip the Autograd key
 _LIB = torch.library.Library("deeplab_ops", "IMPL")
+
+
+# ---- torch.compile's caches --------------------------------------------------------------------------------------
+#
+# AOTAutograd's and Inductor's on-disk caches key a compiled graph by the graph dynamo traced, in which a custom op
+# is only its name: an artifact compiled with an earlier build of deeplab_ops would be served after an upgrade that
+# changed what an op returns (aspp's branch_out became a list on 2026-12-02) and fail at its first call. torch's hook
+# for custom ops, torch._inductor.config.unsafe_marked_cacheable_functions (a name -> key table that enters every
+# cache key), is given this build's key; it is set from the fake kernels, which run natively while dynamo traces,
+# before any cache is read, and only once torch.compile has imported Inductor's config (importing it here would
+# add a second and a half to `import deeplab_ops`).
+
+COMPILE_CACHE_NAME = "torch.ops.deeplab_ops"
+
+
+@functools.cache
+def compile_cache_key(schemas: tuple[str, ...] | None = None) -> str:
+    """This build of deeplab_ops as torch.compile's caches must tell it apart: a hash of the ops' schemas, of the
+    package's Python (the fake kernels and autograd a compiled graph is made of) and of the compiled extension's size
+    and modification time. `schemas`: the deeplab_ops schemas to hash (default: the registered ones)."""
+    if schemas is None:
+        schemas = tuple(sorted(str(s) for s in torch._C._jit_get_all_schemas() if s.name.startswith("deeplab_ops::")))
+    digest = hashlib.sha256("\n".join(schemas).encode())
+    package = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    for folder, dirs, files in sorted(os.walk(package)):
+        dirs[:] = sorted(d for d in dirs if d != "__pycache__")
+        for name in sorted(files):
+            path = os.path.join(folder, name)
+            if name.endswith(".py"):
+                digest.update(os.path.relpath(path, package).encode())
+                with open(path, "rb") as f:
+                    digest.update(f.read())
+            elif name.startswith("_C.") and name.endswith((".so", ".pyd")):
+                st = os.stat(path)
+                digest.update(f"{name}:{st.st_size}:{st.st_mtime_ns}".encode())
+    return digest.hexdigest()[:32]
+
+
+def key_compile_caches() -> None:
+    """Enters this build's key in torch.compile's cache keys, where torch.compile has imported Inductor's config
+    (a no-op otherwise, and once it is there)."""
+    config = sys.modules.get("torch._inductor.config")
+    if config is None:
+        return
+    table = config.unsafe_marked_cacheable_functions
+    key = compile_cache_key()
+    if table.get(COMPILE_CACHE_NAME) != key:
+        config.unsafe_marked_cacheable_functions = {**table, COMPILE_CACHE_NAME: key}
+
+
+def register_fake(name: str):
+    """torch.library.register_fake for a deeplab_ops op, whose fake kernel also enters this build's key in
+    torch.compile's cache keys (key_compile_caches) before it computes the outputs."""
+
+    def register(fn):
+        @functools.wraps(fn)
+        def fake(*args, **kwargs):
+            key_compile_caches()
+            return fn(*args, **kwargs)
+
+        torch.library.register_fake(name)(fake)
+        return fn
+
+    return register
 
 
 def group_name_of(process_group) -> str | None:

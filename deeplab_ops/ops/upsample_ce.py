@@ -20,6 +20,7 @@ from deeplab_ops.ops.dispatch import (
     refuse_forward_ad,
     refuse_grad_transforms,
     register_autograd_kernels,
+    register_fake,
 )
 from deeplab_ops.triton import call_checked, validate_with
 
@@ -195,8 +196,8 @@ def _autograd_kernel(prefix: str):
 
 
 for _prefix in ("", "triton_"):
-    torch.library.register_fake(f"deeplab_ops::{_prefix}upsample_cross_entropy_forward")(_forward_fake)
-    torch.library.register_fake(f"deeplab_ops::{_prefix}upsample_cross_entropy_backward")(_backward_fake)
+    register_fake(f"deeplab_ops::{_prefix}upsample_cross_entropy_forward")(_forward_fake)
+    register_fake(f"deeplab_ops::{_prefix}upsample_cross_entropy_backward")(_backward_fake)
 register_autograd_kernels("upsample_cross_entropy", _autograd_kernel, _DOUBLE_BACKWARD)
 _KERNELS = autograd_kernels(_autograd_kernel)
 

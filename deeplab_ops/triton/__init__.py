@@ -149,8 +149,9 @@ def _aspp_forward(x, conv_weights, pool_weight, project_weight, bn_weight, bn_bi
     _refuse_group(group_name)
     from deeplab_ops.triton import aspp
 
-    return aspp.forward(x, list(conv_weights), pool_weight, project_weight, bn_weight, bn_bias, running_mean,
-                        running_var, list(rates), training, momentum, eps)
+    out, branch, *rest = aspp.forward(x, list(conv_weights), pool_weight, project_weight, bn_weight, bn_bias,
+                                      running_mean, running_var, list(rates), training, momentum, eps)
+    return out, [branch], *rest  # branch_out: the twin keeps every branch in one buffer (csrc/ops.cpp)
 
 
 def _aspp_backward(grad_out, x, conv_weights, pool_weight, project_weight, bn_weight, bn_bias, branch_out,
@@ -159,7 +160,7 @@ def _aspp_backward(grad_out, x, conv_weights, pool_weight, project_weight, bn_we
     from deeplab_ops.triton import aspp
 
     return aspp.backward(grad_out, x, list(conv_weights), pool_weight, project_weight, bn_weight, bn_bias,
-                         branch_out, pool_out, project_out, out, save_mean, save_invstd, list(rates), training,
+                         branch_out[0], pool_out, project_out, out, save_mean, save_invstd, list(rates), training,
                          list(output_mask))
 
 

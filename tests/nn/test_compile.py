@@ -54,6 +54,30 @@ def test_train_py_compile_runs(tmp_path):
     assert (tmp_path / "last.pt").exists()
 
 
+def test_compile_caches_are_keyed_by_this_build():
+    """torch.compile's on-disk caches key a graph by the graph dynamo traced, where a custom op is only its name: an
+    artifact from an earlier build (aspp's branch_out was one tensor before 2026-12-02) would be served after an
+    upgrade and fail. Tracing a deeplab_ops op enters this build's key (schemas, Python, extension) in Inductor's
+    cache-key table; the key follows the schemas."""
+    import torch._inductor.config as inductor_config
+
+    import deeplab_ops
+    from deeplab_ops.ops import dispatch
+
+    torch._dynamo.reset()
+    w, gamma, beta = torch.randn(4, 3, 3, 3), torch.ones(4), torch.zeros(4)
+    step = torch.compile(lambda x: deeplab_ops.conv_bn_relu(x, w, gamma, beta, None, None, padding=1, training=True,
+                                                            backend="cpu"), fullgraph=True, backend="eager")
+    step(torch.randn(2, 3, 5, 5))
+    key = inductor_config.unsafe_marked_cacheable_functions[dispatch.COMPILE_CACHE_NAME]
+    assert key == dispatch.compile_cache_key() and len(key) == 32
+    schemas = tuple(sorted(str(s) for s in torch._C._jit_get_all_schemas() if s.name.startswith("deeplab_ops::")))
+    assert any("Tensor[] branch_out" in s for s in schemas)
+    assert dispatch.compile_cache_key(schemas) == key
+    changed = tuple(s.replace("Tensor[] branch_out", "Tensor branch_out") for s in schemas)
+    assert dispatch.compile_cache_key(changed) != key
+
+
 @pytest.mark.parametrize("memory_efficient", [False, True])
 def test_aot_autograd_traces_the_ops_autograd_kernel(memory_efficient):
     """AOTAutograd traces through each op's Autograd kernel: the forward graph holds the forward op, the backward

@@ -136,7 +136,7 @@ def test_triton_twins_refuse_tensors_beyond_int32_indexing():
         conv_ops._direct_backward(out, x, w, g, out, out, torch.zeros(256), torch.ones(256), (1, 1), (0, 0), (1, 1),
                                   True, True, [True] * 5)
     n, h = 64, 129
-    branch = torch.zeros(1).expand(n, 4 * c, h, h)
+    branch = [torch.zeros(1).expand(n, 4 * c, h, h)]
     small_out = torch.zeros(1).expand(n, c, h, h)
     with pytest.raises(ValueError, match=r"triton_aspp_backward: .*int32"):
         aspp_ops._direct_backward(small_out, x, weights, pool, proj, bn[0], bn[1], branch, torch.zeros(n, c),

@@ -153,17 +153,56 @@ def test_conv_bn_relu_backward_refuses_saved_tensors_of_another_dtype(which):
     _cbr_backward()  # the forward's own
 
 
-@pytest.mark.parametrize("which", ["bn_weight", "save_mean"])
-def test_aspp_backward_refuses_saved_tensors_of_another_dtype(which):
+def _aspp_saved():
     a = _aspp_args()
     out, branch, pool, proj, mean, invstd, _, _ = ops.aspp_forward(*a.values())
-    b = dict(grad_out=torch.randn_like(out), x=a["x"], conv_weights=a["conv_weights"], pool_weight=a["pool_weight"],
-             project_weight=a["project_weight"], bn_weight=a["bn_weight"], bn_bias=a["bn_bias"], branch_out=branch,
-             pool_out=pool, project_out=proj, out=out, save_mean=mean, save_invstd=invstd, rates=a["rates"],
-             training=True, output_mask=[True, True, True])
+    return dict(grad_out=torch.randn_like(out), x=a["x"], conv_weights=a["conv_weights"],
+                pool_weight=a["pool_weight"], project_weight=a["project_weight"], bn_weight=a["bn_weight"],
+                bn_bias=a["bn_bias"], branch_out=branch, pool_out=pool, project_out=proj, out=out, save_mean=mean,
+                save_invstd=invstd, rates=a["rates"], training=True, output_mask=[True, True, True])
+
+
+@pytest.mark.parametrize("which", ["bn_weight", "save_mean"])
+def test_aspp_backward_refuses_saved_tensors_of_another_dtype(which):
+    b = _aspp_saved()
     ops.aspp_backward(*b.values())
     b[which] = b[which].double()
     with pytest.raises(RuntimeError, match=rf"deeplab_ops: {which} has dtype Double but x has dtype Float"):
+        ops.aspp_backward(*b.values())
+
+
+def test_aspp_forward_keeps_one_pre_bn_tensor_per_branch():
+    """The composite's branch_out: one (N, C, H, W) tensor per conv branch, each the branch's convolution of x (no
+    buffer joins them), in x's memory format."""
+    for layout in (torch.contiguous_format, torch.channels_last):
+        a = _aspp_args()
+        a["x"] = a["x"].contiguous(memory_format=layout)
+        branch = ops.aspp_forward(*a.values())[1]
+        assert isinstance(branch, list) and len(branch) == 3
+        for b, (t, w) in enumerate(zip(branch, a["conv_weights"], strict=True)):
+            r = (1, *a["rates"])[b]
+            want = torch.nn.functional.conv2d(a["x"], w, padding=0 if b == 0 else r, dilation=r)
+            torch.testing.assert_close(t, want, rtol=1e-5, atol=1e-5)
+            assert t.is_contiguous(memory_format=layout), (b, t.stride())
+
+
+@pytest.mark.parametrize("case", ["count", "shape", "dtype", "buffer"])
+def test_aspp_backward_refuses_a_branch_out_not_the_forwards(case):
+    """The composite backward reads branch_out per branch: a list of another length, or a tensor of another shape or
+    dtype (a triton twin's one buffer among them), is refused naming it, never read out of bounds."""
+    b = _aspp_saved()
+    ops.aspp_backward(*b.values())
+    branch = b["branch_out"]
+    n, c, h, w = branch[0].shape
+    b["branch_out"] = {"count": branch[:2], "shape": [branch[0], branch[1][:, :, :5], branch[2]],
+                       "dtype": [branch[0], branch[1].double(), branch[2]],
+                       "buffer": [torch.cat(branch, 1)]}[case]
+    message = {"count": r"branch_out must hold 3 tensors .* got 2",
+               "shape": rf"branch_out\[1\] must have shape \({n}, {c}, {h}, {w}\) \(the forward's\), "
+                        rf"got \[{n}, {c}, 5, {w}\]",
+               "dtype": r"branch_out\[1\] is Double on cpu but x is Float on cpu",
+               "buffer": r"branch_out must hold 3 tensors .* got 1"}[case]
+    with pytest.raises(RuntimeError, match=message):
         ops.aspp_backward(*b.values())
 
 

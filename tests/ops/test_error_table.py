@@ -452,7 +452,7 @@ CASES = {
         [1, 1], True, 0.1, 1e-5, torch.randn(2, 6, 4, 4), True),
     "triton-bwd-saved-shape": lambda d: _triton_backward(stride=[2, 2]),
     "triton-bwd-output-mask": lambda d: _triton_backward(output_mask=[True, True, True]),
-    "triton-aspp-saved-shape": lambda d: _triton_aspp_backward(branch_out=torch.randn(2, 6, 7, 6)),
+    "triton-aspp-saved-shape": lambda d: _triton_aspp_backward(branch_out=[torch.randn(2, 6, 7, 6)]),
     "triton-half-cpu": lambda d: _triton_forward(x=torch.randn(2, 3, 8, 8, dtype=torch.bfloat16),
                                                  weight=torch.randn(6, 3, 3, 3, dtype=torch.bfloat16)),
     "triton-uce-saved-shape": lambda d: ops.triton_upsample_cross_entropy_backward(
@@ -653,7 +653,7 @@ def _triton_aspp_backward(**over):
     n, _, h, w = x.shape
     b = dict(grad_out=torch.randn(n, c, h, w), x=x, conv_weights=cws, pool_weight=a["pool_weight"],
              project_weight=a["project_weight"], bn_weight=torch.cat(a["bn_weights"]),
-             bn_bias=torch.cat(a["bn_biases"]), branch_out=torch.randn(n, 3 * c, h, w), pool_out=torch.randn(n, c),
+             bn_bias=torch.cat(a["bn_biases"]), branch_out=[torch.randn(n, 3 * c, h, w)], pool_out=torch.randn(n, c),
              project_out=torch.randn(n, c, h, w), out=torch.randn(n, c, h, w), save_mean=torch.zeros(5 * c),
              save_invstd=torch.ones(5 * c), rates=list(a["rates"]), training=True, output_mask=[True, True, True])
     b.update(over)

@@ -47,7 +47,7 @@ def test_triton_aspp_twin_refuses_a_projection_operand_beyond_int32():
         aspp_ops._direct_forward(x, weights, pool, proj, *bn, RATES, True, 0.1, 1e-5)
     # the backward twin: the saved tensors of such a forward
     c = 23171
-    branch, small_out = torch.zeros(1).expand(2, 4 * c, 2, 2), torch.zeros(1).expand(2, c, 2, 2)
+    branch, small_out = [torch.zeros(1).expand(2, 4 * c, 2, 2)], torch.zeros(1).expand(2, c, 2, 2)
     with pytest.raises(ValueError, match=r"triton_aspp_backward: a tensor of 2147580964 elements.*int32"):
         aspp_ops._direct_backward(small_out, x, weights, pool, proj, bn[0], bn[1], branch, torch.zeros(2, c),
                                   small_out, small_out, bn[2], bn[3], RATES, True, [True] * 3)

@@ -173,9 +173,9 @@ def _bytes(saved) -> int:
 @pytest.mark.parametrize("backend", ["cpu", backend_param("triton")])
 @pytest.mark.parametrize("training", [True, False], ids=["train", "eval"])
 def test_saved_bytes(backend, training):
-    """Beyond the op's inputs and output, the saving path keeps the branch buffer (N, B*C, H, W), the projection's
-    pre-BN output (N, C, H, W), the pooling vector (N, C) and (B + 2) * C-vectors (statistics, BN parameters); the
-    lean one keeps only the vectors (and in eval the running statistics it normalized with)."""
+    """Beyond the op's inputs and output, the saving path keeps the branch outputs (N * B * C * H * W values), the
+    projection's pre-BN output (N, C, H, W), the pooling vector (N, C) and (B + 2) * C-vectors (statistics, BN
+    parameters); the lean one keeps only the vectors (and in eval the running statistics it normalized with)."""
     n, cin, c, h, w, rates = 2, 3, 2, 5, 6, (1, 2)
     t = _inputs(n=n, cin=cin, c=c, h=h, w=w, rates=rates, device=device_for(backend))
     leaves = [t["x"], *t["conv_weights"], t["pool_weight"], t["project_weight"], *t["bn_weights"], *t["bn_biases"]]
@@ -193,7 +193,9 @@ def test_saved_bytes(backend, training):
     lean = _saved(call(True), leaves)
     # Both: the concatenated BN weights and biases, mean, invstd (k values each); lean in eval: running mean, var.
     small = [(k,)] * (4 if training else 6)
-    big = [(n, c), (n, c, h, w), (n, b * c, h, w)]
+    # the branch outputs: one tensor per branch (the cpu composite), one buffer (triton)
+    branches = [(n, c, h, w)] * b if backend == "cpu" else [(n, b * c, h, w)]
+    big = [(n, c), (n, c, h, w), *branches]
     assert sorted(shape for _, shape in full.values()) == sorted([(k,)] * 4 + big), full
     assert sorted(shape for _, shape in lean.values()) == small, lean
     assert _bytes(lean) == len(small) * k * 4

@@ -323,8 +323,8 @@ def test_fused_aspp_with_sparse_branches_matches_float64_in_training():
     g = torch.randn(out.shape)
     expected.backward(g.double())
     _, names = _ran(lambda: out.backward(g))
-    # 1x1 branch, rate 2, projection; the input gradients of rates 6 and 8
-    assert names.count("aten::convolution_backward") == 1 + 1 + 1 + 2
+    # 1x1 branch, rate 2, the projection's per-branch products (4); the input gradients of rates 6 and 8
+    assert names.count("aten::convolution_backward") == 1 + 1 + 4 + 2
     _close(x_f.grad, x_d.grad, "grad x")
     for (name, p), q in zip(fused.named_parameters(), tv.parameters(), strict=True):
         _close(p.grad, q.grad, f"grad {name}")
@@ -352,8 +352,9 @@ def test_fused_aspp_branch_routes_match_float64(layout):
     g = torch.randn(out.shape).contiguous(memory_format=layout)
     expected.backward(g.double())
     _, names = _ran(lambda: out.backward(g))
-    # 1x1 branch and projection, and per rate: NCHW rate 3 (both gradients); channels_last each rate's input gradient
-    assert names.count("aten::convolution_backward") == 2 + (1 if layout != CL else 2)
+    # 1x1 branch and the projection's per-branch products (3), and per rate: NCHW rate 3 (both gradients);
+    # channels_last each rate's input gradient
+    assert names.count("aten::convolution_backward") == 1 + 3 + (1 if layout != CL else 2)
     _close(x_f.grad, x_d.grad, "grad x")
     assert x_f.grad.is_contiguous(memory_format=layout)
     for (name, p), q in zip(fused.named_parameters(), tv.parameters(), strict=True):

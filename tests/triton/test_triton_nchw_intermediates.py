@@ -132,7 +132,7 @@ def test_aspp_direct_layouts_match_fakes(kind):
     _assert_like_fake(real, _fake_outputs(fwd, args), "aspp forward")
     out, branch, pool, proj, mean, invstd = real[:6]
     assert out.is_contiguous(memory_format=_format(kind))
-    assert branch.is_contiguous(memory_format=CL) and proj.is_contiguous(memory_format=CL)
+    assert branch[0].is_contiguous(memory_format=CL) and proj.is_contiguous(memory_format=CL)
     bwd = ops.triton_aspp_backward.default
     bargs = [torch.randn_like(out), x, cws, pw, prw, bw, bb, branch, pool, proj, out, mean, invstd, rates, True,
              [True] * 3]
