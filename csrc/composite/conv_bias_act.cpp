@@ -17,6 +17,7 @@
 #include "common/arg_checks.h"
 #include "composite/stage_calls.h"
 #include "cpu/conv_layout_cpu.h"
+#include "cpu/pointwise_conv_cpu.h"
 #include "cpu/winograd_cpu.h"
 
 namespace deeplab_ops {
@@ -159,6 +160,10 @@ at::Tensor conv_bias_act_cpu(const at::Tensor& x, const at::Tensor& weight, cons
   if (const int m = plain ? 0 : winograd_plan(x, weight, stride, padding, dilation)) {
     // The eval path's folded weights (deeplab_ops.common.derived) have their transforms kept (winograd_cache_allow).
     return winograd_conv3x3(x, weight, bias, residual, padding, dilation, relu, m, x.suggest_memory_format());
+  }
+  // NCHW 1x1 layers as one GEMM per image, no layout conversion (cpu/pointwise_conv_cpu.h); eval only, as Winograd.
+  if (!plain && nchw_pointwise_applies(x, weight, bias, residual, stride, padding)) {
+    return nchw_pointwise_conv(x, weight, bias, residual, relu);
   }
   // The plain form (the recompute of a training forward's convolution) converts its weight as that forward did.
   if (nchw_conv_via_channels_last(x, weight, stride, padding, dilation, !plain)) {

@@ -1,8 +1,8 @@
 """The CPU kernels give the same bits in every ISA build (csrc/cpu/isa_dispatch.h: baseline, AVX2, AVX-512, chosen as
 torch's own CPU kernels are, so ATEN_CPU_CAPABILITY selects it) and for any thread count: each case runs in a fresh
-process per capability and thread count, and the outputs are compared bit for bit. One exception: the Winograd
-convolution's GEMMs, the same bits in the AVX2 and AVX-512 builds, are ATen's mm in the baseline one
-(csrc/cpu/gemm_cpu.h), so there they are compared as float32 values."""
+process per capability and thread count, and the outputs are compared bit for bit. One exception: the GEMMs of the
+Winograd convolution and of the NCHW 1x1 eval convolution, the same bits in the AVX2 and AVX-512 builds, are ATen's
+mm in the baseline one (csrc/cpu/gemm_cpu.h), so there they are compared as float32 values."""
 
 from __future__ import annotations
 
@@ -48,6 +48,10 @@ def _make_inputs(path) -> None:
     x = torch.randn(2, 40, 31, 32, generator=g).contiguous(memory_format=torch.channels_last)
     weight = (torch.randn(36, 40, 3, 3, generator=g) / 20).contiguous(memory_format=torch.channels_last)
     inputs["stride 2"] = (x, weight, torch.randn(36, generator=g))
+    # the NCHW 1x1 eval convolution on the GEMM kernel (2^18 outputs and more; 100 channels: a part row tile)
+    x = torch.randn(2, 45, 37, 37, generator=g)
+    inputs["pointwise"] = (x, torch.randn(100, 45, 1, 1, generator=g) / 7, torch.randn(100, generator=g),
+                           torch.randn(2, 100, 37, 37, generator=g))
     torch.save(inputs, path)
 
 
@@ -59,7 +63,7 @@ torch.set_num_threads(int(sys.argv[2]))
 inputs = torch.load(sys.argv[3])
 out = {"capability": torch.backends.cpu.get_cpu_capability()}
 for key, value in inputs.items():
-    if key.startswith(("uce", "gemm", "winograd", "short grids", "stride 2")):  # run below
+    if key.startswith(("uce", "gemm", "winograd", "short grids", "stride 2", "pointwise")):  # run below
         continue
     y, dz, mean, invstd, w, b = value
     c = y.shape[1]
@@ -84,6 +88,9 @@ for key, stride, dilation, plan in (("winograd", 1, 1, 4), ("short grids", 1, 7,
     assert ops.winograd_plan(x, weight, s, d, d) == plan, key  # the plan the shape gets: Winograd runs
     with torch.no_grad():
         out[key] = [ops.conv_bias_act(x, weight, bias, None, s, d, d, True)]
+x, weight, bias, residual = inputs["pointwise"]
+with torch.no_grad():
+    out["pointwise"] = [ops.conv_bias_act(x, weight, bias, residual, (1, 1), (0, 0), (1, 1), True)]
 torch.save(out, sys.argv[1])
 '''
 
@@ -108,7 +115,7 @@ def test_baseline_build_keeps_float32_convolutions_under_a_lowered_matmul_precis
 
 
 # The outputs of the Winograd GEMM kernel: the same bits in the vector builds, ATen's mm's in the baseline one.
-_GEMM_KEYS = ("gemm", "winograd", "short grids", "stride 2")
+_GEMM_KEYS = ("gemm", "winograd", "short grids", "stride 2", "pointwise")
 
 
 def _run(tmp_path, capability: str | None, threads: int) -> dict:
