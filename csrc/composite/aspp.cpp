@@ -80,15 +80,29 @@ std::optional<at::Tensor> block(const std::optional<at::Tensor>& t, int64_t star
   return block(*t, start, len);
 }
 
+// One BatchNorm block's slices of the statistics and parameters, taken once per call.
+struct BlockBN {
+  at::Tensor mean, invstd, weight, bias;
+};
+
+// Block b (channels [b * c, (b + 1) * c)) of the K BatchNorm channels, for blocks [0, blocks).
+std::vector<BlockBN> block_bns(const at::Tensor& mean, const at::Tensor& invstd, const at::Tensor& bn_weight,
+                               const at::Tensor& bn_bias, int64_t blocks, int64_t c) {
+  std::vector<BlockBN> bns;
+  bns.reserve(blocks);
+  for (int64_t b = 0; b < blocks; ++b) {
+    bns.push_back({block(mean, b * c, c), block(invstd, b * c, c), block(bn_weight, b * c, c),
+                   block(bn_bias, b * c, c)});
+  }
+  return bns;
+}
+
 // The conv branches normalized (BatchNorm + ReLU), each by its block of the statistics and parameters.
-std::vector<at::Tensor> normalized_branches(at::TensorList branch, const at::Tensor& mean, const at::Tensor& invstd,
-                                            const at::Tensor& bn_weight, const at::Tensor& bn_bias, int64_t c) {
+std::vector<at::Tensor> normalized_branches(at::TensorList branch, const std::vector<BlockBN>& bns) {
   std::vector<at::Tensor> z;
   z.reserve(branch.size());
   for (size_t b = 0; b < branch.size(); ++b) {
-    const int64_t start = static_cast<int64_t>(b) * c;
-    z.push_back(call_bn_apply(branch[b], block(mean, start, c), block(invstd, start, c), block(bn_weight, start, c),
-                              block(bn_bias, start, c), std::nullopt, true));
+    z.push_back(call_bn_apply(branch[b], bns[b].mean, bns[b].invstd, bns[b].weight, bns[b].bias, std::nullopt, true));
   }
   return z;
 }
@@ -180,9 +194,11 @@ aspp_forward(const at::Tensor& x, at::TensorList conv_weights, const at::Tensor&
     call_bn_finalize(std::nullopt, std::nullopt, std::nullopt, 0.0, running_mean, running_var, momentum, eps,
                      save_mean, save_invstd, new_rm, new_rv);
   }
-  const std::vector<at::Tensor> z = normalized_branches(branch, save_mean, save_invstd, bn_weight, bn_bias, g.c);
-  const at::Tensor z_p = call_bn_apply(pool4, block(save_mean, bc, g.c), block(save_invstd, bc, g.c),
-                                       block(bn_weight, bc, g.c), block(bn_bias, bc, g.c), std::nullopt, true);
+  // The blocks: the conv branches, the pooling branch, the projection.
+  const std::vector<BlockBN> bns = block_bns(save_mean, save_invstd, bn_weight, bn_bias, g.branches + 2, g.c);
+  const std::vector<at::Tensor> z = normalized_branches(branch, bns);
+  const BlockBN& bn_p = bns[g.branches];
+  const at::Tensor z_p = call_bn_apply(pool4, bn_p.mean, bn_p.invstd, bn_p.weight, bn_p.bias, std::nullopt, true);
 
   // Projection: 1x1 conv over the conv branches + the pooling branch as a per-(image, channel) bias, added in
   // place.
@@ -191,8 +207,8 @@ aspp_forward(const at::Tensor& x, at::TensorList conv_weights, const at::Tensor&
   proj.add_(at::mm(z_p.view({g.n, g.c}), w_pool.t()).view({g.n, g.c, 1, 1}));
   const int64_t po = bc + g.c;
   if (training) training_stats({training_block(proj, hw_count, po, g.c)}, group, momentum, eps);
-  at::Tensor out = call_bn_apply(proj, block(save_mean, po, g.c), block(save_invstd, po, g.c),
-                                 block(bn_weight, po, g.c), block(bn_bias, po, g.c), std::nullopt, true);
+  const BlockBN& bn_o = bns[g.branches + 1];
+  at::Tensor out = call_bn_apply(proj, bn_o.mean, bn_o.invstd, bn_o.weight, bn_o.bias, std::nullopt, true);
   return {out, branch, pool_pre, proj, save_mean, save_invstd, new_rm, new_rv};
 }
 
@@ -227,26 +243,25 @@ std::tuple<at::Tensor, std::vector<at::Tensor>, at::Tensor, at::Tensor, at::Tens
   check_bn_dtype(save_invstd, "save_invstd", x.scalar_type());
   const auto mf = x.suggest_memory_format();
   const double hw_count = static_cast<double>(g.n * g.h * g.w);
-  const at::Tensor mean_b = block(save_mean, 0, bc), invstd_b = block(save_invstd, 0, bc);
-  const at::Tensor mean_p = block(save_mean, bc, g.c), invstd_p = block(save_invstd, bc, g.c);
-  const at::Tensor mean_o = block(save_mean, po, g.c), invstd_o = block(save_invstd, po, g.c);
+  // The blocks: the conv branches, the pooling branch, the projection.
+  const std::vector<BlockBN> bns = block_bns(save_mean, save_invstd, bn_weight, bn_bias, g.branches + 2, g.c);
+  const BlockBN &bn_p = bns[g.branches], &bn_o = bns[g.branches + 1];
   const at::Tensor g_out = change_layout(grad_out, mf);
 
   // Projection BN.
-  auto [sg_o, sgx_o] = call_bn_backward_reduce(g_out, out, proj, mean_o, invstd_o, true);
+  auto [sg_o, sgx_o] = call_bn_backward_reduce(g_out, out, proj, bn_o.mean, bn_o.invstd, true);
   at::Tensor dsg_o = sg_o, dsgx_o = sgx_o;
   double count_o = hw_count;
   if (group) {
     std::tie(dsg_o, dsgx_o) = all_reduce_mean_sums({{sg_o, sgx_o, hw_count}}, *group)[0];
     count_o = 1.0;
   }
-  const at::Tensor dy_o = call_bn_backward_dy(g_out, out, proj, mean_o, invstd_o, block(bn_weight, po, g.c), dsg_o,
-                                              dsgx_o, count_o, true, training);
+  const at::Tensor dy_o = call_bn_backward_dy(g_out, out, proj, bn_o.mean, bn_o.invstd, bn_o.weight, dsg_o, dsgx_o,
+                                              count_o, true, training);
   // The normalized branch outputs, recomputed from the pre-BN ones (cheaper than keeping them).
-  const std::vector<at::Tensor> z = normalized_branches(branch, save_mean, save_invstd, bn_weight, bn_bias, g.c);
+  const std::vector<at::Tensor> z = normalized_branches(branch, bns);
   const at::Tensor pool4 = pool_pre.view({g.n, g.c, 1, 1});
-  const at::Tensor z_p = call_bn_apply(pool4, mean_p, invstd_p, block(bn_weight, bc, g.c), block(bn_bias, bc, g.c),
-                                       std::nullopt, true);
+  const at::Tensor z_p = call_bn_apply(pool4, bn_p.mean, bn_p.invstd, bn_p.weight, bn_p.bias, std::nullopt, true);
   // Projection conv, per branch (its input and its weight columns), and the pooling bias.
   std::vector<at::Tensor> dz(g.branches), grad_project_parts;
   if (output_mask[1]) grad_project_parts.reserve(g.branches + 1);
@@ -267,11 +282,10 @@ std::tuple<at::Tensor, std::vector<at::Tensor>, at::Tensor, at::Tensor, at::Tens
   }
 
   // Pooling branch BN (over the batch) and each conv branch's BN.
-  auto [sg_p, sgx_p] = call_bn_backward_reduce(dz_p, z_p, pool4, mean_p, invstd_p, true);
+  auto [sg_p, sgx_p] = call_bn_backward_reduce(dz_p, z_p, pool4, bn_p.mean, bn_p.invstd, true);
   std::vector<at::Tensor> sg_b(g.branches), sgx_b(g.branches);
   for (int64_t b = 0; b < g.branches; ++b) {
-    std::tie(sg_b[b], sgx_b[b]) = call_bn_backward_reduce(dz[b], z[b], branch[b], block(mean_b, b * g.c, g.c),
-                                                          block(invstd_b, b * g.c, g.c), true);
+    std::tie(sg_b[b], sgx_b[b]) = call_bn_backward_reduce(dz[b], z[b], branch[b], bns[b].mean, bns[b].invstd, true);
   }
   std::vector<at::Tensor> grad_conv;
   at::Tensor grad_x, grad_pool_weight;
@@ -287,15 +301,14 @@ std::tuple<at::Tensor, std::vector<at::Tensor>, at::Tensor, at::Tensor, at::Tens
       for (int64_t b = 0; b < g.branches; ++b) std::tie(dsg_b[b], dsgx_b[b]) = reduced[b + 1];
       count_p = count_b = 1.0;
     }
-    const at::Tensor dy_p = call_bn_backward_dy(dz_p, z_p, pool4, mean_p, invstd_p, block(bn_weight, bc, g.c), dsg_p,
-                                                dsgx_p, count_p, true, training)
+    const at::Tensor dy_p = call_bn_backward_dy(dz_p, z_p, pool4, bn_p.mean, bn_p.invstd, bn_p.weight, dsg_p, dsgx_p,
+                                                count_p, true, training)
                                 .view({g.n, g.c});
     if (output_mask[1]) grad_pool_weight = at::mm(dy_p.t(), x.mean({2, 3})).view({g.c, g.cin, 1, 1});
     ChannelsLastOnce x_cl(x);  // for the branches whose weight gradient reads x channels_last: converted once
     for (int64_t b = 0; b < g.branches; ++b) {
       const int64_t r = b == 0 ? 1 : rates[b - 1];
-      const at::Tensor dy_b = call_bn_backward_dy(dz[b], z[b], branch[b], block(mean_b, b * g.c, g.c),
-                                                  block(invstd_b, b * g.c, g.c), block(bn_weight, b * g.c, g.c),
+      const at::Tensor dy_b = call_bn_backward_dy(dz[b], z[b], branch[b], bns[b].mean, bns[b].invstd, bns[b].weight,
                                                   dsg_b[b], dsgx_b[b], count_b, true, training);
       auto [gx, gw] = conv2d_backward(dy_b, x, conv_weights[b], {1, 1}, {b == 0 ? 0 : r, b == 0 ? 0 : r}, {r, r},
                                       output_mask[0], output_mask[1], &x_cl);
