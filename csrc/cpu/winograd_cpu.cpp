@@ -98,6 +98,7 @@ struct Geometry {
   int64_t qh, qw;  // phases per axis (a dilation larger than the output leaves some empty)
   int64_t th, tw;  // tiles per phase per axis
   int64_t sh = 1, sw = 1;  // the stride: output pixel oy reads input rows sh * oy - ph + j
+  int64_t eh = 0, ew = 0;  // stride 2: the last output row / column left out of the tiles (strided_edges)
   int64_t tiles() const { return n * qh * qw * th * tw; }
 };
 
@@ -115,16 +116,22 @@ Geometry geometry(int64_t n, int64_t c, int64_t h, int64_t w, int64_t k, at::Int
   return g;
 }
 
-// A stride-2 3x3 convolution (dilation 1) in m x m output tiles.
-Geometry strided_geometry(int64_t n, int64_t c, int64_t h, int64_t w, int64_t k, at::IntArrayRef padding, int m) {
+// A stride-2 3x3 convolution (dilation 1) in m x m output tiles. With `edges`, an output of m * t + 1 rows (or
+// columns), t >= 1, leaves its last one out of the tiles: a row of tiles for it would cost 81 products per tile for
+// m of its pixels, strided_edges computes it directly at 9 per pixel (DeepLab's stride-2 maps are all such: 129 ->
+// 65, 65 -> 33, 33 -> 17 pixels; at 65 x 65 the products fall by 6.5 %).
+Geometry strided_geometry(int64_t n, int64_t c, int64_t h, int64_t w, int64_t k, at::IntArrayRef padding, int m,
+                          bool edges = true) {
   Geometry g{};
   g.n = n, g.c = c, g.h = h, g.w = w, g.k = k;
   g.ph = padding[0], g.pw = padding[1], g.dh = 1, g.dw = 1, g.sh = 2, g.sw = 2;
   g.ho = h + 2 * g.ph < 3 ? 0 : (h + 2 * g.ph - 3) / 2 + 1;  // no output where the padded map is under 3 pixels
   g.wo = w + 2 * g.pw < 3 ? 0 : (w + 2 * g.pw - 3) / 2 + 1;
   g.qh = 1, g.qw = 1;
-  g.th = ceil_div(g.ho, m);
-  g.tw = ceil_div(g.wo, m);
+  g.eh = edges && g.ho > m && g.ho % m == 1 ? 1 : 0;
+  g.ew = edges && g.wo > m && g.wo % m == 1 ? 1 : 0;
+  g.th = ceil_div(g.ho - g.eh, m);
+  g.tw = ceil_div(g.wo - g.ew, m);
   return g;
 }
 
@@ -1176,6 +1183,84 @@ void short_grid_conv(const ShortGrids& s, const float* xp, Strides4 xs, const at
   }
 }
 
+// The stride-2 convolution's edge pixels (Geometry::eh, ew: the last output row and column, where the tiles leave
+// them) as a direct convolution: their 3 x 3 input patches gathered as rows of [3][3][C_in] (zero outside the
+// image), one GEMM with the weight as [(ky, kx, c) x C_out] packed for it (kept beside the tile transform), the
+// epilogue as the tiles'. Each output is one chain of 9 C_in fused multiply-adds: the same bits for any thread count
+// and vector build, as the tiles'.
+constexpr int kStridedEdgeKey = -5;  // the packed direct weight's cache key (not a tile transform's)
+constexpr int64_t kEdgeRows = 32;    // edge pixels per GEMM
+
+at::Tensor strided_edge_weight(const at::Tensor& weight) {
+  const int64_t k = weight.size(0), inner = 9 * weight.size(1);
+  const at::Tensor wt = weight.permute({2, 3, 1, 0}).contiguous();  // [3, 3, C_in, C_out]: rows (ky, kx, c)
+  at::Tensor packed = packed_weight_buffer(1, inner, k, weight.options());
+  const float* src = wt.const_data_ptr<float>();
+  float* dst = packed.mutable_data_ptr<float>();
+  at::parallel_for(0, gemm_panels(k), 1, [&](int64_t p0, int64_t p1) {
+    for (int64_t p = p0; p < p1; ++p) {
+      const int64_t j0 = p * kGemmPanel, cols = std::min(kGemmPanel, k - j0);
+      for (int64_t i = 0; i < inner; ++i) std::memcpy(dst + gemm_packed_index(inner, i, j0), src + i * k + j0,
+                                                      sizeof(float) * cols);
+    }
+  });
+  return packed;
+}
+
+// Edge pixel e of the geometry's: image, output row and column (the last row first, then the last column above it).
+DLO_INLINE Tile edge_at(const Geometry& g, int64_t e) {
+  const int64_t per_image = g.eh * g.wo + g.ew * (g.ho - g.eh);
+  const int64_t n = e / per_image, i = e % per_image;
+  if (i < g.eh * g.wo) return {n, g.ho - 1, i};
+  return {n, i - g.eh * g.wo, g.wo - 1};
+}
+
+void strided_edges(const Geometry& g, const float* xp, Strides4 xs, const at::Tensor& wd, const Epilogue& e,
+                   float* op, Strides4 os, const at::TensorOptions& options) {
+  const int64_t pixels = g.n * (g.eh * g.wo + g.ew * (g.ho - g.eh));
+  if (pixels == 0) return;
+  const int64_t inner = 9 * g.c;
+  const auto isa = kernel_isa();
+  at::parallel_for(0, ceil_div(pixels, kEdgeRows), 1, [&](int64_t b0, int64_t b1) {
+    at::Tensor abuf = at::empty({kEdgeRows * inner}, options);
+    at::Tensor mbuf = at::empty({kEdgeRows * g.k}, options);
+    float* ap = abuf.mutable_data_ptr<float>();
+    float* mp = mbuf.mutable_data_ptr<float>();
+    for (int64_t blk = b0; blk < b1; ++blk) {
+      const int64_t e0 = blk * kEdgeRows, rows = std::min(kEdgeRows, pixels - e0);
+      for (int64_t r = 0; r < rows; ++r) {
+        const Tile px = edge_at(g, e0 + r);
+        for (int64_t ky = 0; ky < 3; ++ky) {
+          const int64_t iy = g.sh * px.oy0 - g.ph + ky;
+          for (int64_t kx = 0; kx < 3; ++kx) {
+            const int64_t ix = g.sw * px.ox0 - g.pw + kx;
+            float* dst = ap + r * inner + (ky * 3 + kx) * g.c;
+            if (iy < 0 || iy >= g.h || ix < 0 || ix >= g.w) {
+              std::fill(dst, dst + g.c, 0.f);
+            } else {
+              std::memcpy(dst, xp + px.n * xs.n + iy * xs.h + ix * xs.w, sizeof(float) * g.c);
+            }
+          }
+        }
+      }
+      packed_gemm(ap, inner, wd.const_data_ptr<float>(), inner, g.k, mp, g.k, rows, 0, gemm_panels(g.k));
+      run_isa(
+          isa,
+          [&](int64_t, int64_t, auto width) {
+            using V = typename FloatVec<decltype(width)::value>::type;
+            for (int64_t r = 0; r < rows; ++r) {
+              const Tile px = edge_at(g, e0 + r);
+              for (int64_t k0 = 0; k0 < g.k; k0 += kLanes) {
+                const int lanes = static_cast<int>(std::min<int64_t>(kLanes, g.k - k0));
+                store_pixel<V>(mp + r * g.k + k0, e, px.n, px.oy0, px.ox0, k0, lanes, op, os);
+              }
+            }
+          },
+          0, 1);
+    }
+  });
+}
+
 // The entries' frame: x and the residual channels-last dense (NCHW ones converted in: one conversion in and one out
 // cost less than the transforms save over oneDNN's NCHW convolution, docs/kernels.md), a channels-last output of
 // [N, C_out, ho, wo], body(x, its strides, the epilogue, out, its strides), the output returned in out_format.
@@ -1205,6 +1290,7 @@ at::Tensor winograd(const at::Tensor& x, const at::Tensor& weight, const std::op
           ? strided_geometry(x.size(0), x.size(1), x.size(2), x.size(3), weight.size(0), padding, Transform<M>::kTile)
           : geometry(x.size(0), x.size(1), x.size(2), x.size(3), weight.size(0), padding, dilation, M);
   const at::Tensor u = cached_weight_transform<M>(weight);
+  const at::Tensor wd = g.eh + g.ew > 0 ? kept_or_built(weight, kStridedEdgeKey, strided_edge_weight) : at::Tensor();
   return channels_last_call(x, g.k, g.ho, g.wo, bias, residual, relu, out_format,
                             [&](const float* xp, Strides4 xs, const Epilogue& e, float* op, Strides4 os,
                                 const at::TensorOptions& options) {
@@ -1213,6 +1299,7 @@ at::Tensor winograd(const at::Tensor& x, const at::Tensor& weight, const std::op
                               } else {
                                 winograd_chunks<M>(g, xp, xs, u, e, op, os, options);
                               }
+                              if (wd.defined()) strided_edges(g, xp, xs, wd, e, op, os, options);
                             });
 }
 
@@ -1283,8 +1370,10 @@ int winograd_plan(const at::Tensor& x, const at::Tensor& weight, at::IntArrayRef
     return kept ? 0.0 : (u_bytes > kMappedBytes ? kTransformCostMapped : kTransformCost);
   };
   if (stride[0] == 2 && stride[1] == 2 && dilation[0] == 1 && dilation[1] == 1) {
-    // Stride 2: 4 x 4 output tiles of 81 products each, against direct convolution's taps inside the image.
-    const Geometry g = strided_geometry(x.size(0), x.size(1), x.size(2), x.size(3), weight.size(0), padding, 4);
+    // Stride 2: 4 x 4 output tiles of 81 products each, against direct convolution's taps inside the image. The
+    // tiles are counted over the whole output, its edges (strided_edges) too: the ratio below was measured so.
+    const Geometry g =
+        strided_geometry(x.size(0), x.size(1), x.size(2), x.size(3), weight.size(0), padding, 4, /*edges=*/false);
     if (g.ho < 1 || g.wo < 1) return 0;
     const double direct = static_cast<double>(x.size(0)) *
                           static_cast<double>(valid_taps(x.size(2), g.ho, padding[0], 1, 3, 2)) *

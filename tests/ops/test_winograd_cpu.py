@@ -151,6 +151,11 @@ STRIDED_CASES = [
     (2, 33, 70, 32, 25, (0, 0)),
     (2, 32, 48, 30, 31, (2, 1)),
     (2, 32, 32, 16, 16, (1, 1)),
+    # outputs of 4t + 1 rows or columns: the last one computed directly (strided_edges), not by a row of tiles
+    (1, 32, 48, 129, 129, (1, 1)),  # 65 x 65 (DeepLabV3's layer2): the last row and column
+    (2, 32, 40, 35, 33, (0, 0)),  # 17 x 16: the last row only
+    (1, 36, 33, 33, 35, (0, 0)),  # 16 x 17: the last column only (33 output channels: a part panel)
+    (1, 32, 32, 75, 75, (0, 0)),  # 37 x 37
 ]
 
 
@@ -174,8 +179,9 @@ def test_stride_2_runs_winograd_and_matches_float64(case, epilogue, layout):
     _close(out, ref, f"stride 2 {case} {epilogue}")
 
 
-def test_stride_2_gives_the_same_bits_for_any_thread_count():
-    x, weight = _inputs(3, 64, 40, 31, 32)
+@pytest.mark.parametrize("size", [(31, 32), (129, 66)], ids=["tiles", "edges"])  # 16 x 16; 65 x 33 with edges
+def test_stride_2_gives_the_same_bits_for_any_thread_count(size):
+    x, weight = _inputs(3, 64, 40, *size)
     weight = _kept(weight)
     assert _ops.winograd_plan(x, weight, (2, 2), (1, 1), (1, 1)) == -4
     threads = torch.get_num_threads()
