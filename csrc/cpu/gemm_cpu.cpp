@@ -12,6 +12,7 @@
 
 #include <algorithm>
 #include <cmath>
+#include <cstring>
 
 #include "cpu/conv_layout_cpu.h"
 #include "cpu/isa_dispatch.h"
@@ -198,6 +199,18 @@ bool packed_gemm_is_float32() {
   return full_float32_matmul();
 }
 
+void gemm_pack_panels(const float* b, int64_t ldb, int64_t inner, int64_t n, float* packed, int64_t panel_begin,
+                      int64_t panel_end) {
+  for (int64_t p = panel_begin; p < panel_end; ++p) {
+    const int64_t j0 = p * kGemmPanel, cols = std::min(kGemmPanel, n - j0);
+    float* dst = packed + p * inner * kGemmPanel;
+    for (int64_t i = 0; i < inner; ++i, dst += kGemmPanel) {
+      std::memcpy(dst, b + i * ldb + j0, sizeof(float) * cols);
+      std::fill(dst + cols, dst + kGemmPanel, 0.f);
+    }
+  }
+}
+
 at::Tensor cpu_gemm(const at::Tensor& a, const at::Tensor& b, int64_t row_block, int64_t panel_block) {
   TORCH_CHECK(a.dim() == 2 && b.dim() == 2, "cpu_gemm: a and b must be matrices, got shapes ", a.sizes(), " and ",
               b.sizes());
@@ -209,11 +222,9 @@ at::Tensor cpu_gemm(const at::Tensor& a, const at::Tensor& b, int64_t row_block,
   TORCH_CHECK(row_block >= 1, "cpu_gemm: row_block must be at least 1, got ", row_block);
   TORCH_CHECK(panel_block >= 0, "cpu_gemm: panel_block must be non-negative (0: every panel), got ", panel_block);
   const int64_t m = a.size(0), inner = a.size(1), n = b.size(1), panels = gemm_panels(n);
-  const at::Tensor ac = a.contiguous();
-  // b packed: [panels][inner][kGemmPanel], zero past n
-  at::Tensor bp = at::zeros({panels * kGemmPanel, inner}, b.options());
-  bp.narrow(0, 0, n).copy_(b.t());
-  bp = bp.view({panels, kGemmPanel, inner}).transpose(1, 2).contiguous();
+  const at::Tensor ac = a.contiguous(), bc = b.contiguous();
+  const at::Tensor bp = at::empty({gemm_packed_size(inner, n)}, b.options());
+  gemm_pack_panels(bc.const_data_ptr<float>(), n, inner, n, bp.mutable_data_ptr<float>(), 0, panels);
   at::Tensor c = at::empty({m, n}, a.options());
   // blocks larger than the matrix are the whole of it (no overflow in the part counts)
   const int64_t pb = std::max<int64_t>(1, std::min(panel_block == 0 ? panels : panel_block, panels));

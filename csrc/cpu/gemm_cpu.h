@@ -26,6 +26,10 @@ inline int64_t gemm_packed_index(int64_t inner, int64_t i, int64_t j) {
   return (j / kGemmPanel) * inner * kGemmPanel + i * kGemmPanel + j % kGemmPanel;
 }
 
+// Panels [panel_begin, panel_end) of B[inner x n] (its rows `ldb` floats apart) packed into `packed` (a packed B's
+// gemm_packed_size(inner, n) floats): each panel's kGemmPanel columns of every row, zero past n.
+void gemm_pack_panels(const float* b, int64_t ldb, int64_t inner, int64_t n, float* packed, int64_t panel_begin,
+                      int64_t panel_end);
 // C[rows x n] = A[rows x inner] B for C's column panels [panel_begin, panel_end) (columns panel * kGemmPanel on,
 // up to n): A's rows `lda` floats apart, C's `ldc`; B packed (gemm_packed_index). Overwrites C there.
 void packed_gemm(const float* a, int64_t lda, const float* b, int64_t inner, int64_t n, float* c, int64_t ldc,

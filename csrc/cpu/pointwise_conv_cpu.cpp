@@ -5,7 +5,6 @@
 
 #include <algorithm>
 #include <cstdint>
-#include <cstring>
 
 #include "bn_stage_args.h"
 #include "cpu/gemm_cpu.h"
@@ -16,19 +15,6 @@ namespace {
 constexpr int64_t kMinOutput = int64_t{1} << 18;  // output values; below, ATen's convolution (conv_bias_act.cpp)
 constexpr int64_t kRowBlock = 96;                  // output channels per tile: a multiple of both ISAs' 8 and 6 rows
 constexpr int64_t kPanelBlock = 4;                 // 32-column panels per tile: 128 pixels
-
-// Image x (cin rows of hw pixels) into packed_gemm's B layout, panels [p0, p1): 32 pixels of every row per panel,
-// zero past hw.
-void pack_panels(const float* x, int64_t cin, int64_t hw, float* packed, int64_t p0, int64_t p1) {
-  for (int64_t p = p0; p < p1; ++p) {
-    const int64_t j0 = p * kGemmPanel, cols = std::min(kGemmPanel, hw - j0);
-    float* dst = packed + p * cin * kGemmPanel;
-    for (int64_t k = 0; k < cin; ++k, dst += kGemmPanel) {
-      std::memcpy(dst, x + k * hw + j0, sizeof(float) * cols);
-      std::fill(dst + cols, dst + kGemmPanel, 0.f);
-    }
-  }
-}
 
 // The epilogue on rows [r0, r1) and columns [j0, j1) of one image's (cout x hw) output: + bias, + residual, ReLU,
 // in that order (conv_bias_act's generic path adds the residual and applies the ReLU after the biased convolution).
@@ -87,7 +73,8 @@ at::Tensor nchw_pointwise_conv(const at::Tensor& x, const at::Tensor& weight, co
     const float* xi = x.const_data_ptr<float>() + i * cin * hw;
     float* yi = out.mutable_data_ptr<float>() + i * cout * hw;
     const float* ri = res != nullptr ? res + i * cout * hw : nullptr;
-    at::parallel_for(0, panels, 1, [&](int64_t p0, int64_t p1) { pack_panels(xi, cin, hw, pk, p0, p1); });
+    // the image (cin rows of hw pixels) as the GEMM's B
+    at::parallel_for(0, panels, 1, [&](int64_t p0, int64_t p1) { gemm_pack_panels(xi, hw, cin, hw, pk, p0, p1); });
     at::parallel_for(0, row_parts * panel_parts, 1, [&](int64_t t0, int64_t t1) {
       for (int64_t t = t0; t < t1; ++t) {
         const int64_t r0 = t / panel_parts * kRowBlock, p0 = t % panel_parts * kPanelBlock;

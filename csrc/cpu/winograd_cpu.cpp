@@ -1194,15 +1194,9 @@ constexpr int64_t kEdgeRows = 32;    // edge pixels per GEMM
 at::Tensor strided_edge_weight(const at::Tensor& weight) {
   const int64_t k = weight.size(0), inner = 9 * weight.size(1);
   const at::Tensor wt = weight.permute({2, 3, 1, 0}).contiguous();  // [3, 3, C_in, C_out]: rows (ky, kx, c)
-  at::Tensor packed = packed_weight_buffer(1, inner, k, weight.options());
-  const float* src = wt.const_data_ptr<float>();
-  float* dst = packed.mutable_data_ptr<float>();
+  const at::Tensor packed = at::empty({gemm_packed_size(inner, k)}, weight.options());
   at::parallel_for(0, gemm_panels(k), 1, [&](int64_t p0, int64_t p1) {
-    for (int64_t p = p0; p < p1; ++p) {
-      const int64_t j0 = p * kGemmPanel, cols = std::min(kGemmPanel, k - j0);
-      for (int64_t i = 0; i < inner; ++i) std::memcpy(dst + gemm_packed_index(inner, i, j0), src + i * k + j0,
-                                                      sizeof(float) * cols);
-    }
+    gemm_pack_panels(wt.const_data_ptr<float>(), k, inner, k, packed.mutable_data_ptr<float>(), p0, p1);
   });
   return packed;
 }

@@ -183,17 +183,42 @@ def test_stride_2_runs_winograd_and_matches_float64(case, epilogue, layout):
 def test_stride_2_gives_the_same_bits_for_any_thread_count(size):
     x, weight = _inputs(3, 64, 40, *size)
     weight = _kept(weight)
+    bias = torch.randn(40)
     assert _ops.winograd_plan(x, weight, (2, 2), (1, 1), (1, 1)) == -4
     threads = torch.get_num_threads()
     try:
         outs = []
         for n in (1, 2, 3):
             torch.set_num_threads(n)
-            outs.append(_ops.conv_bias_act(x, weight, None, None, (2, 2), (1, 1), (1, 1), False))
+            # with an epilogue: the plain form (no bias, residual or ReLU: a training recompute) keeps oneDNN
+            out, names = _ran(lambda: _ops.conv_bias_act(x, weight, bias, None, (2, 2), (1, 1), (1, 1), True))
+            assert _used_winograd(names), sorted(names)
+            outs.append(out)
     finally:
         torch.set_num_threads(threads)
     assert torch.equal(outs[0], outs[1]) and torch.equal(outs[0], outs[2])
-    _close(outs[0], F.conv2d(x.double(), weight.double(), None, 2, 1), "stride 2, 3 threads")
+    ref = F.relu(F.conv2d(x.double(), weight.double(), bias.double(), 2, 1))
+    _close(outs[0], ref, "stride 2, 3 threads")
+
+
+@pytest.mark.parametrize("size,edges", [((129, 129), True), ((129, 66), True), ((127, 127), False)],
+                         ids=["65x65", "65x33", "64x64"])
+def test_stride_2_edges_run_directly_with_their_weight_kept(size, edges):
+    """An output of 4t + 1 pixels across computes its last row and column directly (strided_edges), with the weight
+    packed for it kept beside the tile transform: two cache entries, each found again on the next call, and the
+    output equal to float64's; an output without such an edge keeps one entry."""
+    x, weight = _inputs(1, 32, 40, *size)
+    _ops.winograd_cache_clear()  # (forgets the registrations too)
+    weight = _kept(weight)
+    assert _ops.winograd_plan(x, weight, (2, 2), (1, 1), (1, 1)) == -4
+    before = _ops.winograd_cache_info()
+    bias = torch.randn(40)
+    outs = [_ops.conv_bias_act(x, weight, bias, None, (2, 2), (1, 1), (1, 1), True) for _ in range(2)]
+    entries, _, hits, misses = (a - b for a, b in zip(_ops.winograd_cache_info(), before, strict=True))
+    kept = 2 if edges else 1
+    assert (entries, misses, hits) == (kept, kept, kept)
+    assert torch.equal(outs[0], outs[1])
+    _close(outs[0], F.relu(F.conv2d(x.double(), weight.double(), bias.double(), 2, 1)), f"stride 2 {size}")
 
 
 @pytest.mark.parametrize("case,plan", [
