@@ -17,6 +17,10 @@ namespace deeplab_ops {
 // channel slice): t.contiguous(to).
 at::Tensor change_layout(const at::Tensor& t, at::MemoryFormat to);
 
+// d[j * ldd + i] = s[i * lds + j] for i < rows, j < cols, on the calling thread, in the cache blocks change_layout
+// uses: a [rows, cols] float32 matrix (row stride lds) transposed into d (row stride ldd).
+void transpose_blocked(const float* s, int64_t lds, float* d, int64_t ldd, int64_t rows, int64_t cols);
+
 // x in channels_last, converted (change_layout) on the first get() and kept for the next: one conversion for the
 // several convolutions of one op call that read the same x (the ASPP's branches). x must outlive it.
 class ChannelsLastOnce {

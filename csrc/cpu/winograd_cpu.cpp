@@ -18,6 +18,7 @@
 #include <cstdlib>
 #include <cstring>
 #include <list>
+#include <memory>
 #include <mutex>
 #include <type_traits>
 #include <utility>
@@ -361,11 +362,12 @@ struct Strides4 {
 Strides4 strides_of(const at::Tensor& t) { return {t.stride(0), t.stride(1), t.stride(2), t.stride(3)}; }
 
 // V[xi][t][c] for the block's tiles t0 + t, t < count: the transformed input patches, V having `rows` tiles per xi
-// (count, or a whole chunk's tiles when v points into a chunk's V). x channels-last dense (channel stride 1). A tile
-// inside the image is read in place; one over its border through a zero-padded copy.
+// (count, or a whole chunk's tiles when v points into a chunk's V). x channels-last dense (channel stride 1), its
+// first element image n0's input row row0 (a band of an NCHW x's rows converted, winograd_blocks). A tile inside the
+// image is read in place; one over its border through a zero-padded copy.
 template <int M, typename V>
 DLO_INLINE void input_tiles(const float* x, Strides4 xs, const Geometry& g, int64_t t0, int64_t count, int64_t rows,
-                            float* v) {
+                            float* v, int64_t n0 = 0, int64_t row0 = 0) {
   constexpr int A = Transform<M>::A;
   alignas(64) float patch[A][A][kLanes];
   alignas(64) float half[A][A][kLanes];
@@ -380,7 +382,7 @@ DLO_INLINE void input_tiles(const float* x, Strides4 xs, const Geometry& g, int6
       const float* src = patch[0][0];
       int64_t row = A * kLanes, col = kLanes;  // src's strides between patch rows and columns
       if (inside) {
-        src = x + tile.n * xs.n + iy0 * xs.h + ix0 * xs.w + c0;
+        src = x + (tile.n - n0) * xs.n + (iy0 - row0) * xs.h + ix0 * xs.w + c0;
         row = g.dh * xs.h, col = g.dw * xs.w;
       } else {
         for (int j = 0; j < A; ++j) {
@@ -391,7 +393,7 @@ DLO_INLINE void input_tiles(const float* x, Strides4 xs, const Geometry& g, int6
             if (iy < 0 || iy >= g.h || ix < 0 || ix >= g.w) {
               for_lanes<V>(lanes, [&](auto tag, int c) { store(p + c, typename decltype(tag)::type{}); });
             } else {
-              const float* s = x + tile.n * xs.n + iy * xs.h + ix * xs.w + c0;
+              const float* s = x + (tile.n - n0) * xs.n + (iy - row0) * xs.h + ix * xs.w + c0;
               for_lanes<V>(lanes, [&](auto tag, int c) {
                 typename decltype(tag)::type v;
                 load(v, s + c);
@@ -432,13 +434,14 @@ DLO_INLINE void relu_in_place(T& v) {
   }
 }
 
-// Output pixel (n, oy, ox)'s channels [k0, k0 + lanes) from val, with the epilogue: + bias, + residual, ReLU.
+// Output pixel (n, oy, ox)'s channels [k0, k0 + lanes) from val, with the epilogue: + bias, + residual, ReLU. out:
+// channels-last (channel stride 1), its first element image n0's output row row0 (a band, winograd_blocks).
 template <typename V>
 DLO_INLINE void store_pixel(const float* val, const Epilogue& e, int64_t n, int64_t oy, int64_t ox, int64_t k0,
-                            int lanes, float* out, Strides4 os) {
+                            int lanes, float* out, Strides4 os, int64_t n0 = 0, int64_t row0 = 0) {
   const float* bias = e.bias != nullptr ? e.bias + k0 : nullptr;
   const float* r = e.residual == nullptr ? nullptr : e.residual + n * e.rs.n + oy * e.rs.h + ox * e.rs.w + k0;
-  float* dst = out + n * os.n + oy * os.h + ox * os.w + k0;
+  float* dst = out + (n - n0) * os.n + (oy - row0) * os.h + ox * os.w + k0;
   for_lanes<V>(lanes, [&](auto tag, int c) {
     using T = typename decltype(tag)::type;
     T s, a;
@@ -451,10 +454,10 @@ DLO_INLINE void store_pixel(const float* val, const Epilogue& e, int64_t n, int6
 }
 
 // The output pixels of the block's tiles t0 + t, t < count, from the GEMM products mm[xi][t][k] (`rows` tiles per
-// xi, as for input_tiles), into a channels-last dense output.
+// xi, as for input_tiles), into a channels-last dense output (or band of it: n0, row0 as for store_pixel).
 template <int M, typename V>
 DLO_INLINE void output_tiles(const float* mm, const Geometry& g, int64_t t0, int64_t count, int64_t rows,
-                             const Epilogue& e, float* out, Strides4 os) {
+                             const Epilogue& e, float* out, Strides4 os, int64_t n0 = 0, int64_t row0 = 0) {
   constexpr int A = Transform<M>::A, T = Transform<M>::kTile;
   alignas(64) float half[T][A][kLanes];
   alignas(64) float y[T][T][kLanes];
@@ -480,7 +483,7 @@ DLO_INLINE void output_tiles(const float* mm, const Geometry& g, int64_t t0, int
         for (int j = 0; j < T; ++j) {
           const int64_t ox = tile.ox0 + g.dw * j;
           if (ox >= g.wo) break;
-          store_pixel<V>(y[i][j], e, tile.n, oy, ox, k0, lanes, out, os);
+          store_pixel<V>(y[i][j], e, tile.n, oy, ox, k0, lanes, out, os, n0, row0);
         }
       }
     }
@@ -754,6 +757,75 @@ int64_t chunk_rows(int64_t points, int64_t c, int64_t k, int64_t rows) {
   return ceil_div(rows, ceil_div(rows, most));
 }
 
+// Scratch memory of the calling thread, kept between calls: a block's V, M and bands, the edges' rows. Allocated per
+// call, glibc serves buffers of this size (about 1-5 MB a thread) from pages it faults in afresh on every call
+// wherever it trims its heap between calls, which one more or less temporary of the call decides (measured on this
+// project's EPYC, one thread: layer2's stride-2 convolution in NCHW, without the whole-map temporaries of converting
+// x and the output, faulted in 1,096 pages a call for its per-thread buffers, about 3.4 us each in this VM; with
+// them, none). Grows to the most a call of this thread has asked for, up to kMaxScratchBytes; a larger request is
+// allocated for the call (`spare` holds it).
+constexpr int64_t kMaxScratchBytes = 32 << 20;
+
+float* thread_scratch(int64_t floats, const at::TensorOptions& options, at::Tensor& spare) {
+  struct Free {
+    void operator()(float* p) const { std::free(p); }
+  };
+  thread_local std::unique_ptr<float, Free> kept;
+  thread_local int64_t capacity = 0;
+  if (floats * int64_t{sizeof(float)} > kMaxScratchBytes) {
+    spare = at::empty({floats}, options);
+    return spare.mutable_data_ptr<float>();
+  }
+  if (floats > capacity) {
+    const int64_t bytes = ceil_div(floats * int64_t{sizeof(float)}, 64) * 64;
+    float* p = static_cast<float*>(std::aligned_alloc(64, static_cast<size_t>(bytes)));
+    TORCH_CHECK(p != nullptr, "deeplab_ops: could not allocate ", bytes, " bytes of Winograd scratch memory");
+    kept.reset(p);
+    capacity = bytes / int64_t{sizeof(float)};
+  }
+  return kept.get();
+}
+
+// Floats of a part of a scratch, rounded up to whole cache lines.
+int64_t scratch_part(int64_t floats) { return ceil_div(floats, 16) * 16; }
+
+// ---- NCHW activations in bands: a tile geometry of dilation 1 (stride 1 or 2) ----
+// winograd_blocks reads an NCHW x and writes an NCHW output through bands of rows in channels-last, one per thread:
+// before a block's input transform, the input rows its tiles read (a block of tiles is a run of them in row-major
+// order: one or a few rows of tiles) are transposed into the input band; its output transform writes into the output
+// band, which is transposed into the output after it. Each band is written and read while it is in the thread's
+// cache, in place of converting the whole map to channels-last before the convolution and its output back after it:
+// two tensors of the activations' size less per call, each written and read back through memory, and each a fresh
+// allocation whose pages are faulted in on every call where glibc trims the heap between calls (a channels-last
+// temporary beside the output makes it do so).
+
+// A tile geometry whose bands winograd_blocks keeps (one phase grid, dilation 1).
+bool banded_geometry(const Geometry& g) { return g.dh == 1 && g.dw == 1 && g.qh == 1 && g.qw == 1; }
+
+// The input rows [r0, r1) that tiles [ta, tb] of one image read (indices within the image), clamped to the image.
+std::pair<int64_t, int64_t> input_band(const Geometry& g, int64_t ta, int64_t tb, int m, int a) {
+  const int64_t ya = g.sh * (ta / g.tw) * m - g.ph, yb = g.sh * (tb / g.tw) * m - g.ph + a;
+  return {std::max<int64_t>(0, ya), std::min(g.h, yb)};
+}
+
+// The rows of tiles a block of `block` tiles spans, at most.
+int64_t band_tile_rows(const Geometry& g, int64_t block) { return std::min(g.th, ceil_div(block, g.tw) + 1); }
+
+// The output pixels of tiles [ta, tb] of image n (indices within it) from the channels-last band (its first row
+// row0) into the NCHW out (dense: os.w == 1), a row at a time.
+void band_to_nchw(const Geometry& g, int m, int64_t n, int64_t ta, int64_t tb, const float* band, int64_t row0,
+                  float* out, Strides4 os) {
+  const int64_t tiled_rows = g.ho - g.eh, tiled_cols = g.wo - g.ew;
+  for (int64_t ty = ta / g.tw; ty <= tb / g.tw; ++ty) {
+    const int64_t x0 = (ty == ta / g.tw ? ta % g.tw : 0) * m;
+    const int64_t x1 = std::min(tiled_cols, ((ty == tb / g.tw ? tb % g.tw : g.tw - 1) + 1) * m);
+    for (int64_t oy = ty * m; oy < std::min(tiled_rows, (ty + 1) * m); ++oy) {
+      transpose_blocked(band + ((oy - row0) * g.wo + x0) * g.k, g.k, out + n * os.n + oy * os.h + x0, os.c, x1 - x0,
+                        g.k);
+    }
+  }
+}
+
 // The transformed weight u fits beside every thread's blocks in cache: blocks of tiles, each transformed,
 // multiplied and transformed back by one thread while its V and M stay in that core's cache.
 template <int M>
@@ -764,26 +836,57 @@ void winograd_blocks(const Geometry& g, const float* xp, Strides4 xs, const at::
   const auto isa = kernel_isa();
   const int64_t block = block_tiles(A * A, g.c, g.k, tiles, at::get_num_threads());
   const int64_t blocks = ceil_div(tiles, block);
+  // An NCHW x or output (channel stride not 1, winograd<M> passes them for banded geometries): through bands
+  constexpr int T = Transform<M>::kTile;
+  const bool nchw_in = xs.c != 1, nchw_out = os.c != 1;
+  const int64_t per_image = g.th * g.tw, band_rows = band_tile_rows(g, block);
   at::parallel_for(0, blocks, 1, [&](int64_t b0, int64_t b1) {
-    at::Tensor vbuf = at::empty({A * A * block * g.c}, options);
-    at::Tensor mbuf = at::empty({A * A * block * g.k}, options);
-    float* vp = vbuf.mutable_data_ptr<float>();
-    float* mp = mbuf.mutable_data_ptr<float>();
+    const int64_t v_size = scratch_part(A * A * block * g.c), m_size = scratch_part(A * A * block * g.k);
+    const int64_t i_size = nchw_in ? scratch_part(std::min(g.h, (band_rows - 1) * g.sh * T + A) * g.w * g.c) : 0;
+    const int64_t o_size = nchw_out ? band_rows * T * g.wo * g.k : 0;
+    at::Tensor spare;
+    float* vp = thread_scratch(v_size + m_size + i_size + o_size, options, spare);
+    float* mp = vp + v_size;
+    float* ip = mp + m_size;  // the input band
+    float* obp = ip + i_size;  // the output band
     for (int64_t blk = b0; blk < b1; ++blk) {
       const int64_t t0 = blk * block, tc = std::min(block, tiles - t0);
-      run_isa(
-          isa,
-          [&](int64_t, int64_t, auto width) {
-            input_tiles<M, typename FloatVec<decltype(width)::value>::type>(xp, xs, g, t0, tc, tc, vp);
-          },
-          0, 1);
+      // The block's tiles of one image at a time (all of them where x and the output are channels-last)
+      for (int64_t t = t0; t < t0 + tc;) {
+        const int64_t n = t / per_image, end = nchw_in ? std::min(t0 + tc, (n + 1) * per_image) : t0 + tc;
+        const float* x = xp;
+        Strides4 s = xs;
+        int64_t n0 = 0, row0 = 0;
+        if (nchw_in) {
+          const auto [r0, r1] = input_band(g, t - n * per_image, end - 1 - n * per_image, T, A);
+          transpose_blocked(xp + n * xs.n + r0 * xs.h, xs.c, ip, g.c, g.c, (r1 - r0) * g.w);
+          x = ip, s = {0, 1, g.w * g.c, g.c}, n0 = n, row0 = r0;
+        }
+        run_isa(
+            isa,
+            [&](int64_t, int64_t, auto width) {
+              input_tiles<M, typename FloatVec<decltype(width)::value>::type>(x, s, g, t, end - t, tc,
+                                                                              vp + (t - t0) * g.c, n0, row0);
+            },
+            0, 1);
+        t = end;
+      }
       element_gemms<M>(vp, u, g, mp, tc, tc, 0, A * A);
-      run_isa(
-          isa,
-          [&](int64_t, int64_t, auto width) {
-            output_tiles<M, typename FloatVec<decltype(width)::value>::type>(mp, g, t0, tc, tc, e, op, os);
-          },
-          0, 1);
+      for (int64_t t = t0; t < t0 + tc;) {
+        const int64_t n = t / per_image, end = nchw_out ? std::min(t0 + tc, (n + 1) * per_image) : t0 + tc;
+        float* out = nchw_out ? obp : op;
+        const Strides4 s = nchw_out ? Strides4{0, 1, g.wo * g.k, g.k} : os;
+        const int64_t n0 = nchw_out ? n : 0, row0 = nchw_out ? (t - n * per_image) / g.tw * T : 0;
+        run_isa(
+            isa,
+            [&](int64_t, int64_t, auto width) {
+              using V = typename FloatVec<decltype(width)::value>::type;
+              output_tiles<M, V>(mp + (t - t0) * g.k, g, t, end - t, tc, e, out, s, n0, row0);
+            },
+            0, 1);
+        if (nchw_out) band_to_nchw(g, T, n, t - n * per_image, end - 1 - n * per_image, out, row0, op, os);
+        t = end;
+      }
     }
   });
 }
@@ -1216,10 +1319,10 @@ void strided_edges(const Geometry& g, const float* xp, Strides4 xs, const at::Te
   const int64_t inner = 9 * g.c;
   const auto isa = kernel_isa();
   at::parallel_for(0, ceil_div(pixels, kEdgeRows), 1, [&](int64_t b0, int64_t b1) {
-    at::Tensor abuf = at::empty({kEdgeRows * inner}, options);
-    at::Tensor mbuf = at::empty({kEdgeRows * g.k}, options);
-    float* ap = abuf.mutable_data_ptr<float>();
-    float* mp = mbuf.mutable_data_ptr<float>();
+    const int64_t a_size = scratch_part(kEdgeRows * inner);
+    at::Tensor spare;
+    float* ap = thread_scratch(a_size + kEdgeRows * g.k, options, spare);
+    float* mp = ap + a_size;
     for (int64_t blk = b0; blk < b1; ++blk) {
       const int64_t e0 = blk * kEdgeRows, rows = std::min(kEdgeRows, pixels - e0);
       for (int64_t r = 0; r < rows; ++r) {
@@ -1231,8 +1334,11 @@ void strided_edges(const Geometry& g, const float* xp, Strides4 xs, const at::Te
             float* dst = ap + r * inner + (ky * 3 + kx) * g.c;
             if (iy < 0 || iy >= g.h || ix < 0 || ix >= g.w) {
               std::fill(dst, dst + g.c, 0.f);
-            } else {
+            } else if (xs.c == 1) {
               std::memcpy(dst, xp + px.n * xs.n + iy * xs.h + ix * xs.w, sizeof(float) * g.c);
+            } else {  // an NCHW x
+              const float* src = xp + px.n * xs.n + iy * xs.h + ix * xs.w;
+              for (int64_t c = 0; c < g.c; ++c) dst[c] = src[c * xs.c];
             }
           }
         }
@@ -1246,7 +1352,16 @@ void strided_edges(const Geometry& g, const float* xp, Strides4 xs, const at::Te
               const Tile px = edge_at(g, e0 + r);
               for (int64_t k0 = 0; k0 < g.k; k0 += kLanes) {
                 const int lanes = static_cast<int>(std::min<int64_t>(kLanes, g.k - k0));
-                store_pixel<V>(mp + r * g.k + k0, e, px.n, px.oy0, px.ox0, k0, lanes, op, os);
+                if (os.c == 1) {
+                  store_pixel<V>(mp + r * g.k + k0, e, px.n, px.oy0, px.ox0, k0, lanes, op, os);
+                } else {  // an NCHW output: the pixel's channels in place in M, then each to its plane
+                  store_pixel<V>(mp + r * g.k + k0, e, px.n, px.oy0, px.ox0, k0, lanes, mp + r * g.k, Strides4{},
+                                 px.n, px.oy0);
+                }
+              }
+              if (os.c != 1) {
+                float* dst = op + px.n * os.n + px.oy0 * os.h + px.ox0 * os.w;
+                for (int64_t k = 0; k < g.k; ++k) dst[k * os.c] = mp[r * g.k + k];
               }
             }
           },
@@ -1257,14 +1372,17 @@ void strided_edges(const Geometry& g, const float* xp, Strides4 xs, const at::Te
 
 // The entries' frame: x and the residual channels-last dense (NCHW ones converted in: one conversion in and one out
 // cost less than the transforms save over oneDNN's NCHW convolution, docs/kernels.md), a channels-last output of
-// [N, C_out, ho, wo], body(x, its strides, the epilogue, out, its strides), the output returned in out_format.
+// [N, C_out, ho, wo], body(x, its strides, the epilogue, out, its strides), the output returned in out_format. With
+// `nchw` (a body that takes NCHW through bands: winograd_blocks), an NCHW-contiguous x is passed as it is, and an
+// NCHW output is written by the body itself.
 template <typename F>
 at::Tensor channels_last_call(const at::Tensor& x_, int64_t k, int64_t ho, int64_t wo,
                               const std::optional<at::Tensor>& bias, const std::optional<at::Tensor>& residual,
-                              bool relu, at::MemoryFormat out_format, const F& body) {
+                              bool relu, at::MemoryFormat out_format, const F& body, bool nchw = false) {
   constexpr auto kCL = at::MemoryFormat::ChannelsLast;
-  const at::Tensor x = x_.is_contiguous(kCL) ? x_ : change_layout(x_, kCL);
-  at::Tensor out = at::empty({x.size(0), k, ho, wo}, x.options().memory_format(kCL));
+  const at::Tensor x = x_.is_contiguous(kCL) || (nchw && x_.is_contiguous()) ? x_ : change_layout(x_, kCL);
+  const bool nchw_out = nchw && out_format == at::MemoryFormat::Contiguous;
+  at::Tensor out = at::empty({x.size(0), k, ho, wo}, x.options().memory_format(nchw_out ? out_format : kCL));
   const at::Tensor b = bias.has_value() && bias->defined() ? bias->contiguous() : at::Tensor();
   const at::Tensor r = !residual.has_value() || !residual->defined() ? at::Tensor()
                        : residual->is_contiguous(kCL)                  ? *residual
@@ -1272,7 +1390,7 @@ at::Tensor channels_last_call(const at::Tensor& x_, int64_t k, int64_t ho, int64
   const Epilogue e{b.defined() ? b.const_data_ptr<float>() : nullptr, r.defined() ? r.const_data_ptr<float>() : nullptr,
                    r.defined() ? strides_of(r) : Strides4{}, relu};
   body(x.const_data_ptr<float>(), strides_of(x), e, out.mutable_data_ptr<float>(), strides_of(out), x.options());
-  return out_format == kCL ? out : change_layout(out, out_format);
+  return nchw_out || out_format == kCL ? out : change_layout(out, out_format);
 }
 
 template <int M>
@@ -1294,7 +1412,8 @@ at::Tensor winograd(const at::Tensor& x, const at::Tensor& weight, const std::op
                                 winograd_chunks<M>(g, xp, xs, u, e, op, os, options);
                               }
                               if (wd.defined()) strided_edges(g, xp, xs, wd, e, op, os, options);
-                            });
+                            },
+                            banded_geometry(g) && static_cast<int64_t>(u.nbytes()) <= kBlockWeightBytes);
 }
 
 // The short-grid convolution's entry (winograd_plan's 1), as winograd<M> for tiles.

@@ -221,6 +221,53 @@ def test_stride_2_edges_run_directly_with_their_weight_kept(size, edges):
     _close(outs[0], F.relu(F.conv2d(x.double(), weight.double(), bias.double(), 2, 1)), f"stride 2 {size}")
 
 
+# (N, C_in, C_out, H, W, stride, padding, tile size winograd_plan picks): NCHW activations that winograd_blocks reads
+# and writes through bands of rows: blocks of tiles across two and three images and across rows of tiles, each tile
+# size of stride 1, stride 2 with and without edges, maps of many bands per thread.
+BAND_CASES = [
+    ((2, 32, 40, 17, 17, 1, (1, 1)), 4),
+    ((3, 40, 36, 9, 15, 1, (1, 1)), 3),
+    ((2, 32, 32, 4, 6, 1, (0, 0)), 2),
+    ((1, 64, 64, 60, 61, 1, (1, 1)), 4),
+    ((2, 33, 70, 32, 25, 2, (0, 0)), -4),  # 16 x 12 plus the last column
+    ((1, 32, 48, 129, 129, 2, (1, 1)), -4),  # 65 x 65: the last row and column
+    ((3, 32, 32, 31, 32, 2, (1, 1)), -4),  # 16 x 16, no edges
+]
+
+
+@pytest.mark.parametrize("threads", [1, 2])
+@pytest.mark.parametrize("case,tile", BAND_CASES, ids=str)
+def test_nchw_runs_in_bands_with_the_bits_of_channels_last(case, tile, threads):
+    """An NCHW x is read, and the NCHW output written, through channels-last bands of rows per block of tiles: the
+    same bits as the channels-last call (the transforms read and write the same values), and nothing allocated
+    through torch but the output: no whole-map conversion of x or of the output, and the bands, V and M in the
+    threads' kept scratch (thread_scratch), not in per-call buffers."""
+    n, c, k, h, w, stride, padding = case
+    x, weight = _inputs(n, c, k, h, w)
+    weight, bias = _kept(weight), torch.randn(k)
+    x_nchw = x.contiguous()
+    assert _ops.winograd_plan(x_nchw, weight, (stride, stride), padding, (1, 1)) == tile
+
+    def conv(inp):
+        return _ops.conv_bias_act(inp, weight, bias, None, (stride, stride), padding, (1, 1), True)
+
+    before = torch.get_num_threads()
+    try:
+        torch.set_num_threads(threads)
+        expected = conv(x)
+        out, names = _ran(lambda: conv(x_nchw))
+        with profile(activities=[ProfilerActivity.CPU], profile_memory=True) as prof:
+            again = conv(x_nchw)
+    finally:
+        torch.set_num_threads(before)
+    assert _used_winograd(names), sorted(names)
+    assert out.is_contiguous() and torch.equal(out, expected) and torch.equal(again, expected)
+    allocs = [e.self_cpu_memory_usage for e in prof.events() if e.self_cpu_memory_usage > 0]
+    assert allocs == [again.numel() * again.element_size()], allocs
+    ref = F.relu(F.conv2d(x.double(), weight.double(), bias.double(), stride, padding))
+    _close(out, ref, f"nchw bands {case}")
+
+
 @pytest.mark.parametrize("case,plan", [
     ((1, 128, 128, 129, 129, (1, 1)), -4),  # DeepLabV3's layer2 stride-2 convolution (0.63 of direct's products)
     ((1, 256, 256, 65, 65, (1, 1)), 0),  # its layer3 one: the 9.4 MB transform is read from L3 by every block
