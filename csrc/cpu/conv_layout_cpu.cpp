@@ -98,7 +98,7 @@ at::Tensor change_layout(const at::Tensor& t, at::MemoryFormat to) {
   float* dst = out.mutable_data_ptr<float>();
   // Source rows and columns: [hw, c] to NCHW, [c, hw] to channels_last.
   const int64_t rows = to_nchw ? hw : c, cols = to_nchw ? c : hw;
-    const int64_t rb = ceil_div(rows, kB), cb = ceil_div(cols, kB);
+  const int64_t rb = ceil_div(rows, kB), cb = ceil_div(cols, kB);
   at::parallel_for(0, n * rb * cb, 4, [&](int64_t b0, int64_t b1) {
     for (int64_t b = b0; b < b1; ++b) {
       const int64_t img = b / (rb * cb), rem = b % (rb * cb);

@@ -826,6 +826,17 @@ void band_to_nchw(const Geometry& g, int m, int64_t n, int64_t ta, int64_t tb, c
   }
 }
 
+// f(t, end, n) over tiles [t0, t0 + count) in runs within one image n each (per_image tiles an image), or in one run
+// (n unused) where !by_image.
+template <typename F>
+void for_image_runs(int64_t t0, int64_t count, int64_t per_image, bool by_image, const F& f) {
+  for (int64_t t = t0; t < t0 + count;) {
+    const int64_t n = t / per_image, end = by_image ? std::min(t0 + count, (n + 1) * per_image) : t0 + count;
+    f(t, end, n);
+    t = end;
+  }
+}
+
 // The transformed weight u fits beside every thread's blocks in cache: blocks of tiles, each transformed,
 // multiplied and transformed back by one thread while its V and M stay in that core's cache.
 template <int M>
@@ -851,9 +862,8 @@ void winograd_blocks(const Geometry& g, const float* xp, Strides4 xs, const at::
     float* obp = ip + i_size;  // the output band
     for (int64_t blk = b0; blk < b1; ++blk) {
       const int64_t t0 = blk * block, tc = std::min(block, tiles - t0);
-      // The block's tiles of one image at a time (all of them where x and the output are channels-last)
-      for (int64_t t = t0; t < t0 + tc;) {
-        const int64_t n = t / per_image, end = nchw_in ? std::min(t0 + tc, (n + 1) * per_image) : t0 + tc;
+      // The block's tiles of one image at a time through bands (all of them at once from a channels-last x)
+      for_image_runs(t0, tc, per_image, nchw_in, [&](int64_t t, int64_t end, int64_t n) {
         const float* x = xp;
         Strides4 s = xs;
         int64_t n0 = 0, row0 = 0;
@@ -869,11 +879,9 @@ void winograd_blocks(const Geometry& g, const float* xp, Strides4 xs, const at::
                                                                               vp + (t - t0) * g.c, n0, row0);
             },
             0, 1);
-        t = end;
-      }
+      });
       element_gemms<M>(vp, u, g, mp, tc, tc, 0, A * A);
-      for (int64_t t = t0; t < t0 + tc;) {
-        const int64_t n = t / per_image, end = nchw_out ? std::min(t0 + tc, (n + 1) * per_image) : t0 + tc;
+      for_image_runs(t0, tc, per_image, nchw_out, [&](int64_t t, int64_t end, int64_t n) {
         float* out = nchw_out ? obp : op;
         const Strides4 s = nchw_out ? Strides4{0, 1, g.wo * g.k, g.k} : os;
         const int64_t n0 = nchw_out ? n : 0, row0 = nchw_out ? (t - n * per_image) / g.tw * T : 0;
@@ -885,8 +893,7 @@ void winograd_blocks(const Geometry& g, const float* xp, Strides4 xs, const at::
             },
             0, 1);
         if (nchw_out) band_to_nchw(g, T, n, t - n * per_image, end - 1 - n * per_image, out, row0, op, os);
-        t = end;
-      }
+      });
     }
   });
 }
