@@ -46,6 +46,8 @@ constexpr int kLanes = 16;               // independent partial sums of a contig
 constexpr int64_t kGradBuf = 1024;       // values of act_grad(dz, z) computed ahead of a reduction (multiple of kLanes)
 constexpr int64_t kStatBlock = 8192;     // values per two-pass (count, mean, M2) block
 constexpr int64_t kReduceBlock = 16384;  // NHWC: values per row block of the backward reduction
+constexpr int64_t kMinBlockRows = 32;    // NHWC: rows per block at least, where that fits in kMaxBlockValues
+constexpr int64_t kMaxBlockValues = 65536;  // (a wide block still in the core's L2 for a second pass)
 constexpr int64_t kParallelWork = 32768; // a reduction of at most this many values runs on one thread
 constexpr int64_t kParallelMap = 65536;  // the same for an element-wise pass (less work per value)
 constexpr int64_t kTile = 256;           // NHWC: values per span of whole rows (tiled_length)
@@ -200,18 +202,28 @@ struct RowBlocks {
   int64_t count(int64_t b) const { return std::min(rows, (b + 1) * block) - b * block; }
 };
 
-// kernel(offset, rows, a_row, b_row) per block of about block_values values, on the threads, writing the block's two
-// partials (C values each) into its rows of the (blocks, C) arrays a and b.
-template <typename acc_t, typename Kernel>
+// Rows per block: about block_values values, and at least kMinBlockRows rows where those fit in kMaxBlockValues.
+// Closing a block costs work per channel (its partials folded, written, merged in order); with few rows per block
+// of wide rows (8 rows of 1024 channels at kStatBlock) that was as much as the block's own sums: bn_stats on
+// 1 x 1024 x 33 x 33 channels_last spent 45 % of its time there (this project's EPYC, one thread).
+inline int64_t block_rows(int64_t block_values, int64_t c) {
+  return std::max<int64_t>({1, block_values / c, std::min(kMinBlockRows, kMaxBlockValues / c)});
+}
+
+// kernel(offset, rows, a_row, b_row, scratch) per block of block_rows(block_values, C) rows, on the threads,
+// writing the block's two partials (C values each) into its rows of the (blocks, C) arrays a and b. scratch is a
+// Scratch(C), one per thread's share of the blocks (not one allocation per block).
+template <typename Scratch, typename acc_t, typename Kernel>
 RowBlocks row_block_partials(const ActivationShape& g, int64_t block_values, AlignedVector<acc_t>& a,
                              AlignedVector<acc_t>& b, const Kernel& kernel) {
-  const int64_t rows = g.n * g.hw, block = std::max<int64_t>(1, block_values / g.c);
+  const int64_t rows = g.n * g.hw, block = block_rows(block_values, g.c);
   const RowBlocks rb{rows, block, (rows + block - 1) / block};
   a.resize(rb.blocks * g.c);
   b.resize(rb.blocks * g.c);
   parallel_items(rb.blocks, block * g.c, [&](int64_t begin, int64_t end, auto) {
+    Scratch scratch(g.c);
     for (int64_t i = begin; i < end; ++i) {
-      kernel(rb.first(i) * g.c, rb.count(i), a.data() + i * g.c, b.data() + i * g.c);
+      kernel(rb.first(i) * g.c, rb.count(i), a.data() + i * g.c, b.data() + i * g.c, scratch);
     }
   });
   return rb;
@@ -282,13 +294,30 @@ DLO_INLINE void for_spans(int64_t total, int64_t span, const F& f) {
   for (int64_t s = 0; s < total; s += span) f(s, std::min(span, total - s));
 }
 
-// Channel k's total of the partial sums per position of a span (position p holds channel p % c), added in order.
+// Each channel's total of the partial sums per position of a span (position p holds channel p % c), added in
+// order, into out[0..c). A span of one row (c >= kTile / 2) holds the totals already: copied, in a loop that
+// vectorizes (a loop over channels with the positions' loop inside does not).
 template <typename acc_t>
-DLO_INLINE acc_t fold_span(const acc_t* s, int64_t span, int64_t c, int64_t k) {
-  acc_t t = s[k];
-  for (int64_t p = k + c; p < span; p += c) t += s[p];
-  return t;
+DLO_INLINE void fold_span(const acc_t* __restrict__ s, int64_t span, int64_t c, acc_t* __restrict__ out) {
+  if (span == c) {
+    std::copy(s, s + c, out);
+    return;
+  }
+  for (int64_t k = 0; k < c; ++k) {
+    acc_t t = s[k];
+    for (int64_t p = k + c; p < span; p += c) t += s[p];
+    out[k] = t;
+  }
 }
+
+// The scratch of a thread's channels_last reduction blocks (row_block_partials): two partial sums per position of a
+// span, and a span of act_grad values.
+template <typename acc_t, typename scalar_t>
+struct SpanScratch {
+  explicit SpanScratch(int64_t c) : sums(2 * tiled_length(c)), values(tiled_length(c)) {}
+  AlignedVector<acc_t> sums;
+  AlignedVector<scalar_t> values;
+};
 
 // ---- bn_stats ------------------------------------------------------------------------------------------------
 
@@ -356,7 +385,8 @@ DLO_INLINE void rows_stats(const scalar_t* __restrict__ x, int64_t rows, int64_t
   for_spans(rows * c, span, [&](int64_t o, int64_t n) {
     for (int64_t k = 0; k < n; ++k) s[k] += static_cast<acc_t>(x[o + k]);
   });
-  for (int64_t k = 0; k < c; ++k) mu[k] = fold_span(s, span, c, k) / static_cast<acc_t>(rows);
+  fold_span(s, span, c, mu);
+  for (int64_t k = 0; k < c; ++k) mu[k] /= static_cast<acc_t>(rows);
   for (int64_t p = 0; p < span; p += c) std::copy(mu, mu + c, mt + p);
   std::fill(s, s + span, acc_t(0));
   for_spans(rows * c, span, [&](int64_t o, int64_t n) {
@@ -365,7 +395,7 @@ DLO_INLINE void rows_stats(const scalar_t* __restrict__ x, int64_t rows, int64_t
       s[k] += d * d;
     }
   });
-  for (int64_t k = 0; k < c; ++k) m2[k] = fold_span(s, span, c, k);
+  fold_span(s, span, c, m2);
 }
 
 std::tuple<at::Tensor, at::Tensor> bn_stats_cpu(const at::Tensor& input_) {
@@ -399,10 +429,11 @@ std::tuple<at::Tensor, at::Tensor> bn_stats_cpu(const at::Tensor& input_) {
     }
     // Blocks of rows, each an exact (mean, M2) per channel; then the blocks merged in order, per channel.
     AlignedVector<acc_t> bmean, bm2;
-    const RowBlocks rb = row_block_partials(g, kStatBlock, bmean, bm2, [&](int64_t o, int64_t n, acc_t* mu, acc_t* sq) {
-      AlignedVector<acc_t> scratch(2 * tiled_length(g.c));
-      rows_stats<scalar_t, acc_t>(x + o, n, g.c, mu, sq, scratch.data());
-    });
+    using Scratch = SpanScratch<acc_t, scalar_t>;
+    const RowBlocks rb = row_block_partials<Scratch>(
+        g, kStatBlock, bmean, bm2, [&](int64_t o, int64_t n, acc_t* mu, acc_t* sq, Scratch& scratch) {
+          rows_stats<scalar_t, acc_t>(x + o, n, g.c, mu, sq, scratch.sums.data());
+        });
     serial_kernel([&](auto) {
       acc_t* __restrict__ mu = bmean.data();
       acc_t* __restrict__ sq = bm2.data();
@@ -649,10 +680,8 @@ DLO_INLINE void rows_reduce(const scalar_t* __restrict__ dz, const scalar_t* __r
       b[k] += gi * (static_cast<acc_t>(ys[k]) - mt[k]);
     }
   });
-  for (int64_t k = 0; k < c; ++k) {
-    sg[k] = fold_span(a, span, c, k);
-    sgy[k] = fold_span(b, span, c, k);
-  }
+  fold_span(a, span, c, sg);
+  fold_span(b, span, c, sgy);
 }
 
 std::tuple<at::Tensor, at::Tensor> bn_backward_reduce_cpu(const at::Tensor& grad_out_, const at::Tensor& output_,
@@ -702,11 +731,12 @@ std::tuple<at::Tensor, at::Tensor> bn_backward_reduce_cpu(const at::Tensor& grad
       // Blocks of rows, each a partial per channel; then the partials added in block order, per channel.
       AlignedVector<acc_t> pg, pgy, mt(mp);
       tile_channels(mt, g.c);
-      const RowBlocks rb = row_block_partials(g, kReduceBlock, pg, pgy, [&](int64_t o, int64_t n, acc_t* a, acc_t* b) {
-        AlignedVector<acc_t> scratch(2 * tiled_length(g.c));
-        AlignedVector<scalar_t> buf(tiled_length(g.c));
-        rows_reduce<kRelu>(dz + o, z + o, y + o, n, g.c, mt.data(), a, b, scratch.data(), buf.data());
-      });
+      using Scratch = SpanScratch<acc_t, scalar_t>;
+      const RowBlocks rb = row_block_partials<Scratch>(
+          g, kReduceBlock, pg, pgy, [&](int64_t o, int64_t n, acc_t* a, acc_t* b, Scratch& scratch) {
+            rows_reduce<kRelu>(dz + o, z + o, y + o, n, g.c, mt.data(), a, b, scratch.sums.data(),
+                               scratch.values.data());
+          });
       serial_kernel([&](auto) {
         acc_t* __restrict__ sg = pg.data();
         acc_t* __restrict__ sgy = pgy.data();

@@ -331,8 +331,10 @@ def test_conv_bn_relu_forward_host_op_budget(training):
 # in spans of up to 256 values (one row when C > 256): these shapes give planes, rows and blocks shorter than, equal
 # to and longer than those, with tails.
 
+# (2, 1024, 9, 11) and (1, 2500, 7, 9): channels_last rows wider than a span, in several row blocks (at least 32
+# rows a block, 26 at 2500 channels) folded and merged.
 STAGE_SHAPES = [(2, 3, 1, 5), (1, 2, 16, 16), (2, 3, 17, 31), (1, 300, 3, 5), (2, 257, 2, 3), (1, 1, 1, 1031),
-                (1, 2, 91, 91)]
+                (1, 2, 91, 91), (2, 1024, 9, 11), (1, 2500, 7, 9)]
 STAGE_DTYPES = [
     pytest.param(torch.float64, 1e-12, 1e-12, id="fp64"),
     pytest.param(torch.float32, 1e-5, 1e-5, id="fp32"),
@@ -419,9 +421,11 @@ def test_cpu_dy_channels_with_zero_coefficient_do_not_read_y(layout):
 
 
 @pytest.mark.parametrize("layout", LAYOUTS)
-def test_cpu_stage_kernels_give_the_same_bits_for_any_thread_count(layout):
+@pytest.mark.parametrize("shape", [(3, 70, 33, 35), (2, 1030, 9, 10)], ids=str)
+def test_cpu_stage_kernels_give_the_same_bits_for_any_thread_count(layout, shape):
     # The summation order depends on the shape only (planes, chunks, partial sums, row blocks).
-    y, z, dz, mean, invstd = _stage_inputs((3, 70, 33, 35), torch.float32, layout)
+    y, z, dz, mean, invstd = _stage_inputs(shape, torch.float32, layout)
+    count = float(y.numel() // shape[1])
     threads = torch.get_num_threads()
     results = []
     try:
@@ -429,7 +433,7 @@ def test_cpu_stage_kernels_give_the_same_bits_for_any_thread_count(layout):
             torch.set_num_threads(n)
             stats = _ops.bn_stats(y)
             sums = _ops.bn_backward_reduce(dz, z, y, mean, invstd, True)
-            dy = _ops.bn_backward_dy(dz, z, y, mean, invstd, None, *sums, 3 * 33 * 35.0, True, True)
+            dy = _ops.bn_backward_dy(dz, z, y, mean, invstd, None, *sums, count, True, True)
             results.append((*stats, *sums, dy))
     finally:
         torch.set_num_threads(threads)

@@ -31,6 +31,14 @@ def _make_inputs(path) -> None:
             w = torch.rand(y.shape[1], generator=g, dtype=torch.float64).to(opmath) + 0.5
             b = torch.randn(y.shape[1], generator=g, dtype=torch.float64).to(opmath)
             inputs[f"{layout} {dtype}"] = (y, dz, mean, invstd, w, b)
+    # channels_last rows wider than a span, in several row blocks (the blocks' fold and merge)
+    y = (torch.randn(2, 1030, 7, 9, generator=g, dtype=torch.float64) * 2 + 0.5).float()
+    y = y.contiguous(memory_format=torch.channels_last)
+    dz = torch.randn(y.shape, generator=g).contiguous(memory_format=torch.channels_last)
+    mean = y.double().mean((0, 2, 3)).float()
+    invstd = (y.double().var((0, 2, 3), unbiased=False) + 1e-5).rsqrt().float()
+    w, b = torch.rand(1030, generator=g) + 0.5, torch.randn(1030, generator=g)
+    inputs["wide channels_last"] = (y, dz, mean, invstd, w, b)
     for dtype in (torch.float32, torch.float64):
         logits = torch.randn(2, 21, 9, 11, generator=g, dtype=torch.float64).to(dtype)
         target = torch.randint(0, 21, (2, 67, 85), generator=g)
