@@ -20,6 +20,7 @@
 #include "cpu/conv_layout_cpu.h"
 #include "cpu/conv_taps_cpu.h"
 #include "cpu/gemm_cpu.h"
+#include "cpu/onednn_guard_cpu.h"
 #include "cpu/winograd_cpu.h"
 
 extern "C" {
@@ -139,6 +140,21 @@ TORCH_LIBRARY(deeplab_ops, m) {
           return {deeplab_ops::nchw_conv_via_channels_last(x, weight, stride, padding, dilation, true),
                   backward.input, backward.weight};
         });
+  // onednn_unsafe_plan: whether the cpu backend computes this CPU convolution in float64 because PyTorch's oneDNN
+  // computes it wrong or crashes on it (csrc/cpu/onednn_guard_cpu.h); deeplab_ops.reference's twin
+  // (_onednn_unsafe) is tested against it.
+  m.def("onednn_unsafe_plan(Tensor x, Tensor weight, int[2] stride, int[2] padding, int[2] dilation) -> bool",
+        [](const at::Tensor& x, const at::Tensor& weight, at::IntArrayRef stride, at::IntArrayRef padding,
+           at::IntArrayRef dilation) -> bool {
+          TORCH_CHECK(x.dim() == 4 && weight.dim() == 4 && x.size(1) == weight.size(1),
+                      "onednn_unsafe_plan: x (N, C, H, W) and weight (C_out, C, kH, kW) must be 4-D with the same C, "
+                      "got shapes ", x.sizes(), " and ", weight.sizes());
+          for (int d = 0; d < 2; ++d) {
+            TORCH_CHECK(stride[d] >= 1 && dilation[d] >= 1 && padding[d] >= 0, "onednn_unsafe_plan: stride ", stride,
+                        " and dilation ", dilation, " must be positive, padding ", padding, " non-negative");
+          }
+          return deeplab_ops::onednn_unsafe_conv(x, weight, stride, padding, dilation);
+        });
   // nchw_weight_grad_plan: whether the cpu backend's backward of a float32 strided or dilated convolution computes
   // the weight gradient of a channels_last x from NCHW copies of x and its output gradient
   // (csrc/cpu/conv_taps_cpu.h; false where the weight gradient takes the per-tap GEMMs of sparse_taps_plan).
@@ -164,6 +180,7 @@ TORCH_LIBRARY(deeplab_ops, m) {
   m.def("winograd_cache_allow(Tensor weight) -> ()", &deeplab_ops::winograd_cache_allow);
   m.def("winograd_cache_info() -> int[]", &deeplab_ops::winograd_cache_info);
   m.def("winograd_cache_clear() -> ()", &deeplab_ops::winograd_cache_clear);
+  m.def("winograd_cache_release(Tensor[] weights) -> ()", &deeplab_ops::winograd_cache_release);
 
   // ---- Fused ASPP (atrous spatial pyramid pooling, torchvision's structure) -------------------------
   // Branches: conv_weights[0] is the 1x1 branch, conv_weights[1 + i] the 3x3 branch with dilation =

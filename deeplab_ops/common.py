@@ -138,6 +138,48 @@ def refuse_running_grad(name: str) -> None:
                      "torch.no_grad()")
 
 
+def check_running_writable(named) -> None:
+    """Raise for running statistics that a training call cannot update in place: one whose elements share memory
+    (an expanded view: stride 0 over more than one value) or two that share memory with each other. `named`:
+    (name, value) pairs, a value one tensor or a list of them (named name[i]). Strides and addresses only (no aten
+    op, one Python frame per call); an exact element test only where two tensors' address ranges interleave."""
+    spans = []
+    for group, value in named:
+        tensors = (value,) if isinstance(value, Tensor) else value
+        for i, t in enumerate(tensors):
+            extent = 1
+            for size, stride in zip(t.shape, t.stride(), strict=True):
+                if size > 1 and stride == 0:
+                    name = group if tensors is not value else f"{group}[{i}]"
+                    raise ValueError(
+                        f"{name} has overlapping memory (stride 0 over {size} values: an expanded view, shape "
+                        f"{tuple(t.shape)}, strides {t.stride()}), but training BatchNorm updates it in place, one "
+                        f"value per channel; pass a tensor with its own memory, e.g. {name}.clone()")
+                extent += (size - 1) * stride
+            if not t.numel() or torch.compiler.is_compiling() or is_functorch_wrapped(t) or t.is_meta:
+                continue  # (no addresses there)
+            try:
+                start = t.data_ptr()
+            except RuntimeError:  # a tensor without storage (a fake one): nothing to compare
+                continue
+            spans.append((start, start + extent * t.element_size(), group if tensors is not value else
+                          f"{group}[{i}]", t))
+    spans.sort(key=operator.itemgetter(0))
+    for (_, end, name, t), (start, _, other, u) in zip(spans, spans[1:], strict=False):
+        if start < end and bool(torch.isin(_addresses(u), _addresses(t)).any()):
+            raise ValueError(
+                f"{name} and {other} share memory, but training BatchNorm updates both in place (one would overwrite "
+                f"the other's new values); pass tensors with their own memory, e.g. {other}.clone()")
+
+
+def _addresses(t: Tensor) -> Tensor:
+    """The byte addresses of t's elements (a CPU int64 tensor): the exact test behind check_running_writable."""
+    offsets = torch.zeros((), dtype=torch.int64)
+    for size, stride in zip(t.shape, t.stride(), strict=True):
+        offsets = offsets.unsqueeze(-1) + torch.arange(size) * stride
+    return offsets.flatten() * t.element_size() + t.data_ptr()
+
+
 def drop_oldest(cache: dict) -> None:
     """Remove the first-inserted entry of `cache` (a bounded cache's eviction); nothing where another thread changed
     it meanwhile (then it is no larger than the bound either)."""
@@ -287,6 +329,26 @@ _FUSED_STEP_HOOK = register_optimizer_step_post_hook(_count_fused_step)
 def derived_cache_info() -> dict[str, int]:
     """{"entries", "hits", "misses"} of the derived-tensor cache (tests, the overhead benchmark)."""
     return {"entries": len(_DERIVED), **_DERIVED_STATS}
+
+
+def release_derived(tensors) -> None:
+    """Drop the cached derivatives of these tensors (a module's parameters and buffers), and with them the weak
+    references their entries hold on them: torch.utils.swap_tensors refuses a tensor that has one, and
+    load_state_dict, .to(), .half() and the like swap every parameter when
+    torch.__future__.set_swap_module_params_on_conversion(True) is on. The fused modules call it before each
+    (deeplab_ops.modules.ReleasesDerived)."""
+    tensors = list(tensors)
+    ids = set(map(id, tensors))
+    with _DERIVED_LOCK:
+        keys = [key for key in _DERIVED if not ids.isdisjoint(key[1:])]
+        entries = [_DERIVED.pop(key) for key in keys]
+    for entry in entries:  # outside the lock (see _release)
+        _release(entry)
+    del entries
+    # the cpu backend's kept Winograd transforms of the ASPP's branch weights (held weakly in C++)
+    weights = [t for t in tensors if t.device.type == "cpu" and t.dim() == 4]
+    if weights:
+        torch.ops.deeplab_ops.winograd_cache_release(weights)
 
 
 def clear_derived() -> None:

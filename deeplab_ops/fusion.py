@@ -18,6 +18,7 @@ from deeplab_ops.backends import BACKENDS
 from deeplab_ops.modules import (
     FusedASPP,
     FusedConvBNReLU,
+    ReleasesDerived,
     aspp_fusable,
     aspp_parts,
     check_fusable,
@@ -95,7 +96,7 @@ def _traced_call(module: nn.Module, x: torch.fx.Proxy) -> torch.fx.Proxy:
     return x.tracer.create_proxy("call_module", x.tracer.path_of_module(module), (x,), {})
 
 
-class FusedConv2d(nn.Conv2d):
+class FusedConv2d(ReleasesDerived, nn.Conv2d):
     """A Conv2d of a fused conv → BatchNorm (→ ReLU) chain. Its container's forward runs the chain as one fused op
     (`_run_chain`); called on its own (a slice of the container, children called by hand, a hook on it, its
     BatchNorm or ReLU, a changed chain, an nn.DataParallel replica) it is a plain convolution, and its BatchNorm and
@@ -137,7 +138,7 @@ def _link(conv):
     return None if conv is None else _ConvLink(conv)
 
 
-class FusedAwayBatchNorm2d(nn.BatchNorm2d):
+class FusedAwayBatchNorm2d(ReleasesDerived, nn.BatchNorm2d):
     """A BatchNorm2d of a fused chain, applied by the fused op when its container runs the chain fused; called on its
     own, it normalizes as nn.BatchNorm2d (across the process group of a synchronized model)."""
 
@@ -316,7 +317,7 @@ def _fused_class(cls: type, kind: str) -> type:
             kind, "deeplab_ops.conv_bn_relu for its conv → BatchNorm (→ ReLU) chains")
         _FUSED_CLASSES[(cls, kind)] = type(
             f"{cls.__name__}Fused",
-            (cls,),
+            (ReleasesDerived, cls),
             {
                 "__module__": __name__,
                 "__doc__": f"{cls.__module__}.{cls.__qualname__} running on {op}.",
@@ -400,24 +401,7 @@ def _computes_residual_block(module: nn.Module, k: int) -> bool:
     and nothing else. Names alone do not tell: a pre-activation unit named like torchvision's (bn1 → relu → conv1,
     no ReLU after the add) or one with the ReLU before the add has the same children. A forward that cannot be
     traced symbolically is not fused as a block (its conv → BN chains still may be)."""
-    training = module.training
-    try:
-        for mode in (True, False):
-            module.training = mode
-            tracer = _PartsTracer()
-            try:
-                graph = tracer.trace(module)
-            except Exception:  # any forward symbolic tracing cannot follow: left as it is
-                return False
-            finally:
-                # The tracer is a reference cycle (its patched functions' closures) holding the module: dropped
-                # here, not when the cyclic garbage collector runs, so a fused model dropped later is freed at once.
-                tracer.__dict__.clear()
-            if not _is_block_graph(graph, k, module.downsample is not None):
-                return False
-    finally:
-        module.training = training
-    return True
+    return _traces_as(module, lambda graph, m: _is_block_graph(graph, k, m.downsample is not None))
 
 
 def _is_block_graph(graph: torch.fx.Graph, k: int, has_downsample: bool) -> bool:
@@ -478,12 +462,107 @@ def _is_block_graph(graph: torch.fx.Graph, k: int, has_downsample: bool) -> bool
 def _is_aspp(module: nn.Module, shared: set[int]) -> bool:
     """Whether `module` has torchvision's ASPP structure with modules the fused ASPP op computes exactly, none of
     them shared, and no other child (`convs` and `project` only), parameter or buffer of its own, or overridden
-    forward of a base class."""
+    forward of a base class; and whether its forward and its pooling branch's compute torchvision's ASPP (the same
+    children can be wired otherwise: a residual around it, the branches concatenated in another order)."""
     if (not aspp_fusable(module) or set(module._modules) != {"convs", "project"} or module._parameters
             or module._buffers or _overrides_a_forward(type(module))):
         return False
     convs, bns, _ = aspp_parts(module)
-    return all(_fusable(c, b, shared) for c, b in zip(convs, bns, strict=True))
+    if not all(_fusable(c, b, shared) for c, b in zip(convs, bns, strict=True)):
+        return False
+    *branches, pool = module.convs
+    if any(type(m).forward is not nn.Sequential.forward for m in (*branches, module.project)):
+        return False
+    if not (_declared(pool, "aspp_pooling") or _traces_as(pool, _is_pooling)):
+        return False
+    return _declared(module, "aspp") or _traces_as(module, _is_aspp_graph)
+
+
+# torchvision's classes, whose forwards are what the fused ASPP computes (named, not imported: torchvision is
+# optional); a class of another library may declare the same with `deeplab_ops_chain = "aspp"` / "aspp_pooling".
+_KNOWN_ASPP = {("torchvision.models.segmentation.deeplabv3", "ASPP"): "aspp",
+               ("torchvision.models.segmentation.deeplabv3", "ASPPPooling"): "aspp_pooling"}
+
+
+def _declared(module: nn.Module, kind: str) -> bool:
+    """Whether the class whose forward `module` runs declares (or is known) to compute `kind`: a subclass that
+    overrides that forward declares nothing by inheriting."""
+    owner = next(c for c in type(module).__mro__ if "forward" in c.__dict__)
+    return (owner.__dict__.get(CHAIN_ATTR) == kind
+            or _KNOWN_ASPP.get((owner.__module__, owner.__qualname__)) == kind)
+
+
+def _traces_as(module: nn.Module, is_graph) -> bool:
+    """Whether `module`'s forward, traced symbolically with its children as leaves in training and in eval mode,
+    gives graphs `is_graph` accepts; False for a forward the tracer cannot follow."""
+    training = module.training
+    try:
+        for mode in (True, False):
+            module.training = mode
+            tracer = _PartsTracer()
+            try:
+                graph = tracer.trace(module)
+            except Exception:  # any forward symbolic tracing cannot follow: left as it is
+                return False
+            finally:
+                # The tracer is a reference cycle (its patched functions' closures) holding the module: dropped
+                # here, not when the cyclic garbage collector runs, so a fused model dropped later is freed at once.
+                tracer.__dict__.clear()
+            if not is_graph(graph, module):
+                return False
+    finally:
+        module.training = training
+    return True
+
+
+def _is_aspp_graph(graph: torch.fx.Graph, module: nn.Module) -> bool:
+    """project(cat([convs.0(x), …, convs.R+1(x)], dim=1)) and nothing else."""
+    nodes = list(graph.nodes)
+    n = len(module.convs)
+    if len(nodes) != n + 4 or nodes[0].op != "placeholder" or nodes[-1].op != "output":
+        return False
+    x, calls, cat, project, out = nodes[0], nodes[1:n + 1], nodes[n + 1], nodes[n + 2], nodes[n + 3]
+    if [(c.op, c.target, c.args, c.kwargs) for c in calls] != [("call_module", f"convs.{i}", (x,), {})
+                                                                for i in range(n)]:
+        return False
+    dims = ((list(calls),), {"dim": 1}), ((list(calls), 1), {}), ((list(calls),), {"dim": -3}), ((list(calls), -3), {})
+    if not (cat.op == "call_function" and cat.target is torch.cat and any(
+            list(cat.args[0]) == a[0] and tuple(cat.args[1:]) == a[1:] and cat.kwargs == k for a, k in dims)):
+        return False
+    return (project.op, project.target, project.args, project.kwargs) == ("call_module", "project", (cat,), {}) \
+        and out.args == (project,)
+
+
+def _is_pooling(graph: torch.fx.Graph, module: nn.Module) -> bool:
+    """interpolate(children in order on x, size=x's spatial size) (any mode: from 1 x 1, every mode broadcasts), with
+    the size read as x.shape[-2:] or x.shape[2:]; nothing else."""
+    nodes = list(graph.nodes)
+    if not nodes or nodes[0].op != "placeholder" or nodes[-1].op != "output" or len(nodes[-1].args) != 1:
+        return False
+    x, seen = nodes[0], set()
+    node = nodes[-1].args[0]
+    if not (isinstance(node, torch.fx.Node) and node.op == "call_function"
+            and node.target is torch.nn.functional.interpolate and len(node.args) == 1):
+        return False
+    seen.add(node)
+    size = node.kwargs.get("size")
+    defaults = {"scale_factor": None, "recompute_scale_factor": None, "antialias": False}
+    if (any(k not in ("size", "mode", "align_corners") and defaults.get(k, 0) != v for k, v in node.kwargs.items())
+            or not isinstance(size, torch.fx.Node)):
+        return False
+    shape = size.args[0] if size.op == "call_function" and size.target is operator.getitem else None
+    if not (isinstance(shape, torch.fx.Node) and size.args[1] in (slice(-2, None, None), slice(2, None, None))
+            and shape.op == "call_function" and shape.target is getattr and shape.args == (x, "shape")):
+        return False
+    seen.update((size, shape))
+    node = node.args[0]
+    for i in range(len(module) - 1, -1, -1):
+        if not (isinstance(node, torch.fx.Node) and node.op == "call_module" and node.target == str(i)
+                and len(node.args) == 1 and not node.kwargs):
+            return False
+        seen.add(node)
+        node = node.args[0]
+    return node is x and all(n in seen for n in nodes[1:-1])
 
 
 # A container class may declare `deeplab_ops_chain = "sequential"` (its forward is nn.Sequential's: the children in

@@ -23,6 +23,7 @@ from deeplab_ops.common import (
     is_functorch_wrapped,
     jit_tracing,
     pair,
+    release_derived,
 )
 from deeplab_ops.ops.aspp import aspp
 from deeplab_ops.ops.conv_bn_relu import checked_config, conv_bn_relu, eval_fast
@@ -220,6 +221,26 @@ def _batches_tracked(counter: Tensor) -> int:
     value = int(counter)
     _remember_batches(counter, value)
     return value
+
+
+class ReleasesDerived:
+    """A module mixin: what this package caches about its tensors with a weak reference to them (derived tensors,
+    kept Winograd transforms, known batch counts) is dropped before its state is loaded or converted, so that
+    PyTorch's swap-on-conversion mode (torch.__future__.set_swap_module_params_on_conversion) can swap them."""
+
+    def _release(self) -> None:
+        tensors = [*self.parameters(), *self.buffers()]
+        release_derived(tensors)
+        for t in tensors:
+            _BATCHES.pop(id(t), None)
+
+    def _apply(self, fn, recurse=True):
+        self._release()
+        return super()._apply(fn, recurse)
+
+    def _load_from_state_dict(self, *args, **kwargs):
+        self._release()
+        return super()._load_from_state_dict(*args, **kwargs)
 
 
 def _remember_batches(counter: Tensor, value: int) -> None:
@@ -441,7 +462,7 @@ def fused_conv_bn(
     return out
 
 
-class FusedConvBNReLU(nn.Sequential):
+class FusedConvBNReLU(ReleasesDerived, nn.Sequential):
     """Conv2d (no bias) → BatchNorm2d (→ + residual) → ReLU as one fused op.
 
     Children and state_dict keys are those of ``nn.Sequential(nn.Conv2d(..., bias=False), nn.BatchNorm2d(...),
@@ -922,7 +943,7 @@ def run_fused_aspp(module: nn.Module, parts: tuple, x: Tensor, backend: str | No
     return out
 
 
-class FusedASPP(nn.Module):
+class FusedASPP(ReleasesDerived, nn.Module):
     """ASPP (Chen et al. 2017) on the fused ASPP op, with torchvision's ASPP state_dict keys.
 
     ``convs.0`` (1×1 branch), ``convs.{1..R}`` (3×3, dilation = padding = rate), ``convs.{R+1}`` (image pooling),

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import torch
 import torch.nn.functional as F
+from torch._prims_common import suggest_memory_format
 
 Tensor = torch.Tensor
 
@@ -30,11 +31,43 @@ def conv_bn_relu(
     relu: bool = True,
 ) -> Tensor:
     """`act(BN(conv(x, weight)) [+ residual])`, exactly as the unfused PyTorch modules compute it."""
-    y = F.conv2d(x, weight, None, stride, padding, dilation)
+    y = _conv2d(x, weight, stride, padding, dilation)
     z = _batch_norm(y, running_mean, running_var, bn_weight, bn_bias, training, momentum, eps)
     if residual is not None:
         z = z + residual
     return F.relu(z) if relu else z
+
+
+def _conv2d(x: Tensor, weight: Tensor, stride, padding, dilation) -> Tensor:
+    """F.conv2d(x, weight, None, stride, padding, dilation); in float64, rounded back, for the CPU geometries that
+    PyTorch's oneDNN computes wrong or crashes on (csrc/cpu/onednn_guard_cpu.h), as the cpu backend does."""
+    pairs = [(v, v) if isinstance(v, int) else tuple(v) for v in (stride, padding, dilation)]
+    if _onednn_unsafe(x, weight, *pairs):
+        # in the layout oneDNN writes: channels_last where x or the weight is
+        cl = torch.channels_last in (suggest_memory_format(x), suggest_memory_format(weight))
+        return F.conv2d(x.double(), weight.double(), None, stride, padding, dilation).to(x.dtype).contiguous(
+            memory_format=torch.channels_last if cl else torch.contiguous_format)
+    return F.conv2d(x, weight, None, stride, padding, dilation)
+
+
+def _onednn_unsafe(x: Tensor, weight: Tensor, stride, padding, dilation) -> bool:
+    """The twin of csrc/cpu/onednn_guard_cpu.h's onednn_unsafe_conv (tests/ops/test_onednn_guard.py holds them
+    equal): along an axis with stride > 1, an output of one position, a kernel wider than the input or an output
+    position that reads only padding."""
+    if x.device.type != "cpu" or x.dtype not in (torch.float32, torch.bfloat16, torch.float16) or x.dim() != 4:
+        return False
+    for d in range(2):
+        size, k, s, p, dil = x.shape[d + 2], weight.shape[d + 2], stride[d], padding[d], dilation[d]
+        out = (size + 2 * p - dil * (k - 1) - 1) // s + 1
+        if out < 1:
+            return False
+        if s == 1:
+            continue
+        if out == 1 or dil * (k - 1) + 1 > size:
+            return True
+        if any(not any(0 <= o * s - p + t * dil < size for t in range(k)) for o in range(out)):
+            return True  # an output position that reads only padding
+    return False
 
 
 def _batch_norm(y, running_mean, running_var, weight, bias, training, momentum, eps) -> Tensor:

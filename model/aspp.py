@@ -49,6 +49,8 @@ class ASPPPooling(nn.Sequential):
     Its BatchNorm sees one value per channel and image, so training it needs a batch of 2 or more.
     """
 
+    deeplab_ops_chain = "aspp_pooling"  # deeplab_ops.fusion: the forward computes torchvision's ASPPPooling
+
     def __init__(self, in_channels: int, out_channels: int) -> None:
         super().__init__(
             nn.AdaptiveAvgPool2d(1),
@@ -88,6 +90,9 @@ class ASPP(nn.Module):
         out_channels: channels of every branch and of the output (256 in the paper).
         dropout: dropout probability after the projection (torchvision: 0.5; the paper's head: 0, no module).
     """
+
+    # deeplab_ops.fusion: the forward computes torchvision's ASPP (the batch-1 check aside, which the fused op makes)
+    deeplab_ops_chain = "aspp"
 
     def __init__(
         self, in_channels: int, atrous_rates: Sequence[int], out_channels: int = 256, dropout: float = 0.0

@@ -17,6 +17,7 @@
 #include "common/arg_checks.h"
 #include "composite/stage_calls.h"
 #include "cpu/conv_layout_cpu.h"
+#include "cpu/onednn_guard_cpu.h"
 #include "cpu/pointwise_conv_cpu.h"
 #include "cpu/winograd_cpu.h"
 
@@ -154,6 +155,12 @@ at::Tensor conv_bias_act_cpu(const at::Tensor& x, const at::Tensor& weight, cons
   check_conv_bias_act_args(x, weight, bias, stride, padding, dilation);
   // The residual checked before any path runs: the same message whichever one the call's size and layout pick.
   if (present(residual)) check_fused_residual(*residual, x, weight, stride, padding, dilation);
+  if (onednn_unsafe_conv(x, weight, stride, padding, dilation)) {  // (cpu/onednn_guard_cpu.h)
+    at::Tensor out = conv2d_float64(x, weight, bias, stride, padding, dilation);
+    if (present(residual)) out.add_(*residual);
+    if (relu) out.relu_();
+    return out;
+  }
   // Winograd for the eval path (BatchNorm folded: a bias, usually a ReLU); the plain form (no bias, residual or ReLU)
   // is the memory-efficient recompute of a training forward's convolution and runs that convolution, ATen's.
   const bool plain = !present(bias) && !present(residual) && !relu;

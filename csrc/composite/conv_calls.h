@@ -14,6 +14,7 @@
 
 #include "cpu/conv_layout_cpu.h"
 #include "cpu/conv_taps_cpu.h"
+#include "cpu/onednn_guard_cpu.h"
 #include "cpu/winograd_cpu.h"
 
 namespace deeplab_ops {
@@ -40,6 +41,9 @@ inline at::Tensor conv2d_forward(const at::Tensor& x, const at::Tensor& weight, 
       return (x.size(d + 2) + 2 * padding[d] - dilation[d] * (weight.size(d + 2) - 1) - 1) / stride[d] + 1;
     };
     return at::empty({0, weight.size(0), out(0), out(1)}, x.options().memory_format(mf));
+  }
+  if (onednn_unsafe_conv(x, weight, stride, padding, dilation)) {  // (cpu/onednn_guard_cpu.h)
+    return change_layout(conv2d_float64(x, weight, std::nullopt, stride, padding, dilation), mf);
   }
   if (inference) {
     if (const int m = winograd_plan(x, weight, stride, padding, dilation)) {
@@ -107,6 +111,9 @@ inline std::tuple<at::Tensor, at::Tensor> conv2d_backward(const at::Tensor& dy, 
                                                           ChannelsLastOnce* x_cl = nullptr) {
   if (x.size(0) == 0) {  // an empty batch: no input to differentiate, a zero weight gradient
     return {need_x ? at::empty_like(x) : at::Tensor(), need_w ? at::zeros_like(weight) : at::Tensor()};
+  }
+  if (onednn_unsafe_conv(x, weight, stride, padding, dilation)) {  // (cpu/onednn_guard_cpu.h)
+    return conv2d_backward_float64(dy, x, weight, stride, padding, dilation, need_x, need_w);
   }
   if (need_w && subsample_strided_1x1(x, weight, stride)) {
     return conv2d_backward_subsampled(dy, x, weight, stride, padding, need_x, need_w);

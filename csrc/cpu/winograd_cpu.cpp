@@ -644,6 +644,21 @@ class TransformCache {
     bytes_ += nbytes;
   }
 
+  void release(at::TensorList weights) {
+    std::list<CachedTransform> dropped;
+    std::lock_guard<std::mutex> lock(mu_);
+    const auto listed = [&](const WeakImpl& w) {
+      return std::any_of(weights.begin(), weights.end(),
+                         [&](const at::Tensor& t) { return w._unsafe_get_target() == t.unsafeGetTensorImpl(); });
+    };
+    allowed_.erase(std::remove_if(allowed_.begin(), allowed_.end(), listed), allowed_.end());
+    for (auto it = entries_.begin(); it != entries_.end();) {
+      const auto next = std::next(it);
+      if (listed(it->owner)) drop(it, dropped);
+      it = next;
+    }
+  }
+
   std::vector<int64_t> info() {
     std::lock_guard<std::mutex> lock(mu_);
     return {static_cast<int64_t>(entries_.size()), bytes_, hits_, misses_};
@@ -1590,5 +1605,7 @@ void winograd_cache_allow(const at::Tensor& weight) { transform_cache().allow(we
 std::vector<int64_t> winograd_cache_info() { return transform_cache().info(); }
 
 void winograd_cache_clear() { transform_cache().clear(); }
+
+void winograd_cache_release(at::TensorList weights) { transform_cache().release(weights); }
 
 }  // namespace deeplab_ops

@@ -57,5 +57,8 @@ bool channels_last_weight_kept(const at::Tensor& weight);
 void winograd_cache_allow(const at::Tensor& weight);
 std::vector<int64_t> winograd_cache_info();
 void winograd_cache_clear();
+// Forgets these weights: their kept transforms and their registration, and with them the weak references the cache
+// holds on them (torch.utils.swap_tensors refuses a tensor that has one; deeplab_ops.common.release_derived).
+void winograd_cache_release(at::TensorList weights);
 
 }  // namespace deeplab_ops

@@ -19,6 +19,7 @@ from deeplab_ops.common import (
     autocast_cast,
     autocast_dtype,
     back_to_back,
+    check_running_writable,
     check_x_channels,
     empty_activation,
     functorch_transform,
@@ -372,6 +373,8 @@ def check_args(x, conv_weights, pool_weight, project_weight, bn_weights, bn_bias
         raise TypeError(f"training must be a bool, got {training!r}")
     if not training and running_means is None:
         raise ValueError("training=False (eval) uses running statistics: running_means and running_vars are needed")
+    if training and running_means is not None:
+        check_running_writable((("running_means", given["running_means"]), ("running_vars", given["running_vars"])))
     if training and n == 1 and not synchronized:  # (an empty batch passes, as in torchvision's ASPP)
         raise ValueError(
             f"aspp in training mode needs a batch of 2 or more (got N={n}): the image-pooling branch has one value "

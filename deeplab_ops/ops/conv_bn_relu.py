@@ -20,6 +20,7 @@ from deeplab_ops.common import (
     autocast_cast,
     autocast_dtype,
     cached_derived,
+    check_running_writable,
     conv_output_size,
     derived,
     drop_oldest,
@@ -218,6 +219,8 @@ def check_args(
     if (running_mean is not None and (running_mean.requires_grad or running_var.requires_grad)
             and torch.is_grad_enabled()):
         refuse_running_grad("running_mean" if running_mean.requires_grad else "running_var")
+    if training and running_mean is not None:
+        check_running_writable((("running_mean", running_mean), ("running_var", running_var)))
     if training and n * ho * wo == 1 and not synchronized:  # (F.batch_norm's rule: an empty batch passes)
         raise ValueError(
             f"training BatchNorm needs more than 1 value per channel, but the output is {n}x{cout}x{ho}x{wo}; "

@@ -170,6 +170,104 @@ def test_blocks_that_compute_torchvisions_function_are_still_fused(make):
     _assert_same_training(plain, fused, torch.randn(2, plain.conv1.in_channels, 6, 5, dtype=torch.float64), "block")
 
 
+# ---- ASPP-shaped modules: fused as an ASPP only where their forward computes torchvision's ----------------------
+
+
+def _cbr(cin, cout, k, d=1):
+    return nn.Sequential(nn.Conv2d(cin, cout, k, padding=0 if k == 1 else d, dilation=d, bias=False),
+                         nn.BatchNorm2d(cout), nn.ReLU())
+
+
+class _Pool(nn.Sequential):
+    """torchvision's ASPPPooling's computation in a class of its own."""
+
+    def __init__(self, cin, cout):
+        super().__init__(nn.AdaptiveAvgPool2d(1), nn.Conv2d(cin, cout, 1, bias=False), nn.BatchNorm2d(cout), nn.ReLU())
+
+    def forward(self, x):
+        size = x.shape[-2:]
+        for m in self:
+            x = m(x)
+        return nn.functional.interpolate(x, size=size, mode="bilinear", align_corners=False)
+
+
+class _ScaledPool(_Pool):
+    def forward(self, x):
+        return nn.functional.interpolate(self[3](self[2](self[1](self[0](x)))) * 2, size=x.shape[-2:],
+                                         mode="bilinear")
+
+
+class _CopiedASPP(nn.Module):
+    """torchvision's ASPP's computation in a class of its own: fused."""
+
+    def __init__(self, c, pool=_Pool):
+        super().__init__()
+        self.convs = nn.ModuleList([_cbr(c, c, 1), _cbr(c, c, 3, 2), pool(c, c)])
+        self.project = nn.Sequential(nn.Conv2d(3 * c, c, 1, bias=False), nn.BatchNorm2d(c), nn.ReLU(), nn.Dropout(0.5))
+
+    def forward(self, x):
+        res = []
+        for conv in self.convs:
+            res.append(conv(x))
+        return self.project(torch.cat(res, dim=1))
+
+
+class _ResidualASPP(_CopiedASPP):
+    def forward(self, x):
+        return x + super().forward(x)
+
+
+class _ReversedASPP(_CopiedASPP):
+    def forward(self, x):
+        return self.project(torch.cat([b(x) for b in reversed(self.convs)], 1))
+
+
+class _OtherForward(nn.Module):
+    """The same children as _CopiedASPP, another forward (no base forward overridden: only the data flow tells)."""
+
+    def __init__(self, c):
+        super().__init__()
+        self.convs = nn.ModuleList([_cbr(c, c, 1), _cbr(c, c, 3, 2), _Pool(c, c)])
+        self.project = nn.Sequential(nn.Conv2d(3 * c, c, 1, bias=False), nn.BatchNorm2d(c), nn.ReLU())
+
+    def forward(self, x):
+        return self.project(torch.cat([self.convs[0](x), self.convs[1](x), self.convs[2](x * 2)], 1))
+
+
+def _no_dropout(module: nn.Module) -> nn.Module:
+    for m in module.modules():
+        if isinstance(m, nn.Dropout):
+            m.p = 0.0  # (compared step by step: the two would draw different masks)
+    return module
+
+
+def _aspp_fused(module: nn.Module) -> bool:
+    return any(fusion._fused_class_of(m) is not None and type(m).fused_kind == "aspp" for m in module.modules())
+
+
+@pytest.mark.parametrize("make", [lambda: _ResidualASPP(4), lambda: _ReversedASPP(4), lambda: _OtherForward(4),
+                                  lambda: _CopiedASPP(4, pool=_ScaledPool)],
+                         ids=["residual around it", "branches reversed", "one branch on 2x", "scaled pooling"])
+def test_an_aspp_shaped_module_that_computes_otherwise_is_not_fused_as_an_aspp(make):
+    # Before, fuse_modules fused any module with ASPP's children and ran the fused ASPP op in place of its forward
+    # (a residual around it: max difference 3.7 in float32).
+    torch.manual_seed(0)
+    plain = _no_dropout(_randomize(nn.Sequential(make())).double())
+    fused = fuse_modules(copy.deepcopy(plain))
+    assert not _aspp_fused(fused)
+    _assert_same_training(plain, fused, torch.randn(2, 4, 7, 6, dtype=torch.float64), "aspp")
+
+
+@pytest.mark.parametrize("make", [lambda: TorchvisionASPP(4, (2, 3), 4), lambda: model.aspp.ASPP(4, (2, 3), 4),
+                                  lambda: _CopiedASPP(4)], ids=["torchvision ASPP", "model ASPP", "a copied ASPP"])
+def test_aspps_that_compute_torchvisions_function_are_still_fused(make):
+    torch.manual_seed(0)
+    plain = _no_dropout(_randomize(nn.Sequential(make())).double())
+    fused = fuse_modules(copy.deepcopy(plain))
+    assert _aspp_fused(fused)
+    _assert_same_training(plain, fused, torch.randn(2, 4, 7, 6, dtype=torch.float64), "aspp")
+
+
 # ---- torch.fx symbolic tracing (torchvision's create_feature_extractor) -------------------------------------
 
 

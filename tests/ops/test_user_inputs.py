@@ -114,6 +114,54 @@ def test_aspp_running_stats_requiring_grad_refused(backend, flat):
         deeplab_ops.aspp(**a, rates=(1, 2), training=True, backend=backend)
 
 
+# ---- running statistics that share memory ---------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("case", ["expanded-mean", "expanded-var", "overlapping", "same-tensor"])
+def test_cbr_running_stats_sharing_memory_refused_in_training(backend, case):
+    # The training update writes one value per channel: an expanded view (one element for every channel) or two
+    # statistics in one memory cannot hold it. Eager takes some of them and writes whatever the last write leaves;
+    # the cpu backend failed in copy_ with an error naming neither. Eval only reads them: accepted there.
+    x, w, g, b, rm, rv = _cbr_args(device_for(backend))
+    buf = torch.ones(6, device=x.device)
+    rm, rv, name = {"expanded-mean": (torch.zeros(1, device=x.device).expand(4), rv, "running_mean has overlapping"),
+                    "expanded-var": (rm, torch.ones(1, device=x.device).expand(4), "running_var has overlapping"),
+                    "overlapping": (buf[0:4], buf[2:6], "running_mean and running_var share memory"),
+                    "same-tensor": (rv, rv, "running_mean and running_var share memory")}[case]
+    with pytest.raises(ValueError, match=name):
+        deeplab_ops.conv_bn_relu(x, w, g, b, rm, rv, padding=1, training=True, backend=backend)
+    out = deeplab_ops.conv_bn_relu(x, w, g, b, rm, rv.abs() + 1, padding=1, training=False, backend=backend)
+    want = F.relu(F.batch_norm(F.conv2d(x, w, padding=1), rm, rv.abs() + 1, g, b, False, 0.1, 1e-5))
+    torch.testing.assert_close(out, want, rtol=1e-4, atol=1e-5)
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_cbr_interleaved_running_stats_are_updated_like_eager(backend):
+    # Two statistics interleaved in one buffer (mean at even, var at odd elements) share an address range but no
+    # element: taken, and updated as eager updates its own copies.
+    x, w, g, b, rm, rv = _cbr_args(device_for(backend))
+    buf = torch.stack([rm, rv], dim=1).flatten()
+    ours_m, ours_v = buf[0::2], buf[1::2]
+    out = deeplab_ops.conv_bn_relu(x, w, g, b, ours_m, ours_v, padding=1, training=True, backend=backend)
+    want = F.relu(F.batch_norm(F.conv2d(x, w, padding=1), rm, rv, g, b, True, 0.1, 1e-5))
+    torch.testing.assert_close(out, want, rtol=1e-4, atol=1e-5)
+    torch.testing.assert_close(ours_m, rm)
+    torch.testing.assert_close(ours_v, rv)
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_aspp_running_stats_sharing_memory_refused_in_training(backend):
+    a = _aspp_args(device_for(backend))
+    a["running_vars"][3] = a["running_means"][1]
+    with pytest.raises(ValueError, match=r"running_means\[1\] and running_vars\[3\] share memory"):
+        deeplab_ops.aspp(**a, rates=(1, 2), training=True, backend=backend)
+    a = _aspp_args(device_for(backend))
+    a["running_means"] = torch.zeros(1, device=a["x"].device).expand(20)
+    with pytest.raises(ValueError, match=r"running_means has overlapping memory \(stride 0 over 20 values"):
+        deeplab_ops.aspp(**a, rates=(1, 2), training=True, backend=backend)
+
+
 # ---- non-strided tensors --------------------------------------------------------------------------------------
 
 

@@ -1,0 +1,90 @@
+"""PyTorch's swap-on-conversion mode (torch.__future__.set_swap_module_params_on_conversion(True)): load_state_dict,
+.to() and the dtype conversions swap every parameter with torch.utils.swap_tensors, which refuses a tensor that
+something holds a weak reference to. What this package caches about a fused model's tensors (folded BatchNorms,
+the cpu backend's kept Winograd transforms, CUDA batch counts) holds such references: the fused modules drop them
+before each load or conversion. Before, one eval forward made every later load fail half way through."""
+
+from __future__ import annotations
+
+import copy
+
+import pytest
+import torch
+import torchvision
+
+import deeplab_ops.modules
+import model
+from deeplab_ops.nn import FusedASPP, FusedConvBNReLU, fuse_modules
+
+
+@pytest.fixture
+def swap_mode():
+    before = torch.__future__.get_swap_module_params_on_conversion()
+    torch.__future__.set_swap_module_params_on_conversion(True)
+    yield
+    torch.__future__.set_swap_module_params_on_conversion(before)
+
+
+def _deeplab(fused):
+    torch.manual_seed(0)
+    return model.deeplabv3_resnet(29, num_classes=3, width=4, fused=fused)
+
+
+def _resnet(fused):
+    torch.manual_seed(0)
+    net = torchvision.models.resnet18(num_classes=3)
+    return fuse_modules(net) if fused else net
+
+
+def _modules(fused):
+    torch.manual_seed(0)
+    if fused:
+        return torch.nn.Sequential(FusedConvBNReLU(3, 8, 3, padding=1), FusedASPP(8, (1, 2), out_channels=4))
+    from torchvision.models.segmentation.deeplabv3 import ASPP
+    return torch.nn.Sequential(torch.nn.Sequential(torch.nn.Conv2d(3, 8, 3, padding=1, bias=False),
+                                                   torch.nn.BatchNorm2d(8), torch.nn.ReLU()),
+                               ASPP(8, (1, 2), out_channels=4))
+
+
+def _out(net, x):
+    y = net(x)
+    return y["out"] if isinstance(y, dict) else y
+
+
+def _perturbed(net):
+    """A state_dict unlike the model's (every float tensor moved), as a checkpoint would be."""
+    g = torch.Generator().manual_seed(1)
+    return {k: (v + 0.1 * torch.rand(v.shape, generator=g, dtype=v.dtype)) if v.is_floating_point() else v + 3
+            for k, v in net.state_dict().items()}
+
+
+@pytest.mark.usefixtures("swap_mode")
+@pytest.mark.parametrize("build", [_deeplab, _resnet, _modules], ids=["model", "fuse_modules", "nn-modules"])
+def test_a_fused_model_loads_and_converts_after_eval_and_training_calls(build, monkeypatch):
+    # batch counts are remembered on CUDA only: remembered here too, so that their weak references are exercised
+    monkeypatch.setattr(deeplab_ops.modules, "_REMEMBERED_DEVICES", ("cuda", "cpu"))
+    fused, plain = build(True), build(False)
+    x = torch.randn(2, 3, 33, 33)
+    fused.train()
+    _out(fused, x).sum().backward()  # a training call: batch counts remembered
+    fused.eval()
+    with torch.no_grad():
+        fused(x)  # an eval call: folds and Winograd transforms kept
+    sd = _perturbed(plain)
+    fused.load_state_dict(sd)
+    plain.load_state_dict(sd)
+    fused.eval(), plain.eval()
+    with torch.no_grad():
+        # the checkpoint's values are used
+        torch.testing.assert_close(_out(fused, x), _out(plain, x), rtol=1e-4, atol=1e-4)
+        fused.double(), plain.double()
+        torch.testing.assert_close(_out(fused, x.double()), _out(plain, x.double()), rtol=1e-10, atol=1e-10)
+        fused.float()
+        fused(x)
+    fused.train()
+    _out(fused, x).sum().backward()
+    again = copy.deepcopy(fused)
+    again.load_state_dict(_perturbed(plain.float()))
+    if build is _deeplab:
+        model.load_checkpoint(fused, sd)
+        assert all(torch.equal(fused.state_dict()[k], v) for k, v in sd.items())
