@@ -595,7 +595,8 @@ def cmd_eval_only(args, device, info) -> None:
             if getattr(args, key) is None and saved.get(key) is not None:
                 setattr(args, key, saved[key])
                 restored.append(key)
-    check_dataset_flags(args, _exit)
+    # (a data root read from the checkpoint is checked by the dataset, whose error says where the path came from)
+    check_dataset_flags(args, _exit, check_root="data_root" not in restored)
     _apply_presets(args, device)
     try:
         _, val, class_names = _build_datasets(args, train=False)
@@ -1134,9 +1135,10 @@ def check_args(args, error, defaults: dict | None = None) -> None:
         check_dataset_flags(args, error)
 
 
-def check_dataset_flags(args, error) -> None:
+def check_dataset_flags(args, error, check_root: bool = True) -> None:
     """Dataset flags the chosen --dataset does not read: --data-root with the synthetic set is refused (a
-    forgotten --dataset folder/voc would train on the synthetic set), the others are warned about."""
+    forgotten --dataset folder/voc would train on the synthetic set), the others are warned about; folder and voc
+    need a --data-root, an existing folder (check_root)."""
     dataset = args.dataset or ("synthetic" if not args.predict else None)
     if args.predict:  # --dataset / --data-root / --classes only check the checkpoint's class count
         if args.dataset is None and args.data_root:
@@ -1146,6 +1148,13 @@ def check_dataset_flags(args, error) -> None:
     if args.data_root and dataset == "synthetic":
         error(f"--data-root {args.data_root} is not read by --dataset synthetic" +
               (" (the default)" if args.dataset is None else "") + ": add --dataset folder or --dataset voc")
+    if dataset in ("voc", "folder"):
+        if not args.data_root:
+            error(f"--dataset {dataset} needs --data-root PATH (" + (
+                "the VOC2012 folder" if dataset == "voc" else "a folder with images/, masks/ and classes.txt") + ")")
+        if check_root and not os.path.isdir(args.data_root):
+            error(f"--data-root {args.data_root}: " + (
+                "not a folder" if os.path.exists(args.data_root) else "no such folder"))
     unread = {"sbd_root": dataset != "voc", "classes": dataset != "folder",
               "synthetic_train_size": dataset != "synthetic", "synthetic_val_size": dataset != "synthetic",
               "data_seed": dataset != "synthetic", "train_split": dataset == "synthetic",

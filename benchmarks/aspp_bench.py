@@ -136,7 +136,7 @@ def main(argv: list[str] | None = None) -> int:
     rows = runner.rows
     meta = {"script": "aspp_bench", "argv": sys.argv[1:] if argv is None else argv, "matmul_peak": peak_desc,
             "matmul_peak_tflops": peak, "valid_tap_fraction": fractions, "environment": env}
-    return common.finish(rows, args, meta, f"ASPP on {env['gpu']} ({peak_desc})")
+    return common.finish(rows, args, meta, f"ASPP on {common.machine_name(env)} ({peak_desc})")
 
 
 if __name__ == "__main__":

@@ -362,6 +362,13 @@ def environment(device: torch.device) -> dict:
     }
 
 
+def machine_name(env: dict) -> str:
+    """The machine a run's table titles name: the GPU's name, or on CPU the processor ("CPU: …", without the "none"
+    that the gpu column holds there)."""
+    gpu = env["gpu"]
+    return gpu[len("none ("):-1] if gpu.startswith("none (") and gpu.endswith(")") else gpu
+
+
 def set_precision(dtype_name: str) -> torch.dtype:
     """Set TF32 for this dtype name (on only for 'tf32') and cuDNN autotuning; return the torch dtype."""
     if dtype_name not in DTYPES:

@@ -202,7 +202,7 @@ def main(argv: list[str] | None = None) -> int:
                     runner.run(build, reason=reason, flops=flops, min_bytes=min_bytes, **case)
     meta = {"script": "conv_bn_relu_bench", "argv": sys.argv[1:] if argv is None else argv, "matmul_peak": peak_desc,
             "matmul_peak_tflops": peak, "environment": env}
-    return common.finish(runner.rows, args, meta, f"conv + BN + ReLU on {env['gpu']} ({peak_desc})")
+    return common.finish(runner.rows, args, meta, f"conv + BN + ReLU on {common.machine_name(env)} ({peak_desc})")
 
 
 if __name__ == "__main__":

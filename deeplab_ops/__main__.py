@@ -109,6 +109,12 @@ def main(argv: list[str] | None = None) -> int:
                 reasons = backends.not_supported_reasons("triton", "conv_bn_relu", torch.device(dev), **_probe(dev))
             print(f"  {name:<10} {'usable' if not reasons else 'unusable: ' + '; '.join(reasons)}")
     print(f"auto picks   CPU tensors: {_auto_cpu()}; CUDA tensors: {_auto_cuda()}")
+    forced = backends.env_backend()
+    if forced is not None and _forced_refusal("cpu") and (not torch.cuda.is_available() or _forced_refusal("cuda")):
+        where = "CPU tensors or the GPUs" if torch.cuda.is_available() else "CPU tensors, and no GPU is visible"
+        print(f"error        {backends.ENV_VAR}={forced!r} runs no tensor here (not {where}): every op call with "
+              "backend=None raises")
+        return 1
     return 0
 
 

@@ -85,9 +85,14 @@ def test_tool_reports_a_bad_env_backend():
     assert "DEEPLAB_OPS_BACKEND='bogus' is not a backend" in bogus.stdout
     assert "auto picks" not in bogus.stdout
     forced = _tool("cuda")
-    assert forced.returncode == 0, forced.stderr
     line = next(ln for ln in forced.stdout.splitlines() if ln.startswith("auto picks"))
     assert "CPU tensors: none (DEEPLAB_OPS_BACKEND='cuda' cannot run them: it runs CUDA tensors" in line
+    if torch.cuda.is_available() and not deeplab_ops.available_backends("cuda")["cuda"]:
+        assert forced.returncode == 0, forced.stderr  # CUDA tensors run on it: a setting for this machine
+    else:  # it runs no tensor here: every call with backend=None fails, as --help says the tool exits 1 for
+        assert forced.returncode == 1, forced.stdout
+        assert "error        DEEPLAB_OPS_BACKEND='cuda' runs no tensor here" in forced.stdout
+    assert _tool("cpu").returncode == 0
 
 
 # ---- device arguments --------------------------------------------------------------------------------------------

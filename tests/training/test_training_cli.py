@@ -124,10 +124,24 @@ def test_flags_predict_and_eval_only_do_not_read_warn(capsys):
     assert "--train-split is not read by --eval-only, which evaluates the validation split" in capsys.readouterr().err
 
 
+@pytest.mark.parametrize("dataset", ["folder", "voc"])
+def test_a_missing_data_root_is_a_flag_error(dataset, tmp_path, capsys):
+    # (before: exit status 1 from the loader, no argparse error line)
+    want = "the VOC2012 folder" if dataset == "voc" else "a folder with images/, masks/ and classes.txt"
+    assert f"error: --dataset {dataset} needs --data-root PATH ({want})" in _parse_error(
+        ["--dataset", dataset], capsys)
+    nowhere, file = tmp_path / "nowhere", tmp_path / "file"
+    file.write_text("x")
+    assert f"error: --data-root {nowhere}: no such folder" in _parse_error(
+        ["--dataset", dataset, "--data-root", str(nowhere)], capsys)
+    assert f"error: --data-root {file}: not a folder" in _parse_error(
+        ["--dataset", dataset, "--data-root", str(file)], capsys)
+
+
 def test_dataset_and_resume_errors_exit_naming_the_flag(tmp_path, monkeypatch):
     monkeypatch.setattr(train_script, "build_model", _tiny_build_model)
     with pytest.raises(SystemExit, match=r"--dataset folder: folder dataset: .*images does not exist"):
-        train_script.main(["--dataset", "folder", "--data-root", str(tmp_path / "nowhere"), "--device", "cpu"])
+        train_script.main(["--dataset", "folder", "--data-root", str(tmp_path), "--device", "cpu"])
     common = ["--crop-size", "32", "--synthetic-train-size", "8", "--synthetic-val-size", "2", "--batch-size", "2",
               "--no-tensorboard", "--device", "cpu", "--out-dir", str(tmp_path / "run"), "--preview", "0",
               "--log-every", "1"]
