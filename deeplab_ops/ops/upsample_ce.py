@@ -247,15 +247,20 @@ def upsample_cross_entropy(
     # The label scan reads a CPU target's memory (numpy): not while torch.compile traces (the graph would branch on
     # data) nor under a torch.func transform (wrapped tensors have no storage), where F.cross_entropy (reference)
     # and the triton twin's own check (its op in the traced graph) raise for a bad label.
-    scan = target.device.type == "cpu" and enter_directly(logits) and enter_directly(target)
+    # A storage-backed subclass target (torchvision's tv_tensors.Mask, what transforms.v2 pipelines yield) is scanned
+    # through a plain view; a wrapper subclass (its own __torch_dispatch__: no memory of its own) is not.
+    plain = target
+    if type(target) is not torch.Tensor and type(target).__torch_dispatch__ is torch.Tensor.__torch_dispatch__:
+        plain = target.as_subclass(torch.Tensor)
+    scan = target.device.type == "cpu" and enter_directly(logits) and enter_directly(plain)
     if name == "reference":
         if scan:  # the message every CPU backend gives, not F.cross_entropy's
-            check_target_range(target, logits.shape[1], ignore_index)
+            check_target_range(plain, logits.shape[1], ignore_index)
         return reference.upsample_cross_entropy(logits, target, ignore_index=ignore_index,
                                                 align_corners=align_corners, reduction=reduction)
     refuse_grad_transforms("upsample_cross_entropy", logits)
     if name == "triton" and scan:  # the cpu kernel checks labels itself
-        check_target_range(target, logits.shape[1], ignore_index)
+        check_target_range(plain, logits.shape[1], ignore_index)
     if logits.shape[0] == 0:
         # Nothing to launch; PyTorch's values: mean of nothing is NaN, sum is 0. Keeps the graph to logits.
         zero = logits.sum() * 0
@@ -269,6 +274,6 @@ def upsample_cross_entropy(
         return loss.to(logits.dtype)
     if not enter_directly(logits):  # traced: the graph holds the op (the triton twin checks its arguments)
         return FORWARD_OPS[name](logits, target, ignore_index, align_corners, reduction)[0]
-    if name == "triton":  # checked above: the twin skips its check (the label scan included)
+    if name == "triton" and scan:  # checked above: the twin skips its check (the label scan included)
         return call_checked(_KERNELS[name], logits, target, ignore_index, align_corners, reduction)[0]
     return _KERNELS[name](logits, target, ignore_index, align_corners, reduction)[0]

@@ -64,6 +64,29 @@ def test_uce_gradient_finite_at_huge_float32_logits(backend, reduction):
         torch.testing.assert_close(ours.grad, eager.grad, rtol=1e-4, atol=1e-6)
 
 
+# ---- upsample_cross_entropy: a target that is a tensor subclass ---------------------------------------------------
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_uce_subclass_target_is_checked_and_computed_as_a_tensor(backend):
+    # torchvision.transforms.v2 pipelines yield tv_tensors.Mask targets (a torch.Tensor subclass). The label scan
+    # skipped them, and the triton backend, told its arguments were checked, returned a NaN loss for a bad label
+    # (the reference raised F.cross_entropy's message instead of the package's).
+    from torchvision import tv_tensors
+
+    device = device_for(backend)
+    g = torch.Generator().manual_seed(0)
+    logits = torch.randn(2, 3, 4, 5, generator=g, dtype=torch.float64).to(device).requires_grad_()
+    target = torch.randint(0, 3, (2, 7, 9), generator=g)
+    target[1, 2, 3] = 255
+    loss = deeplab_ops.upsample_cross_entropy(logits, tv_tensors.Mask(target.to(device)), backend=backend)
+    want = F.cross_entropy(F.interpolate(logits, (7, 9), mode="bilinear"), target.to(device), ignore_index=255)
+    torch.testing.assert_close(loss.as_subclass(torch.Tensor), want)
+    target[0, 0, 0] = 9
+    with pytest.raises(IndexError, match=r"target has label 9 at position \(0, 0, 0\); expected labels in \[0, 3\)"):
+        deeplab_ops.upsample_cross_entropy(logits, tv_tensors.Mask(target.to(device)), backend=backend)
+
+
 # ---- running statistics that require grad ------------------------------------------------------------------
 
 
