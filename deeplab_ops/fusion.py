@@ -494,25 +494,46 @@ def _declared(module: nn.Module, kind: str) -> bool:
 
 def _traces_as(module: nn.Module, is_graph) -> bool:
     """Whether `module`'s forward, traced symbolically with its children as leaves in training and in eval mode,
-    gives graphs `is_graph` accepts; False for a forward the tracer cannot follow."""
-    training = module.training
-    try:
-        for mode in (True, False):
-            module.training = mode
-            tracer = _PartsTracer()
-            try:
-                graph = tracer.trace(module)
-            except Exception:  # any forward symbolic tracing cannot follow: left as it is
-                return False
-            finally:
-                # The tracer is a reference cycle (its patched functions' closures) holding the module: dropped
-                # here, not when the cyclic garbage collector runs, so a fused model dropped later is freed at once.
-                tracer.__dict__.clear()
-            if not is_graph(graph, module):
-                return False
-    finally:
-        module.training = training
+    gives graphs `is_graph` accepts and writes nothing of its module's state; False for a forward the tracer cannot
+    follow. What is traced is a stand-in (_tracing_stand_in): the user's module is not run, nor changed."""
+    for mode in (True, False):
+        stand_in, state = _tracing_stand_in(module, mode)
+        tracer = _PartsTracer()
+        try:
+            graph = tracer.trace(stand_in)
+        except Exception:  # any forward symbolic tracing cannot follow: left as it is
+            return False
+        finally:
+            # The tracer is a reference cycle (its patched functions' closures) holding the module: dropped here,
+            # not when the cyclic garbage collector runs, so a fused model dropped later is freed at once.
+            tracer.__dict__.clear()
+        if _state_of(stand_in) != state or not is_graph(graph, module):
+            return False  # (a forward that records features, counts calls, caches: the fused forward would not)
     return True
+
+
+_COPIED = (list, dict, set, OrderedDict)
+
+
+def _tracing_stand_in(module: nn.Module, training: bool) -> tuple[nn.Module, list]:
+    """An instance of `module`'s class with the same children and parameters and its own copy of every other
+    attribute (lists, dicts and sets copied, shallowly), in mode `training`, and its state (_state_of): a forward's
+    writes to its module (`self.feats.append(out)`, `self.calls += 1`, `self.last = out`) land on the stand-in,
+    where the state tells them, and not on the user's module."""
+    stand_in = object.__new__(type(module))
+    stand_in.__dict__.update({k: copy.copy(v) if type(v) in _COPIED else v for k, v in module.__dict__.items()})
+    stand_in.__dict__["training"] = training
+    return stand_in, _state_of(stand_in)
+
+
+def _state_of(module: nn.Module) -> list:
+    """What a forward may write in `module` itself: each attribute's identity, and a copied container's contents
+    (their identities)."""
+    state = []
+    for key, value in module.__dict__.items():
+        items = value.items() if isinstance(value, dict) else value if type(value) in _COPIED else ()
+        state.append((key, id(value), [id(v) if not isinstance(v, tuple) else (v[0], id(v[1])) for v in items]))
+    return state
 
 
 def _is_aspp_graph(graph: torch.fx.Graph, module: nn.Module) -> bool:

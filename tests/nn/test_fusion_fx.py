@@ -268,6 +268,64 @@ def test_aspps_that_compute_torchvisions_function_are_still_fused(make):
     _assert_same_training(plain, fused, torch.randn(2, 4, 7, 6, dtype=torch.float64), "aspp")
 
 
+# ---- forwards that write their module's state: never fused, never run at fuse time ---------------------------------
+
+
+class _RecordingBlock(nn.Module):
+    """A BasicBlock (torchvision's names and data flow, a class of its own) that also records its mid feature or
+    counts its calls (deep supervision, feature capture): the fused forward would do neither."""
+
+    def __init__(self, c, how):
+        super().__init__()
+        self.conv1, self.bn1 = nn.Conv2d(c, c, 3, padding=1, bias=False), nn.BatchNorm2d(c)
+        self.conv2, self.bn2 = nn.Conv2d(c, c, 3, padding=1, bias=False), nn.BatchNorm2d(c)
+        self.relu, self.downsample = nn.ReLU(), None
+        self.how, self.feats, self.calls, self.last = how, [], 0, None
+
+    def forward(self, x):
+        out = self.relu(self.bn1(self.conv1(x)))
+        if self.how == "append":
+            self.feats.append(out)
+        elif self.how == "count":
+            self.calls += 1
+        else:
+            self.last = out
+        return self.relu(self.bn2(self.conv2(out)) + x)
+
+
+class _RecordingASPP(nn.Module):
+    """torchvision's ASPP (a class of its own) that keeps the last input's shape."""
+
+    def __init__(self, c):
+        super().__init__()
+        self.convs = nn.ModuleList([_cbr(c, c, 1), _cbr(c, c, 3, 2), _Pool(c, c)])
+        self.project = nn.Sequential(nn.Conv2d(3 * c, c, 1, bias=False), nn.BatchNorm2d(c), nn.ReLU())
+        self.seen = None
+
+    def forward(self, x):
+        self.seen = x.shape
+        return self.project(torch.cat([conv(x) for conv in self.convs], dim=1))
+
+
+@pytest.mark.parametrize("make", [lambda: _RecordingBlock(4, "append"), lambda: _RecordingBlock(4, "count"),
+                                  lambda: _RecordingBlock(4, "assign"), lambda: _RecordingASPP(4)],
+                         ids=["block appends", "block counts", "block assigns", "aspp assigns"])
+def test_a_forward_that_writes_its_module_is_not_fused_nor_run_by_fusing(make):
+    # Before, the block was fused (its data flow is a BasicBlock's): fusing traced it on the user's module, leaving
+    # torch.fx Proxies in its list and attribute and a count of 2, and the fused forward recorded nothing.
+    torch.manual_seed(0)
+    plain = _no_dropout(_randomize(nn.Sequential(make())).double())
+    fused = fuse_modules(copy.deepcopy(plain))
+    state = {k: v for k, v in vars(fused[0]).items() if k in ("feats", "calls", "last", "seen")}
+    assert state == {k: v for k, v in vars(plain[0]).items() if k in state}, state  # untouched by fusing
+    assert fusion.fused_config(fused[0]) is None or not fusion.fused_config(fused[0]).depth
+    assert not _aspp_fused(fused)
+    _assert_same_training(plain, fused, torch.randn(2, 4, 7, 6, dtype=torch.float64), "recording")
+    a, b = vars(plain[0]), vars(fused[0])
+    assert len(a.get("feats", ())) == len(b.get("feats", ())) and a.get("calls") == b.get("calls")
+    assert type(a.get("last")) is type(b.get("last")) and a.get("seen") == b.get("seen")
+
+
 # ---- torch.fx symbolic tracing (torchvision's create_feature_extractor) -------------------------------------
 
 
