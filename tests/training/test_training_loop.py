@@ -275,12 +275,12 @@ def test_rng_state_round_trip_through_a_weights_only_load(tmp_path):
     assert torch.equal(got[0], expected[0]) and np.array_equal(got[1], expected[1]) and got[2] == expected[2]
 
 
-def test_cli_presets_and_memory_efficient_flag(capsys):
+def test_cli_presets_and_memory_efficient_flag(capsys, tmp_path):
     # The synthetic CPU default is the narrow network the README's quick start describes; VOC keeps the paper's.
     args = train_script.parse_args([])
     train_script._apply_presets(args, torch.device("cpu"))
     assert (args.backbone, args.backbone_width, args.output_stride, args.iterations) == ("resnet29", 16, 8, 4000)
-    args = train_script.parse_args(["--dataset", "voc", "--data-root", "x"])
+    args = train_script.parse_args(["--dataset", "voc", "--data-root", str(tmp_path)])
     train_script._apply_presets(args, torch.device("cpu"))
     assert (args.backbone, args.backbone_width, args.output_stride, args.crop_size) == ("resnet101", 64, 16, 513)
     with pytest.raises(SystemExit):
