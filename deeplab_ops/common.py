@@ -147,10 +147,11 @@ def check_running_writable(named) -> None:
     for group, value in named:
         tensors = (value,) if isinstance(value, Tensor) else value
         for i, t in enumerate(tensors):
+            index = None if tensors is not value else i  # (a list's tensors are named group[i], on error only)
             extent = 1
             for size, stride in zip(t.shape, t.stride(), strict=True):
                 if size > 1 and stride == 0:
-                    name = group if tensors is not value else f"{group}[{i}]"
+                    name = _label(group, index)
                     raise ValueError(
                         f"{name} has overlapping memory (stride 0 over {size} values: an expanded view, shape "
                         f"{tuple(t.shape)}, strides {t.stride()}), but training BatchNorm updates it in place, one "
@@ -162,14 +163,18 @@ def check_running_writable(named) -> None:
                 start = t.data_ptr()
             except RuntimeError:  # a tensor without storage (a fake one): nothing to compare
                 continue
-            spans.append((start, start + extent * t.element_size(), group if tensors is not value else
-                          f"{group}[{i}]", t))
+            spans.append((start, start + extent * t.element_size(), group, index, t))
     spans.sort(key=operator.itemgetter(0))
-    for (_, end, name, t), (start, _, other, u) in zip(spans, spans[1:], strict=False):
+    for (_, end, group, index, t), (start, _, other_group, other_index, u) in zip(spans, spans[1:], strict=False):
         if start < end and bool(torch.isin(_addresses(u), _addresses(t)).any()):
+            other = _label(other_group, other_index)
             raise ValueError(
-                f"{name} and {other} share memory, but training BatchNorm updates both in place (one would overwrite "
-                f"the other's new values); pass tensors with their own memory, e.g. {other}.clone()")
+                f"{_label(group, index)} and {other} share memory, but training BatchNorm updates both in place (one "
+                f"would overwrite the other's new values); pass tensors with their own memory, e.g. {other}.clone()")
+
+
+def _label(group: str, index: int | None) -> str:
+    return group if index is None else f"{group}[{index}]"
 
 
 def _addresses(t: Tensor) -> Tensor:

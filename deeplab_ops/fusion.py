@@ -546,9 +546,10 @@ def _is_aspp_graph(graph: torch.fx.Graph, module: nn.Module) -> bool:
     if [(c.op, c.target, c.args, c.kwargs) for c in calls] != [("call_module", f"convs.{i}", (x,), {})
                                                                 for i in range(n)]:
         return False
-    dims = ((list(calls),), {"dim": 1}), ((list(calls), 1), {}), ((list(calls),), {"dim": -3}), ((list(calls), -3), {})
-    if not (cat.op == "call_function" and cat.target is torch.cat and any(
-            list(cat.args[0]) == a[0] and tuple(cat.args[1:]) == a[1:] and cat.kwargs == k for a, k in dims)):
+    if not (cat.op == "call_function" and cat.target is torch.cat and 1 <= len(cat.args) <= 2
+            and set(cat.kwargs) <= {"dim"} and list(cat.args[0]) == calls):
+        return False
+    if cat.kwargs.get("dim", cat.args[1] if len(cat.args) == 2 else 0) not in (1, -3):  # the channels
         return False
     return (project.op, project.target, project.args, project.kwargs) == ("call_module", "project", (cat,), {}) \
         and out.args == (project,)
@@ -567,9 +568,10 @@ def _is_pooling(graph: torch.fx.Graph, module: nn.Module) -> bool:
         return False
     seen.add(node)
     size = node.kwargs.get("size")
+    # besides size, mode and align_corners, only interpolate's defaults (what fx records for arguments not given)
     defaults = {"scale_factor": None, "recompute_scale_factor": None, "antialias": False}
-    if (any(k not in ("size", "mode", "align_corners") and defaults.get(k, 0) != v for k, v in node.kwargs.items())
-            or not isinstance(size, torch.fx.Node)):
+    others = {k: v for k, v in node.kwargs.items() if k not in ("size", "mode", "align_corners")}
+    if any(k not in defaults or v != defaults[k] for k, v in others.items()) or not isinstance(size, torch.fx.Node):
         return False
     shape = size.args[0] if size.op == "call_function" and size.target is operator.getitem else None
     if not (isinstance(shape, torch.fx.Node) and size.args[1] in (slice(-2, None, None), slice(2, None, None))
