@@ -19,6 +19,7 @@ from model.checkpoint import (
     load_checkpoint,
     load_file,
     read_state_dict,
+    unwrap_model,
 )
 from model.deeplabv3 import DeepLabV3, deeplabv3_resnet, deeplabv3_resnet50, deeplabv3_resnet101
 from model.heads import DeepLabHead, FCNHead
@@ -44,4 +45,5 @@ __all__ = [
     "load_file",
     "read_state_dict",
     "stage_dilations",
+    "unwrap_model",
 ]

@@ -111,7 +111,11 @@ def summarize(model: DeepLabV3, image_size: tuple[int, int], batch_size: int = 1
             hooks.append(last.register_forward_hook(
                 lambda m, i, o, label=label: outputs.__setitem__(label, tuple(o.shape))
             ))
-    x = torch.empty(batch_size, 3, *image_size, device="meta")
+    # the input the model takes: its first convolution's channels (3 unless replaced), its parameters' dtype
+    first = next((m for m in model.modules() if isinstance(m, torch.nn.Conv2d)), None)
+    dtype = next((p.dtype for p in model.parameters() if p.is_floating_point()), torch.get_default_dtype())
+    x = torch.empty(batch_size, first.in_channels if first is not None else 3, *image_size, device="meta",
+                    dtype=dtype)
     try:
         with FlopCounterMode(display=False, depth=None) as counter:
             result = model(x)
@@ -157,7 +161,7 @@ def format_summary(model: DeepLabV3, rows: list[dict], image_size: tuple[int, in
 # The factory's argument names, as the flags that give them (the errors of deeplabv3_resnet name the arguments).
 FLAGS = {"output_stride": "--output-stride", "multi_grid": "--multi-grid", "atrous_rates": "--atrous-rates",
          "head": "--head", "residual_unit": "--residual-unit", "num_classes": "--num-classes", "width": "--width",
-         "preset": "--preset"}
+         "depth": "--backbone", "preset": "--preset"}
 
 
 def _flag_of(message: str) -> str | None:

@@ -13,12 +13,25 @@ from __future__ import annotations
 from collections.abc import Sequence
 
 import torch
+import torch.fx
 import torch.nn.functional as F
 from torch import nn
 
 Tensor = torch.Tensor
 
 RATES_BY_OUTPUT_STRIDE: dict[int, tuple[int, int, int]] = {16: (6, 12, 18), 8: (12, 24, 36)}
+
+
+@torch.fx.wrap  # traced (torch.fx, create_feature_extractor) as one call: the check runs on the traced module's input
+def refuse_batch_one(x: Tensor, refuses: bool = True) -> None:
+    """The image-pooling branch's batch-1 error, raised when `refuses` (its BatchNorm would normalize one pooled
+    value per channel: `ASPPPooling.refuses_batch_one`) and `x` is a batch of 1."""
+    if refuses and x.shape[0] == 1:
+        raise ValueError(
+            "ASPP image-pooling branch: its BatchNorm normalizes one pooled value per channel and image, so "
+            f"training it needs a batch of 2 or more; got input of shape {tuple(x.shape)} (batch 1). Use a "
+            "batch of at least 2, model.eval(), or freeze the BatchNorm layers (call .eval() on them)"
+        )
 
 
 def check_rates(atrous_rates: Sequence[int]) -> tuple[int, ...]:
@@ -59,18 +72,21 @@ class ASPPPooling(nn.Sequential):
             nn.ReLU(inplace=True),
         )
 
-    def check_batch(self, x: Tensor) -> None:
-        """Raise the batch-1 error where this branch's BatchNorm would train on one value per channel (a plain
-        BatchNorm2d in training mode, or without running statistics, given a batch of 1)."""
+    def refuses_batch_one(self) -> bool:
+        """Whether this branch's BatchNorm would train on one value per channel given a batch of 1: a plain
+        BatchNorm2d in training mode, or one without running statistics. A synchronized one (nn.SyncBatchNorm,
+        training's DistributedBatchNorm2d) pools the batch of every process, so one image per process is its own
+        to judge."""
         bn = self[2]
-        # A plain BatchNorm2d sees this process's batch alone; a synchronized one (nn.SyncBatchNorm, training's
-        # DistributedBatchNorm2d) pools the batch of every process, so one image per process is its own to judge.
-        if x.shape[0] == 1 and type(bn) is nn.BatchNorm2d and (bn.training or bn.running_mean is None):
-            raise ValueError(
-                "ASPP image-pooling branch: its BatchNorm normalizes one pooled value per channel and image, so "
-                f"training it needs a batch of 2 or more; got input of shape {tuple(x.shape)} (batch 1). Use a "
-                "batch of at least 2, model.eval(), or freeze the BatchNorm layers (call .eval() on them)"
-            )
+        return type(bn) is nn.BatchNorm2d and (bn.training or bn.running_mean is None)
+
+    def check_batch(self, x: Tensor) -> None:
+        """Raise the batch-1 error where this branch's BatchNorm would train on one value per channel
+        (`refuses_batch_one`) and `x` is a batch of 1. Traced (torch.fx), the check is one call in train and eval
+        mode alike (the same graph nodes in both, as torchvision's create_feature_extractor expects)."""
+        refuses = self.refuses_batch_one()
+        if refuses or isinstance(x, torch.fx.Proxy):
+            refuse_batch_one(x, refuses)
 
     def forward(self, x: Tensor) -> Tensor:
         self.check_batch(x)
@@ -130,7 +146,7 @@ class ASPP(nn.Module):
     def forward(self, x: Tensor) -> Tensor:
         # A batch the pooling branch refuses is refused before any branch runs: the other branches' BatchNorms
         # would otherwise have updated their running statistics for a call that fails (the fused ASPP op, which
-        # refuses it before computing anything, leaves them unchanged).
-        if x.shape[0] == 1:
+        # refuses it before computing anything, leaves them unchanged). Traced (torch.fx), the check is recorded.
+        if isinstance(x, torch.fx.Proxy) or x.shape[0] == 1:
             self.check_batch(x)
         return self.project(torch.cat([branch(x) for branch in self.convs], dim=1))

@@ -72,7 +72,10 @@ def _load_error_detail(e: BaseException) -> str:
         rest = text.split("WeightsUnpickler error:", 1)[1].strip()
         text = rest.splitlines()[0] if rest else "weights-only unpickling failed"
     lines = [line.strip() for line in text.splitlines() if line.strip()]
-    first = lines[0].split(". ")[0].rstrip(".") if lines else "(no message)"  # torch's zip errors run on
+    first = lines[0].split(". ")[0].rstrip(".") if lines else ""  # torch's zip errors run on
+    # "[enforce fail at inline_container.cc:180] " alone (a zip archive that is not a torch.save file) says nothing
+    if not re.sub(r"\[enforce fail at [^\]]*\]", "", first).strip():
+        first = "not a PyTorch archive" if "inline_container" in first else "(no message)"
     return f"{type(e).__name__}: {first}"
 
 
@@ -94,8 +97,14 @@ def load_file(path: str | os.PathLike, *, weights_only: bool = True, map_locatio
     if os.path.isdir(path):
         raise IsADirectoryError(f"cannot read checkpoint {path}: this is a folder; give a checkpoint file in it"
                                 f"{_folder_hint(path)}")
-    if not os.path.isfile(path):
+    if not os.path.lexists(path):
         raise FileNotFoundError(f"checkpoint not found: {path} (no such file; checkpoints are read from local files)")
+    if not os.path.exists(path):
+        raise FileNotFoundError(f"checkpoint not found: {path} is a broken symbolic link (to "
+                                f"{os.readlink(path)!r}); checkpoints are read from local files")
+    if not os.path.isfile(path):
+        raise CheckpointReadError(f"cannot read checkpoint {path}: it is not a regular file (a device, pipe or "
+                                  "socket); give a checkpoint file")
     size = os.path.getsize(path)
     if size == 0:
         raise CheckpointReadError(f"cannot read checkpoint {path}: the file is empty (0 bytes){advice}")
@@ -103,6 +112,9 @@ def load_file(path: str | os.PathLike, *, weights_only: bool = True, map_locatio
         with warnings.catch_warnings():  # a non-torch pickle read weights-only warns of its protocol, then fails
             warnings.filterwarnings("ignore", message="Detected pickle protocol")
             return torch.load(path, map_location=map_location, weights_only=weights_only)
+    except PermissionError:
+        raise PermissionError(f"cannot read checkpoint {path}: permission denied (the file exists; check its "
+                              "permissions)") from None
     except Exception as e:
         # "Unsupported global: GLOBAL x.Y was not an allowed global", or for a module torch blocks outright (os,
         # posix, subprocess, ...: a file crafted to run code) "unsupported GLOBAL posix.system whose module posix is
@@ -390,6 +402,20 @@ def _hints(missing: list[str], unexpected: list[str], shapes: list[str], prefix:
     return [f"  hint: {h}" for h in hints]
 
 
+def unwrap_model(model: nn.Module) -> nn.Module:
+    """The model inside torch.compile's, DataParallel's or DistributedDataParallel's wrapper (any nesting): the one
+    whose state_dict keys carry no "_orig_mod." / "module." prefix, and whose parameters the wrapper runs."""
+    wrappers = (nn.DataParallel, nn.parallel.DistributedDataParallel)
+    while True:
+        inner = getattr(model, "_orig_mod", None)  # torch.compile's OptimizedModule (its class is not public)
+        if isinstance(inner, nn.Module) and type(model).__name__ == "OptimizedModule":
+            model = inner
+        elif isinstance(model, wrappers) and isinstance(getattr(model, "module", None), nn.Module):
+            model = model.module
+        else:
+            return model
+
+
 def load_checkpoint(
     model: nn.Module, source: StateDictSource, *, ignore_prefixes: Sequence[str] = ()
 ) -> nn.Module:
@@ -397,7 +423,8 @@ def load_checkpoint(
 
     Args:
         model: e.g. ``model.deeplabv3_resnet50(preset="torchvision", aux_loss=True)`` for torchvision's
-            deeplabv3_resnet50 state_dict; fused or not.
+            deeplabv3_resnet50 state_dict; fused or not; wrapped or not (torch.compile, DataParallel,
+            DistributedDataParallel: the model inside is loaded, as the checkpoint's prefixes are removed).
         source: path to a local file, or a state_dict.
         ignore_prefixes: a key prefix, or several: checkpoint keys starting with one are dropped, and the model's
             keep their initialisation (e.g. "aux_classifier." to load torchvision's checkpoint into a model without
@@ -423,10 +450,11 @@ def load_checkpoint(
         raise ValueError(f"ignore_prefixes={ignore_prefixes!r} drops every key of the checkpoint ({len(state)} keys, "
                          f"e.g. {next(iter(state))!r}): nothing would be loaded")
     state = kept
-    check_keys(model, state, ignore_prefixes=prefixes)
-    check_loadable(model, state)
+    inner = unwrap_model(model)
+    check_keys(inner, state, ignore_prefixes=prefixes)
+    check_loadable(inner, state)
     # Strict but for what check_keys allows (the keys it ignores; old BatchNorms' counters, which load as they are)
-    model.load_state_dict(state, strict=not prefixes)
+    inner.load_state_dict(state, strict=not prefixes)
     return model
 
 
@@ -434,12 +462,13 @@ def load_backbone(model: nn.Module, source: StateDictSource) -> nn.Module:
     """Initialise ``model.backbone`` from an ImageNet ResNet state_dict (torchvision's resnet50/101).
 
     The ImageNet classifier (fc.weight, fc.bias) is dropped; every other key must match the backbone exactly
-    (the v1.5 backbone has torchvision's names). Heads keep their initialisation.
+    (the v1.5 backbone has torchvision's names). Heads keep their initialisation. A wrapped model (torch.compile,
+    DataParallel, DistributedDataParallel) has the model inside it loaded.
 
     Returns:
         `model`.
     """
-    backbone = getattr(model, "backbone", None)
+    backbone = getattr(unwrap_model(model), "backbone", None)
     if not isinstance(backbone, nn.Module):
         raise TypeError(f"model must have a .backbone module (a DeepLabV3), got {type(model).__name__}")
     state = {k: v for k, v in read_state_dict(source).items() if k not in IMAGENET_CLASSIFIER_KEYS}

@@ -11,6 +11,7 @@ from collections import OrderedDict
 from collections.abc import Mapping, Sequence, Set
 
 import torch
+import torch.fx
 import torch.nn.functional as F
 from torch import nn
 
@@ -25,6 +26,23 @@ PRESETS = (None, "torchvision")
 DEFAULT_MULTI_GRID = (1, 2, 4)
 # What preset="torchvision" fixes (torchvision.models.segmentation.deeplabv3_resnet50/101).
 TORCHVISION_PRESET = {"output_stride": 8, "atrous_rates": (12, 24, 36), "head": "torchvision"}
+
+
+@torch.fx.wrap  # traced (torch.fx, create_feature_extractor) as one call: the check runs on the traced module's input
+def check_image_batch(x: Tensor) -> None:
+    """Refuse what is not a floating-point (N, C, H, W) batch, naming it (the first convolution checks C)."""
+    if x.dim() != 4:
+        raise ValueError(f"x must be an (N, C, H, W) image batch, got shape {tuple(x.shape)}")
+    if not x.is_floating_point():
+        # Unfused, PyTorch says only "expected scalar type Byte but found Float" for a uint8 image batch.
+        raise TypeError(f"x must be a floating-point image batch (normalized, in the model's dtype), got dtype "
+                        f"{x.dtype}: convert it first, e.g. x.float() / 255 before normalizing")
+
+
+@torch.fx.wrap  # traced as one call, so that `upsample` stays an input of the traced module
+def resize_logits(logits: Tensor, size, upsample: bool) -> Tensor:
+    """`logits` bilinearly resized to `size` (align_corners=False, as torchvision), or as they are."""
+    return F.interpolate(logits, size=size, mode="bilinear", align_corners=False) if upsample else logits
 
 
 class DeepLabV3(nn.Module):
@@ -44,24 +62,15 @@ class DeepLabV3(nn.Module):
         self.config: dict = {}
 
     def forward(self, x: Tensor, upsample: bool = True) -> dict[str, Tensor]:
-        if x.dim() != 4 or x.shape[1] != 3:
-            raise ValueError(f"x must be an (N, 3, H, W) image batch, got shape {tuple(x.shape)}")
-        if not x.is_floating_point():
-            # Unfused, PyTorch says only "expected scalar type Byte but found Float" for a uint8 image batch.
-            raise TypeError(f"x must be a floating-point image batch (normalized, in the model's dtype), got dtype "
-                            f"{x.dtype}: convert it first, e.g. x.float() / 255 before normalizing")
-        if x.shape[0] == 1 and self.training:
+        check_image_batch(x)
+        if isinstance(x, torch.fx.Proxy) or (self.training and x.shape[0] == 1):  # traced: the check is recorded
             self._check_batch(x)
         size = x.shape[-2:]
         features = self.backbone(x)
-
-        def resize(t: Tensor) -> Tensor:
-            return F.interpolate(t, size=size, mode="bilinear", align_corners=False) if upsample else t
-
         result: OrderedDict[str, Tensor] = OrderedDict()
-        result["out"] = resize(self.classifier(features["out"]))
+        result["out"] = resize_logits(self.classifier(features["out"]), size, upsample)
         if self.aux_classifier is not None:
-            result["aux"] = resize(self.aux_classifier(features["aux"]))
+            result["aux"] = resize_logits(self.aux_classifier(features["aux"]), size, upsample)
         return result
 
     def _check_batch(self, x: Tensor) -> None:
@@ -114,12 +123,13 @@ def _check_ordered(value, name: str) -> None:
 
 def _check_preset_args(**given) -> None:
     """preset="torchvision" fixes these arguments: each must be left unset (None) or equal the preset's value."""
-    fixed = {**TORCHVISION_PRESET, "multi_grid": DEFAULT_MULTI_GRID, "residual_unit": "v1.5"}
+    fixed = {**TORCHVISION_PRESET, "residual_unit": "v1.5"}
     for name, value in given.items():
         if isinstance(value, list):
             value = tuple(value)
-        if value is not None and value != fixed[name] and name == "multi_grid":
-            # torchvision's ResNet has no multi-grid: its layer4 blocks run dilations 2, 4, 4 at output stride 8.
+        if value is not None and name == "multi_grid":
+            # torchvision's ResNet has no multi-grid: its layer4 blocks run dilations 2, 4, 4 at output stride 8. Even
+            # preset=None's default (1, 2, 4), given explicitly, would be silently replaced: refused like the others.
             raise ValueError(
                 f"preset='torchvision' takes no multi_grid (torchvision's ResNet has none: its layer4 blocks run "
                 f"dilations 2, 4, 4), got multi_grid={value!r}: leave multi_grid unset or use preset=None"
@@ -177,6 +187,9 @@ def deeplabv3_resnet(
     _check_ordered(multi_grid, "multi_grid")
     _check_ordered(atrous_rates, "atrous_rates")
     multi_grid, atrous_rates = _ints_if_integral(multi_grid), _ints_if_integral(atrous_rates)
+    if preset == "torchvision" and depth not in (50, 101):
+        raise ValueError(f"preset='torchvision' is torchvision's deeplabv3_resnet50/101: depth must be 50 or 101, got "
+                         f"depth={depth}")
     if preset == "torchvision" and width != 64:
         raise ValueError(f"preset='torchvision' fixes width=64 (torchvision's ResNet), got width={width}")
     if preset == "torchvision":

@@ -323,6 +323,7 @@ def test_channels_last(torchvision_pair, fused):
         ({"preset": "torchvision", "output_stride": 16}, r"fixes output_stride=8 .*got output_stride=16: leave"),
         ({"preset": "torchvision", "head": "paper"}, r"fixes head='torchvision' .*got head='paper'"),
         ({"preset": "torchvision", "multi_grid": [1, 1, 1]}, r"takes no multi_grid \(torchvision.s ResNet has none"),
+        ({"preset": "torchvision", "multi_grid": [1, 2, 4]}, r"takes no multi_grid .*got multi_grid=\(1, 2, 4\)"),
         ({"preset": "torchvision", "residual_unit": "preact"}, r"fixes residual_unit='v1.5'"),
     ],
 )
@@ -334,8 +335,8 @@ def test_bad_configurations_fail_clearly(kwargs, message):
 def test_preset_accepts_its_own_values_and_unset_arguments():
     with torch.device("meta"):
         unset = model.deeplabv3_resnet50(preset="torchvision")
-        spelled = model.deeplabv3_resnet50(preset="torchvision", output_stride=8, multi_grid=[1, 2, 4],
-                                           atrous_rates=(12, 24, 36), head="torchvision", residual_unit="v1.5")
+        spelled = model.deeplabv3_resnet50(preset="torchvision", output_stride=8, atrous_rates=(12, 24, 36),
+                                           head="torchvision", residual_unit="v1.5")
         plain = model.deeplabv3_resnet50()
     assert unset.config == spelled.config
     assert (unset.config["output_stride"], unset.config["head"]) == (8, "torchvision")

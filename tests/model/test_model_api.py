@@ -212,3 +212,132 @@ def test_cli_width_and_wide_columns(capsys):
     assert summary_main(["--summary", "--image-size", "100000"]) == 0
     total = next(line for line in capsys.readouterr().out.splitlines() if line.startswith("total")).split()
     assert len(total) == 5 and float(total[2]) == pytest.approx(2 * float(total[3]), rel=1e-6), total
+
+
+# ---- torch.fx, wrapped models, other inputs (a new user's review, 2026-12-04) --------------------------------------
+
+@pytest.mark.parametrize("fused", [False, True], ids=["unfused", "fused"])
+@pytest.mark.parametrize("training", [True, False], ids=["train", "eval"])
+def test_symbolic_trace_of_the_model_computes_it_and_keeps_its_checks(fused, training):
+    # torch.fx.symbolic_trace (and so torchvision's create_feature_extractor) failed on the model, fused or not:
+    # "symbolically traced variables cannot be used as inputs to control flow" (its input and batch-1 checks, and
+    # `upsample`, were Python ifs on the traced input).
+    torch.manual_seed(0)
+    net = _tiny(fused=fused, aux_loss=True).train(training)
+    traced = torch.fx.symbolic_trace(net)
+    x = torch.randn(2, 3, 33, 47)
+    plain = _tiny(aux_loss=True).train(training)  # the traced graph records the unfused modules
+    plain.load_state_dict(net.state_dict())
+    torch.manual_seed(1)  # the same dropout masks (the auxiliary head's, in training)
+    expected = plain(x)
+    torch.manual_seed(1)
+    with torch.no_grad():
+        got = traced(x)
+    for key in ("out", "aux"):
+        torch.testing.assert_close(got[key], expected[key].detach(), rtol=1e-5, atol=1e-5)
+    assert traced(x, False)["out"].shape == (2, 3, 3, 3)  # upsample stays an input (output stride 16: 33x47 -> 3x3)
+    with pytest.raises(TypeError, match=r"x must be a floating-point image batch"):
+        traced(torch.zeros(2, 3, 16, 16, dtype=torch.uint8))
+    if training:  # the batch-1 refusal is kept, before any BatchNorm runs
+        before = {k: v.clone() for k, v in traced.state_dict().items()}
+        with pytest.raises(ValueError, match=r"ASPP image-pooling branch.*batch 1"):
+            traced(x[:1])
+        assert all(torch.equal(before[k], v) for k, v in traced.state_dict().items())
+    else:
+        assert traced(x[:1])["out"].shape == (1, 3, 33, 47)
+
+
+def test_create_feature_extractor_reads_the_model_without_warnings():
+    feature_extraction = pytest.importorskip("torchvision.models.feature_extraction")
+    import warnings
+    net = _tiny()
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # train and eval graphs have the same nodes (no "subsequence" warning)
+        extractor = feature_extraction.create_feature_extractor(net, ["backbone.layer4", "classifier"])
+    out = extractor(torch.randn(2, 3, 32, 32))
+    assert out["backbone.layer4"].shape == (2, 4 * 4 * 8, 2, 2) and out["classifier"].shape == (2, 3, 2, 2)
+
+
+@pytest.mark.parametrize("fused", [False, True], ids=["unfused", "fused"])
+def test_a_first_convolution_of_other_channels_is_followed(fused):
+    # forward refused anything but (N, 3, H, W): a 4-channel (RGB-D) or 1-channel stem, as torchvision allows
+    net = _tiny()
+    net.backbone.conv1 = torch.nn.Conv2d(4, 4, 7, 2, 3, bias=False)
+    if fused:
+        from deeplab_ops.nn import fuse_modules
+        fuse_modules(net)
+    assert net.eval()(torch.randn(2, 4, 33, 33))["out"].shape == (2, 3, 33, 33)
+    with pytest.raises((ValueError, RuntimeError), match=r"4 channels|channels"):
+        net(torch.randn(2, 3, 33, 33))
+    with pytest.raises(ValueError, match=r"x must be an \(N, C, H, W\) image batch, got shape \(3, 33, 33\)"):
+        net(torch.randn(3, 33, 33))
+    rows = summarize(net, (33, 33))  # counted with the model's own input channels
+    assert rows[-1]["params"] > 0
+
+
+def test_summarize_counts_a_model_of_any_dtype():
+    # a float64 (or half) model failed: "Input type (float) and bias type (double) should be the same"
+    rows = {dtype: summarize(_tiny().to(dtype), (33, 33)) for dtype in (torch.float32, torch.float64, torch.bfloat16)}
+    flops = {dtype: [r["flops"] for r in r_] for dtype, r_ in rows.items()}
+    assert flops[torch.float64] == flops[torch.float32] == flops[torch.bfloat16]
+
+
+@pytest.mark.parametrize("wrap", ["compile", "DataParallel", "compile(DataParallel)"])
+def test_wrapped_models_load_checkpoints_they_saved(tiny_state, wrap, tmp_path):
+    # load_checkpoint(torch.compile(net), ...) failed with 230 missing and 230 unexpected keys, even for a file the
+    # wrapped model had saved itself (the file's prefixes were removed, the model's kept); load_backbone raised a
+    # TypeError for DataParallel.
+    def wrapped(net):
+        if wrap == "compile":
+            return torch.compile(net)
+        if wrap == "DataParallel":
+            return torch.nn.DataParallel(net)
+        return torch.compile(torch.nn.DataParallel(net))
+
+    source = wrapped(_tiny(aux_loss=True))
+    assert model.load_checkpoint(source, tiny_state) is source  # a plain state_dict into a wrapped model
+    path = tmp_path / "wrapped.pt"
+    torch.save(source.state_dict(), path)
+    target = wrapped(_tiny(aux_loss=True))
+    assert model.load_checkpoint(target, path) is target
+    inner = model.unwrap_model(target)
+    assert type(inner) is model.DeepLabV3
+    assert all(torch.equal(inner.state_dict()[k], v) for k, v in tiny_state.items())
+    other = wrapped(_tiny(aux_loss=True))
+    model.load_backbone(other, {k.removeprefix("backbone."): v for k, v in tiny_state.items()
+                                if k.startswith("backbone.")})
+    assert torch.equal(model.unwrap_model(other).backbone.conv1.weight, tiny_state["backbone.conv1.weight"])
+
+
+def test_the_torchvision_preset_refuses_other_depths_and_an_explicit_multi_grid(capsys):
+    # --preset torchvision --multi-grid 1 2 4 was silently dropped (block-4 dilations 2, 4, 4); resnet29 was
+    # accepted though torchvision has no such network
+    with pytest.raises(ValueError, match=r"preset='torchvision' is torchvision's deeplabv3_resnet50/101: depth must"):
+        model.deeplabv3_resnet(29, preset="torchvision")
+    assert summary_main(["--summary", "--preset", "torchvision", "--multi-grid", "1", "2", "4"]) == 2
+    assert "preset='torchvision' takes no multi_grid" in capsys.readouterr().err
+    assert summary_main(["--summary", "--preset", "torchvision", "--backbone", "resnet29"]) == 2
+    assert "depth must be 50 or 101, got depth=29" in capsys.readouterr().err
+
+
+def test_files_that_are_not_checkpoints_say_what_they_are(tmp_path, monkeypatch):
+    import zipfile
+    with pytest.raises(model.CheckpointReadError, match=r"/dev/null: it is not a regular file"):
+        model.load_file("/dev/null")  # was "checkpoint not found ... (no such file)"
+    archive = tmp_path / "notes.zip"
+    with zipfile.ZipFile(archive, "w") as z:
+        z.writestr("a.txt", "hi")
+    with pytest.raises(model.CheckpointReadError, match=r"\(RuntimeError: not a PyTorch archive\)"):
+        model.load_file(archive)  # was "(RuntimeError: [enforce fail at inline_container.cc:180] )"
+    link = tmp_path / "best.pt"
+    link.symlink_to(tmp_path / "gone.pt")
+    with pytest.raises(FileNotFoundError, match=r"best\.pt is a broken symbolic link"):
+        model.load_file(link)
+    real = tmp_path / "real.pt"
+    torch.save({"w": torch.zeros(1)}, real)
+
+    def denied(*args, **kwargs):
+        raise PermissionError(13, "Permission denied", str(real))
+    monkeypatch.setattr(torch, "load", denied)  # as a file this user may not read fails (root reads every file)
+    with pytest.raises(PermissionError, match=r"real\.pt: permission denied \(the file exists"):
+        model.load_file(real)  # was "it is corrupt or truncated, or not a torch.save file (PermissionError ...)"
