@@ -730,7 +730,10 @@ def check_out_dir(args, error) -> None:
     fresh training run (no --resume) into an --out-dir that holds an earlier run would replace its checkpoints
     and mix the two runs' logs: refused unless --overwrite. So is --resume from another folder's checkpoint into
     it (its saves would replace that run's); --overwrite with --resume from --out-dir itself is a contradiction."""
-    writes = ("--out", args.out or "predictions") if args.predict else ("--out-dir", args.out_dir) \
+    # --eval-only's default, runs/DATASET, waits for the checkpoint's dataset: its parent runs/ is checked here (the
+    # evaluation would otherwise run to its end, then fail to write its metrics)
+    writes = ("--out", args.out or "predictions") if args.predict else (
+        ("--out-dir", args.out_dir) if args.out_dir else ("--eval-only's default --out-dir (runs/DATASET):", "runs")) \
         if args.eval_only else ("--out-dir", args.out_dir or os.path.join("runs", args.dataset or "synthetic"))
     problem = ckpt_io.unwritable_folder(writes[1]) if writes[1] else None
     if problem:
@@ -918,9 +921,21 @@ def carry_best(resume_path: str, resume: dict, out_dir: str, is_main: bool) -> N
 # ---- command line ------------------------------------------------------------------------------------------------
 
 
+# The flags that name a file or folder.
+PATH_FLAGS = ("data_root", "sbd_root", "classes", "backbone_weights", "out_dir", "resume", "checkpoint", "predict",
+              "out")
+
+
 def parse_args(argv=None) -> argparse.Namespace:
     p = build_parser()
     args = p.parse_args(argv)
+    for name in PATH_FLAGS:
+        # "--resume=~/runs/a/last.pt" reaches us unexpanded (the shell expands ~ only at a word's start): read as the
+        # user's home, as a shell would (and as model.load_file reads it), before any check compares paths; a file
+        # or folder literally named "~..." in the current folder is still read as itself.
+        value = getattr(args, name)
+        if isinstance(value, str) and value.startswith("~") and not os.path.lexists(value):
+            setattr(args, name, os.path.expanduser(value))
     if args.channels_last is None:
         args.channels_last = args.fused_ops
     if args.memory_efficient and not args.fused_ops:
@@ -1144,6 +1159,16 @@ def check_dataset_flags(args, error, check_root: bool = True) -> None:
         if args.dataset is None and args.data_root:
             warn(f"--data-root {args.data_root} is not read by --predict without --dataset folder (which checks the "
                  "checkpoint's class count against DATA_ROOT/classes.txt)")
+        if args.dataset == "folder" or args.classes:  # the class list the checkpoint's class count is checked against
+            if not (args.classes or args.data_root):
+                error("--dataset folder needs --data-root PATH (or --classes FILE) to know its classes")
+            if not args.classes and not os.path.isdir(args.data_root):
+                error(f"--data-root {args.data_root}: " + (
+                    "not a folder" if os.path.exists(args.data_root) else "no such folder"))
+            try:
+                datasets.read_class_list(args.classes or os.path.join(args.data_root, "classes.txt"))
+            except (OSError, ValueError) as e:
+                error(f"--classes {args.classes}: {e}" if args.classes else f"--dataset folder: {e}")
         return
     if args.data_root and dataset == "synthetic":
         error(f"--data-root {args.data_root} is not read by --dataset synthetic" +
@@ -1260,6 +1285,16 @@ def main(argv=None) -> None:
         kept = f"; the checkpoints written so far ({', '.join(written)}) are in {os.path.abspath(args.out_dir)}" \
             if written else ""
         raise SystemExit(f"train.py: {_data_error_text(e)}{kept}") from None
+    except OSError as e:  # a write that failed (disk full, a folder made read-only): one line, and what is saved
+        if isinstance(e, ConnectionError):  # another process's failure (torchrun): its own message says why
+            raise
+        what = f"{e.strerror} ({e.filename})" if e.strerror and e.filename else f"{type(e).__name__}: {e}"
+        written = [] if args.predict or args.eval_only else \
+            [f"{f} (iteration {ckpt_io.checkpoint_iteration(os.path.join(args.out_dir, f))})"
+             for f in ("last.pt", "best.pt") if os.path.isfile(os.path.join(args.out_dir, f))]
+        kept = (f"; the checkpoints saved before it are intact: {', '.join(written)} in "
+                f"{os.path.abspath(args.out_dir)} (--resume continues from last.pt)") if written else ""
+        raise SystemExit(f"train.py: {what}{kept}") from None
     except (MemoryError, torch.OutOfMemoryError) as e:  # e.g. --crop-size 100000: one line, not a traceback
         raise SystemExit(_out_of_memory_text(args, e)) from None
     except RuntimeError as e:

@@ -282,3 +282,79 @@ def test_the_nan_loss_advice_to_resume_an_older_checkpoint_runs_as_written(tmp_p
     assert ckpt_io.checkpoint_iteration(str(tmp_path / "new" / "last.pt")) == 6
     # with no later checkpoint, no new folder is needed
     assert "NEW_FOLDER" not in loop.nonfinite_loss_message(float("nan"), 5, {best: 2})
+
+
+# ---- a new user's review, 2026-12-04 --------------------------------------------------------------------------------
+
+def test_a_tilde_path_gets_the_same_out_dir_protection_as_the_plain_one(tmp_path, monkeypatch, capsys):
+    # "--resume=~/B/best.pt" (the shell leaves ~ unexpanded after "="): model.load_file read it from the home folder,
+    # but the out-dir checks compared the path as typed, so the resume of an older checkpoint ran and replaced the
+    # folder's later last.pt (and best.pt), which the plain path refuses.
+    monkeypatch.setattr(train_script, "build_model", _tiny_build_model)
+    monkeypatch.setenv("HOME", str(tmp_path))
+    monkeypatch.chdir(tmp_path)
+    out = tmp_path / "B"
+    train_script.main(TINY + ["--iterations", "4", "--stop-after", "2", "--out-dir", str(out)])
+    ckpt_io.atomic_write(str(out / "early.pt"), lambda f: f.write((out / "last.pt").read_bytes()))
+    train_script.main(TINY + ["--iterations", "4", "--out-dir", str(out), "--resume"])
+    before = _files(out)
+    capsys.readouterr()
+    error = _usage_error(TINY + ["--iterations", "4", "--out-dir", "~/B", "--resume=~/B/early.pt"], capsys)
+    assert error.startswith(f"error: --resume {out / 'early.pt'} (iteration 2) continues the run in --out-dir {out} "
+                            "from an earlier point"), error
+    assert _files(out) == before
+    assert train_script.parse_args(["--checkpoint", "~/B/last.pt", "--eval-only"]).checkpoint == str(out / "last.pt")
+    (tmp_path / "~literal").mkdir()  # a folder really named "~literal" in the current folder is read as itself
+    assert train_script.parse_args(["--out-dir", "~literal"]).out_dir == "~literal"
+
+
+@pytest.mark.parametrize("extra, message", [
+    (["--classes", "missing.txt"], "error: --classes missing.txt: class list not found: missing.txt"),
+    (["--classes", "blank.txt"], "error: --classes blank.txt: class list blank.txt: line 2 is blank"),
+    (["--dataset", "folder", "--data-root", "nowhere"], "error: --data-root nowhere: no such folder"),
+    (["--dataset", "folder"], "error: --dataset folder needs --data-root PATH (or --classes FILE)"),
+])
+def test_predict_with_a_bad_class_list_is_a_flag_error_before_any_work(tmp_path, finished_run, monkeypatch, capsys,
+                                                                        extra, message):
+    # a Python traceback (FileNotFoundError / ValueError from read_class_list), after the images were decoded
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "blank.txt").write_text("a\n\nb\n")
+    (tmp_path / "imgs").mkdir()
+    from PIL import Image
+    Image.new("RGB", (20, 20)).save(tmp_path / "imgs" / "a.png")
+    error = _usage_error(["--predict", "imgs", "--checkpoint", str(finished_run / "last.pt"), "--out", "pq", *extra],
+                         capsys)
+    assert error.startswith(message), error
+    assert not (tmp_path / "pq").exists()
+
+
+def test_eval_only_checks_its_default_output_folder_before_evaluating(tmp_path, finished_run, monkeypatch, capsys):
+    # --eval-only without --out-dir ran the whole evaluation, then stopped on a FileNotFoundError traceback writing
+    # runs/DATASET/metrics (its results lost): the default's parent is checked first, as --out-dir is.
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "runs").write_text("a file where the default output folder goes")
+    monkeypatch.setattr(train_script, "cmd_eval_only", lambda *a: pytest.fail("evaluated before the check"))
+    error = _usage_error(["--eval-only", "--checkpoint", str(finished_run / "last.pt")], capsys)
+    assert error.startswith("error: --eval-only's default --out-dir (runs/DATASET): runs: cannot create the folder"), \
+        error
+
+
+def test_a_failed_checkpoint_write_is_one_line_that_names_the_checkpoints_kept(tmp_path, monkeypatch, capsys):
+    # disk full while saving: the atomic save kept the previous last.pt, but the run ended on an OSError traceback
+    # that did not say so
+    monkeypatch.setattr(train_script, "build_model", _tiny_build_model)
+    out = tmp_path / "run"
+    real_save, calls = torch.save, []
+
+    def save(obj, f, *args, **kwargs):
+        calls.append(obj.get("iteration"))
+        if len(calls) == 2:
+            raise OSError(28, "No space left on device", str(out / "last.pt"))
+        return real_save(obj, f, *args, **kwargs)
+
+    monkeypatch.setattr(ckpt_io.torch, "save", save)
+    message = _exit_message(TINY + ["--iterations", "3", "--checkpoint-every", "1", "--out-dir", str(out)])
+    assert message == (f"train.py: No space left on device ({out / 'last.pt'}); the checkpoints saved before it are "
+                       f"intact: last.pt (iteration 1) in {out} (--resume continues from last.pt)"), message
+    assert ckpt_io.load_checkpoint(str(out / "last.pt"))["iteration"] == 1
+    assert not [f for f in os.listdir(out) if f.endswith(".tmp")]
