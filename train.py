@@ -746,6 +746,10 @@ def check_out_dir(args, error) -> None:
     out_dir = args.out_dir or os.path.join("runs", args.dataset or "synthetic")
     resume_here = args.resume == "auto" or bool(args.resume) and os.path.realpath(
         os.path.dirname(os.path.abspath(args.resume))) == os.path.realpath(out_dir)
+    if args.resume and args.resume != "auto" and args.out_dir is None and not resume_here:
+        warn(f"--resume {args.resume} continues into the default --out-dir {out_dir}, not the checkpoint's folder "
+             f"{os.path.dirname(args.resume) or '.'}: give --out-dir {os.path.dirname(args.resume) or '.'} to continue "
+             "the run there")
     if args.overwrite and resume_here:
         resume = "--resume" if args.resume == "auto" else f"--resume {args.resume}"
         error(f"--overwrite removes the run in --out-dir {out_dir} and {resume} continues it: drop one of them")

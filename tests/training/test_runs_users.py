@@ -358,3 +358,17 @@ def test_a_failed_checkpoint_write_is_one_line_that_names_the_checkpoints_kept(t
                        f"intact: last.pt (iteration 1) in {out} (--resume continues from last.pt)"), message
     assert ckpt_io.load_checkpoint(str(out / "last.pt"))["iteration"] == 1
     assert not [f for f in os.listdir(out) if f.endswith(".tmp")]
+
+
+def test_a_resume_without_out_dir_says_where_it_continues(tmp_path, finished_run, monkeypatch, capsys):
+    # --resume run/last.pt without --out-dir continues into runs/DATASET (documented), silently: the user looked for
+    # the continued run in the checkpoint's folder
+    monkeypatch.chdir(tmp_path)
+    args = train_script.parse_args(["--resume", str(finished_run / "last.pt")])
+    train_script.check_out_dir(args, pytest.fail)
+    assert (f"warning: --resume {finished_run / 'last.pt'} continues into the default --out-dir "
+            f"{os.path.join('runs', 'synthetic')}, not the checkpoint's folder {finished_run}: give --out-dir "
+            f"{finished_run} to continue the run there") in capsys.readouterr().err
+    train_script.check_out_dir(train_script.parse_args(["--resume", str(finished_run / "last.pt"), "--out-dir",
+                                                        str(finished_run)]), pytest.fail)
+    assert "warning" not in capsys.readouterr().err
