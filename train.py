@@ -1134,6 +1134,13 @@ def check_args(args, error, defaults: dict | None = None) -> None:
         if reasons:
             error(f"DEEPLAB_OPS_BACKEND={forced} cannot run the fused ops on --device {device} "
                   f"({'; '.join(reasons)}): unset it, or name a backend that runs there")
+    if args.fused_ops or args.predict or args.eval_only:
+        from deeplab_ops.common import env_autotune_mode
+
+        try:
+            env_autotune_mode()  # read when the triton backend is first imported (a GPU run's fused ops)
+        except ValueError as e:
+            error(str(e))
     winograd = os.environ.get("DEEPLAB_OPS_CPU_WINOGRAD")
     if winograd not in (None, "", "0", "1"):
         error(f"DEEPLAB_OPS_CPU_WINOGRAD={winograd!r} is not 0 or 1 (0 turns the cpu backend's Winograd "

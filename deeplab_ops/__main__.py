@@ -28,6 +28,7 @@ def _parse(argv: list[str] | None) -> None:
 
 
 _SETTINGS = "DEEPLAB_OPS_BACKEND (the backend of backend=None), DEEPLAB_OPS_CPU_WINOGRAD (0: no Winograd), " \
+            "DEEPLAB_OPS_AUTOTUNE (gpu, all or off: how triton kernels are tuned), " \
             "TRITON_INTERPRET (1: triton runs CPU tensors)"
 
 
@@ -70,6 +71,7 @@ def main(argv: list[str] | None = None) -> int:
     try:
         import deeplab_ops
         from deeplab_ops import _extension, backends
+        from deeplab_ops.common import env_autotune_mode
     except ImportError as e:
         print(f"deeplab_ops  cannot be imported: {e}")
         return 1
@@ -91,7 +93,9 @@ def main(argv: list[str] | None = None) -> int:
         print("gpu          none visible")
     interp = backends.interpreter_active()
     forced = os.environ.get(backends.ENV_VAR)
-    print(f"TRITON_INTERPRET={'1' if interp else 'unset'}; {backends.ENV_VAR}={'unset' if forced is None else forced}")
+    interp_value = os.environ.get("TRITON_INTERPRET")
+    print(f"TRITON_INTERPRET={'unset' if interp_value is None else repr(interp_value)} (the interpreter is "
+          f"{'on' if interp else 'off'}); {backends.ENV_VAR}={'unset' if forced is None else forced}")
     try:
         backends.env_backend()
     except ValueError as e:
@@ -100,6 +104,11 @@ def main(argv: list[str] | None = None) -> int:
     winograd = _winograd_setting()
     if winograd is not None:
         print(f"error        {winograd}: every cpu-backend inference call raises this")
+        return 1
+    try:
+        env_autotune_mode()
+    except ValueError as e:
+        print(f"error        {e}: every triton-backend call raises this")
         return 1
     devices = ["cpu"] + (["cuda"] if torch.cuda.is_available() else [])
     for dev in devices:
@@ -185,5 +194,14 @@ def _auto_cuda() -> str:
     return "none (no CUDA backend is usable in this build)"
 
 
+def _run() -> int:
+    try:
+        return main()
+    except BrokenPipeError:  # the reader stopped early (`python -m deeplab_ops | head -1`): no traceback
+        devnull = os.open(os.devnull, os.O_WRONLY)
+        os.dup2(devnull, sys.stdout.fileno())  # the interpreter's final flush of stdout would fail again
+        return 1
+
+
 if __name__ == "__main__":
-    sys.exit(main())
+    sys.exit(_run())

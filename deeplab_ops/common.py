@@ -44,8 +44,37 @@ def autocast_cast(t, dtype: torch.dtype):
 
 
 def interpreter_active() -> bool:
-    """Whether Triton kernels run in the interpreter (TRITON_INTERPRET=1), on CPU tensors."""
-    return os.environ.get("TRITON_INTERPRET", "0") not in ("", "0")
+    """Whether Triton kernels run in the interpreter (TRITON_INTERPRET=1), on CPU tensors: Triton's own reading of
+    the variable ("1" on, "0" or unset off; triton >= 3.4 also reads true/yes/on/y as on and any other value, e.g.
+    "off" or "2", as off; older ones only "1")."""
+    value = os.environ.get("TRITON_INTERPRET", "")
+    if value in ("", "0"):
+        return False
+    if value == "1":
+        return True
+    try:  # a rarer spelling: asked of the Triton that will read it
+        import triton
+    except ImportError:
+        return False
+    knobs = getattr(triton, "knobs", None)
+    return bool(knobs.runtime.interpret) if knobs is not None else False
+
+
+AUTOTUNE_MODES = ("gpu", "all", "off")
+AUTOTUNE_ENV = "DEEPLAB_OPS_AUTOTUNE"
+
+
+def check_autotune_mode(mode, what: str) -> str:
+    """`mode` if it is an autotune mode (deeplab_ops.triton.launch), else a ValueError naming `what`."""
+    if mode not in AUTOTUNE_MODES:
+        raise ValueError(f"{what}={mode!r} is not an autotune mode; expected one of {AUTOTUNE_MODES}")
+    return mode
+
+
+def env_autotune_mode() -> str:
+    """The triton backend's tuning mode set by $DEEPLAB_OPS_AUTOTUNE ("gpu" when unset or empty); a ValueError naming
+    the variable for any other value (read when the triton backend is first imported)."""
+    return check_autotune_mode(os.environ.get(AUTOTUNE_ENV) or "gpu", AUTOTUNE_ENV)
 
 
 def opmath_dtype(dtype: torch.dtype) -> torch.dtype:

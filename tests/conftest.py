@@ -51,7 +51,9 @@ def pytest_sessionstart(session):
     """With the interpreter on, stop at once, saying why, where this Triton's interpreter cannot run a loop over a
     runtime bound with this numpy (Triton before 3.8 with numpy >= 2.4, seen with 3.4 and 3.6: every triton test
     would fail in the interpreter with "only 0-dimensional arrays can be converted to Python scalars")."""
-    if os.environ.get("TRITON_INTERPRET", "0") in ("", "0"):
+    from deeplab_ops.common import interpreter_active
+
+    if not interpreter_active():
         return
     try:
         import triton

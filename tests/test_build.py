@@ -5,6 +5,7 @@ from __future__ import annotations
 import functools
 import importlib.util
 import os
+import shlex
 import subprocess
 import sys
 from pathlib import Path
@@ -103,6 +104,18 @@ def test_python_m_deeplab_ops_has_help_refuses_unknown_arguments_and_bad_setting
     winograd = run([sys.executable, "-m", "deeplab_ops"], env={**env, "DEEPLAB_OPS_CPU_WINOGRAD": "2"})
     assert winograd.returncode == 1
     assert "DEEPLAB_OPS_CPU_WINOGRAD='2' is not a setting" in winograd.stdout, winograd.stdout
+    # a bad DEEPLAB_OPS_AUTOTUNE made every triton call raise while the report said triton was usable; a
+    # TRITON_INTERPRET that Triton reads as off ("off") was reported as "1", triton usable (calls then crashed); a
+    # reader that stops early (| head -1) got a BrokenPipeError traceback
+    autotune = run([sys.executable, "-m", "deeplab_ops"], env={**env, "DEEPLAB_OPS_AUTOTUNE": "sometimes"})
+    assert autotune.returncode == 1
+    assert "DEEPLAB_OPS_AUTOTUNE='sometimes' is not an autotune mode" in autotune.stdout, autotune.stdout
+    off = run([sys.executable, "-m", "deeplab_ops"], env={**env, "TRITON_INTERPRET": "off"})
+    assert off.returncode == 0 and "TRITON_INTERPRET='off' (the interpreter is off)" in off.stdout, off.stdout
+    assert "triton     unusable: it runs CPU tensors only in the Triton interpreter" in off.stdout, off.stdout
+    piped = subprocess.run(f"{shlex.quote(sys.executable)} -m deeplab_ops | head -1", shell=True, capture_output=True,
+                           text=True, timeout=120, env=env)
+    assert piped.stdout.startswith("python ") and "Traceback" not in piped.stderr, piped.stderr
 
 
 def test_setup_without_torch_says_what_to_do():

@@ -19,7 +19,6 @@ from __future__ import annotations
 import contextlib
 import functools
 import inspect
-import os
 import threading
 import time
 from collections.abc import Callable
@@ -30,21 +29,13 @@ import triton
 import triton.testing
 from triton.runtime.errors import OutOfResources
 
+from deeplab_ops.common import check_autotune_mode as _check_mode
+from deeplab_ops.common import env_autotune_mode as _env_autotune_mode
 from deeplab_ops.common import interpreter_active as _interpreter_active
 from deeplab_ops.triton.counting import _COUNTERS, Signature
 from deeplab_ops.triton.counting import record_launch as _record_launch
 
-AUTOTUNE_MODES = ("gpu", "all", "off")
-_AUTOTUNE_ENV = "DEEPLAB_OPS_AUTOTUNE"
-
-
-def _check_mode(mode, what: str) -> str:
-    if mode not in AUTOTUNE_MODES:
-        raise ValueError(f"{what}={mode!r} is not an autotune mode; expected one of {AUTOTUNE_MODES}")
-    return mode
-
-
-_AUTOTUNE = [_check_mode(os.environ.get(_AUTOTUNE_ENV, "gpu") or "gpu", _AUTOTUNE_ENV)]
+_AUTOTUNE = [_env_autotune_mode()]
 
 
 def set_autotune(mode: str) -> str:

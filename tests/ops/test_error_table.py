@@ -305,6 +305,7 @@ CASES = {
     "backend-unknown": lambda d: cbr(backend="cudnn"),
     "backend-env-unknown": lambda d: _with_env("DEEPLAB_OPS_BACKEND", "bogus", lambda: cbr(backend=None)),
     "cpu-winograd-env": lambda d: _with_env("DEEPLAB_OPS_CPU_WINOGRAD", "off", lambda: _no_grad_eval_cbr()),
+    "autotune-env": lambda d: _with_env("DEEPLAB_OPS_AUTOTUNE", "sometimes", deeplab_ops.common.env_autotune_mode),
     "backend-cannot-run": lambda d: cbr(backend="cuda"),
     "backend-triton-no-interpreter": lambda d: _with_env("TRITON_INTERPRET", "0", lambda: cbr(backend="triton")),
     "backend-auto-cannot-run": lambda d: _auto_triton_only(),

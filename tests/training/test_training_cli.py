@@ -302,6 +302,27 @@ def test_bad_environment_is_refused_before_any_work(variable, value, message, ca
     assert message in _parse_error(["--iterations", "1"], capsys)
 
 
+def test_a_bad_autotune_mode_is_refused_where_the_fused_ops_run(capsys, monkeypatch):
+    # every triton-backend call raised it (at the backend's first import), after the data and model were built
+    monkeypatch.setenv("DEEPLAB_OPS_AUTOTUNE", "sometimes")
+    assert "DEEPLAB_OPS_AUTOTUNE='sometimes' is not an autotune mode" in _parse_error(["--fused-ops"], capsys)
+    train_script.parse_args(["--iterations", "1"])  # the unfused network never reads it
+
+
+def test_a_triton_interpret_value_triton_reads_as_off_is_off(capsys, monkeypatch):
+    # any value but "" and "0" counted as on ("off", "false", "2"): python -m deeplab_ops said triton was usable and
+    # calls crashed in Triton ("0 active drivers"); DEEPLAB_OPS_BACKEND=triton got past train.py's check
+    from deeplab_ops.common import interpreter_active
+    for value, on in (("off", False), ("false", False), ("2", False), ("0", False), ("", False), ("1", True),
+                      ("yes", True), ("ON", True)):
+        monkeypatch.setenv("TRITON_INTERPRET", value)
+        assert interpreter_active() is on, value
+    monkeypatch.setenv("TRITON_INTERPRET", "off")
+    monkeypatch.setenv("DEEPLAB_OPS_BACKEND", "triton")
+    err = _parse_error(["--fused-ops", "--device", "cpu"], capsys)
+    assert "DEEPLAB_OPS_BACKEND=triton cannot run the fused ops on --device cpu" in err, err
+
+
 def test_a_backend_forced_by_the_environment_that_cannot_run_on_the_device_is_refused(capsys, monkeypatch):
     """DEEPLAB_OPS_BACKEND=cuda with --fused-ops on a CPU run: an argument error naming why, before any work (the
     fused ops refused it at the first step, in a 40-line traceback); an unfused run does not read it."""
