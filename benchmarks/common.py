@@ -22,6 +22,7 @@ import math
 import os
 import platform
 import re
+import signal
 import subprocess
 import sys
 import time
@@ -1079,6 +1080,13 @@ def int_at_least(low: int, what: str) -> Callable[[str], int]:
     return parse
 
 
+def device_name(text: str) -> str:
+    """argparse type of --device: cuda (only where a CUDA device is visible) or cpu."""
+    if text == "cuda" and not torch.cuda.is_available():
+        raise argparse.ArgumentTypeError("cuda: no CUDA device is visible here; use --device cpu")
+    return text
+
+
 def budget_seconds(text: str) -> float:
     """argparse type: a finite number of seconds >= 0 (0: every case is recorded as skipped, nothing runs)."""
     try:
@@ -1157,8 +1165,8 @@ def add_common_args(parser: argparse.ArgumentParser, name: str, modes: Sequence[
     """Flags aspp_bench, conv_bn_relu_bench and train_bench take (the subject-specific ones are added by the
     script; overhead_bench has its own). Every option's help names its default (tests/benchmarks)."""
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu", choices=("cuda", "cpu"),
-                        help="cuda: DeepLab shapes; cpu: small shapes, the CPU providers (cpu, cpu-cl, reference, "
-                             "eager, eager-cl; train_bench also cpu-lean) (default: cuda when visible)")
+                        type=device_name, help="cuda: DeepLab shapes; cpu: small shapes, the CPU providers (cpu, "
+                        "cpu-cl, reference, eager, eager-cl; train_bench also cpu-lean) (default: cuda when visible)")
     parser.add_argument("--dtypes", type=csv_list(str, DTYPES), default=None,
                         help="comma list of bf16, fp16, fp32 (TF32 off), tf32 (fp32 with TF32 on); "
                              f"default: {dtypes_default}")
@@ -1195,14 +1203,34 @@ def run_script(main: Callable[[], int], script: str) -> int:
     try:
         return main()
     except KeyboardInterrupt:
-        print(f"\n{script}: interrupted: the results files keep the cases finished so far, marked partial (the "
-              "JSON's meta, the CSV's last row; overhead_bench: the CSV's last row and the Markdown's first "
-              "paragraph)", file=sys.stderr)
+        # a second SIGINT (gpu_suite.sh hands one to the phase's process group, and its timeout another) must not
+        # interrupt this report with a traceback: ignored while it is written
+        with _sigint_ignored():
+            _report_interrupt(script)
         return 130
 
 
+@contextlib.contextmanager
+def _sigint_ignored():
+    try:
+        previous = signal.signal(signal.SIGINT, signal.SIG_IGN)
+    except ValueError:  # not the main thread: signals go to the main thread anyway
+        previous = None
+    try:
+        yield
+    finally:
+        if previous is not None:
+            signal.signal(signal.SIGINT, previous)
+
+
+def _report_interrupt(script: str) -> None:
+    print(f"\n{script}: interrupted: the results files keep the cases finished so far, marked partial (the "
+          "JSON's meta, the CSV's last row; overhead_bench: the CSV's last row and the Markdown's first "
+          "paragraph)", file=sys.stderr)
+
+
 def finish(rows: list[dict], args: argparse.Namespace, meta: dict, title: str) -> int:
-    """Speedups, table, files, plot. Returns the exit status: 0 unless no row ran at all."""
+    """Speedups, table, files, plot. Returns the exit status: 0 when a row ran and none failed, else 1."""
     fill_speedups(rows)
     print_table(rows, title)
     json_path, csv_path = write_results(rows, args.out, args.name, meta)
@@ -1211,7 +1239,8 @@ def finish(rows: list[dict], args: argparse.Namespace, meta: dict, title: str) -
         path = plot(rows, args.out, args.name)
         if path:
             print(f"wrote {path}")
-    return 0 if any(r["status"] == "ok" for r in rows) else 1
+    # 1 when a row failed (a skipped one, e.g. a provider that cannot run here, is no failure) or none ran
+    return 0 if any(r["status"] == "ok" for r in rows) and not any(r["status"] == "error" for r in rows) else 1
 
 
 # ---- the issue's goals ---------------------------------------------------------------------------------------
@@ -1300,8 +1329,7 @@ def _goal_report(out_dir: str | Path) -> tuple[list[str], list[str]]:
         problem = (f"{out}: no {names} here (nor their .csv, nor a run's DATE-CARD-NAME copies such as "
                    "2026-11-28-h200-aspp_goal.csv; the results folder of gpu_suite.sh, or --out of aspp_bench --name "
                    "aspp_goal and train_bench)")
-        lines, _ = _run_goal_report(out, "", {})
-        return lines, [problem]
+        return [], [problem]  # one line on stderr, nothing on stdout (as for a folder that is not there)
     lines, problems = [], []
     for prefix, stems in runs.items():
         if not any(stem in stems for stem in GOAL_STEMS):
@@ -1417,7 +1445,8 @@ def main(argv: Sequence[str]) -> int:
             print(git_commit())
         elif len(argv) == 2 and argv[0] == "goals":
             lines, problems = _goal_report(argv[1])
-            print("\n".join(lines), flush=True)
+            if lines:
+                print("\n".join(lines), flush=True)
             for problem in problems:
                 print(f"benchmarks/common.py goals: {problem}", file=sys.stderr)
             return 1 if problems else 0

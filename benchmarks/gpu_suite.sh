@@ -11,10 +11,12 @@
 #      when the import fails (or, with DEEPLAB_OPS_CUDA=1, the library has no CUDA kernels); print `python -m
 #      deeplab_ops`;
 #   2. correctness: `pytest -m gpu -n 8 -rA` (the whole suite when nothing is marked gpu), then the rest of the
-#      suite with what time the goal benchmarks leave (GOAL_RESERVE_S). Every test's line goes to $OUT as it runs,
-#      so the names of failing tests survive a timeout. The gpu phase leaves out test_fuzz.py's slow triton tests
-#      (-k "not (fuzz and slow)"): FUZZ_EXAMPLES=300 random geometries each, ~1500 distinct Triton kernel variants
-#      to compile in four tests (counted with the interpreter's dry launches), minutes per test on a GPU; the gpu
+#      suite with what time the goal benchmarks leave (GOAL_RESERVE_S: by default the rest runs only when the gpu
+#      phase ended within ~95 s; GOAL_RESERVE_S=0 in a second call runs it in full). Every test's line goes to $OUT
+#      as it runs, so the names of failing tests survive a timeout. The gpu phase leaves out test_fuzz.py's slow
+#      triton tests (-k "not (fuzz and slow)"): FUZZ_EXAMPLES=300 random geometries each, ~1500 distinct Triton
+#      kernel variants to compile in four tests (counted with the interpreter's dry launches), minutes per test on
+#      a GPU; the gpu
 #      phase without them is ~1450 tests, estimated at 2-3 minutes with 8 workers (PYTEST_GPU_S, default 180);
 #   3. the benchmarks, goal reports first, each with --budget-s a little below its timeout, then goals.txt, then
 #      the first use of a DeepLabV3-R50 training step on triton (first_use.md: specializations, first-step time);
@@ -23,14 +25,17 @@
 # A phase that fails (FAILED) or hits its timeout (TIMEOUT: its rows so far are kept) is logged and the suite goes
 # on; one for which too little time is left is reported as SKIPPED. Ctrl-C (or TERM) hands SIGINT to the running
 # phase (INTERRUPTED: its rows so far are kept), skips the rest, packs $OUT as usual and exits with status 130.
-# Exit status: 0 when no phase failed, else 1; 2 before anything runs when no GPU is visible (`nvidia-smi -L`
-# fails) and BENCH_DEVICE is not cpu, or when BENCH_DEVICE is neither cuda nor cpu.
+# Exit status: 0 when no phase failed and one ran at least, else 1; 2 before anything runs when no GPU is visible
+# (`nvidia-smi -L` fails) and BENCH_DEVICE is not cpu, when BENCH_DEVICE is neither cuda nor cpu, or when a number
+# knob is not a whole number.
 # Knobs: OUT, PYTHON, SUITE_BUDGET_S, GOAL_RESERVE_S (default 360; 0 runs the whole test suite before any
 # benchmark), PYTEST_GPU_S (the gpu phase's cap, default 180), BENCH_DEVICE (cuda, the default; cpu: a smoke
 # run where there is no GPU: the benchmarks with
 # --device cpu --quick and the cpu backend where a GPU run has cuda (cpu, cpu-cl, cpu-lean: goals.txt then compares
 # a fused provider), the first use with the interpreter's dry launches, and DEEPLAB_OPS_CUDA defaults to 0 so the
-# library is not rebuilt for CUDA kernels), PYTEST_WORKERS (8).
+# library is not rebuilt for CUDA kernels; its pytest phases run PYTEST_PATHS, by default tests/test_budgets.py and
+# tests/test_suite_setup.py, without workers; train_more leaves out compile), PYTEST_WORKERS (8), PYTEST_PATHS
+# (the tests: default tests), BENCH_MARGIN_S (each benchmark's --budget-s below its timeout, default 30).
 #
 # What comes back in $OUT (the device tool returns at most 8 files):
 #   suite.log                  everything printed, with a summary of the phases at the end
@@ -51,6 +56,17 @@ if [ "$BENCH_DEVICE" = cuda ] && ! nvidia-smi -L >/dev/null 2>&1; then
     echo "gpu_suite: no GPU visible (nvidia-smi failed); BENCH_DEVICE=cpu for a CPU smoke run" >&2
     exit 2
 fi
+
+# the number knobs: whole numbers (seconds; PYTEST_WORKERS a count), checked before anything runs
+for knob in SUITE_BUDGET_S GOAL_RESERVE_S PYTEST_GPU_S PYTEST_WORKERS BENCH_MARGIN_S; do
+    value=${!knob:-}
+    if [ -n "$value" ] && ! [[ $value =~ ^[0-9]+$ ]]; then
+        what="a whole number of seconds"
+        if [ "$knob" = PYTEST_WORKERS ]; then what="a whole number of pytest workers (0: none)"; fi
+        echo "gpu_suite: $knob=$value: expected $what" >&2
+        exit 2
+    fi
+done
 
 START=$(date +%s)
 BUDGET=${SUITE_BUDGET_S:-530}
@@ -80,6 +96,17 @@ case "$PY" in /* | "") ;; */*) PY="$PWD/$PY" ;; esac  # a relative PYTHON names 
 ROOT=$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)
 cd "$ROOT" || { echo "gpu_suite: cannot enter the repository root $ROOT" >&2; exit 2; }
 WORKERS=${PYTEST_WORKERS:-8}
+# the tests the pytest phases run: the suite on a GPU machine; on the cpu smoke run (which checks the suite's own
+# plumbing: the interpreter's triton tests take ~40 minutes on 2 cores) two files with gpu-marked and other tests
+if [ "$BENCH_DEVICE" = cpu ]; then
+    TESTS=${PYTEST_PATHS:-tests/test_budgets.py tests/test_suite_setup.py}
+    WORKERS=${PYTEST_WORKERS:-0}
+else
+    TESTS=${PYTEST_PATHS:-tests}
+fi
+# train_more's providers: compiling the whole R50 takes minutes per case on a CPU (its smoke run leaves it out)
+TRAIN_MORE_PROVIDERS=eager,triton,compile
+if [ "$BENCH_DEVICE" = cpu ]; then TRAIN_MORE_PROVIDERS=eager,triton; fi
 export PYTHONUNBUFFERED=1
 export PYTHONPATH="$PWD${PYTHONPATH:+:$PYTHONPATH}"  # the tree's deeplab_ops and model/, no pip install
 export TORCH_CUDA_ARCH_LIST=${TORCH_CUDA_ARCH_LIST:-9.0}
@@ -114,6 +141,12 @@ phase() {
     fi
     local avail=$(( $(left) - PACK_S - reserve ))
     local limit=$(( cap < avail ? cap : avail ))
+    if [ "$cap" -lt "$min" ]; then
+        echo "=== $name: SKIPPED (its cap, ${cap}s, is under the ${min}s a phase needs)"
+        SKIPPED+=("$name")
+        SUMMARY+=("SKIPPED  $name (cap ${cap}s)")
+        return 0
+    fi
     if [ "$limit" -lt "$min" ]; then
         echo "=== $name: SKIPPED (${avail}s available of the suite's ${BUDGET}s)"
         SKIPPED+=("$name")
@@ -173,7 +206,9 @@ bench() {
         args+=("$a")
         prev=$a
     done
-    "$PY" "benchmarks/$script" --device "$BENCH_DEVICE" "${extra[@]}" --out "$STAGE" --name "$name" --plot \
+    # NAME.png where matplotlib is installed (it is not a dependency of the package)
+    if "$PY" -c "import matplotlib" 2>/dev/null; then extra+=(--plot); fi
+    "$PY" "benchmarks/$script" --device "$BENCH_DEVICE" "${extra[@]}" --out "$STAGE" --name "$name" \
         --budget-s "$budget" "${args[@]}"
 }
 
@@ -202,7 +237,8 @@ pytest_run() {
     local to=()
     if "$PY" -c "import pytest_timeout" 2>/dev/null; then to=(--timeout=240); fi
     set -o pipefail
-    "$PY" -m pytest -p no:cacheprovider "${par[@]}" "${to[@]}" -v -rA "$@" tests 2>&1 | tee -i "$OUT/$log"
+    # shellcheck disable=SC2086  # TESTS: paths separated by spaces
+    "$PY" -m pytest -p no:cacheprovider "${par[@]}" "${to[@]}" -v -rA "$@" $TESTS 2>&1 | tee -i "$OUT/$log"
 }
 
 import_ok() {
@@ -224,7 +260,7 @@ prepare() {  # import the prebuilt library; build in place only if that fails
 }
 
 export -f bench first_use pytest_run import_ok prepare
-export PY STAGE OUT BENCH_DEVICE WORKERS
+export PY STAGE OUT BENCH_DEVICE WORKERS TESTS TRAIN_MORE_PROVIDERS
 
 # Ctrl-C or TERM: the running phase gets SIGINT (the benchmarks keep their finished rows, pytest prints its
 # summary), the phases left are SKIPPED, and what the run wrote is packed into $OUT as usual; exit status 130.
@@ -269,7 +305,7 @@ phase train_goal 150 'bench train_bench.py train_bench --models r50 --output-str
 phase goals 20 'set -o pipefail; "$PY" benchmarks/common.py goals "$STAGE" | tee "$STAGE/goals.txt"'
 phase first_use 120 'BENCH_MARGIN_S=60 first_use' 0 45
 phase train_more 90 'BENCH_MARGIN_S=45 bench train_bench.py train_bench_more --models r50,r101 --output-strides 16 \
-    --batches 16 --dtypes bf16 --providers eager,triton,compile --modes train_step' 0 60
+    --batches 16 --dtypes bf16 --providers $TRAIN_MORE_PROVIDERS --modes train_step' 0 60
 phase conv_bn_relu 60 'bench conv_bn_relu_bench.py conv_bn_relu_bench --dtypes bf16 --batches 16 \
     --providers eager,eager-cl,cuda,triton,cuda-cl,triton-cl' 0 45
 phase aspp_sweep 60 'bench aspp_bench.py aspp_sweep --dtypes bf16 --providers eager,cuda,triton' 0 45
@@ -296,6 +332,10 @@ fi
 if [ -n "$INTERRUPTED" ]; then
     echo "gpu_suite: interrupted; the results so far are in $OUT"
     return 130
+fi
+if ! printf '%s\n' "${SUMMARY[@]}" | grep -q '^ok '; then
+    echo "gpu_suite: no phase ran (SUITE_BUDGET_S=${BUDGET} left no time for any): nothing was measured"
+    return 1
 fi
 [ ${#FAILED[@]} -eq 0 ]
 }

@@ -886,7 +886,7 @@ def print_table(rows: list[dict]) -> None:
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu", choices=("cuda", "cpu"),
-                        help="default: cuda when visible")
+                        type=common.device_name, help="default: cuda when visible")
     parser.add_argument("--ops", type=common.csv_list(str, OPS), default=None,
                         help=f"comma list of {OPS}; default: all of them, none with --r50-step alone")
     parser.add_argument("--backends", type=common.csv_list(str, ("eager", *BACKENDS)), default=None,

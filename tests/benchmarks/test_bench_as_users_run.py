@@ -252,3 +252,58 @@ def test_train_bench_skips_triton_at_a_half_dtype_in_the_interpreter(tmp_path, m
     rows = json.loads((tmp_path / "train_bench.json").read_text())["rows"]
     assert [r["status"] for r in rows] == ["skipped", "skipped"], rows
     assert all("the Triton interpreter stores half types as raw bits" in r["note"] for r in rows)
+
+
+# ---- a new user's review, 2026-12-04 ---------------------------------------------------------------------------
+
+
+def test_a_second_sigint_while_the_interruption_is_reported_is_ignored(capsys):
+    # gpu_suite.sh's interrupt reaches a phase twice (its own kill to the process group, and timeout's): the second
+    # one raised KeyboardInterrupt inside the report's print, a two-part traceback
+    import os
+    import signal
+
+    def main():
+        raise KeyboardInterrupt
+
+    real_print = print
+
+    def print_twice_interrupted(*args, **kwargs):
+        os.kill(os.getpid(), signal.SIGINT)  # delivered now: ignored while the report is written
+        real_print(*args, **kwargs)
+
+    before = signal.getsignal(signal.SIGINT)
+    import builtins
+    builtins.print = print_twice_interrupted
+    try:
+        assert common.run_script(main, "aspp_bench.py") == 130
+    finally:
+        builtins.print = real_print
+    assert "aspp_bench.py: interrupted" in capsys.readouterr().err
+    assert signal.getsignal(signal.SIGINT) is before  # restored for whoever runs next in this process
+
+
+def test_a_failed_row_makes_the_exit_status_1(tmp_path):
+    # finish() returned 0 when any row ran: a run whose cpu rows all failed (a bad DEEPLAB_OPS_CPU_WINOGRAD) exited
+    # 0, and gpu_suite.sh reported its phase ok
+    import argparse
+    args = argparse.Namespace(out=str(tmp_path), name="x", plot=False)
+    ok = {"op": "aspp", "provider": "eager", "mode": "eval_fwd", "dtype": "fp32", "shape": "s", "batch": 2,
+          "status": "ok", "median_ms": 1.0, "p20_ms": 1.0, "p80_ms": 1.0}
+    failed = {**ok, "provider": "cpu", "status": "error", "median_ms": None, "note": "ValueError: ..."}
+    skipped = {**ok, "provider": "triton", "status": "skipped", "median_ms": None, "note": "no interpreter"}
+    assert common.finish([dict(ok), dict(skipped)], args, {}, "t") == 0
+    assert common.finish([dict(ok), dict(failed)], args, {}, "t") == 1
+    assert common.finish([dict(skipped)], args, {}, "t") == 1
+
+
+@pytest.mark.parametrize("script", ["aspp_bench", "overhead_bench"])
+def test_device_cuda_without_a_gpu_is_a_usage_error(script, tmp_path):
+    # exit status 1 and a bare message, where docs/benchmarks.md promises a usage error naming the flag (exit 2)
+    if torch.cuda.is_available():  # accepted where a GPU is visible (a run there is the GPU suite's)
+        assert common.device_name("cuda") == "cuda"
+        return
+    result = subprocess.run([sys.executable, str(BENCH_DIR / f"{script}.py"), "--device", "cuda", "--out",
+                             str(tmp_path)], capture_output=True, text=True, timeout=300, cwd=tmp_path)
+    assert result.returncode == 2, result.stderr
+    assert "error: argument --device: cuda: no CUDA device is visible here; use --device cpu" in result.stderr

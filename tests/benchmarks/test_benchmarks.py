@@ -756,7 +756,37 @@ def test_gpu_suite_cpu_smoke_run_without_a_gpu(tmp_path):
     assert all("--quick" in c for c in benches if "overhead_bench.py" not in c)
     assert any("--r50-step --dry-launches" in c for c in benches)
     assert set(env_log.read_text().splitlines()) == {"DEEPLAB_OPS_CUDA=0"}  # every python the suite started
-    assert "setup.py" not in " ".join(calls)
+    assert not any(c.startswith("setup.py") for c in calls)  # no build
+    # the smoke run checks the suite's plumbing: two test files without workers (the interpreter's triton tests
+    # took the whole pytest_gpu cap and ended TIMEOUT), and no compile of the whole R50 in train_more (60-85 s a case)
+    pytests = [c for c in calls if c.startswith("-m pytest")]
+    assert pytests and all(c.endswith("tests/test_budgets.py tests/test_suite_setup.py") and " -n " not in c
+                           for c in pytests), pytests
+    more = next(c for c in benches if "train_bench_more" in c)
+    assert "--providers eager,triton " in more, more
+
+
+@pytest.mark.parametrize("knob, value", [("SUITE_BUDGET_S", "abc"), ("SUITE_BUDGET_S", "9m"), ("GOAL_RESERVE_S", "x"),
+                                         ("PYTEST_GPU_S", "1.5"), ("PYTEST_WORKERS", "auto"),
+                                         ("BENCH_MARGIN_S", "-3")])
+def test_gpu_suite_refuses_a_number_knob_that_is_not_a_whole_number(tmp_path, knob, value):
+    # SUITE_BUDGET_S=abc skipped every phase ("unbound variable") and exited 0; GOAL_RESERVE_S=x aborted mid-run
+    # with no summary, no archive, and the stage folder left behind
+    result, calls, out = _run_suite(tmp_path, **{knob: value})
+    assert result.returncode == 2, result.stdout + result.stderr
+    assert f"gpu_suite: {knob}={value}: expected a whole number" in result.stderr
+    assert calls == [] and not out.exists()
+    assert not list(tmp_path.glob("gpu_suite.*"))
+
+
+def test_gpu_suite_with_no_time_for_any_phase_fails(tmp_path):
+    # SUITE_BUDGET_S=40: every phase SKIPPED, exit status 0, as if everything had been measured
+    result, calls, _ = _run_suite(tmp_path, SUITE_BUDGET_S="10")
+    assert result.returncode == 1, result.stdout + result.stderr
+    assert "no phase ran (SUITE_BUDGET_S=10 left no time for any)" in result.stdout
+    (tmp_path / "cap").mkdir()
+    result, _, _ = _run_suite(tmp_path / "cap", PYTEST_GPU_S="5")
+    assert "pytest_gpu: SKIPPED (its cap, 5s, is under the 20s a phase needs)" in result.stdout
 
 
 @pytest.mark.parametrize("module, argv, message", [
@@ -936,7 +966,8 @@ def test_goals_of_a_folder_that_is_not_there_or_not_results(tmp_path, capsys):
     assert common.main(["goals", str(tmp_path / "file")]) == 1
     assert capsys.readouterr().err == f"benchmarks/common.py goals: not a folder: {tmp_path}/file\n"
     assert common.main(["goals", str(tmp_path)]) == 1
-    assert "no aspp_goal.json nor train_bench.json here" in capsys.readouterr().err
+    out = capsys.readouterr()  # one line on stderr; nothing on stdout (it printed 7 "no aspp_goal.json" lines there)
+    assert "no aspp_goal.json nor train_bench.json here" in out.err and out.out == "" and out.err.count("\n") == 1
     (tmp_path / "aspp_goal.json").write_text('{"rows": [{"op": "aspp"')
     (tmp_path / "train_bench.json").write_text(json.dumps({"meta": {}, "rows": [
         {"op": "deeplabv3", "provider": p, "mode": "train_step", "dtype": "bf16", "shape": "s", "batch": 2,
