@@ -930,6 +930,12 @@ def main(argv: list[str] | None = None) -> int:
                            "step's Triton launches and their signatures without running the kernels (seconds "
                            "instead of the interpreter's hours at full width; values garbage)")
     args = parser.parse_args(argv)
+    if not args.r50_step:  # the step's flags read without the step: an error, as --dry-launches (nothing is ignored)
+        given = [f"--{name.replace('_', '-')}" for name in ("step_providers", "step_size", "step_batch", "step_width",
+                                                            "step_dtype")
+                 if getattr(args, name) != parser.get_default(name)]
+        if given:
+            parser.error(f"argument {given[0]}: needs --r50-step (the first-use training step it configures)")
     if args.dry_launches and not args.r50_step:
         parser.error("argument --dry-launches: needs --r50-step (it skips the kernels of that training step's "
                      "launches; the per-op cases always run theirs)")

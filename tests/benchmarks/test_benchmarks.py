@@ -806,6 +806,9 @@ def test_gpu_suite_with_no_time_for_any_phase_fails(tmp_path):
     ("overhead_bench", ["--step-batch", "1"], "argument --step-batch: must be >= 2 (images: training BatchNorm "
                                               "needs 2), got 1"),
     ("overhead_bench", ["--step-size", "4"], "argument --step-size: must be >= 16"),
+    # the step's flags without --r50-step were ignored without a word (--dry-launches was already refused)
+    ("overhead_bench", ["--step-size", "33"], "argument --step-size: needs --r50-step"),
+    ("overhead_bench", ["--step-width", "8", "--step-dtype", "fp32"], "argument --step-width: needs --r50-step"),
     ("aspp_bench", ["--name", "sub/x"], "argument --name: 'sub/x' is not a file stem"),  # (a traceback after the run)
     ("conv_bn_relu_bench", ["--name", ""], "argument --name: '' is not a file stem"),
     ("overhead_bench", ["--name", ".hidden"], "argument --name: '.hidden' is not a file stem"),
