@@ -627,7 +627,20 @@ def aspp_parts(module: nn.Module) -> tuple[list[nn.Conv2d], list[nn.BatchNorm2d]
     bns.append(pooling[2])
     check_fusable(module.project[0], module.project[1])
     _check_pointwise(module.project[0], "project.0")
-    convs.append(module.project[0])
+    # The op's widths: every branch (the pooling one included) maps the input's C_in channels to the same C, and the
+    # projection maps their concatenation, (R + 2) * C channels, to C.
+    names = [f"convs.{i}" for i in range(len(branches) - 1)] + [f"convs.{len(branches) - 1}.1"]
+    width, c_in = convs[0].out_channels, convs[0].in_channels
+    for name, conv in zip(names, convs, strict=True):
+        if conv.out_channels != width or conv.in_channels != c_in:
+            raise ValueError(f"{name} must map {c_in} to {width} channels as convs.0 does (the fused ASPP's branches "
+                             f"have one width), got {conv.in_channels} to {conv.out_channels}")
+    project_conv = module.project[0]
+    if project_conv.in_channels != len(convs) * width or project_conv.out_channels != width:
+        raise ValueError(f"project.0 must map the branches' {len(convs)} x {width} = {len(convs) * width} channels to "
+                         f"{width} (the fused ASPP's width), got {project_conv.in_channels} to "
+                         f"{project_conv.out_channels}")
+    convs.append(project_conv)
     bns.append(module.project[1])
     return convs, bns, tuple(rates)
 

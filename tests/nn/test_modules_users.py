@@ -208,3 +208,38 @@ def test_triton_backend_module_follows_eager(kwargs):
     torch.testing.assert_close(fused.eval()(x), eager.eval()(x), rtol=1e-4, atol=1e-4)
     for key, value in eager.state_dict().items():
         torch.testing.assert_close(fused.state_dict()[key], value, rtol=1e-4, atol=1e-5, msg=key)
+
+
+# ---- a new user's review, 2026-12-04 ------------------------------------------------------------------------------
+
+def _uneven_aspps():
+    from torchvision.models.segmentation.deeplabv3 import ASPPConv
+    branch = ASPP(16, [2], out_channels=8)  # one 3x3 branch 4 channels wide, the projection taking 8 + 4 + 8
+    branch.convs[1] = ASPPConv(16, 4, 2)
+    branch.project[0] = nn.Conv2d(20, 8, 1, bias=False)
+    project = ASPP(16, [2], out_channels=8)  # the projection 12 channels wide
+    project.project[0], project.project[1] = nn.Conv2d(24, 12, 1, bias=False), nn.BatchNorm2d(12)
+    return {"branch": branch, "project": project}
+
+
+@pytest.mark.parametrize("which", ["branch", "project"])
+@pytest.mark.parametrize("training", [True, False], ids=["train", "eval"])
+def test_an_aspp_of_uneven_widths_is_not_fused_as_one_and_computes_as_eager(which, training):
+    # fuse_modules fused an ASPP whose branches (or projection) have other widths than convs.0, and every call then
+    # raised "conv_weights[1] must have shape (8, 16, 3, 3), got (4, 16, 3, 3)"; a FusedASPP given such a child too
+    from deeplab_ops.modules import aspp_fusable
+    from deeplab_ops.nn import fuse_modules
+    torch.manual_seed(0)
+    eager = _uneven_aspps()[which].to(D).train(training)
+    assert not aspp_fusable(eager)
+    fused = fuse_modules(copy.deepcopy(eager))
+    x = torch.randn(2, 16, 9, 9, dtype=D)
+    torch.manual_seed(1)
+    expected = eager(x)
+    torch.manual_seed(1)
+    torch.testing.assert_close(fused(x), expected)
+    _assert_same_state(fused, eager)
+    swapped = FusedASPP(16, [2], out_channels=8).to(D).train(training)
+    if which == "project":
+        swapped.project[0], swapped.project[1] = (copy.deepcopy(eager.project[0]), copy.deepcopy(eager.project[1]))
+        assert swapped(x).shape == (2, 12, 9, 9)  # runs its children one by one
