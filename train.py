@@ -1173,9 +1173,8 @@ def check_dataset_flags(args, error, check_root: bool = True) -> None:
         if args.dataset == "folder" or args.classes:  # the class list the checkpoint's class count is checked against
             if not (args.classes or args.data_root):
                 error("--dataset folder needs --data-root PATH (or --classes FILE) to know its classes")
-            if not args.classes and not os.path.isdir(args.data_root):
-                error(f"--data-root {args.data_root}: " + (
-                    "not a folder" if os.path.exists(args.data_root) else "no such folder"))
+            if not args.classes:
+                _check_data_root(args.data_root, error)
             try:
                 datasets.read_class_list(args.classes or os.path.join(args.data_root, "classes.txt"))
             except (OSError, ValueError) as e:
@@ -1188,9 +1187,8 @@ def check_dataset_flags(args, error, check_root: bool = True) -> None:
         if not args.data_root:
             error(f"--dataset {dataset} needs --data-root PATH (" + (
                 "the VOC2012 folder" if dataset == "voc" else "a folder with images/, masks/ and classes.txt") + ")")
-        if check_root and not os.path.isdir(args.data_root):
-            error(f"--data-root {args.data_root}: " + (
-                "not a folder" if os.path.exists(args.data_root) else "no such folder"))
+        if check_root:
+            _check_data_root(args.data_root, error)
     unread = {"sbd_root": dataset != "voc", "classes": dataset != "folder",
               "synthetic_train_size": dataset != "synthetic", "synthetic_val_size": dataset != "synthetic",
               "data_seed": dataset != "synthetic", "train_split": dataset == "synthetic",
@@ -1198,6 +1196,11 @@ def check_dataset_flags(args, error, check_root: bool = True) -> None:
     for name, ignored in unread.items():
         if ignored and getattr(args, name) is not None:
             warn(f"--{name.replace('_', '-')} is not read by --dataset {dataset}; ignoring it")
+
+
+def _check_data_root(path: str, error) -> None:
+    if not os.path.isdir(path):
+        error(f"--data-root {path}: " + ("not a folder" if os.path.exists(path) else "no such folder"))
 
 
 def _data_error_text(e: BaseException) -> str:
@@ -1259,14 +1262,24 @@ def _is_cpu_out_of_memory(e: RuntimeError) -> bool:
     return "DefaultCPUAllocator: can't allocate memory" in str(e) or "not enough memory" in str(e)
 
 
+def _saved_checkpoints(args, iterations: bool = False) -> list[str]:
+    """The checkpoints a training run has in --out-dir ("last.pt", "best.pt"; with `iterations`, "last.pt
+    (iteration N)"), for the one-line messages of a run that stops; [] for --predict and --eval-only."""
+    if args.predict or args.eval_only or not args.out_dir:
+        return []
+    names = [f for f in ("last.pt", "best.pt") if os.path.isfile(os.path.join(args.out_dir, f))]
+    if iterations:
+        names = [f"{f} (iteration {ckpt_io.checkpoint_iteration(os.path.join(args.out_dir, f))})" for f in names]
+    return names
+
+
 def _out_of_memory_text(args, e: BaseException) -> str:
     """One line for an allocation that failed: the sizes that set the memory, and what the run kept."""
     first = (str(e).strip().splitlines() or [""])[0][:200]
     sizes = ", ".join(f"{_flag(k, with_value=False)} {getattr(args, k)}" for k in ("crop_size", "batch_size",
                                                                                   "eval_batch_size")
                       if getattr(args, k, None) is not None)
-    written = [] if args.predict or args.eval_only or not args.out_dir else \
-        [f for f in ("last.pt", "best.pt") if os.path.isfile(os.path.join(args.out_dir, f))]
+    written = _saved_checkpoints(args)
     kept = f"; the checkpoints written so far ({', '.join(written)}) are in {os.path.abspath(args.out_dir)}" \
         if written else ""
     return (f"train.py: out of memory ({type(e).__name__}: {first})" + (f" with {sizes}" if sizes else "") +
@@ -1291,8 +1304,7 @@ def main(argv=None) -> None:
             _apply_presets(args, device)
             cmd_train(args, device, info)
     except datasets.DataFileError as e:  # a sample's file, met while training or evaluating: named in one line
-        written = [] if args.predict or args.eval_only else \
-            [f for f in ("last.pt", "best.pt") if os.path.isfile(os.path.join(args.out_dir, f))]
+        written = _saved_checkpoints(args)
         kept = f"; the checkpoints written so far ({', '.join(written)}) are in {os.path.abspath(args.out_dir)}" \
             if written else ""
         raise SystemExit(f"train.py: {_data_error_text(e)}{kept}") from None
@@ -1300,9 +1312,7 @@ def main(argv=None) -> None:
         if isinstance(e, ConnectionError):  # another process's failure (torchrun): its own message says why
             raise
         what = f"{e.strerror} ({e.filename})" if e.strerror and e.filename else f"{type(e).__name__}: {e}"
-        written = [] if args.predict or args.eval_only else \
-            [f"{f} (iteration {ckpt_io.checkpoint_iteration(os.path.join(args.out_dir, f))})"
-             for f in ("last.pt", "best.pt") if os.path.isfile(os.path.join(args.out_dir, f))]
+        written = _saved_checkpoints(args, iterations=True)
         kept = (f"; the checkpoints saved before it are intact: {', '.join(written)} in "
                 f"{os.path.abspath(args.out_dir)} (--resume continues from last.pt)") if written else ""
         raise SystemExit(f"train.py: {what}{kept}") from None
@@ -1322,8 +1332,7 @@ def main(argv=None) -> None:
     except KeyboardInterrupt:
         # Ctrl-C: no traceback; what is saved and how to go on (a save is atomic: an interrupted one left the previous)
         if info.is_main and not (args.predict or args.eval_only):
-            saved = [f"{f} (iteration {ckpt_io.checkpoint_iteration(os.path.join(args.out_dir, f))})"
-                     for f in ("last.pt", "best.pt") if os.path.isfile(os.path.join(args.out_dir, f))]
+            saved = _saved_checkpoints(args, iterations=True)
             print("\ntrain.py: interrupted; " + (f"{', '.join(saved)} in {os.path.abspath(args.out_dir)}: --resume "
                                                   "continues from last.pt" if saved else "no checkpoint was saved"),
                   file=sys.stderr)

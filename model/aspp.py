@@ -84,9 +84,8 @@ class ASPPPooling(nn.Sequential):
         """Raise the batch-1 error where this branch's BatchNorm would train on one value per channel
         (`refuses_batch_one`) and `x` is a batch of 1. Traced (torch.fx), the check is one call in train and eval
         mode alike (the same graph nodes in both, as torchvision's create_feature_extractor expects)."""
-        refuses = self.refuses_batch_one()
-        if refuses or isinstance(x, torch.fx.Proxy):
-            refuse_batch_one(x, refuses)
+        if isinstance(x, torch.fx.Proxy) or x.shape[0] == 1:  # eager: the BatchNorm is asked about a batch of 1 only
+            refuse_batch_one(x, self.refuses_batch_one())
 
     def forward(self, x: Tensor) -> Tensor:
         self.check_batch(x)

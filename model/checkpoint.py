@@ -405,6 +405,8 @@ def _hints(missing: list[str], unexpected: list[str], shapes: list[str], prefix:
 def unwrap_model(model: nn.Module) -> nn.Module:
     """The model inside torch.compile's, DataParallel's or DistributedDataParallel's wrapper (any nesting): the one
     whose state_dict keys carry no "_orig_mod." / "module." prefix, and whose parameters the wrapper runs."""
+    if not isinstance(model, nn.Module):
+        raise TypeError(f"model must be an nn.Module (a DeepLabV3, wrapped or not), got {type(model).__name__}")
     wrappers = (nn.DataParallel, nn.parallel.DistributedDataParallel)
     while True:
         inner = getattr(model, "_orig_mod", None)  # torch.compile's OptimizedModule (its class is not public)
@@ -434,6 +436,7 @@ def load_checkpoint(
     Returns:
         `model`.
     """
+    inner = unwrap_model(model)  # a TypeError naming `model` for what is no module, before the file is read
     if isinstance(ignore_prefixes, str):
         ignore_prefixes = (ignore_prefixes,)
     if not isinstance(ignore_prefixes, Sequence) or not all(isinstance(p, str) for p in ignore_prefixes):
@@ -450,7 +453,6 @@ def load_checkpoint(
         raise ValueError(f"ignore_prefixes={ignore_prefixes!r} drops every key of the checkpoint ({len(state)} keys, "
                          f"e.g. {next(iter(state))!r}): nothing would be loaded")
     state = kept
-    inner = unwrap_model(model)
     check_keys(inner, state, ignore_prefixes=prefixes)
     check_loadable(inner, state)
     # Strict but for what check_keys allows (the keys it ignores; old BatchNorms' counters, which load as they are)

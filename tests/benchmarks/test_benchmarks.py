@@ -668,6 +668,7 @@ if [ -n "${FAKE_PWD:-}" ]; then args="$PWD | $args"; fi
 echo "${args//$'\\n'/ }" >> "$FAKE_LOG"
 if [ -n "${FAKE_ENV_LOG:-}" ]; then echo "DEEPLAB_OPS_CUDA=${DEEPLAB_OPS_CUDA:-}" >> "$FAKE_ENV_LOG"; fi
 if [ "$1 $2" = "-m pytest" ] && [ -n "${FAKE_NO_GPU_TESTS:-}" ] && [[ " $* " == *" -m gpu "* ]]; then exit 5; fi
+if [ "$1 $2" = "-c import matplotlib" ] && [ -n "${FAKE_NO_MATPLOTLIB:-}" ]; then exit 1; fi
 if [ "$1 $2" = "benchmarks/common.py goals" ] && [ -n "${FAKE_GOALS_FAIL:-}" ]; then
     echo "benchmarks/common.py goals: no aspp_goal.json" >&2; exit 1
 fi
@@ -777,6 +778,18 @@ def test_gpu_suite_refuses_a_number_knob_that_is_not_a_whole_number(tmp_path, kn
     assert f"gpu_suite: {knob}={value}: expected a whole number" in result.stderr
     assert calls == [] and not out.exists()
     assert not list(tmp_path.glob("gpu_suite.*"))
+
+
+def test_gpu_suite_asks_for_plots_only_where_matplotlib_is_installed(tmp_path):
+    # --plot was always passed: without matplotlib every benchmark said so after its run, and no NAME.png came back
+    (tmp_path / "with").mkdir()
+    (tmp_path / "without").mkdir()
+    _, with_, _ = _run_suite(tmp_path / "with")
+    _, without, _ = _run_suite(tmp_path / "without", FAKE_NO_MATPLOTLIB="1")
+    benches = [[c for c in calls if c.startswith("benchmarks/") and "_bench.py" in c and "overhead_bench" not in c]
+               for calls in (with_, without)]
+    assert benches[0] and all(" --plot " in c for c in benches[0]), benches[0]
+    assert benches[1] and not any("--plot" in c for c in benches[1]), benches[1]
 
 
 def test_gpu_suite_with_no_time_for_any_phase_fails(tmp_path):

@@ -341,3 +341,11 @@ def test_files_that_are_not_checkpoints_say_what_they_are(tmp_path, monkeypatch)
     monkeypatch.setattr(torch, "load", denied)  # as a file this user may not read fails (root reads every file)
     with pytest.raises(PermissionError, match=r"real\.pt: permission denied \(the file exists"):
         model.load_file(real)  # was "it is corrupt or truncated, or not a torch.save file (PermissionError ...)"
+
+
+@pytest.mark.parametrize("bad", ["net.pt", None, {}])
+def test_what_is_no_model_is_named(tiny_state, bad):
+    # an AttributeError ("'str' object has no attribute 'state_dict'") for model=path, a common slip
+    for load in (model.load_checkpoint, model.load_backbone, lambda m, s: model.unwrap_model(m)):
+        with pytest.raises(TypeError, match=r"model must be an nn\.Module \(a DeepLabV3, wrapped or not\), got "):
+            load(bad, tiny_state)
