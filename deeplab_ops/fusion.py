@@ -773,10 +773,12 @@ def _fuse_chain(container: nn.Module, kind: str, backend: str | None, shared: se
     i = 0
     while i + 1 < len(children):
         conv, bn = children[i], children[i + 1]
-        if names[i] in keep or names[i + 1] in keep or not _fusable(conv, bn, shared):
+        if names[i] in keep or not _fusable(conv, bn, shared):
             i += 1
             continue
-        relu = i + 2 < len(children) and type(children[i + 2]) is nn.ReLU and id(children[i + 2]) not in shared
+        # a return_layers entry naming the BatchNorm keeps its output: the op then stops there, the ReLU runs alone
+        relu = (i + 2 < len(children) and type(children[i + 2]) is nn.ReLU and id(children[i + 2]) not in shared
+                and names[i + 1] not in keep)
         absorbed = ((names[i + 1], bn), (names[i + 2], children[i + 2])) if relu else ((names[i + 1], bn),)
         if _fused_class_of(container) is None:
             container.__class__ = _fused_class(type(container), kind)

@@ -215,25 +215,43 @@ def test_left_alone_when_not_exactly_conv_bn():
     assert not any(fusion.is_fused(m) for m in model.modules())
 
 
-def test_returned_intermediate_is_not_fused_away():
-    # A torchvision IntermediateLayerGetter returning a BatchNorm's output must still see that output.
+@pytest.mark.parametrize("inplace", [False, True], ids=["relu", "relu-inplace"])
+@pytest.mark.parametrize("memory_efficient", [False, True], ids=["plain", "memory-efficient"])
+def test_returned_intermediate_is_not_fused_away(inplace, memory_efficient):
+    """A torchvision IntermediateLayerGetter returning a BatchNorm's output still sees that output: its conv → BN
+    runs as one fused op without the ReLU (which runs on its own, in place or not), forward, gradients and running
+    statistics as unfused; a returned conv output leaves its chain unfused."""
     from torchvision.models._utils import IntermediateLayerGetter
 
+    torch.manual_seed(0)
     body = nn.Sequential()
     body.add_module("conv", nn.Conv2d(3, 4, 3, bias=False))
     body.add_module("bn", nn.BatchNorm2d(4))
-    body.add_module("relu", nn.ReLU())
+    body.add_module("relu", nn.ReLU(inplace=inplace))
     body.add_module("conv2", nn.Conv2d(4, 4, 1, bias=False))
     body.add_module("bn2", nn.BatchNorm2d(4))
-    getter = _randomize(IntermediateLayerGetter(body, {"bn": "mid", "bn2": "out"})).eval()
-    fuse_modules(getter)
-    assert type(getter.conv) is nn.Conv2d and type(getter.conv2) is nn.Conv2d
-    plain = _randomize(IntermediateLayerGetter(copy.deepcopy(body), {"relu": "mid", "bn2": "out"})).eval()
-    fused = fuse_modules(copy.deepcopy(plain))
-    assert type(fused.conv) is fusion.FusedConv2d and type(fused.relu) is fusion.FusedAwayReLU
+    body.add_module("act", nn.ReLU6(inplace=inplace))
+    plain = _randomize(IntermediateLayerGetter(body, {"bn": "mid", "act": "out"})).train()
+    fused = fuse_modules(copy.deepcopy(plain), backend="cpu", memory_efficient=memory_efficient)
+    assert type(fused.conv) is fusion.FusedConv2d and type(fused.bn) is fusion.FusedAwayBatchNorm2d
+    assert not fusion.fused_config(fused.conv).relu and type(fused.relu) is nn.ReLU
     x = torch.randn(2, 3, 7, 6)
+    xa, xb = x.clone().requires_grad_(True), x.clone().requires_grad_(True)
+    a, b = plain(xa), fused(xb)
+    for key in ("mid", "out"):
+        assert_close(b[key], a[key], f"returned {key}", ATOL, RTOL)
+    (a["mid"].square().sum() + a["out"].sum()).backward()
+    (b["mid"].square().sum() + b["out"].sum()).backward()
+    assert_close(xb.grad, xa.grad, "input gradient", GRAD_ATOL, GRAD_RTOL)
+    _assert_same_state(fused, plain, "bn returned")
+
+    conv_kept = fuse_modules(IntermediateLayerGetter(copy.deepcopy(body), {"conv": "mid", "bn2": "out"}))
+    assert type(conv_kept.conv) is nn.Conv2d and type(conv_kept.conv2) is fusion.FusedConv2d
+    relu_kept = _randomize(IntermediateLayerGetter(copy.deepcopy(body), {"relu": "mid", "bn2": "out"})).eval()
+    fused = fuse_modules(copy.deepcopy(relu_kept))
+    assert type(fused.conv) is fusion.FusedConv2d and type(fused.relu) is fusion.FusedAwayReLU
     with torch.no_grad():
-        got, want = fused(x), plain(x)
+        got, want = fused(x), relu_kept(x)
     assert_close(got["mid"], want["mid"], "returned relu output", ATOL, RTOL)
 
 
