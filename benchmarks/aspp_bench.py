@@ -74,7 +74,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--configs", type=common.csv_list(str, CUDA_CONFIGS), default=None,
                         help="comma list: os16 (33x33, rates 6/12/18), os16_r12 (33x33, 12/24/36), os8 (65x65, "
                              "12/24/36); on cpu the same names are 17/17/33 px with halved rates (--quick: 9/9/17 "
-                             "px); default: all (--quick: os16)")
+                             "px, rates 2/4/6, 3/6/9, 3/6/9); default: all (--quick: os16)")
     parser.add_argument("--in-channels", type=common.int_at_least(1, "channels"), default=None,
                         help="Cin (default 2048 on cuda, 64 on cpu; --quick on cpu: 32)")
     parser.add_argument("--out-channels", type=common.int_at_least(1, "channels"), default=None,
