@@ -230,6 +230,13 @@ functorch_transform = torch._C._functorch.peek_interpreter_stack  # None outside
 jit_tracing = torch._C._get_tracing_state
 
 
+def graph_for_every_grad_mode() -> bool:
+    """Whether a graph is being recorded that will also run where the op builds no autograd node (under no_grad, or
+    with nothing requiring grad): torch.jit.trace, torch.export. The running statistics' update, which an op that
+    builds a node writes from its Autograd kernel (not part of the recorded graph), must then be recorded as copies."""
+    return jit_tracing() is not None or torch.compiler.is_exporting()
+
+
 def back_to_back(ts) -> bool:
     """Whether the equally shaped tensors `ts` (a non-empty sequence) lie back to back, in order, in the first one's
     storage, with one dtype and each contiguous: what lets a list of per-BatchNorm tensors be taken as one view. The

@@ -23,8 +23,8 @@ from deeplab_ops.common import (
     check_x_channels,
     empty_activation,
     functorch_transform,
+    graph_for_every_grad_mode,
     is_functorch_wrapped,
-    jit_tracing,
     opmath_dtype,
     refuse_layout,
     refuse_running_grad,
@@ -520,8 +520,9 @@ def aspp(
         out, *_, new_rm, new_rv = FORWARD[name](*args)
     if training and running_means is not None:
         # A call that built a graph node (its output requires grad) wrote `whole` in its forward (_ASPP.forward).
-        # (torch.jit.trace records the copies always: its graph also runs where no node is built, as under no_grad.)
-        wrote = out.requires_grad and jit_tracing() is None
+        # (torch.jit.trace and torch.export record the copies always: their graph also runs where no node is built,
+        # as under no_grad.)
+        wrote = out.requires_grad and (direct or not graph_for_every_grad_mode())
         # Statistics made under torch.inference_mode() (a model built or loaded there) and updated outside it with no
         # graph (BatchNorm recalibration under no_grad) are written inside inference mode, which allows it: eager
         # F.batch_norm writes them inside its kernel, which inference mode does not police (not traced: no graph

@@ -25,6 +25,7 @@ from deeplab_ops.common import (
     derived,
     drop_oldest,
     empty_activation,
+    graph_for_every_grad_mode,
     jit_tracing,
     opmath_dtype,
     pair,
@@ -634,7 +635,8 @@ def conv_bn_relu(
             dilation=dilation, training=training, momentum=float(momentum), eps=float(eps), residual=residual,
             relu=relu,
         )
-    refuse_grad_transforms("conv_bn_relu", x, weight, bn_weight, bn_bias, residual)
+    refuse_grad_transforms("conv_bn_relu", x, weight, bn_weight, bn_bias, residual,
+                           statistics=(running_mean, running_var) if training and running_mean is not None else None)
     # (torch.jit.trace records one graph for every grad mode, and checks it by tracing again under no_grad: eval runs
     # the op there, which differentiates and reads the running statistics, not the fold, which has no backward.)
     if (not training and not _needs_grad(x, weight, bn_weight, bn_bias, residual)
@@ -661,9 +663,11 @@ def conv_bn_relu(
         out, _, _, _, new_rm, new_rv = FORWARD[name](*args)
     # A call that built a graph node wrote the statistics in its forward, before saving anything for the backward
     # (csrc/composite/conv_bn_relu_autograd.cpp: so a checkpointed recomputation that stops at the save updated them,
-    # as eager BatchNorm's does); the others are written here. (torch.jit.trace records the copies always: its graph
-    # also runs where no node is built, as under no_grad; where one is, the recorded copy writes what the node wrote.)
-    if training and running_mean is not None and (not out.requires_grad or jit_tracing() is not None):
+    # as eager BatchNorm's does); the others are written here. (torch.jit.trace and torch.export record the copies
+    # always: their graph also runs where no node is built, as under no_grad; where one is, the recorded copy writes
+    # what the node wrote; a `direct` call is recorded by neither: no call on its hot path.)
+    if training and running_mean is not None and (
+            not out.requires_grad or (not direct and graph_for_every_grad_mode())):
         if direct and (running_mean.is_inference() or running_var.is_inference()):  # (not traced: no graph break)
             # Statistics made under torch.inference_mode() (a model built or loaded there), updated outside it (no
             # graph: BatchNorm recalibration under no_grad): eager F.batch_norm writes them inside its kernel, which

@@ -157,23 +157,35 @@ any_requires_grad = getattr(torch._C, "_any_requires_grad", _any_requires_grad_p
 
 _interpreter_stack = torch._C._functorch.get_interpreter_stack
 _GRAD = torch._C._functorch.TransformType.Grad
+_VMAP = torch._C._functorch.TransformType.Vmap
+_is_batched = torch._C._functorch.is_batchedtensor
 
 
-def refuse_grad_transforms(op: str, *tensors) -> None:
+def refuse_grad_transforms(op: str, *tensors, statistics: tuple | None = None) -> None:
     """Raise a clear error inside torch.func's reverse-mode transforms (grad, vjp, jacrev, hessian) when one of
     `tensors` is wrapped by them: the op's autograd is a C++ autograd function, which they cannot run (PyTorch's own
     error names neither the op nor what to use instead). Forward mode (jvp, jacfwd) gets `refuse_forward_ad`'s
-    error; vmap alone runs (PyTorch's batching fallback). Free outside torch.func; skipped while torch.compile
-    traces (its graph holds the op, and Dynamo cannot trace the interpreter stack)."""
+    error; vmap alone runs (PyTorch's batching fallback), except that `statistics` (a training call's running mean
+    and variance, updated in place) must be batched where one of `tensors` is, as F.batch_norm requires (the
+    fallback's in-place copy would fail after the op ran, with an error naming neither). Free outside torch.func;
+    skipped while torch.compile traces (its graph holds the op, and Dynamo cannot trace the interpreter stack)."""
     if torch.compiler.is_compiling():
         return
     stack = _interpreter_stack()
-    if not stack or not any(i.key() == _GRAD for i in stack):
+    if not stack:
         return
-    if any(isinstance(t, torch.Tensor) and is_functorch_wrapped(t) for t in tensors):
+    keys = {i.key() for i in stack}
+    if _GRAD in keys and any(isinstance(t, torch.Tensor) and is_functorch_wrapped(t) for t in tensors):
         raise RuntimeError(f"deeplab_ops.{op} cannot run inside torch.func's reverse-mode transforms (grad, vjp, "
                            "jacrev, hessian); use torch.autograd.grad or .backward() for its gradients, or "
                            "backend='reference' under torch.func")
+    if (_VMAP in keys and statistics is not None
+            and any(isinstance(t, torch.Tensor) and _is_batched(t) for t in tensors)
+            and not all(_is_batched(t) for t in statistics)):
+        raise RuntimeError(f"deeplab_ops.{op}: under vmap, a training call updates running_mean and running_var in "
+                           "place, and they are not batched while its input or parameters are: batch them too (one "
+                           "set per vmapped model, as torch.func.stack_module_state gives), or use BatchNorm without "
+                           "running statistics (track_running_stats=False), as torch's batch_norm requires")
 
 
 def below_autograd(op, *args):

@@ -255,6 +255,39 @@ def test_fused_aspp_ensembles_under_vmap_and_refuses_grad_transforms_clearly(tra
     torch.testing.assert_close(grad, xg.grad, atol=1e-12, rtol=1e-12)
 
 
+@pytest.mark.parametrize("backend", ["cpu", "reference"])
+def test_conv_bn_relu_under_vmap_ensembles_and_refuses_unbatched_running_statistics(backend):
+    """Ensembled FusedConvBNReLU (stacked parameters and buffers) trains under vmap as the models one by one; a
+    training call whose running statistics are not batched while its input is gets a clear error before anything
+    runs (as F.batch_norm's: PyTorch's batching fallback failed at the in-place update, naming neither), the
+    statistics untouched."""
+    import deeplab_ops
+    from deeplab_ops.nn import FusedConvBNReLU
+
+    torch.manual_seed(0)
+    x = torch.randn(2, 3, 6, 5, dtype=torch.float64)
+    models = [FusedConvBNReLU(3, 4, 3, padding=1, backend=backend).double().train() for _ in range(2)]
+    copies = [copy.deepcopy(m) for m in models]
+    params, buffers = torch.func.stack_module_state(models)
+    skeleton = copy.deepcopy(models[0]).to("meta")
+    got = torch.vmap(lambda p, b: torch.func.functional_call(skeleton, (p, b), (x,)))(params, buffers)
+    torch.testing.assert_close(got, torch.stack([m(x) for m in copies]), atol=1e-12, rtol=1e-12)
+    for name, b in buffers.items():
+        torch.testing.assert_close(b, torch.stack([dict(m.named_buffers())[name] for m in copies]))
+
+    w, rm, rv = torch.randn(4, 3, 3, 3), torch.zeros(4), torch.ones(4)
+    message = "deeplab_ops.conv_bn_relu: under vmap" if backend != "reference" else "Batch norm got a batched"
+    with pytest.raises(RuntimeError, match=message):
+        torch.vmap(lambda xi: deeplab_ops.conv_bn_relu(xi, w, None, None, rm, rv, padding=1, training=True,
+                                                       backend=backend))(torch.randn(3, 2, 3, 5, 6))
+    assert torch.equal(rm, torch.zeros(4)) and torch.equal(rv, torch.ones(4))
+    with torch.no_grad():  # eval, or no running statistics: nothing updated, nothing to batch
+        for stats in ((rm, rv, False), (None, None, True)):
+            got = torch.vmap(lambda xi, s=stats: deeplab_ops.conv_bn_relu(
+                xi, w, None, None, s[0], s[1], padding=1, training=s[2], backend=backend))(torch.randn(3, 2, 3, 5, 6))
+            assert got.shape == (3, 2, 4, 5, 6)
+
+
 def test_pack_batchnorms_names_a_bad_argument():
     from deeplab_ops.nn import pack_batchnorms
 

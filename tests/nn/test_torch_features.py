@@ -1,7 +1,8 @@
 """The fused modules combined with PyTorch's own features compute what the unfused modules compute (outputs,
 gradients, running statistics), or refuse clearly: torch.jit.trace (a traced fused model follows its parameters and
-running statistics: no cached BatchNorm fold or Python-side call is baked into the graph), torch.jit.script (a clear
-error), torch.autocast in eval after the fold was cached, torch.func.functional_call in eval with a cached fold."""
+running statistics: no cached BatchNorm fold or Python-side call is baked into the graph), torch.export (a training
+graph updates the running statistics in every grad mode), torch.jit.script (a clear error), torch.autocast in eval
+after the fold was cached, torch.func.functional_call in eval with a cached fold."""
 
 from __future__ import annotations
 
@@ -205,29 +206,31 @@ def test_functional_call_uses_substituted_tensors(train):
         assert_close(new_f[k], new[k], f"substituted {k}", ATOL, RTOL)
 
 
+class _FunctionalASPP(nn.Module):
+    """deeplab_ops.aspp with one concatenated tensor per BatchNorm argument."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        g = torch.Generator().manual_seed(0)
+        self.convs = nn.ParameterList([nn.Parameter(torch.randn(4, 4, k, k, generator=g)) for k in (1, 3, 3)])
+        self.pool = nn.Parameter(torch.randn(4, 4, 1, 1, generator=g))
+        self.project = nn.Parameter(torch.randn(4, 16, 1, 1, generator=g))
+        self.bn_weight = nn.Parameter(torch.rand(20, generator=g) + 0.5)
+        self.bn_bias = nn.Parameter(torch.rand(20, generator=g) - 0.5)
+        self.register_buffer("running_mean", torch.zeros(20))
+        self.register_buffer("running_var", torch.ones(20))
+
+    def forward(self, x):
+        import deeplab_ops
+
+        return deeplab_ops.aspp(x, list(self.convs), self.pool, self.project, self.bn_weight, self.bn_bias,
+                                self.running_mean, self.running_var, rates=(1, 2), training=True)
+
+
 def test_jit_trace_functional_aspp_updates_running_stats():
-    # deeplab_ops.aspp with one concatenated tensor per BatchNorm argument, traced with a graph to build: the
-    # running statistics were written by the autograd node only, so the traced function run under no_grad left them
-    # unchanged.
-    import deeplab_ops
-
-    class Functional(nn.Module):
-        def __init__(self) -> None:
-            super().__init__()
-            g = torch.Generator().manual_seed(0)
-            self.convs = nn.ParameterList([nn.Parameter(torch.randn(4, 4, k, k, generator=g)) for k in (1, 3, 3)])
-            self.pool = nn.Parameter(torch.randn(4, 4, 1, 1, generator=g))
-            self.project = nn.Parameter(torch.randn(4, 16, 1, 1, generator=g))
-            self.bn_weight = nn.Parameter(torch.rand(20, generator=g) + 0.5)
-            self.bn_bias = nn.Parameter(torch.rand(20, generator=g) - 0.5)
-            self.register_buffer("running_mean", torch.zeros(20))
-            self.register_buffer("running_var", torch.ones(20))
-
-        def forward(self, x):
-            return deeplab_ops.aspp(x, list(self.convs), self.pool, self.project, self.bn_weight, self.bn_bias,
-                                    self.running_mean, self.running_var, rates=(1, 2), training=True)
-
-    module = Functional()
+    # Traced with a graph to build: the running statistics were written by the autograd node only, so the traced
+    # function run under no_grad left them unchanged.
+    module = _FunctionalASPP()
     traced = _trace(module, torch.randn(2, 4, 7, 7))  # with grad (parameters), checked under no_grad
     expected = copy.deepcopy(module)
     x = torch.randn(3, 4, 6, 5)
@@ -235,6 +238,45 @@ def test_jit_trace_functional_aspp_updates_running_stats():
         assert_close(traced(x), expected(x), "traced output", ATOL, RTOL)
     assert_close(module.running_mean, expected.running_mean, "running_mean", ATOL, RTOL)
     assert_close(module.running_var, expected.running_var, "running_var", ATOL, RTOL)
+
+
+@pytest.mark.parametrize("run_grad", [True, False], ids=["run_grad", "run_no_grad"])
+@pytest.mark.parametrize("strict", [False, True], ids=["non_strict", "strict"])
+def test_export_train_updates_running_stats(strict, run_grad):
+    # torch.export of a training model: exported with parameters that need grad, the running statistics were written
+    # by the op's autograd node only, which the exported graph does not hold, so the exported module run under
+    # no_grad (or with nothing needing grad) left them unchanged while eager BatchNorm's updated them.
+    ref = _ChainAndASPP().train()
+    fused = fuse_modules(copy.deepcopy(ref))
+    x = torch.randn(2, 3, 7, 7)
+    program = torch.export.export(copy.deepcopy(fused), (x,), strict=strict)
+    mutated = set(program.run_decompositions().graph_signature.buffers_to_mutate.values())
+    for name, _ in ref.named_buffers():
+        assert name in mutated, f"{name} is not updated by the exported graph (mutates {sorted(mutated)})"
+    exported = program.module()
+    for name, b_r in ref.named_buffers():
+        assert torch.equal(exported.get_buffer(name), b_r), name  # exported with the state before any call
+    x2 = torch.randn(2, 3, 7, 7)  # (exported for one shape)
+    with torch.set_grad_enabled(run_grad):
+        out_r, out_e = ref(x2), exported(x2)
+    assert_close(out_e, out_r, "exported training output", ATOL, RTOL)
+    for name, b_r in ref.named_buffers():
+        assert_close(exported.get_buffer(name), b_r, f"buffer {name} after an exported training call", ATOL, RTOL)
+    if run_grad:
+        out_r.square().sum().backward()
+        out_e.square().sum().backward()
+        for name, p_r in ref.named_parameters():
+            assert_close(exported.get_parameter(name).grad, p_r.grad, f"grad {name}", 1e-4, 1e-4)
+
+    functional = _FunctionalASPP()
+    program = torch.export.export(functional, (torch.randn(2, 4, 7, 7),), strict=strict)
+    expected = copy.deepcopy(functional)
+    exported = program.module()
+    x = torch.randn(2, 4, 7, 7)
+    with torch.set_grad_enabled(run_grad):
+        assert_close(exported(x), expected(x), "exported functional aspp", ATOL, RTOL)
+    for name in ("running_mean", "running_var"):
+        assert_close(exported.get_buffer(name), getattr(expected, name), f"functional aspp {name}", ATOL, RTOL)
 
 
 @pytest.mark.parametrize("kind", ["FusedConvBNReLU", "FusedASPP"])

@@ -301,6 +301,7 @@ CASES = {
                       running_mean=None, running_var=None)),
     "cbr-forward-ad": lambda d: forward_ad(lambda x: cbr(x=x), torch.randn(2, 3, 8, 8)),
     "cbr-func-grad": lambda d: func_grad(lambda x: cbr(x=x), torch.randn(2, 3, 8, 8)),
+    "cbr-vmap-statistics": lambda d: torch.vmap(lambda x: cbr(x=x), randomness="same")(torch.randn(3, 2, 3, 8, 8)),
     # backend choice (deeplab_ops/backends.py)
     "backend-unknown": lambda d: cbr(backend="cudnn"),
     "backend-env-unknown": lambda d: _with_env("DEEPLAB_OPS_BACKEND", "bogus", lambda: cbr(backend=None)),
