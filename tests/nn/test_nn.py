@@ -221,6 +221,19 @@ def test_a_fused_aspp_leaves_shared_memory_and_foreign_buffers_where_they_are():
     assert (columns != 0).all()
 
 
+def _assert_ensemble_matches(models: list, x: torch.Tensor) -> list:
+    """torch.func.stack_module_state + vmap(functional_call) of `models` on `x` computes (outputs, updated buffers)
+    what copies of them run one by one compute; returns those copies."""
+    copies = [copy.deepcopy(m) for m in models]
+    params, buffers = torch.func.stack_module_state(models)
+    skeleton = copy.deepcopy(models[0]).to("meta")
+    got = torch.vmap(lambda p, b: torch.func.functional_call(skeleton, (p, b), (x,)))(params, buffers)
+    torch.testing.assert_close(got, torch.stack([m(x) for m in copies]), atol=1e-12, rtol=1e-12)
+    for name, b in buffers.items():
+        torch.testing.assert_close(b, torch.stack([dict(m.named_buffers())[name] for m in copies]))
+    return copies
+
+
 @pytest.mark.parametrize("training", [False, True])
 def test_fused_aspp_ensembles_under_vmap_and_refuses_grad_transforms_clearly(training):
     # torch.func.stack_module_state + vmap(functional_call): PyTorch has no batching fallback for the ASPP op (its
@@ -233,13 +246,7 @@ def test_fused_aspp_ensembles_under_vmap_and_refuses_grad_transforms_clearly(tra
     models = [FusedASPP(8, (2, 3), 4, backend="cpu").double().train(training) for _ in range(2)]
     for m in models:
         m.project[3].p = 0.0
-    copies = [copy.deepcopy(m) for m in models]
-    params, buffers = torch.func.stack_module_state(models)
-    skeleton = copy.deepcopy(models[0]).to("meta")
-    got = torch.vmap(lambda p, b: torch.func.functional_call(skeleton, (p, b), (x,)))(params, buffers)
-    torch.testing.assert_close(got, torch.stack([m(x) for m in copies]), atol=1e-12, rtol=1e-12)
-    for name, b in buffers.items():
-        torch.testing.assert_close(b, torch.stack([dict(m.named_buffers())[name] for m in copies]))
+    copies = _assert_ensemble_matches(models, x)
 
     module = copies[0]
     with pytest.raises(RuntimeError, match=r"deeplab_ops.aspp cannot run inside torch.func's reverse-mode"):
@@ -267,13 +274,7 @@ def test_conv_bn_relu_under_vmap_ensembles_and_refuses_unbatched_running_statist
     torch.manual_seed(0)
     x = torch.randn(2, 3, 6, 5, dtype=torch.float64)
     models = [FusedConvBNReLU(3, 4, 3, padding=1, backend=backend).double().train() for _ in range(2)]
-    copies = [copy.deepcopy(m) for m in models]
-    params, buffers = torch.func.stack_module_state(models)
-    skeleton = copy.deepcopy(models[0]).to("meta")
-    got = torch.vmap(lambda p, b: torch.func.functional_call(skeleton, (p, b), (x,)))(params, buffers)
-    torch.testing.assert_close(got, torch.stack([m(x) for m in copies]), atol=1e-12, rtol=1e-12)
-    for name, b in buffers.items():
-        torch.testing.assert_close(b, torch.stack([dict(m.named_buffers())[name] for m in copies]))
+    _assert_ensemble_matches(models, x)
 
     w, rm, rv = torch.randn(4, 3, 3, 3), torch.zeros(4), torch.ones(4)
     message = "deeplab_ops.conv_bn_relu: under vmap" if backend != "reference" else "Batch norm got a batched"
