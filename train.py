@@ -256,15 +256,17 @@ def _denormalize(img: torch.Tensor) -> np.ndarray:
 
 
 def save_preview(kept, path: str) -> None:
-    """A PNG grid: one row per image, columns image | ground truth | prediction (VOC colours)."""
+    """A PNG grid: one row per image, columns image | ground truth | prediction (VOC colours), each column as wide as
+    the widest image (images of other sizes padded on the right), so the columns line up."""
     if not kept:
         return
-    rows = []
     w = max(k[0].shape[-1] for k in kept)
-    for img, mask, pred in kept:
-        row = np.concatenate([_denormalize(img), colorize(mask.numpy()), colorize(pred.numpy())], axis=1)
-        pad = np.zeros((row.shape[0], 3 * w - row.shape[1], 3), np.uint8)
-        rows.append(np.concatenate([row, pad], axis=1))
+
+    def cell(a: np.ndarray) -> np.ndarray:
+        return np.concatenate([a, np.zeros((a.shape[0], w - a.shape[1], 3), np.uint8)], axis=1)
+
+    rows = [np.concatenate([cell(_denormalize(img)), cell(colorize(mask.numpy())), cell(colorize(pred.numpy()))],
+                           axis=1) for img, mask, pred in kept]
     grid = np.concatenate(rows, axis=0)
     scale = max(1, 256 // grid.shape[0] + 1) if grid.shape[0] < 256 else 1
     im = Image.fromarray(grid)
@@ -582,7 +584,9 @@ def _restored_note(args, restored: list[str], path: str) -> str:
     return f" ({named}: saved in the checkpoint {path}{where}; pass {flags} to give the dataset's location)"
 
 
-def cmd_eval_only(args, device, info) -> None:
+def cmd_eval_only(args, device, info, given: set[str] = frozenset()) -> None:
+    """Evaluate a checkpoint on its run's validation split, at its run's evaluation settings unless `given` (the
+    flags on the command line) names them."""
     path = args.checkpoint or os.path.join(args.out_dir or os.path.join("runs", args.dataset or "synthetic"), "best.pt")
     ckpt = checkpoint_or_exit(path, "--checkpoint" if args.checkpoint else "--eval-only (default checkpoint)")
     saved = ckpt.get("args") or {}
@@ -603,7 +607,15 @@ def cmd_eval_only(args, device, info) -> None:
     except (FileNotFoundError, ValueError) as e:
         raise SystemExit(f"--dataset {args.dataset}: {e}{_restored_note(args, restored, path)}") from None
     check_num_classes(ckpt, path, len(class_names), args, "--eval-only")
-    os_ = args.eval_output_stride or saved.get("output_stride", 16)
+    # The run's evaluation settings (what its metrics and best.pt were measured with) unless given.
+    if "eval_scales" not in given and isinstance(saved.get("eval_scales"), str):
+        args.eval_scales = saved["eval_scales"]
+    os_ = args.eval_output_stride or saved.get("eval_output_stride") or saved.get("output_stride", 16)
+    if info.is_main:
+        print(f"evaluating at --eval-output-stride {os_}, --eval-scales {args.eval_scales}"
+              + (", --eval-flip" if args.eval_flip else "")
+              + ("; the run evaluated with --eval-flip: add it to evaluate as it did"
+                 if saved.get("eval_flip") and not args.eval_flip else ""))
     net = _model_from_checkpoint(ckpt, args, os_, path, "--checkpoint" if args.checkpoint else
                                  "--eval-only (default checkpoint)").to(device)
     if args.channels_last:
@@ -683,7 +695,9 @@ def resume_note(saved: dict, args, iteration: int) -> str | None:
     """'note: changed since the checkpoint's run: …' naming every setting the checkpoint records that this resumed
     run changes (None when none does); operational flags (NOT_NOTED_ON_RESUME) aside."""
     changed = [k for k in vars(args) if k in saved and k not in NOT_NOTED_ON_RESUME
-               and not _same_value(saved[k], getattr(args, k))]
+               and not _same_value(saved[k], getattr(args, k))
+               and not (k in PATH_FLAGS and isinstance(saved[k], str) and isinstance(getattr(args, k), str)
+                        and os.path.realpath(saved[k]) == os.path.realpath(getattr(args, k)))]
     if not changed:
         return None
     text = ("note: changed since the checkpoint's run: " +
@@ -694,6 +708,46 @@ def resume_note(saved: dict, args, iteration: int) -> str | None:
         text += (f"; from iteration {iteration} on, the learning rate follows the poly schedule of --lr {args.lr} over "
                  f"--iterations {args.iterations}")
     return text
+
+
+def given_flags(argv=None) -> set[str]:
+    """The flags (their dests) the command line `argv` (None: sys.argv[1:]) gives, whatever their values."""
+    p = build_parser()
+    for action in p._actions:
+        action.default = argparse.SUPPRESS
+    return set(vars(p.parse_known_args(argv)[0]))
+
+
+# The flags that define a dataset (its location and splits): a resume reads them from its checkpoint only where the
+# command line names the same dataset (or none) in the same folder.
+DATASET_FLAGS = ("dataset", "data_root", "sbd_root", "classes", "train_split", "val_split", "synthetic_train_size",
+                 "synthetic_val_size", "data_seed")
+
+
+def restore_run_flags(args, given: set[str], device: torch.device) -> tuple[str, dict, list[str]]:
+    """--resume, before the presets: load the checkpoint, and give every value flag of its run's recipe that the
+    command line does not give (`given`) the run's value, not the preset's, so that `--resume` alone continues the
+    run it names (its data, schedule and evaluation); switches (--fused-ops, --no-flip, ...) are as given, and
+    resume_note names every setting that differs. Returns (path, checkpoint, the flags read from it that the presets
+    would have set otherwise)."""
+    if args.out_dir is None:  # the folder check_out_dir checked: it does not follow a dataset read from the checkpoint
+        args.out_dir = os.path.join("runs", args.dataset or "synthetic")
+    path = os.path.join(args.out_dir, "last.pt") if args.resume == "auto" else args.resume
+    ckpt = checkpoint_or_exit(path, "--resume")
+    saved = ckpt.get("args") if isinstance(ckpt.get("args"), dict) else {}
+    switches = {a.dest for a in build_parser()._actions if a.nargs == 0}
+    same_data = (args.dataset in (None, saved.get("dataset"))
+                 and (args.data_root is None or _same_folder(args.data_root, saved.get("data_root"))))
+    keys = [k for k in vars(args) if k in saved and saved[k] is not None and k not in given and k not in switches
+            and k not in NOT_NOTED_ON_RESUME and k != "channels_last" and (same_data or k not in DATASET_FLAGS)]
+    preset = argparse.Namespace(**vars(args))
+    _apply_presets(preset, device)  # (only to name what differs from a run without the checkpoint)
+    restored = []
+    for k in keys:
+        if not _same_value(getattr(preset, k), saved[k]):
+            restored.append(k)
+        setattr(args, k, saved[k])
+    return path, ckpt, restored
 
 
 # What a training run writes to --out-dir (and tb/'s TensorBoard events): a fresh run into a folder that holds them
@@ -789,7 +843,8 @@ def remove_earlier_run(out_dir: str) -> list[str]:
     return removed
 
 
-def cmd_train(args, device, info) -> None:
+def cmd_train(args, device, info, resumed: tuple | None = None) -> None:
+    """Train; `resumed`: restore_run_flags's (path, checkpoint, flags read from it) for --resume."""
     if args.batch_size % info.world_size:
         raise SystemExit(f"--batch-size {args.batch_size} (global) must be divisible by the number of processes, "
                          f"{info.world_size}")
@@ -819,8 +874,7 @@ def cmd_train(args, device, info) -> None:
                                                         else None)
     resume = None
     if args.resume:
-        path = os.path.join(args.out_dir, "last.pt") if args.resume == "auto" else args.resume
-        resume = checkpoint_or_exit(path, "--resume")
+        path, resume, restored = resumed if resumed is not None else restore_run_flags(args, set(vars(args)), device)
         try:  # before anything reads its entries: one line, not a KeyError
             ckpt_io.check_resumable(resume, "the checkpoint")
         except ValueError as e:
@@ -836,6 +890,9 @@ def cmd_train(args, device, info) -> None:
             raise SystemExit(f"--resume {path}: {e}") from None
         if info.is_main:
             print(f"resuming {path} at iteration {resume['iteration']}")
+            if restored:
+                print("note: flags not given, read from the checkpoint's run: " +
+                      ", ".join(f"{_flag(k, with_value=False)} {_value_text(getattr(args, k))}" for k in restored))
             note = resume_note(resume.get("args") or {}, args, resume["iteration"])
             if note:
                 print(note)
@@ -1006,8 +1063,10 @@ def build_parser() -> argparse.ArgumentParser:
 
     g = p.add_argument_group("evaluation")
     g.add_argument("--eval-output-stride", type=int, choices=[8, 16], default=None,
-                   help="output stride at evaluation (default: the training one); 8 as in the paper's best results")
-    g.add_argument("--eval-scales", default="1.0", help="comma-separated scales, or 'ms' for 0.5,0.75,...,1.75")
+                   help="output stride at evaluation (default: the training one; --eval-only and --resume: the "
+                        "run's); 8 as in the paper's best results")
+    g.add_argument("--eval-scales", default="1.0", help="comma-separated scales, or 'ms' for 0.5,0.75,...,1.75 "
+                   "(default 1.0; --eval-only and --resume: the run's)")
     g.add_argument("--eval-flip", action="store_true", help="also average the horizontally flipped input")
     g.add_argument("--eval-batch-size", type=int, default=1, help="images per evaluation batch (those of one size go "
                    "through the network together, unpadded: the metrics do not depend on it)")
@@ -1276,9 +1335,17 @@ def _saved_checkpoints(args, iterations: bool = False) -> list[str]:
 def _out_of_memory_text(args, e: BaseException) -> str:
     """One line for an allocation that failed: the sizes that set the memory, and what the run kept."""
     first = (str(e).strip().splitlines() or [""])[0][:200]
-    sizes = ", ".join(f"{_flag(k, with_value=False)} {getattr(args, k)}" for k in ("crop_size", "batch_size",
-                                                                                  "eval_batch_size")
+    # The sizes that set the memory of this command (--eval-only and --predict run whole images, no crops)
+    keys = ("eval_scales",) if args.predict else ("eval_batch_size", "eval_scales") if args.eval_only else (
+        "crop_size", "batch_size", "eval_batch_size")
+    sizes = ", ".join(f"{_flag(k, with_value=False)} {getattr(args, k)}" for k in keys
                       if getattr(args, k, None) is not None)
+    if args.predict or args.eval_only:
+        lower = ("--eval-batch-size, " if args.eval_only else "") + (
+            "the --eval-scales (scales below 1 shrink the images the network sees) or the images, or run on a GPU "
+            "(--device cuda)")
+        return f"train.py: out of memory ({type(e).__name__}: {first})" + (f" with {sizes}" if sizes else "") + \
+            f"; lower {lower}"
     written = _saved_checkpoints(args)
     kept = f"; the checkpoints written so far ({', '.join(written)}) are in {os.path.abspath(args.out_dir)}" \
         if written else ""
@@ -1299,10 +1366,11 @@ def main(argv=None) -> None:
         if args.predict:
             cmd_predict(args, device, info)
         elif args.eval_only:
-            cmd_eval_only(args, device, info)
+            cmd_eval_only(args, device, info, given_flags(argv))
         else:
+            resumed = restore_run_flags(args, given_flags(argv), device) if args.resume else None
             _apply_presets(args, device)
-            cmd_train(args, device, info)
+            cmd_train(args, device, info, resumed)
     except datasets.DataFileError as e:  # a sample's file, met while training or evaluating: named in one line
         written = _saved_checkpoints(args)
         kept = f"; the checkpoints written so far ({', '.join(written)}) are in {os.path.abspath(args.out_dir)}" \

@@ -5,6 +5,7 @@ advice, and --eval-only's errors about what it read from the checkpoint."""
 import json
 import os
 
+import numpy as np
 import pytest
 import torch
 from test_training_loop import TinySeg, _cfg, _tiny_build_model, _train_set
@@ -188,6 +189,94 @@ def test_resume_notes_every_changed_setting_the_checkpoint_records(tmp_path, mon
                      "the learning rate follows the poly schedule of --lr 0.05 over --iterations 3"]
 
 
+def test_resume_alone_continues_the_run_it_names(tmp_path, monkeypatch, capsys):
+    """`--resume` without the run's flags continues that run (its data, schedule and evaluation settings, read from
+    the checkpoint), not a run of the presets' values: a VOC run resumed without --dataset went on training on the
+    synthetic set, and a short run resumed without --iterations became a 4000-step one, with only a note."""
+    monkeypatch.setattr(train_script, "build_model", _tiny_build_model)
+    run = TINY + ["--iterations", "3", "--lr", "0.02", "--eval-scales", "1.0,0.75", "--preview", "0"]
+    train_script.main(run + ["--out-dir", str(tmp_path / "whole")])
+    train_script.main(run + ["--out-dir", str(tmp_path / "part"), "--stop-after", "1"])
+    capsys.readouterr()
+    train_script.main(["--resume", "--out-dir", str(tmp_path / "part"), "--device", "cpu", "--no-tensorboard",
+                       "--preview", "0", "--log-every", "1"])
+    notes = [line for line in capsys.readouterr().out.splitlines() if line.startswith("note:")]
+    assert notes == ["note: flags not given, read from the checkpoint's run: --synthetic-train-size 8, "
+                     "--synthetic-val-size 2, --iterations 3, --batch-size 2, --crop-size 32, --lr 0.02, "
+                     "--eval-scales 1.0,0.75"], notes
+    timeless = [[{k: v for k, v in r.items() if not k.endswith("_s")} for r in _records(tmp_path / run)]
+                for run in ("part", "whole")]
+    assert timeless[0] == timeless[1]
+
+
+def test_resume_reads_the_dataset_flags_only_for_the_same_dataset(tmp_path):
+    ckpt = tmp_path / "last.pt"
+    torch.save({"model": {}, "iteration": 2, "args": {
+        "dataset": "voc", "data_root": str(tmp_path / "voc"), "val_split": "val", "train_split": "train_aug",
+        "iterations": 6, "lr": 0.007, "batch_size": 4, "fused_ops": True, "log_every": 5}}, ckpt)
+    (tmp_path / "other").mkdir()
+    for given, dataset_flags in ((["--dataset", "folder", "--data-root", str(tmp_path / "other")], False),
+                                 ([], True)):
+        argv = ["--resume", str(ckpt), "--out-dir", str(tmp_path / "run"), *given]
+        args = train_script.parse_args(argv)
+        path, _, restored = train_script.restore_run_flags(args, train_script.given_flags(argv), CPU)
+        assert path == str(ckpt)
+        # the schedule is the run's; switches (--fused-ops) and operational flags (--log-every) are as given
+        assert (args.iterations, args.lr, args.batch_size, args.fused_ops, args.log_every) == (6, 0.007, 4, False, 20)
+        if dataset_flags:
+            assert (args.dataset, args.data_root, args.val_split) == ("voc", str(tmp_path / "voc"), "val")
+            # (named: those the presets would have set otherwise, here the synthetic set's)
+            assert restored == ["dataset", "data_root", "train_split", "val_split", "iterations", "batch_size", "lr"]
+        else:
+            assert (args.dataset, args.val_split, args.train_split) == ("folder", None, None)
+            assert restored == ["iterations", "batch_size"]  # (the folder preset's lr is 0.007 too)
+
+
+def test_a_data_root_spelled_otherwise_on_resume_is_no_change():
+    saved = {"data_root": "voc", "lr": 0.01}
+    args = train_script.argparse.Namespace(data_root=os.path.abspath("voc"), lr=0.01)
+    assert train_script.resume_note(saved, args, 1) is None
+    args.data_root = os.path.abspath("voc2")
+    assert "--data-root voc -> " in train_script.resume_note(saved, args, 1)
+
+
+def test_eval_only_evaluates_as_the_run_did(tmp_path, monkeypatch, capsys):
+    """--eval-only of a run's best.pt reproduces the run's best mIoU: its evaluation scales and output stride are read
+    from the checkpoint unless given (they were the presets'), and a run evaluated with flips says to add
+    --eval-flip."""
+    monkeypatch.setattr(train_script, "build_model", _tiny_build_model)
+    out = tmp_path / "run"
+    train_script.main(TINY + ["--iterations", "2", "--eval-scales", "0.75,1.0", "--eval-flip", "--preview", "0",
+                              "--out-dir", str(out)])
+    best = json.load(open(out / "metrics.json"))["best_miou"]
+    capsys.readouterr()
+    evaluate = ["--eval-only", "--checkpoint", str(out / "best.pt"), "--device", "cpu", "--preview", "0",
+                "--out-dir", str(tmp_path / "eval")]
+    train_script.main(evaluate)
+    assert ("evaluating at --eval-output-stride 8, --eval-scales 0.75,1.0; the run evaluated with --eval-flip: add "
+            "it to evaluate as it did") in capsys.readouterr().out
+    train_script.main(evaluate + ["--eval-flip"])
+    assert "evaluating at --eval-output-stride 8, --eval-scales 0.75,1.0, --eval-flip\n" in capsys.readouterr().out
+    assert json.load(open(tmp_path / "eval" / "metrics_eval.json"))["metrics"]["miou"] == pytest.approx(best)
+    train_script.main(evaluate + ["--eval-flip", "--eval-scales", "1.0"])
+    assert "--eval-scales 1.0, --eval-flip" in capsys.readouterr().out
+
+
+def test_out_of_memory_advice_names_the_flags_of_the_command():
+    e = MemoryError("no memory")
+    base = dict(crop_size=513, batch_size=16, eval_batch_size=1, eval_scales="1.0", out_dir="nowhere")
+    ns = train_script.argparse.Namespace
+    predict = train_script._out_of_memory_text(ns(**base, predict="photos", eval_only=False), e)
+    assert predict == ("train.py: out of memory (MemoryError: no memory) with --eval-scales 1.0; lower the "
+                       "--eval-scales (scales below 1 shrink the images the network sees) or the images, or run on a "
+                       "GPU (--device cuda)")
+    evaluate = train_script._out_of_memory_text(ns(**base, predict=None, eval_only=True), e)
+    assert "with --eval-batch-size 1, --eval-scales 1.0; lower --eval-batch-size, the --eval-scales" in evaluate
+    assert "--crop-size" not in predict + evaluate and "--batch-size" not in predict
+    train = train_script._out_of_memory_text(ns(**base, predict=None, eval_only=False), e)
+    assert "with --crop-size 513, --batch-size 16, --eval-batch-size 1; lower --crop-size" in train
+
+
 # ---- the NaN-loss message ---------------------------------------------------------------------------------------
 
 
@@ -324,3 +413,23 @@ def test_a_resume_drops_the_records_logged_after_the_checkpoint(tmp_path, monkey
     records = [json.loads(line) for line in lines if line != "not json"]
     assert [r["iteration"] for r in records if r["kind"] == "train"] == [1, 2, 3, 4]
     assert all(r.get("loss") != 9.9 for r in records)
+
+
+def test_preview_columns_line_up_for_images_of_other_sizes(tmp_path):
+    """predictions_val.png: every column (image | ground truth | prediction) is as wide as the widest image, so a
+    narrower image's ground truth and prediction start where the others' do (they started right after it)."""
+    from PIL import Image
+
+    kept = [(torch.zeros(3, 4, 6), torch.ones(4, 6, dtype=torch.long), torch.full((4, 6), 2)),
+            (torch.zeros(3, 5, 3), torch.ones(5, 3, dtype=torch.long), torch.full((5, 3), 2))]
+    path = tmp_path / "preview.png"
+    train_script.save_preview(kept, str(path))
+    grid = np.asarray(Image.open(path).convert("RGB"))
+    scale = grid.shape[0] // 9
+    assert grid.shape[:2] == (9 * scale, 18 * scale)
+    cells = grid[::scale, ::scale]
+    mask_colour, pred_colour = train_script.colorize(np.array([[1, 2]]))[0]
+    for top, height, width in ((0, 4, 6), (4, 5, 3)):
+        rows = cells[top:top + height]
+        assert (rows[:, 6:6 + width] == mask_colour).all() and (rows[:, 12:12 + width] == pred_colour).all()
+        assert (rows[:, 6 + width:12] == 0).all() and (rows[:, 12 + width:] == 0).all()
