@@ -739,7 +739,9 @@ def restore_run_flags(args, given: set[str], device: torch.device) -> tuple[str,
     same_data = (args.dataset in (None, saved.get("dataset"))
                  and (args.data_root is None or _same_folder(args.data_root, saved.get("data_root"))))
     keys = [k for k in vars(args) if k in saved and saved[k] is not None and k not in given and k not in switches
-            and k not in NOT_NOTED_ON_RESUME and k != "channels_last" and (same_data or k not in DATASET_FLAGS)]
+            and k not in NOT_NOTED_ON_RESUME and k != "channels_last" and (same_data or k not in DATASET_FLAGS)
+            # fp16 autocast needs a CUDA device: a GPU run resumed on a CPU runs as given (resume_note names it)
+            and not (k == "amp" and saved[k] == "fp16" and device.type != "cuda")]
     preset = argparse.Namespace(**vars(args))
     _apply_presets(preset, device)  # (only to name what differs from a run without the checkpoint)
     restored = []

@@ -213,7 +213,7 @@ def test_resume_reads_the_dataset_flags_only_for_the_same_dataset(tmp_path):
     ckpt = tmp_path / "last.pt"
     torch.save({"model": {}, "iteration": 2, "args": {
         "dataset": "voc", "data_root": str(tmp_path / "voc"), "val_split": "val", "train_split": "train_aug",
-        "iterations": 6, "lr": 0.007, "batch_size": 4, "fused_ops": True, "log_every": 5}}, ckpt)
+        "iterations": 6, "lr": 0.007, "batch_size": 4, "fused_ops": True, "log_every": 5, "amp": "fp16"}}, ckpt)
     (tmp_path / "other").mkdir()
     for given, dataset_flags in ((["--dataset", "folder", "--data-root", str(tmp_path / "other")], False),
                                  ([], True)):
@@ -221,8 +221,10 @@ def test_resume_reads_the_dataset_flags_only_for_the_same_dataset(tmp_path):
         args = train_script.parse_args(argv)
         path, _, restored = train_script.restore_run_flags(args, train_script.given_flags(argv), CPU)
         assert path == str(ckpt)
-        # the schedule is the run's; switches (--fused-ops) and operational flags (--log-every) are as given
-        assert (args.iterations, args.lr, args.batch_size, args.fused_ops, args.log_every) == (6, 0.007, 4, False, 20)
+        # the schedule is the run's; switches (--fused-ops) and operational flags (--log-every) are as given, and
+        # fp16 autocast (a GPU run's) on a CPU too
+        assert (args.iterations, args.lr, args.batch_size, args.fused_ops, args.log_every, args.amp) == (
+            6, 0.007, 4, False, 20, "none")
         if dataset_flags:
             assert (args.dataset, args.data_root, args.val_split) == ("voc", str(tmp_path / "voc"), "val")
             # (named: those the presets would have set otherwise, here the synthetic set's)
