@@ -946,11 +946,14 @@ def cmd_train(args, device, info, resumed: tuple | None = None) -> None:
         log.close()
     train_s = time.time() - t0
     if info.is_main:
-        print(f"trained to iteration {result.iteration}/{args.iterations} in {train_s:.1f}s; checkpoints in "
+        since = "" if resume is None else f" (this invocation, resumed at iteration {resume['iteration']})"
+        print(f"trained to iteration {result.iteration}/{args.iterations} in {train_s:.1f}s{since}; checkpoints in "
               f"{os.path.abspath(args.out_dir)} (last.pt" + (", best.pt" if result.best_metric is not None else "")
               + ")")
     if result.last_metrics is not None and result.iteration == args.iterations:
+        # train_seconds: this invocation's (resumed_at: the iteration it started from; None for a whole run)
         _report(args, info, result.last_metrics, {"iteration": result.iteration, "train_seconds": round(train_s, 2),
+                                                  "resumed_at": None if resume is None else resume["iteration"],
                                                   "best_miou": result.best_metric,
                                                   "best_iteration": result.best_iteration,
                                                   "preview": (os.path.join(args.out_dir, "predictions_val.png")

@@ -200,13 +200,17 @@ def test_resume_alone_continues_the_run_it_names(tmp_path, monkeypatch, capsys):
     capsys.readouterr()
     train_script.main(["--resume", "--out-dir", str(tmp_path / "part"), "--device", "cpu", "--no-tensorboard",
                        "--preview", "0", "--log-every", "1"])
-    notes = [line for line in capsys.readouterr().out.splitlines() if line.startswith("note:")]
+    printed = capsys.readouterr().out
+    assert "trained to iteration 3/3 in " in printed and "s (this invocation, resumed at iteration 1)" in printed
+    notes = [line for line in printed.splitlines() if line.startswith("note:")]
     assert notes == ["note: flags not given, read from the checkpoint's run: --synthetic-train-size 8, "
                      "--synthetic-val-size 2, --iterations 3, --batch-size 2, --crop-size 32, --lr 0.02, "
                      "--eval-scales 1.0,0.75"], notes
     timeless = [[{k: v for k, v in r.items() if not k.endswith("_s")} for r in _records(tmp_path / run)]
                 for run in ("part", "whole")]
     assert timeless[0] == timeless[1]
+    # metrics.json's train_seconds is the last invocation's, which started at resumed_at
+    assert [json.load(open(tmp_path / run / "metrics.json"))["resumed_at"] for run in ("part", "whole")] == [1, None]
 
 
 def test_resume_reads_the_dataset_flags_only_for_the_same_dataset(tmp_path):
