@@ -23,6 +23,8 @@ Per-class results are keyed by class name; a name given to more than one class g
 
 from __future__ import annotations
 
+import unicodedata
+
 import numpy as np
 import torch
 
@@ -143,14 +145,24 @@ def _pct(v: float) -> str:
     return f"{v * 100:7.2f}" if v == v else f"{'n/a':>7}"
 
 
+def _columns(text: str) -> int:
+    """The terminal columns `text` takes: East Asian wide and fullwidth characters take two, combining marks none."""
+    return sum(0 if unicodedata.combining(c) else 2 if unicodedata.east_asian_width(c) in "WF" else 1 for c in text)
+
+
+def _left(text: str, width: int) -> str:
+    """`text` padded on the right to `width` terminal columns (str.ljust counts characters)."""
+    return text + " " * max(0, width - _columns(text))
+
+
 def format_table(metrics: dict) -> str:
     """A printable per-class IoU table followed by the summary numbers, in percent (metrics.json keeps the
     fractions); undefined cells print "n/a"."""
     ious, accs = metrics["per_class_iou"], metrics["per_class_accuracy"]
-    width = max(12, *(len(n) for n in ious))
+    width = max(12, *(_columns(n) for n in ious))
     lines = [f"{'class':<{width}}  {'IoU %':>7}  {'acc %':>7}"]
     for name, v in ious.items():
-        lines.append(f"{name:<{width}}  {_pct(v)}  {_pct(accs[name])}")
+        lines.append(f"{_left(name, width)}  {_pct(v)}  {_pct(accs[name])}")
     counted = ""
     if "num_images" in metrics:
         n = metrics["num_images"]

@@ -88,3 +88,20 @@ def test_table_prints_n_a_for_every_undefined_cell():
     rows = {line.split()[0]: line.split()[1:] for line in table.splitlines()}
     assert rows["cat"] == ["0.00", "n/a"] and rows["dog"] == ["n/a", "n/a"] and rows["bg"] == ["75.00", "75.00"]
     assert rows["per-img"][1] == "n/a"
+
+
+def test_table_columns_line_up_with_wide_class_names():
+    """Class names in East Asian wide characters (two terminal columns each) or with combining marks: the numbers
+    start at the same terminal column on every row (str.ljust counted characters, so they did not)."""
+    import unicodedata
+
+    names = ["背景", "猫", "cafe\u0301", "person", "ｆｕｌｌ"]
+    m = metrics_from_confusion(torch.eye(len(names), dtype=torch.long) * 3, names)
+    lines = format_table(m).splitlines()[: len(names) + 1]
+
+    def columns(text):
+        return sum(0 if unicodedata.combining(c) else 2 if unicodedata.east_asian_width(c) in "WF" else 1
+                   for c in text)
+
+    # the two number columns are fixed-width at the end of each row: equal row widths put them in line
+    assert len({columns(line) for line in lines}) == 1, lines
