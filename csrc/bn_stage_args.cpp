@@ -71,6 +71,9 @@ void check_finalize_args(const std::optional<at::Tensor>& mean, const std::optio
   } else {
     TORCH_CHECK(mean->dim() == 2 && mean->size(1) == c, "deeplab_ops: mean must have shape (", c, ",) or (P, ", c,
                 "), got ", mean->sizes());
+    // (no partials: the CUDA kernel reads an empty tensor's null pointer as eval mode)
+    TORCH_CHECK(mean->size(0) > 0, "deeplab_ops: (P, C) partials need at least one row (P >= 1), got shape ",
+                mean->sizes());
     TORCH_CHECK(present(counts) && counts->dim() == 1 && counts->size(0) == mean->size(0),
                 "deeplab_ops: (P, C) partials need counts of shape (", mean->size(0), ",), got ",
                 present(counts) ? counts->sizes() : at::IntArrayRef{});

@@ -90,6 +90,19 @@ def conv_largest(x: torch.Tensor, weight: torch.Tensor, out_numel: int) -> int:
     return max(x.numel(), out_numel, weight.numel())
 
 
+def conv_reach(x: torch.Tensor, weight: torch.Tensor, stride, padding, dilation) -> int:
+    """The largest index sum a triton conv kernel forms along H or W: the padded input extent plus the kernel's
+    dilated extent and one stride (its tap-hit and tile arithmetic adds them in int32)."""
+    return max(x.shape[2 + i] + 2 * padding[i] + dilation[i] * (weight.shape[2 + i] - 1) + stride[i] for i in (0, 1))
+
+
+def _reach32(reach: int) -> list[str]:
+    if reach > INT32_MAX:
+        return [f"a padded extent of {reach} (input size + 2·padding + dilation·(kernel − 1) + stride): the kernels "
+                f"index with int32 (at most {INT32_MAX})"]
+    return []
+
+
 def aspp_largest(x: torch.Tensor, rates, channels: int) -> int:
     """The most elements of one tensor a triton aspp call indexes: x, the (N, H, W, (1 + len(rates)) * C) branch
     buffer, the packed branch weights, and the projection weight's branch columns ((1 + len(rates)) * C by C, the
@@ -101,20 +114,24 @@ def aspp_largest(x: torch.Tensor, rates, channels: int) -> int:
                branches * channels * channels)
 
 
-def refuse_beyond_int32(op: str, largest: int) -> None:
+def refuse_beyond_int32(op: str, largest: int, reach: int = 0) -> None:
     """Raise for a call of a triton twin (torch.ops.deeplab_ops.triton_*, called directly or from a traced graph)
     whose largest tensor is beyond the kernels' int32 indexing (on a GPU its offsets would wrap): the rule by which
     `resolve` never picks triton for such a call."""
     reasons = _int32(largest)
     if reasons:
         raise ValueError(f"deeplab_ops.{op}: {reasons[0]}: use backend='cuda' or a smaller batch")
+    reasons = _reach32(reach)
+    if reasons:
+        raise ValueError(f"deeplab_ops.{op}: {reasons[0]}: use backend='cuda' or 'cpu'")
 
 
 def _triton_conv_bn_relu(*, x, weight, stride, padding, dilation, synchronized=False, **_) -> list[str]:
     n, _, h, w = x.shape
     cout, _, kh, kw = weight.shape
     ho, wo = conv_output_size((h, w), (kh, kw), stride, padding, dilation)
-    return _interpreter_half(x, "x") + _int32(conv_largest(x, weight, n * cout * ho * wo)) + _no_group(synchronized)
+    return (_interpreter_half(x, "x") + _int32(conv_largest(x, weight, n * cout * ho * wo))
+            + _reach32(conv_reach(x, weight, stride, padding, dilation)) + _no_group(synchronized))
 
 
 def _triton_aspp(*, x, rates, channels, synchronized=False, **_) -> list[str]:

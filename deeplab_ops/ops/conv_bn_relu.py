@@ -258,11 +258,12 @@ def _direct_forward(x, weight, bn_weight, bn_bias, running_mean, running_var, st
                     momentum, eps, residual, relu, group_name=None, memory_efficient=False):
     geometry = check_args(x, weight, bn_weight, bn_bias, running_mean, running_var, tuple(stride), tuple(padding),
                           tuple(dilation), training, momentum, eps, residual, relu)
-    _refuse_large("triton_conv_bn_relu_forward", x, weight, check_conv(x, weight, *geometry))
+    _refuse_large("triton_conv_bn_relu_forward", x, weight, check_conv(x, weight, *geometry), geometry)
 
 
-def _refuse_large(op: str, x, weight, shape) -> None:
-    backends.refuse_beyond_int32(op, backends.conv_largest(x, weight, math.prod(shape)))
+def _refuse_large(op: str, x, weight, shape, geometry) -> None:
+    backends.refuse_beyond_int32(op, backends.conv_largest(x, weight, math.prod(shape)),
+                                 backends.conv_reach(x, weight, *geometry))
 
 
 def _direct_backward(grad_out, x, weight, bn_weight, conv_out, out, save_mean, save_invstd, stride, padding,
@@ -277,7 +278,7 @@ def _direct_backward(grad_out, x, weight, bn_weight, conv_out, out, save_mean, s
     if len(output_mask) != 5:
         raise ValueError(f"output_mask must have 5 values (x, weight, bn_weight, bn_bias, residual), got "
                          f"{list(output_mask)}")
-    _refuse_large("triton_conv_bn_relu_backward", x, weight, shape)
+    _refuse_large("triton_conv_bn_relu_backward", x, weight, shape, geometry)
 
 
 def _direct_conv_bias_act(x, weight, bias, residual, stride, padding, dilation, relu):
@@ -289,7 +290,7 @@ def _direct_conv_bias_act(x, weight, bias, residual, stride, padding, dilation, 
             raise TypeError(f"bias has dtype {bias.dtype} but x has dtype {x.dtype}; expected the same dtype")
     if residual is not None:
         _check_like_output(residual, "residual", shape, x)
-    _refuse_large("triton_conv_bias_act", x, weight, shape)
+    _refuse_large("triton_conv_bias_act", x, weight, shape, geometry)
 
 
 def _direct_eval(x, weight, bn_weight, bn_bias, running_mean, running_var, stride, padding, dilation, eps, residual,
@@ -299,7 +300,7 @@ def _direct_eval(x, weight, bn_weight, bn_bias, running_mean, running_var, strid
             raise TypeError(f"{name} must be a torch.Tensor, got {type(t).__name__}")
     geometry = check_args(x, weight, bn_weight, bn_bias, running_mean, running_var, tuple(stride), tuple(padding),
                           tuple(dilation), False, 0.1, eps, residual, relu)
-    _refuse_large("triton_conv_bn_relu_eval", x, weight, check_conv(x, weight, *geometry))
+    _refuse_large("triton_conv_bn_relu_eval", x, weight, check_conv(x, weight, *geometry), geometry)
 
 
 validate_with("triton_conv_bn_relu_forward", _direct_forward)

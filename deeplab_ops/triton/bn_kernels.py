@@ -163,7 +163,7 @@ def _bn_bwd_reduce_kernel(
     sum_g = tl.zeros((BLOCK_C,), ACC_DTYPE)
     sum_gy = tl.zeros((BLOCK_C,), ACC_DTYPE)
     row0 = pid_s * rows_per_prog
-    for m0 in range(row0, tl.minimum(row0 + rows_per_prog, M), BLOCK_M):
+    for m0 in range(row0, row0 + tl.minimum(rows_per_prog, M - row0), BLOCK_M):  # (no row0 + rows_per_prog: int32)
         offs_m = m0 + tl.arange(0, BLOCK_M)
         mask = (offs_m < M)[:, None] & c_mask[None, :]
         idx = offs_m[:, None] * C + offs_c[None, :]

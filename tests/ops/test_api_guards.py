@@ -107,6 +107,35 @@ def test_fused_aspp_forward_refuses_a_conv_changed_in_place():
         fused_aspp_forward(m, _x(), backend="cpu")
 
 
+def test_triton_refuses_padding_and_strides_whose_index_sums_pass_int32():
+    """The conv kernels' tap-hit and tile arithmetic adds input size, padding, dilated kernel extent and stride in
+    int32: with padding 2**31 - 1 and stride 2**26 (accepted geometry) the sums wrapped and the weight gradient came
+    out 0 (a review's reproducer). Such a call is refused by the triton twins and never picked by backend=None, which
+    computes it on another backend."""
+    import deeplab_ops
+    from deeplab_ops import backends
+    from deeplab_ops.ops import conv_bn_relu as conv_ops
+
+    x = torch.randn(2, 3, 2, 3, dtype=torch.float64)
+    w = torch.randn(4, 3, 1, 1, dtype=torch.float64)
+    g, b = torch.ones(4, dtype=torch.float64), torch.zeros(4, dtype=torch.float64)
+    geometry = dict(stride=(2**26, 1), padding=(2**31 - 1, 0))
+    with pytest.raises(ValueError, match=r"triton_conv_bn_relu_forward: a padded extent of 4362076160 .*int32 .*"
+                                         r"use backend='cuda' or 'cpu'"):
+        conv_ops._direct_forward(x, w, g, b, None, None, (2**26, 1), (2**31 - 1, 0), (1, 1), True, 0.1, 1e-5, None,
+                                 True)
+    reasons = backends._triton_conv_bn_relu(x=x, weight=w, stride=(2**26, 1), padding=(2**31 - 1, 0),
+                                            dilation=(1, 1))
+    assert any("padded extent of 4362076160" in r for r in reasons), reasons
+    with torch.no_grad():  # (the CPU backward of a 2**26 stride allocates its dilated gradient: not run here)
+        out = deeplab_ops.conv_bn_relu(x, w, g, b, None, None, backend=None, **geometry)
+        want = deeplab_ops.conv_bn_relu(x, w, g, b, None, None, backend="reference", **geometry)
+    torch.testing.assert_close(out, want)
+    # within int32: no reason (2 + 2·(2**30 − 2**26) + 2**26 < 2**31)
+    assert backends._triton_conv_bn_relu(x=x, weight=w, stride=(2**26, 1), padding=(2**30 - 2**26, 0),
+                                         dilation=(1, 1)) == []
+
+
 def test_triton_twins_refuse_tensors_beyond_int32_indexing():
     # The Triton kernels index with int32; the front doors never pick triton past 2**31 - 1 elements, but a direct
     # torch.ops.deeplab_ops.triton_* call (or a traced graph's) went through its validator unrefused, and on a GPU

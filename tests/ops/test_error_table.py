@@ -423,6 +423,8 @@ CASES = {
                                              torch.randn(2, 3, 4, 4, dtype=torch.float64), True),
     "cpp-partials": lambda d: ops.bn_finalize(torch.zeros(3), torch.zeros(3), torch.ones(1), 0.0, None, None, 0.1,
                                               1e-5, *(torch.empty(3) for _ in range(4))),
+    "cpp-no-partials": lambda d: ops.bn_finalize(torch.zeros(0, 3), torch.zeros(0, 3), torch.ones(0), 0.0, None,
+                                                 None, 0.1, 1e-5, *(torch.empty(3) for _ in range(4))),
     "cpp-count-shape": lambda d: ops.bn_finalize(torch.zeros(1, 3), torch.zeros(1, 3), torch.ones(2), 0.0, None,
                                                  None, 0.1, 1e-5, *(torch.empty(3) for _ in range(4))),
     "cpp-count-positive": lambda d: ops.bn_backward_dy(*([torch.randn(2, 3, 4, 4)] * 3), torch.zeros(3), torch.ones(3),
