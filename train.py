@@ -696,8 +696,8 @@ def resume_note(saved: dict, args, iteration: int) -> str | None:
     run changes (None when none does); operational flags (NOT_NOTED_ON_RESUME) aside."""
     changed = [k for k in vars(args) if k in saved and k not in NOT_NOTED_ON_RESUME
                and not _same_value(saved[k], getattr(args, k))
-               and not (k in PATH_FLAGS and isinstance(saved[k], str) and isinstance(getattr(args, k), str)
-                        and os.path.realpath(saved[k]) == os.path.realpath(getattr(args, k)))]
+               and not (k in PATH_FLAGS and isinstance(getattr(args, k), str) and _same_folder(getattr(args, k),
+                                                                                             saved[k]))]
     if not changed:
         return None
     text = ("note: changed since the checkpoint's run: " +
@@ -739,7 +739,7 @@ def restore_run_flags(args, given: set[str], device: torch.device) -> tuple[str,
     same_data = (args.dataset in (None, saved.get("dataset"))
                  and (args.data_root is None or _same_folder(args.data_root, saved.get("data_root"))))
     keys = [k for k in vars(args) if k in saved and saved[k] is not None and k not in given and k not in switches
-            and k not in NOT_NOTED_ON_RESUME and k != "channels_last" and (same_data or k not in DATASET_FLAGS)
+            and k not in NOT_NOTED_ON_RESUME and (same_data or k not in DATASET_FLAGS)
             # fp16 autocast needs a CUDA device: a GPU run resumed on a CPU runs as given (resume_note names it)
             and not (k == "amp" and saved[k] == "fp16" and device.type != "cuda")]
     preset = argparse.Namespace(**vars(args))
@@ -845,8 +845,8 @@ def remove_earlier_run(out_dir: str) -> list[str]:
     return removed
 
 
-def cmd_train(args, device, info, resumed: tuple | None = None) -> None:
-    """Train; `resumed`: restore_run_flags's (path, checkpoint, flags read from it) for --resume."""
+def cmd_train(args, device, info, resumed: tuple | None) -> None:
+    """Train; `resumed`: restore_run_flags's (path, checkpoint, flags read from it) for --resume, else None."""
     if args.batch_size % info.world_size:
         raise SystemExit(f"--batch-size {args.batch_size} (global) must be divisible by the number of processes, "
                          f"{info.world_size}")
@@ -876,7 +876,7 @@ def cmd_train(args, device, info, resumed: tuple | None = None) -> None:
                                                         else None)
     resume = None
     if args.resume:
-        path, resume, restored = resumed if resumed is not None else restore_run_flags(args, set(vars(args)), device)
+        path, resume, restored = resumed
         try:  # before anything reads its entries: one line, not a KeyError
             ckpt_io.check_resumable(resume, "the checkpoint")
         except ValueError as e:
@@ -1345,17 +1345,15 @@ def _out_of_memory_text(args, e: BaseException) -> str:
         "crop_size", "batch_size", "eval_batch_size")
     sizes = ", ".join(f"{_flag(k, with_value=False)} {getattr(args, k)}" for k in keys
                       if getattr(args, k, None) is not None)
+    head = f"train.py: out of memory ({type(e).__name__}: {first})" + (f" with {sizes}" if sizes else "")
     if args.predict or args.eval_only:
-        lower = ("--eval-batch-size, " if args.eval_only else "") + (
+        return head + "; lower " + ("--eval-batch-size, " if args.eval_only else "") + (
             "the --eval-scales (scales below 1 shrink the images the network sees) or the images, or run on a GPU "
             "(--device cuda)")
-        return f"train.py: out of memory ({type(e).__name__}: {first})" + (f" with {sizes}" if sizes else "") + \
-            f"; lower {lower}"
     written = _saved_checkpoints(args)
     kept = f"; the checkpoints written so far ({', '.join(written)}) are in {os.path.abspath(args.out_dir)}" \
         if written else ""
-    return (f"train.py: out of memory ({type(e).__name__}: {first})" + (f" with {sizes}" if sizes else "") +
-            "; lower --crop-size (for the synthetic set it is also the image size), --batch-size or "
+    return (head + "; lower --crop-size (for the synthetic set it is also the image size), --batch-size or "
             f"--eval-batch-size{kept}")
 
 
