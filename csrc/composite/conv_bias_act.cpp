@@ -7,11 +7,13 @@
 #include <ATen/native/ConvUtils.h>
 #include <c10/util/accumulate.h>
 #include <torch/library.h>
+#include <torch/version.h>
 
 #include <limits>
 #include <mutex>
 #include <optional>
 #include <set>
+#include <string>
 #include <vector>
 
 #include "common/arg_checks.h"
@@ -225,6 +227,19 @@ FusedKey fused_key(const at::Tensor& x, const at::Tensor& weight, bool residual,
   return key;
 }
 
+// A failure of the device itself (an illegal address, a device-side assert, a lost context) is the caller's to see:
+// remembering the configuration as unfused and recomputing it generically would hide it behind the generic path's
+// own error or, for a fault that does not stick, a result computed after it. torch 2.8 throws these as
+// c10::AcceleratorError; older torch as a c10::Error from C10_CUDA_CHECK, whose message starts "CUDA error".
+bool is_device_failure(const c10::Error& error) {
+#if TORCH_VERSION_MAJOR > 2 || (TORCH_VERSION_MAJOR == 2 && TORCH_VERSION_MINOR >= 8)
+  if (dynamic_cast<const c10::AcceleratorError*>(&error) != nullptr) return true;
+#endif
+  const std::string& message = error.msg();
+  return message.find("CUDA error") != std::string::npos ||
+         message.find("CUDNN_STATUS_EXECUTION_FAILED") != std::string::npos;
+}
+
 std::mutex unfused_mutex;
 std::set<FusedKey> unfused;  // bounded by the configurations a process runs; a few integers each
 
@@ -250,7 +265,8 @@ at::Tensor conv_bias_act_cuda(const at::Tensor& x, const at::Tensor& weight, con
         .contiguous(mf);
   } catch (const c10::OutOfMemoryError&) {
     throw;  // the generic path would need the same memory
-  } catch (const c10::Error&) {
+  } catch (const c10::Error& error) {
+    if (is_device_failure(error)) throw;
     // No fused engine for this configuration (a host-side error: nothing was launched).
     const std::lock_guard<std::mutex> lock(unfused_mutex);
     unfused.insert(key);
