@@ -34,6 +34,9 @@ def _image_size(text: str) -> tuple[int, int]:
         raise argparse.ArgumentTypeError(f"--image-size must be N or HxW (one or two sizes), got {text!r}")
     if min(sizes) < 1:
         raise argparse.ArgumentTypeError(f"--image-size must be N or HxW with positive sizes, got {text!r}")
+    if max(sizes) > INT64_MAX:
+        raise argparse.ArgumentTypeError(f"--image-size must be N or HxW with sizes of at most 2**63 - 1 (PyTorch's "
+                                         f"64-bit sizes), got {text!r}")
     return (sizes[0], sizes[0]) if len(sizes) == 1 else sizes
 
 
@@ -42,9 +45,12 @@ def _batch_size(text: str) -> int:
         value = int(text)
     except ValueError:
         raise argparse.ArgumentTypeError(f"expected an integer >= 1, got {text!r}") from None
-    if value < 1:
-        raise argparse.ArgumentTypeError(f"must be >= 1, got {value}")
+    if not 1 <= value <= INT64_MAX:
+        raise argparse.ArgumentTypeError(f"must be in [1, 2**63 - 1] (PyTorch's 64-bit sizes), got {value}")
     return value
+
+
+INT64_MAX = 2**63 - 1
 
 
 def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
@@ -190,14 +196,39 @@ def main(argv: Sequence[str] | None = None) -> int:
                 width=args.width,
             )
     except ValueError as e:  # a usage error, as argparse reports one: the usage, then the flag and the reason
-        parser = build_parser()
-        parser.print_usage(sys.stderr)
-        flag = _flag_of(str(e))
-        print(f"{parser.prog}: error: {f'argument {flag}: ' if flag else ''}{e}", file=sys.stderr)
-        return 2
-    rows = summarize(model, args.image_size, args.batch_size)
+        return _usage_error(str(e), _flag_of(str(e)))
+    except RuntimeError as e:
+        if not _overflowed(e):
+            raise
+        return _usage_error(f"a model of --width {args.width} and --num-classes {args.num_classes} has tensors too "
+                            f"large for PyTorch's 64-bit sizes ({_first_line(e)})")
+    try:
+        rows = summarize(model, args.image_size, args.batch_size)
+    except RuntimeError as e:
+        if not _overflowed(e):
+            raise
+        image = "x".join(map(str, args.image_size))
+        return _usage_error(f"an input of --batch-size {args.batch_size} and --image-size {image} makes tensors too "
+                            f"large for PyTorch's 64-bit sizes ({_first_line(e)})")
     print(format_summary(model, rows, args.image_size, args.batch_size))
     return 0
+
+
+def _overflowed(e: RuntimeError) -> bool:
+    """Whether PyTorch refused a tensor whose size in bytes passes 64 bits ("Storage size calculation overflowed")."""
+    return "overflow" in str(e).lower()
+
+
+def _first_line(e: BaseException) -> str:
+    return str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+
+
+def _usage_error(message: str, flag: str | None = None) -> int:
+    """Print `message` as argparse prints a usage error (the usage, then the flag and the reason); the exit status."""
+    parser = build_parser()
+    parser.print_usage(sys.stderr)
+    print(f"{parser.prog}: error: {f'argument {flag}: ' if flag else ''}{message}", file=sys.stderr)
+    return 2
 
 
 if __name__ == "__main__":

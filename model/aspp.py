@@ -10,12 +10,15 @@ state_dict keys are torchvision's: ``convs.0.0.weight``, ``convs.0.1.*``, ``conv
 
 from __future__ import annotations
 
+import numbers
 from collections.abc import Sequence
 
 import torch
 import torch.fx
 import torch.nn.functional as F
 from torch import nn
+
+from model.checks import INT32_MAX, check_int, check_ordered
 
 Tensor = torch.Tensor
 
@@ -35,14 +38,21 @@ def refuse_batch_one(x: Tensor, refuses: bool = True) -> None:
 
 
 def check_rates(atrous_rates: Sequence[int]) -> tuple[int, ...]:
-    """The rates as a tuple of positive ints, or a ValueError naming the argument."""
+    """The rates as a tuple of ints in [1, 2**31 - 1] (numpy integers taken as ints), or a ValueError naming the
+    argument; a set or dict is refused (its order is not the order written, so the rates would be reordered)."""
+    check_ordered(atrous_rates, "atrous_rates")
     try:
+        if isinstance(atrous_rates, str | bytes):  # '6' iterated as ('6',), named so in the error
+            raise TypeError
         rates = tuple(atrous_rates)
     except TypeError:
         raise ValueError(f"atrous_rates must be a sequence of positive ints, got {atrous_rates!r}") from None
-    if not rates or any(isinstance(r, bool) or not isinstance(r, int) or r < 1 for r in rates):
+    if not rates or any(isinstance(r, bool) or not isinstance(r, numbers.Integral) or r < 1 for r in rates):
         raise ValueError(f"atrous_rates must be a non-empty sequence of positive ints, got {atrous_rates!r}")
-    return rates
+    if max(rates) > INT32_MAX:
+        raise ValueError(f"atrous_rates must be at most {INT32_MAX} each (a 32-bit int: cuDNN and the kernels take a "
+                         f"rate as one), got {atrous_rates!r}")
+    return tuple(int(r) for r in rates)
 
 
 class ASPPConv(nn.Sequential):
@@ -113,9 +123,11 @@ class ASPP(nn.Module):
         self, in_channels: int, atrous_rates: Sequence[int], out_channels: int = 256, dropout: float = 0.0
     ) -> None:
         super().__init__()
+        in_channels = check_int(in_channels, "in_channels")
+        out_channels = check_int(out_channels, "out_channels")
         rates = check_rates(atrous_rates)
-        if not 0.0 <= dropout < 1.0:
-            raise ValueError(f"dropout must be in [0, 1), got {dropout!r}")
+        if isinstance(dropout, bool) or not isinstance(dropout, numbers.Real) or not 0.0 <= dropout < 1.0:
+            raise ValueError(f"dropout must be a probability in [0, 1), got {dropout!r}")
         branches: list[nn.Module] = [
             nn.Sequential(
                 nn.Conv2d(in_channels, out_channels, 1, bias=False),

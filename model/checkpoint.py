@@ -15,7 +15,8 @@ anything is copied, so a failed load leaves the model as it was. Fused and unfus
 either loads what the other saved.
 
 Every file is read through :func:`load_file` (``training.checkpoint`` and ``train.py`` too): a missing file raises
-FileNotFoundError, a folder IsADirectoryError, and a file that is empty, corrupt or truncated, not a torch.save
+FileNotFoundError, a folder IsADirectoryError, and a file that is empty, corrupt (a zip record whose bytes fail the
+CRC-32 that torch.save wrote, which torch.load does not check) or truncated, not a torch.save
 file, or (read weights-only) holding other objects than tensors :class:`CheckpointReadError`; each message names the
 file and says what is wrong with it.
 """
@@ -25,6 +26,7 @@ from __future__ import annotations
 import os
 import re
 import warnings
+import zipfile
 from collections.abc import Mapping, Sequence
 
 import torch
@@ -108,6 +110,10 @@ def load_file(path: str | os.PathLike, *, weights_only: bool = True, map_locatio
     size = os.path.getsize(path)
     if size == 0:
         raise CheckpointReadError(f"cannot read checkpoint {path}: the file is empty (0 bytes){advice}")
+    damaged = _damaged_record(path)
+    if damaged:
+        raise CheckpointReadError(f"cannot read checkpoint {path} ({size} bytes): it is corrupt: {damaged} (the bytes "
+                                  f"on disk are not those saved){advice}")
     try:
         with warnings.catch_warnings():  # a non-torch pickle read weights-only warns of its protocol, then fails
             warnings.filterwarnings("ignore", message="Detected pickle protocol")
@@ -119,9 +125,10 @@ def load_file(path: str | os.PathLike, *, weights_only: bool = True, map_locatio
         # "Unsupported global: GLOBAL x.Y was not an allowed global", or for a module torch blocks outright (os,
         # posix, subprocess, ...: a file crafted to run code) "unsupported GLOBAL posix.system whose module posix is
         # blocked": both are refusals of an object, not a damaged file.
-        found = (re.search(r"unsupported (?:global: )?GLOBAL ([\w.]+)", str(e), re.IGNORECASE)
-                 if weights_only else None)
-        if found:
+        found = (re.search(r"unsupported (?:global: )?GLOBAL (.*?) (?:was not an allowed global|whose module)",
+                           str(e), re.IGNORECASE | re.DOTALL) if weights_only else None)
+        # a name garbled by damage to the pickle ("torch.\x00\x00ge") is no object the file was saved with
+        if found and all(part.isidentifier() for part in found.group(1).split(".")):
             raise CheckpointReadError(
                 f"cannot read checkpoint {path}: it holds a pickled {found.group(1)}, and checkpoints are read "
                 "weights-only (tensors, numbers, strings and their containers: no code from the file runs); save "
@@ -129,6 +136,22 @@ def load_file(path: str | os.PathLike, *, weights_only: bool = True, map_locatio
         raise CheckpointReadError(
             f"cannot read checkpoint {path} ({size} bytes): it is corrupt or truncated, or not a torch.save file "
             f"({_load_error_detail(e)}){advice}") from None
+
+
+def _damaged_record(path: str) -> str | None:
+    """The first record of a torch.save zip archive whose CRC-32 does not match its bytes, described; None when every
+    record matches or the file is no zip archive (torch.load reports those). torch.load checks no CRC: a flipped bit
+    in a tensor's bytes loaded silently as a wrong weight."""
+    if not zipfile.is_zipfile(path):
+        return None
+    try:
+        with zipfile.ZipFile(path) as archive:
+            bad = archive.testzip()
+    except (zipfile.BadZipFile, EOFError) as e:
+        return f"its zip archive cannot be read ({e})"
+    except (OSError, NotImplementedError, RuntimeError):
+        return None  # unreadable or of a kind zipfile does not take: torch.load says what it makes of it
+    return f"record {bad!r} fails its CRC-32 check" if bad else None
 
 
 def read_state_dict(source: StateDictSource) -> dict[str, Tensor]:
@@ -151,14 +174,17 @@ def read_state_dict(source: StateDictSource) -> dict[str, Tensor]:
     # The first wrapper entry that holds tensors ({"model": {"name": ...}, "state_dict": {...}}: the state_dict),
     # else the first one (whose contents the errors below describe).
     holding = [w for w in wrapped if any(isinstance(v, torch.Tensor) for v in obj[w].values())]
+    taken = ""  # the wrapper key taken, as an index expression for the hints below
     if wrapped:
+        taken = f"[{(holding or wrapped)[0]!r}]"
         obj = obj[(holding or wrapped)[0]]
     bad = [k for k, v in obj.items() if not isinstance(k, str) or not isinstance(v, torch.Tensor)]
     if bad and len(bad) == len(obj):  # not a state_dict at all: say what it holds and where one is looked for
         raise TypeError(
             f"checkpoint {what} holds no state_dict: expected a mapping of names to tensors, or a dict with one under "
             f"{' or '.join(repr(w) for w in WRAPPER_KEYS)}; it holds a dict of {_describe_entries(obj)}"
-            + _nested_hint(obj))
+            + _nested_hint(obj, "torch.load(PATH, weights_only=True)" if what != "state_dict" else "checkpoint",
+                           taken))
     if bad:
         raise TypeError(f"checkpoint {what}: expected a mapping of str to tensors; entries {bad[:5]!r} are not")
     state = dict(obj)
@@ -179,11 +205,12 @@ def _describe_entries(obj: Mapping, limit: int = 8) -> str:
     return (", ".join(items) + more) if items else "no entries"
 
 
-def _nested_hint(obj: Mapping) -> str:
-    """Where a state_dict sits under another key ({"weights": state_dict}): name it."""
+def _nested_hint(obj: Mapping, source: str, taken: str = "") -> str:
+    """Where a state_dict sits under another key ({"weights": state_dict}): name it, as `source` indexed by the
+    wrapper key already `taken` and that key ({"state_dict": {"model": …}}: source['state_dict']['model'])."""
     for k, v in obj.items():
         if isinstance(v, Mapping) and v and all(isinstance(t, torch.Tensor) for t in v.values()):
-            return f"; its entry {k!r} looks like one: pass torch.load(PATH, weights_only=True)[{k!r}] instead"
+            return f"; its entry {k!r} looks like one: pass {source}{taken}[{k!r}] instead"
     return ""
 
 

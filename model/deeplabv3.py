@@ -17,6 +17,7 @@ from torch import nn
 
 from deeplab_ops.fusion import fuse_modules, fused_config
 from model.aspp import ASPP, RATES_BY_OUTPUT_STRIDE, check_rates
+from model.checks import INT32_MAX, check_int, check_ordered
 from model.heads import HEADS, DeepLabHead, FCNHead
 from model.resnet import DEPTHS, RESIDUAL_UNITS, ResNet, check_backbone_args
 
@@ -29,14 +30,19 @@ TORCHVISION_PRESET = {"output_stride": 8, "atrous_rates": (12, 24, 36), "head": 
 
 
 @torch.fx.wrap  # traced (torch.fx, create_feature_extractor) as one call: the check runs on the traced module's input
-def check_image_batch(x: Tensor) -> None:
-    """Refuse what is not a floating-point (N, C, H, W) batch, naming it (the first convolution checks C)."""
+def check_image_batch(x: Tensor, dtype: torch.dtype | None = None) -> None:
+    """Refuse what is not a floating-point (N, C, H, W) batch of `dtype` (the first convolution's, outside autocast),
+    naming it (the first convolution checks C)."""
     if x.dim() != 4:
         raise ValueError(f"x must be an (N, C, H, W) image batch, got shape {tuple(x.shape)}")
     if not x.is_floating_point():
         # Unfused, PyTorch says only "expected scalar type Byte but found Float" for a uint8 image batch.
         raise TypeError(f"x must be a floating-point image batch (normalized, in the model's dtype), got dtype "
                         f"{x.dtype}: convert it first, e.g. x.float() / 255 before normalizing")
+    if dtype is not None and x.dtype != dtype and not torch.is_autocast_enabled(x.device.type):
+        # Unfused, PyTorch says only "expected scalar type Double but found Float".
+        raise TypeError(f"x has dtype {x.dtype} but the model's weights have dtype {dtype}: convert one to the other "
+                        f"(x.to({dtype}) or model.to({x.dtype})), or run under torch.autocast")
 
 
 @torch.fx.wrap  # traced as one call, so that `upsample` stays an input of the traced module
@@ -62,7 +68,10 @@ class DeepLabV3(nn.Module):
         self.config: dict = {}
 
     def forward(self, x: Tensor, upsample: bool = True) -> dict[str, Tensor]:
-        check_image_batch(x)
+        if not isinstance(upsample, bool | torch.fx.Proxy):  # 'no' or None would resize (or not) by truthiness
+            raise TypeError(f"upsample must be a bool, got {upsample!r}")
+        first_conv = next((m for m in self.modules() if isinstance(m, nn.Conv2d)), None)
+        check_image_batch(x, None if first_conv is None else first_conv.weight.dtype)
         if isinstance(x, torch.fx.Proxy) or (self.training and x.shape[0] == 1):  # traced: the check is recorded
             self._check_batch(x)
         size = x.shape[-2:]
@@ -82,12 +91,6 @@ class DeepLabV3(nn.Module):
                 cfg = fused_config(module)
                 if cfg is None or cfg.process_group is None:  # a synchronized fused ASPP pools every process's batch
                     module.check_batch(x)
-
-
-def _check_int(value, name: str, minimum: int) -> int:
-    if isinstance(value, bool) or not isinstance(value, numbers.Integral) or value < minimum:
-        raise ValueError(f"{name} must be an int >= {minimum}, got {value!r}")
-    return int(value)
 
 
 def _as_int_if_integral(value):
@@ -111,14 +114,6 @@ def _ints_if_integral(values):
     if all(isinstance(v, numbers.Integral) and not isinstance(v, bool) for v in items):
         return tuple(int(v) for v in items)
     return values
-
-
-def _check_ordered(value, name: str) -> None:
-    """Refuse a set (or dict) for a per-unit or per-branch sequence: its iteration order is not the order written
-    ({4, 1, 2} iterates 1, 2, 4), so the rates would silently be other ones than the caller meant."""
-    if isinstance(value, Set | Mapping):
-        raise ValueError(f"{name} must be an ordered sequence of positive ints (a tuple or list: the order gives each "
-                         f"unit or branch its rate), got a {type(value).__name__} {value!r}")
 
 
 def _check_preset_args(**given) -> None:
@@ -164,7 +159,7 @@ def deeplabv3_resnet(
     depth = _as_int_if_integral(depth)
     if isinstance(depth, bool) or not isinstance(depth, int) or depth not in DEPTHS:  # 50.0 made "resnet50.0"
         raise ValueError(f"depth must be one of {tuple(DEPTHS)}, got {depth!r}")
-    num_classes = _check_int(num_classes, "num_classes", 1)
+    num_classes = check_int(num_classes, "num_classes")
     if preset not in PRESETS:
         raise ValueError(f"preset must be one of {PRESETS}, got {preset!r}")
     if head is not None and head not in HEADS:
@@ -180,12 +175,12 @@ def deeplabv3_resnet(
     if memory_efficient and not fused:
         raise ValueError("memory_efficient=True needs fused=True: it is a mode of the fused ops")
     pattern = "paper"
-    width = _check_int(width, "width", 1)
+    width = check_int(width, "width", maximum=INT32_MAX // 32, why="layer4 has 32 x width channels, a 32-bit int")
     # 8.0 passed `output_stride in (8, 16)` and was kept as a float (config, checkpoints); numpy ints were refused
     # in multi_grid / atrous_rates. Integral values become ints; the rest is refused below, by name.
     output_stride = _as_int_if_integral(output_stride)
-    _check_ordered(multi_grid, "multi_grid")
-    _check_ordered(atrous_rates, "atrous_rates")
+    check_ordered(multi_grid, "multi_grid")
+    check_ordered(atrous_rates, "atrous_rates")
     multi_grid, atrous_rates = _ints_if_integral(multi_grid), _ints_if_integral(atrous_rates)
     if preset == "torchvision" and depth not in (50, 101):
         raise ValueError(f"preset='torchvision' is torchvision's deeplabv3_resnet50/101: depth must be 50 or 101, got "

@@ -12,6 +12,7 @@ from collections.abc import Sequence
 from torch import nn
 
 from model.aspp import ASPP
+from model.checks import check_int
 
 HEADS = ("paper", "torchvision")
 
@@ -31,7 +32,10 @@ class DeepLabHead(nn.Sequential):
         self, in_channels: int, num_classes: int, atrous_rates: Sequence[int], style: str = "paper", channels: int = 256
     ) -> None:
         if style not in HEADS:
-            raise ValueError(f"head must be one of {HEADS}, got {style!r}")
+            raise ValueError(f"style must be one of {HEADS}, got {style!r}")
+        in_channels = check_int(in_channels, "in_channels")
+        num_classes = check_int(num_classes, "num_classes")
+        channels = check_int(channels, "channels")
         if style == "paper":
             super().__init__(ASPP(in_channels, atrous_rates, channels), nn.Conv2d(channels, num_classes, 1))
         else:
@@ -49,7 +53,9 @@ class FCNHead(nn.Sequential):
     """Auxiliary head (torchvision's FCNHead): 3×3 conv → BN → ReLU → dropout 0.1 → 1×1 conv to logits."""
 
     def __init__(self, in_channels: int, num_classes: int) -> None:
-        inter = in_channels // 4
+        # its inner layer has in_channels // 4 channels: at least one
+        inter = check_int(in_channels, "in_channels", minimum=4) // 4
+        num_classes = check_int(num_classes, "num_classes")
         super().__init__(
             nn.Conv2d(in_channels, inter, 3, padding=1, bias=False),
             nn.BatchNorm2d(inter),

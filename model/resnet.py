@@ -19,6 +19,8 @@ from collections.abc import Sequence
 import torch
 from torch import nn
 
+from model.checks import INT32_MAX
+
 Tensor = torch.Tensor
 
 # 50 and 101 as in the paper and torchvision; 29 (two units per stage, three in block 4 for the multi-grid
@@ -157,6 +159,11 @@ def check_backbone_args(depths: Sequence[int], output_stride: int, multi_grid: S
         )
     if any(isinstance(m, bool) or not isinstance(m, int) or m < 1 for m in grid):
         raise ValueError(f"multi_grid must be positive ints, got {grid!r}")
+    base = 32 // output_stride  # layer4's rate before multi_grid
+    if max(grid) * base > INT32_MAX:
+        raise ValueError(f"multi_grid must keep block 4's dilations ({base} x multi_grid at output stride "
+                         f"{output_stride}) within 32 bits (<= 2**31 - 1: cuDNN and the kernels take them as ints), "
+                         f"got {grid!r}")
 
 
 class ResNet(nn.Sequential):

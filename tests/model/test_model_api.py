@@ -349,3 +349,157 @@ def test_what_is_no_model_is_named(tiny_state, bad):
     for load in (model.load_checkpoint, model.load_backbone, lambda m, s: model.unwrap_model(m)):
         with pytest.raises(TypeError, match=r"model must be an nn\.Module \(a DeepLabV3, wrapped or not\), got "):
             load(bad, tiny_state)
+
+
+# ---- review mends: arguments of the modules, the forward, damaged files, the summary's sizes -----------------------
+
+@pytest.mark.parametrize("rates", [{6, 12, 18}, {6: 1, 12: 2}, frozenset({6, 12})])
+def test_aspp_and_head_refuse_unordered_rates_as_the_factory_does(rates):
+    # ASPP(8, {6, 12, 18}, 4) built its branches in the set's iteration order (18, 12, 6), silently.
+    with pytest.raises(ValueError, match=r"atrous_rates must be an ordered sequence"):
+        model.ASPP(8, rates, 4)
+    with pytest.raises(ValueError, match=r"atrous_rates must be an ordered sequence"):
+        model.DeepLabHead(8, 3, rates)
+
+
+def test_aspp_takes_numpy_rates_as_ints_and_refuses_rates_past_32_bits():
+    aspp = model.ASPP(8, np.array([6, 12]), 4)
+    assert aspp.atrous_rates == (6, 12) and all(type(r) is int for r in aspp.atrous_rates)
+    assert [b[0].dilation for b in aspp.convs[1:-1]] == [(6, 6), (12, 12)]
+    with pytest.raises(ValueError, match=r"atrous_rates must be at most 2147483647 each .*got \(6, 2147483648\)"):
+        model.ASPP(8, (6, 2**31), 4)
+    for bad in ("6", (6, 0), (6, 1.5), (True,), ()):
+        with pytest.raises(ValueError, match=r"atrous_rates"):
+            model.ASPP(8, bad, 4)
+
+
+@pytest.mark.parametrize("dropout", ["0.5", None, 1.0, -0.1, float("nan"), True])
+def test_aspp_refuses_a_dropout_that_is_no_probability_by_name(dropout):
+    with pytest.raises(ValueError, match=rf"dropout must be a probability in \[0, 1\), got {dropout!r}"):
+        model.ASPP(8, (6,), 4, dropout=dropout)
+
+
+@pytest.mark.parametrize(("build", "name"), [
+    (lambda: model.ASPP(0, (6,), 4), "in_channels"),
+    (lambda: model.ASPP(8, (6,), 0), "out_channels"),
+    (lambda: model.ASPP(8.0, (6,), 4), "in_channels"),
+    (lambda: model.DeepLabHead(8, 0, (6,)), "num_classes"),
+    (lambda: model.DeepLabHead(8, 3, (6,), channels=0), "channels"),
+    (lambda: model.FCNHead(2, 3), "in_channels"),  # in_channels // 4 = 0 inner channels
+    (lambda: model.FCNHead(8, 0), "num_classes"),
+])
+def test_heads_refuse_channel_counts_below_one_by_name(build, name):
+    with pytest.raises(ValueError, match=rf"^{name} must be an int >= \d+, got"):
+        build()
+
+
+def test_deeplab_head_names_its_style_argument():
+    with pytest.raises(ValueError, match=r"^style must be one of \('paper', 'torchvision'\), got 'tv'"):
+        model.DeepLabHead(8, 3, (6,), style="tv")
+
+
+def test_factory_refuses_sizes_past_32_bits_by_name():
+    with pytest.raises(ValueError, match=r"num_classes must be at most 2147483647"):
+        _tiny(num_classes=2**31)
+    with pytest.raises(ValueError, match=r"width must be at most 67108863 \(layer4 has 32 x width channels"):
+        _tiny(width=2**26)
+    with pytest.raises(ValueError, match=r"multi_grid must keep block 4's dilations \(2 x multi_grid at output "
+                                         r"stride 16\) within 32 bits"):
+        _tiny(multi_grid=(1, 2, 2**30))
+    assert model.deeplabv3_resnet(29, width=2, num_classes=np.int64(3)).config["num_classes"] == 3
+
+
+@pytest.mark.parametrize("upsample", ["no", None, 0, 1, torch.tensor(True)])
+def test_forward_upsample_must_be_a_bool(upsample):
+    # upsample="no" resized (a non-empty string is true), None did not: both silently.
+    net = model.deeplabv3_resnet(29, width=2).eval()
+    with pytest.raises(TypeError, match=r"^upsample must be a bool, got"):
+        net(torch.randn(2, 3, 17, 17), upsample=upsample)
+
+
+def test_an_input_of_another_dtype_than_the_weights_is_refused_naming_both_unless_autocast():
+    # Unfused, PyTorch said only "expected scalar type Double but found Float".
+    net = model.deeplabv3_resnet(29, width=2).eval()
+    x = torch.randn(2, 3, 17, 17)
+    with pytest.raises(TypeError, match=r"x has dtype torch.float64 but the model's weights have dtype "
+                                        r"torch.float32: .*x.to\(torch.float32\) or model.to\(torch.float64\)"):
+        net(x.double())
+    with torch.autocast("cpu", dtype=torch.bfloat16):  # autocast casts the input for the convolutions itself
+        assert net(x.bfloat16())["out"].shape == (2, 21, 17, 17)
+    assert net.double()(x.double())["out"].dtype == torch.float64
+
+
+def _flip_a_byte_of(path, record_suffix: str, offset: int = 10) -> None:
+    import struct
+    import zipfile
+
+    info = next(i for i in zipfile.ZipFile(path).infolist() if i.filename.endswith(record_suffix))
+    data = bytearray(path.read_bytes())
+    name_len, extra_len = struct.unpack("<HH", data[info.header_offset + 26:info.header_offset + 30])
+    data[info.header_offset + 30 + name_len + extra_len + offset] ^= 0xFF
+    path.write_bytes(bytes(data))
+
+
+def test_a_checkpoint_whose_tensor_bytes_changed_on_disk_is_refused_not_loaded(tiny_state, tmp_path):
+    # torch.load checks no CRC: a flipped bit in a weight loaded silently, as a wrong weight.
+    path = tmp_path / "flipped.pt"
+    torch.save(tiny_state, path)
+    _flip_a_byte_of(path, "/data/0")
+    net = _tiny(aux_loss=True)
+    before = {k: v.clone() for k, v in net.state_dict().items()}
+    with pytest.raises(model.CheckpointReadError, match=r"flipped.pt \(\d+ bytes\): it is corrupt: record "
+                                                         r"'flipped/data/0' fails its CRC-32 check"):
+        model.load_checkpoint(net, path)
+    assert all(torch.equal(before[k], v) for k, v in net.state_dict().items())
+
+
+def test_a_garbled_class_name_in_the_pickle_reads_as_damage_not_as_a_pickled_object(tiny_state, tmp_path):
+    # A damaged data.pkl (its CRC made to match, as a copy tool that rewrote the archive would) said "it holds a
+    # pickled torch., and checkpoints are read weights-only ... save the tensors alone".
+    import zipfile
+
+    source, path = tmp_path / "source.pt", tmp_path / "garbled.pt"
+    torch.save(tiny_state, source)
+    with zipfile.ZipFile(source) as original, zipfile.ZipFile(path, "w", zipfile.ZIP_STORED) as copy:
+        for info in original.infolist():
+            data = original.read(info)
+            if info.filename.endswith("data.pkl"):
+                at = data.index(b"ctorch\nFloatStorage")
+                data = data[:at + 7] + b"\x00" * 10 + data[at + 17:]
+            copy.writestr(info.filename.replace("source/", "garbled/"), data)
+    with pytest.raises(model.CheckpointReadError) as info:
+        model.load_checkpoint(_tiny(aux_loss=True), path)
+    assert "corrupt or truncated" in str(info.value) and "pickled" not in str(info.value), str(info.value)
+
+
+def test_a_state_dict_nested_two_wrappers_deep_is_pointed_to_by_its_whole_path(tiny_state, tmp_path):
+    hint = r"its entry 'model' looks like one: pass checkpoint\['state_dict'\]\['model'\]"
+    with pytest.raises(TypeError, match=hint):
+        model.load_checkpoint(_tiny(aux_loss=True), {"state_dict": {"model": tiny_state}})
+    path = tmp_path / "nested.pt"
+    torch.save({"state_dict": {"model": tiny_state}}, path)
+    with pytest.raises(TypeError, match=r"pass torch.load\(PATH, weights_only=True\)\['state_dict'\]\['model'\]"):
+        model.load_checkpoint(_tiny(aux_loss=True), path)
+
+
+@pytest.mark.parametrize(("argv", "expected"), [
+    (["--image-size", "400000000"], "an input of --batch-size 1 and --image-size 400000000x400000000 makes tensors "
+                                    "too large for PyTorch's 64-bit sizes"),
+    (["--batch-size", "100000000000000000000"], "argument --batch-size: must be in [1, 2**63 - 1]"),
+    (["--image-size", "100000000000000000000"], "argument --image-size: --image-size must be N or HxW with sizes of "
+                                                "at most 2**63 - 1"),
+    (["--width", "10000000000"], "argument --width: width must be at most 67108863"),
+    (["--width", "60000000"], "a model of --width 60000000 and --num-classes 21 has tensors too large"),
+    (["--num-classes", "100000000000000000000"], "argument --num-classes: num_classes must be at most 2147483647"),
+    (["--atrous-rates", "100000000000000000000"], "argument --atrous-rates: atrous_rates must be at most 2147483647 "
+                                                  "each"),
+    (["--multi-grid", "1", "2", "1000000000000"], "argument --multi-grid: multi_grid must keep block 4's dilations"),
+])
+def test_summary_of_sizes_past_pytorchs_arithmetic_is_a_usage_error_naming_the_flag(argv, expected, capsys):
+    # each ended in a RuntimeError / TypeError traceback from PyTorch's C++ (exit 1)
+    try:
+        status = summary_main(["--summary", *argv])
+    except SystemExit as e:  # argparse's own errors (a type= check)
+        status = e.code
+    err = capsys.readouterr().err
+    assert status == 2 and expected in err and "Traceback" not in err, err
