@@ -100,11 +100,13 @@ def main(argv: list[str] | None = None) -> int:
     peak, peak_desc = common.matmul_peak(device, args.quick)
     print(f"{env['gpu']} | torch {env['torch']} | triton {env['triton']} | commit {env['git_commit']}")
     print(f"peak: {peak_desc}")
-    runner = common.Runner(env, device, args, peak)
-    fractions = {}
+    fractions = {name: {r: round(common.valid_tap_fraction(configs[name][0], r), 4) for r in configs[name][1]}
+                 for name in names}
+    meta = {"script": "aspp_bench", "argv": sys.argv[1:] if argv is None else argv, "matmul_peak": peak_desc,
+            "matmul_peak_tflops": peak, "valid_tap_fraction": fractions, "environment": env}
+    runner = common.Runner(env, device, args, peak, meta)
     for name in names:
         size, rates = configs[name]
-        fractions[name] = {r: round(common.valid_tap_fraction(size, r), 4) for r in rates}
         forward = common.aspp_flops(1, cin, cout, size, size, rates)
         shape = f"{cin}x{size}x{size} r{'/'.join(map(str, rates))} ->{cout}"
         for batch, dtype_name, mode in itertools.product(batches, dtypes, args.modes):
@@ -133,10 +135,7 @@ def main(argv: list[str] | None = None) -> int:
                     min_bytes = common.aspp_min_bytes(batch, cin, cout, size, size, rates, mode,
                                                       common.DTYPE_BYTES[dtype_name])
                     runner.run(build, reason=reason, flops=flops, note=module_note, min_bytes=min_bytes, **case)
-    rows = runner.rows
-    meta = {"script": "aspp_bench", "argv": sys.argv[1:] if argv is None else argv, "matmul_peak": peak_desc,
-            "matmul_peak_tflops": peak, "valid_tap_fraction": fractions, "environment": env}
-    return common.finish(rows, args, meta, f"ASPP on {common.machine_name(env)} ({peak_desc})")
+    return common.finish(runner.rows, args, meta, f"ASPP on {common.machine_name(env)} ({peak_desc})")
 
 
 if __name__ == "__main__":

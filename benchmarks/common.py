@@ -16,6 +16,7 @@ import contextlib
 import csv
 import datetime
 import errno
+import importlib.util
 import io
 import json
 import math
@@ -243,6 +244,12 @@ def read_rows(path: str | Path) -> list[dict]:
     """The rows of a results file: NAME.json ({"meta", "rows"}) or NAME.csv (FIELDS columns). ValueError, saying
     what is wrong, for a file that is not one (not JSON, no "rows", a row or header without ROW_COLUMNS, empty);
     OSError for one that cannot be read."""
+    return read_results(path)[0]
+
+
+def read_results(path: str | Path) -> tuple[list[dict], dict]:
+    """read_rows, and the run's meta: a JSON's "meta"; a CSV's is {"partial": True} when its last row says that the
+    run had not finished (status PARTIAL_STATUS), else {}."""
     path = Path(path)
     if path.suffix == ".json":
         try:
@@ -256,6 +263,7 @@ def read_rows(path: str | Path) -> list[dict]:
             raise ValueError(f'{path}: not a results JSON (expected {{"meta": ..., "rows": [...]}}, as the '
                              "benchmark scripts write)")
         missing = sorted({c for r in rows for c in ROW_COLUMNS if c not in r})
+        meta = data.get("meta") if isinstance(data.get("meta"), dict) else {}
     else:
         try:
             with path.open(newline="") as f:
@@ -270,10 +278,11 @@ def read_rows(path: str | Path) -> list[dict]:
             raise ValueError(f"{path}: empty, expected a results CSV with a header line ({', '.join(ROW_COLUMNS)}, "
                              "...)")
         missing = [c for c in ROW_COLUMNS if c not in header]
+        meta = {"partial": True} if rows and rows[-1].get("status") == PARTIAL_STATUS else {}
     if missing:
         raise ValueError(f"{path}: not a benchmark results file: no {', '.join(missing)} column (expected the "
                          "NAME.csv or NAME.json of aspp_bench, conv_bn_relu_bench or train_bench)")
-    return rows
+    return rows, meta
 
 
 def roofline_report(path: str | Path) -> list[str]:
@@ -646,8 +655,10 @@ class Runner:
     after another (do_bench measures device time, which host load does not shift).
     """
 
-    def __init__(self, env: dict, device: torch.device, args: argparse.Namespace, peak_tflops: float | None) -> None:
+    def __init__(self, env: dict, device: torch.device, args: argparse.Namespace, peak_tflops: float | None,
+                 meta: dict | None = None) -> None:
         self.env, self.device, self.args, self.peak = env, device, args, peak_tflops
+        self.meta = meta or {}  # the run's meta (machine, versions, argv, ...): the partial saves carry it too
         self.budget = Budget(args.budget_s)
         self.rows: list[dict] = []
         # every file an earlier run of this NAME may have left, --plot or --profile or not: none describes this run
@@ -663,7 +674,7 @@ class Runner:
     def save(self) -> None:
         """Write the rows so far: a run killed by a timeout still leaves every finished case on disk."""
         fill_speedups(self.rows)
-        write_results(self.rows, self.args.out, self.args.name, {"partial": True})
+        write_results(self.rows, self.args.out, self.args.name, {**self.meta, "partial": True})
 
     @contextlib.contextmanager
     def group(self):
@@ -1103,6 +1114,9 @@ def out_folder(text: str) -> str:
     are written). Checked here, before any case runs, so that a folder that cannot be made or written is a usage
     error instead of a traceback after the first case: the folder, or else its nearest existing parent, must be a
     folder in which a file can be made (an unnamed temporary file, gone at once)."""
+    if not text:  # Path("") is ".": the results would land wherever the script was started
+        raise argparse.ArgumentTypeError("expected the results folder, got an empty value (created if missing; "
+                                         "give . for the current folder)")
     if os.path.exists(text) and not os.path.isdir(text):
         raise argparse.ArgumentTypeError(f"{text} exists and is not a folder (the results folder, created if "
                                          "missing)")
@@ -1119,9 +1133,38 @@ def out_folder(text: str) -> str:
     return text
 
 
-def check_output_files(parser: argparse.ArgumentParser, out_dir: str | Path, names: Iterable[str]) -> None:
-    """A usage error (exit status 2, before any case runs) when one of the result files `names` in the --out
-    folder cannot be written: a folder, or something else that is not a plain file, already has its name."""
+# What a results file's name may grow by in its folder: atomic_write's temporary copy, ".NAME.<pid>.<random>.tmp"
+# (22 bytes more at most), and set_aside_earlier_results' NAME.prev-<UTC time>[-k].EXT (22 + 3).
+TEMP_NAME_MARGIN = 30
+
+
+def name_max(folder: str | Path) -> int:
+    """The longest file name, in bytes, the file system of `folder` (or of its nearest existing parent, where it is
+    not made yet) admits: PC_NAME_MAX, or 255 where that cannot be asked."""
+    probe = os.path.abspath(folder)
+    while not os.path.exists(probe) and os.path.dirname(probe) != probe:
+        probe = os.path.dirname(probe)
+    try:
+        limit = os.pathconf(probe, "PC_NAME_MAX")
+    except (AttributeError, OSError, ValueError):  # no pathconf (Windows), or no answer for this file system
+        return 255
+    return limit if limit > 0 else 255
+
+
+def check_output_files(parser: argparse.ArgumentParser, out_dir: str | Path, stem: str, names: Iterable[str]
+                       ) -> None:
+    """A usage error (exit status 2, before any case runs) when one of the result files `names` (each `stem`, the
+    --name, and a suffix) in the --out folder cannot be written: with the TEMP_NAME_MARGIN its writes add, the
+    longest is too long a file name for that folder (--name); a folder, or something else that is not a plain file,
+    already has its name (--out)."""
+    names = list(names)
+    limit, size = name_max(out_dir), len(os.fsencode(stem))
+    longest = max(names, key=lambda n: len(os.fsencode(n)))
+    grows = len(os.fsencode(longest)) - size + TEMP_NAME_MARGIN  # the suffix, and what a write adds for a moment
+    if size + grows > limit:
+        parser.error(f"argument --name: too long, {size} bytes: at most {max(limit - grows, 0)} here (the longest "
+                     f"results file, NAME{longest[len(stem):]}, and the ~{TEMP_NAME_MARGIN} bytes that writing it "
+                     f"adds must fit the {limit}-byte file names of {out_dir})")
     for name in names:
         path = Path(out_dir) / name
         if path.exists() and not path.is_file():
@@ -1140,16 +1183,30 @@ def output_names(args: argparse.Namespace) -> list[str]:
             + [f"{args.name}_profile.txt"] * bool(getattr(args, "profile", False)))
 
 
+def check_dtypes(parser: argparse.ArgumentParser, device: str, flag: str, dtypes: Iterable[str] | None) -> None:
+    """A usage error for tf32 with --device cpu: TF32 is a CUDA matmul mode (tensor cores); the CPU would compute
+    fp32 and record it as tf32."""
+    if device == "cpu" and "tf32" in (dtypes or ()):
+        parser.error(f"argument {flag}: tf32 needs --device cuda: TF32 is a CUDA matmul mode (tensor-core math on "
+                     "float32 storage); on the CPU the rows would be fp32's under another name (use fp32)")
+
+
 def parse_args(parser: argparse.ArgumentParser, argv: list[str] | None) -> argparse.Namespace:
-    """parser.parse_args(argv), then the check that the result files can be written (check_output_files)."""
+    """parser.parse_args(argv), then the checks that need several flags, before any case runs: no tf32 on the CPU
+    (check_dtypes), that the result files can be written (check_output_files), and matplotlib for --plot."""
     args = parser.parse_args(argv)
-    check_output_files(parser, args.out, output_names(args))
+    check_dtypes(parser, args.device, "--dtypes", args.dtypes)
+    check_output_files(parser, args.out, args.name, output_names(args))
+    if getattr(args, "plot", False) and importlib.util.find_spec("matplotlib") is None:
+        parser.error("argument --plot: needs matplotlib, which is not installed here (pip install matplotlib, or "
+                     "leave --plot out)")
     return args
 
 
 def file_stem(text: str) -> str:
     """argparse type: the results' file stem (NAME.json, NAME.csv, ...): a plain file name, no folder in it (the
-    folder is --out), not empty, not hidden."""
+    folder is --out), not empty, not hidden. Its length, which the folder's file system limits, is checked with the
+    folder's (check_output_files)."""
     if not text or text in (".", "..") or text.startswith(".") or "/" in text or os.sep in text or "\0" in text:
         raise argparse.ArgumentTypeError(f"{text!r} is not a file stem: expected a plain file name such as "
                                          "'aspp-h200' (no folder: give that with --out; not empty, not starting "
@@ -1197,9 +1254,13 @@ def resolve_device(args: argparse.Namespace) -> torch.device:
 
 def run_script(main: Callable[[], int], script: str) -> int:
     """main() of a benchmark script run from the command line; Ctrl-C (or the SIGINT of gpu_suite.sh's timeout)
-    is one line saying what was kept, and exit status 130, instead of a traceback."""
+    is one line saying what was kept, and exit status 130, instead of a traceback; a reader of stdout that stopped
+    early (`... | head -1`) ends the run quietly with exit status 1 (the results files keep the cases finished)."""
     try:
         return main()
+    except BrokenPipeError:
+        _silence_stdout()
+        return 1
     except KeyboardInterrupt:
         # a second SIGINT (gpu_suite.sh hands one to the phase's process group, and its timeout another) must not
         # interrupt this report with a traceback: ignored while it is written
@@ -1301,9 +1362,10 @@ def goal_files(out_dir: str | Path) -> dict[str, dict[str, Path]]:
     return dict(sorted(runs.items()))
 
 
-def _goal_rows(path: Path) -> list[dict]:
-    """read_rows, with a CSV's median_ms and peak_mem_mb as numbers (None where empty)."""
-    rows = read_rows(path)
+def _goal_rows(path: Path) -> tuple[list[dict], bool]:
+    """read_results' rows, with a CSV's median_ms and peak_mem_mb as numbers (None where empty), and whether the
+    file is a partial run's (one that had not finished when it was written)."""
+    rows, meta = read_results(path)
     for r in rows:
         for key in ("median_ms", "peak_mem_mb"):
             v = r.get(key)
@@ -1312,7 +1374,7 @@ def _goal_rows(path: Path) -> list[dict]:
                     r[key] = float(v) if v.strip() else None
                 except ValueError:
                     raise ValueError(f"{path}: a row's {key} is not a number ({v!r}): {r}") from None
-    return [r for r in rows if r["status"] != "ok" or r.get("median_ms") is not None]
+    return [r for r in rows if r["status"] != "ok" or r.get("median_ms") is not None], bool(meta.get("partial"))
 
 
 def _goal_report(out_dir: str | Path) -> tuple[list[str], list[str]]:
@@ -1343,6 +1405,7 @@ def _run_goal_report(out: Path, prefix: str, stems: dict[str, Path]) -> tuple[li
     files: dict[str, list[dict] | str] = {}  # stem: its rows, or why they cannot be read
     names: dict[str, str] = {}  # stem: the file's name (the expected NAME.json when there is none)
     problems = []
+    read = []  # the files read, a partial run's said so
     for stem in dict.fromkeys(GOAL_STEMS + LEAN_STEMS):
         path = stems.get(stem)
         names[stem] = path.name if path else f"{prefix}{stem}.json"
@@ -1350,12 +1413,16 @@ def _run_goal_report(out: Path, prefix: str, stems: dict[str, Path]) -> tuple[li
             files[stem] = f"no {names[stem]}"
             continue
         try:
-            files[stem] = _goal_rows(path)
+            files[stem], partial = _goal_rows(path)
         except (OSError, ValueError) as e:
             reason = str(e) if isinstance(e, ValueError) else f"{path}: {e.strerror or e}"
             files[stem] = f"cannot read {path.name}: {reason.removeprefix(f'{path}: ')}"
             problems.append(reason)
-    lines = [f"read: {', '.join(str(p) for p in stems.values())}"] if stems else []
+            partial = False
+        if partial:  # its missing rows may be cases the run never reached
+            names[stem] += " (partial run)"
+        read.append(f"{path}{' (partial run)' if partial else ''}")
+    lines = [f"read: {', '.join(read)}"] if read else []
     for title, stem, mode, base, target in GOALS:
         rows = files[stem]
         if isinstance(rows, str):

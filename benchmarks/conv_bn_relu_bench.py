@@ -168,7 +168,9 @@ def main(argv: list[str] | None = None) -> int:
     peak, peak_desc = common.matmul_peak(device, args.quick)
     print(f"{env['gpu']} | torch {env['torch']} | triton {env['triton']} | commit {env['git_commit']}")
     print(f"peak: {peak_desc}")
-    runner = common.Runner(env, device, args, peak)
+    meta = {"script": "conv_bn_relu_bench", "argv": sys.argv[1:] if argv is None else argv, "matmul_peak": peak_desc,
+            "matmul_peak_tflops": peak, "environment": env}
+    runner = common.Runner(env, device, args, peak, meta)
     for s in shapes:
         forward = common.conv_flops(1, s.cin, s.cout, s.size, s.size, s.kernel, s.dilation, s.padding, s.stride)
         for batch, dtype_name, mode in itertools.product(batches, dtypes, args.modes):
@@ -200,8 +202,6 @@ def main(argv: list[str] | None = None) -> int:
                         batch, s.cin, s.cout, s.size, s.size, s.kernel, s.out_size, s.out_size, s.residual, mode,
                         common.DTYPE_BYTES[dtype_name])
                     runner.run(build, reason=reason, flops=flops, min_bytes=min_bytes, **case)
-    meta = {"script": "conv_bn_relu_bench", "argv": sys.argv[1:] if argv is None else argv, "matmul_peak": peak_desc,
-            "matmul_peak_tflops": peak, "environment": env}
     return common.finish(runner.rows, args, meta, f"conv + BN + ReLU on {common.machine_name(env)} ({peak_desc})")
 
 

@@ -944,6 +944,8 @@ def main(argv: list[str] | None = None) -> int:
                else "TRITON_INTERPRET is not 1")
         parser.error("argument --dry-launches: needs the Triton interpreter on CPU tensors (TRITON_INTERPRET=1 "
                      f"and --device cpu); here {got}")
+    common.check_dtypes(parser, args.device, "--dtype", [args.dtype])
+    common.check_dtypes(parser, args.device, "--step-dtype", [args.step_dtype] if args.step_dtype else None)
     if args.ops is None:
         args.ops = [] if args.r50_step else list(OPS)
     device = common.resolve_device(args)
@@ -953,9 +955,9 @@ def main(argv: list[str] | None = None) -> int:
     providers = ["eager", *backends]
     env = environment(device)
     name = args.name or f"overhead-{device.type}-{env['machine']}-{env['time'][:10]}"
-    common.check_output_files(parser, args.out, [f"{name}.csv", f"{name}.md"])
-    command = " ".join(
-        ["TRITON_INTERPRET=1"] * (device.type == "cpu" and "triton" in backends and _interpreter())
+    common.check_output_files(parser, args.out, name, [f"{name}.csv", f"{name}.md"])
+    command = " ".join(  # what triton ran under, the per-op cases' or the first-use step's: the rerun needs it too
+        ["TRITON_INTERPRET=1"] * (_interpreter() and ("triton" in backends or args.r50_step))
         + ["python", "benchmarks/overhead_bench.py", *map(shlex.quote, sys.argv[1:] if argv is None else argv)]
     )
     print(f"{env['gpu']} | torch {env['torch']} | triton {env['triton']} | commit {env['git_commit']}", flush=True)

@@ -192,7 +192,9 @@ def main(argv: list[str] | None = None) -> int:
     env = common.environment(device)
     print(f"{env['gpu']} | torch {env['torch']} | triton {env['triton']} | commit {env['git_commit']}")
     peak, peak_desc = common.matmul_peak(device, args.quick)  # pct_peak's denominator, as in the other scripts
-    runner = common.Runner(env, device, args, peak)
+    meta = {"script": "train_bench", "argv": sys.argv[1:] if argv is None else argv, "environment": env,
+            "image_size": size, "matmul_peak": peak_desc, "matmul_peak_tflops": peak}
+    runner = common.Runner(env, device, args, peak, meta)
     _, missing = model_factory()
     if missing:
         print(f"train_bench: {missing}; every case is recorded as skipped", file=sys.stderr)
@@ -230,8 +232,6 @@ def main(argv: list[str] | None = None) -> int:
                     min_bytes = step_min_bytes(mode, batch, size, args.num_classes, counts[2],
                                                common.DTYPE_BYTES[dtype_name])
                 runner.run(build, reason=reason, images=batch, flops=flops, min_bytes=min_bytes, **case)
-    meta = {"script": "train_bench", "argv": sys.argv[1:] if argv is None else argv, "environment": env,
-            "image_size": size, "matmul_peak": peak_desc, "matmul_peak_tflops": peak}
     return common.finish(runner.rows, args, meta, f"DeepLabV3 on {common.machine_name(env)} ({peak_desc})")
 
 

@@ -307,3 +307,83 @@ def test_device_cuda_without_a_gpu_is_a_usage_error(script, tmp_path):
                              str(tmp_path)], capture_output=True, text=True, timeout=300, cwd=tmp_path)
     assert result.returncode == 2, result.stderr
     assert "error: argument --device: cuda: no CUDA device is visible here; use --device cpu" in result.stderr
+
+
+# ---- a review of the scripts' edges: a reader that stops early, the meta of a run that stopped ------------------
+
+
+def test_a_reader_of_stdout_that_stopped_ends_the_run_quietly(capsys):
+    def main():
+        raise BrokenPipeError
+
+    assert common.run_script(main, "aspp_bench.py") == 1
+    assert capsys.readouterr().err == ""
+
+
+@pytest.mark.parametrize("script, argv", [
+    ("aspp_bench", [*QUICK, "--providers", "cpu", "--modes", "eval_fwd", "--budget-s", "0"]),
+    ("overhead_bench", [*QUICK, "--ops", "aspp", "--modes", "eval_fwd", "--backends", "cpu", "--budget-s", "0"]),
+])
+def test_stdout_piped_into_a_reader_that_stopped(script, argv, tmp_path):
+    """`aspp_bench.py --device cpu --quick | head -1`: once head had its line, the script's next print raised
+    BrokenPipeError, a traceback, and another one ("Exception ignored ... BrokenPipeError") as the interpreter
+    exited. Now the run ends quietly with exit status 1. Here the reader is gone before the first line."""
+    import os
+
+    read, write = os.pipe()
+    os.close(read)
+    try:
+        result = subprocess.run([sys.executable, str(BENCH_DIR / f"{script}.py"), *argv, "--out", str(tmp_path)],
+                                stdout=write, stderr=subprocess.PIPE, text=True, timeout=300, cwd=tmp_path)
+    finally:
+        os.close(write)
+    assert result.returncode == 1, result.stderr
+    assert "Traceback" not in result.stderr and "BrokenPipeError" not in result.stderr, result.stderr
+
+
+@pytest.mark.parametrize("script", ["aspp_bench", "conv_bn_relu_bench", "train_bench"])
+def test_a_partial_results_json_holds_the_runs_meta(script, tmp_path, monkeypatch):
+    """A run stopped before its end (Ctrl-C, a phase's timeout) left a JSON whose meta was only {"partial": true}:
+    no machine, versions, commit or command line to say whose rows they are. The meta is made before the first
+    case, and every save during the run writes it with "partial": true."""
+    import importlib
+
+    module = importlib.import_module(script)
+    argv = [*QUICK, "--out", str(tmp_path), "--modes", "eval_fwd", "--budget-s", "0"]
+
+    def stopped(*args, **kwargs):  # the end of the run never comes: the files hold what the saves during it wrote
+        raise KeyboardInterrupt
+
+    with monkeypatch.context() as patch:
+        patch.setattr(common, "finish", stopped)
+        with pytest.raises(KeyboardInterrupt):
+            module.main(argv)
+    partial = json.loads((tmp_path / f"{script}.json").read_text())["meta"]
+    assert module.main(argv) == 1  # the same run to its end (every case skipped: the budget of 0 s)
+    full = json.loads((tmp_path / f"{script}.json").read_text())["meta"]
+    assert partial["partial"] is True and "partial" not in full
+    assert set(partial) == set(full) | {"partial"}
+    assert partial["script"] == full["script"] == script and partial["argv"] == full["argv"] == argv
+    assert partial["environment"]["device"] == "cpu" and partial["environment"]["torch"] == torch.__version__
+
+
+def test_the_goals_say_which_file_is_a_partial_runs(tmp_path):
+    """The goals read the files of a run that had not finished as a whole run's: "no fwd_bwd row ran in
+    aspp_goal.json" where the run never reached fwd_bwd. A partial file (the JSON's meta, the CSV's last row) is
+    named with "(partial run)"."""
+    train = [_row(op="deeplabv3", mode="train_step", shape="s"), _row(op="deeplabv3", provider="cpu",
+                                                                      mode="train_step", shape="s")]
+    common.write_results([_row(mode="train_fwd"), _row(provider="cpu", mode="train_fwd")], tmp_path, "aspp_goal",
+                         {"script": "aspp_bench", "partial": True})
+    common.write_results(train, tmp_path, "train_bench", {"script": "train_bench", "partial": True})
+    (tmp_path / "train_bench.json").unlink()  # its CSV says it with its last row
+    lines = common.goal_report(tmp_path)
+    assert lines[0] == (f"read: {tmp_path / 'aspp_goal.json'} (partial run), {tmp_path / 'train_bench.csv'} "
+                        "(partial run)"), lines
+    assert "ASPP forward + backward vs best eager: no fwd_bwd row ran in aspp_goal.json (partial run)" in lines
+    assert any(line.startswith("training step vs best eager (images/s) [s, fp32, N2, x]: cpu ") for line in lines)
+    common.write_results([_row(mode="train_fwd")], tmp_path, "aspp_goal", {"script": "aspp_bench"})
+    common.write_results(train, tmp_path, "train_bench", {"script": "train_bench"})
+    lines = common.goal_report(tmp_path)
+    assert lines[0] == f"read: {tmp_path / 'aspp_goal.json'}, {tmp_path / 'train_bench.json'}"
+    assert not any("partial" in line for line in lines), lines

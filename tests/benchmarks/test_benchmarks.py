@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import csv
+import importlib.util
 import itertools
 import json
 import math
@@ -238,7 +239,8 @@ def _check_timed(rows: list[dict], providers: set[str], modes: set[str]) -> None
 def test_aspp_bench_cpu_quick(tmp_path, capsys):
     import aspp_bench
 
-    argv = [*QUICK, "--out", str(tmp_path), "--providers", "cpu,cpu-cl,reference,eager,cuda", "--plot"]
+    plot = ["--plot"] * (importlib.util.find_spec("matplotlib") is not None)  # without it: a usage error
+    argv = [*QUICK, "--out", str(tmp_path), "--providers", "cpu,cpu-cl,reference,eager,cuda", *plot]
     assert aspp_bench.main(argv) == 0
     rows, meta = _read(tmp_path, "aspp_bench")
     _check_timed(rows, {"cpu", "cpu-cl", "reference", "eager"}, {"train_fwd", "eval_fwd", "fwd_bwd"})
@@ -261,12 +263,8 @@ def test_aspp_bench_cpu_quick(tmp_path, capsys):
             assert r["min_bytes"] == common.aspp_min_bytes(2, 32, 16, 9, 9, (2, 4, 6), r["mode"], 4), r
             assert r["flops"] == pytest.approx(r["useful_tflops"] * 1e12 * r["median_ms"] * 1e-3)
             assert r["bound_us"] is None and r["pct_of_bound"] is None
-    try:
-        import matplotlib  # noqa: F401
-
+    if plot:
         assert (tmp_path / "aspp_bench.png").stat().st_size > 0
-    except ImportError:
-        assert "matplotlib is not installed" in out.err
 
 
 def test_quick_keeps_what_was_asked_for(tmp_path):
@@ -901,6 +899,104 @@ def test_results_file_name_taken_by_a_folder_is_refused(module, argv, taken, tmp
     assert f"argument --out: {tmp_path / taken} is a folder: the results file {taken} cannot be written" in err, err
 
 
+# ---- more usage errors before any case runs: tf32 on the CPU, an empty --out, a --name too long, --plot ---------
+
+
+@pytest.mark.parametrize("module, argv, flag", [
+    ("aspp_bench", ["--dtypes", "fp32,tf32"], "--dtypes"),
+    ("conv_bn_relu_bench", ["--dtypes", "tf32"], "--dtypes"),
+    ("train_bench", ["--dtypes", "tf32"], "--dtypes"),
+    ("overhead_bench", ["--dtype", "tf32"], "--dtype"),
+    ("overhead_bench", ["--r50-step", "--step-dtype", "tf32"], "--step-dtype"),
+])
+def test_tf32_on_the_cpu_is_a_usage_error(module, argv, flag, tmp_path, monkeypatch, capsys):
+    """tf32 is float32 storage with TF32 tensor-core matmuls, a CUDA mode: `--device cpu --dtypes tf32` ran fp32 and
+    wrote its rows as tf32 rows. A usage error naming the flag, the value and why, before anything runs."""
+    _no_work(monkeypatch)
+    with pytest.raises(SystemExit) as e:
+        __import__(module).main([*QUICK, "--out", str(tmp_path / "out"), *argv])
+    assert e.value.code == 2
+    assert f"argument {flag}: tf32 needs --device cuda: TF32 is a CUDA matmul mode" in capsys.readouterr().err
+    assert not (tmp_path / "out").exists()
+
+
+@pytest.mark.parametrize("module", SCRIPTS)
+def test_an_empty_out_is_a_usage_error(module, tmp_path, monkeypatch, capsys):
+    """`--out ''` was taken for the current folder (Path('') is '.'): the results landed wherever the script was
+    started. A usage error naming --out."""
+    _no_work(monkeypatch)
+    monkeypatch.chdir(tmp_path)
+    with pytest.raises(SystemExit) as e:
+        __import__(module).main([*QUICK, "--out", ""])
+    assert e.value.code == 2
+    assert "argument --out: expected the results folder, got an empty value" in capsys.readouterr().err
+    assert list(tmp_path.iterdir()) == []
+
+
+@pytest.mark.parametrize("module, argv, longest", [
+    ("aspp_bench", [], ".json"),
+    ("train_bench", ["--profile"], "_profile.txt"),
+    ("overhead_bench", [], ".csv"),
+])
+def test_a_name_too_long_for_the_folder_is_a_usage_error(module, argv, longest, tmp_path, monkeypatch, capsys):
+    """A --name whose files fit the folder's file names but not the temporary copy each write makes beside them
+    (".NAME.json.<pid>.<random>.tmp") was an OSError (File name too long) at the first case's save, after the run
+    had started. A usage error naming --name, its length and the most the folder (here not made yet: its parent's
+    file system) admits for the longest file the run writes."""
+    out = tmp_path / "out"
+    limit = common.name_max(out)
+    most = limit - len(longest) - common.TEMP_NAME_MARGIN
+    _no_work(monkeypatch)
+    with pytest.raises(SystemExit) as e:
+        __import__(module).main([*QUICK, "--out", str(out), "--name", "n" * (most + 1), *argv])
+    assert e.value.code == 2
+    err = capsys.readouterr().err
+    assert f"argument --name: too long, {most + 1} bytes: at most {most} here (the longest results file, " \
+           f"NAME{longest}," in err and f"{limit}-byte file names of {out}" in err, err
+    assert not out.exists()
+
+
+def test_the_longest_name_accepted_is_written_and_set_aside(tmp_path):
+    """The longest --name the check lets through is written (atomic_write's temporary copy fits), and a rerun moves
+    its files aside to NAME.prev-<time>.EXT, a longer name still."""
+    import aspp_bench
+
+    name = "n" * (common.name_max(tmp_path) - len(".json") - common.TEMP_NAME_MARGIN)
+    argv = [*QUICK, "--out", str(tmp_path), "--name", name, "--providers", "eager", "--modes", "eval_fwd",
+            "--budget-s", "0"]
+    for _ in range(2):
+        assert aspp_bench.main(argv) == 1  # nothing ran: the budget of 0 s records the case as skipped
+    assert json.loads((tmp_path / f"{name}.json").read_text())["rows"][0]["status"] == "skipped"
+    assert len(list(tmp_path.glob(f"{name}.prev-*"))) == 2  # the first run's .json and .csv
+
+
+def test_name_max_asks_the_nearest_folder_there_and_falls_back_to_255(tmp_path, monkeypatch):
+    import os
+
+    assert common.name_max(tmp_path / "not" / "made") == os.pathconf(tmp_path, "PC_NAME_MAX")
+
+    def no_answer(path, name):
+        raise OSError(22, "Invalid argument")
+
+    monkeypatch.setattr(os, "pathconf", no_answer)
+    assert common.name_max(tmp_path) == 255
+
+
+@pytest.mark.parametrize("module", ["aspp_bench", "train_bench"])
+def test_plot_without_matplotlib_is_a_usage_error(module, tmp_path, monkeypatch, capsys):
+    """--plot where matplotlib is not installed ran every case, then said on stderr that NAME.png was not written
+    (and exited 0): a usage error naming --plot, before anything runs."""
+    find_spec = importlib.util.find_spec
+    monkeypatch.setattr(importlib.util, "find_spec",
+                        lambda name, *a, **k: None if name == "matplotlib" else find_spec(name, *a, **k))
+    _no_work(monkeypatch)
+    with pytest.raises(SystemExit) as e:
+        __import__(module).main([*QUICK, "--out", str(tmp_path / "out"), "--plot"])
+    assert e.value.code == 2
+    assert "argument --plot: needs matplotlib, which is not installed here" in capsys.readouterr().err
+    assert not (tmp_path / "out").exists()
+
+
 # ---- --help names every default -------------------------------------------------------------------------------
 
 
@@ -1122,6 +1218,21 @@ def test_gpu_suite_never_writes_over_an_earlier_runs_results(tmp_path):
         assert result.returncode == 0, result.stdout + result.stderr
     runs = sorted((elsewhere / "bench_out").iterdir())
     assert len(runs) == 2 and all(r.name.startswith("gpu_suite-") and (r / "suite.log").is_file() for r in runs)
+
+
+def test_results_readme_names_the_folder_the_suite_makes_when_out_is_unset(tmp_path):
+    """benchmarks/results/README.md said the suite writes to ./bench_out when OUT is unset; it makes a folder of its
+    own per run, ./bench_out/gpu_suite-<UTC time>. The README's name for it is the one a run makes."""
+    readme = (BENCH_DIR / "results" / "README.md").read_text()
+    said = re.search(r"`\./bench_out/gpu_suite-(YYYYMMDD-HHMMSS)`", readme)
+    assert said and "./bench_out when unset" not in readme
+    elsewhere = tmp_path / "elsewhere"
+    for folder in (tmp_path / "run", elsewhere):
+        folder.mkdir()
+    result, _, _ = _run_suite(tmp_path / "run", cwd=elsewhere, OUT="")
+    assert result.returncode == 0, result.stdout + result.stderr
+    (made,) = (elsewhere / "bench_out").iterdir()
+    assert re.fullmatch(r"gpu_suite-\d{8}-\d{6}", made.name), made.name
 
 
 @pytest.mark.parametrize("kind", ["file", "under-a-file"])

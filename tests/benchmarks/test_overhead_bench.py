@@ -347,3 +347,22 @@ def test_r50_step_prints_why_it_was_skipped(tmp_path, monkeypatch, capsys):
         assert f"deeplabv3_r50 train_step {provider}: " in out
     assert out.count(reason) == len(overhead_bench.STEP_PROVIDERS), out
     assert [r["status"] for r in _read(tmp_path / "s.csv")] == ["skipped"] * len(overhead_bench.STEP_PROVIDERS)
+
+
+@pytest.mark.parametrize("argv, interpret, prefixed", [
+    (["--r50-step", "--backends", "cpu"], "1", True),  # the first-use step runs triton, whatever --backends says
+    (["--ops", "aspp", "--backends", "triton"], "1", True),
+    (["--ops", "aspp", "--backends", "cpu"], "1", False),  # no triton: the variable changes nothing
+    (["--r50-step"], "0", False),
+])
+def test_the_rerun_line_names_the_interpreter_triton_ran_in(argv, interpret, prefixed, tmp_path, monkeypatch):
+    """The Markdown's rerun line began with TRITON_INTERPRET=1 only when triton was among --backends: the line of
+    `TRITON_INTERPRET=1 overhead_bench.py --device cpu --r50-step --backends cpu` left it out, and run as printed
+    it skips the step (no interpreter)."""
+    import shlex
+
+    monkeypatch.setenv("TRITON_INTERPRET", interpret)
+    argv = ["--device", "cpu", "--quick", *argv, "--budget-s", "0", "--out", str(tmp_path), "--name", "r"]
+    overhead_bench.main(argv)
+    command = " ".join(["python", "benchmarks/overhead_bench.py", *map(shlex.quote, argv)])
+    assert f"\n    {'TRITON_INTERPRET=1 ' * prefixed}{command}\n" in (tmp_path / "r.md").read_text()
