@@ -1144,6 +1144,10 @@ def check_args(args, error, defaults: dict | None = None) -> None:
         v = getattr(args, name)
         if v is not None and not 0 <= v <= MAX_SEED:
             error(f"--{name.replace('_', '-')} must be in [0, {MAX_SEED}] (NumPy's seed range), got {v}")
+    try:  # torchrun's environment (a stray WORLD_SIZE, a value that is not a number): before the checks that read it
+        distributed.env_dist_info()
+    except ValueError as e:
+        error(str(e))
     if (args.batch_size == 1 and not args.freeze_bn and not args.eval_only and not args.predict
             and _world_size() == 1):  # across processes the BatchNorms are synchronized: check_bn_batch
         error(f"--batch-size 1: {loop.BATCH1_MESSAGE}")
@@ -1287,17 +1291,23 @@ def warn(text: str) -> None:
 
 
 def _world_size() -> int:
-    """The process count torchrun gives (WORLD_SIZE), 1 outside torchrun."""
+    """The process count torchrun gives (WORLD_SIZE), 1 outside torchrun; a malformed torchrun environment
+    (distributed.env_dist_info: check_args refuses it as a usage error first) exits with its one-line message."""
     try:
-        return int(os.environ.get("WORLD_SIZE", "1"))
-    except ValueError:
-        return 1
+        return distributed.env_dist_info().world_size
+    except ValueError as e:
+        raise SystemExit(f"train.py: {e}") from None
 
 
 def machine_follower() -> bool:
     """Under torchrun, whether this process is not its machine's first (LOCAL_RANK > 0): that one prints the
-    warnings and errors every process meets alike (flags, refusals before any work), once per machine."""
-    return _world_size() > 1 and os.environ.get("LOCAL_RANK", "0") != "0"
+    warnings and errors every process meets alike (flags, refusals before any work), once per machine. A malformed
+    torchrun environment: False (which process is first is unknown, so each says what check_args refuses)."""
+    try:
+        info = distributed.env_dist_info()
+    except ValueError:
+        return False
+    return info.enabled and info.local_rank != 0
 
 
 def _apply_presets(args, device: torch.device) -> None:

@@ -36,19 +36,57 @@ class DistInfo:
 DEFAULT_TIMEOUT_MIN = 30.0  # torch's default for gloo
 
 
+_LAUNCH_HINT = "launch with torchrun, or unset WORLD_SIZE for a single-process run"
+
+
+def _env_int(name: str, low: int, high: int | None, what: str) -> int:
+    """The integer in $`name` (set), in [low, high] (high None: no bound); anything else: ValueError naming the
+    variable, its value and what was expected."""
+    raw = os.environ[name]
+    expected = f"expected an integer {f'>= {low}' if high is None else f'in [{low}, {high}]'} ({what})"
+    try:
+        value = int(raw)
+    except ValueError:
+        raise ValueError(f"{name}={raw!r} is not an integer; {expected}") from None
+    if value < low or (high is not None and value > high):
+        raise ValueError(f"{name}={raw.strip()} is out of range; {expected}")
+    return value
+
+
+def env_dist_info() -> DistInfo:
+    """This process's place in a torchrun launch, read and checked from the environment (torchrun sets WORLD_SIZE,
+    RANK, LOCAL_RANK, MASTER_ADDR and MASTER_PORT). WORLD_SIZE unset, empty or 1: a single process, DistInfo(), and
+    the others are not read (torch.distributed is not initialised). WORLD_SIZE > 1 needs RANK and LOCAL_RANK in
+    [0, WORLD_SIZE), MASTER_ADDR, and MASTER_PORT in [1, 65535]. Anything else: ValueError, one line naming the
+    variable, its value and what was expected."""
+    if os.environ.get("WORLD_SIZE", "").strip() == "":
+        return DistInfo()
+    world = _env_int("WORLD_SIZE", 1, None, "the number of processes, as torchrun sets it; unset for a single "
+                                            "process")
+    if world == 1:
+        return DistInfo()
+    for name in ("RANK", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT"):
+        if os.environ.get(name, "").strip() == "":
+            raise ValueError(f"WORLD_SIZE={world} but {name} is not set: {_LAUNCH_HINT}")
+    rank = _env_int("RANK", 0, world - 1, f"this process's rank among the WORLD_SIZE={world} processes")
+    local_rank = _env_int("LOCAL_RANK", 0, world - 1, "this process's index on its machine")
+    _env_int("MASTER_PORT", 1, 65535, "the TCP port of the rank-0 process")
+    return DistInfo(rank, world, local_rank)
+
+
 def init_from_env(device_type: str, timeout_min: float = DEFAULT_TIMEOUT_MIN) -> DistInfo:
     """Initialise the default process group when launched by torchrun (WORLD_SIZE > 1): NCCL on GPU, gloo on CPU.
-    A collective waits `timeout_min` minutes for the other processes (a hung one: then this one stops)."""
-    world = int(os.environ.get("WORLD_SIZE", "1"))
-    if world <= 1:
-        return DistInfo()
-    rank, local_rank = int(os.environ["RANK"]), int(os.environ.get("LOCAL_RANK", "0"))
+    A collective waits `timeout_min` minutes for the other processes (a hung one: then this one stops).
+    A malformed launch environment (env_dist_info): ValueError, before torch.distributed reads it."""
+    info = env_dist_info()
+    if not info.enabled:
+        return info
     if not dist.is_initialized():
         backend = "nccl" if device_type == "cuda" else "gloo"
         if device_type == "cuda":
-            torch.cuda.set_device(local_rank)
+            torch.cuda.set_device(info.local_rank)
         dist.init_process_group(backend=backend, timeout=datetime.timedelta(minutes=timeout_min))
-    return DistInfo(rank, world, local_rank)
+    return info
 
 
 def all_reduce_sum(t: torch.Tensor) -> torch.Tensor:

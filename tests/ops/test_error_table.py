@@ -209,6 +209,20 @@ def _ckpt():
     return checkpoint
 
 
+def _ckpt_with_a_flipped_byte(d) -> str:
+    """A train.py-shaped checkpoint whose one tensor's first byte changed on disk after the save."""
+    import struct
+    import zipfile
+
+    path = _ckpt_file(d, obj={"model": {"w": torch.zeros(4)}})
+    record = next(i for i in zipfile.ZipFile(path).infolist() if i.filename.endswith("/data/0"))
+    data = bytearray(open(path, "rb").read())
+    name_len, extra_len = struct.unpack("<HH", data[record.header_offset + 26:record.header_offset + 30])
+    data[record.header_offset + 30 + name_len + extra_len] ^= 0xFF
+    open(path, "wb").write(bytes(data))
+    return path
+
+
 def _ckpt_file(d, data: bytes | None = None, obj=None):
     path = f"{d}/ckpt.pt"
     if obj is not None:
@@ -493,8 +507,12 @@ CASES = {
     "ckpt-missing": lambda d: _ckpt().load_checkpoint(f"{d}/nothing.pt"),
     "ckpt-empty": lambda d: _ckpt().load_checkpoint(_ckpt_file(d, b"")),
     "ckpt-corrupt": lambda d: _ckpt().load_checkpoint(_ckpt_file(d, b"PK\x03\x04 0123456789")),
+    "ckpt-crc": lambda d: _ckpt().load_checkpoint(_ckpt_with_a_flipped_byte(d)),
     "ckpt-not-train": lambda d: _ckpt().load_checkpoint(_ckpt_file(d, obj=[1, 2, 3])),
     "ckpt-not-resumable": lambda d: fit_resume({"model": {}}),
+    # training: torchrun's environment (training/distributed.py)
+    "dist-env-missing": lambda d: _with_env("WORLD_SIZE", "2", lambda: _with_env("RANK", "", _dist().env_dist_info)),
+    "dist-env-value": lambda d: _with_env("WORLD_SIZE", "x", _dist().env_dist_info),
     # training: the loop (training/loop.py)
     "loop-nan-loss": _nan_loss,
     "loop-batch-1": lambda d: fit(batch_size=1),
@@ -677,6 +695,12 @@ def _cpp_aspp(training=True, running_mean="default", running_var="default", mome
     return ops.aspp_forward(a["x"], a["conv_weights"], a["pool_weight"], a["project_weight"],
                             torch.cat(a["bn_weights"]), torch.cat(a["bn_biases"]), rm, rv, list(a["rates"]),
                             training, momentum, eps)
+
+
+def _dist():
+    from training import distributed
+
+    return distributed
 
 
 def _loop():

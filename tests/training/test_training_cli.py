@@ -521,7 +521,10 @@ def test_batch_size_1_is_a_flag_error_unless_bn_is_frozen_or_processes_share_the
     assert "error: --batch-size 1: batch size 1 per BatchNorm batch" in err and "--freeze-bn" in err, err
     train_script.parse_args(["--batch-size", "1", "--freeze-bn"])
     train_script.parse_args(["--eval-only", "--checkpoint", "x.pt", "--batch-size", "1"])  # read by training only
-    monkeypatch.setenv("WORLD_SIZE", "2")  # torchrun: every BatchNorm is synchronized over the processes
+    # torchrun: every BatchNorm is synchronized over the processes
+    for name, value in dict(WORLD_SIZE="2", RANK="0", LOCAL_RANK="0", MASTER_ADDR="127.0.0.1",
+                            MASTER_PORT="29500").items():
+        monkeypatch.setenv(name, value)
     train_script.parse_args(["--batch-size", "2"])
 
 

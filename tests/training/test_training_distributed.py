@@ -374,8 +374,9 @@ def test_what_every_process_meets_alike_is_said_once_per_machine(tmp_path, monke
     only (the others exit with status 1, silently): not once per process."""
     import train as train_script
 
-    monkeypatch.setenv("WORLD_SIZE", "2")
-    monkeypatch.setenv("LOCAL_RANK", str(local_rank))
+    for name, value in dict(WORLD_SIZE="2", RANK=str(local_rank), LOCAL_RANK=str(local_rank),
+                            MASTER_ADDR="127.0.0.1", MASTER_PORT="29500").items():  # as torchrun sets them
+        monkeypatch.setenv(name, value)
     monkeypatch.setattr(train_script, "_setup",
                         lambda args: (torch.device("cpu"), distributed.DistInfo(local_rank, 2, local_rank)))
     monkeypatch.setattr(dist, "destroy_process_group", lambda: None)
