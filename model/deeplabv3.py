@@ -31,8 +31,8 @@ TORCHVISION_PRESET = {"output_stride": 8, "atrous_rates": (12, 24, 36), "head": 
 
 @torch.fx.wrap  # traced (torch.fx, create_feature_extractor) as one call: the check runs on the traced module's input
 def check_image_batch(x: Tensor, dtype: torch.dtype | None = None) -> None:
-    """Refuse what is not a floating-point (N, C, H, W) batch of `dtype` (the first convolution's, outside autocast),
-    naming it (the first convolution checks C)."""
+    """Refuse what is not a floating-point (N, C, H, W) batch of `dtype` (the model's: its stem weight's; autocast
+    casts for itself), naming it (the first convolution checks C)."""
     if x.dim() != 4:
         raise ValueError(f"x must be an (N, C, H, W) image batch, got shape {tuple(x.shape)}")
     if not x.is_floating_point():
@@ -70,8 +70,8 @@ class DeepLabV3(nn.Module):
     def forward(self, x: Tensor, upsample: bool = True) -> dict[str, Tensor]:
         if not isinstance(upsample, bool | torch.fx.Proxy):  # 'no' or None would resize (or not) by truthiness
             raise TypeError(f"upsample must be a bool, got {upsample!r}")
-        first_conv = next((m for m in self.modules() if isinstance(m, nn.Conv2d)), None)
-        check_image_batch(x, None if first_conv is None else first_conv.weight.dtype)
+        first = next(self.parameters(), None)  # the stem's weight: O(1), where a walk to the first Conv2d passed
+        check_image_batch(x, None if first is None else first.dtype)  # every fused module first
         if isinstance(x, torch.fx.Proxy) or (self.training and x.shape[0] == 1):  # traced: the check is recorded
             self._check_batch(x)
         size = x.shape[-2:]
