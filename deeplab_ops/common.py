@@ -194,12 +194,19 @@ def check_running_writable(named) -> None:
                 continue
             spans.append((start, start + extent * t.element_size(), group, index, t))
     spans.sort(key=operator.itemgetter(0))
-    for (_, end, group, index, t), (start, _, other_group, other_index, u) in zip(spans, spans[1:], strict=False):
-        if start < end and bool(torch.isin(_addresses(u), _addresses(t)).any()):
-            other = _label(other_group, other_index)
-            raise ValueError(
-                f"{_label(group, index)} and {other} share memory, but training BatchNorm updates both in place (one "
-                f"would overwrite the other's new values); pass tensors with their own memory, e.g. {other}.clone()")
+    # Each range against every earlier one still open at its start, not only its neighbour: a third interleaved
+    # range can share elements with the first while the second, between them, shares none with either.
+    reach = 0  # the highest end among the ranges before: below it a range may interleave with any of them
+    for j, (start, end, other_group, other_index, u) in enumerate(spans):
+        if start < reach:  # (plain loops: no frame per call on the per-call path)
+            for _, earlier_end, group, index, t in spans[:j]:
+                if start < earlier_end and bool(torch.isin(_addresses(u), _addresses(t)).any()):
+                    other = _label(other_group, other_index)
+                    raise ValueError(
+                        f"{_label(group, index)} and {other} share memory, but training BatchNorm updates both in "
+                        f"place (one would overwrite the other's new values); pass tensors with their own memory, "
+                        f"e.g. {other}.clone()")
+        reach = max(reach, end)
 
 
 def _label(group: str, index: int | None) -> str:

@@ -16,6 +16,8 @@ from torch import nn
 
 from deeplab_ops.backends import BACKENDS
 from deeplab_ops.modules import (
+    BN_FORWARDS,
+    CONV2D_FORWARDS,
     FusedASPP,
     FusedConvBNReLU,
     ReleasesDerived,
@@ -153,6 +155,11 @@ class FusedAwayBatchNorm2d(ReleasesDerived, nn.BatchNorm2d):
         cfg = None if conv is None or self.__dict__.get("_is_replica", False) else conv.__dict__.get(_FUSED_ATTR)
         group = None if cfg is None else cfg.process_group
         return nn.BatchNorm2d.forward(self, x) if group is None else synced_batch_norm(self, group, x)
+
+
+# fused_conv_bn computes these stand-ins as the Conv2d and BatchNorm2d they replace
+CONV2D_FORWARDS.add(FusedConv2d.forward)
+BN_FORWARDS.add(FusedAwayBatchNorm2d.forward)
 
 
 class FusedAwayReLU(nn.ReLU):

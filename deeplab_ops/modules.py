@@ -13,6 +13,7 @@ import torch
 import torch.fx
 import torch.utils.checkpoint
 from torch import nn
+from torch.nn.modules.utils import _pair
 
 from deeplab_ops.common import (
     autocast_dtype,
@@ -35,11 +36,11 @@ Tensor = torch.Tensor
 def _conv_padding(conv: nn.Conv2d) -> tuple[int, int]:
     """conv.padding as a pair of ints; padding='same' is symmetric only when dilation * (k - 1) is even."""
     if not isinstance(conv.padding, str):
-        return tuple(conv.padding)
+        return _pair(conv.padding)
     if conv.padding == "valid":
         return (0, 0)
     pad = []
-    for k, d in zip(conv.kernel_size, conv.dilation, strict=True):
+    for k, d in zip(_pair(conv.kernel_size), _pair(conv.dilation), strict=True):
         total = d * (k - 1)
         if total % 2:
             raise ValueError(
@@ -56,6 +57,7 @@ def check_fusable(conv: nn.Module, bn: nn.Module) -> None:
         raise TypeError(f"conv must be an nn.Conv2d, got {type(conv).__name__}")
     if not isinstance(bn, nn.BatchNorm2d):
         raise TypeError(f"bn must be an nn.BatchNorm2d, got {type(bn).__name__}")
+    _check_module_types(conv, bn)  # a BatchNorm2d subclass with a forward of its own
     _check_conv_computable(conv)
     if bn.num_features != conv.out_channels:
         raise ValueError(f"bn has num_features={bn.num_features} but conv has out_channels={conv.out_channels}")
@@ -111,13 +113,25 @@ def _bn_type_error(bn, name: str = "bn") -> TypeError:
 
 
 def _check_module_types(conv, bn) -> None:
-    """TypeError unless conv is an nn.Conv2d and bn a BatchNorm module (subclasses included: the fused ones)."""
+    """TypeError unless conv is an nn.Conv2d and bn an nn.BatchNorm2d, each computing its class's forward
+    (subclasses included: the fused ones, a parametrized one), which is what the fused op computes."""
     if not isinstance(conv, nn.Conv2d):
         raise TypeError(f"conv must be an nn.Conv2d, got {type(conv).__name__}")
     if not isinstance(bn, _BatchNorm):
         raise _bn_type_error(bn)
+    if not isinstance(bn, nn.BatchNorm2d):  # BatchNorm1d/3d refuse 4-D input themselves
+        raise TypeError(f"bn must be a 2-D BatchNorm (nn.BatchNorm2d: the fused op normalizes (N, C, H, W) "
+                        f"activations), got {type(bn).__name__}")
+    for name, module, base, forwards in (("conv", conv, nn.Conv2d, CONV2D_FORWARDS),
+                                         ("bn", bn, nn.BatchNorm2d, BN_FORWARDS)):
+        if type(module).forward not in forwards:
+            raise TypeError(f"{name} is a {type(module).__name__} with a forward of its own, and the fused op computes "
+                            f"{base.__name__}'s: run the modules themselves")
 
 
+# The forwards of the modules fused_conv_bn computes as a convolution and a BatchNorm: their classes', and those of
+# the fused stand-ins deeplab_ops.fusion puts in their place (it adds them), which a fused chain hands to it.
+CONV2D_FORWARDS, BN_FORWARDS = {nn.Conv2d.forward}, {nn.BatchNorm2d.forward}
 _BN_KEYS = ("bn_weight", "bn_bias", "running_mean", "running_var", "training", "momentum", "eps")
 _BN_TENSORS = ("weight", "bias", "running_mean", "running_var", "num_batches_tracked")
 _CONV_TENSORS = ("weight",)
@@ -379,11 +393,11 @@ _GEOMETRY: dict[tuple, tuple] = {}
 def _geometry(conv: nn.Conv2d) -> tuple:
     """(stride, padding, dilation) of `conv` as pairs, worked out once per distinct configuration."""
     if torch.compiler.is_compiling():  # a traced graph reads no Python cache (it would guard on it)
-        return tuple(conv.stride), _conv_padding(conv), tuple(conv.dilation)
+        return _pair(conv.stride), _conv_padding(conv), _pair(conv.dilation)
     key = (conv.kernel_size, conv.stride, conv.padding, conv.dilation)
     geometry = _GEOMETRY.get(key)
     if geometry is None:
-        geometry = (tuple(conv.stride), _conv_padding(conv), tuple(conv.dilation))
+        geometry = (_pair(conv.stride), _conv_padding(conv), _pair(conv.dilation))
         if len(_GEOMETRY) >= 4096:  # bounded, the oldest out first (as checked configurations)
             drop_oldest(_GEOMETRY)
         _GEOMETRY[key] = geometry
@@ -414,7 +428,8 @@ def fused_conv_bn(
 ) -> Tensor:
     """`act(bn(conv(x)) [+ residual])` through the fused op, with exactly the modules' semantics
     (memory_efficient: see deeplab_ops.conv_bn_relu)."""
-    if not isinstance(conv, nn.Conv2d) or not isinstance(bn, _BatchNorm):
+    if (getattr(type(conv), "forward", None) not in CONV2D_FORWARDS
+            or getattr(type(bn), "forward", None) not in BN_FORWARDS or not isinstance(bn, nn.BatchNorm2d)):
         _check_module_types(conv, bn)
     # what the op would silently drop (the bias read from _parameters: no nn.Module.__getattr__ per call)
     if conv._parameters.get("bias") is not None or conv.padding_mode != "zeros" or conv.groups != 1:
@@ -607,20 +622,37 @@ def aspp_parts(module: nn.Module) -> tuple[list[nn.Conv2d], list[nn.BatchNorm2d]
         conv, bn = branch[0], branch[1]
         check_fusable(conv, bn)
         k = 1 if i == 0 else 3
-        if tuple(conv.kernel_size) != (k, k) or tuple(conv.stride) != (1, 1):
+        if _pair(conv.kernel_size) != (k, k) or _pair(conv.stride) != (1, 1):
             raise ValueError(f"convs.{i} must be a {k}x{k} stride-1 conv, got {conv}")
         if i == 0:
             _check_pointwise(conv, "convs.0")
         else:
-            r = conv.dilation[0]
-            if tuple(conv.dilation) != (r, r) or _conv_padding(conv) != (r, r):
+            r = _pair(conv.dilation)[0]
+            if _pair(conv.dilation) != (r, r) or _conv_padding(conv) != (r, r):
                 raise ValueError(f"convs.{i} must have dilation = padding = rate, got {conv}")
             rates.append(r)
         convs.append(conv)
         bns.append(bn)
     pooling = branches[-1]
-    if not isinstance(pooling[0], nn.AdaptiveAvgPool2d) or pooling[0].output_size not in (1, (1, 1)):
+    if (type(pooling[0]).forward is not nn.AdaptiveAvgPool2d.forward  # a subclass computing another pooling
+            or pooling[0].output_size not in (1, (1, 1))):
         raise ValueError(f"convs.{len(branches) - 1} must be the image-pooling branch, got {pooling}")
+    # What the op computes around the convs and BatchNorms: a ReLU after each, dropouts after the projection, and
+    # containers that run their children in order (a branch or projection with a forward of its own is not
+    # Sequential's, whatever its children: fused, its forward would be skipped).
+    for i, branch in enumerate(branches):
+        relu = len(branch) - 1
+        if len(branch) != (4 if i == len(branches) - 1 else 3) or type(branch[relu]) is not nn.ReLU:
+            raise ValueError(f"convs.{i} must end in an nn.ReLU after its BatchNorm, and hold nothing after it (the "
+                             f"fused op computes that), got {branch}")
+    if len(project) < 3 or type(project[2]) is not nn.ReLU or not all(
+            isinstance(m, nn.Dropout) for m in list(project)[3:]):
+        raise ValueError(f"project must be (conv, BatchNorm, nn.ReLU) and dropouts (what the fused op computes), got "
+                         f"{project}")
+    for name, container in [*((f"convs.{i}", b) for i, b in enumerate(branches[:-1])), ("project", project)]:
+        if type(container).forward is not nn.Sequential.forward:
+            raise ValueError(f"{name} must run its children in order (nn.Sequential's forward; the fused op computes "
+                             f"that), got a {type(container).__name__} with a forward of its own")
     check_fusable(pooling[1], pooling[2])
     _check_pointwise(pooling[1], f"convs.{len(branches) - 1}.1", stride=False)  # any stride maps 1x1 to 1x1
     convs.append(pooling[1])
@@ -649,8 +681,8 @@ def _check_pointwise(conv: nn.Conv2d, name: str, stride: bool = True) -> None:
     """Raise unless `conv` is the 1x1 convolution without padding (and, with `stride`, of stride 1) that the fused
     ASPP op computes for the 1x1 branch, the pooling branch and the projection (another padding or stride changes
     the output's size or values: the op would silently compute the plain 1x1 convolution instead)."""
-    if (tuple(conv.kernel_size) != (1, 1) or _conv_padding(conv) != (0, 0)
-            or (stride and tuple(conv.stride) != (1, 1))):
+    if (_pair(conv.kernel_size) != (1, 1) or _conv_padding(conv) != (0, 0)
+            or (stride and _pair(conv.stride) != (1, 1))):
         what = "1x1 stride-1 conv without padding" if stride else "1x1 conv without padding"
         raise ValueError(f"{name} must be a {what}, got {conv}")
 
@@ -676,14 +708,8 @@ def aspp_fusable(module: nn.Module) -> bool:
     branches, project = getattr(module, "convs", None), getattr(module, "project", None)
     if not isinstance(branches, nn.ModuleList) or not isinstance(project, nn.Sequential) or len(branches) < 2:
         return False
-    lengths = [len(b) if isinstance(b, nn.Sequential) else -1 for b in branches]
-    if lengths != [3] * (len(branches) - 1) + [4] or len(project) < 3:
-        return False
-    relus = [b[2] for b in branches[:-1]] + [branches[-1][3], project[2]]
-    if any(type(r) is not nn.ReLU for r in relus) or not all(isinstance(m, nn.Dropout) for m in list(project)[3:]):
-        return False
     try:
-        _, bns, _ = aspp_parts(module)  # the convs' geometry and the pooling included
+        _, bns, _ = aspp_parts(module)  # the convs' geometry, the ReLUs, dropouts and the pooling included
     except (TypeError, ValueError, IndexError):
         return False
     if not all(type(b) is nn.BatchNorm2d for b in bns):

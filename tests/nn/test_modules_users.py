@@ -243,3 +243,125 @@ def test_an_aspp_of_uneven_widths_is_not_fused_as_one_and_computes_as_eager(whic
     if which == "project":
         swapped.project[0], swapped.project[1] = (copy.deepcopy(eager.project[0]), copy.deepcopy(eager.project[1]))
         assert swapped(x).shape == (2, 12, 9, 9)  # runs its children one by one
+
+
+# ---- parts the fused ops do not compute: a forward of their own, another BatchNorm, int geometry -------------------
+
+class _ScaledBranch(nn.Sequential):  # the same children, another computation
+    def forward(self, x):
+        return 2.0 * super().forward(x)
+
+
+class _ClampedProject(nn.Sequential):
+    def forward(self, x):
+        return super().forward(x).clamp(max=0.1)
+
+
+class _GlobalMaxPool(nn.AdaptiveAvgPool2d):
+    def forward(self, x):
+        return torch.nn.functional.adaptive_max_pool2d(x, self.output_size)
+
+
+def _replace(module: nn.Module, part: str) -> None:
+    if part == "branch":
+        module.convs[1] = _ScaledBranch(*module.convs[1])
+    elif part == "project":
+        module.project = _ClampedProject(*module.project)
+    else:
+        module.convs[2][0] = _GlobalMaxPool(1)
+
+
+@pytest.mark.parametrize("part", ["branch", "project", "pooling"])
+def test_aspp_part_replaced_by_one_with_a_forward_of_its_own_runs_that_forward(part):
+    # The fused op kept running after a first call: the replacement's forward was silently skipped (off by 0.5-1.1).
+    from deeplab_ops.nn import fuse_modules
+
+    torch.manual_seed(0)
+    x = torch.randn(2, 3, 6, 6, dtype=D)
+    eager = ASPP(3, [2], 4).to(D).eval()
+    fused = FusedASPP(3, [2], 4, dropout=0.5, backend="cpu").to(D).eval()
+    fused.load_state_dict(eager.state_dict())
+    swapped = fuse_modules(copy.deepcopy(eager), backend="cpu")
+    with torch.no_grad():
+        for module in (fused, swapped):
+            module(x)  # the structure validated and cached
+        for module in (eager, fused, swapped):
+            _replace(module, part)
+        for module in (fused, swapped):
+            torch.testing.assert_close(module(x), eager(x), rtol=0, atol=1e-12)
+
+
+def test_fuse_modules_leaves_an_aspp_with_another_pooling_unfused():
+    from deeplab_ops.nn import fuse_modules, fused_config
+
+    eager = ASPP(3, [2], 4).to(D).eval()
+    eager.convs[2][0] = _GlobalMaxPool(1)
+    x = torch.randn(2, 3, 6, 6, dtype=D)
+    fused = fuse_modules(copy.deepcopy(eager), backend="cpu")
+    assert fused_config(fused) is None  # its branches' chains fused one by one, the ASPP itself not
+    with torch.no_grad():  # (the branches' fused chains round otherwise than eager's: float64 rounding apart)
+        torch.testing.assert_close(fused(x), eager(x), rtol=0, atol=1e-12)
+
+
+@pytest.mark.parametrize("change", ["leaky", "appended"])
+def test_fused_aspp_forward_refuses_a_part_the_op_does_not_compute(change):
+    # It returned the ReLU ASPP's result for a LeakyReLU branch or one with a module appended (off by up to 21).
+    from deeplab_ops.nn import fused_aspp_forward
+
+    module = ASPP(3, [2], 4).to(D).eval()
+    if change == "leaky":
+        module.convs[1][2] = nn.LeakyReLU(0.3)
+    else:
+        module.convs[1].append(nn.Identity())
+    with pytest.raises(ValueError, match=r"convs.1 must end in an nn.ReLU after its BatchNorm"):
+        fused_aspp_forward(module, torch.randn(2, 3, 6, 6, dtype=D), backend="cpu")
+
+
+class _StandardizedConv(nn.Conv2d):
+    def forward(self, x):
+        w = self.weight
+        w = (w - w.mean((1, 2, 3), keepdim=True)) / (w.std((1, 2, 3), keepdim=True) + 1e-5)
+        return torch.nn.functional.conv2d(x, w, None, self.stride, self.padding, self.dilation, self.groups)
+
+
+class _HalvedBN(nn.BatchNorm2d):
+    def forward(self, x):
+        return 0.5 * super().forward(x)
+
+
+@pytest.mark.parametrize(("conv", "bn", "message"), [
+    (lambda: _StandardizedConv(3, 4, 3, bias=False), lambda: nn.BatchNorm2d(4),
+     r"conv is a _StandardizedConv with a forward of its own"),
+    (lambda: nn.Conv2d(3, 4, 3, bias=False), lambda: _HalvedBN(4), r"bn is a _HalvedBN with a forward of its own"),
+    (lambda: nn.Conv2d(3, 4, 3, bias=False), lambda: nn.BatchNorm1d(4),
+     r"bn must be (a 2-D BatchNorm|an nn.BatchNorm2d)"),
+])
+def test_fused_conv_bn_and_check_fusable_refuse_modules_computing_something_else(conv, bn, message):
+    # fused_conv_bn computed a plain conv / BatchNorm2d for these (off by 16 and 0.7; BatchNorm1d took 4-D input).
+    from deeplab_ops.nn import check_fusable, fused_conv_bn
+
+    c, b = conv().to(D), bn().to(D).eval()
+    with pytest.raises(TypeError, match=message):
+        fused_conv_bn(c, b, torch.randn(2, 3, 6, 6, dtype=D), training=False, backend="cpu")
+    if type(c) is nn.Conv2d:
+        with pytest.raises(TypeError, match=message):
+            check_fusable(c, b)
+
+
+@pytest.mark.parametrize("attr,value", [("stride", 2), ("dilation", 2), ("padding", 2)])
+def test_a_conv_geometry_set_to_a_plain_int_is_computed(attr, value):
+    # nn.Conv2d takes `conv.stride = 2` (backbone surgery writes it); fused it was "'int' object is not iterable".
+    from deeplab_ops.nn import fuse_modules
+
+    torch.manual_seed(0)
+    eager = nn.Sequential(nn.Conv2d(4, 4, 3, padding=1, bias=False), nn.BatchNorm2d(4), nn.ReLU()).to(D)
+    fused = fuse_modules(copy.deepcopy(eager), backend="cpu")
+    single = FusedConvBNReLU(4, 4, 3, padding=1, backend="cpu").to(D)
+    single.load_state_dict(eager.state_dict())
+    x = torch.randn(2, 4, 9, 9, dtype=D)
+    for module in (eager[0], fused[0], single[0]):
+        setattr(module, attr, value)
+    expected = eager(x)  # training: one running-statistics update each
+    for module in (fused, single):
+        torch.testing.assert_close(module(x), expected, rtol=0, atol=1e-12)
+        torch.testing.assert_close(module[1].running_mean, eager[1].running_mean, rtol=0, atol=1e-14)

@@ -185,6 +185,19 @@ def test_aspp_running_stats_sharing_memory_refused_in_training(backend):
         deeplab_ops.aspp(**a, rates=(1, 2), training=True, backend=backend)
 
 
+def test_running_stats_overlapping_past_a_neighbour_between_them_are_refused():
+    # Three interleaved strided views of one buffer: the first and third share elements 4 and 8, the second (between
+    # them by address) shares none with either. Only neighbours were compared: no error, the aliased values were
+    # overwritten by the training update.
+    from deeplab_ops.common import check_running_writable
+
+    big = torch.zeros(64)
+    first, between, third = big[0:16:4], big[1:17:4], big[4:12:2]
+    with pytest.raises(ValueError, match=r"running_means\[0\] and running_vars\[1\] share memory"):
+        check_running_writable((("running_means", [first, torch.zeros(4)]), ("running_vars", [between, third])))
+    check_running_writable((("running_means", [first]), ("running_vars", [between])))  # interleaved, disjoint: fine
+
+
 # ---- non-strided tensors --------------------------------------------------------------------------------------
 
 
