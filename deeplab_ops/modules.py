@@ -61,6 +61,10 @@ def check_fusable(conv: nn.Module, bn: nn.Module) -> None:
     _check_conv_computable(conv)
     if bn.num_features != conv.out_channels:
         raise ValueError(f"bn has num_features={bn.num_features} but conv has out_channels={conv.out_channels}")
+    momentum = bn.momentum  # PyTorch runs any number; the op refuses what is no average's weight (fusing leaves it)
+    if momentum is not None and (isinstance(momentum, bool) or not isinstance(momentum, numbers.Real)
+                                 or not 0.0 <= momentum <= 1.0):
+        raise ValueError(f"bn has momentum={momentum!r}; the fused op takes None or a number in [0, 1]")
     _conv_padding(conv)
 
 

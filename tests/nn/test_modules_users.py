@@ -365,3 +365,19 @@ def test_a_conv_geometry_set_to_a_plain_int_is_computed(attr, value):
     for module in (fused, single):
         torch.testing.assert_close(module(x), expected, rtol=0, atol=1e-12)
         torch.testing.assert_close(module[1].running_mean, eager[1].running_mean, rtol=0, atol=1e-14)
+
+
+@pytest.mark.parametrize("momentum", [1.5, -0.1])
+def test_fuse_modules_leaves_a_batchnorm_of_a_momentum_outside_0_1_unfused(momentum):
+    # PyTorch runs it; fused, the first training call failed with "momentum must be a number in [0, 1]", no layer named.
+    from deeplab_ops.nn import check_fusable, fuse_modules, is_fused
+
+    eager = nn.Sequential(nn.Conv2d(3, 4, 3, padding=1, bias=False), nn.BatchNorm2d(4, momentum=momentum),
+                          nn.ReLU()).to(D)
+    with pytest.raises(ValueError, match=rf"bn has momentum={momentum}; the fused op takes None or a number"):
+        check_fusable(eager[0], eager[1])
+    fused = fuse_modules(copy.deepcopy(eager), backend="cpu")
+    assert not is_fused(fused[0])
+    x = torch.randn(2, 3, 6, 6, dtype=D)
+    torch.testing.assert_close(fused(x), eager(x), rtol=0, atol=0)
+    torch.testing.assert_close(fused[1].running_mean, eager[1].running_mean, rtol=0, atol=0)
