@@ -645,18 +645,20 @@ def aspp_parts(module: nn.Module) -> tuple[list[nn.Conv2d], list[nn.BatchNorm2d]
     # containers that run their children in order (a branch or projection with a forward of its own is not
     # Sequential's, whatever its children: fused, its forward would be skipped).
     for i, branch in enumerate(branches):
-        relu = len(branch) - 1
-        if len(branch) != (4 if i == len(branches) - 1 else 3) or type(branch[relu]) is not nn.ReLU:
+        pool = i == len(branches) - 1  # (the pooling branch's own forward is judged by whoever fuses it)
+        if len(branch) != (4 if pool else 3) or type(branch[-1]) is not nn.ReLU:
             raise ValueError(f"convs.{i} must end in an nn.ReLU after its BatchNorm, and hold nothing after it (the "
                              f"fused op computes that), got {branch}")
+        if not pool and type(branch).forward is not nn.Sequential.forward:
+            raise ValueError(f"convs.{i} must run its children in order (nn.Sequential's forward; the fused op "
+                             f"computes that), got a {type(branch).__name__} with a forward of its own")
     if len(project) < 3 or type(project[2]) is not nn.ReLU or not all(
             isinstance(m, nn.Dropout) for m in list(project)[3:]):
         raise ValueError(f"project must be (conv, BatchNorm, nn.ReLU) and dropouts (what the fused op computes), got "
                          f"{project}")
-    for name, container in [*((f"convs.{i}", b) for i, b in enumerate(branches[:-1])), ("project", project)]:
-        if type(container).forward is not nn.Sequential.forward:
-            raise ValueError(f"{name} must run its children in order (nn.Sequential's forward; the fused op computes "
-                             f"that), got a {type(container).__name__} with a forward of its own")
+    if type(project).forward is not nn.Sequential.forward:
+        raise ValueError(f"project must run its children in order (nn.Sequential's forward; the fused op computes "
+                         f"that), got a {type(project).__name__} with a forward of its own")
     check_fusable(pooling[1], pooling[2])
     _check_pointwise(pooling[1], f"convs.{len(branches) - 1}.1", stride=False)  # any stride maps 1x1 to 1x1
     convs.append(pooling[1])

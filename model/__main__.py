@@ -23,6 +23,8 @@ from model.deeplabv3 import DeepLabV3, deeplabv3_resnet
 from model.heads import HEADS
 from model.resnet import DEPTHS, RESIDUAL_UNITS
 
+INT64_MAX = 2**63 - 1  # PyTorch's sizes are int64: a larger image or batch size is a usage error
+
 
 def _image_size(text: str) -> tuple[int, int]:
     parts = text.lower().replace("×", "x").split("x")
@@ -48,9 +50,6 @@ def _batch_size(text: str) -> int:
     if not 1 <= value <= INT64_MAX:
         raise argparse.ArgumentTypeError(f"must be in [1, 2**63 - 1] (PyTorch's 64-bit sizes), got {value}")
     return value
-
-
-INT64_MAX = 2**63 - 1
 
 
 def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
