@@ -35,7 +35,9 @@
 # a fused provider), the first use with the interpreter's dry launches, and DEEPLAB_OPS_CUDA defaults to 0 so the
 # library is not rebuilt for CUDA kernels; its pytest phases run PYTEST_PATHS, by default tests/test_budgets.py and
 # tests/test_suite_setup.py, without workers; train_more leaves out compile), PYTEST_WORKERS (8), PYTEST_PATHS
-# (the tests: default tests), BENCH_MARGIN_S (each benchmark's --budget-s below its timeout, default 30).
+# (the tests: default tests), BENCH_MARGIN_S (each benchmark's --budget-s below its timeout, default 30),
+# SUITE_PHASES (a comma-separated selection of the phases below: import and info always run, the others only when
+# named, e.g. SUITE_PHASES=conv_bn_relu,first_use in a second call for what a first one had no time for).
 #
 # What comes back in $OUT (the device tool returns at most 8 files):
 #   suite.log                  everything printed, with a summary of the phases at the end
@@ -67,6 +69,18 @@ for knob in SUITE_BUDGET_S GOAL_RESERVE_S PYTEST_GPU_S PYTEST_WORKERS BENCH_MARG
         exit 2
     fi
 done
+
+# SUITE_PHASES: names the phases below define, nothing else (a typo would run nothing and say ok)
+ALL_PHASES=" pytest_gpu pytest_all pytest_rest aspp_goal train_goal goals first_use train_more conv_bn_relu aspp_sweep \
+aspp_dtypes "
+if [ -n "${SUITE_PHASES:-}" ]; then
+    for name in ${SUITE_PHASES//,/ }; do
+        if [[ $ALL_PHASES != *" $name "* ]]; then
+            echo "gpu_suite: SUITE_PHASES=$SUITE_PHASES: no phase '$name'; expected names from:$ALL_PHASES" >&2
+            exit 2
+        fi
+    done
+fi
 
 START=$(date +%s)
 BUDGET=${SUITE_BUDGET_S:-530}
@@ -133,6 +147,10 @@ left() { echo $(( BUDGET - ($(date +%s) - START) )); }
 # SKIPPED when that is under MIN (default 20 s). The benchmarks read $STEP_S (their timeout) to set --budget-s.
 phase() {
     local name=$1 cap=$2 cmd=$3 reserve=${4:-0} min=${5:-20}
+    if [ -n "${SUITE_PHASES:-}" ] && [[ $ALL_PHASES == *" $name "* ]] && [[ ",$SUITE_PHASES," != *",$name,"* ]]; then
+        SUMMARY+=("-        $name (not in SUITE_PHASES)")
+        return 0
+    fi
     if [ -n "$INTERRUPTED" ]; then
         echo "=== $name: SKIPPED (interrupted)"
         SKIPPED+=("$name")

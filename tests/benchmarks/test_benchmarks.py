@@ -800,6 +800,21 @@ def test_gpu_suite_with_no_time_for_any_phase_fails(tmp_path):
     assert "pytest_gpu: SKIPPED (its cap, 5s, is under the 20s a phase needs)" in result.stdout
 
 
+def test_gpu_suite_runs_only_the_phases_named_in_suite_phases(tmp_path):
+    # a second call on a warm GPU machine runs what the first had no time for
+    result, calls, _ = _run_suite(tmp_path, SUITE_PHASES="conv_bn_relu,first_use")
+    assert result.returncode == 0, result.stdout + result.stderr
+    assert not any(c.startswith("-m pytest") for c in calls), calls
+    benches = [c for c in calls if c.startswith("benchmarks/") and "_bench.py" in c]
+    assert len(benches) == 2 and "--name first_use" in benches[0] and "--name conv_bn_relu_bench" in benches[1]
+    assert "-m deeplab_ops" in calls  # import and info always run
+    assert "aspp_goal (not in SUITE_PHASES)" in result.stdout
+    (tmp_path / "typo").mkdir()
+    result, calls, _ = _run_suite(tmp_path / "typo", SUITE_PHASES="conv_bn_relu,firstuse")
+    assert result.returncode == 2 and not calls
+    assert "gpu_suite: SUITE_PHASES=conv_bn_relu,firstuse: no phase 'firstuse'; expected names from:" in result.stderr
+
+
 @pytest.mark.parametrize("module, argv, message", [
     ("aspp_bench", ["--threads", "-1"], "argument --threads: must be >= 1 (torch CPU threads), got -1"),
     ("aspp_bench", ["--threads", "two"], "argument --threads: expected an integer >= 1 (torch CPU threads), got 'two'"),
