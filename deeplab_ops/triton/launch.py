@@ -86,7 +86,8 @@ def device_constants(values: tuple, dtype: torch.dtype, device: torch.device) ->
         return _cached_constants(values, dtype, device, 0)
     if torch.cuda.is_current_stream_capturing():
         return _filled(values, dtype, device)
-    return _cached_constants(values, dtype, device, torch._C._cuda_getCurrentRawStream(device.index))
+    index = device.index if device.index is not None else torch.cuda.current_device()  # torch.device("cuda")
+    return _cached_constants(values, dtype, device, torch._C._cuda_getCurrentRawStream(index))
 
 
 def _filled(values: tuple, dtype: torch.dtype, device: torch.device) -> torch.Tensor:

@@ -859,6 +859,9 @@ def test_channels_last_boundary_on_cuda(fuse_on_cuda):
     # back NCHW and equals the unfused model's, with gradients of the weights' own strides.
     torch.manual_seed(0)
     plain = _randomize(_Head({})).cuda()
+    # no dropout: it draws its mask in memory order, so a channels_last activation drops other elements than NCHW
+    # (the H200 run of 2026-12-04 failed here on that alone; without it the outputs agree to 1e-6)
+    plain.aspp.project[3].p = 0.0
     net = copy.deepcopy(plain) if fuse_on_cuda else copy.deepcopy(plain).cpu()
     fuse_modules(net, backend="cuda")
     assert all(_weight_layouts(net).values()) is fuse_on_cuda, _weight_layouts(net)

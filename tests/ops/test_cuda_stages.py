@@ -401,7 +401,12 @@ def test_aspp_composite_matches_cpu(layout, monkeypatch):
         args = [x, convs, pool, proj, gamma, beta, rm, rv, rates, training, 0.1, 1e-5]
         got, want = _ops.aspp_forward(*args), _ops.aspp_forward(*cpu(args))
         for i, (a, b) in enumerate(zip(got, want, strict=True)):
-            check(a, b, f"aspp_forward output {i} (training={training})", 1e-10, 1e-10)
+            if isinstance(a, list):  # an output that is a list of tensors (one per branch): each compared
+                assert isinstance(b, list) and len(a) == len(b), (i, type(b))
+                for j, (aj, bj) in enumerate(zip(a, b, strict=True)):
+                    check(aj, bj, f"aspp_forward output {i}[{j}] (training={training})", 1e-10, 1e-10)
+            else:
+                check(a, b, f"aspp_forward output {i} (training={training})", 1e-10, 1e-10)
         out, branch, pool_out, proj_out, mean, invstd = got[:6]
         bargs = [torch.randn_like(out), x, convs, pool, proj, gamma, beta, branch, pool_out, proj_out, out, mean,
                  invstd, rates, training, [True, True, True]]
