@@ -129,7 +129,9 @@ def _conv_run(spec, inputs, backend, lean, dtype=F64):
     x, w, gamma, beta, rm, rv, res, grad = inputs
     leaves = {k: None if v is None else _leaf(v, k in _WANT[want], dtype)
               for k, v in zip(_NAMES, (x, w, gamma, beta, res), strict=True)}
-    rm, rv = rm.to(dtype), rv.to(dtype)
+    # copies: each run updates its own running statistics (with .to() a same-dtype, same-device run would update the
+    # caller's tensors, shared by every run of the comparison: on a GPU the runs' results all aliased one tensor)
+    rm, rv = rm.to(dtype, copy=True), rv.to(dtype, copy=True)
     if backend == "eager":
         y = F.conv2d(leaves["x"], leaves["weight"], None, stride, padding, dilation)
         out = F.batch_norm(y, rm, rv, leaves["bn_weight"], leaves["bn_bias"], training, momentum, eps)

@@ -192,7 +192,7 @@ def _run_all(case, dtype, backend, x, w, g, b, rm, rv, res, grad_out):
     stat = torch.float64 if dtype == torch.float64 else torch.float32
     inputs = [t.detach().to(d).requires_grad_() if t is not None else None
               for t, d in zip((x, w, g, b, res), (dtype, dtype, stat, stat, dtype), strict=True)]
-    rm, rv = rm.to(stat), rv.to(stat)
+    rm, rv = rm.to(stat, copy=True), rv.to(stat, copy=True)  # each run updates its own (float32 inputs: no alias)
     kw = dict(stride=case.stride, padding=case.pad, dilation=case.dilation, training=case.training, relu=case.relu)
     if backend == "reference":
         out = reference.conv_bn_relu(*inputs[:4], rm, rv, residual=inputs[4], **kw)

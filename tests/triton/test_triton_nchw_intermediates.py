@@ -174,7 +174,10 @@ def test_conv_bn_relu_gradients(kind, training, memory_efficient):
     assert out.is_contiguous(memory_format=fmt)
     assert grads[0].is_contiguous(memory_format=fmt), grads[0].stride()  # grad_x in x's format
     assert grads[4].is_contiguous(memory_format=fmt), grads[4].stride()  # grad_residual in x's format
-    assert _significant(grads[4]) == _significant(ref_grads[4])  # as eager's
+    if ref_out.is_contiguous(memory_format=fmt):
+        # as eager's where eager's chain follows x's format: on CUDA float64 convolution has no channels_last kernel,
+        # eager's output is NCHW there and so is its grad_residual (an H200); ours follows x on every device
+        assert _significant(grads[4]) == _significant(ref_grads[4])
 
 
 def _aspp_grads(backend, x, cws, pw, prw, bw, bb, rm, rv, rates, training, memory_efficient):
