@@ -117,12 +117,24 @@ AxisStencil axis_stencil(int64_t in, int64_t out, bool align_corners, const at::
   return used_on(cache->emplace(key, built).first->second);
 }
 
+// Products and sums rounded one by one (the _rn intrinsics are never contracted into an fma): the backward rebuilds
+// each z and subtracts the forward's saved maximum, so both kernels must compute z bit for bit alike. nvcc
+// contracts a * b + c by default, and may do so differently in two kernels; z a rounding above the maximum gave
+// an infinite gradient at logits of 1e20 in the Triton kernels on an H200 (deeplab_ops/triton/upsample_ce.py).
+__device__ __forceinline__ float mul_rn(float a, float b) { return __fmul_rn(a, b); }
+__device__ __forceinline__ double mul_rn(double a, double b) { return __dmul_rn(a, b); }
+__device__ __forceinline__ float add_rn(float a, float b) { return __fadd_rn(a, b); }
+__device__ __forceinline__ double add_rn(double a, double b) { return __dadd_rn(a, b); }
+
 template <typename scalar_t, typename opmath_t>
 __device__ __forceinline__ opmath_t interp(const scalar_t* __restrict__ plane, int o00, int o01, int o10, int o11,
                                            opmath_t ly0, opmath_t ly1, opmath_t lx0, opmath_t lx1) {
   // PyTorch's nesting of the products: rows outside, columns inside.
-  return ly0 * (lx0 * static_cast<opmath_t>(plane[o00]) + lx1 * static_cast<opmath_t>(plane[o01])) +
-         ly1 * (lx0 * static_cast<opmath_t>(plane[o10]) + lx1 * static_cast<opmath_t>(plane[o11]));
+  const opmath_t top = add_rn(mul_rn(lx0, static_cast<opmath_t>(plane[o00])),
+                              mul_rn(lx1, static_cast<opmath_t>(plane[o01])));
+  const opmath_t bottom = add_rn(mul_rn(lx0, static_cast<opmath_t>(plane[o10])),
+                                 mul_rn(lx1, static_cast<opmath_t>(plane[o11])));
+  return add_rn(mul_rn(ly0, top), mul_rn(ly1, bottom));
 }
 
 template <typename scalar_t, typename opmath_t>

@@ -252,7 +252,8 @@ def upsample_cross_entropy(
     plain = target
     if type(target) is not torch.Tensor and type(target).__torch_dispatch__ is torch.Tensor.__torch_dispatch__:
         plain = target.as_subclass(torch.Tensor)
-    scan = target.device.type == "cpu" and enter_directly(logits) and enter_directly(plain)
+    direct = enter_directly(logits) and enter_directly(plain)
+    scan = target.device.type == "cpu" and direct
     if name == "reference":
         if scan:  # the message every CPU backend gives, not F.cross_entropy's
             check_target_range(plain, logits.shape[1], ignore_index)
@@ -274,6 +275,8 @@ def upsample_cross_entropy(
         return loss.to(logits.dtype)
     if not enter_directly(logits):  # traced: the graph holds the op (the triton twin checks its arguments)
         return FORWARD_OPS[name](logits, target, ignore_index, align_corners, reduction)[0]
-    if name == "triton" and scan:  # checked above: the twin skips its check (the label scan included)
+    if name == "triton" and direct:
+        # Checked above (a CPU target's labels included; a CUDA target's are the kernel's to decide, without a
+        # synchronization): the twin skips its check.
         return call_checked(_KERNELS[name], logits, target, ignore_index, align_corners, reduction)[0]
     return _KERNELS[name](logits, target, ignore_index, align_corners, reduction)[0]

@@ -231,6 +231,15 @@ def _block_k(k: int) -> int:
     return min(next_power_of_2(max(k, 1)), 32)
 
 
+# Compile options of both kernels: no floating-point contraction. The backward rebuilds each interpolated logit z
+# and takes exp((z - max) - log s) with the forward's max: z must be the forward's bit for bit. With contraction
+# on (Triton's default on a GPU) the two kernels fused the interpolation's products into FMAs differently, z came
+# out up to |z| * 2^-24 above the saved maximum, and at logits of 1e20 that exp overflowed to an infinite gradient
+# (an H200 run; the interpreter, which never contracts, was exact). The kernels are memory-bound: the separate
+# multiplies cost nothing measurable.
+LAUNCH_OPTIONS = dict(enable_fp_fusion=False)
+
+
 # GPU launch configurations, chosen so that neither kernel spills registers on sm_80 or sm_90 in any dtype
 # (`ptxas -v` of every configuration below: tests/triton/test_triton_compile.py). Each element of a tile holds four
 # gathered corners, their addresses and the interpolated value, about 25 registers at 4-8 elements per thread: a
@@ -299,7 +308,7 @@ def forward(logits, target, ignore_index: int, align_corners: bool, reduction: s
         launch_kernel(_uce_fwd_kernel, (grid,),
             logits, target, y0, y1, ly0, ly1, x0, x1, lx0, lx1, lse, loss_px, psum, pcnt,
             p, k, h, w, big_h, big_w, ignore_index,
-            PER_PIXEL=per_pixel, ACC=tl_acc, BLOCK_P=block_p, BLOCK_K=block_k, num_warps=warps,
+            PER_PIXEL=per_pixel, ACC=tl_acc, BLOCK_P=block_p, BLOCK_K=block_k, num_warps=warps, **LAUNCH_OPTIONS,
         )
     if per_pixel:
         count = (target != ignore_index).sum().to(acc)
@@ -345,5 +354,6 @@ def backward(grad, logits, target, lse, count, ignore_index: int, align_corners:
         y0, y1, ly0, ly1, x0, x1, lx0, lx1, ys, ye, xs, xe,
         q, k, h, w, big_h, big_w, n * big_h * big_w, ignore_index, span_y, span_x,
         PER_PIXEL=per_pixel, ACC=tl_acc, BLOCK_Q=block_q, BLOCK_X=block_x, BLOCK_K=block_k, num_warps=warps,
+        **LAUNCH_OPTIONS,
     )
     return dx

@@ -93,6 +93,13 @@ def _kernels():
     return out
 
 
+def _launch_options(name: str) -> dict:
+    """Compile options a kernel's launches pass beyond num_warps and num_stages (upsample_ce.LAUNCH_OPTIONS)."""
+    from deeplab_ops.triton import upsample_ce as U
+
+    return dict(U.LAUNCH_OPTIONS) if name.startswith("uce_") else {}
+
+
 def _jobs(full: bool):
     """(name, mode index, config index, dtype, arch) to compile. `full`: every launch configuration of every
     kernel in every mode and dtype on both archs; else the first configuration in fp16 on sm_90 (every mode),
@@ -194,13 +201,17 @@ def compile_job(job) -> dict:
                num_stages=stages)
     try:
         k = triton.compile(ast_source(fn, sig, consts, attrs), target=GPUTarget("cuda", arch, 32),
-                           options=dict(num_warps=warps, num_stages=stages))
+                           options=dict(num_warps=warps, num_stages=stages, **_launch_options(name)))
     except Exception as e:  # reported, and failed by the test
         rec["error"] = f"{type(e).__name__}: {str(e)[-1500:]}"
         return rec
     ptx = k.asm["ptx"]
     rec.update(shared=k.metadata.shared, wgmma="wgmma.mma_async" in ptx, mma_sync="mma.sync" in ptx,
-               cp_async="cp.async" in ptx, **_resource_usage(k.asm["cubin"]))
+               cp_async="cp.async" in ptx, fma=ptx.count("fma.rn."), **_resource_usage(k.asm["cubin"]))
+    if _launch_options(name).get("enable_fp_fusion") is False:  # what contraction would have made of it
+        fused = triton.compile(ast_source(fn, sig, consts, attrs), target=GPUTarget("cuda", arch, 32),
+                               options=dict(num_warps=warps, num_stages=stages))
+        rec["fma_contracted"] = fused.asm["ptx"].count("fma.rn.")
     return rec
 
 
@@ -351,6 +362,24 @@ def test_gemm_main_loops_use_tensor_cores_and_pipeline(first_configs):
         pytest.xfail("triton < 3.6 does not software-pipeline these main loops (docs/kernels.md, Tested stacks): "
                      + "; ".join(unpipelined))
     assert not unpipelined, "not pipelined: " + "; ".join(unpipelined)
+
+
+def test_upsample_cross_entropy_kernels_compute_z_without_contraction(first_configs):
+    """The cross-entropy backward rebuilds each interpolated logit and subtracts the forward's saved maximum: both
+    kernels are compiled without floating-point contraction, as their launches ask (upsample_ce.LAUNCH_OPTIONS), so
+    that they round every product alike and z is the forward's bit for bit (with FMAs, a GPU gave an infinite
+    gradient at logits of 1e20). What fma is left is the math library's (the log's; float64's exp): fewer than in
+    the same kernel compiled with contraction, and none in the float32-accumulating backward (exp is ex2 there)."""
+    seen = set()
+    for r in first_configs:
+        if r["name"] in ("uce_fwd", "uce_bwd"):
+            where = f"{r['name']} {r['dtype']} sm_{r['arch']}"
+            assert "error" not in r, r
+            assert r["fma"] < r["fma_contracted"], f"{where}: contraction not disabled ({r['fma']} fma)"
+            if r["name"] == "uce_bwd" and r["dtype"] != "fp64":
+                assert r["fma"] == 0, f"{where}: {r['fma']} fma"
+            seen.add(r["name"])
+    assert seen == {"uce_fwd", "uce_bwd"}
 
 
 @pytest.mark.slow
