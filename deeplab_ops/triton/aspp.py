@@ -38,6 +38,7 @@ from deeplab_ops.triton.conv_engine import (
     _conv_dgrad_kernel,
     _conv_fwd_kernel,
     _conv_wgrad_kernel,
+    _count_split_pairs,
     _dgrad_stage,
     _dgrad_tap,
     _dy_coef,
@@ -187,8 +188,9 @@ def _aspp_branch_wgrad_kernel(
     tiles = _wgrad_tiles(ih_off, iw_off, 1, 1, H, W, H, W, N, BLOCK_H, BLOCK_W)
     for i in range(pid_s, tiles, SPLITS):
         acc = _wgrad_tile(acc, x_ptr, g_ptr, g_ptr, y_ptr, i, ih_off, iw_off, 1, 1, H, W, C_in, H, W, BC, br * C,
-                          C, offs_ci, ci_mask, offs_co, mean, k, a, b, pairs_ptr, pid_mn == 0, False, COUNT_PAIRS,
-                          ACC_DTYPE, DOT_PRECISION, BLOCK_H, BLOCK_W)
+                          C, offs_ci, ci_mask, offs_co, mean, k, a, b, False, ACC_DTYPE, DOT_PRECISION, BLOCK_H,
+                          BLOCK_W)
+    _count_split_pairs(pairs_ptr, pid_mn == 0, tiles, pid_s, SPLITS, COUNT_PAIRS)
 
     idx = ((pid_s * T + t) * C_in + offs_ci)[:, None] * C + offs_co[None, :]
     tl.store(part_ptr + idx, acc, mask=ci_mask[:, None] & (offs_co < C)[None, :])

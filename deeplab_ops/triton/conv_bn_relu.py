@@ -232,7 +232,8 @@ def count_computed_pairs(
     block_h: int, block_w: int,
 ) -> dict[str, int]:
     """Run the forward, dgrad and wgrad kernels with BLOCK_H x BLOCK_W tiles and count the (tile, tap) pairs
-    each computed (one atomic per computed pair): the measured side of `schedule`."""
+    each computed (forward and dgrad: one atomic per computed pair; wgrad: each program adds its branch-free loop's
+    trip count): the measured side of `schedule`."""
     check_device(x)
     geo = Geometry(tuple(stride), tuple(padding), tuple(dilation))
     stat = opmath_dtype(x.dtype)

@@ -103,6 +103,17 @@ def _count_pair(pairs_ptr, first_block, COUNT_PAIRS: tl.constexpr):
             tl.atomic_add(pairs_ptr, 1)
 
 
+@triton.jit
+def _count_split_pairs(pairs_ptr, first_block, tiles, pid_s, SPLITS, COUNT_PAIRS: tl.constexpr):
+    # The wgrad loops' count: program pid_s of SPLITS runs tiles pid_s, pid_s + SPLITS, ... < tiles, one (tile, tap)
+    # pair per iteration (the loop has no branch); one atomic after the loop adds its trip count. An atomic inside
+    # the software-pipelined loop counted more pairs than it ran on an H200 (ASPP: 124 for 118, 45 for 36; the
+    # gradients exact), and it sat in the main loop the pipelining is for.
+    if COUNT_PAIRS:
+        if first_block:
+            tl.atomic_add(pairs_ptr, tl.maximum(tiles - pid_s + SPLITS - 1, 0) // SPLITS)
+
+
 # ---- the BN-backward prologue ----------------------------------------------------------------------------
 
 
@@ -201,8 +212,8 @@ def _hit_tiles(off, stride, size, out, BLOCK: tl.constexpr):
 
 @triton.jit
 def _wgrad_tile(acc, x_ptr, dz_ptr, z_ptr, y_ptr, i, ih_off, iw_off, stride_h, stride_w, H, W, C_in, H_out, W_out,
-                ldy, ch0, C, offs_ci, ci_mask, offs_co, mean, k, a, b, pairs_ptr, first_block,
-                RELU: tl.constexpr, COUNT_PAIRS: tl.constexpr, ACC_DTYPE: tl.constexpr, DOT_PRECISION: tl.constexpr,
+                ldy, ch0, C, offs_ci, ci_mask, offs_co, mean, k, a, b,
+                RELU: tl.constexpr, ACC_DTYPE: tl.constexpr, DOT_PRECISION: tl.constexpr,
                 BLOCK_H: tl.constexpr, BLOCK_W: tl.constexpr):
     # acc += x[tile pixels * stride + tap offset, offs_ci]^T @ dy[tile pixels, ch0 + offs_co] for the i-th of the
     # tiles that read a real input pixel through the tap (image-major, then the rectangle of `_hit_tiles`): the
@@ -213,7 +224,6 @@ def _wgrad_tile(acc, x_ptr, dz_ptr, z_ptr, y_ptr, i, ih_off, iw_off, stride_h, s
     img = i // per_img
     oh0 = (r_first + i % per_img // c_count) * BLOCK_H
     ow0 = (c_first + i % per_img % c_count) * BLOCK_W
-    _count_pair(pairs_ptr, first_block, COUNT_PAIRS)
     oh, ow, p_mask = _tile_pixels(oh0, ow0, H_out, W_out, BLOCK_H, BLOCK_W)
     ih = oh * stride_h + ih_off
     iw = ow * stride_w + iw_off
@@ -403,8 +413,9 @@ def _conv_wgrad_kernel(
     tiles = _wgrad_tiles(ih_off, iw_off, stride_h, stride_w, H, W, H_out, W_out, N, BLOCK_H, BLOCK_W)
     for i in range(pid_s, tiles, SPLITS):
         acc = _wgrad_tile(acc, x_ptr, dz_ptr, z_ptr, y_ptr, i, ih_off, iw_off, stride_h, stride_w, H, W, C_in, H_out,
-                          W_out, C_out, 0, C_out, offs_ci, ci_mask, offs_co, mean, k, a, b, pairs_ptr, pid_mn == 0,
-                          RELU, COUNT_PAIRS, ACC_DTYPE, DOT_PRECISION, BLOCK_H, BLOCK_W)
+                          W_out, C_out, 0, C_out, offs_ci, ci_mask, offs_co, mean, k, a, b, RELU, ACC_DTYPE,
+                          DOT_PRECISION, BLOCK_H, BLOCK_W)
+    _count_split_pairs(pairs_ptr, pid_mn == 0, tiles, pid_s, SPLITS, COUNT_PAIRS)
 
     idx = ((pid_s * KH * KW + tap) * C_in + offs_ci)[:, None] * C_out + offs_co[None, :]
     tl.store(part_ptr + idx, acc, mask=ci_mask[:, None] & (offs_co < C_out)[None, :])

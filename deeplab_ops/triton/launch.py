@@ -32,7 +32,8 @@ from triton.runtime.errors import OutOfResources
 from deeplab_ops.common import check_autotune_mode as _check_mode
 from deeplab_ops.common import env_autotune_mode as _env_autotune_mode
 from deeplab_ops.common import interpreter_active as _interpreter_active
-from deeplab_ops.triton.counting import _COUNTERS, Signature
+from deeplab_ops.triton.counting import _COUNTERS, _OPEN, Signature, launch_counters
+from deeplab_ops.triton.counting import paused as _counting_paused
 from deeplab_ops.triton.counting import record_launch as _record_launch
 
 _AUTOTUNE = [_env_autotune_mode()]
@@ -130,7 +131,7 @@ def device_guard(device: torch.device | None):
 def launch_kernel(kernel, grid: tuple[int, ...], *args, **kwargs) -> None:
     """`kernel[grid](*args, **kwargs)` on the device of its first tensor argument, counted: every launch of this
     package goes through here."""
-    active = getattr(_COUNTERS, "active", None)
+    active = getattr(_COUNTERS, "active", None) or (_OPEN and launch_counters())
     if active:
         _record_launch(active, kernel_name(kernel), lambda: launch_signature(kernel, args, kwargs))
     with device_guard(_device_of(args)):
@@ -283,19 +284,13 @@ def tune(spec: KernelSpec, device: torch.device, sizes: dict, run: Callable[[dic
     configs = candidates(spec, device, sizes)
     if len(configs) == 1:
         return configs[0]
-    # Benchmark runs are not counted as launches of the caller.
-    saved = getattr(_COUNTERS, "active", None)
-    _COUNTERS.active = None
-    try:
-        timings = []
-        with device_guard(device):
-            for config in configs:
-                try:
-                    timings.append((_time(run, config, device), config))
-                except OutOfResources:
-                    continue
-    finally:
-        _COUNTERS.active = saved
+    timings = []
+    with _counting_paused(), device_guard(device):  # benchmark runs are not counted as launches of the caller
+        for config in configs:
+            try:
+                timings.append((_time(run, config, device), config))
+            except OutOfResources:
+                continue
     if not timings:
         raise RuntimeError(f"no configuration of {kernel_name(spec.kernel)} fits this GPU: {configs}")
     return min(timings, key=lambda t: t[0])[1]
