@@ -66,6 +66,30 @@ def test_inactive_counter_sees_nothing_and_other_threads_are_not_counted():
     assert counter.total == 0 and counter.by_kernel == {}
 
 
+@triton_test
+def test_a_backward_run_by_another_thread_counts_in_the_open_block():
+    """Autograd runs a CUDA backward in its device worker thread, not in the thread that called backward(): those
+    launches count in the block that is open (on an H200 a forward + backward counted only the forward). Here a
+    thread with no block of its own runs the backward (a graph task, as the worker's): counted; its forward is not
+    (no graph task), nor the block's own thread's launches twice."""
+    logits = torch.randn(2, 3, 4, 4, device=DEVICE, requires_grad=True)
+    target = torch.randint(0, 3, (2, 8, 8), device=DEVICE)
+    with dtriton.count_launches() as counter:
+        loss = deeplab_ops.upsample_cross_entropy(logits, target, backend="triton")
+        worker = threading.Thread(target=loss.backward)
+        worker.start()
+        worker.join()
+        other = threading.Thread(target=deeplab_ops.upsample_cross_entropy, args=(logits.detach(), target),
+                                 kwargs=dict(backend="triton"))
+        other.start()
+        other.join()
+    assert counter.by_kernel == {"uce_fwd": 1, "uce_bwd": 1}, counter.by_kernel
+    assert logits.grad is not None
+    with dtriton.count_launches() as after:  # the closed block left nothing behind
+        pass
+    assert after.total == 0 and not dtriton.counting._OPEN
+
+
 def test_counter_import_imports_no_triton():
     code = ("import sys, deeplab_ops.triton as t; assert 'triton' not in sys.modules\n"
             "with t.count_launches() as c: pass\n"
