@@ -311,8 +311,9 @@ else
     phase pytest_rest 150 'pytest_run pytest_rest.log -m "not gpu and not slow"' "$GOAL_RESERVE" 60
 fi
 
-# 3. benchmarks, goals first (the issue's goals: bf16, output stride 16, batch 16). Modes in goal order: the
-#    eval rows come before fwd_bwd, whose compile-max case is the slowest to set up.
+# 3. benchmarks, goals first (the issue's goals: bf16, output stride 16, batch 16). Modes in goal order; aspp_bench
+#    runs compile-max's rows after every other provider's (its setup took 47-71 s per mode on the H200, and it spent
+#    the phase's budget before any fwd_bwd row ran).
 #    The eager setups users run (channels_last, autocast) come with eager NCHW: the goals read the fastest of them.
 phase aspp_goal 190 'BENCH_MARGIN_S=50 bench aspp_bench.py aspp_goal --configs os16 --batches 16 --dtypes bf16 \
     --profile --providers eager,eager-cl,eager-amp,eager-cl-amp,cuda,triton,compile,compile-max \

@@ -67,6 +67,20 @@ def test_aspp_bench_passes_the_channels_the_module_has(tmp_path, monkeypatch):
     assert seen == [("cpu", "aspp", 5, 6)]
 
 
+def test_aspp_bench_runs_max_autotune_after_every_other_row(tmp_path):
+    """compile-max's setup took 47-71 s per mode on the H200 and spent the suite's ASPP budget before any fwd_bwd
+    row ran: its rows come after all the other providers' rows of every mode."""
+    import aspp_bench
+
+    argv = [*QUICK, "--out", str(tmp_path), "--providers", "compile-max,eager,cpu", "--modes",
+            "train_fwd,eval_fwd,fwd_bwd", "--budget-s", "0"]
+    aspp_bench.main(argv)
+    rows = json.loads((tmp_path / "aspp_bench.json").read_text())["rows"]
+    order = [(r["provider"], r["mode"]) for r in rows]
+    assert order == [(p, m) for m in ("train_fwd", "eval_fwd", "fwd_bwd") for p in ("eager", "cpu")] + [
+        ("compile-max", m) for m in ("train_fwd", "eval_fwd", "fwd_bwd")], order
+
+
 # ---- reruns: an earlier run's results are moved aside, never overwritten ----------------------------------------
 
 
