@@ -855,7 +855,9 @@ _UNFUSED_DERIVED: weakref.WeakKeyDictionary[type, type] = weakref.WeakKeyDiction
 
 
 def is_fused(module: nn.Module) -> bool:
-    """Whether `module` is a fused conv, a fused-away BatchNorm2d or ReLU, or a fused residual block or ASPP."""
+    """Whether `module` is a fused conv, a fused-away BatchNorm2d or ReLU, a fused residual block or ASPP, or a
+    container whose own forward runs a fused chain (a Sequential of conv → BatchNorm → ReLU, now a fused subclass of
+    its class); not a container that only holds fused modules."""
     return isinstance(module, (FusedConv2d, FusedAwayBatchNorm2d, FusedAwayReLU)) or _fused_class_of(module) is not None
 
 

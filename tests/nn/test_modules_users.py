@@ -382,3 +382,19 @@ def test_fuse_modules_leaves_a_batchnorm_of_a_momentum_outside_0_1_unfused(momen
     x = torch.randn(2, 3, 6, 6, dtype=D)
     torch.testing.assert_close(fused(x), eager(x), rtol=0, atol=0)
     torch.testing.assert_close(fused[1].running_mean, eager[1].running_mean, rtol=0, atol=0)
+
+
+def test_is_fused_answers_for_the_module_itself_as_docs_ops_md_says():
+    # A Sequential whose conv -> BatchNorm -> ReLU was fused runs the chain in its own forward: fused itself (a fused
+    # subclass of its class), as its conv, BatchNorm and ReLU are; a container that only holds it is not (docs/ops.md
+    # said "not a container" of both).
+    from deeplab_ops.nn import fuse_modules, is_fused
+
+    def chain():
+        return nn.Sequential(nn.Conv2d(3, 4, 3, padding=1, bias=False), nn.BatchNorm2d(4), nn.ReLU())
+
+    fused = fuse_modules(nn.Sequential(chain(), nn.Identity()), backend="cpu")
+    assert is_fused(fused[0]) and isinstance(fused[0], nn.Sequential)
+    assert all(is_fused(m) for m in fused[0])
+    assert not is_fused(fused) and not is_fused(fused[1])
+    assert any(is_fused(m) for m in fused.modules())
