@@ -235,8 +235,9 @@ void softmax_grad_row(acc_t* __restrict z, acc_t* __restrict m, const acc_t* __r
   for (int64_t c = 0; c < k; ++c) {
     acc_t* dz = z + c * W;
     for (int64_t ox = 0; ox < W; ++ox) {
-      const acc_t d = s[ox] * dz[ox] - (label[ox] == c ? g[ox] : acc_t(0));
-      dz[ox] = label[ox] < 0 ? acc_t(0) : d;
+      // An ignored pixel (label -1, g 0) gives 0, or NaN where its z is not finite: eager's log_softmax backward
+      // (g - exp(out) * sum g) carries that NaN to the logits, and so does this.
+      dz[ox] = s[ox] * dz[ox] - (label[ox] == c ? g[ox] : acc_t(0));
     }
     if (v0) {
       acc_t* r = v0 + c * W;
@@ -411,9 +412,9 @@ at::Tensor upsample_cross_entropy_backward_cpu(const at::Tensor& grad_, const at
           const acc_t wy0 = in0 ? static_cast<acc_t>(ys.l0[oy]) + (i1 == i0 ? static_cast<acc_t>(ys.l1[oy]) : acc_t(0))
                                 : acc_t(0);
           const acc_t wy1 = in1 ? static_cast<acc_t>(ys.l1[oy]) : acc_t(0);
-          if (wy0 == acc_t(0) && wy1 == acc_t(0)) continue;
+          // A weight-0 row is not skipped: 0 * a NaN dz reaches the logits, as in eager's upsample backward.
+          if (!in0 && !in1) continue;
           const int64_t row_pix = (b * H + oy) * W;
-          bool any = false;
           for (int64_t ox = 0; ox < W; ++ox) {
             const int64_t lab = t[row_pix + ox];
             if (lab == ignore_index) {
@@ -425,9 +426,7 @@ at::Tensor upsample_cross_entropy_backward_cpu(const at::Tensor& grad_, const at
                               ") or ignore_index=", ignore_index);
             label[ox] = lab;
             g[ox] = g_p ? static_cast<acc_t>(g_p[row_pix + ox]) : g_all;
-            any = true;
           }
-          if (!any) continue;
           interp.output_row(b, i0, i1, static_cast<acc_t>(ys.l0[oy]), static_cast<acc_t>(ys.l1[oy]), z.data());
           acc_t* v0 = in0 ? v.data() + (i0 - ia) * k * W : nullptr;
           acc_t* v1 = in1 ? v.data() + (i1 - ia) * k * W : nullptr;

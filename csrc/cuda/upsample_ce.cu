@@ -221,7 +221,6 @@ __global__ void __launch_bounds__(kThreads)
     const opmath_t ly0 = yw[oy], ly1 = yw[H + oy];
     // Weight of low-res row i in output row oy: both terms when i0 == i1 == i (the last row).
     const opmath_t wy = (y0 == i ? ly0 : opmath_t(0)) + (y1 == i ? ly1 : opmath_t(0));
-    if (wy == opmath_t(0)) continue;
     const int row = (n * H + oy) * W;
     for (int ox = xs; ox < xe; ++ox) {
       const int x0 = xidx[ox], x1 = xidx[W + ox];
@@ -229,9 +228,11 @@ __global__ void __launch_bounds__(kThreads)
       const opmath_t wx = (x0 == j ? lx0 : opmath_t(0)) + (x1 == j ? lx1 : opmath_t(0));
       const int pix = row + ox;
       const int64_t t = target[pix];
-      if (wx == opmath_t(0) || t == ignore_index) continue;
-      opmath_t g = per_pixel ? grad[pix] : g_all;
-      if (t < 0 || t >= K) g = std::numeric_limits<opmath_t>::quiet_NaN();
+      // Weight-0 neighbours and ignored pixels too (weight or g 0): a NaN z there (a non-finite logit) reaches
+      // this logit as NaN, as eager's log_softmax and upsample backward carry it (0 * NaN).
+      const bool ignored = t == ignore_index;
+      opmath_t g = ignored ? opmath_t(0) : per_pixel ? grad[pix] : g_all;
+      if (!ignored && (t < 0 || t >= K)) g = std::numeric_limits<opmath_t>::quiet_NaN();
       const opmath_t z = interp<scalar_t, opmath_t>(plane, y0 * w + x0, y0 * w + x1, y1 * w + x0, y1 * w + x1,
                                                     ly0, ly1, lx0, lx1);
       // (z - max) - log-sum: exact near the maximum (Sterbenz), as PyTorch's log_softmax.

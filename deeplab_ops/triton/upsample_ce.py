@@ -195,19 +195,22 @@ def _uce_bwd_kernel(
             lx1 = tl.load(lx1_ptr + ox, mask=xm, other=0.0)
             wx = tl.where(ix0 == j, lx0, 0.0) + tl.where(ix1 == j, lx1, 0.0)
             wgt = wy * wx
-            pm = xm & (wgt != 0)
+            # Every pixel of the range, weight-0 neighbours and ignored pixels included (with weight or g 0): a NaN
+            # z there (a non-finite logit) reaches this logit as NaN, as eager's log_softmax and upsample backward
+            # carry it (0 * NaN), not a silently finite gradient.
+            pm = xm
             pix = n * (H * W) + oy * W + ox
             t = tl.load(t_ptr + pix, mask=pm, other=ignore_index)
             valid = pm & (t != ignore_index)
-            m = tl.load(lse_ptr + pix, mask=valid, other=0.0)
-            log_s = tl.load(lse_ptr + (pix.to(tl.int64) + P), mask=valid, other=0.0)
+            m = tl.load(lse_ptr + pix, mask=pm, other=0.0)
+            log_s = tl.load(lse_ptr + (pix.to(tl.int64) + P), mask=pm, other=0.0)
             if PER_PIXEL:
                 g = tl.load(g_ptr + pix, mask=valid, other=0.0).to(ACC)
             else:
                 g = tl.zeros((BLOCK_Q * BLOCK_X,), ACC) + g_all
             g = tl.where(valid, g, 0.0)
             g = tl.where(valid & ((t < 0) | (t >= K)), float("nan"), g)
-            mask = valid[:, None] & km[None, :]
+            mask = pm[:, None] & km[None, :]
             z = _interp(x_ptr, base, kk, hw, iy0 * w + ix0, iy0 * w + ix1, iy1 * w + ix0, iy1 * w + ix1,
                         ly0, ly1, lx0, lx1, mask, ACC)
             # (z - m) - log s: exact near the maximum (Sterbenz), as PyTorch's log_softmax.

@@ -66,6 +66,39 @@ def test_uce_gradient_finite_at_huge_float32_logits(backend, reduction):
         torch.testing.assert_close(ours.grad, eager.grad, rtol=1e-4, atol=1e-6)
 
 
+@pytest.mark.parametrize("backend", ["cpu", backend_param("cuda"), backend_param("triton")])
+@pytest.mark.parametrize("reduction", ["mean", "none", "sum"])
+def test_uce_non_finite_logits_poison_the_gradient_as_eager(backend, reduction):
+    # A -inf, +inf or NaN logit makes its interpolated neighbours NaN (0 * inf in the stencil), ignored pixels
+    # included; eager's log_softmax and upsample backward carry that NaN to every logit of the stencils (0 * NaN),
+    # ignored pixels and weight-0 neighbours too. The triton and CUDA backwards skipped weight-0 neighbours and
+    # ignored pixels: finite gradients where eager's are NaN.
+    device = device_for(backend)
+    g = torch.Generator().manual_seed(3)
+    for _ in range(3):
+        logits = torch.randn(2, 3, 4, 5, generator=g, dtype=torch.float64)
+        logits[0, 1, 1, 1], logits[1, 2, 3, 4], logits[1, 0, 0, 2] = float("-inf"), float("inf"), float("nan")
+        target = torch.randint(0, 3, (2, 8, 9), generator=g)
+        target[torch.rand(2, 8, 9, generator=g) < 0.4] = 255
+        grads, losses = [], []
+        for name in ("eager", backend):
+            x = logits.clone().to(device).requires_grad_()
+            t = target.to(device)
+            if name == "eager":
+                loss = F.cross_entropy(F.interpolate(x, (8, 9), mode="bilinear"), t, reduction=reduction,
+                                       ignore_index=255)
+            else:
+                loss = deeplab_ops.upsample_cross_entropy(x, t, reduction=reduction, backend=backend)
+            loss.sum().backward()
+            grads.append(x.grad.cpu())
+            losses.append(loss.detach().cpu())
+        for what, ours, want in (("gradient", grads[1], grads[0]), ("loss", losses[1], losses[0])):
+            assert torch.equal(ours.isnan(), want.isnan()), f"{what}: NaN at other places than eager's"
+            assert torch.equal(ours.isinf(), want.isinf()), f"{what}: inf at other places than eager's"
+            finite = want.isfinite()
+            torch.testing.assert_close(ours[finite], want[finite], rtol=1e-9, atol=1e-12)
+
+
 # ---- upsample_cross_entropy: a target that is a tensor subclass ---------------------------------------------------
 
 
