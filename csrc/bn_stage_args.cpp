@@ -2,6 +2,8 @@
 
 #include "common/arg_checks.h"
 
+#include <ATen/native/ConvUtils.h>
+
 #include <cmath>
 #include <utility>
 #include <vector>
@@ -30,6 +32,11 @@ at::ScalarType check_bn_dtype(const at::Tensor& t, const char* name, at::ScalarT
   return d;
 }
 
+void check_stats_args(const at::Tensor& input) {
+  DLO_CHECK_ACTIVATION(input);
+  DLO_CHECK_FLOATING(input);
+}
+
 void check_finalize_args(const std::optional<at::Tensor>& mean, const std::optional<at::Tensor>& m2,
                          const std::optional<at::Tensor>& counts, double count,
                          const std::optional<at::Tensor>& running_mean, const std::optional<at::Tensor>& running_var,
@@ -37,55 +44,91 @@ void check_finalize_args(const std::optional<at::Tensor>& mean, const std::optio
                          const at::Tensor& new_running_mean, const at::Tensor& new_running_var,
                          double momentum, double eps) {
   check_bn_hyper(momentum, eps);
-  TORCH_CHECK(save_mean.dim() == 1, "deeplab_ops: save_mean must be a 1-D (C,) buffer, got shape ", save_mean.sizes());
-  const int64_t c = save_mean.size(0);
-  DLO_CHECK_CHANNEL_VECTOR(save_invstd, c);
-  TORCH_CHECK(is_opmath_float(save_mean.scalar_type()), "deeplab_ops: save_mean must be float32 or float64, got ",
-              save_mean.scalar_type());
-  DLO_CHECK_SAME_DTYPE(save_invstd, save_mean);
   TORCH_CHECK(present(running_mean) == present(running_var),
-              "deeplab_ops: running_mean and running_var must be given together");
+              "deeplab_ops: running_mean and running_var must be given together; only ",
+              present(running_mean) ? "running_mean" : "running_var", " was given");
   TORCH_CHECK(present(mean) == present(m2), "deeplab_ops: mean and m2 must be given together (training) or both "
-              "be None (eval)");
-  if (present(running_mean)) {
-    DLO_CHECK_CHANNEL_VECTOR(*running_mean, c);
-    DLO_CHECK_CHANNEL_VECTOR(*running_var, c);
-    DLO_CHECK_SAME_DEVICE(*running_mean, save_mean);
-    DLO_CHECK_SAME_DEVICE(*running_var, save_mean);
-  }
+              "be None (eval); only ", present(mean) ? "mean" : "m2", " was given");
   if (!present(mean)) {
     TORCH_CHECK(present(running_mean), "deeplab_ops: bn_finalize in eval (mean and m2 None) needs running_mean and "
                 "running_var");
-    return;
   }
-  DLO_CHECK_SAME_SHAPE(*m2, *mean);
-  DLO_CHECK_SAME_DTYPE(*mean, save_mean);
-  DLO_CHECK_SAME_DTYPE(*m2, save_mean);
+  const bool training = present(mean);
+  const bool update = training && present(running_mean);
+  // The channel count C: the one most of the per-channel tensors have (the statistics' last dimension), so that the
+  // one tensor of another length is the one named.
+  // (a tensor of another rank counts for none; nor do the new running statistics, which are empty unless updated)
+  c10::SmallVector<int64_t, 8> lengths;  // (no heap allocation on the per-call path)
+  const auto vote = [&lengths](const at::Tensor& t, bool rows_allowed) {
+    if (t.dim() == 1 || (rows_allowed && t.dim() == 2)) lengths.push_back(t.size(-1));
+  };
+  vote(save_mean, false);
+  vote(save_invstd, false);
+  if (training) {
+    vote(*mean, true);
+    vote(*m2, true);
+  }
+  if (present(running_mean)) {
+    vote(*running_mean, false);
+    vote(*running_var, false);
+  }
+  if (update) {
+    vote(new_running_mean, false);
+    vote(new_running_var, false);
+  }
+  const int64_t c = lengths.empty() ? (save_mean.dim() > 0 ? save_mean.size(-1) : 0)
+                                    : lengths[majority_index(lengths.data(), lengths.size())];
+  DLO_CHECK_CHANNEL_VECTOR(save_mean, c);
+  DLO_CHECK_CHANNEL_VECTOR(save_invstd, c);
+  if (present(running_mean)) {
+    DLO_CHECK_CHANNEL_VECTOR(*running_mean, c);
+    DLO_CHECK_CHANNEL_VECTOR(*running_var, c);
+  }
+  if (training) {
+    TORCH_CHECK((mean->dim() == 1 || mean->dim() == 2) && mean->size(-1) == c, "deeplab_ops: mean must have shape (",
+                c, ",) or (P, ", c, "), got ", mean->sizes());
+    check_same_shapes({named(*mean, "mean"), named(*m2, "m2")});
+  }
+  if (update) {
+    DLO_CHECK_CHANNEL_VECTOR(new_running_mean, c);
+    DLO_CHECK_CHANNEL_VECTOR(new_running_var, c);
+  }
+  // The statistics in one dtype, float32 or float64 (the opmath dtype), and the running ones in one floating dtype.
+  const bool parted = training && mean->dim() == 2;
+  TORCH_CHECK(is_opmath_float(save_mean.scalar_type()), "deeplab_ops: save_mean must be float32 or float64, got ",
+              save_mean.scalar_type());
+  TORCH_CHECK(is_opmath_float(save_invstd.scalar_type()), "deeplab_ops: save_invstd must be float32 or float64, got ",
+              save_invstd.scalar_type());
+  check_same_dtypes({named(save_mean, "save_mean"), named(save_invstd, "save_invstd"),
+                     named(training ? mean : std::nullopt, "mean"), named(training ? m2 : std::nullopt, "m2"),
+                     named(parted ? counts : std::nullopt, "counts")});
+  if (present(running_mean)) {
+    DLO_CHECK_FLOATING(*running_mean);
+    DLO_CHECK_FLOATING(*running_var);
+    check_same_dtypes({named(running_mean, "running_mean"), named(running_var, "running_var"),
+                       named(update ? std::optional<at::Tensor>(new_running_mean) : std::nullopt, "new_running_mean"),
+                       named(update ? std::optional<at::Tensor>(new_running_var) : std::nullopt, "new_running_var")});
+    DLO_CHECK_SAME_DEVICE(*running_mean, save_mean);
+    DLO_CHECK_SAME_DEVICE(*running_var, save_mean);
+  }
+  DLO_CHECK_SAME_DEVICE(save_invstd, save_mean);
+  if (!training) return;
   DLO_CHECK_SAME_DEVICE(*mean, save_mean);
   DLO_CHECK_SAME_DEVICE(*m2, save_mean);
   if (mean->dim() == 1) {
-    DLO_CHECK_CHANNEL_VECTOR(*mean, c);
     TORCH_CHECK(!present(counts), "deeplab_ops: counts must be None for (C,) statistics (their count is `count`), "
                 "got shape ", counts->sizes());
     TORCH_CHECK(count > 0, "deeplab_ops: count must be > 0 for (C,) statistics, got ", count);
   } else {
-    TORCH_CHECK(mean->dim() == 2 && mean->size(1) == c, "deeplab_ops: mean must have shape (", c, ",) or (P, ", c,
-                "), got ", mean->sizes());
     // (no partials: the CUDA kernel reads an empty tensor's null pointer as eval mode)
     TORCH_CHECK(mean->size(0) > 0, "deeplab_ops: (P, C) partials need at least one row (P >= 1), got shape ",
                 mean->sizes());
     TORCH_CHECK(present(counts) && counts->dim() == 1 && counts->size(0) == mean->size(0),
                 "deeplab_ops: (P, C) partials need counts of shape (", mean->size(0), ",), got ",
                 present(counts) ? counts->sizes() : at::IntArrayRef{});
-    DLO_CHECK_SAME_DTYPE(*counts, save_mean);
     DLO_CHECK_SAME_DEVICE(*counts, save_mean);
   }
-  if (present(running_mean)) {
-    DLO_CHECK_CHANNEL_VECTOR(new_running_mean, c);
-    DLO_CHECK_CHANNEL_VECTOR(new_running_var, c);
-    DLO_CHECK_SAME_DTYPE(new_running_mean, *running_mean);
-    DLO_CHECK_SAME_DTYPE(new_running_var, *running_var);
-    DLO_CHECK_SAME_DTYPE(*running_var, *running_mean);
+  if (update) {
     DLO_CHECK_SAME_DEVICE(new_running_mean, save_mean);
     DLO_CHECK_SAME_DEVICE(new_running_var, save_mean);
   }
@@ -95,17 +138,14 @@ void check_apply_args(const at::Tensor& input, const at::Tensor& mean, const at:
                       const std::optional<at::Tensor>& weight, const std::optional<at::Tensor>& bias,
                       const std::optional<at::Tensor>& residual) {
   DLO_CHECK_ACTIVATION(input);
-  const int64_t c = input.size(1);
-  DLO_CHECK_CHANNEL_VECTOR(mean, c);
-  DLO_CHECK_CHANNEL_VECTOR(invstd, c);
+  DLO_CHECK_FLOATING(input);
+  check_channels(named(input, "input"), {named(mean, "mean"), named(invstd, "invstd"), named(weight, "weight"),
+                                         named(bias, "bias")});
   DLO_CHECK_SAME_DEVICE(mean, input);
   DLO_CHECK_SAME_DEVICE(invstd, input);
   const std::pair<const std::optional<at::Tensor>*, const char*> vectors[] = {{&weight, "weight"}, {&bias, "bias"}};
   for (const auto& [t, name] : vectors) {
-    if (present(*t)) {
-      check_channel_vector(**t, name, c);
-      check_same_device(**t, name, input, "input");
-    }
+    if (present(*t)) check_same_device(**t, name, input, "input");
   }
   if (present(residual)) {
     DLO_CHECK_SAME_SHAPE(*residual, input);
@@ -116,15 +156,15 @@ void check_apply_args(const at::Tensor& input, const at::Tensor& mean, const at:
 
 void check_backward_args(const at::Tensor& grad_out, const at::Tensor& output, const at::Tensor& input,
                          const at::Tensor& mean, const at::Tensor& invstd) {
+  // The three activations agree with each other (the one that differs from the other two is named), then with the
+  // per-channel statistics.
+  check_same_shapes({named(input, "input"), named(grad_out, "grad_out"), named(output, "output")});
   DLO_CHECK_ACTIVATION(input);
-  DLO_CHECK_SAME_SHAPE(grad_out, input);
-  DLO_CHECK_SAME_SHAPE(output, input);
-  DLO_CHECK_SAME_DTYPE(grad_out, input);
-  DLO_CHECK_SAME_DTYPE(output, input);
+  check_same_dtypes({named(input, "input"), named(grad_out, "grad_out"), named(output, "output")});
+  DLO_CHECK_FLOATING(input);
   DLO_CHECK_SAME_DEVICE(grad_out, input);
   DLO_CHECK_SAME_DEVICE(output, input);
-  DLO_CHECK_CHANNEL_VECTOR(mean, input.size(1));
-  DLO_CHECK_CHANNEL_VECTOR(invstd, input.size(1));
+  check_channels(named(input, "input"), {named(mean, "mean"), named(invstd, "invstd")});
   DLO_CHECK_SAME_DEVICE(mean, input);
   DLO_CHECK_SAME_DEVICE(invstd, input);
 }
@@ -132,16 +172,15 @@ void check_backward_args(const at::Tensor& grad_out, const at::Tensor& output, c
 void check_dy_args(const at::Tensor& input, const std::optional<at::Tensor>& weight,
                    const std::optional<at::Tensor>& sum_g, const std::optional<at::Tensor>& sum_g_xhat, double count,
                    bool training) {
-  const int64_t c = input.size(1);
-  if (present(weight)) {
-    DLO_CHECK_CHANNEL_VECTOR(*weight, c);
-    DLO_CHECK_SAME_DEVICE(*weight, input);
+  if (training) {
+    TORCH_CHECK(present(sum_g) && present(sum_g_xhat),
+                "deeplab_ops: bn_backward_dy in training mode needs sum_g and sum_g_xhat; got ",
+                present(sum_g) ? "sum_g_xhat=None" : (present(sum_g_xhat) ? "sum_g=None" : "both None"));
   }
+  check_channels(named(input, "input"), {named(weight, "weight"), named(training ? sum_g : std::nullopt, "sum_g"),
+                                         named(training ? sum_g_xhat : std::nullopt, "sum_g_xhat")});
+  if (present(weight)) DLO_CHECK_SAME_DEVICE(*weight, input);
   if (!training) return;
-  TORCH_CHECK(present(sum_g) && present(sum_g_xhat),
-              "deeplab_ops: bn_backward_dy in training mode needs sum_g and sum_g_xhat");
-  DLO_CHECK_CHANNEL_VECTOR(*sum_g, c);
-  DLO_CHECK_CHANNEL_VECTOR(*sum_g_xhat, c);
   DLO_CHECK_SAME_DEVICE(*sum_g, input);
   DLO_CHECK_SAME_DEVICE(*sum_g_xhat, input);
   TORCH_CHECK(count > 0, "deeplab_ops: count must be > 0, got ", count);
@@ -171,6 +210,15 @@ void check_conv_geometry_args(const at::Tensor& x, const at::Tensor& weight, at:
                 " with padding ", padding, " is smaller than the dilated kernel (", weight.sizes().slice(2),
                 " at dilation ", dilation, ")");
   }
+}
+
+void check_conv_residual(const at::Tensor& residual, const at::Tensor& x, const at::Tensor& weight,
+                         at::IntArrayRef stride, at::IntArrayRef padding, at::IntArrayRef dilation) {
+  const auto out = at::native::conv_output_size(x.sizes(), weight.sizes(), padding, stride, dilation);
+  TORCH_CHECK(residual.sizes() == at::IntArrayRef(out), "deeplab_ops: residual must have shape ", at::IntArrayRef(out),
+              " (the convolution output's), got ", residual.sizes());
+  DLO_CHECK_SAME_DTYPE(residual, x);
+  DLO_CHECK_SAME_DEVICE(residual, x);
 }
 
 void check_conv_output(const at::Tensor& x, const at::Tensor& weight, at::IntArrayRef stride, at::IntArrayRef padding,

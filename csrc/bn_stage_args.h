@@ -9,6 +9,11 @@ namespace deeplab_ops {
 
 inline bool present(const std::optional<at::Tensor>& t) { return t.has_value() && t->defined(); }
 
+// bn_stats' input: a 4-D activation of a floating dtype.
+void check_stats_args(const at::Tensor& input);
+// The other stages' arguments, each message naming the argument as the op's schema does. Arguments that must agree
+// (the activations' shapes and dtypes, the per-channel tensors' length) are checked against what most of them have,
+// so that the one that differs is named (common/arg_checks.h).
 void check_finalize_args(const std::optional<at::Tensor>& mean, const std::optional<at::Tensor>& m2,
                          const std::optional<at::Tensor>& counts, double count,
                          const std::optional<at::Tensor>& running_mean, const std::optional<at::Tensor>& running_var,
@@ -38,6 +43,11 @@ at::ScalarType check_bn_dtype(const at::Tensor& t, const char* name, at::ScalarT
 // dtype (groups = 1), stride/padding/dilation of two values with stride, dilation >= 1 and padding >= 0.
 void check_conv_geometry_args(const at::Tensor& x, const at::Tensor& weight, at::IntArrayRef stride,
                               at::IntArrayRef padding, at::IntArrayRef dilation);
+
+// A composite's residual: the convolution output's shape (N, C_out, H_out, W_out) of x, weight, stride, padding and
+// dilation (checked by check_conv_geometry_args first), x's dtype and device.
+void check_conv_residual(const at::Tensor& residual, const at::Tensor& x, const at::Tensor& weight,
+                         at::IntArrayRef stride, at::IntArrayRef padding, at::IntArrayRef dilation);
 
 // The convolution output a backward receives (conv_out) has the shape the geometry gives: (N, C_out, H_out, W_out)
 // of x, weight, stride, padding and dilation (checked by check_conv_geometry_args first).

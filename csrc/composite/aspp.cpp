@@ -7,7 +7,9 @@
 
 #include <array>
 #include <optional>
+#include <string>
 #include <tuple>
+#include <utility>
 #include <vector>
 
 #include "common/activation_layout.h"
@@ -135,7 +137,8 @@ aspp_forward(const at::Tensor& x, at::TensorList conv_weights, const at::Tensor&
       check_aspp_args(x, conv_weights, pool_weight, project_weight, bn_weight, bn_bias, rates, group.has_value());
   const int64_t bc = g.branches * g.c, k = bc + 2 * g.c;
   TORCH_CHECK(present(running_mean) == present(running_var),
-              "deeplab_ops: running_mean and running_var must be given together");
+              "deeplab_ops: running_mean and running_var must be given together; only ",
+              present(running_mean) ? "running_mean" : "running_var", " was given");
   TORCH_CHECK(training || present(running_mean), "deeplab_ops: aspp in eval mode needs running statistics");
   check_bn_hyper(momentum, eps);
   if (present(running_mean)) {
@@ -233,6 +236,21 @@ std::tuple<at::Tensor, std::vector<at::Tensor>, at::Tensor, at::Tensor, at::Tens
     TORCH_CHECK(branch[b].device() == x.device() && branch[b].scalar_type() == x.scalar_type(),
                 "deeplab_ops: branch_out[", b, "] is ", branch[b].scalar_type(), " on ", branch[b].device(),
                 " but x is ", x.scalar_type(), " on ", x.device(), "; expected the forward's");
+  }
+  // The forward's other tensors, checked here under their own names (the stage ops would name them input, output):
+  // grad_out, out and project_out (N, C, H, W), pool_out (N, C), in x's dtype, on x's device.
+  const std::vector<int64_t> nchw{g.n, g.c, g.h, g.w}, nc{g.n, g.c};
+  const std::pair<const at::Tensor*, const char*> saved[] = {
+      {&grad_out, "grad_out"}, {&out, "out"}, {&proj, "project_out"}, {&pool_pre, "pool_out"}};
+  for (const auto& [t, name] : saved) {
+    const bool pooled = t == &pool_pre;
+    const at::IntArrayRef want = pooled ? at::IntArrayRef(nc) : at::IntArrayRef(nchw);
+    TORCH_CHECK(t->sizes() == want, "deeplab_ops: ", name, " must have shape (", g.n, ", ", g.c,
+                pooled ? "" : ", " + std::to_string(g.h) + ", " + std::to_string(g.w), ") (the forward's), got ",
+                t->sizes());
+    TORCH_CHECK(t->device() == x.device() && t->scalar_type() == x.scalar_type(), "deeplab_ops: ", name, " is ",
+                t->scalar_type(), " on ", t->device(), " but x is ", x.scalar_type(), " on ", x.device(),
+                "; expected the forward's");
   }
   // The forward's statistics: one value per BatchNorm channel, on x's device, in the dtype the forward gives them.
   DLO_CHECK_CHANNEL_VECTOR(save_mean, po + g.c);

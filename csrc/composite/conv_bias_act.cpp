@@ -43,17 +43,6 @@ void check_residual(const std::optional<at::Tensor>& residual, const at::Tensor&
   DLO_CHECK_SAME_DEVICE(*residual, out);
 }
 
-// The residual of a fused call, checked against the convolution output's shape [N, C_out, H_out, W_out] before the
-// call (the fused convolutions would reject a wrong one less clearly).
-void check_fused_residual(const at::Tensor& residual, const at::Tensor& x, const at::Tensor& weight,
-                          at::IntArrayRef stride, at::IntArrayRef padding, at::IntArrayRef dilation) {
-  const auto out = at::native::conv_output_size(x.sizes(), weight.sizes(), padding, stride, dilation);
-  TORCH_CHECK(residual.sizes() == at::IntArrayRef(out), "deeplab_ops: residual must have shape ", at::IntArrayRef(out),
-              " (the convolution output's), got ", residual.sizes());
-  DLO_CHECK_SAME_DTYPE(residual, x);
-  DLO_CHECK_SAME_DEVICE(residual, x);
-}
-
 // Whether ATen would run this CPU convolution with THNN's dilated kernel (what it picks for small dilated inputs,
 // e.g. batch 1 in evaluation, instead of oneDNN). That kernel adds a bias image by image and channel by channel
 // (measured: 190 us against 110 us without the bias at 1x128x8x8, 3x3, dilation 2), so the bias then joins the
@@ -136,7 +125,7 @@ std::optional<at::Tensor> conv_bias_act_mkldnn(const at::Tensor& x, const at::Te
     return unary->typed<Unary>().call(x, weight, bias, padding, stride, dilation, 1, "relu", no_scalars, "");
   }
   if (!binary.has_value()) return std::nullopt;
-  check_fused_residual(*residual, x, weight, stride, padding, dilation);
+  check_conv_residual(*residual, x, weight, stride, padding, dilation);
   return binary->typed<Binary>().call(x, *residual, weight, bias, padding, stride, dilation, 1, "add", std::nullopt,
                                       "relu", no_scalars, "");
 }
@@ -156,7 +145,7 @@ at::Tensor conv_bias_act_cpu(const at::Tensor& x, const at::Tensor& weight, cons
                              at::IntArrayRef padding, at::IntArrayRef dilation, bool relu) {
   check_conv_bias_act_args(x, weight, bias, stride, padding, dilation);
   // The residual checked before any path runs: the same message whichever one the call's size and layout pick.
-  if (present(residual)) check_fused_residual(*residual, x, weight, stride, padding, dilation);
+  if (present(residual)) check_conv_residual(*residual, x, weight, stride, padding, dilation);
   if (onednn_unsafe_conv(x, weight, stride, padding, dilation)) {  // (cpu/onednn_guard_cpu.h)
     at::Tensor out = conv2d_float64(x, weight, bias, stride, padding, dilation);
     if (present(residual)) out.add_(*residual);
@@ -247,7 +236,7 @@ at::Tensor conv_bias_act_cuda(const at::Tensor& x, const at::Tensor& weight, con
                               const std::optional<at::Tensor>& residual, at::IntArrayRef stride,
                               at::IntArrayRef padding, at::IntArrayRef dilation, bool relu) {
   check_conv_bias_act_args(x, weight, bias, stride, padding, dilation);
-  if (present(residual)) check_fused_residual(*residual, x, weight, stride, padding, dilation);
+  if (present(residual)) check_conv_residual(*residual, x, weight, stride, padding, dilation);
   if (!cudnn_fused_applies(x, weight, residual, stride, padding, dilation, relu)) {
     return conv_bias_act_generic(x, weight, bias, residual, stride, padding, dilation, relu);
   }

@@ -36,7 +36,8 @@ void check_conv_args(const at::Tensor& x, const at::Tensor& weight, const std::o
     }
   }
   TORCH_CHECK(present(running_mean) == present(running_var),
-              "deeplab_ops: running_mean and running_var must be given together");
+              "deeplab_ops: running_mean and running_var must be given together; only ",
+              present(running_mean) ? "running_mean" : "running_var", " was given");
   TORCH_CHECK(training || present(running_mean),
               "deeplab_ops: eval mode (training=False) needs running_mean and running_var");
 }
@@ -49,6 +50,8 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tenso
     bool relu, std::optional<c10::string_view> group_name, bool /*memory_efficient: read by the autograd node*/) {
   check_conv_args(x, weight, bn_weight, bn_bias, running_mean, running_var, stride, padding, dilation, training,
                   momentum, eps);
+  // Here, not by bn_apply, which would compare it with the convolution output it names `input`.
+  if (present(residual)) check_conv_residual(*residual, x, weight, stride, padding, dilation);
   const auto mf = x.suggest_memory_format();
   // ATen's convolution: this op runs in training and for eval with a gradient (no-gradient eval folds BatchNorm
   // into conv_bias_act); conv_bias_act's plain form, the memory-efficient recompute, runs the same.
@@ -91,6 +94,7 @@ at::Tensor conv_bn_relu_eval(const at::Tensor& x, const at::Tensor& weight, cons
   const std::optional<at::Tensor> rm = running_mean, rv = running_var;
   check_conv_args(x, weight, bn_weight, bn_bias, rm, rv, stride, padding, dilation, /*training=*/false,
                   /*momentum=*/0.0, eps);
+  if (present(residual)) check_conv_residual(*residual, x, weight, stride, padding, dilation);
   const at::Tensor y = conv2d_forward(x, weight, stride, padding, dilation, x.suggest_memory_format(),
                                       /*inference=*/false);
   TORCH_CHECK(y.numel() > 0, "deeplab_ops: the convolution output is empty, shape ", y.sizes());
@@ -108,11 +112,33 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> conv_bn_r
     const at::Tensor& save_mean, const at::Tensor& save_invstd, at::IntArrayRef stride, at::IntArrayRef padding,
     at::IntArrayRef dilation, bool training, bool relu, std::array<bool, 5> output_mask,
     std::optional<c10::string_view> group_name) {
+  // Every argument checked here, under its own name: the stage ops called below would name them as theirs
+  // (input, output, mean, invstd, weight).
   check_conv_geometry_args(x, weight, stride, padding, dilation);
   check_conv_output(x, weight, stride, padding, dilation, conv_out);
-  check_backward_args(grad_out_, out, conv_out, save_mean, save_invstd);
-  // The saved statistics and bn_weight in the dtypes the forward gives them (the triton twin's rule too).
-  if (present(bn_weight)) check_bn_dtype(*bn_weight, "bn_weight", x.scalar_type());
+  DLO_CHECK_SAME_DTYPE(conv_out, x);
+  DLO_CHECK_SAME_DEVICE(conv_out, x);
+  {
+    const at::Tensor& grad_out = grad_out_;
+    DLO_CHECK_SAME_SHAPE(grad_out, conv_out);
+    DLO_CHECK_SAME_SHAPE(out, conv_out);
+    DLO_CHECK_SAME_DTYPE(grad_out, x);
+    DLO_CHECK_SAME_DTYPE(out, x);
+    DLO_CHECK_SAME_DEVICE(grad_out, x);
+    DLO_CHECK_SAME_DEVICE(out, x);
+  }
+  // The saved statistics and bn_weight: one value per output channel, in the dtypes the forward gives them (the
+  // triton twin's rule too).
+  const int64_t cout = weight.size(0);
+  if (present(bn_weight)) {
+    check_channel_vector(*bn_weight, "bn_weight", cout);
+    check_same_device(*bn_weight, "bn_weight", x, "x");
+    check_bn_dtype(*bn_weight, "bn_weight", x.scalar_type());
+  }
+  DLO_CHECK_CHANNEL_VECTOR(save_mean, cout);
+  DLO_CHECK_CHANNEL_VECTOR(save_invstd, cout);
+  DLO_CHECK_SAME_DEVICE(save_mean, x);
+  DLO_CHECK_SAME_DEVICE(save_invstd, x);
   check_bn_dtype(save_mean, "save_mean", x.scalar_type());
   check_bn_dtype(save_invstd, "save_invstd", x.scalar_type());
   const auto mf = conv_out.suggest_memory_format();

@@ -399,7 +399,7 @@ DLO_INLINE void rows_stats(const scalar_t* __restrict__ x, int64_t rows, int64_t
 }
 
 std::tuple<at::Tensor, at::Tensor> bn_stats_cpu(const at::Tensor& input_) {
-  check_activation(input_, "input");
+  check_stats_args(input_);
   const auto mf = input_.suggest_memory_format();
   const at::Tensor input = as_kernel_layout(input_, mf);
   const auto g = activation_shape(input);

@@ -362,7 +362,7 @@ unsigned combine_blocks(int64_t channels) { return static_cast<unsigned>(ceil_di
 }  // namespace
 
 std::tuple<at::Tensor, at::Tensor> bn_stats_cuda(const at::Tensor& input_) {
-  DLO_CHECK_ACTIVATION(input_);
+  check_stats_args(input_);  // (DLO_CHECK_ACTIVATION(input_) would name it input_)
   const c10::cuda::CUDAGuard device_guard(input_.device());
   const auto mf = input_.suggest_memory_format();
   const at::Tensor input = as_kernel_layout(input_, mf);

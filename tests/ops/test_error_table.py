@@ -443,6 +443,13 @@ CASES = {
                                                  None, 0.1, 1e-5, *(torch.empty(3) for _ in range(4))),
     "cpp-count-positive": lambda d: ops.bn_backward_dy(*([torch.randn(2, 3, 4, 4)] * 3), torch.zeros(3), torch.ones(3),
                                                        None, torch.zeros(3), torch.zeros(3), 0.0, True, True),
+    "cpp-stage-dtype": lambda d: ops.bn_apply(torch.randn(2, 3, 4, 4), torch.zeros(3, dtype=torch.long), torch.ones(3),
+                                              None, None, None, True),
+    "cpp-save-dtype": lambda d: ops.bn_finalize(None, None, None, 0.0, torch.zeros(3), torch.ones(3), 0.1, 1e-5,
+                                                torch.empty(3), torch.empty(3, dtype=torch.half), torch.empty(0),
+                                                torch.empty(0)),
+    "cpp-stage-channels": lambda d: ops.bn_apply(torch.randn(2, 4, 4, 4), torch.zeros(3), torch.ones(3), None, None,
+                                                 None, True),
     "cpp-dy-sums": lambda d: ops.bn_backward_dy(*([torch.randn(2, 3, 4, 4)] * 3), torch.zeros(3), torch.ones(3), None,
                                                 None, None, 32.0, True, True),
     "cpp-weight-rank": lambda d: ops.conv_bn_relu_forward(torch.randn(2, 3, 4, 4), torch.randn(3, 3), *_cpp_tail()),
@@ -469,6 +476,10 @@ CASES = {
     "cpp-one-value": lambda d: ops.conv_bn_relu_forward(torch.randn(1, 3, 1, 1), torch.randn(3, 3, 1, 1),
                                                         *_cpp_tail()),
     "cpp-bwd-conv-out": lambda d: _cpp_backward(stride=[2, 2]),
+    "cpp-residual-shape": lambda d: ops.conv_bn_relu_forward(
+        torch.randn(2, 3, 4, 4), torch.randn(3, 3, 1, 1), None, None, None, None, [1, 1], [0, 0], [1, 1], True, 0.1,
+        1e-5, torch.randn(2, 3, 4, 5), True),
+    "cpp-aspp-saved": lambda d: _cpp_aspp_backward(pool_out=torch.randn(2, 4)),
     # the triton twins called directly: the front door's checks (deeplab_ops.triton.validate_with)
     "triton-direct-args": lambda d: ops.triton_conv_bn_relu_forward(
         torch.randn(2, 4, 8, 8), torch.randn(6, 4, 3, 3), torch.ones(6), torch.zeros(6), None, None, [1, 1], [1, 1],
@@ -685,6 +696,20 @@ def _triton_aspp_backward(**over):
              save_invstd=torch.ones(5 * c), rates=list(a["rates"]), training=True, output_mask=[True, True, True])
     b.update(over)
     return ops.triton_aspp_backward(*b.values())
+
+
+def _cpp_aspp_backward(**over):
+    """aspp_backward (the composite's) on aspp_forward's outputs for aspp_args(), with `over` changed."""
+    a = aspp_args()
+    f = dict(x=a["x"], conv_weights=a["conv_weights"], pool_weight=a["pool_weight"],
+             project_weight=a["project_weight"], bn_weight=torch.cat(a["bn_weights"]),
+             bn_bias=torch.cat(a["bn_biases"]))
+    out, branch, pool, proj, mean, invstd, _, _ = ops.aspp_forward(*f.values(), None, None, list(a["rates"]), True,
+                                                                   0.1, 1e-5)
+    b = dict(grad_out=torch.randn_like(out), **f, branch_out=branch, pool_out=pool, project_out=proj, out=out,
+             save_mean=mean, save_invstd=invstd, rates=list(a["rates"]), training=True, output_mask=[True, True, True])
+    b.update(over)
+    return ops.aspp_backward(*b.values())
 
 
 def _cpp_aspp(training=True, running_mean="default", running_var="default", momentum=0.1, eps=1e-5, **over):
