@@ -94,37 +94,37 @@ size_t majority_index(const T* values, size_t n) {
   return best;
 }
 
-// The present tensors of `group` have one shape, the one most of them have.
-inline void check_same_shapes(std::initializer_list<NamedTensor> group) {
-  c10::SmallVector<NamedTensor, 8> g;  // (no heap allocation on the per-call path)
-  c10::SmallVector<at::IntArrayRef, 8> shapes;
+// The present tensors of `group` (into `present`) and the one whose key(tensor) most of them share; nullptr when
+// none is present. (Small vectors: no heap allocation on the per-call path.)
+template <typename Key>
+const NamedTensor* majority_of(std::initializer_list<NamedTensor> group, c10::SmallVector<NamedTensor, 8>& present,
+                               Key key) {
+  c10::SmallVector<decltype(key(at::Tensor())), 8> keys;
   for (const auto& a : group) {
     if (a.t == nullptr) continue;
-    g.push_back(a);
-    shapes.push_back(a.t->sizes());
+    present.push_back(a);
+    keys.push_back(key(*a.t));
   }
-  if (g.empty()) return;
-  const NamedTensor& ref = g[majority_index(shapes.data(), shapes.size())];
+  return present.empty() ? nullptr : &present[majority_index(keys.data(), keys.size())];
+}
+
+// The present tensors of `group` have one shape, the one most of them have.
+inline void check_same_shapes(std::initializer_list<NamedTensor> group) {
+  c10::SmallVector<NamedTensor, 8> g;
+  const NamedTensor* ref = majority_of(group, g, [](const at::Tensor& t) { return t.sizes(); });
   for (const auto& a : g) {
-    TORCH_CHECK(a.t->sizes() == ref.t->sizes(), "deeplab_ops: ", a.name, " must have shape ", ref.t->sizes(),
-                " (like ", ref.name, "), got ", a.t->sizes());
+    TORCH_CHECK(a.t->sizes() == ref->t->sizes(), "deeplab_ops: ", a.name, " must have shape ", ref->t->sizes(),
+                " (like ", ref->name, "), got ", a.t->sizes());
   }
 }
 
 // The present tensors of `group` have one dtype, the one most of them have.
 inline void check_same_dtypes(std::initializer_list<NamedTensor> group) {
   c10::SmallVector<NamedTensor, 8> g;
-  c10::SmallVector<at::ScalarType, 8> dtypes;
-  for (const auto& a : group) {
-    if (a.t == nullptr) continue;
-    g.push_back(a);
-    dtypes.push_back(a.t->scalar_type());
-  }
-  if (g.empty()) return;
-  const NamedTensor& ref = g[majority_index(dtypes.data(), dtypes.size())];
+  const NamedTensor* ref = majority_of(group, g, [](const at::Tensor& t) { return t.scalar_type(); });
   for (const auto& a : g) {
-    TORCH_CHECK(a.t->scalar_type() == ref.t->scalar_type(), "deeplab_ops: ", a.name, " has dtype ",
-                a.t->scalar_type(), " but ", ref.name, " has dtype ", ref.t->scalar_type());
+    TORCH_CHECK(a.t->scalar_type() == ref->t->scalar_type(), "deeplab_ops: ", a.name, " has dtype ",
+                a.t->scalar_type(), " but ", ref->name, " has dtype ", ref->t->scalar_type());
   }
 }
 
