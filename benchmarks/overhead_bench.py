@@ -470,6 +470,23 @@ def profile_calls(case: Case, device: torch.device, calls: int, triton: bool) ->
 # ---- Triton specializations -----------------------------------------------------------------------------------
 
 
+def triton_disk_cache() -> tuple[str, int]:
+    """Triton's on-disk kernel cache: its folder ($TRITON_CACHE_DIR, else ~/.triton/cache) and how many entries it
+    holds (one per compiled kernel, plus a few of Triton's own helpers). Kernels an earlier process compiled load from
+    there: a first step's time with a full cache is a later run's, with an empty one a new user's."""
+    try:
+        from triton import knobs  # triton >= 3.4
+
+        path = str(knobs.cache.dir)
+    except (ImportError, AttributeError):
+        path = os.environ.get("TRITON_CACHE_DIR") or os.path.join(os.path.expanduser("~"), ".triton", "cache")
+    try:
+        with os.scandir(path) as entries:
+            return path, sum(1 for e in entries if e.is_dir())
+    except OSError:  # not there yet: nothing compiled on this machine
+        return path, 0
+
+
 def triton_specializations() -> int | None:
     """Compiled variants held by deeplab_ops' Triton kernels: the sum over the JITFunctions of its loaded
     deeplab_ops.triton modules (each counted once, wherever imported) of their per-device kernel caches
@@ -581,6 +598,12 @@ def run_step(provider: str, device: torch.device, dtype_name: str, cfg: StepConf
 
             notes.append("dry launches: Triton kernels counted, not run (values garbage, arguments real); the step "
                          "times are the CPU glue's alone")
+        if cuda:
+            cache_dir, cached = triton_disk_cache()
+            notes.append(f"Triton's on-disk cache ({cache_dir}) held {cached} entries before the first step: "
+                         + ("first_call_s is a new user's, every kernel compiled here" if cached == 0 else
+                            "kernels an earlier run compiled load from it, so first_call_s may be a later run's (an "
+                            "empty TRITON_CACHE_DIR gives a new user's)"))
         before = triton_specializations()
         with count_launches() as first:
             t0 = time.perf_counter()

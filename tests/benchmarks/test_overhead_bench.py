@@ -366,3 +366,14 @@ def test_the_rerun_line_names_the_interpreter_triton_ran_in(argv, interpret, pre
     overhead_bench.main(argv)
     command = " ".join(["python", "benchmarks/overhead_bench.py", *map(shlex.quote, argv)])
     assert f"\n    {'TRITON_INTERPRET=1 ' * prefixed}{command}\n" in (tmp_path / "r.md").read_text()
+
+
+def test_triton_disk_cache_counts_the_entries_of_the_folder_triton_uses(tmp_path, monkeypatch):
+    """The first-use row on a GPU says whether Triton's on-disk cache was empty (a new user's first step) or not (a
+    later run's: kernels load from disk): the folder Triton reads ($TRITON_CACHE_DIR) and its entries."""
+    monkeypatch.setenv("TRITON_CACHE_DIR", str(tmp_path / "cache"))
+    assert overhead_bench.triton_disk_cache() == (str(tmp_path / "cache"), 0)  # not there yet
+    for name in ("a1", "b2"):
+        (tmp_path / "cache" / name).mkdir(parents=True)
+    (tmp_path / "cache" / "lock").write_text("")
+    assert overhead_bench.triton_disk_cache() == (str(tmp_path / "cache"), 2)
