@@ -7,6 +7,8 @@ from __future__ import annotations
 
 import copy
 import operator
+import random
+import sys
 import weakref
 from collections import OrderedDict
 
@@ -501,22 +503,53 @@ def _declared(module: nn.Module, kind: str) -> bool:
 
 def _traces_as(module: nn.Module, is_graph) -> bool:
     """Whether `module`'s forward, traced symbolically with its children as leaves in training and in eval mode,
-    gives graphs `is_graph` accepts and writes nothing of its module's state; False for a forward the tracer cannot
-    follow. What is traced is a stand-in (_tracing_stand_in): the user's module is not run, nor changed."""
-    for mode in (True, False):
-        stand_in, state = _tracing_stand_in(module, mode)
-        tracer = _PartsTracer()
-        try:
-            graph = tracer.trace(stand_in)
-        except Exception:  # any forward symbolic tracing cannot follow: left as it is
-            return False
-        finally:
-            # The tracer is a reference cycle (its patched functions' closures) holding the module: dropped here,
-            # not when the cyclic garbage collector runs, so a fused model dropped later is freed at once.
-            tracer.__dict__.clear()
-        if _state_of(stand_in) != state or not is_graph(graph, module):
-            return False  # (a forward that records features, counts calls, caches: the fused forward would not)
-    return True
+    gives graphs `is_graph` accepts, writes nothing of its module's state and draws no Python-level random number;
+    False for a forward the tracer cannot follow. What is traced is a stand-in (_tracing_stand_in): the user's module
+    is not run, nor changed, and the random generators are left as they were."""
+    rngs = _python_rng_states()
+    try:
+        for mode in (True, False):
+            stand_in, state = _tracing_stand_in(module, mode)
+            tracer = _PartsTracer()
+            try:
+                graph = tracer.trace(stand_in)
+            except Exception:  # any forward symbolic tracing cannot follow: left as it is
+                return False
+            finally:
+                # The tracer is a reference cycle (its patched functions' closures) holding the module: dropped
+                # here, not when the cyclic garbage collector runs, so a fused model dropped later is freed at once.
+                tracer.__dict__.clear()
+            if _state_of(stand_in) != state or not is_graph(graph, module):
+                return False  # (a forward that records features, counts calls, caches: the fused forward would not)
+            if not _same_rng_states(rngs, _python_rng_states()):
+                # A forward that draws a Python or NumPy random number (stochastic depth: skip the block when
+                # random.random() < p) was traced along one draw's branch: its graph is not the forward.
+                return False
+        return True
+    finally:
+        _restore_rng_states(rngs)
+
+
+def _python_rng_states() -> tuple:
+    """The states of Python's `random` and, where imported, NumPy's global generator (torch's are read by graph
+    nodes, not drawn while tracing)."""
+    np = sys.modules.get("numpy")
+    return random.getstate(), (np.random.get_state() if np is not None else None)
+
+
+def _same_rng_states(a: tuple, b: tuple) -> bool:
+    if a[0] != b[0]:
+        return False
+    if a[1] is None or b[1] is None:  # NumPy not imported before (nothing of it drawn then)
+        return True
+    return all(x == y if not hasattr(x, "shape") else bool((x == y).all()) for x, y in zip(a[1], b[1], strict=True))
+
+
+def _restore_rng_states(states: tuple) -> None:
+    random.setstate(states[0])
+    np = sys.modules.get("numpy")
+    if np is not None and states[1] is not None:
+        np.random.set_state(states[1])
 
 
 _COPIED = (list, dict, set, OrderedDict)

@@ -377,3 +377,52 @@ def test_symbolic_trace_of_fused_modules_and_a_fused_chain():
         traced = torch.fx.symbolic_trace(net)
         want = copy.deepcopy(net)
         assert_close(traced(x), want(x), f"training={training}", TOL, TOL)
+
+
+class _StochasticDepthBlock(nn.Module):
+    """A BasicBlock (torchvision's names and data flow, a class of its own) with stochastic depth: in training it is
+    skipped (the identity) when a Python or NumPy random draw is below p. Traced along one draw's branch, its graph
+    looked like a BasicBlock's, and the fused forward never skipped."""
+
+    def __init__(self, c, source):
+        super().__init__()
+        self.conv1, self.bn1 = nn.Conv2d(c, c, 3, padding=1, bias=False), nn.BatchNorm2d(c)
+        self.conv2, self.bn2 = nn.Conv2d(c, c, 3, padding=1, bias=False), nn.BatchNorm2d(c)
+        self.relu, self.downsample, self.source, self.p = nn.ReLU(), None, source, 0.5
+
+    def forward(self, x):
+        if self.training:
+            import random
+
+            import numpy as np
+
+            # the legacy global generator: what such a block uses (and what fusing must leave as it was)
+            draw = random.random() if self.source == "random" else float(np.random.rand())  # noqa: NPY002
+            if draw < self.p:
+                return x
+        out = self.relu(self.bn1(self.conv1(x)))
+        return self.relu(self.bn2(self.conv2(out)) + x)
+
+
+@pytest.mark.parametrize("source", ["random", "numpy"])
+def test_a_forward_that_draws_python_random_numbers_is_not_fused_and_fusing_draws_none(source):
+    import random
+
+    import numpy as np
+
+    torch.manual_seed(0)
+    plain = _randomize(nn.Sequential(_StochasticDepthBlock(4, source))).double()
+    random.seed(7), np.random.seed(7)  # noqa: NPY002
+    states = random.getstate(), np.random.get_state()  # noqa: NPY002
+    fused = fuse_modules(copy.deepcopy(plain))
+    assert random.getstate() == states[0] and all(
+        bool((a == b).all()) if hasattr(a, "shape") else a == b
+        for a, b in zip(np.random.get_state(), states[1], strict=True))  # noqa: NPY002
+    assert fusion.fused_config(fused[0]) is None or not fusion.fused_config(fused[0]).depth
+    x = torch.randn(2, 4, 7, 6, dtype=torch.float64)
+    for seed in range(6):  # the same draws, the same branches: both skip, or both compute the block
+        outs = []
+        for m in (plain, fused):
+            random.seed(seed), np.random.seed(seed)  # noqa: NPY002
+            outs.append(m(x))
+        assert_close(outs[1], outs[0], f"seed {seed}", TOL, TOL)
