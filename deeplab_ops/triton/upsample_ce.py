@@ -238,8 +238,8 @@ def _block_k(k: int) -> int:
 # and takes exp((z - max) - log s) with the forward's max: z must be the forward's bit for bit. With contraction
 # on (Triton's default on a GPU) the two kernels fused the interpolation's products into FMAs differently, z came
 # out up to |z| * 2^-24 above the saved maximum, and at logits of 1e20 that exp overflowed to an infinite gradient
-# (an H200 run; the interpreter, which never contracts, was exact). The kernels are memory-bound: the separate
-# multiplies cost nothing measurable.
+# (an H200 run; the interpreter, which never contracts, was exact). The kernels are memory-bound, so the separate
+# multiplies should cost little (not yet timed on a GPU).
 LAUNCH_OPTIONS = dict(enable_fp_fusion=False)
 
 
