@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import gc
 import glob
 import os
 import signal
@@ -234,16 +235,27 @@ def test_worker_crash_names_the_file_it_was_reading(tmp_path, monkeypatch):
     monkeypatch.setattr(datasets, "read_image", _die_on("img3.png"))  # the workers are forked: they see it
     train_set = loop.AugmentedDataset(ds, TrainTransform(24, scale_range=(1.0, 1.0), flip=False))
     with pytest.raises(datasets.WorkerCrashError, match=r"DataLoader worker .*It was reading: .*img3\.png "
-                                                        r"\(mask .*img3\.png\) \(worker pid \d+\)"):
+                                                        r"\(mask .*img3\.png\) \(worker pid \d+\)") as info:
         loop.fit(TinySeg(2), train_set, _cfg(batch_size=2, iterations=6, num_workers=2), CPU)
+    # The loader's iterator is shut down by fit itself, not when the traceback (kept here by `info`) is freed: until
+    # then its crashed worker's pid stayed on DataLoader's SIGCHLD handler, which raised "DataLoader worker ... is
+    # killed" later in whatever the main thread ran (a CI run: pytest's own reporting, an INTERNALERROR).
+    from torch.utils.data.dataloader import _MultiProcessingDataLoaderIter
+
+    assert info.value is not None  # (the traceback, whose frames hold the iterator, still alive)
+    assert all(o._shutdown for o in gc.get_objects() if isinstance(o, _MultiProcessingDataLoaderIter))
 
 
 def test_eval_worker_crash_names_the_file(tmp_path, monkeypatch):
     ds = _folder_dataset(tmp_path / "data", ["a", "b", "c"])
     monkeypatch.setattr(datasets, "read_image", _die_on("b.png"))
-    with pytest.raises(datasets.WorkerCrashError, match=r"It was reading: .*b\.png"):
+    with pytest.raises(datasets.WorkerCrashError, match=r"It was reading: .*b\.png") as info:
         loop.evaluate(TinySeg(2), train_script._Normalized(ds), 2, ["background", "thing"], CPU, num_workers=1,
                       progress=False)
+    from torch.utils.data.dataloader import _MultiProcessingDataLoaderIter  # shut down by evaluate, as by fit
+
+    assert info.value is not None
+    assert all(o._shutdown for o in gc.get_objects() if isinstance(o, _MultiProcessingDataLoaderIter))
 
 
 def test_worker_python_error_keeps_its_own_message(tmp_path):

@@ -291,6 +291,27 @@ class ReadTracker:
             raise better from e
 
 
+def shut_down(batches) -> None:
+    """Shut down a DataLoader iterator's workers now (joined, their pids off DataLoader's SIGCHLD handler), with the
+    method its finalizer calls; a single-process iterator has none. For the end of a loop an error may leave: the
+    finalizer runs only when the error's traceback, whose frames hold the iterator, is freed, and until then a
+    crashed worker's pid stays registered and the handler raises "DataLoader worker ... is killed" again, wherever
+    the main thread is (in a CI run: in pytest's own reporting, an INTERNALERROR)."""
+    shutdown = getattr(batches, "_shutdown_workers", None)
+    if shutdown is not None:
+        shutdown()
+
+
+@contextlib.contextmanager
+def iterate(loader) -> Iterator:
+    """iter(loader), shut down (`shut_down`) when the block ends, normally or by an error."""
+    batches = iter(loader)
+    try:
+        yield batches
+    finally:
+        shut_down(batches)
+
+
 class _Tracked(torch.utils.data.Dataset):
     def __init__(self, dataset, slots: int) -> None:
         self.dataset = dataset
