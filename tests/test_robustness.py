@@ -229,6 +229,14 @@ def _die_on(bad: str):
     return read_image
 
 
+def _loader_iterators() -> list:
+    """The live multiprocessing DataLoader iterators of this process (by type: isinstance on a dead weak proxy among
+    gc's objects raises ReferenceError)."""
+    from torch.utils.data.dataloader import _MultiProcessingDataLoaderIter
+
+    return [o for o in gc.get_objects() if issubclass(type(o), _MultiProcessingDataLoaderIter)]
+
+
 def test_worker_crash_names_the_file_it_was_reading(tmp_path, monkeypatch):
     names = [f"img{i}" for i in range(6)]
     ds = _folder_dataset(tmp_path / "data", names)
@@ -240,10 +248,8 @@ def test_worker_crash_names_the_file_it_was_reading(tmp_path, monkeypatch):
     # The loader's iterator is shut down by fit itself, not when the traceback (kept here by `info`) is freed: until
     # then its crashed worker's pid stayed on DataLoader's SIGCHLD handler, which raised "DataLoader worker ... is
     # killed" later in whatever the main thread ran (a CI run: pytest's own reporting, an INTERNALERROR).
-    from torch.utils.data.dataloader import _MultiProcessingDataLoaderIter
-
     assert info.value is not None  # (the traceback, whose frames hold the iterator, still alive)
-    assert all(o._shutdown for o in gc.get_objects() if isinstance(o, _MultiProcessingDataLoaderIter))
+    assert all(it._shutdown for it in _loader_iterators())
 
 
 def test_eval_worker_crash_names_the_file(tmp_path, monkeypatch):
@@ -252,10 +258,8 @@ def test_eval_worker_crash_names_the_file(tmp_path, monkeypatch):
     with pytest.raises(datasets.WorkerCrashError, match=r"It was reading: .*b\.png") as info:
         loop.evaluate(TinySeg(2), train_script._Normalized(ds), 2, ["background", "thing"], CPU, num_workers=1,
                       progress=False)
-    from torch.utils.data.dataloader import _MultiProcessingDataLoaderIter  # shut down by evaluate, as by fit
-
-    assert info.value is not None
-    assert all(o._shutdown for o in gc.get_objects() if isinstance(o, _MultiProcessingDataLoaderIter))
+    assert info.value is not None  # shut down by evaluate, as by fit
+    assert all(it._shutdown for it in _loader_iterators())
 
 
 def test_worker_python_error_keeps_its_own_message(tmp_path):
