@@ -806,7 +806,7 @@ def run_case(env: dict, build: Callable[[], tuple[Callable[[], object], list[tor
              *, quick: bool, flops=None, peak_tflops=None, images=None, profile: Path | None = None,
              min_bytes: int | None = None, **fields) -> dict:
     """Build a case (returning fn and the tensors whose grads to clear), time its first call, then time it;
-    with `profile`, append the case's top kernels (torch.profiler, 3 calls) to that file.
+    with `profile`, append the case's top kernels (torch.profiler, 3 calls) and host table to that file.
 
     Any exception becomes a row with status 'error' and the message in note: one broken provider never stops a run.
     """
@@ -849,7 +849,8 @@ def profile_safely(fn: Callable[[], object], device: torch.device, path: Path, f
 
 
 def profile_case(fn: Callable[[], object], device: torch.device, path: Path, title: str, calls: int = 3) -> None:
-    """Append the top operators and kernels of `calls` calls of fn, by device (else CPU) time, to path."""
+    """Append the top operators and kernels of `calls` calls of fn, by device (else CPU) time, to path; then where
+    the host's time goes (`host_profile`): whether a case is bound by its kernels or by the host work around them."""
     from torch.profiler import ProfilerActivity, profile
 
     activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if device.type == "cuda" else [])
@@ -859,9 +860,60 @@ def profile_case(fn: Callable[[], object], device: torch.device, path: Path, tit
         synchronize(device)
     sort = "self_device_time_total" if device.type == "cuda" else "self_cpu_time_total"
     table = prof.key_averages().table(sort_by=sort, row_limit=15, max_name_column_width=70)
+    host = host_profile(fn, device, calls)
     path.parent.mkdir(parents=True, exist_ok=True)
     with path.open("a") as f:
-        f.write(f"==== {title} ({calls} calls)\n{table}\n")
+        f.write(f"==== {title} ({calls} calls)\n{table}\n{host}\n")
+
+
+def _short_path(filename: str) -> str:
+    """A profiled function's file, from its package on: .../site-packages/triton/runtime/jit.py ->
+    triton/runtime/jit.py, a file of this project from the repository root."""
+    for marker in ("site-packages/", "dist-packages/"):
+        if marker in filename:
+            return filename.rsplit(marker, 1)[1]
+    root = str(Path(__file__).resolve().parent.parent) + os.sep
+    return filename.removeprefix(root)
+
+
+def host_profile(fn: Callable[[], object], device: torch.device, calls: int = 3, rows: int = 15) -> str:
+    """Where the host's time goes in `calls` calls of fn, as a text table:
+
+    - host µs per call: the time the calls take to return, back to back after a synchronization and without one
+      between them (on CUDA, the time to enqueue the work: when it is close to the case's GPU time the case is bound
+      by its host work, not its kernels);
+    - the same calls under cProfile (Python's profiler, which slows Python code, not C++ or the GPU): the functions
+      with the most time of their own per call, Python and the C calls they make (a Triton launch, an aten op called
+      from Python), with their calls per call and their cumulative time.
+    """
+    import cProfile
+    import pstats
+
+    synchronize(device)
+    start = time.perf_counter()
+    for _ in range(calls):
+        fn()
+    host_us = (time.perf_counter() - start) / calls * 1e6
+    synchronize(device)
+    profiler = cProfile.Profile()
+    profiler.enable()
+    try:
+        for _ in range(calls):
+            fn()
+    finally:
+        profiler.disable()
+    synchronize(device)
+    stats = pstats.Stats(profiler).stats  # (file, line, name) -> (primitive calls, calls, tottime, cumtime, callers)
+    top = sorted(stats.items(), key=lambda kv: kv[1][2], reverse=True)[:rows]
+    total = sum(v[2] for v in stats.values())
+    lines = [f"host: {host_us:.1f} µs per call without a profiler ({calls} calls, no synchronization between them); "
+             f"under cProfile {total / calls * 1e6:.1f} µs per call, the functions with the most time of their own:",
+             f"{'calls/call':>10}  {'own µs/call':>11}  {'cum µs/call':>11}  function"]
+    for (filename, line, name), (_, ncalls, tottime, cumtime, _) in top:
+        where = name if filename == "~" else f"{_short_path(filename)}:{line}({name})"
+        lines.append(f"{ncalls / calls:>10.3g}  {tottime / calls * 1e6:>11.1f}  {cumtime / calls * 1e6:>11.1f}  "
+                     f"{where[:110]}")
+    return "\n".join(lines) + "\n"
 
 
 def fill_speedups(rows: list[dict], key: Sequence[str] = ("op", "mode", "dtype", "shape", "batch")) -> None:
@@ -1238,7 +1290,8 @@ def add_common_args(parser: argparse.ArgumentParser, name: str, modes: Sequence[
                         help="file stem of the results, in --out (default: %(default)s)")
     parser.add_argument("--plot", action="store_true", help="also write NAME.png (needs matplotlib)")
     parser.add_argument("--profile", action="store_true",
-                        help="append each timed case's top kernels (torch.profiler) to NAME_profile.txt")
+                        help="append each timed case's top kernels (torch.profiler) and where its host time goes "
+                             "(cProfile) to NAME_profile.txt")
     parser.add_argument("--threads", type=int_at_least(1, "torch CPU threads"), default=None,
                         help="torch CPU threads (default: torch's); 1 avoids oversubscription on a shared machine")
     parser.add_argument("--budget-s", type=budget_seconds, default=None,

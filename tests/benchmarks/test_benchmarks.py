@@ -433,6 +433,48 @@ def test_goal_report_reads_the_best_eager_and_compile(tmp_path):
     assert "ASPP eval forward vs best eager: no eval_fwd row ran in aspp_goal.json" in lines
 
 
+def _profiled_layer(calls_per_call: int):
+    def inner(t):
+        return t * 2
+
+    def fn():
+        t = torch.ones(3)
+        for _ in range(calls_per_call):
+            t = inner(t)
+        return t
+
+    return fn, inner
+
+
+def test_host_profile_says_where_the_host_time_goes():
+    """--profile's host section: host µs per call without a profiler, then the functions with the most time of their
+    own per call under cProfile, with their calls per call (here: a nested Python function called 5 times per call,
+    named by this file and its line)."""
+    fn, inner = _profiled_layer(5)
+    text = common.host_profile(fn, torch.device("cpu"), calls=4, rows=50)
+    head, columns, *rows = text.splitlines()
+    assert re.fullmatch(r"host: \d+\.\d µs per call without a profiler \(4 calls, no synchronization between them\); "
+                        r"under cProfile \d+\.\d µs per call, the functions with the most time of their own:", head)
+    assert columns.split() == ["calls/call", "own", "µs/call", "cum", "µs/call", "function"]
+    where = f"tests/benchmarks/test_benchmarks.py:{inner.__code__.co_firstlineno}(inner)"
+    mine = [r for r in rows if r.endswith(where)]
+    assert len(mine) == 1, text
+    assert float(mine[0].split()[0]) == 5  # calls per call
+    assert any(r.endswith("<built-in method torch.ones>") for r in rows), text
+
+
+def test_profile_file_holds_the_kernels_and_the_host_table(tmp_path):
+    """profile_case appends, per case, the torch.profiler table and the host table below it."""
+    fn, _ = _profiled_layer(2)
+    path = tmp_path / "p_profile.txt"
+    common.profile_case(fn, torch.device("cpu"), path, "case one")
+    common.profile_case(fn, torch.device("cpu"), path, "case two")
+    text = path.read_text()
+    assert text.count("==== case ") == 2 and text.index("==== case one") < text.index("==== case two")
+    assert text.count("Self CPU time total") == 2 and text.count("µs per call without a profiler") == 2
+    assert text.index("Self CPU time total") < text.index("µs per call without a profiler") < text.index("case two")
+
+
 # ---- roofline ----------------------------------------------------------------------------------------------------
 
 
