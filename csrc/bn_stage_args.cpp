@@ -33,6 +33,7 @@ at::ScalarType check_bn_dtype(const at::Tensor& t, const char* name, at::ScalarT
 }
 
 void check_stats_args(const at::Tensor& input) {
+  if (StageArgsChecked::active()) return;  // checked by the composite calling the stage
   DLO_CHECK_ACTIVATION(input);
   DLO_CHECK_FLOATING(input);
 }
@@ -43,6 +44,7 @@ void check_finalize_args(const std::optional<at::Tensor>& mean, const std::optio
                          const at::Tensor& save_mean, const at::Tensor& save_invstd,
                          const at::Tensor& new_running_mean, const at::Tensor& new_running_var,
                          double momentum, double eps) {
+  if (StageArgsChecked::active()) return;  // checked by the composite calling the stage
   check_bn_hyper(momentum, eps);
   TORCH_CHECK(present(running_mean) == present(running_var),
               "deeplab_ops: running_mean and running_var must be given together; only ",
@@ -137,6 +139,7 @@ void check_finalize_args(const std::optional<at::Tensor>& mean, const std::optio
 void check_apply_args(const at::Tensor& input, const at::Tensor& mean, const at::Tensor& invstd,
                       const std::optional<at::Tensor>& weight, const std::optional<at::Tensor>& bias,
                       const std::optional<at::Tensor>& residual) {
+  if (StageArgsChecked::active()) return;  // checked by the composite calling the stage
   DLO_CHECK_ACTIVATION(input);
   DLO_CHECK_FLOATING(input);
   check_channels(named(input, "input"), {named(mean, "mean"), named(invstd, "invstd"), named(weight, "weight"),
@@ -156,6 +159,7 @@ void check_apply_args(const at::Tensor& input, const at::Tensor& mean, const at:
 
 void check_backward_args(const at::Tensor& grad_out, const at::Tensor& output, const at::Tensor& input,
                          const at::Tensor& mean, const at::Tensor& invstd) {
+  if (StageArgsChecked::active()) return;  // checked by the composite calling the stage
   // The three activations agree with each other (the one that differs from the other two is named), then with the
   // per-channel statistics.
   check_same_shapes({named(input, "input"), named(grad_out, "grad_out"), named(output, "output")});
@@ -172,6 +176,7 @@ void check_backward_args(const at::Tensor& grad_out, const at::Tensor& output, c
 void check_dy_args(const at::Tensor& input, const std::optional<at::Tensor>& weight,
                    const std::optional<at::Tensor>& sum_g, const std::optional<at::Tensor>& sum_g_xhat, double count,
                    bool training) {
+  if (StageArgsChecked::active()) return;  // checked by the composite calling the stage
   if (training) {
     TORCH_CHECK(present(sum_g) && present(sum_g_xhat),
                 "deeplab_ops: bn_backward_dy in training mode needs sum_g and sum_g_xhat; got ",

@@ -9,6 +9,23 @@ namespace deeplab_ops {
 
 inline bool present(const std::optional<at::Tensor>& t) { return t.has_value() && t->defined(); }
 
+// While one is alive on a thread, the BN stage ops called there skip their argument checks (check_*_args below): a
+// composite op holds one around the stage calls whose arguments it checked itself, under its own arguments' names,
+// or made (the conv_bn_relu forward, eval and backward): the stages' checks would be the same work again on every
+// call. Stage ops called by anything else (torch.ops.deeplab_ops.bn_*, the Python stages) check as always.
+class StageArgsChecked {
+ public:
+  StageArgsChecked() : previous_(active_) { active_ = true; }
+  ~StageArgsChecked() { active_ = previous_; }
+  StageArgsChecked(const StageArgsChecked&) = delete;
+  StageArgsChecked& operator=(const StageArgsChecked&) = delete;
+  static bool active() { return active_; }
+
+ private:
+  bool previous_;
+  static inline thread_local bool active_ = false;
+};
+
 // bn_stats' input: a 4-D activation of a floating dtype.
 void check_stats_args(const at::Tensor& input);
 // The other stages' arguments, each message naming the argument as the op's schema does. Arguments that must agree

@@ -72,6 +72,10 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tenso
   if (training) {
     TORCH_CHECK(count > 1 || group,
                 "deeplab_ops: training BatchNorm needs more than 1 value per channel, got output shape ", y.sizes());
+  }
+  // Every stage argument is checked above or made here: the stages skip their checks.
+  const StageArgsChecked checked;
+  if (training) {
     training_stats({{y, static_cast<double>(count), running_mean, running_var, mean, invstd, new_rm, new_rv}}, group,
                    momentum, eps);
   } else {
@@ -101,6 +105,7 @@ at::Tensor conv_bn_relu_eval(const at::Tensor& x, const at::Tensor& weight, cons
   const auto opts = x.options().dtype(opmath_dtype(x.scalar_type()));
   at::Tensor mean = at::empty({y.size(1)}, opts), invstd = at::empty({y.size(1)}, opts);
   const auto empty_opts = running_mean.options();
+  const StageArgsChecked checked;  // every stage argument is checked above or made here
   call_bn_finalize(std::nullopt, std::nullopt, std::nullopt, 0.0, rm, rv, 0.0, eps, mean, invstd,
                    at::empty({0}, empty_opts), at::empty({0}, empty_opts));
   return call_bn_apply(y, mean, invstd, bn_weight, bn_bias, residual, relu);
@@ -113,7 +118,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> conv_bn_r
     at::IntArrayRef dilation, bool training, bool relu, std::array<bool, 5> output_mask,
     std::optional<c10::string_view> group_name) {
   // Every argument checked here, under its own name: the stage ops called below would name them as theirs
-  // (input, output, mean, invstd, weight).
+  // (input, output, mean, invstd, weight), and skip their own checks (StageArgsChecked).
   check_conv_geometry_args(x, weight, stride, padding, dilation);
   check_conv_output(x, weight, stride, padding, dilation, conv_out);
   DLO_CHECK_SAME_DTYPE(conv_out, x);
@@ -146,6 +151,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> conv_bn_r
   const bool need_dy = output_mask[0] || output_mask[1];
   at::Tensor sum_g, sum_gx;
   if ((training && need_dy) || output_mask[2] || output_mask[3]) {
+    const StageArgsChecked checked;  // every argument checked above
     std::tie(sum_g, sum_gx) = call_bn_backward_reduce(grad_out, out, conv_out, save_mean, save_invstd, relu);
   }
   at::Tensor grad_x, grad_w;
@@ -161,8 +167,11 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> conv_bn_r
         count = 1.0;
       }
     }
-    const at::Tensor dy = call_bn_backward_dy(grad_out, out, conv_out, save_mean, save_invstd, bn_weight, dy_sum_g,
-                                              dy_sum_gx, count, relu, training);
+    const at::Tensor dy = [&] {
+      const StageArgsChecked checked;  // checked above, or the sums made here
+      return call_bn_backward_dy(grad_out, out, conv_out, save_mean, save_invstd, bn_weight, dy_sum_g, dy_sum_gx,
+                                 count, relu, training);
+    }();
     std::tie(grad_x, grad_w) = conv2d_backward(dy, x, weight, stride, padding, dilation, output_mask[0],
                                                output_mask[1]);
   }

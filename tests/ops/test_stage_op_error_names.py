@@ -289,3 +289,25 @@ def test_every_tensor_argument_of_the_stage_ops_is_covered():
             tensors -= {"x", "weight"}  # the convolution's, checked as every conv composite's (docs/errors.md cpp-*)
         missing = sorted(t for t in tensors if (op, t) not in covered)
         assert not missing, f"{op}: no case for {missing}"
+
+
+@pytest.mark.parametrize("composite", ["conv_bn_relu_forward", "conv_bn_relu_eval", "conv_bn_relu_backward"])
+def test_stage_ops_check_again_after_a_composite_call(composite):
+    """The conv_bn_relu composites check every argument they pass on to the stage ops under their own names, and the
+    stages skip their own checks inside them (the same work twice per call otherwise): that holds only during the
+    composite's stage calls. Direct stage calls afterwards, after a composite that ran and after one that refused its
+    arguments, check as before."""
+    args = {"conv_bn_relu_forward": cbr_forward, "conv_bn_relu_eval": cbr_eval,
+            "conv_bn_relu_backward": cbr_backward}[composite]()
+    _call(composite, args)
+    bad = apply()
+    bad["mean"] = _vec(4)
+    with pytest.raises(RuntimeError, match="^deeplab_ops: mean "):
+        _call("bn_apply", bad)
+    wrong = dict(args, x=torch.randn(2, 5, 6, 6))  # the composite's own check refuses it
+    with pytest.raises(RuntimeError):
+        _call(composite, wrong)
+    bad = reduce()
+    bad["output"] = torch.randn(2, 3, 4, 5)
+    with pytest.raises(RuntimeError, match="^deeplab_ops: output "):
+        _call("bn_backward_reduce", bad)
