@@ -10,7 +10,9 @@ pooling branch needs more than one value per channel, as in PyTorch. The eager m
 dropout 0 (model.ASPP when torchvision is absent); fused providers run deeplab_ops.nn.FusedASPP(dropout=0).
 eager-cl runs it channels_last, eager-amp as an fp32 module under torch.autocast (input in the dtype, as a
 backbone under autocast hands it over), eager-cl-amp both; the fastest eager setup is each case's anchor. triton-cl,
-cuda-cl, cpu-cl: the fused module and its input channels_last.
+cuda-cl, cpu-cl: the fused module and its input channels_last. The -graph providers (triton-graph, cuda-graph,
+eager-graph, eager-cl-graph, triton-cl-graph, cuda-cl-graph; CUDA only) replay that provider's case captured in one
+CUDA graph: its kernels without the host work around them.
 """
 
 from __future__ import annotations
@@ -34,7 +36,7 @@ SLOW_SETUP = ("compile-max",)  # providers run after all the others (main)
 CUDA_PROVIDERS = ("eager", "eager-cl", "eager-amp", "eager-cl-amp", "compile", "compile-max", "triton", "cuda")
 CPU_PROVIDERS = ("cpu", "cpu-cl", "reference", "eager", "eager-cl")
 PROVIDERS = (*common.EAGER_PROVIDERS, "compile", "compile-max", "triton", "cuda", "cpu", "reference",
-             *common.FUSED_CL_PROVIDERS)
+             *common.FUSED_CL_PROVIDERS, *common.GRAPH_PROVIDERS)
 
 
 def eager_aspp(cin: int, rates: tuple[int, ...], cout: int) -> torch.nn.Module:
@@ -56,6 +58,7 @@ def eager_aspp_note() -> str:
 
 
 def make_module(provider: str, cin: int, rates, cout: int) -> torch.nn.Module:
+    provider = common.base_provider(provider)
     backend = common.fused_backend(provider)
     if backend is not None:
         from deeplab_ops.nn import FusedASPP
@@ -135,8 +138,9 @@ def main(argv: list[str] | None = None) -> int:
                         compiled = provider.startswith("compile")
                         module = common.prepare_eager(make_module(provider, cin, rates, cout), provider, device,
                                                       dtype)
-                        return common.mode_case(mode, module, [common.prepare_input(x, provider)], compiled,
+                        case = common.mode_case(mode, module, [common.prepare_input(x, provider)], compiled,
                                                 amp=common.autocast_dtype(provider, dtype_name))
+                        return common.graphed(case, device) if provider in common.GRAPH_PROVIDERS else case
 
                     min_bytes = common.aspp_min_bytes(batch, cin, cout, size, size, rates, mode,
                                                       common.DTYPE_BYTES[dtype_name])

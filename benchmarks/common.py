@@ -394,7 +394,9 @@ def set_precision(dtype_name: str) -> torch.dtype:
 
 
 def uses_channels_last(provider: str) -> bool:
-    """eager-cl, eager-cl-amp and the fused -cl setups (cpu-cl, ...): module and input in channels_last."""
+    """eager-cl, eager-cl-amp and the fused -cl setups (cpu-cl, ...), and their -graph rows: module and input in
+    channels_last."""
+    provider = base_provider(provider)
     return provider.startswith("eager-cl") or provider in FUSED_CL_PROVIDERS
 
 
@@ -616,10 +618,55 @@ FUSED_CL_PROVIDERS = ("triton-cl", "cuda-cl", "cpu-cl")
 
 
 def fused_backend(provider: str) -> str | None:
-    """The deeplab_ops backend a fused provider runs (cpu-cl -> cpu), None for eager and compile providers."""
+    """The deeplab_ops backend a fused provider runs (cpu-cl -> cpu, triton-graph -> triton), None for eager and
+    compile providers."""
+    provider = base_provider(provider)
     if provider in FUSED_PROVIDERS:
         return provider
     return provider.removesuffix("-cl") if provider in FUSED_CL_PROVIDERS else None
+
+
+# Another provider's case captured in one CUDA graph and replayed: what its kernels cost without the host work
+# around them (Python, dispatch, launches), the floor that CUDA graphs (torch.cuda.graph, make_graphed_callables,
+# torch.compile(mode="reduce-overhead")) let a user reach. eager-graph beside them: the same for eager PyTorch.
+GRAPH_SUFFIX = "-graph"
+GRAPH_PROVIDERS = ("eager-graph", "eager-cl-graph", "cuda-graph", "triton-graph", "cuda-cl-graph", "triton-cl-graph")
+
+
+def base_provider(provider: str) -> str:
+    """The provider whose case a -graph provider captures (triton-graph -> triton); others unchanged."""
+    return provider.removesuffix(GRAPH_SUFFIX) if provider in GRAPH_PROVIDERS else provider
+
+
+def graph_unavailable(provider: str, device: torch.device) -> str:
+    """Why a -graph provider cannot run here ('' when it can, and for every other provider)."""
+    if provider in GRAPH_PROVIDERS and device.type != "cuda":
+        return f"{provider} replays a CUDA graph: it needs --device cuda"
+    return ""
+
+
+def graphed(case: tuple[Callable[[], object], list[torch.Tensor]], device: torch.device,
+            warmups: int = 3) -> tuple[Callable[[], object], list[torch.Tensor]]:
+    """A `mode_case` (fn, grads) captured in a CUDA graph: (graph.replay, []).
+
+    fn runs `warmups` times on a side stream first (Triton compiles and tunes there, cuDNN picks its algorithms, the
+    gradients are allocated), then once under capture. Each replay runs the recorded kernels on the same memory: the
+    forward's outputs, the running statistics' updates, and for fwd_bwd the backward accumulating into the gradients
+    the warm-up made (so no tensor's .grad may be reset between replays: the list of grads to clear is empty)."""
+    if device.type != "cuda":
+        raise RuntimeError("a CUDA graph needs a CUDA device")
+    fn, _ = case
+    side = torch.cuda.Stream(device)
+    side.wait_stream(torch.cuda.current_stream(device))
+    with torch.cuda.stream(side):
+        for _ in range(warmups):
+            fn()
+    torch.cuda.current_stream(device).wait_stream(side)
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        fn()
+    synchronize(device)
+    return graph.replay, []
 
 
 def compiled(module: torch.nn.Module, provider: str) -> torch.nn.Module:
@@ -633,6 +680,9 @@ def compiled(module: torch.nn.Module, provider: str) -> torch.nn.Module:
 
 def unavailable(provider: str, op: str, device: torch.device, **call) -> str:
     """Why a provider cannot run this call of `op` here ('' when it can), in deeplab_ops' own words."""
+    graph = graph_unavailable(provider, device)
+    if graph:
+        return graph
     backend = fused_backend(provider)
     if backend is not None:
         from deeplab_ops import backends

@@ -13,7 +13,9 @@ the 1×1 with the residual) and layer4 at 33×33 (dilation 2; 4 with multi-grid)
 eager nn.Sequential(Conv2d(bias=False), BatchNorm2d, ReLU) (cuDNN, cudnn.benchmark on), deeplab_ops.reference,
 torch.compile of the eager module (default, max-autotune), deeplab_ops triton, cuda and cpu; eager-cl, eager-amp,
 eager-cl-amp: the eager module channels_last, under torch.autocast (fp32 module), or both; triton-cl, cuda-cl,
-cpu-cl: the fused module and its input channels_last (the layout train.py --fused-ops runs).
+cpu-cl: the fused module and its input channels_last (the layout train.py --fused-ops runs); the -graph providers
+(triton-graph, cuda-graph, eager-graph, eager-cl-graph, triton-cl-graph, cuda-cl-graph; CUDA only): that provider's
+case captured in one CUDA graph and replayed, its kernels without the host work around them.
 """
 
 from __future__ import annotations
@@ -31,7 +33,7 @@ CUDA_PROVIDERS = ("eager", "eager-cl", "eager-amp", "eager-cl-amp", "reference",
                   "cuda")
 CPU_PROVIDERS = ("cpu", "cpu-cl", "reference", "eager", "eager-cl")
 PROVIDERS = (*common.EAGER_PROVIDERS, "reference", "compile", "compile-max", "triton", "cuda", "cpu",
-             *common.FUSED_CL_PROVIDERS)
+             *common.FUSED_CL_PROVIDERS, *common.GRAPH_PROVIDERS)
 
 
 @dataclass(frozen=True)
@@ -118,6 +120,7 @@ class ReferenceConvBNReLU(EagerConvBNReLU):
 
 
 def make_module(provider: str, s: ConvShape) -> nn.Module:
+    provider = common.base_provider(provider)
     backend = common.fused_backend(provider)
     if backend in ("triton", "cuda", "cpu"):
         from deeplab_ops.nn import FusedConvBNReLU
@@ -195,8 +198,9 @@ def main(argv: list[str] | None = None) -> int:
                         compiled = provider.startswith("compile")
                         module = common.prepare_eager(make_module(provider, s), provider, device, dtype)
                         inputs = [common.prepare_input(t, provider) for t in ([x] if r is None else [x, r])]
-                        return common.mode_case(mode, module, inputs, compiled,
+                        case = common.mode_case(mode, module, inputs, compiled,
                                                 amp=common.autocast_dtype(provider, dtype_name))
+                        return common.graphed(case, device) if provider in common.GRAPH_PROVIDERS else case
 
                     min_bytes = common.conv_bn_relu_min_bytes(
                         batch, s.cin, s.cout, s.size, s.size, s.kernel, s.out_size, s.out_size, s.residual, mode,

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import csv
 import importlib.util
 import itertools
@@ -473,6 +474,84 @@ def test_profile_file_holds_the_kernels_and_the_host_table(tmp_path):
     assert text.count("==== case ") == 2 and text.index("==== case one") < text.index("==== case two")
     assert text.count("Self CPU time total") == 2 and text.count("µs per call without a profiler") == 2
     assert text.index("Self CPU time total") < text.index("µs per call without a profiler") < text.index("case two")
+
+
+# ---- -graph providers: another provider's case captured in a CUDA graph ------------------------------------------
+
+
+def test_graph_providers_name_the_case_they_capture():
+    assert [common.base_provider(p) for p in common.GRAPH_PROVIDERS] == [
+        "eager", "eager-cl", "cuda", "triton", "cuda-cl", "triton-cl"]
+    assert common.fused_backend("triton-graph") == "triton" and common.fused_backend("cuda-cl-graph") == "cuda"
+    assert common.fused_backend("eager-graph") is None
+    assert common.uses_channels_last("triton-cl-graph") and common.uses_channels_last("eager-cl-graph")
+    assert not common.uses_channels_last("triton-graph") and not common.uses_autocast("eager-graph")
+    assert common.base_provider("triton-lean") == "triton-lean"  # not a -graph provider: unchanged
+    for module in ("aspp_bench", "conv_bn_relu_bench"):
+        assert set(common.GRAPH_PROVIDERS) <= set(__import__(module).PROVIDERS)
+
+
+@pytest.mark.parametrize("module, extra", [("aspp_bench", []), ("conv_bn_relu_bench", ["--shapes", "os16"])])
+def test_graph_providers_are_skipped_on_the_cpu_saying_why(module, extra, tmp_path):
+    argv = [*QUICK, "--out", str(tmp_path), "--name", "g", "--providers", "cpu,triton-graph,eager-graph", "--modes",
+            "train_fwd", *extra]
+    assert __import__(module).main(argv) == 0
+    rows, _ = _read(tmp_path, "g")
+    graph_rows = [r for r in rows if r["provider"].endswith("-graph")]
+    assert graph_rows and all(r["status"] == "skipped" for r in graph_rows)
+    assert {r["note"] for r in graph_rows} == {f"{p} replays a CUDA graph: it needs --device cuda"
+                                              for p in ("triton-graph", "eager-graph")}
+    assert all(r["status"] == "ok" for r in rows if r["provider"] == "cpu")
+
+
+def test_graphed_warms_up_on_a_side_stream_then_captures_one_call(monkeypatch):
+    """common.graphed: the case runs `warmups` times on a side stream, then once under capture; what is timed is
+    the replay, and no gradient is cleared between replays (they are the graph's memory). Stand-ins for the CUDA
+    calls record the order (no GPU here)."""
+    events = []
+
+    class Stream:
+        def __init__(self, device):
+            self.name = "side"
+
+        def wait_stream(self, other):
+            events.append(f"{self.name} waits for {other.name}")
+
+    class Current(Stream):
+        def __init__(self):
+            self.name = "current"
+
+    @contextlib.contextmanager
+    def on_stream(stream):
+        events.append(f"on {stream.name}")
+        yield
+        events.append(f"off {stream.name}")
+
+    class Graph:
+        def replay(self):
+            events.append("replay")
+
+    @contextlib.contextmanager
+    def capture(graph):
+        events.append("capture")
+        yield
+        events.append("captured")
+
+    monkeypatch.setattr(torch.cuda, "Stream", Stream)
+    monkeypatch.setattr(torch.cuda, "current_stream", lambda device=None: Current())
+    monkeypatch.setattr(torch.cuda, "stream", on_stream)
+    monkeypatch.setattr(torch.cuda, "CUDAGraph", Graph)
+    monkeypatch.setattr(torch.cuda, "graph", capture)
+    monkeypatch.setattr(common, "synchronize", lambda device: events.append("sync"))
+    grads = [torch.zeros(2, requires_grad=True)]
+    replay, cleared = common.graphed((lambda: events.append("call"), grads), torch.device("cuda"), warmups=2)
+    assert cleared == []
+    assert events == ["side waits for current", "on side", "call", "call", "off side", "current waits for side",
+                      "capture", "call", "captured", "sync"]
+    replay()
+    assert events[-1] == "replay"
+    with pytest.raises(RuntimeError, match="a CUDA graph needs a CUDA device"):
+        common.graphed((lambda: None, []), torch.device("cpu"))
 
 
 # ---- roofline ----------------------------------------------------------------------------------------------------
