@@ -647,26 +647,36 @@ def graph_unavailable(provider: str, device: torch.device) -> str:
 
 def graphed(case: tuple[Callable[[], object], list[torch.Tensor]], device: torch.device,
             warmups: int = 3) -> tuple[Callable[[], object], list[torch.Tensor]]:
-    """A `mode_case` (fn, grads) captured in a CUDA graph: (graph.replay, []).
+    """A `mode_case` (fn, grads) captured in a CUDA graph: (replay, []).
 
-    fn runs `warmups` times on a side stream first (Triton compiles and tunes there, cuDNN picks its algorithms, the
-    gradients are allocated), then once under capture. Each replay runs the recorded kernels on the same memory: the
-    forward's outputs, the running statistics' updates, and for fwd_bwd the backward accumulating into the gradients
-    the warm-up made (so no tensor's .grad may be reset between replays: the list of grads to clear is empty)."""
+    fn runs `warmups` times on a side stream first (Triton compiles and tunes there, cuDNN picks its algorithms), then
+    the grads are set to None, as the timed calls of the other providers have them (so the captured backward writes
+    each gradient rather than adding to one: the same work), and fn runs once under capture. Each replay runs the
+    recorded kernels on the same memory: the forward's outputs, the running statistics' updates, the gradients (kept
+    between replays: the list of grads to clear is empty). `replay` holds fn, and through it the module, its inputs
+    and gradients: a graph does not keep the tensors it reads alive, and freed ones would be handed to others."""
     if device.type != "cuda":
         raise RuntimeError("a CUDA graph needs a CUDA device")
-    fn, _ = case
+    fn, grads = case
     side = torch.cuda.Stream(device)
     side.wait_stream(torch.cuda.current_stream(device))
     with torch.cuda.stream(side):
         for _ in range(warmups):
             fn()
     torch.cuda.current_stream(device).wait_stream(side)
+    for t in grads:
+        t.grad = None
     graph = torch.cuda.CUDAGraph()
     with torch.cuda.graph(graph):
         fn()
     synchronize(device)
-    return graph.replay, []
+    kept = (case, graph)
+
+    def replay() -> None:
+        kept[1].replay()
+
+    replay.captured = kept  # (what the closure keeps alive, for a reader)
+    return replay, []
 
 
 def compiled(module: torch.nn.Module, provider: str) -> torch.nn.Module:
@@ -840,7 +850,8 @@ def timed_row(env: dict, fn: Callable[[], object], device: torch.device, *, quic
     fill_roofline(row, flops[0] if flops is not None else None, min_bytes)
     if images is not None:
         row["images_per_s"] = images / (median * 1e-3)
-    row["peak_mem_mb"] = peak_memory_mb(fn, device)
+    # (a graph's replay allocates nothing: its memory was taken at capture, so a peak over a replay says nothing)
+    row["peak_mem_mb"] = None if fields.get("provider") in GRAPH_PROVIDERS else peak_memory_mb(fn, device)
     return row
 
 
@@ -910,10 +921,15 @@ def profile_case(fn: Callable[[], object], device: torch.device, path: Path, tit
         synchronize(device)
     sort = "self_device_time_total" if device.type == "cuda" else "self_cpu_time_total"
     table = prof.key_averages().table(sort_by=sort, row_limit=15, max_name_column_width=70)
-    host = host_profile(fn, device, calls)
     path.parent.mkdir(parents=True, exist_ok=True)
     with path.open("a") as f:
-        f.write(f"==== {title} ({calls} calls)\n{table}\n{host}\n")
+        f.write(f"==== {title} ({calls} calls)\n{table}\n")
+    try:
+        host = host_profile(fn, device, calls)
+    except Exception as e:  # noqa: BLE001  (e.g. another profiler holds Python's profiling hook: the table stays)
+        host = f"host profile failed: {type(e).__name__}: {e}\n"
+    with path.open("a") as f:
+        f.write(f"{host}\n")
 
 
 def _short_path(filename: str) -> str:

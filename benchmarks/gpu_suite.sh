@@ -315,10 +315,10 @@ fi
 #    runs compile-max's rows after every other provider's (its setup took 47-71 s per mode on the H200, and it spent
 #    the phase's budget before any fwd_bwd row ran).
 #    The eager setups users run (channels_last, autocast) come with eager NCHW: the goals read the fastest of them.
-#    cuda-graph and triton-graph: the fused cases replayed from a CUDA graph, their kernels without host work (with
-#    --profile's host tables: how much of a fused row is host time).
+#    cuda-graph and triton-graph (after compile, whose rows the goals read): the fused cases replayed from a CUDA
+#    graph, their kernels without host work (with --profile's host tables: how much of a fused row is host time).
 phase aspp_goal 190 'BENCH_MARGIN_S=50 bench aspp_bench.py aspp_goal --configs os16 --batches 16 --dtypes bf16 \
-    --profile --providers eager,eager-cl,eager-amp,eager-cl-amp,cuda,triton,cuda-graph,triton-graph,compile,compile-max \
+    --profile --providers eager,eager-cl,eager-amp,eager-cl-amp,cuda,triton,compile,cuda-graph,triton-graph,compile-max \
     --modes train_fwd,eval_fwd,fwd_bwd' 0 60
 # (20 s kept back for the goals phase that follows). triton-lean last: its first step compiles and autotunes the
 # network's Triton kernels, and on the H200 it spent the phase's time before cuda ran.

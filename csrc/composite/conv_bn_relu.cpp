@@ -72,13 +72,13 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tenso
   if (training) {
     TORCH_CHECK(count > 1 || group,
                 "deeplab_ops: training BatchNorm needs more than 1 value per channel, got output shape ", y.sizes());
-  }
-  // Every stage argument is checked above or made here: the stages skip their checks.
-  const StageArgsChecked checked;
-  if (training) {
+    // (its stages check their arguments: with a group, the statistics' collectives run in between)
     training_stats({{y, static_cast<double>(count), running_mean, running_var, mean, invstd, new_rm, new_rv}}, group,
                    momentum, eps);
-  } else {
+  }
+  // Every stage argument below is checked above or made here: the stages skip their checks.
+  const StageArgsChecked checked;
+  if (!training) {
     call_bn_finalize(std::nullopt, std::nullopt, std::nullopt, 0.0, running_mean, running_var, momentum, eps, mean,
                      invstd, new_rm, new_rv);
   }
@@ -135,6 +135,10 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> conv_bn_r
   // The saved statistics and bn_weight: one value per output channel, in the dtypes the forward gives them (the
   // triton twin's rule too).
   const int64_t cout = weight.size(0);
+  // Training's input gradient divides by the count of values per channel, N * H_out * W_out (with a group, the
+  // group's count: a process may hold an empty batch).
+  TORCH_CHECK(!training || conv_out.numel() > 0 || group_name.has_value(),
+              "deeplab_ops: training BatchNorm's backward needs values in conv_out, got shape ", conv_out.sizes());
   if (present(bn_weight)) {
     check_channel_vector(*bn_weight, "bn_weight", cout);
     check_same_device(*bn_weight, "bn_weight", x, "x");

@@ -669,11 +669,11 @@ def forward(
         finalize(parts_b, 0)
     # Image pooling on (N, C) vectors: its BN merges N partials of one image each (count 1, M2 0).
     pool_pre = (xh.mean((1, 2), dtype=stat) @ _pool_weight(pool_weight, stat).t()).to(x.dtype)
+    pool_stat = pool_pre.to(stat)  # (the statistics' and the normalization's input: one conversion)
     if training:
-        pool_stat = pool_pre.to(stat)
         finalize((torch.ones(n, dtype=stat, device=x.device), pool_stat, torch.zeros_like(pool_stat)), bc)
     sl_p = slice(bc, bc + c)
-    z_p = torch.relu((pool_pre.to(stat) - save_mean[sl_p]) * scale[sl_p] + shift[sl_p]).to(x.dtype).to(stat)
+    z_p = torch.relu((pool_stat - save_mean[sl_p]) * scale[sl_p] + shift[sl_p]).to(x.dtype).to(stat)
     bias = z_p @ w_pool.t()
     # Projection: branch BN + ReLU in the prologue, the pooling bias and the BN statistics in the epilogue.
     proj, out, parts_o = project_forward(branch, w_main, bias, (save_mean, scale, shift), training=training,

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import contextlib
 import csv
+import gc
 import importlib.util
 import itertools
 import json
@@ -11,6 +12,7 @@ import math
 import re
 import subprocess
 import sys
+import weakref
 from pathlib import Path
 
 import pytest
@@ -505,9 +507,10 @@ def test_graph_providers_are_skipped_on_the_cpu_saying_why(module, extra, tmp_pa
 
 
 def test_graphed_warms_up_on_a_side_stream_then_captures_one_call(monkeypatch):
-    """common.graphed: the case runs `warmups` times on a side stream, then once under capture; what is timed is
-    the replay, and no gradient is cleared between replays (they are the graph's memory). Stand-ins for the CUDA
-    calls record the order (no GPU here)."""
+    """common.graphed: the case runs `warmups` times on a side stream, its gradients are set to None (the captured
+    backward then writes them, as the other providers' timed calls do), then it runs once under capture; what is
+    timed is the replay, which keeps the case alive, and no gradient is cleared between replays (they are the graph's
+    memory). Stand-ins for the CUDA calls record the order (no GPU here)."""
     events = []
 
     class Stream:
@@ -543,11 +546,24 @@ def test_graphed_warms_up_on_a_side_stream_then_captures_one_call(monkeypatch):
     monkeypatch.setattr(torch.cuda, "CUDAGraph", Graph)
     monkeypatch.setattr(torch.cuda, "graph", capture)
     monkeypatch.setattr(common, "synchronize", lambda device: events.append("sync"))
-    grads = [torch.zeros(2, requires_grad=True)]
-    replay, cleared = common.graphed((lambda: events.append("call"), grads), torch.device("cuda"), warmups=2)
+    def case():
+        weight = torch.zeros(2, requires_grad=True)
+        weight.grad = torch.ones(2)  # as a warm-up's backward leaves it
+
+        def call():
+            events.append(f"call, grad {'None' if weight.grad is None else 'set'}")
+
+        return (call, [weight]), [weakref.ref(call), weakref.ref(weight)]
+
+    made, refs = case()
+    replay, cleared = common.graphed(made, torch.device("cuda"), warmups=2)
     assert cleared == []
-    assert events == ["side waits for current", "on side", "call", "call", "off side", "current waits for side",
-                      "capture", "call", "captured", "sync"]
+    assert events == ["side waits for current", "on side", "call, grad set", "call, grad set", "off side",
+                      "current waits for side", "capture", "call, grad None", "captured", "sync"]
+    # the replay keeps the case alive (a CUDA graph does not keep the memory it reads and writes)
+    del made
+    gc.collect()
+    assert all(r() is not None for r in refs)
     replay()
     assert events[-1] == "replay"
     with pytest.raises(RuntimeError, match="a CUDA graph needs a CUDA device"):

@@ -476,6 +476,8 @@ CASES = {
     "cpp-one-value": lambda d: ops.conv_bn_relu_forward(torch.randn(1, 3, 1, 1), torch.randn(3, 3, 1, 1),
                                                         *_cpp_tail()),
     "cpp-bwd-conv-out": lambda d: _cpp_backward(stride=[2, 2]),
+    "cpp-bwd-empty": lambda d: _cpp_backward(x=torch.randn(0, 4, 8, 8), conv_out=torch.randn(0, 6, 8, 8),
+                                             out=torch.randn(0, 6, 8, 8), grad_out=torch.randn(0, 6, 8, 8)),
     "cpp-residual-shape": lambda d: ops.conv_bn_relu_forward(
         torch.randn(2, 3, 4, 4), torch.randn(3, 3, 1, 1), None, None, None, None, [1, 1], [0, 0], [1, 1], True, 0.1,
         1e-5, torch.randn(2, 3, 4, 5), True),
