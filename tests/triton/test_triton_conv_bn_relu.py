@@ -186,15 +186,19 @@ GPU_CASES = [Case(2, 32, 17, 15, 48, dilation=2, residual=True), Case(4, 64, 33,
              Case(2, 24, 16, 16, 40, k=1, stride=2, channels_last=True), Case(2, 16, 13, 13, 16, training=False)]
 
 
-def _run_all(case, dtype, backend, x, w, g, b, rm, rv, res, grad_out):
+def _run_all(case, dtype, backend, x, w, g, b, rm, rv, res, grad_out, mask=None):
     # Activations and conv weight in `dtype`; BatchNorm parameters and statistics in float32 (fp64 for fp64),
-    # as nn.BatchNorm2d keeps them under autocast.
+    # as nn.BatchNorm2d keeps them under autocast. `mask` (the float64 reference only): the ReLU passes exactly
+    # where it is true, instead of where the float64 output is positive.
     stat = torch.float64 if dtype == torch.float64 else torch.float32
     inputs = [t.detach().to(d).requires_grad_() if t is not None else None
               for t, d in zip((x, w, g, b, res), (dtype, dtype, stat, stat, dtype), strict=True)]
     rm, rv = rm.to(stat, copy=True), rv.to(stat, copy=True)  # each run updates its own (float32 inputs: no alias)
     kw = dict(stride=case.stride, padding=case.pad, dilation=case.dilation, training=case.training, relu=case.relu)
-    if backend == "reference":
+    if backend == "reference" and mask is not None:
+        z = reference.conv_bn_relu(*inputs[:4], rm, rv, residual=inputs[4], **dict(kw, relu=False))
+        out = torch.where(mask, z, 0.0) if case.relu else z
+    elif backend == "reference":
         out = reference.conv_bn_relu(*inputs[:4], rm, rv, residual=inputs[4], **kw)
     else:
         out = deeplab_ops.conv_bn_relu(*inputs[:4], rm, rv, residual=inputs[4], backend=backend, **kw)
@@ -206,17 +210,29 @@ def _run_all(case, dtype, backend, x, w, g, b, rm, rv, res, grad_out):
 @pytest.mark.parametrize("case", GPU_CASES, ids=str)
 @pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16], ids=str)
 def test_half_error_within_twice_the_reference_error(case, dtype):
+    """Each half run's error against float64: the output and running statistics against the float64 reference; the
+    gradients against the float64 reference whose ReLU passes where that run's half output is positive. A ReLU
+    output near zero takes either sign with the rounding of its half inputs, and where a run's sign differs from
+    float64's (in a 2x48x17x15 output, in most draws one of the two runs), its gradient there is off by the whole
+    upstream gradient: the largest error would measure the draw's near-zero outputs, not the arithmetic. (Checked
+    on CPU with float16 under the interpreter, 26 draws: the flips fall on either side alike; compared so, in 14
+    draws the fused grad x error is 0.4-0.6x the reference's, every gradient at most 1.12x.) A backward that used
+    another mask than its forward's output still fails here, and the output comparison sees a forward whose ReLU is
+    wrong."""
     x, w, g, b, rm, rv, res = make_inputs(case, torch.float64, "cuda")
     grad_out = torch.randn(_out_shape(case), device="cuda", dtype=torch.float64)
     exact = _run_all(case, torch.float64, "reference", x, w, g, b, rm, rv, res, grad_out)
     ref_half = _run_all(case, dtype, "reference", x, w, g, b, rm, rv, res, grad_out)
     ours = _run_all(case, dtype, "triton", x, w, g, b, rm, rv, res, grad_out)
+    exact_ref, exact_ours = (_run_all(case, torch.float64, "reference", x, w, g, b, rm, rv, res, grad_out,
+                                      mask=run[0] > 0) for run in (ref_half, ours))
     names = ["out", "running_mean", "running_var", "grad x", "grad weight", "grad bn_weight", "grad bn_bias",
              "grad residual"]
-    for name, e, r, o in zip(names, exact, ref_half, ours, strict=False):
-        ref_err = (r - e).abs().max().item()
-        our_err = (o - e).abs().max().item()
-        assert our_err <= 2 * ref_err + 1e-6 * e.abs().max().item(), (
+    for i, (name, r, o) in enumerate(zip(names, ref_half, ours, strict=False)):
+        e_r, e_o = (exact[i], exact[i]) if i < 3 else (exact_ref[i], exact_ours[i])
+        ref_err = (r - e_r).abs().max().item()
+        our_err = (o - e_o).abs().max().item()
+        assert our_err <= 2 * ref_err + 1e-6 * e_r.abs().max().item(), (
             f"[{case}] {dtype} {name}: triton error {our_err:.3g} > 2x the reference-in-{dtype} error {ref_err:.3g}"
         )
 
