@@ -12,7 +12,7 @@ import os
 import torch
 
 from deeplab_ops import _extension
-from deeplab_ops.common import HALF_DTYPES, INT32_MAX, conv_output_size, interpreter_active
+from deeplab_ops.common import HALF_DTYPES, INT32_MAX, conv_output_size, interpreter_active, interpreter_dtype_refusal
 
 BACKENDS = ("reference", "cpu", "cuda", "triton")
 OPS = ("conv_bn_relu", "aspp", "upsample_cross_entropy")
@@ -67,10 +67,8 @@ def _device_reasons(backend: str, device: torch.device) -> list[str]:
 
 
 def _interpreter_half(t: torch.Tensor, name: str) -> list[str]:
-    if t.device.type == "cpu" and t.dtype in HALF_DTYPES:
-        return [f"{name} has dtype {t.dtype}: the Triton interpreter stores half types as raw bits, so "
-                "float16/bfloat16 run on CUDA tensors only"]
-    return []
+    refusal = interpreter_dtype_refusal(t.dtype) if t.device.type == "cpu" and t.dtype in HALF_DTYPES else ""
+    return [f"{name} has dtype {t.dtype}: {refusal}"] if refusal else []
 
 
 def _int32(largest: int) -> list[str]:

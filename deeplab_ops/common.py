@@ -4,9 +4,11 @@ and nn (this module imports none of them).
 
 from __future__ import annotations
 
+import functools
 import numbers
 import operator
 import os
+import re
 import threading
 import weakref
 
@@ -58,6 +60,34 @@ def interpreter_active() -> bool:
         return False
     knobs = getattr(triton, "knobs", None)
     return bool(knobs.runtime.interpret) if knobs is not None else False
+
+
+# Triton releases whose interpreter was checked to run float16 kernels right (against float64, every op and pass of
+# this package): NumPy has float16. bfloat16 it stores as raw bits in every release (NumPy has no bfloat16): garbage.
+INTERPRETER_FLOAT16_FROM = (3, 6)
+
+
+def interpreter_dtype_refusal(dtype: torch.dtype) -> str:
+    """Why the Triton interpreter cannot run this package's kernels on CPU tensors of `dtype` ('' when it can):
+    bfloat16 never (stored as raw bits: a kernel computes garbage), float16 from Triton 3.6 (3.6.0 and 3.8.0 were
+    checked; older interpreters were not)."""
+    if dtype == torch.bfloat16:
+        return ("the Triton interpreter stores bfloat16 as raw bits (NumPy has no bfloat16), so bfloat16 runs on CUDA "
+                "tensors only")
+    if dtype == torch.float16 and _triton_version() < INTERPRETER_FLOAT16_FROM:
+        return (f"the Triton interpreter runs float16 from Triton {'.'.join(map(str, INTERPRETER_FLOAT16_FROM))} "
+                f"(this is {'.'.join(map(str, _triton_version()))}), so float16 runs on CUDA tensors only here")
+    return ""
+
+
+@functools.lru_cache(maxsize=1)
+def _triton_version() -> tuple[int, int]:
+    try:
+        import triton
+    except ImportError:
+        return (0, 0)
+    parts = re.findall(r"\d+", triton.__version__)[:2]
+    return tuple(int(p) for p in parts) if len(parts) == 2 else (0, 0)
 
 
 AUTOTUNE_MODES = ("gpu", "all", "off")

@@ -37,6 +37,12 @@ TRITON_MARKS = (pytest.mark.gpu, needs_triton)
 CUDA_MARKS = (pytest.mark.gpu, needs_cuda)
 
 
+# The half dtypes of the triton tests: float16 wherever triton runs (the interpreter too, from Triton 3.6:
+# deeplab_ops.common.interpreter_dtype_refusal), bfloat16 on a GPU only.
+HALF_PARAMS = [torch.float16, pytest.param(torch.bfloat16, marks=pytest.mark.skipif(
+    not CUDA, reason="bfloat16 needs a GPU (the interpreter stores it as raw bits)"))]
+
+
 def triton_test(fn):
     """Decorator: a test that runs the triton backend on TRITON_DEVICE (marked `gpu`, skipped where triton cannot
     run)."""

@@ -72,20 +72,22 @@ def call_checked(op, *args, **kwargs):
 
 
 def _check_device(op: str, args: tuple) -> None:
-    """A twin's tensors run on a GPU, or on the CPU in the Triton interpreter, in float32/float64 there (it stores
-    half types as raw bits: a float16/bfloat16 kernel computes garbage): anything else is refused here, with what the
-    front doors say (triton itself would fail with "0 active drivers")."""
+    """A twin's tensors run on a GPU, or on the CPU in the Triton interpreter, in float32/float64 there and in
+    float16 from Triton 3.6 (it stores bfloat16 as raw bits: a bfloat16 kernel computes garbage;
+    common.interpreter_dtype_refusal): anything else is refused here, with what the front doors say (triton itself
+    would fail with "0 active drivers")."""
     first = args[0] if args else None
     if isinstance(first, torch.Tensor) and first.device.type == "cpu":
-        from deeplab_ops.common import HALF_DTYPES, interpreter_active
+        from deeplab_ops.common import HALF_DTYPES, interpreter_active, interpreter_dtype_refusal
 
         if not interpreter_active():
             raise RuntimeError(f"deeplab_ops::{op} runs CUDA tensors, or CPU tensors only in the Triton interpreter "
                                f"(TRITON_INTERPRET=1); got a tensor on cpu")
         for t in args[:2]:  # x / logits, or a backward's gradient and its x / logits
             if isinstance(t, torch.Tensor) and t.dtype in HALF_DTYPES:
-                raise RuntimeError(f"deeplab_ops::{op}: the Triton interpreter stores half types as raw bits, so "
-                                   f"float16/bfloat16 run on CUDA tensors only; got a CPU tensor of dtype {t.dtype}")
+                refusal = interpreter_dtype_refusal(t.dtype)
+                if refusal:
+                    raise RuntimeError(f"deeplab_ops::{op}: {refusal}; got a CPU tensor of dtype {t.dtype}")
 
 
 def _validated(op: str, kernel):

@@ -254,8 +254,8 @@ def test_a_list_item_given_twice_is_refused(module, argv, message, tmp_path, cap
 
 
 def test_train_bench_skips_triton_at_a_half_dtype_in_the_interpreter(tmp_path, monkeypatch):
-    """train_bench asked the triton backend about a call on the meta device, where the interpreter's rule (half
-    types only on CUDA tensors) does not look: `TRITON_INTERPRET=1 train_bench.py --device cpu --providers triton
+    """train_bench asked the triton backend about a call on the meta device, where the interpreter's rule (bfloat16
+    only on CUDA tensors) does not look: `TRITON_INTERPRET=1 train_bench.py --device cpu --providers triton
     --dtypes bf16` built the model and recorded an error row (RuntimeError from inside the first conv) where the
     other scripts record the case as skipped with that reason."""
     import train_bench
@@ -265,7 +265,7 @@ def test_train_bench_skips_triton_at_a_half_dtype_in_the_interpreter(tmp_path, m
                       "--modes", "eval_fwd"])
     rows = json.loads((tmp_path / "train_bench.json").read_text())["rows"]
     assert [r["status"] for r in rows] == ["skipped", "skipped"], rows
-    assert all("the Triton interpreter stores half types as raw bits" in r["note"] for r in rows)
+    assert all("the Triton interpreter stores bfloat16 as raw bits" in r["note"] for r in rows)
 
 
 # ---- a new user's review, 2026-12-04 ---------------------------------------------------------------------------
