@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import pytest
 import torch
-from helpers import cuda_test, device_for, triton_test
+from helpers import HALF_PARAMS, cuda_test, device_for, triton_test
 from test_eval_fast_path import _Counted as CountedChecks
 from torch import nn
 
@@ -74,11 +74,7 @@ def test_cuda_eval_op_is_the_forward_out_bit_for_bit(dtype, variant):
 
 
 @triton_test
-@pytest.mark.parametrize("dtype", [
-    pytest.param(torch.bfloat16, marks=pytest.mark.skipif(
-        not torch.cuda.is_available(), reason="bfloat16 runs on CUDA tensors only (the interpreter stores it as raw "
-                                              "bits)")),
-    torch.float16])  # (float16 also in the interpreter, on CPU tensors)
+@pytest.mark.parametrize("dtype", HALF_PARAMS)  # (float16 also in the interpreter, on CPU tensors)
 def test_triton_half_eval_op_is_the_forward_out_bit_for_bit(dtype):
     _same(*reversed(_both("triton_", *_inputs(dtype, "cl", "residual", device=device_for("triton"),
                                               bn_dtype=torch.float32))))
