@@ -209,6 +209,32 @@ def test_triton_launches():
     assert train["syncs"] == evalf["syncs"] == 0
 
 
+# The triton aspp's rows (functional call, concatenated BatchNorm tensors, channels_last float32): launches per call,
+# aten ops besides views (the host work around the launches), copies (the running statistics' two, and the 0-d
+# conversion of at::mean's divisor, `to` / `_to_copy` / `copy_`, in the forward; the backward's dtype conversions
+# and x's of the weight gradient), no cat, no sync. The pooling branch is two aten ops (the mean, the pooling
+# conv's mm) and kernels for the rest: its BN statistics (a finalize of one-value partials), its projection bias
+# and its backward (before: 54 / 45 / 164 / 216 ops besides views, 9 / 16 / 33 / 40 copies).
+TRITON_ASPP_BUDGETS = {  # (mode, memory_efficient): (launches, ops besides views, copies)
+    ("train_fwd", False): (7, 36, 5),
+    ("eval_fwd", False): (4, 24, 3),
+    ("fwd_bwd", False): (15, 101, 11),
+    ("fwd_bwd", True): (22, 135, 14),
+}
+
+
+@triton_test
+@pytest.mark.parametrize("mode,memory_efficient", list(TRITON_ASPP_BUDGETS), ids=lambda v: str(v))
+def test_triton_aspp_host_work(mode, memory_efficient):
+    """The triton aspp's launches, aten ops and copies per call (TRITON_ASPP_BUDGETS; docs/performance.md), no cat,
+    no sync: forward 7 launches in training (branches, branch finalize, pooling finalize, pooling bias, projection,
+    projection finalize, apply), 4 in eval (BN statistics, branches, pooling bias, projection)."""
+    launches, ops, copies = TRITON_ASPP_BUDGETS[mode, memory_efficient]
+    row = _census(*_aspp_call(mode, backend="triton", memory_efficient=memory_efficient), triton=True, calls=1)
+    _check(row, ops=ops, copies=copies, views_count=False)
+    assert row["triton_launches"] == launches, row["triton_by_kernel"]
+
+
 @triton_test
 @pytest.mark.parametrize("mode", ["train_fwd", "fwd_bwd"])
 def test_triton_upsample_cross_entropy_never_synchronizes(mode):

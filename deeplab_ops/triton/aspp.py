@@ -3,9 +3,10 @@ and its padding-tap schedule. Every conv branch runs in one launch (packed (T, C
 len(rates)) on the engine's tap and epilogue helpers; the image-pooling branch is a per-(image, channel) bias of
 the projection; the projection applies the branch BN + ReLU in its prologue. Design notes: docs/kernels.md.
 
-Forward: training 6 launches (branches, branch finalize, pooling finalize, projection, projection finalize,
-apply), eval 2. Backward 7: projection reduce + finalize, projection dgrad (with the branch ReLU gradient and
-BN sums), branch finalize, projection wgrad, branch dgrad, branch wgrad.
+Forward: training 7 launches (branches, branch finalize, pooling finalize, pooling bias, projection, projection
+finalize, apply), eval 4 (BN statistics, branches, pooling bias, projection). Backward 8: projection reduce +
+finalize, projection dgrad (with the branch ReLU gradient and BN sums), branch finalize, pooling backward,
+projection wgrad, branch dgrad, branch wgrad.
 """
 
 from __future__ import annotations
@@ -22,6 +23,7 @@ from deeplab_ops.triton.bn_kernels import (
     bn_apply,
     bn_backward_finalize,
     bn_backward_reduce,
+    bn_eval_stats,
     bn_finalize,
 )
 from deeplab_ops.triton.conv_bn_relu import check_device, vectors
@@ -58,7 +60,15 @@ from deeplab_ops.triton.conv_engine import (
     fit_sizes,
     split_count,
 )
-from deeplab_ops.triton.launch import KernelSpec, cdiv, device_constants, launch_kernel, prune_by_channels, run_tuned
+from deeplab_ops.triton.launch import (
+    KernelSpec,
+    cdiv,
+    device_constants,
+    launch_kernel,
+    next_power_of_2,
+    prune_by_channels,
+    run_tuned,
+)
 from deeplab_ops.triton.packing import cached
 
 Tensor = torch.Tensor
@@ -315,6 +325,114 @@ def _aspp_project_wgrad_kernel(
 
     idx = (pid_s * BC + offs_m)[:, None] * C + offs_n[None, :]
     tl.store(part_ptr + idx, acc, mask=(offs_m < BC)[:, None] & (offs_n < C)[None, :])
+
+
+# ---- image pooling ----------------------------------------------------------------------------------------
+
+
+@triton.jit
+def _aspp_pool_bias_kernel(
+    # pointers: pool (N, C) the pooling branch's pre-BN outputs (x's dtype); its BN's mean, scale, shift (opmath,
+    # channels OFF .. OFF + C); w (C, C) opmath, the projection weight's pooling columns; bias (N, C) opmath
+    pool_ptr, mean_ptr, scale_ptr, shift_ptr, w_opmath_ptr, bias_ptr,
+    C, OFF,
+    ACC_DTYPE: tl.constexpr, BLOCK_O: tl.constexpr, BLOCK_C: tl.constexpr,
+):
+    # The projection's per-(image, channel) bias from the pooling branch: z = relu(BN(pool)), rounded to x's dtype
+    # (what a stored branch output holds), times the pooling columns. One program: one image, BLOCK_O outputs.
+    n = tl.program_id(0)
+    offs_o = tl.program_id(1) * BLOCK_O + tl.arange(0, BLOCK_O)
+    o_mask = offs_o < C
+    acc = tl.zeros((BLOCK_O,), ACC_DTYPE)
+    for c0 in range(0, C, BLOCK_C):
+        offs_c = c0 + tl.arange(0, BLOCK_C)
+        c_mask = offs_c < C
+        p = tl.load(pool_ptr + n * C + offs_c, mask=c_mask, other=0).to(ACC_DTYPE)
+        z = _relu(_bn_affine(p[None, :], mean_ptr + OFF, scale_ptr + OFF, shift_ptr + OFF, offs_c, c_mask,
+                             ACC_DTYPE))
+        z = tl.where(c_mask[None, :], z.to(pool_ptr.dtype.element_ty).to(ACC_DTYPE), 0.0)
+        w = tl.load(w_opmath_ptr + offs_o[:, None] * C + offs_c[None, :], mask=o_mask[:, None] & c_mask[None, :],
+                    other=0).to(ACC_DTYPE)
+        acc += tl.sum(w * z, 1)
+    tl.store(bias_ptr + n * C + offs_o, acc, mask=o_mask)
+
+
+@triton.jit
+def _aspp_pool_bwd_kernel(
+    # pointers: dbias (N, C) opmath, the gradient at the projection's pooling bias (dy_o summed over H x W);
+    # w (C, C) opmath, the projection weight's pooling columns; pool (N, C) the pooling branch's pre-BN outputs
+    # (x's dtype); its BN's mean, invstd, scale (gamma * invstd), shift (opmath, channels OFF .. OFF + C)
+    dbias_ptr, w_opmath_ptr, pool_ptr, mean_ptr, invstd_ptr, scale_ptr, shift_ptr,
+    # outputs: the BN's sum g and sum g * xhat (opmath, channels OFF ..); dy and z (N, C) opmath
+    sum_g_ptr, sum_gx_ptr, dy_opmath_ptr, z_opmath_ptr,
+    N, C, OFF,
+    TRAINING: tl.constexpr, ACC_DTYPE: tl.constexpr,
+    BLOCK_N: tl.constexpr, BLOCK_O: tl.constexpr, BLOCK_C: tl.constexpr,
+):
+    # The pooling branch's BN + ReLU backward for a block of channels over all N images: g = dbias @ w through the
+    # ReLU of z = relu(BN(pool)) (rounded to x's dtype, as the forward's), the BN sums, then
+    # dy = scale * (g - sum g / N - xhat * sum(g * xhat) / N) (eval: scale * g). g waits in dy's buffer between
+    # the two passes.
+    offs_c = tl.program_id(0) * BLOCK_C + tl.arange(0, BLOCK_C)
+    c_mask = offs_c < C
+    ch = OFF + offs_c
+    mean = tl.load(mean_ptr + ch, mask=c_mask, other=0).to(ACC_DTYPE)
+    invstd = tl.load(invstd_ptr + ch, mask=c_mask, other=0).to(ACC_DTYPE)
+    scale = tl.load(scale_ptr + ch, mask=c_mask, other=0).to(ACC_DTYPE)
+    shift = tl.load(shift_ptr + ch, mask=c_mask, other=0).to(ACC_DTYPE)
+    sum_g = tl.zeros((BLOCK_C,), ACC_DTYPE)
+    sum_gx = tl.zeros((BLOCK_C,), ACC_DTYPE)
+    for n0 in range(0, N, BLOCK_N):
+        offs_n = n0 + tl.arange(0, BLOCK_N)
+        n_mask = offs_n < N
+        gz = tl.zeros((BLOCK_N, BLOCK_C), ACC_DTYPE)
+        for o0 in range(0, C, BLOCK_O):
+            offs_o = o0 + tl.arange(0, BLOCK_O)
+            o_mask = offs_o < C
+            db = tl.load(dbias_ptr + offs_n[:, None] * C + offs_o[None, :], mask=n_mask[:, None] & o_mask[None, :],
+                         other=0).to(ACC_DTYPE)
+            w = tl.load(w_opmath_ptr + offs_o[:, None] * C + offs_c[None, :], mask=o_mask[:, None] & c_mask[None, :],
+                        other=0).to(ACC_DTYPE)
+            gz += tl.sum(db[:, :, None] * w[None, :, :], 1)
+        mask = n_mask[:, None] & c_mask[None, :]
+        idx = offs_n[:, None] * C + offs_c[None, :]
+        p = tl.load(pool_ptr + idx, mask=mask, other=0).to(ACC_DTYPE)
+        z = _relu((p - mean[None, :]) * scale[None, :] + shift[None, :])
+        z = z.to(pool_ptr.dtype.element_ty).to(ACC_DTYPE)
+        # threshold_backward(gz, z, 0): zero where z <= 0 only (a NaN z passes the gradient on)
+        g = tl.where(mask & ~(z <= 0), gz, 0.0)
+        xhat = (p - mean[None, :]) * invstd[None, :]
+        sum_g += tl.sum(g, 0)
+        sum_gx += tl.sum(tl.where(mask, g * xhat, 0.0), 0)
+        tl.store(z_opmath_ptr + idx, z, mask=mask)
+        tl.store(dy_opmath_ptr + idx, g, mask=mask)
+    tl.store(sum_g_ptr + ch, sum_g, mask=c_mask)
+    tl.store(sum_gx_ptr + ch, sum_gx, mask=c_mask)
+    a = sum_g / N
+    b = sum_gx / N
+    for n0 in range(0, N, BLOCK_N):
+        offs_n = n0 + tl.arange(0, BLOCK_N)
+        mask = (offs_n < N)[:, None] & c_mask[None, :]
+        idx = offs_n[:, None] * C + offs_c[None, :]
+        g = tl.load(dy_opmath_ptr + idx, mask=mask, other=0)
+        if TRAINING:
+            p = tl.load(pool_ptr + idx, mask=mask, other=0).to(ACC_DTYPE)
+            xhat = (p - mean[None, :]) * invstd[None, :]
+            dy = scale[None, :] * (g - a[None, :] - xhat * b[None, :])
+        else:
+            dy = scale[None, :] * g
+        tl.store(dy_opmath_ptr + idx, dy, mask=mask)
+
+
+def pool_bwd_blocks(c: int) -> dict:
+    """The pooling backward kernel's blocks for C channels (fixed: not tuned)."""
+    return dict(BLOCK_N=16, BLOCK_O=16, BLOCK_C=min(32, max(16, next_power_of_2(c))))
+
+
+def pool_bias_blocks(c: int) -> dict:
+    """The pooling-bias kernel's blocks for C channels (fixed: not tuned)."""
+    block = min(64, max(16, next_power_of_2(c)))
+    return dict(BLOCK_O=block, BLOCK_C=block)
 
 
 # ---- configurations ------------------------------------------------------------------------------------
@@ -583,6 +701,31 @@ def project_wgrad(br: Tensor, branch_affine: tuple[Tensor, Tensor, Tensor], dz: 
     return part.sum(0) if out is None else torch.sum(part, 0, out=out)
 
 
+def pool_bias(pool: Tensor, mean: Tensor, scale: Tensor, shift: Tensor, w: Tensor, offset: int) -> Tensor:
+    """(N, C) opmath: relu(BN(pool)) rounded to pool's dtype, times w^T (the projection's (C, C) pooling columns,
+    opmath); the BN's statistics at channels offset .. offset + C of mean, scale and shift."""
+    n, c = pool.shape
+    bias = torch.empty((n, c), dtype=w.dtype, device=pool.device)
+    blocks = pool_bias_blocks(c)
+    launch_kernel(_aspp_pool_bias_kernel, (n, cdiv(c, blocks["BLOCK_O"])),
+                  pool, mean, scale, shift, w, bias, c, offset, ACC_DTYPE=acc_dtype(w.dtype), **blocks)
+    return bias
+
+
+def pool_backward(dbias: Tensor, w: Tensor, pool: Tensor, stats: tuple[Tensor, Tensor, Tensor, Tensor],
+                  sums: tuple[Tensor, Tensor], offset: int, training: bool) -> tuple[Tensor, Tensor]:
+    """The pooling branch's BN + ReLU backward: (dy, z), both (N, C) opmath; the BN's sum g and sum g * xhat written
+    into `sums` at channels offset .. offset + C. stats: (mean, invstd, scale, shift) of every BN channel."""
+    n, c = pool.shape
+    dy = torch.empty((n, c), dtype=w.dtype, device=pool.device)
+    z = torch.empty((n, c), dtype=w.dtype, device=pool.device)
+    blocks = pool_bwd_blocks(c)
+    launch_kernel(_aspp_pool_bwd_kernel, (cdiv(c, blocks["BLOCK_C"]),),
+                  dbias, w, pool, *stats, *sums, dy, z, n, c, offset, TRAINING=training,
+                  ACC_DTYPE=acc_dtype(w.dtype), **blocks)
+    return dy, z
+
+
 # ---- packed weights (cached per parameter version: packing.cached) --------------------------------------
 
 
@@ -616,6 +759,11 @@ def _pool_weight(pool_weight: Tensor, stat: torch.dtype) -> Tensor:
     # (C, C_in) in the opmath dtype.
     c = pool_weight.shape[0]
     return cached(f"aspp_pool_{stat}", (pool_weight,), lambda: pool_weight.detach().reshape(c, -1).to(stat, copy=True))
+
+
+def _pool_weight_t(pool_weight: Tensor, stat: torch.dtype) -> Tensor:
+    # (C_in, C) in the opmath dtype: the forward's B operand, a transposed view (no .t() per call).
+    return cached(f"aspp_pool_t_{stat}", (pool_weight,), lambda: _pool_weight(pool_weight, stat).t())
 
 
 def _rate_table(rates: tuple[int, ...], device: torch.device) -> Tensor:
@@ -658,23 +806,21 @@ def forward(
             bn_finalize(*parts, bn_weight, bn_bias, running_mean, running_var, momentum, eps, out=stats,
                         offset=offset)
     else:
-        save_mean = running_mean.to(stat, copy=True)
-        save_invstd = (running_var.to(stat) + eps).rsqrt()
-        scale, shift = bn_weight.to(stat) * save_invstd, bn_bias.to(stat)
+        save_mean, save_invstd, scale, shift = bn_eval_stats(running_mean, running_var, bn_weight, bn_bias, eps, stat)
 
     # Conv branches: one launch, pre-BN outputs in their channel slices, statistics partials.
     branch, parts_b = branch_forward(xh, pack_branch_weights(conv_weights), _rate_table(tuple(rates), x.device), c,
                                      training=training, stat_dtype=stat)
     if training:
         finalize(parts_b, 0)
-    # Image pooling on (N, C) vectors: its BN merges N partials of one image each (count 1, M2 0).
-    pool_pre = (xh.mean((1, 2), dtype=stat) @ _pool_weight(pool_weight, stat).t()).to(x.dtype)
-    pool_stat = pool_pre.to(stat)  # (the statistics' and the normalization's input: one conversion)
+    # Image pooling on (N, C) vectors: its BN merges N partials of one image each (count 1, M2 0); its normalized
+    # output enters the projection as a per-(image, channel) bias (pool_bias: one launch).
+    pool_pre = torch.mm(xh.mean((1, 2), dtype=stat), _pool_weight_t(pool_weight, stat))
+    if x.dtype != stat:
+        pool_pre = pool_pre.to(x.dtype)
     if training:
-        finalize((torch.ones(n, dtype=stat, device=x.device), pool_stat, torch.zeros_like(pool_stat)), bc)
-    sl_p = slice(bc, bc + c)
-    z_p = torch.relu((pool_stat - save_mean[sl_p]) * scale[sl_p] + shift[sl_p]).to(x.dtype).to(stat)
-    bias = z_p @ w_pool.t()
+        finalize((None, pool_pre if x.dtype == stat else pool_pre.to(stat), None), bc)
+    bias = pool_bias(pool_pre, save_mean, scale, shift, w_pool, bc)
     # Projection: branch BN + ReLU in the prologue, the pooling bias and the BN statistics in the epilogue.
     proj, out, parts_o = project_forward(branch, w_main, bias, (save_mean, scale, shift), training=training,
                                          stat_dtype=stat, out_offset=bc + c)
@@ -711,7 +857,8 @@ def backward(
     dz, z, yo, br = to_nhwc(grad_out), to_nhwc(out), to_nhwc(project_out), to_nhwc(branch_out)
     w_main, w_main_t, w_pool = _project_weights(project_weight, bc, stat)
     # Every BN's (mean, scale, shift) at once; the kernels read the branches' block (channels 0 .. B*C).
-    branch_affine = (mean, bn_weight.to(stat) * invstd, bn_bias.to(stat))
+    # (a half-precision gamma promotes to stat in the product; no .to() call where the dtypes agree)
+    branch_affine = (mean, bn_weight * invstd, bn_bias if bn_bias.dtype == stat else bn_bias.to(stat))
     grad_bb, grad_bw = save_mean.new_empty(nbn), save_mean.new_empty(nbn)
     coef_o, coef_b = save_mean.new_empty(4, c), save_mean.new_empty(4, bc)  # rows (mean, k, a, b) of dy
 
@@ -724,20 +871,16 @@ def backward(
     bn_backward_finalize(part_gb, part_gyb, mean, invstd, bn_weight, count, training,
                          out=(grad_bb, grad_bw, coef_b))
 
-    # Image pooling on (N, C) vectors: its bias's gradient is dy_o summed over H x W (dbias).
-    sl_p = slice(bc, bc + c)
-    xhat_p = (pool_out.to(stat) - mean[sl_p]) * invstd[sl_p]
-    z_p = torch.relu(xhat_p * bn_weight[sl_p].to(stat) + branch_affine[2][sl_p]).to(x.dtype).to(stat)
-    g_p = torch.where(z_p <= 0, 0.0, dbias @ w_pool)  # threshold_backward: a NaN z_p passes the gradient
-    sg_p, sgx_p = torch.sum(g_p, 0, out=grad_bb[sl_p]), torch.sum(g_p * xhat_p, 0, out=grad_bw[sl_p])
-    k_p = branch_affine[1][sl_p]
-    dy_p = k_p * (g_p - sg_p / n - xhat_p * sgx_p / n) if training else k_p * g_p
+    # Image pooling on (N, C) vectors: its bias's gradient is dy_o summed over H x W (dbias); its BN + ReLU
+    # backward one launch.
+    dy_p, z_p = pool_backward(dbias, w_pool, pool_out, (mean, invstd, *branch_affine[1:]), (grad_bb, grad_bw), bc,
+                              training)
 
     grad_x, grad_conv, grad_pool, grad_proj = None, [], None, None
     rate_t = _rate_table(tuple(rates), x.device)
     if output_mask[0]:
         # The pooling branch's share of dx is uniform over H x W: a per-(image, C_in) bias of the dgrad epilogue.
-        dx_pool = (dy_p @ _pool_weight(pool_weight, stat)).div_(h * wd)
+        dx_pool = torch.mm(dy_p, _pool_weight(pool_weight, stat)).div_(h * wd)
         dx = branch_dgrad(g_b, br, coef_b, _branch_weights_t(conv_weights), rate_t, dx_pool)
         grad_x = from_nhwc(dx, suggest_memory_format(x))
     if output_mask[1]:
@@ -753,13 +896,17 @@ def backward(
                 grad_conv.append(dw[1 + 9 * (i - 1):1 + 9 * i].view(3, 3, c_in, c).permute(3, 2, 0, 1))
             grad_conv = [gw.to(w.dtype).contiguous(memory_format=suggest_memory_format(w))
                          for gw, w in zip(grad_conv, conv_weights, strict=True)]
-        grad_pool = (dy_p.t() @ xh.mean((1, 2), dtype=stat)).view(c, c_in, 1, 1).to(pool_weight.dtype)
+        grad_pool = torch.mm(dy_p.t(), xh.mean((1, 2), dtype=stat)).view(c, c_in, 1, 1)
+        if pool_weight.dtype != stat:
+            grad_pool = grad_pool.to(pool_weight.dtype)
         # The projection's gradient: the branch columns summed straight into their block, the pooling columns
         # beside them (no cat).
         grad_proj = dz.new_empty((c, bc + c), dtype=stat)
         project_wgrad(br, branch_affine, dz, z, yo, coef_o, out=grad_proj[:, :bc].t())
         torch.mm(dbias.t(), z_p, out=grad_proj[:, bc:])
-        grad_proj = grad_proj.view(c, bc + c, 1, 1).to(project_weight.dtype)
+        grad_proj = grad_proj.view(c, bc + c, 1, 1)
+        if project_weight.dtype != stat:
+            grad_proj = grad_proj.to(project_weight.dtype)
         grad_proj = grad_proj.contiguous(memory_format=suggest_memory_format(project_weight))
     if not output_mask[2]:
         grad_bw = grad_bb = None

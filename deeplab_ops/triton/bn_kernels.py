@@ -3,6 +3,7 @@
 Activations are NHWC, viewed as a (M = N*H*W, C) row-major matrix. Per-channel math runs in the opmath
 dtype (float32 for fp16/bf16/fp32 activations, float64 for float64), the formulas of csrc/common/bn_math.h:
   finalize  Chan's merge of per-tile (count, mean, M2) partials -> mean, invstd, scale, shift, running update
+  eval stats  the running statistics -> mean, invstd, scale, shift (for kernels that read BN as vectors)
   apply     act((y - mean) * scale + shift [+ residual])        centred form, NaN-propagating ReLU
   reduce    partial (sum g, sum g * (y - mean)) per row split, g = dz * 1[!(z <= 0)]
   bwd finalize  the partials summed in order -> (sum g, sum g * xhat) and dy's coefficients
@@ -72,9 +73,11 @@ def _bn_finalize_kernel(
     mean_ptr, invstd_ptr, scale_ptr, shift_ptr, new_rm_ptr, new_rv_ptr,
     # channel c of the partials is channel OFF + c of the parameters and outputs (ASPP: one block of a buffer)
     P, C, OFF,
-    HAS_GAMMA: tl.constexpr, HAS_BETA: tl.constexpr, HAS_RUNNING: tl.constexpr,
+    HAS_GAMMA: tl.constexpr, HAS_BETA: tl.constexpr, HAS_RUNNING: tl.constexpr, UNIT: tl.constexpr,
     ACC_DTYPE: tl.constexpr, BLOCK_P: tl.constexpr, BLOCK_C: tl.constexpr,
 ):
+    # UNIT: every partial is one value (count 1, M2 0: the ASPP pooling branch's (N, C) outputs); count_ptr and
+    # pm2_ptr are not read.
     pid = tl.program_id(0)
     offs_c = pid * BLOCK_C + tl.arange(0, BLOCK_C)
     c_mask = offs_c < C
@@ -84,11 +87,15 @@ def _bn_finalize_kernel(
     for p0 in range(0, P, BLOCK_P):
         offs_p = p0 + tl.arange(0, BLOCK_P)
         p_mask = offs_p < P
-        cnt = tl.load(count_ptr + offs_p, mask=p_mask, other=0).to(ACC_DTYPE)
         mask = p_mask[:, None] & c_mask[None, :]
         idx = offs_p[:, None] * C + offs_c[None, :]
         mu = tl.load(pmean_ptr + idx, mask=mask, other=0).to(ACC_DTYPE)
-        m2 = tl.load(pm2_ptr + idx, mask=mask, other=0).to(ACC_DTYPE)
+        if UNIT:
+            cnt = tl.where(p_mask, 1.0, 0.0).to(ACC_DTYPE)
+            m2 = tl.zeros((BLOCK_P, BLOCK_C), ACC_DTYPE)
+        else:
+            cnt = tl.load(count_ptr + offs_p, mask=p_mask, other=0).to(ACC_DTYPE)
+            m2 = tl.load(pm2_ptr + idx, mask=mask, other=0).to(ACC_DTYPE)
         # A block of partials merged at once (Chan's formula for many parts), then merged into the running
         # total pairwise. Only centred quantities are combined: no E[y^2] - E[y]^2 cancellation.
         nb = tl.sum(cnt, 0)
@@ -120,6 +127,28 @@ def _bn_finalize_kernel(
         # Running variance uses the unbiased estimate, as F.batch_norm (n > 1 is checked at the boundary).
         tl.store(new_rm_ptr + ch, (1.0 - momentum) * rm + momentum * mean_acc, mask=c_mask)
         tl.store(new_rv_ptr + ch, (1.0 - momentum) * rv + momentum * (m2_acc / (n_acc - 1.0)), mask=c_mask)
+
+
+@triton.jit
+def _bn_eval_stats_kernel(
+    # running statistics, gamma, beta (C,) in the BatchNorm's dtype; [momentum, eps] in opmath dtype
+    rm_ptr, rv_ptr, gamma_ptr, beta_ptr, hyper_ptr,
+    # outputs (C,) opmath: save_mean, save_invstd and the affine (scale, shift) the kernels apply
+    mean_ptr, invstd_ptr, scale_ptr, shift_ptr,
+    C,
+    ACC_DTYPE: tl.constexpr, BLOCK_C: tl.constexpr,
+):
+    # Eval BatchNorm's statistics for kernels that read them as vectors (the ASPP's): mean = running_mean,
+    # invstd = 1/sqrt(running_var + eps) (the conv epilogues' formula), scale = gamma * invstd, shift = beta.
+    offs_c = tl.program_id(0) * BLOCK_C + tl.arange(0, BLOCK_C)
+    c_mask = offs_c < C
+    invstd = _invstd(tl.load(rv_ptr + offs_c, mask=c_mask, other=1).to(ACC_DTYPE) + tl.load(hyper_ptr + 1),
+                     ACC_DTYPE)
+    tl.store(mean_ptr + offs_c, tl.load(rm_ptr + offs_c, mask=c_mask, other=0).to(ACC_DTYPE), mask=c_mask)
+    tl.store(invstd_ptr + offs_c, invstd, mask=c_mask)
+    tl.store(scale_ptr + offs_c, tl.load(gamma_ptr + offs_c, mask=c_mask, other=0).to(ACC_DTYPE) * invstd,
+             mask=c_mask)
+    tl.store(shift_ptr + offs_c, tl.load(beta_ptr + offs_c, mask=c_mask, other=0).to(ACC_DTYPE), mask=c_mask)
 
 
 @triton.jit
@@ -219,6 +248,7 @@ def _bn_bwd_finalize_kernel(
 # The kernels by name (what ahead-of-time compile checks iterate over).
 KERNELS = {
     "bn_finalize": _bn_finalize_kernel,
+    "bn_eval_stats": _bn_eval_stats_kernel,
     "bn_apply": _bn_apply_kernel,
     "bn_bwd_reduce": _bn_bwd_reduce_kernel,
     "bn_bwd_finalize": _bn_bwd_finalize_kernel,
@@ -252,6 +282,7 @@ def launch_blocks(name: str, c: int) -> dict:
     """The block sizes the launcher of KERNELS[name] uses on a GPU for `c` channels (the interpreter's differ)."""
     block_c = _block_c(c)
     return {"bn_finalize": dict(BLOCK_P=64, BLOCK_C=block_c),
+            "bn_eval_stats": dict(BLOCK_C=block_c),
             "bn_apply": dict(BLOCK_M=max(16, 4096 // block_c), BLOCK_C=block_c),
             "bn_bwd_reduce": dict(BLOCK_M=max(16, 2048 // block_c), BLOCK_C=block_c),
             "bn_bwd_finalize": dict(BLOCK_C=block_c)}[name]
@@ -266,8 +297,10 @@ def bn_finalize(
 
     The running statistics are returned updated as copies ((0,) tensors when none are given). `out`: the six
     tensors to write, whose channels offset .. offset + C (like those of the parameters) are this block's.
+    count and pm2 None: each partial is one value (count 1, M2 0), the statistics of pmean's P rows.
     """
     p, c = pmean.shape
+    unit = count is None
     stat = pmean.dtype
     hyper = hyper_tensor(float(momentum), float(eps), stat, pmean.device)
     has_running = running_mean is not None
@@ -284,15 +317,30 @@ def bn_finalize(
     if interpreter_active():
         blocks["BLOCK_P"] = 32
     launch_kernel(_bn_finalize_kernel, (cdiv(c, blocks["BLOCK_C"]),),
-        count, pmean, pm2,
+        pmean if unit else count, pmean, pmean if unit else pm2,
         bn_weight if bn_weight is not None else dummy, bn_bias if bn_bias is not None else dummy,
         running_mean if has_running else dummy, running_var if has_running else dummy, hyper,
         *outs, new_rm if has_running else dummy, new_rv if has_running else dummy,
         p, c, offset,
-        HAS_GAMMA=bn_weight is not None, HAS_BETA=bn_bias is not None, HAS_RUNNING=has_running,
+        HAS_GAMMA=bn_weight is not None, HAS_BETA=bn_bias is not None, HAS_RUNNING=has_running, UNIT=unit,
         ACC_DTYPE=acc_dtype(stat), **blocks,
     )
     return (*outs, new_rm, new_rv)
+
+
+def bn_eval_stats(running_mean: torch.Tensor, running_var: torch.Tensor, bn_weight: torch.Tensor,
+                  bn_bias: torch.Tensor, eps: float, stat: torch.dtype) -> tuple[torch.Tensor, ...]:
+    """Eval BatchNorm's (mean, invstd, scale, shift) in the opmath dtype `stat` from the running statistics and the
+    affine parameters (unit-stride (C,) vectors), in one launch."""
+    c = running_mean.shape[0]
+    device = running_mean.device
+    outs = [torch.empty(c, dtype=stat, device=device) for _ in range(4)]
+    block_c = launch_blocks("bn_eval_stats", c)["BLOCK_C"]
+    launch_kernel(_bn_eval_stats_kernel, (cdiv(c, block_c),),
+        running_mean, running_var, bn_weight, bn_bias, hyper_tensor(0.0, float(eps), stat, device), *outs, c,
+        ACC_DTYPE=acc_dtype(stat), BLOCK_C=block_c,
+    )
+    return tuple(outs)
 
 
 def bn_apply(

@@ -252,6 +252,75 @@ def test_outputs_match_the_composite_contract():
                 assert_close(a, b, f"mask {mask} output {i}", 1e-10, 1e-10)
 
 
+def _pool_case(n, c, dtype, off):
+    """Random pooling-branch tensors: pool (N, C) in `dtype`, every BN's mean, invstd, scale, shift (opmath) with
+    the pooling BN at channels off .. off + C, the projection's (C, C) pooling columns (opmath)."""
+    stat = torch.float64 if dtype == torch.float64 else torch.float32
+    g = dict(dtype=stat, device=DEVICE)
+    k = off + c + 3  # (channels beside the block: never read as the block's)
+    mean, invstd = torch.randn(k, **g), torch.rand(k, **g) + 0.5
+    scale, shift = (torch.rand(k, **g) + 0.5) * invstd, torch.randn(k, **g)
+    pool = torch.randn(n, c, dtype=dtype, device=DEVICE)
+    w = torch.randn(c, c, **g) / c ** 0.5
+    return pool, (mean, invstd, scale, shift), w
+
+
+def _pool_z(pool, mean, scale, shift, sl):
+    # The forward's normalized pooling output: relu(BN(pool)) rounded to pool's dtype (in float64 from there).
+    z = torch.relu((pool.double() - mean[sl].double()) * scale[sl].double() + shift[sl].double())
+    return z.to(pool.dtype).double()
+
+
+# N and C around the kernels' blocks (16 images, 16 to 64 channels): one, several and ragged blocks.
+POOL_SHAPES = [(2, 1), (2, 5), (17, 33), (35, 70)]
+
+
+@pytest.mark.parametrize("n,c", POOL_SHAPES, ids=lambda v: str(v))
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64, *HALF_PARAMS], ids=str)
+def test_pooling_bias_kernel(n, c, dtype):
+    """The forward's pooling branch after its BN statistics, one launch: relu(BN(pool)) rounded to x's dtype, times
+    the projection's pooling columns (what `z_p @ w.t()` computed on the host before)."""
+    off = 7
+    pool, (mean, _, scale, shift), w = _pool_case(n, c, dtype, off)
+    got = triton_aspp.pool_bias(pool, mean, scale, shift, w, off)
+    exp = _pool_z(pool, mean, scale, shift, slice(off, off + c)) @ w.double().t()
+    assert got.dtype == w.dtype and got.shape == (n, c)
+    tol = 1e-12 if dtype == torch.float64 else 1e-5
+    assert_close(got, exp, f"pooling bias N={n} C={c} {dtype}", tol, tol)
+    pool[0, 0] = float("nan")  # NaN propagates through the ReLU (torch.relu's rule) into every output of image 0
+    got = triton_aspp.pool_bias(pool, mean, scale, shift, w, off)
+    assert got[0].isnan().all() and not got[1:].isnan().any()
+
+
+@pytest.mark.parametrize("n,c", POOL_SHAPES, ids=lambda v: str(v))
+@pytest.mark.parametrize("training", [True, False], ids=["train", "eval"])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64], ids=str)
+def test_pooling_backward_kernel(n, c, training, dtype):
+    """The pooling branch's BN + ReLU backward, one launch, against its formulas in float64: g = dbias @ w through
+    the ReLU (a NaN output passes the gradient, as threshold_backward), the BN sums into their block of the op's
+    sums (nothing else written), dy = scale * (g - sum g / N - xhat * sum(g * xhat) / N) (eval: scale * g), and z."""
+    off = 5
+    pool, (mean, invstd, scale, shift), w = _pool_case(n, c, dtype, off)
+    dbias = torch.randn(n, c, dtype=w.dtype, device=DEVICE)
+    sums = (torch.full_like(mean, 7.0), torch.full_like(mean, 7.0))
+    dy, z = triton_aspp.pool_backward(dbias, w, pool, (mean, invstd, scale, shift), sums, off, training)
+    sl = slice(off, off + c)
+    exp_z = _pool_z(pool, mean, scale, shift, sl)
+    xhat = (pool.double() - mean[sl].double()) * invstd[sl].double()
+    g = torch.where(exp_z <= 0, 0.0, dbias.double() @ w.double())
+    sg, sgx = g.sum(0), (g * xhat).sum(0)
+    k = scale[sl].double()
+    exp_dy = k * (g - sg / n - xhat * sgx / n) if training else k * g
+    what = f"pooling backward N={n} C={c} {'train' if training else 'eval'} {dtype}"
+    tol = 1e-12 if dtype == torch.float64 else 2e-5
+    assert_close(z, exp_z, f"{what}: z", tol, tol)
+    assert_close(dy, exp_dy, f"{what}: dy", tol, tol)
+    assert_close(sums[0][sl], sg, f"{what}: sum g", tol, tol)
+    assert_close(sums[1][sl], sgx, f"{what}: sum g * xhat", tol, tol)
+    for t in sums:  # the other BatchNorms' channels untouched
+        assert (t[:off] == 7).all() and (t[off + c:] == 7).all(), what
+
+
 def test_batch_of_one_in_training_is_a_clear_error():
     x, cws, pw, prw, bws, bbs, rms, rvs = _inputs(n=1, h=5, w=5, rates=(2,))
     with pytest.raises(ValueError, match="batch of 2 or more"):

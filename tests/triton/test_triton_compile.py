@@ -29,7 +29,7 @@ ELEM_SIZE = {"fp16": 2, "bf16": 2, "fp32": 4, "tf32": 4, "fp64": 8}
 # ---- the compile script (runs without TRITON_INTERPRET) ---------------------------------------------------
 
 _STAT = ("part", "coef", "mean", "scale", "shift", "bias", "dxp", "invstd", "hyper", "rm_", "rv_", "gamma", "beta",
-         "count", "pm", "sum_", "lse", "loss", "psum", "ly0", "ly1", "lx0", "lx1")
+         "count", "pm", "sum_", "lse", "loss", "psum", "ly0", "ly1", "lx0", "lx1", "opmath")
 _INT32_PTRS = ("rates_ptr", "pairs_ptr", "pcnt_ptr", "y0_ptr", "y1_ptr", "x0_ptr", "x1_ptr", "ys_ptr", "ye_ptr",
                "xs_ptr", "xe_ptr")
 
@@ -61,7 +61,10 @@ def _modes():
         "aspp_project_fwd": [dict(TRAINING=True), dict(TRAINING=False)],
         "aspp_project_dgrad": [{}],
         "aspp_project_wgrad": [{}],
-        "bn_finalize": [dict(HAS_GAMMA=True, HAS_BETA=True, HAS_RUNNING=True)],
+        "bn_finalize": [dict(HAS_GAMMA=True, HAS_BETA=True, HAS_RUNNING=True, UNIT=False),
+                        dict(HAS_GAMMA=True, HAS_BETA=True, HAS_RUNNING=True, UNIT=True)],  # (the ASPP's pooling)
+        "bn_eval_stats": [{}],
+        "aspp_pool_bias": [{}],
         "bn_apply": [dict(HAS_RES=True, RELU=True)],
         "bn_bwd_reduce": [dict(RELU=True, STORE_G=True)],
         "bn_bwd_finalize": [dict(TRAINING=True, HAS_GAMMA=True)],
@@ -85,6 +88,8 @@ def _kernels():
     for name, kernel in B.KERNELS.items():
         blocks = [(B.launch_blocks(name, c), 4, 3) for c in _BN_BLOCKS]
         out[name] = (kernel, None, dict.fromkeys(ARCHS, blocks))
+    out["aspp_pool_bias"] = (A._aspp_pool_bias_kernel, None,
+                             dict.fromkeys(ARCHS, [(A.pool_bias_blocks(c), 4, 3) for c in _BN_BLOCKS]))
     fwd = [(dict(BLOCK_P=p, BLOCK_K=k), w, 3) for p, k, w in dict.fromkeys(U.fwd_config(k) for k in _UCE_CLASSES)]
     bwd = [(dict(BLOCK_Q=q, BLOCK_X=x, BLOCK_K=k), w, 3)
            for q, x, k, w in dict.fromkeys(U.bwd_config(k, s) for k in _UCE_CLASSES[:2] for s in _UCE_SPANS)]
