@@ -1062,7 +1062,9 @@ def build_parser() -> argparse.ArgumentParser:
                    help="NHWC memory format for the model and inputs (default: on with --fused-ops, whose kernels run "
                         "fastest in NHWC on CPU and GPU alike; off otherwise)")
     g.add_argument("--compile", action="store_true",
-                   help="torch.compile the model: no Python or dispatcher time per op (the first steps compile)")
+                   help="torch.compile the model: the Python between the ops compiles away (the fused ops still run "
+                        "their own host code per call: C++ on cpu/cuda, Python launchers on triton); the first steps "
+                        "compile")
     g.add_argument("--seed", type=int, default=0, help="seed of the model init, sample order and augmentation")
     g.add_argument("--deterministic", action="store_true", help="torch deterministic algorithms, no cudnn benchmark")
 

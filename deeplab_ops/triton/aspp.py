@@ -372,7 +372,7 @@ def _aspp_pool_bwd_kernel(
     # The pooling branch's BN + ReLU backward for a block of channels over all N images: g = dbias @ w through the
     # ReLU of z = relu(BN(pool)) (rounded to x's dtype, as the forward's), the BN sums, then
     # dy = scale * (g - sum g / N - xhat * sum(g * xhat) / N) (eval: scale * g). g waits in dy's buffer between
-    # the two passes.
+    # the two passes (a barrier between them: a thread may read back what another wrote).
     offs_c = tl.program_id(0) * BLOCK_C + tl.arange(0, BLOCK_C)
     c_mask = offs_c < C
     ch = OFF + offs_c
@@ -408,6 +408,7 @@ def _aspp_pool_bwd_kernel(
         tl.store(dy_opmath_ptr + idx, g, mask=mask)
     tl.store(sum_g_ptr + ch, sum_g, mask=c_mask)
     tl.store(sum_gx_ptr + ch, sum_gx, mask=c_mask)
+    tl.debug_barrier()  # g's stores visible to every thread of the program before the second pass reads them
     a = sum_g / N
     b = sum_gx / N
     for n0 in range(0, N, BLOCK_N):

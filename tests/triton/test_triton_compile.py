@@ -65,6 +65,7 @@ def _modes():
                         dict(HAS_GAMMA=True, HAS_BETA=True, HAS_RUNNING=True, UNIT=True)],  # (the ASPP's pooling)
         "bn_eval_stats": [{}],
         "aspp_pool_bias": [{}],
+        "aspp_pool_bwd": [dict(TRAINING=True), dict(TRAINING=False)],
         "bn_apply": [dict(HAS_RES=True, RELU=True)],
         "bn_bwd_reduce": [dict(RELU=True, STORE_G=True)],
         "bn_bwd_finalize": [dict(TRAINING=True, HAS_GAMMA=True)],
@@ -90,6 +91,8 @@ def _kernels():
         out[name] = (kernel, None, dict.fromkeys(ARCHS, blocks))
     out["aspp_pool_bias"] = (A._aspp_pool_bias_kernel, None,
                              dict.fromkeys(ARCHS, [(A.pool_bias_blocks(c), 4, 3) for c in _BN_BLOCKS]))
+    out["aspp_pool_bwd"] = (A._aspp_pool_bwd_kernel, None,
+                            dict.fromkeys(ARCHS, [(A.pool_bwd_blocks(c), 4, 3) for c in _BN_BLOCKS]))
     fwd = [(dict(BLOCK_P=p, BLOCK_K=k), w, 3) for p, k, w in dict.fromkeys(U.fwd_config(k) for k in _UCE_CLASSES)]
     bwd = [(dict(BLOCK_Q=q, BLOCK_X=x, BLOCK_K=k), w, 3)
            for q, x, k, w in dict.fromkeys(U.bwd_config(k, s) for k in _UCE_CLASSES[:2] for s in _UCE_SPANS)]
