@@ -64,6 +64,7 @@ from deeplab_ops.triton.launch import (
     KernelSpec,
     cdiv,
     device_constants,
+    jit_unspecialized,
     launch_kernel,
     next_power_of_2,
     prune_by_channels,
@@ -357,7 +358,7 @@ def _aspp_pool_bias_kernel(
     tl.store(bias_ptr + n * C + offs_o, acc, mask=o_mask)
 
 
-@triton.jit
+@jit_unspecialized("N")  # the batch size: one compiled kernel for every N
 def _aspp_pool_bwd_kernel(
     # pointers: dbias (N, C) opmath, the gradient at the projection's pooling bias (dy_o summed over H x W);
     # w (C, C) opmath, the projection weight's pooling columns; pool (N, C) the pooling branch's pre-BN outputs
@@ -753,7 +754,10 @@ def _project_weights(project_weight: Tensor, bc: int, stat: torch.dtype) -> tupl
 
     return (cached("aspp_proj", (project_weight,), lambda: columns(0, bc).t().contiguous()),
             cached("aspp_proj_t", (project_weight,), lambda: columns(0, bc).contiguous()),
-            cached(f"aspp_proj_pool_{stat}", (project_weight,), lambda: columns(bc, None).to(stat, copy=True)))
+            # row-major whatever the weight's strides (the pooling kernels index it so; .to(copy=True) would keep a
+            # column-major weight's strides)
+            cached(f"aspp_proj_pool_{stat}", (project_weight,),
+                   lambda: columns(bc, None).to(stat, memory_format=torch.contiguous_format, copy=True)))
 
 
 def _pool_weight(pool_weight: Tensor, stat: torch.dtype) -> Tensor:
@@ -873,7 +877,9 @@ def backward(
                          out=(grad_bb, grad_bw, coef_b))
 
     # Image pooling on (N, C) vectors: its bias's gradient is dy_o summed over H x W (dbias); its BN + ReLU
-    # backward one launch.
+    # backward one launch. pool_out as the kernel reads it: contiguous, in x's dtype (the forward's; the dtype its
+    # ReLU output was rounded to).
+    pool_out = (pool_out if pool_out.dtype == x.dtype else pool_out.to(x.dtype)).contiguous()
     dy_p, z_p = pool_backward(dbias, w_pool, pool_out, (mean, invstd, *branch_affine[1:]), (grad_bb, grad_bw), bc,
                               training)
 

@@ -252,6 +252,32 @@ def test_outputs_match_the_composite_contract():
                 assert_close(a, b, f"mask {mask} output {i}", 1e-10, 1e-10)
 
 
+def _column_major(w: torch.Tensor) -> torch.Tensor:
+    """A (C_out, C_in, 1, 1) weight's values with the input channels outermost in memory (strides (1, C_out, ...)):
+    what a weight built from a transposed matrix holds."""
+    return w.flatten(1).t().contiguous().t().view(w.shape)
+
+
+@pytest.mark.parametrize("training", [True, False], ids=["train", "eval"])
+def test_weights_in_any_layout(training):
+    """The 1x1 weights column-major and the 3x3 ones channels_last compute what contiguous ones do: the kernels read
+    the weights' packed copies, row-major whatever the parameters' strides (the pooling kernels once read a
+    column-major projection weight's pooling columns transposed)."""
+    rates = (2, 3)
+    x, cws, pw, prw, bws, bbs, rms, rvs = _inputs(cin=6, c=5, h=7, w=6, rates=rates, dtype=torch.float64)
+    odd = [_column_major(cws[0])] + [w.contiguous(memory_format=torch.channels_last) for w in cws[1:]]
+    tensors = (x, odd, _column_major(pw), _column_major(prw), bws, bbs, rms, rvs)
+    assert tensors[3].stride()[0] == 1 and tensors[2].stride()[0] == 1
+    grad = torch.randn(2, 5, 7, 6, dtype=torch.float64, device=DEVICE)
+    out, stats, grads = _run("triton", tensors, rates, training, grad=grad)
+    exp, exp_stats, exp_grads = _run("reference", tensors, rates, training, grad=grad)
+    assert_close(out, exp, "output", 1e-10, 1e-10)
+    for a, b in zip(stats, exp_stats, strict=True):
+        assert_close(a, b, "running statistics", 1e-10, 1e-10)
+    for name, a, b in zip(_leaf_names(rates), grads, exp_grads, strict=True):
+        assert_close(a, b, f"grad {name}", 1e-9, 1e-9)
+
+
 def _pool_case(n, c, dtype, off):
     """Random pooling-branch tensors: pool (N, C) in `dtype`, every BN's mean, invstd, scale, shift (opmath) with
     the pooling BN at channels off .. off + C, the projection's (C, C) pooling columns (opmath)."""
@@ -271,6 +297,12 @@ def _pool_z(pool, mean, scale, shift, sl):
     return z.to(pool.dtype).double()
 
 
+def _pool_tolerance(dtype) -> float:
+    # float32 / float64 arithmetic; in half precision z's rounding to x's dtype may differ by one unit in the last
+    # place where the kernel's float32 z and the float64 reference's lie on either side of a rounding boundary.
+    return {torch.float64: 1e-12, torch.float32: 2e-5}.get(dtype, 4 * torch.finfo(dtype).eps)
+
+
 # N and C around the kernels' blocks (16 images, 16 to 64 channels): one, several and ragged blocks.
 POOL_SHAPES = [(2, 1), (2, 5), (17, 33), (35, 70)]
 
@@ -285,7 +317,7 @@ def test_pooling_bias_kernel(n, c, dtype):
     got = triton_aspp.pool_bias(pool, mean, scale, shift, w, off)
     exp = _pool_z(pool, mean, scale, shift, slice(off, off + c)) @ w.double().t()
     assert got.dtype == w.dtype and got.shape == (n, c)
-    tol = 1e-12 if dtype == torch.float64 else 1e-5
+    tol = _pool_tolerance(dtype)
     assert_close(got, exp, f"pooling bias N={n} C={c} {dtype}", tol, tol)
     pool[0, 0] = float("nan")  # NaN propagates through the ReLU (torch.relu's rule) into every output of image 0
     got = triton_aspp.pool_bias(pool, mean, scale, shift, w, off)
@@ -294,7 +326,7 @@ def test_pooling_bias_kernel(n, c, dtype):
 
 @pytest.mark.parametrize("n,c", POOL_SHAPES, ids=lambda v: str(v))
 @pytest.mark.parametrize("training", [True, False], ids=["train", "eval"])
-@pytest.mark.parametrize("dtype", [torch.float32, torch.float64], ids=str)
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64, *HALF_PARAMS], ids=str)
 def test_pooling_backward_kernel(n, c, training, dtype):
     """The pooling branch's BN + ReLU backward, one launch, against its formulas in float64: g = dbias @ w through
     the ReLU (a NaN output passes the gradient, as threshold_backward), the BN sums into their block of the op's
@@ -312,13 +344,26 @@ def test_pooling_backward_kernel(n, c, training, dtype):
     k = scale[sl].double()
     exp_dy = k * (g - sg / n - xhat * sgx / n) if training else k * g
     what = f"pooling backward N={n} C={c} {'train' if training else 'eval'} {dtype}"
-    tol = 1e-12 if dtype == torch.float64 else 2e-5
+    tol = _pool_tolerance(dtype)
     assert_close(z, exp_z, f"{what}: z", tol, tol)
     assert_close(dy, exp_dy, f"{what}: dy", tol, tol)
     assert_close(sums[0][sl], sg, f"{what}: sum g", tol, tol)
     assert_close(sums[1][sl], sgx, f"{what}: sum g * xhat", tol, tol)
     for t in sums:  # the other BatchNorms' channels untouched
         assert (t[:off] == 7).all() and (t[off + c:] == 7).all(), what
+    # A NaN pre-BN value: its z is NaN, which passes the gradient (threshold_backward zeroes only where z <= 0), so
+    # in eval its dy is scale * (dbias @ w), finite; in training its xhat makes the channel's sums, and so that
+    # channel's dy, NaN. Every other channel is as before.
+    pool[0, 0] = float("nan")
+    dy, z = triton_aspp.pool_backward(dbias, w, pool, (mean, invstd, scale, shift), sums, off, training)
+    assert z[0, 0].isnan() and not z.flatten()[1:].isnan().any(), what
+    gz = (dbias.double() @ w.double())[0, 0] * scale[off].double()
+    if training:
+        assert dy[:, 0].isnan().all() and sums[1][off].isnan(), what
+    else:
+        assert_close(dy[0, 0], gz, f"{what}: dy at a NaN z", tol, tol)
+    if c > 1:
+        assert_close(dy[:, 1:], exp_dy[:, 1:], f"{what}: dy beside the NaN", tol, tol)
 
 
 def test_batch_of_one_in_training_is_a_clear_error():
