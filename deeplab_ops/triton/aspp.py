@@ -18,6 +18,7 @@ from torch._prims_common import suggest_memory_format
 
 from deeplab_ops.common import from_nhwc, opmath_dtype, strided_like, to_nhwc
 from deeplab_ops.triton.bn_kernels import (
+    _bn_dy,
     _relu,
     acc_dtype,
     bn_apply,
@@ -372,8 +373,8 @@ def _aspp_pool_bwd_kernel(
 ):
     # The pooling branch's BN + ReLU backward for a block of channels over all N images: g = dbias @ w through the
     # ReLU of z = relu(BN(pool)) (rounded to x's dtype, as the forward's), the BN sums, then
-    # dy = scale * (g - sum g / N - xhat * sum(g * xhat) / N) (eval: scale * g). g waits in dy's buffer between
-    # the two passes (a barrier between them: a thread may read back what another wrote).
+    # dy = scale * (g - sum g / N - (pool - mean) * invstd * sum(g * xhat) / N) (eval: scale * g). g waits in dy's
+    # buffer between the two passes (a barrier between them: a thread may read back what another wrote).
     offs_c = tl.program_id(0) * BLOCK_C + tl.arange(0, BLOCK_C)
     c_mask = offs_c < C
     ch = OFF + offs_c
@@ -410,20 +411,19 @@ def _aspp_pool_bwd_kernel(
     tl.store(sum_g_ptr + ch, sum_g, mask=c_mask)
     tl.store(sum_gx_ptr + ch, sum_gx, mask=c_mask)
     tl.debug_barrier()  # g's stores visible to every thread of the program before the second pass reads them
-    a = sum_g / N
-    b = sum_gx / N
+    # dy's coefficients as every BN backward here has them (_bn_dy; a = b = 0 in eval)
+    a = tl.zeros((BLOCK_C,), ACC_DTYPE)
+    b = tl.zeros((BLOCK_C,), ACC_DTYPE)
+    if TRAINING:
+        a = sum_g / N
+        b = invstd * sum_gx / N
     for n0 in range(0, N, BLOCK_N):
         offs_n = n0 + tl.arange(0, BLOCK_N)
         mask = (offs_n < N)[:, None] & c_mask[None, :]
         idx = offs_n[:, None] * C + offs_c[None, :]
         g = tl.load(dy_opmath_ptr + idx, mask=mask, other=0)
-        if TRAINING:
-            p = tl.load(pool_ptr + idx, mask=mask, other=0).to(ACC_DTYPE)
-            xhat = (p - mean[None, :]) * invstd[None, :]
-            dy = scale[None, :] * (g - a[None, :] - xhat * b[None, :])
-        else:
-            dy = scale[None, :] * g
-        tl.store(dy_opmath_ptr + idx, dy, mask=mask)
+        p = tl.load(pool_ptr + idx, mask=mask, other=0).to(ACC_DTYPE)
+        tl.store(dy_opmath_ptr + idx, _bn_dy(g, p, mean, scale, a, b), mask=mask)
 
 
 def pool_bwd_blocks(c: int) -> dict:
