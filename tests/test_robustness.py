@@ -2,8 +2,10 @@
 
 from __future__ import annotations
 
+import contextlib
 import gc
 import glob
+import multiprocessing.resource_sharer
 import os
 import signal
 import subprocess
@@ -250,6 +252,66 @@ def test_worker_crash_names_the_file_it_was_reading(tmp_path, monkeypatch):
     # killed" later in whatever the main thread ran (a CI run: pytest's own reporting, an INTERNALERROR).
     assert info.value is not None  # (the traceback, whose frames hold the iterator, still alive)
     assert all(it._shutdown for it in _loader_iterators())
+
+
+def test_a_crash_seen_as_the_transports_error_still_names_the_file(tmp_path, monkeypatch):
+    # A worker dying while this process unpickles a batch it sent: its socket closes before it is a zombie, so the
+    # fetch fails with ConnectionRefusedError while DataLoader still sees the worker alive (no "exited unexpectedly"),
+    # and its SIGCHLD came later, during the loader's shutdown: a CI run got a bare "DataLoader worker (pid ...) is
+    # killed by signal" from there (or, had the shutdown's join reaped it first, the bare ConnectionRefusedError).
+    # Made certain here: worker 0 announces its death and dies 0.3 s later; the next batch fetched fails as the
+    # transport would.
+    real, dying = datasets.read_image, tmp_path / "dying"
+
+    def read_image(path, **kwargs):
+        info = torch.utils.data.get_worker_info()
+        if info is not None and info.id == 0:
+            dying.write_text(str(os.getpid()))
+            time.sleep(0.3)
+            os.kill(os.getpid(), signal.SIGKILL)
+        return real(path, **kwargs)
+
+    def detach(self):  # the parent's end of a shared batch tensor's file descriptor
+        deadline = time.monotonic() + 30
+        while not dying.exists() and time.monotonic() < deadline:
+            time.sleep(0.01)
+        raise ConnectionRefusedError(111, "Connection refused")
+
+    ds = _folder_dataset(tmp_path / "data", [f"img{i}" for i in range(6)])
+    monkeypatch.setattr(datasets, "read_image", read_image)
+    monkeypatch.setattr(multiprocessing.resource_sharer.DupFd, "detach", detach)
+    train_set = loop.AugmentedDataset(ds, TrainTransform(24, scale_range=(1.0, 1.0), flip=False))
+    with pytest.raises(datasets.WorkerCrashError,
+                       match=r"DataLoader worker \(pid (\d+) was killed by signal 9 \(SIGKILL\)\) while the loader was "
+                             r"running \(ConnectionRefusedError: .*\)\. It was reading: .*img\d\.png \(mask .*\) "
+                             r"\(worker pid \1\)$") as info:
+        loop.fit(TinySeg(2), train_set, _cfg(batch_size=2, iterations=6, num_workers=2), CPU)
+    assert str(info.value).startswith(f"DataLoader worker (pid {dying.read_text()} ")
+    assert isinstance(info.value.__cause__, ConnectionRefusedError)
+    assert all(it._shutdown for it in _loader_iterators())
+    time.sleep(0.3)  # nor a late report from DataLoader's SIGCHLD handler (it would be raised here)
+
+
+def test_shut_down_names_the_workers_that_died_on_their_own(tmp_path, monkeypatch):
+    ds = _folder_dataset(tmp_path / "data", ["a", "b", "c", "d"])
+    monkeypatch.setattr(datasets, "read_image", _die_on("a.png"))
+    reads = datasets.ReadTracker(loop.AugmentedDataset(ds, None), 2)
+    batches = iter(torch.utils.data.DataLoader(reads.dataset, batch_size=1, num_workers=2))
+    deadline = time.monotonic() + 30
+    with contextlib.suppress(RuntimeError):  # DataLoader's SIGCHLD handler may report the death while we wait
+        while batches._workers[0].is_alive() and time.monotonic() < deadline:  # worker 0 reads a.png
+            time.sleep(0.01)
+    crashed = datasets.shut_down(batches)  # worker 1 stopped by the shutdown: not listed
+    assert crashed == [(batches._workers[0].pid, -signal.SIGKILL)]
+    assert datasets.shut_down(batches) == crashed and batches._shutdown  # idempotent
+    assert datasets.shut_down(None) == [] and datasets.shut_down(iter([1])) == []
+    explained = reads.explain(EOFError("ran out of input"), crashed)
+    assert isinstance(explained, datasets.WorkerCrashError)
+    assert str(explained).startswith(f"DataLoader worker (pid {crashed[0][0]} was killed by signal 9 (SIGKILL)) while "
+                                     "the loader was running (EOFError: ran out of input). It was reading: ")
+    assert "a.png" in str(explained)
+    assert reads.explain(ValueError("not the loader's"), crashed) is None  # only the loader's kinds of error
+    assert reads.explain(EOFError("no crash"), []) is None
 
 
 def test_eval_worker_crash_names_the_file(tmp_path, monkeypatch):

@@ -10,6 +10,7 @@ from __future__ import annotations
 import contextlib
 import os
 import re
+import signal
 import unicodedata
 import warnings
 from collections.abc import Iterable, Iterator, Sequence
@@ -250,9 +251,10 @@ class ReadTracker:
     (a segfault in an image decoder, the OOM killer: no Python exception, only "DataLoader worker exited
     unexpectedly") is reported with the file it was reading.
 
-    `dataset` is the wrapped dataset to give the DataLoader; run the loop inside `with tracker.reporting():` to get
-    a worker crash re-raised as WorkerCrashError naming the file. With num_workers=0 it changes nothing: errors
-    are raised in this process and name their file.
+    `dataset` is the wrapped dataset to give the DataLoader; run the loop over the loader's iterator inside
+    `with tracker.reporting(batches):` to get the iterator shut down when the block ends and a worker crash re-raised
+    as WorkerCrashError naming the file. With num_workers=0 it changes nothing: errors are raised in this process and
+    name their file.
     """
 
     def __init__(self, dataset, num_workers: int) -> None:
@@ -267,49 +269,77 @@ class ReadTracker:
         return [f"{describe_source(self.inner, index)} (worker pid {pid})" for index, pid in self.dataset.slots.tolist()
                 if index >= 0 and (wanted is None or pid in wanted)]
 
-    def explain(self, error: BaseException) -> BaseException | None:
-        """A worker-crash error naming the file being read, or None when `error` is not a worker crash."""
-        text = str(error)
-        match = _WORKER_CRASH.search(text)
-        if not isinstance(error, RuntimeError) or isinstance(error, WorkerCrashError) or match is None:
+    def explain(self, error: BaseException, crashed: Sequence[tuple[int, int]] = ()) -> BaseException | None:
+        """A worker-crash error naming the file being read, or None when `error` is not a worker crash.
+
+        crashed: (pid, exit code) of the workers that died on their own (`shut_down`'s answer). A worker that dies
+        while this process is fetching a batch it sent can surface as the transport's error instead of DataLoader's
+        "worker ... exited unexpectedly" (its socket closed before it was a zombie: ConnectionRefusedError from
+        unpickling the batch); with a crashed worker, that error is reported as the crash."""
+        if isinstance(error, WorkerCrashError):
             return None
-        pids = [int(p) for p in re.findall(r"\d+", match.group(1))]
+        text = str(error)
+        match = _WORKER_CRASH.search(text) if isinstance(error, RuntimeError) else None
+        if match is not None:
+            pids = [int(p) for p in re.findall(r"\d+", match.group(1))]
+        elif crashed and isinstance(error, (RuntimeError, OSError, EOFError)):
+            pids = [pid for pid, _ in crashed]
+            died = ", ".join(f"pid {pid} {_exit_status(code)}" for pid, code in crashed)
+            text = f"DataLoader worker ({died}) while the loader was running ({type(error).__name__}: {text})"
+        else:
+            return None
         files = self.reading(pids) or self.reading()
         where = "; ".join(files) if files else "no sample in flight (it died between samples)"
         return WorkerCrashError(f"{text.strip().rstrip('.')}. It was reading: {where}")
 
     @contextlib.contextmanager
-    def reporting(self) -> Iterator[None]:
-        """Re-raise a worker crash inside the block (DataLoader reports it from next() or from its SIGCHLD
-        handler, wherever the main thread is) with the file the worker was reading."""
+    def reporting(self, batches=None) -> Iterator[None]:
+        """Shut `batches` (a DataLoader iterator; None: none) down when the block ends, normally or by an error, and
+        re-raise a worker crash inside the block (DataLoader reports it from next() or from its SIGCHLD handler,
+        wherever the main thread is) with the file the worker was reading. The iterator is shut down before the
+        error is explained: a worker dying meanwhile (several can be killed at once) can no longer raise from the
+        handler, and the workers' exit codes tell which crashed."""
         try:
             yield
-        except RuntimeError as e:
-            better = self.explain(e)
+        except Exception as e:
+            better = self.explain(e, shut_down(batches))
             if better is None:
                 raise
             raise better from e
+        finally:
+            shut_down(batches)
 
 
-def shut_down(batches) -> None:
-    """Shut down a DataLoader iterator's workers now (joined, their pids off DataLoader's SIGCHLD handler), with the
-    method its finalizer calls; a single-process iterator has none. For the end of a loop an error may leave: the
-    finalizer runs only when the error's traceback, whose frames hold the iterator, is freed, and until then a
-    crashed worker's pid stays registered and the handler raises "DataLoader worker ... is killed" again, wherever
-    the main thread is (in a CI run: in pytest's own reporting, an INTERNALERROR)."""
+def _exit_status(code: int) -> str:
+    if code < 0:
+        try:
+            return f"was killed by signal {-code} ({signal.Signals(-code).name})"
+        except ValueError:
+            return f"was killed by signal {-code}"
+    return f"exited with code {code}"
+
+
+def shut_down(batches) -> list[tuple[int, int]]:
+    """Shut down a DataLoader iterator's workers now, with the method its finalizer calls (a single-process iterator,
+    or None, has none), and return (pid, exit code) of the workers that died on their own: killed by a signal other
+    than the shutdown's SIGTERM, or exited with an error. For the end of a loop an error may leave: the finalizer
+    runs only when the error's traceback, whose frames hold the iterator, is freed, and until then a crashed
+    worker's pid stays registered and DataLoader's SIGCHLD handler raises "DataLoader worker ... is killed" wherever
+    the main thread is (in a CI run: in pytest's own reporting, an INTERNALERROR). The pids leave the handler first,
+    before the shutdown joins the workers: a worker dying during the joins is not raised from inside them."""
     shutdown = getattr(batches, "_shutdown_workers", None)
-    if shutdown is not None:
-        shutdown()
-
-
-@contextlib.contextmanager
-def iterate(loader) -> Iterator:
-    """iter(loader), shut down (`shut_down`) when the block ends, normally or by an error."""
-    batches = iter(loader)
+    if shutdown is None:
+        return []
     try:
-        yield batches
+        if getattr(batches, "_worker_pids_set", False):
+            from torch.utils.data._utils import signal_handling
+
+            signal_handling._remove_worker_pids(id(batches))
+            batches._worker_pids_set = False
     finally:
-        shut_down(batches)
+        shutdown()
+    return [(w.pid, w.exitcode) for w in getattr(batches, "_workers", ())
+            if w.exitcode not in (None, 0, -signal.SIGTERM)]
 
 
 class _Tracked(torch.utils.data.Dataset):

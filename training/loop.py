@@ -232,7 +232,8 @@ def evaluate(model: nn.Module, dataset, num_classes: int, class_names, device: t
     loader = torch.utils.data.DataLoader(reads.dataset, batch_size=batch_size, shuffle=False,
                                          num_workers=num_workers, collate_fn=pad_collate)
     kept, t0, done = [], time.time(), 0  # kept: (index in the dataset, triple) for the first `keep` images
-    with reads.reporting(), datasets.iterate(loader) as batches:
+    batches = iter(loader)
+    with reads.reporting(batches):
         for images, masks, sizes, _names in batches:
             preds = _predict_at_own_sizes(model, images, sizes, device, scales, flip, amp, channels_last)
             for i, ((h, w), pred) in enumerate(zip(sizes, preds, strict=True)):
@@ -583,47 +584,46 @@ def fit(model: nn.Module, train_set, cfg: TrainConfig, device: torch.device, *, 
         # it resumed, so that the folder holds the checkpoint its report names.
         save("last.pt", start, rng_states())
     losses, it, t_start = [], start, time.time()
-    try:
-        with reads.reporting():
-            for images, masks in batches:
-                images = images.to(device, non_blocking=True)
-                masks = masks.to(device, non_blocking=True)
-                if cfg.channels_last:
-                    images = images.contiguous(memory_format=torch.channels_last)
-                with autocast(device, cfg.amp):
-                    out = model(images, upsample=False) if cfg.fused_loss else model(images)
-                loss, logged = segmentation_loss(out, masks, cfg.aux_weight, world_size=world_size)
-                value = float(logged)  # summed over processes: every process stops at the same step
-                if not math.isfinite(value):
-                    # Before backward: no weight and no checkpoint takes this step (BatchNorm running statistics saw the
-                    # forward, as they would in PyTorch; the checkpoints hold the last good ones).
-                    raise FloatingPointError(nonfinite_loss_message(value, it + 1, _checkpoints_in(cfg.out_dir, saved)
-                                                                    if is_main else saved,
-                                                                    start if resume is not None else None))
-                optimizer.zero_grad(set_to_none=True)
-                scaler.scale(loss).backward()
-                scaler.step(optimizer)
-                scaler.update()
-                lr = optimizer.param_groups[0]["lr"]
-                scheduler.step()
-                it += 1
-                losses.append((it, value))
-                if progress is not None:
-                    progress.update(it, value, lr)
-                if log is not None and is_main and (it % cfg.log_every == 0 or it == stop):
-                    log.write({"kind": "train", "iteration": it, "loss": value, "lr": lr,
-                               "elapsed_s": round(time.time() - t_start, 3)})
-                do_eval = evaluates_at(it)
-                if it == stop or do_eval or (cfg.checkpoint_every and it % cfg.checkpoint_every == 0):
-                    rng_ranks = rng_states()  # the same after the evaluation, which restores them
-                    # Before the evaluation: an error there keeps what was trained, and a resume runs the evaluation.
-                    save("last.pt", it, rng_ranks, eval_pending=do_eval)
-                    if world_size > 1:  # every process goes on once it is written (an error names it)
-                        torch.distributed.barrier()
-                if do_eval:
-                    evaluate_at(it, rng_ranks)
-    finally:  # an error (a worker crash, a NaN loss, an interrupt) shuts the loader's workers down here
-        datasets.shut_down(batches)
+    # The block's end, normal or by an error (a worker crash, a NaN loss, an interrupt), shuts the loader's workers
+    # down, before a worker crash is reported.
+    with reads.reporting(batches):
+        for images, masks in batches:
+            images = images.to(device, non_blocking=True)
+            masks = masks.to(device, non_blocking=True)
+            if cfg.channels_last:
+                images = images.contiguous(memory_format=torch.channels_last)
+            with autocast(device, cfg.amp):
+                out = model(images, upsample=False) if cfg.fused_loss else model(images)
+            loss, logged = segmentation_loss(out, masks, cfg.aux_weight, world_size=world_size)
+            value = float(logged)  # summed over processes: every process stops at the same step
+            if not math.isfinite(value):
+                # Before backward: no weight and no checkpoint takes this step (BatchNorm running statistics saw the
+                # forward, as they would in PyTorch; the checkpoints hold the last good ones).
+                raise FloatingPointError(nonfinite_loss_message(value, it + 1, _checkpoints_in(cfg.out_dir, saved)
+                                                                if is_main else saved,
+                                                                start if resume is not None else None))
+            optimizer.zero_grad(set_to_none=True)
+            scaler.scale(loss).backward()
+            scaler.step(optimizer)
+            scaler.update()
+            lr = optimizer.param_groups[0]["lr"]
+            scheduler.step()
+            it += 1
+            losses.append((it, value))
+            if progress is not None:
+                progress.update(it, value, lr)
+            if log is not None and is_main and (it % cfg.log_every == 0 or it == stop):
+                log.write({"kind": "train", "iteration": it, "loss": value, "lr": lr,
+                           "elapsed_s": round(time.time() - t_start, 3)})
+            do_eval = evaluates_at(it)
+            if it == stop or do_eval or (cfg.checkpoint_every and it % cfg.checkpoint_every == 0):
+                rng_ranks = rng_states()  # the same after the evaluation, which restores them
+                # Before the evaluation: an error there keeps what was trained, and a resume runs the evaluation.
+                save("last.pt", it, rng_ranks, eval_pending=do_eval)
+                if world_size > 1:  # every process goes on once it is written (an error names it)
+                    torch.distributed.barrier()
+            if do_eval:
+                evaluate_at(it, rng_ranks)
     return TrainResult(losses, it, best, best_it, last_metrics)
 
 
