@@ -174,6 +174,9 @@ TORCH_LIBRARY(deeplab_ops, m) {
           return out[2] > 0 && out[3] > 0 &&
                  deeplab_ops::nchw_weight_grad(x, weight, stride, dilation, out[2] * out[3]);
         });
+  // nchw_weight_grad_route: where that route is taken, process-wide (mode 'auto': by the CPU's vendor, 'always',
+  // 'never'; None: unchanged); returns the mode before the call. For tests and measurements.
+  m.def("nchw_weight_grad_route(str? mode=None) -> str", &deeplab_ops::nchw_weight_grad_route);
   // cpu_gemm: a @ b by the Winograd convolution's float32 GEMM kernel (csrc/cpu/gemm_cpu.h), its rows in GEMMs of
   // row_block rows and its columns in GEMMs of panel_block 32-column panels (0: all); for tests.
   m.def("cpu_gemm(Tensor a, Tensor b, int row_block, int panel_block=0) -> Tensor", &deeplab_ops::cpu_gemm);

@@ -4,6 +4,13 @@
 #include <ATen/Context.h>
 
 #include <algorithm>
+#include <atomic>
+#include <cstring>
+#include <string>
+
+#if defined(__x86_64__) || defined(__i386__)
+#include <cpuid.h>
+#endif
 
 #include "cpu/conv_layout_cpu.h"
 
@@ -50,9 +57,51 @@ constexpr int64_t kMinDilationNchwInput = 24;
 // 65 x 65, 256 -> 256 on 33 x 33). Below the threshold channels_last is as fast or faster (64 -> 64 on 65 x 65,
 // batch 2: 3.6 against 3.7; 128 -> 128 on 17 x 17, batch 8: 3.1 against 3.4); 1 x 1 weights gain nothing either
 // way. The copies (x, dy, and a channels_last weight's gradient back) are cache-blocked transposes.
+// On Intel's CPUs the route is not taken (NchwWeightGradRoute::kAuto): on this project's Xeon (a 2-core Xeon with
+// AVX-512 and AMX, 2026-12-05; oneDNN's jit:avx512_core backward-weights on the channels_last tensors) the
+// channels_last weight gradient kept pace with the NCHW one, 128 -> 128 at stride 2 on 129 x 129 5.5 against 5.9
+// ms, 256 -> 256 on 65 x 65 at dilation 2 18.5 against 19.2, and the layers lost the copies: a whole conv_bn_relu
+// forward + backward against eager channels_last, route on / off in the same build, two runs each, the stride-2 row
+// 0.80, 0.97x / 1.07, 1.11x, 256 -> 256 on 65 x 65 at dilation 2 0.99, 1.01 / 1.02, 1.01, 512 -> 512 on 33 x 33 at
+// dilation 2 1.00, 0.99 / 1.03, 1.01, at dilation 4 0.99, 0.96 / 1.00, 1.01, on 65 x 65 at dilation 4 1.01, 1.01 /
+// 1.01, 1.03. Measured on one machine of each vendor, so the vendor decides; other CPUs (no x86) keep oneDNN's.
 constexpr int64_t kMinNchwWeightGradWork = int64_t{1} << 26;
 
+bool cpu_is_amd() {
+  static const bool amd = [] {
+#if defined(__x86_64__) || defined(__i386__)
+    unsigned int eax = 0, ebx = 0, ecx = 0, edx = 0;
+    if (!__get_cpuid(0, &eax, &ebx, &ecx, &edx)) return false;
+    char vendor[13] = {};
+    std::memcpy(vendor, &ebx, 4);
+    std::memcpy(vendor + 4, &edx, 4);
+    std::memcpy(vendor + 8, &ecx, 4);
+    return std::strcmp(vendor, "AuthenticAMD") == 0 || std::strcmp(vendor, "HygonGenuine") == 0;
+#else
+    return false;
+#endif
+  }();
+  return amd;
+}
+
+std::atomic<int> nchw_weight_grad_mode{static_cast<int>(NchwWeightGradRoute::kAuto)};
+
+constexpr const char* kRouteNames[] = {"auto", "always", "never"};
+
 }  // namespace
+
+std::string nchw_weight_grad_route(std::optional<c10::string_view> mode) {
+  int next = -1;
+  if (mode.has_value()) {
+    for (int i = 0; i < 3; ++i) {
+      if (*mode == kRouteNames[i]) next = i;
+    }
+    TORCH_CHECK(next >= 0, "nchw_weight_grad_route: mode must be 'auto', 'always' or 'never', got '",
+                std::string(*mode), "'");
+  }
+  const int before = next >= 0 ? nchw_weight_grad_mode.exchange(next) : nchw_weight_grad_mode.load();
+  return kRouteNames[before];
+}
 
 TapsBackwardPlan conv_taps_backward_plan(const at::Tensor& x, const at::Tensor& weight, at::IntArrayRef stride,
                                          at::IntArrayRef padding, at::IntArrayRef dilation) {
@@ -80,6 +129,8 @@ bool nchw_weight_grad(const at::Tensor& x, const at::Tensor& weight, at::IntArra
   if (x.suggest_memory_format() != at::MemoryFormat::ChannelsLast) return false;
   if (stride[0] == 1 && stride[1] == 1 && dilation[0] == 1 && dilation[1] == 1) return false;
   if (!at::hasMKLDNN() || !at::globalContext().userEnabledMkldnn()) return false;
+  const auto route = static_cast<NchwWeightGradRoute>(nchw_weight_grad_mode.load(std::memory_order_relaxed));
+  if (route == NchwWeightGradRoute::kNever || (route == NchwWeightGradRoute::kAuto && !cpu_is_amd())) return false;
   return out_positions * x.size(1) * weight.size(0) >= kMinNchwWeightGradWork;
 }
 

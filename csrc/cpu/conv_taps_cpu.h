@@ -14,6 +14,8 @@
 
 #include <ATen/ATen.h>
 
+#include <optional>
+#include <string>
 #include <tuple>
 
 namespace deeplab_ops {
@@ -35,8 +37,15 @@ TapsBackwardPlan conv_taps_backward_plan(const at::Tensor& x, const at::Tensor& 
 // oneDNN's channels_last backward-weights of a float32 convolution larger than 1 x 1, strided or dilated, runs well
 // below its NCHW (blocked) one wherever an image carries much work (conv_taps_cpu.cpp has the measurements), while
 // its channels_last backward-data keeps pace. Needs float32 CPU tensors and oneDNN enabled.
+// Taken on AMD's CPUs only (kAuto): on Intel's the channels_last weight gradient was measured to keep pace.
 bool nchw_weight_grad(const at::Tensor& x, const at::Tensor& weight, at::IntArrayRef stride,
                       at::IntArrayRef dilation, int64_t out_positions);
+
+// Where nchw_weight_grad's route is taken, process-wide: kAuto by the CPU's vendor (above), kAlways wherever its
+// other rules allow on any CPU, kNever nowhere. For tests (the route's results on every machine) and measurements.
+enum class NchwWeightGradRoute : int { kAuto = 0, kAlways = 1, kNever = 2 };
+// Sets the route's mode ("auto", "always", "never") where one is given; returns the mode in effect before the call.
+std::string nchw_weight_grad_route(std::optional<c10::string_view> mode);
 
 // The gradients of conv2d(x, weight, stride=1, padding, dilation) with respect to x (in x's memory format) and
 // weight (in the weight's), each undefined unless wanted, by the routes above. dy: the output's shape, any strides;
