@@ -259,22 +259,27 @@ def test_a_crash_seen_as_the_transports_error_still_names_the_file(tmp_path, mon
     # fetch fails with ConnectionRefusedError while DataLoader still sees the worker alive (no "exited unexpectedly"),
     # and its SIGCHLD came later, during the loader's shutdown: a CI run got a bare "DataLoader worker (pid ...) is
     # killed by signal" from there (or, had the shutdown's join reaped it first, the bare ConnectionRefusedError).
-    # Made certain here: worker 0 announces its death and dies 0.3 s later; the next batch fetched fails as the
-    # transport would.
-    real, dying = datasets.read_image, tmp_path / "dying"
+    # Made certain here: the parent fetching a batch (worker 1's) says so, worker 0 (in its first read) then announces
+    # its death and dies 0.3 s later, and the fetch fails as the transport would once the announcement is seen.
+    real, fetching, dying = datasets.read_image, tmp_path / "fetching", tmp_path / "dying"
+
+    def wait_for(path):
+        deadline = time.monotonic() + 30
+        while not path.exists() and time.monotonic() < deadline:
+            time.sleep(0.01)
 
     def read_image(path, **kwargs):
         info = torch.utils.data.get_worker_info()
         if info is not None and info.id == 0:
+            wait_for(fetching)
             dying.write_text(str(os.getpid()))
             time.sleep(0.3)
             os.kill(os.getpid(), signal.SIGKILL)
         return real(path, **kwargs)
 
     def detach(self):  # the parent's end of a shared batch tensor's file descriptor
-        deadline = time.monotonic() + 30
-        while not dying.exists() and time.monotonic() < deadline:
-            time.sleep(0.01)
+        fetching.touch()
+        wait_for(dying)
         raise ConnectionRefusedError(111, "Connection refused")
 
     ds = _folder_dataset(tmp_path / "data", [f"img{i}" for i in range(6)])
@@ -305,13 +310,50 @@ def test_shut_down_names_the_workers_that_died_on_their_own(tmp_path, monkeypatc
     assert crashed == [(batches._workers[0].pid, -signal.SIGKILL)]
     assert datasets.shut_down(batches) == crashed and batches._shutdown  # idempotent
     assert datasets.shut_down(None) == [] and datasets.shut_down(iter([1])) == []
-    explained = reads.explain(EOFError("ran out of input"), crashed)
+    mine, theirs = multiprocessing.Pipe()
+    theirs.close()
+    with pytest.raises(EOFError) as eof:  # an EOFError raised inside multiprocessing, as a dead worker's pipe gives
+        mine.recv()
+    mine.close()
+    explained = reads.explain(eof.value, crashed)
     assert isinstance(explained, datasets.WorkerCrashError)
     assert str(explained).startswith(f"DataLoader worker (pid {crashed[0][0]} was killed by signal 9 (SIGKILL)) while "
-                                     "the loader was running (EOFError: ran out of input). It was reading: ")
+                                     "the loader was running (EOFError: ). It was reading: ")
     assert "a.png" in str(explained)
-    assert reads.explain(ValueError("not the loader's"), crashed) is None  # only the loader's kinds of error
-    assert reads.explain(EOFError("no crash"), []) is None
+    assert reads.explain(eof.value, []) is None  # no worker crashed
+    try:  # the same kind of error raised outside the loader (a checkpoint's write, say) is not the crash's
+        raise EOFError("not the loader's")
+    except EOFError as e:
+        assert reads.explain(e, crashed) is None
+    assert reads.explain(ValueError("not a loader's kind of error"), crashed) is None
+    # a crash DataLoader reports of another loader's worker (the training loader's, during an evaluation) is left
+    # to that loader's tracker
+    other = RuntimeError(f"DataLoader worker (pid {crashed[0][0] + 100000}) is killed by signal: Killed.")
+    assert reads.explain(other, (), workers=[w.pid for w in batches._workers]) is None
+    assert isinstance(reads.explain(other, ()), datasets.WorkerCrashError)  # workers unknown: reported here
+
+
+def test_shut_down_takes_the_handlers_report_of_its_own_workers_only():
+    # DataLoader keeps the pids on its SIGCHLD handler until its shutdown ends (a worker killed mid-shutdown must not
+    # hang it), so the handler can raise from inside the shutdown: for one of the iterator's workers that is the crash
+    # the exit codes report; for another loader's worker it goes on, for that loader's report.
+    from types import SimpleNamespace
+
+    class Iterator:
+        def __init__(self, message):
+            self._workers = [SimpleNamespace(pid=101, exitcode=-signal.SIGKILL), SimpleNamespace(pid=102, exitcode=0),
+                             SimpleNamespace(pid=103, exitcode=-signal.SIGTERM)]  # 103: stopped by the shutdown
+            self.message = message
+
+        def _shutdown_workers(self):
+            raise RuntimeError(self.message)
+
+    assert datasets.shut_down(Iterator("DataLoader worker (pid 101) is killed by signal: Killed. ")) == [
+        (101, -signal.SIGKILL)]
+    with pytest.raises(RuntimeError, match=r"pid 999\)"):
+        datasets.shut_down(Iterator("DataLoader worker (pid 999) is killed by signal: Killed. "))
+    with pytest.raises(RuntimeError, match="something else"):
+        datasets.shut_down(Iterator("something else"))
 
 
 def test_eval_worker_crash_names_the_file(tmp_path, monkeypatch):

@@ -269,20 +269,27 @@ class ReadTracker:
         return [f"{describe_source(self.inner, index)} (worker pid {pid})" for index, pid in self.dataset.slots.tolist()
                 if index >= 0 and (wanted is None or pid in wanted)]
 
-    def explain(self, error: BaseException, crashed: Sequence[tuple[int, int]] = ()) -> BaseException | None:
-        """A worker-crash error naming the file being read, or None when `error` is not a worker crash.
+    def explain(self, error: BaseException, crashed: Sequence[tuple[int, int]] = (),
+                workers: Sequence[int] | None = None) -> BaseException | None:
+        """A worker-crash error naming the file being read, or None when `error` is not a crash of this loader's
+        workers.
 
         crashed: (pid, exit code) of the workers that died on their own (`shut_down`'s answer). A worker that dies
         while this process is fetching a batch it sent can surface as the transport's error instead of DataLoader's
         "worker ... exited unexpectedly" (its socket closed before it was a zombie: ConnectionRefusedError from
-        unpickling the batch); with a crashed worker, that error is reported as the crash."""
+        unpickling the batch); with a crashed worker, such an error raised inside the loader (torch.utils.data,
+        multiprocessing) is reported as the crash. workers: the pids of the loader this tracker feeds (None:
+        unknown); a crash DataLoader reports of another loader's worker (the training loader's, during an
+        evaluation inside fit) is left to that loader's tracker."""
         if isinstance(error, WorkerCrashError):
             return None
         text = str(error)
         match = _WORKER_CRASH.search(text) if isinstance(error, RuntimeError) else None
         if match is not None:
             pids = [int(p) for p in re.findall(r"\d+", match.group(1))]
-        elif crashed and isinstance(error, (RuntimeError, OSError, EOFError)):
+            if workers is not None and not set(pids) & set(workers):
+                return None
+        elif crashed and isinstance(error, (RuntimeError, OSError, EOFError)) and _raised_in_loader(error):
             pids = [pid for pid, _ in crashed]
             died = ", ".join(f"pid {pid} {_exit_status(code)}" for pid, code in crashed)
             text = f"DataLoader worker ({died}) while the loader was running ({type(error).__name__}: {text})"
@@ -297,17 +304,39 @@ class ReadTracker:
         """Shut `batches` (a DataLoader iterator; None: none) down when the block ends, normally or by an error, and
         re-raise a worker crash inside the block (DataLoader reports it from next() or from its SIGCHLD handler,
         wherever the main thread is) with the file the worker was reading. The iterator is shut down before the
-        error is explained: a worker dying meanwhile (several can be killed at once) can no longer raise from the
-        handler, and the workers' exit codes tell which crashed."""
+        error is explained: the workers' exit codes tell which crashed, and a worker dying meanwhile (several can be
+        killed at once) is reported as a crash too, not as DataLoader's bare error."""
+        workers = [w.pid for w in getattr(batches, "_workers", ())] or None
         try:
             yield
         except Exception as e:
-            better = self.explain(e, shut_down(batches))
+            better = self.explain(e, self._shut_down(batches, workers), workers)
             if better is None:
                 raise
             raise better from e
         finally:
-            shut_down(batches)
+            self._shut_down(batches, workers)
+
+    def _shut_down(self, batches, workers: Sequence[int] | None) -> list[tuple[int, int]]:
+        """shut_down(batches), a crash that DataLoader's SIGCHLD handler raises around it explained."""
+        try:
+            return shut_down(batches)
+        except RuntimeError as late:
+            better = self.explain(late, (), workers)
+            if better is None:
+                raise
+            raise better from late
+
+
+def _raised_in_loader(error: BaseException) -> bool:
+    """Whether `error` was raised inside the data loading machinery (torch.utils.data, multiprocessing)."""
+    tb = error.__traceback__
+    while tb is not None:
+        module = tb.tb_frame.f_globals.get("__name__", "")
+        if module.startswith(("torch.utils.data", "multiprocessing", "torch.multiprocessing")):
+            return True
+        tb = tb.tb_next
+    return False
 
 
 def _exit_status(code: int) -> str:
@@ -325,21 +354,21 @@ def shut_down(batches) -> list[tuple[int, int]]:
     than the shutdown's SIGTERM, or exited with an error. For the end of a loop an error may leave: the finalizer
     runs only when the error's traceback, whose frames hold the iterator, is freed, and until then a crashed
     worker's pid stays registered and DataLoader's SIGCHLD handler raises "DataLoader worker ... is killed" wherever
-    the main thread is (in a CI run: in pytest's own reporting, an INTERNALERROR). The pids leave the handler first,
-    before the shutdown joins the workers: a worker dying during the joins is not raised from inside them."""
+    the main thread is (in a CI run: in pytest's own reporting, an INTERNALERROR). The shutdown keeps the pids on the
+    handler until its end (so that a worker killed mid-shutdown cannot hang it); the crash the handler raises from
+    inside it for one of the iterator's workers is taken here: the shutdown's own cleanup has run, and the dead
+    worker's exit code reports it."""
     shutdown = getattr(batches, "_shutdown_workers", None)
     if shutdown is None:
         return []
+    workers = getattr(batches, "_workers", ())
     try:
-        if getattr(batches, "_worker_pids_set", False):
-            from torch.utils.data._utils import signal_handling
-
-            signal_handling._remove_worker_pids(id(batches))
-            batches._worker_pids_set = False
-    finally:
         shutdown()
-    return [(w.pid, w.exitcode) for w in getattr(batches, "_workers", ())
-            if w.exitcode not in (None, 0, -signal.SIGTERM)]
+    except RuntimeError as e:
+        match = _WORKER_CRASH.search(str(e))  # (another loader's worker: raised on, for its own report)
+        if match is None or not {int(p) for p in re.findall(r"\d+", match.group(1))} <= {w.pid for w in workers}:
+            raise
+    return [(w.pid, w.exitcode) for w in workers if w.exitcode not in (None, 0, -signal.SIGTERM)]
 
 
 class _Tracked(torch.utils.data.Dataset):

@@ -530,63 +530,63 @@ def fit(model: nn.Module, train_set, cfg: TrainConfig, device: torch.device, *, 
     # Every process of a distributed run draws from a stream of its own (dropout masks): process 0 continues the
     # stream seeded before the model was built, the others are seeded from (seed, rank).
     batches = iter(loader)
-    if resume is not None:
-        ckpt_io.restore_process_rng(resume, cfg.seed, rank, world_size)
-    elif rank > 0:
-        ckpt_io.seed_process(cfg.seed, rank)
-    is_main = rank == 0
-    progress = Progress(cfg.iterations, start, cfg.batch_size, cfg.log_every) if cfg.progress and is_main else None
-
-    saved: dict[str, int] = {}  # checkpoint path -> iteration, written by this invocation
-
-    def rng_states() -> list | None:
-        """Every process's random streams, for the checkpoints (collective: called by every process alike)."""
-        return dist_utils.all_gather_objects(ckpt_io.capture_rng_state()) if world_size > 1 else None
-
-    def save(name: str, it: int, rng_ranks: list | None, eval_pending: bool = False) -> None:
-        if is_main and cfg.out_dir:
-            state = ckpt_io.training_state(model, optimizer, scheduler, scaler, it, best, best_it, cfg.extra_state,
-                                           rng_ranks, eval_pending=eval_pending)
-            path = os.path.join(cfg.out_dir, name)
-            ckpt_io.atomic_save(state, path)
-            saved[path] = it
-
-    last_metrics = None
-
-    def evaluate_at(it: int, rng_ranks: list | None) -> None:
-        """The evaluation of iteration `it`, whose last.pt is saved (marked eval_pending): best.pt when its mIoU is
-        the best so far, the log's record, then last.pt again, the evaluation done and the best recorded."""
-        nonlocal best, best_it, last_metrics
-        # The evaluation's draws (its loader's seed) leave the training's random streams as they were, so that a
-        # run resumed from the checkpoint saved just before it continues exactly as this one does.
-        rng = ckpt_io.capture_rng_state()
-        last_metrics = val_fn(model)
-        ckpt_io.restore_rng_state(rng)
-        _set_train_mode(model, cfg.freeze_bn)
-        if last_metrics is not None and (best is None or last_metrics["miou"] > best):
-            best, best_it = last_metrics["miou"], it
-            save("best.pt", it, rng_ranks)
-        if log is not None and is_main and last_metrics is not None:
-            log.write({"kind": "val", "iteration": it, **{k: v for k, v in last_metrics.items()
-                                                           if isinstance(v, (int, float))}})
-        save("last.pt", it, rng_ranks)  # the evaluation done, the new best recorded
-
-    def evaluates_at(it: int) -> bool:
-        return val_fn is not None and evaluates(cfg, it)
-
-    if resume_evaluates(resume, cfg, validating=val_fn is not None):
-        # The checkpoint was saved just before its iteration's evaluation, which did not finish (the run was
-        # interrupted, or stopped on an error there): it runs now, as the uninterrupted run ran it, before the next
-        # step (best.pt, the log's record and, at the end, metrics.json come from it).
-        evaluate_at(start, rng_states())
-    elif resume is not None and stop == start:
-        # Nothing left to train (a finished run resumed, maybe into another --out-dir): the run's last.pt is the one
-        # it resumed, so that the folder holds the checkpoint its report names.
-        save("last.pt", start, rng_states())
-    losses, it, t_start = [], start, time.time()
-    # The block's end, normal or by an error (a worker crash, a NaN loss, an interrupt), shuts the loader's workers
-    # down, before a worker crash is reported.
+    # The block's end, normal or by an error (a worker crash, a NaN loss, an interrupt; here on: the resume's
+    # evaluation and checkpoints too), shuts the loader's workers down, before a worker crash is reported.
     with reads.reporting(batches):
+        if resume is not None:
+            ckpt_io.restore_process_rng(resume, cfg.seed, rank, world_size)
+        elif rank > 0:
+            ckpt_io.seed_process(cfg.seed, rank)
+        is_main = rank == 0
+        progress = Progress(cfg.iterations, start, cfg.batch_size, cfg.log_every) if cfg.progress and is_main else None
+
+        saved: dict[str, int] = {}  # checkpoint path -> iteration, written by this invocation
+
+        def rng_states() -> list | None:
+            """Every process's random streams, for the checkpoints (collective: called by every process alike)."""
+            return dist_utils.all_gather_objects(ckpt_io.capture_rng_state()) if world_size > 1 else None
+
+        def save(name: str, it: int, rng_ranks: list | None, eval_pending: bool = False) -> None:
+            if is_main and cfg.out_dir:
+                state = ckpt_io.training_state(model, optimizer, scheduler, scaler, it, best, best_it, cfg.extra_state,
+                                               rng_ranks, eval_pending=eval_pending)
+                path = os.path.join(cfg.out_dir, name)
+                ckpt_io.atomic_save(state, path)
+                saved[path] = it
+
+        last_metrics = None
+
+        def evaluate_at(it: int, rng_ranks: list | None) -> None:
+            """The evaluation of iteration `it`, whose last.pt is saved (marked eval_pending): best.pt when its mIoU is
+            the best so far, the log's record, then last.pt again, the evaluation done and the best recorded."""
+            nonlocal best, best_it, last_metrics
+            # The evaluation's draws (its loader's seed) leave the training's random streams as they were, so that a
+            # run resumed from the checkpoint saved just before it continues exactly as this one does.
+            rng = ckpt_io.capture_rng_state()
+            last_metrics = val_fn(model)
+            ckpt_io.restore_rng_state(rng)
+            _set_train_mode(model, cfg.freeze_bn)
+            if last_metrics is not None and (best is None or last_metrics["miou"] > best):
+                best, best_it = last_metrics["miou"], it
+                save("best.pt", it, rng_ranks)
+            if log is not None and is_main and last_metrics is not None:
+                log.write({"kind": "val", "iteration": it, **{k: v for k, v in last_metrics.items()
+                                                               if isinstance(v, (int, float))}})
+            save("last.pt", it, rng_ranks)  # the evaluation done, the new best recorded
+
+        def evaluates_at(it: int) -> bool:
+            return val_fn is not None and evaluates(cfg, it)
+
+        if resume_evaluates(resume, cfg, validating=val_fn is not None):
+            # The checkpoint was saved just before its iteration's evaluation, which did not finish (the run was
+            # interrupted, or stopped on an error there): it runs now, as the uninterrupted run ran it, before the next
+            # step (best.pt, the log's record and, at the end, metrics.json come from it).
+            evaluate_at(start, rng_states())
+        elif resume is not None and stop == start:
+            # Nothing left to train (a finished run resumed, maybe into another --out-dir): the run's last.pt is the one
+            # it resumed, so that the folder holds the checkpoint its report names.
+            save("last.pt", start, rng_states())
+        losses, it, t_start = [], start, time.time()
         for images, masks in batches:
             images = images.to(device, non_blocking=True)
             masks = masks.to(device, non_blocking=True)
