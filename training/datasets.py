@@ -246,6 +246,13 @@ class WorkerCrashError(DataFileError, RuntimeError):
 _WORKER_CRASH = re.compile(r"DataLoader worker \(pids?\(?s?\)? ([\d, ]+)\)")
 
 
+def _crash_pids(error: BaseException) -> list[int] | None:
+    """The worker pids a DataLoader crash error names ("DataLoader worker (pid(s) ...) exited unexpectedly", "...
+    (pid N) is killed by signal"), or None when `error` is not one."""
+    match = _WORKER_CRASH.search(str(error)) if isinstance(error, RuntimeError) else None
+    return None if match is None else [int(p) for p in re.findall(r"\d+", match.group(1))]
+
+
 class ReadTracker:
     """Records, in shared memory, the sample each DataLoader worker is reading, so that a worker killed outright
     (a segfault in an image decoder, the OOM killer: no Python exception, only "DataLoader worker exited
@@ -284,9 +291,8 @@ class ReadTracker:
         if isinstance(error, WorkerCrashError):
             return None
         text = str(error)
-        match = _WORKER_CRASH.search(text) if isinstance(error, RuntimeError) else None
-        if match is not None:
-            pids = [int(p) for p in re.findall(r"\d+", match.group(1))]
+        pids = _crash_pids(error)
+        if pids is not None:
             if workers is not None and not set(pids) & set(workers):
                 return None
         elif crashed and isinstance(error, (RuntimeError, OSError, EOFError)) and _raised_in_loader(error):
@@ -365,8 +371,8 @@ def shut_down(batches) -> list[tuple[int, int]]:
     try:
         shutdown()
     except RuntimeError as e:
-        match = _WORKER_CRASH.search(str(e))  # (another loader's worker: raised on, for its own report)
-        if match is None or not {int(p) for p in re.findall(r"\d+", match.group(1))} <= {w.pid for w in workers}:
+        pids = _crash_pids(e)  # (another loader's worker: raised on, for its own report)
+        if pids is None or not set(pids) <= {w.pid for w in workers}:
             raise
     return [(w.pid, w.exitcode) for w in workers if w.exitcode not in (None, 0, -signal.SIGTERM)]
 
