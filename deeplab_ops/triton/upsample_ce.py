@@ -197,8 +197,11 @@ def _uce_bwd_kernel(
             wgt = wy * wx
             # Every pixel of the range, weight-0 neighbours and ignored pixels included (with weight or g 0): a NaN
             # z there (a non-finite logit) reaches this logit as NaN, as eager's log_softmax and upsample backward
-            # carry it (0 * NaN), not a silently finite gradient.
-            pm = xm
+            # carry it (0 * NaN), not a silently finite gradient. `wgt == wgt` is always true (the table weights
+            # are finite): it is there for triton 3.6 (the release paired with torch 2.11), whose layout pass
+            # (TritonGPURemoveLayoutConversions) fails to compile this kernel at BLOCK_X 1 with `pm = xm` alone
+            # ("'tt.load' op failed to verify that mask type matches ptr type"; triton 3.8 compiles both).
+            pm = xm & (wgt == wgt)
             pix = n * (H * W) + oy * W + ox
             t = tl.load(t_ptr + pix, mask=pm, other=ignore_index)
             valid = pm & (t != ignore_index)
