@@ -180,15 +180,16 @@ def _resnet_flags(path: str) -> str | None:
 # ---- data --------------------------------------------------------------------------------------------------------
 
 
-def build_datasets(args, train: bool = True):
+def build_datasets(args, train: bool = True, note: str = ""):
     """(train, val, class_names) raw datasets for --dataset (train None when `train` is False: --eval-only reads
-    the validation split only); a missing or malformed dataset exits with its error."""
+    the validation split only); a missing or malformed dataset exits with its error, followed by `note`
+    (_restored_note: the paths a resumed run read from its checkpoint)."""
     try:
         with warnings.catch_warnings(record=True) as caught:
             warnings.simplefilter("always", UserWarning)
             built = _build_datasets(args, train)
     except (OSError, ValueError) as e:  # OSError: FileNotFoundError, and an unreadable folder (PermissionError)
-        raise SystemExit(f"--dataset {args.dataset}: {e}") from None
+        raise SystemExit(f"--dataset {args.dataset}: {e}{note}") from None
     for w in caught:  # the datasets' warnings (black-and-white masks, ...) as train.py's own one-line warnings
         if w.category is UserWarning:
             warn(str(w.message))
@@ -572,8 +573,8 @@ def _same_folder(given: str | None, saved: str | None) -> bool:
 
 
 def _restored_note(args, restored: list[str], path: str) -> str:
-    """' (…)': which of the dataset flags an --eval-only error names came from the checkpoint, not the command
-    line, and how a relative path in them is read."""
+    """' (…)': which of the dataset flags an --eval-only or --resume error names came from the checkpoint, not the
+    command line, and how a relative path in them is read."""
     paths = [k for k in ("data_root", "sbd_root", "classes") if k in restored]
     if not paths:
         return ""
@@ -657,12 +658,20 @@ def loop_format(metrics: dict) -> str:
     return format_table(metrics)
 
 
-def check_bn_batch(args, world_size: int) -> None:
+def check_bn_batch(args, world_size: int, resumed: tuple | None = None) -> None:
     """Training BatchNorm needs 2 or more images per BatchNorm batch (the ASPP pooling branch has one value per image
     and channel): refused before any work. Across processes every BatchNorm is synchronized (the unfused ones by
     nn.SyncBatchNorm / DistributedBatchNorm2d, the fused ones through the fused ops' process group), so its batch is
-    the global one: one image per process trains."""
+    the global one: one image per process trains. `resumed` (restore_run_flags's): a batch size of 1 read from the
+    checkpoint of a --freeze-bn run (a switch a resume does not read) is named as such."""
     if world_size == 1 and args.batch_size < 2 and not args.freeze_bn:
+        if resumed is not None and "batch_size" in resumed[2]:
+            froze = (resumed[1].get("args") or {}).get("freeze_bn")
+            how = (", which trained with --freeze-bn (a switch, which a resume takes from the command line only): add "
+                   "--freeze-bn to continue it as it ran, or give --batch-size 2 or more" if froze else
+                   ": give --batch-size 2 or more, or add --freeze-bn")
+            raise SystemExit(f"--resume {resumed[0]}: --batch-size {args.batch_size} comes from the checkpoint's "
+                             f"run{how}. {loop.BATCH1_MESSAGE}")
         raise SystemExit(loop.BATCH1_MESSAGE)
 
 
@@ -738,15 +747,24 @@ def restore_run_flags(args, given: set[str], device: torch.device) -> tuple[str,
     switches = {a.dest for a in build_parser()._actions if a.nargs == 0}
     same_data = (args.dataset in (None, saved.get("dataset"))
                  and (args.data_root is None or _same_folder(args.data_root, saved.get("data_root"))))
+    # The kind of dataset is the run's unless given (a --data-root of its moved folder alone continues it); its
+    # location and splits only where the command line names the same dataset in the same folder (or none).
     keys = [k for k in vars(args) if k in saved and saved[k] is not None and k not in given and k not in switches
-            and k not in NOT_NOTED_ON_RESUME and (same_data or k not in DATASET_FLAGS)
+            and k not in NOT_NOTED_ON_RESUME and (same_data or k not in DATASET_FLAGS or k == "dataset")
+            # (the presets' values of flags its dataset does not read, e.g. a folder run's --synthetic-train-size)
+            and k not in unread_dataset_flags(args.dataset or saved.get("dataset"))
             # fp16 autocast needs a CUDA device: a GPU run resumed on a CPU runs as given (resume_note names it)
             and not (k == "amp" and saved[k] == "fp16" and device.type != "cuda")]
-    preset = argparse.Namespace(**vars(args))
-    _apply_presets(preset, device)  # (only to name what differs from a run without the checkpoint)
+    # (only to name what differs from a run without the checkpoint: the dataset against the command line's, the
+    # rest against the presets of the run's dataset; a folder run's are not the synthetic set's)
+    plain, preset = argparse.Namespace(**vars(args)), argparse.Namespace(**vars(args))
+    _apply_presets(plain, device)
+    if "dataset" in keys:
+        preset.dataset = saved["dataset"]
+    _apply_presets(preset, device)
     restored = []
     for k in keys:
-        if not _same_value(getattr(preset, k), saved[k]):
+        if not _same_value(getattr(plain if k == "dataset" else preset, k), saved[k]):
             restored.append(k)
         setattr(args, k, saved[k])
     return path, ckpt, restored
@@ -850,8 +868,9 @@ def cmd_train(args, device, info, resumed: tuple | None) -> None:
     if args.batch_size % info.world_size:
         raise SystemExit(f"--batch-size {args.batch_size} (global) must be divisible by the number of processes, "
                          f"{info.world_size}")
-    check_bn_batch(args, info.world_size)
-    train_raw, val_raw, class_names = build_datasets(args)
+    check_bn_batch(args, info.world_size, resumed)
+    train_raw, val_raw, class_names = build_datasets(args, note="" if resumed is None else
+                                                     _restored_note(args, resumed[2], resumed[0]))
     if info.is_main:
         print(f"data: {args.dataset} train {len(train_raw)} images, val {len(val_raw)} images, "
               f"{len(class_names)} classes; device {device}" + (f", {info.world_size} processes" if info.enabled
@@ -1227,7 +1246,7 @@ def check_args(args, error, defaults: dict | None = None) -> None:
                      f"{args.predict} to --out")
             elif args.eval_only and name in NOT_EVAL_ONLY:
                 warn(f"--{name.replace('_', '-')} is not read by --eval-only, which evaluates the validation split")
-    if not args.eval_only:  # --eval-only takes the dataset from the checkpoint: checked once it is known
+    if not (args.eval_only or args.resume):  # these take the dataset from the checkpoint: checked once it is known
         check_dataset_flags(args, error)
 
 
@@ -1259,13 +1278,20 @@ def check_dataset_flags(args, error, check_root: bool = True) -> None:
                 "the VOC2012 folder" if dataset == "voc" else "a folder with images/, masks/ and classes.txt") + ")")
         if check_root:
             _check_data_root(args.data_root, error)
+    for name in unread_dataset_flags(dataset):
+        if args.eval_only and name in NOT_EVAL_ONLY:
+            continue  # (check_args said --eval-only does not read it)
+        if getattr(args, name) is not None:
+            warn(f"--{name.replace('_', '-')} is not read by --dataset {dataset}; ignoring it")
+
+
+def unread_dataset_flags(dataset: str | None) -> tuple[str, ...]:
+    """The dataset flags that --dataset `dataset` does not read."""
     unread = {"sbd_root": dataset != "voc", "classes": dataset != "folder",
               "synthetic_train_size": dataset != "synthetic", "synthetic_val_size": dataset != "synthetic",
               "data_seed": dataset != "synthetic", "train_split": dataset == "synthetic",
               "val_split": dataset == "synthetic"}
-    for name, ignored in unread.items():
-        if ignored and getattr(args, name) is not None:
-            warn(f"--{name.replace('_', '-')} is not read by --dataset {dataset}; ignoring it")
+    return tuple(name for name, ignored in unread.items() if ignored)
 
 
 def _check_data_root(path: str, error) -> None:
@@ -1384,6 +1410,8 @@ def main(argv=None) -> None:
             cmd_eval_only(args, device, info, given_flags(argv))
         else:
             resumed = restore_run_flags(args, given_flags(argv), device) if args.resume else None
+            if resumed is not None:  # (a data root read from the checkpoint is checked by the dataset, as below)
+                check_dataset_flags(args, _exit, check_root="data_root" not in resumed[2])
             _apply_presets(args, device)
             cmd_train(args, device, info, resumed)
     except datasets.DataFileError as e:  # a sample's file, met while training or evaluating: named in one line

@@ -221,11 +221,12 @@ def unwrap(model: torch.nn.Module) -> torch.nn.Module:
 
 def training_state(model, optimizer, scheduler, scaler, iteration: int, best_metric: float | None,
                    best_iteration: int | None, extra: dict, rng_ranks: list | None = None,
-                   eval_pending: bool = False) -> dict:
+                   eval_pending: bool = False, metrics: dict | None = None) -> dict:
     """Everything a resume needs to continue the same run, as one dict for `atomic_save`. `rng_ranks`: every
     process's capture_rng_state() in a distributed run (saved as 'rng_ranks'; 'rng' is process 0's).
     `eval_pending`: the checkpoint is the one saved just before the evaluation of its iteration, which has not
-    finished yet (a resume from it runs that evaluation first)."""
+    finished yet (a resume from it runs that evaluation first). `metrics`: the results of that evaluation, once it
+    has run (None otherwise): a finished run resumed reports them again (metrics.json) without evaluating."""
     return {
         "model": unwrap(model).state_dict(),
         "optimizer": optimizer.state_dict(),
@@ -235,6 +236,7 @@ def training_state(model, optimizer, scheduler, scaler, iteration: int, best_met
         "best_metric": best_metric,
         "best_iteration": best_iteration,
         "eval_pending": eval_pending,
+        "metrics": metrics,
         "rng": capture_rng_state() if rng_ranks is None else rng_ranks[0],
         **({} if rng_ranks is None else {"rng_ranks": rng_ranks}),
         **extra,

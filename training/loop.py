@@ -546,10 +546,11 @@ def fit(model: nn.Module, train_set, cfg: TrainConfig, device: torch.device, *, 
             """Every process's random streams, for the checkpoints (collective: called by every process alike)."""
             return dist_utils.all_gather_objects(ckpt_io.capture_rng_state()) if world_size > 1 else None
 
-        def save(name: str, it: int, rng_ranks: list | None, eval_pending: bool = False) -> None:
+        def save(name: str, it: int, rng_ranks: list | None, eval_pending: bool = False,
+                 metrics: dict | None = None) -> None:
             if is_main and cfg.out_dir:
                 state = ckpt_io.training_state(model, optimizer, scheduler, scaler, it, best, best_it, cfg.extra_state,
-                                               rng_ranks, eval_pending=eval_pending)
+                                               rng_ranks, eval_pending=eval_pending, metrics=metrics)
                 path = os.path.join(cfg.out_dir, name)
                 ckpt_io.atomic_save(state, path)
                 saved[path] = it
@@ -568,11 +569,13 @@ def fit(model: nn.Module, train_set, cfg: TrainConfig, device: torch.device, *, 
             _set_train_mode(model, cfg.freeze_bn)
             if last_metrics is not None and (best is None or last_metrics["miou"] > best):
                 best, best_it = last_metrics["miou"], it
-                save("best.pt", it, rng_ranks)
+                save("best.pt", it, rng_ranks, metrics=last_metrics)
             if log is not None and is_main and last_metrics is not None:
                 log.write({"kind": "val", "iteration": it, **{k: v for k, v in last_metrics.items()
                                                                if isinstance(v, (int, float))}})
-            save("last.pt", it, rng_ranks)  # the evaluation done, the new best recorded
+            # The evaluation done, its results and the new best recorded: a finished run resumed after a failed
+            # write of metrics.json (a full disk) reports them again from here.
+            save("last.pt", it, rng_ranks, metrics=last_metrics)
 
         def evaluates_at(it: int) -> bool:
             return val_fn is not None and evaluates(cfg, it)
@@ -584,8 +587,11 @@ def fit(model: nn.Module, train_set, cfg: TrainConfig, device: torch.device, *, 
             evaluate_at(start, rng_states())
         elif resume is not None and stop == start:
             # Nothing left to train (a finished run resumed, maybe into another --out-dir): the run's last.pt is the one
-            # it resumed, so that the folder holds the checkpoint its report names.
-            save("last.pt", start, rng_states())
+            # it resumed, so that the folder holds the checkpoint its report names; the results of its evaluation
+            # there, which it records, are this run's again (train.py writes metrics.json from them, as the run did).
+            if val_fn is not None and evaluates(cfg, start):
+                last_metrics = resume.get("metrics")
+            save("last.pt", start, rng_states(), metrics=last_metrics)
         losses, it, t_start = [], start, time.time()
         for images, masks in batches:
             images = images.to(device, non_blocking=True)
@@ -601,7 +607,7 @@ def fit(model: nn.Module, train_set, cfg: TrainConfig, device: torch.device, *, 
                 # forward, as they would in PyTorch; the checkpoints hold the last good ones).
                 raise FloatingPointError(nonfinite_loss_message(value, it + 1, _checkpoints_in(cfg.out_dir, saved)
                                                                 if is_main else saved,
-                                                                start if resume is not None else None))
+                                                                start if resume is not None else None, cfg.amp))
             optimizer.zero_grad(set_to_none=True)
             scaler.scale(loss).backward()
             scaler.step(optimizer)
@@ -639,7 +645,7 @@ def _checkpoints_in(out_dir: str | None, saved: dict[str, int]) -> dict[str, int
 
 
 def nonfinite_loss_message(value: float, iteration: int, checkpoints: dict[str, int | None],
-                           resumed_at: int | None = None) -> str:
+                           resumed_at: int | None = None, amp: str = "none") -> str:
     """Why training stopped at a NaN/Inf loss, which checkpoints there are, and what can get past it.
 
     No checkpoint is called good: the weights of iteration i's forward are those after step i - 1, so a checkpoint
@@ -649,13 +655,14 @@ def nonfinite_loss_message(value: float, iteration: int, checkpoints: dict[str, 
             "no checkpoint took it. ")
     ran = iteration - 1  # this forward ran the weights after `ran` steps
     again = "start the run again with a lower --lr (train.py --overwrite replaces this run; or give another --out-dir)"
+    data = ", or check the data" + (" (--amp fp16 may overflow: try bf16 or none)." if amp == "fp16" else ".")
     found = sorted(((i, p) for p, i in checkpoints.items()), key=lambda t: -1 if t[0] is None else t[0], reverse=True)
     if not found:
         text += "No checkpoint was written by this run"
         if resumed_at is not None:
             holds = ", holds the weights this forward ran" if resumed_at == ran else ""
             text += f" (the checkpoint it resumed from, at iteration {resumed_at}{holds}, is unchanged)"
-        return text + f"; {again}, or check the data (--amp fp16 may overflow: try bf16 or none)."
+        return text + f"; {again}{data}"
     text += "Checkpoints: " + ", ".join(f"{p} (iteration {i})" if i is not None else f"{p} (unreadable)"
                                         for i, p in found) + ". "
     same = [p for i, p in found if i == ran]
@@ -675,7 +682,7 @@ def nonfinite_loss_message(value: float, iteration: int, checkpoints: dict[str, 
                  f"with a lower --lr, or {again}")
     else:
         text += again[0].upper() + again[1:]
-    return text + ", or check the data (--amp fp16 may overflow: try bf16 or none)."
+    return text + data
 
 
 def _set_train_mode(model: nn.Module, freeze_bn: bool) -> None:

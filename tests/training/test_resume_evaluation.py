@@ -136,3 +136,29 @@ def test_a_resume_that_no_longer_evaluates_there_keeps_the_finished_evaluations_
     monkeypatch.setattr(ckpt_io, "atomic_save", real_save)
     train_script.main(common + ["--eval-every", "4", "--out-dir", str(out), "--resume"])
     assert [r["iteration"] for r in _records(out / "metrics.jsonl", "val")] == [1, 2, 4]
+
+
+def test_resume_of_a_finished_run_whose_metrics_json_failed_writes_it(tmp_path, monkeypatch, capsys):
+    """The run's last write, metrics.json, fails (here: a folder in the way of its temporary file; a full disk
+    alike) after last.pt was saved with the evaluation done. The error says --resume continues; the resumed run has
+    nothing left to train and writes metrics.json from the evaluation its checkpoint records, the same as an
+    uninterrupted run's. Before the fix the checkpoint held no results and the resume wrote no metrics.json."""
+    monkeypatch.setattr(train_script, "build_model", _tiny_build_model)
+    common = TINY + ["--iterations", "2"]
+    ref, out = tmp_path / "ref", tmp_path / "run"
+    train_script.main(common + ["--out-dir", str(ref)])
+    (out / "metrics.json.tmp").mkdir(parents=True)
+    with pytest.raises(SystemExit, match=r"metrics\.json\.tmp.*--resume continues from last\.pt"):
+        train_script.main(common + ["--out-dir", str(out)])
+    assert not (out / "metrics.json").exists()
+    (out / "metrics.json.tmp").rmdir()
+    capsys.readouterr()
+    train_script.main(common + ["--out-dir", str(out), "--resume"])
+    assert "metrics written to" in capsys.readouterr().out
+    got, want = (json.loads((d / "metrics.json").read_text()) for d in (out, ref))
+    assert got["metrics"] == want["metrics"]
+    assert (got["iteration"], got["resumed_at"], got["best_miou"], got["best_iteration"]) == \
+        (2, 2, want["best_miou"], want["best_iteration"])
+    assert _records(out / "metrics.jsonl", "val") == _records(ref / "metrics.jsonl", "val")
+    assert _same_weights(out / "last.pt", ref / "last.pt")
+    assert torch.load(out / "last.pt", weights_only=True)["metrics"]["miou"] == want["metrics"]["miou"]

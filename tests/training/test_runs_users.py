@@ -372,3 +372,87 @@ def test_a_resume_without_out_dir_says_where_it_continues(tmp_path, finished_run
     train_script.check_out_dir(train_script.parse_args(["--resume", str(finished_run / "last.pt"), "--out-dir",
                                                         str(finished_run)]), pytest.fail)
     assert "warning" not in capsys.readouterr().err
+
+
+# ---- a review of train.py's resume, 2026-12-05 ----------------------------------------------------------------------
+
+@pytest.fixture
+def folder_run(tmp_path, monkeypatch):
+    """A finished 2-iteration run of the tiny network on a 3-class folder dataset at the relative --data-root
+    'data' (the current folder: tmp_path), into tmp_path/run."""
+    from test_resume_evaluation import _folder
+
+    monkeypatch.setattr(train_script, "build_model", _tiny_build_model)
+    monkeypatch.chdir(tmp_path)
+    _folder(tmp_path / "data", bad_val_mask=False)
+    train_script.main(["--dataset", "folder", "--data-root", "data", "--crop-size", "32", "--batch-size", "2",
+                       "--iterations", "2", "--no-tensorboard", "--device", "cpu", "--preview", "0",
+                       "--backbone", "resnet29", "--out-dir", "run"])
+    return tmp_path / "run"
+
+
+def test_a_resume_takes_the_dataset_from_the_checkpoint_before_checking_its_flags(tmp_path, folder_run, capsys):
+    """--resume --data-root (the run's folder, or the folder moved) and --resume --val-split were checked against
+    the synthetic set, the default, before the checkpoint's dataset was read: '--data-root … is not read by
+    --dataset synthetic', and a false 'ignoring it' warning for --val-split, which was then used."""
+    capsys.readouterr()
+    train_script.main(["--resume", "--out-dir", "run", "--data-root", "data", "--iterations", "3"])
+    out, err = capsys.readouterr()
+    assert "data: folder train 4 images, val 2 images, 3 classes" in out
+    assert "not read" not in err and "ignoring" not in err
+    # the folder moved: --data-root NEW alone continues it on the same kind of dataset
+    os.rename(tmp_path / "data", tmp_path / "moved")
+    train_script.main(["--resume", "--out-dir", "run", "--data-root", "moved", "--iterations", "4"])
+    out, err = capsys.readouterr()
+    assert "data: folder train 4 images, val 2 images, 3 classes" in out
+    assert "note: changed since the checkpoint's run: --data-root data -> moved" in out
+    (tmp_path / "moved" / "other.txt").write_text("im4\n")
+    train_script.main(["--resume", "--out-dir", "run", "--data-root", "moved", "--val-split", "other",
+                       "--iterations", "5"])
+    out, err = capsys.readouterr()
+    assert "data: folder train 4 images, val 1 images, 3 classes" in out and "ignoring" not in err
+    # the flags not given are named against the folder presets (resnet101), not the synthetic set's (resnet29)
+    assert "--backbone resnet29" in out.split("note: flags not given, read from the checkpoint's run: ")[1]
+    # a synthetic run given a --data-root is still refused, once the checkpoint says it is one
+    train_script.main(TINY + ["--iterations", "2", "--out-dir", str(tmp_path / "syn")])
+    assert _exit_message(["--resume", "--out-dir", str(tmp_path / "syn"), "--data-root", "moved",
+                          "--iterations", "3"]) == \
+        "--data-root moved is not read by --dataset synthetic: add --dataset folder or --dataset voc"
+
+
+def test_a_resume_from_another_folder_says_the_relative_data_root_came_from_the_checkpoint(tmp_path, folder_run,
+                                                                                             monkeypatch):
+    elsewhere = tmp_path / "elsewhere"
+    elsewhere.mkdir()
+    monkeypatch.chdir(elsewhere)
+    ckpt = folder_run / "last.pt"
+    message = _exit_message(["--resume", str(ckpt), "--out-dir", str(folder_run), "--iterations", "3"])
+    assert message == (f"--dataset folder: folder dataset: data/images does not exist (expected data/images and "
+                       f"data/masks) (--data-root data: saved in the checkpoint {ckpt}, read relative to the current "
+                       f"folder {elsewhere}; pass --data-root to give the dataset's location)")
+
+
+def test_a_resume_of_a_freeze_bn_batch_1_run_without_the_switch_says_where_batch_1_came_from(tmp_path, monkeypatch,
+                                                                                             capsys):
+    monkeypatch.setattr(train_script, "build_model", _tiny_build_model)
+    out = tmp_path / "run"
+    flags = TINY[:TINY.index("--batch-size")] + TINY[TINY.index("--batch-size") + 2:] + ["--batch-size", "1"]
+    train_script.main(flags + ["--iterations", "2", "--freeze-bn", "--out-dir", str(out)])
+    message = _exit_message(["--resume", "--out-dir", str(out), "--iterations", "3"])
+    assert message.startswith(f"--resume {out / 'last.pt'}: --batch-size 1 comes from the checkpoint's run, which "
+                              "trained with --freeze-bn (a switch, which a resume takes from the command line only): "
+                              "add --freeze-bn to continue it as it ran, or give --batch-size 2 or more. batch size 1 "
+                              "per BatchNorm batch in training")
+    train_script.main(["--resume", "--out-dir", str(out), "--iterations", "3", "--freeze-bn"])
+    assert ckpt_io.checkpoint_iteration(str(out / "last.pt")) == 3
+    # given on the command line, the batch size is the user's: the flag error, before anything is read
+    assert _usage_error(["--resume", "--out-dir", str(out), "--iterations", "4", "--batch-size", "1"], capsys) \
+        .startswith("error: --batch-size 1: batch size 1 per BatchNorm batch in training")
+
+
+def test_eval_only_warns_once_about_a_training_split(finished_run, capsys):
+    capsys.readouterr()
+    train_script.main(["--eval-only", "--checkpoint", str(finished_run / "last.pt"), "--out-dir",
+                       str(finished_run.parent / "ev"), "--train-split", "x", "--device", "cpu"])
+    err = capsys.readouterr().err
+    assert err.count("--train-split") == 1, err

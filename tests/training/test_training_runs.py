@@ -231,8 +231,8 @@ def test_resume_reads_the_dataset_flags_only_for_the_same_dataset(tmp_path):
             6, 0.007, 4, False, 20, "none")
         if dataset_flags:
             assert (args.dataset, args.data_root, args.val_split) == ("voc", str(tmp_path / "voc"), "val")
-            # (named: those the presets would have set otherwise, here the synthetic set's)
-            assert restored == ["dataset", "data_root", "train_split", "val_split", "iterations", "batch_size", "lr"]
+            # (named: those the presets of the run's dataset would have set otherwise: VOC's lr is 0.007 too)
+            assert restored == ["dataset", "data_root", "train_split", "val_split", "iterations", "batch_size"]
         else:
             assert (args.dataset, args.val_split, args.train_split) == ("folder", None, None)
             assert restored == ["iterations", "batch_size"]  # (the folder preset's lr is 0.007 too)
@@ -311,7 +311,7 @@ def test_nan_loss_advice_is_true_resuming_the_latest_checkpoint_fails_again(tmp_
             f"--lr. The older {best} (iteration 2) may predate the divergence, or already hold diverging weights") in \
         message
     assert message.endswith("start the run again with a lower --lr (train.py --overwrite replaces this run; or give "
-                            "another --out-dir), or check the data (--amp fp16 may overflow: try bf16 or none).")
+                            "another --out-dir), or check the data.")  # (no fp16 advice: the run did not use it)
     # What the message says of last.pt is so: resumed with a 10^5 times lower lr, the same iteration's loss is NaN.
     with pytest.raises(FloatingPointError, match=f"loss is nan at iteration {nan_at}: "):
         loop.fit(TinySeg(), _train_set(), _cfg(out_dir=out, iterations=30, lr=1.0), CPU,
@@ -326,6 +326,9 @@ def test_nan_loss_message_without_checkpoints_or_with_an_older_one():
     assert "Checkpoints: r/last.pt (iteration 500), r/best.pt (unreadable). The most recent r/last.pt (iteration " \
            "500) may predate the divergence, or already hold diverging weights" in older
     assert "holds the weights this forward ran" not in older and "good" not in older
+    assert older.endswith(", or check the data.") and none.endswith(", or check the data.")
+    assert loop.nonfinite_loss_message(float("nan"), 5, {}, amp="fp16").endswith(
+        ", or check the data (--amp fp16 may overflow: try bf16 or none).")
 
 
 def test_train_py_nan_loss_is_one_line_naming_the_checkpoints(tmp_path, monkeypatch):
