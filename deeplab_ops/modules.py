@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import collections
 import functools
+import math
 import numbers
 import weakref
 
@@ -61,11 +62,21 @@ def check_fusable(conv: nn.Module, bn: nn.Module) -> None:
     _check_conv_computable(conv)
     if bn.num_features != conv.out_channels:
         raise ValueError(f"bn has num_features={bn.num_features} but conv has out_channels={conv.out_channels}")
-    momentum = bn.momentum  # PyTorch runs any number; the op refuses what is no average's weight (fusing leaves it)
+    _check_bn_numbers(bn)
+    _conv_padding(conv)
+
+
+def _check_bn_numbers(bn: nn.Module) -> None:
+    """Raise unless bn's momentum and eps are ones the fused op takes. PyTorch's BatchNorm takes any number for
+    either; the op refuses a momentum that is no average's weight and an eps that is not a finite number > 0
+    (fusing leaves such a pair unfused; a fused module refuses it when built). Comparisons only: a NaN fails them."""
+    momentum = bn.momentum
     if momentum is not None and (isinstance(momentum, bool) or not isinstance(momentum, numbers.Real)
                                  or not 0.0 <= momentum <= 1.0):
         raise ValueError(f"bn has momentum={momentum!r}; the fused op takes None or a number in [0, 1]")
-    _conv_padding(conv)
+    eps = bn.eps
+    if isinstance(eps, bool) or not isinstance(eps, numbers.Real) or not 0 < eps < math.inf:
+        raise ValueError(f"bn has eps={eps!r}; the fused op takes a finite number > 0")
 
 
 def _check_conv_computable(conv: nn.Conv2d) -> None:
@@ -518,6 +529,7 @@ class FusedConvBNReLU(ReleasesDerived, nn.Sequential):
             in_channels, out_channels, kernel_size, stride, padding, dilation, bias=False, device=device, dtype=dtype
         )
         bn = nn.BatchNorm2d(out_channels, eps, momentum, affine, track_running_stats, device=device, dtype=dtype)
+        _check_bn_numbers(bn)  # when built, not at the first forward
         super().__init__(conv, bn, *([nn.ReLU()] if relu else []))
         self.apply_relu = relu
         self.backend = backend

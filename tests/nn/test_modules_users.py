@@ -7,6 +7,7 @@ from __future__ import annotations
 import copy
 import io
 import pickle
+import re
 
 import pytest
 import torch
@@ -14,7 +15,7 @@ from helpers import TRITON_DEVICE, needs_triton
 from torch import nn
 from torchvision.models.segmentation.deeplabv3 import ASPP
 
-from deeplab_ops.nn import FusedASPP, FusedConvBNReLU
+from deeplab_ops.nn import FusedASPP, FusedConvBNReLU, fuse_modules
 
 D = torch.float64
 BACKENDS = ("cpu", "reference")
@@ -398,3 +399,24 @@ def test_is_fused_answers_for_the_module_itself_as_docs_ops_md_says():
     assert all(is_fused(m) for m in fused[0])
     assert not is_fused(fused) and not is_fused(fused[1])
     assert any(is_fused(m) for m in fused.modules())
+
+
+@pytest.mark.parametrize("kwargs, says", [
+    (dict(momentum=2.0), "bn has momentum=2.0; the fused op takes None or a number in [0, 1]"),
+    (dict(momentum=float("nan")), "bn has momentum=nan"),
+    (dict(momentum=-0.1), "bn has momentum=-0.1"),
+    (dict(eps=0.0), "bn has eps=0.0; the fused op takes a finite number > 0"),
+    (dict(eps=-1e-5), "bn has eps=-1e-05"),
+    (dict(eps=float("nan")), "bn has eps=nan"),
+    (dict(eps=float("inf")), "bn has eps=inf"),
+])
+def test_a_fused_block_refuses_batchnorm_numbers_the_op_cannot_run_when_built(kwargs, says):
+    """FusedConvBNReLU(momentum=2.0 / NaN, eps <= 0 / NaN / inf) was built, and failed only at its first forward;
+    fuse_modules fused a pair with eps=0, whose forward then failed: the constructor refuses them, and fusing
+    leaves such a pair as it is (its eager forward runs)."""
+    with pytest.raises(ValueError, match=re.escape(says)):
+        FusedConvBNReLU(3, 4, 3, **kwargs)
+    model = nn.Sequential(nn.Conv2d(3, 4, 3, bias=False), nn.BatchNorm2d(4, **kwargs), nn.ReLU())
+    fused = fuse_modules(copy.deepcopy(model))
+    assert type(fused[0]) is nn.Conv2d and type(fused[1]) is nn.BatchNorm2d
+    assert FusedConvBNReLU(3, 4, 3, momentum=None, eps=1e-3)[1].momentum is None  # (the cumulative average runs)

@@ -404,6 +404,8 @@ CASES = {
     "nn-aspp-out-channels": lambda d: FusedASPP(4, (6,), out_channels=0),
     "nn-cbr-geometry": lambda d: FusedConvBNReLU(3, 4, 3, stride=0),
     "nn-cbr-backend": lambda d: FusedConvBNReLU(3, 4, 3, backend="bogus"),
+    "nn-bn-momentum": lambda d: FusedConvBNReLU(3, 4, 3, momentum=2.0),
+    "nn-bn-eps": lambda d: FusedConvBNReLU.from_modules(nn.Conv2d(3, 4, 3, bias=False), nn.BatchNorm2d(4, eps=0.0)),
     "nn-aspp-dropout": lambda d: FusedASPP(4, (2,), dropout=1.0),
     "nn-aspp-branches": lambda d: torchvision_aspp(lambda m: setattr(m, "convs", nn.ModuleList(list(m.convs)[-1:]))),
     "nn-aspp-branch-conv": lambda d: torchvision_aspp(lambda m: setattr(m.convs[0][0], "stride", (2, 2))),
