@@ -36,12 +36,14 @@ from deeplab_ops.ops.dispatch import (
     backend_for_batch,
     below_autograd,
     call_backward,
+    conv_flops,
     enter_directly,
     group_name_of,
     refuse_forward_ad,
     refuse_grad_transforms,
     register_autograd_kernels,
     register_fake,
+    register_flops,
 )
 from deeplab_ops.triton import call_checked, validate_with
 
@@ -251,6 +253,39 @@ for _prefix, _fwd_fake in (("", _forward_fake), ("triton_", _triton_forward_fake
     register_fake(f"deeplab_ops::{_prefix}aspp_backward")(_backward_fake)
 register_autograd_kernels("aspp", _autograd_kernel, _DOUBLE_BACKWARD)
 _KERNELS = autograd_kernels(_autograd_kernel)
+
+
+# ---- FLOP counts (torch.utils.flop_counter; tensors arrive as their shapes) ------------------------------------------
+#
+# As FlopCounterMode counts torchvision's ASPP: each branch convolution over the image, the pooling branch's 1x1
+# convolution of the pooled (N, C_in, 1, 1) input, and the projection of the (R + 2) x C concatenation.
+
+def _aspp_parts_flops(x, conv_weights, pool_weight, project_weight, out) -> tuple[int, int, int]:
+    """(branches, pooling branch, projection) FLOPs of one pass."""
+    n, c, h, w = out
+    branches = sum(conv_flops(x, wt, out) for wt in conv_weights)
+    pool = conv_flops((n, x[1], 1, 1), pool_weight, (n, c, 1, 1))
+    project = conv_flops((n, project_weight[1], h, w), project_weight, out)
+    return branches, pool, project
+
+
+def _aspp_forward_flops(x, conv_weights, pool_weight, project_weight, *args, out_shape, **kwargs) -> int:
+    return sum(_aspp_parts_flops(x, conv_weights, pool_weight, project_weight, out_shape[0]))
+
+
+def _aspp_backward_flops(grad_out, x, conv_weights, pool_weight, project_weight, bn_weight, bn_bias, branch_out,
+                         pool_out, project_out, out, save_mean, save_invstd, rates, training, output_mask, *args,
+                         out_shape, **kwargs) -> int:
+    want_x, want_w = bool(output_mask[0]), bool(output_mask[1])
+    branches, pool, project = _aspp_parts_flops(x, conv_weights, pool_weight, project_weight, grad_out)
+    # the projection's input gradient feeds every other gradient; each layer's weight gradient and the branches'
+    # input gradients cost its forward's products
+    return project * ((want_x or want_w) + want_w) + (branches + pool) * (want_x + want_w)
+
+
+for _prefix in ("", "triton_"):
+    register_flops([f"{_prefix}aspp_forward"], _aspp_forward_flops)
+    register_flops([f"{_prefix}aspp_backward"], _aspp_backward_flops)
 
 
 # ---- argument checks -------------------------------------------------------------------------------

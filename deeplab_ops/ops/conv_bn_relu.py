@@ -35,12 +35,14 @@ from deeplab_ops.common import (
 from deeplab_ops.ops.dispatch import (
     BELOW_AUTOGRAD,
     backend_for_batch,
+    conv_flops,
     enter_directly,
     group_name_of,
     refuse_forward_ad,
     refuse_grad_transforms,
     register_double_backward_refusal,
     register_fake,
+    register_flops,
 )
 from deeplab_ops.triton import call_checked, validate_with
 
@@ -400,6 +402,28 @@ for _prefix, _fwd_fake, _bwd_fake, _cba_fake in (
     register_fake(f"deeplab_ops::{_prefix}conv_bias_act")(_cba_fake)
     register_fake(f"deeplab_ops::{_prefix}conv_bn_relu_eval")(_eval_fake)
 register_double_backward_refusal("conv_bn_relu", _DOUBLE_BACKWARD)
+
+
+# ---- FLOP counts (torch.utils.flop_counter; tensors arrive as their shapes) --------------------------------------
+
+def _forward_flops(x, weight, *args, out_shape, **kwargs) -> int:
+    return conv_flops(x, weight, out_shape[0])
+
+
+def _single_output_flops(x, weight, *args, out_shape, **kwargs) -> int:
+    return conv_flops(x, weight, out_shape)
+
+
+def _backward_flops(grad_out, x, weight, bn_weight, conv_out, out, save_mean, save_invstd, stride, padding, dilation,
+                    training, relu, output_mask, *args, out_shape, **kwargs) -> int:
+    # the input gradient and the weight gradient each cost the forward's products (aten.convolution_backward's count)
+    return conv_flops(x, weight, grad_out) * (bool(output_mask[0]) + bool(output_mask[1]))
+
+
+for _prefix in ("", "triton_"):
+    register_flops([f"{_prefix}conv_bn_relu_forward"], _forward_flops)
+    register_flops([f"{_prefix}conv_bias_act", f"{_prefix}conv_bn_relu_eval"], _single_output_flops)
+    register_flops([f"{_prefix}conv_bn_relu_backward"], _backward_flops)
 
 
 # ---- eval: BatchNorm folded into the convolution ---------------------------------------------------

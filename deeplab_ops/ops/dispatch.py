@@ -3,10 +3,14 @@ key, and the registration of an op's one autograd kernel for both backend twins 
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import hashlib
+import importlib.abc
+import importlib.util
 import os
 import sys
+import threading
 
 import torch
 import torch.autograd.forward_ad as _forward_ad
@@ -254,3 +258,77 @@ def register_autograd_kernels(op: str, autograd_kernel, double_backward_message:
     for prefix in ("", "triton_"):
         _LIB.impl(f"{prefix}{op}_forward", autograd_kernel(prefix), "Autograd")
     register_double_backward_refusal(op, double_backward_message)
+
+
+# ---- FLOP counts ----------------------------------------------------------------------------------------------------
+#
+# torch.utils.flop_counter.FlopCounterMode counts the FLOPs of the ops that have a formula in its registry, which it
+# copies when a mode is made: each fused op registers one there, counting the convolutions and matrix products it
+# computes as the mode counts the eager layers it replaces (a fused network counts what the unfused one does). That
+# module imports triton (0.15 s), so `import deeplab_ops` does not import it: the formulas are registered when it is
+# imported, whenever that is (a finder on sys.meta_path runs its loader, then registers them), or at once where it
+# already is.
+
+FLOP_COUNTER = "torch.utils.flop_counter"
+_FLOP_FORMULAS: dict[str, object] = {}  # op name -> formula(*args with shapes for tensors, out_shape=..., **kwargs)
+_FLOP_LOCK = threading.Lock()
+
+
+def conv_flops(x_shape, w_shape, out_shape) -> int:
+    """A convolution's multiply-adds x 2 as torch.utils.flop_counter counts aten.convolution: every output element
+    times C_in x kH x kW, padding taps included (x_shape: the formulas' signature; the count needs only the
+    output's and the weight's)."""
+    n, _, h, w = out_shape
+    c_out, c_in, kh, kw = w_shape
+    return 2 * n * c_out * h * w * c_in * kh * kw
+
+
+def register_flops(names, formula) -> None:
+    """Register `formula` as torch.utils.flop_counter's FLOP count of each deeplab_ops op in `names` (their twins
+    included by name): formula(*args, out_shape=..., **kwargs) gets the op's arguments with every tensor replaced by
+    its shape (a list of them for a Tensor[]) and the outputs' shapes as out_shape."""
+    with _FLOP_LOCK:
+        for name in names:
+            _FLOP_FORMULAS[name] = formula
+        if FLOP_COUNTER in sys.modules:
+            _install_flop_formulas(sys.modules[FLOP_COUNTER])
+        elif not any(isinstance(f, _FlopCounterFinder) for f in sys.meta_path):
+            sys.meta_path.insert(0, _FlopCounterFinder())
+
+
+def _install_flop_formulas(flop_counter) -> None:
+    for name, formula in _FLOP_FORMULAS.items():
+        packet = getattr(torch.ops.deeplab_ops, name)
+        if packet not in flop_counter.flop_registry:
+            flop_counter.register_flop_formula(packet)(formula)
+
+
+class _FlopCounterFinder(importlib.abc.MetaPathFinder):
+    """Finds torch.utils.flop_counter as the other finders do, with a loader that registers the formulas once the
+    module has run (and takes itself off sys.meta_path: it is needed once)."""
+
+    def find_spec(self, fullname, path=None, target=None):
+        if fullname != FLOP_COUNTER:
+            return None
+        with contextlib.suppress(ValueError):
+            sys.meta_path.remove(self)
+        spec = importlib.util.find_spec(fullname)
+        if spec is not None and spec.loader is not None:
+            spec.loader = _RegisteringLoader(spec.loader)
+        return spec
+
+
+class _RegisteringLoader(importlib.abc.Loader):
+    def __init__(self, loader) -> None:
+        self.loader = loader
+
+    def __getattr__(self, name):  # get_source, get_filename, ...: the wrapped loader's (tracebacks read them)
+        return getattr(self.loader, name)
+
+    def create_module(self, spec):
+        return self.loader.create_module(spec)
+
+    def exec_module(self, module) -> None:
+        self.loader.exec_module(module)
+        with _FLOP_LOCK:
+            _install_flop_formulas(module)

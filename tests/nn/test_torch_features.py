@@ -308,3 +308,81 @@ def test_a_model_made_under_inference_mode_recalibrates_its_batchnorms_outside_i
     for (name, got), (_, exp) in zip(made.state_dict().items(), want.state_dict().items(), strict=True):
         same = torch.equal(got, exp) if got.dtype == torch.int64 else torch.allclose(got, exp, rtol=1e-12, atol=1e-12)
         assert same, (name, got, exp)
+
+
+# ---- torch.utils.flop_counter ----------------------------------------------------------------------------------------
+
+def _flops(fn, net, x) -> int:
+    from torch.utils.flop_counter import FlopCounterMode
+
+    with FlopCounterMode(display=False) as mode:
+        fn(net, x)
+    return mode.get_total_flops()
+
+
+def _out(y):
+    return y["out"] if isinstance(y, dict) else y
+
+
+def _train(net, x):
+    net.train()(x)
+
+
+def _fwd_bwd(net, x):
+    _out(net.train()(x)).sum().backward()
+
+
+def _eval(net, x):
+    net.eval()(x)
+
+
+def test_flop_counter_counts_a_fused_network_as_the_unfused_one():
+    """FlopCounterMode had no formula for the deeplab_ops ops: a fused DeepLabV3 counted 3,200 FLOPs against the
+    unfused network's 598,432 (only what ran outside the fused ops). Each op counts the convolutions it computes as
+    the mode counts the eager layers: forward, eval, forward+backward with and without an input gradient, strided
+    and dilated layers, residual blocks and the ASPP; memory_efficient=True adds the convolutions its backward
+    recomputes (FLOPs that run, as activation checkpointing's recomputation counts)."""
+    import model
+
+    for memory_efficient in (False, True):
+        torch.manual_seed(0)
+        plain = model.deeplabv3_resnet(29, num_classes=3, width=4, output_stride=8)
+        fused = fuse_modules(copy.deepcopy(plain), memory_efficient=memory_efficient)
+        x = torch.randn(2, 3, 33, 29)
+        counts = []
+        for net in (plain, fused):
+            counts.append((_flops(_train, net, x), _flops(_fwd_bwd, net, x),
+                           _flops(_fwd_bwd, net, x.clone().requires_grad_()), _flops(_eval, net, x)))
+        plain_counts, fused_counts = counts
+        assert plain_counts[0] > 10 ** 6
+        if not memory_efficient:
+            assert fused_counts == plain_counts
+        else:  # the backward recomputes the fused convolutions' outputs: those FLOPs run, and count, on top
+            assert (fused_counts[0], fused_counts[3]) == (plain_counts[0], plain_counts[3])
+            for i in (1, 2):
+                assert plain_counts[i] < fused_counts[i] <= plain_counts[i] + plain_counts[0], counts
+    blocks = [(FusedConvBNReLU(8, 16, 3, stride=2, padding=2, dilation=2),
+               nn.Sequential(nn.Conv2d(8, 16, 3, 2, 2, 2, bias=False), nn.BatchNorm2d(16), nn.ReLU())),
+              (FusedASPP(8, (2, 3), 4), TorchvisionASPP(8, (2, 3), 4))]
+    for fused, eager in blocks:
+        for x in (torch.randn(3, 8, 9, 10), torch.randn(3, 8, 9, 10, requires_grad=True)):
+            for fn in (_train, _fwd_bwd, _eval):
+                assert _flops(fn, fused, x) == _flops(fn, eager, x)
+
+
+def test_importing_deeplab_ops_leaves_the_flop_counter_unimported_and_either_order_registers_the_formulas():
+    """torch.utils.flop_counter imports triton (0.15 s): `import deeplab_ops` does not import it, and the formulas
+    are registered when it is imported later, or at once where it was imported first."""
+    import subprocess
+    import sys
+
+    from helpers import ROOT
+
+    code = ("import sys, torch{first}\nimport deeplab_ops\nassert ('torch.utils.flop_counter' in sys.modules) == "
+            "{imported}\nfrom torch.utils.flop_counter import flop_registry\n"
+            "ops = [p for p in flop_registry if 'deeplab_ops' in str(p)]\nprint(len(ops))\n")
+    for first, imported in (("", False), ("\nimport torch.utils.flop_counter", True)):
+        out = subprocess.run([sys.executable, "-c", code.format(first=first, imported=imported)], cwd=str(ROOT),
+                             capture_output=True, text=True, timeout=300)
+        assert out.returncode == 0, out.stderr
+        assert out.stdout.split() == ["12"], out.stdout
