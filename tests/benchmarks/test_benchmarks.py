@@ -866,6 +866,15 @@ def test_gpu_suite_runs_the_whole_suite_when_nothing_is_marked_gpu(tmp_path):
     assert "no test is marked gpu" in result.stdout
 
 
+def test_gpu_suite_runs_the_whole_suite_where_suite_phases_names_pytest_all(tmp_path):
+    # SUITE_PHASES=pytest_all was accepted and ran no test (exit 0): the phase ran only when nothing was marked gpu
+    result, calls, _ = _run_suite(tmp_path, SUITE_PHASES="pytest_all", GOAL_RESERVE_S="0")
+    assert result.returncode == 0, result.stdout + result.stderr
+    pytests = [c for c in calls if c.startswith("-m pytest")]
+    assert len(pytests) == 1 and pytests[0].endswith("-rA tests"), pytests
+    assert "no test is marked gpu" not in result.stdout
+
+
 def test_gpu_suite_stops_at_once_without_a_gpu(tmp_path):
     """No GPU visible (nvidia-smi fails) and no BENCH_DEVICE=cpu: one line saying so and exit 2, before anything
     is built, tested or written (it used to print "nvidia-smi failed" and rebuild the CUDA extension in place)."""
@@ -900,6 +909,21 @@ def test_gpu_suite_cpu_smoke_run_without_a_gpu(tmp_path):
                            for c in pytests), pytests
     more = next(c for c in benches if "train_bench_more" in c)
     assert "--providers eager,triton " in more, more
+    # every provider and dtype the smoke run asks for is one its script runs on a CPU: the CUDA-graph replays
+    # (cuda-graph, triton-graph) had become "cpu-graph" and tf32 stayed in, and both phases (aspp_goal, aspp_dtypes)
+    # stopped on a flag error (aspp_goal's goals then had no rows)
+    import importlib
+
+    for call in benches:
+        words = call.split()
+        module = importlib.import_module(words[0].split("/")[1].removesuffix(".py"))
+        if "--providers" in words:
+            providers = words[words.index("--providers") + 1].split(",")
+            assert all(p in module.PROVIDERS and "graph" not in p and "cuda" not in p for p in providers), call
+        if "--dtypes" in words:
+            assert "tf32" not in words[words.index("--dtypes") + 1].split(","), call
+    assert any("aspp_goal" in c and "--providers eager,eager-cl,eager-amp,eager-cl-amp,cpu,triton,compile,"
+               "compile-max " in c for c in benches), benches
 
 
 @pytest.mark.parametrize("knob, value", [("SUITE_BUDGET_S", "abc"), ("SUITE_BUDGET_S", "9m"), ("GOAL_RESERVE_S", "x"),
