@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import argparse
 import copy
+import os
 import sys
 from collections.abc import Sequence
 
@@ -209,7 +210,12 @@ def main(argv: Sequence[str] | None = None) -> int:
         image = "x".join(map(str, args.image_size))
         return _usage_error(f"an input of --batch-size {args.batch_size} and --image-size {image} makes tensors too "
                             f"large for PyTorch's 64-bit sizes ({_first_line(e)})")
-    print(format_summary(model, rows, args.image_size, args.batch_size))
+    try:
+        print(format_summary(model, rows, args.image_size, args.batch_size), flush=True)
+    except BrokenPipeError:  # the reader stopped early (`--summary | head -1`): quietly, as `head` expects
+        # stdout to /dev/null, so that the interpreter's final flush raises nothing more
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+        return 1
     return 0
 
 

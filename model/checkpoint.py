@@ -409,7 +409,9 @@ def _hints(missing: list[str], unexpected: list[str], shapes: list[str], prefix:
     if any(k.startswith("aux_classifier.") for k in unexpected):
         hints.append("the checkpoint has an auxiliary head: build the model with aux_loss=True, or pass "
                      "ignore_prefixes=('aux_classifier.',)")
-    if any(k.startswith("aux_classifier.") for k in missing):
+    # (not where the checkpoint holds the head under a wrapper prefix: _prefix_hints names that)
+    suffixes = {u.split(".", i)[-1] for u in unexpected for i in range(1, u.count(".") + 1)}
+    if any(k.startswith("aux_classifier.") and k not in suffixes for k in missing):
         hints.append("the model has an auxiliary head that the checkpoint lacks: build it with aux_loss=False")
     if not prefix and any(k in IMAGENET_CLASSIFIER_KEYS for k in unexpected):
         hints.append("this looks like an ImageNet ResNet state_dict: use load_backbone(model, ...)")

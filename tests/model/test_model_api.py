@@ -504,3 +504,35 @@ def test_summary_of_sizes_past_pytorchs_arithmetic_is_a_usage_error_naming_the_f
         status = e.code
     err = capsys.readouterr().err
     assert status == 2 and expected in err and "Traceback" not in err, err
+
+
+def test_a_wrapper_prefix_on_an_aux_checkpoint_gives_no_false_aux_head_hint(tiny_state):
+    # every key under "net.": the hints said "the model has an auxiliary head that the checkpoint lacks: build it
+    # with aux_loss=False" (the checkpoint has net.aux_classifier.*) before the prefix hint
+    state = {"net." + k: v for k, v in tiny_state.items()}
+    with pytest.raises(model.CheckpointMismatchError) as info:
+        model.load_checkpoint(_tiny(aux_loss=True), state)
+    hints = _hints(info.value)
+    assert not any("auxiliary head" in h for h in hints), hints
+    assert any("with a 'net.' prefix" in h for h in hints), hints
+    # a checkpoint that truly lacks the head still gets it
+    plain = {k: v for k, v in tiny_state.items() if not k.startswith("aux_classifier.")}
+    with pytest.raises(model.CheckpointMismatchError) as info:
+        model.load_checkpoint(_tiny(aux_loss=True), plain)
+    assert any("the checkpoint lacks: build it with aux_loss=False" in h for h in _hints(info.value))
+
+
+def test_summary_into_a_reader_that_stops_early_ends_quietly():
+    # `python -m model --summary | head -1`: a BrokenPipeError traceback when head had gone before the table was
+    # written (the benchmark scripts already end quietly there)
+    import subprocess
+    import sys
+
+    from helpers import ROOT
+
+    proc = subprocess.Popen([sys.executable, "-m", "model", "--summary", "--backbone", "resnet29"], cwd=str(ROOT),
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+    proc.stdout.close()  # the reader is gone before anything is written
+    err = proc.stderr.read().decode()
+    assert proc.wait(timeout=300) == 1, err
+    assert "Traceback" not in err and "BrokenPipeError" not in err, err
