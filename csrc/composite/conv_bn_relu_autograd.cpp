@@ -108,6 +108,15 @@ struct ConvBNReLUFunction : public torch::autograd::Function<ConvBNReLUFunction>
                                const OptTensor& bn_bias, const OptTensor& running_mean, const OptTensor& running_var,
                                const OptTensor& residual, const Config& c) {
     ForwardOutputs& r = *c.result;
+    // Statistics made under torch.inference_mode() cannot be updated by a call that records a graph (eager
+    // BatchNorm refuses them too, changing nothing): refused before anything runs. The copies below would write
+    // running_mean, then fail on its version counter, leaving running_var as it was.
+    TORCH_CHECK(!(c.training && given(running_mean) &&
+                  (running_mean->is_inference() || (given(running_var) && running_var->is_inference()))),
+                "deeplab_ops: running_mean and running_var are inference tensors (made under torch.inference_mode()): "
+                "a training forward that records a graph cannot update them (eager BatchNorm refuses them too); "
+                "clone them outside inference mode (bn.running_mean = bn.running_mean.clone(), and running_var), or "
+                "run the update under torch.no_grad()");
     {
       at::AutoDispatchBelowADInplaceOrView below_autograd;
       r = twin_ops(c.twin).forward.call(x, weight, bn_weight, bn_bias, running_mean, running_var, c.stride, c.padding,

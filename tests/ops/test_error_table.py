@@ -266,6 +266,18 @@ def _nan_loss(d):
     loop.fit(NaNAt(TinySeg(), at=2), _train_set(), _cfg(out_dir=f"{d}/run", checkpoint_every=1), torch.device("cpu"))
 
 
+
+def _inference_statistics_with_a_graph():
+    """A training call with a graph on running statistics made under torch.inference_mode(): refused before either
+    is written (running_mean was written, then the call failed on its version counter, running_var left as it was)."""
+    with torch.inference_mode():
+        rm, rv = torch.zeros(4), torch.ones(4)
+    x = torch.randn(2, 3, 5, 5, requires_grad=True)
+    try:
+        deeplab_ops.conv_bn_relu(x, torch.randn(4, 3, 3, 3), None, None, rm, rv, backend="cpu")
+    finally:
+        assert torch.equal(rm, torch.zeros(4)) and torch.equal(rv, torch.ones(4)), (rm, rv)
+
 CASES = {
     # conv_bn_relu: the Python front door (deeplab_ops/ops/conv_bn_relu.py)
     "cbr-x-type": lambda d: cbr(x=[[1.0]]),
@@ -506,6 +518,7 @@ CASES = {
     "cpp-momentum": lambda d: ops.conv_bn_relu_forward(torch.randn(2, 3, 4, 4), torch.randn(3, 3, 1, 1),
                                                        *_cpp_tail(momentum=1.5)),
     "cpp-eps": lambda d: _cpp_aspp(eps=0.0),
+    "cbr-running-inference": lambda d: _inference_statistics_with_a_graph(),
     "cpp-bn-dtype": lambda d: ops.conv_bn_relu_forward(torch.randn(2, 3, 4, 4), torch.randn(3, 3, 1, 1), *_cpp_tail(
         running_mean=torch.zeros(3, dtype=torch.float64), running_var=torch.ones(3, dtype=torch.float64))),
     "cpp-bn-mixed": lambda d: ops.conv_bn_relu_forward(
