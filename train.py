@@ -757,14 +757,13 @@ def restore_run_flags(args, given: set[str], device: torch.device) -> tuple[str,
             and not (k == "amp" and saved[k] == "fp16" and device.type != "cuda")]
     # (only to name what differs from a run without the checkpoint: the dataset against the command line's, the
     # rest against the presets of the run's dataset; a folder run's are not the synthetic set's)
-    plain, preset = argparse.Namespace(**vars(args)), argparse.Namespace(**vars(args))
-    _apply_presets(plain, device)
-    if "dataset" in keys:
-        preset.dataset = saved["dataset"]
+    preset = argparse.Namespace(**vars(args))
+    preset.dataset = saved["dataset"] if "dataset" in keys else args.dataset
     _apply_presets(preset, device)
+    preset.dataset = args.dataset or "synthetic"  # (what _apply_presets makes of the command line's)
     restored = []
     for k in keys:
-        if not _same_value(getattr(plain if k == "dataset" else preset, k), saved[k]):
+        if not _same_value(getattr(preset, k), saved[k]):
             restored.append(k)
         setattr(args, k, saved[k])
     return path, ckpt, restored

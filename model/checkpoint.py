@@ -293,10 +293,8 @@ def check_loadable(model: nn.Module, state: Mapping[str, Tensor], prefix: str = 
             + "; ".join(f"{why}: {_format_keys(keys, 5)}" for why, keys in problems.items()))
 
 
-def _prefix_hints(missing: Sequence[str], unexpected: Sequence[str], state: Mapping[str, Tensor],
-                  prefix: str) -> list[str]:
-    """Where unexpected keys are the model's missing keys under a prefix (a wrapper's "model.", a "module." that only
-    some keys carry), name the prefix: a wrapper prefix is removed only when every key has it."""
+def _prefixed_keys(missing: Sequence[str], unexpected: Sequence[str]) -> dict[str, list[str]]:
+    """prefix -> the unexpected keys that are missing keys under that prefix (the shortest one each)."""
     missing_set = set(missing)
     found: dict[str, list[str]] = {}
     for k in unexpected:
@@ -305,8 +303,15 @@ def _prefix_hints(missing: Sequence[str], unexpected: Sequence[str], state: Mapp
             if ".".join(parts[i:]) in missing_set:
                 found.setdefault(".".join(parts[:i]) + ".", []).append(k)
                 break
+    return found
+
+
+def _prefix_hints(missing: Sequence[str], unexpected: Sequence[str], state: Mapping[str, Tensor],
+                  prefix: str) -> list[str]:
+    """Where unexpected keys are the model's missing keys under a prefix (a wrapper's "model.", a "module." that only
+    some keys carry), name the prefix: a wrapper prefix is removed only when every key has it."""
     hints = []
-    for head, keys in sorted(found.items(), key=lambda item: -len(item[1]))[:3]:
+    for head, keys in sorted(_prefixed_keys(missing, unexpected).items(), key=lambda item: -len(item[1]))[:3]:
         carrying = sum(1 for k in state if k.startswith(head))
         removed = (f"a {head!r} prefix is removed only when every key carries it" if head in WRAPPER_PREFIXES
                    else f"only {' and '.join(repr(w) for w in WRAPPER_PREFIXES)} prefixes are removed, when every key "
@@ -410,8 +415,8 @@ def _hints(missing: list[str], unexpected: list[str], shapes: list[str], prefix:
         hints.append("the checkpoint has an auxiliary head: build the model with aux_loss=True, or pass "
                      "ignore_prefixes=('aux_classifier.',)")
     # (not where the checkpoint holds the head under a wrapper prefix: _prefix_hints names that)
-    suffixes = {u.split(".", i)[-1] for u in unexpected for i in range(1, u.count(".") + 1)}
-    if any(k.startswith("aux_classifier.") and k not in suffixes for k in missing):
+    prefixed = {k[len(head):] for head, keys in _prefixed_keys(missing, unexpected).items() for k in keys}
+    if any(k.startswith("aux_classifier.") and k not in prefixed for k in missing):
         hints.append("the model has an auxiliary head that the checkpoint lacks: build it with aux_loss=False")
     if not prefix and any(k in IMAGENET_CLASSIFIER_KEYS for k in unexpected):
         hints.append("this looks like an ImageNet ResNet state_dict: use load_backbone(model, ...)")
