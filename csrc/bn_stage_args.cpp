@@ -194,8 +194,7 @@ void check_dy_args(const at::Tensor& input, const std::optional<at::Tensor>& wei
 void check_conv_geometry_args(const at::Tensor& x, const at::Tensor& weight, at::IntArrayRef stride,
                               at::IntArrayRef padding, at::IntArrayRef dilation) {
   DLO_CHECK_ACTIVATION(x);
-  TORCH_CHECK(at::isFloatingType(x.scalar_type()), "deeplab_ops: x must be float16, bfloat16, float32 or float64, got ",
-              x.scalar_type());
+  DLO_CHECK_FLOATING(x);
   TORCH_CHECK(weight.dim() == 4, "deeplab_ops: weight must be 4-D (C_out, C_in, kH, kW), got shape ", weight.sizes());
   TORCH_CHECK(weight.size(1) == x.size(1), "deeplab_ops: weight expects ", weight.size(1),
               " input channels (groups=1) but x has ", x.size(1));

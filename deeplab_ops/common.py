@@ -197,45 +197,56 @@ def refuse_running_grad(name: str) -> None:
                      "torch.no_grad()")
 
 
-def check_running_writable(named) -> None:
+def check_running_writable(named, read=()) -> None:
     """Raise for running statistics that a training call cannot update in place: one whose elements share memory
-    (an expanded view: stride 0 over more than one value) or two that share memory with each other. `named`:
-    (name, value) pairs, a value one tensor or a list of them (named name[i]). Strides and addresses only (no aten
-    op, one Python frame per call); an exact element test only where two tensors' address ranges interleave."""
+    (an expanded view: stride 0 over more than one value), two that share memory with each other, or one that
+    shares memory with a tensor the call reads (`read`: the BatchNorm weight and bias; eager's F.batch_norm would
+    read them after its own update of the running statistics, the fused kernels before). `named`, `read`:
+    (name, value) pairs, a value one tensor or a list of them (named name[i]); the read tensors may share memory
+    with each other. Strides and addresses only (no aten op, one Python frame per call); an exact element test
+    only where two tensors' address ranges interleave."""
     spans = []
-    for group, value in named:
-        tensors = (value,) if isinstance(value, Tensor) else value
-        for i, t in enumerate(tensors):
-            index = None if tensors is not value else i  # (a list's tensors are named group[i], on error only)
-            extent = 1
-            for size, stride in zip(t.shape, t.stride(), strict=True):
-                if size > 1 and stride == 0:
-                    name = _label(group, index)
-                    raise ValueError(
-                        f"{name} has overlapping memory (stride 0 over {size} values: an expanded view, shape "
-                        f"{tuple(t.shape)}, strides {t.stride()}), but training BatchNorm updates it in place, one "
-                        f"value per channel; pass a tensor with its own memory, e.g. {name}.clone()")
-                extent += (size - 1) * stride
-            if not t.numel() or torch.compiler.is_compiling() or is_functorch_wrapped(t) or t.is_meta:
-                continue  # (no addresses there)
-            try:
-                start = t.data_ptr()
-            except RuntimeError:  # a tensor without storage (a fake one): nothing to compare
+    for written, pairs in ((True, named), (False, read)):  # (plain loops: no frame per call on the per-call path)
+        for group, value in pairs:
+            if value is None:
                 continue
-            spans.append((start, start + extent * t.element_size(), group, index, t))
+            tensors = (value,) if isinstance(value, Tensor) else value
+            for i, t in enumerate(tensors):
+                index = None if tensors is not value else i  # (a list's tensors are named group[i], on error only)
+                extent = 1
+                for size, stride in zip(t.shape, t.stride(), strict=True):
+                    if size > 1 and stride == 0 and written:
+                        name = _label(group, index)
+                        raise ValueError(
+                            f"{name} has overlapping memory (stride 0 over {size} values: an expanded view, shape "
+                            f"{tuple(t.shape)}, strides {t.stride()}), but training BatchNorm updates it in place, "
+                            f"one value per channel; pass a tensor with its own memory, e.g. {name}.clone()")
+                    extent += (size - 1) * stride
+                if not t.numel() or torch.compiler.is_compiling() or is_functorch_wrapped(t) or t.is_meta:
+                    continue  # (no addresses there)
+                try:
+                    start = t.data_ptr()
+                except RuntimeError:  # a tensor without storage (a fake one): nothing to compare
+                    continue
+                spans.append((start, start + extent * t.element_size(), group, index, t, written))
     spans.sort(key=operator.itemgetter(0))
     # Each range against every earlier one still open at its start, not only its neighbour: a third interleaved
     # range can share elements with the first while the second, between them, shares none with either.
     reach = 0  # the highest end among the ranges before: below it a range may interleave with any of them
-    for j, (start, end, other_group, other_index, u) in enumerate(spans):
+    for j, (start, end, other_group, other_index, u, u_written) in enumerate(spans):
         if start < reach:  # (plain loops: no frame per call on the per-call path)
-            for _, earlier_end, group, index, t in spans[:j]:
-                if start < earlier_end and bool(torch.isin(_addresses(u), _addresses(t)).any()):
-                    other = _label(other_group, other_index)
+            for _, earlier_end, group, index, t, t_written in spans[:j]:
+                if ((u_written or t_written) and start < earlier_end
+                        and bool(torch.isin(_addresses(u), _addresses(t)).any())):
+                    first, other = _label(group, index), _label(other_group, other_index)
+                    if u_written and t_written:
+                        why = "updates both in place (one would overwrite the other's new values)"
+                    else:
+                        why = (f"updates {first if t_written else other} in place while it reads "
+                               f"{other if t_written else first} (eager BatchNorm would read the updated values)")
                     raise ValueError(
-                        f"{_label(group, index)} and {other} share memory, but training BatchNorm updates both in "
-                        f"place (one would overwrite the other's new values); pass tensors with their own memory, "
-                        f"e.g. {other}.clone()")
+                        f"{first} and {other} share memory, but training BatchNorm {why}; pass tensors with their "
+                        f"own memory, e.g. {other}.clone()")
         reach = max(reach, end)
 
 

@@ -16,7 +16,6 @@ import torch
 import torch.fx
 from torch import nn
 
-from deeplab_ops.backends import BACKENDS
 from deeplab_ops.modules import (
     BN_FORWARDS,
     CONV2D_FORWARDS,
@@ -26,6 +25,7 @@ from deeplab_ops.modules import (
     aspp_fusable,
     aspp_parts,
     check_fusable,
+    check_module_options,
     forget_aspp_parts,
     fused_conv_bn,
     reads_directly,
@@ -702,10 +702,7 @@ def fuse_modules(model: nn.Module, backend: str | None = None, memory_efficient:
     """
     if not isinstance(model, nn.Module):
         raise TypeError(f"model must be an nn.Module, got {type(model).__name__}")
-    if backend is not None and backend not in BACKENDS:
-        raise ValueError(f"backend={backend!r} is not a backend; expected one of {BACKENDS} or None")
-    if not isinstance(memory_efficient, bool):
-        raise TypeError(f"memory_efficient must be a bool, got {memory_efficient!r}")
+    check_module_options(backend, memory_efficient)  # (as the fused modules: 'auto' is None's name)
     if not isinstance(channels_last, bool):
         raise TypeError(f"channels_last must be a bool, got {channels_last!r}")
     unfuse_modules(model)

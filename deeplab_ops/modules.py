@@ -27,7 +27,7 @@ from deeplab_ops.common import (
     pair,
     release_derived,
 )
-from deeplab_ops.ops.aspp import aspp
+from deeplab_ops.ops.aspp import aspp, checked_rates, is_rate_sequence
 from deeplab_ops.ops.conv_bn_relu import checked_config, conv_bn_relu, eval_fast
 from deeplab_ops.ops.dispatch import enter_directly, group_name_of
 
@@ -109,7 +109,7 @@ def symmetric_padding(conv: nn.Conv2d) -> bool:
     return True
 
 
-def _check_module_options(backend, memory_efficient) -> None:
+def check_module_options(backend, memory_efficient) -> None:
     """A fused module's backend and memory_efficient, checked when it is built (not at its first call)."""
     from deeplab_ops.backends import BACKENDS, _not_a_backend
 
@@ -521,7 +521,7 @@ class FusedConvBNReLU(ReleasesDerived, nn.Sequential):
     ) -> None:
         if not isinstance(relu, bool):
             raise TypeError(f"relu must be a bool, got {relu!r}")
-        _check_module_options(backend, memory_efficient)
+        check_module_options(backend, memory_efficient)
         for name, value in (("stride", stride), ("dilation", dilation)):
             if min(pair(value, name)) < 1:  # pair: TypeError naming it for anything but an int or two
                 raise ValueError(f"{name} must be an int >= 1 or a pair of them, got {value!r}")
@@ -545,7 +545,7 @@ class FusedConvBNReLU(ReleasesDerived, nn.Sequential):
         check_fusable(conv, bn)
         if not isinstance(relu, bool):
             raise TypeError(f"relu must be a bool, got {relu!r}")
-        _check_module_options(backend, memory_efficient)  # as the constructor checks them: when built
+        check_module_options(backend, memory_efficient)  # as the constructor checks them: when built
         self = cls.__new__(cls)
         nn.Sequential.__init__(self, conv, bn, *([nn.ReLU()] if relu else []))
         self.apply_relu = relu
@@ -1019,15 +1019,13 @@ class FusedASPP(ReleasesDerived, nn.Module):
         memory_efficient: bool = False,
     ) -> None:
         super().__init__()
-        if not isinstance(atrous_rates, (tuple, list)):
-            raise TypeError(f"atrous_rates must be a tuple or list of ints >= 1 (e.g. (12, 24, 36)), got "
-                            f"{atrous_rates!r}")
-        _check_module_options(backend, memory_efficient)
+        if not is_rate_sequence(atrous_rates):
+            raise TypeError(f"atrous_rates must be a sequence (tuple, list, range, ...) of ints >= 1 (e.g. (12, 24, "
+                            f"36)), got {atrous_rates!r}")
+        check_module_options(backend, memory_efficient)
         if not isinstance(out_channels, int) or isinstance(out_channels, bool) or out_channels < 1:
             raise ValueError(f"out_channels must be an int >= 1, got {out_channels!r}")
-        rates = tuple(atrous_rates)
-        if not all(isinstance(r, int) and not isinstance(r, bool) and r >= 1 for r in rates):
-            raise ValueError(f"atrous_rates must be ints >= 1, got {atrous_rates!r}")
+        rates = checked_rates(atrous_rates, "atrous_rates")
         if not isinstance(dropout, numbers.Real) or isinstance(dropout, bool) or not 0.0 <= dropout < 1.0:
             raise ValueError(f"dropout must be in [0, 1), got {dropout!r}")
 

@@ -205,7 +205,10 @@ def aspp(
         outs.append(bn_relu(F.conv2d(x, conv_weights[i + 1], padding=r, dilation=r), i + 1))
     pooled = bn_relu(F.conv2d(F.adaptive_avg_pool2d(x, 1), pool_weight), len(rates) + 1)
     outs.append(F.interpolate(pooled, size=x.shape[-2:], mode="bilinear", align_corners=False))
-    return bn_relu(F.conv2d(torch.cat(outs, dim=1), project_weight), len(rates) + 2)
+    out = bn_relu(F.conv2d(torch.cat(outs, dim=1), project_weight), len(rates) + 2)
+    # In x's memory format, as every backend returns it (the upsampled pooling branch, a 1x1 map's interpolation,
+    # comes out NCHW and turns the concatenation NCHW).
+    return out.contiguous(memory_format=suggest_memory_format(x))
 
 
 def upsample_cross_entropy(

@@ -117,8 +117,11 @@ C10_HOST_DEVICE inline Finalized<acc_t> bn_finalize_channel(Welford<acc_t> w, ac
   const acc_t var = w.count > acc_t(0) ? w.m2 / w.count : acc_t(0);
   f.invstd = acc_t(1) / ::sqrt(var + eps);
   const acc_t unbiased = w.count > acc_t(1) ? w.m2 / (w.count - acc_t(1)) : acc_t(NAN);
-  f.running_mean = (acc_t(1) - momentum) * running_mean + momentum * w.mean;
-  f.running_var = (acc_t(1) - momentum) * running_var + momentum * unbiased;
+  // No value at all (every process of a synchronized group held an empty batch): the running statistics stay as
+  // they are, as for an empty batch without a group (decided here, on the device: no host synchronization).
+  const bool seen = w.count > acc_t(0);
+  f.running_mean = seen ? (acc_t(1) - momentum) * running_mean + momentum * w.mean : running_mean;
+  f.running_var = seen ? (acc_t(1) - momentum) * running_var + momentum * unbiased : running_var;
   return f;
 }
 

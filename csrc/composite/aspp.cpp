@@ -31,11 +31,13 @@ AsppShape check_aspp_args(const at::Tensor& x, at::TensorList conv_weights, cons
                          at::IntArrayRef rates, bool synchronized) {
   DLO_CHECK_ACTIVATION(x);
   // Before anything reads x (its image pooling's mean would fail with aten's message, naming no argument).
-  TORCH_CHECK(at::isFloatingType(x.scalar_type()), "deeplab_ops: x must be float16, bfloat16, float32 or float64, got ",
-              x.scalar_type());
+  DLO_CHECK_FLOATING(x);
   AsppShape g{x.size(0), x.size(1), x.size(2), x.size(3), 0, static_cast<int64_t>(conv_weights.size())};
   TORCH_CHECK(g.branches == static_cast<int64_t>(rates.size()) + 1, "deeplab_ops: aspp needs 1 + len(rates) = ",
               rates.size() + 1, " conv weights (the 1x1 branch, then one 3x3 per rate), got ", g.branches);
+  // conv_weights[0] (the 1x1 branch) gives the branch width the loop checks every weight against.
+  TORCH_CHECK(conv_weights[0].dim() == 4, "deeplab_ops: conv_weights[0] must be 4-D (C, C_in=", g.cin,
+              ", 1, 1), got shape ", conv_weights[0].sizes());
   g.c = conv_weights[0].size(0);
   for (int64_t b = 0; b < g.branches; ++b) {
     const int64_t k = b == 0 ? 1 : 3;

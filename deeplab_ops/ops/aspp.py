@@ -5,8 +5,10 @@ concatenated (docs/ops.md; how per-BatchNorm lists avoid the cat: docs/performan
 
 from __future__ import annotations
 
+import collections.abc
 import math
 import numbers
+import operator
 
 import torch
 from torch._prims_common import suggest_memory_format
@@ -322,6 +324,33 @@ def _check_bn(value, name: str, n_bn: int, c: int, allow_none: bool = False) -> 
     return list(value)
 
 
+def is_rate_sequence(rates) -> bool:
+    """Whether `rates` is an ordered sequence that may hold the ASPP's rates: a list, tuple, range, numpy array or
+    1-D tensor (not a str, and not a set, whose order would pair rates with the wrong weights)."""
+    return ((isinstance(rates, collections.abc.Sequence) and not isinstance(rates, (str, bytes)))
+            or (type(rates).__module__ == "numpy" and getattr(rates, "ndim", None) == 1)
+            or (isinstance(rates, torch.Tensor) and rates.dim() == 1))
+
+
+def checked_rates(rates, name: str = "rates") -> tuple[int, ...]:
+    """`rates` as a tuple of ints, from any ordered sequence of integers >= 1 (is_rate_sequence: what torchvision's
+    ASPP iterates over; numpy integers and 0-d integer tensors count as ints); a ValueError naming `name` for
+    anything else."""
+    ints = None
+    if is_rate_sequence(rates):
+        values = tuple(rates)
+        # (bools are refused: Python's and numpy's, by type name, and bool tensors)
+        if not any([type(r).__name__ in ("bool", "bool_") or (isinstance(r, torch.Tensor) and r.dtype == torch.bool)
+                    for r in values]):
+            try:
+                ints = tuple([operator.index(r) for r in values])
+            except TypeError:
+                pass
+    if ints is None or not all([r >= 1 for r in ints]):
+        raise ValueError(f"{name} must be a sequence (tuple, list, range, ...) of ints >= 1, got {rates!r}")
+    return ints
+
+
 def check_args(x, conv_weights, pool_weight, project_weight, bn_weights, bn_biases, running_means, running_vars,
                rates, training, momentum, eps, empty: bool = False, synchronized: bool = False) -> tuple[int, ...]:
     """Validate an aspp call; errors name the argument, its value and what was expected. Returns the rates.
@@ -334,11 +363,8 @@ def check_args(x, conv_weights, pool_weight, project_weight, bn_weights, bn_bias
         refuse_layout("x", x)
     if x.dtype not in FLOAT_DTYPES:
         raise TypeError(f"x has dtype {x.dtype}; expected float32, float64, float16 or bfloat16")
-    if not isinstance(rates, (list, tuple)) or not all([
-        (type(r) is int or (isinstance(r, numbers.Integral) and not isinstance(r, bool))) and r >= 1 for r in rates
-    ]):
-        raise ValueError(f"rates must be a sequence of ints >= 1, got {rates!r}")
-    rates = tuple([int(r) for r in rates])
+    if type(rates) is not tuple or not all([type(r) is int and r >= 1 for r in rates]):
+        rates = checked_rates(rates)
     if rates and max(rates) > INT32_MAX:  # kernels index with 32 bits; the op schema takes int64 at most
         raise ValueError(f"rates must be at most {INT32_MAX} (2**31 - 1), got {rates}")
     n, cin, h, w = x.shape
@@ -409,7 +435,8 @@ def check_args(x, conv_weights, pool_weight, project_weight, bn_weights, bn_bias
     if not training and running_means is None:
         raise ValueError("training=False (eval) uses running statistics: running_means and running_vars are needed")
     if training and running_means is not None:
-        check_running_writable((("running_means", given["running_means"]), ("running_vars", given["running_vars"])))
+        check_running_writable((("running_means", given["running_means"]), ("running_vars", given["running_vars"])),
+                               (("bn_weights", given["bn_weights"]), ("bn_biases", given["bn_biases"])))
     if training and n == 1 and not synchronized:  # (an empty batch passes, as in torchvision's ASPP)
         raise ValueError(
             f"aspp in training mode needs a batch of 2 or more (got N={n}): the image-pooling branch has one value "

@@ -223,7 +223,8 @@ def check_args(
             and torch.is_grad_enabled()):
         refuse_running_grad("running_mean" if running_mean.requires_grad else "running_var")
     if training and running_mean is not None:
-        check_running_writable((("running_mean", running_mean), ("running_var", running_var)))
+        check_running_writable((("running_mean", running_mean), ("running_var", running_var)),
+                               (("bn_weight", bn_weight), ("bn_bias", bn_bias)))
     if training and n * ho * wo == 1 and not synchronized:  # (F.batch_norm's rule: an empty batch passes)
         raise ValueError(
             f"training BatchNorm needs more than 1 value per channel, but the output is {n}x{cout}x{ho}x{wo}; "

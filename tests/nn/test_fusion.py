@@ -168,6 +168,10 @@ def test_idempotent_and_backend_choice():
         assert fusion.fused_config(fused.seq[1]).backend == "reference"
         assert fusion.fused_config(fused.aspp).backend == "reference"
         assert_close(fused(x), want, "backend='reference'", ATOL, RTOL)
+        # 'auto' names the automatic choice, as in the ops and the fused modules (fuse_modules refused it)
+        fuse_modules(fused, backend="auto")
+        assert fusion.fused_config(fused.aspp).backend == "auto"
+        assert_close(fused(x), want, "backend='auto'", ATOL, RTOL)
     unfuse_modules(fused)
     unfuse_modules(fused)
     assert [type(m) for m in fused.modules()] == [type(m) for m in plain.modules()]

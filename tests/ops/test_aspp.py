@@ -122,6 +122,21 @@ def test_each_bn_argument_may_be_a_list_or_one_tensor(backend, forms):
                  f"BatchNorm gradients ({forms})", tol * 10, tol * 10)
 
 
+@pytest.mark.parametrize("backend", [backend_param(b) for b in ("cpu", "reference", "triton")])
+@pytest.mark.parametrize("training", [True, False], ids=["train", "eval"])
+def test_output_keeps_the_input_memory_format_on_every_backend(backend, training):
+    # The reference returned NCHW for a channels_last x (its upsampled pooling branch, from a 1x1 map, made the
+    # concatenation NCHW) while cpu and triton return channels_last, as docs/ops.md says.
+    device = device_for(backend)
+    torch.manual_seed(0)
+    module = FusedASPP(3, (1, 2), 4, backend=backend).to(device).train(training)
+    for fmt in (torch.channels_last, torch.contiguous_format):
+        x = torch.randn(2, 3, 5, 6, device=device).contiguous(memory_format=fmt)
+        with torch.no_grad():
+            out = module(x)
+        assert out.is_contiguous(memory_format=fmt), (fmt, out.stride())
+
+
 def test_gradcheck_float64():
     x, cws, pw, prw, bws, bbs, rms, rvs, rates = _functional_inputs(n=2, cin=3, c=2, h=5, w=4, rates=(1, 3))
     leaves = [x, *cws, pw, prw, *bws, *bbs]
@@ -189,7 +204,12 @@ def test_dropout_matches_torchvision_in_training():
         (lambda a: a.__setitem__(4, a[4][:-1]), r"bn_weights must be a list of 5 tensors"),
         (lambda a: a[6].__setitem__(0, torch.zeros(4)), r"running_means\[0\] must have shape \(3,\)"),
         (lambda a: a.__setitem__(0, torch.randn(1, 5, 7, 6)), r"batch of 2 or more"),
-        (lambda a: a.__setitem__(8, (2, 0)), r"rates must be a sequence of ints >= 1"),
+        (lambda a: a.__setitem__(8, (2, 0)), r"rates must be a sequence \(tuple, list, range, ...\) of ints >= 1, "
+                                             r"got \(2, 0\)"),
+        (lambda a: a.__setitem__(8, {2, 5}), r"rates must be a sequence .*got \{2, 5\}"),  # unordered
+        (lambda a: a.__setitem__(8, (True, 5)), r"rates must be a sequence .*got \(True, 5\)"),
+        (lambda a: a.__setitem__(8, (2.0, 5)), r"rates must be a sequence .*got \(2.0, 5\)"),
+        (lambda a: a.__setitem__(8, "25"), r"rates must be a sequence .*got '25'"),
     ],
 )
 def test_bad_input(change, pattern):
@@ -198,6 +218,21 @@ def test_bad_input(change, pattern):
     *tensors, rates = args
     with pytest.raises((ValueError, TypeError), match=pattern):
         deeplab_ops.aspp(*tensors, rates=rates, backend="cpu")
+
+
+@pytest.mark.parametrize("form", ["range", "list", "numpy", "tensor", "numpy-ints"])
+def test_rates_may_be_any_ordered_sequence_of_ints(form):
+    # torchvision's ASPP iterates over its rates; aspp refused range(2, 6, 3) with "rates must be a sequence of
+    # ints", and FusedASPP refused it with a TypeError.
+    import numpy as np
+
+    rates = {"range": range(2, 6, 3), "list": [2, 5], "numpy": np.array([2, 5]), "tensor": torch.tensor([2, 5]),
+             "numpy-ints": (np.int64(2), np.int32(5))}[form]
+    *tensors, _ = _functional_inputs(dtype=torch.float32)
+    want = deeplab_ops.aspp(*tensors, rates=(2, 5), training=False, backend="cpu")
+    torch.testing.assert_close(deeplab_ops.aspp(*tensors, rates=rates, training=False, backend="cpu"), want)
+    module = FusedASPP(5, rates, 3)
+    assert module.atrous_rates == (2, 5) and all(type(r) is int for r in module.atrous_rates)
 
 
 @cuda_test

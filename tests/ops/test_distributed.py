@@ -128,3 +128,39 @@ def test_fused_aspp_two_processes_match_one_process(split):
             torch.testing.assert_close(t(g), p.grad, **tol, msg=f"rank {r} grad {name}")
         for (name, b), v in zip(module.named_buffers(), results[r][3], strict=True):
             torch.testing.assert_close(t(v), b, **tol, msg=f"rank {r} buffer {name}")
+
+
+def _all_empty_worker(rank: int, port: int, _, queue) -> None:
+    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
+    dist.init_process_group("gloo", rank=rank, world_size=2)
+    try:
+        x, w, gamma, beta, res, grad = (t[:0] if t.dim() == 4 and t.shape[0] == 4 else t for t in _inputs())
+        rm, rv = torch.full((5,), 0.5, dtype=torch.float64), torch.full((5,), 2.0, dtype=torch.float64)
+        out, grads = _step(x, w, gamma, beta, res, grad, rm, rv, dist.group.WORLD)
+        module, xa, grad_a = _aspp_inputs()
+        deeplab_ops.nn.sync_batchnorm(module)
+        before = [b.clone() for name, b in module.named_buffers() if name.endswith(("running_mean", "running_var"))]
+        out_a = module(xa[:0].requires_grad_())
+        out_a.backward(grad_a[:0])
+        after = [b for name, b in module.named_buffers() if name.endswith(("running_mean", "running_var"))]
+        queue.put((rank, tuple(out.shape), [g.numpy() for g in grads[1:4]], rm.numpy(), rv.numpy(),
+                   tuple(out_a.shape), [b.numpy() for b in before], [b.numpy() for b in after],
+                   [p.grad.numpy() for p in module.parameters()]))
+    except Exception as exc:
+        queue.put((rank, f"rank {rank}: {type(exc).__name__}: {exc}"))
+        raise
+    finally:
+        dist.destroy_process_group()
+
+
+def test_every_process_with_an_empty_batch_leaves_the_running_statistics():
+    # Nothing in the whole group: the statistics merged over the processes had a count of 0, and the update wrote
+    # running_mean * (1 - momentum) and a NaN running_var into every BatchNorm (the model's statistics lost), where
+    # an empty batch without a group leaves them unchanged. Now unchanged; gradients zero, outputs empty.
+    for rank, (shape, grads, rm, rv, shape_a, before, after, grads_a) in run_two_processes(_all_empty_worker,
+                                                                                         None).items():
+        assert shape == (0, 5, 7, 6) and shape_a == (0, 2, 5, 6), rank
+        assert all((g == 0).all() for g in grads + grads_a), rank
+        assert (rm == 0.5).all() and (rv == 2.0).all(), (rank, rm, rv)
+        for b, a in zip(before, after, strict=True):
+            assert (a == b).all(), (rank, b, a)

@@ -315,6 +315,7 @@ CASES = {
     "cbr-running-grad": lambda d: cbr(running_mean=torch.zeros(4, requires_grad=True)),
     "cbr-running-expanded": lambda d: cbr(running_mean=torch.zeros(1).expand(4)),
     "cbr-running-shared": lambda d: (lambda buf: cbr(running_mean=buf[0:4], running_var=buf[2:6]))(torch.ones(6)),
+    "cbr-running-param-shared": lambda d: (lambda t: cbr(bn_weight=t, running_var=t))(torch.ones(4)),
     "cbr-eval-running": lambda d: cbr(training=False, running_mean=None, running_var=None),
     "cbr-one-value": lambda d: cbr(x=torch.randn(1, 3, 1, 1), weight=torch.randn(4, 3, 1, 1), padding=0),
     "cbr-residual-type": lambda d: cbr(residual=1.0),
@@ -364,6 +365,9 @@ CASES = {
     "aspp-running-grad": lambda d: aspp_item("running_means", 1, torch.zeros(3, requires_grad=True)),
     "aspp-running-shared": lambda d: (lambda t: aspp(running_means=[t] + [torch.zeros(3) for _ in range(4)],
                                                      running_vars=[t] + [torch.ones(3) for _ in range(4)]))(
+        torch.ones(3)),
+    "aspp-running-param-shared": lambda d: (lambda t: aspp(bn_weights=[t] + [torch.ones(3) for _ in range(4)],
+                                                           running_vars=[t] + [torch.ones(3) for _ in range(4)]))(
         torch.ones(3)),
     "aspp-training-type": lambda d: aspp(training=1),
     "aspp-eval-running": lambda d: aspp(training=False, running_means=None, running_vars=None),

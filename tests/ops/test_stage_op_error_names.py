@@ -83,13 +83,18 @@ def cbr_backward():
                 dilation=[1, 1], training=True, relu=True, output_mask=[True, True, True, True, True])
 
 
-def aspp_backward():
+def aspp_forward():
     x, c, rates = torch.randn(2, 5, 7, 6), 3, [2, 5]
     k = (len(rates) + 3) * c
-    f = dict(x=x, conv_weights=[torch.randn(c, 5, 1, 1)] + [torch.randn(c, 5, 3, 3) for _ in rates],
-             pool_weight=torch.randn(c, 5, 1, 1), project_weight=torch.randn(c, (len(rates) + 2) * c, 1, 1),
-             bn_weight=_vec(k), bn_bias=_vec(k), running_mean=torch.zeros(k), running_var=torch.ones(k), rates=rates,
-             training=True, momentum=0.1, eps=1e-5)
+    return dict(x=x, conv_weights=[torch.randn(c, 5, 1, 1)] + [torch.randn(c, 5, 3, 3) for _ in rates],
+                pool_weight=torch.randn(c, 5, 1, 1), project_weight=torch.randn(c, (len(rates) + 2) * c, 1, 1),
+                bn_weight=_vec(k), bn_bias=_vec(k), running_mean=torch.zeros(k), running_var=torch.ones(k),
+                rates=rates, training=True, momentum=0.1, eps=1e-5)
+
+
+def aspp_backward():
+    f = aspp_forward()
+    x, rates = f["x"], f["rates"]
     with torch.no_grad():
         out, branch, pool, proj, mean, invstd, _, _ = ops.aspp_forward(*f.values())
     return dict(grad_out=torch.randn_like(out), x=x, conv_weights=f["conv_weights"], pool_weight=f["pool_weight"],
@@ -101,7 +106,7 @@ def aspp_backward():
 CALLS = {"bn_stats": stats, "bn_finalize": finalize, "bn_finalize (P, C)": finalize_parts,
          "bn_finalize (eval)": finalize_eval, "bn_apply": apply, "bn_backward_reduce": reduce, "bn_backward_dy": dy,
          "conv_bn_relu_forward": cbr_forward, "conv_bn_relu_eval": cbr_eval, "conv_bn_relu_backward": cbr_backward,
-         "aspp_backward": aspp_backward}
+         "aspp_forward": aspp_forward, "aspp_backward": aspp_backward}
 
 
 def _call(call: str, args: dict):
@@ -118,6 +123,10 @@ def _long(t):
 
 def _double(t):
     return t.double()
+
+
+def _float8(t):
+    return t.to(torch.float8_e4m3fn)
 
 
 FLOAT = r"must be float16, bfloat16, float32 or float64, got Long"
@@ -234,6 +243,13 @@ CASES = [
     ("conv_bn_relu_backward", "conv_out", _shape(2, 6, 8, 7),
      r"^deeplab_ops: conv_out must have shape \[2, 6, 8, 8\] \(x \[2, 4, 8, 8\] convolved with weight "
      r"\[6, 4, 3, 3\] at stride \[1, 1\], padding \[1, 1\], dilation \[1, 1\]\), got \[2, 6, 8, 7\]"),
+    # the composites' x: one of the four float dtypes (float8 is floating point too, and passed a bare
+    # at::isFloatingType check into aten's convolution, whose error named no argument)
+    *[(call, "x", _float8, r"^deeplab_ops: x must be float16, bfloat16, float32 or float64, got Float8_e4m3fn")
+      for call in ("conv_bn_relu_forward", "conv_bn_relu_eval", "aspp_forward")],
+    # aspp_forward's first branch weight gives the width: checked as 4-D before its size is read
+    ("aspp_forward", "conv_weights", lambda v: [torch.tensor(1.0)] + v[1:],
+     r"^deeplab_ops: conv_weights\[0\] must be 4-D \(C, C_in=5, 1, 1\), got shape \[\]"),
     # aspp_backward: the saved tensors it passes to the stage ops, under their own names
     *[("aspp_backward", name, _shape(2, 3, 7, 5),
        rf"^deeplab_ops: {name} must have shape \(2, 3, 7, 6\) \(the forward's\), got \[2, 3, 7, 5\]")

@@ -228,6 +228,40 @@ def test_aspp_running_stats_sharing_memory_refused_in_training(backend):
         deeplab_ops.aspp(**a, rates=(1, 2), training=True, backend=backend)
 
 
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("case", ["weight-is-var", "bias-is-mean", "weight-overlaps-mean"])
+def test_cbr_bn_parameters_sharing_memory_with_running_stats_refused_in_training(backend, case):
+    # Eager's F.batch_norm updates the running statistics before it reads weight and bias, so a bn_weight that is
+    # running_var normalizes with the new variance; the cpu and triton kernels read it before the update: their
+    # output differed from eager's (by 7.75 in float64) with no error. Refused; weight and bias may share memory
+    # with each other (one flat buffer), and eval (nothing written) takes them.
+    x, w, g, b, rm, rv = _cbr_args(device_for(backend))
+    buf = torch.rand(6, device=x.device) + 0.5
+    g, b, rm, rv, name = {"weight-is-var": (rv, b, rm, rv, "running_var and bn_weight share memory"),
+                          "bias-is-mean": (g, rm, rm, rv, "running_mean and bn_bias share memory"),
+                          "weight-overlaps-mean": (buf[2:6], b, buf[0:4], rv, "running_mean and bn_weight share")}[case]
+    with pytest.raises(ValueError, match=name + r".*updates running_(mean|var) in place while it reads bn_"):
+        deeplab_ops.conv_bn_relu(x, w, g, b, rm, rv, padding=1, training=True, backend=backend)
+    flat = torch.rand(8, device=x.device) + 0.5  # bn_weight and bn_bias in one buffer: fine
+    rm, rv = torch.zeros(4, device=x.device), torch.ones(4, device=x.device)
+    out = deeplab_ops.conv_bn_relu(x, w, flat[:4], flat[4:], rm, rv, padding=1, training=True, backend=backend)
+    want_rm, want_rv = torch.zeros(4, device=x.device), torch.ones(4, device=x.device)
+    want = F.relu(F.batch_norm(F.conv2d(x, w, padding=1), want_rm, want_rv, flat[:4], flat[4:], True, 0.1, 1e-5))
+    torch.testing.assert_close(out, want, rtol=1e-4, atol=1e-5)
+    torch.testing.assert_close(rm, want_rm)
+    torch.testing.assert_close(rv, want_rv)
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_aspp_bn_parameters_sharing_memory_with_running_stats_refused_in_training(backend):
+    a = _aspp_args(device_for(backend))
+    a["bn_weights"][2] = a["running_vars"][2]
+    with pytest.raises(ValueError, match=r"running_vars\[2\] and bn_weights\[2\] share memory, but training "
+                                         r"BatchNorm updates running_vars\[2\] in place while it reads"):
+        deeplab_ops.aspp(**a, rates=(1, 2), training=True, backend=backend)
+    deeplab_ops.aspp(**a, rates=(1, 2), training=False, backend=backend)  # eval only reads them
+
+
 def test_running_stats_overlapping_past_a_neighbour_between_them_are_refused():
     # Three interleaved strided views of one buffer: the first and third share elements 4 and 8, the second (between
     # them by address) shares none with either. Only neighbours were compared: no error, the aliased values were
