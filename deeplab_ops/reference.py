@@ -206,9 +206,12 @@ def aspp(
     pooled = bn_relu(F.conv2d(F.adaptive_avg_pool2d(x, 1), pool_weight), len(rates) + 1)
     outs.append(F.interpolate(pooled, size=x.shape[-2:], mode="bilinear", align_corners=False))
     out = bn_relu(F.conv2d(torch.cat(outs, dim=1), project_weight), len(rates) + 2)
-    # In x's memory format, as every backend returns it (the upsampled pooling branch, a 1x1 map's interpolation,
-    # comes out NCHW and turns the concatenation NCHW).
-    return out.contiguous(memory_format=suggest_memory_format(x))
+    # channels_last for a channels_last x, as every backend returns it (the upsampled pooling branch, a 1x1 map's
+    # interpolation, comes out NCHW and turns the concatenation NCHW). Strides only: traced by torch.jit (ONNX
+    # export), sizes are tensors, which suggest_memory_format cannot take.
+    if x.is_contiguous(memory_format=torch.channels_last) and not x.is_contiguous():
+        return out.contiguous(memory_format=torch.channels_last)
+    return out
 
 
 def upsample_cross_entropy(

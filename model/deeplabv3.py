@@ -69,7 +69,10 @@ class DeepLabV3(nn.Module):
 
     def forward(self, x: Tensor, upsample: bool = True) -> dict[str, Tensor]:
         if not isinstance(upsample, bool | torch.fx.Proxy):  # 'no' or None would resize (or not) by truthiness
-            raise TypeError(f"upsample must be a bool, got {upsample!r}")
+            if not (isinstance(upsample, Tensor) and upsample.dtype == torch.bool and upsample.dim() == 0
+                    and (torch.jit.is_tracing() or torch.onnx.is_in_onnx_export())):
+                raise TypeError(f"upsample must be a bool, got {upsample!r}")
+            upsample = bool(upsample)  # (torch.onnx.export's TorchScript exporter passes the default as a tensor)
         first = next(self.parameters(), None)  # the stem's weight: O(1), where a walk to the first Conv2d passed
         check_image_batch(x, None if first is None else first.dtype)  # every fused module first
         if isinstance(x, torch.fx.Proxy) or (self.training and x.shape[0] == 1):  # traced: the check is recorded

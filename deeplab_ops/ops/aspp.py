@@ -6,6 +6,7 @@ concatenated (docs/ops.md; how per-BatchNorm lists avoid the cat: docs/performan
 from __future__ import annotations
 
 import collections.abc
+import contextlib
 import math
 import numbers
 import operator
@@ -27,6 +28,7 @@ from deeplab_ops.common import (
     functorch_transform,
     graph_for_every_grad_mode,
     is_functorch_wrapped,
+    onnx_exporting,
     opmath_dtype,
     refuse_layout,
     refuse_running_grad,
@@ -545,6 +547,9 @@ def aspp(
     if not torch.compiler.is_compiling() and functorch_transform() is not None:  # inside a torch.func transform
         name = _transform_backend(name, x, conv_weights, pool_weight, project_weight, bn_weights, bn_biases,
                                   running_means, running_vars)
+    direct = enter_directly(x)
+    if not direct and group_name is None and onnx_exporting():  # ONNX has no deeplab_ops ops: the reference's export
+        name = "reference"
     if name == "reference":
         if group_name is not None:
             raise RuntimeError("deeplab_ops.aspp: backend='reference' has no synchronized BatchNorm (a "
@@ -555,7 +560,6 @@ def aspp(
             momentum=float(momentum), eps=float(eps))
     args = [x, list(conv_weights), pool_weight, project_weight, bn_weights, bn_biases, running_means, running_vars,
             list(rates), training, float(momentum), float(eps), group_name, memory_efficient]
-    direct = enter_directly(x)
     if direct:
         if name == "cpu" and not training:
             _keep_branch_transforms(conv_weights)
@@ -595,9 +599,11 @@ def aspp(
                 for t in (value,) if isinstance(value, torch.Tensor) else value:
                     if t.is_inference():
                         inference = True
-        # Each statistic in its own form: one tensor (or views of the caller's), or a list.
-        with torch.inference_mode() if inference else torch.no_grad():
+        # Each statistic in its own form: one tensor (or views of the caller's), or a list. Detached values, not a
+        # no_grad block: torch.export saves one as a node its loader refuses.
+        with torch.inference_mode() if inference else contextlib.nullcontext():
             for given, whole, new in ((running_means, rm, new_rm), (running_vars, rv, new_rv)):
+                new = new.detach()
                 if whole is not None:
                     if not wrote:
                         whole.copy_(new)

@@ -27,6 +27,7 @@ from deeplab_ops.common import (
     empty_activation,
     graph_for_every_grad_mode,
     jit_tracing,
+    onnx_exporting,
     opmath_dtype,
     pair,
     refuse_layout,
@@ -650,6 +651,8 @@ def conv_bn_relu(
     else:
         name = backends.resolve(backend, "conv_bn_relu", x.device, x=x, weight=weight, stride=stride,
                                 padding=padding, dilation=dilation, synchronized=group_name is not None)
+        if onnx_exporting() and group_name is None:  # (ONNX has no synchronized BatchNorm: that one stays refused)
+            name = "reference"
     if x.shape[0] == 0:  # (inline: no call per call) an empty batch runs on the reference, as eager computes it
         name = backend_for_batch(x, name, group_name)
     if name == "reference":
@@ -699,10 +702,13 @@ def conv_bn_relu(
             # graph: BatchNorm recalibration under no_grad): eager F.batch_norm writes them inside its kernel, which
             # inference mode does not police; an in-place copy_ outside inference mode would be refused.
             _write_inference(running_mean, running_var, new_rm, new_rv)
-        else:
-            with BELOW_AUTOGRAD() if direct else torch.no_grad():  # recorded by no graph
+        elif direct:
+            with BELOW_AUTOGRAD():  # recorded by no graph
                 running_mean.copy_(new_rm)
                 running_var.copy_(new_rv)
+        else:  # traced: detached values, not a no_grad block (torch.export saves one as a node its loader refuses)
+            running_mean.copy_(new_rm.detach())
+            running_var.copy_(new_rv.detach())
     return out
 
 

@@ -4,6 +4,8 @@ input check, and `python -m model` / `summarize`. Tiny networks (ResNet-29 of wi
 
 from __future__ import annotations
 
+import warnings
+
 import numpy as np
 import pytest
 import torch
@@ -416,6 +418,20 @@ def test_forward_upsample_must_be_a_bool(upsample):
     net = model.deeplabv3_resnet(29, width=2).eval()
     with pytest.raises(TypeError, match=r"^upsample must be a bool, got"):
         net(torch.randn(2, 3, 17, 17), upsample=upsample)
+
+
+def test_a_traced_forward_takes_upsample_as_a_bool_tensor(monkeypatch):
+    # torch.onnx.export's TorchScript exporter traces forward with its default upsample=True passed as a 0-d bool
+    # tensor: the bool check refused it ("upsample must be a bool, got tensor(True)"), so the model did not export.
+    # While torch.jit traces, such a tensor is taken as the bool it holds (outside tracing it stays refused, above).
+    net = model.deeplabv3_resnet(29, width=2).eval()
+    x = torch.randn(2, 3, 17, 17)
+    with torch.no_grad(), warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # TracerWarnings
+        for upsample in (True, False):
+            # (strict: a dict output; no check_trace, which reruns forward untraced, as torch.onnx.export does not)
+            traced = torch.jit.trace(net, (x, torch.tensor(upsample)), strict=False, check_trace=False)
+            torch.testing.assert_close(traced(x, torch.tensor(upsample))["out"], net(x, upsample=upsample)["out"])
 
 
 def test_an_input_of_another_dtype_than_the_weights_is_refused_naming_both_unless_autocast():
