@@ -208,8 +208,10 @@ def aspp(
     out = bn_relu(F.conv2d(torch.cat(outs, dim=1), project_weight), len(rates) + 2)
     # channels_last for a channels_last x, as every backend returns it (the upsampled pooling branch, a 1x1 map's
     # interpolation, comes out NCHW and turns the concatenation NCHW). Strides only: traced by torch.jit (ONNX
-    # export), sizes are tensors, which suggest_memory_format cannot take.
-    if x.is_contiguous(memory_format=torch.channels_last) and not x.is_contiguous():
+    # export), sizes are tensors, which suggest_memory_format cannot take; under torch.func's vmap (which runs the
+    # aspp here) a wrapped tensor has no layout to ask about.
+    if (not torch._C._functorch.is_functorch_wrapped_tensor(x) and x.is_contiguous(memory_format=torch.channels_last)
+            and not x.is_contiguous()):
         return out.contiguous(memory_format=torch.channels_last)
     return out
 

@@ -406,6 +406,36 @@ for _prefix, _fwd_fake, _bwd_fake, _cba_fake in (
 register_double_backward_refusal("conv_bn_relu", _DOUBLE_BACKWARD)
 
 
+def _conv_bias_act_vmap(op):
+    """torch.vmap's rule for the eval fold's op (a fused model in eval with nothing to differentiate, under vmap):
+    with the weight and bias shared, the vmapped dimension folds into the batch (one call); with batched weights (an
+    ensemble: stack_module_state + functional_call) one call per member. Without it, PyTorch's per-sample fallback
+    ran and warned on every call ("performance drop ... batching rule for deeplab_ops::conv_bias_act")."""
+    def rule(info, in_dims, x, weight, bias, residual, stride, padding, dilation, relu):
+        x_dim, w_dim, b_dim, r_dim = in_dims[:4]
+        size = info.batch_size
+
+        def member(t, dim, i):
+            return t if t is None or dim is None else t.select(dim, i)
+
+        if w_dim is None and b_dim is None:
+            def flat(t, dim):  # (B, N, C, H, W) -> (B * N, C, H, W)
+                t = t.movedim(dim, 0) if dim is not None else t.expand(size, *t.shape)
+                return t.reshape(size * t.shape[1], *t.shape[2:])
+
+            out = op(flat(x, x_dim), weight, bias, None if residual is None else flat(residual, r_dim), stride,
+                     padding, dilation, relu)
+            return out.reshape(size, out.shape[0] // size, *out.shape[1:]), 0
+        return torch.stack([op(member(x, x_dim, i), member(weight, w_dim, i), member(bias, b_dim, i),
+                               member(residual, r_dim, i), stride, padding, dilation, relu) for i in range(size)]), 0
+    return rule
+
+
+if hasattr(torch.library, "register_vmap"):  # (torch >= 2.5; before, the per-sample fallback)
+    for _op in (_ops.conv_bias_act.default, _ops.triton_conv_bias_act.default):
+        torch.library.register_vmap(_op, _conv_bias_act_vmap(_op))
+
+
 # ---- FLOP counts (torch.utils.flop_counter; tensors arrive as their shapes) --------------------------------------
 
 def _forward_flops(x, weight, *args, out_shape, **kwargs) -> int:

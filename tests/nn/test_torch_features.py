@@ -420,3 +420,29 @@ def test_onnx_export_records_only_aten_ops(recorder, channels_last, monkeypatch)
     with torch.no_grad():  # outside an ONNX export, a recording holds the fused ops as before
         ops = {str(n.target) for n in torch.export.export(fused, (x,), strict=False).graph.nodes}
     assert any("deeplab_ops" in op for op in ops), sorted(ops)
+
+
+@pytest.mark.parametrize("channels_last", [False, True], ids=["nchw", "channels_last"])
+def test_vmap_over_a_fused_model_in_eval_batches_without_the_fallback(channels_last, capfd):
+    # In eval with nothing to differentiate a fused conv runs its BatchNorm folded (conv_bias_act), which had no
+    # batching rule: PyTorch's per-sample fallback ran it and warned on every call. Inputs vmapped over one model,
+    # and an ensemble (stacked parameters and buffers), against the models one by one; no warning.
+    torch.manual_seed(0)
+    models = [fuse_modules(_ChainAndASPP().eval()) for _ in range(3)]
+    fmt = torch.channels_last if channels_last else torch.contiguous_format
+    xs = torch.randn(3, 2, 3, 7, 7)
+    xs = torch.stack([x.contiguous(memory_format=fmt) for x in xs])
+    params, buffers = torch.func.stack_module_state(models)
+    with torch.no_grad(), warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        shared = torch.vmap(models[0])(xs)
+        ensemble = torch.vmap(lambda p, b, x: torch.func.functional_call(models[0], (p, b), (x,)))(params, buffers,
+                                                                                                  xs)
+        # (PyTorch's own aten ops may fall back too, as unfused: adaptive_avg_pool2d's as_strided_ on channels_last;
+        # the fallback's warning reaches Python's warnings or, from a call below the bindings, only stderr)
+        fallbacks = [str(w.message) for w in caught if "deeplab_ops" in str(w.message)]
+        fallbacks += [line for line in capfd.readouterr().err.splitlines() if "deeplab_ops::" in line]
+        assert not fallbacks, fallbacks
+        for i, m in enumerate(models):
+            assert_close(shared[i], models[0](xs[i]), f"shared model, input {i}", ATOL, RTOL)
+            assert_close(ensemble[i], m(xs[i]), f"ensemble member {i}", ATOL, RTOL)
