@@ -431,9 +431,30 @@ def _conv_bias_act_vmap(op):
     return rule
 
 
+def _per_member_vmap(op):
+    """torch.vmap's rule for an op whose every vmapped slice is its own problem (a training forward: each slice has
+    its own batch statistics; its backward; the half-dtype eval op): one call per slice, the outputs stacked, as
+    PyTorch's per-sample fallback computes them, without the fallback's warning on every call."""
+    def rule(info, in_dims, *args):
+        def member(i):
+            # (an int[] argument has a list of Nones for its dims)
+            return [a.select(d, i) if isinstance(d, int) else a for a, d in zip(args, in_dims, strict=True)]
+
+        outs = [op(*member(i)) for i in range(info.batch_size)]
+        if isinstance(outs[0], torch.Tensor):
+            return torch.stack(outs), 0
+        stacked = tuple(None if parts[0] is None else torch.stack(parts) for parts in zip(*outs, strict=True))
+        return stacked, tuple(None if t is None else 0 for t in stacked)
+    return rule
+
+
 if hasattr(torch.library, "register_vmap"):  # (torch >= 2.5; before, the per-sample fallback)
-    for _op in (_ops.conv_bias_act.default, _ops.triton_conv_bias_act.default):
+    for _prefix in ("", "triton_"):
+        _op = getattr(_ops, f"{_prefix}conv_bias_act").default
         torch.library.register_vmap(_op, _conv_bias_act_vmap(_op))
+        for _name in ("conv_bn_relu_forward", "conv_bn_relu_backward", "conv_bn_relu_eval"):
+            _op = getattr(_ops, f"{_prefix}{_name}").default
+            torch.library.register_vmap(_op, _per_member_vmap(_op))
 
 
 # ---- FLOP counts (torch.utils.flop_counter; tensors arrive as their shapes) --------------------------------------

@@ -446,3 +446,26 @@ def test_vmap_over_a_fused_model_in_eval_batches_without_the_fallback(channels_l
         for i, m in enumerate(models):
             assert_close(shared[i], models[0](xs[i]), f"shared model, input {i}", ATOL, RTOL)
             assert_close(ensemble[i], m(xs[i]), f"ensemble member {i}", ATOL, RTOL)
+
+
+def test_vmap_over_a_fused_ensemble_in_training_batches_without_the_fallback(capfd):
+    # The training forward and backward ops ran under PyTorch's per-sample fallback, which warned on every call:
+    # their batching rule runs one call per member (each its own batch statistics). Outputs, updated running
+    # statistics and every parameter gradient against the members run one by one.
+    torch.manual_seed(0)
+    models = [fuse_modules(_ChainAndASPP().double().train()) for _ in range(2)]
+    copies = [copy.deepcopy(m) for m in models]
+    xs = torch.randn(2, 2, 3, 7, 7, dtype=torch.float64)
+    params, buffers = torch.func.stack_module_state(models)
+    out = torch.vmap(lambda p, b, x: torch.func.functional_call(models[0], (p, b), (x,)))(params, buffers, xs)
+    out.square().sum().backward()
+    fallbacks = [line for line in capfd.readouterr().err.splitlines() if "deeplab_ops::" in line]
+    assert not fallbacks, fallbacks
+    for i, m in enumerate(copies):
+        out_i = m(xs[i])
+        out_i.square().sum().backward()
+        assert_close(out[i], out_i, f"member {i}", 1e-10, 1e-10)
+        for name, b in m.named_buffers():
+            assert_close(buffers[name][i], b, f"member {i} buffer {name}", 1e-10, 1e-10)
+        for name, p in m.named_parameters():
+            assert_close(params[name].grad[i], p.grad, f"member {i} grad {name}", 1e-10, 1e-10)
