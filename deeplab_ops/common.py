@@ -240,13 +240,14 @@ def check_running_writable(named, read=()) -> None:
                         and bool(torch.isin(_addresses(u), _addresses(t)).any())):
                     first, other = _label(group, index), _label(other_group, other_index)
                     if u_written and t_written:
-                        why = "updates both in place (one would overwrite the other's new values)"
-                    else:
-                        why = (f"updates {first if t_written else other} in place while it reads "
-                               f"{other if t_written else first} (eager BatchNorm would read the updated values)")
+                        why, clone = "updates both in place (one would overwrite the other's new values)", other
+                    else:  # the tensor read is the one to copy: a copy of a running statistic would miss its update
+                        written, clone = (first, other) if t_written else (other, first)
+                        why = (f"updates {written} in place while it reads {clone} (eager BatchNorm would read the "
+                               f"updated values)")
                     raise ValueError(
                         f"{first} and {other} share memory, but training BatchNorm {why}; pass tensors with their "
-                        f"own memory, e.g. {other}.clone()")
+                        f"own memory, e.g. {clone}.clone()")
         reach = max(reach, end)
 
 
@@ -287,8 +288,9 @@ def graph_for_every_grad_mode() -> bool:
 
 def onnx_exporting() -> bool:
     """Whether torch.onnx.export records the call (its TorchScript exporter traces with torch.jit, its dynamo one
-    with torch.export; both set is_in_onnx_export). ONNX has no deeplab_ops ops: the front doors then run the
-    reference, whose aten ops (conv2d, batch_norm, relu, ...) every exporter translates."""
+    with a non-strict torch.export; both set is_in_onnx_export, which dynamo's strict tracing reads as False). ONNX
+    has no deeplab_ops ops: conv_bn_relu and aspp then run the reference, whose aten ops (conv2d, batch_norm, relu,
+    ...) every exporter translates."""
     return graph_for_every_grad_mode() and torch.onnx.is_in_onnx_export()
 
 

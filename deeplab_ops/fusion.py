@@ -686,8 +686,9 @@ def fuse_modules(model: nn.Module, backend: str | None = None, memory_efficient:
 
     Args:
         model: any nn.Module.
-        backend: the deeplab_ops backend for every fused call ("cpu", "cuda", "triton", "reference"), or None for
-            automatic choice per call.
+        backend: the deeplab_ops backend for every fused call ("cpu", "cuda", "triton", "reference"), "auto" for
+            the automatic choice per call, or None for $DEEPLAB_OPS_BACKEND's choice where it is set, else the
+            automatic one (as for the ops).
         memory_efficient: fused convs, residual blocks and ASPPs save no pre-BN activation for the backward
             (deeplab_ops.conv_bn_relu's and deeplab_ops.aspp's memory_efficient; docs/memory_efficient.md).
         channels_last: on CUDA, run the fused model channels_last end to end (the fused kernels' native layout,
@@ -702,7 +703,7 @@ def fuse_modules(model: nn.Module, backend: str | None = None, memory_efficient:
     """
     if not isinstance(model, nn.Module):
         raise TypeError(f"model must be an nn.Module, got {type(model).__name__}")
-    check_module_options(backend, memory_efficient)  # (as the fused modules: 'auto' is None's name)
+    check_module_options(backend, memory_efficient)  # (as the fused modules: 'auto' accepted)
     if not isinstance(channels_last, bool):
         raise TypeError(f"channels_last must be a bool, got {channels_last!r}")
     unfuse_modules(model)

@@ -369,8 +369,12 @@ def synced_batch_norm(bn: nn.BatchNorm2d, group, x: Tensor) -> Tensor:
         out = out.to(x.dtype)
         if rm is not None:
             with torch.no_grad():
-                rm.mul_(1 - momentum).add_(mean.to(rm.dtype), alpha=momentum)
-                rv.mul_(1 - momentum).add_((var * count / (count - 1)).to(rv.dtype), alpha=momentum)
+                # no value in the whole group (every process's batch empty): the statistics stay as they are, as
+                # the fused op leaves them (decided on the device: no host synchronization)
+                seen = count > 0
+                rm.copy_(torch.where(seen, rm * (1 - momentum) + mean.to(rm.dtype) * momentum, rm))
+                rv.copy_(torch.where(seen, rv * (1 - momentum)
+                                     + (var * count / (count - 1)).to(rv.dtype) * momentum, rv))
     if counter is not None:
         _count_batch(counter)
     return out
@@ -1012,7 +1016,7 @@ class FusedASPP(ReleasesDerived, nn.Module):
     def __init__(
         self,
         in_channels: int,
-        atrous_rates: tuple[int, ...] | list[int],
+        atrous_rates: collections.abc.Sequence[int],
         out_channels: int = 256,
         dropout: float = 0.0,
         backend: str | None = None,

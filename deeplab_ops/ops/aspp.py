@@ -341,9 +341,10 @@ def checked_rates(rates, name: str = "rates") -> tuple[int, ...]:
     ints = None
     if is_rate_sequence(rates):
         values = tuple(rates)
-        # (bools are refused: Python's and numpy's, by type name, and bool tensors)
-        if not any([type(r).__name__ in ("bool", "bool_") or (isinstance(r, torch.Tensor) and r.dtype == torch.bool)
-                    for r in values]):
+        # (bools are refused: Python's and numpy's, by type name, and bool tensors; a tensor element must be 0-d,
+        # and hold a value: a meta tensor's has none)
+        if not any([type(r).__name__ in ("bool", "bool_") or (isinstance(r, torch.Tensor) and (
+                r.dtype == torch.bool or r.dim() != 0 or r.is_meta)) for r in values]):
             try:
                 ints = tuple([operator.index(r) for r in values])
             except TypeError:

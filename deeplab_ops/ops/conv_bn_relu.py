@@ -432,9 +432,9 @@ def _conv_bias_act_vmap(op):
 
 
 def _per_member_vmap(op):
-    """torch.vmap's rule for an op whose every vmapped slice is its own problem (a training forward: each slice has
-    its own batch statistics; its backward; the half-dtype eval op): one call per slice, the outputs stacked, as
-    PyTorch's per-sample fallback computes them, without the fallback's warning on every call."""
+    """torch.vmap's rule for the training forward (each vmapped slice has its own batch statistics), its backward
+    and the half-dtype eval op (kept simple: one call per slice there too): one call per slice, the outputs stacked,
+    as PyTorch's per-sample fallback computes them, without the fallback's warning on every call."""
     def rule(info, in_dims, *args):
         def member(i):
             # (an int[] argument has a list of Nones for its dims)

@@ -169,9 +169,9 @@ def refuse_grad_transforms(op: str, *tensors, statistics: tuple | None = None) -
     """Raise a clear error inside torch.func's reverse-mode transforms (grad, vjp, jacrev, hessian) when one of
     `tensors` is wrapped by them: the op's autograd is a C++ autograd function, which they cannot run (PyTorch's own
     error names neither the op nor what to use instead). Forward mode (jvp, jacfwd) gets `refuse_forward_ad`'s
-    error; vmap alone runs (PyTorch's batching fallback), except that `statistics` (a training call's running mean
-    and variance, updated in place) must be batched where one of `tensors` is, as F.batch_norm requires (the
-    fallback's in-place copy would fail after the op ran, with an error naming neither). Free outside torch.func;
+    error; vmap alone runs (the conv ops' batching rules, ops/conv_bn_relu.py), except that `statistics` (a training
+    call's running mean and variance, updated in place) must be batched where one of `tensors` is, as F.batch_norm
+    requires (the in-place copy would fail after the op ran, with an error naming neither). Free outside torch.func;
     skipped while torch.compile traces (its graph holds the op, and Dynamo cannot trace the interpreter stack)."""
     if torch.compiler.is_compiling():
         return

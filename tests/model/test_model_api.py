@@ -420,7 +420,7 @@ def test_forward_upsample_must_be_a_bool(upsample):
         net(torch.randn(2, 3, 17, 17), upsample=upsample)
 
 
-def test_a_traced_forward_takes_upsample_as_a_bool_tensor(monkeypatch):
+def test_a_traced_forward_takes_upsample_as_a_bool_tensor():
     # torch.onnx.export's TorchScript exporter traces forward with its default upsample=True passed as a 0-d bool
     # tensor: the bool check refused it ("upsample must be a bool, got tensor(True)"), so the model did not export.
     # While torch.jit traces, such a tensor is taken as the bool it holds (outside tracing it stays refused, above).

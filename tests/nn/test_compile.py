@@ -165,3 +165,24 @@ def test_fused_modules_compile_dynamic_once_and_under_checkpoint(kind, training)
     cold = _fused_parts()[kind][0].train(training)  # never called: no structure cached
     step = torch.compile(lambda t: checkpoint(cold, t, use_reentrant=False), fullgraph=True, backend="eager")
     torch.testing.assert_close(step(x), _fused_parts()[kind][0].train(training)(x))
+
+
+@pytest.mark.parametrize("channels_last", [False, True], ids=["nchw", "channels_last"])
+def test_reference_aspp_and_empty_batches_compile_fullgraph(channels_last):
+    # The reference aspp (backend="reference", and every backend's empty batch) asked whether x was a torch.func
+    # wrapped tensor, which dynamo cannot trace ("Attempted to call function marked as skipped"): a review found
+    # fullgraph compiles and strict exports of it failing.
+    from deeplab_ops.nn import FusedASPP
+
+    torch._dynamo.reset()
+    torch.manual_seed(0)
+    module = FusedASPP(3, (1, 2), 4, backend="reference").double().eval()
+    step = torch.compile(module, fullgraph=True, backend="aot_eager")
+    fmt = torch.channels_last if channels_last else torch.contiguous_format
+    with torch.no_grad():
+        for n in (2, 0):
+            x = torch.randn(n, 3, 5, 6, dtype=torch.float64).contiguous(memory_format=fmt)
+            out = step(x)
+            torch.testing.assert_close(out, module(x), rtol=1e-12, atol=1e-12)
+            if n:
+                assert out.is_contiguous(memory_format=fmt)

@@ -60,7 +60,7 @@ def _worker(rank: int, port: int, hooked: tuple, shares: str, queue) -> None:
     try:
         net, x, grad, seen = _setup(hooked)
         deeplab_ops.nn.sync_batchnorm(net)
-        share = SHARES[shares][rank]
+        share = {**SHARES, "all-empty": (slice(0, 0), slice(5, 5))}[shares][rank]
         out, gx, grads, buffers = _step(net, x[share], grad[share])
         for g in grads.values():  # what DDP does (summed: each process's loss is its share of the global one)
             dist.all_reduce(g)
@@ -90,3 +90,21 @@ def test_synchronized_parts_match_one_process_with_the_global_batch(hooked, shar
             torch.testing.assert_close(t(results[r][2][name]), g, **tol, msg=f"grad {name}, rank {r}")
         for name, b in buffers.items():
             torch.testing.assert_close(t(results[r][3][name]), b, **tol, msg=f"buffer {name}, rank {r}")
+
+
+@pytest.mark.parametrize("hooked", [HOOKED, ()], ids=["hooked-parts", "no-hooks"])
+def test_every_process_empty_leaves_the_running_statistics(hooked):
+    # Nothing in the whole group: the hooked parts' synchronized BatchNorm divided by a count of 0 and wrote NaN into
+    # both running statistics (the fused op's C++ finalize wrote running_mean * (1 - momentum) and a NaN variance).
+    # Both now leave them as they are; the batch counters count the steps, as nn.SyncBatchNorm's do.
+    results = run_two_processes(_worker, hooked, "all-empty")
+    net, _, _, _ = _setup(hooked)
+    before = dict(net.named_buffers())
+    t = torch.from_numpy
+    for r in (0, 1):
+        assert results[r][0].shape == (0, 4, 6, 7)
+        for name, g in results[r][2].items():
+            assert not t(g).any(), f"grad {name}, rank {r}"
+        for name, b in before.items():
+            want = b + 2 if name.endswith("num_batches_tracked") else b
+            torch.testing.assert_close(t(results[r][3][name]), want, atol=0, rtol=0, msg=f"buffer {name}, rank {r}")

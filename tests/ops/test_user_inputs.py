@@ -229,7 +229,7 @@ def test_aspp_running_stats_sharing_memory_refused_in_training(backend):
 
 
 @pytest.mark.parametrize("backend", BACKENDS)
-@pytest.mark.parametrize("case", ["weight-is-var", "bias-is-mean", "weight-overlaps-mean"])
+@pytest.mark.parametrize("case", ["weight-is-var", "bias-is-mean", "weight-overlaps-mean", "weight-below-mean"])
 def test_cbr_bn_parameters_sharing_memory_with_running_stats_refused_in_training(backend, case):
     # Eager's F.batch_norm updates the running statistics before it reads weight and bias, so a bn_weight that is
     # running_var normalizes with the new variance; the cpu and triton kernels read it before the update: their
@@ -239,8 +239,13 @@ def test_cbr_bn_parameters_sharing_memory_with_running_stats_refused_in_training
     buf = torch.rand(6, device=x.device) + 0.5
     g, b, rm, rv, name = {"weight-is-var": (rv, b, rm, rv, "running_var and bn_weight share memory"),
                           "bias-is-mean": (g, rm, rm, rv, "running_mean and bn_bias share memory"),
-                          "weight-overlaps-mean": (buf[2:6], b, buf[0:4], rv, "running_mean and bn_weight share")}[case]
-    with pytest.raises(ValueError, match=name + r".*updates running_(mean|var) in place while it reads bn_"):
+                          "weight-overlaps-mean": (buf[2:6], b, buf[0:4], rv, "running_mean and bn_weight share"),
+                          "weight-below-mean": (buf[0:4], b, buf[2:6], rv, "bn_weight and running_mean share")}[case]
+    # the advice copies the tensor read, never the statistic (a copy of that would miss its update): it said
+    # "running_mean.clone()" where bn_weight lay below running_mean in memory
+    read = "bn_bias" if case == "bias-is-mean" else "bn_weight"
+    with pytest.raises(ValueError, match=name + rf".*updates running_(mean|var) in place while it reads {read} .*"
+                                              rf"e\.g\. {read}\.clone\(\)"):
         deeplab_ops.conv_bn_relu(x, w, g, b, rm, rv, padding=1, training=True, backend=backend)
     flat = torch.rand(8, device=x.device) + 0.5  # bn_weight and bn_bias in one buffer: fine
     rm, rv = torch.zeros(4, device=x.device), torch.ones(4, device=x.device)
