@@ -206,14 +206,18 @@ def aspp(
     pooled = bn_relu(F.conv2d(F.adaptive_avg_pool2d(x, 1), pool_weight), len(rates) + 1)
     outs.append(F.interpolate(pooled, size=x.shape[-2:], mode="bilinear", align_corners=False))
     out = bn_relu(F.conv2d(torch.cat(outs, dim=1), project_weight), len(rates) + 2)
-    # channels_last for a channels_last-contiguous x, as the other backends return it (the upsampled pooling branch,
-    # a 1x1 map's interpolation, comes out NCHW and turns the concatenation NCHW). Strides only: traced by torch.jit
-    # (ONNX export), sizes are tensors, which suggest_memory_format cannot take; under torch.func's vmap (which runs
-    # the aspp here) a wrapped tensor has no layout to ask about (asked outside torch.compile only: dynamo cannot
-    # trace the question, and its tensors are not wrapped).
-    if ((torch.compiler.is_compiling() or not torch._C._functorch.is_functorch_wrapped_tensor(x))
-            and x.is_contiguous(memory_format=torch.channels_last) and not x.is_contiguous()):
-        return out.contiguous(memory_format=torch.channels_last)
+    # channels_last for a channels_last x, as the other backends return it (the upsampled pooling branch, a 1x1
+    # map's interpolation, comes out NCHW and turns the concatenation NCHW). Under torch.func's vmap (which runs the
+    # aspp here) a wrapped tensor has no layout to ask about (asked outside torch.compile only: dynamo cannot trace
+    # the question, and its tensors are not wrapped); traced by torch.jit (ONNX export), sizes are tensors, which
+    # suggest_memory_format cannot take: the strides' exact test there.
+    if torch.compiler.is_compiling() or not torch._C._functorch.is_functorch_wrapped_tensor(x):
+        if torch._C._get_tracing_state() is None:
+            channels_last = suggest_memory_format(x) == torch.channels_last
+        else:
+            channels_last = x.is_contiguous(memory_format=torch.channels_last) and not x.is_contiguous()
+        if channels_last:
+            return out.contiguous(memory_format=torch.channels_last)
     return out
 
 

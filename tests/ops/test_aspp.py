@@ -135,6 +135,11 @@ def test_output_keeps_the_input_memory_format_on_every_backend(backend, training
         with torch.no_grad():
             out = module(x)
         assert out.is_contiguous(memory_format=fmt), (fmt, out.stride())
+        # a view of a larger map, in its layout (not one dense block): its layout still decides
+        view = torch.randn(2, 3, 5, 9, device=device).contiguous(memory_format=fmt)[:, :, :, 1:7]
+        with torch.no_grad():
+            out = module(view)
+        assert out.is_contiguous(memory_format=fmt), ("view", fmt, out.stride())
 
 
 def test_gradcheck_float64():
