@@ -12,7 +12,14 @@ import os
 import torch
 
 from deeplab_ops import _extension
-from deeplab_ops.common import HALF_DTYPES, INT32_MAX, conv_output_size, interpreter_active, interpreter_dtype_refusal
+from deeplab_ops.common import (
+    HALF_DTYPES,
+    INT32_MAX,
+    conv_output_size,
+    interpreter_active,
+    interpreter_dtype_refusal,
+    jit_tracing,
+)
 
 BACKENDS = ("reference", "cpu", "cuda", "triton")
 OPS = ("conv_bn_relu", "aspp", "upsample_cross_entropy")
@@ -192,6 +199,13 @@ def resolve(backend: str | None, op: str, device: torch.device, **call) -> str:
         source = ENV_VAR
     if backend != "auto" and backend not in BACKENDS:
         raise _not_a_backend(source, backend)
+    if (not call.get("synchronized") and (jit_tracing() is not None or torch.compiler.is_exporting())
+            and torch.onnx.is_in_onnx_export()):
+        # torch.onnx.export records the call (its TorchScript exporter traces with torch.jit, its dynamo one with a
+        # non-strict torch.export; both set is_in_onnx_export, which dynamo's strict tracing reads as False). ONNX has
+        # no deeplab_ops ops: the reference's aten ops (conv2d, batch_norm, interpolate, ...) export. (A synchronized
+        # BatchNorm has no ONNX form: left to the backend, whose op the export then fails on.)
+        return "reference"
     if backend != "auto":
         reasons = not_supported_reasons(backend, op, device, **call)
         if reasons:

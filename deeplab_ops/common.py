@@ -286,14 +286,6 @@ def graph_for_every_grad_mode() -> bool:
     return jit_tracing() is not None or torch.compiler.is_exporting()
 
 
-def onnx_exporting() -> bool:
-    """Whether torch.onnx.export records the call (its TorchScript exporter traces with torch.jit, its dynamo one
-    with a non-strict torch.export; both set is_in_onnx_export, which dynamo's strict tracing reads as False). ONNX
-    has no deeplab_ops ops: conv_bn_relu and aspp then run the reference, whose aten ops (conv2d, batch_norm, relu,
-    ...) every exporter translates."""
-    return graph_for_every_grad_mode() and torch.onnx.is_in_onnx_export()
-
-
 def back_to_back(ts) -> bool:
     """Whether the equally shaped tensors `ts` (a non-empty sequence) lie back to back, in order, in the first one's
     storage, with one dtype and each contiguous: what lets a list of per-BatchNorm tensors be taken as one view. The

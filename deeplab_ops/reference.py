@@ -10,6 +10,8 @@ import torch
 import torch.nn.functional as F
 from torch._prims_common import suggest_memory_format
 
+from deeplab_ops.common import is_functorch_wrapped, jit_tracing
+
 Tensor = torch.Tensor
 
 
@@ -211,8 +213,8 @@ def aspp(
     # aspp here) a wrapped tensor has no layout to ask about (asked outside torch.compile only: dynamo cannot trace
     # the question, and its tensors are not wrapped); traced by torch.jit (ONNX export), sizes are tensors, which
     # suggest_memory_format cannot take: the strides' exact test there.
-    if torch.compiler.is_compiling() or not torch._C._functorch.is_functorch_wrapped_tensor(x):
-        if torch._C._get_tracing_state() is None:
+    if torch.compiler.is_compiling() or not is_functorch_wrapped(x):
+        if jit_tracing() is None:
             channels_last = suggest_memory_format(x) == torch.channels_last
         else:
             channels_last = x.is_contiguous(memory_format=torch.channels_last) and not x.is_contiguous()

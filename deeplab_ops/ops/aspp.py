@@ -28,7 +28,6 @@ from deeplab_ops.common import (
     functorch_transform,
     graph_for_every_grad_mode,
     is_functorch_wrapped,
-    onnx_exporting,
     opmath_dtype,
     refuse_layout,
     refuse_running_grad,
@@ -548,9 +547,6 @@ def aspp(
     if not torch.compiler.is_compiling() and functorch_transform() is not None:  # inside a torch.func transform
         name = _transform_backend(name, x, conv_weights, pool_weight, project_weight, bn_weights, bn_biases,
                                   running_means, running_vars)
-    direct = enter_directly(x)
-    if not direct and group_name is None and onnx_exporting():  # ONNX has no deeplab_ops ops: the reference's export
-        name = "reference"
     if name == "reference":
         if group_name is not None:
             raise RuntimeError("deeplab_ops.aspp: backend='reference' has no synchronized BatchNorm (a "
@@ -561,6 +557,7 @@ def aspp(
             momentum=float(momentum), eps=float(eps))
     args = [x, list(conv_weights), pool_weight, project_weight, bn_weights, bn_biases, running_means, running_vars,
             list(rates), training, float(momentum), float(eps), group_name, memory_efficient]
+    direct = enter_directly(x)
     if direct:
         if name == "cpu" and not training:
             _keep_branch_transforms(conv_weights)

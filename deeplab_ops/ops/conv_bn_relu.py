@@ -27,7 +27,6 @@ from deeplab_ops.common import (
     empty_activation,
     graph_for_every_grad_mode,
     jit_tracing,
-    onnx_exporting,
     opmath_dtype,
     pair,
     refuse_layout,
@@ -406,45 +405,41 @@ for _prefix, _fwd_fake, _bwd_fake, _cba_fake in (
 register_double_backward_refusal("conv_bn_relu", _DOUBLE_BACKWARD)
 
 
-def _conv_bias_act_vmap(op):
-    """torch.vmap's rule for the eval fold's op (a fused model in eval with nothing to differentiate, under vmap):
-    with the weight and bias shared, the vmapped dimension folds into the batch (one call); with batched weights (an
-    ensemble: stack_module_state + functional_call) one call per member. Without it, PyTorch's per-sample fallback
-    ran and warned on every call ("performance drop ... batching rule for deeplab_ops::conv_bias_act")."""
-    def rule(info, in_dims, x, weight, bias, residual, stride, padding, dilation, relu):
-        x_dim, w_dim, b_dim, r_dim = in_dims[:4]
-        size = info.batch_size
-
-        def member(t, dim, i):
-            return t if t is None or dim is None else t.select(dim, i)
-
-        if w_dim is None and b_dim is None:
-            def flat(t, dim):  # (B, N, C, H, W) -> (B * N, C, H, W)
-                t = t.movedim(dim, 0) if dim is not None else t.expand(size, *t.shape)
-                return t.reshape(size * t.shape[1], *t.shape[2:])
-
-            out = op(flat(x, x_dim), weight, bias, None if residual is None else flat(residual, r_dim), stride,
-                     padding, dilation, relu)
-            return out.reshape(size, out.shape[0] // size, *out.shape[1:]), 0
-        return torch.stack([op(member(x, x_dim, i), member(weight, w_dim, i), member(bias, b_dim, i),
-                               member(residual, r_dim, i), stride, padding, dilation, relu) for i in range(size)]), 0
-    return rule
+def _per_member(op, info, in_dims, args):
+    """One call of `op` per vmapped slice, the outputs stacked (None outputs stay None): what PyTorch's per-sample
+    fallback computes, without its warning on every call ("performance drop ... batching rule for deeplab_ops::")."""
+    # (an int[] argument has a list of Nones for its dims)
+    outs = [op(*[a.select(d, i) if isinstance(d, int) else a for a, d in zip(args, in_dims, strict=True)])
+            for i in range(info.batch_size)]
+    if isinstance(outs[0], torch.Tensor):
+        return torch.stack(outs), 0
+    stacked = tuple(None if parts[0] is None else torch.stack(parts) for parts in zip(*outs, strict=True))
+    return stacked, tuple(None if t is None else 0 for t in stacked)
 
 
 def _per_member_vmap(op):
     """torch.vmap's rule for the training forward (each vmapped slice has its own batch statistics), its backward
-    and the half-dtype eval op (kept simple: one call per slice there too): one call per slice, the outputs stacked,
-    as PyTorch's per-sample fallback computes them, without the fallback's warning on every call."""
-    def rule(info, in_dims, *args):
-        def member(i):
-            # (an int[] argument has a list of Nones for its dims)
-            return [a.select(d, i) if isinstance(d, int) else a for a, d in zip(args, in_dims, strict=True)]
+    and the half-dtype eval op (kept simple: one call per slice there too)."""
+    return lambda info, in_dims, *args: _per_member(op, info, in_dims, args)
 
-        outs = [op(*member(i)) for i in range(info.batch_size)]
-        if isinstance(outs[0], torch.Tensor):
-            return torch.stack(outs), 0
-        stacked = tuple(None if parts[0] is None else torch.stack(parts) for parts in zip(*outs, strict=True))
-        return stacked, tuple(None if t is None else 0 for t in stacked)
+
+def _conv_bias_act_vmap(op):
+    """torch.vmap's rule for the eval fold's op (a fused model in eval with nothing to differentiate, under vmap):
+    with the weight and bias shared, the vmapped dimension folds into the batch (one call); with batched weights (an
+    ensemble: stack_module_state + functional_call) one call per member."""
+    def rule(info, in_dims, *args):
+        x_dim, w_dim, b_dim, r_dim = in_dims[:4]
+        if w_dim is not None or b_dim is not None:
+            return _per_member(op, info, in_dims, args)
+        x, weight, bias, residual, *geometry = args
+        size = info.batch_size
+
+        def flat(t, dim):  # (B, N, C, H, W) -> (B * N, C, H, W)
+            t = t.movedim(dim, 0) if dim is not None else t.expand(size, *t.shape)
+            return t.reshape(size * t.shape[1], *t.shape[2:])
+
+        out = op(flat(x, x_dim), weight, bias, None if residual is None else flat(residual, r_dim), *geometry)
+        return out.reshape(size, out.shape[0] // size, *out.shape[1:]), 0
     return rule
 
 
@@ -702,8 +697,6 @@ def conv_bn_relu(
     else:
         name = backends.resolve(backend, "conv_bn_relu", x.device, x=x, weight=weight, stride=stride,
                                 padding=padding, dilation=dilation, synchronized=group_name is not None)
-        if onnx_exporting() and group_name is None:  # (ONNX has no synchronized BatchNorm: that one stays refused)
-            name = "reference"
     if x.shape[0] == 0:  # (inline: no call per call) an empty batch runs on the reference, as eager computes it
         name = backend_for_batch(x, name, group_name)
     if name == "reference":

@@ -12,6 +12,7 @@ import warnings
 
 import pytest
 import torch
+import torch.nn.functional as F
 from helpers import assert_close
 from torch import nn
 from torchvision.models.segmentation.deeplabv3 import ASPP as TorchvisionASPP
@@ -469,3 +470,21 @@ def test_vmap_over_a_fused_ensemble_in_training_batches_without_the_fallback(cap
             assert_close(buffers[name][i], b, f"member {i} buffer {name}", 1e-10, 1e-10)
         for name, p in m.named_parameters():
             assert_close(params[name].grad[i], p.grad, f"member {i} grad {name}", 1e-10, 1e-10)
+
+
+def test_onnx_export_records_the_loss_as_aten_ops(monkeypatch):
+    # upsample_cross_entropy was left out of the ONNX rerouting (only conv_bn_relu's and aspp's front doors had it);
+    # the backends' resolver now reroutes every op while an ONNX export records.
+    import deeplab_ops
+
+    class Loss(nn.Module):
+        def forward(self, logits, target):
+            return deeplab_ops.upsample_cross_entropy(logits, target)
+
+    monkeypatch.setattr(torch.onnx, "is_in_onnx_export", lambda: True)
+    logits, target = torch.randn(2, 3, 4, 5), torch.randint(0, 3, (2, 9, 11))
+    recorded = torch.export.export(Loss(), (logits, target), strict=False).module()
+    ops = {str(n.target) for n in recorded.graph.nodes if n.op == "call_function"}
+    assert not {op for op in ops if "deeplab_ops" in op}, sorted(ops)
+    want = F.cross_entropy(F.interpolate(logits, (9, 11), mode="bilinear", align_corners=False), target)
+    assert_close(recorded(logits, target), want, "recorded loss", ATOL, RTOL)
