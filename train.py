@@ -1084,7 +1084,8 @@ def build_parser() -> argparse.ArgumentParser:
                         "their own host code per call: C++ on cpu/cuda, Python launchers on triton); the first steps "
                         "compile")
     g.add_argument("--seed", type=int, default=0, help="seed of the model init, sample order and augmentation")
-    g.add_argument("--deterministic", action="store_true", help="torch deterministic algorithms, no cudnn benchmark")
+    g.add_argument("--deterministic", action="store_true",
+                   help="torch deterministic algorithms, no cudnn benchmark, no timed Triton autotuning")
 
     g = p.add_argument_group("evaluation")
     g.add_argument("--eval-output-stride", type=int, choices=[8, 16], default=None,

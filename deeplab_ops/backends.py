@@ -84,6 +84,42 @@ def _int32(largest: int) -> list[str]:
     return []
 
 
+# CUDA's limit on a launch grid's second (and third) axis. The triton kernels put channel blocks there: of at least
+# CHANNEL_BLOCK channels (conv forward C_out, dgrad C_in; the ASPP's branches, each its own blocks, and its dgrad's
+# C_in) and of at least CLASS_BLOCK classes (upsample_cross_entropy's backward). The interpreter has no such limit,
+# a GPU refuses the launch ("invalid argument"): tests/triton/test_kernel_limits.py holds the kernels' block sizes
+# to these minima.
+GRID_Y_MAX = 65535
+CHANNEL_BLOCK = 16
+CLASS_BLOCK = 8
+
+
+def _grid_y(blocks: int, what: str) -> list[str]:
+    if blocks > GRID_Y_MAX:
+        return [f"{what}: {blocks} blocks on the launch grid's second axis, beyond CUDA's limit of {GRID_Y_MAX}"]
+    return []
+
+
+def conv_grid_y(x: torch.Tensor, weight: torch.Tensor) -> list[str]:
+    """Why a triton conv_bn_relu call's channel blocks exceed the launch grid (empty when they fit)."""
+    c = max(x.shape[1], weight.shape[0])
+    return _grid_y(-(-c // CHANNEL_BLOCK), f"{c} channels (in blocks of {CHANNEL_BLOCK})")
+
+
+def aspp_grid_y(x: torch.Tensor, rates, channels: int) -> list[str]:
+    """Why a triton aspp call's channel blocks exceed the launch grid (empty when they fit)."""
+    branches = 1 + len(rates)
+    return (_grid_y(branches * -(-channels // CHANNEL_BLOCK),
+                    f"{branches} branches of {channels} channels (each in blocks of {CHANNEL_BLOCK})")
+            or _grid_y(-(-x.shape[1] // CHANNEL_BLOCK), f"{x.shape[1]} input channels (in blocks of {CHANNEL_BLOCK})"))
+
+
+def uce_grid_y(logits: torch.Tensor) -> list[str]:
+    """Why a triton upsample_cross_entropy call's class blocks exceed the launch grid (empty when they fit)."""
+    k = logits.shape[1]
+    return _grid_y(-(-k // CLASS_BLOCK), f"{k} classes (in blocks of {CLASS_BLOCK})")
+
+
 def _no_group(synchronized: bool) -> list[str]:
     if synchronized:
         return ["it has no synchronized BatchNorm (a process_group in training): use backend='cuda' or 'cpu'"]
@@ -119,14 +155,15 @@ def aspp_largest(x: torch.Tensor, rates, channels: int) -> int:
                branches * channels * channels)
 
 
-def refuse_beyond_int32(op: str, largest: int, reach: int = 0) -> None:
+def refuse_beyond_kernel_limits(op: str, largest: int, reach: int = 0, grid_y: list[str] = ()) -> None:
     """Raise for a call of a triton twin (torch.ops.deeplab_ops.triton_*, called directly or from a traced graph)
-    whose largest tensor is beyond the kernels' int32 indexing (on a GPU its offsets would wrap): the rule by which
-    `resolve` never picks triton for such a call."""
+    whose largest tensor is beyond the kernels' int32 indexing (on a GPU its offsets would wrap), or whose channel
+    blocks exceed the launch grid (`grid_y`: conv_grid_y's, aspp_grid_y's or uce_grid_y's reasons): the rules by
+    which `resolve` never picks triton for such a call."""
     reasons = _int32(largest)
     if reasons:
         raise ValueError(f"deeplab_ops.{op}: {reasons[0]}: use backend='cuda' or a smaller batch")
-    reasons = _reach32(reach)
+    reasons = _reach32(reach) + list(grid_y)
     if reasons:
         raise ValueError(f"deeplab_ops.{op}: {reasons[0]}: use backend='cuda' or 'cpu'")
 
@@ -136,15 +173,17 @@ def _triton_conv_bn_relu(*, x, weight, stride, padding, dilation, synchronized=F
     cout, _, kh, kw = weight.shape
     ho, wo = conv_output_size((h, w), (kh, kw), stride, padding, dilation)
     return (_interpreter_half(x, "x") + _int32(conv_largest(x, weight, n * cout * ho * wo))
-            + _reach32(conv_reach(x, weight, stride, padding, dilation)) + _no_group(synchronized))
+            + _reach32(conv_reach(x, weight, stride, padding, dilation)) + conv_grid_y(x, weight)
+            + _no_group(synchronized))
 
 
 def _triton_aspp(*, x, rates, channels, synchronized=False, **_) -> list[str]:
-    return _interpreter_half(x, "x") + _int32(aspp_largest(x, rates, channels)) + _no_group(synchronized)
+    return (_interpreter_half(x, "x") + _int32(aspp_largest(x, rates, channels)) + aspp_grid_y(x, rates, channels)
+            + _no_group(synchronized))
 
 
 def _triton_uce(*, logits, target, **_) -> list[str]:
-    return _interpreter_half(logits, "logits") + _int32(max(logits.numel(), target.numel()))
+    return _interpreter_half(logits, "logits") + _int32(max(logits.numel(), target.numel())) + uce_grid_y(logits)
 
 
 _OP_RULES = {

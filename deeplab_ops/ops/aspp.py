@@ -622,7 +622,9 @@ def _direct_forward(x, conv_weights, pool_weight, project_weight, bn_weight, bn_
 
 
 def _refuse_large(op: str, x, conv_weights, rates) -> None:
-    backends.refuse_beyond_int32(op, backends.aspp_largest(x, rates, conv_weights[0].shape[0]))
+    c = conv_weights[0].shape[0]
+    backends.refuse_beyond_kernel_limits(op, backends.aspp_largest(x, rates, c),
+                                         grid_y=backends.aspp_grid_y(x, rates, c))
 
 
 def _direct_backward(grad_out, x, conv_weights, pool_weight, project_weight, bn_weight, bn_bias, branch_out,

@@ -265,8 +265,8 @@ def _direct_forward(x, weight, bn_weight, bn_bias, running_mean, running_var, st
 
 
 def _refuse_large(op: str, x, weight, shape, geometry) -> None:
-    backends.refuse_beyond_int32(op, backends.conv_largest(x, weight, math.prod(shape)),
-                                 backends.conv_reach(x, weight, *geometry))
+    backends.refuse_beyond_kernel_limits(op, backends.conv_largest(x, weight, math.prod(shape)),
+                                         backends.conv_reach(x, weight, *geometry), backends.conv_grid_y(x, weight))
 
 
 def _direct_backward(grad_out, x, weight, bn_weight, conv_out, out, save_mean, save_invstd, stride, padding,

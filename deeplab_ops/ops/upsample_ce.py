@@ -106,12 +106,18 @@ def check_target_range(target: Tensor, num_classes: int, ignore_index: int) -> N
 
 def _direct_forward(logits, target, ignore_index, align_corners, reduction):
     check_args(logits, target, ignore_index, align_corners, reduction)
+    _refuse_large("triton_upsample_cross_entropy_forward", logits, target)
     if target.device.type == "cpu":
         check_target_range(target, logits.shape[1], int(ignore_index))
 
 
+def _refuse_large(op: str, logits, target) -> None:
+    backends.refuse_beyond_kernel_limits(op, max(logits.numel(), target.numel()), grid_y=backends.uce_grid_y(logits))
+
+
 def _direct_backward(grad, logits, target, lse, valid_count, ignore_index, align_corners, reduction):
     check_args(logits, target, ignore_index, align_corners, reduction)
+    _refuse_large("triton_upsample_cross_entropy_backward", logits, target)
     loss_shape = tuple(target.shape) if reduction == "none" else ()
     for name, t, shape in (("grad", grad, loss_shape), ("lse", lse, (2, *target.shape)),
                            ("valid_count", valid_count, ())):

@@ -19,6 +19,7 @@ from torch._prims_common import suggest_memory_format
 from deeplab_ops.common import from_nhwc, opmath_dtype, strided_like, to_nhwc
 from deeplab_ops.triton.bn_kernels import (
     _bn_dy,
+    _div,
     _relu,
     acc_dtype,
     bn_apply,
@@ -415,8 +416,8 @@ def _aspp_pool_bwd_kernel(
     a = tl.zeros((BLOCK_C,), ACC_DTYPE)
     b = tl.zeros((BLOCK_C,), ACC_DTYPE)
     if TRAINING:
-        a = sum_g / N
-        b = invstd * sum_gx / N
+        a = _div(sum_g, N)
+        b = _div(invstd * sum_gx, N)
     for n0 in range(0, N, BLOCK_N):
         offs_n = n0 + tl.arange(0, BLOCK_N)
         mask = (offs_n < N)[:, None] & c_mask[None, :]

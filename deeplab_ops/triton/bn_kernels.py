@@ -60,6 +60,16 @@ def _invstd(var_eps, ACC_DTYPE: tl.constexpr):
         return tl.div_rn(tl.full(var_eps.shape, 1.0, tl.float32), tl.sqrt_rn(var_eps))
 
 
+@triton.jit
+def _div(num, den):
+    # num / den correctly rounded, as the CUDA C++ kernels' `/` and the interpreter's: float32 `/` compiles to
+    # div.full.f32 on a GPU (up to 2 ulp). float64 `/` is exact. `den` may be a scalar (a count).
+    if num.dtype == tl.float64:
+        return num / den
+    else:
+        return tl.div_rn(num, tl.zeros_like(num) + den)
+
+
 # ---- kernels -----------------------------------------------------------------------------------------
 
 
@@ -99,16 +109,16 @@ def _bn_finalize_kernel(
         # A block of partials merged at once (Chan's formula for many parts), then merged into the running
         # total pairwise. Only centred quantities are combined: no E[y^2] - E[y]^2 cancellation.
         nb = tl.sum(cnt, 0)
-        mub = tl.sum(cnt[:, None] * mu, 0) / tl.maximum(nb, 1.0)
+        mub = _div(tl.sum(cnt[:, None] * mu, 0), tl.maximum(nb, 1.0))
         dev = tl.where(mask, mu - mub[None, :], 0.0)
         m2b = tl.sum(m2 + cnt[:, None] * dev * dev, 0)
         n_tot = n_acc + nb
         delta = mub - mean_acc
-        fb = nb / tl.maximum(n_tot, 1.0)
+        fb = _div(nb, tl.maximum(n_tot, 1.0))
         mean_acc = mean_acc + delta * fb
         m2_acc = m2_acc + m2b + delta * delta * n_acc * fb
         n_acc = n_tot
-    invstd = _invstd(m2_acc / n_acc + tl.load(hyper_ptr + 1), ACC_DTYPE)
+    invstd = _invstd(_div(m2_acc, n_acc) + tl.load(hyper_ptr + 1), ACC_DTYPE)
     ch = OFF + offs_c
     tl.store(mean_ptr + ch, mean_acc, mask=c_mask)
     tl.store(invstd_ptr + ch, invstd, mask=c_mask)
@@ -126,7 +136,7 @@ def _bn_finalize_kernel(
         rv = tl.load(rv_ptr + ch, mask=c_mask, other=0).to(ACC_DTYPE)
         # Running variance uses the unbiased estimate, as F.batch_norm (n > 1 is checked at the boundary).
         tl.store(new_rm_ptr + ch, (1.0 - momentum) * rm + momentum * mean_acc, mask=c_mask)
-        tl.store(new_rv_ptr + ch, (1.0 - momentum) * rv + momentum * (m2_acc / (n_acc - 1.0)), mask=c_mask)
+        tl.store(new_rv_ptr + ch, (1.0 - momentum) * rv + momentum * _div(m2_acc, n_acc - 1.0), mask=c_mask)
 
 
 @triton.jit
@@ -237,8 +247,8 @@ def _bn_bwd_finalize_kernel(
     a = tl.zeros((BLOCK_C,), ACC_DTYPE)
     b = tl.zeros((BLOCK_C,), ACC_DTYPE)
     if TRAINING:
-        a = sum_g / count
-        b = invstd * sum_gx / count
+        a = _div(sum_g, count)
+        b = _div(invstd * sum_gx, count)
     tl.store(coef_ptr + offs_c, mean, mask=c_mask)
     tl.store(coef_ptr + LD + offs_c, k, mask=c_mask)
     tl.store(coef_ptr + 2 * LD + offs_c, a, mask=c_mask)

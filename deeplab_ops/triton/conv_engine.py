@@ -14,7 +14,7 @@ import triton
 import triton.language as tl
 
 from deeplab_ops.common import interpreter_active as _interpreter_active
-from deeplab_ops.triton.bn_kernels import _act_grad, _bn_dy, _invstd, _relu, acc_dtype
+from deeplab_ops.triton.bn_kernels import _act_grad, _bn_dy, _div, _invstd, _relu, acc_dtype
 from deeplab_ops.triton.launch import KernelSpec, cdiv, launch_kernel, prune_by_channels, run_tuned
 
 # ---- tile / tap geometry (jit helpers; `conv_bn_relu.schedule` mirrors them on the host) ----------------
@@ -248,7 +248,7 @@ def _wgrad_tiles(ih_off, iw_off, stride_h, stride_w, H, W, H_out, W_out, N,
 def _tile_stats(y, mask, cnt, part_count_ptr, part_mean_ptr, part_m2_ptr, tile, ld, ch, ch_mask, store_count):
     # BN statistics of the tile, centred on the tile mean (two passes over registers): exact M2, no
     # E[y^2] - E[y]^2. Row `tile` of the (P, ld) partials, columns `ch`; Chan's merge in bn_finalize.
-    mean = tl.sum(tl.where(mask, y, 0.0), 0) / cnt
+    mean = _div(tl.sum(tl.where(mask, y, 0.0), 0), cnt)
     dev = tl.where(mask, y - mean[None, :], 0.0)
     tl.store(part_mean_ptr + tile * ld + ch, mean, mask=ch_mask)
     tl.store(part_m2_ptr + tile * ld + ch, tl.sum(dev * dev, 0), mask=ch_mask)

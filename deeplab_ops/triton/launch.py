@@ -12,6 +12,10 @@ How tuning is done (`set_autotune`, or the environment variable DEEPLAB_OPS_AUTO
   "all"            the interpreter tunes too, among the same pruned candidates (the Ampere list), timed by the wall
                    clock on CPU tensors: the tuning path runs where no GPU is (tests);
   "off"            nothing is tuned: CUDA launches use the first pruned candidate, the interpreter its fixed config.
+With torch.use_deterministic_algorithms(True) (train.py --deterministic) nothing is timed either, whatever the mode:
+the first pruned candidate (cached apart from timed winners). The winner of a timing can differ from one process to
+the next, and another tile sums the BatchNorm partials and the GEMMs in another order: results would differ in
+their last bits between runs, as cuDNN's do with cudnn.benchmark.
 """
 
 from __future__ import annotations
@@ -83,12 +87,20 @@ def device_constants(values: tuple, dtype: torch.dtype, device: torch.device) ->
     momentum=None BatchNorm, whose factor changes every step. Cached per stream, each filled on the stream that reads
     it, so no reader on another stream runs before its fill. Inside a CUDA-graph capture: a fresh tensor the graph
     fills when it replays, never cached (a cached one would stay unfilled for eager calls before a replay)."""
-    if device.type != "cuda":
-        return _cached_constants(values, dtype, device, 0)
-    if torch.cuda.is_current_stream_capturing():
+    if device.type == "cuda" and torch.cuda.is_current_stream_capturing():
         return _filled(values, dtype, device)
+    return _cached_constants(values, dtype, device, current_stream_id(device))
+
+
+def current_stream_id(device: torch.device) -> int:
+    """The raw id of `device`'s current stream (0 for a non-CUDA device): part of the key of cached device memory
+    that kernels read (`device_constants`, the loss's stencil tables), so that each stream reads memory allocated
+    on it. Freed memory is reused in the allocating stream's order only: an entry evicted from a cache while a
+    kernel on another stream still reads it could be handed out and overwritten under that kernel."""
+    if device.type != "cuda":
+        return 0
     index = device.index if device.index is not None else torch.cuda.current_device()  # torch.device("cuda")
-    return _cached_constants(values, dtype, device, torch._C._cuda_getCurrentRawStream(index))
+    return torch._C._cuda_getCurrentRawStream(index)
 
 
 def _filled(values: tuple, dtype: torch.dtype, device: torch.device) -> torch.Tensor:
@@ -265,6 +277,9 @@ def tuned_config(spec: KernelSpec, device: torch.device, dtype: torch.dtype, siz
     if not gpu and mode != "all":
         return spec.interpreter
     key = tuning_key(spec, device, dtype, sizes, meta)
+    deterministic = torch.are_deterministic_algorithms_enabled()
+    if deterministic:
+        key = (*key, "deterministic")  # never a timed winner
     config = TUNED.get(key)
     if config is not None:
         return config
@@ -275,12 +290,17 @@ def tuned_config(spec: KernelSpec, device: torch.device, dtype: torch.dtype, siz
     with _TUNE_LOCK:
         config = TUNED.get(key)
         if config is None:
-            untuned = gpu and mode == "off"
-            config = TUNED[key] = candidates(spec, device, sizes)[0] if untuned else tune(spec, device, sizes, run)
+            untimed = deterministic or (gpu and mode == "off")
+            config = candidates(spec, device, sizes)[0] if untimed else tune(spec, device, sizes, run)
+            if config is None:  # memory ran out while timing: the first candidate, not remembered (a later call,
+                return candidates(spec, device, sizes)[0]  # with memory free, times them)
+            TUNED[key] = config
     return config
 
 
-def tune(spec: KernelSpec, device: torch.device, sizes: dict, run: Callable[[dict], object]) -> dict:
+def tune(spec: KernelSpec, device: torch.device, sizes: dict, run: Callable[[dict], object]) -> dict | None:
+    """The fastest of the candidates, or None when memory ran out while timing them (do_bench's cache-flush buffer
+    of 256 MB, or a candidate's run, on a GPU near full): the call must not fail for a timing it does not need."""
     configs = candidates(spec, device, sizes)
     if len(configs) == 1:
         return configs[0]
@@ -291,6 +311,8 @@ def tune(spec: KernelSpec, device: torch.device, sizes: dict, run: Callable[[dic
                 timings.append((_time(run, config, device), config))
             except OutOfResources:
                 continue
+            except torch.OutOfMemoryError:
+                return None
     if not timings:
         raise RuntimeError(f"no configuration of {kernel_name(spec.kernel)} fits this GPU: {configs}")
     return min(timings, key=lambda t: t[0])[1]

@@ -16,7 +16,7 @@ import triton
 import triton.language as tl
 
 from deeplab_ops.common import interpreter_active
-from deeplab_ops.triton.launch import cdiv, launch_kernel, next_power_of_2
+from deeplab_ops.triton.launch import cdiv, current_stream_id, launch_kernel, next_power_of_2
 
 REDUCTIONS = ("none", "mean", "sum")
 
@@ -37,8 +37,10 @@ def source_index(in_size: int, out_size: int, align_corners: bool, dtype: torch.
 
 
 @functools.lru_cache(maxsize=64)
-def axis_tables(in_size: int, out_size: int, align_corners: bool, dtype: torch.dtype, device: torch.device):
-    """(i0, i1, l0, l1, start, end, span) along one axis, on `device`.
+def axis_tables(in_size: int, out_size: int, align_corners: bool, dtype: torch.dtype, device: torch.device,
+                stream: int = 0):
+    """(i0, i1, l0, l1, start, end, span) along one axis, on `device`, built on (and cached for) the current stream,
+    whose id `stream` is (`launch.current_stream_id`: the kernels of one stream read the tables allocated on it).
 
     i0/i1 (out_size,) int32 neighbours, l0/l1 (out_size,) weights in `dtype`; start/end (in_size,) int32: the
     output indices o with i0[o] <= i <= i1[o] (contiguous: both are non-decreasing); span = max(end - start).
@@ -54,8 +56,8 @@ def axis_tables(in_size: int, out_size: int, align_corners: bool, dtype: torch.d
     span = int((end - start).clamp_min(0).max()) if in_size else 0
 
     def put(t):
-        # A blocking copy, once per configuration: later calls do no host work and no copy (CUDA-graph
-        # capturable after a first call), and any stream may read the tables.
+        # A blocking copy, once per configuration and stream: later calls do no host work and no copy (CUDA-graph
+        # capturable after a first call).
         return (t.to(torch.int32) if t.dtype == torch.int64 else t).to(device)
 
     return put(i0), put(i1), put(l0), put(l1), put(start), put(end), span
@@ -282,8 +284,9 @@ _CAPTURED_TABLES: dict[int, tuple] = {}
 def _tables(logits: torch.Tensor, out_h: int, out_w: int, align_corners: bool):
     acc, _ = _acc(logits.dtype)
     device = logits.device
-    tables = (axis_tables(logits.shape[2], out_h, align_corners, acc, device),
-              axis_tables(logits.shape[3], out_w, align_corners, acc, device))
+    stream = current_stream_id(device)
+    tables = (axis_tables(logits.shape[2], out_h, align_corners, acc, device, stream),
+              axis_tables(logits.shape[3], out_w, align_corners, acc, device, stream))
     if device.type == "cuda" and torch.cuda.is_current_stream_capturing():
         for t in tables:
             _CAPTURED_TABLES.setdefault(id(t), t)

@@ -6,6 +6,8 @@ operand, with int32 offsets (`kc * C + n`), and their weight-gradient partials h
 refusal (`backends.aspp_largest`) counted x, the branch buffer and the packed branch weights only, so with few input
 channels and many output channels (C_in = 256, C = 23171, rates (6, 12, 18): 4 * C * C = 2147580964 elements) a
 direct call, a traced graph or the automatic choice ran the kernels and their offsets wrapped on a GPU.
+
+Below them, the launch grid's second axis (CUDA: at most 65535 blocks), which the interpreter never checks.
 """
 
 from __future__ import annotations
@@ -61,3 +63,70 @@ def test_automatic_choice_never_gives_triton_a_projection_operand_beyond_int32()
     reasons = backends.not_supported_reasons("triton", "aspp", x.device, x=x, rates=RATES, channels=23171)
     assert any("2147580964 elements" in r and "int32" in r for r in reasons), reasons
     assert not backends.not_supported_reasons("triton", "aspp", x.device, x=x, rates=RATES, channels=23170)
+
+
+# ---- channel and class blocks on the launch grid's second axis (CUDA: at most 65535) ---------------------------
+#
+# The triton kernels put channel blocks of >= 16 channels (classes: blocks of >= 8) on the grid's second axis, which
+# CUDA caps at 65535 and the interpreter does not check: beyond it a GPU refuses the launch. The rule refuses such
+# calls by name, and the automatic choice leaves them to the other backends.
+
+
+def _meta(*shape):
+    return torch.empty(shape, device="meta")
+
+
+@pytest.mark.parametrize("which", ["in", "out"])
+def test_conv_channel_blocks_beyond_the_grid_are_refused(which):
+    fits, over = backends.GRID_Y_MAX * backends.CHANNEL_BLOCK, backends.GRID_Y_MAX * backends.CHANNEL_BLOCK + 1
+    assert fits == 1_048_560
+    for c, refused in ((fits, False), (over, True)):
+        x, w = (_meta(1, c, 1, 1), _meta(16, c, 1, 1)) if which == "in" else (_meta(1, 16, 1, 1), _meta(c, 16, 1, 1))
+        reasons = backends.not_supported_reasons("triton", "conv_bn_relu", x.device, x=x, weight=w, stride=(1, 1),
+                                                 padding=(0, 0), dilation=(1, 1))
+        if refused:
+            assert reasons == [f"{c} channels (in blocks of 16): 65536 blocks on the launch grid's second axis, "
+                               f"beyond CUDA's limit of 65535"], reasons
+        else:
+            assert not reasons, reasons
+
+
+def test_conv_twin_refuses_channel_blocks_beyond_the_grid():
+    from deeplab_ops.ops import conv_bn_relu as cbr_ops
+
+    c = backends.GRID_Y_MAX * backends.CHANNEL_BLOCK + 1
+    x, w = torch.zeros(1).expand(2, 1, 1, 1), torch.zeros(1).expand(c, 1, 1, 1)
+    ones = torch.ones(1).expand(c)
+    with pytest.raises(ValueError, match=r"triton_conv_bn_relu_forward: 1048561 channels \(in blocks of 16\): 65536 "
+                                         r"blocks on the launch grid's second axis, beyond CUDA's limit of 65535"):
+        cbr_ops._direct_forward(x, w, ones, ones, None, None, (1, 1), (0, 0), (1, 1), True, 0.1, 1e-5, None, True)
+
+
+def test_aspp_branch_blocks_beyond_the_grid_are_refused():
+    x = _meta(2, 8, 2, 2)
+    rates = list(range(1, 4096))  # with the 1x1: 4096 branches, each in its own channel blocks
+    c_fits = backends.CHANNEL_BLOCK * (backends.GRID_Y_MAX // 4096)  # 15 blocks a branch (61440); 16 would not fit
+    reasons = backends.not_supported_reasons("triton", "aspp", x.device, x=x, rates=rates, channels=c_fits)
+    assert not reasons, reasons
+    reasons = backends.not_supported_reasons("triton", "aspp", x.device, x=x, rates=rates, channels=c_fits + 1)
+    assert reasons == ["4096 branches of 241 channels (each in blocks of 16): 65536 blocks on the launch grid's "
+                       "second axis, beyond CUDA's limit of 65535"], reasons
+    wide = _meta(1, backends.GRID_Y_MAX * backends.CHANNEL_BLOCK + 1, 1, 1)
+    reasons = backends.not_supported_reasons("triton", "aspp", wide.device, x=wide, rates=[6], channels=1)
+    assert any("1048561 input channels" in r for r in reasons), reasons
+
+
+def test_uce_class_blocks_beyond_the_grid_are_refused():
+    from deeplab_ops.ops import upsample_ce as uce_ops
+
+    k_fits = backends.GRID_Y_MAX * backends.CLASS_BLOCK
+    target = _meta(1, 2, 2)
+    assert not backends.not_supported_reasons("triton", "upsample_cross_entropy", target.device,
+                                              logits=_meta(1, k_fits, 1, 1), target=target)
+    reasons = backends.not_supported_reasons("triton", "upsample_cross_entropy", target.device,
+                                             logits=_meta(1, k_fits + 1, 1, 1), target=target)
+    assert reasons == ["524281 classes (in blocks of 8): 65536 blocks on the launch grid's second axis, beyond "
+                       "CUDA's limit of 65535"], reasons
+    logits = torch.zeros(1).expand(1, k_fits + 1, 1, 1)
+    with pytest.raises(ValueError, match=r"triton_upsample_cross_entropy_forward: 524281 classes"):
+        uce_ops._direct_forward(logits, torch.zeros(1, 2, 2, dtype=torch.int64), 255, False, "mean")

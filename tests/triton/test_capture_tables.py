@@ -33,10 +33,11 @@ def tiny_cpu_cache(monkeypatch):
     build = upsample_ce.axis_tables.__wrapped__
 
     @functools.lru_cache(maxsize=1)
-    def axis_tables(in_size, out_size, align_corners, dtype, device):
+    def axis_tables(in_size, out_size, align_corners, dtype, device, stream=0):
         return build(in_size, out_size, align_corners, dtype, torch.device("cpu"))
 
     monkeypatch.setattr(upsample_ce, "axis_tables", axis_tables)
+    monkeypatch.setattr(upsample_ce, "current_stream_id", lambda device: 0)
     monkeypatch.setattr(upsample_ce, "_CAPTURED_TABLES", {})
     capturing = [False]
     monkeypatch.setattr(torch.cuda, "is_current_stream_capturing", lambda: capturing[0])
@@ -116,3 +117,30 @@ def test_hyper_tensor_fills_on_each_stream_and_never_blocks(monkeypatch):
     c2 = bn_kernels.hyper_tensor(0.5, 1e-5, torch.float32, cuda)
     assert c1 is not c2 and len(fills) == 9  # inside a capture: never the cached one, never cached
     launch._cached_constants.cache_clear()
+
+
+def test_each_stream_reads_tables_built_on_it(monkeypatch):
+    """The tables are cached per stream (a review found them shared by every stream): an entry the LRU evicts is
+    freed into its allocating stream's pool, where the next allocation could overwrite it while a kernel on another
+    stream still read it. Keyed by the current stream, only kernels of the allocating stream read an entry."""
+    from deeplab_ops.triton import upsample_ce
+
+    build = upsample_ce.axis_tables.__wrapped__
+    built = []
+
+    @functools.lru_cache(maxsize=8)
+    def axis_tables(in_size, out_size, align_corners, dtype, device, stream=0):
+        built.append(stream)
+        return build(in_size, out_size, align_corners, dtype, torch.device("cpu"))
+
+    stream = [7]
+    monkeypatch.setattr(upsample_ce, "axis_tables", axis_tables)
+    monkeypatch.setattr(torch.cuda, "is_current_stream_capturing", lambda: False)
+    monkeypatch.setattr(torch._C, "_cuda_getCurrentRawStream", lambda index: stream[0], raising=False)
+    first = upsample_ce._tables(_fake_logits(4, 5), 16, 20, False)
+    assert upsample_ce._tables(_fake_logits(4, 5), 16, 20, False)[0] is first[0] and built == [7, 7]
+    stream[0] = 8
+    other = upsample_ce._tables(_fake_logits(4, 5), 16, 20, False)
+    assert other[0] is not first[0] and other[1] is not first[1] and built == [7, 7, 8, 8]
+    stream[0] = 7
+    assert upsample_ce._tables(_fake_logits(4, 5), 16, 20, False)[1] is first[1] and len(built) == 4

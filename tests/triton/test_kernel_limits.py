@@ -113,3 +113,28 @@ def test_aspp_branch_wgrad_grid_within_cuda_limits(monkeypatch):
         A.branch_wgrad(xh, y, y, coef, rates, config=_fp64_wgrad_config(A._aspp_branch_wgrad_kernel, True))
     (grid,) = grids
     assert all(g <= limit for g, limit in zip(grid, _CUDA_MAX_GRID, strict=True)), grid
+
+
+def test_channel_and_class_blocks_are_at_least_the_grid_rules_minima():
+    """backends' grid rule counts channel blocks of CHANNEL_BLOCK and class blocks of CLASS_BLOCK (the most blocks a
+    launch can put on the grid's second axis): every configuration's blocks along that axis must be at least that
+    wide, or the rule would let a too-large grid through to a GPU."""
+    from deeplab_ops import backends
+    from deeplab_ops.triton import aspp as A
+    from deeplab_ops.triton import bn_kernels as B
+    from deeplab_ops.triton import conv_engine as E
+    from deeplab_ops.triton import upsample_ce as U
+
+    narrowest = {}
+    for name, spec in (*E.KERNELS.items(), *A.KERNELS.items()):  # the tuned kernels (fixed-block ones: below)
+        for config in (*spec.hopper, *spec.ampere):
+            narrowest[name] = min(narrowest.get(name, 1 << 30), config.kwargs["BLOCK_N"])
+    assert {"fwd", "dgrad", "branch_fwd", "branch_dgrad", "project_fwd", "project_dgrad"} <= set(narrowest)
+    assert min(narrowest.values()) >= backends.CHANNEL_BLOCK, narrowest
+    for c in (1, 15, 16, 17, 100, 4096, 1_048_561):
+        blocks = -(-c // backends.CHANNEL_BLOCK)
+        assert -(-c // A.pool_bias_blocks(c)["BLOCK_O"]) <= blocks
+        assert -(-c // B._block_c(c)) <= blocks  # bn_apply, bn_bwd_reduce
+    for k in (1, 7, 8, 9, 21, 150, 524_281):
+        for span in (1, 4, 16, 64):
+            assert -(-k // U.bwd_config(k, span)[2]) <= -(-k // backends.CLASS_BLOCK)

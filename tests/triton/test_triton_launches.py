@@ -197,6 +197,66 @@ def test_no_tuning_inside_a_cuda_graph_capture(monkeypatch):
     assert launch.tuned_config(spec, cuda, torch.float16, sizes, meta, None) == {"tag": "tuned"} and len(tuned) == 1
 
 
+def _hopper_fwd_candidates(monkeypatch):
+    """The conv forward's tuning on a pretended sm_90 GPU, with an empty cache: (launch, spec, device, sizes, meta,
+    the pruned candidates, at least two)."""
+    from deeplab_ops.triton import conv_engine, launch
+
+    monkeypatch.setattr(launch, "_interpreter_active", lambda: False)
+    monkeypatch.setattr(launch, "TUNED", {})
+    monkeypatch.setattr(torch.cuda, "get_device_capability", lambda device=None: (9, 0))
+    spec = conv_engine.KERNELS["fwd"]
+    cuda = torch.device("cuda", 0)
+    sizes = dict(C_in=64, C_out=64, H_out=33, W_out=33, stride_h=1, stride_w=1)
+    meta = dict(KH=3, KW=3, TRAINING=True)
+    options = launch.candidates(spec, cuda, sizes)
+    assert len(options) >= 2
+    return launch, spec, cuda, sizes, meta, options
+
+
+def test_deterministic_algorithms_never_time_configurations(monkeypatch):
+    """Under torch.use_deterministic_algorithms(True) (train.py --deterministic) a call runs the first pruned
+    candidate, never a timed winner: timings differ between processes, and another tile sums in another order (a
+    review found the outputs and BatchNorm statistics of two candidate tiles differ in their last bits)."""
+    launch, spec, cuda, sizes, meta, options = _hopper_fwd_candidates(monkeypatch)
+    tuned = []
+    monkeypatch.setattr(launch, "tune", lambda spec, device, sizes, run: tuned.append(1) or options[-1])
+    previous = torch.are_deterministic_algorithms_enabled()
+    try:
+        assert launch.tuned_config(spec, cuda, torch.float16, sizes, meta, None) == options[-1]  # timed winner
+        torch.use_deterministic_algorithms(True)
+        assert launch.tuned_config(spec, cuda, torch.float16, sizes, meta, None) == options[0]
+        assert launch.tuned_config(spec, cuda, torch.float16, dict(sizes, C_in=128), meta, None) == (
+            launch.candidates(spec, cuda, dict(sizes, C_in=128))[0])
+    finally:
+        torch.use_deterministic_algorithms(previous)
+    assert len(tuned) == 1
+    assert launch.tuned_config(spec, cuda, torch.float16, sizes, meta, None) == options[-1]  # the timed one again
+
+
+def test_out_of_memory_while_timing_runs_the_first_candidate_untimed(monkeypatch):
+    """do_bench allocates a 256 MB cache-flush buffer: on a GPU near full the timing itself runs out of memory. The
+    call must not fail for it: the first pruned candidate runs, not remembered, and a later call times again."""
+    launch, spec, cuda, sizes, meta, options = _hopper_fwd_candidates(monkeypatch)
+    monkeypatch.setattr(launch, "device_guard", lambda device: contextlib.nullcontext())
+    full = [True]
+    timed = []
+
+    def time_one(run, config, device):
+        if full[0] and config == options[1]:
+            raise torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 256.00 MiB")
+        timed.append(config)
+        return 0.0 if config == options[1] else 1.0  # the second is the fastest
+
+    monkeypatch.setattr(launch, "_time", time_one)
+    assert launch.tuned_config(spec, cuda, torch.float16, sizes, meta, None) == options[0]
+    assert not launch.TUNED
+    full[0] = False
+    timed.clear()
+    assert launch.tuned_config(spec, cuda, torch.float16, sizes, meta, None) == options[1]
+    assert len(launch.TUNED) == 1 and timed == options
+
+
 # ---- JIT specializations --------------------------------------------------------------------------------------
 
 
