@@ -37,13 +37,12 @@ def source_index(in_size: int, out_size: int, align_corners: bool, dtype: torch.
 
 
 @functools.lru_cache(maxsize=64)
-def axis_tables(in_size: int, out_size: int, align_corners: bool, dtype: torch.dtype, device: torch.device,
-                stream: int = 0):
-    """(i0, i1, l0, l1, start, end, span) along one axis, on `device`, built on (and cached for) the current stream,
-    whose id `stream` is (`launch.current_stream_id`: the kernels of one stream read the tables allocated on it).
+def axis_tables(in_size: int, out_size: int, align_corners: bool, dtype: torch.dtype, device: torch.device):
+    """(i0, i1, l0, l1, start, end, span, stream) along one axis, on `device`.
 
     i0/i1 (out_size,) int32 neighbours, l0/l1 (out_size,) weights in `dtype`; start/end (in_size,) int32: the
-    output indices o with i0[o] <= i <= i1[o] (contiguous: both are non-decreasing); span = max(end - start).
+    output indices o with i0[o] <= i <= i1[o] (contiguous: both are non-decreasing); span = max(end - start);
+    stream: the id of the stream the tables were allocated on (`launch.current_stream_id`; 0 off CUDA).
     """
     src = source_index(in_size, out_size, align_corners, dtype)
     i0 = src.floor().to(torch.int64).clamp(max=in_size - 1)
@@ -56,11 +55,11 @@ def axis_tables(in_size: int, out_size: int, align_corners: bool, dtype: torch.d
     span = int((end - start).clamp_min(0).max()) if in_size else 0
 
     def put(t):
-        # A blocking copy, once per configuration and stream: later calls do no host work and no copy (CUDA-graph
-        # capturable after a first call).
+        # A blocking copy, once per configuration: later calls do no host work and no copy (CUDA-graph capturable
+        # after a first call), and any stream may read the tables (`_tables`).
         return (t.to(torch.int32) if t.dtype == torch.int64 else t).to(device)
 
-    return put(i0), put(i1), put(l0), put(l1), put(start), put(end), span
+    return put(i0), put(i1), put(l0), put(l1), put(start), put(end), span, current_stream_id(device)
 
 
 # ---- kernels -----------------------------------------------------------------------------------------
@@ -282,14 +281,25 @@ _CAPTURED_TABLES: dict[int, tuple] = {}
 
 
 def _tables(logits: torch.Tensor, out_h: int, out_w: int, align_corners: bool):
+    """The (rows, columns) tables of a call. On CUDA, tables read on a stream other than the one they were allocated
+    on are recorded on it (`record_stream`): the allocator hands an evicted entry's memory out again in its
+    allocating stream's order only, and would otherwise let it be overwritten under a kernel of the reading stream.
+    (One shared entry per configuration, not one per stream: warm-up on one stream and a CUDA-graph capture on
+    another, as torch.cuda.graph does, must find the tables built.)"""
     acc, _ = _acc(logits.dtype)
     device = logits.device
-    stream = current_stream_id(device)
-    tables = (axis_tables(logits.shape[2], out_h, align_corners, acc, device, stream),
-              axis_tables(logits.shape[3], out_w, align_corners, acc, device, stream))
-    if device.type == "cuda" and torch.cuda.is_current_stream_capturing():
+    tables = (axis_tables(logits.shape[2], out_h, align_corners, acc, device),
+              axis_tables(logits.shape[3], out_w, align_corners, acc, device))
+    if device.type == "cuda":
+        stream = current_stream_id(device)
+        capturing = torch.cuda.is_current_stream_capturing()
         for t in tables:
-            _CAPTURED_TABLES.setdefault(id(t), t)
+            if t[7] != stream:
+                reader = torch.cuda.current_stream(device)
+                for tensor in t[:6]:
+                    tensor.record_stream(reader)
+            if capturing:
+                _CAPTURED_TABLES.setdefault(id(t), t)
     return tables
 
 
@@ -313,7 +323,7 @@ def forward(logits, target, ignore_index: int, align_corners: bool, reduction: s
     psum = torch.zeros((0 if per_pixel else grid,), dtype=acc, device=logits.device)
     pcnt = torch.zeros((0 if per_pixel else grid,), dtype=torch.int32, device=logits.device)
     if p > 0:
-        (y0, y1, ly0, ly1, _, _, _), (x0, x1, lx0, lx1, _, _, _) = _tables(logits, big_h, big_w, align_corners)
+        (y0, y1, ly0, ly1, *_), (x0, x1, lx0, lx1, *_) = _tables(logits, big_h, big_w, align_corners)
         launch_kernel(_uce_fwd_kernel, (grid,),
             logits, target, y0, y1, ly0, ly1, x0, x1, lx0, lx1, lse, loss_px, psum, pcnt,
             p, k, h, w, big_h, big_w, ignore_index,
@@ -350,8 +360,8 @@ def backward(grad, logits, target, lse, count, ignore_index: int, align_corners:
     if big_h * big_w == 0:
         return dx.zero_()
     ty, tx = _tables(logits, big_h, big_w, align_corners)
-    y0, y1, ly0, ly1, ys, ye, span_y = ty
-    x0, x1, lx0, lx1, xs, xe, span_x = tx
+    y0, y1, ly0, ly1, ys, ye, span_y, _ = ty
+    x0, x1, lx0, lx1, xs, xe, span_x, _ = tx
     if interpreter_active():  # a whole column range per step: fewer, larger numpy ops
         block_x = min(next_power_of_2(max(span_x, 1)), 64)
         block_q, block_k, warps = max(1, 1024 // block_x), _block_k(k), 4

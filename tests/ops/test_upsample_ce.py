@@ -180,7 +180,7 @@ def test_stencil_tables_reproduce_interpolate(align_corners):
         for in_size in sizes:
             x = torch.randn(1, 1, 1, in_size, dtype=dtype)
             for out_size in sizes:
-                i0, i1, l0, l1, start, end, _ = axis_tables(in_size, out_size, align_corners, dtype,
+                i0, i1, l0, l1, start, end, *_ = axis_tables(in_size, out_size, align_corners, dtype,
                                                             torch.device("cpu"))
                 mine = l0 * x[0, 0, 0, i0.long()] + l1 * x[0, 0, 0, i1.long()]
                 theirs = torch.nn.functional.interpolate(x, size=(1, out_size), mode="bilinear",

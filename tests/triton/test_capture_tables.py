@@ -33,7 +33,7 @@ def tiny_cpu_cache(monkeypatch):
     build = upsample_ce.axis_tables.__wrapped__
 
     @functools.lru_cache(maxsize=1)
-    def axis_tables(in_size, out_size, align_corners, dtype, device, stream=0):
+    def axis_tables(in_size, out_size, align_corners, dtype, device):
         return build(in_size, out_size, align_corners, dtype, torch.device("cpu"))
 
     monkeypatch.setattr(upsample_ce, "axis_tables", axis_tables)
@@ -119,28 +119,23 @@ def test_hyper_tensor_fills_on_each_stream_and_never_blocks(monkeypatch):
     launch._cached_constants.cache_clear()
 
 
-def test_each_stream_reads_tables_built_on_it(monkeypatch):
-    """The tables are cached per stream (a review found them shared by every stream): an entry the LRU evicts is
-    freed into its allocating stream's pool, where the next allocation could overwrite it while a kernel on another
-    stream still read it. Keyed by the current stream, only kernels of the allocating stream read an entry."""
-    from deeplab_ops.triton import upsample_ce
-
-    build = upsample_ce.axis_tables.__wrapped__
-    built = []
-
-    @functools.lru_cache(maxsize=8)
-    def axis_tables(in_size, out_size, align_corners, dtype, device, stream=0):
-        built.append(stream)
-        return build(in_size, out_size, align_corners, dtype, torch.device("cpu"))
-
+def test_tables_read_on_another_stream_are_recorded_on_it(tiny_cpu_cache, monkeypatch):
+    """One table entry per configuration serves every stream: warm-up on one stream and a capture on another (what
+    torch.cuda.graph does) must find the tables built. A stream other than the allocating one records its use
+    (`record_stream`), so that an entry the LRU evicts is not handed out again while that stream's kernels read it."""
+    upsample_ce, capturing = tiny_cpu_cache
+    monkeypatch.setattr(upsample_ce, "axis_tables", functools.lru_cache(maxsize=8)(upsample_ce.axis_tables.__wrapped__))
     stream = [7]
-    monkeypatch.setattr(upsample_ce, "axis_tables", axis_tables)
-    monkeypatch.setattr(torch.cuda, "is_current_stream_capturing", lambda: False)
-    monkeypatch.setattr(torch._C, "_cuda_getCurrentRawStream", lambda index: stream[0], raising=False)
-    first = upsample_ce._tables(_fake_logits(4, 5), 16, 20, False)
-    assert upsample_ce._tables(_fake_logits(4, 5), 16, 20, False)[0] is first[0] and built == [7, 7]
-    stream[0] = 8
-    other = upsample_ce._tables(_fake_logits(4, 5), 16, 20, False)
-    assert other[0] is not first[0] and other[1] is not first[1] and built == [7, 7, 8, 8]
-    stream[0] = 7
-    assert upsample_ce._tables(_fake_logits(4, 5), 16, 20, False)[1] is first[1] and len(built) == 4
+    recorded = []
+    monkeypatch.setattr(upsample_ce, "current_stream_id", lambda device: stream[0])
+    monkeypatch.setattr(torch.cuda, "current_stream", lambda device=None: f"stream {stream[0]}")
+    monkeypatch.setattr(torch.Tensor, "record_stream", lambda self, s: recorded.append((self, s)), raising=False)
+    first = upsample_ce._tables(_fake_logits(4, 5), 16, 20, False)  # built on stream 7
+    assert upsample_ce._tables(_fake_logits(4, 5), 16, 20, False)[0] is first[0] and not recorded
+    stream[0] = 9
+    capturing[0] = True  # a capture on another stream: the same tables, recorded on it, and kept
+    again = upsample_ce._tables(_fake_logits(4, 5), 16, 20, False)
+    assert again[0] is first[0] and again[1] is first[1]
+    assert [s for _, s in recorded] == ["stream 9"] * 12
+    assert {id(t) for t, _ in recorded} == {id(t) for t in (*first[0][:6], *first[1][:6])}
+    assert set(upsample_ce._CAPTURED_TABLES) == {id(first[0]), id(first[1])}
