@@ -205,30 +205,36 @@ def check_running_writable(named, read=()) -> None:
     (name, value) pairs, a value one tensor or a list of them (named name[i]); the read tensors may share memory
     with each other. Strides and addresses only (no aten op, one Python frame per call); an exact element test
     only where two tensors' address ranges interleave."""
+    if torch.compiler.is_compiling():
+        return  # (fake tensors: no addresses; the call runs for real outside the graph, checked there)
     spans = []
     for written, pairs in ((True, named), (False, read)):  # (plain loops: no frame per call on the per-call path)
         for group, value in pairs:
             if value is None:
                 continue
-            tensors = (value,) if isinstance(value, Tensor) else value
-            for i, t in enumerate(tensors):
-                index = None if tensors is not value else i  # (a list's tensors are named group[i], on error only)
-                extent = 1
-                for size, stride in zip(t.shape, t.stride(), strict=True):
-                    if size > 1 and stride == 0 and written:
-                        name = _label(group, index)
-                        raise ValueError(
-                            f"{name} has overlapping memory (stride 0 over {size} values: an expanded view, shape "
-                            f"{tuple(t.shape)}, strides {t.stride()}), but training BatchNorm updates it in place, "
-                            f"one value per channel; pass a tensor with its own memory, e.g. {name}.clone()")
-                    extent += (size - 1) * stride
-                if not t.numel() or torch.compiler.is_compiling() or is_functorch_wrapped(t) or t.is_meta:
+            single = isinstance(value, Tensor)
+            index = -1
+            for t in (value,) if single else value:
+                index += 1  # (a list's tensors are named group[i], on error only)
+                strides = t.stride()
+                if len(strides) == 1:  # (the usual (C,) vector: no loop)
+                    size = t.shape[0]
+                    if size > 1 and strides[0] == 0 and written:
+                        _refuse_expanded(_label(group, None if single else index), t)
+                    extent = 1 + (size - 1) * strides[0]
+                else:
+                    extent = 1
+                    for size, stride in zip(t.shape, strides, strict=True):
+                        if size > 1 and stride == 0 and written:
+                            _refuse_expanded(_label(group, None if single else index), t)
+                        extent += (size - 1) * stride
+                if t.is_meta or not t.numel():
                     continue  # (no addresses there)
                 try:
                     start = t.data_ptr()
-                except RuntimeError:  # a tensor without storage (a fake one): nothing to compare
+                except RuntimeError:  # a tensor without storage (a fake one, torch.func's wrappers): nothing to compare
                     continue
-                spans.append((start, start + extent * t.element_size(), group, index, t, written))
+                spans.append((start, start + extent * t.element_size(), group, None if single else index, t, written))
     spans.sort(key=operator.itemgetter(0))
     # Each range against every earlier one still open at its start, not only its neighbour: a third interleaved
     # range can share elements with the first while the second, between them, shares none with either.
@@ -249,6 +255,14 @@ def check_running_writable(named, read=()) -> None:
                         f"{first} and {other} share memory, but training BatchNorm {why}; pass tensors with their "
                         f"own memory, e.g. {clone}.clone()")
         reach = max(reach, end)
+
+
+def _refuse_expanded(name: str, t: Tensor):
+    size = next(size for size, stride in zip(t.shape, t.stride(), strict=True) if size > 1 and stride == 0)
+    raise ValueError(
+        f"{name} has overlapping memory (stride 0 over {size} values: an expanded view, shape {tuple(t.shape)}, "
+        f"strides {t.stride()}), but training BatchNorm updates it in place, one value per channel; pass a tensor "
+        f"with its own memory, e.g. {name}.clone()")
 
 
 def _label(group: str, index: int | None) -> str:
