@@ -93,10 +93,11 @@ def device_constants(values: tuple, dtype: torch.dtype, device: torch.device) ->
 
 
 def current_stream_id(device: torch.device) -> int:
-    """The raw id of `device`'s current stream (0 for a non-CUDA device): part of the key of cached device memory
-    that kernels read (`device_constants`, the loss's stencil tables), so that each stream reads memory allocated
-    on it. Freed memory is reused in the allocating stream's order only: an entry evicted from a cache while a
-    kernel on another stream still reads it could be handed out and overwritten under that kernel."""
+    """The raw id of `device`'s current stream (0 for a non-CUDA device). Freed memory is reused in its allocating
+    stream's order only: cached device memory that kernels read is either keyed by the reading stream
+    (`device_constants`) or recorded on a reading stream other than the allocating one (the loss's stencil
+    tables), else an entry evicted from a cache while a kernel on another stream still read it could be handed out
+    and overwritten under that kernel."""
     if device.type != "cuda":
         return 0
     index = device.index if device.index is not None else torch.cuda.current_device()  # torch.device("cuda")

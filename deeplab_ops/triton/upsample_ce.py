@@ -284,22 +284,24 @@ def _tables(logits: torch.Tensor, out_h: int, out_w: int, align_corners: bool):
     """The (rows, columns) tables of a call. On CUDA, tables read on a stream other than the one they were allocated
     on are recorded on it (`record_stream`): the allocator hands an evicted entry's memory out again in its
     allocating stream's order only, and would otherwise let it be overwritten under a kernel of the reading stream.
-    (One shared entry per configuration, not one per stream: warm-up on one stream and a CUDA-graph capture on
-    another, as torch.cuda.graph does, must find the tables built.)"""
+    Tables read inside a capture are kept instead (`_CAPTURED_TABLES`: never freed). One shared entry per
+    configuration, not one per stream: warm-up on one stream and a CUDA-graph capture on another, as
+    torch.cuda.graph does, must find the tables built."""
     acc, _ = _acc(logits.dtype)
     device = logits.device
     tables = (axis_tables(logits.shape[2], out_h, align_corners, acc, device),
               axis_tables(logits.shape[3], out_w, align_corners, acc, device))
     if device.type == "cuda":
-        stream = current_stream_id(device)
-        capturing = torch.cuda.is_current_stream_capturing()
-        for t in tables:
-            if t[7] != stream:
-                reader = torch.cuda.current_stream(device)
-                for tensor in t[:6]:
-                    tensor.record_stream(reader)
-            if capturing:
+        if torch.cuda.is_current_stream_capturing():
+            for t in tables:
                 _CAPTURED_TABLES.setdefault(id(t), t)
+        else:
+            stream = current_stream_id(device)
+            for t in tables:
+                if t[7] != stream:
+                    reader = torch.cuda.current_stream(device)
+                    for tensor in t[:6]:
+                        tensor.record_stream(reader)
     return tables
 
 

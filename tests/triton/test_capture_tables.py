@@ -132,10 +132,13 @@ def test_tables_read_on_another_stream_are_recorded_on_it(tiny_cpu_cache, monkey
     monkeypatch.setattr(torch.Tensor, "record_stream", lambda self, s: recorded.append((self, s)), raising=False)
     first = upsample_ce._tables(_fake_logits(4, 5), 16, 20, False)  # built on stream 7
     assert upsample_ce._tables(_fake_logits(4, 5), 16, 20, False)[0] is first[0] and not recorded
-    stream[0] = 9
-    capturing[0] = True  # a capture on another stream: the same tables, recorded on it, and kept
+    stream[0] = 8  # eager calls on another stream: the same tables, recorded on it
     again = upsample_ce._tables(_fake_logits(4, 5), 16, 20, False)
     assert again[0] is first[0] and again[1] is first[1]
-    assert [s for _, s in recorded] == ["stream 9"] * 12
+    assert [s for _, s in recorded] == ["stream 8"] * 12
     assert {id(t) for t, _ in recorded} == {id(t) for t in (*first[0][:6], *first[1][:6])}
+    stream[0] = 9
+    capturing[0] = True  # a capture on a third stream: the same tables, kept for good (never freed: nothing to record)
+    captured = upsample_ce._tables(_fake_logits(4, 5), 16, 20, False)
+    assert captured[0] is first[0] and captured[1] is first[1] and len(recorded) == 12
     assert set(upsample_ce._CAPTURED_TABLES) == {id(first[0]), id(first[1])}
