@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import functools
 import gc
 import io
 import json
@@ -24,6 +25,7 @@ import random
 import shutil
 import sys
 import time
+import unicodedata
 import warnings
 
 import numpy as np
@@ -484,28 +486,40 @@ def checkpoint_or_exit(path: str, flag: str) -> dict:
         raise SystemExit(f"{flag} {path}: {e}") from None
 
 
-def check_num_classes(ckpt: dict, path: str, num_classes: int, args, command: str) -> None:
-    """Refuse a checkpoint whose class count differs from the dataset's."""
+def check_classes(ckpt: dict, path: str, class_names: list[str], args, command: str) -> None:
+    """Refuse a checkpoint whose classes differ from the dataset's: their count, or (where the checkpoint saved
+    them) their names in order: a reordered class list would label every score with another class's name, and
+    train or predict classes under the wrong names, silently. Names compare in Unicode NFC, as the datasets do."""
     saved = ckpt.get("num_classes")
-    if saved is not None and saved != num_classes:
-        source = f"--dataset {args.dataset}" + (f" --data-root {args.data_root}" if args.data_root else "") + (
-            f" --classes {args.classes}" if args.classes else "")
-        flag = "--resume" if command == "--resume" else "--checkpoint"
-        hint = " (--eval-only reads them from the checkpoint when --dataset is not given)" \
-            if command == "--eval-only" else ""
-        named = f"{flag} {path}" if command == flag else f"{command}: {flag} {path}"
-        raise SystemExit(f"{named} predicts {saved} classes, but {source} has {num_classes}; "
+    saved_names = ckpt.get("class_names")
+    source = f"--dataset {args.dataset}" + (f" --data-root {args.data_root}" if args.data_root else "") + (
+        f" --classes {args.classes}" if args.classes else "")
+    flag = "--resume" if command == "--resume" else "--checkpoint"
+    hint = " (--eval-only reads them from the checkpoint when --dataset is not given)" \
+        if command == "--eval-only" else ""
+    named = f"{flag} {path}" if command == flag else f"{command}: {flag} {path}"
+    if saved is not None and saved != len(class_names):
+        raise SystemExit(f"{named} predicts {saved} classes, but {source} has {len(class_names)}; "
                          f"use a checkpoint trained on this dataset, or the dataset flags it was trained with{hint}")
+    if isinstance(saved_names, (list, tuple)) and len(saved_names) == len(class_names):
+        nfc = functools.partial(unicodedata.normalize, "NFC")
+        differ = [i for i, (a, b) in enumerate(zip(saved_names, class_names, strict=True))
+                  if not isinstance(a, str) or nfc(a) != nfc(b)]
+        if differ:
+            shown = ", ".join(f"class {i}: {saved_names[i]!r} there, {class_names[i]!r} here" for i in differ[:3])
+            raise SystemExit(f"{named} was trained on other class names than {source}'s ({shown}"
+                             f"{', ...' if len(differ) > 3 else ''}); its class indices would be read under the "
+                             f"wrong names. Use the class list it was trained with (its order too){hint}")
 
 
-def _dataset_num_classes(args) -> int | None:
-    """Class count of an explicitly named dataset (for --predict's check), None when none is named."""
+def _dataset_class_names(args) -> list[str] | None:
+    """Class names of an explicitly named dataset (for --predict's check), None when none is named."""
     if args.dataset in ("synthetic", "voc"):
-        return len(datasets.SYNTHETIC_CLASSES if args.dataset == "synthetic" else datasets.VOC_CLASSES)
+        return list(datasets.SYNTHETIC_CLASSES if args.dataset == "synthetic" else datasets.VOC_CLASSES)
     if args.dataset == "folder" or args.classes:
         if not (args.classes or args.data_root):
             raise SystemExit("--dataset folder needs --data-root PATH (or --classes FILE) to know its classes")
-        return len(datasets.read_class_list(args.classes or os.path.join(args.data_root, "classes.txt")))
+        return datasets.read_class_list(args.classes or os.path.join(args.data_root, "classes.txt"))
     return None
 
 
@@ -513,8 +527,14 @@ def cmd_predict(args, device, info: distributed.DistInfo) -> None:
     out = args.out or "predictions"
     if not os.path.isdir(args.predict):
         raise SystemExit(f"--predict: not a folder: {args.predict}")
-    files = sorted(f for f in os.listdir(args.predict) if f.lower().endswith(datasets.IMAGE_EXTENSIONS)
-                   and os.path.isfile(os.path.join(args.predict, f)))
+    named = sorted(f for f in os.listdir(args.predict) if datasets.is_image_name(f))
+    broken = [f for f in named if os.path.islink(os.path.join(args.predict, f))
+              and not os.path.exists(os.path.join(args.predict, f))]
+    if broken:  # (as the folder dataset names one: skipped, it would be missing from the output without a word)
+        raise SystemExit(f"--predict: {os.path.join(args.predict, broken[0])} is a broken link (its target "
+                         f"{os.readlink(os.path.join(args.predict, broken[0]))!r} does not exist)"
+                         + (f", and {len(broken) - 1} more" if len(broken) > 1 else "") + "; no mask was written")
+    files = [f for f in named if os.path.isfile(os.path.join(args.predict, f))]
     if not files:
         raise SystemExit(f"--predict: no images ({', '.join(datasets.IMAGE_EXTENSIONS)}) in {args.predict}")
     plan = plan_predict_outputs(args.predict, files, out)
@@ -532,9 +552,9 @@ def cmd_predict(args, device, info: distributed.DistInfo) -> None:
     if any(errors):
         raise SystemExit(next(e for e in errors if e) if info.is_main else 1)
     ckpt = checkpoint_or_exit(args.checkpoint, "--checkpoint")
-    num_classes = _dataset_num_classes(args)
-    if num_classes is not None:
-        check_num_classes(ckpt, args.checkpoint, num_classes, args, "--predict")
+    class_names = _dataset_class_names(args)
+    if class_names is not None:
+        check_classes(ckpt, args.checkpoint, class_names, args, "--predict")
     os_ = args.eval_output_stride or ckpt.get("args", {}).get("output_stride", 16)
     net = _model_from_checkpoint(ckpt, args, os_, args.checkpoint, "--checkpoint").to(device).eval()
     if args.channels_last:
@@ -607,7 +627,7 @@ def cmd_eval_only(args, device, info, given: set[str] = frozenset()) -> None:
         _, val, class_names = _build_datasets(args, train=False)
     except (FileNotFoundError, ValueError) as e:
         raise SystemExit(f"--dataset {args.dataset}: {e}{_restored_note(args, restored, path)}") from None
-    check_num_classes(ckpt, path, len(class_names), args, "--eval-only")
+    check_classes(ckpt, path, class_names, args, "--eval-only")
     # The run's evaluation settings (what its metrics and best.pt were measured with) unless given.
     if "eval_scales" not in given and isinstance(saved.get("eval_scales"), str):
         args.eval_scales = saved["eval_scales"]
@@ -899,7 +919,7 @@ def cmd_train(args, device, info, resumed: tuple | None) -> None:
             ckpt_io.check_resumable(resume, "the checkpoint")
         except ValueError as e:
             raise SystemExit(f"--resume {path}: {e}") from None
-        check_num_classes(resume, path, len(class_names), args, "--resume")
+        check_classes(resume, path, class_names, args, "--resume")
         if resume.get("iteration", 0) > args.iterations:
             raise SystemExit(f"--resume {path}: the checkpoint is at iteration {resume['iteration']}, beyond "
                              f"--iterations {args.iterations}; give --iterations >= {resume['iteration']}")
@@ -990,15 +1010,18 @@ def carry_best(resume_path: str, resume: dict, out_dir: str, is_main: bool) -> N
     dst = os.path.join(out_dir, "best.pt")
     if os.path.exists(dst) and os.path.realpath(src) == os.path.realpath(dst):
         return  # resumed in place
-    if os.path.isfile(src) and ckpt_io.checkpoint_iteration(src) == resume.get("best_iteration"):
+    found = ckpt_io.checkpoint_iteration(src) if os.path.isfile(src) else None
+    if found is not None and found == resume.get("best_iteration"):
         if is_main:
             with open(src, "rb") as f:
                 ckpt_io.atomic_write(dst, lambda out: shutil.copyfileobj(f, out))
             print(f"copied {src} (the best so far, iteration {resume['best_iteration']}) into {out_dir}")
         return
     if is_main:
+        why = ("is not there" if not os.path.isfile(src) else
+               "cannot be read (or records no iteration)" if found is None else f"holds iteration {found}")
         print(f"note: {src}, the best checkpoint --resume {resume_path} names (iteration "
-              f"{resume.get('best_iteration')}), is not there: the best is tracked afresh from this run's evaluations")
+              f"{resume.get('best_iteration')}), {why}: the best is tracked afresh from this run's evaluations")
     resume["best_metric"] = resume["best_iteration"] = None
 
 

@@ -8,6 +8,7 @@ construction (a missing file is named before training starts); a file that fails
 from __future__ import annotations
 
 import contextlib
+import functools
 import os
 import re
 import signal
@@ -22,6 +23,12 @@ from PIL import Image, ImageOps
 from training.palette import IGNORE_INDEX, VOC_CLASSES, voc_colormap
 
 IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".bmp", ".tif", ".tiff", ".webp")
+
+
+def is_image_name(name: str) -> bool:
+    """A file name a folder of images counts: an image extension (any case), not hidden (a dot-file: macOS's
+    "._x.jpg" resource forks beside every copied image, which no image reader decodes)."""
+    return name.lower().endswith(IMAGE_EXTENSIONS) and not name.startswith(".")
 
 
 # ---- file reading with errors that name the file ---------------------------------------------------------------
@@ -87,6 +94,25 @@ def _rgb_from_wide(im: Image.Image, path: str) -> np.ndarray:
     return np.repeat(gray[..., None], 3, axis=2)
 
 
+def image_for_mask(image_path: str, mask: np.ndarray, mask_path: str, kind: str) -> np.ndarray:
+    """The image that `mask` labels. A photo with an EXIF Orientation tag (a phone's, stored sideways or upside down)
+    is turned upright, as image viewers, annotation tools and --predict show it: its mask is drawn on that view
+    (PASCAL VOC's own JPEGs carry no such tag; a dataset exported in its layout by an annotation tool may). Only a
+    mask that fits the stored pixels and not the upright view (drawn by a tool that ignores the tag) pairs with the
+    pixels as stored. Checking the size alone would pair an upside-down photo (Orientation 3: the same size either
+    way) unturned with its upright mask, 180 degrees apart. `kind` names the mask in the error ("mask", "label")."""
+    image = read_image(image_path, exif_orientation=True)
+    if mask.shape == image.shape[:2]:
+        return image
+    stored = read_image(image_path)
+    if stored.shape[:2] == mask.shape:
+        return stored
+    raise BadDataFile(f"{kind} {mask_path} is {mask.shape[1]}x{mask.shape[0]} but image {image_path} is "
+                      f"{stored.shape[1]}x{stored.shape[0]}"
+                      + (f" ({image.shape[1]}x{image.shape[0]} turned upright as its EXIF Orientation tag says)"
+                         if stored.shape != image.shape else ""))
+
+
 LOSSY_FORMATS = ("JPEG", "MPO")  # PIL's names of formats that always store lossy pixels (MPO: multi-picture JPEG)
 
 
@@ -114,13 +140,44 @@ def read_index_mask(path: str, num_classes: int | None = None) -> np.ndarray:
                     f"values are class indices (255 = ignore){_colour_mask_hint(np.asarray(im.convert('RGB')))}"
                 )
             arr = np.asarray(im)
-    except ValueError as e:
+            if mode == "P" and arr.ndim == 2:
+                _refuse_renumbered_palette(im.getpalette(), arr)
+    except ValueError as e:  # (BadDataFile too: named with the file here)
         raise BadDataFile(f"bad mask {path}: {e}") from e
     except Exception as e:
         raise UnreadableDataFile(f"cannot read mask {path}: {type(e).__name__}: {e}") from e
     if arr.ndim != 2:
         raise BadDataFile(f"bad mask {path}: expected a single-channel image, got shape {arr.shape}")
     return class_index_mask(arr, path, num_classes)
+
+
+@functools.cache
+def _voc_codes() -> dict[tuple[int, int, int], int]:
+    return {tuple(int(v) for v in c): i for i, c in enumerate(voc_colormap())}
+
+
+def _refuse_renumbered_palette(palette: list[int] | None, arr: np.ndarray) -> None:
+    """Refuse a palette mask whose used colours are all PASCAL VOC colours, some at another index than VOC's: a VOC-
+    coloured mask whose indices were renumbered (PIL's quantize() or convert("P"), an image editor's re-save), so
+    its pixel values are not the classes its colours show. A palette of its own colours is the user's: accepted."""
+    if not palette:
+        return
+    codes = _voc_codes()
+    moved = []
+    for index in np.flatnonzero(np.bincount(arr.ravel(), minlength=256)).tolist():
+        voc = codes.get(tuple(palette[3 * index:3 * index + 3]))
+        if voc is None:
+            return  # a colour of the mask's own palette: its indices are its classes
+        if voc != index:
+            moved.append(f"index {index} has the colour of VOC index {voc}")
+    if moved:
+        raise BadDataFile(
+            "a palette PNG whose colours are all PASCAL VOC palette colours, but at other indices "
+            f"({', '.join(moved[:4])}{', ...' if len(moved) > 4 else ''}): its indices were renumbered (PIL's "
+            "quantize() or convert('P'), or an image editor, reorders a palette), so its pixel values are not the "
+            "classes its colours show. Rebuild it: each colour's index in training.palette.voc_colormap() as the "
+            "pixel value. If the palette is your own and the pixel values are the classes, save the mask as a "
+            "grayscale (L) PNG")
 
 
 def _colour_mask_hint(rgb: np.ndarray) -> str:
@@ -623,15 +680,11 @@ class VOCSegmentation:
 
     def __getitem__(self, index: int):
         name, image_path, label_path = self.items[index]
-        image = read_image(image_path)
         if label_path.endswith(".mat"):
             mask = read_sbd_mat(label_path, num_classes=len(self.classes))
         else:
             mask = read_index_mask(label_path, num_classes=len(self.classes))
-        if mask.shape != image.shape[:2]:
-            raise BadDataFile(f"label {label_path} is {mask.shape[1]}x{mask.shape[0]} but image {image_path} is "
-                             f"{image.shape[1]}x{image.shape[0]}")
-        return image, mask, name
+        return image_for_mask(image_path, mask, label_path, "label"), mask, name
 
 
 # ---- a user's folder -------------------------------------------------------------------------------------------
@@ -709,13 +762,13 @@ def _nfc(name: str) -> str:
 
 def _masks_by_stem(masks_dir: str) -> dict[str, str]:
     """NFC name -> mask path for every PNG in `masks_dir`, the extension matched in any case (x.png, x.PNG);
-    folders are not masks."""
+    folders and hidden files are not masks."""
     found: dict[str, str] = {}
     for f in sorted(os.listdir(masks_dir)):
         stem, ext = os.path.splitext(f)
         path = os.path.join(masks_dir, f)
-        if ext.lower() != ".png" or os.path.isdir(path):
-            continue
+        if ext.lower() != ".png" or f.startswith(".") or os.path.isdir(path):
+            continue  # (dot-files: macOS's "._x.png" beside every copied mask)
         if _nfc(stem) in found:
             raise ValueError(f"folder dataset: two masks named {stem!r}: {found[_nfc(stem)]} and {path}; keep one")
         found[_nfc(stem)] = path
@@ -772,7 +825,7 @@ class FolderSegmentation:
         by_nfc: dict[str, str] = {}  # NFC name -> name: x.png and x.jpg, or two spellings of one name, are refused
         for f in sorted(os.listdir(images_dir)):
             path = os.path.join(images_dir, f)
-            if f.lower().endswith(IMAGE_EXTENSIONS) and not os.path.isdir(path):  # a folder `x.png` is no image
+            if is_image_name(f) and not os.path.isdir(path):  # a folder `x.png` is no image
                 stem = os.path.splitext(f)[0]
                 if _nfc(stem) in by_nfc:
                     first = by_stem[by_nfc[_nfc(stem)]]
@@ -797,9 +850,11 @@ class FolderSegmentation:
         elif split in ("train", "val") and not os.path.isfile(os.path.join(root, "train.txt")):
             import zlib
 
-            # os.fsencode: the name's bytes on disk (UTF-8 for a UTF-8 name; a name in another encoding, which
-            # Python reads with surrogate escapes, has no UTF-8 form: n.encode() raised UnicodeEncodeError)
-            names = [n for n in sorted(by_stem) if (zlib.crc32(os.fsencode(n)) % 10 == 0) == (split == "val")]
+            # os.fsencode: the name's bytes (UTF-8 for a UTF-8 name; a name in another encoding, which Python reads
+            # with surrogate escapes, has no UTF-8 form: n.encode() raised UnicodeEncodeError), of its NFC form, as
+            # every other name comparison here: a copy whose file system decomposed the names (macOS) has the split
+            names = [n for n in sorted(by_stem)
+                     if (zlib.crc32(os.fsencode(_nfc(n))) % 10 == 0) == (split == "val")]
             if not names:
                 raise ValueError(
                     f"folder dataset {root}: the automatic 90/10 split (by a hash of each name) left split {split!r} "
@@ -835,19 +890,5 @@ class FolderSegmentation:
 
     def __getitem__(self, index: int):
         name, image_path, mask_path = self.items[index]
-        # A photo with an EXIF Orientation tag (a phone's, stored sideways or upside down) is turned upright, as
-        # image viewers, annotation tools and --predict show it: its mask is drawn on that view. Only a mask that
-        # fits the stored pixels and not the upright view (drawn by a tool that ignores the tag) pairs with the
-        # pixels as stored. Checking the size alone would pair an upside-down photo (Orientation 3: the same size
-        # either way) unturned with its upright mask, 180 degrees apart.
-        image = read_image(image_path, exif_orientation=True)
         mask = read_index_mask(mask_path, num_classes=len(self.classes))
-        if mask.shape != image.shape[:2]:
-            stored = read_image(image_path)
-            if stored.shape[:2] == mask.shape:
-                return stored, mask, name
-            raise BadDataFile(f"mask {mask_path} is {mask.shape[1]}x{mask.shape[0]} but image {image_path} is "
-                             f"{stored.shape[1]}x{stored.shape[0]}"
-                             + (f" ({image.shape[1]}x{image.shape[0]} turned upright as its EXIF Orientation tag "
-                                "says)" if stored.shape != image.shape else ""))
-        return image, mask, name
+        return image_for_mask(image_path, mask, mask_path, "mask"), mask, name

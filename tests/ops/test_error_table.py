@@ -133,6 +133,18 @@ def fit_resume(resume):
     return loop.fit(TinySeg(), _train_set(), _cfg(iterations=2), torch.device("cpu"), resume=resume)
 
 
+def _renumbered_palette_png(d):
+    # person (VOC class 15) stored as index 1, background as 0: what quantize() makes of a two-colour VOC mask
+    from training.palette import voc_colormap
+
+    cmap = voc_colormap()
+    im = Image.fromarray(np.array([[0, 1], [1, 0]], np.uint8), "P")
+    im.putpalette([*cmap[0], *cmap[15]])
+    path = f"{d}/m.png"
+    im.save(path)
+    return path
+
+
 def png(path, array, mode=None):
     os.makedirs(os.path.dirname(path), exist_ok=True)
     Image.fromarray(array, mode=mode).save(path)
@@ -564,6 +576,7 @@ CASES = {
     "data-mask-classes": lambda d: _datasets().read_index_mask(png(f"{d}/m.png", np.full((4, 4), 7, np.uint8), "L"),
                                                                num_classes=3),
     "data-mask-jpeg": lambda d: _datasets().read_index_mask(_jpeg_named_png(d)),
+    "data-mask-palette-renumbered": lambda d: _datasets().read_index_mask(_renumbered_palette_png(d)),
     "data-image-8-in-16": lambda d: _datasets().read_image(png(f"{d}/x.png", np.full((4, 4), 200, np.uint16))),
     "data-sbd-no-scipy": _sbd_without_scipy,
     "tf-image-empty": lambda d: _transforms().to_tensors(np.zeros((0, 5, 3), np.uint8), None),

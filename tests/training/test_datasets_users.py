@@ -334,3 +334,17 @@ def test_train_py_prints_dataset_warnings_and_unreadable_folders_in_one_line(tmp
     monkeypatch.setattr(os, "listdir", refused)
     with pytest.raises(SystemExit, match=r"--dataset folder: \[Errno 13\] Permission denied: '.*images'"):
         train.build_datasets(args)
+
+
+def test_the_hash_split_is_the_same_for_decomposed_names(tmp_path):
+    """Found by a review: the automatic split hashed the raw name, while every other name comparison uses NFC: a copy
+    of the dataset whose file system decomposed the names (macOS) split differently (12 of 40 'café_i' names moved),
+    and --eval-only could then score images the model trained on."""
+    composed = [f"caf\u00e9_{i}" for i in range(40)]
+    splits = {}
+    for form in ("NFC", "NFD"):
+        names = [unicodedata.normalize(form, n) for n in composed]
+        root = _folder(tmp_path / form, names=names)
+        splits[form] = sorted(unicodedata.normalize("NFC", n)
+                              for n, _, _ in datasets.FolderSegmentation(str(root), "val").items)
+    assert splits["NFC"] == splits["NFD"] and 0 < len(splits["NFC"]) < 40

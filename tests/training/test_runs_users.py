@@ -99,8 +99,25 @@ def test_a_resume_of_another_class_count_names_the_flag_once(tmp_path, finished_
     ckpt = torch.load(finished_run / "last.pt", weights_only=False)
     args = train_script.parse_args(["--dataset", "folder", "--data-root", str(classes.parent)])
     with pytest.raises(SystemExit) as e:
-        train_script.check_num_classes(ckpt, "run/last.pt", 3, args, "--resume")
+        train_script.check_classes(ckpt, "run/last.pt", ["a", "b", "c"], args, "--resume")
     assert str(e.value.code).startswith("--resume run/last.pt predicts 21 classes, but --dataset folder --data-root ")
+
+
+def test_a_checkpoint_of_reordered_class_names_is_refused(tmp_path):
+    # Found by a review: only the class count was compared, so a classes.txt with two lines swapped scored, resumed
+    # and predicted every class under another's name, silently. The names are in the checkpoint: compared in order.
+    ckpt = {"num_classes": 3, "class_names": ["background", "red", "green"]}
+    args = train_script.parse_args(["--dataset", "folder", "--data-root", str(tmp_path)])
+    for command in ("--resume", "--eval-only", "--predict"):
+        with pytest.raises(SystemExit) as e:
+            train_script.check_classes(ckpt, "run/best.pt", ["background", "green", "red"], args, command)
+        assert "was trained on other class names than --dataset folder --data-root" in str(e.value.code)
+        assert "class 1: 'red' there, 'green' here, class 2: 'green' there, 'red' here" in str(e.value.code)
+    train_script.check_classes(ckpt, "run/best.pt", ["background", "red", "green"], args, "--resume")
+    # NFC and NFD spellings of one name are one name; a checkpoint without names is checked by its count only
+    ckpt["class_names"][1] = "caf\u00e9"
+    train_script.check_classes(ckpt, "run/best.pt", ["background", "cafe\u0301", "green"], args, "--eval-only")
+    train_script.check_classes({"num_classes": 3}, "run/best.pt", ["x", "y", "z"], args, "--eval-only")
 
 
 def test_the_table_counts_one_image_in_the_singular():

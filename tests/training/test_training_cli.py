@@ -346,6 +346,39 @@ def test_predict_checks_every_image_before_writing_any_mask(tmp_path, monkeypatc
     assert not out.exists() or not os.listdir(out)
 
 
+def test_hidden_files_beside_the_images_are_skipped(tmp_path, monkeypatch):
+    """Found by a review: macOS's "._x.jpg" resource forks (one beside every copied file) were counted as images, and
+    a folder dataset crashed mid-training on the first one drawn; --predict refused the whole folder (and left a
+    broken link out of its output silently)."""
+    from training import datasets
+
+    monkeypatch.setattr(train_script, "build_model", _tiny_build_model)
+    root = tmp_path / "mydata"
+    (root / "images").mkdir(parents=True)
+    (root / "masks").mkdir()
+    (root / "classes.txt").write_text("background\nthing\n")
+    for i in range(3):
+        Image.fromarray(np.full((10, 12, 3), 40 * i, np.uint8)).save(root / "images" / f"im{i}.jpg")
+        Image.fromarray(np.full((10, 12), i % 2, np.uint8), mode="L").save(root / "masks" / f"im{i}.png")
+        (root / "images" / f"._im{i}.jpg").write_bytes(b"\x00\x05\x16\x07 AppleDouble")
+        (root / "masks" / f"._im{i}.png").write_bytes(b"\x00\x05\x16\x07 AppleDouble")
+    (root / "val.txt").write_text("im2\n")
+    train = datasets.FolderSegmentation(str(root), "train")
+    assert [n for n, _, _ in train.items] == ["im0", "im1"]
+    for i in range(len(train)):
+        assert train[i][0].shape == (10, 12, 3)
+    ckpt = _checkpoint(tmp_path / "c.pt", 21)
+    out = tmp_path / "masks"
+    train_script.main(["--predict", str(root / "images"), "--checkpoint", ckpt, "--out", str(out), "--device", "cpu"])
+    assert sorted(os.listdir(out)) == ["im0.png", "im1.png", "im2.png"]
+    # a broken link among the photos is named, not left out of the output without a word
+    os.symlink(root / "images" / "gone.jpg", root / "images" / "im3.jpg")
+    with pytest.raises(SystemExit, match=r"--predict: .*im3\.jpg is a broken link \(its target '.*gone\.jpg' does "
+                                         r"not exist\); no mask was written"):
+        train_script.main(["--predict", str(root / "images"), "--checkpoint", ckpt, "--out", str(tmp_path / "m2"),
+                           "--device", "cpu"])
+
+
 def test_eval_only_reads_the_validation_split_the_run_used(tmp_path, monkeypatch, capsys):
     """--eval-only restores a folder dataset's --val-split (and its root and classes) from the checkpoint, builds
     only that split (the training split may be gone), and warns about nothing the user did not type."""

@@ -404,6 +404,17 @@ def test_resume_into_another_folder_brings_the_best_checkpoint_along(tmp_path, m
     assert "is not there: the best is tracked afresh" in capsys.readouterr().out
     report = json.load(open(fork2 / "metrics.json"))
     assert report["best_iteration"] == 3 == ckpt_io.checkpoint_iteration(str(fork2 / "best.pt"))
+    # A best.pt that is there but truncated, or of another iteration, is named as such (it said "is not there")
+    (src / "best.pt").write_bytes(b"PK\x03\x04 truncated")
+    resume = {"best_metric": 0.5, "best_iteration": best_it}
+    train_script.carry_best(str(src / "last.pt"), resume, str(tmp_path / "fork3"), True)
+    assert "best.pt, the best checkpoint --resume" in (out := capsys.readouterr().out)
+    assert "cannot be read (or records no iteration): the best is tracked afresh" in out
+    assert resume["best_metric"] is None and not (tmp_path / "fork3" / "best.pt").exists()
+    (src / "best.pt").write_bytes((fork2 / "best.pt").read_bytes())  # iteration 3
+    train_script.carry_best(str(src / "last.pt"), {"best_metric": 0.5, "best_iteration": best_it},
+                            str(tmp_path / "fork3"), True)
+    assert "holds iteration 3: the best is tracked afresh" in capsys.readouterr().out
 
 
 def test_a_resume_drops_the_records_logged_after_the_checkpoint(tmp_path, monkeypatch):
