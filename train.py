@@ -15,7 +15,6 @@ from __future__ import annotations
 
 import argparse
 import contextlib
-import functools
 import gc
 import io
 import json
@@ -487,29 +486,37 @@ def checkpoint_or_exit(path: str, flag: str) -> dict:
 
 
 def check_classes(ckpt: dict, path: str, class_names: list[str], args, command: str) -> None:
-    """Refuse a checkpoint whose classes differ from the dataset's: their count, or (where the checkpoint saved
-    them) their names in order: a reordered class list would label every score with another class's name, and
-    train or predict classes under the wrong names, silently. Names compare in Unicode NFC, as the datasets do."""
-    saved = ckpt.get("num_classes")
+    """Refuse a checkpoint whose classes differ from the dataset's in count, or in order where it saved their names
+    (the same names, reordered: a classes.txt with two lines swapped would score, train and predict every class
+    under another's name, silently); warn where names differ otherwise (a class renamed). Names compare in Unicode
+    NFC, as the datasets compare them."""
     saved_names = ckpt.get("class_names")
+    saved_names = list(saved_names) if isinstance(saved_names, (list, tuple)) else None
+    saved = ckpt.get("num_classes", len(saved_names) if saved_names is not None else None)
     source = f"--dataset {args.dataset}" + (f" --data-root {args.data_root}" if args.data_root else "") + (
         f" --classes {args.classes}" if args.classes else "")
     flag = "--resume" if command == "--resume" else "--checkpoint"
-    hint = " (--eval-only reads them from the checkpoint when --dataset is not given)" \
-        if command == "--eval-only" else ""
     named = f"{flag} {path}" if command == flag else f"{command}: {flag} {path}"
     if saved is not None and saved != len(class_names):
+        hint = " (--eval-only reads them from the checkpoint when --dataset is not given)" \
+            if command == "--eval-only" else ""
         raise SystemExit(f"{named} predicts {saved} classes, but {source} has {len(class_names)}; "
                          f"use a checkpoint trained on this dataset, or the dataset flags it was trained with{hint}")
-    if isinstance(saved_names, (list, tuple)) and len(saved_names) == len(class_names):
-        nfc = functools.partial(unicodedata.normalize, "NFC")
-        differ = [i for i, (a, b) in enumerate(zip(saved_names, class_names, strict=True))
-                  if not isinstance(a, str) or nfc(a) != nfc(b)]
-        if differ:
-            shown = ", ".join(f"class {i}: {saved_names[i]!r} there, {class_names[i]!r} here" for i in differ[:3])
-            raise SystemExit(f"{named} was trained on other class names than {source}'s ({shown}"
-                             f"{', ...' if len(differ) > 3 else ''}); its class indices would be read under the "
-                             f"wrong names. Use the class list it was trained with (its order too){hint}")
+    if saved_names is None or len(saved_names) != len(class_names):
+        return
+    nfc = [unicodedata.normalize("NFC", n) if isinstance(n, str) else repr(n) for n in saved_names]
+    here = [unicodedata.normalize("NFC", n) for n in class_names]
+    differ = [i for i, (a, b) in enumerate(zip(nfc, here, strict=True)) if a != b]
+    if not differ:
+        return
+    shown = ", ".join(f"class {i}: {saved_names[i]!r} there, {class_names[i]!r} here" for i in differ[:3]) + (
+        ", ..." if len(differ) > 3 else "")
+    if sorted(nfc) == sorted(here):
+        raise SystemExit(f"{named} was trained on the classes of {source} in another order ({shown}): its class "
+                         f"indices would be read under other classes' names. Put the class list back in the order "
+                         f"it was trained with: {saved_names}")
+    warnings.warn(f"{named} was trained on class names that differ from {source}'s ({shown}); the classes are taken "
+                  "by index, under this dataset's names", stacklevel=2)
 
 
 def _dataset_class_names(args) -> list[str] | None:
@@ -531,9 +538,10 @@ def cmd_predict(args, device, info: distributed.DistInfo) -> None:
     broken = [f for f in named if os.path.islink(os.path.join(args.predict, f))
               and not os.path.exists(os.path.join(args.predict, f))]
     if broken:  # (as the folder dataset names one: skipped, it would be missing from the output without a word)
-        raise SystemExit(f"--predict: {os.path.join(args.predict, broken[0])} is a broken link (its target "
-                         f"{os.readlink(os.path.join(args.predict, broken[0]))!r} does not exist)"
-                         + (f", and {len(broken) - 1} more" if len(broken) > 1 else "") + "; no mask was written")
+        message = (f"--predict: {os.path.join(args.predict, broken[0])} is a broken link (its target "
+                   f"{os.readlink(os.path.join(args.predict, broken[0]))!r} does not exist)"
+                   + (f", and {len(broken) - 1} more" if len(broken) > 1 else "") + "; no mask was written")
+        raise SystemExit(message if info.is_main else 1)  # (every process sees the folder: one says it)
     files = [f for f in named if os.path.isfile(os.path.join(args.predict, f))]
     if not files:
         raise SystemExit(f"--predict: no images ({', '.join(datasets.IMAGE_EXTENSIONS)}) in {args.predict}")

@@ -92,6 +92,8 @@ def _int32(largest: int) -> list[str]:
 GRID_Y_MAX = 65535
 CHANNEL_BLOCK = 16
 CLASS_BLOCK = 8
+CHANNELS_MAX = GRID_Y_MAX * CHANNEL_BLOCK  # (the per-call rules compare with these; messages only when beyond)
+CLASSES_MAX = GRID_Y_MAX * CLASS_BLOCK
 
 
 def _grid_y(blocks: int, what: str) -> list[str]:
@@ -173,17 +175,20 @@ def _triton_conv_bn_relu(*, x, weight, stride, padding, dilation, synchronized=F
     cout, _, kh, kw = weight.shape
     ho, wo = conv_output_size((h, w), (kh, kw), stride, padding, dilation)
     return (_interpreter_half(x, "x") + _int32(conv_largest(x, weight, n * cout * ho * wo))
-            + _reach32(conv_reach(x, weight, stride, padding, dilation)) + conv_grid_y(x, weight)
+            + _reach32(conv_reach(x, weight, stride, padding, dilation))
+            + (conv_grid_y(x, weight) if x.shape[1] > CHANNELS_MAX or cout > CHANNELS_MAX else [])
             + _no_group(synchronized))
 
 
 def _triton_aspp(*, x, rates, channels, synchronized=False, **_) -> list[str]:
-    return (_interpreter_half(x, "x") + _int32(aspp_largest(x, rates, channels)) + aspp_grid_y(x, rates, channels)
-            + _no_group(synchronized))
+    beyond = (1 + len(rates)) * -(-channels // CHANNEL_BLOCK) > GRID_Y_MAX or x.shape[1] > CHANNELS_MAX
+    return (_interpreter_half(x, "x") + _int32(aspp_largest(x, rates, channels))
+            + (aspp_grid_y(x, rates, channels) if beyond else []) + _no_group(synchronized))
 
 
 def _triton_uce(*, logits, target, **_) -> list[str]:
-    return _interpreter_half(logits, "logits") + _int32(max(logits.numel(), target.numel())) + uce_grid_y(logits)
+    return (_interpreter_half(logits, "logits") + _int32(max(logits.numel(), target.numel()))
+            + (uce_grid_y(logits) if logits.shape[1] > CLASSES_MAX else []))
 
 
 _OP_RULES = {

@@ -205,8 +205,7 @@ def check_running_writable(named, read=()) -> None:
     (name, value) pairs, a value one tensor or a list of them (named name[i]); the read tensors may share memory
     with each other. Strides and addresses only (no aten op, one Python frame per call); an exact element test
     only where two tensors' address ranges interleave."""
-    if torch.compiler.is_compiling():
-        return  # (fake tensors: no addresses; the call runs for real outside the graph, checked there)
+    compiling = torch.compiler.is_compiling()  # (fake tensors: strides, no addresses)
     spans = []
     for written, pairs in ((True, named), (False, read)):  # (plain loops: no frame per call on the per-call path)
         for group, value in pairs:
@@ -219,16 +218,21 @@ def check_running_writable(named, read=()) -> None:
                 strides = t.stride()
                 if len(strides) == 1:  # (the usual (C,) vector: no loop)
                     size = t.shape[0]
-                    if size > 1 and strides[0] == 0 and written:
-                        _refuse_expanded(_label(group, None if single else index), t)
                     extent = 1 + (size - 1) * strides[0]
+                    expanded = size > 1 and strides[0] == 0
                 else:
-                    extent = 1
+                    extent, expanded = 1, False
                     for size, stride in zip(t.shape, strides, strict=True):
-                        if size > 1 and stride == 0 and written:
-                            _refuse_expanded(_label(group, None if single else index), t)
                         extent += (size - 1) * stride
-                if t.is_meta or not t.numel():
+                        expanded = expanded or (size > 1 and stride == 0)
+                if expanded and written:
+                    name = _label(group, None if single else index)
+                    size = next(n for n, st in zip(t.shape, strides, strict=True) if n > 1 and st == 0)
+                    raise ValueError(
+                        f"{name} has overlapping memory (stride 0 over {size} values: an expanded view, shape "
+                        f"{tuple(t.shape)}, strides {strides}), but training BatchNorm updates it in place, one "
+                        f"value per channel; pass a tensor with its own memory, e.g. {name}.clone()")
+                if compiling or t.is_meta or not t.numel():
                     continue  # (no addresses there)
                 try:
                     start = t.data_ptr()
@@ -255,14 +259,6 @@ def check_running_writable(named, read=()) -> None:
                         f"{first} and {other} share memory, but training BatchNorm {why}; pass tensors with their "
                         f"own memory, e.g. {clone}.clone()")
         reach = max(reach, end)
-
-
-def _refuse_expanded(name: str, t: Tensor):
-    size = next(size for size, stride in zip(t.shape, t.stride(), strict=True) if size > 1 and stride == 0)
-    raise ValueError(
-        f"{name} has overlapping memory (stride 0 over {size} values: an expanded view, shape {tuple(t.shape)}, "
-        f"strides {t.stride()}), but training BatchNorm updates it in place, one value per channel; pass a tensor "
-        f"with its own memory, e.g. {name}.clone()")
 
 
 def _label(group: str, index: int | None) -> str:

@@ -94,33 +94,38 @@ def _rgb_from_wide(im: Image.Image, path: str) -> np.ndarray:
     return np.repeat(gray[..., None], 3, axis=2)
 
 
-def image_for_mask(image_path: str, mask: np.ndarray, mask_path: str, kind: str) -> np.ndarray:
-    """The image that `mask` labels. A photo with an EXIF Orientation tag (a phone's, stored sideways or upside down)
-    is turned upright, as image viewers, annotation tools and --predict show it: its mask is drawn on that view
-    (PASCAL VOC's own JPEGs carry no such tag; a dataset exported in its layout by an annotation tool may). Only a
-    mask that fits the stored pixels and not the upright view (drawn by a tool that ignores the tag) pairs with the
-    pixels as stored. Checking the size alone would pair an upside-down photo (Orientation 3: the same size either
-    way) unturned with its upright mask, 180 degrees apart. `kind` names the mask in the error ("mask", "label")."""
-    image = read_image(image_path, exif_orientation=True)
+def image_for_mask(image_path: str, mask: np.ndarray, mask_path: str, kind: str, *, upright_first: bool = True
+                   ) -> np.ndarray:
+    """The image that `mask` labels, for a photo with an EXIF Orientation tag (a phone's, stored sideways or upside
+    down): turned upright, as image viewers, annotation tools and --predict show it, or as stored (tools that ignore
+    the tag, and VOC's and SBD's own annotations). Where only one of the two views has the mask's size, that one;
+    where both have it (Orientation 2, 3 or 4, or a square image), the upright view if `upright_first` (the folder
+    layout: checking the size alone would pair an upside-down photo unturned with its upright mask, 180 degrees
+    apart), else the stored pixels (the VOC layout: its convention). `kind` names the mask in the error ("mask",
+    "label")."""
+    image = read_image(image_path, exif_orientation=upright_first)
     if mask.shape == image.shape[:2]:
         return image
-    stored = read_image(image_path)
-    if stored.shape[:2] == mask.shape:
-        return stored
+    other = read_image(image_path, exif_orientation=not upright_first)
+    if other.shape[:2] == mask.shape:
+        return other
+    stored, upright = (other, image) if upright_first else (image, other)
     raise BadDataFile(f"{kind} {mask_path} is {mask.shape[1]}x{mask.shape[0]} but image {image_path} is "
                       f"{stored.shape[1]}x{stored.shape[0]}"
-                      + (f" ({image.shape[1]}x{image.shape[0]} turned upright as its EXIF Orientation tag says)"
-                         if stored.shape != image.shape else ""))
+                      + (f" ({upright.shape[1]}x{upright.shape[0]} turned upright as its EXIF Orientation tag says)"
+                         if stored.shape != upright.shape else ""))
 
 
 LOSSY_FORMATS = ("JPEG", "MPO")  # PIL's names of formats that always store lossy pixels (MPO: multi-picture JPEG)
 
 
-def read_index_mask(path: str, num_classes: int | None = None) -> np.ndarray:
+def read_index_mask(path: str, num_classes: int | None = None, *, voc_classes: bool = False) -> np.ndarray:
     """A class-index mask (palette 'P' or grayscale 'L'/'I' PNG) as (H, W) uint8; errors name the file.
 
     Palette PNGs store class indices directly (VOC's SegmentationClass); an RGB mask is refused with a hint,
     because mapping colours back to classes is ambiguous; so is a file holding JPEG data, whatever its name.
+    voc_classes: the mask's classes are PASCAL VOC's (the VOC layout, or a folder dataset whose class list is VOC's):
+    a palette mask in VOC's colours whose indices were renumbered is then refused (`_refuse_renumbered_palette`).
     """
     if not os.path.isfile(path):
         raise MissingDataFile(f"mask file not found: {path}" + (" (a folder of that name)" if os.path.isdir(path)
@@ -140,7 +145,7 @@ def read_index_mask(path: str, num_classes: int | None = None) -> np.ndarray:
                     f"values are class indices (255 = ignore){_colour_mask_hint(np.asarray(im.convert('RGB')))}"
                 )
             arr = np.asarray(im)
-            if mode == "P" and arr.ndim == 2:
+            if voc_classes and mode == "P" and arr.ndim == 2:
                 _refuse_renumbered_palette(im.getpalette(), arr)
     except ValueError as e:  # (BadDataFile too: named with the file here)
         raise BadDataFile(f"bad mask {path}: {e}") from e
@@ -157,17 +162,19 @@ def _voc_codes() -> dict[tuple[int, int, int], int]:
 
 
 def _refuse_renumbered_palette(palette: list[int] | None, arr: np.ndarray) -> None:
-    """Refuse a palette mask whose used colours are all PASCAL VOC colours, some at another index than VOC's: a VOC-
-    coloured mask whose indices were renumbered (PIL's quantize() or convert("P"), an image editor's re-save), so
-    its pixel values are not the classes its colours show. A palette of its own colours is the user's: accepted."""
+    """For masks of PASCAL VOC's classes: refuse a palette mask whose used colours are distinct VOC colours, some at
+    another index than VOC's: a VOC-coloured mask whose indices were renumbered (PIL's quantize() or convert("P"),
+    an image editor's re-save), so its pixel values are not the classes its colours show. A colour of the mask's own
+    (not VOC's), or one colour at two indices (no renumbering maps two classes to one), leaves it as it is."""
     if not palette:
         return
     codes = _voc_codes()
-    moved = []
+    moved, seen = [], set()
     for index in np.flatnonzero(np.bincount(arr.ravel(), minlength=256)).tolist():
         voc = codes.get(tuple(palette[3 * index:3 * index + 3]))
-        if voc is None:
-            return  # a colour of the mask's own palette: its indices are its classes
+        if voc is None or voc in seen:
+            return  # a colour of the mask's own palette, or a palette that is no renumbering of VOC's
+        seen.add(voc)
         if voc != index:
             moved.append(f"index {index} has the colour of VOC index {voc}")
     if moved:
@@ -683,8 +690,8 @@ class VOCSegmentation:
         if label_path.endswith(".mat"):
             mask = read_sbd_mat(label_path, num_classes=len(self.classes))
         else:
-            mask = read_index_mask(label_path, num_classes=len(self.classes))
-        return image_for_mask(image_path, mask, label_path, "label"), mask, name
+            mask = read_index_mask(label_path, num_classes=len(self.classes), voc_classes=True)
+        return image_for_mask(image_path, mask, label_path, "label", upright_first=False), mask, name
 
 
 # ---- a user's folder -------------------------------------------------------------------------------------------
@@ -776,6 +783,7 @@ def _masks_by_stem(masks_dir: str) -> dict[str, str]:
 
 
 _WARNED_BLACK_AND_WHITE: set[str] = set()  # mask folders warned about, once per process
+_WARNED_DECOMPOSED: set[str] = set()  # folder datasets whose hash split was warned about, once per process
 
 
 def _warn_black_and_white_masks(root: str, mask_paths: Sequence[str], sample: int = 4) -> None:
@@ -850,11 +858,18 @@ class FolderSegmentation:
         elif split in ("train", "val") and not os.path.isfile(os.path.join(root, "train.txt")):
             import zlib
 
-            # os.fsencode: the name's bytes (UTF-8 for a UTF-8 name; a name in another encoding, which Python reads
-            # with surrogate escapes, has no UTF-8 form: n.encode() raised UnicodeEncodeError), of its NFC form, as
-            # every other name comparison here: a copy whose file system decomposed the names (macOS) has the split
-            names = [n for n in sorted(by_stem)
-                     if (zlib.crc32(os.fsencode(_nfc(n))) % 10 == 0) == (split == "val")]
+            # os.fsencode: the name's bytes on disk (UTF-8 for a UTF-8 name; a name in another encoding, which
+            # Python reads with surrogate escapes, has no UTF-8 form: n.encode() raised UnicodeEncodeError). The
+            # bytes as stored, not NFC's: hashing NFC would move the split of every run made before it.
+            names = [n for n in sorted(by_stem) if (zlib.crc32(os.fsencode(n)) % 10 == 0) == (split == "val")]
+            decomposed = [n for n in by_stem if _nfc(n) != n]
+            if decomposed and root not in _WARNED_DECOMPOSED:
+                _WARNED_DECOMPOSED.add(root)
+                warnings.warn(
+                    f"folder dataset {root}: {len(decomposed)} image names (e.g. {decomposed[0]!r}) are in decomposed "
+                    "Unicode form (as macOS stores some): the automatic 90/10 split hashes the names' bytes, so a "
+                    "copy of this folder with composed names would split differently; write the validation names to "
+                    f"{os.path.join(root, 'val.txt')} to pin the split", stacklevel=2)
             if not names:
                 raise ValueError(
                     f"folder dataset {root}: the automatic 90/10 split (by a hash of each name) left split {split!r} "
@@ -890,5 +905,5 @@ class FolderSegmentation:
 
     def __getitem__(self, index: int):
         name, image_path, mask_path = self.items[index]
-        mask = read_index_mask(mask_path, num_classes=len(self.classes))
+        mask = read_index_mask(mask_path, num_classes=len(self.classes), voc_classes=self.classes == VOC_CLASSES)
         return image_for_mask(image_path, mask, mask_path, "mask"), mask, name

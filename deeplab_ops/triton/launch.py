@@ -292,16 +292,15 @@ def tuned_config(spec: KernelSpec, device: torch.device, dtype: torch.dtype, siz
         config = TUNED.get(key)
         if config is None:
             untimed = deterministic or (gpu and mode == "off")
-            config = candidates(spec, device, sizes)[0] if untimed else tune(spec, device, sizes, run)
-            if config is None:  # memory ran out while timing: the first candidate, not remembered (a later call,
-                return candidates(spec, device, sizes)[0]  # with memory free, times them)
-            TUNED[key] = config
+            config = TUNED[key] = candidates(spec, device, sizes)[0] if untimed else tune(spec, device, sizes, run)
     return config
 
 
-def tune(spec: KernelSpec, device: torch.device, sizes: dict, run: Callable[[dict], object]) -> dict | None:
-    """The fastest of the candidates, or None when memory ran out while timing them (do_bench's cache-flush buffer
-    of 256 MB, or a candidate's run, on a GPU near full): the call must not fail for a timing it does not need."""
+def tune(spec: KernelSpec, device: torch.device, sizes: dict, run: Callable[[dict], object]) -> dict:
+    """The fastest of the candidates. Where memory runs out while timing them (do_bench's cache-flush buffer of
+    256 MB, or a candidate's run, on a GPU near full), the fastest timed so far, else the first: the call must not
+    fail for a timing it does not need, and the choice is kept (timing again at every call would fail again, each
+    failed allocation emptying the allocator's cache)."""
     configs = candidates(spec, device, sizes)
     if len(configs) == 1:
         return configs[0]
@@ -313,7 +312,7 @@ def tune(spec: KernelSpec, device: torch.device, sizes: dict, run: Callable[[dic
             except OutOfResources:
                 continue
             except torch.OutOfMemoryError:
-                return None
+                return min(timings, key=lambda t: t[0])[1] if timings else configs[0]
     if not timings:
         raise RuntimeError(f"no configuration of {kernel_name(spec.kernel)} fits this GPU: {configs}")
     return min(timings, key=lambda t: t[0])[1]

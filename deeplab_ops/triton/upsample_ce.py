@@ -38,11 +38,12 @@ def source_index(in_size: int, out_size: int, align_corners: bool, dtype: torch.
 
 @functools.lru_cache(maxsize=64)
 def axis_tables(in_size: int, out_size: int, align_corners: bool, dtype: torch.dtype, device: torch.device):
-    """(i0, i1, l0, l1, start, end, span, stream) along one axis, on `device`.
+    """(i0, i1, l0, l1, start, end, span, stream, recorded) along one axis, on `device`.
 
     i0/i1 (out_size,) int32 neighbours, l0/l1 (out_size,) weights in `dtype`; start/end (in_size,) int32: the
     output indices o with i0[o] <= i <= i1[o] (contiguous: both are non-decreasing); span = max(end - start);
-    stream: the id of the stream the tables were allocated on (`launch.current_stream_id`; 0 off CUDA).
+    stream: the id of the stream the tables were allocated on (`launch.current_stream_id`; 0 off CUDA); recorded:
+    the ids of the other streams `_tables` has recorded their use on (a use lasts until the tensors are freed).
     """
     src = source_index(in_size, out_size, align_corners, dtype)
     i0 = src.floor().to(torch.int64).clamp(max=in_size - 1)
@@ -59,7 +60,7 @@ def axis_tables(in_size: int, out_size: int, align_corners: bool, dtype: torch.d
         # after a first call), and any stream may read the tables (`_tables`).
         return (t.to(torch.int32) if t.dtype == torch.int64 else t).to(device)
 
-    return put(i0), put(i1), put(l0), put(l1), put(start), put(end), span, current_stream_id(device)
+    return put(i0), put(i1), put(l0), put(l1), put(start), put(end), span, current_stream_id(device), set()
 
 
 # ---- kernels -----------------------------------------------------------------------------------------
@@ -298,10 +299,11 @@ def _tables(logits: torch.Tensor, out_h: int, out_w: int, align_corners: bool):
         else:
             stream = current_stream_id(device)
             for t in tables:
-                if t[7] != stream:
+                if t[7] != stream and stream not in t[8]:  # (once per stream: the use lasts until freed)
                     reader = torch.cuda.current_stream(device)
                     for tensor in t[:6]:
                         tensor.record_stream(reader)
+                    t[8].add(stream)
     return tables
 
 
@@ -362,8 +364,8 @@ def backward(grad, logits, target, lse, count, ignore_index: int, align_corners:
     if big_h * big_w == 0:
         return dx.zero_()
     ty, tx = _tables(logits, big_h, big_w, align_corners)
-    y0, y1, ly0, ly1, ys, ye, span_y, _ = ty
-    x0, x1, lx0, lx1, xs, xe, span_x, _ = tx
+    y0, y1, ly0, ly1, ys, ye, span_y, *_ = ty
+    x0, x1, lx0, lx1, xs, xe, span_x, *_ = tx
     if interpreter_active():  # a whole column range per step: fewer, larger numpy ops
         block_x = min(next_power_of_2(max(span_x, 1)), 64)
         block_q, block_k, warps = max(1, 1024 // block_x), _block_k(k), 4

@@ -2,6 +2,7 @@
 replace a later checkpoint of the folder, the wording of what a run prints, and the help's --amp."""
 
 import os
+import warnings
 
 import pytest
 import torch
@@ -105,19 +106,30 @@ def test_a_resume_of_another_class_count_names_the_flag_once(tmp_path, finished_
 
 def test_a_checkpoint_of_reordered_class_names_is_refused(tmp_path):
     # Found by a review: only the class count was compared, so a classes.txt with two lines swapped scored, resumed
-    # and predicted every class under another's name, silently. The names are in the checkpoint: compared in order.
+    # and predicted every class under another's name, silently. The names are in the checkpoint: a reorder of them is
+    # refused; other differences (a class renamed) warn, the classes taken by index.
     ckpt = {"num_classes": 3, "class_names": ["background", "red", "green"]}
     args = train_script.parse_args(["--dataset", "folder", "--data-root", str(tmp_path)])
     for command in ("--resume", "--eval-only", "--predict"):
         with pytest.raises(SystemExit) as e:
             train_script.check_classes(ckpt, "run/best.pt", ["background", "green", "red"], args, command)
-        assert "was trained on other class names than --dataset folder --data-root" in str(e.value.code)
-        assert "class 1: 'red' there, 'green' here, class 2: 'green' there, 'red' here" in str(e.value.code)
+        assert "was trained on the classes of --dataset folder --data-root" in str(e.value.code)
+        assert "in another order (class 1: 'red' there, 'green' here, class 2: 'green' there, 'red' here)" in str(
+            e.value.code)
+        assert str(e.value.code).endswith("order it was trained with: ['background', 'red', 'green']")
     train_script.check_classes(ckpt, "run/best.pt", ["background", "red", "green"], args, "--resume")
-    # NFC and NFD spellings of one name are one name; a checkpoint without names is checked by its count only
+    with pytest.warns(UserWarning, match=r"class names that differ .* \(class 2: 'green' there, 'lime' here\); the "
+                                         r"classes are taken by index"):
+        train_script.check_classes(ckpt, "run/best.pt", ["background", "red", "lime"], args, "--eval-only")
+    # NFC and NFD spellings of one name are one name; a checkpoint without names is checked by its count only, one
+    # without a count by its names' count
     ckpt["class_names"][1] = "caf\u00e9"
-    train_script.check_classes(ckpt, "run/best.pt", ["background", "cafe\u0301", "green"], args, "--eval-only")
-    train_script.check_classes({"num_classes": 3}, "run/best.pt", ["x", "y", "z"], args, "--eval-only")
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        train_script.check_classes(ckpt, "run/best.pt", ["background", "cafe\u0301", "green"], args, "--eval-only")
+        train_script.check_classes({"num_classes": 3}, "run/best.pt", ["x", "y", "z"], args, "--eval-only")
+    with pytest.raises(SystemExit, match="predicts 2 classes"):
+        train_script.check_classes({"class_names": ["a", "b"]}, "run/best.pt", ["x", "y", "z"], args, "--eval-only")
 
 
 def test_the_table_counts_one_image_in_the_singular():

@@ -137,6 +137,8 @@ def test_tables_read_on_another_stream_are_recorded_on_it(tiny_cpu_cache, monkey
     assert again[0] is first[0] and again[1] is first[1]
     assert [s for _, s in recorded] == ["stream 8"] * 12
     assert {id(t) for t, _ in recorded} == {id(t) for t in (*first[0][:6], *first[1][:6])}
+    upsample_ce._tables(_fake_logits(4, 5), 16, 20, False)  # recorded once per stream: a use lasts until freed
+    assert len(recorded) == 12
     stream[0] = 9
     capturing[0] = True  # a capture on a third stream: the same tables, kept for good (never freed: nothing to record)
     captured = upsample_ce._tables(_fake_logits(4, 5), 16, 20, False)
