@@ -515,8 +515,8 @@ def check_classes(ckpt: dict, path: str, class_names: list[str], args, command: 
         raise SystemExit(f"{named} was trained on the classes of {source} in another order ({shown}): its class "
                          f"indices would be read under other classes' names. Put the class list back in the order "
                          f"it was trained with: {saved_names}")
-    warnings.warn(f"{named} was trained on class names that differ from {source}'s ({shown}); the classes are taken "
-                  "by index, under this dataset's names", stacklevel=2)
+    warn(f"{named} was trained on class names that differ from {source}'s ({shown}); the classes are taken by index, "
+         "under this dataset's names")
 
 
 def _dataset_class_names(args) -> list[str] | None:
