@@ -92,33 +92,38 @@ def _int32(largest: int) -> list[str]:
 GRID_Y_MAX = 65535
 CHANNEL_BLOCK = 16
 CLASS_BLOCK = 8
-CHANNELS_MAX = GRID_Y_MAX * CHANNEL_BLOCK  # (the per-call rules compare with these; messages only when beyond)
-CLASSES_MAX = GRID_Y_MAX * CLASS_BLOCK
+CHANNELS_MAX = GRID_Y_MAX * CHANNEL_BLOCK
 
 
 def _grid_y(blocks: int, what: str) -> list[str]:
-    if blocks > GRID_Y_MAX:
-        return [f"{what}: {blocks} blocks on the launch grid's second axis, beyond CUDA's limit of {GRID_Y_MAX}"]
-    return []
+    return [f"{what}: {blocks} blocks on the launch grid's second axis, beyond CUDA's limit of {GRID_Y_MAX}"]
 
 
+# (Each compares first and builds its message only beyond the limit: the rules run on every triton call.)
 def conv_grid_y(x: torch.Tensor, weight: torch.Tensor) -> list[str]:
     """Why a triton conv_bn_relu call's channel blocks exceed the launch grid (empty when they fit)."""
     c = max(x.shape[1], weight.shape[0])
+    if c <= CHANNELS_MAX:
+        return []
     return _grid_y(-(-c // CHANNEL_BLOCK), f"{c} channels (in blocks of {CHANNEL_BLOCK})")
 
 
 def aspp_grid_y(x: torch.Tensor, rates, channels: int) -> list[str]:
     """Why a triton aspp call's channel blocks exceed the launch grid (empty when they fit)."""
     branches = 1 + len(rates)
-    return (_grid_y(branches * -(-channels // CHANNEL_BLOCK),
-                    f"{branches} branches of {channels} channels (each in blocks of {CHANNEL_BLOCK})")
-            or _grid_y(-(-x.shape[1] // CHANNEL_BLOCK), f"{x.shape[1]} input channels (in blocks of {CHANNEL_BLOCK})"))
+    blocks = branches * -(-channels // CHANNEL_BLOCK)
+    if blocks > GRID_Y_MAX:
+        return _grid_y(blocks, f"{branches} branches of {channels} channels (each in blocks of {CHANNEL_BLOCK})")
+    if x.shape[1] > CHANNELS_MAX:
+        return _grid_y(-(-x.shape[1] // CHANNEL_BLOCK), f"{x.shape[1]} input channels (in blocks of {CHANNEL_BLOCK})")
+    return []
 
 
 def uce_grid_y(logits: torch.Tensor) -> list[str]:
     """Why a triton upsample_cross_entropy call's class blocks exceed the launch grid (empty when they fit)."""
     k = logits.shape[1]
+    if k <= GRID_Y_MAX * CLASS_BLOCK:
+        return []
     return _grid_y(-(-k // CLASS_BLOCK), f"{k} classes (in blocks of {CLASS_BLOCK})")
 
 
@@ -175,20 +180,17 @@ def _triton_conv_bn_relu(*, x, weight, stride, padding, dilation, synchronized=F
     cout, _, kh, kw = weight.shape
     ho, wo = conv_output_size((h, w), (kh, kw), stride, padding, dilation)
     return (_interpreter_half(x, "x") + _int32(conv_largest(x, weight, n * cout * ho * wo))
-            + _reach32(conv_reach(x, weight, stride, padding, dilation))
-            + (conv_grid_y(x, weight) if x.shape[1] > CHANNELS_MAX or cout > CHANNELS_MAX else [])
+            + _reach32(conv_reach(x, weight, stride, padding, dilation)) + conv_grid_y(x, weight)
             + _no_group(synchronized))
 
 
 def _triton_aspp(*, x, rates, channels, synchronized=False, **_) -> list[str]:
-    beyond = (1 + len(rates)) * -(-channels // CHANNEL_BLOCK) > GRID_Y_MAX or x.shape[1] > CHANNELS_MAX
-    return (_interpreter_half(x, "x") + _int32(aspp_largest(x, rates, channels))
-            + (aspp_grid_y(x, rates, channels) if beyond else []) + _no_group(synchronized))
+    return (_interpreter_half(x, "x") + _int32(aspp_largest(x, rates, channels)) + aspp_grid_y(x, rates, channels)
+            + _no_group(synchronized))
 
 
 def _triton_uce(*, logits, target, **_) -> list[str]:
-    return (_interpreter_half(logits, "logits") + _int32(max(logits.numel(), target.numel()))
-            + (uce_grid_y(logits) if logits.shape[1] > CLASSES_MAX else []))
+    return _interpreter_half(logits, "logits") + _int32(max(logits.numel(), target.numel())) + uce_grid_y(logits)
 
 
 _OP_RULES = {

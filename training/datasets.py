@@ -158,6 +158,7 @@ def read_index_mask(path: str, num_classes: int | None = None, *, voc_classes: b
 
 @functools.cache
 def _voc_codes() -> dict[tuple[int, int, int], int]:
+    """(r, g, b) -> its index in PASCAL VOC's palette."""
     return {tuple(int(v) for v in c): i for i, c in enumerate(voc_colormap())}
 
 
@@ -193,8 +194,7 @@ def _colour_mask_hint(rgb: np.ndarray) -> str:
         return ("; its three channels are equal everywhere: a single-channel mask saved as RGB: save its first "
                 "channel as a grayscale (L) PNG")
     colours = np.unique(rgb.reshape(-1, 3), axis=0)
-    cmap = voc_colormap()
-    codes = {tuple(int(v) for v in c): i for i, c in enumerate(cmap)}
+    codes = _voc_codes()
     indices = [codes.get(tuple(int(v) for v in c)) for c in colours]
     if all(i is not None for i in indices):
         return (f"; its {len(colours)} colours are all PASCAL VOC palette colours (classes {sorted(indices)}): a VOC-"

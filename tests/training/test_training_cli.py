@@ -346,6 +346,17 @@ def test_predict_checks_every_image_before_writing_any_mask(tmp_path, monkeypatc
     assert not out.exists() or not os.listdir(out)
 
 
+def _gray_folder(root, classes, count, size, ext):
+    """A folder dataset of `count` flat images im{i}{ext} (gray level 40 i) whose masks hold class i % len(classes)."""
+    (root / "images").mkdir(parents=True)
+    (root / "masks").mkdir()
+    (root / "classes.txt").write_text("".join(f"{c}\n" for c in classes))
+    for i in range(count):
+        Image.fromarray(np.full((*size, 3), 40 * i, np.uint8)).save(root / "images" / f"im{i}{ext}")
+        Image.fromarray(np.full(size, i % len(classes), np.uint8), mode="L").save(root / "masks" / f"im{i}.png")
+    return root
+
+
 def test_hidden_files_beside_the_images_are_skipped(tmp_path, monkeypatch):
     """Found by a review: macOS's "._x.jpg" resource forks (one beside every copied file) were counted as images, and
     a folder dataset crashed mid-training on the first one drawn; --predict refused the whole folder (and left a
@@ -353,13 +364,8 @@ def test_hidden_files_beside_the_images_are_skipped(tmp_path, monkeypatch):
     from training import datasets
 
     monkeypatch.setattr(train_script, "build_model", _tiny_build_model)
-    root = tmp_path / "mydata"
-    (root / "images").mkdir(parents=True)
-    (root / "masks").mkdir()
-    (root / "classes.txt").write_text("background\nthing\n")
+    root = _gray_folder(tmp_path / "mydata", ["background", "thing"], 3, (10, 12), ".jpg")
     for i in range(3):
-        Image.fromarray(np.full((10, 12, 3), 40 * i, np.uint8)).save(root / "images" / f"im{i}.jpg")
-        Image.fromarray(np.full((10, 12), i % 2, np.uint8), mode="L").save(root / "masks" / f"im{i}.png")
         (root / "images" / f"._im{i}.jpg").write_bytes(b"\x00\x05\x16\x07 AppleDouble")
         (root / "masks" / f"._im{i}.png").write_bytes(b"\x00\x05\x16\x07 AppleDouble")
     (root / "val.txt").write_text("im2\n")
@@ -383,13 +389,7 @@ def test_eval_only_reads_the_validation_split_the_run_used(tmp_path, monkeypatch
     """--eval-only restores a folder dataset's --val-split (and its root and classes) from the checkpoint, builds
     only that split (the training split may be gone), and warns about nothing the user did not type."""
     monkeypatch.setattr(train_script, "build_model", _tiny_build_model)
-    root = tmp_path / "mydata"
-    (root / "images").mkdir(parents=True)
-    (root / "masks").mkdir()
-    (root / "classes.txt").write_text("background\ncat\ndog\n")
-    for i in range(5):
-        Image.fromarray(np.full((34, 36, 3), 40 * i, np.uint8)).save(root / "images" / f"im{i}.png")
-        Image.fromarray(np.full((34, 36), i % 3, np.uint8), mode="L").save(root / "masks" / f"im{i}.png")
+    root = _gray_folder(tmp_path / "mydata", ["background", "cat", "dog"], 5, (34, 36), ".png")
     (root / "holdout.txt").write_text("im3\nim4\n")  # the run's --val-split; its --train-split list is not there
     # The saved arguments as a training run writes them: presets filled in (synthetic sizes, data seed) too.
     ckpt = _checkpoint(tmp_path / "best.pt", 3, dataset="folder", data_root=str(root), classes=None,
