@@ -543,6 +543,9 @@ def cmd_predict(args, device, info: distributed.DistInfo) -> None:
                    + (f", and {len(broken) - 1} more" if len(broken) > 1 else "") + "; no mask was written")
         raise SystemExit(message if info.is_main else 1)  # (every process sees the folder: one says it)
     files = [f for f in named if os.path.isfile(os.path.join(args.predict, f))]
+    unread = datasets.unread_image_files(args.predict, sorted(os.listdir(args.predict)))
+    if unread and info.is_main:
+        warn(f"--predict: {unread}")
     if not files:
         raise SystemExit(f"--predict: no images ({', '.join(datasets.IMAGE_EXTENSIONS)}) in {args.predict}")
     plan = plan_predict_outputs(args.predict, files, out)
@@ -662,11 +665,30 @@ def _report(args, info, metrics: dict, extra: dict, filename: str) -> None:
     path = os.path.join(args.out_dir, filename)
     os.makedirs(args.out_dir, exist_ok=True)
     record = _json_safe({"metrics": metrics, **extra, "args": vars(args)})
+    replaced = _earlier_evaluation(path) if args.eval_only else None
     tmp = path + ".tmp"
     with open(tmp, "w") as f:
         json.dump(record, f, indent=2, default=str, allow_nan=False)
     os.replace(tmp, path)
-    print(f"metrics written to {os.path.abspath(path)}")
+    print(f"metrics written to {os.path.abspath(path)}" + (f" (replacing {replaced})" if replaced else ""))
+
+
+def _earlier_evaluation(path: str) -> str | None:
+    """What an earlier --eval-only's record at `path` measured (its checkpoint, settings and mIoU), named when a
+    rerun replaces it (an evaluation at other settings would otherwise vanish without a word); None if none."""
+    try:
+        with open(path) as f:
+            old = json.load(f)
+        saved = old.get("args") or {}
+        miou = (old.get("metrics") or {}).get("miou")
+        return (f"the earlier evaluation of {old.get('checkpoint')} at iteration {old.get('iteration')}, "
+                f"--eval-output-stride {old.get('eval_output_stride')}, --eval-scales {saved.get('eval_scales')}"
+                + (", --eval-flip" if saved.get("eval_flip") else "")
+                + (f": mIoU {100 * miou:.2f}" if isinstance(miou, (int, float)) else ""))
+    except FileNotFoundError:
+        return None
+    except Exception:  # (unreadable or not a record of ours: still replaced, and said so)
+        return "an earlier file of that name"
 
 
 def _json_safe(obj):

@@ -31,6 +31,24 @@ def is_image_name(name: str) -> bool:
     return name.lower().endswith(IMAGE_EXTENSIONS) and not name.startswith(".")
 
 
+def unread_image_files(folder: str, names: list[str]) -> str | None:
+    """A one-line account of the files among `names` (entries of `folder`) in an image format PIL knows but the
+    folder readers skip (.gif, .ppm, .jp2, ...): a user who put them there expects them read. None when there are
+    none (other files, say a README, are no images to miss)."""
+    Image.init()
+    known = Image.registered_extensions()
+    unread = [n for n in names if not n.startswith(".") and os.path.splitext(n)[1].lower() in known
+              and not is_image_name(n) and os.path.isfile(os.path.join(folder, n))]
+    if not unread:
+        return None
+    kinds = sorted({os.path.splitext(n)[1].lower() for n in unread})
+    many = len(unread) > 1
+    it = "them" if many else "it"
+    return (f"{len(unread)} file{'s' if many else ''} in {folder} (e.g. {unread[0]!r}) {'are' if many else 'is'} in "
+            f"a format not read here ({', '.join(kinds)}; read: {', '.join(IMAGE_EXTENSIONS)}) and skipped: convert "
+            f"{it} to PNG or JPEG to use {it}")
+
+
 # ---- file reading with errors that name the file ---------------------------------------------------------------
 
 
@@ -80,16 +98,22 @@ WIDE_MODES = ("I;16", "I;16B", "I;16L", "I;16N", "I", "F")  # single-channel ima
 def _rgb_from_wide(im: Image.Image, path: str) -> np.ndarray:
     """A 16-bit grayscale image (PIL mode I;16*, or I holding 0..65535) as 8-bit RGB, scaled by 255/65535; a
     32-bit integer or float image has no range to scale from and is refused, naming the file and its mode; so is
-    one whose largest value is 1 to 255 (8-bit data in a 16-bit file: scaled, it would be black)."""
+    one whose largest value is 1 to 4095: 8-bit data (max <= 255) or a 10- or 12-bit sensor's (max <= 4095) in a
+    16-bit file, which scaled from 16 bits would be black or nearly (at most 16 of 255)."""
     values = np.asarray(im, dtype=np.float64)
     if im.mode == "F" or (im.mode == "I" and values.size and (values.min() < 0 or values.max() > 65535)):
         raise BadDataFile(f"image {path} is a {'float' if im.mode == 'F' else '32-bit integer'} image (PIL mode "
                           f"{im.mode}); expected 8-bit or 16-bit RGB or grayscale: convert it to 8-bit first")
-    if values.size and 0 < values.max() <= 255:  # scaled by 255/65535 every pixel would be 0 or 1: black
-        raise BadDataFile(f"image {path} is a {'16-bit' if im.mode.startswith('I;16') else 'wide'} grayscale image "
-                          f"(PIL mode {im.mode}) whose values all lie in [0, 255] (max {values.max():.0f}): 8-bit "
-                          "data stored with more bits? Scaled from 16 bits to 8 it would be black: save it as an "
-                          "8-bit image")
+    top = values.max() if values.size else 0
+    if 0 < top <= 4095:  # scaled by 255/65535 the brightest pixel would be at most 16 of 255
+        kind = '16-bit' if im.mode.startswith('I;16') else 'wide'
+        data, fix = (("8-bit data stored with more bits?", "save it as an 8-bit image") if top <= 255 else
+                     ("10- or 12-bit data (a sensor's) stored in 16 bits?",
+                      "scale it to 8 bits by its own range (e.g. values * 255 / 4095 for 12-bit data) and save that"))
+        raise BadDataFile(f"image {path} is a {kind} grayscale image (PIL mode {im.mode}) whose values all lie in "
+                          f"[0, {255 if top <= 255 else 4095}] (max {top:.0f}): {data} Scaled from 16 bits to 8 it "
+                          f"would be {'black' if top <= 128 else 'nearly black'} (brightest "
+                          f"{round(top * 255 / 65535)} of 255): {fix}")
     gray = np.rint(values * (255.0 / 65535.0)).astype(np.uint8)
     return np.repeat(gray[..., None], 3, axis=2)
 
@@ -784,6 +808,7 @@ def _masks_by_stem(masks_dir: str) -> dict[str, str]:
 
 _WARNED_BLACK_AND_WHITE: set[str] = set()  # mask folders warned about, once per process
 _WARNED_DECOMPOSED: set[str] = set()  # folder datasets whose hash split was warned about, once per process
+_WARNED_UNREAD: set[str] = set()  # image folders whose unread formats were warned about, once per process
 
 
 def _warn_black_and_white_masks(root: str, mask_paths: Sequence[str], sample: int = 4) -> None:
@@ -841,13 +866,18 @@ class FolderSegmentation:
                                      "(the file name without its extension) must be unique, since it pairs the image "
                                      f"with {masks_dir}/{stem}.png: rename or remove one of them")
                 by_stem[stem], by_nfc[_nfc(stem)] = path, stem
+        unread = unread_image_files(images_dir, sorted(os.listdir(images_dir)))
+        if unread and by_stem and images_dir not in _WARNED_UNREAD:  # (no images at all: the error says it)
+            _WARNED_UNREAD.add(images_dir)
+            warnings.warn(f"folder dataset {root}: {unread}", stacklevel=2)
         if not by_stem:
             others = sorted(os.listdir(images_dir))
             what = (f"holds no images: its {len(others)} entries (e.g. {others[0]!r}) are not image files"
                     if others else "is empty")
             raise FileNotFoundError(
                 f"folder dataset {root}: the images folder {images_dir} {what}; put the images there "
-                f"({'/'.join(e[1:] for e in IMAGE_EXTENSIONS)}), each with its mask {masks_dir}/<name>.png")
+                f"({'/'.join(e[1:] for e in IMAGE_EXTENSIONS)}), each with its mask {masks_dir}/<name>.png"
+                + (f" ({unread})" if unread else ""))
         masks_by_stem = _masks_by_stem(masks_dir)
         list_file = os.path.join(root, f"{split}.txt")
         if os.path.isfile(list_file):

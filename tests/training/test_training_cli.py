@@ -3,6 +3,7 @@ checks of --eval-only / --predict, and resume with a changed --iterations."""
 
 import json
 import os
+import re
 
 import numpy as np
 import pytest
@@ -409,6 +410,10 @@ def test_eval_only_reads_the_validation_split_the_run_used(tmp_path, monkeypatch
                            "cpu", "--preview", "0", *extra])
         record = json.load(open(tmp_path / "run" / "metrics_eval.json"))
         assert (record["args"]["dataset"], record["args"]["val_split"]) == ("folder", "holdout"), extra
+        # a rerun replaces the earlier evaluation's record, and says which (it vanished without a word)
+        assert re.search(r"metrics written to .*metrics_eval\.json \(replacing the earlier evaluation of .*best\.pt "
+                         r"at iteration \d+, --eval-output-stride \d+, --eval-scales 1\.0: mIoU \d+\.\d\d\)",
+                         capsys.readouterr().out), extra
     # The validation split the user names wins over the saved one.
     with pytest.raises(SystemExit, match="--dataset folder: .*missing"):
         train_script.main(["--eval-only", "--checkpoint", ckpt, "--out-dir", str(tmp_path / "run"), "--device",
@@ -582,3 +587,32 @@ def test_train_and_val_lists_sharing_images_are_named(tmp_path, capsys):
     (tmp_path / "val.txt").write_text("im3\n")
     train_script.build_datasets(args)
     assert "share" not in capsys.readouterr().err
+
+
+def test_images_in_formats_not_read_are_named_not_skipped_silently(tmp_path, monkeypatch, capsys):
+    """A .gif (or .ppm, .jp2: formats PIL reads) among the images was skipped without a word, by the folder dataset
+    and by --predict; other files (a README) are no images to miss. Now one warning names them and how to use them."""
+    from training import datasets
+
+    monkeypatch.setattr(train_script, "build_model", _tiny_build_model)
+    root = _gray_folder(tmp_path / "mydata", ["background", "thing"], 3, (10, 12), ".png")
+    (root / "val.txt").write_text("im2\n")
+    Image.fromarray(np.zeros((10, 12, 3), np.uint8)).save(root / "images" / "extra.gif")
+    Image.fromarray(np.zeros((10, 12, 3), np.uint8)).save(root / "images" / "more.ppm")
+    (root / "images" / "README.txt").write_text("photos of things\n")
+    with pytest.warns(UserWarning, match=r"folder dataset .*mydata: 2 files in .*images \(e\.g\. 'extra\.gif'\) are "
+                                         r"in a format not read here \(\.gif, \.ppm; read: \.jpg.*\) and skipped: "
+                                         "convert them to PNG or JPEG to use them"):
+        train = datasets.FolderSegmentation(str(root), "train")
+    assert [n for n, _, _ in train.items] == ["im0", "im1"]
+    ckpt = _checkpoint(tmp_path / "c.pt", 21)
+    out = tmp_path / "masks"
+    (root / "images" / "more.ppm").unlink()
+    train_script.main(["--predict", str(root / "images"), "--checkpoint", ckpt, "--out", str(out), "--device", "cpu"])
+    assert sorted(os.listdir(out)) == ["im0.png", "im1.png", "im2.png"]
+    assert re.search(r"warning: --predict: 1 file in .*images \(e\.g\. 'extra\.gif'\) is in a format not read here "
+                     r"\(\.gif; .*convert it to PNG or JPEG to use it", capsys.readouterr().err)
+    (root / "images" / "extra.gif").unlink()  # a folder of readable images only: no warning
+    train_script.main(["--predict", str(root / "images"), "--checkpoint", ckpt, "--out", str(tmp_path / "m2"),
+                       "--device", "cpu"])
+    assert "format not read" not in capsys.readouterr().err
