@@ -34,6 +34,7 @@
 #include <cmath>
 #include <limits>
 #include <map>
+#include <memory>
 #include <mutex>
 #include <string>
 #include <tuple>
@@ -58,14 +59,25 @@ void check_uce_args(const at::Tensor& logits, const at::Tensor& target) {
               " has 2**31 or more elements; the kernels index with int32");
 }
 
-// Per-axis stencil on the device: int32 [i0 (out), i1 (out), start (in), end (in)] and opmath [l0, l1] (out).
+// Per-axis stencil on the device: int32 [i0 (out), i1 (out), start (in), end (in)] and opmath [l0, l1] (out);
+// `ready`: recorded on `stream` (the allocating one) after the tables' asynchronous copies.
 struct AxisStencil {
   at::Tensor idx, weight;
+  std::shared_ptr<CUevent_st> ready;  // (ATen's CUDAEvent header needs cuSPARSE's headers: a raw event)
+  cudaStream_t stream;
 };
 
 template <typename opmath_t>
 AxisStencil build_axis_stencil(int64_t in, int64_t out, bool align_corners, const at::Device& device) {
-  const auto cpu = at::TensorOptions().device(at::kCPU);
+  cudaStreamCaptureStatus status = cudaStreamCaptureStatusNone;
+  C10_CUDA_CHECK(cudaStreamIsCapturing(c10::cuda::getCurrentCUDAStream(device.index()).stream(), &status));
+  TORCH_CHECK(status == cudaStreamCaptureStatusNone, "upsample_cross_entropy: first call of an upsampling from ", in,
+              " to ", out, " (align_corners=", align_corners ? "True" : "False", ") inside a CUDA-graph capture: its "
+              "stencil tables are built on the host and copied to the GPU on a configuration's first call, which a "
+              "capture cannot hold; call the op once with these sizes before capturing (a warm-up)");
+  // Pinned host memory: the copy below is asynchronous (no host sync); the caching host allocator keeps the buffer
+  // until the copy is done.
+  const auto cpu = at::TensorOptions().device(at::kCPU).pinned_memory(true);
   at::Tensor idx = at::empty({2 * out + 2 * in}, cpu.dtype(at::kInt));
   at::Tensor weight = at::empty({2 * out}, cpu.dtype(c10::CppTypeToScalarType<opmath_t>::value));
   int32_t* i0 = idx.data_ptr<int32_t>();
@@ -75,9 +87,16 @@ AxisStencil build_axis_stencil(int64_t in, int64_t out, bool align_corners, cons
   opmath_t* l0 = weight.data_ptr<opmath_t>();
   opmath_t* l1 = l0 + out;
   upsample_ce::bilinear_axis_stencil(in, out, align_corners, i0, i1, start, end, l0, l1);
-  // A blocking copy, once per configuration (the tables are cached): afterwards a call does no host work and
-  // no host-to-device copy, so it may be captured in a CUDA graph, and any stream may read the tables.
-  return {idx.to(device), weight.to(device)};
+  // Once per configuration (the tables are cached): afterwards a call does no host work and no host-to-device
+  // copy, so it may be captured in a CUDA graph, and any stream may read the tables.
+  const cudaStream_t stream = c10::cuda::getCurrentCUDAStream(device.index()).stream();
+  AxisStencil built{idx.to(device, idx.scalar_type(), /*non_blocking=*/true),
+                    weight.to(device, weight.scalar_type(), /*non_blocking=*/true), nullptr, stream};
+  cudaEvent_t ready = nullptr;
+  C10_CUDA_CHECK(cudaEventCreateWithFlags(&ready, cudaEventDisableTiming));
+  built.ready.reset(ready, [](cudaEvent_t e) { cudaEventDestroy(e); });
+  C10_CUDA_CHECK(cudaEventRecord(ready, stream));
+  return built;
 }
 
 // Tables cached per (in, out, align_corners, opmath dtype, device); DeepLab training uses one or two
@@ -103,7 +122,12 @@ AxisStencil axis_stencil(int64_t in, int64_t out, bool align_corners, const at::
     s.weight.record_stream(stream);
     cudaStreamCaptureStatus status = cudaStreamCaptureStatusNone;
     C10_CUDA_CHECK(cudaStreamIsCapturing(stream.stream(), &status));
-    if (status != cudaStreamCaptureStatusNone) captured->emplace(s.idx.data_ptr(), s);
+    if (status != cudaStreamCaptureStatusNone) {
+      captured->emplace(s.idx.data_ptr(), s);  // (torch.cuda.graph synchronizes the device before capturing)
+    } else if (stream.stream() != s.stream) {
+      // another stream waits for the copies (asynchronous, on the allocating stream)
+      C10_CUDA_CHECK(cudaStreamWaitEvent(stream.stream(), s.ready.get(), 0));
+    }
     return s;
   };
   {

@@ -38,13 +38,17 @@ def source_index(in_size: int, out_size: int, align_corners: bool, dtype: torch.
 
 @functools.lru_cache(maxsize=64)
 def axis_tables(in_size: int, out_size: int, align_corners: bool, dtype: torch.dtype, device: torch.device):
-    """(i0, i1, l0, l1, start, end, span, stream, recorded) along one axis, on `device`.
+    """(i0, i1, l0, l1, start, end, span, stream, recorded, ready) along one axis, on `device`.
 
     i0/i1 (out_size,) int32 neighbours, l0/l1 (out_size,) weights in `dtype`; start/end (in_size,) int32: the
     output indices o with i0[o] <= i <= i1[o] (contiguous: both are non-decreasing); span = max(end - start);
     stream: the id of the stream the tables were allocated on (`launch.current_stream_id`; 0 off CUDA); recorded:
-    the ids of the other streams `_tables` has recorded their use on (a use lasts until the tensors are freed).
+    the ids of the other streams `_tables` has recorded their use on (a use lasts until the tensors are freed);
+    ready: on CUDA, an event recorded on the allocating stream after the tables' asynchronous copies (another
+    stream waits for it before its first read), else None.
     """
+    if device.type == "cuda" and torch.cuda.is_current_stream_capturing():
+        raise RuntimeError(first_use_in_capture(in_size, out_size, align_corners))
     src = source_index(in_size, out_size, align_corners, dtype)
     i0 = src.floor().to(torch.int64).clamp(max=in_size - 1)
     l1 = (src - i0.to(dtype)).clamp(0, 1)
@@ -56,11 +60,25 @@ def axis_tables(in_size: int, out_size: int, align_corners: bool, dtype: torch.d
     span = int((end - start).clamp_min(0).max()) if in_size else 0
 
     def put(t):
-        # A blocking copy, once per configuration: later calls do no host work and no copy (CUDA-graph capturable
-        # after a first call), and any stream may read the tables (`_tables`).
-        return (t.to(torch.int32) if t.dtype == torch.int64 else t).to(device)
+        # Once per configuration: later calls do no host work and no copy (CUDA-graph capturable after a first call),
+        # and any stream may read the tables (`_tables`). On CUDA from pinned memory, asynchronously: no host sync
+        # (the caching host allocator keeps the pinned buffer until the copy is done).
+        t = t.to(torch.int32) if t.dtype == torch.int64 else t
+        return t.pin_memory().to(device, non_blocking=True) if device.type == "cuda" else t.to(device)
 
-    return put(i0), put(i1), put(l0), put(l1), put(start), put(end), span, current_stream_id(device), set()
+    tables = put(i0), put(i1), put(l0), put(l1), put(start), put(end)
+    ready = None
+    if device.type == "cuda":
+        ready = torch.cuda.Event()
+        ready.record(torch.cuda.current_stream(device))
+    return *tables, span, current_stream_id(device), set(), ready
+
+
+def first_use_in_capture(in_size: int, out_size: int, align_corners: bool) -> str:
+    return (f"upsample_cross_entropy: first call of an upsampling from {in_size} to {out_size} (align_corners="
+            f"{align_corners}) inside a CUDA-graph capture: its stencil tables are built on the host and copied to "
+            "the GPU on a configuration's first call, which a capture cannot hold; call the op once with these sizes "
+            "before capturing (a warm-up)")
 
 
 # ---- kernels -----------------------------------------------------------------------------------------
@@ -282,10 +300,11 @@ _CAPTURED_TABLES: dict[int, tuple] = {}
 
 
 def _tables(logits: torch.Tensor, out_h: int, out_w: int, align_corners: bool):
-    """The (rows, columns) tables of a call. On CUDA, tables read on a stream other than the one they were allocated
-    on are recorded on it (`record_stream`): the allocator hands an evicted entry's memory out again in its
-    allocating stream's order only, and would otherwise let it be overwritten under a kernel of the reading stream.
-    Tables read inside a capture are kept instead (`_CAPTURED_TABLES`: never freed). One shared entry per
+    """The (rows, columns) tables of a call. On CUDA, a stream other than the one the tables were allocated on waits
+    for their copies (`ready`) and records its use (`record_stream`) on its first read: the allocator hands an
+    evicted entry's memory out again in its allocating stream's order only, and would otherwise let it be
+    overwritten under a kernel of the reading stream. Tables read inside a capture are kept instead
+    (`_CAPTURED_TABLES`: never freed; torch.cuda.graph synchronizes the device before capturing). One shared entry per
     configuration, not one per stream: warm-up on one stream and a CUDA-graph capture on another, as
     torch.cuda.graph does, must find the tables built."""
     acc, _ = _acc(logits.dtype)
@@ -301,6 +320,7 @@ def _tables(logits: torch.Tensor, out_h: int, out_w: int, align_corners: bool):
             for t in tables:
                 if t[7] != stream and stream not in t[8]:  # (once per stream: the use lasts until freed)
                     reader = torch.cuda.current_stream(device)
+                    reader.wait_event(t[9])  # (the copies were asynchronous, on the allocating stream)
                     for tensor in t[:6]:
                         tensor.record_stream(reader)
                     t[8].add(stream)

@@ -706,6 +706,45 @@ def test_leading_minus_inf_classes_give_eager_loss(backend, masked):
 
 
 @cuda_test
+@pytest.mark.parametrize("backend", ["cuda", "triton"])
+def test_gpu_a_new_configuration_neither_synchronizes_nor_enters_a_capture_unwarmed(backend):
+    """The stencil tables' first copy to the GPU was a blocking copy: a host synchronization per new configuration
+    (an evaluation over images of many sizes paid one per size), and a first call inside a CUDA-graph capture failed
+    the capture with CUDA's own error. Now the copy is asynchronous (pinned memory, an event for other streams) and
+    the capture case is refused by name."""
+    warm_logits, warm_target = make_inputs((2, 5, 6, 7, 23, 29), dtype=torch.float32, device="cuda")
+    deeplab_ops.upsample_cross_entropy(warm_logits, warm_target, backend=backend).backward()  # kernels compiled
+    logits, target = make_inputs((2, 5, 6, 7, 31, 37), dtype=torch.float32, device="cuda")
+    torch.cuda.synchronize()
+    torch.cuda.set_sync_debug_mode("error")
+    try:
+        loss = deeplab_ops.upsample_cross_entropy(logits, target, backend=backend)
+        (grad,) = torch.autograd.grad(loss, logits)
+    finally:
+        torch.cuda.set_sync_debug_mode("default")
+    x = logits.detach().clone().requires_grad_()
+    want = F.cross_entropy(F.interpolate(x, size=(31, 37), mode="bilinear", align_corners=False), target,
+                           ignore_index=255)
+    want.backward()
+    torch.testing.assert_close(loss, want, rtol=1e-5, atol=1e-6)
+    torch.testing.assert_close(grad, x.grad, rtol=1e-4, atol=1e-6)
+    # on another stream, first read: it waits for the copies (event) and gives the same result
+    side = torch.cuda.Stream()
+    side.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(side):
+        again = deeplab_ops.upsample_cross_entropy(logits.detach(), target, backend=backend)
+    torch.cuda.current_stream().wait_stream(side)
+    torch.testing.assert_close(again, loss.detach(), rtol=0, atol=0)
+    logits, target = make_inputs((2, 5, 6, 7, 41, 43), dtype=torch.float32, device="cuda")
+    graph = torch.cuda.CUDAGraph()
+    torch.cuda.synchronize()
+    with pytest.raises(RuntimeError, match=r"first call of an upsampling from \d+ to (41|43) \(align_corners=False\) "
+                                           r"inside a CUDA-graph capture.*before capturing"):
+        with torch.cuda.graph(graph):
+            deeplab_ops.upsample_cross_entropy(logits.detach(), target, backend=backend)
+
+
+@cuda_test
 def test_cuda_backward_refuses_saved_tensors_elsewhere_and_counts_exactly():
     # The CUDA backward read lse / grad / valid_count through raw device pointers: a CPU tensor from a direct
     # torch.ops call was read as a device address (illegal memory access), and an empty valid_count for 'mean'

@@ -34,7 +34,8 @@ def tiny_cpu_cache(monkeypatch):
 
     @functools.lru_cache(maxsize=1)
     def axis_tables(in_size, out_size, align_corners, dtype, device):
-        return build(in_size, out_size, align_corners, dtype, torch.device("cpu"))
+        # (the last element, the copies' `ready` event on CUDA: a token per entry)
+        return *build(in_size, out_size, align_corners, dtype, torch.device("cpu"))[:9], object()
 
     monkeypatch.setattr(upsample_ce, "axis_tables", axis_tables)
     monkeypatch.setattr(upsample_ce, "current_stream_id", lambda device: 0)
@@ -126,21 +127,75 @@ def test_tables_read_on_another_stream_are_recorded_on_it(tiny_cpu_cache, monkey
     upsample_ce, capturing = tiny_cpu_cache
     monkeypatch.setattr(upsample_ce, "axis_tables", functools.lru_cache(maxsize=8)(upsample_ce.axis_tables.__wrapped__))
     stream = [7]
-    recorded = []
+    recorded, waited = [], []
+
+    class Stream(str):
+        def wait_event(self, event):
+            waited.append((self, event))
+
     monkeypatch.setattr(upsample_ce, "current_stream_id", lambda device: stream[0])
-    monkeypatch.setattr(torch.cuda, "current_stream", lambda device=None: f"stream {stream[0]}")
+    monkeypatch.setattr(torch.cuda, "current_stream", lambda device=None: Stream(f"stream {stream[0]}"))
     monkeypatch.setattr(torch.Tensor, "record_stream", lambda self, s: recorded.append((self, s)), raising=False)
     first = upsample_ce._tables(_fake_logits(4, 5), 16, 20, False)  # built on stream 7
-    assert upsample_ce._tables(_fake_logits(4, 5), 16, 20, False)[0] is first[0] and not recorded
+    assert upsample_ce._tables(_fake_logits(4, 5), 16, 20, False)[0] is first[0] and not recorded and not waited
     stream[0] = 8  # eager calls on another stream: the same tables, recorded on it
     again = upsample_ce._tables(_fake_logits(4, 5), 16, 20, False)
     assert again[0] is first[0] and again[1] is first[1]
     assert [s for _, s in recorded] == ["stream 8"] * 12
     assert {id(t) for t, _ in recorded} == {id(t) for t in (*first[0][:6], *first[1][:6])}
+    # ... after waiting for the tables' asynchronous copies on their allocating stream (each entry's event)
+    assert [(s, id(e)) for s, e in waited] == [("stream 8", id(first[0][9])), ("stream 8", id(first[1][9]))]
     upsample_ce._tables(_fake_logits(4, 5), 16, 20, False)  # recorded once per stream: a use lasts until freed
-    assert len(recorded) == 12
+    assert len(recorded) == 12 and len(waited) == 2
     stream[0] = 9
     capturing[0] = True  # a capture on a third stream: the same tables, kept for good (never freed: nothing to record)
     captured = upsample_ce._tables(_fake_logits(4, 5), 16, 20, False)
     assert captured[0] is first[0] and captured[1] is first[1] and len(recorded) == 12
     assert set(upsample_ce._CAPTURED_TABLES) == {id(first[0]), id(first[1])}
+
+
+def test_tables_copy_asynchronously_and_a_first_use_inside_a_capture_is_refused(monkeypatch):
+    """The tables' first copy to the GPU was a blocking copy (a host synchronization per new configuration: an
+    evaluation over images of many sizes paid one per size); now pinned and asynchronous, with an event recorded
+    after it for other streams. Inside a capture the first use is refused, naming the fix (a warm-up), where the
+    blocking copy had failed the capture with CUDA's own error."""
+    from deeplab_ops.triton import upsample_ce
+
+    copies, events = [], []
+    real_to = torch.Tensor.to
+
+    def to(self, *args, **kwargs):
+        if args and isinstance(args[0], torch.device) and args[0].type == "cuda":
+            copies.append((self.is_pinned_mark, kwargs.get("non_blocking", False)))
+            return real_to(self, "cpu")
+        return real_to(self, *args, **kwargs)
+
+    class Event:
+        def record(self, stream):
+            events.append(stream)
+
+    monkeypatch.setattr(torch.Tensor, "is_pinned_mark", False, raising=False)
+
+    def pin_memory(self):
+        out = self.clone()
+        out.is_pinned_mark = True
+        return out
+
+    monkeypatch.setattr(torch.Tensor, "pin_memory", pin_memory)
+    monkeypatch.setattr(torch.Tensor, "to", to)
+    monkeypatch.setattr(torch.cuda, "Event", Event)
+    monkeypatch.setattr(torch.cuda, "current_stream", lambda device=None: "stream 7")
+    monkeypatch.setattr(upsample_ce, "current_stream_id", lambda device: 7)
+    capturing = [False]
+    monkeypatch.setattr(torch.cuda, "is_current_stream_capturing", lambda: capturing[0])
+    build = upsample_ce.axis_tables.__wrapped__
+    cuda = torch.device("cuda", 0)
+    tables = build(4, 16, False, torch.float32, cuda)
+    assert copies == [(True, True)] * 6 and events == ["stream 7"] and isinstance(tables[9], Event)
+    expected = build(4, 16, False, torch.float32, torch.device("cpu"))
+    for got, want in zip(tables[:7], expected[:7], strict=True):
+        assert torch.equal(torch.as_tensor(got), torch.as_tensor(want))
+    capturing[0] = True
+    with pytest.raises(RuntimeError, match=r"first call of an upsampling from 4 to 16 \(align_corners=False\) inside "
+                                           r"a CUDA-graph capture.*call the op once with these sizes before capturing"):
+        build(4, 16, False, torch.float32, cuda)
