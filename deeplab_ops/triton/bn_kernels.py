@@ -115,8 +115,10 @@ def _bn_finalize_kernel(
         n_tot = n_acc + nb
         delta = mub - mean_acc
         fb = _div(nb, tl.maximum(n_tot, 1.0))
-        mean_acc = mean_acc + delta * fb
-        m2_acc = m2_acc + m2b + delta * delta * n_acc * fb
+        # An empty side takes the other as is (csrc's welford_merge): delta * delta * 0 is inf * 0 = NaN once |delta|
+        # passes ~1.8e19 in float32 (a first block of such a mean: NaN statistics where eager's are finite).
+        mean_acc = tl.where(nb == 0, mean_acc, tl.where(n_acc == 0, mub, mean_acc + delta * fb))
+        m2_acc = tl.where(nb == 0, m2_acc, tl.where(n_acc == 0, m2b, m2_acc + m2b + delta * delta * n_acc * fb))
         n_acc = n_tot
     invstd = _invstd(_div(m2_acc, n_acc) + tl.load(hyper_ptr + 1), ACC_DTYPE)
     ch = OFF + offs_c

@@ -131,6 +131,28 @@ def test_huge_mean_tiny_variance(backend, dtype, mean, std, atol, var_rtol, chan
             compare(a, e, r if dtype != torch.float64 else None, f"{backend} grad {name}", atol, 1e-3)
 
 
+@pytest.mark.parametrize("backend", CONV_BACKENDS)
+@pytest.mark.parametrize("mean", [2e19, 1e30], ids=["2e19", "1e30"])
+def test_a_batch_mean_beyond_the_square_root_of_float32s_range(backend, mean):
+    """Found by a review: the triton finalize merged its first block of partials into an empty total with
+    delta * delta * 0, inf * 0 = NaN once |mean| > ~1.8e19 in float32: an all-NaN output and running_var where
+    eager's are finite (a diverging run's activations). An empty side now takes the other as is, as the C++
+    kernels' welford_merge does."""
+    torch.manual_seed(0)
+    c = 4
+    x = mean + torch.randn(2, c, 9, 9) * (mean * 1e-3)
+    weight = torch.eye(c).view(c, c, 1, 1)
+    gamma, beta = torch.ones(c), torch.zeros(c)
+    out, orm, orv, _ = _conv(x, weight, gamma, beta, torch.zeros(c), torch.ones(c), backend, relu=False)
+    eout, erm, erv, _ = _conv(x, weight, gamma, beta, torch.zeros(c), torch.ones(c), None, relu=False)
+    assert not out.isnan().any() and not orv.isnan().any(), f"{backend}: NaN statistics at mean {mean:g}"
+    _same_nonfinite(orv, erv, f"{backend} running_var")
+    _same_nonfinite(orm, erm, f"{backend} running_mean")
+    assert_close(out, eout.to(out.device), f"{backend} output", 1e-3, 1e-3)
+    if mean < 1e30:  # (1e30: the variance itself overflows, inf in eager too)
+        assert_close(orv, erv, f"{backend} running_var", 0, 1e-4)
+
+
 # ---- constant channels (variance 0) ---------------------------------------------------------------------------------
 
 
