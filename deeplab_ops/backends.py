@@ -272,6 +272,30 @@ def resolve(backend: str | None, op: str, device: torch.device, **call) -> str:
     )
 
 
+# Backends chosen for calls that no per-call rule can change: (op, backend, $DEEPLAB_OPS_BACKEND when backend is None,
+# device, synchronized) -> name. `resolve` decides from these alone unless a backend it considers has a rule of its
+# own for the op's arguments (triton: int32 sizes, grid limits, half types in the interpreter): those calls resolve
+# every time. Failures are never remembered (the error is raised again).
+_RESOLVED: dict[tuple, str] = {}
+
+
+def resolve_remembered(backend: str | None, op: str, device: torch.device, synchronized: bool, **call) -> str:
+    """`resolve` for a call entered directly (dispatch.enter_directly: not traced, so no ONNX export records it),
+    remembered where no backend it considers decides per call: the front doors' per-call path."""
+    key = (op, backend, os.environ.get(ENV_VAR) if backend is None else None, device, synchronized)
+    name = _RESOLVED.get(key)
+    if name is not None:
+        return name
+    name = resolve(backend, op, device, synchronized=synchronized, **call)
+    considered = (name,)
+    if ((key[2] or "auto") if backend is None else backend) == "auto":
+        candidates = auto_candidates(device)
+        considered = candidates[:candidates.index(name) + 1] if name in candidates else candidates
+    if not any(has_call_rules(c, op) for c in considered) and len(_RESOLVED) < 64:
+        _RESOLVED[key] = name
+    return name
+
+
 def _report(op: str, device: torch.device, call: dict) -> str:
     lines = []
     for name in BACKENDS:

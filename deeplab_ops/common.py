@@ -261,6 +261,38 @@ def check_running_writable(named, read=()) -> None:
         reach = max(reach, end)
 
 
+def running_writable_fast(written, read) -> bool:
+    """True where check_running_writable would pass for these tensors, decided cheaply: every tensor given (None
+    skipped) 1-D with stride 1 and non-empty, not traced, and no written range overlapping another range. False: run
+    check_running_writable (which raises with its message, or passes for the unusual layouts)."""
+    if torch.compiler.is_compiling():
+        return False
+    spans = []
+    try:
+        for t in written:
+            if t.stride() != (1,) or not t.numel():
+                return False
+            a = t.data_ptr()
+            spans.append((a, a + t.nbytes))
+        for t in read:
+            if t is None:
+                continue
+            if t.stride() != (1,) or not t.numel():
+                return False
+            a = t.data_ptr()
+            spans.append((a, a + t.nbytes))
+    except RuntimeError:  # no storage (fake / functorch-wrapped)
+        return False
+    for i in range(len(written)):
+        a0, a1 = spans[i]
+        for j in range(len(spans)):
+            if j != i:
+                b0, b1 = spans[j]
+                if a0 < b1 and b0 < a1:
+                    return False
+    return True
+
+
 def _label(group: str, index: int | None) -> str:
     return group if index is None else f"{group}[{index}]"
 

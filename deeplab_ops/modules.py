@@ -8,6 +8,7 @@ import collections
 import functools
 import math
 import numbers
+import operator
 import weakref
 
 import torch
@@ -27,7 +28,7 @@ from deeplab_ops.common import (
     pair,
     release_derived,
 )
-from deeplab_ops.ops.aspp import aspp, checked_rates, is_rate_sequence
+from deeplab_ops.ops.aspp import Packed, aspp, checked_rates, is_rate_sequence
 from deeplab_ops.ops.conv_bn_relu import checked_config, conv_bn_relu, eval_fast
 from deeplab_ops.ops.dispatch import enter_directly, group_name_of
 
@@ -833,23 +834,31 @@ def unpack_batchnorms(module: nn.Module) -> nn.Module:
     return module
 
 
-def _pack(kinds: list[tuple]) -> None:
+def _pack(kinds: list[tuple]) -> list[bool]:
     """pack_batchnorms on the BatchNorms' tensors by kind (`kinds[k]`: every BatchNorm's k-th of _BN_TENSORS), without
-    the argument check: the fused ASPP's per-call path, where every kind is usually back to back already. Outside
+    the argument check: the fused ASPP's per-call path, where every kind is usually back to back already. Returns,
+    per kind, whether its tensors are back to back now (common.back_to_back, tested once per call here). Outside
     inference mode even when called in it: the module's tensors stay normal ones that a later training step can use.
     Kinds that are not `_movable` stay where they are (the fused ASPP then concatenates them per call); so does
     every kind inside a torch.func transform, whose new tensors are the transform's (wrapped: a module tensor's data
     set to one would outlive the transform, a crash)."""
     if functorch_transform() is not None:
-        return
+        return [False] * len(kinds)
+    nones = [any(map(_IS_NONE, ts)) for ts in kinds]
+    flags = [not none and back_to_back(ts) for ts, none in zip(kinds, nones, strict=True)]
+    if all(map(operator.or_, flags, nones)):  # (the usual call: every kind packed already; no context entered)
+        return flags
     with torch.no_grad(), torch.inference_mode(False):
-        for ts in kinds:
-            if (any(map(_IS_NONE, ts)) or back_to_back(ts) or len({(t.shape, t.dtype, t.device) for t in ts}) != 1
-                    or not _movable(ts)):
+        for k, ts in enumerate(kinds):
+            if flags[k]:
+                continue
+            if nones[k] or len({(t.shape, t.dtype, t.device) for t in ts}) != 1 or not _movable(ts):
                 continue
             packed = torch.stack([t.detach() for t in ts])
             for t, row in zip(ts, packed.unbind(0), strict=True):
                 t.data = row
+            flags[k] = back_to_back(ts)
+    return flags
 
 
 _IS_NONE = None.__class__.__instancecheck__  # _IS_NONE(v): v is None, as a C-level call
@@ -969,9 +978,14 @@ def run_fused_aspp(module: nn.Module, parts: tuple, x: Tensor, backend: str | No
     # Not inside a CUDA-graph capture either: a pack's new storage would come from the graph's pool, and the
     # recorded stack would copy freed memory over the BatchNorm tensors at every replay. Unpacked, the op
     # concatenates per call (recorded like any op).
+    flags = None
     if not tracing and not (x.is_cuda and torch.cuda.is_current_stream_capturing()):
-        _pack(kinds)
-    bn_weights, bn_biases, running_means, running_vars = [list(ts) for ts in kinds[:4]]
+        flags = _pack(kinds)
+    if flags is not None:  # the back-to-back test done once per kind and call, handed on to the op's front door
+        bn_weights, bn_biases, running_means, running_vars = [
+            Packed(ts, flags[k]) for k, ts in enumerate(kinds[:4])]
+    else:
+        bn_weights, bn_biases, running_means, running_vars = [list(ts) for ts in kinds[:4]]
     _, _, rm, _, bn_training, momentum, eps = _bn_args(bns[0], training)
     tracked = rm is not None
     counting = training and bns[0].track_running_stats and tensors[0][4] is not None
@@ -988,7 +1002,7 @@ def run_fused_aspp(module: nn.Module, parts: tuple, x: Tensor, backend: str | No
         raise
     if counting:
         counters = list(kinds[4])
-        if not tracing and back_to_back(counters):  # one add for all
+        if not tracing and (flags[4] if flags is not None else back_to_back(counters)):  # one add for all
             # The packed counters share storage, not version counters: each known value is carried over by hand.
             known = [_known_batches(c) for c in counters] if _BATCHES else ()
             counters[0].detach().as_strided((len(counters),), (1,)).add_(1)

@@ -31,6 +31,7 @@ from deeplab_ops.common import (
     opmath_dtype,
     refuse_layout,
     refuse_running_grad,
+    running_writable_fast,
     strided_like,
 )
 from deeplab_ops.ops.dispatch import (
@@ -322,7 +323,7 @@ def _check_bn(value, name: str, n_bn: int, c: int, allow_none: bool = False) -> 
             raise TypeError(f"{name}[{i}] must be a torch.Tensor, got {type(t).__name__}")
         if tuple(t.shape) != (c,):
             raise ValueError(f"{name}[{i}] must have shape ({c},), got {tuple(t.shape)}")
-    return list(value)
+    return value if type(value) is Packed else list(value)
 
 
 def is_rate_sequence(rates) -> bool:
@@ -416,7 +417,15 @@ def check_args(x, conv_weights, pool_weight, project_weight, bn_weights, bn_bias
     }
     allowed = (x.dtype, torch.float32) if x.dtype in HALF_DTYPES else (x.dtype,)
     dtypes = set()
+    # Packed lists (one storage, one dtype, each contiguous: common.back_to_back): layout, device and dtype are those
+    # of their first tensor; requires_grad is still each running statistic's own.
+    wholes = [v.whole if type(v) is Packed else None for v in given.values()]
+    packed = all(w is not None for w in wholes)
     for name, value in given.items():
+        if packed:
+            if name.startswith("running_") and torch.is_grad_enabled() and any_requires_grad(value):
+                refuse_running_grad(next(f"{name}[{i}]" for i, t in enumerate(value) if t.requires_grad))
+            value = value[:1]
         for i, t in enumerate([value] if isinstance(value, torch.Tensor) else value or []):
             where = name if isinstance(value, torch.Tensor) else f"{name}[{i}]"
             if t.layout != torch.strided:
@@ -436,7 +445,7 @@ def check_args(x, conv_weights, pool_weight, project_weight, bn_weights, bn_bias
         raise TypeError(f"training must be a bool, got {training!r}")
     if not training and running_means is None:
         raise ValueError("training=False (eval) uses running statistics: running_means and running_vars are needed")
-    if training and running_means is not None:
+    if training and running_means is not None and not (packed and running_writable_fast(wholes[2:], wholes[:2])):
         check_running_writable((("running_means", given["running_means"]), ("running_vars", given["running_vars"])),
                                (("bn_weights", given["bn_weights"]), ("bn_biases", given["bn_biases"])))
     if training and n == 1 and not synchronized:  # (an empty batch passes, as in torchvision's ASPP)
@@ -463,12 +472,25 @@ def _flat(value):
     return torch.cat(value)
 
 
+class Packed(list):
+    """A list of per-BatchNorm tensors whose back-to-back test (common.back_to_back) the caller made on this call
+    (deeplab_ops.nn's fused ASPP, right after packing them): `whole` is the detached view of all of them, or None."""
+
+    __slots__ = ("whole",)
+
+    def __init__(self, ts, packed: bool) -> None:
+        super().__init__(ts)
+        self.whole = ts[0].detach().as_strided((ts[0].shape[0] * len(ts),), (1,)) if packed else None
+
+
 def _alias(value):
     """A BatchNorm argument as one tensor without a copy, or None: itself if it is one tensor (or None); for a list
     of (C,) tensors that lie back to back in one storage (what deeplab_ops.nn's fused ASPP keeps), a detached view
     of all of them; None for any other list (it needs a cat)."""
     if value is None or isinstance(value, torch.Tensor):
         return value
+    if type(value) is Packed:
+        return value.whole
     if back_to_back(value):
         return value[0].detach().as_strided((value[0].shape[0] * len(value),), (1,))
     return None
@@ -540,8 +562,10 @@ def aspp(
     group_name = group_name_of(process_group)  # checked in eval too (it synchronizes nothing there)
     if not training:
         group_name = None
-    name = backends.resolve(backend, "aspp", x.device, x=x, rates=rates, channels=conv_weights[0].shape[0],
-                            synchronized=group_name is not None)
+    direct = enter_directly(x)  # not traced: Python caches (backend choice), views of packed BatchNorm tensors
+    resolve = backends.resolve_remembered if direct else backends.resolve
+    name = resolve(backend, "aspp", x.device, x=x, rates=rates, channels=conv_weights[0].shape[0],
+                   synchronized=group_name is not None)
     if x.shape[0] == 0:  # (inline: no call per call) an empty batch runs on the reference, as eager computes it
         name = backend_for_batch(x, name, group_name)
     if not torch.compiler.is_compiling() and functorch_transform() is not None:  # inside a torch.func transform
@@ -557,7 +581,6 @@ def aspp(
             momentum=float(momentum), eps=float(eps))
     args = [x, list(conv_weights), pool_weight, project_weight, bn_weights, bn_biases, running_means, running_vars,
             list(rates), training, float(momentum), float(eps), group_name, memory_efficient]
-    direct = enter_directly(x)
     if direct:
         if name == "cpu" and not training:
             _keep_branch_transforms(conv_weights)

@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import math
 import numbers
-import os
 
 import torch
 import torch.autograd.forward_ad as _forward_ad
@@ -31,6 +30,7 @@ from deeplab_ops.common import (
     pair,
     refuse_layout,
     refuse_running_grad,
+    running_writable_fast,
 )
 from deeplab_ops.ops.dispatch import (
     BELOW_AUTOGRAD,
@@ -222,7 +222,8 @@ def check_args(
     if (running_mean is not None and (running_mean.requires_grad or running_var.requires_grad)
             and torch.is_grad_enabled()):
         refuse_running_grad("running_mean" if running_mean.requires_grad else "running_var")
-    if training and running_mean is not None:
+    if training and running_mean is not None and not running_writable_fast((running_mean, running_var),
+                                                                            (bn_weight, bn_bias)):
         check_running_writable((("running_mean", running_mean), ("running_var", running_var)),
                                (("bn_weight", bn_weight), ("bn_bias", bn_bias)))
     if training and n * ho * wo == 1 and not synchronized:  # (F.batch_norm's rule: an empty batch passes)
@@ -533,31 +534,6 @@ def _needs_grad(*tensors) -> bool:
 
 # ---- backend choice -------------------------------------------------------------------------------
 
-# Backends chosen for calls that no per-call rule can change: (backend, $DEEPLAB_OPS_BACKEND when backend is None,
-# device, synchronized) -> name. backends.resolve decides from these alone unless a backend it considers has a rule
-# of its own for conv_bn_relu's arguments (triton: int32 sizes, half types in the interpreter): those calls resolve
-# every time. Failures are never cached (the error is raised again, by backends.resolve).
-_RESOLVED: dict[tuple, str] = {}
-
-
-def _resolve(backend, x, weight, stride, padding, dilation, synchronized: bool) -> str:
-    device = x.device
-    key = (backend, os.environ.get(backends.ENV_VAR) if backend is None else None, device, synchronized)
-    name = _RESOLVED.get(key)
-    if name is not None:
-        return name
-    name = backends.resolve(backend, "conv_bn_relu", device, x=x, weight=weight, stride=stride, padding=padding,
-                            dilation=dilation, synchronized=synchronized)
-    requested = (key[1] or "auto") if backend is None else backend
-    considered = (name,)
-    if requested == "auto":
-        candidates = backends.auto_candidates(device)
-        considered = candidates[:candidates.index(name) + 1]
-    if not any(backends.has_call_rules(c, "conv_bn_relu") for c in considered) and len(_RESOLVED) < 64:
-        _RESOLVED[key] = name
-    return name
-
-
 # ---- the eval fast path ----------------------------------------------------------------------------
 
 
@@ -599,7 +575,8 @@ def eval_fast(x, weight, bn_weight, bn_bias, running_mean, running_var, geometry
                                     or (residual is not None and residual.requires_grad)
                                     or running_mean.requires_grad or running_var.requires_grad):  # (refused there)
         return None
-    name = _resolve(backend, x, weight, stride, padding, dilation, False)
+    name = backends.resolve_remembered(backend, "conv_bn_relu", x.device, False, x=x, weight=weight, stride=stride,
+                                       padding=padding, dilation=dilation)
     if name == "reference":
         return None
     if folds:
@@ -692,11 +669,9 @@ def conv_bn_relu(
     )
     group_name = group_name_of(process_group) if training and process_group is not None else None
     direct = enter_directly(x)  # not traced: Python caches (backend choice, the eval fold)
-    if direct:
-        name = _resolve(backend, x, weight, stride, padding, dilation, group_name is not None)
-    else:
-        name = backends.resolve(backend, "conv_bn_relu", x.device, x=x, weight=weight, stride=stride,
-                                padding=padding, dilation=dilation, synchronized=group_name is not None)
+    resolve = backends.resolve_remembered if direct else backends.resolve
+    name = resolve(backend, "conv_bn_relu", x.device, x=x, weight=weight, stride=stride, padding=padding,
+                   dilation=dilation, synchronized=group_name is not None)
     if x.shape[0] == 0:  # (inline: no call per call) an empty batch runs on the reference, as eager computes it
         name = backend_for_batch(x, name, group_name)
     if name == "reference":

@@ -70,10 +70,11 @@ def test_a_backend_with_per_call_rules_is_resolved_every_call():
     """triton's rules depend on the call's tensors (half types in the interpreter, int32 sizes): never cached."""
     x, w = torch.randn(2, 3, 6, 6, device=TRITON_DEVICE), torch.randn(4, 3, 3, 3, device=TRITON_DEVICE)
     geometry = ((1, 1), (1, 1), (1, 1))
-    assert op_module._resolve("triton", x, w, *geometry, False) == "triton"
-    assert all(key[0] != "triton" for key in op_module._RESOLVED)
+    call = dict(x=x, weight=w, stride=geometry[0], padding=geometry[1], dilation=geometry[2])
+    assert backends.resolve_remembered("triton", "conv_bn_relu", x.device, False, **call) == "triton"
+    assert all(key[1] != "triton" for key in backends._RESOLVED)
     with pytest.raises(RuntimeError, match="has no synchronized BatchNorm"):
-        op_module._resolve("triton", x, w, *geometry, True)
+        backends.resolve_remembered("triton", "conv_bn_relu", x.device, True, **call)
 
 
 class _ShadowedWeightBN(nn.BatchNorm2d):
