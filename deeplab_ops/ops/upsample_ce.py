@@ -249,7 +249,6 @@ def upsample_cross_entropy(
         logits = logits.float()
     check_args(logits, target, ignore_index, align_corners, reduction)
     ignore_index = int(ignore_index)
-    name = backends.resolve(backend, "upsample_cross_entropy", logits.device, logits=logits, target=target)
     # The label scan reads a CPU target's memory (numpy): not while torch.compile traces (the graph would branch on
     # data) nor under a torch.func transform (wrapped tensors have no storage), where F.cross_entropy (reference)
     # and the triton twin's own check (its op in the traced graph) raise for a bad label.
@@ -259,6 +258,8 @@ def upsample_cross_entropy(
     if type(target) is not torch.Tensor and type(target).__torch_dispatch__ is torch.Tensor.__torch_dispatch__:
         plain = target.as_subclass(torch.Tensor)
     direct = enter_directly(logits) and enter_directly(plain)
+    resolve = backends.resolve_remembered if direct else backends.resolve
+    name = resolve(backend, "upsample_cross_entropy", logits.device, logits=logits, target=target, synchronized=False)
     scan = target.device.type == "cpu" and direct
     if name == "reference":
         if scan:  # the message every CPU backend gives, not F.cross_entropy's
