@@ -867,8 +867,9 @@ def check_out_dir(args, error) -> None:
     if args.predict or args.eval_only:
         return
     out_dir = args.out_dir or os.path.join("runs", args.dataset or "synthetic")
-    resume_here = args.resume == "auto" or bool(args.resume) and os.path.realpath(
-        os.path.dirname(os.path.abspath(args.resume))) == os.path.realpath(out_dir)
+    # (the checkpoint's own folder, a link to it followed: --resume link.pt --overwrite would remove what it names)
+    resume_here = args.resume == "auto" or bool(args.resume) and os.path.dirname(
+        os.path.realpath(args.resume)) == os.path.realpath(out_dir)
     if args.resume and args.resume != "auto" and args.out_dir is None and not resume_here:
         warn(f"--resume {args.resume} continues into the default --out-dir {out_dir}, not the checkpoint's folder "
              f"{os.path.dirname(args.resume) or '.'}: give --out-dir {os.path.dirname(args.resume) or '.'} to continue "
@@ -887,6 +888,7 @@ def check_out_dir(args, error) -> None:
                   f"point: its saves would replace last.pt at iteration {later} (and the log's records after iteration "
                   f"{at}); give another --out-dir to branch off there (or move last.pt away to rewind this folder), or "
                   "--resume its last.pt")
+    lock_out_dir(out_dir, error)
     files = earlier_run(out_dir)
     if not files or args.overwrite:
         return
@@ -898,6 +900,34 @@ def check_out_dir(args, error) -> None:
         error(f"--out-dir {out_dir} holds an earlier run ({_describe_run(out_dir, files)}), and --resume "
               f"{args.resume} continues a run from another folder, whose saves would replace that run's files: give "
               "another --out-dir, or add --overwrite to remove them")
+
+
+_FOLDER_LOCK = None  # the lock on the training run's --out-dir (ckpt_io.lock_folder), released when main ends
+
+
+def lock_out_dir(out_dir: str, error) -> None:
+    """Lock --out-dir for this training run (its main process: under torchrun, global rank 0), before its contents
+    are judged: a second run started into it while this one runs is refused, not let through to replace this one's
+    checkpoints and mix its log (the checks above see files only once a run wrote them)."""
+    global _FOLDER_LOCK
+    release_out_dir()  # (an earlier main() of this process that stopped before its end)
+    try:
+        if distributed.env_dist_info().rank != 0:
+            return
+    except ValueError:  # (a malformed torchrun environment: refused by check_args)
+        return
+    try:
+        _FOLDER_LOCK = ckpt_io.lock_folder(out_dir)
+    except ckpt_io.FolderBusy:
+        error(f"--out-dir {out_dir}: another train.py run is training into it (it holds the folder's lock); wait "
+              "for it to end, or give another --out-dir")
+
+
+def release_out_dir() -> None:
+    global _FOLDER_LOCK
+    if _FOLDER_LOCK is not None:
+        os.close(_FOLDER_LOCK)
+        _FOLDER_LOCK = None
 
 
 def remove_earlier_run(out_dir: str) -> list[str]:
@@ -1507,6 +1537,7 @@ def main(argv=None) -> None:
             raise SystemExit(1) from None
         raise
     finally:
+        release_out_dir()
         if info.enabled:
             torch.distributed.destroy_process_group()
             # Free now what still holds the process group (the model's fused modules and DDP, kept by reference

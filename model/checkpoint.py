@@ -125,8 +125,12 @@ def load_file(path: str | os.PathLike, *, weights_only: bool = True, map_locatio
         # "Unsupported global: GLOBAL x.Y was not an allowed global", or for a module torch blocks outright (os,
         # posix, subprocess, ...: a file crafted to run code) "unsupported GLOBAL posix.system whose module posix is
         # blocked": both are refusals of an object, not a damaged file.
+        # (an object of a class allowed by name but built otherwise: "... allowlisted via `add_safe_globals`, but got
+        # <class 'numpy.dtypes.Float64DType'>")
         found = (re.search(r"unsupported (?:global: )?GLOBAL (.*?) (?:was not an allowed global|whose module)",
-                           str(e), re.IGNORECASE | re.DOTALL) if weights_only else None)
+                           str(e), re.IGNORECASE | re.DOTALL)
+                 or re.search(r"allowlisted via `add_safe_globals`, but got <class '([\w.]+)'>", str(e))
+                 if weights_only else None)
         # a name garbled by damage to the pickle ("torch.\x00\x00ge") is no object the file was saved with
         if found and all(part.isidentifier() for part in found.group(1).split(".")):
             raise CheckpointReadError(

@@ -93,9 +93,14 @@ def atomic_write(path: str, write) -> None:
             os.fsync(f.fileno())
         os.chmod(tmp, 0o666 & ~_umask())  # mkstemp makes it 0600: the mode any new file gets here instead
         os.replace(tmp, path)
-    except BaseException:
+    except BaseException as error:
         if os.path.exists(tmp):
             os.unlink(tmp)
+        cause = error.__context__
+        if isinstance(error, RuntimeError) and isinstance(cause, (OSError, KeyboardInterrupt)):
+            # torch.save's zip writer, closing after a failed write, raises a RuntimeError of its own ("unexpected
+            # pos ...") that hides the write's error: a full disk, Ctrl-C. That error is what the caller handles.
+            raise cause from None
         raise
     try:  # persist the rename itself
         dir_fd = os.open(folder, os.O_RDONLY)
@@ -105,6 +110,33 @@ def atomic_write(path: str, write) -> None:
             os.close(dir_fd)
     except OSError:  # some filesystems (and Windows) refuse fsync on a directory; the data is already safe
         pass
+
+
+class FolderBusy(RuntimeError):
+    """Another process holds the run folder's lock."""
+
+
+def lock_folder(folder: str) -> int | None:
+    """An exclusive lock on the run folder `folder` (created if needed): the folder itself locked with flock, so the
+    OS drops the lock when the process ends, however it ends (no stale lock to clear), and no file is added to it.
+    Held while the returned descriptor stays open (os.close releases it); None where the platform or the filesystem
+    has no flock (then nothing is locked). Raises FolderBusy where another process holds it: two runs into one folder
+    would replace each other's checkpoints."""
+    try:
+        import fcntl
+    except ImportError:  # (Windows)
+        return None
+    os.makedirs(folder, exist_ok=True)
+    fd = os.open(folder, os.O_RDONLY)
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:
+        os.close(fd)
+        raise FolderBusy(f"{folder} is locked by another process") from None
+    except OSError:  # a filesystem without locks (some network ones): unlocked, as before there was a lock
+        os.close(fd)
+        return None
+    return fd
 
 
 # What fit() reads from a checkpoint to resume (train.py's checkpoints hold more: args, class names).
@@ -159,6 +191,22 @@ def check_resumable(ckpt: dict, path: str = "the checkpoint") -> None:
         raise ValueError(f"cannot resume from {path}: it has no {', '.join(repr(k) for k in missing)} entries; "
                          "resume needs a last.pt/best.pt written by train.py's training loop (a bare state_dict "
                          "or an exported model only initialises a network)")
+
+
+def check_rng_states(ckpt: dict) -> None:
+    """Raise a ValueError naming the entry unless the checkpoint's random states ('rng', and 'rng_ranks' where
+    saved) restore: tried here and undone, since fit() restores them only after --overwrite removed a run."""
+    saved = capture_rng_state()
+    try:
+        for where, state in [("rng", ckpt["rng"]), *((f"rng_ranks[{i}]", r) for i, r in
+                                                      enumerate(ckpt.get("rng_ranks") or ()))]:
+            try:
+                restore_rng_state(state)
+            except Exception as e:  # noqa: BLE001 (whatever a malformed state raises: named in one line)
+                raise ValueError(f"its {where!r} entry is not a random-number state that restores ({type(e).__name__}: "
+                                 f"{str(e).splitlines()[0] if str(e) else ''})") from None
+    finally:
+        restore_rng_state(saved)
 
 
 def capture_rng_state() -> dict:

@@ -383,7 +383,9 @@ class MetricsLog:
 def _drop_records_after(path: str, iteration: int, drop_val_at: bool = False) -> None:
     """Rewrite the JSON-lines log at `path` without the records of iterations after `iteration` (and, with
     `drop_val_at`, the validation records of `iteration` itself), atomically: a crash leaves the old file or the new
-    one. Lines that are not such records are kept as they are."""
+    one. Lines that are not such records are kept as they are, but for a last line cut off mid-record (no newline,
+    no JSON: the append of a process killed or out of disk while writing it), which is dropped: the next record
+    would be appended to it."""
     with open(path, encoding="utf-8") as f:
         lines = f.readlines()
     kept = []
@@ -393,9 +395,11 @@ def _drop_records_after(path: str, iteration: int, drop_val_at: bool = False) ->
             it, kind = record.get("iteration"), record.get("kind")
         except (ValueError, AttributeError):  # not a JSON object: not ours to judge
             it = kind = None
+            if not line.endswith("\n") and line.lstrip().startswith("{"):
+                continue  # (only the last line can lack its newline)
         if not (isinstance(it, int) and (it > iteration or (drop_val_at and it == iteration and kind == "val"))):
             kept.append(line if line.endswith("\n") else line + "\n")
-    if len(kept) != len(lines):
+    if kept != lines:
         ckpt_io.atomic_write(path, lambda f: f.write("".join(kept).encode()))
 
 
@@ -438,6 +442,7 @@ def check_resume_state(model: nn.Module, resume: dict, weight_decay: float) -> N
     and a scheduler state that load as fit() loads them (into throwaway copies: the model is left as it is).
     train.py checks this before anything is written or removed (--overwrite), since fit() would only find out after."""
     ckpt_io.check_resumable(resume, "the checkpoint")
+    ckpt_io.check_rng_states(resume)
     it = resume["iteration"]
     if isinstance(it, bool) or not isinstance(it, int) or it < 0:
         raise ValueError(f"its 'iteration' entry is {it!r}, not a count of finished steps")

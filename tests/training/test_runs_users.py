@@ -57,14 +57,21 @@ def test_resume_of_a_checkpoint_whose_optimizer_does_not_fit_is_refused_before_o
     other = TinySeg(21)
     opt = torch.optim.SGD([{"params": list(other.parameters())[:3]}], lr=0.1, momentum=0.9)
     state["optimizer"] = opt.state_dict()  # one group of 3 parameters: another model's
+    path, message = _resume_overwrite(tmp_path, finished_run, state)
+    assert message.startswith(f"--resume {path}: the checkpoint's optimizer holds parameter groups of [3] "), message
+
+
+def _resume_overwrite(tmp_path, finished_run, state) -> tuple[str, str]:
+    """(path, message): `state` saved in another folder, resumed into the finished run's folder with --overwrite,
+    which must refuse it (the message) and leave the folder's files as they were."""
     (tmp_path / "other").mkdir()
     torch.save(state, tmp_path / "other" / "odd.pt")
     before = _files(finished_run)
     path = str(tmp_path / "other" / "odd.pt")
     message = _exit_message(TINY + ["--iterations", "4", "--out-dir", str(finished_run), "--resume", path,
                                     "--overwrite"])
-    assert message.startswith(f"--resume {path}: the checkpoint's optimizer holds parameter groups of [3] "), message
     assert _files(finished_run) == before
+    return path, message
 
 
 def test_resume_from_an_older_checkpoint_of_the_folder_would_replace_its_later_last_checkpoint(
@@ -486,3 +493,117 @@ def test_eval_only_warns_once_about_a_training_split(finished_run, capsys):
                        str(finished_run.parent / "ev"), "--train-split", "x", "--device", "cpu"])
     err = capsys.readouterr().err
     assert err.count("--train-split") == 1, err
+
+
+class _FailingFile:
+    """A file that takes `limit` bytes, then raises `error` on the next write: a disk filling up, or Ctrl-C."""
+
+    def __init__(self, f, limit: int, error: BaseException) -> None:
+        self.f, self.left, self.error = f, limit, error
+
+    def write(self, data) -> int:
+        if len(data) > self.left:
+            raise self.error
+        self.left -= len(data)
+        return self.f.write(data)
+
+    def flush(self) -> None:
+        self.f.flush()
+
+
+@pytest.mark.parametrize("stop", ["disk-full", "ctrl-c"])
+def test_a_save_cut_short_by_a_full_disk_or_ctrl_c_says_so_in_one_line(tmp_path, monkeypatch, capsys, stop):
+    """torch.save's zip writer, closing after a failed write, raised a RuntimeError of its own ("unexpected pos ...")
+    that hid the write's error: a traceback and status 1 where train.py promises one line (a full disk: what failed
+    and that the checkpoints saved before are intact; Ctrl-C: status 130). The previous last.pt stays whole."""
+    import errno
+
+    monkeypatch.setattr(train_script, "build_model", _tiny_build_model)
+    out = tmp_path / "run"
+    real_save, calls = torch.save, []
+    error = OSError(errno.ENOSPC, "No space left on device") if stop == "disk-full" else KeyboardInterrupt()
+
+    def save(obj, f, *args, **kwargs):
+        calls.append(obj.get("iteration"))
+        return real_save(obj, _FailingFile(f, 2000, error) if len(calls) == 2 else f, *args, **kwargs)
+
+    monkeypatch.setattr(ckpt_io.torch, "save", save)
+    capsys.readouterr()
+    with pytest.raises(SystemExit) as exit_:
+        train_script.main(TINY + ["--iterations", "3", "--checkpoint-every", "1", "--out-dir", str(out)])
+    err = capsys.readouterr().err
+    assert "Traceback" not in err and calls == [1, 2]
+    if stop == "disk-full":
+        assert str(exit_.value.code).startswith("train.py: No space left on device (") or str(
+            exit_.value.code).startswith("train.py: OSError: [Errno 28] No space left on device"), exit_.value.code
+        assert "the checkpoints saved before it are intact: last.pt (iteration 1)" in str(exit_.value.code)
+    else:
+        assert exit_.value.code == 130 and f"train.py: interrupted; last.pt (iteration 1) in {out}" in err
+    assert sorted(os.listdir(out)) == ["last.pt", "metrics.jsonl"]
+    assert ckpt_io.load_checkpoint(str(out / "last.pt"))["iteration"] == 1
+
+
+def test_a_second_run_into_a_folder_a_run_is_training_into_is_refused(tmp_path, monkeypatch, capsys):
+    """Two runs started together into one --out-dir both passed its checks (they see files only once a run wrote
+    them): the later one's checkpoints replaced the other's and both logged into one metrics.jsonl. The training run
+    holds a lock on the folder (flock: dropped by the OS however the process ends; no file added)."""
+    monkeypatch.setattr(train_script, "build_model", _tiny_build_model)
+    out = tmp_path / "run"
+    held = ckpt_io.lock_folder(str(out))  # another run, training there now
+    assert held is not None
+    try:
+        for extra in ([], ["--resume"], ["--overwrite"]):
+            error = _usage_error(TINY + ["--iterations", "2", "--out-dir", str(out), *extra], capsys)
+            assert error == (f"error: --out-dir {out}: another train.py run is training into it (it holds the "
+                             "folder's lock); wait for it to end, or give another --out-dir"), error
+        assert os.listdir(out) == []
+    finally:
+        os.close(held)
+    train_script.main(TINY + ["--iterations", "2", "--out-dir", str(out)])  # free again: it runs, and lets go
+    assert ckpt_io.load_checkpoint(str(out / "last.pt"))["iteration"] == 2
+    again = ckpt_io.lock_folder(str(out))
+    assert again is not None
+    os.close(again)
+
+
+def test_resume_overwrite_refusals_that_a_bad_random_state_or_a_link_slipped_past(tmp_path, finished_run, capsys):
+    """--resume CKPT --overwrite with a checkpoint whose random state does not restore removed the folder's run, then
+    stopped on a traceback (the state is restored only inside fit); a link to the folder's own last.pt passed the
+    --resume/--overwrite contradiction check, and --overwrite removed the file it names."""
+    state = torch.load(finished_run / "last.pt", weights_only=False)
+    state["rng"] = dict(state["rng"], torch=torch.zeros(3, dtype=torch.uint8))
+    path, message = _resume_overwrite(tmp_path, finished_run, state)
+    assert message.startswith(f"--resume {path}: its 'rng' entry is not a random-number state that restores ("), message
+    assert "\n" not in message
+    before = _files(finished_run)
+    os.symlink(finished_run / "last.pt", tmp_path / "link.pt")
+    error = _usage_error(TINY + ["--iterations", "4", "--out-dir", str(finished_run), "--resume",
+                                 str(tmp_path / "link.pt"), "--overwrite"], capsys)
+    assert error.startswith(f"error: --overwrite removes the run in --out-dir {finished_run} and --resume "), error
+    assert _files(finished_run) == before
+
+
+def test_a_log_line_cut_off_mid_record_is_dropped_on_resume(tmp_path, monkeypatch):
+    """A crash or a full disk in the middle of appending to metrics.jsonl leaves a last line without its end; the
+    resumed run's first record was appended to it, and both lines were lost to a JSON reader."""
+    import json
+
+    monkeypatch.setattr(train_script, "build_model", _tiny_build_model)
+    out = tmp_path / "run"
+    train_script.main(TINY + ["--iterations", "4", "--stop-after", "2", "--out-dir", str(out)])
+    log = out / "metrics.jsonl"
+    text = log.read_text()
+    log.write_text(text + text.splitlines()[-1][:25])  # a third record, cut off
+    train_script.main(TINY + ["--iterations", "4", "--out-dir", str(out), "--resume"])
+    records = [json.loads(line) for line in log.read_text().splitlines()]  # every line parses
+    assert [r["iteration"] for r in records if r["kind"] == "train"] == [1, 2, 3, 4]
+
+
+def test_a_checkpoint_holding_a_numpy_array_is_named_not_called_corrupt(tmp_path):
+    """A float64 numpy array in an intact file: 'corrupt or truncated' (numpy's dtype classes are refused by a message
+    the weights-only pattern did not know); now what model.load_file says for any other pickled object."""
+    import numpy as np
+
+    torch.save({"model": {}, "mean": np.zeros(3)}, tmp_path / "np.pt")
+    message = _exit_message(["--eval-only", "--checkpoint", str(tmp_path / "np.pt"), "--device", "cpu"])
+    assert "holds a pickled numpy.dtypes.Float64DType" in message and "corrupt" not in message, message
