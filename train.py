@@ -120,13 +120,21 @@ def _torchvision_deeplabv3(backbone: str, num_classes: int, output_stride: int, 
 
 
 def load_backbone_weights(net: torch.nn.Module, path: str) -> None:
-    """Initialise the ResNet backbone from a local ImageNet state_dict (torchvision's resnet50/101 .pth)."""
+    """Initialise the ResNet backbone from a local ImageNet state_dict (torchvision's resnet50/101 .pth), or from
+    the backbone of a whole DeepLabV3 state_dict (torchvision's deeplabv3_resnet50/101 file, a train.py checkpoint:
+    its `backbone.*` entries; its heads are not loaded, a note says so)."""
     try:
-        from model import load_backbone
+        from model import load_backbone, read_state_dict
     except ImportError:
         load_backbone = None
     if load_backbone is not None:
-        load_backbone(net, path)
+        state = read_state_dict(path)
+        if any(k.startswith("backbone.") for k in state):
+            heads = sorted({k.split(".")[0] for k in state if not k.startswith("backbone.")})
+            state = {k[len("backbone."):]: v for k, v in state.items() if k.startswith("backbone.")}
+            print(f"note: --backbone-weights {path} is a whole DeepLabV3's state_dict: its backbone initialises "
+                  f"this run's{' (not loaded: ' + ', '.join(heads) + ')' if heads else ''}", file=sys.stderr)
+        load_backbone(net, state)
         return
     state = torch.load(path, map_location="cpu", weights_only=True)
     net.backbone.load_state_dict({k: v for k, v in state.items() if not k.startswith("fc.")}, strict=False)
@@ -1144,7 +1152,9 @@ def build_parser() -> argparse.ArgumentParser:
                    help="training output stride (16; 8 for synthetic on CPU)")
     g.add_argument("--aux-loss", action="store_true", help="auxiliary FCN head on layer3 (weight 0.5)")
     g.add_argument("--backbone-weights", metavar="PTH", help="initialise the backbone from a local ImageNet ResNet "
-                   "state_dict (torchvision's resnet50/101 file); the paper's VOC results start from one")
+                   "state_dict (torchvision's resnet50/101 file; the paper's VOC results start from one), or take "
+                   "the backbone of a whole DeepLabV3 state_dict (torchvision's deeplabv3_resnet50/101 file, a "
+                   "train.py checkpoint)")
 
     g = p.add_argument_group("optimisation (defaults depend on --dataset; VOC: the paper's recipe)")
     g.add_argument("--iterations", type=int, help="training iterations (voc: 30000)")

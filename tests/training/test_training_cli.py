@@ -616,3 +616,28 @@ def test_images_in_formats_not_read_are_named_not_skipped_silently(tmp_path, mon
     train_script.main(["--predict", str(root / "images"), "--checkpoint", ckpt, "--out", str(tmp_path / "m2"),
                        "--device", "cpu"])
     assert "format not read" not in capsys.readouterr().err
+
+
+def test_backbone_weights_from_a_whole_deeplabv3_state_dict_take_its_backbone(tmp_path, capsys):
+    """A torchvision deeplabv3_resnet50 file (or a train.py checkpoint) given to --backbone-weights was refused with
+    advice for Python ("use load_checkpoint(model, ...)"), and the command line had no way to start from such
+    weights. Its backbone.* entries now initialise the backbone; a note names the heads left out."""
+    from torchvision.models.segmentation import deeplabv3_resnet50
+
+    tv = deeplabv3_resnet50(weights=None, weights_backbone=None, num_classes=21, aux_loss=True)
+    torch.save(tv.state_dict(), tmp_path / "tv.pth")
+    net = train_script.build_model("resnet50", 5, 16, False, False)
+    train_script.load_backbone_weights(net, str(tmp_path / "tv.pth"))
+    assert re.search(r"note: --backbone-weights .*tv\.pth is a whole DeepLabV3's state_dict: its backbone initialises "
+                     r"this run's \(not loaded: aux_classifier, classifier\)", capsys.readouterr().err)
+    theirs = tv.backbone.state_dict()
+    for k, v in net.backbone.state_dict().items():
+        assert torch.equal(v, theirs[k]), k
+    # a train.py checkpoint ({"model": ...}) of the same network: its backbone, into a network of other classes
+    other = train_script.build_model("resnet50", 3, 8, True, True)
+    torch.save({"model": net.state_dict(), "iteration": 7}, tmp_path / "last.pt")
+    train_script.load_backbone_weights(other, str(tmp_path / "last.pt"))
+    assert "this run's (not loaded: classifier)" in capsys.readouterr().err
+    ours = net.backbone.state_dict()
+    for k, v in other.backbone.state_dict().items():
+        assert torch.equal(v, ours[k]), k
