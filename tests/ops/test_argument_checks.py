@@ -48,6 +48,7 @@ def test_half_logits_on_cpu_run_as_float32(dtype, backend, reduction):
 def test_auto_choice_error_is_truthful(monkeypatch):
     # Nothing the automatic choice considers can run the call: the message says so and names what can.
     monkeypatch.setattr(backends, "auto_candidates", lambda device: ("triton",))
+    monkeypatch.setattr(backends, "_RESOLVED", {})  # (choices remembered under the real candidates)
     monkeypatch.setenv("TRITON_INTERPRET", "0")
     logits, target = torch.randn(1, 3, 2, 2), torch.zeros(1, 4, 4, dtype=torch.int64)
     with pytest.raises(RuntimeError) as info:

@@ -677,12 +677,13 @@ def _auto_triton_only():
     Triton interpreter is off: nothing it considers can run the call (on a GPU build: CUDA tensors without kernels)."""
     from deeplab_ops import backends
 
-    real = backends.auto_candidates
+    real, remembered = backends.auto_candidates, backends._RESOLVED
     backends.auto_candidates = lambda device: ("triton",)
+    backends._RESOLVED = {}  # (choices remembered under the real candidates)
     try:
         return _with_env("TRITON_INTERPRET", "0", lambda: uce(backend=None))
     finally:
-        backends.auto_candidates = real
+        backends.auto_candidates, backends._RESOLVED = real, remembered
 
 
 def _mixed_mode_aspp():
