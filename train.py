@@ -128,13 +128,12 @@ def load_backbone_weights(net: torch.nn.Module, path: str) -> None:
     except ImportError:
         load_backbone = None
     if load_backbone is not None:
-        state = read_state_dict(path)
-        if any(k.startswith("backbone.") for k in state):
-            heads = sorted({k.split(".")[0] for k in state if not k.startswith("backbone.")})
-            state = {k[len("backbone."):]: v for k, v in state.items() if k.startswith("backbone.")}
-            print(f"note: --backbone-weights {path} is a whole DeepLabV3's state_dict: its backbone initialises "
-                  f"this run's{' (not loaded: ' + ', '.join(heads) + ')' if heads else ''}", file=sys.stderr)
+        state, heads = backbone_state(read_state_dict(path))
         load_backbone(net, state)
+        if heads is not None:
+            print(f"note: --backbone-weights {path} holds a whole network's state_dict (keys under backbone.): its "
+                  f"backbone initialised this run's{' (not loaded: ' + ', '.join(heads) + ')' if heads else ''}",
+                  file=sys.stderr)
         return
     state = torch.load(path, map_location="cpu", weights_only=True)
     net.backbone.load_state_dict({k: v for k, v in state.items() if not k.startswith("fc.")}, strict=False)
@@ -164,6 +163,15 @@ def backbone_weights_or_exit(net: torch.nn.Module, args) -> None:
         raise SystemExit(f"--backbone-weights {path} does not fit {given}{hint} ({first})") from None
 
 
+def backbone_state(state: dict) -> tuple[dict, list[str] | None]:
+    """(the backbone's state_dict, the other top-level entries) of a whole network's state_dict (keys under
+    `backbone.`: torchvision's deeplabv3_resnet50/101 file, a train.py checkpoint); (state, None) for any other."""
+    if not any(k.startswith("backbone.") for k in state):
+        return state, None
+    heads = sorted({k.split(".")[0] for k in state if not k.startswith("backbone.")})
+    return {k[len("backbone."):]: v for k, v in state.items() if k.startswith("backbone.")}, heads
+
+
 def _resnet_flags(path: str) -> str | None:
     """'--backbone resnetD --backbone-width W' for a state_dict of one of model/'s ResNets (torchvision's v1.5
     bottleneck: the blocks per stage of a depth model/ builds, the stem's width, ungrouped 3x3 convolutions as wide as
@@ -172,7 +180,7 @@ def _resnet_flags(path: str) -> str | None:
         from model.checkpoint import read_state_dict
         from model.resnet import DEPTHS
 
-        state = read_state_dict(path)
+        state = backbone_state(read_state_dict(path))[0]
     except Exception:  # noqa: BLE001 (unreadable: the caller reports the load's own error)
         return None
     blocks = tuple(len({k.split(".")[1] for k in state if k.startswith(f"layer{i}.")}) for i in range(1, 5))
@@ -910,13 +918,15 @@ def check_out_dir(args, error) -> None:
               "another --out-dir, or add --overwrite to remove them")
 
 
-_FOLDER_LOCK = None  # the lock on the training run's --out-dir (ckpt_io.lock_folder), released when main ends
+# The lock on the training run's --out-dir: (descriptor, the folder if the lock created it, else None), or None.
+_FOLDER_LOCK: tuple[int, str | None] | None = None
 
 
 def lock_out_dir(out_dir: str, error) -> None:
     """Lock --out-dir for this training run (its main process: under torchrun, global rank 0), before its contents
     are judged: a second run started into it while this one runs is refused, not let through to replace this one's
-    checkpoints and mix its log (the checks above see files only once a run wrote them)."""
+    checkpoints and mix its log (the checks above see files only once a run wrote them). main() releases it however
+    it ends, and removes the folder if the lock created it and nothing was written."""
     global _FOLDER_LOCK
     release_out_dir()  # (an earlier main() of this process that stopped before its end)
     try:
@@ -924,18 +934,37 @@ def lock_out_dir(out_dir: str, error) -> None:
             return
     except ValueError:  # (a malformed torchrun environment: refused by check_args)
         return
+    existed = os.path.isdir(out_dir)
     try:
-        _FOLDER_LOCK = ckpt_io.lock_folder(out_dir)
+        fd = ckpt_io.lock_folder(out_dir)
     except ckpt_io.FolderBusy:
         error(f"--out-dir {out_dir}: another train.py run is training into it (it holds the folder's lock); wait "
               "for it to end, or give another --out-dir")
+    if fd is not None:
+        _FOLDER_LOCK = (fd, None if existed else out_dir)
 
 
 def release_out_dir() -> None:
     global _FOLDER_LOCK
     if _FOLDER_LOCK is not None:
-        os.close(_FOLDER_LOCK)
+        fd, created = _FOLDER_LOCK
         _FOLDER_LOCK = None
+        ckpt_io.unlock_folder(fd)
+        if created is not None:
+            with contextlib.suppress(OSError):  # (not empty: the run wrote there)
+                os.rmdir(created)
+
+
+def _close_lock_in_child() -> None:
+    # A forked process (a DataLoader worker) shares the lock's open file description: its copy of the descriptor
+    # is closed (not unlocked, which would unlock the parent's), so that the lock ends with the main process.
+    if _FOLDER_LOCK is not None:
+        with contextlib.suppress(OSError):
+            os.close(_FOLDER_LOCK[0])
+
+
+if hasattr(os, "register_at_fork"):
+    os.register_at_fork(after_in_child=_close_lock_in_child)
 
 
 def remove_earlier_run(out_dir: str) -> list[str]:
@@ -1490,12 +1519,16 @@ def _out_of_memory_text(args, e: BaseException) -> str:
 
 def main(argv=None) -> None:
     quiet = machine_follower()
-    with contextlib.redirect_stderr(io.StringIO()) if quiet else contextlib.nullcontext():
-        args = parse_args(argv)
-        # The folder's contents, not the flags: checked here rather than in parse_args (whose callers need no
-        # folder), still before any work and as a flag error (status 2).
-        check_out_dir(args, build_parser().error)
-    device, info = _setup(args)
+    try:
+        with contextlib.redirect_stderr(io.StringIO()) if quiet else contextlib.nullcontext():
+            args = parse_args(argv)
+            # The folder's contents, not the flags: checked here rather than in parse_args (whose callers need no
+            # folder), still before any work and as a flag error (status 2).
+            check_out_dir(args, build_parser().error)
+        device, info = _setup(args)
+    except BaseException:  # (a refusal after --out-dir was locked)
+        release_out_dir()
+        raise
     try:
         if args.predict:
             cmd_predict(args, device, info)

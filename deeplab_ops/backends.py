@@ -289,6 +289,8 @@ def resolve_remembered(backend: str | None, op: str, device: torch.device, synch
     env = None
     if backend is None:  # (the variable's raw value as the key)
         env = _ENV_DATA.get(_ENV_KEY) if _ENV_DATA is not None else os.environ.get(ENV_VAR)
+    elif type(backend) is not str:  # (no key: resolve refuses it by name)
+        return resolve(backend, op, device, synchronized=synchronized, **call)
     key = (op, backend, env, device, synchronized)
     name = _RESOLVED.get(key)
     if name is not None:

@@ -97,7 +97,8 @@ def atomic_write(path: str, write) -> None:
         if os.path.exists(tmp):
             os.unlink(tmp)
         cause = error.__context__
-        if isinstance(error, RuntimeError) and isinstance(cause, (OSError, KeyboardInterrupt)):
+        if (isinstance(error, RuntimeError) and isinstance(cause, (OSError, KeyboardInterrupt))
+                and "inline_container" in str(error)):
             # torch.save's zip writer, closing after a failed write, raises a RuntimeError of its own ("unexpected
             # pos ...") that hides the write's error: a full disk, Ctrl-C. That error is what the caller handles.
             raise cause from None
@@ -137,6 +138,17 @@ def lock_folder(folder: str) -> int | None:
         os.close(fd)
         return None
     return fd
+
+
+def unlock_folder(fd: int) -> None:
+    """Release lock_folder's lock: unlocked first, so that a forked process still holding a copy of the descriptor
+    does not keep it."""
+    import fcntl
+
+    try:
+        fcntl.flock(fd, fcntl.LOCK_UN)
+    finally:
+        os.close(fd)
 
 
 # What fit() reads from a checkpoint to resume (train.py's checkpoints hold more: args, class names).
@@ -197,11 +209,15 @@ def check_rng_states(ckpt: dict) -> None:
     """Raise a ValueError naming the entry unless the checkpoint's random states ('rng', and 'rng_ranks' where
     saved) restore: tried here and undone, since fit() restores them only after --overwrite removed a run."""
     saved = capture_rng_state()
+    # (CUDA's states only where CUDA is initialized: before, set_rng_state_all is deferred to its start, neither
+    # checked here nor undone)
+    cuda = torch.cuda.is_available() and torch.cuda.is_initialized()
     try:
         for where, state in [("rng", ckpt["rng"]), *((f"rng_ranks[{i}]", r) for i, r in
                                                       enumerate(ckpt.get("rng_ranks") or ()))]:
             try:
-                restore_rng_state(state)
+                restore_rng_state(state if cuda or not isinstance(state, dict) else
+                                  {k: v for k, v in state.items() if k != "cuda"})
             except Exception as e:  # noqa: BLE001 (whatever a malformed state raises: named in one line)
                 raise ValueError(f"its {where!r} entry is not a random-number state that restores ({type(e).__name__}: "
                                  f"{str(e).splitlines()[0] if str(e) else ''})") from None

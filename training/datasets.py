@@ -36,7 +36,8 @@ def unread_image_files(folder: str, names: list[str]) -> str | None:
     folder readers skip (.gif, .ppm, .jp2, ...): a user who put them there expects them read. None when there are
     none (other files, say a README, are no images to miss)."""
     Image.init()
-    known = Image.registered_extensions()
+    known = {ext: kind for ext, kind in Image.registered_extensions().items()
+             if kind in Image.OPEN and kind not in _NOT_IMAGES}
     unread = [n for n in names if not n.startswith(".") and os.path.splitext(n)[1].lower() in known
               and not is_image_name(n) and os.path.isfile(os.path.join(folder, n))]
     if not unread:
@@ -44,9 +45,16 @@ def unread_image_files(folder: str, names: list[str]) -> str | None:
     kinds = sorted({os.path.splitext(n)[1].lower() for n in unread})
     many = len(unread) > 1
     it = "them" if many else "it"
+    renamed = [k for k in kinds if known[k] in ("JPEG", "PNG")]  # .jfif, .jpe, .apng: a format read, another name
     return (f"{len(unread)} file{'s' if many else ''} in {folder} (e.g. {unread[0]!r}) {'are' if many else 'is'} in "
             f"a format not read here ({', '.join(kinds)}; read: {', '.join(IMAGE_EXTENSIONS)}) and skipped: convert "
-            f"{it} to PNG or JPEG to use {it}")
+            f"{it} to PNG or JPEG to use {it}"
+            + (f" (a {'/'.join(renamed)} file is a JPEG or PNG already: rename it)" if renamed else ""))
+
+
+# PIL formats that open no picture a user puts beside photos: stubs needing a handler (BUFR, GRIB, HDF5), Windows
+# metafiles, MPEG (identified only), EPS (needs Ghostscript).
+_NOT_IMAGES = frozenset({"BUFR", "GRIB", "HDF5", "WMF", "MPEG", "EPS"})
 
 
 # ---- file reading with errors that name the file ---------------------------------------------------------------
@@ -92,28 +100,33 @@ def read_image(path: str, exif_orientation: bool = False) -> np.ndarray:
         raise UnreadableDataFile(f"cannot read image {path}: {type(e).__name__}: {e}") from e
 
 
+_WARNED_DARK: list[str] = []  # the first image read nearly black (_rgb_from_wide): warned about once per process
 WIDE_MODES = ("I;16", "I;16B", "I;16L", "I;16N", "I", "F")  # single-channel images with more than 8 bits
 
 
 def _rgb_from_wide(im: Image.Image, path: str) -> np.ndarray:
     """A 16-bit grayscale image (PIL mode I;16*, or I holding 0..65535) as 8-bit RGB, scaled by 255/65535; a
     32-bit integer or float image has no range to scale from and is refused, naming the file and its mode; so is
-    one whose largest value is 1 to 4095: 8-bit data (max <= 255) or a 10- or 12-bit sensor's (max <= 4095) in a
-    16-bit file, which scaled from 16 bits would be black or nearly (at most 16 of 255)."""
+    one whose largest value is 1 to 255 (8-bit data in a 16-bit file: scaled, it would be black). One whose largest
+    value is 256 to 4095 reads nearly black (at most 16 of 255): a 10- or 12-bit sensor's data, or a dark 16-bit
+    image; a warning (once per process) says so and how to scale the first."""
     values = np.asarray(im, dtype=np.float64)
     if im.mode == "F" or (im.mode == "I" and values.size and (values.min() < 0 or values.max() > 65535)):
         raise BadDataFile(f"image {path} is a {'float' if im.mode == 'F' else '32-bit integer'} image (PIL mode "
                           f"{im.mode}); expected 8-bit or 16-bit RGB or grayscale: convert it to 8-bit first")
     top = values.max() if values.size else 0
-    if 0 < top <= 4095:  # scaled by 255/65535 the brightest pixel would be at most 16 of 255
-        kind = '16-bit' if im.mode.startswith('I;16') else 'wide'
-        data, fix = (("8-bit data stored with more bits?", "save it as an 8-bit image") if top <= 255 else
-                     ("10- or 12-bit data (a sensor's) stored in 16 bits?",
-                      "scale it to 8 bits by its own range (e.g. values * 255 / 4095 for 12-bit data) and save that"))
+    kind = '16-bit' if im.mode.startswith('I;16') else 'wide'
+    if 0 < top <= 255:  # scaled by 255/65535 every pixel would be 0 or 1: black
         raise BadDataFile(f"image {path} is a {kind} grayscale image (PIL mode {im.mode}) whose values all lie in "
-                          f"[0, {255 if top <= 255 else 4095}] (max {top:.0f}): {data} Scaled from 16 bits to 8 it "
-                          f"would be {'black' if top <= 128 else 'nearly black'} (brightest "
-                          f"{round(top * 255 / 65535)} of 255): {fix}")
+                          f"[0, 255] (max {top:.0f}): 8-bit data stored with more bits? Scaled from 16 bits to 8 it "
+                          "would be black: save it as an 8-bit image")
+    if top <= 4095 and top and not _WARNED_DARK:
+        _WARNED_DARK.append(path)
+        warnings.warn(f"image {path} is a {kind} grayscale image (PIL mode {im.mode}) whose values all lie in "
+                      f"[0, 4095] (max {top:.0f}): scaled from 16 bits to 8 it reads nearly black (brightest "
+                      f"{round(top * 255 / 65535)} of 255). If it holds 10- or 12-bit data (a sensor's), scale it "
+                      "to 8 bits by its own range (e.g. values * 255 / 4095 for 12-bit data) and save that (said "
+                      "once)", stacklevel=3)
     gray = np.rint(values * (255.0 / 65535.0)).astype(np.uint8)
     return np.repeat(gray[..., None], 3, axis=2)
 

@@ -337,3 +337,12 @@ def test_ignore_index_outside_int64_is_refused_naming_the_range(backend, ignore_
         torch.testing.assert_close(
             deeplab_ops.upsample_cross_entropy(logits, target, ignore_index=bound, backend=backend),
             deeplab_ops.upsample_cross_entropy(logits, target, ignore_index=-100, backend="reference"))
+
+
+def test_a_backend_that_is_no_name_is_refused_by_name_for_every_op():
+    """The remembered backend choice keyed the call on `backend`: a list raised a bare "unhashable type" TypeError
+    where the other ops, and before it every op, said the value is not a backend."""
+    logits, target = torch.randn(1, 3, 2, 2), torch.zeros(1, 4, 4, dtype=torch.int64)
+    with pytest.raises(ValueError, match=r"backend=\['cpu'\] is not a backend; expected one of"):
+        deeplab_ops.upsample_cross_entropy(logits, target, backend=["cpu"])
+

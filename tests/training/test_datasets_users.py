@@ -75,19 +75,23 @@ def test_a_16_bit_image_holding_8_bit_values_is_refused_not_read_black(tmp_path)
     assert datasets.read_image(str(tmp_path / "black.png")).max() == 0
 
 
-def test_a_16_bit_image_holding_12_bit_values_is_refused_not_read_nearly_black(tmp_path):
+def test_a_16_bit_image_holding_12_bit_values_reads_with_a_warning_not_silently_nearly_black(tmp_path, monkeypatch):
     """A 12-bit sensor's image saved as a 16-bit PNG (0..4095): scaled by 255/65535 its brightest pixel became 16 of
-    255, a near-black image trained on silently. Refused, naming the file and how to scale it; one value above 4095
-    makes it a 16-bit image."""
+    255, a near-black image trained on silently. It still reads (a dark 16-bit image is valid data, and a refusal
+    would stop a run on its first dark frame), with one warning per process naming it and how to scale 12-bit
+    data; one value above 4095 makes it a 16-bit image like any."""
+    monkeypatch.setattr(datasets, "_WARNED_DARK", [])
     values = (np.arange(48, dtype=np.uint16).reshape(6, 8) * 87)  # 0..4089
     Image.fromarray(values).save(tmp_path / "twelve.png")
-    with pytest.raises(datasets.BadDataFile, match=r"twelve\.png is a 16-bit grayscale image .*all lie in "
-                                                     r"\[0, 4095\] \(max 4089\): 10- or 12-bit data.*nearly black "
-                                                     r"\(brightest 16 of 255\).*255 / 4095"):
-        datasets.read_image(str(tmp_path / "twelve.png"))
-    values[0, 0] = 4096
-    Image.fromarray(values).save(tmp_path / "sixteen.png")
-    assert datasets.read_image(str(tmp_path / "sixteen.png")).max() == 16
+    with pytest.warns(UserWarning, match=r"twelve\.png is a 16-bit grayscale image .*all lie in \[0, 4095\] \(max "
+                                         r"4089\): .*nearly black \(brightest 16 of 255\).*255 / 4095"):
+        assert datasets.read_image(str(tmp_path / "twelve.png")).max() == 16
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        datasets.read_image(str(tmp_path / "twelve.png"))  # said once
+        values[0, 0] = 4096
+        Image.fromarray(values).save(tmp_path / "sixteen.png")
+        assert datasets.read_image(str(tmp_path / "sixteen.png")).max() == 16
 
 
 # ---- masks ------------------------------------------------------------------------------------------------------

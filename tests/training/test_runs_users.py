@@ -563,7 +563,38 @@ def test_a_second_run_into_a_folder_a_run_is_training_into_is_refused(tmp_path, 
     assert ckpt_io.load_checkpoint(str(out / "last.pt"))["iteration"] == 2
     again = ckpt_io.lock_folder(str(out))
     assert again is not None
-    os.close(again)
+    ckpt_io.unlock_folder(again)
+    # A run refused after taking the lock (the folder holds a run; a --resume that names no file) lets go of it,
+    # and removes the folder the lock created for it
+    _usage_error(TINY + ["--iterations", "2", "--out-dir", str(out)], capsys)
+    ckpt_io.unlock_folder(ckpt_io.lock_folder(str(out)))
+    with pytest.raises(SystemExit):
+        train_script.main(TINY + ["--iterations", "2", "--out-dir", str(tmp_path / "new"), "--resume",
+                                  str(tmp_path / "nothing.pt")])
+    assert not (tmp_path / "new").exists()
+
+
+def test_the_out_dir_lock_ends_with_the_main_process_not_with_its_forked_workers(tmp_path):
+    """flock belongs to the open file description, which fork shares: a DataLoader worker (forked) kept the folder
+    locked after the main process let go of it or died. Forked children close their copy; release unlocks first."""
+    out = tmp_path / "run"
+    train_script.lock_out_dir(str(out), pytest.fail)
+    read, write = os.pipe()
+    pid = os.fork()
+    if pid == 0:  # the child: waits (holding whatever it inherited) until the parent is done
+        os.close(write)
+        os.read(read, 1)
+        os._exit(0)
+    try:
+        os.close(read)
+        train_script.release_out_dir()
+        fd = ckpt_io.lock_folder(str(out))  # free, while the child lives
+        assert fd is not None
+        ckpt_io.unlock_folder(fd)
+    finally:
+        os.write(write, b"x")
+        os.close(write)
+        os.waitpid(pid, 0)
 
 
 def test_resume_overwrite_refusals_that_a_bad_random_state_or_a_link_slipped_past(tmp_path, finished_run, capsys):

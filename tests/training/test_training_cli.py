@@ -600,6 +600,8 @@ def test_images_in_formats_not_read_are_named_not_skipped_silently(tmp_path, mon
     Image.fromarray(np.zeros((10, 12, 3), np.uint8)).save(root / "images" / "extra.gif")
     Image.fromarray(np.zeros((10, 12, 3), np.uint8)).save(root / "images" / "more.ppm")
     (root / "images" / "README.txt").write_text("photos of things\n")
+    (root / "images" / "notes.pdf").write_bytes(b"%PDF-1.4")  # formats PIL lists but opens no picture of: not named
+    (root / "images" / "depth.h5").write_bytes(b"\x89HDF")
     with pytest.warns(UserWarning, match=r"folder dataset .*mydata: 2 files in .*images \(e\.g\. 'extra\.gif'\) are "
                                          r"in a format not read here \(\.gif, \.ppm; read: \.jpg.*\) and skipped: "
                                          "convert them to PNG or JPEG to use them"):
@@ -628,8 +630,9 @@ def test_backbone_weights_from_a_whole_deeplabv3_state_dict_take_its_backbone(tm
     torch.save(tv.state_dict(), tmp_path / "tv.pth")
     net = train_script.build_model("resnet50", 5, 16, False, False)
     train_script.load_backbone_weights(net, str(tmp_path / "tv.pth"))
-    assert re.search(r"note: --backbone-weights .*tv\.pth is a whole DeepLabV3's state_dict: its backbone initialises "
-                     r"this run's \(not loaded: aux_classifier, classifier\)", capsys.readouterr().err)
+    assert re.search(r"note: --backbone-weights .*tv\.pth holds a whole network's state_dict \(keys under "
+                     r"backbone\.\): its backbone initialised this run's \(not loaded: aux_classifier, classifier\)",
+                     capsys.readouterr().err)
     theirs = tv.backbone.state_dict()
     for k, v in net.backbone.state_dict().items():
         assert torch.equal(v, theirs[k]), k
@@ -637,7 +640,28 @@ def test_backbone_weights_from_a_whole_deeplabv3_state_dict_take_its_backbone(tm
     other = train_script.build_model("resnet50", 3, 8, True, True)
     torch.save({"model": net.state_dict(), "iteration": 7}, tmp_path / "last.pt")
     train_script.load_backbone_weights(other, str(tmp_path / "last.pt"))
-    assert "this run's (not loaded: classifier)" in capsys.readouterr().err
+    assert "initialised this run's (not loaded: classifier)" in capsys.readouterr().err
     ours = net.backbone.state_dict()
     for k, v in other.backbone.state_dict().items():
         assert torch.equal(v, ours[k]), k
+    # A whole network of another depth: no note of a load that did not happen, and the hint names the flags its
+    # backbone fits
+    from model import deeplabv3_resnet
+
+    torch.save(deeplabv3_resnet(29, num_classes=3, width=8).state_dict(), tmp_path / "r29.pth")
+    common = ["--crop-size", "32", "--synthetic-train-size", "4", "--synthetic-val-size", "2", "--batch-size", "2",
+              "--iterations", "1", "--no-tensorboard", "--device", "cpu", "--out-dir", str(tmp_path / "run")]
+    with pytest.raises(SystemExit) as e:
+        train_script.main(common + ["--backbone", "resnet50", "--backbone-width", "8", "--backbone-weights",
+                                    str(tmp_path / "r29.pth")])
+    assert str(e.value).startswith(f"--backbone-weights {tmp_path / 'r29.pth'} does not fit --backbone resnet50 "
+                                   "--backbone-width 8; the file holds a --backbone resnet29 --backbone-width 8")
+    assert "note: --backbone-weights" not in capsys.readouterr().err
+
+
+def test_a_jpeg_under_another_extension_is_named_with_a_rename(tmp_path):
+    from training import datasets
+
+    Image.fromarray(np.zeros((4, 4, 3), np.uint8)).save(tmp_path / "a.jfif", format="JPEG")
+    said = datasets.unread_image_files(str(tmp_path), ["a.jfif"])
+    assert said is not None and said.endswith("(a .jfif file is a JPEG or PNG already: rename it)"), said
