@@ -204,8 +204,43 @@ def check_running_writable(named, read=()) -> None:
     read them after its own update of the running statistics, the fused kernels before). `named`, `read`:
     (name, value) pairs, a value one tensor or a list of them (named name[i]); the read tensors may share memory
     with each other. Strides and addresses only (no aten op, one Python frame per call); an exact element test
-    only where two tensors' address ranges interleave."""
+    only where two tensors' address ranges interleave. A list that carries its tensors' joined view as `whole`
+    (ops.aspp.Packed: back to back in one storage) is taken as that view first."""
     compiling = torch.compiler.is_compiling()  # (fake tensors: strides, no addresses)
+    if not compiling:
+        # The usual call, decided cheaply: every value a non-empty 1-D unit-stride vector (a packed list: its joined
+        # view) and no range overlapping a written one. Anything else, or an overlap, goes to the general test below,
+        # which raises with the names.
+        spans, plain = [], True
+        for written, pairs in ((True, named), (False, read)):
+            for _, value in pairs:
+                if value is None:
+                    continue
+                t = value if isinstance(value, Tensor) else getattr(value, "whole", None)
+                if t is None or t.stride() != (1,) or not t.numel() or t.is_meta:
+                    plain = False
+                    break
+                try:
+                    start = t.data_ptr()
+                except RuntimeError:  # (no storage: a fake tensor, torch.func's wrappers)
+                    plain = False
+                    break
+                spans.append((start, start + t.nbytes, written))
+            if not plain:
+                break
+        if plain:
+            for i, (start, end, written) in enumerate(spans):
+                if written:
+                    for j, (other_start, other_end, _) in enumerate(spans):
+                        if j != i and start < other_end and other_start < end:
+                            plain = False
+            if plain:
+                return
+    _check_spans(named, read, compiling)
+
+
+def _check_spans(named, read, compiling: bool) -> None:
+    """check_running_writable's general test: any layout, names in the errors."""
     spans = []
     for written, pairs in ((True, named), (False, read)):  # (plain loops: no frame per call on the per-call path)
         for group, value in pairs:
@@ -259,38 +294,6 @@ def check_running_writable(named, read=()) -> None:
                         f"{first} and {other} share memory, but training BatchNorm {why}; pass tensors with their "
                         f"own memory, e.g. {clone}.clone()")
         reach = max(reach, end)
-
-
-def running_writable_fast(written, read) -> bool:
-    """True where check_running_writable would pass for these tensors, decided cheaply: every tensor given (None
-    skipped) 1-D with stride 1 and non-empty, not traced, and no written range overlapping another range. False: run
-    check_running_writable (which raises with its message, or passes for the unusual layouts)."""
-    if torch.compiler.is_compiling():
-        return False
-    spans = []
-    try:
-        for t in written:
-            if t.stride() != (1,) or not t.numel():
-                return False
-            a = t.data_ptr()
-            spans.append((a, a + t.nbytes))
-        for t in read:
-            if t is None:
-                continue
-            if t.stride() != (1,) or not t.numel():
-                return False
-            a = t.data_ptr()
-            spans.append((a, a + t.nbytes))
-    except RuntimeError:  # no storage (fake / functorch-wrapped)
-        return False
-    for i in range(len(written)):
-        a0, a1 = spans[i]
-        for j in range(len(spans)):
-            if j != i:
-                b0, b1 = spans[j]
-                if a0 < b1 and b0 < a1:
-                    return False
-    return True
 
 
 def _label(group: str, index: int | None) -> str:

@@ -30,7 +30,6 @@ from deeplab_ops.common import (
     pair,
     refuse_layout,
     refuse_running_grad,
-    running_writable_fast,
 )
 from deeplab_ops.ops.dispatch import (
     BELOW_AUTOGRAD,
@@ -222,8 +221,7 @@ def check_args(
     if (running_mean is not None and (running_mean.requires_grad or running_var.requires_grad)
             and torch.is_grad_enabled()):
         refuse_running_grad("running_mean" if running_mean.requires_grad else "running_var")
-    if training and running_mean is not None and not running_writable_fast((running_mean, running_var),
-                                                                            (bn_weight, bn_bias)):
+    if training and running_mean is not None:
         check_running_writable((("running_mean", running_mean), ("running_var", running_var)),
                                (("bn_weight", bn_weight), ("bn_bias", bn_bias)))
     if training and n * ho * wo == 1 and not synchronized:  # (F.batch_norm's rule: an empty batch passes)
