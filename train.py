@@ -550,7 +550,8 @@ def cmd_predict(args, device, info: distributed.DistInfo) -> None:
     out = args.out or "predictions"
     if not os.path.isdir(args.predict):
         raise SystemExit(f"--predict: not a folder: {args.predict}")
-    named = sorted(f for f in os.listdir(args.predict) if datasets.is_image_name(f))
+    entries = sorted(os.listdir(args.predict))
+    named = [f for f in entries if datasets.is_image_name(f)]
     broken = [f for f in named if os.path.islink(os.path.join(args.predict, f))
               and not os.path.exists(os.path.join(args.predict, f))]
     if broken:  # (as the folder dataset names one: skipped, it would be missing from the output without a word)
@@ -559,7 +560,7 @@ def cmd_predict(args, device, info: distributed.DistInfo) -> None:
                    + (f", and {len(broken) - 1} more" if len(broken) > 1 else "") + "; no mask was written")
         raise SystemExit(message if info.is_main else 1)  # (every process sees the folder: one says it)
     files = [f for f in named if os.path.isfile(os.path.join(args.predict, f))]
-    unread = datasets.unread_image_files(args.predict, sorted(os.listdir(args.predict)))
+    unread = datasets.unread_image_files(args.predict, entries)
     if unread and info.is_main:
         warn(f"--predict: {unread}")
     if not files:

@@ -869,7 +869,8 @@ class FolderSegmentation:
         self.classes = tuple(read_class_list(classes_file or os.path.join(root, "classes.txt")))
         by_stem: dict[str, str] = {}
         by_nfc: dict[str, str] = {}  # NFC name -> name: x.png and x.jpg, or two spellings of one name, are refused
-        for f in sorted(os.listdir(images_dir)):
+        entries = sorted(os.listdir(images_dir))
+        for f in entries:
             path = os.path.join(images_dir, f)
             if is_image_name(f) and not os.path.isdir(path):  # a folder `x.png` is no image
                 stem = os.path.splitext(f)[0]
@@ -879,14 +880,13 @@ class FolderSegmentation:
                                      "(the file name without its extension) must be unique, since it pairs the image "
                                      f"with {masks_dir}/{stem}.png: rename or remove one of them")
                 by_stem[stem], by_nfc[_nfc(stem)] = path, stem
-        unread = unread_image_files(images_dir, sorted(os.listdir(images_dir)))
+        unread = unread_image_files(images_dir, entries)
         if unread and by_stem and images_dir not in _WARNED_UNREAD:  # (no images at all: the error says it)
             _WARNED_UNREAD.add(images_dir)
             warnings.warn(f"folder dataset {root}: {unread}", stacklevel=2)
         if not by_stem:
-            others = sorted(os.listdir(images_dir))
-            what = (f"holds no images: its {len(others)} entries (e.g. {others[0]!r}) are not image files"
-                    if others else "is empty")
+            what = (f"holds no images: its {len(entries)} entries (e.g. {entries[0]!r}) are not image files"
+                    if entries else "is empty")
             raise FileNotFoundError(
                 f"folder dataset {root}: the images folder {images_dir} {what}; put the images there "
                 f"({'/'.join(e[1:] for e in IMAGE_EXTENSIONS)}), each with its mask {masks_dir}/<name>.png"
