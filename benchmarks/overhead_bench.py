@@ -24,7 +24,8 @@ after warm-up, same parameters every call (grads set to None between calls, outs
   elementwise, views (free, counted apart), other; they sum to aten_ops;
 - launches: Triton (deeplab_ops.triton.count_launches()), C++ stage kernels (deeplab_ops::bn_* events),
   convolutions (outermost convolution events), and on CUDA every GPU kernel the profiler saw;
-- host syncs: aten::item / aten::_local_scalar_dense, aten::nonzero, and device-to-host copies (CUDA only);
+- host syncs: aten::item / aten::_local_scalar_dense, aten::nonzero, device-to-host copies and copies from pageable
+  host memory to the device (CUDA only);
 - triton_specializations: Triton kernel variants the case compiled (JITFunction.device_caches entries added by
   the case, warm-up included; triton_recompiles: those added after warm-up, 0 in a steady state). The Triton
   interpreter compiles nothing: empty there.
@@ -361,6 +362,10 @@ def census(events, calls: int, cuda: bool = False) -> dict:
         elif e.name == "aten::copy_" and not any(p in _SYNC_OPS for p in parents):
             if any("DtoH" in k.name or "Device -> Pageable" in k.name for k in e.kernels):
                 syncs["DtoH copy_"] += 1
+            elif any("Pageable -> Device" in k.name for k in e.kernels):
+                # from pageable host memory: CUDA stages it, waiting for the stream (a blocking copy_ also waits
+                # for the copy); from pinned memory with non_blocking=True it is asynchronous, and not counted
+                syncs["pageable HtoD copy_"] += 1
     # device-to-host copies show as device events named "Memcpy DtoH"; when the profiler did not tie them to
     # their copy_, count them directly
     if not syncs.get("DtoH copy_"):
@@ -830,8 +835,9 @@ def markdown(rows: list[dict], env: dict, command: str, meta: list[str], step_ro
         "eager's. aten ops: every aten op outside the backend's own kernels (bn_* stages, convolutions, Triton "
         "launches), nested ones included = alloc + copy + cat + red(uctions) + elem(entwise) + other + views; copy B: "
         "bytes their copy_ calls write. bn_*: C++ stage kernel calls; conv: convolution calls; triton: Triton "
-        "launches; syncs: item/_local_scalar_dense, nonzero, device-to-host copies; specs: Triton specializations "
-        "compiled (none under the interpreter). A no-op .to() or .contiguous() still counts as a call (0 bytes).",
+        "launches; syncs: item/_local_scalar_dense, nonzero, device-to-host copies, pageable host-to-device copies; "
+        "specs: Triton specializations compiled (none under the interpreter). A no-op .to() or .contiguous() still "
+        "counts as a call (0 bytes).",
         "",
     ]
     lines += step_markdown(step_rows or [])

@@ -292,6 +292,11 @@ def _count_inference(counter: Tensor) -> None:
         raise  # the error being handled by the caller
 
 
+def _capturing(t: Tensor) -> bool:
+    """Whether a CUDA graph is being captured on `t`'s device's current stream."""
+    return t.is_cuda and torch.cuda.is_current_stream_capturing()
+
+
 def _count_batch(counter: Tensor) -> None:
     """num_batches_tracked += 1, as nn.BatchNorm2d.forward does, keeping its value known on the host."""
     known = _known_batches(counter) if _BATCHES else None
@@ -300,7 +305,12 @@ def _count_batch(counter: Tensor) -> None:
     except RuntimeError:
         _count_inference(counter)
     if known is not None:
-        _remember_batches(counter, known + 1)
+        if _capturing(counter):
+            # The add is recorded, not run; each replay will run it without a Python call (nor a version bump):
+            # the host value would go stale. Forgotten: the next eager call reads the device.
+            _BATCHES.pop(id(counter), None)
+        else:
+            _remember_batches(counter, known + 1)
 
 
 # What torch.utils.checkpoint(use_reentrant=False) raises to stop a recomputation once the region's last saved tensor

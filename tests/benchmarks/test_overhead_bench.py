@@ -169,6 +169,26 @@ def test_census_of_a_known_call():
     assert "convolution" not in row["census_detail"]
 
 
+def test_census_counts_the_copies_that_wait_for_the_device():
+    """On CUDA the profiler ties each copy_ to its memcpy: device to host, and host to device from pageable memory
+    (CUDA stages it after the stream's work), are syncs; a pinned non-blocking upload and a device copy are not.
+    Stand-in events (the CPU has no memcpy)."""
+    from types import SimpleNamespace
+
+    cpu, gpu = torch.autograd.DeviceType.CPU, torch.autograd.DeviceType.CUDA
+
+    def copy(memcpy: str):
+        return SimpleNamespace(name="aten::copy_", device_type=cpu, cpu_parent=None, input_shapes=[[4]],
+                               input_dtypes=["float"], kernels=[SimpleNamespace(name=memcpy)])
+
+    events = [copy("Memcpy DtoH (Device -> Pageable)"), copy("Memcpy HtoD (Pageable -> Device)"),
+              copy("Memcpy HtoD (Pinned -> Device)"), copy("Memcpy DtoD (Device -> Device)"),
+              SimpleNamespace(name="Memcpy HtoD (Pinned -> Device)", device_type=gpu, cpu_parent=None, kernels=[])]
+    row = overhead_bench.census(events, 1, cuda=True)
+    assert row["syncs"] == 2, row
+    assert row["sync_ops"] == "DtoH copy_×1, pageable HtoD copy_×1"
+
+
 def test_missing_count_launches_is_a_clear_error(monkeypatch):
     import deeplab_ops.triton
 

@@ -126,3 +126,27 @@ def test_cpu_counters_are_read_every_call_even_written_through_data():
     _step(fused, plain, x * 2)
     assert_close(fused[1].running_mean, plain[1].running_mean, "running_mean", 1e-6, 1e-6)
     assert_close(fused[1].running_var, plain[1].running_var, "running_var", 1e-6, 1e-6)
+
+
+def test_a_count_recorded_in_a_graph_capture_is_forgotten_on_the_host(remember_cpu, monkeypatch):
+    """A module whose counter the host knows (momentum=None before), later captured in a CUDA graph with a momentum:
+    the capture records the counter's add without running it, and replays run it with no Python call and no version
+    bump, so the host value would go stale; it is forgotten, and the next eager momentum=None call reads the device
+    (the capture stood in for by `modules._capturing`; tests/nn/test_cuda_graphs.py runs real graphs on a GPU)."""
+    fused, plain = _conv_pair()
+    x = torch.randn(2, 3, 6, 7)
+    _step(fused, plain, x)
+    assert modules._known_batches(fused[1].num_batches_tracked) == 1
+    fused[1].momentum = plain[1].momentum = 0.1
+    monkeypatch.setattr(modules, "_capturing", lambda t: True)
+    _step(fused, plain, x)
+    monkeypatch.setattr(modules, "_capturing", lambda t: False)
+    assert modules._known_batches(fused[1].num_batches_tracked) is None
+    with torch.no_grad():
+        fused[1].num_batches_tracked.data.add_(5)  # as replays would: no version bump on the tensor itself
+        plain[1].num_batches_tracked.add_(5)
+    fused[1].momentum = plain[1].momentum = None
+    out_f, out_p = _step(fused, plain, x * 3)
+    assert_close(out_f, out_p, "output", 1e-5, 1e-5)
+    assert_close(fused[1].running_mean, plain[1].running_mean, "running_mean", 1e-6, 1e-6)
+    assert int(fused[1].num_batches_tracked) == int(plain[1].num_batches_tracked) == 8
