@@ -35,9 +35,9 @@ them. Times on a shared CPU swing: compare rows of one run only.
 
 First use (opt-in, `--r50-step`; docs/benchmarks.md): one DeepLabV3-R50 training step on the triton backend (fused,
 and memory-lean): the Triton specializations its first step compiles (goal <= 40; on a GPU the JIT cache entries
-it adds, under the interpreter predicted from `count_launches().signatures`), its launches, and the first and a
-second step's time. `--dry-launches` (with --r50-step, under TRITON_INTERPRET=1 on --device cpu; otherwise a usage
-error) skips the kernels' work so the full-width network counts in seconds:
+it adds, under the interpreter predicted for sm_90 from `count_launches().signatures`, tuning included), its
+launches, and the first and a second step's time. `--dry-launches` (with --r50-step, under TRITON_INTERPRET=1 on
+--device cpu; otherwise a usage error) skips the kernels' work so the full-width network counts in seconds:
 
     TRITON_INTERPRET=1 python benchmarks/overhead_bench.py --device cpu --r50-step --dry-launches
     python benchmarks/overhead_bench.py --r50-step                     # a GPU: real compiles, first-step time
@@ -579,6 +579,52 @@ def dry_launches() -> Iterator[None]:
         GridExecutor.__call__ = original
 
 
+@contextlib.contextmanager
+def gpu_tuning_compiles(hopper: bool = True) -> Iterator[None]:
+    """Inside the block (the Triton interpreter), each tuned launch also makes dry launches, counted by
+    count_launches(), of what a GPU compiles for it: every pruned candidate configuration (sm_90's list, or sm_80's
+    with hopper=False) the first time its tuning key is met (the autotuner compiles and times them all), and the
+    first candidate later (a stand-in for the key's winner: one compile per new argument class either way). The
+    interpreter's own configuration is launched uncounted. Without this, the signatures the interpreter's launches
+    leave predict a GPU that never tunes: one fixed configuration everywhere. With tuning off
+    (DEEPLAB_OPS_AUTOTUNE=off, or deterministic algorithms), the first candidate only, as such a GPU runs."""
+    import deeplab_ops.triton.aspp as triton_aspp
+    import deeplab_ops.triton.conv_engine as conv_engine
+    from deeplab_ops.triton import counting, launch
+
+    real = launch.run_tuned
+    seen = set()
+    gpu = torch.device("cuda", 0)
+
+    def run_tuned(spec, device, dtype, sizes, meta, run, config=None):
+        key = launch.tuning_key(spec, gpu, dtype, sizes, meta)
+        configs = spec.prune(spec.configs(hopper), sizes)
+        tuning = key not in seen and config is None and launch.autotune_mode() != "off" and \
+            not torch.are_deterministic_algorithms_enabled()
+        with counting.paused(), count_launches() as compiled, dry_launches():
+            for candidate in configs if tuning else configs[:1]:
+                run(launch.config_dict(candidate))
+        seen.add(key)
+        # the launch itself counts (total, by kernel) with what a GPU compiles for it, not its own signature
+        outer = counting.active_counts()
+        before = [set(c.signatures) for c in outer]
+        try:
+            return real(spec, device, dtype, sizes, meta, run, config)
+        finally:
+            for c, signatures in zip(outer, before, strict=True):
+                c.signatures.clear()
+                c.signatures.update(signatures | compiled.signatures)
+
+    modules = [m for m in (launch, conv_engine, triton_aspp) if getattr(m, "run_tuned", None) is real]
+    for m in modules:
+        m.run_tuned = run_tuned
+    try:
+        yield
+    finally:
+        for m in modules:
+            m.run_tuned = real
+
+
 def run_step(provider: str, device: torch.device, dtype_name: str, cfg: StepConfig, quick: bool, env: dict,
              dry: bool = False) -> dict:
     """A row for the first training step(s) of the fused network on triton: launches, distinct kernels and the
@@ -594,6 +640,12 @@ def run_step(provider: str, device: torch.device, dtype_name: str, cfg: StepConf
             raise ValueError("dry launches (--dry-launches) need the Triton interpreter on CPU tensors "
                              "(TRITON_INTERPRET=1, --device cpu): a GPU compiles and runs every launch")
         fn = build_step(provider, device, common.DTYPES[dtype_name], cfg)
+        if not cuda:  # the interpreter: predict what a GPU's tuning compiles (gpu_tuning_compiles)
+            untuned = fn
+
+            def fn():
+                with gpu_tuning_compiles():
+                    return untuned()
         if dry:
             inner = fn
 
@@ -622,9 +674,15 @@ def run_step(provider: str, device: torch.device, dtype_name: str, cfg: StepConf
         if before is not None and after is not None:
             row.update(triton_specializations=after - before, specializations_from="JIT cache entries")
         elif first_sigs is not None:
-            row.update(triton_specializations=len(first_sigs), specializations_from="launch signatures (predicted)")
-            notes.append("interpreter: specializations predicted from count_launches().signatures, one per distinct "
-                         "signature; a GPU's autotuning also compiles each candidate config of a new tuning key")
+            row.update(triton_specializations=len(first_sigs),
+                       specializations_from="launch signatures with sm_90 tuning (predicted)")
+            from deeplab_ops.triton import launch
+
+            tuning = ("every pruned candidate configuration of a new tuning key (the autotuner compiles each; "
+                      "deeplab_ops compiles them concurrently)" if launch.autotune_mode() != "off" else
+                      "tuning off (DEEPLAB_OPS_AUTOTUNE=off): each key's first candidate")
+            notes.append("interpreter: specializations predicted for an sm_90 GPU from count_launches().signatures: "
+                         f"{tuning}, one per distinct signature")
         else:
             notes.append("count_launches() records no signatures in this deeplab_ops (LaunchCount.signatures is "
                          "being added): no prediction; distinct_kernels is a lower bound")
@@ -797,8 +855,9 @@ def step_markdown(step_rows: list[dict]) -> list[str]:
         "## First use: one DeepLabV3 training step on triton",
         "",
         f"specializations: Triton kernel variants the first step compiles (goal <= {STEP_SPECIALIZATION_GOAL}): on "
-        "a GPU the JIT cache entries it adds (autotuning candidates included), under the interpreter predicted from "
-        "the distinct launch signatures (count_launches().signatures). 2nd step: those a second step adds (0 in a "
+        "a GPU the JIT cache entries it adds (autotuning candidates included), under the interpreter predicted for an "
+        "sm_90 GPU from the distinct launch signatures (count_launches().signatures), each tuned launch counted as the "
+        "candidate configurations a GPU compiles for it. 2nd step: those a second step adds (0 in a "
         "steady state). kernels: distinct kernels launched (a lower bound on specializations). first step s: wall "
         "time of the first step (compile and autotuning on a GPU; on CPU the interpreter's pace, or with dry "
         "launches the CPU glue's alone).",

@@ -23,9 +23,11 @@ from __future__ import annotations
 import contextlib
 import functools
 import inspect
+import os
 import threading
 import time
 from collections.abc import Callable
+from concurrent.futures import ThreadPoolExecutor
 from typing import NamedTuple
 
 import torch
@@ -141,6 +143,9 @@ def device_guard(device: torch.device | None):
     return INTERPRETER_LOCK
 
 
+_COMPILE_ONLY = threading.local()  # .on: this thread's launches compile their kernel and launch nothing (`tune`)
+
+
 def launch_kernel(kernel, grid: tuple[int, ...], *args, **kwargs) -> None:
     """`kernel[grid](*args, **kwargs)` on the device of its first tensor argument, counted: every launch of this
     package goes through here."""
@@ -148,7 +153,10 @@ def launch_kernel(kernel, grid: tuple[int, ...], *args, **kwargs) -> None:
     if active:
         _record_launch(active, kernel_name(kernel), lambda: launch_signature(kernel, args, kwargs))
     with device_guard(_device_of(args)):
-        kernel[grid](*args, **kwargs)
+        if getattr(_COMPILE_ONLY, "on", False):
+            kernel.warmup(*args, grid=grid, **kwargs)
+        else:
+            kernel[grid](*args, **kwargs)
 
 
 # ---- what a launch would compile on a GPU ----------------------------------------------------------------
@@ -306,6 +314,8 @@ def tune(spec: KernelSpec, device: torch.device, sizes: dict, run: Callable[[dic
         return configs[0]
     timings = []
     with _counting_paused(), device_guard(device):  # benchmark runs are not counted as launches of the caller
+        if _on_gpu(device):
+            compile_concurrently(run, configs)
         for config in configs:
             try:
                 timings.append((_time(run, config, device), config))
@@ -316,6 +326,49 @@ def tune(spec: KernelSpec, device: torch.device, sizes: dict, run: Callable[[dic
     if not timings:
         raise RuntimeError(f"no configuration of {kernel_name(spec.kernel)} fits this GPU: {configs}")
     return min(timings, key=lambda t: t[0])[1]
+
+
+def _async_compile_mode():
+    """Triton's AsyncCompileMode (triton >= 3.5: JIT compiles submitted to an executor), or None."""
+    try:
+        from triton.runtime import _async_compile
+    except ImportError:
+        return None
+    mode = getattr(_async_compile, "AsyncCompileMode", None)
+    active = getattr(_async_compile, "active_mode", None)
+    if mode is None or active is None or active.get() is not None:  # another compile batch (Inductor's) is open
+        return None
+    return mode
+
+
+def _cores() -> int:
+    """The cores this process may run on."""
+    return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
+
+
+def compile_concurrently(run: Callable[[dict], object], configs: list[dict]) -> None:
+    """Compile every candidate configuration of a new tuning key at once, on a thread pool (Triton's compile
+    releases the interpreter lock in its passes and ptxas: 4 configurations of the conv forward compiled for sm_90
+    in 2.4 s instead of 4.3 on 2 cores, triton 3.8; 1.9 instead of 3.1 with 3.6), before `tune` times them one by
+    one: a first call of a new key pays about one compile instead of one per candidate. `run(config)` goes through
+    `launch_kernel`, which under this thread's compile-only flag compiles (JITFunction.warmup) and launches
+    nothing. A candidate whose compile fails here fails again when timed, where `tune` handles it as before.
+    Sequential (nothing done here) on a Triton without AsyncCompileMode, or with one machine core."""
+    mode = _async_compile_mode()
+    workers = min(len(configs), _cores(), 8)
+    if mode is None or workers < 2:
+        return
+    _COMPILE_ONLY.on = True
+    try:
+        with ThreadPoolExecutor(workers, thread_name_prefix="deeplab_ops-compile") as pool, \
+                mode(pool, ignore_errors=True):
+            for config in configs:
+                try:
+                    run(config)
+                except Exception:  # noqa: BLE001  (raised again, and handled, when this candidate is timed)
+                    continue
+    finally:
+        _COMPILE_ONLY.on = False
 
 
 def _time(run: Callable[[dict], object], config: dict, device: torch.device) -> float:

@@ -268,7 +268,7 @@ def test_specializations_predicted_from_signatures(monkeypatch):
     env = dict.fromkeys(("device", "gpu", "machine", "torch", "triton", "git_commit", "time"), "x")
     row = overhead_bench.run_step("triton", torch.device("cpu"), "fp32", cfg, quick=False, env=env)
     assert (row["triton_specializations"], row["triton_recompiles"]) == (3, 1), row["note"]
-    assert row["specializations_from"] == "launch signatures (predicted)"
+    assert row["specializations_from"] == "launch signatures with sm_90 tuning (predicted)"
     assert "goal <= 40 specializations" in row["note"]
     assert "not resolution" in row["note"]  # the 33x33 crop's caveat
 
@@ -282,6 +282,43 @@ def test_specializations_predicted_from_signatures(monkeypatch):
     row = overhead_bench.run_step("triton", torch.device("cpu"), "fp32", cfg, quick=True, env=env)
     assert row["status"] == "ok" and row["triton_specializations"] is None and row["distinct_kernels"] == 1
     assert "records no signatures" in row["note"]
+
+
+@needs_interpreter
+def test_the_prediction_counts_what_a_gpus_tuning_compiles():
+    """Under the interpreter every launch has one fixed configuration; a GPU compiles each pruned candidate of a new
+    tuning key (sm_90's list) and then the winner's: gpu_tuning_compiles makes the signatures say so (the R50 step's
+    34 predicted specializations were 157 this way in half precision), and a second call adds nothing."""
+    import deeplab_ops
+    from deeplab_ops.triton import conv_engine
+    from deeplab_ops.triton import count_launches as launches
+
+    torch.manual_seed(0)
+    x = torch.randn(2, 64, 9, 9).contiguous(memory_format=torch.channels_last)
+    w, g, b = torch.randn(64, 64, 3, 3), torch.rand(64) + 0.5, torch.randn(64)
+
+    def call():
+        deeplab_ops.conv_bn_relu(x, w, g, b, torch.zeros(64), torch.ones(64), padding=2, dilation=2, training=True,
+                                 backend="triton")
+
+    def configs(signatures):
+        return {dict(s.constexprs).get("BLOCK_N") and tuple(dict(s.constexprs)[k] for k in (
+            "BLOCK_H", "BLOCK_W", "BLOCK_N", "BLOCK_K", "num_warps", "num_stages")) for s in signatures
+            if s.kernel == "conv_fwd"}
+
+    with overhead_bench.dry_launches(), launches() as plain:
+        call()
+    with overhead_bench.dry_launches(), overhead_bench.gpu_tuning_compiles():
+        with launches() as first:
+            call()
+        with launches() as second:
+            call()
+    hopper = {(c.kwargs["BLOCK_H"], c.kwargs["BLOCK_W"], c.kwargs["BLOCK_N"], c.kwargs["BLOCK_K"], c.num_warps,
+               c.num_stages) for c in conv_engine.HOPPER_GEMM}
+    assert len(configs(plain.signatures)) == 1 and not configs(plain.signatures) & hopper  # the interpreter's
+    assert len(configs(first.signatures)) >= 2 and configs(first.signatures) <= hopper  # float32: two fit
+    assert set(second.signatures) <= set(first.signatures)
+    assert (first.total, first.by_kernel) == (plain.total, plain.by_kernel)  # the step's own launches
 
 
 def test_dry_launches_need_the_interpreter(monkeypatch):

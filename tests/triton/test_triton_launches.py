@@ -4,6 +4,7 @@ specializations it predicts; the tuning cache's key; launches on their tensors' 
 from __future__ import annotations
 
 import contextlib
+import os
 import subprocess
 import sys
 import threading
@@ -429,3 +430,137 @@ def test_second_device_while_first_is_current():
         assert out.device == x.device and torch.cuda.current_device() == 0
         assert_close(out, expected, f"cuda:1 {dtype} output", 2e-4 if dtype == torch.float32 else 1e-9, 2e-4)
         assert_close(rm, rm_ref, f"cuda:1 {dtype} running_mean", 2e-4, 2e-4)
+
+
+# ---- first use: the candidates of a new key compiled at once ---------------------------------------------------
+
+
+def test_a_new_key_compiles_its_candidates_at_once_then_times_them(monkeypatch):
+    """On a GPU, a new tuning key's candidates are compiled together (a first call pays about one compile instead
+    of one per candidate: the H200's first calls spent tens of seconds compiling them one by one), then timed."""
+    launch, spec, cuda, sizes, meta, options = _hopper_fwd_candidates(monkeypatch)
+    monkeypatch.setattr(launch, "device_guard", lambda device: contextlib.nullcontext())
+    events = []
+    monkeypatch.setattr(launch, "compile_concurrently", lambda run, configs: events.append(("compile", configs)))
+    monkeypatch.setattr(launch, "_time", lambda run, config, device: events.append(("time", config)) or 1.0)
+    launch.tuned_config(spec, cuda, torch.float16, sizes, meta, None)
+    assert events == [("compile", options)] + [("time", c) for c in options]
+    events.clear()
+    launch.tuned_config(spec, cuda, torch.float16, sizes, meta, None)  # cached: nothing compiled or timed
+    assert events == []
+
+
+class _RecordingKernel:
+    """A stand-in JIT kernel: what launch_kernel asked of it, and from which thread."""
+
+    def __init__(self):
+        self.fn = _RecordingKernel  # kernel_name reads kernel.fn.__name__
+        self.compiled, self.launched = [], []
+
+    def warmup(self, *args, grid, **kwargs):
+        self.compiled.append(kwargs["BLOCK"])
+
+    def __getitem__(self, grid):
+        return lambda *args, **kwargs: self.launched.append(kwargs["BLOCK"])
+
+
+def _needs_async_compile():
+    from deeplab_ops.triton import launch
+
+    if launch._async_compile_mode() is None:
+        pytest.skip(f"triton {__import__('triton').__version__} has no AsyncCompileMode (compiles stay sequential)")
+    return launch
+
+
+def test_compile_concurrently_compiles_every_candidate_and_launches_none(monkeypatch):
+    launch = _needs_async_compile()
+    monkeypatch.setattr(launch, "_cores", lambda: 4)
+    kernel = _RecordingKernel()
+    other_thread = []
+
+    def run(cfg):
+        if cfg["BLOCK"] == 2:
+            raise RuntimeError("this candidate does not compile")  # left to its timing, which raises it again
+        if cfg["BLOCK"] == 3:  # another thread's launch meanwhile is a real launch (the flag is this thread's)
+            t = threading.Thread(target=lambda: launch.launch_kernel(kernel, (1,), torch.empty(1), BLOCK=30))
+            t.start()
+            t.join()
+            other_thread.append(kernel.launched[:])
+        launch.launch_kernel(kernel, (1,), torch.empty(1), BLOCK=cfg["BLOCK"])
+
+    launch.compile_concurrently(run, [dict(BLOCK=b) for b in (1, 2, 3, 4)])
+    assert kernel.compiled == [1, 3, 4] and other_thread == [[30]] and kernel.launched == [30]
+    launch.launch_kernel(kernel, (1,), torch.empty(1), BLOCK=5)  # the flag is off again
+    assert kernel.launched == [30, 5] and kernel.compiled == [1, 3, 4]
+    monkeypatch.setattr(launch, "_cores", lambda: 1)  # one core: nothing to gain, nothing done
+    launch.compile_concurrently(run, [dict(BLOCK=6), dict(BLOCK=7)])
+    assert kernel.compiled == [1, 3, 4] and kernel.launched == [30, 5]
+
+
+_SM90_COMPILE = r"""
+import threading, sys
+import torch, triton
+import triton.language as tl
+from triton.backends.compiler import GPUTarget
+from triton.backends.nvidia.driver import CudaDriver
+from triton.runtime.driver import driver
+from deeplab_ops.triton import launch
+
+
+class Sm90(CudaDriver):  # Triton's JIT path with a stand-in driver: compiles for sm_90, loads and launches nothing
+    def __init__(self):
+        pass
+
+    def get_current_device(self):
+        return 0
+
+    def get_current_stream(self, device=None):
+        return 0
+
+    def get_current_target(self):
+        return GPUTarget("cuda", 90, 32)
+
+
+@triton.jit
+def scale(x_ptr, y_ptr, n, BLOCK: tl.constexpr):
+    offs = tl.program_id(0) * BLOCK + tl.arange(0, BLOCK)
+    tl.store(y_ptr + offs, tl.load(x_ptr + offs, mask=offs < n) * 2, mask=offs < n)
+
+
+driver.set_active(Sm90())
+launch._cores = lambda: 4
+threads = []
+scale.device_caches[0]  # the binder, and the compile function it keeps
+compile_fn = scale.compile
+
+
+def compile_on(*args, **kwargs):
+    threads.append(threading.current_thread().name)
+    return compile_fn(*args, **kwargs)
+
+
+scale.compile = compile_on
+x, y = torch.randn(1000), torch.empty(1000)
+configs = [dict(BLOCK=64, num_warps=2), dict(BLOCK=128, num_warps=4), dict(BLOCK=256, num_warps=4)]
+launch.compile_concurrently(lambda cfg: launch.launch_kernel(scale, (4,), x, y, 1000, **cfg), configs)
+assert len(threads) == 3 and all(t.startswith("deeplab_ops-compile") for t in threads), threads
+compiled = list(scale.device_caches[0][0].values())
+assert len(compiled) == 3, compiled
+assert all(type(k).__name__ == "CompiledKernel" and ".target sm_90" in k.asm["ptx"] for k in compiled)
+assert sorted(k.metadata.num_warps for k in compiled) == [2, 4, 4]
+print("ok")
+"""
+
+
+def test_candidates_compile_for_sm90_on_a_thread_pool(tmp_path):
+    """Triton's own JIT path (a process without the interpreter, a stand-in CUDA driver: kernels compile for sm_90
+    with this machine's ptxas, nothing is loaded or launched): compile_concurrently compiles each configuration
+    once, on the pool's threads, and leaves finished kernels in the JIT cache, where the timing launches that follow
+    find them."""
+    _needs_async_compile()
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    env["TRITON_CACHE_DIR"] = str(tmp_path / "cache")
+    script = tmp_path / "sm90_compile.py"  # a file: @triton.jit reads its kernel's source
+    script.write_text(_SM90_COMPILE)
+    done = subprocess.run([sys.executable, str(script)], env=env, capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0 and done.stdout.strip().endswith("ok"), done.stdout[-2000:] + done.stderr[-3000:]
