@@ -1044,8 +1044,10 @@ def main(argv: list[str] | None = None) -> int:
     env = environment(device)
     name = args.name or f"overhead-{device.type}-{env['machine']}-{env['time'][:10]}"
     common.check_output_files(parser, args.out, name, [f"{name}.csv", f"{name}.md"])
+    tuning = os.environ.get("DEEPLAB_OPS_AUTOTUNE")
     command = " ".join(  # what triton ran under, the per-op cases' or the first-use step's: the rerun needs it too
         ["TRITON_INTERPRET=1"] * (_interpreter() and ("triton" in backends or args.r50_step))
+        + [f"DEEPLAB_OPS_AUTOTUNE={shlex.quote(tuning)}"] * bool(tuning)
         + ["python", "benchmarks/overhead_bench.py", *map(shlex.quote, sys.argv[1:] if argv is None else argv)]
     )
     print(f"{env['gpu']} | torch {env['torch']} | triton {env['triton']} | commit {env['git_commit']}", flush=True)
