@@ -579,6 +579,11 @@ def dry_launches() -> Iterator[None]:
         GridExecutor.__call__ = original
 
 
+# The sm_90 GPU the first-use prediction stands for: an H100 SXM / H200 (132 SMs, 227 KiB of shared memory per
+# block), whose sizes decide the wgrad kernels' split count and the shared-memory pruning.
+PREDICTED_GPU = {"sms": 132, "smem_limit": 232448}
+
+
 @contextlib.contextmanager
 def gpu_tuning_compiles(hopper: bool = True) -> Iterator[None]:
     """Inside the block (the Triton interpreter), each tuned launch also makes dry launches, counted by
@@ -587,10 +592,28 @@ def gpu_tuning_compiles(hopper: bool = True) -> Iterator[None]:
     first candidate later (a stand-in for the key's winner: one compile per new argument class either way). The
     interpreter's own configuration is launched uncounted. Without this, the signatures the interpreter's launches
     leave predict a GPU that never tunes: one fixed configuration everywhere. With tuning off
-    (DEEPLAB_OPS_AUTOTUNE=off, or deterministic algorithms), the first candidate only, as such a GPU runs."""
+    (DEEPLAB_OPS_AUTOTUNE=off, or deterministic algorithms), the first candidate only, as such a GPU runs. The
+    launchers see that GPU's sizes (PREDICTED_GPU: the wgrad split counts, shared-memory pruning, float32 on TF32
+    where cuDNN's setting allows it, the BatchNorm kernels' GPU blocks), which the kernels' arguments and the
+    pruning follow; the interpreter computes with them as well (more programs, the same results)."""
     import deeplab_ops.triton.aspp as triton_aspp
+    import deeplab_ops.triton.bn_kernels as bn_kernels
     import deeplab_ops.triton.conv_engine as conv_engine
     from deeplab_ops.triton import counting, launch
+
+    def split_count(device, programs, pixel_tiles):
+        return max(1, min(4 * PREDICTED_GPU["sms"] // max(programs, 1), pixel_tiles, 64))
+
+    def fit_sizes(t):
+        fma = t.dtype == torch.float32 and not conv_engine.cudnn_conv_tf32()
+        return {"elem_size": t.element_size(), "fma": fma, "smem_limit": PREDICTED_GPU["smem_limit"],
+                "hopper": hopper and not fma}
+
+    gpu_sizes = [(m, name, value) for m, name, value in (
+        (conv_engine, "split_count", split_count), (triton_aspp, "split_count", split_count),
+        (conv_engine, "fit_sizes", fit_sizes), (triton_aspp, "fit_sizes", fit_sizes),
+        (bn_kernels, "interpreter_active", lambda: False)) if hasattr(m, name)]
+    saved = [(m, name, getattr(m, name)) for m, name, _ in gpu_sizes]
 
     real = launch.run_tuned
     seen = set()
@@ -601,10 +624,12 @@ def gpu_tuning_compiles(hopper: bool = True) -> Iterator[None]:
         configs = spec.prune(spec.configs(hopper), sizes)
         tuning = key not in seen and config is None and launch.autotune_mode() != "off" and \
             not torch.are_deterministic_algorithms_enabled()
+        given = [config] if config is not None else None  # a caller's configuration: that one compiles
         with counting.paused(), count_launches() as compiled, dry_launches():
-            for candidate in configs if tuning else configs[:1]:
-                run(launch.config_dict(candidate))
-        seen.add(key)
+            for candidate in given or [launch.config_dict(c) for c in (configs if tuning else configs[:1])]:
+                run(candidate)
+        if config is None:
+            seen.add(key)
         # the launch itself counts (total, by kernel) with what a GPU compiles for it, not its own signature
         outer = counting.active_counts()
         before = [set(c.signatures) for c in outer]
@@ -618,11 +643,15 @@ def gpu_tuning_compiles(hopper: bool = True) -> Iterator[None]:
     modules = [m for m in (launch, conv_engine, triton_aspp) if getattr(m, "run_tuned", None) is real]
     for m in modules:
         m.run_tuned = run_tuned
+    for m, name, value in gpu_sizes:
+        setattr(m, name, value)
     try:
         yield
     finally:
         for m in modules:
             m.run_tuned = real
+        for m, name, value in saved:
+            setattr(m, name, value)
 
 
 def run_step(provider: str, device: torch.device, dtype_name: str, cfg: StepConfig, quick: bool, env: dict,

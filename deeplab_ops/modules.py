@@ -273,11 +273,26 @@ class ReleasesDerived:
         return super()._load_from_state_dict(*args, **kwargs)
 
 
+# Counters whose increment a CUDA graph recorded: each replay adds to them with no Python call and no version bump,
+# so no value of theirs is kept on the host any more (each momentum=None call reads the device). id -> weak ref.
+_CAPTURED: dict[int, weakref.ref] = {}
+
+
 def _remember_batches(counter: Tensor, value: int) -> None:
     if counter.device.type not in _REMEMBERED_DEVICES or torch.compiler.is_compiling() or counter.is_inference():
         return
     key = id(counter)
+    if key in _CAPTURED:
+        return
     _BATCHES[key] = (weakref.ref(counter, lambda _, key=key: _BATCHES.pop(key, None)), counter._version, value)
+
+
+def _mark_captured(counters) -> None:
+    """Counters counted inside a CUDA-graph capture: their host values forgotten, and never kept again."""
+    for c in counters:
+        key = id(c)
+        _BATCHES.pop(key, None)
+        _CAPTURED[key] = weakref.ref(c, lambda _, key=key: _CAPTURED.pop(key, None))
 
 
 def _count_inference(counter: Tensor) -> None:
@@ -293,7 +308,7 @@ def _count_inference(counter: Tensor) -> None:
 
 
 def _capturing(t: Tensor) -> bool:
-    """Whether a CUDA graph is being captured on `t`'s device's current stream."""
+    """Whether `t` is a CUDA tensor and a CUDA graph is being captured on the current device's current stream."""
     return t.is_cuda and torch.cuda.is_current_stream_capturing()
 
 
@@ -304,13 +319,10 @@ def _count_batch(counter: Tensor) -> None:
         counter.add_(1)
     except RuntimeError:
         _count_inference(counter)
-    if known is not None:
-        if _capturing(counter):
-            # The add is recorded, not run; each replay will run it without a Python call (nor a version bump):
-            # the host value would go stale. Forgotten: the next eager call reads the device.
-            _BATCHES.pop(id(counter), None)
-        else:
-            _remember_batches(counter, known + 1)
+    if counter.device.type in _REMEMBERED_DEVICES and _capturing(counter):  # recorded, not run: replays run it unseen
+        _mark_captured((counter,))
+    elif known is not None:
+        _remember_batches(counter, known + 1)
 
 
 # What torch.utils.checkpoint(use_reentrant=False) raises to stop a recomputation once the region's last saved tensor
@@ -1016,6 +1028,9 @@ def run_fused_aspp(module: nn.Module, parts: tuple, x: Tensor, backend: str | No
             # The packed counters share storage, not version counters: each known value is carried over by hand.
             known = [_known_batches(c) for c in counters] if _BATCHES else ()
             counters[0].detach().as_strided((len(counters),), (1,)).add_(1)
+            if flags is None and counters[0].device.type in _REMEMBERED_DEVICES and _capturing(counters[0]):
+                _mark_captured(counters)
+                known = ()
             for c, value in zip(counters, known, strict=False):
                 if value is not None:
                     _remember_batches(c, value + 1)

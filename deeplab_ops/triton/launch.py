@@ -143,7 +143,15 @@ def device_guard(device: torch.device | None):
     return INTERPRETER_LOCK
 
 
-_COMPILE_ONLY = threading.local()  # .on: this thread's launches compile their kernel and launch nothing (`tune`)
+class _CompileOnly(threading.local):
+    """.on: this thread's launches compile their kernel and launch nothing (`compile_concurrently`); .kernels: the
+    kernels they compiled. A class attribute default: a thread that never set it reads it without an exception."""
+
+    on = False
+    kernels: set | None = None
+
+
+_COMPILE_ONLY = _CompileOnly()
 
 
 def launch_kernel(kernel, grid: tuple[int, ...], *args, **kwargs) -> None:
@@ -153,7 +161,8 @@ def launch_kernel(kernel, grid: tuple[int, ...], *args, **kwargs) -> None:
     if active:
         _record_launch(active, kernel_name(kernel), lambda: launch_signature(kernel, args, kwargs))
     with device_guard(_device_of(args)):
-        if getattr(_COMPILE_ONLY, "on", False):
+        if _COMPILE_ONLY.on:
+            _COMPILE_ONLY.kernels.add(kernel)
             kernel.warmup(*args, grid=grid, **kwargs)
         else:
             kernel[grid](*args, **kwargs)
@@ -329,16 +338,35 @@ def tune(spec: KernelSpec, device: torch.device, sizes: dict, run: Callable[[dic
 
 
 def _async_compile_mode():
-    """Triton's AsyncCompileMode (triton >= 3.5: JIT compiles submitted to an executor), or None."""
+    """Triton's AsyncCompileMode (JIT compiles submitted to an executor) where it takes ignore_errors (triton >= 3.6;
+    3.5's raises the first failed compile when its block ends), or None."""
     try:
         from triton.runtime import _async_compile
     except ImportError:
         return None
     mode = getattr(_async_compile, "AsyncCompileMode", None)
     active = getattr(_async_compile, "active_mode", None)
-    if mode is None or active is None or active.get() is not None:  # another compile batch (Inductor's) is open
+    if mode is None or active is None or active.get() is not None:  # another caller's compile batch is open
+        return None
+    try:
+        if "ignore_errors" not in inspect.signature(mode).parameters:
+            return None
+    except (TypeError, ValueError):
         return None
     return mode
+
+
+def _drop_failed_compiles(kernels) -> None:
+    """Remove from these kernels' JIT caches the compiles that failed in the pool: Triton 3.8 keeps a failed
+    compile's future there, and every later launch of that variant would raise its stored error, never compiling
+    again (3.6 keeps nothing and compiles again at the launch)."""
+    for kernel in kernels:
+        for entry in list(getattr(kernel, "device_caches", {}).values()):
+            cache = entry[0]
+            for key, value in list(cache.items()):
+                future = getattr(value, "future", None)
+                if future is not None and future.done() and future.exception() is not None:
+                    cache.pop(key, None)
 
 
 def _cores() -> int:
@@ -349,16 +377,18 @@ def _cores() -> int:
 def compile_concurrently(run: Callable[[dict], object], configs: list[dict]) -> None:
     """Compile every candidate configuration of a new tuning key at once, on a thread pool (Triton's compile
     releases the interpreter lock in its passes and ptxas: 4 configurations of the conv forward compiled for sm_90
-    in 2.4 s instead of 4.3 on 2 cores, triton 3.8; 1.9 instead of 3.1 with 3.6), before `tune` times them one by
+    in 2.4 s instead of 4.3 on 2 idle cores, triton 3.8; 1.9 instead of 3.1 with 3.6), before `tune` times them one by
     one: a first call of a new key pays about one compile instead of one per candidate. `run(config)` goes through
     `launch_kernel`, which under this thread's compile-only flag compiles (JITFunction.warmup) and launches
     nothing. A candidate whose compile fails here fails again when timed, where `tune` handles it as before.
-    Sequential (nothing done here) on a Triton without AsyncCompileMode, or with one machine core."""
+    Sequential (nothing done here) on a Triton before 3.6, or with one machine core."""
     mode = _async_compile_mode()
     workers = min(len(configs), _cores(), 8)
     if mode is None or workers < 2:
         return
-    _COMPILE_ONLY.on = True
+    previous = _COMPILE_ONLY.on, _COMPILE_ONLY.kernels
+    _COMPILE_ONLY.on, _COMPILE_ONLY.kernels = True, set()
+    compiled = _COMPILE_ONLY.kernels
     try:
         with ThreadPoolExecutor(workers, thread_name_prefix="deeplab_ops-compile") as pool, \
                 mode(pool, ignore_errors=True):
@@ -368,7 +398,8 @@ def compile_concurrently(run: Callable[[dict], object], configs: list[dict]) -> 
                 except Exception:  # noqa: BLE001  (raised again, and handled, when this candidate is timed)
                     continue
     finally:
-        _COMPILE_ONLY.on = False
+        _COMPILE_ONLY.on, _COMPILE_ONLY.kernels = previous
+        _drop_failed_compiles(compiled)
 
 
 def _time(run: Callable[[dict], object], config: dict, device: torch.device) -> float:

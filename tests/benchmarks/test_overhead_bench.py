@@ -288,7 +288,7 @@ def test_specializations_predicted_from_signatures(monkeypatch):
 def test_the_prediction_counts_what_a_gpus_tuning_compiles():
     """Under the interpreter every launch has one fixed configuration; a GPU compiles each pruned candidate of a new
     tuning key (sm_90's list) and then the winner's: gpu_tuning_compiles makes the signatures say so (the R50 step's
-    34 predicted specializations were 157 this way in half precision), and a second call adds nothing."""
+    34 predicted specializations were 155 this way in half precision), and a second call adds nothing."""
     import deeplab_ops
     from deeplab_ops.triton import conv_engine
     from deeplab_ops.triton import count_launches as launches

@@ -128,25 +128,51 @@ def test_cpu_counters_are_read_every_call_even_written_through_data():
     assert_close(fused[1].running_var, plain[1].running_var, "running_var", 1e-6, 1e-6)
 
 
-def test_a_count_recorded_in_a_graph_capture_is_forgotten_on_the_host(remember_cpu, monkeypatch):
+def test_a_count_recorded_in_a_graph_capture_is_never_kept_on_the_host(remember_cpu, monkeypatch):
     """A module whose counter the host knows (momentum=None before), later captured in a CUDA graph with a momentum:
     the capture records the counter's add without running it, and replays run it with no Python call and no version
-    bump, so the host value would go stale; it is forgotten, and the next eager momentum=None call reads the device
-    (the capture stood in for by `modules._capturing`; tests/nn/test_cuda_graphs.py runs real graphs on a GPU)."""
+    bump, so a value kept on the host would go stale, at the capture and after every later replay. Such a counter
+    is never kept again: each momentum=None call reads the device (the capture stood in for by
+    `modules._capturing`; tests/nn/test_cuda_graphs.py runs real graphs on a GPU)."""
     fused, plain = _conv_pair()
     x = torch.randn(2, 3, 6, 7)
     _step(fused, plain, x)
-    assert modules._known_batches(fused[1].num_batches_tracked) == 1
+    counter = fused[1].num_batches_tracked
+    assert modules._known_batches(counter) == 1
     fused[1].momentum = plain[1].momentum = 0.1
     monkeypatch.setattr(modules, "_capturing", lambda t: True)
     _step(fused, plain, x)
     monkeypatch.setattr(modules, "_capturing", lambda t: False)
-    assert modules._known_batches(fused[1].num_batches_tracked) is None
-    with torch.no_grad():
-        fused[1].num_batches_tracked.data.add_(5)  # as replays would: no version bump on the tensor itself
-        plain[1].num_batches_tracked.add_(5)
+    assert modules._known_batches(counter) is None
     fused[1].momentum = plain[1].momentum = None
-    out_f, out_p = _step(fused, plain, x * 3)
-    assert_close(out_f, out_p, "output", 1e-5, 1e-5)
-    assert_close(fused[1].running_mean, plain[1].running_mean, "running_mean", 1e-6, 1e-6)
-    assert int(fused[1].num_batches_tracked) == int(plain[1].num_batches_tracked) == 8
+    for replays in (5, 3):
+        with torch.no_grad():
+            counter.data.add_(replays)  # as replays would: no version bump on the tensor itself
+            plain[1].num_batches_tracked.add_(replays)
+        out_f, out_p = _step(fused, plain, x * 3)
+        assert_close(out_f, out_p, "output", 1e-5, 1e-5)
+        assert_close(fused[1].running_mean, plain[1].running_mean, "running_mean", 1e-6, 1e-6)
+        assert modules._known_batches(counter) is None  # read from the device, not kept
+    assert int(counter) == int(plain[1].num_batches_tracked) == 12
+
+
+def test_packed_aspp_counters_recorded_in_a_capture_are_never_kept(remember_cpu, monkeypatch):
+    torch.manual_seed(4)
+    aspp = FusedASPP(6, (2, 3), out_channels=4)
+    bns = [m for m in aspp.modules() if isinstance(m, nn.BatchNorm2d)]
+    for m in bns:
+        m.momentum = None
+    x = torch.randn(2, 6, 7, 7)
+    aspp(x)
+    aspp(x)  # packed, counters known
+    assert all(modules._known_batches(m.num_batches_tracked) == 2 for m in bns)
+    for m in bns:
+        m.momentum = 0.1
+    pack = modules._pack
+    monkeypatch.setattr(modules, "_capturing", lambda t: True)
+    monkeypatch.setattr(modules, "_pack", lambda kinds: None)  # inside a capture nothing is packed
+    aspp(x)
+    monkeypatch.setattr(modules, "_capturing", lambda t: False)
+    monkeypatch.setattr(modules, "_pack", pack)
+    assert all(modules._known_batches(m.num_batches_tracked) is None for m in bns)
+    assert all(id(m.num_batches_tracked) in modules._CAPTURED for m in bns)

@@ -541,13 +541,21 @@ def compile_on(*args, **kwargs):
 
 scale.compile = compile_on
 x, y = torch.randn(1000), torch.empty(1000)
-configs = [dict(BLOCK=64, num_warps=2), dict(BLOCK=128, num_warps=4), dict(BLOCK=256, num_warps=4)]
+configs = [dict(BLOCK=64, num_warps=2), dict(BLOCK=100, num_warps=4), dict(BLOCK=128, num_warps=4),
+           dict(BLOCK=256, num_warps=4)]  # BLOCK=100 does not compile (tl.arange needs a power of 2)
 launch.compile_concurrently(lambda cfg: launch.launch_kernel(scale, (4,), x, y, 1000, **cfg), configs)
-assert len(threads) == 3 and all(t.startswith("deeplab_ops-compile") for t in threads), threads
-compiled = list(scale.device_caches[0][0].values())
+assert len(threads) == 4 and all(t.startswith("deeplab_ops-compile") for t in threads), threads
+compiled = list(scale.device_caches[0][0].values())  # the failed compile left nothing behind
 assert len(compiled) == 3, compiled
 assert all(type(k).__name__ == "CompiledKernel" and ".target sm_90" in k.asm["ptx"] for k in compiled)
 assert sorted(k.metadata.num_warps for k in compiled) == [2, 4, 4]
+try:  # compiled again (and failing again) when that candidate is timed, as without the pool
+    scale.warmup(x, y, 1000, BLOCK=100, num_warps=4, grid=(4,))
+except Exception as e:  # noqa: BLE001
+    assert "arange" in str(e) or "power of 2" in str(e), e
+else:
+    raise AssertionError("BLOCK=100 compiled")
+assert len(threads) == 5
 print("ok")
 """
 
@@ -564,3 +572,23 @@ def test_candidates_compile_for_sm90_on_a_thread_pool(tmp_path):
     script.write_text(_SM90_COMPILE)
     done = subprocess.run([sys.executable, str(script)], env=env, capture_output=True, text=True, timeout=300)
     assert done.returncode == 0 and done.stdout.strip().endswith("ok"), done.stdout[-2000:] + done.stderr[-3000:]
+
+
+def test_an_async_compile_mode_without_ignore_errors_is_not_used(monkeypatch):
+    """Triton 3.5's AsyncCompileMode takes no ignore_errors (its block raises the first failed compile): candidates
+    compile one by one there, as before 3.5."""
+    from deeplab_ops.triton import launch
+
+    _async = pytest.importorskip("triton.runtime._async_compile")
+
+    class Mode35:
+        def __init__(self, executor):
+            self.executor = executor
+
+    monkeypatch.setattr(_async, "AsyncCompileMode", Mode35)
+    assert launch._async_compile_mode() is None
+    kernel = _RecordingKernel()
+    monkeypatch.setattr(launch, "_cores", lambda: 4)
+    launch.compile_concurrently(lambda cfg: launch.launch_kernel(kernel, (1,), torch.empty(1), **cfg),
+                                [dict(BLOCK=1), dict(BLOCK=2)])
+    assert kernel.compiled == [] and kernel.launched == []
