@@ -299,8 +299,8 @@ def _eval_bn_epilogue(y, rm_ptr, rv_ptr, gamma_ptr, beta_ptr, hyper_ptr, save_me
 
 # Padding and dilation enter only scalar tap offsets (kh * dil - pad): they are not specialized (an argument equal
 # to 1 or divisible by 16 would compile another variant for nothing), so that layers differing only in them share one
-# compiled kernel (a DeepLabV3-R50 training step compiles 19 fewer variants in half precision). Strides stay
-# specialized: a stride of 1 folds the dgrad's per-pixel divisions and phase arithmetic away.
+# compiled kernel (a DeepLabV3-R50 training step on an sm_90 GPU compiles 14 fewer variants in half precision).
+# Strides stay specialized: a stride of 1 folds the dgrad's per-pixel divisions and phase arithmetic away.
 _GEOMETRY_UNSPECIALIZED = ("pad_h", "pad_w", "dil_h", "dil_w")
 
 
