@@ -602,12 +602,11 @@ def gpu_tuning_compiles(hopper: bool = True) -> Iterator[None]:
     from deeplab_ops.triton import counting, launch
 
     def split_count(device, programs, pixel_tiles):
-        return max(1, min(4 * PREDICTED_GPU["sms"] // max(programs, 1), pixel_tiles, 64))
+        return conv_engine.gpu_split_count(PREDICTED_GPU["sms"], programs, pixel_tiles)
 
     def fit_sizes(t):
-        fma = t.dtype == torch.float32 and not conv_engine.cudnn_conv_tf32()
-        return {"elem_size": t.element_size(), "fma": fma, "smem_limit": PREDICTED_GPU["smem_limit"],
-                "hopper": hopper and not fma}
+        fma = t.dtype == torch.float32 and conv_engine.dot_precision(t.dtype, gpu) == "ieee"
+        return conv_engine.gpu_fit_sizes(t, fma, PREDICTED_GPU["smem_limit"], hopper)
 
     gpu_sizes = [(m, name, value) for m, name, value in (
         (conv_engine, "split_count", split_count), (triton_aspp, "split_count", split_count),

@@ -319,7 +319,9 @@ def _count_batch(counter: Tensor) -> None:
         counter.add_(1)
     except RuntimeError:
         _count_inference(counter)
-    if counter.device.type in _REMEMBERED_DEVICES and _capturing(counter):  # recorded, not run: replays run it unseen
+    # Recorded in a CUDA graph, not run: replays run it unseen. The gate is an attribute read per count (not a device
+    # object, nor a call); CPU counters pass it only while tests run the CUDA rule on them (_REMEMBERED_DEVICES).
+    if (counter.is_cuda or len(_REMEMBERED_DEVICES) > 1) and _capturing(counter):
         _mark_captured((counter,))
     elif known is not None:
         _remember_batches(counter, known + 1)
@@ -1028,7 +1030,7 @@ def run_fused_aspp(module: nn.Module, parts: tuple, x: Tensor, backend: str | No
             # The packed counters share storage, not version counters: each known value is carried over by hand.
             known = [_known_batches(c) for c in counters] if _BATCHES else ()
             counters[0].detach().as_strided((len(counters),), (1,)).add_(1)
-            if flags is None and counters[0].device.type in _REMEMBERED_DEVICES and _capturing(counters[0]):
+            if flags is None and (counters[0].is_cuda or len(_REMEMBERED_DEVICES) > 1) and _capturing(counters[0]):
                 _mark_captured(counters)
                 known = ()
             for c, value in zip(counters, known, strict=False):

@@ -608,8 +608,12 @@ def fit_sizes(t: torch.Tensor) -> dict:
     fma = t.dtype == torch.float32 and dot_precision(t.dtype, t.device) == "ieee"
     if t.device.type != "cuda":
         return {"elem_size": t.element_size(), "fma": fma}
-    limit, hopper = _device_limits(t.device.index or 0)
-    return {"elem_size": t.element_size(), "fma": fma, "smem_limit": limit, "hopper": hopper and not fma}
+    return gpu_fit_sizes(t, fma, *_device_limits(t.device.index or 0))
+
+
+def gpu_fit_sizes(t: torch.Tensor, fma: bool, smem_limit: int, hopper: bool) -> dict:
+    """`fit_sizes` on a GPU with `smem_limit` bytes of shared memory per block (`hopper`: sm_90 or later)."""
+    return {"elem_size": t.element_size(), "fma": fma, "smem_limit": smem_limit, "hopper": hopper and not fma}
 
 
 # The tuning cache key: channel counts and map sizes bucketed to powers of two, strides exact; the constexprs
@@ -658,7 +662,13 @@ def split_count(device: torch.device, programs: int, pixel_tiles: int) -> int:
     fixed per shape, not per configuration, so the partial buffer is sized before the launch."""
     if _interpreter_active() or device.type != "cuda":
         return 2
-    return max(1, min(4 * _sm_count(device.index or 0) // max(programs, 1), pixel_tiles, 64))
+    return gpu_split_count(_sm_count(device.index or 0), programs, pixel_tiles)
+
+
+def gpu_split_count(sms: int, programs: int, pixel_tiles: int) -> int:
+    """`split_count` on a GPU of `sms` multiprocessors: about four programs per multiprocessor, at most one split per
+    pixel tile and 64 in all."""
+    return max(1, min(4 * sms // max(programs, 1), pixel_tiles, 64))
 
 
 # ---- launchers -----------------------------------------------------------------------------------------
