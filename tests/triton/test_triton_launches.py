@@ -300,6 +300,21 @@ def test_signatures_follow_triton_specialization():
 
 
 @triton_test
+def test_padding_and_dilation_share_one_compiled_conv():
+    """Padding and dilation are not specialized (conv_engine._GEOMETRY_UNSPECIALIZED): a value of 1, of a multiple of
+    16 or of neither compiles one conv kernel, where each class compiled its own; strides are specialized."""
+    x, weight, gamma, beta, rm, rv = _conv_inputs(c_in=16, c_out=16, h=9, w=9)
+    with dtriton.count_launches() as counts:
+        for rate in (1, 2, 16):
+            triton_cbr.forward(x, weight, gamma, beta, rm, rv, [1, 1], [rate, rate], [rate, rate], True, 0.1, 1e-5,
+                               None, True)
+    convs = {s for s in counts.signatures if s.kernel == "conv_fwd"}
+    assert counts.by_kernel["conv_fwd"] == 3 and len(convs) == 1, convs
+    args = {n: c for n, _, c in next(iter(convs)).args}
+    assert args["pad_h"] == args["pad_w"] == args["dil_h"] == args["dil_w"] == "" and args["stride_h"] == "==1"
+
+
+@triton_test
 @pytest.mark.parametrize("relu", [True, False])
 def test_memory_efficient_recompute_runs_the_training_forwards_own_variant(relu):
     """The memory-efficient backward recomputes conv_out through conv_bias_act's plain form (no bias, residual or
