@@ -486,9 +486,21 @@ def triton_disk_cache() -> tuple[str, int]:
     except (ImportError, AttributeError):
         path = os.environ.get("TRITON_CACHE_DIR") or os.path.join(os.path.expanduser("~"), ".triton", "cache")
     try:
-        with os.scandir(path) as entries:
-            return path, sum(1 for e in entries if e.is_dir())
+        with os.scandir(path) as entries:  # (deeplab_ops' kept tuning winners may be a folder there: not a kernel)
+            return path, sum(1 for e in entries if e.is_dir() and e.name != "deeplab_ops_tuning")
     except OSError:  # not there yet: nothing compiled on this machine
+        return path, 0
+
+
+def kept_winners() -> tuple[str | None, int]:
+    """deeplab_ops' tuning folder (deeplab_ops.triton.launch.tuning_cache_dir; None where off) and how many tuned
+    winners it keeps: keys a later run loads untimed, compiling only the winner."""
+    from deeplab_ops.triton import launch
+
+    path = launch.tuning_cache_dir()
+    try:
+        return path, 0 if path is None else sum(1 for name in os.listdir(path) if name.endswith(".json"))
+    except OSError:
         return path, 0
 
 
@@ -685,10 +697,14 @@ def run_step(provider: str, device: torch.device, dtype_name: str, cfg: StepConf
                          "times are the CPU glue's alone")
         if cuda:
             cache_dir, cached = triton_disk_cache()
-            notes.append(f"Triton's on-disk cache ({cache_dir}) held {cached} entries before the first step: "
-                         + ("first_call_s is a new user's, every kernel compiled here" if cached == 0 else
-                            "kernels an earlier run compiled load from it, so first_call_s may be a later run's (an "
-                            "empty TRITON_CACHE_DIR gives a new user's)"))
+            tuning_dir, kept = kept_winners()
+            notes.append(f"Triton's on-disk cache ({cache_dir}) held {cached} entries and deeplab_ops' tuning folder "
+                         f"({tuning_dir or 'off'}) {kept} kept winners before the first step: "
+                         + ("first_call_s is a new user's, every kernel compiled and every key timed here"
+                            if cached == 0 and kept == 0 else
+                            "kernels an earlier run compiled load from it, and a kept winner's key is neither timed "
+                            "nor its other candidates compiled, so first_call_s and the specializations may be a later "
+                            "run's (an empty TRITON_CACHE_DIR, DEEPLAB_OPS_TUNING_CACHE unset, gives a new user's)"))
         before = triton_specializations()
         with count_launches() as first:
             t0 = time.perf_counter()

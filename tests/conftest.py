@@ -20,6 +20,10 @@ def _cuda_visible() -> bool:
         return False
 
 
+# Tuned Triton configurations are not kept on disk while testing: a winner a user's runs kept must not serve the
+# tests' tuning, nor the tests' winners a user's runs (tests of the kept winners use folders of their own).
+os.environ["DEEPLAB_OPS_TUNING_CACHE"] = "off"
+
 if os.environ.get("DEEPLAB_OPS_TEST_NO_INTERPRETER", "0") not in ("", "0"):
     os.environ.pop("TRITON_INTERPRET", None)
 elif not _cuda_visible():

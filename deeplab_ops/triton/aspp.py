@@ -112,7 +112,7 @@ def _pixel_gemm_tile(pid_t, pid_n, HW, C_n, ACC_DTYPE: tl.constexpr, BLOCK_M: tl
 # ---- conv branches ------------------------------------------------------------------------------------
 
 
-@triton.jit
+@jit_unspecialized("H", "W")  # sizes: see conv_engine's _SIZES_UNSPECIALIZED
 def _aspp_branch_fwd_kernel(
     # pointers: x (N, H, W, C_in); w (T, C_in, C) packed; rates (B,) int32 (entry 0 unused); y (N, H, W, B*C)
     x_ptr, w_ptr, rates_ptr, y_ptr,
@@ -149,7 +149,7 @@ def _aspp_branch_fwd_kernel(
                     n_mask, pid_bn == 0)
 
 
-@triton.jit
+@jit_unspecialized("H", "W")  # sizes: see conv_engine's _SIZES_UNSPECIALIZED
 def _aspp_branch_dgrad_kernel(
     # pointers: g (N, H, W, B*C) the gradient at the branch BN outputs through their ReLU; y (N, H, W, B*C) the
     # pre-BN branch outputs; coef (4, B*C) opmath; wt (T, C, C_in) packed; rates (B,) int32;
@@ -178,7 +178,7 @@ def _aspp_branch_dgrad_kernel(
     _store_tile(dx_ptr, acc, img, ih, iw, H, W, C_in, offs_n, n_mask, m_mask)
 
 
-@triton.jit
+@jit_unspecialized("N", "H", "W", "SPLITS")  # sizes: see conv_engine's _SIZES_UNSPECIALIZED
 def _aspp_branch_wgrad_kernel(
     # pointers: x (N, H, W, C_in); g, y (N, H, W, B*C); coef (4, B*C) opmath; rates (B,) int32;
     # partial dw (SPLITS, T, C_in, C) opmath; pair counter
@@ -222,7 +222,7 @@ def _branch_z(br_ptr, rows, row_mask, offs_c, BC, bmean_ptr, bscale_ptr, bshift_
     return tl.where(mask, _relu(_bn_affine(yb, bmean_ptr, bscale_ptr, bshift_ptr, offs_c, c_mask, ACC_DTYPE)), 0.0)
 
 
-@triton.jit
+@jit_unspecialized("HW")  # sizes: see conv_engine's _SIZES_UNSPECIALIZED
 def _aspp_project_fwd_kernel(
     # pointers: branch (N, H*W, B*C) pre-BN; w (B*C, C); bias (N, C) opmath (the pooling branch);
     # y, out (N, H*W, C)
@@ -260,7 +260,7 @@ def _aspp_project_fwd_kernel(
         tl.store(out_ptr + o_idx, z.to(out_ptr.dtype.element_ty), mask=o_mask)
 
 
-@triton.jit
+@jit_unspecialized("HW")  # sizes: see conv_engine's _SIZES_UNSPECIALIZED
 def _aspp_project_dgrad_kernel(
     # pointers: grad_out, out, project_out (N, H*W, C); coef (4, C) opmath (projection BN);
     # w (C, B*C) the projection weight's branch columns; branch (N, H*W, B*C) pre-BN and its BN (B*C,) opmath
@@ -300,7 +300,7 @@ def _aspp_project_dgrad_kernel(
     tl.store(part_gy_ptr + pid_t * BC + offs_n, tl.sum(g * (yb - mu[None, :]), 0), mask=n_mask)
 
 
-@triton.jit
+@jit_unspecialized("N", "HW", "SPLITS")  # sizes: see conv_engine's _SIZES_UNSPECIALIZED
 def _aspp_project_wgrad_kernel(
     # pointers: branch (N, H*W, B*C) pre-BN and its BN (B*C,) opmath; grad_out, out, project_out (N, H*W, C);
     # coef (4, C) opmath; partial dw (SPLITS, B*C, C) opmath

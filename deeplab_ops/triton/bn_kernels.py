@@ -163,7 +163,7 @@ def _bn_eval_stats_kernel(
     tl.store(shift_ptr + offs_c, tl.load(beta_ptr + offs_c, mask=c_mask, other=0).to(ACC_DTYPE), mask=c_mask)
 
 
-@triton.jit
+@jit_unspecialized("M")  # the row count follows batch and map size
 def _bn_apply_kernel(
     y_ptr, res_ptr, out_ptr,          # (M, C) activations
     mean_ptr, scale_ptr, shift_ptr,   # (C,) opmath dtype
@@ -187,7 +187,7 @@ def _bn_apply_kernel(
     tl.store(out_ptr + idx, z.to(out_ptr.dtype.element_ty), mask=mask)
 
 
-@triton.jit
+@jit_unspecialized("M")  # the row count follows batch and map size
 def _bn_bwd_reduce_kernel(
     dz_ptr, z_ptr, y_ptr,             # (M, C) grad_out, out, conv_out
     mean_ptr,                         # (C,) opmath
@@ -220,7 +220,7 @@ def _bn_bwd_reduce_kernel(
     tl.store(part_gy_ptr + pid_s * C + offs_c, sum_gy, mask=c_mask)
 
 
-@triton.jit
+@jit_unspecialized("S", "count")  # the partials' count and the pixel count follow batch and map size
 def _bn_bwd_finalize_kernel(
     part_g_ptr, part_gy_ptr,          # (S, C) partial sums of g and g * (y - mean), opmath
     mean_ptr, invstd_ptr, gamma_ptr,  # (C,) saved statistics (opmath); gamma or a dummy

@@ -297,14 +297,22 @@ def _eval_bn_epilogue(y, rm_ptr, rv_ptr, gamma_ptr, beta_ptr, hyper_ptr, save_me
 # ---- kernels -----------------------------------------------------------------------------------------
 
 
-# Padding and dilation enter only scalar tap offsets (kh * dil - pad): they are not specialized (an argument equal
-# to 1 or divisible by 16 would compile another variant for nothing), so that layers differing only in them share one
-# compiled kernel (a DeepLabV3-R50 training step on an sm_90 GPU compiles 14 fewer variants in half precision).
-# Strides stay specialized: a stride of 1 folds the dgrad's per-pixel divisions and phase arithmetic away.
+# Which integer arguments the conv kernels leave unspecialized (Triton would otherwise compile one variant per class
+# of each: == 1, divisible by 16, other). The spatial sizes and the batch: every address the kernels vectorize runs
+# along the channels (NHWC; channel counts stay specialized, their divisibility is what aligns the loads and the
+# masks), so a map size divisible by 16 buys nothing but another variant, and evaluating images of many sizes compiled
+# one per mix of classes. Padding and dilation enter only scalar tap offsets (kh * dil - pad). In the forward and the
+# wgrad, strides enter the same way, as per-tap scalars and one integer multiply-add per pixel of a tile's address,
+# and so does the wgrad's split count (its loop's step). The dgrad keeps its strides specialized: a stride of 1
+# folds its per-pixel divisions and phase arithmetic away.
+_SIZES_UNSPECIALIZED = ("H", "W", "H_out", "W_out")
 _GEOMETRY_UNSPECIALIZED = ("pad_h", "pad_w", "dil_h", "dil_w")
+_DGRAD_UNSPECIALIZED = _SIZES_UNSPECIALIZED + _GEOMETRY_UNSPECIALIZED
+_FWD_UNSPECIALIZED = _DGRAD_UNSPECIALIZED + ("stride_h", "stride_w")
+_WGRAD_UNSPECIALIZED = _FWD_UNSPECIALIZED + ("N", "SPLITS")
 
 
-@jit_unspecialized(*_GEOMETRY_UNSPECIALIZED)
+@jit_unspecialized(*_FWD_UNSPECIALIZED)
 def _conv_fwd_kernel(
     # pointers: x (N, H, W, C_in), w (KH, KW, C_in, C_out); y, out, residual (N, H_out, W_out, C_out)
     x_ptr, w_ptr, y_ptr, out_ptr, res_ptr,
@@ -359,7 +367,7 @@ def _conv_fwd_kernel(
         tl.store(out_ptr + o_idx, z.to(out_ptr.dtype.element_ty), mask=o_mask)
 
 
-@jit_unspecialized(*_GEOMETRY_UNSPECIALIZED)
+@jit_unspecialized(*_DGRAD_UNSPECIALIZED)
 def _conv_dgrad_kernel(
     # pointers: grad_out, out, conv_out (N, H_out, W_out, C_out); coef (4, C_out) opmath;
     # wt (KH, KW, C_out, C_in); dx (N, H, W, C_in); pair counter
@@ -402,7 +410,7 @@ def _conv_dgrad_kernel(
     _store_tile(dx_ptr, acc, img, ih, iw, H, W, C_in, offs_n, n_mask, m_mask)
 
 
-@jit_unspecialized(*_GEOMETRY_UNSPECIALIZED)
+@jit_unspecialized(*_WGRAD_UNSPECIALIZED)
 def _conv_wgrad_kernel(
     # pointers: x (N, H, W, C_in); grad_out, out, conv_out (N, H_out, W_out, C_out); coef (4, C_out);
     # partial dw (SPLITS, KH*KW, C_in, C_out) opmath; pair counter

@@ -2,7 +2,9 @@
 
 The first call of a kernel for a key (kernel, device, dtype, constexpr flags, the sizes that decide the tile:
 channel counts bucketed to powers of two, strides exact; never the spatial sizes) times the pruned candidate
-configurations once and caches the winner; every later call is a direct launch of the JIT kernel with it. No
+configurations once and caches the winner; every later call is a direct launch of the JIT kernel with it. Winners
+are also kept on disk (`set_tuning_cache`): a later process loads the winner, nothing timed and, with Triton's
+kernel cache beside it, only the winner loaded, not every candidate compiled. No
 Triton autotuner is involved: a call launches with the configuration this call looked up, never with shared
 "last best" state. Every launch runs on its tensors' device (a device guard when that is not the current one) and
 is counted for `count_launches`. Interpreted launches (CPU tensors) hold one process-wide lock.
@@ -12,20 +14,29 @@ How tuning is done (`set_autotune`, or the environment variable DEEPLAB_OPS_AUTO
   "all"            the interpreter tunes too, among the same pruned candidates (the Ampere list), timed by the wall
                    clock on CPU tensors: the tuning path runs where no GPU is (tests);
   "off"            nothing is tuned: CUDA launches use the first pruned candidate, the interpreter its fixed config.
+Where winners persist (`set_tuning_cache`, or DEEPLAB_OPS_TUNING_CACHE at import): "" or unset, a folder
+deeplab_ops_tuning in Triton's cache folder ($TRITON_CACHE_DIR, else ~/.triton/cache); "off", nowhere; anything
+else, that folder. An entry is one small JSON file per tuning key, named by a hash of everything the winner depends
+on (this package's kernel sources, Triton's version, the GPU's name, architecture and SM count, CUDA's version, the
+key and its candidate list): a change to any of them is a miss, timed again. A winner chosen while memory ran out
+during the timing is not kept. Several processes may share the folder (each file is written whole, then renamed).
 With torch.use_deterministic_algorithms(True) (train.py --deterministic) nothing is timed either, whatever the mode:
 the first pruned candidate (cached apart from timed winners). The winner of a timing can differ from one process to
 the next, and another tile sums the BatchNorm partials and the GEMMs in another order: results would differ in
-their last bits between runs, as cuDNN's do with cudnn.benchmark.
+their last bits between runs, as cuDNN's do with cudnn.benchmark; a kept winner makes later runs take the same one.
 """
 
 from __future__ import annotations
 
 import contextlib
 import functools
+import hashlib
 import inspect
+import json
 import os
 import threading
 import time
+import warnings
 from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 from typing import NamedTuple
@@ -43,6 +54,36 @@ from deeplab_ops.triton.counting import paused as _counting_paused
 from deeplab_ops.triton.counting import record_launch as _record_launch
 
 _AUTOTUNE = [_env_autotune_mode()]
+
+
+TUNING_CACHE_ENV = "DEEPLAB_OPS_TUNING_CACHE"
+_TUNING_CACHE = [os.environ.get(TUNING_CACHE_ENV, "")]
+
+
+def set_tuning_cache(folder: str) -> str:
+    """Where timed winners persist: a folder, "" for the default (deeplab_ops_tuning in Triton's cache folder) or
+    "off"; returns the previous setting. Process-wide; winners already in memory stay."""
+    if not isinstance(folder, (str, os.PathLike)):
+        raise TypeError(f"folder={folder!r} must be a path, \"\" (the default folder) or \"off\"")
+    previous = _TUNING_CACHE[0]
+    _TUNING_CACHE[0] = os.fspath(folder)
+    return previous
+
+
+def tuning_cache_dir() -> str | None:
+    """The folder timed winners persist in, or None where that is off."""
+    folder = _TUNING_CACHE[0]
+    if folder == "off":
+        return None
+    if folder:
+        return folder
+    try:
+        from triton import knobs  # triton >= 3.4
+
+        triton_dir = str(knobs.cache.dir)
+    except (ImportError, AttributeError):
+        triton_dir = os.environ.get("TRITON_CACHE_DIR") or os.path.join(os.path.expanduser("~"), ".triton", "cache")
+    return os.path.join(triton_dir, "deeplab_ops_tuning")
 
 
 def set_autotune(mode: str) -> str:
@@ -309,7 +350,96 @@ def tuned_config(spec: KernelSpec, device: torch.device, dtype: torch.dtype, siz
         config = TUNED.get(key)
         if config is None:
             untimed = deterministic or (gpu and mode == "off")
-            config = TUNED[key] = candidates(spec, device, sizes)[0] if untimed else tune(spec, device, sizes, run)
+            config = TUNED[key] = candidates(spec, device, sizes)[0] if untimed else \
+                _timed_or_kept(spec, key, device, sizes, run)
+    return config
+
+
+# ---- winners on disk ---------------------------------------------------------------------------------------
+
+
+class _Untimed(dict):
+    """A configuration `tune` chose without timing every candidate (memory ran out): used, never kept on disk."""
+
+
+@functools.cache
+def _sources_digest() -> str:
+    """A hash of this package's Triton sources: an edit to any kernel or helper makes every kept winner a miss."""
+    digest = hashlib.sha256()
+    folder = os.path.dirname(os.path.abspath(__file__))
+    for name in sorted(os.listdir(folder)):
+        if name.endswith(".py"):
+            with open(os.path.join(folder, name), "rb") as f:
+                digest.update(name.encode() + b"\0" + f.read())
+    return digest.hexdigest()
+
+
+def _device_identity(device: torch.device) -> str:
+    if not _on_gpu(device):
+        return "interpreter"
+    props = torch.cuda.get_device_properties(device)
+    return f"{props.name} sm_{props.major}{props.minor} {props.multi_processor_count} SMs cuda {torch.version.cuda}"
+
+
+def _kept_entry(folder: str, spec: KernelSpec, key: tuple, device: torch.device,
+                configs: list[dict]) -> tuple[str, str]:
+    """(file, key text) of a tuning key's kept winner in `folder`."""
+    text = repr((_sources_digest(), triton.__version__, _device_identity(device), kernel_name(spec.kernel),
+                 key[3:], configs))
+    return os.path.join(folder, hashlib.sha256(text.encode()).hexdigest()[:40] + ".json"), text
+
+
+def _load_winner(entry: tuple[str, str], configs: list[dict]) -> dict | None:
+    """The kept winner, if the file is there, is this key's and names one of the candidates."""
+    path, text = entry
+    try:
+        with open(path, encoding="utf-8") as f:
+            kept = json.load(f)
+    except (OSError, ValueError):
+        return None
+    if not isinstance(kept, dict) or kept.get("key") != text:
+        return None
+    return next((c for c in configs if c == kept.get("config")), None)
+
+
+_WRITE_WARNED: set[str] = set()
+
+
+def _keep_winner(entry: tuple[str, str], config: dict) -> None:
+    """Write the winner whole, then rename it into place (readers in other processes never see half a file). A
+    folder that cannot be written warns once and keeps nothing."""
+    path, text = entry
+    folder = os.path.dirname(path)
+    tmp = f"{path}.{os.getpid()}.{threading.get_ident()}.tmp"
+    try:
+        os.makedirs(folder, exist_ok=True)
+        with open(tmp, "w", encoding="utf-8") as f:
+            json.dump({"key": text, "config": config}, f)
+        os.replace(tmp, path)
+    except OSError as e:
+        with contextlib.suppress(OSError):
+            os.remove(tmp)
+        if folder not in _WRITE_WARNED:
+            _WRITE_WARNED.add(folder)
+            warnings.warn(f"deeplab_ops: tuned configurations cannot be kept in {folder!r} ({e}); the next process "
+                          f"times them again (set {TUNING_CACHE_ENV} to another folder, or to off)", stacklevel=2)
+
+
+def _timed_or_kept(spec: KernelSpec, key: tuple, device: torch.device, sizes: dict,
+                   run: Callable[[dict], object]) -> dict:
+    """A kept winner of this key, else `tune`'s, kept when every candidate was timed."""
+    folder = tuning_cache_dir()
+    if folder is None:
+        return tune(spec, device, sizes, run)
+    configs = candidates(spec, device, sizes)
+    if len(configs) == 1:
+        return configs[0]  # nothing to time
+    entry = _kept_entry(folder, spec, key, device, configs)
+    config = _load_winner(entry, configs)
+    if config is None:
+        config = tune(spec, device, sizes, run)
+        if not isinstance(config, _Untimed):
+            _keep_winner(entry, config)
     return config
 
 
@@ -331,7 +461,7 @@ def tune(spec: KernelSpec, device: torch.device, sizes: dict, run: Callable[[dic
             except OutOfResources:
                 continue
             except torch.OutOfMemoryError:
-                return min(timings, key=lambda t: t[0])[1] if timings else configs[0]
+                return _Untimed(min(timings, key=lambda t: t[0])[1] if timings else configs[0])
     if not timings:
         raise RuntimeError(f"no configuration of {kernel_name(spec.kernel)} fits this GPU: {configs}")
     return min(timings, key=lambda t: t[0])[1]

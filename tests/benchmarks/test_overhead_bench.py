@@ -434,3 +434,18 @@ def test_triton_disk_cache_counts_the_entries_of_the_folder_triton_uses(tmp_path
         (tmp_path / "cache" / name).mkdir(parents=True)
     (tmp_path / "cache" / "lock").write_text("")
     assert overhead_bench.triton_disk_cache() == (str(tmp_path / "cache"), 2)
+    # deeplab_ops' kept tuning winners, in their default folder there: not kernels, counted apart
+    from deeplab_ops.triton import launch
+
+    previous = launch.set_tuning_cache("")
+    try:
+        assert overhead_bench.kept_winners() == (str(tmp_path / "cache" / "deeplab_ops_tuning"), 0)
+        (tmp_path / "cache" / "deeplab_ops_tuning").mkdir()
+        for name in ("k1.json", "k2.json", "k3.json.1.2.tmp"):
+            (tmp_path / "cache" / "deeplab_ops_tuning" / name).write_text("{}")
+        assert overhead_bench.triton_disk_cache() == (str(tmp_path / "cache"), 2)
+        assert overhead_bench.kept_winners() == (str(tmp_path / "cache" / "deeplab_ops_tuning"), 2)
+        launch.set_tuning_cache("off")
+        assert overhead_bench.kept_winners() == (None, 0)
+    finally:
+        launch.set_tuning_cache(previous)

@@ -262,56 +262,222 @@ def test_out_of_memory_while_timing_keeps_the_fastest_timed_so_far(monkeypatch):
     assert len(launch.TUNED) == 1 and timed == options[:2]
 
 
+# ---- winners kept on disk ------------------------------------------------------------------------------------
+
+
+def _kept_tuning(monkeypatch, tmp_path, gpu_name="NVIDIA H100 80GB HBM3", sms=132):
+    """_hopper_fwd_candidates with winners kept in tmp_path and timings faked (the last candidate the fastest):
+    (launch, spec, device, sizes, meta, options, the configurations timed)."""
+    import types
+
+    launch, spec, cuda, sizes, meta, options = _hopper_fwd_candidates(monkeypatch)
+    monkeypatch.setattr(launch, "device_guard", lambda device: contextlib.nullcontext())
+    monkeypatch.setattr(torch.cuda, "get_device_properties", lambda device=None: types.SimpleNamespace(
+        name=gpu_name, major=9, minor=0, multi_processor_count=sms))
+    timed = []
+
+    def time_one(run, config, device):
+        timed.append(config)
+        return 1.0 / (1 + options.index(config))
+
+    monkeypatch.setattr(launch, "_time", time_one)
+    monkeypatch.setattr(launch, "_TUNING_CACHE", [str(tmp_path)])
+    return launch, spec, cuda, sizes, meta, options, timed
+
+
+def test_a_kept_winner_serves_a_later_process_untimed(monkeypatch, tmp_path):
+    """A timed winner is written to the tuning folder (one JSON file per key); a later process (an empty in-memory
+    cache) loads it and times nothing. Another GPU, SM count, candidate list or kernel source is a miss, timed
+    again and kept beside it."""
+    launch, spec, cuda, sizes, meta, options, timed = _kept_tuning(monkeypatch, tmp_path)
+    assert launch.tuned_config(spec, cuda, torch.float16, sizes, meta, None) == options[-1]
+    assert timed == options and len(list(tmp_path.glob("*.json"))) == 1
+    monkeypatch.setattr(launch, "TUNED", {})  # a new process
+    timed.clear()
+    assert launch.tuned_config(spec, cuda, torch.float16, sizes, meta, None) == options[-1] and not timed
+    monkeypatch.setattr(launch, "TUNED", {})
+    assert launch.tuned_config(spec, cuda, torch.bfloat16, sizes, meta, None) == options[-1]  # another key
+    assert timed == options and len(list(tmp_path.glob("*.json"))) == 2
+    for change in (
+        lambda: monkeypatch.setattr(torch.cuda, "get_device_properties", lambda device=None: __import__(
+            "types").SimpleNamespace(name="NVIDIA H200", major=9, minor=0, multi_processor_count=132)),
+        lambda: monkeypatch.setattr(torch.cuda, "get_device_properties", lambda device=None: __import__(
+            "types").SimpleNamespace(name="NVIDIA H200", major=9, minor=0, multi_processor_count=114)),
+        lambda: monkeypatch.setattr(
+            launch, "candidates", lambda spec, device, sizes, real=launch.candidates: real(spec, device, sizes)[1:]),
+        lambda: monkeypatch.setattr(launch, "_sources_digest", lambda: "an edited kernel"),
+    ):
+        change()
+        monkeypatch.setattr(launch, "TUNED", {})
+        timed.clear()
+        launch.tuned_config(spec, cuda, torch.float16, sizes, meta, None)
+        assert timed, "a changed GPU, candidate list or source must be timed again"
+    assert len(list(tmp_path.glob("*.json"))) == 6 and not list(tmp_path.glob("*.tmp"))
+
+
+def test_a_bad_kept_entry_is_timed_again_and_replaced(monkeypatch, tmp_path):
+    """A truncated file, another key's entry under this name (a hash collision) or a winner that is no longer a
+    candidate are misses: timed again, and the file rewritten."""
+    import json
+
+    launch, spec, cuda, sizes, meta, options, timed = _kept_tuning(monkeypatch, tmp_path)
+    launch.tuned_config(spec, cuda, torch.float16, sizes, meta, None)
+    (path,) = tmp_path.glob("*.json")
+    good = json.loads(path.read_text())
+    for bad in ("{\"key\": ", json.dumps(dict(good, key="another key")),
+                json.dumps(dict(good, config=dict(good["config"], BLOCK_N=48))), "[]"):
+        path.write_text(bad)
+        monkeypatch.setattr(launch, "TUNED", {})
+        timed.clear()
+        assert launch.tuned_config(spec, cuda, torch.float16, sizes, meta, None) == options[-1] and timed == options
+        assert json.loads(path.read_text()) == good
+
+
+def test_what_is_not_kept(monkeypatch, tmp_path):
+    """Nothing is kept with the folder "off", for a winner chosen while memory ran out during the timing, or for a
+    key with one candidate (nothing timed); a folder that cannot be written warns once, and the calls go on."""
+    launch, spec, cuda, sizes, meta, options, timed = _kept_tuning(monkeypatch, tmp_path)
+    monkeypatch.setattr(launch, "_TUNING_CACHE", ["off"])
+    assert launch.tuning_cache_dir() is None
+    launch.tuned_config(spec, cuda, torch.float16, sizes, meta, None)
+    assert timed == options and not list(tmp_path.iterdir())
+    monkeypatch.setattr(launch, "_TUNING_CACHE", [str(tmp_path)])
+    monkeypatch.setattr(launch, "TUNED", {})
+
+    def out_of_memory(run, config, device):
+        raise torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 256.00 MiB")
+
+    monkeypatch.setattr(launch, "_time", out_of_memory)
+    assert launch.tuned_config(spec, cuda, torch.float16, sizes, meta, None) == options[0]
+    assert not list(tmp_path.iterdir())
+    monkeypatch.setattr(launch, "TUNED", {})
+    one = dict(sizes, C_in=16, C_out=16)
+    assert len(launch.candidates(spec, cuda, one)) == 1
+    launch.tuned_config(spec, cuda, torch.float16, one, meta, None)
+    assert not list(tmp_path.iterdir())
+    blocker = tmp_path / "a file"
+    blocker.write_text("")
+    monkeypatch.setattr(launch, "_TUNING_CACHE", [str(blocker / "tuning")])
+    monkeypatch.setattr(launch, "_WRITE_WARNED", set())
+    monkeypatch.setattr(launch, "_time", lambda run, config, device: 1.0)
+    with pytest.warns(UserWarning, match="cannot be kept in .*a file.*DEEPLAB_OPS_TUNING_CACHE"):
+        launch.tuned_config(spec, cuda, torch.float16, sizes, meta, None)
+    monkeypatch.setattr(launch, "TUNED", {})
+    import warnings
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # once per folder
+        launch.tuned_config(spec, cuda, torch.float16, sizes, meta, None)
+
+
+def test_the_tuning_folder_setting():
+    """DEEPLAB_OPS_TUNING_CACHE at import (the tests set it to off: a user's kept winners must not serve them), or
+    set_tuning_cache: "" is a folder in Triton's cache folder, "off" none, anything else that folder."""
+    from deeplab_ops.triton import launch
+
+    assert os.environ["DEEPLAB_OPS_TUNING_CACHE"] == "off" and launch.tuning_cache_dir() is None
+    previous = launch.set_tuning_cache("")
+    try:
+        default = launch.tuning_cache_dir()
+        assert os.path.basename(default) == "deeplab_ops_tuning"
+        assert os.path.dirname(default) == str(triton.knobs.cache.dir)
+        launch.set_tuning_cache("/some/folder")
+        assert launch.tuning_cache_dir() == "/some/folder"
+        with pytest.raises(TypeError, match="folder=3 must be a path"):
+            launch.set_tuning_cache(3)
+    finally:
+        launch.set_tuning_cache(previous)
+    code = ("import os, torch\n"
+            "from deeplab_ops.triton import conv_bn_relu as cbr, launch\n"
+            "launch.set_autotune('all')\n"
+            "x, w = torch.randn(1, 64, 3, 3), torch.randn(64, 64, 1, 1)\n"
+            "g, b, rm, rv = torch.ones(64), torch.zeros(64), torch.zeros(64), torch.ones(64)\n"
+            "times = []\n"
+            "real = launch.tune\n"
+            "launch.tune = lambda *a: times.append(1) or real(*a)\n"
+            "cbr.forward(x, w, g, b, rm, rv, [1, 1], [0, 0], [1, 1], True, 0.1, 1e-5, None, True)\n"
+            "print(len(times), len(os.listdir(launch.tuning_cache_dir())))\n")
+    import tempfile
+
+    with tempfile.TemporaryDirectory() as folder:
+        env = dict(os.environ, DEEPLAB_OPS_TUNING_CACHE=folder, TRITON_INTERPRET="1",
+                   PYTHONPATH=os.pathsep.join(sys.path))
+        runs = [subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, check=True)
+                for _ in range(2)]
+    first, second = (tuple(int(v) for v in r.stdout.split()) for r in runs)
+    assert first[0] >= 1 and first[1] >= 1, runs[0].stdout  # tuned and kept
+    assert second == (0, first[1]), runs[1].stdout          # nothing timed in the second process
+
+
 # ---- JIT specializations --------------------------------------------------------------------------------------
 
 
 @triton_test
 def test_signatures_follow_triton_specialization():
-    """Calls that differ only in a spatial size of the same class (not 1, not divisible by 16) compile nothing
-    new; a width divisible by 16 is another specialization of the conv (and of bn_apply, whose row count follows),
-    not of bn_finalize, whose count of partials is declared unspecialized (on a GPU it is 8 for w=6 and 16 for
-    w=16)."""
+    """Calls that differ only in spatial size compile nothing new, whatever the size's class (1, divisible by 16,
+    other): the kernels leave sizes unspecialized (conv_engine._SIZES_UNSPECIALIZED, bn_apply's and bn_finalize's
+    row and partial counts). Channel counts stay specialized: 16 channels are another variant than 5."""
     with dtriton.count_launches() as one:
         _forward(True, w=6)
-    with dtriton.count_launches() as same_class:
-        _forward(True, w=6)
-        _forward(True, w=7)
-        _forward(True, w=9)
-    with dtriton.count_launches() as flipped:
-        _forward(True, w=6)
-        _forward(True, w=16)
-    assert same_class.total == 3 * one.total == 9
-    assert same_class.signatures == one.signatures and len(one.signatures) == 3
-    by_kernel = {}
-    for sig in flipped.signatures:
-        by_kernel.setdefault(sig.kernel, []).append(sig)
-    # bn_finalize's count of partials P (which follows batch and map size) is not specialized: one kernel for all
-    assert {k: len(v) for k, v in by_kernel.items()} == {"conv_fwd": 2, "bn_finalize": 1, "bn_apply": 2}
-    assert dict((n, c) for n, _, c in by_kernel["bn_finalize"][0].args)["P"] == ""
-    a, b = by_kernel["conv_fwd"]
-    assert a.constexprs == b.constexprs and {dict((n, c) for n, _, c in s.args)["W"] for s in (a, b)} == {"", "div16"}
+    with dtriton.count_launches() as sizes:
+        for h, w in ((5, 6), (5, 7), (16, 16), (1, 32), (7, 1), (9, 48)):
+            _forward(True, h=h, w=w)
+    assert sizes.total == 6 * one.total == 18
+    assert sizes.signatures == one.signatures and len(one.signatures) == 3
+    for sig in one.signatures:
+        args = {n: c for n, _, c in sig.args}
+        for name in ("H", "W", "H_out", "W_out", "M", "P"):
+            assert args.get(name, "") == "", (sig.kernel, name, args[name])
     conv = next(s for s in one.signatures if s.kernel == "conv_fwd")
     consts, args = dict(conv.constexprs), {n: (t, c) for n, t, c in conv.args}
     assert consts["KH"] == 3 and consts["TRAINING"] is True and {"BLOCK_H", "num_warps", "num_stages"} <= set(consts)
-    assert args["x_ptr"] == ("*float32", "align16") and args["C_in"] == ("i32", "") and args["stride_h"][1] == "==1"
+    assert args["x_ptr"] == ("*float32", "align16") and args["C_in"] == ("i32", "") and args["stride_h"][1] == ""
+    with dtriton.count_launches() as channels:  # 16 channels: C_in divisible by 16, another conv variant
+        _forward(True, c_in=16, w=6)
+    convs = {s for s in channels.signatures | one.signatures if s.kernel == "conv_fwd"}
+    assert len(convs) == 2 and {dict((n, c) for n, _, c in s.args)["C_in"] for s in convs} == {"", "div16"}
     with dtriton.count_launches() as evaluation:  # other constexprs (eval BN epilogue): another variant
         _forward(False, w=6)
     assert not evaluation.signatures & one.signatures
 
 
 @triton_test
-def test_padding_and_dilation_share_one_compiled_conv():
-    """Padding and dilation are not specialized (conv_engine._GEOMETRY_UNSPECIALIZED): a value of 1, of a multiple of
-    16 or of neither compiles one conv kernel, where each class compiled its own; strides are specialized."""
+def test_padding_dilation_stride_and_split_count_share_one_compiled_conv(monkeypatch):
+    """Padding and dilation (every conv kernel), the forward's and the wgrad's strides and the wgrad's split count are
+    not specialized (conv_engine._FWD_UNSPECIALIZED, _WGRAD_UNSPECIALIZED): a value of 1, of a multiple of 16 or of
+    neither compiles one kernel of each, where each class compiled its own; the dgrad's strides stay specialized (a
+    stride of 1 folds its divisions away). The weight gradient is the same whatever the split count."""
+    from deeplab_ops import reference
+    from deeplab_ops.triton import conv_engine
+
     x, weight, gamma, beta, rm, rv = _conv_inputs(c_in=16, c_out=16, h=9, w=9)
+    grad = {}
     with dtriton.count_launches() as counts:
-        for rate in (1, 2, 16):
-            triton_cbr.forward(x, weight, gamma, beta, rm, rv, [1, 1], [rate, rate], [rate, rate], True, 0.1, 1e-5,
-                               None, True)
-    convs = {s for s in counts.signatures if s.kernel == "conv_fwd"}
-    assert counts.by_kernel["conv_fwd"] == 3 and len(convs) == 1, convs
-    args = {n: c for n, _, c in next(iter(convs)).args}
-    assert args["pad_h"] == args["pad_w"] == args["dil_h"] == args["dil_w"] == "" and args["stride_h"] == "==1"
+        for rate, stride, splits in ((1, 1, 1), (2, 2, 16), (16, 1, 3), (2, 2, 1), (1, 1, 5)):
+            monkeypatch.setattr(conv_engine, "split_count", lambda device, programs, tiles, s=splits: s)
+            st, pd = [stride, stride], [rate, rate]
+            out, conv_out, mean, invstd, *_ = triton_cbr.forward(x, weight, gamma, beta, rm, rv, st, pd, pd, True,
+                                                                 0.1, 1e-5, None, True)
+            g = torch.randn(out.shape, generator=torch.Generator().manual_seed(rate * 10 + stride)).to(out)
+            dw = triton_cbr.backward(g, x, weight, gamma, conv_out, out, mean, invstd, st, pd, pd, True, True,
+                                     [True, True, False, False, False])[1]
+            xr, wr = x.clone().requires_grad_(), weight.clone().requires_grad_()
+            ref = reference.conv_bn_relu(xr, wr, gamma, beta, rm.clone(), rv.clone(), stride=st, padding=pd,
+                                         dilation=pd, training=True)
+            ref.backward(g)
+            torch.testing.assert_close(dw, wr.grad, rtol=1e-4, atol=1e-3)
+            grad[(rate, stride, splits)] = dw
+    classes = {}
+    for s in counts.signatures:
+        classes.setdefault(s.kernel, []).append({n: c for n, _, c in s.args})
+    assert counts.by_kernel["conv_fwd"] == counts.by_kernel["conv_wgrad"] == counts.by_kernel["conv_dgrad"] == 5
+    assert len(classes["conv_fwd"]) == len(classes["conv_wgrad"]) == 1, classes
+    fwd, wgrad = classes["conv_fwd"][0], classes["conv_wgrad"][0]
+    geometry = ("pad_h", "pad_w", "dil_h", "dil_w", "stride_h", "stride_w")
+    assert all(fwd[n] == wgrad[n] == "" for n in geometry) and wgrad["SPLITS"] == ""
+    strides = sorted(d["stride_h"] for d in classes["conv_dgrad"])
+    assert strides == ["", "==1"] and all(d["pad_h"] == d["dil_h"] == "" for d in classes["conv_dgrad"])
+    torch.testing.assert_close(grad[(2, 2, 16)], grad[(2, 2, 1)], rtol=1e-5, atol=1e-4)
 
 
 @triton_test
