@@ -29,6 +29,7 @@ def _parse(argv: list[str] | None) -> None:
 
 _SETTINGS = "DEEPLAB_OPS_BACKEND (the backend of backend=None), DEEPLAB_OPS_CPU_WINOGRAD (0: no Winograd), " \
             "DEEPLAB_OPS_AUTOTUNE (gpu, all or off: how triton kernels are tuned), " \
+            "DEEPLAB_OPS_TUNING_CACHE (a folder, or off: where tuned triton configurations are kept), " \
             "TRITON_INTERPRET (1: triton runs CPU tensors)"
 
 
@@ -110,6 +111,11 @@ def main(argv: list[str] | None = None) -> int:
     except ValueError as e:
         print(f"error        {e}: every triton-backend call raises this")
         return 1
+    from deeplab_ops.common import TUNING_CACHE_ENV, tuning_cache_folder
+
+    kept = tuning_cache_folder(os.environ.get(TUNING_CACHE_ENV, ""))
+    print(f"triton tuning {os.environ.get('DEEPLAB_OPS_AUTOTUNE') or 'gpu'}; winners kept "
+          + (f"in {kept}" if kept else "nowhere") + f" ({TUNING_CACHE_ENV})")
     devices = ["cpu"] + (["cuda"] if torch.cuda.is_available() else [])
     for dev in devices:
         print(f"backends on {dev}:")

@@ -107,6 +107,26 @@ def env_autotune_mode() -> str:
     return check_autotune_mode(os.environ.get(AUTOTUNE_ENV) or "gpu", AUTOTUNE_ENV)
 
 
+TUNING_CACHE_ENV = "DEEPLAB_OPS_TUNING_CACHE"
+
+
+def tuning_cache_folder(setting: str) -> str | None:
+    """Where the triton backend keeps tuned winners for a setting of $DEEPLAB_OPS_TUNING_CACHE: "" (unset), a
+    folder deeplab_ops_tuning in Triton's cache folder ($TRITON_CACHE_DIR, else ~/.triton/cache); "off", None; else
+    that folder."""
+    if setting == "off":
+        return None
+    if setting:
+        return setting
+    try:
+        from triton import knobs  # triton >= 3.4
+
+        triton_dir = str(knobs.cache.dir)
+    except (ImportError, AttributeError):
+        triton_dir = os.environ.get("TRITON_CACHE_DIR") or os.path.join(os.path.expanduser("~"), ".triton", "cache")
+    return os.path.join(triton_dir, "deeplab_ops_tuning")
+
+
 def opmath_dtype(dtype: torch.dtype) -> torch.dtype:
     """The dtype of per-channel statistics and accumulators for activations of `dtype`."""
     return torch.float64 if dtype == torch.float64 else torch.float32

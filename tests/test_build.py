@@ -113,6 +113,14 @@ def test_python_m_deeplab_ops_has_help_refuses_unknown_arguments_and_bad_setting
     off = run([sys.executable, "-m", "deeplab_ops"], env={**env, "TRITON_INTERPRET": "off"})
     assert off.returncode == 0 and "TRITON_INTERPRET='off' (the interpreter is off)" in off.stdout, off.stdout
     assert "triton     unusable: it runs CPU tensors only in the Triton interpreter" in off.stdout, off.stdout
+    # where tuned triton winners are kept: the folder set, nowhere for off, else beside Triton's cache
+    kept = run([sys.executable, "-m", "deeplab_ops"], env={**env, "DEEPLAB_OPS_TUNING_CACHE": "/some/folder"})
+    assert "triton tuning gpu; winners kept in /some/folder (DEEPLAB_OPS_TUNING_CACHE)" in kept.stdout, kept.stdout
+    assert "DEEPLAB_OPS_TUNING_CACHE" in help_.stdout
+    env_default = {k: v for k, v in env.items() if k != "DEEPLAB_OPS_TUNING_CACHE"}
+    default = run([sys.executable, "-m", "deeplab_ops"], env={**env_default, "TRITON_CACHE_DIR": "/tmp/tc"})
+    assert "winners kept in /tmp/tc/deeplab_ops_tuning" in default.stdout, default.stdout
+    assert env["DEEPLAB_OPS_TUNING_CACHE"] == "off" and "winners kept nowhere" in off.stdout, off.stdout  # conftest
     piped = subprocess.run(f"{shlex.quote(sys.executable)} -m deeplab_ops | head -1", shell=True, capture_output=True,
                            text=True, timeout=120, env=env)
     assert piped.stdout.startswith("python ") and "Traceback" not in piped.stderr, piped.stderr

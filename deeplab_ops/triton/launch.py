@@ -46,9 +46,11 @@ import triton
 import triton.testing
 from triton.runtime.errors import OutOfResources
 
+from deeplab_ops.common import TUNING_CACHE_ENV
 from deeplab_ops.common import check_autotune_mode as _check_mode
 from deeplab_ops.common import env_autotune_mode as _env_autotune_mode
 from deeplab_ops.common import interpreter_active as _interpreter_active
+from deeplab_ops.common import tuning_cache_folder as _tuning_cache_folder
 from deeplab_ops.triton.counting import _COUNTERS, _OPEN, Signature, launch_counters
 from deeplab_ops.triton.counting import paused as _counting_paused
 from deeplab_ops.triton.counting import record_launch as _record_launch
@@ -56,7 +58,6 @@ from deeplab_ops.triton.counting import record_launch as _record_launch
 _AUTOTUNE = [_env_autotune_mode()]
 
 
-TUNING_CACHE_ENV = "DEEPLAB_OPS_TUNING_CACHE"
 _TUNING_CACHE = [os.environ.get(TUNING_CACHE_ENV, "")]
 
 
@@ -72,18 +73,7 @@ def set_tuning_cache(folder: str) -> str:
 
 def tuning_cache_dir() -> str | None:
     """The folder timed winners persist in, or None where that is off."""
-    folder = _TUNING_CACHE[0]
-    if folder == "off":
-        return None
-    if folder:
-        return folder
-    try:
-        from triton import knobs  # triton >= 3.4
-
-        triton_dir = str(knobs.cache.dir)
-    except (ImportError, AttributeError):
-        triton_dir = os.environ.get("TRITON_CACHE_DIR") or os.path.join(os.path.expanduser("~"), ".triton", "cache")
-    return os.path.join(triton_dir, "deeplab_ops_tuning")
+    return _tuning_cache_folder(_TUNING_CACHE[0])
 
 
 def set_autotune(mode: str) -> str:
