@@ -493,11 +493,12 @@ def triton_disk_cache() -> tuple[str, int]:
 
 
 def kept_winners() -> tuple[str | None, int]:
-    """deeplab_ops' tuning folder (deeplab_ops.triton.launch.tuning_cache_dir; None where off) and how many tuned
-    winners it keeps: keys a later run loads untimed, compiling only the winner."""
+    """The folder of deeplab_ops' kept tuning winners that this Triton and these kernel sources read
+    (deeplab_ops.triton.launch.kept_folder; None where off) and how many it holds: keys a later run loads untimed,
+    compiling only the winner (another pixel-count bucket is still timed)."""
     from deeplab_ops.triton import launch
 
-    path = launch.tuning_cache_dir()
+    path = launch.kept_folder()
     try:
         return path, 0 if path is None else sum(1 for name in os.listdir(path) if name.endswith(".json"))
     except OSError:

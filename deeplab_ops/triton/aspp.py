@@ -565,7 +565,7 @@ def branch_forward(xh: Tensor, w: Tensor, rates: Tensor, c: int, *, training: bo
                       pairs if pairs is not None else rates, h, wd, c_in, c, bc, **meta, **cfg)
         return parts
 
-    sizes = dict(C_in=c_in, C=c, BC=bc, H=h, W=wd, **fit_sizes(xh))
+    sizes = dict(C_in=c_in, C=c, BC=bc, N=n, H=h, W=wd, **fit_sizes(xh))
     parts = run_tuned(KERNELS["branch_fwd"], xh.device, xh.dtype, sizes, meta, run, config)
     return y, parts
 
@@ -590,8 +590,8 @@ def branch_dgrad(g: Tensor, y: Tensor, coef: Tensor, wt: Tensor, rates: Tensor, 
                       g, y, coef, wt, rates, dx_pool, dx, pairs if pairs is not None else rates, h, wd, c_in, c, bc,
                       nb, **meta, **cfg)
 
-    run_tuned(KERNELS["branch_dgrad"], y.device, y.dtype, dict(C_in=c_in, C=c, BC=bc, H=h, W=wd, **fit_sizes(y)), meta,
-              run, config)
+    run_tuned(KERNELS["branch_dgrad"], y.device, y.dtype, dict(C_in=c_in, C=c, BC=bc, N=n, H=h, W=wd, **fit_sizes(y)),
+              meta, run, config)
     return dx
 
 
@@ -614,7 +614,7 @@ def branch_wgrad(xh: Tensor, g: Tensor, y: Tensor, coef: Tensor, rates: Tensor, 
                       xh, g, y, coef, rates, part, pairs if pairs is not None else rates, n, h, wd, c_in, c, bc, t,
                       splits, **meta, **cfg)
 
-    run_tuned(KERNELS["branch_wgrad"], xh.device, xh.dtype, dict(C_in=c_in, C=c, BC=bc, H=h, W=wd, SPLITS=splits,
+    run_tuned(KERNELS["branch_wgrad"], xh.device, xh.dtype, dict(C_in=c_in, C=c, BC=bc, N=n, H=h, W=wd, SPLITS=splits,
                                                                   **fit_sizes(xh)), meta, run, config)
     if outs is None:
         return part.sum(0)
@@ -651,7 +651,7 @@ def project_forward(br: Tensor, w: Tensor, bias: Tensor, affine: tuple[Tensor, T
                       *(parts if parts is not None else (y, y, y)), hw, bc, c, out_offset, **meta, **cfg)
         return parts
 
-    parts = run_tuned(KERNELS["project_fwd"], br.device, br.dtype, dict(HW=hw, BC=bc, C=c, **fit_sizes(br)), meta,
+    parts = run_tuned(KERNELS["project_fwd"], br.device, br.dtype, dict(N=n, HW=hw, BC=bc, C=c, **fit_sizes(br)), meta,
                       run)
     return y, out, parts
 
@@ -679,7 +679,7 @@ def project_dgrad(dz: Tensor, z: Tensor, y: Tensor, coef: Tensor, w: Tensor, br:
         return part_g, part_gy, part_dy
 
     part_g, part_gy, part_dy = run_tuned(KERNELS["project_dgrad"], br.device, br.dtype,
-                                         dict(HW=hw, BC=bc, C=c, **fit_sizes(br)), meta, run)
+                                         dict(N=n, HW=hw, BC=bc, C=c, **fit_sizes(br)), meta, run)
     return g, part_g, part_gy, part_dy.sum(1)
 
 
@@ -699,8 +699,8 @@ def project_wgrad(br: Tensor, branch_affine: tuple[Tensor, Tensor, Tensor], dz: 
                       (cdiv(bc, cfg["BLOCK_M"]) * cdiv(c, cfg["BLOCK_N"]), splits),
                       br, *branch_affine, dz, z, y, coef, part, n, hw, bc, c, splits, **meta, **cfg)
 
-    run_tuned(KERNELS["project_wgrad"], br.device, br.dtype, dict(HW=hw, BC=bc, C=c, SPLITS=splits, **fit_sizes(br)),
-              meta, run)
+    run_tuned(KERNELS["project_wgrad"], br.device, br.dtype,
+              dict(N=n, HW=hw, BC=bc, C=c, SPLITS=splits, **fit_sizes(br)), meta, run)
     return part.sum(0) if out is None else torch.sum(part, 0, out=out)
 
 

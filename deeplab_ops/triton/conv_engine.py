@@ -740,7 +740,7 @@ def conv_forward(
         )
         return parts
 
-    sizes = dict(C_in=c_in, C_out=c_out, H_out=ho, W_out=wo, stride_h=geo.stride[0], stride_w=geo.stride[1],
+    sizes = dict(C_in=c_in, C_out=c_out, N=n, H_out=ho, W_out=wo, stride_h=geo.stride[0], stride_w=geo.stride[1],
                  **fit_sizes(x))
     parts = run_tuned(KERNELS["fwd"], x.device, x.dtype, sizes, meta, run, config)
     return y, out, parts
@@ -769,7 +769,8 @@ def conv_dgrad(
             *geo.args(), **meta, **cfg,
         )
 
-    sizes = dict(C_in=c_in, C_out=c_out, H=h, W=wd, stride_h=geo.stride[0], stride_w=geo.stride[1], **fit_sizes(y))
+    sizes = dict(C_in=c_in, C_out=c_out, N=n, H=h, W=wd, stride_h=geo.stride[0], stride_w=geo.stride[1],
+                 **fit_sizes(y))
     run_tuned(KERNELS["dgrad"], y.device, y.dtype, sizes, meta, run, config)
     return dx
 
@@ -798,7 +799,7 @@ def conv_wgrad(
             splits, *geo.args(), **meta, **cfg,
         )
 
-    sizes = dict(C_in=c_in, C_out=c_out, H_out=ho, W_out=wo, stride_h=geo.stride[0], stride_w=geo.stride[1],
+    sizes = dict(C_in=c_in, C_out=c_out, N=n, H_out=ho, W_out=wo, stride_h=geo.stride[0], stride_w=geo.stride[1],
                  SPLITS=splits, **fit_sizes(x))
     run_tuned(KERNELS["wgrad"], x.device, x.dtype, sizes, meta, run, config)
     if dw_out is not None:

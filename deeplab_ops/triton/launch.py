@@ -16,10 +16,11 @@ How tuning is done (`set_autotune`, or the environment variable DEEPLAB_OPS_AUTO
   "off"            nothing is tuned: CUDA launches use the first pruned candidate, the interpreter its fixed config.
 Where winners persist (`set_tuning_cache`, or DEEPLAB_OPS_TUNING_CACHE at import): "" or unset, a folder
 deeplab_ops_tuning in Triton's cache folder ($TRITON_CACHE_DIR, else ~/.triton/cache); "off", nowhere; anything
-else, that folder. An entry is one small JSON file per tuning key, named by a hash of everything the winner depends
-on (this package's kernel sources, Triton's version, the GPU's name, architecture and SM count, CUDA's version, the
-key and its candidate list): a change to any of them is a miss, timed again. A winner chosen while memory ran out
-during the timing is not kept. Several processes may share the folder (each file is written whole, then renamed).
+else, that folder. Entries live in a subfolder per Triton version and kernel sources (`kept_folder`), one small
+JSON file per tuning key and pixel-count bucket (N x H x W to a power of 4: a winner timed on a small map never
+serves a large one), named by a hash of the GPU's name, architecture and SM count, CUDA's version, the key, the
+bucket and the candidate list: a change to any of them is a miss, timed again. A winner chosen while memory ran out
+during the timing is not kept. Processes may share the folder (each file is written apart, then renamed).
 With torch.use_deterministic_algorithms(True) (train.py --deterministic) nothing is timed either, whatever the mode:
 the first pruned candidate (cached apart from timed winners). The winner of a timing can differ from one process to
 the next, and another tile sums the BatchNorm partials and the GEMMs in another order: results would differ in
@@ -33,7 +34,9 @@ import functools
 import hashlib
 import inspect
 import json
+import math
 import os
+import tempfile
 import threading
 import time
 import warnings
@@ -280,7 +283,7 @@ class KernelSpec(NamedTuple):
 # Sizes that never key the cache, whatever a spec lists: the spatial extents and the split counts derived from
 # them. The tile that wins is decided by dtype, kernel size, stride and channels, and a new map size must not
 # re-tune (each candidate compiled again) on a GPU.
-UNKEYED = frozenset({"H", "W", "H_out", "W_out", "HW", "SPLITS"})
+UNKEYED = frozenset({"N", "H", "W", "H_out", "W_out", "HW", "SPLITS"})
 
 
 def config_dict(config) -> dict:
@@ -332,16 +335,26 @@ def tuned_config(spec: KernelSpec, device: torch.device, dtype: torch.dtype, siz
     config = TUNED.get(key)
     if config is not None:
         return config
+    untimed = deterministic or (gpu and mode == "off")
     if gpu and torch.cuda.is_available() and torch.cuda.is_current_stream_capturing():
-        # Inside a CUDA-graph capture nothing may be timed (do_bench synchronizes): the first candidate, not
-        # remembered, so that a call outside the capture still tunes this key.
-        return candidates(spec, device, sizes)[0]
+        # Inside a CUDA-graph capture nothing may be timed (do_bench synchronizes): a kept winner (a file read, host
+        # only), else the first candidate, not remembered, so that a call outside the capture still tunes this key.
+        kept = None if untimed else _kept(spec, key, device, sizes)
+        if kept is None or kept[2] is None:
+            return candidates(spec, device, sizes)[0]
+        with _TUNE_LOCK:
+            return TUNED.setdefault(key, kept[2])
+    warning = None
     with _TUNE_LOCK:
         config = TUNED.get(key)
         if config is None:
-            untimed = deterministic or (gpu and mode == "off")
-            config = TUNED[key] = candidates(spec, device, sizes)[0] if untimed else \
-                _timed_or_kept(spec, key, device, sizes, run)
+            if untimed:
+                config = candidates(spec, device, sizes)[0]
+            else:
+                config, warning = _timed_or_kept(spec, key, device, sizes, run)
+            TUNED[key] = config
+    if warning is not None:  # after the winner is remembered: an error-raising warning filter loses nothing
+        warnings.warn(warning, stacklevel=2)
     return config
 
 
@@ -353,15 +366,26 @@ class _Untimed(dict):
 
 
 @functools.cache
-def _sources_digest() -> str:
-    """A hash of this package's Triton sources: an edit to any kernel or helper makes every kept winner a miss."""
+def _sources_digest() -> str | None:
+    """A hash of this package's Triton sources (None where they cannot be read: nothing is kept then)."""
     digest = hashlib.sha256()
     folder = os.path.dirname(os.path.abspath(__file__))
-    for name in sorted(os.listdir(folder)):
-        if name.endswith(".py"):
-            with open(os.path.join(folder, name), "rb") as f:
-                digest.update(name.encode() + b"\0" + f.read())
+    try:
+        for name in sorted(os.listdir(folder)):
+            if name.endswith(".py"):
+                with open(os.path.join(folder, name), "rb") as f:
+                    digest.update(name.encode() + b"\0" + f.read())
+    except OSError:
+        return None
     return digest.hexdigest()
+
+
+def kept_folder() -> str | None:
+    """The subfolder of the tuning folder that this Triton and these kernel sources read and write (an edit to any
+    kernel or helper, or another Triton, starts an empty one), or None where winners are not kept."""
+    base = tuning_cache_dir()
+    digest = _sources_digest() if base is not None else None
+    return None if digest is None else os.path.join(base, f"triton-{triton.__version__}-{digest[:16]}")
 
 
 def _device_identity(device: torch.device) -> str:
@@ -371,12 +395,35 @@ def _device_identity(device: torch.device) -> str:
     return f"{props.name} sm_{props.major}{props.minor} {props.multi_processor_count} SMs cuda {torch.version.cuda}"
 
 
-def _kept_entry(folder: str, spec: KernelSpec, key: tuple, device: torch.device,
-                configs: list[dict]) -> tuple[str, str]:
-    """(file, key text) of a tuning key's kept winner in `folder`."""
-    text = repr((_sources_digest(), triton.__version__, _device_identity(device), kernel_name(spec.kernel),
-                 key[3:], configs))
-    return os.path.join(folder, hashlib.sha256(text.encode()).hexdigest()[:40] + ".json"), text
+_PIXEL_SIZES = (("H_out", "W_out"), ("H", "W"), ("HW",))
+
+
+def _pixel_bucket(sizes: dict) -> int:
+    """The call's pixel count (N x its map's pixels) rounded up to a power of 4. The in-process key leaves the map
+    size out (a new size must not time again); a kept winner is keyed by this too, so that a winner timed on a
+    small map (a benchmark, a test image) never serves a later run's large one."""
+    for names in _PIXEL_SIZES:
+        if all(n in sizes for n in names):
+            pixels = sizes.get("N", 1) * math.prod(sizes[n] for n in names)
+            bucket = 1
+            while bucket < pixels:
+                bucket *= 4
+            return bucket
+    return 0
+
+
+def _kept(spec: KernelSpec, key: tuple, device: torch.device, sizes: dict) -> tuple | None:
+    """(file and key text, the candidates, the kept winner or None) of a tuning key with candidates to time; None
+    where winners are not kept or there is one candidate."""
+    folder = kept_folder()
+    if folder is None:
+        return None
+    configs = candidates(spec, device, sizes)
+    if len(configs) == 1:
+        return None
+    text = repr((_device_identity(device), kernel_name(spec.kernel), key[3:], _pixel_bucket(sizes), configs))
+    entry = os.path.join(folder, hashlib.sha256(text.encode()).hexdigest()[:40] + ".json"), text
+    return entry, configs, _load_winner(entry, configs)
 
 
 def _load_winner(entry: tuple[str, str], configs: list[dict]) -> dict | None:
@@ -395,42 +442,42 @@ def _load_winner(entry: tuple[str, str], configs: list[dict]) -> dict | None:
 _WRITE_WARNED: set[str] = set()
 
 
-def _keep_winner(entry: tuple[str, str], config: dict) -> None:
-    """Write the winner whole, then rename it into place (readers in other processes never see half a file). A
-    folder that cannot be written warns once and keeps nothing."""
+def _keep_winner(entry: tuple[str, str], config: dict) -> str | None:
+    """Write the winner to a file of its own, then rename it into place (readers in other processes, on other hosts
+    sharing the folder too, never see half a file). Where the folder cannot be written: nothing kept, and the
+    first time, a warning's text (the caller warns)."""
     path, text = entry
     folder = os.path.dirname(path)
-    tmp = f"{path}.{os.getpid()}.{threading.get_ident()}.tmp"
+    tmp = None
     try:
         os.makedirs(folder, exist_ok=True)
-        with open(tmp, "w", encoding="utf-8") as f:
+        fd, tmp = tempfile.mkstemp(dir=folder, prefix=os.path.basename(path) + ".", suffix=".tmp")
+        with os.fdopen(fd, "w", encoding="utf-8") as f:
             json.dump({"key": text, "config": config}, f)
         os.replace(tmp, path)
+        return None
     except OSError as e:
-        with contextlib.suppress(OSError):
-            os.remove(tmp)
-        if folder not in _WRITE_WARNED:
-            _WRITE_WARNED.add(folder)
-            warnings.warn(f"deeplab_ops: tuned configurations cannot be kept in {folder!r} ({e}); the next process "
-                          f"times them again (set {TUNING_CACHE_ENV} to another folder, or to off)", stacklevel=2)
+        if tmp is not None:
+            with contextlib.suppress(OSError):
+                os.remove(tmp)
+        if folder in _WRITE_WARNED:
+            return None
+        _WRITE_WARNED.add(folder)
+        return (f"deeplab_ops: tuned configurations cannot be kept in {folder!r} ({e}); the next process times them "
+                f"again (set {TUNING_CACHE_ENV} to another folder, or to off)")
 
 
 def _timed_or_kept(spec: KernelSpec, key: tuple, device: torch.device, sizes: dict,
-                   run: Callable[[dict], object]) -> dict:
-    """A kept winner of this key, else `tune`'s, kept when every candidate was timed."""
-    folder = tuning_cache_dir()
-    if folder is None:
-        return tune(spec, device, sizes, run)
-    configs = candidates(spec, device, sizes)
-    if len(configs) == 1:
-        return configs[0]  # nothing to time
-    entry = _kept_entry(folder, spec, key, device, configs)
-    config = _load_winner(entry, configs)
-    if config is None:
-        config = tune(spec, device, sizes, run)
-        if not isinstance(config, _Untimed):
-            _keep_winner(entry, config)
-    return config
+                   run: Callable[[dict], object]) -> tuple[dict, str | None]:
+    """(a kept winner of this key, else `tune`'s, kept when every candidate was timed; a warning's text or None)."""
+    kept = _kept(spec, key, device, sizes)
+    if kept is None:
+        return tune(spec, device, sizes, run), None
+    entry, _, winner = kept
+    if winner is not None:
+        return winner, None
+    config = tune(spec, device, sizes, run)
+    return config, None if isinstance(config, _Untimed) else _keep_winner(entry, config)
 
 
 def tune(spec: KernelSpec, device: torch.device, sizes: dict, run: Callable[[dict], object]) -> dict:

@@ -4,6 +4,7 @@ the deterministic facts of its census; the census helpers on known ops."""
 from __future__ import annotations
 
 import csv
+import os
 import sys
 from pathlib import Path
 
@@ -439,12 +440,18 @@ def test_triton_disk_cache_counts_the_entries_of_the_folder_triton_uses(tmp_path
 
     previous = launch.set_tuning_cache("")
     try:
-        assert overhead_bench.kept_winners() == (str(tmp_path / "cache" / "deeplab_ops_tuning"), 0)
-        (tmp_path / "cache" / "deeplab_ops_tuning").mkdir()
-        for name in ("k1.json", "k2.json", "k3.json.1.2.tmp"):
-            (tmp_path / "cache" / "deeplab_ops_tuning" / name).write_text("{}")
+        folder = launch.kept_folder()  # this Triton's and these sources' subfolder
+        assert os.path.dirname(folder) == str(tmp_path / "cache" / "deeplab_ops_tuning")
+        assert overhead_bench.kept_winners() == (folder, 0)
+        os.makedirs(folder)
+        os.makedirs(os.path.join(os.path.dirname(folder), "triton-3.0.0-0123456789abcdef"))  # another's: not counted
+        for name in ("k1.json", "k2.json", "k3.json.x1y2.tmp"):
+            with open(os.path.join(folder, name), "w") as f:
+                f.write("{}")
+        with open(os.path.join(os.path.dirname(folder), "triton-3.0.0-0123456789abcdef", "k.json"), "w") as f:
+            f.write("{}")
         assert overhead_bench.triton_disk_cache() == (str(tmp_path / "cache"), 2)
-        assert overhead_bench.kept_winners() == (str(tmp_path / "cache" / "deeplab_ops_tuning"), 2)
+        assert overhead_bench.kept_winners() == (folder, 2)
         launch.set_tuning_cache("off")
         assert overhead_bench.kept_winners() == (None, 0)
     finally:

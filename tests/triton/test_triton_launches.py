@@ -286,33 +286,56 @@ def _kept_tuning(monkeypatch, tmp_path, gpu_name="NVIDIA H100 80GB HBM3", sms=13
 
 
 def test_a_kept_winner_serves_a_later_process_untimed(monkeypatch, tmp_path):
-    """A timed winner is written to the tuning folder (one JSON file per key); a later process (an empty in-memory
-    cache) loads it and times nothing. Another GPU, SM count, candidate list or kernel source is a miss, timed
-    again and kept beside it."""
+    """A timed winner is written to the tuning folder (one JSON file per key, in a subfolder per Triton version and
+    kernel sources); a later process (an empty in-memory cache) loads it and times nothing, at any map size of the
+    same pixel bucket (a power of 4 of N x H x W). Another pixel bucket, GPU, SM count, candidate list or kernel
+    source is a miss, timed again and kept beside it."""
     launch, spec, cuda, sizes, meta, options, timed = _kept_tuning(monkeypatch, tmp_path)
     assert launch.tuned_config(spec, cuda, torch.float16, sizes, meta, None) == options[-1]
-    assert timed == options and len(list(tmp_path.glob("*.json"))) == 1
-    monkeypatch.setattr(launch, "TUNED", {})  # a new process
-    timed.clear()
-    assert launch.tuned_config(spec, cuda, torch.float16, sizes, meta, None) == options[-1] and not timed
+    (entry,) = tmp_path.rglob("*.json")
+    assert timed == options and entry.parent.parent == tmp_path and entry.parent == __import__("pathlib").Path(
+        launch.kept_folder()) and entry.parent.name.startswith(f"triton-{triton.__version__}-")
+    for same_bucket in (sizes, dict(sizes, H_out=40, W_out=40), dict(sizes, N=1, H_out=64, W_out=64)):
+        monkeypatch.setattr(launch, "TUNED", {})  # a new process
+        timed.clear()
+        assert launch.tuned_config(spec, cuda, torch.float16, same_bucket, meta, None) == options[-1] and not timed
     monkeypatch.setattr(launch, "TUNED", {})
     assert launch.tuned_config(spec, cuda, torch.bfloat16, sizes, meta, None) == options[-1]  # another key
-    assert timed == options and len(list(tmp_path.glob("*.json"))) == 2
-    for change in (
-        lambda: monkeypatch.setattr(torch.cuda, "get_device_properties", lambda device=None: __import__(
-            "types").SimpleNamespace(name="NVIDIA H200", major=9, minor=0, multi_processor_count=132)),
-        lambda: monkeypatch.setattr(torch.cuda, "get_device_properties", lambda device=None: __import__(
-            "types").SimpleNamespace(name="NVIDIA H200", major=9, minor=0, multi_processor_count=114)),
-        lambda: monkeypatch.setattr(
+    assert timed == options and len(list(tmp_path.rglob("*.json"))) == 2
+    import types
+
+    gpu = types.SimpleNamespace(name="NVIDIA H200", major=9, minor=0, multi_processor_count=132)
+    for change, call in (
+        (lambda: None, dict(sizes, N=16, H_out=129, W_out=129)),  # a training crop's map: another bucket
+        (lambda: monkeypatch.setattr(torch.cuda, "get_device_properties", lambda device=None: gpu), sizes),
+        (lambda: setattr(gpu, "multi_processor_count", 114), sizes),
+        (lambda: monkeypatch.setattr(
             launch, "candidates", lambda spec, device, sizes, real=launch.candidates: real(spec, device, sizes)[1:]),
-        lambda: monkeypatch.setattr(launch, "_sources_digest", lambda: "an edited kernel"),
+         sizes),
+        (lambda: monkeypatch.setattr(launch, "_sources_digest", lambda: "an edited kernel"), sizes),
     ):
         change()
         monkeypatch.setattr(launch, "TUNED", {})
         timed.clear()
-        launch.tuned_config(spec, cuda, torch.float16, sizes, meta, None)
-        assert timed, "a changed GPU, candidate list or source must be timed again"
-    assert len(list(tmp_path.glob("*.json"))) == 6 and not list(tmp_path.glob("*.tmp"))
+        launch.tuned_config(spec, cuda, torch.float16, call, meta, None)
+        assert timed, "another pixel bucket, GPU, candidate list or source must be timed again"
+    assert len(list(tmp_path.rglob("*.json"))) == 7 and not list(tmp_path.rglob("*.tmp"))
+    assert len(list(tmp_path.iterdir())) == 2  # the edited sources' winners in a subfolder of their own
+
+
+def test_a_kept_winner_serves_a_cuda_graph_capture(monkeypatch, tmp_path):
+    """A key first met inside a capture (nothing may be timed there) takes a kept winner, read from its file, and
+    remembers it; without one, the first candidate, not remembered (test_no_tuning_inside_a_cuda_graph_capture)."""
+    launch, spec, cuda, sizes, meta, options, timed = _kept_tuning(monkeypatch, tmp_path)
+    launch.tuned_config(spec, cuda, torch.float16, sizes, meta, None)
+    monkeypatch.setattr(launch, "TUNED", {})
+    timed.clear()
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "is_current_stream_capturing", lambda: True)
+    assert launch.tuned_config(spec, cuda, torch.float16, sizes, meta, None) == options[-1] and not timed
+    assert list(launch.TUNED.values()) == [options[-1]]
+    assert launch.tuned_config(spec, cuda, torch.bfloat16, sizes, meta, None) == options[0] and not timed
+    assert len(launch.TUNED) == 1
 
 
 def test_a_bad_kept_entry_is_timed_again_and_replaced(monkeypatch, tmp_path):
@@ -322,7 +345,7 @@ def test_a_bad_kept_entry_is_timed_again_and_replaced(monkeypatch, tmp_path):
 
     launch, spec, cuda, sizes, meta, options, timed = _kept_tuning(monkeypatch, tmp_path)
     launch.tuned_config(spec, cuda, torch.float16, sizes, meta, None)
-    (path,) = tmp_path.glob("*.json")
+    (path,) = tmp_path.rglob("*.json")
     good = json.loads(path.read_text())
     for bad in ("{\"key\": ", json.dumps(dict(good, key="another key")),
                 json.dumps(dict(good, config=dict(good["config"], BLOCK_N=48))), "[]"):
@@ -334,15 +357,24 @@ def test_a_bad_kept_entry_is_timed_again_and_replaced(monkeypatch, tmp_path):
 
 
 def test_what_is_not_kept(monkeypatch, tmp_path):
-    """Nothing is kept with the folder "off", for a winner chosen while memory ran out during the timing, or for a
-    key with one candidate (nothing timed); a folder that cannot be written warns once, and the calls go on."""
+    """Nothing is kept with the folder "off", where the kernel sources cannot be read, for a winner chosen while
+    memory ran out during the timing, or for a key with one candidate (nothing timed); a folder that cannot be
+    written warns once, after the winner is remembered (a warning filter that raises loses no timing)."""
+    import warnings
+
     launch, spec, cuda, sizes, meta, options, timed = _kept_tuning(monkeypatch, tmp_path)
     monkeypatch.setattr(launch, "_TUNING_CACHE", ["off"])
-    assert launch.tuning_cache_dir() is None
+    assert launch.tuning_cache_dir() is None and launch.kept_folder() is None
     launch.tuned_config(spec, cuda, torch.float16, sizes, meta, None)
     assert timed == options and not list(tmp_path.iterdir())
     monkeypatch.setattr(launch, "_TUNING_CACHE", [str(tmp_path)])
+    monkeypatch.setattr(launch, "_sources_digest", lambda: None)
     monkeypatch.setattr(launch, "TUNED", {})
+    assert launch.kept_folder() is None
+    launch.tuned_config(spec, cuda, torch.float16, sizes, meta, None)
+    assert not list(tmp_path.iterdir())
+    monkeypatch.undo()
+    launch, spec, cuda, sizes, meta, options, timed = _kept_tuning(monkeypatch, tmp_path)
 
     def out_of_memory(run, config, device):
         raise torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 256.00 MiB")
@@ -360,14 +392,15 @@ def test_what_is_not_kept(monkeypatch, tmp_path):
     monkeypatch.setattr(launch, "_TUNING_CACHE", [str(blocker / "tuning")])
     monkeypatch.setattr(launch, "_WRITE_WARNED", set())
     monkeypatch.setattr(launch, "_time", lambda run, config, device: 1.0)
-    with pytest.warns(UserWarning, match="cannot be kept in .*a file.*DEEPLAB_OPS_TUNING_CACHE"):
-        launch.tuned_config(spec, cuda, torch.float16, sizes, meta, None)
     monkeypatch.setattr(launch, "TUNED", {})
-    import warnings
-
     with warnings.catch_warnings():
-        warnings.simplefilter("error")  # once per folder
+        warnings.simplefilter("error")
+        with pytest.raises(UserWarning, match="cannot be kept in .*a file.*DEEPLAB_OPS_TUNING_CACHE"):
+            launch.tuned_config(spec, cuda, torch.float16, sizes, meta, None)
+        assert len(launch.TUNED) == 1  # remembered before the warning
         launch.tuned_config(spec, cuda, torch.float16, sizes, meta, None)
+        monkeypatch.setattr(launch, "TUNED", {})
+        launch.tuned_config(spec, cuda, torch.float16, sizes, meta, None)  # once per folder: no second warning
 
 
 def test_the_tuning_folder_setting():
@@ -396,7 +429,7 @@ def test_the_tuning_folder_setting():
             "real = launch.tune\n"
             "launch.tune = lambda *a: times.append(1) or real(*a)\n"
             "cbr.forward(x, w, g, b, rm, rv, [1, 1], [0, 0], [1, 1], True, 0.1, 1e-5, None, True)\n"
-            "print(len(times), len(os.listdir(launch.tuning_cache_dir())))\n")
+            "print(len(times), len(os.listdir(launch.kept_folder())))\n")
     import tempfile
 
     with tempfile.TemporaryDirectory() as folder:
