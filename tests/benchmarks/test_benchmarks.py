@@ -800,6 +800,9 @@ def test_goal_report_names_a_mode_that_did_not_run(tmp_path):
 FAKE_PYTHON = """#!/usr/bin/env bash
 args="$*"
 if [ -n "${FAKE_PWD:-}" ]; then args="$PWD | $args"; fi
+if [ -n "${FAKE_TUNING:-}" ] && [[ "$1" == benchmarks/* ]]; then
+    args="$args [tuning: ${DEEPLAB_OPS_TUNING_CACHE-unset}]"
+fi
 echo "${args//$'\\n'/ }" >> "$FAKE_LOG"
 if [ -n "${FAKE_ENV_LOG:-}" ]; then echo "DEEPLAB_OPS_CUDA=${DEEPLAB_OPS_CUDA:-}" >> "$FAKE_ENV_LOG"; fi
 if [ "$1 $2" = "-m pytest" ] && [ -n "${FAKE_NO_GPU_TESTS:-}" ] && [[ " $* " == *" -m gpu "* ]]; then exit 5; fi
@@ -963,11 +966,16 @@ def test_gpu_suite_with_no_time_for_any_phase_fails(tmp_path):
 
 def test_gpu_suite_runs_only_the_phases_named_in_suite_phases(tmp_path):
     # a second call on a warm GPU machine runs what the first had no time for
-    result, calls, _ = _run_suite(tmp_path, SUITE_PHASES="conv_bn_relu,first_use")
+    result, calls, _ = _run_suite(tmp_path, SUITE_PHASES="conv_bn_relu,first_use", FAKE_TUNING="1",
+                                  DEEPLAB_OPS_TUNING_CACHE="/the/users/folder")
     assert result.returncode == 0, result.stdout + result.stderr
     assert not any(c.startswith("-m pytest") for c in calls), calls
     benches = [c for c in calls if c.startswith("benchmarks/") and "_bench.py" in c]
     assert len(benches) == 2 and "--name first_use" in benches[0] and "--name conv_bn_relu_bench" in benches[1]
+    # the first use times its keys as a new user's first step does: an empty folder of kept winners of its own
+    first_use_folder = benches[0].split("[tuning: ")[1].rstrip("]")
+    assert first_use_folder not in ("unset", "off", "/the/users/folder") and first_use_folder.startswith("/")
+    assert benches[1].endswith("[tuning: /the/users/folder]"), benches[1]
     assert "-m deeplab_ops" in calls  # import and info always run
     assert "aspp_goal (not in SUITE_PHASES)" in result.stdout
     (tmp_path / "typo").mkdir()
