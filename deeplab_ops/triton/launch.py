@@ -280,9 +280,10 @@ class KernelSpec(NamedTuple):
         return self.hopper if hopper else self.ampere
 
 
-# Sizes that never key the cache, whatever a spec lists: the spatial extents and the split counts derived from
-# them. The tile that wins is decided by dtype, kernel size, stride and channels, and a new map size must not
-# re-tune (each candidate compiled again) on a GPU.
+# Sizes that never key the cache, whatever a spec lists: the batch, the spatial extents and the split counts derived
+# from them. The tile that wins is decided by dtype, kernel size, stride and channels, and a new map size must not
+# re-tune (each candidate compiled again) on a GPU. (The batch and the extents do enter a kept winner's file name, as
+# a pixel-count bucket: `_pixel_bucket`.)
 UNKEYED = frozenset({"N", "H", "W", "H_out", "W_out", "HW", "SPLITS"})
 
 
