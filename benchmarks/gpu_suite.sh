@@ -45,7 +45,8 @@
 #   pytest_rest.log            the rest of the suite (-m "not gpu and not slow"), as far as time allowed
 #   aspp_goal.json, train_bench.json     the rows the issue's goals are read from
 #   goals.txt                  the goals, measured (`python benchmarks/common.py goals DIR`)
-#   gpu_suite_results.tar.gz   every JSON, CSV, PNG, profile and log of the run
+#   gpu_suite_results.tar.gz   every JSON, CSV, PNG, profile and log of the run, and the kept tuning winners with
+#                              every candidate's time (tuning/, first_use_tuning.*/)
 set -u
 
 # No GPU: stop here, before anything is built or run, unless a CPU smoke run is asked for.
@@ -128,6 +129,10 @@ export MAX_JOBS=${MAX_JOBS:-16}
 # a library without the CUDA kernels is rebuilt here (not on the cpu smoke run, where none can be built)
 if [ "$BENCH_DEVICE" = cpu ]; then export DEEPLAB_OPS_CUDA=${DEEPLAB_OPS_CUDA:-0}; fi
 export DEEPLAB_OPS_CUDA=${DEEPLAB_OPS_CUDA:-1}
+# Tuned Triton winners, each with every candidate's time, are kept under the stage and packed with the results (the
+# data a shorter candidate list is chosen from), unless DEEPLAB_OPS_TUNING_CACHE names another folder; pytest runs
+# with them off (tests/conftest.py).
+export DEEPLAB_OPS_TUNING_CACHE=${DEEPLAB_OPS_TUNING_CACHE:-$STAGE/tuning}
 # $GIT_COMMIT wins; else the commit of this project's own repository, or "unknown" when the copy has no .git or
 # sits inside another repository (benchmarks/common.py git_commit: one rule for the suite and the rows).
 if [ -z "${GIT_COMMIT:-}" ]; then
@@ -262,9 +267,9 @@ first_use() {
             --out "$STAGE" --name first_use --budget-s "$budget"
     else
         # an empty folder of kept tuning winners: the earlier phases' winners would spare this step its timing (its
-        # note says what Triton's kernel cache held: those kernels load instead of compiling)
-        DEEPLAB_OPS_TUNING_CACHE="$(mktemp -d)" "$PY" benchmarks/overhead_bench.py --device cuda --r50-step \
-            --out "$STAGE" --name first_use --budget-s "$budget"
+        # note says what Triton's kernel cache held: those kernels load instead of compiling); packed with the rest
+        DEEPLAB_OPS_TUNING_CACHE="$(mktemp -d "$STAGE/first_use_tuning.XXXX")" "$PY" benchmarks/overhead_bench.py \
+            --device cuda --r50-step --out "$STAGE" --name first_use --budget-s "$budget"
     fi
 }
 

@@ -366,6 +366,15 @@ class _Untimed(dict):
     """A configuration `tune` chose without timing every candidate (memory ran out): used, never kept on disk."""
 
 
+class _Timed(dict):
+    """`tune`'s winner, with every candidate's time (`timings`: (configuration, ms) in candidate order; a candidate
+    that did not fit is missing), which its kept entry records: what a shorter candidate list would be chosen from."""
+
+    def __init__(self, config: dict, timings: list):
+        super().__init__(config)
+        self.timings = timings
+
+
 @functools.cache
 def _sources_digest() -> str | None:
     """A hash of this package's Triton sources (None where they cannot be read: nothing is kept then)."""
@@ -453,8 +462,9 @@ def _keep_winner(entry: tuple[str, str], config: dict) -> str | None:
     try:
         os.makedirs(folder, exist_ok=True)
         fd, tmp = tempfile.mkstemp(dir=folder, prefix=os.path.basename(path) + ".", suffix=".tmp")
+        timings = [{"config": c, "ms": ms} for c, ms in getattr(config, "timings", ())]
         with os.fdopen(fd, "w", encoding="utf-8") as f:
-            json.dump({"key": text, "config": config}, f)
+            json.dump({"key": text, "config": config, "timings": timings}, f)
         os.replace(tmp, path)
         return None
     except OSError as e:
@@ -502,7 +512,7 @@ def tune(spec: KernelSpec, device: torch.device, sizes: dict, run: Callable[[dic
                 return _Untimed(min(timings, key=lambda t: t[0])[1] if timings else configs[0])
     if not timings:
         raise RuntimeError(f"no configuration of {kernel_name(spec.kernel)} fits this GPU: {configs}")
-    return min(timings, key=lambda t: t[0])[1]
+    return _Timed(min(timings, key=lambda t: t[0])[1], timings=[(config, ms) for ms, config in timings])
 
 
 def _async_compile_mode():

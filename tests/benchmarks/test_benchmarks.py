@@ -972,10 +972,16 @@ def test_gpu_suite_runs_only_the_phases_named_in_suite_phases(tmp_path):
     assert not any(c.startswith("-m pytest") for c in calls), calls
     benches = [c for c in calls if c.startswith("benchmarks/") and "_bench.py" in c]
     assert len(benches) == 2 and "--name first_use" in benches[0] and "--name conv_bn_relu_bench" in benches[1]
-    # the first use times its keys as a new user's first step does: an empty folder of kept winners of its own
+    # the first use times its keys as a new user's first step does: an empty folder of kept winners of its own, in
+    # the stage (packed); the other benchmarks keep theirs in the user's folder, else in the stage's tuning/
     first_use_folder = benches[0].split("[tuning: ")[1].rstrip("]")
-    assert first_use_folder not in ("unset", "off", "/the/users/folder") and first_use_folder.startswith("/")
+    assert first_use_folder.startswith(f"{tmp_path}/gpu_suite.") and "/first_use_tuning." in first_use_folder
     assert benches[1].endswith("[tuning: /the/users/folder]"), benches[1]
+    (tmp_path / "default").mkdir()
+    _, calls, _ = _run_suite(tmp_path / "default", SUITE_PHASES="conv_bn_relu", FAKE_TUNING="1")
+    (bench,) = [c for c in calls if c.startswith("benchmarks/") and "_bench.py" in c]
+    assert bench.split("[tuning: ")[1].rstrip("]").startswith(f"{tmp_path}/default/gpu_suite."), bench
+    assert bench.endswith("/tuning]"), bench
     assert "-m deeplab_ops" in calls  # import and info always run
     assert "aspp_goal (not in SUITE_PHASES)" in result.stdout
     (tmp_path / "typo").mkdir()

@@ -295,6 +295,10 @@ def test_a_kept_winner_serves_a_later_process_untimed(monkeypatch, tmp_path):
     (entry,) = tmp_path.rglob("*.json")
     assert timed == options and entry.parent.parent == tmp_path and entry.parent == __import__("pathlib").Path(
         launch.kept_folder()) and entry.parent.name.startswith(f"triton-{triton.__version__}-")
+    # the entry records every candidate's time beside the winner (the data a shorter candidate list needs)
+    kept = __import__("json").loads(entry.read_text())
+    assert kept["config"] == options[-1]
+    assert kept["timings"] == [{"config": c, "ms": 1.0 / (1 + i)} for i, c in enumerate(options)]
     for same_bucket in (sizes, dict(sizes, H_out=40, W_out=40), dict(sizes, N=1, H_out=64, W_out=64)):
         monkeypatch.setattr(launch, "TUNED", {})  # a new process
         timed.clear()
