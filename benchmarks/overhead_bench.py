@@ -479,15 +479,12 @@ def triton_disk_cache() -> tuple[str, int]:
     """Triton's on-disk kernel cache: its folder ($TRITON_CACHE_DIR, else ~/.triton/cache) and how many entries it
     holds (one per compiled kernel, plus a few of Triton's own helpers). Kernels an earlier process compiled load from
     there: a first step's time with a full cache is a later run's, with an empty one a new user's."""
-    try:
-        from triton import knobs  # triton >= 3.4
+    from deeplab_ops.common import TUNING_FOLDER, triton_cache_dir
 
-        path = str(knobs.cache.dir)
-    except (ImportError, AttributeError):
-        path = os.environ.get("TRITON_CACHE_DIR") or os.path.join(os.path.expanduser("~"), ".triton", "cache")
+    path = triton_cache_dir()
     try:
         with os.scandir(path) as entries:  # (deeplab_ops' kept tuning winners may be a folder there: not a kernel)
-            return path, sum(1 for e in entries if e.is_dir() and e.name != "deeplab_ops_tuning")
+            return path, sum(1 for e in entries if e.is_dir() and e.name != TUNING_FOLDER)
     except OSError:  # not there yet: nothing compiled on this machine
         return path, 0
 

@@ -108,23 +108,25 @@ def env_autotune_mode() -> str:
 
 
 TUNING_CACHE_ENV = "DEEPLAB_OPS_TUNING_CACHE"
+TUNING_FOLDER = "deeplab_ops_tuning"  # the default folder's name, inside Triton's cache folder
+
+
+def triton_cache_dir() -> str:
+    """The folder Triton keeps compiled kernels in: $TRITON_CACHE_DIR, else ~/.triton/cache (as Triton reads it)."""
+    try:
+        from triton import knobs  # triton >= 3.4
+
+        return str(knobs.cache.dir)
+    except (ImportError, AttributeError):
+        return os.environ.get("TRITON_CACHE_DIR") or os.path.join(os.path.expanduser("~"), ".triton", "cache")
 
 
 def tuning_cache_folder(setting: str) -> str | None:
     """Where the triton backend keeps tuned winners for a setting of $DEEPLAB_OPS_TUNING_CACHE: "" (unset), a
-    folder deeplab_ops_tuning in Triton's cache folder ($TRITON_CACHE_DIR, else ~/.triton/cache); "off", None; else
-    that folder."""
+    folder TUNING_FOLDER in Triton's cache folder; "off", None; else that folder."""
     if setting == "off":
         return None
-    if setting:
-        return setting
-    try:
-        from triton import knobs  # triton >= 3.4
-
-        triton_dir = str(knobs.cache.dir)
-    except (ImportError, AttributeError):
-        triton_dir = os.environ.get("TRITON_CACHE_DIR") or os.path.join(os.path.expanduser("~"), ".triton", "cache")
-    return os.path.join(triton_dir, "deeplab_ops_tuning")
+    return setting or os.path.join(triton_cache_dir(), TUNING_FOLDER)
 
 
 def opmath_dtype(dtype: torch.dtype) -> torch.dtype:

@@ -624,8 +624,8 @@ def gpu_fit_sizes(t: torch.Tensor, fma: bool, smem_limit: int, hopper: bool) -> 
     return {"elem_size": t.element_size(), "fma": fma, "smem_limit": smem_limit, "hopper": hopper and not fma}
 
 
-# The tuning cache key: channel counts and map sizes bucketed to powers of two, strides exact; the constexprs
-# (kernel size, epilogue flags, dtype) are keyed by the launcher.
+# The tuning cache key: channel counts bucketed to powers of two, strides exact, map sizes and batch left out
+# (launch.UNKEYED); the constexprs (kernel size, epilogue flags, dtype) are keyed by the launcher.
 KERNELS = {
     "fwd": KernelSpec(_conv_fwd_kernel, HOPPER_GEMM, AMPERE_GEMM, INTERPRETER_CONFIGS["fwd"],
                       fit_pruner(_conv_fwd_kernel, prune_by_channels("C_out", "C_in", "BLOCK_N", "BLOCK_K")),

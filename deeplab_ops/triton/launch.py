@@ -341,10 +341,10 @@ def tuned_config(spec: KernelSpec, device: torch.device, dtype: torch.dtype, siz
         # Inside a CUDA-graph capture nothing may be timed (do_bench synchronizes): a kept winner (a file read, host
         # only), else the first candidate, not remembered, so that a call outside the capture still tunes this key.
         kept = None if untimed else _kept(spec, key, device, sizes)
-        if kept is None or kept[2] is None:
+        if kept is None or kept[1] is None:
             return candidates(spec, device, sizes)[0]
         with _TUNE_LOCK:
-            return TUNED.setdefault(key, kept[2])
+            return TUNED.setdefault(key, kept[1])
     warning = None
     with _TUNE_LOCK:
         config = TUNED.get(key)
@@ -362,17 +362,14 @@ def tuned_config(spec: KernelSpec, device: torch.device, dtype: torch.dtype, siz
 # ---- winners on disk ---------------------------------------------------------------------------------------
 
 
-class _Untimed(dict):
-    """A configuration `tune` chose without timing every candidate (memory ran out): used, never kept on disk."""
+class _Tuned(dict):
+    """`tune`'s choice, with the candidates' times (`timings`: (ms, configuration) in candidate order; a candidate
+    that did not fit is missing), which its kept entry records: what a shorter candidate list would be chosen from.
+    `complete` is False where memory ran out while timing: used, never kept on disk."""
 
-
-class _Timed(dict):
-    """`tune`'s winner, with every candidate's time (`timings`: (configuration, ms) in candidate order; a candidate
-    that did not fit is missing), which its kept entry records: what a shorter candidate list would be chosen from."""
-
-    def __init__(self, config: dict, timings: list):
+    def __init__(self, config: dict, timings: list, complete: bool = True):
         super().__init__(config)
-        self.timings = timings
+        self.timings, self.complete = timings, complete
 
 
 @functools.cache
@@ -423,8 +420,8 @@ def _pixel_bucket(sizes: dict) -> int:
 
 
 def _kept(spec: KernelSpec, key: tuple, device: torch.device, sizes: dict) -> tuple | None:
-    """(file and key text, the candidates, the kept winner or None) of a tuning key with candidates to time; None
-    where winners are not kept or there is one candidate."""
+    """(file and key text, the kept winner or None) of a tuning key with candidates to time; None where winners are
+    not kept or there is one candidate."""
     folder = kept_folder()
     if folder is None:
         return None
@@ -433,7 +430,7 @@ def _kept(spec: KernelSpec, key: tuple, device: torch.device, sizes: dict) -> tu
         return None
     text = repr((_device_identity(device), kernel_name(spec.kernel), key[3:], _pixel_bucket(sizes), configs))
     entry = os.path.join(folder, hashlib.sha256(text.encode()).hexdigest()[:40] + ".json"), text
-    return entry, configs, _load_winner(entry, configs)
+    return entry, _load_winner(entry, configs)
 
 
 def _load_winner(entry: tuple[str, str], configs: list[dict]) -> dict | None:
@@ -462,7 +459,7 @@ def _keep_winner(entry: tuple[str, str], config: dict) -> str | None:
     try:
         os.makedirs(folder, exist_ok=True)
         fd, tmp = tempfile.mkstemp(dir=folder, prefix=os.path.basename(path) + ".", suffix=".tmp")
-        timings = [{"config": c, "ms": ms} for c, ms in getattr(config, "timings", ())]
+        timings = [{"config": c, "ms": ms} for ms, c in getattr(config, "timings", ())]
         with os.fdopen(fd, "w", encoding="utf-8") as f:
             json.dump({"key": text, "config": config, "timings": timings}, f)
         os.replace(tmp, path)
@@ -484,11 +481,11 @@ def _timed_or_kept(spec: KernelSpec, key: tuple, device: torch.device, sizes: di
     kept = _kept(spec, key, device, sizes)
     if kept is None:
         return tune(spec, device, sizes, run), None
-    entry, _, winner = kept
+    entry, winner = kept
     if winner is not None:
         return winner, None
     config = tune(spec, device, sizes, run)
-    return config, None if isinstance(config, _Untimed) else _keep_winner(entry, config)
+    return config, _keep_winner(entry, config) if getattr(config, "complete", True) else None
 
 
 def tune(spec: KernelSpec, device: torch.device, sizes: dict, run: Callable[[dict], object]) -> dict:
@@ -509,10 +506,11 @@ def tune(spec: KernelSpec, device: torch.device, sizes: dict, run: Callable[[dic
             except OutOfResources:
                 continue
             except torch.OutOfMemoryError:
-                return _Untimed(min(timings, key=lambda t: t[0])[1] if timings else configs[0])
+                best = min(timings, key=lambda t: t[0])[1] if timings else configs[0]
+                return _Tuned(best, timings, complete=False)
     if not timings:
         raise RuntimeError(f"no configuration of {kernel_name(spec.kernel)} fits this GPU: {configs}")
-    return _Timed(min(timings, key=lambda t: t[0])[1], timings=[(config, ms) for ms, config in timings])
+    return _Tuned(min(timings, key=lambda t: t[0])[1], timings)
 
 
 def _async_compile_mode():
