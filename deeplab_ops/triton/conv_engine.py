@@ -136,19 +136,17 @@ def _dy_coef(coef_ptr, offs_c, C, LD, ACC_DTYPE: tl.constexpr):
 
 
 @triton.jit
-def _dy_tile(dz_ptr, z_ptr, y_ptr, rows, row_mask, offs_c, C, mean, k, a, b,
-             RELU: tl.constexpr, ACC_DTYPE: tl.constexpr):
+def _dy_tile(dz_ptr, z_ptr, y_ptr, rows, row_mask, offs_c, C, mean, k, a, b, relu, ACC_DTYPE: tl.constexpr):
     # dy for a (pixels, channels) tile of NHWC activations from grad_out, out and conv_out (`rows`: each pixel's
-    # first element). Out-of-range entries are 0, the GEMM's padding (dy itself is not 0 there).
+    # first element). Out-of-range entries are 0, the GEMM's padding (dy itself is not 0 there). `relu`: whether
+    # the op ends in a ReLU, a runtime flag in the conv kernels (one compiled kernel serves both: without ReLU the
+    # output's load is masked off, reads nothing, and its fill of 1 passes every gradient), True in the ASPP's.
     mask = row_mask[:, None] & (offs_c < C)[None, :]
     idx = rows[:, None] + offs_c[None, :]
     dz = tl.load(dz_ptr + idx, mask=mask, other=0).to(ACC_DTYPE)
     y = tl.load(y_ptr + idx, mask=mask, other=0).to(ACC_DTYPE)
-    if RELU:
-        g = _act_grad(dz, tl.load(z_ptr + idx, mask=mask, other=0).to(ACC_DTYPE), RELU)
-    else:
-        g = dz
-    return tl.where(mask, _bn_dy(g, y, mean, k, a, b), 0.0)
+    z = tl.load(z_ptr + idx, mask=mask & (relu != 0), other=1).to(ACC_DTYPE)
+    return tl.where(mask, _bn_dy(_act_grad(dz, z, True), y, mean, k, a, b), 0.0)
 
 
 # ---- one tap of each GEMM, and the epilogues (shared with aspp.py) ---------------------------------------
@@ -181,7 +179,7 @@ def _fwd_tap(acc, x_ptr, w_tap, ldw, img, oh, ow, m_mask, oh0, ow0, oh_last, ow_
 @triton.jit
 def _dgrad_tap(acc, dz_ptr, z_ptr, y_ptr, coef_ptr, wt_tap, ldy, ch0, img, ih, iw, m_mask, ih0, iw0, ih_last,
                iw_last, th_off, tw_off, stride_h, stride_w, H_out, W_out, C, C_in, offs_n, n_mask, live, pairs_ptr,
-               first_block, RELU: tl.constexpr, COUNT_PAIRS: tl.constexpr, ACC_DTYPE: tl.constexpr,
+               first_block, relu, COUNT_PAIRS: tl.constexpr, ACC_DTYPE: tl.constexpr,
                DOT_PRECISION: tl.constexpr, BLOCK_K: tl.constexpr):
     # acc += dy[(pixel + pad - tap*dil) / stride, ch0:ch0+C] @ wt_tap (C, C_in), dy from the BN-backward prologue
     # (activation and coef rows of ldy channels; coef_ptr at channel ch0). Output row oh reaches input row ih iff
@@ -200,7 +198,7 @@ def _dgrad_tap(acc, dz_ptr, z_ptr, y_ptr, coef_ptr, wt_tap, ldy, ch0, img, ih, i
         for k0 in range(0, C, BLOCK_K):
             co = k0 + offs_k
             mean, k, a, b = _dy_coef(coef_ptr, co, C, ldy, ACC_DTYPE)
-            dy = _dy_tile(dz_ptr, z_ptr, y_ptr, dy_rows, ok, co, C, mean, k, a, b, RELU, ACC_DTYPE)
+            dy = _dy_tile(dz_ptr, z_ptr, y_ptr, dy_rows, ok, co, C, mean, k, a, b, relu, ACC_DTYPE)
             wt = tl.load(wt_tap + co[:, None] * C_in + offs_n[None, :], mask=(co < C)[:, None] & n_mask[None, :],
                          other=0)
             acc = _mma(dy.to(wt.dtype), wt, acc, DOT_PRECISION)
@@ -219,9 +217,8 @@ def _hit_tiles(off, stride, size, out, BLOCK: tl.constexpr):
 
 @triton.jit
 def _wgrad_tile(acc, x_ptr, dz_ptr, z_ptr, y_ptr, i, ih_off, iw_off, stride_h, stride_w, H, W, C_in, H_out, W_out,
-                ldy, ch0, C, offs_ci, ci_mask, offs_co, mean, k, a, b,
-                RELU: tl.constexpr, ACC_DTYPE: tl.constexpr, DOT_PRECISION: tl.constexpr,
-                BLOCK_H: tl.constexpr, BLOCK_W: tl.constexpr):
+                ldy, ch0, C, offs_ci, ci_mask, offs_co, mean, k, a, b, relu,
+                ACC_DTYPE: tl.constexpr, DOT_PRECISION: tl.constexpr, BLOCK_H: tl.constexpr, BLOCK_W: tl.constexpr):
     # acc += x[tile pixels * stride + tap offset, offs_ci]^T @ dy[tile pixels, ch0 + offs_co] for the i-th of the
     # tiles that read a real input pixel through the tap (image-major, then the rectangle of `_hit_tiles`): the
     # caller's loop runs over those tiles only, with no branch, so the compiler pipelines its loads.
@@ -238,7 +235,7 @@ def _wgrad_tile(acc, x_ptr, dz_ptr, z_ptr, y_ptr, i, ih_off, iw_off, stride_h, s
     x_rows = ((img * H + ih) * W + iw) * C_in
     xt = tl.load(x_ptr + x_rows[None, :] + offs_ci[:, None], mask=ci_mask[:, None] & x_ok[None, :], other=0)
     dy_rows = ((img * H_out + oh) * W_out + ow) * ldy + ch0
-    dy = _dy_tile(dz_ptr, z_ptr, y_ptr, dy_rows, p_mask, offs_co, C, mean, k, a, b, RELU, ACC_DTYPE)
+    dy = _dy_tile(dz_ptr, z_ptr, y_ptr, dy_rows, p_mask, offs_co, C, mean, k, a, b, relu, ACC_DTYPE)
     return _mma(xt, dy.to(xt.dtype), acc, DOT_PRECISION)
 
 
@@ -304,12 +301,13 @@ def _eval_bn_epilogue(y, rm_ptr, rv_ptr, gamma_ptr, beta_ptr, hyper_ptr, save_me
 # one per mix of classes. Padding and dilation enter only scalar tap offsets (kh * dil - pad). In the forward and the
 # wgrad, strides enter the same way, as per-tap scalars and one integer multiply-add per pixel of a tile's address,
 # and so does the wgrad's split count (its loop's step). The dgrad keeps its strides specialized: a stride of 1
-# folds its per-pixel divisions and phase arithmetic away.
+# folds its per-pixel divisions and phase arithmetic away. The backward kernels' `relu` flag only masks a load
+# (`_dy_tile`): a constant would save one predicate per element and double the variants a network compiles.
 _SIZES_UNSPECIALIZED = ("H", "W", "H_out", "W_out")
 _GEOMETRY_UNSPECIALIZED = ("pad_h", "pad_w", "dil_h", "dil_w")
-_DGRAD_UNSPECIALIZED = _SIZES_UNSPECIALIZED + _GEOMETRY_UNSPECIALIZED
-_FWD_UNSPECIALIZED = _DGRAD_UNSPECIALIZED + ("stride_h", "stride_w")
-_WGRAD_UNSPECIALIZED = _FWD_UNSPECIALIZED + ("N", "SPLITS")
+_FWD_UNSPECIALIZED = _SIZES_UNSPECIALIZED + _GEOMETRY_UNSPECIALIZED + ("stride_h", "stride_w")
+_DGRAD_UNSPECIALIZED = _SIZES_UNSPECIALIZED + _GEOMETRY_UNSPECIALIZED + ("relu",)
+_WGRAD_UNSPECIALIZED = _FWD_UNSPECIALIZED + ("N", "SPLITS", "relu")
 
 
 @jit_unspecialized(*_FWD_UNSPECIALIZED)
@@ -373,8 +371,8 @@ def _conv_dgrad_kernel(
     # wt (KH, KW, C_out, C_in); dx (N, H, W, C_in); pair counter
     dz_ptr, z_ptr, y_ptr, coef_ptr, wt_ptr, dx_ptr, pairs_ptr,
     H, W, C_in, H_out, W_out, C_out,
-    stride_h, stride_w, pad_h, pad_w, dil_h, dil_w,
-    KH: tl.constexpr, KW: tl.constexpr, RELU: tl.constexpr, COUNT_PAIRS: tl.constexpr,
+    stride_h, stride_w, pad_h, pad_w, dil_h, dil_w, relu,
+    KH: tl.constexpr, KW: tl.constexpr, COUNT_PAIRS: tl.constexpr,
     ACC_DTYPE: tl.constexpr, DOT_PRECISION: tl.constexpr,
     BLOCK_H: tl.constexpr, BLOCK_W: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
 ):
@@ -405,7 +403,7 @@ def _conv_dgrad_kernel(
             acc = _dgrad_tap(acc, dz_ptr, z_ptr, y_ptr, coef_ptr, wt_ptr + (kh * KW + kw) * C_out * C_in, C_out, 0,
                              img, ih, iw, m_mask, ih0, iw0, ih_last, iw_last, th_off, tw_off,
                              stride_h, stride_w, H_out, W_out, C_out, C_in, offs_n, n_mask, live, pairs_ptr,
-                             pid_n == 0, RELU, COUNT_PAIRS, ACC_DTYPE, DOT_PRECISION, BLOCK_K)
+                             pid_n == 0, relu, COUNT_PAIRS, ACC_DTYPE, DOT_PRECISION, BLOCK_K)
 
     _store_tile(dx_ptr, acc, img, ih, iw, H, W, C_in, offs_n, n_mask, m_mask)
 
@@ -416,8 +414,8 @@ def _conv_wgrad_kernel(
     # partial dw (SPLITS, KH*KW, C_in, C_out) opmath; pair counter
     x_ptr, dz_ptr, z_ptr, y_ptr, coef_ptr, part_ptr, pairs_ptr,
     N, H, W, C_in, H_out, W_out, C_out, SPLITS,
-    stride_h, stride_w, pad_h, pad_w, dil_h, dil_w,
-    KH: tl.constexpr, KW: tl.constexpr, RELU: tl.constexpr, COUNT_PAIRS: tl.constexpr,
+    stride_h, stride_w, pad_h, pad_w, dil_h, dil_w, relu,
+    KH: tl.constexpr, KW: tl.constexpr, COUNT_PAIRS: tl.constexpr,
     ACC_DTYPE: tl.constexpr, DOT_PRECISION: tl.constexpr,
     BLOCK_H: tl.constexpr, BLOCK_W: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
 ):
@@ -435,7 +433,7 @@ def _conv_wgrad_kernel(
     tiles = _wgrad_tiles(ih_off, iw_off, stride_h, stride_w, H, W, H_out, W_out, N, BLOCK_H, BLOCK_W)
     for i in range(pid_s, tiles, SPLITS):
         acc = _wgrad_tile(acc, x_ptr, dz_ptr, z_ptr, y_ptr, i, ih_off, iw_off, stride_h, stride_w, H, W, C_in, H_out,
-                          W_out, C_out, 0, C_out, offs_ci, ci_mask, offs_co, mean, k, a, b, RELU, ACC_DTYPE,
+                          W_out, C_out, 0, C_out, offs_ci, ci_mask, offs_co, mean, k, a, b, relu, ACC_DTYPE,
                           DOT_PRECISION, BLOCK_H, BLOCK_W)
     _count_split_pairs(pairs_ptr, pid_mn == 0, tiles, pid_s, SPLITS, COUNT_PAIRS)
 
@@ -757,7 +755,7 @@ def conv_dgrad(
     h, wd = in_hw
     dx = y.new_empty((n, h, wd, c_in))
     sh, sw = geo.stride
-    meta = dict(KH=kh, KW=kw, RELU=relu, COUNT_PAIRS=pairs is not None, ACC_DTYPE=acc_dtype(y.dtype),
+    meta = dict(KH=kh, KW=kw, COUNT_PAIRS=pairs is not None, ACC_DTYPE=acc_dtype(y.dtype),
                 DOT_PRECISION=dot_precision(y.dtype, y.device))
 
     def run(cfg):
@@ -766,7 +764,7 @@ def conv_dgrad(
             (n * cdiv(cdiv(h, sh), cfg["BLOCK_H"]) * cdiv(cdiv(wd, sw), cfg["BLOCK_W"])
              * sh * sw, cdiv(c_in, cfg["BLOCK_N"])),
             grad_out, out, y, coef, wt, dx, pairs if pairs is not None else dx, h, wd, c_in, ho, wo, c_out,
-            *geo.args(), **meta, **cfg,
+            *geo.args(), int(relu), **meta, **cfg,
         )
 
     sizes = dict(C_in=c_in, C_out=c_out, N=n, H=h, W=wd, stride_h=geo.stride[0], stride_w=geo.stride[1],
@@ -788,7 +786,7 @@ def conv_wgrad(
     splits = split_count(x.device, kh * kw * cdiv(c_in, 64) * cdiv(c_out, 64),
                          n * cdiv(ho * wo, 64))
     part = torch.empty(splits, kh * kw, c_in, c_out, dtype=coef.dtype, device=x.device)
-    meta = dict(KH=kh, KW=kw, RELU=relu, COUNT_PAIRS=pairs is not None, ACC_DTYPE=acc_dtype(x.dtype),
+    meta = dict(KH=kh, KW=kw, COUNT_PAIRS=pairs is not None, ACC_DTYPE=acc_dtype(x.dtype),
                 DOT_PRECISION=dot_precision(x.dtype, x.device))
 
     def run(cfg):
@@ -796,7 +794,7 @@ def conv_wgrad(
             _conv_wgrad_kernel,
             (kh * kw * cdiv(c_in, cfg["BLOCK_M"]) * cdiv(c_out, cfg["BLOCK_N"]), 1, splits),
             x, grad_out, out, y, coef, part, pairs if pairs is not None else part, n, h, wd, c_in, ho, wo, c_out,
-            splits, *geo.args(), **meta, **cfg,
+            splits, *geo.args(), int(relu), **meta, **cfg,
         )
 
     sizes = dict(C_in=c_in, C_out=c_out, N=n, H_out=ho, W_out=wo, stride_h=geo.stride[0], stride_w=geo.stride[1],

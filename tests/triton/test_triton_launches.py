@@ -146,11 +146,11 @@ def test_autotune_modes(monkeypatch):
 
     monkeypatch.setattr(launch, "TUNED", {})
     spec = conv_engine.KERNELS["fwd"]
-    sizes = dict(C_in=32, C_out=32, H_out=9, W_out=9, stride_h=1, stride_w=1)
+    sizes = dict(C_in=64, C_out=64, H_out=9, W_out=9, stride_h=1, stride_w=1)
     meta = dict(KH=3, KW=3, TRAINING=True)
     cpu = torch.device("cpu")
     options = launch.candidates(spec, cpu, sizes)
-    assert len(options) >= 2 and all(c["BLOCK_N"] <= 32 and c["BLOCK_K"] <= 32 for c in options)
+    assert len(options) >= 2 and all(c["BLOCK_N"] <= 64 and c["BLOCK_K"] <= 64 for c in options)
     timed = []
     previous = launch.set_autotune("all")
     try:
@@ -171,6 +171,32 @@ def test_autotune_modes(monkeypatch):
     done = subprocess.run([sys.executable, "-c", "import deeplab_ops.triton.launch"], env=env, capture_output=True,
                           text=True)
     assert done.returncode != 0 and "DEEPLAB_OPS_AUTOTUNE='sometimes' is not an autotune mode" in done.stderr
+
+
+def test_candidates_fit_the_channels():
+    """Channel blocks no wider than the channels' next power of 2, and none narrower than 32 along channels that
+    number more than 16: the 16 x 16 tile stays for 16 channels or fewer, and as float64's only one; never empty."""
+    from deeplab_ops.triton import aspp, conv_engine, launch
+
+    configs = [triton.Config({"BN": n, "BK": k}) for n, k in ((128, 64), (64, 32), (32, 32), (16, 16))]
+    prune = launch.prune_by_channels("C_out", "C_in", "BN", "BK")
+
+    def kept(c_out, c_in):
+        return [(c.kwargs["BN"], c.kwargs["BK"]) for c in prune(configs, dict(C_out=c_out, C_in=c_in))]
+
+    assert kept(256, 256) == [(128, 64), (64, 32), (32, 32)]
+    assert kept(64, 17) == [(64, 32), (32, 32)]
+    assert kept(16, 256) == kept(8, 8) == kept(64, 3) == [(16, 16)]  # no 32-wide block fits: the smallest
+    assert kept(32, 32) == [(32, 32)]
+    for spec in [*conv_engine.KERNELS.values(), *aspp.KERNELS.values()]:
+        for hopper in (True, False):
+            wide = dict(C_in=256, C_out=512, C=256, BC=1280, elem_size=2, hopper=hopper)
+            narrow = [c.kwargs for c in spec.prune(spec.configs(hopper), wide)
+                      if min(v for name, v in c.kwargs.items() if name not in ("BLOCK_H", "BLOCK_W")) < 32]
+            assert not narrow, (launch.kernel_name(spec.kernel), hopper, narrow)
+            fp64 = spec.prune(spec.configs(hopper), dict(wide, elem_size=8))
+            assert len(fp64) == 1 and fp64[0] is min(spec.configs(hopper), key=lambda c: conv_engine._product(
+                spec.kernel, c)), launch.kernel_name(spec.kernel)
 
 
 def test_no_tuning_inside_a_cuda_graph_capture(monkeypatch):
@@ -427,7 +453,7 @@ def test_the_tuning_folder_setting():
     code = ("import os, torch\n"
             "from deeplab_ops.triton import conv_bn_relu as cbr, launch\n"
             "launch.set_autotune('all')\n"
-            "x, w = torch.randn(1, 64, 3, 3), torch.randn(64, 64, 1, 1)\n"
+            "x, w = torch.randn(1, 64, 3, 3).half(), torch.randn(64, 64, 1, 1).half()\n"  # float16: 3 candidates
             "g, b, rm, rv = torch.ones(64), torch.zeros(64), torch.zeros(64), torch.ones(64)\n"
             "times = []\n"
             "real = launch.tune\n"
@@ -515,6 +541,33 @@ def test_padding_dilation_stride_and_split_count_share_one_compiled_conv(monkeyp
     strides = sorted(d["stride_h"] for d in classes["conv_dgrad"])
     assert strides == ["", "==1"] and all(d["pad_h"] == d["dil_h"] == "" for d in classes["conv_dgrad"])
     torch.testing.assert_close(grad[(2, 2, 16)], grad[(2, 2, 1)], rtol=1e-5, atol=1e-4)
+
+
+@triton_test
+def test_relu_and_no_relu_share_one_compiled_backward():
+    """The dgrad and wgrad take the ReLU as a runtime flag (conv_engine._dy_tile: it masks the output's load): a
+    layer with ReLU and one without (a bottleneck's last conv, a downsample) compile one kernel of each, and both
+    give the reference's gradients (without ReLU, a negative output's gradient passes)."""
+    from deeplab_ops import reference
+
+    x, weight, gamma, beta, rm, rv = _conv_inputs(c_in=16, c_out=16, h=7, w=5)
+    with dtriton.count_launches() as counts:
+        for relu in (True, False):
+            one = [1, 1]
+            out, conv_out, mean, invstd, *_ = triton_cbr.forward(x, weight, gamma, beta, rm, rv, one, one, one, True,
+                                                                 0.1, 1e-5, None, relu)
+            g = torch.randn(out.shape, generator=torch.Generator().manual_seed(int(relu))).to(out)
+            dx, dw = triton_cbr.backward(g, x, weight, gamma, conv_out, out, mean, invstd, one, one, one, True, relu,
+                                         [True, True, False, False, False])[:2]
+            xr, wr = x.clone().requires_grad_(), weight.clone().requires_grad_()
+            ref = reference.conv_bn_relu(xr, wr, gamma, beta, rm.clone(), rv.clone(), padding=one, training=True,
+                                         relu=relu)
+            ref.backward(g)
+            torch.testing.assert_close(dx, xr.grad, rtol=1e-4, atol=1e-4)
+            torch.testing.assert_close(dw, wr.grad, rtol=1e-4, atol=1e-3)
+    assert counts.by_kernel["conv_dgrad"] == counts.by_kernel["conv_wgrad"] == 2
+    kernels = [s.kernel for s in counts.signatures]
+    assert kernels.count("conv_dgrad") == kernels.count("conv_wgrad") == 1, counts.signatures
 
 
 @triton_test
