@@ -31,13 +31,11 @@ def _relu(z):
 
 
 @triton.jit
-def _act_grad(dz, z, RELU: tl.constexpr):
+def _act_grad(dz, z):
     # threshold_backward(dz, z, 0): zero where the output is <= 0 only, so a NaN output passes its gradient
-    # on, as F.relu's backward and csrc/common/bn_math.h's act_grad do.
-    if RELU:
-        return tl.where(z <= 0, 0.0, dz)
-    else:
-        return dz
+    # on, as F.relu's backward and csrc/common/bn_math.h's act_grad do. Without ReLU the callers load z masked
+    # off (`relu` flags at run time: one compiled kernel for both), filled with 1: every gradient passes.
+    return tl.where(z <= 0, 0.0, dz)
 
 
 @triton.jit
@@ -163,12 +161,12 @@ def _bn_eval_stats_kernel(
     tl.store(shift_ptr + offs_c, tl.load(beta_ptr + offs_c, mask=c_mask, other=0).to(ACC_DTYPE), mask=c_mask)
 
 
-@jit_unspecialized("M")  # the row count follows batch and map size
+@jit_unspecialized("M", "relu")  # the row count follows batch and map size; ReLU: one select per element
 def _bn_apply_kernel(
     y_ptr, res_ptr, out_ptr,          # (M, C) activations
     mean_ptr, scale_ptr, shift_ptr,   # (C,) opmath dtype
-    M, C,
-    HAS_RES: tl.constexpr, RELU: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_C: tl.constexpr,
+    M, C, relu,
+    HAS_RES: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_C: tl.constexpr,
 ):
     offs_m = tl.program_id(0) * BLOCK_M + tl.arange(0, BLOCK_M)
     offs_c = tl.program_id(1) * BLOCK_C + tl.arange(0, BLOCK_C)
@@ -182,19 +180,18 @@ def _bn_apply_kernel(
     z = (y - mean[None, :]) * scale[None, :] + shift[None, :]
     if HAS_RES:
         z += tl.load(res_ptr + idx, mask=mask, other=0).to(mean.dtype)
-    if RELU:
-        z = _relu(z)
+    z = tl.where((z < 0) & (relu != 0), 0.0, z)  # _relu's NaN rule
     tl.store(out_ptr + idx, z.to(out_ptr.dtype.element_ty), mask=mask)
 
 
-@jit_unspecialized("M")  # the row count follows batch and map size
+@jit_unspecialized("M", "relu")  # the row count follows batch and map size; ReLU: a masked load (_act_grad)
 def _bn_bwd_reduce_kernel(
     dz_ptr, z_ptr, y_ptr,             # (M, C) grad_out, out, conv_out
     mean_ptr,                         # (C,) opmath
     g_ptr,                            # (M, C) the gradient through the activation (grad_residual), if STORE_G
     part_g_ptr, part_gy_ptr,          # (S, C) partial sums of g and g * (y - mean)
-    M, C, rows_per_prog,
-    RELU: tl.constexpr, STORE_G: tl.constexpr, ACC_DTYPE: tl.constexpr,
+    M, C, rows_per_prog, relu,
+    STORE_G: tl.constexpr, ACC_DTYPE: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_C: tl.constexpr,
 ):
     pid_s = tl.program_id(0)
@@ -209,9 +206,9 @@ def _bn_bwd_reduce_kernel(
         mask = (offs_m < M)[:, None] & c_mask[None, :]
         idx = offs_m[:, None] * C + offs_c[None, :]
         dz = tl.load(dz_ptr + idx, mask=mask, other=0).to(ACC_DTYPE)
-        z = tl.load(z_ptr + idx, mask=mask, other=0).to(ACC_DTYPE)
+        z = tl.load(z_ptr + idx, mask=mask & (relu != 0), other=1).to(ACC_DTYPE)
         y = tl.load(y_ptr + idx, mask=mask, other=0).to(ACC_DTYPE)
-        g = _act_grad(dz, z, RELU)
+        g = _act_grad(dz, z)
         if STORE_G:
             tl.store(g_ptr + idx, g.to(g_ptr.dtype.element_ty), mask=mask)
         sum_g += tl.sum(g, 0)
@@ -366,8 +363,8 @@ def bn_apply(
     block_c = _block_c(c)
     block_m = launch_blocks("bn_apply", c)["BLOCK_M"] if not interpreter_active() else 64
     launch_kernel(_bn_apply_kernel, (cdiv(m, block_m), cdiv(c, block_c)),
-        y, residual if residual is not None else y, out, mean, scale, shift, m, c,
-        HAS_RES=residual is not None, RELU=relu, BLOCK_M=block_m, BLOCK_C=block_c,
+        y, residual if residual is not None else y, out, mean, scale, shift, m, c, int(relu),
+        HAS_RES=residual is not None, BLOCK_M=block_m, BLOCK_C=block_c,
     )
     return out
 
@@ -388,8 +385,8 @@ def bn_backward_reduce(
     part_gy = torch.empty_like(part_g)
     g = torch.empty_like(y) if store_g else None
     launch_kernel(_bn_bwd_reduce_kernel, (splits, cdiv(c, block_c)),
-        grad_out, out, y, mean, g if store_g else y, part_g, part_gy, m, c, rows_per_prog,
-        RELU=relu, STORE_G=store_g, ACC_DTYPE=acc_dtype(mean.dtype), BLOCK_M=block_m, BLOCK_C=block_c,
+        grad_out, out, y, mean, g if store_g else y, part_g, part_gy, m, c, rows_per_prog, int(relu),
+        STORE_G=store_g, ACC_DTYPE=acc_dtype(mean.dtype), BLOCK_M=block_m, BLOCK_C=block_c,
     )
     return part_g, part_gy, g
 

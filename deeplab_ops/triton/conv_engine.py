@@ -146,7 +146,7 @@ def _dy_tile(dz_ptr, z_ptr, y_ptr, rows, row_mask, offs_c, C, mean, k, a, b, rel
     dz = tl.load(dz_ptr + idx, mask=mask, other=0).to(ACC_DTYPE)
     y = tl.load(y_ptr + idx, mask=mask, other=0).to(ACC_DTYPE)
     z = tl.load(z_ptr + idx, mask=mask & (relu != 0), other=1).to(ACC_DTYPE)
-    return tl.where(mask, _bn_dy(_act_grad(dz, z, True), y, mean, k, a, b), 0.0)
+    return tl.where(mask, _bn_dy(_act_grad(dz, z), y, mean, k, a, b), 0.0)
 
 
 # ---- one tap of each GEMM, and the epilogues (shared with aspp.py) ---------------------------------------

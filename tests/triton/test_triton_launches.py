@@ -545,9 +545,10 @@ def test_padding_dilation_stride_and_split_count_share_one_compiled_conv(monkeyp
 
 @triton_test
 def test_relu_and_no_relu_share_one_compiled_backward():
-    """The dgrad and wgrad take the ReLU as a runtime flag (conv_engine._dy_tile: it masks the output's load): a
-    layer with ReLU and one without (a bottleneck's last conv, a downsample) compile one kernel of each, and both
-    give the reference's gradients (without ReLU, a negative output's gradient passes)."""
+    """The BatchNorm apply, its backward reduction, the dgrad and the wgrad take the ReLU as a runtime flag (a
+    select; a masked load of the output in the backward): a layer with ReLU and one without (a bottleneck's last
+    conv, a downsample) compile one kernel of each, and both give the reference's output and gradients (without
+    ReLU, negative outputs and their gradients pass)."""
     from deeplab_ops import reference
 
     x, weight, gamma, beta, rm, rv = _conv_inputs(c_in=16, c_out=16, h=7, w=5)
@@ -563,11 +564,14 @@ def test_relu_and_no_relu_share_one_compiled_backward():
             ref = reference.conv_bn_relu(xr, wr, gamma, beta, rm.clone(), rv.clone(), padding=one, training=True,
                                          relu=relu)
             ref.backward(g)
+            assert (out < 0).any() != relu
+            torch.testing.assert_close(out, ref, rtol=1e-4, atol=1e-4)
             torch.testing.assert_close(dx, xr.grad, rtol=1e-4, atol=1e-4)
             torch.testing.assert_close(dw, wr.grad, rtol=1e-4, atol=1e-3)
-    assert counts.by_kernel["conv_dgrad"] == counts.by_kernel["conv_wgrad"] == 2
+    shared = ("conv_dgrad", "conv_wgrad", "bn_apply", "bn_bwd_reduce")
+    assert all(counts.by_kernel[k] == 2 for k in shared), counts.by_kernel
     kernels = [s.kernel for s in counts.signatures]
-    assert kernels.count("conv_dgrad") == kernels.count("conv_wgrad") == 1, counts.signatures
+    assert all(kernels.count(k) == 1 for k in shared), counts.signatures
 
 
 @triton_test
