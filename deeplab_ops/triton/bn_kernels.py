@@ -31,11 +31,11 @@ def _relu(z):
 
 
 @triton.jit
-def _act_grad(dz, z):
-    # threshold_backward(dz, z, 0): zero where the output is <= 0 only, so a NaN output passes its gradient
-    # on, as F.relu's backward and csrc/common/bn_math.h's act_grad do. Without ReLU the callers load z masked
-    # off (`relu` flags at run time: one compiled kernel for both), filled with 1: every gradient passes.
-    return tl.where(z <= 0, 0.0, dz)
+def _act_grad(dz, z, relu):
+    # threshold_backward(dz, z, 0) where `relu` (a runtime flag: one compiled kernel with and without ReLU, the
+    # callers then loading z masked off; or a constant): zero where the output is <= 0 only, so a NaN output passes
+    # its gradient on, as F.relu's backward and csrc/common/bn_math.h's act_grad do.
+    return tl.where((z <= 0) & (relu != 0), 0.0, dz)
 
 
 @triton.jit
@@ -105,11 +105,15 @@ def _bn_finalize_kernel(
             cnt = tl.load(count_ptr + offs_p, mask=p_mask, other=0).to(ACC_DTYPE)
             m2 = tl.load(pm2_ptr + idx, mask=mask, other=0).to(ACC_DTYPE)
         # A block of partials merged at once (Chan's formula for many parts), then merged into the running
-        # total pairwise. Only centred quantities are combined: no E[y^2] - E[y]^2 cancellation.
+        # total pairwise. Only centred quantities are combined: no E[y^2] - E[y]^2 cancellation; the block's
+        # mean and M2 corrected by the weighted deviations' sum, as the tiles' own (conv_engine._tile_stats).
         nb = tl.sum(cnt, 0)
-        mub = _div(tl.sum(cnt[:, None] * mu, 0), tl.maximum(nb, 1.0))
+        nb1 = tl.maximum(nb, 1.0)
+        mub = _div(tl.sum(cnt[:, None] * mu, 0), nb1)
         dev = tl.where(mask, mu - mub[None, :], 0.0)
-        m2b = tl.sum(m2 + cnt[:, None] * dev * dev, 0)
+        sb = tl.sum(cnt[:, None] * dev, 0)
+        m2b = tl.maximum(tl.sum(m2 + cnt[:, None] * dev * dev, 0) - _div(sb * sb, nb1), 0.0)
+        mub = mub + _div(sb, nb1)
         n_tot = n_acc + nb
         delta = mub - mean_acc
         fb = _div(nb, tl.maximum(n_tot, 1.0))
@@ -206,9 +210,9 @@ def _bn_bwd_reduce_kernel(
         mask = (offs_m < M)[:, None] & c_mask[None, :]
         idx = offs_m[:, None] * C + offs_c[None, :]
         dz = tl.load(dz_ptr + idx, mask=mask, other=0).to(ACC_DTYPE)
-        z = tl.load(z_ptr + idx, mask=mask & (relu != 0), other=1).to(ACC_DTYPE)
+        z = tl.load(z_ptr + idx, mask=mask & (relu != 0), other=0).to(ACC_DTYPE)
         y = tl.load(y_ptr + idx, mask=mask, other=0).to(ACC_DTYPE)
-        g = _act_grad(dz, z)
+        g = _act_grad(dz, z, relu)
         if STORE_G:
             tl.store(g_ptr + idx, g.to(g_ptr.dtype.element_ty), mask=mask)
         sum_g += tl.sum(g, 0)

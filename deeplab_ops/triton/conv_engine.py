@@ -140,13 +140,13 @@ def _dy_tile(dz_ptr, z_ptr, y_ptr, rows, row_mask, offs_c, C, mean, k, a, b, rel
     # dy for a (pixels, channels) tile of NHWC activations from grad_out, out and conv_out (`rows`: each pixel's
     # first element). Out-of-range entries are 0, the GEMM's padding (dy itself is not 0 there). `relu`: whether
     # the op ends in a ReLU, a runtime flag in the conv kernels (one compiled kernel serves both: without ReLU the
-    # output's load is masked off, reads nothing, and its fill of 1 passes every gradient), True in the ASPP's.
+    # output's load is masked off and reads nothing), True in the ASPP's.
     mask = row_mask[:, None] & (offs_c < C)[None, :]
     idx = rows[:, None] + offs_c[None, :]
     dz = tl.load(dz_ptr + idx, mask=mask, other=0).to(ACC_DTYPE)
     y = tl.load(y_ptr + idx, mask=mask, other=0).to(ACC_DTYPE)
-    z = tl.load(z_ptr + idx, mask=mask & (relu != 0), other=1).to(ACC_DTYPE)
-    return tl.where(mask, _bn_dy(_act_grad(dz, z), y, mean, k, a, b), 0.0)
+    z = tl.load(z_ptr + idx, mask=mask & (relu != 0), other=0).to(ACC_DTYPE)
+    return tl.where(mask, _bn_dy(_act_grad(dz, z, relu), y, mean, k, a, b), 0.0)
 
 
 # ---- one tap of each GEMM, and the epilogues (shared with aspp.py) ---------------------------------------
@@ -250,12 +250,16 @@ def _wgrad_tiles(ih_off, iw_off, stride_h, stride_w, H, W, H_out, W_out, N,
 
 @triton.jit
 def _tile_stats(y, mask, cnt, part_count_ptr, part_mean_ptr, part_m2_ptr, tile, ld, ch, ch_mask, store_count):
-    # BN statistics of the tile, centred on the tile mean (two passes over registers): exact M2, no
-    # E[y^2] - E[y]^2. Row `tile` of the (P, ld) partials, columns `ch`; Chan's merge in bn_finalize.
-    mean = _div(tl.sum(tl.where(mask, y, 0.0), 0), cnt)
-    dev = tl.where(mask, y - mean[None, :], 0.0)
-    tl.store(part_mean_ptr + tile * ld + ch, mean, mask=ch_mask)
-    tl.store(part_m2_ptr + tile * ld + ch, tl.sum(dev * dev, 0), mask=ch_mask)
+    # BN statistics of the tile, centred on the tile mean (two passes over registers): no E[y^2] - E[y]^2. Row
+    # `tile` of the (P, ld) partials, columns `ch`; Chan's merge in bn_finalize. The corrected two-pass form: the
+    # first pass's mean m carries the rounding of a sum of large values (a mean of 100 with a spread of 0.01: m off
+    # by ~5e-5, a third of a percent of the spread); the deviations' own sum s = sum(y - m), nearly exact, moves the
+    # mean to m + s/n and takes s^2/n out of M2, the n * (m - mean)^2 that centring on m added.
+    m = _div(tl.sum(tl.where(mask, y, 0.0), 0), cnt)
+    dev = tl.where(mask, y - m[None, :], 0.0)
+    s = tl.sum(dev, 0)
+    tl.store(part_mean_ptr + tile * ld + ch, m + _div(s, cnt), mask=ch_mask)
+    tl.store(part_m2_ptr + tile * ld + ch, tl.maximum(tl.sum(dev * dev, 0) - _div(s * s, cnt), 0.0), mask=ch_mask)
     if store_count:
         tl.store(part_count_ptr + tile, cnt)
 
