@@ -28,6 +28,7 @@ from deeplab_ops.modules import (
     check_module_options,
     forget_aspp_parts,
     fused_conv_bn,
+    op_takes_bn_numbers,
     reads_directly,
     refuse_scripting,
     run_fused_aspp,
@@ -186,7 +187,7 @@ def _run_chain(self: nn.Module, x: Tensor, keep: dict | None):
     from the container now: one replaced, deleted or inserted after fusing makes it run one module after the other,
     as does a hook or an instance `forward` on any of the three, a conv changed into one the op does not compute, a
     return_layers entry naming the conv or BatchNorm, or an nn.DataParallel replica). (Checks inline: no call per
-    child.)"""
+    child but a string padding's and the BatchNorm numbers'.)"""
     items = list(self._modules.items())
     out = None if keep is None else OrderedDict()
     i, n = 0, len(items)
@@ -199,9 +200,10 @@ def _run_chain(self: nn.Module, x: Tensor, keep: dict | None):
                  and not m.__dict__.get("_is_replica", False) and "forward" not in m.__dict__ and not (
                      m._forward_hooks or m._forward_pre_hooks or m._backward_hooks or m._backward_pre_hooks
                      or (keep is not None and name in keep))
-                 # a conv changed after fusing into one the op does not compute
+                 # a conv changed after fusing into one the op does not compute; a BatchNorm momentum or eps
+                 # the op does not take
                  and m._parameters.get("bias") is None and m.groups == 1 and m.padding_mode == "zeros"
-                 and (type(m.padding) is not str or symmetric_padding(m)))
+                 and (type(m.padding) is not str or symmetric_padding(m)) and op_takes_bn_numbers(cfg.bn))
         if fused:
             for j, (part_name, part) in enumerate(cfg.chain, start=i + 1):
                 if (items[j][0] != part_name or items[j][1] is not part or "forward" in part.__dict__
@@ -259,9 +261,9 @@ def _fused_block_forward(self: nn.Module, x: Tensor) -> Tensor:
     parts, downsample = _block_parts(self, cfg.depth)
     relu = self._modules.get("relu") or getattr(self, "relu", None)
     # A part the op does not compute (replaced after fusing: a LeakyReLU, a FrozenBatchNorm2d or SyncBatchNorm, a
-    # biased conv, a conv with asymmetric 'same' padding), a forward set on a part's instance (monkeypatching,
-    # accelerate's hooks) or a hook on a part: the original forward runs the parts, so that what a user changed or
-    # hooked is what runs. (Inline: no call per part on every forward.)
+    # biased conv, a conv with asymmetric 'same' padding; a BatchNorm momentum set outside [0, 1]), a forward set on
+    # a part's instance (monkeypatching, accelerate's hooks) or a hook on a part: the original forward runs the
+    # parts, so that what a user changed or hooked is what runs. (Inline: no call per part on every forward.)
     if (type(relu) is not nn.ReLU or "forward" in relu.__dict__ or relu._forward_hooks or relu._forward_pre_hooks
             or relu._backward_hooks or relu._backward_pre_hooks):
         return unfused_call(self, cfg.process_group, type(self).original_class.forward, x)
@@ -271,7 +273,7 @@ def _fused_block_forward(self: nn.Module, x: Tensor) -> Tensor:
                 or conv._forward_hooks or conv._forward_pre_hooks or conv._backward_hooks or conv._backward_pre_hooks
                 or bn._forward_hooks or bn._forward_pre_hooks or bn._backward_hooks or bn._backward_pre_hooks
                 or conv._parameters.get("bias") is not None or conv.groups != 1 or conv.padding_mode != "zeros"
-                or (type(conv.padding) is str and not symmetric_padding(conv))):
+                or (type(conv.padding) is str and not symmetric_padding(conv)) or not op_takes_bn_numbers(bn)):
             return unfused_call(self, cfg.process_group, type(self).original_class.forward, x)
     out = x
     for conv, bn in parts[:-1]:
