@@ -560,9 +560,16 @@ class FusedConvBNReLU(ReleasesDerived, nn.Sequential):
         if not isinstance(relu, bool):
             raise TypeError(f"relu must be a bool, got {relu!r}")
         check_module_options(backend, memory_efficient)
-        for name, value in (("stride", stride), ("dilation", dilation)):
-            if min(pair(value, name)) < 1:  # pair: TypeError naming it for anything but an int or two
-                raise ValueError(f"{name} must be an int >= 1 or a pair of them, got {value!r}")
+        for name, value in (("in_channels", in_channels), ("out_channels", out_channels)):
+            if not isinstance(value, int) or isinstance(value, bool) or value < 1:
+                raise ValueError(f"{name} must be an int >= 1, got {value!r}")
+        # (nn.Conv2d takes a kernel of 0 and a negative padding, failing at the first forward only.)
+        geometry = [("kernel_size", kernel_size, 1), ("stride", stride, 1), ("dilation", dilation, 1)]
+        if not isinstance(padding, str):  # 'same' or 'valid': nn.Conv2d checks the string
+            geometry.append(("padding", padding, 0))
+        for name, value, low in geometry:
+            if min(pair(value, name)) < low:  # pair: TypeError naming it for anything but an int or two
+                raise ValueError(f"{name} must be an int >= {low} or a pair of them, got {value!r}")
         conv = nn.Conv2d(
             in_channels, out_channels, kernel_size, stride, padding, dilation, bias=False, device=device, dtype=dtype
         )
@@ -1079,8 +1086,9 @@ class FusedASPP(ReleasesDerived, nn.Module):
             raise TypeError(f"atrous_rates must be a sequence (tuple, list, range, ...) of ints >= 1 (e.g. (12, 24, "
                             f"36)), got {atrous_rates!r}")
         check_module_options(backend, memory_efficient)
-        if not isinstance(out_channels, int) or isinstance(out_channels, bool) or out_channels < 1:
-            raise ValueError(f"out_channels must be an int >= 1, got {out_channels!r}")
+        for name, value in (("in_channels", in_channels), ("out_channels", out_channels)):
+            if not isinstance(value, int) or isinstance(value, bool) or value < 1:
+                raise ValueError(f"{name} must be an int >= 1, got {value!r}")
         rates = checked_rates(atrous_rates, "atrous_rates")
         if not isinstance(dropout, numbers.Real) or isinstance(dropout, bool) or not 0.0 <= dropout < 1.0:
             raise ValueError(f"dropout must be in [0, 1), got {dropout!r}")

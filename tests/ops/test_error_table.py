@@ -431,6 +431,8 @@ CASES = {
     "nn-aspp-rates-type": lambda d: FusedASPP(4, 6),
     "nn-aspp-out-channels": lambda d: FusedASPP(4, (6,), out_channels=0),
     "nn-cbr-geometry": lambda d: FusedConvBNReLU(3, 4, 3, stride=0),
+    "nn-cbr-padding": lambda d: FusedConvBNReLU(3, 4, 3, padding=(1, -1)),
+    "nn-cbr-channels": lambda d: FusedConvBNReLU(0, 4, 3),
     "nn-cbr-backend": lambda d: FusedConvBNReLU(3, 4, 3, backend="bogus"),
     "nn-bn-momentum": lambda d: FusedConvBNReLU(3, 4, 3, momentum=2.0),
     "nn-bn-eps": lambda d: FusedConvBNReLU.from_modules(nn.Conv2d(3, 4, 3, bias=False), nn.BatchNorm2d(4, eps=0.0)),
