@@ -39,6 +39,18 @@ def _act_grad(dz, z, relu):
 
 
 @triton.jit
+def _corrected(m, sq, s, n):
+    # The corrected two-pass form of (mean, M2) from values centred on m, a mean with rounding error: sq = sum of
+    # squared deviations, s = sum of deviations, n the count. (m + s/n, sq - s^2/n), where s^2/n is finite: data
+    # whose deviations are not finite (an inf or NaN value, a spread beyond float32's range) keep the plain form,
+    # propagating as eager's statistics do.
+    shift = _div(s, n)
+    corr = shift * s
+    ok = (corr - corr) == 0.0
+    return tl.where(ok, m + shift, m), tl.where(ok, tl.maximum(sq - corr, 0.0), sq)
+
+
+@triton.jit
 def _bn_dy(g, y, mean, k, a, b):
     # dy = k * (g - a - (y - mean) * b); k = gamma*invstd, a = sum(g)/n, b = invstd*sum(g*xhat)/n (a = b = 0 in
     # eval). (y - mean) * b rather than xhat * sum/n: one multiply fewer, same centred quantity. b = 0 (eval, or
@@ -111,9 +123,7 @@ def _bn_finalize_kernel(
         nb1 = tl.maximum(nb, 1.0)
         mub = _div(tl.sum(cnt[:, None] * mu, 0), nb1)
         dev = tl.where(mask, mu - mub[None, :], 0.0)
-        sb = tl.sum(cnt[:, None] * dev, 0)
-        m2b = tl.maximum(tl.sum(m2 + cnt[:, None] * dev * dev, 0) - _div(sb * sb, nb1), 0.0)
-        mub = mub + _div(sb, nb1)
+        mub, m2b = _corrected(mub, tl.sum(m2 + cnt[:, None] * dev * dev, 0), tl.sum(cnt[:, None] * dev, 0), nb1)
         n_tot = n_acc + nb
         delta = mub - mean_acc
         fb = _div(nb, tl.maximum(n_tot, 1.0))

@@ -14,7 +14,7 @@ import triton
 import triton.language as tl
 
 from deeplab_ops.common import interpreter_active as _interpreter_active
-from deeplab_ops.triton.bn_kernels import _act_grad, _bn_dy, _div, _invstd, _relu, acc_dtype
+from deeplab_ops.triton.bn_kernels import _act_grad, _bn_dy, _corrected, _div, _invstd, _relu, acc_dtype
 from deeplab_ops.triton.launch import (
     KernelSpec,
     cdiv,
@@ -254,12 +254,12 @@ def _tile_stats(y, mask, cnt, part_count_ptr, part_mean_ptr, part_m2_ptr, tile, 
     # `tile` of the (P, ld) partials, columns `ch`; Chan's merge in bn_finalize. The corrected two-pass form: the
     # first pass's mean m carries the rounding of a sum of large values (a mean of 100 with a spread of 0.01: m off
     # by ~5e-5, a third of a percent of the spread); the deviations' own sum s = sum(y - m), nearly exact, moves the
-    # mean to m + s/n and takes s^2/n out of M2, the n * (m - mean)^2 that centring on m added.
+    # mean to m + s/n and takes s^2/n out of M2, the n * (m - mean)^2 that centring on m added (`_corrected`).
     m = _div(tl.sum(tl.where(mask, y, 0.0), 0), cnt)
     dev = tl.where(mask, y - m[None, :], 0.0)
-    s = tl.sum(dev, 0)
-    tl.store(part_mean_ptr + tile * ld + ch, m + _div(s, cnt), mask=ch_mask)
-    tl.store(part_m2_ptr + tile * ld + ch, tl.maximum(tl.sum(dev * dev, 0) - _div(s * s, cnt), 0.0), mask=ch_mask)
+    mean, m2 = _corrected(m, tl.sum(dev * dev, 0), tl.sum(dev, 0), cnt)
+    tl.store(part_mean_ptr + tile * ld + ch, mean, mask=ch_mask)
+    tl.store(part_m2_ptr + tile * ld + ch, m2, mask=ch_mask)
     if store_count:
         tl.store(part_count_ptr + tile, cnt)
 
