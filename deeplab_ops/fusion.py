@@ -6,6 +6,7 @@ docs/ops.md, "Fusing a model".
 from __future__ import annotations
 
 import copy
+import math
 import operator
 import random
 import sys
@@ -28,7 +29,6 @@ from deeplab_ops.modules import (
     check_module_options,
     forget_aspp_parts,
     fused_conv_bn,
-    op_takes_bn_numbers,
     reads_directly,
     refuse_scripting,
     run_fused_aspp,
@@ -180,6 +180,13 @@ class FusedAwayReLU(nn.ReLU):
         return f"fused into the preceding conv, {super().extra_repr() or 'not inplace'}"
 
 
+# The BatchNorm numbers a fused chain or block runs fused with (modules._check_bn_numbers): a momentum of None or
+# in [0, 1], an eps finite and > 0, plain Python numbers. One set to another after fusing (momentum=1.5, which
+# PyTorch's BatchNorm computes with and the fused op refuses; a NumPy float) runs the parts unfused, as fuse_modules
+# leaves such a pair unfused. (Checked inline in the forwards: no call per part.)
+_PLAIN_NUMBERS = (float, int)
+
+
 def _run_chain(self: nn.Module, x: Tensor, keep: dict | None):
     """A fused chain container's forward: its children in order, each on the previous one's output, a fused conv
     followed by the BatchNorm (and ReLU) it absorbed computed by one fused op; with `keep` (return_layers), the
@@ -187,7 +194,7 @@ def _run_chain(self: nn.Module, x: Tensor, keep: dict | None):
     from the container now: one replaced, deleted or inserted after fusing makes it run one module after the other,
     as does a hook or an instance `forward` on any of the three, a conv changed into one the op does not compute, a
     return_layers entry naming the conv or BatchNorm, or an nn.DataParallel replica). (Checks inline: no call per
-    child but a string padding's and the BatchNorm numbers'.)"""
+    child.)"""
     items = list(self._modules.items())
     out = None if keep is None else OrderedDict()
     i, n = 0, len(items)
@@ -200,10 +207,12 @@ def _run_chain(self: nn.Module, x: Tensor, keep: dict | None):
                  and not m.__dict__.get("_is_replica", False) and "forward" not in m.__dict__ and not (
                      m._forward_hooks or m._forward_pre_hooks or m._backward_hooks or m._backward_pre_hooks
                      or (keep is not None and name in keep))
-                 # a conv changed after fusing into one the op does not compute; a BatchNorm momentum or eps
-                 # the op does not take
+                 # a conv changed after fusing into one the op does not compute; a BatchNorm momentum or eps set
+                 # to one the op refuses (_PLAIN_NUMBERS)
                  and m._parameters.get("bias") is None and m.groups == 1 and m.padding_mode == "zeros"
-                 and (type(m.padding) is not str or symmetric_padding(m)) and op_takes_bn_numbers(cfg.bn))
+                 and (type(m.padding) is not str or symmetric_padding(m))
+                 and ((mom := cfg.bn.momentum) is None or (type(mom) in _PLAIN_NUMBERS and 0.0 <= mom <= 1.0))
+                 and type(eps := cfg.bn.eps) in _PLAIN_NUMBERS and 0.0 < eps < math.inf)
         if fused:
             for j, (part_name, part) in enumerate(cfg.chain, start=i + 1):
                 if (items[j][0] != part_name or items[j][1] is not part or "forward" in part.__dict__
@@ -273,7 +282,9 @@ def _fused_block_forward(self: nn.Module, x: Tensor) -> Tensor:
                 or conv._forward_hooks or conv._forward_pre_hooks or conv._backward_hooks or conv._backward_pre_hooks
                 or bn._forward_hooks or bn._forward_pre_hooks or bn._backward_hooks or bn._backward_pre_hooks
                 or conv._parameters.get("bias") is not None or conv.groups != 1 or conv.padding_mode != "zeros"
-                or (type(conv.padding) is str and not symmetric_padding(conv)) or not op_takes_bn_numbers(bn)):
+                or (type(conv.padding) is str and not symmetric_padding(conv))
+                or not ((mom := bn.momentum) is None or (type(mom) in _PLAIN_NUMBERS and 0.0 <= mom <= 1.0))
+                or type(eps := bn.eps) not in _PLAIN_NUMBERS or not 0.0 < eps < math.inf):
             return unfused_call(self, cfg.process_group, type(self).original_class.forward, x)
     out = x
     for conv, bn in parts[:-1]:

@@ -80,15 +80,6 @@ def _check_bn_numbers(bn: nn.Module) -> None:
         raise ValueError(f"bn has eps={eps!r}; the fused op takes a finite number > 0")
 
 
-def op_takes_bn_numbers(bn: nn.Module) -> bool:
-    """Whether bn's momentum and eps are ones the fused op takes (`_check_bn_numbers`), for a fused module's forward:
-    a number set after fusing that it does not take (momentum=1.5, which PyTorch's BatchNorm computes with) runs the
-    parts unfused, as eager runs them. Plain floats and ints only (a NumPy float, a bool: the unfused parts too)."""
-    momentum, eps = bn.momentum, bn.eps
-    return ((momentum is None or (type(momentum) in (float, int) and 0.0 <= momentum <= 1.0))
-            and type(eps) in (float, int) and 0.0 < eps < math.inf)
-
-
 def _check_conv_computable(conv: nn.Conv2d) -> None:
     """Raise unless the convolution is one the fused op computes: no bias, groups 1, zero padding."""
     if conv.bias is not None:
@@ -608,10 +599,10 @@ class FusedConvBNReLU(ReleasesDerived, nn.Sequential):
         # padding, an nn.BatchNorm2d and a ReLU if relu=True — those very classes (a subclass's forward may compute
         # anything: a weight-standardized conv, a SyncBatchNorm that nn.SyncBatchNorm.convert_sync_batchnorm put
         # there; torch.nn.utils.parametrize's derived class of one of them is it), no forward set on the instance,
-        # nothing appended, no hooks on them, and a momentum and eps the op takes. Otherwise the children run one by
-        # one as nn.Sequential runs them (the residual added before the third), so that what a user changed or hooked
-        # is what runs. (Inline: no call per child on every forward; a parametrized child, a string padding and the
-        # BatchNorm's numbers call a helper.)
+        # nothing appended, and no hooks on them. Otherwise the children run one by one as nn.Sequential runs them
+        # (the residual added before the third), so that what a user changed or hooked is what runs. (Inline: no
+        # call per child on every forward; only a parametrized child or a string padding calls a helper.) A momentum
+        # or eps set to one the op refuses is refused, as when the module was built.
         if (len(modules) != (3 if self.apply_relu else 2)
                 or ((type(conv) is not nn.Conv2d or type(bn) is not nn.BatchNorm2d)
                     and not _parametrized_pair(conv, bn))
@@ -623,8 +614,7 @@ class FusedConvBNReLU(ReleasesDerived, nn.Sequential):
                 or bn._forward_hooks or bn._forward_pre_hooks or bn._backward_hooks or bn._backward_pre_hooks
                 or (relu is not None and ("forward" in relu.__dict__ or relu._forward_hooks
                                           or relu._forward_pre_hooks or relu._backward_hooks
-                                          or relu._backward_pre_hooks))
-                or not op_takes_bn_numbers(bn)):
+                                          or relu._backward_pre_hooks))):
             return unfused_call(self, self.process_group, type(self)._unfused_forward, x, residual)
         # The BatchNorm's own mode, as nn.Sequential runs it: a frozen BatchNorm (block.train(); block[1].eval())
         # normalizes with its running statistics and leaves them alone.
