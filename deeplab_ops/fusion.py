@@ -30,6 +30,7 @@ from deeplab_ops.modules import (
     forget_aspp_parts,
     fused_conv_bn,
     reads_directly,
+    real_number,
     refuse_scripting,
     run_fused_aspp,
     runnable_aspp_parts,
@@ -180,13 +181,6 @@ class FusedAwayReLU(nn.ReLU):
         return f"fused into the preceding conv, {super().extra_repr() or 'not inplace'}"
 
 
-# The BatchNorm numbers a fused chain or block runs fused with (modules._check_bn_numbers): a momentum of None or
-# in [0, 1], an eps finite and > 0, plain Python numbers. One set to another after fusing (momentum=1.5, which
-# PyTorch's BatchNorm computes with and the fused op refuses; a NumPy float) runs the parts unfused, as fuse_modules
-# leaves such a pair unfused. (Checked inline in the forwards: no call per part.)
-_PLAIN_NUMBERS = (float, int)
-
-
 def _run_chain(self: nn.Module, x: Tensor, keep: dict | None):
     """A fused chain container's forward: its children in order, each on the previous one's output, a fused conv
     followed by the BatchNorm (and ReLU) it absorbed computed by one fused op; with `keep` (return_layers), the
@@ -208,11 +202,13 @@ def _run_chain(self: nn.Module, x: Tensor, keep: dict | None):
                      m._forward_hooks or m._forward_pre_hooks or m._backward_hooks or m._backward_pre_hooks
                      or (keep is not None and name in keep))
                  # a conv changed after fusing into one the op does not compute; a BatchNorm momentum or eps set
-                 # to one the op refuses (_PLAIN_NUMBERS)
+                 # to one the op refuses (modules._check_bn_numbers: momentum=1.5, which PyTorch computes with),
+                 # as fuse_modules leaves such a pair unfused
                  and m._parameters.get("bias") is None and m.groups == 1 and m.padding_mode == "zeros"
                  and (type(m.padding) is not str or symmetric_padding(m))
-                 and ((mom := cfg.bn.momentum) is None or (type(mom) in _PLAIN_NUMBERS and 0.0 <= mom <= 1.0))
-                 and type(eps := cfg.bn.eps) in _PLAIN_NUMBERS and 0.0 < eps < math.inf)
+                 and ((mom := cfg.bn.momentum) is None
+                      or ((type(mom) is float or real_number(mom)) and 0.0 <= mom <= 1.0))
+                 and (type(eps := cfg.bn.eps) is float or real_number(eps)) and 0.0 < eps < math.inf)
         if fused:
             for j, (part_name, part) in enumerate(cfg.chain, start=i + 1):
                 if (items[j][0] != part_name or items[j][1] is not part or "forward" in part.__dict__
@@ -283,8 +279,9 @@ def _fused_block_forward(self: nn.Module, x: Tensor) -> Tensor:
                 or bn._forward_hooks or bn._forward_pre_hooks or bn._backward_hooks or bn._backward_pre_hooks
                 or conv._parameters.get("bias") is not None or conv.groups != 1 or conv.padding_mode != "zeros"
                 or (type(conv.padding) is str and not symmetric_padding(conv))
-                or not ((mom := bn.momentum) is None or (type(mom) in _PLAIN_NUMBERS and 0.0 <= mom <= 1.0))
-                or type(eps := bn.eps) not in _PLAIN_NUMBERS or not 0.0 < eps < math.inf):
+                or not ((mom := bn.momentum) is None
+                        or ((type(mom) is float or real_number(mom)) and 0.0 <= mom <= 1.0))
+                or not ((type(eps := bn.eps) is float or real_number(eps)) and 0.0 < eps < math.inf)):
             return unfused_call(self, cfg.process_group, type(self).original_class.forward, x)
     out = x
     for conv, bn in parts[:-1]:

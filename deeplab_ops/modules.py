@@ -67,17 +67,34 @@ def check_fusable(conv: nn.Module, bn: nn.Module) -> None:
     _conv_padding(conv)
 
 
+def real_number(value) -> bool:
+    """A real number other than a bool: what the fused op takes as a BatchNorm's momentum or eps (a NumPy float too).
+    Fused forwards test `type(v) is float or real_number(v)`: no call for the usual float."""
+    return isinstance(value, numbers.Real) and not isinstance(value, bool)
+
+
 def _check_bn_numbers(bn: nn.Module) -> None:
     """Raise unless bn's momentum and eps are ones the fused op takes. PyTorch's BatchNorm takes any number for
     either; the op refuses a momentum that is no average's weight and an eps that is not a finite number > 0
     (fusing leaves such a pair unfused; a fused module refuses it when built). Comparisons only: a NaN fails them."""
     momentum = bn.momentum
-    if momentum is not None and (isinstance(momentum, bool) or not isinstance(momentum, numbers.Real)
-                                 or not 0.0 <= momentum <= 1.0):
+    if momentum is not None and (not real_number(momentum) or not 0.0 <= momentum <= 1.0):
         raise ValueError(f"bn has momentum={momentum!r}; the fused op takes None or a number in [0, 1]")
     eps = bn.eps
-    if isinstance(eps, bool) or not isinstance(eps, numbers.Real) or not 0 < eps < math.inf:
+    if not real_number(eps) or not 0 < eps < math.inf:
         raise ValueError(f"bn has eps={eps!r}; the fused op takes a finite number > 0")
+
+
+def _check_channel_counts(**counts) -> None:
+    """Raise unless every count is an int >= 1 (a NumPy int too, as nn.Conv2d takes; not a bool): when a fused
+    module is built."""
+    for name, value in counts.items():
+        try:
+            ok = not isinstance(value, bool) and operator.index(value) >= 1
+        except TypeError:
+            ok = False
+        if not ok:
+            raise ValueError(f"{name} must be an int >= 1, got {value!r}")
 
 
 def _check_conv_computable(conv: nn.Conv2d) -> None:
@@ -551,9 +568,7 @@ class FusedConvBNReLU(ReleasesDerived, nn.Sequential):
         if not isinstance(relu, bool):
             raise TypeError(f"relu must be a bool, got {relu!r}")
         check_module_options(backend, memory_efficient)
-        for name, value in (("in_channels", in_channels), ("out_channels", out_channels)):
-            if not isinstance(value, int) or isinstance(value, bool) or value < 1:
-                raise ValueError(f"{name} must be an int >= 1, got {value!r}")
+        _check_channel_counts(in_channels=in_channels, out_channels=out_channels)
         # (nn.Conv2d takes a kernel of 0 and a negative padding, failing at the first forward only.)
         geometry = [("kernel_size", kernel_size, 1), ("stride", stride, 1), ("dilation", dilation, 1)]
         if not isinstance(padding, str):  # 'same' or 'valid': nn.Conv2d checks the string
@@ -1076,9 +1091,7 @@ class FusedASPP(ReleasesDerived, nn.Module):
             raise TypeError(f"atrous_rates must be a sequence (tuple, list, range, ...) of ints >= 1 (e.g. (12, 24, "
                             f"36)), got {atrous_rates!r}")
         check_module_options(backend, memory_efficient)
-        for name, value in (("in_channels", in_channels), ("out_channels", out_channels)):
-            if not isinstance(value, int) or isinstance(value, bool) or value < 1:
-                raise ValueError(f"{name} must be an int >= 1, got {value!r}")
+        _check_channel_counts(in_channels=in_channels, out_channels=out_channels)
         rates = checked_rates(atrous_rates, "atrous_rates")
         if not isinstance(dropout, numbers.Real) or isinstance(dropout, bool) or not 0.0 <= dropout < 1.0:
             raise ValueError(f"dropout must be in [0, 1), got {dropout!r}")

@@ -43,10 +43,11 @@ def _corrected(m, sq, s, n):
     # The corrected two-pass form of (mean, M2) from values centred on m, a mean with rounding error: sq = sum of
     # squared deviations, s = sum of deviations, n the count. (m + s/n, sq - s^2/n), where s^2/n is finite: data
     # whose deviations are not finite (an inf or NaN value, a spread beyond float32's range) keep the plain form,
-    # propagating as eager's statistics do.
+    # propagating as eager's statistics do. (Finite as |corr| < inf, NaN comparing false: `corr - corr == 0` would
+    # be contracted on a GPU into fma(s, shift, -corr), the product's rounding error, almost never 0.)
     shift = _div(s, n)
     corr = shift * s
-    ok = (corr - corr) == 0.0
+    ok = tl.abs(corr) < float("inf")
     return tl.where(ok, m + shift, m), tl.where(ok, tl.maximum(sq - corr, 0.0), sq)
 
 

@@ -305,8 +305,8 @@ def _eval_bn_epilogue(y, rm_ptr, rv_ptr, gamma_ptr, beta_ptr, hyper_ptr, save_me
 # one per mix of classes. Padding and dilation enter only scalar tap offsets (kh * dil - pad). In the forward and the
 # wgrad, strides enter the same way, as per-tap scalars and one integer multiply-add per pixel of a tile's address,
 # and so does the wgrad's split count (its loop's step). The dgrad keeps its strides specialized: a stride of 1
-# folds its per-pixel divisions and phase arithmetic away. The backward kernels' `relu` flag only masks a load
-# (`_dy_tile`): a constant would save one predicate per element and double the variants a network compiles.
+# folds its per-pixel divisions and phase arithmetic away. The backward kernels' `relu` flag masks a load and a
+# select (`_dy_tile`): a constant would save a predicate per element and double the variants a network compiles.
 _SIZES_UNSPECIALIZED = ("H", "W", "H_out", "W_out")
 _GEOMETRY_UNSPECIALIZED = ("pad_h", "pad_w", "dil_h", "dil_w")
 _FWD_UNSPECIALIZED = _SIZES_UNSPECIALIZED + _GEOMETRY_UNSPECIALIZED + ("stride_h", "stride_w")

@@ -589,9 +589,10 @@ def _time(run: Callable[[dict], object], config: dict, device: torch.device) -> 
 def prune_by_channels(n_arg: str, k_arg: str, n_block: str, k_block: str) -> Callable:
     """Channel blocks wider than the channels waste the MMA: keep the configurations that fit. Blocks narrower
     than 32 channels (every list's smallest tile, 16 x 16: float64's, and for channel counts <= 16) are kept only
-    where the channels they run along number 16 or fewer: elsewhere a 32-wide tile of the list does the same work
-    in a quarter of the programs, and the narrow one costs a compile and a timing per new tuning key. The smallest
-    configuration if none is kept."""
+    where the channels they run along number 16 or fewer: elsewhere the list's next tile (32 or 64 channels wide,
+    and more pixels) does the same work in a fraction of the programs, with wgmma on sm_90 where the 16-wide one
+    lowers to mma.sync, and the narrow one costs a compile and a timing per new tuning key (unmeasured on a GPU: a
+    judgment). The smallest configuration if none is kept."""
 
     def prune(configs, sizes):
         n_cap = max(16, next_power_of_2(sizes[n_arg]))

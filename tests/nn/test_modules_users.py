@@ -389,9 +389,9 @@ def test_fuse_modules_leaves_a_batchnorm_of_a_momentum_outside_0_1_unfused(momen
 def test_a_momentum_set_outside_0_1_after_fusing_runs_unfused(kind):
     # A fused chain or residual block whose BatchNorm momentum is set to 1.5 after fusing (PyTorch's BatchNorm
     # computes with it): the first training call failed with "momentum must be a number in [0, 1]" naming no layer
-    # (a fused ASPP fell back; fuse_modules leaves such a pair unfused). Now the parts run unfused, as eager's; a
-    # momentum set back runs fused again. (A FusedConvBNReLU, which refuses such a momentum when built, refuses it
-    # at its call too: tests/ops/test_eval_fast_path.py.)
+    # (a fused ASPP fell back; fuse_modules leaves such a pair unfused). Now the parts run unfused, as eager's (an
+    # eps of True likewise); a momentum set back, or a NumPy float, runs fused. (A FusedConvBNReLU, which refuses
+    # such a momentum when built, refuses it at its call too: tests/ops/test_eval_fast_path.py.)
     import torchvision
 
     import deeplab_ops.modules as fused_modules
@@ -406,16 +406,20 @@ def test_a_momentum_set_outside_0_1_after_fusing_runs_unfused(kind):
     bns = [m for m in fused.modules() if isinstance(m, nn.BatchNorm2d)]
     eager_bns = [m for m in eager.modules() if isinstance(m, nn.BatchNorm2d)]
     x = torch.randn(2, 4, 6, 6, dtype=D)
-    for momentum, runs_fused in ((1.5, False), (0.3, True), (float("nan"), False)):
+    import numpy as np
+
+    settings = [(1.5, 1e-5, False), (0.3, 1e-5, True), (np.float64(0.2), np.float32(1e-3), True),
+                (0.3, True, False), (float("nan"), 1e-5, False)]  # eps=True: PyTorch's 1.0, the op refuses a bool
+    for momentum, eps, runs_fused in settings:
         for m in bns + eager_bns:
-            m.momentum = momentum
+            m.momentum, m.eps = momentum, eps
         calls = []
         real = fused_modules.conv_bn_relu
         with pytest.MonkeyPatch.context() as patch:
             patch.setattr(fused_modules, "conv_bn_relu",
                           lambda *a, calls=calls, real=real, **k: calls.append(1) or real(*a, **k))
             torch.testing.assert_close(fused(x), eager(x), rtol=0, atol=1e-12)
-        assert bool(calls) == runs_fused, (momentum, calls)
+        assert bool(calls) == runs_fused, (momentum, eps, calls)
         for a, b in zip(bns, eager_bns, strict=True):
             torch.testing.assert_close(a.running_var, b.running_var, rtol=0, atol=1e-14, equal_nan=True)
 

@@ -430,6 +430,7 @@ CASES = {
     "nn-aspp-rates": lambda d: FusedASPP(4, (2, 0)),
     "nn-aspp-rates-type": lambda d: FusedASPP(4, 6),
     "nn-aspp-out-channels": lambda d: FusedASPP(4, (6,), out_channels=0),
+    "nn-aspp-in-channels": lambda d: FusedASPP(0, (6,)),
     "nn-cbr-geometry": lambda d: FusedConvBNReLU(3, 4, 3, stride=0),
     "nn-cbr-padding": lambda d: FusedConvBNReLU(3, 4, 3, padding=(1, -1)),
     "nn-cbr-channels": lambda d: FusedConvBNReLU(0, 4, 3),

@@ -215,7 +215,9 @@ def compile_job(job) -> dict:
         return rec
     ptx = k.asm["ptx"]
     rec.update(shared=k.metadata.shared, wgmma="wgmma.mma_async" in ptx, mma_sync="mma.sync" in ptx,
-               cp_async="cp.async" in ptx, fma=ptx.count("fma.rn."), **_resource_usage(k.asm["cubin"]))
+               cp_async="cp.async" in ptx, fma=ptx.count("fma.rn."), **_resource_usage(k.asm["cubin"]),
+               inf_compares=sum("setp" in line and ("0f7F800000" in line or "0d7FF0000000000000" in line)
+                                for line in ptx.splitlines()))
     if _launch_options(name).get("enable_fp_fusion") is False:  # what contraction would have made of it
         fused = triton.compile(ast_source(fn, sig, consts, attrs), target=GPUTarget("cuda", arch, 32),
                                options=dict(num_warps=warps, num_stages=stages))
@@ -370,6 +372,20 @@ def test_gemm_main_loops_use_tensor_cores_and_pipeline(first_configs):
         pytest.xfail("triton < 3.6 does not software-pipeline these main loops (docs/kernels.md, Tested stacks): "
                      + "; ".join(unpipelined))
     assert not unpipelined, "not pipelined: " + "; ".join(unpipelined)
+
+
+def test_corrected_statistics_keep_their_finiteness_check(first_configs):
+    """The BatchNorm statistics' correction (bn_kernels._corrected) applies where it is finite, tested as |corr| <
+    inf: the check survives compilation as a compare against infinity in every kernel that computes statistics (a
+    first version tested corr - corr == 0, which contraction turned into the product's rounding error on a GPU, the
+    correction then almost never applied; the interpreter, which does not contract, could not show it)."""
+    seen = set()
+    for r in first_configs:
+        if (r["name"] == "bn_finalize" or (r["name"] in ("conv_fwd", "aspp_branch_fwd", "aspp_project_fwd")
+                                           and _modes()[r["name"]][r["mode"]].get("TRAINING"))):
+            assert "error" not in r and r["inf_compares"] >= 1, r
+            seen.add(r["name"])
+    assert seen == {"bn_finalize", "conv_fwd", "aspp_branch_fwd", "aspp_project_fwd"}
 
 
 def test_upsample_cross_entropy_kernels_compute_z_without_contraction(first_configs):

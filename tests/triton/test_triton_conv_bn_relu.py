@@ -113,8 +113,9 @@ def test_large_mean_small_spread_keeps_its_variance():
 def test_tile_statistics_correct_their_rounded_mean():
     """A mean 10^4 times the spread (100 and 0.01, float32): a tile's first-pass mean is off by a sum's rounding
     (~5e-5, half a percent of the spread), and centring on it alone inflated M2 (the variance 1.5e-4 off, relative,
-    where eager's CPU BatchNorm is 1e-7 off); the corrected two-pass form (conv_engine._tile_stats, and bn_finalize's
-    block merge) takes that out: within 5e-5 over several seeds, the rest the float32 tile means' own rounding."""
+    where eager's CPU BatchNorm is 1e-7 off); the corrected two-pass form (conv_engine._tile_stats; bn_finalize's
+    block merge: test_finalize_corrects_its_block_mean) takes that out: within 5e-5 over these seeds (2.2e-5; up to
+    5.5e-5 over others), the rest the float32 tile means' own rounding."""
     worst = 0.0
     for seed in range(4):
         torch.manual_seed(seed)
@@ -126,6 +127,27 @@ def test_tile_statistics_correct_their_rounded_mean():
         worst = max(worst, ((rv.double() - var) / var).abs().max().item())
         assert_close(rm, x.double().mean(dim=(0, 2, 3)), "running_mean", atol=0, rtol=1e-7)
     assert worst < 5e-5, worst
+
+
+def test_finalize_corrects_its_block_mean():
+    """bn_finalize merges a block of partials around their weighted mean, itself a float32 sum's rounding off (32
+    partial means of 1000 +- 0.01): centred on it alone, the between-partial term gained nb * (error)^2 (the running
+    variance 1e-4 off, relative); the corrected form (bn_kernels._corrected) takes it out (2e-7 here). One block:
+    32 partials, the interpreter's BLOCK_P and under a GPU's 64."""
+    from deeplab_ops.triton import bn_kernels
+
+    worst = 0.0
+    for seed in range(4):
+        g = torch.Generator().manual_seed(seed)
+        count = torch.full((32,), 64.0)
+        pmean = 1e3 + torch.randn(32, 4, generator=g) * 0.01
+        pm2 = torch.rand(32, 4, generator=g) * 64 * 0.01**2
+        out = bn_kernels.bn_finalize(count.to(DEVICE), pmean.to(DEVICE), pm2.to(DEVICE), None, None,
+                                     torch.zeros(4, device=DEVICE), torch.ones(4, device=DEVICE), 1.0, 1e-5)
+        mean = pmean.double().mean(0)
+        var = (pm2.double().sum(0) + (64 * (pmean.double() - mean) ** 2).sum(0)) / (64 * 32 - 1)
+        worst = max(worst, ((out[5].double().cpu() - var) / var).abs().max().item())
+    assert worst < 2e-6, worst
 
 
 def test_relu_propagates_nan():
