@@ -72,7 +72,7 @@ def main(argv: list[str] | None = None) -> int:
     try:
         import deeplab_ops
         from deeplab_ops import _extension, backends
-        from deeplab_ops.common import env_autotune_mode
+        from deeplab_ops.common import TUNING_CACHE_ENV, env_autotune_mode, tuning_cache_folder
     except ImportError as e:
         print(f"deeplab_ops  cannot be imported: {e}")
         return 1
@@ -107,14 +107,12 @@ def main(argv: list[str] | None = None) -> int:
         print(f"error        {winograd}: every cpu-backend inference call raises this")
         return 1
     try:
-        env_autotune_mode()
+        tuning = env_autotune_mode()
     except ValueError as e:
         print(f"error        {e}: every triton-backend call raises this")
         return 1
-    from deeplab_ops.common import TUNING_CACHE_ENV, tuning_cache_folder
-
     kept = tuning_cache_folder(os.environ.get(TUNING_CACHE_ENV, ""))
-    print(f"triton tuning {os.environ.get('DEEPLAB_OPS_AUTOTUNE') or 'gpu'}; winners kept "
+    print(f"triton tuning {tuning}; winners kept "
           + (f"in {kept}" if kept else "nowhere") + f" ({TUNING_CACHE_ENV})")
     devices = ["cpu"] + (["cuda"] if torch.cuda.is_available() else [])
     for dev in devices:

@@ -424,6 +424,24 @@ def test_a_momentum_set_outside_0_1_after_fusing_runs_unfused(kind):
             torch.testing.assert_close(a.running_var, b.running_var, rtol=0, atol=1e-14, equal_nan=True)
 
 
+def test_fused_modules_take_numpy_channel_counts_and_refuse_zero():
+    # nn.Conv2d takes a NumPy int for its channels; the fused modules' build-time checks (operator.index) do too, and
+    # refuse 0 or a bool naming the argument (0 used to fail only at the first forward).
+    import numpy as np
+
+    from deeplab_ops.nn import FusedASPP, FusedConvBNReLU
+
+    block = FusedConvBNReLU(np.int64(3), np.int32(4), 3, padding=1, backend="cpu").to(D)
+    aspp = FusedASPP(np.int64(3), (2,), out_channels=np.int64(4), backend="cpu").to(D).eval()
+    x = torch.randn(1, 3, 5, 5, dtype=D)
+    assert block(x).shape == (1, 4, 5, 5) and aspp(x).shape == (1, 4, 5, 5)
+    for build, message in ((lambda: FusedConvBNReLU(3, 0, 3), "out_channels must be an int >= 1, got 0"),
+                           (lambda: FusedConvBNReLU(True, 4, 3), "in_channels must be an int >= 1, got True"),
+                           (lambda: FusedASPP(0, (2,)), "in_channels must be an int >= 1, got 0")):
+        with pytest.raises(ValueError, match=re.escape(message)):
+            build()
+
+
 def test_is_fused_answers_for_the_module_itself_as_docs_ops_md_says():
     # A Sequential whose conv -> BatchNorm -> ReLU was fused runs the chain in its own forward: fused itself (a fused
     # subclass of its class), as its conv, BatchNorm and ReLU are; a container that only holds it is not (docs/ops.md
