@@ -372,8 +372,9 @@ def back_to_back(ts) -> bool:
 #
 # A packed/transposed weight or a BatchNorm folded into a conv is a pure function of a few parameters and buffers.
 # It is rebuilt only when one of them changed: an entry is keyed by the kind of derivative and the identity of its
-# source tensors, and valid while each source keeps its storage (data_ptr), its version counter and its shape (so a
-# derivative never reaches a kernel with a shape its checks did not see). Every in-place
+# source tensors, and valid while each source keeps its storage (data_ptr), its version counter, its shape (so a
+# derivative never reaches a kernel with a shape its checks did not see) and its strides (a `.data` assignment of
+# another view of the same storage, a transpose, keeps the other three). Every in-place
 # write bumps the counter (optimizer steps, load_state_dict's copy_, running-statistics updates), and so does every
 # in-place change of a tensor's metadata (resize_, set_, t_, as_strided_, unsqueeze_); a new storage changes data_ptr.
 # The cache holds no strong reference to a source: a weakref finalizer drops the entry when one is freed.
@@ -381,11 +382,11 @@ def back_to_back(ts) -> bool:
 # graph, or a replay after an optimizer step would read a stale value), inference-mode tensors (no version
 # counter), and float64 ones: writes through `.data` do not bump the version (torch.autograd.gradcheck perturbs
 # inputs that way), and float64 is what gradcheck and numerical validation run in. Code that writes float32/half
-# parameters through `.data` (or assigns `.data` a same-shaped view of the same storage) must call `clear_derived()`
-# afterwards.
+# parameters through `.data` (or through a tensor they were made views of by a `.data` assignment, as
+# torch.nn.utils.vector_to_parameters does) must call `clear_derived()` afterwards.
 #
-# A hit costs three attribute reads per source and one dict lookup (~1.5 us for five sources): it runs on every eval
-# call of every fused layer.
+# A hit costs three attribute reads and a stride() call per source and one dict lookup (~2 us for five sources): it
+# runs on every eval call of every fused layer.
 
 # key -> (the sources' state, the value, the finalizers that evict the entry when a source is freed: registered
 # once per entry and detached when it goes, so rebuilding after clear_derived() adds none)
@@ -424,7 +425,8 @@ def cached_derived(tag, sources):
     if entry is None or _uncacheable_now(sources[0]):
         return None
     try:
-        if entry[0] != tuple([None if t is None else (t.data_ptr(), t._version, t.shape) for t in sources]):
+        if entry[0] != tuple([None if t is None else (t.data_ptr(), t._version, t.shape, t.stride())
+                              for t in sources]):
             return None
     except (AttributeError, RuntimeError):  # not tensors, or inference tensors: nothing of theirs is cached
         return None
@@ -440,8 +442,8 @@ def derived(tag, sources, build, on_store=None):
         return build()
     key = (tag, *map(id, sources))
     entry = _DERIVED.get(key)
-    try:  # each source's (storage, version counter, shape: a `.data` assignment keeps the other two)
-        state = tuple([None if t is None else (t.data_ptr(), t._version, t.shape) for t in sources])
+    try:  # each source's (storage, version counter, shape, strides: a `.data` assignment may keep all but one)
+        state = tuple([None if t is None else (t.data_ptr(), t._version, t.shape, t.stride()) for t in sources])
     except RuntimeError:  # an inference tensor: no version counter
         return build()
     if entry is not None and entry[0] == state:

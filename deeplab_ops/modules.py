@@ -465,14 +465,17 @@ def _geometry(conv: nn.Conv2d) -> tuple:
     return geometry
 
 
-def _fold_sources(conv: nn.Module, bn: nn.Module) -> tuple | None:
+def _fold_sources(conv: nn.Module, bn_tensors: tuple) -> tuple | None:
     """(conv weight, bn weight, bias, running_mean, running_var), what BatchNorm folds into the conv in eval, as
-    getattr gives them; None when bn has no running statistics (it then normalizes with the batch's, eval or not) or
-    the conv's weight is not a tensor (the full path refuses it with its error)."""
-    weight, (bn_weight, bn_bias, rm, rv, _) = conv_weight(conv), _bn_tensors(bn)
+    getattr gives them (bn_tensors: `_bn_tensors(bn)`); None when bn has no running statistics (it then normalizes
+    with the batch's, eval or not) or the conv's weight is not a tensor (the full path refuses it with its error)."""
+    weight, (bn_weight, bn_bias, rm, rv, _) = conv_weight(conv), bn_tensors
     if rm is None or rv is None or not isinstance(weight, Tensor):
         return None
     return weight, bn_weight, bn_bias, rm, rv
+
+
+_COUNTER_SEEN = "_deeplab_ops_counter_seen"  # plain attribute of a BatchNorm: its counter's version at an eval call
 
 
 def fused_conv_bn(
@@ -504,9 +507,25 @@ def fused_conv_bn(
     # for x's device in another dtype, where the op casts x and the weight first (a half dtype: the unfolded path).
     # Autocast for another device, for float64 x, or in x's own dtype (a half model; eval_fast declines a weight or
     # residual autocast would cast) casts nothing here: the fast path stays.
+    if not training:
+        # torch's own batch_norm updates the running statistics in place without bumping their version counters
+        # (its schema marks no write), which the cached eval folds key on. It runs where a fused chain's or block's
+        # BatchNorm is called as a module in training: a hook on one of its parts, a slice, a torch.fx view
+        # (create_feature_extractor), an nn.DataParallel replica; nn.BatchNorm2d.forward counts that batch with
+        # num_batches_tracked.add_(1), which bumps the counter's version. A version other than the one the last eval
+        # call saw bumps the statistics' counters, so that no fold of their old values is used (after a fused
+        # training call too, whose fold was stale already). (Inline: the eval fast path's Python-work budget.)
+        tensors = _bn_tensors(bn)
+        counter = tensors[4]
+        if counter is not None and not torch.compiler.is_compiling() and not counter.is_inference():
+            seen = bn.__dict__.get(_COUNTER_SEEN)
+            if seen != counter._version:
+                if seen is not None:
+                    torch.autograd.graph.increment_version([t for t in tensors[2:4] if isinstance(t, Tensor)])
+                bn.__dict__[_COUNTER_SEEN] = counter._version
     if not training and enter_directly(x) and (not torch._C._is_any_autocast_enabled()
                                                or autocast_dtype(x) in (None, x.dtype)):
-        sources = _fold_sources(conv, bn)
+        sources = _fold_sources(conv, tensors)
         if sources is not None:
             # The configuration as the full path checks it (once per configuration): eval ignores the momentum,
             # which BatchNorm may leave None.

@@ -547,7 +547,7 @@ at::Tensor weight_transform(const at::Tensor& weight) {
 // counter saying so (a compiled graph reuses one buffer for the next layer's folded weight; writes through `.data`),
 // so its transform is computed per call. An entry belongs to one weight tensor (its TensorImpl, held weakly: the
 // address cannot be reused while the entry lives; a freed weight's entry is dropped at the next lookup or
-// insertion) in one state (storage, sizes, version counter, read before the transform) and one tile size. Least
+// insertion) in one state (storage, sizes, strides, version counter, read before the transform) and one tile size. Least
 // recently used first out, within kCacheBytes and kCacheEntries. A forward pass uses its layers' transforms in
 // turn, so a model whose transforms exceed the cache evicts each before its next use: kCacheBytes holds
 // DeepLabV3-ResNet-101's (about 340 MB at output stride 16; ResNet-50's about 180 MB) with room to spare.
@@ -558,21 +558,23 @@ using WeakImpl = c10::weak_intrusive_ptr<c10::TensorImpl>;
 
 // What identifies a weight tensor's contents while its owner lives. The storage is compared by its StorageImpl,
 // which an entry holds weakly: `.data` given a new tensor keeps the version counter, and a data pointer alone is
-// reused by the allocator (`w.data = a; w.data = b` put b where the weight's storage had been: a stale hit).
+// reused by the allocator (`w.data = a; w.data = b` put b where the weight's storage had been: a stale hit), and
+// `.data` given another view of the same storage (a transpose) keeps all but the strides.
 struct WeightState {
   const c10::TensorImpl* impl;
   c10::weak_intrusive_ptr<c10::StorageImpl> storage;  // its address is not reused while the state is kept
   const void* data;
   std::vector<int64_t> sizes;
+  std::vector<int64_t> strides;
   uint32_t version;
 
   static WeightState of(const at::Tensor& t) {
     return {t.unsafeGetTensorImpl(), t.storage().getWeakStorageImpl(), t.const_data_ptr(), t.sizes().vec(),
-            t.unsafeGetTensorImpl()->version_counter().current_version()};
+            t.strides().vec(), t.unsafeGetTensorImpl()->version_counter().current_version()};
   }
   bool operator==(const WeightState& o) const {
     return impl == o.impl && storage._unsafe_get_target() == o.storage._unsafe_get_target() && data == o.data &&
-           version == o.version && sizes == o.sizes;
+           version == o.version && sizes == o.sizes && strides == o.strides;
   }
 };
 

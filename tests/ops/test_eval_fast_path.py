@@ -7,7 +7,7 @@ from __future__ import annotations
 
 import pytest
 import torch
-from helpers import package_frames, python_calls
+from helpers import backend_param, device_for, package_frames, python_calls
 from torch import nn
 
 import deeplab_ops
@@ -371,3 +371,78 @@ def test_a_missing_conv_weight_gets_the_full_paths_error():
         fused[0].weight = None
         with pytest.raises(TypeError, match="weight must be a torch.Tensor, got NoneType"):
             fused(x)
+
+
+def _eager_training_call(kind):
+    """A training call in which a fused model's BatchNorm runs as torch's own batch_norm (its running statistics
+    updated in place without a version bump): (model factory, input shape, the call)."""
+    from torchvision.models.feature_extraction import create_feature_extractor
+    from torchvision.models.resnet import BasicBlock
+
+    def chain():
+        return nn.Sequential(nn.Conv2d(3, 8, 3, padding=1, bias=False), nn.BatchNorm2d(8), nn.ReLU())
+
+    def hooked(get):
+        def call(m, x):
+            handle = get(m).register_forward_hook(lambda *args: None)
+            m(x)
+            handle.remove()
+        return call
+
+    return {
+        "hook on a chain's conv": (chain, (4, 3, 8, 8), hooked(lambda m: m[0])),
+        "a slice of a chain": (chain, (4, 3, 8, 8), lambda m, x: m[:2](x)),
+        "hook on a residual block's BatchNorm": (lambda: BasicBlock(8, 8), (4, 8, 6, 6), hooked(lambda m: m.bn2)),
+        "torch.fx feature extractor": (lambda: BasicBlock(8, 8), (4, 8, 6, 6),
+                                       lambda m, x: create_feature_extractor(m, {"relu_1": "out"})(x)),
+    }[kind]
+
+
+@pytest.mark.parametrize("kind", ["hook on a chain's conv", "a slice of a chain",
+                                  "hook on a residual block's BatchNorm", "torch.fx feature extractor"])
+def test_the_fold_follows_running_statistics_torch_updated(kind):
+    # torch's batch_norm writes the running statistics without bumping their version counters; the fused model
+    # then evaluated with the fold of the old statistics (0.06-0.8 off); it now sees num_batches_tracked move.
+    from deeplab_ops.nn import fuse_modules
+    make, shape, train_call = _eager_training_call(kind)
+    torch.manual_seed(0)
+    eager = make()
+    fused = fuse_modules(make())
+    fused.load_state_dict(eager.state_dict())
+    x = torch.randn(*shape)
+    eager.eval(), fused.eval()
+    with torch.no_grad():
+        _close(fused(x), eager(x), "before")  # the fold is cached
+        eager.train(), fused.train()
+        for m in (eager, fused):
+            torch.manual_seed(1)
+            train_call(m, torch.randn(*shape) * 2 + 1)
+        for a, b in zip(fused.buffers(), eager.buffers(), strict=True):
+            torch.testing.assert_close(a, b)  # the same statistics, written by torch in both
+        eager.eval(), fused.eval()
+        _close(fused(x), eager(x), f"after {kind}")
+        _close(fused(x), eager(x), f"after {kind} (cached again)")
+
+
+@pytest.mark.parametrize("backend", ["cpu", backend_param("triton"), backend_param("cuda")])
+@pytest.mark.parametrize("training", [False, True])
+def test_a_weight_given_another_view_of_its_storage_is_seen(backend, training):
+    # `.data` given a transposed view of the same storage keeps its data pointer, shape and version counter: the
+    # cached fold (eval) and the triton backend's packed weight (training too) were used for the old layout.
+    torch.manual_seed(0)
+    device = device_for(backend)
+    x = torch.randn(2, 3, 6, 6, device=device)
+    w = nn.Parameter(torch.randn(3, 3, 3, 3, device=device))
+    g, b = torch.rand(3, device=device) + 0.5, torch.randn(3, device=device)
+    rm, rv = torch.randn(3, device=device), torch.rand(3, device=device) + 0.5
+    with torch.no_grad():
+        deeplab_ops.conv_bn_relu(x, w, g, b, rm, rv, padding=1, training=training, backend=backend)
+        w.data = w.data.transpose(2, 3)
+        rm0, rv0 = rm.clone(), rv.clone()
+        out = deeplab_ops.conv_bn_relu(x, w, g, b, rm, rv, padding=1, training=training, backend=backend)
+        expected_rm, expected_rv = rm0.clone(), rv0.clone()
+        expected = torch.relu(torch.nn.functional.batch_norm(torch.nn.functional.conv2d(x, w, None, 1, 1),
+                                                             expected_rm, expected_rv, g, b, training, 0.1, 1e-5))
+    _close(out, expected, "after .data = a transposed view")
+    torch.testing.assert_close(rm, expected_rm)
+    torch.testing.assert_close(rv, expected_rv)

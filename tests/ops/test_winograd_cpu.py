@@ -815,6 +815,25 @@ def test_kept_transforms_follow_a_new_storage_at_the_old_address():
     deeplab_ops.common.clear_derived()
 
 
+def test_kept_transforms_follow_another_view_of_the_same_storage():
+    """`.data` given a transposed view of the weight's own storage keeps its storage, data pointer, shape and version
+    counter: only the strides tell the kept transform (of the old layout) from the weight now."""
+    torch.manual_seed(0)
+    deeplab_ops.common.clear_derived()
+    aspp = deeplab_ops.nn.FusedASPP(64, (3, 4), out_channels=32, backend="cpu").eval().to(memory_format=CL)
+    x = torch.randn(1, 64, 33, 33).contiguous(memory_format=CL)
+    branch = aspp.convs[1][0].weight
+    with torch.no_grad():
+        _close(aspp(x), _aspp_reference(aspp, x), "first", 1e-4)
+        hits = _cache()["hits"]
+        assert aspp(x) is not None and _cache()["hits"] > hits  # kept
+        address, version = branch.data_ptr(), branch._version
+        branch.data = branch.data.transpose(2, 3)
+        assert branch.data_ptr() == address and branch._version == version
+        _close(aspp(x), _aspp_reference(aspp, x), "after .data = a transposed view", 1e-4)
+    deeplab_ops.common.clear_derived()
+
+
 def test_aspp_weights_computed_per_call_are_not_kept():
     """deeplab_ops.aspp called with branch weights computed per call (not parameters): nothing is registered, so the
     plan still counts their transform and leaves them to oneDNN, and no dead transform is left in the cache."""
