@@ -17,6 +17,7 @@ from torch._prims_common import suggest_memory_format
 from torch.optim.optimizer import register_optimizer_step_post_hook
 
 Tensor = torch.Tensor
+_CL = torch.channels_last
 
 INT32_MAX = 2**31 - 1
 HALF_DTYPES = (torch.float16, torch.bfloat16)
@@ -154,6 +155,31 @@ def check_x_channels(x, weight, owner: str) -> None:
         c = weight.shape[1]
         raise ValueError(f"x has {x.shape[1]} channels (shape {tuple(x.shape)}) but {owner} takes {c} input "
                          f"channels (in_channels); expected x of shape (N, {c}, H, W)")
+
+
+def conv_layout(x, weight):
+    """x laid out as torch's convolution lays out its output, so that a fused op's output (in x's layout) is laid
+    out as eager's: channels_last where x or the weight suggests it, as torch's oneDNN and cuDNN convolutions
+    decide (cuDNN not for float64). A model converted with .to(memory_format=torch.channels_last) and given an NCHW
+    input then computes channels_last from its first convolution on, as eager does, and a dropout after it draws its
+    mask in the same order. One conversion of x, only for an NCHW x and a channels_last weight (the first of a
+    converted model's layers); anything but two 4-D tensors is left to the argument checks. (C calls only for an
+    x already channels_last and for a k x k NCHW weight; torch's stride rule in Python for 1 x 1 weights, whose
+    strides alone tell the two layouts apart.)"""
+    if not isinstance(x, Tensor) or not isinstance(weight, Tensor) or x.dim() != 4 or weight.dim() != 4:
+        return x
+    try:
+        if ((x.is_contiguous(memory_format=_CL) and not x.is_contiguous())  # channels_last already
+                or (weight.is_contiguous() and not weight.is_contiguous(memory_format=_CL))):  # an NCHW weight
+            return x
+    except RuntimeError:  # inside torch.func.vmap, which does not say whether a tensor is channels_last
+        return x
+    # (under torch.jit.trace, sizes are traced tensors: the trace records x as given)
+    if ((not torch.compiler.is_compiling() and jit_tracing() is not None)
+            or suggest_memory_format(weight) != _CL or suggest_memory_format(x) == _CL
+            or (x.dtype == torch.float64 and x.is_cuda)):
+        return x
+    return x.contiguous(memory_format=_CL)
 
 
 def conv_output_size(

@@ -21,6 +21,7 @@ from deeplab_ops.common import (
     autocast_dtype,
     back_to_back,
     check_x_channels,
+    conv_layout,
     drop_oldest,
     functorch_transform,
     is_functorch_wrapped,
@@ -527,6 +528,7 @@ def fused_conv_bn(
                                                or autocast_dtype(x) in (None, x.dtype)):
         sources = _fold_sources(conv, tensors)
         if sources is not None:
+            x = conv_layout(x, sources[0])  # channels_last where x or the weight is, as conv_bn_relu lays it out
             # The configuration as the full path checks it (once per configuration): eval ignores the momentum,
             # which BatchNorm may leave None.
             geometry = checked_config(*_geometry(conv), False, 0.0 if bn.momentum is None else bn.momentum, bn.eps,

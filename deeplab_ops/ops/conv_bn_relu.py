@@ -20,6 +20,7 @@ from deeplab_ops.common import (
     autocast_dtype,
     cached_derived,
     check_running_writable,
+    conv_layout,
     conv_output_size,
     derived,
     drop_oldest,
@@ -617,7 +618,8 @@ def conv_bn_relu(
     momentum, eps)`` → ``+ residual`` → ``F.relu`` compute, with groups=1 and no convolution bias.
 
     Args:
-        x: (N, C_in, H, W), NCHW or channels_last; the output keeps its memory format.
+        x: (N, C_in, H, W), NCHW or channels_last. The output is channels_last where x or the weight is (as
+            torch's convolution decides; an NCHW x is converted once for a channels_last weight), else NCHW.
         weight: (C_out, C_in, kH, kW), any kernel size.
         bn_weight, bn_bias: BatchNorm affine parameters (C_out,), or None (1 and 0).
         running_mean, running_var: (C_out,) running statistics. Training updates them in place exactly as
@@ -639,7 +641,7 @@ def conv_bn_relu(
             the backward recomputes the convolution where it needs it (docs/memory_efficient.md). Same results.
 
     Returns:
-        (N, C_out, H_out, W_out) tensor in x's dtype and memory format.
+        (N, C_out, H_out, W_out) tensor in x's dtype, in the memory format described for x.
     """
     if memory_efficient is not False and memory_efficient is not True:
         raise TypeError(f"memory_efficient must be a bool, got {memory_efficient!r}")
@@ -655,6 +657,7 @@ def conv_bn_relu(
             amp = None  # already in autocast's dtype (a half model under autocast): nothing cast, as outside it
         else:
             x, weight, residual = cast
+    x = conv_layout(x, weight)  # channels_last where x or the weight is, as torch's convolution
     if not training and amp is None and isinstance(weight, Tensor) and enter_directly(x):
         out = eval_fast(x, weight, bn_weight, bn_bias, running_mean, running_var,
                         checked_config(stride, padding, dilation, training, momentum, eps, relu), float(eps),

@@ -282,13 +282,14 @@ def test_float64_is_folded_every_call():
 
 def test_steady_state_eval_python_work():
     """The fast path's Python: module glue, the per-call checks, the cache lookup, the backend choice and the op
-    (measured 16 deeplab_ops frames on the cpu backend, the shared helpers included; the full path ran 21)."""
+    (measured 17 deeplab_ops frames on the cpu backend, the shared helpers and the layout rule included; the full
+    path ran 21)."""
     fused, _ = _pair()
     x = torch.randn(2, 3, 7, 7)
     with torch.no_grad():
         fused(x), fused(x)
         frames = python_calls(lambda: fused(x))
-    assert package_frames(frames) <= 16, sorted(frames.items())
+    assert package_frames(frames) <= 17, sorted(frames.items())
 
 
 @pytest.mark.parametrize("kind", ["affine=False", "track_running_stats=False", "parametrized weight"])

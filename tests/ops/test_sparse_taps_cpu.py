@@ -154,7 +154,10 @@ def test_nchw_forward_runs_channels_last_and_matches_float64(mode, residual):
         x.requires_grad_(True)
     with torch.set_grad_enabled(mode != "eval-no-grad"):
         out = deeplab_ops.conv_bn_relu(x, weight, *bn, residual=res, backend="cpu", **kwargs)
-    assert out.is_contiguous()  # the output keeps the input's NCHW format
+    # channels_last, as torch's convolution lays out an NCHW x with a channels_last weight (x converted once at the
+    # op's front door, which the route did inside; its output is no longer converted back)
+    assert out.is_contiguous(memory_format=CL) and not out.is_contiguous()
+    assert F.conv2d(x, weight, None, 1, (6, 7), (6, 7)).is_contiguous(memory_format=CL)
     _close(out, ref.detach(), mode)
 
 
@@ -208,10 +211,12 @@ def test_backward_routes_match_float64(case, layout, weight_layout, memory_effic
     w_layout = layout if weight_layout == "same" else (CL if layout != CL else torch.contiguous_format)
     weight = _weight(cout, cin, *kernel).contiguous(memory_format=w_layout).requires_grad_(True)
     bn_w, bn_b = (torch.rand(cout) + 0.5).requires_grad_(True), torch.randn(cout).requires_grad_(True)
-    plan = _plan(x, weight, padding, dilation)[1:]
+    # the x the backend computes with: channels_last where the weight is, as torch's convolution lays it out
+    x_layout = CL if CL in (layout, w_layout) else torch.contiguous_format
+    plan = _plan(x.contiguous(memory_format=x_layout), weight, padding, dilation)[1:]
     assert plan[1], "every case takes the weight gradient's GEMMs"
     within = all(p <= d * (k - 1) for p, d, k in zip(padding, dilation, kernel, strict=True))
-    assert plan[0] == (layout != CL and dilation[1] >= 24 and within)
+    assert plan[0] == (x_layout != CL and dilation[1] >= 24 and within)
     kwargs = dict(stride=1, padding=padding, dilation=dilation, training=True)
     leaves = [x, weight, bn_w, bn_b]
     out = deeplab_ops.conv_bn_relu(*leaves, None, None, backend="cpu", memory_efficient=memory_efficient, **kwargs)
@@ -226,16 +231,17 @@ def test_backward_routes_match_float64(case, layout, weight_layout, memory_effic
     for name, got, want in zip(["x", "weight", "bn_weight", "bn_bias"], grads,
                                torch.autograd.grad(ref, dleaves, g.double()), strict=True):
         _close(got, want, f"grad {name}")
-    assert grads[0].is_contiguous(memory_format=layout)
+    assert grads[0].is_contiguous(memory_format=x_layout)  # as torch.autograd.grad gives eager's
     assert grads[1].is_contiguous(memory_format=w_layout)
 
 
 @pytest.mark.parametrize("wanted", ["x", "weight"])
 def test_backward_computes_only_the_wanted_gradient(wanted):
-    # An NCHW x at a horizontal dilation of 25: both gradients by the cpu backend's routes; only the wanted one runs.
+    # An NCHW x (and weight: an NCHW model) at a horizontal dilation of 25: both gradients by the cpu backend's
+    # routes; only the wanted one runs.
     torch.manual_seed(2)
     x = torch.randn(2, 40, 9, 30).requires_grad_(wanted == "x")
-    weight = _weight(36, 40, 3, 3).requires_grad_(wanted == "weight")
+    weight = _weight(36, 40, 3, 3).contiguous().requires_grad_(wanted == "weight")
     assert _plan(x, weight, (6, 25), (6, 25))[1:] == (True, True)
     bn = [torch.rand(36) + 0.5, torch.randn(36)]
     kwargs = dict(padding=(6, 25), dilation=(6, 25), training=True)
