@@ -22,7 +22,9 @@ import os
 import pickle
 import random
 import shutil
+import signal
 import sys
+import threading
 import time
 import unicodedata
 import warnings
@@ -223,17 +225,23 @@ def _build_datasets(args, train: bool):
         return tr, val, list(datasets.SYNTHETIC_CLASSES)
     if not args.data_root:
         raise SystemExit(f"--dataset {args.dataset} needs --data-root PATH")
+    train_split, val_split = split_names(args)
     if args.dataset == "voc":
-        val = datasets.VOCSegmentation(args.data_root, args.val_split or "val", sbd_root=args.sbd_root)
-        tr = datasets.VOCSegmentation(args.data_root, args.train_split or "train_aug", sbd_root=args.sbd_root) \
-            if train else None
-        warn_shared_images(tr, val, args.train_split or "train_aug", args.val_split or "val")
-        return tr, val, list(val.classes)
-    val = datasets.FolderSegmentation(args.data_root, args.val_split or "val", classes_file=args.classes)
-    tr = datasets.FolderSegmentation(args.data_root, args.train_split or "train", classes_file=args.classes) \
-        if train else None
-    warn_shared_images(tr, val, args.train_split or "train", args.val_split or "val")
+        val = datasets.VOCSegmentation(args.data_root, val_split, sbd_root=args.sbd_root)
+        tr = datasets.VOCSegmentation(args.data_root, train_split, sbd_root=args.sbd_root) if train else None
+    else:
+        val = datasets.FolderSegmentation(args.data_root, val_split, classes_file=args.classes)
+        tr = datasets.FolderSegmentation(args.data_root, train_split, classes_file=args.classes) if train else None
+    warn_shared_images(tr, val, train_split, val_split)
     return tr, val, list(val.classes)
+
+
+def split_names(args) -> tuple[str, str]:
+    """(training split, validation split) of --dataset: --train-split / --val-split, else the dataset's defaults
+    (VOC trains on train_aug)."""
+    if args.dataset == "synthetic":
+        return "train", "val"
+    return args.train_split or ("train_aug" if args.dataset == "voc" else "train"), args.val_split or "val"
 
 
 def warn_shared_images(train_set, val_set, train_split: str, val_split: str) -> None:
@@ -546,7 +554,9 @@ def _dataset_class_names(args) -> list[str] | None:
     return None
 
 
-def cmd_predict(args, device, info: distributed.DistInfo) -> None:
+def cmd_predict(args, device, info: distributed.DistInfo, given: set[str] = frozenset()) -> None:
+    """Masks for every image of the --predict folder, at the checkpoint's run's evaluation settings unless `given`
+    (the flags on the command line) names them."""
     out = args.out or "predictions"
     if not os.path.isdir(args.predict):
         raise SystemExit(f"--predict: not a folder: {args.predict}")
@@ -583,7 +593,7 @@ def cmd_predict(args, device, info: distributed.DistInfo) -> None:
     class_names = _dataset_class_names(args)
     if class_names is not None:
         check_classes(ckpt, args.checkpoint, class_names, args, "--predict")
-    os_ = args.eval_output_stride or ckpt.get("args", {}).get("output_stride", 16)
+    os_ = _run_eval_settings(args, ckpt.get("args") or {}, given, info, "predicting")
     net = _model_from_checkpoint(ckpt, args, os_, args.checkpoint, "--checkpoint").to(device).eval()
     if args.channels_last:
         net = net.to(memory_format=torch.channels_last)
@@ -633,6 +643,22 @@ def _restored_note(args, restored: list[str], path: str) -> str:
     return f" ({named}: saved in the checkpoint {path}{where}; pass {flags} to give the dataset's location)"
 
 
+def _run_eval_settings(args, saved: dict, given, info, doing: str) -> int:
+    """The checkpoint's run's evaluation settings (what its metrics and best.pt were measured with), for
+    --eval-only and --predict: --eval-scales (set in `args`) and the output stride (returned) unless `given` (the
+    flags on the command line) names them; the first line printed names them, and says to add --eval-flip where the
+    run evaluated with it."""
+    if "eval_scales" not in given and isinstance(saved.get("eval_scales"), str):
+        args.eval_scales = saved["eval_scales"]
+    os_ = args.eval_output_stride or saved.get("eval_output_stride") or saved.get("output_stride", 16)
+    if info.is_main:
+        print(f"{doing} at --eval-output-stride {os_}, --eval-scales {args.eval_scales}"
+              + (", --eval-flip" if args.eval_flip else "")
+              + ("; the run evaluated with --eval-flip: add it to evaluate as it did"
+                 if saved.get("eval_flip") and not args.eval_flip else ""))
+    return os_
+
+
 def cmd_eval_only(args, device, info, given: set[str] = frozenset()) -> None:
     """Evaluate a checkpoint on its run's validation split, at its run's evaluation settings unless `given` (the
     flags on the command line) names them."""
@@ -656,15 +682,7 @@ def cmd_eval_only(args, device, info, given: set[str] = frozenset()) -> None:
     except (FileNotFoundError, ValueError) as e:
         raise SystemExit(f"--dataset {args.dataset}: {e}{_restored_note(args, restored, path)}") from None
     check_classes(ckpt, path, class_names, args, "--eval-only")
-    # The run's evaluation settings (what its metrics and best.pt were measured with) unless given.
-    if "eval_scales" not in given and isinstance(saved.get("eval_scales"), str):
-        args.eval_scales = saved["eval_scales"]
-    os_ = args.eval_output_stride or saved.get("eval_output_stride") or saved.get("output_stride", 16)
-    if info.is_main:
-        print(f"evaluating at --eval-output-stride {os_}, --eval-scales {args.eval_scales}"
-              + (", --eval-flip" if args.eval_flip else "")
-              + ("; the run evaluated with --eval-flip: add it to evaluate as it did"
-                 if saved.get("eval_flip") and not args.eval_flip else ""))
+    os_ = _run_eval_settings(args, saved, given, info, "evaluating")
     net = _model_from_checkpoint(ckpt, args, os_, path, "--checkpoint" if args.checkpoint else
                                  "--eval-only (default checkpoint)").to(device)
     if args.channels_last:
@@ -989,7 +1007,8 @@ def cmd_train(args, device, info, resumed: tuple | None) -> None:
     train_raw, val_raw, class_names = build_datasets(args, note="" if resumed is None else
                                                      _restored_note(args, resumed[2], resumed[0]))
     if info.is_main:
-        print(f"data: {args.dataset} train {len(train_raw)} images, val {len(val_raw)} images, "
+        splits = split_names(args)
+        print(f"data: {args.dataset} {splits[0]} {len(train_raw)} images, {splits[1]} {len(val_raw)} images, "
               f"{len(class_names)} classes; device {device}" + (f", {info.world_size} processes" if info.enabled
                                                                   else ""))
     train_set = loop.AugmentedDataset(train_raw, TrainTransform(args.crop_size, args.scale_range, not args.no_flip))
@@ -1087,13 +1106,16 @@ def cmd_train(args, device, info, resumed: tuple | None) -> None:
               f"{os.path.abspath(args.out_dir)} (last.pt" + (", best.pt" if result.best_metric is not None else "")
               + ")")
     if result.last_metrics is not None and result.iteration == args.iterations:
-        # train_seconds: this invocation's (resumed_at: the iteration it started from; None for a whole run)
+        # train_seconds: this invocation's (resumed_at: the iteration it started from; None for a whole run). The
+        # preview is named where it is: a resumed finished run evaluates nothing, and into another --out-dir it
+        # brings its checkpoints, not the preview.
+        preview = os.path.join(args.out_dir, "predictions_val.png")
         _report(args, info, result.last_metrics, {"iteration": result.iteration, "train_seconds": round(train_s, 2),
                                                   "resumed_at": None if resume is None else resume["iteration"],
                                                   "best_miou": result.best_metric,
                                                   "best_iteration": result.best_iteration,
-                                                  "preview": (os.path.join(args.out_dir, "predictions_val.png")
-                                                              if args.preview > 0 else None)},
+                                                  "preview": (preview if args.preview > 0 and os.path.isfile(preview)
+                                                              else None)},
                 "metrics.json")
 
 
@@ -1212,10 +1234,10 @@ def build_parser() -> argparse.ArgumentParser:
 
     g = p.add_argument_group("evaluation")
     g.add_argument("--eval-output-stride", type=int, choices=[8, 16], default=None,
-                   help="output stride at evaluation (default: the training one; --eval-only and --resume: the "
-                        "run's); 8 as in the paper's best results")
+                   help="output stride at evaluation (default: the training one; --eval-only, --predict and "
+                        "--resume: the run's); 8 as in the paper's best results")
     g.add_argument("--eval-scales", default="1.0", help="comma-separated scales, or 'ms' for 0.5,0.75,...,1.75 "
-                   "(default 1.0; --eval-only and --resume: the run's)")
+                   "(default 1.0; --eval-only, --predict and --resume: the run's)")
     g.add_argument("--eval-flip", action="store_true", help="also average the horizontally flipped input")
     g.add_argument("--eval-batch-size", type=int, default=1, help="images per evaluation batch (those of one size go "
                    "through the network together, unpadded: the metrics do not depend on it)")
@@ -1518,6 +1540,15 @@ def _out_of_memory_text(args, e: BaseException) -> str:
             f"--eval-batch-size{kept}")
 
 
+class Terminated(KeyboardInterrupt):
+    """SIGTERM (kill, timeout, a scheduler's preemption), raised where the run is, as Ctrl-C raises
+    KeyboardInterrupt: the same report of what is saved, the loader's workers shut down, exit status 143."""
+
+
+def _raise_terminated(signum, frame) -> None:
+    raise Terminated()
+
+
 def main(argv=None) -> None:
     quiet = machine_follower()
     try:
@@ -1530,9 +1561,12 @@ def main(argv=None) -> None:
     except BaseException:  # (a refusal after --out-dir was locked)
         release_out_dir()
         raise
+    # SIGTERM as Ctrl-C (the main thread only can take signals; restored on return: main() may be called in-process)
+    main_thread = threading.current_thread() is threading.main_thread()
+    on_term = signal.signal(signal.SIGTERM, _raise_terminated) if main_thread else None
     try:
         if args.predict:
-            cmd_predict(args, device, info)
+            cmd_predict(args, device, info, given_flags(argv))
         elif args.eval_only:
             cmd_eval_only(args, device, info, given_flags(argv))
         else:
@@ -1567,20 +1601,24 @@ def main(argv=None) -> None:
         raise SystemExit("train.py: another process stopped (see its message above, or torchrun's summary for a "
                          f"process that was killed), so this run stopped too ({reason})" if info.is_main else 1
                          ) from None
-    except KeyboardInterrupt:
-        # Ctrl-C: no traceback; what is saved and how to go on (a save is atomic: an interrupted one left the previous)
+    except KeyboardInterrupt as e:
+        # Ctrl-C or SIGTERM: no traceback; what is saved and how to go on (a save is atomic: an interrupted one left
+        # the previous)
+        terminated = isinstance(e, Terminated)
         if info.is_main and not (args.predict or args.eval_only):
             saved = _saved_checkpoints(args, iterations=True)
-            print("\ntrain.py: interrupted; " + (f"{', '.join(saved)} in {os.path.abspath(args.out_dir)}: --resume "
-                                                  "continues from last.pt" if saved else "no checkpoint was saved"),
-                  file=sys.stderr)
-        raise SystemExit(130) from None
+            print(f"\ntrain.py: {'terminated (SIGTERM)' if terminated else 'interrupted'}; "
+                  + (f"{', '.join(saved)} in {os.path.abspath(args.out_dir)}: --resume continues from last.pt"
+                     if saved else "no checkpoint was saved"), file=sys.stderr)
+        raise SystemExit(143 if terminated else 130) from None
     except SystemExit as e:
         # What every process meets alike (a refusal before any work): said once per machine.
         if quiet and isinstance(e.code, str):
             raise SystemExit(1) from None
         raise
     finally:
+        if main_thread:  # (None: a handler not set from Python, the default here)
+            signal.signal(signal.SIGTERM, signal.SIG_DFL if on_term is None else on_term)
         release_out_dir()
         if info.enabled:
             torch.distributed.destroy_process_group()

@@ -162,3 +162,16 @@ def test_resume_of_a_finished_run_whose_metrics_json_failed_writes_it(tmp_path, 
     assert _records(out / "metrics.jsonl", "val") == _records(ref / "metrics.jsonl", "val")
     assert _same_weights(out / "last.pt", ref / "last.pt")
     assert torch.load(out / "last.pt", weights_only=True)["metrics"]["miou"] == want["metrics"]["miou"]
+
+
+def test_a_finished_run_resumed_into_another_folder_names_no_preview_it_has_not(tmp_path, monkeypatch):
+    # The resume evaluates nothing (the run is finished) and brings last.pt and best.pt, not the preview: its
+    # metrics.json named <out>/predictions_val.png, which did not exist.
+    monkeypatch.setattr(train_script, "build_model", _tiny_build_model)
+    common = TINY + ["--iterations", "2"]
+    run, branch = tmp_path / "run", tmp_path / "branch"
+    train_script.main(common + ["--out-dir", str(run)])
+    assert json.loads((run / "metrics.json").read_text())["preview"] == str(run / "predictions_val.png")
+    train_script.main(common + ["--out-dir", str(branch), "--resume", str(run / "last.pt")])
+    assert not (branch / "predictions_val.png").exists()
+    assert json.loads((branch / "metrics.json").read_text())["preview"] is None

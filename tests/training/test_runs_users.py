@@ -447,7 +447,7 @@ def test_a_resume_takes_the_dataset_from_the_checkpoint_before_checking_its_flag
     train_script.main(["--resume", "--out-dir", "run", "--data-root", "moved", "--val-split", "other",
                        "--iterations", "5"])
     out, err = capsys.readouterr()
-    assert "data: folder train 4 images, val 1 images, 3 classes" in out and "ignoring" not in err
+    assert "data: folder train 4 images, other 1 images, 3 classes" in out and "ignoring" not in err
     # the flags not given are named against the folder presets (resnet101), not the synthetic set's (resnet29)
     assert "--backbone resnet29" in out.split("note: flags not given, read from the checkpoint's run: ")[1]
     # a synthetic run given a --data-root is still refused, once the checkpoint says it is one

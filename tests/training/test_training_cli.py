@@ -4,6 +4,7 @@ checks of --eval-only / --predict, and resume with a changed --iterations."""
 import json
 import os
 import re
+import time
 
 import numpy as np
 import pytest
@@ -540,6 +541,36 @@ def test_ctrl_c_says_what_is_saved_and_how_to_go_on(tmp_path, monkeypatch, capsy
     err = capsys.readouterr().err
     assert f"train.py: interrupted; last.pt (iteration 1) in {out}: --resume continues from last.pt" in err, err
     assert "Traceback" not in err
+
+
+def test_sigterm_is_reported_as_ctrl_c_is(tmp_path, monkeypatch, capsys):
+    """SIGTERM (kill, timeout, a scheduler's preemption) while training: exit status 143 with the same report of
+    what is saved as Ctrl-C, no traceback (it ended the process without a word, its loader's workers left behind);
+    the handler train.py set is removed when main returns."""
+    import dataclasses
+    import signal
+    monkeypatch.setattr(train_script, "build_model", _tiny_build_model)
+    out = tmp_path / "run"
+    real_fit = loop.fit
+
+    def terminated(model, train_set, cfg, *args, **kwargs):
+        real_fit(model, train_set, dataclasses.replace(cfg, stop_after=1), *args, **kwargs)
+        os.kill(os.getpid(), signal.SIGTERM)
+        time.sleep(5)  # (the handler raises at once)
+        raise AssertionError("SIGTERM was not raised")
+
+    monkeypatch.setattr(loop, "fit", terminated)
+    before = signal.getsignal(signal.SIGTERM)
+    with pytest.raises(SystemExit) as stop:
+        train_script.main(["--crop-size", "32", "--synthetic-train-size", "8", "--synthetic-val-size", "2",
+                           "--batch-size", "2", "--iterations", "4", "--no-tensorboard", "--device", "cpu",
+                           "--out-dir", str(out)])
+    assert stop.value.code == 143
+    err = capsys.readouterr().err
+    assert (f"train.py: terminated (SIGTERM); last.pt (iteration 1) in {out}: --resume continues from last.pt"
+            in err), err
+    assert "Traceback" not in err
+    assert signal.getsignal(signal.SIGTERM) == before
 
 
 def test_a_folder_with_no_last_checkpoint_is_not_offered_to_resume(tmp_path, capsys):

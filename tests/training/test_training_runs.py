@@ -268,6 +268,36 @@ def test_eval_only_evaluates_as_the_run_did(tmp_path, monkeypatch, capsys):
     assert "--eval-scales 1.0, --eval-flip" in capsys.readouterr().out
 
 
+def test_predict_predicts_as_the_run_evaluated(tmp_path, monkeypatch, capsys):
+    """--predict reads the run's evaluation settings from the checkpoint unless given, as --eval-only does (it used
+    the training output stride and scale 1.0, so its masks were not the predictions the run's mIoU measured), and
+    its first line names them."""
+    from PIL import Image
+    monkeypatch.setattr(train_script, "build_model", _tiny_build_model)
+    out = tmp_path / "run"
+    train_script.main(TINY + ["--iterations", "2", "--eval-scales", "0.75,1.0", "--preview", "0",
+                              "--out-dir", str(out)])
+    photos = tmp_path / "photos"
+    photos.mkdir()
+    rng = np.random.default_rng(0)
+    for i in range(2):
+        Image.fromarray(rng.integers(0, 255, (23, 31, 3), dtype=np.uint8)).save(photos / f"p{i}.png")
+    capsys.readouterr()
+
+    def predict(folder, *flags):
+        train_script.main(["--predict", str(photos), "--checkpoint", str(out / "best.pt"), "--device", "cpu",
+                           "--out", str(tmp_path / folder), *flags])
+        printed = capsys.readouterr().out
+        return printed, [np.asarray(Image.open(tmp_path / folder / f"p{i}.png")) for i in range(2)]
+
+    printed, masks = predict("saved")
+    assert printed.startswith("predicting at --eval-output-stride 8, --eval-scales 0.75,1.0\n"), printed
+    printed, given = predict("given", "--eval-scales", "0.75,1.0")
+    assert all(np.array_equal(a, b) for a, b in zip(masks, given, strict=True))
+    printed, _ = predict("one", "--eval-scales", "1.0")
+    assert printed.startswith("predicting at --eval-output-stride 8, --eval-scales 1.0\n"), printed
+
+
 def test_out_of_memory_advice_names_the_flags_of_the_command():
     e = MemoryError("no memory")
     base = dict(crop_size=513, batch_size=16, eval_batch_size=1, eval_scales="1.0", out_dir="nowhere")
