@@ -520,55 +520,35 @@ def test_a_bad_mask_met_in_training_or_evaluation_stops_in_one_line(tmp_path, mo
     assert (out / "last.pt").exists() == (where == "val")
 
 
-def test_ctrl_c_says_what_is_saved_and_how_to_go_on(tmp_path, monkeypatch, capsys):
-    """Ctrl-C while training: no traceback, exit status 130, and the checkpoints kept (with their iterations) and
-    that --resume continues."""
-    monkeypatch.setattr(train_script, "build_model", _tiny_build_model)
-    out = tmp_path / "run"
-    real_fit = loop.fit
-
-    def interrupted(model, train_set, cfg, *args, **kwargs):
-        real_fit(model, train_set, dataclasses.replace(cfg, stop_after=1), *args, **kwargs)
-        raise KeyboardInterrupt
-
-    import dataclasses
-    monkeypatch.setattr(loop, "fit", interrupted)
-    with pytest.raises(SystemExit) as stop:
-        train_script.main(["--crop-size", "32", "--synthetic-train-size", "8", "--synthetic-val-size", "2",
-                           "--batch-size", "2", "--iterations", "4", "--no-tensorboard", "--device", "cpu",
-                           "--out-dir", str(out)])
-    assert stop.value.code == 130
-    err = capsys.readouterr().err
-    assert f"train.py: interrupted; last.pt (iteration 1) in {out}: --resume continues from last.pt" in err, err
-    assert "Traceback" not in err
-
-
-def test_sigterm_is_reported_as_ctrl_c_is(tmp_path, monkeypatch, capsys):
-    """SIGTERM (kill, timeout, a scheduler's preemption) while training: exit status 143 with the same report of
-    what is saved as Ctrl-C, no traceback (it ended the process without a word, its loader's workers left behind);
-    the handler train.py set is removed when main returns."""
+@pytest.mark.parametrize("how", ["ctrl-c", "sigterm"])
+def test_ctrl_c_and_sigterm_say_what_is_saved_and_how_to_go_on(how, tmp_path, monkeypatch, capsys):
+    """Ctrl-C or SIGTERM (kill, timeout, a scheduler's preemption; it ended the process without a word, its loader's
+    workers left behind) while training: no traceback, exit status 130 / 143, and the checkpoints kept (with their
+    iterations) and that --resume continues; the SIGTERM handler train.py set is removed when main returns."""
     import dataclasses
     import signal
     monkeypatch.setattr(train_script, "build_model", _tiny_build_model)
     out = tmp_path / "run"
     real_fit = loop.fit
 
-    def terminated(model, train_set, cfg, *args, **kwargs):
+    def stopped(model, train_set, cfg, *args, **kwargs):
         real_fit(model, train_set, dataclasses.replace(cfg, stop_after=1), *args, **kwargs)
+        if how == "ctrl-c":
+            raise KeyboardInterrupt
         os.kill(os.getpid(), signal.SIGTERM)
         time.sleep(5)  # (the handler raises at once)
         raise AssertionError("SIGTERM was not raised")
 
-    monkeypatch.setattr(loop, "fit", terminated)
+    monkeypatch.setattr(loop, "fit", stopped)
     before = signal.getsignal(signal.SIGTERM)
     with pytest.raises(SystemExit) as stop:
         train_script.main(["--crop-size", "32", "--synthetic-train-size", "8", "--synthetic-val-size", "2",
                            "--batch-size", "2", "--iterations", "4", "--no-tensorboard", "--device", "cpu",
                            "--out-dir", str(out)])
-    assert stop.value.code == 143
+    assert stop.value.code == (130 if how == "ctrl-c" else 143)
     err = capsys.readouterr().err
-    assert (f"train.py: terminated (SIGTERM); last.pt (iteration 1) in {out}: --resume continues from last.pt"
-            in err), err
+    said = "interrupted" if how == "ctrl-c" else "terminated (SIGTERM)"
+    assert f"train.py: {said}; last.pt (iteration 1) in {out}: --resume continues from last.pt" in err, err
     assert "Traceback" not in err
     assert signal.getsignal(signal.SIGTERM) == before
 
