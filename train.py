@@ -1546,6 +1546,9 @@ class Terminated(KeyboardInterrupt):
 
 
 def _raise_terminated(signum, frame) -> None:
+    # Once: a second SIGTERM ends the process at once (a first one arriving inside a C++ call that does not return
+    # is taken only when it returns)
+    signal.signal(signal.SIGTERM, signal.SIG_DFL)
     raise Terminated()
 
 
@@ -1561,9 +1564,11 @@ def main(argv=None) -> None:
     except BaseException:  # (a refusal after --out-dir was locked)
         release_out_dir()
         raise
-    # SIGTERM as Ctrl-C (the main thread only can take signals; restored on return: main() may be called in-process)
-    main_thread = threading.current_thread() is threading.main_thread()
-    on_term = signal.signal(signal.SIGTERM, _raise_terminated) if main_thread else None
+    # SIGTERM as Ctrl-C (the main thread only can take signals; restored on return: main() may be called in-process).
+    # Not under torchrun, which sends it to stop every process when one failed: a process waiting in a collective
+    # for the failed one would take it only when the collective returns, and the default ends it at once.
+    own_term = threading.current_thread() is threading.main_thread() and not info.enabled
+    on_term = signal.signal(signal.SIGTERM, _raise_terminated) if own_term else None
     try:
         if args.predict:
             cmd_predict(args, device, info, given_flags(argv))
@@ -1617,7 +1622,7 @@ def main(argv=None) -> None:
             raise SystemExit(1) from None
         raise
     finally:
-        if main_thread:  # (None: a handler not set from Python, the default here)
+        if own_term:  # (None: a handler not set from Python, the default here)
             signal.signal(signal.SIGTERM, signal.SIG_DFL if on_term is None else on_term)
         release_out_dir()
         if info.enabled:

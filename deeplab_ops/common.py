@@ -163,18 +163,20 @@ def conv_layout(x, weight):
     decide (cuDNN not for float64). A model converted with .to(memory_format=torch.channels_last) and given an NCHW
     input then computes channels_last from its first convolution on, as eager does, and a dropout after it draws its
     mask in the same order. One conversion of x, only for an NCHW x and a channels_last weight (the first of a
-    converted model's layers); anything but two 4-D tensors is left to the argument checks. (C calls only for an
-    x already channels_last and for a k x k NCHW weight; torch's stride rule in Python for 1 x 1 weights, whose
-    strides alone tell the two layouts apart.)"""
+    converted model's layers); anything but two 4-D tensors is left to the argument checks. Not under torch.func's
+    vmap (which cannot say) nor torch.jit.trace (whose sizes are traced tensors): x as given there. (C calls only on
+    the common paths: an x already channels_last, a weight whose strides fail torch's channels_last rule at its
+    second dimension, as every NCHW weight of more than one input channel does, 1 x 1 included.)"""
     if not isinstance(x, Tensor) or not isinstance(weight, Tensor) or x.dim() != 4 or weight.dim() != 4:
         return x
     try:
-        if ((x.is_contiguous(memory_format=_CL) and not x.is_contiguous())  # channels_last already
-                or (weight.is_contiguous() and not weight.is_contiguous(memory_format=_CL))):  # an NCHW weight
+        if x.is_contiguous(memory_format=_CL) and not x.is_contiguous():  # channels_last already
+            return x
+        c_in = weight.shape[1]
+        if c_in > 1 and weight.stride(3) < weight.stride(1) * c_in:  # an NCHW weight
             return x
     except RuntimeError:  # inside torch.func.vmap, which does not say whether a tensor is channels_last
         return x
-    # (under torch.jit.trace, sizes are traced tensors: the trace records x as given)
     if ((not torch.compiler.is_compiling() and jit_tracing() is not None)
             or suggest_memory_format(weight) != _CL or suggest_memory_format(x) == _CL
             or (x.dtype == torch.float64 and x.is_cuda)):

@@ -514,15 +514,17 @@ def fused_conv_bn(
         # BatchNorm is called as a module in training: a hook on one of its parts, a slice, a torch.fx view
         # (create_feature_extractor), an nn.DataParallel replica; nn.BatchNorm2d.forward counts that batch with
         # num_batches_tracked.add_(1), which bumps the counter's version. A version other than the one the last eval
-        # call saw bumps the statistics' counters, so that no fold of their old values is used (after a fused
-        # training call too, whose fold was stale already). (Inline: the eval fast path's Python-work budget.)
+        # call saw drops what is cached of the statistics, so that no fold of their old values is used (after a fused
+        # training call too, whose fold was stale already). Not by bumping their version counters: an eager
+        # BatchNorm's graph saves them, and its backward would then refuse them. (Inline: the eval fast path's
+        # Python-work budget.)
         tensors = _bn_tensors(bn)
         counter = tensors[4]
         if counter is not None and not torch.compiler.is_compiling() and not counter.is_inference():
             seen = bn.__dict__.get(_COUNTER_SEEN)
             if seen != counter._version:
                 if seen is not None:
-                    torch.autograd.graph.increment_version([t for t in tensors[2:4] if isinstance(t, Tensor)])
+                    release_derived([t for t in tensors[2:4] if isinstance(t, Tensor)])
                 bn.__dict__[_COUNTER_SEEN] = counter._version
     if not training and enter_directly(x) and (not torch._C._is_any_autocast_enabled()
                                                or autocast_dtype(x) in (None, x.dtype)):

@@ -533,8 +533,8 @@ def aspp(
     """Fused ASPP (torchvision's structure, without the dropout after the projection).
 
     Args:
-        x: (N, C_in, H, W), NCHW or channels_last. The output is channels_last where x, project_weight or the 1×1
-            branch's weight is (as torch's convolutions lay out torchvision's ASPP), else NCHW.
+        x: (N, C_in, H, W), NCHW or channels_last. The output is channels_last where x or project_weight is (as
+            torch's convolutions lay out torchvision's ASPP for an NCHW x), else NCHW.
         conv_weights: [1×1 branch (C, C_in, 1, 1), then one (C, C_in, 3, 3) per rate].
         pool_weight: the image-pooling branch's (C, C_in, 1, 1).
         project_weight: (C, (len(rates) + 2) * C, 1, 1).
@@ -562,8 +562,9 @@ def aspp(
     rates = check_args(x, conv_weights, pool_weight, project_weight, bn_weights, bn_biases, running_means,
                        running_vars, rates, training, momentum, eps, empty=True,
                        synchronized=training and process_group is not None)
-    # channels_last where x or the projection's or 1x1 branch's weight is, as torchvision's ASPP computes it
-    x = conv_layout(conv_layout(x, project_weight), conv_weights[0])
+    # channels_last where x or the projection's weight is, as torchvision's ASPP computes it (its cat with the
+    # pooling branch, NCHW from a 1x1 map, is NCHW whatever the branches' weights)
+    x = conv_layout(x, project_weight)
     if memory_efficient is not False and memory_efficient is not True:
         raise TypeError(f"memory_efficient must be a bool, got {memory_efficient!r}")
     group_name = group_name_of(process_group)  # checked in eval too (it synchronizes nothing there)

@@ -425,6 +425,33 @@ def test_the_fold_follows_running_statistics_torch_updated(kind):
         _close(fused(x), eager(x), f"after {kind} (cached again)")
 
 
+def test_seeing_torchs_updates_leaves_an_eager_batchnorms_graph_differentiable():
+    # The eval call that sees the counter moved drops the cached folds of the statistics; an earlier version bumped
+    # their version counters, and the backward of a training forward in which a hooked chain's BatchNorm ran as
+    # torch's own (whose graph saves the running statistics) then failed after an eval pass before it.
+    from deeplab_ops.nn import fuse_modules
+    torch.manual_seed(0)
+    fused = fuse_modules(nn.Sequential(nn.Conv2d(3, 8, 3, padding=1, bias=False), nn.BatchNorm2d(8), nn.ReLU(),
+                                       nn.Conv2d(8, 8, 3, padding=1, bias=False), nn.BatchNorm2d(8), nn.ReLU()),
+                         backend="cpu")
+    x = torch.randn(2, 3, 8, 8)
+    fused.eval()
+    with torch.no_grad():
+        fused(x)
+    fused.train()
+    handle = fused[1].register_forward_hook(lambda *args: None)
+    loss = fused(x).square().mean()  # the first chain runs unfused: torch's batch_norm, the counter moves
+    handle.remove()
+    versions = [t._version for t in (fused[1].running_mean, fused[1].running_var)]
+    fused.eval()
+    with torch.no_grad():
+        fused(x)  # sees the counter moved
+    assert [t._version for t in (fused[1].running_mean, fused[1].running_var)] == versions
+    fused.train()
+    loss.backward()
+    assert fused[0].weight.grad is not None
+
+
 @pytest.mark.parametrize("backend", ["cpu", backend_param("triton"), backend_param("cuda")])
 @pytest.mark.parametrize("training", [False, True])
 def test_a_weight_given_another_view_of_its_storage_is_seen(backend, training):

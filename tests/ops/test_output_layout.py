@@ -85,17 +85,22 @@ def test_a_channels_last_model_given_an_nchw_input_draws_eagers_dropout_mask(bac
 
 
 @pytest.mark.parametrize("backend", BACKENDS)
-@pytest.mark.parametrize("w_layout", ["nchw", "channels_last"])
-def test_aspp_with_channels_last_weights_returns_eagers_layout(backend, w_layout):
+@pytest.mark.parametrize("w_layout, expected", [("nchw", "nchw"), ("channels_last", "channels_last"),
+                                                ("branches only", "nchw")])
+def test_aspp_with_channels_last_weights_returns_eagers_layout(backend, w_layout, expected):
+    # torchvision's ASPP concatenates its branches with the pooling branch's NCHW map (upsampled from 1x1): the
+    # projection's weight alone decides its output's layout for an NCHW x.
     torch.manual_seed(0)
     device = device_for(backend)
     eager = ASPP(8, [2, 3], 8).to(device).eval()
     fused = fuse_modules(copy.deepcopy(eager), backend=backend, channels_last=False)
-    if w_layout == "channels_last":
-        eager.to(memory_format=CL)
-        fused.to(memory_format=CL)
+    for model in (eager, fused):
+        if w_layout == "channels_last":
+            model.to(memory_format=CL)
+        elif w_layout == "branches only":
+            model.convs.to(memory_format=CL)
     x = torch.randn(2, 8, 9, 9, device=device)  # NCHW
     with torch.no_grad():
         want, got = eager(x), fused(x)
-    assert _layout(got) == _layout(want) == w_layout
+    assert _layout(got) == _layout(want) == expected
     torch.testing.assert_close(got, want, rtol=1e-4, atol=1e-4)
