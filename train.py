@@ -1317,6 +1317,10 @@ def check_args(args, error, defaults: dict | None = None) -> None:
     if (args.batch_size == 1 and not args.freeze_bn and not args.eval_only and not args.predict
             and _world_size() == 1):  # across processes the BatchNorms are synchronized: check_bn_batch
         error(f"--batch-size 1: {loop.BATCH1_MESSAGE}")
+    if args.batch_size is not None and not (args.eval_only or args.predict) and args.batch_size % _world_size():
+        # (a batch size read from a --resume checkpoint is checked by cmd_train)
+        error(f"--batch-size {args.batch_size} (global) must be divisible by the number of processes, "
+              f"{_world_size()}")
     if args.lr is not None and not (_finite(args.lr) and args.lr > 0):
         error(f"--lr must be a finite number > 0, got {args.lr}")
     if not (_finite(args.poly_power) and args.poly_power > 0):
@@ -1368,6 +1372,11 @@ def check_args(args, error, defaults: dict | None = None) -> None:
         if reasons:
             error(f"DEEPLAB_OPS_BACKEND={forced} cannot run the fused ops on --device {device} "
                   f"({'; '.join(reasons)}): unset it, or name a backend that runs there")
+        world = _world_size()
+        if forced in ("reference", "triton") and world > 1 and not (args.predict or args.eval_only or args.freeze_bn):
+            error(f"DEEPLAB_OPS_BACKEND={forced} cannot train under torchrun: the BatchNorms are synchronized across "
+                  f"the {world} processes, which the {forced} backend does not do; unset it (the automatic choice "
+                  "takes cpu or cuda there), name cpu or cuda, or add --freeze-bn")
     if args.fused_ops or args.predict or args.eval_only:
         from deeplab_ops.common import env_autotune_mode
 

@@ -104,6 +104,9 @@ def test_python_m_deeplab_ops_has_help_refuses_unknown_arguments_and_bad_setting
     winograd = run([sys.executable, "-m", "deeplab_ops"], env={**env, "DEEPLAB_OPS_CPU_WINOGRAD": "2"})
     assert winograd.returncode == 1
     assert "DEEPLAB_OPS_CPU_WINOGRAD='2' is not a setting" in winograd.stdout, winograd.stdout
+    # a valid setting is shown too (it was said only when bad)
+    winograd_off = run([sys.executable, "-m", "deeplab_ops"], env={**env, "DEEPLAB_OPS_CPU_WINOGRAD": "0"})
+    assert "cpu winograd off (DEEPLAB_OPS_CPU_WINOGRAD=0)" in winograd_off.stdout, winograd_off.stdout
     # a bad DEEPLAB_OPS_AUTOTUNE made every triton call raise while the report said triton was usable; a
     # TRITON_INTERPRET that Triton reads as off ("off") was reported as "1", triton usable (calls then crashed); a
     # reader that stops early (| head -1) got a BrokenPipeError traceback

@@ -118,3 +118,28 @@ def test_train_py_with_a_stray_world_size_exits_with_one_line_not_a_traceback(tm
     assert "Traceback" not in proc.stderr and proc.stdout == "", proc.stderr
     assert proc.stderr.strip().splitlines()[-1] == f"train.py: error: {NO_RANK}", proc.stderr
     assert not (tmp_path / "run").exists()
+
+
+@pytest.mark.parametrize("argv, env, message", [
+    (["--batch-size", "5"], {}, "--batch-size 5 (global) must be divisible by the number of processes, 2"),
+    (["--fused-ops"], {"DEEPLAB_OPS_BACKEND": "reference"},
+     "DEEPLAB_OPS_BACKEND=reference cannot train under torchrun: the BatchNorms are synchronized across the 2 "
+     "processes, which the reference backend does not do; unset it (the automatic choice takes cpu or cuda there), "
+     "name cpu or cuda, or add --freeze-bn"),
+], ids=["batch-size", "backend"])
+def test_what_torchrun_cannot_train_is_a_flag_error_before_any_work(launch_env, monkeypatch, capsys, argv, env,
+                                                                      message):
+    # Found by a new user's audit: both reached the first step (the backend after the data and the model were built,
+    # a traceback from every process), the batch size as a plain exit 1.
+    launch_env({**TORCHRUN, "RANK": "0", "LOCAL_RANK": "0"})
+    for name, value in env.items():
+        monkeypatch.setenv(name, value)
+    with pytest.raises(SystemExit) as stop:
+        train_script.parse_args(["--device", "cpu", *argv])
+    assert stop.value.code == 2
+    assert f"error: {message}" in capsys.readouterr().err
+    # fine where it can run: one process, frozen BatchNorm (nothing synchronized), a batch the processes divide
+    train_script.parse_args(["--device", "cpu", *argv, "--freeze-bn"] if env else ["--device", "cpu", "--batch-size",
+                                                                                    "6"])
+    launch_env({})
+    train_script.parse_args(["--device", "cpu", *argv])
