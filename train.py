@@ -654,8 +654,8 @@ def _run_eval_settings(args, saved: dict, given, info, doing: str) -> int:
     if info.is_main:
         print(f"{doing} at --eval-output-stride {os_}, --eval-scales {args.eval_scales}"
               + (", --eval-flip" if args.eval_flip else "")
-              + ("; the run evaluated with --eval-flip: add it to evaluate as it did"
-                 if saved.get("eval_flip") and not args.eval_flip else ""))
+              + (f"; the run evaluated with --eval-flip: add it to {'evaluate' if doing == 'evaluating' else 'predict'}"
+                 " as it did" if saved.get("eval_flip") and not args.eval_flip else ""))
     return os_
 
 

@@ -547,8 +547,8 @@ at::Tensor weight_transform(const at::Tensor& weight) {
 // counter saying so (a compiled graph reuses one buffer for the next layer's folded weight; writes through `.data`),
 // so its transform is computed per call. An entry belongs to one weight tensor (its TensorImpl, held weakly: the
 // address cannot be reused while the entry lives; a freed weight's entry is dropped at the next lookup or
-// insertion) in one state (storage, sizes, strides, version counter, read before the transform) and one tile size. Least
-// recently used first out, within kCacheBytes and kCacheEntries. A forward pass uses its layers' transforms in
+// insertion) in one state (storage, sizes, strides, version counter, read before the transform) and one tile size.
+// Least recently used first out, within kCacheBytes and kCacheEntries. A forward pass uses its layers' transforms in
 // turn, so a model whose transforms exceed the cache evicts each before its next use: kCacheBytes holds
 // DeepLabV3-ResNet-101's (about 340 MB at output stride 16; ResNet-50's about 180 MB) with room to spare.
 constexpr int64_t kCacheBytes = int64_t{1} << 30;
