@@ -1317,10 +1317,6 @@ def check_args(args, error, defaults: dict | None = None) -> None:
     if (args.batch_size == 1 and not args.freeze_bn and not args.eval_only and not args.predict
             and _world_size() == 1):  # across processes the BatchNorms are synchronized: check_bn_batch
         error(f"--batch-size 1: {loop.BATCH1_MESSAGE}")
-    if args.batch_size is not None and not (args.eval_only or args.predict) and args.batch_size % _world_size():
-        # (a batch size read from a --resume checkpoint is checked by cmd_train)
-        error(f"--batch-size {args.batch_size} (global) must be divisible by the number of processes, "
-              f"{_world_size()}")
     if args.lr is not None and not (_finite(args.lr) and args.lr > 0):
         error(f"--lr must be a finite number > 0, got {args.lr}")
     if not (_finite(args.poly_power) and args.poly_power > 0):
@@ -1402,6 +1398,10 @@ def check_args(args, error, defaults: dict | None = None) -> None:
                 warn(f"--{name.replace('_', '-')} is not read by --eval-only, which evaluates the validation split")
     if not (args.eval_only or args.resume):  # these take the dataset from the checkpoint: checked once it is known
         check_dataset_flags(args, error)
+    if args.batch_size is not None and not (args.eval_only or args.predict) and args.batch_size % _world_size():
+        # (after the warnings about the other flags; a batch size read from a --resume checkpoint: cmd_train)
+        error(f"--batch-size {args.batch_size} (global) must be divisible by the number of processes, "
+              f"{_world_size()}")
 
 
 def check_dataset_flags(args, error, check_root: bool = True) -> None:
