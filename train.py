@@ -1398,10 +1398,10 @@ def check_args(args, error, defaults: dict | None = None) -> None:
                 warn(f"--{name.replace('_', '-')} is not read by --eval-only, which evaluates the validation split")
     if not (args.eval_only or args.resume):  # these take the dataset from the checkpoint: checked once it is known
         check_dataset_flags(args, error)
-    if args.batch_size is not None and not (args.eval_only or args.predict) and args.batch_size % _world_size():
+    world = _world_size()
+    if args.batch_size is not None and not (args.eval_only or args.predict) and args.batch_size % world:
         # (after the warnings about the other flags; a batch size read from a --resume checkpoint: cmd_train)
-        error(f"--batch-size {args.batch_size} (global) must be divisible by the number of processes, "
-              f"{_world_size()}")
+        error(f"--batch-size {args.batch_size} (global) must be divisible by the number of processes, {world}")
 
 
 def check_dataset_flags(args, error, check_root: bool = True) -> None:

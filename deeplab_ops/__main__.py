@@ -106,8 +106,8 @@ def main(argv: list[str] | None = None) -> int:
     if winograd is not None:
         print(f"error        {winograd}: every cpu-backend inference call raises this")
         return 1
-    print("cpu winograd " + ("off" if os.environ.get("DEEPLAB_OPS_CPU_WINOGRAD") == "0" else "on")
-          + " (DEEPLAB_OPS_CPU_WINOGRAD=" + (os.environ.get("DEEPLAB_OPS_CPU_WINOGRAD") or "unset") + ")")
+    value = os.environ.get("DEEPLAB_OPS_CPU_WINOGRAD") or "unset"  # (valid here: "", "0", "1" or unset)
+    print(f"cpu winograd {'off' if value == '0' else 'on'} (DEEPLAB_OPS_CPU_WINOGRAD={value})")
     try:
         tuning = env_autotune_mode()
     except ValueError as e:
