@@ -34,6 +34,7 @@ from deeplab_ops.modules import (
     refuse_scripting,
     run_fused_aspp,
     runnable_aspp_parts,
+    settle_aspp,
     symmetric_padding,
     synced_batch_norm,
     unfused_call,
@@ -727,6 +728,7 @@ def fuse_modules(model: nn.Module, backend: str | None = None, memory_efficient:
             inside_aspp.update(id(m) for m in module.modules())
             object.__setattr__(module, _FUSED_ATTR, FusedConfig(backend=backend, memory_efficient=memory_efficient))
             module.__class__ = _fused_class(type(module), "aspp")
+            settle_aspp(module)
     for module in modules:
         k = _residual_block_depth(module, shared)
         if k:

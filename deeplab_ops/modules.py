@@ -23,6 +23,7 @@ from deeplab_ops.common import (
     check_x_channels,
     conv_layout,
     drop_oldest,
+    fake_mode_active,
     functorch_transform,
     is_functorch_wrapped,
     jit_tracing,
@@ -284,7 +285,17 @@ class ReleasesDerived:
 
     def _apply(self, fn, recurse=True):
         self._release()
-        return super()._apply(fn, recurse)
+        out = super()._apply(fn, recurse)
+        self._settle()  # (a conversion gave each tensor a storage of its own)
+        return out
+
+    def __setstate__(self, state):
+        super().__setstate__(state)
+        self._settle()  # (copy.deepcopy gives each parameter a storage of its own)
+
+    def _settle(self) -> None:
+        if isinstance(self, FusedASPP) or getattr(type(self), "fused_kind", None) == "aspp":
+            settle_aspp(self)
 
     def _load_from_state_dict(self, *args, **kwargs):
         self._release()
@@ -887,6 +898,20 @@ def pack_batchnorms(bns: list[nn.BatchNorm2d]) -> None:
     _pack(list(zip(*(_bn_tensors(bn) for bn in bns), strict=True)))
 
 
+def settle_aspp(module: nn.Module) -> None:
+    """Lay out the BatchNorm tensors of an ASPP the fused op runs (aspp_fusable) back to back now (pack_batchnorms),
+    where the module is built, fused or converted (.to(), .cuda(), .half()), not at its first call: what a user
+    takes of them before that call (state_dict(), .detach(), a view, a numpy array) then keeps following the module,
+    as it does for torchvision's ASPP. Nothing for a module the op does not run, tensors _pack may not move, or
+    tensors without memory (the meta device, a FakeTensorMode)."""
+    if fake_mode_active() or not aspp_fusable(module):
+        return
+    kinds = list(zip(*(_bn_tensors(bn) for bn in aspp_parts(module)[1]), strict=True))
+    if any(t is not None and t.is_meta for ts in kinds for t in ts):
+        return
+    _pack(kinds)
+
+
 def unpack_batchnorms(module: nn.Module) -> nn.Module:
     """Give each BatchNorm tensor under `module` (itself included) that shares its storage with others (as
     pack_batchnorms and a fused ASPP's first call lay them out) a storage of its own, values kept (the tensors stay
@@ -911,8 +936,9 @@ def _pack(kinds: list[tuple]) -> list[bool]:
     inference mode even when called in it: the module's tensors stay normal ones that a later training step can use.
     Kinds that are not `_movable` stay where they are (the fused ASPP then concatenates them per call); so does
     every kind inside a torch.func transform, whose new tensors are the transform's (wrapped: a module tensor's data
-    set to one would outlive the transform, a crash)."""
-    if functorch_transform() is not None:
+    set to one would outlive the transform, a crash), and under a FakeTensorMode (its stack would be a fake tensor
+    with no data: given to a real module's tensors, it would take their values)."""
+    if functorch_transform() is not None or fake_mode_active():
         return [False] * len(kinds)
     nones = [any(map(_IS_NONE, ts)) for ts in kinds]
     flags = [not none and back_to_back(ts) for ts, none in zip(kinds, nones, strict=True)]
@@ -1140,6 +1166,7 @@ class FusedASPP(ReleasesDerived, nn.Module):
         self.backend = backend
         self.memory_efficient = memory_efficient
         self.process_group = None  # set by sync_batchnorm(): statistics shared across processes
+        settle_aspp(self)
 
     def forward(self, x: Tensor) -> Tensor:
         # The fused op computes torchvision's ASPP of these very children: where one was replaced by a module it

@@ -488,3 +488,76 @@ def test_onnx_export_records_the_loss_as_aten_ops(monkeypatch):
     assert not {op for op in ops if "deeplab_ops" in op}, sorted(ops)
     want = F.cross_entropy(F.interpolate(logits, (9, 11), mode="bilinear", align_corners=False), target)
     assert_close(recorded(logits, target), want, "recorded loss", ATOL, RTOL)
+
+
+@pytest.mark.parametrize("kind", ["FusedASPP", "fuse_modules", "converted", "deepcopy"])
+def test_what_a_user_takes_of_a_fused_aspp_before_its_first_call_keeps_following_it(kind):
+    # A fused ASPP moved its BatchNorms' tensors into one storage per kind at its first call (t.data = row): a
+    # state_dict(), a .detach() or a numpy view taken before that call silently stopped following the module. They
+    # are laid out where the module is built, fused, converted or copied, so the aliases stay the module's, as
+    # torchvision's.
+    if kind == "FusedASPP":
+        module = _randomize(FusedASPP(4, (1, 2), 4))
+    elif kind == "deepcopy":  # (each parameter deep-copied into a storage of its own)
+        module = copy.deepcopy(_randomize(FusedASPP(4, (1, 2), 4)))
+    else:
+        module = fuse_modules(_randomize(TorchvisionASPP(4, (1, 2), 4)))
+        if kind == "converted":
+            module = module.double()  # every tensor given a storage of its own, then laid out again
+    dtype = next(module.parameters()).dtype
+    aliases = module.state_dict()
+    view = module.project[1].running_mean.numpy()
+    weight = module.convs[0][1].weight.detach()
+    optimizer = torch.optim.SGD(module.parameters(), lr=0.1)
+    module(torch.randn(2, 4, 6, 6, dtype=dtype)).square().mean().backward()
+    optimizer.step()
+    for name, value in module.state_dict().items():
+        assert torch.equal(aliases[name], value), f"{name}: the state_dict taken before the first call went stale"
+    assert torch.equal(torch.from_numpy(view), module.project[1].running_mean)
+    assert torch.equal(weight, module.convs[0][1].weight)
+    assert not torch.equal(aliases["project.1.running_mean"], torch.zeros(4, dtype=dtype))  # the step did update
+
+
+@pytest.mark.parametrize("built_in_mode", [False, True])
+@pytest.mark.parametrize("kind", ["FusedConvBNReLU", "FusedASPP", "fuse_modules"])
+def test_fake_tensor_mode_runs_the_fused_modules_and_leaves_real_ones_as_they_were(kind, built_in_mode):
+    # Under FakeTensorMode (shape propagation, memory estimation) the training check of the running statistics
+    # compared data pointers (all 0 there) and then ran a data-dependent isin: DataDependentOutputException. A real
+    # fused ASPP called there packed its tensors with the mode's data-less stack (a meta tensor), losing their values;
+    # an eval call could cache a fake BatchNorm fold for the real calls after it.
+    from torch._subclasses.fake_tensor import FakeTensorMode
+
+    def make():
+        torch.manual_seed(0)
+        if kind == "fuse_modules":
+            module = _randomize(TorchvisionASPP(4, (1, 2), 4))
+            module.project[3].p = 0.0  # (no dropout: the two calls compared below)
+            return fuse_modules(module)
+        return {"FusedConvBNReLU": lambda: FusedConvBNReLU(4, 4, 3, padding=1),
+                "FusedASPP": lambda: FusedASPP(4, (1, 2), 4)}[kind]()
+
+    for train in (True, False):
+        if built_in_mode:
+            with FakeTensorMode(allow_non_fake_inputs=True):
+                module = make().train(train)
+                out = module(torch.randn(2, 4, 6, 6))
+                if train:
+                    out.sum().backward()
+            assert out.shape == (2, 4, 6, 6)
+            continue
+        module, ref = make().train(train), make().train(train)
+        unfuse_modules(ref)
+        before = {k: v.clone() for k, v in module.state_dict().items()}
+        with FakeTensorMode(allow_non_fake_inputs=True):
+            out = module(torch.randn(2, 4, 6, 6))
+            if train:
+                out.sum().backward()
+        assert out.shape == (2, 4, 6, 6)
+        module.zero_grad(set_to_none=True)
+        for name, value in module.state_dict().items():
+            assert type(value) is torch.Tensor and not value.is_meta, name
+            if not name.endswith("num_batches_tracked"):  # (eager's add_(1) reaches the real counter there too)
+                assert torch.equal(value, before[name]), f"{name} changed by a fake call"
+        ref.load_state_dict(module.state_dict())
+        x = torch.randn(2, 4, 6, 6)
+        assert_close(module(x), ref(x), f"a real call after the fake one (train={train})", ATOL, RTOL)
