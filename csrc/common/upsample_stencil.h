@@ -44,9 +44,25 @@ inline void check_args(const at::Tensor& logits, const at::Tensor& target) {
 // so the neighbours are PyTorch's: output o reads i0[o] (weight l0[o]) and i1[o] (weight l1[o]). For each
 // low-res index i, the outputs reading it are [start[i], end[i]) (i0 and i1 are non-decreasing, so they are
 // contiguous). Arrays: i0, i1, l0, l1 of length out; start, end of length in.
+// cpu_rule: PyTorch's CPU kernel reads an axis whose sizes are equal one to one (both neighbours the output's own
+// index, weights 1 and 0), where its CUDA kernel reads the next index with weight 0 (as on every other axis): a
+// non-finite logit then stays at its pixel on the CPU (0 * inf = NaN spreads to its neighbour on CUDA). Each
+// backend follows its device's eager rule.
 template <typename index_t, typename opmath_t>
-void bilinear_axis_stencil(int64_t in, int64_t out, bool align_corners, index_t* i0, index_t* i1, index_t* start,
-                           index_t* end, opmath_t* l0, opmath_t* l1) {
+void bilinear_axis_stencil(int64_t in, int64_t out, bool align_corners, bool cpu_rule, index_t* i0, index_t* i1,
+                           index_t* start, index_t* end, opmath_t* l0, opmath_t* l1) {
+  if (cpu_rule && in == out) {
+    for (int64_t o = 0; o < out; ++o) {
+      i0[o] = i1[o] = static_cast<index_t>(o);
+      l0[o] = opmath_t(1);
+      l1[o] = opmath_t(0);
+    }
+    for (int64_t i = 0; i < in; ++i) {
+      start[i] = static_cast<index_t>(i);
+      end[i] = static_cast<index_t>(i + 1);
+    }
+    return;
+  }
   opmath_t scale;
   if (align_corners) {
     scale = out > 1 ? static_cast<opmath_t>(in - 1) / static_cast<opmath_t>(out - 1) : opmath_t(0);

@@ -52,8 +52,8 @@ template <typename opmath_t>
 AxisStencil<opmath_t> axis_stencil(int64_t in, int64_t out, bool align_corners) {
   AxisStencil<opmath_t> s;
   s.i0.resize(out), s.i1.resize(out), s.l0.resize(out), s.l1.resize(out), s.start.resize(in), s.end.resize(in);
-  upsample_ce::bilinear_axis_stencil(in, out, align_corners, s.i0.data(), s.i1.data(), s.start.data(),
-                                     s.end.data(), s.l0.data(), s.l1.data());
+  upsample_ce::bilinear_axis_stencil(in, out, align_corners, /*cpu_rule=*/true, s.i0.data(), s.i1.data(),
+                                     s.start.data(), s.end.data(), s.l0.data(), s.l1.data());
   return s;
 }
 

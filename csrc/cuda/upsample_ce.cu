@@ -86,7 +86,7 @@ AxisStencil build_axis_stencil(int64_t in, int64_t out, bool align_corners, cons
   int32_t* end = start + in;
   opmath_t* l0 = weight.data_ptr<opmath_t>();
   opmath_t* l1 = l0 + out;
-  upsample_ce::bilinear_axis_stencil(in, out, align_corners, i0, i1, start, end, l0, l1);
+  upsample_ce::bilinear_axis_stencil(in, out, align_corners, /*cpu_rule=*/false, i0, i1, start, end, l0, l1);
   // Once per configuration (the tables are cached): afterwards a call does no host work and no host-to-device
   // copy, so it may be captured in a CUDA graph, and any stream may read the tables.
   const cudaStream_t stream = c10::cuda::getCurrentCUDAStream(device.index()).stream();

@@ -289,13 +289,18 @@ def acc_dtype(dtype: torch.dtype):
 
 def hyper_tensor(momentum: float, eps: float, dtype: torch.dtype, device: torch.device) -> torch.Tensor:
     """(momentum, eps) on the device, read-only in the kernels (launch.device_constants). An eps beyond the dtype's
-    range is infinity there, as C++'s conversion gives it (the checks take any finite eps > 0)."""
+    range is infinity there, as C++'s conversion gives it (the checks take any finite eps > 0); one below its
+    smallest normal number is that number, not 0 (float32 rounds 1e-50 to 0, and a channel of zero variance would
+    then be 0 · inf = NaN where the cpu and cuda backends, which finalize in float64, stay finite)."""
     if eps > _LARGEST.get(dtype, math.inf):
         eps = math.inf
+    elif eps < _SMALLEST.get(dtype, 0.0):
+        eps = _SMALLEST[dtype]
     return device_constants((momentum, eps), dtype, device)
 
 
 _LARGEST = {t: torch.finfo(t).max for t in (torch.float32, torch.float64)}  # (no finfo per call)
+_SMALLEST = {t: torch.finfo(t).smallest_normal for t in (torch.float32, torch.float64)}
 
 
 def _block_c(c: int) -> int:

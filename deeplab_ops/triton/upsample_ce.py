@@ -54,6 +54,10 @@ def axis_tables(in_size: int, out_size: int, align_corners: bool, dtype: torch.d
     l1 = (src - i0.to(dtype)).clamp(0, 1)
     l0 = 1 - l1
     i1 = i0 + (i0 < in_size - 1).to(torch.int64)
+    if device.type == "cpu" and in_size == out_size:
+        # PyTorch's CPU kernel reads an axis of equal sizes one to one (both neighbours the output's own index, its
+        # CUDA kernel the next one with weight 0): the rule of the tensors' device, as csrc/common/upsample_stencil.h
+        i1 = i0
     low = torch.arange(in_size, dtype=torch.int64)
     start = torch.searchsorted(i1, low, side="left")
     end = torch.searchsorted(i0, low, side="right")

@@ -100,6 +100,54 @@ def test_uce_non_finite_logits_poison_the_gradient_as_eager(backend, reduction):
             torch.testing.assert_close(ours[finite], want[finite], rtol=1e-9, atol=1e-12)
 
 
+@pytest.mark.parametrize("backend", ["cpu", backend_param("cuda"), backend_param("triton")])
+@pytest.mark.parametrize("size", [(4, 5), (4, 10), (8, 5)])
+def test_uce_non_finite_logits_at_an_axis_of_equal_sizes_as_eager(backend, size):
+    # PyTorch's CPU upsample reads an axis whose sizes are equal one to one (both neighbours the output's own index);
+    # the kernels read the next index with weight 0 there too, as CUDA's does: a non-finite logit of a target the
+    # logits' size spread its NaN to neighbouring pixels' losses on the cpu backend (and triton on CPU tensors),
+    # where eager's stayed at its pixel. Each backend follows the eager rule of its tensors' device.
+    device = device_for(backend)
+    g = torch.Generator().manual_seed(5)
+    for value in (float("nan"), float("inf"), float("-inf")):
+        logits = torch.randn(2, 3, 4, 5, generator=g, dtype=torch.float64)
+        logits[0, 2, 1, 1] = logits[1, 0, 3, 4] = value
+        target = torch.randint(0, 3, (2, *size), generator=g)
+        grads, losses = [], []
+        for name in ("eager", backend):
+            x = logits.clone().to(device).requires_grad_()
+            t = target.to(device)
+            if name == "eager":
+                loss = F.cross_entropy(F.interpolate(x, size, mode="bilinear"), t, reduction="none")
+            else:
+                loss = deeplab_ops.upsample_cross_entropy(x, t, reduction="none", backend=backend)
+            loss.sum().backward()
+            grads.append(x.grad.cpu())
+            losses.append(loss.detach().cpu())
+        for what, ours, want in (("gradient", grads[1], grads[0]), ("loss", losses[1], losses[0])):
+            assert torch.equal(ours.isnan(), want.isnan()), f"{value}, {what}: NaN at other places than eager's"
+            assert torch.equal(ours.isinf(), want.isinf()), f"{value}, {what}: inf at other places than eager's"
+            finite = want.isfinite()
+            torch.testing.assert_close(ours[finite], want[finite], rtol=1e-9, atol=1e-12)
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_an_eps_below_float32s_range_keeps_a_constant_channel_finite(backend):
+    # eps is any finite number > 0. The triton backend's float32 kernels rounded 1e-50 to 0: a channel of zero
+    # variance (a constant input) was 0 * inf = NaN, where eager and the cpu backend (float64 finalize) give beta.
+    device = device_for(backend)
+    x = torch.full((2, 3, 6, 6), 0.7, device=device)
+    w = (torch.randn(4, 3, 3, 3, generator=torch.Generator().manual_seed(0)) / 5).to(device)
+    g, b = torch.ones(4, device=device), torch.full((4,), 0.1, device=device)
+    for eps in (1e-30, 1e-50):
+        rm, rv = torch.zeros(4, device=device), torch.ones(4, device=device)
+        want = F.relu(F.batch_norm(F.conv2d(x, w), rm.clone(), rv.clone(), g, b, True, 0.1, eps))
+        out = deeplab_ops.conv_bn_relu(x, w, g, b, rm, rv, eps=eps, training=True, backend=backend)
+        # (Only finiteness is comparable: y - mean is the rounding error of the mean, times 1/sqrt(eps).)
+        assert want.isfinite().all() and out.isfinite().all(), f"eps={eps}: NaN or inf where eager has none"
+        assert rv.isfinite().all() and torch.equal(rv, torch.full_like(rv, 0.9)), f"eps={eps}: running_var"
+
+
 # ---- upsample_cross_entropy: a target that is a tensor subclass ---------------------------------------------------
 
 
