@@ -74,30 +74,13 @@ def test_uce_non_finite_logits_poison_the_gradient_as_eager(backend, reduction):
     # included; eager's log_softmax and upsample backward carry that NaN to every logit of the stencils (0 * NaN),
     # ignored pixels and weight-0 neighbours too. The triton and CUDA backwards skipped weight-0 neighbours and
     # ignored pixels: finite gradients where eager's are NaN.
-    device = device_for(backend)
     g = torch.Generator().manual_seed(3)
     for _ in range(3):
         logits = torch.randn(2, 3, 4, 5, generator=g, dtype=torch.float64)
         logits[0, 1, 1, 1], logits[1, 2, 3, 4], logits[1, 0, 0, 2] = float("-inf"), float("inf"), float("nan")
         target = torch.randint(0, 3, (2, 8, 9), generator=g)
         target[torch.rand(2, 8, 9, generator=g) < 0.4] = 255
-        grads, losses = [], []
-        for name in ("eager", backend):
-            x = logits.clone().to(device).requires_grad_()
-            t = target.to(device)
-            if name == "eager":
-                loss = F.cross_entropy(F.interpolate(x, (8, 9), mode="bilinear"), t, reduction=reduction,
-                                       ignore_index=255)
-            else:
-                loss = deeplab_ops.upsample_cross_entropy(x, t, reduction=reduction, backend=backend)
-            loss.sum().backward()
-            grads.append(x.grad.cpu())
-            losses.append(loss.detach().cpu())
-        for what, ours, want in (("gradient", grads[1], grads[0]), ("loss", losses[1], losses[0])):
-            assert torch.equal(ours.isnan(), want.isnan()), f"{what}: NaN at other places than eager's"
-            assert torch.equal(ours.isinf(), want.isinf()), f"{what}: inf at other places than eager's"
-            finite = want.isfinite()
-            torch.testing.assert_close(ours[finite], want[finite], rtol=1e-9, atol=1e-12)
+        _assert_non_finite_as_eager(logits, target, backend, reduction, "")
 
 
 @pytest.mark.parametrize("backend", ["cpu", backend_param("cuda"), backend_param("triton")])
@@ -107,28 +90,35 @@ def test_uce_non_finite_logits_at_an_axis_of_equal_sizes_as_eager(backend, size)
     # the kernels read the next index with weight 0 there too, as CUDA's does: a non-finite logit of a target the
     # logits' size spread its NaN to neighbouring pixels' losses on the cpu backend (and triton on CPU tensors),
     # where eager's stayed at its pixel. Each backend follows the eager rule of its tensors' device.
-    device = device_for(backend)
     g = torch.Generator().manual_seed(5)
     for value in (float("nan"), float("inf"), float("-inf")):
         logits = torch.randn(2, 3, 4, 5, generator=g, dtype=torch.float64)
         logits[0, 2, 1, 1] = logits[1, 0, 3, 4] = value
         target = torch.randint(0, 3, (2, *size), generator=g)
-        grads, losses = [], []
-        for name in ("eager", backend):
-            x = logits.clone().to(device).requires_grad_()
-            t = target.to(device)
-            if name == "eager":
-                loss = F.cross_entropy(F.interpolate(x, size, mode="bilinear"), t, reduction="none")
-            else:
-                loss = deeplab_ops.upsample_cross_entropy(x, t, reduction="none", backend=backend)
-            loss.sum().backward()
-            grads.append(x.grad.cpu())
-            losses.append(loss.detach().cpu())
-        for what, ours, want in (("gradient", grads[1], grads[0]), ("loss", losses[1], losses[0])):
-            assert torch.equal(ours.isnan(), want.isnan()), f"{value}, {what}: NaN at other places than eager's"
-            assert torch.equal(ours.isinf(), want.isinf()), f"{value}, {what}: inf at other places than eager's"
-            finite = want.isfinite()
-            torch.testing.assert_close(ours[finite], want[finite], rtol=1e-9, atol=1e-12)
+        _assert_non_finite_as_eager(logits, target, backend, "none", f"{value}, ")
+
+
+def _assert_non_finite_as_eager(logits, target, backend: str, reduction: str, what: str) -> None:
+    """upsample_cross_entropy's loss and logits gradient on `backend` against eager's: non-finite at the same places,
+    close elsewhere."""
+    device = device_for(backend)
+    grads, losses = [], []
+    for name in ("eager", backend):
+        x = logits.clone().to(device).requires_grad_()
+        t = target.to(device)
+        if name == "eager":
+            loss = F.cross_entropy(F.interpolate(x, tuple(target.shape[1:]), mode="bilinear"), t,
+                                   reduction=reduction, ignore_index=255)
+        else:
+            loss = deeplab_ops.upsample_cross_entropy(x, t, reduction=reduction, backend=backend)
+        loss.sum().backward()
+        grads.append(x.grad.cpu())
+        losses.append(loss.detach().cpu())
+    for kind, ours, want in (("gradient", grads[1], grads[0]), ("loss", losses[1], losses[0])):
+        assert torch.equal(ours.isnan(), want.isnan()), f"{what}{kind}: NaN at other places than eager's"
+        assert torch.equal(ours.isinf(), want.isinf()), f"{what}{kind}: inf at other places than eager's"
+        finite = want.isfinite()
+        torch.testing.assert_close(ours[finite], want[finite], rtol=1e-9, atol=1e-12)
 
 
 @pytest.mark.parametrize("backend", BACKENDS)
