@@ -914,7 +914,7 @@ def settle_aspp(module: nn.Module) -> None:
 
 def unpack_batchnorms(module: nn.Module) -> nn.Module:
     """Give each BatchNorm tensor under `module` (itself included) that shares its storage with others (as
-    pack_batchnorms and a fused ASPP's first call lay them out) a storage of its own, values kept (the tensors stay
+    pack_batchnorms and a fused ASPP, from its construction, lay them out) a storage of its own, values kept (the tensors stay
     the same objects, so optimizers are unaffected): for tools that refuse a state_dict whose tensors share a storage
     none of them covers, such as safetensors' save_model and load_model. A fused ASPP packs them again on its next
     call. Returns `module`."""

@@ -441,7 +441,7 @@ def test_a_child_the_op_does_not_compute_runs_as_the_sequential_runs_it(change, 
 
 @pytest.mark.parametrize("kind", ["FusedASPP", "fuse_modules"])
 def test_unpack_batchnorms_gives_each_tensor_its_own_storage(kind):
-    """After a fused ASPP's first call its BatchNorm tensors share storages (packed), which safetensors' save_model
+    """A fused ASPP's BatchNorm tensors share storages (packed, from its construction), which safetensors' save_model
     and load_model refuse ("None is covering the entire storage"): unpack_batchnorms gives each its own, values and
     objects kept; the next call packs them again and computes the same."""
     from torchvision.models.segmentation.deeplabv3 import ASPP
@@ -457,7 +457,7 @@ def test_unpack_batchnorms_gives_each_tensor_its_own_storage(kind):
     def shared(m):
         return [k for k, t in m.state_dict().items() if t.untyped_storage().nbytes() != t.numel() * t.element_size()]
 
-    assert shared(module)  # packed by the call
+    assert shared(module)  # packed where it was built or fused
     before = {k: (t, t.detach().clone()) for k, t in module.state_dict(keep_vars=True).items()}
     assert unpack_batchnorms(module) is module
     assert not shared(module)
