@@ -1306,6 +1306,17 @@ def check_args(args, error, defaults: dict | None = None) -> None:
         v = getattr(args, name)
         if v is not None and v < low:
             error(f"--{name.replace('_', '-')} must be >= {low} ({what}), got {v}")
+    # An empty value (a shell variable that was not set) is no path: --out-dir "" trained, then saved no checkpoint
+    # (the loop read it as "do not save") and failed at the end; --out "" fell back to predictions/ unsaid.
+    paths = {"data_root": "the dataset's folder", "sbd_root": "the SBD folder", "classes": "a classes.txt file",
+             "train_split": "a split name", "val_split": "a split name", "backbone_weights": "a weights file",
+             "out_dir": "the run's folder (created if missing)", "resume": "a checkpoint file, or no value for "
+             "OUT_DIR/last.pt", "checkpoint": "a checkpoint file", "predict": "a folder of images",
+             "out": "the masks' folder (created if missing)"}
+    for name, what in paths.items():
+        v = getattr(args, name, None)
+        if isinstance(v, str) and not v.strip():
+            error(f"--{name.replace('_', '-')} expects {what}, got an empty value {v!r}")
     for name in ("seed", "data_seed"):
         v = getattr(args, name)
         if v is not None and not 0 <= v <= MAX_SEED:

@@ -1624,6 +1624,12 @@ def main(argv: Sequence[str]) -> int:
     input is one line on stderr and exit status 1 (a wrong command line: 2)."""
     usage = "usage: python benchmarks/common.py goals DIR | roofline FILE.csv | commit"
     argv = list(argv)
+    if argv in (["-h"], ["--help"]):
+        print(f"{usage}\n\n"
+              "  goals DIR       the issues' goals, read from DIR's aspp_goal.json and train_bench.json\n"
+              "  roofline FILE   each aspp / conv_bn_relu row's roofline (also for older results)\n"
+              "  commit          the git_commit the rows will name ($GIT_COMMIT where set; gpu_suite.sh prints it)")
+        return 0
     try:
         if argv == ["commit"]:
             print(git_commit())

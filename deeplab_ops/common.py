@@ -256,7 +256,7 @@ def check_running_writable(named, read=()) -> None:
     with each other. Strides and addresses only (no aten op, one Python frame per call); an exact element test
     only where two tensors' address ranges interleave. A list that carries its tensors' joined view as `whole`
     (ops.aspp.Packed: back to back in one storage) is taken as that view first."""
-    compiling = torch.compiler.is_compiling() or fake_mode_active()  # (fake tensors: strides, no addresses)
+    compiling = torch.compiler.is_compiling() or fake_mode() is not None  # (fake tensors: strides, no addresses)
     if not compiling:
         # The usual call, decided cheaply: every value a non-empty 1-D unit-stride vector (a packed list: its joined
         # view) and no range overlapping a written one. Anything else, or an overlap, goes to the general test below,
@@ -368,14 +368,11 @@ def drop_oldest(cache: dict) -> None:
 
 
 is_functorch_wrapped = torch._C._functorch.is_functorch_wrapped_tensor
-_FAKE_MODE_KEY = torch._C._TorchDispatchModeKey.FAKE
-
-
-def fake_mode_active() -> bool:
-    """Whether a FakeTensorMode is active outside torch.compile (shape propagation, memory estimation): tensors made
-    there have no addresses (data_ptr() reads 0) and no values, and a module's real tensors read there come back as
-    fake ones, which nothing may keep (a cache entry, a packed storage) for the real calls after it."""
-    return torch._C._get_dispatch_mode(_FAKE_MODE_KEY) is not None
+# fake_mode(): the active FakeTensorMode, else None (a C-level call: no Python frame on the per-call paths). Under one
+# outside torch.compile (shape propagation, memory estimation), tensors made there have no addresses (data_ptr()
+# reads 0) and no values, and a module's real tensors read there come back as fake ones, which nothing may keep (a
+# cache entry, a packed storage) for the real calls after it.
+fake_mode = functools.partial(torch._C._get_dispatch_mode, torch._C._TorchDispatchModeKey.FAKE)
 functorch_transform = torch._C._functorch.peek_interpreter_stack  # None outside every torch.func transform
 # None outside torch.jit.trace (torch.jit.is_tracing() without its Python frame): a traced graph must compute what it
 # depends on from the module's tensors (a cached value would be recorded as a constant) and serve every grad mode.
@@ -453,7 +450,7 @@ def _uncacheable_now(first) -> bool:
     captured on `first`'s device (`first`: the derivative's first source, always a tensor); or is a fake tensor (a
     FakeTensorMode outside torch.compile), which no later real call may be given."""
     return (torch.compiler.is_compiling() or (first.is_cuda and torch.cuda.is_current_stream_capturing())
-            or fake_mode_active())
+            or fake_mode() is not None)
 
 
 def cached_derived(tag, sources):

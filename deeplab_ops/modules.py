@@ -23,7 +23,7 @@ from deeplab_ops.common import (
     check_x_channels,
     conv_layout,
     drop_oldest,
-    fake_mode_active,
+    fake_mode,
     functorch_transform,
     is_functorch_wrapped,
     jit_tracing,
@@ -904,7 +904,7 @@ def settle_aspp(module: nn.Module) -> None:
     takes of them before that call (state_dict(), .detach(), a view, a numpy array) then keeps following the module,
     as it does for torchvision's ASPP. Nothing for a module the op does not run, tensors _pack may not move, or
     tensors without memory (the meta device, a FakeTensorMode)."""
-    if fake_mode_active() or not aspp_fusable(module):
+    if fake_mode() is not None or not aspp_fusable(module):
         return
     kinds = list(zip(*(_bn_tensors(bn) for bn in aspp_parts(module)[1]), strict=True))
     if any(t is not None and t.is_meta for ts in kinds for t in ts):
@@ -914,10 +914,10 @@ def settle_aspp(module: nn.Module) -> None:
 
 def unpack_batchnorms(module: nn.Module) -> nn.Module:
     """Give each BatchNorm tensor under `module` (itself included) that shares its storage with others (as
-    pack_batchnorms and a fused ASPP, from its construction, lay them out) a storage of its own, values kept (the tensors stay
-    the same objects, so optimizers are unaffected): for tools that refuse a state_dict whose tensors share a storage
-    none of them covers, such as safetensors' save_model and load_model. A fused ASPP packs them again on its next
-    call. Returns `module`."""
+    pack_batchnorms and a fused ASPP, from its construction, lay them out) a storage of its own, values kept (the
+    tensors stay the same objects, so optimizers are unaffected): for tools that refuse a state_dict whose tensors
+    share a storage none of them covers, such as safetensors' save_model and load_model. A fused ASPP packs them
+    again on its next call. Returns `module`."""
     if not isinstance(module, nn.Module):
         raise TypeError(f"module must be an nn.Module, got {type(module).__name__}")
     with torch.no_grad(), torch.inference_mode(False):
@@ -938,7 +938,7 @@ def _pack(kinds: list[tuple]) -> list[bool]:
     every kind inside a torch.func transform, whose new tensors are the transform's (wrapped: a module tensor's data
     set to one would outlive the transform, a crash), and under a FakeTensorMode (its stack would be a fake tensor
     with no data: given to a real module's tensors, it would take their values)."""
-    if functorch_transform() is not None or fake_mode_active():
+    if functorch_transform() is not None or fake_mode() is not None:
         return [False] * len(kinds)
     nones = [any(map(_IS_NONE, ts)) for ts in kinds]
     flags = [not none and back_to_back(ts) for ts, none in zip(kinds, nones, strict=True)]

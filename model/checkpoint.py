@@ -259,7 +259,8 @@ def check_keys(model: nn.Module, state: Mapping[str, Tensor], prefix: str = "",
         )
     if shapes:
         lines.append("  shape mismatches: " + "; ".join(shapes[:30]))
-    lines += _hints(missing, unexpected, shapes, prefix, _architecture_hints(model, expected, state, prefix))
+    lines += _hints(missing, unexpected, shapes, prefix,
+                    _architecture_hints(model, expected, state, prefix, ignore_prefixes), ignore_prefixes)
     lines += [f"  hint: {h}" for h in _prefix_hints(missing, unexpected, state, prefix)]
     raise CheckpointMismatchError("\n".join(lines))
 
@@ -357,10 +358,11 @@ def _head_style(state: Mapping[str, Tensor]) -> str | None:
 
 
 def _architecture_hints(model: nn.Module, expected: Mapping[str, Tensor], state: Mapping[str, Tensor],
-                        prefix: str) -> tuple[list[str], bool]:
+                        prefix: str, ignore_prefixes: tuple[str, ...] = ()) -> tuple[list[str], bool]:
     """What the checkpoint's network is where the model's differs, named as the factory argument to change, with
     both values: depth (units per stage), width, head, the number of ASPP rates, num_classes. Returns the hints and
-    whether a classifier shape mismatch was explained."""
+    whether a classifier shape mismatch was explained. A hint to pass ignore_prefixes names the caller's
+    `ignore_prefixes` too (what to pass, not what to add)."""
     hints: list[str] = []
     explained = False
     if not state:
@@ -407,17 +409,17 @@ def _architecture_hints(model: nn.Module, expected: Mapping[str, Tensor], state:
                 drop = tuple(k[: -len("weight")] for k in logits if k in state)
                 hints.append(f"the checkpoint was trained for {theirs_n} classes ({differ[0]} "
                              f"{tuple(state[differ[0]].shape)}), the model has num_classes={ours_n}: build it with "
-                             f"num_classes={theirs_n}, or pass ignore_prefixes={drop!r} to fine-tune the rest on "
-                             f"{ours_n} classes")
+                             f"num_classes={theirs_n}, or pass ignore_prefixes={(*ignore_prefixes, *drop)!r} to "
+                             f"fine-tune the rest on {ours_n} classes")
     return hints, explained
 
 
 def _hints(missing: list[str], unexpected: list[str], shapes: list[str], prefix: str,
-           architecture: tuple[list[str], bool] = ([], False)) -> list[str]:
+           architecture: tuple[list[str], bool] = ([], False), ignore_prefixes: tuple[str, ...] = ()) -> list[str]:
     hints, explained = list(architecture[0]), architecture[1]
     if any(k.startswith("aux_classifier.") for k in unexpected):
         hints.append("the checkpoint has an auxiliary head: build the model with aux_loss=True, or pass "
-                     "ignore_prefixes=('aux_classifier.',)")
+                     f"ignore_prefixes={(*ignore_prefixes, 'aux_classifier.')!r}")
     # (not where the checkpoint holds the head under a wrapper prefix: _prefix_hints names that)
     prefixed = {k[len(head):] for head, keys in _prefixed_keys(missing, unexpected).items() for k in keys}
     if any(k.startswith("aux_classifier.") and k not in prefixed for k in missing):

@@ -155,9 +155,13 @@ def unlock_folder(fd: int) -> None:
 RESUME_KEYS = ("model", "optimizer", "scheduler", "iteration", "rng")
 
 
-# What to do about a checkpoint that exists but cannot be read (the messages of model.checkpoint.load_file).
-UNREADABLE_ADVICE = ("; saves are atomic (a save that was interrupted leaves the previous file), so it was truncated "
-                     "or overwritten afterwards, or it is not a checkpoint: use another one (best.pt, an earlier copy)")
+def unreadable_advice(path: str) -> str:
+    """What to do about the checkpoint `path` that exists but cannot be read (the end of model.checkpoint.load_file's
+    message): another of its run's files than the broken one, or an earlier copy."""
+    others = {"best.pt": "last.pt", "last.pt": "best.pt"}.get(os.path.basename(path), "best.pt or last.pt")
+    return ("; saves are atomic (a save that was interrupted leaves the previous file), so it was truncated or "
+            f"overwritten afterwards, or it is not a checkpoint: use another one ({others} of its run, an earlier "
+            "copy)")
 
 
 def _numpy_array_globals() -> list:
@@ -178,7 +182,7 @@ def load_checkpoint(path: str, map_location="cpu") -> dict:
     # unpickled (an object whose __reduce__ calls os.system) is refused, running nothing. numpy arrays are allowed:
     # checkpoints written before the numpy random state was kept as a tensor hold one.
     with torch.serialization.safe_globals(_numpy_array_globals()):
-        ckpt = load_file(path, weights_only=True, map_location=map_location, advice=UNREADABLE_ADVICE)
+        ckpt = load_file(path, weights_only=True, map_location=map_location, advice=unreadable_advice(path))
     if not isinstance(ckpt, dict) or "model" not in ckpt:
         raise ValueError(f"{path} is not a train.py checkpoint (expected a dict with a 'model' entry)")
     return ckpt

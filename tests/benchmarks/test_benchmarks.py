@@ -1436,3 +1436,14 @@ def test_gpu_suite_refuses_an_out_that_is_no_folder(tmp_path, kind):
     result, calls, _ = _run_suite(tmp_path / "run", OUT=str(out))
     assert result.returncode == 2 and "cannot be created or entered" in result.stderr and not calls, result.stderr
     assert taken.read_text() == "the user's file\n"
+
+
+def test_common_help_is_usage_on_stdout_and_exit_0(capsys):
+    """python benchmarks/common.py --help exited 2 with the one-line usage on stderr, as for a wrong command line;
+    the four benchmark scripts' --help exit 0."""
+    for flag in ("--help", "-h"):
+        assert common.main([flag]) == 0
+        out = capsys.readouterr()
+        assert out.out.startswith("usage: python benchmarks/common.py goals DIR") and out.err == "", out
+        assert all(f"  {command} " in out.out for command in ("goals", "roofline", "commit")), out.out
+    assert common.main(["--bogus"]) == 2 and capsys.readouterr().err.startswith("usage:")

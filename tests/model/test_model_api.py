@@ -87,6 +87,17 @@ def test_wrong_num_classes_names_the_argument_and_both_values(tiny_state):
         "hint: the checkpoint was trained for 3 classes (classifier.1.weight (3, 16, 1, 1)), the model has "
         "num_classes=21: build it with num_classes=3, or pass ignore_prefixes=('classifier.1.', 'aux_classifier.4.') "
         "to fine-tune the rest on 21 classes"], hints
+    # With prefixes given already, the hint is what to pass: theirs and the new ones (it named only the new ones,
+    # which taken literally would drop the caller's).
+    with pytest.raises(model.CheckpointMismatchError) as info:
+        model.load_checkpoint(_tiny(aux_loss=True, num_classes=21), tiny_state, ignore_prefixes="aux_classifier.")
+    assert "or pass ignore_prefixes=('aux_classifier.', 'classifier.1.') to fine-tune" in str(info.value), info.value
+    no_aux = {k: v for k, v in tiny_state.items() if not k.startswith("aux_classifier.")}
+    with pytest.raises(model.CheckpointMismatchError) as info:
+        model.load_checkpoint(_tiny(aux_loss=False, num_classes=3), tiny_state, ignore_prefixes="classifier.1.")
+    assert ("build the model with aux_loss=True, or pass ignore_prefixes=('classifier.1.', 'aux_classifier.')"
+            in str(info.value)), info.value
+    model.load_checkpoint(_tiny(aux_loss=False, num_classes=3), no_aux)  # (the model loads what the hint drops)
 
 
 def test_wrong_width_depth_head_and_rate_count_are_named(tiny_state):

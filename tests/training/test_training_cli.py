@@ -71,6 +71,20 @@ def test_bad_flags_are_refused_before_any_work(argv, message, capsys):
     assert message in err, err
 
 
+@pytest.mark.parametrize("argv", [
+    ["--out-dir", ""], ["--eval-only", "--checkpoint", "c.pt", "--out-dir", ""], ["--resume", ""],
+    ["--predict", "x", "--checkpoint", "c.pt", "--out", ""], ["--predict", " ", "--checkpoint", "c.pt"],
+    ["--eval-only", "--checkpoint", ""], ["--dataset", "folder", "--data-root", ""], ["--backbone-weights", ""],
+])
+def test_an_empty_path_is_refused_before_any_work(argv, capsys):
+    # --out-dir "" (a shell variable left unset) trained and evaluated, said its checkpoints were saved, saved none
+    # (the loop read "" as "do not save") and then failed: the trained model was lost. --out "" fell back to
+    # predictions/ unsaid.
+    flag = next(a for a, v in zip(argv, argv[1:], strict=False) if a.startswith("--") and not v.strip())
+    err = _parse_error(argv, capsys)
+    assert f"{flag} expects " in err and "got an empty value" in err, err
+
+
 def test_output_folders_that_are_files_are_refused(tmp_path, capsys):
     (tmp_path / "f").write_text("x")
     assert f"--out-dir {tmp_path / 'f'}: exists and is not a folder" in _parse_error(
