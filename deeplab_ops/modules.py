@@ -18,6 +18,7 @@ from torch import nn
 from torch.nn.modules.utils import _pair
 
 from deeplab_ops.common import (
+    PACKED,
     autocast_dtype,
     back_to_back,
     check_x_channels,
@@ -951,10 +952,14 @@ def _pack(kinds: list[tuple]) -> list[bool]:
             if nones[k] or len({(t.shape, t.dtype, t.device) for t in ts}) != 1 or not _movable(ts):
                 continue
             packed = torch.stack([t.detach() for t in ts])
+            address = packed.untyped_storage().data_ptr()
             for t, row in zip(ts, packed.unbind(0), strict=True):
                 t.data = row
+                key = id(t)
+                PACKED[key] = (weakref.ref(t, lambda _, key=key: PACKED.pop(key, None)), address)
             flags[k] = back_to_back(ts)
     return flags
+
 
 
 _IS_NONE = None.__class__.__instancecheck__  # _IS_NONE(v): v is None, as a C-level call
@@ -965,19 +970,18 @@ def _movable(ts) -> bool:
     tensors themselves sees the move: not a torch.func transform's (no storage), not an inference tensor (made under
     torch.inference_mode: given another's storage it can no longer be used outside inference mode), not in shared
     memory (after model.share_memory() other processes read and write that storage: Hogwild training would lose their
-    updates), and each in a storage of its own or in an earlier pack of len(ts) of them, not in another layout's
-    larger buffer (a flat parameter buffer, which would no longer hold them)."""
-    n = ts[0].numel()
-    size = n * ts[0].element_size()
+    updates), and each in a storage of its own or still in the one an earlier _pack gave it (PACKED: a pack left
+    behind when a BatchNorm was replaced), not in any other larger buffer (a user's (B, C) tensor, a flat parameter
+    buffer: it would no longer hold them)."""
+    size = ts[0].numel() * ts[0].element_size()
     for t in ts:
         if is_functorch_wrapped(t) or t.is_inference() or (t.device.type == "cpu" and t.is_shared()):
             return False
-        held = t.untyped_storage().nbytes()
-        if held == size:
+        storage = t.untyped_storage()
+        if storage.nbytes() == size:
             continue
-        # an earlier pack: contiguous rows of one storage that holds len(ts) of them (not columns of a caller's
-        # (C, len(ts)) tensor, which that tensor's owner reads)
-        if held != size * len(ts) or not t.is_contiguous() or t.storage_offset() % n:
+        entry = PACKED.get(id(t))
+        if entry is None or entry[0]() is not t or entry[1] != storage.data_ptr():
             return False
     return True
 

@@ -561,3 +561,42 @@ def test_fake_tensor_mode_runs_the_fused_modules_and_leaves_real_ones_as_they_we
         ref.load_state_dict(module.state_dict())
         x = torch.randn(2, 4, 6, 6)
         assert_close(module(x), ref(x), f"a real call after the fake one (train={train})", ATOL, RTOL)
+
+
+def test_a_fused_aspp_leaves_batchnorm_tensors_that_are_rows_of_a_users_buffer_there():
+    # The pack test took any contiguous row of a storage of len(bns) rows for an earlier pack of its own: BatchNorm
+    # tensors that were rows of a user's (B, C) buffer in another order than the BatchNorms' were moved out of it at
+    # the first call, and the buffer stopped receiving running-statistic updates and optimizer steps. A pack of its
+    # own left behind when a BatchNorm is replaced is still laid out anew.
+    from deeplab_ops.modules import aspp_parts, back_to_back
+
+    def with_buffers(module):
+        bns = aspp_parts(module)[1]
+        means = torch.zeros(len(bns), 4)
+        weights = torch.rand(len(bns), 4, generator=torch.Generator().manual_seed(1)) + 0.5
+        for i, bn in enumerate(bns):  # rows in reverse order
+            bn.running_mean = means[len(bns) - 1 - i]
+            bn.weight = nn.Parameter(weights[len(bns) - 1 - i])
+        return module, means, weights
+
+    torch.manual_seed(0)
+    ref, ref_means, ref_weights = with_buffers(_randomize(TorchvisionASPP(4, (1, 2), 4)))
+    ref.project[3].p = 0.0
+    fused, means, weights = with_buffers(fuse_modules(copy.deepcopy(ref)))
+    x = torch.randn(2, 4, 6, 6)
+    for module in (ref, fused):
+        module(x).square().mean().backward()
+        with torch.no_grad():
+            for p in module.parameters():
+                p.sub_(0.1 * p.grad)
+    assert means.abs().sum() > 0, "the running-mean buffer stopped following the module"
+    assert_close(means, ref_means, "the running-mean buffer", ATOL, RTOL)
+    assert_close(weights, ref_weights, "the weight buffer after a step", ATOL, RTOL)
+    bns = aspp_parts(fused)[1]
+    assert all(bn.running_mean.untyped_storage().data_ptr() == means.untyped_storage().data_ptr() for bn in bns)
+
+    packed = FusedASPP(4, (1, 2), 4)
+    packed.project[1] = nn.BatchNorm2d(4)  # its old tensors' pack now holds five of six
+    packed(x)
+    assert all(back_to_back(ts) for ts in zip(*([bn.weight, bn.bias, bn.running_mean, bn.running_var]
+                                                 for bn in aspp_parts(packed)[1]), strict=True))

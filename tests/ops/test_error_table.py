@@ -303,6 +303,7 @@ CASES = {
     "cbr-channels": lambda d: cbr(weight=torch.randn(4, 5, 3, 3)),
     "cbr-zero-size": lambda d: cbr(weight=torch.randn(0, 3, 3, 3)),
     "triton-empty-batch": lambda d: _triton_forward(x=torch.randn(0, 3, 8, 8)),
+    "cbr-empty-map": lambda d: cbr(x=torch.randn(2, 3, 0, 5), weight=torch.randn(4, 3, 1, 1), padding=1),
     "triton-twin-cpu": lambda d: _with_env("TRITON_INTERPRET", "0", lambda: ops.triton_upsample_cross_entropy_forward(
         torch.randn(1, 3, 4, 4), torch.zeros(1, 8, 8, dtype=torch.long), -100, False, "mean")),
     "cbr-pair": lambda d: cbr(stride=1.5),
