@@ -184,7 +184,8 @@ def check_conv(x, weight, stride, padding, dilation, empty: bool = False) -> tup
                          f"in channels and kernel")
     if n == 0 and not empty:
         raise ValueError(f"x has an empty batch (shape {tuple(xshape)}); expected N >= 1")
-    if h < 1 or w < 1:  # (padding could make the output non-empty: a convolution of nothing, which eager refuses)
+    if (h < 1 or w < 1) and n:  # (padding could make the output non-empty: a convolution of nothing, which eager
+        # refuses but for an empty batch, as the op, which computes that without its kernels)
         raise ValueError(f"x has an empty spatial size (shape {tuple(xshape)}); expected H >= 1 and W >= 1")
     ho, wo = conv_output_size((h, w), (kh, kw), stride, padding, dilation)
     if ho < 1 or wo < 1:

@@ -428,3 +428,22 @@ def test_triton_twin_refuses_half_cpu_tensors_in_the_interpreter(op, dtype, monk
                 "the Triton interpreter runs float16 from Triton 3.6 \\(this is 3.5\\)")
     with pytest.raises(RuntimeError, match=rf"triton_{op}\w*: {expected}"):
         calls[op]()
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_an_empty_map_is_refused_but_in_an_empty_batch(backend):
+    # x of H = 0 with padding passed the front door: triton computed a map of zeros and updated the running statistics
+    # from no value; cpu and reference raised aten's own error. Eager refuses it, but for an empty batch, which it
+    # computes (an empty output of the padded size), as the op's empty-batch path does.
+    device = device_for(backend)
+    w = torch.randn(4, 3, 1, 1, device=device)
+    rm, rv = torch.full((4,), 0.5, device=device), torch.full((4,), 2.0, device=device)
+    with pytest.raises(ValueError, match=r"x has an empty spatial size \(shape \(2, 3, 0, 5\)\); expected H >= 1"):
+        deeplab_ops.conv_bn_relu(torch.randn(2, 3, 0, 5, device=device), w, None, None, rm, rv, padding=1,
+                                 training=True, backend=backend)
+    assert rm.eq(0.5).all() and rv.eq(2.0).all()
+    x = torch.randn(0, 3, 0, 5, device=device, requires_grad=True)
+    out = deeplab_ops.conv_bn_relu(x, w, None, None, rm, rv, padding=1, training=True, backend=backend)
+    assert out.shape == F.conv2d(x.detach(), w, padding=1).shape == (0, 4, 2, 7)
+    out.sum().backward()
+    assert x.grad.shape == x.shape and rm.eq(0.5).all() and rv.eq(2.0).all()
