@@ -525,12 +525,6 @@ def derived_cache_info() -> dict[str, int]:
     return {"entries": len(_DERIVED), **_DERIVED_STATS}
 
 
-# The tensors deeplab_ops.modules._pack moved into a storage of its own making: id -> (a weak reference, that
-# storage's address), which tells such a pack from a user's buffer (modules._movable). Dropped with the derived
-# tensors (release_derived, clear_derived): torch.utils.swap_tensors refuses a weakly referenced tensor.
-PACKED: dict[int, tuple] = {}
-
-
 def release_derived(tensors) -> None:
     """Drop the cached derivatives of these tensors (a module's parameters and buffers), and with them the weak
     references their entries hold on them: torch.utils.swap_tensors refuses a tensor that has one, and
@@ -539,8 +533,6 @@ def release_derived(tensors) -> None:
     (deeplab_ops.modules.ReleasesDerived)."""
     tensors = list(tensors)
     ids = set(map(id, tensors))
-    for key in ids:
-        PACKED.pop(key, None)
     with _DERIVED_LOCK:
         keys = [key for key in _DERIVED if not ids.isdisjoint(key[1:])]
         entries = [_DERIVED.pop(key) for key in keys]
@@ -555,9 +547,7 @@ def release_derived(tensors) -> None:
 
 def clear_derived() -> None:
     """Drop every cached derivative: after writing parameters through `.data`, or to free the memory. The cpu
-    backend's Winograd transforms of the eval path's folded weights (csrc/cpu/winograd_cpu.h) go too, and the weak
-    references to packed BatchNorm tensors (PACKED)."""
-    PACKED.clear()
+    backend's Winograd transforms of the eval path's folded weights (csrc/cpu/winograd_cpu.h) go too."""
     with _DERIVED_LOCK:
         entries = list(_DERIVED.values())
         _DERIVED.clear()

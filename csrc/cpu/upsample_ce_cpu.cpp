@@ -217,8 +217,8 @@ void row_logsumexp(const acc_t* __restrict z, int64_t k, int64_t W, acc_t* __res
 // gradient NaN.)
 template <typename acc_t, typename opmath_t>
 void softmax_grad_row(acc_t* __restrict z, acc_t* __restrict m, const acc_t* __restrict g,
-                      const int64_t* __restrict label, int64_t k, int64_t W, acc_t wy0, acc_t* __restrict v0,
-                      acc_t wy1, acc_t* __restrict v1, acc_t* __restrict s) {
+                      const int64_t* __restrict label, int64_t k, int64_t W, acc_t wy0, acc_t* v0, acc_t wy1,
+                      acc_t* v1, acc_t* __restrict s) {
   for (int64_t ox = 0; ox < W; ++ox) s[ox] = acc_t(0), m[ox] = -std::numeric_limits<acc_t>::infinity();
   for (int64_t c = 0; c < k; ++c) {
     const acc_t* zc = z + c * W;
@@ -407,10 +407,11 @@ at::Tensor upsample_cross_entropy_backward_cpu(const at::Tensor& grad_, const at
         std::fill(v.begin(), v.end(), acc_t(0));
         for (int64_t oy = ys.start[ia]; oy < ys.end[ie - 1]; ++oy) {
           const int64_t i0 = ys.i0[oy], i1 = ys.i1[oy];
-          // Weight of each block row in output row oy (both terms when i0 == i1, at the last row).
-          const bool in0 = i0 >= ia && i0 < ie, in1 = i1 >= ia && i1 < ie && i1 != i0;
-          const acc_t wy0 = in0 ? static_cast<acc_t>(ys.l0[oy]) + (i1 == i0 ? static_cast<acc_t>(ys.l1[oy]) : acc_t(0))
-                                : acc_t(0);
+          // Weight of each block row in output row oy. Where i0 == i1 (the last row; every row of an axis of equal
+          // sizes) both terms go to that row one after the other (v1 == v0), as eager's upsample backward adds them:
+          // l0 * dz + l1 * dz, NaN for an infinite dz where (l0 + l1) * dz would be infinite.
+          const bool in0 = i0 >= ia && i0 < ie, in1 = i1 >= ia && i1 < ie;
+          const acc_t wy0 = in0 ? static_cast<acc_t>(ys.l0[oy]) : acc_t(0);
           const acc_t wy1 = in1 ? static_cast<acc_t>(ys.l1[oy]) : acc_t(0);
           // A weight-0 row is not skipped: 0 * a NaN dz reaches the logits, as in eager's upsample backward.
           if (!in0 && !in1) continue;

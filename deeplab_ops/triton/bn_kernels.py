@@ -289,18 +289,22 @@ def acc_dtype(dtype: torch.dtype):
 
 def hyper_tensor(momentum: float, eps: float, dtype: torch.dtype, device: torch.device) -> torch.Tensor:
     """(momentum, eps) on the device, read-only in the kernels (launch.device_constants). An eps beyond the dtype's
-    range is infinity there, as C++'s conversion gives it (the checks take any finite eps > 0); one below its
-    smallest normal number is that number, not 0 (float32 rounds 1e-50 to 0, and a channel of zero variance would
-    then be 0 · inf = NaN where the cpu and cuda backends, which finalize in float64, stay finite)."""
+    range is infinity there, as C++'s conversion gives it (the checks take any finite eps > 0). The cpu and cuda
+    backends finalize in float64 and keep invstd = 1/sqrt(var + eps) in the activations' float32: for a channel of
+    zero variance it is finite while 1/sqrt(eps) is (eps >= 1/max², about 8.6e-78) and infinite below. Here an eps
+    float32 rounds to 0 or to a subnormal (below its smallest normal, 1.2e-38) is that smallest normal down to that
+    bound, so such a channel stays finite as there (float32 rounds 1e-50 to 0: 0 · inf = NaN), and 0 below it, where
+    their invstd is infinite too."""
     if eps > _LARGEST.get(dtype, math.inf):
         eps = math.inf
-    elif eps < _SMALLEST.get(dtype, 0.0):
-        eps = _SMALLEST[dtype]
+    elif dtype == torch.float32 and eps < _F32_SMALLEST:
+        eps = _F32_SMALLEST if eps >= _F32_INVSTD_FINITE else 0.0
     return device_constants((momentum, eps), dtype, device)
 
 
 _LARGEST = {t: torch.finfo(t).max for t in (torch.float32, torch.float64)}  # (no finfo per call)
-_SMALLEST = {t: torch.finfo(t).smallest_normal for t in (torch.float32, torch.float64)}
+_F32_SMALLEST = torch.finfo(torch.float32).smallest_normal
+_F32_INVSTD_FINITE = 1.0 / float(torch.finfo(torch.float32).max) ** 2  # the smallest eps with a finite 1/sqrt(eps)
 
 
 def _block_c(c: int) -> int:

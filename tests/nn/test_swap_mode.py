@@ -88,3 +88,29 @@ def test_a_fused_model_loads_and_converts_after_eval_and_training_calls(build, m
     if build is _deeplab:
         model.load_checkpoint(fused, sd)
         assert all(torch.equal(fused.state_dict()[k], v) for k, v in sd.items())
+
+
+@pytest.mark.parametrize("how", ["child double", "child BatchNorms via apply", "child load_state_dict",
+                                 "parametrization"])
+def test_a_built_fused_aspps_batchnorms_swap_when_reached_directly(swap_mode, how):
+    # The fused ASPP packs its BatchNorm tensors where it is built; its record of its own packs once held a weak
+    # reference to each tensor, which swap_tensors refuses: a child BatchNorm converted or loaded directly (not through
+    # the fused module, which dropped them first) failed, from the module's construction on. The record now holds the
+    # storages, weakly, not the tensors.
+    import torch.nn.utils.parametrize as parametrize
+
+    class Positive(torch.nn.Module):
+        def forward(self, w):
+            return w.abs()
+
+        def right_inverse(self, w):
+            return w
+
+    module = FusedASPP(4, (1, 2), 4)
+    bn = module.project[1]
+    {"child double": lambda: bn.double(),
+     "child BatchNorms via apply": lambda: module.apply(
+         lambda c: c.double() if isinstance(c, torch.nn.BatchNorm2d) else None),
+     "child load_state_dict": lambda: bn.load_state_dict(torch.nn.BatchNorm2d(4).state_dict()),
+     "parametrization": lambda: parametrize.register_parametrization(bn, "weight", Positive())}[how]()
+    assert bn.weight.dtype == (torch.float64 if "double" in how or "apply" in how else torch.float32)

@@ -98,6 +98,31 @@ def test_uce_non_finite_logits_at_an_axis_of_equal_sizes_as_eager(backend, size)
         _assert_non_finite_as_eager(logits, target, backend, "none", f"{value}, ")
 
 
+def test_uce_cpu_backward_adds_both_terms_of_a_row_read_twice_as_eager():
+    # Where an output row's two neighbours are one low-res row (every row of an axis of equal sizes on the CPU rule,
+    # the last row otherwise) the cpu backward weighted it once by l0 + l1: an infinite grad_output entry gave inf
+    # there, where eager's upsample backward adds l0 * g and l1 * g, 1 * inf + 0 * inf = NaN.
+    g = torch.Generator().manual_seed(0)
+    logits = torch.randn(1, 3, 4, 5, generator=g, dtype=torch.float64)
+    for size in ((4, 9), (8, 9)):
+        target = torch.randint(0, 3, (1, *size), generator=g)
+        go = torch.ones(1, *size, dtype=torch.float64)
+        go[0, 1, 3] = go[0, size[0] - 1, 8] = float("inf")
+        grads = []
+        for backend in ("eager", "cpu"):
+            x = logits.clone().requires_grad_()
+            if backend == "eager":
+                loss = F.cross_entropy(F.interpolate(x, size, mode="bilinear"), target, reduction="none")
+            else:
+                loss = deeplab_ops.upsample_cross_entropy(x, target, reduction="none", backend=backend)
+            loss.backward(go)
+            grads.append(x.grad)
+        assert torch.equal(grads[1].isnan(), grads[0].isnan()), f"{size}: NaN at other places than eager's"
+        assert torch.equal(grads[1].isinf(), grads[0].isinf()), f"{size}: inf at other places than eager's"
+        finite = grads[0].isfinite()
+        torch.testing.assert_close(grads[1][finite], grads[0][finite], rtol=1e-9, atol=1e-12)
+
+
 def _assert_non_finite_as_eager(logits, target, backend: str, reduction: str, what: str) -> None:
     """upsample_cross_entropy's loss and logits gradient on `backend` against eager's: non-finite at the same places,
     close elsewhere."""
@@ -122,19 +147,20 @@ def _assert_non_finite_as_eager(logits, target, backend: str, reduction: str, wh
 
 
 @pytest.mark.parametrize("backend", BACKENDS)
-def test_an_eps_below_float32s_range_keeps_a_constant_channel_finite(backend):
+def test_an_eps_below_float32s_range_leaves_a_constant_channel_finite_as_eager(backend):
     # eps is any finite number > 0. The triton backend's float32 kernels rounded 1e-50 to 0: a channel of zero
     # variance (a constant input) was 0 * inf = NaN, where eager and the cpu backend (float64 finalize) give beta.
     device = device_for(backend)
     x = torch.full((2, 3, 6, 6), 0.7, device=device)
     w = (torch.randn(4, 3, 3, 3, generator=torch.Generator().manual_seed(0)) / 5).to(device)
     g, b = torch.ones(4, device=device), torch.full((4,), 0.1, device=device)
-    for eps in (1e-30, 1e-50):
+    # (Only finiteness is comparable: y - mean is the rounding error of the mean, times 1/sqrt(eps). Below about
+    # 8.6e-78 eager's float32 invstd, 1/sqrt(eps), is infinite: non-finite there as eager is.)
+    for eps, finite in ((1e-30, True), (1e-50, True), (1e-70, True), (1e-80, False), (1e-200, False)):
         rm, rv = torch.zeros(4, device=device), torch.ones(4, device=device)
         want = F.relu(F.batch_norm(F.conv2d(x, w), rm.clone(), rv.clone(), g, b, True, 0.1, eps))
         out = deeplab_ops.conv_bn_relu(x, w, g, b, rm, rv, eps=eps, training=True, backend=backend)
-        # (Only finiteness is comparable: y - mean is the rounding error of the mean, times 1/sqrt(eps).)
-        assert want.isfinite().all() and out.isfinite().all(), f"eps={eps}: NaN or inf where eager has none"
+        assert bool(want.isfinite().all()) == bool(out.isfinite().all()) == finite, f"eps={eps}: finite as eager?"
         assert rv.isfinite().all() and torch.equal(rv, torch.full_like(rv, 0.9)), f"eps={eps}: running_var"
 
 
