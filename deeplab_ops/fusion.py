@@ -34,6 +34,7 @@ from deeplab_ops.modules import (
     refuse_scripting,
     run_fused_aspp,
     runnable_aspp_parts,
+    settle_after_load,
     settle_aspp,
     symmetric_padding,
     synced_batch_norm,
@@ -49,6 +50,7 @@ __all__ = [
 ]
 
 _FUSED_ATTR = "_deeplab_ops_fused"  # plain (unregistered) attribute: never part of the state_dict
+_LOAD_HOOK_ATTR = "_deeplab_ops_load_hook"  # plain attribute: the id of a fused ASPP's settle_after_load hook
 
 
 class FusedConfig:
@@ -729,6 +731,8 @@ def fuse_modules(model: nn.Module, backend: str | None = None, memory_efficient:
             object.__setattr__(module, _FUSED_ATTR, FusedConfig(backend=backend, memory_efficient=memory_efficient))
             module.__class__ = _fused_class(type(module), "aspp")
             settle_aspp(module)
+            handle = module.register_load_state_dict_post_hook(settle_after_load)
+            object.__setattr__(module, _LOAD_HOOK_ATTR, handle.id)  # (unfuse_modules removes it)
     for module in modules:
         k = _residual_block_depth(module, shared)
         if k:
@@ -866,6 +870,9 @@ def unfuse_modules(model: nn.Module) -> nn.Module:
             if fused_cls is not None:
                 _restore_class(module, fused_cls, fused_cls.original_class)
                 module.__dict__.pop(_FUSED_ATTR, None)
+                hook = module.__dict__.pop(_LOAD_HOOK_ATTR, None)
+                if hook is not None:
+                    module._load_state_dict_post_hooks.pop(hook, None)
     return model
 
 

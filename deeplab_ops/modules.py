@@ -917,6 +917,14 @@ def settle_aspp(module: nn.Module, adopt: bool = False) -> None:
             _adopt(ts[0].untyped_storage())
 
 
+def settle_after_load(module: nn.Module, incompatible_keys=None) -> None:
+    """The load_state_dict post-hook of a fused ASPP: what a load with assign=True gave it (tensors of the state_dict,
+    each in a storage of its own) is laid out as where the module is built (settle_aspp), so aliases taken after the
+    load keep following it. After an ordinary load, which copies in place, nothing moves."""
+    if isinstance(module, ReleasesDerived):
+        module._settle()
+
+
 def unpack_batchnorms(module: nn.Module) -> nn.Module:
     """Give each BatchNorm tensor under `module` (itself included) that shares its storage with others (as
     pack_batchnorms and a fused ASPP, from its construction, lay them out) a storage of its own, values kept (the
@@ -1188,6 +1196,7 @@ class FusedASPP(ReleasesDerived, nn.Module):
         self.memory_efficient = memory_efficient
         self.process_group = None  # set by sync_batchnorm(): statistics shared across processes
         settle_aspp(self)
+        self.register_load_state_dict_post_hook(settle_after_load)
 
     def forward(self, x: Tensor) -> Tensor:
         # The fused op computes torchvision's ASPP of these very children: where one was replaced by a module it

@@ -490,7 +490,7 @@ def test_onnx_export_records_the_loss_as_aten_ops(monkeypatch):
     assert_close(recorded(logits, target), want, "recorded loss", ATOL, RTOL)
 
 
-@pytest.mark.parametrize("kind", ["FusedASPP", "fuse_modules", "converted", "deepcopy"])
+@pytest.mark.parametrize("kind", ["FusedASPP", "fuse_modules", "converted", "deepcopy", "assigned", "assigned fused"])
 def test_what_a_user_takes_of_a_fused_aspp_before_its_first_call_keeps_following_it(kind):
     # A fused ASPP moved its BatchNorms' tensors into one storage per kind at its first call (t.data = row): a
     # state_dict(), a .detach() or a numpy view taken before that call silently stopped following the module. They
@@ -500,6 +500,10 @@ def test_what_a_user_takes_of_a_fused_aspp_before_its_first_call_keeps_following
         module = _randomize(FusedASPP(4, (1, 2), 4))
     elif kind == "deepcopy":  # (each parameter deep-copied into a storage of its own)
         module = copy.deepcopy(_randomize(FusedASPP(4, (1, 2), 4)))
+    elif kind.startswith("assigned"):  # load_state_dict(assign=True): the module takes the state_dict's tensors
+        module = FusedASPP(4, (1, 2), 4) if kind == "assigned" else fuse_modules(TorchvisionASPP(4, (1, 2), 4))
+        source = _randomize(FusedASPP(4, (1, 2), 4))
+        module.load_state_dict({k: v.clone() for k, v in source.state_dict().items()}, assign=True)
     else:
         module = fuse_modules(_randomize(TorchvisionASPP(4, (1, 2), 4)))
         if kind == "converted":
@@ -625,3 +629,13 @@ def test_a_replaced_batchnorm_is_packed_with_the_others_after_loads_conversions_
     module(x)
     assert all(back_to_back(ts) for ts in zip(*([bn.weight, bn.bias, bn.running_mean, bn.running_var]
                                                  for bn in aspp_parts(module)[1]), strict=True))
+
+
+def test_unfuse_modules_leaves_no_load_hook_of_the_package():
+    # A fused ASPP lays out what load_state_dict(assign=True) gave it with a post-hook; unfused, the module is
+    # torchvision's again, with nothing of the package's left to pickle or call.
+    module = fuse_modules(TorchvisionASPP(4, (1, 2), 4))
+    assert len(module._load_state_dict_post_hooks) == 1
+    unfuse_modules(module)
+    assert not module._load_state_dict_post_hooks and "_deeplab_ops_load_hook" not in module.__dict__
+    module.load_state_dict(module.state_dict(), assign=True)
