@@ -9,14 +9,12 @@ import functools
 import math
 import numbers
 import operator
-import threading
 import weakref
 
 import torch
 import torch.fx
 import torch.utils.checkpoint
 from torch import nn
-from torch.multiprocessing.reductions import StorageWeakRef
 from torch.nn.modules.utils import _pair
 
 from deeplab_ops.common import (
@@ -293,11 +291,11 @@ class ReleasesDerived:
 
     def __setstate__(self, state):
         super().__setstate__(state)
-        self._settle(adopt=True)  # (copy.deepcopy gives each parameter a storage of its own)
+        self._settle()  # (copy.deepcopy gives each parameter a storage of its own)
 
-    def _settle(self, adopt: bool = False) -> None:
+    def _settle(self) -> None:
         if isinstance(self, FusedASPP) or getattr(type(self), "fused_kind", None) == "aspp":
-            settle_aspp(self, adopt)
+            settle_aspp(self)
 
     def _load_from_state_dict(self, *args, **kwargs):
         self._release()
@@ -900,21 +898,18 @@ def pack_batchnorms(bns: list[nn.BatchNorm2d]) -> None:
     _pack(list(zip(*(_bn_tensors(bn) for bn in bns), strict=True)))
 
 
-def settle_aspp(module: nn.Module, adopt: bool = False) -> None:
+def settle_aspp(module: nn.Module) -> None:
     """Lay out the BatchNorm tensors of an ASPP the fused op runs (aspp_fusable) back to back now (pack_batchnorms),
     where the module is built, fused or converted (.to(), .cuda(), .half()), not at its first call: what a user
     takes of them before that call (state_dict(), .detach(), a view, a numpy array) then keeps following the module,
     as it does for torchvision's ASPP. Nothing for a module the op does not run, tensors _pack may not move, or
-    tensors without memory (the meta device, a FakeTensorMode). adopt: the module was just deep-copied or unpickled,
-    and the kinds it brought back to back are a pack of the package's own (_OWN_PACKS), made anew by the copy."""
+    tensors without memory (the meta device, a FakeTensorMode)."""
     if fake_mode() is not None or not aspp_fusable(module):
         return
     kinds = list(zip(*(_bn_tensors(bn) for bn in aspp_parts(module)[1]), strict=True))
     if any(t is not None and t.is_meta for ts in kinds for t in ts):
         return
-    for flag, ts in zip(_pack(kinds), kinds, strict=True):
-        if adopt and flag and not is_functorch_wrapped(ts[0]):
-            _adopt(ts[0].untyped_storage())
+    _pack(kinds)
 
 
 def settle_after_load(module: nn.Module, incompatible_keys=None) -> None:
@@ -964,30 +959,10 @@ def _pack(kinds: list[tuple]) -> list[bool]:
             if nones[k] or len({(t.shape, t.dtype, t.device) for t in ts}) != 1 or not _movable(ts):
                 continue
             packed = torch.stack([t.detach() for t in ts])
-            _adopt(packed.untyped_storage())
             for t, row in zip(ts, packed.unbind(0), strict=True):
                 t.data = row
             flags[k] = back_to_back(ts)
     return flags
-
-
-# The storages _pack made, and those of packs a deep copy or unpickling brought (weak references to the storages,
-# not to the tensors: torch.utils.swap_tensors refuses a weakly referenced tensor; and while one is held, no new
-# storage can be taken for it, as a freed one's address can). Only a tensor in one of them may be moved again from
-# a storage larger than itself (a pack left behind when a BatchNorm was replaced): any other such storage is a
-# user's buffer (rows of a (B, C) tensor in another order than the BatchNorms', a flat parameter buffer), which must
-# keep receiving the module's updates.
-_OWN_PACKS: set[StorageWeakRef] = set()
-_OWN_PACKS_LOCK = threading.Lock()
-
-
-def _adopt(storage) -> None:
-    """Record `storage` as one of the package's own packs (dropping the records of packs since freed)."""
-    with _OWN_PACKS_LOCK:
-        for ref in [r for r in _OWN_PACKS if r.expired()]:
-            _OWN_PACKS.discard(ref)
-        _OWN_PACKS.add(StorageWeakRef(storage))
-
 
 
 _IS_NONE = None.__class__.__instancecheck__  # _IS_NONE(v): v is None, as a C-level call
@@ -998,15 +973,17 @@ def _movable(ts) -> bool:
     tensors themselves sees the move: not a torch.func transform's (no storage), not an inference tensor (made under
     torch.inference_mode: given another's storage it can no longer be used outside inference mode), not in shared
     memory (after model.share_memory() other processes read and write that storage: Hogwild training would lose their
-    updates), and each in a storage of its own or still in the one an earlier _pack gave it (_OWN_PACKS: a pack left
-    behind when a BatchNorm was replaced), not in any other larger buffer (a user's (B, C) tensor, a flat parameter
-    buffer: it would no longer hold them)."""
+    updates), each a different tensor (a Parameter tied between BatchNorms would be moved twice, and never be back to
+    back), and each in a storage of its own: never a view into a larger one, which others may see — a user's (B, C)
+    buffer, a flat parameter buffer, or an earlier pack whose other rows a user holds aliases of (a pack left behind
+    when a BatchNorm was replaced: that kind is concatenated per call from then on, nothing moves under an alias)."""
     size = ts[0].numel() * ts[0].element_size()
+    if len(set(map(id, ts))) != len(ts):
+        return False
     for t in ts:
         if is_functorch_wrapped(t) or t.is_inference() or (t.device.type == "cpu" and t.is_shared()):
             return False
-        storage = t.untyped_storage()
-        if storage.nbytes() != size and StorageWeakRef(storage) not in _OWN_PACKS:
+        if t.untyped_storage().nbytes() != size:
             return False
     return True
 

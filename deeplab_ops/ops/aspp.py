@@ -177,8 +177,12 @@ class _ASPP(torch.autograd.Function):
             branch = []
         else:
             keep = (pool_pre, proj, None, None)
+        # The per-BatchNorm parts (bn_weight and bn_bias then alias them, as views of the first part's storage that
+        # share only its version counter) are saved too, unread: autograd's in-place check then covers each of them,
+        # as eager BatchNorm's saved weight does (a write to one between forward and backward raised nothing, and
+        # the backward read the new values: a silently wrong gradient).
         ctx.save_for_backward(x, pool_weight, project_weight, bn_weight, bn_bias, out, mean, invstd, *keep,
-                              *conv_weights, *branch)
+                              *conv_weights, *tensors[n_conv:], *branch)
         ctx.conf = (prefix, list(rates), training, momentum, eps, group_name, memory_efficient, n_conv,
                     len(tensors) - n_conv)
         # branch_out's tensors are outputs of their own (a list is no output to autograd): the kernel below lists
@@ -196,7 +200,7 @@ class _ASPP(torch.autograd.Function):
         if grad_out is None or not any(mask):
             return tuple(grads)
         (x, pool_w, proj_w, bn_w, bn_b, out, mean, invstd, pool_pre, proj, rm, rv, *rest) = ctx.saved_tensors
-        conv_ws, branch = list(rest[:n_conv]), list(rest[n_conv:])
+        conv_ws, branch = list(rest[:n_conv]), list(rest[n_conv + n_parts:])
         x_format = None
         if memory_efficient:
             xr = x

@@ -570,8 +570,7 @@ def test_fake_tensor_mode_runs_the_fused_modules_and_leaves_real_ones_as_they_we
 def test_a_fused_aspp_leaves_batchnorm_tensors_that_are_rows_of_a_users_buffer_there():
     # The pack test took any contiguous row of a storage of len(bns) rows for an earlier pack of its own: BatchNorm
     # tensors that were rows of a user's (B, C) buffer in another order than the BatchNorms' were moved out of it at
-    # the first call, and the buffer stopped receiving running-statistic updates and optimizer steps. A pack of its
-    # own left behind when a BatchNorm is replaced is still laid out anew.
+    # the first call, and the buffer stopped receiving running-statistic updates and optimizer steps.
     from deeplab_ops.modules import aspp_parts, back_to_back
 
     def with_buffers(module):
@@ -599,43 +598,58 @@ def test_a_fused_aspp_leaves_batchnorm_tensors_that_are_rows_of_a_users_buffer_t
     bns = aspp_parts(fused)[1]
     assert all(bn.running_mean.untyped_storage().data_ptr() == means.untyped_storage().data_ptr() for bn in bns)
 
-    packed = FusedASPP(4, (1, 2), 4)
-    packed.project[1] = nn.BatchNorm2d(4)  # its old tensors' pack now holds five of six
-    packed(x)
-    assert all(back_to_back(ts) for ts in zip(*([bn.weight, bn.bias, bn.running_mean, bn.running_var]
-                                                 for bn in aspp_parts(packed)[1]), strict=True))
+    assert not back_to_back([bn.running_mean for bn in bns])  # (concatenated per call: nothing moved)
 
 
-@pytest.mark.parametrize("before", ["to", "load_state_dict", "clear_derived", "deepcopy"])
-def test_a_replaced_batchnorm_is_packed_with_the_others_after_loads_conversions_and_copies(before):
-    # The record of the package's own packs was emptied by every load_state_dict and .to() (and clear_derived), and a
-    # deep copy's packs were never in it: a BatchNorm replaced afterwards left the other five in a pack it no longer
-    # knew as its own, concatenated on every call (177 Python frames per call instead of 120).
-    from deeplab_ops.common import clear_derived
-    from deeplab_ops.modules import aspp_parts, back_to_back
+@pytest.mark.parametrize("before", ["none", "to", "load_state_dict", "deepcopy"])
+@pytest.mark.parametrize("how", ["replaced", "tied"])
+def test_a_replaced_or_tied_batchnorm_moves_none_of_the_others(before, how):
+    # A BatchNorm replaced (or a Parameter tied between two of them) left its kind not back to back, and the next call
+    # stacked every BatchNorm's tensor of that kind anew: aliases of the untouched ones (a state_dict(), a numpy view)
+    # stopped following them; a tied Parameter was moved twice, so this happened on every call. The kind is now
+    # concatenated per call and nothing moves; results stay the unfused module's.
+    from deeplab_ops.modules import aspp_parts
 
-    module = FusedASPP(4, (1, 2), 4)
+    torch.manual_seed(0)
+    module = _randomize(FusedASPP(4, (1, 2), 4))
     x = torch.randn(2, 4, 6, 6)
     module(x)
     if before == "to":
         module.to("cpu")
     elif before == "load_state_dict":
         module.load_state_dict(module.state_dict())
-    elif before == "clear_derived":
-        clear_derived()
-    else:
+    elif before == "deepcopy":
         module = copy.deepcopy(module)
-    module.project[1] = nn.BatchNorm2d(4)
-    module(x)
-    assert all(back_to_back(ts) for ts in zip(*([bn.weight, bn.bias, bn.running_mean, bn.running_var]
-                                                 for bn in aspp_parts(module)[1]), strict=True))
+    if how == "replaced":
+        module.project[1] = nn.BatchNorm2d(4)
+    else:
+        module.convs[2][1].weight = module.convs[1][1].weight
+    ref = unfuse_modules(copy.deepcopy(module))
+    aliases = module.state_dict()
+    view = module.convs[0][1].running_mean.numpy()
+    for _ in range(2):
+        assert_close(module(x), ref(x), f"output ({how}, {before})", ATOL, RTOL)
+    for name, value in module.state_dict().items():
+        assert torch.equal(aliases[name], value), f"{name}: the state_dict taken before the calls went stale"
+    assert torch.equal(torch.from_numpy(view), module.convs[0][1].running_mean)
+    for (name, b_r), b_f in zip(ref.named_buffers(), module.buffers(), strict=True):
+        assert_close(b_f, b_r, f"buffer {name}", ATOL, RTOL)
+    assert len(aspp_parts(module)[1]) == 5
 
 
-def test_unfuse_modules_leaves_no_load_hook_of_the_package():
-    # A fused ASPP lays out what load_state_dict(assign=True) gave it with a post-hook; unfused, the module is
-    # torchvision's again, with nothing of the package's left to pickle or call.
-    module = fuse_modules(TorchvisionASPP(4, (1, 2), 4))
-    assert len(module._load_state_dict_post_hooks) == 1
-    unfuse_modules(module)
-    assert not module._load_state_dict_post_hooks and "_deeplab_ops_load_hook" not in module.__dict__
-    module.load_state_dict(module.state_dict(), assign=True)
+@pytest.mark.parametrize("train", [True, False])
+@pytest.mark.parametrize("kind", ["FusedASPP", "fuse_modules"])
+def test_an_in_place_write_to_any_batchnorm_between_forward_and_backward_is_refused_as_eager(kind, train):
+    # The op takes each kind of BatchNorm tensor as one view of the pack, which shares only the first BatchNorm's
+    # version counter: a write to another BatchNorm's weight between forward and backward (another optimizer or
+    # param group stepping it) raised nothing, and the backward read the new values (a silently wrong gradient).
+    torch.manual_seed(0)
+    module = FusedASPP(4, (1, 2), 4) if kind == "FusedASPP" else fuse_modules(TorchvisionASPP(4, (1, 2), 4))
+    module.train(train)
+    x = torch.randn(2, 4, 6, 6)
+    for bn in (module.convs[0][1], module.convs[2][1], module.project[1]):
+        out = module(x)
+        with torch.no_grad():
+            bn.weight.mul_(2.0)
+        with pytest.raises(RuntimeError, match="modified by an inplace operation"):
+            out.square().sum().backward()
