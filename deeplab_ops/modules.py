@@ -902,14 +902,9 @@ def settle_aspp(module: nn.Module) -> None:
     """Lay out the BatchNorm tensors of an ASPP the fused op runs (aspp_fusable) back to back now (pack_batchnorms),
     where the module is built, fused or converted (.to(), .cuda(), .half()), not at its first call: what a user
     takes of them before that call (state_dict(), .detach(), a view, a numpy array) then keeps following the module,
-    as it does for torchvision's ASPP. Nothing for a module the op does not run, tensors _pack may not move, or
-    tensors without memory (the meta device, a FakeTensorMode)."""
-    if fake_mode() is not None or not aspp_fusable(module):
-        return
-    kinds = list(zip(*(_bn_tensors(bn) for bn in aspp_parts(module)[1]), strict=True))
-    if any(t is not None and t.is_meta for ts in kinds for t in ts):
-        return
-    _pack(kinds)
+    as it does for torchvision's ASPP. Nothing for a module the op does not run, or tensors _pack may not move."""
+    if aspp_fusable(module):
+        pack_batchnorms(aspp_parts(module)[1])
 
 
 def settle_after_load(module: nn.Module, incompatible_keys=None) -> None:
@@ -970,18 +965,20 @@ _IS_NONE = None.__class__.__instancecheck__  # _IS_NONE(v): v is None, as a C-le
 
 def _movable(ts) -> bool:
     """Whether _pack may move the equally shaped tensors `ts` into a new storage of its own, where nothing but the
-    tensors themselves sees the move: not a torch.func transform's (no storage), not an inference tensor (made under
-    torch.inference_mode: given another's storage it can no longer be used outside inference mode), not in shared
-    memory (after model.share_memory() other processes read and write that storage: Hogwild training would lose their
-    updates), each a different tensor (a Parameter tied between BatchNorms would be moved twice, and never be back to
-    back), and each in a storage of its own: never a view into a larger one, which others may see — a user's (B, C)
-    buffer, a flat parameter buffer, or an earlier pack whose other rows a user holds aliases of (a pack left behind
-    when a BatchNorm was replaced: that kind is concatenated per call from then on, nothing moves under an alias)."""
+    tensors themselves sees the move: not a torch.func transform's (no storage), not on the meta device (no memory to
+    lay out: a module built there is laid out by the conversion that gives it memory), not an inference tensor (made
+    under torch.inference_mode: given another's storage it can no longer be used outside inference mode), not in
+    shared memory (after model.share_memory() other processes read and write that storage: Hogwild training would
+    lose their updates), each a different tensor (a Parameter tied between BatchNorms would be moved twice, and
+    never be back to back), and each in a storage of its own: never a view into a larger one, which others may see —
+    a user's (B, C) buffer, a flat parameter buffer, or an earlier pack whose other rows a user holds aliases of (a
+    pack left behind when a BatchNorm was replaced: that kind is concatenated per call from then on, nothing moves
+    under an alias)."""
     size = ts[0].numel() * ts[0].element_size()
     if len(set(map(id, ts))) != len(ts):
         return False
     for t in ts:
-        if is_functorch_wrapped(t) or t.is_inference() or (t.device.type == "cpu" and t.is_shared()):
+        if is_functorch_wrapped(t) or t.is_inference() or t.is_meta or (t.device.type == "cpu" and t.is_shared()):
             return False
         if t.untyped_storage().nbytes() != size:
             return False
