@@ -925,6 +925,16 @@ def check_out_dir(args, error) -> None:
                   "--resume its last.pt")
     lock_out_dir(out_dir, error)
     files = earlier_run(out_dir)
+    if files and args.overwrite:
+        # an input of this run that is one of the files --overwrite removes (a link to one followed; a link in the
+        # folder is removed, not what it names)
+        doomed = {os.path.join(os.path.realpath(out_dir), f): f for f in files
+                  if not os.path.islink(os.path.join(out_dir, f))}
+        for flag, path in (("--backbone-weights", args.backbone_weights), ("--classes", args.classes)):
+            if path and os.path.realpath(path) in doomed:
+                error(f"{flag} {path} is the earlier run's {doomed[os.path.realpath(path)]} in --out-dir {out_dir}, "
+                      "which --overwrite removes before training: copy it out of the folder first, or give another "
+                      "--out-dir")
     if not files or args.overwrite:
         return
     if not args.resume:

@@ -614,6 +614,32 @@ def test_resume_overwrite_refusals_that_a_bad_random_state_or_a_link_slipped_pas
     assert _files(finished_run) == before
 
 
+def test_overwrite_refuses_to_remove_a_file_the_run_reads(tmp_path, finished_run, capsys):
+    """--overwrite --backbone-weights OUT_DIR/best.pt loaded the weights, then removed the folder's run, best.pt
+    included, and the new run's best.pt replaced it: the file the user named as an input was gone, unannounced. A link
+    to it is followed; a link in the folder (which --overwrite removes, not what it names) is not an input lost."""
+    before = _files(finished_run)
+    os.symlink(finished_run / "best.pt", tmp_path / "weights.pt")
+    for flag, path in (("--backbone-weights", finished_run / "best.pt"),
+                       ("--backbone-weights", tmp_path / "weights.pt"), ("--classes", finished_run / "metrics.json")):
+        error = _usage_error(TINY + ["--iterations", "1", "--out-dir", str(finished_run), "--overwrite", flag,
+                                     str(path)], capsys)
+        name = "metrics.json" if flag == "--classes" else "best.pt"
+        assert error == (f"error: {flag} {path} is the earlier run's {name} in --out-dir {finished_run}, which "
+                         "--overwrite removes before training: copy it out of the folder first, or give another "
+                         "--out-dir"), error
+        assert _files(finished_run) == before
+    # the folder's best.pt is a link to a file elsewhere: --overwrite would remove the link, not the file, so the run
+    # goes on to read it (the tiny test network has no backbone: the load is what stops it)
+    (tmp_path / "kept.pt").write_bytes((finished_run / "best.pt").read_bytes())
+    os.unlink(finished_run / "best.pt")
+    os.symlink(tmp_path / "kept.pt", finished_run / "best.pt")
+    message = _exit_message(TINY + ["--iterations", "1", "--out-dir", str(finished_run), "--overwrite",
+                                    "--backbone-weights", str(tmp_path / "kept.pt")])
+    assert message.startswith(f"--backbone-weights {tmp_path / 'kept.pt'} does not fit "), message
+    assert (tmp_path / "kept.pt").read_bytes() == before["best.pt"]
+
+
 def test_a_log_line_cut_off_mid_record_is_dropped_on_resume(tmp_path, monkeypatch):
     """A crash or a full disk in the middle of appending to metrics.jsonl leaves a last line without its end; the
     resumed run's first record was appended to it, and both lines were lost to a JSON reader."""
