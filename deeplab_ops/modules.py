@@ -863,9 +863,12 @@ def current_aspp_parts(module: nn.Module) -> tuple | None:
     """The ASPP structure cached on `module` while every submodule's children are the ones it was validated with (a
     branch, conv, BatchNorm or dropout replaced, added or deleted drops it: the next call validates anew) and every
     conv is as it was (a bias added, another stride, padding, dilation or padding mode drops it too); None where none
-    is cached."""
+    is cached, and while torch.compile traces: the graph then reaches every child through the module tree, so that
+    its guards see a child replaced later (reached through this cache, none did: the graph ran the old one)."""
+    if torch.compiler.is_compiling():
+        return None
     parts = getattr(module, "__dict__", {}).get(_PARTS_ATTR)
-    if parts is None or torch.compiler.is_compiling():  # compiled graphs guard on the modules themselves
+    if parts is None:
         return parts
     if parts[4][0][0] is not module._modules:  # cached on another module: an nn.DataParallel replica copied it
         forget_aspp_parts(module)

@@ -3,6 +3,8 @@ the running statistics, training and eval; gradcheck; opcheck; the batch-1 error
 
 from __future__ import annotations
 
+import copy
+
 import pytest
 import torch
 from helpers import assert_close, assert_module_matches, backend_param, cuda_test, device_for
@@ -300,3 +302,28 @@ def test_fused_aspp_follows_replaced_or_hooked_children():
     fused.convs[0][1].register_forward_hook(lambda m, args, out: seen.append(out))
     assert_close(fused(x), tv(x), "a hook on the 1x1 branch's BatchNorm", 1e-5, 1e-5)
     assert len(seen) == 1
+
+
+@pytest.mark.parametrize("training", [False, True], ids=["eval", "train"])
+def test_compiled_fused_aspp_follows_a_child_replaced_after_an_eager_call(training):
+    """An eager call caches the validated structure on the module; a graph compiled after it read the BatchNorms
+    through that cache, so its guards never saw project.1 replaced: the compiled module went on running (and, in
+    training, updating) the old BatchNorm, silently. Now traced through the module tree: the replacement recompiles."""
+    tv, fused = _pair(8, (1, 2), 4)
+    tv.train(training)
+    fused.train(training)
+    x = torch.randn(2, 8, 9, 9)
+    with torch.no_grad():
+        fused(x)
+        tv(x)  # (the same running-statistic updates)
+        compiled = torch.compile(fused, fullgraph=True, backend="aot_eager")
+        compiled(x)
+        tv(x)
+        new = torch.nn.BatchNorm2d(4).train(training)
+        _randomize(new)
+        old = fused.project[1]
+        fused.project[1] = new
+        tv.project[1] = copy.deepcopy(new)
+        assert_close(compiled(x), tv(x), "compiled, after project.1 was replaced", 1e-5, 1e-5)
+    assert_close(new.running_mean, tv.project[1].running_mean, "the new BatchNorm's running_mean", 1e-6, 1e-6)
+    assert int(new.num_batches_tracked) == int(training) and int(old.num_batches_tracked) == 2 * int(training)
