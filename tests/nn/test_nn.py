@@ -263,6 +263,42 @@ def test_fused_aspp_ensembles_under_vmap_and_refuses_grad_transforms_clearly(tra
 
 
 @pytest.mark.parametrize("backend", ["cpu", "reference"])
+@pytest.mark.parametrize("form", ["one tensor", "a list"])
+def test_functional_aspp_under_vmap_updates_batched_running_statistics(backend, form):
+    """deeplab_ops.aspp in training under vmap, the running statistics batched (one set per member): as one
+    ((len(rates)+3)*C,) tensor, they were left untouched, silently (the reference, which runs a batched call, split it
+    into views, and batch_norm's update does not reach a batched tensor through a view). As the calls one by one."""
+    import deeplab_ops
+
+    torch.manual_seed(0)
+    d, c, cin, rates = torch.float64, 3, 2, (1, 2)
+    n_bn = len(rates) + 3
+    convs = [torch.randn(c, cin, 1, 1, dtype=d)] + [torch.randn(c, cin, 3, 3, dtype=d) for _ in rates]
+    pool, project = torch.randn(c, cin, 1, 1, dtype=d), torch.randn(c, (n_bn - 1) * c, 1, 1, dtype=d)
+    gamma, beta = torch.rand(n_bn * c, dtype=d) + 0.5, torch.randn(n_bn * c, dtype=d)
+    xs = torch.randn(2, 3, cin, 5, 4, dtype=d)  # 2 members, each a batch of 3
+    stats = [torch.randn(2, n_bn * c, dtype=d) * 0.1, torch.rand(2, n_bn * c, dtype=d) + 0.5]
+    loop = [t.clone() for t in stats]
+    want = torch.stack([deeplab_ops.aspp(xs[i], convs, pool, project, gamma, beta, loop[0][i], loop[1][i],
+                                         rates=rates, training=True, backend=backend) for i in range(2)])
+
+    def call(x, *rs):  # rs: the two statistics, or each one's per-BatchNorm tensors
+        rm, rv = (rs[0], rs[1]) if len(rs) == 2 else (list(rs[:n_bn]), list(rs[n_bn:]))
+        return deeplab_ops.aspp(x, convs, pool, project, gamma, beta, rm, rv, rates=rates, training=True,
+                                backend=backend)
+
+    if form == "a list":  # separate tensors, one per BatchNorm, each batched
+        parts = [[t[:, i * c:(i + 1) * c].clone() for i in range(n_bn)] for t in stats]
+        got = torch.vmap(call)(xs, *parts[0], *parts[1])
+        stats = [torch.cat(p, dim=1) for p in parts]
+    else:
+        got = torch.vmap(call)(xs, *stats)
+    torch.testing.assert_close(got, want, atol=1e-12, rtol=1e-12)
+    for name, g, w in zip(("running_mean", "running_var"), stats, loop, strict=True):
+        torch.testing.assert_close(g, w, atol=1e-12, rtol=1e-12, msg=name)
+
+
+@pytest.mark.parametrize("backend", ["cpu", "reference"])
 def test_conv_bn_relu_under_vmap_ensembles_and_refuses_unbatched_running_statistics(backend):
     """Ensembled FusedConvBNReLU (stacked parameters and buffers) trains under vmap as the models one by one; a
     training call whose running statistics are not batched while its input is gets a clear error before anything
