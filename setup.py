@@ -221,7 +221,8 @@ def debug_build() -> bool:
         return True
     if value.strip().lower() in _FALSE:
         return False
-    sys.exit(f"deeplab_ops: DEBUG={value!r} is not understood; expected 1 (a -O0 -g build) or 0 (or unset).")
+    sys.exit(f"deeplab_ops: DEBUG={value!r} is not understood; expected 1, true, yes, on or y (a -O0 -g "
+             "build), or 0, false, no, off, n or empty (or unset), in any case.")
 
 
 def default_max_jobs() -> None:

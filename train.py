@@ -1206,7 +1206,8 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--fused-ops", action="store_true",
                    help="run conv+BN+ReLU, ASPP and the loss (upsample + cross-entropy) on deeplab_ops's fused ops")
     g.add_argument("--memory-efficient", action="store_true",
-                   help="with --fused-ops: the fused ops keep no pre-BN activations for the backward (README)")
+                   help="with --fused-ops: the fused ops keep no pre-BN activations for the backward "
+                        "(docs/memory_efficient.md)")
     g.add_argument("--backbone-width", type=int, default=None,
                    help="the ResNet's base width (64, the standard ResNet's, except for synthetic on CPU: a narrow "
                         "network; ASPP and head get 4x this many channels)")
@@ -1307,9 +1308,9 @@ def check_args(args, error, defaults: dict | None = None) -> None:
         "checkpoint_every": (1, "iterations between last.pt saves"), "eval_batch_size": (1, "images per batch"),
         "eval_every": (0, "iterations between evaluations; 0 evaluates at the end only"),
         "preview": (0, "images in the preview PNG; 0 for none"), "workers": (0, "data-loading processes"),
-        "backbone_width": (1, "the ResNet's base width"), "crop_size": (MIN_CROP, "pixels (the largest output "
-                                                                                 "stride, 16: a smaller crop leaves "
-                                                                                 "less than one feature pixel)"),
+        "backbone_width": (1, "the ResNet's base width"), "crop_size": (MIN_CROP, "pixels: the largest output "
+                                                                                 "stride, 16; a smaller crop leaves "
+                                                                                 "less than one feature pixel"),
         "synthetic_train_size": (1, "images"), "synthetic_val_size": (1, "images"),
     }
     for name, (low, what) in ints.items():

@@ -287,7 +287,8 @@ def test_debug_values(clean_env):
         clean_env.setenv("DEBUG", value)
         assert setup.debug_build() is debug, value
     clean_env.setenv("DEBUG", "garbage")
-    with pytest.raises(SystemExit, match="DEBUG='garbage' is not understood"):
+    with pytest.raises(SystemExit, match="DEBUG='garbage' is not understood; expected 1, true, yes, on or y .*, "
+                                         "or 0, false, no, off, n or empty"):
         setup.debug_build()
     proc = _run_setup({"DEEPLAB_OPS_CUDA": "0", "DEBUG": "yes please"})
     assert proc.returncode != 0 and "DEBUG='yes please'" in proc.stderr, proc.stdout + proc.stderr

@@ -50,7 +50,8 @@ def _parse_error(argv, capsys) -> str:
     (["--iterations", "0"], "--iterations must be >= 1 (training iterations), got 0"),
     (["--batch-size", "0"], "--batch-size must be >= 1 (the global batch size), got 0"),
     (["--stop-after", "0"], "--stop-after must be >= 1 (iterations to run in this invocation), got 0"),
-    (["--crop-size", "8"], "--crop-size must be >= 16 (pixels (the largest output stride, 16"),
+    (["--crop-size", "8"], "--crop-size must be >= 16 (pixels: the largest output stride, 16; a smaller crop leaves "
+                           "less than one feature pixel), got 8"),
     (["--scale-range", "2", "1"], "--scale-range MIN MAX must satisfy 0 < MIN <= MAX, got 2 1"),
     (["--scale-range", "0", "1"], "--scale-range MIN MAX must satisfy 0 < MIN <= MAX, got 0 1"),
     (["--synthetic-train-size", "0"], "--synthetic-train-size must be >= 1 (images), got 0"),
