@@ -411,6 +411,10 @@ def check_args(x, conv_weights, pool_weight, project_weight, bn_weights, bn_bias
         if t.device != x.device:
             raise ValueError(f"{name} is on {t.device} but x is on {x.device}; expected the same device")
         if t.dtype != x.dtype:
+            if all(w.dtype == t.dtype for w in (pool_weight, project_weight, *conv_weights)):  # x is the odd one out
+                raise TypeError(f"x has dtype {x.dtype} but the weights (conv_weights, pool_weight, project_weight) "
+                                f"have dtype {t.dtype}; expected the same dtype: convert x (x.to({t.dtype})) or the "
+                                "weights (a module: .to(dtype)), or run under torch.autocast")
             raise TypeError(f"{name} has dtype {t.dtype} but x has dtype {x.dtype}; expected the same dtype")
     n_bn = len(rates) + 3
     given = {

@@ -368,6 +368,7 @@ CASES = {
     "aspp-project-shape": lambda d: aspp(project_weight=torch.randn(3, 7, 1, 1)),
     "aspp-weight-device": lambda d: aspp(pool_weight=torch.randn(3, 5, 1, 1, device="meta")),
     "aspp-weight-dtype": lambda d: aspp(pool_weight=torch.randn(3, 5, 1, 1, dtype=torch.float64)),
+    "aspp-x-weights-dtype": lambda d: FusedASPP(5, (2, 5), 3, backend="cpu")(torch.randn(2, 5, 7, 6).bfloat16()),
     "aspp-bn-shape": lambda d: aspp_item("running_means", 0, torch.zeros(4)),
     "aspp-bn-device": lambda d: aspp_item("bn_biases", 2, torch.zeros(3, device="meta")),
     "aspp-bn-dtype": lambda d: aspp_item("bn_weights", 0, torch.ones(3, dtype=torch.float64)),
