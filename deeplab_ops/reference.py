@@ -44,12 +44,23 @@ def _conv2d(x: Tensor, weight: Tensor, stride, padding, dilation) -> Tensor:
     """F.conv2d(x, weight, None, stride, padding, dilation); in float64, rounded back, for the CPU geometries that
     PyTorch's oneDNN computes wrong or crashes on (csrc/cpu/onednn_guard_cpu.h), as the cpu backend does."""
     pairs = [(v, v) if isinstance(v, int) else tuple(v) for v in (stride, padding, dilation)]
-    if _onednn_unsafe(x, weight, *pairs):
+    # Not while torch.onnx.export records: the file runs on another runtime than oneDNN, and the guard's loop over
+    # output positions would fix the recorded image size (a dynamic height or width was exported as a constant).
+    if not torch.onnx.is_in_onnx_export() and _onednn_unsafe(x, weight, *pairs):
         # in the layout oneDNN writes: channels_last where x or the weight is
-        cl = torch.channels_last in (suggest_memory_format(x), suggest_memory_format(weight))
+        cl = _suggests_channels_last(x) or _suggests_channels_last(weight)
         return F.conv2d(x.double(), weight.double(), None, stride, padding, dilation).to(x.dtype).contiguous(
             memory_format=torch.channels_last if cl else torch.contiguous_format)
     return F.conv2d(x, weight, None, stride, padding, dilation)
+
+
+def _suggests_channels_last(t: Tensor) -> bool:
+    """Whether `t` is laid out channels_last as PyTorch's convolutions and BatchNorm read it (suggest_memory_format).
+    Traced by torch.jit (ONNX export), sizes are tensors, which suggest_memory_format cannot take: the strides' exact
+    test there."""
+    if jit_tracing() is None:
+        return suggest_memory_format(t) == torch.channels_last
+    return t.is_contiguous(memory_format=torch.channels_last) and not t.is_contiguous()
 
 
 def _onednn_unsafe(x: Tensor, weight: Tensor, stride, padding, dilation) -> bool:
@@ -211,15 +222,9 @@ def aspp(
     # channels_last for a channels_last x, as the other backends return it (the upsampled pooling branch, a 1x1
     # map's interpolation, comes out NCHW and turns the concatenation NCHW). Under torch.func's vmap (which runs the
     # aspp here) a wrapped tensor has no layout to ask about (asked outside torch.compile only: dynamo cannot trace
-    # the question, and its tensors are not wrapped); traced by torch.jit (ONNX export), sizes are tensors, which
-    # suggest_memory_format cannot take: the strides' exact test there.
-    if torch.compiler.is_compiling() or not is_functorch_wrapped(x):
-        if jit_tracing() is None:
-            channels_last = suggest_memory_format(x) == torch.channels_last
-        else:
-            channels_last = x.is_contiguous(memory_format=torch.channels_last) and not x.is_contiguous()
-        if channels_last:
-            return out.contiguous(memory_format=torch.channels_last)
+    # the question, and its tensors are not wrapped).
+    if (torch.compiler.is_compiling() or not is_functorch_wrapped(x)) and _suggests_channels_last(x):
+        return out.contiguous(memory_format=torch.channels_last)
     return out
 
 

@@ -472,6 +472,38 @@ def test_vmap_over_a_fused_ensemble_in_training_batches_without_the_fallback(cap
             assert_close(params[name].grad[i], p.grad, f"member {i} grad {name}", 1e-10, 1e-10)
 
 
+def test_onnx_export_of_a_strided_conv_keeps_dynamic_sizes_and_records_tiny_maps(monkeypatch):
+    # While an ONNX export recorded, the reference's guard for oneDNN's unsafe CPU geometries looped in Python over
+    # every output position of a stride-2 conv: the non-strict export fixed a dynamic height and width to the example's
+    # (torch.onnx.export then narrowed them to constants without a word), and torch.jit.trace of a map whose strided
+    # output is one pixel failed inside suggest_memory_format ("Expected bool, got Tensor"). The file runs on another
+    # runtime than oneDNN: no guard while it records.
+    from torch.export import Dim
+
+    torch.manual_seed(0)
+    ref = nn.Sequential(nn.Conv2d(4, 6, 3, stride=2, padding=1, bias=False), nn.BatchNorm2d(6), nn.ReLU()).eval()
+    _randomize(ref)
+    fused = FusedConvBNReLU(4, 6, 3, stride=2, padding=1).eval()
+    fused.load_state_dict(ref.state_dict())
+    monkeypatch.setattr(torch.onnx, "is_in_onnx_export", lambda: True)
+    x = torch.randn(2, 4, 48, 48)
+    dims = ({2: Dim("h", min=32, max=96), 3: Dim("w", min=32, max=96)},)
+    with torch.no_grad():
+        recorded = torch.export.export(fused, (x,), dynamic_shapes=dims, strict=False).module()
+        other = torch.randn(2, 4, 64, 41)
+        assert_close(recorded(other), ref(other), "recorded at 48x48, run at 64x41", ATOL, RTOL)
+        for fmt in (torch.contiguous_format, torch.channels_last):
+            tiny = torch.randn(1, 4, 2, 2).contiguous(memory_format=fmt)  # a one-pixel strided output
+            traced = _trace(fused, tiny, check_trace=False)
+            assert_close(traced(tiny), ref(tiny), f"traced on a 2x2 map ({fmt})", ATOL, RTOL)
+    monkeypatch.undo()
+    with torch.no_grad():  # the reference traced on its own (no ONNX export): its guard runs, traced too
+        lone = FusedConvBNReLU(4, 6, 3, stride=2, padding=1, backend="reference").eval()
+        lone.load_state_dict(ref.state_dict())
+        tiny = torch.randn(1, 4, 2, 2).contiguous(memory_format=torch.channels_last)
+        assert_close(_trace(lone, tiny, check_trace=False)(tiny), ref(tiny), "reference traced on 2x2", ATOL, RTOL)
+
+
 def test_onnx_export_records_the_loss_as_aten_ops(monkeypatch):
     # upsample_cross_entropy was left out of the ONNX rerouting (only conv_bn_relu's and aspp's front doors had it);
     # the backends' resolver now reroutes every op while an ONNX export records.
