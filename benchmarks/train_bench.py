@@ -1,4 +1,5 @@
-"""Benchmark a whole DeepLabV3 (ResNet-50 / ResNet-101) training step and eval forward: images/s, peak memory.
+"""Benchmark a whole DeepLabV3 (ResNet-50 / ResNet-101) training step and eval forward: images/s, peak memory
+(on a GPU: peak_mem_mb is empty on CPU).
 
     python benchmarks/train_bench.py                                  # R50 and R101, OS 16, 513x513, bf16
     python benchmarks/train_bench.py --models r50 --output-strides 16,8 --batches 8,16 --plot
@@ -8,7 +9,8 @@ Providers: eager (cuDNN, cudnn.benchmark on), torch.compile of the model (defaul
 autotunes every conv of the network), and the fused model (`deeplab_ops.nn.fuse_modules(model, backend=...)`,
 what `fused=True` builds) on each deeplab_ops backend: triton, cuda (GPU), cpu, reference (CPU). A "-lean"
 provider (triton-lean, cuda-lean, cpu-lean) is the same fused model in its memory-lean form, as `train.py
---fused-ops --memory-efficient` trains it: the fused ops save no pre-BN activations (memory_efficient=True) and
+--fused-ops --memory-efficient` trains it (channels_last, its default with --fused-ops: compare cpu-lean with
+cpu-cl): the fused ops save no pre-BN activations (memory_efficient=True) and
 the loss takes the logits at the output stride's resolution (1/16 by default) through
 `deeplab_ops.upsample_cross_entropy` (no upsampled logits); compare its peak_mem_mb with eager's and the plain
 fused provider's.
@@ -221,6 +223,9 @@ def main(argv: list[str] | None = None) -> int:
                     x = torch.randn(batch, 3, size, size, device=device,
                                     dtype=torch.float32 if amp else dtype)
                     x = common.prepare_input(x, provider)
+                    if provider.endswith(LEAN):  # channels_last, as train.py --fused-ops trains by default
+                        net = net.to(memory_format=torch.channels_last)
+                        x = x.contiguous(memory_format=torch.channels_last)
                     target = torch.randint(0, args.num_classes, (batch, size, size), device=device)
                     return step_case(mode, net, x, target, compiled, lean=provider.endswith(LEAN), amp=amp)
 

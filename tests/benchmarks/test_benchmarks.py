@@ -305,11 +305,23 @@ def test_conv_bn_relu_bench_cpu_quick(tmp_path):
         assert r["min_bytes"] == common.conv_bn_relu_min_bytes(2, 16, cout, 9, 9, k, 9, 9, residual, r["mode"], 4)
 
 
-def test_train_bench_cpu_quick(tmp_path):
+def test_train_bench_cpu_quick(tmp_path, monkeypatch):
     import train_bench
 
+    # What each provider's step runs: cpu-lean is the model as train.py --fused-ops --memory-efficient trains it,
+    # channels_last (train.py's default with --fused-ops; it ran NCHW, and looked 1.9x slower than cpu-cl for it).
+    layouts, step_case = {}, train_bench.step_case
+
+    def recording(mode, net, x, *args, **kwargs):
+        conv = net.backbone.conv1.weight
+        layouts[x.is_contiguous(memory_format=torch.channels_last), conv.is_contiguous(
+            memory_format=torch.channels_last), kwargs.get("lean", False)] = True
+        return step_case(mode, net, x, *args, **kwargs)
+
+    monkeypatch.setattr(train_bench, "step_case", recording)
     # few providers keep this short: each call is a whole ResNet-50 step
     assert train_bench.main([*QUICK, "--providers", "cpu,cpu-cl,eager,cpu-lean", "--out", str(tmp_path)]) == 0
+    assert set(layouts) == {(False, False, False), (True, True, False), (True, True, True)}, layouts
     rows, meta = _read(tmp_path, "train_bench")
     _check_timed(rows, {"cpu", "cpu-cl", "eager", "cpu-lean"}, {"train_step", "eval_fwd"})
     assert all(r["images_per_s"] > 0 for r in rows)
