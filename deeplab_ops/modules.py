@@ -414,6 +414,11 @@ def synced_batch_norm(bn: nn.BatchNorm2d, group, x: Tensor) -> Tensor:
         local = torch.cat([xf.sum((0, 2, 3)), xf.new_full((1,), x.numel() // max(c, 1))])
         total = all_reduce(local, group=group)
         count = total[c:].detach()  # on the device: no host synchronization
+        if x.device.type == "cpu" and int(count) == 1:  # (on CPU the look costs no synchronization: as the fused op)
+            raise ValueError(
+                f"training BatchNorm needs more than 1 value per channel over the process group's batches, got 1 "
+                f"({x.numel() // max(c, 1)} on this process, shape {tuple(x.shape)}); use larger batches, or freeze "
+                "the BatchNorm layers (call .eval() on them)")
         mean = total[:c] / count
         centred = xf - mean.view(shape)
         var = all_reduce((centred * centred).sum((0, 2, 3)), group=group) / count

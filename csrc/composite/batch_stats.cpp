@@ -14,6 +14,19 @@ void training_stats(const std::vector<TrainingBlock>& blocks, const std::optiona
   }
   if (group.has_value()) {
     const auto parts = all_gather_partials(local, *group);
+    // One value per channel over the whole group is refused as it is without a group (the unbiased running
+    // variance would be NaN, the model's statistics lost), where the check costs no device synchronization: on CPU
+    // tensors. On a GPU it would cost one per layer; nn.SyncBatchNorm does not check it either (docs/ops.md). Every
+    // process gathered the same counts, so every one raises here: none is left waiting in a collective.
+    if (!blocks.empty() && blocks[0].pre.device().is_cpu()) {
+      for (size_t i = 0; i < blocks.size(); ++i) {
+        TORCH_CHECK_VALUE(std::get<0>(parts[i]).sum().item<double>() != 1.0,
+                          "deeplab_ops: training BatchNorm needs more than 1 value per channel over the process "
+                          "group's batches, got 1 (", blocks[i].count, " on this process, shape ",
+                          blocks[i].pre.sizes(), "); use larger batches, or freeze the BatchNorm layers (call "
+                          ".eval() on them)");
+      }
+    }
     for (size_t i = 0; i < blocks.size(); ++i) {
       const auto& b = blocks[i];
       const auto& [counts, means, m2s] = parts[i];

@@ -164,3 +164,68 @@ def test_every_process_with_an_empty_batch_leaves_the_running_statistics():
         assert (rm == 0.5).all() and (rv == 2.0).all(), (rank, rm, rv)
         for b, a in zip(before, after, strict=True):
             assert (a == b).all(), (rank, b, a)
+
+
+def _one_value_worker(rank: int, port: int, _, queue) -> None:
+    """Rank 0 holds one image, rank 1 none: one value per channel over the whole group, in a conv whose output is
+    1x1, in a synchronized fused ASPP's pooling branch, and in the same ASPP with a hooked part (its BatchNorms then
+    run deeplab_ops.modules.synced_batch_norm). Then batches of 1 and 2 through model's fused ASPP with a hooked
+    part, against the same call unhooked. Each refusal's (type, message) and the statistics after it."""
+    from model.aspp import ASPP
+
+    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
+    dist.init_process_group("gloo", rank=rank, world_size=2)
+    try:
+        n = 1 if rank == 0 else 0
+        refusals = []
+
+        def refused(fn) -> None:
+            try:
+                fn()
+                refusals.append(None)
+            except ValueError as e:
+                refusals.append(str(e))
+
+        rm, rv = torch.zeros(4, dtype=torch.float64), torch.ones(4, dtype=torch.float64)
+        x = torch.randn(n, 3, 1, 1, dtype=torch.float64)
+        refused(lambda: deeplab_ops.conv_bn_relu(x, torch.randn(4, 3, 1, 1, dtype=torch.float64), None, None, rm,
+                                                 rv, backend="cpu", process_group=dist.group.WORLD))
+        module, xa, _ = _aspp_inputs()
+        deeplab_ops.nn.sync_batchnorm(module)
+        before = [b.clone() for b in module.buffers()]
+        refused(lambda: module(xa[:n]))
+        stats = [name for (name, b), a in zip(module.named_buffers(), before, strict=True) if not torch.equal(a, b)]
+        # hooked: the parts run one by one, and the branches before the pooling one train (as eager's ASPP does)
+        module.convs[0][1].register_forward_hook(lambda *args: None)
+        refused(lambda: module(xa[:n]))
+        # batches of 1 and 2 through model's ASPP, fused and synchronized: its pooling branch's batch-1 check is
+        # the group's to judge, hooked part or not (hooked, rank 0 refused its one image and left rank 1 waiting)
+        outs = []
+        for hooked in (False, True):
+            torch.manual_seed(5)
+            aspp = deeplab_ops.nn.fuse_modules(ASPP(3, (1, 2), 4).double())
+            deeplab_ops.nn.sync_batchnorm(aspp)
+            if hooked:
+                aspp.convs[1][1].register_forward_hook(lambda *args: None)
+            xb = torch.randn(3, 3, 5, 6, dtype=torch.float64, generator=torch.Generator().manual_seed(7))
+            outs.append(aspp(xb[:1] if rank == 0 else xb[1:]).detach().numpy())
+        queue.put((rank, refusals, rm.numpy(), rv.numpy(), stats, outs))
+    except Exception as exc:
+        queue.put((rank, f"rank {rank}: {type(exc).__name__}: {exc}"))
+        raise
+    finally:
+        dist.destroy_process_group()
+
+
+def test_one_value_per_channel_over_the_group_is_refused_on_every_process():
+    # The group's batch held one value per channel: the fused ops and a hooked part's synced_batch_norm computed an
+    # unbiased running variance of 0/0 and wrote NaN into the running statistics on every process, silently (the
+    # model then gave non-finite outputs in eval), where eager BatchNorm and one process refuse it. On CPU tensors
+    # the count costs no synchronization: refused on every process (none left waiting), the statistics untouched.
+    for rank, (refusals, rm, rv, stats, outs) in run_two_processes(_one_value_worker, None).items():
+        assert len(refusals) == 3 and all(r is not None for r in refusals), (rank, refusals)
+        for message in refusals:
+            assert "training BatchNorm needs more than 1 value per channel over the process group's batches, got " \
+                   "1 (" in message, (rank, message)
+        assert (rm == 0).all() and (rv == 1).all() and not stats, (rank, rm, rv, stats)
+        assert torch.allclose(torch.from_numpy(outs[1]), torch.from_numpy(outs[0]), atol=1e-12, rtol=1e-12), rank
