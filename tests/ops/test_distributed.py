@@ -4,6 +4,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import os
 
 import pytest
@@ -12,6 +13,21 @@ import torch.distributed as dist
 from helpers import run_two_processes
 
 import deeplab_ops
+
+
+@contextlib.contextmanager
+def _gloo_pair(rank: int, port: int, queue):
+    """A worker's gloo process group of 2 for its body; an error in it goes on the queue (the test fails with this
+    process's error, not with a queue timeout) and is raised; the group is destroyed however the body ends."""
+    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
+    dist.init_process_group("gloo", rank=rank, world_size=2)
+    try:
+        yield
+    except Exception as exc:
+        queue.put((rank, f"rank {rank}: {type(exc).__name__}: {exc}"))
+        raise
+    finally:
+        dist.destroy_process_group()
 
 
 def _inputs():
@@ -39,9 +55,7 @@ SPLITS = {"half": 2, "one-image": 3, "empty": 4}
 
 
 def _worker(rank: int, port: int, split: int, queue) -> None:
-    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
-    dist.init_process_group("gloo", rank=rank, world_size=2)
-    try:
+    with _gloo_pair(rank, port, queue):
         x, w, gamma, beta, res, grad = _inputs()
         half = slice(0, split) if rank == 0 else slice(split, 4)
         rm, rv = torch.zeros(5, dtype=torch.float64), torch.ones(5, dtype=torch.float64)
@@ -52,11 +66,6 @@ def _worker(rank: int, port: int, split: int, queue) -> None:
             dist.all_reduce(g)
         # numpy arrays travel by value: torch tensors would be shared memory that dies with this process.
         queue.put((rank, out.numpy(), [g.numpy() for g in grads], rm.numpy(), rv.numpy()))
-    except Exception as exc:  # the test fails with this process's error, not with a queue timeout
-        queue.put((rank, f"rank {rank}: {type(exc).__name__}: {exc}"))
-        raise
-    finally:
-        dist.destroy_process_group()
 
 
 @pytest.mark.parametrize("split", list(SPLITS))
@@ -80,9 +89,7 @@ def test_two_processes_match_one_process_with_the_global_batch(split):
 
 
 def _aspp_worker(rank: int, port: int, split: int, queue) -> None:
-    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
-    dist.init_process_group("gloo", rank=rank, world_size=2)
-    try:
+    with _gloo_pair(rank, port, queue):
         module, x, grad = _aspp_inputs()
         deeplab_ops.nn.sync_batchnorm(module)
         half = slice(0, split) if rank == 0 else slice(split, 4)
@@ -94,11 +101,6 @@ def _aspp_worker(rank: int, port: int, split: int, queue) -> None:
             dist.all_reduce(g)
         queue.put((rank, out.detach().numpy(), xr.grad.numpy(), [g.numpy() for g in grads],
                    [b.numpy() for b in module.buffers()]))
-    except Exception as exc:
-        queue.put((rank, f"rank {rank}: {type(exc).__name__}: {exc}"))
-        raise
-    finally:
-        dist.destroy_process_group()
 
 
 def _aspp_inputs():
@@ -131,9 +133,7 @@ def test_fused_aspp_two_processes_match_one_process(split):
 
 
 def _all_empty_worker(rank: int, port: int, _, queue) -> None:
-    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
-    dist.init_process_group("gloo", rank=rank, world_size=2)
-    try:
+    with _gloo_pair(rank, port, queue):
         x, w, gamma, beta, res, grad = (t[:0] if t.dim() == 4 and t.shape[0] == 4 else t for t in _inputs())
         rm, rv = torch.full((5,), 0.5, dtype=torch.float64), torch.full((5,), 2.0, dtype=torch.float64)
         out, grads = _step(x, w, gamma, beta, res, grad, rm, rv, dist.group.WORLD)
@@ -146,11 +146,6 @@ def _all_empty_worker(rank: int, port: int, _, queue) -> None:
         queue.put((rank, tuple(out.shape), [g.numpy() for g in grads[1:4]], rm.numpy(), rv.numpy(),
                    tuple(out_a.shape), [b.numpy() for b in before], [b.numpy() for b in after],
                    [p.grad.numpy() for p in module.parameters()]))
-    except Exception as exc:
-        queue.put((rank, f"rank {rank}: {type(exc).__name__}: {exc}"))
-        raise
-    finally:
-        dist.destroy_process_group()
 
 
 def test_every_process_with_an_empty_batch_leaves_the_running_statistics():
@@ -173,9 +168,7 @@ def _one_value_worker(rank: int, port: int, _, queue) -> None:
     part, against the same call unhooked. Each refusal's (type, message) and the statistics after it."""
     from model.aspp import ASPP
 
-    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
-    dist.init_process_group("gloo", rank=rank, world_size=2)
-    try:
+    with _gloo_pair(rank, port, queue):
         n = 1 if rank == 0 else 0
         refusals = []
 
@@ -210,11 +203,6 @@ def _one_value_worker(rank: int, port: int, _, queue) -> None:
             xb = torch.randn(3, 3, 5, 6, dtype=torch.float64, generator=torch.Generator().manual_seed(7))
             outs.append(aspp(xb[:1] if rank == 0 else xb[1:]).detach().numpy())
         queue.put((rank, refusals, rm.numpy(), rv.numpy(), stats, outs))
-    except Exception as exc:
-        queue.put((rank, f"rank {rank}: {type(exc).__name__}: {exc}"))
-        raise
-    finally:
-        dist.destroy_process_group()
 
 
 def test_one_value_per_channel_over_the_group_is_refused_on_every_process():
