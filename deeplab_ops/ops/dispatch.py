@@ -93,6 +93,11 @@ def group_name_of(process_group) -> str | None:
     import torch.distributed as dist
 
     if not dist.is_available() or not isinstance(process_group, dist.ProcessGroup):
+        if dist.is_available() and type(process_group) is int and process_group == dist.GroupMember.NON_GROUP_MEMBER:
+            raise ValueError(
+                f"process_group is torch.distributed's GroupMember.NON_GROUP_MEMBER ({process_group}), what new_group "
+                "returns on a process outside the group: this process is not one of its members; pass the group "
+                "only on its members (None, or another group, elsewhere)")
         raise TypeError(
             f"process_group must be a torch.distributed ProcessGroup (e.g. torch.distributed.group.WORLD) or None, "
             f"got {type(process_group).__name__} {process_group!r}"

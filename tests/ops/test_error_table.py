@@ -352,6 +352,7 @@ CASES = {
     "backend-auto-cannot-run": lambda d: _auto_triton_only(),
     "backend-device": lambda d: deeplab_ops.available_backends("tpu"),
     "process-group-type": lambda d: cbr(process_group="world"),
+    "process-group-non-member": lambda d: cbr(process_group=torch.distributed.GroupMember.NON_GROUP_MEMBER),
     # aspp: the Python front door (deeplab_ops/ops/aspp.py)
     "aspp-x": lambda d: aspp(x=torch.randn(5, 7, 6)),
     "aspp-x-dtype": lambda d: aspp(x=torch.ones(2, 5, 7, 6, dtype=torch.int32)),
