@@ -928,9 +928,15 @@ def check_out_dir(args, error) -> None:
     if files and args.overwrite:
         # an input of this run that is one of the files --overwrite removes (a link to one followed; a link in the
         # folder is removed, not what it names)
-        doomed = {os.path.join(os.path.realpath(out_dir), f): f for f in files
-                  if not os.path.islink(os.path.join(out_dir, f))}
-        for flag, path in (("--backbone-weights", args.backbone_weights), ("--classes", args.classes)):
+        doomed = {}
+        for f in files:  # the file unlink removes: what the path names, its last part a link itself if it is one
+            path = os.path.join(out_dir, f)
+            if not os.path.islink(path):
+                doomed[os.path.join(os.path.realpath(os.path.dirname(path)), os.path.basename(path))] = f
+        reads = [("--backbone-weights", args.backbone_weights)]
+        if "classes" not in unread_dataset_flags(args.dataset or "synthetic"):
+            reads.append(("--classes", args.classes))
+        for flag, path in reads:
             if path and os.path.realpath(path) in doomed:
                 error(f"{flag} {path} is the earlier run's {doomed[os.path.realpath(path)]} in --out-dir {out_dir}, "
                       "which --overwrite removes before training: copy it out of the folder first, or give another "

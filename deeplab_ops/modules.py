@@ -417,7 +417,7 @@ def synced_batch_norm(bn: nn.BatchNorm2d, group, x: Tensor) -> Tensor:
         if x.device.type == "cpu" and int(count) == 1:  # (on CPU the look costs no synchronization: as the fused op)
             raise ValueError(
                 f"training BatchNorm needs more than 1 value per channel over the process group's batches, got 1 "
-                f"({x.numel() // max(c, 1)} on this process, shape {tuple(x.shape)}); use larger batches, or freeze "
+                f"({x.numel() // max(c, 1)} on this process, shape {list(x.shape)}); use larger batches, or freeze "
                 "the BatchNorm layers (call .eval() on them)")
         mean = total[:c] / count
         centred = xf - mean.view(shape)
@@ -448,6 +448,7 @@ def unfused_call(module: nn.Module, process_group, forward, *args) -> Tensor:
     bns = [m for m in module.modules() if type(m) is nn.BatchNorm2d and "forward" not in m.__dict__]
     for bn in bns:
         bn.forward = functools.partial(synced_batch_norm, bn, process_group)
+        bn.forward.deeplab_ops_synchronized = True  # (model's ASPP pooling branch leaves its batch-1 check to it)
     try:
         return forward(module, *args)
     finally:

@@ -46,7 +46,8 @@ def _conv2d(x: Tensor, weight: Tensor, stride, padding, dilation) -> Tensor:
     pairs = [(v, v) if isinstance(v, int) else tuple(v) for v in (stride, padding, dilation)]
     # Not while torch.onnx.export records: the file runs on another runtime than oneDNN, and the guard's loop over
     # output positions would fix the recorded image size (a dynamic height or width was exported as a constant).
-    if not torch.onnx.is_in_onnx_export() and _onednn_unsafe(x, weight, *pairs):
+    recording = (jit_tracing() is not None or torch.compiler.is_exporting()) and torch.onnx.is_in_onnx_export()
+    if not recording and _onednn_unsafe(x, weight, *pairs):
         # in the layout oneDNN writes: channels_last where x or the weight is
         cl = _suggests_channels_last(x) or _suggests_channels_last(weight)
         return F.conv2d(x.double(), weight.double(), None, stride, padding, dilation).to(x.dtype).contiguous(

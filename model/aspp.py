@@ -88,9 +88,10 @@ class ASPPPooling(nn.Sequential):
         training's DistributedBatchNorm2d) pools the batch of every process, so one image per process is its own
         to judge."""
         bn = self[2]
-        # (a forward set on the instance decides for itself: a synchronized fused ASPP's hooked part runs its
-        # BatchNorm so, deeplab_ops.modules.synced_batch_norm, over the group's batches)
-        return type(bn) is nn.BatchNorm2d and "forward" not in bn.__dict__ and (bn.training or bn.running_mean is None)
+        # (nor one that a synchronized fused ASPP's hooked part runs over the group's batches meanwhile:
+        # deeplab_ops.modules.unfused_call sets its forward, marked so)
+        return (type(bn) is nn.BatchNorm2d and (bn.training or bn.running_mean is None)
+                and not getattr(bn.__dict__.get("forward"), "deeplab_ops_synchronized", False))
 
     def check_batch(self, x: Tensor) -> None:
         """Raise the batch-1 error where this branch's BatchNorm would train on one value per channel

@@ -599,7 +599,8 @@ def aspp(
                 for v in (running_means, running_vars)]
         for i, b in enumerate(back):
             if b:
-                stats[i] = [t.clone() for t in stats[i]]
+                # (contiguous: a clone that keeps a batch dimension other than the first is not written either)
+                stats[i] = [t.clone(memory_format=torch.contiguous_format) for t in stats[i]]
         out = reference.aspp(x, conv_weights, pool_weight, project_weight, _lists(bn_weights, n_bn),
                              _lists(bn_biases, n_bn), *stats, rates=rates, training=training,
                              momentum=float(momentum), eps=float(eps))

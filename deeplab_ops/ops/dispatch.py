@@ -87,7 +87,8 @@ def register_fake(name: str):
 
 def group_name_of(process_group) -> str | None:
     """The name of `process_group` when it has more than one process (None: nothing to synchronize, or None
-    given); a TypeError when it is neither None nor a torch.distributed ProcessGroup, initialized or not."""
+    given); a TypeError when it is neither None nor a torch.distributed ProcessGroup, initialized or not (a
+    ValueError for GroupMember.NON_GROUP_MEMBER: what new_group returns on a process outside the group)."""
     if process_group is None:
         return None
     import torch.distributed as dist

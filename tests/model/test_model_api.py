@@ -260,6 +260,22 @@ def test_symbolic_trace_of_the_model_computes_it_and_keeps_its_checks(fused, tra
         assert traced(x[:1])["out"].shape == (1, 3, 33, 47)
 
 
+def test_batch_one_is_refused_early_with_a_forward_set_on_the_pooling_batchnorm():
+    """A forward set on the pooling branch's BatchNorm instance (accelerate's hooks, monkeypatching) keeps the early
+    batch-1 refusal: only a synchronized fused ASPP's hooked part (marked by deeplab_ops) is its group's to judge."""
+    import functools
+
+    from model.aspp import ASPP
+
+    aspp = ASPP(3, (1, 2), 4).train()
+    bn = aspp.convs[-1][2]
+    bn.forward = functools.partial(torch.nn.BatchNorm2d.forward, bn)
+    before = aspp.convs[0][1].running_mean.clone()
+    with pytest.raises(ValueError, match=r"ASPP image-pooling branch.*batch 1"):
+        aspp(torch.randn(1, 3, 5, 6))
+    assert torch.equal(aspp.convs[0][1].running_mean, before)  # refused before any BatchNorm ran
+
+
 def test_create_feature_extractor_reads_the_model_without_warnings():
     feature_extraction = pytest.importorskip("torchvision.models.feature_extraction")
     import warnings

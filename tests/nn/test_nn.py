@@ -263,7 +263,7 @@ def test_fused_aspp_ensembles_under_vmap_and_refuses_grad_transforms_clearly(tra
 
 
 @pytest.mark.parametrize("backend", ["cpu", "reference"])
-@pytest.mark.parametrize("form", ["one tensor", "a list"])
+@pytest.mark.parametrize("form", ["one tensor", "one tensor, batched along dim 1", "a list"])
 def test_functional_aspp_under_vmap_updates_batched_running_statistics(backend, form):
     """deeplab_ops.aspp in training under vmap, the running statistics batched (one set per member): as one
     ((len(rates)+3)*C,) tensor, they were left untouched, silently (the reference, which runs a batched call, split it
@@ -291,8 +291,12 @@ def test_functional_aspp_under_vmap_updates_batched_running_statistics(backend, 
         parts = [[t[:, i * c:(i + 1) * c].clone() for i in range(n_bn)] for t in stats]
         got = torch.vmap(call)(xs, *parts[0], *parts[1])
         stats = [torch.cat(p, dim=1) for p in parts]
-    else:
+    elif form == "one tensor":
         got = torch.vmap(call)(xs, *stats)
+    else:  # the members along the second dimension: a (n_bn * c, 2) tensor each
+        moved = [t.t().contiguous() for t in stats]
+        got = torch.vmap(call, in_dims=(0, 1, 1))(xs, *moved)
+        stats = [t.t() for t in moved]
     torch.testing.assert_close(got, want, atol=1e-12, rtol=1e-12)
     for name, g, w in zip(("running_mean", "running_var"), stats, loop, strict=True):
         torch.testing.assert_close(g, w, atol=1e-12, rtol=1e-12, msg=name)

@@ -622,8 +622,9 @@ def test_overwrite_refuses_to_remove_a_file_the_run_reads(tmp_path, finished_run
     os.symlink(finished_run / "best.pt", tmp_path / "weights.pt")
     for flag, path in (("--backbone-weights", finished_run / "best.pt"),
                        ("--backbone-weights", tmp_path / "weights.pt"), ("--classes", finished_run / "metrics.json")):
-        error = _usage_error(TINY + ["--iterations", "1", "--out-dir", str(finished_run), "--overwrite", flag,
-                                     str(path)], capsys)
+        dataset = ["--dataset", "folder", "--data-root", str(tmp_path)] if flag == "--classes" else []  # (reads it)
+        error = _usage_error(TINY + dataset + ["--iterations", "1", "--out-dir", str(finished_run), "--overwrite",
+                                               flag, str(path)], capsys)
         name = "metrics.json" if flag == "--classes" else "best.pt"
         assert error == (f"error: {flag} {path} is the earlier run's {name} in --out-dir {finished_run}, which "
                          "--overwrite removes before training: copy it out of the folder first, or give another "
