@@ -44,9 +44,11 @@ def _conv2d(x: Tensor, weight: Tensor, stride, padding, dilation) -> Tensor:
     """F.conv2d(x, weight, None, stride, padding, dilation); in float64, rounded back, for the CPU geometries that
     PyTorch's oneDNN computes wrong or crashes on (csrc/cpu/onednn_guard_cpu.h), as the cpu backend does."""
     pairs = [(v, v) if isinstance(v, int) else tuple(v) for v in (stride, padding, dilation)]
-    # Not while torch.onnx.export records: the file runs on another runtime than oneDNN, and the guard's loop over
-    # output positions would fix the recorded image size (a dynamic height or width was exported as a constant).
-    recording = (jit_tracing() is not None or torch.compiler.is_exporting()) and torch.onnx.is_in_onnx_export()
+    # Not while torch.onnx.export records with torch.export (dynamo=True): its tensors are fake (no oneDNN runs),
+    # the file runs on another runtime, and the guard's loop over output positions would fix the recorded image size
+    # (a dynamic height or width was exported as a constant). Traced by torch.jit (dynamo=False) the tensors are
+    # real and the sizes the example's: the guard runs, and its float64 path is recorded.
+    recording = torch.compiler.is_exporting() and torch.onnx.is_in_onnx_export()
     if not recording and _onednn_unsafe(x, weight, *pairs):
         # in the layout oneDNN writes: channels_last where x or the weight is
         cl = _suggests_channels_last(x) or _suggests_channels_last(weight)
