@@ -937,8 +937,9 @@ def check_out_dir(args, error) -> None:
         if "classes" not in unread_dataset_flags(args.dataset or "synthetic"):
             reads.append(("--classes", args.classes))
         for flag, path in reads:
-            if path and os.path.realpath(path) in doomed:
-                error(f"{flag} {path} is the earlier run's {doomed[os.path.realpath(path)]} in --out-dir {out_dir}, "
+            name = doomed.get(os.path.realpath(path)) if path else None
+            if name is not None:
+                error(f"{flag} {path} is the earlier run's {name} in --out-dir {out_dir}, "
                       "which --overwrite removes before training: copy it out of the folder first, or give another "
                       "--out-dir")
     if not files or args.overwrite:

@@ -394,10 +394,11 @@ def set_precision(dtype_name: str) -> torch.dtype:
 
 
 def uses_channels_last(provider: str) -> bool:
-    """eager-cl, eager-cl-amp and the fused -cl setups (cpu-cl, ...), and their -graph rows: module and input in
-    channels_last."""
+    """eager-cl, eager-cl-amp, the fused -cl setups (cpu-cl, ...) and train_bench's -lean ones (as train.py
+    --fused-ops --memory-efficient trains: channels_last is its default with --fused-ops), and their -graph rows:
+    module and input in channels_last."""
     provider = base_provider(provider)
-    return provider.startswith("eager-cl") or provider in FUSED_CL_PROVIDERS
+    return provider.startswith("eager-cl") or provider in FUSED_CL_PROVIDERS or provider.endswith("-lean")
 
 
 def uses_autocast(provider: str) -> bool:

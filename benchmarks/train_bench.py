@@ -222,10 +222,7 @@ def main(argv: list[str] | None = None) -> int:
                     # under autocast the images stay float32, as a data loader gives them
                     x = torch.randn(batch, 3, size, size, device=device,
                                     dtype=torch.float32 if amp else dtype)
-                    x = common.prepare_input(x, provider)
-                    if provider.endswith(LEAN):  # channels_last, as train.py --fused-ops trains by default
-                        net = net.to(memory_format=torch.channels_last)
-                        x = x.contiguous(memory_format=torch.channels_last)
+                    x = common.prepare_input(x, provider)  # (channels_last for -cl and -lean)
                     target = torch.randint(0, args.num_classes, (batch, size, size), device=device)
                     return step_case(mode, net, x, target, compiled, lean=provider.endswith(LEAN), amp=amp)
 

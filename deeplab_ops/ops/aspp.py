@@ -592,21 +592,21 @@ def aspp(
             raise RuntimeError("deeplab_ops.aspp: backend='reference' has no synchronized BatchNorm (a "
                                "process_group in training); use backend='cpu' or 'cuda'")
         n_bn = len(rates) + 3
-        stats = [_lists(v, n_bn) for v in (running_means, running_vars)]
-        # Under vmap, batch_norm's update does not reach a batched tensor through a view of it (its chunks, above):
-        # one running-statistic tensor is updated in per-BatchNorm copies, written back in one copy after the call.
-        back = [training and isinstance(v, torch.Tensor) and is_functorch_wrapped(v)
-                for v in (running_means, running_vars)]
-        for i, b in enumerate(back):
-            if b:
-                # (contiguous: a clone that keeps a batch dimension other than the first is not written either)
-                stats[i] = [t.clone(memory_format=torch.contiguous_format) for t in stats[i]]
+        # Under vmap, batch_norm's update does not reach a batched tensor through a view of it (_lists' chunks): one
+        # running-statistic tensor is updated in per-BatchNorm copies (contiguous: a clone that keeps a batch
+        # dimension other than the first is not written either), written back in one copy after the call.
+        stats, back = [], []
+        for v in (running_means, running_vars):
+            parts = _lists(v, n_bn)
+            if training and isinstance(v, torch.Tensor) and is_functorch_wrapped(v):
+                parts = [t.clone(memory_format=torch.contiguous_format) for t in parts]
+                back.append((v, parts))
+            stats.append(parts)
         out = reference.aspp(x, conv_weights, pool_weight, project_weight, _lists(bn_weights, n_bn),
                              _lists(bn_biases, n_bn), *stats, rates=rates, training=training,
                              momentum=float(momentum), eps=float(eps))
-        for v, b, parts in zip((running_means, running_vars), back, stats, strict=True):
-            if b:
-                v.copy_(torch.cat(parts))
+        for v, parts in back:
+            v.copy_(torch.cat(parts))
         return out
     args = [x, list(conv_weights), pool_weight, project_weight, bn_weights, bn_biases, running_means, running_vars,
             list(rates), training, float(momentum), float(eps), group_name, memory_efficient]
