@@ -144,6 +144,12 @@ def conv_reach(x: torch.Tensor, weight: torch.Tensor, stride, padding, dilation)
     return max(x.shape[2 + i] + 2 * padding[i] + dilation[i] * (weight.shape[2 + i] - 1) + stride[i] for i in (0, 1))
 
 
+def aspp_reach(x: torch.Tensor, rates) -> int:
+    """conv_reach of the ASPP's widest branch (3 x 3, padding and dilation the largest rate, stride 1); 0 without
+    rates (the 1 x 1 branch alone reaches no further than the input)."""
+    return max(x.shape[2:]) + 4 * max(rates) + 1 if rates else 0
+
+
 def _reach32(reach: int) -> list[str]:
     if reach > INT32_MAX:
         return [f"a padded extent of {reach} (input size + 2·padding + dilation·(kernel − 1) + stride): the kernels "
@@ -185,8 +191,8 @@ def _triton_conv_bn_relu(*, x, weight, stride, padding, dilation, synchronized=F
 
 
 def _triton_aspp(*, x, rates, channels, synchronized=False, **_) -> list[str]:
-    return (_interpreter_half(x, "x") + _int32(aspp_largest(x, rates, channels)) + aspp_grid_y(x, rates, channels)
-            + _no_group(synchronized))
+    return (_interpreter_half(x, "x") + _int32(aspp_largest(x, rates, channels)) + _reach32(aspp_reach(x, rates))
+            + aspp_grid_y(x, rates, channels) + _no_group(synchronized))
 
 
 def _triton_uce(*, logits, target, **_) -> list[str]:

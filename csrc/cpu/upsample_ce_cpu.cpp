@@ -97,7 +97,8 @@ inline opmath_t exp_opmath(opmath_t x) {
 
 template <>
 inline float exp_opmath<float>(float x) {
-  float xc = x >= -87.0f ? x : -87.0f;  // NaN -> -87: the integer part below is always defined
+  // NaN -> -87.33, the underflow cut below: the integer part is always defined, n >= -126 (a normal 2^n)
+  float xc = x >= -87.33f ? x : -87.33f;
   xc = xc <= 88.0f ? xc : 88.0f;
   const float round_magic = 12582912.0f;  // 1.5 * 2^23: adding and subtracting it rounds to an integer
   const float n = (xc * 1.44269504088896341f + round_magic) - round_magic;

@@ -675,8 +675,8 @@ def _direct_forward(x, conv_weights, pool_weight, project_weight, bn_weight, bn_
 
 def _refuse_large(op: str, x, conv_weights, rates) -> None:
     c = conv_weights[0].shape[0]
-    backends.refuse_beyond_kernel_limits(op, backends.aspp_largest(x, rates, c),
-                                         grid_y=backends.aspp_grid_y(x, rates, c))
+    backends.refuse_beyond_kernel_limits(op, backends.aspp_largest(x, rates, c), backends.aspp_reach(x, rates),
+                                         backends.aspp_grid_y(x, rates, c))
 
 
 def _direct_backward(grad_out, x, conv_weights, pool_weight, project_weight, bn_weight, bn_bias, branch_out,

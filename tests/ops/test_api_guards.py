@@ -136,6 +136,35 @@ def test_triton_refuses_padding_and_strides_whose_index_sums_pass_int32():
                                          dilation=(1, 1)) == []
 
 
+def test_triton_aspp_refuses_rates_whose_index_sums_pass_int32():
+    """The ASPP's branch kernels add a rate to row and column indices in int32, as the conv kernels add padding: a
+    rate within a map's size of 2**31 (accepted: rates are at most 2**31 - 1) wrapped those sums, and its branch read
+    only padding by the wrapped arithmetic's accident. Refused like the conv's padded extent by the triton twins and
+    by backend selection, which computes it on another backend; rates whose reach fits stay triton's."""
+    import deeplab_ops
+    from deeplab_ops import backends
+    from deeplab_ops.ops import aspp as aspp_ops
+
+    torch.manual_seed(0)
+    c, rate = 4, 2**29
+    x = torch.randn(2, 3, 5, 6, dtype=torch.float64)
+    weights = [torch.randn(c, 3, 1, 1, dtype=torch.float64), torch.randn(c, 3, 3, 3, dtype=torch.float64)]
+    pool, proj = torch.randn(c, 3, 1, 1, dtype=torch.float64), torch.randn(c, 3 * c, 1, 1, dtype=torch.float64)
+    bn_w, bn_b = torch.rand(4 * c, dtype=torch.float64) + 0.5, torch.randn(4 * c, dtype=torch.float64)
+    reach = 6 + 4 * rate + 1
+    with pytest.raises(ValueError, match=rf"triton_aspp_forward: a padded extent of {reach} .*int32 .*"
+                                         r"use backend='cuda' or 'cpu'"):
+        aspp_ops._direct_forward(x, weights, pool, proj, bn_w, bn_b, None, None, [rate], True, 0.1, 1e-5)
+    reasons = backends._triton_aspp(x=x, rates=[rate], channels=c)
+    assert any(f"padded extent of {reach}" in r for r in reasons), reasons
+    assert backends._triton_aspp(x=x, rates=[2**29 - 2], channels=c) == []  # 6 + 4·(2**29 − 2) + 1 < 2**31
+    args = (x, weights, pool, proj, bn_w, bn_b, None, None)
+    with torch.no_grad():
+        out = deeplab_ops.aspp(*args, rates=[rate], training=True, backend=None)
+        want = deeplab_ops.aspp(*args, rates=[rate], training=True, backend="reference")
+    torch.testing.assert_close(out, want)
+
+
 def test_triton_twins_refuse_tensors_beyond_int32_indexing():
     # The Triton kernels index with int32; the front doors never pick triton past 2**31 - 1 elements, but a direct
     # torch.ops.deeplab_ops.triton_* call (or a traced graph's) went through its validator unrefused, and on a GPU

@@ -261,6 +261,22 @@ def test_cpu_float32_gradient_as_accurate_as_eager_at_large_logits():
         assert err_ours <= max(2 * err_eager, 1e-6), (scale, err_ours, err_eager)
 
 
+def test_cpu_float32_exp_just_above_its_underflow():
+    # Softmax arguments between -87.33 (below it the CPU kernels' exp returns 0) and -87: the range reduction
+    # clamped its input at -87 and returned exp(-87) for all of them (1.35x too large at -87.3). The non-target
+    # class's gradient is that exp alone; identity interpolation (align_corners, the same size) leaves it bare.
+    # Truth: float64 on the same float32 logits.
+    d = torch.linspace(-87.32, -86.99, 12)
+    x = torch.zeros(1, 2, 3, 4)
+    x[0, 1] = d.view(3, 4)
+    target = torch.zeros(1, 3, 4, dtype=torch.long)
+    ours = x.clone().requires_grad_()
+    deeplab_ops.upsample_cross_entropy(ours, target, align_corners=True, reduction="sum", backend="cpu").backward()
+    truth = torch.exp(d.double() - torch.log1p(torch.exp(d.double()))).view(3, 4)
+    rel = ((ours.grad[0, 1].double() - truth).abs() / truth).max().item()
+    assert rel <= 1e-5, f"dlogits of the class at -87.3..-87: {rel:.3g} relative off"
+
+
 @pytest.mark.parametrize("backend", ["cpu", backend_param("triton"), backend_param("cuda")])
 @pytest.mark.parametrize("shift", [0.0, 100.0, 1000.0, 3000.0])
 def test_large_logits_as_exact_as_eager(backend, shift):
