@@ -210,7 +210,7 @@ def build_datasets(args, train: bool = True, note: str = ""):
     except (OSError, ValueError) as e:  # OSError: FileNotFoundError, and an unreadable folder (PermissionError)
         raise SystemExit(f"--dataset {args.dataset}: {e}{note}") from None
     for w in caught:  # the datasets' warnings (black-and-white masks, ...) as train.py's own one-line warnings
-        if w.category is UserWarning:
+        if issubclass(w.category, datasets.DataWarning):
             warn(str(w.message))
         else:
             warnings.warn_explicit(w.message, w.category, w.filename, w.lineno)
@@ -313,7 +313,17 @@ def save_mask_png(pred: np.ndarray, path: str) -> None:
     im.putpalette(palette_bytes())
     info = PngImagePlugin.PngInfo()
     info.add_text(*PREDICT_MARK)
-    im.save(path, pnginfo=info)
+    # Written beside it and renamed over it: a link at `path` (to an earlier mask elsewhere) is replaced, not written
+    # through, and an interrupted write leaves no partial mask.
+    folder, name = os.path.split(path)
+    tmp = os.path.join(folder, f".{name}.{os.getpid()}.tmp")
+    try:
+        im.save(tmp, format="PNG", pnginfo=info)
+        os.replace(tmp, path)
+    except BaseException:
+        with contextlib.suppress(OSError):
+            os.remove(tmp)
+        raise
 
 
 # ---- commands ----------------------------------------------------------------------------------------------------
@@ -392,22 +402,30 @@ def check_weights_fit(net: torch.nn.Module, ckpt: dict, path: str, flag: str, ar
                              f"these flags build; resume with the checkpoint's model flags ({own}), or start a new "
                              "run in another --out-dir")
         raise SystemExit(f"{flag}: {path} does not fit the network these flags build ({problem})")
-    described = f" ({own})" if own else ""
-    raise SystemExit(f"{flag} {path}: its weights do not fit the network its saved flags describe{described}: "
+    described = f"the network its saved flags describe ({own})" if own else (
+        "the network its saved flags describe" if saved else "the default network (it saved no model flags)")
+    raise SystemExit(f"{flag} {path}: its weights do not fit {described}: "
                      f"{problem}; it was not written by this train.py (model.load_checkpoint loads other state_dicts "
                      "into a network you build)")
 
 
 def _model_from_checkpoint(ckpt: dict, args, output_stride: int, path: str, flag: str) -> torch.nn.Module:
     """The network a train.py checkpoint describes (its saved model flags and class count), with its weights."""
-    saved = ckpt.get("args") or {}
     if not isinstance(ckpt.get("num_classes"), int):
         raise SystemExit(f"{flag} {path}: has no 'num_classes' entry, so it is not a checkpoint train.py wrote "
                          "(model.load_checkpoint loads other state_dicts into a network you build)")
-    net = build_model(saved.get("backbone") or args.backbone or "resnet101", ckpt["num_classes"], output_stride,
-                      bool(saved.get("aux_loss", False)), args.fused_ops, width=saved.get("backbone_width") or 64)
+    flags = checkpoint_model_flags(ckpt, args)
+    net = build_model(flags["backbone"], ckpt["num_classes"], output_stride, flags["aux_loss"], args.fused_ops,
+                      width=flags["backbone_width"])
     check_weights_fit(net, ckpt, path, flag)
     return net
+
+
+def checkpoint_model_flags(ckpt: dict, args) -> dict:
+    """MODEL_FLAGS of the network --eval-only and --predict build from a checkpoint: its saved ones."""
+    saved = ckpt.get("args") or {}
+    return {"backbone": saved.get("backbone") or args.backbone or "resnet101",
+            "backbone_width": saved.get("backbone_width") or 64, "aux_loss": bool(saved.get("aux_loss", False))}
 
 
 def parse_eval_scales(text: str, error=None) -> tuple[float, ...]:
@@ -517,13 +535,12 @@ def check_classes(ckpt: dict, path: str, class_names: list[str], args, command: 
     saved_names = ckpt.get("class_names")
     saved_names = list(saved_names) if isinstance(saved_names, (list, tuple)) else None
     saved = ckpt.get("num_classes", len(saved_names) if saved_names is not None else None)
-    source = f"--dataset {args.dataset}" + (f" --data-root {args.data_root}" if args.data_root else "") + (
-        f" --classes {args.classes}" if args.classes else "")
+    source = " ".join(_flag(k, getattr(args, k)) for k in ("dataset", "data_root", "classes") if getattr(args, k))
     flag = "--resume" if command == "--resume" else "--checkpoint"
     named = f"{flag} {path}" if command == flag else f"{command}: {flag} {path}"
     if saved is not None and saved != len(class_names):
-        hint = " (--eval-only reads them from the checkpoint when --dataset is not given)" \
-            if command == "--eval-only" else ""
+        hint = (" (--eval-only reads them from the checkpoint where neither --dataset nor --data-root is given)"
+                if command == "--eval-only" else "")
         raise SystemExit(f"{named} predicts {saved} classes, but {source} has {len(class_names)}; "
                          f"use a checkpoint trained on this dataset, or the dataset flags it was trained with{hint}")
     if saved_names is None or len(saved_names) != len(class_names):
@@ -573,8 +590,15 @@ def cmd_predict(args, device, info: distributed.DistInfo, given: set[str] = froz
     unread = datasets.unread_image_files(args.predict, entries)
     if unread and info.is_main:
         warn(f"--predict: {unread}")
+    nested = [f for f in entries if _holds_images(os.path.join(args.predict, f))]
+    below = (f"{len(nested)} of its subfolders ({', '.join(nested[:3])}{', ...' if len(nested) > 3 else ''}) hold "
+             "images, which --predict does not read: it reads the images of one folder, not its subfolders") \
+        if nested else ""
     if not files:
-        raise SystemExit(f"--predict: no images ({', '.join(datasets.IMAGE_EXTENSIONS)}) in {args.predict}")
+        raise SystemExit(f"--predict: no images ({', '.join(datasets.IMAGE_EXTENSIONS)}) in {args.predict}"
+                         + (f"; {below}: give one of them" if below else ""))
+    if below and info.is_main:
+        warn(f"--predict {args.predict}: {below}")
     plan = plan_predict_outputs(args.predict, files, out)
     # Under torchrun every process predicts every world-th image. Every image decodes before any mask is written (a
     # bad file stops the run with none written): the processes agree on that before writing.
@@ -609,11 +633,27 @@ def cmd_predict(args, device, info: distributed.DistInfo, given: set[str] = froz
         written = sum(distributed.all_gather_objects(written))  # and every process has finished
     if not info.is_main:
         return
-    renamed = sum(1 for f, name in mask_names(files).items() if name == f + ".png")
+    names = mask_names(files)
+    renamed = sum(1 for f, name in names.items() if name == f + ".png")
     print(f"wrote {written} colour-coded masks (palette PNG, values = class indices) to {out} "
           f"in {time.time() - t0:.1f}s" + (f"; {renamed} of them named <file>.png (e.g. x.jpg.png), since images "
                                           "with the same name and another extension would share <name>.png"
                                           if renamed else ""))
+    ours = set(names.values())
+    earlier = [f for f in sorted(os.listdir(out)) if f.lower().endswith(".png") and f not in ours
+               and _is_predict_mask(os.path.join(out, f))]
+    if earlier:
+        print(f"note: {out} also holds {len(earlier)} mask{'s' if len(earlier) > 1 else ''} of an earlier --predict "
+              f"run that this one did not write (e.g. {earlier[0]}), maybe of another checkpoint: give --out an "
+              "empty folder to keep runs apart")
+
+
+def _holds_images(path: str) -> bool:
+    """Whether `path` is a folder with an image --predict would read directly in it."""
+    try:
+        return os.path.isdir(path) and any(datasets.is_image_name(f) for f in os.listdir(path))
+    except OSError:  # (a folder it may not list)
+        return False
 
 
 # The flags that define each dataset's validation split: --eval-only restores them from the checkpoint's saved
@@ -674,9 +714,14 @@ def cmd_eval_only(args, device, info, given: set[str] = frozenset()) -> None:
             if getattr(args, key) is None and saved.get(key) is not None:
                 setattr(args, key, saved[key])
                 restored.append(key)
-    # (a data root read from the checkpoint is checked by the dataset, whose error says where the path came from)
-    check_dataset_flags(args, _exit, check_root="data_root" not in restored)
+    # (a data root read from the checkpoint is checked by the dataset, whose error says where the path came from;
+    # what is checked here is the command line's: a flag error)
+    check_dataset_flags(args, build_parser().error, check_root="data_root" not in restored)
+    unset = {k for k, v in vars(args).items() if v is None}
     _apply_presets(args, device)
+    # The record names what was evaluated: the checkpoint's network and its run's recipe, not the presets' training
+    # defaults (a folder run's record said resnet101, 30000 iterations for a ResNet-29 trained 60).
+    recipe = {k: saved[k] for k in PRESETS[args.dataset] if k in unset and k in saved}
     try:
         _, val, class_names = _build_datasets(args, train=False)
     except (FileNotFoundError, ValueError) as e:
@@ -689,18 +734,26 @@ def cmd_eval_only(args, device, info, given: set[str] = frozenset()) -> None:
         net = net.to(memory_format=torch.channels_last)
     t0 = time.time()
     metrics = run_eval(net, val, class_names, device, args, info, args.out_dir, "eval")
+    recorded = {**vars(args), **recipe, **checkpoint_model_flags(ckpt, args), "eval_output_stride": os_}
     _report(args, info, metrics, {"checkpoint": path, "iteration": ckpt.get("iteration"), "eval_output_stride": os_,
-                                  "eval_seconds": round(time.time() - t0, 2)}, "metrics_eval.json")
+                                  "eval_seconds": round(time.time() - t0, 2)}, "metrics_eval.json", recorded)
 
 
-def _report(args, info, metrics: dict, extra: dict, filename: str) -> None:
+def _report(args, info, metrics: dict, extra: dict, filename: str, recorded: dict | None = None) -> None:
+    """Print the metrics and write them with `extra` and the flags (`recorded`, else the args) to `filename` in
+    --out-dir; an --eval-only rerun names the evaluation it replaces, and removes that one's preview where it
+    writes none (--preview 0): a picture of another checkpoint's predictions would stay beside these metrics."""
     if not info.is_main:
         return
     print(loop_format(metrics))
     path = os.path.join(args.out_dir, filename)
     os.makedirs(args.out_dir, exist_ok=True)
-    record = _json_safe({"metrics": metrics, **extra, "args": vars(args)})
+    record = _json_safe({"metrics": metrics, **extra, "args": vars(args) if recorded is None else recorded})
     replaced = _earlier_evaluation(path) if args.eval_only else None
+    preview = os.path.join(args.out_dir, "predictions_eval.png")
+    if replaced and args.preview == 0 and os.path.isfile(preview):
+        os.remove(preview)
+        replaced += ", and its predictions_eval.png (--preview 0 draws none)"
     tmp = path + ".tmp"
     with open(tmp, "w") as f:
         json.dump(record, f, indent=2, default=str, allow_nan=False)
@@ -1376,13 +1429,17 @@ def check_args(args, error, defaults: dict | None = None) -> None:
         error(f"--out {args.out} is --predict's output folder; training and --eval-only write to --out-dir")
     if args.predict and not args.checkpoint:
         error("--predict needs --checkpoint CKPT (the model to run)")
+    if args.predict and not os.path.isdir(args.predict):
+        error(f"--predict {args.predict}: " + ("not a folder" if os.path.exists(args.predict) else "no such folder")
+              + " (expected a folder of images)")
     # Flags that need a device: checked against the devices visible here (--device auto picks CUDA when there is one).
     cuda = torch.cuda.is_available()
     if args.device == "cuda" and not cuda:
         error("--device cuda: no CUDA device is visible (use --device cpu, or auto)")
     if args.amp == "fp16" and (args.device == "cpu" or not cuda):
         on = "--device cpu" if args.device == "cpu" else "a CPU (no CUDA device is visible)"
-        error(f"--amp fp16 needs a CUDA device (fp16 autocast with a GradScaler), not {on}; use --amp bf16 or none")
+        scaler = "" if args.predict or args.eval_only else " with a GradScaler"
+        error(f"--amp fp16 needs a CUDA device (fp16 autocast{scaler}), not {on}; use --amp bf16 or none")
     # The package's environment variables, read by the ops at their first call: checked before any work.
     from deeplab_ops import backends
 
@@ -1501,6 +1558,17 @@ def warn(text: str) -> None:
         print(f"warning: {text}", file=sys.stderr)
 
 
+def _show_warning(shown):
+    """warnings.showwarning while main() runs: a DataWarning (an image read while training, evaluating or
+    predicting: a 12-bit photo, say) as train.py's own one-line `warning:`, other warnings as `shown` shows them."""
+    def show(message, category, filename, lineno, file=None, line=None):
+        if issubclass(category, datasets.DataWarning):
+            warn(str(message))
+        else:
+            shown(message, category, filename, lineno, file, line)
+    return show
+
+
 def _world_size() -> int:
     """The process count torchrun gives (WORLD_SIZE), 1 outside torchrun; a malformed torchrun environment
     (distributed.env_dist_info: check_args refuses it as a usage error first) exits with its one-line message."""
@@ -1607,6 +1675,8 @@ def main(argv=None) -> None:
     # for the failed one would take it only when the collective returns, and the default ends it at once.
     own_term = threading.current_thread() is threading.main_thread() and not info.enabled
     on_term = signal.signal(signal.SIGTERM, _raise_terminated) if own_term else None
+    shown = warnings.showwarning
+    warnings.showwarning = _show_warning(shown)
     try:
         if args.predict:
             cmd_predict(args, device, info, given_flags(argv))
@@ -1660,6 +1730,7 @@ def main(argv=None) -> None:
             raise SystemExit(1) from None
         raise
     finally:
+        warnings.showwarning = shown
         if own_term:  # (None: a handler not set from Python, the default here)
             signal.signal(signal.SIGTERM, signal.SIG_DFL if on_term is None else on_term)
         release_out_dir()

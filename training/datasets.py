@@ -100,6 +100,10 @@ def read_image(path: str, exif_orientation: bool = False) -> np.ndarray:
         raise UnreadableDataFile(f"cannot read image {path}: {type(e).__name__}: {e}") from e
 
 
+class DataWarning(UserWarning):
+    """A warning about the data (an image, a mask, a folder's names): train.py prints it as one `warning:` line."""
+
+
 _WARNED_DARK: list[str] = []  # the first image read nearly black (_rgb_from_wide): warned about once per process
 WIDE_MODES = ("I;16", "I;16B", "I;16L", "I;16N", "I", "F")  # single-channel images with more than 8 bits
 
@@ -126,7 +130,7 @@ def _rgb_from_wide(im: Image.Image, path: str) -> np.ndarray:
                       f"[0, 4095] (max {top:.0f}): scaled from 16 bits to 8 it reads nearly black (brightest "
                       f"{round(top * 255 / 65535)} of 255). If it holds 10- or 12-bit data (a sensor's), scale it "
                       "to 8 bits by its own range (e.g. values * 255 / 4095 for 12-bit data) and save that (said "
-                      "once)", stacklevel=3)
+                      "once)", DataWarning, stacklevel=3)
     gray = np.rint(values * (255.0 / 65535.0)).astype(np.uint8)
     return np.repeat(gray[..., None], 3, axis=2)
 
@@ -848,7 +852,7 @@ def _warn_black_and_white_masks(root: str, mask_paths: Sequence[str], sample: in
             f"hold only the values 0 and 255, 255 on {100 * white / total:.0f}% of their pixels; 255 is the ignore "
             "label (neither trained nor scored): if white (255) marks the foreground, save it as class 1 (mask // 255"
             " with 'background' and your class in classes.txt); if 255 means 'ignore' there, all is well",
-            UserWarning, stacklevel=3)
+            DataWarning, stacklevel=3)
 
 
 class FolderSegmentation:
@@ -883,7 +887,7 @@ class FolderSegmentation:
         unread = unread_image_files(images_dir, entries)
         if unread and by_stem and images_dir not in _WARNED_UNREAD:  # (no images at all: the error says it)
             _WARNED_UNREAD.add(images_dir)
-            warnings.warn(f"folder dataset {root}: {unread}", stacklevel=2)
+            warnings.warn(f"folder dataset {root}: {unread}", DataWarning, stacklevel=2)
         if not by_stem:
             what = (f"holds no images: its {len(entries)} entries (e.g. {entries[0]!r}) are not image files"
                     if entries else "is empty")
@@ -912,7 +916,7 @@ class FolderSegmentation:
                     f"folder dataset {root}: {len(decomposed)} image names (e.g. {decomposed[0]!r}) are in decomposed "
                     "Unicode form (as macOS stores some): the automatic 90/10 split hashes the names' bytes, so a "
                     "copy of this folder with composed names would split differently; write the validation names to "
-                    f"{os.path.join(root, 'val.txt')} to pin the split", stacklevel=2)
+                    f"{os.path.join(root, 'val.txt')} to pin the split", DataWarning, stacklevel=2)
             if not names:
                 raise ValueError(
                     f"folder dataset {root}: the automatic 90/10 split (by a hash of each name) left split {split!r} "

@@ -665,3 +665,121 @@ def test_a_checkpoint_holding_a_numpy_array_is_named_not_called_corrupt(tmp_path
     torch.save({"model": {}, "mean": np.zeros(3)}, tmp_path / "np.pt")
     message = _exit_message(["--eval-only", "--checkpoint", str(tmp_path / "np.pt"), "--device", "cpu"])
     assert "holds a pickled numpy.dtypes.Float64DType" in message and "corrupt" not in message, message
+
+
+def test_eval_only_records_the_network_and_recipe_it_evaluated(tmp_path, finished_run, capsys):
+    """metrics_eval.json's args named the presets' training defaults (4000 iterations, batch 8, lr 0.05, 64 px crops
+    for the synthetic set; resnet101 at width 64 for a folder run) beside the metrics of a checkpoint trained
+    otherwise: now the checkpoint's model flags and recipe, and the output stride it evaluated at."""
+    import json
+
+    saved = torch.load(finished_run / "last.pt", weights_only=False)["args"]
+    train_script.main(["--eval-only", "--checkpoint", str(finished_run / "last.pt"), "--device", "cpu",
+                       "--out-dir", str(tmp_path / "ev"), "--preview", "0"])
+    record = json.load(open(tmp_path / "ev" / "metrics_eval.json"))
+    args = record["args"]
+    for key in ("iterations", "batch_size", "crop_size", "lr", "backbone", "backbone_width", "output_stride"):
+        assert args[key] == saved[key], (key, args[key], saved[key])
+    assert args["iterations"] == 2 and args["batch_size"] == 2
+    assert args["eval_output_stride"] == record["eval_output_stride"]
+    assert args["out_dir"] == str(tmp_path / "ev") and args["preview"] == 0  # this command's own flags
+
+
+def test_an_eval_only_rerun_without_a_preview_removes_the_replaced_one(tmp_path, finished_run, capsys):
+    """Rerun with --preview 0, --eval-only replaced metrics_eval.json and left the earlier evaluation's
+    predictions_eval.png beside it: a picture of another checkpoint's predictions."""
+    ev = tmp_path / "ev"
+    evaluate = ["--eval-only", "--checkpoint", str(finished_run / "last.pt"), "--device", "cpu", "--out-dir", str(ev)]
+    train_script.main(evaluate + ["--preview", "2"])
+    assert (ev / "predictions_eval.png").is_file()
+    capsys.readouterr()
+    train_script.main(evaluate + ["--preview", "0"])
+    assert not (ev / "predictions_eval.png").exists()
+    assert ", and its predictions_eval.png (--preview 0 draws none))" in capsys.readouterr().out
+    (ev / "predictions_eval.png").write_bytes(b"the user's")  # no earlier evaluation replaced: a file left alone
+    (ev / "metrics_eval.json").unlink()
+    train_script.main(evaluate + ["--preview", "0"])
+    assert (ev / "predictions_eval.png").read_bytes() == b"the user's"
+
+
+def test_eval_only_and_predict_folder_mistakes_are_flag_errors(tmp_path, finished_run, monkeypatch, capsys):
+    """--eval-only --data-root nowhere and --predict nowhere (or a file) stopped with status 1 and no `error:`,
+    unlike every other flag check (status 2, argparse's line)."""
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "afile").write_text("x")
+    ckpt = str(finished_run / "last.pt")
+    assert _usage_error(["--eval-only", "--checkpoint", ckpt, "--device", "cpu", "--dataset", "folder",
+                         "--data-root", "nowhere"], capsys) == "error: --data-root nowhere: no such folder"
+    assert _usage_error(["--predict", "nowhere", "--checkpoint", ckpt, "--device", "cpu"], capsys) == (
+        "error: --predict nowhere: no such folder (expected a folder of images)")
+    assert _usage_error(["--predict", "afile", "--checkpoint", ckpt, "--device", "cpu"], capsys) == (
+        "error: --predict afile: not a folder (expected a folder of images)")
+
+
+def test_class_list_errors_name_only_the_flags_given():
+    """check_classes named `--dataset None` for a --predict given only --classes, and told --eval-only users that
+    only --dataset stops the checkpoint's dataset flags being read (--data-root does too)."""
+    args = train_script.argparse.Namespace(dataset=None, data_root=None, classes="swapped.txt")
+    ckpt = {"num_classes": 3, "class_names": ["background", "square", "disc"]}
+    with pytest.raises(SystemExit) as e:
+        train_script.check_classes(ckpt, "m.pt", ["background", "disc", "square"], args, "--predict")
+    assert "trained on the classes of --classes swapped.txt in another order" in str(e.value.code), e.value.code
+    args = train_script.argparse.Namespace(dataset="folder", data_root="d2", classes=None)
+    with pytest.raises(SystemExit) as e:
+        train_script.check_classes(ckpt, "m.pt", ["a", "b"], args, "--eval-only")
+    assert str(e.value.code) == (
+        "--eval-only: --checkpoint m.pt predicts 3 classes, but --dataset folder --data-root d2 has 2; use a "
+        "checkpoint trained on this dataset, or the dataset flags it was trained with (--eval-only reads them from the "
+        "checkpoint where neither --dataset nor --data-root is given)")
+
+
+def test_predict_writes_no_mask_through_a_link_and_names_what_it_leaves(tmp_path, finished_run, monkeypatch, capsys):
+    """--predict wrote a mask through a link in --out into the folder it points to (another run's masks); read a
+    12-bit photo's warning out as Python's `file:line: UserWarning` and its source line; skipped images in
+    subfolders without a word; and mixed its masks with an earlier run's in --out unsaid."""
+    import numpy as np
+    from PIL import Image
+
+    from training import datasets
+
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.setattr(datasets, "_WARNED_DARK", [])
+    photos = tmp_path / "photos"
+    (photos / "more").mkdir(parents=True)
+    rng = np.random.default_rng(0)
+    Image.fromarray(rng.integers(0, 255, (23, 31, 3), dtype=np.uint8)).save(photos / "one.png")
+    Image.fromarray(rng.integers(0, 4000, (20, 24)).astype(np.uint16)).save(photos / "twelve.png")
+    Image.fromarray(rng.integers(0, 255, (9, 9, 3), dtype=np.uint8)).save(photos / "more" / "deep.png")
+    ckpt = str(finished_run / "last.pt")
+    train_script.main(["--predict", "photos", "--checkpoint", ckpt, "--device", "cpu", "--out", "first"])
+    err = capsys.readouterr().err
+    assert "warning: image photos/twelve.png is a 16-bit grayscale image" in err and "UserWarning" not in err, err
+    assert ("warning: --predict photos: 1 of its subfolders (more) hold images, which --predict does not read: it "
+            "reads the images of one folder, not its subfolders") in err, err
+    first = (tmp_path / "first" / "one.png").read_bytes()
+    (tmp_path / "second").mkdir()
+    os.symlink(tmp_path / "first" / "one.png", tmp_path / "second" / "one.png")
+    Image.open(tmp_path / "first" / "twelve.png").save(tmp_path / "second" / "old.png",
+                                                        pnginfo=_predict_mark())  # an earlier run's mask
+    train_script.main(["--predict", "photos", "--checkpoint", ckpt, "--device", "cpu", "--out", "second"])
+    out = capsys.readouterr().out
+    assert (tmp_path / "first" / "one.png").read_bytes() == first
+    assert not os.path.islink(tmp_path / "second" / "one.png")
+    assert np.array_equal(np.asarray(Image.open(tmp_path / "second" / "one.png")),
+                          np.asarray(Image.open(tmp_path / "first" / "one.png")))
+    assert ("note: second also holds 1 mask of an earlier --predict run that this one did not write (e.g. old.png)"
+            in out), out
+    assert sorted(os.listdir(tmp_path / "second")) == ["old.png", "one.png", "twelve.png"]  # no temporary left
+    (photos / "one.png").unlink()
+    (photos / "twelve.png").unlink()
+    message = _exit_message(["--predict", "photos", "--checkpoint", ckpt, "--device", "cpu", "--out", "third"])
+    assert message.endswith("in photos; 1 of its subfolders (more) hold images, which --predict does not read: it "
+                            "reads the images of one folder, not its subfolders: give one of them"), message
+
+
+def _predict_mark():
+    from PIL import PngImagePlugin
+
+    info = PngImagePlugin.PngInfo()
+    info.add_text(*train_script.PREDICT_MARK)
+    return info

@@ -126,7 +126,9 @@ def test_good_flags_pass_and_unread_flags_warn(capsys):
     assert "--resume is a training flag; --eval-only ignores it" in err and "--iterations is a training flag" in err
 
 
-def test_flags_predict_and_eval_only_do_not_read_warn(capsys):
+def test_flags_predict_and_eval_only_do_not_read_warn(capsys, tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "p").mkdir()
     train_script.parse_args(["--predict", "p", "--checkpoint", "c.pt", "--out-dir", "o", "--lr", "0.1",
                              "--data-root", "d"])
     err = capsys.readouterr().err
@@ -176,12 +178,14 @@ def test_dataset_and_resume_errors_exit_naming_the_flag(tmp_path, monkeypatch):
     assert torch.load(tmp_path / "run" / "last.pt", weights_only=False)["optimizer"]["param_groups"][0]["lr"] == 0.0
 
 
-def test_amp_fp16_on_cpu_is_refused_naming_the_flag(capsys, monkeypatch):
+def test_amp_fp16_on_cpu_is_refused_naming_the_flag(capsys, monkeypatch, tmp_path):
     """A flag error like the others (argparse's error: line, status 2), for every command, whether the CPU is
-    chosen by --device cpu or is all there is."""
-    for argv in (["--amp", "fp16", "--device", "cpu"], ["--amp", "fp16", "--eval-only", "--device", "cpu"],
-                 ["--amp", "fp16", "--predict", "p", "--checkpoint", "c.pt", "--device", "cpu"]):
-        assert "error: --amp fp16 needs a CUDA device (fp16 autocast with a GradScaler), not --device cpu; use --amp " \
+    chosen by --device cpu or is all there is; a GradScaler named only where one would train."""
+    for argv, scaler in ((["--amp", "fp16", "--device", "cpu"], " with a GradScaler"),
+                         (["--amp", "fp16", "--eval-only", "--device", "cpu"], ""),
+                         (["--amp", "fp16", "--predict", str(tmp_path), "--checkpoint", "c.pt", "--device", "cpu"],
+                          "")):
+        assert f"error: --amp fp16 needs a CUDA device (fp16 autocast{scaler}), not --device cpu; use --amp " \
                "bf16 or none" in _parse_error(argv, capsys)
     monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
     assert "error: --amp fp16 needs a CUDA device (fp16 autocast with a GradScaler), not a CPU (no CUDA device is " \
