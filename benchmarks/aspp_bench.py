@@ -70,9 +70,25 @@ def make_module(provider: str, cin: int, rates, cout: int) -> torch.nn.Module:
     return common.compiled(module, provider)
 
 
+def make_input(batch: int, cin: int, size: int, device: torch.device, dtype: torch.dtype) -> torch.Tensor:
+    """A case's input, batch x cin x size x size."""
+    return torch.randn(batch, cin, size, size, device=device, dtype=dtype)
+
+
+def select_batches(cuda: bool, given: list[int] | None, quick: bool) -> list[int]:
+    """The batch sizes to run: those given (--batches), else 1, 8, 16 on cuda and 2 on cpu; --quick keeps the first
+    default that runs the training modes (BatchNorm in training needs 2 images: a batch of 1 records train_fwd and
+    fwd_bwd as skipped, so a quick GPU run at the first default, 1, timed eval alone): 8 on cuda, 2 on cpu."""
+    if given:
+        return given
+    batches = [1, 8, 16] if cuda else [2]
+    return [b for b in batches if b >= 2][:1] if quick else batches
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    common.add_common_args(parser, "aspp_bench", batches_default="1,8,16 on cuda, 2 on cpu; --quick: the first")
+    common.add_common_args(parser, "aspp_bench",
+                           batches_default="1,8,16 on cuda, 2 on cpu; --quick: the first that trains, 8 on cuda")
     parser.add_argument("--providers", type=common.csv_list(str, PROVIDERS), default=None,
                         help=f"comma list of {PROVIDERS}; default: {CUDA_PROVIDERS} on cuda, {CPU_PROVIDERS} on cpu")
     parser.add_argument("--configs", type=common.csv_list(str, CUDA_CONFIGS), default=None,
@@ -88,14 +104,13 @@ def main(argv: list[str] | None = None) -> int:
     cuda = device.type == "cuda"
     providers = args.providers or list(CUDA_PROVIDERS if cuda else CPU_PROVIDERS)
     dtypes = args.dtypes or (["bf16", "fp16", "fp32", "tf32"] if cuda else ["fp32"])
-    batches = args.batches or ([1, 8, 16] if cuda else [2])
+    batches = select_batches(cuda, args.batches, args.quick)
     configs = CUDA_CONFIGS if cuda else CPU_CONFIGS
     names = args.configs or list(CUDA_CONFIGS)
     cin = args.in_channels or (2048 if cuda else 64)
     cout = args.out_channels or (256 if cuda else 32)
     if args.quick:  # fewer and smaller cases, but what was asked for explicitly is kept
         names = args.configs or names[:1]
-        batches = args.batches or batches[:1]
         if not cuda:
             configs = QUICK_CPU_CONFIGS
             cin, cout = args.in_channels or 32, args.out_channels or 16
@@ -107,11 +122,14 @@ def main(argv: list[str] | None = None) -> int:
     fractions = {name: {r: round(common.valid_tap_fraction(configs[name][0], r), 4) for r in configs[name][1]}
                  for name in names}
     meta = {"script": "aspp_bench", "argv": sys.argv[1:] if argv is None else argv, "matmul_peak": peak_desc,
-            "matmul_peak_tflops": peak, "valid_tap_fraction": fractions, "environment": env}
+            "matmul_peak_tflops": peak, "valid_tap_fraction": fractions, "environment": env,
+            "environment_variables": common.run_variables()}
     runner = common.Runner(env, device, args, peak, meta)
     # max-autotune's setup takes a minute per case on a GPU (47 s and 71 s per mode on the H200, where it spent the
     # suite's ASPP budget before any fwd_bwd row ran): its rows come after every other provider's, all modes, so a
-    # budget cut leaves them out rather than the others' forward+backward.
+    # budget cut leaves them out rather than the others' forward+backward. On the CPU that second pass is a group
+    # of its own: compile-max is timed interleaved with no other provider, at another time than its case's eager
+    # rows (docs/benchmarks.md says so).
     slow = [p for p in providers if p in SLOW_SETUP]
     passes = [ps for ps in ([p for p in providers if p not in SLOW_SETUP], slow) if ps]
     for pass_providers, name in itertools.product(passes, names):
@@ -126,10 +144,11 @@ def main(argv: list[str] | None = None) -> int:
                 for provider in pass_providers:
                     case = dict(op="aspp", provider=provider, mode=mode, dtype=dtype_name, shape=shape,
                                 batch=batch)
-                    x = torch.randn(batch, cin, size, size, device=device, dtype=dtype)
+                    # a batch too large to allocate is this case's error row (failed_build), not the run's end
+                    x, failed = common.allocate(make_input, batch, cin, size, device, dtype)
                     reason = (common.eager_unavailable(provider, dtype_name)
-                              or common.unavailable(provider, "aspp", device, x=x, rates=rates, channels=cout,
-                                                 training=training))
+                              or (common.unavailable(provider, "aspp", device, x=x, rates=rates, channels=cout,
+                                                     training=training) if failed is None else ""))
                     if training and batch == 1:
                         reason = "BatchNorm in training needs batch >= 2 (the pooling branch has 1 value/channel)"
                     module_note = "" if common.fused_backend(provider) else eager_aspp_note()
@@ -142,6 +161,8 @@ def main(argv: list[str] | None = None) -> int:
                                                 amp=common.autocast_dtype(provider, dtype_name))
                         return common.graphed(case, device) if provider in common.GRAPH_PROVIDERS else case
 
+                    if failed is not None:
+                        build = common.failed_build(failed)
                     min_bytes = common.aspp_min_bytes(batch, cin, cout, size, size, rates, mode,
                                                       common.DTYPE_BYTES[dtype_name])
                     runner.run(build, reason=reason, flops=flops, note=module_note, min_bytes=min_bytes, **case)

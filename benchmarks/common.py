@@ -372,6 +372,20 @@ def environment(device: torch.device) -> dict:
     }
 
 
+# The environment variables that change what a run measures without showing in its flags: the Triton interpreter
+# (triton rows on CPU tensors, at the interpreter's pace), deeplab_ops' tuning (off: each key's first candidate, no
+# timing in setup_s), the cpu backend's Winograd route (docs/kernels.md), and glibc's malloc thresholds (page faults
+# of large CPU buffers: docs/performance.md). aspp_bench, conv_bn_relu_bench and train_bench record them in their
+# meta (run_variables); overhead_bench puts the set ones on its rerun line and in its settings paragraph.
+RUN_VARIABLES = ("TRITON_INTERPRET", "DEEPLAB_OPS_AUTOTUNE", "DEEPLAB_OPS_CPU_WINOGRAD", "GLIBC_TUNABLES")
+
+
+def run_variables() -> dict[str, str | None]:
+    """RUN_VARIABLES as this process sees them: {name: value}, None for one that is not set (so a reader can tell
+    "unset" from a results file that predates the record)."""
+    return {name: os.environ.get(name) for name in RUN_VARIABLES}
+
+
 def machine_name(env: dict) -> str:
     """The machine a run's table titles name: the GPU's name, or on CPU the processor ("CPU: …", without the "none"
     that the gpu column holds there)."""
@@ -388,6 +402,18 @@ def set_precision(dtype_name: str) -> torch.dtype:
     torch.backends.cudnn.allow_tf32 = tf32
     torch.backends.cudnn.benchmark = True
     return DTYPES[dtype_name]
+
+
+@contextlib.contextmanager
+def precision(dtype_name: str):
+    """set_precision(dtype_name) inside the block (yielding the torch dtype), the TF32 and cuDNN settings found on
+    entry restored on exit: a part of a run with a dtype of its own (overhead_bench's --step-dtype beside --dtype)
+    runs with its own TF32 setting and leaves the rest of the run's alone."""
+    saved = (torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32, torch.backends.cudnn.benchmark)
+    try:
+        yield set_precision(dtype_name)
+    finally:
+        torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32, torch.backends.cudnn.benchmark = saved
 
 
 # ---- the eager setups ----------------------------------------------------------------------------------------
@@ -610,6 +636,28 @@ def mode_case(mode: str, module: torch.nn.Module, inputs: Sequence[torch.Tensor]
         out.backward(grad[0])
 
     return fn, list(module.parameters()) + [t for t in inputs if t.requires_grad]
+
+
+def allocate(make: Callable[..., object], *args, **kwargs) -> tuple[object, Exception | None]:
+    """(make(*args, **kwargs), None), or (None, the exception it raised). For a case's inputs, which a script makes
+    before the case is built (the backends' rules look at them to say whether a provider runs the call): a batch too
+    large to allocate (out of memory, on the GPU or the CPU) must become that case's error row, as a failure inside
+    its build does, not end the run with a traceback. Give the case failed_build(e) as its build."""
+    try:
+        return make(*args, **kwargs), None
+    except Exception as e:  # noqa: BLE001  (the case's error row says why: failed_build)
+        return None, e
+
+
+def failed_build(e: Exception) -> Callable[[], tuple]:
+    """A case's build that raises e (the exception that stopped allocate making its inputs): Runner.run turns it
+    into the case's error row, the exception's first line in its note ("OutOfMemoryError: CUDA out of memory. ...",
+    "RuntimeError: ... DefaultCPUAllocator: can't allocate memory ..."), and the run goes on with the next case."""
+
+    def build() -> tuple:
+        raise e
+
+    return build
 
 
 FUSED_PROVIDERS = ("triton", "cuda", "cpu", "reference")  # deeplab_ops backends, by name
@@ -1023,8 +1071,8 @@ class Budget:
 # The last row of the CSV of a run that has not finished (killed, interrupted, or still running): a CSV has no "meta"
 # to say so, and without it the cases finished so far would look like the whole run.
 PARTIAL_STATUS = "partial"
-PARTIAL_NOTE = ("the run had not finished when this file was written (stopped, interrupted or still running): the "
-                "rows above are the cases finished so far")
+PARTIAL_WHY = "the run had not finished when this file was written (stopped, interrupted or still running)"
+PARTIAL_NOTE = f"{PARTIAL_WHY}: the rows above are the cases finished so far"  # (the CSV's last row)
 
 
 def write_text_atomic(path: str | Path, text: str) -> None:
@@ -1441,6 +1489,22 @@ BASELINES = {"eager": EAGER_PROVIDERS, "compile": COMPILE_PROVIDERS}
 LEAN_MEMORY_GOAL = 0.6
 
 
+# The fused providers a goal compares, by backend: each backend's forms a user runs (cuda, cuda-cl: the fused module
+# channels_last, as train.py --fused-ops runs; cuda-lean: train_bench's memory-lean model), its fastest row against
+# the baseline, as the anchor is the fastest eager setup. The -graph replays are left out: they time the kernels
+# without the host work around them, and no baseline is replayed so (the anchor's setups are plain calls).
+GOAL_BACKENDS = ("cuda", "triton", "cpu")
+
+
+def goal_backend(provider: str) -> str | None:
+    """The backend of GOAL_BACKENDS a provider runs as a user would (cpu-cl -> cpu, triton-lean -> triton); None
+    for eager, compile, reference and the -graph replays."""
+    if provider.endswith(GRAPH_SUFFIX):
+        return None
+    backend = provider.removesuffix("-lean").removesuffix("-cl")
+    return backend if backend in GOAL_BACKENDS else None
+
+
 def _fastest(sel: dict[str, dict], providers: Sequence[str]) -> dict | None:
     return min((sel[p] for p in providers if p in sel), key=lambda r: r["median_ms"], default=None)
 
@@ -1559,17 +1623,23 @@ def _run_goal_report(out: Path, prefix: str, stems: dict[str, Path]) -> tuple[li
             if anchor is None:
                 lines.append(f"{where}: no {' / '.join(BASELINES[base])} row")
                 continue
-            fused = [p for p in ("cuda", "triton", "cpu") if p in sel]
-            if not fused:
-                lines.append(f"{where}: no cuda / triton / cpu row to compare with {anchor['provider']} (ran: "
-                             f"{', '.join(sel)})")
-            for p in fused:
-                ratio = anchor["median_ms"] / sel[p]["median_ms"]
+            fused = {b: [p for p in sel if goal_backend(p) == b] for b in GOAL_BACKENDS}
+            if not any(fused.values()):
+                lines.append(f"{where}: no {' / '.join(GOAL_BACKENDS)} row (nor their -cl / -lean forms) to compare "
+                             f"with {anchor['provider']} (ran: {', '.join(sel)})")
+            for backend, providers in fused.items():
+                if not providers:
+                    continue
+                best = _fastest(sel, providers)  # as the anchor is the fastest eager setup: the fastest form
+                p = best["provider"]
+                ratio = anchor["median_ms"] / best["median_ms"]
                 verdict = "met" if ratio >= target else "NOT met"
+                which = f" (the fastest {backend} row of {', '.join(providers)})" if len(providers) > 1 else ""
                 nchw = ""
                 if base == "eager" and anchor["provider"] != "eager" and "eager" in sel:
-                    nchw = f"; vs eager NCHW {sel['eager']['median_ms'] / sel[p]['median_ms']:.2f}x"
-                lines.append(f"{where}: {p} {ratio:.2f}x vs {anchor['provider']} (goal {target}x) {verdict}{nchw}")
+                    nchw = f"; vs eager NCHW {sel['eager']['median_ms'] / best['median_ms']:.2f}x"
+                lines.append(f"{where}: {p} {ratio:.2f}x vs {anchor['provider']} (goal {target}x) {verdict}{which}"
+                             f"{nchw}")
     lean = [_lean_memory_report(files[stem], names[stem]) for stem in LEAN_STEMS if not isinstance(files[stem], str)]
     measured = [report for report in lean if not (len(report) == 1 and _NO_LEAN_ROWS in report[0])]
     if measured:

@@ -77,6 +77,9 @@ CUDA_SHAPES = (
     *(ConvShape("aspp", "aspp", 2048, 256, 3, 33, dilation=r) for r in (6, 12, 18)),
     *(ConvShape("aspp", "aspp", 2048, 256, 3, 65, dilation=r) for r in (12, 24, 36)),
 )
+# --shape-set small (the default on cpu): the kinds of layer of CUDA_SHAPES (3x3, 1x1 with the residual, stride 2,
+# dilation, an ASPP branch), fewer channels and smaller maps; not each of its rows: no layer1, no stride-1 layer2,
+# no dilation-2 row, one ASPP rate of six (docs/benchmarks.md says so).
 CPU_SHAPES = (
     ConvShape("os16", "layer3", 32, 32, 3, 17),
     ConvShape("os16", "layer3", 64, 64, 3, 33),
@@ -134,6 +137,14 @@ def make_module(provider: str, s: ConvShape) -> nn.Module:
     return common.compiled(module, provider)
 
 
+def make_inputs(s: ConvShape, batch: int, device: torch.device, dtype: torch.dtype
+                ) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """A case's input and residual (None for a shape without one)."""
+    x = torch.randn(batch, s.cin, s.size, s.size, device=device, dtype=dtype)
+    r = torch.randn(batch, s.cout, s.out_size, s.out_size, device=device, dtype=dtype) if s.residual else None
+    return x, r
+
+
 def select_shapes(cuda: bool, shape_set: str | None, groups: list[str] | None, quick: bool) -> list[ConvShape]:
     """The rows to run: shape_set "deeplab" (the default on cuda) or "small" (the default on cpu), in `groups`
     (None: every group); --quick keeps two (on cpu, with neither a set nor groups given, two smaller layers still:
@@ -157,8 +168,10 @@ def main(argv: list[str] | None = None) -> int:
                              "(default: all)")
     parser.add_argument("--shape-set", choices=("deeplab", "small"), default=None,
                         help="deeplab: DeepLabV3's own layer shapes (a 513x513 crop; the default on cuda); small: "
-                             "fewer channels and smaller maps with the same kernels, strides and dilations (the "
-                             "default on cpu, where the deeplab set takes minutes)")
+                             "six layers with fewer channels and smaller maps, the deeplab set's kinds of layer (3x3 "
+                             "at two sizes, 1x1 with the residual, 3x3 stride 2, 3x3 dilation 4, an ASPP branch at "
+                             "rate 6) but not each of its rows: no layer1, no dilation 2, one ASPP rate (the default "
+                             "on cpu, where the deeplab set takes minutes)")
     args = common.parse_args(parser, argv)
     device = common.resolve_device(args)
     cuda = device.type == "cuda"
@@ -172,7 +185,7 @@ def main(argv: list[str] | None = None) -> int:
     print(f"{env['gpu']} | torch {env['torch']} | triton {env['triton']} | commit {env['git_commit']}")
     print(f"peak: {peak_desc}")
     meta = {"script": "conv_bn_relu_bench", "argv": sys.argv[1:] if argv is None else argv, "matmul_peak": peak_desc,
-            "matmul_peak_tflops": peak, "environment": env}
+            "matmul_peak_tflops": peak, "environment": env, "environment_variables": common.run_variables()}
     runner = common.Runner(env, device, args, peak, meta)
     for s in shapes:
         forward = common.conv_flops(1, s.cin, s.cout, s.size, s.size, s.kernel, s.dilation, s.padding, s.stride)
@@ -183,15 +196,15 @@ def main(argv: list[str] | None = None) -> int:
                 for provider in providers:
                     case = dict(op="conv_bn_relu", provider=provider, mode=mode, dtype=dtype_name,
                                 shape=s.label(), batch=batch)
-                    x = torch.randn(batch, s.cin, s.size, s.size, device=device, dtype=dtype)
-                    r = (torch.randn(batch, s.cout, s.out_size, s.out_size, device=device, dtype=dtype)
-                         if s.residual else None)
+                    # a batch too large to allocate is this case's error row (failed_build), not the run's end
+                    inputs, failed = common.allocate(make_inputs, s, batch, device, dtype)
+                    x, r = inputs or (None, None)
                     w = torch.empty(s.cout, s.cin, s.kernel, s.kernel, device="meta")
                     pair = (s.stride,) * 2, (s.padding,) * 2, (s.dilation,) * 2
                     reason = common.unavailable(
                         provider, "conv_bn_relu", device, x=x, weight=w, stride=pair[0], padding=pair[1],
                         dilation=pair[2], training=mode != "eval_fwd", residual=r,
-                    ) if provider != "reference" else ""
+                    ) if provider != "reference" and failed is None else ""
                     reason = common.eager_unavailable(provider, dtype_name) or reason
 
                     def build(provider=provider, mode=mode, x=x, r=r, s=s, dtype=dtype, dtype_name=dtype_name):
@@ -202,6 +215,8 @@ def main(argv: list[str] | None = None) -> int:
                                                 amp=common.autocast_dtype(provider, dtype_name))
                         return common.graphed(case, device) if provider in common.GRAPH_PROVIDERS else case
 
+                    if failed is not None:
+                        build = common.failed_build(failed)
                     min_bytes = common.conv_bn_relu_min_bytes(
                         batch, s.cin, s.cout, s.size, s.size, s.kernel, s.out_size, s.out_size, s.residual, mode,
                         common.DTYPE_BYTES[dtype_name])

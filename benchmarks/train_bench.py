@@ -195,7 +195,8 @@ def main(argv: list[str] | None = None) -> int:
     print(f"{env['gpu']} | torch {env['torch']} | triton {env['triton']} | commit {env['git_commit']}")
     peak, peak_desc = common.matmul_peak(device, args.quick)  # pct_peak's denominator, as in the other scripts
     meta = {"script": "train_bench", "argv": sys.argv[1:] if argv is None else argv, "environment": env,
-            "image_size": size, "matmul_peak": peak_desc, "matmul_peak_tflops": peak}
+            "environment_variables": common.run_variables(), "image_size": size, "matmul_peak": peak_desc,
+            "matmul_peak_tflops": peak}
     runner = common.Runner(env, device, args, peak, meta)
     _, missing = model_factory()
     if missing:

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import csv
 import json
+import os
 import subprocess
 import sys
 from pathlib import Path
@@ -401,3 +402,117 @@ def test_the_goals_say_which_file_is_a_partial_runs(tmp_path):
     lines = common.goal_report(tmp_path)
     assert lines[0] == f"read: {tmp_path / 'aspp_goal.json'}, {tmp_path / 'train_bench.json'}"
     assert not any("partial" in line for line in lines), lines
+
+
+# ---- a batch too large to allocate, quick GPU batches, the run's environment variables, the goals' fused rows -------
+
+
+def _out_of_memory_at(batch: int, monkeypatch) -> None:
+    """torch.randn raises what the CPU allocator raises for a tensor too large, where its first size is `batch`
+    (the scripts' inputs; nothing else they draw starts with it): a batch too large, without allocating it."""
+    real = torch.randn
+
+    def randn(*size, **kwargs):
+        if size and size[0] == batch:
+            raise RuntimeError("[enforce fail at alloc_cpu.cpp:127] err == 0. DefaultCPUAllocator: can't allocate "
+                               "memory: you tried to allocate 103680000000 bytes. Error code 12 (Cannot allocate "
+                               "memory)")
+        return real(*size, **kwargs)
+
+    monkeypatch.setattr(torch, "randn", randn)
+
+
+@pytest.mark.parametrize("script", ["aspp_bench", "conv_bn_relu_bench"])
+def test_a_batch_too_large_to_allocate_is_an_error_row_and_the_run_goes_on(script, tmp_path, monkeypatch):
+    """`aspp_bench.py --device cpu --quick --batches 10000000` ended in a traceback and wrote nothing, and
+    conv_bn_relu_bench's `--batches 2,10000000` left files marked partial: the input was made outside the case's
+    error handling. A batch that cannot be allocated is now an error row per provider naming the out-of-memory, the
+    batches after it run, and the files are a finished run's."""
+    import importlib
+
+    module = importlib.import_module(script)
+    _out_of_memory_at(3, monkeypatch)
+    argv = [*QUICK, "--out", str(tmp_path), "--batches", "3,2", "--modes", "eval_fwd", "--providers", "cpu,eager"]
+    assert module.main(argv) == 1  # a row failed
+    data = json.loads((tmp_path / f"{script}.json").read_text())
+    rows = data["rows"]
+    assert "partial" not in data["meta"] and _csv_rows(tmp_path / f"{script}.csv")[-1]["status"] != "partial"
+    failed = [r for r in rows if r["batch"] == 3]
+    assert failed and all(r["status"] == "error" and "can't allocate memory" in r["note"] for r in failed), failed
+    assert {r["provider"] for r in failed} == {"cpu", "eager"}
+    later = [r for r in rows if r["batch"] == 2]
+    assert later and all(r["status"] == "ok" for r in later), [(r["provider"], r["note"]) for r in later]
+
+
+def test_aspp_bench_quick_runs_a_batch_that_trains():
+    """--quick kept the first default batch, [1, 8, 16][:1] = [1], and training modes skip batch 1 (the pooling
+    branch's BatchNorm): a quick GPU run timed eval alone. It keeps the first default that trains: 8 on cuda, 2 on
+    cpu as before; a batch given is kept."""
+    import aspp_bench
+
+    assert aspp_bench.select_batches(cuda=True, given=None, quick=True) == [8]
+    assert aspp_bench.select_batches(cuda=False, given=None, quick=True) == [2]
+    assert aspp_bench.select_batches(cuda=True, given=None, quick=False) == [1, 8, 16]
+    assert aspp_bench.select_batches(cuda=True, given=[1], quick=True) == [1]
+    assert aspp_bench.select_batches(cuda=False, given=[4, 1], quick=False) == [4, 1]
+
+
+@pytest.mark.parametrize("script", ["aspp_bench", "conv_bn_relu_bench", "train_bench"])
+def test_the_meta_records_the_environment_variables_that_change_a_run(script, tmp_path, monkeypatch):
+    """overhead_bench put DEEPLAB_OPS_AUTOTUNE and TRITON_INTERPRET on its rerun line; the other scripts' results
+    did not say under which of them (nor the cpu backend's Winograd route, nor glibc's malloc thresholds) they were
+    measured. Their meta records each, null where unset."""
+    import importlib
+
+    module = importlib.import_module(script)
+    monkeypatch.setenv("DEEPLAB_OPS_CPU_WINOGRAD", "0")
+    monkeypatch.setenv("GLIBC_TUNABLES", "glibc.malloc.trim_threshold=1073741824")
+    monkeypatch.setenv("DEEPLAB_OPS_AUTOTUNE", "off")
+    module.main([*QUICK, "--out", str(tmp_path), "--modes", "eval_fwd", "--budget-s", "0"])
+    variables = json.loads((tmp_path / f"{script}.json").read_text())["meta"]["environment_variables"]
+    assert variables == {"TRITON_INTERPRET": os.environ.get("TRITON_INTERPRET"), "DEEPLAB_OPS_AUTOTUNE": "off",
+                         "DEEPLAB_OPS_CPU_WINOGRAD": "0", "GLIBC_TUNABLES": "glibc.malloc.trim_threshold=1073741824"}
+
+
+def test_overhead_benchs_rerun_line_names_every_variable_set(tmp_path, monkeypatch):
+    import overhead_bench
+
+    monkeypatch.setenv("DEEPLAB_OPS_CPU_WINOGRAD", "0")
+    monkeypatch.setenv("GLIBC_TUNABLES", "glibc.malloc.mmap_threshold=33554432")
+    argv = [*QUICK, "--ops", "aspp", "--backends", "cpu", "--budget-s", "0", "--out", str(tmp_path), "--name", "o"]
+    overhead_bench.main(argv)
+    md = (tmp_path / "o.md").read_text()
+    assert "DEEPLAB_OPS_CPU_WINOGRAD=0 GLIBC_TUNABLES=glibc.malloc.mmap_threshold=33554432 python " in md, md
+    assert "DEEPLAB_OPS_CPU_WINOGRAD=0, GLIBC_TUNABLES=glibc.malloc.mmap_threshold=33554432." in md
+
+
+def _step_rows(*providers_ms, gpu="test GPU", **extra) -> list[dict]:
+    return [{"op": "deeplabv3", "provider": p, "mode": "train_step", "dtype": "bf16", "shape": "s", "batch": 16,
+             "status": "ok", "median_ms": ms, "gpu": gpu, "peak_mem_mb": None, **extra} for p, ms in providers_ms]
+
+
+def test_the_goals_compare_the_fastest_form_of_each_fused_backend(tmp_path):
+    """The training-step goal looked at cuda, triton and cpu only: for the 2026-12-04 H200 run, whose one cuda row
+    was cuda-lean, it said "no cuda / triton / cpu row to compare", and on a CPU smoke run the faster cpu-cl and
+    cpu-lean rows were never compared. Each backend's fastest form (plain, -cl, -lean) is compared now, as the
+    anchor is the fastest eager setup, and named; the -graph replays (no baseline replayed) are not."""
+    title = "training step vs best eager (images/s) [s, bf16, N16, test GPU]"
+    rows = _step_rows(("eager", 128.0), ("eager-amp", 72.0), ("cuda-lean", 48.6))
+    (tmp_path / "train_bench.json").write_text(json.dumps({"meta": {}, "rows": rows}))
+    lines = common.goal_report(tmp_path)
+    assert f"{title}: cuda-lean 1.48x vs eager-amp (goal 1.3x) met; vs eager NCHW 2.63x" in lines, lines
+    rows = _step_rows(("eager", 10.0), ("eager-cl", 8.0), ("cpu", 9.0), ("cpu-cl", 5.0), ("cpu-lean", 6.0),
+                      ("triton", 20.0), ("reference", 1.0))
+    (tmp_path / "train_bench.json").write_text(json.dumps({"meta": {}, "rows": rows}))
+    lines = common.goal_report(tmp_path)
+    assert (f"{title}: cpu-cl 1.60x vs eager-cl (goal 1.3x) met (the fastest cpu row of cpu, cpu-cl, cpu-lean); "
+            "vs eager NCHW 2.00x") in lines, lines
+    assert f"{title}: triton 0.40x vs eager-cl (goal 1.3x) NOT met; vs eager NCHW 0.50x" in lines, lines
+    assert not any("reference" in line.split(": ", 1)[1] for line in lines if line.startswith(title)), lines
+    # an ASPP goal: a CUDA-graph replay is no fused row a user's call is compared with
+    aspp = [{**r, "op": "aspp", "mode": "train_fwd"} for r in _step_rows(("eager", 2.0), ("cuda", 1.0),
+                                                                            ("cuda-graph", 0.5))]
+    (tmp_path / "aspp_goal.json").write_text(json.dumps({"meta": {}, "rows": aspp}))
+    lines = common.goal_report(tmp_path)
+    assert "ASPP train forward vs best eager [s, bf16, N16, test GPU]: cuda 2.00x vs eager (goal 1.8x) met" in lines
+    assert not any("cuda-graph" in line for line in lines if line.startswith("ASPP")), lines

@@ -607,6 +607,46 @@ def test_conv_bn_relu_bench_shape_sets():
         bench.main(["--device", "cpu", "--shape-set", "huge"])
 
 
+def test_the_small_shape_sets_words_are_true(capsys):
+    """docs/benchmarks.md and --help called the cpu "small" set "the same kernels, strides and dilations" as the
+    deeplab set, which has a layer1, dilation-2 rows and five more ASPP rates that it lacks. The words now name what
+    it leaves out; this keeps them true of CPU_SHAPES."""
+    import conv_bn_relu_bench as bench
+
+    small, deeplab = bench.CPU_SHAPES, bench.CUDA_SHAPES
+    missing_layers = {s.name for s in deeplab} - {s.name for s in small}
+    missing_dilations = {s.dilation for s in deeplab if s.name != "aspp"} - {s.dilation for s in small}
+    rates = {s.dilation for s in small if s.name == "aspp"}
+    assert missing_layers == {"layer1"} and missing_dilations == {2} and rates == {6}, (missing_layers,
+                                                                                    missing_dilations, rates)
+    doc = (ROOT / "docs" / "benchmarks.md").read_text()
+    row = next(line for line in doc.splitlines() if line.startswith("| conv_bn_relu_bench | `--shape-set`"))
+    for words in ("no layer1", "no dilation-2 row", "one ASPP branch at rate 6", "not each of its rows"):
+        assert words in row, (words, row)
+    assert "same kernels, strides and dilations" not in row
+    with pytest.raises(SystemExit):
+        bench.main(["--help"])
+    help_text = " ".join(capsys.readouterr().out.split())
+    assert "same kernels, strides and dilations" not in help_text and "no layer1" in help_text
+
+
+def test_aspp_bench_times_compile_max_apart_as_the_docs_say(tmp_path, monkeypatch):
+    """docs/benchmarks.md said that on the CPU a case's providers are timed interleaved; aspp_bench's compile-max
+    rows run in a pass of their own after every other provider's (a GPU budget cut leaves them out), so they were
+    never interleaved with the eager rows of their case. The docs say so now."""
+    import aspp_bench
+
+    groups = []
+    monkeypatch.setattr(common.Runner, "_run_group", lambda self, cases: groups.append(
+        [case["provider"] for *_, case in cases]))
+    argv = [*QUICK, "--out", str(tmp_path), "--providers", "eager,compile-max,cpu", "--modes", "eval_fwd"]
+    aspp_bench.main(argv)
+    assert groups == [["eager", "cpu"], ["compile-max"]], groups
+    doc = " ".join((ROOT / "docs" / "benchmarks.md").read_text().split())
+    assert "compile-max is not interleaved with the eager rows of its case" in doc
+    assert "aspp_bench's compile-max apart, in a pass of its own" in doc
+
+
 def test_conv_bn_relu_min_bytes_by_hand():
     # 1x4x5x5 -> 8 channels, 3x3, padding 1 (out 5x5), float32: x 100, weight 8*4*9 = 288, out 200, BN 4*8 = 32
     b = common.conv_bn_relu_min_bytes
@@ -1306,8 +1346,8 @@ def test_goals_say_when_no_fused_row_ran(tmp_path, capsys):
     (tmp_path / "train_bench.json").write_text(json.dumps({"meta": {}, "rows": rows}))
     assert common.main(["goals", str(tmp_path)]) == 0
     lines = capsys.readouterr().out.splitlines()
-    assert ("training step vs best eager (images/s) [s, bf16, N2, none (CPU: x)]: no cuda / triton / cpu row to "
-            "compare with eager-cl (ran: eager, eager-cl, eager-amp)") in lines, lines
+    assert ("training step vs best eager (images/s) [s, bf16, N2, none (CPU: x)]: no cuda / triton / cpu row (nor "
+            "their -cl / -lean forms) to compare with eager-cl (ran: eager, eager-cl, eager-amp)") in lines, lines
 
 
 # ---- gpu_suite.sh from another folder, its goals phase, Ctrl-C -------------------------------------------------------

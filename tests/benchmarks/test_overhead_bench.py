@@ -456,3 +456,148 @@ def test_triton_disk_cache_counts_the_entries_of_the_folder_triton_uses(tmp_path
         assert overhead_bench.kept_winners() == (None, 0)
     finally:
         launch.set_tuning_cache(previous)
+
+
+# ---- the first use's goal verdict and precision; host/eager on every save, its name; the Partial paragraph ---------
+
+
+_ENV = dict.fromkeys(("device", "gpu", "machine", "torch", "triton", "git_commit", "time"), "x")
+
+
+@needs_interpreter
+@pytest.mark.parametrize("dtype, width, verdict", [
+    ("fp32", 64, None),  # the CPU default: not the goal's dtype
+    ("fp16", 8, None),  # a stand-in width
+    ("fp16", 64, "goal <= 40 specializations per step: met (fp16 standing in for bf16)"),
+])
+def test_the_first_use_gives_the_goals_verdict_only_for_the_goals_step(dtype, width, verdict, monkeypatch):
+    """"goal <= 40 specializations per step: met" was said whatever the step's dtype and width (fp32 on CPU by
+    default, --step-width stand-ins); the goal is the full-width step's in bf16 (fp16 standing in under the
+    interpreter). Other rows say they are not the goal's and give no verdict."""
+    import contextlib
+
+    monkeypatch.setattr(overhead_bench, "build_step", lambda *a: (lambda: None))
+
+    @contextlib.contextmanager
+    def fake():
+        yield _FakeCount({"a", "b", "c"})
+
+    monkeypatch.setattr(overhead_bench, "count_launches", fake)
+    cfg = overhead_bench.StepConfig(width=width, size=33, batch=2)
+    row = overhead_bench.run_step("triton", torch.device("cpu"), dtype, cfg, quick=True, env=_ENV)
+    assert row["status"] == "ok" and row["triton_specializations"] == 3, row["note"]
+    if verdict:
+        assert verdict in row["note"], row["note"]
+    else:
+        assert "goal <= 40 specializations per step: no verdict" in row["note"], row["note"]
+        assert "met" not in row["note"].replace("not the goal's", ""), row["note"]
+    assert overhead_bench.step_goal(41, "bf16", 64, cuda=True) == "goal <= 40 specializations per step: NOT met"
+    assert "no verdict" in overhead_bench.step_goal(3, "fp16", 64, cuda=True)  # on a GPU, bf16 itself
+
+
+def test_the_gpu_suites_cpu_first_use_predicts_the_goals_dtype(tmp_path):
+    """The smoke run's first use ran at the interpreter's default, fp32, whose rows are not the goal's: it runs
+    fp16, bf16's stand-in there, so first_use.md gives the goal's verdict (predicted)."""
+    from test_benchmarks import _run_suite
+
+    result, calls, _ = _run_suite(tmp_path, gpu=False, BENCH_DEVICE="cpu", SUITE_PHASES="first_use")
+    assert result.returncode == 0, result.stdout + result.stderr
+    (first_use,) = [c for c in calls if "overhead_bench.py" in c]
+    assert "--r50-step --dry-launches --step-dtype fp16 " in first_use, first_use
+
+
+@pytest.mark.parametrize("dtype, step_dtype, tf32", [("tf32", "fp32", False), ("fp32", "tf32", True)])
+def test_the_steps_tf32_follows_the_step_dtype(dtype, step_dtype, tf32, tmp_path, monkeypatch):
+    """TF32 was set from --dtype alone: --step-dtype tf32 ran the step with TF32 off, and --dtype tf32 --step-dtype
+    fp32 with it on. The step runs under its own dtype's setting; --dtype's is back for the per-op cases after it.
+    (tf32 is a CUDA mode, refused with --device cpu: the check is stood down to run the flags here.)"""
+    import common
+
+    monkeypatch.setattr(common, "check_dtypes", lambda *a, **k: None)
+    seen = []
+
+    def step_row(provider, device, dtype_name, cfg, quick, env, dry=False):
+        seen.append((dtype_name, torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32))
+        op, shape = cfg.label()
+        row = dict.fromkeys(overhead_bench.FIELDS)
+        row.update(env, op=op, provider=provider, mode="train_step", dtype=dtype_name, shape=shape,
+                   batch=cfg.batch, status="skipped", note="stood in")
+        return row
+
+    def run_case(op, provider, mode, device, dtype_name, quick, env):
+        seen.append((dtype_name, torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32))
+        return {**dict.fromkeys(overhead_bench.FIELDS), **env, "op": op, "provider": provider, "mode": mode,
+                "dtype": dtype_name, "status": "skipped", "note": "stood in"}
+
+    monkeypatch.setattr(overhead_bench, "step_row", step_row)
+    monkeypatch.setattr(overhead_bench, "run_case", run_case)
+    argv = ["--device", "cpu", "--quick", "--r50-step", "--step-providers", "triton", "--dtype", dtype,
+            "--step-dtype", step_dtype, "--ops", "aspp", "--modes", "eval_fwd", "--backends", "cpu",
+            "--out", str(tmp_path), "--name", "p"]
+    overhead_bench.main(argv)
+    assert seen[0] == (step_dtype, tf32, tf32), seen  # the step
+    assert set(seen[1:]) == {(dtype, not tf32, not tf32)}, seen  # the per-op cases, after it
+
+
+def test_a_partial_run_fills_host_over_eager(tmp_path, monkeypatch):
+    """The files of a run stopped by Ctrl-C (or a timeout) left host_x_eager empty: it was filled at the end only.
+    Every save fills it, as the other scripts fill their speedups."""
+    calls = []
+
+    def run_case(op, provider, mode, device, dtype_name, quick, env):
+        calls.append(provider)
+        if len(calls) == 3:
+            raise KeyboardInterrupt
+        row = {**dict.fromkeys(overhead_bench.FIELDS), **env, "op": op, "provider": provider, "mode": mode,
+               "dtype": dtype_name, "status": "ok", "host_us": {"eager": 10.0, "cpu": 25.0}[provider], "aten_ops": 3,
+               "views": 1, "syncs": 0, "census_detail": ""}
+        return row
+
+    monkeypatch.setattr(overhead_bench, "run_case", run_case)
+    argv = ["--device", "cpu", "--quick", "--ops", "aspp", "--modes", "eval_fwd", "--backends", "cpu,reference",
+            "--out", str(tmp_path), "--name", "stopped"]
+    with pytest.raises(KeyboardInterrupt):
+        overhead_bench.main(argv)
+    with (tmp_path / "stopped.csv").open() as f:
+        rows = list(csv.DictReader(f))
+    assert [r["status"] for r in rows] == ["ok", "ok", "partial"]
+    assert [(r["provider"], r["host_x_eager"]) for r in rows[:2]] == [("eager", "1"), ("cpu", "2.5")]
+    md = (tmp_path / "stopped.md").read_text()
+    assert "| aspp | eval_fwd | 10 · " in md and " | 25 (2.5) · " in md, md  # the summary's host/eager
+
+
+def test_overheads_host_over_eager_is_not_named_as_the_other_scripts_speedup(tmp_path):
+    """"x eager" headed eager ÷ the row (a speedup) in the aspp / conv / train tables and the row ÷ eager (a cost)
+    in overhead_bench's: the same words, opposite meanings. overhead_bench's heading says what it divides (its CSV
+    column, host_x_eager, is kept: committed results and readers use it)."""
+    import common
+
+    heading = dict(overhead_bench.TABLE)["host_x_eager"]
+    assert heading == "host/eager" and heading != dict(common.TABLE_COLUMNS)["speedup_vs_eager"]
+    assert "host_x_eager" in overhead_bench.FIELDS
+    rows = [{**dict.fromkeys(overhead_bench.FIELDS), **_ENV, "op": "aspp", "mode": "eval_fwd", "provider": p,
+             "status": "ok", "host_us": us, "aten_ops": 3, "views": 1, "syncs": 0, "census_detail": ""}
+            for p, us in (("eager", 10.0), ("cpu", 25.0))]
+    overhead_bench.fill_eager(rows)
+    md = overhead_bench.markdown(rows, _ENV, "python x", [])
+    assert "| host/eager |" in md and "| x eager |" not in md and "(x eager)" not in md, md
+    assert "host µs per call (host/eager: above 1 is slower)" in md and "| 25 (2.5) · 2 (+1) · 0 |" in md, md
+
+
+def test_the_partial_paragraph_says_the_rows_are_below_it(tmp_path, monkeypatch):
+    """The Markdown's **Partial** paragraph sits under the title, above the rows, and said "the rows above"."""
+    def run_case(op, provider, mode, device, dtype_name, quick, env):
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(overhead_bench, "run_case", run_case)
+    monkeypatch.setattr(overhead_bench, "step_row", lambda provider, device, dtype_name, cfg, quick, env, dry=False: {
+        **dict.fromkeys(overhead_bench.FIELDS), **env, "op": "deeplabv3_r50", "provider": provider,
+        "mode": "train_step", "dtype": dtype_name, "status": "skipped", "note": "stood in"})
+    argv = ["--device", "cpu", "--quick", "--r50-step", "--ops", "aspp", "--backends", "cpu", "--out",
+            str(tmp_path), "--name", "p"]
+    with pytest.raises(KeyboardInterrupt):
+        overhead_bench.main(argv)
+    md = (tmp_path / "p.md").read_text()
+    assert overhead_bench.PARTIAL_MD in md and "rows below" in overhead_bench.PARTIAL_MD
+    assert "rows above" not in md
+    assert md.index(overhead_bench.PARTIAL_MD) < md.index("| deeplabv3_r50 |")
