@@ -713,6 +713,11 @@ def fuse_modules(model: nn.Module, backend: str | None = None, memory_efficient:
 
     Returns:
         `model`, fused.
+
+    In eval, each fused layer folds its BatchNorm into the convolution once and keeps the result while its
+    parameters and buffers are unchanged, as their version counters say: a write that bypasses them (through
+    `.data`, as old-style EMA updates and `p.data.clamp_()` do) is not seen; call
+    `deeplab_ops.common.clear_derived()` after one (docs/ops.md).
     """
     if not isinstance(model, nn.Module):
         raise TypeError(f"model must be an nn.Module, got {type(model).__name__}")

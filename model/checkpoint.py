@@ -89,7 +89,11 @@ def load_file(path: str | os.PathLike, *, weights_only: bool = True, map_locatio
     containers). `advice` is appended to the messages of files that exist but cannot be read (what to do instead).
     A path starting with "~" that names no file as written is read from the user's home folder.
     """
-    path = os.fspath(path)
+    try:
+        path = os.fspath(path)
+    except TypeError:
+        raise TypeError(f"path must be a file path (a str, bytes or os.PathLike), got {type(path).__name__} "
+                        f"{path!r}") from None
     if isinstance(path, bytes):
         path = os.fsdecode(path)
     if path.startswith("~") and not os.path.lexists(path):
@@ -137,9 +141,45 @@ def load_file(path: str | os.PathLike, *, weights_only: bool = True, map_locatio
                 f"cannot read checkpoint {path}: it holds a pickled {found.group(1)}, and checkpoints are read "
                 "weights-only (tensors, numbers, strings and their containers: no code from the file runs); save "
                 "the tensors alone, e.g. torch.save(model.state_dict(), PATH)") from None
+        if _is_safetensors(path):  # torch.load names it, then asks for a package it would not use either
+            raise CheckpointReadError(
+                f"cannot read checkpoint {path}: it is a safetensors file, which is read here only as torch.save "
+                "files are: load it with safetensors.torch.load_file(path) and give the state_dict it returns "
+                "(model.load_checkpoint takes one), or torch.save that state_dict") from None
         raise CheckpointReadError(
             f"cannot read checkpoint {path} ({size} bytes): it is corrupt or truncated, or not a torch.save file "
-            f"({_load_error_detail(e)}){advice}") from None
+            f"({_foreign_start(path) or _load_error_detail(e)}){advice}") from None
+
+
+def _foreign_start(path: str) -> str | None:
+    """What the file's first bytes say where they are neither a zip archive (torch.save's format) nor a pickle (its
+    legacy one): torch.load's own words for such a file are a bare "KeyError: 101" (the byte it read as an opcode).
+    None for a file that starts as a torch.save file does (its damage is torch.load's to describe)."""
+    try:
+        with open(path, "rb") as f:
+            head = f.read(512)
+    except OSError:
+        return None
+    if head.startswith(b"PK") or head[:1] == b"\x80":
+        return None
+    try:
+        text = head.decode("utf-8")
+    except UnicodeDecodeError as e:  # binary, or a multi-byte character cut by the 512 bytes read
+        text = head[:e.start].decode("utf-8") if e.start >= len(head) - 3 else None
+    textual = text is not None and all(c.isprintable() or c in "\r\n\t" for c in text)
+    return ("its first bytes are neither a zip archive (torch.save's format) nor a pickle: "
+            + ("it reads as text" if textual else "an unknown format"))
+
+
+def _is_safetensors(path: str) -> bool:
+    """Whether the file starts as a safetensors file does: an 8-byte little-endian header length, then a JSON
+    object."""
+    try:
+        with open(path, "rb") as f:
+            head = f.read(9)
+    except OSError:
+        return False
+    return len(head) == 9 and head[8:9] == b"{" and 2 <= int.from_bytes(head[:8], "little") <= 100_000_000
 
 
 def _damaged_record(path: str) -> str | None:
@@ -223,12 +263,13 @@ def _format_keys(keys: Sequence[str], limit: int = 30) -> str:
     return shown + (f", … ({len(keys) - limit} more)" if len(keys) > limit else "")
 
 
-def _counter_of_an_old_batchnorm(key: str, state: Mapping[str, Tensor]) -> bool:
-    """Whether `key` is the num_batches_tracked of a BatchNorm whose other tensors `state` holds: a state_dict in the
-    format before PyTorch 0.4.1 (torchvision's classic ImageNet ResNet files), which nn.BatchNorm2d loads as it is,
-    keeping its own counter."""
+def _counter_of_an_old_batchnorm(key: str, state: Mapping[str, Tensor], old_format: bool) -> bool:
+    """Whether `key` is the num_batches_tracked of a BatchNorm whose other tensors `state` holds, in a state_dict of
+    the format before PyTorch 0.4.1 (`old_format`: it holds no counter at all; torchvision's classic ImageNet ResNet
+    files), which nn.BatchNorm2d loads as it is, keeping its own counter. One counter missing from a state_dict that
+    has the others is a missing key."""
     head, dot, last = key.rpartition(".")
-    return last == "num_batches_tracked" and f"{head}{dot}running_mean" in state
+    return old_format and last == "num_batches_tracked" and f"{head}{dot}running_mean" in state
 
 
 def check_keys(model: nn.Module, state: Mapping[str, Tensor], prefix: str = "",
@@ -237,8 +278,9 @@ def check_keys(model: nn.Module, state: Mapping[str, Tensor], prefix: str = "",
     keys starting with one of `ignore_prefixes` need not be in `state`, nor do the batch counters of BatchNorms in a
     state_dict of before PyTorch 0.4.1 (which has none)."""
     expected = model.state_dict()
+    old_format = not any(k.rpartition(".")[2] == "num_batches_tracked" for k in state)
     missing = [k for k in expected if k not in state and not (ignore_prefixes and k.startswith(ignore_prefixes))
-               and not _counter_of_an_old_batchnorm(k, state)]
+               and not _counter_of_an_old_batchnorm(k, state, old_format)]
     unexpected = [k for k in state if k not in expected]
     shapes = [
         f"{prefix}{k}: checkpoint {tuple(state[k].shape)} vs model {tuple(v.shape)}"

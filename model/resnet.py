@@ -13,6 +13,7 @@ rate, and there is no multi-grid (deeplabv3_resnet50: layer3 (1, 2, 2, …), lay
 
 from __future__ import annotations
 
+import numbers
 from collections import OrderedDict
 from collections.abc import Sequence
 
@@ -118,6 +119,8 @@ def stage_dilations(
     unit the previous rate and ignores `multi_grid`.
     """
     check_backbone_args(depths, output_stride, multi_grid, pattern)
+    # (numpy integers taken as ints, as model/checks.py's checks take them: plain ints in the stages)
+    depths, output_stride, multi_grid = tuple(map(int, depths)), int(output_stride), tuple(map(int, multi_grid))
     stages = [(1, (1,) * depths[0])]
     current_stride, rate = 4, 1
     for n in depths[1:]:
@@ -136,10 +139,13 @@ def stage_dilations(
 
 def check_backbone_args(depths: Sequence[int], output_stride: int, multi_grid: Sequence[int], pattern: str) -> None:
     """Raise a ValueError naming the argument for a configuration the backbone cannot build."""
-    if len(depths) != 4 or any(not isinstance(n, int) or n < 1 for n in depths):
+    def integral(n) -> bool:  # an int or a numpy integer, not a bool (nor 8.0: a float was kept as one)
+        return isinstance(n, numbers.Integral) and not isinstance(n, bool)
+
+    if len(depths) != 4 or any(not integral(n) or n < 1 for n in depths):
         raise ValueError(f"depths must be 4 positive ints (units per stage), got {tuple(depths)!r}")
     # 8.0 == 8, but a float stride was kept as one (config, checkpoints): ints only, as for num_classes and width.
-    if isinstance(output_stride, bool) or not isinstance(output_stride, int) or output_stride not in OUTPUT_STRIDES:
+    if not integral(output_stride) or output_stride not in OUTPUT_STRIDES:
         raise ValueError(
             f"output_stride must be one of {OUTPUT_STRIDES} (DeepLabV3 trades layer4's, or layer3's and layer4's, "
             f"strides for dilation), got {output_stride!r}"
@@ -157,7 +163,7 @@ def check_backbone_args(depths: Sequence[int], output_stride: int, multi_grid: S
             f"multi_grid must have one rate per unit of block 4 ({depths[3]} units), got {grid!r} "
             f"(length {len(grid)}); the paper's default is (1, 2, 4)"
         )
-    if any(isinstance(m, bool) or not isinstance(m, int) or m < 1 for m in grid):
+    if any(not integral(m) or m < 1 for m in grid):
         raise ValueError(f"multi_grid must be positive ints, got {grid!r}")
     base = 32 // output_stride  # layer4's rate before multi_grid
     if max(grid) * base > INT32_MAX:
@@ -200,8 +206,10 @@ class ResNet(nn.Sequential):
         return_aux: bool = False,
         width: int = 64,
     ) -> None:
-        if depth not in DEPTHS:
+        # 50.0 == 50 would build a ResNet-50 whose depth reads 50.0 (the factory refuses it too): ints only
+        if isinstance(depth, bool) or not isinstance(depth, numbers.Integral) or depth not in DEPTHS:
             raise ValueError(f"depth must be one of {tuple(DEPTHS)}, got {depth!r}")
+        depth = int(depth)
         if residual_unit not in RESIDUAL_UNITS:
             raise ValueError(f"residual_unit must be one of {RESIDUAL_UNITS}, got {residual_unit!r}")
         depths = DEPTHS[depth]
@@ -209,8 +217,9 @@ class ResNet(nn.Sequential):
         preact = residual_unit == "preact"
         block = PreActBottleneck if preact else Bottleneck
         layers: OrderedDict[str, nn.Module] = OrderedDict()
-        if isinstance(width, bool) or not isinstance(width, int) or width < 1:
+        if isinstance(width, bool) or not isinstance(width, numbers.Integral) or width < 1:
             raise ValueError(f"width must be an int >= 1, got {width!r}")
+        width = int(width)
         layers["conv1"] = nn.Conv2d(3, width, 7, stride=2, padding=3, bias=preact)
         if not preact:
             layers["bn1"] = nn.BatchNorm2d(width)

@@ -187,7 +187,9 @@ def test_unreadable_files_are_named_with_what_is_wrong(tmp_path, load):
     cases = [
         ("empty.pth", model.CheckpointReadError, "cannot read checkpoint {p}: the file is empty (0 bytes)"),
         ("garbage.pth", model.CheckpointReadError, "cannot read checkpoint {p} (500 bytes): it is corrupt or "
-                                                   "truncated, or not a torch.save file (UnpicklingError: "),
+                                                   "truncated, or not a torch.save file (its first bytes are neither a "
+                                                   "zip archive (torch.save's format) nor a pickle: an unknown "
+                                                   "format)"),
         ("zip.pth", model.CheckpointReadError, "cannot read checkpoint {p} (15 bytes): it is corrupt or truncated, "
                                                "or not a torch.save file (RuntimeError: PytorchStreamReader failed "
                                                "reading zip archive: not a ZIP archive)"),

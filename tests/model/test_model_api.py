@@ -579,3 +579,46 @@ def test_summary_into_a_reader_that_stops_early_ends_quietly():
     err = proc.stderr.read().decode()
     assert proc.wait(timeout=300) == 1, err
     assert "Traceback" not in err and "BrokenPipeError" not in err, err
+
+
+def test_the_lower_level_builders_take_ints_as_the_factory_does():
+    """model.ResNet(50.0) built a ResNet-50 the factory refuses (a float depth was kept as one), and
+    stage_dilations / ResNet refused numpy integers that model/checks.py and the factory take as ints."""
+    with pytest.raises(ValueError, match=r"depth must be one of \(29, 50, 101\), got 50\.0"), torch.device("meta"):
+        model.ResNet(50.0, width=4)
+    stages = model.stage_dilations(np.array([3, 4, 6, 3]), np.int64(16), np.array([1, 2, 4]))
+    assert stages == model.stage_dilations([3, 4, 6, 3], 16, [1, 2, 4])
+    assert all(type(v) is int for stride, rates in stages for v in (stride, *rates))
+    with torch.device("meta"):
+        net = model.ResNet(np.int64(29), output_stride=np.int64(8), width=np.int32(4))
+    assert net.conv1.out_channels == 4 and type(net.conv1.out_channels) is int
+
+
+def test_one_batchnorm_counter_missing_is_a_missing_key(tiny_state):
+    """The exemption for BatchNorm counters is for state_dicts of before PyTorch 0.4.1, which have none: one
+    missing from a state_dict that holds the others loaded without a word (that BatchNorm kept its own count)."""
+    net = _tiny(aux_loss=True)
+    key = next(k for k in tiny_state if k.endswith("num_batches_tracked"))
+    with pytest.raises(model.CheckpointMismatchError, match=rf"(?s)1 missing keys.*{key}"):
+        model.load_checkpoint(net, {k: v for k, v in tiny_state.items() if k != key})
+    old = {k: v for k, v in tiny_state.items() if not k.endswith("num_batches_tracked")}
+    model.load_checkpoint(net, old)  # a file of the old format: every counter absent, loaded
+
+
+def test_a_safetensors_file_a_text_file_and_a_non_path_are_named(tmp_path):
+    """load_file called a safetensors file corrupt ("… safetensors is not installed"), a text file "not a torch.save
+    file (KeyError: 101)", and load_file(3) raised os.fspath's TypeError without naming the argument."""
+    import json
+    import struct
+
+    header = json.dumps({"w": {"dtype": "F32", "shape": [1], "data_offsets": [0, 4]}}).encode()
+    (tmp_path / "w.safetensors").write_bytes(struct.pack("<Q", len(header)) + header + b"\0\0\0\0")
+    with pytest.raises(model.CheckpointReadError, match=r"it is a safetensors file.*safetensors\.torch\.load_file"):
+        model.load_file(tmp_path / "w.safetensors")
+    (tmp_path / "notes.pt").write_text("epoch 3: loss 0.41\n")
+    with pytest.raises(model.CheckpointReadError, match=r"not a torch\.save file \(its first bytes are neither a zip "
+                                                         r"archive \(torch\.save's format\) nor a pickle: it reads as "
+                                                         r"text\)$"):
+        model.load_file(tmp_path / "notes.pt")
+    with pytest.raises(TypeError, match=r"path must be a file path \(a str, bytes or os\.PathLike\), got int 3"):
+        model.load_file(3)
