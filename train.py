@@ -298,8 +298,8 @@ def save_preview(kept, path: str) -> None:
     im = Image.fromarray(grid)
     if scale > 1:
         im = im.resize((grid.shape[1] * scale, grid.shape[0] * scale), Image.NEAREST)
-    os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
-    im.save(path)
+    # replaced in one step: a kill or a full disk while it is written leaves the earlier picture, not half of one
+    ckpt_io.atomic_write(path, lambda f: im.save(f, format="PNG"))
 
 
 PREDICT_MARK = ("Software", "deeplab_ops train.py --predict")  # a PNG text chunk in every mask --predict writes
@@ -448,11 +448,16 @@ def _eval_scales(args) -> tuple[float, ...]:
     return parse_eval_scales(args.eval_scales)
 
 
-def run_eval(net, val_set, class_names, device, args, info, out_dir: str | None, tag: str) -> dict:
-    metrics, kept = loop.evaluate(
+def evaluate_split(net, val_set, class_names, device, args, info) -> tuple[dict, list]:
+    """(metrics, the first --preview images with their masks and predictions) of `net` on `val_set`."""
+    return loop.evaluate(
         net, _Normalized(val_set), len(class_names), class_names, device, batch_size=args.eval_batch_size,
         scales=_eval_scales(args), flip=args.eval_flip, amp=args.amp, channels_last=args.channels_last,
         keep=args.preview, num_workers=args.workers, rank=info.rank, world_size=info.world_size)
+
+
+def run_eval(net, val_set, class_names, device, args, info, out_dir: str | None, tag: str) -> dict:
+    metrics, kept = evaluate_split(net, val_set, class_names, device, args, info)
     if info.is_main and out_dir:
         save_preview(kept, os.path.join(out_dir, f"predictions_{tag}.png"))
     return metrics
@@ -622,6 +627,8 @@ def cmd_predict(args, device, info: distributed.DistInfo, given: set[str] = froz
     if args.channels_last:
         net = net.to(memory_format=torch.channels_last)
     os.makedirs(out, exist_ok=True)
+    # what a killed run's mask writes left (save_mask_png's temp files; no mask is ever half-written under its name)
+    ckpt_io.remove_stale_temps(out, [os.path.basename(t) for t in plan.values()])
     tf, t0, written = EvalTransform(), time.time(), 0
     for src, target in plan.items():
         img, _ = tf(datasets.read_image(src, exif_orientation=True), None)  # upright, as viewers show it
@@ -733,10 +740,12 @@ def cmd_eval_only(args, device, info, given: set[str] = frozenset()) -> None:
     if args.channels_last:
         net = net.to(memory_format=torch.channels_last)
     t0 = time.time()
-    metrics = run_eval(net, val, class_names, device, args, info, args.out_dir, "eval")
+    metrics, kept = evaluate_split(net, val, class_names, device, args, info)
     recorded = {**vars(args), **recipe, **checkpoint_model_flags(ckpt, args), "eval_output_stride": os_}
     _report(args, info, metrics, {"checkpoint": path, "iteration": ckpt.get("iteration"), "eval_output_stride": os_,
                                   "eval_seconds": round(time.time() - t0, 2)}, "metrics_eval.json", recorded)
+    if info.is_main:  # after the metrics: a failure in between leaves the earlier pair or the new metrics alone
+        save_preview(kept, os.path.join(args.out_dir, "predictions_eval.png"))
 
 
 def _report(args, info, metrics: dict, extra: dict, filename: str, recorded: dict | None = None) -> None:
@@ -750,14 +759,12 @@ def _report(args, info, metrics: dict, extra: dict, filename: str, recorded: dic
     os.makedirs(args.out_dir, exist_ok=True)
     record = _json_safe({"metrics": metrics, **extra, "args": vars(args) if recorded is None else recorded})
     replaced = _earlier_evaluation(path) if args.eval_only else None
+    text = json.dumps(record, indent=2, default=str, allow_nan=False)
+    ckpt_io.atomic_write(path, lambda f: f.write(text.encode()))
     preview = os.path.join(args.out_dir, "predictions_eval.png")
-    if replaced and args.preview == 0 and os.path.isfile(preview):
+    if replaced and args.preview == 0 and os.path.isfile(preview):  # (once the metrics that replace it are written)
         os.remove(preview)
         replaced += ", and its predictions_eval.png (--preview 0 draws none)"
-    tmp = path + ".tmp"
-    with open(tmp, "w") as f:
-        json.dump(record, f, indent=2, default=str, allow_nan=False)
-    os.replace(tmp, path)
     print(f"metrics written to {os.path.abspath(path)}" + (f" (replacing {replaced})" if replaced else ""))
 
 
@@ -1626,6 +1633,15 @@ def _saved_checkpoints(args, iterations: bool = False) -> list[str]:
     return names
 
 
+def _how_to_go_on(args) -> str:
+    """How a stopped run that saved checkpoints goes on: --resume from its last.pt; where it has none yet (a run
+    resumed from another folder's checkpoint, stopped before its first save: only the best.pt it carried over), the
+    same command again with --overwrite, which replaces what it carried over."""
+    if os.path.isfile(os.path.join(args.out_dir, "last.pt")):
+        return "--resume continues from last.pt"
+    return "no last.pt was saved yet: the same command with --overwrite starts this run again"
+
+
 def _out_of_memory_text(args, e: BaseException) -> str:
     """One line for an allocation that failed: the sizes that set the memory, and what the run kept."""
     first = (str(e).strip().splitlines() or [""])[0][:200]
@@ -1699,7 +1715,7 @@ def main(argv=None) -> None:
         what = f"{e.strerror} ({e.filename})" if e.strerror and e.filename else f"{type(e).__name__}: {e}"
         written = _saved_checkpoints(args, iterations=True)
         kept = (f"; the checkpoints saved before it are intact: {', '.join(written)} in "
-                f"{os.path.abspath(args.out_dir)} (--resume continues from last.pt)") if written else ""
+                f"{os.path.abspath(args.out_dir)} ({_how_to_go_on(args)})") if written else ""
         raise SystemExit(f"train.py: {what}{kept}") from None
     except (MemoryError, torch.OutOfMemoryError) as e:  # e.g. --crop-size 100000: one line, not a traceback
         raise SystemExit(_out_of_memory_text(args, e)) from None
@@ -1721,7 +1737,7 @@ def main(argv=None) -> None:
         if info.is_main and not (args.predict or args.eval_only):
             saved = _saved_checkpoints(args, iterations=True)
             print(f"\ntrain.py: {'terminated (SIGTERM)' if terminated else 'interrupted'}; "
-                  + (f"{', '.join(saved)} in {os.path.abspath(args.out_dir)}: --resume continues from last.pt"
+                  + (f"{', '.join(saved)} in {os.path.abspath(args.out_dir)}: {_how_to_go_on(args)}"
                      if saved else "no checkpoint was saved"), file=sys.stderr)
         raise SystemExit(143 if terminated else 130) from None
     except SystemExit as e:

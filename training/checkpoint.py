@@ -28,12 +28,21 @@ def _temp_prefix(path: str) -> str:
 
 def _remove_stale_temps(folder: str, path: str) -> None:
     """Delete temp files that killed saves of `path` left behind (their writer process no longer exists)."""
-    prefix = _temp_prefix(path)
+    remove_stale_temps(folder, [os.path.basename(path)])
+
+
+def remove_stale_temps(folder: str, names) -> None:
+    """Delete the temp files that killed writes of the files `names` in `folder` left behind: `.NAME.PID.tmp` or
+    `.NAME.PID.X.tmp` (atomic_write's) whose writer process no longer exists. One listing of the folder, however
+    many names (--predict's masks)."""
+    wanted = set(names)
     for name in os.listdir(folder):
-        if not (name.startswith(prefix) and name.endswith(".tmp")):
+        if not (name.startswith(".") and name.endswith(".tmp")):
             continue
-        pid = name[len(prefix):].split(".", 1)[0]
-        if not pid.isdigit() or int(pid) == os.getpid():
+        stem, _, pid = name[1:-4].rpartition(".")
+        if not pid.isdigit():  # atomic_write's random part after the pid
+            stem, _, pid = stem.rpartition(".")
+        if stem not in wanted or not pid.isdigit() or int(pid) == os.getpid():
             continue
         try:
             os.kill(int(pid), 0)

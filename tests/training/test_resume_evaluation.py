@@ -139,19 +139,26 @@ def test_a_resume_that_no_longer_evaluates_there_keeps_the_finished_evaluations_
 
 
 def test_resume_of_a_finished_run_whose_metrics_json_failed_writes_it(tmp_path, monkeypatch, capsys):
-    """The run's last write, metrics.json, fails (here: a folder in the way of its temporary file; a full disk
-    alike) after last.pt was saved with the evaluation done. The error says --resume continues; the resumed run has
-    nothing left to train and writes metrics.json from the evaluation its checkpoint records, the same as an
-    uninterrupted run's. Before the fix the checkpoint held no results and the resume wrote no metrics.json."""
+    """The run's last write, metrics.json, fails (here: a full disk) after last.pt was saved with the evaluation
+    done. The error says --resume continues; the resumed run has nothing left to train and writes metrics.json from
+    the evaluation its checkpoint records, the same as an uninterrupted run's. Before the fix the checkpoint held no
+    results and the resume wrote no metrics.json."""
     monkeypatch.setattr(train_script, "build_model", _tiny_build_model)
     common = TINY + ["--iterations", "2"]
     ref, out = tmp_path / "ref", tmp_path / "run"
     train_script.main(common + ["--out-dir", str(ref)])
-    (out / "metrics.json.tmp").mkdir(parents=True)
-    with pytest.raises(SystemExit, match=r"metrics\.json\.tmp.*--resume continues from last\.pt"):
-        train_script.main(common + ["--out-dir", str(out)])
+    real = train_script.ckpt_io.atomic_write
+
+    def full_disk(path, write):
+        if path.endswith("metrics.json"):
+            raise OSError(28, "No space left on device", path)
+        return real(path, write)
+
+    with monkeypatch.context() as m:
+        m.setattr(train_script.ckpt_io, "atomic_write", full_disk)
+        with pytest.raises(SystemExit, match=r"metrics\.json\).*--resume continues from last\.pt"):
+            train_script.main(common + ["--out-dir", str(out)])
     assert not (out / "metrics.json").exists()
-    (out / "metrics.json.tmp").rmdir()
     capsys.readouterr()
     train_script.main(common + ["--out-dir", str(out), "--resume"])
     assert "metrics written to" in capsys.readouterr().out

@@ -783,3 +783,81 @@ def _predict_mark():
     info = PngImagePlugin.PngInfo()
     info.add_text(*train_script.PREDICT_MARK)
     return info
+
+
+def test_a_failed_preview_write_keeps_the_earlier_picture(tmp_path, monkeypatch):
+    """save_preview wrote in place: a kill or a full disk mid-write left a truncated PNG where the earlier preview
+    was. Now written beside it and renamed over it: the earlier picture stays whole, and no temp file is left."""
+    import errno
+
+    from PIL import Image
+
+    kept = [(torch.zeros(3, 8, 8), torch.zeros(8, 8, dtype=torch.long), torch.ones(8, 8, dtype=torch.long))]
+    path = tmp_path / "predictions_val.png"
+    train_script.save_preview(kept, str(path))
+    before = path.read_bytes()
+
+    def full_disk(self, fp, *args, **kwargs):
+        fp.write(b"\x89PNG half")
+        raise OSError(errno.ENOSPC, "No space left on device")
+
+    monkeypatch.setattr(Image.Image, "save", full_disk)
+    with pytest.raises(OSError):
+        train_script.save_preview(kept, str(path))
+    assert path.read_bytes() == before and os.listdir(tmp_path) == ["predictions_val.png"]
+
+
+def test_eval_only_writes_its_picture_after_its_metrics(tmp_path, finished_run, monkeypatch, capsys):
+    """--eval-only wrote predictions_eval.png before metrics_eval.json: a failure writing the metrics left the new
+    checkpoint's picture beside the earlier evaluation's metrics (and with --preview 0, the earlier picture already
+    removed), without a word."""
+    ev = tmp_path / "ev"
+    evaluate = ["--eval-only", "--checkpoint", str(finished_run / "last.pt"), "--device", "cpu", "--out-dir", str(ev)]
+    train_script.main(evaluate + ["--preview", "2"])
+    before = _files(ev)
+    real = train_script.ckpt_io.atomic_write
+
+    def failing(path, write):
+        if path.endswith("metrics_eval.json"):
+            raise OSError(28, "No space left on device", path)
+        return real(path, write)
+
+    monkeypatch.setattr(train_script.ckpt_io, "atomic_write", failing)
+    for preview in ("2", "0"):
+        with pytest.raises(SystemExit):
+            train_script.main(evaluate + ["--preview", preview])
+        assert _files(ev) == before, preview
+
+
+def test_predict_removes_the_temp_files_a_killed_run_left(tmp_path, finished_run, monkeypatch):
+    """A --predict killed while writing a mask left its temp file (.NAME.png.PID.tmp) in --out for good."""
+    from PIL import Image
+
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "photos").mkdir()
+    Image.new("RGB", (12, 10)).save(tmp_path / "photos" / "one.png")
+    (tmp_path / "out").mkdir()
+    dead = 2**22 + 12345  # above the kernel's pid_max default: no process has it
+    (tmp_path / "out" / f".one.png.{dead}.tmp").write_bytes(b"")
+    (tmp_path / "out" / f".other.png.{dead}.tmp").write_bytes(b"")  # not one of this run's masks: left
+    train_script.main(["--predict", "photos", "--checkpoint", str(finished_run / "last.pt"), "--device", "cpu",
+                       "--out", "out"])
+    assert sorted(os.listdir(tmp_path / "out")) == [f".other.png.{dead}.tmp", "one.png"]
+
+
+def test_a_branch_resume_stopped_before_its_first_save_says_how_to_go_on(tmp_path, finished_run, monkeypatch):
+    """A run resumed from another folder's checkpoint and stopped before its first save held only the best.pt it
+    carried over: the stop line said "--resume continues from last.pt" (there was none), and the same command was
+    refused for the folder's "earlier run". The line now says to run it again with --overwrite, which works."""
+    import shutil
+
+    branch = tmp_path / "branch"
+    branch.mkdir()
+    shutil.copy(finished_run / "best.pt", branch / "best.pt")  # what carry_best copies before the first step
+    args = train_script.argparse.Namespace(out_dir=str(branch))
+    assert train_script._how_to_go_on(args) == (
+        "no last.pt was saved yet: the same command with --overwrite starts this run again")
+    train_script.main(TINY + ["--iterations", "4", "--resume", str(finished_run / "last.pt"), "--out-dir",
+                              str(branch), "--overwrite"])
+    assert torch.load(branch / "last.pt", weights_only=False)["iteration"] == 4
+    assert train_script._how_to_go_on(args) == "--resume continues from last.pt"
