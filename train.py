@@ -403,7 +403,8 @@ def check_weights_fit(net: torch.nn.Module, ckpt: dict, path: str, flag: str, ar
                              "run in another --out-dir")
         raise SystemExit(f"{flag}: {path} does not fit the network these flags build ({problem})")
     described = f"the network its saved flags describe ({own})" if own else (
-        "the network its saved flags describe" if saved else "the default network (it saved no model flags)")
+        "the network its saved flags describe" if saved else
+        "the network this command's flags build (it saved no model flags)")
     raise SystemExit(f"{flag} {path}: its weights do not fit {described}: "
                      f"{problem}; it was not written by this train.py (model.load_checkpoint loads other state_dicts "
                      "into a network you build)")
@@ -422,10 +423,12 @@ def _model_from_checkpoint(ckpt: dict, args, output_stride: int, path: str, flag
 
 
 def checkpoint_model_flags(ckpt: dict, args) -> dict:
-    """MODEL_FLAGS of the network --eval-only and --predict build from a checkpoint: its saved ones."""
+    """MODEL_FLAGS of the network --eval-only and --predict build from a checkpoint: its saved ones, and for one that
+    saved none the command's (its flags or the presets'), as for the backbone."""
     saved = ckpt.get("args") or {}
     return {"backbone": saved.get("backbone") or args.backbone or "resnet101",
-            "backbone_width": saved.get("backbone_width") or 64, "aux_loss": bool(saved.get("aux_loss", False))}
+            "backbone_width": saved.get("backbone_width") or getattr(args, "backbone_width", None) or 64,
+            "aux_loss": bool(saved.get("aux_loss", False))}
 
 
 def parse_eval_scales(text: str, error=None) -> tuple[float, ...]:
@@ -596,7 +599,8 @@ def cmd_predict(args, device, info: distributed.DistInfo, given: set[str] = froz
     if unread and info.is_main:
         warn(f"--predict: {unread}")
     nested = [f for f in entries if _holds_images(os.path.join(args.predict, f))]
-    below = (f"{len(nested)} of its subfolders ({', '.join(nested[:3])}{', ...' if len(nested) > 3 else ''}) hold "
+    below = (f"{len(nested)} of its subfolders ({', '.join(nested[:3])}{', ...' if len(nested) > 3 else ''}) "
+             f"{'holds' if len(nested) == 1 else 'hold'} "
              "images, which --predict does not read: it reads the images of one folder, not its subfolders") \
         if nested else ""
     if not files:
@@ -723,12 +727,14 @@ def cmd_eval_only(args, device, info, given: set[str] = frozenset()) -> None:
                 restored.append(key)
     # (a data root read from the checkpoint is checked by the dataset, whose error says where the path came from;
     # what is checked here is the command line's: a flag error)
-    check_dataset_flags(args, build_parser().error, check_root="data_root" not in restored)
+    check_dataset_flags(args, _flag_error, check_root="data_root" not in restored)
     unset = {k for k, v in vars(args).items() if v is None}
     _apply_presets(args, device)
     # The record names what was evaluated: the checkpoint's network and its run's recipe, not the presets' training
     # defaults (a folder run's record said resnet101, 30000 iterations for a ResNet-29 trained 60).
-    recipe = {k: saved[k] for k in PRESETS[args.dataset] if k in unset and k in saved}
+    # (a training flag given here is not read, and warned about: the record keeps the run's; --crop-size, which the
+    # synthetic set's validation images are cut at, is this command's where given)
+    recipe = {k: saved[k] for k in PRESETS[args.dataset] if k in saved and (k in unset or k != "crop_size")}
     try:
         _, val, class_names = _build_datasets(args, train=False)
     except (FileNotFoundError, ValueError) as e:
@@ -744,8 +750,14 @@ def cmd_eval_only(args, device, info, given: set[str] = frozenset()) -> None:
     recorded = {**vars(args), **recipe, **checkpoint_model_flags(ckpt, args), "eval_output_stride": os_}
     _report(args, info, metrics, {"checkpoint": path, "iteration": ckpt.get("iteration"), "eval_output_stride": os_,
                                   "eval_seconds": round(time.time() - t0, 2)}, "metrics_eval.json", recorded)
-    if info.is_main:  # after the metrics: a failure in between leaves the earlier pair or the new metrics alone
-        save_preview(kept, os.path.join(args.out_dir, "predictions_eval.png"))
+    if info.is_main:  # after the metrics; where it cannot be written, the earlier evaluation's goes (not beside these)
+        preview = os.path.join(args.out_dir, "predictions_eval.png")
+        try:
+            save_preview(kept, preview)
+        except BaseException:
+            with contextlib.suppress(OSError):
+                os.remove(preview)
+            raise
 
 
 def _report(args, info, metrics: dict, extra: dict, filename: str, recorded: dict | None = None) -> None:
@@ -1558,6 +1570,14 @@ def _data_error_text(e: BaseException) -> str:
 
 def _exit(message: str) -> None:
     raise SystemExit(message)
+
+
+def _flag_error(message: str) -> None:
+    """argparse's flag error (its usage and `error:` line, status 2) for a check made after parse_args, said once
+    per machine under torchrun: the other processes there stop with status 2 in silence."""
+    if machine_follower():
+        raise SystemExit(2)
+    build_parser().error(message)
 
 
 def warn(text: str) -> None:

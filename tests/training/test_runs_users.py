@@ -675,7 +675,7 @@ def test_eval_only_records_the_network_and_recipe_it_evaluated(tmp_path, finishe
 
     saved = torch.load(finished_run / "last.pt", weights_only=False)["args"]
     train_script.main(["--eval-only", "--checkpoint", str(finished_run / "last.pt"), "--device", "cpu",
-                       "--out-dir", str(tmp_path / "ev"), "--preview", "0"])
+                       "--out-dir", str(tmp_path / "ev"), "--preview", "0", "--iterations", "5"])  # (not read)
     record = json.load(open(tmp_path / "ev" / "metrics_eval.json"))
     args = record["args"]
     for key in ("iterations", "batch_size", "crop_size", "lr", "backbone", "backbone_width", "output_stride"):
@@ -754,7 +754,7 @@ def test_predict_writes_no_mask_through_a_link_and_names_what_it_leaves(tmp_path
     train_script.main(["--predict", "photos", "--checkpoint", ckpt, "--device", "cpu", "--out", "first"])
     err = capsys.readouterr().err
     assert "warning: image photos/twelve.png is a 16-bit grayscale image" in err and "UserWarning" not in err, err
-    assert ("warning: --predict photos: 1 of its subfolders (more) hold images, which --predict does not read: it "
+    assert ("warning: --predict photos: 1 of its subfolders (more) holds images, which --predict does not read: it "
             "reads the images of one folder, not its subfolders") in err, err
     first = (tmp_path / "first" / "one.png").read_bytes()
     (tmp_path / "second").mkdir()
@@ -773,7 +773,7 @@ def test_predict_writes_no_mask_through_a_link_and_names_what_it_leaves(tmp_path
     (photos / "one.png").unlink()
     (photos / "twelve.png").unlink()
     message = _exit_message(["--predict", "photos", "--checkpoint", ckpt, "--device", "cpu", "--out", "third"])
-    assert message.endswith("in photos; 1 of its subfolders (more) hold images, which --predict does not read: it "
+    assert message.endswith("in photos; 1 of its subfolders (more) holds images, which --predict does not read: it "
                             "reads the images of one folder, not its subfolders: give one of them"), message
 
 
@@ -828,6 +828,27 @@ def test_eval_only_writes_its_picture_after_its_metrics(tmp_path, finished_run, 
             train_script.main(evaluate + ["--preview", preview])
         assert _files(ev) == before, preview
 
+    def failing_picture(path, write):  # the metrics written, the picture not: the earlier one must not stay
+        if path.endswith("predictions_eval.png"):
+            raise OSError(28, "No space left on device", path)
+        return real(path, write)
+
+    monkeypatch.setattr(train_script.ckpt_io, "atomic_write", failing_picture)
+    with pytest.raises(SystemExit):
+        train_script.main(evaluate + ["--preview", "2"])
+    assert sorted(os.listdir(ev)) == ["metrics_eval.json"]
+
+
+def test_eval_only_flag_errors_are_said_once_per_machine_under_torchrun(tmp_path, finished_run, monkeypatch, capsys):
+    """The --eval-only dataset flag error (argparse's usage and error line) was printed by every process of a
+    machine under torchrun; the others stop with status 2 in silence, as for the other flag errors."""
+    argv = ["--eval-only", "--checkpoint", str(finished_run / "last.pt"), "--device", "cpu", "--dataset", "folder",
+            "--data-root", str(tmp_path / "nowhere")]
+    monkeypatch.setattr(train_script, "machine_follower", lambda: True)
+    with pytest.raises(SystemExit) as e:
+        train_script.main(argv)
+    assert e.value.code == 2 and capsys.readouterr().err == ""
+
 
 def test_predict_removes_the_temp_files_a_killed_run_left(tmp_path, finished_run, monkeypatch):
     """A --predict killed while writing a mask left its temp file (.NAME.png.PID.tmp) in --out for good."""
@@ -845,7 +866,8 @@ def test_predict_removes_the_temp_files_a_killed_run_left(tmp_path, finished_run
     assert sorted(os.listdir(tmp_path / "out")) == [f".other.png.{dead}.tmp", "one.png"]
 
 
-def test_a_branch_resume_stopped_before_its_first_save_says_how_to_go_on(tmp_path, finished_run, monkeypatch):
+def test_a_branch_resume_stopped_before_its_first_save_says_how_to_go_on(tmp_path, finished_run, monkeypatch,
+                                                                          capsys):
     """A run resumed from another folder's checkpoint and stopped before its first save held only the best.pt it
     carried over: the stop line said "--resume continues from last.pt" (there was none), and the same command was
     refused for the folder's "earlier run". The line now says to run it again with --overwrite, which works."""
@@ -857,6 +879,21 @@ def test_a_branch_resume_stopped_before_its_first_save_says_how_to_go_on(tmp_pat
     args = train_script.argparse.Namespace(out_dir=str(branch))
     assert train_script._how_to_go_on(args) == (
         "no last.pt was saved yet: the same command with --overwrite starts this run again")
+    other = tmp_path / "other"  # Ctrl-C before the first step of such a run: its stop line
+
+    def interrupted(*a, **k):
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(train_script.loop, "fit", interrupted)
+    with pytest.raises(SystemExit) as e:
+        train_script.main(TINY + ["--iterations", "4", "--resume", str(finished_run / "last.pt"), "--out-dir",
+                                  str(other)])
+    assert e.value.code == 130
+    assert capsys.readouterr().err.strip().endswith(
+        f"best.pt (iteration 2) in {other}: no last.pt was saved yet: the same command with --overwrite starts this "
+        "run again")
+    monkeypatch.undo()
+    monkeypatch.setattr(train_script, "build_model", _tiny_build_model)
     train_script.main(TINY + ["--iterations", "4", "--resume", str(finished_run / "last.pt"), "--out-dir",
                               str(branch), "--overwrite"])
     assert torch.load(branch / "last.pt", weights_only=False)["iteration"] == 4
