@@ -89,7 +89,8 @@ double read_one_value(const at::Tensor& t, const char* name) {
 // the degree-7 Taylor polynomial of e^r on |r| <= ln2/2 (truncation below 0.1 ulp), scaled by 2^n built from its
 // exponent bits: within about 1 ulp of expf, and with no library call, so the loops over a row's pixels
 // vectorize. Below -87.33 it returns 0 (expf would return a denormal under 1.2e-38), above 88.72 infinity, NaN for
-// NaN; on (88, 88.72] exp(88) (the clamp keeps 2^n a normal float; the callers pass z - max <= 0). float64 (the gradcheck dtype) uses std::exp.
+// NaN; on (88, 88.72] exp(88) (the clamp keeps 2^n a normal float; the callers pass z - max <= 0). float64 (the
+// gradcheck dtype) uses std::exp.
 template <typename opmath_t>
 inline opmath_t exp_opmath(opmath_t x) {
   return std::exp(x);
