@@ -103,13 +103,21 @@ def atomic_write(path: str, write) -> None:
         os.chmod(tmp, 0o666 & ~_umask())  # mkstemp makes it 0600: the mode any new file gets here instead
         os.replace(tmp, path)
     except BaseException as error:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
+        try:
+            if os.path.exists(tmp):
+                os.unlink(tmp)
+        except OSError:  # (a folder made read-only meanwhile: the write's own error is the one to report)
+            pass
         cause = error.__context__
         if (isinstance(error, RuntimeError) and isinstance(cause, (OSError, KeyboardInterrupt))
                 and "inline_container" in str(error)):
             # torch.save's zip writer, closing after a failed write, raises a RuntimeError of its own ("unexpected
             # pos ...") that hides the write's error: a full disk, Ctrl-C. That error is what the caller handles.
+            error = cause
+        if isinstance(error, OSError) and error.filename is None and error.errno is not None:
+            # a full disk or a file-size limit met by the writer names no file: this is the file being written
+            raise OSError(error.errno, error.strerror, path) from None
+        if error is cause:
             raise cause from None
         raise
     try:  # persist the rename itself

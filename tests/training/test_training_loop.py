@@ -192,6 +192,35 @@ def test_atomic_save_leaves_old_file_on_failure(tmp_path):
         ckpt_io.load_checkpoint(str(tmp_path / "bad.pt"))
 
 
+def test_atomic_write_names_the_file_a_full_disk_stopped_and_reports_the_write_error(tmp_path, monkeypatch):
+    """A full disk (or a file-size limit) met inside a writer raised an OSError naming no file: train.py's line said
+    "OSError: [Errno 28] No space left on device" without saying which file. And where the temp file could not be
+    removed (a folder made read-only meanwhile), that removal's error replaced the write's."""
+    import errno
+
+    path = str(tmp_path / "last.pt")
+
+    def full(f):
+        f.write(b"half")
+        raise OSError(errno.ENOSPC, "No space left on device")
+
+    with pytest.raises(OSError) as e:
+        ckpt_io.atomic_write(path, full)
+    assert (e.value.errno, e.value.filename) == (errno.ENOSPC, path)
+    assert os.listdir(tmp_path) == []
+    real_unlink = os.unlink
+
+    def read_only(p, *a, **k):
+        if str(p).endswith(".tmp"):
+            raise PermissionError(errno.EACCES, "Permission denied", p)
+        return real_unlink(p, *a, **k)
+
+    monkeypatch.setattr(os, "unlink", read_only)
+    with pytest.raises(OSError) as e:
+        ckpt_io.atomic_write(path, full)
+    assert e.value.errno == errno.ENOSPC, e.value
+
+
 def _tiny_build_model(backbone, num_classes, output_stride, aux_loss, fused, memory_efficient=False, width=64):
     return TinySeg(num_classes, fused=fused)
 
