@@ -1721,7 +1721,7 @@ def main(argv=None) -> None:
         else:
             resumed = restore_run_flags(args, given_flags(argv), device) if args.resume else None
             if resumed is not None:  # (a data root read from the checkpoint is checked by the dataset, as below)
-                check_dataset_flags(args, _exit, check_root="data_root" not in resumed[2])
+                check_dataset_flags(args, _flag_error, check_root="data_root" not in resumed[2])
             _apply_presets(args, device)
             cmd_train(args, device, info, resumed)
     except datasets.DataFileError as e:  # a sample's file, met while training or evaluating: named in one line

@@ -452,9 +452,9 @@ def test_a_resume_takes_the_dataset_from_the_checkpoint_before_checking_its_flag
     assert "--backbone resnet29" in out.split("note: flags not given, read from the checkpoint's run: ")[1]
     # a synthetic run given a --data-root is still refused, once the checkpoint says it is one
     train_script.main(TINY + ["--iterations", "2", "--out-dir", str(tmp_path / "syn")])
-    assert _exit_message(["--resume", "--out-dir", str(tmp_path / "syn"), "--data-root", "moved",
-                          "--iterations", "3"]) == \
-        "--data-root moved is not read by --dataset synthetic: add --dataset folder or --dataset voc"
+    assert _usage_error(["--resume", "--out-dir", str(tmp_path / "syn"), "--data-root", "moved",
+                         "--iterations", "3"], capsys) == \
+        "error: --data-root moved is not read by --dataset synthetic: add --dataset folder or --dataset voc"
 
 
 def test_a_resume_from_another_folder_says_the_relative_data_root_came_from_the_checkpoint(tmp_path, folder_run,
@@ -898,3 +898,11 @@ def test_a_branch_resume_stopped_before_its_first_save_says_how_to_go_on(tmp_pat
                               str(branch), "--overwrite"])
     assert torch.load(branch / "last.pt", weights_only=False)["iteration"] == 4
     assert train_script._how_to_go_on(args) == "--resume continues from last.pt"
+
+
+def test_resume_dataset_flag_errors_are_flag_errors(tmp_path, finished_run, capsys):
+    """--resume --dataset folder --data-root nowhere stopped with status 1 and no `error:` line, unlike the same
+    flags on a new run or with --eval-only (status 2, argparse's line)."""
+    error = _usage_error(TINY + ["--iterations", "4", "--out-dir", str(finished_run), "--resume", "--dataset",
+                                 "folder", "--data-root", str(tmp_path / "nowhere")], capsys)
+    assert error == f"error: --data-root {tmp_path / 'nowhere'}: no such folder"
