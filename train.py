@@ -314,16 +314,8 @@ def save_mask_png(pred: np.ndarray, path: str) -> None:
     info = PngImagePlugin.PngInfo()
     info.add_text(*PREDICT_MARK)
     # Written beside it and renamed over it: a link at `path` (to an earlier mask elsewhere) is replaced, not written
-    # through, and an interrupted write leaves no partial mask.
-    folder, name = os.path.split(path)
-    tmp = os.path.join(folder, f".{name}.{os.getpid()}.tmp")
-    try:
-        im.save(tmp, format="PNG", pnginfo=info)
-        os.replace(tmp, path)
-    except BaseException:
-        with contextlib.suppress(OSError):
-            os.remove(tmp)
-        raise
+    # through, and an interrupted write leaves no partial mask (cmd_predict removes killed runs' temps once).
+    ckpt_io.atomic_write(path, lambda f: im.save(f, format="PNG", pnginfo=info), clean=False)
 
 
 # ---- commands ----------------------------------------------------------------------------------------------------

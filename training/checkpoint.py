@@ -32,16 +32,14 @@ def _remove_stale_temps(folder: str, path: str) -> None:
 
 
 def remove_stale_temps(folder: str, names) -> None:
-    """Delete the temp files that killed writes of the files `names` in `folder` left behind: `.NAME.PID.tmp` or
-    `.NAME.PID.X.tmp` (atomic_write's) whose writer process no longer exists. One listing of the folder, however
-    many names (--predict's masks)."""
+    """Delete the temp files that killed writes of the files `names` in `folder` left behind: atomic_write's
+    `.NAME.PID.X.tmp` whose writer process no longer exists. One listing of the folder, however many names
+    (--predict's masks)."""
     wanted = set(names)
     for name in os.listdir(folder):
         if not (name.startswith(".") and name.endswith(".tmp")):
             continue
-        stem, _, pid = name[1:-4].rpartition(".")
-        if not pid.isdigit():  # atomic_write's random part after the pid
-            stem, _, pid = stem.rpartition(".")
+        stem, _, pid = name[1:-4].rpartition(".")[0].rpartition(".")
         if stem not in wanted or not pid.isdigit() or int(pid) == os.getpid():
             continue
         try:
@@ -88,12 +86,14 @@ def _umask() -> int:
     return mask
 
 
-def atomic_write(path: str, write) -> None:
+def atomic_write(path: str, write, clean: bool = True) -> None:
     """write(f) into a binary file that then replaces `path` in one step (temp file in the same folder, fsync,
-    os.replace): a crash leaves either the old file or the new one, never half of one."""
+    os.replace): a crash leaves either the old file or the new one, never half of one. `clean`: first remove the
+    temps killed writes of `path` left (False for a caller that cleans a folder's once: --predict's masks)."""
     folder = os.path.dirname(os.path.abspath(path))
     os.makedirs(folder, exist_ok=True)
-    _remove_stale_temps(folder, path)
+    if clean:
+        _remove_stale_temps(folder, path)
     fd, tmp = tempfile.mkstemp(prefix=f"{_temp_prefix(path)}{os.getpid()}.", suffix=".tmp", dir=folder)
     try:
         with os.fdopen(fd, "wb") as f:

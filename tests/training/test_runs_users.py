@@ -851,7 +851,7 @@ def test_eval_only_flag_errors_are_said_once_per_machine_under_torchrun(tmp_path
 
 
 def test_predict_removes_the_temp_files_a_killed_run_left(tmp_path, finished_run, monkeypatch):
-    """A --predict killed while writing a mask left its temp file (.NAME.png.PID.tmp) in --out for good."""
+    """A --predict killed while writing a mask left its temp file (.NAME.png.PID.X.tmp) in --out for good."""
     from PIL import Image
 
     monkeypatch.chdir(tmp_path)
@@ -859,11 +859,11 @@ def test_predict_removes_the_temp_files_a_killed_run_left(tmp_path, finished_run
     Image.new("RGB", (12, 10)).save(tmp_path / "photos" / "one.png")
     (tmp_path / "out").mkdir()
     dead = 2**22 + 12345  # above the kernel's pid_max default: no process has it
-    (tmp_path / "out" / f".one.png.{dead}.tmp").write_bytes(b"")
-    (tmp_path / "out" / f".other.png.{dead}.tmp").write_bytes(b"")  # not one of this run's masks: left
+    (tmp_path / "out" / f".one.png.{dead}.k3x9q_2a.tmp").write_bytes(b"")
+    (tmp_path / "out" / f".other.png.{dead}.k3x9q_2a.tmp").write_bytes(b"")  # not one of this run's masks: left
     train_script.main(["--predict", "photos", "--checkpoint", str(finished_run / "last.pt"), "--device", "cpu",
                        "--out", "out"])
-    assert sorted(os.listdir(tmp_path / "out")) == [f".other.png.{dead}.tmp", "one.png"]
+    assert sorted(os.listdir(tmp_path / "out")) == [f".other.png.{dead}.k3x9q_2a.tmp", "one.png"]
 
 
 def test_a_branch_resume_stopped_before_its_first_save_says_how_to_go_on(tmp_path, finished_run, monkeypatch,
