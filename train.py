@@ -33,6 +33,7 @@ import numpy as np
 import torch
 from PIL import Image
 
+from model.checkpoint import unwrap_model
 from training import checkpoint as ckpt_io
 from training import datasets, distributed, loop
 from training.palette import colorize, palette_bytes
@@ -356,7 +357,7 @@ def _flag(name: str, value=None, with_value: bool = True) -> str:
 
 def _weights_mismatch(net: torch.nn.Module, state) -> str | None:
     """Load `state` into `net` strictly; None when it loads, else a one-line summary of why it does not."""
-    core = ckpt_io.unwrap(net)
+    core = unwrap_model(net)
     try:
         core.load_state_dict(state)
         return None
@@ -1152,7 +1153,7 @@ def cmd_train(args, device, info, resumed: tuple | None) -> None:
 
     def val_fn(model):
         # Evaluate at --eval-output-stride: a second network with the same weights (state_dicts are identical).
-        core = ckpt_io.unwrap(model)
+        core = unwrap_model(model)
         if args.eval_output_stride and args.eval_output_stride != args.output_stride:
             if "net" not in eval_net_cache:
                 eval_net = build_model(args.backbone, len(class_names), args.eval_output_stride, args.aux_loss,

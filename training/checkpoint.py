@@ -19,7 +19,7 @@ import tempfile
 import numpy as np
 import torch
 
-from model.checkpoint import load_file
+from model.checkpoint import load_file, unwrap_model
 
 
 def _temp_prefix(path: str) -> str:
@@ -293,17 +293,6 @@ def restore_process_rng(ckpt: dict, seed: int, rank: int, world_size: int) -> No
         seed_process(seed, rank, int(ckpt.get("iteration", 0)))
 
 
-def unwrap(model: torch.nn.Module) -> torch.nn.Module:
-    """The module under DistributedDataParallel / torch.compile wrappers (whose state_dict keys are the plain ones)."""
-    while True:
-        if hasattr(model, "module") and isinstance(model.module, torch.nn.Module):
-            model = model.module
-        elif hasattr(model, "_orig_mod"):
-            model = model._orig_mod
-        else:
-            return model
-
-
 def training_state(model, optimizer, scheduler, scaler, iteration: int, best_metric: float | None,
                    best_iteration: int | None, extra: dict, rng_ranks: list | None = None,
                    eval_pending: bool = False, metrics: dict | None = None) -> dict:
@@ -313,7 +302,7 @@ def training_state(model, optimizer, scheduler, scaler, iteration: int, best_met
     finished yet (a resume from it runs that evaluation first). `metrics`: the results of that evaluation, once it
     has run (None otherwise): a finished run resumed reports them again (metrics.json) without evaluating."""
     return {
-        "model": unwrap(model).state_dict(),
+        "model": unwrap_model(model).state_dict(),
         "optimizer": optimizer.state_dict(),
         "scheduler": scheduler.state_dict(),
         "grad_scaler": scaler.state_dict() if scaler is not None and scaler.is_enabled() else None,

@@ -24,6 +24,7 @@ import torch.nn.functional as F
 from torch import nn
 
 import deeplab_ops
+from model.checkpoint import unwrap_model
 from training import checkpoint as ckpt_io
 from training import datasets
 from training import distributed as dist_utils
@@ -446,7 +447,7 @@ def check_resume_state(model: nn.Module, resume: dict, weight_decay: float) -> N
     it = resume["iteration"]
     if isinstance(it, bool) or not isinstance(it, int) or it < 0:
         raise ValueError(f"its 'iteration' entry is {it!r}, not a count of finished steps")
-    core = ckpt_io.unwrap(model)
+    core = unwrap_model(model)
     optimizer = torch.optim.SGD(param_groups(core, weight_decay), lr=1.0, momentum=0.9)
     load_optimizer_state(optimizer, resume["optimizer"], core, weight_decay)
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda i: 1.0)
@@ -502,7 +503,7 @@ def fit(model: nn.Module, train_set, cfg: TrainConfig, device: torch.device, *, 
     restored and the sample stream continues at the saved iteration; lr, momentum, weight decay and the poly
     schedule are cfg's from there (apply_hyperparameters: unchanged settings continue the saved run exactly).
     """
-    core = ckpt_io.unwrap(model)
+    core = unwrap_model(model)
     local_batch = cfg.batch_size // world_size
     sync_bn = world_size > 1 and dist_utils.synchronized_batchnorm(core)
     check_batch_size(core, cfg.batch_size if sync_bn else local_batch, cfg.freeze_bn)

@@ -409,3 +409,21 @@ def test_train_py_resume_with_freeze_bn_changed_runs(tmp_path, monkeypatch):
     train_script.main(args + ["--iterations", "3", "--stop-after", "1", "--resume", "--freeze-bn"])
     train_script.main(args + ["--iterations", "3", "--resume"])
     assert ckpt_io.checkpoint_iteration(str(tmp_path / "run" / "last.pt")) == 3
+
+
+def test_a_model_with_a_child_named_module_is_saved_whole():
+    # Only torch.compile's and (Distributed)DataParallel's wrappers are unwrapped before a save, not any model that
+    # happens to have a submodule called `module` (it would save that child's weights alone).
+    class Net(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.module = nn.Conv2d(1, 2, 1)
+            self.head = nn.Conv2d(2, 1, 1)
+
+    net = Net()
+    opt = torch.optim.SGD(net.parameters(), lr=0.1)
+    sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda i: 1.0)
+    state = ckpt_io.training_state(net, opt, sched, None, 0, None, None, {})
+    assert set(state["model"]) == set(net.state_dict())
+    wrapped = nn.DataParallel(net)
+    assert set(ckpt_io.training_state(wrapped, opt, sched, None, 0, None, None, {})["model"]) == set(net.state_dict())
