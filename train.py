@@ -1561,10 +1561,6 @@ def _data_error_text(e: BaseException) -> str:
     return text
 
 
-def _exit(message: str) -> None:
-    raise SystemExit(message)
-
-
 def _flag_error(message: str) -> None:
     """argparse's flag error (its usage and `error:` line, status 2) for a check made after parse_args, said once
     per machine under torchrun: the other processes there stop with status 2 in silence."""

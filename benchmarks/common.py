@@ -1516,12 +1516,6 @@ def goal_report(out_dir: str | Path) -> list[str]:
     return _goal_report(out_dir)[0]
 
 
-def goal_problems(out_dir: str | Path) -> list[str]:
-    """Why the goals cannot be read from out_dir: each results file that is there but cannot be read, or, when
-    neither is there, that; [] when goal_report's lines are all measurements or missing rows."""
-    return _goal_report(out_dir)[1]
-
-
 # The results files the goals read, by their name in a run (gpu_suite.sh's NAME.json; a copy of its NAME.csv does as
 # well): aspp_goal and train_bench, and train_bench_lean where a run measured the lean providers apart. A folder may
 # hold them under a prefix naming the run, as benchmarks/results/ does: DATE-CARD-NAME.EXT

@@ -121,7 +121,7 @@ def main(argv: list[str] | None = None) -> int:
         print(f"backends on {dev}:")
         for name, reasons in deeplab_ops.available_backends(dev).items():
             if name == "triton" and not reasons:
-                reasons = backends.not_supported_reasons("triton", "conv_bn_relu", torch.device(dev), **_probe(dev))
+                reasons = backends.not_supported_reasons("triton", "conv_bn_relu", torch.device(dev), **_probe())
             print(f"  {name:<10} {'usable' if not reasons else 'unusable: ' + '; '.join(reasons)}")
     print(f"auto picks   CPU tensors: {_auto_cpu()}; CUDA tensors: {_auto_cuda()}")
     forced = backends.env_backend()
@@ -133,7 +133,7 @@ def main(argv: list[str] | None = None) -> int:
     return 0
 
 
-def _probe(dev: str) -> dict:
+def _probe() -> dict:
     """A typical call (3x3, 64 channels, fp32) used to ask per-op support questions."""
     import torch
 
@@ -154,7 +154,7 @@ def _forced_refusal(device) -> str | None:
     if forced is None:
         return None
     device = torch.device(device)
-    reasons = backends.not_supported_reasons(forced, "conv_bn_relu", device, **_probe(device.type))
+    reasons = backends.not_supported_reasons(forced, "conv_bn_relu", device, **_probe())
     if device.type == "cuda" and not torch.cuda.is_available():
         reasons = _build_reasons(reasons)
     if not reasons:
@@ -194,7 +194,7 @@ def _auto_cuda() -> str:
         return forced + suffix
     cuda = torch.device("cuda")
     for name in backends.auto_candidates(cuda):
-        reasons = _build_reasons(backends.not_supported_reasons(name, "conv_bn_relu", cuda, **_probe("cuda")))
+        reasons = _build_reasons(backends.not_supported_reasons(name, "conv_bn_relu", cuda, **_probe()))
         if not reasons:
             return name + suffix
     return "none (no CUDA backend is usable in this build)"

@@ -12,7 +12,7 @@ import sys
 
 import torch
 
-_REBUILD = (
+REBUILD = (
     "Build it against the torch in this environment with `pip install --no-build-isolation -e .` "
     "from the repository root, or `pip install --no-build-isolation .` for a regular install (torch must be "
     "installed first: `pip install -r requirements.txt`)."
@@ -52,7 +52,7 @@ def stale_build_message(info: dict | None, torch_version: str = torch.__version_
     if not built or built == torch_version:
         return None
     return (f"deeplab_ops: the compiled extension deeplab_ops._C was built against torch {built}, but this is torch "
-            f"{torch_version}: it must be rebuilt. {_REBUILD}")
+            f"{torch_version}: it must be rebuilt. {REBUILD}")
 
 
 def installed_elsewhere(directory: str = _HERE) -> str | None:
@@ -78,7 +78,7 @@ def missing_message(directory: str = _HERE) -> str:
     """Why _C cannot be imported when there is none beside this package, and what to do."""
     other = installed_elsewhere(directory)
     if other is None:
-        return f"deeplab_ops: the compiled extension deeplab_ops._C is missing. {_REBUILD}"
+        return f"deeplab_ops: the compiled extension deeplab_ops._C is missing. {REBUILD}"
     return (f"deeplab_ops: the compiled extension deeplab_ops._C is missing from {directory}, a source tree that "
             f"comes before the installed deeplab_ops ({other}) on sys.path because it is in the current folder or the "
             f"folder of the script being run. Run Python from another folder (train.py as `python -m train`), or "
@@ -105,7 +105,7 @@ def load(directory: str = _HERE) -> None:
             why = "It was probably built against another torch."
         raise ImportError(
             f"deeplab_ops: the compiled extension deeplab_ops._C cannot be loaded with torch {torch.__version__} "
-            f"({e}). {why} {_REBUILD}"
+            f"({e}). {why} {REBUILD}"
         ) from e
 
 

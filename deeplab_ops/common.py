@@ -421,9 +421,9 @@ def back_to_back(ts) -> bool:
 # A hit costs three attribute reads and a stride() call per source and one dict lookup (~2 us for five sources): it
 # runs on every eval call of every fused layer.
 
-# key -> (the sources' state, the value, the finalizers that evict the entry when a source is freed: registered
-# once per entry and detached when it goes, so rebuilding after clear_derived() adds none)
-_DERIVED: dict[tuple, tuple[tuple, object, tuple]] = {}
+# key -> (the sources' state, the value, the finalizers that evict the entry when a source is freed (registered
+# once per entry and detached when it goes, so rebuilding after clear_derived() adds none), the sources' storages)
+_DERIVED: dict[tuple, tuple[tuple, object, tuple, tuple]] = {}
 # Reentrant: the cyclic garbage collector may run at any allocation, inside the lock too, and free a source whose
 # finalizer evicts (a parameter held in a reference cycle is freed only so). An eviction reentering there pops
 # another entry (the sources of the entry being stored are alive), which the locked code does not hold.
@@ -521,7 +521,7 @@ _FUSED_STEP_HOOK = register_optimizer_step_post_hook(_count_fused_step)
 
 
 def derived_cache_info() -> dict[str, int]:
-    """{"entries", "hits", "misses"} of the derived-tensor cache (tests, the overhead benchmark)."""
+    """{"entries", "hits", "misses"} of the derived-tensor cache (for tests)."""
     return {"entries": len(_DERIVED), **_DERIVED_STATS}
 
 

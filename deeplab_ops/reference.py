@@ -1,7 +1,10 @@
 """Pure-PyTorch ground truth for every deeplab_ops op: the tests' oracle, and the `reference` backend.
 
-The fused op is defined as what these compute. Stage references mirror the stage ops of csrc/ops.cpp and
-compute in float64 whatever the input dtype, so that tests can check each stage of a backend separately.
+The fused op is defined as what these compute. The stage references compute what the BatchNorm stage ops of
+csrc/ops.cpp compute, in float64 whatever the input dtype, so that tests can check each stage of a backend
+separately: bn_stats, bn_backward_reduce and bn_backward_dy take the ops' arguments; bn_finalize returns
+(mean, invstd) and updates the running statistics in place (the op writes them out of place), and bn_apply takes
+the per-channel scale and shift (invstd * weight, bias) instead of invstd, weight and bias.
 """
 
 from __future__ import annotations

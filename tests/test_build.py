@@ -156,6 +156,14 @@ def test_missing_extension_error_says_how_to_rebuild():
     assert "pip install --no-build-isolation -e ." in proc.stderr
 
 
+def test_a_build_without_a_triton_op_schema_is_an_import_error_saying_how_to_rebuild():
+    # The triton kernels are registered for the schemas _C defines; one missing is a broken build, never skipped.
+    from deeplab_ops import triton as triton_ops
+
+    with pytest.raises(ImportError, match=r"no schema for deeplab_ops::triton_no_such_op.*pip install"):
+        triton_ops._register("deeplab_ops::triton_no_such_op", lambda *a: None)
+
+
 def test_triton_backend_runs_here():
     # triton is a requirement: on a CUDA machine the backend runs CUDA tensors; without a GPU, tests/conftest.py
     # turns on the interpreter, so it must run CPU tensors. The triton tests' "cannot run here" skips are guards

@@ -553,7 +553,8 @@ def aspp(
             nn.BatchNorm2d does.
         rates: the atrous rates (dilation = padding) of the 3×3 branches.
         training, momentum, eps: as for every BatchNorm of the module (shared).
-        backend: "cpu", "cuda", "triton", "reference" or None (automatic; $DEEPLAB_OPS_BACKEND overrides None).
+        backend: "cpu", "cuda", "triton", "reference", None for automatic choice ($DEEPLAB_OPS_BACKEND
+            overrides None), or "auto" for automatic choice whatever $DEEPLAB_OPS_BACKEND says.
         process_group: a torch.distributed process group whose processes share BatchNorm statistics in training
             (nn.SyncBatchNorm semantics); None: no synchronization. The cpu and cuda backends synchronize; triton
             refuses (auto picks cuda).

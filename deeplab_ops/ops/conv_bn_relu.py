@@ -534,8 +534,6 @@ def _needs_grad(*tensors) -> bool:
     return torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in tensors)
 
 
-# ---- backend choice -------------------------------------------------------------------------------
-
 # ---- the eval fast path ----------------------------------------------------------------------------
 
 
@@ -635,8 +633,8 @@ def conv_bn_relu(
         eps: added to the variance.
         residual: optional (N, C_out, H_out, W_out) tensor added before the activation.
         relu: apply ReLU (True) or not.
-        backend: "cpu", "cuda", "triton", "reference", or None for automatic choice ($DEEPLAB_OPS_BACKEND
-            overrides None).
+        backend: "cpu", "cuda", "triton", "reference", None for automatic choice ($DEEPLAB_OPS_BACKEND
+            overrides None), or "auto" for automatic choice whatever $DEEPLAB_OPS_BACKEND says.
         process_group: a torch.distributed process group (e.g. ``torch.distributed.group.WORLD``) whose
             processes share BatchNorm statistics in training, as nn.SyncBatchNorm does; None: no synchronization.
             The cpu and cuda backends synchronize; triton refuses (auto picks cuda).

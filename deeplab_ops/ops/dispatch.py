@@ -1,5 +1,7 @@
 """What every op's front door and autograd share: the process group's name for the ops, calls past the Autograd
-key, and the registration of an op's one autograd kernel for both backend twins (docs/architecture.md)."""
+key, the registration of an op's one autograd kernel for both backend twins (docs/architecture.md), the key that
+tells torch.compile's caches which build of the ops they hold, and the ops' FLOP formulas for
+torch.utils.flop_counter (registered when that module is first imported)."""
 
 from __future__ import annotations
 

@@ -235,8 +235,8 @@ def upsample_cross_entropy(
         align_corners: as in F.interpolate.
         reduction: "mean" over non-ignored pixels (NaN when all are ignored, as PyTorch), "sum", or "none"
             ((N, H, W), 0 at ignored pixels).
-        backend: "cpu", "cuda", "triton", "reference", or None for automatic choice ($DEEPLAB_OPS_BACKEND
-            overrides None).
+        backend: "cpu", "cuda", "triton", "reference", None for automatic choice ($DEEPLAB_OPS_BACKEND
+            overrides None), or "auto" for automatic choice whatever $DEEPLAB_OPS_BACKEND says.
 
     Labels outside [0, K) other than ignore_index raise IndexError for CPU tensors; for CUDA tensors the kernel
     decides (no host synchronization): their pixels get a NaN loss and gradient.

@@ -15,6 +15,8 @@ import threading
 
 import torch
 
+from deeplab_ops import _extension
+
 _NO_SYNC_BN = "the triton backend has no synchronized BatchNorm; use backend='cuda' with a process group"
 
 
@@ -105,8 +107,9 @@ def _validated(op: str, kernel):
 
 def _register(name: str, kernel) -> None:
     op = name.split("::")[1]
-    if not hasattr(torch.ops.deeplab_ops, op):
-        return  # schema not in this build of deeplab_ops._C (csrc/ops.cpp) yet
+    if not hasattr(torch.ops.deeplab_ops, op):  # _extension.load refuses a stale _C, so only a broken build gets here
+        raise ImportError(f"deeplab_ops: the compiled extension deeplab_ops._C has no schema for {name} "
+                          f"(csrc/ops.cpp defines it); {_extension.REBUILD}")
     torch.library.register_kernel(name, ("cpu", "cuda"), _serialized_on_cpu(_validated(op, kernel)))
 
 

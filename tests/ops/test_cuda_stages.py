@@ -1,4 +1,5 @@
-"""The CUDA BatchNorm-stage kernels (csrc/cuda/bn_cuda.cu) against deeplab_ops.reference and the CPU kernels.
+"""The CUDA BatchNorm-stage kernels (csrc/cuda/bn_reductions.cu, bn_finalize.cu, bn_elementwise.cu) against
+deeplab_ops.reference and the CPU kernels.
 
 GPU-only: every test is skipped where no CUDA device is visible. Shapes are odd on purpose: planes whose
 length is not a multiple of the 128-bit pack (33x33), single values per plane, one channel, tiny and
