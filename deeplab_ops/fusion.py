@@ -10,6 +10,7 @@ import math
 import operator
 import random
 import sys
+import threading
 import weakref
 from collections import OrderedDict
 
@@ -328,16 +329,24 @@ def _reduce_fused(self: nn.Module, protocol: int):
     return _rebuild_fused, (type(self).original_class, type(self).fused_kind), self.__dict__
 
 
-_FUSED_CLASSES: dict[tuple[type, str], type] = {}
-_FUSED_CLASS_SET: set[type] = set()  # the values of _FUSED_CLASSES
+# (id(original class), kind) -> its fused subclass, held weakly: a subclass holds its original class (its base), so
+# neither outlives the fused modules that use them (a user's classes made per model, in a loop, are freed); while an
+# entry lives, its original class does, and its id names no other class.
+_FUSED_CLASSES: weakref.WeakValueDictionary[tuple[int, str], type] = weakref.WeakValueDictionary()
+_FUSED_CLASS_SET: weakref.WeakSet[type] = weakref.WeakSet()  # the values of _FUSED_CLASSES
+_FUSED_CLASS_LOCK = threading.Lock()
 
 
 def _fused_class(cls: type, kind: str) -> type:
-    """The subclass of `cls` whose forward is the fused one of `kind` (a key of _FORWARDS), made once."""
-    if (cls, kind) not in _FUSED_CLASSES:
+    """The subclass of `cls` whose forward is the fused one of `kind` (a key of _FORWARDS), made once while fused
+    modules use it."""
+    with _FUSED_CLASS_LOCK:
+        fused = _FUSED_CLASSES.get((id(cls), kind))
+        if fused is not None:
+            return fused
         op = {"aspp": "the fused ASPP op", "block": "deeplab_ops.conv_bn_relu"}.get(
             kind, "deeplab_ops.conv_bn_relu for its conv → BatchNorm (→ ReLU) chains")
-        _FUSED_CLASSES[(cls, kind)] = type(
+        fused = type(
             f"{cls.__name__}Fused",
             (ReleasesDerived, cls),
             {
@@ -350,8 +359,9 @@ def _fused_class(cls: type, kind: str) -> type:
                 "fused_kind": kind,
             },
         )
-        _FUSED_CLASS_SET.add(_FUSED_CLASSES[(cls, kind)])
-    return _FUSED_CLASSES[(cls, kind)]
+        _FUSED_CLASSES[(id(cls), kind)] = fused
+        _FUSED_CLASS_SET.add(fused)
+        return fused
 
 
 def _fused_class_of(module: nn.Module) -> type | None:

@@ -275,13 +275,22 @@ def _batches_tracked(counter: Tensor) -> int:
 class ReleasesDerived:
     """A module mixin: what this package caches about its tensors with a weak reference to them (derived tensors,
     kept Winograd transforms, known batch counts) is dropped before its state is loaded or converted, so that
-    PyTorch's swap-on-conversion mode (torch.__future__.set_swap_module_params_on_conversion) can swap them."""
+    PyTorch's swap-on-conversion mode (torch.__future__.set_swap_module_params_on_conversion) can swap them; and
+    what eval calls cached is dropped when the module goes back to training."""
 
     def _release(self) -> None:
         tensors = [*self.parameters(), *self.buffers()]
         release_derived(tensors)
         for t in tensors:
             _BATCHES.pop(id(t), None)
+
+    def train(self, mode: bool = True):
+        if mode and not self.training:
+            # Back to training after eval calls: what they cached (BatchNorm folded into the weights, the cpu
+            # backend's kept Winograd transforms) is stale from the first optimizer step on, and would otherwise be
+            # held, a copy of the weights and more, until the next eval call replaces it.
+            release_derived([*self.parameters(), *self.buffers()])
+        return super().train(mode)
 
     def _apply(self, fn, recurse=True):
         self._release()

@@ -159,3 +159,67 @@ def test_a_fused_away_batchnorm_run_on_its_own_compiles():
     x = torch.randn(2, 3, 5, 5)
     compiled = torch.compile(model, backend="eager", fullgraph=True)
     torch.testing.assert_close(compiled(x), model(x))
+
+
+def test_fused_subclasses_of_a_users_classes_are_freed_with_their_models():
+    # fuse_modules derives a fused subclass per user class it fuses (a container of chains, a residual block); the
+    # map of them held every class of every model made in a loop (classes defined per model, as factories do).
+    refs = []
+    for _ in range(10):
+        class Net(nn.Sequential):
+            pass
+
+        class Block(_Block):
+            pass
+
+        model = fuse_modules(Net(*_chain(), Block()), backend="cpu").eval()
+        with torch.no_grad():
+            model(torch.randn(1, 3, 5, 5))
+        refs += [weakref.ref(Net), weakref.ref(Block), weakref.ref(type(model)), weakref.ref(type(model[-1]))]
+        assert type(model) is not Net and type(model[-1]) is not Block  # fused subclasses
+        del model, Net, Block
+    gc.collect()
+    assert sum(r() is not None for r in refs) <= 4  # all 40 before
+
+
+def test_a_fused_subclass_is_made_once_per_class_while_used():
+    models = [fuse_modules(nn.Sequential(_Block()), backend="cpu") for _ in range(3)]
+    assert len({type(m[0]) for m in models}) == 1
+    assert fusion._fused_class_of(models[0][0]) is type(models[1][0])
+
+
+def test_back_to_training_drops_what_eval_calls_cached():
+    # One validation pass cached each layer's folded weight and, on the cpu backend, its kept Winograd transforms;
+    # training makes them stale at its first step, yet they were held (a copy of the weights and ~4x more in
+    # transforms) until the next validation.
+    common.clear_derived()
+    chain = nn.Sequential(nn.Conv2d(32, 32, 3, padding=1, bias=False), nn.BatchNorm2d(32), nn.ReLU())
+    model = nn.Sequential(FusedConvBNReLU(32, 32, 3, padding=1, backend="cpu"), fuse_modules(chain, backend="cpu"))
+    model.eval()
+    with torch.no_grad():
+        model(torch.randn(1, 32, 33, 33))
+    assert common.derived_cache_info()["entries"] == 2
+    assert torch.ops.deeplab_ops.winograd_cache_info()[1] > 0  # bytes of kept transforms
+    model.train()
+    assert common.derived_cache_info()["entries"] == 0
+    assert torch.ops.deeplab_ops.winograd_cache_info()[:2] == [0, 0]
+    model.train()  # already training: nothing to drop, nothing read
+    model.eval()
+    with torch.no_grad():
+        model(torch.randn(1, 32, 33, 33))  # cached again
+    assert common.derived_cache_info()["entries"] == 2
+
+
+def test_a_deleted_models_kept_transforms_go_at_the_next_call_without_gradient():
+    # They were dropped only at the next lookup of a registered weight's transform: a process that went on with
+    # other convolutions (another model's, not registered) held a deleted model's transforms (up to 1 GiB).
+    common.clear_derived()
+    model = FusedConvBNReLU(32, 32, 3, padding=1, backend="cpu").eval()
+    with torch.no_grad():
+        model(torch.randn(1, 32, 33, 33))
+    assert torch.ops.deeplab_ops.winograd_cache_info()[1] > 0
+    del model  # its parameters, their cached fold and the fold's transform go
+    with torch.no_grad():
+        torch.ops.deeplab_ops.conv_bias_act(torch.randn(1, 32, 33, 33), torch.randn(32, 32, 3, 3), None, None,
+                                            [1, 1], [1, 1], [1, 1], True)
+    assert torch.ops.deeplab_ops.winograd_cache_info()[:2] == [0, 0]

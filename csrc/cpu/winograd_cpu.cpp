@@ -546,8 +546,8 @@ at::Tensor weight_transform(const at::Tensor& weight) {
 // deeplab_ops.common.derived, which nothing writes in place. Any other tensor may change without its version
 // counter saying so (a compiled graph reuses one buffer for the next layer's folded weight; writes through `.data`),
 // so its transform is computed per call. An entry belongs to one weight tensor (its TensorImpl, held weakly: the
-// address cannot be reused while the entry lives; a freed weight's entry is dropped at the next lookup or
-// insertion) in one state (storage, sizes, strides, version counter, read before the transform) and one tile size.
+// address cannot be reused while the entry lives; a freed weight's entry is dropped at the next plan of any
+// float32 3x3 convolution without gradient, or by winograd_cache_release) in one state (storage, sizes, strides, version counter, read before the transform) and one tile size.
 // Least recently used first out, within kCacheBytes and kCacheEntries. A forward pass uses its layers' transforms in
 // turn, so a model whose transforms exceed the cache evicts each before its next use: kCacheBytes holds
 // DeepLabV3-ResNet-101's (about 340 MB at output stride 16; ResNet-50's about 180 MB) with room to spare.
@@ -600,9 +600,14 @@ class TransformCache {
     if (!known) allowed_.emplace_back(weight.getIntrusivePtr());  // registered once, however often allowed
   }
 
+  // Whether `weight` is registered. The plan of every float32 3x3 convolution without gradient asks, registered
+  // weight or not, so the entries of freed weights (a deleted model's, a replaced fold's) are dropped here, not
+  // only at the next lookup of a registered weight.
   bool allowed(const at::Tensor& weight) {
     if (weight.is_inference()) return false;
+    std::list<CachedTransform> dropped;  // freed outside the lock
     std::lock_guard<std::mutex> lock(mu_);
+    drop_expired(dropped);
     return std::any_of(allowed_.begin(), allowed_.end(), [&](const WeakImpl& w) {
       return w._unsafe_get_target() == weight.unsafeGetTensorImpl() && !w.expired();
     });
@@ -659,6 +664,7 @@ class TransformCache {
       if (listed(it->owner)) drop(it, dropped);
       it = next;
     }
+    drop_expired(dropped);
   }
 
   std::vector<int64_t> info() {
@@ -678,6 +684,17 @@ class TransformCache {
   void drop(std::list<CachedTransform>::iterator it, std::list<CachedTransform>& dropped) {
     bytes_ -= static_cast<int64_t>(it->u.nbytes());
     dropped.splice(dropped.begin(), entries_, it);
+  }
+
+  // The entries and registrations of weights that have been freed (mu_ held).
+  void drop_expired(std::list<CachedTransform>& dropped) {
+    for (auto it = entries_.begin(); it != entries_.end();) {
+      const auto next = std::next(it);
+      if (it->owner.expired()) drop(it, dropped);
+      it = next;
+    }
+    allowed_.erase(std::remove_if(allowed_.begin(), allowed_.end(), [](const WeakImpl& w) { return w.expired(); }),
+                   allowed_.end());
   }
 
   std::mutex mu_;

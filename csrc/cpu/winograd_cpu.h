@@ -58,7 +58,9 @@ void winograd_cache_allow(const at::Tensor& weight);
 std::vector<int64_t> winograd_cache_info();
 void winograd_cache_clear();
 // Forgets these weights: their kept transforms and their registration, and with them the weak references the cache
-// holds on them (torch.utils.swap_tensors refuses a tensor that has one; deeplab_ops.common.release_derived).
+// holds on them (torch.utils.swap_tensors refuses a tensor that has one; deeplab_ops.common.release_derived); and
+// the transforms of weights that have been freed (as the plan of every float32 3x3 convolution without gradient
+// does).
 void winograd_cache_release(at::TensorList weights);
 
 }  // namespace deeplab_ops
