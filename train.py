@@ -727,7 +727,7 @@ def cmd_eval_only(args, device, info, given: set[str] = frozenset()) -> None:
     # defaults (a folder run's record said resnet101, 30000 iterations for a ResNet-29 trained 60).
     # (a training flag given here is not read, and warned about: the record keeps the run's; --crop-size, which the
     # synthetic set's validation images are cut at, is this command's where given)
-    recipe = {k: saved[k] for k in PRESETS[args.dataset] if k in saved and (k in unset or k != "crop_size")}
+    recipe = {k: saved[k] for k in RECIPE if k in saved and (k in unset or k != "crop_size")}
     try:
         _, val, class_names = _build_datasets(args, train=False)
     except (FileNotFoundError, ValueError) as e:
@@ -1368,6 +1368,10 @@ TRAINING_ONLY = ("resume", "overwrite", "stop_after", "checkpoint_every", "itera
 NOT_PREDICT = ("out_dir", "preview", "eval_batch_size", "workers", "train_split", "val_split", "sbd_root",
                "synthetic_train_size", "synthetic_val_size", "data_seed", "crop_size")
 NOT_EVAL_ONLY = ("train_split", "synthetic_train_size")
+# What --eval-only records of the checkpoint's run (metrics_eval.json's args): how it trained, every preset included
+# (not this command's flags about its own run: --resume, --overwrite, --stop-after).
+RECIPE = tuple(k for k in dict.fromkeys((*PRESETS["voc"], *TRAINING_ONLY, *NOT_EVAL_ONLY))
+               if k not in ("resume", "overwrite", "stop_after"))
 
 
 def check_args(args, error, defaults: dict | None = None) -> None:

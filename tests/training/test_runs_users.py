@@ -675,11 +675,13 @@ def test_eval_only_records_the_network_and_recipe_it_evaluated(tmp_path, finishe
 
     saved = torch.load(finished_run / "last.pt", weights_only=False)["args"]
     train_script.main(["--eval-only", "--checkpoint", str(finished_run / "last.pt"), "--device", "cpu",
-                       "--out-dir", str(tmp_path / "ev"), "--preview", "0", "--iterations", "5"])  # (not read)
+                       "--out-dir", str(tmp_path / "ev"), "--preview", "0", "--iterations", "5",
+                       "--momentum", "0.5", "--synthetic-train-size", "7"])  # (not read)
     record = json.load(open(tmp_path / "ev" / "metrics_eval.json"))
     args = record["args"]
-    for key in ("iterations", "batch_size", "crop_size", "lr", "backbone", "backbone_width", "output_stride"):
-        assert args[key] == saved[key], (key, args[key], saved[key])
+    for key in ("iterations", "batch_size", "crop_size", "lr", "backbone", "backbone_width", "output_stride",
+                "synthetic_train_size", "momentum", "weight_decay", "freeze_bn", "scale_range", "train_split"):
+        assert args[key] == (list(saved[key]) if isinstance(saved[key], tuple) else saved[key]), key  # (JSON)
     assert args["iterations"] == 2 and args["batch_size"] == 2
     assert args["eval_output_stride"] == record["eval_output_stride"]
     assert args["out_dir"] == str(tmp_path / "ev") and args["preview"] == 0  # this command's own flags
