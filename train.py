@@ -1687,7 +1687,17 @@ def _raise_terminated(signum, frame) -> None:
     raise Terminated()
 
 
+def _line_buffered_stdout() -> None:
+    """Status lines (stdout) and progress lines (stderr) in the order they were printed, each kept by a crash, where
+    stdout is a pipe or a file (`> log 2>&1`, tee, nohup), which Python would otherwise buffer in blocks."""
+    stdout = sys.stdout
+    if isinstance(stdout, io.TextIOWrapper) and not stdout.line_buffering:
+        with contextlib.suppress(ValueError, io.UnsupportedOperation):
+            stdout.reconfigure(line_buffering=True)
+
+
 def main(argv=None) -> None:
+    _line_buffered_stdout()
     quiet = machine_follower()
     try:
         with contextlib.redirect_stderr(io.StringIO()) if quiet else contextlib.nullcontext():

@@ -9,6 +9,7 @@ import time
 import numpy as np
 import pytest
 import torch
+from helpers import ROOT
 from PIL import Image
 from test_training_loop import TinySeg, _cfg, _tiny_build_model, _train_set
 
@@ -696,3 +697,23 @@ def test_a_jpeg_under_another_extension_is_named_with_a_rename(tmp_path):
     Image.fromarray(np.zeros((4, 4, 3), np.uint8)).save(tmp_path / "a.jfif", format="JPEG")
     said = datasets.unread_image_files(str(tmp_path), ["a.jfif"])
     assert said is not None and said.endswith("(a .jfif file is a JPEG or PNG already: rename it)"), said
+
+
+def test_status_and_progress_lines_come_in_order_through_a_pipe(tmp_path):
+    # stdout (status lines: data, trained to ...) was block-buffered through a pipe or file while stderr (progress)
+    # was not: a `> log 2>&1` run showed its `data:` line after every progress line, or never, when killed.
+    import subprocess
+    import sys
+
+    env = {k: v for k, v in os.environ.items() if k != "PYTHONUNBUFFERED"}
+    proc = subprocess.run(
+        [sys.executable, "train.py", "--crop-size", "32", "--synthetic-train-size", "8", "--synthetic-val-size", "2",
+         "--batch-size", "2", "--iterations", "2", "--log-every", "1", "--no-tensorboard", "--device", "cpu",
+         "--preview", "0", "--out-dir", str(tmp_path / "run")],
+        cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stdout[-3000:]
+    lines = proc.stdout.splitlines()
+    data = next(i for i, line in enumerate(lines) if line.startswith("data:"))
+    progress = next(i for i, line in enumerate(lines) if "1/2" in line)
+    trained = next(i for i, line in enumerate(lines) if line.startswith("trained to"))
+    assert data < progress < trained, lines
