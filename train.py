@@ -1313,7 +1313,8 @@ def build_parser() -> argparse.ArgumentParser:
                         "compile")
     g.add_argument("--seed", type=int, default=0, help="seed of the model init, sample order and augmentation")
     g.add_argument("--deterministic", action="store_true",
-                   help="torch deterministic algorithms, no cudnn benchmark, no timed Triton autotuning")
+                   help="torch deterministic algorithms, no cudnn benchmark, no timed Triton autotuning (on CUDA: "
+                        "training needs --fused-ops)")
 
     g = p.add_argument_group("evaluation")
     g.add_argument("--eval-output-stride", type=int, choices=[8, 16], default=None,
@@ -1456,6 +1457,12 @@ def check_args(args, error, defaults: dict | None = None) -> None:
         on = "--device cpu" if args.device == "cpu" else "a CPU (no CUDA device is visible)"
         scaler = "" if args.predict or args.eval_only else " with a GradScaler"
         error(f"--amp fp16 needs a CUDA device (fp16 autocast{scaler}), not {on}; use --amp bf16 or none")
+    if args.deterministic and cuda and args.device != "cpu" and not (args.fused_ops or args.predict or args.eval_only):
+        # torch.use_deterministic_algorithms(True) raises at the first step, after the data and the model were built
+        error("--deterministic on CUDA trains only with --fused-ops: eager PyTorch has no deterministic CUDA kernel "
+              "for the 2-D cross-entropy loss (nll_loss2d) or the backward of bilinear upsampling, which torch's "
+              "deterministic mode refuses at the first step; the fused upsample + cross-entropy is deterministic. "
+              "Add --fused-ops, use --device cpu, or drop --deterministic")
     # The package's environment variables, read by the ops at their first call: checked before any work.
     from deeplab_ops import backends
 

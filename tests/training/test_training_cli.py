@@ -717,3 +717,13 @@ def test_status_and_progress_lines_come_in_order_through_a_pipe(tmp_path):
     progress = next(i for i, line in enumerate(lines) if "1/2" in line)
     trained = next(i for i, line in enumerate(lines) if line.startswith("trained to"))
     assert data < progress < trained, lines
+
+
+def test_deterministic_cuda_training_without_the_fused_ops_is_a_flag_error(monkeypatch, capsys):
+    # torch.use_deterministic_algorithms(True) refuses eager's CUDA nll_loss2d and bilinear upsampling backward: the
+    # unfused run stopped with a RuntimeError at its first step, after building the data and the model.
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    message = _parse_error(["--deterministic"], capsys)
+    assert "--deterministic on CUDA trains only with --fused-ops" in message and "--device cpu" in message
+    for ok in (["--deterministic", "--fused-ops"], ["--deterministic", "--device", "cpu"]):
+        train_script.parse_args(ok)
