@@ -1766,7 +1766,8 @@ def main(argv=None) -> None:
         terminated = isinstance(e, Terminated)
         if info.is_main and not (args.predict or args.eval_only):
             saved = _saved_checkpoints(args, iterations=True)
-            print(f"\ntrain.py: {'terminated (SIGTERM)' if terminated else 'interrupted'}; "
+            loop.Progress.end()
+            print(f"train.py: {'terminated (SIGTERM)' if terminated else 'interrupted'}; "
                   + (f"{', '.join(saved)} in {os.path.abspath(args.out_dir)}: {_how_to_go_on(args)}"
                      if saved else "no checkpoint was saved"), file=sys.stderr)
         raise SystemExit(143 if terminated else 130) from None
@@ -1776,6 +1777,7 @@ def main(argv=None) -> None:
             raise SystemExit(1) from None
         raise
     finally:
+        loop.Progress.end()  # (before the error or stop line that follows, when a terminal's bar is still open)
         warnings.showwarning = shown
         if own_term:  # (None: a handler not set from Python, the default here)
             signal.signal(signal.SIGTERM, signal.SIG_DFL if on_term is None else on_term)

@@ -259,7 +259,8 @@ def evaluate(model: nn.Module, dataset, num_classes: int, class_names, device: t
         if keep > 0:
             kept = sorted((k for share in dist_utils.all_gather_objects(kept) for k in share), key=lambda k: k[0])
     if progress and rank == 0:
-        Progress.line(f"eval {len(dataset)} images  {time.time() - t0:.1f}s", final=True)
+        Progress.line(f"eval {len(dataset)} image{'' if len(dataset) == 1 else 's'}  {time.time() - t0:.1f}s",
+                      final=True)
     model.train(was_training)
     return metrics.compute(), [triple for _, triple in kept]
 
@@ -288,10 +289,14 @@ def _predict_at_own_sizes(model: nn.Module, images: torch.Tensor, sizes, device:
 
 
 class Progress:
-    """A one-line progress bar with throughput and ETA (a plain line every `every` steps when not a terminal)."""
+    """A one-line progress bar with throughput and ETA (a plain line every `every` steps when not a terminal), up to
+    iteration `stop` (default: `total`), where it ends its line."""
 
-    def __init__(self, total: int, start: int, images_per_step: int, every: int = 20) -> None:
+    open_line = False  # a terminal's bar (or eval count) is on the last line, not ended by a newline yet
+
+    def __init__(self, total: int, start: int, images_per_step: int, every: int = 20, stop: int | None = None) -> None:
         self.total, self.start, self.ips, self.every = total, start, images_per_step, every
+        self.stop = total if stop is None else stop
         self.t0 = time.time()
         self.tty = sys.stderr.isatty()
 
@@ -299,9 +304,18 @@ class Progress:
     def line(text: str, final: bool) -> None:
         if sys.stderr.isatty():
             sys.stderr.write("\r\033[K" + text + ("\n" if final else ""))
+            Progress.open_line = not final
         elif final:
             sys.stderr.write(text + "\n")
         sys.stderr.flush()
+
+    @staticmethod
+    def end() -> None:
+        """Ends an open bar's line, so that what is printed next (an error, a stop line) starts a line of its own."""
+        if Progress.open_line:
+            Progress.open_line = False
+            sys.stderr.write("\n")
+            sys.stderr.flush()
 
     def update(self, it: int, loss: float, lr: float) -> None:
         done = it - self.start
@@ -313,8 +327,8 @@ class Progress:
         text = (f"[{bar:<24}] {it}/{self.total} loss {loss:.4f} lr {lr:.2e} {rate * self.ips:.1f} img/s "
                 f"{rate:.2f} it/s elapsed {_hms(elapsed)} eta {_hms(eta)}")
         if self.tty:
-            self.line(text, final=it == self.total)
-        elif it % self.every == 0 or it == self.total or done == 1:
+            self.line(text, final=it >= self.stop)
+        elif it % self.every == 0 or it >= self.stop or done == 1:
             sys.stderr.write(text + "\n")
             sys.stderr.flush()
 
@@ -544,7 +558,8 @@ def fit(model: nn.Module, train_set, cfg: TrainConfig, device: torch.device, *, 
         elif rank > 0:
             ckpt_io.seed_process(cfg.seed, rank)
         is_main = rank == 0
-        progress = Progress(cfg.iterations, start, cfg.batch_size, cfg.log_every) if cfg.progress and is_main else None
+        progress = Progress(cfg.iterations, start, cfg.batch_size, cfg.log_every, stop) \
+            if cfg.progress and is_main else None
 
         saved: dict[str, int] = {}  # checkpoint path -> iteration, written by this invocation
 

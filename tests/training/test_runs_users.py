@@ -908,3 +908,50 @@ def test_resume_dataset_flag_errors_are_flag_errors(tmp_path, finished_run, caps
     error = _usage_error(TINY + ["--iterations", "4", "--out-dir", str(finished_run), "--resume", "--dataset",
                                  "folder", "--data-root", str(tmp_path / "nowhere")], capsys)
     assert error == f"error: --data-root {tmp_path / 'nowhere'}: no such folder"
+
+
+class _Terminal:
+    """stderr as a terminal: the progress bar redraws one line."""
+
+    def __init__(self):
+        self.text = ""
+
+    def write(self, s):
+        self.text += s
+
+    def flush(self):
+        pass
+
+    def isatty(self):
+        return True
+
+
+@pytest.mark.parametrize("how", ["stop-after", "error"])
+def test_a_run_that_stops_before_its_last_iteration_ends_its_progress_line(tmp_path, monkeypatch, how):
+    # The bar ended its line only at --iterations: a run stopped by --stop-after, or by an error, left it open, and
+    # the next line (trained to ..., the error) was glued to it: "... eta 00:00trained to iteration 2/6".
+    import sys
+
+    from training import loop
+
+    monkeypatch.setattr(train_script, "build_model", _tiny_build_model)
+    terminal = _Terminal()
+    monkeypatch.setattr(sys, "stderr", terminal)
+    argv = TINY + ["--iterations", "6", "--out-dir", str(tmp_path / "run")]
+    if how == "stop-after":
+        train_script.main(argv + ["--stop-after", "2"])
+    else:
+        real, calls = loop.segmentation_loss, []
+
+        def failing(*args, **kwargs):
+            calls.append(1)
+            if len(calls) == 3:
+                raise RuntimeError("boom")
+            return real(*args, **kwargs)
+
+        monkeypatch.setattr(loop, "segmentation_loss", failing)
+        with pytest.raises(RuntimeError, match="boom"):
+            train_script.main(argv)
+    last = terminal.text.rsplit("\r\033[K", 1)[1]
+    assert last.startswith("[") and " 2/6 " in last and last.endswith("\n"), repr(terminal.text[-300:])
+    assert not loop.Progress.open_line

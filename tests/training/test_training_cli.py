@@ -422,7 +422,8 @@ def test_eval_only_reads_the_validation_split_the_run_used(tmp_path, monkeypatch
                        "--preview", "0"])
     assert "warning" not in capsys.readouterr().err
     record = json.load(open(tmp_path / "run" / "metrics_eval.json"))
-    assert record["args"]["val_split"] == "holdout" and record["args"]["train_split"] is None
+    # (the training split is recorded as the run's recipe, like its other training flags; it was not read)
+    assert record["args"]["val_split"] == "holdout" and record["args"]["train_split"] == "mine"
     assert record["args"]["data_root"] == str(root)
     # The same root spelled otherwise (a trailing slash), and --data-root without --dataset: still the run's
     # dataset and split.
