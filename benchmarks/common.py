@@ -35,8 +35,23 @@ from typing import NamedTuple
 import torch
 
 REPO_ROOT = Path(__file__).resolve().parent.parent
-if str(REPO_ROOT) not in sys.path:  # `model/` and an uninstalled deeplab_ops live at the repository root
-    sys.path.insert(0, str(REPO_ROOT))
+
+
+def _add_repository_root() -> None:
+    """`model/` and an uninstalled deeplab_ops live at the repository root: put it first on sys.path where its
+    deeplab_ops is built (in place, or an editable install's) or none is installed; after the installed packages
+    where a regular install (pip install .) has deeplab_ops with its _C and the source tree has none, so that the
+    benchmarks run the installed build instead of stopping on the source tree's missing _C."""
+    if str(REPO_ROOT) in sys.path:
+        return
+    built = any((REPO_ROOT / "deeplab_ops").glob("_C.*")) or (REPO_ROOT / "deeplab_ops" / "_C.so").exists()
+    if built or importlib.util.find_spec("deeplab_ops") is None:
+        sys.path.insert(0, str(REPO_ROOT))
+    else:
+        sys.path.append(str(REPO_ROOT))
+
+
+_add_repository_root()
 
 QUANTILES = (0.5, 0.2, 0.8)
 

@@ -516,3 +516,26 @@ def test_the_goals_compare_the_fastest_form_of_each_fused_backend(tmp_path):
     lines = common.goal_report(tmp_path)
     assert "ASPP train forward vs best eager [s, bf16, N16, test GPU]: cuda 2.00x vs eager (goal 1.8x) met" in lines
     assert not any("cuda-graph" in line for line in lines if line.startswith("ASPP")), lines
+
+
+def test_a_source_tree_without_its_extension_comes_after_an_installed_deeplab_ops(tmp_path, monkeypatch):
+    # After a regular install (pip install .), the benchmarks put the checkout's deeplab_ops, which has no _C, first
+    # on sys.path and stopped on its missing extension, with advice (run from another folder) that did not help.
+    import importlib.util
+    import sys
+
+    tree = tmp_path / "checkout"
+    (tree / "deeplab_ops").mkdir(parents=True)
+    monkeypatch.setattr(common, "REPO_ROOT", tree)
+    monkeypatch.setattr(sys, "path", list(sys.path))
+    common._add_repository_root()  # deeplab_ops is importable here (the tests' own): the tree goes last
+    assert sys.path[-1] == str(tree)
+    monkeypatch.setattr(sys, "path", [p for p in sys.path if p != str(tree)])
+    (tree / "deeplab_ops" / "_C.abi3.so").write_bytes(b"")  # built in place (or an editable install): first
+    common._add_repository_root()
+    assert sys.path[0] == str(tree)
+    (tree / "deeplab_ops" / "_C.abi3.so").unlink()
+    monkeypatch.setattr(sys, "path", [p for p in sys.path if p != str(tree)])
+    monkeypatch.setattr(importlib.util, "find_spec", lambda name, *a: None)  # nothing installed: first
+    common._add_repository_root()
+    assert sys.path[0] == str(tree)
