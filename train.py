@@ -335,7 +335,15 @@ def _setup(args) -> tuple[torch.device, distributed.DistInfo]:
         torch.backends.cudnn.benchmark = False
     elif dev_type == "cuda":
         torch.backends.cudnn.benchmark = True
-    info = distributed.init_from_env(dev_type, args.dist_timeout)
+    try:
+        info = distributed.init_from_env(dev_type, args.dist_timeout)
+    except torch.distributed.DistError as e:
+        # Under a multi-node launch, a process that stopped before joining (a flag or data error on its node) leaves
+        # the others waiting here, where no agent stops them: one line instead of torch's store traceback.
+        raise SystemExit(
+            f"train.py: the process group did not form within --dist-timeout {args.dist_timeout:g} min: a process "
+            "stopped before joining (see its message; under a multi-node launch on its own node) or never started "
+            f"({str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__})") from None
     device = torch.device("cuda", info.local_rank) if dev_type == "cuda" else torch.device("cpu")
     random.seed(args.seed)
     np.random.seed(args.seed)  # noqa: NPY002 (the legacy global state, for libraries that use it)

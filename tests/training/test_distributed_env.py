@@ -143,3 +143,22 @@ def test_what_torchrun_cannot_train_is_a_flag_error_before_any_work(launch_env, 
                                                                                     "6"])
     launch_env({})
     train_script.parse_args(["--device", "cpu", *argv])
+
+
+def test_a_process_group_that_does_not_form_stops_in_one_line(launch_env):
+    # Under a multi-node launch a process that stopped before joining (a flag error on its node) left the others in
+    # init_process_group for --dist-timeout, which then ended with torch's store traceback.
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    launch_env({"WORLD_SIZE": "2", "RANK": "0", "LOCAL_RANK": "0", "MASTER_ADDR": "127.0.0.1",
+                "MASTER_PORT": str(port)})
+    args = train_script.parse_args(["--device", "cpu", "--dist-timeout", "0.03"])
+    with pytest.raises(SystemExit) as e:
+        train_script._setup(args)
+    message = str(e.value.code)
+    assert message.startswith("train.py: the process group did not form within --dist-timeout 0.03 min: a process "
+                              "stopped before joining"), message
+    assert not dist.is_initialized()
