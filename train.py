@@ -1356,7 +1356,9 @@ def build_parser() -> argparse.ArgumentParser:
                    help="under torchrun: how long a collective waits for the other processes before every process "
                    "stops (a hung process is found after this long; raise it for evaluations much longer than a "
                    "step on one process)")
-    g.add_argument("--log-every", type=int, default=20)
+    g.add_argument("--log-every", type=int, default=20,
+                   help="iterations between metrics.jsonl's training records (and, when stderr is not a terminal, "
+                        "progress lines)")
     g.add_argument("--no-tensorboard", action="store_true", help="no TensorBoard events even when installed")
     return p
 
