@@ -5,6 +5,7 @@ and nn (this module imports none of them).
 from __future__ import annotations
 
 import functools
+import math
 import numbers
 import operator
 import os
@@ -128,6 +129,28 @@ def tuning_cache_folder(setting: str) -> str | None:
     if setting == "off":
         return None
     return setting or os.path.join(triton_cache_dir(), TUNING_FOLDER)
+
+
+def bn_momentum_ok(momentum) -> bool:
+    """A BatchNorm momentum the fused ops take: a real number in [0, 1] other than a bool (a NumPy float too; PyTorch's
+    BatchNorm computes with any number, momentum=1.5 included). Comparisons only: a NaN fails them, and
+    torch.compile(dynamic=True) traces a module's numbers as symbolic floats. The float test first: the fused
+    forwards ask per call, and a float needs no isinstance."""
+    return ((type(momentum) is float or (isinstance(momentum, numbers.Real) and not isinstance(momentum, bool)))
+            and 0.0 <= momentum <= 1.0)
+
+
+def bn_eps_ok(eps) -> bool:
+    """A BatchNorm eps the fused ops take: a finite real number > 0 other than a bool (as bn_momentum_ok)."""
+    return (type(eps) is float or (isinstance(eps, numbers.Real) and not isinstance(eps, bool))) and 0 < eps < math.inf
+
+
+def check_bn_numbers(momentum, eps) -> None:
+    """The functional ops' error for a momentum or eps they do not take (bn_momentum_ok, bn_eps_ok)."""
+    if not bn_momentum_ok(momentum):
+        raise ValueError(f"momentum must be a number in [0, 1], got {momentum!r}")
+    if not bn_eps_ok(eps):
+        raise ValueError(f"eps must be a finite number > 0, got {eps!r}")
 
 
 def opmath_dtype(dtype: torch.dtype) -> torch.dtype:

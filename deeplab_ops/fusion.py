@@ -18,6 +18,7 @@ import torch
 import torch.fx
 from torch import nn
 
+from deeplab_ops.common import bn_eps_ok, bn_momentum_ok
 from deeplab_ops.modules import (
     BN_FORWARDS,
     CONV2D_FORWARDS,
@@ -31,7 +32,6 @@ from deeplab_ops.modules import (
     forget_aspp_parts,
     fused_conv_bn,
     reads_directly,
-    real_number,
     refuse_scripting,
     run_fused_aspp,
     runnable_aspp_parts,
@@ -210,9 +210,11 @@ def _run_chain(self: nn.Module, x: Tensor, keep: dict | None):
                  # as fuse_modules leaves such a pair unfused
                  and m._parameters.get("bias") is None and m.groups == 1 and m.padding_mode == "zeros"
                  and (type(m.padding) is not str or symmetric_padding(m))
+                 # (common.bn_momentum_ok and bn_eps_ok, with no call for the usual float: the budget of Python
+                 # work per layer, tests/ops/test_conv_bn_relu_host.py)
                  and ((mom := cfg.bn.momentum) is None
-                      or ((type(mom) is float or real_number(mom)) and 0.0 <= mom <= 1.0))
-                 and (type(eps := cfg.bn.eps) is float or real_number(eps)) and 0.0 < eps < math.inf)
+                      or (0.0 <= mom <= 1.0 if type(mom) is float else bn_momentum_ok(mom)))
+                 and (0.0 < eps < math.inf if type(eps := cfg.bn.eps) is float else bn_eps_ok(eps)))
         if fused:
             for j, (part_name, part) in enumerate(cfg.chain, start=i + 1):
                 if (items[j][0] != part_name or items[j][1] is not part or "forward" in part.__dict__
@@ -283,9 +285,10 @@ def _fused_block_forward(self: nn.Module, x: Tensor) -> Tensor:
                 or bn._forward_hooks or bn._forward_pre_hooks or bn._backward_hooks or bn._backward_pre_hooks
                 or conv._parameters.get("bias") is not None or conv.groups != 1 or conv.padding_mode != "zeros"
                 or (type(conv.padding) is str and not symmetric_padding(conv))
+                # (common.bn_momentum_ok and bn_eps_ok, with no call for the usual float, as in _run_chain)
                 or not ((mom := bn.momentum) is None
-                        or ((type(mom) is float or real_number(mom)) and 0.0 <= mom <= 1.0))
-                or not ((type(eps := bn.eps) is float or real_number(eps)) and 0.0 < eps < math.inf)):
+                        or (0.0 <= mom <= 1.0 if type(mom) is float else bn_momentum_ok(mom)))
+                or not (0.0 < eps < math.inf if type(eps := bn.eps) is float else bn_eps_ok(eps))):
             return unfused_call(self, cfg.process_group, type(self).original_class.forward, x)
     out = x
     for conv, bn in parts[:-1]:

@@ -6,7 +6,6 @@ from __future__ import annotations
 
 import collections
 import functools
-import math
 import numbers
 import operator
 import weakref
@@ -20,6 +19,8 @@ from torch.nn.modules.utils import _pair
 from deeplab_ops.common import (
     autocast_dtype,
     back_to_back,
+    bn_eps_ok,
+    bn_momentum_ok,
     check_x_channels,
     conv_layout,
     drop_oldest,
@@ -80,11 +81,10 @@ def _check_bn_numbers(bn: nn.Module) -> None:
     either; the op refuses a momentum that is no average's weight and an eps that is not a finite number > 0
     (fusing leaves such a pair unfused; a fused module refuses it when built). Comparisons only: a NaN fails them."""
     momentum = bn.momentum
-    if momentum is not None and (not real_number(momentum) or not 0.0 <= momentum <= 1.0):
+    if momentum is not None and not bn_momentum_ok(momentum):
         raise ValueError(f"bn has momentum={momentum!r}; the fused op takes None or a number in [0, 1]")
-    eps = bn.eps
-    if not real_number(eps) or not 0 < eps < math.inf:
-        raise ValueError(f"bn has eps={eps!r}; the fused op takes a finite number > 0")
+    if not bn_eps_ok(bn.eps):
+        raise ValueError(f"bn has eps={bn.eps!r}; the fused op takes a finite number > 0")
 
 
 def _check_channel_counts(**counts) -> None:

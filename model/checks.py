@@ -8,7 +8,7 @@ from collections.abc import Mapping, Set
 
 # Channel counts, atrous rates and dilations become cuDNN descriptor fields and Triton kernel arguments, which are
 # 32-bit ints: a larger one cannot run anywhere (unchecked, it ended in an overflow deep inside PyTorch).
-INT32_MAX = 2**31 - 1
+from deeplab_ops.common import INT32_MAX
 
 
 def check_int(value, name: str, minimum: int = 1, maximum: int = INT32_MAX,

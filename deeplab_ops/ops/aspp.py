@@ -7,8 +7,6 @@ from __future__ import annotations
 
 import collections.abc
 import contextlib
-import math
-import numbers
 import operator
 
 import torch
@@ -22,6 +20,7 @@ from deeplab_ops.common import (
     autocast_cast,
     autocast_dtype,
     back_to_back,
+    check_bn_numbers,
     check_running_writable,
     check_x_channels,
     conv_layout,
@@ -143,6 +142,12 @@ def _as_differentiated(x: Tensor) -> Tensor:
     return x.detach().requires_grad_()
 
 
+# The autograd Function's arguments before its tensors (*tensors: the conv weights, then the per-BatchNorm parts):
+# prefix, x, pool_weight, project_weight, bn_weight, bn_bias, running_mean, running_var, rates, training, momentum,
+# eps, group_name, memory_efficient, n_conv. needs_input_grad and the gradients returned are indexed so.
+_FIXED = 15
+
+
 class _ASPP(torch.autograd.Function):
     """The Autograd kernel of aspp_forward and triton_aspp_forward (`prefix` picks the twin). The conv weights come
     last, unpacked (autograd tracks tensors, not lists of them)."""
@@ -195,8 +200,9 @@ class _ASPP(torch.autograd.Function):
         # needs_input_grad: (prefix, x, pool_w, proj_w, bn_w, bn_b, rm, rv, rates, ..., n_conv, *conv_weights,
         # *bn_parts): bn_parts, when given, are the per-BatchNorm weights then biases that bn_w and bn_b alias.
         nig = ctx.needs_input_grad
-        mask = [nig[1], any(nig[15:15 + n_conv]) or nig[2] or nig[3], nig[4] or nig[5] or any(nig[15 + n_conv:])]
-        grads = [None] * (15 + n_conv + n_parts)
+        mask = [nig[1], any(nig[_FIXED:_FIXED + n_conv]) or nig[2] or nig[3],
+                nig[4] or nig[5] or any(nig[_FIXED + n_conv:])]
+        grads = [None] * (_FIXED + n_conv + n_parts)
         if grad_out is None or not any(mask):
             return tuple(grads)
         (x, pool_w, proj_w, bn_w, bn_b, out, mean, invstd, pool_pre, proj, rm, rv, *rest) = ctx.saved_tensors
@@ -225,9 +231,9 @@ class _ASPP(torch.autograd.Function):
             gbb = gbb.to(bn_b.dtype)
         grads[1], grads[2], grads[3] = gx, gpool, gproj
         if gconv:
-            grads[15:15 + n_conv] = gconv
+            grads[_FIXED:_FIXED + n_conv] = gconv
         if n_parts and gbw is not None:  # per-BatchNorm gradients: views of the concatenated ones, no copy
-            grads[15 + n_conv:] = (*gbw.chunk(n_parts // 2), *gbb.chunk(n_parts // 2))
+            grads[_FIXED + n_conv:] = (*gbw.chunk(n_parts // 2), *gbb.chunk(n_parts // 2))
         else:
             grads[4], grads[5] = gbw, gbb
         return tuple(grads)
@@ -465,11 +471,7 @@ def check_args(x, conv_weights, pool_weight, project_weight, bn_weights, bn_bias
             "per channel and image, so its BatchNorm over a batch of 1 is undefined (PyTorch raises too). Use a "
             "batch of 2 or more, or eval mode / frozen BatchNorm (model.eval() on the BatchNorm layers)"
         )
-    if isinstance(momentum, bool) or not isinstance(momentum, numbers.Real) or not 0.0 <= momentum <= 1.0:
-        raise ValueError(f"momentum must be a number in [0, 1], got {momentum!r}")
-    # comparisons only (no math.isfinite): torch.compile(dynamic=True) traces a module's eps as a symbolic float
-    if isinstance(eps, bool) or not isinstance(eps, numbers.Real) or not 0 < eps < math.inf:
-        raise ValueError(f"eps must be a finite number > 0, got {eps!r}")
+    check_bn_numbers(momentum, eps)
     return rates
 
 

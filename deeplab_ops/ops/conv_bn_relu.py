@@ -7,7 +7,6 @@ which the front door copies into the caller's buffers).
 from __future__ import annotations
 
 import math
-import numbers
 
 import torch
 import torch.autograd.forward_ad as _forward_ad
@@ -16,9 +15,11 @@ from deeplab_ops import backends, reference
 from deeplab_ops.common import (
     FLOAT_DTYPES,
     HALF_DTYPES,
+    INT32_MAX,
     autocast_cast,
     autocast_dtype,
     cached_derived,
+    check_bn_numbers,
     check_running_writable,
     conv_layout,
     conv_output_size,
@@ -63,9 +64,6 @@ EVAL = {"cpu": _ops.conv_bn_relu_eval.default, "cuda": _ops.conv_bn_relu_eval.de
 # ---- argument checks ------------------------------------------------------------------------------
 
 
-_MAX_GEOMETRY = 2**31 - 1
-
-
 def _check_config(stride, padding, dilation, training, momentum, eps, relu) -> tuple:
     """The call's fixed configuration, validated: (stride, padding, dilation) as pairs."""
     stride, padding, dilation = pair(stride, "stride"), pair(padding, "padding"), pair(dilation, "dilation")
@@ -76,17 +74,13 @@ def _check_config(stride, padding, dilation, training, momentum, eps, relu) -> t
     if min(padding) < 0:
         raise ValueError(f"padding must be >= 0, got {padding}")
     for name, value in (("stride", stride), ("padding", padding), ("dilation", dilation)):
-        if max(value) > _MAX_GEOMETRY:  # kernels index with 32 bits; the op schema takes int64 at most
-            raise ValueError(f"{name} must be at most {_MAX_GEOMETRY} (2**31 - 1), got {value}")
+        if max(value) > INT32_MAX:  # kernels index with 32 bits; the op schema takes int64 at most
+            raise ValueError(f"{name} must be at most {INT32_MAX} (2**31 - 1), got {value}")
     if not isinstance(training, bool):
         raise TypeError(f"training must be a bool, got {training!r}")
     if not isinstance(relu, bool):
         raise TypeError(f"relu must be a bool, got {relu!r}")
-    if isinstance(momentum, bool) or not isinstance(momentum, numbers.Real) or not 0.0 <= momentum <= 1.0:
-        raise ValueError(f"momentum must be a number in [0, 1], got {momentum!r}")
-    # comparisons only (no math.isfinite): torch.compile(dynamic=True) traces a module's eps as a symbolic float
-    if isinstance(eps, bool) or not isinstance(eps, numbers.Real) or not 0 < eps < math.inf:
-        raise ValueError(f"eps must be a finite number > 0, got {eps!r}")
+    check_bn_numbers(momentum, eps)
     return stride, padding, dilation
 
 

@@ -11,7 +11,14 @@ import numpy
 import torch
 
 from deeplab_ops import backends, reference
-from deeplab_ops.common import HALF_DTYPES, autocast_dtype, opmath_dtype, refuse_layout
+from deeplab_ops.common import (
+    FLOAT_DTYPES,
+    HALF_DTYPES,
+    INT32_MAX,
+    autocast_dtype,
+    opmath_dtype,
+    refuse_layout,
+)
 from deeplab_ops.ops.dispatch import (
     autograd_kernels,
     below_autograd,
@@ -28,7 +35,6 @@ Tensor = torch.Tensor
 _ops = torch.ops.deeplab_ops
 
 REDUCTIONS = ("none", "mean", "sum")
-_SUPPORTED_DTYPES = (torch.float32, torch.float64, torch.float16, torch.bfloat16)
 FORWARD_OPS = {"cpu": _ops.upsample_cross_entropy_forward, "cuda": _ops.upsample_cross_entropy_forward,
                "triton": _ops.triton_upsample_cross_entropy_forward}
 
@@ -47,7 +53,7 @@ def check_args(logits, target, ignore_index, align_corners, reduction) -> None:
             refuse_layout(name, t)
     if logits.dim() != 4:
         raise ValueError(f"logits must be a 4-D (N, K, h, w) tensor, got shape {tuple(logits.shape)}")
-    if logits.dtype not in _SUPPORTED_DTYPES:
+    if logits.dtype not in FLOAT_DTYPES:
         raise TypeError(f"logits has dtype {logits.dtype}; expected one of float32, float64, float16, bfloat16")
     if target.dim() != 3:
         raise ValueError(f"target must be a 3-D (N, H, W) tensor of class indices, got shape {tuple(target.shape)}")
@@ -79,7 +85,7 @@ def check_args(logits, target, ignore_index, align_corners, reduction) -> None:
         raise TypeError(f"align_corners must be a bool, got {align_corners!r}")
     if reduction not in REDUCTIONS:
         raise ValueError(f"reduction={reduction!r}; expected one of {REDUCTIONS}")
-    if max(logits.numel(), target.numel()) >= 2**31:
+    if max(logits.numel(), target.numel()) > INT32_MAX:
         raise ValueError(
             f"logits ({tuple(logits.shape)}) or target ({tuple(target.shape)}) has 2**31 or more elements; "
             "the kernels index with int32"

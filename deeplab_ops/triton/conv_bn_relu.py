@@ -30,12 +30,11 @@ Tensor = torch.Tensor
 
 
 def check_device(x: Tensor) -> None:
-    """CPU tensors run only in the Triton interpreter."""
+    """CPU tensors run only in the Triton interpreter (the kernels' own check, for the calls that reach them past
+    the twins' _check_device: a backward; its wording is the twins')."""
     if x.device.type == "cpu" and not _interpreter_active():
-        raise RuntimeError(
-            "deeplab_ops: the triton backend runs CPU tensors only in the Triton interpreter; set "
-            "TRITON_INTERPRET=1 before importing deeplab_ops, or use CUDA tensors"
-        )
+        raise RuntimeError("deeplab_ops: the triton backend runs CUDA tensors, or CPU tensors only in the Triton "
+                           "interpreter (TRITON_INTERPRET=1); got a tensor on cpu")
 
 
 def vectors(*ts: Tensor | None) -> tuple:
