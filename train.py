@@ -1,14 +1,16 @@
 """DeepLabV3 training, evaluation and inference.
 
     python train.py --fused-ops                           # built-in synthetic set: trains, evaluates, saves
-    python train.py --dataset voc --data-root VOCdevkit/VOC2012 --sbd-root benchmark_RELEASE --fused-ops
+    python train.py --dataset voc --data-root VOCdevkit/VOC2012 --sbd-root benchmark_RELEASE --fused-ops \
+        --backbone-weights resnet101.pth                # torchvision's ImageNet ResNet-101 state_dict
     python train.py --dataset folder --data-root mydata   # mydata/images, mydata/masks, mydata/classes.txt
     python train.py --eval-only --checkpoint runs/synthetic/best.pt --eval-output-stride 8 --eval-scales ms --eval-flip
     python train.py --predict photos/ --checkpoint runs/voc/best.pt --out masks/
     torchrun --nproc_per_node=2 train.py ...              # DDP with synchronized BatchNorm
 
-Defaults follow the dataset: VOC uses the paper's recipe (crop 513, batch 16, SGD 0.9, lr 0.007 poly 0.9,
-wd 1e-4, scale 0.5-2.0, flip, OS 16, 30k iterations); the synthetic set uses a small CPU-sized recipe.
+Defaults follow the dataset: VOC uses the paper's schedule (ResNet-101, crop 513, batch 16, SGD 0.9, lr 0.007 poly
+0.9, scale 0.5-2.0, flip, OS 16, 30k iterations; wd 1e-4 on conv weights, BatchNorm as torchvision's); the synthetic
+set uses a small CPU-sized recipe.
 """
 
 from __future__ import annotations
@@ -50,7 +52,7 @@ PRESETS = {
     # Sized for a 2-core CPU: 64 px crops, batch 8, a narrow ResNet-29 (width 16: 16..128-wide bottlenecks, a
     # 64-channel ASPP) at output stride 8, 4000 SGD steps at lr 0.05: about 0.06 s each with --fused-ops on an idle
     # 2-core machine (4 minutes in all), 2-4x that when its cores are shared (docs/training.md). Measured: mIoU
-    # 0.52-0.60 on the synthetic validation split.
+    # 0.52-0.61 on the synthetic validation split (docs/training.md).
     "synthetic": dict(crop_size=64, batch_size=8, lr=0.05, iterations=4000, scale_range=(1.0, 1.0),
                       backbone="smallest", eval_every=0, checkpoint_every=500, output_stride=8, backbone_width=16),
     "synthetic-gpu": dict(crop_size=128, batch_size=16, lr=0.02, iterations=3000, scale_range=(0.75, 1.5),
@@ -1106,6 +1108,11 @@ def cmd_train(args, device, info, resumed: tuple | None) -> None:
                       args.memory_efficient, width=args.backbone_width)
     if args.backbone_weights:
         backbone_weights_or_exit(net, args)
+    elif (resumed is None and args.dataset != "synthetic" and args.backbone in ("resnet50", "resnet101")
+          and args.backbone_width == 64 and info.is_main):
+        print(f"note: no --backbone-weights: the {args.backbone} backbone starts from random weights; DeepLabV3's "
+              "published results start from ImageNet ones (torchvision's resnet50/101 state_dict: --backbone-weights "
+              "PTH, docs/training.md)", file=sys.stderr)
     net = net.to(device)
     if args.channels_last:
         net = net.to(memory_format=torch.channels_last)
@@ -1306,7 +1313,8 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--lr", type=float, help="base learning rate (voc: 0.007), poly-decayed to 0")
     g.add_argument("--poly-power", type=float, default=0.9)
     g.add_argument("--momentum", type=float, default=0.9)
-    g.add_argument("--weight-decay", type=float, default=1e-4)
+    g.add_argument("--weight-decay", type=float, default=1e-4,
+                   help="on the convolution and linear weights (not BatchNorm parameters or biases)")
     g.add_argument("--scale-range", type=float, nargs=2, metavar=("MIN", "MAX"), help="random scale (voc: 0.5 2.0)")
     g.add_argument("--no-flip", action="store_true", help="no random horizontal flip")
     g.add_argument("--freeze-bn", action="store_true", help="BatchNorm in eval mode with frozen affine parameters")

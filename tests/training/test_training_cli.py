@@ -728,3 +728,19 @@ def test_deterministic_cuda_training_without_the_fused_ops_is_a_flag_error(monke
     assert "--deterministic on CUDA trains only with --fused-ops" in message and "--device cpu" in message
     for ok in (["--deterministic", "--fused-ops"], ["--deterministic", "--device", "cpu"]):
         train_script.parse_args(ok)
+
+
+def test_a_voc_or_folder_run_from_random_backbone_weights_says_so(tmp_path, monkeypatch, capsys):
+    # The documented VOC command trained ResNet-101 from random weights without a word, where the paper's results
+    # (and a user's expectations of the recipe) start from ImageNet weights.
+    monkeypatch.setattr(train_script, "build_model", _tiny_build_model)
+    root = _gray_folder(tmp_path / "data", ["background", "cat"], 4, (34, 36), ".png")
+    (root / "val.txt").write_text("im3\n")
+    common = ["--dataset", "folder", "--data-root", str(root), "--crop-size", "32", "--batch-size", "2",
+              "--iterations", "1", "--device", "cpu", "--no-tensorboard", "--preview", "0", "--eval-every", "0"]
+    train_script.main(common + ["--backbone", "resnet50", "--out-dir", str(tmp_path / "a")])
+    err = capsys.readouterr().err
+    assert "note: no --backbone-weights: the resnet50 backbone starts from random weights" in err, err
+    # no ImageNet weights exist for a ResNet-29 or another width: nothing to say
+    train_script.main(common + ["--backbone", "resnet29", "--out-dir", str(tmp_path / "b")])
+    assert "--backbone-weights" not in capsys.readouterr().err
