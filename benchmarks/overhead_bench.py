@@ -626,10 +626,15 @@ def gpu_tuning_compiles(hopper: bool = True) -> Iterator[None]:
         fma = t.dtype == torch.float32 and conv_engine.dot_precision(t.dtype, gpu) == "ieee"
         return conv_engine.gpu_fit_sizes(t, fma, PREDICTED_GPU["smem_limit"], hopper)
 
-    gpu_sizes = [(m, name, value) for m, name, value in (
+    gpu_sizes = [
         (conv_engine, "split_count", split_count), (triton_aspp, "split_count", split_count),
         (conv_engine, "fit_sizes", fit_sizes), (triton_aspp, "fit_sizes", fit_sizes),
-        (bn_kernels, "interpreter_active", lambda: False)) if hasattr(m, name)]
+        (bn_kernels, "interpreter_active", lambda: False)]
+    # Every name replaced must be the one the kernels' code reads: a rename there must fail here, not leave the
+    # prediction silently on the interpreter's sizes.
+    missing = [f"{m.__name__}.{name}" for m, name, _ in gpu_sizes if not hasattr(m, name)]
+    if missing:
+        raise AttributeError(f"predicting the GPU's launches replaces {', '.join(missing)}, which no longer exist")
     saved = [(m, name, getattr(m, name)) for m, name, _ in gpu_sizes]
 
     real = launch.run_tuned
@@ -657,7 +662,11 @@ def gpu_tuning_compiles(hopper: bool = True) -> Iterator[None]:
                 c.signatures.clear()
                 c.signatures.update(signatures | compiled.signatures)
 
-    modules = [m for m in (launch, conv_engine, triton_aspp) if getattr(m, "run_tuned", None) is real]
+    modules = (launch, conv_engine, triton_aspp)
+    stray = [m.__name__ for m in modules if getattr(m, "run_tuned", None) is not real]
+    if stray:
+        raise AttributeError(f"predicting the GPU's launches replaces run_tuned, which {', '.join(stray)} no longer "
+                             "takes from deeplab_ops.triton.launch")
     for m in modules:
         m.run_tuned = run_tuned
     for m, name, value in gpu_sizes:
