@@ -1,4 +1,6 @@
-// Argument checks shared by the CPU and CUDA BatchNorm stage kernels.
+// Argument checks shared by the CPU and CUDA kernels: the BatchNorm stage ops', the BatchNorm hyper-parameters and
+// dtypes, and the fused convolution's geometry, residual and output (the per-tensor building blocks are in
+// common/arg_checks.h).
 #pragma once
 
 #include <ATen/ATen.h>

@@ -559,10 +559,10 @@ def release_derived(tensors) -> None:
     with _DERIVED_LOCK:
         keys = [key for key in _DERIVED if not ids.isdisjoint(key[1:])]
         entries = [_DERIVED.pop(key) for key in keys]
-    for entry in entries:  # outside the lock (see _release)
-        _release(entry)
-    del entries
-    # the cpu backend's kept Winograd transforms of the ASPP's branch weights (held weakly in C++)
+    while entries:  # outside the lock (see _release); each value freed here, none kept by a loop variable
+        _release(entries.pop())
+    # the cpu backend's kept Winograd transforms of the ASPP's branch weights (held weakly in C++), and those of the
+    # folds just freed
     weights = [t for t in tensors if t.device.type == "cpu" and t.dim() == 4]
     if weights:
         torch.ops.deeplab_ops.winograd_cache_release(weights)

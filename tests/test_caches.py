@@ -223,3 +223,15 @@ def test_a_deleted_models_kept_transforms_go_at_the_next_call_without_gradient()
         torch.ops.deeplab_ops.conv_bias_act(torch.randn(1, 32, 33, 33), torch.randn(32, 32, 3, 3), None, None,
                                             [1, 1], [1, 1], [1, 1], True)
     assert torch.ops.deeplab_ops.winograd_cache_info()[:2] == [0, 0]
+
+
+def test_a_conversion_frees_the_kept_transforms_of_the_folds_it_drops():
+    # model.bfloat16() dropped the float32 folds, but their kept transforms stayed (a bfloat16 call never asks the
+    # float32 plan that drops a freed weight's): the conversion's release drops them.
+    common.clear_derived()
+    model = FusedConvBNReLU(32, 32, 3, padding=1, backend="cpu").eval()
+    with torch.no_grad():
+        model(torch.randn(1, 32, 33, 33))
+    assert torch.ops.deeplab_ops.winograd_cache_info()[1] > 0
+    model.bfloat16()
+    assert torch.ops.deeplab_ops.winograd_cache_info()[:2] == [0, 0]

@@ -54,10 +54,6 @@ inline void check_same_device(const at::Tensor& t, const char* name, const at::T
               ref.device());
 }
 
-inline void check_activation(const at::Tensor& t, const char* name) {
-  TORCH_CHECK(t.dim() == 4, "deeplab_ops: ", name, " must be a 4-D (N, C, H, W) tensor, got shape ", t.sizes());
-}
-
 inline void check_floating(const at::Tensor& t, const char* name) {
   const at::ScalarType d = t.scalar_type();
   TORCH_CHECK(d == at::kHalf || d == at::kBFloat16 || d == at::kFloat || d == at::kDouble, "deeplab_ops: ", name,
