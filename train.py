@@ -8,6 +8,8 @@
     python train.py --predict photos/ --checkpoint runs/voc/best.pt --out masks/
     torchrun --nproc_per_node=2 train.py ...              # DDP with synchronized BatchNorm
 
+After a regular install (pip install .), `python -m train ...` and `torchrun --nproc_per_node=2 -m train ...`.
+
 Defaults follow the dataset: VOC uses the paper's schedule (ResNet-101, crop 513, batch 16, SGD 0.9, lr 0.007 poly
 0.9, scale 0.5-2.0, flip, OS 16, 30k iterations; wd 1e-4 on conv weights, BatchNorm as torchvision's); the synthetic
 set uses a small CPU-sized recipe.
@@ -1269,7 +1271,9 @@ def parse_args(argv=None) -> argparse.Namespace:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    # `python -m train` (a regular install's module) says so in its usage line, not train.py
+    prog = "python -m train" if __name__ == "__main__" and __spec__ is not None else None
+    p = argparse.ArgumentParser(prog=prog, description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     g = p.add_argument_group("data")
     g.add_argument("--dataset", choices=["synthetic", "voc", "folder"], default=None,
                    help="synthetic (built in, the default), voc (VOC 2012 + SBD) or folder (images/ + masks/)")

@@ -744,3 +744,17 @@ def test_a_voc_or_folder_run_from_random_backbone_weights_says_so(tmp_path, monk
     # no ImageNet weights exist for a ResNet-29 or another width: nothing to say
     train_script.main(common + ["--backbone", "resnet29", "--out-dir", str(tmp_path / "b")])
     assert "--backbone-weights" not in capsys.readouterr().err
+
+
+def test_python_m_train_names_itself_in_its_usage(tmp_path):
+    # A regular install runs the module (python -m train): its usage line said train.py, a file the user does not
+    # have.
+    import subprocess
+    import sys
+
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(ROOT), os.environ.get("PYTHONPATH", "")])}
+    proc = subprocess.run([sys.executable, "-m", "train", "--help"], cwd=tmp_path, env=env, capture_output=True,
+                          text=True, timeout=120)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    assert proc.stdout.startswith("usage: python -m train "), proc.stdout[:200]
+    assert "python -m train ..." in proc.stdout
