@@ -39,6 +39,22 @@ inline void check_args(const at::Tensor& logits, const at::Tensor& target) {
               " must have K >= 1 and non-empty spatial sizes");
 }
 
+// The backward's own tensors against the forward's target: lse (the forward's max and log-sum planes) and grad (one
+// value per pixel for reduction 'none', one in all otherwise). Every backend checks these; the CUDA one adds devices.
+inline void check_backward_shapes(const at::Tensor& grad, const at::Tensor& target, const at::Tensor& lse,
+                                  Reduction reduction, const std::string& reduction_name) {
+  TORCH_CHECK(lse.dim() == 4 && lse.size(0) == 2 && lse.sizes().slice(1) == target.sizes(),
+              "deeplab_ops.upsample_cross_entropy: lse must have shape (2, ", target.size(0), ", ", target.size(1),
+              ", ", target.size(2), ") (the forward's max and log-sum planes), got ", lse.sizes());
+  if (reduction == Reduction::kNone) {
+    TORCH_CHECK(grad.sizes() == target.sizes(), "deeplab_ops.upsample_cross_entropy: grad must have shape ",
+                target.sizes(), " for reduction='none', got ", grad.sizes());
+  } else {
+    TORCH_CHECK(grad.numel() == 1, "deeplab_ops.upsample_cross_entropy: grad must have one element for reduction='",
+                reduction_name, "', got shape ", grad.sizes());
+  }
+}
+
 // Per-axis bilinear stencil for `in` low-res positions read by `out` output positions, with PyTorch's formula
 // in its opmath type (scale from the sizes; without align_corners src = scale * (o + 0.5) - 0.5 clamped at 0),
 // so the neighbours are PyTorch's: output o reads i0[o] (weight l0[o]) and i1[o] (weight l1[o]). For each

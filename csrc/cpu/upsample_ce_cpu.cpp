@@ -358,16 +358,7 @@ at::Tensor upsample_cross_entropy_backward_cpu(const at::Tensor& grad_, const at
   const at::Tensor target = target_.contiguous();
   const int64_t n = logits.size(0), k = logits.size(1), h = logits.size(2), w = logits.size(3);
   const int64_t H = target.size(1), W = target.size(2);
-  TORCH_CHECK(lse_.dim() == 4 && lse_.size(0) == 2 && lse_.sizes().slice(1) == target.sizes(),
-              "deeplab_ops.upsample_cross_entropy: lse must have shape (2, ", n, ", ", H, ", ", W,
-              ") (the forward's max and log-sum planes), got ", lse_.sizes());
-  if (reduction == Reduction::kNone) {
-    TORCH_CHECK(grad_.sizes() == target.sizes(), "deeplab_ops.upsample_cross_entropy: grad must have shape ",
-                target.sizes(), " for reduction='none', got ", grad_.sizes());
-  } else {
-    TORCH_CHECK(grad_.numel() == 1, "deeplab_ops.upsample_cross_entropy: grad must have one element for reduction='",
-                std::string(reduction_), "', got shape ", grad_.sizes());
-  }
+  upsample_ce::check_backward_shapes(grad_, target, lse_, reduction, std::string(reduction_));
   at::Tensor grad_logits = at::empty_like(logits, at::MemoryFormat::Contiguous);
   AT_DISPATCH_FLOATING_TYPES(logits.scalar_type(), "upsample_cross_entropy_backward_cpu", [&] {
     using acc_t = at::acc_type<scalar_t, false>;

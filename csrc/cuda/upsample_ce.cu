@@ -327,9 +327,7 @@ at::Tensor upsample_cross_entropy_backward_cuda(const at::Tensor& grad_, const a
   const at::Tensor target = target_.contiguous();
   const int64_t n = logits.size(0), k = logits.size(1), h = logits.size(2), w = logits.size(3);
   const int64_t H = target.size(1), W = target.size(2);
-  TORCH_CHECK(lse_.dim() == 4 && lse_.size(0) == 2 && lse_.sizes().slice(1) == target.sizes(),
-              "deeplab_ops.upsample_cross_entropy: lse must have shape (2, ", n, ", ", H, ", ", W,
-              ") (the forward's max and log-sum planes), got ", lse_.sizes());
+  upsample_ce::check_backward_shapes(grad_, target, lse_, reduction, std::string(reduction_));
   // The kernel reads lse, grad and (for "mean") valid_count through raw device pointers: a tensor on another
   // device (a CPU tensor from a direct torch.ops call) would be read as a device address (illegal memory access).
   TORCH_CHECK(lse_.device() == logits.device(), "deeplab_ops.upsample_cross_entropy: lse is on ", lse_.device(),
@@ -342,13 +340,6 @@ at::Tensor upsample_cross_entropy_backward_cuda(const at::Tensor& grad_, const a
     TORCH_CHECK(valid_count.numel() == 1 && valid_count.device() == logits.device(),
                 "deeplab_ops.upsample_cross_entropy: valid_count must be one value on ", logits.device(),
                 " for reduction='mean', got shape ", valid_count.sizes(), " on ", valid_count.device());
-  }
-  if (per_pixel) {
-    TORCH_CHECK(grad_.sizes() == target.sizes(), "deeplab_ops.upsample_cross_entropy: grad must have shape ",
-                target.sizes(), " for reduction='none', got ", grad_.sizes());
-  } else {
-    TORCH_CHECK(grad_.numel() == 1, "deeplab_ops.upsample_cross_entropy: grad must have one element for reduction='",
-                std::string(reduction_), "', got shape ", grad_.sizes());
   }
   const auto opmath = logits.scalar_type() == at::kDouble ? at::kDouble : at::kFloat;
   const at::Tensor lse = lse_.to(opmath).contiguous();

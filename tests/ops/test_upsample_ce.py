@@ -6,6 +6,7 @@ GPU-only half-precision and large-shape tests."""
 from __future__ import annotations
 
 import math
+import re
 import time
 
 import pytest
@@ -775,3 +776,18 @@ def test_cuda_backward_refuses_saved_tensors_elsewhere_and_counts_exactly():
         _ops.upsample_cross_entropy_backward(grad.cpu(), logits, target, lse, valid, 255, False, "mean")
     with pytest.raises(RuntimeError, match="valid_count must be one value"):
         _ops.upsample_cross_entropy_backward(grad, logits, target, lse, valid.new_empty(0), 255, False, "mean")
+
+
+@pytest.mark.parametrize("lse_shape, grad_shape, reduction, says", [
+    ((2, 4, 11), (), "mean",
+     "lse must have shape (2, 2, 9, 11) (the forward's max and log-sum planes), got [2, 4, 11]"),
+    ((2, 2, 9, 11), (3,), "sum", "grad must have one element for reduction='sum', got shape [3]"),
+    ((2, 2, 9, 11), (2, 9), "none", "grad must have shape [2, 9, 11] for reduction='none', got [2, 9]"),
+])
+def test_the_cpu_backward_op_called_directly_checks_its_saved_tensors(lse_shape, grad_shape, reduction, says):
+    # (the front door never passes these wrong; a direct torch.ops call may: one check, shared with the CUDA op)
+    logits, target = torch.randn(2, 3, 4, 5), torch.randint(0, 3, (2, 9, 11))
+    with pytest.raises(RuntimeError, match=re.escape(says)):
+        torch.ops.deeplab_ops.upsample_cross_entropy_backward(torch.ones(grad_shape), logits, target,
+                                                              torch.zeros(lse_shape), torch.ones(()), 255, False,
+                                                              reduction)
