@@ -345,7 +345,7 @@ def _fused_class(cls: type, kind: str) -> type:
     modules use it."""
     with _FUSED_CLASS_LOCK:
         fused = _FUSED_CLASSES.get((id(cls), kind))
-        if fused is not None:
+        if fused is not None and fused.original_class is cls:  # (never another class at a reused id)
             return fused
         op = {"aspp": "the fused ASPP op", "block": "deeplab_ops.conv_bn_relu"}.get(
             kind, "deeplab_ops.conv_bn_relu for its conv → BatchNorm (→ ReLU) chains")
