@@ -344,10 +344,13 @@ def _setup(args) -> tuple[torch.device, distributed.DistInfo]:
     except torch.distributed.DistError as e:
         # Under a multi-node launch, a process that stopped before joining (a flag or data error on its node) leaves
         # the others waiting here, where no agent stops them: one line instead of torch's store traceback.
-        raise SystemExit(
-            f"train.py: the process group did not form within --dist-timeout {args.dist_timeout:g} min: a process "
-            "stopped before joining (see its message; under a multi-node launch on its own node) or never started "
-            f"({str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__})") from None
+        first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+        if isinstance(e, torch.distributed.DistStoreError) and "time" in first.lower():  # timed out / wait timeout
+            raise SystemExit(
+                f"train.py: the process group did not form within --dist-timeout {args.dist_timeout:g} min: a "
+                "process stopped before joining (see its message; under a multi-node launch on its own node) or "
+                f"never started ({first})") from None
+        raise SystemExit(f"train.py: could not form the process group ({first})") from None
     device = torch.device("cuda", info.local_rank) if dev_type == "cuda" else torch.device("cpu")
     random.seed(args.seed)
     np.random.seed(args.seed)  # noqa: NPY002 (the legacy global state, for libraries that use it)
@@ -1393,7 +1396,7 @@ NOT_PREDICT = ("out_dir", "preview", "eval_batch_size", "workers", "train_split"
 NOT_EVAL_ONLY = ("train_split", "synthetic_train_size")
 # What --eval-only records of the checkpoint's run (metrics_eval.json's args): how it trained, every preset included
 # (not this command's flags about its own run: --resume, --overwrite, --stop-after).
-RECIPE = tuple(k for k in dict.fromkeys((*PRESETS["voc"], *TRAINING_ONLY, *NOT_EVAL_ONLY))
+RECIPE = tuple(k for k in dict.fromkeys((*PRESETS["voc"], *TRAINING_ONLY, *NOT_EVAL_ONLY, "seed", "deterministic"))
                if k not in ("resume", "overwrite", "stop_after"))
 
 
@@ -1788,7 +1791,8 @@ def main(argv=None) -> None:
         terminated = isinstance(e, Terminated)
         if info.is_main and not (args.predict or args.eval_only):
             saved = _saved_checkpoints(args, iterations=True)
-            loop.Progress.end()
+            if not loop.Progress.end() and sys.stderr.isatty():
+                sys.stderr.write("\n")  # (after the terminal's echoed ^C)
             print(f"train.py: {'terminated (SIGTERM)' if terminated else 'interrupted'}; "
                   + (f"{', '.join(saved)} in {os.path.abspath(args.out_dir)}: {_how_to_go_on(args)}"
                      if saved else "no checkpoint was saved"), file=sys.stderr)

@@ -16,6 +16,7 @@ import contextlib
 import csv
 import datetime
 import errno
+import importlib.machinery
 import importlib.util
 import io
 import json
@@ -44,7 +45,8 @@ def _add_repository_root() -> None:
     benchmarks run the installed build instead of stopping on the source tree's missing _C."""
     if str(REPO_ROOT) in sys.path:
         return
-    built = any((REPO_ROOT / "deeplab_ops").glob("_C.*")) or (REPO_ROOT / "deeplab_ops" / "_C.so").exists()
+    built = any((REPO_ROOT / "deeplab_ops" / f"_C{suffix}").is_file()  # (deeplab_ops._extension's rule)
+                for suffix in importlib.machinery.EXTENSION_SUFFIXES)
     if built or importlib.util.find_spec("deeplab_ops") is None:
         sys.path.insert(0, str(REPO_ROOT))
     else:
@@ -1527,7 +1529,7 @@ def _fastest(sel: dict[str, dict], providers: Sequence[str]) -> dict | None:
 def goal_report(out_dir: str | Path) -> list[str]:
     """Lines saying, for each goal and fused provider, the measured ratio against its target (or why none).
     FileNotFoundError / NotADirectoryError when out_dir is not a folder; a results file that cannot be read gets
-    a line saying why (goal_problems lists those)."""
+    a line saying why."""
     return _goal_report(out_dir)[0]
 
 

@@ -70,12 +70,6 @@ def check_fusable(conv: nn.Module, bn: nn.Module) -> None:
     _conv_padding(conv)
 
 
-def real_number(value) -> bool:
-    """A real number other than a bool: what the fused op takes as a BatchNorm's momentum or eps (a NumPy float too).
-    Fused forwards test `type(v) is float or real_number(v)`: no call for the usual float."""
-    return isinstance(value, numbers.Real) and not isinstance(value, bool)
-
-
 def _check_bn_numbers(bn: nn.Module) -> None:
     """Raise unless bn's momentum and eps are ones the fused op takes. PyTorch's BatchNorm takes any number for
     either; the op refuses a momentum that is no average's weight and an eps that is not a finite number > 0
@@ -285,11 +279,14 @@ class ReleasesDerived:
             _BATCHES.pop(id(t), None)
 
     def train(self, mode: bool = True):
-        if mode and not self.training:
+        # The mode this method last set, not self.training: torch.compile's wrapper sets its module's `training`
+        # before Module.train reaches it.
+        if mode and not self.__dict__.get("_mode_set", self.training):
             # Back to training after eval calls: what they cached (BatchNorm folded into the weights, the cpu
             # backend's kept Winograd transforms) is stale from the first optimizer step on, and would otherwise be
             # held, a copy of the weights and more, until the next eval call replaces it.
             release_derived([*self.parameters(), *self.buffers()])
+        self.__dict__["_mode_set"] = bool(mode)
         return super().train(mode)
 
     def _apply(self, fn, recurse=True):

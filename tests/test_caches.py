@@ -179,7 +179,8 @@ def test_fused_subclasses_of_a_users_classes_are_freed_with_their_models():
         assert type(model) is not Net and type(model[-1]) is not Block  # fused subclasses
         del model, Net, Block
     gc.collect()
-    assert sum(r() is not None for r in refs) <= 4  # all 40 before
+    # all 40 before; the last model's four may outlive it a while (torch.fx's tracing of its block)
+    assert sum(r() is not None for r in refs) <= 4
 
 
 def test_a_fused_subclass_is_made_once_per_class_while_used():
@@ -204,6 +205,14 @@ def test_back_to_training_drops_what_eval_calls_cached():
     assert common.derived_cache_info()["entries"] == 0
     assert torch.ops.deeplab_ops.winograd_cache_info()[:2] == [0, 0]
     model.train()  # already training: nothing to drop, nothing read
+    # torch.compile's wrapper sets its module's `training` before Module.train reaches it: dropped all the same
+    compiled = torch.compile(model[0])
+    compiled.eval()
+    with torch.no_grad():
+        model[0](torch.randn(1, 32, 33, 33))  # (eager: a compiled call caches nothing)
+    assert common.derived_cache_info()["entries"] == 1
+    compiled.train()
+    assert common.derived_cache_info()["entries"] == 0
     model.eval()
     with torch.no_grad():
         model(torch.randn(1, 32, 33, 33))  # cached again

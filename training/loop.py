@@ -310,12 +310,15 @@ class Progress:
         sys.stderr.flush()
 
     @staticmethod
-    def end() -> None:
-        """Ends an open bar's line, so that what is printed next (an error, a stop line) starts a line of its own."""
-        if Progress.open_line:
-            Progress.open_line = False
-            sys.stderr.write("\n")
-            sys.stderr.flush()
+    def end() -> bool:
+        """Ends an open bar's line, so that what is printed next (an error, a stop line) starts a line of its own;
+        whether one was open."""
+        if not Progress.open_line:
+            return False
+        Progress.open_line = False
+        sys.stderr.write("\n")
+        sys.stderr.flush()
+        return True
 
     def update(self, it: int, loss: float, lr: float) -> None:
         done = it - self.start

@@ -162,3 +162,19 @@ def test_a_process_group_that_does_not_form_stops_in_one_line(launch_env):
     assert message.startswith("train.py: the process group did not form within --dist-timeout 0.03 min: a process "
                               "stopped before joining"), message
     assert not dist.is_initialized()
+
+
+def test_a_process_group_that_cannot_form_at_once_is_not_called_a_timeout(launch_env):
+    # (its master port taken by another program: no --dist-timeout was waited)
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        s.listen()
+        launch_env({"WORLD_SIZE": "2", "RANK": "0", "LOCAL_RANK": "0", "MASTER_ADDR": "127.0.0.1",
+                    "MASTER_PORT": str(s.getsockname()[1])})
+        args = train_script.parse_args(["--device", "cpu", "--dist-timeout", "0.05"])
+        with pytest.raises(SystemExit) as e:
+            train_script._setup(args)
+    assert str(e.value.code).startswith("train.py: could not form the process group ("), e.value.code
+    assert not dist.is_initialized()
