@@ -149,6 +149,9 @@ TORCH_LIBRARY(deeplab_ops, m) {
           TORCH_CHECK(x.dim() == 4 && weight.dim() == 4 && x.size(1) == weight.size(1),
                       "onednn_unsafe_plan: x (N, C, H, W) and weight (C_out, C, kH, kW) must be 4-D with the same C, "
                       "got shapes ", x.sizes(), " and ", weight.sizes());
+          TORCH_CHECK(stride.size() == 2 && padding.size() == 2 && dilation.size() == 2,
+                      "onednn_unsafe_plan: stride, padding and dilation must have 2 values each, got ", stride, ", ",
+                      padding, " and ", dilation);
           for (int d = 0; d < 2; ++d) {
             TORCH_CHECK(stride[d] >= 1 && dilation[d] >= 1 && padding[d] >= 0, "onednn_unsafe_plan: stride ", stride,
                         " and dilation ", dilation, " must be positive, padding ", padding, " non-negative");
@@ -164,6 +167,9 @@ TORCH_LIBRARY(deeplab_ops, m) {
           TORCH_CHECK(x.dim() == 4, "nchw_weight_grad_plan: x must be 4-D (N, C, H, W), got shape ", x.sizes());
           TORCH_CHECK(weight.dim() == 4, "nchw_weight_grad_plan: weight must be 4-D (C_out, C_in, kH, kW), got shape ",
                       weight.sizes());
+          TORCH_CHECK(stride.size() == 2 && padding.size() == 2 && dilation.size() == 2,
+                      "nchw_weight_grad_plan: stride, padding and dilation must have 2 values each, got ", stride, ", ",
+                      padding, " and ", dilation);
           for (int d = 0; d < 2; ++d) {
             TORCH_CHECK(stride[d] >= 1, "nchw_weight_grad_plan: stride must be positive, got ", stride);
             TORCH_CHECK(dilation[d] >= 1, "nchw_weight_grad_plan: dilation must be positive, got ", dilation);

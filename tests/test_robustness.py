@@ -382,3 +382,32 @@ def test_describe_source_sees_through_wrappers(tmp_path):
                                                          + ")")
     assert "synthetic image 5" in datasets.describe_source(datasets.SyntheticShapes("train", 16, 10), 5)
     assert datasets.describe_source([1, 2], 1) == "sample 1 of list"
+
+
+@pytest.mark.parametrize("op", ["onednn_unsafe_plan", "nchw_weight_grad_plan"])
+@pytest.mark.parametrize("lists", [([1], [1], [1]), ([], [], []), ([1, 1], [1], [1, 1])])
+def test_plan_ops_called_directly_refuse_short_geometry_lists(op, lists):
+    # Their int[2] arguments were indexed at [0] and [1] unchecked: a heap over-read, or a null-pointer crash for
+    # empty lists (found with AddressSanitizer).
+    with pytest.raises(RuntimeError, match="must have 2 values each"):
+        getattr(torch.ops.deeplab_ops, op)(torch.empty(1, 4, 5, 5), torch.empty(4, 4, 3, 3), *lists)
+
+
+def test_the_largest_dilation_runs_an_nchw_layer_as_eager_does():
+    # oneDNN's channels_last convolution dies of SIGFPE at a dilation of 2**31 - 1, where eager's NCHW call computes:
+    # the cpu backend took such an NCHW layer's input gradient (and forward) through channels_last and crashed.
+    code = (
+        "import torch, deeplab_ops\n"
+        "L = 2**31 - 1\n"
+        "torch.manual_seed(0)\n"
+        "x = torch.randn(2, 32, 9, 9, requires_grad=True)\n"
+        "w = torch.randn(32, 32, 3, 3, requires_grad=True)\n"
+        "out = deeplab_ops.conv_bn_relu(x, w, None, None, None, None, padding=L, dilation=L, backend='cpu')\n"
+        "out.sum().backward()\n"
+        "ref = deeplab_ops.conv_bn_relu(x.detach().requires_grad_(), w, None, None, None, None, padding=L, dilation=L,"
+        " backend='reference')\n"
+        "print('ok', float((out - ref).abs().max()) < 1e-3)\n"
+    )
+    proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0 and proc.stdout.strip() == "ok True", (proc.returncode, proc.stdout,
+                                                                       proc.stderr[-2000:])

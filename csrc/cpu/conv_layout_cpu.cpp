@@ -247,6 +247,7 @@ std::optional<TapPairs> sparse_tap_pairs(const at::Tensor& x, const at::Tensor& 
 bool nchw_conv_via_channels_last(const at::Tensor& x, const at::Tensor& weight, at::IntArrayRef stride,
                                  at::IntArrayRef padding, at::IntArrayRef dilation, bool may_keep_weight) {
   if (!x.is_cpu() || x.suggest_memory_format() != at::MemoryFormat::Contiguous || !x.is_contiguous()) return false;
+  if (!channels_last_extent_ok(weight, dilation)) return false;
   const auto taps = sparse_tap_pairs(x, weight, stride, padding, dilation);
   if (!taps) return false;
   const bool dilated = std::max(dilation[0], dilation[1]) >= kLargeDilation;

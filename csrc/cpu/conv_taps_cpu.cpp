@@ -113,7 +113,8 @@ TapsBackwardPlan conv_taps_backward_plan(const at::Tensor& x, const at::Tensor& 
   const bool nchw = x.suggest_memory_format() == at::MemoryFormat::Contiguous;
   const bool padded_within =
       padding[0] <= dilation[0] * (weight.size(2) - 1) && padding[1] <= dilation[1] * (weight.size(3) - 1);
-  plan.input = nchw && padded_within && dilation[1] >= kMinDilationNchwInput;
+  plan.input =
+      nchw && padded_within && dilation[1] >= kMinDilationNchwInput && channels_last_extent_ok(weight, dilation);
   const bool wide = !nchw && cin >= kWideIn && cout >= kWideOut && taps->fraction <= kMaxValidFractionWide;
   plan.weight = (taps->fraction <= kMaxValidFraction || wide) && full_float32_matmul();
   return plan;
