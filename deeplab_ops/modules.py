@@ -272,8 +272,11 @@ class ReleasesDerived:
     PyTorch's swap-on-conversion mode (torch.__future__.set_swap_module_params_on_conversion) can swap them; and
     what eval calls cached is dropped when the module goes back to training."""
 
+    def _tensors(self) -> list:
+        return [*self.parameters(), *self.buffers()]
+
     def _release(self) -> None:
-        tensors = [*self.parameters(), *self.buffers()]
+        tensors = self._tensors()
         release_derived(tensors)
         for t in tensors:
             _BATCHES.pop(id(t), None)
@@ -285,7 +288,7 @@ class ReleasesDerived:
             # Back to training after eval calls: what they cached (BatchNorm folded into the weights, the cpu
             # backend's kept Winograd transforms) is stale from the first optimizer step on, and would otherwise be
             # held, a copy of the weights and more, until the next eval call replaces it.
-            release_derived([*self.parameters(), *self.buffers()])
+            release_derived(self._tensors())
         self.__dict__["_mode_set"] = bool(mode)
         return super().train(mode)
 

@@ -219,14 +219,20 @@ def test_back_to_training_drops_what_eval_calls_cached():
     assert common.derived_cache_info()["entries"] == 2
 
 
-def test_a_deleted_models_kept_transforms_go_at_the_next_call_without_gradient():
-    # They were dropped only at the next lookup of a registered weight's transform: a process that went on with
-    # other convolutions (another model's, not registered) held a deleted model's transforms (up to 1 GiB).
+def _eval_layer_with_kept_transforms() -> FusedConvBNReLU:
+    """A cpu-backend eval layer after one call: its fold cached, the fold's Winograd transform kept (nothing else)."""
     common.clear_derived()
     model = FusedConvBNReLU(32, 32, 3, padding=1, backend="cpu").eval()
     with torch.no_grad():
         model(torch.randn(1, 32, 33, 33))
     assert torch.ops.deeplab_ops.winograd_cache_info()[1] > 0
+    return model
+
+
+def test_a_deleted_models_kept_transforms_go_at_the_next_call_without_gradient():
+    # They were dropped only at the next lookup of a registered weight's transform: a process that went on with
+    # other convolutions (another model's, not registered) held a deleted model's transforms (up to 1 GiB).
+    model = _eval_layer_with_kept_transforms()
     del model  # its parameters, their cached fold and the fold's transform go
     with torch.no_grad():
         torch.ops.deeplab_ops.conv_bias_act(torch.randn(1, 32, 33, 33), torch.randn(32, 32, 3, 3), None, None,
@@ -237,10 +243,6 @@ def test_a_deleted_models_kept_transforms_go_at_the_next_call_without_gradient()
 def test_a_conversion_frees_the_kept_transforms_of_the_folds_it_drops():
     # model.bfloat16() dropped the float32 folds, but their kept transforms stayed (a bfloat16 call never asks the
     # float32 plan that drops a freed weight's): the conversion's release drops them.
-    common.clear_derived()
-    model = FusedConvBNReLU(32, 32, 3, padding=1, backend="cpu").eval()
-    with torch.no_grad():
-        model(torch.randn(1, 32, 33, 33))
-    assert torch.ops.deeplab_ops.winograd_cache_info()[1] > 0
+    model = _eval_layer_with_kept_transforms()
     model.bfloat16()
     assert torch.ops.deeplab_ops.winograd_cache_info()[:2] == [0, 0]

@@ -8,6 +8,7 @@
 #include <ATen/ATen.h>
 
 #include <cstdint>
+#include <limits>
 #include <optional>
 
 namespace deeplab_ops {
@@ -61,20 +62,20 @@ struct TapPairs {
 std::optional<TapPairs> sparse_tap_pairs(const at::Tensor& x, const at::Tensor& weight, at::IntArrayRef stride,
                                          at::IntArrayRef padding, at::IntArrayRef dilation);
 
+// Whether oneDNN's channels_last convolution takes this dilated kernel: it fails (SIGFPE in its blocking) at a
+// dilation of 2**31 - 1, where its NCHW convolution, which eager runs for an NCHW x, computes. The routes that take
+// an NCHW x through channels_last are not taken where the dilated extent does not fit an int32.
+inline bool channels_last_extent_ok(const at::Tensor& weight, at::IntArrayRef dilation) {
+  constexpr int64_t kMax32 = std::numeric_limits<int32_t>::max();
+  return dilation[0] * (weight.size(2) - 1) < kMax32 && dilation[1] * (weight.size(3) - 1) < kMax32;
+}
+
 // Whether conv2d(x, weight, stride, padding, dilation) with an NCHW x runs faster converted to channels_last and
 // back: float32 on the CPU through oneDNN, groups 1, stride 1, at most 72 % of its taps inside the input (85 % at
 // a dilation of 8 or more), and enough multiplies per converted value that the conversions cost less than the
 // taps saved.
 // may_keep_weight: the call may take the weight's kept channels_last copy (channels_last_weight, a call with no
 // gradient); a weight that is not channels_last and not kept is converted per call, and counted.
-// Whether oneDNN's channels_last convolution takes this dilated kernel: it fails (SIGFPE in its blocking) at a
-// dilation of 2**31 - 1, where its NCHW convolution, which eager runs for an NCHW x, computes. The routes that take
-// an NCHW x through channels_last are not taken where the dilated extent does not fit an int32.
-inline bool channels_last_extent_ok(const at::Tensor& weight, at::IntArrayRef dilation) {
-  constexpr int64_t kInt32Max = 2147483647;
-  return dilation[0] * (weight.size(2) - 1) < kInt32Max && dilation[1] * (weight.size(3) - 1) < kInt32Max;
-}
-
 bool nchw_conv_via_channels_last(const at::Tensor& x, const at::Tensor& weight, at::IntArrayRef stride,
                                  at::IntArrayRef padding, at::IntArrayRef dilation, bool may_keep_weight);
 
