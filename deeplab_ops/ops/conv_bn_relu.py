@@ -26,6 +26,7 @@ from deeplab_ops.common import (
     derived,
     drop_oldest,
     empty_activation,
+    fake_mode,
     graph_for_every_grad_mode,
     jit_tracing,
     opmath_dtype,
@@ -202,6 +203,51 @@ def check_args(
     geometry = checked_config(stride, padding, dilation, training, momentum, eps, relu)
     n, cout, ho, wo = check_conv(x, weight, *geometry, empty=empty)
     device, dtype = x.device, x.dtype
+    if _plain_bn(bn_weight, bn_bias, running_mean, running_var, cout, device, dtype, training):
+        if (running_mean.requires_grad or running_var.requires_grad) and torch.is_grad_enabled():
+            refuse_running_grad("running_mean" if running_mean.requires_grad else "running_var")
+    else:  # the per-tensor checks: they decide the unusual calls and name what is wrong
+        _check_bn(bn_weight, bn_bias, running_mean, running_var, cout, device, dtype, training)
+    if training and n * ho * wo == 1 and not synchronized:  # (F.batch_norm's rule: an empty batch passes)
+        raise ValueError(
+            f"training BatchNorm needs more than 1 value per channel, but the output is {n}x{cout}x{ho}x{wo}; "
+            "use a batch of 2 or more (or a larger input), or training=False with running statistics"
+        )
+    if residual is not None and not (isinstance(residual, Tensor) and residual.shape == (n, cout, ho, wo)
+                                     and residual.device == device and residual.dtype == dtype
+                                     and residual.layout == torch.strided):
+        _check_like_output(residual, "residual", (n, cout, ho, wo), x)  # which of them, said (no frame per call)
+    return geometry
+
+
+def _plain_bn(bn_weight, bn_bias, running_mean, running_var, cout: int, device, dtype, training: bool) -> bool:
+    """The usual call's BatchNorm tensors, passed in one sweep (check_args' per-call cost): four (cout,) unit-stride
+    strided vectors of one allowed dtype on x's device and, in training, running statistics whose bytes meet neither
+    each other's nor the affine parameters' (equal-length spans: apart by at least their length). Never raises:
+    False sends the call to `_check_bn`, which decides anything else (and names what is wrong)."""
+    if cout < 1 or device.type == "meta" or not isinstance(bn_weight, Tensor):
+        return False
+    bn_dtype = bn_weight.dtype
+    if bn_dtype is not dtype and not (bn_dtype is torch.float32 and dtype in HALF_DTYPES):
+        return False
+    for t in (bn_weight, bn_bias, running_mean, running_var):
+        if (not isinstance(t, Tensor) or t.layout is not torch.strided or t.shape != (cout,) or t.dtype is not bn_dtype
+                or t.device != device or t.stride() != (1,)):
+            return False
+    if not training:
+        return True
+    if torch.compiler.is_compiling() or fake_mode() is not None:  # (fake tensors: strides, no addresses)
+        return False
+    try:
+        a, b, m, v = bn_weight.data_ptr(), bn_bias.data_ptr(), running_mean.data_ptr(), running_var.data_ptr()
+    except RuntimeError:  # (no storage: torch.func's wrappers)
+        return False
+    n = cout * bn_weight.element_size()
+    return abs(m - v) >= n and abs(m - a) >= n and abs(m - b) >= n and abs(v - a) >= n and abs(v - b) >= n
+
+
+def _check_bn(bn_weight, bn_bias, running_mean, running_var, cout: int, device, dtype, training: bool) -> None:
+    """check_args' BatchNorm tensors one by one (what `_plain_bn` did not pass); errors name the argument."""
     bn_dtype = None
     if bn_weight is not None:
         bn_dtype = _check_vector(bn_weight, "bn_weight", cout, device, dtype, bn_dtype)
@@ -222,16 +268,6 @@ def check_args(
     if training and running_mean is not None:
         check_running_writable((("running_mean", running_mean), ("running_var", running_var)),
                                (("bn_weight", bn_weight), ("bn_bias", bn_bias)))
-    if training and n * ho * wo == 1 and not synchronized:  # (F.batch_norm's rule: an empty batch passes)
-        raise ValueError(
-            f"training BatchNorm needs more than 1 value per channel, but the output is {n}x{cout}x{ho}x{wo}; "
-            "use a batch of 2 or more (or a larger input), or training=False with running statistics"
-        )
-    if residual is not None and not (isinstance(residual, Tensor) and residual.shape == (n, cout, ho, wo)
-                                     and residual.device == device and residual.dtype == dtype
-                                     and residual.layout == torch.strided):
-        _check_like_output(residual, "residual", (n, cout, ho, wo), x)  # which of them, said (no frame per call)
-    return geometry
 
 
 def _check_like_output(t, name: str, shape: tuple, x: Tensor) -> None:

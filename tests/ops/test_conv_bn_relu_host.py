@@ -149,10 +149,10 @@ def test_fused_block_uses_modules_replaced_after_fusion():
 
 # ---- counts of a steady-state call's Python work ----------------------------------------------------------------
 
-# Python frames of deeplab_ops per steady-state layer forward (measured 22-23 on the cpu backend: module glue, checks,
-# the layout rule (common.conv_layout), backend choice, the front door; the op's autograd is C++); the backward runs
-# none (the C++ node calls the backward op).
-_FORWARD_FRAMES = 23
+# Python frames of deeplab_ops per steady-state layer forward (measured 18-19 on the cpu backend: module glue, checks,
+# the layout rule (common.conv_layout), backend choice, the front door; the op's autograd is C++; the BatchNorm tensors'
+# checks are one frame, ops.conv_bn_relu._plain_bn); the backward runs none (the C++ node calls the backward op).
+_FORWARD_FRAMES = 19
 _BACKWARD_FRAMES = 0
 
 
@@ -179,3 +179,42 @@ def test_steady_state_layer_python_work(kind):
     assert getattr_calls == 0, sorted(k for k in forward if k[1] == "__getattr__")
     assert package_frames(forward) <= _FORWARD_FRAMES * layers, sorted(forward.items())
     assert package_frames(backward) <= _BACKWARD_FRAMES * layers, sorted(backward.items())
+
+
+def _bn_layouts():
+    """BatchNorm tensors of 4 channels laid out every way a caller may give them: separate, slices of one buffer
+    at every offset (overlapping or not), the same tensor twice, expanded, strided, non-float, on meta."""
+    buffer = torch.arange(24, dtype=torch.float32)
+    sep = [torch.rand(4) + 0.5 for _ in range(4)]
+    yield "separate", sep
+    for step in range(0, 6):  # slices of one buffer `step` values apart: overlapping below 4
+        yield f"buffer step {step}", [buffer[i * step:i * step + 4] for i in range(4)]
+    for i in range(4):
+        for j in range(4):
+            if i != j:
+                same = list(sep)
+                same[j] = same[i]
+                yield f"{j} is {i}", same
+    for i in range(4):
+        for name, t in (("expanded", torch.ones(1).expand(4)), ("strided", torch.zeros(8)[::2]),
+                        ("half", torch.ones(4, dtype=torch.float16)), ("long", torch.ones(4, dtype=torch.long)),
+                        ("3 values", torch.ones(3)), ("2-d", torch.ones(4, 1)), ("meta", torch.ones(4, device="meta")),
+                        ("None", None), ("list", [1.0] * 4)):
+            odd = list(sep)
+            odd[i] = t
+            yield f"{name} at {i}", odd
+
+
+@pytest.mark.parametrize("training", [True, False])
+def test_one_sweep_bn_check_passes_only_what_the_per_tensor_checks_pass(training):
+    """check_args passes the usual call's BatchNorm tensors in one sweep (_plain_bn) and sends anything else to the
+    per-tensor checks: whatever the sweep passes, the per-tensor checks pass too (it never lets a tensor through
+    that they refuse, an overlap of the written running statistics included), and it passes the usual layouts."""
+    passed = []
+    for name, (w, b, m, v) in _bn_layouts():
+        if op_module._plain_bn(w, b, m, v, 4, torch.device("cpu"), torch.float32, training):
+            op_module._check_bn(w, b, m, v, 4, torch.device("cpu"), torch.float32, training)  # raises if wrong
+            passed.append(name)
+    assert "separate" in passed and "buffer step 4" in passed and "buffer step 5" in passed
+    overlapping = {"buffer step 0", "buffer step 1", "buffer step 2", "buffer step 3", "2 is 3", "3 is 2"}
+    assert not overlapping & set(passed) if training else overlapping <= set(passed), passed
