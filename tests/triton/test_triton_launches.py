@@ -199,6 +199,26 @@ def test_candidates_fit_the_channels():
                 spec.kernel, c)), launch.kernel_name(spec.kernel)
 
 
+def test_few_input_channels_keep_a_wide_tile():
+    """A layer with 16 or fewer channels along the reduction and more along the output (an RGB stem, 3 -> 64) keeps
+    a tile of 64 output channels over at least 64 pixels (sm_90: 128, a wgmma warpgroup's 64 rows twice), not the
+    16 x 16 fallback, in the forward (K = C_in); the dgrad's K is C_out (a 64 -> 3 layer). Layers with more channels
+    never keep it (the candidates for them are as before)."""
+    from deeplab_ops.triton import conv_engine
+
+    for hopper in (True, False):
+        for name, sizes in (("fwd", dict(C_in=3, C_out=64)), ("dgrad", dict(C_in=64, C_out=3)),
+                            ("fwd", dict(C_in=16, C_out=256))):
+            spec = conv_engine.KERNELS[name]
+            kept = [c.kwargs for c in spec.prune(spec.configs(hopper), dict(sizes, elem_size=2, hopper=hopper))]
+            assert len(kept) == 1, (name, hopper, kept)
+            assert kept[0]["BLOCK_K"] == 16 and kept[0]["BLOCK_N"] == 64, (name, hopper, kept)
+            assert kept[0]["BLOCK_H"] * kept[0]["BLOCK_W"] >= (128 if hopper else 64), kept
+        wide = dict(C_in=256, C_out=256, elem_size=2, hopper=hopper)
+        for spec in conv_engine.KERNELS.values():
+            assert all(c.kwargs.get("BLOCK_K", 64) > 16 for c in spec.prune(spec.configs(hopper), wide))
+
+
 def test_no_tuning_inside_a_cuda_graph_capture(monkeypatch):
     """A key first met inside a CUDA-graph capture (where timing would synchronize, which a capture forbids) runs
     the first pruned candidate, untimed and not remembered: the same key outside a capture is tuned as usual."""
