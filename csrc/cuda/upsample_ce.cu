@@ -286,8 +286,9 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> upsample_cross_entropy_forward_cu
   // The logsumexp as its two parts (the op's contract, csrc/ops.cpp): lse[0] the maximum, lse[1] the log-sum.
   at::Tensor lse = at::empty({2, n, H, W}, logits.options().dtype(opmath));
   at::Tensor loss = per_pixel ? at::empty({n, H, W}, logits.options()) : at::Tensor();
-  at::Tensor psum = at::zeros({per_pixel ? 0 : blocks}, logits.options().dtype(opmath));
-  at::Tensor pcnt = at::zeros({per_pixel ? 0 : blocks}, logits.options().dtype(at::kInt));
+  // Every block writes its own partials (no fill kernel needed).
+  at::Tensor psum = at::empty({per_pixel ? 0 : blocks}, logits.options().dtype(opmath));
+  at::Tensor pcnt = at::empty({per_pixel ? 0 : blocks}, logits.options().dtype(at::kInt));
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, logits.scalar_type(), "upsample_cross_entropy_forward_cuda",
                                   [&] {
     using opmath_t = at::opmath_type<scalar_t>;
