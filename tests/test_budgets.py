@@ -116,10 +116,13 @@ def _census(call, params, triton: bool = False, calls: int = 3) -> dict:
 
 
 def _check(row: dict, *, ops: int | None = None, copies: int | None = None, cat: int = 0,
-           views_count: bool = True) -> None:
+           views_count: bool = True, views: int | None = None) -> None:
     """syncs == 0, cat <= `cat`, copies <= `copies`, aten ops outside the kernels <= `ops` (view ops included
-    unless views_count=False: they write nothing, and the ASPP composite slices its concatenated buffers)."""
+    unless views_count=False: they write nothing, and the ASPP composite slices its concatenated buffers), view ops
+    <= `views` (each one a TensorImpl made and freed on the host)."""
     where = row["census_detail"]
+    if views is not None:
+        assert row["views"] <= views, f"{row['views']} view ops > {views} ({where})"
     assert row["syncs"] == 0, f"host syncs: {row['sync_ops']} ({where})"
     assert row["cat"] <= cat, f"cat per call: {row['cat']} > {cat} ({where})"
     if copies is not None:
@@ -164,14 +167,15 @@ def test_aspp_cpu_train_forward():
     copies and one 0-d dtype conversion inside at::mean (counted as to, _to_copy and copy_); <= 24 ops besides
     views."""
     for layout in (torch.channels_last, torch.contiguous_format):
-        _check(_census(*_aspp_call("train_fwd", layout=layout)), ops=24, copies=5, views_count=False)
+        _check(_census(*_aspp_call("train_fwd", layout=layout)), ops=24, copies=5, views_count=False, views=95)
 
 
 @pytest.mark.parametrize("memory_efficient", [False, True])
 def test_aspp_cpu_backward_never_synchronizes(memory_efficient):
     """No sync; the backward's three cats join per-branch gradients into the op's single outputs: the projection
     weight's, the BatchNorm weights' and biases'. The forward and its memory-efficient recompute join nothing."""
-    _check(_census(*_aspp_call("fwd_bwd", memory_efficient=memory_efficient)), cat=3)
+    _check(_census(*_aspp_call("fwd_bwd", memory_efficient=memory_efficient)), cat=3,
+           views=241 if memory_efficient else 172)
 
 
 N_BN = 6  # the ASPP cases' BatchNorms: 1x1 branch, three rates, pooling, projection
@@ -182,12 +186,12 @@ def test_aspp_module_train_forward():
     so no cat of them per call; copies: <= 2 per BatchNorm (measured: one per running statistic for all six, and
     at::mean's 0-d conversion); no cat; <= 24 ops besides views."""
     row = _census(*_aspp_module_call("train_fwd"))
-    _check(row, ops=24, copies=2 * N_BN, views_count=False)
+    _check(row, ops=24, copies=2 * N_BN, views_count=False, views=95)
 
 
 def test_aspp_module_eval_forward():
     row = _census(*_aspp_module_call("eval_fwd"))
-    _check(row, ops=24, copies=2 * N_BN, views_count=False)
+    _check(row, ops=24, copies=2 * N_BN, views_count=False, views=57)
 
 
 @pytest.mark.parametrize("memory_efficient", [False, True])
@@ -195,7 +199,8 @@ def test_aspp_module_backward(memory_efficient):
     """Forward + backward: no sync; no cat of BatchNorm parameters or of their gradients (the per-BatchNorm
     gradients are views of the op's): the cats left are the C++ composite backward's three, as with concatenated
     tensors."""
-    _check(_census(*_aspp_module_call("fwd_bwd", memory_efficient=memory_efficient)), cat=3)
+    _check(_census(*_aspp_module_call("fwd_bwd", memory_efficient=memory_efficient)), cat=3,
+           views=291 if memory_efficient else 222)
 
 
 @triton_test

@@ -76,8 +76,18 @@ AsppShape check_aspp_args(const at::Tensor& x, at::TensorList conv_weights, cons
   return g;
 }
 
-// Channels [start, start + len) of a per-channel vector, or of the K = (branches + 2) * C BatchNorm channels.
-at::Tensor block(const at::Tensor& t, int64_t start, int64_t len) { return t.slice(0, start, start + len); }
+// Channels [start, start + len) of a per-channel vector, or of the K = (branches + 2) * C BatchNorm channels: the
+// view t.slice(0, start, start + len), made as one as_strided below the ADInplaceOrView key (no view metadata, no
+// version counter shared with t; some 60 such views per training forward, 30 per backward). Only for the stage
+// ops' arguments, which they read or write through the data and keep no reference to: such a view never reaches
+// the caller, autograd (the op runs below its Autograd key; its autograd is deeplab_ops/ops/aspp.py's Function) or
+// a saved tensor. It does not carry t's requires_grad, which nothing below Autograd here reads but the ATen
+// convolutions (their backend choice): project_weight's columns stay ordinary narrow views.
+at::Tensor block(const at::Tensor& t, int64_t start, int64_t len) {
+  at::AutoDispatchBelowADInplaceOrView internal_view;
+  const int64_t stride = t.stride(0);
+  return t.as_strided({len}, {stride}, t.storage_offset() + start * stride);
+}
 
 std::optional<at::Tensor> block(const std::optional<at::Tensor>& t, int64_t start, int64_t len) {
   if (!present(t)) return std::nullopt;
