@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import collections
 import functools
+import itertools
 import numbers
 import operator
 import weakref
@@ -280,6 +281,7 @@ class ReleasesDerived:
         release_derived(tensors)
         for t in tensors:
             _BATCHES.pop(id(t), None)
+        self.__dict__.pop(_PACKS_ATTR, None)  # (the views a fused ASPP keeps of the old storages: freed with them)
 
     def train(self, mode: bool = True):
         # The mode this method last set, not self.training: torch.compile's wrapper sets its module's `training`
@@ -840,19 +842,34 @@ def aspp_fusable(module: nn.Module) -> bool:
 
 def _cache_aspp_parts(module: nn.Module) -> tuple:
     """Validate `module`'s ASPP structure (aspp_parts: clear errors) and cache it on the module: (convs, bns, rates,
-    extras, children, submodules, (pool, signature)). extras: the modules applied to the op's output; submodules:
-    every module under `module`, looked at for hooks on each call; children: each one's (and `module`'s) `_modules`
-    dict with the children it had, so that a child replaced, added or deleted anywhere drops the cache; signature:
-    `_aspp_signature` of the convs and the pooling `pool`, so that a conv changed in place (a bias added, another
-    dilation or padding) drops it too."""
+    extras, children, submodules, (pool, signature), checks). extras: the modules applied to the op's output;
+    submodules: every module under `module`, looked at for hooks on each call; children: each one's (and `module`'s)
+    `_modules` dict with the children it had, so that a child replaced, added or deleted anywhere drops the cache;
+    signature: `_aspp_signature` of the convs and the pooling `pool`, so that a conv changed in place (a bias added,
+    another dilation or padding) drops it too. checks: the same facts as flat tuples that the per-call test compares
+    with C-level maps (`_parts_hold`): the `_modules` dicts, their children, the convs, their geometry and the
+    pooling's output size."""
     convs, bns, rates = aspp_parts(module)
     submodules = tuple(m for m in module.modules() if m is not module)
     children = tuple((m._modules, tuple(m._modules.values())) for m in (module, *submodules))
     pool = list(module.convs)[-1][0]
     parts = (convs, bns, rates, list(module.project)[3:], children, submodules, (pool, _aspp_signature(convs, pool)))
     if not torch.compiler.is_compiling():  # a traced graph writes no module attribute (a side effect)
+        checks = (tuple(d for d, _ in children), tuple(c for _, c in children), tuple(convs),
+                  list(map(_CONV_GEOMETRY, convs)), pool, getattr(pool, "output_size", None))
+        parts = (*parts, checks)
         object.__setattr__(module, _PARTS_ATTR, parts)  # plain attribute: not in the state_dict
     return parts
+
+
+# What of a conv the cached ASPP structure depends on besides its bias (_aspp_signature), read as one C-level call;
+# the hooks of a submodule (any of them non-empty: it runs unfused) and its instance dict (a `forward` set there).
+_CONV_GEOMETRY = operator.attrgetter("stride", "padding", "dilation", "padding_mode", "groups")
+_PARAMS = operator.attrgetter("_parameters")
+_HOOKS = operator.attrgetter("_forward_hooks", "_forward_pre_hooks", "_backward_hooks", "_backward_pre_hooks")
+_INSTANCE_DICT = operator.attrgetter("__dict__")
+_DICT_VALUES = dict.values
+_REPEAT = itertools.repeat
 
 
 def runnable_aspp_parts(module: nn.Module) -> tuple | None:
@@ -861,16 +878,22 @@ def runnable_aspp_parts(module: nn.Module) -> tuple | None:
     has a hook (forward, forward-pre, backward): a fused forward then runs the children one by one, so that what a
     user changed or hooked is what runs; so does a forward set on a submodule's instance (monkeypatching,
     accelerate's hooks), which module(x) runs instead of its class's. Per call, with the structure cached: one look
-    at each submodule's hooks and instance dict."""
+    at each submodule's hooks and instance dict (C-level maps: no frame per submodule)."""
     parts = current_aspp_parts(module)
     if parts is None:
         if not aspp_fusable(module):
             return None
         parts = _cache_aspp_parts(module)
-    for m in parts[5]:  # a loop, not any(...): no generator frame per submodule on the per-call path
-        if (m._forward_hooks or m._forward_pre_hooks or m._backward_hooks or m._backward_pre_hooks
-                or "forward" in m.__dict__):
-            return None
+    subs = parts[5]
+    if torch.compiler.is_compiling():  # (what dynamo traces: attribute reads, not attrgetter objects)
+        for m in subs:
+            if (m._forward_hooks or m._forward_pre_hooks or m._backward_hooks or m._backward_pre_hooks
+                    or "forward" in m.__dict__):
+                return None
+        return parts
+    if any(map(any, map(_HOOKS, subs))) or any(map(dict.__contains__, map(_INSTANCE_DICT, subs),
+                                                      _REPEAT("forward"))):
+        return None
     return parts
 
 
@@ -888,12 +911,13 @@ def current_aspp_parts(module: nn.Module) -> tuple | None:
     if parts[4][0][0] is not module._modules:  # cached on another module: an nn.DataParallel replica copied it
         forget_aspp_parts(module)
         return None
-    for modules, children in parts[4]:
-        if tuple(modules.values()) != children:
-            forget_aspp_parts(module)
-            return None
-    check = parts[6] if len(parts) > 6 else None  # (a module pickled with an older cache has none)
-    if check is None or _aspp_signature(parts[0], check[0]) != check[1]:  # a conv changed in place: validated anew
+    checks = parts[7] if len(parts) > 7 else None  # (a module pickled with an older cache has none)
+    # (C-level maps: every `_modules` dict's children as validated, every conv's geometry and bias-free, the
+    # pooling's output size)
+    if (checks is None or tuple(map(tuple, map(_DICT_VALUES, checks[0]))) != checks[1]
+            or list(map(_CONV_GEOMETRY, checks[2])) != checks[3]
+            or not all(map(operator.is_, map(dict.get, map(_PARAMS, checks[2]), _REPEAT("bias")), _REPEAT(None)))
+            or getattr(checks[4], "output_size", None) != checks[5]):
         forget_aspp_parts(module)
         return None
     return parts
@@ -961,10 +985,29 @@ def _pack(kinds: list[tuple]) -> list[bool]:
     with no data: given to a real module's tensors, it would take their values)."""
     if functorch_transform() is not None or fake_mode() is not None:
         return [False] * len(kinds)
+    owner = getattr(kinds, "owner", None)
+    if owner is not None:  # the fused ASPP's call: what this module's last call verified, if it still holds
+        memo = owner.__dict__.get(_PACKS_ATTR)
+        if type(memo) is _PackMemo:
+            main = kinds[0] + kinds[1] + kinds[2] + kinds[3]
+            # (C-level maps: the same tensors, at the same addresses, each contiguous in one dtype, and each kind's
+            # first of the same shape: what back_to_back established when the memo was made; the storage cannot
+            # have changed under an unchanged address, as the memo's views hold it)
+            if (list(map(id, main)) == memo.ids and list(map(_DATA_PTR, main)) == memo.ptrs
+                    and list(map(_DTYPE, main)) == memo.dtypes and all(map(_CONTIGUOUS, main))
+                    and list(map(_SHAPE, main[::len(kinds[0])])) == memo.shapes):
+                if not kinds.counting:
+                    return memo.flags
+                counters = kinds[4]
+                if (memo.counters is not None and list(map(id, counters)) == memo.counter_ids
+                        and list(map(_DATA_PTR, counters)) == memo.counter_ptrs
+                        and list(map(_DTYPE, counters)) == memo.counter_dtypes
+                        and all(map(_CONTIGUOUS, counters)) and counters[0].shape == memo.counter_shape):
+                    return memo.flags
     nones = [any(map(_IS_NONE, ts)) for ts in kinds]
     flags = [not none and back_to_back(ts) for ts, none in zip(kinds, nones, strict=True)]
     if all(map(operator.or_, flags, nones)):  # (the usual call: every kind packed already; no context entered)
-        return flags
+        return flags if owner is None else _remember_packs(owner, kinds, flags)
     with torch.no_grad(), torch.inference_mode(False):
         for k, ts in enumerate(kinds):
             if flags[k]:
@@ -975,10 +1018,67 @@ def _pack(kinds: list[tuple]) -> list[bool]:
             for t, row in zip(ts, packed.unbind(0), strict=True):
                 t.data = row
             flags[k] = back_to_back(ts)
-    return flags
+    return flags if owner is None else _remember_packs(owner, kinds, flags)
 
 
 _IS_NONE = None.__class__.__instancecheck__  # _IS_NONE(v): v is None, as a C-level call
+_DATA_PTR, _CONTIGUOUS = Tensor.data_ptr, Tensor.is_contiguous
+_DTYPE, _SHAPE = operator.attrgetter("dtype"), operator.attrgetter("shape")
+_PACKS_ATTR = "_deeplab_ops_aspp_packs"  # plain attribute of a fused ASPP: its _PackMemo
+
+
+class _Kinds(list):
+    """run_fused_aspp's BatchNorm tensors by kind (as `_pack` takes them), with the module whose last verified packing
+    `_pack` may reuse (`owner`) and whether the call counts a batch (`counting`: the counters are then needed too)."""
+
+    __slots__ = ("owner", "counting")
+
+
+class _Flags(list):
+    """`_pack`'s flags for a fused ASPP's call whose BatchNorm weights, biases and running statistics are back to back:
+    with `packs`, their four `Packed` lists (each joined view made once), and `counters`, the batch counters' joined
+    view (None where they are not back to back)."""
+
+    __slots__ = ("packs", "counters")
+
+
+class _PackMemo:
+    """What a fused ASPP's `_pack` verified of its BatchNorm tensors (kinds 0-3 flattened, and the counters), with the
+    views made of them: a later call whose tensors are the same objects at the same addresses, contiguous, in the
+    same dtype and shape, reuses them instead of testing back_to_back per kind and making the views again. A tensor
+    replaced (a parameter reassigned, load_state_dict(assign=True), a BatchNorm replaced) changes an id; a new
+    storage (.to(), .half(), a `.data` assignment, a repack) an address; `.data` given another view of the same
+    storage its shape, dtype or contiguity (the memo's views hold the old storage, so no new one takes its address).
+    Pickled and deep-copied as None: a copy's tensors are others."""
+
+    __slots__ = ("ids", "ptrs", "dtypes", "shapes", "flags", "counters", "counter_ids", "counter_ptrs",
+                 "counter_dtypes", "counter_shape")
+
+    def __reduce__(self):
+        return (type(None), ())
+
+
+def _remember_packs(owner: nn.Module, kinds: _Kinds, flags: list) -> list:
+    """Keep on `owner` what `_pack` just verified (where kinds 0-3 are all back to back; else forget it) and return the
+    flags as a `_Flags` carrying the views."""
+    if not all(flags[:4]):
+        owner.__dict__.pop(_PACKS_ATTR, None)
+        return flags
+    memo = _PackMemo()
+    main = kinds[0] + kinds[1] + kinds[2] + kinds[3]
+    memo.ids, memo.ptrs = list(map(id, main)), list(map(_DATA_PTR, main))
+    memo.dtypes, memo.shapes = list(map(_DTYPE, main)), [ts[0].shape for ts in kinds[:4]]
+    counters = kinds[4] if flags[4] else None
+    with torch.inference_mode(False):  # (views of normal tensors, whatever mode this call runs in)
+        packed = _Flags(flags)
+        packed.packs = [Packed(ts, True) for ts in kinds[:4]]
+        packed.counters = None if counters is None else counters[0].detach().as_strided((len(counters),), (1,))
+    memo.flags, memo.counters = packed, packed.counters
+    if counters is not None:
+        memo.counter_ids, memo.counter_ptrs = list(map(id, counters)), list(map(_DATA_PTR, counters))
+        memo.counter_dtypes, memo.counter_shape = list(map(_DTYPE, counters)), counters[0].shape
+    owner.__dict__[_PACKS_ATTR] = memo
+    return packed
 
 
 def _movable(ts) -> bool:
@@ -1091,21 +1191,28 @@ def run_fused_aspp(module: nn.Module, parts: tuple, x: Tensor, backend: str | No
         return unfused_call(module, process_group, unfused, x)
     # torch.compile or torch.jit.trace: no packing (a graph would record it, or depend on it) and one add per counter
     tracing = torch.compiler.is_compiling() or jit_tracing() is not None
-    kinds = list(zip(*tensors, strict=True))  # per kind of _BN_TENSORS, every BatchNorm's tensor
+    counting = training and bns[0].track_running_stats and tensors[0][4] is not None
+    kinds = _Kinds(zip(*tensors, strict=True))  # per kind of _BN_TENSORS, every BatchNorm's tensor
+    kinds.owner, kinds.counting = module, counting  # (_pack reuses what this module's last call verified)
     # Not inside a CUDA-graph capture either: a pack's new storage would come from the graph's pool, and the
     # recorded stack would copy freed memory over the BatchNorm tensors at every replay. Unpacked, the op
     # concatenates per call (recorded like any op).
     flags = None
     if not tracing and not (x.is_cuda and torch.cuda.is_current_stream_capturing()):
         flags = _pack(kinds)
+    counters_whole = None
     if flags is not None:  # the back-to-back test done once per kind and call, handed on to the op's front door
-        bn_weights, bn_biases, running_means, running_vars = [
-            Packed(ts, flags[k]) for k, ts in enumerate(kinds[:4])]
+        packs = getattr(flags, "packs", None)  # (views made once, while the tensors stay as they were: _PackMemo)
+        if packs is not None:
+            bn_weights, bn_biases, running_means, running_vars = packs
+            counters_whole = flags.counters
+        else:
+            bn_weights, bn_biases, running_means, running_vars = [
+                Packed(ts, flags[k]) for k, ts in enumerate(kinds[:4])]
     else:
         bn_weights, bn_biases, running_means, running_vars = [list(ts) for ts in kinds[:4]]
     _, _, rm, _, bn_training, momentum, eps = _bn_args(bns[0], training)
     tracked = rm is not None
-    counting = training and bns[0].track_running_stats and tensors[0][4] is not None
     try:
         out = aspp(
             x, [conv_weight(c) for c in convs[:-2]], conv_weight(convs[-2]), conv_weight(convs[-1]), bn_weights,
@@ -1122,7 +1229,9 @@ def run_fused_aspp(module: nn.Module, parts: tuple, x: Tensor, backend: str | No
         if not tracing and (flags[4] if flags is not None else back_to_back(counters)):  # one add for all
             # The packed counters share storage, not version counters: each known value is carried over by hand.
             known = [_known_batches(c) for c in counters] if _BATCHES else ()
-            counters[0].detach().as_strided((len(counters),), (1,)).add_(1)
+            if counters_whole is None:
+                counters_whole = counters[0].detach().as_strided((len(counters),), (1,))
+            counters_whole.add_(1)
             if flags is None and (counters[0].is_cuda or len(_REMEMBERED_DEVICES) > 1) and _capturing(counters[0]):
                 _mark_captured(counters)
                 known = ()

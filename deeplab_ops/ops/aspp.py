@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import collections.abc
 import contextlib
+import itertools
 import operator
 
 import torch
@@ -315,6 +316,12 @@ def _describe(value) -> str:
     return type(value).__name__ if value is not None else "None"
 
 
+_REPEAT = itertools.repeat
+_LISTS = (list, tuple)  # filled in with Packed below
+_LAYOUT, _DEVICE = operator.attrgetter("layout"), operator.attrgetter("device")
+_DTYPE, _SHAPE = operator.attrgetter("dtype"), operator.attrgetter("shape")
+
+
 def _check_bn(value, name: str, n_bn: int, c: int, allow_none: bool = False) -> list | Tensor | None:
     """One BatchNorm argument: a list of n_bn (C,) tensors, or one (n_bn * C,) tensor (already concatenated)."""
     if value is None and allow_none:
@@ -376,7 +383,10 @@ def check_args(x, conv_weights, pool_weight, project_weight, bn_weights, bn_bias
         refuse_layout("x", x)
     if x.dtype not in FLOAT_DTYPES:
         raise TypeError(f"x has dtype {x.dtype}; expected float32, float64, float16 or bfloat16")
-    if type(rates) is not tuple or not all([type(r) is int and r >= 1 for r in rates]):
+    # C-level maps decide the usual call (no frame, no name built); torch.compile traces the plain loops
+    fast = not torch.compiler.is_compiling()
+    if (type(rates) is not tuple or not fast or not all(map(operator.is_, map(type, rates), _REPEAT(int)))
+            or (rates and min(rates) < 1)):
         rates = checked_rates(rates)
     if rates and max(rates) > INT32_MAX:  # kernels index with 32 bits; the op schema takes int64 at most
         raise ValueError(f"rates must be at most {INT32_MAX} (2**31 - 1), got {rates}")
@@ -387,9 +397,10 @@ def check_args(x, conv_weights, pool_weight, project_weight, bn_weights, bn_bias
         got = _describe(conv_weights)
         raise ValueError(f"conv_weights must be a list of {len(rates) + 1} tensors (the 1x1 branch, then one 3x3 per "
                          f"rate), got {got}")
-    for i, t in enumerate(conv_weights):
-        if not isinstance(t, torch.Tensor):
-            raise TypeError(f"conv_weights[{i}] must be a torch.Tensor, got {type(t).__name__}")
+    if not fast or not all(map(isinstance, conv_weights, _REPEAT(torch.Tensor))):
+        for i, t in enumerate(conv_weights):
+            if not isinstance(t, torch.Tensor):
+                raise TypeError(f"conv_weights[{i}] must be a torch.Tensor, got {type(t).__name__}")
     if conv_weights[0].dim() != 4:
         raise ValueError(f"conv_weights[0] must be a 4-D weight (C, {cin}, 1, 1) (the 1x1 branch; C its output "
                          f"channels), got shape {tuple(conv_weights[0].shape)}")
@@ -409,9 +420,15 @@ def check_args(x, conv_weights, pool_weight, project_weight, bn_weights, bn_bias
         if not isinstance(t, torch.Tensor) or tuple(t.shape) != shape:
             raise ValueError(f"{name} must have shape {shape}, got "
                              f"{tuple(t.shape) if isinstance(t, torch.Tensor) else type(t).__name__}")
-    for name, t in [("pool_weight", pool_weight), ("project_weight", project_weight)] + [
-        (f"conv_weights[{i}]", t) for i, t in enumerate(conv_weights)
-    ]:
+    weights = (pool_weight, project_weight, *conv_weights)
+    if (fast and all(map(operator.is_, map(_LAYOUT, weights), _REPEAT(torch.strided)))
+            and all(map(x.device.__eq__, map(_DEVICE, weights))) and all(map(operator.is_, map(_DTYPE, weights),
+                                                                                _REPEAT(x.dtype)))):
+        weights = ()  # (the usual call, decided by C-level maps: no names built)
+    else:
+        weights = [("pool_weight", pool_weight), ("project_weight", project_weight)] + [
+            (f"conv_weights[{i}]", t) for i, t in enumerate(conv_weights)]
+    for name, t in weights:
         if t.layout != torch.strided:
             refuse_layout(name, t)
         if t.device != x.device:
@@ -423,12 +440,16 @@ def check_args(x, conv_weights, pool_weight, project_weight, bn_weights, bn_bias
                                 "weights (a module: .to(dtype)), or run under torch.autocast")
             raise TypeError(f"{name} has dtype {t.dtype} but x has dtype {x.dtype}; expected the same dtype")
     n_bn = len(rates) + 3
-    given = {
-        "bn_weights": _check_bn(bn_weights, "bn_weights", n_bn, c),
-        "bn_biases": _check_bn(bn_biases, "bn_biases", n_bn, c),
-        "running_means": _check_bn(running_means, "running_means", n_bn, c, allow_none=True),
-        "running_vars": _check_bn(running_vars, "running_vars", n_bn, c, allow_none=True),
-    }
+    given = {}
+    channels = (c,)
+    for name, value, allow_none in (("bn_weights", bn_weights, False), ("bn_biases", bn_biases, False),
+                                    ("running_means", running_means, True), ("running_vars", running_vars, True)):
+        # (a list of n_bn (C,) tensors, decided by C-level maps; anything else, or a bad one, by _check_bn)
+        if (fast and type(value) in _LISTS and len(value) == n_bn and all(map(isinstance, value, _REPEAT(torch.Tensor)))
+                and all(map(channels.__eq__, map(_SHAPE, value)))):
+            given[name] = value if type(value) is Packed else list(value)
+        else:
+            given[name] = _check_bn(value, name, n_bn, c, allow_none=allow_none)
     allowed = (x.dtype, torch.float32) if x.dtype in HALF_DTYPES else (x.dtype,)
     dtypes = set()
     # Packed lists (one storage, one dtype, each contiguous: common.back_to_back): layout, device and dtype are those
@@ -443,16 +464,19 @@ def check_args(x, conv_weights, pool_weight, project_weight, bn_weights, bn_bias
             if name.startswith("running_") and torch.is_grad_enabled() and any_requires_grad(value):
                 refuse_running_grad(next(f"{name}[{i}]" for i, t in enumerate(value) if t.requires_grad))
             value = value[:1]
-        for i, t in enumerate([value] if isinstance(value, torch.Tensor) else value or []):
-            where = name if isinstance(value, torch.Tensor) else f"{name}[{i}]"
+        single = isinstance(value, torch.Tensor)
+        for i, t in enumerate([value] if single else value or []):
+            # (the name, name[i], is built only for an error)
             if t.layout != torch.strided:
-                refuse_layout(where, t)
+                refuse_layout(name if single else f"{name}[{i}]", t)
             if t.device != x.device:
-                raise ValueError(f"{where} is on {t.device} but x is on {x.device}; expected the same device")
+                raise ValueError(f"{name if single else f'{name}[{i}]'} is on {t.device} but x is on {x.device}; "
+                                 "expected the same device")
             if t.dtype not in allowed:
-                raise TypeError(f"{where} has dtype {t.dtype}; expected " + " or ".join(map(str, allowed)))
+                raise TypeError(f"{name if single else f'{name}[{i}]'} has dtype {t.dtype}; expected "
+                                + " or ".join(map(str, allowed)))
             if t.requires_grad and name.startswith("running_") and torch.is_grad_enabled():
-                refuse_running_grad(where)
+                refuse_running_grad(name if single else f"{name}[{i}]")
             dtypes.add(t.dtype)
     if len(dtypes) > 1:
         raise TypeError(f"the BatchNorm tensors must share one dtype, got {sorted(map(str, dtypes))}")
@@ -495,6 +519,9 @@ class Packed(list):
         super().__init__(ts)
         # (inline: the fused ASPP builds four per call)
         self.whole = ts[0].detach().as_strided((ts[0].shape[0] * len(ts),), (1,)) if packed else None
+
+
+_LISTS = (list, tuple, Packed)  # the argument types check_args's fast test takes (exactly: a subclass goes per tensor)
 
 
 def _alias(value):
