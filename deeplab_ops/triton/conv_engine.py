@@ -464,7 +464,7 @@ def _cfg(bh, bw, bn, bk, warps, stages, k_name="BLOCK_K", n_name="BLOCK_N"):
 # Hopper (sm_90): more shared memory and deeper pipelines; 128-pixel tiles (8x16 feeds a 64-row wgmma twice).
 # Every tile but the last has >= 64 pixels (wgmma's warpgroup M); the last (4x4, 16 channels: float64 and
 # channel counts <= 16) lowers to mma.sync. The one before it is the narrow-K tile: 16 channels along K (the
-# reduction's channels: C_in forward, C_out dgrad) for layers with 16 or fewer of them and more than 16 along N (an
+# reduction's channels: C_in forward, C_out dgrad) for layers with 16 or fewer of them and 33 or more along N (an
 # RGB stem, 3 -> 64), which would otherwise fall to the last tile's 16 pixels x 16 channels per program.
 HOPPER_GEMM = [
     _cfg(8, 16, 128, 64, 8, 3), _cfg(8, 16, 64, 64, 4, 4), _cfg(16, 16, 128, 32, 8, 3), _cfg(8, 8, 128, 64, 4, 4),

@@ -200,10 +200,10 @@ def test_candidates_fit_the_channels():
 
 
 def test_few_input_channels_keep_a_wide_tile():
-    """A layer with 16 or fewer channels along the reduction and more along the output (an RGB stem, 3 -> 64) keeps
-    a tile of 64 output channels over at least 64 pixels (sm_90: 128, a wgmma warpgroup's 64 rows twice), not the
-    16 x 16 fallback, in the forward (K = C_in); the dgrad's K is C_out (a 64 -> 3 layer). Layers with more channels
-    never keep it (the candidates for them are as before)."""
+    """A layer with 16 or fewer channels along the reduction and 33 or more along the output (an RGB stem, 3 -> 64)
+    keeps a tile of 64 output channels over at least 64 pixels (sm_90: 128, a wgmma warpgroup's 64 rows twice), not
+    the 16 x 16 fallback, in the forward (K = C_in); the dgrad's K is C_out (a 64 -> 3 layer). Layers with more
+    channels along the reduction never keep it (the candidates for them are as before)."""
     from deeplab_ops.triton import conv_engine
 
     for hopper in (True, False):
