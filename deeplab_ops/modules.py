@@ -10,6 +10,7 @@ import itertools
 import numbers
 import operator
 import weakref
+from typing import NamedTuple
 
 import torch
 import torch.fx
@@ -808,17 +809,6 @@ def _check_pointwise(conv: nn.Conv2d, name: str, stride: bool = True) -> None:
         raise ValueError(f"{name} must be a {what}, got {conv}")
 
 
-def _aspp_signature(convs: list, pool: nn.Module) -> tuple:
-    """What of the ASPP's parts a fused call computes from and that can change in place without a child being
-    replaced: each conv's geometry, padding mode, groups and whether it has a bias, and the pooling's output size.
-    The cached structure (`current_aspp_parts`) holds only while this is what it was when validated."""
-    sig = [getattr(pool, "output_size", None)]
-    for conv in convs:
-        sig.append((conv.stride, conv.padding, conv.dilation, conv.padding_mode, conv.groups,
-                    conv._parameters.get("bias") is not None))
-    return tuple(sig)
-
-
 _PARTS_ATTR = "_deeplab_ops_aspp_parts"
 
 
@@ -842,28 +832,36 @@ def aspp_fusable(module: nn.Module) -> bool:
 
 def _cache_aspp_parts(module: nn.Module) -> tuple:
     """Validate `module`'s ASPP structure (aspp_parts: clear errors) and cache it on the module: (convs, bns, rates,
-    extras, children, submodules, (pool, signature), checks). extras: the modules applied to the op's output;
-    submodules: every module under `module`, looked at for hooks on each call; children: each one's (and `module`'s)
-    `_modules` dict with the children it had, so that a child replaced, added or deleted anywhere drops the cache;
-    signature: `_aspp_signature` of the convs and the pooling `pool`, so that a conv changed in place (a bias added,
-    another dilation or padding) drops it too. checks: the same facts as flat tuples that the per-call test compares
-    with C-level maps (`_parts_hold`): the `_modules` dicts, their children, the convs, their geometry and the
-    pooling's output size."""
+    extras, (dicts, children), submodules, checks). extras: the modules applied to the op's output; submodules: every
+    module under `module`, looked at for hooks on each call; dicts, children: each one's (and `module`'s) `_modules`
+    dict and the children it had, so that a child replaced, added or deleted anywhere drops the cache; checks
+    (_AsppChecks): what can change in place without a child being replaced (each conv's geometry, padding mode and
+    groups, a bias added, the pooling's output size), so that such a change drops it too. `current_aspp_parts`
+    compares them per call with C-level maps."""
     convs, bns, rates = aspp_parts(module)
     submodules = tuple(m for m in module.modules() if m is not module)
-    children = tuple((m._modules, tuple(m._modules.values())) for m in (module, *submodules))
+    parts = (convs, bns, rates, list(module.project)[3:], None, submodules, None)
+    if torch.compiler.is_compiling():  # a traced graph writes no module attribute (a side effect), nor reads these
+        return parts
+    dicts = tuple(m._modules for m in (module, *submodules))
     pool = list(module.convs)[-1][0]
-    parts = (convs, bns, rates, list(module.project)[3:], children, submodules, (pool, _aspp_signature(convs, pool)))
-    if not torch.compiler.is_compiling():  # a traced graph writes no module attribute (a side effect)
-        checks = (tuple(d for d, _ in children), tuple(c for _, c in children), tuple(convs),
-                  list(map(_CONV_GEOMETRY, convs)), pool, getattr(pool, "output_size", None))
-        parts = (*parts, checks)
-        object.__setattr__(module, _PARTS_ATTR, parts)  # plain attribute: not in the state_dict
+    checks = _AsppChecks(tuple(convs), list(map(_CONV_GEOMETRY, convs)), pool, getattr(pool, "output_size", None))
+    parts = (*parts[:4], (dicts, tuple(map(tuple, map(_DICT_VALUES, dicts)))), submodules, checks)
+    object.__setattr__(module, _PARTS_ATTR, parts)  # plain attribute: not in the state_dict
     return parts
 
 
-# What of a conv the cached ASPP structure depends on besides its bias (_aspp_signature), read as one C-level call;
-# the hooks of a submodule (any of them non-empty: it runs unfused) and its instance dict (a `forward` set there).
+class _AsppChecks(NamedTuple):
+    """What a cached ASPP structure holds only while it stays as validated (aspp_parts refuses a conv with a bias)."""
+
+    convs: tuple
+    geometry: list  # _CONV_GEOMETRY of each conv
+    pool: nn.Module
+    output_size: object
+
+
+# What of a conv the cached ASPP structure depends on besides its bias, read as one C-level call; the hooks of a
+# submodule (any of them non-empty: it runs unfused) and its instance dict (a `forward` set there).
 _CONV_GEOMETRY = operator.attrgetter("stride", "padding", "dilation", "padding_mode", "groups")
 _PARAMS = operator.attrgetter("_parameters")
 _HOOKS = operator.attrgetter("_forward_hooks", "_forward_pre_hooks", "_backward_hooks", "_backward_pre_hooks")
@@ -911,13 +909,13 @@ def current_aspp_parts(module: nn.Module) -> tuple | None:
     if parts[4][0][0] is not module._modules:  # cached on another module: an nn.DataParallel replica copied it
         forget_aspp_parts(module)
         return None
-    checks = parts[7] if len(parts) > 7 else None  # (a module pickled with an older cache has none)
+    checks = parts[6]
     # (C-level maps: every `_modules` dict's children as validated, every conv's geometry and bias-free, the
-    # pooling's output size)
-    if (checks is None or tuple(map(tuple, map(_DICT_VALUES, checks[0]))) != checks[1]
-            or list(map(_CONV_GEOMETRY, checks[2])) != checks[3]
-            or not all(map(operator.is_, map(dict.get, map(_PARAMS, checks[2]), _REPEAT("bias")), _REPEAT(None)))
-            or getattr(checks[4], "output_size", None) != checks[5]):
+    # pooling's output size; a module pickled with an older cache has no _AsppChecks: validated anew)
+    if (type(checks) is not _AsppChecks or tuple(map(tuple, map(_DICT_VALUES, parts[4][0]))) != parts[4][1]
+            or list(map(_CONV_GEOMETRY, checks.convs)) != checks.geometry
+            or not all(map(operator.is_, map(dict.get, map(_PARAMS, checks.convs), _REPEAT("bias")), _REPEAT(None)))
+            or getattr(checks.pool, "output_size", None) != checks.output_size):
         forget_aspp_parts(module)
         return None
     return parts

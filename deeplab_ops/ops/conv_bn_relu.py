@@ -223,8 +223,9 @@ def check_args(
 def _plain_bn(bn_weight, bn_bias, running_mean, running_var, cout: int, device, dtype, training: bool) -> bool:
     """The usual call's BatchNorm tensors, passed in one sweep (check_args' per-call cost): four (cout,) unit-stride
     strided vectors of one allowed dtype on x's device and, in training, running statistics whose bytes meet neither
-    each other's nor the affine parameters' (equal-length spans: apart by at least their length). Never raises:
-    False sends the call to `_check_bn`, which decides anything else (and names what is wrong)."""
+    each other's nor the affine parameters' (common.check_running_writable's rule, for four equal-length spans: apart
+    by at least their length). Never raises: False sends the call to `_check_bn`, which decides anything else (and
+    names what is wrong)."""
     if cout < 1 or device.type == "meta" or not isinstance(bn_weight, Tensor):
         return False
     bn_dtype = bn_weight.dtype
