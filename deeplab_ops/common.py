@@ -433,7 +433,14 @@ def back_to_back(ts) -> bool:
 # another view of the same storage, a transpose, keeps the other three). Every in-place
 # write bumps the counter (optimizer steps, load_state_dict's copy_, running-statistics updates), and so does every
 # in-place change of a tensor's metadata (resize_, set_, t_, as_strided_, unsqueeze_); a new storage changes data_ptr.
-# The cache holds no strong reference to a source: a weakref finalizer drops the entry when one is freed.
+# The cache holds no reference to a source tensor, strong or weak, and only a weak one to its storage: a weakref
+# finalizer on each source's storage (PyTorch keeps one Python object per storage while the storage lives) drops the
+# entry when the storage is freed, so no address is reused while an entry holds it. None on the tensor: swap_tensors
+# refuses a tensor that has a weak reference, and PyTorch's swap-on-conversion mode swaps every parameter a
+# conversion or load reaches, a child module's too. A tensor freed while its storage lives (a view of it kept) leaves
+# its entry until the storage goes; an entry is keyed by the tensors' ids and valid only for the same storage, data
+# pointer, version, shape and strides, the same bytes whatever object now has the id. A derivative that is a view of
+# a source is returned uncached: it would keep the storage whose death evicts it.
 # Not cached (built every call): under torch.compile and CUDA-graph capture (the derivation must be part of the
 # graph, or a replay after an optimizer step would read a stale value), inference-mode tensors (no version
 # counter), and float64 ones: writes through `.data` do not bump the version (torch.autograd.gradcheck perturbs
@@ -444,9 +451,10 @@ def back_to_back(ts) -> bool:
 # A hit costs three attribute reads and a stride() call per source and one dict lookup (~2 us for five sources): it
 # runs on every eval call of every fused layer.
 
-# key -> (the sources' state, the value, the finalizers that evict the entry when a source is freed (registered
-# once per entry and detached when it goes, so rebuilding after clear_derived() adds none), the sources' storages)
-_DERIVED: dict[tuple, tuple[tuple, object, tuple, tuple]] = {}
+# key -> (the sources' state, the value, the finalizers that evict the entry when a source's storage is freed (one
+# per storage, registered when the entry is stored and detached when it goes, so rebuilding after clear_derived()
+# adds none))
+_DERIVED: dict[tuple, tuple[tuple, object, tuple]] = {}
 # Reentrant: the cyclic garbage collector may run at any allocation, inside the lock too, and free a source whose
 # finalizer evicts (a parameter held in a reference cycle is freed only so). An eviction reentering there pops
 # another entry (the sources of the entry being stored are alive), which the locked code does not hold.
@@ -512,22 +520,30 @@ def derived(tag, sources, build, on_store=None):
         if entry is not None:
             _evict(key)
         return build()
-    # The sources' storages (every one has a data pointer, read above), held while the entry lives: a storage given
-    # to a source later (`.data = other`) cannot then take the old one's address, so `state` tells it apart.
-    storages = tuple(t.untyped_storage() for t in live)
+    # The sources' storages (every one has a data pointer, read above), watched while the entry lives: each one's
+    # finalizer evicts it, so no storage given to a source later (`.data = other`) can take a watched one's address.
+    storages = {id(s): s for s in (t.untyped_storage() for t in live)}
     _DERIVED_STATS["misses"] += 1
     with torch.inference_mode(False), torch.no_grad():
         value = build()
+    if _views_a_source(value, storages.values()):
+        return value
     if on_store is not None:
         on_store(value)
+    finalizers = tuple(weakref.finalize(s, _evict, key) for s in storages.values())
+    del storages
     with _DERIVED_LOCK:
-        old = _DERIVED.get(key)
-        finalizers = old[2] if old is not None else None
-        if finalizers is None:
-            finalizers = tuple(weakref.finalize(t, _evict, key) for t in live)
-        _DERIVED[key] = (state, value, finalizers, storages)
-    del old  # the replaced value is freed outside the lock (its finalizers now belong to the new entry)
+        old = _DERIVED.pop(key, None)
+        _DERIVED[key] = (state, value, finalizers)
+    _release(old)  # its finalizers detached and its value freed outside the lock
     return value
+
+
+def _views_a_source(value, storages) -> bool:
+    """Whether a derived value (a tensor, or a tuple of tensors and others) lies in one of its sources' storages."""
+    ptrs = {s.data_ptr() for s in storages}
+    return any(isinstance(v, torch.Tensor) and v.untyped_storage().data_ptr() in ptrs
+               for v in (value if isinstance(value, tuple) else (value,)))
 
 
 def _count_fused_step(optimizer, args, kwargs) -> None:
@@ -549,11 +565,10 @@ def derived_cache_info() -> dict[str, int]:
 
 
 def release_derived(tensors) -> None:
-    """Drop the cached derivatives of these tensors (a module's parameters and buffers), and with them the weak
-    references their entries hold on them: torch.utils.swap_tensors refuses a tensor that has one, and
-    load_state_dict, .to(), .half() and the like swap every parameter when
-    torch.__future__.set_swap_module_params_on_conversion(True) is on. The fused modules call it before each
-    (deeplab_ops.modules.ReleasesDerived)."""
+    """Drop the cached derivatives of these tensors (a module's parameters and buffers): the fused modules call it
+    before their state is loaded or converted (deeplab_ops.modules.ReleasesDerived), which makes them stale, so that
+    the memory they hold (a copy of the weights, their Winograd transforms) goes at once rather than when the old
+    storages are freed."""
     tensors = list(tensors)
     ids = set(map(id, tensors))
     with _DERIVED_LOCK:
@@ -561,8 +576,7 @@ def release_derived(tensors) -> None:
         entries = [_DERIVED.pop(key) for key in keys]
     while entries:  # outside the lock (see _release); each value freed here, none kept by a loop variable
         _release(entries.pop())
-    # the cpu backend's kept Winograd transforms of the ASPP's branch weights (held weakly in C++), and those of the
-    # folds just freed
+    # the cpu backend's kept Winograd transforms of the ASPP's branch weights, and those of the folds just freed
     weights = [t for t in tensors if t.device.type == "cpu" and t.dim() == 4]
     if weights:
         torch.ops.deeplab_ops.winograd_cache_release(weights)

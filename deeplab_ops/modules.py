@@ -243,7 +243,9 @@ def _bn_call(bn: nn.BatchNorm2d, training: bool) -> tuple:
 
 # num_batches_tracked values known on the host, so that BatchNorm with momentum=None (the cumulative average, factor
 # 1 / num_batches_tracked) reads a CUDA counter from the device once rather than once per call (each read is a host
-# synchronization): id(counter) -> (weak reference, the counter's version, its value). Any other write to the
+# synchronization): id(counter) -> (a weak reference to its storage, which evicts the entry when the storage is
+# freed, its data pointer, its version, its value): no reference on the counter itself, which swap-on-conversion mode
+# could then not swap (common.derived's rule: same storage, address and version, same bytes). Any other write to the
 # counter (load_state_dict, in-place ops) changes its version and forces one fresh read; a write through `.data`,
 # which PyTorch does not version, is not seen (docs/performance.md). CPU counters are read every call (no sync).
 _BATCHES: dict[int, tuple] = {}
@@ -252,8 +254,9 @@ _REMEMBERED_DEVICES = ("cuda",)
 
 def _known_batches(counter: Tensor) -> int | None:
     entry = _BATCHES.get(id(counter))
-    if entry is not None and entry[0]() is counter and entry[1] == counter._version:
-        return entry[2]
+    if (entry is not None and entry[2] == counter._version and entry[1] == counter.data_ptr()
+            and entry[0]() is counter.untyped_storage()):
+        return entry[3]
     return None
 
 
@@ -269,10 +272,10 @@ def _batches_tracked(counter: Tensor) -> int:
 
 
 class ReleasesDerived:
-    """A module mixin: what this package caches about its tensors with a weak reference to them (derived tensors,
-    kept Winograd transforms, known batch counts) is dropped before its state is loaded or converted, so that
-    PyTorch's swap-on-conversion mode (torch.__future__.set_swap_module_params_on_conversion) can swap them; and
-    what eval calls cached is dropped when the module goes back to training."""
+    """A module mixin: what this package caches about its tensors (derived tensors, kept Winograd transforms, known
+    batch counts: each watching a tensor's storage, never referring to the tensor, so that PyTorch's
+    swap-on-conversion mode can swap it) is dropped before its state is loaded or converted, which makes it stale,
+    and what eval calls cached is dropped when the module goes back to training."""
 
     def _tensors(self) -> list:
         return [*self.parameters(), *self.buffers()]
@@ -315,7 +318,8 @@ class ReleasesDerived:
 
 
 # Counters whose increment a CUDA graph recorded: each replay adds to them with no Python call and no version bump,
-# so no value of theirs is kept on the host any more (each momentum=None call reads the device). id -> weak ref.
+# so no value of theirs is kept on the host any more (each momentum=None call reads the device). id -> a weak reference
+# to its storage (none to the counter: swap-on-conversion mode swaps it), which drops the entry when that is freed.
 _CAPTURED: dict[int, weakref.ref] = {}
 
 
@@ -325,7 +329,8 @@ def _remember_batches(counter: Tensor, value: int) -> None:
     key = id(counter)
     if key in _CAPTURED:
         return
-    _BATCHES[key] = (weakref.ref(counter, lambda _, key=key: _BATCHES.pop(key, None)), counter._version, value)
+    storage = weakref.ref(counter.untyped_storage(), lambda _, key=key: _BATCHES.pop(key, None))
+    _BATCHES[key] = (storage, counter.data_ptr(), counter._version, value)
 
 
 def _mark_captured(counters) -> None:
@@ -333,7 +338,7 @@ def _mark_captured(counters) -> None:
     for c in counters:
         key = id(c)
         _BATCHES.pop(key, None)
-        _CAPTURED[key] = weakref.ref(c, lambda _, key=key: _CAPTURED.pop(key, None))
+        _CAPTURED[key] = weakref.ref(c.untyped_storage(), lambda _, key=key: _CAPTURED.pop(key, None))
 
 
 def _count_inference(counter: Tensor) -> None:

@@ -545,16 +545,34 @@ at::Tensor weight_transform(const at::Tensor& weight) {
 // registered with winograd_cache_allow are kept: the eval path registers the folds it stores in
 // deeplab_ops.common.derived, which nothing writes in place. Any other tensor may change without its version
 // counter saying so (a compiled graph reuses one buffer for the next layer's folded weight; writes through `.data`),
-// so its transform is computed per call. An entry belongs to one weight tensor (its TensorImpl, held weakly: the
-// address cannot be reused while the entry lives; a freed weight's entry is dropped at the next plan of any
-// float32 3x3 convolution without gradient, or by winograd_cache_release) in one state (storage, sizes, strides, version counter, read before the transform) and one tile size.
+// so its transform is computed per call. An entry belongs to one weight tensor (WeightRef: its TensorImpl's address
+// and its storage, held weakly; an entry whose storage was freed is dropped at the next plan of any float32 3x3
+// convolution without gradient, or by winograd_cache_release) in one state (storage, sizes, strides, version
+// counter, read before the transform) and one tile size.
 // Least recently used first out, within kCacheBytes and kCacheEntries. A forward pass uses its layers' transforms in
 // turn, so a model whose transforms exceed the cache evicts each before its next use: kCacheBytes holds
 // DeepLabV3-ResNet-101's (about 340 MB at output stride 16; ResNet-50's about 180 MB) with room to spare.
 constexpr int64_t kCacheBytes = int64_t{1} << 30;
 constexpr size_t kCacheEntries = 256;
 
-using WeakImpl = c10::weak_intrusive_ptr<c10::TensorImpl>;
+// A weight as the cache knows it, holding no reference of any kind on the tensor (torch.utils.swap_tensors refuses
+// a tensor with a weak reference, and PyTorch's swap-on-conversion mode swaps every parameter a conversion or load
+// reaches, a child module's too): its TensorImpl's address, compared and never dereferenced, and its storage, held
+// weakly, so that no other storage takes the storage's address while the cache knows it. Gone when the storage is
+// freed. A tensor that took a freed weight's TensorImpl address while the storage lives is taken for that weight
+// only if it views the same storage, and an entry matches only the same data pointer, sizes, strides and version
+// counter too: the same bytes.
+struct WeightRef {
+  const c10::TensorImpl* impl;
+  c10::weak_intrusive_ptr<c10::StorageImpl> storage;
+
+  static WeightRef of(const at::Tensor& t) { return {t.unsafeGetTensorImpl(), t.storage().getWeakStorageImpl()}; }
+  bool expired() const { return storage.expired(); }
+  bool is(const at::Tensor& t) const {
+    return impl == t.unsafeGetTensorImpl() && t.has_storage() &&
+           storage._unsafe_get_target() == t.storage().unsafeGetStorageImpl() && !storage.expired();
+  }
+};
 
 // What identifies a weight tensor's contents while its owner lives. The storage is compared by its StorageImpl,
 // which an entry holds weakly: `.data` given a new tensor keeps the version counter, and a data pointer alone is
@@ -579,7 +597,7 @@ struct WeightState {
 };
 
 struct CachedTransform {
-  WeakImpl owner;
+  WeightRef owner;
   WeightState state;
   int m;
   at::Tensor u;
@@ -589,28 +607,27 @@ class TransformCache {
  public:
   // Registers `weight` (not an inference tensor: it has no version counter) as one whose transforms may be kept.
   void allow(const at::Tensor& weight) {
-    if (weight.is_inference()) return;
+    if (weight.is_inference() || !weight.has_storage()) return;
     std::lock_guard<std::mutex> lock(mu_);
     // erase-remove, not std::erase_if: the extension builds as C++17 with torch < 2.13 (torch 2.11 included).
-    allowed_.erase(std::remove_if(allowed_.begin(), allowed_.end(), [](const WeakImpl& w) { return w.expired(); }),
+    allowed_.erase(std::remove_if(allowed_.begin(), allowed_.end(), [](const WeightRef& w) { return w.expired(); }),
                    allowed_.end());
-    const bool known = std::any_of(allowed_.begin(), allowed_.end(), [&](const WeakImpl& w) {
-      return w._unsafe_get_target() == weight.unsafeGetTensorImpl();
-    });
-    if (!known) allowed_.emplace_back(weight.getIntrusivePtr());  // registered once, however often allowed
+    if (std::any_of(allowed_.begin(), allowed_.end(), [&](const WeightRef& w) { return w.is(weight); })) return;
+    // one registration per TensorImpl (a `.data` assignment gives the same tensor another storage)
+    const auto same_impl = [&](const WeightRef& w) { return w.impl == weight.unsafeGetTensorImpl(); };
+    allowed_.erase(std::remove_if(allowed_.begin(), allowed_.end(), same_impl), allowed_.end());
+    allowed_.push_back(WeightRef::of(weight));
   }
 
   // Whether `weight` is registered. The plan of every float32 3x3 convolution without gradient asks, registered
   // weight or not, so the entries of freed weights (a deleted model's, a replaced fold's) are dropped here, not
   // only at the next lookup of a registered weight.
   bool allowed(const at::Tensor& weight) {
-    if (weight.is_inference()) return false;
+    if (weight.is_inference() || !weight.has_storage()) return false;
     std::list<CachedTransform> dropped;  // freed outside the lock
     std::lock_guard<std::mutex> lock(mu_);
     drop_expired(dropped);
-    return std::any_of(allowed_.begin(), allowed_.end(), [&](const WeakImpl& w) {
-      return w._unsafe_get_target() == weight.unsafeGetTensorImpl() && !w.expired();
-    });
+    return std::any_of(allowed_.begin(), allowed_.end(), [&](const WeightRef& w) { return w.is(weight); });
   }
 
   // The cached transform of a weight in `state` for tile size m, or an undefined tensor.
@@ -647,16 +664,16 @@ class TransformCache {
     while (!entries_.empty() && (bytes_ + nbytes > kCacheBytes || entries_.size() >= kCacheEntries)) {
       drop(std::prev(entries_.end()), dropped);
     }
-    entries_.push_front({WeakImpl(weight.getIntrusivePtr()), state, m, u});
+    entries_.push_front({WeightRef::of(weight), state, m, u});
     bytes_ += nbytes;
   }
 
   void release(at::TensorList weights) {
     std::list<CachedTransform> dropped;
     std::lock_guard<std::mutex> lock(mu_);
-    const auto listed = [&](const WeakImpl& w) {
+    const auto listed = [&](const WeightRef& w) {
       return std::any_of(weights.begin(), weights.end(),
-                         [&](const at::Tensor& t) { return w._unsafe_get_target() == t.unsafeGetTensorImpl(); });
+                         [&](const at::Tensor& t) { return w.impl == t.unsafeGetTensorImpl(); });
     };
     allowed_.erase(std::remove_if(allowed_.begin(), allowed_.end(), listed), allowed_.end());
     for (auto it = entries_.begin(); it != entries_.end();) {
@@ -693,13 +710,13 @@ class TransformCache {
       if (it->owner.expired()) drop(it, dropped);
       it = next;
     }
-    allowed_.erase(std::remove_if(allowed_.begin(), allowed_.end(), [](const WeakImpl& w) { return w.expired(); }),
+    allowed_.erase(std::remove_if(allowed_.begin(), allowed_.end(), [](const WeightRef& w) { return w.expired(); }),
                    allowed_.end());
   }
 
   std::mutex mu_;
   std::list<CachedTransform> entries_;  // most recently used first
-  std::vector<WeakImpl> allowed_;
+  std::vector<WeightRef> allowed_;
   int64_t bytes_ = 0, hits_ = 0, misses_ = 0;
 };
 

@@ -57,10 +57,10 @@ bool channels_last_weight_kept(const at::Tensor& weight);
 void winograd_cache_allow(const at::Tensor& weight);
 std::vector<int64_t> winograd_cache_info();
 void winograd_cache_clear();
-// Forgets these weights: their kept transforms and their registration, and with them the weak references the cache
-// holds on them (torch.utils.swap_tensors refuses a tensor that has one; deeplab_ops.common.release_derived); and
-// the transforms of weights that have been freed (as the plan of every float32 3x3 convolution without gradient
-// does).
+// Forgets these weights: their kept transforms and their registration (deeplab_ops.common.release_derived, before a
+// module's tensors are converted or loaded); and the transforms of weights whose storage has been freed (as the plan
+// of every float32 3x3 convolution without gradient does). The cache holds no reference on a weight tensor, weak or
+// strong (torch.utils.swap_tensors refuses a tensor with a weak reference): its storage, weakly.
 void winograd_cache_release(at::TensorList weights);
 
 }  // namespace deeplab_ops
