@@ -139,13 +139,18 @@ def _reference(module, x):
         FusedASPP._unfused_forward(module, x)
 
 
+class _Halved(torch.nn.Module):
+    def forward(self, w):
+        return w * 0.5
+
+
 @pytest.mark.parametrize("kind", ["conv_bn_relu", "aspp"])
-@pytest.mark.parametrize("how", ["double and back", "load_state_dict"])
+@pytest.mark.parametrize("how", ["double and back", "load_state_dict", "parametrization"])
 def test_a_fused_modules_children_convert_and_load_on_their_own_after_its_calls(swap_mode, monkeypatch, kind, how):
     # What the package caches about a fused module's tensors (the eval fold, kept Winograd transforms of the ASPP's
     # branch weights, remembered batch counts) once held a weak reference to each tensor (a Python finalizer, a C++
     # weak pointer to its TensorImpl), which torch.utils.swap_tensors refuses: after one training and one eval call,
-    # a child converted or loaded on its own (not through the fused module, which drops them first) failed half way
+    # a child converted, loaded or parametrized on its own (not through the fused module, which drops them first) failed
     # ("_apply(): Couldn't swap Conv2d.weight"). The caches now watch the tensors' storages; the swapped tensors'
     # new values are what the next calls compute with.
     monkeypatch.setattr(deeplab_ops.modules, "_REMEMBERED_DEVICES", ("cuda", "cpu"))
@@ -163,9 +168,11 @@ def test_a_fused_modules_children_convert_and_load_on_their_own_after_its_calls(
             child.double()
             assert all(p.dtype == torch.float64 for p in child.parameters())
             child.float()
-        else:
+        elif how == "load_state_dict":
             child.load_state_dict({k: v + torch.rand(v.shape, generator=g, dtype=v.dtype) if v.is_floating_point()
                                    else v + 1 for k, v in child.state_dict().items()})
+        else:  # (swaps the weight for its parametrization's original, in this mode)
+            torch.nn.utils.parametrize.register_parametrization(child, "weight", _Halved())
         module.eval()
         with torch.no_grad():
             torch.testing.assert_close(module(x), _reference(module, x), rtol=1e-4, atol=1e-4)
