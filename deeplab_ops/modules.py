@@ -47,15 +47,25 @@ def _conv_padding(conv: nn.Conv2d) -> tuple[int, int]:
     if conv.padding == "valid":
         return (0, 0)
     pad = []
-    for k, d in zip(_pair(conv.kernel_size), _pair(conv.dilation), strict=True):
+    kernel = _same_kernel(conv)
+    for k, d in zip(kernel, _pair(conv.dilation), strict=True):
         total = d * (k - 1)
         if total % 2:
             raise ValueError(
-                f"conv has padding='same' with kernel_size={conv.kernel_size} and dilation={conv.dilation}, which "
+                f"conv has padding='same' with kernel_size={kernel} and dilation={conv.dilation}, which "
                 "needs asymmetric padding; the fused op supports symmetric padding only (use an explicit padding)"
             )
         pad.append(total // 2)
     return tuple(pad)
+
+
+def _same_kernel(conv: nn.Conv2d) -> tuple[int, int]:
+    """The kernel padding='same' pads for: the weight's, as F.conv2d works it out (a weight replaced by one of
+    another size leaves conv.kernel_size as built), or conv.kernel_size where the weight is no 4-d tensor."""
+    weight = conv_weight(conv)
+    if isinstance(weight, Tensor) and weight.dim() == 4:
+        return (weight.shape[2], weight.shape[3])
+    return _pair(conv.kernel_size)
 
 
 def check_fusable(conv: nn.Module, bn: nn.Module) -> None:
@@ -490,7 +500,9 @@ def _geometry(conv: nn.Conv2d) -> tuple:
     """(stride, padding, dilation) of `conv` as pairs, worked out once per distinct configuration."""
     if torch.compiler.is_compiling():  # a traced graph reads no Python cache (it would guard on it)
         return _pair(conv.stride), _conv_padding(conv), _pair(conv.dilation)
-    key = (conv.kernel_size, conv.stride, conv.padding, conv.dilation)
+    padding = conv.padding
+    # (padding='same' works out from the weight's kernel, which may not be conv.kernel_size: see _same_kernel)
+    key = (_same_kernel(conv) if type(padding) is str else conv.kernel_size, conv.stride, padding, conv.dilation)
     geometry = _GEOMETRY.get(key)
     if geometry is None:
         geometry = (_pair(conv.stride), _conv_padding(conv), _pair(conv.dilation))
@@ -560,6 +572,10 @@ def fused_conv_bn(
                 if seen is not None:
                     release_derived([t for t in tensors[2:4] if isinstance(t, Tensor)])
                 bn.__dict__[_COUNTER_SEEN] = counter._version
+        elif counter is None and tensors[2] is not None and not torch.compiler.is_compiling():
+            # Running statistics and no counter (num_batches_tracked set to None): nothing tells of torch's updates,
+            # so what is cached of the statistics is dropped at every eval call (the fold is rebuilt per call).
+            release_derived([t for t in tensors[2:4] if isinstance(t, Tensor)])
     if not training and enter_directly(x) and (not torch._C._is_any_autocast_enabled()
                                                or autocast_dtype(x) in (None, x.dtype)):
         sources = _fold_sources(conv, tensors)

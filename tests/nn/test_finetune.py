@@ -160,3 +160,32 @@ def test_a_residual_block_conv_replaced_by_one_with_asymmetric_same_padding_runs
     x = torch.randn(2, 4, 6, 6, dtype=torch.float64)
     torch.testing.assert_close(fused(x), plain(x), rtol=1e-9, atol=1e-9)
     _assert_same_state(fused, plain, "same padding")
+
+
+@pytest.mark.filterwarnings("ignore:Using padding='same' with even kernel")
+@pytest.mark.parametrize("kernel", [5, 2], ids=["odd-kernel", "even-kernel"])
+@pytest.mark.parametrize("kind", ["FusedConvBNReLU", "fuse_modules"])
+def test_a_same_padding_convs_weight_replaced_by_another_kernel_size_computes_as_eager(kind, kernel):
+    # Once wrong: padding='same' was worked out from conv.kernel_size, which a weight of another size (replaced after
+    # building: surgery, a checkpoint loaded with assign=True) leaves as built, while F.conv2d pads for the weight it
+    # runs. A 5x5 weight on a 3x3 'same' conv gave a smaller output silently; an even one, which needs the asymmetric
+    # padding the op does not compute, ran fused with the 3x3's padding instead of running the children.
+    from deeplab_ops.nn import FusedConvBNReLU
+
+    torch.manual_seed(0)
+    plain = _randomize(nn.Sequential(nn.Conv2d(3, 4, 3, padding="same", bias=False), nn.BatchNorm2d(4),
+                                     nn.ReLU())).double()
+    if kind == "fuse_modules":
+        fused = fuse_modules(copy.deepcopy(plain))
+    else:
+        fused = FusedConvBNReLU(3, 4, 3, padding="same").double()
+        fused.load_state_dict(plain.state_dict())
+    weight = torch.randn(4, 3, kernel, kernel, dtype=torch.float64) * 0.3
+    for m in (plain, fused):
+        m[0].weight = nn.Parameter(weight.clone())
+    x = torch.randn(2, 3, 7, 8, dtype=torch.float64)
+    for training in (True, False, True):
+        for m in (plain, fused):
+            m.train(training)
+        torch.testing.assert_close(fused(x), plain(x), rtol=1e-9, atol=1e-9)
+        _assert_same_state(fused, plain, f"kernel {kernel} training={training}")

@@ -474,3 +474,44 @@ def test_a_weight_given_another_view_of_its_storage_is_seen(backend, training):
     _close(out, expected, "after .data = a transposed view")
     torch.testing.assert_close(rm, expected_rm)
     torch.testing.assert_close(rv, expected_rv)
+
+
+@pytest.mark.parametrize("counter", [True, False], ids=["counter", "no-counter"])
+@pytest.mark.parametrize("kind", ["FusedConvBNReLU", "model block"])
+def test_the_fold_follows_a_batchnorm_trained_on_its_own_by_torch(kind, counter):
+    # A fused module's BatchNorm child put back in training on its own (not through the fused module, whose train()
+    # drops its folds) and run by torch (a hook makes the fused module run its children) updates the running
+    # statistics without a version bump. num_batches_tracked's version tells; a BatchNorm whose counter is None has
+    # nothing that tells, and evaluated with the fold of the old statistics (0.03-0.2 off): its fold is now rebuilt
+    # at every eval call.
+    import model
+
+    torch.manual_seed(0)
+    if kind == "FusedConvBNReLU":
+        fused, _ = _pair()
+        eager = nn.Sequential(nn.Conv2d(3, fused[0].out_channels, 3, padding=fused[0].padding, bias=False),
+                              nn.BatchNorm2d(fused[0].out_channels), nn.ReLU())
+        eager.load_state_dict(fused.state_dict())
+        x = torch.randn(2, 3, 7, 7)
+        parts = [(m[0], m[1]) for m in (fused, eager)]
+    else:
+        fused, eager = (model.deeplabv3_resnet(29, num_classes=3, width=4, fused=f) for f in (True, False))
+        fused.load_state_dict(eager.state_dict())
+        x = torch.randn(2, 3, 17, 17)
+        parts = [(m.backbone.layer1[0].conv1, m.backbone.layer1[0].bn1) for m in (fused, eager)]
+    out = (lambda m, x: m(x)["out"]) if kind == "model block" else (lambda m, x: m(x))
+    for _, bn in parts:
+        if not counter:
+            bn.num_batches_tracked = None
+    fused.eval(), eager.eval()
+    with torch.no_grad():
+        _close(out(fused, x), out(eager, x), "before")  # the folds are cached
+        for (conv, bn), m in zip(parts, (fused, eager), strict=True):
+            bn.train()
+            handle = conv.register_forward_hook(lambda *args: None)
+            out(m, x * 3 + 1)
+            handle.remove()
+            bn.eval()
+        torch.testing.assert_close(parts[0][1].running_mean, parts[1][1].running_mean)
+        _close(out(fused, x), out(eager, x), "after")
+        _close(out(fused, x), out(eager, x), "after (cached again)")
