@@ -503,7 +503,10 @@ def _geometry(conv: nn.Conv2d) -> tuple:
     padding = conv.padding
     # (padding='same' works out from the weight's kernel, which may not be conv.kernel_size: see _same_kernel)
     key = (_same_kernel(conv) if type(padding) is str else conv.kernel_size, conv.stride, padding, conv.dilation)
-    geometry = _GEOMETRY.get(key)
+    try:
+        geometry = _GEOMETRY.get(key)
+    except TypeError:  # a list set as an attribute after construction (nn.Conv2d takes one): not cached
+        return _pair(conv.stride), _conv_padding(conv), _pair(conv.dilation)
     if geometry is None:
         geometry = (_pair(conv.stride), _conv_padding(conv), _pair(conv.dilation))
         if len(_GEOMETRY) >= 4096:  # bounded, the oldest out first (as checked configurations)
@@ -1251,6 +1254,10 @@ def run_fused_aspp(module: nn.Module, parts: tuple, x: Tensor, backend: str | No
             if counters_whole is None:
                 counters_whole = counters[0].detach().as_strided((len(counters),), (1,))
             counters_whole.add_(1)
+            # (a view of the first counter: the others' versions bumped too, as each BatchNorm's add_(1) bumps its
+            # own, which tells eval folds cached elsewhere of the statistics that moved: a BatchNorm shared with
+            # a FusedConvBNReLU)
+            torch.autograd.graph.increment_version(counters[1:])
             if flags is None and (counters[0].is_cuda or len(_REMEMBERED_DEVICES) > 1) and _capturing(counters[0]):
                 _mark_captured(counters)
                 known = ()

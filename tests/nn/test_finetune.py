@@ -189,3 +189,56 @@ def test_a_same_padding_convs_weight_replaced_by_another_kernel_size_computes_as
             m.train(training)
         torch.testing.assert_close(fused(x), plain(x), rtol=1e-9, atol=1e-9)
         _assert_same_state(fused, plain, f"kernel {kernel} training={training}")
+
+
+@pytest.mark.parametrize("attr, value", [("padding", [1, 1]), ("stride", [2, 2]), ("dilation", [2, 2])])
+def test_a_conv_geometry_set_to_a_list_computes_as_eager(attr, value):
+    # Once a crash: a conv's stride, padding or dilation set to a list after construction (nn.Conv2d and F.conv2d
+    # take one) raised "unhashable type: 'list'" from the fused module's geometry cache.
+    from deeplab_ops.nn import FusedConvBNReLU
+
+    torch.manual_seed(0)
+    plain = _randomize(nn.Sequential(nn.Conv2d(3, 4, 3, padding=1, bias=False), nn.BatchNorm2d(4),
+                                     nn.ReLU())).double()
+    fused = FusedConvBNReLU(3, 4, 3, padding=1).double()
+    fused.load_state_dict(plain.state_dict())
+    for m in (plain, fused):
+        setattr(m[0], attr, list(value))
+    x = torch.randn(2, 3, 9, 8, dtype=torch.float64)
+    for training in (True, False):
+        for m in (plain, fused):
+            m.train(training)
+        torch.testing.assert_close(fused(x), plain(x), rtol=1e-9, atol=1e-9)
+        _assert_same_state(fused, plain, f"{attr}={value} training={training}")
+
+
+def test_a_batchnorm_shared_by_a_fused_aspp_and_a_fused_conv_is_seen_updated_by_the_aspp():
+    # Once wrong: a fused ASPP counts its BatchNorms' batches with one add through a view of the first counter, so
+    # the other counters' versions did not move as each BatchNorm's own add_(1) moves it; the eval fold a
+    # FusedConvBNReLU sharing one of those BatchNorms had cached (it watches the counter's version: torch's
+    # batch_norm writes the statistics without a version bump) stayed that of the old statistics.
+    from deeplab_ops.nn import FusedConvBNReLU
+
+    torch.manual_seed(0)
+    # float32 (float64 folds are never cached)
+    fused_aspp = FusedASPP(4, (1, 2), out_channels=3, dropout=0.0)
+    plain_aspp = TorchvisionASPP(4, (1, 2), out_channels=3)
+    plain_aspp.project[3].p = 0.0
+    plain_aspp.load_state_dict(fused_aspp.state_dict())
+    plain_conv = _randomize(nn.Sequential(nn.Conv2d(3, 3, 3, padding=1, bias=False), nn.BatchNorm2d(3),
+                                          nn.ReLU()))
+    fused_conv = FusedConvBNReLU(3, 3, 3, padding=1)
+    fused_conv.load_state_dict(plain_conv.state_dict())
+    for aspp, conv in ((plain_aspp, plain_conv), (fused_aspp, fused_conv)):
+        conv[1] = aspp.convs[2][1]  # the rate-2 branch's BatchNorm
+    x, x4 = torch.randn(2, 3, 6, 6), torch.randn(2, 4, 7, 7)
+    with torch.no_grad():
+        for conv in (plain_conv, fused_conv):
+            conv.eval()
+        torch.testing.assert_close(fused_conv(x), plain_conv(x), rtol=1e-5, atol=1e-5)  # the fold cached
+        for aspp, conv in ((plain_aspp, plain_conv), (fused_aspp, fused_conv)):
+            aspp.train()(x4 * 2 + 1)
+            conv.eval()  # (the shared BatchNorm too)
+        for k, v in plain_aspp.state_dict().items():
+            torch.testing.assert_close(fused_aspp.state_dict()[k], v, rtol=1e-5, atol=1e-5, msg=k)
+        torch.testing.assert_close(fused_conv(x), plain_conv(x), rtol=1e-5, atol=1e-5)
