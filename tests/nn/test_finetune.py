@@ -22,6 +22,28 @@ def _assert_same_state(fused: nn.Module, plain: nn.Module, what: str) -> None:
         torch.testing.assert_close(sf[k], sp[k], rtol=1e-9, atol=1e-9, msg=f"{what}: {k}")
 
 
+def _assert_same_in_modes(fused: nn.Module, plain: nn.Module, x: torch.Tensor, what: str,
+                          modes=(True, False)) -> None:
+    """Both modules called in each mode in turn (training, eval, ...): the same output and the same state after."""
+    for training in modes:
+        for m in (plain, fused):
+            m.train(training)
+        torch.testing.assert_close(fused(x), plain(x), rtol=1e-9, atol=1e-9)
+        _assert_same_state(fused, plain, f"{what} training={training}")
+
+
+def _conv_pair(padding) -> tuple[nn.Module, nn.Module]:
+    """(an eager 3 -> 4 conv -> BN -> ReLU chain, a FusedConvBNReLU with its state), float64."""
+    from deeplab_ops.nn import FusedConvBNReLU
+
+    torch.manual_seed(0)
+    plain = _randomize(nn.Sequential(nn.Conv2d(3, 4, 3, padding=padding, bias=False), nn.BatchNorm2d(4),
+                                     nn.ReLU())).double()
+    fused = FusedConvBNReLU(3, 4, 3, padding=padding).double()
+    fused.load_state_dict(plain.state_dict())
+    return plain, fused
+
+
 def _aspp_pair(kind: str) -> tuple[nn.Module, nn.Module]:
     """(eager torchvision ASPP, the same ASPP fused), float64, dropout 0."""
     torch.manual_seed(0)
@@ -138,11 +160,7 @@ def test_a_forward_set_on_an_aspp_part_runs_as_eager(kind, part):
     for m in (plain, fused):
         _halving_forward(dict(m.named_modules())[part])
     x = torch.randn(2, 4, 7, 6, dtype=torch.float64)
-    for training in (True, False):
-        for m in (plain, fused):
-            m.train(training)
-        torch.testing.assert_close(fused(x), plain(x), rtol=1e-9, atol=1e-9)
-        _assert_same_state(fused, plain, f"{part} training={training}")
+    _assert_same_in_modes(fused, plain, x, f"{part}")
 
 
 @pytest.mark.filterwarnings("ignore:Using padding='same' with even kernel")
@@ -170,46 +188,25 @@ def test_a_same_padding_convs_weight_replaced_by_another_kernel_size_computes_as
     # building: surgery, a checkpoint loaded with assign=True) leaves as built, while F.conv2d pads for the weight it
     # runs. A 5x5 weight on a 3x3 'same' conv gave a smaller output silently; an even one, which needs the asymmetric
     # padding the op does not compute, ran fused with the 3x3's padding instead of running the children.
-    from deeplab_ops.nn import FusedConvBNReLU
-
-    torch.manual_seed(0)
-    plain = _randomize(nn.Sequential(nn.Conv2d(3, 4, 3, padding="same", bias=False), nn.BatchNorm2d(4),
-                                     nn.ReLU())).double()
+    plain, fused = _conv_pair("same")
     if kind == "fuse_modules":
         fused = fuse_modules(copy.deepcopy(plain))
-    else:
-        fused = FusedConvBNReLU(3, 4, 3, padding="same").double()
-        fused.load_state_dict(plain.state_dict())
     weight = torch.randn(4, 3, kernel, kernel, dtype=torch.float64) * 0.3
     for m in (plain, fused):
         m[0].weight = nn.Parameter(weight.clone())
     x = torch.randn(2, 3, 7, 8, dtype=torch.float64)
-    for training in (True, False, True):
-        for m in (plain, fused):
-            m.train(training)
-        torch.testing.assert_close(fused(x), plain(x), rtol=1e-9, atol=1e-9)
-        _assert_same_state(fused, plain, f"kernel {kernel} training={training}")
+    _assert_same_in_modes(fused, plain, x, f"kernel {kernel}", modes=(True, False, True))
 
 
 @pytest.mark.parametrize("attr, value", [("padding", [1, 1]), ("stride", [2, 2]), ("dilation", [2, 2])])
 def test_a_conv_geometry_set_to_a_list_computes_as_eager(attr, value):
     # Once a crash: a conv's stride, padding or dilation set to a list after construction (nn.Conv2d and F.conv2d
     # take one) raised "unhashable type: 'list'" from the fused module's geometry cache.
-    from deeplab_ops.nn import FusedConvBNReLU
-
-    torch.manual_seed(0)
-    plain = _randomize(nn.Sequential(nn.Conv2d(3, 4, 3, padding=1, bias=False), nn.BatchNorm2d(4),
-                                     nn.ReLU())).double()
-    fused = FusedConvBNReLU(3, 4, 3, padding=1).double()
-    fused.load_state_dict(plain.state_dict())
+    plain, fused = _conv_pair(1)
     for m in (plain, fused):
         setattr(m[0], attr, list(value))
     x = torch.randn(2, 3, 9, 8, dtype=torch.float64)
-    for training in (True, False):
-        for m in (plain, fused):
-            m.train(training)
-        torch.testing.assert_close(fused(x), plain(x), rtol=1e-9, atol=1e-9)
-        _assert_same_state(fused, plain, f"{attr}={value} training={training}")
+    _assert_same_in_modes(fused, plain, x, f"{attr}={value}")
 
 
 def test_a_batchnorm_shared_by_a_fused_aspp_and_a_fused_conv_is_seen_updated_by_the_aspp():
