@@ -437,10 +437,14 @@ def back_to_back(ts) -> bool:
 # finalizer on each source's storage (PyTorch keeps one Python object per storage while the storage lives) drops the
 # entry when the storage is freed, so no address is reused while an entry holds it. None on the tensor: swap_tensors
 # refuses a tensor that has a weak reference, and PyTorch's swap-on-conversion mode swaps every parameter a
-# conversion or load reaches, a child module's too. A tensor freed while its storage lives (a view of it kept) leaves
-# its entry until the storage goes; an entry is keyed by the tensors' ids and valid only for the same storage, data
-# pointer, version, shape and strides, the same bytes whatever object now has the id. A derivative that is a view of
-# a source is returned uncached: it would keep the storage whose death evicts it.
+# conversion or load reaches, a child module's too. A tensor freed while its storage lives (a view of it kept: a
+# state_dict() of a deleted model, tensors loaded with assign=True from a state dict still held) leaves its entry
+# until the storage goes, or until the cache's bounds push it out (oldest stored first, beyond _DERIVED_MAX_ENTRIES
+# entries or _DERIVED_MAX_BYTES of values). An entry is keyed by the tensors' ids and valid only for the same
+# storage, data pointer, version, shape and strides: the same bytes whatever object now has the id, unless that
+# object is one made through `.data` (a version counter of its own, which a write through another view does not
+# move: the `.data` rule below). A derivative that is a view of a source is returned uncached: it would keep the
+# storage whose death evicts it.
 # Not cached (built every call): under torch.compile and CUDA-graph capture (the derivation must be part of the
 # graph, or a replay after an optimizer step would read a stale value), inference-mode tensors (no version
 # counter), and float64 ones: writes through `.data` do not bump the version (torch.autograd.gradcheck perturbs
@@ -453,8 +457,11 @@ def back_to_back(ts) -> bool:
 
 # key -> (the sources' state, the value, the finalizers that evict the entry when a source's storage is freed (one
 # per storage, registered when the entry is stored and detached when it goes, so rebuilding after clear_derived()
-# adds none))
-_DERIVED: dict[tuple, tuple[tuple, object, tuple]] = {}
+# adds none), the value's bytes), oldest stored first
+_DERIVED: dict[tuple, tuple[tuple, object, tuple, int]] = {}
+_DERIVED_MAX_ENTRIES = 4096
+_DERIVED_MAX_BYTES = 1 << 30  # (as the cpu backend's Winograd transforms, csrc/cpu/winograd_cpu.cpp)
+_DERIVED_BYTES = [0]  # the values' bytes, under _DERIVED_LOCK
 # Reentrant: the cyclic garbage collector may run at any allocation, inside the lock too, and free a source whose
 # finalizer evicts (a parameter held in a reference cycle is freed only so). An eviction reentering there pops
 # another entry (the sources of the entry being stored are alive), which the locked code does not hold.
@@ -464,8 +471,16 @@ _DERIVED_STATS = {"hits": 0, "misses": 0}
 
 def _evict(key: tuple) -> None:
     with _DERIVED_LOCK:
-        entry = _DERIVED.pop(key, None)
+        entry = _pop(key)
     _release(entry)
+
+
+def _pop(key: tuple):
+    """Remove an entry (_DERIVED_LOCK held), its bytes counted out; the entry, or None."""
+    entry = _DERIVED.pop(key, None)
+    if entry is not None:
+        _DERIVED_BYTES[0] -= entry[3]
+    return entry
 
 
 def _release(entry) -> None:
@@ -527,15 +542,22 @@ def derived(tag, sources, build, on_store=None):
     with torch.inference_mode(False), torch.no_grad():
         value = build()
     if _views_a_source(value, storages.values()):
+        if entry is not None:
+            _evict(key)
         return value
     if on_store is not None:
         on_store(value)
     finalizers = tuple(weakref.finalize(s, _evict, key) for s in storages.values())
     del storages
+    size = sum(v.nbytes for v in (value if isinstance(value, tuple) else (value,)) if isinstance(v, torch.Tensor))
     with _DERIVED_LOCK:
-        old = _DERIVED.pop(key, None)
-        _DERIVED[key] = (state, value, finalizers)
-    _release(old)  # its finalizers detached and its value freed outside the lock
+        old = [_pop(key)]
+        _DERIVED[key] = (state, value, finalizers, size)
+        _DERIVED_BYTES[0] += size
+        while len(_DERIVED) > 1 and (len(_DERIVED) > _DERIVED_MAX_ENTRIES or _DERIVED_BYTES[0] > _DERIVED_MAX_BYTES):
+            old.append(_pop(next(iter(_DERIVED))))  # the oldest stored (never this one: it is the newest)
+    while old:  # their finalizers detached and their values freed outside the lock
+        _release(old.pop())
     return value
 
 
@@ -560,8 +582,8 @@ _FUSED_STEP_HOOK = register_optimizer_step_post_hook(_count_fused_step)
 
 
 def derived_cache_info() -> dict[str, int]:
-    """{"entries", "hits", "misses"} of the derived-tensor cache (for tests)."""
-    return {"entries": len(_DERIVED), **_DERIVED_STATS}
+    """{"entries", "bytes", "hits", "misses"} of the derived-tensor cache (for tests)."""
+    return {"entries": len(_DERIVED), "bytes": _DERIVED_BYTES[0], **_DERIVED_STATS}
 
 
 def release_derived(tensors) -> None:
@@ -573,7 +595,7 @@ def release_derived(tensors) -> None:
     ids = set(map(id, tensors))
     with _DERIVED_LOCK:
         keys = [key for key in _DERIVED if not ids.isdisjoint(key[1:])]
-        entries = [_DERIVED.pop(key) for key in keys]
+        entries = [_pop(key) for key in keys]
     while entries:  # outside the lock (see _release); each value freed here, none kept by a loop variable
         _release(entries.pop())
     # the cpu backend's kept Winograd transforms of the ASPP's branch weights, and those of the folds just freed
@@ -588,6 +610,7 @@ def clear_derived() -> None:
     with _DERIVED_LOCK:
         entries = list(_DERIVED.values())
         _DERIVED.clear()
+        _DERIVED_BYTES[0] = 0
     for entry in entries:  # outside the lock (see _release)
         _release(entry)
     del entries

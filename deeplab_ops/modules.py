@@ -61,8 +61,10 @@ def _conv_padding(conv: nn.Conv2d) -> tuple[int, int]:
 
 def _same_kernel(conv: nn.Conv2d) -> tuple[int, int]:
     """The kernel padding='same' pads for: the weight's, as F.conv2d works it out (a weight replaced by one of
-    another size leaves conv.kernel_size as built), or conv.kernel_size where the weight is no 4-d tensor."""
-    weight = conv_weight(conv)
+    another size leaves conv.kernel_size as built), or conv.kernel_size where the weight is no 4-d tensor of the
+    module's own. A parametrized weight is not computed here (its parametrization may have state of its own, as
+    spectral_norm's power iteration, which each evaluation moves): conv.kernel_size."""
+    weight = conv._parameters.get("weight")
     if isinstance(weight, Tensor) and weight.dim() == 4:
         return (weight.shape[2], weight.shape[3])
     return _pair(conv.kernel_size)
@@ -526,6 +528,25 @@ def _fold_sources(conv: nn.Module, bn_tensors: tuple) -> tuple | None:
 
 
 _COUNTER_SEEN = "_deeplab_ops_counter_seen"  # plain attribute of a BatchNorm: its counter's version at an eval call
+_STATISTICS_SEEN = "_deeplab_ops_statistics_seen"  # (of a BatchNorm without counter: its statistics' values, copied)
+
+
+def _drop_folds_if_statistics_moved(bn: nn.Module, rm, rv) -> None:
+    """For a BatchNorm with running statistics and no counter (num_batches_tracked set to None), where nothing tells
+    of torch's own updates (its batch_norm writes the statistics without a version bump): what is cached of the
+    statistics is dropped when their values differ from those the last eval call saw (a copy kept on the module:
+    two comparisons of C values per call)."""
+    if not isinstance(rm, Tensor) or not isinstance(rv, Tensor):
+        return
+    seen = bn.__dict__.get(_STATISTICS_SEEN)
+    if (seen is not None and seen[0].shape == rm.shape and seen[1].shape == rv.shape and seen[0].dtype == rm.dtype
+            and seen[1].dtype == rv.dtype and seen[0].device == rm.device and seen[1].device == rv.device
+            and torch.equal(seen[0], rm) and torch.equal(seen[1], rv)):
+        return
+    if seen is not None:
+        release_derived([rm, rv])
+    with torch.no_grad(), torch.inference_mode(False):
+        bn.__dict__[_STATISTICS_SEEN] = (rm.detach().clone(), rv.detach().clone())
 
 
 def fused_conv_bn(
@@ -576,9 +597,7 @@ def fused_conv_bn(
                     release_derived([t for t in tensors[2:4] if isinstance(t, Tensor)])
                 bn.__dict__[_COUNTER_SEEN] = counter._version
         elif counter is None and tensors[2] is not None and not torch.compiler.is_compiling():
-            # Running statistics and no counter (num_batches_tracked set to None): nothing tells of torch's updates,
-            # so what is cached of the statistics is dropped at every eval call (the fold is rebuilt per call).
-            release_derived([t for t in tensors[2:4] if isinstance(t, Tensor)])
+            _drop_folds_if_statistics_moved(bn, tensors[2], tensors[3])
     if not training and enter_directly(x) and (not torch._C._is_any_autocast_enabled()
                                                or autocast_dtype(x) in (None, x.dtype)):
         sources = _fold_sources(conv, tensors)

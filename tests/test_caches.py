@@ -246,3 +246,24 @@ def test_a_conversion_frees_the_kept_transforms_of_the_folds_it_drops():
     model = _eval_layer_with_kept_transforms()
     model.bfloat16()
     assert torch.ops.deeplab_ops.winograd_cache_info()[:2] == [0, 0]
+
+
+def test_the_derived_cache_is_bounded_oldest_first(monkeypatch):
+    # Entries go when a source's storage is freed; a storage kept alive by a view (a state_dict of a deleted model,
+    # tensors loaded with assign=True from a state dict still held) would keep the entries of tensors long gone, so
+    # the cache is bounded: the oldest stored go first beyond its entry count or its bytes.
+    common.clear_derived()
+    monkeypatch.setattr(common, "_DERIVED_MAX_ENTRIES", 3)
+    sources = [torch.randn(4) for _ in range(5)]
+    values = [common.derived(("bounded", i), (t,), lambda t=t: t * 2) for i, t in enumerate(sources)]
+    info = common.derived_cache_info()
+    assert info["entries"] == 3 and info["bytes"] == 3 * 16
+    assert [key[0][1] for key in common._DERIVED] == [2, 3, 4]  # the newest kept
+    assert common.derived(("bounded", 4), (sources[4],), lambda: None) is values[4]
+    monkeypatch.setattr(common, "_DERIVED_MAX_BYTES", 40)
+    common.derived(("bounded", 5), (sources[0],), lambda: sources[0] * 3)
+    assert common.derived_cache_info()["entries"] == 2 and common.derived_cache_info()["bytes"] == 32
+    del sources[4], values[4]  # the newest entry's storage freed: evicted, its bytes counted out
+    assert common.derived_cache_info()["entries"] == 1 and common.derived_cache_info()["bytes"] == 16
+    common.clear_derived()
+    assert common.derived_cache_info()["bytes"] == 0

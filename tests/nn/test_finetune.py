@@ -239,3 +239,17 @@ def test_a_batchnorm_shared_by_a_fused_aspp_and_a_fused_conv_is_seen_updated_by_
         for k, v in plain_aspp.state_dict().items():
             torch.testing.assert_close(fused_aspp.state_dict()[k], v, rtol=1e-5, atol=1e-5, msg=k)
         torch.testing.assert_close(fused_conv(x), plain_conv(x), rtol=1e-5, atol=1e-5)
+
+
+def test_a_same_padding_convs_spectral_norm_moves_as_eager():
+    # Found by a review: working padding='same' out from the weight evaluated a parametrized weight once more per
+    # call (4 evaluations per training call, 5 in eval), and spectral_norm's power iteration, which each training
+    # evaluation runs, left its vectors elsewhere than eager's after a few calls.
+    from torch.nn.utils.parametrizations import spectral_norm
+
+    plain, fused = _conv_pair("same")
+    for m in (plain, fused):
+        spectral_norm(m[0])
+    fused.load_state_dict(plain.state_dict())
+    x = torch.randn(2, 3, 8, 7, dtype=torch.float64)
+    _assert_same_in_modes(fused, plain, x, "spectral_norm", modes=(True, True, True, False, True))

@@ -193,5 +193,11 @@ def test_a_derived_value_that_views_its_source_is_not_kept():
     copied = common.derived(("test-copy",), (w,), lambda t=w: t.detach() * 2)
     assert common.derived_cache_info()["entries"] == before + 1
     assert common.derived(("test-copy",), (w,), lambda t=w: t.detach() * 3) is copied
+    with torch.no_grad():
+        w.add_(1)  # a miss; the value built now is a view: returned uncached, and the stale entry goes too
+    assert common.derived(("test-copy",), (w,), lambda t=w: t.detach()).data_ptr() == w.data_ptr()
+    assert common.derived_cache_info()["entries"] == before
+    del copied
+    assert common.derived(("test-copy",), (w,), lambda t=w: t.detach() * 2) is not None  # stored again
     del w, view
     assert common.derived_cache_info()["entries"] == before  # its storage freed: evicted
