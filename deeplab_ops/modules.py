@@ -536,7 +536,8 @@ def _drop_folds_if_statistics_moved(bn: nn.Module, rm, rv) -> None:
     of torch's own updates (its batch_norm writes the statistics without a version bump): what is cached of the
     statistics is dropped when their values differ from those the last eval call saw (a copy kept on the module:
     two comparisons of C values per call)."""
-    if not isinstance(rm, Tensor) or not isinstance(rv, Tensor):
+    if (not isinstance(rm, Tensor) or not isinstance(rv, Tensor) or rm.device.type == "meta"
+            or fake_mode() is not None or functorch_transform() is not None):  # (no values to compare, none kept)
         return
     seen = bn.__dict__.get(_STATISTICS_SEEN)
     if (seen is not None and seen[0].shape == rm.shape and seen[1].shape == rv.shape and seen[0].dtype == rm.dtype

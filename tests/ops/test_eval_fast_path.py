@@ -536,3 +536,12 @@ def test_a_batchnorm_without_counter_keeps_its_fold_while_its_statistics_hold():
         fused[1].running_mean.add_(0.5)  # versioned: a miss either way
         fused(x)
         assert common.derived_cache_info()["misses"] == after["misses"] + 1
+    # under a FakeTensorMode (outside torch.compile) nothing is compared or kept: a real call after it still runs
+    from torch._subclasses.fake_tensor import FakeTensorMode
+
+    del fused[1].__dict__["_deeplab_ops_statistics_seen"]
+    with FakeTensorMode(allow_non_fake_inputs=True), torch.no_grad():
+        assert fused(torch.randn(2, 3, 7, 7)).shape == (2, 4, 7, 7)
+    with torch.no_grad():
+        fused[1].running_mean.add_(0.5)
+        assert not torch.equal(fused(x), first)
