@@ -554,8 +554,14 @@ def derived(tag, sources, build, on_store=None):
         old = [_pop(key)]
         _DERIVED[key] = (state, value, finalizers, size)
         _DERIVED_BYTES[0] += size
-        while len(_DERIVED) > 1 and (len(_DERIVED) > _DERIVED_MAX_ENTRIES or _DERIVED_BYTES[0] > _DERIVED_MAX_BYTES):
-            old.append(_pop(next(iter(_DERIVED))))  # the oldest stored (never this one: it is the newest)
+        if len(_DERIVED) > _DERIVED_MAX_ENTRIES or _DERIVED_BYTES[0] > _DERIVED_MAX_BYTES:
+            # the oldest stored first, never this one (the newest); over a copy of the keys (one C call), as a
+            # collection inside the loop may run a finalizer that evicts another entry
+            for oldest in list(_DERIVED):
+                if oldest == key or (len(_DERIVED) <= _DERIVED_MAX_ENTRIES
+                                     and _DERIVED_BYTES[0] <= _DERIVED_MAX_BYTES):
+                    break
+                old.append(_pop(oldest))
     while old:  # their finalizers detached and their values freed outside the lock
         _release(old.pop())
     return value
@@ -594,7 +600,7 @@ def release_derived(tensors) -> None:
     tensors = list(tensors)
     ids = set(map(id, tensors))
     with _DERIVED_LOCK:
-        keys = [key for key in _DERIVED if not ids.isdisjoint(key[1:])]
+        keys = [key for key in list(_DERIVED) if not ids.isdisjoint(key[1:])]  # (a copy: see derived)
         entries = [_pop(key) for key in keys]
     while entries:  # outside the lock (see _release); each value freed here, none kept by a loop variable
         _release(entries.pop())

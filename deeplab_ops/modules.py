@@ -65,6 +65,8 @@ def _same_kernel(conv: nn.Conv2d) -> tuple[int, int]:
     module's own. A parametrized weight is not computed here (its parametrization may have state of its own, as
     spectral_norm's power iteration, which each evaluation moves): conv.kernel_size."""
     weight = conv._parameters.get("weight")
+    if weight is None:  # a plain tensor set as the weight (a parametrization is a class property, not here)
+        weight = conv.__dict__.get("weight")
     if isinstance(weight, Tensor) and weight.dim() == 4:
         return (weight.shape[2], weight.shape[3])
     return _pair(conv.kernel_size)
@@ -535,17 +537,21 @@ def _drop_folds_if_statistics_moved(bn: nn.Module, rm, rv) -> None:
     """For a BatchNorm with running statistics and no counter (num_batches_tracked set to None), where nothing tells
     of torch's own updates (its batch_norm writes the statistics without a version bump): what is cached of the
     statistics is dropped when their values differ from those the last eval call saw (a copy kept on the module:
-    two comparisons of C values per call)."""
+    two comparisons of C values per call), and at the first such call (a fold may have been cached while the
+    counter was there). On a GPU, where a comparison read on the host would synchronize, it is dropped at every
+    eval call instead (the fold rebuilt per call)."""
     if (not isinstance(rm, Tensor) or not isinstance(rv, Tensor) or rm.device.type == "meta"
             or fake_mode() is not None or functorch_transform() is not None):  # (no values to compare, none kept)
+        return
+    if rm.device.type != "cpu" or rv.device.type != "cpu":
+        release_derived([rm, rv])
         return
     seen = bn.__dict__.get(_STATISTICS_SEEN)
     if (seen is not None and seen[0].shape == rm.shape and seen[1].shape == rv.shape and seen[0].dtype == rm.dtype
             and seen[1].dtype == rv.dtype and seen[0].device == rm.device and seen[1].device == rv.device
             and torch.equal(seen[0], rm) and torch.equal(seen[1], rv)):
         return
-    if seen is not None:
-        release_derived([rm, rv])
+    release_derived([rm, rv])
     with torch.no_grad(), torch.inference_mode(False):
         bn.__dict__[_STATISTICS_SEEN] = (rm.detach().clone(), rv.detach().clone())
 
@@ -597,6 +603,7 @@ def fused_conv_bn(
                 if seen is not None:
                     release_derived([t for t in tensors[2:4] if isinstance(t, Tensor)])
                 bn.__dict__[_COUNTER_SEEN] = counter._version
+                bn.__dict__.pop(_STATISTICS_SEEN, None)  # (a counter given back: compared anew if it goes again)
         elif counter is None and tensors[2] is not None and not torch.compiler.is_compiling():
             _drop_folds_if_statistics_moved(bn, tensors[2], tensors[3])
     if not training and enter_directly(x) and (not torch._C._is_any_autocast_enabled()

@@ -183,7 +183,8 @@ def test_a_residual_block_conv_replaced_by_one_with_asymmetric_same_padding_runs
 @pytest.mark.filterwarnings("ignore:Using padding='same' with even kernel")
 @pytest.mark.parametrize("kernel", [5, 2], ids=["odd-kernel", "even-kernel"])
 @pytest.mark.parametrize("kind", ["FusedConvBNReLU", "fuse_modules"])
-def test_a_same_padding_convs_weight_replaced_by_another_kernel_size_computes_as_eager(kind, kernel):
+@pytest.mark.parametrize("as_parameter", [True, False], ids=["parameter", "plain-tensor"])
+def test_a_same_padding_convs_weight_replaced_by_another_kernel_size_computes_as_eager(kind, kernel, as_parameter):
     # Once wrong: padding='same' was worked out from conv.kernel_size, which a weight of another size (replaced after
     # building: surgery, a checkpoint loaded with assign=True) leaves as built, while F.conv2d pads for the weight it
     # runs. A 5x5 weight on a 3x3 'same' conv gave a smaller output silently; an even one, which needs the asymmetric
@@ -193,7 +194,11 @@ def test_a_same_padding_convs_weight_replaced_by_another_kernel_size_computes_as
         fused = fuse_modules(copy.deepcopy(plain))
     weight = torch.randn(4, 3, kernel, kernel, dtype=torch.float64) * 0.3
     for m in (plain, fused):
-        m[0].weight = nn.Parameter(weight.clone())
+        if as_parameter:
+            m[0].weight = nn.Parameter(weight.clone())
+        else:  # a plain tensor attribute (not in _parameters)
+            del m[0].weight
+            m[0].weight = weight.clone()
     x = torch.randn(2, 3, 7, 8, dtype=torch.float64)
     _assert_same_in_modes(fused, plain, x, f"kernel {kernel}", modes=(True, False, True))
 

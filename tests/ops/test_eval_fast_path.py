@@ -545,3 +545,20 @@ def test_a_batchnorm_without_counter_keeps_its_fold_while_its_statistics_hold():
     with torch.no_grad():
         fused[1].running_mean.add_(0.5)
         assert not torch.equal(fused(x), first)
+
+
+def test_a_counter_removed_after_the_fold_was_cached_is_seen():
+    # Found by a review: the first eval call that saw a BatchNorm without counter only copied its statistics; a fold
+    # cached while it had one, then statistics moved by torch's own batch_norm (no version bump), stayed in use.
+    fused, eager = _pair()
+    x = torch.randn(2, 3, 7, 7)
+    with torch.no_grad():
+        _close(fused(x), eager(x), "before")  # the fold cached, the counter there
+        batches = [torch.randn(2, 4, 5, 5) * 3 + 1 for _ in range(3)]
+        for bn in (fused[1], eager[1]):
+            bn.num_batches_tracked = None
+            bn.train()
+            for y in batches:
+                bn(y)  # torch's batch_norm: no version bump
+            bn.eval()
+        _close(fused(x), eager(x), "after")
