@@ -541,7 +541,8 @@ def derived(tag, sources, build, on_store=None):
     _DERIVED_STATS["misses"] += 1
     with torch.inference_mode(False), torch.no_grad():
         value = build()
-    if _views_a_source(value, storages.values()):
+    tensors = [v for v in (value if isinstance(value, tuple) else (value,)) if isinstance(v, torch.Tensor)]
+    if _views_a_source(tensors, storages.values()):
         if entry is not None:
             _evict(key)
         return value
@@ -549,7 +550,8 @@ def derived(tag, sources, build, on_store=None):
         on_store(value)
     finalizers = tuple(weakref.finalize(s, _evict, key) for s in storages.values())
     del storages
-    size = sum(v.nbytes for v in (value if isinstance(value, tuple) else (value,)) if isinstance(v, torch.Tensor))
+    size = sum(v.nbytes for v in tensors)
+    del tensors
     with _DERIVED_LOCK:
         old = [_pop(key)]
         _DERIVED[key] = (state, value, finalizers, size)
@@ -567,11 +569,11 @@ def derived(tag, sources, build, on_store=None):
     return value
 
 
-def _views_a_source(value, storages) -> bool:
-    """Whether a derived value (a tensor, or a tuple of tensors and others) lies in one of its sources' storages."""
+def _views_a_source(tensors, storages) -> bool:
+    """Whether one of a derived value's tensors (the value, or those of its tuple) lies in one of its sources'
+    storages."""
     ptrs = {s.data_ptr() for s in storages}
-    return any(isinstance(v, torch.Tensor) and v.untyped_storage().data_ptr() in ptrs
-               for v in (value if isinstance(value, tuple) else (value,)))
+    return any(v.untyped_storage().data_ptr() in ptrs for v in tensors)
 
 
 def _count_fused_step(optimizer, args, kwargs) -> None:

@@ -547,9 +547,9 @@ def _drop_folds_if_statistics_moved(bn: nn.Module, rm, rv) -> None:
         release_derived([rm, rv])
         return
     seen = bn.__dict__.get(_STATISTICS_SEEN)
+    # (the copy is of CPU tensors, as rm and rv are here)
     if (seen is not None and seen[0].shape == rm.shape and seen[1].shape == rv.shape and seen[0].dtype == rm.dtype
-            and seen[1].dtype == rv.dtype and seen[0].device == rm.device and seen[1].device == rv.device
-            and torch.equal(seen[0], rm) and torch.equal(seen[1], rv)):
+            and seen[1].dtype == rv.dtype and torch.equal(seen[0], rm) and torch.equal(seen[1], rv)):
         return
     release_derived([rm, rv])
     with torch.no_grad(), torch.inference_mode(False):

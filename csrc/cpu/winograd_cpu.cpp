@@ -579,26 +579,24 @@ struct WeightRef {
 // reused by the allocator (`w.data = a; w.data = b` put b where the weight's storage had been: a stale hit), and
 // `.data` given another view of the same storage (a transpose) keeps all but the strides.
 struct WeightState {
-  const c10::TensorImpl* impl;
-  c10::weak_intrusive_ptr<c10::StorageImpl> storage;  // its address is not reused while the state is kept
+  WeightRef ref;  // the weight: its storage's address is not reused while the state is kept
   const void* data;
   std::vector<int64_t> sizes;
   std::vector<int64_t> strides;
   uint32_t version;
 
   static WeightState of(const at::Tensor& t) {
-    return {t.unsafeGetTensorImpl(), t.storage().getWeakStorageImpl(), t.const_data_ptr(), t.sizes().vec(),
-            t.strides().vec(), t.unsafeGetTensorImpl()->version_counter().current_version()};
+    return {WeightRef::of(t), t.const_data_ptr(), t.sizes().vec(), t.strides().vec(),
+            t.unsafeGetTensorImpl()->version_counter().current_version()};
   }
   bool operator==(const WeightState& o) const {
-    return impl == o.impl && storage._unsafe_get_target() == o.storage._unsafe_get_target() && data == o.data &&
-           version == o.version && sizes == o.sizes && strides == o.strides;
+    return ref.impl == o.ref.impl && ref.storage._unsafe_get_target() == o.ref.storage._unsafe_get_target() &&
+           data == o.data && version == o.version && sizes == o.sizes && strides == o.strides;
   }
 };
 
 struct CachedTransform {
-  WeightRef owner;
-  WeightState state;
+  WeightState state;  // its weight (state.ref) and the state it was in
   int m;
   at::Tensor u;
 };
@@ -637,7 +635,7 @@ class TransformCache {
     at::Tensor u;
     for (auto it = entries_.begin(); it != entries_.end();) {
       const auto next = std::next(it);
-      if (it->owner.expired()) {
+      if (it->state.ref.expired()) {
         drop(it, dropped);
       } else if (!u.defined() && it->m == m && it->state == state) {
         entries_.splice(entries_.begin(), entries_, it);
@@ -649,22 +647,22 @@ class TransformCache {
     return u;
   }
 
-  // Keeps u, the transform of `weight` as it was in `state` (read before the transform: a write during it leaves
+  // Keeps u, the transform of the weight as it was in `state` (read before the transform: a write during it leaves
   // an entry the next call does not match).
-  void insert(const at::Tensor& weight, const WeightState& state, int m, const at::Tensor& u) {
+  void insert(const WeightState& state, int m, const at::Tensor& u) {
     const int64_t nbytes = static_cast<int64_t>(u.nbytes());
     if (nbytes > kCacheBytes) return;
     std::list<CachedTransform> dropped;
     std::lock_guard<std::mutex> lock(mu_);
     for (auto it = entries_.begin(); it != entries_.end();) {
       const auto next = std::next(it);
-      if (it->owner.expired() || (it->state.impl == state.impl && it->m == m)) drop(it, dropped);
+      if (it->state.ref.expired() || (it->state.ref.impl == state.ref.impl && it->m == m)) drop(it, dropped);
       it = next;
     }
     while (!entries_.empty() && (bytes_ + nbytes > kCacheBytes || entries_.size() >= kCacheEntries)) {
       drop(std::prev(entries_.end()), dropped);
     }
-    entries_.push_front({WeightRef::of(weight), state, m, u});
+    entries_.push_front({state, m, u});
     bytes_ += nbytes;
   }
 
@@ -678,7 +676,7 @@ class TransformCache {
     allowed_.erase(std::remove_if(allowed_.begin(), allowed_.end(), listed), allowed_.end());
     for (auto it = entries_.begin(); it != entries_.end();) {
       const auto next = std::next(it);
-      if (listed(it->owner)) drop(it, dropped);
+      if (listed(it->state.ref)) drop(it, dropped);
       it = next;
     }
     drop_expired(dropped);
@@ -707,7 +705,7 @@ class TransformCache {
   void drop_expired(std::list<CachedTransform>& dropped) {
     for (auto it = entries_.begin(); it != entries_.end();) {
       const auto next = std::next(it);
-      if (it->owner.expired()) drop(it, dropped);
+      if (it->state.ref.expired()) drop(it, dropped);
       it = next;
     }
     allowed_.erase(std::remove_if(allowed_.begin(), allowed_.end(), [](const WeightRef& w) { return w.expired(); }),
@@ -733,7 +731,7 @@ at::Tensor kept_or_built(const at::Tensor& weight, int key, const F& build) {
   at::Tensor u = transform_cache().find(state, key);
   if (!u.defined()) {
     u = build(weight);
-    transform_cache().insert(weight, state, key, u);
+    transform_cache().insert(state, key, u);
   }
   return u;
 }
