@@ -30,16 +30,19 @@ constexpr int64_t kInner = 256;  // inner-dimension block: B's panel block of 32
 // panel as a row-major [inner x cols] matrix 32 floats a row. A scalar FMA chain per element would give the vector
 // kernels' bits, but on x86 without an FMA target each step is a library call: 1 GFLOP/s against mm's ~80, which
 // would make Winograd many times slower than the oneDNN convolution it replaces. So this build's bits are mm's.
-void gemm_base(const float* a, int64_t lda, const float* b, int64_t inner, int64_t n, float* c, int64_t ldc,
-               int64_t rows, int64_t p0, int64_t p1) {
+void gemm_base(const GemmRows* parts, int64_t count, int64_t lda, const float* b, int64_t inner, int64_t n,
+               int64_t ldc, int64_t p0, int64_t p1) {
   const auto options = at::TensorOptions().dtype(at::kFloat);
-  const at::Tensor av = at::from_blob(const_cast<float*>(a), {rows, inner}, {lda, 1}, options);
-  for (int64_t p = p0; p < p1; ++p) {
-    const int64_t cols = std::min(kGemmPanel, n - p * kGemmPanel);
-    const at::Tensor bv =
-        at::from_blob(const_cast<float*>(b + p * inner * kGemmPanel), {inner, cols}, {kGemmPanel, 1}, options);
-    at::Tensor cv = at::from_blob(c + p * kGemmPanel, {rows, cols}, {ldc, 1}, options);
-    at::mm_out(cv, av, bv);
+  for (int64_t s = 0; s < count; ++s) {
+    const GemmRows& part = parts[s];
+    const at::Tensor av = at::from_blob(const_cast<float*>(part.a), {part.rows, inner}, {lda, 1}, options);
+    for (int64_t p = p0; p < p1; ++p) {
+      const int64_t cols = std::min(kGemmPanel, n - p * kGemmPanel);
+      const at::Tensor bv =
+          at::from_blob(const_cast<float*>(b + p * inner * kGemmPanel), {inner, cols}, {kGemmPanel, 1}, options);
+      at::Tensor cv = at::from_blob(part.c + p * kGemmPanel, {part.rows, cols}, {ldc, 1}, options);
+      at::mm_out(cv, av, bv);
+    }
   }
 }
 
@@ -89,17 +92,20 @@ DLO_AVX512_KERNEL void rows_avx512(const float* a, int64_t lda, const float* b, 
   }
 }
 
-__attribute__((target("avx512f,avx2,fma"))) void gemm_avx512(const float* a, int64_t lda, const float* b,
-                                                             int64_t inner, int64_t n, float* c, int64_t ldc,
-                                                             int64_t rows, int64_t p0, int64_t p1) {
+// Each block of B's panel (kInner rows of it, in L1) multiplies every part's rows before the next block.
+__attribute__((target("avx512f,avx2,fma"))) void gemm_avx512(const GemmRows* parts, int64_t count, int64_t lda,
+                                                             const float* b, int64_t inner, int64_t n, int64_t ldc,
+                                                             int64_t p0, int64_t p1) {
   for (int64_t k0 = 0; k0 < inner; k0 += kInner) {
     const int64_t kc = std::min(kInner, inner - k0);
     for (int64_t p = p0; p < p1; ++p) {
       const int64_t cols = std::min(kGemmPanel, n - p * kGemmPanel);
       const auto m0 = static_cast<__mmask16>(cols >= 16 ? 0xFFFF : (1u << cols) - 1);
       const auto m1 = static_cast<__mmask16>(cols >= 32 ? 0xFFFF : cols <= 16 ? 0 : (1u << (cols - 16)) - 1);
-      rows_avx512<8>(a + k0, lda, b + p * inner * kGemmPanel + k0 * kGemmPanel, kc, c + p * kGemmPanel, ldc, rows,
-                     k0 == 0, m0, m1);
+      for (int64_t s = 0; s < count; ++s) {
+        rows_avx512<8>(parts[s].a + k0, lda, b + p * inner * kGemmPanel + k0 * kGemmPanel, kc,
+                       parts[s].c + p * kGemmPanel, ldc, parts[s].rows, k0 == 0, m0, m1);
+      }
     }
   }
 }
@@ -150,8 +156,8 @@ __attribute__((target("avx2,fma"))) __m256i lanes_avx2(int64_t cols) {
   return _mm256_cmpgt_epi32(_mm256_set1_epi32(static_cast<int>(std::clamp<int64_t>(cols, 0, 8))), index);
 }
 
-__attribute__((target("avx2,fma"))) void gemm_avx2(const float* a, int64_t lda, const float* b, int64_t inner,
-                                                   int64_t n, float* c, int64_t ldc, int64_t rows, int64_t p0,
+__attribute__((target("avx2,fma"))) void gemm_avx2(const GemmRows* parts, int64_t count, int64_t lda,
+                                                   const float* b, int64_t inner, int64_t n, int64_t ldc, int64_t p0,
                                                    int64_t p1) {
   for (int64_t k0 = 0; k0 < inner; k0 += kInner) {
     const int64_t kc = std::min(kInner, inner - k0);
@@ -159,8 +165,11 @@ __attribute__((target("avx2,fma"))) void gemm_avx2(const float* a, int64_t lda, 
       const int64_t cols = std::min(kGemmPanel, n - p * kGemmPanel);
       for (int64_t half = 0; half < 2 && half * 16 < cols; ++half) {
         const int64_t hc = cols - half * 16;
-        rows_avx2<6>(a + k0, lda, b + p * inner * kGemmPanel + k0 * kGemmPanel + half * 16, kc,
-                     c + p * kGemmPanel + half * 16, ldc, rows, k0 == 0, lanes_avx2(hc), lanes_avx2(hc - 8));
+        for (int64_t s = 0; s < count; ++s) {
+          rows_avx2<6>(parts[s].a + k0, lda, b + p * inner * kGemmPanel + k0 * kGemmPanel + half * 16, kc,
+                       parts[s].c + p * kGemmPanel + half * 16, ldc, parts[s].rows, k0 == 0, lanes_avx2(hc),
+                       lanes_avx2(hc - 8));
+        }
       }
     }
   }
@@ -169,27 +178,34 @@ __attribute__((target("avx2,fma"))) void gemm_avx2(const float* a, int64_t lda, 
 
 }  // namespace
 
-void packed_gemm(const float* a, int64_t lda, const float* b, int64_t inner, int64_t n, float* c, int64_t ldc,
-                 int64_t rows, int64_t panel_begin, int64_t panel_end) {
-  if (rows <= 0 || panel_begin >= panel_end) return;
+void packed_gemm_shared(const GemmRows* parts, int64_t count, int64_t lda, const float* b, int64_t inner, int64_t n,
+                        int64_t ldc, int64_t panel_begin, int64_t panel_end) {
+  if (count <= 0 || panel_begin >= panel_end) return;
   if (inner == 0) {  // an empty sum
-    for (int64_t i = 0; i < rows; ++i) {
-      const int64_t j0 = panel_begin * kGemmPanel, j1 = std::min(n, panel_end * kGemmPanel);
-      std::fill(c + i * ldc + j0, c + i * ldc + j1, 0.f);
+    const int64_t j0 = panel_begin * kGemmPanel, j1 = std::min(n, panel_end * kGemmPanel);
+    for (int64_t s = 0; s < count; ++s) {
+      for (int64_t i = 0; i < parts[s].rows; ++i) std::fill(parts[s].c + i * ldc + j0, parts[s].c + i * ldc + j1, 0.f);
     }
     return;
   }
 #ifdef DLO_X86_KERNELS
   switch (cpu_isa::kernel_isa()) {
     case cpu_isa::Isa::kAvx512:
-      return gemm_avx512(a, lda, b, inner, n, c, ldc, rows, panel_begin, panel_end);
+      return gemm_avx512(parts, count, lda, b, inner, n, ldc, panel_begin, panel_end);
     case cpu_isa::Isa::kAvx2:
-      return gemm_avx2(a, lda, b, inner, n, c, ldc, rows, panel_begin, panel_end);
+      return gemm_avx2(parts, count, lda, b, inner, n, ldc, panel_begin, panel_end);
     default:
       break;
   }
 #endif
-  gemm_base(a, lda, b, inner, n, c, ldc, rows, panel_begin, panel_end);
+  gemm_base(parts, count, lda, b, inner, n, ldc, panel_begin, panel_end);
+}
+
+void packed_gemm(const float* a, int64_t lda, const float* b, int64_t inner, int64_t n, float* c, int64_t ldc,
+                 int64_t rows, int64_t panel_begin, int64_t panel_end) {
+  if (rows <= 0) return;
+  const GemmRows part{a, c, rows};
+  packed_gemm_shared(&part, 1, lda, b, inner, n, ldc, panel_begin, panel_end);
 }
 
 bool packed_gemm_is_float32() {

@@ -35,6 +35,20 @@ void gemm_pack_panels(const float* b, int64_t ldb, int64_t inner, int64_t n, flo
 void packed_gemm(const float* a, int64_t lda, const float* b, int64_t inner, int64_t n, float* c, int64_t ldc,
                  int64_t rows, int64_t panel_begin, int64_t panel_end);
 
+// One product of packed_gemm_shared: C[rows x n] = A[rows x inner] B, A's and C's first rows.
+struct GemmRows {
+  const float* a;
+  float* c;
+  int64_t rows;
+};
+
+// packed_gemm for `count` products that multiply by the same B (their A's rows `lda` apart, C's `ldc`), each block
+// of B's panels read into cache once for all of them: the Winograd stride-2 transform's elements that share one
+// element of U (16 of a tile's 81 multiply the centre tap). Each output element is the same chain of multiply-adds
+// as in a packed_gemm of its product alone: the same bits.
+void packed_gemm_shared(const GemmRows* parts, int64_t count, int64_t lda, const float* b, int64_t inner, int64_t n,
+                        int64_t ldc, int64_t panel_begin, int64_t panel_end);
+
 // Whether packed_gemm multiplies in float32 now: always in the vector builds; in the baseline build, ATen's mm, only
 // while the float32 matmul precision is not lowered (torch's "medium", oneDNN's "bf16").
 bool packed_gemm_is_float32();

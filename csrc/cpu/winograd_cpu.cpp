@@ -15,6 +15,7 @@
 #include <c10/util/intrusive_ptr.h>
 
 #include <algorithm>
+#include <array>
 #include <cstdlib>
 #include <cstring>
 #include <list>
@@ -319,15 +320,25 @@ struct Transform<kStrided4> {
   // B^T d: F(4, 2)'s on the even inputs, the odd ones as they are
   template <typename T>
   DLO_INLINE static void input(const float* d, int64_t ds, float* v, int64_t vs) {
-    T x[9];
-    load_axis(x, d, ds);
-    const T e1 = x[2], e2 = x[4], e3 = x[6];
-    store<T>(v, 2.f * (x[0] - e2) + (e3 - e1));
+    input_even<T>(d, ds, v, vs);
+    for (int r = 0; r < 4; ++r) {
+      T x;
+      load(x, d + (2 * r + 1) * ds);
+      store<T>(v + (5 + r) * vs, x);
+    }
+  }
+  // Elements 0-4 of B^T d (F(4, 2)'s, from the even inputs alone). input_tiles' first pass computes only these
+  // along the columns: elements 5-8 of a column are its odd inputs as they are, so the rows of the tile they make
+  // are the patch's odd rows, which its second pass transforms straight from the input.
+  template <typename T>
+  DLO_INLINE static void input_even(const float* d, int64_t ds, float* v, int64_t vs) {
+    T e0, e1, e2, e3, e4;
+    load(e0, d), load(e1, d + 2 * ds), load(e2, d + 4 * ds), load(e3, d + 6 * ds), load(e4, d + 8 * ds);
+    store<T>(v, 2.f * (e0 - e2) + (e3 - e1));
     store<T>(v + vs, 2.f * e1 + (e2 - e3));
     store<T>(v + 2 * vs, 3.f * e2 - 2.f * e1 - e3);
     store<T>(v + 3 * vs, e3 - e1);
-    store<T>(v + 4 * vs, 2.f * (e1 - e3) - e2 + x[8]);
-    for (int r = 0; r < 4; ++r) store<T>(v + (5 + r) * vs, x[2 * r + 1]);
+    store<T>(v + 4 * vs, 2.f * (e1 - e3) - e2 + e4);
   }
   // A^T m
   template <typename T>
@@ -359,19 +370,28 @@ DLO_INLINE void for_lanes(int lanes, const F& f) {
 struct Strides4 {
   int64_t n, c, h, w;
 };
+
+// Where V (or M) keeps a tile's transformed element xi: at xi * element + tile index * tile floats. A chunk's V is
+// element-major (element = the chunk's rows x channels, tile = channels); a block's is tile-major (element =
+// channels, tile = (m + 2)^2 x channels), so that the (m + 2)^2 vectors a tile's transform writes for a run of
+// channels lie together (element-major, they lay a block's rows x channels apart: 16 KB for 32 tiles of 128
+// channels, all in one set of L1 and each in its own page).
+struct Layout {
+  int64_t element, tile;
+};
 Strides4 strides_of(const at::Tensor& t) { return {t.stride(0), t.stride(1), t.stride(2), t.stride(3)}; }
 
-// V[xi][t][c] for the block's tiles t0 + t, t < count: the transformed input patches, V having `rows` tiles per xi
-// (count, or a whole chunk's tiles when v points into a chunk's V). x channels-last dense (channel stride 1), its
+// V's elements xi of the block's tiles t0 + t, t < count (t at v + t * vl.tile, as Layout says): the transformed
+// input patches, each element's channels contiguous. x channels-last dense (channel stride 1), its
 // first element image n0's input row row0 (a band of an NCHW x's rows converted, winograd_blocks). A tile inside the
 // image is read in place; one over its border through a zero-padded copy.
 template <int M, typename V>
-DLO_INLINE void input_tiles(const float* x, Strides4 xs, const Geometry& g, int64_t t0, int64_t count, int64_t rows,
+DLO_INLINE void input_tiles(const float* x, Strides4 xs, const Geometry& g, int64_t t0, int64_t count, Layout vl,
                             float* v, int64_t n0 = 0, int64_t row0 = 0) {
   constexpr int A = Transform<M>::A;
   alignas(64) float patch[A][A][kLanes];
   alignas(64) float half[A][A][kLanes];
-  const int64_t vs = rows * g.c;  // between transformed elements xi
+  const int64_t vs = vl.element;
   for (int64_t t = 0; t < count; ++t) {
     const Tile tile = tile_at(g, t0 + t, Transform<M>::kTile);
     // the patch's input rows iy0 + dh * j
@@ -403,16 +423,34 @@ DLO_INLINE void input_tiles(const float* x, Strides4 xs, const Geometry& g, int6
           }
         }
       }
-      for (int l = 0; l < A; ++l) {
-        for_lanes<V>(lanes, [&](auto tag, int c) {
-          Transform<M>::template input<typename decltype(tag)::type>(src + l * col + c, row, half[0][l] + c, A * kLanes);
-        });
-      }
-      float* dst = v + t * g.c + c0;
-      for (int r = 0; r < A; ++r) {
-        for_lanes<V>(lanes, [&](auto tag, int c) {
-          Transform<M>::template input<typename decltype(tag)::type>(half[r][0] + c, kLanes, dst + r * A * vs + c, vs);
-        });
+      float* dst = v + t * vl.tile + c0;
+      if constexpr (M == kStrided4) {  // the columns' even elements, then the rows: 0-4 from them, 5-8 from x's
+        for (int l = 0; l < A; ++l) {
+          for_lanes<V>(lanes, [&](auto tag, int c) {
+            Transform<M>::template input_even<typename decltype(tag)::type>(src + l * col + c, row, half[0][l] + c,
+                                                                            A * kLanes);
+          });
+        }
+        for (int r = 0; r < A; ++r) {
+          const float* in = r < 5 ? half[r][0] : src + (2 * (r - 5) + 1) * row;
+          const int64_t step = r < 5 ? kLanes : col;
+          for_lanes<V>(lanes, [&](auto tag, int c) {
+            Transform<M>::template input<typename decltype(tag)::type>(in + c, step, dst + r * A * vs + c, vs);
+          });
+        }
+      } else {
+        for (int l = 0; l < A; ++l) {
+          for_lanes<V>(lanes, [&](auto tag, int c) {
+            Transform<M>::template input<typename decltype(tag)::type>(src + l * col + c, row, half[0][l] + c,
+                                                                       A * kLanes);
+          });
+        }
+        for (int r = 0; r < A; ++r) {
+          for_lanes<V>(lanes, [&](auto tag, int c) {
+            Transform<M>::template input<typename decltype(tag)::type>(half[r][0] + c, kLanes, dst + r * A * vs + c,
+                                                                       vs);
+          });
+        }
       }
     }
   }
@@ -453,20 +491,20 @@ DLO_INLINE void store_pixel(const float* val, const Epilogue& e, int64_t n, int6
   });
 }
 
-// The output pixels of the block's tiles t0 + t, t < count, from the GEMM products mm[xi][t][k] (`rows` tiles per
-// xi, as for input_tiles), into a channels-last dense output (or band of it: n0, row0 as for store_pixel).
+// The output pixels of the block's tiles t0 + t, t < count, from the GEMM products in mm (tile t's element xi at
+// mm + t * ml.tile + xi * ml.element, as for input_tiles), into a channels-last dense output (or band of it: n0, row0 as for store_pixel).
 template <int M, typename V>
-DLO_INLINE void output_tiles(const float* mm, const Geometry& g, int64_t t0, int64_t count, int64_t rows,
+DLO_INLINE void output_tiles(const float* mm, const Geometry& g, int64_t t0, int64_t count, Layout ml,
                              const Epilogue& e, float* out, Strides4 os, int64_t n0 = 0, int64_t row0 = 0) {
   constexpr int A = Transform<M>::A, T = Transform<M>::kTile;
   alignas(64) float half[T][A][kLanes];
   alignas(64) float y[T][T][kLanes];
-  const int64_t ms = rows * g.k;
+  const int64_t ms = ml.element;
   for (int64_t t = 0; t < count; ++t) {
     const Tile tile = tile_at(g, t0 + t, T);
     for (int64_t k0 = 0; k0 < g.k; k0 += kLanes) {
       const int lanes = static_cast<int>(std::min<int64_t>(kLanes, g.k - k0));
-      const float* src = mm + t * g.k + k0;
+      const float* src = mm + t * ml.tile + k0;
       for (int l = 0; l < A; ++l) {
         for_lanes<V>(lanes, [&](auto tag, int c) {
           Transform<M>::template output<typename decltype(tag)::type>(src + l * ms + c, A * ms, half[0][l] + c, A * kLanes);
@@ -780,17 +818,28 @@ int64_t block_tiles(int64_t points, int64_t c, int64_t k, int64_t tiles, int64_t
   return ceil_div(tiles, blocks);
 }
 
-// The GEMMs of transformed elements [begin, end) over their first `used` rows (V and M with `rows` rows between
-// elements): consecutive elements that multiply by the same element of U (the stride-2 transform's) in one GEMM of
-// their rows together where no unused rows lie between them.
+// The GEMMs of transformed elements [begin, end) over `used` tiles (V and M as `vl` and `ml` say); those that
+// multiply by the same element of U (the stride-2 transform's: 16 of a tile's 81 multiply the centre tap's, and
+// runs of 4 the outer taps' of one axis) in one packed_gemm_shared, which reads each block of that element's panels
+// once for all of them. The bits are those of a GEMM per element.
 template <int M>
-void element_gemms(const float* v, const at::Tensor& u, const Geometry& g, float* m, int64_t rows, int64_t used,
+void element_gemms(const float* v, Layout vl, const at::Tensor& u, const Geometry& g, float* m, Layout ml, int64_t used,
                    int64_t begin, int64_t end) {
-  for (int64_t xi = begin; xi < end;) {
-    int64_t run = 1;
-    while (used == rows && xi + run < end && u_point<M>(xi + run) == u_point<M>(xi)) ++run;
-    point_gemm(v + xi * rows * g.c, u, u_point<M>(xi), g.c, g.k, m + xi * rows * g.k, (run - 1) * rows + used);
-    xi += run;
+  constexpr int A = Transform<M>::A;
+  std::array<bool, A * A> done{};
+  std::array<GemmRows, A * A> parts;
+  const float* up = u.const_data_ptr<float>();
+  for (int64_t xi = begin; xi < end; ++xi) {
+    if (done[xi]) continue;
+    const int64_t point = u_point<M>(xi);
+    int64_t count = 0;
+    for (int64_t xj = xi; xj < end; ++xj) {
+      if (done[xj] || u_point<M>(xj) != point) continue;
+      done[xj] = true;
+      parts[count++] = {v + xj * vl.element, m + xj * ml.element, used};
+    }
+    packed_gemm_shared(parts.data(), count, vl.tile, up + point * u.size(1), g.c, g.k, ml.tile, 0,
+                       gemm_panels(g.k));
   }
 }
 
@@ -895,6 +944,7 @@ void winograd_blocks(const Geometry& g, const float* xp, Strides4 xs, const at::
   const int64_t tiles = g.tiles();
   const auto isa = kernel_isa();
   const int64_t block = block_tiles(A * A, g.c, g.k, tiles, at::get_num_threads());
+  const Layout vl{g.c, A * A * g.c}, ml{g.k, A * A * g.k};  // tile-major
   const int64_t blocks = ceil_div(tiles, block);
   // An NCHW x or output (channel stride not 1, winograd<M> passes them for banded geometries): through bands
   constexpr int T = Transform<M>::kTile;
@@ -924,12 +974,12 @@ void winograd_blocks(const Geometry& g, const float* xp, Strides4 xs, const at::
         run_isa(
             isa,
             [&](int64_t, int64_t, auto width) {
-              input_tiles<M, typename FloatVec<decltype(width)::value>::type>(x, s, g, t, end - t, tc,
-                                                                              vp + (t - t0) * g.c, n0, row0);
+              input_tiles<M, typename FloatVec<decltype(width)::value>::type>(x, s, g, t, end - t, vl,
+                                                                              vp + (t - t0) * vl.tile, n0, row0);
             },
             0, 1);
       });
-      element_gemms<M>(vp, u, g, mp, tc, tc, 0, A * A);
+      element_gemms<M>(vp, vl, u, g, mp, ml, tc, 0, A * A);
       for_image_runs(t0, tc, per_image, nchw_out, [&](int64_t t, int64_t end, int64_t n) {
         float* out = nchw_out ? obp : op;
         const Strides4 s = nchw_out ? Strides4{0, 1, g.wo * g.k, g.k} : os;
@@ -938,7 +988,7 @@ void winograd_blocks(const Geometry& g, const float* xp, Strides4 xs, const at::
             isa,
             [&](int64_t, int64_t, auto width) {
               using V = typename FloatVec<decltype(width)::value>::type;
-              output_tiles<M, V>(mp + (t - t0) * g.k, g, t, end - t, tc, e, out, s, n0, row0);
+              output_tiles<M, V>(mp + (t - t0) * ml.tile, g, t, end - t, ml, e, out, s, n0, row0);
             },
             0, 1);
         if (nchw_out) band_to_nchw(g, T, n, t - n * per_image, end - 1 - n * per_image, out, row0, op, os);
@@ -956,6 +1006,7 @@ void winograd_chunks(const Geometry& g, const float* xp, Strides4 xs, const at::
   const int64_t tiles = g.tiles();
   const auto isa = kernel_isa();
   const int64_t chunk = chunk_rows(A * A, g.c, g.k, tiles);
+  const Layout vl{chunk * g.c, g.c}, ml{chunk * g.k, g.k};  // element-major
   const at::Tensor vbuf = at::empty({A * A, chunk, g.c}, options);
   const at::Tensor mbuf = at::empty({A * A, chunk, g.k}, options);
   float* vp = vbuf.mutable_data_ptr<float>();
@@ -963,13 +1014,13 @@ void winograd_chunks(const Geometry& g, const float* xp, Strides4 xs, const at::
   for (int64_t t0 = 0; t0 < tiles; t0 += chunk) {
     const int64_t tc = std::min(chunk, tiles - t0);
     for_sub_blocks(isa, tc, [&](int64_t off, int64_t n, auto width) {
-      input_tiles<M, typename FloatVec<decltype(width)::value>::type>(xp, xs, g, t0 + off, n, chunk, vp + off * g.c);
+      input_tiles<M, typename FloatVec<decltype(width)::value>::type>(xp, xs, g, t0 + off, n, vl, vp + off * g.c);
     });
     // The (m + 2)^2 GEMMs split over the threads, each on one (as in the blocks).
     at::parallel_for(0, A * A, 1,
-                     [&](int64_t x0, int64_t x1) { element_gemms<M>(vp, u, g, mp, chunk, tc, x0, x1); });
+                     [&](int64_t x0, int64_t x1) { element_gemms<M>(vp, vl, u, g, mp, ml, tc, x0, x1); });
     for_sub_blocks(isa, tc, [&](int64_t off, int64_t n, auto width) {
-      output_tiles<M, typename FloatVec<decltype(width)::value>::type>(mp + off * g.k, g, t0 + off, n, chunk, e, op,
+      output_tiles<M, typename FloatVec<decltype(width)::value>::type>(mp + off * g.k, g, t0 + off, n, ml, e, op,
                                                                        os);
     });
   }
