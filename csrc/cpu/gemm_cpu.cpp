@@ -13,6 +13,7 @@
 #include <algorithm>
 #include <cmath>
 #include <cstring>
+#include <vector>
 
 #include "cpu/conv_layout_cpu.h"
 #include "cpu/isa_dispatch.h"
@@ -42,6 +43,25 @@ void gemm_base(const GemmRows* parts, int64_t count, int64_t lda, const float* b
           at::from_blob(const_cast<float*>(b + p * inner * kGemmPanel), {inner, cols}, {kGemmPanel, 1}, options);
       at::Tensor cv = at::from_blob(part.c + p * kGemmPanel, {part.rows, cols}, {ldc, 1}, options);
       at::mm_out(cv, av, bv);
+    }
+  }
+}
+
+void gemm_sum_base(const GemmTerm* terms, int64_t count, int64_t lda, const float* b, int64_t inner, int64_t n,
+                   float* c, int64_t ldc, int64_t rows, int64_t p0, int64_t p1) {
+  const auto options = at::TensorOptions().dtype(at::kFloat);
+  for (int64_t p = p0; p < p1; ++p) {
+    const int64_t cols = std::min(kGemmPanel, n - p * kGemmPanel);
+    at::Tensor cv = at::from_blob(c + p * kGemmPanel, {rows, cols}, {ldc, 1}, options);
+    for (int64_t t = 0; t < count; ++t) {
+      const at::Tensor av = at::from_blob(const_cast<float*>(terms[t].a), {rows, terms[t].inner}, {lda, 1}, options);
+      const at::Tensor bv = at::from_blob(const_cast<float*>(b + p * inner * kGemmPanel + terms[t].first * kGemmPanel),
+                                          {terms[t].inner, cols}, {kGemmPanel, 1}, options);
+      if (t == 0) {
+        at::mm_out(cv, av, bv);
+      } else {
+        cv.addmm_(av, bv);
+      }
     }
   }
 }
@@ -105,6 +125,23 @@ __attribute__((target("avx512f,avx2,fma"))) void gemm_avx512(const GemmRows* par
       for (int64_t s = 0; s < count; ++s) {
         rows_avx512<8>(parts[s].a + k0, lda, b + p * inner * kGemmPanel + k0 * kGemmPanel, kc,
                        parts[s].c + p * kGemmPanel, ldc, parts[s].rows, k0 == 0, m0, m1);
+      }
+    }
+  }
+}
+
+__attribute__((target("avx512f,avx2,fma"))) void gemm_sum_avx512(const GemmTerm* terms, int64_t count, int64_t lda,
+                                                                 const float* b, int64_t inner, int64_t n, float* c,
+                                                                 int64_t ldc, int64_t rows, int64_t p0, int64_t p1) {
+  for (int64_t p = p0; p < p1; ++p) {
+    const int64_t cols = std::min(kGemmPanel, n - p * kGemmPanel);
+    const auto m0 = static_cast<__mmask16>(cols >= 16 ? 0xFFFF : (1u << cols) - 1);
+    const auto m1 = static_cast<__mmask16>(cols >= 32 ? 0xFFFF : cols <= 16 ? 0 : (1u << (cols - 16)) - 1);
+    for (int64_t t = 0; t < count; ++t) {
+      for (int64_t k0 = 0; k0 < terms[t].inner; k0 += kInner) {
+        rows_avx512<8>(terms[t].a + k0, lda, b + p * inner * kGemmPanel + (terms[t].first + k0) * kGemmPanel,
+                       std::min(kInner, terms[t].inner - k0), c + p * kGemmPanel, ldc, rows, t == 0 && k0 == 0, m0,
+                       m1);
       }
     }
   }
@@ -174,9 +211,53 @@ __attribute__((target("avx2,fma"))) void gemm_avx2(const GemmRows* parts, int64_
     }
   }
 }
+__attribute__((target("avx2,fma"))) void gemm_sum_avx2(const GemmTerm* terms, int64_t count, int64_t lda,
+                                                       const float* b, int64_t inner, int64_t n, float* c, int64_t ldc,
+                                                       int64_t rows, int64_t p0, int64_t p1) {
+  for (int64_t p = p0; p < p1; ++p) {
+    const int64_t cols = std::min(kGemmPanel, n - p * kGemmPanel);
+    for (int64_t half = 0; half < 2 && half * 16 < cols; ++half) {
+      const int64_t hc = cols - half * 16;
+      for (int64_t t = 0; t < count; ++t) {
+        for (int64_t k0 = 0; k0 < terms[t].inner; k0 += kInner) {
+          rows_avx2<6>(terms[t].a + k0, lda,
+                       b + p * inner * kGemmPanel + (terms[t].first + k0) * kGemmPanel + half * 16,
+                       std::min(kInner, terms[t].inner - k0), c + p * kGemmPanel + half * 16, ldc, rows,
+                       t == 0 && k0 == 0, lanes_avx2(hc), lanes_avx2(hc - 8));
+        }
+      }
+    }
+  }
+}
 #endif
 
 }  // namespace
+
+void packed_gemm_sum(const GemmTerm* terms, int64_t count, int64_t lda, const float* b, int64_t inner, int64_t n,
+                     float* c, int64_t ldc, int64_t rows, int64_t panel_begin, int64_t panel_end) {
+  if (rows <= 0 || panel_begin >= panel_end) return;
+  int64_t used = 0;  // the terms with a column: an empty one adds nothing (and would not zero C as the first)
+  std::vector<GemmTerm> kept(terms, terms + count);
+  for (const GemmTerm& t : kept) {
+    if (t.inner > 0) kept[used++] = t;
+  }
+  if (used == 0) {  // an empty sum
+    const int64_t j0 = panel_begin * kGemmPanel, j1 = std::min(n, panel_end * kGemmPanel);
+    for (int64_t i = 0; i < rows; ++i) std::fill(c + i * ldc + j0, c + i * ldc + j1, 0.f);
+    return;
+  }
+#ifdef DLO_X86_KERNELS
+  switch (cpu_isa::kernel_isa()) {
+    case cpu_isa::Isa::kAvx512:
+      return gemm_sum_avx512(kept.data(), used, lda, b, inner, n, c, ldc, rows, panel_begin, panel_end);
+    case cpu_isa::Isa::kAvx2:
+      return gemm_sum_avx2(kept.data(), used, lda, b, inner, n, c, ldc, rows, panel_begin, panel_end);
+    default:
+      break;
+  }
+#endif
+  gemm_sum_base(kept.data(), used, lda, b, inner, n, c, ldc, rows, panel_begin, panel_end);
+}
 
 void packed_gemm_shared(const GemmRows* parts, int64_t count, int64_t lda, const float* b, int64_t inner, int64_t n,
                         int64_t ldc, int64_t panel_begin, int64_t panel_end) {

@@ -1394,10 +1394,15 @@ void short_grid_conv(const ShortGrids& s, const float* xp, Strides4 xs, const at
 }
 
 // The stride-2 convolution's edge pixels (Geometry::eh, ew: the last output row and column, where the tiles leave
-// them) as a direct convolution: their 3 x 3 input patches gathered as rows of [3][3][C_in] (zero outside the
-// image), one GEMM with the weight as [(ky, kx, c) x C_out] packed for it (kept beside the tile transform), the
-// epilogue as the tiles'. Each output is one chain of 9 C_in fused multiply-adds: the same bits for any thread count
-// and vector build, as the tiles'.
+// them) as a direct convolution, one GEMM per run of up to kEdgeRows of them, with the weight as [(ky, kx, c) x
+// C_out] packed for it (kept beside the tile transform) and the epilogue as the tiles'. Along a run whose pixels'
+// patches lie inside x across the run (all of a row's but its ends, all of a column's but its top and bottom), and
+// x's channels contiguous, each 3 x 3 tap is one term of packed_gemm_sum read in place (the run's pixels two apart
+// in x), and the taps outside x, the same for all of the run (the padding beyond the last row or column: a third of
+// the taps of DeepLab's odd maps), are left out. The other pixels are gathered as rows of [3][3][C_in], zero outside
+// the image. Each output is one chain of fused multiply-adds over (ky, kx, c) in order: the same bits for any thread
+// count and vector build, as the tiles', and either way (a tap outside the image adds a zero product when gathered,
+// for a finite weight).
 constexpr int kStridedEdgeKey = -5;  // the packed direct weight's cache key (not a tile transform's)
 constexpr int64_t kEdgeRows = 32;    // edge pixels per GEMM
 
@@ -1411,68 +1416,124 @@ at::Tensor strided_edge_weight(const at::Tensor& weight) {
   return packed;
 }
 
-// Edge pixel e of the geometry's: image, output row and column (the last row first, then the last column above it).
-DLO_INLINE Tile edge_at(const Geometry& g, int64_t e) {
-  const int64_t per_image = g.eh * g.wo + g.ew * (g.ho - g.eh);
-  const int64_t n = e / per_image, i = e % per_image;
-  if (i < g.eh * g.wo) return {n, g.ho - 1, i};
-  return {n, i - g.eh * g.wo, g.wo - 1};
+// Edge pixels of image n: `count` of them from output pixel (oy, ox) on, one apart along the row (along_row) or the
+// column; `direct`: read in place (above), else gathered.
+struct EdgeRun {
+  int64_t n, oy, ox, count;
+  bool along_row, direct;
+  Tile pixel(int64_t i) const { return along_row ? Tile{n, oy, ox + i} : Tile{n, oy + i, ox}; }
+};
+
+// The edge pixels as runs of at most kEdgeRows: per image, the gathered ones first (a row's and a column's ends), then
+// the direct ones, each run split evenly.
+std::vector<EdgeRun> edge_runs(const Geometry& g, bool channels_contiguous) {
+  std::vector<EdgeRun> gathered, direct;
+  // Output pixels [a, b) of `count` along an axis whose patches lie inside a map of `size` pixels (padding pad):
+  // 2 o - pad >= 0 and 2 o - pad + 2 < size.
+  const auto inner = [](int64_t count, int64_t pad, int64_t size) {
+    const int64_t a = std::min(count, (pad + 1) / 2), top = size - 3 + pad;
+    return std::pair<int64_t, int64_t>{a, top < 0 ? a : std::max(a, std::min(count, top / 2 + 1))};
+  };
+  const auto add = [&](const EdgeRun& r) {
+    const auto [ia, ib] = channels_contiguous ? inner(r.count, r.along_row ? g.pw : g.ph, r.along_row ? g.w : g.h)
+                                              : std::pair<int64_t, int64_t>{r.count, r.count};
+    const auto piece = [&](int64_t from, int64_t to, bool in_place) {
+      const int64_t parts = ceil_div(to - from, kEdgeRows);
+      for (int64_t i = 0; i < parts; ++i) {
+        const int64_t p0 = from + (to - from) * i / parts, p1 = from + (to - from) * (i + 1) / parts;
+        const Tile t = r.pixel(p0);
+        (in_place ? direct : gathered).push_back({r.n, t.oy0, t.ox0, p1 - p0, r.along_row, in_place});
+      }
+    };
+    piece(0, ia, false);
+    piece(ia, ib, true);
+    piece(ib, r.count, false);
+  };
+  for (int64_t n = 0; n < g.n; ++n) {
+    if (g.eh > 0) add({n, g.ho - 1, 0, g.wo, true, false});
+    if (g.ew > 0) add({n, 0, g.wo - 1, g.ho - g.eh, false, false});
+  }
+  gathered.insert(gathered.end(), direct.begin(), direct.end());
+  return gathered;
 }
 
 void strided_edges(const Geometry& g, const float* xp, Strides4 xs, const at::Tensor& wd, const Epilogue& e,
                    float* op, Strides4 os, const at::TensorOptions& options) {
-  const int64_t pixels = g.n * (g.eh * g.wo + g.ew * (g.ho - g.eh));
-  if (pixels == 0) return;
+  const std::vector<EdgeRun> runs = edge_runs(g, xs.c == 1);
+  if (runs.empty()) return;
   const int64_t inner = 9 * g.c;
+  const float* wp = wd.const_data_ptr<float>();
   const auto isa = kernel_isa();
-  at::parallel_for(0, ceil_div(pixels, kEdgeRows), 1, [&](int64_t b0, int64_t b1) {
+  // The runs dealt out in turn (part p takes runs p, p + parts, ...): the direct ones, of even sizes, evenly.
+  const int64_t count = static_cast<int64_t>(runs.size());
+  const int64_t parts = std::clamp<int64_t>(at::get_num_threads(), 1, count);
+  at::parallel_for(0, parts, 1, [&](int64_t b0, int64_t b1) {
     const int64_t a_size = scratch_part(kEdgeRows * inner);
     at::Tensor spare;
     float* ap = thread_scratch(a_size + kEdgeRows * g.k, options, spare);
     float* mp = ap + a_size;
-    for (int64_t blk = b0; blk < b1; ++blk) {
-      const int64_t e0 = blk * kEdgeRows, rows = std::min(kEdgeRows, pixels - e0);
-      for (int64_t r = 0; r < rows; ++r) {
-        const Tile px = edge_at(g, e0 + r);
-        for (int64_t ky = 0; ky < 3; ++ky) {
-          const int64_t iy = g.sh * px.oy0 - g.ph + ky;
-          for (int64_t kx = 0; kx < 3; ++kx) {
-            const int64_t ix = g.sw * px.ox0 - g.pw + kx;
-            float* dst = ap + r * inner + (ky * 3 + kx) * g.c;
-            if (iy < 0 || iy >= g.h || ix < 0 || ix >= g.w) {
-              std::fill(dst, dst + g.c, 0.f);
-            } else if (xs.c == 1) {
-              std::memcpy(dst, xp + px.n * xs.n + iy * xs.h + ix * xs.w, sizeof(float) * g.c);
-            } else {  // an NCHW x
-              const float* src = xp + px.n * xs.n + iy * xs.h + ix * xs.w;
-              for (int64_t c = 0; c < g.c; ++c) dst[c] = src[c * xs.c];
+    for (int64_t part = b0; part < b1; ++part) {
+      for (int64_t i = part; i < count; i += parts) {
+        const EdgeRun& run = runs[i];
+        const int64_t rows = run.count;
+        if (run.direct) {  // a term per tap inside x (the run's first pixel's taps: the same for all of it)
+          std::array<GemmTerm, 9> terms;
+          int64_t taps = 0;
+          for (int64_t ky = 0; ky < 3; ++ky) {
+            const int64_t iy = g.sh * run.oy - g.ph + ky;
+            if (iy < 0 || iy >= g.h) continue;
+            for (int64_t kx = 0; kx < 3; ++kx) {
+              const int64_t ix = g.sw * run.ox - g.pw + kx;
+              if (ix < 0 || ix >= g.w) continue;
+              terms[taps++] = {xp + run.n * xs.n + iy * xs.h + ix * xs.w, (ky * 3 + kx) * g.c, g.c};
             }
           }
-        }
-      }
-      packed_gemm(ap, inner, wd.const_data_ptr<float>(), inner, g.k, mp, g.k, rows, 0, gemm_panels(g.k));
-      run_isa(
-          isa,
-          [&](int64_t, int64_t, auto width) {
-            using V = typename FloatVec<decltype(width)::value>::type;
-            for (int64_t r = 0; r < rows; ++r) {
-              const Tile px = edge_at(g, e0 + r);
-              for (int64_t k0 = 0; k0 < g.k; k0 += kLanes) {
-                const int lanes = static_cast<int>(std::min<int64_t>(kLanes, g.k - k0));
-                if (os.c == 1) {
-                  store_pixel<V>(mp + r * g.k + k0, e, px.n, px.oy0, px.ox0, k0, lanes, op, os);
-                } else {  // an NCHW output: the pixel's channels in place in M, then each to its plane
-                  store_pixel<V>(mp + r * g.k + k0, e, px.n, px.oy0, px.ox0, k0, lanes, mp + r * g.k, Strides4{},
-                                 px.n, px.oy0);
+          const int64_t lda = run.along_row ? g.sw * xs.w : g.sh * xs.h;
+          packed_gemm_sum(terms.data(), taps, lda, wp, inner, g.k, mp, g.k, rows, 0, gemm_panels(g.k));
+        } else {
+          for (int64_t r = 0; r < rows; ++r) {
+            const Tile px = run.pixel(r);
+            for (int64_t ky = 0; ky < 3; ++ky) {
+              const int64_t iy = g.sh * px.oy0 - g.ph + ky;
+              for (int64_t kx = 0; kx < 3; ++kx) {
+                const int64_t ix = g.sw * px.ox0 - g.pw + kx;
+                float* dst = ap + r * inner + (ky * 3 + kx) * g.c;
+                if (iy < 0 || iy >= g.h || ix < 0 || ix >= g.w) {
+                  std::fill(dst, dst + g.c, 0.f);
+                } else if (xs.c == 1) {
+                  std::memcpy(dst, xp + px.n * xs.n + iy * xs.h + ix * xs.w, sizeof(float) * g.c);
+                } else {  // an NCHW x
+                  const float* src = xp + px.n * xs.n + iy * xs.h + ix * xs.w;
+                  for (int64_t c = 0; c < g.c; ++c) dst[c] = src[c * xs.c];
                 }
               }
-              if (os.c != 1) {
-                float* dst = op + px.n * os.n + px.oy0 * os.h + px.ox0 * os.w;
-                for (int64_t k = 0; k < g.k; ++k) dst[k * os.c] = mp[r * g.k + k];
-              }
             }
-          },
-          0, 1);
+          }
+          packed_gemm(ap, inner, wp, inner, g.k, mp, g.k, rows, 0, gemm_panels(g.k));
+        }
+        run_isa(
+            isa,
+            [&](int64_t, int64_t, auto width) {
+              using V = typename FloatVec<decltype(width)::value>::type;
+              for (int64_t r = 0; r < rows; ++r) {
+                const Tile px = run.pixel(r);
+                for (int64_t k0 = 0; k0 < g.k; k0 += kLanes) {
+                  const int lanes = static_cast<int>(std::min<int64_t>(kLanes, g.k - k0));
+                  if (os.c == 1) {
+                    store_pixel<V>(mp + r * g.k + k0, e, px.n, px.oy0, px.ox0, k0, lanes, op, os);
+                  } else {  // an NCHW output: the pixel's channels in place in M, then each to its plane
+                    store_pixel<V>(mp + r * g.k + k0, e, px.n, px.oy0, px.ox0, k0, lanes, mp + r * g.k, Strides4{},
+                                   px.n, px.oy0);
+                  }
+                }
+                if (os.c != 1) {
+                  float* dst = op + px.n * os.n + px.oy0 * os.h + px.ox0 * os.w;
+                  for (int64_t k = 0; k < g.k; ++k) dst[k * os.c] = mp[r * g.k + k];
+                }
+              }
+            },
+            0, 1);
+      }
     }
   });
 }

@@ -221,6 +221,38 @@ def test_stride_2_edges_run_directly_with_their_weight_kept(size, edges):
     _close(outs[0], F.relu(F.conv2d(x.double(), weight.double(), bias.double(), 2, 1)), f"stride 2 {size}")
 
 
+# (N, C_in, C_out, H, W, padding): outputs of 4t + 1 rows and columns, their last row and column (strided_edges) with
+# taps in the padding beyond them (padding 1 on an odd map: a third of the taps) and without (padding 0 on an odd
+# map, 2 on an even one), batches of 1 and 2, channel counts that are not a multiple of the vector width.
+EDGE_CASES = [
+    (2, 32, 48, 129, 129, (1, 1)),
+    (1, 33, 35, 129, 66, (1, 1)),
+    (2, 40, 32, 83, 65, (0, 1)),
+    (1, 32, 32, 159, 160, (2, 2)),
+]
+
+
+@pytest.mark.parametrize("case", EDGE_CASES, ids=str)
+def test_stride_2_edges_read_in_place_give_the_gathered_bits(case):
+    """A channels-last x's edge pixels are read in place, a tap per term, the taps outside x left out; an NCHW x's
+    are gathered as 3 x 3 patches with zeros outside (strided_edges). Both are one chain of multiply-adds over (ky,
+    kx, c), so the two layouts give the same bits, and both float64's values."""
+    n, c, k, h, w, padding = case
+    x, weight = _inputs(n, c, k, h, w)
+    weight = _kept(weight)
+    assert _ops.winograd_plan(x, weight, (2, 2), padding, (1, 1)) == -4
+    bias = torch.randn(k)
+    outs = {}
+    for layout in (CL, torch.contiguous_format):
+        out, names = _ran(lambda layout=layout: _ops.conv_bias_act(
+            x.contiguous(memory_format=layout), weight, bias, None, (2, 2), padding, (1, 1), True))
+        assert _used_winograd(names), sorted(names)
+        outs[layout] = out
+    assert (outs[CL].shape[-2] - 1) % 4 == 0 and (outs[CL].shape[-1] - 1) % 4 == 0  # edges on both sides
+    assert torch.equal(outs[CL], outs[torch.contiguous_format])
+    _close(outs[CL], F.relu(F.conv2d(x.double(), weight.double(), bias.double(), 2, padding)), f"edges {case}")
+
+
 # (N, C_in, C_out, H, W, stride, padding, tile size winograd_plan picks): NCHW activations that winograd_blocks reads
 # and writes through bands of rows: blocks of tiles across two and three images and across rows of tiles, each tile
 # size of stride 1, stride 2 with and without edges, maps of many bands per thread.
