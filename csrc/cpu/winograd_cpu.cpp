@@ -120,8 +120,8 @@ Geometry geometry(int64_t n, int64_t c, int64_t h, int64_t w, int64_t k, at::Int
 
 // A stride-2 3x3 convolution (dilation 1) in m x m output tiles. With `edges`, an output of m * t + 1 rows (or
 // columns), t >= 1, leaves its last one out of the tiles: a row of tiles for it would cost 81 products per tile for
-// m of its pixels, strided_edges computes it directly at 9 per pixel (DeepLab's stride-2 maps are all such: 129 ->
-// 65, 65 -> 33, 33 -> 17 pixels; at 65 x 65 the products fall by 6.5 %).
+// m of its pixels, strided_edges computes it directly at 9 per pixel or fewer (DeepLab's stride-2 maps are all
+// such: 129 -> 65, 65 -> 33, 33 -> 17 pixels; at 65 x 65 the products fall by 6.5 %).
 Geometry strided_geometry(int64_t n, int64_t c, int64_t h, int64_t w, int64_t k, at::IntArrayRef padding, int m,
                           bool edges = true) {
   Geometry g{};
@@ -492,7 +492,8 @@ DLO_INLINE void store_pixel(const float* val, const Epilogue& e, int64_t n, int6
 }
 
 // The output pixels of the block's tiles t0 + t, t < count, from the GEMM products in mm (tile t's element xi at
-// mm + t * ml.tile + xi * ml.element, as for input_tiles), into a channels-last dense output (or band of it: n0, row0 as for store_pixel).
+// mm + t * ml.tile + xi * ml.element, as for input_tiles), into a channels-last dense output (or band of it: n0,
+// row0 as for store_pixel).
 template <int M, typename V>
 DLO_INLINE void output_tiles(const float* mm, const Geometry& g, int64_t t0, int64_t count, Layout ml,
                              const Epilogue& e, float* out, Strides4 os, int64_t n0 = 0, int64_t row0 = 0) {
