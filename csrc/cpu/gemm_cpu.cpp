@@ -13,7 +13,6 @@
 #include <algorithm>
 #include <cmath>
 #include <cstring>
-#include <vector>
 
 #include "cpu/conv_layout_cpu.h"
 #include "cpu/isa_dispatch.h"
@@ -236,27 +235,25 @@ __attribute__((target("avx2,fma"))) void gemm_sum_avx2(const GemmTerm* terms, in
 void packed_gemm_sum(const GemmTerm* terms, int64_t count, int64_t lda, const float* b, int64_t inner, int64_t n,
                      float* c, int64_t ldc, int64_t rows, int64_t panel_begin, int64_t panel_end) {
   if (rows <= 0 || panel_begin >= panel_end) return;
-  int64_t used = 0;  // the terms with a column: an empty one adds nothing (and would not zero C as the first)
-  std::vector<GemmTerm> kept(terms, terms + count);
-  for (const GemmTerm& t : kept) {
-    if (t.inner > 0) kept[used++] = t;
-  }
-  if (used == 0) {  // an empty sum
+  if (count == 0) {  // an empty sum
     const int64_t j0 = panel_begin * kGemmPanel, j1 = std::min(n, panel_end * kGemmPanel);
     for (int64_t i = 0; i < rows; ++i) std::fill(c + i * ldc + j0, c + i * ldc + j1, 0.f);
     return;
   }
+  for (int64_t t = 0; t < count; ++t) {  // (an empty term would leave C unset as the first)
+    TORCH_CHECK(terms[t].inner >= 1, "packed_gemm_sum: term ", t, " has no columns");
+  }
 #ifdef DLO_X86_KERNELS
   switch (cpu_isa::kernel_isa()) {
     case cpu_isa::Isa::kAvx512:
-      return gemm_sum_avx512(kept.data(), used, lda, b, inner, n, c, ldc, rows, panel_begin, panel_end);
+      return gemm_sum_avx512(terms, count, lda, b, inner, n, c, ldc, rows, panel_begin, panel_end);
     case cpu_isa::Isa::kAvx2:
-      return gemm_sum_avx2(kept.data(), used, lda, b, inner, n, c, ldc, rows, panel_begin, panel_end);
+      return gemm_sum_avx2(terms, count, lda, b, inner, n, c, ldc, rows, panel_begin, panel_end);
     default:
       break;
   }
 #endif
-  gemm_sum_base(kept.data(), used, lda, b, inner, n, c, ldc, rows, panel_begin, panel_end);
+  gemm_sum_base(terms, count, lda, b, inner, n, c, ldc, rows, panel_begin, panel_end);
 }
 
 void packed_gemm_shared(const GemmRows* parts, int64_t count, int64_t lda, const float* b, int64_t inner, int64_t n,

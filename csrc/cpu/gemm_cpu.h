@@ -56,11 +56,12 @@ struct GemmTerm {
   int64_t first, inner;
 };
 
-// C[rows x n] = the sum of `count` terms A_t B[first_t, first_t + inner_t) of one packed B of `inner` rows, for C's
-// column panels [panel_begin, panel_end); overwrites C there (zero where count is 0). Each output element is one
-// chain of multiply-adds over the terms in order, then each term's columns: the bits of packed_gemm over the terms'
-// A side by side and B's rows in the same order (the stride-2 Winograd's edges: one term per 3 x 3 tap, read in
-// place from the input, the taps in the padding left out).
+// C[rows x n] = the sum of `count` terms A_t B[first_t, first_t + inner_t) (inner_t >= 1) of one packed B of `inner`
+// rows, for C's column panels [panel_begin, panel_end); overwrites C there (zero where count is 0). In the vector
+// builds each output element is one chain of multiply-adds over the terms in order, then each term's columns: the
+// bits of packed_gemm over the terms' A side by side and B's rows in the same order (the stride-2 Winograd's edges:
+// one term per 3 x 3 tap, read in place from the input, the taps in the padding left out). The baseline build adds
+// the terms' ATen products (mm, then addmm_): its own bits.
 void packed_gemm_sum(const GemmTerm* terms, int64_t count, int64_t lda, const float* b, int64_t inner, int64_t n,
                      float* c, int64_t ldc, int64_t rows, int64_t panel_begin, int64_t panel_end);
 

@@ -329,7 +329,8 @@ struct Transform<kStrided4> {
   }
   // Elements 0-4 of B^T d (F(4, 2)'s, from the even inputs alone). input_tiles' first pass computes only these
   // along the columns: elements 5-8 of a column are its odd inputs as they are, so the rows of the tile they make
-  // are the patch's odd rows, which its second pass transforms straight from the input.
+  // are the patch's odd rows, which its second pass transforms straight from the patch (x, or the zero-padded copy
+  // of a tile over the border).
   template <typename T>
   DLO_INLINE static void input_even(const float* d, int64_t ds, float* v, int64_t vs) {
     T e0, e1, e2, e3, e4;
@@ -821,8 +822,8 @@ int64_t block_tiles(int64_t points, int64_t c, int64_t k, int64_t tiles, int64_t
 
 // The GEMMs of transformed elements [begin, end) over `used` tiles (V and M as `vl` and `ml` say); those that
 // multiply by the same element of U (the stride-2 transform's: 16 of a tile's 81 multiply the centre tap's, and
-// runs of 4 the outer taps' of one axis) in one packed_gemm_shared, which reads each block of that element's panels
-// once for all of them. The bits are those of a GEMM per element.
+// groups of 4 one outer tap's transform along one axis) in one packed_gemm_shared, which reads each block of that
+// element's panels once for all of them. The bits are those of a GEMM per element.
 template <int M>
 void element_gemms(const float* v, Layout vl, const at::Tensor& u, const Geometry& g, float* m, Layout ml, int64_t used,
                    int64_t begin, int64_t end) {
@@ -1397,13 +1398,14 @@ void short_grid_conv(const ShortGrids& s, const float* xp, Strides4 xs, const at
 // The stride-2 convolution's edge pixels (Geometry::eh, ew: the last output row and column, where the tiles leave
 // them) as a direct convolution, one GEMM per run of up to kEdgeRows of them, with the weight as [(ky, kx, c) x
 // C_out] packed for it (kept beside the tile transform) and the epilogue as the tiles'. Along a run whose pixels'
-// patches lie inside x across the run (all of a row's but its ends, all of a column's but its top and bottom), and
-// x's channels contiguous, each 3 x 3 tap is one term of packed_gemm_sum read in place (the run's pixels two apart
+// patches lie inside x across the run (with padding 1: all of the last row's pixels but its first and last, all of
+// the last column's above that row but its top one; with padding 0, all), where x's channels are contiguous and the
+// build has vector kernels, each 3 x 3 tap is one term of packed_gemm_sum read in place (the run's pixels two apart
 // in x), and the taps outside x, the same for all of the run (the padding beyond the last row or column: a third of
 // the taps of DeepLab's odd maps), are left out. The other pixels are gathered as rows of [3][3][C_in], zero outside
-// the image. Each output is one chain of fused multiply-adds over (ky, kx, c) in order: the same bits for any thread
-// count and vector build, as the tiles', and either way (a tap outside the image adds a zero product when gathered,
-// for a finite weight).
+// the image. Each output is one chain of fused multiply-adds over its taps (ky, kx, c) in order: the same bits for
+// any thread count and vector build, as the tiles', and either way (a tap outside the image adds a zero product when
+// gathered, for a finite weight).
 constexpr int kStridedEdgeKey = -5;  // the packed direct weight's cache key (not a tile transform's)
 constexpr int64_t kEdgeRows = 32;    // edge pixels per GEMM
 
@@ -1425,8 +1427,8 @@ struct EdgeRun {
   Tile pixel(int64_t i) const { return along_row ? Tile{n, oy, ox + i} : Tile{n, oy + i, ox}; }
 };
 
-// The edge pixels as runs of at most kEdgeRows: per image, the gathered ones first (a row's and a column's ends), then
-// the direct ones, each run split evenly.
+// The edge pixels as runs of at most kEdgeRows, each stretch split evenly: every image's gathered ones (with padding
+// 1, a row's and a column's ends), then every image's direct ones.
 std::vector<EdgeRun> edge_runs(const Geometry& g, bool channels_contiguous) {
   std::vector<EdgeRun> gathered, direct;
   // Output pixels [a, b) of `count` along an axis whose patches lie inside a map of `size` pixels (padding pad):
@@ -1460,7 +1462,8 @@ std::vector<EdgeRun> edge_runs(const Geometry& g, bool channels_contiguous) {
 
 void strided_edges(const Geometry& g, const float* xp, Strides4 xs, const at::Tensor& wd, const Epilogue& e,
                    float* op, Strides4 os, const at::TensorOptions& options) {
-  const std::vector<EdgeRun> runs = edge_runs(g, xs.c == 1);
+  // (in place only where packed_gemm_sum gives the gathered GEMM's bits: the vector builds)
+  const std::vector<EdgeRun> runs = edge_runs(g, xs.c == 1 && kernel_isa() != cpu_isa::Isa::kBase);
   if (runs.empty()) return;
   const int64_t inner = 9 * g.c;
   const float* wp = wd.const_data_ptr<float>();

@@ -6,8 +6,8 @@
 // products of [tiles x C_in] by [C_in x C_out], against 9 * m^2 as many for direct convolution: 4x fewer for F(4x4,
 // 3x3), 3.24x for F(3x3, 3x3), 2.25x for F(2x2, 3x3). Stride 2 (dilation 1) splits each axis into its even inputs,
 // an F(4, 2) with the kernel's outer taps, and its odd ones, which multiply the centre tap: 81 products per 4 x 4
-// output tile against 144; an output of 4t + 1 rows or columns has its last one computed directly (9 products per
-// pixel, 6 where a third of its taps fall in the padding), not by a row of tiles. The tile size is the one that computes the fewest products over the
+// output tile against 144; an output of 4t + 1 rows or columns has its last one computed directly (at most 9
+// products per pixel), not by a row of tiles. The tile size is the one that computes the fewest products over the
 // map's tiles: a grid of 9 x 9 pixels (a 33 x 33 map at dilation 4) is 9 tiles of F(3x3) but would be 9 tiles of
 // F(4x4) with a padded row and column. Where every grid is at most 3 pixels along each axis (a map at most three
 // dilations across, padding == dilation: the ASPP's rate 18 on a 33 x 33 map), "short grids" compute each grid

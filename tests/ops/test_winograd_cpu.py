@@ -222,8 +222,10 @@ def test_stride_2_edges_run_directly_with_their_weight_kept(size, edges):
 
 
 # (N, C_in, C_out, H, W, padding): outputs of 4t + 1 rows and columns, their last row and column (strided_edges) with
-# taps in the padding beyond them (padding 1 on an odd map: a third of the taps) and without (padding 0 on an odd
-# map, 2 on an even one), batches of 1 and 2, channel counts that are not a multiple of the vector width.
+# taps in the padding beyond them (padding 1 on an odd map: one of three rows or columns of taps; padding 2 on an odd
+# map: two) and without (padding 0 on an odd map, 1 on an even one), the ends of a row and column gathered (padding
+# at least 1) or not, batches of 1 and 2, channel counts that are not a multiple of the vector width. (In the
+# baseline build, with no vector kernels, the edges are all gathered.)
 EDGE_CASES = [
     (2, 32, 48, 129, 129, (1, 1)),
     (1, 33, 35, 129, 66, (1, 1)),
