@@ -8,6 +8,7 @@
 
 #include "bn_stage_args.h"
 #include "cpu/gemm_cpu.h"
+#include "cpu/isa_dispatch.h"
 
 namespace deeplab_ops {
 namespace {
@@ -18,7 +19,8 @@ constexpr int64_t kPanelBlock = 4;                 // 32-column panels per tile:
 
 // The epilogue on rows [r0, r1) and columns [j0, j1) of one image's (cout x hw) output: + bias, + residual, ReLU,
 // in that order (conv_bias_act's generic path adds the residual and applies the ReLU after the biased convolution).
-void epilogue(float* y, const float* bias, const float* residual, bool relu, int64_t hw, int64_t r0, int64_t r1,
+// Inlined into run_isa's body: its loop vectorizes for the ISA's registers (the same operations, the same bits).
+DLO_INLINE void epilogue(float* y, const float* bias, const float* residual, bool relu, int64_t hw, int64_t r0, int64_t r1,
               int64_t j0, int64_t j1) {
   for (int64_t r = r0; r < r1; ++r) {
     float* row = y + r * hw;
@@ -69,6 +71,7 @@ at::Tensor nchw_pointwise_conv(const at::Tensor& x, const at::Tensor& weight, co
   const float* res = present(residual) ? residual->const_data_ptr<float>() : nullptr;
   float* pk = packed.mutable_data_ptr<float>();
   const int64_t row_parts = (cout + kRowBlock - 1) / kRowBlock, panel_parts = (panels + kPanelBlock - 1) / kPanelBlock;
+  const auto isa = cpu_isa::kernel_isa();
   for (int64_t i = 0; i < n; ++i) {
     const float* xi = x.const_data_ptr<float>() + i * cin * hw;
     float* yi = out.mutable_data_ptr<float>() + i * cout * hw;
@@ -80,7 +83,12 @@ at::Tensor nchw_pointwise_conv(const at::Tensor& x, const at::Tensor& weight, co
         const int64_t r0 = t / panel_parts * kRowBlock, p0 = t % panel_parts * kPanelBlock;
         const int64_t r1 = std::min(cout, r0 + kRowBlock), p1 = std::min(panels, p0 + kPanelBlock);
         packed_gemm(w + r0 * cin, cin, pk, cin, hw, yi + r0 * hw, hw, r1 - r0, p0, p1);
-        epilogue(yi, b, ri, relu, hw, r0, r1, p0 * kGemmPanel, std::min(hw, p1 * kGemmPanel));
+        cpu_isa::run_isa(
+            isa,
+            [&](int64_t, int64_t, auto) {
+              epilogue(yi, b, ri, relu, hw, r0, r1, p0 * kGemmPanel, std::min(hw, p1 * kGemmPanel));
+            },
+            0, 1);
       }
     });
   }
