@@ -13,6 +13,7 @@
 #include <algorithm>
 #include <cmath>
 #include <cstring>
+#include <utility>
 
 #include "cpu/conv_layout_cpu.h"
 #include "cpu/isa_dispatch.h"
@@ -111,6 +112,12 @@ DLO_AVX512_KERNEL void rows_avx512(const float* a, int64_t lda, const float* b, 
   }
 }
 
+// The lanes of a panel's two 16-float halves that its first `cols` columns take.
+inline std::pair<__mmask16, __mmask16> panel_masks(int64_t cols) {
+  return {static_cast<__mmask16>(cols >= 16 ? 0xFFFF : (1u << cols) - 1),
+          static_cast<__mmask16>(cols >= 32 ? 0xFFFF : cols <= 16 ? 0 : (1u << (cols - 16)) - 1)};
+}
+
 // Each block of B's panel (kInner rows of it, in L1) multiplies every part's rows before the next block.
 __attribute__((target("avx512f,avx2,fma"))) void gemm_avx512(const GemmRows* parts, int64_t count, int64_t lda,
                                                              const float* b, int64_t inner, int64_t n, int64_t ldc,
@@ -119,8 +126,7 @@ __attribute__((target("avx512f,avx2,fma"))) void gemm_avx512(const GemmRows* par
     const int64_t kc = std::min(kInner, inner - k0);
     for (int64_t p = p0; p < p1; ++p) {
       const int64_t cols = std::min(kGemmPanel, n - p * kGemmPanel);
-      const auto m0 = static_cast<__mmask16>(cols >= 16 ? 0xFFFF : (1u << cols) - 1);
-      const auto m1 = static_cast<__mmask16>(cols >= 32 ? 0xFFFF : cols <= 16 ? 0 : (1u << (cols - 16)) - 1);
+      const auto [m0, m1] = panel_masks(cols);
       for (int64_t s = 0; s < count; ++s) {
         rows_avx512<8>(parts[s].a + k0, lda, b + p * inner * kGemmPanel + k0 * kGemmPanel, kc,
                        parts[s].c + p * kGemmPanel, ldc, parts[s].rows, k0 == 0, m0, m1);
@@ -134,8 +140,7 @@ __attribute__((target("avx512f,avx2,fma"))) void gemm_sum_avx512(const GemmTerm*
                                                                  int64_t ldc, int64_t rows, int64_t p0, int64_t p1) {
   for (int64_t p = p0; p < p1; ++p) {
     const int64_t cols = std::min(kGemmPanel, n - p * kGemmPanel);
-    const auto m0 = static_cast<__mmask16>(cols >= 16 ? 0xFFFF : (1u << cols) - 1);
-    const auto m1 = static_cast<__mmask16>(cols >= 32 ? 0xFFFF : cols <= 16 ? 0 : (1u << (cols - 16)) - 1);
+    const auto [m0, m1] = panel_masks(cols);
     for (int64_t t = 0; t < count; ++t) {
       for (int64_t k0 = 0; k0 < terms[t].inner; k0 += kInner) {
         rows_avx512<8>(terms[t].a + k0, lda, b + p * inner * kGemmPanel + (terms[t].first + k0) * kGemmPanel,
@@ -230,16 +235,18 @@ __attribute__((target("avx2,fma"))) void gemm_sum_avx2(const GemmTerm* terms, in
 }
 #endif
 
+// C's column panels [p0, p1) (columns up to n) of its `rows` rows, zero: an empty sum.
+void zero_panels(float* c, int64_t ldc, int64_t rows, int64_t n, int64_t p0, int64_t p1) {
+  const int64_t j0 = p0 * kGemmPanel, j1 = std::min(n, p1 * kGemmPanel);
+  for (int64_t i = 0; i < rows; ++i) std::fill(c + i * ldc + j0, c + i * ldc + j1, 0.f);
+}
+
 }  // namespace
 
 void packed_gemm_sum(const GemmTerm* terms, int64_t count, int64_t lda, const float* b, int64_t inner, int64_t n,
                      float* c, int64_t ldc, int64_t rows, int64_t panel_begin, int64_t panel_end) {
   if (rows <= 0 || panel_begin >= panel_end) return;
-  if (count == 0) {  // an empty sum
-    const int64_t j0 = panel_begin * kGemmPanel, j1 = std::min(n, panel_end * kGemmPanel);
-    for (int64_t i = 0; i < rows; ++i) std::fill(c + i * ldc + j0, c + i * ldc + j1, 0.f);
-    return;
-  }
+  if (count == 0) return zero_panels(c, ldc, rows, n, panel_begin, panel_end);  // an empty sum
   for (int64_t t = 0; t < count; ++t) {  // (an empty term would leave C unset as the first)
     TORCH_CHECK(terms[t].inner >= 1, "packed_gemm_sum: term ", t, " has no columns");
   }
@@ -260,10 +267,7 @@ void packed_gemm_shared(const GemmRows* parts, int64_t count, int64_t lda, const
                         int64_t ldc, int64_t panel_begin, int64_t panel_end) {
   if (count <= 0 || panel_begin >= panel_end) return;
   if (inner == 0) {  // an empty sum
-    const int64_t j0 = panel_begin * kGemmPanel, j1 = std::min(n, panel_end * kGemmPanel);
-    for (int64_t s = 0; s < count; ++s) {
-      for (int64_t i = 0; i < parts[s].rows; ++i) std::fill(parts[s].c + i * ldc + j0, parts[s].c + i * ldc + j1, 0.f);
-    }
+    for (int64_t s = 0; s < count; ++s) zero_panels(parts[s].c, ldc, parts[s].rows, n, panel_begin, panel_end);
     return;
   }
 #ifdef DLO_X86_KERNELS

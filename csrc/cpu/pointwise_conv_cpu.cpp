@@ -20,8 +20,8 @@ constexpr int64_t kPanelBlock = 4;                 // 32-column panels per tile:
 // The epilogue on rows [r0, r1) and columns [j0, j1) of one image's (cout x hw) output: + bias, + residual, ReLU,
 // in that order (conv_bias_act's generic path adds the residual and applies the ReLU after the biased convolution).
 // Inlined into run_isa's body: its loop vectorizes for the ISA's registers (the same operations, the same bits).
-DLO_INLINE void epilogue(float* y, const float* bias, const float* residual, bool relu, int64_t hw, int64_t r0, int64_t r1,
-              int64_t j0, int64_t j1) {
+DLO_INLINE void epilogue(float* y, const float* bias, const float* residual, bool relu, int64_t hw, int64_t r0,
+                         int64_t r1, int64_t j0, int64_t j1) {
   for (int64_t r = r0; r < r1; ++r) {
     float* row = y + r * hw;
     const float b = bias != nullptr ? bias[r] : 0.f;
