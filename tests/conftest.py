@@ -24,6 +24,17 @@ def _cuda_visible() -> bool:
 # tests' tuning, nor the tests' winners a user's runs (tests of the kept winners use folders of their own).
 os.environ["DEEPLAB_OPS_TUNING_CACHE"] = "off"
 
+# Inductor's on-disk cache does not tell kernels generated for one vector width from another's: after a run under
+# ATEN_CPU_CAPABILITY=avx2, a default (AVX-512) run reused the cached 8-lane loops with 16-lane stores and wrote past
+# its buffers (heap corruption, NaN outputs in tests/ops/test_winograd_cpu.py::test_compiled_eval_model_matches_eager),
+# and the other way round. A run that picks its ISA gets a cache folder of its own (unless one is set).
+if os.environ.get("ATEN_CPU_CAPABILITY") and "TORCHINDUCTOR_CACHE_DIR" not in os.environ:
+    import getpass
+    import tempfile
+
+    os.environ["TORCHINDUCTOR_CACHE_DIR"] = os.path.join(
+        tempfile.gettempdir(), f"torchinductor_{getpass.getuser()}_{os.environ['ATEN_CPU_CAPABILITY']}")
+
 if os.environ.get("DEEPLAB_OPS_TEST_NO_INTERPRETER", "0") not in ("", "0"):
     os.environ.pop("TRITON_INTERPRET", None)
 elif not _cuda_visible():

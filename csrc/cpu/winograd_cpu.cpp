@@ -4,8 +4,8 @@
 // stride 2), lane by lane over channels ([A^2, tiles, C_in]); a GEMM M = V U per transformed element with the
 // transformed weight U = G g G^T ([elements, packed C_in x C_out], cpu/gemm_cpu.h; stride 2 keeps 36 distinct
 // elements); the output transform A^T M A, with the bias, residual and ReLU, straight into the output. Blocks keep
-// V and M in the thread's cache; the transforms run on the ISA that torch's kernels use (cpu/isa_dispatch.h), the
-// GEMMs on cpu/gemm_cpu.h's kernel with U packed for it.
+// V and M in the thread's cache, M written over the V that the GEMMs have read (gemm_plan); the transforms run on
+// the ISA that torch's kernels use (cpu/isa_dispatch.h), the GEMMs on cpu/gemm_cpu.h's kernel with U packed for it.
 #include "cpu/winograd_cpu.h"
 
 #include <ATen/Context.h>
@@ -18,11 +18,14 @@
 #include <array>
 #include <cstdlib>
 #include <cstring>
+#include <deque>
 #include <list>
 #include <memory>
 #include <mutex>
+#include <optional>
 #include <type_traits>
 #include <utility>
+#include <vector>
 
 #include "cpu/conv_layout_cpu.h"
 #include "cpu/gemm_cpu.h"
@@ -224,9 +227,7 @@ struct Transform<4> : AxisShape<4, 6> {
   }
   // A^T m
   template <typename T>
-  DLO_INLINE static void output(const float* m, int64_t ms, float* y, int64_t ys) {
-    T x[6];
-    load_axis(x, m, ms);
+  DLO_INLINE static void output_values(const T (&x)[6], float* y, int64_t ys) {
     const T a = x[1] + x[2], b = x[1] - x[2], p = x[3] + x[4], q = x[3] - x[4];
     store<T>(y, x[0] + a + p);
     store<T>(y + ys, b + 2.f * q);
@@ -261,9 +262,7 @@ struct Transform<3> : AxisShape<3, 5> {
     store<T>(v + 4 * vs, 2.f * (x[1] - x[3]) - x[2] + x[4]);
   }
   template <typename T>
-  DLO_INLINE static void output(const float* m, int64_t ms, float* y, int64_t ys) {
-    T x[5];
-    load_axis(x, m, ms);
+  DLO_INLINE static void output_values(const T (&x)[5], float* y, int64_t ys) {
     const T a = x[1] + x[2];
     store<T>(y, x[0] + a + x[3]);
     store<T>(y + ys, (x[1] - x[2]) + 2.f * x[3]);
@@ -291,9 +290,7 @@ struct Transform<2> : AxisShape<2, 4> {
     store<T>(v + 3 * vs, x[1] - x[3]);
   }
   template <typename T>
-  DLO_INLINE static void output(const float* m, int64_t ms, float* y, int64_t ys) {
-    T x[4];
-    load_axis(x, m, ms);
+  DLO_INLINE static void output_values(const T (&x)[4], float* y, int64_t ys) {
     store<T>(y, x[0] + x[1] + x[2]);
     store<T>(y + ys, (x[1] - x[2]) - x[3]);
   }
@@ -343,9 +340,7 @@ struct Transform<kStrided4> {
   }
   // A^T m
   template <typename T>
-  DLO_INLINE static void output(const float* m, int64_t ms, float* y, int64_t ys) {
-    T x[9];
-    load_axis(x, m, ms);
+  DLO_INLINE static void output_values(const T (&x)[9], float* y, int64_t ys) {
     const T a = x[1] + x[2], b = x[1] - x[2];
     store<T>(y, (x[0] + a + x[3]) + x[5]);
     store<T>(y + ys, (b + 2.f * x[3]) + x[6]);
@@ -353,6 +348,14 @@ struct Transform<kStrided4> {
     store<T>(y + 3 * ys, (b + 8.f * x[3] + x[4]) + x[8]);
   }
 };
+
+// Transform<M>'s output transform of the A elements at m + j * ms (A^T m along one axis), into y + i * ys.
+template <int M, typename T>
+DLO_INLINE void output_axis(const float* m, int64_t ms, float* y, int64_t ys) {
+  T x[Transform<M>::A];
+  load_axis(x, m, ms);
+  Transform<M>::template output_values<T>(x, y, ys);
+}
 
 template <typename T>
 struct Tag {
@@ -493,15 +496,17 @@ DLO_INLINE void store_pixel(const float* val, const Epilogue& e, int64_t n, int6
 }
 
 // The output pixels of the block's tiles t0 + t, t < count, from the GEMM products in mm (tile t's element xi at
-// mm + t * ml.tile + xi * ml.element, as for input_tiles), into a channels-last dense output (or band of it: n0,
-// row0 as for store_pixel).
+// mm + t * ml.tile + slot[xi] * ml.element, slot[xi] = xi without a slot table: as for input_tiles), into a
+// channels-last dense output (or band of it: n0, row0 as for store_pixel).
 template <int M, typename V>
 DLO_INLINE void output_tiles(const float* mm, const Geometry& g, int64_t t0, int64_t count, Layout ml,
-                             const Epilogue& e, float* out, Strides4 os, int64_t n0 = 0, int64_t row0 = 0) {
+                             const Epilogue& e, float* out, Strides4 os, int64_t n0 = 0, int64_t row0 = 0,
+                             const int16_t* slot = nullptr) {
   constexpr int A = Transform<M>::A, T = Transform<M>::kTile;
   alignas(64) float half[T][A][kLanes];
   alignas(64) float y[T][T][kLanes];
-  const int64_t ms = ml.element;
+  int64_t at[A * A];  // where element xi lies in a tile's M
+  for (int xi = 0; xi < A * A; ++xi) at[xi] = (slot != nullptr ? slot[xi] : xi) * ml.element;
   for (int64_t t = 0; t < count; ++t) {
     const Tile tile = tile_at(g, t0 + t, T);
     for (int64_t k0 = 0; k0 < g.k; k0 += kLanes) {
@@ -509,12 +514,15 @@ DLO_INLINE void output_tiles(const float* mm, const Geometry& g, int64_t t0, int
       const float* src = mm + t * ml.tile + k0;
       for (int l = 0; l < A; ++l) {
         for_lanes<V>(lanes, [&](auto tag, int c) {
-          Transform<M>::template output<typename decltype(tag)::type>(src + l * ms + c, A * ms, half[0][l] + c, A * kLanes);
+          using L = typename decltype(tag)::type;
+          L x[A];
+          for (int r = 0; r < A; ++r) load(x[r], src + at[r * A + l] + c);
+          Transform<M>::template output_values<L>(x, half[0][l] + c, A * kLanes);
         });
       }
       for (int i = 0; i < T; ++i) {
         for_lanes<V>(lanes, [&](auto tag, int c) {
-          Transform<M>::template output<typename decltype(tag)::type>(half[i][0] + c, kLanes, y[i][0] + c, kLanes);
+          output_axis<M, typename decltype(tag)::type>(half[i][0] + c, kLanes, y[i][0] + c, kLanes);
         });
       }
       for (int i = 0; i < T; ++i) {
@@ -845,6 +853,86 @@ void element_gemms(const float* v, Layout vl, const at::Tensor& u, const Geometr
   }
 }
 
+// The order in which winograd_blocks runs a block's GEMMs, and where their products go. The elements that multiply
+// by the same element of U form a group, one packed_gemm_shared, in parts of at most kMaxGemmGroup, the largest
+// first. A block's V and M share one buffer of `slots` elements per tile, each of max(C_in, C_out) floats: V's
+// element xi in slot xi, M's in slot[xi], one of the spare slots past A^2 or the slot of a V element whose group has
+// run (its GEMMs have read it). M takes V's place as the GEMMs consume it, so the two take A^2 plus the largest
+// group's slots, not A^2 of each: the stride-2 transform at 128 channels each way, 32 tiles, 85 slots (1.4 MB)
+// against 2 x 81 (2.7 MB, over a core's 2 MB L2 on this project's Xeon: V and M went out to L3 and came back on
+// every block). Measured there (layer2's stride-2 convolution, channels-last, 2 threads, same run): 2.34 ms with V
+// and M apart, 2.26 with groups whole (97 slots), 2.24 in parts of 4 (the centre tap's 16 elements read its U
+// element 4 times); parts of 2, 2.24.
+constexpr size_t kMaxGemmGroup = 4;
+
+template <int M>
+struct GemmPlan {
+  static constexpr int kElements = Transform<M>::A * Transform<M>::A;
+  std::array<int16_t, kElements> order{};      // the elements, group after group
+  std::array<int16_t, kElements> group_end{};  // group i: order[group_end[i - 1] (0 for i = 0), group_end[i])
+  int groups = 0;
+  std::array<int16_t, kElements> slot{};
+  int slots = 0;
+};
+
+template <int M>
+const GemmPlan<M>& gemm_plan() {
+  static const GemmPlan<M> plan = [] {
+    constexpr int E = GemmPlan<M>::kElements;
+    std::vector<std::vector<int16_t>> groups;
+    std::vector<int> group_of_point(E, -1);
+    for (int xi = 0; xi < E; ++xi) {
+      int& gi = group_of_point[u_point<M>(xi)];
+      if (gi < 0) gi = static_cast<int>(groups.size()), groups.emplace_back();
+      groups[gi].push_back(static_cast<int16_t>(xi));
+    }
+    std::vector<std::vector<int16_t>> parts;  // the groups in parts of at most kMaxGemmGroup
+    for (const auto& group : groups) {
+      for (size_t i = 0; i < group.size(); i += kMaxGemmGroup) {
+        parts.emplace_back(group.begin() + i, group.begin() + std::min(group.size(), i + kMaxGemmGroup));
+      }
+    }
+    groups = std::move(parts);
+    std::stable_sort(groups.begin(), groups.end(), [](const auto& a, const auto& b) { return a.size() > b.size(); });
+    GemmPlan<M> p;
+    std::deque<int16_t> free;  // slots that no V element still needs and no M element holds
+    for (size_t s = 0; s < groups.front().size(); ++s) free.push_back(static_cast<int16_t>(E + s));
+    p.slots = E + static_cast<int>(groups.front().size());
+    int n = 0;
+    for (const auto& group : groups) {
+      for (const int16_t xi : group) {
+        p.order[n++] = xi;
+        p.slot[xi] = free.front();
+        free.pop_front();
+      }
+      for (const int16_t xi : group) free.push_back(xi);
+      p.group_end[p.groups++] = static_cast<int16_t>(n);
+    }
+    return p;
+  }();
+  return plan;
+}
+
+// A block's GEMMs in gemm_plan's order over `used` tiles, V's element xi at v + xi * vl.element, M's at m +
+// slot[xi] * ml.element (xi without a slot table), tile by tile vl.tile and ml.tile apart; the bits are those of
+// a GEMM per element.
+template <int M>
+void block_gemms(const float* v, Layout vl, const at::Tensor& u, const Geometry& g, float* m, Layout ml, int64_t used,
+                 const int16_t* slot) {
+  const GemmPlan<M>& plan = gemm_plan<M>();
+  std::array<GemmRows, GemmPlan<M>::kElements> parts;
+  const float* up = u.const_data_ptr<float>();
+  for (int i = 0, begin = 0; i < plan.groups; begin = plan.group_end[i++]) {
+    const int count = plan.group_end[i] - begin;
+    for (int j = 0; j < count; ++j) {
+      const int xi = plan.order[begin + j];
+      parts[j] = {v + xi * vl.element, m + (slot != nullptr ? slot[xi] : xi) * ml.element, used};
+    }
+    packed_gemm_shared(parts.data(), count, vl.tile, up + u_point<M>(plan.order[begin]) * u.size(1), g.c, g.k,
+                       ml.tile, 0, gemm_panels(g.k));
+  }
+}
+
 // Rows (tiles or grids) per chunk of `rows` for `points` transformed elements: the fewest chunks of at most the rows
 // whose V and M keep within kChunkBytes together and kChunkBufferBytes each (at least kMinBlockTiles rows), each of
 // the returned size but the last, which is up to one row short per chunk (3104 tiles, at most 341 a chunk: nine
@@ -937,29 +1025,204 @@ void for_image_runs(int64_t t0, int64_t count, int64_t per_image, bool by_image,
   }
 }
 
+// The stride-2 convolution's edge pixels (Geometry::eh, ew: the last output row and column, where the tiles leave
+// them) as a direct convolution, one GEMM per run of up to kEdgeRows of them, with the weight as [(ky, kx, c) x
+// C_out] packed for it (kept beside the tile transform) and the epilogue as the tiles'. Along a run whose pixels'
+// patches lie inside x across the run (with padding 1: all of the last row's pixels but its first and last, all of
+// the last column's above that row but its top one; with padding 0, all), where x's channels are contiguous and the
+// build has vector kernels, each 3 x 3 tap is one term of packed_gemm_sum read in place (the run's pixels two apart
+// in x), and the taps outside x, the same for all of the run (the padding beyond the last row or column: a third of
+// the taps of DeepLab's odd maps), are left out. The other pixels are gathered as rows of [3][3][C_in], zero outside
+// the image. Each output is one chain of fused multiply-adds over its taps (ky, kx, c) in order: the same bits for
+// any thread count and vector build, as the tiles', and either way (a tap outside the image adds a zero product when
+// gathered, for a finite weight).
+constexpr int kStridedEdgeKey = -5;  // the packed direct weight's cache key (not a tile transform's)
+constexpr int64_t kEdgeRows = 32;    // edge pixels per GEMM
+
+at::Tensor strided_edge_weight(const at::Tensor& weight) {
+  const int64_t k = weight.size(0), inner = 9 * weight.size(1);
+  const at::Tensor wt = weight.permute({2, 3, 1, 0}).contiguous();  // [3, 3, C_in, C_out]: rows (ky, kx, c)
+  const at::Tensor packed = at::empty({gemm_packed_size(inner, k)}, weight.options());
+  at::parallel_for(0, gemm_panels(k), 1, [&](int64_t p0, int64_t p1) {
+    gemm_pack_panels(wt.const_data_ptr<float>(), k, inner, k, packed.mutable_data_ptr<float>(), p0, p1);
+  });
+  return packed;
+}
+
+// Edge pixels of image n: `count` of them from output pixel (oy, ox) on, one apart along the row (along_row) or the
+// column; `direct`: read in place (above), else gathered.
+struct EdgeRun {
+  int64_t n, oy, ox, count;
+  bool along_row, direct;
+  Tile pixel(int64_t i) const { return along_row ? Tile{n, oy, ox + i} : Tile{n, oy + i, ox}; }
+};
+
+// The edge pixels as runs of at most kEdgeRows, each stretch split evenly: every image's gathered ones (with padding
+// 1, a row's and a column's ends), then every image's direct ones.
+std::vector<EdgeRun> edge_runs(const Geometry& g, bool channels_contiguous) {
+  std::vector<EdgeRun> gathered, direct;
+  // Output pixels [a, b) of `count` along an axis whose patches lie inside a map of `size` pixels (padding pad):
+  // 2 o - pad >= 0 and 2 o - pad + 2 < size.
+  const auto inner = [](int64_t count, int64_t pad, int64_t size) {
+    const int64_t a = std::min(count, (pad + 1) / 2), top = size - 3 + pad;
+    return std::pair<int64_t, int64_t>{a, top < 0 ? a : std::max(a, std::min(count, top / 2 + 1))};
+  };
+  const auto add = [&](const EdgeRun& r) {
+    const auto [ia, ib] = channels_contiguous ? inner(r.count, r.along_row ? g.pw : g.ph, r.along_row ? g.w : g.h)
+                                              : std::pair<int64_t, int64_t>{r.count, r.count};
+    const auto piece = [&](int64_t from, int64_t to, bool in_place) {
+      const int64_t parts = ceil_div(to - from, kEdgeRows);
+      for (int64_t i = 0; i < parts; ++i) {
+        const int64_t p0 = from + (to - from) * i / parts, p1 = from + (to - from) * (i + 1) / parts;
+        const Tile t = r.pixel(p0);
+        (in_place ? direct : gathered).push_back({r.n, t.oy0, t.ox0, p1 - p0, r.along_row, in_place});
+      }
+    };
+    piece(0, ia, false);
+    piece(ia, ib, true);
+    piece(ib, r.count, false);
+  };
+  for (int64_t n = 0; n < g.n; ++n) {
+    if (g.eh > 0) add({n, g.ho - 1, 0, g.wo, true, false});
+    if (g.ew > 0) add({n, 0, g.wo - 1, g.ho - g.eh, false, false});
+  }
+  gathered.insert(gathered.end(), direct.begin(), direct.end());
+  return gathered;
+}
+
+// The edge pixels of one call (its x, packed weight wd, epilogue and output), computed in parts: part p of `parts`
+// takes runs p, p + parts, ... (dealt out in turn: the direct ones, of even sizes, evenly). winograd_blocks runs
+// the parts in its own parallel region, after each thread's blocks (one fork and join per call, not two);
+// strided_edges in one of theirs.
+struct StridedEdges {
+  const Geometry& g;
+  const float* xp;
+  Strides4 xs;
+  const at::Tensor& wd;
+  const Epilogue& e;
+  float* op;
+  Strides4 os;
+  const at::TensorOptions& options;
+  // (in place only where packed_gemm_sum gives the gathered GEMM's bits: the vector builds)
+  std::vector<EdgeRun> runs = edge_runs(g, xs.c == 1 && kernel_isa() != cpu_isa::Isa::kBase);
+
+  void part(int64_t part, int64_t parts) const;
+};
+
+void StridedEdges::part(int64_t part, int64_t parts) const {
+  const int64_t count = static_cast<int64_t>(runs.size());
+  if (part >= count) return;
+  const int64_t inner = 9 * g.c;
+  const float* wp = wd.const_data_ptr<float>();
+  const auto isa = kernel_isa();
+  const int64_t a_size = scratch_part(kEdgeRows * inner);
+  at::Tensor spare;
+  float* ap = thread_scratch(a_size + kEdgeRows * g.k, options, spare);
+  float* mp = ap + a_size;
+  for (int64_t i = part; i < count; i += parts) {
+    const EdgeRun& run = runs[i];
+    const int64_t rows = run.count;
+    if (run.direct) {  // a term per tap inside x (the run's first pixel's taps: the same for all of it)
+      std::array<GemmTerm, 9> terms;
+      int64_t taps = 0;
+      for (int64_t ky = 0; ky < 3; ++ky) {
+        const int64_t iy = g.sh * run.oy - g.ph + ky;
+        if (iy < 0 || iy >= g.h) continue;
+        for (int64_t kx = 0; kx < 3; ++kx) {
+          const int64_t ix = g.sw * run.ox - g.pw + kx;
+          if (ix < 0 || ix >= g.w) continue;
+          terms[taps++] = {xp + run.n * xs.n + iy * xs.h + ix * xs.w, (ky * 3 + kx) * g.c, g.c};
+        }
+      }
+      const int64_t lda = run.along_row ? g.sw * xs.w : g.sh * xs.h;
+      packed_gemm_sum(terms.data(), taps, lda, wp, inner, g.k, mp, g.k, rows, 0, gemm_panels(g.k));
+    } else {
+      for (int64_t r = 0; r < rows; ++r) {
+        const Tile px = run.pixel(r);
+        for (int64_t ky = 0; ky < 3; ++ky) {
+          const int64_t iy = g.sh * px.oy0 - g.ph + ky;
+          for (int64_t kx = 0; kx < 3; ++kx) {
+            const int64_t ix = g.sw * px.ox0 - g.pw + kx;
+            float* dst = ap + r * inner + (ky * 3 + kx) * g.c;
+            if (iy < 0 || iy >= g.h || ix < 0 || ix >= g.w) {
+              std::fill(dst, dst + g.c, 0.f);
+            } else if (xs.c == 1) {
+              std::memcpy(dst, xp + px.n * xs.n + iy * xs.h + ix * xs.w, sizeof(float) * g.c);
+            } else {  // an NCHW x
+              const float* src = xp + px.n * xs.n + iy * xs.h + ix * xs.w;
+              for (int64_t c = 0; c < g.c; ++c) dst[c] = src[c * xs.c];
+            }
+          }
+        }
+      }
+      packed_gemm(ap, inner, wp, inner, g.k, mp, g.k, rows, 0, gemm_panels(g.k));
+    }
+    run_isa(
+        isa,
+        [&](int64_t, int64_t, auto width) {
+          using V = typename FloatVec<decltype(width)::value>::type;
+          for (int64_t r = 0; r < rows; ++r) {
+            const Tile px = run.pixel(r);
+            for (int64_t k0 = 0; k0 < g.k; k0 += kLanes) {
+              const int lanes = static_cast<int>(std::min<int64_t>(kLanes, g.k - k0));
+              if (os.c == 1) {
+                store_pixel<V>(mp + r * g.k + k0, e, px.n, px.oy0, px.ox0, k0, lanes, op, os);
+              } else {  // an NCHW output: the pixel's channels in place in M, then each to its plane
+                store_pixel<V>(mp + r * g.k + k0, e, px.n, px.oy0, px.ox0, k0, lanes, mp + r * g.k, Strides4{},
+                               px.n, px.oy0);
+              }
+            }
+            if (os.c != 1) {
+              float* dst = op + px.n * os.n + px.oy0 * os.h + px.ox0 * os.w;
+              for (int64_t k = 0; k < g.k; ++k) dst[k * os.c] = mp[r * g.k + k];
+            }
+          }
+        },
+        0, 1);
+  }
+}
+
+// The edge pixels in a parallel region of their own.
+void strided_edges(const StridedEdges& edges) {
+  const int64_t parts = std::clamp<int64_t>(at::get_num_threads(), 1, static_cast<int64_t>(edges.runs.size()));
+  at::parallel_for(0, parts, 1, [&](int64_t b0, int64_t b1) {
+    for (int64_t part = b0; part < b1; ++part) edges.part(part, parts);
+  });
+}
+
 // The transformed weight u fits beside every thread's blocks in cache: blocks of tiles, each transformed,
-// multiplied and transformed back by one thread while its V and M stay in that core's cache.
+// multiplied and transformed back by one thread while its V and M stay in that core's cache. The blocks in one part
+// per thread, each part a run of them (evened out: 10 blocks on 4 threads are parts of 2, 3, 2 and 3), then the
+// part's share of the edge pixels where there are any (`edges`).
 template <int M>
 void winograd_blocks(const Geometry& g, const float* xp, Strides4 xs, const at::Tensor& u, const Epilogue& e,
-                     float* op, Strides4 os, const at::TensorOptions& options) {
+                     float* op, Strides4 os, const at::TensorOptions& options, const StridedEdges* edges = nullptr) {
   constexpr int A = Transform<M>::A;
   const int64_t tiles = g.tiles();
   const auto isa = kernel_isa();
   const int64_t block = block_tiles(A * A, g.c, g.k, tiles, at::get_num_threads());
-  const Layout vl{g.c, A * A * g.c}, ml{g.k, A * A * g.k};  // tile-major
+  // tile-major; V and M in one buffer (gemm_plan) where that takes less memory
+  const GemmPlan<M>& plan = gemm_plan<M>();
+  const int64_t lane = std::max(g.c, g.k);
+  const bool shared = plan.slots * lane < A * A * (g.c + g.k);
+  const Layout vl = shared ? Layout{lane, plan.slots * lane} : Layout{g.c, A * A * g.c};
+  const Layout ml = shared ? vl : Layout{g.k, A * A * g.k};
+  const int16_t* slot = shared ? plan.slot.data() : nullptr;
   const int64_t blocks = ceil_div(tiles, block);
   // An NCHW x or output (channel stride not 1, winograd<M> passes them for banded geometries): through bands
   constexpr int T = Transform<M>::kTile;
   const bool nchw_in = xs.c != 1, nchw_out = os.c != 1;
   const int64_t per_image = g.th * g.tw, band_rows = band_tile_rows(g, block);
-  at::parallel_for(0, blocks, 1, [&](int64_t b0, int64_t b1) {
-    const int64_t v_size = scratch_part(A * A * block * g.c), m_size = scratch_part(A * A * block * g.k);
+  const int64_t parts = std::clamp<int64_t>(at::get_num_threads(), 1, std::max<int64_t>(blocks, 1));
+  at::parallel_for(0, parts, 1, [&](int64_t p0, int64_t p1) {
+    const int64_t b0 = blocks * p0 / parts, b1 = blocks * p1 / parts;
+    const int64_t v_size = scratch_part(block * vl.tile), m_size = shared ? 0 : scratch_part(block * ml.tile);
     const int64_t i_size = nchw_in ? scratch_part(std::min(g.h, (band_rows - 1) * g.sh * T + A) * g.w * g.c) : 0;
     const int64_t o_size = nchw_out ? band_rows * T * g.wo * g.k : 0;
     at::Tensor spare;
     float* vp = thread_scratch(v_size + m_size + i_size + o_size, options, spare);
-    float* mp = vp + v_size;
-    float* ip = mp + m_size;  // the input band
+    float* mp = shared ? vp : vp + v_size;
+    float* ip = vp + v_size + m_size;  // the input band
     float* obp = ip + i_size;  // the output band
     for (int64_t blk = b0; blk < b1; ++blk) {
       const int64_t t0 = blk * block, tc = std::min(block, tiles - t0);
@@ -981,7 +1244,7 @@ void winograd_blocks(const Geometry& g, const float* xp, Strides4 xs, const at::
             },
             0, 1);
       });
-      element_gemms<M>(vp, vl, u, g, mp, ml, tc, 0, A * A);
+      block_gemms<M>(vp, vl, u, g, mp, ml, tc, slot);
       for_image_runs(t0, tc, per_image, nchw_out, [&](int64_t t, int64_t end, int64_t n) {
         float* out = nchw_out ? obp : op;
         const Strides4 s = nchw_out ? Strides4{0, 1, g.wo * g.k, g.k} : os;
@@ -990,11 +1253,14 @@ void winograd_blocks(const Geometry& g, const float* xp, Strides4 xs, const at::
             isa,
             [&](int64_t, int64_t, auto width) {
               using V = typename FloatVec<decltype(width)::value>::type;
-              output_tiles<M, V>(mp + (t - t0) * ml.tile, g, t, end - t, ml, e, out, s, n0, row0);
+              output_tiles<M, V>(mp + (t - t0) * ml.tile, g, t, end - t, ml, e, out, s, n0, row0, slot);
             },
             0, 1);
         if (nchw_out) band_to_nchw(g, T, n, t - n * per_image, end - 1 - n * per_image, out, row0, op, os);
       });
+    }
+    if (edges != nullptr) {
+      for (int64_t p = p0; p < p1; ++p) edges->part(p, parts);
     }
   });
 }
@@ -1109,7 +1375,7 @@ struct GridAxis<3> {
   }
   template <typename T>
   DLO_INLINE static void output(const float* m, int64_t ms, float* y, int64_t ys) {
-    Transform<3>::output<T>(m, ms, y, ys);
+    output_axis<3, T>(m, ms, y, ys);
   }
 };
 
@@ -1395,153 +1661,6 @@ void short_grid_conv(const ShortGrids& s, const float* xp, Strides4 xs, const at
   }
 }
 
-// The stride-2 convolution's edge pixels (Geometry::eh, ew: the last output row and column, where the tiles leave
-// them) as a direct convolution, one GEMM per run of up to kEdgeRows of them, with the weight as [(ky, kx, c) x
-// C_out] packed for it (kept beside the tile transform) and the epilogue as the tiles'. Along a run whose pixels'
-// patches lie inside x across the run (with padding 1: all of the last row's pixels but its first and last, all of
-// the last column's above that row but its top one; with padding 0, all), where x's channels are contiguous and the
-// build has vector kernels, each 3 x 3 tap is one term of packed_gemm_sum read in place (the run's pixels two apart
-// in x), and the taps outside x, the same for all of the run (the padding beyond the last row or column: a third of
-// the taps of DeepLab's odd maps), are left out. The other pixels are gathered as rows of [3][3][C_in], zero outside
-// the image. Each output is one chain of fused multiply-adds over its taps (ky, kx, c) in order: the same bits for
-// any thread count and vector build, as the tiles', and either way (a tap outside the image adds a zero product when
-// gathered, for a finite weight).
-constexpr int kStridedEdgeKey = -5;  // the packed direct weight's cache key (not a tile transform's)
-constexpr int64_t kEdgeRows = 32;    // edge pixels per GEMM
-
-at::Tensor strided_edge_weight(const at::Tensor& weight) {
-  const int64_t k = weight.size(0), inner = 9 * weight.size(1);
-  const at::Tensor wt = weight.permute({2, 3, 1, 0}).contiguous();  // [3, 3, C_in, C_out]: rows (ky, kx, c)
-  const at::Tensor packed = at::empty({gemm_packed_size(inner, k)}, weight.options());
-  at::parallel_for(0, gemm_panels(k), 1, [&](int64_t p0, int64_t p1) {
-    gemm_pack_panels(wt.const_data_ptr<float>(), k, inner, k, packed.mutable_data_ptr<float>(), p0, p1);
-  });
-  return packed;
-}
-
-// Edge pixels of image n: `count` of them from output pixel (oy, ox) on, one apart along the row (along_row) or the
-// column; `direct`: read in place (above), else gathered.
-struct EdgeRun {
-  int64_t n, oy, ox, count;
-  bool along_row, direct;
-  Tile pixel(int64_t i) const { return along_row ? Tile{n, oy, ox + i} : Tile{n, oy + i, ox}; }
-};
-
-// The edge pixels as runs of at most kEdgeRows, each stretch split evenly: every image's gathered ones (with padding
-// 1, a row's and a column's ends), then every image's direct ones.
-std::vector<EdgeRun> edge_runs(const Geometry& g, bool channels_contiguous) {
-  std::vector<EdgeRun> gathered, direct;
-  // Output pixels [a, b) of `count` along an axis whose patches lie inside a map of `size` pixels (padding pad):
-  // 2 o - pad >= 0 and 2 o - pad + 2 < size.
-  const auto inner = [](int64_t count, int64_t pad, int64_t size) {
-    const int64_t a = std::min(count, (pad + 1) / 2), top = size - 3 + pad;
-    return std::pair<int64_t, int64_t>{a, top < 0 ? a : std::max(a, std::min(count, top / 2 + 1))};
-  };
-  const auto add = [&](const EdgeRun& r) {
-    const auto [ia, ib] = channels_contiguous ? inner(r.count, r.along_row ? g.pw : g.ph, r.along_row ? g.w : g.h)
-                                              : std::pair<int64_t, int64_t>{r.count, r.count};
-    const auto piece = [&](int64_t from, int64_t to, bool in_place) {
-      const int64_t parts = ceil_div(to - from, kEdgeRows);
-      for (int64_t i = 0; i < parts; ++i) {
-        const int64_t p0 = from + (to - from) * i / parts, p1 = from + (to - from) * (i + 1) / parts;
-        const Tile t = r.pixel(p0);
-        (in_place ? direct : gathered).push_back({r.n, t.oy0, t.ox0, p1 - p0, r.along_row, in_place});
-      }
-    };
-    piece(0, ia, false);
-    piece(ia, ib, true);
-    piece(ib, r.count, false);
-  };
-  for (int64_t n = 0; n < g.n; ++n) {
-    if (g.eh > 0) add({n, g.ho - 1, 0, g.wo, true, false});
-    if (g.ew > 0) add({n, 0, g.wo - 1, g.ho - g.eh, false, false});
-  }
-  gathered.insert(gathered.end(), direct.begin(), direct.end());
-  return gathered;
-}
-
-void strided_edges(const Geometry& g, const float* xp, Strides4 xs, const at::Tensor& wd, const Epilogue& e,
-                   float* op, Strides4 os, const at::TensorOptions& options) {
-  // (in place only where packed_gemm_sum gives the gathered GEMM's bits: the vector builds)
-  const std::vector<EdgeRun> runs = edge_runs(g, xs.c == 1 && kernel_isa() != cpu_isa::Isa::kBase);
-  if (runs.empty()) return;
-  const int64_t inner = 9 * g.c;
-  const float* wp = wd.const_data_ptr<float>();
-  const auto isa = kernel_isa();
-  // The runs dealt out in turn (part p takes runs p, p + parts, ...): the direct ones, of even sizes, evenly.
-  const int64_t count = static_cast<int64_t>(runs.size());
-  const int64_t parts = std::clamp<int64_t>(at::get_num_threads(), 1, count);
-  at::parallel_for(0, parts, 1, [&](int64_t b0, int64_t b1) {
-    const int64_t a_size = scratch_part(kEdgeRows * inner);
-    at::Tensor spare;
-    float* ap = thread_scratch(a_size + kEdgeRows * g.k, options, spare);
-    float* mp = ap + a_size;
-    for (int64_t part = b0; part < b1; ++part) {
-      for (int64_t i = part; i < count; i += parts) {
-        const EdgeRun& run = runs[i];
-        const int64_t rows = run.count;
-        if (run.direct) {  // a term per tap inside x (the run's first pixel's taps: the same for all of it)
-          std::array<GemmTerm, 9> terms;
-          int64_t taps = 0;
-          for (int64_t ky = 0; ky < 3; ++ky) {
-            const int64_t iy = g.sh * run.oy - g.ph + ky;
-            if (iy < 0 || iy >= g.h) continue;
-            for (int64_t kx = 0; kx < 3; ++kx) {
-              const int64_t ix = g.sw * run.ox - g.pw + kx;
-              if (ix < 0 || ix >= g.w) continue;
-              terms[taps++] = {xp + run.n * xs.n + iy * xs.h + ix * xs.w, (ky * 3 + kx) * g.c, g.c};
-            }
-          }
-          const int64_t lda = run.along_row ? g.sw * xs.w : g.sh * xs.h;
-          packed_gemm_sum(terms.data(), taps, lda, wp, inner, g.k, mp, g.k, rows, 0, gemm_panels(g.k));
-        } else {
-          for (int64_t r = 0; r < rows; ++r) {
-            const Tile px = run.pixel(r);
-            for (int64_t ky = 0; ky < 3; ++ky) {
-              const int64_t iy = g.sh * px.oy0 - g.ph + ky;
-              for (int64_t kx = 0; kx < 3; ++kx) {
-                const int64_t ix = g.sw * px.ox0 - g.pw + kx;
-                float* dst = ap + r * inner + (ky * 3 + kx) * g.c;
-                if (iy < 0 || iy >= g.h || ix < 0 || ix >= g.w) {
-                  std::fill(dst, dst + g.c, 0.f);
-                } else if (xs.c == 1) {
-                  std::memcpy(dst, xp + px.n * xs.n + iy * xs.h + ix * xs.w, sizeof(float) * g.c);
-                } else {  // an NCHW x
-                  const float* src = xp + px.n * xs.n + iy * xs.h + ix * xs.w;
-                  for (int64_t c = 0; c < g.c; ++c) dst[c] = src[c * xs.c];
-                }
-              }
-            }
-          }
-          packed_gemm(ap, inner, wp, inner, g.k, mp, g.k, rows, 0, gemm_panels(g.k));
-        }
-        run_isa(
-            isa,
-            [&](int64_t, int64_t, auto width) {
-              using V = typename FloatVec<decltype(width)::value>::type;
-              for (int64_t r = 0; r < rows; ++r) {
-                const Tile px = run.pixel(r);
-                for (int64_t k0 = 0; k0 < g.k; k0 += kLanes) {
-                  const int lanes = static_cast<int>(std::min<int64_t>(kLanes, g.k - k0));
-                  if (os.c == 1) {
-                    store_pixel<V>(mp + r * g.k + k0, e, px.n, px.oy0, px.ox0, k0, lanes, op, os);
-                  } else {  // an NCHW output: the pixel's channels in place in M, then each to its plane
-                    store_pixel<V>(mp + r * g.k + k0, e, px.n, px.oy0, px.ox0, k0, lanes, mp + r * g.k, Strides4{},
-                                   px.n, px.oy0);
-                  }
-                }
-                if (os.c != 1) {
-                  float* dst = op + px.n * os.n + px.oy0 * os.h + px.ox0 * os.w;
-                  for (int64_t k = 0; k < g.k; ++k) dst[k * os.c] = mp[r * g.k + k];
-                }
-              }
-            },
-            0, 1);
-      }
-    }
-  });
-}
-
 // The entries' frame: x and the residual channels-last dense (NCHW ones converted in: one conversion in and one out
 // cost less than the transforms save over oneDNN's NCHW convolution, docs/kernels.md), a channels-last output of
 // [N, C_out, ho, wo], body(x, its strides, the epilogue, out, its strides), the output returned in out_format. With
@@ -1578,12 +1697,14 @@ at::Tensor winograd(const at::Tensor& x, const at::Tensor& weight, const std::op
   return channels_last_call(x, g.k, g.ho, g.wo, bias, residual, relu, out_format,
                             [&](const float* xp, Strides4 xs, const Epilogue& e, float* op, Strides4 os,
                                 const at::TensorOptions& options) {
+                              std::optional<StridedEdges> edges;
+                              if (wd.defined()) edges.emplace(StridedEdges{g, xp, xs, wd, e, op, os, options});
                               if (static_cast<int64_t>(u.nbytes()) <= kBlockWeightBytes) {
-                                winograd_blocks<M>(g, xp, xs, u, e, op, os, options);
+                                winograd_blocks<M>(g, xp, xs, u, e, op, os, options, edges ? &*edges : nullptr);
                               } else {
                                 winograd_chunks<M>(g, xp, xs, u, e, op, os, options);
+                                if (edges) strided_edges(*edges);
                               }
-                              if (wd.defined()) strided_edges(g, xp, xs, wd, e, op, os, options);
                             },
                             banded_geometry(g) && static_cast<int64_t>(u.nbytes()) <= kBlockWeightBytes);
 }
@@ -1599,7 +1720,9 @@ at::Tensor short_grid_winograd(const at::Tensor& x, const at::Tensor& weight, co
       kept_or_built(weight, short_grid_key(s), [&](const at::Tensor& w) { return short_grid_weight_transform(w, s); });
   return channels_last_call(x, s.k, s.h, s.w, bias, residual, relu, out_format,
                             [&](const float* xp, Strides4 xs, const Epilogue& e, float* op, Strides4 os,
-                                const at::TensorOptions& options) { short_grid_conv(s, xp, xs, u, e, op, os, options); });
+                                const at::TensorOptions& options) {
+                              short_grid_conv(s, xp, xs, u, e, op, os, options);
+                            });
 }
 
 // A GEMM's read of one point of a transformed weight (C_in x C_out floats), in GEMM rows of products: about 30 rows

@@ -255,6 +255,48 @@ def test_stride_2_edges_read_in_place_give_the_gathered_bits(case):
     _close(outs[CL], F.relu(F.conv2d(x.double(), weight.double(), bias.double(), 2, padding)), f"edges {case}")
 
 
+# (N, C_in, C_out, H, W, stride): a block's V and M share one buffer of max(C_in, C_out) floats per element, each
+# GEMM writing its products over V elements that earlier GEMMs have read (gemm_plan), unless that takes more memory
+# than the two apart: channel counts 37 times apart or more at stride 1 (37 slots against 36 of each).
+SLOT_CASES = [
+    (1, 32, 1200, 17, 17, 1),  # apart
+    (1, 1200, 32, 17, 17, 1),  # apart
+    (1, 32, 600, 17, 17, 1),  # shared, C_out wider
+    (2, 600, 32, 13, 17, 1),  # shared, C_in wider
+    (1, 40, 160, 47, 47, 2),  # shared (85 slots), C_out wider
+    (2, 160, 40, 31, 47, 2),  # shared, C_in wider
+]
+
+
+@pytest.mark.parametrize("layout", [CL, torch.contiguous_format], ids=["nhwc", "nchw"])
+@pytest.mark.parametrize("case", SLOT_CASES, ids=str)
+def test_v_and_m_shared_or_apart_match_float64_on_any_thread_count(case, layout):
+    n, c, k, h, w, stride = case
+    x, weight = _inputs(n, c, k, h, w)
+    x, weight = x.contiguous(memory_format=layout), _kept(weight)
+    assert _ops.winograd_plan(x, weight, (stride, stride), (1, 1), (1, 1)) == (4 if stride == 1 else -4)
+    bias, residual = torch.randn(k), None
+    ref = F.conv2d(x.double(), weight.double(), bias.double(), stride, 1)
+    residual = torch.randn(ref.shape).contiguous(memory_format=layout)
+    ref = F.relu(ref + residual.double())
+    outs = []
+    threads = torch.get_num_threads()
+    try:
+        for t in (1, 2, 3):
+            torch.set_num_threads(t)
+            out, names = _ran(lambda: _ops.conv_bias_act(x, weight, bias, residual, (stride, stride), (1, 1), (1, 1),
+                                                         True))
+            assert _used_winograd(names), sorted(names)
+            outs.append(out)
+    finally:
+        torch.set_num_threads(threads)
+    for t, out in enumerate(outs, 1):
+        _close(out, ref, f"slots {case}, {t} threads")
+    # the same bits for any thread count, but in the baseline build, whose GEMMs are ATen's mm (cpu/gemm_cpu.h)
+    if torch.backends.cpu.get_cpu_capability() != "DEFAULT":
+        assert all(torch.equal(outs[0], o) for o in outs[1:])
+
+
 # (N, C_in, C_out, H, W, stride, padding, tile size winograd_plan picks): NCHW activations that winograd_blocks reads
 # and writes through bands of rows: blocks of tiles across two and three images and across rows of tiles, each tile
 # size of stride 1, stride 2 with and without edges, maps of many bands per thread.
