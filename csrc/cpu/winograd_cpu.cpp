@@ -505,8 +505,8 @@ DLO_INLINE void output_tiles(const float* mm, const Geometry& g, int64_t t0, int
   constexpr int A = Transform<M>::A, T = Transform<M>::kTile;
   alignas(64) float half[T][A][kLanes];
   alignas(64) float y[T][T][kLanes];
-  int64_t at[A * A];  // where element xi lies in a tile's M
-  for (int xi = 0; xi < A * A; ++xi) at[xi] = (slot != nullptr ? slot[xi] : xi) * ml.element;
+  int64_t offset[A * A];  // where element xi lies in a tile's M
+  for (int xi = 0; xi < A * A; ++xi) offset[xi] = (slot != nullptr ? slot[xi] : xi) * ml.element;
   for (int64_t t = 0; t < count; ++t) {
     const Tile tile = tile_at(g, t0 + t, T);
     for (int64_t k0 = 0; k0 < g.k; k0 += kLanes) {
@@ -516,7 +516,7 @@ DLO_INLINE void output_tiles(const float* mm, const Geometry& g, int64_t t0, int
         for_lanes<V>(lanes, [&](auto tag, int c) {
           using L = typename decltype(tag)::type;
           L x[A];
-          for (int r = 0; r < A; ++r) load(x[r], src + at[r * A + l] + c);
+          for (int r = 0; r < A; ++r) load(x[r], src + offset[r * A + l] + c);
           Transform<M>::template output_values<L>(x, half[0][l] + c, A * kLanes);
         });
       }
