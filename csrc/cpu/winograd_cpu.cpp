@@ -1193,7 +1193,8 @@ void strided_edges(const StridedEdges& edges) {
 // The transformed weight u fits beside every thread's blocks in cache: blocks of tiles, each transformed,
 // multiplied and transformed back by one thread while its V and M stay in that core's cache. The blocks in one part
 // per thread, each part a run of them (evened out: 10 blocks on 4 threads are parts of 2, 3, 2 and 3), then the
-// part's share of the edge pixels where there are any (`edges`).
+// part's share of the edge pixels where there are any (`edges`); fewer blocks than threads leave some parts with
+// edges only.
 template <int M>
 void winograd_blocks(const Geometry& g, const float* xp, Strides4 xs, const at::Tensor& u, const Epilogue& e,
                      float* op, Strides4 os, const at::TensorOptions& options, const StridedEdges* edges = nullptr) {
@@ -1213,9 +1214,7 @@ void winograd_blocks(const Geometry& g, const float* xp, Strides4 xs, const at::
   constexpr int T = Transform<M>::kTile;
   const bool nchw_in = xs.c != 1, nchw_out = os.c != 1;
   const int64_t per_image = g.th * g.tw, band_rows = band_tile_rows(g, block);
-  const int64_t parts = std::clamp<int64_t>(at::get_num_threads(), 1, std::max<int64_t>(blocks, 1));
-  at::parallel_for(0, parts, 1, [&](int64_t p0, int64_t p1) {
-    const int64_t b0 = blocks * p0 / parts, b1 = blocks * p1 / parts;
+  const auto blocks_of_part = [&](int64_t b0, int64_t b1) {
     const int64_t v_size = scratch_part(block * vl.tile), m_size = shared ? 0 : scratch_part(block * ml.tile);
     const int64_t i_size = nchw_in ? scratch_part(std::min(g.h, (band_rows - 1) * g.sh * T + A) * g.w * g.c) : 0;
     const int64_t o_size = nchw_out ? band_rows * T * g.wo * g.k : 0;
@@ -1259,6 +1258,13 @@ void winograd_blocks(const Geometry& g, const float* xp, Strides4 xs, const at::
         if (nchw_out) band_to_nchw(g, T, n, t - n * per_image, end - 1 - n * per_image, out, row0, op, os);
       });
     }
+  };
+  // (as many parts as threads where the blocks or the edge runs give each work: a part may have edges only)
+  const int64_t work = std::max<int64_t>(blocks, edges != nullptr ? static_cast<int64_t>(edges->runs.size()) : 0);
+  const int64_t parts = std::clamp<int64_t>(at::get_num_threads(), 1, std::max<int64_t>(work, 1));
+  at::parallel_for(0, parts, 1, [&](int64_t p0, int64_t p1) {
+    const int64_t b0 = blocks * p0 / parts, b1 = blocks * p1 / parts;
+    if (b0 < b1) blocks_of_part(b0, b1);
     if (edges != nullptr) {
       for (int64_t p = p0; p < p1; ++p) edges->part(p, parts);
     }

@@ -257,7 +257,8 @@ def test_stride_2_edges_read_in_place_give_the_gathered_bits(case):
 
 # (N, C_in, C_out, H, W, stride): a block's V and M share one buffer of max(C_in, C_out) floats per element, each
 # GEMM writing its products over V elements that earlier GEMMs have read (gemm_plan), unless that takes more memory
-# than the two apart: channel counts 37 times apart or more at stride 1 (37 slots against 36 of each).
+# than the two apart: channel counts 36 times apart or more at stride 1 (37 slots of max(C_in, C_out) floats against
+# 36 of each).
 SLOT_CASES = [
     (1, 32, 1200, 17, 17, 1),  # apart
     (1, 1200, 32, 17, 17, 1),  # apart
