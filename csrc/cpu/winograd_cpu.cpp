@@ -828,41 +828,16 @@ int64_t block_tiles(int64_t points, int64_t c, int64_t k, int64_t tiles, int64_t
   return ceil_div(tiles, blocks);
 }
 
-// The GEMMs of transformed elements [begin, end) over `used` tiles (V and M as `vl` and `ml` say); those that
-// multiply by the same element of U (the stride-2 transform's: 16 of a tile's 81 multiply the centre tap's, and
-// groups of 4 one outer tap's transform along one axis) in one packed_gemm_shared, which reads each block of that
-// element's panels once for all of them. The bits are those of a GEMM per element.
-template <int M>
-void element_gemms(const float* v, Layout vl, const at::Tensor& u, const Geometry& g, float* m, Layout ml, int64_t used,
-                   int64_t begin, int64_t end) {
-  constexpr int A = Transform<M>::A;
-  std::array<bool, A * A> done{};
-  std::array<GemmRows, A * A> parts;
-  const float* up = u.const_data_ptr<float>();
-  for (int64_t xi = begin; xi < end; ++xi) {
-    if (done[xi]) continue;
-    const int64_t point = u_point<M>(xi);
-    int64_t count = 0;
-    for (int64_t xj = xi; xj < end; ++xj) {
-      if (done[xj] || u_point<M>(xj) != point) continue;
-      done[xj] = true;
-      parts[count++] = {v + xj * vl.element, m + xj * ml.element, used};
-    }
-    packed_gemm_shared(parts.data(), count, vl.tile, up + point * u.size(1), g.c, g.k, ml.tile, 0,
-                       gemm_panels(g.k));
-  }
-}
-
-// The order in which winograd_blocks runs a block's GEMMs, and where their products go. The elements that multiply
-// by the same element of U form a group, one packed_gemm_shared, in parts of at most kMaxGemmGroup, the largest
-// first. A block's V and M share one buffer of `slots` elements per tile, each of max(C_in, C_out) floats: V's
-// element xi in slot xi, M's in slot[xi], one of the spare slots past A^2 or the slot of a V element whose group has
-// run (its GEMMs have read it). M takes V's place as the GEMMs consume it, so the two take A^2 plus the largest
-// group's slots, not A^2 of each: the stride-2 transform at 128 channels each way, 32 tiles, 85 slots (1.4 MB)
-// against 2 x 81 (2.7 MB, over a core's 2 MB L2 on this project's Xeon: V and M went out to L3 and came back on
-// every block). Measured there (layer2's stride-2 convolution, channels-last, 2 threads, same run): 2.34 ms with V
-// and M apart, 2.26 with groups whole (97 slots), 2.24 in parts of 4 (the centre tap's 16 elements read its U
-// element 4 times); parts of 2, 2.24.
+// The order in which a block's GEMMs run (and a chunk's, winograd_chunks, by groups over the threads), and where
+// winograd_blocks puts their products. The elements that multiply by the same element of U form a group, one
+// packed_gemm_shared, in parts of at most kMaxGemmGroup, the largest first. A block's V and M share one buffer of
+// `slots` elements per tile, each of max(C_in, C_out) floats: V's element xi in slot xi, M's in slot[xi], one of the
+// spare slots past A^2 or the slot of a V element whose group has run (its GEMMs have read it). M takes V's place as
+// the GEMMs consume it, so the two take A^2 plus the largest group's slots, not A^2 of each: the stride-2 transform at
+// 128 channels each way, 32 tiles, 85 slots (1.4 MB) against 2 x 81 (2.7 MB, over a core's 2 MB L2 on this project's
+// Xeon: V and M went out to L3 and came back on every block). Measured there (layer2's stride-2 convolution, channels-
+// last, 2 threads, same run): 2.34 ms with V and M apart, 2.26 with groups whole (97 slots), 2.24 in parts of 4 (the
+// centre tap's 16 elements read its U element 4 times); parts of 2, 2.24.
 constexpr size_t kMaxGemmGroup = 4;
 
 template <int M>
@@ -913,16 +888,21 @@ const GemmPlan<M>& gemm_plan() {
   return plan;
 }
 
-// A block's GEMMs in gemm_plan's order over `used` tiles, V's element xi at v + xi * vl.element, M's at m +
-// slot[xi] * ml.element (xi without a slot table), tile by tile vl.tile and ml.tile apart; the bits are those of
+// The GEMMs of gemm_plan's groups [first, last) (all of them by default), in its order, over `used` tiles (or
+// rows): V's element xi at v + xi * vl.element, M's at m + slot[xi] * ml.element (xi without a slot table), tile by
+// tile vl.tile and ml.tile apart. A group's elements multiply by the same element of U (the stride-2 transform's:
+// 16 of a tile's 81 the centre tap's, 4 each the transform of an outer tap along one axis) in one
+// packed_gemm_shared, which reads each block of that element's panels once for all of them. The bits are those of
 // a GEMM per element.
 template <int M>
-void block_gemms(const float* v, Layout vl, const at::Tensor& u, const Geometry& g, float* m, Layout ml, int64_t used,
-                 const int16_t* slot) {
+void element_gemms(const float* v, Layout vl, const at::Tensor& u, const Geometry& g, float* m, Layout ml,
+                   int64_t used, const int16_t* slot, int64_t first = 0, int64_t last = -1) {
   const GemmPlan<M>& plan = gemm_plan<M>();
   std::array<GemmRows, GemmPlan<M>::kElements> parts;
   const float* up = u.const_data_ptr<float>();
-  for (int i = 0, begin = 0; i < plan.groups; begin = plan.group_end[i++]) {
+  if (last < 0) last = plan.groups;
+  for (int64_t i = first; i < last; ++i) {
+    const int begin = i == 0 ? 0 : plan.group_end[i - 1];
     const int count = plan.group_end[i] - begin;
     for (int j = 0; j < count; ++j) {
       const int xi = plan.order[begin + j];
@@ -1243,7 +1223,7 @@ void winograd_blocks(const Geometry& g, const float* xp, Strides4 xs, const at::
             },
             0, 1);
       });
-      block_gemms<M>(vp, vl, u, g, mp, ml, tc, slot);
+      element_gemms<M>(vp, vl, u, g, mp, ml, tc, slot);
       for_image_runs(t0, tc, per_image, nchw_out, [&](int64_t t, int64_t end, int64_t n) {
         float* out = nchw_out ? obp : op;
         const Strides4 s = nchw_out ? Strides4{0, 1, g.wo * g.k, g.k} : os;
@@ -1290,9 +1270,10 @@ void winograd_chunks(const Geometry& g, const float* xp, Strides4 xs, const at::
     for_sub_blocks(isa, tc, [&](int64_t off, int64_t n, auto width) {
       input_tiles<M, typename FloatVec<decltype(width)::value>::type>(xp, xs, g, t0 + off, n, vl, vp + off * g.c);
     });
-    // The (m + 2)^2 GEMMs split over the threads, each on one (as in the blocks).
-    at::parallel_for(0, A * A, 1,
-                     [&](int64_t x0, int64_t x1) { element_gemms<M>(vp, vl, u, g, mp, ml, tc, x0, x1); });
+    // The GEMMs' groups (gemm_plan) split over the threads, each on one (as in the blocks).
+    at::parallel_for(0, gemm_plan<M>().groups, 1, [&](int64_t g0, int64_t g1) {
+      element_gemms<M>(vp, vl, u, g, mp, ml, tc, nullptr, g0, g1);
+    });
     for_sub_blocks(isa, tc, [&](int64_t off, int64_t n, auto width) {
       output_tiles<M, typename FloatVec<decltype(width)::value>::type>(mp + off * g.k, g, t0 + off, n, ml, e, op,
                                                                        os);
