@@ -1,7 +1,7 @@
 """DeepLabV3 training, evaluation and inference.
 
     python train.py --fused-ops                           # built-in synthetic set: trains, evaluates, saves
-    python train.py --dataset voc --data-root VOCdevkit/VOC2012 --sbd-root benchmark_RELEASE --fused-ops \
+    python train.py --dataset voc --data-root VOCdevkit/VOC2012 --sbd-root benchmark_RELEASE --fused-ops \\
         --backbone-weights resnet101.pth                # torchvision's ImageNet ResNet-101 state_dict
     python train.py --dataset folder --data-root mydata   # mydata/images, mydata/masks, mydata/classes.txt
     python train.py --eval-only --checkpoint runs/synthetic/best.pt --eval-output-stride 8 --eval-scales ms --eval-flip

@@ -147,14 +147,19 @@ def make_inputs(s: ConvShape, batch: int, device: torch.device, dtype: torch.dty
 
 def select_shapes(cuda: bool, shape_set: str | None, groups: list[str] | None, quick: bool) -> list[ConvShape]:
     """The rows to run: shape_set "deeplab" (the default on cuda) or "small" (the default on cpu), in `groups`
-    (None: every group); --quick keeps two (on cpu, with neither a set nor groups given, two smaller layers still:
-    given ones are kept, as every explicit list is)."""
+    (None: every group). --quick keeps the first two rows, and with groups given the first two of each group, so
+    that every group asked for runs (on cpu, with neither a set nor groups given, two smaller layers still: given
+    ones are kept, as every explicit list is)."""
     if quick and not cuda and shape_set is None and groups is None:
         return list(QUICK_CPU_SHAPES)
     shape_set = shape_set or ("deeplab" if cuda else "small")
-    groups = groups or list(SHAPE_GROUPS)
-    shapes = [s for s in (CUDA_SHAPES if shape_set == "deeplab" else CPU_SHAPES) if s.group in groups]
-    return shapes[:2] if quick else shapes
+    shapes = [s for s in (CUDA_SHAPES if shape_set == "deeplab" else CPU_SHAPES)
+              if groups is None or s.group in groups]
+    if not quick:
+        return shapes
+    if groups is None:
+        return shapes[:2]
+    return [s for i, s in enumerate(shapes) if sum(t.group == s.group for t in shapes[:i]) < 2]
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -182,7 +187,7 @@ def main(argv: list[str] | None = None) -> int:
 
     env = common.environment(device)
     peak, peak_desc = common.matmul_peak(device, args.quick)
-    print(f"{env['gpu']} | torch {env['torch']} | triton {env['triton']} | commit {env['git_commit']}")
+    print(f"{common.machine_name(env)} | torch {env['torch']} | triton {env['triton']} | commit {env['git_commit']}")
     print(f"peak: {peak_desc}")
     meta = {"script": "conv_bn_relu_bench", "argv": sys.argv[1:] if argv is None else argv, "matmul_peak": peak_desc,
             "matmul_peak_tflops": peak, "environment": env, "environment_variables": common.run_variables()}

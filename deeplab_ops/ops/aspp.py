@@ -396,7 +396,7 @@ def check_args(x, conv_weights, pool_weight, project_weight, bn_weights, bn_bias
     if not isinstance(conv_weights, (list, tuple)) or len(conv_weights) != len(rates) + 1:
         got = _describe(conv_weights)
         raise ValueError(f"conv_weights must be a list of {len(rates) + 1} tensors (the 1x1 branch, then one 3x3 per "
-                         f"rate), got {got}")
+                         f"rate: rates={list(rates)}), got {got}")
     if not fast or not all(map(isinstance, conv_weights, _REPEAT(torch.Tensor))):
         for i, t in enumerate(conv_weights):
             if not isinstance(t, torch.Tensor):

@@ -603,6 +603,12 @@ def test_conv_bn_relu_bench_shape_sets():
     assert bench.select_shapes(False, "deeplab", ["aspp"], True) == [s for s in bench.CUDA_SHAPES
                                                                     if s.group == "aspp"][:2]
     assert bench.select_shapes(True, "small", ["os16"], False) == [s for s in bench.CPU_SHAPES if s.group == "os16"]
+    # with groups given, --quick keeps the first two rows of each: every group asked for runs (it kept the first two
+    # rows of all, so `--quick --shapes os16,os8,aspp` ran two os16 rows and neither of the others)
+    quick_all = bench.select_shapes(False, "deeplab", groups, True)
+    assert [s.group for s in quick_all] == ["os16", "os16", "os8", "os8", "aspp", "aspp"]
+    assert quick_all == [s for g in groups for s in [t for t in bench.CUDA_SHAPES if t.group == g][:2]]
+    assert {s.group for s in bench.select_shapes(False, None, ["os8", "aspp"], True)} == {"os8", "aspp"}
     with pytest.raises(SystemExit):  # argparse names the option and its choices
         bench.main(["--device", "cpu", "--shape-set", "huge"])
 

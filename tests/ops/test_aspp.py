@@ -207,6 +207,9 @@ def test_dropout_matches_torchvision_in_training():
     "change, pattern",
     [
         (lambda a: a.__setitem__(1, a[1][:-1]), r"conv_weights must be a list of 3 tensors"),
+        # one rate short of the 3x3 weights: the message names the rates too, not only conv_weights
+        (lambda a: a.__setitem__(8, a[8][:-1]), r"conv_weights must be a list of 2 tensors \(the 1x1 branch, then one "
+                                                r"3x3 per rate: rates=\[2\]\), got list of length 3"),
         (lambda a: a.__setitem__(3, torch.randn(3, 7, 1, 1)), r"project_weight must have shape \(3, 12, 1, 1\)"),
         (lambda a: a.__setitem__(4, a[4][:-1]), r"bn_weights must be a list of 5 tensors"),
         (lambda a: a[6].__setitem__(0, torch.zeros(4)), r"running_means\[0\] must have shape \(3,\)"),

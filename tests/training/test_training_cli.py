@@ -113,6 +113,13 @@ def test_output_folders_that_cannot_be_made_are_refused_before_any_work(tmp_path
         assert not os.path.exists(folder)
 
 
+def test_help_shows_each_example_command_as_written():
+    """--help prints the module docstring's examples: the VOC one continues on a second line after a shell
+    backslash (a bare backslash at the line's end in the docstring joined the two lines into one with a gap)."""
+    text = train_script.build_parser().format_help()
+    assert "--fused-ops \\\n        --backbone-weights resnet101.pth" in text
+
+
 def test_good_flags_pass_and_unread_flags_warn(capsys):
     args = train_script.parse_args(["--eval-scales", "ms", "--momentum", "0", "--eval-every", "0", "--preview", "0",
                                     "--workers", "0", "--scale-range", "1", "1", "--crop-size", "16"])
