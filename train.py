@@ -163,11 +163,16 @@ def backbone_weights_or_exit(net: torch.nn.Module, args) -> None:
     except (OSError, *_UNREADABLE) as e:  # missing, a folder, empty, corrupt: model.checkpoint.load_file's words
         raise SystemExit(f"--backbone-weights {path}: {e}") from None
     except (RuntimeError, ValueError, TypeError, EOFError, pickle.UnpicklingError) as e:
-        first = str(e).splitlines()[0] if str(e) else type(e).__name__
+        lines = str(e).splitlines()
+        first = lines[0] if lines else type(e).__name__
+        # the loader's hints (a key prefix to remove, the file's units per stage) kept where train.py names no flags
+        # that fit; its key lists are not
+        hints = "".join(f"\n  {line.strip()}" for line in lines[1:] if line.strip().startswith("hint:"))
         fits = _resnet_flags(path)
         given = f"--backbone {args.backbone} --backbone-width {args.backbone_width}"
         hint = f"; the file holds a {fits}: train with those flags" if fits and fits != given else ""
-        raise SystemExit(f"--backbone-weights {path} does not fit {given}{hint} ({first})") from None
+        raise SystemExit(f"--backbone-weights {path} does not fit {given}{hint} ({first}){'' if hint else hints}") \
+            from None
 
 
 def backbone_state(state: dict) -> tuple[dict, list[str] | None]:
@@ -1111,8 +1116,12 @@ def cmd_train(args, device, info, resumed: tuple | None) -> None:
     train_set = loop.AugmentedDataset(train_raw, TrainTransform(args.crop_size, args.scale_range, not args.no_flip))
     net = build_model(args.backbone, len(class_names), args.output_stride, args.aux_loss, args.fused_ops,
                       args.memory_efficient, width=args.backbone_width)
-    if args.backbone_weights:
+    if args.backbone_weights and resumed is None:
         backbone_weights_or_exit(net, args)
+    elif args.backbone_weights:  # (not read: a file that does not fit, or has moved, must not stop the resume)
+        if info.is_main:
+            print(f"note: --backbone-weights {args.backbone_weights} is not read: --resume continues from "
+                  f"{resumed[0]}, whose weights replace it", file=sys.stderr)
     elif (resumed is None and args.dataset != "synthetic" and args.backbone in ("resnet50", "resnet101")
           and args.backbone_width == 64 and info.is_main):
         print(f"note: no --backbone-weights: the {args.backbone} backbone starts from random weights; DeepLabV3's "
@@ -1566,6 +1575,12 @@ def check_dataset_flags(args, error, check_root: bool = True) -> None:
                 "the VOC2012 folder" if dataset == "voc" else "a folder with images/, masks/ and classes.txt") + ")")
         if check_root:
             _check_data_root(args.data_root, error)
+    if dataset == "voc" and args.sbd_root is not None:
+        # SBD's labels serve the train_aug split only: neither VOC's own train nor val reads them
+        splits = [args.val_split or "val"] + ([] if args.eval_only else [args.train_split or "train_aug"])
+        if "train_aug" not in splits:
+            warn(f"--sbd-root {args.sbd_root} is read only for the train_aug split, and this run reads "
+                 + " and ".join(repr(s) for s in dict.fromkeys(splits)) + "; ignoring it")
     for name in unread_dataset_flags(dataset):
         if args.eval_only and name in NOT_EVAL_ONLY:
             continue  # (check_args said --eval-only does not read it)

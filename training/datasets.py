@@ -677,13 +677,21 @@ class VOCSegmentation:
                 ids = set(_list_ids(os.path.join(sbd, "train.txt"))) | set(_list_ids(os.path.join(sbd, "val.txt")))
                 ids = sorted((ids | set(voc_train)) - val_ids)
                 voc_labelled = set(voc_train)
+                unfound: list[tuple[str, str]] = []  # (VOC's path, SBD's path) of images in neither folder
                 for i in ids:
                     voc_png = os.path.join(self.root, "SegmentationClass", f"{i}.png")
                     label = voc_png if i in voc_labelled else os.path.join(sbd, "cls", f"{i}.mat")
                     image = self._jpeg(i)
-                    if not os.path.isfile(image) and os.path.isfile(os.path.join(sbd, "img", f"{i}.jpg")):
-                        image = os.path.join(sbd, "img", f"{i}.jpg")
+                    if not os.path.isfile(image):
+                        sbd_image = os.path.join(sbd, "img", f"{i}.jpg")
+                        if os.path.isfile(sbd_image):
+                            image = sbd_image
+                        else:
+                            unfound.append((image, sbd_image))
                     items.append((i, image, label))
+                if unfound:
+                    more = f" (and {len(unfound) - 1} more)" if len(unfound) > 1 else ""
+                    raise MissingDataFile(f"image file not found: {unfound[0][0]}, nor SBD's {unfound[0][1]}{more}")
             elif os.path.isdir(aug_dir) and any(f.endswith(".png") for f in os.listdir(aug_dir)):
                 listed = os.path.join(seg_lists, "train_aug.txt")
                 if os.path.isfile(listed):
@@ -692,9 +700,10 @@ class VOCSegmentation:
                     ids = sorted(os.path.splitext(f)[0] for f in os.listdir(aug_dir) if f.endswith(".png"))
                     ids = [i for i in ids if i not in val_ids]
                 overlap = val_ids.intersection(ids)
-                if overlap:
-                    raise ValueError(f"train_aug lists {len(overlap)} val images (e.g. {sorted(overlap)[0]}); "
-                                     "train_aug must exclude VOC val")
+                if overlap:  # (only a list file can: the folder's own list leaves val out)
+                    images = f"{len(overlap)} image{'s' if len(overlap) > 1 else ''}"
+                    raise ValueError(f"{listed} lists {images} of VOC's val split (e.g. {sorted(overlap)[0]}, in "
+                                     f"{os.path.join(seg_lists, 'val.txt')}); train_aug must exclude VOC val")
                 items = [(i, self._jpeg(i), os.path.join(aug_dir, f"{i}.png")) for i in ids]
             else:
                 raise FileNotFoundError(

@@ -134,6 +134,24 @@ def test_good_flags_pass_and_unread_flags_warn(capsys):
     assert "--resume is a training flag; --eval-only ignores it" in err and "--iterations is a training flag" in err
 
 
+def test_sbd_root_without_the_train_aug_split_warns(capsys, tmp_path):
+    """--sbd-root serves VOC's train_aug split only: with --train-split train it was ignored without a word."""
+    voc = tmp_path / "VOC2012"
+    voc.mkdir()
+    voc_args = ["--dataset", "voc", "--data-root", str(voc), "--sbd-root", "sbd"]
+    train_script.parse_args(voc_args)  # train_aug, the default: read
+    assert "--sbd-root" not in capsys.readouterr().err
+    # (--eval-only's dataset flags are checked once its checkpoint is read, by the same function)
+    for extra, reads in ((["--train-split", "train"], "'val' and 'train'"),
+                         (["--train-split", "train", "--val-split", "train"], "'train'")):
+        train_script.parse_args(voc_args + extra)
+        err = capsys.readouterr().err
+        assert f"warning: --sbd-root sbd is read only for the train_aug split, and this run reads {reads}; ignoring " \
+               "it" in err, err
+    train_script.parse_args(voc_args + ["--train-split", "train", "--val-split", "train_aug"])
+    assert "--sbd-root" not in capsys.readouterr().err
+
+
 def test_flags_predict_and_eval_only_do_not_read_warn(capsys, tmp_path, monkeypatch):
     monkeypatch.chdir(tmp_path)
     (tmp_path / "p").mkdir()
@@ -513,6 +531,35 @@ def test_backbone_weights_of_another_resnet_name_the_flags_that_fit(tmp_path):
     train_script.main(common + ["--backbone", "resnet29", "--backbone-width", "16", "--backbone-weights", str(fits),
                                 "--preview", "0"])
     assert (tmp_path / "run" / "last.pt").exists()
+    # The loader's hint stays under the one line: here, a key prefix to remove (only its first line was kept).
+    prefixed = tmp_path / "prefixed.pth"
+    torch.save({f"model.{k}": v for k, v in ResNet(29, width=16).state_dict().items()}, prefixed)
+    with pytest.raises(SystemExit) as e:
+        train_script.main(common + ["--backbone", "resnet29", "--backbone-width", "16", "--backbone-weights",
+                                    str(prefixed), "--out-dir", str(tmp_path / "run_prefixed")])
+    first, *hints = str(e.value).splitlines()
+    assert first.startswith(f"--backbone-weights {prefixed} does not fit --backbone resnet29 --backbone-width 16 ("), \
+        first
+    assert len(hints) == 1 and hints[0].startswith("  hint: ") and "'model.' prefix" in hints[0], hints
+
+
+def test_a_resume_does_not_read_backbone_weights(tmp_path, capsys):
+    """--resume with --backbone-weights loaded the file, which the checkpoint's weights then replaced: one that did
+    not fit (or had moved) stopped the resume, and one that fitted was said to initialise the run."""
+    from torchvision.models import resnet34
+
+    r34 = tmp_path / "r34.pth"
+    torch.save(resnet34().state_dict(), r34)
+    run = ["--crop-size", "32", "--synthetic-train-size", "4", "--synthetic-val-size", "2", "--batch-size", "2",
+           "--iterations", "3", "--no-tensorboard", "--device", "cpu", "--out-dir", str(tmp_path / "run"),
+           "--backbone", "resnet29", "--backbone-width", "8", "--preview", "0", "--stop-after", "1"]
+    train_script.main(run)
+    capsys.readouterr()
+    for step, weights in ((2, r34), (3, tmp_path / "gone.pth")):  # a file that does not fit; one that has gone
+        train_script.main(run + ["--resume", "--backbone-weights", str(weights)])
+        err = capsys.readouterr().err
+        assert f"note: --backbone-weights {weights} is not read: --resume continues from " in err, err
+        assert torch.load(tmp_path / "run" / "last.pt", weights_only=False)["iteration"] == step
 
 
 def _mask_folder(root, bad: str, val: str):

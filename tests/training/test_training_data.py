@@ -2,6 +2,7 @@
 
 import os
 import random
+import re
 
 import numpy as np
 import pytest
@@ -119,6 +120,27 @@ def test_voc_train_aug_with_converted_pngs(voc_tree):
     aug = datasets.VOCSegmentation(str(voc), "train_aug")
     assert len(aug) == 4
     assert np.array_equal(aug[2][1], truth[e][2])
+
+
+def test_train_aug_errors_name_every_place_they_looked(voc_tree):
+    """An SBD image found in neither VOC's JPEGImages/ nor SBD's img/ was reported at VOC's path alone; a train_aug
+    list that holds val images was not named."""
+    root, voc, sbd, (a, b, c, d, e, f), truth = voc_tree
+    os.remove(voc / "JPEGImages" / f"{e}.jpg")
+    with pytest.raises(datasets.MissingDataFile,
+                       match=rf"^image file not found: .*JPEGImages/{e}\.jpg, nor SBD's .*img/{e}\.jpg$"):
+        datasets.VOCSegmentation(str(voc), "train_aug", sbd_root=str(sbd))
+    (sbd / "img").mkdir()
+    Image.fromarray(truth[e][0]).save(sbd / "img" / f"{e}.jpg", quality=95)
+    aug = datasets.VOCSegmentation(str(voc), "train_aug", sbd_root=str(sbd))
+    assert dict((i, p) for i, p, _ in aug.items)[e] == str(sbd / "img" / f"{e}.jpg")
+    for n in (a, b, c):
+        _write_palette_png(voc / "SegmentationClassAug" / f"{n}.png", truth[n][1])
+    listed = voc / "ImageSets/Segmentation/train_aug.txt"
+    listed.write_text(f"{a}\n{b}\n{c}\n")
+    with pytest.raises(ValueError, match=rf"^{re.escape(str(listed))} lists 1 image of VOC's val split \(e\.g\. "
+                                         rf"{c}, in .*val\.txt\); train_aug must exclude VOC val$"):
+        datasets.VOCSegmentation(str(voc), "train_aug")
 
 
 def test_missing_and_corrupt_files_are_named(voc_tree):
