@@ -44,6 +44,31 @@ def test_fused_model_compiles_fullgraph_train_and_eval(memory_efficient):
         torch.testing.assert_close(step(x)["out"], eager(x)["out"], rtol=1e-9, atol=1e-9)
 
 
+def test_momentum_none_under_fullgraph_says_why_and_compiles_with_a_graph_break_without():
+    """BatchNorm momentum=None (factor 1 / num_batches_tracked, read from the counter every step): under
+    fullgraph=True the compile failed late, in AOT autograd, with "Expected a value of type 'float' for argument
+    'momentum' but instead found type 'SymFloat'"; it now stops while tracing, with the reason. Without fullgraph
+    it runs (a graph break), and matches eager."""
+    from deeplab_ops.nn import fuse_modules
+
+    torch._dynamo.reset()
+    torch.manual_seed(0)
+    eager = torch.nn.Sequential(torch.nn.Conv2d(3, 8, 3, bias=False), torch.nn.BatchNorm2d(8, momentum=None),
+                                torch.nn.ReLU()).double()
+    fused = fuse_modules(copy.deepcopy(eager))
+    x = torch.randn(2, 3, 9, 9, dtype=torch.float64)
+    with pytest.raises(Exception, match=r"momentum=None \(a cumulative average, factor 1 / num_batches_tracked\) "
+                                        r"cannot be compiled with torch.compile"):
+        torch.compile(copy.deepcopy(fused), fullgraph=True, backend="aot_eager")(x)
+    torch._dynamo.reset()
+    step = torch.compile(fused, backend="aot_eager")
+    for _ in range(3):
+        torch.testing.assert_close(step(x), eager(x), rtol=1e-9, atol=1e-9)
+    assert int(fused[1].num_batches_tracked) == int(eager[1].num_batches_tracked) == 3
+    torch.testing.assert_close(fused[1].running_mean, eager[1].running_mean, rtol=1e-9, atol=1e-12)
+    torch.testing.assert_close(fused[1].running_var, eager[1].running_var, rtol=1e-9, atol=1e-12)
+
+
 def test_train_py_compile_runs(tmp_path):
     env = {**os.environ, "PYTHONPATH": str(ROOT)}
     cmd = [sys.executable, str(ROOT / "train.py"), "--fused-ops", "--compile", "--iterations", "2", "--batch-size", "2",
