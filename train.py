@@ -1575,9 +1575,9 @@ def check_dataset_flags(args, error, check_root: bool = True) -> None:
                 "the VOC2012 folder" if dataset == "voc" else "a folder with images/, masks/ and classes.txt") + ")")
         if check_root:
             _check_data_root(args.data_root, error)
-    if dataset == "voc" and args.sbd_root is not None and not args.eval_only:
+    if dataset == "voc" and args.sbd_root is not None and not (args.eval_only or args.resume):
         # SBD's labels serve the train_aug split only: neither VOC's own train nor val reads them. (Not for
-        # --eval-only, which takes a VOC run's --sbd-root from its checkpoint, given or not.)
+        # --eval-only or --resume, which take a VOC run's --sbd-root from its checkpoint, given or not.)
         splits = [args.val_split or "val", args.train_split or "train_aug"]
         if "train_aug" not in splits:
             warn(f"--sbd-root {args.sbd_root} is read only for the train_aug split, and this run reads "

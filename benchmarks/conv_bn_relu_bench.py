@@ -170,7 +170,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--shapes", type=common.csv_list(str, SHAPE_GROUPS), default=None,
                         help="comma list of shape groups: os16 (layer1, layer2, and layer3/layer4 at output stride "
                              "16), os8 (layer3/layer4 at output stride 8), aspp (the ASPP's 3x3 branches) "
-                             "(default: all)")
+                             "(default: all; --quick keeps the first two rows of each group given)")
     parser.add_argument("--shape-set", choices=("deeplab", "small"), default=None,
                         help="deeplab: DeepLabV3's own layer shapes (a 513x513 crop; the default on cuda); small: "
                              "six layers with fewer channels and smaller maps, the deeplab set's kinds of layer (3x3 "

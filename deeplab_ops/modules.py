@@ -251,9 +251,9 @@ def _bn_call(bn: nn.BatchNorm2d, training: bool) -> tuple:
                 # take (the compile failed later with "Expected a value of type 'float' ... found type 'SymFloat'")
                 raise RuntimeError(
                     f"{type(bn).__name__} with momentum=None (a cumulative average, factor 1 / num_batches_tracked) "
-                    "cannot be compiled with torch.compile: the factor is read from the counter every step (eager "
-                    "nn.BatchNorm2d cannot be compiled with fullgraph=True either). Set a momentum, or leave this "
-                    "module out of the compiled region (torch.compiler.disable)")
+                    "cannot be traced into a graph (torch.compile, torch.export): the factor is read from the counter "
+                    "every step (eager nn.BatchNorm2d cannot be compiled with fullgraph=True either). Set a momentum, "
+                    "or leave this module out of the compiled region (torch.compiler.disable)")
             momentum = 1.0 / float(_batches_tracked(counter) + 1)
     elif momentum is None:
         momentum = 0.0

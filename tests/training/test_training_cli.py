@@ -141,7 +141,7 @@ def test_sbd_root_without_the_train_aug_split_warns(capsys, tmp_path):
     voc_args = ["--dataset", "voc", "--data-root", str(voc), "--sbd-root", "sbd"]
     train_script.parse_args(voc_args)  # train_aug, the default: read
     assert "--sbd-root" not in capsys.readouterr().err
-    # (--eval-only's dataset flags are checked once its checkpoint is read, by the same function)
+    # (not with --eval-only or --resume, which restore a VOC run's --sbd-root from its checkpoint, given or not)
     for extra, reads in ((["--train-split", "train"], "'val' and 'train'"),
                          (["--train-split", "train", "--val-split", "train"], "'train'")):
         train_script.parse_args(voc_args + extra)
@@ -149,6 +149,10 @@ def test_sbd_root_without_the_train_aug_split_warns(capsys, tmp_path):
         assert f"warning: --sbd-root sbd is read only for the train_aug split, and this run reads {reads}; ignoring " \
                "it" in err, err
     train_script.parse_args(voc_args + ["--train-split", "train", "--val-split", "train_aug"])
+    assert "--sbd-root" not in capsys.readouterr().err
+    args = train_script.parse_args(voc_args + ["--train-split", "train"])
+    args.resume = "auto"  # as main() calls it once a --resume checkpoint's flags are restored
+    train_script.check_dataset_flags(args, train_script._flag_error, check_root=False)
     assert "--sbd-root" not in capsys.readouterr().err
 
 
