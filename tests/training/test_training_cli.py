@@ -151,6 +151,7 @@ def test_sbd_root_without_the_train_aug_split_warns(capsys, tmp_path):
     train_script.parse_args(voc_args + ["--train-split", "train", "--val-split", "train_aug"])
     assert "--sbd-root" not in capsys.readouterr().err
     args = train_script.parse_args(voc_args + ["--train-split", "train"])
+    capsys.readouterr()
     args.resume = "auto"  # as main() calls it once a --resume checkpoint's flags are restored
     train_script.check_dataset_flags(args, train_script._flag_error, check_root=False)
     assert "--sbd-root" not in capsys.readouterr().err
