@@ -255,6 +255,8 @@ def test_aspp_bench_cpu_quick(tmp_path, capsys):
     assert "provider" in out.out and "skipped" in out.out
     # the table's title names the processor (the gpu column's "none (CPU: …)" is for the CSV)
     assert "ASPP on CPU: " in out.out and "ASPP on none" not in out.out
+    # and so does the header line (it printed the gpu column's "none (CPU: …) | torch …")
+    assert out.out.startswith("CPU: ") and " | torch " in out.out.splitlines()[0], out.out.splitlines()[0]
     (tmp_path / "aspp_bench.json").rename(tmp_path / "aspp_goal.json")
     goals = "\n".join(common.goal_report(tmp_path))
     assert "ASPP forward + backward vs best eager [32x9x9 r2/4/6 ->16, fp32, N2" in goals and "(goal 1.6x)" in goals
