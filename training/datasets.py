@@ -530,8 +530,18 @@ class SyntheticShapes:
         if length < 1:
             raise ValueError(f"length must be >= 1, got {length}")
         self.split, self.size, self.length, self.seed, self.max_objects = split, size, length, seed, max_objects
-        yy, xx = np.mgrid[0:size, 0:size].astype(np.float32)
-        self._yy, self._xx = yy, xx
+        # What every image of this size shares, computed once: the pixel coordinates as a column (rows) and a row
+        # (columns), broadcast against each other only in each formula's last step (a shape's or texture's terms
+        # depend on the row or the column alone), the background's bilinear weights and its stripes' coordinate.
+        # The images are the same bits as computing all of it per image on full grids (tests/training/
+        # test_training_data.py holds them to that form): the same float operations on the same values.
+        self._y = np.arange(size, dtype=np.float32)[:, None]
+        self._x = np.arange(size, dtype=np.float32)[None, :]
+        idx = np.linspace(0, 3, size, dtype=np.float32)
+        i0 = np.minimum(idx.astype(np.int64), 2)
+        f = (idx - i0)[:, None]
+        self._bilinear = (i0, i0 + 1, (1 - f)[..., None], f[..., None], (1 - f.T)[..., None], f.T[..., None])
+        self._diagonals = {d: self._x + d * self._y for d in (1.0, -1.0)}  # (size, size) float32 each
 
     def __len__(self) -> int:
         return self.length
@@ -550,32 +560,33 @@ class SyntheticShapes:
             inside = self._shape(rng, SHAPES[shape])
             pattern = self._texture(rng, TEXTURES[texture])
             c1, c2 = self._colour_pair(rng)
-            obj = np.where(pattern[..., None], c1, c2)
-            image[inside] = obj[inside]
+            image[inside] = np.where(pattern[inside][:, None], c1, c2)
             mask[inside] = 1 + shape * len(TEXTURES) + texture
         noise = rng.normal(0.0, 0.04, image.shape).astype(np.float32)
-        image = np.clip((image + noise) * 255.0 + 0.5, 0, 255).astype(np.uint8)
-        return image, mask, f"synthetic_{self.split}_{index:06d}"
+        image += noise  # (float64 image, in place: the same sums as image + noise)
+        image *= 255.0
+        image += 0.5
+        return np.clip(image, 0, 255, out=image).astype(np.uint8), mask, f"synthetic_{self.split}_{index:06d}"
 
     def _background(self, rng) -> np.ndarray:
-        s = self.size
         grid = rng.uniform(0.0, 1.0, (4, 4, 3)).astype(np.float32)
         # Bilinear upsampling of a 4x4 random colour grid: a smooth field with no edges a shape could be mistaken for.
-        idx = np.linspace(0, 3, s, dtype=np.float32)
-        i0 = np.minimum(idx.astype(np.int64), 2)
-        f = (idx - i0)[:, None]
-        rows = grid[i0] * (1 - f[..., None]) + grid[i0 + 1] * f[..., None]  # (s, 4, 3)
-        field = rows[:, i0] * (1 - f.T[..., None]) + rows[:, i0 + 1] * f.T[..., None]  # (s, s, 3)
+        i0, i1, r0, r1, c0, c1 = self._bilinear
+        rows = grid[i0] * r0 + grid[i1] * r1  # (s, 4, 3)
+        field = np.take(rows, i0, axis=1) * c0 + np.take(rows, i1, axis=1) * c1  # (s, s, 3) float64, C order
         period = rng.uniform(5.0, 9.0)
         direction = 1.0 if rng.random() < 0.5 else -1.0
-        stripes = ((self._xx + direction * self._yy + rng.uniform(0, period)) % period) < period / 2
-        return np.clip(field * 0.8 + 0.1 + np.where(stripes, 0.08, -0.08)[..., None], 0.0, 1.0)
+        stripes = ((self._diagonals[direction] + rng.uniform(0, period)) % period) < period / 2
+        field *= 0.8
+        field += 0.1
+        field += np.where(stripes, 0.08, -0.08)[..., None]
+        return np.clip(field, 0.0, 1.0, out=field)
 
     def _shape(self, rng, name: str) -> np.ndarray:
         s = self.size
         r = rng.uniform(0.2, 0.42) * s
         cy, cx = rng.uniform(0.1 * s, 0.9 * s, 2)
-        dy, dx = self._yy - cy, self._xx - cx
+        dy, dx = self._y - cy, self._x - cx  # a column and a row: each result below broadcasts to (s, s)
         if name == "disc":
             return dx * dx + dy * dy <= r * r
         if name == "square":
@@ -593,15 +604,16 @@ class SyntheticShapes:
     def _texture(self, rng, name: str) -> np.ndarray:
         period = float(rng.integers(6, 11))
         oy, ox = rng.uniform(0, period, 2)
-        ty, tx = (self._yy + oy) % period < period / 2, (self._xx + ox) % period < period / 2
+        s = self.size
+        ty, tx = (self._y + oy) % period < period / 2, (self._x + ox) % period < period / 2  # a column, a row
         if name == "hstripes":
-            return ty
+            return np.broadcast_to(ty, (s, s))
         if name == "vstripes":
-            return tx
+            return np.broadcast_to(tx, (s, s))
         if name == "checker":
             return ty ^ tx
         if name == "dots":
-            cy, cx = (self._yy + oy) % period - period / 2, (self._xx + ox) % period - period / 2
+            cy, cx = (self._y + oy) % period - period / 2, (self._x + ox) % period - period / 2
             return cy * cy + cx * cx <= (0.3 * period) ** 2
         raise ValueError(f"unknown texture {name!r}")
 
