@@ -533,8 +533,9 @@ class SyntheticShapes:
         # What every image of this size shares, computed once: the pixel coordinates as a column (rows) and a row
         # (columns), broadcast against each other only in each formula's last step (a shape's or texture's terms
         # depend on the row or the column alone), the background's bilinear weights and its stripes' coordinate.
-        # The images are the same bits as computing all of it per image on full grids (tests/training/
-        # test_training_data.py holds them to that form): the same float operations on the same values.
+        # The images are the same bits as computing all of it per image on full grids, the same float operations
+        # on the same values (tests/training/test_training_data.py holds them to that form). Read-only: no image
+        # is made in them.
         self._y = np.arange(size, dtype=np.float32)[:, None]
         self._x = np.arange(size, dtype=np.float32)[None, :]
         idx = np.linspace(0, 3, size, dtype=np.float32)
@@ -542,6 +543,8 @@ class SyntheticShapes:
         f = (idx - i0)[:, None]
         self._bilinear = (i0, i0 + 1, (1 - f)[..., None], f[..., None], (1 - f.T)[..., None], f.T[..., None])
         self._diagonals = {d: self._x + d * self._y for d in (1.0, -1.0)}  # (size, size) float32 each
+        for a in (self._y, self._x, *self._bilinear, *self._diagonals.values()):
+            a.setflags(write=False)
 
     def __len__(self) -> int:
         return self.length
