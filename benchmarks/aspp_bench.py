@@ -117,7 +117,7 @@ def main(argv: list[str] | None = None) -> int:
 
     env = common.environment(device)
     peak, peak_desc = common.matmul_peak(device, args.quick)
-    print(f"{common.machine_name(env)} | torch {env['torch']} | triton {env['triton']} | commit {env['git_commit']}")
+    print(common.header(env))
     print(f"peak: {peak_desc}")
     fractions = {name: {r: round(common.valid_tap_fraction(configs[name][0], r), 4) for r in configs[name][1]}
                  for name in names}

@@ -410,6 +410,11 @@ def machine_name(env: dict) -> str:
     return gpu[len("none ("):-1] if gpu.startswith("none (") and gpu.endswith(")") else gpu
 
 
+def header(env: dict) -> str:
+    """The first line every benchmark prints: the machine, torch, triton and the commit."""
+    return f"{machine_name(env)} | torch {env['torch']} | triton {env['triton']} | commit {env['git_commit']}"
+
+
 def set_precision(dtype_name: str) -> torch.dtype:
     """Set TF32 for this dtype name (on only for 'tf32') and cuDNN autotuning; return the torch dtype."""
     if dtype_name not in DTYPES:

@@ -187,7 +187,7 @@ def main(argv: list[str] | None = None) -> int:
 
     env = common.environment(device)
     peak, peak_desc = common.matmul_peak(device, args.quick)
-    print(f"{common.machine_name(env)} | torch {env['torch']} | triton {env['triton']} | commit {env['git_commit']}")
+    print(common.header(env))
     print(f"peak: {peak_desc}")
     meta = {"script": "conv_bn_relu_bench", "argv": sys.argv[1:] if argv is None else argv, "matmul_peak": peak_desc,
             "matmul_peak_tflops": peak, "environment": env, "environment_variables": common.run_variables()}

@@ -1137,8 +1137,7 @@ def main(argv: list[str] | None = None) -> int:
         + [f"{k}={shlex.quote(v)}" for k, v in variables.items() if v and k != "TRITON_INTERPRET"]
         + ["python", "benchmarks/overhead_bench.py", *map(shlex.quote, sys.argv[1:] if argv is None else argv)]
     )
-    print(f"{common.machine_name(env)} | torch {env['torch']} | triton {env['triton']} | commit {env['git_commit']}",
-          flush=True)
+    print(common.header(env), flush=True)
     cuda = device.type == "cuda"
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)

@@ -192,7 +192,7 @@ def main(argv: list[str] | None = None) -> int:
         size = args.image_size or (257 if cuda else 17)
 
     env = common.environment(device)
-    print(f"{common.machine_name(env)} | torch {env['torch']} | triton {env['triton']} | commit {env['git_commit']}")
+    print(common.header(env))
     peak, peak_desc = common.matmul_peak(device, args.quick)  # pct_peak's denominator, as in the other scripts
     meta = {"script": "train_bench", "argv": sys.argv[1:] if argv is None else argv, "environment": env,
             "environment_variables": common.run_variables(), "image_size": size, "matmul_peak": peak_desc,
