@@ -411,8 +411,10 @@ def check_weights_fit(net: torch.nn.Module, ckpt: dict, path: str, flag: str, ar
             parts = [f"{_flag(k, saved[k])} (not {getattr(args, k)})" if not isinstance(saved[k], bool) else
                      f"{_flag(k, True)} (which this command lacks)" if saved[k] else f"{_flag(k, False)} (but this "
                      "command gives it)" for k in differ]
+            off = [_flag(k, True) for k in differ if saved[k] is False]  # a switch to drop, which `own` cannot say
+            wanted = ", ".join(filter(None, (own, "without " + " ".join(off) if off else "")))
             raise SystemExit(f"{flag}: {path} was trained with {', '.join(parts)}: its weights do not fit the network "
-                             f"these flags build; resume with the checkpoint's model flags ({own}), or start a new "
+                             f"these flags build; resume with the checkpoint's model flags ({wanted}), or start a new "
                              "run in another --out-dir")
         raise SystemExit(f"{flag}: {path} does not fit the network these flags build ({problem})")
     described = f"the network its saved flags describe ({own})" if own else (
@@ -1389,6 +1391,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 MIN_CROP = 16  # the largest output stride: a smaller crop leaves the network less than one feature pixel
 MAX_SEED = 2**32 - 1  # NumPy's seeds
+FLOAT32_MAX = torch.finfo(torch.float32).max  # the largest --lr / --weight-decay torch's SGD takes
 
 
 def _finite(v: float) -> bool:
@@ -1450,8 +1453,9 @@ def check_args(args, error, defaults: dict | None = None) -> None:
     if (args.batch_size == 1 and not args.freeze_bn and not args.eval_only and not args.predict
             and _world_size() == 1):  # across processes the BatchNorms are synchronized: check_bn_batch
         error(f"--batch-size 1: {loop.BATCH1_MESSAGE}")
-    if args.lr is not None and not (_finite(args.lr) and args.lr > 0):
-        error(f"--lr must be a finite number > 0, got {args.lr}")
+    if args.lr is not None and not (_finite(args.lr) and 0 < args.lr <= FLOAT32_MAX):
+        error(f"--lr must be a number > 0 and at most {FLOAT32_MAX:.4g} (float32's largest: SGD applies it to the "
+              f"float32 weights), got {args.lr}")
     if not (_finite(args.poly_power) and args.poly_power > 0):
         error(f"--poly-power must be a finite number > 0 (the poly schedule's exponent; 0.9 in the paper), got "
               f"{args.poly_power}")
@@ -1459,8 +1463,9 @@ def check_args(args, error, defaults: dict | None = None) -> None:
         error(f"--momentum must be in [0, 1), got {args.momentum}")
     if not (_finite(args.dist_timeout) and args.dist_timeout > 0):
         error(f"--dist-timeout must be a finite number of minutes > 0, got {args.dist_timeout}")
-    if not (_finite(args.weight_decay) and args.weight_decay >= 0):
-        error(f"--weight-decay must be a finite number >= 0, got {args.weight_decay}")
+    if not (_finite(args.weight_decay) and 0 <= args.weight_decay <= FLOAT32_MAX):
+        error(f"--weight-decay must be a number >= 0 and at most {FLOAT32_MAX:.4g} (float32's largest: SGD applies "
+              f"it to the float32 weights), got {args.weight_decay}")
     if args.scale_range is not None:
         lo, hi = args.scale_range
         if not (_finite(lo) and _finite(hi) and 0 < lo <= hi):
@@ -1705,11 +1710,15 @@ def _how_to_go_on(args) -> str:
 
 def _out_of_memory_text(args, e: BaseException) -> str:
     """One line for an allocation that failed: the sizes that set the memory, and what the run kept."""
-    first = (str(e).strip().splitlines() or [""])[0][:200]
+    lines = str(e).strip().splitlines() or [""]
+    first = lines[0]
+    if first.startswith("Caught ") and len(lines) > 1:  # raised in a loader's worker: the original's last line
+        first = lines[-1].split(": ", 1)[-1]
+    first = first[:200]
     # The sizes that set the memory of this command (--eval-only and --predict run whole images, no crops)
     keys = ("eval_scales",) if args.predict else ("eval_batch_size", "eval_scales") if args.eval_only else (
-        "crop_size", "batch_size", "eval_batch_size")
-    sizes = ", ".join(f"{_flag(k, with_value=False)} {getattr(args, k)}" for k in keys
+        "crop_size", "batch_size", "scale_range", "eval_batch_size", "eval_scales")
+    sizes = ", ".join(f"{_flag(k, with_value=False)} {_flag_value(getattr(args, k))}" for k in keys
                       if getattr(args, k, None) is not None)
     head = f"train.py: out of memory ({type(e).__name__}: {first})" + (f" with {sizes}" if sizes else "")
     if args.predict or args.eval_only:
@@ -1719,8 +1728,13 @@ def _out_of_memory_text(args, e: BaseException) -> str:
     written = _saved_checkpoints(args)
     kept = f"; the checkpoints written so far ({', '.join(written)}) are in {os.path.abspath(args.out_dir)}" \
         if written else ""
-    return (head + "; lower --crop-size (for the synthetic set it is also the image size), --batch-size or "
-            f"--eval-batch-size{kept}")
+    return (head + "; lower --crop-size (for the synthetic set it is also the image size), --batch-size, the "
+            f"--scale-range MAX, or for the evaluations --eval-batch-size or the --eval-scales{kept}")
+
+
+def _flag_value(v) -> str:
+    """A flag's value as it is typed: '0.5 2' for --scale-range's pair."""
+    return " ".join(f"{x:g}" for x in v) if isinstance(v, (tuple, list)) else str(v)
 
 
 class Terminated(KeyboardInterrupt):

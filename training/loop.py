@@ -30,7 +30,7 @@ from training import datasets
 from training import distributed as dist_utils
 from training.metrics import SegmentationMetrics
 from training.palette import IGNORE_INDEX
-from training.transforms import pad_collate
+from training.transforms import pad_collate, scaled_size
 
 BATCH1_MESSAGE = (
     "batch size 1 per BatchNorm batch in training: the ASPP image-pooling branch pools each image to 1x1, so its "
@@ -197,8 +197,8 @@ def predict_probs(model: nn.Module, images: torch.Tensor, scales=(1.0,), flip: b
     h, w = images.shape[-2:]
     total, n = None, 0
     for s in scales:
-        x = images if s == 1.0 else F.interpolate(images, size=(max(1, int(h * s + 0.5)), max(1, int(w * s + 0.5))),
-                                                  mode="bilinear", align_corners=False)
+        x = images if s == 1.0 else F.interpolate(images, size=scaled_size(h, w, s), mode="bilinear",
+                                                  align_corners=False)
         for flipped in (False, True) if flip else (False,):
             xi = x.flip(-1) if flipped else x
             if channels_last:
@@ -401,24 +401,29 @@ class MetricsLog:
 def _drop_records_after(path: str, iteration: int, drop_val_at: bool = False) -> None:
     """Rewrite the JSON-lines log at `path` without the records of iterations after `iteration` (and, with
     `drop_val_at`, the validation records of `iteration` itself), atomically: a crash leaves the old file or the new
-    one. Lines that are not such records are kept as they are, but for a last line cut off mid-record (no newline,
-    no JSON: the append of a process killed or out of disk while writing it), which is dropped: the next record
-    would be appended to it."""
-    with open(path, encoding="utf-8") as f:
+    one. Lines that are not such records are kept byte for byte (text that is not UTF-8 included), but for a last
+    line cut off mid-record (no newline, no JSON: the append of a process killed or out of disk while writing it),
+    which is dropped: the next record would be appended to it. NUL bytes, which no JSON text holds (the zero-filled
+    tail a crash can leave in a file whose size was written before its data), are removed, and a line of nothing
+    else with them."""
+    with open(path, "rb") as f:
         lines = f.readlines()
     kept = []
-    for line in lines:
+    for raw in lines:
+        line = raw.replace(b"\0", b"")
+        if line != raw and not line.strip():
+            continue
         try:
             record = json.loads(line)
             it, kind = record.get("iteration"), record.get("kind")
-        except (ValueError, AttributeError):  # not a JSON object: not ours to judge
+        except (ValueError, AttributeError):  # not a JSON object (or not UTF-8): not ours to judge
             it = kind = None
-            if not line.endswith("\n") and line.lstrip().startswith("{"):
+            if not line.endswith(b"\n") and line.lstrip().startswith(b"{"):
                 continue  # (only the last line can lack its newline)
         if not (isinstance(it, int) and (it > iteration or (drop_val_at and it == iteration and kind == "val"))):
-            kept.append(line if line.endswith("\n") else line + "\n")
+            kept.append(line if line.endswith(b"\n") else line + b"\n")
     if kept != lines:
-        ckpt_io.atomic_write(path, lambda f: f.write("".join(kept).encode()))
+        ckpt_io.atomic_write(path, lambda f: f.write(b"".join(kept)))
 
 
 def load_optimizer_state(optimizer: torch.optim.Optimizer, state: dict, model: nn.Module, weight_decay: float) -> None:

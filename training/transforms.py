@@ -45,6 +45,24 @@ def normalize(img: torch.Tensor, mean=IMAGENET_MEAN, std=IMAGENET_STD) -> torch.
     return (img - m) / s
 
 
+MAX_SIDE = 2**31 - 1  # the longest side a resize here makes: beyond it no image of this pipeline could be allocated
+
+
+class ScaledImageTooLarge(MemoryError):
+    """A scale that makes an image too large to allocate (--scale-range, --eval-scales): raised before the resize,
+    whose sizes would overflow inside torch (an OverflowError or TypeError from deep in its C++) past 2**63."""
+
+
+def scaled_size(h: int, w: int, s: float) -> tuple[int, int]:
+    """An (h, w) image's size at scale s: each side rounded half up, at least 1 (the size F.interpolate gets from
+    the training and the multi-scale evaluation alike). ScaledImageTooLarge past MAX_SIDE a side."""
+    sh, sw = h * s + 0.5, w * s + 0.5  # (floats: inf for a huge s, which int() would refuse)
+    if not (sh <= MAX_SIDE and sw <= MAX_SIDE):
+        raise ScaledImageTooLarge(f"scale {s:g} makes a {h}x{w} image {h * s:.4g}x{w * s:.4g} pixels, beyond "
+                                  f"{MAX_SIDE} a side")
+    return max(1, int(sh)), max(1, int(sw))
+
+
 def _linear_taps(in_size: int, out_size: int):
     """Source rows/columns and weights of a linear resize, align_corners=False (F.interpolate's convention):
     output pixel d samples the input at (d + 0.5)·in/out − 0.5, clamped to the image, between pixels i0 and i1."""
@@ -107,7 +125,7 @@ class TrainTransform:
         lo, hi = self.scale_range
         if hi > lo or lo != 1.0:
             s = rng.uniform(lo, hi)
-            img, lbl = resize_pair(img, lbl, (max(1, int(h * s + 0.5)), max(1, int(w * s + 0.5))))
+            img, lbl = resize_pair(img, lbl, scaled_size(h, w, s))
         img = normalize(img, self.mean, self.std)  # padding with 0 after this is padding with the mean colour
         c = self.crop_size
         h, w = lbl.shape

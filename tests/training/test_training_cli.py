@@ -43,11 +43,21 @@ def _parse_error(argv, capsys) -> str:
     (["--checkpoint-every", "-5"], "--checkpoint-every must be >= 1"),
     (["--workers", "-1"], "--workers must be >= 0 (data-loading processes), got -1"),
     (["--eval-batch-size", "0"], "--eval-batch-size must be >= 1 (images per batch), got 0"),
-    (["--lr", "0"], "--lr must be a finite number > 0, got 0.0"),
-    (["--lr", "nan"], "--lr must be a finite number > 0, got nan"),
-    (["--lr", "inf"], "--lr must be a finite number > 0, got inf"),
-    (["--weight-decay=-1e-4"], "--weight-decay must be a finite number >= 0, got -0.0001"),
-    (["--weight-decay", "nan"], "--weight-decay must be a finite number >= 0, got nan"),
+    (["--lr", "0"], "--lr must be a number > 0 and at most 3.403e+38 (float32's largest: SGD applies it to the "
+                    "float32 weights), got 0.0"),
+    (["--lr", "nan"], "--lr must be a number > 0 and at most 3.403e+38 (float32's largest: SGD applies it to the "
+                      "float32 weights), got nan"),
+    (["--lr", "inf"], "--lr must be a number > 0 and at most 3.403e+38 (float32's largest: SGD applies it to the "
+                      "float32 weights), got inf"),
+    # past float32's range SGD's first step failed with "value cannot be converted to type float without overflow"
+    (["--lr", "1e39"], "--lr must be a number > 0 and at most 3.403e+38 (float32's largest: SGD applies it to the "
+                       "float32 weights), got 1e+39"),
+    (["--weight-decay=-1e-4"], "--weight-decay must be a number >= 0 and at most 3.403e+38 (float32's largest: SGD "
+                               "applies it to the float32 weights), got -0.0001"),
+    (["--weight-decay", "nan"], "--weight-decay must be a number >= 0 and at most 3.403e+38 (float32's largest: "
+                                "SGD applies it to the float32 weights), got nan"),
+    (["--weight-decay", "1e308"], "--weight-decay must be a number >= 0 and at most 3.403e+38 (float32's largest: "
+                                  "SGD applies it to the float32 weights), got 1e+308"),
     (["--iterations", "0"], "--iterations must be >= 1 (training iterations), got 0"),
     (["--batch-size", "0"], "--batch-size must be >= 1 (the global batch size), got 0"),
     (["--stop-after", "0"], "--stop-after must be >= 1 (iterations to run in this invocation), got 0"),

@@ -57,9 +57,11 @@ def test_resume_with_other_model_flags_names_them_in_one_line(small_run, flags, 
     last = small_run / "last.pt"
     before = last.read_bytes()
     message = _exit_message(SMALL + ["--iterations", "3", "--out-dir", str(small_run), "--resume", *flags])
+    # a switch the checkpoint lacks is named too (the remedy said only "--backbone resnet29 --backbone-width 4")
+    wanted = "--backbone resnet29 --backbone-width 4" + (", without --aux-loss" if "--aux-loss" in flags else "")
     assert message == (f"--resume: {last} was trained with {differs}: its weights do not fit the network these flags "
-                       "build; resume with the checkpoint's model flags (--backbone resnet29 --backbone-width 4), or "
-                       "start a new run in another --out-dir")
+                       f"build; resume with the checkpoint's model flags ({wanted}), or start a new run in another "
+                       "--out-dir")
     assert last.read_bytes() == before
 
 
@@ -310,7 +312,10 @@ def test_out_of_memory_advice_names_the_flags_of_the_command():
     assert "with --eval-batch-size 1, --eval-scales 1.0; lower --eval-batch-size, the --eval-scales" in evaluate
     assert "--crop-size" not in predict + evaluate and "--batch-size" not in predict
     train = train_script._out_of_memory_text(ns(**base, predict=None, eval_only=False), e)
-    assert "with --crop-size 513, --batch-size 16, --eval-batch-size 1; lower --crop-size" in train
+    assert "with --crop-size 513, --batch-size 16, --eval-batch-size 1, --eval-scales 1.0; lower --crop-size" in train
+    assert "the --scale-range MAX, or for the evaluations --eval-batch-size or the --eval-scales" in train
+    train = train_script._out_of_memory_text(ns(**base, scale_range=(0.5, 2.0), predict=None, eval_only=False), e)
+    assert "--batch-size 16, --scale-range 0.5 2, --eval-batch-size 1" in train
 
 
 # ---- the NaN-loss message ---------------------------------------------------------------------------------------
@@ -454,13 +459,18 @@ def test_a_resume_drops_the_records_logged_after_the_checkpoint(tmp_path, monkey
     out = tmp_path / "run"
     args = TINY + ["--iterations", "4", "--out-dir", str(out), "--preview", "0"]
     train_script.main(args + ["--stop-after", "2"])
-    with open(out / "metrics.jsonl", "a") as f:  # what Ctrl-C at iteration 3, after its record, leaves
-        f.write(json.dumps({"kind": "train", "iteration": 3, "loss": 9.9}) + "\n")
-        f.write("not json\n")
+    with open(out / "metrics.jsonl", "ab") as f:  # what Ctrl-C at iteration 3, after its record, leaves
+        f.write(json.dumps({"kind": "train", "iteration": 3, "loss": 9.9}).encode() + b"\n")
+        f.write(b"not json\n")
+        f.write(b"not utf-8: \xff\xfe\n")  # (the resume stopped on a UnicodeDecodeError traceback)
+        # the zero-filled tail a crash can leave (the file's size written before its data), here over the start of
+        # the next record: kept, the resumed run's records followed it on the same line
+        f.write(b"\0" * 40 + b"\n" + b"\0" * 12 + json.dumps({"kind": "train", "iteration": 9}).encode() + b"\n")
+        f.write(b"\0" * 64)
     train_script.main(args + ["--resume"])
-    lines = open(out / "metrics.jsonl").read().splitlines()
-    assert "not json" in lines
-    records = [json.loads(line) for line in lines if line != "not json"]
+    lines = open(out / "metrics.jsonl", "rb").read().splitlines()
+    assert b"not json" in lines and b"not utf-8: \xff\xfe" in lines and not any(b"\0" in line for line in lines)
+    records = [json.loads(line) for line in lines if line.startswith(b"{")]
     assert [r["iteration"] for r in records if r["kind"] == "train"] == [1, 2, 3, 4]
     assert all(r.get("loss") != 9.9 for r in records)
 
@@ -483,3 +493,20 @@ def test_preview_columns_line_up_for_images_of_other_sizes(tmp_path):
         rows = cells[top:top + height]
         assert (rows[:, 6:6 + width] == mask_colour).all() and (rows[:, 12:12 + width] == pred_colour).all()
         assert (rows[:, 6 + width:12] == 0).all() and (rows[:, 12 + width:] == 0).all()
+
+
+@pytest.mark.parametrize("flags, says", [
+    (["--scale-range", "1e30", "1e30"], "scale 1e+30 makes a 32x32 image 3.2e+31x3.2e+31 pixels, beyond 2147483647 a "
+                                       "side"),
+    (["--scale-range", "1", "1e300"], "makes a 32x32 image "),
+    (["--eval-scales", "1e30"], "scale 1e+30 makes a "),
+    # raised in a loader's worker, whose exception's first line is "Caught ScaledImageTooLarge in DataLoader worker"
+    (["--scale-range", "1e30", "1e30", "--workers", "1"], "scale 1e+30 makes a 32x32 image 3.2e+31x3.2e+31 pixels"),
+])
+def test_scales_too_large_for_any_image_are_one_line(tmp_path, monkeypatch, flags, says):
+    # The resize's sizes overflowed inside torch: an OverflowError (training) or a TypeError with a page of C++
+    # frames (evaluation) instead of the out-of-memory line that a merely large scale gets.
+    monkeypatch.setattr(train_script, "build_model", _tiny_build_model)
+    message = _exit_message(TINY + ["--iterations", "2", "--out-dir", str(tmp_path / "run"), *flags])
+    assert message.startswith("train.py: out of memory (ScaledImageTooLarge: ") and "\n" not in message, message
+    assert says in message and f"{flags[0]} " in message and "; lower " in message, message
