@@ -391,7 +391,10 @@ def _logits_key(keys, head: str) -> str | None:
 
 def _head_style(state: Mapping[str, Tensor]) -> str | None:
     """'paper' (ASPP → 1×1 logits: classifier.1.bias) or 'torchvision' (ASPP → 3×3 conv-BN-ReLU → 1×1 logits:
-    classifier.2.running_mean, classifier.4.bias), None when the state_dict has neither."""
+    classifier.2.running_mean, classifier.4.bias), 'fcn' (no ASPP: a 3×3 conv, classifier.0.weight, then
+    BN-ReLU-dropout → 1×1 logits, torchvision's fcn_resnet50/101), None when the state_dict has none of them."""
+    if "classifier.0.weight" in state and not any(k.startswith("classifier.0.convs.") for k in state):
+        return "fcn"
     if "classifier.2.running_mean" in state and "classifier.4.bias" in state:
         return "torchvision"
     if "classifier.1.bias" in state and "classifier.2.weight" not in state:
@@ -427,7 +430,13 @@ def _architecture_hints(model: nn.Module, expected: Mapping[str, Tensor], state:
                      f"width={state[stem].shape[0]}")
     if base:  # a whole DeepLabV3: its heads
         ours_head, their_head = _head_style(expected), _head_style(state)
-        if ours_head and their_head and ours_head != their_head:
+        if their_head == "fcn" and ours_head != "fcn":
+            explained = True
+            hints.append("the checkpoint is an FCN's (torchvision's fcn_resnet50/101: a 3x3 conv head, no ASPP), not "
+                         "a DeepLabV3's: no head here loads it; pass ignore_prefixes="
+                         f"{(*ignore_prefixes, 'classifier.')!r} to load the rest (the backbone) and keep this "
+                         "model's head as built")
+        elif ours_head and their_head and ours_head != their_head:
             explained = True
             preset = (" (preset='torchvision' for torchvision's deeplabv3_resnet50/101 checkpoints)"
                       if their_head == "torchvision" else "")

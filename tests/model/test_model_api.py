@@ -130,6 +130,26 @@ def test_wrong_width_depth_head_and_rate_count_are_named(tiny_state):
     assert _hints(info.value) == ["hint: the checkpoint's state_dict is empty (no keys at all): it holds no weights"]
 
 
+def test_an_fcn_checkpoint_is_named_as_one(tiny_state):
+    # torchvision's fcn_resnet50/101 head (a 3x3 conv, BN, 1x1 logits: classifier.0.weight, classifier.1.bias, no
+    # classifier.2.weight) read as the 'paper' head: "build the model with head='paper'", which fails again.
+    from model.heads import FCNHead
+
+    fcn = {k: v for k, v in tiny_state.items() if not k.startswith("classifier.")}
+    fcn |= {f"classifier.{k}": v for k, v in FCNHead(tiny_state["aux_classifier.0.weight"].shape[1] * 2, 3)
+            .state_dict().items()}
+    hint = ("hint: the checkpoint is an FCN's (torchvision's fcn_resnet50/101: a 3x3 conv head, no ASPP), not a "
+            "DeepLabV3's: no head here loads it; pass ignore_prefixes=('classifier.',) to load the rest (the "
+            "backbone) and keep this model's head as built")
+    for head in ("paper", "torchvision"):
+        net = _tiny(aux_loss=True, head=head)
+        with pytest.raises(model.CheckpointMismatchError) as info:
+            model.load_checkpoint(net, fcn)
+        assert _hints(info.value) == [hint], info.value
+        model.load_checkpoint(net, fcn, ignore_prefixes=("classifier.",))  # what the hint says loads
+        assert torch.equal(net.state_dict()["backbone.conv1.weight"], fcn["backbone.conv1.weight"])
+
+
 def test_load_backbone_names_the_depth_and_width_it_fits(tiny_state):
     imagenet = {k.removeprefix("backbone."): v for k, v in tiny_state.items() if k.startswith("backbone.")}
     imagenet["fc.weight"], imagenet["fc.bias"] = torch.zeros(10, 128), torch.zeros(10)
