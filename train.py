@@ -1105,8 +1105,12 @@ def remove_earlier_run(out_dir: str) -> list[str]:
 def cmd_train(args, device, info, resumed: tuple | None) -> None:
     """Train; `resumed`: restore_run_flags's (path, checkpoint, flags read from it) for --resume, else None."""
     if args.batch_size % info.world_size:
-        raise SystemExit(f"--batch-size {args.batch_size} (global) must be divisible by the number of processes, "
-                         f"{info.world_size}")
+        came = (f"--resume {resumed[0]}: --batch-size {args.batch_size} (global), which comes from the checkpoint's "
+                "run," if resumed is not None and "batch_size" in resumed[2] else
+                f"--batch-size {args.batch_size} (global)")
+        raise SystemExit(f"{came} must be divisible by the number of processes, {info.world_size}"
+                         + (f": give --batch-size a multiple of {info.world_size}, or resume with a number of "
+                            f"processes that divides {args.batch_size}" if resumed is not None else ""))
     check_bn_batch(args, info.world_size, resumed)
     train_raw, val_raw, class_names = build_datasets(args, note="" if resumed is None else
                                                      _restored_note(args, resumed[2], resumed[0]))
@@ -1737,6 +1741,24 @@ def _flag_value(v) -> str:
     return " ".join(f"{x:g}" for x in v) if isinstance(v, (tuple, list)) else str(v)
 
 
+def _timed_out_text(args, info, e: BaseException) -> str:
+    """One line for a process whose wait for the others ran out of --dist-timeout: where in this project it waited
+    (a hang of ours shows there), torch's own first line, what the run kept."""
+    import traceback
+
+    here = os.path.dirname(os.path.abspath(__file__))
+    ours = [f for f in traceback.extract_tb(e.__traceback__)
+            if os.path.abspath(f.filename).startswith(here + os.sep) and "site-packages" not in f.filename]
+    where = f" in {os.path.relpath(ours[-1].filename, here)}:{ours[-1].lineno} ({ours[-1].name})" if ours else ""
+    first = (str(e).strip().splitlines() or [type(e).__name__])[0][:200]
+    written = _saved_checkpoints(args, iterations=True) if info.is_main else []
+    kept = (f"; the checkpoints saved before it are intact: {', '.join(written)} in {os.path.abspath(args.out_dir)} "
+            f"({_how_to_go_on(args)})") if written else ""
+    return (f"train.py: process {info.rank} waited --dist-timeout {args.dist_timeout:g} min for the others{where} and "
+            f"stopped ({first}): one of them hung (stopped, deadlocked, stuck on a file system) or lags by more than "
+            f"that (raise --dist-timeout where one process's evaluation takes that much longer){kept}")
+
+
 class Terminated(KeyboardInterrupt):
     """SIGTERM (kill, timeout, a scheduler's preemption), raised where the run is, as Ctrl-C raises
     KeyboardInterrupt: the same report of what is saved, the loader's workers shut down, exit status 143."""
@@ -1807,6 +1829,8 @@ def main(argv=None) -> None:
     except RuntimeError as e:
         if _is_cpu_out_of_memory(e):
             raise SystemExit(_out_of_memory_text(args, e)) from None
+        if info.enabled and distributed.timed_out(e) and not distributed.lost_peer(e):
+            raise SystemExit(_timed_out_text(args, info, e)) from None
         if not (info.enabled and distributed.lost_peer(e)):
             raise
         # Another process stopped (its own message says why) and this one's collective failed: one line from the

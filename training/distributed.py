@@ -107,6 +107,12 @@ def lost_peer(error: BaseException) -> bool:
             or any(s in str(error) for s in _LOST_PEER))
 
 
+def timed_out(error: BaseException) -> bool:
+    """Whether `error` is a collective's (or the store's) wait that ran out of --dist-timeout: gloo's "Timed out
+    waiting …ms for recv operation to complete", torch's DistError "… timed out …"."""
+    return "timed out" in str(error).lower()
+
+
 def all_gather_objects(obj) -> list:
     """Every process's `obj` (picklable), in rank order."""
     out = [None] * dist.get_world_size()

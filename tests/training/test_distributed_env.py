@@ -178,3 +178,24 @@ def test_a_process_group_that_cannot_form_at_once_is_not_called_a_timeout(launch
             train_script._setup(args)
     assert str(e.value.code).startswith("train.py: could not form the process group ("), e.value.code
     assert not dist.is_initialized()
+
+
+def test_a_resumed_batch_size_not_divisible_by_the_processes_says_where_it_came_from():
+    # It said "--batch-size 1 (global) must be divisible by the number of processes, 2" for a batch size the
+    # command never gave (read from a --freeze-bn run's checkpoint).
+    from types import SimpleNamespace
+
+    import torch
+
+    from training.distributed import DistInfo
+
+    args = SimpleNamespace(batch_size=3)
+    with pytest.raises(SystemExit) as stop:
+        train_script.cmd_train(args, torch.device("cpu"), DistInfo(0, 2, 0), ("run/last.pt", {}, {"batch_size": 3}))
+    assert stop.value.code == (
+        "--resume run/last.pt: --batch-size 3 (global), which comes from the checkpoint's run, must be divisible by "
+        "the number of processes, 2: give --batch-size a multiple of 2, or resume with a number of processes that "
+        "divides 3")
+    with pytest.raises(SystemExit) as stop:
+        train_script.cmd_train(args, torch.device("cpu"), DistInfo(0, 2, 0), ("run/last.pt", {}, {}))
+    assert stop.value.code.startswith("--batch-size 3 (global) must be divisible by the number of processes, 2: give")

@@ -372,10 +372,16 @@ def test_a_process_whose_peer_stopped_exits_with_one_line_not_a_traceback(tmp_pa
     monkeypatch.setattr(train_script, "_setup", lambda args: (torch.device("cpu"), distributed.DistInfo(rank, 2, 0)))
     monkeypatch.setattr(dist, "destroy_process_group", lambda: None)
     argv = ["--out-dir", str(tmp_path / "run"), "--device", "cpu"]
+    # A wait that ran out of --dist-timeout is one line from every process that waited (the hung one may be
+    # process 0), naming where it waited (a hang of ours shows there); it was torch's traceback.
+    waited = (f"train.py: process {rank} waited --dist-timeout 30 min for the others in "
+              "tests/training/test_training_distributed.py:")  # (the frame of `fail` below, which raises it)
     for error, expected in ((lost, "another process stopped" if rank == 0 else 1),
                             (dist.DistNetworkError("failed to recv, got 0 bytes"), "another process stopped"
                              if rank == 0 else 1),
-                            (RuntimeError("a bug of ours"), None), (dist.DistError("timed out: a hang"), None)):
+                            (RuntimeError("a bug of ours"), None), (dist.DistError("timed out: a hang"), waited),
+                            (RuntimeError("[gloo/transport/tcp/unbound_buffer.cc:81] Timed out waiting 15000ms for "
+                                          "recv operation to complete"), waited)):
         def fail(*args, error=error):
             raise error
 
@@ -386,6 +392,10 @@ def test_a_process_whose_peer_stopped_exits_with_one_line_not_a_traceback(tmp_pa
             continue
         with pytest.raises(SystemExit) as stop:
             train_script.main(argv)
+        if expected is waited:
+            assert stop.value.code.startswith(waited) and "\n" not in stop.value.code, stop.value.code
+            assert f"stopped ({error}): one of them hung" in stop.value.code, stop.value.code
+            continue
         assert stop.value.code == 1 if rank else expected in stop.value.code
     assert distributed.lost_peer(lost) and not distributed.lost_peer(RuntimeError("CUDA out of memory"))
 
@@ -465,6 +475,8 @@ def _hung_peer_worker(rank: int, port: int, flag: str, out_dir: str, queue) -> N
         outcome = "finished"
     except RuntimeError as error:
         outcome = str(error)
+    except SystemExit as stop:
+        outcome = str(stop.code)
     finally:
         if rank == 0:
             open(flag, "w").close()
@@ -473,11 +485,12 @@ def _hung_peer_worker(rank: int, port: int, flag: str, out_dir: str, queue) -> N
 
 def test_dist_timeout_stops_a_process_whose_peer_hangs(tmp_path):
     """A hung process (alive, never reaching the collective) is waited for --dist-timeout minutes, not torch's 30:
-    process 0 stops with gloo's timeout error while process 1 still hangs."""
+    process 0 stops, in one line naming where it waited and gloo's timeout error, while process 1 still hangs."""
     from helpers import run_two_processes
 
     results = run_two_processes(_hung_peer_worker, str(tmp_path / "gave-up"), str(tmp_path), timeout=120)
-    assert "Timed out" in results[0][1], results
+    assert results[0][1].startswith("train.py: process 0 waited --dist-timeout 0.05 min for the others in "), results
+    assert "Timed out waiting " in results[0][1] and "\n" not in results[0][1], results
     assert results[1][1] == "finished", results
 
 
