@@ -315,6 +315,8 @@ def roofline_report(path: str | Path) -> list[str]:
             median = float(r["median_ms"]) if counts is not None else None
         except (TypeError, ValueError) as e:
             raise ValueError(f"{path}: a row's batch or median_ms is not a number ({e}): {r}") from None
+        if median is not None and not _measured(median, positive=True):
+            raise ValueError(f"{path}: a row's median_ms is {r['median_ms']!r}, not a finite number > 0: {r}")
         if counts is None:
             continue
         bound = roofline_bound_us(counts[0], counts[1], r["dtype"], gpu_peak(r.get("gpu")))
@@ -1442,21 +1444,40 @@ def resolve_device(args: argparse.Namespace) -> torch.device:
     return torch.device(args.device)
 
 
+class Terminated(KeyboardInterrupt):
+    """SIGTERM (kill, `timeout`, a scheduler's preemption), raised where the run is, as Ctrl-C raises
+    KeyboardInterrupt."""
+
+
+def _raise_terminated(signum, frame) -> None:
+    signal.signal(signal.SIGTERM, signal.SIG_DFL)  # once: a second SIGTERM ends the process at once
+    raise Terminated()
+
+
 def run_script(main: Callable[[], int], script: str) -> int:
     """main() of a benchmark script run from the command line; Ctrl-C (or the SIGINT of gpu_suite.sh's timeout)
-    is one line saying what was kept, and exit status 130, instead of a traceback; a reader of stdout that stopped
-    early (`... | head -1`) ends the run quietly with exit status 1 (the results files keep the cases finished)."""
+    is one line saying what was kept, and exit status 130, instead of a traceback; SIGTERM the same line and exit
+    status 143 (it ended the process silently: the results files were kept, marked partial, unsaid); a reader of
+    stdout that stopped early (`... | head -1`) ends the run quietly with exit status 1 (the results files keep
+    the cases finished)."""
+    try:
+        previous = signal.signal(signal.SIGTERM, _raise_terminated)
+    except ValueError:  # not the main thread (a test calling main): no handler of ours
+        previous = None
     try:
         return main()
     except BrokenPipeError:
         _silence_stdout()
         return 1
-    except KeyboardInterrupt:
+    except KeyboardInterrupt as e:
         # a second SIGINT (gpu_suite.sh hands one to the phase's process group, and its timeout another) must not
         # interrupt this report with a traceback: ignored while it is written
         with _sigint_ignored():
-            _report_interrupt(script)
-        return 130
+            _report_interrupt(script, "terminated (SIGTERM)" if isinstance(e, Terminated) else "interrupted")
+        return 143 if isinstance(e, Terminated) else 130
+    finally:
+        if previous is not None:
+            signal.signal(signal.SIGTERM, previous)
 
 
 @contextlib.contextmanager
@@ -1472,8 +1493,8 @@ def _sigint_ignored():
             signal.signal(signal.SIGINT, previous)
 
 
-def _report_interrupt(script: str) -> None:
-    print(f"\n{script}: interrupted: the results files keep the cases finished so far, marked partial (the "
+def _report_interrupt(script: str, what: str = "interrupted") -> None:
+    print(f"\n{script}: {what}: the results files keep the cases finished so far, marked partial (the "
           "JSON's meta, the CSV's last row; overhead_bench: the CSV's last row and the Markdown's first "
           "paragraph)", file=sys.stderr)
 
@@ -1571,10 +1592,20 @@ def _goal_rows(path: Path) -> tuple[list[dict], bool]:
             v = r.get(key)
             if isinstance(v, str):
                 try:
-                    r[key] = float(v) if v.strip() else None
+                    r[key] = v = float(v) if v.strip() else None
                 except ValueError:
                     raise ValueError(f"{path}: a row's {key} is not a number ({v!r}): {r}") from None
+            # a time of 0, below 0 or NaN divided by zero (a traceback) or gave a verdict ("nanx ... NOT met")
+            if v is not None and not _measured(v, positive=key == "median_ms"):
+                raise ValueError(f"{path}: a row's {key} is {v!r}, not a finite number "
+                                 f"{'> 0' if key == 'median_ms' else '>= 0'}: {r}")
     return [r for r in rows if r["status"] != "ok" or r.get("median_ms") is not None], bool(meta.get("partial"))
+
+
+def _measured(v, positive: bool) -> bool:
+    """Whether `v` is a number a measurement can be: finite, > 0 (`positive`: a time) or >= 0 (a memory peak)."""
+    return (isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v)
+            and (v > 0 if positive else v >= 0))
 
 
 def _goal_report(out_dir: str | Path) -> tuple[list[str], list[str]]:

@@ -27,7 +27,7 @@
 # on; one for which too little time is left is reported as SKIPPED. Ctrl-C (or TERM) hands SIGINT to the running
 # phase (INTERRUPTED: its rows so far are kept), skips the rest, packs $OUT as usual and exits with status 130.
 # Exit status: 0 when no phase failed and one ran at least, else 1; 2 before anything runs when no GPU is visible
-# (`nvidia-smi -L` fails) and BENCH_DEVICE is not cpu, when BENCH_DEVICE is neither cuda nor cpu, or when a number
+# (`nvidia-smi -L` fails, or torch.cuda.is_available() is False) and BENCH_DEVICE is not cpu, when BENCH_DEVICE is neither cuda nor cpu, or when a number
 # knob is not a whole number.
 # Knobs: OUT, PYTHON, SUITE_BUDGET_S, GOAL_RESERVE_S (default 360; 0 runs the whole test suite before any
 # benchmark), PYTEST_GPU_S (the gpu phase's cap, default 180), BENCH_DEVICE (cuda, the default; cpu: a smoke
@@ -85,6 +85,18 @@ if [ -n "${SUITE_PHASES:-}" ]; then
     done
 fi
 
+PY=${PYTHON:-$(command -v python3 || command -v python)}
+case "$PY" in /* | "") ;; */*) PY="$PWD/$PY" ;; esac  # a relative PYTHON names a file from where the suite started
+# A GPU that torch cannot use (CUDA_VISIBLE_DEVICES="", a CPU-only torch, a driver older than torch's CUDA) is none:
+# the import phase took the CPU-only library for one missing its CUDA kernels and spent minutes rebuilding it.
+if [ "$BENCH_DEVICE" = cuda ] && ! (cd "$(dirname "${BASH_SOURCE[0]}")/.." && "$PY" -c \
+        "import sys, torch; sys.exit(0 if torch.cuda.is_available() else 1)") >/dev/null 2>&1; then
+    echo "gpu_suite: nvidia-smi lists a GPU but torch (${PY:-no python3 on PATH}) sees none: torch.cuda.is_available()" \
+         "is False (CUDA_VISIBLE_DEVICES, a CPU-only torch, a driver older than torch's CUDA) or torch does not" \
+         "import; BENCH_DEVICE=cpu for a CPU smoke run" >&2
+    exit 2
+fi
+
 START=$(date +%s)
 BUDGET=${SUITE_BUDGET_S:-530}
 # what the rest of the test suite leaves for the goal benchmarks and goals.txt (0: the tests first, in full)
@@ -106,8 +118,6 @@ if ! mkdir -p "$OUT" 2>/dev/null || ! OUT=$(cd "$OUT" && pwd); then  # a file, o
     exit 2
 fi
 STAGE=$(mktemp -d "${TMPDIR:-/tmp}/gpu_suite.XXXXXX")
-PY=${PYTHON:-$(command -v python3 || command -v python)}
-case "$PY" in /* | "") ;; */*) PY="$PWD/$PY" ;; esac  # a relative PYTHON names a file from where the suite started
 # Every phase runs from the repository root (benchmarks/..., tests, setup.py are paths from it), wherever the suite
 # was started: OUT and PYTHON, given relative to that folder, are resolved above.
 ROOT=$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)
@@ -277,8 +287,17 @@ first_use() {
     fi
 }
 
+# log_to FILE: stdin to stdout and FILE (tee), deaf to SIGINT and SIGTERM: a TERM sent to the suite's whole process
+# group (`timeout`, `docker stop`, a scheduler) or the SIGINT of a phase's timeout must not end the log before what
+# follows it (pytest's summary, the suite's packing, which a dead tee's broken pipe ended at once). (An ignored
+# signal stays ignored across exec.)
+log_to() {
+    trap '' INT TERM
+    exec tee "$1"
+}
+
 # pytest_run LOG ARGS...: pytest with a line per test (-v) and every outcome at the end (-rA), written to
-# $OUT/LOG as it runs (`tee -i`: the SIGINT of the timeout must not stop the log before pytest's summary).
+# $OUT/LOG as it runs (log_to: the SIGINT of the timeout must not stop the log before pytest's summary).
 pytest_run() {
     local log=$1
     shift
@@ -288,7 +307,7 @@ pytest_run() {
     if "$PY" -c "import pytest_timeout" 2>/dev/null; then to=(--timeout=240); fi
     set -o pipefail
     # shellcheck disable=SC2086  # TESTS: paths separated by spaces
-    "$PY" -m pytest -p no:cacheprovider "${par[@]}" "${to[@]}" -v -rA "$@" $TESTS 2>&1 | tee -i "$OUT/$log"
+    "$PY" -m pytest -p no:cacheprovider "${par[@]}" "${to[@]}" -v -rA "$@" $TESTS 2>&1 | log_to "$OUT/$log"
 }
 
 import_ok() {
@@ -309,7 +328,7 @@ prepare() {  # import the prebuilt library; build in place only if that fails
     "$PY" setup.py build_ext --inplace && import_ok
 }
 
-export -f bench cpu_list first_use pytest_run import_ok prepare
+export -f bench cpu_list first_use log_to pytest_run import_ok prepare
 export PY STAGE OUT BENCH_DEVICE WORKERS TESTS TRAIN_MORE_PROVIDERS
 
 # Ctrl-C or TERM: the running phase gets SIGINT (the benchmarks keep their finished rows, pytest prints its
@@ -358,7 +377,7 @@ phase aspp_goal 190 'BENCH_MARGIN_S=50 bench aspp_bench.py aspp_goal --configs o
 # network's Triton kernels, and on the H200 it spent the phase's time before cuda ran.
 phase train_goal 150 'bench train_bench.py train_bench --models r50 --output-strides 16 --batches 16 \
     --dtypes bf16 --providers eager,eager-cl,eager-amp,cuda-lean,cuda,triton-lean' 20 60
-phase goals 20 'set -o pipefail; "$PY" benchmarks/common.py goals "$STAGE" | tee "$STAGE/goals.txt"'
+phase goals 20 'set -o pipefail; "$PY" benchmarks/common.py goals "$STAGE" | log_to "$STAGE/goals.txt"'
 phase first_use 120 'BENCH_MARGIN_S=60 first_use' 0 45
 phase train_more 90 'BENCH_MARGIN_S=45 bench train_bench.py train_bench_more --models r50,r101 --output-strides 16 \
     --batches 16 --dtypes bf16 --providers $TRAIN_MORE_PROVIDERS --modes train_step' 0 60
@@ -397,8 +416,9 @@ fi
 }
 
 # main runs in this shell (not in a pipeline's subshell, which a TERM sent to the suite's PID did not reach: the
-# phases ran on and the suite exited 0), its output through tee (-i: suite.log keeps what is printed after a Ctrl-C).
-main > >(tee -i "$OUT/suite.log") 2>&1
+# phases ran on and the suite exited 0), its output through log_to (suite.log keeps what is printed after a Ctrl-C
+# or a TERM to the whole process group, which ended tee and then the suite, unpacked, at its next line).
+main > >(log_to "$OUT/suite.log") 2>&1
 rc=$?
 wait "$!" 2>/dev/null  # tee: suite.log complete before the suite ends
 rm -rf "$STAGE"

@@ -193,6 +193,17 @@ def test_ctrl_c_is_one_line_and_exit_status_130(capsys):
     assert "Traceback" not in err
 
 
+def test_sigterm_is_the_same_line_and_exit_status_143(tmp_path):
+    """SIGTERM (kill, `timeout`) ended a script silently with status 143 (its files kept, marked partial, unsaid)."""
+    code = (f"import os, signal, sys; sys.path.insert(0, {str(BENCH_DIR)!r}); import common\n"
+            "def main():\n    os.kill(os.getpid(), signal.SIGTERM)\n    raise AssertionError('not stopped')\n"
+            "sys.exit(common.run_script(main, 'train_bench.py'))\n")
+    result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120, cwd=tmp_path)
+    assert result.returncode == 143, result.stderr
+    assert "train_bench.py: terminated (SIGTERM): the results files keep the cases finished so far" in result.stderr
+    assert "Traceback" not in result.stderr
+
+
 @pytest.mark.parametrize("script", ["aspp_bench", "conv_bn_relu_bench", "train_bench", "overhead_bench"])
 def test_ctrl_c_in_a_script_as_a_command(script, tmp_path):
     """A SIGINT while the script runs (here: at once, from the first line of its main) ends it with the line and

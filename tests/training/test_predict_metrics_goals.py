@@ -177,6 +177,24 @@ def test_goals_report_an_unreadable_number_in_a_csv(tmp_path, capsys):
     assert "Traceback" not in out.err and "median_ms is not a number" in out.err
 
 
+@pytest.mark.parametrize("value, says", [("0", "0.0, not a finite number > 0"), ("nan", "nan, not a finite number > 0"),
+                                         ("-1", "-1.0, not a finite number > 0")])
+def test_goals_report_a_time_no_measurement_gives(tmp_path, capsys, value, says):
+    # 0 divided by zero (a ZeroDivisionError traceback); NaN and -1 gave verdicts ("nanx ... NOT met", "1.00x")
+    text = (RESULTS / "2026-11-28-h200-train_bench.csv").read_text().replace("127.548", value)
+    (tmp_path / "2026-11-28-h200-train_bench.csv").write_text(text)
+    common = _common()
+    assert common.main(["goals", str(tmp_path)]) == 1
+    out = capsys.readouterr()
+    assert f"cannot read 2026-11-28-h200-train_bench.csv: a row's median_ms is {says}" in out.out, out.out
+    assert "Traceback" not in out.err
+    rows = [{"op": "deeplabv3", "provider": "eager", "mode": "train_step", "dtype": "bf16", "shape": "s", "batch": 2,
+             "status": "ok", "median_ms": float(value), "gpu": "G", "peak_mem_mb": None}]
+    (tmp_path / "train_bench.json").write_text(json.dumps({"meta": {}, "rows": rows}))
+    assert common.main(["goals", str(tmp_path)]) == 1
+    assert "train_bench.json: a row's median_ms is " in capsys.readouterr().out
+
+
 # ---- (4) an allocation that fails: one line, not a traceback ----------------------------------------------------
 
 
