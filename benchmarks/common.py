@@ -1248,13 +1248,16 @@ def csv_list(kind: Callable = str, choices: Iterable | None = None) -> Callable[
     allowed = None if choices is None else list(choices)
 
     def parse(text: str) -> list:
+        parts = [t.strip() for t in text.split(",")]
+        if not any(parts):
+            raise argparse.ArgumentTypeError("expected a comma-separated list with at least one item")
+        if not all(parts):  # "eager,,cpu" ran as eager,cpu: a name left out of a list is more likely than meant
+            raise argparse.ArgumentTypeError(f"an empty item in {text!r}: expected names or numbers between the commas")
         try:
-            items = [kind(t.strip()) for t in text.split(",") if t.strip()]
+            items = [kind(t) for t in parts]
         except ValueError:
             expected = f"of {sorted(allowed)}" if allowed is not None else f"of {getattr(kind, '__name__', 'value')}s"
             raise argparse.ArgumentTypeError(f"expected a comma-separated list {expected}, got {text!r}") from None
-        if not items:
-            raise argparse.ArgumentTypeError("expected a comma-separated list with at least one item")
         if allowed is not None:
             bad = [t for t in items if t not in allowed]
             if bad:
@@ -1267,19 +1270,32 @@ def csv_list(kind: Callable = str, choices: Iterable | None = None) -> Callable[
     return parse
 
 
-def int_at_least(low: int, what: str) -> Callable[[str], int]:
-    """argparse type: an integer >= low (what it counts is named in the error)."""
+INT_MAX = 2**31 - 1  # the largest count or size a flag takes: beyond 2**63 torch's sizes overflowed (a traceback)
+
+
+def int_at_least(low: int, what: str, high: int | Callable[[], int] = INT_MAX,
+                 why_high: str = "") -> Callable[[str], int]:
+    """argparse type: an integer in [low, high] (what it counts is named in the error, and `why_high` in the error
+    of a value above `high`; `high` may be a function, read when a value is checked)."""
 
     def parse(text: str) -> int:
+        top = high() if callable(high) else high
         try:
             value = int(text)
         except ValueError:
             raise argparse.ArgumentTypeError(f"expected an integer >= {low} ({what}), got {text!r}") from None
         if value < low:
             raise argparse.ArgumentTypeError(f"must be >= {low} ({what}), got {value}")
+        if value > top:
+            raise argparse.ArgumentTypeError(f"must be <= {top} ({what}{why_high}), got {value}")
         return value
 
     return parse
+
+
+def cpu_threads_here() -> int:
+    """The most --threads takes: this machine's logical CPUs (torch.set_num_threads(100000) crashed libgomp)."""
+    return os.cpu_count() or 1
 
 
 def device_name(text: str) -> str:
@@ -1398,10 +1414,11 @@ def file_stem(text: str) -> str:
     """argparse type: the results' file stem (NAME.json, NAME.csv, ...): a plain file name, no folder in it (the
     folder is --out), not empty, not hidden. Its length, which the folder's file system limits, is checked with the
     folder's (check_output_files)."""
-    if not text or text in (".", "..") or text.startswith(".") or "/" in text or os.sep in text or "\0" in text:
+    if (not text or text in (".", "..") or text.startswith(".") or "/" in text or os.sep in text or "\0" in text
+            or text != text.strip()):  # (' ' wrote " .json")
         raise argparse.ArgumentTypeError(f"{text!r} is not a file stem: expected a plain file name such as "
                                          "'aspp-h200' (no folder: give that with --out; not empty, not starting "
-                                         "with a dot)")
+                                         "with a dot or a space, not ending with one)")
     return text
 
 
@@ -1431,7 +1448,8 @@ def add_common_args(parser: argparse.ArgumentParser, name: str, modes: Sequence[
     parser.add_argument("--profile", action="store_true",
                         help="append each timed case's top kernels (torch.profiler) and where its host time goes "
                              "(cProfile) to NAME_profile.txt")
-    parser.add_argument("--threads", type=int_at_least(1, "torch CPU threads"), default=None,
+    parser.add_argument("--threads", type=int_at_least(1, "torch CPU threads", cpu_threads_here,
+                                                        ": this machine's logical CPUs"), default=None,
                         help="torch CPU threads (default: torch's); 1 avoids oversubscription on a shared machine")
     parser.add_argument("--budget-s", type=budget_seconds, default=None,
                         help="wall-clock budget: cases left when it is spent are recorded as skipped (default: none)")

@@ -9,6 +9,7 @@ import importlib.util
 import itertools
 import json
 import math
+import os
 import re
 import subprocess
 import sys
@@ -1092,12 +1093,28 @@ def test_gpu_suite_runs_only_the_phases_named_in_suite_phases(tmp_path):
     ("train_bench", ["--output-strides", "abc"], "argument --output-strides: expected a comma-separated list of "
                                                  "[8, 16], got 'abc'"),
     ("aspp_bench", ["--batches", "x"], "argument --batches: expected an integer >= 1 (a batch size), got 'x'"),
+    # past torch's sizes: an overflow traceback (randn), and for --threads a crash of libgomp (100000 threads)
+    ("aspp_bench", ["--batches", "2," + "9" * 20], f"argument --batches: must be <= 2147483647 (a batch size), got "
+                                                   f"{'9' * 20}"),
+    ("conv_bn_relu_bench", ["--batches", str(2**31)], "argument --batches: must be <= 2147483647 (a batch size)"),
+    ("aspp_bench", ["--in-channels", "9" * 20], "argument --in-channels: must be <= 2147483647 (channels)"),
+    ("aspp_bench", ["--threads", "100000"], "argument --threads: must be <= CPUS (torch CPU threads: this machine's "
+                                            "logical CPUs), got 100000"),
+    ("overhead_bench", ["--threads", "100000"], "argument --threads: must be <= CPUS (torch CPU threads: this "
+                                                "machine's logical CPUs), got 100000"),
+    # an item left out of a list ran the rest without a word
+    ("aspp_bench", ["--providers", "eager,,cpu"], "argument --providers: an empty item in 'eager,,cpu': expected "
+                                                  "names or numbers between the commas"),
+    ("train_bench", ["--batches", "2,"], "argument --batches: an empty item in '2,'"),
+    ("conv_bn_relu_bench", ["--name", " "], "argument --name: ' ' is not a file stem"),  # (it wrote " .json")
+    ("aspp_bench", ["--name", "run "], "argument --name: 'run ' is not a file stem"),
 ])
 def test_benchmark_flags_out_of_range_are_refused(module, argv, message, tmp_path, capsys):
     """A value the benchmark cannot use is a usage error naming the flag, not a silent default or a traceback."""
     existing = tmp_path / "results.csv"
     existing.write_text("kept\n")
     argv = [str(existing) if a == "FILE" else a for a in argv]
+    message = message.replace("CPUS", str(os.cpu_count() or 1))
     with pytest.raises(SystemExit) as e:
         __import__(module).main(argv)
     assert e.value.code == 2
