@@ -1478,10 +1478,14 @@ def run_script(main: Callable[[], int], script: str) -> int:
     status 143 (it ended the process silently: the results files were kept, marked partial, unsaid); a reader of
     stdout that stopped early (`... | head -1`) ends the run quietly with exit status 1 (the results files keep
     the cases finished)."""
-    try:
-        previous = signal.signal(signal.SIGTERM, _raise_terminated)
-    except ValueError:  # not the main thread (a test calling main): no handler of ours
-        previous = None
+    try:  # (an ignored SIGTERM, inherited, stays ignored; not the main thread, a test calling main: none of ours)
+        previous = signal.getsignal(signal.SIGTERM)
+        if previous is not signal.SIG_IGN:
+            signal.signal(signal.SIGTERM, _raise_terminated)
+        else:
+            previous = _NOT_SET
+    except ValueError:
+        previous = _NOT_SET
     try:
         return main()
     except BrokenPipeError:
@@ -1494,21 +1498,27 @@ def run_script(main: Callable[[], int], script: str) -> int:
             _report_interrupt(script, "terminated (SIGTERM)" if isinstance(e, Terminated) else "interrupted")
         return 143 if isinstance(e, Terminated) else 130
     finally:
-        if previous is not None:
-            signal.signal(signal.SIGTERM, previous)
+        if previous is not _NOT_SET:  # (None: a handler not set from Python, the default)
+            signal.signal(signal.SIGTERM, signal.SIG_DFL if previous is None else previous)
+
+
+_NOT_SET = object()
 
 
 @contextlib.contextmanager
 def _sigint_ignored():
+    """SIGINT and SIGTERM ignored (a second one must not interrupt the report of the first with a traceback)."""
+    previous = {}
     try:
-        previous = signal.signal(signal.SIGINT, signal.SIG_IGN)
+        for sig in (signal.SIGINT, signal.SIGTERM):
+            previous[sig] = signal.signal(sig, signal.SIG_IGN)
     except ValueError:  # not the main thread: signals go to the main thread anyway
-        previous = None
+        pass
     try:
         yield
     finally:
-        if previous is not None:
-            signal.signal(signal.SIGINT, previous)
+        for sig, handler in previous.items():
+            signal.signal(sig, signal.SIG_DFL if handler is None else handler)
 
 
 def _report_interrupt(script: str, what: str = "interrupted") -> None:

@@ -89,11 +89,12 @@ PY=${PYTHON:-$(command -v python3 || command -v python)}
 case "$PY" in /* | "") ;; */*) PY="$PWD/$PY" ;; esac  # a relative PYTHON names a file from where the suite started
 # A GPU that torch cannot use (CUDA_VISIBLE_DEVICES="", a CPU-only torch, a driver older than torch's CUDA) is none:
 # the import phase took the CPU-only library for one missing its CUDA kernels and spent minutes rebuilding it.
-if [ "$BENCH_DEVICE" = cuda ] && ! (cd "$(dirname "${BASH_SOURCE[0]}")/.." && "$PY" -c \
+# (under a time limit: a driver that hangs at CUDA's initialisation must not hang the suite before its budget starts)
+if [ "$BENCH_DEVICE" = cuda ] && ! (cd "$(dirname "${BASH_SOURCE[0]}")/.." && timeout 120 "$PY" -c \
         "import sys, torch; sys.exit(0 if torch.cuda.is_available() else 1)") >/dev/null 2>&1; then
     echo "gpu_suite: nvidia-smi lists a GPU but torch (${PY:-no python3 on PATH}) sees none: torch.cuda.is_available()" \
-         "is False (CUDA_VISIBLE_DEVICES, a CPU-only torch, a driver older than torch's CUDA) or torch does not" \
-         "import; BENCH_DEVICE=cpu for a CPU smoke run" >&2
+         "is False (CUDA_VISIBLE_DEVICES, a CPU-only torch, a driver older than torch's CUDA), torch does not" \
+         "import, or it did not answer within 120 s; BENCH_DEVICE=cpu for a CPU smoke run" >&2
     exit 2
 fi
 

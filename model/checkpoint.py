@@ -393,7 +393,9 @@ def _head_style(state: Mapping[str, Tensor]) -> str | None:
     """'paper' (ASPP → 1×1 logits: classifier.1.bias) or 'torchvision' (ASPP → 3×3 conv-BN-ReLU → 1×1 logits:
     classifier.2.running_mean, classifier.4.bias), 'fcn' (no ASPP: a 3×3 conv, classifier.0.weight, then
     BN-ReLU-dropout → 1×1 logits, torchvision's fcn_resnet50/101), None when the state_dict has none of them."""
-    if "classifier.0.weight" in state and not any(k.startswith("classifier.0.convs.") for k in state):
+    first = state.get("classifier.0.weight")
+    if (first is not None and first.dim() == 4 and tuple(first.shape[2:]) == (3, 3) and "classifier.4.weight" in state
+            and not any(k.startswith("classifier.0.convs.") for k in state)):
         return "fcn"
     if "classifier.2.running_mean" in state and "classifier.4.bias" in state:
         return "torchvision"
@@ -432,10 +434,15 @@ def _architecture_hints(model: nn.Module, expected: Mapping[str, Tensor], state:
         ours_head, their_head = _head_style(expected), _head_style(state)
         if their_head == "fcn" and ours_head != "fcn":
             explained = True
+            # its auxiliary head too where this model has none or other logits (fcn_resnet50's 21 classes): the
+            # one tuple that loads
+            aux = _logits_key(expected, "aux_classifier")
+            drop_aux = any(k.startswith("aux_classifier.") for k in state) and (
+                aux is None or aux not in state or state[aux].shape != expected[aux].shape)
+            drop = (*ignore_prefixes, "classifier.", *(("aux_classifier.",) if drop_aux else ()))
             hints.append("the checkpoint is an FCN's (torchvision's fcn_resnet50/101: a 3x3 conv head, no ASPP), not "
-                         "a DeepLabV3's: no head here loads it; pass ignore_prefixes="
-                         f"{(*ignore_prefixes, 'classifier.')!r} to load the rest (the backbone) and keep this "
-                         "model's head as built")
+                         f"a DeepLabV3's: no head here loads it; pass ignore_prefixes={drop!r} to load the rest (the "
+                         "backbone) and keep this model's head" + ("s" if drop_aux else "") + " as built")
         elif ours_head and their_head and ours_head != their_head:
             explained = True
             preset = (" (preset='torchvision' for torchvision's deeplabv3_resnet50/101 checkpoints)"

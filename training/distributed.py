@@ -107,10 +107,19 @@ def lost_peer(error: BaseException) -> bool:
             or any(s in str(error) for s in _LOST_PEER))
 
 
+# What a collective raises when its wait ran out of the process group's timeout: gloo's "Timed out waiting …ms for
+# recv operation to complete", NCCL's "… collective operation timed out …" (where its watchdog does not end the
+# process first). Not any "timed out": CUDA's "the launch timed out and was terminated" is no wait for a process.
+_TIMED_OUT = ("Timed out waiting", "operation timed out", "timed out in blocking wait")
+
+
 def timed_out(error: BaseException) -> bool:
-    """Whether `error` is a collective's (or the store's) wait that ran out of --dist-timeout: gloo's "Timed out
-    waiting …ms for recv operation to complete", torch's DistError "… timed out …"."""
-    return "timed out" in str(error).lower()
+    """Whether `error` is a collective's wait that ran out of --dist-timeout (gloo's or NCCL's words for it, or a
+    torch.distributed DistError that says it timed out)."""
+    text = str(error)
+    dist_error = getattr(dist, "DistError", None)
+    return (any(s in text for s in _TIMED_OUT)
+            or (dist_error is not None and isinstance(error, dist_error) and "timed out" in text.lower()))
 
 
 def all_gather_objects(obj) -> list:

@@ -193,6 +193,15 @@ def test_ctrl_c_is_one_line_and_exit_status_130(capsys):
     assert "Traceback" not in err
 
 
+def test_run_script_leaves_sigterm_as_it_found_it():
+    # its handler stayed installed after it returned where the one before was not set from Python (None)
+    import signal
+
+    before = signal.getsignal(signal.SIGTERM)
+    assert common.run_script(lambda: 0, "aspp_bench.py") == 0
+    assert signal.getsignal(signal.SIGTERM) == (signal.SIG_DFL if before is None else before)
+
+
 def test_sigterm_is_the_same_line_and_exit_status_143(tmp_path):
     """SIGTERM (kill, `timeout`) ended a script silently with status 143 (its files kept, marked partial, unsaid)."""
     code = (f"import os, signal, sys; sys.path.insert(0, {str(BENCH_DIR)!r}); import common\n"

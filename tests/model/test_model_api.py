@@ -148,6 +148,22 @@ def test_an_fcn_checkpoint_is_named_as_one(tiny_state):
         assert _hints(info.value) == [hint], info.value
         model.load_checkpoint(net, fcn, ignore_prefixes=("classifier.",))  # what the hint says loads
         assert torch.equal(net.state_dict()["backbone.conv1.weight"], fcn["backbone.conv1.weight"])
+    # fine-tuning on other classes (fcn_resnet50's are 21, with an aux head): the tuple drops the aux head too (it
+    # named 'classifier.' alone, which failed again on the aux logits' shape)
+    for aux in (True, False):
+        net = _tiny(aux_loss=aux, num_classes=5)
+        with pytest.raises(model.CheckpointMismatchError) as info:
+            model.load_checkpoint(net, fcn)
+        assert ("pass ignore_prefixes=('classifier.', 'aux_classifier.') to load the rest (the backbone) and keep "
+                "this model's heads as built") in str(info.value), info.value
+        model.load_checkpoint(net, fcn, ignore_prefixes=("classifier.", "aux_classifier."))
+    # a head with classifier.0.weight that is no FCN's 3x3 conv (a 1x1 classifier) is not named an FCN
+    plain = {k: v for k, v in fcn.items() if not k.startswith("classifier.")} | {
+        "classifier.0.weight": torch.zeros(3, fcn["classifier.0.weight"].shape[1], 1, 1),
+        "classifier.0.bias": torch.zeros(3)}
+    with pytest.raises(model.CheckpointMismatchError) as info:
+        model.load_checkpoint(_tiny(aux_loss=True), plain)
+    assert "FCN" not in str(info.value), info.value
 
 
 def test_load_backbone_names_the_depth_and_width_it_fits(tiny_state):

@@ -398,6 +398,8 @@ def test_a_process_whose_peer_stopped_exits_with_one_line_not_a_traceback(tmp_pa
             continue
         assert stop.value.code == 1 if rank else expected in stop.value.code
     assert distributed.lost_peer(lost) and not distributed.lost_peer(RuntimeError("CUDA out of memory"))
+    # a timeout that is no wait for another process stays as it is
+    assert not distributed.timed_out(RuntimeError("CUDA error: the launch timed out and was terminated"))
 
 
 @pytest.mark.parametrize("local_rank", [0, 1])
