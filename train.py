@@ -41,6 +41,7 @@ from model.checkpoint import unwrap_model
 from training import checkpoint as ckpt_io
 from training import datasets, distributed, loop
 from training.palette import colorize, palette_bytes
+from training.signals import Terminated, raise_terminated
 from training.transforms import IMAGENET_MEAN, IMAGENET_STD, EvalTransform, TrainTransform
 
 MS_SCALES = (0.5, 0.75, 1.0, 1.25, 1.5, 1.75)
@@ -1722,7 +1723,7 @@ def _out_of_memory_text(args, e: BaseException) -> str:
     # The sizes that set the memory of this command (--eval-only and --predict run whole images, no crops)
     keys = ("eval_scales",) if args.predict else ("eval_batch_size", "eval_scales") if args.eval_only else (
         "crop_size", "batch_size", "scale_range", "eval_batch_size", "eval_scales")
-    sizes = ", ".join(f"{_flag(k, with_value=False)} {_flag_value(getattr(args, k))}" for k in keys
+    sizes = ", ".join(f"{_flag(k, with_value=False)} {_value_text(getattr(args, k))}" for k in keys
                       if getattr(args, k, None) is not None)
     head = f"train.py: out of memory ({type(e).__name__}: {first})" + (f" with {sizes}" if sizes else "")
     if args.predict or args.eval_only:
@@ -1736,11 +1737,6 @@ def _out_of_memory_text(args, e: BaseException) -> str:
             f"--scale-range MAX, or for the evaluations --eval-batch-size or the --eval-scales{kept}")
 
 
-def _flag_value(v) -> str:
-    """A flag's value as it is typed: '0.5 2' for --scale-range's pair."""
-    return " ".join(f"{x:g}" for x in v) if isinstance(v, (tuple, list)) else str(v)
-
-
 def _timed_out_text(args, info, e: BaseException) -> str:
     """One line for a process whose wait for the others ran out of --dist-timeout: where in this project it waited
     (a hang of ours shows there), torch's own first line, what the run kept."""
@@ -1751,24 +1747,18 @@ def _timed_out_text(args, info, e: BaseException) -> str:
             if os.path.abspath(f.filename).startswith(here + os.sep) and "site-packages" not in f.filename]
     where = f" in {os.path.relpath(ours[-1].filename, here)}:{ours[-1].lineno} ({ours[-1].name})" if ours else ""
     first = (str(e).strip().splitlines() or [type(e).__name__])[0][:200]
-    written = _saved_checkpoints(args, iterations=True) if info.is_main else []
-    kept = (f"; the checkpoints saved before it are intact: {', '.join(written)} in {os.path.abspath(args.out_dir)} "
-            f"({_how_to_go_on(args)})") if written else ""
     return (f"train.py: process {info.rank} waited --dist-timeout {args.dist_timeout:g} min for the others{where} and "
             f"stopped ({first}): one of them hung (stopped, deadlocked, stuck on a file system) or lags by more than "
-            f"that (raise --dist-timeout where one process's evaluation takes that much longer){kept}")
+            f"that (raise --dist-timeout where one process's evaluation takes that much longer)"
+            f"{_intact_text(args) if info.is_main else ''}")
 
 
-class Terminated(KeyboardInterrupt):
-    """SIGTERM (kill, timeout, a scheduler's preemption), raised where the run is, as Ctrl-C raises
-    KeyboardInterrupt: the same report of what is saved, the loader's workers shut down, exit status 143."""
-
-
-def _raise_terminated(signum, frame) -> None:
-    # Once: a second SIGTERM ends the process at once (a first one arriving inside a C++ call that does not return
-    # is taken only when it returns)
-    signal.signal(signal.SIGTERM, signal.SIG_DFL)
-    raise Terminated()
+def _intact_text(args) -> str:
+    """'; the checkpoints saved before it are intact: …' (with their iterations, where, and how to go on), or ''
+    where the run saved none: the tail of a stop line after an error that left them as they were."""
+    written = _saved_checkpoints(args, iterations=True)
+    return (f"; the checkpoints saved before it are intact: {', '.join(written)} in {os.path.abspath(args.out_dir)} "
+            f"({_how_to_go_on(args)})") if written else ""
 
 
 def _line_buffered_stdout() -> None:
@@ -1797,7 +1787,7 @@ def main(argv=None) -> None:
     # Not under torchrun, which sends it to stop every process when one failed: a process waiting in a collective
     # for the failed one would take it only when the collective returns, and the default ends it at once.
     own_term = threading.current_thread() is threading.main_thread() and not info.enabled
-    on_term = signal.signal(signal.SIGTERM, _raise_terminated) if own_term else None
+    on_term = signal.signal(signal.SIGTERM, raise_terminated) if own_term else None
     shown = warnings.showwarning
     warnings.showwarning = _show_warning(shown)
     try:
@@ -1820,10 +1810,7 @@ def main(argv=None) -> None:
         if isinstance(e, ConnectionError):  # another process's failure (torchrun): its own message says why
             raise
         what = f"{e.strerror} ({e.filename})" if e.strerror and e.filename else f"{type(e).__name__}: {e}"
-        written = _saved_checkpoints(args, iterations=True)
-        kept = (f"; the checkpoints saved before it are intact: {', '.join(written)} in "
-                f"{os.path.abspath(args.out_dir)} ({_how_to_go_on(args)})") if written else ""
-        raise SystemExit(f"train.py: {what}{kept}") from None
+        raise SystemExit(f"train.py: {what}{_intact_text(args)}") from None
     except (MemoryError, torch.OutOfMemoryError) as e:  # e.g. --crop-size 100000: one line, not a traceback
         raise SystemExit(_out_of_memory_text(args, e)) from None
     except RuntimeError as e:

@@ -1273,29 +1273,26 @@ def csv_list(kind: Callable = str, choices: Iterable | None = None) -> Callable[
 INT_MAX = 2**31 - 1  # the largest count or size a flag takes: beyond 2**63 torch's sizes overflowed (a traceback)
 
 
-def int_at_least(low: int, what: str, high: int | Callable[[], int] = INT_MAX,
-                 why_high: str = "") -> Callable[[str], int]:
+def int_at_least(low: int, what: str, high: int = INT_MAX, why_high: str = "") -> Callable[[str], int]:
     """argparse type: an integer in [low, high] (what it counts is named in the error, and `why_high` in the error
-    of a value above `high`; `high` may be a function, read when a value is checked)."""
+    of a value above `high`)."""
 
     def parse(text: str) -> int:
-        top = high() if callable(high) else high
         try:
             value = int(text)
         except ValueError:
             raise argparse.ArgumentTypeError(f"expected an integer >= {low} ({what}), got {text!r}") from None
         if value < low:
             raise argparse.ArgumentTypeError(f"must be >= {low} ({what}), got {value}")
-        if value > top:
-            raise argparse.ArgumentTypeError(f"must be <= {top} ({what}{why_high}), got {value}")
+        if value > high:
+            raise argparse.ArgumentTypeError(f"must be <= {high} ({what}{why_high}), got {value}")
         return value
 
     return parse
 
 
-def cpu_threads_here() -> int:
-    """The most --threads takes: this machine's logical CPUs (torch.set_num_threads(100000) crashed libgomp)."""
-    return os.cpu_count() or 1
+# argparse type of --threads: at most this machine's logical CPUs (torch.set_num_threads(100000) crashed libgomp)
+cpu_threads = int_at_least(1, "torch CPU threads", os.cpu_count() or 1, ": this machine's logical CPUs")
 
 
 def device_name(text: str) -> str:
@@ -1448,8 +1445,7 @@ def add_common_args(parser: argparse.ArgumentParser, name: str, modes: Sequence[
     parser.add_argument("--profile", action="store_true",
                         help="append each timed case's top kernels (torch.profiler) and where its host time goes "
                              "(cProfile) to NAME_profile.txt")
-    parser.add_argument("--threads", type=int_at_least(1, "torch CPU threads", cpu_threads_here,
-                                                        ": this machine's logical CPUs"), default=None,
+    parser.add_argument("--threads", type=cpu_threads, default=None,
                         help="torch CPU threads (default: torch's); 1 avoids oversubscription on a shared machine")
     parser.add_argument("--budget-s", type=budget_seconds, default=None,
                         help="wall-clock budget: cases left when it is spent are recorded as skipped (default: none)")
@@ -1462,30 +1458,22 @@ def resolve_device(args: argparse.Namespace) -> torch.device:
     return torch.device(args.device)
 
 
-class Terminated(KeyboardInterrupt):
-    """SIGTERM (kill, `timeout`, a scheduler's preemption), raised where the run is, as Ctrl-C raises
-    KeyboardInterrupt."""
-
-
-def _raise_terminated(signum, frame) -> None:
-    signal.signal(signal.SIGTERM, signal.SIG_DFL)  # once: a second SIGTERM ends the process at once
-    raise Terminated()
-
-
 def run_script(main: Callable[[], int], script: str) -> int:
     """main() of a benchmark script run from the command line; Ctrl-C (or the SIGINT of gpu_suite.sh's timeout)
     is one line saying what was kept, and exit status 130, instead of a traceback; SIGTERM the same line and exit
     status 143 (it ended the process silently: the results files were kept, marked partial, unsaid); a reader of
     stdout that stopped early (`... | head -1`) ends the run quietly with exit status 1 (the results files keep
     the cases finished)."""
-    try:  # (an ignored SIGTERM, inherited, stays ignored; not the main thread, a test calling main: none of ours)
+    from training.signals import Terminated, raise_terminated
+
+    # SIGTERM as Ctrl-C, then as it was. An ignored SIGTERM (inherited) stays ignored; off the main thread (a test
+    # calling main) no handler is set: SIG_IGN there means nothing to restore.
+    try:
         previous = signal.getsignal(signal.SIGTERM)
         if previous is not signal.SIG_IGN:
-            signal.signal(signal.SIGTERM, _raise_terminated)
-        else:
-            previous = _NOT_SET
+            signal.signal(signal.SIGTERM, raise_terminated)
     except ValueError:
-        previous = _NOT_SET
+        previous = signal.SIG_IGN
     try:
         return main()
     except BrokenPipeError:
@@ -1494,19 +1482,16 @@ def run_script(main: Callable[[], int], script: str) -> int:
     except KeyboardInterrupt as e:
         # a second SIGINT (gpu_suite.sh hands one to the phase's process group, and its timeout another) must not
         # interrupt this report with a traceback: ignored while it is written
-        with _sigint_ignored():
+        with _signals_ignored():
             _report_interrupt(script, "terminated (SIGTERM)" if isinstance(e, Terminated) else "interrupted")
         return 143 if isinstance(e, Terminated) else 130
     finally:
-        if previous is not _NOT_SET:  # (None: a handler not set from Python, the default)
+        if previous is not signal.SIG_IGN:  # (None: a handler not set from Python, the default)
             signal.signal(signal.SIGTERM, signal.SIG_DFL if previous is None else previous)
 
 
-_NOT_SET = object()
-
-
 @contextlib.contextmanager
-def _sigint_ignored():
+def _signals_ignored():
     """SIGINT and SIGTERM ignored (a second one must not interrupt the report of the first with a traceback)."""
     previous = {}
     try:

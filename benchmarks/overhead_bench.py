@@ -1076,8 +1076,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--name", type=common.file_stem, default=None,
                         help="file stem (default: overhead-<device>-<machine>-<UTC date>, e.g. overhead-cpu-xeon-"
                              "2026-11-28)")
-    parser.add_argument("--threads", type=common.int_at_least(1, "torch CPU threads", common.cpu_threads_here,
-                                                               ": this machine's logical CPUs"), default=None,
+    parser.add_argument("--threads", type=common.cpu_threads, default=None,
                         help="torch CPU threads (default: torch's); 1 avoids oversubscription on a shared machine")
     parser.add_argument("--budget-s", type=common.budget_seconds, default=None,
                         help="wall-clock budget: cases left when it is spent are recorded as skipped (default: none)")
