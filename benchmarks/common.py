@@ -285,7 +285,13 @@ def read_results(path: str | Path) -> tuple[list[dict], dict]:
         try:
             with path.open(newline="") as f:
                 reader = csv.DictReader(f)
-                rows = list(reader)
+                rows, uneven = [], None  # uneven: the first row whose field count is not the header's
+                for row in reader:
+                    if uneven is None and (None in row or None in row.values()):
+                        given = len(row) - 1 + len(row[None]) if None in row else sum(
+                            v is not None for v in row.values())
+                        uneven = (reader.line_num, given)
+                    rows.append(row)
                 header = reader.fieldnames
         except UnicodeDecodeError:
             raise ValueError(f"{path}: not a text file") from None
@@ -295,6 +301,9 @@ def read_results(path: str | Path) -> tuple[list[dict], dict]:
             raise ValueError(f"{path}: empty, expected a results CSV with a header line ({', '.join(ROW_COLUMNS)}, "
                              "...)")
         missing = [c for c in ROW_COLUMNS if c not in header]
+        if uneven and not missing:
+            raise ValueError(f"{path}: line {uneven[0]} has {uneven[1]} fields, the header {len(header)} (a file cut "
+                             "off or edited by hand? the benchmark scripts write every row whole)")
         meta = {"partial": True} if rows and rows[-1].get("status") == PARTIAL_STATUS else {}
     if missing:
         raise ValueError(f"{path}: not a benchmark results file: no {', '.join(missing)} column (expected the "

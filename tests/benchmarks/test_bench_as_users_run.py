@@ -130,6 +130,30 @@ def _row(**fields) -> dict:
     return common.make_row(dict.fromkeys(common.ENV_FIELDS, "x"), **{**case, **fields})
 
 
+def test_a_results_csv_cut_off_or_edited_is_refused_naming_its_line(tmp_path, capsys):
+    """A CSV whose header or a row was cut mid-line (a copy that stopped, a hand edit) was read without complaint:
+    the row's fields shifted under other columns, or the missing ones read as empty."""
+    whole = tmp_path / "whole.csv"
+    common.write_results([_row(), _row(provider="cpu")], tmp_path, "whole")
+    lines = whole.read_text().splitlines()
+    header_cut = tmp_path / "header_cut.csv"
+    header_cut.write_text(lines[0].rsplit(",", 3)[0] + "\n" + "\n".join(lines[1:]) + "\n")
+    row_cut = tmp_path / "row_cut.csv"
+    row_cut.write_text("\n".join(lines[:2]) + "\n" + lines[2][: len(lines[2]) // 2] + "\n")
+    fields = len(common.FIELDS)
+    for path, line, given, header in [(header_cut, 2, fields, fields - 3), (row_cut, 3, None, fields)]:
+        with pytest.raises(ValueError) as e:
+            common.read_rows(path)
+        message = str(e.value)
+        assert message.startswith(f"{path}: line {line} has "), message
+        assert f"fields, the header {header} (a file cut off or edited by hand?" in message
+        if given is not None:
+            assert f"has {given} fields" in message
+        assert common.main(["roofline", str(path)]) == 1
+        assert capsys.readouterr().err.startswith(f"benchmarks/common.py roofline: {path}: line {line} has ")
+    assert len(common.read_rows(whole)) == 2
+
+
 def test_the_csv_of_an_unfinished_run_says_so(tmp_path):
     """The JSON of a run still going (or killed) says "partial" in its meta; its CSV looked exactly like a finished
     run's. Its last row now has status partial and a note saying so; a finished run's CSV has no such row."""
