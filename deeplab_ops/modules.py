@@ -718,6 +718,13 @@ class FusedConvBNReLU(ReleasesDerived, nn.Sequential):
 
     def forward(self, x: Tensor, residual: Tensor | None = None) -> Tensor:
         if isinstance(x, torch.fx.Proxy):  # torch.fx symbolic tracing: the children, as nn.Sequential calls them
+            if (isinstance(residual, torch.fx.Proxy) and residual.node.op == "placeholder"
+                    and residual.node.args == (None,)):
+                # symbolic_trace of this module itself: the residual is the traced forward's argument that
+                # defaults to None, traced as left out (an add of it failed every call without one); the traced
+                # module refuses one rather than leave it out silently
+                _refuse_residual(residual)
+                residual = None
             return self._unfused_forward(x, residual)
         modules = self._modules  # self[0], self[1] without nn.Sequential's indexing
         conv, bn, relu = modules.get("0"), modules.get("1"), modules.get("2")
@@ -774,6 +781,21 @@ class FusedConvBNReLU(ReleasesDerived, nn.Sequential):
         return f"relu={self.apply_relu}, backend={self.backend!r}" + (
             ", memory_efficient=True" if getattr(self, "memory_efficient", False) else ""
         )
+
+
+def _refuse_residual(residual: Tensor | None) -> None:
+    """In a torch.fx trace of a FusedConvBNReLU itself (its residual argument traced as left out): refuse one."""
+    if residual is not None:
+        raise ValueError(
+            "residual: got a tensor, but this module is a torch.fx trace of a FusedConvBNReLU called without one, "
+            "so its graph adds none; trace a module that passes the residual to it (the residual is then traced "
+            "in), or call this one without"
+        )
+
+
+torch.fx.wrap("_refuse_residual")  # recorded in a traced graph as a call, not run once while tracing
+if hasattr(torch.fx.node, "has_side_effect"):  # torch >= 2.5: kept by eliminate_dead_code
+    torch.fx.node.has_side_effect(_refuse_residual)
 
 
 def aspp_parts(module: nn.Module) -> tuple[list[nn.Conv2d], list[nn.BatchNorm2d], tuple[int, ...]]:
@@ -1380,8 +1402,9 @@ class FusedASPP(ReleasesDerived, nn.Module):
     def _unfused_forward(self, x: Tensor) -> Tensor:
         branches = list(self.convs)
         out = [branch(x) for branch in branches[:-1]]
+        size = x.shape[-2:]  # before the pooling branch runs, as torchvision's ASPPPooling (a torch.fx trace's order)
         pooled = branches[-1](x)  # (N, C, 1, 1): broadcast back bilinearly, as torchvision's ASPPPooling does
-        out.append(torch.nn.functional.interpolate(pooled, size=x.shape[-2:], mode="bilinear", align_corners=False))
+        out.append(torch.nn.functional.interpolate(pooled, size=size, mode="bilinear", align_corners=False))
         return self.project(torch.cat(out, dim=1))
 
     def extra_repr(self) -> str:

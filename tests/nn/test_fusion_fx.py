@@ -379,6 +379,45 @@ def test_symbolic_trace_of_fused_modules_and_a_fused_chain():
         assert_close(traced(x), want(x), f"training={training}", TOL, TOL)
 
 
+def test_symbolic_trace_of_a_bare_fused_block_and_the_residual_it_left_out():
+    """symbolic_trace(FusedConvBNReLU(...)) itself: its residual argument (default None) was traced as given, and the
+    traced module's add failed every call without one (TypeError: Tensor + NoneType). It is now traced as left out:
+    the unfused Sequential's three calls, and a residual given to the traced module is refused, not dropped (also
+    after eliminate_dead_code). A module that passes a residual traces the add; a traced FusedASPP has torchvision's
+    ASPP's nodes in torchvision's order."""
+    torch.manual_seed(0)
+    block = _randomize(FusedConvBNReLU(4, 4, 3, padding=1)).double()
+    x, r = torch.randn(2, 4, 5, 5, dtype=torch.float64), torch.randn(2, 4, 5, 5, dtype=torch.float64)
+    for training in (True, False):
+        block.train(training)
+        traced = torch.fx.symbolic_trace(block)
+        calls = [n.target for n in traced.graph.nodes if n.op == "call_module"]
+        assert calls == ["0", "1", "2"] and "add" not in {n.name for n in traced.graph.nodes}
+        want = copy.deepcopy(block)
+        assert_close(traced(x), want(x), f"training={training}", TOL, TOL)
+        traced.graph.eliminate_dead_code()
+        traced.recompile()
+        with pytest.raises(ValueError, match="residual: got a tensor, but this module is a torch.fx trace of a "
+                                             "FusedConvBNReLU called without one"):
+            traced(x, r)
+
+    class PassesResidual(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.block = block
+
+        def forward(self, x, r):
+            return self.block(x, r)
+
+    outer = PassesResidual()
+    traced = torch.fx.symbolic_trace(outer)
+    assert "add" in {n.name for n in traced.graph.nodes}
+    assert_close(traced(x, r), copy.deepcopy(outer)(x, r), "residual", TOL, TOL)
+    nodes = [[(n.op, str(n.target)) for n in torch.fx.symbolic_trace(m).graph.nodes]
+             for m in (TorchvisionASPP(4, [1, 2], 4), FusedASPP(4, [1, 2], 4, dropout=0.5))]
+    assert nodes[1] == nodes[0]
+
+
 class _StochasticDepthBlock(nn.Module):
     """A BasicBlock (torchvision's names and data flow, a class of its own) with stochastic depth: in training it is
     skipped (the identity) when a Python or NumPy random draw is below p. Traced along one draw's branch, its graph
