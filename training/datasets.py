@@ -81,6 +81,37 @@ class MissingReader(DataFileError, ImportError):
     """A dataset's files need a package that is not installed (scipy for SBD's .mat labels)."""
 
 
+_WARNED_LARGE: list[str] = []  # the first image above PIL's decompression-bomb warning limit, once per process
+
+
+@contextlib.contextmanager
+def _opened(path: str):
+    """Image.open(path) as a context; PIL's warning for an image above its pixel limit (Image.MAX_IMAGE_PIXELS,
+    89.5 MP: "could be decompression bomb DOS attack", naming no file) becomes a DataWarning naming it, said once
+    per process; above twice the limit PIL refuses to open it (DecompressionBombError), which _bomb_hint explains."""
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        im = Image.open(path)
+    for w in caught:
+        if not issubclass(w.category, Image.DecompressionBombWarning):
+            warnings.warn_explicit(w.message, w.category, w.filename, w.lineno)
+        elif not _WARNED_LARGE:
+            _WARNED_LARGE.append(path)
+            warnings.warn(f"image {path} is {im.width}x{im.height} ({im.width * im.height:,} pixels), above PIL's "
+                          f"limit of {Image.MAX_IMAGE_PIXELS:,} for reading without this warning (a guard against "
+                          "decompression bombs); read anyway, slowly: cut such images into tiles (said once per "
+                          "process)",
+                          DataWarning, stacklevel=4)
+    with im:
+        yield im
+
+
+def _bomb_hint(e: Exception) -> str:
+    return ("; PIL refuses images above twice its pixel limit (Image.MAX_IMAGE_PIXELS) as possible decompression "
+            "bombs: cut it into tiles (training reads --crop-size crops of it anyway)"
+            if isinstance(e, Image.DecompressionBombError) else "")
+
+
 def read_image(path: str, exif_orientation: bool = False) -> np.ndarray:
     """An RGB image as (H, W, 3) uint8; errors name the file. exif_orientation: turn it upright as its EXIF
     Orientation tag says (as image viewers show a phone photo); else its pixels as stored."""
@@ -88,7 +119,7 @@ def read_image(path: str, exif_orientation: bool = False) -> np.ndarray:
         raise MissingDataFile(f"image file not found: {path}" + (" (a folder of that name)" if os.path.isdir(path)
                                                                  else ""))
     try:
-        with Image.open(path) as im:
+        with _opened(path) as im:
             if exif_orientation and im.getexif().get(0x0112, 1) != 1:  # 0x0112: Orientation; 1: upright already
                 im = ImageOps.exif_transpose(im)  # (it copies an upright image whole: not called for one)
             if im.mode in WIDE_MODES:  # convert("RGB") would clip every value above 255 to white
@@ -97,7 +128,7 @@ def read_image(path: str, exif_orientation: bool = False) -> np.ndarray:
     except BadDataFile:
         raise
     except Exception as e:  # PIL raises several types for truncated or foreign files
-        raise UnreadableDataFile(f"cannot read image {path}: {type(e).__name__}: {e}") from e
+        raise UnreadableDataFile(f"cannot read image {path}: {type(e).__name__}: {e}{_bomb_hint(e)}") from e
 
 
 class DataWarning(UserWarning):
@@ -130,7 +161,7 @@ def _rgb_from_wide(im: Image.Image, path: str) -> np.ndarray:
                       f"[0, 4095] (max {top:.0f}): scaled from 16 bits to 8 it reads nearly black (brightest "
                       f"{round(top * 255 / 65535)} of 255). If it holds 10- or 12-bit data (a sensor's), scale it "
                       "to 8 bits by its own range (e.g. values * 255 / 4095 for 12-bit data) and save that (said "
-                      "once)", DataWarning, stacklevel=3)
+                      "once per process)", DataWarning, stacklevel=3)
     gray = np.rint(values * (255.0 / 65535.0)).astype(np.uint8)
     return np.repeat(gray[..., None], 3, axis=2)
 
@@ -172,7 +203,7 @@ def read_index_mask(path: str, num_classes: int | None = None, *, voc_classes: b
         raise MissingDataFile(f"mask file not found: {path}" + (" (a folder of that name)" if os.path.isdir(path)
                                                                 else ""))
     try:
-        with Image.open(path) as im:
+        with _opened(path) as im:
             mode = im.mode
             if im.format in LOSSY_FORMATS:  # whatever the file's name says (x.png that holds JPEG data)
                 raise BadDataFile(
@@ -185,16 +216,29 @@ def read_index_mask(path: str, num_classes: int | None = None, *, voc_classes: b
                     f"mask is an {mode} colour image; expected a palette (P) or single-channel index PNG whose pixel "
                     f"values are class indices (255 = ignore){_colour_mask_hint(np.asarray(im.convert('RGB')))}"
                 )
+            depth_scale = _low_depth_scale(im)
             arr = np.asarray(im)
+            if depth_scale > 1:  # PIL spreads 2- and 4-bit gray over 0..255; a mask's samples are class indices
+                arr = arr // depth_scale
             if voc_classes and mode == "P" and arr.ndim == 2:
                 _refuse_renumbered_palette(im.getpalette(), arr)
     except ValueError as e:  # (BadDataFile too: named with the file here)
         raise BadDataFile(f"bad mask {path}: {e}") from e
     except Exception as e:
-        raise UnreadableDataFile(f"cannot read mask {path}: {type(e).__name__}: {e}") from e
+        raise UnreadableDataFile(f"cannot read mask {path}: {type(e).__name__}: {e}{_bomb_hint(e)}") from e
     if arr.ndim != 2:
         raise BadDataFile(f"bad mask {path}: expected a single-channel image, got shape {arr.shape}")
     return class_index_mask(arr, path, num_classes)
+
+
+def _low_depth_scale(im: Image.Image) -> int:
+    """What PIL multiplied a 2- or 4-bit grayscale PNG's samples by (85, 17; its raw modes L;2 and L;4, read before
+    the pixels are loaded), 1 for every other image: a 2-bit mask holding classes 0-2 read as 0, 85 and 170."""
+    if im.format != "PNG" or im.mode != "L" or not im.tile:
+        return 1
+    raw = im.tile[0][3]
+    raw = raw[0] if isinstance(raw, tuple) and raw else raw
+    return {"L;2": 85, "L;4": 17}.get(raw, 1)
 
 
 @functools.cache
@@ -325,7 +369,20 @@ def _check_exist(paths: Sequence[str], what: str) -> None:
     missing = [p for p in paths if not os.path.isfile(p)]
     if missing:
         more = f" (and {len(missing) - 1} more)" if len(missing) > 1 else ""
-        raise FileNotFoundError(f"{what} file not found: {missing[0]}{more}")
+        raise FileNotFoundError(f"{what} file not found: {missing[0]}{more}{_case_hint(missing[0])}")
+
+
+def _case_hint(path: str) -> str:
+    """'; there is X: ...' when the folder of a file not found holds files whose names differ from its name only in
+    case (x.JPG for x.jpg, IMG3.png for img3.png): names are matched with their case; else ''."""
+    folder, name = os.path.split(path)
+    try:
+        key = _nfc(name).casefold()
+        twins = sorted(f for f in os.listdir(folder or ".") if f != name and _nfc(f).casefold() == key)
+    except OSError:
+        return ""
+    return (f"; {folder or '.'} has {', '.join(twins)}, a name that differs only in case (names are matched with "
+            "their case: rename the file)" if twins else "")
 
 
 # ---- which file a crashed DataLoader worker was reading --------------------------------------------------------
@@ -651,17 +708,36 @@ def _find_sbd_root(root: str) -> str:
                             "benchmark_RELEASE/dataset with cls/*.mat, train.txt and val.txt")
 
 
+# 'JPEGImages/x.jpg SegmentationClassAug/x.png': an image path, whitespace, a label path (either may hold spaces)
+_PAIR = re.compile(r"(.+?(?:" + "|".join(re.escape(e) for e in IMAGE_EXTENSIONS) + r"))\s+(\S.*\.(?:png|mat))",
+                   re.IGNORECASE)
+
+
 def _list_ids(path: str, unique: bool = False) -> list[str]:
-    """Ids of a VOC or SBD list file; lines may be bare ids (VOC's ids hold no spaces) or
-    'JPEGImages/x.jpg SegmentationClassAug/x.png' pairs, whose first path gives the id. unique: refuse an id
-    listed twice (a list that gives a split's images in order; lists read as sets need not)."""
+    """Ids of a VOC or SBD list file; lines may be bare ids (VOC's hold no spaces, a user's export may: the line
+    without its outer whitespace is the id) or 'JPEGImages/x.jpg SegmentationClassAug/x.png' pairs, whose first
+    path gives the id. unique: refuse an id listed twice (a list that gives a split's images in order; lists read
+    as sets need not)."""
     numbered = []
     for n, line in read_split(path):
-        stem, ext = os.path.splitext(os.path.basename(line.split()[0]))
+        entry = line.strip()
+        pair = _PAIR.fullmatch(entry)
+        stem, ext = os.path.splitext(os.path.basename(pair.group(1) if pair else entry))
         numbered.append((n, line, stem if ext.lower() in IMAGE_EXTENSIONS + (".mat",) else stem + ext))
     if unique:
         _refuse_repeats(path, numbered)
     return [i for _, _, i in numbered]
+
+
+def _aug_labels(aug_dir: str) -> dict[str, str]:
+    """id -> path of each PNG label in SegmentationClassAug/, the extension in any case (x.PNG); hidden files (macOS's
+    "._x.png" beside every copied file) and folders are not labels."""
+    labels = {}
+    for f in sorted(os.listdir(aug_dir)):
+        stem, ext = os.path.splitext(f)
+        if ext.lower() == ".png" and not f.startswith(".") and os.path.isfile(os.path.join(aug_dir, f)):
+            labels.setdefault(stem, os.path.join(aug_dir, f))
+    return labels
 
 
 class VOCSegmentation:
@@ -707,19 +783,18 @@ class VOCSegmentation:
                 if unfound:
                     more = f" (and {len(unfound) - 1} more)" if len(unfound) > 1 else ""
                     raise MissingDataFile(f"image file not found: {unfound[0][0]}, nor SBD's {unfound[0][1]}{more}")
-            elif os.path.isdir(aug_dir) and any(f.endswith(".png") for f in os.listdir(aug_dir)):
+            elif os.path.isdir(aug_dir) and (aug_labels := _aug_labels(aug_dir)):
                 listed = os.path.join(seg_lists, "train_aug.txt")
                 if os.path.isfile(listed):
                     ids = _list_ids(listed, unique=True)
                 else:
-                    ids = sorted(os.path.splitext(f)[0] for f in os.listdir(aug_dir) if f.endswith(".png"))
-                    ids = [i for i in ids if i not in val_ids]
+                    ids = [i for i in sorted(aug_labels) if i not in val_ids]
                 overlap = val_ids.intersection(ids)
                 if overlap:  # (only a list file can: the folder's own list leaves val out)
                     images = f"{len(overlap)} image{'s' if len(overlap) > 1 else ''}"
                     raise ValueError(f"{listed} lists {images} of VOC's val split (e.g. {sorted(overlap)[0]}, in "
                                      f"{os.path.join(seg_lists, 'val.txt')}); train_aug must exclude VOC val")
-                items = [(i, self._jpeg(i), os.path.join(aug_dir, f"{i}.png")) for i in ids]
+                items = [(i, self._jpeg(i), aug_labels.get(i, os.path.join(aug_dir, f"{i}.png"))) for i in ids]
             else:
                 raise FileNotFoundError(
                     f"split train_aug needs SBD labels: pass --sbd-root (SBD's benchmark_RELEASE) or put the "
@@ -775,10 +850,13 @@ def read_class_list(path: str) -> list[str]:
     names = lines
     first: dict[str, int] = {}
     for i, name in enumerate(names):
-        if name in first:  # the metrics report per class by name: two alike would be told apart by index only
-            raise ValueError(f"class list {path}: lines {first[name] + 1} and {i + 1} both name {name!r}; each class "
+        key = _nfc(name)  # 'café' composed and decomposed look alike
+        if key in first:  # the metrics report per class by name: two alike would be told apart by index only
+            same = repr(name) if names[first[key]] == name else f"{names[first[key]]!r} and {name!r} (the same in " \
+                "Unicode's composed form)"
+            raise ValueError(f"class list {path}: lines {first[key] + 1} and {i + 1} both name {same}; each class "
                              "needs a name of its own")
-        first[name] = i
+        first[key] = i
     if len(names) < 2:
         raise ValueError(f"class list {path} names {len(names)} classes; need at least 2")
     if len(names) > 255:
@@ -926,6 +1004,11 @@ class FolderSegmentation:
         elif split == "train" and os.path.isfile(val_file := os.path.join(root, "val.txt")):
             held_out = set(_folder_names(val_file, by_stem, images_dir))  # no train.txt: every image val.txt omits
             names = [n for n in sorted(by_stem) if n not in held_out]
+            if not names:
+                raise ValueError(
+                    f"folder dataset {root}: split 'train' has no images: without a train.txt it is every image "
+                    f"{val_file} does not list, and it lists all {len(by_stem)} images in {images_dir}; leave some "
+                    "out of it, or write the training images' names to " + os.path.join(root, "train.txt"))
         elif split in ("train", "val") and not os.path.isfile(os.path.join(root, "train.txt")):
             import zlib
 
@@ -960,7 +1043,7 @@ class FolderSegmentation:
                             for f in os.listdir(masks_dir) if _nfc(os.path.splitext(f)[0]) == _nfc(n))
             more = f" (and {len(missing) - 1} more)" if len(missing) > 1 else ""
             hint = (f"; {masks_dir} has {', '.join(others)}, but masks must be PNG files (lossless class indices)"
-                    if others else "")
+                    if others else _case_hint(os.path.join(masks_dir, n + ".png")))
             raise FileNotFoundError(f"mask file not found: {os.path.join(masks_dir, n + '.png')}{more}{hint}")
         # A link whose target is gone is listed but is no file: named now, not when training first reads it.
         _check_exist([p for _, p, _ in self.items], "image")

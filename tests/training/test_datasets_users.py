@@ -370,3 +370,125 @@ def test_decomposed_names_warn_that_the_hash_split_depends_on_their_form(tmp_pat
     with warnings.catch_warnings():
         warnings.simplefilter("error")
         datasets.FolderSegmentation(str(plain), "val")
+
+
+# ---- found by a new-user audit of the data paths (2026-12-07) ------------------------------------------------------
+
+
+def test_voc_list_entries_with_spaces_name_their_whole_image(tmp_path):
+    """A VOC list line `my img` (an export that kept its file names) was cut to its first word: with a `my.jpg`
+    beside it, that other image was trained on silently; without one, the error named my.jpg. The line is the id;
+    'image label' path pairs (spaces inside their paths too) still give their image."""
+    voc, _ = _voc_with_sbd(tmp_path)
+    m = Image.open(voc / "SegmentationClass" / "a.png")
+    for i, value in (("my img", 1), ("my", 2)):
+        Image.fromarray(np.full((8, 10, 3), value, np.uint8)).save(voc / "JPEGImages" / f"{i}.jpg")
+        m.save(voc / "SegmentationClass" / f"{i}.png")
+    lists = voc / "ImageSets/Segmentation"
+    (lists / "val.txt").write_text("my img\nc\n")
+    assert [it[:2] for it in datasets.VOCSegmentation(str(voc), "val").items] == [
+        ("my img", str(voc / "JPEGImages" / "my img.jpg")), ("c", str(voc / "JPEGImages" / "c.jpg"))]
+    (lists / "val.txt").write_text("/JPEGImages/my img.jpg /SegmentationClass/my img.png\n my \n")
+    assert [it[0] for it in datasets.VOCSegmentation(str(voc), "val").items] == ["my img", "my"]
+    (lists / "val.txt").write_text("your img\n")
+    with pytest.raises(FileNotFoundError, match=r"image file not found: .*JPEGImages/your img\.jpg$"):
+        datasets.VOCSegmentation(str(voc), "val")
+
+
+def test_voc_train_aug_folder_skips_hidden_files_and_takes_upper_case_png(tmp_path):
+    """SegmentationClassAug/ with macOS's `._x.png` stubs counted them as labels (training stopped at one with
+    UnidentifiedImageError, or the build named `JPEGImages/._x.jpg`); an `x.PNG` label was skipped silently."""
+    voc, _ = _voc_with_sbd(tmp_path)
+    aug = voc / "SegmentationClassAug"
+    aug.mkdir()
+    m = Image.open(voc / "SegmentationClass" / "a.png")
+    m.save(aug / "a.png")
+    m.save(aug / "b.PNG", format="PNG")
+    (aug / "._a.png").write_bytes(b"\x00\x05\x16\x07AppleDouble")
+    (aug / "c.png").mkdir()  # a folder is no label (and c is VOC val)
+    ds = datasets.VOCSegmentation(str(voc), "train_aug")
+    assert [(i, os.path.basename(label)) for i, _, label in ds.items] == [("a", "a.png"), ("b", "b.PNG")]
+    assert ds[1][1].shape == (8, 10)
+
+
+def test_a_file_not_found_names_one_that_differs_only_in_case(tmp_path):
+    voc, _ = _voc_with_sbd(tmp_path)
+    os.rename(voc / "JPEGImages" / "c.jpg", voc / "JPEGImages" / "c.JPG")
+    with pytest.raises(FileNotFoundError, match=r"image file not found: .*c\.jpg; .*JPEGImages has c\.JPG, a name "
+                                                r"that differs only in case \(names are matched with their case"):
+        datasets.VOCSegmentation(str(voc), "val")
+    root = _folder(tmp_path / "f")
+    os.rename(root / "masks" / "b.png", root / "masks" / "B.png")
+    (root / "train.txt").write_text("a\nb\n")
+    with pytest.raises(FileNotFoundError, match=r"mask file not found: .*masks/b\.png; .*masks has B\.png, a name "
+                                                "that differs only in case"):
+        datasets.FolderSegmentation(str(root), "train")
+
+
+def test_an_image_above_pils_pixel_limit_is_named(tmp_path, monkeypatch):
+    """PIL's decompression-bomb warning named no file (and printed its own source line); above twice the limit the
+    refusal said nothing of what to do. The warning is a DataWarning naming the image, once per process; the
+    refusal says how to get on."""
+    monkeypatch.setattr(datasets, "_WARNED_LARGE", [])
+    monkeypatch.setattr(Image, "MAX_IMAGE_PIXELS", 100)
+    Image.fromarray(np.zeros((10, 12, 3), np.uint8)).save(tmp_path / "big.png")  # 120 pixels: warned
+    Image.fromarray(np.zeros((10, 12), np.uint8), mode="L").save(tmp_path / "big_mask.png")
+    Image.fromarray(np.zeros((15, 14, 3), np.uint8)).save(tmp_path / "huge.png")  # 210 > 2 x 100: refused
+    with pytest.warns(datasets.DataWarning, match=r"image .*big\.png is 12x10 \(120 pixels\), above PIL's limit of "
+                                                  r"100 .*cut such images into tiles \(said once per process\)"):
+        assert datasets.read_image(str(tmp_path / "big.png")).shape == (10, 12, 3)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        datasets.read_image(str(tmp_path / "big.png"))
+        assert datasets.read_index_mask(str(tmp_path / "big_mask.png"), 2).shape == (10, 12)
+    with pytest.raises(datasets.UnreadableDataFile, match=r"cannot read image .*huge\.png: DecompressionBombError: "
+                                                          r".*; PIL refuses images above twice its pixel limit .*cut "
+                                                          "it into tiles"):
+        datasets.read_image(str(tmp_path / "huge.png"))
+
+
+def test_class_names_alike_in_unicodes_composed_form_are_refused(tmp_path):
+    composed = "caf\u00e9"
+    decomposed = unicodedata.normalize("NFD", composed)
+    (tmp_path / "classes.txt").write_text(f"background\n{composed}\n{decomposed}\n")
+    with pytest.raises(ValueError, match=f"lines 2 and 3 both name '{composed}' and '{decomposed}' \\(the same in "
+                                         "Unicode's composed form\\)"):
+        datasets.read_class_list(str(tmp_path / "classes.txt"))
+
+
+def _gray_png(path, values, depth):
+    """A grayscale PNG of bit depth 1, 2 or 4 (PIL writes only 1 and 8), as libpng and pypng write them."""
+    import struct
+
+    rows = b""
+    for row in values:
+        bits = "".join(format(int(v), f"0{depth}b") for v in row)
+        bits += "0" * (-len(bits) % 8)
+        rows += b"\x00" + int(bits, 2).to_bytes(len(bits) // 8, "big")
+
+    def chunk(kind, data):
+        return struct.pack(">I", len(data)) + kind + data + struct.pack(">I", zlib.crc32(kind + data))
+
+    h, w = values.shape
+    path.write_bytes(b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", struct.pack(">IIBBBBB", w, h, depth, 0, 0, 0, 0))
+                     + chunk(b"IDAT", zlib.compress(rows)) + chunk(b"IEND", b""))
+
+
+@pytest.mark.parametrize("depth", [1, 2, 4])
+def test_a_low_bit_depth_grayscale_mask_reads_its_class_indices(tmp_path, depth):
+    """PIL spreads a 2-bit grayscale PNG's samples 0..3 over 0, 85, 170, 255 (4-bit: x17): a mask of classes 0-2
+    was refused as holding 85 and 170, and one of 0 and 3 read class 3 as the ignore label."""
+    values = np.arange(24).reshape(4, 6) % min(2 ** depth, 5)
+    _gray_png(tmp_path / "m.png", values, depth)
+    assert np.array_equal(datasets.read_index_mask(str(tmp_path / "m.png"), 5), values)
+    if depth > 1:
+        with pytest.raises(datasets.BadDataFile, match=r"class indices \[3(, 4)?\] are >= num_classes=3"):
+            datasets.read_index_mask(str(tmp_path / "m.png"), 3)
+
+
+def test_a_train_split_left_empty_by_val_txt_says_why(tmp_path):
+    root = _folder(tmp_path)
+    (root / "val.txt").write_text("a\nb\nc\n")
+    with pytest.raises(ValueError, match=r"split 'train' has no images: without a train\.txt it is every image .*"
+                                         r"val\.txt does not list, and it lists all 3 images"):
+        datasets.FolderSegmentation(str(root), "train")
