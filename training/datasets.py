@@ -373,8 +373,8 @@ def _check_exist(paths: Sequence[str], what: str) -> None:
 
 
 def _case_hint(path: str) -> str:
-    """'; there is X: ...' when the folder of a file not found holds files whose names differ from its name only in
-    case (x.JPG for x.jpg, IMG3.png for img3.png): names are matched with their case; else ''."""
+    """'; FOLDER has X, a name that differs only in case ...' when the folder of a file not found holds files whose
+    names differ from its name only in case (x.JPG for x.jpg, IMG3.png for img3.png); else ''."""
     folder, name = os.path.split(path)
     try:
         key = _nfc(name).casefold()
