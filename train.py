@@ -41,7 +41,7 @@ from model.checkpoint import unwrap_model
 from training import checkpoint as ckpt_io
 from training import datasets, distributed, loop
 from training.palette import colorize, palette_bytes
-from training.signals import Terminated, raise_terminated
+from training.signals import Terminated, raise_terminated, signals_ignored
 from training.transforms import IMAGENET_MEAN, IMAGENET_STD, EvalTransform, TrainTransform
 
 MS_SCALES = (0.5, 0.75, 1.0, 1.25, 1.5, 1.75)
@@ -435,6 +435,10 @@ def _model_from_checkpoint(ckpt: dict, args, output_stride: int, path: str, flag
     net = build_model(flags["backbone"], ckpt["num_classes"], output_stride, flags["aux_loss"], args.fused_ops,
                       width=flags["backbone_width"])
     check_weights_fit(net, ckpt, path, flag)
+    bad = [k for k, v in net.state_dict().items() if v.is_floating_point() and not torch.isfinite(v).all()]
+    if bad:  # (argmax of NaN logits is 0: every pixel background, and the scores of that, without a word)
+        raise SystemExit(f"{flag} {path}: {len(bad)} of its tensors hold NaN or infinite values (e.g. {bad[0]}), so "
+                         "its outputs mean nothing; a run that diverged saves such weights: give an earlier checkpoint")
     return net
 
 
@@ -650,12 +654,27 @@ def cmd_predict(args, device, info: distributed.DistInfo, given: set[str] = froz
     # what a killed run's mask writes left (save_mask_png's temp files; no mask is ever half-written under its name)
     ckpt_io.remove_stale_temps(out, [os.path.basename(t) for t in plan.values()])
     tf, t0, written = EvalTransform(), time.time(), 0
-    for src, target in plan.items():
-        img, _ = tf(datasets.read_image(src, exif_orientation=True), None)  # upright, as viewers show it
-        probs = loop.predict_probs(net, img[None].to(device), _eval_scales(args), args.eval_flip, args.amp,
-                                   args.channels_last)
-        save_mask_png(probs.argmax(1)[0].cpu().numpy(), target)
-        written += 1
+    earlier_masks = {t for t in plan.values() if os.path.isfile(t)}  # an earlier --predict's (plan allows only those)
+    try:
+        for src, target in plan.items():
+            img, _ = tf(datasets.read_image(src, exif_orientation=True), None)  # upright, as viewers show it
+            probs = loop.predict_probs(net, img[None].to(device), _eval_scales(args), args.eval_flip, args.amp,
+                                       args.channels_last)
+            save_mask_png(probs.argmax(1)[0].cpu().numpy(), target)
+            written += 1
+    except (KeyboardInterrupt, OSError) as e:
+        # what the folder holds now: this run's masks, and an earlier run's where this one had not reached them
+        left = len(earlier_masks - set(list(plan.values())[:written]))
+        note = (f"{written} of the {len(plan)} masks{' of this process' if info.enabled else ''} were written to "
+                f"{out} before it stopped" + (f"; {left} of the others there are an earlier --predict run's" if left
+                                              else ""))
+        if isinstance(e, KeyboardInterrupt):
+            e.written = note  # (main's report prints it; add_note is Python 3.11's)
+            raise
+        if isinstance(e, ConnectionError):
+            raise
+        what = f"{e.strerror} ({e.filename})" if e.strerror and e.filename else f"{type(e).__name__}: {e}"
+        raise SystemExit(f"train.py: {what}; {note}") from None
     if info.enabled:
         written = sum(distributed.all_gather_objects(written))  # and every process has finished
     if not info.is_main:
@@ -768,11 +787,17 @@ def cmd_eval_only(args, device, info, given: set[str] = frozenset()) -> None:
                                   "eval_seconds": round(time.time() - t0, 2)}, "metrics_eval.json", recorded)
     if info.is_main:  # after the metrics; where it cannot be written, the earlier evaluation's goes (not beside these)
         preview = os.path.join(args.out_dir, "predictions_eval.png")
+        earlier = os.path.isfile(preview)
         try:
             save_preview(kept, preview)
-        except BaseException:
+        except BaseException as e:
             with contextlib.suppress(OSError):
                 os.remove(preview)
+            if isinstance(e, OSError) and e.strerror and e.filename:
+                raise SystemExit(f"train.py: {e.strerror} ({e.filename}); the metrics were written to "
+                                 f"{os.path.join(args.out_dir, 'metrics_eval.json')}" + (
+                                     ", and the earlier predictions_eval.png (of another evaluation) was removed"
+                                     if earlier else "")) from None
             raise
 
 
@@ -1830,13 +1855,19 @@ def main(argv=None) -> None:
         # Ctrl-C or SIGTERM: no traceback; what is saved and how to go on (a save is atomic: an interrupted one left
         # the previous)
         terminated = isinstance(e, Terminated)
-        if info.is_main and not (args.predict or args.eval_only):
-            saved = _saved_checkpoints(args, iterations=True)
-            if not loop.Progress.end() and sys.stderr.isatty():
-                sys.stderr.write("\n")  # (after the terminal's echoed ^C)
-            print(f"train.py: {'terminated (SIGTERM)' if terminated else 'interrupted'}; "
-                  + (f"{', '.join(saved)} in {os.path.abspath(args.out_dir)}: {_how_to_go_on(args)}"
-                     if saved else "no checkpoint was saved"), file=sys.stderr)
+        with signals_ignored():  # a second Ctrl-C (reading the checkpoints takes a while) interrupted this report
+            if info.is_main:
+                if not loop.Progress.end() and sys.stderr.isatty():
+                    sys.stderr.write("\n")  # (after the terminal's echoed ^C)
+                what = "terminated (SIGTERM)" if terminated else "interrupted"
+                if args.predict or args.eval_only:  # what was written, where the command knows it
+                    written = getattr(e, "written", None)
+                    print(f"train.py: {what}" + (f"; {written}" if written else ""), file=sys.stderr)
+                else:
+                    saved = _saved_checkpoints(args, iterations=True)
+                    print(f"train.py: {what}; "
+                          + (f"{', '.join(saved)} in {os.path.abspath(args.out_dir)}: {_how_to_go_on(args)}"
+                             if saved else "no checkpoint was saved"), file=sys.stderr)
         raise SystemExit(143 if terminated else 130) from None
     except SystemExit as e:
         # What every process meets alike (a refusal before any work): said once per machine.

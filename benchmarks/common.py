@@ -12,6 +12,7 @@ FLOPs: "useful" counts the (kernel tap, output position) pairs whose input posit
 from __future__ import annotations
 
 import argparse
+import atexit
 import contextlib
 import csv
 import datetime
@@ -804,6 +805,7 @@ class Runner:
         self.budget = Budget(args.budget_s)
         self.rows: list[dict] = []
         # every file an earlier run of this NAME may have left, --plot or --profile or not: none describes this run
+        claim_results(args.out, args.name)
         set_aside_earlier_results(args.out, [f"{args.name}{ext}" for ext in RESULT_SUFFIXES])
         self._group: list[tuple] | None = None  # the cases of the open CPU group, in submission order
 
@@ -1134,6 +1136,53 @@ def write_results(rows: list[dict], out_dir: str | Path, name: str, extra: dict 
         writer.writerow({"status": PARTIAL_STATUS, "note": PARTIAL_NOTE})
     write_text_atomic(csv_path, buffer.getvalue())
     return json_path, csv_path
+
+
+class ResultsBusy(RuntimeError):
+    """Another run holds the claim on the same --out and --name (claim_results)."""
+
+
+_CLAIMS: dict[Path, int] = {}  # lock file -> its descriptor, for the NAMEs this process writes
+
+
+def claim_results(out_dir: str | Path, name: str) -> None:
+    """Claim --out's NAME for this run before anything is moved aside or written: a second run with the same --out
+    and --name while this one runs is refused (ResultsBusy) instead of moving this run's files aside and being
+    replaced by them, or replacing them (the first run's rows were lost silently). An flock on OUT/.NAME.lock,
+    dropped by the OS however the process ends; release_results removes the file. Nothing is locked where the
+    platform or filesystem has no flock."""
+    try:
+        import fcntl
+    except ImportError:  # (Windows)
+        return
+    lock = Path(out_dir) / f".{name}.lock"
+    if lock in _CLAIMS:
+        return
+    lock.parent.mkdir(parents=True, exist_ok=True)
+    fd = os.open(lock, os.O_RDWR | os.O_CREAT, 0o644)
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:
+        os.close(fd)
+        raise ResultsBusy(f"another run is writing the results named {name!r} in {lock.parent} (it holds "
+                          f"{lock.name}): wait for it to finish, or give this one another --name or --out") from None
+    except OSError:  # a filesystem without locks: unclaimed, as before claims existed
+        os.close(fd)
+        with contextlib.suppress(OSError):
+            lock.unlink()
+        return
+    if not _CLAIMS:
+        atexit.register(release_results)
+    _CLAIMS[lock] = fd
+
+
+def release_results() -> None:
+    """Drop this process's claims (claim_results), removing their lock files: at the end of a run, and at exit."""
+    for lock, fd in list(_CLAIMS.items()):
+        with contextlib.suppress(OSError):
+            lock.unlink()
+        os.close(fd)
+        del _CLAIMS[lock]
 
 
 def set_aside_earlier_results(out_dir: str | Path, names: Iterable[str]) -> list[tuple[Path, Path]]:
@@ -1473,7 +1522,7 @@ def run_script(main: Callable[[], int], script: str) -> int:
     status 143 (it ended the process silently: the results files were kept, marked partial, unsaid); a reader of
     stdout that stopped early (`... | head -1`) ends the run quietly with exit status 1 (the results files keep
     the cases finished)."""
-    from training.signals import Terminated, raise_terminated
+    from training.signals import Terminated, raise_terminated, signals_ignored
 
     # SIGTERM as Ctrl-C, then as it was. An ignored SIGTERM (inherited) stays ignored; off the main thread (a test
     # calling main) no handler is set: SIG_IGN there means nothing to restore.
@@ -1488,34 +1537,35 @@ def run_script(main: Callable[[], int], script: str) -> int:
     except BrokenPipeError:
         _silence_stdout()
         return 1
+    except ResultsBusy as e:
+        print(f"{script}: {e}", file=sys.stderr)
+        return 1
+    except OSError as e:
+        if not (e.strerror and e.filename):
+            raise
+        # a results file that could not be written (a full disk, a folder made read-only): one line; each file is
+        # replaced in one step, so what it held before (an earlier save of this run) is whole
+        print(f"{script}: {e.strerror} ({e.filename}); the results files keep what they held before this write",
+              file=sys.stderr)
+        return 1
     except KeyboardInterrupt as e:
         # a second SIGINT (gpu_suite.sh hands one to the phase's process group, and its timeout another) must not
         # interrupt this report with a traceback: ignored while it is written
-        with _signals_ignored():
+        with signals_ignored():
             _report_interrupt(script, "terminated (SIGTERM)" if isinstance(e, Terminated) else "interrupted")
         return 143 if isinstance(e, Terminated) else 130
     finally:
+        release_results()
         if previous is not signal.SIG_IGN:  # (None: a handler not set from Python, the default)
             signal.signal(signal.SIGTERM, signal.SIG_DFL if previous is None else previous)
 
 
-@contextlib.contextmanager
-def _signals_ignored():
-    """SIGINT and SIGTERM ignored (a second one must not interrupt the report of the first with a traceback)."""
-    previous = {}
-    try:
-        for sig in (signal.SIGINT, signal.SIGTERM):
-            previous[sig] = signal.signal(sig, signal.SIG_IGN)
-    except ValueError:  # not the main thread: signals go to the main thread anyway
-        pass
-    try:
-        yield
-    finally:
-        for sig, handler in previous.items():
-            signal.signal(sig, signal.SIG_DFL if handler is None else handler)
-
-
 def _report_interrupt(script: str, what: str = "interrupted") -> None:
+    written = [p for lock in _CLAIMS for ext in (".json", ".csv")
+               if (p := lock.with_name(lock.name[1:-len(".lock")] + ext)).is_file()]
+    if not written:  # stopped before its first save (or before it claimed its --out): nothing to keep
+        print(f"\n{script}: {what}: before any case finished; no results file was written", file=sys.stderr)
+        return
     print(f"\n{script}: {what}: the results files keep the cases finished so far, marked partial (the "
           "JSON's meta, the CSV's last row; overhead_bench: the CSV's last row and the Markdown's first "
           "paragraph)", file=sys.stderr)
@@ -1531,6 +1581,7 @@ def finish(rows: list[dict], args: argparse.Namespace, meta: dict, title: str) -
         path = plot(rows, args.out, args.name)
         if path:
             print(f"wrote {path}")
+    release_results()
     # 1 when a row failed (a skipped one, e.g. a provider that cannot run here, is no failure) or none ran
     return 0 if any(r["status"] == "ok" for r in rows) and not any(r["status"] == "error" for r in rows) else 1
 

@@ -1150,6 +1150,7 @@ def main(argv: list[str] | None = None) -> int:
     budget = common.Budget(args.budget_s)
     step_rows, rows = [], []
 
+    common.claim_results(out, name)
     common.set_aside_earlier_results(out, [f"{name}.csv", f"{name}.md"])
 
     def save(partial: bool = True) -> None:
@@ -1204,6 +1205,7 @@ def main(argv: list[str] | None = None) -> int:
     print_table(rows + step_rows)
     save(partial=False)
     print(f"wrote {out / (name + '.csv')} and {out / (name + '.md')}")
+    common.release_results()
     every = rows + step_rows
     return 0 if all(r["status"] != "error" for r in every) and any(r["status"] == "ok" for r in every) else 1
 

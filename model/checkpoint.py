@@ -23,6 +23,7 @@ file and says what is wrong with it.
 
 from __future__ import annotations
 
+import contextlib
 import os
 import re
 import warnings
@@ -516,6 +517,17 @@ def unwrap_model(model: nn.Module) -> nn.Module:
             return model
 
 
+@contextlib.contextmanager
+def _naming(source: StateDictSource):
+    """A mismatch found in a file's state_dict names the file (a long script may load several)."""
+    try:
+        yield
+    except CheckpointMismatchError as e:
+        if not isinstance(source, (str, os.PathLike)):
+            raise
+        raise CheckpointMismatchError(f"{os.fspath(source)}: {e}") from None
+
+
 def load_checkpoint(
     model: nn.Module, source: StateDictSource, *, ignore_prefixes: Sequence[str] = ()
 ) -> nn.Module:
@@ -551,8 +563,9 @@ def load_checkpoint(
         raise ValueError(f"ignore_prefixes={ignore_prefixes!r} drops every key of the checkpoint ({len(state)} keys, "
                          f"e.g. {next(iter(state))!r}): nothing would be loaded")
     state = kept
-    check_keys(inner, state, ignore_prefixes=prefixes)
-    check_loadable(inner, state)
+    with _naming(source):
+        check_keys(inner, state, ignore_prefixes=prefixes)
+        check_loadable(inner, state)
     # Strict but for what check_keys allows (the keys it ignores; old BatchNorms' counters, which load as they are)
     inner.load_state_dict(state, strict=not prefixes)
     return model
@@ -577,7 +590,8 @@ def load_backbone(model: nn.Module, source: StateDictSource) -> nn.Module:
             "the checkpoint's keys start with 'backbone.': it is a whole DeepLabV3 state_dict, not an ImageNet "
             "ResNet one; use load_checkpoint(model, ...)"
         )
-    check_keys(backbone, state, prefix="backbone.")
-    check_loadable(backbone, state, prefix="backbone.")
+    with _naming(source):
+        check_keys(backbone, state, prefix="backbone.")
+        check_loadable(backbone, state, prefix="backbone.")
     backbone.load_state_dict(state, strict=True)
     return model

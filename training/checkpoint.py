@@ -224,6 +224,10 @@ def check_resumable(ckpt: dict, path: str = "the checkpoint") -> None:
         raise ValueError(f"cannot resume from {path}: it has no {', '.join(repr(k) for k in missing)} entries; "
                          "resume needs a last.pt/best.pt written by train.py's training loop (a bare state_dict "
                          "or an exported model only initialises a network)")
+    iteration = ckpt["iteration"]
+    if type(iteration) is not int or iteration < 0:  # (bool is no count either)
+        raise ValueError(f"cannot resume from {path}: its 'iteration' entry is {iteration!r}, not a count of "
+                         "iterations (an int >= 0); it was not written by train.py's training loop")
 
 
 def check_rng_states(ckpt: dict) -> None:

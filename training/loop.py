@@ -9,6 +9,7 @@ would see (process r takes the r-th slice of each global batch).
 
 from __future__ import annotations
 
+import contextlib
 import json
 import math
 import os
@@ -357,6 +358,23 @@ def resume_evaluates(resume: dict | None, cfg: TrainConfig, *, validating: bool)
             and evaluates(cfg, resume["iteration"]))
 
 
+def _append_line(path: str, line: str) -> None:
+    """Append `line` to `path` whole or not at all: a write that fails (a full disk, a file-size limit) is cut back
+    off, and its OSError names the file (a failed write's error names none)."""
+    data = line.encode()
+    fd = os.open(path, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o666)
+    end = os.lseek(fd, 0, os.SEEK_END)
+    try:
+        while data:
+            data = data[os.write(fd, data):]
+    except OSError as e:
+        with contextlib.suppress(OSError):
+            os.ftruncate(fd, end)
+        raise OSError(e.errno, e.strerror, path) from None
+    finally:
+        os.close(fd)
+
+
 class MetricsLog:
     """JSON-lines metrics log (one object per line) and, when `tensorboard` is installed, a SummaryWriter."""
 
@@ -384,9 +402,8 @@ class MetricsLog:
 
     def write(self, record: dict) -> None:
         if self.path:
-            with open(self.path, "a") as f:
-                clean = {k: None if isinstance(v, float) and v != v else v for k, v in record.items()}  # NaN → null
-                f.write(json.dumps(clean, allow_nan=False) + "\n")
+            clean = {k: None if isinstance(v, float) and v != v else v for k, v in record.items()}  # NaN → null
+            _append_line(self.path, json.dumps(clean, allow_nan=False) + "\n")
         if self.tb is not None:
             step = record.get("iteration", 0)
             for k, v in record.items():

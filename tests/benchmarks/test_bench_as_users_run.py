@@ -207,14 +207,68 @@ def test_a_write_interrupted_half_way_leaves_the_previous_file_whole(tmp_path):
     assert sorted(p.name for p in tmp_path.iterdir()) == ["run.csv", "run.json"]  # no temporary file left
 
 
-def test_ctrl_c_is_one_line_and_exit_status_130(capsys):
+def test_ctrl_c_is_one_line_and_exit_status_130(capsys, tmp_path):
+    """The line says what was kept: the cases finished so far where a results file was written, and that none was
+    where the run stopped before its first save (it said that the files keep the cases, and there were none)."""
     def main():
         raise KeyboardInterrupt
 
     assert common.run_script(main, "aspp_bench.py") == 130
     err = capsys.readouterr().err
-    assert "aspp_bench.py: interrupted: the results files keep the cases finished so far, marked partial" in err
+    assert "aspp_bench.py: interrupted: before any case finished; no results file was written" in err
     assert "Traceback" not in err
+
+    def main_after_a_save():
+        common.claim_results(tmp_path, "run")
+        common.write_results([_row()], tmp_path, "run", {"partial": True})
+        raise KeyboardInterrupt
+
+    assert common.run_script(main_after_a_save, "aspp_bench.py") == 130
+    err = capsys.readouterr().err
+    assert "aspp_bench.py: interrupted: the results files keep the cases finished so far, marked partial" in err
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["run.csv", "run.json"]  # the claim's lock file removed
+
+
+def test_a_second_run_of_the_same_name_is_refused_while_the_first_runs(tmp_path, capsys):
+    """Two runs with one --out and --name at once: the second moved the first's files aside, then each replaced the
+    other's files on every save, and the first run's rows were lost without a word. The second is now refused
+    before it moves or writes anything; once the first has finished, the name is free again."""
+    common.claim_results(tmp_path, "run")
+    common.write_results([_row()], tmp_path, "run")
+    before = {p.name: p.read_text() for p in tmp_path.iterdir() if not p.name.startswith(".")}
+    code = (f"import sys; sys.path.insert(0, {str(BENCH_DIR)!r}); import common\n"
+            f"def main():\n    common.claim_results({str(tmp_path)!r}, 'run')\n"
+            f"    common.set_aside_earlier_results({str(tmp_path)!r}, ['run.json', 'run.csv'])\n    return 0\n"
+            "sys.exit(common.run_script(main, 'aspp_bench.py'))\n")
+    result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
+    assert result.returncode == 1, result.stderr
+    assert result.stderr == (f"aspp_bench.py: another run is writing the results named 'run' in {tmp_path} (it holds "
+                             ".run.lock): wait for it to finish, or give this one another --name or --out\n")
+    assert {p.name: p.read_text() for p in tmp_path.iterdir() if not p.name.startswith(".")} == before
+    common.release_results()
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["run.csv", "run.json"]
+    result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
+    assert result.returncode == 0 and "kept the earlier run's results" in result.stdout, result.stderr
+    assert not (tmp_path / ".run.lock").exists()
+
+
+def test_a_results_file_that_cannot_be_written_is_one_line(tmp_path, capsys, monkeypatch):
+    """A full disk (or a folder made read-only) while a results file was written: a traceback ending in OSError.
+    One line naming the file; the file keeps what it held (each is replaced in one step)."""
+    import errno
+
+    common.write_results([_row()], tmp_path, "run")
+    before = (tmp_path / "run.json").read_text()
+
+    def full(path, text):
+        raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC), str(path))
+
+    monkeypatch.setattr(common, "write_text_atomic", full)
+    assert common.run_script(lambda: common.write_results([_row(), _row()], tmp_path, "run"), "aspp_bench.py") == 1
+    err = capsys.readouterr().err
+    assert err == (f"aspp_bench.py: No space left on device ({tmp_path / 'run.json'}); the results files keep what "
+                   "they held before this write\n")
+    assert (tmp_path / "run.json").read_text() == before
 
 
 def test_run_script_leaves_sigterm_as_it_found_it():
@@ -233,7 +287,8 @@ def test_sigterm_is_the_same_line_and_exit_status_143(tmp_path):
             "sys.exit(common.run_script(main, 'train_bench.py'))\n")
     result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120, cwd=tmp_path)
     assert result.returncode == 143, result.stderr
-    assert "train_bench.py: terminated (SIGTERM): the results files keep the cases finished so far" in result.stderr
+    assert "train_bench.py: terminated (SIGTERM): before any case finished; no results file was written" in \
+        result.stderr
     assert "Traceback" not in result.stderr
 
 

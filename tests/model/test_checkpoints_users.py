@@ -347,3 +347,21 @@ def test_cli_image_size_of_three_parts_says_so(capsys):
     assert info.value.code == 2
     err = capsys.readouterr().err
     assert "argument --image-size: --image-size must be N or HxW (one or two sizes), got '1x1x1'" in err
+
+
+def test_a_mismatch_in_a_file_names_the_file(tmp_path):
+    """model.load_checkpoint / load_backbone of a file whose keys do not fit said "checkpoint does not match the
+    model" without the file's name (read errors named it)."""
+    net = model.deeplabv3_resnet50(num_classes=3, width=8)
+    other = model.deeplabv3_resnet50(num_classes=5, width=8)
+    torch.save(other.state_dict(), tmp_path / "five.pt")
+    with pytest.raises(model.CheckpointMismatchError) as e:
+        model.load_checkpoint(net, tmp_path / "five.pt")
+    assert str(e.value).startswith(f"{tmp_path / 'five.pt'}: checkpoint does not match the model (DeepLabV3): ")
+    with pytest.raises(model.CheckpointMismatchError) as e:
+        model.load_checkpoint(net, other.state_dict())
+    assert str(e.value).startswith("checkpoint does not match the model (DeepLabV3): ")
+    torch.save({"conv1.weight": torch.zeros(1)}, tmp_path / "resnet.pt")
+    with pytest.raises(model.CheckpointMismatchError) as e:
+        model.load_backbone(net, str(tmp_path / "resnet.pt"))
+    assert str(e.value).startswith(f"{tmp_path / 'resnet.pt'}: checkpoint does not match the model (")

@@ -955,3 +955,143 @@ def test_a_run_that_stops_before_its_last_iteration_ends_its_progress_line(tmp_p
     last = terminal.text.rsplit("\r\033[K", 1)[1]
     assert last.startswith("[") and " 2/6 " in last and last.endswith("\n"), repr(terminal.text[-300:])
     assert not loop.Progress.open_line
+
+
+def test_a_metrics_record_that_cannot_be_written_is_cut_back_off_and_names_the_file(tmp_path, monkeypatch):
+    """metrics.jsonl was appended through a buffered file: a full disk left the record cut mid-line, and its OSError
+    named no file (train.py printed `OSError: [Errno 28] No space left on device`)."""
+    import errno
+
+    from training import loop
+
+    path = str(tmp_path / "metrics.jsonl")
+    log = loop.MetricsLog(path)
+    log.write({"kind": "train", "iteration": 1, "loss": 0.5})
+    before = open(path).read()
+    real_write = os.write
+
+    def half_then_full(fd, data):
+        if len(data) > 8:
+            return real_write(fd, data[:8])
+        raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
+
+    monkeypatch.setattr(loop.os, "write", half_then_full)
+    with pytest.raises(OSError) as e:
+        log.write({"kind": "train", "iteration": 2, "loss": 0.25})
+    assert (e.value.errno, e.value.filename) == (errno.ENOSPC, path)
+    assert open(path).read() == before
+
+
+@pytest.mark.parametrize("stop", ["ctrl-c", "disk-full"])
+def test_a_predict_stopped_half_way_says_how_many_masks_are_this_runs(tmp_path, finished_run, monkeypatch, capsys,
+                                                                      stop):
+    """A --predict into a folder of an earlier run's masks, stopped half way (Ctrl-C: no line at all, status 130; a
+    full disk: the file alone), left masks of two checkpoints side by side, unsaid. The stop line says how many are
+    this run's and how many an earlier run's."""
+    import errno
+
+    from PIL import Image
+
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "photos").mkdir()
+    for name in ("a", "b", "c", "d"):
+        Image.new("RGB", (12, 10)).save(tmp_path / "photos" / f"{name}.png")
+    ckpt = str(finished_run / "last.pt")
+    train_script.main(["--predict", "photos", "--checkpoint", ckpt, "--device", "cpu", "--out", "out"])
+    real_save, saved = train_script.save_mask_png, []
+
+    def save_two_then_stop(mask, target):
+        if len(saved) == 2:
+            raise KeyboardInterrupt if stop == "ctrl-c" else OSError(errno.ENOSPC, os.strerror(errno.ENOSPC), target)
+        saved.append(target)
+        return real_save(mask, target)
+
+    monkeypatch.setattr(train_script, "save_mask_png", save_two_then_stop)
+    capsys.readouterr()
+    with pytest.raises(SystemExit) as exit_:
+        train_script.main(["--predict", "photos", "--checkpoint", ckpt, "--device", "cpu", "--out", "out"])
+    note = ("2 of the 4 masks were written to out before it stopped; 2 of the others there are an earlier --predict "
+            "run's")
+    if stop == "ctrl-c":
+        assert exit_.value.code == 130
+        assert capsys.readouterr().err.endswith(f"train.py: interrupted; {note}\n")
+    else:
+        assert exit_.value.code == f"train.py: No space left on device (out{os.sep}c.png); {note}"
+
+
+def test_a_second_ctrl_c_while_the_stop_is_reported_is_ignored(tmp_path, monkeypatch, capsys):
+    """Two Ctrl-C a few milliseconds apart: the second arrived while the first's report read the checkpoints
+    (torch.load) and ended train.py with a KeyboardInterrupt traceback, status -2. Signals are ignored while the
+    report is written."""
+    import signal
+
+    monkeypatch.setattr(train_script, "build_model", _tiny_build_model)
+    out = tmp_path / "run"
+    real = train_script._saved_checkpoints
+
+    def second_ctrl_c(*args, **kwargs):
+        os.kill(os.getpid(), signal.SIGINT)
+        return real(*args, **kwargs)
+
+    def first_ctrl_c(*args, **kwargs):
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(train_script, "_saved_checkpoints", second_ctrl_c)
+    monkeypatch.setattr(train_script.loop, "fit", first_ctrl_c)
+    with pytest.raises(SystemExit) as exit_:
+        train_script.main(TINY + ["--iterations", "3", "--out-dir", str(out)])
+    assert exit_.value.code == 130
+    assert "train.py: interrupted; no checkpoint was saved" in capsys.readouterr().err
+    assert signal.getsignal(signal.SIGINT) is signal.default_int_handler
+
+
+@pytest.mark.parametrize("command", ["--eval-only", "--predict"])
+def test_a_checkpoint_of_nan_weights_is_refused_for_evaluation_and_prediction(tmp_path, finished_run, monkeypatch,
+                                                                              command, capsys):
+    """A diverged run's weights (NaN): --eval-only printed an mIoU (argmax of NaN is 0: every pixel background) and
+    --predict wrote all-background masks, status 0, without a word."""
+    from PIL import Image
+
+    monkeypatch.chdir(tmp_path)
+    state = torch.load(finished_run / "last.pt", weights_only=False)
+    name = next(k for k, v in state["model"].items() if v.is_floating_point())
+    state["model"][name] = torch.full_like(state["model"][name], float("nan"))
+    torch.save(state, tmp_path / "nan.pt")
+    (tmp_path / "photos").mkdir()
+    Image.new("RGB", (12, 10)).save(tmp_path / "photos" / "one.png")
+    argv = (["--eval-only", "--out-dir", str(finished_run), "--checkpoint", "nan.pt"] if command == "--eval-only"
+            else ["--predict", "photos", "--checkpoint", "nan.pt", "--out", "masks"])
+    with pytest.raises(SystemExit) as e:
+        train_script.main(argv + ["--device", "cpu"])
+    assert str(e.value.code).startswith(f"--checkpoint nan.pt: 1 of its tensors hold NaN or infinite values (e.g. "
+                                        f"{name}), so its outputs mean nothing"), e.value.code
+    assert not (tmp_path / "masks").exists() and not (finished_run / "metrics_eval.json").exists()
+
+
+def test_resume_of_a_checkpoint_whose_iteration_is_not_a_count_is_one_line(tmp_path, finished_run):
+    state = torch.load(finished_run / "last.pt", weights_only=False)
+    state["iteration"] = "2"
+    torch.save(state, finished_run / "last.pt")
+    with pytest.raises(SystemExit) as e:
+        train_script.main(TINY + ["--iterations", "3", "--out-dir", str(finished_run), "--resume"])
+    assert "its 'iteration' entry is '2', not a count of iterations (an int >= 0)" in str(e.value.code)
+
+
+def test_an_eval_preview_that_cannot_be_written_says_what_was(tmp_path, finished_run, monkeypatch):
+    """--eval-only whose preview could not be written (a full disk) removed the earlier evaluation's preview, after
+    writing the new metrics, and said neither."""
+    import errno
+
+    (finished_run / "predictions_eval.png").write_bytes(b"an earlier evaluation's")
+
+    def full(kept, path):
+        raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC), path)
+
+    monkeypatch.setattr(train_script, "save_preview", full)
+    with pytest.raises(SystemExit) as e:
+        train_script.main(["--eval-only", "--out-dir", str(finished_run), "--device", "cpu"])
+    assert e.value.code == (
+        f"train.py: No space left on device ({finished_run / 'predictions_eval.png'}); the metrics were written to "
+        f"{finished_run / 'metrics_eval.json'}, and the earlier predictions_eval.png (of another evaluation) was "
+        "removed")
+    assert (finished_run / "metrics_eval.json").is_file() and not (finished_run / "predictions_eval.png").exists()
