@@ -662,6 +662,8 @@ def cmd_predict(args, device, info: distributed.DistInfo, given: set[str] = froz
                                        args.channels_last)
             save_mask_png(probs.argmax(1)[0].cpu().numpy(), target)
             written += 1
+    except datasets.DataFileError:  # (a photo gone since the first pass: main names it, as any sample's file)
+        raise
     except (KeyboardInterrupt, OSError) as e:
         # what the folder holds now: this run's masks, and an earlier run's where this one had not reached them
         left = len(earlier_masks - set(list(plan.values())[:written]))
@@ -673,8 +675,7 @@ def cmd_predict(args, device, info: distributed.DistInfo, given: set[str] = froz
             raise
         if isinstance(e, ConnectionError):
             raise
-        what = f"{e.strerror} ({e.filename})" if e.strerror and e.filename else f"{type(e).__name__}: {e}"
-        raise SystemExit(f"train.py: {what}; {note}") from None
+        raise SystemExit(f"train.py: {_os_error_text(e)}; {note}") from None
     if info.enabled:
         written = sum(distributed.all_gather_objects(written))  # and every process has finished
     if not info.is_main:
@@ -793,8 +794,8 @@ def cmd_eval_only(args, device, info, given: set[str] = frozenset()) -> None:
         except BaseException as e:
             with contextlib.suppress(OSError):
                 os.remove(preview)
-            if isinstance(e, OSError) and e.strerror and e.filename:
-                raise SystemExit(f"train.py: {e.strerror} ({e.filename}); the metrics were written to "
+            if isinstance(e, OSError):
+                raise SystemExit(f"train.py: {_os_error_text(e)}; the metrics were written to "
                                  f"{os.path.join(args.out_dir, 'metrics_eval.json')}" + (
                                      ", and the earlier predictions_eval.png (of another evaluation) was removed"
                                      if earlier else "")) from None
@@ -1667,6 +1668,8 @@ def _show_warning(shown):
     def show(message, category, filename, lineno, file=None, line=None):
         if issubclass(category, datasets.DataWarning):
             warn(str(message))
+        elif issubclass(category, Image.DecompressionBombWarning):  # said with the file's name by a DataWarning
+            return
         else:
             shown(message, category, filename, lineno, file, line)
     return show
@@ -1778,6 +1781,11 @@ def _timed_out_text(args, info, e: BaseException) -> str:
             f"{_intact_text(args) if info.is_main else ''}")
 
 
+def _os_error_text(e: OSError) -> str:
+    """A failed write or read in a stop line: 'No space left on device (PATH)', or the error as it is."""
+    return f"{e.strerror} ({e.filename})" if e.strerror and e.filename else f"{type(e).__name__}: {e}"
+
+
 def _intact_text(args) -> str:
     """'; the checkpoints saved before it are intact: …' (with their iterations, where, and how to go on), or ''
     where the run saved none: the tail of a stop line after an error that left them as they were."""
@@ -1834,8 +1842,7 @@ def main(argv=None) -> None:
     except OSError as e:  # a write that failed (disk full, a folder made read-only): one line, and what is saved
         if isinstance(e, ConnectionError):  # another process's failure (torchrun): its own message says why
             raise
-        what = f"{e.strerror} ({e.filename})" if e.strerror and e.filename else f"{type(e).__name__}: {e}"
-        raise SystemExit(f"train.py: {what}{_intact_text(args)}") from None
+        raise SystemExit(f"train.py: {_os_error_text(e)}{_intact_text(args)}") from None
     except (MemoryError, torch.OutOfMemoryError) as e:  # e.g. --crop-size 100000: one line, not a traceback
         raise SystemExit(_out_of_memory_text(args, e)) from None
     except RuntimeError as e:

@@ -1142,46 +1142,61 @@ class ResultsBusy(RuntimeError):
     """Another run holds the claim on the same --out and --name (claim_results)."""
 
 
-_CLAIMS: dict[Path, int] = {}  # lock file -> its descriptor, for the NAMEs this process writes
+_CLAIMS: dict[Path, int | None] = {}  # lock file -> its descriptor (None: nothing locked here), per NAME written
+_RELEASE_AT_EXIT: list[bool] = []  # atexit's release_results registered (once per process)
 
 
 def claim_results(out_dir: str | Path, name: str) -> None:
     """Claim --out's NAME for this run before anything is moved aside or written: a second run with the same --out
     and --name while this one runs is refused (ResultsBusy) instead of moving this run's files aside and being
     replaced by them, or replacing them (the first run's rows were lost silently). An flock on OUT/.NAME.lock,
-    dropped by the OS however the process ends; release_results removes the file. Nothing is locked where the
-    platform or filesystem has no flock."""
-    try:
-        import fcntl
-    except ImportError:  # (Windows)
-        return
+    dropped by the OS however the process ends; release_results removes the file. Where the platform or the
+    filesystem has no flock, the NAME is recorded as this run's but not locked."""
     lock = Path(out_dir) / f".{name}.lock"
     if lock in _CLAIMS:
         return
     lock.parent.mkdir(parents=True, exist_ok=True)
-    fd = os.open(lock, os.O_RDWR | os.O_CREAT, 0o644)
-    try:
-        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-    except BlockingIOError:
-        os.close(fd)
-        raise ResultsBusy(f"another run is writing the results named {name!r} in {lock.parent} (it holds "
-                          f"{lock.name}): wait for it to finish, or give this one another --name or --out") from None
-    except OSError:  # a filesystem without locks: unclaimed, as before claims existed
-        os.close(fd)
-        with contextlib.suppress(OSError):
-            lock.unlink()
-        return
-    if not _CLAIMS:
+    if not _RELEASE_AT_EXIT:
         atexit.register(release_results)
-    _CLAIMS[lock] = fd
+        _RELEASE_AT_EXIT.append(True)
+    try:
+        import fcntl
+    except ImportError:  # (Windows)
+        _CLAIMS[lock] = None
+        return
+    busy = ResultsBusy(f"another run is writing the results named {name!r} in {lock.parent} (it holds {lock.name}): "
+                       "wait for it to finish, or give this one another --name or --out")
+    for _ in range(8):
+        fd = os.open(lock, os.O_RDWR | os.O_CREAT, 0o644)
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            os.close(fd)
+            raise busy from None
+        except OSError:  # a filesystem without locks: unlocked, as before claims existed
+            os.close(fd)
+            with contextlib.suppress(OSError):
+                lock.unlink()
+            _CLAIMS[lock] = None
+            return
+        try:
+            ours = os.path.samestat(os.fstat(fd), os.stat(lock))
+        except FileNotFoundError:
+            ours = False
+        if ours:
+            _CLAIMS[lock] = fd
+            return
+        os.close(fd)  # the file a finishing run removed after this one opened it: lock the one there now
+    raise busy
 
 
 def release_results() -> None:
     """Drop this process's claims (claim_results), removing their lock files: at the end of a run, and at exit."""
     for lock, fd in list(_CLAIMS.items()):
-        with contextlib.suppress(OSError):
-            lock.unlink()
-        os.close(fd)
+        if fd is not None:
+            with contextlib.suppress(OSError):
+                lock.unlink()
+            os.close(fd)
         del _CLAIMS[lock]
 
 
@@ -1543,10 +1558,12 @@ def run_script(main: Callable[[], int], script: str) -> int:
     except OSError as e:
         if not (e.strerror and e.filename):
             raise
-        # a results file that could not be written (a full disk, a folder made read-only): one line; each file is
+        # a file that could not be written (a full disk, a folder made read-only): one line; a results file is
         # replaced in one step, so what it held before (an earlier save of this run) is whole
-        print(f"{script}: {e.strerror} ({e.filename}); the results files keep what they held before this write",
-              file=sys.stderr)
+        results = any(Path(e.filename).parent == lock.parent and not Path(e.filename).name.startswith(".")
+                      for lock in _CLAIMS)
+        print(f"{script}: {e.strerror} ({e.filename})"
+              + ("; the results files keep what they held before this write" if results else ""), file=sys.stderr)
         return 1
     except KeyboardInterrupt as e:
         # a second SIGINT (gpu_suite.sh hands one to the phase's process group, and its timeout another) must not

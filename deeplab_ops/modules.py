@@ -719,10 +719,11 @@ class FusedConvBNReLU(ReleasesDerived, nn.Sequential):
     def forward(self, x: Tensor, residual: Tensor | None = None) -> Tensor:
         if isinstance(x, torch.fx.Proxy):  # torch.fx symbolic tracing: the children, as nn.Sequential calls them
             if (isinstance(residual, torch.fx.Proxy) and residual.node.op == "placeholder"
-                    and residual.node.args == (None,)):
+                    and residual.node.args == (None,) and getattr(residual.tracer, "root", None) is self):
                 # symbolic_trace of this module itself: the residual is the traced forward's argument that
                 # defaults to None, traced as left out (an add of it failed every call without one); the traced
-                # module refuses one rather than leave it out silently
+                # module refuses one rather than leave it out silently. (A module that passes its own optional
+                # argument on traces the add: it was traced to take one.)
                 _refuse_residual(residual)
                 residual = None
             return self._unfused_forward(x, residual)

@@ -23,6 +23,10 @@ from PIL import Image, ImageOps
 from training.palette import IGNORE_INDEX, VOC_CLASSES, voc_colormap
 
 IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".bmp", ".tif", ".tiff", ".webp")
+# A split list's 'JPEGImages/x.jpg SegmentationClassAug/x.png' line: an image path, whitespace, a label path (either
+# may hold spaces)
+_PAIR = re.compile(r"(.+?(?:" + "|".join(re.escape(e) for e in IMAGE_EXTENSIONS) + r"))\s+(\S.*\.(?:png|mat))",
+                   re.IGNORECASE)
 
 
 def is_image_name(name: str) -> bool:
@@ -86,23 +90,20 @@ _WARNED_LARGE: list[str] = []  # the first image above PIL's decompression-bomb 
 
 @contextlib.contextmanager
 def _opened(path: str):
-    """Image.open(path) as a context; PIL's warning for an image above its pixel limit (Image.MAX_IMAGE_PIXELS,
-    89.5 MP: "could be decompression bomb DOS attack", naming no file) becomes a DataWarning naming it, said once
-    per process; above twice the limit PIL refuses to open it (DecompressionBombError), which _bomb_hint explains."""
-    with warnings.catch_warnings(record=True) as caught:
-        warnings.simplefilter("always")
-        im = Image.open(path)
-    for w in caught:
-        if not issubclass(w.category, Image.DecompressionBombWarning):
-            warnings.warn_explicit(w.message, w.category, w.filename, w.lineno)
-        elif not _WARNED_LARGE:
+    """Image.open(path) as a context; beside PIL's warning for an image above its pixel limit (Image.MAX_IMAGE_PIXELS,
+    89.5 MP: "could be decompression bomb DOS attack", naming no file; train.py shows this one instead) a DataWarning
+    naming the file, said once per process; above twice the limit PIL refuses to open it (DecompressionBombError),
+    which _bomb_hint explains. (The warnings filters are left alone: changing them, even for a moment, makes every
+    warning shown once per place show again.)"""
+    im = Image.open(path)
+    with im:
+        limit = Image.MAX_IMAGE_PIXELS
+        if limit and im.width * im.height > limit and not _WARNED_LARGE:
             _WARNED_LARGE.append(path)
             warnings.warn(f"image {path} is {im.width}x{im.height} ({im.width * im.height:,} pixels), above PIL's "
-                          f"limit of {Image.MAX_IMAGE_PIXELS:,} for reading without this warning (a guard against "
-                          "decompression bombs); read anyway, slowly: cut such images into tiles (said once per "
-                          "process)",
-                          DataWarning, stacklevel=4)
-    with im:
+                          f"limit of {limit:,} for reading without this warning (a guard against decompression "
+                          "bombs); read anyway, slowly: cut such images into tiles (said once per process; each "
+                          "DataLoader worker is one)", DataWarning, stacklevel=4)
         yield im
 
 
@@ -161,7 +162,7 @@ def _rgb_from_wide(im: Image.Image, path: str) -> np.ndarray:
                       f"[0, 4095] (max {top:.0f}): scaled from 16 bits to 8 it reads nearly black (brightest "
                       f"{round(top * 255 / 65535)} of 255). If it holds 10- or 12-bit data (a sensor's), scale it "
                       "to 8 bits by its own range (e.g. values * 255 / 4095 for 12-bit data) and save that (said "
-                      "once per process)", DataWarning, stacklevel=3)
+                      "once per process; each DataLoader worker is one)", DataWarning, stacklevel=3)
     gray = np.rint(values * (255.0 / 65535.0)).astype(np.uint8)
     return np.repeat(gray[..., None], 3, axis=2)
 
@@ -708,11 +709,6 @@ def _find_sbd_root(root: str) -> str:
                             "benchmark_RELEASE/dataset with cls/*.mat, train.txt and val.txt")
 
 
-# 'JPEGImages/x.jpg SegmentationClassAug/x.png': an image path, whitespace, a label path (either may hold spaces)
-_PAIR = re.compile(r"(.+?(?:" + "|".join(re.escape(e) for e in IMAGE_EXTENSIONS) + r"))\s+(\S.*\.(?:png|mat))",
-                   re.IGNORECASE)
-
-
 def _list_ids(path: str, unique: bool = False) -> list[str]:
     """Ids of a VOC or SBD list file; lines may be bare ids (VOC's hold no spaces, a user's export may: the line
     without its outer whitespace is the id) or 'JPEGImages/x.jpg SegmentationClassAug/x.png' pairs, whose first
@@ -736,7 +732,8 @@ def _aug_labels(aug_dir: str) -> dict[str, str]:
     for f in sorted(os.listdir(aug_dir)):
         stem, ext = os.path.splitext(f)
         if ext.lower() == ".png" and not f.startswith(".") and os.path.isfile(os.path.join(aug_dir, f)):
-            labels.setdefault(stem, os.path.join(aug_dir, f))
+            if ext == ".png" or stem not in labels:  # x.png, where x.PNG is there too (the name a list gives)
+                labels[stem] = os.path.join(aug_dir, f)
     return labels
 
 
@@ -884,7 +881,8 @@ def _folder_names(list_file: str, by_stem: dict[str, str], images_dir: str) -> l
                 return name
         if _nfc(stripped) in by_nfc:  # the same letters, composed otherwise (a name typed vs one saved by macOS)
             return by_nfc[_nfc(stripped)]
-        for path in (stripped, stripped.split()[0]):  # x.jpg, images/x.jpg, 'images/x.jpg masks/x.png'
+        pair = _PAIR.fullmatch(stripped)  # 'images/x.jpg masks/x.png', spaces inside the paths too
+        for path in (stripped, pair.group(1) if pair else stripped):  # x.jpg, images/x.jpg, a pair's image
             if _nfc(os.path.basename(path)) in by_file:
                 return by_file[_nfc(os.path.basename(path))]
         return None

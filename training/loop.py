@@ -367,10 +367,12 @@ def _append_line(path: str, line: str) -> None:
     try:
         while data:
             data = data[os.write(fd, data):]
-    except OSError as e:
+    except BaseException as e:  # (Ctrl-C between two partial writes too)
         with contextlib.suppress(OSError):
             os.ftruncate(fd, end)
-        raise OSError(e.errno, e.strerror, path) from None
+        if isinstance(e, OSError):
+            raise OSError(e.errno, e.strerror, path) from None
+        raise
     finally:
         os.close(fd)
 

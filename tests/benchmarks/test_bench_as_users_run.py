@@ -234,6 +234,14 @@ def test_a_second_run_of_the_same_name_is_refused_while_the_first_runs(tmp_path,
     other's files on every save, and the first run's rows were lost without a word. The second is now refused
     before it moves or writes anything; once the first has finished, the name is free again."""
     common.claim_results(tmp_path, "run")
+    try:
+        _second_run_refused(tmp_path)
+    finally:
+        common.release_results()
+    assert not (tmp_path / ".run.lock").exists()
+
+
+def _second_run_refused(tmp_path):
     common.write_results([_row()], tmp_path, "run")
     before = {p.name: p.read_text() for p in tmp_path.iterdir() if not p.name.startswith(".")}
     code = (f"import sys; sys.path.insert(0, {str(BENCH_DIR)!r}); import common\n"
@@ -249,7 +257,21 @@ def test_a_second_run_of_the_same_name_is_refused_while_the_first_runs(tmp_path,
     assert sorted(p.name for p in tmp_path.iterdir()) == ["run.csv", "run.json"]
     result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
     assert result.returncode == 0 and "kept the earlier run's results" in result.stdout, result.stderr
-    assert not (tmp_path / ".run.lock").exists()
+
+
+def test_a_claim_where_nothing_can_be_locked_still_knows_its_files(tmp_path, monkeypatch, capsys):
+    """Without fcntl (Windows) the claim recorded nothing, and an interrupt after a save said that no results file
+    was written."""
+    monkeypatch.setitem(sys.modules, "fcntl", None)
+
+    def main():
+        common.claim_results(tmp_path, "run")
+        common.write_results([_row()], tmp_path, "run", {"partial": True})
+        raise KeyboardInterrupt
+
+    assert common.run_script(main, "aspp_bench.py") == 130
+    assert "interrupted: the results files keep the cases finished so far" in capsys.readouterr().err
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["run.csv", "run.json"] and not common._CLAIMS
 
 
 def test_a_results_file_that_cannot_be_written_is_one_line(tmp_path, capsys, monkeypatch):
@@ -259,6 +281,7 @@ def test_a_results_file_that_cannot_be_written_is_one_line(tmp_path, capsys, mon
 
     common.write_results([_row()], tmp_path, "run")
     before = (tmp_path / "run.json").read_text()
+    common.claim_results(tmp_path, "run")
 
     def full(path, text):
         raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC), str(path))

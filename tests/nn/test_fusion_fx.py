@@ -409,10 +409,14 @@ def test_symbolic_trace_of_a_bare_fused_block_and_the_residual_it_left_out():
         def forward(self, x, r):
             return self.block(x, r)
 
-    outer = PassesResidual()
-    traced = torch.fx.symbolic_trace(outer)
-    assert "add" in {n.name for n in traced.graph.nodes}
-    assert_close(traced(x, r), copy.deepcopy(outer)(x, r), "residual", TOL, TOL)
+    class PassesAnOptionalResidual(PassesResidual):
+        def forward(self, x, identity=None):
+            return self.block(x, identity)
+
+    for outer in (PassesResidual(), PassesAnOptionalResidual()):
+        traced = torch.fx.symbolic_trace(outer)
+        assert "add" in {n.name for n in traced.graph.nodes}
+        assert_close(traced(x, r), copy.deepcopy(outer)(x, r), "residual", TOL, TOL)
     nodes = [[(n.op, str(n.target)) for n in torch.fx.symbolic_trace(m).graph.nodes]
              for m in (TorchvisionASPP(4, [1, 2], 4), FusedASPP(4, [1, 2], 4, dropout=0.5))]
     assert nodes[1] == nodes[0]

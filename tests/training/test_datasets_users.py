@@ -403,6 +403,7 @@ def test_voc_train_aug_folder_skips_hidden_files_and_takes_upper_case_png(tmp_pa
     aug.mkdir()
     m = Image.open(voc / "SegmentationClass" / "a.png")
     m.save(aug / "a.png")
+    m.save(aug / "a.PNG", format="PNG")  # beside a.png: a.png is the label (the name a list gives)
     m.save(aug / "b.PNG", format="PNG")
     (aug / "._a.png").write_bytes(b"\x00\x05\x16\x07AppleDouble")
     (aug / "c.png").mkdir()  # a folder is no label (and c is VOC val)
@@ -427,18 +428,21 @@ def test_a_file_not_found_names_one_that_differs_only_in_case(tmp_path):
 
 def test_an_image_above_pils_pixel_limit_is_named(tmp_path, monkeypatch):
     """PIL's decompression-bomb warning named no file (and printed its own source line); above twice the limit the
-    refusal said nothing of what to do. The warning is a DataWarning naming the image, once per process; the
-    refusal says how to get on."""
+    refusal said nothing of what to do. A DataWarning names the image, once per process (PIL's own warning is left
+    as it is: train.py shows the DataWarning instead); the refusal says how to get on."""
     monkeypatch.setattr(datasets, "_WARNED_LARGE", [])
     monkeypatch.setattr(Image, "MAX_IMAGE_PIXELS", 100)
     Image.fromarray(np.zeros((10, 12, 3), np.uint8)).save(tmp_path / "big.png")  # 120 pixels: warned
     Image.fromarray(np.zeros((10, 12), np.uint8), mode="L").save(tmp_path / "big_mask.png")
     Image.fromarray(np.zeros((15, 14, 3), np.uint8)).save(tmp_path / "huge.png")  # 210 > 2 x 100: refused
     with pytest.warns(datasets.DataWarning, match=r"image .*big\.png is 12x10 \(120 pixels\), above PIL's limit of "
-                                                  r"100 .*cut such images into tiles \(said once per process\)"):
+                                                  r"100 .*cut such images into tiles \(said once per process; each "
+                                                  r"DataLoader worker is one\)") as caught:
         assert datasets.read_image(str(tmp_path / "big.png")).shape == (10, 12, 3)
+    assert {w.category for w in caught} == {datasets.DataWarning, Image.DecompressionBombWarning}
     with warnings.catch_warnings():
-        warnings.simplefilter("error")
+        warnings.simplefilter("error", datasets.DataWarning)
+        warnings.simplefilter("ignore", Image.DecompressionBombWarning)
         datasets.read_image(str(tmp_path / "big.png"))
         assert datasets.read_index_mask(str(tmp_path / "big_mask.png"), 2).shape == (10, 12)
     with pytest.raises(datasets.UnreadableDataFile, match=r"cannot read image .*huge\.png: DecompressionBombError: "
@@ -492,3 +496,11 @@ def test_a_train_split_left_empty_by_val_txt_says_why(tmp_path):
     with pytest.raises(ValueError, match=r"split 'train' has no images: without a train\.txt it is every image .*"
                                          r"val\.txt does not list, and it lists all 3 images"):
         datasets.FolderSegmentation(str(root), "train")
+
+
+def test_a_folder_list_pair_with_spaces_in_its_paths_names_its_image(tmp_path):
+    """A folder dataset's 'images/x.jpg masks/x.png' line was split at its first space, as VOC's lines were: a pair
+    whose paths hold spaces was refused here while VOC took it."""
+    root = _folder(tmp_path, names=("my img", "b"))
+    (root / "val.txt").write_text("images/my img.png masks/my img.png\n")
+    assert [it[0] for it in datasets.FolderSegmentation(str(root), "val").items] == ["my img"]

@@ -1095,3 +1095,29 @@ def test_an_eval_preview_that_cannot_be_written_says_what_was(tmp_path, finished
         f"{finished_run / 'metrics_eval.json'}, and the earlier predictions_eval.png (of another evaluation) was "
         "removed")
     assert (finished_run / "metrics_eval.json").is_file() and not (finished_run / "predictions_eval.png").exists()
+
+
+def test_a_photo_gone_while_predict_writes_is_named_as_a_data_file(tmp_path, finished_run, monkeypatch):
+    """A photo removed between --predict's first pass and its mask was caught as an OSError (MissingDataFile is a
+    FileNotFoundError) and printed with its class name: `MissingDataFile: image file not found: ...`."""
+    from PIL import Image
+
+    from training import datasets
+
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "photos").mkdir()
+    for name in ("a", "b"):
+        Image.new("RGB", (12, 10)).save(tmp_path / "photos" / f"{name}.png")
+    real, calls = datasets.read_image, []
+
+    def gone_on_the_second_pass(path, *args, **kwargs):
+        calls.append(path)
+        if len(calls) == 4:
+            raise datasets.MissingDataFile(f"image file not found: {path}")
+        return real(path, *args, **kwargs)
+
+    monkeypatch.setattr(datasets, "read_image", gone_on_the_second_pass)
+    with pytest.raises(SystemExit) as e:
+        train_script.main(["--predict", "photos", "--checkpoint", str(finished_run / "last.pt"), "--device", "cpu",
+                           "--out", "masks"])
+    assert str(e.value.code).startswith(f"train.py: image file not found: photos{os.sep}b.png"), e.value.code
