@@ -117,7 +117,21 @@ class FusedConv2d(ReleasesDerived, nn.Conv2d):
     def forward(self, input: Tensor) -> Tensor:
         if isinstance(input, torch.fx.Proxy):
             return _traced_call(self, input)
+        if "qconfig" in self.__dict__ and self.__dict__["qconfig"] is not None:
+            _refuse_quantization(self)
         return nn.Conv2d.forward(self, input)
+
+
+def _refuse_quantization(conv: nn.Module) -> None:
+    """A fused conv given a qconfig (torch.ao.quantization's eager prepare / prepare_qat): those replace modules by
+    their exact class, so the fused conv was left as it is: QAT would train no fake-quantization, and convert gave
+    the op quantized tensors (an unclear dtype error). Refused, saying what to do instead."""
+    raise RuntimeError(
+        "a fused convolution (fuse_modules) has a torch.ao.quantization qconfig, but eager-mode prepare and "
+        "prepare_qat replace modules by their exact class and leave fused ones as they are: no fake-quantization "
+        "would be trained or observed here, and convert fails; call deeplab_ops.nn.unfuse_modules(model) before "
+        "setting qconfig and preparing (or quantize with torch.ao.quantization.quantize_fx, which traces the "
+        "unfused graph)")
 
 
 _CONV_ATTR = "_deeplab_ops_fused_into"  # plain attribute of a fused-away BatchNorm or ReLU: a _ConvLink to the conv
@@ -201,6 +215,8 @@ def _run_chain(self: nn.Module, x: Tensor, keep: dict | None):
     while i < n:
         name, m = items[i]
         cfg = m.__dict__.get(_FUSED_ATTR) if isinstance(m, FusedConv2d) and not traced else None
+        if cfg is not None and "qconfig" in m.__dict__ and m.__dict__["qconfig"] is not None:
+            _refuse_quantization(m)
         fused = (cfg is not None and cfg.chain is not None and i + len(cfg.chain) < n
                  and not m.__dict__.get("_is_replica", False) and "forward" not in m.__dict__ and not (
                      m._forward_hooks or m._forward_pre_hooks or m._backward_hooks or m._backward_pre_hooks

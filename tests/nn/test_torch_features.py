@@ -685,3 +685,50 @@ def test_an_in_place_write_to_any_batchnorm_between_forward_and_backward_is_refu
             bn.weight.mul_(2.0)
         with pytest.raises(RuntimeError, match="modified by an inplace operation"):
             out.square().sum().backward()
+
+
+# ---- found by an audit of deployment uses (2026-12-07) ------------------------------------------------------------
+
+
+@pytest.mark.parametrize("kind", ["block", "fused chain"])
+def test_a_fold_of_parameters_in_shared_memory_is_never_kept(kind):
+    """Hogwild: model.share_memory(), another process trains, this one evaluates. The other process's writes move
+    no version counter here, so the eval fold kept from before went on giving the old weights' outputs (0.33 off on
+    a layer, 3.4 on a DeepLabV3). A write through `.data` here stands for them."""
+    from deeplab_ops.nn import FusedConvBNReLU, fuse_modules
+
+    torch.manual_seed(0)
+    plain = nn.Sequential(nn.Conv2d(4, 6, 3, padding=1, bias=False), nn.BatchNorm2d(6), nn.ReLU())
+    fused = FusedConvBNReLU(4, 6, 3, padding=1) if kind == "block" else fuse_modules(copy.deepcopy(plain))
+    fused.load_state_dict(plain.state_dict())
+    fused.share_memory().eval()
+    x = torch.randn(2, 4, 9, 9)
+    with torch.no_grad():
+        fused(x)
+        fused[0].weight.data.mul_(-1.5)  # (what another process's optimizer step looks like from here)
+        plain.load_state_dict(fused.state_dict())
+        assert_close(fused(x), plain.eval()(x), "after the shared weights changed", 1e-5, 1e-5)
+
+
+def test_eager_quantization_of_a_fused_model_is_refused_saying_what_to_do():
+    """prepare_qat left fuse_modules' fused convolutions in place (it swaps modules by exact class): QAT trained no
+    fake-quantization without a word, and convert then failed on a quint8 input with a dtype error."""
+    import torch.ao.quantization as Q
+
+    from deeplab_ops.nn import fuse_modules, unfuse_modules
+
+    plain = nn.Sequential(nn.Conv2d(4, 6, 3, padding=1, bias=False), nn.BatchNorm2d(6), nn.ReLU())
+    model = nn.Sequential(Q.QuantStub(), fuse_modules(copy.deepcopy(plain)), Q.DeQuantStub()).train()
+    model.qconfig = Q.get_default_qat_qconfig("x86")
+    prepared = Q.prepare_qat(model)
+    with pytest.raises(RuntimeError, match=r"a fused convolution \(fuse_modules\) has a torch.ao.quantization "
+                                           r"qconfig.*call deeplab_ops.nn.unfuse_modules\(model\) before"):
+        prepared(torch.randn(2, 4, 9, 9))
+    with pytest.raises(RuntimeError, match="has a torch.ao.quantization qconfig"):
+        prepared[1][0](torch.randn(2, 4, 9, 9))  # the conv called on its own
+    # following the advice: unfused first, QAT fake-quantizes the convolution
+    model = nn.Sequential(Q.QuantStub(), unfuse_modules(fuse_modules(copy.deepcopy(plain))), Q.DeQuantStub())
+    model.train().qconfig = Q.get_default_qat_qconfig("x86")
+    prepared = Q.prepare_qat(model)
+    prepared(torch.randn(2, 4, 9, 9))
+    assert sum(isinstance(m, Q.FakeQuantize) for m in prepared.modules()) > 1
