@@ -531,9 +531,10 @@ def derived(tag, sources, build, on_store=None):
         _DERIVED_STATS["hits"] += 1
         return entry[1]
     live = [t for t in sources if t is not None]
-    # float64: folded anew each call (as exact as unfused); shared memory (share_memory(), Hogwild): another process's
-    # writes move no version counter of this one's, so a kept fold would go stale without a sign
-    if any(t.dtype == torch.float64 or t.is_shared() for t in live):
+    # float64: folded anew each call (as exact as unfused); CPU shared memory (share_memory(), Hogwild): another
+    # process's writes move no version counter of this one's, so a kept fold would go stale without a sign. (A CUDA
+    # tensor's is_shared() is always True: CUDA tensors handed to another process are clear_derived()'s case.)
+    if any(t.dtype == torch.float64 or (t.device.type == "cpu" and t.is_shared()) for t in live):
         if entry is not None:
             _evict(key)
         return build()
