@@ -662,7 +662,8 @@ def cmd_predict(args, device, info: distributed.DistInfo, given: set[str] = froz
                                        args.channels_last)
             save_mask_png(probs.argmax(1)[0].cpu().numpy(), target)
             written += 1
-    except datasets.DataFileError:  # (a photo gone since the first pass: main names it, as any sample's file)
+    # a photo gone since the first pass (main names it, as any sample's file); another process's failure (torchrun)
+    except (datasets.DataFileError, ConnectionError):
         raise
     except (KeyboardInterrupt, OSError) as e:
         # what the folder holds now: this run's masks, and an earlier run's where this one had not reached them
@@ -672,8 +673,6 @@ def cmd_predict(args, device, info: distributed.DistInfo, given: set[str] = froz
                                               else ""))
         if isinstance(e, KeyboardInterrupt):
             e.written = note  # (main's report prints it; add_note is Python 3.11's)
-            raise
-        if isinstance(e, ConnectionError):
             raise
         raise SystemExit(f"train.py: {_os_error_text(e)}; {note}") from None
     if info.enabled:
