@@ -71,21 +71,30 @@ def _suggests_channels_last(t: Tensor) -> bool:
 
 def _onednn_unsafe(x: Tensor, weight: Tensor, stride, padding, dilation) -> bool:
     """The twin of csrc/cpu/onednn_guard_cpu.h's onednn_unsafe_conv (tests/ops/test_onednn_guard.py holds them
-    equal): along an axis with stride > 1, an output of one position, a kernel wider than the input or an output
-    position that reads only padding."""
+    equal): along an axis with stride > 1, an output of one position, a kernel wider than the input, an output
+    position that reads only padding, or a dilated kernel; in bfloat16 and float16 also an output position that reads
+    only padding along an axis of stride 1, and a strided axis of kernel 1 beside an axis whose kernel is wider."""
     if x.device.type != "cpu" or x.dtype not in (torch.float32, torch.bfloat16, torch.float16) or x.dim() != 4:
         return False
+    low_precision = x.dtype != torch.float32
+    outs = [(x.shape[d + 2] + 2 * padding[d] - dilation[d] * (weight.shape[d + 2] - 1) - 1) // stride[d] + 1
+            for d in range(2)]
+    if min(outs) < 1:
+        return False
     for d in range(2):
-        size, k, s, p, dil = x.shape[d + 2], weight.shape[d + 2], stride[d], padding[d], dilation[d]
-        out = (size + 2 * p - dil * (k - 1) - 1) // s + 1
-        if out < 1:
-            return False
-        if s == 1:
+        size, k, s, p, dil, out = x.shape[d + 2], weight.shape[d + 2], stride[d], padding[d], dilation[d], outs[d]
+        if s == 1 and not low_precision:
             continue
-        if out == 1 or dil * (k - 1) + 1 > size:
+        # an output position that reads only padding
+        in_padding = any(not any(0 <= o * s - p + t * dil < size for t in range(k)) for o in range(out))
+        if s == 1:
+            if in_padding:
+                return True
+            continue
+        if out == 1 or dil * (k - 1) + 1 > size or in_padding or (k > 1 and dil > 1):
             return True
-        if any(not any(0 <= o * s - p + t * dil < size for t in range(k)) for o in range(out)):
-            return True  # an output position that reads only padding
+        if low_precision and k == 1 and weight.shape[3 - d] > 1:
+            return True
     return False
 
 

@@ -1,14 +1,18 @@
 // The CPU convolutions that PyTorch's oneDNN computes wrong or crashes on, and the exact route the cpu backend takes
 // for them instead. PyTorch 2.14's oneDNN convolution (float32, bfloat16, float16 on the CPU) was measured against
-// float64 on 62,000 random small geometries (every layout, with and without bias and gradients; eager F.conv2d
-// alike): it returned wrong outputs (up to 1e34 relative) or wrong weight gradients, or died with a segfault in
-// brgemm_convolution_fwd_t::perform_outwork, in 114 of them, every one a geometry onednn_unsafe_conv names: along an
-// axis with stride > 1, an output of one position, a kernel wider (with dilation) than the input, or an output
-// position whose taps all fall in the padding (float32 crashed only with a bias, bfloat16 with or without one). They
-// arise on inputs not much larger than the kernel or the stride: no layer of DeepLabV3 at its crop sizes is one
-// (tests/ops/test_onednn_guard.py). The guarded route converts to float64,
-// where ATen runs its own (THNN) convolutions, and rounds the result back: the exact value, at a cost that only
-// these small geometries pay.
+// float64 on 62,000 random small geometries (every layout, with and without bias and gradients; eager F.conv2d alike):
+// it returned wrong outputs (up to 1e34 relative) or wrong weight gradients, or died with a segfault in
+// brgemm_convolution_fwd_t::perform_outwork, in 114 of them, every one along an axis with stride > 1: an output of one
+// position, a kernel wider (with dilation) than the input, or an output position whose taps all fall in the padding
+// (float32 crashed only with a bias, bfloat16 with or without one). A second sweep (2026-12-07: 9,000 geometries on
+// maps up to 70 wide, dilations up to 18, each run twice) found three more kinds, on larger maps: float32 weight
+// gradients 100 % off along a strided axis with a dilated kernel (seen with paddings of 15 and more, 'same' padding
+// among them; every strided dilated axis is guarded), and in bfloat16 segfaults, heap corruption and garbage outputs
+// (1e36, NaN, different from one call to the next) where an output position reads only padding along an axis of stride
+// 1, or where an axis of stride > 1 has a kernel of 1 and the other axis a wider one. onednn_unsafe_conv names all of
+// these (bfloat16's also for float16, which runs the same kernels). No layer of DeepLabV3 at its crop sizes is one
+// (tests/ops/test_onednn_guard.py). The guarded route converts to float64, where ATen runs its own (THNN) convolutions,
+// and rounds the result back: the exact value, at a cost that only these geometries pay.
 #pragma once
 
 #include <ATen/ATen.h>

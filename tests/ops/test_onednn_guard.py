@@ -29,6 +29,13 @@ CASES = [
     ((3, 5, 5, 1), (3, 5, 5, 1), (3, 2), (6, 3), (3, 2), True, "bfloat16"),  # segfault without a bias
     ((1, 2, 16, 2), (4, 2, 3, 5), (1, 3), (1, 3), (3, 1), True, "bfloat16"),  # weight gradient off by 5e12
     ((2, 1, 3, 1), (17, 1, 7, 5), (1, 3), (6, 2), (1, 1), True, "bfloat16"),  # output off by 439x
+    # a second sweep (larger maps, dilations up to 18): a strided axis with a dilated kernel (float32), an axis of
+    # stride 1 with an output reading only padding, a strided 1-tap axis beside a wider one (bfloat16)
+    ((2, 6, 4, 68), (12, 6, 1, 7), (1, 2), (0, 18), (1, 6), True, "float32"),  # weight gradient off by 100 %
+    ((1, 16, 29, 50), (4, 16, 7, 7), (1, 2), (0, 22), (1, 4), False, "float32"),  # weight gradient off by 143 %
+    ((1, 4, 4, 7), (4, 4, 2, 3), (1, 1), (6, 1), (12, 1), False, "bfloat16"),  # segfault
+    ((1, 32, 22, 22), (32, 32, 1, 3), (3, 1), (0, 12), (1, 12), False, "bfloat16"),  # output off by 300 %, at random
+    ((1, 16, 46, 30), (4, 16, 1, 5), (2, 1), (0, 12), (1, 6), True, "bfloat16"),  # output off by 1e35
 ]
 
 _CHILD = r"""
@@ -105,7 +112,7 @@ def _geometries(n: int, seed: int):
             yield (1, 2) + hw, (3, 2) + k, s, p, d
 
 
-@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float64])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16, torch.float64])
 def test_the_python_twin_decides_as_the_cpu_backend(dtype):
     ops = torch.ops.deeplab_ops
     seen = set()
@@ -136,7 +143,9 @@ def _deeplab_geometries():
             yield h, 64, 3, 1, 1, 1  # the head
 
 
-def test_no_deeplab_layer_takes_the_float64_route():
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16])
+def test_no_deeplab_layer_takes_the_float64_route(dtype):
     for size, cin, k, s, p, d in _deeplab_geometries():
-        x, w = torch.empty(2, cin, size, size), torch.empty(8, cin, k, k)
+        x, w = torch.empty(2, cin, size, size, dtype=dtype), torch.empty(8, cin, k, k, dtype=dtype)
         assert not torch.ops.deeplab_ops.onednn_unsafe_plan(x, w, (s, s), (p, p), (d, d)), (size, k, s, p)
+        assert not _onednn_unsafe(x, w, (s, s), (p, p), (d, d)), (size, k, s, p)
