@@ -10,7 +10,8 @@
 // among them; every strided dilated axis is guarded), and in bfloat16 segfaults, heap corruption and garbage outputs
 // (1e36, NaN, different from one call to the next) where an output position reads only padding along an axis of stride
 // 1, or where an axis of stride > 1 has a kernel of 1 and the other axis a wider one. onednn_unsafe_conv names all of
-// these (bfloat16's also for float16, which runs the same kernels). No layer of DeepLabV3 at its crop sizes is one
+// these (bfloat16's also for float16, which runs the same kernels). A third sweep, of 17,000 random geometries on maps
+// up to 100 wide after the change, found no failure outside the guard. No layer of DeepLabV3 at its crop sizes is one
 // (tests/ops/test_onednn_guard.py). The guarded route converts to float64, where ATen runs its own (THNN) convolutions,
 // and rounds the result back: the exact value, at a cost that only these geometries pay.
 #pragma once
