@@ -72,18 +72,18 @@ def _suggests_channels_last(t: Tensor) -> bool:
 def _onednn_unsafe(x: Tensor, weight: Tensor, stride, padding, dilation) -> bool:
     """The twin of csrc/cpu/onednn_guard_cpu.h's onednn_unsafe_conv (tests/ops/test_onednn_guard.py holds them
     equal): along an axis with stride > 1, an output of one position, a kernel wider than the input, an output
-    position that reads only padding, or a dilated kernel; in bfloat16 and float16 also an output position that reads
+    position that reads only padding, or (float32) a dilated kernel; in bfloat16 also an output position that reads
     only padding along an axis of stride 1, and a strided axis of kernel 1 beside an axis whose kernel is wider."""
     if x.device.type != "cpu" or x.dtype not in (torch.float32, torch.bfloat16, torch.float16) or x.dim() != 4:
         return False
-    low_precision = x.dtype != torch.float32
+    bf16 = x.dtype == torch.bfloat16
     outs = [(x.shape[d + 2] + 2 * padding[d] - dilation[d] * (weight.shape[d + 2] - 1) - 1) // stride[d] + 1
             for d in range(2)]
     if min(outs) < 1:
         return False
     for d in range(2):
         size, k, s, p, dil, out = x.shape[d + 2], weight.shape[d + 2], stride[d], padding[d], dilation[d], outs[d]
-        if s == 1 and not low_precision:
+        if s == 1 and not bf16:
             continue
         # an output position that reads only padding
         in_padding = any(not any(0 <= o * s - p + t * dil < size for t in range(k)) for o in range(out))
@@ -91,9 +91,9 @@ def _onednn_unsafe(x: Tensor, weight: Tensor, stride, padding, dilation) -> bool
             if in_padding:
                 return True
             continue
-        if out == 1 or dil * (k - 1) + 1 > size or in_padding or (k > 1 and dil > 1):
+        if out == 1 or dil * (k - 1) + 1 > size or in_padding:
             return True
-        if low_precision and k == 1 and weight.shape[3 - d] > 1:
+        if (x.dtype == torch.float32 and k > 1 and dil > 1) or (bf16 and k == 1 and weight.shape[3 - d] > 1):
             return True
     return False
 

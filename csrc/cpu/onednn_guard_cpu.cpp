@@ -1,8 +1,6 @@
 // The geometries oneDNN mishandles and their float64 route (cpu/onednn_guard_cpu.h).
 #include "cpu/onednn_guard_cpu.h"
 
-#include <ATen/native/ConvUtils.h>
-
 #include <cstdint>
 
 namespace deeplab_ops {
@@ -27,21 +25,23 @@ bool onednn_unsafe_conv(const at::Tensor& x, const at::Tensor& weight, at::IntAr
                         at::IntArrayRef padding, at::IntArrayRef dilation) {
   const auto dtype = x.scalar_type();
   if (!x.is_cpu() || (dtype != at::kFloat && dtype != at::kBFloat16 && dtype != at::kHalf)) return false;
-  const bool low_precision = dtype != at::kFloat;
-  const auto out = at::native::conv_output_size(x.sizes(), weight.sizes(), padding, stride, dilation);
-  for (int d = 0; d < 2; ++d) {
-    if (out[d + 2] < 1) return false;  // no output: nothing for any convolution to compute
+  const bool bf16 = dtype == at::kBFloat16;
+  int64_t out[2];
+  for (int d = 0; d < 2; ++d) {  // the output size, rounded down (as the Python twin's //)
+    const int64_t span = x.size(d + 2) + 2 * padding[d] - dilation[d] * (weight.size(d + 2) - 1) - 1;
+    if (span < 0) return false;  // no output: nothing for any convolution to compute
+    out[d] = span / stride[d] + 1;
   }
   for (int d = 0; d < 2; ++d) {
-    const int64_t size = x.size(d + 2), k = weight.size(d + 2), o = out[d + 2];
+    const int64_t size = x.size(d + 2), k = weight.size(d + 2), o = out[d];
     if (stride[d] == 1) {  // bfloat16: segfaults
-      if (low_precision && position_in_padding(size, o, padding[d], dilation[d], k, 1)) return true;
+      if (bf16 && position_in_padding(size, o, padding[d], dilation[d], k, 1)) return true;
       continue;
     }
     if (o == 1 || dilation[d] * (k - 1) + 1 > size) return true;
     if (position_in_padding(size, o, padding[d], dilation[d], k, stride[d])) return true;
-    if (k > 1 && dilation[d] > 1) return true;  // float32: wrong weight gradients
-    if (low_precision && k == 1 && weight.size(3 - d) > 1) return true;  // bfloat16: segfaults, garbage outputs
+    if (dtype == at::kFloat && k > 1 && dilation[d] > 1) return true;  // float32: wrong weight gradients
+    if (bf16 && k == 1 && weight.size(3 - d) > 1) return true;  // bfloat16: segfaults, garbage outputs
   }
   return false;
 }

@@ -124,6 +124,16 @@ def test_the_python_twin_decides_as_the_cpu_backend(dtype):
     assert seen == ({False} if dtype == torch.float64 else {False, True})  # float64 never runs oneDNN
 
 
+def test_the_twins_agree_where_no_output_fits():
+    """A kernel wider than the padded input by less than the stride: no output (rounded down, as Python's //),
+    though C++'s division toward zero would count one."""
+    x, w = torch.empty(1, 2, 1, 5), torch.empty(3, 2, 2, 3)
+    for dtype in (torch.float32, torch.bfloat16, torch.float16):
+        x, w = x.to(dtype), w.to(dtype)
+        assert not torch.ops.deeplab_ops.onednn_unsafe_plan(x, w, (2, 1), (0, 0), (1, 1))
+        assert not _onednn_unsafe(x, w, (2, 1), (0, 0), (1, 1))
+
+
 def _deeplab_geometries():
     """Every convolution geometry of DeepLabV3-ResNet50 (output stride 8 and 16) at a 513 x 513 and a 65 x 65 crop:
     (input size, C_in, kernel, stride, padding, dilation)."""
