@@ -83,19 +83,20 @@ def _onednn_unsafe(x: Tensor, weight: Tensor, stride, padding, dilation) -> bool
         return False
     for d in range(2):
         size, k, s, p, dil, out = x.shape[d + 2], weight.shape[d + 2], stride[d], padding[d], dilation[d], outs[d]
-        if s == 1 and not bf16:
-            continue
-        # an output position that reads only padding
-        in_padding = any(not any(0 <= o * s - p + t * dil < size for t in range(k)) for o in range(out))
         if s == 1:
-            if in_padding:
+            if bf16 and _reads_only_padding(size, out, p, dil, k, 1):
                 return True
             continue
-        if out == 1 or dil * (k - 1) + 1 > size or in_padding:
+        if out == 1 or dil * (k - 1) + 1 > size or _reads_only_padding(size, out, p, dil, k, s):
             return True
         if (x.dtype == torch.float32 and k > 1 and dil > 1) or (bf16 and k == 1 and weight.shape[3 - d] > 1):
             return True
     return False
+
+
+def _reads_only_padding(size, out, pad, dil, k, stride) -> bool:
+    """Whether some output position along one axis reads only padding: none of its k taps lands in [0, size)."""
+    return any(not any(0 <= o * stride - pad + t * dil < size for t in range(k)) for o in range(out))
 
 
 def _batch_norm(y, running_mean, running_var, weight, bias, training, momentum, eps) -> Tensor:

@@ -134,6 +134,22 @@ def test_the_twins_agree_where_no_output_fits():
         assert not _onednn_unsafe(x, w, (2, 1), (0, 0), (1, 1))
 
 
+def test_each_new_rule_routes_only_the_dtype_it_was_measured_in():
+    """The second sweep's kinds: a strided dilated axis (float32's weight gradients), an output reading only padding
+    along a stride-1 axis and a strided 1-tap axis beside a wider one (bfloat16's crashes); float16 computed all of
+    them right, bfloat16 the first."""
+    kinds = {  # x shape, weight shape, stride, padding, dilation: the dtypes routed
+        ((2, 6, 4, 68), (12, 6, 1, 7), (1, 2), (0, 18), (1, 6)): {torch.float32},
+        ((1, 4, 4, 7), (4, 4, 2, 3), (1, 1), (6, 1), (12, 1)): {torch.bfloat16},
+        ((1, 32, 22, 22), (32, 32, 1, 3), (3, 1), (0, 12), (1, 12)): {torch.bfloat16},
+    }
+    for (xs, ws, s, p, d), routed in kinds.items():
+        for dtype in (torch.float32, torch.bfloat16, torch.float16):
+            x, w = torch.empty(xs, dtype=dtype), torch.empty(ws, dtype=dtype)
+            assert torch.ops.deeplab_ops.onednn_unsafe_plan(x, w, s, p, d) == (dtype in routed), (xs, dtype)
+            assert _onednn_unsafe(x, w, s, p, d) == (dtype in routed), (xs, dtype)
+
+
 def _deeplab_geometries():
     """Every convolution geometry of DeepLabV3-ResNet50 (output stride 8 and 16) at a 513 x 513 and a 65 x 65 crop:
     (input size, C_in, kernel, stride, padding, dilation)."""
